@@ -1,0 +1,1 @@
+"""layer0 package."""

@@ -1,0 +1,1 @@
+"""pqcnet package."""

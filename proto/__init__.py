@@ -1,0 +1,1 @@
+"""Protobuf sources and their generated Python (regenerate with ``make proto``)."""

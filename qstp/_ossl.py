@@ -1,0 +1,128 @@
+"""The few OpenSSL calls pyOpenSSL does not wrap, in one place.
+
+pyOpenSSL has no API for TLS groups, the negotiated group name, or TLS 1.3
+KeyUpdate. The first two are in the cffi binding that `cryptography` ships
+(``SSL_CTX_set1_curves_list`` is the same call as ``set1_groups_list``).
+``SSL_key_update`` is compiled into that same static OpenSSL but not exported by
+the binding, so we resolve it from the extension module's ELF symbol table and its
+load address in ``/proc/self/maps``. If that is impossible (stripped wheel, other
+OS), :func:`key_update_supported` is False and QSTP falls back to a reconnect for
+rekeying. Everything here touches private attributes (``_context``, ``_ssl``);
+tests in ``tests/qstp/test_ossl.py`` pin the behaviour.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+from typing import Any
+
+from cryptography.hazmat.bindings import _rust
+from cryptography.hazmat.bindings.openssl.binding import Binding
+from OpenSSL import SSL
+
+from qstp.errors import CryptoError
+
+_ffi: Any = Binding.ffi
+_lib: Any = Binding.lib
+
+#: SSL_KEY_UPDATE_REQUESTED: the peer must answer with its own KeyUpdate.
+KEY_UPDATE_REQUESTED = 1
+KEY_UPDATE_NOT_REQUESTED = 0
+
+
+def set_groups(ctx: SSL.Context, groups: list[str]) -> None:
+    """Restrict a context's key-exchange groups (``SSL_CTX_set1_groups_list``)."""
+    spec = ":".join(groups).encode()
+    if _lib.SSL_CTX_set1_curves_list(ctx._context, spec) != 1:
+        raise CryptoError(f"OpenSSL rejected group list {spec.decode()!r}")
+
+
+def negotiated_group(conn: SSL.Connection) -> str | None:
+    """Name of the negotiated key-exchange group, e.g. ``X25519MLKEM768``."""
+    name = _lib.SSL_get0_group_name(conn._ssl)
+    if name == _ffi.NULL:
+        return None
+    return str(_ffi.string(name).decode())
+
+
+def session_reused(conn: SSL.Connection) -> bool:
+    """True when the handshake resumed a previous session (TLS 1.3 PSK)."""
+    return bool(_lib.SSL_session_reused(conn._ssl))
+
+
+def _elf_symbols(path: str, names: frozenset[str]) -> dict[str, int]:
+    """Values of the named symbols in an ELF64 little-endian file's .symtab."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return {}
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [
+        struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)
+    ]
+    found: dict[str, int] = {}
+    for sec in sections:
+        if sec[1] != 2:  # SHT_SYMTAB
+            continue
+        str_off = sections[sec[6]][4]
+        off, size, entsize = sec[4], sec[5], sec[9]
+        for j in range(size // entsize):
+            st_name, _info, _other, shndx, value, _size = struct.unpack_from(
+                "<IBBHQQ", data, off + j * entsize
+            )
+            if shndx == 0 or not value:
+                continue
+            end = data.index(b"\0", str_off + st_name)
+            name = data[str_off + st_name : end].decode(errors="replace")
+            if name in names:
+                found[name] = value
+    return found
+
+
+def _load_base(path: str) -> int | None:
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                parts = line.split()
+                if len(parts) < 6 or int(parts[2], 16) != 0:
+                    continue
+                if os.path.realpath(parts[5]) == real:
+                    return int(parts[0].split("-")[0], 16)
+    except OSError:
+        return None
+    return None
+
+
+@functools.cache
+def _key_update_fn() -> Any:
+    path = getattr(_rust, "__file__", None)
+    if not path:
+        return None
+    try:
+        syms = _elf_symbols(path, frozenset({"SSL_key_update", "SSL_is_init_finished"}))
+    except (OSError, struct.error, ValueError):
+        return None
+    base = _load_base(path)
+    if base is None or "SSL_key_update" not in syms:
+        return None
+    return _ffi.cast("int(*)(SSL*, int)", base + syms["SSL_key_update"])
+
+
+def key_update_supported() -> bool:
+    """Whether :func:`key_update` can be called in this process."""
+    return _key_update_fn() is not None
+
+
+def key_update(conn: SSL.Connection, *, request_peer: bool = True) -> None:
+    """Schedule a TLS 1.3 KeyUpdate; it is sent with the next write on ``conn``."""
+    fn = _key_update_fn()
+    if fn is None:
+        raise CryptoError("TLS KeyUpdate is not available with this OpenSSL build")
+    mode = KEY_UPDATE_REQUESTED if request_peer else KEY_UPDATE_NOT_REQUESTED
+    if fn(conn._ssl, mode) != 1:
+        _lib.ERR_clear_error()
+        raise CryptoError("SSL_key_update refused (handshake not finished or write pending)")
