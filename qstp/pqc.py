@@ -68,7 +68,10 @@ _SIG_PUBLIC: dict[str, type[MLDSAPublic]] = {
     "ML-DSA-65": mldsa.MLDSA65PublicKey,
     "ML-DSA-87": mldsa.MLDSA87PublicKey,
 }
-_KEM_PRIVATE: dict[str, type[mlkem.MLKEM768PrivateKey | mlkem.MLKEM1024PrivateKey]] = {"ML-KEM-768": mlkem.MLKEM768PrivateKey, "ML-KEM-1024": mlkem.MLKEM1024PrivateKey}
+_KEM_PRIVATE: dict[str, type[mlkem.MLKEM768PrivateKey | mlkem.MLKEM1024PrivateKey]] = {
+    "ML-KEM-768": mlkem.MLKEM768PrivateKey,
+    "ML-KEM-1024": mlkem.MLKEM1024PrivateKey,
+}
 _KEM_PUBLIC = {"ML-KEM-768": mlkem.MLKEM768PublicKey, "ML-KEM-1024": mlkem.MLKEM1024PublicKey}
 
 
@@ -97,7 +100,9 @@ def algorithm_of(key: object) -> str:
 
 def _check_context(context: bytes) -> bytes:
     if len(context) > MAX_CONTEXT:
-        raise CryptoError(f"signature context is {len(context)} bytes; FIPS 204 allows {MAX_CONTEXT}")
+        raise CryptoError(
+            f"signature context is {len(context)} bytes; FIPS 204 allows {MAX_CONTEXT}"
+        )
     return context
 
 
