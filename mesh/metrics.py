@@ -1,0 +1,50 @@
+"""Prometheus metrics of the control plane (role ``mesh``), defined once per process.
+
+Instances also keep their own plain counters (``.drops`` and friends) so tests and
+CLI output can read exact numbers without scraping the global registry.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+DROPPED = Counter(
+    "pqcnet_mesh_dropped_messages_total",
+    "Control messages received and dropped, by reason.",
+    ["reason"],
+)
+ACCEPTED = Counter(
+    "pqcnet_mesh_accepted_messages_total",
+    "Control messages received, verified and accepted, by type.",
+    ["type"],
+)
+PUBLISHED = Counter(
+    "pqcnet_mesh_published_messages_total",
+    "Control messages signed and published, by type.",
+    ["type"],
+)
+WAKU_ERRORS = Counter(
+    "pqcnet_mesh_waku_errors_total",
+    "Failed Waku REST calls (after retries), by operation.",
+    ["op"],
+)
+BUNDLES = Gauge(
+    "pqcnet_mesh_dtn_bundles",
+    "Bundles held in the DTN store awaiting an unreachable peer.",
+)
+BUNDLE_EVENTS = Counter(
+    "pqcnet_mesh_dtn_bundle_events_total",
+    "DTN bundle lifecycle events (stored, forwarded, expired, rejected).",
+    ["event"],
+)
+PEERS = Gauge("pqcnet_mesh_live_peers", "Peers whose announcements are current.")
+DIRECTIVES = Counter(
+    "pqcnet_mesh_directives_applied_total",
+    "Governance directives anchored and dispatched, by action.",
+    ["action"],
+)
+DELIVERY_LATENCY = Histogram(
+    "pqcnet_mesh_delivery_latency_seconds",
+    "Sender timestamp to local acceptance.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
