@@ -1,0 +1,163 @@
+"""Per-shard ordering and duplicate suppression, as a sans-IO state machine.
+
+The bus gives at-least-once, roughly-ordered records; subscribers must see each
+(customer, channel) topic exactly once and in ``seq`` order. :class:`Sequencer`
+does that with three pieces of state per topic:
+
+* ``next_seq`` — the next sequence number to deliver (the dedup high-water mark;
+  persisted by the worker, so duplicates are suppressed across restarts);
+* a bounded reorder buffer of frames that arrived ahead of ``next_seq``;
+* the time the topic started waiting for a missing seq.
+
+It never reads a clock or does I/O: the worker feeds ``offer(frame, delivery, now)``
+and ``poll(now)`` and acts on the returned events. A gap older than
+``gap_timeout`` is reported and skipped (delivery resumes at the lowest buffered
+seq); a late arrival of a skipped seq is then a duplicate. When the reorder buffer
+is full, the topic waiting longest is skipped early, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from relayer.bus.base import Delivery, Offset
+from relayer.frame import Frame, Topic
+
+#: frames one shard may hold out of order; bounds memory per shard worker
+MAX_REORDER = 4096
+#: seconds a topic waits for a missing seq before reporting a gap and skipping it
+GAP_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Deliver ``frame`` now (it is the next in its topic)."""
+
+    frame: Frame
+    #: the bus record it came from
+    delivery: Delivery
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    """``frame`` was already delivered (or skipped); suppress it."""
+
+    frame: Frame
+    delivery: Delivery
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Seqs ``expected .. resumed_at-1`` of ``topic`` never arrived and were skipped."""
+
+    topic: Topic
+    expected: int
+    resumed_at: int
+
+
+Event = Deliver | Duplicate | Gap
+
+
+class Sequencer:
+    """Ordering + dedup for one shard."""
+
+    def __init__(
+        self,
+        next_seq: Mapping[Topic, int] | None = None,
+        *,
+        max_reorder: int = MAX_REORDER,
+        gap_timeout: float = GAP_TIMEOUT,
+    ) -> None:
+        if max_reorder < 1:
+            raise ValueError("max_reorder must be >= 1")
+        self._next: dict[Topic, int] = dict(next_seq or {})
+        self._buf: dict[Topic, dict[int, tuple[Frame, Delivery]]] = {}
+        self._waiting_since: dict[Topic, float] = {}
+        self._held: set[Offset] = set()
+        self._dirty: dict[Topic, int] = {}
+        self.max_reorder = max_reorder
+        self.gap_timeout = gap_timeout
+
+    # ------------------------------------------------------------------ queries
+    def next_seq(self, topic: Topic) -> int:
+        """Next seq that will be delivered for ``topic`` (1 for a new topic)."""
+        return self._next.get(topic, 1)
+
+    def is_held(self, offset: Offset) -> bool:
+        """True while the record at ``offset`` sits in the reorder buffer (do not ack it)."""
+        return offset in self._held
+
+    @property
+    def buffered(self) -> int:
+        """Frames currently held out of order."""
+        return len(self._held)
+
+    def next_deadline(self) -> float | None:
+        """Earliest time :meth:`poll` has work (a gap timeout), or None."""
+        if not self._waiting_since:
+            return None
+        return min(self._waiting_since.values()) + self.gap_timeout
+
+    def take_dirty(self) -> dict[Topic, int]:
+        """``next_seq`` values changed since the last call (to persist)."""
+        dirty, self._dirty = self._dirty, {}
+        return dirty
+
+    # ------------------------------------------------------------------ inputs
+    def offer(self, frame: Frame, delivery: Delivery, now: float) -> list[Event]:
+        """Feed one record; returns what to deliver / suppress / report."""
+        topic = frame.topic
+        expected = self._next.get(topic, 1)
+        buf = self._buf.get(topic)
+        if frame.seq < expected or (buf is not None and frame.seq in buf):
+            return [Duplicate(frame, delivery)]
+        if frame.seq == expected:
+            out: list[Event] = [Deliver(frame, delivery)]
+            self._advance(topic, expected + 1, out)
+            return out
+        out = []
+        if len(self._held) >= self.max_reorder:
+            oldest = min(self._waiting_since, key=self._waiting_since.__getitem__)
+            out.extend(self._skip(oldest, now))
+            if topic == oldest:  # the skip moved next_seq: re-evaluate this frame
+                return out + self.offer(frame, delivery, now)
+        self._buf.setdefault(topic, {})[frame.seq] = (frame, delivery)
+        self._held.add(delivery.offset)
+        self._waiting_since.setdefault(topic, now)
+        return out
+
+    def poll(self, now: float) -> list[Event]:
+        """Skip gaps that have waited ``gap_timeout``; returns the resulting events."""
+        out: list[Event] = []
+        for topic, since in list(self._waiting_since.items()):
+            if now - since >= self.gap_timeout:
+                out.extend(self._skip(topic, now))
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _advance(self, topic: Topic, nxt: int, out: list[Event]) -> None:
+        buf = self._buf.get(topic)
+        while buf and nxt in buf:
+            frame, delivery = buf.pop(nxt)
+            self._held.discard(delivery.offset)
+            out.append(Deliver(frame, delivery))
+            nxt += 1
+        self._next[topic] = nxt
+        self._dirty[topic] = nxt
+        if not buf:
+            self._buf.pop(topic, None)
+            self._waiting_since.pop(topic, None)
+
+    def _skip(self, topic: Topic, now: float) -> Iterable[Event]:
+        buf = self._buf.get(topic)
+        if not buf:
+            self._waiting_since.pop(topic, None)
+            return []
+        lowest = min(buf)
+        out: list[Event] = [Gap(topic, self._next.get(topic, 1), lowest)]
+        self._waiting_since.pop(topic, None)
+        self._advance(topic, lowest, out)
+        if topic in self._buf:  # frames beyond a further gap: that gap's clock starts now
+            self._waiting_since[topic] = now
+        return out

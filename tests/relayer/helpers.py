@@ -1,0 +1,46 @@
+"""Shared pieces for relayer tests: a collecting sink and a checker for exactly-once order."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Sequence
+
+from relayer.frame import Frame, Topic
+
+
+class CollectSink:
+    """Records every delivered frame per topic, in delivery order."""
+
+    def __init__(self) -> None:
+        self.by_topic: dict[Topic, list[int]] = defaultdict(list)
+        self.frames: list[Frame] = []
+        self.changed = asyncio.Event()
+        self.fail_next = 0
+
+    async def deliver(self, shard: int, frames: Sequence[Frame]) -> None:
+        if self.fail_next:
+            self.fail_next -= 1
+            raise OSError("subscriber went away")
+        for f in frames:
+            self.by_topic[f.topic].append(f.seq)
+            self.frames.append(f)
+        self.changed.set()
+
+    def total(self) -> int:
+        return len(self.frames)
+
+    async def wait_for(self, n: int, timeout: float = 30.0) -> None:
+        async def _wait() -> None:
+            while self.total() < n:
+                self.changed.clear()
+                await self.changed.wait()
+        await asyncio.wait_for(_wait(), timeout)
+
+
+def assert_exactly_once_in_order(by_topic: dict[Topic, list[int]], expect: dict[Topic, int]) -> None:
+    """Every topic got exactly seqs 1..n, in order, no duplicates."""
+    assert set(by_topic) == set(expect), (set(expect) - set(by_topic), set(by_topic) - set(expect))
+    for topic, n in expect.items():
+        got = by_topic[topic]
+        assert got == list(range(1, n + 1)), (topic, got[:20], len(got))
