@@ -30,17 +30,20 @@ class CollectSink:
     def total(self) -> int:
         return len(self.frames)
 
-    async def wait_for(self, n: int, timeout: float = 30.0) -> None:
+    async def wait_for(self, n: int, limit: float = 30.0) -> None:
         async def _wait() -> None:
             while self.total() < n:
                 self.changed.clear()
                 await self.changed.wait()
-        await asyncio.wait_for(_wait(), timeout)
+        await asyncio.wait_for(_wait(), limit)
 
 
-def assert_exactly_once_in_order(by_topic: dict[Topic, list[int]], expect: dict[Topic, int]) -> None:
+def assert_exactly_once_in_order(
+    by_topic: dict[Topic, list[int]], expect: dict[Topic, int]
+) -> None:
     """Every topic got exactly seqs 1..n, in order, no duplicates."""
-    assert set(by_topic) == set(expect), (set(expect) - set(by_topic), set(by_topic) - set(expect))
+    missing, extra = set(expect) - set(by_topic), set(by_topic) - set(expect)
+    assert not missing and not extra, (missing, extra)
     for topic, n in expect.items():
         got = by_topic[topic]
         assert got == list(range(1, n + 1)), (topic, got[:20], len(got))
