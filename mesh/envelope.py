@@ -196,9 +196,9 @@ class EnvelopeSigner:
         """Serialized ``SignedEnvelope`` for ``body``."""
         self._counter += 1
         env = mesh_pb2.ControlEnvelope(
-            type=mesh_pb2.MessageType.Name(type_.value), sender=self.keys.node_id, counter=self._counter,
-            timestamp_ms=now_ms, body=body, key_version=self.keys.key_version,
-            recipient=recipient,
+            type=mesh_pb2.MessageType.Name(type_.value), sender=self.keys.node_id,
+            counter=self._counter, timestamp_ms=now_ms, body=body,
+            key_version=self.keys.key_version, recipient=recipient,
         ).SerializeToString()
         sig = self.keys.signing_key.sign(env, context=CONTEXT_ENVELOPE)
         return mesh_pb2.SignedEnvelope(envelope=env, signature=sig).SerializeToString()
