@@ -251,3 +251,17 @@ class RelayReport(_message.Message):
     payload: bytes
     anchor_id: bytes
     def __init__(self, kind: _Optional[str] = ..., payload: _Optional[bytes] = ..., anchor_id: _Optional[bytes] = ...) -> None: ...
+
+class Bundle(_message.Message):
+    __slots__ = ("bundle_id", "destination", "created_ms", "expires_ms", "payload")
+    BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_MS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_MS_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    bundle_id: bytes
+    destination: str
+    created_ms: int
+    expires_ms: int
+    payload: bytes
+    def __init__(self, bundle_id: _Optional[bytes] = ..., destination: _Optional[str] = ..., created_ms: _Optional[int] = ..., expires_ms: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
