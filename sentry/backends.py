@@ -1,0 +1,217 @@
+"""Proxy backends: the one seam between the sentry core and the services behind it.
+
+:class:`Backend.forward` takes a sanitized :class:`ForwardRequest` and returns a
+:class:`ForwardResponse` whose body is an async iterator, so a large backend answer
+streams back over the tunnel chunk by chunk instead of being buffered. Failures to
+reach or hear from a backend become :class:`~sentry.errors.BackendError`; a gRPC
+backend's *own* status (NOT_FOUND, INVALID_ARGUMENT, …) is relayed as it is.
+
+* :class:`HttpBackend` — HTTP/1.1 (JSON-RPC, REST) through one pooled
+  ``httpx.AsyncClient`` per backend (``max_connections``, per-request timeout).
+* :class:`GrpcBackend` — unary gRPC by method path over one ``grpc.aio`` channel
+  (HTTP/2 multiplexes, so one channel is the pool); payloads stay opaque bytes.
+* :class:`TcpBackend` — a raw TCP connection per stream (the sidecar's TCP mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+import grpc.aio
+import httpx
+
+from sentry.config import BackendConfig
+from sentry.errors import BackendError, SentryConfigError
+
+#: Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded, plus ones we recompute.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
+    "upgrade", "proxy-authenticate", "proxy-authorization", "host", "content-length",
+})
+#: gRPC metadata keys the gRPC library owns; forwarding them would be refused.
+GRPC_RESERVED = frozenset({"content-type", "te", "user-agent", "grpc-timeout",
+                           "grpc-encoding", "grpc-accept-encoding", "grpc-status",
+                           "grpc-message", "host", "authority"})
+#: Chunk size read from a TCP backend per send on the tunnel.
+TCP_READ_CHUNK = 64 * 1024
+#: Largest gRPC message accepted from / sent to a backend.
+MAX_GRPC_MESSAGE = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardRequest:
+    """What the core hands a backend (already authenticated and sanitized)."""
+
+    method: str
+    path: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    timeout: float
+
+
+async def _no_body() -> AsyncIterator[bytes]:
+    return
+    yield b""  # pragma: no cover
+
+
+async def _nothing() -> None:
+    return None
+
+
+@dataclass(slots=True)
+class ForwardResponse:
+    """A backend's answer; iterate ``body`` then always call ``aclose``."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: AsyncIterator[bytes] = field(default_factory=_no_body)
+    grpc_code: int = 0
+    reason: str = ""
+    aclose: Callable[[], Awaitable[None]] = _nothing
+
+
+class Backend(Protocol):
+    """The seam: forward one request, close the pool."""
+
+    name: str
+
+    async def forward(self, req: ForwardRequest) -> ForwardResponse: ...
+
+    async def aclose(self) -> None: ...
+
+
+class HttpBackend:
+    """HTTP/1.1 with connection pooling; the response body is streamed."""
+
+    def __init__(self, cfg: BackendConfig) -> None:
+        self.name = cfg.name
+        self.timeout = cfg.timeout
+        self._client = httpx.AsyncClient(
+            base_url=cfg.target,
+            limits=httpx.Limits(max_connections=cfg.max_connections,
+                                max_keepalive_connections=cfg.max_connections),
+            timeout=httpx.Timeout(cfg.timeout),
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    async def forward(self, req: ForwardRequest) -> ForwardResponse:
+        headers = [(k, v) for k, v in req.headers if k.lower() not in HOP_BY_HOP]
+        timeout = min(req.timeout, self.timeout) if req.timeout > 0 else self.timeout
+        request = self._client.build_request(
+            req.method, req.path, headers=headers, content=req.body,
+            timeout=httpx.Timeout(timeout),
+        )
+        try:
+            resp = await self._client.send(request, stream=True)
+        except httpx.TimeoutException:
+            raise BackendError(f"backend {self.name} timed out after {timeout:g}s") from None
+        except httpx.HTTPError as exc:
+            raise BackendError(f"backend {self.name} unreachable: {exc!r}") from None
+        out_headers = tuple(
+            (k, v) for k, v in resp.headers.multi_items()
+            if k.lower() not in HOP_BY_HOP or k.lower() == "content-length"
+        )
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in resp.aiter_raw():
+                    yield chunk
+            except httpx.HTTPError as exc:
+                raise BackendError(f"backend {self.name} failed mid-body: {exc!r}") from None
+
+        return ForwardResponse(resp.status_code, out_headers, body(), aclose=resp.aclose)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class GrpcBackend:
+    """Unary gRPC calls by method path with opaque request/response bytes."""
+
+    def __init__(self, cfg: BackendConfig) -> None:
+        self.name = cfg.name
+        self.timeout = cfg.timeout
+        self._channel = grpc.aio.insecure_channel(
+            cfg.target,
+            options=[("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
+                     ("grpc.max_send_message_length", MAX_GRPC_MESSAGE)],
+        )
+
+    async def forward(self, req: ForwardRequest) -> ForwardResponse:
+        metadata = tuple(
+            (k.lower(), v) for k, v in req.headers
+            if k.lower() not in GRPC_RESERVED and not k.startswith(":")
+        )
+        timeout = min(req.timeout, self.timeout) if req.timeout > 0 else self.timeout
+        call = self._channel.unary_unary(req.path, None, None)
+        try:
+            result = call(req.body, metadata=metadata, timeout=timeout)
+            reply: bytes = await result
+            trailing = await result.trailing_metadata()
+        except grpc.aio.AioRpcError as err:
+            code = err.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise BackendError(
+                    f"backend {self.name}: {code.name} {err.details() or ''}".strip()
+                ) from None
+            return ForwardResponse(200, (), grpc_code=code.value[0],
+                                   reason=err.details() or code.name)
+        headers = tuple((str(k), str(v)) for k, v in (trailing or ())
+                        if isinstance(v, str))
+
+        async def body() -> AsyncIterator[bytes]:
+            yield reply
+
+        return ForwardResponse(200, headers, body())
+
+    async def aclose(self) -> None:
+        await self._channel.close(None)
+
+
+class TcpBackend:
+    """Raw TCP: each tunnel stream gets its own connection."""
+
+    def __init__(self, cfg: BackendConfig) -> None:
+        self.name = cfg.name
+        self.timeout = cfg.timeout
+        host, _, port = cfg.target.rpartition(":")
+        self.host, self.port = host, int(port)
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open a connection or raise :class:`BackendError`."""
+        try:
+            return await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port), self.timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            raise BackendError(f"backend {self.name} unreachable: {exc!r}") from None
+
+    async def forward(self, req: ForwardRequest) -> ForwardResponse:
+        raise BackendError(f"backend {self.name} is raw TCP; it takes streams, not requests")
+
+    async def aclose(self) -> None:
+        return None
+
+
+def build_backend(cfg: BackendConfig) -> HttpBackend | GrpcBackend | TcpBackend:
+    """Instantiate the backend class for ``cfg.kind``."""
+    if cfg.kind == "http":
+        return HttpBackend(cfg)
+    if cfg.kind == "grpc":
+        return GrpcBackend(cfg)
+    if cfg.kind == "tcp":
+        return TcpBackend(cfg)
+    raise SentryConfigError(f"unknown backend kind {cfg.kind!r}")
+
+
+async def close_quietly(writer: asyncio.StreamWriter) -> None:
+    """Close a stream writer, ignoring a peer that already went away."""
+    writer.close()
+    with contextlib.suppress(OSError, ConnectionError):
+        await writer.wait_closed()

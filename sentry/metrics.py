@@ -1,0 +1,80 @@
+"""Prometheus metrics of one sentry, in its own registry (several sentries per process
+in tests and benchmarks must not collide). Names follow ``pqcnet_sentry_<what>_<unit>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+OUTCOMES = ("ok", "unauthenticated", "denied", "rate_limited", "backend_error",
+            "bad_request", "too_large", "error")
+
+
+class SentryMetrics:
+    """All sentry instruments."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "pqcnet_sentry_requests_total", "RPCs by outcome", ["outcome"], registry=r
+        )
+        for o in OUTCOMES:
+            self.requests.labels(o)
+        self.rejections = Counter(
+            "pqcnet_sentry_rejections_total",
+            "Refused RPCs by precise reason (error class)",
+            ["reason"],
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "pqcnet_sentry_assertion_cache_hits_total", "Assertions found verified", registry=r
+        )
+        self.cache_misses = Counter(
+            "pqcnet_sentry_assertion_cache_misses_total",
+            "Assertions that needed a signature check",
+            registry=r,
+        )
+        self.cache_ratio = Gauge(
+            "pqcnet_sentry_assertion_cache_hit_ratio", "hits / (hits + misses)", registry=r
+        )
+        self.bucket_level = Gauge(
+            "pqcnet_sentry_token_bucket_level_tokens",
+            "Tokens left in the bucket of the tenant's most recent client",
+            ["tenant"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "pqcnet_sentry_in_flight_requests", "RPCs holding the concurrency gate", registry=r
+        )
+        self.tunnels = Gauge(
+            "pqcnet_sentry_tunnels_active", "QSTP tunnels currently open", registry=r
+        )
+        self.latency = Histogram(
+            "pqcnet_sentry_request_duration_seconds",
+            "Time from head received to response end",
+            ["kind"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5, 10),
+            registry=r,
+        )
+        self.attestations = Counter(
+            "pqcnet_sentry_attestations_total", "Attestation events emitted", registry=r
+        )
+
+    def bind_gauges(self, in_flight: Callable[[], float], ratio: Callable[[], float]) -> None:
+        """Read live values at scrape time."""
+        self.in_flight.set_function(in_flight)
+        self.cache_ratio.set_function(ratio)
+
+    def count(self, outcome: str, reason: str | None = None) -> None:
+        """Count one finished RPC."""
+        self.requests.labels(outcome).inc()
+        if reason is not None:
+            self.rejections.labels(reason).inc()
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """Current sample value (tests and the benchmark read metrics through this)."""
+        v = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if v is None else v

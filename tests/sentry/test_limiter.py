@@ -1,0 +1,78 @@
+"""Token buckets and the concurrency gate, driven by an explicit clock."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sentry.errors import RateLimited, SentryConfigError
+from sentry.limiter import ConcurrencyGate, Plan, RateLimiter
+
+
+def test_burst_then_rate() -> None:
+    lim = RateLimiter({"acme": Plan(rate=10, burst=5)}, Plan(rate=1, burst=1))
+    for _ in range(5):
+        lim.check("acme", "alice", 0.0)
+    with pytest.raises(RateLimited) as info:
+        lim.check("acme", "alice", 0.0)
+    assert info.value.retry_after == pytest.approx(0.1)
+    lim.check("acme", "alice", 0.1)
+    # another client has its own bucket; another tenant gets the default plan
+    lim.check("acme", "bob", 0.1)
+    lim.check("globex", "carol", 0.1)
+    with pytest.raises(RateLimited):
+        lim.check("globex", "carol", 0.1)
+
+
+@given(st.floats(1, 1000), st.integers(1, 50), st.lists(st.floats(0, 0.05), max_size=300))
+def test_never_more_than_rate_times_time_plus_burst(rate: float, burst: int,
+                                                    gaps: list[float]) -> None:
+    lim = RateLimiter({}, Plan(rate=rate, burst=burst))
+    now = 0.0
+    accepted = 0
+    for gap in gaps:
+        now += gap
+        try:
+            lim.check("t", "c", now)
+            accepted += 1
+        except RateLimited as exc:
+            assert exc.retry_after > 0
+    assert accepted <= rate * now + burst + 1e-6
+
+
+def test_hot_reload_keeps_level_and_applies_new_rate() -> None:
+    lim = RateLimiter({}, Plan(rate=1, burst=10))
+    for _ in range(10):
+        lim.check("t", "c", 0.0)
+    lim.set_plans({"t": Plan(rate=100, burst=2)}, Plan(rate=1, burst=10), 0.0)
+    with pytest.raises(RateLimited):
+        lim.check("t", "c", 0.0)  # level kept (0), not reset to a full bucket
+    lim.check("t", "c", 0.01)  # new rate: 1 token per 10 ms
+    assert lim.level("t", "c", 10.0) == 2  # clamped to the new burst
+
+
+def test_bucket_table_is_bounded() -> None:
+    lim = RateLimiter({}, Plan(rate=1, burst=1), max_clients=4)
+    for i in range(10):
+        lim.check("t", f"c{i}", 0.0)
+    assert len(list(lim.levels(0.0))) == 4
+
+
+def test_gate() -> None:
+    gate = ConcurrencyGate(2)
+    gate.acquire()
+    gate.acquire()
+    with pytest.raises(RateLimited):
+        gate.acquire()
+    gate.release()
+    gate.acquire()
+    assert gate.peak == 2
+    gate.set_limit(1)
+    gate.release()
+    with pytest.raises(RateLimited):
+        gate.acquire()
+    with pytest.raises(SentryConfigError):
+        ConcurrencyGate(0)
+    with pytest.raises(SentryConfigError):
+        Plan(rate=0, burst=1)
