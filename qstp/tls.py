@@ -1,0 +1,524 @@
+"""TLS 1.3 policy for QSTP: pyOpenSSL contexts, peer verification, channel binding.
+
+This module decides *what* a QSTP handshake may negotiate and *whom* it accepts;
+:mod:`qstp.connection` / :mod:`qstp.aio` drive the bytes. Every context is
+TLS 1.3 only, ALPN ``qstp/1``, mutual ML-DSA certificate auth, with key-exchange
+groups fixed by a :class:`TlsPolicy`:
+
+``hybrid`` (default)   X25519MLKEM768
+``strict``             MLKEM1024, SecP384r1MLKEM1024
+``classical-allowed``  X25519MLKEM768 first, then X25519 / P-256 / P-384 — a
+                       classical handshake is logged and counted in
+                       ``pqcnet_qstp_classical_handshakes_total``.
+
+Peer checks run *inside* the handshake (the verify callback), so a refused peer
+never completes it: OpenSSL checks the chain to our trust bundle and the validity
+window; the callback then checks the leaf's SPIFFE ID (trust domain, allowed
+patterns) and the signature-checked CRL. A failing check raises
+:class:`HandshakeRefused` out of ``do_handshake()`` with a reason a human can act on,
+and OpenSSL sends the peer a fatal alert. :func:`verify_peer` repeats the checks
+after the handshake (it is the only check on a resumed session, where no
+certificate is exchanged) and returns :class:`PeerInfo`.
+
+Driving a handshake (memory BIO)::
+
+    conn = new_connection(build_context(identity, policy, server=False), server=False)
+    try:
+        conn.do_handshake()            # loop with bio_read/bio_write on WantReadError
+    except SSL.WantReadError: ...
+    except (SSL.Error, HandshakeError) as exc:
+        raise handshake_error(exc) from None
+    peer = verify_peer(conn, identity, policy)
+
+In TLS 1.3 the *client* finishes before the server has checked the client's
+certificate; a server-side refusal reaches the client as an alert on its first
+read, which :func:`handshake_error` turns into ``HandshakeRefused("peer-refused")``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hashlib
+import logging
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Final, Literal, get_args
+
+from cryptography import x509
+from cryptography.hazmat.bindings.openssl.binding import Binding
+from OpenSSL import SSL, crypto
+from prometheus_client import Counter
+
+from qstp import _ossl
+from qstp.errors import HandshakeError, IdentityError
+from qstp.identity.certs import is_signed_by, spiffe_id_of, utcnow
+from qstp.identity.crl import RevocationList, load_crl
+from qstp.identity.node import NodeIdentity
+from qstp.identity.spiffe import SpiffeId, spiffe_matches, validate_pattern
+
+log = logging.getLogger(__name__)
+
+GroupPolicy = Literal["hybrid", "strict", "classical-allowed"]
+
+#: OpenSSL group names offered/accepted per policy, in preference order.
+GROUPS: Final[dict[str, tuple[str, ...]]] = {
+    "hybrid": ("X25519MLKEM768",),
+    "strict": ("MLKEM1024", "SecP384r1MLKEM1024"),
+    "classical-allowed": ("X25519MLKEM768", "X25519", "secp256r1", "secp384r1"),
+}
+#: Groups whose shared secret includes ML-KEM (post-quantum).
+PQ_GROUPS: Final = frozenset(
+    {"X25519MLKEM768", "SecP256r1MLKEM768", "SecP384r1MLKEM1024",
+     "MLKEM512", "MLKEM768", "MLKEM1024"}
+)
+TLS13_CIPHER_SUITES: Final = frozenset(
+    {"TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_128_GCM_SHA256"}
+)
+ALPN_QSTP: Final = b"qstp/1"
+CHANNEL_BINDING_LABEL: Final = b"EXPORTER-pqcnet-channel-binding"
+#: RFC 8446 caps exporter output at 255 * hash length; we cap well below.
+MAX_EXPORT_LENGTH: Final = 1024
+
+CLASSICAL_HANDSHAKES = Counter(
+    "pqcnet_qstp_classical_handshakes",
+    "TLS handshakes that negotiated a classical-only group (allowed by policy)",
+    ["group", "side"],
+)
+
+_lib = Binding.lib
+_ffi = Binding.ffi
+#: which connections new_connection() made as servers (labels the classical counter)
+_SERVER_CONNECTIONS: weakref.WeakSet[SSL.Connection] = weakref.WeakSet()
+
+
+class HandshakeRefused(HandshakeError):
+    """The handshake was refused; ``reason`` is a short stable code for metrics/tests.
+
+    Codes: ``unknown-ca``, ``expired``, ``not-yet-valid``, ``revoked``,
+    ``bad-certificate``, ``spiffe-not-allowed``, ``no-peer-certificate``,
+    ``no-shared-group``, ``classical-group``, ``alpn``, ``protocol-version``,
+    ``peer-refused`` (the peer sent a fatal alert), ``closed``, ``tls``.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{message} [{reason}]")
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------- policy
+
+
+@dataclass(frozen=True)
+class TlsPolicy:
+    """What a QSTP endpoint negotiates and whom it accepts."""
+
+    #: key-exchange group policy (see module docstring)
+    groups: GroupPolicy = "hybrid"
+    #: exact SPIFFE IDs or per-segment globs; empty = any ID in our trust domain
+    allowed_peers: tuple[str, ...] = ()
+    #: TLS 1.3 suites in preference order
+    cipher_suites: tuple[str, ...] = ("TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256")
+    alpn: bytes = ALPN_QSTP
+    #: server: issue TLS 1.3 session tickets so a reconnect skips certificate signing
+    session_tickets: bool = True
+    #: how long a session may be resumed (seconds); also capped by the peer cert's life
+    session_lifetime: int = 3600
+    #: refuse peers when we hold no CRL (fail closed) instead of relying on short TTLs
+    require_crl: bool = False
+    #: maximum certificate chain depth (leaf + intermediates + root)
+    verify_depth: int = 3
+
+    def __post_init__(self) -> None:
+        if self.groups not in get_args(GroupPolicy):
+            raise HandshakeError(
+                f"unknown group policy {self.groups!r}; one of {', '.join(get_args(GroupPolicy))}"
+            )
+        if isinstance(self.allowed_peers, str):
+            raise HandshakeError("allowed_peers must be a tuple of patterns, not a string")
+        try:
+            for pattern in self.allowed_peers:
+                validate_pattern(pattern)
+        except IdentityError as exc:
+            raise HandshakeError(str(exc)) from None
+        if not self.cipher_suites:
+            raise HandshakeError("at least one TLS 1.3 cipher suite is required")
+        unknown = [c for c in self.cipher_suites if c not in TLS13_CIPHER_SUITES]
+        if unknown:
+            raise HandshakeError(f"unknown TLS 1.3 cipher suite(s): {', '.join(unknown)}")
+        if not 1 <= len(self.alpn) <= 255:
+            raise HandshakeError("ALPN protocol id must be 1..255 bytes")
+        if self.session_lifetime <= 0 or self.verify_depth < 1:
+            raise HandshakeError("session_lifetime and verify_depth must be positive")
+
+    @property
+    def group_list(self) -> tuple[str, ...]:
+        """OpenSSL group names for this policy."""
+        return GROUPS[self.groups]
+
+    def peer_allowed(self, peer: SpiffeId, own_trust_domain: str) -> bool:
+        """Whether ``peer`` passes ``allowed_peers`` (or, when empty, is in our domain)."""
+        if not self.allowed_peers:
+            return peer.trust_domain == own_trust_domain
+        return any(spiffe_matches(p, peer) for p in self.allowed_peers)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """What a verified handshake tells us about the peer and the channel."""
+
+    #: the peer's SPIFFE ID (from its certificate's URI SAN)
+    spiffe_id: SpiffeId
+    #: always ``"TLSv1.3"``
+    tls_version: str
+    #: negotiated key-exchange group, e.g. ``"X25519MLKEM768"``
+    group: str
+    #: negotiated cipher suite, e.g. ``"TLS_AES_256_GCM_SHA384"``
+    cipher: str
+    #: negotiated ALPN protocol, ``"qstp/1"``
+    alpn: str
+    #: end of the peer certificate's validity (UTC)
+    cert_not_after: dt.datetime
+    #: the handshake resumed an earlier session (no certificate signatures)
+    resumed: bool
+    #: peer certificate serial (what a CRL would name)
+    cert_serial: int = 0
+
+    @property
+    def post_quantum(self) -> bool:
+        """Whether the key exchange included ML-KEM."""
+        return self.group in PQ_GROUPS
+
+
+# ---------------------------------------------------------------------------- contexts
+
+
+@functools.lru_cache(maxsize=16)
+def _crl_for(crl_pem: bytes, trust_bundle_pem: bytes) -> RevocationList:
+    return load_crl(crl_pem, trust_bundle_pem)
+
+
+def _current_crl(identity: NodeIdentity) -> RevocationList | None:
+    if identity.crl_pem is None:
+        return None
+    try:
+        return _crl_for(identity.crl_pem, identity.trust_bundle_pem)
+    except IdentityError as exc:
+        raise HandshakeError(f"our CRL is unusable: {exc}") from None
+
+
+def _x509_error(errno: int) -> HandshakeRefused:
+    text = _ffi.string(_lib.X509_verify_cert_error_string(errno)).decode(errors="replace")
+    reason = {
+        9: "not-yet-valid",  # X509_V_ERR_CERT_NOT_YET_VALID
+        10: "expired",  # X509_V_ERR_CERT_HAS_EXPIRED
+        23: "revoked",  # X509_V_ERR_CERT_REVOKED
+        2: "unknown-ca",  # UNABLE_TO_GET_ISSUER_CERT
+        18: "unknown-ca",  # DEPTH_ZERO_SELF_SIGNED_CERT
+        19: "unknown-ca",  # SELF_SIGNED_CERT_IN_CHAIN
+        20: "unknown-ca",  # UNABLE_TO_GET_ISSUER_CERT_LOCALLY
+        21: "unknown-ca",  # UNABLE_TO_VERIFY_LEAF_SIGNATURE
+    }.get(errno, "bad-certificate")
+    return HandshakeRefused(reason, f"peer certificate rejected: {text}")
+
+
+def check_peer_certificate(
+    cert: x509.Certificate,
+    identity: NodeIdentity,
+    policy: TlsPolicy,
+    *,
+    now: dt.datetime | None = None,
+    crl: RevocationList | None = None,
+) -> SpiffeId:
+    """The pqcnet checks on a peer leaf (beyond OpenSSL's chain check).
+
+    Validity window, issued by one of our anchors, exactly one SPIFFE ID that the
+    policy allows, not revoked. Raises :class:`HandshakeRefused`.
+    """
+    now = now or utcnow()
+    if now < cert.not_valid_before_utc:
+        raise HandshakeRefused(
+            "not-yet-valid",
+            f"peer certificate not valid before {cert.not_valid_before_utc.isoformat()}",
+        )
+    if now > cert.not_valid_after_utc:
+        raise HandshakeRefused(
+            "expired", f"peer certificate expired at {cert.not_valid_after_utc.isoformat()}"
+        )
+    if not any(is_signed_by(cert, ca) for ca in identity.trust_anchors):
+        raise HandshakeRefused("unknown-ca", "peer certificate not issued by a trusted mesh CA")
+    try:
+        peer = spiffe_id_of(cert)
+    except IdentityError as exc:
+        raise HandshakeRefused("bad-certificate", f"peer certificate: {exc}") from None
+    if not policy.peer_allowed(peer, identity.spiffe_id.trust_domain):
+        raise HandshakeRefused("spiffe-not-allowed", f"peer {peer} is not an allowed peer")
+    crl = crl if crl is not None else _current_crl(identity)
+    if crl is None:
+        if policy.require_crl:
+            raise HandshakeRefused("revoked", "no CRL available and the policy requires one")
+    elif crl.issuer == cert.issuer and crl.is_revoked(cert.serial_number):
+        raise HandshakeRefused(
+            "revoked", f"peer certificate {peer} (serial {cert.serial_number:x}) is revoked"
+        )
+    return peer
+
+
+def _verify_callback(identity: NodeIdentity, policy: TlsPolicy):  # type: ignore[no-untyped-def]
+    crl = _current_crl(identity)
+
+    def callback(
+        conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
+    ) -> bool:
+        if not ok:
+            raise _x509_error(errno)
+        if depth == 0:
+            check_peer_certificate(cert.to_cryptography(), identity, policy, crl=crl)
+        return True
+
+    return callback
+
+
+def _alpn_selector(alpn: bytes):  # type: ignore[no-untyped-def]
+    def select(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+        if alpn in offered:
+            return alpn
+        shown = b", ".join(offered).decode(errors="replace") or "none"
+        raise HandshakeRefused(
+            "alpn", f"client offered ALPN [{shown}], this endpoint speaks {alpn.decode()}"
+        )
+
+    return select
+
+
+def _use_mldsa_key(ctx: SSL.Context, identity: NodeIdentity) -> None:
+    # pyOpenSSL cannot convert a `cryptography` ML-DSA key (PKey.from_cryptography_key
+    # rejects it), so the key goes in as a PEM-loaded PKey; that path is deprecated
+    # in pyOpenSSL but it is the only one that works for ML-DSA today.
+    pkey = crypto.load_privatekey(crypto.FILETYPE_PEM, identity.key.to_pem())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.use_privatekey(pkey)
+
+
+def build_context(identity: NodeIdentity, policy: TlsPolicy, *, server: bool) -> SSL.Context:
+    """A TLS 1.3-only pyOpenSSL context presenting ``identity`` under ``policy``.
+
+    Contexts are cheap to share between connections; build a new one after
+    renewal or a CRL update (the old one keeps serving existing connections).
+    """
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    ctx.set_tls13_ciphersuites(":".join(policy.cipher_suites).encode())
+    _ossl.set_groups(ctx, list(policy.group_list))
+    try:
+        ctx.use_certificate(identity.certificate)
+        for extra in identity.chain[1:]:
+            ctx.add_extra_chain_cert(extra)
+        _use_mldsa_key(ctx, identity)
+        ctx.check_privatekey()
+        store = ctx.get_cert_store()
+        if store is None:  # pragma: no cover - OpenSSL always has one
+            raise HandshakeError("OpenSSL context has no certificate store")
+        for anchor in identity.trust_anchors:
+            store.add_cert(crypto.X509.from_cryptography(anchor))
+    except (SSL.Error, crypto.Error) as exc:
+        raise HandshakeError(f"cannot load identity {identity.spiffe_id} into TLS: {exc}") from None
+    ctx.set_verify(
+        SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify_callback(identity, policy)
+    )
+    ctx.set_verify_depth(policy.verify_depth)
+    remaining = int((identity.not_after - utcnow()).total_seconds())
+    lifetime = min(policy.session_lifetime, max(1, remaining))
+    ctx.set_timeout(lifetime)
+    if server:
+        ctx.set_alpn_select_callback(_alpn_selector(policy.alpn))
+        # resumption with client auth needs a session id context; binding it to
+        # the trust domain + policy keeps tickets from crossing policies
+        sid_ctx = hashlib.sha256(
+            f"qstp/{identity.spiffe_id.trust_domain}/{policy.groups}/{policy.allowed_peers}".encode()
+        ).digest()[:32]
+        ctx.set_session_id(sid_ctx)
+        if policy.session_tickets:
+            ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+        else:
+            ctx.set_options(SSL.OP_NO_TICKET)
+            ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    else:
+        ctx.set_alpn_protos([policy.alpn])
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_CLIENT)
+    return ctx
+
+
+def new_connection(
+    ctx: SSL.Context,
+    *,
+    server: bool,
+    session: SSL.Session | None = None,
+    server_hostname: str | None = None,
+) -> SSL.Connection:
+    """A memory-BIO connection (no socket); ``session`` resumes an earlier one (client)."""
+    conn = SSL.Connection(ctx, None)
+    if server:
+        _SERVER_CONNECTIONS.add(conn)
+        if session is not None:
+            raise HandshakeError("only a client can offer a session for resumption")
+        conn.set_accept_state()
+    else:
+        if server_hostname:
+            conn.set_tlsext_host_name(server_hostname.encode("idna"))
+        if session is not None:
+            conn.set_session(session)
+        conn.set_connect_state()
+    return conn
+
+
+# ---------------------------------------------------------------------------- after handshake
+
+
+def verify_peer(
+    conn: SSL.Connection,
+    identity: NodeIdentity,
+    policy: TlsPolicy,
+    *,
+    now: dt.datetime | None = None,
+) -> PeerInfo:
+    """Check a finished handshake against ``policy`` and describe the peer.
+
+    Call right after ``do_handshake()`` succeeds, before any application data is
+    read or written. Raises :class:`HandshakeRefused`; the caller must then close.
+    """
+    version = conn.get_protocol_version_name()
+    if version != "TLSv1.3":
+        raise HandshakeRefused("protocol-version", f"negotiated {version}, QSTP needs TLSv1.3")
+    alpn = conn.get_alpn_proto_negotiated()
+    if alpn != policy.alpn:
+        raise HandshakeRefused(
+            "alpn", f"negotiated ALPN {alpn!r}, expected {policy.alpn.decode()!r}"
+        )
+    group = _ossl.negotiated_group(conn) or ""
+    server = _is_server(conn)
+    if group not in PQ_GROUPS:
+        if policy.groups != "classical-allowed":
+            raise HandshakeRefused(
+                "classical-group", f"negotiated classical group {group or 'none'} under "
+                f"policy {policy.groups}"
+            )
+        CLASSICAL_HANDSHAKES.labels(group=group, side="server" if server else "client").inc()
+        log.warning("classical TLS group negotiated", extra={"group": group})
+    peer_cert = conn.get_peer_certificate(as_cryptography=True)
+    if peer_cert is None:
+        raise HandshakeRefused("no-peer-certificate", "peer presented no certificate")
+    peer = check_peer_certificate(peer_cert, identity, policy, now=now)
+    return PeerInfo(
+        spiffe_id=peer,
+        tls_version=version,
+        group=group,
+        cipher=conn.get_cipher_name() or "",
+        alpn=alpn.decode(errors="replace"),
+        cert_not_after=peer_cert.not_valid_after_utc,
+        resumed=_ossl.session_reused(conn),
+        cert_serial=peer_cert.serial_number,
+    )
+
+
+def _is_server(conn: SSL.Connection) -> bool:
+    return conn in _SERVER_CONNECTIONS
+
+
+def export_keying_material(
+    conn: SSL.Connection, label: bytes, length: int = 32, context: bytes | None = None
+) -> bytes:
+    """RFC 8446 §7.5 exporter output; equal on both ends of one TLS connection."""
+    if not 1 <= length <= MAX_EXPORT_LENGTH:
+        raise HandshakeError(f"exporter length must be 1..{MAX_EXPORT_LENGTH}")
+    try:
+        return conn.export_keying_material(label, length, context)
+    except SSL.Error as exc:
+        raise HandshakeError(f"keying material export failed: {exc}") from None
+
+
+def channel_binding(conn: SSL.Connection) -> bytes:
+    """32 bytes unique to this TLS connection (binds app-layer signatures to it)."""
+    return export_keying_material(conn, CHANNEL_BINDING_LABEL, 32)
+
+
+def resumable_session(conn: SSL.Connection) -> SSL.Session | None:
+    """The client's session to offer on the next connect (None before any ticket).
+
+    TLS 1.3 tickets arrive *after* the handshake: read application data (or call
+    ``recv`` once the server's flight has been fed in) before taking the session.
+    """
+    if _lib.SSL_get_session(conn._ssl) == _ffi.NULL:
+        return None
+    return conn.get_session()
+
+
+# ---------------------------------------------------------------------------- failures
+
+_ALERT_REASONS: Final = (
+    ("certificate revoked", "revoked"),
+    ("certificate expired", "expired"),
+    ("unknown ca", "unknown-ca"),
+    ("no application protocol", "alpn"),
+    ("no suitable key share", "no-shared-group"),
+    ("no shared group", "no-shared-group"),
+    ("handshake failure", "peer-refused"),
+    ("peer did not return a certificate", "no-peer-certificate"),
+    ("certificate required", "no-peer-certificate"),
+    ("unsupported protocol", "protocol-version"),
+    ("tlsv1 alert protocol version", "protocol-version"),
+    ("wrong version number", "protocol-version"),
+)
+
+
+def handshake_error(exc: BaseException) -> HandshakeError:
+    """Turn whatever ``do_handshake()``/``recv()`` raised into one clear HandshakeError."""
+    if isinstance(exc, HandshakeError):
+        return exc
+    if isinstance(exc, SSL.ZeroReturnError):
+        return HandshakeRefused("closed", "peer closed the connection during the handshake")
+    if isinstance(exc, SSL.SysCallError):
+        return HandshakeRefused("closed", f"connection lost during the handshake: {exc}")
+    if isinstance(exc, SSL.Error):
+        reasons = [str(r[2]) for r in (exc.args[0] if exc.args else []) if isinstance(r, tuple)]
+        text = "; ".join(reasons) or str(exc)
+        low = text.lower()
+        for needle, reason in _ALERT_REASONS:
+            if needle in low:
+                peer = "alert" in low
+                prefix = "peer refused the handshake" if peer else "handshake failed"
+                return HandshakeRefused(reason, f"{prefix}: {text}")
+        if "alert" in low:
+            return HandshakeRefused("peer-refused", f"peer refused the handshake: {text}")
+        return HandshakeRefused("tls", f"TLS handshake failed: {text}")
+    return HandshakeRefused("tls", f"TLS handshake failed: {type(exc).__name__}: {exc}")
+
+
+def describe_groups() -> dict[str, tuple[str, ...]]:
+    """The group policy table (for ``--help`` and docs)."""
+    return dict(GROUPS)
+
+
+__all__ = [
+    "ALPN_QSTP",
+    "CHANNEL_BINDING_LABEL",
+    "CLASSICAL_HANDSHAKES",
+    "GROUPS",
+    "PQ_GROUPS",
+    "GroupPolicy",
+    "HandshakeRefused",
+    "PeerInfo",
+    "TlsPolicy",
+    "build_context",
+    "channel_binding",
+    "check_peer_certificate",
+    "export_keying_material",
+    "handshake_error",
+    "new_connection",
+    "resumable_session",
+    "verify_peer",
+]

@@ -1,0 +1,75 @@
+"""QSTP TLS policy over memory BIOs: the happy path, channel binding, resumption."""
+
+from __future__ import annotations
+
+import pytest
+
+from qstp.identity import dev_identities
+from qstp.tls import (
+    CHANNEL_BINDING_LABEL,
+    PeerInfo,
+    TlsPolicy,
+    build_context,
+    channel_binding,
+    export_keying_material,
+    new_connection,
+    verify_peer,
+)
+from tests.qstp.tlsutil import exchange, handshake_pair
+
+pytestmark = pytest.mark.timeout(60)
+
+TD = "mesh.test"
+SENTRY = f"spiffe://{TD}/acme/sentry/s1"
+RELAYER = f"spiffe://{TD}/acme/relayer/r1"
+
+
+@pytest.fixture(scope="module")
+def mesh():  # type: ignore[no-untyped-def]
+    ca, (sentry, relayer) = dev_identities(TD, SENTRY, RELAYER)
+    return ca, sentry, relayer
+
+
+def test_mutual_handshake_reports_group_and_spiffe_ids(mesh) -> None:  # type: ignore[no-untyped-def]
+    _, sentry, relayer = mesh
+    policy = TlsPolicy()
+    server = new_connection(build_context(sentry, policy, server=True), server=True)
+    client = new_connection(build_context(relayer, policy, server=False), server=False)
+    outcome = handshake_pair(client, server)
+    assert outcome.ok, outcome
+    s_peer = verify_peer(server, sentry, policy)
+    c_peer = verify_peer(client, relayer, policy)
+    assert isinstance(s_peer, PeerInfo)
+    assert str(s_peer.spiffe_id) == RELAYER
+    assert str(c_peer.spiffe_id) == SENTRY
+    for peer in (s_peer, c_peer):
+        assert peer.group == "X25519MLKEM768"
+        assert peer.post_quantum
+        assert peer.tls_version == "TLSv1.3"
+        assert peer.cipher == "TLS_AES_256_GCM_SHA384"
+        assert peer.alpn == "qstp/1"
+        assert not peer.resumed
+    assert c_peer.cert_not_after == sentry.not_after
+    assert exchange(client, server, b"ping") == b"ping"
+    assert exchange(server, client, b"pong" * 5000) == b"pong" * 5000
+
+
+def test_channel_binding_matches_and_differs_per_connection(mesh) -> None:  # type: ignore[no-untyped-def]
+    _, sentry, relayer = mesh
+    policy = TlsPolicy()
+    sctx = build_context(sentry, policy, server=True)
+    cctx = build_context(relayer, policy, server=False)
+    bindings = []
+    for _ in range(2):
+        server = new_connection(sctx, server=True)
+        client = new_connection(cctx, server=False)
+        assert handshake_pair(client, server).ok
+        cb = channel_binding(client)
+        assert len(cb) == 32
+        assert cb == channel_binding(server)
+        assert cb == export_keying_material(server, CHANNEL_BINDING_LABEL)
+        other = export_keying_material(client, b"EXPORTER-other", 48, b"ctx")
+        assert len(other) == 48 and other[:32] != cb
+        assert other == export_keying_material(server, b"EXPORTER-other", 48, b"ctx")
+        bindings.append(cb)
+    assert bindings[0] != bindings[1]
