@@ -1,1 +1,105 @@
-"""qsdag package."""
+"""QS-DAG: pqcnet's append-only, signed, content-addressed ledger on RocksDB.
+
+Every durable fact of the network is a *vertex*: attestation events, volume proofs,
+performance reports, policy hashes, key versions, routes, governance directives,
+slashing evidence, relay records. Vertices are ML-DSA-signed over a canonical
+encoding (:mod:`qsdag.vertex`), named by SHA3-256 of that encoding, and reference
+≥ 1 parent (the ledger's tips when built), forming a DAG rooted at one genesis.
+The package does no network I/O: sync over the control plane calls
+:meth:`Ledger.tips` / :meth:`Ledger.missing` / :meth:`Ledger.export` /
+:meth:`Ledger.import_`.
+
+Quick tour::
+
+    from qsdag import Ledger, VertexKind, PolicyAnchor, OpaqueRecord
+    from qstp.pqc import SigningKey
+
+    gov = SigningKey.generate()
+    ledger = Ledger.open("/var/lib/pqcnet/ledger")     # clock=, max_orphans=, skew=, sync=
+    ledger.init_genesis("pqcnet-dev", "gov-1", gov)    # once; gov-1 becomes a registrar
+    relayer = SigningKey.generate()
+    ledger.register_author("relayer-1", relayer.public_key, registrar="gov-1", signer=gov)
+    r = ledger.append(VertexKind.VOLUME_PROOF,
+                      OpaqueRecord("pqcnet.relayer.VolumeRecord", "relayer-1", body),
+                      "relayer-1", relayer)            # -> AnchorReceipt(id, depth, position)
+    v = ledger.build_vertex("relayer-1", relayer, VertexKind.ROUTE, Route("t", "relayer-1"))
+    ledger.verify_and_anchor(v)     # peers' vertices: receipt, or a Rejection subclass
+    ledger.views.relay.get("relayer-1"); ledger.views.routing.table(); ledger.rebuild_views()
+
+Who may sign what: genesis names registrar *authorities*; an authority registers
+other nodes' keys (:meth:`Ledger.register_author`); a node rotates its own key
+(:meth:`Ledger.rotate_key`, signed by the current key); with ``open_enrolment`` in
+genesis a node may self-register its first key (:meth:`Ledger.enrol`). Every
+registration is itself a KEY_VERSION vertex, so any ledger replaying the DAG
+derives the same key history.
+
+Payloads per kind (:mod:`qsdag.payloads`): GENESIS→:class:`Genesis`,
+KEY_VERSION→:class:`KeyRecord`, ATTESTATION→:class:`AttestationEvent`,
+POLICY_ANCHOR→:class:`PolicyAnchor`, ROUTE→:class:`Route`,
+RELAY_RECORD→:class:`RelayRecord`, SLASHING_EVIDENCE→:class:`SlashingEvidence`;
+VOLUME_PROOF, PERFORMANCE_REPORT and GOVERNANCE_DIRECTIVE (messages owned by
+relayer / mesh) → :class:`OpaqueRecord` (content type + subject node + bounded body).
+"""
+
+from __future__ import annotations
+
+from qsdag.attestation import (
+    AttestationEvent,
+    MeasurementPolicy,
+    Measurements,
+    build_attestation,
+    measure,
+    package_hash,
+    verify_attestation,
+)
+from qsdag.errors import (
+    AttestationRejected,
+    BadSignature,
+    CorruptRecord,
+    Equivocation,
+    InvalidEvidence,
+    InvalidPayload,
+    KeyVersionMismatch,
+    LedgerError,
+    LedgerStateError,
+    MalformedVertex,
+    NotFound,
+    OrphanPoolFull,
+    Rejection,
+    TimestampSkew,
+    UnknownAuthor,
+    VertexParked,
+)
+from qsdag.evidence import SlashingEvidence, verify_evidence
+from qsdag.ledger import (
+    DEFAULT_MAX_ORPHANS,
+    DEFAULT_SKEW,
+    AnchorReceipt,
+    ImportReport,
+    Ledger,
+    VerifyReport,
+)
+from qsdag.payloads import (
+    Genesis,
+    KeyRecord,
+    OpaqueRecord,
+    PolicyAnchor,
+    RelayRecord,
+    Route,
+    decode_payload,
+    encode_payload,
+)
+from qsdag.vertex import DOMAIN, MAX_PARENTS, MAX_PAYLOAD, Vertex, VertexKind, decode, sign_vertex
+
+__all__ = [
+    "DEFAULT_MAX_ORPHANS", "DEFAULT_SKEW", "DOMAIN", "MAX_PARENTS", "MAX_PAYLOAD",
+    "AnchorReceipt", "AttestationEvent", "AttestationRejected", "BadSignature",
+    "CorruptRecord", "Equivocation", "Genesis", "ImportReport", "InvalidEvidence",
+    "InvalidPayload", "KeyRecord", "KeyVersionMismatch", "Ledger", "LedgerError",
+    "LedgerStateError", "MalformedVertex", "MeasurementPolicy", "Measurements", "NotFound",
+    "OpaqueRecord", "OrphanPoolFull", "PolicyAnchor", "Rejection", "RelayRecord", "Route",
+    "SlashingEvidence", "TimestampSkew", "UnknownAuthor", "VerifyReport", "Vertex",
+    "VertexKind", "VertexParked", "build_attestation", "decode", "decode_payload",
+    "encode_payload", "measure", "package_hash", "sign_vertex", "verify_attestation",
+    "verify_evidence",
+]
