@@ -1,0 +1,1 @@
+"""Smoke tests of the real services started by ``scripts/services``."""
