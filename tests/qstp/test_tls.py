@@ -7,12 +7,14 @@ import pytest
 from qstp.identity import dev_identities
 from qstp.tls import (
     CHANNEL_BINDING_LABEL,
+    HandshakeRefused,
     PeerInfo,
     TlsPolicy,
     build_context,
     channel_binding,
     export_keying_material,
     new_connection,
+    resumable_session,
     verify_peer,
 )
 from tests.qstp.tlsutil import exchange, handshake_pair
@@ -73,3 +75,67 @@ def test_channel_binding_matches_and_differs_per_connection(mesh) -> None:  # ty
         assert other == export_keying_material(server, b"EXPORTER-other", 48, b"ctx")
         bindings.append(cb)
     assert bindings[0] != bindings[1]
+
+
+def _connect(sctx, cctx, session=None):  # type: ignore[no-untyped-def]
+    server = new_connection(sctx, server=True)
+    client = new_connection(cctx, server=False, session=session)
+    assert handshake_pair(client, server).ok
+    return client, server
+
+
+def test_session_resumption_skips_certificates_and_still_verifies(mesh) -> None:  # type: ignore[no-untyped-def]
+    _, sentry, relayer = mesh
+    policy = TlsPolicy()
+    sctx = build_context(sentry, policy, server=True)
+    cctx = build_context(relayer, policy, server=False)
+    client, server = _connect(sctx, cctx)
+    assert not verify_peer(server, sentry, policy).resumed
+    session = resumable_session(client)
+    assert session is not None
+    client2, server2 = _connect(sctx, cctx, session)
+    s_peer = verify_peer(server2, sentry, policy)
+    c_peer = verify_peer(client2, relayer, policy)
+    assert s_peer.resumed and c_peer.resumed
+    assert str(s_peer.spiffe_id) == RELAYER and str(c_peer.spiffe_id) == SENTRY
+    assert s_peer.group == "X25519MLKEM768"  # psk_dhe_ke: still a fresh ML-KEM exchange
+    assert channel_binding(client2) == channel_binding(server2) != channel_binding(client)
+    assert exchange(client2, server2, b"after resumption") == b"after resumption"
+
+
+def test_resumed_session_rechecked_against_new_crl() -> None:
+    ca, (sentry, relayer) = dev_identities(TD, SENTRY, RELAYER)
+    policy = TlsPolicy()
+    sctx = build_context(sentry, policy, server=True)
+    cctx = build_context(relayer, policy, server=False)
+    client, _ = _connect(sctx, cctx)
+    session = resumable_session(client)
+    ca.revoke(relayer, "key_compromise")
+    sentry_now = sentry.with_crl(ca.crl_pem())
+    # the old context resumes (no certificate is exchanged on resumption) ...
+    _, server2 = _connect(sctx, cctx, session)
+    # ... but verify_peer with the current CRL refuses the resumed peer
+    with pytest.raises(HandshakeRefused) as info:
+        verify_peer(server2, sentry_now, policy)
+    assert info.value.reason == "revoked"
+
+
+def test_no_resumption_without_tickets(mesh) -> None:  # type: ignore[no-untyped-def]
+    _, sentry, relayer = mesh
+    policy = TlsPolicy(session_tickets=False)
+    sctx = build_context(sentry, policy, server=True)
+    cctx = build_context(relayer, policy, server=False)
+    client, _ = _connect(sctx, cctx)
+    session = resumable_session(client)
+    client2, server2 = _connect(sctx, cctx, session)
+    assert not verify_peer(server2, sentry, policy).resumed
+    assert not verify_peer(client2, relayer, policy).resumed
+
+
+def test_chacha_suite_policy(mesh) -> None:  # type: ignore[no-untyped-def]
+    _, sentry, relayer = mesh
+    policy = TlsPolicy(cipher_suites=("TLS_CHACHA20_POLY1305_SHA256",))
+    client, _ = _connect(
+        build_context(sentry, policy, server=True), build_context(relayer, policy, server=False)
+    )
+    assert verify_peer(client, relayer, policy).cipher == "TLS_CHACHA20_POLY1305_SHA256"
