@@ -334,7 +334,8 @@ class Connection:
         self._streams[sid] = _Stream(sid)
         return sid
 
-    def send_data(self, stream_id: int, data: bytes, *, end_stream: bool = False) -> None:
+    def send_data(self, stream_id: int, data: bytes | memoryview, *,
+                  end_stream: bool = False) -> None:
         """Queue ``data`` on a stream. ``len(data)`` must fit :meth:`send_window`;
         large data is split into ``max_data_chunk`` frames."""
         self._require_open()
