@@ -29,6 +29,7 @@ from qstp.identity.certs import (
     build_ca_certificate,
     build_leaf_certificate,
     certs_pem,
+    is_signed_by,
     load_certs,
     utcnow,
 )
@@ -238,7 +239,7 @@ class MeshCA:
         expires (the overlap), unless the caller revokes it as ``superseded``."""
         if identity.serial in self.revocations:
             raise PolicyViolation(f"{identity.spiffe_id} is revoked; it cannot be renewed")
-        if not any(identity.certificate.issuer == c.subject for c in self.anchors()):
+        if not any(is_signed_by(identity.certificate, c) for c in self.anchors()):
             raise PolicyViolation("identity was not issued by this CA")
         key = SigningKey.generate(identity.key.algorithm) if rotate_key else identity.key
         return self.issue(identity.spiffe_id, ttl, key, now=now)
@@ -292,7 +293,7 @@ class MeshCA:
         if isinstance(target, NodeIdentity):
             target = target.certificate
         if isinstance(target, x509.Certificate):
-            if target.issuer != self.certificate.subject:
+            if not is_signed_by(target, self.certificate):
                 raise IdentityError("certificate was not issued by this CA")
             serial = target.serial_number
             not_after: dt.datetime | None = target.not_valid_after_utc

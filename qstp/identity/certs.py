@@ -49,7 +49,8 @@ def build_ca_certificate(
     key: SigningKey, trust_domain: str, *, not_before: dt.datetime, not_after: dt.datetime
 ) -> x509.Certificate:
     """A self-signed mesh root: CA:TRUE, pathlen 0, keyCertSign + cRLSign."""
-    name = _name(f"pqcnet mesh CA {trust_domain}", "pqcnet")
+    # the key id in the name keeps two CAs of one trust domain (rotation) distinct
+    name = _name(f"pqcnet mesh CA {trust_domain} {key.key_id.hex()[:12]}", "pqcnet")
     pub = key.public_key.cryptography_key
     return (
         x509.CertificateBuilder()
