@@ -230,6 +230,7 @@ def decode_payload(kind: VertexKind, data: bytes) -> Any:
         msg.ParseFromString(data)
     except (DecodeError, ValueError) as exc:
         raise InvalidPayload(f"{kind.name} payload does not decode: {exc}") from None
+    msg.DiscardUnknownFields()
     if msg.SerializeToString(deterministic=True) != data:
         raise InvalidPayload(f"{kind.name} payload is not canonically encoded")
     return convert(msg)
