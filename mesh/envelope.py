@@ -341,7 +341,9 @@ class EnvelopeVerifier:
             type_ = MessageType(env.type)
         except ValueError:
             raise MalformedMessage(f"unknown message type {env.type}") from None
-        if env.recipient != sealed_to:
+        # A signed recipient binds the message to that seal; an empty one is content meant
+        # for many (gossip, bundles) that each hop re-seals to the next recipient.
+        if env.recipient and env.recipient != sealed_to:
             raise NotForUs("signed recipient does not match the seal")
         vk = self.keyring.key_for(env.sender, env.key_version)
         try:
@@ -373,6 +375,14 @@ class EnvelopeVerifier:
         self._windows.move_to_end(sender)
         window.check(counter, self.config.replay_window)
         window.commit(counter, self.config.replay_window)
+
+    def mark_seen(self, signed: bytes) -> bytes:
+        """Remember a gossip envelope we originated; returns its message id."""
+        message_id = hashlib.sha256(signed).digest()
+        self._seen_ids[message_id] = None
+        while len(self._seen_ids) > self.config.dedup_capacity:
+            self._seen_ids.popitem(last=False)
+        return message_id
 
     def _dedup(self, message_id: bytes) -> None:
         if message_id in self._seen_ids:

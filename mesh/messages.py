@@ -17,7 +17,7 @@ from google.protobuf.message import Message as _PbMessage
 from mesh.errors import MalformedMessage
 from proto import mesh_pb2
 from qstp.errors import CryptoError
-from qstp.pqc import RecipientPublicKey
+from qstp.pqc import RecipientPublicKey, VerifyKey
 
 #: Bounds on repeated fields so one message cannot make us allocate without limit.
 MAX_CAPABILITIES = 64
@@ -60,6 +60,9 @@ class Announcement:
     key_version: int = 1
     seal_key: RecipientPublicKey | None = None
     interval_ms: int = 10_000
+    #: key rollover: the next key, introduced under the current one
+    next_key: VerifyKey | None = None
+    next_key_version: int = 0
 
     def encode(self) -> bytes:
         return mesh_pb2.NodeAnnouncement(
@@ -70,6 +73,9 @@ class Announcement:
             key_version=self.key_version,
             seal_key=self.seal_key.to_bytes() if self.seal_key else b"",
             interval_ms=self.interval_ms,
+            next_key_version=self.next_key_version if self.next_key else 0,
+            next_key_algorithm=self.next_key.algorithm if self.next_key else "",
+            next_public_key=self.next_key.raw if self.next_key else b"",
         ).SerializeToString()
 
     @classmethod
@@ -83,11 +89,20 @@ class Announcement:
                 seal_key = RecipientPublicKey.from_bytes(pb.seal_key)
             except CryptoError as exc:
                 raise MalformedMessage(f"announcement seal key: {exc}") from None
+        next_key = None
+        if pb.next_public_key:
+            if pb.next_key_version <= pb.key_version:
+                raise MalformedMessage("next key version must exceed the current one")
+            try:
+                next_key = VerifyKey.from_raw(pb.next_key_algorithm, pb.next_public_key)
+            except CryptoError as exc:
+                raise MalformedMessage(f"announcement next key: {exc}") from None
         return cls(
             node_id=pb.node_id, role=pb.role, capabilities=tuple(pb.capabilities),
             software_hash=pb.software_hash, staking_address=pb.staking_address,
             endpoints=tuple(Endpoint(e.kind, e.address) for e in pb.endpoints),
             key_version=pb.key_version, seal_key=seal_key, interval_ms=pb.interval_ms,
+            next_key=next_key, next_key_version=pb.next_key_version if next_key else 0,
         )
 
 

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10proto/mesh.proto\x12\x0bpqcnet.mesh\"\xa6\x01\n\x0f\x43ontrolEnvelope\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.pqcnet.mesh.MessageType\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x0f\n\x07\x63ounter\x18\x03 \x01(\x04\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x04\x12\x0c\n\x04\x62ody\x18\x05 \x01(\x0c\x12\x13\n\x0bkey_version\x18\x06 \x01(\r\x12\x11\n\trecipient\x18\x07 \x01(\x0c\"5\n\x0eSignedEnvelope\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\")\n\x06Sealed\x12\x11\n\trecipient\x18\x01 \x01(\x0c\x12\x0c\n\x04\x62lob\x18\x02 \x01(\x0c\"\x92\x01\n\x0bWireMessage\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\thops_left\x18\x02 \x01(\r\x12-\n\x06signed\x18\x03 \x01(\x0b\x32\x1b.pqcnet.mesh.SignedEnvelopeH\x00\x12%\n\x06sealed\x18\x04 \x01(\x0b\x32\x13.pqcnet.mesh.SealedH\x00\x42\t\n\x07\x63ontent\")\n\x08\x45ndpoint\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xdd\x01\n\x10NodeAnnouncement\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x15\n\rsoftware_hash\x18\x04 \x01(\x0c\x12\x17\n\x0fstaking_address\x18\x05 \x01(\t\x12(\n\tendpoints\x18\x06 \x03(\x0b\x32\x15.pqcnet.mesh.Endpoint\x12\x13\n\x0bkey_version\x18\x07 \x01(\r\x12\x10\n\x08seal_key\x18\x08 \x01(\x0c\x12\x13\n\x0binterval_ms\x18\t \x01(\x04\"L\n\nRouteEntry\x12\r\n\x05topic\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\r\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x11\n\twithdrawn\x18\x04 \x01(\x08\"_\n\x12RouteAdvertisement\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\'\n\x06routes\x18\x03 \x03(\x0b\x32\x17.pqcnet.mesh.RouteEntry\"C\n\x0fRateLimitUpdate\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x12\n\nrate_per_s\x18\x02 \x01(\x01\x12\r\n\x05\x62urst\x18\x03 \x01(\r\"5\n\nForceRekey\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x17\n\x0fmin_key_version\x18\x02 \x01(\r\"F\n\x0bSlashNotice\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0f\x65vidence_digest\x18\x03 \x01(\x0c\"\xeb\x01\n\x13GovernanceDirective\x12\x14\n\x0c\x64irective_id\x18\x01 \x01(\x0c\x12\x11\n\tissued_ms\x18\x02 \x01(\x04\x12\x12\n\nexpires_ms\x18\x03 \x01(\x04\x12\x32\n\nrate_limit\x18\n \x01(\x0b\x32\x1c.pqcnet.mesh.RateLimitUpdateH\x00\x12.\n\x0b\x66orce_rekey\x18\x0b \x01(\x0b\x32\x17.pqcnet.mesh.ForceRekeyH\x00\x12)\n\x05slash\x18\x0c \x01(\x0b\x32\x18.pqcnet.mesh.SlashNoticeH\x00\x42\x08\n\x06\x61\x63tion\"8\n\x13GovernanceSignature\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"Z\n\x0fSignedDirective\x12\x11\n\tdirective\x18\x01 \x01(\x0c\x12\x34\n\nsignatures\x18\x02 \x03(\x0b\x32 .pqcnet.mesh.GovernanceSignature\"g\n\x10SlashingProposal\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x10\n\x08\x65vidence\x18\x04 \x03(\x0c\x12\x13\n\x0bproposal_id\x18\x05 \x01(\x0c\"T\n\nGossipItem\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x12\n\nexpires_ms\x18\x03 \x01(\x04\x12\x13\n\x0b\x64\x65stination\x18\x04 \x01(\t\"-\n\x07\x44\x61gTips\x12\x0c\n\x04tips\x18\x01 \x03(\x0c\x12\x14\n\x0cvertex_count\x18\x02 \x01(\x04\"<\n\x07\x44\x61gPull\x12\x0b\n\x03ids\x18\x01 \x03(\x0c\x12\x11\n\thave_tips\x18\x02 \x03(\x0c\x12\x11\n\trequester\x18\x03 \x01(\t\"B\n\x0b\x44\x61gVertices\x12\x10\n\x08vertices\x18\x01 \x03(\x0c\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\x12\x0c\n\x04more\x18\x03 \x01(\x08\"?\n\x0bRelayReport\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x11\n\tanchor_id\x18\x03 \x01(\x0c\"i\n\x06\x42undle\x12\x11\n\tbundle_id\x18\x01 \x01(\x0c\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\x12\x12\n\ncreated_ms\x18\x03 \x01(\x04\x12\x12\n\nexpires_ms\x18\x04 \x01(\x04\x12\x0f\n\x07payload\x18\x05 \x01(\x0c*\xd8\x01\n\x0bMessageType\x12\x1c\n\x18MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11NODE_ANNOUNCEMENT\x10\x01\x12\x17\n\x13ROUTE_ADVERTISEMENT\x10\x02\x12\x18\n\x14GOVERNANCE_DIRECTIVE\x10\x03\x12\x15\n\x11SLASHING_PROPOSAL\x10\x04\x12\n\n\x06GOSSIP\x10\x05\x12\x0c\n\x08\x44\x41G_TIPS\x10\x06\x12\x0c\n\x08\x44\x41G_PULL\x10\x07\x12\x10\n\x0c\x44\x41G_VERTICES\x10\x08\x12\x10\n\x0cRELAY_REPORT\x10\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10proto/mesh.proto\x12\x0bpqcnet.mesh\"\xa6\x01\n\x0f\x43ontrolEnvelope\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.pqcnet.mesh.MessageType\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x0f\n\x07\x63ounter\x18\x03 \x01(\x04\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x04\x12\x0c\n\x04\x62ody\x18\x05 \x01(\x0c\x12\x13\n\x0bkey_version\x18\x06 \x01(\r\x12\x11\n\trecipient\x18\x07 \x01(\x0c\"5\n\x0eSignedEnvelope\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\")\n\x06Sealed\x12\x11\n\trecipient\x18\x01 \x01(\x0c\x12\x0c\n\x04\x62lob\x18\x02 \x01(\x0c\"\x92\x01\n\x0bWireMessage\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x11\n\thops_left\x18\x02 \x01(\r\x12-\n\x06signed\x18\x03 \x01(\x0b\x32\x1b.pqcnet.mesh.SignedEnvelopeH\x00\x12%\n\x06sealed\x18\x04 \x01(\x0b\x32\x13.pqcnet.mesh.SealedH\x00\x42\t\n\x07\x63ontent\")\n\x08\x45ndpoint\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xac\x02\n\x10NodeAnnouncement\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12\x15\n\rsoftware_hash\x18\x04 \x01(\x0c\x12\x17\n\x0fstaking_address\x18\x05 \x01(\t\x12(\n\tendpoints\x18\x06 \x03(\x0b\x32\x15.pqcnet.mesh.Endpoint\x12\x13\n\x0bkey_version\x18\x07 \x01(\r\x12\x10\n\x08seal_key\x18\x08 \x01(\x0c\x12\x13\n\x0binterval_ms\x18\t \x01(\x04\x12\x18\n\x10next_key_version\x18\n \x01(\r\x12\x1a\n\x12next_key_algorithm\x18\x0b \x01(\t\x12\x17\n\x0fnext_public_key\x18\x0c \x01(\x0c\"L\n\nRouteEntry\x12\r\n\x05topic\x18\x01 \x01(\t\x12\r\n\x05shard\x18\x02 \x01(\r\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x11\n\twithdrawn\x18\x04 \x01(\x08\"_\n\x12RouteAdvertisement\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\'\n\x06routes\x18\x03 \x03(\x0b\x32\x17.pqcnet.mesh.RouteEntry\"C\n\x0fRateLimitUpdate\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x12\n\nrate_per_s\x18\x02 \x01(\x01\x12\r\n\x05\x62urst\x18\x03 \x01(\r\"5\n\nForceRekey\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x17\n\x0fmin_key_version\x18\x02 \x01(\r\"F\n\x0bSlashNotice\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0f\x65vidence_digest\x18\x03 \x01(\x0c\"\xeb\x01\n\x13GovernanceDirective\x12\x14\n\x0c\x64irective_id\x18\x01 \x01(\x0c\x12\x11\n\tissued_ms\x18\x02 \x01(\x04\x12\x12\n\nexpires_ms\x18\x03 \x01(\x04\x12\x32\n\nrate_limit\x18\n \x01(\x0b\x32\x1c.pqcnet.mesh.RateLimitUpdateH\x00\x12.\n\x0b\x66orce_rekey\x18\x0b \x01(\x0b\x32\x17.pqcnet.mesh.ForceRekeyH\x00\x12)\n\x05slash\x18\x0c \x01(\x0b\x32\x18.pqcnet.mesh.SlashNoticeH\x00\x42\x08\n\x06\x61\x63tion\"8\n\x13GovernanceSignature\x12\x0e\n\x06key_id\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"Z\n\x0fSignedDirective\x12\x11\n\tdirective\x18\x01 \x01(\x0c\x12\x34\n\nsignatures\x18\x02 \x03(\x0b\x32 .pqcnet.mesh.GovernanceSignature\"g\n\x10SlashingProposal\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x10\n\x08\x65vidence\x18\x04 \x03(\x0c\x12\x13\n\x0bproposal_id\x18\x05 \x01(\x0c\"T\n\nGossipItem\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x12\n\nexpires_ms\x18\x03 \x01(\x04\x12\x13\n\x0b\x64\x65stination\x18\x04 \x01(\t\"-\n\x07\x44\x61gTips\x12\x0c\n\x04tips\x18\x01 \x03(\x0c\x12\x14\n\x0cvertex_count\x18\x02 \x01(\x04\"<\n\x07\x44\x61gPull\x12\x0b\n\x03ids\x18\x01 \x03(\x0c\x12\x11\n\thave_tips\x18\x02 \x03(\x0c\x12\x11\n\trequester\x18\x03 \x01(\t\"B\n\x0b\x44\x61gVertices\x12\x10\n\x08vertices\x18\x01 \x03(\x0c\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\x12\x0c\n\x04more\x18\x03 \x01(\x08\"?\n\x0bRelayReport\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x11\n\tanchor_id\x18\x03 \x01(\x0c\"i\n\x06\x42undle\x12\x11\n\tbundle_id\x18\x01 \x01(\x0c\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\x12\x12\n\ncreated_ms\x18\x03 \x01(\x04\x12\x12\n\nexpires_ms\x18\x04 \x01(\x04\x12\x0f\n\x07payload\x18\x05 \x01(\x0c*\xd8\x01\n\x0bMessageType\x12\x1c\n\x18MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11NODE_ANNOUNCEMENT\x10\x01\x12\x17\n\x13ROUTE_ADVERTISEMENT\x10\x02\x12\x18\n\x14GOVERNANCE_DIRECTIVE\x10\x03\x12\x15\n\x11SLASHING_PROPOSAL\x10\x04\x12\n\n\x06GOSSIP\x10\x05\x12\x0c\n\x08\x44\x41G_TIPS\x10\x06\x12\x0c\n\x08\x44\x41G_PULL\x10\x07\x12\x10\n\x0c\x44\x41G_VERTICES\x10\x08\x12\x10\n\x0cRELAY_REPORT\x10\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.mesh_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MESSAGETYPE']._serialized_start=2016
-  _globals['_MESSAGETYPE']._serialized_end=2232
+  _globals['_MESSAGETYPE']._serialized_start=2095
+  _globals['_MESSAGETYPE']._serialized_end=2311
   _globals['_CONTROLENVELOPE']._serialized_start=34
   _globals['_CONTROLENVELOPE']._serialized_end=200
   _globals['_SIGNEDENVELOPE']._serialized_start=202
@@ -44,35 +44,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENDPOINT']._serialized_start=449
   _globals['_ENDPOINT']._serialized_end=490
   _globals['_NODEANNOUNCEMENT']._serialized_start=493
-  _globals['_NODEANNOUNCEMENT']._serialized_end=714
-  _globals['_ROUTEENTRY']._serialized_start=716
-  _globals['_ROUTEENTRY']._serialized_end=792
-  _globals['_ROUTEADVERTISEMENT']._serialized_start=794
-  _globals['_ROUTEADVERTISEMENT']._serialized_end=889
-  _globals['_RATELIMITUPDATE']._serialized_start=891
-  _globals['_RATELIMITUPDATE']._serialized_end=958
-  _globals['_FORCEREKEY']._serialized_start=960
-  _globals['_FORCEREKEY']._serialized_end=1013
-  _globals['_SLASHNOTICE']._serialized_start=1015
-  _globals['_SLASHNOTICE']._serialized_end=1085
-  _globals['_GOVERNANCEDIRECTIVE']._serialized_start=1088
-  _globals['_GOVERNANCEDIRECTIVE']._serialized_end=1323
-  _globals['_GOVERNANCESIGNATURE']._serialized_start=1325
-  _globals['_GOVERNANCESIGNATURE']._serialized_end=1381
-  _globals['_SIGNEDDIRECTIVE']._serialized_start=1383
-  _globals['_SIGNEDDIRECTIVE']._serialized_end=1473
-  _globals['_SLASHINGPROPOSAL']._serialized_start=1475
-  _globals['_SLASHINGPROPOSAL']._serialized_end=1578
-  _globals['_GOSSIPITEM']._serialized_start=1580
-  _globals['_GOSSIPITEM']._serialized_end=1664
-  _globals['_DAGTIPS']._serialized_start=1666
-  _globals['_DAGTIPS']._serialized_end=1711
-  _globals['_DAGPULL']._serialized_start=1713
-  _globals['_DAGPULL']._serialized_end=1773
-  _globals['_DAGVERTICES']._serialized_start=1775
-  _globals['_DAGVERTICES']._serialized_end=1841
-  _globals['_RELAYREPORT']._serialized_start=1843
-  _globals['_RELAYREPORT']._serialized_end=1906
-  _globals['_BUNDLE']._serialized_start=1908
-  _globals['_BUNDLE']._serialized_end=2013
+  _globals['_NODEANNOUNCEMENT']._serialized_end=793
+  _globals['_ROUTEENTRY']._serialized_start=795
+  _globals['_ROUTEENTRY']._serialized_end=871
+  _globals['_ROUTEADVERTISEMENT']._serialized_start=873
+  _globals['_ROUTEADVERTISEMENT']._serialized_end=968
+  _globals['_RATELIMITUPDATE']._serialized_start=970
+  _globals['_RATELIMITUPDATE']._serialized_end=1037
+  _globals['_FORCEREKEY']._serialized_start=1039
+  _globals['_FORCEREKEY']._serialized_end=1092
+  _globals['_SLASHNOTICE']._serialized_start=1094
+  _globals['_SLASHNOTICE']._serialized_end=1164
+  _globals['_GOVERNANCEDIRECTIVE']._serialized_start=1167
+  _globals['_GOVERNANCEDIRECTIVE']._serialized_end=1402
+  _globals['_GOVERNANCESIGNATURE']._serialized_start=1404
+  _globals['_GOVERNANCESIGNATURE']._serialized_end=1460
+  _globals['_SIGNEDDIRECTIVE']._serialized_start=1462
+  _globals['_SIGNEDDIRECTIVE']._serialized_end=1552
+  _globals['_SLASHINGPROPOSAL']._serialized_start=1554
+  _globals['_SLASHINGPROPOSAL']._serialized_end=1657
+  _globals['_GOSSIPITEM']._serialized_start=1659
+  _globals['_GOSSIPITEM']._serialized_end=1743
+  _globals['_DAGTIPS']._serialized_start=1745
+  _globals['_DAGTIPS']._serialized_end=1790
+  _globals['_DAGPULL']._serialized_start=1792
+  _globals['_DAGPULL']._serialized_end=1852
+  _globals['_DAGVERTICES']._serialized_start=1854
+  _globals['_DAGVERTICES']._serialized_end=1920
+  _globals['_RELAYREPORT']._serialized_start=1922
+  _globals['_RELAYREPORT']._serialized_end=1985
+  _globals['_BUNDLE']._serialized_start=1987
+  _globals['_BUNDLE']._serialized_end=2092
 # @@protoc_insertion_point(module_scope)

@@ -85,7 +85,7 @@ class Endpoint(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class NodeAnnouncement(_message.Message):
-    __slots__ = ("node_id", "role", "capabilities", "software_hash", "staking_address", "endpoints", "key_version", "seal_key", "interval_ms")
+    __slots__ = ("node_id", "role", "capabilities", "software_hash", "staking_address", "endpoints", "key_version", "seal_key", "interval_ms", "next_key_version", "next_key_algorithm", "next_public_key")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,9 @@ class NodeAnnouncement(_message.Message):
     KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
     SEAL_KEY_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NEXT_KEY_ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     role: str
     capabilities: _containers.RepeatedScalarFieldContainer[str]
@@ -104,7 +107,10 @@ class NodeAnnouncement(_message.Message):
     key_version: int
     seal_key: bytes
     interval_ms: int
-    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., software_hash: _Optional[bytes] = ..., staking_address: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., key_version: _Optional[int] = ..., seal_key: _Optional[bytes] = ..., interval_ms: _Optional[int] = ...) -> None: ...
+    next_key_version: int
+    next_key_algorithm: str
+    next_public_key: bytes
+    def __init__(self, node_id: _Optional[str] = ..., role: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., software_hash: _Optional[bytes] = ..., staking_address: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., key_version: _Optional[int] = ..., seal_key: _Optional[bytes] = ..., interval_ms: _Optional[int] = ..., next_key_version: _Optional[int] = ..., next_key_algorithm: _Optional[str] = ..., next_public_key: _Optional[bytes] = ...) -> None: ...
 
 class RouteEntry(_message.Message):
     __slots__ = ("topic", "shard", "owner", "withdrawn")

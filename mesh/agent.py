@@ -1,0 +1,549 @@
+"""The control-plane agent: one per node, the only mesh object that does I/O.
+
+It owns a :class:`~mesh.transport.Transport` and composes the sans-IO parts —
+envelope signer/verifier, peer table, routing cache, DTN bundle store, governance
+policy, ledger port — into the node's behaviour on the mesh:
+
+* **announce** itself periodically (``announce`` topic) and expire silent peers;
+* **routes**: anchor its own advertisements in its ledger, apply others' to the cache;
+* **directives** (``governance`` topic): verify the governance threshold, anchor the
+  directive in the ledger, apply the built-in effect (revoke a slashed key, rotate
+  our own key on a forced rekey), then call every registered
+  :class:`~mesh.directives.DirectiveHandler`;
+* **gossip**: origin-signed items sealed to each recipient's inbox, deduplicated by
+  message id, forwarded to ``gossip_fanout`` live peers while ``hops_left`` lasts;
+  peers that are not live (or whose publish fails) get a DTN bundle, forwarded when
+  their announcements resume;
+* **DAG sync**: periodic tips; a peer that sees unknown tips pulls, the holder answers
+  with chunks of vertices sealed to the puller's inbox until they converge.
+
+Nothing a peer sends can crash the receive loop: every message is verified first
+(drops counted by reason in :attr:`ControlPlaneAgent.drops`) and every handler error
+is caught, logged and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from mesh import metrics
+from mesh.directives import (
+    Directive,
+    DirectiveHandler,
+    ForceRekey,
+    GovernancePolicy,
+    RateLimitUpdate,
+    SignedDirective,
+    SlashNotice,
+)
+from mesh.dtn import BundleStore
+from mesh.envelope import (
+    ControlMessage,
+    EnvelopeSigner,
+    EnvelopeVerifier,
+    Keyring,
+    MessageType,
+    NodeKeys,
+    VerifierConfig,
+    now_ms,
+    wrap,
+)
+from mesh.errors import (
+    BundleStoreError,
+    ConfigError,
+    DirectiveError,
+    EnvelopeRejected,
+    LedgerRejected,
+    MeshError,
+    StaleMessage,
+    TransportClosed,
+    WakuError,
+)
+from mesh.ledger import LedgerPort
+from mesh.messages import (
+    Announcement,
+    DagPull,
+    DagTips,
+    DagVertices,
+    Endpoint,
+    GossipItem,
+    RelayReport,
+    RouteAdvertisement,
+    RouteEntry,
+    SlashingProposal,
+)
+from mesh.peers import PeerTable, RoutingCache
+from mesh.transport import TOPICS, Subscription, Transport, WakuMessage, inbox_topic
+from qstp.pqc import SigningKey
+
+log = logging.getLogger("pqcnet.mesh.agent")
+
+GossipListener = Callable[[GossipItem, str], Awaitable[None] | None]
+ReportListener = Callable[[RelayReport, str], Awaitable[None] | None]
+ProposalListener = Callable[[SlashingProposal, str], Awaitable[None] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Behaviour and bounds of one agent."""
+
+    role: str = "node"
+    capabilities: tuple[str, ...] = ()
+    endpoints: tuple[Endpoint, ...] = ()
+    software_hash: bytes = b""
+    staking_address: str = ""
+    announce_interval_ms: int = 10_000
+    #: a peer silent this long (or 3 announce intervals) is not live
+    peer_expiry_ms: int = 30_000
+    #: how often the housekeeping loop runs
+    tick_ms: int = 500
+    #: live peers each gossip hop is forwarded to
+    gossip_fanout: int = 3
+    #: forwarding hops a new gossip item gets
+    gossip_hops: int = 2
+    #: default gossip / bundle lifetime
+    gossip_ttl_ms: int = 3_600_000
+    #: how often tips are published (0 = only on demand)
+    dag_sync_interval_ms: int = 2_000
+    #: vertices per DAG_VERTICES message (keeps messages under the Waku size limit)
+    dag_chunk: int = 8
+    #: directive ids remembered to apply each directive once
+    max_applied_directives: int = 10_000
+    #: slashing proposals kept for governance review
+    max_proposals: int = 1_000
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+
+    def __post_init__(self) -> None:
+        if self.announce_interval_ms <= 0 or self.tick_ms <= 0 or self.dag_chunk < 1:
+            raise ConfigError("announce interval, tick and dag_chunk must be positive")
+        if self.gossip_fanout < 1 or self.gossip_hops < 0:
+            raise ConfigError("gossip fan-out must be >= 1 and hops >= 0")
+
+
+class ControlPlaneAgent:
+    """A node's presence on the control plane."""
+
+    def __init__(self, keys: NodeKeys, transport: Transport, keyring: Keyring, *,
+                 config: AgentConfig | None = None,
+                 governance: GovernancePolicy | None = None,
+                 ledger: LedgerPort | None = None,
+                 bundles: BundleStore | None = None,
+                 clock: Callable[[], int] = now_ms) -> None:
+        self.keys = keys
+        self.transport = transport
+        self.keyring = keyring
+        self.config = config or AgentConfig()
+        self.governance = governance
+        self.ledger = ledger
+        self.bundles = bundles
+        self.clock = clock
+        keyring.add(keys.node_id, keys.signing_key.public_key, keys.key_version)
+        self.signer = EnvelopeSigner(keys)
+        self.verifier = EnvelopeVerifier(keyring, [keys.recipient_key], self.config.verifier)
+        self.peers = PeerTable(expiry_ms=self.config.peer_expiry_ms)
+        self.routes = RoutingCache()
+        self.handlers: list[DirectiveHandler] = []
+        self.gossip_listeners: list[GossipListener] = []
+        self.report_listeners: list[ReportListener] = []
+        self.proposal_listeners: list[ProposalListener] = []
+        self.proposals: list[tuple[SlashingProposal, str]] = []
+        self.applied: OrderedDict[bytes, Directive] = OrderedDict()
+        #: non-verifier events: handler errors, rejected directives, publish failures
+        self.events: Counter[str] = Counter()
+        self._route_version = 0
+        self._sub: Subscription | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_announce = 0
+        self._last_tips = 0
+        self._rng = random.Random()
+        self.my_inbox = inbox_topic(keys.node_id)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def node_id(self) -> str:
+        return self.keys.node_id
+
+    @property
+    def drops(self) -> Counter[str]:
+        """Received messages dropped, by reason."""
+        return self.verifier.drops
+
+    async def start(self) -> None:
+        """Subscribe to the standard topics and our inbox; start receive + housekeeping."""
+        topics = [*TOPICS.values(), self.my_inbox]
+        self._sub = await self.transport.subscribe(topics)
+        self._tasks = [
+            asyncio.create_task(self._receive_loop(self._sub), name=f"mesh-rx-{self.node_id}"),
+            asyncio.create_task(self._tick_loop(), name=f"mesh-tick-{self.node_id}"),
+        ]
+        await self.announce()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        if self._sub is not None:
+            self._sub.close()
+        await self.transport.close()
+
+    async def _receive_loop(self, sub: Subscription) -> None:
+        while True:
+            try:
+                msg = await sub.get()
+            except TransportClosed:
+                return
+            await self.handle(msg)
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick_ms / 1000)
+            try:
+                await self.tick()
+            except MeshError as exc:
+                self.events["tick_error"] += 1
+                log.warning("mesh housekeeping failed", extra={"error": str(exc)})
+
+    async def tick(self) -> None:
+        """Housekeeping: announce, expire peers and bundles, flush bundles, publish tips."""
+        now = self.clock()
+        if now - self._last_announce >= self.config.announce_interval_ms:
+            await self.announce()
+        for node in self.peers.expire(now):
+            log.info("peer expired", extra={"peer": node})
+        metrics.PEERS.set(len(self.peers.live(now)))
+        if self.bundles is not None:
+            self.bundles.expire(now)
+            for dest in self.bundles.destinations():
+                if self.peers.is_live(dest, now):
+                    await self.flush_bundles(dest)
+        if (self.ledger is not None and self.config.dag_sync_interval_ms
+                and now - self._last_tips >= self.config.dag_sync_interval_ms):
+            await self.publish_tips()
+
+    # ------------------------------------------------------------------ publishing
+
+    async def _publish(self, topic: str, type_: MessageType, body: bytes) -> None:
+        wire = self.signer.wire(type_, body, now_ms=self.clock())
+        await self.transport.publish(topic, wire)
+
+    def announcement(self, *, next_key: SigningKey | None = None,
+                     next_version: int = 0) -> Announcement:
+        c = self.config
+        return Announcement(
+            node_id=self.node_id, role=c.role, capabilities=c.capabilities,
+            software_hash=c.software_hash, staking_address=c.staking_address,
+            endpoints=c.endpoints, key_version=self.keys.key_version,
+            seal_key=self.keys.recipient_key.public, interval_ms=c.announce_interval_ms,
+            next_key=next_key.public_key if next_key else None, next_key_version=next_version,
+        )
+
+    async def announce(self) -> None:
+        """Publish our NodeAnnouncement."""
+        self._last_announce = self.clock()
+        try:
+            await self._publish(TOPICS["announce"], MessageType.NODE_ANNOUNCEMENT,
+                                self.announcement().encode())
+        except WakuError as exc:
+            self.events["publish_failed"] += 1
+            log.warning("announce failed", extra={"error": str(exc)})
+
+    async def advertise_routes(self, routes: list[RouteEntry]) -> RouteAdvertisement:
+        """Anchor our routes in the ledger, update our own cache, publish them."""
+        self._route_version += 1
+        ad = RouteAdvertisement(self.node_id, self.clock() * 1000 + self._route_version,
+                                tuple(routes))
+        if self.ledger is not None:
+            self.ledger.anchor_routes(ad.encode())
+        self.routes.apply(ad)
+        await self._publish(TOPICS["routes"], MessageType.ROUTE_ADVERTISEMENT, ad.encode())
+        return ad
+
+    async def issue_directive(self, signed: SignedDirective) -> None:
+        """Publish a (threshold-)signed directive to the governance topic and apply it here."""
+        await self._publish(TOPICS["governance"], MessageType.GOVERNANCE_DIRECTIVE,
+                            signed.encode())
+        await self._on_directive(signed.encode(), self.node_id)
+
+    async def propose_slashing(self, proposal: SlashingProposal) -> None:
+        await self._publish(TOPICS["governance"], MessageType.SLASHING_PROPOSAL,
+                            proposal.encode())
+
+    async def publish_report(self, report: RelayReport) -> None:
+        """Relayers: publish a volume proof / performance report."""
+        await self._publish(TOPICS["relay-reports"], MessageType.RELAY_REPORT, report.encode())
+
+    async def gossip(self, kind: str, payload: bytes, *, ttl_ms: int | None = None,
+                     destination: str = "") -> bytes:
+        """Originate a gossip item; returns its message id."""
+        now = self.clock()
+        item = GossipItem(kind, payload, now + (ttl_ms or self.config.gossip_ttl_ms), destination)
+        signed = self.signer.sign(MessageType.GOSSIP, item.encode(), now_ms=now)
+        message_id = self.verifier.mark_seen(signed)
+        if destination:
+            await self._send_or_hold(destination, signed, item.expires_ms, hops=0)
+        else:
+            await self._spread(signed, item.expires_ms, self.config.gossip_hops,
+                               exclude={self.node_id}, hold_for_absent=True)
+        return message_id
+
+    async def _spread(self, signed: bytes, expires_ms: int, hops: int, *,
+                      exclude: set[str], hold_for_absent: bool) -> None:
+        now = self.clock()
+        live = [p.announcement.node_id for p in self.peers.live(now)
+                if p.announcement.node_id not in exclude]
+        targets = self._rng.sample(live, min(self.config.gossip_fanout, len(live)))
+        for dest in targets:
+            await self._send_or_hold(dest, signed, expires_ms, hops=hops)
+        if hold_for_absent:
+            for p in self.peers.all():
+                node = p.announcement.node_id
+                if node not in exclude and not self.peers.is_live(node, now):
+                    self._hold(node, signed, expires_ms)
+
+    async def _send_or_hold(self, dest: str, signed: bytes, expires_ms: int, *,
+                            hops: int) -> None:
+        peer = self.peers.get(dest)
+        now = self.clock()
+        if peer is None or peer.announcement.seal_key is None or not self.peers.is_live(dest, now):
+            self._hold(dest, signed, expires_ms)
+            return
+        try:
+            await self.transport.publish(
+                inbox_topic(dest), wrap(signed, to=peer.announcement.seal_key, hops=hops))
+        except WakuError:
+            self.events["publish_failed"] += 1
+            self._hold(dest, signed, expires_ms)
+
+    def _hold(self, dest: str, signed: bytes, expires_ms: int) -> None:
+        if self.bundles is None:
+            self.events["undeliverable"] += 1
+            return
+        try:
+            self.bundles.put(dest, signed, created_ms=self.clock(), expires_ms=expires_ms)
+        except BundleStoreError as exc:
+            self.events["bundle_rejected"] += 1
+            log.warning("bundle not stored", extra={"peer": dest, "error": str(exc)})
+
+    async def flush_bundles(self, dest: str) -> int:
+        """Forward every unexpired bundle held for ``dest``; returns how many went out."""
+        if self.bundles is None:
+            return 0
+        peer = self.peers.get(dest)
+        if peer is None or peer.announcement.seal_key is None:
+            return 0
+        sent = 0
+        for b in self.bundles.pending(dest, self.clock()):
+            try:
+                await self.transport.publish(
+                    inbox_topic(dest), wrap(b.payload, to=peer.announcement.seal_key, hops=0))
+            except WakuError:
+                self.events["publish_failed"] += 1
+                break
+            self.bundles.remove(b)
+            sent += 1
+        return sent
+
+    # ------------------------------------------------------------------ DAG sync
+
+    async def publish_tips(self) -> None:
+        """Tell the mesh what our ledger's tips are."""
+        if self.ledger is None:
+            return
+        self._last_tips = self.clock()
+        tips = DagTips(tuple(self.ledger.tips()), self.ledger.vertex_count())
+        try:
+            await self._publish(TOPICS["dagsync"], MessageType.DAG_TIPS, tips.encode())
+        except WakuError:
+            self.events["publish_failed"] += 1
+
+    async def _to_inbox(self, dest: str, type_: MessageType, body: bytes) -> None:
+        peer = self.peers.get(dest)
+        if peer is None or peer.announcement.seal_key is None:
+            self.events["no_route_to_peer"] += 1
+            return
+        wire = self.signer.wire(type_, body, now_ms=self.clock(), to=peer.announcement.seal_key)
+        await self.transport.publish(inbox_topic(dest), wire)
+
+    async def _on_tips(self, tips: DagTips, sender: str) -> None:
+        assert self.ledger is not None
+        if all(self.ledger.knows(t) for t in tips.tips):
+            return
+        pull = DagPull(self.node_id, (), tuple(self.ledger.tips()))
+        await self._to_inbox(sender, MessageType.DAG_PULL, pull.encode())
+
+    async def _on_pull(self, pull: DagPull, sender: str) -> None:
+        assert self.ledger is not None
+        blobs = self.ledger.export_for(pull.have_tips, self.config.dag_chunk * 64)
+        chunk = self.config.dag_chunk
+        for i in range(0, len(blobs), chunk):
+            part = DagVertices(sender, tuple(blobs[i:i + chunk]), more=i + chunk < len(blobs))
+            await self._to_inbox(sender, MessageType.DAG_VERTICES, part.encode())
+
+    async def _on_vertices(self, vs: DagVertices, sender: str) -> None:
+        assert self.ledger is not None
+        blobs = [b for b in vs.vertices]
+        new = self.ledger.import_vertices(blobs)
+        self.events["dag_vertices_imported"] += new
+        if not vs.more:
+            self.events["dag_sync_rounds"] += 1
+            # pick up anything added meanwhile: the sender's next tips will trigger a pull
+
+    # ------------------------------------------------------------------ receiving
+
+    async def handle(self, wmsg: WakuMessage) -> ControlMessage | None:
+        """Verify and act on one received Waku message (never raises for bad input)."""
+        now = self.clock()
+        msg = self.verifier.accept(wmsg.payload, now)
+        if msg is None or msg.sender == self.node_id:
+            return None
+        if msg.timestamp_ms and msg.type is not MessageType.GOSSIP:
+            metrics.DELIVERY_LATENCY.observe(max(0, now - msg.timestamp_ms) / 1000)
+        try:
+            await self._dispatch(msg)
+        except EnvelopeRejected as exc:
+            self.verifier.drops[exc.reason] += 1
+            metrics.DROPPED.labels(exc.reason).inc()
+        except (DirectiveError, LedgerRejected) as exc:
+            self.events["directive_rejected" if isinstance(exc, DirectiveError)
+                        else "ledger_rejected"] += 1
+            log.warning("control message refused", extra={
+                "sender": msg.sender, "type": msg.type.name, "error": str(exc)})
+        except MeshError as exc:
+            self.events["handler_error"] += 1
+            log.warning("control message failed", extra={
+                "sender": msg.sender, "type": msg.type.name, "error": str(exc)})
+        return msg
+
+    async def _dispatch(self, msg: ControlMessage) -> None:
+        t = msg.type
+        if t is MessageType.NODE_ANNOUNCEMENT:
+            await self._on_announcement(Announcement.decode(msg.body), msg)
+        elif t is MessageType.ROUTE_ADVERTISEMENT:
+            ad = RouteAdvertisement.decode(msg.body)
+            if ad.node_id != msg.sender:
+                raise EnvelopeRejected("route advertisement for another node")
+            self.routes.apply(ad)
+        elif t is MessageType.GOVERNANCE_DIRECTIVE:
+            await self._on_directive(msg.body, msg.sender)
+        elif t is MessageType.SLASHING_PROPOSAL:
+            proposal = SlashingProposal.decode(msg.body)
+            if len(self.proposals) < self.config.max_proposals:
+                self.proposals.append((proposal, msg.sender))
+            for pl in self.proposal_listeners:
+                await _maybe_await(pl(proposal, msg.sender))
+        elif t is MessageType.GOSSIP:
+            await self._on_gossip(msg)
+        elif t is MessageType.RELAY_REPORT:
+            report = RelayReport.decode(msg.body)
+            for rl in self.report_listeners:
+                await _maybe_await(rl(report, msg.sender))
+        elif self.ledger is not None:
+            if t is MessageType.DAG_TIPS:
+                await self._on_tips(DagTips.decode(msg.body), msg.sender)
+            elif t is MessageType.DAG_PULL:
+                await self._on_pull(DagPull.decode(msg.body), msg.sender)
+            elif t is MessageType.DAG_VERTICES:
+                await self._on_vertices(DagVertices.decode(msg.body), msg.sender)
+
+    async def _on_announcement(self, ann: Announcement, msg: ControlMessage) -> None:
+        if ann.node_id != msg.sender or ann.key_version != msg.key_version:
+            raise EnvelopeRejected("announcement does not match its signer")
+        if ann.next_key is not None:
+            self.keyring.add(ann.node_id, ann.next_key, ann.next_key_version)
+            self.keyring.retire_below(ann.node_id, ann.next_key_version)
+            log.info("peer key rolled over", extra={
+                "peer": ann.node_id, "key_version": ann.next_key_version})
+        if self.peers.observe(ann, self.clock()):
+            log.info("peer up", extra={"peer": ann.node_id, "role": ann.role})
+            await self.flush_bundles(ann.node_id)
+
+    async def _on_gossip(self, msg: ControlMessage) -> None:
+        item = GossipItem.decode(msg.body)
+        if item.expires_ms <= self.clock():
+            raise StaleMessage("gossip item expired")
+        if item.kind == "revocation":
+            target = item.payload.decode("utf-8", "replace")
+            if target and target != self.node_id:
+                self.keyring.revoke(target, f"revocation gossip from {msg.sender}")
+        for gl in self.gossip_listeners:
+            await _maybe_await(gl(item, msg.sender))
+        if msg.hops_left > 0 and not item.destination:
+            await self._spread(msg.signed, item.expires_ms, msg.hops_left - 1,
+                               exclude={self.node_id, msg.sender}, hold_for_absent=False)
+
+    # ------------------------------------------------------------------ directives
+
+    async def _on_directive(self, body: bytes, sender: str) -> None:
+        if self.governance is None:
+            raise DirectiveError("no governance policy configured; directive ignored")
+        signed = SignedDirective.decode(body)
+        directive = self.governance.verify(signed, self.clock())
+        if directive.directive_id in self.applied:
+            return
+        action = directive.action
+        subject = getattr(action, "target", "") or getattr(action, "scope", "")
+        if self.ledger is not None:
+            self.ledger.anchor_directive(body, subject)
+        self.applied[directive.directive_id] = directive
+        while len(self.applied) > self.config.max_applied_directives:
+            self.applied.popitem(last=False)
+        await self._apply_builtin(action)
+        for h in self.handlers:
+            try:
+                if isinstance(action, RateLimitUpdate):
+                    await _maybe_await(h.on_rate_limit(action))
+                elif isinstance(action, ForceRekey):
+                    await _maybe_await(h.on_force_rekey(action))
+                else:
+                    await _maybe_await(h.on_slash(action))
+            except Exception as exc:  # a consumer's bug must not stop other consumers
+                self.events["handler_error"] += 1
+                log.exception("directive handler failed", extra={"error": str(exc)})
+        metrics.DIRECTIVES.labels(directive.action_name).inc()
+        log.info("directive applied", extra={
+            "action": directive.action_name, "id": directive.directive_id.hex(),
+            "via": sender})
+
+    async def _apply_builtin(self, action: RateLimitUpdate | ForceRekey | SlashNotice) -> None:
+        if isinstance(action, SlashNotice):
+            if action.target == self.node_id:
+                self.events["slashed_self"] += 1
+                return
+            self.keyring.revoke(action.target, f"slashed: {action.reason}")
+            self.routes.drop_advertiser(action.target)
+            self.peers.remove(action.target)
+            if self.ledger is not None:
+                self.ledger.disable_author(action.target, action.reason)
+        elif isinstance(action, ForceRekey) and action.target == self.node_id and (
+                self.keys.key_version < action.min_key_version or not action.min_key_version):
+            await self.rekey(max(self.keys.key_version + 1, action.min_key_version))
+
+    async def rekey(self, new_version: int) -> None:
+        """Rotate our signing key: record it in the ledger, announce the rollover under
+        the old key, then sign with the new one."""
+        new_key = SigningKey.generate(self.keys.signing_key.algorithm)
+        if self.ledger is not None:
+            self.ledger.record_key_version(new_key.public_key, new_version, self.keys.signing_key)
+        rollover = self.announcement(next_key=new_key, next_version=new_version)
+        await self._publish(TOPICS["announce"], MessageType.NODE_ANNOUNCEMENT, rollover.encode())
+        self.signer.rekey(new_key, new_version)
+        self.keyring.add(self.node_id, new_key.public_key, new_version)
+        self.keyring.retire_below(self.node_id, new_version)
+        log.info("rekeyed", extra={"key_version": new_version})
+        await self.announce()
+
+
+async def _maybe_await(result: Awaitable[None] | None) -> None:
+    if inspect.isawaitable(result):
+        await result
