@@ -31,10 +31,10 @@ def node_key(name: str) -> SigningKey:
 GOV = node_key("governance-key")
 
 
-async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    """Poll ``cond`` until true; fail with ``what`` after ``timeout`` seconds."""
+async def until(cond: Callable[[], bool], limit_s: float = 10.0, what: str = "") -> None:
+    """Poll ``cond`` until true; fail with ``what`` after ``limit_s`` seconds."""
     loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
+    end = loop.time() + limit_s
     while not cond():
         if loop.time() > end:
             raise AssertionError(f"timed out waiting for {what or cond}")
