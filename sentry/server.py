@@ -1,0 +1,243 @@
+"""The sentry's tunnel-facing loop: one task per QSTP stream, one RPC per stream.
+
+:func:`handle_stream` is the whole per-RPC life: read the head within
+``request_read_timeout`` (a slowloris client holds nothing but its own stream),
+:meth:`Sentry.admit` it, read the bounded body, sanitize, forward, and stream the
+backend's answer back. Every refusal becomes a response head with the typed error's
+outcome, one-line reason and retry-after; no exception reaches the peer and the
+backend never sees a refused request. It only needs the small :class:`RpcStream`
+surface, so it runs the same over :mod:`qstp.aio` streams and in tests.
+
+:class:`SentryServer` terminates QSTP (``qstp.aio.serve``) and feeds each accepted
+stream to :func:`handle_stream`, and polls the config file for hot reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, Protocol
+
+from qstp.errors import PqcnetError, TunnelClosed
+from sentry.backends import TCP_READ_CHUNK, close_quietly
+from sentry.core import Admission, Sentry, TunnelView
+from sentry.errors import RequestTooLarge, SentryError, WireError
+from sentry.wire import RequestHead, ResponseHead, decode_request, encode_response, read_head
+
+log = logging.getLogger("pqcnet.sentry")
+
+
+class RpcStream(Protocol):
+    """What the sentry needs from one QSTP stream."""
+
+    async def send(self, data: bytes, end: bool = False) -> None: ...
+
+    async def recv(self) -> bytes: ...
+
+    async def close(self) -> None: ...
+
+
+def error_head(exc: SentryError) -> ResponseHead:
+    """The response head describing a refusal."""
+    retry = float(getattr(exc, "retry_after", 0.0))
+    headers = (("retry-after", str(max(1, round(retry + 0.499)))),) if retry else ()
+    return ResponseHead(
+        status=exc.http_status, headers=headers, error=exc.outcome,
+        reason=str(exc).splitlines()[0][:500] if str(exc) else exc.outcome,
+        retry_after=retry, grpc_code=exc.grpc_code,
+    )
+
+
+async def _read_body(stream: RpcStream, first: bytes, limit: int) -> bytes:
+    body = bytearray(first)
+    while True:
+        if len(body) > limit:
+            raise RequestTooLarge(f"request body over {limit} bytes")
+        chunk = await stream.recv()
+        if not chunk:
+            return bytes(body)
+        body += chunk
+
+
+async def handle_stream(sentry: Sentry, stream: RpcStream, tunnel: TunnelView) -> str:
+    """Serve one RPC on ``stream``; returns the outcome label."""
+    started = time.perf_counter()
+    bounds = sentry.config.bounds
+    kind = "unknown"
+    outcome = "ok"
+    try:
+        try:
+            async with asyncio.timeout(bounds.request_read_timeout):
+                payload, rest = await read_head(stream.recv)
+            head = decode_request(payload)
+        except TimeoutError:
+            raise WireError(
+                f"request head not received within {bounds.request_read_timeout:g}s"
+            ) from None
+        kind = head.kind
+        adm = sentry.admit(head, tunnel)
+        try:
+            if head.kind == "tcp":
+                await _pipe_tcp(sentry, stream, adm, rest)
+            else:
+                await _proxy(sentry, stream, head, adm, rest)
+        finally:
+            sentry.release()
+    except SentryError as exc:
+        outcome = exc.outcome
+        sentry.metrics.count(outcome, type(exc).__name__)
+        log.info("sentry refused rpc", extra={"outcome": outcome, "reason": str(exc),
+                                              "peer": str(tunnel.peer), "kind": kind})
+        with contextlib.suppress(PqcnetError, OSError):
+            await stream.send(encode_response(error_head(exc)), end=True)
+        return outcome
+    except (TunnelClosed, ConnectionError):
+        outcome = "error"
+        sentry.metrics.count(outcome, "TunnelClosed")
+        return outcome
+    except Exception:
+        log.exception("sentry internal error", extra={"peer": str(tunnel.peer)})
+        sentry.metrics.count("error", "internal")
+        with contextlib.suppress(Exception):
+            await stream.send(encode_response(ResponseHead(
+                500, error="error", reason="internal sentry error", grpc_code=13)), end=True)
+        return "error"
+    sentry.metrics.count(outcome)
+    sentry.metrics.latency.labels(kind).observe(time.perf_counter() - started)
+    return outcome
+
+
+async def _proxy(sentry: Sentry, stream: RpcStream, head: RequestHead, adm: Admission,
+                 rest: bytes) -> None:
+    bounds = sentry.config.bounds
+    try:
+        async with asyncio.timeout(bounds.request_read_timeout):
+            body = await _read_body(stream, rest, bounds.max_request_body)
+    except TimeoutError:
+        raise WireError(f"request body not received within "
+                        f"{bounds.request_read_timeout:g}s") from None
+    req = sentry.prepare(head, body, adm)
+    resp = await sentry.backend(adm.backend.name).forward(req)
+    try:
+        await stream.send(encode_response(ResponseHead(
+            status=resp.status, headers=resp.headers, grpc_code=resp.grpc_code,
+            reason=resp.reason)))
+        try:
+            async for chunk in resp.body:
+                await stream.send(chunk)
+        except SentryError as exc:  # head already sent: log and cut the body short
+            log.warning("backend failed mid-response", extra={"reason": str(exc)})
+            sentry.metrics.count(exc.outcome, type(exc).__name__)
+        await stream.send(b"", end=True)
+    finally:
+        await resp.aclose()
+
+
+async def _pipe_tcp(sentry: Sentry, stream: RpcStream, adm: Admission, rest: bytes) -> None:
+    reader, writer = await sentry.tcp_backend(adm.backend.name).connect()
+    await stream.send(encode_response(ResponseHead(status=200)))
+
+    async def up() -> None:
+        if rest:
+            writer.write(rest)
+        while data := await stream.recv():
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+    async def down() -> None:
+        while chunk := await reader.read(TCP_READ_CHUNK):
+            await stream.send(chunk)
+        await stream.send(b"", end=True)
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(up())
+            tg.create_task(down())
+    except* (OSError, ConnectionError, TunnelClosed):
+        pass
+    finally:
+        await close_quietly(writer)
+
+
+def tunnel_view(tunnel: Any) -> TunnelView:
+    """Adapt a :mod:`qstp.aio` tunnel to what the core needs."""
+    return TunnelView(
+        peer=tunnel.peer.spiffe_id,
+        channel_binding=tunnel.channel_binding(),
+        export=lambda label, n: bytes(tunnel.export_keying_material(label, n)),
+    )
+
+
+class SentryServer:
+    """Terminates QSTP tunnels and serves their streams; hot-reloads the config file."""
+
+    def __init__(self, sentry: Sentry, identity: Any, tls_policy: Any = None, *,
+                 qstp_config: Any = None) -> None:
+        self.sentry = sentry
+        self.identity = identity
+        self.tls_policy = tls_policy
+        self.qstp_config = qstp_config
+        self._server: Any = None
+        self._watch: asyncio.Task[None] | None = None
+        self.tunnels_served = 0
+        self.reloads = 0
+
+    async def start(self, host: str | None = None, port: int | None = None) -> int:
+        """Listen (127.0.0.1 by default); returns the bound port."""
+        from qstp import aio
+
+        cfg = self.sentry.config
+        self._server = await aio.serve(
+            self._on_tunnel, host or cfg.listen_host,
+            cfg.listen_port if port is None else port,
+            self.identity, self.tls_policy, config=self.qstp_config)
+        port_: int = self._server.port
+        return port_
+
+    async def _on_tunnel(self, tunnel: Any) -> None:
+        view = tunnel_view(tunnel)
+        self.tunnels_served += 1
+        metrics = self.sentry.metrics
+        metrics.tunnels.inc()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                async for stream in tunnel:
+                    tg.create_task(handle_stream(self.sentry, stream, view))
+        finally:
+            metrics.tunnels.dec()
+
+    def watch_config(self, path: Any, interval: float = 1.0) -> None:
+        """Poll ``path``; on a change, validate and hot-reload the policy part."""
+        from sentry.config import file_fingerprint, load_config
+
+        async def loop() -> None:
+            seen = file_fingerprint(path)
+            while True:
+                await asyncio.sleep(interval)
+                now = file_fingerprint(path)
+                if now == seen:
+                    continue
+                seen = now
+                try:
+                    self.sentry.reload(load_config(path).policy)
+                    self.reloads += 1
+                except PqcnetError as exc:
+                    log.warning("config reload refused; old policy stays",
+                                extra={"error": str(exc)})
+
+        self._watch = asyncio.get_running_loop().create_task(loop())
+
+    async def aclose(self) -> None:
+        """Stop listening, end tunnels, close backend pools."""
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        await self.sentry.aclose()

@@ -1,0 +1,260 @@
+"""Real parts for sentry tests: an HTTP JSON-RPC backend, a gRPC backend, a TCP echo
+backend, a mesh of QSTP identities, issuer keys and a sentry config on disk.
+
+Nothing here is a mock: the HTTP backend is the stdlib ``ThreadingHTTPServer`` on a
+loopback port, the gRPC backend a ``grpc.aio`` server with the generated Echo
+service, and the sentry / sidecar run over real QSTP tunnels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import yaml
+
+import qstp
+from proto import echo_pb2, echo_pb2_grpc
+from qstp.identity import NodeIdentity, dev_identities
+from qstp.pqc import SigningKey
+from sentry.config import load_config, verify_key_pem
+from sentry.core import Sentry
+from sentry.server import SentryServer
+from sentry.sidecar import Sidecar
+
+TD = "pqcnet.test"
+SENTRY_ID = f"spiffe://{TD}/ops/sentry/s1"
+ACME_ID = f"spiffe://{TD}/acme/sidecar/a1"
+GLOBEX_ID = f"spiffe://{TD}/globex/sidecar/g1"
+INTRUDER_ID = f"spiffe://{TD}/acme/intruder/i1"
+SANITIZER_KEY = "11" * 32
+
+
+@dataclass
+class Mesh:
+    sentry: NodeIdentity
+    acme: NodeIdentity
+    globex: NodeIdentity
+    intruder: NodeIdentity
+    acme_issuer: SigningKey
+    globex_issuer: SigningKey
+
+
+def make_mesh() -> Mesh:
+    _ca, (s, a, g, i) = dev_identities(TD, SENTRY_ID, ACME_ID, GLOBEX_ID, INTRUDER_ID)
+    return Mesh(s, a, g, i, SigningKey.from_seed(b"\x01" * 32),
+                SigningKey.from_seed(b"\x02" * 32))
+
+
+# ---------------------------------------------------------------------------- backends
+
+
+@dataclass
+class Seen:
+    """What a backend received (thread-safe enough for counters under the GIL)."""
+
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class HttpBackend:
+    """JSON-RPC over HTTP/1.1: echoes method/params, reports headers it saw."""
+
+    def __init__(self, delay: float = 0.0, big: int = 0) -> None:
+        self.seen = Seen()
+        seen = self.seen
+        self.delay = delay
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _handle(self) -> None:
+                with seen.lock:
+                    seen.in_flight += 1
+                    seen.max_in_flight = max(seen.max_in_flight, seen.in_flight)
+                try:
+                    n = int(self.headers.get("content-length", "0"))
+                    body = self.rfile.read(n) if n else b""
+                    seen.requests.append({"method": self.command, "path": self.path,
+                                          "headers": dict(self.headers.items()),
+                                          "body": body})
+                    if outer.delay:
+                        time.sleep(outer.delay)
+                    if self.path.startswith("/big"):
+                        size = int(self.path.split("/")[-1])
+                        self.send_response(200)
+                        self.send_header("content-type", "application/octet-stream")
+                        self.send_header("content-length", str(size))
+                        self.end_headers()
+                        chunk = bytes(range(256)) * 256
+                        sent = 0
+                        while sent < size:
+                            part = chunk[: size - sent]
+                            self.wfile.write(part)
+                            sent += len(part)
+                        return
+                    try:
+                        req = json.loads(body) if body else {}
+                    except ValueError:
+                        req = {"raw": body.decode("latin-1")}
+                    out = json.dumps({"jsonrpc": "2.0", "id": req.get("id") if
+                                      isinstance(req, dict) else None,
+                                      "result": {"path": self.path, "echo": req}}).encode()
+                    self.send_response(200)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(out)))
+                    self.end_headers()
+                    self.wfile.write(out)
+                finally:
+                    with seen.lock:
+                        seen.in_flight -= 1
+
+            do_GET = _handle
+            do_POST = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> HttpBackend:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class EchoServicer(echo_pb2_grpc.EchoServicer):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, list[tuple[str, str]]]] = []
+
+    async def Say(self, request: echo_pb2.EchoRequest,
+                  context: grpc.aio.ServicerContext[Any, Any]) -> echo_pb2.EchoReply:
+        md = [(str(k), str(v)) for k, v in context.invocation_metadata() or ()]
+        self.seen.append((request.text, md))
+        if request.text == "not-found":
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+        return echo_pb2.EchoReply(text=request.text.upper(),
+                                  metadata=[f"{k}={v}" for k, v in md])
+
+
+@contextlib.asynccontextmanager
+async def grpc_backend() -> AsyncIterator[tuple[EchoServicer, int]]:
+    server = grpc.aio.server()
+    servicer = EchoServicer()
+    echo_pb2_grpc.add_EchoServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield servicer, port
+    finally:
+        await server.stop(None)
+
+
+@contextlib.asynccontextmanager
+async def tcp_echo() -> AsyncIterator[int]:
+    async def client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while data := await r.read(65536):
+            w.write(data[::-1])
+            await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(client, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def config_dict(http_port: int, grpc_port: int, tcp_port: int, *, rate: float = 1000,
+                burst: float = 1000, max_in_flight: int = 64,
+                methods: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "listen": "127.0.0.1:0",
+        "issuers": {"acme": ["acme-issuer.pub"], "globex": ["globex-issuer.pub"]},
+        "limits": {"max_in_flight": max_in_flight,
+                   "default": {"rate": rate, "burst": burst},
+                   "tenants": {"acme": {"rate": rate, "burst": burst}}},
+        "acl": {"allow_from": [f"spiffe://{TD}/*/sidecar/*"],
+                "allow_methods": methods if methods is not None else [
+                    "POST /rpc", "POST /rpc/**", "GET /status", "GET /big/*",
+                    "POST /globex/*", "/pqcnet.echo.Echo/*", "TCP tcp-echo"]},
+        "sanitizer": {"acme": {"key_hex": SANITIZER_KEY,
+                               "headers": {"x-forwarded-for": "strip", "x-user-id": "hash",
+                                           "x-wallet": {"replace": "redacted"}},
+                               "json_fields": {"params.ip": "strip",
+                                               "params.user_id": "hash",
+                                               "params.wallet": {"replace": "0x0"}}}},
+        "backends": [
+            {"name": "jsonrpc", "kind": "http", "target": f"http://127.0.0.1:{http_port}",
+             "tenants": ["acme"], "timeout": 5},
+            {"name": "globex-only", "kind": "http", "target": f"http://127.0.0.1:{http_port}",
+             "tenants": ["globex"], "timeout": 5},
+            {"name": "echo", "kind": "grpc", "target": f"127.0.0.1:{grpc_port}",
+             "tenants": ["acme", "globex"], "timeout": 5},
+            {"name": "tcp-echo", "kind": "tcp", "target": f"127.0.0.1:{tcp_port}",
+             "tenants": ["acme"]},
+        ],
+        "routes": [{"prefix": "/globex/", "backend": "globex-only"},
+                   {"prefix": "/", "backend": "jsonrpc"},
+                   {"prefix": "/pqcnet.echo.Echo/", "backend": "echo"}],
+        "bounds": {"max_request_body": 1024 * 1024, "request_read_timeout": 1.0},
+    }
+
+
+def write_config(dir_: Path, mesh: Mesh, cfg: dict[str, Any]) -> Path:
+    (dir_ / "acme-issuer.pub").write_bytes(verify_key_pem(mesh.acme_issuer.public_key))
+    (dir_ / "globex-issuer.pub").write_bytes(verify_key_pem(mesh.globex_issuer.public_key))
+    path = dir_ / "sentry.yaml"
+    tmp = dir_ / "sentry.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(cfg))
+    tmp.replace(path)
+    return path
+
+
+@dataclass
+class Stack:
+    server: SentryServer
+    sentry: Sentry
+    port: int
+    config_path: Path
+
+    def sidecar(self, identity: NodeIdentity, issuer: SigningKey, tenant: str = "acme",
+                *, subject: str = "alice", ttl: float = 300.0,
+                clock: Callable[[], float] = time.time) -> Sidecar:
+        async def dial() -> Any:
+            return await qstp.connect("127.0.0.1", self.port, identity)
+
+        return Sidecar(dial, issuer, subject=subject, tenant=tenant, ttl=ttl, clock=clock)
+
+
+@contextlib.asynccontextmanager
+async def sentry_stack(mesh: Mesh, config_path: Path) -> AsyncIterator[Stack]:
+    sentry = Sentry(load_config(config_path))
+    server = SentryServer(sentry, mesh.sentry)
+    port = await server.start()
+    try:
+        yield Stack(server, sentry, port, config_path)
+    finally:
+        await server.aclose()
