@@ -1,0 +1,164 @@
+"""Backpressure, PAUSE/RESUME, rekey and cancellation over real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+import pytest
+
+import qstp
+from qstp import events as ev
+from qstp.aio import Stream, Tunnel
+from qstp.config import QstpConfiguration
+
+from .qstputil import Mesh, make_mesh, running_server
+
+pytestmark = pytest.mark.timeout(60)
+
+SMALL = QstpConfiguration(stream_window=128 * 1024, connection_window=256 * 1024)
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Mesh:
+    return make_mesh()
+
+
+async def _until(cond: object, what: str) -> None:
+    for _ in range(500):
+        if callable(cond) and cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_slow_reader_makes_the_sender_wait(mesh: Mesh) -> None:
+    got: asyncio.Queue[Stream] = asyncio.Queue()
+    done = asyncio.Event()
+
+    async def handler(tunnel: Tunnel) -> None:
+        async for stream in tunnel:
+            await got.put(stream)
+        await done.wait()
+
+    payload = os.urandom(4 * 1024 * 1024)
+    async with running_server(mesh, handler, config=SMALL) as server:
+        tunnel = await qstp.connect("127.0.0.1", server.port, mesh.client, config=SMALL)
+        stream = tunnel.open_stream()
+        sender = asyncio.create_task(stream.send(payload, end=True))
+        far = await got.get()
+        # the receiver reads nothing: the sender runs out of credit and waits
+        await _until(lambda: tunnel.connection.send_window(stream.id) == 0, "sender blocked")
+        await asyncio.sleep(0.05)
+        assert not sender.done()
+        buffered = sum(len(c) for c in far._chunks)
+        assert buffered <= SMALL.stream_window
+        assert tunnel.connection.bytes_sent < len(payload) // 4
+        # now read: the sender finishes and every byte arrives in order
+        received = await far.read_all(len(payload))
+        await sender
+        assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+        done.set()
+        await tunnel.close()
+
+
+async def test_pause_and_resume_are_observed_end_to_end(mesh: Mesh) -> None:
+    server_tunnel: asyncio.Future[Tunnel] = asyncio.get_running_loop().create_future()
+    received: list[bytes] = []
+    finished = asyncio.Event()
+
+    async def handler(tunnel: Tunnel) -> None:
+        server_tunnel.set_result(tunnel)
+        async for stream in tunnel:
+            async for chunk in stream:
+                received.append(chunk)
+        finished.set()
+
+    async with running_server(mesh, handler) as server:
+        tunnel = await qstp.connect("127.0.0.1", server.port, mesh.client)
+        flow: list[ev.FlowPaused | ev.FlowResumed] = []
+        tunnel.on_flow = flow.append
+        stream = tunnel.open_stream()
+        await stream.send(b"before")
+        far = await server_tunnel
+        await _until(lambda: received == [b"before"], "first chunk")
+
+        far.pause(None, reason=7)
+        await _until(lambda: len(flow) == 1, "PAUSE at the client")
+        assert isinstance(flow[0], ev.FlowPaused) and flow[0].reason == 7
+        assert tunnel.peer_paused() is not None
+        blocked = asyncio.create_task(stream.send(b"during"))
+        await asyncio.sleep(0.1)
+        assert not blocked.done()
+        assert received == [b"before"]
+
+        far.resume(None, reason=7)
+        await blocked
+        await _until(lambda: received == [b"before", b"during"], "chunk after RESUME")
+        assert isinstance(flow[1], ev.FlowResumed)
+        assert tunnel.peer_paused() is None
+        await stream.close()
+        await tunnel.close()
+        await asyncio.wait_for(finished.wait(), 5)
+
+
+async def test_pause_with_retry_after_lets_the_sender_retry(mesh: Mesh) -> None:
+    server_tunnel: asyncio.Future[Tunnel] = asyncio.get_running_loop().create_future()
+    received: list[bytes] = []
+
+    async def handler(tunnel: Tunnel) -> None:
+        server_tunnel.set_result(tunnel)
+        async for stream in tunnel:
+            async for chunk in stream:
+                received.append(chunk)
+
+    async with running_server(mesh, handler) as server:
+        tunnel = await qstp.connect("127.0.0.1", server.port, mesh.client)
+        stream = tunnel.open_stream()
+        await stream.send(b"a")
+        far = await server_tunnel
+        paused = asyncio.Event()
+        tunnel.on_flow = lambda e: paused.set()
+        far.pause(stream.id, reason=3, retry_after=0.2)
+        await asyncio.wait_for(paused.wait(), 5)
+        p = tunnel.peer_paused(stream.id)
+        assert p is not None and p.retry_after == pytest.approx(0.2)
+        await stream.send(b"b")  # waits out retry_after, then goes
+        await _until(lambda: received == [b"a", b"b"], "retry after pause")
+        await tunnel.close()
+
+
+async def test_rekey_after_n_bytes_while_data_flows_intact(mesh: Mesh) -> None:
+    cfg = QstpConfiguration(rekey_after_bytes=256 * 1024)
+    seen: list[ev.KeyUpdated] = []
+    async with running_server(mesh) as server:
+        tunnel = await qstp.connect("127.0.0.1", server.port, mesh.client, config=cfg)
+        tunnel.on_key_update = seen.append
+        payload = os.urandom(3 * 1024 * 1024)
+        stream = tunnel.open_stream()
+        sender = asyncio.create_task(stream.send(payload, end=True))
+        echoed = await stream.read_all(len(payload))
+        await sender
+        assert echoed == payload
+        assert tunnel.key_updates >= 10
+        assert len(seen) == tunnel.key_updates and all(e.local for e in seen)
+        # the TLS connection still works after all those KeyUpdates
+        assert await tunnel.ping() >= 0
+        await tunnel.close()
+
+
+async def test_cancelled_send_and_recv_leave_the_stream_usable(mesh: Mesh) -> None:
+    async with running_server(mesh, config=SMALL) as server:
+        tunnel = await qstp.connect("127.0.0.1", server.port, mesh.client, config=SMALL)
+        stream = tunnel.open_stream()
+        reader = asyncio.create_task(stream.recv())
+        await asyncio.sleep(0.02)
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        await stream.send(b"ping")
+        assert await stream.recv() == b"ping"
+        await stream.close()
+        assert await stream.recv() == b""
+        await tunnel.close()
