@@ -1,0 +1,165 @@
+"""Publisher and subscriber SDK: what ``pqcnet publish`` / ``pqcnet subscribe`` and the
+tests use to talk to a relayer over a QSTP tunnel.
+
+:class:`PublisherClient` pipelines requests on one stream (replies come back in
+order and are matched by request id) and honours FLOW PAUSE because
+``Stream.send`` waits while the relayer has paused the tunnel; it counts the FLOW
+frames it saw. :class:`SubscriberClient` yields delivered frames and drops any seq
+it already has per topic — the last step of exactly-once, covering the window where
+a relayer crashed after writing a batch but before recording it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Sequence
+
+from qstp import aio
+from qstp.aio import Stream, Tunnel
+from qstp.errors import PqcnetError, TunnelClosed
+from qstp.events import FlowPaused
+from qstp.identity import NodeIdentity
+from qstp.tls import TlsPolicy
+from relayer.errors import RelayerError
+from relayer.frame import Frame, Topic
+from relayer.wire import (
+    MessageReader,
+    Result,
+    ServerError,
+    decode_server,
+    encode_publish,
+    encode_subscribe,
+)
+
+#: publish requests in flight on one stream before ``publish()`` waits
+MAX_INFLIGHT = 32
+
+
+class RelayerRefused(RelayerError):
+    """The relayer answered a request with an ErrorReply."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"relayer error {code}: {reason}")
+        self.code = code
+
+
+class PublisherClient:
+    """Publishes frames over one QSTP stream."""
+
+    def __init__(self, tunnel: Tunnel, *, max_inflight: int = MAX_INFLIGHT) -> None:
+        self.tunnel = tunnel
+        self.stream: Stream = tunnel.open_stream()
+        self.pauses_seen = 0
+        self._next_id = 1
+        self._waiting: dict[int, asyncio.Future[list[Result]]] = {}
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._reader = asyncio.create_task(self._read())
+        tunnel.on_flow = self._on_flow
+
+    @classmethod
+    async def connect(cls, host: str, port: int, identity: NodeIdentity,
+                      policy: TlsPolicy | None = None) -> PublisherClient:
+        """Open a tunnel to a relayer and a publishing stream on it."""
+        return cls(await aio.connect(host, port, identity, policy))
+
+    def _on_flow(self, event: object) -> None:
+        if isinstance(event, FlowPaused):
+            self.pauses_seen += 1
+
+    async def _read(self) -> None:
+        reader = MessageReader()
+        error: PqcnetError = TunnelClosed("relayer closed the stream")
+        try:
+            while chunk := await self.stream.recv():
+                for body in reader.feed(chunk):
+                    msg = decode_server(body)
+                    if isinstance(msg, ServerError):
+                        error = RelayerRefused(msg.code, msg.reason)
+                        # request-level errors answer the oldest outstanding request
+                        if self._waiting:
+                            oldest = min(self._waiting)
+                            self._waiting.pop(oldest).set_exception(error)
+                        continue
+                    if isinstance(msg, tuple):
+                        fut = self._waiting.pop(msg[0], None)
+                        if fut is not None and not fut.done():
+                            fut.set_result(msg[1])
+        except PqcnetError as exc:
+            error = exc
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self._waiting.clear()
+
+    async def publish(self, frames: Sequence[Frame], *, retry: bool = False) -> list[Result]:
+        """Send ``frames`` in one request; returns one result per frame once durable."""
+        async with self._slots:
+            if self._reader.done():
+                raise TunnelClosed("publisher stream is closed")
+            request_id = self._next_id
+            self._next_id += 1
+            fut: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
+            self._waiting[request_id] = fut
+            await self.stream.send(encode_publish(request_id, frames, retry=retry))
+            return await fut
+
+    async def send_raw(self, data: bytes) -> None:
+        """Send arbitrary bytes on the publishing stream (tests of bad input)."""
+        await self.stream.send(data)
+
+    async def close(self) -> None:
+        """Close the stream and the tunnel."""
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, PqcnetError):
+            await self._reader
+        with contextlib.suppress(PqcnetError):
+            await self.tunnel.close()
+
+
+class SubscriberClient:
+    """Receives one customer's frames (some or all channels) in order, exactly once."""
+
+    def __init__(self, tunnel: Tunnel) -> None:
+        self.tunnel = tunnel
+        self.last: dict[Topic, int] = {}
+        self.duplicates_dropped = 0
+        self._stream: Stream | None = None
+
+    @classmethod
+    async def connect(cls, host: str, port: int, identity: NodeIdentity,
+                      policy: TlsPolicy | None = None) -> SubscriberClient:
+        """Open a tunnel to a relayer."""
+        return cls(await aio.connect(host, port, identity, policy))
+
+    async def subscribe(self, customer: str, channels: Iterable[str] = ()) -> None:
+        """Send the subscription; frames follow on :meth:`frames`."""
+        self._stream = self.tunnel.open_stream()
+        await self._stream.send(encode_subscribe(customer, channels))
+
+    async def batches(self) -> AsyncIterator[list[Frame]]:
+        """Delivered frames in batches, already deduplicated, until the stream ends."""
+        if self._stream is None:
+            raise TunnelClosed("subscribe() first")
+        reader = MessageReader()
+        while chunk := await self._stream.recv():
+            for body in reader.feed(chunk):
+                msg = decode_server(body)
+                if isinstance(msg, ServerError):
+                    raise RelayerRefused(msg.code, msg.reason)
+                if not isinstance(msg, list):
+                    continue
+                fresh = []
+                for f in msg:
+                    if f.seq <= self.last.get(f.topic, 0):
+                        self.duplicates_dropped += 1
+                        continue
+                    self.last[f.topic] = f.seq
+                    fresh.append(f)
+                if fresh:
+                    yield fresh
+
+    async def close(self) -> None:
+        """Close the tunnel."""
+        with contextlib.suppress(PqcnetError):
+            await self.tunnel.close()

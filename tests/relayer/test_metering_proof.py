@@ -1,0 +1,97 @@
+"""Merkle tree, volume meter, signed proofs and anchoring into a real QS-DAG ledger."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qsdag import Ledger
+from qstp.pqc import SigningKey
+from relayer import merkle
+from relayer.errors import ProofError
+from relayer.frame import Frame
+from relayer.metering import VolumeMeter
+from relayer.proof import (
+    LedgerAnchor,
+    PerformanceReport,
+    anchored_proof,
+    build_volume_proof,
+    inclusion_proof,
+    sign_report,
+    verify_inclusion,
+    verify_report,
+    verify_volume_proof,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 70), st.data())
+def test_merkle_every_leaf_proves_and_tamper_fails(n: int, data: st.DataObject) -> None:
+    leaves = [merkle.leaf_hash(i.to_bytes(4, "big")) for i in range(n)]
+    root = merkle.root(leaves)
+    i = data.draw(st.integers(0, n - 1))
+    proof = merkle.prove(leaves, i)
+    merkle.verify(leaves[i], i, n, proof, root)
+    with pytest.raises(ProofError):
+        merkle.verify(merkle.leaf_hash(b"forged"), i, n, proof, root)
+    if n > 1:
+        with pytest.raises(ProofError):
+            merkle.verify(leaves[i], (i + 1) % n, n, proof, root)
+
+
+def _meter(clock: list[float]) -> VolumeMeter:
+    return VolumeMeter(10.0, clock=lambda: clock[0])
+
+
+def test_meter_aggregates_per_epoch_and_matches_prometheus() -> None:
+    clock = [100.0]
+    m = _meter(clock)
+    m.record(0, [Frame("a", "x", 1, b"12345"), Frame("a", "x", 2, b"1"), Frame("b", "y", 1, b"")])
+    clock[0] = 115.0
+    m.record(3, [Frame("a", "x", 3, b"123", qos=2)])
+    assert m.epochs() == [10, 11]
+    assert [(r.customer, r.bytes, r.frames) for r in m.records(10)] == [("a", 6, 2), ("b", 0, 1)]
+    assert sum(r.bytes for r in m.query(customer="a")) == 9
+    assert m.query(epoch_from=11)[0].qos == 2
+    got = m.registry.get_sample_value("pqcnet_relayer_volume_bytes_total",
+                                      {"customer": "a", "channel": "x", "qos": "1"})
+    assert got == 6.0
+
+
+def test_proof_signs_verifies_and_anchors_in_qsdag(tmp_path: Path) -> None:
+    clock = [100.0]
+    m = _meter(clock)
+    m.record(0, [Frame(f"c{i}", "ch", 1, b"x" * i) for i in range(7)])
+    key = SigningKey.generate()
+    proof = build_volume_proof("relayer-1", 10, m.records(10), key)
+    verify_volume_proof(proof, key.public_key)
+    assert proof.total_bytes == sum(range(7)) and proof.record_count == 7
+    with pytest.raises(ProofError):
+        verify_volume_proof(replace(proof, total_bytes=1), key.public_key)
+    with pytest.raises(ProofError):
+        verify_volume_proof(proof, SigningKey.generate().public_key)
+
+    gov = SigningKey.generate()
+    ledger = Ledger.open(tmp_path / "ledger")
+    ledger.init_genesis("pqcnet-test", "gov-1", gov)
+    ledger.register_author("relayer-1", key.public_key, registrar="gov-1", signer=gov)
+    anchor = LedgerAnchor(ledger, "relayer-1", key)
+    vid = anchor.anchor_proof(proof)
+    anchored = anchored_proof(ledger, vid)
+    assert anchored.records == () and anchored.root == proof.root
+    verify_volume_proof(anchored, key.public_key)
+    for i, rec in enumerate(proof.records):
+        verify_inclusion(rec, inclusion_proof(proof, i), anchored)
+    with pytest.raises(ProofError):
+        verify_inclusion(replace(proof.records[3], bytes=999), inclusion_proof(proof, 3), anchored)
+
+    report = sign_report(PerformanceReport("relayer-1", 10, 10, (proof,), (vid,), 42.0), key)
+    verify_report(report, key.public_key)
+    with pytest.raises(ProofError):
+        verify_report(replace(report, uptime_seconds=43.0), key.public_key)
+    assert ledger.has(anchor.anchor_report(report))
+    ledger.close()
