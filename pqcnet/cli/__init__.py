@@ -21,6 +21,8 @@ from qstp.errors import PqcnetError
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pqcnet.cli.demo", "Run the end-to-end demo on the embedded backends."),
     "bench": ("pqcnet.cli.bench", "Run a benchmark and print JSON."),
+    "ca": ("pqcnet.cli.ca", "Mesh CA: init, issue, sign-csr, revoke, crl, bundle."),
+    "keys": ("pqcnet.cli.keys", "Node keys: gen, csr."),
 }
 
 
