@@ -298,6 +298,15 @@ class Ledger:
         """Every anchored id, in anchoring order."""
         return [v for _, v in self._store.items("positions")]
 
+    def ids_range(self, start: int, stop: int) -> list[bytes]:
+        """Ids anchored at positions ``start <= p < stop`` (what Layer-0 batches)."""
+        out = []
+        for key, vid in self._store.items("positions", start=_Q.pack(start)):
+            if _Q.unpack(key)[0] >= stop:
+                break
+            out.append(vid)
+        return out
+
     def evidence(self) -> list[SlashingEvidence]:
         from proto import qsdag_pb2
 

@@ -117,9 +117,11 @@ class Store:
     def has(self, cf: str, key: bytes) -> bool:
         return self._cfs[cf].get(key) is not None
 
-    def items(self, cf: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
-        """Checked (key, value) pairs in key order, optionally under ``prefix``."""
-        it = self._cfs[cf].items(from_key=prefix) if prefix else self._cfs[cf].items()
+    def items(self, cf: str, prefix: bytes = b"", *,
+              start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Checked (key, value) pairs in key order, under ``prefix``, from ``start``."""
+        first = start if start is not None else prefix
+        it = self._cfs[cf].items(from_key=first) if first else self._cfs[cf].items()
         for key, raw in it:
             assert isinstance(key, bytes) and isinstance(raw, bytes)
             if prefix and not key.startswith(prefix):
