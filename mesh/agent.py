@@ -530,11 +530,12 @@ class ControlPlaneAgent:
             await self.rekey(max(self.keys.key_version + 1, action.min_key_version))
 
     async def rekey(self, new_version: int) -> None:
-        """Rotate our signing key: record it in the ledger, announce the rollover under
-        the old key, then sign with the new one."""
+        """Rotate our signing key: record it in the ledger (which numbers the version
+        when present), announce the rollover under the old key, then sign with the new one."""
         new_key = SigningKey.generate(self.keys.signing_key.algorithm)
         if self.ledger is not None:
-            self.ledger.record_key_version(new_key.public_key, new_version, self.keys.signing_key)
+            new_version = self.ledger.record_key_version(new_key.public_key,
+                                                         self.keys.signing_key)
         rollover = self.announcement(next_key=new_key, next_version=new_version)
         await self._publish(TOPICS["announce"], MessageType.NODE_ANNOUNCEMENT, rollover.encode())
         self.signer.rekey(new_key, new_version)

@@ -28,9 +28,9 @@ class LedgerPort(Protocol):
         """Anchor this node's own route advertisement (meta-routing table)."""
         ...
 
-    def record_key_version(self, new_key: VerifyKey, key_version: int,
-                           signer: SigningKey) -> bytes:
-        """Record this node's new key version, signed with its current key."""
+    def record_key_version(self, new_key: VerifyKey, signer: SigningKey) -> int:
+        """Record this node's next key, signed with its current key; returns the
+        key version now in force (the ledger numbers versions)."""
         ...
 
     def disable_author(self, node_id: str, reason: str) -> None:

@@ -1,0 +1,109 @@
+"""The real QS-DAG behind :class:`~mesh.ledger.LedgerPort`.
+
+Anchoring goes through ``qsdag.Ledger``: directives become GOVERNANCE_DIRECTIVE
+vertices (an ``OpaqueRecord`` carrying the signed directive verbatim, so anyone can
+re-verify the governance signatures later), route advertisements become one ROUTE
+vertex per topic, key rotations are ``Ledger.rotate_key`` (a KEY_VERSION vertex
+signed by the old key). The port signs as this node with the agent's *current* key
+(it shares the agent's :class:`~mesh.envelope.NodeKeys`, so a rotation is seen at once).
+
+``qsdag`` has no notion of a disabled author yet, so slashing is enforced here, at
+the only door remote vertices come through: :meth:`import_vertices` refuses every
+vertex authored by a slashed node (counted in :attr:`QsdagPort.refused`), and
+:meth:`anchor_check` lets other local writers ask the same question.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+from mesh.envelope import NodeKeys
+from mesh.errors import LedgerRejected
+from mesh.messages import RouteAdvertisement
+from qsdag import Ledger, OpaqueRecord, Route, VertexKind
+from qsdag.errors import LedgerError, MalformedVertex
+from qsdag.vertex import decode
+from qstp.pqc import SigningKey, VerifyKey
+
+DIRECTIVE_CONTENT_TYPE = "pqcnet.mesh.SignedDirective"
+
+
+class QsdagPort:
+    """Adapter from ``qsdag.Ledger`` to the mesh's :class:`~mesh.ledger.LedgerPort`."""
+
+    def __init__(self, ledger: Ledger, keys: NodeKeys) -> None:
+        self.ledger = ledger
+        self.keys = keys
+        self.disabled: dict[str, str] = {}
+        #: vertices refused on import, by reason
+        self.refused: Counter[str] = Counter()
+
+    def _append(self, kind: VertexKind, payload: object) -> bytes:
+        try:
+            return self.ledger.append(kind, payload, self.keys.node_id, self.keys.signing_key).id
+        except LedgerError as exc:
+            raise LedgerRejected(f"ledger refused {kind.name}: {exc}") from None
+
+    def anchor_directive(self, signed_directive: bytes, subject: str) -> bytes:
+        return self._append(VertexKind.GOVERNANCE_DIRECTIVE,
+                            OpaqueRecord(DIRECTIVE_CONTENT_TYPE, subject or "*", signed_directive))
+
+    def anchor_routes(self, advertisement: bytes) -> bytes:
+        ad = RouteAdvertisement.decode(advertisement)
+        last = b""
+        for entry in ad.routes:
+            if not entry.withdrawn:
+                last = self._append(VertexKind.ROUTE, Route(entry.topic, entry.owner))
+        return last
+
+    def record_key_version(self, new_key: VerifyKey, signer: SigningKey) -> int:
+        try:
+            self.ledger.rotate_key(self.keys.node_id, signer, new_key)
+        except LedgerError as exc:
+            raise LedgerRejected(f"ledger refused key rotation: {exc}") from None
+        version = self.ledger.views.key_versions.current(self.keys.node_id)
+        if version is None:
+            raise LedgerRejected("key rotation left no key version in force")
+        return version
+
+    def disable_author(self, node_id: str, reason: str) -> None:
+        self.disabled[node_id] = reason
+
+    def is_disabled(self, node_id: str) -> bool:
+        return node_id in self.disabled
+
+    def anchor_check(self, author: str) -> None:
+        """Raise :class:`LedgerRejected` if ``author`` is slashed."""
+        if author in self.disabled:
+            raise LedgerRejected(f"author {author} is slashed ({self.disabled[author]})")
+
+    def tips(self) -> list[bytes]:
+        return self.ledger.tips()
+
+    def vertex_count(self) -> int:
+        return len(self.ledger)
+
+    def knows(self, vertex_id: bytes) -> bool:
+        return self.ledger.has(vertex_id)
+
+    def export_for(self, their_tips: Sequence[bytes], limit: int) -> list[bytes]:
+        vs = self.ledger.export(self.ledger.tips(), known_tips=their_tips)
+        return [v.encode() for v in vs[:limit]]
+
+    def import_vertices(self, blobs: Sequence[bytes]) -> int:
+        accepted = []
+        for blob in blobs:
+            try:
+                author = decode(blob).author
+            except MalformedVertex:
+                self.refused["malformed"] += 1
+                continue
+            if author in self.disabled:
+                self.refused["slashed_author"] += 1
+                continue
+            accepted.append(blob)
+        report = self.ledger.import_(accepted)
+        for _, exc in report.rejected:
+            self.refused[type(exc).__name__] += 1
+        return len(report.anchored)
