@@ -21,8 +21,10 @@ from qstp.errors import PqcnetError
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pqcnet.cli.demo", "Run the end-to-end demo on the embedded backends."),
     "bench": ("pqcnet.cli.bench", "Run a benchmark and print JSON."),
+    "ledger": ("pqcnet.cli.ledger", "QS-DAG ledger: init, append, show, verify, tips, anchor."),
     "ca": ("pqcnet.cli.ca", "Mesh CA: init, issue, sign-csr, revoke, crl, bundle."),
     "keys": ("pqcnet.cli.keys", "Node keys: gen, csr."),
+    "qstp": ("pqcnet.cli.qstp", "QSTP diagnostics: serve (test server), connect (test client)."),
 }
 
 
