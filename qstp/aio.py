@@ -546,7 +546,10 @@ class Tunnel(asyncio.Protocol):
                 fut.set_exception(error)
         self._incoming.put_nowait(None)
         self._fire_all()
-        level = logging.INFO if event.error_code == 0 else logging.WARNING
+        # handshake refusals are the caller's error to report (connect raises; the
+        # server counts them), so they log at INFO; a broken open tunnel warns
+        quiet = event.error_code == 0 or event.during_handshake
+        level = logging.INFO if quiet else logging.WARNING
         log.log(level, "tunnel closed", extra={
             "code": event.error_code, "reason": event.reason, "by_peer": event.by_peer,
             "during_handshake": event.during_handshake})
