@@ -1,11 +1,16 @@
-"""PQ primitives: registry, ML-DSA with context strings, ML-KEM, the hybrid seal."""
+"""PQ primitives: registry, ML-DSA with context strings, ML-KEM, the hybrid seal,
+and the optional liboqs backend (absent is a clean None; oqs is never imported then)."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qstp import oqs
 from qstp.errors import CryptoError, SealError, SignatureInvalid
 from qstp.pqc import (
     ALGORITHMS,
@@ -162,3 +167,57 @@ def test_seal_plaintext_bound() -> None:
 def test_length_prefixed_is_unambiguous() -> None:
     assert length_prefixed(b"ab", b"c") != length_prefixed(b"a", b"bc")
     assert length_prefixed() == b""
+
+
+# ---------------------------------------------------------------------------- liboqs (optional)
+
+
+@pytest.fixture
+def fresh_probe():  # type: ignore[no-untyped-def]
+    oqs._probe.cache_clear()
+    yield
+    oqs._probe.cache_clear()
+
+
+def test_absent_liboqs_never_imports_oqs(tmp_path: Path, monkeypatch, fresh_probe) -> None:  # type: ignore[no-untyped-def]
+    # a tripwire "oqs" package: importing it would fail the test loudly, standing in
+    # for liboqs-python's download-and-build on import
+    pkg = tmp_path / "site" / "oqs"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('oqs was imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("OQS_INSTALL_PATH", str(tmp_path / "nothing"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(oqs.ctypes.util, "find_library", lambda name: None)
+    monkeypatch.delitem(sys.modules, "oqs", raising=False)
+    assert oqs.load() is None
+    st = oqs.status()
+    assert not st.available and "not found" in st.reason
+    assert "oqs" not in sys.modules
+
+
+def test_not_installed_reports_extra(monkeypatch, fresh_probe) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(oqs.importlib.util, "find_spec", lambda name: None)
+    assert oqs.load() is None
+    assert "pqcnet[oqs]" in oqs.status().reason
+
+
+def test_unloadable_library_is_reported(tmp_path: Path, monkeypatch, fresh_probe) -> None:  # type: ignore[no-untyped-def]
+    lib = tmp_path / "inst" / "lib"
+    lib.mkdir(parents=True)
+    (lib / "liboqs.so").write_bytes(b"not an ELF file")
+    monkeypatch.setattr(oqs.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setenv("OQS_INSTALL_PATH", str(tmp_path / "inst"))
+    assert oqs.find_liboqs() == str(lib / "liboqs.so")
+    assert oqs.load() is None
+    assert "does not load" in oqs.status().reason
+
+
+@pytest.mark.skipif(not oqs.status().available, reason="liboqs not installed on this machine")
+def test_liboqs_cross_verifies_cryptography_signatures() -> None:
+    backend = oqs.load()
+    assert backend is not None
+    key = SigningKey.generate("ML-DSA-65")
+    sig = key.sign(b"cross-check")
+    assert backend.verify("ML-DSA-65", key.public_key.raw, sig, b"cross-check")
+    assert not backend.verify("ML-DSA-65", key.public_key.raw, sig, b"other")
