@@ -12,7 +12,9 @@ import importlib
 import click
 
 #: benchmark name -> module
-BENCHMARKS: dict[str, str] = {}
+BENCHMARKS: dict[str, str] = {
+    "qsdag": "benchmarks.qsdag",
+}
 
 
 class _BenchGroup(click.Group):
