@@ -1,0 +1,298 @@
+"""The relayer node: composes bus, workers, ingress, overflow, backpressure, metering,
+proofs, Prometheus and the governance gRPC service — and nothing else.
+
+Background tasks it owns (all cancelled on :meth:`RelayerNode.stop`):
+
+* one :class:`~relayer.worker.RelayerShardWorker` per owned shard;
+* the overflow replayer (:meth:`BufferedPublisher.run`);
+* the flow loop: every ``backpressure_interval`` s, backlog = bus lag + overflow depth
+  per shard → :class:`FlowController` → FLOW PAUSE/RESUME on publisher tunnels;
+* the epoch loop: each closed epoch → signed volume proof → anchored in the QS-DAG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from qsdag import Ledger
+from qstp import aio
+from qstp.identity import NodeIdentity
+from qstp.tls import TlsPolicy
+from relayer.backpressure import FlowController
+from relayer.bus.base import Bus
+from relayer.bus.embedded import EmbeddedBus
+from relayer.config import RelayerConfig
+from relayer.egress import SubscriberHub
+from relayer.errors import ConfigError, RelayerError
+from relayer.frame import FrameLimits
+from relayer.governance import VolumeMetricsService, serve_governance
+from relayer.ingress import Ingress
+from relayer.metering import VolumeMeter
+from relayer.overflow import BufferedPublisher, OverflowQueue
+from relayer.proof import (
+    LedgerAnchor,
+    PerformanceReport,
+    VolumeProof,
+    build_volume_proof,
+    sign_report,
+)
+from relayer.seqstore import RedisSeqStore, RocksSeqStore, SeqStore
+from relayer.worker import RelayerShardWorker, WorkerConfig
+
+log = logging.getLogger(__name__)
+
+
+def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
+    """The configured backend (not yet started)."""
+    if cfg.backend == "redis":
+        from relayer.bus.redis_streams import RedisStreamsBus
+
+        return RedisStreamsBus(cfg.redis_url, cfg.shards, prefix=cfg.redis_prefix,
+                               consumer=cfg.node_id, op_timeout=cfg.publish_timeout)
+    if cfg.backend == "kafka":
+        from relayer.bus.kafka import KafkaBus
+
+        return KafkaBus(cfg.kafka_bootstrap, cfg.shards, topic=cfg.kafka_topic,
+                        owned=cfg.shards_owned, client_id=cfg.node_id)
+    return EmbeddedBus(data_dir / "bus", cfg.shards, sync=cfg.sync)
+
+
+def load_identity(cfg: RelayerConfig) -> NodeIdentity:
+    """The node identity named by the config."""
+    if not cfg.identity_dir:
+        raise ConfigError("identity_dir: required to run a relayer")
+    passphrase = None
+    if cfg.identity_passphrase_env:
+        value = os.environ.get(cfg.identity_passphrase_env)
+        if value is None:
+            raise ConfigError(f"identity_passphrase_env: ${cfg.identity_passphrase_env} unset")
+        passphrase = value.encode()
+    return NodeIdentity.load(Path(cfg.identity_dir), passphrase)
+
+
+def _read_tls(cfg: RelayerConfig) -> tuple[bytes, bytes] | None:
+    if not cfg.grpc_tls_cert:
+        return None
+    try:
+        return Path(cfg.grpc_tls_key).read_bytes(), Path(cfg.grpc_tls_cert).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"grpc_tls_cert/key: {exc.filename}: {exc.strerror}") from None
+
+
+class RelayerNode:
+    """One running relayer."""
+
+    def __init__(self, cfg: RelayerConfig, identity: NodeIdentity,
+                 policy: TlsPolicy | None = None) -> None:
+        self.cfg, self.identity, self.policy = cfg, identity, policy or TlsPolicy()
+        self.data_dir = Path(cfg.data_dir)
+        self.registry = CollectorRegistry()
+        self.meter = VolumeMeter(cfg.epoch_seconds, registry=self.registry)
+        self.flow = FlowController(cfg.high_water, cfg.low_water)
+        self.hub = SubscriberHub()
+        self.proofs: dict[int, VolumeProof] = {}
+        self.backlog: dict[int, int] = {}
+        self.started_at = 0.0
+        self.port = 0
+        self.metrics_port: int | None = None
+        self.grpc_port: int | None = None
+        self.workers: list[RelayerShardWorker] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closers: list[Any] = []
+        self.bus: Bus
+        self.ingress: Ingress
+        self.publisher: BufferedPublisher
+        self.overflow: OverflowQueue
+        self.anchor: LedgerAnchor
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Open everything and start serving; raises :class:`RelayerError` on failure."""
+        cfg = self.cfg
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.started_at = time.time()
+        self.bus = make_bus(cfg, self.data_dir)
+        self._closers.append(self.bus.close)
+        await self.bus.start()
+        store: SeqStore
+        if cfg.backend == "redis":
+            from relayer.bus.redis_streams import RedisStreamsBus
+
+            assert isinstance(self.bus, RedisStreamsBus)
+            store = RedisSeqStore(self.bus.client, cfg.redis_prefix)
+        else:
+            rocks = RocksSeqStore(self.data_dir / "marks", sync=cfg.sync)
+            self._closers.append(rocks.close)
+            store = rocks
+        self.overflow = OverflowQueue(self.data_dir / "overflow", cfg.shards,
+                                      max_records=cfg.overflow_max_records, sync=cfg.sync)
+        self._closers.append(self.overflow.close)
+        self.publisher = BufferedPublisher(self.bus, self.overflow,
+                                           publish_timeout=cfg.publish_timeout)
+        self.ingress = Ingress(self.publisher, self.hub,
+                               limits=FrameLimits(cfg.max_payload, cfg.max_id),
+                               retry_after=cfg.retry_after)
+        self._open_ledger()
+        wcfg = WorkerConfig(group=cfg.group, batch=cfg.batch, max_reorder=cfg.max_reorder,
+                            gap_timeout=cfg.gap_timeout)
+        self.workers = [RelayerShardWorker(self.bus, s, store, self.hub, wcfg,
+                                           on_delivered=self.meter.record)
+                        for s in cfg.shards_owned]
+        self._tasks += [asyncio.create_task(w.run(), name=f"shard-{w.shard}")
+                        for w in self.workers]
+        self._tasks.append(asyncio.create_task(self.publisher.run(), name="overflow-replay"))
+        self._tasks.append(asyncio.create_task(self._flow_loop(), name="flow"))
+        self._tasks.append(asyncio.create_task(self._epoch_loop(), name="epochs"))
+        server = await aio.serve(self.ingress.handle_tunnel, cfg.listen_host, cfg.listen_port,
+                                 self.identity, self.policy)
+        self.port = server.port
+        self._closers.insert(0, server)
+        if cfg.metrics_port is not None:
+            self.registry.register(_NodeCollector(self))
+            httpd, _thread = start_http_server(cfg.metrics_port, addr="127.0.0.1",
+                                               registry=self.registry)
+            self.metrics_port = int(httpd.server_port)
+            self._closers.insert(0, httpd.shutdown)
+        if cfg.grpc_port is not None:
+            tls = _read_tls(cfg)
+            service = VolumeMetricsService(self.meter, self.report)
+            grpc_server, self.grpc_port = await serve_governance(
+                service, cfg.grpc_host, cfg.grpc_port, tls=tls)
+            self._closers.insert(0, grpc_server)
+        log.info("relayer up", extra={"node": cfg.node_id, "port": self.port,
+                                      "backend": cfg.backend, "shards": len(self.workers)})
+
+    def _open_ledger(self) -> None:
+        path = Path(self.cfg.ledger_dir) if self.cfg.ledger_dir else self.data_dir / "ledger"
+        ledger = Ledger.open(path, sync=self.cfg.sync)
+        self._closers.append(ledger.close)
+        key = self.identity.key
+        if ledger.genesis_id is None:
+            if not self.cfg.ledger_dev_genesis:
+                raise ConfigError(f"ledger at {path} has no genesis (ledger_dev_genesis off)")
+            ledger.init_genesis("pqcnet-dev", self.cfg.node_id, key)
+        self.anchor = LedgerAnchor(ledger, self.cfg.node_id, key)
+
+    async def stop(self) -> None:
+        """Stop tasks and close everything (idempotent)."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for closer in self._closers:
+            with contextlib.suppress(Exception):
+                if isinstance(closer, aio.Server):
+                    closer.close()
+                    await asyncio.wait_for(closer.wait_closed(), 5)
+                elif isinstance(closer, grpc.aio.Server):
+                    await closer.stop(0.5)
+                else:
+                    res = closer()
+                    if asyncio.iscoroutine(res):
+                        await res
+        self._closers.clear()
+
+    # ------------------------------------------------------------------ loops
+    async def sample_backlog(self) -> None:
+        """One backpressure round over all owned shards."""
+        for s in self.cfg.shards_owned:
+            try:
+                lag = await self.bus.lag(s, self.cfg.group)
+            except RelayerError:
+                lag = self.backlog.get(s, 0)  # bus down: keep the last known, add overflow
+                lag -= self.overflow.depth(s) if s in self.backlog else 0
+            backlog = max(0, lag) + self.overflow.depth(s)
+            self.backlog[s] = backlog
+            change = self.flow.update(s, backlog)
+            if change is not None:
+                self.ingress.apply_flow(change)
+
+    async def _flow_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.backpressure_interval)
+            try:
+                await self.sample_backlog()
+            except Exception:  # keep the loop alive whatever a backend throws
+                log.exception("backpressure sampling failed")
+
+    def prove_closed_epochs(self, now: float | None = None) -> list[VolumeProof]:
+        """Prove and anchor every epoch before the current one not yet proven."""
+        current = self.meter.epoch(now)
+        out = []
+        for e in self.meter.epochs():
+            if e >= current or e in self.proofs:
+                continue
+            proof = build_volume_proof(self.cfg.node_id, e, self.meter.records(e),
+                                       self.identity.key)
+            self.anchor.anchor_proof(proof)
+            self.proofs[e] = proof
+            out.append(proof)
+            log.info("volume proof anchored", extra={"epoch": e, "records": proof.record_count,
+                                                     "bytes": proof.total_bytes})
+        return out
+
+    async def _epoch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.cfg.epoch_seconds / 4))
+            try:
+                self.prove_closed_epochs()
+            except Exception:
+                log.exception("volume proof failed")
+
+    def report(self, epoch_from: int = 0, epoch_to: int | None = None) -> PerformanceReport:
+        """Signed performance report over proven epochs in the range."""
+        proofs = tuple(p for e, p in sorted(self.proofs.items())
+                       if e >= epoch_from and (epoch_to is None or e <= epoch_to))
+        receipts = tuple(self.anchor.receipts[p.epoch] for p in proofs
+                         if p.epoch in self.anchor.receipts)
+        last = epoch_to if epoch_to is not None else (proofs[-1].epoch if proofs else epoch_from)
+        unsigned = PerformanceReport(self.cfg.node_id, epoch_from, last, proofs, receipts,
+                                     time.time() - self.started_at)
+        return sign_report(unsigned, self.identity.key)
+
+
+class _NodeCollector(Collector):
+    """Scrape-time gauges and counters read from the node's state."""
+
+    def __init__(self, node: RelayerNode) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Any]:
+        n = self.node
+        lag = GaugeMetricFamily("pqcnet_relayer_shard_backlog_records",
+                                "Records not yet acked by the shard worker (bus lag + overflow)",
+                                labels=["shard"])
+        for s, v in sorted(n.backlog.items()):
+            lag.add_metric([str(s)], v)
+        yield lag
+        yield GaugeMetricFamily("pqcnet_relayer_overflow_records",
+                                "Records waiting in the local overflow queue",
+                                value=n.overflow.total())
+        yield GaugeMetricFamily("pqcnet_relayer_paused_shards",
+                                "Shards whose publishers are paused", value=len(n.flow.paused))
+        yield GaugeMetricFamily("pqcnet_relayer_subscribers", "Subscriber streams",
+                                value=n.hub.count())
+        ing = CounterMetricFamily("pqcnet_relayer_ingress_frames",
+                                  "Publisher frames by outcome", labels=["result"])
+        st = n.ingress.stats
+        for k, v in (("accepted", st.accepted), ("rejected", st.rejected),
+                     ("overflowed", st.overflowed)):
+            ing.add_metric([k], v)
+        yield ing
+        for name, attr, doc in (("delivered", "delivered", "Frames delivered to subscribers"),
+                                ("duplicates", "duplicates", "Duplicate frames suppressed"),
+                                ("gaps", "gaps", "Sequence gaps reported and skipped")):
+            yield CounterMetricFamily(f"pqcnet_relayer_{name}_frames", doc,
+                                      value=sum(getattr(w.stats, attr) for w in n.workers))
