@@ -14,6 +14,7 @@ import click
 #: benchmark name -> module
 BENCHMARKS: dict[str, str] = {
     "qsdag": "benchmarks.qsdag",
+    "qstp": "benchmarks.qstp",
 }
 
 
