@@ -80,7 +80,7 @@ from mesh.messages import (
     SlashingProposal,
 )
 from mesh.peers import PeerTable, RoutingCache
-from mesh.transport import TOPICS, Subscription, Transport, WakuMessage, inbox_topic
+from mesh.transport import Subscription, Transport, WakuMessage, inbox_topic, topic_map
 from qstp.pqc import SigningKey
 
 log = logging.getLogger("pqcnet.mesh.agent")
@@ -95,6 +95,8 @@ class AgentConfig:
     """Behaviour and bounds of one agent."""
 
     role: str = "node"
+    #: separates meshes sharing one Waku network (content topic prefix)
+    namespace: str = ""
     capabilities: tuple[str, ...] = ()
     endpoints: tuple[Endpoint, ...] = ()
     software_hash: bytes = b""
@@ -163,7 +165,8 @@ class ControlPlaneAgent:
         self._last_announce = 0
         self._last_tips = 0
         self._rng = random.Random()
-        self.my_inbox = inbox_topic(keys.node_id)
+        self.topics = topic_map(self.config.namespace)
+        self.my_inbox = inbox_topic(keys.node_id, self.config.namespace)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -178,7 +181,7 @@ class ControlPlaneAgent:
 
     async def start(self) -> None:
         """Subscribe to the standard topics and our inbox; start receive + housekeeping."""
-        topics = [*TOPICS.values(), self.my_inbox]
+        topics = [*self.topics.values(), self.my_inbox]
         self._sub = await self.transport.subscribe(topics)
         self._tasks = [
             asyncio.create_task(self._receive_loop(self._sub), name=f"mesh-rx-{self.node_id}"),
@@ -233,6 +236,9 @@ class ControlPlaneAgent:
 
     # ------------------------------------------------------------------ publishing
 
+    def _inbox(self, node_id: str) -> str:
+        return inbox_topic(node_id, self.config.namespace)
+
     async def _publish(self, topic: str, type_: MessageType, body: bytes) -> None:
         wire = self.signer.wire(type_, body, now_ms=self.clock())
         await self.transport.publish(topic, wire)
@@ -252,7 +258,7 @@ class ControlPlaneAgent:
         """Publish our NodeAnnouncement."""
         self._last_announce = self.clock()
         try:
-            await self._publish(TOPICS["announce"], MessageType.NODE_ANNOUNCEMENT,
+            await self._publish(self.topics["announce"], MessageType.NODE_ANNOUNCEMENT,
                                 self.announcement().encode())
         except WakuError as exc:
             self.events["publish_failed"] += 1
@@ -266,22 +272,22 @@ class ControlPlaneAgent:
         if self.ledger is not None:
             self.ledger.anchor_routes(ad.encode())
         self.routes.apply(ad)
-        await self._publish(TOPICS["routes"], MessageType.ROUTE_ADVERTISEMENT, ad.encode())
+        await self._publish(self.topics["routes"], MessageType.ROUTE_ADVERTISEMENT, ad.encode())
         return ad
 
     async def issue_directive(self, signed: SignedDirective) -> None:
         """Publish a (threshold-)signed directive to the governance topic and apply it here."""
-        await self._publish(TOPICS["governance"], MessageType.GOVERNANCE_DIRECTIVE,
+        await self._publish(self.topics["governance"], MessageType.GOVERNANCE_DIRECTIVE,
                             signed.encode())
         await self._on_directive(signed.encode(), self.node_id)
 
     async def propose_slashing(self, proposal: SlashingProposal) -> None:
-        await self._publish(TOPICS["governance"], MessageType.SLASHING_PROPOSAL,
+        await self._publish(self.topics["governance"], MessageType.SLASHING_PROPOSAL,
                             proposal.encode())
 
     async def publish_report(self, report: RelayReport) -> None:
         """Relayers: publish a volume proof / performance report."""
-        await self._publish(TOPICS["relay-reports"], MessageType.RELAY_REPORT, report.encode())
+        await self._publish(self.topics["relay-reports"], MessageType.RELAY_REPORT, report.encode())
 
     async def gossip(self, kind: str, payload: bytes, *, ttl_ms: int | None = None,
                      destination: str = "") -> bytes:
@@ -320,7 +326,7 @@ class ControlPlaneAgent:
             return
         try:
             await self.transport.publish(
-                inbox_topic(dest), wrap(signed, to=peer.announcement.seal_key, hops=hops))
+                self._inbox(dest), wrap(signed, to=peer.announcement.seal_key, hops=hops))
         except WakuError:
             self.events["publish_failed"] += 1
             self._hold(dest, signed, expires_ms)
@@ -346,7 +352,7 @@ class ControlPlaneAgent:
         for b in self.bundles.pending(dest, self.clock()):
             try:
                 await self.transport.publish(
-                    inbox_topic(dest), wrap(b.payload, to=peer.announcement.seal_key, hops=0))
+                    self._inbox(dest), wrap(b.payload, to=peer.announcement.seal_key, hops=0))
             except WakuError:
                 self.events["publish_failed"] += 1
                 break
@@ -363,7 +369,7 @@ class ControlPlaneAgent:
         self._last_tips = self.clock()
         tips = DagTips(tuple(self.ledger.tips()), self.ledger.vertex_count())
         try:
-            await self._publish(TOPICS["dagsync"], MessageType.DAG_TIPS, tips.encode())
+            await self._publish(self.topics["dagsync"], MessageType.DAG_TIPS, tips.encode())
         except WakuError:
             self.events["publish_failed"] += 1
 
@@ -373,7 +379,7 @@ class ControlPlaneAgent:
             self.events["no_route_to_peer"] += 1
             return
         wire = self.signer.wire(type_, body, now_ms=self.clock(), to=peer.announcement.seal_key)
-        await self.transport.publish(inbox_topic(dest), wire)
+        await self.transport.publish(self._inbox(dest), wire)
 
     async def _on_tips(self, tips: DagTips, sender: str) -> None:
         assert self.ledger is not None
@@ -537,7 +543,8 @@ class ControlPlaneAgent:
             new_version = self.ledger.record_key_version(new_key.public_key,
                                                          self.keys.signing_key)
         rollover = self.announcement(next_key=new_key, next_version=new_version)
-        await self._publish(TOPICS["announce"], MessageType.NODE_ANNOUNCEMENT, rollover.encode())
+        await self._publish(self.topics["announce"], MessageType.NODE_ANNOUNCEMENT,
+                            rollover.encode())
         self.signer.rekey(new_key, new_version)
         self.keyring.add(self.node_id, new_key.public_key, new_version)
         self.keyring.retire_below(self.node_id, new_version)

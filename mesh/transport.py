@@ -35,16 +35,23 @@ def content_topic(name: str) -> str:
     return f"/pqcnet/1/{name}/proto"
 
 
-def inbox_topic(node_id: str) -> str:
+def inbox_topic(node_id: str, namespace: str = "") -> str:
     """A node's private inbox (sealed gossip, DTN bundles, DAG pulls)."""
-    return content_topic("inbox-" + hashlib.sha256(node_id.encode()).hexdigest()[:16])
+    name = "inbox-" + hashlib.sha256(node_id.encode()).hexdigest()[:16]
+    return content_topic(f"{namespace}.{name}" if namespace else name)
 
 
-#: The control plane's standard topics.
-TOPICS: dict[str, str] = {
-    name: content_topic(name)
-    for name in ("announce", "routes", "governance", "gossip", "dagsync", "relay-reports")
-}
+TOPIC_NAMES = ("announce", "routes", "governance", "gossip", "dagsync", "relay-reports")
+
+
+def topic_map(namespace: str = "") -> dict[str, str]:
+    """The standard topics; a ``namespace`` keeps separate meshes (test runs, networks)
+    sharing one Waku network apart: ``/pqcnet/1/<namespace>.<name>/proto``."""
+    return {n: content_topic(f"{namespace}.{n}" if namespace else n) for n in TOPIC_NAMES}
+
+
+#: The control plane's standard topics (no namespace).
+TOPICS: dict[str, str] = topic_map()
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mesh.agent import ControlPlaneAgent
+from mesh.agent import AgentConfig, ControlPlaneAgent
 from mesh.directives import Directive, SlashNotice, sign_directive
 from mesh.messages import RouteEntry
 from mesh.qsdag_port import QsdagPort
@@ -20,14 +20,14 @@ def _ids(port: QsdagPort) -> set[bytes]:
 
 
 async def converge_and_slash(names: list[str], transports: list[Transport], tmp: Path,
-                             *, limit_s: float = 30.0) -> None:
+                             *, limit_s: float = 30.0, config: AgentConfig = FAST) -> None:
     """``names[0]`` is the registrar; the others start with empty ledgers."""
     ledgers = [Ledger.open(tmp / f"ledger-{n}") for n in names]
     ledgers[0].init_genesis("pqcnet-test", names[0], node_key(names[0]))
     for n in names[1:]:
         ledgers[0].register_author(n, node_key(n).public_key, registrar=names[0],
                                    signer=node_key(names[0]))
-    agents: list[ControlPlaneAgent] = make_agents(names, transports, tmp, config=FAST)
+    agents: list[ControlPlaneAgent] = make_agents(names, transports, tmp, config=config)
     ports = []
     for a, led in zip(agents, ledgers):
         port = QsdagPort(led, a.keys)

@@ -41,22 +41,25 @@ async def until(cond: Callable[[], bool], limit_s: float = 10.0, what: str = "")
         await asyncio.sleep(0.02)
 
 
+def make_agent(keys: NodeKeys, members: list[str], transport: Transport, tmp: Path, *,
+               config: AgentConfig = FAST,
+               ledger: LedgerPort | None = None) -> ControlPlaneAgent:
+    """One agent whose keyring holds every member's bootstrap key; its bundle store
+    lives at ``tmp/bundles-<node>`` (so a restarted agent finds its bundles)."""
+    ring = Keyring()
+    for n in members:
+        ring.add(n, node_key(n).public_key, 1)
+    return ControlPlaneAgent(
+        keys, transport, ring, config=config, governance=GovernancePolicy([GOV.public_key]),
+        ledger=ledger, bundles=BundleStore(tmp / f"bundles-{keys.node_id}", sync=False))
+
+
 def make_agents(names: list[str], transports: list[Transport], tmp: Path, *,
                 config: AgentConfig = FAST,
                 ledgers: list[LedgerPort] | None = None) -> list[ControlPlaneAgent]:
-    keys = [NodeKeys(n, node_key(n)) for n in names]
-    agents = []
-    for i, (k, t) in enumerate(zip(keys, transports)):
-        ring = Keyring()
-        for other in keys:
-            ring.add(other.node_id, other.signing_key.public_key, other.key_version)
-        agents.append(ControlPlaneAgent(
-            NodeKeys(k.node_id, k.signing_key), t, ring, config=config,
-            governance=GovernancePolicy([GOV.public_key]),
-            ledger=ledgers[i] if ledgers else None,
-            bundles=BundleStore(tmp / f"bundles-{k.node_id}", sync=False),
-        ))
-    return agents
+    return [make_agent(NodeKeys(n, node_key(n)), names, t, tmp, config=config,
+                       ledger=ledgers[i] if ledgers else None)
+            for i, (n, t) in enumerate(zip(names, transports))]
 
 
 async def stop_all(agents: list[ControlPlaneAgent]) -> None:

@@ -1,0 +1,197 @@
+"""The control plane over real go-waku nodes (``scripts/services start``).
+
+Each test uses its own content-topic namespace so runs sharing the nodes cannot
+steal each other's messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from mesh.directives import Directive, RateLimitUpdate, sign_directive
+from mesh.envelope import MessageType
+from mesh.errors import WakuError, WakuUnavailable
+from mesh.messages import GossipItem
+from mesh.transport import content_topic
+from mesh.waku import WakuClientConfig, WakuRestClient, WakuTransport
+
+from .dag_scenarios import converge_and_slash
+from .harness import FAST, GOV, make_agent, make_agents, stop_all, until
+from .test_agent import LimitRecorder
+
+pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
+
+
+def _ns() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+def _transports(urls: list[str], n: int) -> list[WakuTransport]:
+    return [WakuTransport.connect(urls[i % len(urls)], timeout_s=3.0, retries=2,
+                                  poll_interval_s=0.03) for i in range(n)]
+
+
+async def test_publish_on_one_node_arrives_on_another(waku_rest_urls: list[str]) -> None:
+    a, b = WakuRestClient(waku_rest_urls[0]), WakuRestClient(waku_rest_urls[-1])
+    topic = content_topic(_ns() + ".raw")
+    try:
+        assert await a.health()
+        info = await b.info()
+        assert info["listenAddresses"]
+        await a.subscribe([topic])
+        await b.subscribe([topic])
+        await asyncio.sleep(0.5)  # let the relay mesh graft the shard
+        await a.publish(topic, b"\x00\x01binary payload\xff")
+        got: list[bytes] = []
+
+        async def drain() -> bool:
+            got.extend(m.payload for m in await b.messages(topic))
+            return bool(got)
+
+        for _ in range(100):
+            if await drain():
+                break
+            await asyncio.sleep(0.05)
+        assert got == [b"\x00\x01binary payload\xff"]
+        with pytest.raises(WakuError) as err:
+            await b.messages(content_topic(_ns() + ".never-subscribed"))
+        assert err.value.status == 404 and not err.value.retriable
+        await a.unsubscribe([topic])
+        await b.unsubscribe([topic])
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_unreachable_node_is_a_typed_retriable_error() -> None:
+    client = WakuRestClient(WakuClientConfig("http://127.0.0.1:9", timeout_s=0.5, retries=1,
+                                             backoff_s=0.01))
+    try:
+        with pytest.raises(WakuUnavailable) as err:
+            await client.publish(content_topic("x"), b"y")
+        assert err.value.retriable
+    finally:
+        await client.aclose()
+
+
+async def test_directive_reaches_sentry_and_relayer_and_forgeries_drop(
+        waku_rest_urls: list[str], tmp_path: Path) -> None:
+    cfg = dataclasses.replace(FAST, namespace=_ns(), announce_interval_ms=300,
+                              peer_expiry_ms=3000)
+    gov, sentry, relayer = agents = make_agents(
+        ["gov", "sentry-1", "relayer-1"], _transports(waku_rest_urls, 3), tmp_path, config=cfg)
+    rec_s, rec_r = LimitRecorder(), LimitRecorder()
+    sentry.handlers.append(rec_s)
+    relayer.handlers.append(rec_r)
+    try:
+        for x in agents:
+            await x.start()
+        await until(lambda: all(len(x.peers.live(x.clock())) == 2 for x in agents), 30,
+                    "mesh over waku")
+        d = sign_directive(Directive.create(RateLimitUpdate("*", 5.0, 5), now_ms=gov.clock()),
+                           GOV)
+        await gov.issue_directive(d)
+        await until(lambda: bool(rec_s.limits and rec_r.limits), 30, "directive over waku")
+        # forged (not governance-signed), replayed and unsigned messages are dropped and counted
+        forged = sign_directive(Directive.create(RateLimitUpdate("*", 1e9, 10**6),
+                                                 now_ms=gov.clock()), gov.keys.signing_key)
+        await gov._publish(gov.topics["governance"], MessageType.GOVERNANCE_DIRECTIVE,
+                           forged.encode())
+        wire = gov.signer.wire(MessageType.GOSSIP, GossipItem("anomaly", b"x", 1).encode(),
+                               now_ms=gov.clock())
+        for _ in range(2):
+            await gov.transport.publish(gov.topics["gossip"], wire)
+        await gov.transport.publish(gov.topics["governance"], b"\x1a\x00not signed")
+        await until(lambda: sentry.events["directive_rejected"] >= 1
+                    and sentry.drops["duplicate"] >= 1 and sentry.drops["malformed"] +
+                    sentry.drops["bad_signature"] >= 1, 30, "drops counted")
+        assert rec_s.limits == [RateLimitUpdate("*", 5.0, 5)]
+    finally:
+        await stop_all(agents)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+async def test_qsdag_converges_over_waku(waku_rest_urls: list[str], tmp_path: Path,
+                                         n: int) -> None:
+    names = ["gov", "relayer-1", "sentry-1"][:n]
+    cfg = dataclasses.replace(FAST, namespace=_ns(), peer_expiry_ms=3000)
+    await converge_and_slash(names, list(_transports(waku_rest_urls, n)), tmp_path,
+                             limit_s=60, config=cfg)
+
+
+async def test_dtn_offline_node_gets_broadcast_after_reconnect(
+        waku_rest_urls: list[str], tmp_path: Path) -> None:
+    cfg = dataclasses.replace(FAST, namespace=_ns(), announce_interval_ms=200,
+                              peer_expiry_ms=1000)
+    agents = make_agents(["n0", "n1", "n2"], _transports(waku_rest_urls, 3), tmp_path,
+                         config=cfg)
+    got: dict[str, list[bytes]] = {x.node_id: [] for x in agents}
+    for x in agents:
+        x.gossip_listeners.append(lambda item, s, n=x.node_id: got[n].append(item.payload))
+    try:
+        for x in agents:
+            await x.start()
+        await until(lambda: all(len(x.peers.live(x.clock())) == 2 for x in agents), 30, "mesh")
+        # n2's node goes away (agent stopped); its bundle store stays on disk
+        n2 = agents[2]
+        await n2.stop()
+        await until(lambda: not agents[0].peers.is_live("n2", agents[0].clock()), 30, "n2 down")
+        await agents[0].gossip("revocation", b"carol", ttl_ms=120_000)
+        await agents[0].gossip("crl", b"expires-while-away", ttl_ms=300)
+        await until(lambda: b"carol" in got["n1"], 30, "live peer got it")
+        await asyncio.sleep(0.5)
+        # n2 comes back: a fresh agent with the same identity on a fresh REST client
+        assert n2.bundles is not None
+        n2.bundles.close()
+        back = make_agent(n2.keys, ["n0", "n1", "n2"], _transports(waku_rest_urls, 3)[2],
+                          tmp_path, config=cfg)
+        back.gossip_listeners.append(lambda item, s: got["n2"].append(item.payload))
+        agents[2] = back
+        await back.start()
+        await until(lambda: b"carol" in got["n2"], 30, "bundle after reconnect")
+        await asyncio.sleep(0.5)
+        assert b"expires-while-away" not in got["n2"]
+        assert back.keyring.is_revoked("carol")
+    finally:
+        await stop_all(agents)
+
+
+@pytest.mark.skipif(not os.path.exists(Path(__file__).parents[1] / "services_ctl.py"),
+                    reason="tests/services_ctl.py not available")
+async def test_rest_client_survives_waku_restart(waku_rest_urls: list[str]) -> None:
+    from tests import services_ctl  # type: ignore[attr-defined]
+
+    t = _transports(waku_rest_urls, 1)[0]
+    topic = content_topic(_ns() + ".restart")
+    pub = WakuRestClient(waku_rest_urls[0])
+    try:
+        sub = await t.subscribe([topic])
+        await asyncio.to_thread(services_ctl.restart, "waku")
+        await until(lambda: t.poll_errors > 0 or t.resubscribes > 0, 60, "poller noticed")
+
+        async def round_trip() -> bool:
+            try:
+                await pub.publish(topic, b"after restart")
+            except WakuError:
+                return False
+            try:
+                msg = await asyncio.wait_for(sub.get(), 1.0)
+            except TimeoutError:
+                return False
+            return msg.payload == b"after restart"
+
+        for _ in range(60):
+            if await round_trip():
+                break
+        else:
+            raise AssertionError("no message after the Waku restart")
+        assert t.resubscribes >= 1
+    finally:
+        await t.close()
+        await pub.aclose()
