@@ -255,6 +255,9 @@ def check_peer_certificate(
     if not policy.peer_allowed(peer, identity.spiffe_id.trust_domain):
         raise HandshakeRefused("spiffe-not-allowed", f"peer {peer} is not an allowed peer")
     crl = crl if crl is not None else _current_crl(identity)
+    if crl is not None and crl.is_stale(now):
+        log.warning("CRL past nextUpdate; still applied, fetch a fresh one",
+                    extra={"crl_number": crl.number, "next_update": str(crl.next_update)})
     if crl is None:
         if policy.require_crl:
             raise HandshakeRefused("revoked", "no CRL available and the policy requires one")

@@ -314,3 +314,18 @@ def test_trust_bundle_with_rotation_anchor() -> None:
     assert len(rebased.trust_anchors) == 2
     with pytest.raises(IdentityError, match="trust bundle"):
         old_node.with_trust_bundle(b"")
+
+
+@given(st.text(max_size=300))
+def test_spiffe_parse_or_typed_error(text: str) -> None:
+    try:
+        sid = SpiffeId.parse(text)
+    except IdentityError:
+        return
+    assert str(sid) == text
+
+
+@given(st.text(max_size=100))
+def test_pattern_match_never_raises(pattern: str) -> None:
+    sid = SpiffeId.parse("spiffe://mesh.test/acme/sentry/s1")
+    assert isinstance(spiffe_matches(pattern, sid), bool)

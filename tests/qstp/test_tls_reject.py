@@ -243,3 +243,32 @@ def test_policy_validation() -> None:
         TlsPolicy(cipher_suites=("TLS_NULL",))
     with pytest.raises(HandshakeError):
         TlsPolicy(alpn=b"")
+
+
+def test_require_crl_refuses_without_crl(mesh) -> None:  # type: ignore[no-untyped-def]
+    _, sentry, relayer = mesh
+    must = TlsPolicy(require_crl=True)
+    outcome, _, _ = run(relayer, sentry.with_crl(None), server_policy=must)
+    assert isinstance(outcome.server_error, HandshakeRefused)
+    assert outcome.server_error.reason == "revoked" and "requires" in str(outcome.server_error)
+    assert run(relayer, sentry, server_policy=must)[0].ok  # sentry holds a CRL
+
+
+def test_foreign_or_garbage_crl_is_refused_at_context_build(mesh) -> None:  # type: ignore[no-untyped-def]
+    _, sentry, _ = mesh
+    other_ca, _ = dev_identities(TD)
+    for bad in (other_ca.crl_pem(), b"-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n"):
+        with pytest.raises(HandshakeError, match="CRL is unusable"):
+            build_context(sentry.with_crl(bad), TlsPolicy(), server=True)
+
+
+def test_stale_crl_still_applies(caplog) -> None:  # type: ignore[no-untyped-def]
+    ca = MeshCA.create(TD)
+    sentry = ca.issue(SENTRY)
+    victim = ca.issue(RELAYER)
+    ca.revoke(victim)
+    stale = ca.crl_pem(now=utcnow() - dt.timedelta(hours=3))  # nextUpdate 2 h ago
+    outcome, _, _ = run(victim, sentry.with_crl(stale))
+    assert isinstance(outcome.server_error, HandshakeRefused)
+    assert outcome.server_error.reason == "revoked"
+    assert any("nextUpdate" in r.getMessage() for r in caplog.records)
