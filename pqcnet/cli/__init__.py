@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ca": ("pqcnet.cli.ca", "Mesh CA: init, issue, sign-csr, revoke, crl, bundle."),
     "keys": ("pqcnet.cli.keys", "Node keys: gen, csr."),
     "qstp": ("pqcnet.cli.qstp", "QSTP diagnostics: serve (test server), connect (test client)."),
+    "sentry": ("pqcnet.cli.sentry", "Sentry RPC edge: run, check."),
+    "assertion": ("pqcnet.cli.assertion", "Session assertions: keygen, issue, inspect."),
+    "sidecar": ("pqcnet.cli.sidecar", "Local plaintext port -> QSTP -> sentry (http|grpc|tcp)."),
 }
 
 
