@@ -107,8 +107,14 @@ class KafkaBus(Bus):
             except BusError as exc:
                 if "TopicAlreadyExists" not in str(exc):
                     raise
-            meta: Any = await self._call(admin.describe_topics([self.topic]))
-            have = len(meta[0]["partitions"]) if meta else 0
+            have = 0
+            async with asyncio.timeout(self.op_timeout):  # a new topic's metadata lags a bit
+                while True:
+                    meta: Any = await self._call(admin.describe_topics([self.topic]))
+                    have = len(meta[0]["partitions"]) if meta else 0
+                    if have:
+                        break
+                    await asyncio.sleep(0.1)
             if have < self._shards:
                 raise BusError(f"kafka topic {self.topic} has {have} partitions, "
                                f"config wants {self._shards}")
