@@ -13,6 +13,7 @@ import click
 
 #: benchmark name -> module
 BENCHMARKS: dict[str, str] = {
+    "mesh": "benchmarks.mesh",
     "qsdag": "benchmarks.qsdag",
     "qstp": "benchmarks.qstp",
 }
