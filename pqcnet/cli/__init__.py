@@ -21,6 +21,7 @@ from qstp.errors import PqcnetError
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("pqcnet.cli.demo", "Run the end-to-end demo on the embedded backends."),
     "bench": ("pqcnet.cli.bench", "Run a benchmark and print JSON."),
+    "mesh": ("pqcnet.cli.mesh", "Control plane over Waku: announce, directives, observe."),
     "ledger": ("pqcnet.cli.ledger", "QS-DAG ledger: init, append, show, verify, tips, anchor."),
     "ca": ("pqcnet.cli.ca", "Mesh CA: init, issue, sign-csr, revoke, crl, bundle."),
     "keys": ("pqcnet.cli.keys", "Node keys: gen, csr."),
