@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sentry": ("pqcnet.cli.sentry", "Sentry RPC edge: run, check."),
     "assertion": ("pqcnet.cli.assertion", "Session assertions: keygen, issue, inspect."),
     "sidecar": ("pqcnet.cli.sidecar", "Local plaintext port -> QSTP -> sentry (http|grpc|tcp)."),
+    "relayer": ("pqcnet.cli.relayer", "Relayer node: run, dev-identities."),
+    "publish": ("pqcnet.cli.publish", "Send frames to a relayer over QSTP."),
+    "subscribe": ("pqcnet.cli.subscribe", "Receive a customer's frames from a relayer."),
+    "governance": ("pqcnet.cli.governance", "Governance gRPC queries: pull volume and reports."),
 }
 
 
