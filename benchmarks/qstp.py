@@ -230,7 +230,7 @@ async def _stdlib_transfer(port: int, ctx: ssl.SSLContext, total: int, size: int
 
 
 async def _measure(root: Path, qport: int, sport: int, handshakes: int, bulk_mib: int,
-                   small_mib: int) -> dict[str, Any]:
+                   small_mib: int, rounds: int) -> dict[str, Any]:
     from qstp.identity import NodeIdentity
 
     ident = NodeIdentity.load(root / "client", PASSPHRASE)
@@ -247,11 +247,17 @@ async def _measure(root: Path, qport: int, sport: int, handshakes: int, bulk_mib
             sport, cctx, handshakes, bar)
     for label, size, mib in (("bulk_64k", 64 * 1024, bulk_mib), ("small_256b", 256, small_mib)):
         total = mib * 1024 * 1024
-        with tqdm(total=2 * total, desc=label, unit="B", unit_scale=True, leave=False) as bar:
-            q = await _qstp_transfer(qport, ident, total, size, bar)
-            b = await _stdlib_transfer(sport, cctx, total, size, bar)
+        qs: list[float] = []
+        bs: list[float] = []
+        with tqdm(total=2 * total * rounds, desc=label, unit="B", unit_scale=True,
+                  leave=False) as bar:
+            for _ in range(rounds):  # interleaved, so background load hits both alike
+                qs.append(await _qstp_transfer(qport, ident, total, size, bar))
+                bs.append(await _stdlib_transfer(sport, cctx, total, size, bar))
+        q, b = statistics.median(qs), statistics.median(bs)
         out[label] = {
             "bytes": total,
+            "rounds": rounds,
             "frame_bytes": size,
             "qstp_gbit_s": round(total * 8 / q / 1e9, 3),
             "stdlib_gbit_s": round(total * 8 / b / 1e9, 3),
@@ -262,7 +268,8 @@ async def _measure(root: Path, qport: int, sport: int, handshakes: int, bulk_mib
     return out
 
 
-def run(handshakes: int = 200, bulk_mib: int = 512, small_mib: int = 16) -> dict[str, Any]:
+def run(handshakes: int = 200, bulk_mib: int = 256, small_mib: int = 16,
+        rounds: int = 3) -> dict[str, Any]:
     """Run the whole benchmark; returns the JSON-able result."""
     from qstp.identity import dev_identities
 
@@ -280,7 +287,8 @@ def run(handshakes: int = 200, bulk_mib: int = 512, small_mib: int = 16) -> dict
         proc.start()
         try:
             qport, sport = ports.get(timeout=60)
-            res = asyncio.run(_measure(root, qport, sport, handshakes, bulk_mib, small_mib))
+            res = asyncio.run(_measure(root, qport, sport, handshakes, bulk_mib, small_mib,
+                                      rounds))
         finally:
             proc.terminate()
             proc.join(10)
@@ -313,10 +321,12 @@ def run(handshakes: int = 200, bulk_mib: int = 512, small_mib: int = 16) -> dict
 @click.command()
 @click.option("--handshakes", default=200, show_default=True, type=click.IntRange(5, 5000),
               help="Handshakes per variant.")
-@click.option("--bulk-mib", default=512, show_default=True, type=click.IntRange(1, 8192),
-              help="MiB pushed with 64 KiB writes (per side of the comparison).")
+@click.option("--bulk-mib", default=256, show_default=True, type=click.IntRange(1, 8192),
+              help="MiB pushed with 64 KiB writes (per side, per round).")
 @click.option("--small-mib", default=16, show_default=True, type=click.IntRange(1, 1024),
-              help="MiB pushed with 256-byte writes.")
-def cli(handshakes: int, bulk_mib: int, small_mib: int) -> None:
+              help="MiB pushed with 256-byte writes (per side, per round).")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 20),
+              help="Interleaved throughput rounds; the median is reported.")
+def cli(handshakes: int, bulk_mib: int, small_mib: int, rounds: int) -> None:
     """QSTP handshake latency and throughput vs stdlib ssl (same run, loopback)."""
-    click.echo(json.dumps(run(handshakes, bulk_mib, small_mib), indent=2))
+    click.echo(json.dumps(run(handshakes, bulk_mib, small_mib, rounds), indent=2))

@@ -471,6 +471,8 @@ class Tunnel(asyncio.Protocol):
         at = self._conn.get_timer()
         if at == self._timer_at:
             return
+        if at is not None and self._timer_at is not None and at > self._timer_at:
+            return  # the earlier timer fires first; handle_timer() tolerates early calls
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -24,9 +24,9 @@ class QstpConfiguration:
     """Largest frame payload we accept: bounds memory pinned by one incomplete frame."""
     max_data_chunk: int = MAX_DATA_CHUNK
     """Largest DATA payload we send (must not exceed the peer's ``max_frame_payload``)."""
-    stream_window: int = 256 * 1024
+    stream_window: int = 1024 * 1024
     """Receive credit per stream: bounds bytes buffered for a slow reader of one stream."""
-    connection_window: int = 1024 * 1024
+    connection_window: int = 4 * 1024 * 1024
     """Receive credit for all streams together: bounds a connection's buffered bytes."""
     max_streams: int = 256
     """Concurrent peer-opened streams: bounds per-stream state a peer can create."""
@@ -40,8 +40,9 @@ class QstpConfiguration:
     """TLS KeyUpdate after this many plaintext bytes sent (0 disables)."""
     rekey_interval: float = 3600.0
     """TLS KeyUpdate after this many seconds (0 disables)."""
-    read_chunk: int = 256 * 1024
-    """Plaintext read from TLS per call: bounds one read's temporary allocation."""
+    read_chunk: int = 64 * 1024
+    """Plaintext read from TLS per call (a TLS record holds at most 16 KiB): bounds one
+    read's temporary buffer and keeps it below malloc's mmap threshold."""
 
     def __post_init__(self) -> None:
         positive = {

@@ -351,9 +351,9 @@ class Connection:
             raise TunnelClosed(f"stream {stream_id} is closed for sending")
         st.send_credit -= n
         self._conn_send_credit -= n
-        out = self._out
         pack = fr.HEADER.pack
         chunk = self.config.max_data_chunk
+        rekey_after = self.config.rekey_after_bytes
         view = memoryview(data)
         pos = 0
         while True:
@@ -361,24 +361,23 @@ class Connection:
             pos += len(piece)
             last = pos >= n
             flags = fr.Flags.END_STREAM if (last and end_stream) else 0
+            out = self._out
             out += pack(fr.VERSION, FrameType.DATA, flags, stream_id, st.send_seq, len(piece))
             out += piece
             st.send_seq += 1
+            self._bytes_since_rekey += len(piece)
+            if rekey_after and self._bytes_since_rekey >= rekey_after:
+                self._auto_rekey(None)  # rekeys between frames, so big writes rekey too
             if last:
                 break
         if not st.acked_initial:
             st.acked_initial = True
             self._grant_initial(st)
-        self._bytes_since_rekey += n
         if end_stream:
             st.transition(StreamInput.SEND_END)
             self._maybe_release(st)
-        if len(out) >= self.config.max_pending_send:
+        if len(self._out) >= self.config.max_pending_send:
             self._flush_plain()
-        if self.config.rekey_after_bytes and self._bytes_since_rekey >= (
-            self.config.rekey_after_bytes
-        ):
-            self._auto_rekey(None)
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close: send an empty DATA frame with END_STREAM."""

@@ -32,6 +32,7 @@ MESH = make_mesh()
 POLICY = TlsPolicy()
 CCTX = build_context(MESH.client, POLICY, server=False)
 SCTX = build_context(MESH.server, POLICY, server=True)
+WIN = QstpConfiguration().stream_window // 65536  # full frames that fill a stream window
 
 
 def new_pair(config: QstpConfiguration | None = None) -> tuple[Connection, Connection]:
@@ -161,8 +162,8 @@ def test_credit_limits_sender_until_receiver_consumes() -> None:
         (lambda: fr.encode(FrameType.DATA, 1, 0, b"", fr.Flags.END_STREAM)
          + fr.encode(FrameType.DATA, 1, 1, b"x"), ErrorCode.STREAM_ERROR),
         # more than the window
-        (lambda: b"".join(fr.encode(FrameType.DATA, 1, i, b"x" * 65536) for i in range(4))
-         + fr.encode(FrameType.DATA, 1, 4, b"x"), ErrorCode.FLOW_CONTROL_ERROR),
+        (lambda: b"".join(fr.encode(FrameType.DATA, 1, i, b"x" * 65536) for i in range(WIN))
+         + fr.encode(FrameType.DATA, 1, WIN, b"x"), ErrorCode.FLOW_CONTROL_ERROR),
         # server-parity stream the server never opened
         (lambda: fr.encode(FrameType.DATA, 2, 0, b"x"), ErrorCode.STREAM_ERROR),
         # control sequence replayed
