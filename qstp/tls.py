@@ -208,6 +208,11 @@ def _current_crl(identity: NodeIdentity) -> RevocationList | None:
         raise HandshakeError(f"our CRL is unusable: {exc}") from None
 
 
+_NO_CRL = 3  # X509_V_ERR_UNABLE_TO_GET_CRL
+#: X509 errors the CRL check may raise that our policy tolerates (see callback)
+_CRL_SOFT_ERRORS = frozenset({_NO_CRL, 11, 12})  # + CRL_NOT_YET_VALID, CRL_HAS_EXPIRED
+
+
 def _x509_error(errno: int) -> HandshakeRefused:
     text = _ffi.string(_lib.X509_verify_cert_error_string(errno)).decode(errors="replace")
     reason = {
@@ -275,6 +280,14 @@ def _verify_callback(identity: NodeIdentity, policy: TlsPolicy):  # type: ignore
         conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
     ) -> bool:
         if not ok:
+            if errno in _CRL_SOFT_ERRORS and not (errno == _NO_CRL and policy.require_crl):
+                # our CRL semantics, not OpenSSL's: a stale CRL still applies
+                # (revocation is still checked after this), and an issuer without
+                # a CRL (e.g. the previous CA during rotation) is not an error
+                if errno != _NO_CRL:
+                    log.warning("CRL outside its validity window; still applied",
+                                extra={"x509_error": errno})
+                return True
             raise _x509_error(errno)
         if depth == 0:
             check_peer_certificate(cert.to_cryptography(), identity, policy, crl=crl)
@@ -328,6 +341,12 @@ def build_context(identity: NodeIdentity, policy: TlsPolicy, *, server: bool) ->
             raise HandshakeError("OpenSSL context has no certificate store")
         for anchor in identity.trust_anchors:
             store.add_cert(crypto.X509.from_cryptography(anchor))
+        crl = _current_crl(identity)
+        if crl is not None:
+            # OpenSSL checks the (already signature-checked) CRL itself, so a
+            # revoked peer gets a precise "certificate revoked" alert
+            store.add_crl(x509.load_pem_x509_crl(crl.pem))
+            store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
     except (SSL.Error, crypto.Error) as exc:
         raise HandshakeError(f"cannot load identity {identity.spiffe_id} into TLS: {exc}") from None
     ctx.set_verify(
