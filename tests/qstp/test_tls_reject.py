@@ -287,3 +287,26 @@ def test_ca_rotation_accepts_old_and_new_with_new_crl() -> None:
     # ... unless the policy demands a CRL for every issuer
     outcome, _, _ = run(old_relayer, new_sentry, server_policy=TlsPolicy(require_crl=True))
     assert outcome.server_error is not None
+
+
+def test_client_without_certificate_refused(mesh) -> None:  # type: ignore[no-untyped-def]
+    _, sentry, _ = mesh
+    bare = SSL.Context(SSL.TLS_METHOD)
+    bare.set_min_proto_version(SSL.TLS1_3_VERSION)
+    bare.set_alpn_protos([b"qstp/1"])
+    _ossl.set_groups(bare, ["X25519MLKEM768"])
+    outcome, client, server = run(sentry, sentry, client_ctx=bare)
+    assert isinstance(outcome.server_error, HandshakeRefused)
+    assert outcome.server_error.reason == "no-peer-certificate"
+    assert outcome.client_error is not None
+    assert_nothing_leaked(client, server)
+
+
+def test_tls12_only_client_refused(mesh) -> None:  # type: ignore[no-untyped-def]
+    _, sentry, relayer = mesh
+    cctx = build_context(relayer, TlsPolicy(), server=False)
+    cctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    cctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+    outcome, _, _ = run(relayer, sentry, client_ctx=cctx)
+    assert isinstance(outcome.server_error, HandshakeRefused)
+    assert outcome.server_error.reason == "protocol-version"
