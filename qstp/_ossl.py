@@ -40,7 +40,13 @@ def set_groups(ctx: SSL.Context, groups: list[str]) -> None:
 
 
 def negotiated_group(conn: SSL.Connection) -> str | None:
-    """Name of the negotiated key-exchange group, e.g. ``X25519MLKEM768``."""
+    """Name of the negotiated key-exchange group, e.g. ``X25519MLKEM768``.
+
+    ``None`` before a session exists: OpenSSL dereferences the session, so we
+    must not call it on a fresh connection.
+    """
+    if _lib.SSL_get_session(conn._ssl) == _ffi.NULL:
+        return None
     name = _lib.SSL_get0_group_name(conn._ssl)
     if name == _ffi.NULL:
         return None
