@@ -537,30 +537,59 @@ class Connection:
             self._events.append(ev.HandshakeCompleted(peer=self.peer))
 
     def _read_records(self, now: float) -> None:
+        """Decrypt every complete record, then decode the plaintext in one batch.
+
+        A TLS record holds at most 16 KiB, so a 64 KiB frame spans four; decoding
+        the joined plaintext once (instead of per record) avoids re-buffering.
+        """
         recv = self.tls.recv
         size = self.config.read_chunk
+        batch_limit = self.config.max_frame_payload * 4
         while self.state is not ConnectionState.CLOSED:
-            try:
-                plain = recv(size)
-            except SSL.WantReadError:
+            parts: list[bytes] = []
+            held = 0
+            failure: BaseException | None = None
+            while held < batch_limit:
+                try:
+                    plain = recv(size)
+                except SSL.WantReadError:
+                    break
+                except SSL.Error as exc:  # ZeroReturnError (close_notify) included
+                    failure = exc
+                    break
+                parts.append(plain)
+                held += len(plain)
+            if parts and not self._decode(parts[0] if len(parts) == 1 else b"".join(parts),
+                                          now):
                 return
-            except SSL.ZeroReturnError:
-                self._on_close_notify()
+            if failure is not None:
+                self._on_tls_failure(failure)
                 return
-            except SSL.Error as exc:
-                hs = self.state is ConnectionState.AWAIT_PREFACE
-                self._terminate(ErrorCode.HANDSHAKE_FAILED if hs else ErrorCode.TLS_ERROR,
-                                _handshake_reason(exc) if hs else _ssl_reason(exc),
-                                by_peer=True, send=False, during_handshake=hs)
+            if held < batch_limit:
                 return
-            try:
-                for frame in self._decoder.feed(plain):
-                    self._handle_frame(frame, now)
-                    if self.closed:
-                        return
-            except RemoteProtocolError as exc:
-                self._terminate(exc.code, str(exc), by_peer=False)
-                return
+
+    def _decode(self, plain: bytes, now: float) -> bool:
+        """Handle the frames in ``plain``; False once the connection closed."""
+        try:
+            for frame in self._decoder.feed(plain):
+                self._handle_frame(frame, now)
+                if self.closed:
+                    return False
+        except RemoteProtocolError as exc:
+            self._terminate(exc.code, str(exc), by_peer=False)
+            return False
+        return True
+
+    def _on_tls_failure(self, exc: BaseException) -> None:
+        if self.closed:
+            return
+        if isinstance(exc, SSL.ZeroReturnError):
+            self._on_close_notify()
+            return
+        hs = self.state is ConnectionState.AWAIT_PREFACE
+        self._terminate(ErrorCode.HANDSHAKE_FAILED if hs else ErrorCode.TLS_ERROR,
+                        _handshake_reason(exc) if hs else _ssl_reason(exc),
+                        by_peer=True, send=False, during_handshake=hs)
 
     def _on_close_notify(self) -> None:
         hs = self.state is not ConnectionState.OPEN
@@ -752,7 +781,7 @@ def _handshake_reason(exc: BaseException) -> str:
     return str(handshake_error(exc))
 
 
-def _ssl_reason(exc: SSL.Error) -> str:
+def _ssl_reason(exc: BaseException) -> str:
     """A one-line reason from a pyOpenSSL error (its args hold OpenSSL's error queue)."""
     parts: list[str] = []
     for arg in exc.args:
