@@ -180,9 +180,11 @@ def connect(target: str, identity_dir: Path, passphrase_env: str, groups: str,
 async def _connect(identity: Any, policy: Any, host: str, port: int, message: str | None,
                    resume: bool, handshake_timeout: float, as_json: bool) -> None:
     import qstp
+    from qstp.aio import client_context
     from qstp.config import QstpConfiguration
 
     config = QstpConfiguration(handshake_timeout=handshake_timeout)
+    client_context(identity, policy)  # load keys now so handshake_ms is the handshake
     session = None
     for attempt in range(2 if resume else 1):
         started = time.perf_counter()
