@@ -1,0 +1,115 @@
+"""Publishers and subscribers that survive a relayer restart, for crash/outage tests.
+
+A publisher keeps every frame until the relayer ACKed it and resends unACKed
+frames (``retry=True``) after reconnecting; so every seq is eventually ACKed once.
+A subscriber reconnects and keeps its per-topic ``last`` seq across connections;
+``raw`` counts what arrived on the wire, ``by_topic`` what the application saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import Callable
+
+from qstp.errors import PqcnetError
+from relayer.client import PublisherClient, SubscriberClient
+from relayer.frame import Frame, Topic
+from tests.relayer.e2e import identities
+
+
+class ResilientPublisher:
+    def __init__(self, port: Callable[[], int], topics: list[Topic], n: int,
+                 batch: int = 20, size: int = 32) -> None:
+        self.port, self.topics, self.n, self.batch, self.size = port, topics, n, batch, size
+        self.acked: dict[Topic, int] = dict.fromkeys(topics, 0)
+        self.reconnects = 0
+        self.overflowed = 0
+        self.pauses = 0
+        self.task = asyncio.create_task(self._run())
+
+    def total_acked(self) -> int:
+        return sum(self.acked.values())
+
+    async def _run(self) -> None:
+        client: PublisherClient | None = None
+        retry = False
+        while any(v < self.n for v in self.acked.values()):
+            if client is None:
+                try:
+                    client = await PublisherClient.connect("127.0.0.1", self.port(),
+                                                           identities()[1])
+                except PqcnetError:
+                    await asyncio.sleep(0.2)
+                    continue
+            frames = [Frame(c, ch, s, bytes([s % 251]) * self.size)
+                      for (c, ch) in self.topics
+                      for s in range(self.acked[(c, ch)] + 1,
+                                     min(self.acked[(c, ch)] + self.batch, self.n) + 1)]
+            try:
+                async with asyncio.timeout(30):
+                    results = await client.publish(frames, retry=retry)
+            except (PqcnetError, TimeoutError):
+                self.pauses += client.pauses_seen
+                with contextlib.suppress(PqcnetError):
+                    await client.close()
+                client, retry = None, True
+                self.reconnects += 1
+                await asyncio.sleep(0.2)
+                continue
+            retry = False
+            for f, r in zip(frames, results):
+                if r.accepted:
+                    self.acked[f.topic] = max(self.acked[f.topic], f.seq)
+                    self.overflowed += r.overflowed
+                else:
+                    assert r.retriable, r  # only "come back later" is acceptable here
+                    retry = True
+                    break
+        if client is not None:
+            self.pauses += client.pauses_seen
+            await client.close()
+
+
+class ResilientSubscriber:
+    def __init__(self, port: Callable[[], int], customer: str) -> None:
+        self.port, self.customer = port, customer
+        self.last: dict[Topic, int] = {}
+        self.by_topic: dict[Topic, list[int]] = defaultdict(list)
+        self.raw = 0
+        self.wire_duplicates = 0
+        self.task = asyncio.create_task(self._run())
+
+    def total(self) -> int:
+        return sum(len(v) for v in self.by_topic.values())
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                client = await SubscriberClient.connect("127.0.0.1", self.port(),
+                                                        identities()[2])
+            except PqcnetError:
+                await asyncio.sleep(0.2)
+                continue
+            client.last = self.last  # dedup state survives reconnects
+            try:
+                await client.subscribe(self.customer)
+                async for batch in client.batches():
+                    for f in batch:
+                        self.by_topic[f.topic].append(f.seq)
+            except PqcnetError:
+                pass
+            finally:
+                self.wire_duplicates += client.duplicates_dropped
+                await client.close()
+            await asyncio.sleep(0.2)
+
+    async def wait_for(self, n: int, limit: float = 90.0) -> None:
+        async with asyncio.timeout(limit):
+            while self.total() < n:
+                await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
