@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "mesh": "benchmarks.mesh",
     "qsdag": "benchmarks.qsdag",
     "qstp": "benchmarks.qstp",
+    "sentry": "benchmarks.sentry",
 }
 
 
