@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from relayer.frame import Frame, Topic
 
@@ -47,3 +47,10 @@ def assert_exactly_once_in_order(
     for topic, n in expect.items():
         got = by_topic[topic]
         assert got == list(range(1, n + 1)), (topic, got[:20], len(got))
+
+
+async def eventually(pred: Callable[[], object], limit: float = 60.0, step: float = 0.05) -> None:
+    """Poll ``pred`` until true; TimeoutError after ``limit`` seconds (never a timing claim)."""
+    async with asyncio.timeout(limit):
+        while not pred():  # noqa: ASYNC110 - state lives in other objects; polling is simplest
+            await asyncio.sleep(step)

@@ -17,6 +17,7 @@ from qstp.errors import PqcnetError
 from relayer.client import PublisherClient, SubscriberClient
 from relayer.frame import Frame, Topic
 from tests.relayer.e2e import identities
+from tests.relayer.helpers import eventually
 
 
 class ResilientPublisher:
@@ -106,9 +107,7 @@ class ResilientSubscriber:
             await asyncio.sleep(0.2)
 
     async def wait_for(self, n: int, limit: float = 90.0) -> None:
-        async with asyncio.timeout(limit):
-            while self.total() < n:
-                await asyncio.sleep(0.05)
+        await eventually(lambda: self.total() >= n, limit)
 
     async def close(self) -> None:
         self.task.cancel()

@@ -16,7 +16,7 @@ import pytest
 
 from tests import services_ctl
 from tests.relayer.e2e import start_node
-from tests.relayer.helpers import assert_exactly_once_in_order
+from tests.relayer.helpers import assert_exactly_once_in_order, eventually
 from tests.relayer.proc import RelayerProcess, write_config
 from tests.relayer.resilient import ResilientPublisher, ResilientSubscriber
 
@@ -51,9 +51,7 @@ async def test_sigkill_mid_stream_loses_nothing_acked(
     sub = ResilientSubscriber(lambda: port, "acme")
     pubs = [ResilientPublisher(lambda: port, topics[k::2], n) for k in range(2)]
     try:
-        async with asyncio.timeout(60):
-            while sum(p.total_acked() for p in pubs) < len(topics) * n // 3:
-                await asyncio.sleep(0.02)
+        await eventually(lambda: sum(p.total_acked() for p in pubs) >= len(topics) * n // 3)
         proc.kill()  # SIGKILL mid-stream: no shutdown code runs
         await proc.stop()
         proc = await RelayerProcess(cfg).start()
@@ -84,17 +82,12 @@ async def test_broker_outage_backpressure_overflow_replay(
     pub: ResilientPublisher | None = None
     try:
         pub = ResilientPublisher(lambda: port, topics, n, batch=10)
-        async with asyncio.timeout(60):
-            while pub.total_acked() < 200:
-                await asyncio.sleep(0.02)
+        await eventually(lambda: pub is not None and pub.total_acked() >= 200)
         await asyncio.to_thread(services_ctl.stop, service)
         try:
-            async with asyncio.timeout(60):  # frames keep being ACKed: into the overflow queue
-                while node.overflow.total() < 150:
-                    await asyncio.sleep(0.05)
-            async with asyncio.timeout(30):
-                while not node.flow.paused:
-                    await asyncio.sleep(0.05)
+            # frames keep being ACKed: into the overflow queue, and publishers get paused
+            await eventually(lambda: node.overflow.total() >= 150)
+            await eventually(lambda: bool(node.flow.paused), 30)
             assert node.ingress.stats.pauses_sent >= 1
         finally:
             await asyncio.to_thread(services_ctl.start, service)
@@ -104,9 +97,7 @@ async def test_broker_outage_backpressure_overflow_replay(
         assert_exactly_once_in_order(sub.by_topic, {t: n for t in topics})
         assert pub.overflowed >= 150 and node.publisher.replayed >= 150
         assert node.overflow.total() == 0
-        async with asyncio.timeout(30):
-            while node.flow.paused:  # backlog drained: RESUME
-                await asyncio.sleep(0.05)
+        await eventually(lambda: not node.flow.paused, 30)  # backlog drained: RESUME
     finally:
         await sub.close()
         if pub is not None:

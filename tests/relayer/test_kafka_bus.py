@@ -52,7 +52,7 @@ async def test_contract_partitions_commit_and_restart(bus: KafkaBus, kafka_boots
         assert [d.data for d in again] == [b"b", b"c"]
     finally:
         await other.close()
-    with pytest.raises(Exception, match="32 partitions|partitions"):
+    with pytest.raises(Exception, match="partitions"):
         bad = KafkaBus(kafka_bootstrap, 64, topic=TOPIC)
         try:
             await bad.start()
