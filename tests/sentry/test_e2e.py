@@ -115,3 +115,29 @@ async def test_raw_tcp_mode(env: Env) -> None:
     finally:
         server.close()
         await sidecar.aclose()
+
+
+async def test_backend_keys_and_metrics_exposition(env: Env) -> None:
+    from prometheus_client import generate_latest
+
+    import qstp
+    from sentry.core import Sentry, TunnelView
+
+    t1 = await qstp.connect("127.0.0.1", env.stack.port, env.mesh.acme)
+    t2 = await qstp.connect("127.0.0.1", env.stack.port, env.mesh.acme)
+    try:
+        def view(t: qstp.Tunnel) -> TunnelView:
+            return TunnelView(t.peer.spiffe_id, t.channel_binding(), t.export_keying_material)
+
+        k1a = Sentry.backend_key(view(t1), "jsonrpc")
+        assert k1a == Sentry.backend_key(view(t1), "jsonrpc") and len(k1a) == 32
+        assert k1a != Sentry.backend_key(view(t1), "echo")
+        assert k1a != Sentry.backend_key(view(t2), "jsonrpc")
+    finally:
+        await t1.close()
+        await t2.close()
+    text = generate_latest(env.stack.sentry.metrics.registry).decode()
+    for name in ("pqcnet_sentry_requests_total", "pqcnet_sentry_assertion_cache_hit_ratio",
+                 "pqcnet_sentry_in_flight_requests", "pqcnet_sentry_request_duration_seconds",
+                 "pqcnet_sentry_tunnels_active"):
+        assert name in text
