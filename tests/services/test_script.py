@@ -1,0 +1,99 @@
+"""The ``scripts/services`` contract other areas rely on, and its probes.
+
+``.services/env`` lines must be exactly the three documented ``export`` forms; bad
+service names are refused without touching anything; the stdlib probes in
+``tools/probe.py`` say "ready" for the real services and "not ready" (fast, one line)
+for a closed port — the readiness checks are only as good as that distinction.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests import services_ctl
+
+pytestmark = [pytest.mark.timeout(60)]
+
+PROBE = [sys.executable, str(services_ctl.ROOT / "tools" / "probe.py")]
+ENV_LINE = re.compile(
+    r"export PQCNET_REDIS_URL=redis://127\.0\.0\.1:\d+/0"
+    r"|export PQCNET_KAFKA_BOOTSTRAP=127\.0\.0\.1:\d+"
+    r"|export PQCNET_WAKU_REST_URLS=http://127\.0\.0\.1:\d+(,http://127\.0\.0\.1:\d+){2}"
+)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(services_ctl.SCRIPT), *args], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_env_file_lines_follow_the_contract() -> None:
+    out = _run("env")
+    assert out.returncode == 0
+    for line in out.stdout.splitlines():
+        if line and not line.startswith("#"):
+            assert ENV_LINE.fullmatch(line), line
+
+
+def test_status_names_every_service() -> None:
+    out = _run("status")
+    assert out.returncode == 0
+    assert [line.split(":")[0] for line in out.stdout.splitlines()] == ["redis", "kafka", "waku"]
+
+
+@pytest.mark.parametrize("args", [("start", "postgres"), ("stop", "redis", "nope"), ("restart",)])
+def test_bad_arguments_are_refused(args: tuple[str, ...]) -> None:
+    before = services_ctl.env()
+    out = _run(*args)
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert services_ctl.env() == before
+
+
+def test_ctl_rejects_unknown_service() -> None:
+    with pytest.raises(services_ctl.ServicesCtlError, match="unknown service"):
+        services_ctl.restart("postgres")
+
+
+def test_probes_fail_fast_on_a_closed_port() -> None:
+    port = _closed_port()
+    for args in (
+        ["kafka", f"127.0.0.1:{port}"],
+        ["waku-peers", f"http://127.0.0.1:{port}"],
+        ["waku-relay", f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}"],
+    ):
+        out = subprocess.run([*PROBE, *args, "--timeout", "0"], capture_output=True, text=True,
+                             timeout=20, check=False)
+        assert out.returncode == 1, args
+        assert out.stderr.startswith("not ready after 0s:"), out.stderr
+
+
+@pytest.mark.services
+def test_kafka_probe_sees_the_broker(kafka_bootstrap: str) -> None:
+    out = subprocess.run([*PROBE, "kafka", kafka_bootstrap, "--timeout", "10"],
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.services
+def test_waku_probes_see_the_peered_nodes(waku_rest_urls: list[str]) -> None:
+    first, last = waku_rest_urls[0], waku_rest_urls[-1]
+    for args in (["waku-peers", first, "--min", "2"], ["waku-relay", last, first]):
+        out = subprocess.run([*PROBE, *args, "--timeout", "20"], capture_output=True, text=True,
+                             timeout=40, check=False)
+        assert out.returncode == 0, out.stderr
+    ma = subprocess.run([*PROBE, "waku-multiaddr", first], capture_output=True, text=True,
+                        timeout=20, check=False)
+    assert re.fullmatch(r"/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+\n", ma.stdout), ma.stdout
