@@ -134,12 +134,17 @@ class WakuRestClient:
     # ------------------------------------------------------------------ auto-sharded relay
 
     async def subscribe(self, content_topics: Sequence[str]) -> None:
-        await self._request("POST", "/relay/v1/auto/subscriptions", op="subscribe",
-                            json_body=list(content_topics))
+        # One topic per request: go-waku v0.10.0 answers 200 to a multi-topic POST
+        # but then 404s every one of those topics on GET (checked against the nodes
+        # scripts/services runs); single-topic requests work on nwaku and go-waku.
+        for topic in content_topics:
+            await self._request("POST", "/relay/v1/auto/subscriptions", op="subscribe",
+                                json_body=[topic])
 
     async def unsubscribe(self, content_topics: Sequence[str]) -> None:
-        await self._request("DELETE", "/relay/v1/auto/subscriptions", op="unsubscribe",
-                            json_body=list(content_topics))
+        for topic in content_topics:
+            await self._request("DELETE", "/relay/v1/auto/subscriptions", op="unsubscribe",
+                                json_body=[topic])
 
     async def publish(self, content_topic: str, payload: bytes,
                       *, timestamp_ns: int | None = None) -> None:
