@@ -20,6 +20,7 @@ import argparse
 import base64
 import json
 import os
+import random
 import socket
 import struct
 import sys
@@ -34,6 +35,12 @@ from collections.abc import Callable
 RETRY_INTERVAL_S = 0.5
 #: Bound on a single Kafka response we are willing to read (metadata of a small cluster).
 MAX_KAFKA_RESPONSE_BYTES = 16 * 1024 * 1024
+#: Lowest port handed to a service (above the usual well-known/registered daemons).
+FIXED_PORT_MIN = 20000
+#: Assumed start of the ephemeral range when /proc does not say.
+EPHEMERAL_FALLBACK_LOW = 32768
+#: Random candidates tried before falling back to a kernel-chosen port.
+FREE_PORT_TRIES = 200
 #: Content topic used by the relay round-trip probe (pqcnet naming, never used by code).
 PROBE_CONTENT_TOPIC = "/pqcnet/1/probe/proto"
 
@@ -43,7 +50,27 @@ class NotReady(Exception):
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (the kernel picks it)."""
+    """A TCP port on 127.0.0.1 that is free now, chosen below the ephemeral range.
+
+    Services keep their port across restarts. A port from the ephemeral range could be
+    taken by some client's outgoing connection while the service is stopped, and the
+    restart would then fail to bind; ports below the range are never handed out that way.
+    """
+    low = EPHEMERAL_FALLBACK_LOW
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    candidates = list(range(FIXED_PORT_MIN, low))
+    random.shuffle(candidates)
+    for port in candidates[:FREE_PORT_TRIES]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
