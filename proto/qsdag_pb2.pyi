@@ -167,3 +167,13 @@ class SlashingEvidence(_message.Message):
     second: Vertex
     reason: str
     def __init__(self, offender: _Optional[str] = ..., counter: _Optional[int] = ..., first: _Optional[_Union[Vertex, _Mapping]] = ..., second: _Optional[_Union[Vertex, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SlashNotice(_message.Message):
+    __slots__ = ("target", "reason", "key_version")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    reason: str
+    key_version: int
+    def __init__(self, target: _Optional[str] = ..., reason: _Optional[str] = ..., key_version: _Optional[int] = ...) -> None: ...

@@ -26,12 +26,26 @@ Quick tour::
     ledger.verify_and_anchor(v)     # peers' vertices: receipt, or a Rejection subclass
     ledger.views.relay.get("relayer-1"); ledger.views.routing.table(); ledger.rebuild_views()
 
+    # governance disables a node: its vertices descending from the slash are refused
+    ledger.slash("relayer-1", "equivocation", authority="gov-1", signer=gov)
+    ledger.is_slashed("relayer-1")              # True; ledger.views.slashes.get("relayer-1")
+    ledger.append(..., "relayer-1", relayer)    # -> AuthorSlashed (a Rejection)
+    new = SigningKey.generate()                 # lift: registrar re-registers, node re-attests
+    ledger.register_author("relayer-1", new.public_key, registrar="gov-1", signer=gov)
+    ledger.append(VertexKind.ATTESTATION,
+                  build_attestation("relayer-1", "relayer", new, 1, cfg, key_version=2),
+                  "relayer-1", new)             # ledger.is_slashed("relayer-1") -> False
+
 Who may sign what: genesis names registrar *authorities*; an authority registers
 other nodes' keys (:meth:`Ledger.register_author`); a node rotates its own key
 (:meth:`Ledger.rotate_key`, signed by the current key); with ``open_enrolment`` in
 genesis a node may self-register its first key (:meth:`Ledger.enrol`). Every
 registration is itself a KEY_VERSION vertex, so any ledger replaying the DAG
-derives the same key history.
+derives the same key history. An authority may *slash* a node
+(:meth:`Ledger.slash`, a GOVERNANCE_DIRECTIVE vertex): the node's vertices that
+descend from the slash are refused with :class:`AuthorSlashed` — ordered by DAG
+ancestry, not wall clock, so every replica agrees — until a registrar registers a
+new key for it and it re-attests with that key (:mod:`qsdag.slashing`).
 
 Payloads per kind (:mod:`qsdag.payloads`): GENESIS→:class:`Genesis`,
 KEY_VERSION→:class:`KeyRecord`, ATTESTATION→:class:`AttestationEvent`,
@@ -54,10 +68,12 @@ from qsdag.attestation import (
 )
 from qsdag.errors import (
     AttestationRejected,
+    AuthorSlashed,
     BadSignature,
     CorruptRecord,
     Equivocation,
     InvalidEvidence,
+    InvalidNodeId,
     InvalidPayload,
     KeyVersionMismatch,
     LedgerError,
@@ -89,16 +105,18 @@ from qsdag.payloads import (
     decode_payload,
     encode_payload,
 )
+from qsdag.slashing import SLASH_CONTENT_TYPE, SlashNotice
 from qsdag.vertex import DOMAIN, MAX_PARENTS, MAX_PAYLOAD, Vertex, VertexKind, decode, sign_vertex
 
 __all__ = [
     "DEFAULT_MAX_ORPHANS", "DEFAULT_SKEW", "DOMAIN", "MAX_PARENTS", "MAX_PAYLOAD",
-    "AnchorReceipt", "AttestationEvent", "AttestationRejected", "BadSignature",
-    "CorruptRecord", "Equivocation", "Genesis", "ImportReport", "InvalidEvidence",
-    "InvalidPayload", "KeyRecord", "KeyVersionMismatch", "Ledger", "LedgerError",
+    "SLASH_CONTENT_TYPE", "AnchorReceipt", "AttestationEvent", "AttestationRejected",
+    "AuthorSlashed", "BadSignature", "CorruptRecord", "Equivocation", "Genesis",
+    "ImportReport", "InvalidEvidence", "InvalidNodeId", "InvalidPayload", "KeyRecord",
+    "KeyVersionMismatch", "Ledger", "LedgerError",
     "LedgerStateError", "MalformedVertex", "MeasurementPolicy", "Measurements", "NotFound",
     "OpaqueRecord", "OrphanPoolFull", "PolicyAnchor", "Rejection", "RelayRecord", "Route",
-    "SlashingEvidence", "TimestampSkew", "UnknownAuthor", "VerifyReport", "Vertex",
+    "SlashNotice", "SlashingEvidence", "TimestampSkew", "UnknownAuthor", "VerifyReport", "Vertex",
     "VertexKind", "VertexParked", "build_attestation", "decode", "decode_payload",
     "encode_payload", "measure", "package_hash", "sign_vertex", "verify_attestation",
     "verify_evidence",

@@ -7,7 +7,9 @@
         ├── Rejection                   a vertex was refused (nothing was stored)
         │   ├── MalformedVertex         cannot decode / violates a bound or layout
         │   ├── InvalidPayload          payload does not match its kind's schema
+        │   ├── InvalidNodeId           node id empty, over-long, or with control chars
         │   ├── UnknownAuthor           no registered key for the author
+        │   ├── AuthorSlashed           author disabled by a slash in the vertex's ancestry
         │   ├── KeyVersionMismatch      vertex names a key version not in force
         │   ├── BadSignature            ML-DSA signature does not verify
         │   ├── TimestampSkew           too far in the future / before its parents
@@ -59,6 +61,22 @@ class InvalidPayload(Rejection):
 
 class UnknownAuthor(Rejection):
     """No key is registered for the vertex author."""
+
+
+class InvalidNodeId(Rejection):
+    """A node id is empty, longer than ``MAX_AUTHOR`` bytes, or contains control /
+    format characters (ids are storage key prefixes and appear in logs)."""
+
+
+class AuthorSlashed(Rejection):
+    """The author is disabled by a slash that is an ancestor of the vertex and has not
+    been lifted (re-registration by a registrar plus a re-attestation)."""
+
+    def __init__(self, message: str, *, vertex_id: bytes | None = None, author: str,
+                 slash_ids: tuple[bytes, ...]) -> None:
+        super().__init__(message, vertex_id=vertex_id)
+        self.author = author
+        self.slash_ids = slash_ids
 
 
 class KeyVersionMismatch(Rejection):

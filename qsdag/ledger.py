@@ -15,7 +15,11 @@ typed :class:`~qsdag.errors.Rejection` raised, and nothing is written):
    ``key_version`` equal to the author's version in force, ML-DSA signature valid;
 6. timestamp not earlier than its latest parent minus ``skew`` (causality);
 7. kind-specific rules needing ledger state (key registration rights, attestation
-   signature and increasing counter, slashing evidence that verifies).
+   signature and increasing counter, slashing evidence that verifies, slash notices
+   only from genesis authorities).
+
+Between 4 and 5, an author disabled by a slash in the vertex's ancestry is refused
+with :class:`AuthorSlashed` (ordering by DAG ancestry; see :mod:`qsdag.slashing`).
 
 Because every author's counter must be exactly its next one, each author's vertices
 are anchored in one order on every ledger, so "key version in force" is the same
@@ -35,6 +39,7 @@ from typing import Any
 from qsdag.attestation import AttestationEvent, check_signature
 from qsdag.errors import (
     AttestationRejected,
+    AuthorSlashed,
     BadSignature,
     CorruptRecord,
     Equivocation,
@@ -53,6 +58,7 @@ from qsdag.errors import (
 )
 from qsdag.evidence import SlashingEvidence, verify_evidence
 from qsdag.payloads import Genesis, KeyRecord, decode_payload, encode_payload
+from qsdag.slashing import SlashNotice, slash_notice
 from qsdag.store import VIEW_FAMILIES, Batch, Store
 from qsdag.vertex import DOMAIN, MAX_PARENTS, Vertex, VertexKind, decode, sign_vertex
 from qsdag.views import Views
@@ -244,6 +250,30 @@ class Ledger:
         """Anchor slashing evidence as a SLASHING_EVIDENCE vertex signed by ``reporter``."""
         return self.append(VertexKind.SLASHING_EVIDENCE, evidence, reporter, signer)
 
+    def slash(self, target: str, reason: str, authority: str,
+              signer: SigningKey) -> AnchorReceipt:
+        """A registrar ``authority`` disables ``target``'s current key version.
+
+        Anchored as a GOVERNANCE_DIRECTIVE vertex (content type
+        :data:`~qsdag.slashing.SLASH_CONTENT_TYPE`). From then on every vertex of
+        ``target`` that descends from it is refused with :class:`AuthorSlashed`
+        until a registrar registers a new key for ``target`` and ``target``
+        re-attests with it (see :mod:`qsdag.slashing` for the exact rule).
+        """
+        version = self.views.key_versions.current(target)
+        if version is None:
+            raise UnknownAuthor(f"cannot slash {target!r}: no key registered")
+        if not self._is_authority(authority):
+            raise InvalidPayload(f"{authority} is not a registrar authority; only genesis "
+                                 "authorities may slash")
+        notice = SlashNotice(target, reason, version)
+        return self.append(VertexKind.GOVERNANCE_DIRECTIVE, notice.to_record(), authority,
+                           signer)
+
+    def is_slashed(self, node_id: str) -> bool:
+        """True while an anchored slash of ``node_id`` has not been lifted."""
+        return self.views.slashes.is_slashed(node_id)
+
     # ------------------------------------------------------------------ reading
 
     def has(self, vid: bytes) -> bool:
@@ -378,6 +408,7 @@ class Ledger:
                    if v.counter > next_counter else ""),
                 vertex_id=vid, missing_parents=missing,
                 waiting_counter=next_counter if v.counter > next_counter else None)
+        self._check_slashed(v, vid)
         self._check_author(v, vid, payload)
         metas = [self._meta(p) for p in v.parents]
         if v.timestamp_ms + self.skew_ms < max(m[2] for m in metas):
@@ -399,6 +430,30 @@ class Ledger:
         receipt = self._write(batch, v, vid, payload, 0)
         self._genesis = payload
         return receipt
+
+    def _check_slashed(self, v: Vertex, vid: bytes) -> None:
+        slashes = self.views.slashes
+        if not slashes.active():
+            return
+        may_lift = (v.kind == VertexKind.ATTESTATION
+                    and self._registered_by_authority(v.author, v.key_version))
+        blocking = slashes.blocking(v, may_lift=may_lift)
+        if blocking:
+            raise AuthorSlashed(
+                f"{v.author} is slashed by {blocking[0].vertex_id.hex()[:16]} (an ancestor "
+                "of this vertex); it must be re-registered by a registrar and re-attest",
+                vertex_id=vid, author=v.author,
+                slash_ids=tuple(s.vertex_id for s in blocking))
+
+    def _registered_by_authority(self, node: str, version: int) -> bool:
+        """Was ``node``'s key ``version`` registered by a genesis authority (not itself)?"""
+        entry = self.views.key_versions.entry(node, version)
+        if entry is None or self._genesis is None:
+            return False
+        if entry.vertex_id == self.genesis_id:
+            return True
+        registrar = self.get(entry.vertex_id).author
+        return registrar != node and registrar in {a.node_id for a in self._genesis.authorities}
 
     def _check_author(self, v: Vertex, vid: bytes, payload: object) -> None:
         current = self.views.key_versions.current(v.author)
@@ -456,6 +511,19 @@ class Ledger:
                 verify_evidence(payload, self.key_for)
             except InvalidEvidence as exc:
                 raise InvalidPayload(f"slashing evidence: {exc}", vertex_id=vid) from None
+        else:
+            try:
+                notice = slash_notice(v, payload)
+            except InvalidPayload as exc:
+                exc.vertex_id = vid
+                raise
+            if notice is not None and not self._is_authority(v.author):
+                raise InvalidPayload(f"{v.author} is not a registrar authority; only genesis "
+                                     "authorities may slash", vertex_id=vid)
+
+    def _is_authority(self, node: str) -> bool:
+        return self._genesis is not None and any(
+            a.node_id == node for a in self._genesis.authorities)
 
     def _write(self, batch: Batch, v: Vertex, vid: bytes, payload: object,
                depth: int) -> AnchorReceipt:
@@ -673,7 +741,7 @@ class Ledger:
         """Wipe all views and replay every vertex into them; returns vertices replayed."""
         for cf in VIEW_FAMILIES:
             self._store.clear(cf)
-        self.views.key_versions.forget_cache()
+        self.views.forget_caches()
         n = 0
         for vid in self.ids():
             v = self.get(vid)

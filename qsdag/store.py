@@ -43,8 +43,10 @@ COLUMN_FAMILIES: dict[str, str] = {
     "v_att": "view: node ‖ 0x00 ‖ u64 counter → attestation JSON; node ‖ 0x01 → last counter",
     "v_route": "view: topic → route JSON",
     "v_policy": "view: policy hash → anchor JSON",
+    "v_slash": "view: node → slash notices JSON (active and lifted)",
+    "slash_tags": "view: vertex id → active slash ids in its ancestry (only if any)",
 }
-VIEW_FAMILIES = ("keys", "v_relay", "v_att", "v_route", "v_policy")
+VIEW_FAMILIES = ("keys", "v_relay", "v_att", "v_route", "v_policy", "v_slash", "slash_tags")
 _SUM = 16
 
 

@@ -34,7 +34,7 @@ from enum import IntEnum
 from google.protobuf.message import DecodeError
 
 from proto import qsdag_pb2
-from qsdag.errors import MalformedVertex
+from qsdag.errors import InvalidNodeId, MalformedVertex, Rejection
 from qstp.pqc import SigningKey, length_prefixed
 
 DOMAIN = b"pqcnet/qsdag/vertex/v1"
@@ -145,6 +145,29 @@ def _check_fields(
         raise MalformedVertex("only genesis may have no parents")
     if len(payload) > MAX_PAYLOAD:
         raise MalformedVertex(f"payload is {len(payload)} bytes; at most {MAX_PAYLOAD}")
+
+
+def check_node_id(value: str, what: str = "node id", *,
+                  error: type[Rejection] = InvalidNodeId) -> None:
+    """Node ids key storage prefixes (``node ‖ 0x00 ‖ …``) and appear in logs, so an
+    id is 1..:data:`MAX_AUTHOR` bytes of UTF-8 of printable characters only
+    (``str.isprintable``: no NUL/control, format such as bidi overrides, surrogate,
+    unassigned, or separator other than the ASCII space).
+
+    Raises ``error`` (an :class:`InvalidNodeId` unless the caller's context has a
+    more specific rejection, e.g. :class:`MalformedVertex` while decoding).
+    """
+    if not isinstance(value, str):
+        raise error(f"{what} must be a string")
+    try:
+        raw = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise error(f"{what} is not valid UTF-8") from None
+    if not 1 <= len(raw) <= MAX_AUTHOR:
+        raise error(f"{what} must be 1..{MAX_AUTHOR} bytes of UTF-8, got {len(raw)}")
+    if not value.isprintable():
+        bad = next(ch for ch in value if not ch.isprintable())
+        raise error(f"{what} contains control/separator character U+{ord(bad):04X}")
 
 
 def sign_vertex(

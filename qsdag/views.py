@@ -6,7 +6,9 @@ Views answer the questions other areas ask without scanning the DAG:
 * ``attestations`` — attestation events per node, and the last counter;
 * ``relay`` — per node: stake (RELAY_RECORD), attestation hashes, performance history;
 * ``routing`` — meta-routing table: topic → shard owner and QoS hints (last wins);
-* ``policy_anchors`` — policy hash → tenant, time, vertex.
+* ``policy_anchors`` — policy hash → tenant, time, vertex;
+* ``slashes`` — slash notices per node and the ancestry tags that enforce them
+  (:mod:`qsdag.slashing`).
 
 All of them are derived: :meth:`Views.rebuild` wipes them and replays every vertex
 in anchoring order, so a lost or damaged view is never a lost fact. Histories kept
@@ -24,6 +26,7 @@ from typing import Any
 from proto import qsdag_pb2
 from qsdag.attestation import AttestationEvent
 from qsdag.payloads import Genesis, KeyRecord, OpaqueRecord, PolicyAnchor, RelayRecord, Route
+from qsdag.slashing import Slashes
 from qsdag.store import Batch, Store
 from qsdag.vertex import Vertex, VertexKind
 from qstp.pqc import VerifyKey
@@ -196,10 +199,16 @@ class Views:
         self.relay = Relay(store)
         self.routing = Routing(store)
         self.policy_anchors = PolicyAnchors(store)
+        self.slashes = Slashes(store)
+
+    def forget_caches(self) -> None:
+        self.key_versions.forget_cache()
+        self.slashes.forget_cache()
 
     def apply(self, batch: Batch, v: Vertex, vid: bytes, payload: object) -> None:
         """Record the effects of one anchored vertex (payload already decoded)."""
         ts = v.timestamp_ms
+        self.slashes.apply(batch, v, vid, payload)
         if isinstance(payload, Genesis):
             for rec in payload.authorities:
                 self.key_versions.put(batch, rec, vid)
