@@ -14,7 +14,8 @@ groups fixed by a :class:`TlsPolicy`:
 Peer checks run *inside* the handshake (the verify callback), so a refused peer
 never completes it: OpenSSL checks the chain to our trust bundle and the validity
 window; the callback then checks the leaf's SPIFFE ID (trust domain, allowed
-patterns) and the signature-checked CRL. A failing check raises
+patterns), the signature-checked CRL and the policy's :class:`PeerGate` (peers
+disabled at run time, e.g. slashed by governance). A failing check raises
 :class:`HandshakeRefused` out of ``do_handshake()`` with a reason a human can act on,
 and OpenSSL sends the peer a fatal alert. :func:`verify_peer` repeats the checks
 after the handshake (it is the only check on a resumed session, where no
@@ -97,7 +98,8 @@ class HandshakeRefused(HandshakeError):
     """The handshake was refused; ``reason`` is a short stable code for metrics/tests.
 
     Codes: ``unknown-ca``, ``expired``, ``not-yet-valid``, ``revoked``,
-    ``bad-certificate``, ``spiffe-not-allowed``, ``no-peer-certificate``,
+    ``bad-certificate``, ``spiffe-not-allowed``, ``denied`` (the :class:`PeerGate`
+    refuses it), ``no-peer-certificate``,
     ``no-shared-group``, ``classical-group``, ``alpn``, ``protocol-version``,
     ``peer-refused`` (the peer sent a fatal alert), ``closed``, ``tls``.
     """
@@ -108,6 +110,48 @@ class HandshakeRefused(HandshakeError):
 
 
 # ---------------------------------------------------------------------------- policy
+
+
+class PeerGate:
+    """Peers refused at run time, consulted on every handshake (and resumption).
+
+    Certificates and the CRL change on the CA's schedule; a governance decision
+    (slashing) must take effect at once and on nodes that never see the CA. A gate
+    is a mutable set of denied node ids and exact SPIFFE IDs shared by reference:
+    put the same gate in the :class:`TlsPolicy` of every endpoint of a node and a
+    :meth:`deny` refuses that peer's next handshake everywhere. Closing the peer's
+    *existing* tunnels is the caller's job (the gate has no view of them).
+    """
+
+    __slots__ = ("_denied", "max_entries")
+
+    #: Bound on denied entries (slashing is rare; this bounds a runaway caller).
+    MAX_ENTRIES: Final = 100_000
+
+    def __init__(self, denied: tuple[str, ...] = (), *, max_entries: int = MAX_ENTRIES) -> None:
+        self.max_entries = max_entries
+        self._denied: dict[str, str] = {}
+        for who in denied:
+            self.deny(who)
+
+    def deny(self, who: str, reason: str = "denied") -> None:
+        """Refuse ``who`` (a node id, or a full ``spiffe://`` ID) from now on."""
+        if not who:
+            raise HandshakeError("PeerGate.deny needs a node id or SPIFFE ID")
+        if who not in self._denied and len(self._denied) >= self.max_entries:
+            raise HandshakeError(f"PeerGate holds {self.max_entries} entries already")
+        self._denied[who] = reason
+
+    def allow(self, who: str) -> None:
+        """Lift a denial (e.g. after the node re-attested)."""
+        self._denied.pop(who, None)
+
+    def reason_for(self, peer: SpiffeId) -> str | None:
+        """Why ``peer`` is denied, or ``None`` if it may connect."""
+        return self._denied.get(str(peer), self._denied.get(peer.node_id))
+
+    def __len__(self) -> int:
+        return len(self._denied)
 
 
 @dataclass(frozen=True)
@@ -129,6 +173,8 @@ class TlsPolicy:
     require_crl: bool = False
     #: maximum certificate chain depth (leaf + intermediates + root)
     verify_depth: int = 3
+    #: run-time denials (shared, mutable); ``None`` = nobody denied beyond the CRL
+    gate: PeerGate | None = None
 
     def __post_init__(self) -> None:
         if self.groups not in get_args(GroupPolicy):
@@ -259,6 +305,9 @@ def check_peer_certificate(
         raise HandshakeRefused("bad-certificate", f"peer certificate: {exc}") from None
     if not policy.peer_allowed(peer, identity.spiffe_id.trust_domain):
         raise HandshakeRefused("spiffe-not-allowed", f"peer {peer} is not an allowed peer")
+    denied = policy.gate.reason_for(peer) if policy.gate is not None else None
+    if denied is not None:
+        raise HandshakeRefused("denied", f"peer {peer} is denied: {denied}")
     crl = crl if crl is not None else _current_crl(identity)
     if crl is not None and crl.is_stale(now):
         log.warning("CRL past nextUpdate; still applied, fetch a fresh one",
@@ -533,6 +582,7 @@ __all__ = [
     "PQ_GROUPS",
     "GroupPolicy",
     "HandshakeRefused",
+    "PeerGate",
     "PeerInfo",
     "TlsPolicy",
     "build_context",
