@@ -70,6 +70,13 @@ log = logging.getLogger("pqcnet.qsdag")
 #: Default bound on parked vertices: orphans cost memory and disk until their
 #: ancestry arrives, and a peer could otherwise flood us with unanchorable vertices.
 DEFAULT_MAX_ORPHANS = 10_000
+#: Default bound on parked vertices of one (verified) author: an author that floods
+#: us with out-of-order vertices fills its own quota, not everybody's pool.
+DEFAULT_MAX_ORPHANS_PER_AUTHOR = 1024
+#: Default bound on parked vertices whose signature cannot be checked yet (no key
+#: anchored or vouched for by a parked KEY_VERSION): anyone can make such junk, so
+#: it gets a small sub-pool of its own (also capped at half of ``max_orphans``).
+DEFAULT_MAX_UNVERIFIED_ORPHANS = 256
 #: Default allowed clock skew between authors and this ledger, seconds.
 DEFAULT_SKEW = 30.0
 _Q = struct.Struct(">Q")
@@ -120,16 +127,26 @@ class Ledger:
     """A QS-DAG ledger on RocksDB. Not thread-safe: one owner drives it."""
 
     def __init__(self, store: Store, *, clock: Callable[[], float], max_orphans: int,
-                 skew: float) -> None:
+                 skew: float, max_orphans_per_author: int = DEFAULT_MAX_ORPHANS_PER_AUTHOR,
+                 max_unverified_orphans: int = DEFAULT_MAX_UNVERIFIED_ORPHANS) -> None:
         self._store = store
         self._clock = clock
         self.max_orphans = max_orphans
+        self.max_orphans_per_author = max_orphans_per_author
+        self.max_unverified_orphans = min(max_unverified_orphans, max_orphans // 2)
         self.skew_ms = int(skew * 1000)
         self.views = Views(store)
         self._genesis: Genesis | None = None
         self._orphans: dict[bytes, Vertex] = {}
         self._wait_parent: dict[bytes, set[bytes]] = {}
         self._wait_counter: dict[tuple[str, int], set[bytes]] = {}
+        #: parked vertices per author whose signature was checked
+        self._orphans_by_author: dict[str, int] = {}
+        #: parked vertices whose signature could not be checked yet
+        self._unverified: set[bytes] = set()
+        #: keys registered by *verified* parked KEY_VERSION vertices (a registrar's, or
+        #: the node's own rotation): lets a node's parked vertices be checked too
+        self._parked_keys: dict[tuple[str, int], tuple[bytes, VerifyKey]] = {}
         self._load()
 
     # ------------------------------------------------------------------ lifecycle
@@ -137,12 +154,19 @@ class Ledger:
     @classmethod
     def open(cls, path: str | Path, *, clock: Callable[[], float] = time.time,
              max_orphans: int = DEFAULT_MAX_ORPHANS, skew: float = DEFAULT_SKEW,
-             sync: bool = False) -> Ledger:
+             sync: bool = False,
+             max_orphans_per_author: int = DEFAULT_MAX_ORPHANS_PER_AUTHOR,
+             max_unverified_orphans: int = DEFAULT_MAX_UNVERIFIED_ORPHANS) -> Ledger:
         """Open (creating if needed) the ledger at ``path``.
 
         ``clock`` returns seconds since the epoch; ``sync=True`` fsyncs every write.
+        Orphan bounds: ``max_orphans`` in all, ``max_orphans_per_author`` per author
+        whose signature could be checked, ``max_unverified_orphans`` (at most half of
+        ``max_orphans``) for vertices whose key is not known yet.
         """
-        return cls(Store(path, sync=sync), clock=clock, max_orphans=max_orphans, skew=skew)
+        return cls(Store(path, sync=sync), clock=clock, max_orphans=max_orphans, skew=skew,
+                   max_orphans_per_author=max_orphans_per_author,
+                   max_unverified_orphans=max_unverified_orphans)
 
     def close(self) -> None:
         self._store.close()
@@ -157,11 +181,24 @@ class Ledger:
         gid = self._store.get("meta", b"genesis")
         if gid is not None:
             self._genesis = decode_payload(VertexKind.GENESIS, self.get(gid).payload)
+        # Orphans were checked when parked; classify them again without crypto:
+        # verified iff a key for them is anchored or vouched for by a verified orphan.
+        pending: dict[bytes, Vertex] = {}
         for oid, raw in self._store.items("orphans"):
             try:
-                self._index_orphan(oid, decode(raw))
+                pending[oid] = decode(raw)
             except MalformedVertex:
                 continue
+        progress = True
+        while progress:
+            progress = False
+            for oid, v in list(pending.items()):
+                if self._key_for_orphan(v) is not None:
+                    self._index_orphan(oid, v, verified=True)
+                    del pending[oid]
+                    progress = True
+        for oid, v in pending.items():
+            self._index_orphan(oid, v, verified=False)
 
     @property
     def network(self) -> str | None:
@@ -399,8 +436,6 @@ class Ledger:
                                vertex_id=vid, evidence=ev)
         missing = tuple(p for p in v.parents if not self.has(p))
         if missing or v.counter > next_counter:
-            if self.key_for(v.author, v.key_version) is not None:
-                self._check_signature(v, vid, history=True)
             self._park(v, vid)
             raise VertexParked(
                 f"vertex {vid.hex()[:16]} waits for {len(missing)} parents"
@@ -555,27 +590,76 @@ class Ledger:
 
     # ------------------------------------------------------------------ orphans
 
+    def _key_for_orphan(self, v: Vertex) -> VerifyKey | None:
+        key = self.key_for(v.author, v.key_version)
+        if key is None and (v.author, v.key_version) in self._parked_keys:
+            key = self._parked_keys[(v.author, v.key_version)][1]
+        return key
+
     def _park(self, v: Vertex, vid: bytes) -> None:
-        if vid not in self._orphans and len(self._orphans) >= self.max_orphans:
+        """Park ``v`` under the orphan bounds.
+
+        A vertex whose key is known (anchored, or registered by a verified parked
+        KEY_VERSION) has its signature checked and counts against its author's quota;
+        any other vertex goes to the small unverified sub-pool. So junk from unknown
+        authors can take at most ``max_unverified_orphans`` slots and never denies
+        parking to a known author's out-of-order vertex.
+        """
+        if vid in self._orphans:
+            return
+        key = self._key_for_orphan(v)
+        if key is not None:
+            self._verify_with(key, v, vid)
+        if len(self._orphans) >= self.max_orphans:
             raise OrphanPoolFull(f"orphan pool full ({self.max_orphans}); vertex "
                                  f"{vid.hex()[:16]} not kept", vertex_id=vid)
+        if key is None and len(self._unverified) >= self.max_unverified_orphans:
+            raise OrphanPoolFull(f"no key for {v.author!r} v{v.key_version} and the unverified "
+                                 f"orphan pool is full ({self.max_unverified_orphans})",
+                                 vertex_id=vid)
+        if key is not None and (self._orphans_by_author.get(v.author, 0)
+                                >= self.max_orphans_per_author):
+            raise OrphanPoolFull(f"{v.author} has {self.max_orphans_per_author} parked "
+                                 "vertices already", vertex_id=vid)
         batch = self._store.batch()
         batch.put("orphans", vid, v.encode())
         self._store.commit(batch)
-        self._unindex_orphan(vid)
-        self._index_orphan(vid, v)
+        self._index_orphan(vid, v, verified=key is not None)
 
-    def _index_orphan(self, vid: bytes, v: Vertex) -> None:
+    def _index_orphan(self, vid: bytes, v: Vertex, *, verified: bool) -> None:
         self._orphans[vid] = v
         for p in v.parents:
             if not self.has(p):
                 self._wait_parent.setdefault(p, set()).add(vid)
         self._wait_counter.setdefault((v.author, v.counter), set()).add(vid)
+        if not verified:
+            self._unverified.add(vid)
+            return
+        self._orphans_by_author[v.author] = self._orphans_by_author.get(v.author, 0) + 1
+        if v.kind != VertexKind.KEY_VERSION:
+            return
+        try:
+            rec = decode_payload(v.kind, v.payload)
+            if rec.node_id == v.author or self._is_authority(v.author):
+                key = VerifyKey.from_raw(rec.algorithm, rec.public_key)
+                self._parked_keys[(rec.node_id, rec.key_version)] = (vid, key)
+        except (InvalidPayload, CryptoError):
+            pass
 
     def _unindex_orphan(self, vid: bytes) -> None:
         v = self._orphans.pop(vid, None)
         if v is None:
             return
+        if vid in self._unverified:
+            self._unverified.discard(vid)
+        else:
+            left = self._orphans_by_author.get(v.author, 1) - 1
+            if left:
+                self._orphans_by_author[v.author] = left
+            else:
+                self._orphans_by_author.pop(v.author, None)
+            for k in [k for k, (kv, _) in self._parked_keys.items() if kv == vid]:
+                del self._parked_keys[k]
         for p in v.parents:
             waiting = self._wait_parent.get(p)
             if waiting is not None:
