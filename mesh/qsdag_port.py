@@ -7,14 +7,22 @@ vertex per topic, key rotations are ``Ledger.rotate_key`` (a KEY_VERSION vertex
 signed by the old key). The port signs as this node with the agent's *current* key
 (it shares the agent's :class:`~mesh.envelope.NodeKeys`, so a rotation is seen at once).
 
-``qsdag`` has no notion of a disabled author yet, so slashing is enforced here, at
-the only door remote vertices come through: :meth:`import_vertices` refuses every
-vertex authored by a slashed node (counted in :attr:`QsdagPort.refused`), and
-:meth:`anchor_check` lets other local writers ask the same question.
+Slashing is enforced twice. The ledger's own rule (``Ledger.slash`` /
+``is_slashed`` / :class:`~qsdag.errors.AuthorSlashed`): when this node is a registrar
+authority, :meth:`disable_author` anchors a qsdag slash notice, which reaches the
+other ledgers by DAG sync; from then on every vertex of the target that *descends
+from* the notice is refused by ``verify_and_anchor`` everywhere. That rule follows
+DAG ancestry, so a slashed node can still write vertices that do not descend from
+the notice (it simply never syncs it); the mesh therefore also refuses, at the only
+door remote vertices come through (:meth:`import_vertices`), every vertex authored by
+a node slashed by a verified directive, whatever its ancestry. Refusals are counted
+by reason in :attr:`QsdagPort.refused` (``slashed_author`` = mesh door,
+``AuthorSlashed`` = ledger rule).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Sequence
 
@@ -25,6 +33,8 @@ from qsdag import Ledger, OpaqueRecord, Route, VertexKind
 from qsdag.errors import LedgerError, MalformedVertex
 from qsdag.vertex import decode
 from qstp.pqc import SigningKey, VerifyKey
+
+log = logging.getLogger("pqcnet.mesh.qsdag")
 
 DIRECTIVE_CONTENT_TYPE = "pqcnet.mesh.SignedDirective"
 
@@ -69,9 +79,18 @@ class QsdagPort:
 
     def disable_author(self, node_id: str, reason: str) -> None:
         self.disabled[node_id] = reason
+        if self.ledger.is_slashed(node_id):
+            return
+        try:
+            self.ledger.slash(node_id, reason, self.keys.node_id, self.keys.signing_key)
+        except LedgerError as exc:
+            # not a registrar authority (or the target has no key): the registrar's
+            # notice arrives by sync; the mesh door below applies meanwhile
+            log.debug("slash not anchored by this node", extra={
+                "target": node_id, "error": str(exc)})
 
     def is_disabled(self, node_id: str) -> bool:
-        return node_id in self.disabled
+        return node_id in self.disabled or self.ledger.is_slashed(node_id)
 
     def anchor_check(self, author: str) -> None:
         """Raise :class:`LedgerRejected` if ``author`` is slashed."""

@@ -43,6 +43,7 @@ from pqcnet.governance import (
     sentry_tunnel_handler,
 )
 from qsdag import Ledger, OpaqueRecord, VertexKind
+from qsdag.errors import AuthorSlashed
 from qsdag.payloads import decode_payload
 from qstp.errors import PqcnetError
 from qstp.identity import MeshCA, NodeIdentity
@@ -226,6 +227,18 @@ async def directive_effects(transports: list[Transport], tmp: Path, *,
                 for p in ports[:3]:
                     assert p.import_vertices([blob]) == 0
                     assert not p.knows(rogue_id)
+                # ... the registrar's qsdag slash notice reaches every honest ledger by
+                # sync, and once the rogue's ledger holds it, qsdag itself refuses any
+                # vertex of the rogue's (AuthorSlashed by DAG ancestry)
+                await until(lambda: all(p.ledger.is_slashed("rogue-1") for p in ports[:3]),
+                            limit_s, "ledger-level slash synced")
+                ports[3].ledger.import_(ports[0].ledger.export(ports[0].ledger.tips()))
+                assert ports[3].ledger.is_slashed("rogue-1")
+                with pytest.raises(AuthorSlashed):
+                    ports[3].ledger.append(
+                        VertexKind.PERFORMANCE_REPORT,
+                        OpaqueRecord("pqcnet.relayer.PerformanceReport", "rogue-1", b"2"),
+                        "rogue-1", rogue.keys.signing_key)
                 # ... and its control messages are dropped as from a revoked sender
                 before = [a.drops["revoked"] for a in agents[:3]]
                 await rogue.publish_tips()
