@@ -108,10 +108,28 @@ async def test_directive_reaches_sentry_and_relayer_and_forgeries_drop(
         for _ in range(2):
             await gov.transport.publish(gov.topics["gossip"], wire)
         await gov.transport.publish(gov.topics["governance"], b"\x1a\x00not signed")
-        await until(lambda: sentry.events["directive_rejected"] >= 1
-                    and sentry.drops["duplicate"] >= 1 and sentry.drops["malformed"] +
-                    sentry.drops["bad_signature"] >= 1, 30, "drops counted")
-        assert rec_s.limits == [RateLimitUpdate("*", 5.0, 5)]
+        # an expired (but governance-signed) directive, and an envelope from 10 minutes
+        # ago (beyond the clock-skew bound) are refused too
+        expired = sign_directive(Directive(b"\x07" * 16, gov.clock() - 120_000,
+                                           gov.clock() - 60_000,
+                                           RateLimitUpdate("*", 1e9, 10**6)), GOV)
+        await gov._publish(gov.topics["governance"], MessageType.GOVERNANCE_DIRECTIVE,
+                           expired.encode())
+        stale = gov.signer.wire(MessageType.GOVERNANCE_DIRECTIVE, d.encode(),
+                                now_ms=gov.clock() - 600_000)
+        await gov.transport.publish(gov.topics["governance"], stale)
+        # a revoked sender is ignored
+        relayer.keyring.revoke("gov", "test")
+        before = len(rec_r.limits)
+        await gov.issue_directive(sign_directive(
+            Directive.create(RateLimitUpdate("*", 7.0, 7), now_ms=gov.clock()), GOV))
+        await until(lambda: sentry.events["directive_rejected"] >= 2
+                    and sentry.drops["duplicate"] >= 1 and sentry.drops["stale"] >= 1
+                    and sentry.drops["malformed"] + sentry.drops["bad_signature"] >= 1
+                    and len(rec_s.limits) == 2 and relayer.drops["revoked"] >= 1,
+                    30, "drops counted")
+        assert rec_s.limits == [RateLimitUpdate("*", 5.0, 5), RateLimitUpdate("*", 7.0, 7)]
+        assert len(rec_r.limits) == before
     finally:
         await stop_all(agents)
 
