@@ -10,12 +10,8 @@ policy, ledger port — into the node's behaviour on the mesh:
   directive in the ledger, apply the built-in effect (revoke a slashed key, rotate
   our own key on a forced rekey), then call every registered
   :class:`~mesh.directives.DirectiveHandler`;
-* **gossip**: origin-signed items sealed to each recipient's inbox, deduplicated by
-  message id, forwarded to ``gossip_fanout`` live peers while ``hops_left`` lasts;
-  peers that are not live (or whose publish fails) get a DTN bundle, forwarded when
-  their announcements resume;
-* **DAG sync**: periodic tips; a peer that sees unknown tips pulls, the holder answers
-  with chunks of vertices sealed to the puller's inbox until they converge.
+* **gossip** with DTN store-and-forward (:mod:`mesh.gossip`);
+* **DAG sync**: tips, pulls and vertex chunks (:mod:`mesh.dagsync`).
 
 Nothing a peer sends can crash the receive loop: every message is verified first
 (drops counted by reason in :attr:`ControlPlaneAgent.drops`) and every handler error
@@ -26,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import random
 from collections import Counter, OrderedDict
@@ -34,6 +29,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from mesh import metrics
+from mesh._aio import maybe_await
+from mesh.dagsync import DagSyncMixin
 from mesh.directives import (
     Directive,
     DirectiveHandler,
@@ -53,19 +50,17 @@ from mesh.envelope import (
     NodeKeys,
     VerifierConfig,
     now_ms,
-    wrap,
 )
 from mesh.errors import (
-    BundleStoreError,
     ConfigError,
     DirectiveError,
     EnvelopeRejected,
     LedgerRejected,
     MeshError,
-    StaleMessage,
     TransportClosed,
     WakuError,
 )
+from mesh.gossip import GossipListener, GossipMixin
 from mesh.ledger import LedgerPort
 from mesh.messages import (
     Announcement,
@@ -73,7 +68,6 @@ from mesh.messages import (
     DagTips,
     DagVertices,
     Endpoint,
-    GossipItem,
     RelayReport,
     RouteAdvertisement,
     RouteEntry,
@@ -85,7 +79,6 @@ from qstp.pqc import SigningKey
 
 log = logging.getLogger("pqcnet.mesh.agent")
 
-GossipListener = Callable[[GossipItem, str], Awaitable[None] | None]
 ReportListener = Callable[[RelayReport, str], Awaitable[None] | None]
 ProposalListener = Callable[[SlashingProposal, str], Awaitable[None] | None]
 
@@ -120,6 +113,8 @@ class AgentConfig:
     max_applied_directives: int = 10_000
     #: slashing proposals kept for governance review
     max_proposals: int = 1_000
+    #: while announcing keeps failing (node offline), log it at most this often
+    failure_log_interval_ms: int = 60_000
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
 
     def __post_init__(self) -> None:
@@ -129,7 +124,7 @@ class AgentConfig:
             raise ConfigError("gossip fan-out must be >= 1 and hops >= 0")
 
 
-class ControlPlaneAgent:
+class ControlPlaneAgent(GossipMixin, DagSyncMixin):
     """A node's presence on the control plane."""
 
     def __init__(self, keys: NodeKeys, transport: Transport, keyring: Keyring, *,
@@ -164,6 +159,9 @@ class ControlPlaneAgent:
         self._tasks: list[asyncio.Task[None]] = []
         self._last_announce = 0
         self._last_tips = 0
+        #: consecutive failed announcements, and when we last logged about them
+        self._announce_failures = 0
+        self._announce_logged_ms = 0
         self._rng = random.Random()
         self.topics = topic_map(self.config.namespace)
         self.my_inbox = inbox_topic(keys.node_id, self.config.namespace)
@@ -262,7 +260,21 @@ class ControlPlaneAgent:
                                 self.announcement().encode())
         except WakuError as exc:
             self.events["publish_failed"] += 1
-            log.warning("announce failed", extra={"error": str(exc)})
+            self._announce_failures += 1
+            now = self.clock()
+            # an offline node fails every tick: say so once, then at most once per
+            # failure_log_interval_ms, and everything else at debug level
+            if (self._announce_failures == 1
+                    or now - self._announce_logged_ms >= self.config.failure_log_interval_ms):
+                self._announce_logged_ms = now
+                log.info("announce failed; retrying every tick", extra={
+                    "error": str(exc), "failures": self._announce_failures})
+            else:
+                log.debug("announce failed", extra={"error": str(exc)})
+            return
+        if self._announce_failures:
+            log.info("announce recovered", extra={"failures": self._announce_failures})
+            self._announce_failures = 0
 
     async def advertise_routes(self, routes: list[RouteEntry]) -> RouteAdvertisement:
         """Anchor our routes in the ledger, update our own cache, publish them."""
@@ -288,122 +300,6 @@ class ControlPlaneAgent:
     async def publish_report(self, report: RelayReport) -> None:
         """Relayers: publish a volume proof / performance report."""
         await self._publish(self.topics["relay-reports"], MessageType.RELAY_REPORT, report.encode())
-
-    async def gossip(self, kind: str, payload: bytes, *, ttl_ms: int | None = None,
-                     destination: str = "") -> bytes:
-        """Originate a gossip item; returns its message id."""
-        now = self.clock()
-        item = GossipItem(kind, payload, now + (ttl_ms or self.config.gossip_ttl_ms), destination)
-        signed = self.signer.sign(MessageType.GOSSIP, item.encode(), now_ms=now)
-        message_id = self.verifier.mark_seen(signed)
-        if destination:
-            await self._send_or_hold(destination, signed, item.expires_ms, hops=0)
-        else:
-            await self._spread(signed, item.expires_ms, self.config.gossip_hops,
-                               exclude={self.node_id}, hold_for_absent=True)
-        return message_id
-
-    async def _spread(self, signed: bytes, expires_ms: int, hops: int, *,
-                      exclude: set[str], hold_for_absent: bool) -> None:
-        now = self.clock()
-        live = [p.announcement.node_id for p in self.peers.live(now)
-                if p.announcement.node_id not in exclude]
-        targets = self._rng.sample(live, min(self.config.gossip_fanout, len(live)))
-        for dest in targets:
-            await self._send_or_hold(dest, signed, expires_ms, hops=hops)
-        if hold_for_absent:
-            for p in self.peers.all():
-                node = p.announcement.node_id
-                if node not in exclude and not self.peers.is_live(node, now):
-                    self._hold(node, signed, expires_ms)
-
-    async def _send_or_hold(self, dest: str, signed: bytes, expires_ms: int, *,
-                            hops: int) -> None:
-        peer = self.peers.get(dest)
-        now = self.clock()
-        if peer is None or peer.announcement.seal_key is None or not self.peers.is_live(dest, now):
-            self._hold(dest, signed, expires_ms)
-            return
-        try:
-            await self.transport.publish(
-                self._inbox(dest), wrap(signed, to=peer.announcement.seal_key, hops=hops))
-        except WakuError:
-            self.events["publish_failed"] += 1
-            self._hold(dest, signed, expires_ms)
-
-    def _hold(self, dest: str, signed: bytes, expires_ms: int) -> None:
-        if self.bundles is None:
-            self.events["undeliverable"] += 1
-            return
-        try:
-            self.bundles.put(dest, signed, created_ms=self.clock(), expires_ms=expires_ms)
-        except BundleStoreError as exc:
-            self.events["bundle_rejected"] += 1
-            log.warning("bundle not stored", extra={"peer": dest, "error": str(exc)})
-
-    async def flush_bundles(self, dest: str) -> int:
-        """Forward every unexpired bundle held for ``dest``; returns how many went out."""
-        if self.bundles is None:
-            return 0
-        peer = self.peers.get(dest)
-        if peer is None or peer.announcement.seal_key is None:
-            return 0
-        sent = 0
-        for b in self.bundles.pending(dest, self.clock()):
-            try:
-                await self.transport.publish(
-                    self._inbox(dest), wrap(b.payload, to=peer.announcement.seal_key, hops=0))
-            except WakuError:
-                self.events["publish_failed"] += 1
-                break
-            self.bundles.remove(b)
-            sent += 1
-        return sent
-
-    # ------------------------------------------------------------------ DAG sync
-
-    async def publish_tips(self) -> None:
-        """Tell the mesh what our ledger's tips are."""
-        if self.ledger is None:
-            return
-        self._last_tips = self.clock()
-        tips = DagTips(tuple(self.ledger.tips()), self.ledger.vertex_count())
-        try:
-            await self._publish(self.topics["dagsync"], MessageType.DAG_TIPS, tips.encode())
-        except WakuError:
-            self.events["publish_failed"] += 1
-
-    async def _to_inbox(self, dest: str, type_: MessageType, body: bytes) -> None:
-        peer = self.peers.get(dest)
-        if peer is None or peer.announcement.seal_key is None:
-            self.events["no_route_to_peer"] += 1
-            return
-        wire = self.signer.wire(type_, body, now_ms=self.clock(), to=peer.announcement.seal_key)
-        await self.transport.publish(self._inbox(dest), wire)
-
-    async def _on_tips(self, tips: DagTips, sender: str) -> None:
-        assert self.ledger is not None
-        if all(self.ledger.knows(t) for t in tips.tips):
-            return
-        pull = DagPull(self.node_id, (), tuple(self.ledger.tips()))
-        await self._to_inbox(sender, MessageType.DAG_PULL, pull.encode())
-
-    async def _on_pull(self, pull: DagPull, sender: str) -> None:
-        assert self.ledger is not None
-        blobs = self.ledger.export_for(pull.have_tips, self.config.dag_chunk * 64)
-        chunk = self.config.dag_chunk
-        for i in range(0, len(blobs), chunk):
-            part = DagVertices(sender, tuple(blobs[i:i + chunk]), more=i + chunk < len(blobs))
-            await self._to_inbox(sender, MessageType.DAG_VERTICES, part.encode())
-
-    async def _on_vertices(self, vs: DagVertices, sender: str) -> None:
-        assert self.ledger is not None
-        blobs = [b for b in vs.vertices]
-        new = self.ledger.import_vertices(blobs)
-        self.events["dag_vertices_imported"] += new
-        if not vs.more:
-            self.events["dag_sync_rounds"] += 1
-            # pick up anything added meanwhile: the sender's next tips will trigger a pull
 
     # ------------------------------------------------------------------ receiving
 
@@ -447,13 +343,13 @@ class ControlPlaneAgent:
             if len(self.proposals) < self.config.max_proposals:
                 self.proposals.append((proposal, msg.sender))
             for pl in self.proposal_listeners:
-                await _maybe_await(pl(proposal, msg.sender))
+                await maybe_await(pl(proposal, msg.sender))
         elif t is MessageType.GOSSIP:
             await self._on_gossip(msg)
         elif t is MessageType.RELAY_REPORT:
             report = RelayReport.decode(msg.body)
             for rl in self.report_listeners:
-                await _maybe_await(rl(report, msg.sender))
+                await maybe_await(rl(report, msg.sender))
         elif self.ledger is not None:
             if t is MessageType.DAG_TIPS:
                 await self._on_tips(DagTips.decode(msg.body), msg.sender)
@@ -473,20 +369,6 @@ class ControlPlaneAgent:
         if self.peers.observe(ann, self.clock()):
             log.info("peer up", extra={"peer": ann.node_id, "role": ann.role})
             await self.flush_bundles(ann.node_id)
-
-    async def _on_gossip(self, msg: ControlMessage) -> None:
-        item = GossipItem.decode(msg.body)
-        if item.expires_ms <= self.clock():
-            raise StaleMessage("gossip item expired")
-        if item.kind == "revocation":
-            target = item.payload.decode("utf-8", "replace")
-            if target and target != self.node_id:
-                self.keyring.revoke(target, f"revocation gossip from {msg.sender}")
-        for gl in self.gossip_listeners:
-            await _maybe_await(gl(item, msg.sender))
-        if msg.hops_left > 0 and not item.destination:
-            await self._spread(msg.signed, item.expires_ms, msg.hops_left - 1,
-                               exclude={self.node_id, msg.sender}, hold_for_absent=False)
 
     # ------------------------------------------------------------------ directives
 
@@ -508,11 +390,11 @@ class ControlPlaneAgent:
         for h in self.handlers:
             try:
                 if isinstance(action, RateLimitUpdate):
-                    await _maybe_await(h.on_rate_limit(action))
+                    await maybe_await(h.on_rate_limit(action))
                 elif isinstance(action, ForceRekey):
-                    await _maybe_await(h.on_force_rekey(action))
+                    await maybe_await(h.on_force_rekey(action))
                 else:
-                    await _maybe_await(h.on_slash(action))
+                    await maybe_await(h.on_slash(action))
             except Exception as exc:  # a consumer's bug must not stop other consumers
                 self.events["handler_error"] += 1
                 log.exception("directive handler failed", extra={"error": str(exc)})
@@ -551,7 +433,3 @@ class ControlPlaneAgent:
         log.info("rekeyed", extra={"key_version": new_version})
         await self.announce()
 
-
-async def _maybe_await(result: Awaitable[None] | None) -> None:
-    if inspect.isawaitable(result):
-        await result
