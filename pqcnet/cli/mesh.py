@@ -2,19 +2,24 @@
 
 ``keygen`` writes an ML-DSA key; ``announce`` publishes a node announcement;
 ``directive`` signs and publishes a governance directive; ``listen`` / ``peers``
-watch a Waku node's control topics (an observer view: envelopes are decoded, and
-verified only for senders whose keys were given with ``--trust``); ``demo`` runs a
-three-node mesh on the in-process transport (no services needed).
+watch a Waku node's control topics. Their output is *verified only*: a message is
+shown (and a peer listed) only if its envelope verifies under a key given with
+``--trust NODE=PEM`` (signature, key version, freshness). ``--unverified`` adds the
+rest, each labelled ``"verified": false`` with the reason it would be dropped —
+never mixed up with verified ones. ``demo`` runs a three-node mesh on the
+in-process transport (no services needed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
 
 import click
+from cryptography.hazmat.primitives import serialization
 
 from mesh.directives import (
     Directive,
@@ -23,13 +28,14 @@ from mesh.directives import (
     SlashNotice,
     sign_directive,
 )
-from mesh.envelope import EnvelopeSigner, MessageType, NodeKeys, now_ms
-from mesh.errors import ConfigError
+from mesh.envelope import EnvelopeSigner, EnvelopeVerifier, Keyring, MessageType, NodeKeys, now_ms
+from mesh.errors import ConfigError, EnvelopeRejected, WakuError
 from mesh.messages import Announcement
 from mesh.transport import topic_map
 from mesh.waku import WakuClientConfig, WakuRestClient
 from proto import mesh_pb2
-from qstp.pqc import SigningKey
+from qstp.errors import CryptoError
+from qstp.pqc import SigningKey, VerifyKey
 
 
 def _load_key(path: str) -> SigningKey:
@@ -124,27 +130,55 @@ def directive(waku_url: str, namespace: str, issuer: str, key_paths: tuple[str, 
                            "signatures": len(signed.signatures)}))
 
 
-def _describe(payload: bytes) -> dict[str, object]:
-    """Observer view of one wire message (no verification)."""
+def _load_trust(specs: tuple[str, ...]) -> Keyring:
+    """``NODE[@VERSION]=PEM`` (a public key PEM, or a signing key from ``keygen``)."""
+    ring = Keyring()
+    for spec in specs:
+        who, sep, path = spec.partition("=")
+        node, _, version = who.partition("@")
+        if not sep or not node or not path or (version and not version.isdigit()):
+            raise click.BadParameter(f"expected NODE[@VERSION]=PEM, got {spec!r}",
+                                     param_hint="--trust")
+        try:
+            pem = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read key {path}: {exc.strerror}") from None
+        try:
+            key = VerifyKey(serialization.load_pem_public_key(pem))  # type: ignore[arg-type]
+        except (ValueError, TypeError, CryptoError):
+            key = SigningKey.from_pem(pem).public_key
+        ring.add(node, key, int(version or 1))
+    return ring
+
+
+def _describe(payload: bytes, verifier: EnvelopeVerifier) -> dict[str, object]:
+    """One wire message: decoded fields plus whether it verifies under the trusted keys."""
     try:
         msg = mesh_pb2.WireMessage.FromString(payload)
         if msg.WhichOneof("content") == "sealed":
-            return {"sealed_to": msg.sealed.recipient.hex()[:16], "bytes": len(payload)}
+            return {"verified": False, "reason": "sealed to another recipient",
+                    "sealed_to": msg.sealed.recipient.hex()[:16], "bytes": len(payload)}
         env = mesh_pb2.ControlEnvelope.FromString(msg.signed.envelope)
         out: dict[str, object] = {
             "type": mesh_pb2.MessageType.Name(env.type), "sender": env.sender,
             "counter": env.counter, "timestamp_ms": env.timestamp_ms,
             "key_version": env.key_version, "bytes": len(payload)}
         if int(env.type) == MessageType.NODE_ANNOUNCEMENT.value:
-            ann = Announcement.decode(env.body)
-            out["role"] = ann.role
-        return out
+            out["role"] = Announcement.decode(env.body).role
     except Exception as exc:  # observer output: report, never crash
-        return {"undecodable": type(exc).__name__, "bytes": len(payload)}
+        return {"verified": False, "reason": f"undecodable ({type(exc).__name__})",
+                "bytes": len(payload)}
+    try:
+        verifier.open(payload, now_ms())
+    except EnvelopeRejected as exc:
+        return {"verified": False, "reason": exc.reason, **out}
+    return {"verified": True, **out}
 
 
-async def _observe(url: str, topics: list[str], seconds: float) -> list[dict[str, object]]:
+async def _observe(url: str, topics: list[str], seconds: float, trust: Keyring,
+                   show_unverified: bool, *, echo: bool = True) -> list[dict[str, object]]:
     client = WakuRestClient(WakuClientConfig(url))
+    verifier = EnvelopeVerifier(trust)
     seen: list[dict[str, object]] = []
     try:
         await client.subscribe(topics)
@@ -152,38 +186,64 @@ async def _observe(url: str, topics: list[str], seconds: float) -> list[dict[str
         while time.monotonic() < end:
             for t in topics:
                 for m in await client.messages(t):
-                    d = _describe(m.payload)
+                    d = _describe(m.payload, verifier)
                     d["topic"] = t
                     seen.append(d)
-                    click.echo(json.dumps(d))
+                    if echo and (d["verified"] or show_unverified):
+                        click.echo(json.dumps(d))
             await asyncio.sleep(0.1)
+        with contextlib.suppress(WakuError):
+            await client.unsubscribe(topics)
     finally:
         await client.aclose()
     return seen
 
 
+_trust = click.option("--trust", "trust", multiple=True, metavar="NODE[@VERSION]=PEM",
+                      help="Key a sender must verify under (repeat per node).")
+_unverified = click.option("--unverified", is_flag=True,
+                           help="Also show messages that do not verify, labelled as such.")
+
+
 @cli.command()
 @_waku
 @_ns
+@_trust
+@_unverified
 @click.option("--seconds", type=float, default=10.0, show_default=True)
-def listen(waku_url: str, namespace: str, seconds: float) -> None:
-    """Print every control message on the standard topics for SECONDS (JSON lines)."""
-    asyncio.run(_observe(waku_url, list(topic_map(namespace).values()), seconds))
+def listen(waku_url: str, namespace: str, trust: tuple[str, ...], unverified: bool,
+           seconds: float) -> None:
+    """Print verified control messages on the standard topics for SECONDS (JSON lines)."""
+    asyncio.run(_observe(waku_url, list(topic_map(namespace).values()), seconds,
+                         _load_trust(trust), unverified))
 
 
 @cli.command()
 @_waku
 @_ns
+@_trust
+@_unverified
 @click.option("--seconds", type=float, default=12.0, show_default=True)
-def peers(waku_url: str, namespace: str, seconds: float) -> None:
-    """Collect announcements for SECONDS, then print the peer table (unverified)."""
-    seen = asyncio.run(_observe(waku_url, [topic_map(namespace)["announce"]], seconds))
+def peers(waku_url: str, namespace: str, trust: tuple[str, ...], unverified: bool,
+          seconds: float) -> None:
+    """Collect announcements for SECONDS, then print the verified peer table."""
+    seen = asyncio.run(_observe(waku_url, [topic_map(namespace)["announce"]], seconds,
+                                _load_trust(trust), False, echo=False))
     table: dict[str, dict[str, object]] = {}
+    other: dict[str, dict[str, object]] = {}
     for d in seen:
-        if "sender" in d:
-            table[str(d["sender"])] = {"role": d.get("role"), "key_version": d["key_version"],
-                                       "last_seen_ms": d["timestamp_ms"]}
-    click.echo(json.dumps({"peers": table}, indent=2))
+        if "sender" not in d:
+            continue
+        entry = {"role": d.get("role"), "key_version": d["key_version"],
+                 "last_seen_ms": d["timestamp_ms"]}
+        if d["verified"]:
+            table[str(d["sender"])] = entry
+        else:
+            other[str(d["sender"])] = {**entry, "reason": d["reason"]}
+    out: dict[str, object] = {"peers": table}
+    if unverified:
+        out["unverified"] = other
+    click.echo(json.dumps(out, indent=2))
 
 
 @cli.command()
