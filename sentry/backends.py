@@ -6,8 +6,10 @@ streams back over the tunnel chunk by chunk instead of being buffered. Failures 
 reach or hear from a backend become :class:`~sentry.errors.BackendError`; a gRPC
 backend's *own* status (NOT_FOUND, INVALID_ARGUMENT, …) is relayed as it is.
 
-* :class:`HttpBackend` — HTTP/1.1 (JSON-RPC, REST) through one pooled
-  ``httpx.AsyncClient`` per backend (``max_connections``, per-request timeout).
+* :class:`HttpBackend` — HTTP/1.1 (JSON-RPC, REST) through one keep-alive pool per
+  backend (:class:`sentry.upstream.Upstream`: ``max_connections``, per-request
+  timeout). A small response arrives whole (``ForwardResponse.inline``) so the
+  sentry answers with one tunnel write; larger ones stream.
 * :class:`GrpcBackend` — unary gRPC by method path over one ``grpc.aio`` channel
   (HTTP/2 multiplexes, so one channel is the pool); payloads stay opaque bytes.
 * :class:`TcpBackend` — a raw TCP connection per stream (the sidecar's TCP mode).
@@ -16,6 +18,8 @@ backend's *own* status (NOT_FOUND, INVALID_ARGUMENT, …) is relayed as it is.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,10 +27,10 @@ from typing import Protocol
 
 import grpc
 import grpc.aio
-import httpx
 
 from sentry.config import BackendConfig
 from sentry.errors import BackendError, SentryConfigError
+from sentry.upstream import Upstream
 
 #: Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded, plus ones we recompute.
 HOP_BY_HOP = frozenset({
@@ -73,6 +77,9 @@ class ForwardResponse:
     grpc_code: int = 0
     reason: str = ""
     aclose: Callable[[], Awaitable[None]] = _nothing
+    #: the whole body when the backend's answer was small and already read (then
+    #: ``body`` is not used): lets the sentry send head, body and end in one write
+    inline: bytes | None = None
 
 
 class Backend(Protocol):
@@ -86,49 +93,28 @@ class Backend(Protocol):
 
 
 class HttpBackend:
-    """HTTP/1.1 with connection pooling; the response body is streamed."""
+    """HTTP/1.1 with keep-alive connection pooling; large response bodies stream."""
 
     def __init__(self, cfg: BackendConfig) -> None:
         self.name = cfg.name
         self.timeout = cfg.timeout
-        self._client = httpx.AsyncClient(
-            base_url=cfg.target,
-            limits=httpx.Limits(max_connections=cfg.max_connections,
-                                max_keepalive_connections=cfg.max_connections),
-            timeout=httpx.Timeout(cfg.timeout),
-            follow_redirects=False,
-            trust_env=False,
-        )
+        self._pool = Upstream(cfg.target, max_connections=cfg.max_connections,
+                              timeout=cfg.timeout, name=cfg.name)
 
     async def forward(self, req: ForwardRequest) -> ForwardResponse:
         headers = [(k, v) for k, v in req.headers if k.lower() not in HOP_BY_HOP]
         timeout = min(req.timeout, self.timeout) if req.timeout > 0 else self.timeout
-        request = self._client.build_request(
-            req.method, req.path, headers=headers, content=req.body,
-            timeout=httpx.Timeout(timeout),
-        )
-        try:
-            resp = await self._client.send(request, stream=True)
-        except httpx.TimeoutException:
-            raise BackendError(f"backend {self.name} timed out after {timeout:g}s") from None
-        except httpx.HTTPError as exc:
-            raise BackendError(f"backend {self.name} unreachable: {exc!r}") from None
+        resp = await self._pool.request(req.method, req.path, headers, req.body, timeout)
         out_headers = tuple(
-            (k, v) for k, v in resp.headers.multi_items()
+            (k, v) for k, v in resp.headers
             if k.lower() not in HOP_BY_HOP or k.lower() == "content-length"
         )
-
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in resp.aiter_raw():
-                    yield chunk
-            except httpx.HTTPError as exc:
-                raise BackendError(f"backend {self.name} failed mid-body: {exc!r}") from None
-
-        return ForwardResponse(resp.status_code, out_headers, body(), aclose=resp.aclose)
+        if resp.inline is not None or resp.stream is None:
+            return ForwardResponse(resp.status, out_headers, inline=resp.inline or b"")
+        return ForwardResponse(resp.status, out_headers, resp.stream, aclose=resp.aclose)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._pool.aclose()
 
 
 class GrpcBackend:
@@ -145,7 +131,8 @@ class GrpcBackend:
 
     async def forward(self, req: ForwardRequest) -> ForwardResponse:
         metadata = tuple(
-            (k.lower(), v) for k, v in req.headers
+            (k.lower(), _bin_value(v) if k.lower().endswith("-bin") else v)
+            for k, v in req.headers
             if k.lower() not in GRPC_RESERVED and not k.startswith(":")
         )
         timeout = min(req.timeout, self.timeout) if req.timeout > 0 else self.timeout
@@ -162,13 +149,10 @@ class GrpcBackend:
                 ) from None
             return ForwardResponse(200, (), grpc_code=code.value[0],
                                    reason=err.details() or code.name)
-        headers = tuple((str(k), str(v)) for k, v in (trailing or ())
-                        if isinstance(v, str))
+        headers = tuple((str(k), base64.b64encode(v).decode("ascii")
+                         if isinstance(v, bytes) else str(v)) for k, v in (trailing or ()))
 
-        async def body() -> AsyncIterator[bytes]:
-            yield reply
-
-        return ForwardResponse(200, headers, body())
+        return ForwardResponse(200, headers, inline=reply)
 
     async def aclose(self) -> None:
         await self._channel.close(None)
@@ -197,6 +181,15 @@ class TcpBackend:
 
     async def aclose(self) -> None:
         return None
+
+
+def _bin_value(value: str) -> bytes:
+    """A ``-bin`` metadata value from the wire (base64) back to bytes; a value the
+    sanitizer replaced (no longer base64) is forwarded as its UTF-8 bytes."""
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return value.encode("utf-8")
 
 
 def build_backend(cfg: BackendConfig) -> HttpBackend | GrpcBackend | TcpBackend:

@@ -11,9 +11,20 @@ until all pass)::
     identity sanitizer (headers, JSON body)              → WireError on non-JSON
 
 The tunnel-facing loop lives in :mod:`sentry.server`; this module is what it calls.
-:meth:`Sentry.reload` swaps the policy (issuers, limits, ACL, sanitizer) while
-tunnels stay up, and anchors the new sanitizer policy digests through the
-:class:`PolicyLedger` seam.
+
+Hot-reload API (what a config-file watcher and mesh governance call; tunnels and
+in-flight RPCs are never dropped, existing token buckets keep their level clamped to
+the new burst, and every change goes through the same validated path):
+
+* :meth:`Sentry.reload_policy` (alias :meth:`Sentry.reload`) — swap the whole
+  :class:`~sentry.config.Policy` (issuers, plans, gate, ACL, sanitizer); new sanitizer
+  policy digests are anchored through the :class:`PolicyLedger` seam.
+* :meth:`Sentry.apply_rate_limit` — one plan change: ``scope="*"`` replaces the
+  default plan and every tenant's plan, any other scope names one tenant (created
+  if new). Raises :class:`~sentry.errors.SentryConfigError` on a bad rate/burst and
+  leaves the old policy in force.
+* :meth:`Sentry.set_max_in_flight` — resize the global concurrency gate.
+* :meth:`Sentry.set_acl` — replace the ACL (peer patterns, method allow-list).
 """
 
 from __future__ import annotations
@@ -21,7 +32,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from qstp.identity.spiffe import SpiffeId
@@ -29,8 +40,8 @@ from sentry.acl import AclPolicy, method_key
 from sentry.assertion import HEADER, AssertionVerifier, SessionAssertion, from_header
 from sentry.backends import Backend, ForwardRequest, TcpBackend, build_backend
 from sentry.config import BackendConfig, Policy, SentryConfig
-from sentry.errors import Denied, Unauthenticated
-from sentry.limiter import ConcurrencyGate, RateLimiter
+from sentry.errors import Denied, RateLimited, SentryConfigError, Unauthenticated
+from sentry.limiter import ConcurrencyGate, HammerDetector, Plan, RateLimiter
 from sentry.metrics import SentryMetrics
 from sentry.sanitizer import IdentitySanitizer
 from sentry.wire import RequestHead
@@ -57,6 +68,11 @@ class TunnelView:
     channel_binding: bytes
     #: ``export(label, length)`` from the tunnel's TLS exporter
     export: Callable[[bytes, int], bytes]
+    #: ``pause(retry_after)`` sends a tunnel-wide QSTP FLOW PAUSE to the peer (None
+    #: when the transport has no flow control, e.g. in unit tests)
+    pause: Callable[[float], None] | None = None
+    #: this tunnel's rate-limit refusal counter (decides when to PAUSE it)
+    hammer: HammerDetector = field(default_factory=HammerDetector)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,10 +159,11 @@ class Sentry:
         backend = self.route(head)
         AclPolicy.check_tenant(assertion.tenant, backend.name, backend.tenants)
         try:
-            self.limiter.check(assertion.tenant, assertion.subject, now)
-        finally:
-            level = self.limiter.level(assertion.tenant, assertion.subject, now)
-            self.metrics.bucket_level.labels(assertion.tenant).set(level)
+            level = self.limiter.check(assertion.tenant, assertion.subject, now)
+        except RateLimited:
+            self.metrics.set_bucket_level(assertion.tenant, 0.0)
+            raise
+        self.metrics.set_bucket_level(assertion.tenant, level)
         self.gate.acquire()
         return Admission(assertion, backend, key)
 
@@ -181,6 +198,38 @@ class Sentry:
         return tunnel.export(BACKEND_KEY_LABEL + b"/" + backend.encode(), length)
 
     # ------------------------------------------------------------------ policy
+
+    def reload_policy(self, policy: Policy) -> None:
+        """Swap the hot-reloadable policy; tunnels and in-flight RPCs are untouched."""
+        self.reload(policy)
+
+    def apply_rate_limit(self, scope: str, rate: float, burst: float) -> Policy:
+        """Hot-reload one plan (``scope="*"``: default and every tenant); returns the
+        policy now in force."""
+        try:
+            plan = Plan(float(rate), float(burst))
+        except (TypeError, ValueError):
+            raise SentryConfigError(f"rate {rate!r} / burst {burst!r} are not numbers") from None
+        policy = self.config.policy
+        if scope == "*":
+            new = replace(policy, default_plan=plan, plans={t: plan for t in policy.plans})
+        elif scope:
+            new = replace(policy, plans={**policy.plans, scope: plan})
+        else:
+            raise SentryConfigError("rate-limit scope must be a tenant name or '*'")
+        self.reload(new)
+        return new
+
+    def set_max_in_flight(self, limit: int) -> None:
+        """Hot-resize the global concurrency gate (holders above a lowered limit finish)."""
+        self.gate.set_limit(limit)  # validates first
+        self.config = replace(self.config, policy=replace(self.config.policy,
+                                                          max_in_flight=limit))
+
+    def set_acl(self, acl: AclPolicy) -> None:
+        """Hot-replace the ACL; requests already admitted are unaffected."""
+        self.acl = acl
+        self.config = replace(self.config, policy=replace(self.config.policy, acl=acl))
 
     def reload(self, policy: Policy) -> None:
         """Swap the hot-reloadable policy; tunnels and in-flight RPCs are untouched."""

@@ -110,6 +110,10 @@ class RateLimited(SentryError):
         self.retry_after = retry_after
 
 
+class ConcurrencyLimited(RateLimited):
+    """The sentry-wide concurrency gate is full (not the client's own bucket)."""
+
+
 class BackendError(SentryError):
     """The backend could not be reached, failed, or timed out."""
 

@@ -19,13 +19,20 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from sentry.errors import RateLimited, SentryConfigError
+from sentry.errors import ConcurrencyLimited, RateLimited, SentryConfigError
 
 #: Bound on remembered client buckets; least-recently-used are forgotten (and come
 #: back full). Clients are authenticated subjects, so this bounds honest churn.
 DEFAULT_MAX_CLIENTS = 100_000
 #: retry-after suggested when the concurrency gate is full, seconds.
 GATE_RETRY_AFTER = 0.05
+#: Bucket refusals on one tunnel within :data:`HAMMER_WINDOW` seconds after which the
+#: sentry also sends a QSTP FLOW PAUSE (with the bucket's retry-after) on that tunnel,
+#: so a client that ignores 429s is slowed at the transport instead of costing a
+#: decode + refusal per request.
+HAMMER_REFUSALS = 20
+#: Sliding window, seconds, for :data:`HAMMER_REFUSALS`.
+HAMMER_WINDOW = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +103,9 @@ class RateLimiter:
         """The plan applying to ``tenant``."""
         return self._plans.get(tenant, self._default)
 
-    def check(self, tenant: str, client: str, now: float) -> None:
-        """Take one token for this client or raise :class:`RateLimited`."""
+    def check(self, tenant: str, client: str, now: float) -> float:
+        """Take one token for this client (returns the tokens left) or raise
+        :class:`RateLimited`."""
         key = (tenant, client)
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -113,6 +121,7 @@ class RateLimiter:
                 f"{bucket.plan.burst:g}) exceeded",
                 retry_after=wait,
             )
+        return bucket.tokens
 
     def set_plans(self, plans: Mapping[str, Plan], default: Plan, now: float) -> None:
         """Hot reload: new plans apply to existing buckets immediately."""
@@ -145,7 +154,7 @@ class ConcurrencyGate:
     def acquire(self) -> None:
         """Enter or raise :class:`RateLimited`."""
         if self.in_flight >= self.limit:
-            raise RateLimited(
+            raise ConcurrencyLimited(
                 f"sentry is at its concurrency limit ({self.limit} in flight)",
                 retry_after=GATE_RETRY_AFTER,
             )
@@ -163,3 +172,32 @@ class ConcurrencyGate:
         if limit < 1:
             raise SentryConfigError(f"max_in_flight must be >= 1, got {limit}")
         self.limit = limit
+
+
+class HammerDetector:
+    """Counts one tunnel's rate-limit refusals; says when to PAUSE it.
+
+    A fixed window starting at the first refusal: :meth:`refused` returns True once
+    ``threshold`` refusals fell within ``window`` seconds, then starts counting anew
+    (so a client that keeps hammering is paused again, once per window at most).
+    """
+
+    __slots__ = ("count", "start", "threshold", "window")
+
+    def __init__(self, threshold: int = HAMMER_REFUSALS, window: float = HAMMER_WINDOW) -> None:
+        if threshold < 1 or window <= 0:
+            raise SentryConfigError("hammer threshold must be >= 1 and window > 0")
+        self.threshold = threshold
+        self.window = window
+        self.count = 0
+        self.start = 0.0
+
+    def refused(self, now: float) -> bool:
+        """Record one refusal at ``now``; True when the tunnel should be paused."""
+        if self.count == 0 or now - self.start > self.window:
+            self.start, self.count = now, 0
+        self.count += 1
+        if self.count >= self.threshold:
+            self.count = 0
+            return True
+        return False

@@ -5,6 +5,7 @@ in tests and benchmarks must not collide). Names follow ``pqcnet_sentry_<what>_<
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -59,9 +60,21 @@ class SentryMetrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5, 10),
             registry=r,
         )
+        self.flow_pauses = Counter(
+            "pqcnet_sentry_flow_pauses_total",
+            "QSTP FLOW PAUSEs sent to tunnels that kept hammering after refusals",
+            registry=r,
+        )
         self.attestations = Counter(
             "pqcnet_sentry_attestations_total", "Attestation events emitted", registry=r
         )
+
+        # labelled children resolved once: ``labels()`` takes a lock and builds a key
+        # tuple on every call, which showed up per RPC in the hot path
+        self._requests = {o: self.requests.labels(o) for o in OUTCOMES}
+        self._rejections: dict[str, Any] = {}
+        self._latency: dict[str, Any] = {}
+        self._levels: dict[str, Any] = {}
 
     def bind_gauges(self, in_flight: Callable[[], float], ratio: Callable[[], float]) -> None:
         """Read live values at scrape time."""
@@ -70,9 +83,29 @@ class SentryMetrics:
 
     def count(self, outcome: str, reason: str | None = None) -> None:
         """Count one finished RPC."""
-        self.requests.labels(outcome).inc()
+        child = self._requests.get(outcome)
+        if child is None:
+            child = self._requests[outcome] = self.requests.labels(outcome)
+        child.inc()
         if reason is not None:
-            self.rejections.labels(reason).inc()
+            rej = self._rejections.get(reason)
+            if rej is None:
+                rej = self._rejections[reason] = self.rejections.labels(reason)
+            rej.inc()
+
+    def observe_latency(self, kind: str, seconds: float) -> None:
+        """One finished RPC's duration."""
+        child = self._latency.get(kind)
+        if child is None:
+            child = self._latency[kind] = self.latency.labels(kind)
+        child.observe(seconds)
+
+    def set_bucket_level(self, tenant: str, tokens: float) -> None:
+        """Bucket level of the tenant's most recent client (tenants are config-bounded)."""
+        child = self._levels.get(tenant)
+        if child is None:
+            child = self._levels[tenant] = self.bucket_level.labels(tenant)
+        child.set(tokens)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """Current sample value (tests and the benchmark read metrics through this)."""

@@ -8,6 +8,19 @@ outcome, one-line reason and retry-after; no exception reaches the peer and the
 backend never sees a refused request. It only needs the small :class:`RpcStream`
 surface, so it runs the same over :mod:`qstp.aio` streams and in tests.
 
+Two transport-level signals complete the picture:
+
+* a client that keeps hammering after rate-limit refusals (``HAMMER_REFUSALS`` within
+  ``HAMMER_WINDOW`` on one tunnel, see :mod:`sentry.limiter`) also gets a tunnel-wide
+  QSTP FLOW PAUSE carrying the bucket's retry-after, so its sidecar waits instead of
+  sending requests that would only be refused;
+* a backend that fails after the response head went out resets the stream with an
+  ERROR frame (``INTERNAL_ERROR``, reason "backend failed mid-response"), so the
+  client sees a failed stream, never a clean but truncated end.
+
+Small responses (``ForwardResponse.inline``) leave as one tunnel write: head, body
+and end of stream together.
+
 :class:`SentryServer` terminates QSTP (``qstp.aio.serve``) and feeds each accepted
 stream to :func:`handle_stream`, and polls the config file for hot reload.
 """
@@ -21,12 +34,20 @@ import time
 from typing import Any, Protocol
 
 from qstp.errors import PqcnetError, TunnelClosed
+from qstp.frames import ErrorCode
 from sentry.backends import TCP_READ_CHUNK, close_quietly
 from sentry.core import Admission, Sentry, TunnelView
-from sentry.errors import RequestTooLarge, SentryError, WireError
+from sentry.errors import ConcurrencyLimited, RateLimited, RequestTooLarge, SentryError, WireError
 from sentry.wire import RequestHead, ResponseHead, decode_request, encode_response, read_head
 
 log = logging.getLogger("pqcnet.sentry")
+
+#: FLOW reason code the sentry puts on a PAUSE caused by rate limiting.
+FLOW_REASON_RATE_LIMITED = 429
+#: Shortest / longest rate-limit PAUSE, seconds (retry-after travels in whole ms, and a
+#: PAUSE of 0 ms would mean "until RESUME").
+MIN_PAUSE = 0.01
+MAX_PAUSE = 5.0
 
 
 class RpcStream(Protocol):
@@ -37,6 +58,8 @@ class RpcStream(Protocol):
     async def recv(self) -> bytes: ...
 
     async def close(self) -> None: ...
+
+    def reset(self, code: int = ..., reason: str = "") -> None: ...
 
 
 def error_head(exc: SentryError) -> ResponseHead:
@@ -82,12 +105,17 @@ async def handle_stream(sentry: Sentry, stream: RpcStream, tunnel: TunnelView) -
             if head.kind == "tcp":
                 await _pipe_tcp(sentry, stream, adm, rest)
             else:
-                await _proxy(sentry, stream, head, adm, rest)
+                failed = await _proxy(sentry, stream, head, adm, rest)
+                if failed is not None:
+                    sentry.metrics.count(failed.outcome, type(failed).__name__)
+                    return failed.outcome
         finally:
             sentry.release()
     except SentryError as exc:
         outcome = exc.outcome
         sentry.metrics.count(outcome, type(exc).__name__)
+        if isinstance(exc, RateLimited) and not isinstance(exc, ConcurrencyLimited):
+            _maybe_pause(sentry, tunnel, exc.retry_after)
         log.info("sentry refused rpc", extra={"outcome": outcome, "reason": str(exc),
                                               "peer": str(tunnel.peer), "kind": kind})
         with contextlib.suppress(PqcnetError, OSError):
@@ -105,12 +133,24 @@ async def handle_stream(sentry: Sentry, stream: RpcStream, tunnel: TunnelView) -
                 500, error="error", reason="internal sentry error", grpc_code=13)), end=True)
         return "error"
     sentry.metrics.count(outcome)
-    sentry.metrics.latency.labels(kind).observe(time.perf_counter() - started)
+    sentry.metrics.observe_latency(kind, time.perf_counter() - started)
     return outcome
 
 
+def _maybe_pause(sentry: Sentry, tunnel: TunnelView, retry_after: float) -> None:
+    """PAUSE the tunnel once its client has ignored enough refusals in a window."""
+    if tunnel.pause is None or not tunnel.hammer.refused(sentry.clock()):
+        return
+    with contextlib.suppress(PqcnetError):
+        tunnel.pause(retry_after)
+        sentry.metrics.flow_pauses.inc()
+        log.info("tunnel paused: client keeps hammering after rate-limit refusals",
+                 extra={"peer": str(tunnel.peer), "retry_after": retry_after})
+
+
 async def _proxy(sentry: Sentry, stream: RpcStream, head: RequestHead, adm: Admission,
-                 rest: bytes) -> None:
+                 rest: bytes) -> SentryError | None:
+    """Forward one request; returns the error if the backend failed mid-response."""
     bounds = sentry.config.bounds
     try:
         async with asyncio.timeout(bounds.request_read_timeout):
@@ -121,16 +161,23 @@ async def _proxy(sentry: Sentry, stream: RpcStream, head: RequestHead, adm: Admi
     req = sentry.prepare(head, body, adm)
     resp = await sentry.backend(adm.backend.name).forward(req)
     try:
-        await stream.send(encode_response(ResponseHead(
+        head_bytes = encode_response(ResponseHead(
             status=resp.status, headers=resp.headers, grpc_code=resp.grpc_code,
-            reason=resp.reason)))
+            reason=resp.reason))
+        if resp.inline is not None:
+            await stream.send(head_bytes + resp.inline, end=True)
+            return None
+        await stream.send(head_bytes)
         try:
             async for chunk in resp.body:
                 await stream.send(chunk)
-        except SentryError as exc:  # head already sent: log and cut the body short
+        except SentryError as exc:  # head already sent: the stream must fail, not end
             log.warning("backend failed mid-response", extra={"reason": str(exc)})
-            sentry.metrics.count(exc.outcome, type(exc).__name__)
+            stream.reset(ErrorCode.INTERNAL_ERROR,
+                         f"backend failed mid-response: {exc}"[:200])
+            return exc
         await stream.send(b"", end=True)
+        return None
     finally:
         await resp.aclose()
 
@@ -169,7 +216,36 @@ def tunnel_view(tunnel: Any) -> TunnelView:
         peer=tunnel.peer.spiffe_id,
         channel_binding=tunnel.channel_binding(),
         export=lambda label, n: bytes(tunnel.export_keying_material(label, n)),
+        pause=_Pauser(tunnel),
     )
+
+
+class _Pauser:
+    """Tunnel-wide PAUSE with retry-after, lifted by a RESUME when it elapses.
+
+    The QSTP peer keeps honouring a PAUSE (waiting its retry-after before each send)
+    until it sees RESUME, so every PAUSE is paired with a scheduled RESUME; while one
+    is in force no second PAUSE is sent.
+    """
+
+    __slots__ = ("_handle", "_tunnel")
+
+    def __init__(self, tunnel: Any) -> None:
+        self._tunnel = tunnel
+        self._handle: asyncio.TimerHandle | None = None
+
+    def __call__(self, retry_after: float) -> None:
+        if self._handle is not None:
+            return
+        delay = min(max(retry_after, MIN_PAUSE), MAX_PAUSE)
+        self._tunnel.pause(None, FLOW_REASON_RATE_LIMITED, delay)
+        self._handle = asyncio.get_running_loop().call_later(delay, self._resume)
+
+    def _resume(self) -> None:
+        self._handle = None
+        if not self._tunnel.closed:
+            with contextlib.suppress(PqcnetError):
+                self._tunnel.resume(None, FLOW_REASON_RATE_LIMITED)
 
 
 class SentryServer:

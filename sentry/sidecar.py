@@ -13,6 +13,8 @@ binding and renewed before it expires — with the tenant issuer key it was give
 * :func:`serve_grpc` — a ``grpc.aio`` server with a generic handler accepting any
   unary method, so an unmodified gRPC client (generated stubs) works; refusals are
   gRPC status codes (UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED).
+  Binary metadata (keys ending ``-bin``) crosses the tunnel base64-encoded and
+  reaches the backend as the original bytes.
 * :func:`serve_tcp` — raw bytes of each local connection piped over one stream to a
   named TCP backend.
 """
@@ -20,6 +22,7 @@ binding and renewed before it expires — with the tenant issuer key it was give
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -43,6 +46,9 @@ log = logging.getLogger("pqcnet.sidecar")
 
 #: Renew the assertion when less than this fraction of its lifetime is left.
 RENEW_FRACTION = 0.2
+#: Bytes of a request sent while stream opening is serialized (the rest follows
+#: outside the lock); below QSTP's initial stream window so it never waits for credit.
+OPEN_SLICE = 32 * 1024
 #: Hop-by-hop response headers the sidecar sets itself.
 _RESPONSE_OWN = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length"})
 
@@ -78,6 +84,7 @@ class Sidecar:
         self._clock = clock
         self._session: _Session | None = None
         self._lock = asyncio.Lock()
+        self._open_lock = asyncio.Lock()
         self.tunnels_opened = 0
 
     def _mint(self, tunnel: Any) -> _Session:
@@ -111,10 +118,19 @@ class Sidecar:
         for attempt in (1, 2):
             s = await self.session()
             try:
-                stream = s.tunnel.open_stream()
-                head_bytes = encode_request(RequestHead(
-                    head.kind, head.method, head.path, head.headers, s.assertion, head.timeout))
-                await stream.send(head_bytes + body, end=end)
+                data = encode_request(RequestHead(
+                    head.kind, head.method, head.path, head.headers, s.assertion,
+                    head.timeout)) + body
+                # QSTP streams must reach the sentry in the order they were opened (it
+                # drops a first DATA on a lower id than one it already saw), and a
+                # send may wait (PAUSE, credit): open + first slice are serialized.
+                async with self._open_lock:
+                    await s.tunnel.wait_resumed()
+                    stream = s.tunnel.open_stream()
+                    first, data = data[:OPEN_SLICE], data[OPEN_SLICE:]
+                    await stream.send(first, end=end and not data)
+                if data:
+                    await stream.send(data, end=end)
                 return stream
             except (PqcnetError, OSError) as exc:
                 await self._drop(s)
@@ -179,12 +195,18 @@ async def _http_exchange(sidecar: Sidecar, req_head: Any, body: bytes,
     headers.append(("content-length", length) if length is not None
                    else ("transfer-encoding", "chunked"))
     headers.append(("connection", "keep-alive" if keep else "close"))
-    writer.write(response_head(resp.status, headers))
+    # head and the body bytes that came with it leave in one write (one segment for
+    # the small answers that dominate RPC traffic)
+    out = response_head(resp.status, headers)
     async for chunk in _body(stream, first):
-        writer.write(chunk if length is not None else b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        out += chunk if length is not None else b"%x\r\n%s\r\n" % (len(chunk), chunk)
+        writer.write(out)
+        out = b""
         await writer.drain()
     if length is None:
-        writer.write(b"0\r\n\r\n")
+        out += b"0\r\n\r\n"
+    if out:
+        writer.write(out)
     await writer.drain()
     return keep
 
@@ -221,6 +243,18 @@ async def serve_http(sidecar: Sidecar, host: str = "127.0.0.1", port: int = 0,
 # ---------------------------------------------------------------------------- gRPC
 
 
+def metadata_to_wire(metadata: Iterable[tuple[str, str | bytes]]
+                     ) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata as wire headers: binary (``-bin``) values travel base64-encoded."""
+    out: list[tuple[str, str]] = []
+    for key, value in metadata:
+        if isinstance(value, bytes):
+            out.append((str(key), base64.b64encode(value).decode("ascii")))
+        else:
+            out.append((str(key), str(value)))
+    return tuple(out)
+
+
 class _ForwardAll(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     """Accept every unary method and forward its raw bytes through the sidecar."""
 
@@ -233,8 +267,7 @@ class _ForwardAll(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
         async def unary(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
                         ) -> bytes:
-            metadata = tuple((str(k), str(v)) for k, v in (context.invocation_metadata() or ())
-                             if isinstance(v, str))
+            metadata = metadata_to_wire(context.invocation_metadata() or ())
             remaining = context.time_remaining()
             timeout = float(remaining) if remaining is not None else 0.0
             head = RequestHead("grpc", "", method, metadata, timeout=min(timeout, 3600.0))
@@ -246,7 +279,10 @@ class _ForwardAll(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 code = next((c for c in grpc.StatusCode if c.value[0] == resp.grpc_code),
                             grpc.StatusCode.UNKNOWN)
                 await context.abort(code, resp.reason or resp.error)
-            return b"".join([c async for c in _body(stream, first)])
+            try:
+                return b"".join([c async for c in _body(stream, first)])
+            except PqcnetError as exc:  # the sentry reset the stream mid-response
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
         return grpc.unary_unary_rpc_method_handler(unary)
 
