@@ -52,6 +52,8 @@ from relayer.seqstore import RedisSeqStore, RocksSeqStore, SeqStore
 from relayer.worker import RelayerShardWorker, WorkerConfig
 
 log = logging.getLogger(__name__)
+#: seconds one lag() sample may take before the last known value is used
+LAG_TIMEOUT = 1.0
 
 
 def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
@@ -104,6 +106,7 @@ class RelayerNode:
         self.hub = SubscriberHub()
         self.proofs: dict[int, VolumeProof] = {}
         self.backlog: dict[int, int] = {}
+        self._bus_lag: dict[int, int] = {}
         self.started_at = 0.0
         self.port = 0
         self.metrics_port: int | None = None
@@ -207,13 +210,17 @@ class RelayerNode:
     # ------------------------------------------------------------------ loops
     async def sample_backlog(self) -> None:
         """One backpressure round over all owned shards."""
-        for s in self.cfg.shards_owned:
-            try:
-                lag = await self.bus.lag(s, self.cfg.group)
-            except RelayerError:
-                lag = self.backlog.get(s, 0)  # bus down: keep the last known, add overflow
-                lag -= self.overflow.depth(s) if s in self.backlog else 0
-            backlog = max(0, lag) + self.overflow.depth(s)
+        shards = self.cfg.shards_owned
+        if not self.publisher.bus_down:  # a down bus would only make lag() wait; skip it
+            async def lag(s: int) -> None:
+                try:
+                    async with asyncio.timeout(LAG_TIMEOUT):
+                        self._bus_lag[s] = await self.bus.lag(s, self.cfg.group)
+                except (RelayerError, TimeoutError):
+                    pass  # keep the last known lag; the overflow depth still counts
+            await asyncio.gather(*(lag(s) for s in shards))
+        for s in shards:
+            backlog = self._bus_lag.get(s, 0) + self.overflow.depth(s)
             self.backlog[s] = backlog
             change = self.flow.update(s, backlog)
             if change is not None:

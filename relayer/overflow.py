@@ -115,10 +115,13 @@ class BufferedPublisher:
     """Publish to the bus, or durably to the overflow queue when the bus cannot take it."""
 
     def __init__(self, bus: Bus, queue: OverflowQueue, *, publish_timeout: float = 2.0,
-                 replay_interval: float = 0.5) -> None:
+                 replay_timeout: float = 15.0, replay_interval: float = 0.5) -> None:
         self.bus, self.queue = bus, queue
         #: seconds a bus publish may take before the frames go to overflow instead
         self.publish_timeout = publish_timeout
+        #: seconds one replay batch may take: a broker just back (Kafka leader election,
+        #: producer id refresh) can be slow for a few seconds; nobody waits on a replay
+        self.replay_timeout = max(replay_timeout, publish_timeout)
         self.replay_interval = replay_interval
         self.bus_down = False
         self.replayed = 0
@@ -150,7 +153,7 @@ class BufferedPublisher:
             while self.queue.depth(shard):
                 async with self._locks[shard]:
                     batch = self.queue.peek(shard, REPLAY_BATCH)
-                    async with asyncio.timeout(self.publish_timeout):
+                    async with asyncio.timeout(self.replay_timeout):
                         await self.bus.publish(shard, batch)
                     self.queue.remove(shard, len(batch))
                 moved += len(batch)

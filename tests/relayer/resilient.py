@@ -22,8 +22,9 @@ from tests.relayer.helpers import eventually
 
 class ResilientPublisher:
     def __init__(self, port: Callable[[], int], topics: list[Topic], n: int,
-                 batch: int = 20, size: int = 32) -> None:
+                 batch: int = 20, size: int = 32, pace: float = 0.0) -> None:
         self.port, self.topics, self.n, self.batch, self.size = port, topics, n, batch, size
+        self.pace = pace  # seconds between requests: keeps a publisher busy for a while
         self.acked: dict[Topic, int] = dict.fromkeys(topics, 0)
         self.reconnects = 0
         self.overflowed = 0
@@ -60,6 +61,8 @@ class ResilientPublisher:
                 await asyncio.sleep(0.2)
                 continue
             retry = False
+            if self.pace:
+                await asyncio.sleep(self.pace)
             for f, r in zip(frames, results):
                 if r.accepted:
                     self.acked[f.topic] = max(self.acked[f.topic], f.seq)
