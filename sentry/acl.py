@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qstp.errors import IdentityError
 from qstp.identity.spiffe import SpiffeId, spiffe_matches, validate_pattern
@@ -62,12 +62,20 @@ def method_key(kind: str, method: str, path: str) -> str:
     return path
 
 
+#: Bound on remembered allowed (peer, method) pairs; the memo is dropped when full.
+ACL_MEMO_MAX = 4096
+
+
 @dataclass(frozen=True, slots=True)
 class AclPolicy:
     """One sentry's ACL. Empty lists deny everything (fail closed)."""
 
     allow_from: tuple[str, ...]
     allow_methods: tuple[str, ...]
+    #: (peer, method key) pairs already allowed; glob matching per request showed up
+    #: in profiles. A reload builds a new AclPolicy, so the memo never outlives it.
+    _allowed: dict[tuple[SpiffeId, str], bool] = field(default_factory=dict, compare=False,
+                                                  repr=False)
 
     @classmethod
     def of(cls, allow_from: Iterable[str], allow_methods: Iterable[str]) -> AclPolicy:
@@ -80,10 +88,16 @@ class AclPolicy:
 
     def check(self, peer: SpiffeId, key: str) -> None:
         """Raise :class:`Denied` unless ``peer`` may call ``key``."""
+        memo = (peer, key)
+        if memo in self._allowed:
+            return
         if not any(spiffe_matches(p, peer) for p in self.allow_from):
             raise Denied(f"peer {peer} is not in allow_from")
         if not any(matches(p, key) for p in self.allow_methods):
             raise Denied(f"method {key!r} is not allowed")
+        if len(self._allowed) >= ACL_MEMO_MAX:
+            self._allowed.clear()
+        self._allowed[memo] = True
 
     @staticmethod
     def check_tenant(tenant: str, backend: str, backend_tenants: Iterable[str]) -> None:

@@ -150,7 +150,10 @@ class Upstream:
         t = self.timeout if time_limit is None else time_limit
         wire = self._encode(method, path, headers, body)
         try:
-            async with asyncio.timeout(t):
+            if self._slots.locked():  # all connections busy: wait, bounded by the timeout
+                async with asyncio.timeout(t):
+                    await self._slots.acquire()
+            else:
                 await self._slots.acquire()
         except TimeoutError:
             raise BackendError(f"backend {self.name}: no pooled connection free within "
