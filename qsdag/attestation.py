@@ -27,6 +27,7 @@ from pathlib import Path
 
 from proto import qsdag_pb2
 from qsdag.errors import AttestationRejected, InvalidPayload
+from qsdag.vertex import check_node_id
 from qstp.errors import SignatureInvalid
 from qstp.pqc import SigningKey, VerifyKey, length_prefixed
 
@@ -86,8 +87,9 @@ class AttestationEvent:
 
     @classmethod
     def from_proto(cls, p: qsdag_pb2.AttestationEvent) -> AttestationEvent:
-        if not p.node_id or not p.role or len(p.node_id) > 128 or len(p.role) > 64:
-            raise InvalidPayload("attestation needs node_id (<=128) and role (<=64)")
+        check_node_id(p.node_id, "attestation node_id", error=InvalidPayload)
+        if not p.role or len(p.role) > 64:
+            raise InvalidPayload("attestation needs a role (<=64)")
         m = p.measurements
         if len(m.package_hash) != 32 or len(m.config_hash) != 32:
             raise InvalidPayload("package_hash and config_hash must be 32 bytes")

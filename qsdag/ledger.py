@@ -60,7 +60,15 @@ from qsdag.evidence import SlashingEvidence, verify_evidence
 from qsdag.payloads import Genesis, KeyRecord, decode_payload, encode_payload
 from qsdag.slashing import SlashNotice, slash_notice
 from qsdag.store import VIEW_FAMILIES, Batch, Store
-from qsdag.vertex import DOMAIN, MAX_PARENTS, Vertex, VertexKind, decode, sign_vertex
+from qsdag.vertex import (
+    DOMAIN,
+    MAX_PARENTS,
+    Vertex,
+    VertexKind,
+    check_node_id,
+    decode,
+    sign_vertex,
+)
 from qsdag.views import Views
 from qstp.errors import CryptoError, SignatureInvalid
 from qstp.pqc import SigningKey, VerifyKey
@@ -217,6 +225,7 @@ class Ledger:
                      open_enrolment: bool = False,
                      other_authorities: Iterable[KeyRecord] = ()) -> AnchorReceipt:
         """Create the genesis vertex, signed by ``authority`` (a registrar)."""
+        check_node_id(authority, "authority")
         if self._genesis is not None:
             raise LedgerStateError(f"ledger already initialised for {self.network!r}")
         me = KeyRecord(authority, 1, signer.algorithm, signer.public_key.raw)
@@ -227,6 +236,7 @@ class Ledger:
         return self.verify_and_anchor(v)
 
     def next_counter(self, author: str) -> int:
+        check_node_id(author, "author")
         raw = self._store.get("heads", author.encode())
         return 0 if raw is None else _Q.unpack(raw)[0] + 1
 
@@ -238,6 +248,7 @@ class Ledger:
 
         ``payload`` is a payload dataclass (see :mod:`qsdag.payloads`) or its bytes.
         """
+        check_node_id(author, "author")
         if self._genesis is None:
             raise LedgerStateError("ledger has no genesis; run init_genesis first")
         if parents is None:
@@ -265,6 +276,8 @@ class Ledger:
     def register_author(self, node_id: str, verify_key: VerifyKey, key_version: int | None = None,
                         *, registrar: str, signer: SigningKey) -> AnchorReceipt:
         """A genesis authority registers (or rotates) ``node_id``'s key as a KEY_VERSION vertex."""
+        check_node_id(node_id)
+        check_node_id(registrar, "registrar")
         version = key_version or (self.views.key_versions.current(node_id) or 0) + 1
         rec = KeyRecord(node_id, version, verify_key.algorithm, verify_key.raw)
         return self.append(VertexKind.KEY_VERSION, rec, registrar, signer)
@@ -272,12 +285,14 @@ class Ledger:
     def rotate_key(self, node_id: str, old_signer: SigningKey,
                    new_key: VerifyKey) -> AnchorReceipt:
         """The node announces its next key version, signed with its current key."""
+        check_node_id(node_id)
         version = (self.views.key_versions.current(node_id) or 0) + 1
         rec = KeyRecord(node_id, version, new_key.algorithm, new_key.raw)
         return self.append(VertexKind.KEY_VERSION, rec, node_id, old_signer)
 
     def enrol(self, node_id: str, signer: SigningKey) -> AnchorReceipt:
         """Self-register a first key (only when genesis allows open enrolment)."""
+        check_node_id(node_id)
         rec = KeyRecord(node_id, 1, signer.algorithm, signer.public_key.raw)
         v = self.build_vertex(node_id, signer, VertexKind.KEY_VERSION, rec, key_version=1)
         return self.verify_and_anchor(v)
@@ -297,6 +312,8 @@ class Ledger:
         until a registrar registers a new key for ``target`` and ``target``
         re-attests with it (see :mod:`qsdag.slashing` for the exact rule).
         """
+        check_node_id(target, "slash target")
+        check_node_id(authority, "authority")
         version = self.views.key_versions.current(target)
         if version is None:
             raise UnknownAuthor(f"cannot slash {target!r}: no key registered")
@@ -355,6 +372,7 @@ class Ledger:
         return [k[32:] for k in self._store.keys("children", vid)]
 
     def by_author(self, author: str, counter: int) -> bytes | None:
+        check_node_id(author, "author")
         return self._store.get("by_author", _key(author, counter))
 
     def __len__(self) -> int:

@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError, Message
 
 from proto import qsdag_pb2
 from qsdag.errors import InvalidPayload
-from qsdag.vertex import MAX_AUTHOR, MAX_PAYLOAD, VertexKind
+from qsdag.vertex import MAX_PAYLOAD, VertexKind, check_node_id
 
 #: Longest free-text field (content types, topics, tenants, endpoints).
 MAX_TEXT = 256
@@ -38,6 +38,10 @@ def _text(value: str, field: str, *, required: bool = True, limit: int = MAX_TEX
         raise InvalidPayload(f"{field} is required")
     if len(value.encode("utf-8")) > limit:
         raise InvalidPayload(f"{field} longer than {limit} bytes")
+
+
+def _node(value: str, field: str) -> None:
+    check_node_id(value, field, error=InvalidPayload)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +59,7 @@ class KeyRecord:
 
     @classmethod
     def from_proto(cls, m: qsdag_pb2.KeyRecord) -> KeyRecord:
-        _text(m.node_id, "node_id", limit=MAX_AUTHOR)
+        _node(m.node_id, "node_id")
         if m.key_version < 1:
             raise InvalidPayload("key_version must be >= 1")
         if m.algorithm not in ("ML-DSA-44", "ML-DSA-65", "ML-DSA-87"):
@@ -127,7 +131,7 @@ class Route:
     @classmethod
     def from_proto(cls, m: qsdag_pb2.Route) -> Route:
         _text(m.topic, "topic")
-        _text(m.shard_owner, "shard_owner", limit=MAX_AUTHOR)
+        _node(m.shard_owner, "shard_owner")
         return cls(m.topic, m.shard_owner, m.priority, m.max_latency_ms, m.replicas)
 
 
@@ -146,7 +150,7 @@ class RelayRecord:
 
     @classmethod
     def from_proto(cls, m: qsdag_pb2.RelayRecord) -> RelayRecord:
-        _text(m.node_id, "node_id", limit=MAX_AUTHOR)
+        _node(m.node_id, "node_id")
         _text(m.endpoint, "endpoint", required=False)
         if len(m.shards) > MAX_SHARDS:
             raise InvalidPayload(f"more than {MAX_SHARDS} shards")
@@ -170,7 +174,7 @@ class OpaqueRecord:
     @classmethod
     def from_proto(cls, m: qsdag_pb2.OpaqueRecord) -> OpaqueRecord:
         _text(m.content_type, "content_type")
-        _text(m.subject, "subject", limit=MAX_AUTHOR)
+        _node(m.subject, "subject")
         if not m.body:
             raise InvalidPayload("body is required")
         return cls(m.content_type, m.subject, m.body)

@@ -141,6 +141,7 @@ class Slashes:
     def get(self, node: str) -> dict[str, Any]:
         """View entry: ``{"node_id", "slashed", "slashes": [{vertex, authority, reason,
         key_version, timestamp_ms, lifted_by}]}``."""
+        check_node_id(node)
         raw = self._store.get("v_slash", node.encode())
         row: dict[str, Any] = (json.loads(raw) if raw is not None
                                else {"node_id": node, "slashes": []})
@@ -148,6 +149,7 @@ class Slashes:
         return row
 
     def is_slashed(self, node: str) -> bool:
+        check_node_id(node)
         return any(s.target == node for s in self.active().values())
 
     def slashed_nodes(self) -> list[str]:

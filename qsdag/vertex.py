@@ -109,6 +109,7 @@ def canonical_bytes(
     key_version: int, parents: tuple[bytes, ...], payload: bytes,
 ) -> bytes:
     """Canonical encoding (module docstring); raises :class:`MalformedVertex` on bad fields."""
+    check_node_id(author, "author", error=MalformedVertex)
     author_b = author.encode("utf-8")
     _check_fields(int(kind), author_b, counter, timestamp_ms, key_version, parents, payload)
     return b"".join((
@@ -127,8 +128,6 @@ def _check_fields(
 ) -> None:
     if kind not in VertexKind._value2member_map_:
         raise MalformedVertex(f"unknown vertex kind {kind}")
-    if not author or len(author) > MAX_AUTHOR:
-        raise MalformedVertex(f"author must be 1..{MAX_AUTHOR} bytes of UTF-8")
     if not (0 <= counter <= _MAX_U64 and 0 <= timestamp_ms <= _MAX_U64):
         raise MalformedVertex("counter/timestamp out of u64 range")
     if not 1 <= key_version <= _MAX_U32:

@@ -28,7 +28,7 @@ from qsdag.attestation import AttestationEvent
 from qsdag.payloads import Genesis, KeyRecord, OpaqueRecord, PolicyAnchor, RelayRecord, Route
 from qsdag.slashing import Slashes
 from qsdag.store import Batch, Store
-from qsdag.vertex import Vertex, VertexKind
+from qsdag.vertex import Vertex, VertexKind, check_node_id
 from qstp.pqc import VerifyKey
 
 #: Most attestation hashes / performance entries remembered per node in the relay view.
@@ -65,10 +65,12 @@ class KeyVersions:
         self._cache: dict[tuple[str, int], VerifyKey] = {}
 
     def current(self, node: str, batch: Batch | None = None) -> int | None:
+        check_node_id(node)
         raw = _read(self._store, batch, "keys", node.encode() + b"\x01")
         return None if raw is None else int(struct.unpack(">I", raw)[0])
 
     def entry(self, node: str, version: int, batch: Batch | None = None) -> KeyEntry | None:
+        check_node_id(node)
         key = node.encode() + b"\x00" + struct.pack(">I", version)
         raw = _read(self._store, batch, "keys", key)
         if raw is None:
@@ -91,6 +93,7 @@ class KeyVersions:
         return key
 
     def history(self, node: str) -> list[KeyEntry]:
+        check_node_id(node)
         out = []
         for key, raw in self._store.items("keys", node.encode() + b"\x00"):
             if len(key) != len(node.encode()) + 5:
@@ -117,10 +120,12 @@ class Attestations:
         self._store = store
 
     def last_counter(self, node: str, batch: Batch | None = None) -> int | None:
+        check_node_id(node)
         raw = _read(self._store, batch, "v_att", node.encode() + b"\x01")
         return None if raw is None else int(struct.unpack(">Q", raw)[0])
 
     def history(self, node: str) -> list[dict[str, Any]]:
+        check_node_id(node)
         prefix = node.encode() + b"\x00"
         return [json.loads(v) for _, v in self._store.items("v_att", prefix)]
 
@@ -147,6 +152,7 @@ class Relay:
         self._store = store
 
     def get(self, node: str, batch: Batch | None = None) -> dict[str, Any]:
+        check_node_id(node)
         got = _json(_read(self._store, batch, "v_relay", node.encode()))
         return got or {"node_id": node, "stake": 0, "endpoint": "", "shards": [],
                        "attestations": [], "performance": []}

@@ -16,7 +16,10 @@ ids = st.binary(min_size=32, max_size=32)
 vertices = st.builds(
     Vertex,
     kind=st.sampled_from([k for k in VertexKind if k != VertexKind.GENESIS]),
-    author=st.text(min_size=1, max_size=40).filter(lambda s: 0 < len(s.encode()) <= 128),
+    # node ids are printable text (qsdag.vertex.check_node_id; see test_node_ids.py)
+    author=st.text(min_size=1, max_size=40).filter(
+        lambda s: s.isprintable() and 0 < len(s.encode("utf-8", "replace")) <= 128
+        and not any(0xD800 <= ord(c) <= 0xDFFF for c in s)),
     counter=st.integers(0, 2**64 - 1),
     timestamp_ms=st.integers(0, 2**64 - 1),
     key_version=st.integers(1, 2**32 - 1),
