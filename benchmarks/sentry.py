@@ -15,9 +15,12 @@ HTTP/1.1 client on raw asyncio streams so its own cost stays small and equal for
 all paths; for throughput it runs in ``--loadgen-procs`` separate processes (the
 connections split between them) so one Python client is not the bottleneck.
 Latency: one connection, sequential requests (p50/p99); added latency is the
-path's percentile minus the direct one. Throughput: ``--connections`` concurrent
-keep-alive connections for ``--seconds``. The 1-minute load average before and
-after is part of the output: on the shared 2-core machine other work skews numbers.
+path's percentile minus the direct one. For the pqcnet path the CPU the sidecar and
+sentry processes used per RPC during the throughput phase is reported too (from
+``/proc``): unlike RPC/s it does not depend on what else the machine is running.
+Throughput: ``--connections`` concurrent keep-alive connections for ``--seconds``.
+The 1-minute load average before and after is part of the output: on the shared
+2-core machine other work skews numbers.
 """
 
 from __future__ import annotations
@@ -179,10 +182,21 @@ def _throughput_multi(port: int, conns: int, seconds: float, procs: int) -> tupl
     return sum(g[0] for g in got), sum(g[1] for g in got)
 
 
-def _measure(port: int, n: int, conns: int, seconds: float, procs: int) -> dict[str, Any]:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _measure(port: int, n: int, conns: int, seconds: float, procs: int,
+             watch: dict[str, int] | None = None) -> dict[str, Any]:
     lat = asyncio.run(_latency(port, n))
+    before = {name: _cpu_seconds(pid) for name, pid in (watch or {}).items()}
     ok, bad = _throughput_multi(port, conns, seconds, procs)
-    return {"p50_ms": round(_pct(lat, 0.50), 3), "p99_ms": round(_pct(lat, 0.99), 3),
+    cpu = {f"{name}_cpu_ms_per_rpc": round((_cpu_seconds(pid) - before[name]) * 1000
+                                           / max(ok, 1), 3)
+           for name, pid in (watch or {}).items()}
+    return {**cpu,"p50_ms": round(_pct(lat, 0.50), 3), "p99_ms": round(_pct(lat, 0.99), 3),
             "mean_ms": round(statistics.fmean(lat) * 1000, 3),
             "rps": round(ok / seconds, 1), "errors": bad}
 
@@ -292,8 +306,10 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
             paths = [("direct", ports["backend"]), ("pqcnet", ports["sidecar"])]
             if nginx is not None:
                 paths.insert(1, ("nginx", ports["nginx"]))
+            watch = {"sidecar": procs[-2].pid, "sentry": procs[-1].pid}
             for name, port in tqdm(paths, desc="sentry bench", unit="path"):
-                results[name] = _measure(port, requests, connections, seconds, loadgen_procs)
+                results[name] = _measure(port, requests, connections, seconds, loadgen_procs,
+                                         watch if name == "pqcnet" else None)
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
