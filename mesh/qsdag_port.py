@@ -15,7 +15,9 @@ from* the notice is refused by ``verify_and_anchor`` everywhere. That rule follo
 DAG ancestry, so a slashed node can still write vertices that do not descend from
 the notice (it simply never syncs it); the mesh therefore also refuses, at the only
 door remote vertices come through (:meth:`import_vertices`), every vertex authored by
-a node slashed by a verified directive, whatever its ancestry. Refusals are counted
+a node slashed by a verified directive or by a synced ledger notice, whatever its
+ancestry (trade-off: a pre-slash vertex of that node that some ledgers already hold
+will not reach the others through this node). Refusals are counted
 by reason in :attr:`QsdagPort.refused` (``slashed_author`` = mesh door,
 ``AuthorSlashed`` = ledger rule).
 """
@@ -94,8 +96,9 @@ class QsdagPort:
 
     def anchor_check(self, author: str) -> None:
         """Raise :class:`LedgerRejected` if ``author`` is slashed."""
-        if author in self.disabled:
-            raise LedgerRejected(f"author {author} is slashed ({self.disabled[author]})")
+        if self.is_disabled(author):
+            reason = self.disabled.get(author, "slash notice in the ledger")
+            raise LedgerRejected(f"author {author} is slashed ({reason})")
 
     def tips(self) -> list[bytes]:
         return self.ledger.tips()
@@ -118,7 +121,7 @@ class QsdagPort:
             except MalformedVertex:
                 self.refused["malformed"] += 1
                 continue
-            if author in self.disabled:
+            if self.is_disabled(author):
                 self.refused["slashed_author"] += 1
                 continue
             accepted.append(blob)
