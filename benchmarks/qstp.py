@@ -7,7 +7,9 @@ gets a core) and the clients in this one. Measured in the same run:
   QSTP resumed (TLS 1.3 ticket), and classical TLS 1.3 mutual auth from the stdlib
   ``ssl`` module (ECDSA P-256 certificates, OpenSSL's default X25519 group);
 * bulk throughput with 64 KiB writes, and the rate of 256-byte writes, through a
-  QSTP stream vs stdlib ``ssl`` asyncio streams.
+  QSTP stream vs stdlib ``ssl`` asyncio streams, plus the CPU seconds both processes
+  spent per GiB (wall-clock rates swing with other load on a small machine; CPU per
+  byte much less so). Ratios > 1 mean QSTP is better.
 
 A QSTP ``connect()`` returns only after the server's first frame arrived (proof
 that the server accepted our certificate), half a round trip more than the stdlib
@@ -39,6 +41,8 @@ TARGETS = {
     "pq_full_handshake_p50_ms_max": 10.0,
 }
 _LEN = struct.Struct(">Q")
+#: sink reply: bytes counted, server CPU seconds spent on the transfer
+_REPLY = struct.Struct(">Qd")
 PASSPHRASE = b"bench"
 
 
@@ -102,10 +106,11 @@ async def _serve_all(root: str, ports: Any) -> None:
     ident = NodeIdentity.load(Path(root) / "server", PASSPHRASE)
 
     async def sink(stream: Stream) -> None:
+        cpu = time.process_time()
         total = 0
         async for chunk in stream:
             total += len(chunk)
-        await stream.send(_LEN.pack(total), end=True)
+        await stream.send(_REPLY.pack(total, time.process_time() - cpu), end=True)
 
     async def handler(tunnel: Tunnel) -> None:
         tasks = [asyncio.create_task(sink(s)) async for s in tunnel]
@@ -114,6 +119,7 @@ async def _serve_all(root: str, ports: Any) -> None:
     async def stdlib_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             header = await reader.readexactly(_LEN.size)
+            cpu = time.process_time()
             want = _LEN.unpack(header)[0]
             got = 0
             while got < want:
@@ -121,7 +127,7 @@ async def _serve_all(root: str, ports: Any) -> None:
                 if not chunk:
                     break
                 got += len(chunk)
-            writer.write(_LEN.pack(got))
+            writer.write(_REPLY.pack(got, time.process_time() - cpu))
             await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
             pass
@@ -185,12 +191,15 @@ async def _stdlib_handshakes(port: int, ctx: ssl.SSLContext, n: int,
     return _pcts(samples)
 
 
-async def _qstp_transfer(port: int, ident: Any, total: int, size: int, bar: tqdm) -> float:
+async def _qstp_transfer(port: int, ident: Any, total: int, size: int,
+                         bar: tqdm) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (client + server) for pushing ``total`` bytes."""
     import qstp
 
     tunnel = await qstp.connect("127.0.0.1", port, ident)
     stream = tunnel.open_stream()
     chunk = os.urandom(size)
+    cpu = time.process_time()
     t0 = time.perf_counter()
     sent = 0
     while sent < total:
@@ -201,16 +210,19 @@ async def _qstp_transfer(port: int, ident: Any, total: int, size: int, bar: tqdm
     await stream.close()
     reply = await stream.read_all(64)
     elapsed = time.perf_counter() - t0
-    if _LEN.unpack(reply)[0] != sent:
+    client_cpu = time.process_time() - cpu
+    counted, server_cpu = _REPLY.unpack(reply)
+    if counted != sent:
         raise RuntimeError("QSTP sink counted a different number of bytes")
     await tunnel.close()
-    return elapsed
+    return elapsed, client_cpu + server_cpu
 
 
 async def _stdlib_transfer(port: int, ctx: ssl.SSLContext, total: int, size: int,
-                           bar: tqdm) -> float:
+                           bar: tqdm) -> tuple[float, float]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
     chunk = os.urandom(size)
+    cpu = time.process_time()
     t0 = time.perf_counter()
     writer.write(_LEN.pack(total))
     sent = 0
@@ -220,13 +232,15 @@ async def _stdlib_transfer(port: int, ctx: ssl.SSLContext, total: int, size: int
         sent += size
         if sent % (1 << 22) < size:
             bar.update(1 << 22)
-    reply = await reader.readexactly(_LEN.size)
+    reply = await reader.readexactly(_REPLY.size)
     elapsed = time.perf_counter() - t0
-    if _LEN.unpack(reply)[0] != total:
+    client_cpu = time.process_time() - cpu
+    counted, server_cpu = _REPLY.unpack(reply)
+    if counted != total:
         raise RuntimeError("stdlib sink counted a different number of bytes")
     writer.close()
     await writer.wait_closed()
-    return elapsed
+    return elapsed, client_cpu + server_cpu
 
 
 async def _measure(root: Path, qport: int, sport: int, handshakes: int, bulk_mib: int,
@@ -247,14 +261,16 @@ async def _measure(root: Path, qport: int, sport: int, handshakes: int, bulk_mib
             sport, cctx, handshakes, bar)
     for label, size, mib in (("bulk_64k", 64 * 1024, bulk_mib), ("small_256b", 256, small_mib)):
         total = mib * 1024 * 1024
-        qs: list[float] = []
-        bs: list[float] = []
+        qs: list[tuple[float, float]] = []
+        bs: list[tuple[float, float]] = []
         with tqdm(total=2 * total * rounds, desc=label, unit="B", unit_scale=True,
                   leave=False) as bar:
             for _ in range(rounds):  # interleaved, so background load hits both alike
                 qs.append(await _qstp_transfer(qport, ident, total, size, bar))
                 bs.append(await _stdlib_transfer(sport, cctx, total, size, bar))
-        q, b = statistics.median(qs), statistics.median(bs)
+        q, b = statistics.median(x[0] for x in qs), statistics.median(x[0] for x in bs)
+        qcpu = statistics.median(x[1] for x in qs)
+        bcpu = statistics.median(x[1] for x in bs)
         out[label] = {
             "bytes": total,
             "rounds": rounds,
@@ -264,6 +280,10 @@ async def _measure(root: Path, qport: int, sport: int, handshakes: int, bulk_mib
             "qstp_frames_per_s": round(total / size / q),
             "stdlib_frames_per_s": round(total / size / b),
             "ratio": round(b / q, 3),
+            # CPU seconds (client + server) per GiB: less sensitive to other load
+            "qstp_cpu_s_per_gib": round(qcpu / (total / 2**30), 3),
+            "stdlib_cpu_s_per_gib": round(bcpu / (total / 2**30), 3),
+            "cpu_ratio": round(bcpu / qcpu, 3),
         }
     return out
 
@@ -301,6 +321,8 @@ def run(handshakes: int = 200, bulk_mib: int = 256, small_mib: int = 16,
         "qstp_resumed_vs_classical_full_p50": round(resumed / classical, 3),
         "bulk_qstp_vs_stdlib": bulk["ratio"],
         "small_qstp_vs_stdlib": res["small_256b"]["ratio"],
+        "bulk_cpu_efficiency_qstp_vs_stdlib": bulk["cpu_ratio"],
+        "small_cpu_efficiency_qstp_vs_stdlib": res["small_256b"]["cpu_ratio"],
     }
     res["targets"] = TARGETS
     res["targets_met"] = {

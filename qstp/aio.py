@@ -67,6 +67,12 @@ log = logging.getLogger(__name__)
 #: Tunnels one :func:`serve` keeps at once; beyond it new TCP connections are
 #: closed immediately (bounds memory and handshake CPU a connection flood can take).
 DEFAULT_MAX_TUNNELS = 1024
+#: Plaintext handed to the core per step of a large ``send()`` and the amount queued
+#: before it is encrypted and written at once. Small slices keep asyncio's transport
+#: buffer (a bytearray that is memmoved on every partial send) short.
+_SEND_SLICE = 128 * 1024
+#: Largest piece ``recv()`` assembles from several buffered DATA frames.
+_RECV_COALESCE = 64 * 1024
 #: Client contexts kept for reuse (building one parses keys and certificates).
 _CONTEXT_CACHE_SIZE = 16
 
@@ -119,6 +125,19 @@ class Stream:
 
     async def send(self, data: bytes | bytearray | memoryview, end: bool = False) -> None:
         """Send ``data`` (any size); waits for credit, PAUSE and transport drain."""
+        t = self._tunnel
+        conn = t._conn
+        if (isinstance(data, bytes) and not end and len(data) <= _SEND_SLICE
+                and not self._send_lock.locked() and self._error is None
+                and not self._sent_end and not t._write_paused and not conn.closed
+                and not conn.any_peer_pause and conn.send_window(self.id) >= len(data)):
+            # fast path: credit is there and nothing to wait for
+            conn.send_data(self.id, data)
+            if conn.pending_send >= _SEND_SLICE:
+                t._process()
+            else:
+                t._schedule_flush()
+            return
         async with self._send_lock:
             await self._send(memoryview(data).cast("B"), end)
 
@@ -139,7 +158,7 @@ class Stream:
                     raise TunnelClosed(f"stream {self.id} is closed")
                 await t._credit.wait()
                 continue
-            n = min(window, len(view))
+            n = min(window, len(view), _SEND_SLICE)
             last = n == len(view)
             try:
                 conn.send_data(self.id, view[:n], end_stream=end and last)
@@ -148,7 +167,10 @@ class Stream:
             if end and last:
                 self._sent_end = True
                 t._release(self.id)
-            t._schedule_flush()
+            if conn.pending_send >= _SEND_SLICE:
+                t._process()  # encrypt and write now: keeps the transport buffer small
+            else:
+                t._schedule_flush()  # small writes in one loop turn share a flush
             view = view[n:]
             if t._write_paused:
                 await t._drain()
@@ -156,10 +178,23 @@ class Stream:
                 return
 
     async def recv(self) -> bytes:
-        """Next chunk of data; ``b""`` once the peer ended the stream."""
+        """Next chunk of data; ``b""`` once the peer ended the stream.
+
+        A stream is a byte stream: chunk boundaries need not match the sender's
+        ``send()`` calls (small buffered frames are joined, up to 64 KiB)."""
         while True:
-            if self._chunks:
-                data = self._chunks.popleft()
+            chunks = self._chunks
+            if chunks:
+                data = chunks.popleft()
+                if chunks and len(data) < _RECV_COALESCE:
+                    # a byte stream: hand over what is buffered in one piece (bounded)
+                    parts = [data]
+                    size = len(data)
+                    while chunks and size + len(chunks[0]) <= _RECV_COALESCE:
+                        part = chunks.popleft()
+                        parts.append(part)
+                        size += len(part)
+                    data = b"".join(parts)
                 self._tunnel._consumed(self.id, len(data))
                 return data
             if self._eof:

@@ -207,6 +207,11 @@ class Connection:
         except SSL.Error:  # pragma: no cover - defensive
             return None
 
+    @property
+    def pending_send(self) -> int:
+        """Plaintext frame bytes queued since the last :meth:`data_to_send`."""
+        return len(self._out)
+
     def send_window(self, stream_id: int) -> int:
         """Bytes that may be sent on ``stream_id`` right now (0 when blocked)."""
         st = self._streams.get(stream_id)
@@ -218,6 +223,11 @@ class Connection:
         """State of a stream, or None when it is unknown or already released."""
         st = self._streams.get(stream_id)
         return None if st is None else st.state
+
+    @property
+    def any_peer_pause(self) -> bool:
+        """Whether the peer has any PAUSE in force (tunnel-wide or on some stream)."""
+        return bool(self._peer_paused)
 
     def peer_paused(self, stream_id: int = 0) -> ev.FlowPaused | None:
         """The active PAUSE the peer sent for ``stream_id`` (0: whole connection)."""
@@ -354,6 +364,17 @@ class Connection:
         pack = fr.HEADER.pack
         chunk = self.config.max_data_chunk
         rekey_after = self.config.rekey_after_bytes
+        if n <= chunk and st.acked_initial and not end_stream:  # the common small write
+            out = self._out
+            out += pack(fr.VERSION, FrameType.DATA, 0, stream_id, st.send_seq, n)
+            out += data
+            st.send_seq += 1
+            self._bytes_since_rekey += n
+            if rekey_after and self._bytes_since_rekey >= rekey_after:
+                self._auto_rekey(None)
+            elif len(out) >= self.config.max_pending_send:
+                self._flush_plain()
+            return
         view = memoryview(data)
         pos = 0
         while True:
