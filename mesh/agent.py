@@ -75,7 +75,7 @@ from mesh.messages import (
 )
 from mesh.peers import PeerTable, RoutingCache
 from mesh.transport import Subscription, Transport, WakuMessage, inbox_topic, topic_map
-from qstp.pqc import SigningKey
+from qstp.pqc import SigningKey, VerifyKey
 
 log = logging.getLogger("pqcnet.mesh.agent")
 
@@ -142,6 +142,8 @@ class ControlPlaneAgent(GossipMixin, DagSyncMixin):
         self.bundles = bundles
         self.clock = clock
         keyring.add(keys.node_id, keys.signing_key.public_key, keys.key_version)
+        # senders registered in (or rotated in) our QS-DAG are known without bootstrap
+        keyring.lookup = self._ledger_key
         self.signer = EnvelopeSigner(keys)
         self.verifier = EnvelopeVerifier(keyring, [keys.recipient_key], self.config.verifier)
         self.peers = PeerTable(expiry_ms=self.config.peer_expiry_ms)
@@ -165,6 +167,9 @@ class ControlPlaneAgent(GossipMixin, DagSyncMixin):
         self._rng = random.Random()
         self.topics = topic_map(self.config.namespace)
         self.my_inbox = inbox_topic(keys.node_id, self.config.namespace)
+
+    def _ledger_key(self, node_id: str, key_version: int) -> VerifyKey | None:
+        return self.ledger.key_for(node_id, key_version) if self.ledger is not None else None
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -113,6 +114,9 @@ class Keyring:
 
     def __init__(self) -> None:
         self._entries: dict[str, _KeyEntry] = {}
+        #: consulted for a (node, version) the ring does not hold — the QS-DAG's
+        #: key-version view (``Ledger.key_for``); a key found there is remembered
+        self.lookup: Callable[[str, int], VerifyKey | None] | None = None
 
     def add(self, node_id: str, key: VerifyKey, key_version: int = 1) -> None:
         """Register (or replace) ``node_id``'s key for ``key_version``."""
@@ -149,6 +153,11 @@ class Keyring:
         entry = self._entries.get(node_id)
         if entry is not None and entry.revoked is not None:
             raise RevokedSender(f"sender {node_id} is revoked ({entry.revoked})")
+        if (entry is None or key_version not in entry.versions) and self.lookup is not None:
+            learned = self.lookup(node_id, key_version)
+            if learned is not None:
+                self.add(node_id, learned, key_version)
+                entry = self._entries[node_id]
         if entry is None or key_version not in entry.versions:
             raise UnknownSender(f"no key for sender {node_id!r} version {key_version}")
         if key_version < entry.min_version:

@@ -39,6 +39,10 @@ class LedgerPort(Protocol):
 
     def is_disabled(self, node_id: str) -> bool: ...
 
+    def key_for(self, node_id: str, key_version: int) -> VerifyKey | None:
+        """``node_id``'s key at ``key_version`` as recorded in the ledger, if any."""
+        ...
+
     def tips(self) -> list[bytes]:
         """Current tip vertex ids."""
         ...

@@ -94,6 +94,12 @@ class QsdagPort:
     def is_disabled(self, node_id: str) -> bool:
         return node_id in self.disabled or self.ledger.is_slashed(node_id)
 
+    def key_for(self, node_id: str, key_version: int) -> VerifyKey | None:
+        try:
+            return self.ledger.key_for(node_id, key_version)
+        except LedgerError:
+            return None
+
     def anchor_check(self, author: str) -> None:
         """Raise :class:`LedgerRejected` if ``author`` is slashed."""
         if self.is_disabled(author):
