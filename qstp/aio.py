@@ -535,6 +535,11 @@ class Tunnel(asyncio.Protocol):
             elif isinstance(event, ev.CreditAvailable):
                 self._credit.fire()
             elif isinstance(event, ev.StreamOpened):
+                if self._incoming.qsize() >= conn.config.max_streams:
+                    # the application is not accepting: refuse rather than queue forever
+                    conn.reset_stream(event.stream_id, ErrorCode.STREAM_LIMIT,
+                                      "too many streams waiting to be accepted")
+                    continue
                 stream = Stream(self, event.stream_id)
                 self._streams[event.stream_id] = stream
                 self._incoming.put_nowait(stream)

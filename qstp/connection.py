@@ -659,9 +659,13 @@ class Connection:
                 self._late_data(n)
                 return
             if self._peer_streams >= self.config.max_streams:
-                raise RemoteProtocolError(
-                    f"peer opened more than {self.config.max_streams} concurrent streams",
-                    code=ErrorCode.STREAM_LIMIT)
+                # refuse this stream only (like h2's REFUSED_STREAM); its data is dropped
+                self._last_peer_id = sid
+                self._late_data(n)
+                self._queue(FrameType.ERROR, sid, 0, fr.error_payload(
+                    ErrorCode.STREAM_LIMIT,
+                    f"more than {self.config.max_streams} concurrent streams"))
+                return
             st = _Stream(sid)
             self._streams[sid] = st
             self._last_peer_id = sid

@@ -12,6 +12,7 @@ import qstp
 from qstp import events as ev
 from qstp.aio import Stream, Tunnel
 from qstp.config import QstpConfiguration
+from qstp.errors import TunnelClosed
 
 from .qstputil import Mesh, make_mesh, running_server
 
@@ -161,4 +162,26 @@ async def test_cancelled_send_and_recv_leave_the_stream_usable(mesh: Mesh) -> No
         assert await stream.recv() == b"ping"
         await stream.close()
         assert await stream.recv() == b""
+        await tunnel.close()
+
+
+async def test_streams_nobody_accepts_are_refused_not_queued(mesh: Mesh) -> None:
+    cfg = QstpConfiguration(max_streams=4)
+    release = asyncio.Event()
+
+    async def handler(tunnel: Tunnel) -> None:
+        await release.wait()  # never accepts a stream
+
+    async with running_server(mesh, handler, config=cfg) as server:
+        tunnel = await qstp.connect("127.0.0.1", server.port, mesh.client, config=cfg)
+        streams = [tunnel.open_stream() for _ in range(10)]
+        for s in streams:
+            await s.send(b"x", end=True)
+        refused = 0
+        for s in streams[4:]:
+            with pytest.raises(TunnelClosed, match="reset by peer"):
+                await asyncio.wait_for(s.recv(), 5)
+            refused += 1
+        assert refused == 6
+        release.set()
         await tunnel.close()

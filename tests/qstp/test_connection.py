@@ -193,16 +193,22 @@ def test_peer_protocol_violations_close_with_an_error_frame(
     assert seen.reason == term.reason
 
 
-def test_stream_limit_is_enforced() -> None:
+def test_streams_over_the_limit_are_refused_one_by_one() -> None:
     cfg = QstpConfiguration(max_streams=3)
     c, s = open_pair(cfg)
     for _ in range(3):
         c.send_data(c.open_stream(), b"x")
     pump(c, s)
     assert len([e for e in drain(s) if isinstance(e, ev.StreamOpened)]) == 3
-    c.send_data(c.open_stream(), b"x")
+    extra = c.open_stream()
+    c.send_data(extra, b"x")
+    c.send_data(extra, b"y")  # already in flight when the refusal arrives: dropped
     pump(c, s)
-    assert terminated(s).error_code == ErrorCode.STREAM_LIMIT
+    assert not any(isinstance(e, ev.StreamOpened) for e in drain(s))
+    assert not s.closed
+    (reset,) = [e for e in drain(c) if isinstance(e, ev.StreamReset)]
+    assert reset.stream_id == extra and reset.code == ErrorCode.STREAM_LIMIT
+    assert c.stream_state(extra) is None
 
 
 def test_reset_goaway_ping_and_flow() -> None:
