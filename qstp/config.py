@@ -36,6 +36,8 @@ class QstpConfiguration:
     """Seconds a handshake may take: a stalled peer cannot pin a connection slot."""
     idle_timeout: float = 300.0
     """Seconds without any bytes from the peer before the connection is closed."""
+    keepalive: bool = True
+    """PING after ``idle_timeout / 2`` of silence, so a quiet but live tunnel stays up."""
     rekey_after_bytes: int = 1 << 30
     """TLS KeyUpdate after this many plaintext bytes sent (0 disables)."""
     rekey_interval: float = 3600.0

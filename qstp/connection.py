@@ -176,6 +176,7 @@ class Connection:
         self._conn_recv_pending = 0
         self._data_frames_received = 0
         self._pings: dict[bytes, float] = {}
+        self._keepalive: bytes | None = None  # payload of the outstanding keepalive PING
         self._ping_counter = 0
         self._goaway_sent = False
         self._goaway_received = False
@@ -281,12 +282,14 @@ class Connection:
         if self.state is not ConnectionState.OPEN:
             return self._handshake_deadline
         timer = self._last_recv + self.config.idle_timeout
+        if self.config.keepalive and self._keepalive is None:
+            timer = self._last_recv + self.config.idle_timeout / 2
         if self.config.rekey_interval:
             timer = min(timer, self._last_rekey + self.config.rekey_interval)
         return timer
 
     def handle_timer(self, now: float) -> None:
-        """Fire due timers: handshake timeout, idle timeout, time-based rekey."""
+        """Fire due timers: handshake timeout, keepalive PING, idle timeout, rekey."""
         if self.state is ConnectionState.CLOSED or not self._started:
             return
         if self.state is not ConnectionState.OPEN:
@@ -302,6 +305,12 @@ class Connection:
             self.close(ErrorCode.IDLE_TIMEOUT,
                        f"no data from peer for {self.config.idle_timeout:g}s")
             return
+        if (self.config.keepalive and self._keepalive is None
+                and now >= self._last_recv + self.config.idle_timeout / 2):
+            # quiet for half the idle timeout: a PING makes a live peer answer
+            self._ping_counter += 1
+            self._keepalive = self._ping_counter.to_bytes(8, "big")
+            self._queue(FrameType.PING, 0, None, self._keepalive)
         if self.config.rekey_interval and now >= self._last_rekey + self.config.rekey_interval:
             self._auto_rekey(now)
 
@@ -739,6 +748,9 @@ class Connection:
         self._queue(FrameType.PONG, 0, None, frame.payload)
 
     def _on_pong(self, frame: fr.Frame, now: float) -> None:
+        if frame.payload == self._keepalive:
+            self._keepalive = None
+            return
         sent = self._pings.pop(frame.payload, None)
         if sent is not None:
             self._events.append(ev.PingAcknowledged(rtt=max(0.0, now - sent)))

@@ -234,7 +234,8 @@ def test_reset_goaway_ping_and_flow() -> None:
 
 
 def test_timers_handshake_idle_and_rekey() -> None:
-    cfg = QstpConfiguration(handshake_timeout=5, idle_timeout=30, rekey_interval=10)
+    cfg = QstpConfiguration(handshake_timeout=5, idle_timeout=30, rekey_interval=10,
+                            keepalive=False)
     c, s = new_pair(cfg)
     c.start(100.0)
     assert c.get_timer() == 105.0
@@ -260,7 +261,7 @@ def test_timers_handshake_idle_and_rekey() -> None:
     assert ev.KeyUpdated(local=False) in events
     assert any(isinstance(e, ev.DataReceived) and e.data == b"after rekey" for e in events)
     assert s.get_timer() == 10.0  # the server's own rekey timer
-    c.handle_timer(41.0)  # 30 s after the last bytes from the server
+    c.handle_timer(41.0)  # 30 s after the last bytes from the server (keepalive off)
     assert terminated(c).error_code == ErrorCode.IDLE_TIMEOUT
     pump(c, s, now=41.0)
     got = drain(s)
@@ -334,3 +335,23 @@ def test_arbitrary_bytes_instead_of_tls_end_the_handshake_cleanly(data: bytes) -
         assert isinstance(term, ev.ConnectionTerminated) and term.during_handshake
     else:
         assert events == []  # a plausible prefix: still waiting for more
+
+
+def test_keepalive_ping_keeps_a_quiet_tunnel_open_and_a_dead_peer_times_out() -> None:
+    cfg = QstpConfiguration(idle_timeout=30, rekey_interval=0)
+    c, s = new_pair(cfg)
+    c.start(0.0)
+    s.start(0.0)
+    pump(c, s, now=0.0)
+    drain(c)
+    drain(s)
+    assert c.get_timer() == 15.0
+    c.handle_timer(15.0)  # quiet for half the idle timeout: PING
+    assert c.get_timer() == 30.0
+    pump(c, s, now=16.0)  # the live peer answers
+    assert not c.closed and c.get_timer() == 16.0 + 15.0
+    assert not any(isinstance(e, ev.PingAcknowledged) for e in drain(c))  # internal only
+    c.handle_timer(31.0)  # PING again; this time the peer stays silent
+    c.data_to_send()
+    c.handle_timer(46.0)
+    assert terminated(c).error_code == ErrorCode.IDLE_TIMEOUT
