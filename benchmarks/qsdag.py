@@ -4,7 +4,10 @@ A vertex anchor costs at least one ML-DSA-65 verify and one RocksDB write, so th
 run measures, in the same process and on one core:
 
 * raw ML-DSA-65 verify rate over vertex-sized messages (the baseline; target:
-  ``verify_and_anchor`` at >= 0.5x of it);
+  ``verify_and_anchor`` at >= 0.5x of it). Measured once before the run *and* in
+  short slices interleaved with the anchoring (every ``--slice`` vertices), so
+  baseline and subject see the same machine load; the target is judged on the
+  median interleaved baseline (the 2-core machine is shared);
 * raw rocksdict write rate for vertex-sized values (one put each, WAL on);
 * ``verify_and_anchor`` rate over ``--count`` pre-signed vertices from a few authors
   (signing is done up front in ``--workers`` processes and is not timed);
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -47,13 +51,14 @@ def _sign_chunk(items: list[tuple[int, bytes]]) -> list[bytes]:
     return out
 
 
-def _raw_verify_rate(sample: int) -> float:
+def _raw_verify_rate(sample: int, msg_size: int = 600) -> float:
     key = _key(0)
-    msg = os.urandom(600)
+    msg = os.urandom(msg_size)
     sig = key.sign(msg, context=DOMAIN)
+    pub = key.public_key
     start = time.perf_counter()
     for _ in range(sample):
-        key.public_key.verify(sig, msg, context=DOMAIN)
+        pub.verify(sig, msg, context=DOMAIN)
     return sample / (time.perf_counter() - start)
 
 
@@ -103,7 +108,7 @@ def _generate(ledger: Ledger, count: int, authors: int, workers: int) -> list[Ve
 
 
 def run(count: int = 100_000, authors: int = 4, workers: int = 2,
-        sample: int = 3000) -> dict[str, Any]:
+        sample: int = 3000, slice_size: int = 5000) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="pqcnet-bench-qsdag-"))
     try:
         verify_rate = _raw_verify_rate(sample)
@@ -117,10 +122,20 @@ def run(count: int = 100_000, authors: int = 4, workers: int = 2,
         generate_s = time.perf_counter() - t0
         size = len(vertices[0].encode())
         write_rate = _raw_write_rate(tmp / "raw", min(count, 20_000), size)
-        start = time.perf_counter()
-        for v in tqdm(vertices, desc="verify_and_anchor", unit="vertex", disable=None):
-            ledger.verify_and_anchor(v)
-        anchor_s = time.perf_counter() - start
+        msg_size = len(vertices[0].canonical())
+        slice_rates: list[float] = []
+        anchor_s = anchor_cpu_s = 0.0
+        with tqdm(total=count, desc="verify_and_anchor", unit="vertex", disable=None) as bar:
+            for s in range(0, count, slice_size):
+                chunk = vertices[s:s + slice_size]
+                start, cpu = time.perf_counter(), time.process_time()
+                for v in chunk:
+                    ledger.verify_and_anchor(v)
+                anchor_s += time.perf_counter() - start
+                anchor_cpu_s += time.process_time() - cpu
+                bar.update(len(chunk))
+                slice_rates.append(_raw_verify_rate(max(100, sample // 10), msg_size))
+        interleaved = statistics.median(slice_rates)
         total = len(ledger)
         ledger.close()
         del vertices
@@ -133,23 +148,31 @@ def run(count: int = 100_000, authors: int = 4, workers: int = 2,
             verify_s = time.perf_counter() - start
         ledger.close()
         anchor_rate = count / anchor_s
+        ratio = anchor_rate / interleaved
         return {
             "benchmark": "qsdag",
             "vertices": total,
             "authors": authors,
             "vertex_wire_bytes": size,
             "baseline_mldsa65_verify_per_s": round(verify_rate, 1),
+            "baseline_mldsa65_verify_interleaved_median_per_s": round(interleaved, 1),
+            "baseline_mldsa65_verify_interleaved_min_max": [round(min(slice_rates), 1),
+                                                            round(max(slice_rates), 1)],
             "baseline_rocksdict_write_per_s": round(write_rate, 1),
             "verify_and_anchor_per_s": round(anchor_rate, 1),
-            "ratio_vs_verify": round(anchor_rate / verify_rate, 3),
+            "ratio_vs_verify": round(ratio, 3),
+            "ratio_vs_verify_measured_before_run": round(anchor_rate / verify_rate, 3),
+            "anchor_cpu_s": round(anchor_cpu_s, 2),
+            "anchor_per_cpu_s": round(count / anchor_cpu_s, 1) if anchor_cpu_s else None,
             "ratio_vs_rocksdict_write": round(anchor_rate / write_rate, 3),
             "target_ratio_vs_verify": TARGET_RATIO,
-            "target_met": anchor_rate / verify_rate >= TARGET_RATIO,
+            "target_met": ratio >= TARGET_RATIO,
             "ledger_open_s": round(open_s, 3),
             "ledger_verify_s": round(verify_s, 2),
             "ledger_verify_ok": report.ok,
             "presign_s": round(generate_s, 1),
             "cpu_count": os.cpu_count(),
+            "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
         }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -163,6 +186,9 @@ def run(count: int = 100_000, authors: int = 4, workers: int = 2,
               help="Processes used to pre-sign vertices (not timed).")
 @click.option("--sample", default=3000, show_default=True, type=click.IntRange(100, 10**6),
               help="Operations for the raw verify baseline.")
-def cli(count: int, authors: int, workers: int, sample: int) -> None:
+@click.option("--slice", "slice_size", default=5000, show_default=True,
+              type=click.IntRange(100, 10**6),
+              help="Vertices anchored between interleaved baseline measurements.")
+def cli(count: int, authors: int, workers: int, sample: int, slice_size: int) -> None:
     """QS-DAG verify_and_anchor throughput vs raw ML-DSA-65 verify and rocksdict writes."""
-    click.echo(json.dumps(run(count, authors, workers, sample), indent=2))
+    click.echo(json.dumps(run(count, authors, workers, sample, slice_size), indent=2))

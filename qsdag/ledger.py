@@ -155,6 +155,11 @@ class Ledger:
         #: keys registered by *verified* parked KEY_VERSION vertices (a registrar's, or
         #: the node's own rotation): lets a node's parked vertices be checked too
         self._parked_keys: dict[tuple[str, int], tuple[bytes, VerifyKey]] = {}
+        # Write-through caches of hot per-vertex reads (updated after each commit;
+        # the store stays the source of truth on reopen).
+        self._heads: dict[str, int] = {}
+        raw = self._store.get("meta", b"next_position")
+        self._next_position = 0 if raw is None else int(_Q.unpack(raw)[0])
         self._load()
 
     # ------------------------------------------------------------------ lifecycle
@@ -237,8 +242,16 @@ class Ledger:
 
     def next_counter(self, author: str) -> int:
         check_node_id(author, "author")
-        raw = self._store.get("heads", author.encode())
-        return 0 if raw is None else _Q.unpack(raw)[0] + 1
+        return self._next_counter(author)
+
+    def _next_counter(self, author: str) -> int:
+        last = self._heads.get(author)
+        if last is None:
+            raw = self._store.get("heads", author.encode())
+            if raw is None:
+                return 0
+            last = self._heads[author] = int(_Q.unpack(raw)[0])
+        return last + 1
 
     def build_vertex(self, author: str, signer: SigningKey, kind: VertexKind,
                      payload: Any, *, key_version: int | None = None,
@@ -331,7 +344,8 @@ class Ledger:
     # ------------------------------------------------------------------ reading
 
     def has(self, vid: bytes) -> bool:
-        return self._store.has("vertices", vid)
+        # vmeta is written in the same batch as the vertex and is 24 bytes, not ~3 KiB
+        return self._store.has("vmeta", vid)
 
     def get(self, vid: bytes) -> Vertex:
         """The anchored vertex ``vid``; :class:`NotFound`, or :class:`CorruptRecord` if damaged."""
@@ -376,8 +390,7 @@ class Ledger:
         return self._store.get("by_author", _key(author, counter))
 
     def __len__(self) -> int:
-        raw = self._store.get("meta", b"next_position")
-        return 0 if raw is None else int(_Q.unpack(raw)[0])
+        return self._next_position
 
     def ids(self) -> list[bytes]:
         """Every anchored id, in anchoring order."""
@@ -440,7 +453,7 @@ class Ledger:
                                 "in the future", vertex_id=vid)
         if v.kind == VertexKind.GENESIS:
             return self._anchor_genesis(v, vid, payload)
-        next_counter = self.next_counter(v.author)
+        next_counter = self._next_counter(v.author)
         if v.counter < next_counter:
             existing = self.by_author(v.author, v.counter)
             self._check_signature(v, vid, history=True)
@@ -452,7 +465,8 @@ class Ledger:
             log.warning("equivocation", extra={"author": v.author, "counter": v.counter})
             raise Equivocation(f"{v.author} signed two vertices with counter {v.counter}",
                                vertex_id=vid, evidence=ev)
-        missing = tuple(p for p in v.parents if not self.has(p))
+        raw_metas = [self._store.get("vmeta", p) for p in v.parents]
+        missing = tuple(p for p, m in zip(v.parents, raw_metas, strict=True) if m is None)
         if missing or v.counter > next_counter:
             self._park(v, vid)
             raise VertexParked(
@@ -463,7 +477,7 @@ class Ledger:
                 waiting_counter=next_counter if v.counter > next_counter else None)
         self._check_slashed(v, vid)
         self._check_author(v, vid, payload)
-        metas = [self._meta(p) for p in v.parents]
+        metas = [_META.unpack(m) for m in raw_metas if m is not None]
         if v.timestamp_ms + self.skew_ms < max(m[2] for m in metas):
             raise TimestampSkew(f"vertex {vid.hex()[:16]} is older than its parents",
                                 vertex_id=vid)
@@ -580,7 +594,7 @@ class Ledger:
 
     def _write(self, batch: Batch, v: Vertex, vid: bytes, payload: object,
                depth: int) -> AnchorReceipt:
-        position = len(self)
+        position = self._next_position
         batch.put("vertices", vid, v.encode())
         batch.put("vmeta", vid, _META.pack(depth, position, v.timestamp_ms))
         batch.put("positions", _Q.pack(position), vid)
@@ -598,6 +612,8 @@ class Ledger:
                       payload.to_proto().SerializeToString(deterministic=True))
         self.views.apply(batch, v, vid, payload)
         self._store.commit(batch)
+        self._next_position = position + 1
+        self._heads[v.author] = v.counter
         self._unindex_orphan(vid)
         return AnchorReceipt(vid, depth, position)
 

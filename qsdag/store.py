@@ -19,7 +19,7 @@ knows about ``rocksdict``. Three properties the ledger relies on:
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rocksdict import ColumnFamily, Options, Rdict, WriteBatch, WriteOptions
@@ -50,11 +50,15 @@ VIEW_FAMILIES = ("keys", "v_relay", "v_att", "v_route", "v_policy", "v_slash", "
 _SUM = 16
 
 
+# blake2b state after absorbing the column-family name, one per family: copying a
+# state is cheaper than re-hashing the prefix on every put/get (hot path).
+_BASES = {cf: hashlib.blake2b(cf.encode(), digest_size=_SUM) for cf in COLUMN_FAMILIES}
+
+
 def _checksum(cf: str, key: bytes, value: bytes) -> bytes:
-    h = hashlib.blake2b(digest_size=_SUM)
-    h.update(cf.encode())
-    h.update(len(key).to_bytes(4, "big"))
-    h.update(key)
+    """blake2b-128(cf ‖ u32 len(key) ‖ key ‖ value)."""
+    h = _BASES[cf].copy()
+    h.update(len(key).to_bytes(4, "big") + key)
     h.update(value)
     return h.digest()
 
@@ -69,13 +73,19 @@ def _opts() -> Options:
 class Batch:
     """Writes collected for one atomic commit."""
 
-    __slots__ = ("_handles", "_wb", "pending")
+    __slots__ = ("_after", "_handles", "_wb", "pending")
 
     def __init__(self, handles: dict[str, ColumnFamily]) -> None:
         self._wb = WriteBatch(raw_mode=True)
         self._handles = handles
         #: (cf, key) -> value or None (deleted): lets a batch read its own writes
         self.pending: dict[tuple[str, bytes], bytes | None] = {}
+        self._after: list[Callable[[], None]] = []
+
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the batch is durably applied (write-through caches use
+        this, so a failed commit never leaves a cache ahead of the store)."""
+        self._after.append(fn)
 
     def put(self, cf: str, key: bytes, value: bytes) -> None:
         self._wb.put(key, _checksum(cf, key, value) + value, self._handles[cf])
@@ -154,6 +164,8 @@ class Store:
     def commit(self, batch: Batch) -> None:
         """Apply a batch atomically."""
         self._db.write(batch._wb, self._wopts)
+        for fn in batch._after:
+            fn()
 
     def clear(self, cf: str) -> None:
         """Delete every row of a column family (used by view rebuilds)."""

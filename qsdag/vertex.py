@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
 from google.protobuf.message import DecodeError
@@ -86,18 +86,30 @@ class Vertex:
     payload: bytes
     #: ML-DSA signature over :meth:`canonical`
     signature: bytes = b""
+    # Memo of (canonical bytes, id): every field is immutable, and the ledger needs
+    # both several times per vertex (id, signature check, orphan indexes).
+    _memo: tuple[bytes, bytes] | None = field(default=None, init=False, repr=False,
+                                              compare=False)
+
+    def _canon_and_id(self) -> tuple[bytes, bytes]:
+        memo = self._memo
+        if memo is None:
+            canon = canonical_bytes(
+                self.kind, self.author, self.counter, self.timestamp_ms,
+                self.key_version, self.parents, self.payload,
+            )
+            memo = (canon, hashlib.sha3_256(canon).digest())
+            object.__setattr__(self, "_memo", memo)
+        return memo
 
     def canonical(self) -> bytes:
         """The exact bytes that are hashed for the id and signed."""
-        return canonical_bytes(
-            self.kind, self.author, self.counter, self.timestamp_ms,
-            self.key_version, self.parents, self.payload,
-        )
+        return self._canon_and_id()[0]
 
     @property
     def id(self) -> bytes:
         """SHA3-256 over :meth:`canonical` (32 bytes)."""
-        return hashlib.sha3_256(self.canonical()).digest()
+        return self._canon_and_id()[1]
 
     def encode(self) -> bytes:
         """The wire/storage form (``pqcnet.qsdag.Vertex`` protobuf)."""

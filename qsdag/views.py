@@ -63,11 +63,22 @@ class KeyVersions:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._cache: dict[tuple[str, int], VerifyKey] = {}
+        #: write-through cache of each node's version in force (read per vertex)
+        self._current: dict[str, int] = {}
 
     def current(self, node: str, batch: Batch | None = None) -> int | None:
         check_node_id(node)
-        raw = _read(self._store, batch, "keys", node.encode() + b"\x01")
-        return None if raw is None else int(struct.unpack(">I", raw)[0])
+        key = node.encode() + b"\x01"
+        if batch is not None and ("keys", key) in batch.pending:
+            raw = batch.pending[("keys", key)]
+            return None if raw is None else int(struct.unpack(">I", raw)[0])
+        version = self._current.get(node)
+        if version is None:
+            raw = self._store.get("keys", key)
+            if raw is None:
+                return None
+            version = self._current[node] = int(struct.unpack(">I", raw)[0])
+        return version
 
     def entry(self, node: str, version: int, batch: Batch | None = None) -> KeyEntry | None:
         check_node_id(node)
@@ -108,9 +119,11 @@ class KeyVersions:
         batch.put("keys", node + b"\x00" + struct.pack(">I", rec.key_version),
                   vid + rec.to_proto().SerializeToString(deterministic=True))
         batch.put("keys", node + b"\x01", struct.pack(">I", rec.key_version))
+        batch.after_commit(lambda: self._current.__setitem__(rec.node_id, rec.key_version))
 
     def forget_cache(self) -> None:
         self._cache.clear()
+        self._current.clear()
 
 
 class Attestations:
