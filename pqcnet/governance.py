@@ -16,7 +16,9 @@ governance):
   shares the gate, e.g. a relayer's ``TlsPolicy``) and closes the target's open
   tunnels; a **forced rekey** of this node takes the key the agent just rotated to
   (and recorded in the QS-DAG), gets a certificate for it from the CA, GOAWAYs every
-  tunnel and re-listens with the new identity, so new tunnels present the new key.
+  tunnel and re-listens with the new identity, so new tunnels present the new key (if
+  the CA fails, the old identity keeps serving and the failure is counted by the agent
+  as a handler error).
 * :func:`sentry_tunnel_handler` — the sentry's per-tunnel loop for a QSTP server
   owned by a :class:`QstpEndpoint`.
 
@@ -36,8 +38,10 @@ from dataclasses import replace
 
 from mesh.directives import ForceRekey, RateLimitUpdate, SlashNotice
 from mesh.envelope import NodeKeys
+from mesh.errors import DirectiveError
 from qstp.aio import Server, Tunnel, connect, serve
 from qstp.config import QstpConfiguration
+from qstp.errors import HandshakeError
 from qstp.frames import ErrorCode
 from qstp.identity import NodeIdentity
 from qstp.identity.spiffe import SpiffeId
@@ -130,7 +134,7 @@ def peer_key(tunnel: Tunnel) -> VerifyKey:
     """The ML-DSA key in the certificate the peer presented on ``tunnel``."""
     cert = tunnel.connection.tls.get_peer_certificate(as_cryptography=True)
     if cert is None:  # pragma: no cover - verify_peer refuses certificate-less peers
-        raise ValueError("tunnel has no peer certificate")
+        raise HandshakeError("tunnel has no peer certificate")
     return VerifyKey(cert.public_key())  # type: ignore[arg-type]
 
 
@@ -240,9 +244,10 @@ class QstpEndpoint:
                 return  # the agent did not rotate (already at that version)
             issued = self.issuer(self.identity.spiffe_id, key)
             new = await issued if inspect.isawaitable(issued) else issued
-            assert isinstance(new, NodeIdentity)
-            if new.key.public_key.key_id != key.public_key.key_id:
-                raise ValueError("the CA issued a certificate for a different key")
+            if not isinstance(new, NodeIdentity) or (
+                    new.key.public_key.key_id != key.public_key.key_id):
+                # the old identity keeps serving; the agent counts the handler error
+                raise DirectiveError("the CA did not issue a certificate for our new key")
             self.identity = new
             self.key_version = self.keys.key_version
             self.rekeys += 1
