@@ -46,6 +46,8 @@ class RelayerConfig:
     redis_prefix: str = "pqcnet:relayer"
     kafka_bootstrap: str = ""
     kafka_topic: str = "pqcnet.relayer"
+    #: seconds between Kafka offset commits (0: commit on every ack)
+    kafka_commit_interval: float = 0.2
     #: fsync RocksDB writes (power-loss safety; process crashes are safe without it)
     sync: bool = False
     high_water: int = HIGH_WATER

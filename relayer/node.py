@@ -67,7 +67,8 @@ def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
         from relayer.bus.kafka import KafkaBus
 
         return KafkaBus(cfg.kafka_bootstrap, cfg.shards, topic=cfg.kafka_topic,
-                        owned=cfg.shards_owned, client_id=cfg.node_id)
+                        owned=cfg.shards_owned, client_id=cfg.node_id,
+                        commit_interval=cfg.kafka_commit_interval)
     return EmbeddedBus(data_dir / "bus", cfg.shards, sync=cfg.sync)
 
 

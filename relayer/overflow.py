@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ _U64 = struct.Struct(">Q")
 MAX_OVERFLOW_RECORDS = 1_000_000
 #: records moved to the bus per replay publish
 REPLAY_BATCH = 512
+#: records one coalesced ingress publish may carry to the bus
+MAX_COALESCE = 4096
 
 
 class OverflowQueue:
@@ -127,9 +130,52 @@ class BufferedPublisher:
         self.replayed = 0
         self._kick = asyncio.Event()
         self._locks = [asyncio.Lock() for _ in range(bus.partitions())]
+        n = bus.partitions()
+        self._pending: list[deque[tuple[Sequence[bytes], asyncio.Future[Accepted]]]] = [
+            deque() for _ in range(n)]
+        self._flushing = [False] * n
+        self._flushers: set[asyncio.Task[None]] = set()
 
     async def publish(self, shard: int, records: Sequence[bytes]) -> Accepted:
-        """Durably accept ``records`` for ``shard`` (bus or overflow)."""
+        """Durably accept ``records`` for ``shard`` (bus or overflow).
+
+        Group commit: while one bus publish for a shard is in flight, later callers'
+        records wait and then go out together in the next one, so many small ingress
+        requests cost few bus round trips. Each caller still returns only once its
+        own records are durable.
+        """
+        fut: asyncio.Future[Accepted] = asyncio.get_running_loop().create_future()
+        self._pending[shard].append((records, fut))
+        if not self._flushing[shard]:
+            self._flushing[shard] = True
+            task = asyncio.create_task(self._flush(shard))
+            self._flushers.add(task)
+            task.add_done_callback(self._flushers.discard)
+        return await asyncio.shield(fut)
+
+    async def _flush(self, shard: int) -> None:
+        try:
+            while self._pending[shard]:
+                items: list[tuple[Sequence[bytes], asyncio.Future[Accepted]]] = []
+                count = 0
+                while self._pending[shard] and (not items or count < MAX_COALESCE):
+                    item = self._pending[shard].popleft()
+                    items.append(item)
+                    count += len(item[0])
+                try:
+                    acc = await self._publish_now(shard, [r for rs, _ in items for r in rs])
+                except Exception as exc:
+                    for _, f in items:
+                        if not f.done():
+                            f.set_exception(exc)
+                    continue
+                for _, f in items:
+                    if not f.done():
+                        f.set_result(acc)
+        finally:
+            self._flushing[shard] = False
+
+    async def _publish_now(self, shard: int, records: Sequence[bytes]) -> Accepted:
         async with self._locks[shard]:  # keeps each shard's frames in arrival order
             if not self.bus_down and self.queue.depth(shard) == 0:
                 try:

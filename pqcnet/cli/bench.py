@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "qsdag": "benchmarks.qsdag",
     "qstp": "benchmarks.qstp",
     "sentry": "benchmarks.sentry",
+    "relayer": "benchmarks.relayer",
 }
 
 
