@@ -233,8 +233,9 @@ class FrameDecoder:
     """Incremental, bounded decoder: ``feed(bytes) -> list[Frame]`` or :class:`FrameError`.
 
     After an error the decoder is poisoned (the stream position is lost); the
-    connection closes. Buffered bytes never exceed one header + ``max_frame_payload``
-    plus whatever a single ``feed`` call brought in and did not yet complete.
+    connection closes. It holds at most one incomplete frame (header +
+    ``max_frame_payload`` bytes); complete frames are sliced straight out of the
+    caller's bytes, so each payload byte is copied once.
     """
 
     __slots__ = ("_buf", "_failed", "max_frame_payload")
@@ -251,50 +252,69 @@ class FrameDecoder:
         """Bytes held for an incomplete frame."""
         return len(self._buf)
 
+    def _header(self, buf: bytes | bytearray, pos: int) -> tuple[FrameType, int, int, int, int]:
+        """Validate the header at ``pos``: ``(type, flags, stream_id, seq, length)``."""
+        version, ftype, flags, stream_id, seq, length = HEADER.unpack_from(buf, pos)
+        if version != VERSION:
+            raise FrameError(f"unsupported frame version {version}")
+        if length > self.max_frame_payload:
+            raise FrameError(
+                f"frame payload of {length} bytes exceeds limit {self.max_frame_payload}")
+        kind = _TYPES.get(ftype)
+        if kind is None:
+            raise FrameError(f"unknown frame type {ftype}")
+        if flags or kind is not FrameType.DATA:
+            _check_structure(kind, flags, stream_id, length)
+        elif stream_id == 0:
+            raise FrameError("DATA frame on stream 0")
+        return kind, flags, stream_id, seq, length
+
+    def _complete_pending(self, data: bytes, frames: list[Frame]) -> int:
+        """Top up the buffered partial frame from ``data``; bytes of ``data`` used."""
+        buf = self._buf
+        used = 0
+        if len(buf) < HEADER_SIZE:
+            used = min(HEADER_SIZE - len(buf), len(data))
+            buf += data[:used]
+            if len(buf) < HEADER_SIZE:
+                return used
+        kind, flags, stream_id, seq, length = self._header(buf, 0)
+        take = min(HEADER_SIZE + length - len(buf), len(data) - used)
+        buf += data[used : used + take]
+        used += take
+        if len(buf) == HEADER_SIZE + length:
+            frames.append(Frame(kind, stream_id, seq, bytes(buf[HEADER_SIZE:]), flags))
+            self._buf = bytearray()
+        return used
+
     def feed(self, data: bytes) -> list[Frame]:
-        """Append ``data``; return every complete frame now available."""
+        """Consume ``data``; return every complete frame now available."""
         if self._failed:
             raise FrameError("decoder already failed on earlier input")
-        if self._buf:
-            self._buf += data
-            buf: bytes | bytearray = self._buf
-        else:
-            buf = data  # fast path: parse straight from the caller's bytes, no copy
+        data = bytes(data)  # a no-op for bytes; slices below must be immutable bytes
         frames: list[Frame] = []
         pos = 0
-        end = len(buf)
-        unpack = HEADER.unpack_from
-        limit = self.max_frame_payload
-        append = frames.append
+        end = len(data)
         try:
+            if self._buf:
+                pos = self._complete_pending(data, frames)
+                if self._buf:
+                    return frames
+            header = self._header
+            append = frames.append
             while end - pos >= HEADER_SIZE:
-                version, ftype, flags, stream_id, seq, length = unpack(buf, pos)
-                if version != VERSION:
-                    raise FrameError(f"unsupported frame version {version}")
-                if length > limit:
-                    raise FrameError(f"frame payload of {length} bytes exceeds limit {limit}")
-                try:
-                    kind = _TYPES[ftype]
-                except (KeyError, IndexError):
-                    raise FrameError(f"unknown frame type {ftype}") from None
-                if flags or kind is not FrameType.DATA:
-                    _check_structure(kind, flags, stream_id, length)
-                elif stream_id == 0:
-                    raise FrameError("DATA frame on stream 0")
+                kind, flags, stream_id, seq, length = header(data, pos)
                 stop = pos + HEADER_SIZE + length
                 if stop > end:
                     break
-                append(Frame(kind, stream_id, seq, bytes(buf[pos + HEADER_SIZE : stop]), flags))
+                append(Frame(kind, stream_id, seq, data[pos + HEADER_SIZE : stop], flags))
                 pos = stop
         except FrameError:
             self._failed = True
             self._buf = bytearray()
             raise
-        if buf is self._buf:
-            if pos:
-                del self._buf[:pos]
-        elif pos < end:
-            self._buf = bytearray(buf[pos:])
+        if pos < end:
+            self._buf = bytearray(data[pos:])  # less than one frame
         return frames
 
 
