@@ -73,6 +73,8 @@ DEFAULT_MAX_TUNNELS = 1024
 _SEND_SLICE = 128 * 1024
 #: Largest piece ``recv()`` assembles from several buffered DATA frames.
 _RECV_COALESCE = 64 * 1024
+#: Seconds :meth:`Tunnel.close` waits for unsent bytes to drain before aborting.
+CLOSE_TIMEOUT = 5.0
 #: Client contexts kept for reuse (building one parses keys and certificates).
 _CONTEXT_CACHE_SIZE = 16
 
@@ -391,13 +393,23 @@ class Tunnel(asyncio.Protocol):
         self._process()
 
     async def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "closed") -> None:
-        """GOAWAY + TLS close_notify, then close the socket; fails pending waits."""
+        """GOAWAY + TLS close_notify, then close the socket; fails pending waits.
+
+        A peer that stops reading cannot hold us: after :data:`CLOSE_TIMEOUT` seconds
+        the socket is aborted with whatever is still unsent."""
         if not self._conn.closed:
             self._conn.close(code, reason)
             self._process()
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
-        await self.wait_closed()
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.wait_closed()
+        except TimeoutError:
+            if self._transport is not None:
+                self._transport.abort()
+            await self.wait_closed()
 
     async def wait_closed(self) -> None:
         """Wait until the socket is gone."""
@@ -756,7 +768,7 @@ class Server:
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         for tunnel in list(self._tunnels):
-            await tunnel.wait_closed()
+            await tunnel.close()  # bounded by CLOSE_TIMEOUT
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -794,6 +806,7 @@ async def serve(
 
 
 __all__ = [
+    "CLOSE_TIMEOUT",
     "DEFAULT_MAX_TUNNELS",
     "Server",
     "Stream",
