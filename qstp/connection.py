@@ -38,10 +38,12 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL
 
 from qstp import _ossl
@@ -66,6 +68,8 @@ else:
     PeerInfo = Any
 
 log = logging.getLogger(__name__)
+_lib: Any = Binding.lib
+_ffi: Any = Binding.ffi
 
 #: Outstanding PINGs we track; more would let a caller grow the table without bound.
 MAX_OUTSTANDING_PINGS = 16
@@ -572,30 +576,15 @@ class Connection:
         A TLS record holds at most 16 KiB, so a 64 KiB frame spans four; decoding
         the joined plaintext once (instead of per record) avoids re-buffering.
         """
-        recv = self.tls.recv
-        size = self.config.read_chunk
-        batch_limit = self.config.max_frame_payload * 4
+        limit = self.config.max_frame_payload * 4
         while self.state is not ConnectionState.CLOSED:
-            parts: list[bytes] = []
-            held = 0
-            failure: BaseException | None = None
-            while held < batch_limit:
-                try:
-                    plain = recv(size)
-                except SSL.WantReadError:
-                    break
-                except SSL.Error as exc:  # ZeroReturnError (close_notify) included
-                    failure = exc
-                    break
-                parts.append(plain)
-                held += len(plain)
-            if parts and not self._decode(parts[0] if len(parts) == 1 else b"".join(parts),
-                                          now):
+            plain, failure = _read_plaintext(self.tls, limit)
+            if plain and not self._decode(plain, now):
                 return
             if failure is not None:
                 self._on_tls_failure(failure)
                 return
-            if held < batch_limit:
+            if len(plain) < limit:
                 return
 
     def _decode(self, plain: bytes, now: float) -> bool:
@@ -809,6 +798,42 @@ class Connection:
             out, self._out = self._out, bytearray()
             with contextlib.suppress(SSL.Error):
                 self.tls.sendall(out)
+
+
+_scratch = threading.local()
+
+
+def _read_plaintext(tls: SSL.Connection, limit: int) -> tuple[bytes, BaseException | None]:
+    """Up to ``limit`` bytes of decrypted plaintext and the error that stopped reading.
+
+    ``SSL.Connection.recv`` returns one record (<= 16 KiB) per call and allocates a
+    buffer each time; here ``SSL_read`` fills one reused buffer until the BIO is
+    empty, with a single copy out. The common stop (SSL_ERROR_WANT_READ: need more
+    bytes) returns no error; any other condition is re-raised by pyOpenSSL's own
+    ``recv`` so close_notify, alerts and error queues are classified exactly as usual.
+    This touches ``tls._ssl`` (private), like :mod:`qstp._ossl`; the connection tests
+    exercise every exit.
+    """
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or len(buf) < limit:
+        buf = _scratch.buf = _ffi.new("char[]", limit)
+    ssl_ptr = tls._ssl
+    total = 0
+    failure: BaseException | None = None
+    while total < limit:
+        n = _lib.SSL_read(ssl_ptr, buf + total, limit - total)
+        if n > 0:
+            total += n
+            continue
+        if _lib.SSL_get_error(ssl_ptr, n) != _lib.SSL_ERROR_WANT_READ:
+            try:
+                tls.recv(1)  # let pyOpenSSL raise the precise exception
+            except (SSL.Error, HandshakeError) as exc:
+                failure = exc
+            else:  # pragma: no cover - a record became readable in between
+                failure = None
+        break
+    return (_ffi.buffer(buf, total)[:] if total else b""), failure
 
 
 def _handshake_reason(exc: BaseException) -> str:
