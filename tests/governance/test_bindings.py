@@ -24,7 +24,8 @@ from ..sentry.harness import TD, Mesh, config_dict, write_config
 pytestmark = pytest.mark.timeout(60)
 
 
-def test_global_scope_replaces_default_and_every_tenant_plan(tmp_path: Path) -> None:
+async def test_global_scope_replaces_default_and_every_tenant_plan(tmp_path: Path) -> None:
+    # (async: the sentry's backends bind to the running loop)
     issuer = SigningKey.from_seed(b"\x01" * 32)
     mesh = Mesh(None, None, None, None, issuer, SigningKey.from_seed(b"\x02" * 32))  # type: ignore[arg-type]
     sentry = Sentry(load_config(write_config(tmp_path, mesh, config_dict(1, 2, 3))))
@@ -36,6 +37,7 @@ def test_global_scope_replaces_default_and_every_tenant_plan(tmp_path: Path) -> 
     for tenant in ("acme", "globex", "never-configured"):
         assert sentry.limiter.plan_for(tenant) == Plan(2.0, 2)
     assert binding.applied["rate_limit"] == 2
+    await sentry.aclose()
 
 
 async def test_rekey_with_a_failing_ca_keeps_the_old_identity_serving() -> None:
