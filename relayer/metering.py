@@ -76,17 +76,23 @@ class VolumeMeter:
 
     def record(self, shard: int, frames: Sequence[Frame]) -> None:
         """Count a delivered batch (signature matches the worker's ``on_delivered``)."""
-        ep = self._epochs.setdefault(self.epoch(), {})
-        for f in frames:
-            key = (f.customer, f.channel, f.qos)
-            agg = ep.get(key)
+        batch: dict[Key, list[int]] = {}
+        for f in frames:  # aggregate first: one counter update per key, not per frame
+            agg = batch.get((f.customer, f.channel, f.qos))
             if agg is None:
-                agg = ep[key] = [0, 0]
+                agg = batch[(f.customer, f.channel, f.qos)] = [0, 0]
             agg[0] += len(f.payload)
             agg[1] += 1
-            labels = (f.customer, f.channel, str(f.qos))
-            self._bytes.labels(*labels).inc(len(f.payload))
-            self._frames.labels(*labels).inc()
+        ep = self._epochs.setdefault(self.epoch(), {})
+        for key, (nbytes, nframes) in batch.items():
+            total = ep.get(key)
+            if total is None:
+                total = ep[key] = [0, 0]
+            total[0] += nbytes
+            total[1] += nframes
+            labels = (key[0], key[1], str(key[2]))
+            self._bytes.labels(*labels).inc(nbytes)
+            self._frames.labels(*labels).inc(nframes)
         self.version += 1
 
     def epochs(self) -> list[int]:

@@ -1,15 +1,23 @@
 """Redis Streams bus: one stream per shard, consumer groups, reclaim, safe trimming.
 
-* publish: pipelined ``XADD`` (no MAXLEN on the write: trimming there could drop
-  unacked entries). Durable when Redis runs with AOF ``appendfsync always``.
+* publish: up to ``entry_records`` records are packed into one stream entry
+  (``u32 length ‖ record`` each), so a group-committed batch costs one ``XADD``
+  instead of one per frame — client-side command packing and reply parsing are what
+  bound Redis throughput from Python. A record's offset is ``"<entry id>/<i>/<n>"``.
+  No MAXLEN on the write (trimming there could drop unacked entries). Durable when
+  Redis runs with AOF ``appendfsync always``.
 * consume: first the consumer's own pending entries (``XREADGROUP ... 0``, what it
   read but never acked before a crash), then entries idle longer than
   ``claim_idle_ms`` in *other* consumers' PELs (``XAUTOCLAIM``: a dead relayer's
   work), then new entries (``>``, blocking).
-* ack: ``XACK``, then a trim every ``trim_every`` acks with ``XTRIM MINID`` set to the
+* ack: ``XACK`` of every entry whose *last* record is in the acked prefix (an entry
+  half-acked at a crash is redelivered whole; the sequencer drops the repeats), then
+  a trim every ``trim_every`` acked entries with ``XTRIM MINID`` set to the
   oldest entry any group still needs (its oldest pending id, or the entry after its
   last-delivered id). So ``max_len`` is a *target*: the stream is never trimmed past
   an unacked entry; if consumers stall it grows and the lag drives backpressure.
+  ``lag`` counts entries in Redis and scales them by the mean records per entry this
+  process has published (an estimate; exact when ``entry_records=1``).
 
 Every call runs under ``op_timeout``; connection failures and timeouts become
 :class:`BusUnavailable` (retriable), which the ingress turns into overflow.
@@ -18,6 +26,7 @@ Every call runs under ``op_timeout``; connection failures and timeouts become
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
@@ -29,6 +38,27 @@ from relayer.errors import BusError, BusUnavailable
 
 T = TypeVar("T")
 _FIELD = b"d"
+_U32 = struct.Struct(">I")
+#: records packed into one stream entry at most
+ENTRY_RECORDS = 256
+
+
+def _pack(records: Sequence[bytes]) -> bytes:
+    return b"".join(_U32.pack(len(r)) + r for r in records)
+
+
+def _unpack(blob: bytes) -> list[bytes] | None:
+    out, pos = [], 0
+    while pos < len(blob):
+        if pos + 4 > len(blob):
+            return None
+        (n,) = _U32.unpack_from(blob, pos)
+        pos += 4
+        if pos + n > len(blob):
+            return None
+        out.append(blob[pos : pos + n])
+        pos += n
+    return out
 
 
 def _s(v: bytes | str) -> str:
@@ -61,6 +91,7 @@ class RedisStreamsBus(Bus):
         claim_idle_ms: int = 30_000,
         op_timeout: float = 2.0,
         trim_every: int = 64,
+        entry_records: int = ENTRY_RECORDS,
     ) -> None:
         if shards < 1:
             raise ValueError("shards must be >= 1")
@@ -76,6 +107,8 @@ class RedisStreamsBus(Bus):
         #: seconds any single Redis call may take before the bus counts as unavailable
         self.op_timeout = op_timeout
         self.trim_every = trim_every
+        self.entry_records = max(1, entry_records)
+        self._per_entry = [1.0] * shards  # running mean of records per entry we wrote
         self._groups: set[tuple[int, str]] = set()
         self._phase: dict[tuple[int, str], str] = {}  # "pending" cursor id, or ">"
         self._claimed: set[tuple[int, str]] = set()
@@ -123,11 +156,18 @@ class RedisStreamsBus(Bus):
         if not records:
             return []
         key = self.key(shard)
+        step = self.entry_records
+        chunks = [records[i : i + step] for i in range(0, len(records), step)]
         pipe = self.client.pipeline(transaction=False)
-        for rec in records:
-            pipe.xadd(key, {_FIELD: rec})
+        for chunk in chunks:
+            pipe.xadd(key, {_FIELD: _pack(chunk)})
         ids: list[Any] = await self._call(pipe.execute())
-        return [_s(i) for i in ids]
+        self._per_entry[shard] = 0.9 * self._per_entry[shard] + 0.1 * (len(records) / len(chunks))
+        out: list[Offset] = []
+        for entry_id, chunk in zip(ids, chunks):
+            eid = _s(entry_id)
+            out += [f"{eid}/{i}/{len(chunk)}" for i in range(len(chunk))]
+        return out
 
     async def consume(
         self, shard: int, group: str, *, max_records: int = 512, block: float = 0.5
@@ -136,8 +176,9 @@ class RedisStreamsBus(Bus):
         await self._ensure_group(shard, group)
         key, sg = self.key(shard), (shard, group)
         cursor = self._phase.get(sg, "0")
+        count = max(1, int(max_records / self._per_entry[shard]))  # entries, not records
         if cursor != ">":
-            out = await self._read(shard, group, cursor, max_records, None)
+            out = await self._read(shard, group, cursor, count, None)
             if out:
                 self._phase[sg] = _s(out[-1][0])
                 return self._deliveries(shard, group, out)
@@ -145,13 +186,13 @@ class RedisStreamsBus(Bus):
         if sg not in self._claimed:  # once per (re)start: take over dead consumers' work
             self._claimed.add(sg)
             res = await self._call(self.client.xautoclaim(
-                key, group, self.consumer, self.claim_idle_ms, "0-0", count=max_records))
+                key, group, self.consumer, self.claim_idle_ms, "0-0", count=count))
             claimed = res[1] if res else []
             if claimed:
                 self._phase[sg] = "0"  # they are now ours: read them through the pending path
                 return self._deliveries(shard, group, claimed)
         ms = max(1, int(block * 1000))
-        entries = await self._read(shard, group, ">", max_records, ms)
+        entries = await self._read(shard, group, ">", count, ms)
         return self._deliveries(shard, group, entries)
 
     async def _read(self, shard: int, group: str, cursor: str, count: int,
@@ -169,19 +210,31 @@ class RedisStreamsBus(Bus):
     def _deliveries(self, shard: int, group: str, entries: Sequence[Any]) -> list[Delivery]:
         out = []
         for entry_id, fields in entries:
-            data = fields.get(_FIELD) if fields else None
-            # a deleted entry still in a PEL comes back with no fields: deliver it empty
-            # so the worker acks it (it counts as corrupt) instead of looping on it
-            out.append(Delivery(shard, _s(entry_id), data or b""))
+            eid = _s(entry_id)
+            blob = fields.get(_FIELD) if fields else None
+            records = _unpack(blob) if blob else None
+            if not records:
+                # a deleted (or foreign) entry still in a PEL: one empty record, so the
+                # worker acks it (counted as corrupt) instead of looping on it
+                out.append(Delivery(shard, f"{eid}/0/1", b""))
+                continue
+            n = len(records)
+            out += [Delivery(shard, f"{eid}/{i}/{n}", r) for i, r in enumerate(records)]
         return out
 
     async def ack(self, shard: int, group: str, deliveries: Sequence[Delivery]) -> None:
         self.check_shard(shard)
         if not deliveries:
             return
-        await self._call(self.client.xack(self.key(shard), group,
-                                          *[str(d.offset) for d in deliveries]))
-        self._acks_since_trim[shard] += len(deliveries)
+        done = []
+        for d in deliveries:
+            eid, i, n = str(d.offset).split("/")
+            if int(i) == int(n) - 1:  # the entry's last record: the whole entry is done
+                done.append(eid)
+        if not done:
+            return
+        await self._call(self.client.xack(self.key(shard), group, *done))
+        self._acks_since_trim[shard] += len(done)
         if self._acks_since_trim[shard] >= self.trim_every:
             self._acks_since_trim[shard] = 0
             await self.trim(shard)
@@ -217,7 +270,8 @@ class RedisStreamsBus(Bus):
                 undelivered: Any = g.get("lag")
                 if undelivered is None:  # Redis cannot tell (entries deleted): be conservative
                     undelivered = await self._call(self.client.xlen(key))
-                return int(undelivered) + int(g["pending"])
+                entries = int(undelivered) + int(g["pending"])
+                return round(entries * self._per_entry[shard]) if entries else 0
         return 0
 
     async def rewind(self, shard: int, group: str) -> None:

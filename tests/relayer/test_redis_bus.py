@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.services, pytest.mark.timeout(90)]
 
 
 async def test_contract_and_restart(redis_bus_factory: BusFactory) -> None:
-    bus = redis_bus_factory(consumer="a")
+    bus = redis_bus_factory(consumer="a", entry_records=1)  # one record per entry: exact
     ids = await bus.publish(1, [b"a", b"b", b"c"])
     assert len(ids) == 3 and len(set(ids)) == 3
     assert await bus.lag(1, "g") == 3
@@ -29,7 +29,7 @@ async def test_contract_and_restart(redis_bus_factory: BusFactory) -> None:
     assert await bus.lag(1, "g") == 2
     assert await bus.consume(2, "g", block=0.05) == []
     await bus.close()
-    bus = redis_bus_factory(consumer="a")  # same consumer restarts: its pending comes first
+    bus = redis_bus_factory(consumer="a", entry_records=1)  # restart: own pending first
     got = await bus.consume(1, "g", block=0.1)
     assert [d.data for d in got] == [b"b"]
     got += await bus.consume(1, "g", block=0.1)
@@ -51,8 +51,24 @@ async def test_dead_consumer_entries_are_reclaimed(redis_bus_factory: BusFactory
     assert await heir.lag(0, "g") == 0
 
 
+async def test_packed_entry_is_acked_only_when_complete(redis_bus_factory: BusFactory) -> None:
+    bus = redis_bus_factory(consumer="a")
+    assert isinstance(bus, RedisStreamsBus)
+    offs = await bus.publish(2, [b"r0", b"r1", b"r2", b"r3", b"r4"])
+    assert len({str(o).split("/")[0] for o in offs}) == 1  # one XADD, one entry
+    got = await bus.consume(2, "g", block=0.1)
+    assert [d.data for d in got] == [b"r0", b"r1", b"r2", b"r3", b"r4"]
+    await bus.ack(2, "g", got[:3])  # entry not complete: stays pending
+    await bus.rewind(2, "g")
+    again = await bus.consume(2, "g", block=0.1)
+    assert [d.data for d in again] == [d.data for d in got]  # redelivered whole
+    await bus.ack(2, "g", again)
+    assert await bus.lag(2, "g") == 0
+    assert int((await bus.client.xpending(bus.key(2), "g"))["pending"]) == 0
+
+
 async def test_trim_never_drops_unacked(redis_bus_factory: BusFactory) -> None:
-    bus = redis_bus_factory(max_len=10, trim_every=1)
+    bus = redis_bus_factory(max_len=10, trim_every=1, entry_records=1)
     assert isinstance(bus, RedisStreamsBus)
     await bus.publish(0, [str(i).encode() for i in range(200)])
     got = await bus.consume(0, "g", max_records=120, block=0.1)
