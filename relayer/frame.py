@@ -12,6 +12,7 @@ and Python versions (unlike ``hash()``), and length-prefixed so ``("ab","c")`` a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ MAX_PAYLOAD = 1024 * 1024
 MAX_ID = 128
 #: QoS hints: 0 best-effort, 1 standard, 2 priority (metered separately)
 MAX_QOS = 2
+#: topics whose shard is remembered (the hash is most of the ingress cost per frame)
+SHARD_CACHE = 65_536
 
 Topic = tuple[str, str]
 """(customer id, channel id): the unit of ordering and deduplication."""
@@ -70,8 +73,9 @@ def topic_key(topic: Topic) -> bytes:
     return length_prefixed(topic[0].encode(), topic[1].encode())
 
 
+@functools.lru_cache(maxsize=SHARD_CACHE)
 def shard_for(customer: str, channel: str, shards: int) -> int:
-    """Stable shard of a topic: blake2b over channel ‖ customer, mod ``shards``."""
+    """Stable shard of a topic: blake2b over channel ‖ customer, mod ``shards`` (cached)."""
     digest = hashlib.blake2b(
         length_prefixed(channel.encode(), customer.encode()), digest_size=8
     ).digest()
