@@ -165,7 +165,10 @@ async def step_shutdown(state: DemoState) -> None:
     say("done", workdir=state.workdir)
 
 
+from pqcnet.cli._relayer_demo import step_relayer  # noqa: E402
+
 STEPS: list[Step] = [step_ca, step_identities, step_tunnel, step_push, step_resume,
+                     step_relayer,
                      step_shutdown]
 
 
