@@ -28,6 +28,7 @@ everywhere — that is what makes sync deterministic.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import struct
 import time
@@ -758,14 +759,59 @@ class Ledger:
     def export(self, ids: Iterable[bytes], *, ancestors: bool = True,
                known_tips: Iterable[bytes] = ()) -> list[Vertex]:
         """Vertices for ``ids`` (and, by default, their ancestors that a peer whose
-        tips are ``known_tips`` lacks), in this ledger's anchoring order."""
-        wanted = set(ids)
-        if ancestors:
-            known = self.ancestors(known_tips)
-            wanted = self.ancestors(wanted, stop=known)
-        wanted = {i for i in wanted if self.has(i)}
+        tips are ``known_tips`` lacks), in this ledger's anchoring order.
+
+        Cost is proportional to the vertices between ``ids`` and ``known_tips``, not
+        to the ledger (see :meth:`lacking`); ``known_tips`` we do not have are
+        ignored, so a peer that is ahead of us on other branches gets more than it
+        needs, never less.
+        """
+        wanted = (self.lacking(ids, known_tips) if ancestors
+                  else {i for i in ids if self.has(i)})
         order = sorted(wanted, key=lambda i: self._meta(i)[1])
         return [self.get(i) for i in order]
+
+    def lacking(self, ids: Iterable[bytes], known: Iterable[bytes]) -> set[bytes]:
+        """``ancestors(ids) - ancestors(known)`` without walking either to genesis.
+
+        Both sets are painted down the DAG together in decreasing depth order (a
+        parent is strictly shallower than its child), so when a vertex is popped
+        every path from above has already reached it and its colour is final; the
+        walk stops as soon as nothing "wanted" is left in the frontier.
+        """
+        want, have = 1, 2
+        colour: dict[bytes, int] = {}
+        heap: list[tuple[int, bytes]] = []
+        pending = 0  # frontier entries currently coloured "want"
+
+        def push(vid: bytes, c: int) -> None:
+            nonlocal pending
+            prev = colour.get(vid)
+            if prev is None:
+                raw = self._store.get("vmeta", vid)
+                if raw is None:
+                    return
+                colour[vid] = c
+                heapq.heappush(heap, (-_META.unpack(raw)[0], vid))
+                pending += c == want
+            elif prev == want and c == have:
+                colour[vid] = have
+                pending -= 1
+
+        for vid in known:
+            push(vid, have)
+        for vid in ids:
+            push(vid, want)
+        out: set[bytes] = set()
+        while heap and pending:
+            _, vid = heapq.heappop(heap)
+            c = colour[vid]
+            if c == want:
+                out.add(vid)
+                pending -= 1
+            for p in self.get(vid).parents:
+                push(p, c)
+        return out
 
     def import_(self, vertices: Iterable[Vertex | bytes]) -> ImportReport:
         """Verify and anchor vertices from a peer; nothing is lost to ordering.

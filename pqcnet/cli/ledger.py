@@ -127,6 +127,35 @@ def append(ctx: click.Context, kind: str, payload_json: str, author: str,
 
 
 @cli.command()
+@click.option("--target", required=True, help="Node id to disable.")
+@click.option("--reason", required=True, help="Why (recorded in the ledger).")
+@click.option("--authority", required=True, help="Genesis authority node id signing it.")
+@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path),
+              help="Authority key PEM.")
+@click.pass_context
+def slash(ctx: click.Context, target: str, reason: str, authority: str,
+          key_path: Path) -> None:
+    """Disable a node's key: its vertices descending from this one are refused
+    until a registrar re-registers it and it re-attests."""
+    signer = _load_or_create_key(key_path, create=False)
+    r = _open(ctx).slash(target, reason, authority, signer)
+    click.echo(json.dumps({"id": r.id.hex(), "depth": r.depth, "position": r.position,
+                           "target": target}))
+
+
+@cli.command()
+@click.argument("node", required=False)
+@click.pass_context
+def slashed(ctx: click.Context, node: str | None) -> None:
+    """List slashed nodes, or show NODE's slash history (JSON)."""
+    ledger = _open(ctx)
+    if node is None:
+        click.echo(json.dumps({"slashed": ledger.views.slashes.slashed_nodes()}))
+    else:
+        click.echo(json.dumps(ledger.views.slashes.get(node), indent=2))
+
+
+@cli.command()
 @click.argument("vertex_id")
 @click.pass_context
 def show(ctx: click.Context, vertex_id: str) -> None:

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from pqcnet.cli import app
-from qsdag import Ledger
+from qsdag import AuthorSlashed, InvalidNodeId, Ledger
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,3 +47,27 @@ def test_ledger_cli_round_trip(tmp_path: Path) -> None:
     ledger.close()
     out = _run(runner, *lp, "verify", code=1)
     assert f"INVALID {vid} CorruptRecord" in out
+
+
+def test_ledger_cli_slash(tmp_path: Path) -> None:
+    runner = CliRunner()
+    lp = ["ledger", "--path", str(tmp_path / "L")]
+    gov, rel = str(tmp_path / "gov.pem"), str(tmp_path / "rel.pem")
+    _run(runner, *lp, "init", "--network", "t", "--authority", "gov", "--key", gov)
+    _run(runner, *lp, "register", "--node", "r1", "--node-key", rel, "--registrar", "gov",
+         "--key", gov)
+    out = json.loads(_run(runner, *lp, "slash", "--target", "r1", "--reason", "equivocation",
+                          "--authority", "gov", "--key", gov))
+    assert out["target"] == "r1"
+    assert json.loads(_run(runner, *lp, "slashed")) == {"slashed": ["r1"]}
+    row = json.loads(_run(runner, *lp, "slashed", "r1"))
+    assert row["slashed"] and row["slashes"][0]["vertex"] == out["id"]
+    # errors escape the command as typed PqcnetErrors (pqcnet.cli.main prints "error: ...")
+    result = runner.invoke(app, [*lp, "append", "--kind", "route", "--json",
+                                 '{"topic": "o", "shardOwner": "r1"}', "--author", "r1",
+                                 "--key", rel])
+    assert isinstance(result.exception, AuthorSlashed)
+    result = runner.invoke(app, [*lp, "slash", "--target", "r\x00", "--reason", "x",
+                                 "--authority", "gov", "--key", gov])
+    assert isinstance(result.exception, InvalidNodeId)
+    assert "slash target contains" in str(result.exception)

@@ -90,3 +90,44 @@ def test_equivocation_across_ledgers_detected_on_sync(tmp_path: Path) -> None:
     assert len(a.evidence()) == 1
     a.close()
     b.close()
+
+
+def test_lacking_equals_ancestor_difference_on_random_dags(tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(7)
+    ledger = make_ledger(tmp_path / "r")
+    ids = list(ledger.ids())
+    for i in range(120):
+        parents = rng.sample(ids[-12:], k=min(len(ids), rng.randint(1, 3)))
+        author, key = rng.choice([("alice", ALICE), ("bob", BOB)])
+        v = ledger.build_vertex(author, key, VertexKind.ROUTE, Route(f"t{i}", author),
+                                parents=parents)
+        ids.append(ledger.verify_and_anchor(v).id)
+    for _ in range(60):
+        want = rng.sample(ids, k=rng.randint(1, 4))
+        known = rng.sample(ids, k=rng.randint(0, 4))
+        expected = ledger.ancestors(want) - ledger.ancestors(known)
+        assert ledger.lacking(want, known) == expected
+        assert [v.id for v in ledger.export(want, known_tips=known)] == sorted(
+            expected, key=lambda i: ledger.receipt(i).position)
+    ledger.close()
+
+
+def test_export_walks_only_what_the_peer_lacks(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = make_ledger(tmp_path / "c")
+    chain = [ledger.append(VertexKind.ROUTE, Route(str(i), "alice"), "alice", ALICE).id
+             for i in range(200)]
+    reads: list[bytes] = []
+    real_get = ledger.get
+
+    def counting_get(vid: bytes) -> object:
+        reads.append(vid)
+        return real_get(vid)
+
+    monkeypatch.setattr(ledger, "get", counting_get)
+    out = ledger.export(ledger.tips(), known_tips=[chain[-4]])
+    assert [v.id for v in out] == chain[-3:]
+    assert len(reads) <= 10  # the old exporter walked all ~200 ancestors
+    ledger.close()
