@@ -144,7 +144,11 @@ async def _serve(identity: Any, policy: Any, host: str, port: int, echo: bool, c
             if count and ended >= count:
                 finished.set()
 
-    server = await qstp.serve(handler, host, port, identity, policy)
+    try:
+        server = await qstp.serve(handler, host, port, identity, policy)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: "
+                                   f"{exc.strerror or exc}") from None
     _emit({"listening": f"{host}:{server.port}", "identity": str(identity.spiffe_id),
            "groups": policy.groups}, as_json, "listening")
     try:
