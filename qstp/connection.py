@@ -171,7 +171,10 @@ class Connection:
         self._decoder = fr.FrameDecoder(self.config.max_frame_payload)
         self._streams: dict[int, _Stream] = {}
         self._next_local_id = 1 if client else 2
-        self._last_peer_id = 0
+        # highest peer-initiated id seen (peers count 1, 3, 5 ... or 2, 4, 6 ...), and the
+        # lower ids the peer skipped over: it may still send on them (bounded by max_streams)
+        self._last_peer_id = 0 if client else -1
+        self._peer_gaps: set[int] = set()
         self._peer_streams = 0  # open peer-initiated streams (bounded by max_streams)
         self._ctl_send_seq = 0
         self._ctl_recv_seq = 0
@@ -488,7 +491,7 @@ class Connection:
             return
         self._goaway_sent = True
         self._queue(FrameType.GOAWAY, 0, None, fr.goaway_payload(
-            self._last_peer_id, self._data_frames_received, code, reason))
+            max(0, self._last_peer_id), self._data_frames_received, code, reason))
 
     def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "closed") -> None:
         """GOAWAY (when open) + TLS close_notify; emits ConnectionTerminated."""
@@ -651,14 +654,25 @@ class Connection:
                 self._late_data(n)
                 return
             if sid <= self._last_peer_id:
-                self._late_data(n)  # a stream we already reset or finished
-                return
+                if sid not in self._peer_gaps:
+                    self._late_data(n)  # a stream we already reset or finished
+                    return
+                # the peer allocated this id before a higher one but sent on it later
+                self._peer_gaps.discard(sid)
+            else:
+                skipped = (sid - self._last_peer_id) // 2 - 1
+                if skipped > 0:
+                    if len(self._peer_gaps) + skipped > self.config.max_streams:
+                        raise RemoteProtocolError(
+                            f"peer skipped {skipped} stream ids (limit {self.config.max_streams})",
+                            code=ErrorCode.STREAM_LIMIT)
+                    self._peer_gaps.update(range(self._last_peer_id + 2, sid, 2))
+                self._last_peer_id = sid
             if self._goaway_sent:
                 self._late_data(n)
                 return
             if self._peer_streams >= self.config.max_streams:
                 # refuse this stream only (like h2's REFUSED_STREAM); its data is dropped
-                self._last_peer_id = sid
                 self._late_data(n)
                 self._queue(FrameType.ERROR, sid, 0, fr.error_payload(
                     ErrorCode.STREAM_LIMIT,
@@ -666,7 +680,6 @@ class Connection:
                 return
             st = _Stream(sid)
             self._streams[sid] = st
-            self._last_peer_id = sid
             self._peer_streams += 1
             st.acked_initial = True
             self._grant_initial(st)

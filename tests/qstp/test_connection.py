@@ -355,3 +355,29 @@ def test_keepalive_ping_keeps_a_quiet_tunnel_open_and_a_dead_peer_times_out() ->
     c.data_to_send()
     c.handle_timer(46.0)
     assert terminated(c).error_code == ErrorCode.IDLE_TIMEOUT
+
+
+def test_streams_may_be_first_used_out_of_order() -> None:
+    c, s = open_pair()
+    a, b, d = c.open_stream(), c.open_stream(), c.open_stream()
+    c.send_data(d, b"third")
+    c.send_data(a, b"first")
+    pump(c, s)
+    c.send_data(b, b"second")
+    pump(c, s)
+    got = [(e.stream_id, e.data) for e in drain(s) if isinstance(e, ev.DataReceived)]
+    assert got == [(d, b"third"), (a, b"first"), (b, b"second")]
+    assert not s.closed
+    # an id that was used and finished stays finished: late DATA is dropped, no reopen
+    c.send_data(a, b"", end_stream=True)
+    s.end_stream(a)
+    pump(c, s)
+    assert s.stream_state(a) is None
+    inject(c, s, fr.encode(FrameType.DATA, a, 1, b"late"))
+    assert not [e for e in drain(s) if isinstance(e, ev.StreamOpened)]
+
+
+def test_skipping_too_many_stream_ids_is_a_protocol_error() -> None:
+    c, s = open_pair(QstpConfiguration(max_streams=3))
+    inject(c, s, fr.encode(FrameType.DATA, 99, 0, b"x"))
+    assert terminated(s).error_code == ErrorCode.STREAM_LIMIT
