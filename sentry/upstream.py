@@ -211,11 +211,13 @@ class Upstream:
                 if conn.reused and not exc.partial:
                     raise _Stale() from None
                 raise
-            status, headers = _parse_head(raw)
+            status, headers, http10 = _parse_head(raw)
             if status >= 200 or status == 101:
                 break  # 1xx interim responses (100 Continue, 103) are skipped
         lower = {n.lower(): v for n, v in headers}
-        keep = "close" not in lower.get("connection", "").lower()
+        conn_hdr = lower.get("connection", "").lower()
+        # HTTP/1.0 closes unless it says keep-alive; HTTP/1.1 keeps unless it says close
+        keep = "keep-alive" in conn_hdr if http10 else "close" not in conn_hdr
         no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
         te = lower.get("transfer-encoding", "").lower()
         if no_body:
@@ -309,8 +311,8 @@ class Upstream:
                 await conn.writer.wait_closed()
 
 
-def _parse_head(raw: bytes) -> tuple[int, list[tuple[str, str]]]:
-    """Status code and headers of a response head; ValueError when malformed."""
+def _parse_head(raw: bytes) -> tuple[int, list[tuple[str, str]], bool]:
+    """Status code, headers and whether it is HTTP/1.0; ValueError when malformed."""
     lines = raw[:-4].split(b"\r\n")
     parts = lines[0].split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3:
@@ -322,4 +324,4 @@ def _parse_head(raw: bytes) -> tuple[int, list[tuple[str, str]]]:
         if not sep or not name or name[-1:] in (b" ", b"\t"):
             raise ValueError("malformed response header")
         headers.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
-    return status, headers
+    return status, headers, parts[0] == b"HTTP/1.0"

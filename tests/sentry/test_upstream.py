@@ -145,6 +145,19 @@ async def test_idle_connection_closed_by_backend_is_not_reused() -> None:
     assert srv.connections == 3
 
 
+async def test_http10_response_is_not_pooled_unless_keep_alive() -> None:
+    async def reply(head: bytes, w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        return True  # leaves the socket open: a pooled reuse would hang on it
+
+    async with raw_server(reply) as srv:
+        up = Upstream(f"http://127.0.0.1:{srv.port}", max_connections=1, timeout=2)
+        for _ in range(3):
+            assert (await up.request("POST", "/", [], b"{}")).inline == b"ok"
+        await up.aclose()
+    assert srv.connections == 3
+
+
 async def test_failures_are_backend_errors_and_free_the_slot() -> None:
     async def reply(head: bytes, w: asyncio.StreamWriter) -> bool:
         if b"/slow" in head:
