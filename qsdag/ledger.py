@@ -59,7 +59,7 @@ from qsdag.errors import (
 )
 from qsdag.evidence import SlashingEvidence, verify_evidence
 from qsdag.payloads import Genesis, KeyRecord, decode_payload, encode_payload
-from qsdag.slashing import SlashNotice, slash_notice
+from qsdag.slashing import SlashAudit, SlashNotice, slash_notice
 from qsdag.store import VIEW_FAMILIES, Batch, Store
 from qsdag.vertex import (
     DOMAIN,
@@ -848,14 +848,16 @@ class Ledger:
     def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
         """Re-check every stored vertex in anchoring order; report every invalid one.
 
-        Replays the key registry from the vertices themselves (not from the view),
-        so a damaged view cannot hide a bad signature.
+        Replays the key registry and the slash rule from the vertices themselves
+        (not from the views), so a damaged view cannot hide a bad signature or a
+        vertex a slash should have refused.
         """
         report = VerifyReport()
         keys: dict[tuple[str, int], VerifyKey] = {}
         current: dict[str, int] = {}
         counters: dict[str, int] = {}
         seen_pos: dict[bytes, int] = {}
+        slash_audit = SlashAudit(())
         for pos_key in self._store.keys("positions"):
             position = _Q.unpack(pos_key)[0]
             report.checked += 1
@@ -867,14 +869,15 @@ class Ledger:
                 assert vid is not None
                 vid_hex = vid.hex()
                 v = self.get(vid)
-                self._audit_one(v, vid, position, seen_pos, keys, current, counters)
+                self._audit_one(v, vid, position, seen_pos, keys, current, counters,
+                                slash_audit)
             except (LedgerError, CryptoError, AssertionError) as exc:
                 report.invalid.append((vid_hex, f"{type(exc).__name__}: {exc}"))
         return report
 
     def _audit_one(self, v: Vertex, vid: bytes, position: int, seen_pos: dict[bytes, int],
                    keys: dict[tuple[str, int], VerifyKey], current: dict[str, int],
-                   counters: dict[str, int]) -> None:
+                   counters: dict[str, int], slash_audit: SlashAudit) -> None:
         payload = decode_payload(v.kind, v.payload)
         for p in v.parents:
             if p not in seen_pos:
@@ -883,9 +886,11 @@ class Ledger:
         if v.counter != expected:
             raise MalformedVertex(f"counter {v.counter}, expected {expected}")
         if isinstance(payload, Genesis):
+            slash_audit.authorities = {a.node_id for a in payload.authorities}
             for a in payload.authorities:
                 keys[(a.node_id, a.key_version)] = _verify_key(a, vid)
                 current[a.node_id] = a.key_version
+                slash_audit.registered_by[(a.node_id, a.key_version)] = v.author
         elif (isinstance(payload, KeyRecord) and v.author not in current
               and payload.node_id == v.author):
             keys[(v.author, 1)] = _verify_key(payload, vid)
@@ -893,9 +898,11 @@ class Ledger:
         if current.get(v.author) != v.key_version:
             raise KeyVersionMismatch(f"key version {v.key_version} not in force")
         self._verify_with(keys[(v.author, v.key_version)], v, vid)
+        slash_audit.check(v, vid, payload)
         if isinstance(payload, KeyRecord):
             keys[(payload.node_id, payload.key_version)] = _verify_key(payload, vid)
             current[payload.node_id] = payload.key_version
+            slash_audit.registered_by[(payload.node_id, payload.key_version)] = v.author
         counters[v.author] = v.counter
         seen_pos[vid] = position
 

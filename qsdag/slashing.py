@@ -42,13 +42,14 @@ replays them.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.message import DecodeError
 
 from proto import qsdag_pb2
-from qsdag.errors import InvalidPayload
+from qsdag.errors import AuthorSlashed, InvalidPayload
 from qsdag.payloads import MAX_TEXT, OpaqueRecord
 from qsdag.store import Batch, Store
 from qsdag.vertex import ID_SIZE, Vertex, VertexKind, check_node_id
@@ -111,6 +112,65 @@ class ActiveSlash:
     vertex_id: bytes
     target: str
     key_version: int
+
+
+def refusing(v: Vertex, inherited: Iterable[ActiveSlash], *,
+             may_lift: bool) -> list[ActiveSlash]:
+    """The rule itself: of the active slashes in ``v``'s ancestry, those that refuse it.
+
+    ``may_lift``: ``v`` is an ATTESTATION signed with a key a registrar authority
+    registered; it passes (and lifts) slashes whose disabled version is below its own.
+    """
+    return [s for s in inherited if s.target == v.author
+            and not (may_lift and v.kind == VertexKind.ATTESTATION
+                     and v.key_version > s.key_version)]
+
+
+def lifts(v: Vertex, inherited: Iterable[ActiveSlash]) -> list[ActiveSlash]:
+    """Slashes an *anchored* vertex lifts (it passed :func:`refusing`)."""
+    if v.kind != VertexKind.ATTESTATION:
+        return []
+    return [s for s in inherited if s.target == v.author and v.key_version > s.key_version]
+
+
+class SlashAudit:
+    """Replays the slash rule over vertices in anchoring order without the views
+    (``Ledger.verify``), so a damaged view cannot hide a vertex that should have
+    been refused."""
+
+    def __init__(self, authorities: Iterable[str]) -> None:
+        self.authorities = set(authorities)
+        self.active: dict[bytes, ActiveSlash] = {}
+        self._tags: dict[bytes, frozenset[bytes]] = {}
+        #: (node, key version) -> author of the vertex that registered it
+        self.registered_by: dict[tuple[str, int], str] = {}
+
+    def check(self, v: Vertex, vid: bytes, payload: object) -> None:
+        """Raise AuthorSlashed / InvalidPayload like anchoring would; else record ``v``."""
+        inherited: set[bytes] = set()
+        for p in v.parents:
+            inherited |= self._tags.get(p, frozenset())
+        inherited &= self.active.keys()
+        slashes = [self.active[i] for i in sorted(inherited)]
+        registrar = self.registered_by.get((v.author, v.key_version))
+        may_lift = registrar is not None and registrar != v.author and (
+            registrar in self.authorities)
+        blocking = refusing(v, slashes, may_lift=may_lift)
+        if blocking:
+            raise AuthorSlashed(f"{v.author} was slashed by {blocking[0].vertex_id.hex()[:16]}",
+                                vertex_id=vid, author=v.author,
+                                slash_ids=tuple(s.vertex_id for s in blocking))
+        notice = slash_notice(v, payload)
+        if notice is not None and v.author not in self.authorities:
+            raise InvalidPayload(f"slash by non-authority {v.author}", vertex_id=vid)
+        for s in lifts(v, slashes):
+            del self.active[s.vertex_id]
+            inherited.discard(s.vertex_id)
+        if notice is not None:
+            self.active[vid] = ActiveSlash(vid, notice.target, notice.key_version)
+            inherited.add(vid)
+        if inherited:
+            self._tags[vid] = frozenset(inherited)
 
 
 def _dump(obj: object) -> bytes:
@@ -185,15 +245,8 @@ class Slashes:
         active = self.active()
         if not any(s.target == v.author for s in active.values()):
             return []
-        out = []
-        for sid in sorted(self.inherited(v.parents)):
-            s = active[sid]
-            if s.target != v.author:
-                continue
-            if may_lift and v.key_version > s.key_version:
-                continue
-            out.append(s)
-        return out
+        return refusing(v, [active[i] for i in sorted(self.inherited(v.parents))],
+                        may_lift=may_lift)
 
     # -------------------------------------------------------------- writing
 
@@ -204,14 +257,11 @@ class Slashes:
             return
         tags = self.inherited(v.parents)
         changed = False
-        if v.kind == VertexKind.ATTESTATION:
-            active = self.active()
-            lifted = [sid for sid in sorted(tags) if active[sid].target == v.author
-                      and v.key_version > active[sid].key_version]
-            for sid in lifted:
-                self._mark_lifted(batch, v.author, sid, vid)
-                tags.discard(sid)
-                changed = True
+        active = self.active()
+        for s in lifts(v, [active[i] for i in sorted(tags)]):
+            self._mark_lifted(batch, v.author, s.vertex_id, vid)
+            tags.discard(s.vertex_id)
+            changed = True
         if notice is not None:
             self._record(batch, notice, v, vid)
             tags.add(vid)

@@ -93,7 +93,7 @@ def test_self_rotation_before_the_slash_does_not_lift_it(world: World) -> None:
     assert ledger.views.key_versions.current("alice") == 2
     with pytest.raises(AuthorSlashed):  # v2 was not registered by a registrar
         reattest(ledger, ALICE2, 2, 1)
-    assert ledger.is_slashed("alice")
+    assert ledger.is_slashed("alice") and ledger.verify().ok
 
 
 def test_only_authorities_slash_and_notices_are_validated(world: World) -> None:
@@ -176,3 +176,15 @@ def test_slashed_orphan_is_dropped_when_released(world: World) -> None:
     report = ledger.import_([s])
     assert report.anchored == [s.id] and ledger.orphan_count == 0
     assert not ledger.has(child.id)
+
+
+def test_audit_replays_the_slash_rule_independently_of_views(world: World) -> None:
+    ledger = world.ledger
+    s = ledger.slash("alice", "equivocation", "gov", GOV)
+    v = ledger.build_vertex("alice", ALICE, VertexKind.ROUTE, route("sneaked"))
+    # bypass the anchoring rules, as a buggy or tampered writer would
+    ledger._write(ledger._store.batch(), v, v.id, route("sneaked"),
+                  ledger.receipt(s.id).depth + 1)
+    report = ledger.verify()
+    assert report.invalid == [(v.id.hex(), report.invalid[0][1])]
+    assert report.invalid[0][1].startswith("AuthorSlashed")
