@@ -166,3 +166,26 @@ async def test_ping_measures_rtt_and_close_fails_pending_receives(mesh: Mesh) ->
         assert tunnel.closed
         with pytest.raises(TunnelClosed):
             tunnel.open_stream()
+
+
+async def test_server_shutdown_with_busy_tunnels_ends_them_cleanly(mesh: Mesh) -> None:
+    started = asyncio.Event()
+
+    async def handler(tunnel: Tunnel) -> None:
+        started.set()
+        await asyncio.Event().wait()  # a handler that never returns by itself
+
+    server = await qstp.serve(handler, "127.0.0.1", 0, mesh.server)
+    tunnel = await qstp.connect("127.0.0.1", server.port, mesh.client)
+    stream = tunnel.open_stream()
+    await stream.send(b"waiting for an answer")
+    pending = asyncio.create_task(stream.recv())
+    await started.wait()
+    server.close()
+    await asyncio.wait_for(server.wait_closed(), 10)
+    assert server.tunnels == 0
+    with pytest.raises(TunnelClosed):
+        await asyncio.wait_for(pending, 5)
+    await tunnel.wait_closed()
+    assert tunnel.close_reason is not None and tunnel.close_reason.by_peer
+    assert tunnel.goaway is not None
