@@ -10,11 +10,15 @@ The whole API other packages use::
 
     stream = tunnel.open_stream()          # sync; the peer sees it with the first send
     await stream.send(data, end=False)     # waits for credit (backpressure) and PAUSE
-    data = await stream.recv()             # b"" at end of stream
+    data = await stream.recv()             # b"" at end of stream (a byte stream: chunks
+                                           # need not match send() calls)
     async for chunk in stream: ...         # same, until end
+    body = await stream.read_all(limit)    # everything until end (TunnelClosed if > limit)
     await stream.close()                   # half-close (END_STREAM)
+    stream.reset(code, reason)             # abort this stream only (ERROR frame)
 
     async for stream in tunnel: ...        # streams the peer opens, until the tunnel ends
+    await tunnel.accept_stream()           # the same, one at a time (None once ended)
     tunnel.peer                            # qstp.tls.PeerInfo (spiffe_id, group, resumed, ...)
     tunnel.resumed; tunnel.session         # TLS 1.3 ticket -> connect(..., session=...)
     tunnel.pause(stream_id=None, reason=0, retry_after=0.0); tunnel.resume(stream_id=None)
@@ -22,6 +26,8 @@ The whole API other packages use::
     await tunnel.wait_resumed(stream_id=None)   # honour a peer's PAUSE explicitly
     tunnel.channel_binding(); tunnel.export_keying_material(label, n)
     await tunnel.ping() -> rtt; tunnel.rekey(); await tunnel.close(); await tunnel.wait_closed()
+    tunnel.on_key_update; tunnel.key_updates; tunnel.close_reason; tunnel.goaway
+    server.tunnels; server.handshake_failures
 
 Backpressure: a receiver returns credit only when the application ``recv()``s, so
 a slow reader makes its sender's ``send()`` wait; nothing buffers beyond the windows
