@@ -15,7 +15,8 @@ Quick tour::
     from qstp.pqc import SigningKey
 
     gov = SigningKey.generate()
-    ledger = Ledger.open("/var/lib/pqcnet/ledger")     # clock=, max_orphans=, skew=, sync=
+    ledger = Ledger.open("/var/lib/pqcnet/ledger")     # clock=, skew=, sync=, max_orphans=,
+                                    # max_orphans_per_author=, max_unverified_orphans=
     ledger.init_genesis("pqcnet-dev", "gov-1", gov)    # once; gov-1 becomes a registrar
     relayer = SigningKey.generate()
     ledger.register_author("relayer-1", relayer.public_key, registrar="gov-1", signer=gov)
@@ -89,6 +90,8 @@ from qsdag.errors import (
 from qsdag.evidence import SlashingEvidence, verify_evidence
 from qsdag.ledger import (
     DEFAULT_MAX_ORPHANS,
+    DEFAULT_MAX_ORPHANS_PER_AUTHOR,
+    DEFAULT_MAX_UNVERIFIED_ORPHANS,
     DEFAULT_SKEW,
     AnchorReceipt,
     ImportReport,
@@ -109,7 +112,8 @@ from qsdag.slashing import SLASH_CONTENT_TYPE, SlashNotice
 from qsdag.vertex import DOMAIN, MAX_PARENTS, MAX_PAYLOAD, Vertex, VertexKind, decode, sign_vertex
 
 __all__ = [
-    "DEFAULT_MAX_ORPHANS", "DEFAULT_SKEW", "DOMAIN", "MAX_PARENTS", "MAX_PAYLOAD",
+    "DEFAULT_MAX_ORPHANS", "DEFAULT_MAX_ORPHANS_PER_AUTHOR", "DEFAULT_MAX_UNVERIFIED_ORPHANS",
+    "DEFAULT_SKEW", "DOMAIN", "MAX_PARENTS", "MAX_PAYLOAD",
     "SLASH_CONTENT_TYPE", "AnchorReceipt", "AttestationEvent", "AttestationRejected",
     "AuthorSlashed", "BadSignature", "CorruptRecord", "Equivocation", "Genesis",
     "ImportReport", "InvalidEvidence", "InvalidNodeId", "InvalidPayload", "KeyRecord",
