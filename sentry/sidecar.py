@@ -14,7 +14,8 @@ binding and renewed before it expires — with the tenant issuer key it was give
   unary method, so an unmodified gRPC client (generated stubs) works; refusals are
   gRPC status codes (UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED).
   Binary metadata (keys ending ``-bin``) crosses the tunnel base64-encoded and
-  reaches the backend as the original bytes.
+  reaches the backend as the original bytes; the backend's trailing metadata comes
+  back to the client the same way.
 * :func:`serve_tcp` — raw bytes of each local connection piped over one stream to a
   named TCP backend.
 """
@@ -23,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -37,7 +40,7 @@ import grpc.aio
 from qstp.errors import PqcnetError
 from qstp.pqc import SigningKey
 from sentry import assertion as sa
-from sentry.backends import TCP_READ_CHUNK, close_quietly
+from sentry.backends import GRPC_RESERVED, TCP_READ_CHUNK, close_quietly
 from sentry.errors import BackendError
 from sentry.http1 import HttpError, HttpLimits, read_request, response_head
 from sentry.wire import RequestHead, ResponseHead, decode_response, encode_request, read_head
@@ -49,6 +52,8 @@ RENEW_FRACTION = 0.2
 #: Bytes of a request sent while stream opening is serialized (the rest follows
 #: outside the lock); below QSTP's initial stream window so it never waits for credit.
 OPEN_SLICE = 32 * 1024
+#: What gRPC accepts as a metadata key.
+_METADATA_KEY = re.compile(r"^[0-9a-z_.\-]+$")
 #: Hop-by-hop response headers the sidecar sets itself.
 _RESPONSE_OWN = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length"})
 
@@ -255,6 +260,25 @@ def metadata_to_wire(metadata: Iterable[tuple[str, str | bytes]]
     return tuple(out)
 
 
+def metadata_from_wire(headers: Iterable[tuple[str, str]]
+                       ) -> tuple[tuple[str, str | bytes], ...]:
+    """The backend's trailing metadata for the local gRPC client (``-bin`` decoded);
+    keys gRPC owns and values that cannot be valid metadata are left out."""
+    out: list[tuple[str, str | bytes]] = []
+    for key, value in headers:
+        k = key.lower()
+        if k in GRPC_RESERVED or k.startswith((":", "grpc-")) or not _METADATA_KEY.match(k):
+            continue
+        if k.endswith("-bin"):
+            try:
+                out.append((k, base64.b64decode(value, validate=True)))
+            except (binascii.Error, ValueError):
+                continue
+        elif value.isascii() and value.isprintable():
+            out.append((k, value))
+    return tuple(out)
+
+
 class _ForwardAll(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     """Accept every unary method and forward its raw bytes through the sidecar."""
 
@@ -280,9 +304,13 @@ class _ForwardAll(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                             grpc.StatusCode.UNKNOWN)
                 await context.abort(code, resp.reason or resp.error)
             try:
-                return b"".join([c async for c in _body(stream, first)])
+                reply = b"".join([c async for c in _body(stream, first)])
             except PqcnetError as exc:  # the sentry reset the stream mid-response
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            trailers = metadata_from_wire(resp.headers)
+            if trailers:
+                context.set_trailing_metadata(trailers)
+            return reply
 
         return grpc.unary_unary_rpc_method_handler(unary)
 

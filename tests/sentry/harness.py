@@ -153,6 +153,9 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):
         self.seen.append((request.text, md))
         if request.text == "not-found":
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+        if request.text == "bin":
+            context.set_trailing_metadata((("x-echo-bin", b"\xff\x00trailer"),
+                                           ("x-echo", "plain")))
         return echo_pb2.EchoReply(text=request.text.upper(),
                                   metadata=[f"{k}={v}" for k, v in md])
 

@@ -90,16 +90,20 @@ async def test_hammering_client_gets_flow_pause_and_traffic_still_completes(env:
     assert sidecar.tunnels_opened == 1
 
 
-async def test_grpc_binary_metadata_reaches_the_backend_as_bytes(env: Env) -> None:
+async def test_grpc_binary_metadata_crosses_the_tunnel_both_ways(env: Env) -> None:
     sidecar = env.stack.sidecar(env.mesh.acme, env.mesh.acme_issuer)
     server, port = await serve_grpc(sidecar)
     blob = b"\x00\x01\xfe\xff binary"
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            reply = await echo_pb2_grpc.EchoStub(channel).Say(
+            call = echo_pb2_grpc.EchoStub(channel).Say(
                 echo_pb2.EchoRequest(text="bin"), metadata=(("x-blob-bin", blob),),
                 timeout=10)
+            reply = await call
             assert reply.text == "BIN"
+            trailers = dict(await call.trailing_metadata() or ())
+            assert trailers["x-echo-bin"] == b"\xff\x00trailer"
+            assert trailers["x-echo"] == "plain"
     finally:
         await server.stop(None)
         await sidecar.aclose()
