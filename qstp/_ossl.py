@@ -7,8 +7,10 @@ KeyUpdate. The first two are in the cffi binding that `cryptography` ships
 the binding, so we resolve it from the extension module's ELF symbol table and its
 load address in ``/proc/self/maps``. If that is impossible (stripped wheel, other
 OS), :func:`key_update_supported` is False and QSTP falls back to a reconnect for
-rekeying. Everything here touches private attributes (``_context``, ``_ssl``);
-tests in ``tests/qstp/test_ossl.py`` pin the behaviour.
+rekeying (GOAWAY when a rekey is due, close at the next; see :mod:`qstp.connection`;
+``QstpConfiguration.tls_key_update=False`` selects the same fallback on purpose).
+Everything here touches private attributes (``_context``, ``_ssl``); tests in
+``tests/qstp/test_ossl.py`` pin the behaviour.
 """
 
 from __future__ import annotations

@@ -27,7 +27,11 @@ Protocol rules (see :mod:`qstp.frames` for the wire layout):
   ACK raising the connection window; the client reports ``HandshakeCompleted`` only
   when it arrives, which proves the server accepted the client certificate.
 * Rekey: a TLS 1.3 KeyUpdate after ``rekey_after_bytes`` or ``rekey_interval``,
-  announced by a REKEY frame that already travels under the new keys.
+  announced by a REKEY frame that already travels under the new keys. Without
+  KeyUpdate (an OpenSSL build where it cannot be resolved, or
+  ``QstpConfiguration.tls_key_update=False``) the fallback is a reconnect: the first
+  due rekey sends GOAWAY (reason :data:`REKEY_BY_RECONNECT`; running streams finish,
+  no new ones) and sets :attr:`Connection.rekey_overdue`; the next one closes.
 * Shutdown: GOAWAY (last accepted stream, DATA frames processed) then TLS close_notify.
 * Failure: any malformed input becomes an ERROR frame (or a TLS alert during the
   handshake) plus :class:`~qstp.events.ConnectionTerminated`; never an escaping exception.
@@ -76,6 +80,8 @@ MAX_OUTSTANDING_PINGS = 16
 #: Bytes asked of the TLS write BIO per read; the BIO is drained in a loop.
 _BIO_CHUNK = 256 * 1024
 _MAX_WINDOW = 0x7FFFFFFF
+#: GOAWAY reason when a rekey falls due and TLS KeyUpdate is unavailable.
+REKEY_BY_RECONNECT = "rekey due and TLS KeyUpdate unavailable: reconnect for fresh keys"
 
 
 class ConnectionState(enum.Enum):
@@ -197,6 +203,8 @@ class Connection:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.key_updates = 0
+        self.rekey_overdue = False
+        """A rekey fell due without KeyUpdate: GOAWAY was sent, the next due one closes."""
 
     # ------------------------------------------------------------------ public state
 
@@ -214,6 +222,11 @@ class Connection:
             return self.tls.get_session()
         except SSL.Error:  # pragma: no cover - defensive
             return None
+
+    @property
+    def key_update_available(self) -> bool:
+        """Whether rekeys use TLS KeyUpdate (else the reconnect fallback applies)."""
+        return self.config.tls_key_update and _ossl.key_update_supported()
 
     @property
     def pending_send(self) -> int:
@@ -388,6 +401,7 @@ class Connection:
             self._bytes_since_rekey += n
             if rekey_after and self._bytes_since_rekey >= rekey_after:
                 self._auto_rekey(None)
+                self._check_not_closed_by_rekey()
             elif len(out) >= self.config.max_pending_send:
                 self._flush_plain()
             return
@@ -405,6 +419,7 @@ class Connection:
             self._bytes_since_rekey += len(piece)
             if rekey_after and self._bytes_since_rekey >= rekey_after:
                 self._auto_rekey(None)  # rekeys between frames, so big writes rekey too
+                self._check_not_closed_by_rekey()
             if last:
                 break
         if not st.acked_initial:
@@ -476,6 +491,9 @@ class Connection:
     def rekey(self, now: float | None = None) -> None:
         """TLS 1.3 KeyUpdate (asking the peer to update too) + a REKEY frame."""
         self._require_open()
+        if not self.key_update_available:
+            raise CryptoError("TLS KeyUpdate is unavailable (OpenSSL build or "
+                              "tls_key_update=False): rekey by reconnecting")
         self._flush_plain()  # everything queued so far goes out under the old keys
         _ossl.key_update(self.tls, request_peer=True)
         self._queue(FrameType.REKEY, 0, None, b"")
@@ -780,13 +798,28 @@ class Connection:
             self._events.append(ev.StreamReset(sid, code, reason))
 
     def _auto_rekey(self, now: float | None) -> None:
-        try:
-            self.rekey(now)
-        except CryptoError as exc:
-            log.warning("rekey skipped", extra={"reason": str(exc)})
-            self._bytes_since_rekey = 0
-            if now is not None:
-                self._last_rekey = now
+        if self.key_update_available:
+            try:
+                self.rekey(now)
+                return
+            except CryptoError as exc:  # e.g. a write pending: try at the next due point
+                log.warning("rekey skipped", extra={"reason": str(exc)})
+        elif not self.rekey_overdue:
+            # the fallback: ask for a reconnect; streams in flight may finish
+            log.warning("rekey due without TLS KeyUpdate: GOAWAY, reconnect expected")
+            self.rekey_overdue = True
+            self.goaway(ErrorCode.NO_ERROR, REKEY_BY_RECONNECT)
+        else:
+            self.close(ErrorCode.NO_ERROR, "tunnel keys overdue for rotation (TLS KeyUpdate "
+                       "unavailable and the peer did not reconnect)")
+        self._bytes_since_rekey = 0
+        if now is not None:
+            self._last_rekey = now
+
+    def _check_not_closed_by_rekey(self) -> None:
+        if self.state is ConnectionState.CLOSED:
+            raise TunnelClosed("tunnel closed: keys overdue for rotation (TLS KeyUpdate "
+                               "unavailable); reconnect")
 
     def _terminate(self, code: int, reason: str, *, by_peer: bool, send: bool = True,
                    during_handshake: bool | None = None) -> None:
@@ -883,6 +916,7 @@ _HANDLERS: dict[FrameType, Callable[[Connection, fr.Frame, float], None]] = {
 
 __all__ = [
     "MAX_OUTSTANDING_PINGS",
+    "REKEY_BY_RECONNECT",
     "STREAM_TRANSITIONS",
     "Connection",
     "ConnectionState",

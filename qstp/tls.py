@@ -12,14 +12,19 @@ groups fixed by a :class:`TlsPolicy`:
                        ``pqcnet_qstp_classical_handshakes_total``.
 
 Peer checks run *inside* the handshake (the verify callback), so a refused peer
-never completes it: OpenSSL checks the chain to our trust bundle and the validity
-window; the callback then checks the leaf's SPIFFE ID (trust domain, allowed
-patterns), the signature-checked CRL and the policy's :class:`PeerGate` (peers
-disabled at run time, e.g. slashed by governance). A failing check raises
-:class:`HandshakeRefused` out of ``do_handshake()`` with a reason a human can act on,
-and OpenSSL sends the peer a fatal alert. :func:`verify_peer` repeats the checks
-after the handshake (it is the only check on a resumed session, where no
-certificate is exchanged) and returns :class:`PeerInfo`.
+never completes it. Each check runs once, where it is cheapest: OpenSSL checks the
+chain signatures to our trust bundle, the validity window and (when we hold one)
+the signature-checked CRL; the callback adds only what OpenSSL cannot know — the
+leaf's SPIFFE ID (trust domain, allowed patterns), the policy's :class:`PeerGate`
+(peers disabled at run time, e.g. slashed by governance) and ``require_crl``. A
+failing check raises :class:`HandshakeRefused` out of ``do_handshake()`` with a
+reason a human can act on, and OpenSSL sends the peer a fatal alert.
+:func:`verify_peer` runs after the handshake and returns :class:`PeerInfo`: on a
+full handshake it takes OpenSSL's verdict (no ML-DSA signature is checked twice)
+and re-applies the cheap policy checks; on a resumed session, where no certificate
+is exchanged, it is the only check — validity window, SPIFFE policy, gate and the
+*current* CRL, plus the issuer signature against today's anchors, remembered per
+(certificate, trust bundle) so a stream of resumptions pays for it once.
 
 Driving a handshake (memory BIO)::
 
@@ -255,6 +260,9 @@ def _current_crl(identity: NodeIdentity) -> RevocationList | None:
 
 
 _NO_CRL = 3  # X509_V_ERR_UNABLE_TO_GET_CRL
+#: (peer certificate, trust bundle) pairs whose issuer signature a resumed session
+#: has already checked; bounds memory, one entry per distinct peer certificate
+_ANCHOR_CACHE_SIZE = 1024
 #: X509 errors the CRL check may raise that our policy tolerates (see callback)
 _CRL_SOFT_ERRORS = frozenset({_NO_CRL, 11, 12})  # + CRL_NOT_YET_VALID, CRL_HAS_EXPIRED
 
@@ -282,12 +290,21 @@ def check_peer_certificate(
     now: dt.datetime | None = None,
     crl: RevocationList | None = None,
 ) -> SpiffeId:
-    """The pqcnet checks on a peer leaf (beyond OpenSSL's chain check).
+    """All pqcnet checks on a peer leaf, standalone (no TLS connection needed).
 
-    Validity window, issued by one of our anchors, exactly one SPIFFE ID that the
-    policy allows, not revoked. Raises :class:`HandshakeRefused`.
+    Validity window, issued by one of our anchors (ML-DSA signature checked), exactly
+    one SPIFFE ID that the policy allows, not denied, not revoked. Raises
+    :class:`HandshakeRefused`. Handshakes use the cheaper split below: OpenSSL has
+    already checked the signature and window, so only :func:`_check_policy` runs.
     """
     now = now or utcnow()
+    _check_window(cert, now)
+    if not _issued_by_anchor(cert, identity):
+        raise HandshakeRefused("unknown-ca", "peer certificate not issued by a trusted mesh CA")
+    return _check_policy(cert, identity, policy, now=now, crl=crl)
+
+
+def _check_window(cert: x509.Certificate, now: dt.datetime) -> None:
     if now < cert.not_valid_before_utc:
         raise HandshakeRefused(
             "not-yet-valid",
@@ -297,10 +314,37 @@ def check_peer_certificate(
         raise HandshakeRefused(
             "expired", f"peer certificate expired at {cert.not_valid_after_utc.isoformat()}"
         )
-    if not any(is_signed_by(cert, ca) for ca in identity.trust_anchors):
-        raise HandshakeRefused("unknown-ca", "peer certificate not issued by a trusted mesh CA")
+
+
+@functools.lru_cache(maxsize=_ANCHOR_CACHE_SIZE)
+def _signed_by_bundle(cert: x509.Certificate, trust_bundle_pem: bytes,
+                      anchors: tuple[x509.Certificate, ...]) -> bool:
+    # keyed by the certificate (hash/eq by DER) and the bundle bytes; ``anchors``
+    # is derived from the bundle, so it adds no key entropy
+    return any(is_signed_by(cert, ca) for ca in anchors)
+
+
+#: SPIFFE ID per peer certificate (parsing the SAN extension costs more than the rest
+#: of the policy checks together); failures are not cached
+_spiffe_id_of = functools.lru_cache(maxsize=_ANCHOR_CACHE_SIZE)(spiffe_id_of)
+
+
+def _issued_by_anchor(cert: x509.Certificate, identity: NodeIdentity) -> bool:
+    """ML-DSA issuer check against today's anchors, cached per (cert, bundle)."""
+    return _signed_by_bundle(cert, identity.trust_bundle_pem, tuple(identity.trust_anchors))
+
+
+def _check_policy(
+    cert: x509.Certificate,
+    identity: NodeIdentity,
+    policy: TlsPolicy,
+    *,
+    now: dt.datetime | None = None,
+    crl: RevocationList | None = None,
+) -> SpiffeId:
+    """The checks OpenSSL cannot do: SPIFFE ID policy, :class:`PeerGate`, our CRL rules."""
     try:
-        peer = spiffe_id_of(cert)
+        peer = _spiffe_id_of(cert)
     except IdentityError as exc:
         raise HandshakeRefused("bad-certificate", f"peer certificate: {exc}") from None
     if not policy.peer_allowed(peer, identity.spiffe_id.trust_domain):
@@ -309,13 +353,14 @@ def check_peer_certificate(
     if denied is not None:
         raise HandshakeRefused("denied", f"peer {peer} is denied: {denied}")
     crl = crl if crl is not None else _current_crl(identity)
-    if crl is not None and crl.is_stale(now):
-        log.warning("CRL past nextUpdate; still applied, fetch a fresh one",
-                    extra={"crl_number": crl.number, "next_update": str(crl.next_update)})
     if crl is None:
         if policy.require_crl:
             raise HandshakeRefused("revoked", "no CRL available and the policy requires one")
-    elif crl.issuer == cert.issuer and crl.is_revoked(cert.serial_number):
+        return peer
+    if crl.is_stale(now or utcnow()):
+        log.warning("CRL past nextUpdate; still applied, fetch a fresh one",
+                    extra={"crl_number": crl.number, "next_update": str(crl.next_update)})
+    if crl.issuer == cert.issuer and crl.is_revoked(cert.serial_number):
         raise HandshakeRefused(
             "revoked", f"peer certificate {peer} (serial {cert.serial_number:x}) is revoked"
         )
@@ -339,7 +384,8 @@ def _verify_callback(identity: NodeIdentity, policy: TlsPolicy):  # type: ignore
                 return True
             raise _x509_error(errno)
         if depth == 0:
-            check_peer_certificate(cert.to_cryptography(), identity, policy, crl=crl)
+            # OpenSSL has checked signature, window and (if held) the CRL: policy only
+            _check_policy(cert.to_cryptography(), identity, policy, crl=crl)
         return True
 
     return callback
@@ -483,7 +529,19 @@ def verify_peer(
     peer_cert = conn.get_peer_certificate(as_cryptography=True)
     if peer_cert is None:
         raise HandshakeRefused("no-peer-certificate", "peer presented no certificate")
-    peer = check_peer_certificate(peer_cert, identity, policy, now=now)
+    resumed = _ossl.session_reused(conn)
+    now = now or utcnow()
+    if resumed:
+        # no certificate was exchanged: check it against today's identity and CRL
+        peer = check_peer_certificate(peer_cert, identity, policy, now=now)
+    else:
+        # OpenSSL verified the chain (signatures, window, CRL) in this handshake;
+        # its verdict plus the cheap policy checks suffice — no second ML-DSA verify
+        result = _lib.SSL_get_verify_result(conn._ssl)
+        if result != 0 and result not in _CRL_SOFT_ERRORS:
+            raise _x509_error(result)
+        _check_window(peer_cert, now)
+        peer = _check_policy(peer_cert, identity, policy, now=now)
     return PeerInfo(
         spiffe_id=peer,
         tls_version=version,
@@ -491,7 +549,7 @@ def verify_peer(
         cipher=conn.get_cipher_name() or "",
         alpn=alpn.decode(errors="replace"),
         cert_not_after=peer_cert.not_valid_after_utc,
-        resumed=_ossl.session_reused(conn),
+        resumed=resumed,
         cert_serial=peer_cert.serial_number,
     )
 
