@@ -222,7 +222,8 @@ class BufferedPublisher:
             try:
                 moved = await self.replay_once()
             except (TimeoutError, BusError) as exc:
-                log.warning("overflow replay paused", extra={"error": str(exc) or "timeout"})
+                log.warning("overflow replay paused: %s", str(exc) or "timeout",
+                            extra={"error": str(exc) or "timeout"})
                 continue
             if moved:
                 log.info("overflow replayed", extra={"records": moved})

@@ -22,14 +22,30 @@ from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaConnectionError,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    TopicAlreadyExistsError,
+    UnknownProducerId,
+)
 
 from relayer.bus.base import Bus, Delivery, Offset
 from relayer.errors import BusError, BusUnavailable
 
 T = TypeVar("T")
+#: producer-state errors after which an idempotent producer never recovers by itself
+_PRODUCER_FATAL = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch,
+                   ProducerFenced)
 #: default partitions of the relayer topic (the issue asks for >= 32)
 DEFAULT_PARTITIONS = 32
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 class KafkaBus(Bus):
@@ -65,6 +81,7 @@ class KafkaBus(Bus):
         self.commit_interval = commit_interval
         self._acked: dict[str, dict[TopicPartition, int]] = {}
         self._committer: asyncio.Task[None] | None = None
+        self._producer_broken = False
 
     def partitions(self) -> int:
         return self._shards
@@ -81,6 +98,11 @@ class KafkaBus(Bus):
             raise BusUnavailable("kafka call timed out") from None
         except KafkaConnectionError as exc:
             raise BusUnavailable(f"kafka unavailable: {exc}") from None
+        except _PRODUCER_FATAL as exc:
+            # e.g. after a broker restart: start a new producer (new producer id) on the
+            # next publish; records of the failed batch are replayed (dups are suppressed)
+            self._producer_broken = True
+            raise BusUnavailable(f"kafka producer state lost ({exc}); recreating") from None
         except KafkaError as exc:
             if getattr(exc, "retriable", False):
                 raise BusUnavailable(f"kafka retriable error: {exc}") from None
@@ -154,6 +176,10 @@ class KafkaBus(Bus):
         self.check_shard(shard)
         if not records:
             return []
+        if self._producer_broken and self._producer is not None:
+            old, self._producer, self._producer_broken = self._producer, None, False
+            with contextlib.suppress(KafkaError):
+                await old.stop()
         if self._producer is None:
             await self.start()
         assert self._producer is not None
@@ -179,7 +205,12 @@ class KafkaBus(Bus):
             futs.append(await producer.send_batch(batch, self.topic, partition=shard))
             sizes.append(n)
             out: list[Offset] = []
-            for meta, count in zip(await asyncio.gather(*futs), sizes):
+            # shielded: cancelling aiokafka's batch futures (our timeout) would make the
+            # idempotent producer skip sequence numbers -> OutOfOrderSequenceNumber later
+            gathered = asyncio.gather(*futs)
+            gathered.add_done_callback(_retrieve)  # no "exception never retrieved" noise
+            metas = await asyncio.shield(gathered)
+            for meta, count in zip(metas, sizes):
                 out += range(int(meta.offset), int(meta.offset) + count)
             return out
 
