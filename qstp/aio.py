@@ -79,8 +79,9 @@ DEFAULT_MAX_TUNNELS = 1024
 _SEND_SLICE = 128 * 1024
 #: Largest piece ``recv()`` assembles from several buffered DATA frames.
 _RECV_COALESCE = 64 * 1024
-#: Seconds :meth:`Tunnel.close` waits for unsent bytes to drain before aborting.
-CLOSE_TIMEOUT = 5.0
+#: Default seconds :meth:`Tunnel.close` waits for unsent bytes to drain before
+#: aborting (per tunnel: ``QstpConfiguration.close_timeout``).
+CLOSE_TIMEOUT = QstpConfiguration().close_timeout
 #: Client contexts kept for reuse (building one parses keys and certificates).
 _CONTEXT_CACHE_SIZE = 16
 
@@ -401,8 +402,9 @@ class Tunnel(asyncio.Protocol):
     async def close(self, code: int = ErrorCode.NO_ERROR, reason: str = "closed") -> None:
         """GOAWAY + TLS close_notify, then close the socket; fails pending waits.
 
-        A peer that stops reading cannot hold us: after :data:`CLOSE_TIMEOUT` seconds
-        the socket is aborted with whatever is still unsent."""
+        A peer that stops reading cannot hold us: after ``config.close_timeout``
+        seconds (:data:`CLOSE_TIMEOUT` by default) the socket is aborted with
+        whatever is still unsent."""
         if not self._conn.closed:
             self._conn.close(code, reason)
             self._process()
@@ -410,7 +412,7 @@ class Tunnel(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             transport.close()
         try:
-            async with asyncio.timeout(CLOSE_TIMEOUT):
+            async with asyncio.timeout(self._conn.config.close_timeout):
                 await self.wait_closed()
         except TimeoutError:
             if self._transport is not None:
@@ -774,7 +776,7 @@ class Server:
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         for tunnel in list(self._tunnels):
-            await tunnel.close()  # bounded by CLOSE_TIMEOUT
+            await tunnel.close()  # bounded by config.close_timeout
         if self._server is not None:
             await self._server.wait_closed()
 

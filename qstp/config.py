@@ -36,6 +36,10 @@ class QstpConfiguration:
     """Seconds a handshake may take: a stalled peer cannot pin a connection slot."""
     idle_timeout: float = 300.0
     """Seconds without any bytes from the peer before the connection is closed."""
+    close_timeout: float = 5.0
+    """Seconds ``Tunnel.close()`` waits for unsent bytes to drain before aborting the
+    socket: a peer that stops reading cannot hold a closing tunnel (or a server's
+    shutdown) open."""
     keepalive: bool = True
     """PING after ``idle_timeout / 2`` of silence, so a quiet but live tunnel stays up."""
     rekey_after_bytes: int = 1 << 30
@@ -67,7 +71,8 @@ class QstpConfiguration:
             if value <= 0:
                 raise ValueError(f"QstpConfiguration.{name} must be > 0, got {value}")
         for name, fvalue in (("handshake_timeout", self.handshake_timeout),
-                             ("idle_timeout", self.idle_timeout)):
+                             ("idle_timeout", self.idle_timeout),
+                             ("close_timeout", self.close_timeout)):
             if fvalue <= 0:
                 raise ValueError(f"QstpConfiguration.{name} must be > 0, got {fvalue}")
         if self.rekey_after_bytes < 0 or self.rekey_interval < 0:
