@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import os
 import struct
+import sys
 from typing import Any
 
 from cryptography.hazmat.bindings import _rust
@@ -58,6 +59,37 @@ def negotiated_group(conn: SSL.Connection) -> str | None:
 def session_reused(conn: SSL.Connection) -> bool:
     """True when the handshake resumed a previous session (TLS 1.3 PSK)."""
     return bool(_lib.SSL_session_reused(conn._ssl))
+
+
+#: X509_V_ERR_CERT_REJECTED: OpenSSL answers it with a ``bad_certificate`` alert.
+X509_CERT_REJECTED = 28
+#: X509_V_ERR_CERT_REVOKED: answered with ``certificate_revoked``.
+X509_CERT_REVOKED = 23
+#: How many frames up from a verify callback pyOpenSSL's wrapper may sit.
+_VERIFY_FRAME_DEPTH = 4
+
+
+def set_verify_error(x509_error: int) -> bool:
+    """From inside a pyOpenSSL verify callback, choose the X509 error (and so the TLS
+    alert) OpenSSL reports when the callback then refuses the certificate.
+
+    pyOpenSSL's wrapper returns 0 for a callback that raises but leaves the store
+    context's error at ``X509_V_OK``, which OpenSSL turns into an ``internal_error``
+    alert — misleading for a policy refusal. The store context is a local of that
+    wrapper (its signature is the C callback's), so we look it up on the stack.
+    Best effort: returns False (alert stays ``internal_error``) if pyOpenSSL changes;
+    ``tests/qstp/test_tls_reject.py`` pins the alert.
+    """
+    frame = sys._getframe(1)
+    for _ in range(_VERIFY_FRAME_DEPTH):
+        frame = frame.f_back  # type: ignore[assignment]
+        if frame is None:
+            return False
+        store_ctx = frame.f_locals.get("store_ctx")
+        if store_ctx is not None and _ffi.typeof(store_ctx).cname == "X509_STORE_CTX *":
+            _lib.X509_STORE_CTX_set_error(store_ctx, x509_error)
+            return True
+    return False
 
 
 def _elf_symbols(path: str, names: frozenset[str]) -> dict[str, int]:

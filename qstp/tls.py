@@ -106,7 +106,10 @@ class HandshakeRefused(HandshakeError):
     ``bad-certificate``, ``spiffe-not-allowed``, ``denied`` (the :class:`PeerGate`
     refuses it), ``no-peer-certificate``,
     ``no-shared-group``, ``classical-group``, ``alpn``, ``protocol-version``,
-    ``peer-refused`` (the peer sent a fatal alert), ``closed``, ``tls``.
+    ``certificate-refused`` (the peer refused our certificate with a
+    ``bad_certificate`` alert: e.g. our SPIFFE ID is not allowed there, we are
+    denied, or our certificate is not valid yet), ``peer-refused`` (the peer sent
+    another fatal alert), ``closed``, ``tls``.
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -385,7 +388,13 @@ def _verify_callback(identity: NodeIdentity, policy: TlsPolicy):  # type: ignore
             raise _x509_error(errno)
         if depth == 0:
             # OpenSSL has checked signature, window and (if held) the CRL: policy only
-            _check_policy(cert.to_cryptography(), identity, policy, crl=crl)
+            try:
+                _check_policy(cert.to_cryptography(), identity, policy, crl=crl)
+            except HandshakeRefused as exc:
+                # the peer gets bad_certificate / certificate_revoked, not internal_error
+                _ossl.set_verify_error(_ossl.X509_CERT_REVOKED if exc.reason == "revoked"
+                                       else _ossl.X509_CERT_REJECTED)
+                raise
         return True
 
     return callback
@@ -596,6 +605,7 @@ _ALERT_REASONS: Final = (
     ("no suitable key share", "no-shared-group"),
     ("no shared group", "no-shared-group"),
     ("handshake failure", "peer-refused"),
+    ("bad certificate", "certificate-refused"),
     ("peer did not return a certificate", "no-peer-certificate"),
     ("certificate required", "no-peer-certificate"),
     ("unsupported protocol", "protocol-version"),

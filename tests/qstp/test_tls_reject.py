@@ -18,10 +18,12 @@ from qstp.identity import MeshCA, NodeIdentity, dev_identities
 from qstp.identity.certs import utcnow
 from qstp.tls import (
     HandshakeRefused,
+    PeerGate,
     TlsPolicy,
     build_context,
     handshake_error,
     new_connection,
+    resumable_session,
     verify_peer,
 )
 from tests.qstp.tlsutil import HandshakeOutcome, handshake_pair, transfer
@@ -142,7 +144,11 @@ def test_spiffe_id_not_allowed(mesh) -> None:  # type: ignore[no-untyped-def]
     assert isinstance(outcome.server_error, HandshakeRefused)
     assert outcome.server_error.reason == "spiffe-not-allowed"
     assert RELAYER in str(outcome.server_error)
-    assert outcome.client_error is not None
+    # the refused client learns it was its certificate (bad_certificate alert),
+    # not an "internal error" of the server
+    assert isinstance(outcome.client_error, HandshakeRefused)
+    assert outcome.client_error.reason == "certificate-refused"
+    assert "bad certificate" in str(outcome.client_error)
     assert_nothing_leaked(client, server)
     # a glob that covers it lets it in; a glob must not cross '/'
     assert run(relayer, sentry, server_policy=TlsPolicy(
@@ -310,3 +316,32 @@ def test_tls12_only_client_refused(mesh) -> None:  # type: ignore[no-untyped-def
     outcome, _, _ = run(relayer, sentry, client_ctx=cctx)
     assert isinstance(outcome.server_error, HandshakeRefused)
     assert outcome.server_error.reason == "protocol-version"
+
+
+def test_gate_denial_is_a_bad_certificate_alert_and_resumption_is_refused_too(
+        mesh) -> None:  # type: ignore[no-untyped-def]
+    _ca, sentry, relayer = mesh
+    gate = PeerGate()
+    policy = TlsPolicy(gate=gate)
+    sctx = build_context(sentry, policy, server=True)
+    cctx = build_context(relayer, TlsPolicy(), server=False)
+    client, server = new_connection(cctx, server=False), new_connection(sctx, server=True)
+    assert handshake_pair(client, server).ok
+    transfer(server, client)
+    with pytest.raises(SSL.WantReadError):
+        client.recv(1)  # takes in the session ticket
+    session = resumable_session(client)
+    assert session is not None
+    gate.deny("r1", "slashed")
+    outcome, _, _ = run(relayer, sentry, server_policy=policy, client_ctx=cctx)
+    assert isinstance(outcome.server_error, HandshakeRefused)
+    assert outcome.server_error.reason == "denied"
+    assert isinstance(outcome.client_error, HandshakeRefused)
+    assert outcome.client_error.reason == "certificate-refused"
+    # a resumed session exchanges no certificate: verify_peer is the check there
+    server2 = new_connection(sctx, server=True)
+    client2 = new_connection(cctx, server=False, session=session)
+    assert handshake_pair(client2, server2).ok
+    assert _ossl.session_reused(server2)
+    with pytest.raises(HandshakeRefused, match=r"slashed \[denied\]"):
+        verify_peer(server2, sentry, policy)
