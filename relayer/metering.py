@@ -9,9 +9,11 @@ never reach it). One meter feeds all three outputs, which is why they agree:
 * the governance gRPC service (:meth:`query`);
 * the signed per-epoch volume proofs (:meth:`records` of a closed epoch).
 
-Epochs are ``floor(time / epoch_seconds)``. Aggregates live in memory, bounded by
-``max_epochs`` (oldest dropped after they were proven); a restart starts a fresh
-meter (what a crashed process delivered but had not proven is not re-counted).
+Epochs are ``floor(time / epoch_seconds)``. The worker computes a batch's delta
+(:meth:`VolumeMeter.aggregate`), persists it in the same write as its dedup marks
+(:mod:`relayer.seqstore`), and only then applies it here (:meth:`apply`). So a crash
+either loses both the marks and the count (the batch is redelivered and counted
+then) or keeps both — a restarted relayer loads its totals and counts nothing twice.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from relayer.frame import Frame
 MAX_EPOCHS = 1024
 
 Key = tuple[str, str, int]
+VolumeKey = tuple[int, str, str, int]
+"""(epoch, customer, channel, qos)"""
+VolumeDelta = dict[VolumeKey, list[int]]
+"""VolumeKey -> [bytes, frames]"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,26 +80,36 @@ class VolumeMeter:
         """The epoch number at ``now`` (default: the clock)."""
         return int((self._clock() if now is None else now) // self.epoch_seconds)
 
-    def record(self, shard: int, frames: Sequence[Frame]) -> None:
-        """Count a delivered batch (signature matches the worker's ``on_delivered``)."""
-        batch: dict[Key, list[int]] = {}
+    def aggregate(self, frames: Sequence[Frame]) -> VolumeDelta:
+        """The batch's volume per (epoch, customer, channel, qos); changes nothing."""
+        epoch = self.epoch()
+        batch: VolumeDelta = {}
         for f in frames:  # aggregate first: one counter update per key, not per frame
-            agg = batch.get((f.customer, f.channel, f.qos))
+            key = (epoch, f.customer, f.channel, f.qos)
+            agg = batch.get(key)
             if agg is None:
-                agg = batch[(f.customer, f.channel, f.qos)] = [0, 0]
+                agg = batch[key] = [0, 0]
             agg[0] += len(f.payload)
             agg[1] += 1
-        ep = self._epochs.setdefault(self.epoch(), {})
-        for key, (nbytes, nframes) in batch.items():
-            total = ep.get(key)
+        return batch
+
+    def apply(self, delta: VolumeDelta) -> None:
+        """Add a delta (from :meth:`aggregate`, or loaded from the store at start)."""
+        for (epoch, customer, channel, qos), (nbytes, nframes) in delta.items():
+            ep = self._epochs.setdefault(epoch, {})
+            total = ep.get((customer, channel, qos))
             if total is None:
-                total = ep[key] = [0, 0]
+                total = ep[(customer, channel, qos)] = [0, 0]
             total[0] += nbytes
             total[1] += nframes
-            labels = (key[0], key[1], str(key[2]))
+            labels = (customer, channel, str(qos))
             self._bytes.labels(*labels).inc(nbytes)
             self._frames.labels(*labels).inc(nframes)
         self.version += 1
+
+    def record(self, shard: int, frames: Sequence[Frame]) -> None:
+        """Count a delivered batch now (no persistence; the worker uses aggregate/apply)."""
+        self.apply(self.aggregate(frames))
 
     def epochs(self) -> list[int]:
         """Epochs with traffic, ascending."""

@@ -26,9 +26,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from proto import relayer_pb2 as pb
 from qsdag import Ledger
 from qstp import aio
 from qstp.identity import NodeIdentity
+from qstp.pqc import length_prefixed
 from qstp.tls import TlsPolicy
 from relayer.backpressure import FlowController
 from relayer.bus.base import Bus
@@ -46,6 +48,8 @@ from relayer.proof import (
     PerformanceReport,
     VolumeProof,
     build_volume_proof,
+    proof_from_pb,
+    proof_to_pb,
     sign_report,
 )
 from relayer.seqstore import RedisSeqStore, RocksSeqStore, SeqStore
@@ -135,7 +139,7 @@ class RelayerNode:
             from relayer.bus.redis_streams import RedisStreamsBus
 
             assert isinstance(self.bus, RedisStreamsBus)
-            store = RedisSeqStore(self.bus.client, cfg.redis_prefix)
+            store = RedisSeqStore(self.bus.client, cfg.redis_prefix, cfg.node_id)
         else:
             rocks = RocksSeqStore(self.data_dir / "marks", sync=cfg.sync)
             self._closers.append(rocks.close)
@@ -151,8 +155,9 @@ class RelayerNode:
         self._open_ledger()
         wcfg = WorkerConfig(group=cfg.group, batch=cfg.batch, max_reorder=cfg.max_reorder,
                             gap_timeout=cfg.gap_timeout)
-        self.workers = [RelayerShardWorker(self.bus, s, store, self.hub, wcfg,
-                                           on_delivered=self.meter.record)
+        self.meter.apply(await store.load_volume())  # what this node counted before a restart
+        self._load_proofs()
+        self.workers = [RelayerShardWorker(self.bus, s, store, self.hub, wcfg, meter=self.meter)
                         for s in cfg.shards_owned]
         self._tasks += [asyncio.create_task(w.run(), name=f"shard-{w.shard}")
                         for w in self.workers]
@@ -244,12 +249,33 @@ class RelayerNode:
                 continue
             proof = build_volume_proof(self.cfg.node_id, e, self.meter.records(e),
                                        self.identity.key)
-            self.anchor.anchor_proof(proof)
+            vid = self.anchor.anchor_proof(proof)
             self.proofs[e] = proof
+            self._save_proof(proof, vid)
             out.append(proof)
             log.info("volume proof anchored", extra={"epoch": e, "records": proof.record_count,
                                                      "bytes": proof.total_bytes})
         return out
+
+    def _save_proof(self, proof: VolumeProof, vid: bytes) -> None:
+        d = self.data_dir / "proofs"
+        d.mkdir(exist_ok=True)
+        tmp = d / f"{proof.epoch}.tmp"
+        tmp.write_bytes(length_prefixed(vid, proof_to_pb(proof).SerializeToString()))
+        tmp.replace(d / f"{proof.epoch}.proof")
+
+    def _load_proofs(self) -> None:
+        """Proofs made before a restart: never prove (and anchor) an epoch twice."""
+        d = self.data_dir / "proofs"
+        for path in sorted(d.glob("*.proof")) if d.exists() else []:
+            raw = path.read_bytes()
+            n = int.from_bytes(raw[:4], "big")
+            vid, body = raw[4 : 4 + n], raw[8 + n :]
+            m = pb.VolumeProof()
+            m.ParseFromString(body)
+            proof = proof_from_pb(m)
+            self.proofs[proof.epoch] = proof
+            self.anchor.receipts[proof.epoch] = vid
 
     async def _epoch_loop(self) -> None:
         while True:

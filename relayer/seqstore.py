@@ -20,20 +20,38 @@ import rocksdict
 from relayer.bus.embedded import open_rocks
 from relayer.errors import BusUnavailable
 from relayer.frame import Topic, topic_from_key, topic_key
+from relayer.metering import VolumeDelta
 
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
+_VOLKEY = struct.Struct(">QB")  # epoch, qos (then the topic key)
+_VOLVAL = struct.Struct(">QQ")  # bytes, frames (cumulative)
+
+
+def _volkey(epoch: int, customer: str, channel: str, qos: int) -> bytes:
+    return _VOLKEY.pack(epoch, qos) + topic_key((customer, channel))
+
+
+def _unvolkey(raw: bytes) -> tuple[int, str, str, int]:
+    epoch, qos = _VOLKEY.unpack_from(raw)
+    customer, channel = topic_from_key(raw[_VOLKEY.size:])
+    return int(epoch), customer, channel, int(qos)
 
 
 class SeqStore(Protocol):
-    """Durable map shard -> topic -> next_seq."""
+    """Durable map shard -> topic -> next_seq, plus this node's delivered volume."""
 
     async def load(self, shard: int) -> dict[Topic, int]:
         """All marks of ``shard``."""
         ...
 
-    async def save(self, shard: int, marks: Mapping[Topic, int]) -> None:
-        """Durably update marks of ``shard``."""
+    async def save(self, shard: int, marks: Mapping[Topic, int],
+                   volume: VolumeDelta | None = None) -> None:
+        """Durably update marks of ``shard`` and add ``volume``, in one atomic write."""
+        ...
+
+    async def load_volume(self) -> VolumeDelta:
+        """Everything this node's workers have counted so far (for the meter at start)."""
         ...
 
 
@@ -52,6 +70,7 @@ class RocksSeqStore:
         self._db = db
         self._wo = rocksdict.WriteOptions()
         self._wo.sync = sync
+        self._vol: dict[bytes, tuple[int, int]] = {}
 
     async def load(self, shard: int) -> dict[Topic, int]:
         prefix = b"S" + _U16.pack(shard)
@@ -63,14 +82,39 @@ class RocksSeqStore:
             it.next()
         return out
 
-    async def save(self, shard: int, marks: Mapping[Topic, int]) -> None:
-        if not marks:
+    async def save(self, shard: int, marks: Mapping[Topic, int],
+                   volume: VolumeDelta | None = None) -> None:
+        if not marks and not volume:
             return
         prefix = b"S" + _U16.pack(shard)
         batch = rocksdict.WriteBatch(raw_mode=True)
         for topic, nxt in marks.items():
             batch.put(prefix + topic_key(topic), _U64.pack(nxt))
+        updated: dict[bytes, tuple[int, int]] = {}
+        for (epoch, customer, channel, qos), (nbytes, nframes) in (volume or {}).items():
+            # one writer per shard, so read-modify-write of the shard's own totals is safe
+            key = b"V" + _U16.pack(shard) + _volkey(epoch, customer, channel, qos)
+            cur = self._vol.get(key)
+            if cur is None:
+                raw = self._db.get(key)
+                cur = (0, 0) if raw is None else _VOLVAL.unpack(raw)
+            updated[key] = (cur[0] + nbytes, cur[1] + nframes)
+            batch.put(key, _VOLVAL.pack(*updated[key]))
         self._db.write(batch, self._wo)
+        self._vol.update(updated)
+
+    async def load_volume(self) -> VolumeDelta:
+        out: VolumeDelta = {}
+        it = self._db.iter()
+        it.seek(b"V")
+        while it.valid() and it.key()[:1] == b"V":
+            key = _unvolkey(it.key()[3:])
+            b, f = _VOLVAL.unpack(it.value())
+            agg = out.setdefault(key, [0, 0])
+            agg[0] += b
+            agg[1] += f
+            it.next()
+        return out
 
     def close(self) -> None:
         """Close the database if this store opened it."""
@@ -79,11 +123,17 @@ class RocksSeqStore:
 
 
 class RedisSeqStore:
-    """Marks in one Redis hash per shard: ``{prefix}:seq:{shard}`` topic_key -> next_seq."""
+    """Marks in one Redis hash per shard: ``{prefix}:seq:{shard}`` topic_key -> next_seq.
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    Volume goes to two hashes per node (``{prefix}:volb:{node}`` bytes and
+    ``{prefix}:volf:{node}`` frames, ``HINCRBY``), written in the same MULTI as the
+    marks: marks are shared by whoever owns a shard, volume is each relayer's own.
+    """
+
+    def __init__(self, client: aioredis.Redis, prefix: str, node_id: str = "relayer") -> None:
         self._r = client
         self._prefix = prefix
+        self._node = node_id
 
     def key(self, shard: int) -> str:
         """The hash holding ``shard``'s marks."""
@@ -96,14 +146,30 @@ class RedisSeqStore:
             raise BusUnavailable(f"redis unavailable loading marks: {exc}") from None
         return {topic_from_key(_b(k)): int(v) for k, v in raw.items()}
 
-    async def save(self, shard: int, marks: Mapping[Topic, int]) -> None:
-        if not marks:
+    async def save(self, shard: int, marks: Mapping[Topic, int],
+                   volume: VolumeDelta | None = None) -> None:
+        if not marks and not volume:
             return
-        mapping = {topic_key(t): n for t, n in marks.items()}
+        pipe = self._r.pipeline(transaction=True)
+        if marks:
+            mapping = {topic_key(t): n for t, n in marks.items()}
+            pipe.hset(self.key(shard), mapping=mapping)  # type: ignore[arg-type]
+        for (epoch, customer, channel, qos), (nbytes, nframes) in (volume or {}).items():
+            field = _volkey(epoch, customer, channel, qos)
+            pipe.hincrby(f"{self._prefix}:volb:{self._node}", field, nbytes)
+            pipe.hincrby(f"{self._prefix}:volf:{self._node}", field, nframes)
         try:
-            await self._r.hset(self.key(shard), mapping=mapping)  # type: ignore[arg-type]
+            await pipe.execute()
         except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
             raise BusUnavailable(f"redis unavailable saving marks: {exc}") from None
+
+    async def load_volume(self) -> VolumeDelta:
+        try:
+            b = await self._r.hgetall(f"{self._prefix}:volb:{self._node}")
+            f = await self._r.hgetall(f"{self._prefix}:volf:{self._node}")
+        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            raise BusUnavailable(f"redis unavailable loading volume: {exc}") from None
+        return {_unvolkey(_b(k)): [int(v), int(f.get(k, 0))] for k, v in b.items()}
 
 
 def _b(value: bytes | str) -> bytes:

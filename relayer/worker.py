@@ -9,7 +9,8 @@ The order of the last three steps is the whole correctness argument: a crash aft
 delivery but before the marks are saved replays frames the subscriber already has
 (the subscriber SDK drops seq <= last seen); a crash after the marks but before the
 ack replays frames the marks suppress. Nothing is acked before it was delivered,
-so an acknowledged publish is never lost.
+so an acknowledged publish is never lost. The batch's metered volume is written
+together with the marks, so it is counted exactly once across crashes too.
 
 A failing sink or bus resets the worker to the last durable state (reload marks,
 rewind the bus) and retries with capped backoff; the loop never dies on them.
@@ -29,6 +30,7 @@ from typing import Protocol
 from relayer.bus.base import Bus, Delivery
 from relayer.errors import FrameRejected, RelayerError
 from relayer.frame import Frame, decode
+from relayer.metering import VolumeMeter
 from relayer.seqstore import SeqStore
 from relayer.sequencer import GAP_TIMEOUT, MAX_REORDER, Deliver, Duplicate, Gap, Sequencer
 
@@ -83,6 +85,7 @@ class RelayerShardWorker:
         sink: Sink,
         config: WorkerConfig | None = None,
         *,
+        meter: VolumeMeter | None = None,
         on_delivered: Callable[[int, Sequence[Frame]], None] | None = None,
         on_gap: Callable[[Gap], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -90,6 +93,7 @@ class RelayerShardWorker:
         self.bus, self.shard, self.store, self.sink = bus, shard, store, sink
         self.config = config or WorkerConfig()
         self.stats = WorkerStats()
+        self.meter = meter
         self._on_delivered = on_delivered
         self._on_gap = on_gap
         self._clock = clock
@@ -132,12 +136,16 @@ class RelayerShardWorker:
                 continue
             self._collect(seq.offer(frame, d, now), out)
         self._collect(seq.poll(now), out)
+        volume = self.meter.aggregate(out) if self.meter is not None and out else None
         if out:
             await self.sink.deliver(self.shard, out)
             self.stats.delivered += len(out)
             if self._on_delivered is not None:
                 self._on_delivered(self.shard, out)
-        await self.store.save(self.shard, seq.take_dirty())
+        # marks and the metered volume in one write: a crash keeps both or neither
+        await self.store.save(self.shard, seq.take_dirty(), volume)
+        if volume and self.meter is not None:
+            self.meter.apply(volume)
         done: list[Delivery] = []
         while self._inflight and not seq.is_held(self._inflight[0].offset):
             done.append(self._inflight.popleft())

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from relayer.governance import VolumeFilter, pull_volume
 from tests import services_ctl
 from tests.relayer.e2e import start_node
 from tests.relayer.helpers import assert_exactly_once_in_order, eventually
@@ -44,7 +45,7 @@ async def test_sigkill_mid_stream_loses_nothing_acked(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest,
 ) -> None:
     port = _free_port()
-    cfg = write_config(tmp_path, listen_port=port, **_backend_kw(request, backend))
+    cfg = write_config(tmp_path, listen_port=port, grpc_port=0, **_backend_kw(request, backend))
     proc = await RelayerProcess(cfg).start()
     topics = [("acme", f"ch{i}") for i in range(6)]
     n = 300
@@ -60,6 +61,9 @@ async def test_sigkill_mid_stream_loses_nothing_acked(
         await sub.wait_for(len(topics) * n)
         await asyncio.sleep(0.5)
         assert_exactly_once_in_order(sub.by_topic, {t: n for t in topics})
+        # metering survived the kill: counted once per distinct frame, none twice
+        vol = await pull_volume(f"127.0.0.1:{proc.ready['grpc_port']}", VolumeFilter())
+        assert (vol.total_frames, vol.total_bytes) == (len(topics) * n, len(topics) * n * 32)
     finally:
         await sub.close()
         for p in pubs:
