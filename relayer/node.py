@@ -282,8 +282,11 @@ class RelayerNode:
             await asyncio.sleep(min(1.0, self.cfg.epoch_seconds / 4))
             try:
                 self.prove_closed_epochs()
+                if isinstance(self.bus, EmbeddedBus):  # Redis trims on ack, Kafka by retention
+                    for s in self.cfg.shards_owned:
+                        self.bus.trim(s, [self.cfg.group])
             except Exception:
-                log.exception("volume proof failed")
+                log.exception("volume proof / log trim failed")
 
     def report(self, epoch_from: int = 0, epoch_to: int | None = None) -> PerformanceReport:
         """Signed performance report over proven epochs in the range."""

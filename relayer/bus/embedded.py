@@ -59,6 +59,7 @@ class EmbeddedBus(Bus):
         self._shards = shards
         self._head = [self._load_int(b"H" + _U16.pack(s), 0) for s in range(shards)]
         self._read: dict[tuple[int, str], int] = {}  # in-memory read cursor per group
+        self._trimmed: dict[int, int] = {}
         self._wake = [asyncio.Event() for _ in range(shards)]
         self._closed = False
 
@@ -141,8 +142,10 @@ class EmbeddedBus(Bus):
     def trim(self, shard: int, groups: Sequence[str]) -> int:
         """Delete records every group in ``groups`` has acked; returns the new log start."""
         low = min((self._committed(shard, g) for g in groups), default=0)
-        prefix = b"L" + _U16.pack(shard)
-        self._db.delete_range(prefix + _U64.pack(0), prefix + _U64.pack(low))
+        if low > self._trimmed.get(shard, 0):
+            prefix = b"L" + _U16.pack(shard)
+            self._db.delete_range(prefix + _U64.pack(0), prefix + _U64.pack(low))
+            self._trimmed[shard] = low
         return low
 
     async def rewind(self, shard: int, group: str) -> None:

@@ -136,3 +136,27 @@ async def test_sink_failure_resets_without_loss(tmp_path: Path) -> None:
     await asyncio.wait_for(task, 5)
     store.close()
     await bus.close()
+
+
+async def test_worker_reports_and_skips_a_gap(tmp_path: Path) -> None:
+    bus = EmbeddedBus(tmp_path / "bus", shards=1)
+    store = RocksSeqStore(tmp_path / "state")
+    sink = CollectSink()
+    gaps = []
+    w = RelayerShardWorker(bus, 0, store, sink, WorkerConfig(poll_timeout=0.05, gap_timeout=0.3),
+                           on_gap=gaps.append)
+    task = asyncio.create_task(w.run())
+    await bus.publish(0, [encode(Frame("c", "x", s, b"p")) for s in (1, 2, 4, 5)])
+    await sink.wait_for(4, 10)  # 3 never comes: after gap_timeout 4 and 5 go out
+    assert sink.by_topic[("c", "x")] == [1, 2, 4, 5]
+    assert w.stats.gaps == 1 and (gaps[0].expected, gaps[0].resumed_at) == (3, 4)
+    await bus.publish(0, [encode(Frame("c", "x", 3, b"late"))])
+    await bus.publish(0, [encode(Frame("c", "x", 6, b"p"))])
+    await sink.wait_for(5, 10)
+    assert sink.by_topic[("c", "x")] == [1, 2, 4, 5, 6] and w.stats.duplicates == 1
+    assert await bus.lag(0, "relayer") == 0
+    bus.trim(0, ["relayer"])  # fully acked log can be dropped
+    w.stop()
+    await asyncio.wait_for(task, 5)
+    store.close()
+    await bus.close()

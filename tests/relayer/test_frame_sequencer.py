@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -111,3 +113,20 @@ def test_any_arrival_order_with_duplicates_delivers_once_in_order(data: st.DataO
                 out.append(e.frame.seq)
     assert out == seqs
     assert s.buffered == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.integers(1, 17))
+def test_wire_parse_or_typed_error_whole_and_byte_at_a_time(blob: bytes, step: int) -> None:
+    """Any bytes on a relayer stream decode or raise a RelayerError; never anything else."""
+    from relayer.errors import RelayerError
+    from relayer.wire import MessageReader, decode_client, pack
+
+    for data in (blob, pack(blob)):
+        for chunks in ([data], [data[i : i + step] for i in range(0, len(data), step)]):
+            reader = MessageReader(max_message=256)
+            with contextlib.suppress(RelayerError):  # MessageTooLarge for a huge prefix
+                for c in chunks:
+                    for body in reader.feed(c):
+                        with contextlib.suppress(RelayerError):
+                            decode_client(body)
