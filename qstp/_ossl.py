@@ -1,16 +1,18 @@
 """The few OpenSSL calls pyOpenSSL does not wrap, in one place.
 
-pyOpenSSL has no API for TLS groups, the negotiated group name, or TLS 1.3
-KeyUpdate. The first two are in the cffi binding that `cryptography` ships
-(``SSL_CTX_set1_curves_list`` is the same call as ``set1_groups_list``).
-``SSL_key_update`` is compiled into that same static OpenSSL but not exported by
-the binding, so we resolve it from the extension module's ELF symbol table and its
-load address in ``/proc/self/maps``. If that is impossible (stripped wheel, other
-OS), :func:`key_update_supported` is False and QSTP falls back to a reconnect for
+pyOpenSSL has no API for TLS groups, the negotiated group name, TLS 1.3 KeyUpdate
+or the number of session tickets. The first two are in the cffi binding that
+`cryptography` ships (``SSL_CTX_set1_curves_list`` is the same call as
+``set1_groups_list``). ``SSL_key_update`` and ``SSL_CTX_set_num_tickets`` are
+compiled into that same static OpenSSL but not exported by the binding, so we
+resolve them from the extension module's ELF symbol table and its load address in
+``/proc/self/maps``. If that is impossible (stripped wheel, other OS),
+:func:`key_update_supported` is False and QSTP falls back to a reconnect for
 rekeying (GOAWAY when a rekey is due, close at the next; see :mod:`qstp.connection`;
-``QstpConfiguration.tls_key_update=False`` selects the same fallback on purpose).
-Everything here touches private attributes (``_context``, ``_ssl``); tests in
-``tests/qstp/test_ossl.py`` pin the behaviour.
+``QstpConfiguration.tls_key_update=False`` selects the same fallback on purpose),
+and servers send OpenSSL's default two tickets. Everything here touches private
+attributes (``_context``, ``_ssl``); tests in ``tests/qstp/test_ossl.py`` pin the
+behaviour.
 """
 
 from __future__ import annotations
@@ -137,19 +139,41 @@ def _load_base(path: str) -> int | None:
     return None
 
 
+#: Functions compiled into cryptography's static OpenSSL but not in its binding,
+#: with their C types (resolved together: reading the symbol table is one pass).
+_UNEXPORTED: dict[str, str] = {
+    "SSL_key_update": "int(*)(SSL*, int)",
+    "SSL_CTX_set_num_tickets": "int(*)(SSL_CTX*, size_t)",
+}
+
+
 @functools.cache
-def _key_update_fn() -> Any:
+def _unexported() -> dict[str, Any]:
     path = getattr(_rust, "__file__", None)
     if not path:
-        return None
+        return {}
     try:
-        syms = _elf_symbols(path, frozenset({"SSL_key_update", "SSL_is_init_finished"}))
+        syms = _elf_symbols(path, frozenset(_UNEXPORTED))
     except (OSError, struct.error, ValueError):
-        return None
+        return {}
     base = _load_base(path)
-    if base is None or "SSL_key_update" not in syms:
-        return None
-    return _ffi.cast("int(*)(SSL*, int)", base + syms["SSL_key_update"])
+    if base is None:
+        return {}
+    return {name: _ffi.cast(ctype, base + syms[name])
+            for name, ctype in _UNEXPORTED.items() if name in syms}
+
+
+def _key_update_fn() -> Any:
+    return _unexported().get("SSL_key_update")
+
+
+def set_num_tickets(ctx: SSL.Context, n: int) -> bool:
+    """How many TLS 1.3 session tickets a server sends after a full handshake
+    (OpenSSL's default is 2). False when the call is unavailable (default stays)."""
+    fn = _unexported().get("SSL_CTX_set_num_tickets")
+    if fn is None:
+        return False
+    return bool(fn(ctx._context, n) == 1)
 
 
 def key_update_supported() -> bool:

@@ -263,6 +263,9 @@ def _current_crl(identity: NodeIdentity) -> RevocationList | None:
 
 
 _NO_CRL = 3  # X509_V_ERR_UNABLE_TO_GET_CRL
+_SSL_MODE_NO_AUTO_CHAIN = 0x8
+#: TLS 1.3 session tickets a server sends per handshake (OpenSSL's default: 2).
+TICKETS_PER_HANDSHAKE: Final = 1
 #: (peer certificate, trust bundle) pairs whose issuer signature a resumed session
 #: has already checked; bounds memory, one entry per distinct peer certificate
 _ANCHOR_CACHE_SIZE = 1024
@@ -432,6 +435,10 @@ def build_context(identity: NodeIdentity, policy: TlsPolicy, *, server: bool) ->
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    # send only our certificate and explicit intermediates: the peer holds the
+    # anchors, and an auto-built chain would add the root's ~5 KiB ML-DSA
+    # certificate to every full handshake, each way
+    ctx.set_mode(_SSL_MODE_NO_AUTO_CHAIN)
     ctx.set_tls13_ciphersuites(":".join(policy.cipher_suites).encode())
     _ossl.set_groups(ctx, list(policy.group_list))
     try:
@@ -470,6 +477,9 @@ def build_context(identity: NodeIdentity, policy: TlsPolicy, *, server: bool) ->
         ctx.set_session_id(sid_ctx)
         if policy.session_tickets:
             ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+            # tickets are single-use and a client keeps only the newest: one is
+            # enough (each carries the peer's ML-DSA certificate, ~6 KiB)
+            _ossl.set_num_tickets(ctx, TICKETS_PER_HANDSHAKE)
         else:
             ctx.set_options(SSL.OP_NO_TICKET)
             ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)

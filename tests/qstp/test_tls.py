@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+import contextlib
 
+import pytest
+from OpenSSL import SSL
+
+from qstp import _ossl
 from qstp.identity import dev_identities
 from qstp.tls import (
     CHANNEL_BINDING_LABEL,
@@ -139,3 +143,49 @@ def test_chacha_suite_policy(mesh) -> None:  # type: ignore[no-untyped-def]
         build_context(sentry, policy, server=True), build_context(relayer, policy, server=False)
     )
     assert verify_peer(client, relayer, policy).cipher == "TLS_CHACHA20_POLY1305_SHA256"
+
+
+def _flights(client, server) -> list[int]:  # type: ignore[no-untyped-def]
+    """Drive a handshake one flight at a time; the byte size of each flight."""
+    sizes: list[int] = []
+    sides = [client, server]
+    for turn in range(6):
+        me, peer = sides[turn % 2], sides[(turn + 1) % 2]
+        with contextlib.suppress(SSL.WantReadError):
+            me.do_handshake()
+        try:
+            data = me.bio_read(1 << 20)
+        except SSL.WantReadError:
+            data = b""
+        sizes.append(len(data))
+        if data:
+            peer.bio_write(data)
+    return sizes
+
+
+def test_full_handshake_sends_only_the_leaf_and_one_ticket(mesh) -> None:  # type: ignore[no-untyped-def]
+    """Each ML-DSA-65 certificate is ~5 KiB: no auto-built chain with the root in it,
+    and one session ticket per handshake (OpenSSL's default would send two)."""
+    _, sentry, relayer = mesh
+    policy = TlsPolicy()
+    sctx = build_context(sentry, policy, server=True)
+    cctx = build_context(relayer, policy, server=False)
+    server = new_connection(sctx, server=True)
+    client = new_connection(cctx, server=False)
+    full = _flights(client, server)
+    assert len(client.get_peer_cert_chain() or []) == 1
+    # on a server OpenSSL lists the chain *without* the peer's leaf: nothing else came
+    assert server.get_peer_certificate() is not None
+    assert not server.get_peer_cert_chain()
+    with pytest.raises(SSL.WantReadError):
+        client.recv(1)  # the client takes in the ticket
+    session = resumable_session(client)
+    assert session is not None
+    server2 = new_connection(sctx, server=True)
+    client2 = new_connection(cctx, server=False, session=session)
+    resumed = _flights(client2, server2)
+    # the server's post-handshake flight is its ticket(s); a resumed handshake
+    # always sends one ticket of the same session, so the sizes must match
+    assert full[3] > 1000 and resumed[3] > 1000
+    assert abs(full[3] - resumed[3]) < 1000, (full, resumed)
+    assert _ossl.session_reused(client2)
