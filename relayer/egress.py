@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from qstp.aio import Stream
 from qstp.errors import PqcnetError, TunnelClosed
+from relayer.errors import RelayerError
 from relayer.frame import Frame
 from relayer.wire import Subscribe, encode_deliveries
 
@@ -33,6 +34,13 @@ MAX_SUBSCRIBER_QUEUE = 64
 MAX_SUBSCRIPTIONS = 10_000
 
 _Item = tuple[list[Frame], asyncio.Future[None]]
+
+
+class SubscriptionRefused(RelayerError):
+    """The relayer is at :data:`MAX_SUBSCRIPTIONS`; try another relayer or later."""
+
+    code = 31
+    retriable = True
 
 
 @dataclass(eq=False)
@@ -94,7 +102,7 @@ class SubscriberHub:
     async def serve(self, stream: Stream, request: Subscribe) -> None:
         """Feed one subscriber stream until it ends or fails."""
         if self.count() >= self.max_subscriptions:
-            raise TunnelClosed(f"relayer has {self.max_subscriptions} subscriptions")
+            raise SubscriptionRefused(f"relayer has {self.max_subscriptions} subscriptions")
         sub = Subscription(request.customer, request.channels)
         self._subs.setdefault(sub.customer, []).append(sub)
         self._changed.set()

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from qstp.aio import Stream, Tunnel
 from qstp.errors import PqcnetError
 from relayer.backpressure import FlowChange
-from relayer.egress import SubscriberHub
+from relayer.egress import SubscriberHub, SubscriptionRefused
 from relayer.errors import FieldTooLarge, OverflowFull, RelayerError, SeqNotMonotonic
 from relayer.frame import FrameLimits, Topic, encode, shard_for, validate
 from relayer.overflow import BufferedPublisher
@@ -121,7 +121,10 @@ class Ingress:
                         await stream.send(encode_error(exc.code, str(exc)))
                         continue
                     if isinstance(request, Subscribe):
-                        await self.hub.serve(stream, request)
+                        try:
+                            await self.hub.serve(stream, request)
+                        except SubscriptionRefused as exc:
+                            await stream.send(encode_error(exc.code, str(exc)))
                         return
                     request_id, items = request
                     results = await self.publish(session, items)

@@ -27,8 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from qstp.errors import PqcnetError
 from relayer.bus.base import Bus, Delivery
-from relayer.errors import FrameRejected, RelayerError
+from relayer.errors import FrameRejected
 from relayer.frame import Frame, decode
 from relayer.metering import VolumeMeter
 from relayer.seqstore import SeqStore
@@ -176,14 +177,18 @@ class RelayerShardWorker:
                 backoff = 0.05
             except asyncio.CancelledError:
                 raise
-            except (RelayerError, OSError) as exc:
+            except Exception as exc:  # a worker must never die: reset to durable state
                 if self._stopping:
                     break
                 self.stats.resets += 1
-                log.warning("shard worker reset", extra={"shard": self.shard, "error": str(exc)})
+                if isinstance(exc, PqcnetError | OSError):
+                    log.warning("shard worker reset",
+                                extra={"shard": self.shard, "error": str(exc)})
+                else:
+                    log.exception("shard worker reset after a bug", extra={"shard": self.shard})
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.config.max_backoff)
-                with contextlib.suppress(RelayerError, OSError):
+                with contextlib.suppress(PqcnetError, OSError):
                     await self._reset()
 
     def stop(self) -> None:

@@ -17,11 +17,12 @@ class CollectSink:
         self.frames: list[Frame] = []
         self.changed = asyncio.Event()
         self.fail_next = 0
+        self.fail_with: Exception = OSError("subscriber went away")
 
     async def deliver(self, shard: int, frames: Sequence[Frame]) -> None:
         if self.fail_next:
             self.fail_next -= 1
-            raise OSError("subscriber went away")
+            raise self.fail_with
         for f in frames:
             self.by_topic[f.topic].append(f.seq)
             self.frames.append(f)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from qstp.errors import TunnelClosed
 from relayer.bus.embedded import EmbeddedBus
 from relayer.errors import BusError
 from relayer.frame import Frame, encode, shard_for
@@ -121,11 +122,14 @@ async def test_duplicates_suppressed_across_restart(tmp_path: Path) -> None:
     await bus.close()
 
 
-async def test_sink_failure_resets_without_loss(tmp_path: Path) -> None:
+@pytest.mark.parametrize("error", [OSError("gone"), TunnelClosed("subscriber stream closed"),
+                                   KeyError("a bug")])
+async def test_sink_failure_resets_without_loss(tmp_path: Path, error: Exception) -> None:
     bus = EmbeddedBus(tmp_path / "bus", shards=1)
     store = RocksSeqStore(tmp_path / "state")
     sink = CollectSink()
     sink.fail_next = 3
+    sink.fail_with = error
     w = RelayerShardWorker(bus, 0, store, sink, WorkerConfig(poll_timeout=0.05))
     task = asyncio.create_task(w.run())
     await bus.publish(0, [encode(Frame("c", "x", i, b"p")) for i in range(1, 101)])
