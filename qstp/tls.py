@@ -439,6 +439,10 @@ def build_context(identity: NodeIdentity, policy: TlsPolicy, *, server: bool) ->
     # anchors, and an auto-built chain would add the root's ~5 KiB ML-DSA
     # certificate to every full handshake, each way
     ctx.set_mode(_SSL_MODE_NO_AUTO_CHAIN)
+    # pyOpenSSL enables partial writes, so one SSL_write stops after each 16 KiB
+    # record and sendall() loops in Python; memory BIOs never block, so let one
+    # SSL_write encrypt a whole flush (~8x fewer calls on the bulk path)
+    _lib.SSL_CTX_clear_mode(ctx._context, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
     ctx.set_tls13_ciphersuites(":".join(policy.cipher_suites).encode())
     _ossl.set_groups(ctx, list(policy.group_list))
     try:
