@@ -288,11 +288,19 @@ async def _measure(root: Path, qport: int, sport: int, handshakes: int, bulk_mib
     return out
 
 
+def _loadavg() -> list[float] | None:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
 def run(handshakes: int = 200, bulk_mib: int = 256, small_mib: int = 16,
         rounds: int = 3) -> dict[str, Any]:
     """Run the whole benchmark; returns the JSON-able result."""
     from qstp.identity import dev_identities
 
+    load_before = _loadavg()
     with tempfile.TemporaryDirectory(prefix="pqcnet-bench-qstp-") as tmp:
         root = Path(tmp)
         _ca, (server, client) = dev_identities(
@@ -336,6 +344,10 @@ def run(handshakes: int = 200, bulk_mib: int = 256, small_mib: int = 16,
         "qstp": "TLS 1.3 X25519MLKEM768, ML-DSA-65 mTLS, AES-256-GCM, pyOpenSSL memory BIO",
         "baseline": "stdlib ssl TLS 1.3 mTLS, ECDSA P-256, default group (X25519), asyncio",
         "cpus": os.cpu_count(),
+        # 1/5/15-minute load averages: other work on the machine skews wall times
+        "loadavg_before": load_before,
+        "loadavg_after": _loadavg(),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
     }
     return res
 

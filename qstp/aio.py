@@ -47,7 +47,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL import SSL
 
@@ -428,8 +428,9 @@ class Tunnel(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # any stream transport: uvloop's TCPTransport does not subclass
+        # asyncio.Transport, and only write/close/abort/get_extra_info are used
+        self._transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
