@@ -141,7 +141,11 @@ class Stream:
                 and not self._sent_end and not t._write_paused and not conn.closed
                 and not conn.any_peer_pause and conn.send_window(self.id) >= len(data)):
             # fast path: credit is there and nothing to wait for
-            conn.send_data(self.id, data)
+            try:
+                conn.send_data(self.id, data)
+            except TunnelClosed:
+                t._process()  # the core closed (keys overdue): flush and report it
+                raise
             if conn.pending_send >= _SEND_SLICE:
                 t._process()
             else:
@@ -171,6 +175,9 @@ class Stream:
             last = n == len(view)
             try:
                 conn.send_data(self.id, view[:n], end_stream=end and last)
+            except TunnelClosed:
+                t._process()  # the core closed (keys overdue): flush and report it
+                raise
             except ProtocolError as exc:
                 raise TunnelClosed(f"stream {self.id}: {exc}") from None
             if end and last:

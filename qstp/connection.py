@@ -810,8 +810,9 @@ class Connection:
             self.rekey_overdue = True
             self.goaway(ErrorCode.NO_ERROR, REKEY_BY_RECONNECT)
         else:
-            self.close(ErrorCode.NO_ERROR, "tunnel keys overdue for rotation (TLS KeyUpdate "
-                       "unavailable and the peer did not reconnect)")
+            # GOAWAY went out already: an ERROR frame (code NO_ERROR) tells the peer why
+            self._terminate(ErrorCode.NO_ERROR, "tunnel keys overdue for rotation (TLS "
+                            "KeyUpdate unavailable and no reconnect)", by_peer=False)
         self._bytes_since_rekey = 0
         if now is not None:
             self._last_rekey = now

@@ -100,3 +100,44 @@ def test_with_key_update_the_same_limit_rekeys_in_place() -> None:
     events = drain(s)
     assert ev.KeyUpdated(local=False) in events
     assert not any(isinstance(e, ev.GoAwayReceived) for e in events)
+
+
+async def test_over_sockets_the_fallback_ends_in_a_clean_close() -> None:
+    """The same contract through ``qstp.aio``: GOAWAY reaches the server's handler,
+    ``open_stream`` refuses, and the second due point ends the tunnel on both ends."""
+    import asyncio
+    import contextlib
+
+    import qstp
+    from qstp.aio import Tunnel
+
+    from .qstputil import make_mesh, running_server
+
+    mesh = make_mesh()
+    server_saw: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
+
+    async def sink(tunnel: Tunnel) -> None:
+        with contextlib.suppress(TunnelClosed):  # the client ends the tunnel mid-stream
+            async for stream in tunnel:
+                while await stream.recv():
+                    pass
+        await tunnel.wait_closed()
+        goaway = tunnel.goaway.reason if tunnel.goaway else ""
+        closed = tunnel.close_reason.reason if tunnel.close_reason else ""
+        server_saw.set_result((goaway, closed))
+
+    cfg = QstpConfiguration(rekey_after_bytes=200_000, rekey_interval=0, **NO_KU)  # type: ignore[arg-type]
+    async with running_server(mesh, sink, config=cfg) as server:
+        tunnel = await qstp.connect("127.0.0.1", server.port, mesh.client, config=cfg)
+        stream = tunnel.open_stream()
+        await stream.send(b"x" * 250_000)  # past the first due point: GOAWAY
+        assert tunnel.connection.rekey_overdue and not tunnel.closed
+        with pytest.raises(TunnelClosed):
+            tunnel.open_stream()
+        with pytest.raises(TunnelClosed, match="overdue"):
+            await stream.send(b"y" * 250_000)  # past the next one: closed
+        async with asyncio.timeout(10):
+            await tunnel.wait_closed()
+            goaway, closed = await server_saw
+        assert goaway == REKEY_BY_RECONNECT
+        assert "overdue" in closed
