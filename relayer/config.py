@@ -48,6 +48,8 @@ class RelayerConfig:
     kafka_topic: str = "pqcnet.relayer"
     #: seconds between Kafka offset commits (0: commit on every ack)
     kafka_commit_interval: float = 0.2
+    #: let the Kafka group protocol split shards among relayers (owned_shards must be empty)
+    kafka_rebalance: bool = False
     #: fsync RocksDB writes (power-loss safety; process crashes are safe without it)
     sync: bool = False
     high_water: int = HIGH_WATER
@@ -85,6 +87,8 @@ class RelayerConfig:
             raise ConfigError("redis_url: required for backend redis")
         if self.backend == "kafka" and not self.kafka_bootstrap:
             raise ConfigError("kafka_bootstrap: required for backend kafka")
+        if self.kafka_rebalance and self.owned_shards:
+            raise ConfigError("kafka_rebalance: the group assigns shards; leave owned_shards empty")
         if not 0 <= self.low_water < self.high_water:
             raise ConfigError("low_water/high_water: need 0 <= low_water < high_water")
         for name in ("retry_after", "backpressure_interval", "publish_timeout", "epoch_seconds",

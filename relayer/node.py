@@ -58,6 +58,8 @@ from relayer.worker import RelayerShardWorker, WorkerConfig
 log = logging.getLogger(__name__)
 #: seconds one lag() sample may take before the last known value is used
 LAG_TIMEOUT = 1.0
+#: seconds shard workers get on stop to finish their current step
+STOP_GRACE = 3.0
 
 
 def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
@@ -72,7 +74,8 @@ def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
 
         return KafkaBus(cfg.kafka_bootstrap, cfg.shards, topic=cfg.kafka_topic,
                         owned=cfg.shards_owned, client_id=cfg.node_id,
-                        commit_interval=cfg.kafka_commit_interval)
+                        commit_interval=cfg.kafka_commit_interval,
+                        rebalance=cfg.kafka_rebalance)
     return EmbeddedBus(data_dir / "bus", cfg.shards, sync=cfg.sync)
 
 
@@ -195,7 +198,18 @@ class RelayerNode:
         self.anchor = LedgerAnchor(ledger, self.cfg.node_id, key)
 
     async def stop(self) -> None:
-        """Stop tasks and close everything (idempotent)."""
+        """Stop tasks and close everything (idempotent).
+
+        Workers first get :data:`STOP_GRACE` seconds to finish their current step
+        (deliver → marks → ack), so a clean stop or a Kafka handover replays nothing;
+        a worker still blocked after that (e.g. holding frames for an absent
+        subscriber) is cancelled — its unacked frames are redelivered later.
+        """
+        for w in self.workers:
+            w.stop()
+        worker_tasks = [t for t in self._tasks if t.get_name().startswith("shard-")]
+        if worker_tasks:
+            await asyncio.wait(worker_tasks, timeout=STOP_GRACE)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -5,11 +5,20 @@
   :class:`ConfigError`-style :class:`BusError`, never silently mis-sharded.
 * The producer is idempotent with ``acks=all``: a publish returns only after the
   broker's in-sync replicas have the records, and producer retries never duplicate.
-* Consumption uses *explicit partition assignment* with the group id used only for
-  committed offsets. Each relayer owns a fixed set of shards (``owned``; default
+* Consumption, default: *explicit partition assignment* with the group id used only
+  for committed offsets. Each relayer owns a fixed set of shards (``owned``; default
   all), so there is no group-join / rebalance round on start (each costs seconds) and
-  a shard is never read by two relayers at once. Commits happen after the worker has
-  delivered and persisted its dedup marks, so a crash replays, never skips.
+  a shard is never read by two relayers at once.
+* Consumption, ``rebalance=True``: the group protocol assigns partitions among the
+  relayers of a group. On revoke, the listener waits (up to ``revoke_grace`` s) for
+  the shard's worker to ack what it consumed, commits, and stops acking that shard;
+  on assign, the shard's next ``consume`` raises a retriable error so its worker
+  resets to the committed offset and its stored marks. Nothing acked is replayed and
+  nothing unacked is lost. A new owner's marks for the shard's topics are older than
+  the previous owner's (marks are node-local), so its first frame per topic waits
+  ``gap_timeout`` and is reported as a gap before delivery resumes, in order.
+* Commits happen after the worker has delivered and persisted its dedup marks, so a
+  crash replays, never skips.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     InvalidProducerEpoch,
@@ -65,6 +75,8 @@ class KafkaBus(Bus):
         client_id: str = "pqcnet-relayer",
         linger_ms: int = 2,
         commit_interval: float = 0.0,
+        rebalance: bool = False,
+        revoke_grace: float = 5.0,
     ) -> None:
         if shards < 1:
             raise ValueError("shards must be >= 1")
@@ -82,6 +94,14 @@ class KafkaBus(Bus):
         self._acked: dict[str, dict[TopicPartition, int]] = {}
         self._committer: asyncio.Task[None] | None = None
         self._producer_broken = False
+        #: group protocol assigns partitions (True) or ``owned`` is fixed (False)
+        self.rebalance = rebalance
+        self.revoke_grace = revoke_grace
+        self.assigned: set[int] = set() if rebalance else set(self.owned)
+        self._reset_needed: set[int] = set()
+        self._revoking: set[int] = set()
+        self._consumed: dict[int, int] = {}  # shard -> highest offset handed out
+        self._changed = asyncio.Event()
 
     def partitions(self) -> int:
         return self._shards
@@ -168,7 +188,10 @@ class KafkaBus(Bus):
                 isolation_level="read_committed",
             )
             await self._call(consumer.start())
-            consumer.assign([self.tp(s) for s in self.owned])
+            if self.rebalance:
+                consumer.subscribe(topics=[self.topic], listener=_Rebalance(self, group))
+            else:
+                consumer.assign([self.tp(s) for s in self.owned])
             self._consumers[group] = consumer
         return consumer
 
@@ -223,17 +246,36 @@ class KafkaBus(Bus):
         if shard not in self.owned:
             raise BusError(f"shard {shard} is not owned by this relayer")
         consumer = await self._consumer(group)
+        if shard in self._reset_needed:
+            self._reset_needed.discard(shard)
+            raise BusUnavailable(f"shard {shard} (re)assigned to this relayer: resetting")
+        if shard not in self.assigned or shard in self._revoking:  # not (or no longer) ours
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(block):
+                    await self._changed.wait()
+            return []
         tp = self.tp(shard)
-        got = await self._call(
-            consumer.getmany(tp, timeout_ms=int(block * 1000), max_records=max_records),
-            self.op_timeout + block)
-        return [Delivery(shard, int(r.offset), r.value or b"") for r in got.get(tp, [])]
+        try:
+            got = await self._call(
+                consumer.getmany(tp, timeout_ms=int(block * 1000), max_records=max_records),
+                self.op_timeout + block)
+        except BusError:
+            if shard not in self.assigned:
+                return []  # revoked while we waited
+            raise
+        out = [Delivery(shard, int(r.offset), r.value or b"") for r in got.get(tp, [])]
+        if out:
+            self._consumed[shard] = int(out[-1].offset)
+        return out
 
     async def ack(self, shard: int, group: str, deliveries: Sequence[Delivery]) -> None:
         self.check_shard(shard)
         if not deliveries:
             return
         await self._consumer(group)
+        if shard not in self.assigned:
+            return  # revoked: the new owner resumes from what we committed at revoke
         upto = max(int(d.offset) for d in deliveries) + 1
         acked = self._acked.setdefault(group, {})
         acked[self.tp(shard)] = max(upto, acked.get(self.tp(shard), 0))
@@ -243,7 +285,8 @@ class KafkaBus(Bus):
             self._committer = asyncio.create_task(self._commit_loop())
 
     async def _commit(self, group: str) -> None:
-        offsets = dict(self._acked.get(group, {}))
+        offsets = {tp: o for tp, o in self._acked.get(group, {}).items()
+                   if tp.partition in self.assigned}
         if offsets:
             await self._call(self._consumers[group].commit(offsets))
 
@@ -260,6 +303,8 @@ class KafkaBus(Bus):
     async def lag(self, shard: int, group: str) -> int:
         self.check_shard(shard)
         consumer = await self._consumer(group)
+        if shard not in self.assigned:
+            return 0  # not ours to deliver
         tp = self.tp(shard)
         end = (await self._call(consumer.end_offsets([tp])))[tp]
         committed = self._acked.get(group, {}).get(tp)
@@ -271,6 +316,8 @@ class KafkaBus(Bus):
 
     async def rewind(self, shard: int, group: str) -> None:
         consumer = await self._consumer(group)
+        if shard not in self.assigned:
+            return
         tp = self.tp(shard)
         committed = self._acked.get(group, {}).get(tp)
         if committed is None:
@@ -303,3 +350,45 @@ class KafkaBus(Bus):
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Hands shards over between relayers of one group without loss or replays."""
+
+    def __init__(self, bus: KafkaBus, group: str) -> None:
+        self.bus, self.group = bus, group
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        bus = self.bus
+        shards = {tp.partition for tp in revoked if tp.topic == bus.topic}
+        acked = bus._acked.setdefault(self.group, {})
+        bus._revoking |= shards  # hand out nothing new; let in-flight batches finish
+
+        def settled() -> bool:  # every consumed record of these shards is acked
+            return all(acked.get(bus.tp(s), 0) > bus._consumed.get(s, -1) for s in shards
+                       if s in bus._consumed)
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(bus.revoke_grace):
+                while not settled():  # noqa: ASYNC110 - the workers ack from other tasks
+                    await asyncio.sleep(0.02)
+        with contextlib.suppress(BusError):
+            await bus._commit(self.group)
+        bus.assigned -= shards
+        bus._revoking -= shards
+        for s in shards:
+            acked.pop(bus.tp(s), None)
+            bus._consumed.pop(s, None)
+        bus._changed.set()
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        bus = self.bus
+        shards = {tp.partition for tp in assigned if tp.topic == bus.topic}
+        new = shards - bus.assigned
+        acked = bus._acked.setdefault(self.group, {})
+        for s in new:
+            acked.pop(bus.tp(s), None)  # the previous owner's commit is the truth now
+            bus._consumed.pop(s, None)
+        bus.assigned |= shards
+        bus._reset_needed |= new
+        bus._changed.set()
