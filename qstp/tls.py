@@ -530,6 +530,11 @@ def verify_peer(
 
     Call right after ``do_handshake()`` succeeds, before any application data is
     read or written. Raises :class:`HandshakeRefused`; the caller must then close.
+    On a full handshake the chain (signatures, window, CRL) was verified by OpenSSL
+    against the trust store of the *context* the connection was made from, and its
+    verdict is taken as is; ``identity`` then supplies the trust domain, policy and
+    CRL for the policy checks. On a resumed session everything is checked against
+    ``identity`` (no certificate was exchanged).
     """
     version = conn.get_protocol_version_name()
     if version != "TLSv1.3":
