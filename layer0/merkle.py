@@ -16,7 +16,11 @@ from dataclasses import dataclass
 from layer0.errors import ProofInvalid
 
 #: Largest epoch a tree is built over (bounds memory and proof work per epoch).
-MAX_LEAVES = 1 << 16
+#: 2**20: the relayer's volume proofs share this tree and hold one leaf per active
+#: (customer, channel, QoS) per epoch, which can pass 65,536 on a busy relayer; a
+#: million leaves is ~32 MiB of leaf hashes and about a second of hashing, still a
+#: fine per-epoch cost. ``layer0.anchor`` keeps its own smaller ``epoch_size``.
+MAX_LEAVES = 1 << 20
 
 
 def leaf_hash(data: bytes) -> bytes:

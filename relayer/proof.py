@@ -5,7 +5,10 @@ epoch's :class:`~relayer.metering.VolumeRecord` leaves plus totals, signed with 
 node's ML-DSA key under its own FIPS 204 context (so it can never verify as another
 object type). The *header* (records stripped: a vertex payload is bounded) is
 anchored as a ``VOLUME_PROOF`` vertex; any single record is then proven against the
-anchored root with an inclusion proof (:func:`verify_inclusion`). A
+anchored root with an inclusion proof (:func:`verify_inclusion`). The tree is the
+house one, :mod:`layer0.merkle` (RFC 6962/9162, SHA-256), so any CT-style verifier can
+check a record; an epoch holds one leaf per active (customer, channel, QoS) and is
+bounded by ``layer0.merkle.MAX_LEAVES`` (a bigger epoch is refused with ProofError). A
 :class:`PerformanceReport` bundles a range of proofs, the anchor receipts and
 uptime, signed the same way and anchored as ``PERFORMANCE_REPORT``.
 """
@@ -17,11 +20,14 @@ from dataclasses import dataclass, field, replace
 
 from google.protobuf.message import DecodeError
 
+from layer0.errors import ProofInvalid
+from layer0.merkle import MAX_LEAVES, InclusionProof, merkle_root
+from layer0.merkle import inclusion_proof as _tree_proof
+from layer0.merkle import verify_inclusion as _tree_verify
 from proto import relayer_pb2 as pb
 from qsdag import Ledger, OpaqueRecord, VertexKind
 from qstp.errors import SignatureInvalid
 from qstp.pqc import SigningKey, VerifyKey, length_prefixed
-from relayer import merkle
 from relayer.errors import ProofError
 from relayer.metering import VolumeRecord
 
@@ -63,12 +69,20 @@ class VolumeProof:
 def build_volume_proof(relayer_id: str, epoch: int, records: Sequence[VolumeRecord],
                        signer: SigningKey) -> VolumeProof:
     """Commit to ``records`` (canonical order) and sign."""
-    leaves = [merkle.leaf_hash(r.canonical()) for r in records]
-    unsigned = VolumeProof(relayer_id, epoch, merkle.root(leaves), len(records),
+    unsigned = VolumeProof(relayer_id, epoch, _root(records), len(records),
                            sum(r.bytes for r in records), sum(r.frames for r in records),
                            signer.key_id, b"", tuple(records))
     return replace(unsigned, signature=signer.sign(unsigned.signed_bytes(),
                                                    context=PROOF_CONTEXT))
+
+
+def _root(records: Sequence[VolumeRecord]) -> bytes:
+    if len(records) > MAX_LEAVES:  # before encoding a million records for nothing
+        raise ProofError(f"volume proof: {len(records)} records; at most {MAX_LEAVES} per tree")
+    try:
+        return merkle_root([r.canonical() for r in records])
+    except ProofInvalid as exc:
+        raise ProofError(f"volume proof: {exc}") from None
 
 
 def verify_volume_proof(proof: VolumeProof, key: VerifyKey) -> None:
@@ -79,34 +93,32 @@ def verify_volume_proof(proof: VolumeProof, key: VerifyKey) -> None:
         key.verify(proof.signature, proof.signed_bytes(), context=PROOF_CONTEXT)
     except SignatureInvalid as exc:
         raise ProofError(f"volume proof signature: {exc}") from None
-    if proof.records:
-        leaves = [merkle.leaf_hash(r.canonical()) for r in proof.records]
-        if (merkle.root(leaves) != proof.root or len(leaves) != proof.record_count
-                or sum(r.bytes for r in proof.records) != proof.total_bytes
-                or sum(r.frames for r in proof.records) != proof.total_frames):
-            raise ProofError("volume proof records do not match its root or totals")
-
-
-@dataclass(frozen=True, slots=True)
-class InclusionProof:
-    """Where one record sits under a proof's root."""
-
-    index: int
-    siblings: tuple[bytes, ...]
+    if proof.records and (
+            _root(proof.records) != proof.root or len(proof.records) != proof.record_count
+            or sum(r.bytes for r in proof.records) != proof.total_bytes
+            or sum(r.frames for r in proof.records) != proof.total_frames):
+        raise ProofError("volume proof records do not match its root or totals")
 
 
 def inclusion_proof(proof: VolumeProof, index: int) -> InclusionProof:
-    """Inclusion proof for ``proof.records[index]`` (needs the records)."""
-    leaves = [merkle.leaf_hash(r.canonical()) for r in proof.records]
-    return InclusionProof(index, tuple(merkle.prove(leaves, index)))
+    """RFC 6962 audit path for ``proof.records[index]`` (needs the records)."""
+    try:
+        return _tree_proof([r.canonical() for r in proof.records], index)
+    except ProofInvalid as exc:
+        raise ProofError(str(exc)) from None
 
 
 def verify_inclusion(record: VolumeRecord, inc: InclusionProof, anchored: VolumeProof) -> None:
     """Raise :class:`ProofError` unless ``record`` is committed under ``anchored.root``."""
     if record.epoch != anchored.epoch:
         raise ProofError(f"record is for epoch {record.epoch}, proof for {anchored.epoch}")
-    merkle.verify(merkle.leaf_hash(record.canonical()), inc.index, anchored.record_count,
-                  inc.siblings, anchored.root)
+    if inc.size != anchored.record_count:
+        raise ProofError(f"inclusion proof is for {inc.size} records, "
+                         f"the anchored proof has {anchored.record_count}")
+    try:
+        _tree_verify(record.canonical(), inc, anchored.root)
+    except ProofInvalid as exc:
+        raise ProofError(f"inclusion proof: {exc}") from None
 
 
 # ------------------------------------------------------------------ protobuf boundary

@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from layer0.merkle import MAX_LEAVES, merkle_root
 from qsdag import Ledger
 from qstp.pqc import SigningKey
-from relayer import merkle
 from relayer.errors import ProofError
 from relayer.frame import Frame
-from relayer.metering import VolumeMeter
+from relayer.metering import VolumeMeter, VolumeRecord
 from relayer.proof import (
     LedgerAnchor,
     PerformanceReport,
@@ -28,19 +28,33 @@ from relayer.proof import (
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(st.integers(1, 70), st.data())
-def test_merkle_every_leaf_proves_and_tamper_fails(n: int, data: st.DataObject) -> None:
-    leaves = [merkle.leaf_hash(i.to_bytes(4, "big")) for i in range(n)]
-    root = merkle.root(leaves)
+def test_every_record_proves_through_layer0_tree_and_tamper_fails(n: int,
+                                                                  data: st.DataObject) -> None:
+    """The volume proof uses the house RFC 6962 tree: its root is layer0's root."""
+    records = [VolumeRecord(f"c{i}", "ch", i, 1, 0, 7) for i in range(n)]
+    proof = build_volume_proof("r", 7, records, _KEY)
+    assert proof.root == merkle_root([r.canonical() for r in records])
     i = data.draw(st.integers(0, n - 1))
-    proof = merkle.prove(leaves, i)
-    merkle.verify(leaves[i], i, n, proof, root)
+    inc = inclusion_proof(proof, i)
+    verify_inclusion(records[i], inc, proof.header())
     with pytest.raises(ProofError):
-        merkle.verify(merkle.leaf_hash(b"forged"), i, n, proof, root)
+        verify_inclusion(replace(records[i], bytes=10**6), inc, proof.header())
+    with pytest.raises(ProofError):  # a proof for a different tree size
+        verify_inclusion(records[i], replace(inc, size=n + 1), proof.header())
     if n > 1:
         with pytest.raises(ProofError):
-            merkle.verify(leaves[i], (i + 1) % n, n, proof, root)
+            verify_inclusion(records[i], replace(inc, index=(i + 1) % n), proof.header())
+
+
+def test_epoch_over_the_tree_bound_is_a_typed_error() -> None:
+    records = [VolumeRecord("c", "ch", 0, 0, 0, 1)] * (MAX_LEAVES + 1)
+    with pytest.raises(ProofError, match="at most"):
+        build_volume_proof("r", 1, records, _KEY)
+
+
+_KEY = SigningKey.generate()
 
 
 def _meter(clock: list[float]) -> VolumeMeter:
