@@ -49,9 +49,6 @@ log = logging.getLogger("pqcnet.sidecar")
 
 #: Renew the assertion when less than this fraction of its lifetime is left.
 RENEW_FRACTION = 0.2
-#: Bytes of a request sent while stream opening is serialized (the rest follows
-#: outside the lock); below QSTP's initial stream window so it never waits for credit.
-OPEN_SLICE = 32 * 1024
 #: What gRPC accepts as a metadata key.
 _METADATA_KEY = re.compile(r"^[0-9a-z_.\-]+$")
 #: Hop-by-hop response headers the sidecar sets itself.
@@ -89,7 +86,6 @@ class Sidecar:
         self._clock = clock
         self._session: _Session | None = None
         self._lock = asyncio.Lock()
-        self._open_lock = asyncio.Lock()
         self.tunnels_opened = 0
 
     def _mint(self, tunnel: Any) -> _Session:
@@ -126,16 +122,11 @@ class Sidecar:
                 data = encode_request(RequestHead(
                     head.kind, head.method, head.path, head.headers, s.assertion,
                     head.timeout)) + body
-                # QSTP streams must reach the sentry in the order they were opened (it
-                # drops a first DATA on a lower id than one it already saw), and a
-                # send may wait (PAUSE, credit): open + first slice are serialized.
-                async with self._open_lock:
-                    await s.tunnel.wait_resumed()
-                    stream = s.tunnel.open_stream()
-                    first, data = data[:OPEN_SLICE], data[OPEN_SLICE:]
-                    await stream.send(first, end=end and not data)
-                if data:
-                    await stream.send(data, end=end)
+                # QSTP accepts streams first used out of id order, so concurrent
+                # requests open and send independently; a PAUSE holds new requests.
+                await s.tunnel.wait_resumed()
+                stream = s.tunnel.open_stream()
+                await stream.send(data, end=end)
                 return stream
             except (PqcnetError, OSError) as exc:
                 await self._drop(s)
