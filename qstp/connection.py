@@ -700,7 +700,9 @@ class Connection:
             self._streams[sid] = st
             self._peer_streams += 1
             st.acked_initial = True
-            self._grant_initial(st)
+            if not frame.flags & fr.Flags.END_STREAM:
+                # a stream opened and ended in one frame will send no more: no grant
+                self._grant_initial(st)
             self._events.append(ev.StreamOpened(sid))
         if frame.seq != st.recv_seq:
             raise RemoteProtocolError(f"stream {sid}: DATA seq {frame.seq}, expected "

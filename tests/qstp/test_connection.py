@@ -381,3 +381,17 @@ def test_skipping_too_many_stream_ids_is_a_protocol_error() -> None:
     c, s = open_pair(QstpConfiguration(max_streams=3))
     inject(c, s, fr.encode(FrameType.DATA, 99, 0, b"x"))
     assert terminated(s).error_code == ErrorCode.STREAM_LIMIT
+
+
+def test_a_stream_opened_and_ended_in_one_frame_gets_no_window_grant() -> None:
+    c, s = open_pair()
+    sid = c.open_stream()
+    c.send_data(sid, b"one-shot request", end_stream=True)
+    s.receive_data(c.data_to_send(), 0.0)
+    assert s.data_to_send() == b""  # nothing to say: the peer will send no more
+    sid2 = c.open_stream()
+    c.send_data(sid2, b"more to come")
+    s.receive_data(c.data_to_send(), 0.0)
+    assert s.data_to_send() != b""  # the window grant for a stream that stays open
+    ends = [(e.stream_id, e.end_stream) for e in drain(s) if isinstance(e, ev.DataReceived)]
+    assert ends == [(sid, True), (sid2, False)]
