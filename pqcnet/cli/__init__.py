@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "publish": ("pqcnet.cli.publish", "Send frames to a relayer over QSTP."),
     "subscribe": ("pqcnet.cli.subscribe", "Receive a customer's frames from a relayer."),
     "governance": ("pqcnet.cli.governance", "Governance gRPC queries: pull volume and reports."),
+    "node": ("pqcnet.cli.node", "Run a relayer or sentry with its control plane: run, check."),
 }
 
 

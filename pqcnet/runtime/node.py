@@ -1,0 +1,260 @@
+"""One running node: the role (relayer or sentry) joined to its control-plane agent.
+
+:class:`NodeRuntime` is the composition root ``pqcnet node run`` drives. It starts the
+role's node, then a :class:`~mesh.agent.ControlPlaneAgent` on the configured transport
+whose mesh identity is the node's own QSTP key (so the node's QS-DAG vertices and its
+mesh messages have one author), and registers the existing bindings:
+
+* relayer — :class:`~pqcnet.governance.GateDirectives` on the ``PeerGate`` of the
+  relayer's ``TlsPolicy`` (a slashed publisher's next handshake is refused) and a
+  :class:`~pqcnet.relay_reports.RelayReportPublisher` (anchored volume proofs go out
+  on ``relay-reports``). A forced rekey aimed at a relayer is *refused* (logged and
+  counted as a rejected directive, key unchanged): :class:`~relayer.node.RelayerNode`
+  cannot swap its QSTP identity and proof signer while running, and rotating only the
+  mesh key would make the relayer's own ledger refuse its next volume proof.
+* sentry — a :class:`~sentry.core.Sentry` served by a
+  :class:`~pqcnet.governance.QstpEndpoint` (slash: gate + close the target's tunnels;
+  forced rekey: new certificate from ``ca_dir`` and re-listen) plus
+  :class:`~pqcnet.governance.SentryDirectives` (rate-limit hot reload).
+
+Directives are anchored in the role's QS-DAG before any effect when
+``control_plane.ledger`` is ``node`` (the relayer's ledger; the sentry's ``ledger``
+if its config names one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import start_http_server
+
+from mesh.agent import AgentConfig, ControlPlaneAgent
+from mesh.directives import GovernancePolicy
+from mesh.envelope import Keyring, NodeKeys
+from mesh.errors import DirectiveError, WakuError
+from mesh.qsdag_port import QsdagPort
+from mesh.transport import InProcessHub, InProcessTransport, Transport
+from mesh.waku import WakuRestClient, WakuTransport
+from pqcnet.governance import GateDirectives, QstpEndpoint, SentryDirectives, sentry_tunnel_handler
+from pqcnet.relay_reports import RelayReportPublisher
+from pqcnet.runtime.config import NodeConfig
+from pqcnet.runtime.errors import NodeConfigError, NodeError
+from qsdag import Ledger
+from qstp.identity import MeshCA, NodeIdentity
+from qstp.identity.spiffe import SpiffeId
+from qstp.pqc import SigningKey
+from qstp.tls import PeerGate, TlsPolicy
+from relayer.node import RelayerNode, load_identity
+
+log = logging.getLogger("pqcnet.node")
+
+#: environment variable with the sentry node key passphrase (as ``pqcnet sentry run``)
+PASS_ENV = "PQCNET_NODE_PASSPHRASE"
+#: environment variable with the passphrase of ``control_plane.ca_dir``'s key
+CA_PASS_ENV = "PQCNET_CA_PASSPHRASE"
+#: seconds a Waku node gets to answer ``/health`` at start
+WAKU_HEALTH_TIMEOUT = 3.0
+
+
+def _env_pass(name: str) -> bytes | None:
+    value = os.environ.get(name)
+    return value.encode() if value else None
+
+
+class _RelayerAgent(ControlPlaneAgent):
+    """A relayer's agent: refuses a forced rekey of itself (see the module docstring)."""
+
+    async def rekey(self, new_version: int) -> None:
+        raise DirectiveError("forced rekey of a relayer is not supported by the node "
+                             "runtime yet; its key is unchanged")
+
+
+async def _waku_transport(urls: tuple[str, ...]) -> WakuTransport:
+    """A transport on the first Waku node that answers ``/health``."""
+    errors = []
+    for url in urls:
+        client = WakuRestClient(url)
+        try:
+            async with asyncio.timeout(WAKU_HEALTH_TIMEOUT):
+                await client.health()
+        except (WakuError, TimeoutError) as exc:
+            errors.append(f"{url}: {exc or 'timeout'}")
+            await client.aclose()
+            continue
+        return WakuTransport(client)
+    raise NodeError("no Waku node reachable (" + "; ".join(errors) + ")")
+
+
+class NodeRuntime:
+    """Starts and stops one node with its control plane (see the module docstring)."""
+
+    def __init__(self, cfg: NodeConfig, *, transport: Transport | None = None) -> None:
+        self.cfg = cfg
+        self._transport = transport
+        self.agent: ControlPlaneAgent | None = None
+        self.relayer: RelayerNode | None = None
+        self.gate: PeerGate | None = None
+        self.reports: RelayReportPublisher | None = None
+        self.endpoint: QstpEndpoint | None = None
+        self.sentry: Any = None
+        self.sentry_directives: SentryDirectives | None = None
+        self.port = 0
+        self.metrics_port: int | None = None
+        self.mesh_metrics_port: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closers: list[Callable[[], Awaitable[None] | None]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start the role, then the agent; on failure everything started is stopped."""
+        try:
+            if self.cfg.role == "relayer":
+                await self._start_relayer()
+            else:
+                await self._start_sentry()
+            assert self.agent is not None
+            await self.agent.start()
+            cp = self.cfg.control_plane
+            if cp.metrics_port is not None:
+                httpd, _thread = start_http_server(cp.metrics_port, addr="127.0.0.1")
+                self.mesh_metrics_port = int(httpd.server_port)
+                self._closers.append(httpd.shutdown)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("node up", extra={"role": self.cfg.role, "node": self.node_id,
+                                   "port": self.port, "transport": cp.transport,
+                                   "namespace": cp.namespace})
+
+    @property
+    def node_id(self) -> str:
+        return self.agent.node_id if self.agent is not None else ""
+
+    async def stop(self) -> None:
+        """Stop the agent and the role's node (idempotent)."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.agent is not None:
+            with contextlib.suppress(Exception):
+                await self.agent.stop()
+        for closer in reversed(self._closers):
+            try:
+                res = closer()
+                if asyncio.iscoroutine(res):
+                    await res
+            except Exception as exc:  # keep closing the rest
+                log.warning("close failed during stop", extra={"error": repr(exc)})
+        self._closers.clear()
+        log.info("node stopped", extra={"role": self.cfg.role})
+
+    # ------------------------------------------------------------------ agent
+
+    async def _make_agent(self, keys: NodeKeys, ledger: Ledger | None,
+                          cls: type[ControlPlaneAgent] = ControlPlaneAgent) -> ControlPlaneAgent:
+        cp = self.cfg.control_plane
+        transport = self._transport
+        if transport is None:
+            transport = (await _waku_transport(cp.waku_rest_urls) if cp.transport == "waku"
+                         else InProcessTransport(InProcessHub()))
+        ring = Keyring()
+        if cp.governance_keys:
+            ring.add(cp.governance_issuer, cp.governance_keys[0], 1)
+        for node, key in cp.trust.items():
+            ring.add(node, key, 1)
+        governance = (GovernancePolicy(list(cp.governance_keys), cp.governance_threshold)
+                      if cp.governance_keys else None)
+        config = AgentConfig(role=self.cfg.role, namespace=cp.namespace,
+                             announce_interval_ms=int(cp.announce_interval_s * 1000),
+                             peer_expiry_ms=int(cp.announce_interval_s * 3000),
+                             tick_ms=max(1, int(cp.tick_s * 1000)))
+        port = QsdagPort(ledger, keys) if ledger is not None and cp.ledger == "node" else None
+        self.agent = cls(keys, transport, ring, config=config, governance=governance,
+                         ledger=port)
+        if governance is None:
+            log.warning("no governance keys configured; directives will be refused")
+        return self.agent
+
+    # ------------------------------------------------------------------ relayer
+
+    async def _start_relayer(self) -> None:
+        rcfg = self.cfg.relayer
+        assert rcfg is not None
+        identity = load_identity(rcfg)
+        self.gate = PeerGate()
+        node = self.relayer = RelayerNode(rcfg, identity, TlsPolicy(gate=self.gate))
+        self._closers.append(node.stop)
+        await node.start()
+        self.port, self.metrics_port = node.port, node.metrics_port
+        node_id = self.cfg.control_plane.node_id or rcfg.node_id
+        agent = await self._make_agent(NodeKeys(node_id, identity.key), node.anchor.ledger,
+                                       _RelayerAgent)
+        agent.handlers.append(GateDirectives(self.gate, node_id))
+        if self.cfg.control_plane.publish_reports:
+            self.reports = RelayReportPublisher(
+                node, agent, interval_s=self.cfg.control_plane.report_interval_s)
+            self._tasks.append(asyncio.create_task(self.reports.run(), name="relay-reports"))
+
+    # ------------------------------------------------------------------ sentry
+
+    async def _start_sentry(self) -> None:
+        from sentry.attestation import LedgerAnchor, attestation_loop
+        from sentry.core import Sentry
+        from sentry.metrics import SentryMetrics
+
+        scfg = self.cfg.sentry
+        assert scfg is not None
+        if scfg.identity_dir is None:
+            raise NodeConfigError("sentry: config needs identity_dir (the node identity)")
+        identity = NodeIdentity.load(scfg.identity_dir, _env_pass(PASS_ENV))
+        node_id = self.cfg.control_plane.node_id or identity.spiffe_id.node_id
+        metrics = SentryMetrics()
+        ledger: Ledger | None = None
+        anchor: LedgerAnchor | None = None
+        if scfg.ledger_path is not None:
+            ledger = Ledger.open(scfg.ledger_path)
+            self._closers.append(ledger.close)
+            if ledger.genesis_id is None:  # a dev ledger with this node as authority
+                ledger.init_genesis("pqcnet-dev", node_id, identity.key)
+            config_bytes = (self.cfg.sentry_path.read_bytes()
+                            if self.cfg.sentry_path is not None else b"")
+            anchor = LedgerAnchor(ledger, node_id, identity.key, config_bytes, metrics)
+        self.sentry = Sentry(scfg, ledger=anchor, metrics=metrics)
+        self._closers.append(self.sentry.aclose)
+        keys = NodeKeys(node_id, identity.key)
+        agent = await self._make_agent(keys, ledger)
+        self.sentry_directives = SentryDirectives(self.sentry)
+        self.endpoint = QstpEndpoint(identity, keys, self._issuer(),
+                                     handler=sentry_tunnel_handler(self.sentry))
+        self._closers.append(self.endpoint.aclose)
+        agent.handlers += [self.sentry_directives, self.endpoint]
+        self.port = await self.endpoint.serve(scfg.listen_host, scfg.listen_port)
+        if anchor is not None:
+            self._tasks.append(asyncio.create_task(
+                attestation_loop(anchor, scfg.attestation_interval), name="attestation"))
+        if scfg.metrics_port:
+            httpd, _thread = start_http_server(scfg.metrics_port, addr="127.0.0.1",
+                                               registry=metrics.registry)
+            self.metrics_port = int(httpd.server_port)
+            self._closers.append(httpd.shutdown)
+
+    def _issuer(self) -> Callable[[SpiffeId, SigningKey], NodeIdentity]:
+        ca_dir: Path | None = self.cfg.control_plane.ca_dir
+
+        def issue(sid: SpiffeId, key: SigningKey) -> NodeIdentity:
+            if ca_dir is None:
+                raise DirectiveError("forced rekey needs control_plane.ca_dir (no CA configured)")
+            return MeshCA.load(ca_dir, _env_pass(CA_PASS_ENV)).issue(sid, key=key)
+
+        return issue
+
+
+__all__ = ["CA_PASS_ENV", "PASS_ENV", "NodeRuntime"]
