@@ -99,13 +99,31 @@ class ErrorReply(_message.Message):
     reason: str
     def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class TopicAck(_message.Message):
+    __slots__ = ("customer_id", "channel_id", "seq")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    channel_id: str
+    seq: int
+    def __init__(self, customer_id: _Optional[str] = ..., channel_id: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class DeliveryAck(_message.Message):
+    __slots__ = ("topics",)
+    TOPICS_FIELD_NUMBER: _ClassVar[int]
+    topics: _containers.RepeatedCompositeFieldContainer[TopicAck]
+    def __init__(self, topics: _Optional[_Iterable[_Union[TopicAck, _Mapping]]] = ...) -> None: ...
+
 class ClientMessage(_message.Message):
-    __slots__ = ("publish", "subscribe")
+    __slots__ = ("publish", "subscribe", "ack")
     PUBLISH_FIELD_NUMBER: _ClassVar[int]
     SUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
     publish: PublishRequest
     subscribe: SubscribeRequest
-    def __init__(self, publish: _Optional[_Union[PublishRequest, _Mapping]] = ..., subscribe: _Optional[_Union[SubscribeRequest, _Mapping]] = ...) -> None: ...
+    ack: DeliveryAck
+    def __init__(self, publish: _Optional[_Union[PublishRequest, _Mapping]] = ..., subscribe: _Optional[_Union[SubscribeRequest, _Mapping]] = ..., ack: _Optional[_Union[DeliveryAck, _Mapping]] = ...) -> None: ...
 
 class RelayerMessage(_message.Message):
     __slots__ = ("reply", "deliveries", "error")

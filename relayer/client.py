@@ -5,15 +5,18 @@ tests use to talk to a relayer over a QSTP tunnel.
 order and are matched by request id) and honours FLOW PAUSE because
 ``Stream.send`` waits while the relayer has paused the tunnel; it counts the FLOW
 frames it saw. :class:`SubscriberClient` yields delivered frames and drops any seq
-it already has per topic — the last step of exactly-once, covering the window where
-a relayer crashed after writing a batch but before recording it.
+it already has per topic — the last step of exactly-once, covering redelivery after
+a relayer crash or a lost ack. It acknowledges each batch (highest seq per topic)
+when the application asks for the next one, i.e. after it took the batch: the
+relayer commits and meters a batch only on that ack, so a batch written to a tunnel
+that died before the application read it is redelivered, not lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 
 from qstp import aio
 from qstp.aio import Stream, Tunnel
@@ -28,6 +31,7 @@ from relayer.wire import (
     Result,
     ServerError,
     decode_server,
+    encode_ack,
     encode_publish,
     encode_subscribe,
 )
@@ -124,6 +128,8 @@ class SubscriberClient:
         self.tunnel = tunnel
         self.last: dict[Topic, int] = {}
         self.duplicates_dropped = 0
+        self.batches_acked = 0
+        self._pending: dict[Topic, int] = {}
         self._stream: Stream | None = None
 
     @classmethod
@@ -150,14 +156,27 @@ class SubscriberClient:
                 if not isinstance(msg, list):
                     continue
                 fresh = []
+                upto: dict[Topic, int] = {}
                 for f in msg:
+                    upto[f.topic] = max(upto.get(f.topic, 0), f.seq)
                     if f.seq <= self.last.get(f.topic, 0):
                         self.duplicates_dropped += 1
                         continue
                     self.last[f.topic] = f.seq
                     fresh.append(f)
+                self._pending = upto
                 if fresh:
-                    yield fresh
+                    yield fresh  # resumed: the application took the batch
+                await self.ack()
+
+    async def ack(self, upto: Mapping[Topic, int] | None = None) -> None:
+        """Acknowledge the batch last yielded by :meth:`batches` (done automatically
+        when the next one is asked for), or only ``upto`` (highest seq per topic taken)
+        when the application stops part-way through a batch."""
+        pending, self._pending = (upto or self._pending), {}
+        if pending and self._stream is not None:
+            await self._stream.send(encode_ack(pending))
+            self.batches_acked += 1
 
     async def close(self) -> None:
         """Close the tunnel."""

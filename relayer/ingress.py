@@ -25,10 +25,11 @@ from qstp.aio import Stream, Tunnel
 from qstp.errors import PqcnetError
 from relayer.backpressure import FlowChange
 from relayer.egress import SubscriberHub, SubscriptionRefused
-from relayer.errors import FieldTooLarge, OverflowFull, RelayerError, SeqNotMonotonic
+from relayer.errors import FieldTooLarge, FrameRejected, OverflowFull, RelayerError, SeqNotMonotonic
 from relayer.frame import FrameLimits, Topic, encode, shard_for, validate
 from relayer.overflow import BufferedPublisher
 from relayer.wire import (
+    Ack,
     Incoming,
     MessageReader,
     MessageTooLarge,
@@ -122,10 +123,15 @@ class Ingress:
                         continue
                     if isinstance(request, Subscribe):
                         try:
-                            await self.hub.serve(stream, request)
+                            await self.hub.serve(stream, request, reader)
                         except SubscriptionRefused as exc:
                             await stream.send(encode_error(exc.code, str(exc)))
                         return
+                    if isinstance(request, Ack):
+                        self.stats.rejected += 1
+                        err = FrameRejected("ack without a subscription on this stream")
+                        await stream.send(encode_error(err.code, str(err)))
+                        continue
                     request_id, items = request
                     results = await self.publish(session, items)
                     await stream.send(encode_reply(request_id, results))

@@ -10,14 +10,14 @@ the only place ``relayer_pb2`` objects exist: everything past them uses
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
 from proto import relayer_pb2 as pb
 from relayer.errors import FieldMissing, FrameRejected, RelayerError
-from relayer.frame import Frame
+from relayer.frame import Frame, Topic
 
 _LEN = struct.Struct(">I")
 #: largest single message on a relayer stream; bounds per-stream buffering
@@ -91,7 +91,14 @@ class Subscribe:
     channels: frozenset[str]
 
 
-ClientRequest = tuple[int, list[Incoming]] | Subscribe
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """A subscriber took every frame up to ``seq`` of each topic (cumulative)."""
+
+    upto: dict[Topic, int]
+
+
+ClientRequest = tuple[int, list[Incoming]] | Subscribe | Ack
 
 
 def decode_client(body: bytes) -> ClientRequest:
@@ -106,8 +113,14 @@ def decode_client(body: bytes) -> ClientRequest:
         if not msg.subscribe.customer_id:
             raise FieldMissing("subscribe: customer id is missing")
         return Subscribe(msg.subscribe.customer_id, frozenset(msg.subscribe.channel_ids))
+    if which == "ack":
+        upto: dict[Topic, int] = {}
+        for t in msg.ack.topics:
+            topic = (t.customer_id, t.channel_id)
+            upto[topic] = max(upto.get(topic, 0), t.seq)
+        return Ack(upto)
     if which != "publish":
-        raise FieldMissing("message has neither publish nor subscribe")
+        raise FieldMissing("message has neither publish, subscribe nor ack")
     return msg.publish.request_id, [_incoming(f) for f in msg.publish.frames]
 
 
@@ -168,6 +181,15 @@ def encode_subscribe(customer: str, channels: Iterable[str] = ()) -> bytes:
     msg = pb.ClientMessage()
     msg.subscribe.customer_id = customer
     msg.subscribe.channel_ids.extend(channels)
+    return pack(msg.SerializeToString())
+
+
+def encode_ack(upto: Mapping[Topic, int]) -> bytes:
+    """A framed DeliveryAck (highest seq taken per topic)."""
+    msg = pb.ClientMessage()
+    add = msg.ack.topics.add
+    for (customer, channel), seq in upto.items():
+        add(customer_id=customer, channel_id=channel, seq=seq)
     return pack(msg.SerializeToString())
 
 

@@ -186,13 +186,16 @@ async def _subscribe(host: str, port: int, identity: NodeIdentity, customer: str
     async def consume() -> None:
         nonlocal got, nbytes
         async for batch in client.batches():
+            taken: dict[tuple[str, str], int] = {}
             for f in batch:
                 got += 1
                 nbytes += len(f.payload)
+                taken[f.topic] = f.seq
                 if not quiet:
                     click.echo(json.dumps({"customer": f.customer, "channel": f.channel,
                                            "seq": f.seq, "bytes": len(f.payload)}))
                 if count and got >= count:
+                    await client.ack(taken)  # only what was printed; the rest is redelivered
                     return
 
     try:

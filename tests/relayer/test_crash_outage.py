@@ -50,7 +50,8 @@ async def test_sigkill_mid_stream_loses_nothing_acked(
     topics = [("acme", f"ch{i}") for i in range(6)]
     n = 300
     sub = ResilientSubscriber(lambda: port, "acme")
-    pubs = [ResilientPublisher(lambda: port, topics[k::2], n) for k in range(2)]
+    # paced (~2 s of publishing) so the SIGKILL always lands mid-stream
+    pubs = [ResilientPublisher(lambda: port, topics[k::2], n, pace=0.02) for k in range(2)]
     try:
         await eventually(lambda: sum(p.total_acked() for p in pubs) >= len(topics) * n // 3)
         proc.kill()  # SIGKILL mid-stream: no shutdown code runs
