@@ -64,6 +64,9 @@ class RelayerConfig:
     gap_timeout: float = GAP_TIMEOUT
     max_reorder: int = MAX_REORDER
     epoch_seconds: float = 60.0
+    #: proven epochs kept (proof files, persisted volume, in-memory meter); older ones are
+    #: pruned once anchored — the QS-DAG vertex is then the record of them
+    keep_epochs: int = 1024
     #: Prometheus /metrics on 127.0.0.1 (None: off, 0: any free port)
     metrics_port: int | None = None
     #: governance gRPC (None: off, 0: any free port)
@@ -95,7 +98,8 @@ class RelayerConfig:
                      "gap_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0")
-        for name in ("overflow_max_records", "max_payload", "max_id", "batch", "max_reorder"):
+        for name in ("overflow_max_records", "max_payload", "max_id", "batch", "max_reorder",
+                     "keep_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
         if bool(self.grpc_tls_cert) != bool(self.grpc_tls_key):

@@ -158,6 +158,7 @@ class RelayerNode:
         self._open_ledger()
         wcfg = WorkerConfig(group=cfg.group, batch=cfg.batch, max_reorder=cfg.max_reorder,
                             gap_timeout=cfg.gap_timeout)
+        self.store = store
         self.meter.apply(await store.load_volume())  # what this node counted before a restart
         self._load_proofs()
         self.workers = [RelayerShardWorker(self.bus, s, store, self.hub, wcfg, meter=self.meter)
@@ -271,6 +272,28 @@ class RelayerNode:
                                                      "bytes": proof.total_bytes})
         return out
 
+    async def prune_epochs(self) -> int:
+        """Drop proven epochs beyond the newest ``keep_epochs`` ones; returns how many.
+
+        Only anchored epochs go (they are in ``self.proofs``, which is filled after the
+        anchor). Persisted volume is deleted before the proof file: a crash in between
+        leaves a proof without volume (harmless), never volume without its proof (which
+        would be proven and anchored a second time after a restart).
+        """
+        proven = sorted(self.proofs)
+        old = proven[: max(0, len(proven) - self.cfg.keep_epochs)]
+        if not old:
+            return 0
+        cutoff = old[-1] + 1
+        await self.store.prune_volume(cutoff)
+        self.meter.forget_before(cutoff)
+        for e in old:
+            (self.data_dir / "proofs" / f"{e}.proof").unlink(missing_ok=True)
+            del self.proofs[e]
+            self.anchor.receipts.pop(e, None)
+        log.info("proven epochs pruned", extra={"before_epoch": cutoff, "count": len(old)})
+        return len(old)
+
     def _save_proof(self, proof: VolumeProof, vid: bytes) -> None:
         d = self.data_dir / "proofs"
         d.mkdir(exist_ok=True)
@@ -296,6 +319,7 @@ class RelayerNode:
             await asyncio.sleep(min(1.0, self.cfg.epoch_seconds / 4))
             try:
                 self.prove_closed_epochs()
+                await self.prune_epochs()
                 if isinstance(self.bus, EmbeddedBus):  # Redis trims on ack, Kafka by retention
                     for s in self.cfg.shards_owned:
                         self.bus.trim(s, [self.cfg.group])

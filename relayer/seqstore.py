@@ -54,6 +54,10 @@ class SeqStore(Protocol):
         """Everything this node's workers have counted so far (for the meter at start)."""
         ...
 
+    async def prune_volume(self, before_epoch: int) -> None:
+        """Delete this node's persisted volume of epochs older than ``before_epoch``."""
+        ...
+
 
 class RocksSeqStore:
     """Marks in RocksDB under ``b"S" shard:u16 topic_key``."""
@@ -116,6 +120,18 @@ class RocksSeqStore:
             it.next()
         return out
 
+    async def prune_volume(self, before_epoch: int) -> None:
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        it = self._db.iter()
+        it.seek(b"V")
+        while it.valid() and it.key()[:1] == b"V":
+            key = it.key()
+            if _unvolkey(key[3:])[0] < before_epoch:
+                batch.delete(key)
+                self._vol.pop(key, None)
+            it.next()
+        self._db.write(batch, self._wo)
+
     def close(self) -> None:
         """Close the database if this store opened it."""
         if self._owned:
@@ -170,6 +186,17 @@ class RedisSeqStore:
         except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
             raise BusUnavailable(f"redis unavailable loading volume: {exc}") from None
         return {_unvolkey(_b(k)): [int(v), int(f.get(k, 0))] for k, v in b.items()}
+
+    async def prune_volume(self, before_epoch: int) -> None:
+        keys = (f"{self._prefix}:volb:{self._node}", f"{self._prefix}:volf:{self._node}")
+        try:
+            for key in keys:
+                old = [k async for k, _ in self._r.hscan_iter(key)
+                       if _unvolkey(_b(k))[0] < before_epoch]
+                for i in range(0, len(old), 1000):
+                    await self._r.hdel(key, *old[i : i + 1000])
+        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            raise BusUnavailable(f"redis unavailable pruning volume: {exc}") from None
 
 
 def _b(value: bytes | str) -> bytes:
