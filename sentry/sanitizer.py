@@ -28,9 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sentry.errors import SentryConfigError, WireError
+from sentry.memo import Memo
 
 ActionKind = Literal["strip", "hash", "replace"]
 HASH_PREFIX = "hmac256:"
+#: Longest value (characters) whose keyed hash is memoised.
+HASH_MEMO_MAX_VALUE = 256
 #: Bound on JSON nesting we walk (a hostile body cannot make us recurse deeply).
 MAX_JSON_DEPTH = 64
 
@@ -68,6 +71,10 @@ class SanitizerPolicy:
     key: bytes
     headers: Mapping[str, Action] = field(default_factory=dict)
     json_fields: Mapping[str, Action] = field(default_factory=dict)
+    #: value -> keyed hash: the same identities recur on every request of a client,
+    #: and an HMAC per header per RPC showed up in profiles (bounded, see sentry.memo)
+    _hashes: Memo[str, str] = field(default_factory=lambda: Memo(max_item=HASH_MEMO_MAX_VALUE),
+                                    compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.key) < 16:
@@ -86,8 +93,12 @@ class SanitizerPolicy:
 
     def keyed_hash(self, value: str) -> str:
         """The ``hash`` action's output for ``value``."""
+        got = self._hashes.get(value)
+        if got is not None:
+            return got
         mac = hmac.new(self.key, value.encode("utf-8", "surrogatepass"), hashlib.sha256)
-        return HASH_PREFIX + mac.hexdigest()
+        out = HASH_PREFIX + mac.hexdigest()
+        return self._hashes.put(value, out) if len(value) <= HASH_MEMO_MAX_VALUE else out
 
     def _apply(self, action: Action, value: str) -> str:
         return self.keyed_hash(value) if action.kind == "hash" else action.value

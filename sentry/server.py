@@ -1,8 +1,8 @@
 """The sentry's tunnel-facing loop: one task per QSTP stream, one RPC per stream.
 
-:func:`handle_stream` is the whole per-RPC life: read the head within
-``request_read_timeout`` (a slowloris client holds nothing but its own stream),
-:meth:`Sentry.admit` it, read the bounded body, sanitize, forward, and stream the
+:func:`handle_stream` is the whole per-RPC life: read the head, :meth:`Sentry.admit`
+it and read the bounded body, all within ``request_read_timeout`` (a slowloris
+client holds nothing but its own stream), sanitize, forward, and stream the
 backend's answer back. Every refusal becomes a response head with the typed error's
 outcome, one-line reason and retry-after; no exception reaches the peer and the
 backend never sees a refused request. It only needs the small :class:`RpcStream`
@@ -91,18 +91,27 @@ async def handle_stream(sentry: Sentry, stream: RpcStream, tunnel: TunnelView) -
     kind = "unknown"
     outcome = "ok"
     try:
+        # one deadline for the whole request (head, then body): one timer per RPC
+        phase = "head"
         try:
             async with asyncio.timeout(bounds.request_read_timeout):
                 payload, rest = await read_head(stream.recv)
-            head = decode_request(payload)
+                head = decode_request(payload)
+                kind = head.kind
+                adm = sentry.admit(head, tunnel)
+                if kind != "tcp":
+                    phase = "body"
+                    try:
+                        rest = await _read_body(stream, rest, bounds.max_request_body)
+                    except BaseException:
+                        sentry.release()
+                        raise
         except TimeoutError:
             raise WireError(
-                f"request head not received within {bounds.request_read_timeout:g}s"
+                f"request {phase} not received within {bounds.request_read_timeout:g}s"
             ) from None
-        kind = head.kind
-        adm = sentry.admit(head, tunnel)
         try:
-            if head.kind == "tcp":
+            if kind == "tcp":
                 await _pipe_tcp(sentry, stream, adm, rest)
             else:
                 failed = await _proxy(sentry, stream, head, adm, rest)
@@ -149,15 +158,8 @@ def _maybe_pause(sentry: Sentry, tunnel: TunnelView, retry_after: float) -> None
 
 
 async def _proxy(sentry: Sentry, stream: RpcStream, head: RequestHead, adm: Admission,
-                 rest: bytes) -> SentryError | None:
+                 body: bytes) -> SentryError | None:
     """Forward one request; returns the error if the backend failed mid-response."""
-    bounds = sentry.config.bounds
-    try:
-        async with asyncio.timeout(bounds.request_read_timeout):
-            body = await _read_body(stream, rest, bounds.max_request_body)
-    except TimeoutError:
-        raise WireError(f"request body not received within "
-                        f"{bounds.request_read_timeout:g}s") from None
     req = sentry.prepare(head, body, adm)
     resp = await sentry.backend(adm.backend.name).forward(req)
     try:

@@ -32,6 +32,7 @@ from google.protobuf.message import DecodeError
 
 from proto import sentry_pb2
 from sentry.errors import RequestTooLarge, WireError
+from sentry.memo import Memo
 
 #: Bound on one head block; bounds what a peer can make us buffer before a body.
 MAX_HEAD_BYTES = 64 * 1024
@@ -39,6 +40,14 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 100
 KINDS = ("http", "grpc", "tcp")
 _LEN = struct.Struct(">I")
+
+# Heads repeat byte for byte (same client, same backend answer): encoding and decoding
+# are pure, so each direction is memoised (bounded, see sentry.memo). Only successful
+# results are remembered; a malformed head is re-checked (and refused) every time.
+_enc_req: Memo[RequestHead, bytes] = Memo()
+_enc_resp: Memo[ResponseHead, bytes] = Memo()
+_dec_req: Memo[bytes, RequestHead] = Memo()
+_dec_resp: Memo[bytes, ResponseHead] = Memo()
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +94,14 @@ def _frame(payload: bytes) -> bytes:
 
 def encode_request(head: RequestHead) -> bytes:
     """Length-prefixed ``RpcRequestHead``."""
+    got = _enc_req.get(head)
+    if got is not None:
+        return got
+    out = _encode_request(head)
+    return _enc_req.put(head, out) if len(out) <= _enc_req.max_item else out
+
+
+def _encode_request(head: RequestHead) -> bytes:
     if head.kind not in KINDS:
         raise WireError(f"unknown request kind {head.kind!r}")
     if len(head.headers) > MAX_HEADERS:
@@ -102,6 +119,14 @@ def encode_request(head: RequestHead) -> bytes:
 
 def encode_response(head: ResponseHead) -> bytes:
     """Length-prefixed ``RpcResponseHead``."""
+    got = _enc_resp.get(head)
+    if got is not None:
+        return got
+    out = _encode_response(head)
+    return _enc_resp.put(head, out) if len(out) <= _enc_resp.max_item else out
+
+
+def _encode_response(head: ResponseHead) -> bytes:
     msg = sentry_pb2.RpcResponseHead(
         status=head.status,
         headers=[sentry_pb2.Header(name=n, value=v) for n, v in head.headers],
@@ -115,6 +140,14 @@ def encode_response(head: ResponseHead) -> bytes:
 
 def decode_request(payload: bytes) -> RequestHead:
     """Parse an ``RpcRequestHead`` payload (without the length prefix)."""
+    got = _dec_req.get(payload)
+    if got is not None:
+        return got
+    head = _decode_request(payload)
+    return _dec_req.put(payload, head) if len(payload) <= _dec_req.max_item else head
+
+
+def _decode_request(payload: bytes) -> RequestHead:
     try:
         msg = sentry_pb2.RpcRequestHead.FromString(payload)
     except DecodeError:
@@ -139,6 +172,14 @@ def decode_request(payload: bytes) -> RequestHead:
 
 def decode_response(payload: bytes) -> ResponseHead:
     """Parse an ``RpcResponseHead`` payload (without the length prefix)."""
+    got = _dec_resp.get(payload)
+    if got is not None:
+        return got
+    head = _decode_response(payload)
+    return _dec_resp.put(payload, head) if len(payload) <= _dec_resp.max_item else head
+
+
+def _decode_response(payload: bytes) -> ResponseHead:
     try:
         msg = sentry_pb2.RpcResponseHead.FromString(payload)
     except DecodeError:

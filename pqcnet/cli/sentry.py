@@ -99,8 +99,10 @@ def run(config_path: Path, reload_interval: float, passphrase_env: str,
         raise SentryConfigError("config needs identity_dir (the sentry's node identity)")
     identity = NodeIdentity.load(cfg.identity_dir,
                                  passphrase(passphrase_env, no_passphrase, what="node key"))
-    asyncio.run(_run_sentry(cfg, identity, config_path, config_path.read_bytes(),
-                            reload_interval))
+    from sentry import loop
+
+    loop.run(_run_sentry(cfg, identity, config_path, config_path.read_bytes(),
+                         reload_interval))
 
 
 async def _run_sentry(cfg: SentryConfig, identity: NodeIdentity, path: Path,
@@ -238,8 +240,10 @@ def sidecar_cli(sentry_addr: str, identity_dir: Path, issuer_key: Path, tenant: 
     identity = NodeIdentity.load(identity_dir,
                                  passphrase(passphrase_env, no_passphrase, what="node key"))
     issuer = _issuer(issuer_key, ISSUER_PASS_ENV)
-    asyncio.run(_run_sidecar(host, port, identity, issuer, tenant, subject, mode, lhost,
-                             lport, tcp_backend, ttl))
+    from sentry import loop
+
+    loop.run(_run_sidecar(host, port, identity, issuer, tenant, subject, mode, lhost,
+                          lport, tcp_backend, ttl))
 
 
 async def _run_sidecar(host: str, port: int, identity: NodeIdentity, issuer: SigningKey,
