@@ -7,9 +7,17 @@ where a missing service is a failure, never a skip.
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
+# Imported up front on purpose: otherwise hypothesis's pytest plugin imports it lazily
+# in the terminal summary, and pytest's assertion rewriter calls ast.parse then. On
+# CPython 3.11 the AST converter keeps its recursion counter per interpreter, so a
+# garbage-collection finaliser that formats a traceback (3.11 tracebacks ast.parse
+# the failing line) in the middle of that parse trips "SystemError: AST constructor
+# recursion depth mismatch" and pytest exits 1 after every test passed.
+import hypothesis  # noqa: F401
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,3 +65,8 @@ def kafka_bootstrap() -> str:
 def waku_rest_urls() -> list[str]:
     """REST base URLs of the go-waku nodes (comma-separated in the env)."""
     return require_service("PQCNET_WAKU_REST_URLS", "go-waku").split(",")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Run pending finalisers now, not in the middle of the summary's imports."""
+    gc.collect()
