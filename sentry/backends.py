@@ -30,6 +30,7 @@ import grpc.aio
 
 from sentry.config import BackendConfig
 from sentry.errors import BackendError, SentryConfigError
+from sentry.memo import Memo
 from sentry.upstream import Upstream
 
 #: Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded, plus ones we recompute.
@@ -92,6 +93,20 @@ class Backend(Protocol):
     async def aclose(self) -> None: ...
 
 
+#: Backend response header sets already filtered (bounded, see sentry.memo).
+_filtered: Memo[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = Memo()
+
+
+def _end_to_end(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """A backend's response headers without hop-by-hop ones (Content-Length stays)."""
+    got = _filtered.get(headers)
+    if got is None:
+        got = _filtered.put(headers, tuple(
+            (k, v) for k, v in headers
+            if k.lower() not in HOP_BY_HOP or k.lower() == "content-length"))
+    return got
+
+
 class HttpBackend:
     """HTTP/1.1 with keep-alive connection pooling; large response bodies stream."""
 
@@ -105,10 +120,7 @@ class HttpBackend:
         headers = [(k, v) for k, v in req.headers if k.lower() not in HOP_BY_HOP]
         timeout = min(req.timeout, self.timeout) if req.timeout > 0 else self.timeout
         resp = await self._pool.request(req.method, req.path, headers, req.body, timeout)
-        out_headers = tuple(
-            (k, v) for k, v in resp.headers
-            if k.lower() not in HOP_BY_HOP or k.lower() == "content-length"
-        )
+        out_headers = _end_to_end(resp.headers)
         if resp.inline is not None or resp.stream is None:
             return ForwardResponse(resp.status, out_headers, inline=resp.inline or b"")
         return ForwardResponse(resp.status, out_headers, resp.stream, aclose=resp.aclose)

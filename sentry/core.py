@@ -42,8 +42,9 @@ from sentry.backends import Backend, ForwardRequest, TcpBackend, build_backend
 from sentry.config import BackendConfig, Policy, SentryConfig
 from sentry.errors import Denied, RateLimited, SentryConfigError, Unauthenticated
 from sentry.limiter import ConcurrencyGate, HammerDetector, Plan, RateLimiter
+from sentry.memo import Memo
 from sentry.metrics import SentryMetrics
-from sentry.sanitizer import IdentitySanitizer
+from sentry.sanitizer import IdentitySanitizer, SanitizerPolicy
 from sentry.wire import RequestHead
 
 log = logging.getLogger("pqcnet.sentry")
@@ -109,6 +110,10 @@ class Sentry:
         self.backends: dict[str, Backend] = {
             name: build_backend(cfg) for name, cfg in config.backends.items()
         }
+        #: request headers -> (sanitizer policy, headers the backend sees)
+        self._forward_headers: Memo[tuple[tuple[str, str], ...],
+                                    tuple[SanitizerPolicy | None,
+                                          tuple[tuple[str, str], ...]]] = Memo()
         self.metrics.bind_gauges(lambda: self.gate.in_flight, self._hit_ratio)
         self._anchor_policies()
 
@@ -173,13 +178,18 @@ class Sentry:
 
     def prepare(self, head: RequestHead, body: bytes, adm: Admission) -> ForwardRequest:
         """Sanitize and build the request the backend sees (assertion header removed)."""
-        headers = [(n, v) for n, v in head.headers if n.lower() != HEADER]
         policy = self.sanitizer.for_tenant(adm.assertion.tenant)
-        if policy is not None:
-            headers = policy.sanitize_headers(headers)
-            if head.kind == "http":
-                body = policy.sanitize_body(body)
-        return ForwardRequest(head.method, head.path, tuple(headers), body, head.timeout)
+        # pure in (headers, policy) and repeated by every request of a client: memoised
+        got = self._forward_headers.get(head.headers)
+        if got is not None and got[0] is policy:
+            headers = got[1]
+        else:
+            kept = [(n, v) for n, v in head.headers if n.lower() != HEADER]
+            headers = tuple(kept if policy is None else policy.sanitize_headers(kept))
+            self._forward_headers.put(head.headers, (policy, headers))
+        if policy is not None and head.kind == "http":
+            body = policy.sanitize_body(body)
+        return ForwardRequest(head.method, head.path, headers, body, head.timeout)
 
     def backend(self, name: str) -> Backend:
         """The live backend object by name."""

@@ -19,10 +19,13 @@ import re
 from dataclasses import dataclass
 
 from sentry.errors import WireError
+from sentry.memo import Memo
 
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _TARGET = re.compile(rb"^/[\x21-\x7e]*$")
 _VALUE = re.compile(rb"^[\t\x20-\x7e\x80-\xff]*$")
+#: Parsed request heads up to this size are memoised.
+PARSE_MEMO_MAX_HEAD = 2 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +67,24 @@ class HttpRequest:
     keep_alive: bool
 
 
+_parsed: Memo[bytes, tuple[HttpLimits, HttpRequest]] = Memo(max_item=PARSE_MEMO_MAX_HEAD)
+
+
 def parse_head(block: bytes, limits: HttpLimits) -> HttpRequest:
-    """Parse ``request-line CRLF *(field CRLF) CRLF`` strictly."""
+    """Parse ``request-line CRLF *(field CRLF) CRLF`` strictly.
+
+    Memoised per ``block`` and ``limits`` (a local app repeats its heads byte for byte);
+    only heads that parsed are remembered, refusals are re-derived every time."""
+    got = _parsed.get(block)
+    if got is not None and (got[0] is limits or got[0] == limits):
+        return got[1]
+    req = _parse_head(block, limits)
+    if len(block) <= _parsed.max_item:
+        _parsed.put(block, (limits, req))
+    return req
+
+
+def _parse_head(block: bytes, limits: HttpLimits) -> HttpRequest:
     if not block.endswith(b"\r\n\r\n"):
         raise HttpError(400, "request head must end with CRLF CRLF")
     lines = block[:-4].split(b"\r\n")
@@ -119,38 +138,50 @@ def parse_head(block: bytes, limits: HttpLimits) -> HttpRequest:
 async def read_request(
     reader: asyncio.StreamReader, limits: HttpLimits, *, first: bool
 ) -> tuple[HttpRequest, bytes] | None:
-    """Read one request (head + body); None on a clean close between requests."""
-    timeout = limits.header_timeout if first else limits.idle_timeout
+    """Read one request (head + body); None on a clean close between requests.
+
+    One timer per request, moved on as the request progresses: the idle (or, for a
+    connection's first request, header) timeout until the first byte, then
+    :attr:`HttpLimits.header_timeout` for the rest of the head, then
+    :attr:`HttpLimits.body_timeout` for the body."""
+    phase = "first"
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(limits.header_timeout if first
+                                   else limits.idle_timeout) as deadline:
             first_byte = await reader.read(1)
+            if not first_byte:
+                return None
+            phase = "head"
+            loop = asyncio.get_running_loop()
+            deadline.reschedule(loop.time() + limits.header_timeout)
+            try:
+                rest = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.LimitOverrunError:
+                raise HttpError(431, f"request head over {limits.max_head_bytes} bytes"
+                                ) from None
+            except asyncio.IncompleteReadError:
+                raise HttpError(400, "connection closed inside the request head") from None
+            block = first_byte + rest
+            if len(block) > limits.max_head_bytes:
+                raise HttpError(431, f"request head over {limits.max_head_bytes} bytes")
+            req = parse_head(block, limits)
+            if not req.content_length:
+                return req, b""
+            phase = "body"
+            deadline.reschedule(loop.time() + limits.body_timeout)
+            try:
+                body = await reader.readexactly(req.content_length)
+            except asyncio.IncompleteReadError:
+                raise HttpError(400, "connection closed inside the request body") from None
     except TimeoutError:
-        if first:
-            raise HttpError(408, "no request received in time") from None
-        return None
-    if not first_byte:
-        return None
-    try:
-        async with asyncio.timeout(limits.header_timeout):
-            rest = await reader.readuntil(b"\r\n\r\n")
-    except TimeoutError:
-        raise HttpError(408, f"request head not complete within "
-                             f"{limits.header_timeout:g}s") from None
-    except asyncio.LimitOverrunError:
-        raise HttpError(431, f"request head over {limits.max_head_bytes} bytes") from None
-    except asyncio.IncompleteReadError:
-        raise HttpError(400, "connection closed inside the request head") from None
-    block = first_byte + rest
-    if len(block) > limits.max_head_bytes:
-        raise HttpError(431, f"request head over {limits.max_head_bytes} bytes")
-    req = parse_head(block, limits)
-    try:
-        async with asyncio.timeout(limits.body_timeout):
-            body = await reader.readexactly(req.content_length) if req.content_length else b""
-    except TimeoutError:
+        if phase == "first":
+            if first:
+                raise HttpError(408, "no request received in time") from None
+            return None
+        if phase == "head":
+            raise HttpError(408, f"request head not complete within "
+                                 f"{limits.header_timeout:g}s") from None
         raise HttpError(408, "request body not received in time") from None
-    except asyncio.IncompleteReadError:
-        raise HttpError(400, "connection closed inside the request body") from None
     return req, body
 
 

@@ -43,6 +43,7 @@ from sentry import assertion as sa
 from sentry.backends import GRPC_RESERVED, TCP_READ_CHUNK, close_quietly
 from sentry.errors import BackendError
 from sentry.http1 import HttpError, HttpLimits, read_request, response_head
+from sentry.memo import Memo
 from sentry.wire import RequestHead, ResponseHead, decode_response, encode_request, read_head
 
 log = logging.getLogger("pqcnet.sidecar")
@@ -51,6 +52,8 @@ log = logging.getLogger("pqcnet.sidecar")
 RENEW_FRACTION = 0.2
 #: What gRPC accepts as a metadata key.
 _METADATA_KEY = re.compile(r"^[0-9a-z_.\-]+$")
+#: HTTP heads built for decoded response heads (bounded, see sentry.memo).
+_heads: Memo[tuple[ResponseHead, bool], tuple[str | None, bytes]] = Memo()
 #: Hop-by-hop response headers the sidecar sets itself.
 _RESPONSE_OWN = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length"})
 
@@ -97,6 +100,10 @@ class Sidecar:
 
     async def session(self) -> _Session:
         """The live tunnel and a fresh-enough assertion (dial / renew as needed)."""
+        s = self._session
+        if (s is not None and not getattr(s.tunnel, "closed", False)
+                and self._clock() < s.renew_at):
+            return s  # the common case needs no lock
         async with self._lock:
             s = self._session
             if s is None or getattr(s.tunnel, "closed", False):
@@ -186,14 +193,9 @@ async def _http_exchange(sidecar: Sidecar, req_head: Any, body: bytes,
         await _write_simple(writer, resp.status, _error_json(resp.error, resp.reason), extra,
                             close=not keep)
         return keep
-    headers = [(n, v) for n, v in resp.headers if n.lower() not in _RESPONSE_OWN]
-    length = next((v for n, v in resp.headers if n.lower() == "content-length"), None)
-    headers.append(("content-length", length) if length is not None
-                   else ("transfer-encoding", "chunked"))
-    headers.append(("connection", "keep-alive" if keep else "close"))
+    length, out = _response_head(resp, keep)
     # head and the body bytes that came with it leave in one write (one segment for
     # the small answers that dominate RPC traffic)
-    out = response_head(resp.status, headers)
     async for chunk in _body(stream, first):
         out += chunk if length is not None else b"%x\r\n%s\r\n" % (len(chunk), chunk)
         writer.write(out)
@@ -205,6 +207,21 @@ async def _http_exchange(sidecar: Sidecar, req_head: Any, body: bytes,
         writer.write(out)
     await writer.drain()
     return keep
+
+
+def _response_head(resp: ResponseHead, keep: bool) -> tuple[str | None, bytes]:
+    """(Content-Length or None for chunked, HTTP head) for a proxied answer; memoised,
+    as the decoded ResponseHead itself is (same backend answer, same bytes)."""
+    got = _heads.get((resp, keep))
+    if got is not None:
+        return got
+    headers = [(n, v) for n, v in resp.headers if n.lower() not in _RESPONSE_OWN]
+    length = next((v for n, v in resp.headers if n.lower() == "content-length"), None)
+    headers.append(("content-length", length) if length is not None
+                   else ("transfer-encoding", "chunked"))
+    headers.append(("connection", "keep-alive" if keep else "close"))
+    out = (length, response_head(resp.status, headers))
+    return _heads.put((resp, keep), out) if len(out[1]) <= _heads.max_item else out
 
 
 async def serve_http(sidecar: Sidecar, host: str = "127.0.0.1", port: int = 0,

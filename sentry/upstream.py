@@ -27,11 +27,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from sentry.errors import BackendError, SentryConfigError
+from sentry.memo import Memo
 
 #: Largest response head (status line + headers) accepted from a backend.
 MAX_RESPONSE_HEAD = 64 * 1024
@@ -41,6 +43,11 @@ INLINE_BODY_MAX = 64 * 1024
 READ_CHUNK = 64 * 1024
 #: Methods safe to re-send after a stale keep-alive connection (RFC 9110 §9.2.2).
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+#: Response heads up to this size are memoised by their bytes.
+HEAD_MEMO_MAX = 2 * 1024
+
+#: status, headers, HTTP/1.0?, {lower-case name: value} (read-only)
+_Head = tuple[int, tuple[tuple[str, str], ...], bool, Mapping[str, str]]
 
 
 @dataclass(slots=True)
@@ -71,7 +78,7 @@ class UpstreamResponse:
     """Status, headers (hop-by-hop included; the caller filters), and the body."""
 
     status: int
-    headers: list[tuple[str, str]]
+    headers: tuple[tuple[str, str], ...]
     #: the whole body when it was small enough to read at once, else None
     inline: bytes | None
     #: the body chunk by chunk (when ``inline`` is None); exhaust it or call ``aclose``
@@ -211,10 +218,9 @@ class Upstream:
                 if conn.reused and not exc.partial:
                     raise _Stale() from None
                 raise
-            status, headers, http10 = _parse_head(raw)
+            status, headers, http10, lower = parse_response_head(raw)
             if status >= 200 or status == 101:
                 break  # 1xx interim responses (100 Continue, 103) are skipped
-        lower = {n.lower(): v for n, v in headers}
         conn_hdr = lower.get("connection", "").lower()
         # HTTP/1.0 closes unless it says keep-alive; HTTP/1.1 keeps unless it says close
         keep = "keep-alive" in conn_hdr if http10 else "close" not in conn_hdr
@@ -311,8 +317,21 @@ class Upstream:
                 await conn.writer.wait_closed()
 
 
-def _parse_head(raw: bytes) -> tuple[int, list[tuple[str, str]], bool]:
-    """Status code, headers and whether it is HTTP/1.0; ValueError when malformed."""
+#: Parsed response heads, by their raw bytes (a backend repeats its heads).
+_heads: Memo[bytes, _Head] = Memo(max_item=HEAD_MEMO_MAX)
+
+
+def parse_response_head(raw: bytes) -> _Head:
+    """Status, headers, whether it is HTTP/1.0, and {lower-case name: value};
+    ValueError when malformed. Memoised (pure; only heads that parse are kept)."""
+    got = _heads.get(raw)
+    if got is not None:
+        return got
+    head = _parse_head(raw)
+    return _heads.put(raw, head) if len(raw) <= HEAD_MEMO_MAX else head
+
+
+def _parse_head(raw: bytes) -> _Head:
     lines = raw[:-4].split(b"\r\n")
     parts = lines[0].split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3:
@@ -324,4 +343,5 @@ def _parse_head(raw: bytes) -> tuple[int, list[tuple[str, str]], bool]:
         if not sep or not name or name[-1:] in (b" ", b"\t"):
             raise ValueError("malformed response header")
         headers.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
-    return status, headers, parts[0] == b"HTTP/1.0"
+    lower = MappingProxyType({n.lower(): v for n, v in headers})
+    return status, tuple(headers), parts[0] == b"HTTP/1.0", lower
