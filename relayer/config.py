@@ -18,7 +18,7 @@ from relayer.backpressure import HIGH_WATER, LOW_WATER
 from relayer.errors import ConfigError
 from relayer.frame import MAX_ID, MAX_PAYLOAD
 from relayer.overflow import MAX_OVERFLOW_RECORDS
-from relayer.sequencer import GAP_TIMEOUT, MAX_REORDER
+from relayer.sequencer import GAP_TIMEOUT, MAX_REORDER, MAX_TOPICS
 
 Backend = Literal["embedded", "redis", "kafka"]
 
@@ -63,6 +63,8 @@ class RelayerConfig:
     batch: int = 512
     gap_timeout: float = GAP_TIMEOUT
     max_reorder: int = MAX_REORDER
+    #: per shard worker: topics whose dedup marks stay in memory (LRU; misses read the store)
+    max_topics: int = MAX_TOPICS
     epoch_seconds: float = 60.0
     #: proven epochs kept (proof files, persisted volume, in-memory meter); older ones are
     #: pruned once anchored — the QS-DAG vertex is then the record of them
@@ -99,7 +101,7 @@ class RelayerConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be > 0")
         for name in ("overflow_max_records", "max_payload", "max_id", "batch", "max_reorder",
-                     "keep_epochs"):
+                     "max_topics", "keep_epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1")
         if bool(self.grpc_tls_cert) != bool(self.grpc_tls_key):

@@ -157,7 +157,7 @@ class RelayerNode:
                                retry_after=cfg.retry_after)
         self._open_ledger()
         wcfg = WorkerConfig(group=cfg.group, batch=cfg.batch, max_reorder=cfg.max_reorder,
-                            gap_timeout=cfg.gap_timeout)
+                            gap_timeout=cfg.gap_timeout, max_topics=cfg.max_topics)
         self.store = store
         self.meter.apply(await store.load_volume())  # what this node counted before a restart
         self._load_proofs()
@@ -370,4 +370,10 @@ class _NodeCollector(Collector):
                                 ("duplicates", "duplicates", "Duplicate frames suppressed"),
                                 ("gaps", "gaps", "Sequence gaps reported and skipped")):
             yield CounterMetricFamily(f"pqcnet_relayer_{name}_frames", doc,
+                                      value=sum(getattr(w.stats, attr) for w in n.workers))
+        for name, attr, doc in (("mark_evictions", "evictions",
+                                 "Topic marks dropped from the in-memory LRU"),
+                                ("mark_loads", "mark_loads",
+                                 "Topic marks read from the marks store on an LRU miss")):
+            yield CounterMetricFamily(f"pqcnet_relayer_{name}_topics", doc,
                                       value=sum(getattr(w.stats, attr) for w in n.workers))

@@ -10,7 +10,7 @@ RocksDB (embedded and Kafka backends; node-local) and a Redis hash per shard
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -42,7 +42,11 @@ class SeqStore(Protocol):
     """Durable map shard -> topic -> next_seq, plus this node's delivered volume."""
 
     async def load(self, shard: int) -> dict[Topic, int]:
-        """All marks of ``shard``."""
+        """All marks of ``shard`` (tools and tests; workers use :meth:`load_topics`)."""
+        ...
+
+    async def load_topics(self, shard: int, topics: Sequence[Topic]) -> dict[Topic, int]:
+        """The marks of just ``topics`` in ``shard`` (topics without one are absent)."""
         ...
 
     async def save(self, shard: int, marks: Mapping[Topic, int],
@@ -85,6 +89,14 @@ class RocksSeqStore:
             out[topic_from_key(it.key()[3:])] = int(_U64.unpack(it.value())[0])
             it.next()
         return out
+
+    async def load_topics(self, shard: int, topics: Sequence[Topic]) -> dict[Topic, int]:
+        if not topics:
+            return {}
+        prefix = b"S" + _U16.pack(shard)
+        raw: list[bytes | None] = self._db.get([prefix + topic_key(t) for t in topics]) or []
+        return {t: int(_U64.unpack(v)[0]) for t, v in zip(topics, raw, strict=True)
+                if v is not None}
 
     async def save(self, shard: int, marks: Mapping[Topic, int],
                    volume: VolumeDelta | None = None) -> None:
@@ -161,6 +173,15 @@ class RedisSeqStore:
         except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
             raise BusUnavailable(f"redis unavailable loading marks: {exc}") from None
         return {topic_from_key(_b(k)): int(v) for k, v in raw.items()}
+
+    async def load_topics(self, shard: int, topics: Sequence[Topic]) -> dict[Topic, int]:
+        if not topics:
+            return {}
+        try:
+            raw = await self._r.hmget(self.key(shard), [topic_key(t) for t in topics])
+        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            raise BusUnavailable(f"redis unavailable loading marks: {exc}") from None
+        return {t: int(v) for t, v in zip(topics, raw, strict=True) if v is not None}
 
     async def save(self, shard: int, marks: Mapping[Topic, int],
                    volume: VolumeDelta | None = None) -> None:

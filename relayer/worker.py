@@ -33,7 +33,15 @@ from relayer.errors import FrameRejected
 from relayer.frame import Frame, decode
 from relayer.metering import VolumeMeter
 from relayer.seqstore import SeqStore
-from relayer.sequencer import GAP_TIMEOUT, MAX_REORDER, Deliver, Duplicate, Gap, Sequencer
+from relayer.sequencer import (
+    GAP_TIMEOUT,
+    MAX_REORDER,
+    MAX_TOPICS,
+    Deliver,
+    Duplicate,
+    Gap,
+    Sequencer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,8 @@ class WorkerConfig:
     max_reorder: int = MAX_REORDER
     #: seconds before a missing seq is reported and skipped
     gap_timeout: float = GAP_TIMEOUT
+    #: topics whose marks stay cached (LRU); colder ones are read from the store per batch
+    max_topics: int = MAX_TOPICS
     #: longest backoff after a bus/sink failure
     max_backoff: float = 2.0
 
@@ -73,6 +83,9 @@ class WorkerStats:
     gaps: int = 0
     corrupt: int = 0
     resets: int = 0
+    #: marks dropped from the LRU / read back from the store on a miss
+    evictions: int = 0
+    mark_loads: int = 0
 
 
 class RelayerShardWorker:
@@ -103,10 +116,10 @@ class RelayerShardWorker:
         self._stopping = False
 
     async def _reset(self) -> None:
-        marks = await self.store.load(self.shard)
-        self._seq = Sequencer(
-            marks, max_reorder=self.config.max_reorder, gap_timeout=self.config.gap_timeout
-        )
+        # no marks loaded here: they come from the store lazily, per topic, on a miss
+        self._seq = Sequencer(max_reorder=self.config.max_reorder,
+                              gap_timeout=self.config.gap_timeout,
+                              max_topics=self.config.max_topics)
         self._inflight.clear()
         await self.bus.rewind(self.shard, self.config.group)
 
@@ -124,18 +137,25 @@ class RelayerShardWorker:
         batch = await self.bus.consume(
             self.shard, self.config.group, max_records=self.config.batch, block=wait
         )
-        now = self._clock()
-        out: list[Frame] = []
+        decoded: list[tuple[Delivery, Frame | None]] = []
         for d in batch:
-            self._inflight.append(d)
             try:
-                frame = decode(d.data)
+                decoded.append((d, decode(d.data)))
             except FrameRejected as exc:
                 self.stats.corrupt += 1
                 log.error("corrupt bus record skipped",
                           extra={"shard": self.shard, "offset": d.offset, "reason": str(exc)})
-                continue
-            self._collect(seq.offer(frame, d, now), out)
+                decoded.append((d, None))
+        cold = seq.missing(f.topic for _, f in decoded if f is not None)
+        if cold:  # before anything is in flight: a failing load just retries the batch
+            seq.prime(await self.store.load_topics(self.shard, cold), cold)
+            self.stats.mark_loads += len(cold)
+        now = self._clock()
+        out: list[Frame] = []
+        for d, frame in decoded:
+            self._inflight.append(d)
+            if frame is not None:
+                self._collect(seq.offer(frame, d, now), out)
         self._collect(seq.poll(now), out)
         volume = self.meter.aggregate(out) if self.meter is not None and out else None
         if out:
@@ -147,6 +167,7 @@ class RelayerShardWorker:
         await self.store.save(self.shard, seq.take_dirty(), volume)
         if volume and self.meter is not None:
             self.meter.apply(volume)
+        self.stats.evictions += seq.evict()  # marks are durable now: safe to forget cold ones
         done: list[Delivery] = []
         while self._inflight and not seq.is_held(self._inflight[0].offset):
             done.append(self._inflight.popleft())
