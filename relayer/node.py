@@ -122,6 +122,9 @@ class RelayerNode:
         self.workers: list[RelayerShardWorker] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._closers: list[Any] = []
+        self._server: aio.Server | None = None
+        #: identity rotations done while running (forced rekeys)
+        self.rekeys = 0
         self.bus: Bus
         self.ingress: Ingress
         self.publisher: BufferedPublisher
@@ -168,10 +171,7 @@ class RelayerNode:
         self._tasks.append(asyncio.create_task(self.publisher.run(), name="overflow-replay"))
         self._tasks.append(asyncio.create_task(self._flow_loop(), name="flow"))
         self._tasks.append(asyncio.create_task(self._epoch_loop(), name="epochs"))
-        server = await aio.serve(self.ingress.handle_tunnel, cfg.listen_host, cfg.listen_port,
-                                 self.identity, self.policy)
-        self.port = server.port
-        self._closers.insert(0, server)
+        await self._listen(cfg.listen_port)
         if cfg.metrics_port is not None:
             self.registry.register(_NodeCollector(self))
             httpd, _thread = start_http_server(cfg.metrics_port, addr="127.0.0.1",
@@ -186,6 +186,36 @@ class RelayerNode:
             self._closers.insert(0, grpc_server)
         log.info("relayer up", extra={"node": cfg.node_id, "port": self.port,
                                       "backend": cfg.backend, "shards": len(self.workers)})
+
+    async def _listen(self, port: int) -> None:
+        server = await aio.serve(self.ingress.handle_tunnel, self.cfg.listen_host, port,
+                                 self.identity, self.policy)
+        self._server, self.port = server, server.port
+        self._closers.insert(0, server)
+
+    async def rotate_identity(self, identity: NodeIdentity) -> None:
+        """Switch to ``identity`` (a new key + certificate) while running.
+
+        Records nothing: whoever rotated the key (the control-plane agent after a
+        ForceRekey) already recorded the new key version in this node's QS-DAG, so the
+        next volume proofs and reports — signed with the new key from now on — are
+        accepted there. Then the QSTP server is closed (GOAWAY on every tunnel; the
+        publisher and subscriber SDKs reconnect) and re-listens on the same port with
+        the new certificate. Frames in flight are safe: acked ones are on the bus, the
+        unacked ones are retried by the publisher.
+        """
+        if self._server is None:
+            raise RelayerError("relayer is not running")
+        self.identity = identity
+        self.anchor.signer = identity.key
+        old, self._server = self._server, None
+        self._closers.remove(old)
+        old.close()
+        await old.wait_closed()
+        await self._listen(self.port)
+        self.rekeys += 1
+        log.info("relayer identity rotated", extra={
+            "node": self.cfg.node_id, "port": self.port, "serial": identity.serial})
 
     def _open_ledger(self) -> None:
         path = Path(self.cfg.ledger_dir) if self.cfg.ledger_dir else self.data_dir / "ledger"

@@ -5,13 +5,19 @@ role's node, then a :class:`~mesh.agent.ControlPlaneAgent` on the configured tra
 whose mesh identity is the node's own QSTP key (so the node's QS-DAG vertices and its
 mesh messages have one author), and registers the existing bindings:
 
-* relayer — :class:`~pqcnet.governance.GateDirectives` on the ``PeerGate`` of the
-  relayer's ``TlsPolicy`` (a slashed publisher's next handshake is refused) and a
-  :class:`~pqcnet.relay_reports.RelayReportPublisher` (anchored volume proofs go out
-  on ``relay-reports``). A forced rekey aimed at a relayer is *refused* (logged and
-  counted as a rejected directive, key unchanged): :class:`~relayer.node.RelayerNode`
-  cannot swap its QSTP identity and proof signer while running, and rotating only the
-  mesh key would make the relayer's own ledger refuse its next volume proof.
+* relayer — a :class:`~pqcnet.governance.QstpEndpoint` that shares the ``PeerGate``
+  of the relayer's ``TlsPolicy`` (a slashed publisher's next handshake is refused) and
+  does the CA step of a forced rekey (new certificate for the key the agent just
+  rotated to and recorded in the relayer's QS-DAG); then
+  :meth:`~relayer.node.RelayerNode.rotate_identity` switches the proof signer, GOAWAYs
+  the tunnels and re-listens on the same port. The endpoint does not serve: the
+  relayer's server stays the relayer's. A rekey is refused *before* the key rotates
+  when it could not complete (no ``ca_dir``, or ``ledger: none`` — the relayer's own
+  ledger would then refuse proofs signed by a key it never saw). A
+  :class:`~pqcnet.relay_reports.RelayReportPublisher` sends anchored volume proofs
+  on ``relay-reports``.
+* both roles — at start the ``PeerGate`` is seeded with the nodes the QS-DAG holds
+  as slashed, so a restarted node keeps refusing them.
 * sentry — a :class:`~sentry.core.Sentry` served by a
   :class:`~pqcnet.governance.QstpEndpoint` (slash: gate + close the target's tunnels;
   forced rekey: new certificate from ``ca_dir`` and re-listen) plus
@@ -35,13 +41,13 @@ from typing import Any
 from prometheus_client import start_http_server
 
 from mesh.agent import AgentConfig, ControlPlaneAgent
-from mesh.directives import GovernancePolicy
+from mesh.directives import ForceRekey, GovernancePolicy, RateLimitUpdate, SlashNotice
 from mesh.envelope import Keyring, NodeKeys
 from mesh.errors import DirectiveError, WakuError
 from mesh.qsdag_port import QsdagPort
 from mesh.transport import InProcessHub, InProcessTransport, Transport
 from mesh.waku import WakuRestClient, WakuTransport
-from pqcnet.governance import GateDirectives, QstpEndpoint, SentryDirectives, sentry_tunnel_handler
+from pqcnet.governance import QstpEndpoint, SentryDirectives, sentry_tunnel_handler
 from pqcnet.relay_reports import RelayReportPublisher
 from pqcnet.runtime.config import NodeConfig
 from pqcnet.runtime.errors import NodeConfigError, NodeError
@@ -68,11 +74,49 @@ def _env_pass(name: str) -> bytes | None:
 
 
 class _RelayerAgent(ControlPlaneAgent):
-    """A relayer's agent: refuses a forced rekey of itself (see the module docstring)."""
+    """A relayer's agent: refuses a forced rekey it could not complete, before rotating."""
+
+    can_rekey = ""
 
     async def rekey(self, new_version: int) -> None:
-        raise DirectiveError("forced rekey of a relayer is not supported by the node "
-                             "runtime yet; its key is unchanged")
+        if self.can_rekey:
+            raise DirectiveError(f"forced rekey refused, key unchanged: {self.can_rekey}")
+        await super().rekey(new_version)
+
+
+class _RelayerRekey:
+    """After the endpoint got a certificate for the rotated key, move the relayer to it."""
+
+    def __init__(self, endpoint: QstpEndpoint, node: RelayerNode) -> None:
+        self.endpoint, self.node = endpoint, node
+
+    def on_rate_limit(self, update: RateLimitUpdate) -> None:
+        return None
+
+    def on_slash(self, notice: SlashNotice) -> None:
+        return None  # the endpoint's gate is the relayer's gate
+
+    async def on_force_rekey(self, rekey: ForceRekey) -> None:
+        if rekey.target == self.endpoint.node_id and (
+                self.endpoint.identity is not self.node.identity):
+            await self.node.rotate_identity(self.endpoint.identity)
+
+
+def seed_gate(gate: PeerGate, ledger: Ledger | None, own_id: str) -> int:
+    """Deny every node the QS-DAG holds as slashed (the gate is in memory; the ledger is
+    durable). Returns how many. Slashes name node ids, which is what the gate keys on
+    (the node-id segment of the peer's SPIFFE id)."""
+    if ledger is None:
+        return 0
+    slashes = ledger.views.slashes
+    denied = 0
+    for node_id in slashes.slashed_nodes():
+        if node_id != own_id and ledger.is_slashed(node_id):
+            gate.deny(node_id, "slashed (QS-DAG)")
+            denied += 1
+    if denied:
+        log.info("slashed peers denied from the QS-DAG", extra={"count": denied})
+    return denied
 
 
 async def _waku_transport(urls: tuple[str, ...]) -> WakuTransport:
@@ -195,9 +239,17 @@ class NodeRuntime:
         await node.start()
         self.port, self.metrics_port = node.port, node.metrics_port
         node_id = self.cfg.control_plane.node_id or rcfg.node_id
-        agent = await self._make_agent(NodeKeys(node_id, identity.key), node.anchor.ledger,
-                                       _RelayerAgent)
-        agent.handlers.append(GateDirectives(self.gate, node_id))
+        seed_gate(self.gate, node.anchor.ledger, node_id)
+        keys = NodeKeys(node_id, identity.key)
+        agent = await self._make_agent(keys, node.anchor.ledger, _RelayerAgent)
+        assert isinstance(agent, _RelayerAgent)
+        cp = self.cfg.control_plane
+        agent.can_rekey = ("no control_plane.ca_dir to certify the new key" if cp.ca_dir is None
+                           else "control_plane.ledger is none: the relayer's ledger would "
+                           "refuse proofs under the new key" if cp.ledger != "node" else "")
+        self.endpoint = QstpEndpoint(identity, keys, self._issuer(),
+                                     policy=TlsPolicy(gate=self.gate))
+        agent.handlers += [self.endpoint, _RelayerRekey(self.endpoint, node)]
         if self.cfg.control_plane.publish_reports:
             self.reports = RelayReportPublisher(
                 node, agent, interval_s=self.cfg.control_plane.report_interval_s)
@@ -235,6 +287,7 @@ class NodeRuntime:
         self.endpoint = QstpEndpoint(identity, keys, self._issuer(),
                                      handler=sentry_tunnel_handler(self.sentry))
         self._closers.append(self.endpoint.aclose)
+        seed_gate(self.endpoint.gate, ledger, node_id)
         agent.handlers += [self.sentry_directives, self.endpoint]
         self.port = await self.endpoint.serve(scfg.listen_host, scfg.listen_port)
         if anchor is not None:
@@ -257,4 +310,4 @@ class NodeRuntime:
         return issue
 
 
-__all__ = ["CA_PASS_ENV", "PASS_ENV", "NodeRuntime"]
+__all__ = ["CA_PASS_ENV", "PASS_ENV", "NodeRuntime", "seed_gate"]
