@@ -20,7 +20,9 @@ sentry processes used per RPC during the throughput phase is reported too (from
 ``/proc``): unlike RPC/s it does not depend on what else the machine is running.
 Throughput: ``--connections`` concurrent keep-alive connections for ``--seconds``.
 The 1-minute load average before and after is part of the output: on the shared
-2-core machine other work skews numbers.
+2-core machine other work skews numbers. So is ``event_loop``: the sentry and sidecar
+run on uvloop when it is installed (``pqcnet[fast]``); ``PQCNET_NO_UVLOOP=1`` in the
+environment measures them on the stdlib loop.
 """
 
 from __future__ import annotations
@@ -287,6 +289,8 @@ def _pqcnet_stack(d: Path, backend: int, sentry_port: int, sidecar_port: int
 def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
         loadgen_procs: int = 2) -> dict[str, Any]:
     """Measure all three paths; returns the JSON-able result."""
+    from sentry.loop import loop_name
+
     load_before = round(os.getloadavg()[0], 2)
     ports = {k: _free_port() for k in ("backend", "nginx", "sentry", "sidecar")}
     ctx = multiprocessing.get_context("spawn")
@@ -324,6 +328,9 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
     out: dict[str, Any] = {
         "benchmark": "sentry",
         "cpus": os.cpu_count(),
+        # what `pqcnet sentry run` / `pqcnet sidecar` ran on (same environment as here;
+        # PQCNET_NO_UVLOOP=1 forces the stdlib loop for an A/B run)
+        "event_loop": loop_name(),
         "settings": {"latency_requests": requests, "connections": connections,
                      "seconds": seconds, "loadgen_processes": loadgen_procs},
         "loadavg_1m": {"before": load_before, "after": round(os.getloadavg()[0], 2)},
