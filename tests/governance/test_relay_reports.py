@@ -69,6 +69,9 @@ async def _scenario(transports: list[Transport], tmp: Path, limit_s: float,
         assert all(r.accepted for r in results)
         await pub.close()
         await sub.wait_for(10)
+        # frames count once the subscriber's ack reaches the relayer, just after the read
+        await until(lambda: sum(r.frames for r in node.meter.query()) == 10, limit_s,
+                    "subscriber acks metered")
         proofs = node.prove_closed_epochs(now=time.time() + 2 * node.cfg.epoch_seconds)
         assert proofs and sum(p.total_frames for p in proofs) == 10
         anchors = [node.anchor.receipts[p.epoch] for p in proofs]
