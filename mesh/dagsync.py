@@ -13,6 +13,7 @@ declared below.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -42,14 +43,17 @@ class DagSyncMixin:
     _last_tips: int
 
     @property
+    @abstractmethod
     def node_id(self) -> str:
-        raise NotImplementedError
+        """This node's id (provided by the agent)."""
 
+    @abstractmethod
     def _inbox(self, node_id: str) -> str:
-        raise NotImplementedError
+        """The content topic of ``node_id``'s sealed inbox (provided by the agent)."""
 
+    @abstractmethod
     async def _publish(self, topic: str, type_: MessageType, body: bytes) -> None:
-        raise NotImplementedError
+        """Sign and publish one control message (provided by the agent)."""
 
     async def publish_tips(self) -> None:
         """Tell the mesh what our ledger's tips are."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
+from abc import abstractmethod
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -58,11 +59,13 @@ class GossipMixin:
     _rng: random.Random
 
     @property
+    @abstractmethod
     def node_id(self) -> str:
-        raise NotImplementedError
+        """This node's id (provided by the agent)."""
 
+    @abstractmethod
     def _inbox(self, node_id: str) -> str:
-        raise NotImplementedError
+        """The content topic of ``node_id``'s sealed inbox (provided by the agent)."""
 
     async def gossip(self, kind: str, payload: bytes, *, ttl_ms: int | None = None,
                      destination: str = "") -> bytes:

@@ -97,7 +97,7 @@ async def test_in_flight_window_is_bounded_and_acks_open_it(tmp_path: Path) -> N
         await eventually(lambda: node.hub.count() == 1)
         await _publish_all(node.port)
         got = await _read_batches(client, reader)
-        assert 1 <= len(got) <= 2  # never more than the window unacked
+        assert 0 < len(got) <= 2  # never more than the window unacked
         await eventually(lambda: node.hub.unacked() == 2)
         assert _metered(node) == (0, 0)
         seen: dict[Topic, list[int]] = {t: [] for t in TOPICS}
