@@ -46,6 +46,7 @@ async def step_relayer(state: Any) -> None:
                 n += len(batch)
                 bar.update(len(batch))
                 if n >= DEMO_FRAMES:
+                    await sub.ack()  # the last batch: frames are metered once acked
                     return
 
         t0 = time.perf_counter()
@@ -59,6 +60,10 @@ async def step_relayer(state: Any) -> None:
         elapsed = time.perf_counter() - t0
         bar.close()
         in_order = all(seqs == list(range(1, per + 1)) for seqs in got.values())
+        for _ in range(3000):  # ≤ 30 s: the final ack reaches the meter just after
+            if sum(r.frames for r in node.meter.query()) >= DEMO_FRAMES:
+                break
+            await asyncio.sleep(0.01)
         proofs = node.prove_closed_epochs(now=time.time() + 2 * cfg.epoch_seconds)
         proof = proofs[-1]
         anchored = anchored_proof(node.anchor.ledger, node.anchor.receipts[proof.epoch])
@@ -67,7 +72,8 @@ async def step_relayer(state: Any) -> None:
             frames=f"{DEMO_FRAMES} on {DEMO_CHANNELS} channels",
             rate=f"{DEMO_FRAMES / elapsed:,.0f} frames/s",
             in_order_exactly_once="yes" if in_order else "NO",
-            metered=f"{proof.total_frames} frames, {proof.total_bytes} bytes",
+            metered=f"{sum(p.total_frames for p in proofs)} frames, "
+                    f"{sum(p.total_bytes for p in proofs)} bytes",
             volume_proof=f"root {proof.root.hex()[:16]}... anchored in QS-DAG, inclusion ok")
         await pub.close()
         await sub.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,7 @@ def test_pqcnet_demo_command_runs() -> None:
     for needle in ("X25519MLKEM768", "intact (SHA-256 match)", "resumed", "Gbit/s",
                    "spiffe://demo.pqcnet/acme/relayer/r1"):
         assert needle in res.stdout
+    # the relayer step: every frame delivered in order, acked, metered and proven
+    assert re.search(r"in_order_exactly_once\s+yes", res.stdout), res.stdout
+    assert re.search(r"metered\s+5000 frames", res.stdout), res.stdout
+    assert "anchored in QS-DAG, inclusion ok" in res.stdout
