@@ -66,6 +66,11 @@ PASS_ENV = "PQCNET_NODE_PASSPHRASE"
 CA_PASS_ENV = "PQCNET_CA_PASSPHRASE"
 #: seconds a Waku node gets to answer ``/health`` at start
 WAKU_HEALTH_TIMEOUT = 3.0
+#: loggers of the Waku REST client's HTTP stack: they log every request at INFO, i.e.
+#: every Waku poll (~10 lines/s). Logging writes synchronously on the event loop, so
+#: that flood once filled a stderr pipe its reader had stopped draining and blocked the
+#: whole node in write(2) — governance gRPC included (see the README section).
+CHATTY_LOGGERS = ("httpx", "httpcore")
 
 
 def _env_pass(name: str) -> bytes | None:
@@ -158,6 +163,9 @@ class NodeRuntime:
 
     async def start(self) -> None:
         """Start the role, then the agent; on failure everything started is stopped."""
+        if not log.isEnabledFor(logging.DEBUG):  # per-request lines only when debugging
+            for name in CHATTY_LOGGERS:
+                logging.getLogger(name).setLevel(logging.WARNING)
         try:
             if self.cfg.role == "relayer":
                 await self._start_relayer()
@@ -310,4 +318,4 @@ class NodeRuntime:
         return issue
 
 
-__all__ = ["CA_PASS_ENV", "PASS_ENV", "NodeRuntime", "seed_gate"]
+__all__ = ["CA_PASS_ENV", "CHATTY_LOGGERS", "PASS_ENV", "NodeRuntime", "seed_gate"]

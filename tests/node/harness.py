@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 
 PQCNET = str(Path(sys.executable).parent / "pqcnet")
+#: bytes of the node's stderr kept (the newest); older output is dropped
+STDERR_KEEP = 4 << 20
 
 
 def namespace() -> str:
@@ -51,6 +53,20 @@ class NodeProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.ready: dict[str, Any] = {}
         self.stderr = b""
+        self._err = bytearray()
+        self._drain: asyncio.Task[None] | None = None
+
+    async def _drain_stderr(self) -> None:
+        """Read stderr as it comes: a pipe nobody reads fills (64 KiB) and then blocks the
+        node in its next log write — its whole event loop, gRPC included."""
+        assert self.proc is not None and self.proc.stderr is not None
+        while chunk := await self.proc.stderr.read(65536):
+            self._err += chunk
+            del self._err[:-STDERR_KEEP]
+
+    def stderr_so_far(self) -> bytes:
+        """What the node wrote on stderr until now (the newest ``STDERR_KEEP`` bytes)."""
+        return bytes(self._err)
 
     async def __aenter__(self) -> NodeProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -59,6 +75,7 @@ class NodeProcess:
             "--config", str(self.config), stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=env)
         assert self.proc.stdout is not None
+        self._drain = asyncio.create_task(self._drain_stderr())
         try:
             async with asyncio.timeout(30):
                 line = await self.proc.stdout.readline()
@@ -67,8 +84,9 @@ class NodeProcess:
             raise AssertionError("node did not become ready in 30 s") from None
         if not line:
             await self.proc.wait()
-            err = await self.proc.stderr.read() if self.proc.stderr else b""
-            raise AssertionError(f"node exited {self.proc.returncode}: {err.decode()[-2000:]}")
+            await self._drain
+            raise AssertionError(f"node exited {self.proc.returncode}: "
+                                 f"{self._err.decode()[-2000:]}")
         self.ready = json.loads(line)
         assert self.ready["ready"] is True
         return self
@@ -77,6 +95,16 @@ class NodeProcess:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
             await self.proc.wait()
+        await self._collect()
+
+    async def _collect(self) -> None:
+        if self._drain is not None:
+            try:
+                async with asyncio.timeout(5):
+                    await self._drain
+            except TimeoutError:
+                self._drain.cancel()
+        self.stderr = bytes(self._err)
 
     async def stop(self) -> int:
         """SIGTERM, bounded wait; returns the exit status (killed: -9)."""
@@ -85,10 +113,10 @@ class NodeProcess:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 async with asyncio.timeout(20):
-                    _out, err = await self.proc.communicate()
-                    self.stderr = err
+                    await self.proc.wait()
             except TimeoutError:
                 await self._kill()
+        await self._collect()
         return self.proc.returncode if self.proc.returncode is not None else -9
 
     async def __aexit__(self, *exc: object) -> None:
