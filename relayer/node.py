@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from prometheus_client.registry import Collector
 from proto import relayer_pb2 as pb
 from qsdag import Ledger
 from qstp import aio
+from qstp.errors import PqcnetError
 from qstp.identity import NodeIdentity
 from qstp.pqc import length_prefixed
 from qstp.tls import TlsPolicy
@@ -79,17 +81,56 @@ def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
     return EmbeddedBus(data_dir / "bus", cfg.shards, sync=cfg.sync)
 
 
+def _identity_passphrase(cfg: RelayerConfig) -> bytes | None:
+    if not cfg.identity_passphrase_env:
+        return None
+    value = os.environ.get(cfg.identity_passphrase_env)
+    if value is None:
+        raise ConfigError(f"identity_passphrase_env: ${cfg.identity_passphrase_env} unset")
+    return value.encode()
+
+
+def _sibling(directory: Path, tag: str) -> Path:
+    return directory.with_name(f".{directory.name}.{tag}")
+
+
 def load_identity(cfg: RelayerConfig) -> NodeIdentity:
-    """The node identity named by the config."""
+    """The node identity named by the config.
+
+    If a crash fell between the two renames of :func:`save_identity` (no
+    ``identity_dir``, a complete ``.<name>.rekey`` beside it), the swap is finished here.
+    """
     if not cfg.identity_dir:
         raise ConfigError("identity_dir: required to run a relayer")
-    passphrase = None
-    if cfg.identity_passphrase_env:
-        value = os.environ.get(cfg.identity_passphrase_env)
-        if value is None:
-            raise ConfigError(f"identity_passphrase_env: ${cfg.identity_passphrase_env} unset")
-        passphrase = value.encode()
-    return NodeIdentity.load(Path(cfg.identity_dir), passphrase)
+    directory = Path(cfg.identity_dir)
+    staged = _sibling(directory, "rekey")
+    if not directory.exists() and staged.is_dir():
+        staged.rename(directory)
+    return NodeIdentity.load(directory, _identity_passphrase(cfg))
+
+
+def save_identity(cfg: RelayerConfig, identity: NodeIdentity) -> None:
+    """Replace ``identity_dir`` with ``identity`` as a whole (blocking; fsyncs).
+
+    The key is encrypted like the original (``identity_passphrase_env``). The new
+    identity is written complete into a sibling directory, then the old directory is
+    renamed away and the new one into place, so a reader sees the old identity or the
+    new one — never a new key with an old certificate (which ``load`` refuses).
+    """
+    directory = Path(cfg.identity_dir)
+    staged, previous = _sibling(directory, "rekey"), _sibling(directory, "prev")
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.rmtree(previous, ignore_errors=True)
+    identity.save(staged, _identity_passphrase(cfg))
+    NodeIdentity.load(staged, _identity_passphrase(cfg))  # readable before it replaces
+    directory.rename(previous)
+    staged.rename(directory)
+    fd = os.open(directory.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the renames themselves are durable
+    finally:
+        os.close(fd)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def _read_tls(cfg: RelayerConfig) -> tuple[bytes, bytes] | None:
@@ -202,7 +243,10 @@ class RelayerNode:
         accepted there. Then the QSTP server is closed (GOAWAY on every tunnel; the
         publisher and subscriber SDKs reconnect) and re-listens on the same port with
         the new certificate. Frames in flight are safe: acked ones are on the bus, the
-        unacked ones are retried by the publisher.
+        unacked ones are retried by the publisher. Last, the new identity replaces
+        ``identity_dir`` on disk (:func:`save_identity`), so a restart presents the key
+        the ledger now expects; if that write fails the node runs on the new identity
+        and :class:`RelayerError` says it was not saved.
         """
         if self._server is None:
             raise RelayerError("relayer is not running")
@@ -216,6 +260,15 @@ class RelayerNode:
         self.rekeys += 1
         log.info("relayer identity rotated", extra={
             "node": self.cfg.node_id, "port": self.port, "serial": identity.serial})
+        try:
+            await asyncio.to_thread(save_identity, self.cfg, identity)
+        except (OSError, PqcnetError) as exc:
+            log.error("rotated identity not written to identity_dir",
+                      extra={"node": self.cfg.node_id, "error": str(exc)})
+            raise RelayerError(f"identity rotated but not saved to {self.cfg.identity_dir}: "
+                               f"{exc}") from None
+        log.info("rotated identity saved", extra={"node": self.cfg.node_id,
+                                                  "dir": str(self.cfg.identity_dir)})
 
     def _open_ledger(self) -> None:
         path = Path(self.cfg.ledger_dir) if self.cfg.ledger_dir else self.data_dir / "ledger"

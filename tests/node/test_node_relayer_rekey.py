@@ -8,7 +8,8 @@ running relayer, and a slash that survives a restart.
   (and the governance report was then seen to time out — see the README, Relayer).
 * ``--slash rogue-1`` (rogue-1 registered in the ledger, so the slash is anchored
   there), then restart: the rogue's handshake is refused at once, with no directive
-  after the restart (the gate is seeded from the QS-DAG).
+  after the restart (the gate is seeded from the QS-DAG); the restarted node presents
+  the rotated key (written back to ``identity_dir``) and anchors its next proof.
 """
 
 from __future__ import annotations
@@ -149,13 +150,48 @@ async def test_relayer_forced_rekey_and_slash_survive_restart(
         assert registered is not None and registered.key_id == new_key[0].key_id
         assert ledger.is_slashed("rogue-1")
 
-    # --- restart: no directive now, yet the rogue stays refused; others still connect
+    # --- restart: no directive now, yet the rogue stays refused; others still connect;
+    # the node presents the rotated key (written back to identity_dir) and its next
+    # proof is anchored under it
+    assert NodeIdentity.load(tmp_path / "relayer-id", None).key.public_key.key_id == (
+        new_key[0].key_id)
     async with NodeProcess(config) as node:
-        port = node.ready["port"]
-        assert await _can_connect(port, good)
+        port, grpc = node.ready["port"], f"127.0.0.1:{node.ready['grpc_port']}"
+        assert (await _server_key(port, good)).key_id == new_key[0].key_id
         for _ in range(3):
             assert not await _can_connect(port, rogue)
+        sub = await SubscriberClient.connect("127.0.0.1", port, sub_id)
+        await sub.subscribe("acme", ())
+        collector = Collector(sub)
+        pub = await PublisherClient.connect("127.0.0.1", port, good)
+        try:
+            results = await pub.publish([Frame("acme", "ch2", s, b"y" * 32) for s in (1, 2)])
+            assert all(r.accepted for r in results)
+        finally:
+            await pub.close()
+        await collector.wait_for(2, limit=20)
+        await sub.close()
+        seen = {p.epoch for p, _vid in proofs}
+
+        async def proven_again() -> bool:  # a proof made after the restart
+            rep = await pull_report(grpc, 0)
+            proofs[:] = [(p, rep.receipts[i]) for i, p in enumerate(rep.proofs)
+                         if p.epoch not in seen]
+            return bool(proofs)
+
+        try:
+            await until_async(proven_again, 30, "a volume proof after the restart",
+                              interval=0.2)
+        except BaseException:
+            await node.stop()
+            print(node.stderr.decode()[-8000:])
+            raise
         status = await node.stop()
-    assert status == 0
+    assert status == 0, node.stderr.decode()[-2000:]
+    proof, vid = proofs[-1]
+    verify_volume_proof(proof, new_key[0])
+    with Ledger.open(tmp_path / "data" / "ledger") as ledger:
+        vertex = ledger.get(vid)
+        assert vertex.author == "relayer-1" and vertex.key_version == 2
     logs = [json.loads(x) for x in node.stderr.decode().splitlines() if x.startswith("{")]
     assert "slashed peers denied from the QS-DAG" in {e["msg"] for e in logs}
