@@ -68,4 +68,4 @@ def test_a_stuck_stderr_never_blocks_logging(monkeypatch: pytest.MonkeyPatch) ->
     stuck.release.set()
     plog._stop_listener()
     written = stuck.getvalue().splitlines()
-    assert 1 <= len(written) <= 11 and written[0].endswith("record 0")
+    assert 0 < len(written) <= 11 and written[0].endswith("record 0")
