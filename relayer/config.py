@@ -12,8 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from qstp.yamlfile import read_yaml_file
 from relayer.backpressure import HIGH_WATER, LOW_WATER
 from relayer.errors import ConfigError
 from relayer.frame import MAX_ID, MAX_PAYLOAD
@@ -138,12 +137,7 @@ class RelayerConfig:
     def load(cls, path: str | Path) -> RelayerConfig:
         """Read and validate a YAML file."""
         p = Path(path)
-        try:
-            data = yaml.safe_load(p.read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {p}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {p} is not valid YAML: {exc}") from None
+        data = read_yaml_file(p, ConfigError)
         return cls.from_mapping(data or {}, base=p.parent.resolve())
 
     def replace(self, **changes: Any) -> RelayerConfig:

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from cryptography.hazmat.primitives import serialization
 
 from qstp.errors import CryptoError
 from qstp.pqc import MLDSAPublic, VerifyKey
+from qstp.yamlfile import read_yaml_file
 from sentry.acl import AclPolicy
 from sentry.errors import SentryConfigError
 from sentry.limiter import Plan
@@ -264,18 +264,8 @@ def parse_config(raw: Mapping[str, Any], base: Path, source: Path | None = None)
 
 
 def read_yaml(path: Path) -> Mapping[str, Any]:
-    """Read and parse a bounded YAML file."""
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise SentryConfigError(f"cannot read config {path}: {exc}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise SentryConfigError(f"config {path} is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        raw = yaml.safe_load(data)
-    except yaml.YAMLError as exc:
-        raise SentryConfigError(f"config {path} is not valid YAML: {exc}") from None
+    """Read and parse a bounded YAML file that must hold a mapping."""
+    raw = read_yaml_file(path, SentryConfigError, max_bytes=MAX_CONFIG_BYTES)
     if not isinstance(raw, Mapping):
         raise SentryConfigError(f"config {path} must be a YAML mapping")
     return raw

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from cryptography.hazmat.primitives import serialization
 
 from pqcnet.runtime.errors import NodeConfigError
 from qstp.errors import CryptoError, PqcnetError
 from qstp.pqc import SigningKey, VerifyKey
+from qstp.yamlfile import read_yaml_file
 from relayer.config import RelayerConfig
 from sentry.config import SentryConfig, load_config, parse_config
 
@@ -93,21 +93,6 @@ class NodeConfig:
 
 def _err(msg: str) -> NodeConfigError:
     return NodeConfigError(msg)
-
-
-def _read_yaml(path: Path) -> Any:
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise _err(f"cannot read node config {path}: {exc.strerror}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise _err(f"node config {path} is larger than {MAX_FILE_BYTES} bytes")
-    try:
-        return yaml.safe_load(data)
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "syntax error"
-        raise _err(f"node config {path} is not valid YAML: {first}") from None
 
 
 def load_key(path: Path, where: str) -> VerifyKey:
@@ -238,7 +223,8 @@ def parse_node_config(raw: Any, base: Path) -> NodeConfig:
 def load_node_config(path: str | Path) -> NodeConfig:
     """Read and validate a node file."""
     p = Path(path)
-    return parse_node_config(_read_yaml(p), p.resolve().parent)
+    return parse_node_config(read_yaml_file(p, _err, what="node config", max_bytes=MAX_FILE_BYTES),
+                             p.resolve().parent)
 
 __all__ = ["MAX_FILE_BYTES", "MAX_KEYS", "ControlPlaneConfig", "NodeConfig",
            "load_key", "load_node_config", "parse_node_config"]
