@@ -33,7 +33,7 @@ pytest: $(STAMP)
 	$(PY) -m pytest -q
 
 proto: $(STAMP)
-	$(PY) -m proto.build
+	$(PY) tools/protogen.py
 
 services-up:
 	scripts/services start

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-import pqcnet.logging as plog
+import pqcnet.runtime.logging as plog
 
 
 class _BlockingStream(io.StringIO):

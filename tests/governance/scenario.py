@@ -2,10 +2,10 @@
 
 Four mesh agents — ``gov``, ``sentry-1``, ``relayer-1``, ``rogue-1`` — each with its own
 QS-DAG (RocksDB) kept in sync over the control plane. ``sentry-1`` is a real
-:class:`~sentry.core.Sentry` behind a QSTP server owned by a
-:class:`~pqcnet.governance.QstpEndpoint`, with real HTTP/gRPC/TCP backends; ``relayer-1``
-is a real :class:`~relayer.node.RelayerNode` (embedded bus) whose ``TlsPolicy`` carries
-a :class:`~qstp.tls.PeerGate`. Governance then issues, over the control plane:
+:class:`~pqcnet.sentry.core.Sentry` behind a QSTP server owned by a
+:class:`~pqcnet.runtime.governance.QstpEndpoint`, with real HTTP/gRPC/TCP backends; ``relayer-1``
+is a real :class:`~pqcnet.relayer.node.RelayerNode` (embedded bus) whose ``TlsPolicy`` carries
+a :class:`~pqcnet.qstp.tls.PeerGate`. Governance then issues, over the control plane:
 
 (a) a lowered rate limit — live traffic through the sentry starts getting 429s;
 (b) a forced rekey of the sentry — its tunnels are GOAWAYed, its new key version is
@@ -24,39 +24,39 @@ from pathlib import Path
 
 import pytest
 
-import qstp
-from mesh.agent import AgentConfig
-from mesh.directives import (
+from pqcnet import qstp
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.errors import PqcnetError
+from pqcnet.identity import MeshCA, NodeIdentity
+from pqcnet.mesh.agent import AgentConfig
+from pqcnet.mesh.directives import (
     Directive,
     ForceRekey,
     RateLimitUpdate,
     SlashNotice,
     sign_directive,
 )
-from mesh.qsdag_port import DIRECTIVE_CONTENT_TYPE, QsdagPort
-from mesh.transport import Transport
-from pqcnet.governance import (
+from pqcnet.mesh.qsdag_port import DIRECTIVE_CONTENT_TYPE, QsdagPort
+from pqcnet.mesh.transport import Transport
+from pqcnet.qsdag import Ledger, OpaqueRecord, VertexKind
+from pqcnet.qsdag.errors import AuthorSlashed
+from pqcnet.qsdag.payloads import decode_payload
+from pqcnet.qstp.tls import PeerGate, TlsPolicy
+from pqcnet.relayer.client import PublisherClient
+from pqcnet.relayer.config import RelayerConfig
+from pqcnet.relayer.node import RelayerNode
+from pqcnet.runtime.governance import (
     GateDirectives,
     QstpEndpoint,
     SentryDirectives,
     peer_key,
     sentry_tunnel_handler,
 )
-from qsdag import Ledger, OpaqueRecord, VertexKind
-from qsdag.errors import AuthorSlashed
-from qsdag.payloads import decode_payload
-from qstp.errors import PqcnetError
-from qstp.identity import MeshCA, NodeIdentity
-from qstp.pqc import SigningKey
-from qstp.tls import PeerGate, TlsPolicy
-from relayer.client import PublisherClient
-from relayer.config import RelayerConfig
-from relayer.node import RelayerNode
-from sentry.config import load_config
-from sentry.core import Sentry
-from sentry.limiter import Plan
-from sentry.sidecar import Sidecar
-from sentry.wire import RequestHead
+from pqcnet.sentry.config import load_config
+from pqcnet.sentry.core import Sentry
+from pqcnet.sentry.limiter import Plan
+from pqcnet.sentry.sidecar import Sidecar
+from pqcnet.sentry.wire import RequestHead
 
 from ..mesh.harness import GOV, make_agents, node_key, stop_all, until
 from ..sentry.harness import TD, HttpBackend, config_dict, grpc_backend, tcp_echo, write_config

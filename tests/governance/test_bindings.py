@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 
-import qstp
-from mesh.directives import ForceRekey, RateLimitUpdate, SlashNotice
-from mesh.envelope import NodeKeys
-from mesh.errors import DirectiveError
-from pqcnet.governance import QstpEndpoint, SentryDirectives, peer_key
-from qstp.identity import MeshCA, NodeIdentity
-from qstp.identity.spiffe import SpiffeId
-from qstp.pqc import SigningKey
-from sentry.config import load_config
-from sentry.core import Sentry
-from sentry.limiter import Plan
+from pqcnet import qstp
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.identity import MeshCA, NodeIdentity
+from pqcnet.identity.spiffe import SpiffeId
+from pqcnet.mesh.directives import ForceRekey, RateLimitUpdate, SlashNotice
+from pqcnet.mesh.envelope import NodeKeys
+from pqcnet.mesh.errors import DirectiveError
+from pqcnet.runtime.governance import QstpEndpoint, SentryDirectives, peer_key
+from pqcnet.sentry.config import load_config
+from pqcnet.sentry.core import Sentry
+from pqcnet.sentry.limiter import Plan
 
 from ..sentry.harness import TD, Mesh, config_dict, write_config
 

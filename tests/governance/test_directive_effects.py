@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.transport import InProcessHub, InProcessTransport
-from mesh.waku import WakuTransport
+from pqcnet.mesh.transport import InProcessHub, InProcessTransport
+from pqcnet.mesh.waku import WakuTransport
 
 from ..mesh.harness import FAST
 from .scenario import directive_effects

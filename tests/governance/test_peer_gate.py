@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-import qstp
-from qstp.errors import HandshakeError
-from qstp.identity import dev_identities
-from qstp.tls import PeerGate, TlsPolicy
+from pqcnet import qstp
+from pqcnet.identity import dev_identities
+from pqcnet.qstp.errors import HandshakeError
+from pqcnet.qstp.tls import PeerGate, TlsPolicy
 
 from ..qstp.qstputil import echo_handler
 

@@ -10,18 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from mesh.messages import RelayReport, SlashingProposal
-from mesh.qsdag_port import QsdagPort
-from mesh.slashing import SlashingIndexer
-from mesh.transport import InProcessHub, InProcessTransport, Transport
-from mesh.waku import WakuTransport
-from pqcnet.relay_reports import VOLUME_PROOF_KIND, RelayReportPublisher
-from qsdag import Ledger
-from qstp.identity import MeshCA
-from relayer.client import PublisherClient, SubscriberClient
-from relayer.config import RelayerConfig
-from relayer.frame import Frame
-from relayer.node import RelayerNode
+from pqcnet.identity import MeshCA
+from pqcnet.mesh.messages import RelayReport, SlashingProposal
+from pqcnet.mesh.qsdag_port import QsdagPort
+from pqcnet.mesh.slashing import SlashingIndexer
+from pqcnet.mesh.transport import InProcessHub, InProcessTransport, Transport
+from pqcnet.mesh.waku import WakuTransport
+from pqcnet.qsdag import Ledger
+from pqcnet.relayer.client import PublisherClient, SubscriberClient
+from pqcnet.relayer.config import RelayerConfig
+from pqcnet.relayer.frame import Frame
+from pqcnet.relayer.node import RelayerNode
+from pqcnet.runtime.relay_reports import VOLUME_PROOF_KIND, RelayReportPublisher
 
 from ..mesh.harness import FAST, make_agents, node_key, stop_all, until
 from ..relayer.e2e import Collector

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from layer0 import (
+from pqcnet.layer0 import (
     Anchorer,
     EnvelopeInvalid,
     EpochRecord,
@@ -22,7 +22,7 @@ from layer0 import (
     verify_envelope,
     verify_record,
 )
-from qsdag import Route, VertexKind
+from pqcnet.qsdag import Route, VertexKind
 from tests.qsdag.conftest import ALICE, GOV, make_ledger
 
 pytestmark = pytest.mark.timeout(120)
@@ -37,7 +37,7 @@ def test_commitment_is_ics04_bytes() -> None:
 
 
 def test_envelope_signature_and_commitment_checked() -> None:
-    from layer0.envelope import EpochAnchor
+    from pqcnet.layer0.envelope import EpochAnchor
 
     data = EpochAnchor("n", 0, 0, 3, 4, b"\x01" * 32).encode()
     env = make_envelope("channel-0", 1, data, "gov", GOV, timeout_height=(1, 99))

@@ -9,7 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from layer0 import InclusionProof, ProofInvalid, inclusion_proof, merkle_root, verify_inclusion
+from pqcnet.layer0 import (
+    InclusionProof,
+    ProofInvalid,
+    inclusion_proof,
+    merkle_root,
+    verify_inclusion,
+)
 
 leaves_st = st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=70)
 

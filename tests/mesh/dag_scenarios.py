@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mesh.agent import AgentConfig, ControlPlaneAgent
-from mesh.directives import Directive, SlashNotice, sign_directive
-from mesh.messages import RouteEntry
-from mesh.qsdag_port import QsdagPort
-from mesh.transport import Transport
-from qsdag import Ledger, OpaqueRecord, VertexKind
+from pqcnet.mesh.agent import AgentConfig, ControlPlaneAgent
+from pqcnet.mesh.directives import Directive, SlashNotice, sign_directive
+from pqcnet.mesh.messages import RouteEntry
+from pqcnet.mesh.qsdag_port import QsdagPort
+from pqcnet.mesh.transport import Transport
+from pqcnet.qsdag import Ledger, OpaqueRecord, VertexKind
 
 from .harness import FAST, GOV, make_agents, node_key, stop_all, until
 

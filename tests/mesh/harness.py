@@ -6,13 +6,13 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
-from mesh.agent import AgentConfig, ControlPlaneAgent
-from mesh.directives import GovernancePolicy
-from mesh.dtn import BundleStore
-from mesh.envelope import Keyring, NodeKeys
-from mesh.ledger import LedgerPort
-from mesh.transport import Transport
-from qstp.pqc import SigningKey
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.mesh.agent import AgentConfig, ControlPlaneAgent
+from pqcnet.mesh.directives import GovernancePolicy
+from pqcnet.mesh.dtn import BundleStore
+from pqcnet.mesh.envelope import Keyring, NodeKeys
+from pqcnet.mesh.ledger import LedgerPort
+from pqcnet.mesh.transport import Transport
 
 FAST = AgentConfig(announce_interval_ms=150, peer_expiry_ms=500, tick_ms=40,
                    dag_sync_interval_ms=200, gossip_fanout=2)

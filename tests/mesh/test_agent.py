@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from mesh.directives import (
+from pqcnet.mesh.directives import (
     Directive,
     ForceRekey,
     RateLimitUpdate,
     SlashNotice,
     sign_directive,
 )
-from mesh.envelope import EnvelopeSigner, MessageType, NodeKeys
-from mesh.messages import GossipItem, RouteEntry
-from mesh.transport import TOPICS, InProcessHub, InProcessTransport
+from pqcnet.mesh.envelope import EnvelopeSigner, MessageType, NodeKeys
+from pqcnet.mesh.messages import GossipItem, RouteEntry
+from pqcnet.mesh.transport import TOPICS, InProcessHub, InProcessTransport
 
 from .harness import GOV, make_agents, node_key, stop_all, until
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.envelope import NodeKeys
-from mesh.waku import WakuClientConfig, WakuRestClient, WakuTransport
+from pqcnet.mesh.envelope import NodeKeys
+from pqcnet.mesh.waku import WakuClientConfig, WakuRestClient, WakuTransport
 
 from .harness import FAST, make_agent, node_key
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from mesh.envelope import EnvelopeSigner, MessageType, NodeKeys, now_ms
-from mesh.messages import Announcement
-from mesh.transport import topic_map
-from mesh.waku import WakuRestClient
 from pqcnet.cli import app as cli
-from qstp.pqc import SigningKey
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.mesh.envelope import EnvelopeSigner, MessageType, NodeKeys, now_ms
+from pqcnet.mesh.messages import Announcement
+from pqcnet.mesh.transport import topic_map
+from pqcnet.mesh.waku import WakuRestClient
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(90)]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.dtn import BundleStore
-from mesh.errors import BundleStoreError
+from pqcnet.mesh.dtn import BundleStore
+from pqcnet.mesh.errors import BundleStoreError
 
 
 def test_bundles_survive_reopen_and_come_out_oldest_first(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.envelope import (
+from pqcnet.crypto.pqc import RecipientKey, SigningKey
+from pqcnet.mesh.envelope import (
     EnvelopeSigner,
     EnvelopeVerifier,
     Keyring,
@@ -14,9 +15,8 @@ from mesh.envelope import (
     NodeKeys,
     VerifierConfig,
 )
-from mesh.errors import EnvelopeRejected
-from proto import mesh_pb2
-from qstp.pqc import RecipientKey, SigningKey
+from pqcnet.mesh.errors import EnvelopeRejected
+from pqcnet.proto import mesh_pb2
 
 NOW = 1_700_000_000_000
 
@@ -122,7 +122,7 @@ def test_unknown_revoked_and_retired(alice: NodeKeys, bob: NodeKeys) -> None:
 
 
 def test_gossip_dedup_by_message_id(alice: NodeKeys, bob: NodeKeys) -> None:
-    from mesh.envelope import wrap
+    from pqcnet.mesh.envelope import wrap
 
     v = _verifier(alice, recipients=[bob.recipient_key])
     signer = EnvelopeSigner(alice)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from mesh.errors import MalformedMessage
-from mesh.messages import Announcement, Endpoint, RouteAdvertisement, RouteEntry
-from mesh.peers import PeerTable, RoutingCache
-from qstp.pqc import RecipientKey
+from pqcnet.crypto.pqc import RecipientKey
+from pqcnet.mesh.errors import MalformedMessage
+from pqcnet.mesh.messages import Announcement, Endpoint, RouteAdvertisement, RouteEntry
+from pqcnet.mesh.peers import PeerTable, RoutingCache
 
 
 def _ann(node: str, interval_ms: int = 1000) -> Announcement:

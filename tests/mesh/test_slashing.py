@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from mesh.directives import GovernancePolicy, SignedDirective, SlashNotice
-from mesh.messages import RelayReport
-from mesh.slashing import SlashingIndexer, to_directive
-from qsdag import Ledger, OpaqueRecord, VertexKind
-from qsdag.errors import Equivocation
-from qsdag.payloads import encode_payload
-from qsdag.vertex import sign_vertex
+from pqcnet.mesh.directives import GovernancePolicy, SignedDirective, SlashNotice
+from pqcnet.mesh.messages import RelayReport
+from pqcnet.mesh.slashing import SlashingIndexer, to_directive
+from pqcnet.qsdag import Ledger, OpaqueRecord, VertexKind
+from pqcnet.qsdag.errors import Equivocation
+from pqcnet.qsdag.payloads import encode_payload
+from pqcnet.qsdag.vertex import sign_vertex
 
 from .harness import GOV, node_key
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from mesh.directives import Directive, RateLimitUpdate, sign_directive
-from mesh.envelope import MessageType
-from mesh.errors import WakuError, WakuUnavailable
-from mesh.messages import GossipItem
-from mesh.transport import content_topic
-from mesh.waku import WakuClientConfig, WakuRestClient, WakuTransport
+from pqcnet.mesh.directives import Directive, RateLimitUpdate, sign_directive
+from pqcnet.mesh.envelope import MessageType
+from pqcnet.mesh.errors import WakuError, WakuUnavailable
+from pqcnet.mesh.messages import GossipItem
+from pqcnet.mesh.transport import content_topic
+from pqcnet.mesh.waku import WakuClientConfig, WakuRestClient, WakuTransport
 
 from .dag_scenarios import converge_and_slash
 from .harness import FAST, GOV, make_agent, make_agents, stop_all, until

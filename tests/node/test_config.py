@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from pqcnet.crypto.pqc import SigningKey
 from pqcnet.runtime.config import load_node_config, parse_node_config
 from pqcnet.runtime.errors import NodeConfigError
-from qstp.pqc import SigningKey
-from sentry.config import verify_key_pem
+from pqcnet.sentry.config import verify_key_pem
 
 from .harness import run_cli, write_yaml
 
@@ -89,7 +89,7 @@ async def test_cli_bad_file_is_one_line_and_exit_1(tmp_path: Path) -> None:
 async def test_cli_unreachable_waku_is_one_line(tmp_path: Path) -> None:
     """Start-up failures after validation (no Waku node answers) are one line too, and
     the relayer that had already started is stopped again (the process exits)."""
-    from qstp.identity import dev_identities
+    from pqcnet.identity import dev_identities
 
     _ca, (rid,) = dev_identities("pqcnet.test", "spiffe://pqcnet.test/ops/relayer/relayer-1")
     rid.save(tmp_path / "id", None)

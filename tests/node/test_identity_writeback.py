@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from qstp.errors import PqcnetError
-from qstp.identity import NodeIdentity, dev_identities
-from qstp.identity.keystore import is_encrypted
-from qstp.identity.node import KEY_FILE
-from relayer.config import RelayerConfig
-from relayer.node import load_identity, save_identity
+from pqcnet.errors import PqcnetError
+from pqcnet.identity import NodeIdentity, dev_identities
+from pqcnet.identity.keystore import is_encrypted
+from pqcnet.identity.node import KEY_FILE
+from pqcnet.relayer.config import RelayerConfig
+from pqcnet.relayer.node import load_identity, save_identity
 
 TD = "pqcnet.test"
 ENV = "H17_TEST_RELAYER_PASS"

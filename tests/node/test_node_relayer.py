@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from mesh.envelope import EnvelopeVerifier, Keyring, MessageType, now_ms
-from mesh.messages import RelayReport
-from mesh.transport import topic_map
-from mesh.waku import WakuRestClient
-from pqcnet.relay_reports import VOLUME_PROOF_KIND
-from qstp.errors import PqcnetError
-from qstp.identity import NodeIdentity, dev_identities
-from qstp.pqc import SigningKey
-from relayer.client import PublisherClient, SubscriberClient
-from relayer.frame import Frame
-from relayer.governance import pull_report
-from sentry.config import verify_key_pem
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.errors import PqcnetError
+from pqcnet.identity import NodeIdentity, dev_identities
+from pqcnet.mesh.envelope import EnvelopeVerifier, Keyring, MessageType, now_ms
+from pqcnet.mesh.messages import RelayReport
+from pqcnet.mesh.transport import topic_map
+from pqcnet.mesh.waku import WakuRestClient
+from pqcnet.relayer.client import PublisherClient, SubscriberClient
+from pqcnet.relayer.frame import Frame
+from pqcnet.relayer.governance import pull_report
+from pqcnet.runtime.relay_reports import VOLUME_PROOF_KIND
+from pqcnet.sentry.config import verify_key_pem
 
 from ..relayer.e2e import Collector
 from .harness import NodeProcess, namespace, run_cli, until_async, write_yaml

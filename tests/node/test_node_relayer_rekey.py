@@ -20,16 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from pqcnet.governance import peer_key
-from qsdag import Ledger
-from qstp.errors import PqcnetError
-from qstp.identity import NodeIdentity, dev_identities
-from qstp.pqc import SigningKey, VerifyKey
-from relayer.client import PublisherClient, SubscriberClient
-from relayer.frame import Frame
-from relayer.governance import pull_report
-from relayer.proof import VolumeProof, verify_volume_proof
-from sentry.config import verify_key_pem
+from pqcnet.crypto.pqc import SigningKey, VerifyKey
+from pqcnet.errors import PqcnetError
+from pqcnet.identity import NodeIdentity, dev_identities
+from pqcnet.qsdag import Ledger
+from pqcnet.relayer.client import PublisherClient, SubscriberClient
+from pqcnet.relayer.frame import Frame
+from pqcnet.relayer.governance import pull_report
+from pqcnet.relayer.proof import VolumeProof, verify_volume_proof
+from pqcnet.runtime.governance import peer_key
+from pqcnet.sentry.config import verify_key_pem
 
 from ..relayer.e2e import Collector
 from .harness import NodeProcess, namespace, run_cli, until_async, write_yaml

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from qstp.identity import dev_identities
-from qstp.pqc import SigningKey
-from relayer.client import PublisherClient
-from relayer.frame import Frame
-from relayer.governance import VolumeFilter, pull_report, pull_volume
-from sentry.config import verify_key_pem
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.identity import dev_identities
+from pqcnet.relayer.client import PublisherClient
+from pqcnet.relayer.frame import Frame
+from pqcnet.relayer.governance import VolumeFilter, pull_report, pull_volume
+from pqcnet.sentry.config import verify_key_pem
 
 from .harness import NodeProcess, namespace, write_yaml
 

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
-import qstp
-from qsdag import Ledger, VertexKind
-from qstp.errors import PqcnetError
-from qstp.pqc import SigningKey
-from sentry.config import verify_key_pem
-from sentry.sidecar import Sidecar
-from sentry.wire import RequestHead
+from pqcnet import qstp
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.errors import PqcnetError
+from pqcnet.qsdag import Ledger, VertexKind
+from pqcnet.sentry.config import verify_key_pem
+from pqcnet.sentry.sidecar import Sidecar
+from pqcnet.sentry.wire import RequestHead
 
 from ..sentry.harness import HttpBackend, config_dict, make_mesh, write_config
 from .harness import NodeProcess, namespace, run_cli, write_yaml

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from qsdag import Ledger
-from qstp.pqc import SigningKey
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.qsdag import Ledger
 
 # Deterministic keys keep the tests fast and reproducible.
 GOV = SigningKey.from_seed(b"g" * 32)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from qsdag import Ledger, OpaqueRecord, VertexKind
+from pqcnet.qsdag import Ledger, OpaqueRecord, VertexKind
 from tests.qsdag.conftest import ALICE
 
 

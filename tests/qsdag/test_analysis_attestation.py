@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from qsdag import (
+from pqcnet.qsdag import (
     AttestationRejected,
     MeasurementPolicy,
     Route,
@@ -17,7 +18,7 @@ from qsdag import (
     package_hash,
     verify_attestation,
 )
-from qsdag.analysis import (
+from pqcnet.qsdag.analysis import (
     ancestry,
     confirmation_depth,
     is_acyclic,
@@ -25,7 +26,7 @@ from qsdag.analysis import (
     topological_order,
     write_graph,
 )
-from qsdag.attestation import package_files
+from pqcnet.qsdag.attestation import installed_root, package_files
 from tests.qsdag.conftest import ALICE, BOB, GOV, World
 
 pytestmark = pytest.mark.timeout(120)
@@ -52,17 +53,31 @@ def test_graph_export_order_ancestry_confirmation(world: World, tmp_path: Path) 
     assert not is_acyclic(g)
 
 
-def test_measurement_is_deterministic_and_covers_all_packages(
+def test_measurement_is_deterministic_and_covers_the_whole_package(
         monkeypatch: pytest.MonkeyPatch) -> None:
     files = [rel for rel, _ in package_files()]
     assert files == sorted(files)
-    assert {f.split("/")[0] for f in files} >= {"qstp", "qsdag", "layer0", "pqcnet"}
+    assert all(f.startswith("pqcnet/") for f in files)
+    subpackages = {f.split("/")[1] for f in files if f.count("/") >= 2}
+    assert subpackages >= {"qstp", "qsdag", "layer0", "mesh", "relayer", "sentry", "crypto",
+                           "identity", "proto", "runtime", "cli"}
+    assert any(f.endswith("_pb2.py") for f in files)  # generated code is measured too
     assert not any("__pycache__" in f for f in files)
     monkeypatch.setenv("PQCNET_IMAGE_DIGEST", "sha256:" + "ab" * 32)
     m1, m2 = measure(b"cfg"), measure(b"cfg")
     assert m1 == m2 and m1.image_digest == "sha256:" + "ab" * 32
     assert measure(b"other").config_hash != m1.config_hash
-    assert package_hash(["qstp"]) != package_hash(["qsdag"])
+
+
+def test_measurement_sees_a_changed_generated_protobuf_file(tmp_path: Path) -> None:
+    """A copy of the installed package measures the same; one edited _pb2 file changes it."""
+    copy = tmp_path / "pqcnet"
+    shutil.copytree(installed_root(), copy,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    assert package_hash(copy) == package_hash()
+    target = copy / "proto" / "relayer_pb2.py"
+    target.write_bytes(target.read_bytes() + b"\n# tampered\n")
+    assert package_hash(copy) != package_hash()
 
 
 def test_attestation_policy_allow_list() -> None:

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from pqcnet.cli import app
-from qsdag import AuthorSlashed, InvalidNodeId, Ledger
+from pqcnet.qsdag import AuthorSlashed, InvalidNodeId, Ledger
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(120)
 def _run(runner: CliRunner, *args: str, code: int = 0) -> str:
     result = runner.invoke(app, list(args), catch_exceptions=False)
     assert result.exit_code == code, result.output
-    return result.output
+    return result.stdout  # logs from the run (stderr) never mix into the parsed output
 
 
 def test_ledger_cli_round_trip(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from qsdag import (
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.qsdag import (
     AttestationRejected,
     BadSignature,
     Equivocation,
@@ -29,9 +30,8 @@ from qsdag import (
     decode,
     verify_evidence,
 )
-from qsdag.attestation import Measurements
-from qsdag.payloads import encode_payload
-from qstp.pqc import SigningKey
+from pqcnet.qsdag.attestation import Measurements
+from pqcnet.qsdag.payloads import encode_payload
 from tests.qsdag.conftest import ALICE, BOB, GOV, World
 
 pytestmark = pytest.mark.timeout(120)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qsdag import (
+from pqcnet.qsdag import (
     InvalidNodeId,
     InvalidPayload,
     KeyRecord,
@@ -26,7 +26,7 @@ from qsdag import (
     encode_payload,
     sign_vertex,
 )
-from qsdag.vertex import MAX_AUTHOR, check_node_id, to_proto
+from pqcnet.qsdag.vertex import MAX_AUTHOR, check_node_id, to_proto
 from tests.qsdag.conftest import ALICE, GOV, make_ledger
 
 pytestmark = pytest.mark.timeout(180)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from qsdag import (
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.qsdag import (
     BadSignature,
     KeyRecord,
     Ledger,
@@ -17,9 +18,8 @@ from qsdag import (
     VertexParked,
     sign_vertex,
 )
-from qsdag.payloads import encode_payload
-from qsdag.vertex import Vertex
-from qstp.pqc import SigningKey
+from pqcnet.qsdag.payloads import encode_payload
+from pqcnet.qsdag.vertex import Vertex
 from tests.qsdag.conftest import ALICE, BOB, GOV, make_ledger
 
 pytestmark = pytest.mark.timeout(120)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from qsdag import (
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.qsdag import (
     AuthorSlashed,
     InvalidPayload,
     KeyRecord,
@@ -17,10 +18,9 @@ from qsdag import (
     VertexKind,
     build_attestation,
 )
-from qsdag.attestation import Measurements
-from qsdag.slashing import SLASH_CONTENT_TYPE, SlashNotice
-from qsdag.sync import pull
-from qstp.pqc import SigningKey
+from pqcnet.qsdag.attestation import Measurements
+from pqcnet.qsdag.slashing import SLASH_CONTENT_TYPE, SlashNotice
+from pqcnet.qsdag.sync import pull
 from tests.qsdag.conftest import ALICE, BOB, GOV, World, make_ledger
 
 pytestmark = pytest.mark.timeout(120)

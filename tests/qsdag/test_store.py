@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from qsdag import CorruptRecord, Ledger, NotFound, RelayRecord, Route, VertexKind
-from qsdag.store import VIEW_FAMILIES
+from pqcnet.qsdag import CorruptRecord, Ledger, NotFound, RelayRecord, Route, VertexKind
+from pqcnet.qsdag.store import VIEW_FAMILIES
 from tests.conftest import ROOT
 from tests.qsdag.conftest import ALICE, BOB, GOV, World, make_ledger
 

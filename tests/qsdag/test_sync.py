@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from qsdag import Equivocation, Ledger, Route, VertexKind
-from qsdag.sync import pull
-from qstp.pqc import SigningKey
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.qsdag import Equivocation, Ledger, Route, VertexKind
+from pqcnet.qsdag.sync import pull
 from tests.qsdag.conftest import ALICE, BOB, GOV, make_ledger
 
 pytestmark = pytest.mark.timeout(120)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qsdag import MalformedVertex, Vertex, VertexKind, decode
-from qsdag.vertex import DOMAIN, MAX_PARENTS, canonical_bytes
+from pqcnet.qsdag import MalformedVertex, Vertex, VertexKind, decode
+from pqcnet.qsdag.vertex import DOMAIN, MAX_PARENTS, canonical_bytes
 
 ids = st.binary(min_size=32, max_size=32)
 vertices = st.builds(

@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import qstp
-from qstp.aio import Server, Tunnel
-from qstp.config import QstpConfiguration
-from qstp.identity import MeshCA, NodeIdentity, dev_identities
-from qstp.tls import TlsPolicy
+from pqcnet import qstp
+from pqcnet.identity import MeshCA, NodeIdentity, dev_identities
+from pqcnet.qstp.aio import Server, Tunnel
+from pqcnet.qstp.config import QstpConfiguration
+from pqcnet.qstp.tls import TlsPolicy
 
 CLIENT_ID = "spiffe://mesh.test/acme/publisher/c1"
 SERVER_ID = "spiffe://mesh.test/acme/relayer/r1"

@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-import qstp
-from qstp.aio import Tunnel
-from qstp.errors import TunnelClosed
+from pqcnet import qstp
+from pqcnet.qstp.aio import Tunnel
+from pqcnet.qstp.errors import TunnelClosed
 
 from .qstputil import CLIENT_ID, SERVER_ID, Mesh, make_mesh, running_server
 

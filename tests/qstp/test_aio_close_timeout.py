@@ -14,10 +14,10 @@ import socket
 
 import pytest
 
-import qstp
-from qstp.aio import Tunnel
-from qstp.config import INITIAL_WINDOW, QstpConfiguration
-from qstp.errors import TunnelClosed
+from pqcnet import qstp
+from pqcnet.qstp.aio import Tunnel
+from pqcnet.qstp.config import INITIAL_WINDOW, QstpConfiguration
+from pqcnet.qstp.errors import TunnelClosed
 
 from .qstputil import Mesh, make_mesh, running_server
 

@@ -8,11 +8,11 @@ import os
 
 import pytest
 
-import qstp
-from qstp import events as ev
-from qstp.aio import Stream, Tunnel
-from qstp.config import QstpConfiguration
-from qstp.errors import TunnelClosed
+from pqcnet import qstp
+from pqcnet.qstp import events as ev
+from pqcnet.qstp.aio import Stream, Tunnel
+from pqcnet.qstp.config import QstpConfiguration
+from pqcnet.qstp.errors import TunnelClosed
 
 from .qstputil import Mesh, make_mesh, running_server
 

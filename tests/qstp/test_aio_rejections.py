@@ -7,13 +7,13 @@ from functools import partial
 
 import pytest
 
-import qstp
-from qstp.aio import Server, Tunnel
-from qstp.config import QstpConfiguration
-from qstp.connection import Connection
-from qstp.errors import HandshakeError, TunnelClosed
-from qstp.identity import dev_identities
-from qstp.tls import TlsPolicy, build_context, new_connection, verify_peer
+from pqcnet import qstp
+from pqcnet.identity import dev_identities
+from pqcnet.qstp.aio import Server, Tunnel
+from pqcnet.qstp.config import QstpConfiguration
+from pqcnet.qstp.connection import Connection
+from pqcnet.qstp.errors import HandshakeError, TunnelClosed
+from pqcnet.qstp.tls import TlsPolicy, build_context, new_connection, verify_peer
 
 from .qstputil import Mesh, make_mesh, running_server
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qstp.identity import dev_identities
+from pqcnet.identity import dev_identities
 
 from .qstputil import CLIENT_ID, SERVER_ID, make_mesh
 

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qstp import events as ev
-from qstp import frames as fr
-from qstp.config import INITIAL_WINDOW, QstpConfiguration
-from qstp.connection import (
+from pqcnet.qstp import events as ev
+from pqcnet.qstp import frames as fr
+from pqcnet.qstp.config import INITIAL_WINDOW, QstpConfiguration
+from pqcnet.qstp.connection import (
     STREAM_TRANSITIONS,
     Connection,
     ConnectionState,
@@ -20,9 +20,9 @@ from qstp.connection import (
     StreamState,
     _Stream,
 )
-from qstp.errors import LocalProtocolError, RemoteProtocolError, TunnelClosed
-from qstp.frames import ErrorCode, FrameType
-from qstp.tls import TlsPolicy, build_context, new_connection, verify_peer
+from pqcnet.qstp.errors import LocalProtocolError, RemoteProtocolError, TunnelClosed
+from pqcnet.qstp.frames import ErrorCode, FrameType
+from pqcnet.qstp.tls import TlsPolicy, build_context, new_connection, verify_peer
 
 from .qstputil import CLIENT_ID, SERVER_ID, make_mesh
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pqcnet.cli.demo import STEPS, DemoState, run_steps
-from qstp.identity import NodeIdentity
+from pqcnet.identity import NodeIdentity
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qstp import frames as fr
-from qstp.errors import FrameError, ProtocolError
-from qstp.frames import ErrorCode, Flags, FlowOp, Frame, FrameDecoder, FrameType
+from pqcnet.qstp import frames as fr
+from pqcnet.qstp.errors import FrameError, ProtocolError
+from pqcnet.qstp.frames import ErrorCode, Flags, FlowOp, Frame, FrameDecoder, FrameType
 
 SMALL_LIMIT = 4096
 

@@ -15,8 +15,8 @@ from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qstp.errors import IdentityError, PolicyViolation
-from qstp.identity import (
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.identity import (
     IssuancePolicy,
     MeshCA,
     NodeIdentity,
@@ -27,9 +27,9 @@ from qstp.identity import (
     spiffe_id_of,
     spiffe_matches,
 )
-from qstp.identity.certs import utcnow
-from qstp.identity.keystore import is_encrypted, read_private_key, write_private_key
-from qstp.pqc import SigningKey
+from pqcnet.identity.certs import utcnow
+from pqcnet.identity.errors import IdentityError, PolicyViolation
+from pqcnet.identity.keystore import is_encrypted, read_private_key, write_private_key
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from pqcnet.cli import main
-from qstp.identity import NodeIdentity, load_crl
-from qstp.tls import HandshakeRefused, TlsPolicy, build_context, new_connection
+from pqcnet.identity import NodeIdentity, load_crl
+from pqcnet.qstp.tls import HandshakeRefused, TlsPolicy, build_context, new_connection
 from tests.qstp.tlsutil import handshake_pair
 
 pytestmark = pytest.mark.timeout(120)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from OpenSSL import SSL
 
-from qstp import _ossl
-from qstp.errors import CryptoError
-from qstp.identity import dev_identities
-from qstp.tls import TlsPolicy, build_context, new_connection, resumable_session
+from pqcnet.crypto.errors import CryptoError
+from pqcnet.identity import dev_identities
+from pqcnet.qstp import _ossl
+from pqcnet.qstp.tls import TlsPolicy, build_context, new_connection, resumable_session
 from tests.qstp.tlsutil import exchange, handshake_pair, transfer
 
 pytestmark = pytest.mark.timeout(60)

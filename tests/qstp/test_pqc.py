@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qstp import oqs
-from qstp.errors import CryptoError, SealError, SignatureInvalid
-from qstp.pqc import (
+from pqcnet.crypto import oqs
+from pqcnet.crypto.errors import CryptoError, SealError, SignatureInvalid
+from pqcnet.crypto.pqc import (
     ALGORITHMS,
     MAX_CONTEXT,
     RecipientKey,
@@ -158,7 +158,7 @@ def test_recipient_key_encodings() -> None:
 
 
 def test_seal_plaintext_bound() -> None:
-    from qstp.pqc import MAX_SEAL_PLAINTEXT
+    from pqcnet.crypto.pqc import MAX_SEAL_PLAINTEXT
 
     with pytest.raises(CryptoError, match="over"):
         seal(RECIPIENT.public, b"\0" * (MAX_SEAL_PLAINTEXT + 1))

@@ -1,4 +1,4 @@
-"""Every exit of ``qstp.connection._read_plaintext`` through a real TLS 1.3 session.
+"""Every exit of ``pqcnet.qstp.connection._read_plaintext`` through a real TLS 1.3 session.
 
 The reader stops for exactly four reasons: it needs more bytes (WANT_READ), it
 filled its bounded buffer (``4 * max_frame_payload``), the peer closed
@@ -14,11 +14,11 @@ from functools import partial
 import pytest
 from OpenSSL import SSL
 
-from qstp import events as ev
-from qstp.config import QstpConfiguration
-from qstp.connection import Connection, ConnectionState
-from qstp.frames import ErrorCode
-from qstp.tls import new_connection, verify_peer
+from pqcnet.qstp import events as ev
+from pqcnet.qstp.config import QstpConfiguration
+from pqcnet.qstp.connection import Connection, ConnectionState
+from pqcnet.qstp.frames import ErrorCode
+from pqcnet.qstp.tls import new_connection, verify_peer
 
 from .test_connection import CCTX, MESH, POLICY, SCTX, drain, open_pair, pump, terminated
 

@@ -2,7 +2,7 @@
 
 ``QstpConfiguration(tls_key_update=False)`` makes a connection behave exactly as on
 an OpenSSL build where ``SSL_key_update`` cannot be resolved. Real TLS 1.3 over
-memory BIOs; the assertions are the contract in :mod:`qstp.connection`: the first
+memory BIOs; the assertions are the contract in :mod:`pqcnet.qstp.connection`: the first
 due rekey sends GOAWAY (streams in flight finish, no new ones), the next one closes.
 """
 
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import pytest
 
-from qstp import _ossl
-from qstp import events as ev
-from qstp.config import QstpConfiguration
-from qstp.connection import REKEY_BY_RECONNECT
-from qstp.errors import CryptoError, TunnelClosed
+from pqcnet.crypto.errors import CryptoError
+from pqcnet.qstp import _ossl
+from pqcnet.qstp import events as ev
+from pqcnet.qstp.config import QstpConfiguration
+from pqcnet.qstp.connection import REKEY_BY_RECONNECT
+from pqcnet.qstp.errors import TunnelClosed
 
 from .test_connection import drain, open_pair, pump, terminated
 
@@ -103,13 +104,13 @@ def test_with_key_update_the_same_limit_rekeys_in_place() -> None:
 
 
 async def test_over_sockets_the_fallback_ends_in_a_clean_close() -> None:
-    """The same contract through ``qstp.aio``: GOAWAY reaches the server's handler,
+    """The same contract through ``pqcnet.qstp.aio``: GOAWAY reaches the server's handler,
     ``open_stream`` refuses, and the second due point ends the tunnel on both ends."""
     import asyncio
     import contextlib
 
-    import qstp
-    from qstp.aio import Tunnel
+    from pqcnet import qstp
+    from pqcnet.qstp.aio import Tunnel
 
     from .qstputil import make_mesh, running_server
 

@@ -7,9 +7,9 @@ import contextlib
 import pytest
 from OpenSSL import SSL
 
-from qstp import _ossl
-from qstp.identity import dev_identities
-from qstp.tls import (
+from pqcnet.identity import dev_identities
+from pqcnet.qstp import _ossl
+from pqcnet.qstp.tls import (
     CHANNEL_BINDING_LABEL,
     HandshakeRefused,
     PeerInfo,

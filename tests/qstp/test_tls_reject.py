@@ -12,11 +12,11 @@ import datetime as dt
 import pytest
 from OpenSSL import SSL
 
-from qstp import _ossl
-from qstp.errors import HandshakeError
-from qstp.identity import MeshCA, NodeIdentity, dev_identities
-from qstp.identity.certs import utcnow
-from qstp.tls import (
+from pqcnet.identity import MeshCA, NodeIdentity, dev_identities
+from pqcnet.identity.certs import utcnow
+from pqcnet.qstp import _ossl
+from pqcnet.qstp.errors import HandshakeError
+from pqcnet.qstp.tls import (
     HandshakeRefused,
     PeerGate,
     TlsPolicy,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from qstp.errors import PqcnetError
-from qstp.yamlfile import read_yaml_file
+from pqcnet._util.yamlfile import read_yaml_file
+from pqcnet.errors import PqcnetError
 
 
 class _Bad(PqcnetError):

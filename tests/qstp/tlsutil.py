@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from OpenSSL import SSL
 
-from qstp.errors import HandshakeError
-from qstp.tls import handshake_error
+from pqcnet.qstp.errors import HandshakeError
+from pqcnet.qstp.tls import handshake_error
 
 #: Bound on shuttle rounds: a TLS 1.3 handshake needs 3-4; anything more is a bug.
 MAX_ROUNDS = 50

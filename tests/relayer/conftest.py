@@ -10,14 +10,14 @@ from typing import Any
 
 import pytest
 
-from relayer.bus.base import Bus
+from pqcnet.relayer.bus.base import Bus
 
 BusFactory = Callable[..., Bus]
 
 
 @pytest.fixture
 async def redis_bus_factory(redis_url: str) -> AsyncIterator[BusFactory]:
-    from relayer.bus.redis_streams import RedisStreamsBus
+    from pqcnet.relayer.bus.redis_streams import RedisStreamsBus
 
     prefix = f"test:{uuid.uuid4().hex[:10]}"
     made: list[RedisStreamsBus] = []
@@ -40,7 +40,7 @@ async def redis_bus_factory(redis_url: str) -> AsyncIterator[BusFactory]:
 
 @pytest.fixture
 def embedded_bus_factory(tmp_path: Path) -> BusFactory:
-    from relayer.bus.embedded import EmbeddedBus
+    from pqcnet.relayer.bus.embedded import EmbeddedBus
 
     def make(**kw: Any) -> Bus:
         kw.setdefault("shards", 4)

@@ -8,11 +8,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from qstp.identity import NodeIdentity, dev_identities
-from relayer.client import PublisherClient, SubscriberClient
-from relayer.config import RelayerConfig
-from relayer.frame import Frame, Topic
-from relayer.node import RelayerNode
+from pqcnet.identity import NodeIdentity, dev_identities
+from pqcnet.relayer.client import PublisherClient, SubscriberClient
+from pqcnet.relayer.config import RelayerConfig
+from pqcnet.relayer.frame import Frame, Topic
+from pqcnet.relayer.node import RelayerNode
 
 TD = "pqcnet.test"
 
@@ -46,6 +46,9 @@ class Collector:
         self.by_topic: dict[Topic, list[int]] = defaultdict(list)
         self.frames: list[Frame] = []
         self.task = asyncio.create_task(self._run())
+        # The error is re-raised by wait_for(); a test that ends without waiting must
+        # not leave "Task exception was never retrieved" to be logged into a later test.
+        self.task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _run(self) -> None:
         async for batch in self.client.batches():

@@ -6,7 +6,7 @@ import asyncio
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
-from relayer.frame import Frame, Topic
+from pqcnet.relayer.frame import Frame, Topic
 
 
 class CollectSink:

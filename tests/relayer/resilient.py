@@ -13,9 +13,9 @@ import contextlib
 from collections import defaultdict
 from collections.abc import Callable
 
-from qstp.errors import PqcnetError
-from relayer.client import PublisherClient, SubscriberClient
-from relayer.frame import Frame, Topic
+from pqcnet.errors import PqcnetError
+from pqcnet.relayer.client import PublisherClient, SubscriberClient
+from pqcnet.relayer.frame import Frame, Topic
 from tests.relayer.e2e import identities
 from tests.relayer.helpers import eventually
 

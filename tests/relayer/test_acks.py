@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from relayer.client import SubscriberClient
-from relayer.frame import Frame, Topic
-from relayer.node import RelayerNode
-from relayer.wire import MessageReader, decode_server
+from pqcnet.relayer.client import SubscriberClient
+from pqcnet.relayer.frame import Frame, Topic
+from pqcnet.relayer.node import RelayerNode
+from pqcnet.relayer.wire import MessageReader, decode_server
 from tests.relayer.e2e import identities, publisher, start_node, subscriber
 from tests.relayer.helpers import assert_exactly_once_in_order, eventually
 
@@ -121,8 +121,8 @@ async def test_in_flight_window_is_bounded_and_acks_open_it(tmp_path: Path) -> N
 
 
 async def test_ack_outside_a_subscription_is_a_typed_error(tmp_path: Path) -> None:
-    from relayer.client import RelayerRefused
-    from relayer.wire import encode_ack
+    from pqcnet.relayer.client import RelayerRefused
+    from pqcnet.relayer.wire import encode_ack
 
     node = await start_node(tmp_path)
     pub = await publisher(node.port)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from relayer.governance import VolumeFilter, pull_volume
+from pqcnet.relayer.governance import VolumeFilter, pull_volume
 from tests import services_ctl
 from tests.relayer.e2e import start_node
 from tests.relayer.helpers import assert_exactly_once_in_order, eventually

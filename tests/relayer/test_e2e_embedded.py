@@ -12,12 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from relayer.client import RelayerRefused
-from relayer.errors import FieldMissing, FieldTooLarge, SeqNotMonotonic
-from relayer.frame import Frame
-from relayer.governance import VolumeFilter, pull_report, pull_volume
-from relayer.proof import anchored_proof, inclusion_proof, verify_inclusion, verify_report
-from relayer.wire import MessageReader, MessageTooLarge, ServerError, decode_server, pack
+from pqcnet.relayer.client import RelayerRefused
+from pqcnet.relayer.errors import FieldMissing, FieldTooLarge, SeqNotMonotonic
+from pqcnet.relayer.frame import Frame
+from pqcnet.relayer.governance import VolumeFilter, pull_report, pull_volume
+from pqcnet.relayer.proof import anchored_proof, inclusion_proof, verify_inclusion, verify_report
+from pqcnet.relayer.wire import MessageReader, MessageTooLarge, ServerError, decode_server, pack
 from tests.relayer.e2e import Collector, publisher, start_node, subscriber
 from tests.relayer.helpers import assert_exactly_once_in_order, eventually
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from qstp.errors import TunnelClosed
-from relayer.bus.embedded import EmbeddedBus
-from relayer.errors import BusError
-from relayer.frame import Frame, encode, shard_for
-from relayer.seqstore import RocksSeqStore
-from relayer.worker import RelayerShardWorker, WorkerConfig
+from pqcnet.qstp.errors import TunnelClosed
+from pqcnet.relayer.bus.embedded import EmbeddedBus
+from pqcnet.relayer.errors import BusError
+from pqcnet.relayer.frame import Frame, encode, shard_for
+from pqcnet.relayer.seqstore import RocksSeqStore
+from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
 from tests.relayer.helpers import CollectSink, assert_exactly_once_in_order
 
 pytestmark = pytest.mark.timeout(60)

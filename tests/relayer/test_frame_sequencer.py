@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relayer.bus.base import Delivery
-from relayer.errors import FieldMissing, FieldTooLarge, FrameRejected
-from relayer.frame import (
+from pqcnet.relayer.bus.base import Delivery
+from pqcnet.relayer.errors import FieldMissing, FieldTooLarge, FrameRejected
+from pqcnet.relayer.frame import (
     Frame,
     FrameLimits,
     decode,
@@ -20,7 +20,7 @@ from relayer.frame import (
     topic_key,
     validate,
 )
-from relayer.sequencer import Deliver, Duplicate, Gap, Sequencer
+from pqcnet.relayer.sequencer import Deliver, Duplicate, Gap, Sequencer
 
 
 def test_codec_roundtrip_and_corruption() -> None:
@@ -119,8 +119,8 @@ def test_any_arrival_order_with_duplicates_delivers_once_in_order(data: st.DataO
 @given(st.binary(max_size=300), st.integers(1, 17))
 def test_wire_parse_or_typed_error_whole_and_byte_at_a_time(blob: bytes, step: int) -> None:
     """Any bytes on a relayer stream decode or raise a RelayerError; never anything else."""
-    from relayer.errors import RelayerError
-    from relayer.wire import MessageReader, decode_client, pack
+    from pqcnet.relayer.errors import RelayerError
+    from pqcnet.relayer.wire import MessageReader, decode_client, pack
 
     for data in (blob, pack(blob)):
         for chunks in ([data], [data[i : i + step] for i in range(0, len(data), step)]):

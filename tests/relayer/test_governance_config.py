@@ -18,15 +18,20 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from proto import relayer_pb2 as pb
-from proto import relayer_pb2_grpc as pb_grpc
-from qstp.pqc import SigningKey
-from relayer.config import RelayerConfig
-from relayer.errors import ConfigError, GovernanceError
-from relayer.frame import Frame
-from relayer.governance import VolumeFilter, VolumeMetricsService, pull_volume, serve_governance
-from relayer.metering import VolumeMeter
-from relayer.proof import PerformanceReport, sign_report
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.proto import relayer_pb2 as pb
+from pqcnet.proto import relayer_pb2_grpc as pb_grpc
+from pqcnet.relayer.config import RelayerConfig
+from pqcnet.relayer.errors import ConfigError, GovernanceError
+from pqcnet.relayer.frame import Frame
+from pqcnet.relayer.governance import (
+    VolumeFilter,
+    VolumeMetricsService,
+    pull_volume,
+    serve_governance,
+)
+from pqcnet.relayer.metering import VolumeMeter
+from pqcnet.relayer.proof import PerformanceReport, sign_report
 from tests.relayer.e2e import identities
 from tests.relayer.proc import RelayerProcess, write_config
 

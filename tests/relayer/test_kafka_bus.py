@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from relayer.bus.kafka import KafkaBus
-from relayer.frame import Frame, encode, shard_for
-from relayer.seqstore import RocksSeqStore
-from relayer.worker import RelayerShardWorker, WorkerConfig
+from pqcnet.relayer.bus.kafka import KafkaBus
+from pqcnet.relayer.frame import Frame, encode, shard_for
+from pqcnet.relayer.seqstore import RocksSeqStore
+from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
 from tests.relayer.helpers import CollectSink, assert_exactly_once_in_order, eventually
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from relayer.bus.base import Bus, Delivery
-from relayer.frame import Frame, encode
-from relayer.seqstore import RedisSeqStore, RocksSeqStore, SeqStore
-from relayer.sequencer import Deliver, Duplicate, Sequencer
-from relayer.worker import RelayerShardWorker, WorkerConfig
+from pqcnet.relayer.bus.base import Bus, Delivery
+from pqcnet.relayer.frame import Frame, encode
+from pqcnet.relayer.seqstore import RedisSeqStore, RocksSeqStore, SeqStore
+from pqcnet.relayer.sequencer import Deliver, Duplicate, Sequencer
+from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
 from tests.relayer.conftest import BusFactory
 from tests.relayer.helpers import CollectSink, assert_exactly_once_in_order
 
@@ -64,7 +64,7 @@ async def _publish(bus: Bus, upto: int, start: int, rng: random.Random) -> None:
 
 def _store(backend: str, bus: Bus, tmp_path: Path) -> SeqStore:
     if backend == "redis":
-        from relayer.bus.redis_streams import RedisStreamsBus
+        from pqcnet.relayer.bus.redis_streams import RedisStreamsBus
 
         assert isinstance(bus, RedisStreamsBus)
         return RedisSeqStore(bus.client, bus.prefix)

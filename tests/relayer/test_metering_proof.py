@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from layer0.merkle import MAX_LEAVES, merkle_root
-from qsdag import Ledger
-from qstp.pqc import SigningKey
-from relayer.errors import ProofError
-from relayer.frame import Frame
-from relayer.metering import VolumeMeter, VolumeRecord
-from relayer.proof import (
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.layer0.merkle import MAX_LEAVES, merkle_root
+from pqcnet.qsdag import Ledger
+from pqcnet.relayer.errors import ProofError
+from pqcnet.relayer.frame import Frame
+from pqcnet.relayer.metering import VolumeMeter, VolumeRecord
+from pqcnet.relayer.proof import (
     LedgerAnchor,
     PerformanceReport,
     anchored_proof,

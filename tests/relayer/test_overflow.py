@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from relayer.backpressure import FlowController
-from relayer.bus.embedded import EmbeddedBus
-from relayer.errors import OverflowFull
-from relayer.overflow import BufferedPublisher, OverflowQueue
+from pqcnet.relayer.backpressure import FlowController
+from pqcnet.relayer.bus.embedded import EmbeddedBus
+from pqcnet.relayer.errors import OverflowFull
+from pqcnet.relayer.overflow import BufferedPublisher, OverflowQueue
 
 
 def test_fifo_bound_and_restart(tmp_path: Path) -> None:

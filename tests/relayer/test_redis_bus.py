@@ -8,10 +8,10 @@ import random
 
 import pytest
 
-from relayer.bus.redis_streams import RedisStreamsBus
-from relayer.frame import Frame, encode, shard_for
-from relayer.seqstore import RedisSeqStore
-from relayer.worker import RelayerShardWorker, WorkerConfig
+from pqcnet.relayer.bus.redis_streams import RedisStreamsBus
+from pqcnet.relayer.frame import Frame, encode, shard_for
+from pqcnet.relayer.seqstore import RedisSeqStore
+from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
 from tests.relayer.conftest import BusFactory
 from tests.relayer.helpers import CollectSink, assert_exactly_once_in_order
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from relayer.metering import VolumeDelta
+from pqcnet.relayer.metering import VolumeDelta
 from tests.relayer.e2e import start_node
 
 pytestmark = pytest.mark.timeout(60)

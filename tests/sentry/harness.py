@@ -23,14 +23,14 @@ import grpc
 import grpc.aio
 import yaml
 
-import qstp
-from proto import echo_pb2, echo_pb2_grpc
-from qstp.identity import NodeIdentity, dev_identities
-from qstp.pqc import SigningKey
-from sentry.config import load_config, verify_key_pem
-from sentry.core import Sentry
-from sentry.server import SentryServer
-from sentry.sidecar import Sidecar
+from pqcnet import qstp
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.identity import NodeIdentity, dev_identities
+from pqcnet.proto import echo_pb2, echo_pb2_grpc
+from pqcnet.sentry.config import load_config, verify_key_pem
+from pqcnet.sentry.core import Sentry
+from pqcnet.sentry.server import SentryServer
+from pqcnet.sentry.sidecar import Sidecar
 
 TD = "pqcnet.test"
 SENTRY_ID = f"spiffe://{TD}/ops/sentry/s1"

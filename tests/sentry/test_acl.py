@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from qstp.identity.spiffe import SpiffeId
-from sentry.acl import AclPolicy, matches, method_key
-from sentry.errors import Denied, SentryConfigError
+from pqcnet.identity.spiffe import SpiffeId
+from pqcnet.sentry.acl import AclPolicy, matches, method_key
+from pqcnet.sentry.errors import Denied, SentryConfigError
 
 ALICE = SpiffeId.parse("spiffe://pqcnet.test/acme/sidecar/n1")
 EVE = SpiffeId.parse("spiffe://other.test/acme/sidecar/n1")

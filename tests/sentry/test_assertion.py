@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from proto import sentry_pb2
-from qstp.pqc import SigningKey
-from sentry import assertion as sa
-from sentry.errors import (
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.proto import sentry_pb2
+from pqcnet.sentry import assertion as sa
+from pqcnet.sentry.errors import (
     AssertionExpired,
     BadSignature,
     ChannelBindingMismatch,

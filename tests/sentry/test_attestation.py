@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from qsdag import Ledger
-from qstp.pqc import SigningKey
-from sentry.attestation import LedgerAnchor
-from sentry.config import load_config
-from sentry.core import Sentry
-from sentry.metrics import SentryMetrics
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.qsdag import Ledger
+from pqcnet.sentry.attestation import LedgerAnchor
+from pqcnet.sentry.config import load_config
+from pqcnet.sentry.core import Sentry
+from pqcnet.sentry.metrics import SentryMetrics
 
 from .harness import Mesh, config_dict, write_config
 

@@ -11,8 +11,8 @@ import grpc.aio
 import httpx
 import pytest
 
-from proto import echo_pb2, echo_pb2_grpc
-from sentry.sidecar import serve_grpc, serve_http, serve_tcp
+from pqcnet.proto import echo_pb2, echo_pb2_grpc
+from pqcnet.sentry.sidecar import serve_grpc, serve_http, serve_tcp
 
 from .conftest import Env
 from .harness import SANITIZER_KEY
@@ -120,8 +120,8 @@ async def test_raw_tcp_mode(env: Env) -> None:
 async def test_backend_keys_and_metrics_exposition(env: Env) -> None:
     from prometheus_client import generate_latest
 
-    import qstp
-    from sentry.core import Sentry, TunnelView
+    from pqcnet import qstp
+    from pqcnet.sentry.core import Sentry, TunnelView
 
     t1 = await qstp.connect("127.0.0.1", env.stack.port, env.mesh.acme)
     t2 = await qstp.connect("127.0.0.1", env.stack.port, env.mesh.acme)

@@ -14,14 +14,14 @@ from typing import Any
 
 import pytest
 
-from sentry import http1, loop, wire
-from sentry.assertion import SessionAssertion
-from sentry.core import Admission, Sentry
-from sentry.errors import WireError
-from sentry.http1 import HttpError, HttpLimits, parse_head
-from sentry.memo import Memo
-from sentry.sanitizer import SanitizerPolicy
-from sentry.upstream import parse_response_head
+from pqcnet.sentry import http1, loop, wire
+from pqcnet.sentry.assertion import SessionAssertion
+from pqcnet.sentry.core import Admission, Sentry
+from pqcnet.sentry.errors import WireError
+from pqcnet.sentry.http1 import HttpError, HttpLimits, parse_head
+from pqcnet.sentry.memo import Memo
+from pqcnet.sentry.sanitizer import SanitizerPolicy
+from pqcnet.sentry.upstream import parse_response_head
 
 from .harness import SANITIZER_KEY, HttpBackend, Mesh, config_dict, sentry_stack, write_config
 
@@ -129,7 +129,7 @@ def _check_forwarded_headers(sentry: Sentry) -> None:
 
 
 def _load(tmp_path: Path, mesh: Mesh) -> Any:
-    from sentry.config import load_config
+    from pqcnet.sentry.config import load_config
 
     return load_config(write_config(tmp_path, mesh, config_dict(1, 2, 3)))
 
@@ -157,7 +157,7 @@ def test_rpcs_through_sidecar_and_sentry_on_uvloop(tmp_path: Path, mesh: Mesh) -
     uvloop = pytest.importorskip("uvloop")
 
     async def main(http_port: int) -> list[tuple[int, Any]]:
-        from sentry.sidecar import serve_http
+        from pqcnet.sentry.sidecar import serve_http
 
         assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
         path = write_config(tmp_path, mesh, config_dict(http_port, 1, 1))

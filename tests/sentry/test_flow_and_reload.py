@@ -13,14 +13,14 @@ import grpc.aio
 import httpx
 import pytest
 
-from proto import echo_pb2, echo_pb2_grpc
-from qstp import events as ev
-from qstp.errors import TunnelClosed
-from sentry.acl import AclPolicy
-from sentry.errors import SentryConfigError
-from sentry.server import FLOW_REASON_RATE_LIMITED
-from sentry.sidecar import serve_grpc, serve_http
-from sentry.wire import RequestHead
+from pqcnet.proto import echo_pb2, echo_pb2_grpc
+from pqcnet.qstp import events as ev
+from pqcnet.qstp.errors import TunnelClosed
+from pqcnet.sentry.acl import AclPolicy
+from pqcnet.sentry.errors import SentryConfigError
+from pqcnet.sentry.server import FLOW_REASON_RATE_LIMITED
+from pqcnet.sentry.sidecar import serve_grpc, serve_http
+from pqcnet.sentry.wire import RequestHead
 
 from .conftest import Env
 from .harness import TD, Mesh, config_dict, sentry_stack, write_config

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sentry.errors import RateLimited, SentryConfigError
-from sentry.limiter import ConcurrencyGate, Plan, RateLimiter
+from pqcnet.sentry.errors import RateLimited, SentryConfigError
+from pqcnet.sentry.limiter import ConcurrencyGate, Plan, RateLimiter
 
 
 def test_burst_then_rate() -> None:

@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from sentry.sidecar import Sidecar, serve_http
+from pqcnet.sentry.sidecar import Sidecar, serve_http
 
 from .conftest import Env
 

@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import qstp
-from sentry import assertion as sa
-from sentry.http1 import HttpError, HttpLimits, parse_head
-from sentry.sidecar import serve_http
-from sentry.wire import RequestHead, decode_response, encode_request, read_head
+from pqcnet import qstp
+from pqcnet.sentry import assertion as sa
+from pqcnet.sentry.http1 import HttpError, HttpLimits, parse_head
+from pqcnet.sentry.sidecar import serve_http
+from pqcnet.sentry.wire import RequestHead, decode_response, encode_request, read_head
 
 from .conftest import Env
 

@@ -10,13 +10,13 @@ import grpc.aio
 import httpx
 import pytest
 
-import qstp
-from proto import echo_pb2, echo_pb2_grpc, sentry_pb2
-from qstp.identity import NodeIdentity
-from qstp.pqc import SigningKey
-from sentry import assertion as sa
-from sentry.sidecar import Sidecar, serve_grpc, serve_http
-from sentry.wire import RequestHead, ResponseHead, decode_response, encode_request, read_head
+from pqcnet import qstp
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.identity import NodeIdentity
+from pqcnet.proto import echo_pb2, echo_pb2_grpc, sentry_pb2
+from pqcnet.sentry import assertion as sa
+from pqcnet.sentry.sidecar import Sidecar, serve_grpc, serve_http
+from pqcnet.sentry.wire import RequestHead, ResponseHead, decode_response, encode_request, read_head
 
 from .conftest import Env
 

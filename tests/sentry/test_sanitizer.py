@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sentry.errors import SentryConfigError, WireError
-from sentry.sanitizer import Action, SanitizerPolicy, parse_policy
+from pqcnet.sentry.errors import SentryConfigError, WireError
+from pqcnet.sentry.sanitizer import Action, SanitizerPolicy, parse_policy
 
 KEY = b"k" * 32
 names = st.sampled_from(["x-forwarded-for", "X-User-Id", "x-wallet", "accept", "x-trace",

@@ -12,8 +12,8 @@ import grpc.aio
 import httpx
 import pytest
 
-from proto import echo_pb2, echo_pb2_grpc
-from sentry.sidecar import serve_grpc, serve_http
+from pqcnet.proto import echo_pb2, echo_pb2_grpc
+from pqcnet.sentry.sidecar import serve_grpc, serve_http
 
 from .conftest import Env
 from .harness import SANITIZER_KEY

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from sentry.errors import BackendError
-from sentry.upstream import INLINE_BODY_MAX, Upstream, UpstreamResponse
+from pqcnet.sentry.errors import BackendError
+from pqcnet.sentry.upstream import INLINE_BODY_MAX, Upstream, UpstreamResponse
 
 pytestmark = pytest.mark.timeout(30)
 

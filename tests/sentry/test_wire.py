@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sentry import wire
-from sentry.errors import RequestTooLarge, WireError
+from pqcnet.sentry import wire
+from pqcnet.sentry.errors import RequestTooLarge, WireError
 
 HEAD = wire.RequestHead("http", "POST", "/rpc?x=1", (("content-type", "application/json"),),
                         b"assertion", 5.0)

@@ -1,1 +1,0 @@
-"""Protobuf sources and their generated Python (regenerate with ``make proto``)."""

@@ -1,0 +1,194 @@
+"""``pqcnet bench qsdag``: verify_and_anchor throughput against its two floors.
+
+A vertex anchor costs at least one ML-DSA-65 verify and one RocksDB write, so the
+run measures, in the same process and on one core:
+
+* raw ML-DSA-65 verify rate over vertex-sized messages (the baseline; target:
+  ``verify_and_anchor`` at >= 0.5x of it). Measured once before the run *and* in
+  short slices interleaved with the anchoring (every ``--slice`` vertices), so
+  baseline and subject see the same machine load; the target is judged on the
+  median interleaved baseline (the 2-core machine is shared);
+* raw rocksdict write rate for vertex-sized values (one put each, WAL on);
+* ``verify_and_anchor`` rate over ``--count`` pre-signed vertices from a few authors
+  (signing is done up front in ``--workers`` processes and is not timed);
+* ledger open time and whole-ledger ``verify()`` time at that size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.qsdag import Ledger, OpaqueRecord, Vertex, VertexKind, encode_payload
+from pqcnet.qsdag.vertex import DOMAIN
+
+TARGET_RATIO = 0.5
+_CHUNK = 500
+
+
+def _key(i: int) -> SigningKey:
+    return SigningKey.from_seed(bytes([i + 1]) * 32)
+
+
+def _sign_chunk(items: list[tuple[int, bytes]]) -> list[bytes]:
+    keys: dict[int, SigningKey] = {}
+    out = []
+    for author, msg in items:
+        key = keys.setdefault(author, _key(author))
+        out.append(key.sign(msg, context=DOMAIN))
+    return out
+
+
+def _raw_verify_rate(sample: int, msg_size: int = 600) -> float:
+    key = _key(0)
+    msg = os.urandom(msg_size)
+    sig = key.sign(msg, context=DOMAIN)
+    pub = key.public_key
+    start = time.perf_counter()
+    for _ in range(sample):
+        pub.verify(sig, msg, context=DOMAIN)
+    return sample / (time.perf_counter() - start)
+
+
+def _raw_write_rate(path: Path, sample: int, size: int) -> float:
+    from rocksdict import Options, Rdict
+
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(True)
+    db = Rdict(str(path), opts)
+    value = os.urandom(size)
+    start = time.perf_counter()
+    for i in range(sample):
+        db[i.to_bytes(8, "big")] = value
+    rate = sample / (time.perf_counter() - start)
+    db.close()
+    del db
+    return rate
+
+
+def _generate(ledger: Ledger, count: int, authors: int, workers: int) -> list[Vertex]:
+    """Unsigned structure first (ids do not cover signatures), then parallel signing."""
+    tips = ledger.tips()
+    ts = ledger.now_ms()
+    counters = [ledger.next_counter(f"node-{a}") for a in range(authors)]
+    vertices: list[Vertex] = []
+    recent = list(tips)
+    for i in range(count):
+        a = i % authors
+        parents = {recent[-1]} | ({recent[-3]} if len(recent) >= 3 and i % 4 == 0 else set())
+        payload = encode_payload(OpaqueRecord("bench.Volume", f"node-{a}",
+                                              i.to_bytes(8, "big") * 16))
+        v = Vertex(VertexKind.VOLUME_PROOF, f"node-{a}", counters[a], ts, 1,
+                   tuple(sorted(parents)), payload)
+        counters[a] += 1
+        vertices.append(v)
+        recent.append(v.id)
+        del recent[:-4]
+    jobs = [[(i % authors, v.canonical()) for i, v in enumerate(vertices[s:s + _CHUNK], s)]
+            for s in range(0, count, _CHUNK)]
+    sigs: list[bytes] = []
+    with ProcessPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=count, desc="sign", unit="vertex", disable=None) as bar:
+        for chunk in pool.map(_sign_chunk, jobs):
+            sigs.extend(chunk)
+            bar.update(len(chunk))
+    return [replace(v, signature=s) for v, s in zip(vertices, sigs)]
+
+
+def run(count: int = 100_000, authors: int = 4, workers: int = 2,
+        sample: int = 3000, slice_size: int = 5000) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="pqcnet-bench-qsdag-"))
+    try:
+        verify_rate = _raw_verify_rate(sample)
+        gov = _key(100)
+        ledger = Ledger.open(tmp / "ledger")
+        ledger.init_genesis("bench", "gov", gov)
+        for a in range(authors):
+            ledger.register_author(f"node-{a}", _key(a).public_key, registrar="gov", signer=gov)
+        t0 = time.perf_counter()
+        vertices = _generate(ledger, count, authors, workers)
+        generate_s = time.perf_counter() - t0
+        size = len(vertices[0].encode())
+        write_rate = _raw_write_rate(tmp / "raw", min(count, 20_000), size)
+        msg_size = len(vertices[0].canonical())
+        slice_rates: list[float] = []
+        anchor_s = anchor_cpu_s = 0.0
+        with tqdm(total=count, desc="verify_and_anchor", unit="vertex", disable=None) as bar:
+            for s in range(0, count, slice_size):
+                chunk = vertices[s:s + slice_size]
+                start, cpu = time.perf_counter(), time.process_time()
+                for v in chunk:
+                    ledger.verify_and_anchor(v)
+                anchor_s += time.perf_counter() - start
+                anchor_cpu_s += time.process_time() - cpu
+                bar.update(len(chunk))
+                slice_rates.append(_raw_verify_rate(max(100, sample // 10), msg_size))
+        interleaved = statistics.median(slice_rates)
+        total = len(ledger)
+        ledger.close()
+        del vertices
+        start = time.perf_counter()
+        ledger = Ledger.open(tmp / "ledger")
+        open_s = time.perf_counter() - start
+        with tqdm(total=total, desc="verify", unit="vertex", disable=None) as bar:
+            start = time.perf_counter()
+            report = ledger.verify(progress=bar.update)
+            verify_s = time.perf_counter() - start
+        ledger.close()
+        anchor_rate = count / anchor_s
+        ratio = anchor_rate / interleaved
+        return {
+            "benchmark": "qsdag",
+            "vertices": total,
+            "authors": authors,
+            "vertex_wire_bytes": size,
+            "baseline_mldsa65_verify_per_s": round(verify_rate, 1),
+            "baseline_mldsa65_verify_interleaved_median_per_s": round(interleaved, 1),
+            "baseline_mldsa65_verify_interleaved_min_max": [round(min(slice_rates), 1),
+                                                            round(max(slice_rates), 1)],
+            "baseline_rocksdict_write_per_s": round(write_rate, 1),
+            "verify_and_anchor_per_s": round(anchor_rate, 1),
+            "ratio_vs_verify": round(ratio, 3),
+            "ratio_vs_verify_measured_before_run": round(anchor_rate / verify_rate, 3),
+            "anchor_cpu_s": round(anchor_cpu_s, 2),
+            "anchor_per_cpu_s": round(count / anchor_cpu_s, 1) if anchor_cpu_s else None,
+            "ratio_vs_rocksdict_write": round(anchor_rate / write_rate, 3),
+            "target_ratio_vs_verify": TARGET_RATIO,
+            "target_met": ratio >= TARGET_RATIO,
+            "ledger_open_s": round(open_s, 3),
+            "ledger_verify_s": round(verify_s, 2),
+            "ledger_verify_ok": report.ok,
+            "presign_s": round(generate_s, 1),
+            "cpu_count": os.cpu_count(),
+            "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@click.command()
+@click.option("--count", default=100_000, show_default=True, type=click.IntRange(1, 1_000_000),
+              help="Vertices to anchor (pre-signed before timing).")
+@click.option("--authors", default=4, show_default=True, type=click.IntRange(1, 64))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 32),
+              help="Processes used to pre-sign vertices (not timed).")
+@click.option("--sample", default=3000, show_default=True, type=click.IntRange(100, 10**6),
+              help="Operations for the raw verify baseline.")
+@click.option("--slice", "slice_size", default=5000, show_default=True,
+              type=click.IntRange(100, 10**6),
+              help="Vertices anchored between interleaved baseline measurements.")
+def cli(count: int, authors: int, workers: int, sample: int, slice_size: int) -> None:
+    """QS-DAG verify_and_anchor throughput vs raw ML-DSA-65 verify and rocksdict writes."""
+    click.echo(json.dumps(run(count, authors, workers, sample, slice_size), indent=2))

@@ -1,0 +1,366 @@
+"""``pqcnet bench qstp``: QSTP handshakes and throughput against a stdlib-``ssl`` baseline.
+
+Everything runs over loopback TCP with the servers in a second process (so each side
+gets a core) and the clients in this one. Measured in the same run:
+
+* handshake latency p50/p99: QSTP full (X25519MLKEM768, ML-DSA-65 mutual auth),
+  QSTP resumed (TLS 1.3 ticket), and classical TLS 1.3 mutual auth from the stdlib
+  ``ssl`` module (ECDSA P-256 certificates, OpenSSL's default X25519 group);
+* bulk throughput with 64 KiB writes, and the rate of 256-byte writes, through a
+  QSTP stream vs stdlib ``ssl`` asyncio streams, plus the CPU seconds both processes
+  spent per GiB (wall-clock rates swing with other load on a small machine; CPU per
+  byte much less so). Ratios > 1 mean QSTP is better.
+
+A QSTP ``connect()`` returns only after the server's first frame arrived (proof
+that the server accepted our certificate), half a round trip more than the stdlib
+client, which returns as soon as *it* finished. The numbers include that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import multiprocessing as mp
+import os
+import ssl
+import statistics
+import struct
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+TARGETS = {
+    "bulk_gbit_s_min": 1.0,
+    "bulk_ratio_vs_stdlib_min": 1.5,
+    "resumed_vs_classical_full_max": 1.5,
+    "pq_full_handshake_p50_ms_max": 10.0,
+}
+_LEN = struct.Struct(">Q")
+#: sink reply: bytes counted, server CPU seconds spent on the transfer
+_REPLY = struct.Struct(">Qd")
+PASSPHRASE = b"bench"
+
+
+# --------------------------------------------------------------------------- identities
+
+
+def _classical_pki(root: Path) -> None:
+    """A P-256 CA, server and client certificates for the stdlib baseline."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("bench-ca")).issuer_name(name("bench-ca"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(minutes=5))
+          .not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    (root / "c-ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    for who in ("server", "client"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(name(who)).issuer_name(ca.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5))
+                .not_valid_after(now + dt.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]),
+                               critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        (root / f"c-{who}.pem").write_bytes(
+            cert.public_bytes(serialization.Encoding.PEM)
+            + key.private_bytes(serialization.Encoding.PEM,
+                                serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()))
+
+
+def _stdlib_context(root: Path, server: bool) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(root / ("c-server.pem" if server else "c-client.pem"))
+    ctx.load_verify_locations(root / "c-ca.pem")
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = False
+    return ctx
+
+
+# --------------------------------------------------------------------------- server process
+
+
+async def _serve_all(root: str, ports: Any) -> None:
+    from pqcnet import qstp
+    from pqcnet.identity import NodeIdentity
+    from pqcnet.qstp.aio import Stream, Tunnel
+
+    ident = NodeIdentity.load(Path(root) / "server", PASSPHRASE)
+
+    async def sink(stream: Stream) -> None:
+        cpu = time.process_time()
+        total = 0
+        async for chunk in stream:
+            total += len(chunk)
+        await stream.send(_REPLY.pack(total, time.process_time() - cpu), end=True)
+
+    async def handler(tunnel: Tunnel) -> None:
+        tasks = [asyncio.create_task(sink(s)) async for s in tunnel]
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def stdlib_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            header = await reader.readexactly(_LEN.size)
+            cpu = time.process_time()
+            want = _LEN.unpack(header)[0]
+            got = 0
+            while got < want:
+                chunk = await reader.read(1 << 20)
+                if not chunk:
+                    break
+                got += len(chunk)
+            writer.write(_REPLY.pack(got, time.process_time() - cpu))
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await qstp.serve(handler, "127.0.0.1", 0, ident)
+    base = await asyncio.start_server(stdlib_handler, "127.0.0.1", 0,
+                                      ssl=_stdlib_context(Path(root), server=True))
+    ports.put((server.port, base.sockets[0].getsockname()[1]))
+    await asyncio.Event().wait()
+
+
+def _server_main(root: str, ports: Any) -> None:
+    asyncio.run(_serve_all(root, ports))
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def _pcts(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return {"p50_ms": round(statistics.median(ordered) * 1000, 3),
+            "p99_ms": round(p99 * 1000, 3), "n": len(ordered)}
+
+
+async def _qstp_handshakes(port: int, ident: Any, n: int, resumed: bool,
+                           bar: tqdm) -> dict[str, float]:
+    from pqcnet import qstp
+
+    samples: list[float] = []
+    session = None
+    if resumed:
+        first = await qstp.connect("127.0.0.1", port, ident)
+        session = first.session
+        await first.close()
+    for _ in range(n):
+        t0 = time.perf_counter()
+        tunnel = await qstp.connect("127.0.0.1", port, ident, session=session)
+        samples.append(time.perf_counter() - t0)
+        if resumed:
+            if not tunnel.resumed:
+                raise RuntimeError("expected a resumed handshake")
+            session = tunnel.session  # each connection brings a fresh ticket
+        await tunnel.close()
+        bar.update()
+    return _pcts(samples)
+
+
+async def _stdlib_handshakes(port: int, ctx: ssl.SSLContext, n: int,
+                             bar: tqdm) -> dict[str, float]:
+    samples: list[float] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        samples.append(time.perf_counter() - t0)
+        writer.close()
+        await writer.wait_closed()
+        bar.update()
+    return _pcts(samples)
+
+
+async def _qstp_transfer(port: int, ident: Any, total: int, size: int,
+                         bar: tqdm) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (client + server) for pushing ``total`` bytes."""
+    from pqcnet import qstp
+
+    tunnel = await qstp.connect("127.0.0.1", port, ident)
+    stream = tunnel.open_stream()
+    chunk = os.urandom(size)
+    cpu = time.process_time()
+    t0 = time.perf_counter()
+    sent = 0
+    while sent < total:
+        await stream.send(chunk)
+        sent += size
+        if sent % (1 << 22) < size:
+            bar.update(1 << 22)
+    await stream.close()
+    reply = await stream.read_all(64)
+    elapsed = time.perf_counter() - t0
+    client_cpu = time.process_time() - cpu
+    counted, server_cpu = _REPLY.unpack(reply)
+    if counted != sent:
+        raise RuntimeError("QSTP sink counted a different number of bytes")
+    await tunnel.close()
+    return elapsed, client_cpu + server_cpu
+
+
+async def _stdlib_transfer(port: int, ctx: ssl.SSLContext, total: int, size: int,
+                           bar: tqdm) -> tuple[float, float]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+    chunk = os.urandom(size)
+    cpu = time.process_time()
+    t0 = time.perf_counter()
+    writer.write(_LEN.pack(total))
+    sent = 0
+    while sent < total:
+        writer.write(chunk)
+        await writer.drain()
+        sent += size
+        if sent % (1 << 22) < size:
+            bar.update(1 << 22)
+    reply = await reader.readexactly(_REPLY.size)
+    elapsed = time.perf_counter() - t0
+    client_cpu = time.process_time() - cpu
+    counted, server_cpu = _REPLY.unpack(reply)
+    if counted != total:
+        raise RuntimeError("stdlib sink counted a different number of bytes")
+    writer.close()
+    await writer.wait_closed()
+    return elapsed, client_cpu + server_cpu
+
+
+async def _measure(root: Path, qport: int, sport: int, handshakes: int, bulk_mib: int,
+                   small_mib: int, rounds: int) -> dict[str, Any]:
+    from pqcnet.identity import NodeIdentity
+
+    ident = NodeIdentity.load(root / "client", PASSPHRASE)
+    cctx = _stdlib_context(root, server=False)
+    out: dict[str, Any] = {}
+    with tqdm(total=handshakes * 3, desc="handshakes", unit="hs", leave=False) as bar:
+        # warm-up: contexts, caches, code paths
+        await _qstp_handshakes(qport, ident, 3, False, tqdm(disable=True))
+        await _stdlib_handshakes(sport, cctx, 3, tqdm(disable=True))
+        out["handshake_qstp_full"] = await _qstp_handshakes(qport, ident, handshakes, False, bar)
+        out["handshake_qstp_resumed"] = await _qstp_handshakes(qport, ident, handshakes,
+                                                               True, bar)
+        out["handshake_stdlib_classical_full"] = await _stdlib_handshakes(
+            sport, cctx, handshakes, bar)
+    for label, size, mib in (("bulk_64k", 64 * 1024, bulk_mib), ("small_256b", 256, small_mib)):
+        total = mib * 1024 * 1024
+        qs: list[tuple[float, float]] = []
+        bs: list[tuple[float, float]] = []
+        with tqdm(total=2 * total * rounds, desc=label, unit="B", unit_scale=True,
+                  leave=False) as bar:
+            for _ in range(rounds):  # interleaved, so background load hits both alike
+                qs.append(await _qstp_transfer(qport, ident, total, size, bar))
+                bs.append(await _stdlib_transfer(sport, cctx, total, size, bar))
+        q, b = statistics.median(x[0] for x in qs), statistics.median(x[0] for x in bs)
+        qcpu = statistics.median(x[1] for x in qs)
+        bcpu = statistics.median(x[1] for x in bs)
+        out[label] = {
+            "bytes": total,
+            "rounds": rounds,
+            "frame_bytes": size,
+            "qstp_gbit_s": round(total * 8 / q / 1e9, 3),
+            "stdlib_gbit_s": round(total * 8 / b / 1e9, 3),
+            "qstp_frames_per_s": round(total / size / q),
+            "stdlib_frames_per_s": round(total / size / b),
+            "ratio": round(b / q, 3),
+            # CPU seconds (client + server) per GiB: less sensitive to other load
+            "qstp_cpu_s_per_gib": round(qcpu / (total / 2**30), 3),
+            "stdlib_cpu_s_per_gib": round(bcpu / (total / 2**30), 3),
+            "cpu_ratio": round(bcpu / qcpu, 3),
+        }
+    return out
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
+def run(handshakes: int = 200, bulk_mib: int = 256, small_mib: int = 16,
+        rounds: int = 3) -> dict[str, Any]:
+    """Run the whole benchmark; returns the JSON-able result."""
+    from pqcnet.identity import dev_identities
+
+    load_before = _loadavg()
+    with tempfile.TemporaryDirectory(prefix="pqcnet-bench-qstp-") as tmp:
+        root = Path(tmp)
+        _ca, (server, client) = dev_identities(
+            "bench.test", "spiffe://bench.test/bench/relayer/server",
+            "spiffe://bench.test/bench/publisher/client")
+        server.save(root / "server", PASSPHRASE)
+        client.save(root / "client", PASSPHRASE)
+        _classical_pki(root)
+        ctx = mp.get_context("spawn")
+        ports = ctx.Queue()
+        proc = ctx.Process(target=_server_main, args=(str(root), ports), daemon=True)
+        proc.start()
+        try:
+            qport, sport = ports.get(timeout=60)
+            res = asyncio.run(_measure(root, qport, sport, handshakes, bulk_mib, small_mib,
+                                      rounds))
+        finally:
+            proc.terminate()
+            proc.join(10)
+    full = res["handshake_qstp_full"]["p50_ms"]
+    resumed = res["handshake_qstp_resumed"]["p50_ms"]
+    classical = res["handshake_stdlib_classical_full"]["p50_ms"]
+    bulk = res["bulk_64k"]
+    res["ratios"] = {
+        "qstp_full_vs_classical_full_p50": round(full / classical, 3),
+        "qstp_resumed_vs_classical_full_p50": round(resumed / classical, 3),
+        "bulk_qstp_vs_stdlib": bulk["ratio"],
+        "small_qstp_vs_stdlib": res["small_256b"]["ratio"],
+        "bulk_cpu_efficiency_qstp_vs_stdlib": bulk["cpu_ratio"],
+        "small_cpu_efficiency_qstp_vs_stdlib": res["small_256b"]["cpu_ratio"],
+    }
+    res["targets"] = TARGETS
+    res["targets_met"] = {
+        "bulk_gbit_s": bulk["qstp_gbit_s"] >= TARGETS["bulk_gbit_s_min"],
+        "bulk_ratio": bulk["ratio"] >= TARGETS["bulk_ratio_vs_stdlib_min"],
+        "resumed_vs_classical": resumed / classical <= TARGETS["resumed_vs_classical_full_max"],
+        "pq_full_p50": full < TARGETS["pq_full_handshake_p50_ms_max"],
+    }
+    res["setup"] = {
+        "transport": "loopback TCP, TCP_NODELAY; servers in a second process",
+        "qstp": "TLS 1.3 X25519MLKEM768, ML-DSA-65 mTLS, AES-256-GCM, pyOpenSSL memory BIO",
+        "baseline": "stdlib ssl TLS 1.3 mTLS, ECDSA P-256, default group (X25519), asyncio",
+        "cpus": os.cpu_count(),
+        # 1/5/15-minute load averages: other work on the machine skews wall times
+        "loadavg_before": load_before,
+        "loadavg_after": _loadavg(),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
+    }
+    return res
+
+
+@click.command()
+@click.option("--handshakes", default=200, show_default=True, type=click.IntRange(5, 5000),
+              help="Handshakes per variant.")
+@click.option("--bulk-mib", default=256, show_default=True, type=click.IntRange(1, 8192),
+              help="MiB pushed with 64 KiB writes (per side, per round).")
+@click.option("--small-mib", default=16, show_default=True, type=click.IntRange(1, 1024),
+              help="MiB pushed with 256-byte writes (per side, per round).")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 20),
+              help="Interleaved throughput rounds; the median is reported.")
+def cli(handshakes: int, bulk_mib: int, small_mib: int, rounds: int) -> None:
+    """QSTP handshake latency and throughput vs stdlib ssl (same run, loopback)."""
+    click.echo(json.dumps(run(handshakes, bulk_mib, small_mib, rounds), indent=2))

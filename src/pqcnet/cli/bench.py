@@ -1,0 +1,37 @@
+"""``pqcnet bench <name>``: run a benchmark from ``benchmarks/`` and print its JSON.
+
+Each benchmark module ``benchmarks/<name>.py`` exposes ``run(**options) -> dict`` and a
+click command ``cli``; this group just mounts them. Every result includes the
+baseline measured in the same run and the ratio to it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+#: benchmark name -> module
+BENCHMARKS: dict[str, str] = {
+    "mesh": "pqcnet.bench.mesh",
+    "qsdag": "pqcnet.bench.qsdag",
+    "qstp": "pqcnet.bench.qstp",
+    "sentry": "pqcnet.bench.sentry",
+    "relayer": "pqcnet.bench.relayer",
+}
+
+
+class _BenchGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(BENCHMARKS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in BENCHMARKS:
+            return None
+        command: click.Command = importlib.import_module(BENCHMARKS[cmd_name]).cli
+        return command
+
+
+@click.group(cls=_BenchGroup)
+def cli() -> None:
+    """Benchmarks; each prints JSON with the same-run baseline and the ratio."""

@@ -1,0 +1,227 @@
+"""``pqcnet ca``: run a mesh CA from a directory (init, issue, sign-csr, revoke, crl, bundle).
+
+The CA directory holds ``ca-key.pem`` (PKCS#8, encrypted under the CA passphrase),
+``ca-cert.pem`` (the trust bundle) and ``ca-state.json`` (policy, revocations, CRL
+number). Passphrases come from an environment variable (default
+``PQCNET_CA_PASSPHRASE``) or an interactive prompt, never from argv where ``ps``
+would show them; ``--no-passphrase`` stores keys unencrypted (development only).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from pqcnet.identity import IssuancePolicy, MeshCA, NodeIdentity, SpiffeId, load_crl
+from pqcnet.identity.ca import CA_KEY_FILE
+from pqcnet.identity.certs import load_certs
+from pqcnet.identity.errors import IdentityError
+from pqcnet.identity.keystore import atomic_write, read_bounded
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """``90s`` / ``30m`` / ``12h`` / ``7d`` -> timedelta (clear error otherwise)."""
+    match = _DURATION.match(text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration like 30m, 12h or 7d")
+    return dt.timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+
+
+class Duration(click.ParamType):  # type: ignore[type-arg]
+    """A click type for :func:`parse_duration`."""
+
+    name = "duration"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> dt.timedelta:
+        if isinstance(value, dt.timedelta):
+            return value
+        return parse_duration(str(value))
+
+
+DURATION = Duration()
+
+
+def passphrase(env: str, no_passphrase: bool, *, what: str, confirm: bool = False) -> bytes | None:
+    """Passphrase from ``$env``, else a hidden prompt; None when ``no_passphrase``."""
+    if no_passphrase:
+        return None
+    value = os.environ.get(env)
+    if value is None:
+        value = click.prompt(
+            f"{what} passphrase (or set ${env})", hide_input=True, confirmation_prompt=confirm
+        )
+    if not value:
+        raise click.BadParameter(f"empty {what} passphrase (use --no-passphrase for none)")
+    return value.encode()
+
+
+def _ca_options(f: Callable[..., None]) -> Callable[..., None]:
+    f = click.option("--no-passphrase", is_flag=True,
+                     help="CA key is (or will be) stored unencrypted (development only).")(f)
+    f = click.option("--passphrase-env", default="PQCNET_CA_PASSPHRASE", show_default=True,
+                     help="Environment variable holding the CA key passphrase.")(f)
+    f = click.option("--dir", "ca_dir", required=True,
+                     type=click.Path(file_okay=False, path_type=Path),
+                     help="CA directory.")(f)
+    return f
+
+
+def _load(ca_dir: Path, env: str, no_pass: bool) -> tuple[MeshCA, bytes | None]:
+    """The CA and the passphrase it was opened with (to save it back under the same)."""
+    if not (ca_dir / CA_KEY_FILE).exists():
+        raise IdentityError(f"no CA in {ca_dir} (run `pqcnet ca init --dir {ca_dir}` first)")
+    pw = passphrase(env, no_pass, what="CA")
+    return MeshCA.load(ca_dir, pw), pw
+
+
+@click.group()
+def cli() -> None:
+    """Mesh certificate authority: ML-DSA-65 certificates with SPIFFE IDs."""
+
+
+@cli.command()
+@_ca_options
+@click.option("--trust-domain", required=True, help="e.g. example.org")
+@click.option("--role", "roles", multiple=True, help="Allowed role (repeat); default any.")
+@click.option("--tenant", "tenants", multiple=True, help="Allowed tenant (repeat); default any.")
+@click.option("--max-ttl", type=DURATION, default="24h", show_default=True,
+              help="Cap on any certificate's lifetime.")
+@click.option("--default-ttl", type=DURATION, default="12h", show_default=True)
+@click.option("--validity", type=DURATION, default="365d", show_default=True,
+              help="Lifetime of the CA certificate itself.")
+@click.option("--force", is_flag=True, help="Overwrite an existing CA in --dir.")
+def init(ca_dir: Path, passphrase_env: str, no_passphrase: bool, trust_domain: str,
+         roles: tuple[str, ...], tenants: tuple[str, ...], max_ttl: dt.timedelta,
+         default_ttl: dt.timedelta, validity: dt.timedelta, force: bool) -> None:
+    """Create a new CA (fresh ML-DSA-65 key) in --dir."""
+    if (ca_dir / CA_KEY_FILE).exists() and not force:
+        raise IdentityError(f"{ca_dir} already holds a CA (use --force to replace it)")
+    policy = IssuancePolicy(allowed_roles=roles, allowed_tenants=tenants, max_ttl=max_ttl,
+                            default_ttl=default_ttl)
+    pw = passphrase(passphrase_env, no_passphrase, what="new CA", confirm=True)
+    ca = MeshCA.create(trust_domain, validity=validity, policy=policy)
+    ca.save(ca_dir, pw)
+    click.echo(f"CA for {trust_domain} created in {ca_dir} "
+               f"(key {'encrypted' if pw else 'UNENCRYPTED'}, "
+               f"valid until {ca.certificate.not_valid_after_utc:%Y-%m-%d})")
+
+
+@cli.command()
+@_ca_options
+@click.argument("spiffe_id")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the node identity (key.pem, cert.pem, bundle.pem, crl.pem).")
+@click.option("--ttl", type=DURATION, default=None, help="Certificate lifetime (default: policy).")
+@click.option("--node-passphrase-env", default="PQCNET_NODE_PASSPHRASE", show_default=True,
+              help="Environment variable with the passphrase for the node key.")
+@click.option("--no-node-passphrase", is_flag=True, help="Store the node key unencrypted.")
+def issue(ca_dir: Path, passphrase_env: str, no_passphrase: bool, spiffe_id: str, out: Path,
+          ttl: dt.timedelta | None, node_passphrase_env: str, no_node_passphrase: bool) -> None:
+    """Generate a node key and certificate for SPIFFE_ID (spiffe://td/tenant/role/node)."""
+    sid = SpiffeId.parse(spiffe_id)
+    ca, ca_pw = _load(ca_dir, passphrase_env, no_passphrase)
+    node = ca.issue(sid, ttl)
+    node_pw = passphrase(node_passphrase_env, no_node_passphrase, what="node key", confirm=True)
+    ca.save(ca_dir, ca_pw)
+    node.save(out, node_pw)
+    click.echo(f"issued {sid} serial {node.serial:x} valid until {node.not_after.isoformat()} "
+               f"-> {out}")
+
+
+@cli.command("sign-csr")
+@_ca_options
+@click.argument("csr", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the signed certificate (PEM).")
+@click.option("--ttl", type=DURATION, default=None, help="Certificate lifetime (default: policy).")
+def sign_csr(ca_dir: Path, passphrase_env: str, no_passphrase: bool, csr: Path, out: Path,
+             ttl: dt.timedelta | None) -> None:
+    """Check a CSR against the CA policy and sign it."""
+    ca, ca_pw = _load(ca_dir, passphrase_env, no_passphrase)
+    cert_pem = ca.sign_csr(read_bounded(csr, 1 << 20, "CSR"), ttl=ttl)
+    ca.save(ca_dir, ca_pw)
+    atomic_write(out, cert_pem)
+    cert = load_certs(cert_pem)[0]
+    click.echo(f"signed serial {cert.serial_number:x} valid until "
+               f"{cert.not_valid_after_utc.isoformat()} -> {out}")
+
+
+@cli.command()
+@_ca_options
+@click.option("--serial", help="Serial number (hex) to revoke.")
+@click.option("--cert", "cert_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="Certificate file to revoke.")
+@click.option("--spiffe-id", help="Revoke every unexpired certificate issued for this ID.")
+@click.option("--reason", default="unspecified", show_default=True,
+              help="key_compromise, superseded, cessation_of_operation, ...")
+def revoke(ca_dir: Path, passphrase_env: str, no_passphrase: bool, serial: str | None,
+           cert_file: Path | None, spiffe_id: str | None, reason: str) -> None:
+    """Revoke a certificate; publish it with `pqcnet ca crl`."""
+    if sum(x is not None for x in (serial, cert_file, spiffe_id)) != 1:
+        raise click.UsageError("give exactly one of --serial, --cert, --spiffe-id")
+    ca, ca_pw = _load(ca_dir, passphrase_env, no_passphrase)
+    if serial is not None:
+        try:
+            revs = [ca.revoke(int(serial, 16), reason)]
+        except ValueError:
+            raise click.BadParameter(f"serial {serial!r} is not hexadecimal") from None
+    elif cert_file is not None:
+        cert = load_certs(read_bounded(cert_file, 1 << 20, "certificate"))[0]
+        revs = [ca.revoke(cert, reason)]
+    else:
+        revs = ca.revoke_spiffe_id(str(spiffe_id), reason)
+    ca.save(ca_dir, ca_pw)
+    for rev in revs:
+        click.echo(f"revoked serial {rev.serial:x} ({rev.reason.name})")
+
+
+@cli.command()
+@_ca_options
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the CRL here (default: stdout).")
+@click.option("--validity", type=DURATION, default="1h", show_default=True,
+              help="nextUpdate distance: nodes should refresh before then.")
+def crl(ca_dir: Path, passphrase_env: str, no_passphrase: bool, out: Path | None,
+        validity: dt.timedelta) -> None:
+    """Sign and print a fresh CRL (PEM); any node verifies it with the trust bundle."""
+    ca, ca_pw = _load(ca_dir, passphrase_env, no_passphrase)
+    pem = ca.crl_pem(validity=validity)
+    ca.save(ca_dir, ca_pw)
+    parsed = load_crl(pem, ca.trust_bundle_pem())
+    if out is None:
+        click.echo(pem.decode(), nl=False)
+    else:
+        atomic_write(out, pem)
+        click.echo(f"CRL #{parsed.number} with {len(parsed.revoked)} revoked -> {out}")
+
+
+@cli.command()
+@click.option("--dir", "ca_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+def bundle(ca_dir: Path) -> None:
+    """Print the trust bundle (CA certificates, PEM). Needs no passphrase."""
+    click.echo(read_bounded(ca_dir / "ca-cert.pem", 1 << 22, "trust bundle").decode(), nl=False)
+
+
+@cli.command("show")
+@click.argument("identity_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--passphrase-env", default="PQCNET_NODE_PASSPHRASE", show_default=True)
+@click.option("--no-passphrase", is_flag=True)
+def show(identity_dir: Path, passphrase_env: str, no_passphrase: bool) -> None:
+    """Load a node identity directory (checks key, chain, CRL) and describe it."""
+    node = NodeIdentity.load(identity_dir, passphrase(passphrase_env, no_passphrase, what="node"))
+    crl_info = "none"
+    if node.crl_pem is not None:
+        parsed = load_crl(node.crl_pem, node.trust_bundle_pem)
+        crl_info = f"#{parsed.number}, {len(parsed.revoked)} revoked"
+    click.echo(f"{node.spiffe_id}\n  serial {node.serial:x}\n  valid {node.not_before.isoformat()}"
+               f" .. {node.not_after.isoformat()}\n  key {node.key.algorithm}\n  CRL {crl_info}")

@@ -1,0 +1,253 @@
+"""``pqcnet relayer``, ``pqcnet publish``, ``pqcnet subscribe``, ``pqcnet governance``.
+
+All four live here (``publish.py``, ``subscribe.py``, ``governance.py`` next to this
+file only re-export) because they share identity loading and host:port parsing.
+``relayer run`` serves until SIGINT/SIGTERM and prints one ``ready`` JSON line on
+stdout once it listens (scripts and tests wait for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from pqcnet.identity import NodeIdentity, dev_identities
+from pqcnet.relayer.client import PublisherClient, SubscriberClient
+from pqcnet.relayer.config import RelayerConfig
+from pqcnet.relayer.frame import Frame
+from pqcnet.relayer.governance import VolumeFilter, pull_report, pull_volume
+from pqcnet.relayer.node import RelayerNode, load_identity
+
+PASS_ENV = "PQCNET_NODE_PASSPHRASE"
+
+
+def _hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise click.BadParameter(f"expected host:port, got {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def _identity(path: Path) -> NodeIdentity:
+    pw = os.environ.get(PASS_ENV)
+    return NodeIdentity.load(path, pw.encode() if pw else None)
+
+
+# ------------------------------------------------------------------ pqcnet relayer
+
+
+@click.group()
+def cli() -> None:
+    """Relayer node: run it, or make dev identities for a local try-out."""
+
+
+@cli.command("run")
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True,
+              dir_okay=False, path_type=Path), help="Relayer YAML (see examples/relayer.yaml).")
+def run_cmd(config_path: Path) -> None:
+    """Serve QSTP ingress/egress, shard workers, metrics and governance gRPC."""
+    cfg = RelayerConfig.load(config_path)
+    identity = load_identity(cfg)
+    asyncio.run(_run(cfg, identity))
+
+
+async def _run(cfg: RelayerConfig, identity: NodeIdentity) -> None:
+    node = RelayerNode(cfg, identity)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await node.start()
+        click.echo(json.dumps({"ready": True, "port": node.port, "metrics_port":
+                               node.metrics_port, "grpc_port": node.grpc_port,
+                               "backend": cfg.backend, "node": cfg.node_id}))
+        sys.stdout.flush()
+        await stop.wait()
+    finally:
+        await node.stop()
+
+
+@cli.command("dev-identities")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory; gets relayer/, publisher/, subscriber/ identity dirs.")
+@click.option("--trust-domain", default="pqcnet.dev", show_default=True)
+def dev_identities_cmd(out: Path, trust_domain: str) -> None:
+    """Create a throw-away mesh CA and three identities (unencrypted keys, dev only)."""
+    names = ("relayer", "publisher", "subscriber")
+    _, nodes = dev_identities(trust_domain,
+                              *(f"spiffe://{trust_domain}/dev/{n}/{n}-1" for n in names))
+    for name, node in zip(names, nodes):
+        node.save(out / name, None)
+        click.echo(f"{out / name}  {node.spiffe_id}")
+
+
+# ------------------------------------------------------------------ pqcnet publish
+
+
+@click.command()
+@click.option("--relayer", "target", required=True, help="Relayer QSTP address host:port.")
+@click.option("--identity", "identity_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--customer", required=True)
+@click.option("--channel", required=True)
+@click.option("--message", default=None, help="Send this one payload (else --count frames).")
+@click.option("--count", default=100, show_default=True, type=click.IntRange(1))
+@click.option("--size", default=256, show_default=True, type=click.IntRange(0),
+              help="Payload bytes per generated frame.")
+@click.option("--batch", default=64, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--start-seq", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--qos", default=1, show_default=True, type=click.IntRange(0, 2))
+def publish_cli(target: str, identity_dir: Path, customer: str, channel: str,
+                message: str | None, count: int, size: int, batch: int, start_seq: int,
+                qos: int) -> None:
+    """Send frames to a relayer; prints a JSON summary of accepted/rejected frames."""
+    host, port = _hostport(target)
+    identity = _identity(identity_dir)
+    payloads = [message.encode()] if message is not None else None
+    n = 1 if payloads else count
+    summary = asyncio.run(_publish(host, port, identity, customer, channel, n, size, batch,
+                                   start_seq, qos, payloads))
+    click.echo(json.dumps(summary))
+    if summary["rejected"]:
+        raise SystemExit(1)
+
+
+async def _publish(host: str, port: int, identity: NodeIdentity, customer: str, channel: str,
+                   count: int, size: int, batch: int, start: int, qos: int,
+                   payloads: list[bytes] | None) -> dict[str, Any]:
+    client = await PublisherClient.connect(host, port, identity)
+    accepted = rejected = overflowed = 0
+    errors: list[str] = []
+    t0 = time.perf_counter()
+    try:
+        with tqdm(total=count, unit="frame", desc="publish", disable=None) as bar:
+            for first in range(start, start + count, batch):
+                seqs = range(first, min(first + batch, start + count))
+                frames = [Frame(customer, channel, s,
+                                payloads[0] if payloads else os.urandom(size), qos)
+                          for s in seqs]
+                for r in await client.publish(frames):
+                    if r.accepted:
+                        accepted += 1
+                        overflowed += r.overflowed
+                    else:
+                        rejected += 1
+                        if len(errors) < 5:
+                            errors.append(f"seq {r.seq}: {r.reason} (code {r.code})")
+                bar.update(len(frames))
+    finally:
+        await client.close()
+    return {"accepted": accepted, "rejected": rejected, "overflowed": overflowed,
+            "pauses_seen": client.pauses_seen, "seconds": round(time.perf_counter() - t0, 3),
+            "errors": errors}
+
+
+# ------------------------------------------------------------------ pqcnet subscribe
+
+
+@click.command()
+@click.option("--relayer", "target", required=True, help="Relayer QSTP address host:port.")
+@click.option("--identity", "identity_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--customer", required=True)
+@click.option("--channel", "channels", multiple=True, help="Repeatable; default all channels.")
+@click.option("--count", default=0, type=click.IntRange(0), help="Stop after N frames (0: run).")
+@click.option("--timeout", "limit", default=0.0, type=click.FloatRange(0),
+              help="Stop after this many seconds (0: no limit).")
+@click.option("--quiet", is_flag=True, help="No per-frame lines, only the summary.")
+def subscribe_cli(target: str, identity_dir: Path, customer: str, channels: tuple[str, ...],
+                  count: int, limit: float, quiet: bool) -> None:
+    """Receive a customer's frames in order, one JSON line each, then a summary."""
+    host, port = _hostport(target)
+    identity = _identity(identity_dir)
+    summary = asyncio.run(_subscribe(host, port, identity, customer, channels, count, limit,
+                                     quiet))
+    click.echo(json.dumps(summary))
+
+
+async def _subscribe(host: str, port: int, identity: NodeIdentity, customer: str,
+                     channels: tuple[str, ...], count: int, limit: float,
+                     quiet: bool) -> dict[str, Any]:
+    client = await SubscriberClient.connect(host, port, identity)
+    got = nbytes = 0
+    await client.subscribe(customer, channels)
+
+    async def consume() -> None:
+        nonlocal got, nbytes
+        async for batch in client.batches():
+            taken: dict[tuple[str, str], int] = {}
+            for f in batch:
+                got += 1
+                nbytes += len(f.payload)
+                taken[f.topic] = f.seq
+                if not quiet:
+                    click.echo(json.dumps({"customer": f.customer, "channel": f.channel,
+                                           "seq": f.seq, "bytes": len(f.payload)}))
+                if count and got >= count:
+                    await client.ack(taken)  # only what was printed; the rest is redelivered
+                    return
+
+    try:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit or None):
+                await consume()
+    finally:
+        await client.close()
+    return {"frames": got, "bytes": nbytes, "duplicates_dropped": client.duplicates_dropped}
+
+
+# ------------------------------------------------------------------ pqcnet governance
+
+
+@click.group()
+def governance_cli() -> None:
+    """Governance queries against a relayer's VolumeMetrics gRPC service."""
+
+
+@governance_cli.command("pull")
+@click.option("--target", required=True, help="Governance gRPC address host:port.")
+@click.option("--customer", default=None)
+@click.option("--channel", default=None)
+@click.option("--epoch-from", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--epoch-to", default=None, type=click.IntRange(0))
+@click.option("--ca-cert", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="PEM CA for a TLS governance endpoint (omit for loopback plaintext).")
+@click.option("--report", is_flag=True, help="Also fetch and include the signed report.")
+def pull_cmd(target: str, customer: str | None, channel: str | None, epoch_from: int,
+             epoch_to: int | None, ca_cert: str | None, report: bool) -> None:
+    """Volume per (customer, channel, qos, epoch) and totals, as JSON."""
+    q = VolumeFilter(customer, channel, epoch_from, epoch_to)
+
+    async def go() -> dict[str, Any]:
+        s = await pull_volume(target, q, ca_cert=ca_cert)
+        out: dict[str, Any] = {
+            "total_bytes": s.total_bytes, "total_frames": s.total_frames,
+            "records": [{"customer": r.customer, "channel": r.channel, "qos": r.qos,
+                         "epoch": r.epoch, "bytes": r.bytes, "frames": r.frames}
+                        for r in s.records]}
+        if report:
+            rep = await pull_report(target, epoch_from, epoch_to, ca_cert=ca_cert)
+            out["report"] = {"relayer": rep.relayer_id, "epoch_from": rep.epoch_from,
+                             "epoch_to": rep.epoch_to, "uptime_seconds": rep.uptime_seconds,
+                             "proofs": [{"epoch": p.epoch, "root": p.root.hex(),
+                                         "bytes": p.total_bytes, "frames": p.total_frames}
+                                        for p in rep.proofs],
+                             "receipts": [r.hex() for r in rep.receipts],
+                             "signature_bytes": len(rep.signature)}
+        return out
+
+    click.echo(json.dumps(asyncio.run(go()), indent=2))
+
+
+__all__ = ["cli", "governance_cli", "publish_cli", "subscribe_cli"]

@@ -1,0 +1,436 @@
+"""The mesh CA: issues short-lived ML-DSA-65 certificates carrying SPIFFE IDs.
+
+Short TTLs (default 12 h) are the primary revocation mechanism: a stolen key is
+useful only until its certificate expires. The CRL covers the window before
+that. Every issuance path (:meth:`MeshCA.issue`, :meth:`MeshCA.sign_csr`,
+:meth:`MeshCA.renew`) goes through :meth:`IssuancePolicy.check`, so the CLI, the
+tests and a future online CA cannot disagree on what may be signed.
+
+The CA's own state (revocations, CRL number, issued serials, policy) is a small
+JSON file next to its encrypted key; it is rewritten atomically on every change.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
+from pqcnet.crypto.errors import CryptoError
+from pqcnet.crypto.pqc import MLDSAPublic, SigningKey, algorithm_of
+from pqcnet.identity.certs import (
+    CLOCK_SKEW,
+    MAX_PEM_BYTES,
+    build_ca_certificate,
+    build_leaf_certificate,
+    certs_pem,
+    is_signed_by,
+    load_certs,
+    utcnow,
+)
+from pqcnet.identity.errors import IdentityError, PolicyViolation
+from pqcnet.identity.keystore import atomic_write, read_bounded, read_private_key, write_private_key
+from pqcnet.identity.node import NodeIdentity
+from pqcnet.identity.spiffe import SpiffeId
+
+DEFAULT_TTL = dt.timedelta(hours=12)
+DEFAULT_MAX_TTL = dt.timedelta(hours=24)
+DEFAULT_CA_VALIDITY = dt.timedelta(days=365)
+#: A CRL's nextUpdate: nodes should fetch a fresh one at least this often.
+DEFAULT_CRL_VALIDITY = dt.timedelta(hours=1)
+CA_KEY_FILE = "ca-key.pem"
+CA_CERT_FILE = "ca-cert.pem"
+CA_STATE_FILE = "ca-state.json"
+#: Bound on the CA state file (revocations + issued log).
+MAX_STATE_BYTES = 32 * 1024 * 1024
+#: Bound on the issued-certificate log kept for ``revoke --spiffe-id``; expired
+#: entries are pruned first.
+MAX_ISSUED_LOG = 100_000
+
+
+@dataclass(frozen=True)
+class IssuancePolicy:
+    """What the CA will sign. Empty tuples mean "any"."""
+
+    allowed_roles: tuple[str, ...] = ()
+    allowed_tenants: tuple[str, ...] = ()
+    max_ttl: dt.timedelta = DEFAULT_MAX_TTL
+    default_ttl: dt.timedelta = DEFAULT_TTL
+    allowed_algorithms: tuple[str, ...] = ("ML-DSA-65", "ML-DSA-87")
+
+    def __post_init__(self) -> None:
+        if self.max_ttl <= dt.timedelta(0) or self.default_ttl <= dt.timedelta(0):
+            raise IdentityError("TTLs must be positive")
+        if self.default_ttl > self.max_ttl:
+            raise IdentityError("default TTL exceeds the TTL cap")
+
+    def check(self, trust_domain: str, spiffe_id: SpiffeId, ttl: dt.timedelta, alg: str) -> None:
+        """Raise :class:`PolicyViolation` naming the first rule ``spiffe_id``/``ttl`` break."""
+        if spiffe_id.trust_domain != trust_domain:
+            raise PolicyViolation(
+                f"trust domain {spiffe_id.trust_domain!r} is not this CA's ({trust_domain!r})"
+            )
+        if self.allowed_roles and spiffe_id.role not in self.allowed_roles:
+            raise PolicyViolation(
+                f"role {spiffe_id.role!r} not allowed (allowed: {', '.join(self.allowed_roles)})"
+            )
+        if self.allowed_tenants and spiffe_id.tenant not in self.allowed_tenants:
+            raise PolicyViolation(f"tenant {spiffe_id.tenant!r} not allowed")
+        if ttl <= dt.timedelta(0):
+            raise PolicyViolation("TTL must be positive")
+        if ttl > self.max_ttl:
+            raise PolicyViolation(f"TTL {ttl} exceeds the cap {self.max_ttl}")
+        if alg not in self.allowed_algorithms:
+            raise PolicyViolation(
+                f"key algorithm {alg} not allowed (allowed: {', '.join(self.allowed_algorithms)})"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["max_ttl"] = self.max_ttl.total_seconds()
+        d["default_ttl"] = self.default_ttl.total_seconds()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> IssuancePolicy:
+        return cls(
+            allowed_roles=tuple(d.get("allowed_roles", ())),
+            allowed_tenants=tuple(d.get("allowed_tenants", ())),
+            max_ttl=dt.timedelta(seconds=float(d.get("max_ttl", DEFAULT_MAX_TTL.total_seconds()))),
+            default_ttl=dt.timedelta(
+                seconds=float(d.get("default_ttl", DEFAULT_TTL.total_seconds()))
+            ),
+            allowed_algorithms=tuple(d.get("allowed_algorithms", ("ML-DSA-65", "ML-DSA-87"))),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """One CRL entry."""
+
+    serial: int
+    revoked_at: dt.datetime
+    reason: x509.ReasonFlags
+    #: when the revoked certificate expires anyway (then the entry can be dropped)
+    cert_not_after: dt.datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedRecord:
+    """What the CA remembers about a certificate it issued."""
+
+    serial: int
+    spiffe_id: str
+    not_after: dt.datetime
+
+
+def parse_reason(reason: str | x509.ReasonFlags) -> x509.ReasonFlags:
+    """``key_compromise`` / ``keyCompromise`` / a ReasonFlags -> ReasonFlags."""
+    if isinstance(reason, x509.ReasonFlags):
+        return reason
+    for flag in x509.ReasonFlags:
+        if reason in (flag.name, flag.value):
+            return flag
+    names = ", ".join(f.name for f in x509.ReasonFlags)
+    raise IdentityError(f"unknown revocation reason {reason!r}; one of: {names}")
+
+
+@dataclass
+class MeshCA:
+    """A trust domain's certificate authority (keys in memory; see :meth:`save`)."""
+
+    trust_domain: str
+    key: SigningKey
+    certificate: x509.Certificate
+    policy: IssuancePolicy = field(default_factory=IssuancePolicy)
+    revocations: dict[int, Revocation] = field(default_factory=dict)
+    issued: dict[int, IssuedRecord] = field(default_factory=dict)
+    crl_number: int = 0
+    #: additional anchors published in the trust bundle (e.g. the previous CA during rotation)
+    extra_anchors: list[x509.Certificate] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ creation
+
+    @classmethod
+    def create(
+        cls,
+        trust_domain: str,
+        *,
+        key: SigningKey | None = None,
+        validity: dt.timedelta = DEFAULT_CA_VALIDITY,
+        policy: IssuancePolicy | None = None,
+        now: dt.datetime | None = None,
+    ) -> MeshCA:
+        """A fresh CA with a new ML-DSA-65 key (or ``key``) for ``trust_domain``."""
+        SpiffeId(trust_domain, "x", "x", "x")  # validates the trust domain
+        now = now or utcnow()
+        key = key or SigningKey.generate("ML-DSA-65")
+        cert = build_ca_certificate(
+            key, trust_domain, not_before=now - CLOCK_SKEW, not_after=now + validity
+        )
+        return cls(trust_domain, key, cert, policy or IssuancePolicy())
+
+    # ------------------------------------------------------------------ issuance
+
+    def issue(
+        self,
+        spiffe_id: str | SpiffeId,
+        ttl: dt.timedelta | None = None,
+        key: SigningKey | None = None,
+        *,
+        now: dt.datetime | None = None,
+    ) -> NodeIdentity:
+        """Issue a leaf for ``spiffe_id`` (new ML-DSA-65 key unless ``key``); policy-checked."""
+        sid = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id)
+        key = key or SigningKey.generate("ML-DSA-65")
+        cert = self._sign(sid, key.public_key.cryptography_key, ttl, now)
+        return NodeIdentity.from_pem(
+            key, certs_pem([cert]), self.trust_bundle_pem(), self.crl_pem(now=now)
+        )
+
+    def sign_csr(
+        self,
+        csr_pem: bytes,
+        policy: IssuancePolicy | None = None,
+        *,
+        ttl: dt.timedelta | None = None,
+        now: dt.datetime | None = None,
+    ) -> bytes:
+        """Check a CSR (signature, single SPIFFE SAN, ML-DSA key, policy) and sign it."""
+        if len(csr_pem) > MAX_PEM_BYTES:
+            raise IdentityError("CSR too large")
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError as exc:
+            raise IdentityError(f"cannot parse CSR: {exc}") from None
+        try:
+            valid = csr.is_signature_valid
+        except (InvalidSignature, ValueError, TypeError):
+            valid = False
+        if not valid:
+            raise PolicyViolation("CSR signature does not verify (proof of possession failed)")
+        try:
+            san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            raise PolicyViolation("CSR carries no subjectAltName with a SPIFFE ID") from None
+        if san.get_values_for_type(x509.DNSName) or san.get_values_for_type(x509.IPAddress):
+            raise PolicyViolation("CSR may only carry a SPIFFE URI SAN")
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        if len(uris) != 1:
+            raise PolicyViolation(f"CSR must carry exactly one URI SAN, has {len(uris)}")
+        sid = SpiffeId.parse(uris[0])
+        cert = self._sign(sid, csr.public_key(), ttl, now, policy)  # type: ignore[arg-type]
+        return certs_pem([cert])
+
+    def renew(
+        self,
+        identity: NodeIdentity,
+        ttl: dt.timedelta | None = None,
+        *,
+        rotate_key: bool = True,
+        now: dt.datetime | None = None,
+    ) -> NodeIdentity:
+        """A fresh certificate for the same SPIFFE ID. The old one stays valid until it
+        expires (the overlap), unless the caller revokes it as ``superseded``."""
+        if identity.serial in self.revocations:
+            raise PolicyViolation(f"{identity.spiffe_id} is revoked; it cannot be renewed")
+        if not any(is_signed_by(identity.certificate, c) for c in self.anchors()):
+            raise PolicyViolation("identity was not issued by this CA")
+        key = SigningKey.generate(identity.key.algorithm) if rotate_key else identity.key
+        return self.issue(identity.spiffe_id, ttl, key, now=now)
+
+    def _sign(
+        self,
+        sid: SpiffeId,
+        public_key: MLDSAPublic,
+        ttl: dt.timedelta | None,
+        now: dt.datetime | None,
+        policy: IssuancePolicy | None = None,
+    ) -> x509.Certificate:
+        policy = policy or self.policy
+        ttl = ttl if ttl is not None else policy.default_ttl
+        try:
+            alg = algorithm_of(public_key)
+        except CryptoError:
+            raise PolicyViolation(
+                f"key type {type(public_key).__name__} not allowed; pqcnet requires ML-DSA"
+            ) from None
+        policy.check(self.trust_domain, sid, ttl, alg)
+        # the CA's own cap is absolute, even for a laxer per-call policy
+        if ttl > self.policy.max_ttl and policy is not self.policy:
+            raise PolicyViolation(f"TTL {ttl} exceeds the CA cap {self.policy.max_ttl}")
+        now = now or utcnow()
+        not_after = min(now + ttl, self.certificate.not_valid_after_utc)
+        cert = build_leaf_certificate(
+            self.key, self.certificate, public_key, sid,
+            not_before=now - CLOCK_SKEW, not_after=not_after,
+        )
+        self._record(IssuedRecord(cert.serial_number, str(sid), not_after), now)
+        return cert
+
+    def _record(self, rec: IssuedRecord, now: dt.datetime) -> None:
+        if len(self.issued) >= MAX_ISSUED_LOG:
+            self.issued = {s: r for s, r in self.issued.items() if r.not_after > now}
+            while len(self.issued) >= MAX_ISSUED_LOG:
+                self.issued.pop(next(iter(self.issued)))
+        self.issued[rec.serial] = rec
+
+    # ------------------------------------------------------------------ revocation
+
+    def revoke(
+        self,
+        target: int | x509.Certificate | NodeIdentity,
+        reason: str | x509.ReasonFlags = x509.ReasonFlags.unspecified,
+        *,
+        now: dt.datetime | None = None,
+    ) -> Revocation:
+        """Add a certificate (by serial, certificate or identity) to the next CRL."""
+        if isinstance(target, NodeIdentity):
+            target = target.certificate
+        if isinstance(target, x509.Certificate):
+            if not is_signed_by(target, self.certificate):
+                raise IdentityError("certificate was not issued by this CA")
+            serial = target.serial_number
+            not_after: dt.datetime | None = target.not_valid_after_utc
+        else:
+            if not isinstance(target, int) or target <= 0:
+                raise IdentityError("serial must be a positive integer")
+            rec = self.issued.get(target)
+            serial, not_after = target, (rec.not_after if rec else None)
+        entry = Revocation(serial, now or utcnow(), parse_reason(reason), not_after)
+        self.revocations.setdefault(serial, entry)
+        return self.revocations[serial]
+
+    def revoke_spiffe_id(
+        self, spiffe_id: str | SpiffeId, reason: str | x509.ReasonFlags = "unspecified",
+        *, now: dt.datetime | None = None,
+    ) -> list[Revocation]:
+        """Revoke every unexpired certificate this CA issued for ``spiffe_id``."""
+        sid = str(spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id))
+        now = now or utcnow()
+        serials = [
+            r.serial for r in self.issued.values() if r.spiffe_id == sid and r.not_after > now
+        ]
+        if not serials:
+            raise IdentityError(f"no unexpired certificate issued for {sid}")
+        return [self.revoke(s, reason, now=now) for s in serials]
+
+    def crl_pem(
+        self, *, now: dt.datetime | None = None, validity: dt.timedelta = DEFAULT_CRL_VALIDITY
+    ) -> bytes:
+        """A freshly signed CRL (new CRL number) listing unexpired revocations."""
+        now = now or utcnow()
+        self.crl_number += 1
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.certificate.subject)
+            .last_update(now - CLOCK_SKEW)
+            .next_update(now + validity)
+            .add_extension(x509.CRLNumber(self.crl_number), critical=False)
+        )
+        ski = self.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+        for rev in self.revocations.values():
+            if rev.cert_not_after is not None and rev.cert_not_after < now - CLOCK_SKEW:
+                continue  # expired anyway: keeps the CRL short
+            entry = (
+                x509.RevokedCertificateBuilder()
+                .serial_number(rev.serial)
+                .revocation_date(rev.revoked_at)
+                .add_extension(x509.CRLReason(rev.reason), critical=False)
+                .build()
+            )
+            builder = builder.add_revoked_certificate(entry)
+        crl = builder.sign(self.key.cryptography_key, None)
+        return crl.public_bytes(serialization.Encoding.PEM)
+
+    # ------------------------------------------------------------------ trust
+
+    def anchors(self) -> list[x509.Certificate]:
+        """This CA's certificate plus any extra anchors."""
+        return [self.certificate, *self.extra_anchors]
+
+    def trust_bundle_pem(self) -> bytes:
+        """PEM of every certificate a node of this trust domain should trust."""
+        return certs_pem(self.anchors())
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, directory: Path, passphrase: bytes | None) -> None:
+        """Write the encrypted key (0600), certificate and state to ``directory``."""
+        directory = Path(directory)
+        write_private_key(directory / CA_KEY_FILE, self.key, passphrase)
+        atomic_write(directory / CA_CERT_FILE, self.trust_bundle_pem())
+        state = {
+            "trust_domain": self.trust_domain,
+            "crl_number": self.crl_number,
+            "policy": self.policy.to_json(),
+            "revocations": [
+                {
+                    "serial": format(r.serial, "x"),
+                    "revoked_at": r.revoked_at.isoformat(),
+                    "reason": r.reason.name,
+                    "cert_not_after": r.cert_not_after.isoformat() if r.cert_not_after else None,
+                }
+                for r in self.revocations.values()
+            ],
+            "issued": [
+                {"serial": format(r.serial, "x"), "spiffe_id": r.spiffe_id,
+                 "not_after": r.not_after.isoformat()}
+                for r in self.issued.values()
+            ],
+        }
+        atomic_write(directory / CA_STATE_FILE, json.dumps(state, indent=1).encode(), mode=0o600)
+
+    @classmethod
+    def load(cls, directory: Path, passphrase: bytes | None) -> MeshCA:
+        """Inverse of :meth:`save`."""
+        directory = Path(directory)
+        key = read_private_key(directory / CA_KEY_FILE, passphrase)
+        certs = load_certs(
+            read_bounded(directory / CA_CERT_FILE, MAX_PEM_BYTES, "CA certificate"),
+            "CA certificate",
+        )
+        if not certs:
+            raise IdentityError(f"{directory / CA_CERT_FILE} holds no certificate")
+        if certs[0].public_key() != key.public_key.cryptography_key:
+            raise IdentityError("CA key does not match the CA certificate")
+        raw = read_bounded(directory / CA_STATE_FILE, MAX_STATE_BYTES, "CA state")
+        try:
+            state = json.loads(raw)
+            ca = cls(
+                trust_domain=str(state["trust_domain"]),
+                key=key,
+                certificate=certs[0],
+                policy=IssuancePolicy.from_json(state.get("policy", {})),
+                crl_number=int(state.get("crl_number", 0)),
+                extra_anchors=certs[1:],
+            )
+            for r in state.get("revocations", []):
+                serial = int(r["serial"], 16)
+                ca.revocations[serial] = Revocation(
+                    serial,
+                    dt.datetime.fromisoformat(r["revoked_at"]),
+                    parse_reason(r["reason"]),
+                    dt.datetime.fromisoformat(r["cert_not_after"]) if r.get("cert_not_after")
+                    else None,
+                )
+            for r in state.get("issued", []):
+                serial = int(r["serial"], 16)
+                ca.issued[serial] = IssuedRecord(
+                    serial, str(r["spiffe_id"]), dt.datetime.fromisoformat(r["not_after"])
+                )
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise IdentityError(f"corrupt CA state {directory / CA_STATE_FILE}: {exc}") from None
+        return ca
+
+    def __repr__(self) -> str:
+        return f"MeshCA({self.trust_domain}, revoked={len(self.revocations)})"

@@ -1,0 +1,157 @@
+"""DTN store-and-forward: bundles for unreachable peers, kept in RocksDB.
+
+Waku relay delivers only to nodes online at publish time. When gossip (anomalies,
+revocations, CRL updates) or a directive is meant for a peer whose announcements
+have lapsed, the signed envelope is kept here as a *bundle* (destination, created,
+expires, payload) and forwarded — sealed to the peer's current key — as soon as
+its announcements resume. Bundles past their expiry are never forwarded: they are
+purged by :meth:`BundleStore.expire` and skipped by :meth:`BundleStore.pending`.
+
+Keys: ``b"B" ‖ sha256(destination)[:16] ‖ created_ms:u64 ‖ bundle_id`` so one
+prefix scan yields a destination's bundles oldest first. Writes are synchronous
+(WAL fsync) when ``sync=True``: a bundle accepted is a bundle kept across a crash.
+A full store refuses new bundles with :class:`BundleStoreError` instead of evicting
+someone else's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import rocksdict
+from google.protobuf.message import DecodeError
+
+from pqcnet.mesh import metrics
+from pqcnet.mesh.errors import BundleStoreError, ConfigError
+from pqcnet.proto import mesh_pb2
+
+#: Bundles held at most (all destinations); bounds disk use while peers are away.
+DEFAULT_MAX_BUNDLES = 100_000
+#: Largest bundle payload.
+MAX_BUNDLE_BYTES = 128 * 1024
+
+_PREFIX = b"B"
+_U64 = struct.Struct(">Q")
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """One held message."""
+
+    bundle_id: bytes
+    destination: str
+    created_ms: int
+    expires_ms: int
+    payload: bytes
+
+    def encode(self) -> bytes:
+        return mesh_pb2.Bundle(bundle_id=self.bundle_id, destination=self.destination,
+                               created_ms=self.created_ms, expires_ms=self.expires_ms,
+                               payload=self.payload).SerializeToString()
+
+    @classmethod
+    def decode(cls, data: bytes) -> Bundle:
+        try:
+            pb = mesh_pb2.Bundle.FromString(data)
+        except DecodeError:
+            raise BundleStoreError("corrupt bundle record") from None
+        return cls(pb.bundle_id, pb.destination, pb.created_ms, pb.expires_ms, pb.payload)
+
+
+def _dest_prefix(destination: str) -> bytes:
+    return _PREFIX + hashlib.sha256(destination.encode()).digest()[:16]
+
+
+class BundleStore:
+    """RocksDB-backed bundle store."""
+
+    def __init__(self, path: str | Path, *, max_bundles: int = DEFAULT_MAX_BUNDLES,
+                 sync: bool = True) -> None:
+        if max_bundles < 1:
+            raise ConfigError("max_bundles must be >= 1")
+        self.max_bundles = max_bundles
+        try:
+            self._db = rocksdict.Rdict(str(path), options=rocksdict.Options(raw_mode=True))
+        except Exception as exc:  # rocksdict raises plain Exception on open failures
+            raise BundleStoreError(f"cannot open bundle store at {path}: {exc}") from None
+        self._wo = rocksdict.WriteOptions()
+        self._wo.sync = sync
+        self._count = sum(1 for _ in self._scan(_PREFIX))
+        metrics.BUNDLES.set(self._count)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        out = []
+        it = self._db.iter()
+        it.seek(prefix)
+        while it.valid() and it.key().startswith(prefix):
+            out.append((bytes(it.key()), bytes(it.value())))
+            it.next()
+        return out
+
+    def put(self, destination: str, payload: bytes, *, created_ms: int, expires_ms: int) -> Bundle:
+        """Hold ``payload`` for ``destination`` until ``expires_ms``; idempotent per payload."""
+        if len(payload) > MAX_BUNDLE_BYTES:
+            metrics.BUNDLE_EVENTS.labels("rejected").inc()
+            raise BundleStoreError(f"bundle of {len(payload)} bytes over {MAX_BUNDLE_BYTES}")
+        if expires_ms <= created_ms:
+            metrics.BUNDLE_EVENTS.labels("rejected").inc()
+            raise BundleStoreError("bundle already expired")
+        bundle_id = hashlib.sha256(destination.encode() + b"\0" + payload).digest()
+        bundle = Bundle(bundle_id, destination, created_ms, expires_ms, payload)
+        key = _dest_prefix(destination) + _U64.pack(created_ms) + bundle_id
+        for k, _ in self._scan(_dest_prefix(destination)):
+            if k.endswith(bundle_id):
+                return bundle
+        if self._count >= self.max_bundles:
+            self.expire(created_ms)
+            if self._count >= self.max_bundles:
+                metrics.BUNDLE_EVENTS.labels("rejected").inc()
+                raise BundleStoreError(f"bundle store full ({self.max_bundles} bundles)")
+        self._db.put(key, bundle.encode(), self._wo)
+        self._count += 1
+        metrics.BUNDLES.set(self._count)
+        metrics.BUNDLE_EVENTS.labels("stored").inc()
+        return bundle
+
+    def pending(self, destination: str, now_ms: int) -> list[Bundle]:
+        """Unexpired bundles for ``destination``, oldest first."""
+        out = []
+        for _, value in self._scan(_dest_prefix(destination)):
+            b = Bundle.decode(value)
+            if b.destination == destination and b.expires_ms > now_ms:
+                out.append(b)
+        return out
+
+    def remove(self, bundle: Bundle) -> None:
+        """Drop a bundle once it has been forwarded."""
+        key = _dest_prefix(bundle.destination) + _U64.pack(bundle.created_ms) + bundle.bundle_id
+        if self._db.get(key) is not None:
+            self._db.delete(key, self._wo)
+            self._count -= 1
+            metrics.BUNDLES.set(self._count)
+            metrics.BUNDLE_EVENTS.labels("forwarded").inc()
+
+    def expire(self, now_ms: int) -> int:
+        """Delete every expired bundle; returns how many."""
+        gone = 0
+        for key, value in self._scan(_PREFIX):
+            if Bundle.decode(value).expires_ms <= now_ms:
+                self._db.delete(key, self._wo)
+                gone += 1
+        self._count -= gone
+        metrics.BUNDLES.set(self._count)
+        if gone:
+            metrics.BUNDLE_EVENTS.labels("expired").inc(gone)
+        return gone
+
+    def destinations(self) -> set[str]:
+        return {Bundle.decode(v).destination for _, v in self._scan(_PREFIX)}

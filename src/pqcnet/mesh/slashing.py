@@ -1,0 +1,119 @@
+"""The slashing indexer: read the QS-DAG, flag misbehaviour, propose slashing.
+
+Sans-IO over a ``pqcnet.qsdag.Ledger``: :meth:`SlashingIndexer.scan` returns new
+:class:`~pqcnet.mesh.messages.SlashingProposal` s (each finding once), which the node
+publishes signed with :meth:`~pqcnet.mesh.agent.ControlPlaneAgent.propose_slashing`;
+governance turns an accepted proposal into a directive with :func:`to_directive`.
+
+Findings:
+
+* ``equivocation`` — the ledger's stored equivocation evidence (two vertices, same
+  author counter, both validly signed);
+* ``counter_regression`` — an attestation history whose counters do not strictly
+  increase in timestamp order;
+* ``measurement`` — a node's latest attestation names a package hash (or config
+  hash) outside the measurement policy;
+* ``volume_mismatch`` — a relay report published on the mesh whose payload differs
+  from the VOLUME_PROOF / PERFORMANCE_REPORT vertex it claims as its anchor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.mesh.directives import Directive, SignedDirective, SlashNotice, sign_directive
+from pqcnet.mesh.messages import RelayReport, SlashingProposal
+from pqcnet.qsdag import Ledger, OpaqueRecord, VertexKind
+from pqcnet.qsdag.errors import LedgerError
+
+
+def _pid(*parts: bytes) -> bytes:
+    return hashlib.sha256(b"pqcnet/mesh/slashing/v1" + b"".join(parts)).digest()[:16]
+
+
+class SlashingIndexer:
+    """Scans one ledger; remembers what it has already proposed."""
+
+    def __init__(self, ledger: Ledger, *, allowed_package_hashes: frozenset[bytes] | None = None,
+                 allowed_config_hashes: frozenset[bytes] | None = None) -> None:
+        self.ledger = ledger
+        self.allowed_package_hashes = allowed_package_hashes
+        self.allowed_config_hashes = allowed_config_hashes
+        self._proposed: set[bytes] = set()
+
+    def _new(self, p: SlashingProposal) -> list[SlashingProposal]:
+        if p.proposal_id in self._proposed:
+            return []
+        self._proposed.add(p.proposal_id)
+        return [p]
+
+    def scan(self) -> list[SlashingProposal]:
+        """Every finding not proposed before."""
+        out: list[SlashingProposal] = []
+        for ev in self.ledger.evidence():
+            out += self._new(SlashingProposal(
+                ev.offender, "equivocation", f"two vertices at counter {ev.counter}",
+                (ev.first.id, ev.second.id), _pid(ev.digest)))
+        nodes = {self.ledger.get(v).author for v in self.ledger.ids()
+                 if self.ledger.get(v).kind == VertexKind.ATTESTATION}
+        for node in sorted(nodes):
+            out += self._check_attestations(node)
+        return out
+
+    def _check_attestations(self, node: str) -> list[SlashingProposal]:
+        hist = self.ledger.views.attestations.history(node)
+        out: list[SlashingProposal] = []
+        by_time = sorted(hist, key=lambda h: (h["timestamp_ms"], h["counter"]))
+        for prev, cur in itertools.pairwise(by_time):
+            if cur["counter"] <= prev["counter"]:
+                out += self._new(SlashingProposal(
+                    node, "counter_regression",
+                    f"counter {cur['counter']} after {prev['counter']}",
+                    (bytes.fromhex(prev["vertex"]), bytes.fromhex(cur["vertex"])),
+                    _pid(b"cr", bytes.fromhex(cur["vertex"]))))
+        latest = hist[-1] if hist else None
+        if latest is not None:
+            pkg = bytes.fromhex(latest["package_hash"])
+            cfg = bytes.fromhex(latest["config_hash"])
+            bad = []
+            if self.allowed_package_hashes is not None and pkg not in self.allowed_package_hashes:
+                bad.append(f"package hash {pkg.hex()[:16]}")
+            if self.allowed_config_hashes is not None and cfg not in self.allowed_config_hashes:
+                bad.append(f"config hash {cfg.hex()[:16]}")
+            if bad:
+                vid = bytes.fromhex(latest["vertex"])
+                out += self._new(SlashingProposal(
+                    node, "measurement", "outside policy: " + ", ".join(bad), (vid,),
+                    _pid(b"m", vid)))
+        return out
+
+    def check_report(self, report: RelayReport, sender: str) -> list[SlashingProposal]:
+        """A relay report must match the ledger vertex it names as its anchor."""
+        if not report.anchor_id:
+            return []
+        try:
+            v = self.ledger.get(report.anchor_id)
+            payload = self.ledger.payload(report.anchor_id)
+        except LedgerError:
+            detail = "anchor vertex unknown"
+        else:
+            if (v.kind in (VertexKind.VOLUME_PROOF, VertexKind.PERFORMANCE_REPORT)
+                    and isinstance(payload, OpaqueRecord) and v.author == sender
+                    and payload.body == report.payload):
+                return []
+            detail = "report does not match its anchored record"
+        return self._new(SlashingProposal(
+            sender, "volume_mismatch", detail,
+            (report.anchor_id, hashlib.sha256(report.payload).digest()),
+            _pid(b"vm", report.anchor_id, hashlib.sha256(report.payload).digest())))
+
+
+def to_directive(proposal: SlashingProposal, *governance_keys: SigningKey,
+                 now_ms: int) -> SignedDirective:
+    """Governance's answer to an accepted proposal: a signed slash directive."""
+    digest = hashlib.sha256(proposal.encode()).digest()
+    return sign_directive(Directive.create(
+        SlashNotice(proposal.target, f"{proposal.kind}: {proposal.detail}", digest),
+        now_ms=now_ms), *governance_keys)

@@ -1,0 +1,184 @@
+"""The RocksDB seam: column families, checksummed values, atomic write batches.
+
+Everything the ledger persists goes through :class:`Store`, the one place that
+knows about ``rocksdict``. Three properties the ledger relies on:
+
+* **Atomicity** — all effects of anchoring one vertex (the vertex, its metadata,
+  children index, tips, author head, orphan removal, view rows) go into one
+  RocksDB ``WriteBatch``; after a crash either all of them are there or none.
+  With ``sync=False`` (default) a batch survives a killed process (it is in the
+  WAL in the OS page cache) but not a power loss; ``sync=True`` fsyncs each batch.
+* **Integrity** — every value is stored as ``blake2b-128(cf ‖ key ‖ value) ‖ value``;
+  a value altered on disk (or moved under another key) raises
+  :class:`~pqcnet.qsdag.errors.CorruptRecord` instead of being served. (Vertex ids are the
+  security boundary; this checksum only detects storage damage.)
+* **One place to close** — rocksdict keeps the DB open while any column-family
+  handle lives, so the store owns all handles and drops them in :meth:`close`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from rocksdict import ColumnFamily, Options, Rdict, WriteBatch, WriteOptions
+
+from pqcnet.qsdag.errors import CorruptRecord, LedgerStateError
+
+#: Column families and what they hold (keys → values).
+COLUMN_FAMILIES: dict[str, str] = {
+    "meta": "ledger-wide counters: next position, genesis id, network",
+    "vertices": "vertex id → wire-encoded vertex",
+    "vmeta": "vertex id → u64 depth ‖ u64 position ‖ u64 timestamp_ms",
+    "positions": "u64 position → vertex id (anchoring order)",
+    "children": "parent id ‖ child id → empty",
+    "tips": "vertex id → empty (anchored vertices without children)",
+    "heads": "author → u64 last counter",
+    "by_author": "author ‖ 0x00 ‖ u64 counter → vertex id",
+    "orphans": "vertex id → wire-encoded vertex waiting for parents/counters",
+    "evidence": "evidence digest → SlashingEvidence protobuf",
+    "keys": "node ‖ 0x00 ‖ u32 version → KeyRecord; node ‖ 0x01 → u32 current version",
+    "v_relay": "view: node → relay record JSON",
+    "v_att": "view: node ‖ 0x00 ‖ u64 counter → attestation JSON; node ‖ 0x01 → last counter",
+    "v_route": "view: topic → route JSON",
+    "v_policy": "view: policy hash → anchor JSON",
+    "v_slash": "view: node → slash notices JSON (active and lifted)",
+    "slash_tags": "view: vertex id → active slash ids in its ancestry (only if any)",
+}
+VIEW_FAMILIES = ("keys", "v_relay", "v_att", "v_route", "v_policy", "v_slash", "slash_tags")
+_SUM = 16
+
+
+# blake2b state after absorbing the column-family name, one per family: copying a
+# state is cheaper than re-hashing the prefix on every put/get (hot path).
+_BASES = {cf: hashlib.blake2b(cf.encode(), digest_size=_SUM) for cf in COLUMN_FAMILIES}
+
+
+def _checksum(cf: str, key: bytes, value: bytes) -> bytes:
+    """blake2b-128(cf ‖ u32 len(key) ‖ key ‖ value)."""
+    h = _BASES[cf].copy()
+    h.update(len(key).to_bytes(4, "big") + key)
+    h.update(value)
+    return h.digest()
+
+
+def _opts() -> Options:
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(True)
+    opts.create_missing_column_families(True)
+    return opts
+
+
+class Batch:
+    """Writes collected for one atomic commit."""
+
+    __slots__ = ("_after", "_handles", "_wb", "pending")
+
+    def __init__(self, handles: dict[str, ColumnFamily]) -> None:
+        self._wb = WriteBatch(raw_mode=True)
+        self._handles = handles
+        #: (cf, key) -> value or None (deleted): lets a batch read its own writes
+        self.pending: dict[tuple[str, bytes], bytes | None] = {}
+        self._after: list[Callable[[], None]] = []
+
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once the batch is durably applied (write-through caches use
+        this, so a failed commit never leaves a cache ahead of the store)."""
+        self._after.append(fn)
+
+    def put(self, cf: str, key: bytes, value: bytes) -> None:
+        self._wb.put(key, _checksum(cf, key, value) + value, self._handles[cf])
+        self.pending[(cf, key)] = value
+
+    def delete(self, cf: str, key: bytes) -> None:
+        self._wb.delete(key, self._handles[cf])
+        self.pending[(cf, key)] = None
+
+
+class Store:
+    """A RocksDB database with the ledger's column families."""
+
+    def __init__(self, path: str | Path, *, sync: bool = False) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = Rdict(str(self.path), _opts(),
+                             column_families={cf: Options(raw_mode=True)
+                                              for cf in COLUMN_FAMILIES})
+        except Exception as exc:  # rocksdict raises plain Exception for IO/lock errors
+            raise LedgerStateError(f"cannot open ledger at {self.path}: {exc}") from None
+        self._cfs = {cf: self._db.get_column_family(cf) for cf in COLUMN_FAMILIES}
+        self._handles: dict[str, ColumnFamily] = {
+            cf: self._db.get_column_family_handle(cf) for cf in COLUMN_FAMILIES
+        }
+        self._wopts = WriteOptions()
+        self._wopts.sync = sync
+
+    def _check(self, cf: str, key: bytes, raw: bytes) -> bytes:
+        value = raw[_SUM:]
+        if len(raw) < _SUM or raw[:_SUM] != _checksum(cf, key, value):
+            raise CorruptRecord(f"stored value failed its checksum: {cf}/{key.hex()}")
+        return value
+
+    def get(self, cf: str, key: bytes) -> bytes | None:
+        """The value under ``key`` or None; raises :class:`CorruptRecord` if damaged."""
+        raw = self._cfs[cf].get(key)
+        return None if raw is None else self._check(cf, key, raw)
+
+    def has(self, cf: str, key: bytes) -> bool:
+        return self._cfs[cf].get(key) is not None
+
+    def items(self, cf: str, prefix: bytes = b"", *,
+              start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Checked (key, value) pairs in key order, under ``prefix``, from ``start``."""
+        first = start if start is not None else prefix
+        it = self._cfs[cf].items(from_key=first) if first else self._cfs[cf].items()
+        for key, raw in it:
+            assert isinstance(key, bytes) and isinstance(raw, bytes)
+            if prefix and not key.startswith(prefix):
+                break
+            yield key, self._check(cf, key, raw)
+
+    def keys(self, cf: str, prefix: bytes = b"") -> Iterator[bytes]:
+        """Keys in order, optionally under ``prefix`` (values not read)."""
+        it = self._cfs[cf].keys(from_key=prefix) if prefix else self._cfs[cf].keys()
+        for key in it:
+            assert isinstance(key, bytes)
+            if prefix and not key.startswith(prefix):
+                break
+            yield key
+
+    def raw_put(self, cf: str, key: bytes, raw: bytes) -> None:
+        """Write bytes without a checksum — only for corruption tests and tooling."""
+        self._cfs[cf][key] = raw
+
+    def raw_get(self, cf: str, key: bytes) -> bytes | None:
+        """Stored bytes including the checksum prefix."""
+        value: bytes | None = self._cfs[cf].get(key)
+        return value
+
+    def batch(self) -> Batch:
+        return Batch(self._handles)
+
+    def commit(self, batch: Batch) -> None:
+        """Apply a batch atomically."""
+        self._db.write(batch._wb, self._wopts)
+        for fn in batch._after:
+            fn()
+
+    def clear(self, cf: str) -> None:
+        """Delete every row of a column family (used by view rebuilds)."""
+        batch = self.batch()
+        for key in list(self.keys(cf)):
+            batch.delete(cf, key)
+        self.commit(batch)
+
+    def close(self) -> None:
+        """Flush and release the database (all handles are dropped)."""
+        if getattr(self, "_db", None) is None:
+            return
+        self._cfs.clear()
+        self._handles.clear()
+        self._db.close()
+        self._db = None  # type: ignore[assignment]

@@ -1,0 +1,90 @@
+"""The one seam between the relayer and its message bus.
+
+Every backend (embedded RocksDB log, Redis Streams, Kafka) implements :class:`Bus`;
+everything above it (ingress, overflow, shard workers, backpressure) is written
+against this interface only, and is tested against the embedded backend — a real
+implementation, not a mock.
+
+Semantics every backend keeps:
+
+* ``publish(shard, records)`` returns only once the records are durable in the
+  backend's own terms (RocksDB WAL, Redis AOF, Kafka acks=all) and returns one
+  offset per record, in order.
+* ``consume(shard, group)`` returns records not yet acknowledged by ``group``; a
+  record is redelivered after a restart until it is acked (at-least-once; the shard
+  worker turns this into exactly-once with its sequence window).
+* ``ack(shard, group, deliveries)`` acknowledges a *prefix* of what was consumed:
+  the worker never acks a record while an earlier one is still held, so cursor
+  backends (RocksDB, Kafka) may commit ``max(offset)+1``.
+* ``lag(shard, group)`` counts records published but not yet acked by ``group``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+Offset = int | str
+"""Integer log offset (embedded, Kafka) or Redis stream entry id."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One record handed to a consumer."""
+
+    #: shard (partition / stream) it came from
+    shard: int
+    #: its durable position in that shard
+    offset: Offset
+    #: the encoded record (see :mod:`pqcnet.relayer.frame`)
+    data: bytes
+
+
+class Bus(abc.ABC):
+    """Partitioned durable log with consumer groups."""
+
+    #: backend name as used in config (``embedded``, ``redis``, ``kafka``)
+    name: str = "bus"
+
+    @abc.abstractmethod
+    def partitions(self) -> int:
+        """Number of shards."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Connect / create topics; idempotent."""
+
+    @abc.abstractmethod
+    async def publish(self, shard: int, records: Sequence[bytes]) -> list[Offset]:
+        """Durably append ``records`` to ``shard``; one offset per record."""
+
+    @abc.abstractmethod
+    async def consume(
+        self, shard: int, group: str, *, max_records: int = 512, block: float = 0.5
+    ) -> list[Delivery]:
+        """Up to ``max_records`` unacked records, waiting up to ``block`` s for the first."""
+
+    @abc.abstractmethod
+    async def ack(self, shard: int, group: str, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge a consumed prefix; acked records are never redelivered."""
+
+    @abc.abstractmethod
+    async def lag(self, shard: int, group: str) -> int:
+        """Records in ``shard`` not yet acked by ``group``."""
+
+    @abc.abstractmethod
+    async def rewind(self, shard: int, group: str) -> None:
+        """Forget in-flight reads: the next consume restarts at the first unacked record."""
+
+    async def healthy(self) -> bool:
+        """Cheap liveness probe used by the overflow replayer."""
+        return True
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections; pending operations fail with :class:`BusError`."""
+
+    def check_shard(self, shard: int) -> None:
+        """Raise ``ValueError`` for a shard outside ``0..partitions()-1`` (a caller bug)."""
+        if not 0 <= shard < self.partitions():
+            raise ValueError(f"shard {shard} outside 0..{self.partitions() - 1}")

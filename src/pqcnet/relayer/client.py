@@ -1,0 +1,185 @@
+"""Publisher and subscriber SDK: what ``pqcnet publish`` / ``pqcnet subscribe`` and the
+tests use to talk to a relayer over a QSTP tunnel.
+
+:class:`PublisherClient` pipelines requests on one stream (replies come back in
+order and are matched by request id) and honours FLOW PAUSE because
+``Stream.send`` waits while the relayer has paused the tunnel; it counts the FLOW
+frames it saw. :class:`SubscriberClient` yields delivered frames and drops any seq
+it already has per topic — the last step of exactly-once, covering redelivery after
+a relayer crash or a lost ack. It acknowledges each batch (highest seq per topic)
+when the application asks for the next one, i.e. after it took the batch: the
+relayer commits and meters a batch only on that ack, so a batch written to a tunnel
+that died before the application read it is redelivered, not lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+
+from pqcnet.errors import PqcnetError
+from pqcnet.identity import NodeIdentity
+from pqcnet.qstp import aio
+from pqcnet.qstp.aio import Stream, Tunnel
+from pqcnet.qstp.errors import TunnelClosed
+from pqcnet.qstp.events import FlowPaused
+from pqcnet.qstp.tls import TlsPolicy
+from pqcnet.relayer.errors import RelayerError
+from pqcnet.relayer.frame import Frame, Topic
+from pqcnet.relayer.wire import (
+    MessageReader,
+    Result,
+    ServerError,
+    decode_server,
+    encode_ack,
+    encode_publish,
+    encode_subscribe,
+)
+
+#: publish requests in flight on one stream before ``publish()`` waits
+MAX_INFLIGHT = 32
+
+
+class RelayerRefused(RelayerError):
+    """The relayer answered a request with an ErrorReply."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"relayer error {code}: {reason}")
+        self.code = code
+
+
+class PublisherClient:
+    """Publishes frames over one QSTP stream."""
+
+    def __init__(self, tunnel: Tunnel, *, max_inflight: int = MAX_INFLIGHT) -> None:
+        self.tunnel = tunnel
+        self.stream: Stream = tunnel.open_stream()
+        self.pauses_seen = 0
+        self._next_id = 1
+        self._waiting: dict[int, asyncio.Future[list[Result]]] = {}
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._reader = asyncio.create_task(self._read())
+        tunnel.on_flow = self._on_flow
+
+    @classmethod
+    async def connect(cls, host: str, port: int, identity: NodeIdentity,
+                      policy: TlsPolicy | None = None) -> PublisherClient:
+        """Open a tunnel to a relayer and a publishing stream on it."""
+        return cls(await aio.connect(host, port, identity, policy))
+
+    def _on_flow(self, event: object) -> None:
+        if isinstance(event, FlowPaused):
+            self.pauses_seen += 1
+
+    async def _read(self) -> None:
+        reader = MessageReader()
+        error: PqcnetError = TunnelClosed("relayer closed the stream")
+        try:
+            while chunk := await self.stream.recv():
+                for body in reader.feed(chunk):
+                    msg = decode_server(body)
+                    if isinstance(msg, ServerError):
+                        error = RelayerRefused(msg.code, msg.reason)
+                        # request-level errors answer the oldest outstanding request
+                        if self._waiting:
+                            oldest = min(self._waiting)
+                            self._waiting.pop(oldest).set_exception(error)
+                        continue
+                    if isinstance(msg, tuple):
+                        fut = self._waiting.pop(msg[0], None)
+                        if fut is not None and not fut.done():
+                            fut.set_result(msg[1])
+        except PqcnetError as exc:
+            error = exc
+        for fut in self._waiting.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self._waiting.clear()
+
+    async def publish(self, frames: Sequence[Frame], *, retry: bool = False) -> list[Result]:
+        """Send ``frames`` in one request; returns one result per frame once durable."""
+        async with self._slots:
+            if self._reader.done():
+                raise TunnelClosed("publisher stream is closed")
+            request_id = self._next_id
+            self._next_id += 1
+            fut: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
+            self._waiting[request_id] = fut
+            await self.stream.send(encode_publish(request_id, frames, retry=retry))
+            return await fut
+
+    async def send_raw(self, data: bytes) -> None:
+        """Send arbitrary bytes on the publishing stream (tests of bad input)."""
+        await self.stream.send(data)
+
+    async def close(self) -> None:
+        """Close the stream and the tunnel."""
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, PqcnetError):
+            await self._reader
+        with contextlib.suppress(PqcnetError):
+            await self.tunnel.close()
+
+
+class SubscriberClient:
+    """Receives one customer's frames (some or all channels) in order, exactly once."""
+
+    def __init__(self, tunnel: Tunnel) -> None:
+        self.tunnel = tunnel
+        self.last: dict[Topic, int] = {}
+        self.duplicates_dropped = 0
+        self.batches_acked = 0
+        self._pending: dict[Topic, int] = {}
+        self._stream: Stream | None = None
+
+    @classmethod
+    async def connect(cls, host: str, port: int, identity: NodeIdentity,
+                      policy: TlsPolicy | None = None) -> SubscriberClient:
+        """Open a tunnel to a relayer."""
+        return cls(await aio.connect(host, port, identity, policy))
+
+    async def subscribe(self, customer: str, channels: Iterable[str] = ()) -> None:
+        """Send the subscription; frames follow on :meth:`frames`."""
+        self._stream = self.tunnel.open_stream()
+        await self._stream.send(encode_subscribe(customer, channels))
+
+    async def batches(self) -> AsyncIterator[list[Frame]]:
+        """Delivered frames in batches, already deduplicated, until the stream ends."""
+        if self._stream is None:
+            raise TunnelClosed("subscribe() first")
+        reader = MessageReader()
+        while chunk := await self._stream.recv():
+            for body in reader.feed(chunk):
+                msg = decode_server(body)
+                if isinstance(msg, ServerError):
+                    raise RelayerRefused(msg.code, msg.reason)
+                if not isinstance(msg, list):
+                    continue
+                fresh = []
+                upto: dict[Topic, int] = {}
+                for f in msg:
+                    upto[f.topic] = max(upto.get(f.topic, 0), f.seq)
+                    if f.seq <= self.last.get(f.topic, 0):
+                        self.duplicates_dropped += 1
+                        continue
+                    self.last[f.topic] = f.seq
+                    fresh.append(f)
+                self._pending = upto
+                if fresh:
+                    yield fresh  # resumed: the application took the batch
+                await self.ack()
+
+    async def ack(self, upto: Mapping[Topic, int] | None = None) -> None:
+        """Acknowledge the batch last yielded by :meth:`batches` (done automatically
+        when the next one is asked for), or only ``upto`` (highest seq per topic taken)
+        when the application stops part-way through a batch."""
+        pending, self._pending = (upto or self._pending), {}
+        if pending and self._stream is not None:
+            await self._stream.send(encode_ack(pending))
+            self.batches_acked += 1
+
+    async def close(self) -> None:
+        """Close the tunnel."""
+        with contextlib.suppress(PqcnetError):
+            await self.tunnel.close()

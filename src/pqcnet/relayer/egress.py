@@ -1,0 +1,216 @@
+"""Subscriber hub: the shard workers' sink, fanning in-order frames out to QSTP streams.
+
+A subscriber opens a stream and sends ``Subscribe(customer, channels)``; the hub
+registers it with a bounded queue. ``deliver()`` (called by a shard worker) puts
+each subscriber's share of a batch on its queue together with a future, and returns
+only when every subscriber *acknowledged* its share: the SDK sends a cumulative
+``DeliveryAck`` (highest seq per topic) once the application took the batch. Only
+then does the worker commit dedup marks and metered volume and ack the bus, so the
+meter counts what subscribers acknowledged. A written-but-unacknowledged share is
+not delivered: if the subscriber's tunnel dies first, its futures fail, the worker
+resets to its durable marks and the frames go to the next subscriber (the SDK drops
+seqs it already has, so the application still sees each seq once).
+
+Each subscriber has at most ``max_unacked`` shares written and awaiting its ack
+(:data:`MAX_UNACKED`), and at most :data:`MAX_SUBSCRIBER_QUEUE` queued behind them.
+
+Frames of a topic with no subscriber are *held*: ``deliver()`` waits until one
+subscribes. The shard's bus lag then grows and backpressure pauses its publishers —
+the same path as a slow subscriber, and nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pqcnet.errors import PqcnetError
+from pqcnet.qstp.aio import Stream
+from pqcnet.qstp.errors import TunnelClosed
+from pqcnet.relayer.errors import FrameRejected, RelayerError
+from pqcnet.relayer.frame import Frame, Topic
+from pqcnet.relayer.wire import (
+    Ack,
+    MessageReader,
+    Subscribe,
+    decode_client,
+    encode_deliveries,
+    encode_error,
+)
+
+log = logging.getLogger(__name__)
+
+#: delivery batches queued per subscriber; bounds memory held for a slow subscriber
+MAX_SUBSCRIBER_QUEUE = 64
+#: subscriptions one relayer accepts; bounds the fan-out table
+MAX_SUBSCRIPTIONS = 10_000
+#: shares written to one subscriber and awaiting its ack (its in-flight window)
+MAX_UNACKED = 64
+
+_Item = tuple[list[Frame], asyncio.Future[None]]
+
+
+class SubscriptionRefused(RelayerError):
+    """The relayer is at :data:`MAX_SUBSCRIPTIONS`; try another relayer or later."""
+
+    code = 31
+    retriable = True
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One subscriber stream."""
+
+    customer: str
+    channels: frozenset[str]
+    queue: asyncio.Queue[_Item] = field(
+        default_factory=lambda: asyncio.Queue(MAX_SUBSCRIBER_QUEUE))
+    #: written shares awaiting the ack: (highest seq per topic, future), in write order
+    unacked: deque[tuple[dict[Topic, int], asyncio.Future[None]]] = field(default_factory=deque)
+    #: highest seq per topic the subscriber acknowledged
+    acked: dict[Topic, int] = field(default_factory=dict)
+    window: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def ack(self, upto: dict[Topic, int]) -> None:
+        """Apply a cumulative ack; resolve every share it covers."""
+        for topic, seq in upto.items():
+            if seq > self.acked.get(topic, 0):
+                self.acked[topic] = seq
+        while self.unacked and all(self.acked.get(t, 0) >= n
+                                   for t, n in self.unacked[0][0].items()):
+            _, fut = self.unacked.popleft()
+            if not fut.done():
+                fut.set_result(None)
+        self.window.set()
+
+    def fail_all(self, reason: str) -> None:
+        """The subscriber is gone: every unacked or queued share fails."""
+        while self.unacked:
+            _, fut = self.unacked.popleft()
+            if not fut.done():
+                fut.set_exception(TunnelClosed(reason))
+        while not self.queue.empty():
+            _, fut = self.queue.get_nowait()
+            if not fut.done():
+                fut.set_exception(TunnelClosed(reason))
+
+    def matches(self, frame: Frame) -> bool:
+        """Whether ``frame`` is for this subscriber."""
+        return frame.customer == self.customer and (
+            not self.channels or frame.channel in self.channels)
+
+
+class SubscriberHub:
+    """Implements :class:`pqcnet.relayer.worker.Sink` over subscriber streams."""
+
+    def __init__(self, max_subscriptions: int = MAX_SUBSCRIPTIONS, *,
+                 max_unacked: int = MAX_UNACKED) -> None:
+        if max_unacked < 1:
+            raise ValueError("max_unacked must be >= 1")
+        self.max_subscriptions = max_subscriptions
+        self.max_unacked = max_unacked
+        self._subs: dict[str, list[Subscription]] = {}
+        self._changed = asyncio.Event()
+        self.held = 0
+
+    def count(self) -> int:
+        """Active subscriptions."""
+        return sum(len(v) for v in self._subs.values())
+
+    async def deliver(self, shard: int, frames: Sequence[Frame]) -> None:
+        """Deliver ``frames`` to every matching subscriber; hold those with none."""
+        todo = list(frames)
+        while todo:
+            shares: dict[int, tuple[Subscription, list[Frame]]] = {}
+            held: list[Frame] = []
+            for f in todo:
+                subs = [s for s in self._subs.get(f.customer, ()) if s.matches(f)]
+                if not subs:
+                    held.append(f)
+                for s in subs:
+                    shares.setdefault(id(s), (s, []))[1].append(f)
+            futs = []
+            loop = asyncio.get_running_loop()
+            for sub, share in shares.values():
+                fut: asyncio.Future[None] = loop.create_future()
+                await sub.queue.put((share, fut))
+                futs.append(fut)
+            errors = [r for r in await asyncio.gather(*futs, return_exceptions=True)
+                      if isinstance(r, BaseException)]
+            if errors:
+                raise errors[0]
+            todo = held
+            if todo:
+                self.held = len(todo)
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await self._changed.wait()
+        self.held = 0
+
+    def unacked(self) -> int:
+        """Shares written to subscribers and not yet acknowledged."""
+        return sum(len(s.unacked) for subs in self._subs.values() for s in subs)
+
+    async def serve(self, stream: Stream, request: Subscribe,
+                    reader: MessageReader | None = None) -> None:
+        """Feed one subscriber stream (and read its acks) until it ends or fails."""
+        if self.count() >= self.max_subscriptions:
+            raise SubscriptionRefused(f"relayer has {self.max_subscriptions} subscriptions")
+        sub = Subscription(request.customer, request.channels)
+        self._subs.setdefault(sub.customer, []).append(sub)
+        self._changed.set()
+        acks = asyncio.create_task(self._read_acks(stream, sub, reader or MessageReader()))
+        log.info("subscriber joined", extra={"customer": sub.customer,
+                                             "channels": sorted(sub.channels)})
+        try:
+            while not acks.done():
+                if len(sub.unacked) >= self.max_unacked:  # window full: wait for an ack
+                    sub.window.clear()
+                    waiter = asyncio.create_task(sub.window.wait())
+                    await asyncio.wait({waiter, acks}, return_when=asyncio.FIRST_COMPLETED)
+                    waiter.cancel()
+                    continue
+                getter = asyncio.create_task(sub.queue.get())
+                done, _ = await asyncio.wait({getter, acks},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    break
+                frames, fut = getter.result()
+                upto: dict[Topic, int] = {}
+                for f in frames:
+                    upto[f.topic] = f.seq  # in order per topic: the last is the highest
+                sub.unacked.append((upto, fut))
+                try:
+                    await stream.send(encode_deliveries(frames))
+                except PqcnetError:
+                    break
+        finally:
+            acks.cancel()
+            self._subs[sub.customer].remove(sub)
+            if not self._subs[sub.customer]:
+                del self._subs[sub.customer]
+            sub.fail_all("subscriber went away before acknowledging")
+            log.info("subscriber left", extra={"customer": sub.customer})
+
+    @staticmethod
+    async def _read_acks(stream: Stream, sub: Subscription, reader: MessageReader) -> None:
+        try:
+            while chunk := await stream.recv():
+                for body in reader.feed(chunk):
+                    request = decode_client(body)
+                    if not isinstance(request, Ack):
+                        raise FrameRejected("only acks are allowed after subscribing")
+                    sub.ack(request.upto)
+        except FrameRejected as exc:
+            log.warning("subscriber sent a bad message; closing its stream",
+                        extra={"customer": sub.customer, "reason": str(exc)})
+            with contextlib.suppress(PqcnetError):
+                await stream.send(encode_error(exc.code, str(exc)))
+        except PqcnetError:
+            pass

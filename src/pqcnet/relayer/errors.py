@@ -1,0 +1,97 @@
+"""The relayer's error tree, rooted in :class:`pqcnet.errors.PqcnetError`.
+
+Every error that can reach a publisher carries a wire ``code`` (sent back in an
+``IngressReply`` error) and says whether retrying later can succeed, so the
+publisher SDK can tell "fix your frame" from "come back in a second"::
+
+    RelayerError
+    ├── ConfigError              invalid relayer configuration
+    ├── FrameRejected            a publisher's frame is malformed (code per reason)
+    │   ├── FieldMissing         a required field is absent or empty
+    │   ├── FieldTooLarge        a field exceeds its named bound
+    │   └── SeqNotMonotonic      seq went backwards on a tunnel without the retry flag
+    ├── BusError                 a bus backend failed (``retriable`` says if worth retrying)
+    │   └── BusUnavailable       the backend cannot be reached / timed out (retriable)
+    ├── OverflowFull             the local overflow queue reached its bound (retriable)
+    ├── ProofError               a volume proof or inclusion proof does not verify
+    └── GovernanceError          the governance gRPC call failed
+"""
+
+from __future__ import annotations
+
+from pqcnet.errors import PqcnetError
+
+
+class RelayerError(PqcnetError):
+    """Root of relayer errors. ``code`` is the wire code; ``retriable`` the hint."""
+
+    code: int = 1  # INTERNAL
+    retriable: bool = False
+
+
+class ConfigError(RelayerError):
+    """The relayer configuration is invalid (message names the key)."""
+
+    code = 2
+
+
+class FrameRejected(RelayerError):
+    """A publisher frame was refused; nothing of it was published."""
+
+    code = 10
+
+
+class FieldMissing(FrameRejected):
+    """A required frame field is absent or empty."""
+
+    code = 11
+
+
+class FieldTooLarge(FrameRejected):
+    """A frame field exceeds its configured bound."""
+
+    code = 12
+
+
+class SeqNotMonotonic(FrameRejected):
+    """A topic's seq went backwards on one tunnel and the frame was not marked a retry."""
+
+    code = 13
+
+
+class BusError(RelayerError):
+    """A bus backend operation failed."""
+
+    code = 20
+
+    def __init__(self, message: str, *, retriable: bool = False) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+class BusUnavailable(BusError):
+    """The backend is down or slower than the configured timeout."""
+
+    code = 21
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retriable=True)
+
+
+class OverflowFull(RelayerError):
+    """The local overflow queue is at its bound; the frame was not accepted."""
+
+    code = 30
+    retriable = True
+
+
+class ProofError(RelayerError):
+    """A volume proof, signature or Merkle inclusion proof failed to verify."""
+
+    code = 40
+
+
+class GovernanceError(RelayerError):
+    """A governance (gRPC) request failed."""
+
+    code = 50

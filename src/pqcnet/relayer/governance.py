@@ -1,0 +1,193 @@
+"""Governance gRPC service ``VolumeMetrics`` (grpcio, asyncio) and its client.
+
+``GetVolume`` and ``WatchVolume`` read the same :class:`~pqcnet.relayer.metering.VolumeMeter`
+that feeds Prometheus, so a governance pull and a scrape agree by construction;
+``GetPerformanceReport`` returns the node's signed report.
+
+Transport security, honestly: grpcio bundles BoringSSL, which cannot load ML-DSA
+certificates, so this endpoint cannot use the mesh CA's post-quantum identity.
+It serves either TLS with a *classical* certificate (``grpc_tls_cert``/``_key``) or
+plaintext bound to loopback only, to be reached through a QSTP sidecar from other
+hosts. Plaintext on a non-loopback address is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from pqcnet.proto import relayer_pb2 as pb
+from pqcnet.proto import relayer_pb2_grpc as pb_grpc
+from pqcnet.relayer.errors import ConfigError, GovernanceError
+from pqcnet.relayer.metering import VolumeMeter, VolumeRecord
+from pqcnet.relayer.proof import PerformanceReport, record_from_pb, record_to_pb
+
+#: concurrent WatchVolume streams; bounds per-watcher polling work
+MAX_WATCHERS = 64
+#: seconds between WatchVolume change checks
+WATCH_INTERVAL = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeFilter:
+    """The query of GetVolume / WatchVolume as a dataclass."""
+
+    customer: str | None = None
+    channel: str | None = None
+    epoch_from: int = 0
+    epoch_to: int | None = None
+
+    @classmethod
+    def from_pb(cls, q: pb.VolumeQuery) -> VolumeFilter:
+        return cls(q.customer if q.HasField("customer") else None,
+                   q.channel if q.HasField("channel") else None, q.epoch_from,
+                   q.epoch_to if q.HasField("epoch_to") else None)
+
+    def to_pb(self) -> pb.VolumeQuery:
+        q = pb.VolumeQuery(epoch_from=self.epoch_from)
+        if self.customer is not None:
+            q.customer = self.customer
+        if self.channel is not None:
+            q.channel = self.channel
+        if self.epoch_to is not None:
+            q.epoch_to = self.epoch_to
+        return q
+
+
+class VolumeMetricsService(pb_grpc.VolumeMetricsServicer):
+    """Serves one node's meter and reports."""
+
+    def __init__(self, meter: VolumeMeter,
+                 report: Callable[[int, int | None], PerformanceReport]) -> None:
+        self.meter = meter
+        self._report = report
+        self._watchers = 0
+
+    def _query(self, f: VolumeFilter) -> list[VolumeRecord]:
+        return self.meter.query(f.customer, f.channel, f.epoch_from, f.epoch_to)
+
+    async def GetVolume(self, request: pb.VolumeQuery,
+                        context: grpc.aio.ServicerContext[pb.VolumeQuery, pb.VolumeResponse],
+                        ) -> pb.VolumeResponse:
+        recs = self._query(VolumeFilter.from_pb(request))
+        return pb.VolumeResponse(records=[record_to_pb(r) for r in recs],
+                                 total_bytes=sum(r.bytes for r in recs),
+                                 total_frames=sum(r.frames for r in recs))
+
+    async def WatchVolume(self, request: pb.VolumeQuery,
+                          context: grpc.aio.ServicerContext[pb.VolumeQuery, pb.VolumeRecord],
+                          ) -> AsyncIterator[pb.VolumeRecord]:
+        if self._watchers >= MAX_WATCHERS:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{MAX_WATCHERS} watchers already")
+        self._watchers += 1
+        try:
+            f = VolumeFilter.from_pb(request)
+            sent: dict[tuple[str, str, int, int], tuple[int, int]] = {}
+            version = -1
+            while True:
+                if self.meter.version != version:
+                    version = self.meter.version
+                    for r in self._query(f):
+                        key = (r.customer, r.channel, r.qos, r.epoch)
+                        if sent.get(key) != (r.bytes, r.frames):
+                            sent[key] = (r.bytes, r.frames)
+                            yield record_to_pb(r)
+                await asyncio.sleep(WATCH_INTERVAL)
+        finally:
+            self._watchers -= 1
+
+    async def GetPerformanceReport(
+        self, request: pb.ReportQuery,
+        context: grpc.aio.ServicerContext[pb.ReportQuery, pb.RelayerPerformanceReport],
+    ) -> pb.RelayerPerformanceReport:
+        epoch_to = request.epoch_to if request.HasField("epoch_to") else None
+        return self._report(request.epoch_from, epoch_to).to_pb()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def serve_governance(service: VolumeMetricsService, host: str, port: int, *,
+                           tls: tuple[bytes, bytes] | None = None,
+                           ) -> tuple[grpc.aio.Server, int]:
+    """Start the gRPC server (``tls`` = (key PEM, cert PEM)); returns it and the bound port."""
+    server = grpc.aio.server()
+    pb_grpc.add_VolumeMetricsServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    address = f"{host}:{port}"
+    if tls is not None:
+        creds = grpc.ssl_server_credentials([tls])
+        bound = server.add_secure_port(address, creds)
+    else:
+        if not _is_loopback(host):
+            raise ConfigError(f"grpc_host {host}: plaintext governance gRPC only on loopback; "
+                              "set grpc_tls_cert/grpc_tls_key or use a QSTP sidecar")
+        bound = server.add_insecure_port(address)
+    if not bound:
+        raise ConfigError(f"cannot bind governance gRPC on {address}")
+    await server.start()
+    return server, bound
+
+
+# ------------------------------------------------------------------ client
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeSummary:
+    """What ``pqcnet governance pull`` prints."""
+
+    records: tuple[VolumeRecord, ...]
+    total_bytes: int
+    total_frames: int
+
+
+def _channel(target: str, ca_cert: str | None) -> grpc.aio.Channel:
+    if ca_cert:
+        creds = grpc.ssl_channel_credentials(Path(ca_cert).read_bytes())
+        return grpc.aio.secure_channel(target, creds)
+    return grpc.aio.insecure_channel(target)
+
+
+async def pull_volume(target: str, query: VolumeFilter, *, ca_cert: str | None = None,
+                      deadline: float = 10.0) -> VolumeSummary:
+    """Call GetVolume; :class:`GovernanceError` with the gRPC status on failure."""
+    async with _channel(target, ca_cert) as channel:
+        stub = pb_grpc.VolumeMetricsStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            resp = await stub.GetVolume(query.to_pb(), timeout=deadline)
+        except grpc.aio.AioRpcError as exc:
+            raise GovernanceError(f"GetVolume on {target}: {exc.code().name}: "
+                                  f"{exc.details()}") from None
+    return VolumeSummary(tuple(record_from_pb(r) for r in resp.records), resp.total_bytes,
+                         resp.total_frames)
+
+
+async def pull_report(target: str, epoch_from: int = 0, epoch_to: int | None = None, *,
+                      ca_cert: str | None = None, deadline: float = 10.0) -> PerformanceReport:
+    """Call GetPerformanceReport."""
+    q = pb.ReportQuery(epoch_from=epoch_from)
+    if epoch_to is not None:
+        q.epoch_to = epoch_to
+    async with _channel(target, ca_cert) as channel:
+        stub = pb_grpc.VolumeMetricsStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            resp = await stub.GetPerformanceReport(q, timeout=deadline)
+        except grpc.aio.AioRpcError as exc:
+            raise GovernanceError(f"GetPerformanceReport on {target}: {exc.code().name}: "
+                                  f"{exc.details()}") from None
+    return PerformanceReport.from_pb(resp)
+
+
+__all__ = ["VolumeFilter", "VolumeMetricsService", "VolumeSummary", "pull_report",
+           "pull_volume", "serve_governance"]

@@ -1,0 +1,228 @@
+"""QSTP ingress: publisher streams in, durable publish, per-frame results back.
+
+Per tunnel the ingress keeps a :class:`TunnelSession`: the highest seq accepted per
+topic on this tunnel (a seq going backwards without the ``retry`` flag is refused
+with ``SeqNotMonotonic``) and the shards this tunnel publishes to (who gets FLOW
+PAUSE when a shard backs up). A request's valid frames are grouped per shard and
+published through :class:`~pqcnet.relayer.overflow.BufferedPublisher`; the reply is sent
+only after they are durable on the bus or in the overflow queue.
+
+Bad input never costs more than its own request: a frame with a missing, oversized
+or non-monotonic field is rejected with a typed code while the rest of the request
+goes through; an undecodable message gets an ``ErrorReply``; an oversized length
+prefix resets only that stream. Other streams and tunnels are unaffected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pqcnet.errors import PqcnetError
+from pqcnet.qstp.aio import Stream, Tunnel
+from pqcnet.relayer.backpressure import FlowChange
+from pqcnet.relayer.egress import SubscriberHub, SubscriptionRefused
+from pqcnet.relayer.errors import (
+    FieldTooLarge,
+    FrameRejected,
+    OverflowFull,
+    RelayerError,
+    SeqNotMonotonic,
+)
+from pqcnet.relayer.frame import FrameLimits, Topic, encode, shard_for, validate
+from pqcnet.relayer.overflow import BufferedPublisher
+from pqcnet.relayer.wire import (
+    Ack,
+    Incoming,
+    MessageReader,
+    MessageTooLarge,
+    Result,
+    Subscribe,
+    decode_client,
+    encode_error,
+    encode_reply,
+)
+
+log = logging.getLogger(__name__)
+
+#: FLOW reason the relayer sends with PAUSE/RESUME: a shard's backlog crossed a mark
+REASON_SHARD_BACKLOG = 1
+#: frames one PublishRequest may carry
+MAX_FRAMES_PER_REQUEST = 4096
+#: topics whose highest seq a tunnel session remembers (oldest forgotten first)
+MAX_TOPICS_PER_TUNNEL = 65_536
+
+
+@dataclass(eq=False)
+class TunnelSession:
+    """Ingress state of one publisher tunnel."""
+
+    tunnel: Tunnel
+    highest: OrderedDict[Topic, int] = field(default_factory=OrderedDict)
+    shards: set[int] = field(default_factory=set)
+    paused: bool = False
+
+
+@dataclass(slots=True)
+class IngressStats:
+    """Counters exported as metrics."""
+
+    accepted: int = 0
+    rejected: int = 0
+    overflowed: int = 0
+    pauses_sent: int = 0
+
+
+class Ingress:
+    """The relayer's QSTP handler for publishers and subscribers."""
+
+    def __init__(self, publisher: BufferedPublisher, hub: SubscriberHub, *,
+                 limits: FrameLimits | None = None,
+                 max_frames_per_request: int = MAX_FRAMES_PER_REQUEST,
+                 retry_after: float = 1.0) -> None:
+        self.publisher, self.hub = publisher, hub
+        self.shards = publisher.bus.partitions()
+        self.limits = limits or FrameLimits()
+        self.max_frames_per_request = max_frames_per_request
+        #: seconds publishers are told to wait in a FLOW PAUSE
+        self.retry_after = retry_after
+        self.sessions: set[TunnelSession] = set()
+        self.paused_shards: set[int] = set()
+        self.stats = IngressStats()
+
+    # ------------------------------------------------------------------ tunnels
+    async def handle_tunnel(self, tunnel: Tunnel) -> None:
+        """``pqcnet.qstp.aio.serve`` handler: one task per stream until the tunnel ends."""
+        session = TunnelSession(tunnel)
+        self.sessions.add(session)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            async for stream in tunnel:
+                task = asyncio.create_task(self._stream(session, stream))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            for task in tasks:
+                task.cancel()
+            self.sessions.discard(session)
+
+    async def _stream(self, session: TunnelSession, stream: Stream) -> None:
+        reader = MessageReader()
+        try:
+            while chunk := await stream.recv():
+                try:
+                    bodies = reader.feed(chunk)
+                except MessageTooLarge as exc:
+                    await stream.send(encode_error(exc.code, str(exc)))
+                    stream.reset(reason=str(exc))
+                    return
+                for body in bodies:
+                    try:
+                        request = decode_client(body)
+                    except RelayerError as exc:
+                        self.stats.rejected += 1
+                        await stream.send(encode_error(exc.code, str(exc)))
+                        continue
+                    if isinstance(request, Subscribe):
+                        try:
+                            await self.hub.serve(stream, request, reader)
+                        except SubscriptionRefused as exc:
+                            await stream.send(encode_error(exc.code, str(exc)))
+                        return
+                    if isinstance(request, Ack):
+                        self.stats.rejected += 1
+                        err = FrameRejected("ack without a subscription on this stream")
+                        await stream.send(encode_error(err.code, str(err)))
+                        continue
+                    request_id, items = request
+                    results = await self.publish(session, items)
+                    await stream.send(encode_reply(request_id, results))
+        except PqcnetError as exc:
+            log.info("ingress stream ended", extra={"stream": stream.id, "reason": str(exc)})
+        except Exception:  # never let a bug take the tunnel down with a traceback to the peer
+            log.exception("ingress stream failed", extra={"stream": stream.id})
+            stream.reset(reason="internal error")
+
+    # ------------------------------------------------------------------ publish
+    async def publish(self, session: TunnelSession, items: Sequence[Incoming]) -> list[Result]:
+        """Validate, shard, durably publish; one :class:`Result` per item, in order."""
+        results: list[Result | None] = [None] * len(items)
+        if len(items) > self.max_frames_per_request:
+            err = FieldTooLarge(f"{len(items)} frames in one request; "
+                                f"max {self.max_frames_per_request}")
+            return [Result(i.seq, False, code=err.code, reason=str(err)) for i in items]
+        by_shard: dict[int, list[int]] = defaultdict(list)
+        pending_high: dict[Topic, int] = {}
+        for idx, item in enumerate(items):
+            try:
+                if item.error is not None:
+                    raise item.error
+                assert item.frame is not None
+                frame = validate(item.frame, self.limits)
+                last = pending_high.get(frame.topic, session.highest.get(frame.topic, 0))
+                if frame.seq <= last and not item.retry:
+                    raise SeqNotMonotonic(
+                        f"seq {frame.seq} after {last} on {frame.customer}/{frame.channel} "
+                        "(set retry to resend)")
+            except RelayerError as exc:
+                results[idx] = Result(item.seq, False, code=exc.code, reason=str(exc))
+                continue
+            pending_high[frame.topic] = max(last, frame.seq)
+            by_shard[shard_for(frame.customer, frame.channel, self.shards)].append(idx)
+
+        async def one(shard: int, idxs: list[int]) -> None:
+            records = [encode(items[i].frame) for i in idxs]  # type: ignore[arg-type]
+            try:
+                acc = await self.publisher.publish(shard, records)
+            except (OverflowFull, RelayerError) as exc:
+                for i in idxs:
+                    results[i] = Result(items[i].seq, False, code=exc.code, reason=str(exc),
+                                        retriable=exc.retriable)
+                return
+            session.shards.add(shard)
+            for i in idxs:
+                results[i] = Result(items[i].seq, True, overflowed=acc.overflowed)
+                frame = items[i].frame
+                assert frame is not None
+                prev = session.highest.pop(frame.topic, 0)
+                session.highest[frame.topic] = max(prev, frame.seq)
+            if acc.overflowed:
+                self.stats.overflowed += len(idxs)
+
+        await asyncio.gather(*(one(s, idxs) for s, idxs in by_shard.items()))
+        while len(session.highest) > MAX_TOPICS_PER_TUNNEL:
+            session.highest.popitem(last=False)
+        out = [r for r in results if r is not None]
+        ok = sum(r.accepted for r in out)
+        self.stats.accepted += ok
+        self.stats.rejected += len(out) - ok
+        return out
+
+    # ------------------------------------------------------------------ flow
+    def apply_flow(self, change: FlowChange) -> None:
+        """Send FLOW PAUSE/RESUME to the tunnels publishing to ``change.shard``."""
+        if change.action == "pause":
+            self.paused_shards.add(change.shard)
+        else:
+            self.paused_shards.discard(change.shard)
+        for s in list(self.sessions):
+            if s.tunnel.closed:
+                continue
+            want = bool(s.shards & self.paused_shards)
+            if want == s.paused:
+                continue
+            try:
+                if want:
+                    s.tunnel.pause(None, REASON_SHARD_BACKLOG, self.retry_after)
+                    self.stats.pauses_sent += 1
+                else:
+                    s.tunnel.resume(None, REASON_SHARD_BACKLOG)
+            except PqcnetError:
+                continue
+            s.paused = want
+            log.info("flow " + ("pause" if want else "resume"),
+                     extra={"shard": change.shard, "backlog": change.backlog})

@@ -1,0 +1,140 @@
+"""Volume metering: every delivered frame counted per (customer, channel, QoS, epoch).
+
+The shard workers call :meth:`VolumeMeter.record` with each delivered batch, so the
+meter counts exactly what left the relayer (duplicates suppressed by the sequencer
+never reach it). One meter feeds all three outputs, which is why they agree:
+
+* Prometheus counters ``pqcnet_relayer_volume_bytes_total`` /
+  ``pqcnet_relayer_volume_frames_total`` (labels customer, channel, qos);
+* the governance gRPC service (:meth:`query`);
+* the signed per-epoch volume proofs (:meth:`records` of a closed epoch).
+
+Epochs are ``floor(time / epoch_seconds)``. The worker computes a batch's delta
+(:meth:`VolumeMeter.aggregate`), persists it in the same write as its dedup marks
+(:mod:`pqcnet.relayer.seqstore`), and only then applies it here (:meth:`apply`). So a crash
+either loses both the marks and the count (the batch is redelivered and counted
+then) or keeps both — a restarted relayer loads its totals and counts nothing twice.
+"""
+
+from __future__ import annotations
+
+import builtins
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter
+
+from pqcnet.crypto.pqc import length_prefixed
+from pqcnet.relayer.frame import Frame
+
+#: epochs kept in memory for queries and proofs
+MAX_EPOCHS = 1024
+
+Key = tuple[str, str, int]
+VolumeKey = tuple[int, str, str, int]
+"""(epoch, customer, channel, qos)"""
+VolumeDelta = dict[VolumeKey, list[int]]
+"""VolumeKey -> [bytes, frames]"""
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeRecord:
+    """Traffic of one (customer, channel, qos) in one epoch."""
+
+    customer: str
+    channel: str
+    bytes: int
+    frames: int
+    qos: int
+    epoch: int
+
+    def canonical(self) -> builtins.bytes:
+        """Bytes the Merkle leaf hashes (length-prefixed, fixed field order)."""
+        return length_prefixed(self.customer.encode(), self.channel.encode(),
+                               self.bytes.to_bytes(8, "big"), self.frames.to_bytes(8, "big"),
+                               self.qos.to_bytes(1, "big"), self.epoch.to_bytes(8, "big"))
+
+
+class VolumeMeter:
+    """Per-epoch aggregates plus the matching Prometheus counters."""
+
+    def __init__(self, epoch_seconds: float = 60.0, *, clock: Callable[[], float] = time.time,
+                 registry: CollectorRegistry | None = None, max_epochs: int = MAX_EPOCHS) -> None:
+        if epoch_seconds <= 0:
+            raise ValueError("epoch_seconds must be > 0")
+        self.epoch_seconds = epoch_seconds
+        self.max_epochs = max_epochs
+        self._clock = clock
+        self._epochs: dict[int, dict[Key, list[int]]] = {}
+        self.version = 0
+        """Bumped on every change (the gRPC watcher polls it)."""
+        self.registry = registry or CollectorRegistry()
+        labels = ("customer", "channel", "qos")
+        self._bytes = Counter("pqcnet_relayer_volume_bytes", "Payload bytes delivered",
+                              labels, registry=self.registry)
+        self._frames = Counter("pqcnet_relayer_volume_frames", "Frames delivered",
+                               labels, registry=self.registry)
+
+    def epoch(self, now: float | None = None) -> int:
+        """The epoch number at ``now`` (default: the clock)."""
+        return int((self._clock() if now is None else now) // self.epoch_seconds)
+
+    def aggregate(self, frames: Sequence[Frame]) -> VolumeDelta:
+        """The batch's volume per (epoch, customer, channel, qos); changes nothing."""
+        epoch = self.epoch()
+        batch: VolumeDelta = {}
+        for f in frames:  # aggregate first: one counter update per key, not per frame
+            key = (epoch, f.customer, f.channel, f.qos)
+            agg = batch.get(key)
+            if agg is None:
+                agg = batch[key] = [0, 0]
+            agg[0] += len(f.payload)
+            agg[1] += 1
+        return batch
+
+    def apply(self, delta: VolumeDelta) -> None:
+        """Add a delta (from :meth:`aggregate`, or loaded from the store at start)."""
+        for (epoch, customer, channel, qos), (nbytes, nframes) in delta.items():
+            ep = self._epochs.setdefault(epoch, {})
+            total = ep.get((customer, channel, qos))
+            if total is None:
+                total = ep[(customer, channel, qos)] = [0, 0]
+            total[0] += nbytes
+            total[1] += nframes
+            labels = (customer, channel, str(qos))
+            self._bytes.labels(*labels).inc(nbytes)
+            self._frames.labels(*labels).inc(nframes)
+        self.version += 1
+
+    def record(self, shard: int, frames: Sequence[Frame]) -> None:
+        """Count a delivered batch now (no persistence; the worker uses aggregate/apply)."""
+        self.apply(self.aggregate(frames))
+
+    def epochs(self) -> list[int]:
+        """Epochs with traffic, ascending."""
+        return sorted(self._epochs)
+
+    def records(self, epoch: int) -> list[VolumeRecord]:
+        """The epoch's records in canonical (Merkle leaf) order."""
+        ep = self._epochs.get(epoch, {})
+        return [VolumeRecord(c, ch, v[0], v[1], q, epoch) for (c, ch, q), v in sorted(ep.items())]
+
+    def query(self, customer: str | None = None, channel: str | None = None,
+              epoch_from: int = 0, epoch_to: int | None = None) -> list[VolumeRecord]:
+        """Records matching the filters, ordered by epoch then key."""
+        out = []
+        for e in self.epochs():
+            if e < epoch_from or (epoch_to is not None and e > epoch_to):
+                continue
+            out += [r for r in self.records(e)
+                    if (customer is None or r.customer == customer)
+                    and (channel is None or r.channel == channel)]
+        return out
+
+    def forget_before(self, epoch: int) -> None:
+        """Drop epochs older than ``epoch`` (after they were proven)."""
+        for e in [e for e in self._epochs if e < epoch]:
+            del self._epochs[e]
+        while len(self._epochs) > self.max_epochs:
+            del self._epochs[min(self._epochs)]

@@ -1,0 +1,462 @@
+"""The relayer node: composes bus, workers, ingress, overflow, backpressure, metering,
+proofs, Prometheus and the governance gRPC service — and nothing else.
+
+Background tasks it owns (all cancelled on :meth:`RelayerNode.stop`):
+
+* one :class:`~pqcnet.relayer.worker.RelayerShardWorker` per owned shard;
+* the overflow replayer (:meth:`BufferedPublisher.run`);
+* the flow loop: every ``backpressure_interval`` s, backlog = bus lag + overflow depth
+  per shard → :class:`FlowController` → FLOW PAUSE/RESUME on publisher tunnels;
+* the epoch loop: each closed epoch → signed volume proof → anchored in the QS-DAG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from pqcnet.crypto.pqc import length_prefixed
+from pqcnet.errors import PqcnetError
+from pqcnet.identity import NodeIdentity
+from pqcnet.proto import relayer_pb2 as pb
+from pqcnet.qsdag import Ledger
+from pqcnet.qstp import aio
+from pqcnet.qstp.tls import TlsPolicy
+from pqcnet.relayer.backpressure import FlowController
+from pqcnet.relayer.bus.base import Bus
+from pqcnet.relayer.bus.embedded import EmbeddedBus
+from pqcnet.relayer.config import RelayerConfig
+from pqcnet.relayer.egress import SubscriberHub
+from pqcnet.relayer.errors import ConfigError, RelayerError
+from pqcnet.relayer.frame import FrameLimits
+from pqcnet.relayer.governance import VolumeMetricsService, serve_governance
+from pqcnet.relayer.ingress import Ingress
+from pqcnet.relayer.metering import VolumeMeter
+from pqcnet.relayer.overflow import BufferedPublisher, OverflowQueue
+from pqcnet.relayer.proof import (
+    LedgerAnchor,
+    PerformanceReport,
+    VolumeProof,
+    build_volume_proof,
+    proof_from_pb,
+    proof_to_pb,
+    sign_report,
+)
+from pqcnet.relayer.seqstore import RedisSeqStore, RocksSeqStore, SeqStore
+from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
+
+log = logging.getLogger(__name__)
+#: seconds one lag() sample may take before the last known value is used
+LAG_TIMEOUT = 1.0
+#: seconds shard workers get on stop to finish their current step
+STOP_GRACE = 3.0
+
+
+def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
+    """The configured backend (not yet started)."""
+    if cfg.backend == "redis":
+        from pqcnet.relayer.bus.redis_streams import RedisStreamsBus
+
+        return RedisStreamsBus(cfg.redis_url, cfg.shards, prefix=cfg.redis_prefix,
+                               consumer=cfg.node_id, op_timeout=cfg.publish_timeout)
+    if cfg.backend == "kafka":
+        from pqcnet.relayer.bus.kafka import KafkaBus
+
+        return KafkaBus(cfg.kafka_bootstrap, cfg.shards, topic=cfg.kafka_topic,
+                        owned=cfg.shards_owned, client_id=cfg.node_id,
+                        commit_interval=cfg.kafka_commit_interval,
+                        rebalance=cfg.kafka_rebalance)
+    return EmbeddedBus(data_dir / "bus", cfg.shards, sync=cfg.sync)
+
+
+def _identity_passphrase(cfg: RelayerConfig) -> bytes | None:
+    if not cfg.identity_passphrase_env:
+        return None
+    value = os.environ.get(cfg.identity_passphrase_env)
+    if value is None:
+        raise ConfigError(f"identity_passphrase_env: ${cfg.identity_passphrase_env} unset")
+    return value.encode()
+
+
+def _sibling(directory: Path, tag: str) -> Path:
+    return directory.with_name(f".{directory.name}.{tag}")
+
+
+def load_identity(cfg: RelayerConfig) -> NodeIdentity:
+    """The node identity named by the config.
+
+    If a crash fell between the two renames of :func:`save_identity` (no
+    ``identity_dir``, a complete ``.<name>.rekey`` beside it), the swap is finished here.
+    """
+    if not cfg.identity_dir:
+        raise ConfigError("identity_dir: required to run a relayer")
+    directory = Path(cfg.identity_dir)
+    staged = _sibling(directory, "rekey")
+    if not directory.exists() and staged.is_dir():
+        staged.rename(directory)
+    return NodeIdentity.load(directory, _identity_passphrase(cfg))
+
+
+def save_identity(cfg: RelayerConfig, identity: NodeIdentity) -> None:
+    """Replace ``identity_dir`` with ``identity`` as a whole (blocking; fsyncs).
+
+    The key is encrypted like the original (``identity_passphrase_env``). The new
+    identity is written complete into a sibling directory, then the old directory is
+    renamed away and the new one into place, so a reader sees the old identity or the
+    new one — never a new key with an old certificate (which ``load`` refuses).
+    """
+    directory = Path(cfg.identity_dir)
+    staged, previous = _sibling(directory, "rekey"), _sibling(directory, "prev")
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.rmtree(previous, ignore_errors=True)
+    identity.save(staged, _identity_passphrase(cfg))
+    NodeIdentity.load(staged, _identity_passphrase(cfg))  # readable before it replaces
+    directory.rename(previous)
+    staged.rename(directory)
+    fd = os.open(directory.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the renames themselves are durable
+    finally:
+        os.close(fd)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _read_tls(cfg: RelayerConfig) -> tuple[bytes, bytes] | None:
+    if not cfg.grpc_tls_cert:
+        return None
+    try:
+        return Path(cfg.grpc_tls_key).read_bytes(), Path(cfg.grpc_tls_cert).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"grpc_tls_cert/key: {exc.filename}: {exc.strerror}") from None
+
+
+class RelayerNode:
+    """One running relayer."""
+
+    def __init__(self, cfg: RelayerConfig, identity: NodeIdentity,
+                 policy: TlsPolicy | None = None) -> None:
+        self.cfg, self.identity, self.policy = cfg, identity, policy or TlsPolicy()
+        self.data_dir = Path(cfg.data_dir)
+        self.registry = CollectorRegistry()
+        self.meter = VolumeMeter(cfg.epoch_seconds, registry=self.registry)
+        self.flow = FlowController(cfg.high_water, cfg.low_water)
+        self.hub = SubscriberHub()
+        self.proofs: dict[int, VolumeProof] = {}
+        self.backlog: dict[int, int] = {}
+        self._bus_lag: dict[int, int] = {}
+        self.started_at = 0.0
+        self.port = 0
+        self.metrics_port: int | None = None
+        self.grpc_port: int | None = None
+        self.workers: list[RelayerShardWorker] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closers: list[Any] = []
+        self._server: aio.Server | None = None
+        #: identity rotations done while running (forced rekeys)
+        self.rekeys = 0
+        self.bus: Bus
+        self.ingress: Ingress
+        self.publisher: BufferedPublisher
+        self.overflow: OverflowQueue
+        self.anchor: LedgerAnchor
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Open everything and start serving; raises :class:`RelayerError` on failure."""
+        cfg = self.cfg
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.started_at = time.time()
+        self.bus = make_bus(cfg, self.data_dir)
+        self._closers.append(self.bus.close)
+        await self.bus.start()
+        store: SeqStore
+        if cfg.backend == "redis":
+            from pqcnet.relayer.bus.redis_streams import RedisStreamsBus
+
+            assert isinstance(self.bus, RedisStreamsBus)
+            store = RedisSeqStore(self.bus.client, cfg.redis_prefix, cfg.node_id)
+        else:
+            rocks = RocksSeqStore(self.data_dir / "marks", sync=cfg.sync)
+            self._closers.append(rocks.close)
+            store = rocks
+        self.overflow = OverflowQueue(self.data_dir / "overflow", cfg.shards,
+                                      max_records=cfg.overflow_max_records, sync=cfg.sync)
+        self._closers.append(self.overflow.close)
+        self.publisher = BufferedPublisher(self.bus, self.overflow,
+                                           publish_timeout=cfg.publish_timeout)
+        self.ingress = Ingress(self.publisher, self.hub,
+                               limits=FrameLimits(cfg.max_payload, cfg.max_id),
+                               retry_after=cfg.retry_after)
+        self._open_ledger()
+        wcfg = WorkerConfig(group=cfg.group, batch=cfg.batch, max_reorder=cfg.max_reorder,
+                            gap_timeout=cfg.gap_timeout, max_topics=cfg.max_topics)
+        self.store = store
+        self.meter.apply(await store.load_volume())  # what this node counted before a restart
+        self._load_proofs()
+        self.workers = [RelayerShardWorker(self.bus, s, store, self.hub, wcfg, meter=self.meter)
+                        for s in cfg.shards_owned]
+        self._tasks += [asyncio.create_task(w.run(), name=f"shard-{w.shard}")
+                        for w in self.workers]
+        self._tasks.append(asyncio.create_task(self.publisher.run(), name="overflow-replay"))
+        self._tasks.append(asyncio.create_task(self._flow_loop(), name="flow"))
+        self._tasks.append(asyncio.create_task(self._epoch_loop(), name="epochs"))
+        await self._listen(cfg.listen_port)
+        if cfg.metrics_port is not None:
+            self.registry.register(_NodeCollector(self))
+            httpd, _thread = start_http_server(cfg.metrics_port, addr="127.0.0.1",
+                                               registry=self.registry)
+            self.metrics_port = int(httpd.server_port)
+            self._closers.insert(0, httpd.shutdown)
+        if cfg.grpc_port is not None:
+            tls = _read_tls(cfg)
+            service = VolumeMetricsService(self.meter, self.report)
+            grpc_server, self.grpc_port = await serve_governance(
+                service, cfg.grpc_host, cfg.grpc_port, tls=tls)
+            self._closers.insert(0, grpc_server)
+        log.info("relayer up", extra={"node": cfg.node_id, "port": self.port,
+                                      "backend": cfg.backend, "shards": len(self.workers)})
+
+    async def _listen(self, port: int) -> None:
+        server = await aio.serve(self.ingress.handle_tunnel, self.cfg.listen_host, port,
+                                 self.identity, self.policy)
+        self._server, self.port = server, server.port
+        self._closers.insert(0, server)
+
+    async def rotate_identity(self, identity: NodeIdentity) -> None:
+        """Switch to ``identity`` (a new key + certificate) while running.
+
+        Records nothing: whoever rotated the key (the control-plane agent after a
+        ForceRekey) already recorded the new key version in this node's QS-DAG, so the
+        next volume proofs and reports — signed with the new key from now on — are
+        accepted there. Then the QSTP server is closed (GOAWAY on every tunnel; the
+        publisher and subscriber SDKs reconnect) and re-listens on the same port with
+        the new certificate. Frames in flight are safe: acked ones are on the bus, the
+        unacked ones are retried by the publisher. Last, the new identity replaces
+        ``identity_dir`` on disk (:func:`save_identity`), so a restart presents the key
+        the ledger now expects; if that write fails the node runs on the new identity
+        and :class:`RelayerError` says it was not saved.
+        """
+        if self._server is None:
+            raise RelayerError("relayer is not running")
+        self.identity = identity
+        self.anchor.signer = identity.key
+        old, self._server = self._server, None
+        self._closers.remove(old)
+        old.close()
+        await old.wait_closed()
+        await self._listen(self.port)
+        self.rekeys += 1
+        log.info("relayer identity rotated", extra={
+            "node": self.cfg.node_id, "port": self.port, "serial": identity.serial})
+        try:
+            await asyncio.to_thread(save_identity, self.cfg, identity)
+        except (OSError, PqcnetError) as exc:
+            log.error("rotated identity not written to identity_dir",
+                      extra={"node": self.cfg.node_id, "error": str(exc)})
+            raise RelayerError(f"identity rotated but not saved to {self.cfg.identity_dir}: "
+                               f"{exc}") from None
+        log.info("rotated identity saved", extra={"node": self.cfg.node_id,
+                                                  "dir": str(self.cfg.identity_dir)})
+
+    def _open_ledger(self) -> None:
+        path = Path(self.cfg.ledger_dir) if self.cfg.ledger_dir else self.data_dir / "ledger"
+        ledger = Ledger.open(path, sync=self.cfg.sync)
+        self._closers.append(ledger.close)
+        key = self.identity.key
+        if ledger.genesis_id is None:
+            if not self.cfg.ledger_dev_genesis:
+                raise ConfigError(f"ledger at {path} has no genesis (ledger_dev_genesis off)")
+            ledger.init_genesis("pqcnet-dev", self.cfg.node_id, key)
+        self.anchor = LedgerAnchor(ledger, self.cfg.node_id, key)
+
+    async def stop(self) -> None:
+        """Stop tasks and close everything (idempotent).
+
+        Workers first get :data:`STOP_GRACE` seconds to finish their current step
+        (deliver → marks → ack), so a clean stop or a Kafka handover replays nothing;
+        a worker still blocked after that (e.g. holding frames for an absent
+        subscriber) is cancelled — its unacked frames are redelivered later.
+        """
+        for w in self.workers:
+            w.stop()
+        worker_tasks = [t for t in self._tasks if t.get_name().startswith("shard-")]
+        if worker_tasks:
+            await asyncio.wait(worker_tasks, timeout=STOP_GRACE)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for closer in self._closers:
+            with contextlib.suppress(Exception):
+                if isinstance(closer, aio.Server):
+                    closer.close()
+                    await asyncio.wait_for(closer.wait_closed(), 5)
+                elif isinstance(closer, grpc.aio.Server):
+                    await closer.stop(0.5)
+                else:
+                    res = closer()
+                    if asyncio.iscoroutine(res):
+                        await res
+        self._closers.clear()
+
+    # ------------------------------------------------------------------ loops
+    async def sample_backlog(self) -> None:
+        """One backpressure round over all owned shards."""
+        shards = self.cfg.shards_owned
+        if not self.publisher.bus_down:  # a down bus would only make lag() wait; skip it
+            async def lag(s: int) -> None:
+                try:
+                    async with asyncio.timeout(LAG_TIMEOUT):
+                        self._bus_lag[s] = await self.bus.lag(s, self.cfg.group)
+                except (RelayerError, TimeoutError):
+                    pass  # keep the last known lag; the overflow depth still counts
+            await asyncio.gather(*(lag(s) for s in shards))
+        for s in shards:
+            backlog = self._bus_lag.get(s, 0) + self.overflow.depth(s)
+            self.backlog[s] = backlog
+            change = self.flow.update(s, backlog)
+            if change is not None:
+                self.ingress.apply_flow(change)
+
+    async def _flow_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.backpressure_interval)
+            try:
+                await self.sample_backlog()
+            except Exception:  # keep the loop alive whatever a backend throws
+                log.exception("backpressure sampling failed")
+
+    def prove_closed_epochs(self, now: float | None = None) -> list[VolumeProof]:
+        """Prove and anchor every epoch before the current one not yet proven."""
+        current = self.meter.epoch(now)
+        out = []
+        for e in self.meter.epochs():
+            if e >= current or e in self.proofs:
+                continue
+            proof = build_volume_proof(self.cfg.node_id, e, self.meter.records(e),
+                                       self.identity.key)
+            vid = self.anchor.anchor_proof(proof)
+            self.proofs[e] = proof
+            self._save_proof(proof, vid)
+            out.append(proof)
+            log.info("volume proof anchored", extra={"epoch": e, "records": proof.record_count,
+                                                     "bytes": proof.total_bytes})
+        return out
+
+    async def prune_epochs(self) -> int:
+        """Drop proven epochs beyond the newest ``keep_epochs`` ones; returns how many.
+
+        Only anchored epochs go (they are in ``self.proofs``, which is filled after the
+        anchor). Persisted volume is deleted before the proof file: a crash in between
+        leaves a proof without volume (harmless), never volume without its proof (which
+        would be proven and anchored a second time after a restart).
+        """
+        proven = sorted(self.proofs)
+        old = proven[: max(0, len(proven) - self.cfg.keep_epochs)]
+        if not old:
+            return 0
+        cutoff = old[-1] + 1
+        await self.store.prune_volume(cutoff)
+        self.meter.forget_before(cutoff)
+        for e in old:
+            (self.data_dir / "proofs" / f"{e}.proof").unlink(missing_ok=True)
+            del self.proofs[e]
+            self.anchor.receipts.pop(e, None)
+        log.info("proven epochs pruned", extra={"before_epoch": cutoff, "count": len(old)})
+        return len(old)
+
+    def _save_proof(self, proof: VolumeProof, vid: bytes) -> None:
+        d = self.data_dir / "proofs"
+        d.mkdir(exist_ok=True)
+        tmp = d / f"{proof.epoch}.tmp"
+        tmp.write_bytes(length_prefixed(vid, proof_to_pb(proof).SerializeToString()))
+        tmp.replace(d / f"{proof.epoch}.proof")
+
+    def _load_proofs(self) -> None:
+        """Proofs made before a restart: never prove (and anchor) an epoch twice."""
+        d = self.data_dir / "proofs"
+        for path in sorted(d.glob("*.proof")) if d.exists() else []:
+            raw = path.read_bytes()
+            n = int.from_bytes(raw[:4], "big")
+            vid, body = raw[4 : 4 + n], raw[8 + n :]
+            m = pb.VolumeProof()
+            m.ParseFromString(body)
+            proof = proof_from_pb(m)
+            self.proofs[proof.epoch] = proof
+            self.anchor.receipts[proof.epoch] = vid
+
+    async def _epoch_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.cfg.epoch_seconds / 4))
+            try:
+                self.prove_closed_epochs()
+                await self.prune_epochs()
+                if isinstance(self.bus, EmbeddedBus):  # Redis trims on ack, Kafka by retention
+                    for s in self.cfg.shards_owned:
+                        self.bus.trim(s, [self.cfg.group])
+            except Exception:
+                log.exception("volume proof / log trim failed")
+
+    def report(self, epoch_from: int = 0, epoch_to: int | None = None) -> PerformanceReport:
+        """Signed performance report over proven epochs in the range."""
+        proofs = tuple(p for e, p in sorted(self.proofs.items())
+                       if e >= epoch_from and (epoch_to is None or e <= epoch_to))
+        receipts = tuple(self.anchor.receipts[p.epoch] for p in proofs
+                         if p.epoch in self.anchor.receipts)
+        last = epoch_to if epoch_to is not None else (proofs[-1].epoch if proofs else epoch_from)
+        unsigned = PerformanceReport(self.cfg.node_id, epoch_from, last, proofs, receipts,
+                                     time.time() - self.started_at)
+        return sign_report(unsigned, self.identity.key)
+
+
+class _NodeCollector(Collector):
+    """Scrape-time gauges and counters read from the node's state."""
+
+    def __init__(self, node: RelayerNode) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Any]:
+        n = self.node
+        lag = GaugeMetricFamily("pqcnet_relayer_shard_backlog_records",
+                                "Records not yet acked by the shard worker (bus lag + overflow)",
+                                labels=["shard"])
+        for s, v in sorted(n.backlog.items()):
+            lag.add_metric([str(s)], v)
+        yield lag
+        yield GaugeMetricFamily("pqcnet_relayer_overflow_records",
+                                "Records waiting in the local overflow queue",
+                                value=n.overflow.total())
+        yield GaugeMetricFamily("pqcnet_relayer_paused_shards",
+                                "Shards whose publishers are paused", value=len(n.flow.paused))
+        yield GaugeMetricFamily("pqcnet_relayer_subscribers", "Subscriber streams",
+                                value=n.hub.count())
+        ing = CounterMetricFamily("pqcnet_relayer_ingress_frames",
+                                  "Publisher frames by outcome", labels=["result"])
+        st = n.ingress.stats
+        for k, v in (("accepted", st.accepted), ("rejected", st.rejected),
+                     ("overflowed", st.overflowed)):
+            ing.add_metric([k], v)
+        yield ing
+        for name, attr, doc in (("delivered", "delivered", "Frames delivered to subscribers"),
+                                ("duplicates", "duplicates", "Duplicate frames suppressed"),
+                                ("gaps", "gaps", "Sequence gaps reported and skipped")):
+            yield CounterMetricFamily(f"pqcnet_relayer_{name}_frames", doc,
+                                      value=sum(getattr(w.stats, attr) for w in n.workers))
+        for name, attr, doc in (("mark_evictions", "evictions",
+                                 "Topic marks dropped from the in-memory LRU"),
+                                ("mark_loads", "mark_loads",
+                                 "Topic marks read from the marks store on an LRU miss")):
+            yield CounterMetricFamily(f"pqcnet_relayer_{name}_topics", doc,
+                                      value=sum(getattr(w.stats, attr) for w in n.workers))

@@ -1,0 +1,224 @@
+"""Where a shard worker persists its dedup high-water marks (``next_seq`` per topic).
+
+Persisting ``next_seq`` after delivery and *before* acking the bus is what makes
+duplicate suppression survive a restart: a replayed record below the mark is
+recognised as already delivered. Two implementations behind one small protocol:
+RocksDB (embedded and Kafka backends; node-local) and a Redis hash per shard
+(Redis backend, so any relayer taking over the shard sees the same marks).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import redis.asyncio as aioredis
+import rocksdict
+
+from pqcnet.relayer.bus.embedded import open_rocks
+from pqcnet.relayer.errors import BusUnavailable
+from pqcnet.relayer.frame import Topic, topic_from_key, topic_key
+from pqcnet.relayer.metering import VolumeDelta
+
+_U16 = struct.Struct(">H")
+_U64 = struct.Struct(">Q")
+_VOLKEY = struct.Struct(">QB")  # epoch, qos (then the topic key)
+_VOLVAL = struct.Struct(">QQ")  # bytes, frames (cumulative)
+
+
+def _volkey(epoch: int, customer: str, channel: str, qos: int) -> bytes:
+    return _VOLKEY.pack(epoch, qos) + topic_key((customer, channel))
+
+
+def _unvolkey(raw: bytes) -> tuple[int, str, str, int]:
+    epoch, qos = _VOLKEY.unpack_from(raw)
+    customer, channel = topic_from_key(raw[_VOLKEY.size:])
+    return int(epoch), customer, channel, int(qos)
+
+
+class SeqStore(Protocol):
+    """Durable map shard -> topic -> next_seq, plus this node's delivered volume."""
+
+    async def load(self, shard: int) -> dict[Topic, int]:
+        """All marks of ``shard`` (tools and tests; workers use :meth:`load_topics`)."""
+        ...
+
+    async def load_topics(self, shard: int, topics: Sequence[Topic]) -> dict[Topic, int]:
+        """The marks of just ``topics`` in ``shard`` (topics without one are absent)."""
+        ...
+
+    async def save(self, shard: int, marks: Mapping[Topic, int],
+                   volume: VolumeDelta | None = None) -> None:
+        """Durably update marks of ``shard`` and add ``volume``, in one atomic write."""
+        ...
+
+    async def load_volume(self) -> VolumeDelta:
+        """Everything this node's workers have counted so far (for the meter at start)."""
+        ...
+
+    async def prune_volume(self, before_epoch: int) -> None:
+        """Delete this node's persisted volume of epochs older than ``before_epoch``."""
+        ...
+
+
+class RocksSeqStore:
+    """Marks in RocksDB under ``b"S" shard:u16 topic_key``."""
+
+    def __init__(self, path: str | Path | None = None, *, db: rocksdict.Rdict | None = None,
+                 sync: bool = False) -> None:
+        if db is None:
+            if path is None:
+                raise ValueError("RocksSeqStore needs a path or an open db")
+            db = open_rocks(path)
+            self._owned = True
+        else:
+            self._owned = False
+        self._db = db
+        self._wo = rocksdict.WriteOptions()
+        self._wo.sync = sync
+        self._vol: dict[bytes, tuple[int, int]] = {}
+
+    async def load(self, shard: int) -> dict[Topic, int]:
+        prefix = b"S" + _U16.pack(shard)
+        out: dict[Topic, int] = {}
+        it = self._db.iter()
+        it.seek(prefix)
+        while it.valid() and it.key().startswith(prefix):
+            out[topic_from_key(it.key()[3:])] = int(_U64.unpack(it.value())[0])
+            it.next()
+        return out
+
+    async def load_topics(self, shard: int, topics: Sequence[Topic]) -> dict[Topic, int]:
+        if not topics:
+            return {}
+        prefix = b"S" + _U16.pack(shard)
+        raw: list[bytes | None] = self._db.get([prefix + topic_key(t) for t in topics]) or []
+        return {t: int(_U64.unpack(v)[0]) for t, v in zip(topics, raw, strict=True)
+                if v is not None}
+
+    async def save(self, shard: int, marks: Mapping[Topic, int],
+                   volume: VolumeDelta | None = None) -> None:
+        if not marks and not volume:
+            return
+        prefix = b"S" + _U16.pack(shard)
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        for topic, nxt in marks.items():
+            batch.put(prefix + topic_key(topic), _U64.pack(nxt))
+        updated: dict[bytes, tuple[int, int]] = {}
+        for (epoch, customer, channel, qos), (nbytes, nframes) in (volume or {}).items():
+            # one writer per shard, so read-modify-write of the shard's own totals is safe
+            key = b"V" + _U16.pack(shard) + _volkey(epoch, customer, channel, qos)
+            cur = self._vol.get(key)
+            if cur is None:
+                raw = self._db.get(key)
+                cur = (0, 0) if raw is None else _VOLVAL.unpack(raw)
+            updated[key] = (cur[0] + nbytes, cur[1] + nframes)
+            batch.put(key, _VOLVAL.pack(*updated[key]))
+        self._db.write(batch, self._wo)
+        self._vol.update(updated)
+
+    async def load_volume(self) -> VolumeDelta:
+        out: VolumeDelta = {}
+        it = self._db.iter()
+        it.seek(b"V")
+        while it.valid() and it.key()[:1] == b"V":
+            key = _unvolkey(it.key()[3:])
+            b, f = _VOLVAL.unpack(it.value())
+            agg = out.setdefault(key, [0, 0])
+            agg[0] += b
+            agg[1] += f
+            it.next()
+        return out
+
+    async def prune_volume(self, before_epoch: int) -> None:
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        it = self._db.iter()
+        it.seek(b"V")
+        while it.valid() and it.key()[:1] == b"V":
+            key = it.key()
+            if _unvolkey(key[3:])[0] < before_epoch:
+                batch.delete(key)
+                self._vol.pop(key, None)
+            it.next()
+        self._db.write(batch, self._wo)
+
+    def close(self) -> None:
+        """Close the database if this store opened it."""
+        if self._owned:
+            self._db.close()
+
+
+class RedisSeqStore:
+    """Marks in one Redis hash per shard: ``{prefix}:seq:{shard}`` topic_key -> next_seq.
+
+    Volume goes to two hashes per node (``{prefix}:volb:{node}`` bytes and
+    ``{prefix}:volf:{node}`` frames, ``HINCRBY``), written in the same MULTI as the
+    marks: marks are shared by whoever owns a shard, volume is each relayer's own.
+    """
+
+    def __init__(self, client: aioredis.Redis, prefix: str, node_id: str = "relayer") -> None:
+        self._r = client
+        self._prefix = prefix
+        self._node = node_id
+
+    def key(self, shard: int) -> str:
+        """The hash holding ``shard``'s marks."""
+        return f"{self._prefix}:seq:{shard}"
+
+    async def load(self, shard: int) -> dict[Topic, int]:
+        try:
+            raw = await self._r.hgetall(self.key(shard))
+        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            raise BusUnavailable(f"redis unavailable loading marks: {exc}") from None
+        return {topic_from_key(_b(k)): int(v) for k, v in raw.items()}
+
+    async def load_topics(self, shard: int, topics: Sequence[Topic]) -> dict[Topic, int]:
+        if not topics:
+            return {}
+        try:
+            raw = await self._r.hmget(self.key(shard), [topic_key(t) for t in topics])
+        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            raise BusUnavailable(f"redis unavailable loading marks: {exc}") from None
+        return {t: int(v) for t, v in zip(topics, raw, strict=True) if v is not None}
+
+    async def save(self, shard: int, marks: Mapping[Topic, int],
+                   volume: VolumeDelta | None = None) -> None:
+        if not marks and not volume:
+            return
+        pipe = self._r.pipeline(transaction=True)
+        if marks:
+            mapping = {topic_key(t): n for t, n in marks.items()}
+            pipe.hset(self.key(shard), mapping=mapping)  # type: ignore[arg-type]
+        for (epoch, customer, channel, qos), (nbytes, nframes) in (volume or {}).items():
+            field = _volkey(epoch, customer, channel, qos)
+            pipe.hincrby(f"{self._prefix}:volb:{self._node}", field, nbytes)
+            pipe.hincrby(f"{self._prefix}:volf:{self._node}", field, nframes)
+        try:
+            await pipe.execute()
+        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            raise BusUnavailable(f"redis unavailable saving marks: {exc}") from None
+
+    async def load_volume(self) -> VolumeDelta:
+        try:
+            b = await self._r.hgetall(f"{self._prefix}:volb:{self._node}")
+            f = await self._r.hgetall(f"{self._prefix}:volf:{self._node}")
+        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            raise BusUnavailable(f"redis unavailable loading volume: {exc}") from None
+        return {_unvolkey(_b(k)): [int(v), int(f.get(k, 0))] for k, v in b.items()}
+
+    async def prune_volume(self, before_epoch: int) -> None:
+        keys = (f"{self._prefix}:volb:{self._node}", f"{self._prefix}:volf:{self._node}")
+        try:
+            for key in keys:
+                old = [k async for k, _ in self._r.hscan_iter(key)
+                       if _unvolkey(_b(k))[0] < before_epoch]
+                for i in range(0, len(old), 1000):
+                    await self._r.hdel(key, *old[i : i + 1000])
+        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            raise BusUnavailable(f"redis unavailable pruning volume: {exc}") from None
+
+
+def _b(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()

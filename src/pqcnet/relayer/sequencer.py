@@ -1,0 +1,229 @@
+"""Per-shard ordering and duplicate suppression, as a sans-IO state machine.
+
+The bus gives at-least-once, roughly-ordered records; subscribers must see each
+(customer, channel) topic exactly once and in ``seq`` order. :class:`Sequencer`
+does that with three pieces of state per topic:
+
+* ``next_seq`` — the next sequence number to deliver (the dedup high-water mark;
+  persisted by the worker, so duplicates are suppressed across restarts);
+* a bounded reorder buffer of frames that arrived ahead of ``next_seq``;
+* the time the topic started waiting for a missing seq.
+
+Marks are a bounded LRU of hot topics (``max_topics``): a relayer may see millions of
+(customer, channel) topics over its life and must not hold a mark for each in memory.
+The durable marks store is the source of truth; the worker asks :meth:`missing` which
+topics of a batch are not cached, loads just those (:meth:`prime`), and calls
+:meth:`evict` after it persisted the step's marks. A topic is never evicted while it
+has frames in the reorder buffer or an unsaved mark, so eviction never loses state.
+
+It never reads a clock or does I/O: the worker feeds ``offer(frame, delivery, now)``
+and ``poll(now)`` and acts on the returned events. A gap older than
+``gap_timeout`` is reported and skipped (delivery resumes at the lowest buffered
+seq); a late arrival of a skipped seq is then a duplicate. When the reorder buffer
+is full, the topic waiting longest is skipped early, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from pqcnet.relayer.bus.base import Delivery, Offset
+from pqcnet.relayer.frame import Frame, Topic
+
+#: frames one shard may hold out of order; bounds memory per shard worker
+MAX_REORDER = 4096
+#: seconds a topic waits for a missing seq before reporting a gap and skipping it
+GAP_TIMEOUT = 5.0
+#: topics whose next_seq stays cached per shard worker. Bounds the memory a relayer with
+#: many (customer, channel) topics spends on marks; the cost of a too-small value is one
+#: marks-store read per batch for each cold topic (never a wrong dedup decision). The
+#: cache may exceed it within one step by the batch's new topics plus buffered ones.
+MAX_TOPICS = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Deliver ``frame`` now (it is the next in its topic)."""
+
+    frame: Frame
+    #: the bus record it came from
+    delivery: Delivery
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    """``frame`` was already delivered (or skipped); suppress it."""
+
+    frame: Frame
+    delivery: Delivery
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """Seqs ``expected .. resumed_at-1`` of ``topic`` never arrived and were skipped."""
+
+    topic: Topic
+    expected: int
+    resumed_at: int
+
+
+Event = Deliver | Duplicate | Gap
+
+
+class Sequencer:
+    """Ordering + dedup for one shard."""
+
+    def __init__(
+        self,
+        next_seq: Mapping[Topic, int] | None = None,
+        *,
+        max_reorder: int = MAX_REORDER,
+        gap_timeout: float = GAP_TIMEOUT,
+        max_topics: int = MAX_TOPICS,
+    ) -> None:
+        if max_reorder < 1:
+            raise ValueError("max_reorder must be >= 1")
+        if max_topics < 1:
+            raise ValueError("max_topics must be >= 1")
+        #: cached marks, least recently used first
+        self._next: OrderedDict[Topic, int] = OrderedDict(next_seq or {})
+        self._buf: dict[Topic, dict[int, tuple[Frame, Delivery]]] = {}
+        self._waiting_since: dict[Topic, float] = {}
+        self._held: set[Offset] = set()
+        self._dirty: dict[Topic, int] = {}
+        self.max_reorder = max_reorder
+        self.gap_timeout = gap_timeout
+        self.max_topics = max_topics
+        #: topics dropped from the cache so far (exported as a stat)
+        self.evictions = 0
+
+    # ------------------------------------------------------------------ queries
+    def next_seq(self, topic: Topic) -> int:
+        """Next seq that will be delivered for ``topic`` (1 for a new topic)."""
+        return self._next.get(topic, 1)
+
+    @property
+    def cached_topics(self) -> int:
+        """Topics whose mark is currently in memory."""
+        return len(self._next)
+
+    def missing(self, topics: Iterable[Topic]) -> list[Topic]:
+        """The distinct ``topics`` whose mark is not cached (load them, then :meth:`prime`)."""
+        return [t for t in dict.fromkeys(topics) if t not in self._next]
+
+    def prime(self, marks: Mapping[Topic, int], topics: Iterable[Topic] = ()) -> None:
+        """Cache durable ``marks``; each of ``topics`` absent from them is new (next 1).
+
+        A topic already cached keeps its in-memory mark (it may be newer than the store).
+        """
+        for topic in topics:
+            self._next.setdefault(topic, marks.get(topic, 1))
+        for topic, nxt in marks.items():
+            self._next.setdefault(topic, nxt)
+
+    def evict(self) -> int:
+        """Drop least recently used marks beyond ``max_topics``; returns how many.
+
+        Call after the dirty marks were persisted: a topic with an unsaved mark or
+        frames in the reorder buffer is kept (it still needs its in-memory state).
+        """
+        excess = len(self._next) - self.max_topics
+        if excess <= 0:
+            return 0
+        drop: list[Topic] = []
+        for topic in self._next:
+            if len(drop) >= excess:
+                break
+            if topic not in self._buf and topic not in self._dirty:
+                drop.append(topic)
+        for topic in drop:
+            del self._next[topic]
+        self.evictions += len(drop)
+        return len(drop)
+
+    def is_held(self, offset: Offset) -> bool:
+        """True while the record at ``offset`` sits in the reorder buffer (do not ack it)."""
+        return offset in self._held
+
+    @property
+    def buffered(self) -> int:
+        """Frames currently held out of order."""
+        return len(self._held)
+
+    def next_deadline(self) -> float | None:
+        """Earliest time :meth:`poll` has work (a gap timeout), or None."""
+        if not self._waiting_since:
+            return None
+        return min(self._waiting_since.values()) + self.gap_timeout
+
+    def take_dirty(self) -> dict[Topic, int]:
+        """``next_seq`` values changed since the last call (to persist)."""
+        dirty, self._dirty = self._dirty, {}
+        return dirty
+
+    # ------------------------------------------------------------------ inputs
+    def offer(self, frame: Frame, delivery: Delivery, now: float) -> list[Event]:
+        """Feed one record; returns what to deliver / suppress / report.
+
+        The frame's topic must have been :meth:`prime`-d if it has a durable mark
+        (an uncached topic counts as new, next seq 1).
+        """
+        topic = frame.topic
+        expected = self._next.get(topic, 1)
+        if topic in self._next:
+            self._next.move_to_end(topic)
+        buf = self._buf.get(topic)
+        if frame.seq < expected or (buf is not None and frame.seq in buf):
+            return [Duplicate(frame, delivery)]
+        if frame.seq == expected:
+            out: list[Event] = [Deliver(frame, delivery)]
+            self._advance(topic, expected + 1, out)
+            return out
+        out = []
+        if len(self._held) >= self.max_reorder:
+            oldest = min(self._waiting_since, key=self._waiting_since.__getitem__)
+            out.extend(self._skip(oldest, now))
+            if topic == oldest:  # the skip moved next_seq: re-evaluate this frame
+                return out + self.offer(frame, delivery, now)
+        self._buf.setdefault(topic, {})[frame.seq] = (frame, delivery)
+        self._held.add(delivery.offset)
+        self._waiting_since.setdefault(topic, now)
+        return out
+
+    def poll(self, now: float) -> list[Event]:
+        """Skip gaps that have waited ``gap_timeout``; returns the resulting events."""
+        out: list[Event] = []
+        for topic, since in list(self._waiting_since.items()):
+            if now - since >= self.gap_timeout:
+                out.extend(self._skip(topic, now))
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _advance(self, topic: Topic, nxt: int, out: list[Event]) -> None:
+        buf = self._buf.get(topic)
+        while buf and nxt in buf:
+            frame, delivery = buf.pop(nxt)
+            self._held.discard(delivery.offset)
+            out.append(Deliver(frame, delivery))
+            nxt += 1
+        self._next[topic] = nxt
+        self._next.move_to_end(topic)
+        self._dirty[topic] = nxt
+        if not buf:
+            self._buf.pop(topic, None)
+            self._waiting_since.pop(topic, None)
+
+    def _skip(self, topic: Topic, now: float) -> Iterable[Event]:
+        buf = self._buf.get(topic)
+        if not buf:
+            self._waiting_since.pop(topic, None)
+            return []
+        lowest = min(buf)
+        out: list[Event] = [Gap(topic, self._next.get(topic, 1), lowest)]
+        self._waiting_since.pop(topic, None)
+        self._advance(topic, lowest, out)
+        if topic in self._buf:  # frames beyond a further gap: that gap's clock starts now
+            self._waiting_since[topic] = now
+        return out

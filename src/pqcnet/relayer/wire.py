@@ -1,0 +1,224 @@
+"""Relayer messages inside a QSTP stream: length-prefixed protobuf, converted at the edge.
+
+A QSTP stream is a byte stream (large sends are split into chunks), so each message
+is ``u32 big-endian length ‖ protobuf``. :class:`MessageReader` is a sans-IO
+de-framer with a named bound on message size. The ``to_*``/``from_*`` functions are
+the only place ``relayer_pb2`` objects exist: everything past them uses
+:class:`pqcnet.relayer.frame.Frame` and the small dataclasses below.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+
+from pqcnet.proto import relayer_pb2 as pb
+from pqcnet.relayer.errors import FieldMissing, FrameRejected, RelayerError
+from pqcnet.relayer.frame import Frame, Topic
+
+_LEN = struct.Struct(">I")
+#: largest single message on a relayer stream; bounds per-stream buffering
+MAX_MESSAGE = 8 * 1024 * 1024
+
+
+class MessageTooLarge(FrameRejected):
+    """A message's length prefix exceeds :data:`MAX_MESSAGE` (stream is closed)."""
+
+    code = 14
+
+
+class MessageReader:
+    """Turns stream chunks into whole message bodies."""
+
+    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+        self.max_message = max_message
+        self._buf = bytearray()
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Add ``chunk``; return every complete message body it finished."""
+        self._buf += chunk
+        out: list[bytes] = []
+        while len(self._buf) >= 4:
+            (n,) = _LEN.unpack_from(self._buf)
+            if n > self.max_message:
+                raise MessageTooLarge(f"message of {n} bytes over {self.max_message}")
+            if len(self._buf) < 4 + n:
+                break
+            out.append(bytes(self._buf[4 : 4 + n]))
+            del self._buf[: 4 + n]
+        return out
+
+
+def pack(body: bytes) -> bytes:
+    """Length-prefix one message body."""
+    return _LEN.pack(len(body)) + body
+
+
+# ------------------------------------------------------------------ ingress side
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One decoded publisher frame, or why it cannot be one."""
+
+    #: seq as sent (0 when missing), echoed in the result
+    seq: int
+    frame: Frame | None
+    error: RelayerError | None
+    retry: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What the relayer answers for one frame."""
+
+    seq: int
+    accepted: bool
+    overflowed: bool = False
+    code: int = 0
+    reason: str = ""
+    retriable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """A subscriber's request: one customer, some or all channels."""
+
+    customer: str
+    channels: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """A subscriber took every frame up to ``seq`` of each topic (cumulative)."""
+
+    upto: dict[Topic, int]
+
+
+ClientRequest = tuple[int, list[Incoming]] | Subscribe | Ack
+
+
+def decode_client(body: bytes) -> ClientRequest:
+    """Parse a ClientMessage; :class:`FrameRejected` if it is not one."""
+    msg = pb.ClientMessage()
+    try:
+        msg.ParseFromString(body)
+    except DecodeError:
+        raise FrameRejected("message is not a valid relayer ClientMessage") from None
+    which = msg.WhichOneof("body")
+    if which == "subscribe":
+        if not msg.subscribe.customer_id:
+            raise FieldMissing("subscribe: customer id is missing")
+        return Subscribe(msg.subscribe.customer_id, frozenset(msg.subscribe.channel_ids))
+    if which == "ack":
+        upto: dict[Topic, int] = {}
+        for t in msg.ack.topics:
+            topic = (t.customer_id, t.channel_id)
+            upto[topic] = max(upto.get(topic, 0), t.seq)
+        return Ack(upto)
+    if which != "publish":
+        raise FieldMissing("message has neither publish, subscribe nor ack")
+    return msg.publish.request_id, [_incoming(f) for f in msg.publish.frames]
+
+
+def _incoming(f: pb.IngressFrame) -> Incoming:
+    seq = f.seq if f.HasField("seq") else 0
+    for field in ("customer_id", "channel_id", "seq", "payload"):
+        if not f.HasField(field):
+            return Incoming(seq, None, FieldMissing(f"{field} is missing"), f.retry)
+    qos = f.qos if f.HasField("qos") else 1
+    return Incoming(seq, Frame(f.customer_id, f.channel_id, f.seq, f.payload, qos), None, f.retry)
+
+
+def encode_reply(request_id: int, results: Sequence[Result]) -> bytes:
+    """A framed PublishReply."""
+    msg = pb.RelayerMessage()
+    msg.reply.request_id = request_id
+    for r in results:
+        msg.reply.results.add(
+            seq=r.seq,
+            status=pb.FrameResult.ACCEPTED if r.accepted else pb.FrameResult.REJECTED,
+            error_code=r.code, reason=r.reason, overflowed=r.overflowed, retriable=r.retriable)
+    return pack(msg.SerializeToString())
+
+
+def encode_error(code: int, reason: str) -> bytes:
+    """A framed request-level ErrorReply."""
+    msg = pb.RelayerMessage()
+    msg.error.code = code
+    msg.error.reason = reason
+    return pack(msg.SerializeToString())
+
+
+def encode_deliveries(frames: Iterable[Frame]) -> bytes:
+    """A framed DeliveryBatch."""
+    msg = pb.RelayerMessage()
+    add = msg.deliveries.frames.add
+    for f in frames:
+        add(customer_id=f.customer, channel_id=f.channel, seq=f.seq, payload=f.payload, qos=f.qos)
+    return pack(msg.SerializeToString())
+
+
+# ------------------------------------------------------------------ client side
+
+
+def encode_publish(request_id: int, frames: Sequence[Frame], *, retry: bool = False) -> bytes:
+    """A framed PublishRequest."""
+    msg = pb.ClientMessage()
+    msg.publish.request_id = request_id
+    add = msg.publish.frames.add
+    for f in frames:
+        add(customer_id=f.customer, channel_id=f.channel, seq=f.seq, payload=f.payload,
+            qos=f.qos, retry=retry)
+    return pack(msg.SerializeToString())
+
+
+def encode_subscribe(customer: str, channels: Iterable[str] = ()) -> bytes:
+    """A framed SubscribeRequest."""
+    msg = pb.ClientMessage()
+    msg.subscribe.customer_id = customer
+    msg.subscribe.channel_ids.extend(channels)
+    return pack(msg.SerializeToString())
+
+
+def encode_ack(upto: Mapping[Topic, int]) -> bytes:
+    """A framed DeliveryAck (highest seq taken per topic)."""
+    msg = pb.ClientMessage()
+    add = msg.ack.topics.add
+    for (customer, channel), seq in upto.items():
+        add(customer_id=customer, channel_id=channel, seq=seq)
+    return pack(msg.SerializeToString())
+
+
+@dataclass(frozen=True, slots=True)
+class ServerError:
+    """A request-level error the relayer sent."""
+
+    code: int
+    reason: str
+
+
+ServerMessage = tuple[int, list[Result]] | list[Frame] | ServerError
+
+
+def decode_server(body: bytes) -> ServerMessage:
+    """Parse a RelayerMessage into a reply, a delivery batch or an error."""
+    msg = pb.RelayerMessage()
+    try:
+        msg.ParseFromString(body)
+    except DecodeError:
+        raise FrameRejected("not a valid RelayerMessage") from None
+    which = msg.WhichOneof("body")
+    if which == "reply":
+        return msg.reply.request_id, [
+            Result(r.seq, r.status == pb.FrameResult.ACCEPTED, r.overflowed, r.error_code,
+                   r.reason, r.retriable) for r in msg.reply.results]
+    if which == "deliveries":
+        return [Frame(d.customer_id, d.channel_id, d.seq, d.payload, d.qos)
+                for d in msg.deliveries.frames]
+    if which == "error":
+        return ServerError(msg.error.code, msg.error.reason)
+    raise FrameRejected("empty RelayerMessage")

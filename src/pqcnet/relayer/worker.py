@@ -1,0 +1,217 @@
+"""``RelayerShardWorker``: bus shard -> in-order, exactly-once delivery to subscribers.
+
+One worker per shard runs the loop::
+
+    consume batch -> Sequencer.offer/poll -> sink.deliver(in-order frames)
+                  -> persist next_seq marks -> ack the bus prefix that is done
+
+The order of the last three steps is the whole correctness argument: a crash after
+delivery but before the marks are saved replays frames the subscriber already has
+(the subscriber SDK drops seq <= last seen); a crash after the marks but before the
+ack replays frames the marks suppress. Nothing is acked before it was delivered,
+so an acknowledged publish is never lost. The batch's metered volume is written
+together with the marks, so it is counted exactly once across crashes too.
+
+A failing sink or bus resets the worker to the last durable state (reload marks,
+rewind the bus) and retries with capped backoff; the loop never dies on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from pqcnet.errors import PqcnetError
+from pqcnet.relayer.bus.base import Bus, Delivery
+from pqcnet.relayer.errors import FrameRejected
+from pqcnet.relayer.frame import Frame, decode
+from pqcnet.relayer.metering import VolumeMeter
+from pqcnet.relayer.seqstore import SeqStore
+from pqcnet.relayer.sequencer import (
+    GAP_TIMEOUT,
+    MAX_REORDER,
+    MAX_TOPICS,
+    Deliver,
+    Duplicate,
+    Gap,
+    Sequencer,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    """Where in-order frames go (the subscriber hub, or a test collector)."""
+
+    async def deliver(self, shard: int, frames: Sequence[Frame]) -> None:
+        """Deliver ``frames`` (already in order per topic); raise to have them retried."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """Bounds and timings of one shard worker."""
+
+    #: consumer group name on the bus
+    group: str = "relayer"
+    #: records per consume; bounds one batch's memory and latency
+    batch: int = 512
+    #: seconds a consume waits for new records
+    poll_timeout: float = 0.2
+    #: frames held out of order per shard
+    max_reorder: int = MAX_REORDER
+    #: seconds before a missing seq is reported and skipped
+    gap_timeout: float = GAP_TIMEOUT
+    #: topics whose marks stay cached (LRU); colder ones are read from the store per batch
+    max_topics: int = MAX_TOPICS
+    #: longest backoff after a bus/sink failure
+    max_backoff: float = 2.0
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """Counters a worker keeps (exported by the node's metrics)."""
+
+    delivered: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    corrupt: int = 0
+    resets: int = 0
+    #: marks dropped from the LRU / read back from the store on a miss
+    evictions: int = 0
+    mark_loads: int = 0
+
+
+class RelayerShardWorker:
+    """Delivers one shard in order, exactly once."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        shard: int,
+        store: SeqStore,
+        sink: Sink,
+        config: WorkerConfig | None = None,
+        *,
+        meter: VolumeMeter | None = None,
+        on_delivered: Callable[[int, Sequence[Frame]], None] | None = None,
+        on_gap: Callable[[Gap], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.bus, self.shard, self.store, self.sink = bus, shard, store, sink
+        self.config = config or WorkerConfig()
+        self.stats = WorkerStats()
+        self.meter = meter
+        self._on_delivered = on_delivered
+        self._on_gap = on_gap
+        self._clock = clock
+        self._seq: Sequencer | None = None
+        self._inflight: deque[Delivery] = deque()
+        self._stopping = False
+
+    async def _reset(self) -> None:
+        # no marks loaded here: they come from the store lazily, per topic, on a miss
+        self._seq = Sequencer(max_reorder=self.config.max_reorder,
+                              gap_timeout=self.config.gap_timeout,
+                              max_topics=self.config.max_topics)
+        self._inflight.clear()
+        await self.bus.rewind(self.shard, self.config.group)
+
+    async def step(self) -> int:
+        """One consume/deliver/persist/ack round; returns frames delivered."""
+        if self._seq is None:
+            await self._reset()
+        seq = self._seq
+        assert seq is not None
+        now = self._clock()
+        wait = self.config.poll_timeout
+        deadline = seq.next_deadline()
+        if deadline is not None:
+            wait = max(0.0, min(wait, deadline - now))
+        batch = await self.bus.consume(
+            self.shard, self.config.group, max_records=self.config.batch, block=wait
+        )
+        decoded: list[tuple[Delivery, Frame | None]] = []
+        for d in batch:
+            try:
+                decoded.append((d, decode(d.data)))
+            except FrameRejected as exc:
+                self.stats.corrupt += 1
+                log.error("corrupt bus record skipped",
+                          extra={"shard": self.shard, "offset": d.offset, "reason": str(exc)})
+                decoded.append((d, None))
+        cold = seq.missing(f.topic for _, f in decoded if f is not None)
+        if cold:  # before anything is in flight: a failing load just retries the batch
+            seq.prime(await self.store.load_topics(self.shard, cold), cold)
+            self.stats.mark_loads += len(cold)
+        now = self._clock()
+        out: list[Frame] = []
+        for d, frame in decoded:
+            self._inflight.append(d)
+            if frame is not None:
+                self._collect(seq.offer(frame, d, now), out)
+        self._collect(seq.poll(now), out)
+        volume = self.meter.aggregate(out) if self.meter is not None and out else None
+        if out:
+            await self.sink.deliver(self.shard, out)
+            self.stats.delivered += len(out)
+            if self._on_delivered is not None:
+                self._on_delivered(self.shard, out)
+        # marks and the metered volume in one write: a crash keeps both or neither
+        await self.store.save(self.shard, seq.take_dirty(), volume)
+        if volume and self.meter is not None:
+            self.meter.apply(volume)
+        self.stats.evictions += seq.evict()  # marks are durable now: safe to forget cold ones
+        done: list[Delivery] = []
+        while self._inflight and not seq.is_held(self._inflight[0].offset):
+            done.append(self._inflight.popleft())
+        if done:
+            await self.bus.ack(self.shard, self.config.group, done)
+        return len(out)
+
+    def _collect(self, events: Sequence[Deliver | Duplicate | Gap], out: list[Frame]) -> None:
+        for ev in events:
+            if isinstance(ev, Deliver):
+                out.append(ev.frame)
+            elif isinstance(ev, Duplicate):
+                self.stats.duplicates += 1
+            else:
+                self.stats.gaps += 1
+                log.warning("sequence gap skipped", extra={
+                    "shard": self.shard, "customer": ev.topic[0], "channel": ev.topic[1],
+                    "expected": ev.expected, "resumed_at": ev.resumed_at})
+                if self._on_gap is not None:
+                    self._on_gap(ev)
+
+    async def run(self) -> None:
+        """Loop until :meth:`stop`; failures reset to durable state and back off."""
+        backoff = 0.05
+        while not self._stopping:
+            try:
+                await self.step()
+                backoff = 0.05
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a worker must never die: reset to durable state
+                if self._stopping:
+                    break
+                self.stats.resets += 1
+                if isinstance(exc, PqcnetError | OSError):
+                    log.warning("shard worker reset",
+                                extra={"shard": self.shard, "error": str(exc)})
+                else:
+                    log.exception("shard worker reset after a bug", extra={"shard": self.shard})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.config.max_backoff)
+                with contextlib.suppress(PqcnetError, OSError):
+                    await self._reset()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the current step."""
+        self._stopping = True

@@ -1,0 +1,273 @@
+"""Governance directives applied by real components (composition root).
+
+The control plane (:mod:`mesh`) verifies a directive, anchors it in the QS-DAG and
+only then calls every registered :class:`~pqcnet.mesh.directives.DirectiveHandler`. This
+module is where those calls turn into effects on the parts that carry traffic; it
+lives in ``pqcnet`` because it is the one place allowed to know mesh, sentry and
+QSTP at once (``mesh`` must not import ``sentry``, and ``sentry`` stays unaware of
+governance):
+
+* :class:`SentryDirectives` — a rate-limit update hot-reloads the sentry's limiter
+  through :meth:`pqcnet.sentry.core.Sentry.reload` (the same path as a config-file reload,
+  so buckets keep their level and the policy change is anchored like any other).
+* :class:`QstpEndpoint` — a node's QSTP face (server plus dialled tunnels) that obeys
+  directives: a **slash** puts the target in the endpoint's :class:`~pqcnet.qstp.tls.PeerGate`
+  (every later handshake from it is refused, on this endpoint and on any other that
+  shares the gate, e.g. a relayer's ``TlsPolicy``) and closes the target's open
+  tunnels; a **forced rekey** of this node takes the key the agent just rotated to
+  (and recorded in the QS-DAG), gets a certificate for it from the CA, GOAWAYs every
+  tunnel and re-listens with the new identity, so new tunnels present the new key (if
+  the CA fails, the old identity keeps serving and the failure is counted by the agent
+  as a handler error).
+* :func:`sentry_tunnel_handler` — the sentry's per-tunnel loop for a QSTP server
+  owned by a :class:`QstpEndpoint`.
+
+Directives a component does not act on (a rate limit reaching a QSTP endpoint, a
+rekey aimed at another node) are ignored there by design: every consumer sees every
+directive and picks what concerns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+from pqcnet.crypto.pqc import SigningKey, VerifyKey
+from pqcnet.identity import NodeIdentity
+from pqcnet.identity.spiffe import SpiffeId
+from pqcnet.mesh.directives import ForceRekey, RateLimitUpdate, SlashNotice
+from pqcnet.mesh.envelope import NodeKeys
+from pqcnet.mesh.errors import DirectiveError
+from pqcnet.qstp.aio import Server, Tunnel, connect, serve
+from pqcnet.qstp.config import QstpConfiguration
+from pqcnet.qstp.errors import HandshakeError
+from pqcnet.qstp.frames import ErrorCode
+from pqcnet.qstp.tls import PeerGate, TlsPolicy
+from pqcnet.sentry.core import Sentry
+from pqcnet.sentry.limiter import Plan
+from pqcnet.sentry.server import handle_stream, tunnel_view
+
+log = logging.getLogger("pqcnet.governance")
+
+#: Asks the mesh CA for a certificate on ``key`` for ``spiffe_id`` (a CSR round trip
+#: in a deployment; ``lambda sid, key: ca.issue(sid, key=key)`` with an in-process CA).
+IdentityIssuer = Callable[[SpiffeId, SigningKey], NodeIdentity | Awaitable[NodeIdentity]]
+Handler = Callable[[Tunnel], Awaitable[None]]
+
+#: Most tunnels an endpoint tracks for directive enforcement (same risk as the
+#: server's own tunnel bound: one entry per live connection).
+DEFAULT_MAX_TRACKED_TUNNELS = 4096
+
+
+class SentryDirectives:
+    """Applies rate-limit directives to a live :class:`~pqcnet.sentry.core.Sentry`.
+
+    ``scope="*"`` replaces the default plan and every tenant's plan; any other scope
+    names one tenant whose plan is replaced (or created).
+    """
+
+    def __init__(self, sentry: Sentry) -> None:
+        self.sentry = sentry
+        #: directives applied, by action
+        self.applied: Counter[str] = Counter()
+
+    def on_rate_limit(self, update: RateLimitUpdate) -> None:
+        plan = Plan(update.rate_per_s, float(update.burst))
+        policy = self.sentry.config.policy
+        if update.scope == "*":
+            new = replace(policy, default_plan=plan, plans={t: plan for t in policy.plans})
+        else:
+            new = replace(policy, plans={**policy.plans, update.scope: plan})
+        self.sentry.reload(new)
+        self.applied["rate_limit"] += 1
+        log.info("rate limit directive applied", extra={
+            "scope": update.scope, "rate": update.rate_per_s, "burst": update.burst})
+
+    def on_force_rekey(self, target: ForceRekey) -> None:
+        return None  # the sentry's QstpEndpoint rotates its tunnels
+
+    def on_slash(self, target: SlashNotice) -> None:
+        return None  # the sentry's QstpEndpoint (its PeerGate) refuses the node
+
+
+class GateDirectives:
+    """Applies slash notices to a :class:`~pqcnet.qstp.tls.PeerGate` shared with a QSTP server
+    this module does not own (e.g. ``RelayerNode(cfg, identity, TlsPolicy(gate=gate))``):
+    the slashed node's next handshakes are refused there."""
+
+    def __init__(self, gate: PeerGate, node_id: str = "") -> None:
+        self.gate = gate
+        self.node_id = node_id
+
+    def on_rate_limit(self, update: RateLimitUpdate) -> None:
+        return None
+
+    def on_force_rekey(self, rekey: ForceRekey) -> None:
+        return None
+
+    def on_slash(self, notice: SlashNotice) -> None:
+        if notice.target != self.node_id:
+            self.gate.deny(notice.target, f"slashed: {notice.reason}")
+
+
+def sentry_tunnel_handler(sentry: Sentry) -> Handler:
+    """Serve one QSTP tunnel's streams through ``sentry`` (what ``SentryServer`` does)."""
+
+    async def on_tunnel(tunnel: Tunnel) -> None:
+        view = tunnel_view(tunnel)
+        sentry.metrics.tunnels.inc()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                async for stream in tunnel:
+                    tg.create_task(handle_stream(sentry, stream, view))
+        finally:
+            sentry.metrics.tunnels.dec()
+
+    return on_tunnel
+
+
+def peer_key(tunnel: Tunnel) -> VerifyKey:
+    """The ML-DSA key in the certificate the peer presented on ``tunnel``."""
+    cert = tunnel.connection.tls.get_peer_certificate(as_cryptography=True)
+    if cert is None:  # pragma: no cover - verify_peer refuses certificate-less peers
+        raise HandshakeError("tunnel has no peer certificate")
+    return VerifyKey(cert.public_key())  # type: ignore[arg-type]
+
+
+class QstpEndpoint:
+    """A node's QSTP server and outbound tunnels, obeying slash and rekey directives."""
+
+    def __init__(self, identity: NodeIdentity, keys: NodeKeys, issuer: IdentityIssuer, *,
+                 handler: Handler | None = None, policy: TlsPolicy | None = None,
+                 config: QstpConfiguration | None = None,
+                 max_tracked: int = DEFAULT_MAX_TRACKED_TUNNELS) -> None:
+        policy = policy or TlsPolicy()
+        self.gate = policy.gate if policy.gate is not None else PeerGate()
+        self.policy = replace(policy, gate=self.gate)
+        self.identity = identity
+        self.keys = keys
+        self.issuer = issuer
+        self.handler = handler
+        self.config = config
+        self.max_tracked = max_tracked
+        #: version of the key in our current certificate
+        self.key_version = keys.key_version
+        self.rekeys = 0
+        #: tunnels closed because their peer was slashed
+        self.closed_for_slash = 0
+        self._server: Server | None = None
+        self._addr: tuple[str, int] | None = None
+        self._tunnels: set[Tunnel] = set()
+        self._lock = asyncio.Lock()
+
+    @property
+    def node_id(self) -> str:
+        return self.keys.node_id
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("endpoint is not serving")
+        return self._server.port
+
+    # ------------------------------------------------------------------ serving / dialling
+
+    def _track(self, tunnel: Tunnel) -> None:
+        self._tunnels = {t for t in self._tunnels if not t.closed}
+        if len(self._tunnels) < self.max_tracked:
+            self._tunnels.add(tunnel)
+        else:
+            log.warning("tunnel tracking full; directives will not close this tunnel",
+                        extra={"max_tracked": self.max_tracked})
+
+    async def _serve_one(self, tunnel: Tunnel) -> None:
+        self._track(tunnel)
+        try:
+            if self.handler is not None:
+                await self.handler(tunnel)
+            else:
+                await tunnel.wait_closed()
+        finally:
+            self._tunnels.discard(tunnel)
+
+    async def serve(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Listen with the current identity; returns the bound port."""
+        self._server = await serve(self._serve_one, host, port, self.identity, self.policy,
+                                   config=self.config)
+        self._addr = (host, self._server.port)
+        return self._server.port
+
+    async def connect(self, host: str, port: int) -> Tunnel:
+        """Dial a peer with the current identity (tracked: directives may close it)."""
+        tunnel = await connect(host, port, self.identity, self.policy, config=self.config)
+        self._track(tunnel)
+        return tunnel
+
+    async def aclose(self) -> None:
+        for t in list(self._tunnels):
+            await t.close(ErrorCode.NO_ERROR, "endpoint closing")
+        self._tunnels.clear()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    # ------------------------------------------------------------------ directives
+
+    def on_rate_limit(self, update: RateLimitUpdate) -> None:
+        return None  # limits are the sentry's business
+
+    async def on_slash(self, notice: SlashNotice) -> None:
+        if notice.target == self.node_id:
+            log.warning("this node was slashed; it must re-attest",
+                        extra={"reason": notice.reason})
+            return
+        GateDirectives(self.gate, self.node_id).on_slash(notice)
+        for t in list(self._tunnels):
+            if not t.closed and t.peer.spiffe_id.node_id == notice.target:
+                await t.close(ErrorCode.NO_ERROR, "peer slashed")
+                self._tunnels.discard(t)
+                self.closed_for_slash += 1
+        log.info("slashed peer denied", extra={"peer": notice.target,
+                                               "closed": self.closed_for_slash})
+
+    async def on_force_rekey(self, rekey: ForceRekey) -> None:
+        if rekey.target != self.node_id:
+            return
+        async with self._lock:
+            key = self.keys.signing_key
+            if key.public_key.key_id == self.identity.key.public_key.key_id:
+                return  # the agent did not rotate (already at that version)
+            issued = self.issuer(self.identity.spiffe_id, key)
+            new = await issued if inspect.isawaitable(issued) else issued
+            if not isinstance(new, NodeIdentity) or (
+                    new.key.public_key.key_id != key.public_key.key_id):
+                # the old identity keeps serving; the agent counts the handler error
+                raise DirectiveError("the CA did not issue a certificate for our new key")
+            self.identity = new
+            self.key_version = self.keys.key_version
+            self.rekeys += 1
+            for t in list(self._tunnels):  # outbound ones; the server GOAWAYs its own
+                await t.close(ErrorCode.NO_ERROR, "forced rekey")
+            self._tunnels.clear()
+            if self._server is not None and self._addr is not None:
+                self._server.close()
+                await self._server.wait_closed()
+                await self.serve(*self._addr)
+            log.info("rekeyed QSTP identity", extra={
+                "key_version": self.key_version, "serial": new.serial})
+
+
+__all__ = [
+    "DEFAULT_MAX_TRACKED_TUNNELS",
+    "GateDirectives",
+    "IdentityIssuer",
+    "QstpEndpoint",
+    "SentryDirectives",
+    "peer_key",
+    "sentry_tunnel_handler",
+]

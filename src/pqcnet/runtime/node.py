@@ -1,0 +1,321 @@
+"""One running node: the role (relayer or sentry) joined to its control-plane agent.
+
+:class:`NodeRuntime` is the composition root ``pqcnet node run`` drives. It starts the
+role's node, then a :class:`~pqcnet.mesh.agent.ControlPlaneAgent` on the configured transport
+whose mesh identity is the node's own QSTP key (so the node's QS-DAG vertices and its
+mesh messages have one author), and registers the existing bindings:
+
+* relayer — a :class:`~pqcnet.runtime.governance.QstpEndpoint` that shares the ``PeerGate``
+  of the relayer's ``TlsPolicy`` (a slashed publisher's next handshake is refused) and
+  does the CA step of a forced rekey (new certificate for the key the agent just
+  rotated to and recorded in the relayer's QS-DAG); then
+  :meth:`~pqcnet.relayer.node.RelayerNode.rotate_identity` switches the proof signer, GOAWAYs
+  the tunnels and re-listens on the same port. The endpoint does not serve: the
+  relayer's server stays the relayer's. A rekey is refused *before* the key rotates
+  when it could not complete (no ``ca_dir``, or ``ledger: none`` — the relayer's own
+  ledger would then refuse proofs signed by a key it never saw). A
+  :class:`~pqcnet.runtime.relay_reports.RelayReportPublisher` sends anchored volume proofs
+  on ``relay-reports``.
+* both roles — at start the ``PeerGate`` is seeded with the nodes the QS-DAG holds
+  as slashed, so a restarted node keeps refusing them.
+* sentry — a :class:`~pqcnet.sentry.core.Sentry` served by a
+  :class:`~pqcnet.runtime.governance.QstpEndpoint` (slash: gate + close the target's tunnels;
+  forced rekey: new certificate from ``ca_dir`` and re-listen) plus
+  :class:`~pqcnet.runtime.governance.SentryDirectives` (rate-limit hot reload).
+
+Directives are anchored in the role's QS-DAG before any effect when
+``control_plane.ledger`` is ``node`` (the relayer's ledger; the sentry's ``ledger``
+if its config names one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import start_http_server
+
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.identity import MeshCA, NodeIdentity
+from pqcnet.identity.spiffe import SpiffeId
+from pqcnet.mesh.agent import AgentConfig, ControlPlaneAgent
+from pqcnet.mesh.directives import ForceRekey, GovernancePolicy, RateLimitUpdate, SlashNotice
+from pqcnet.mesh.envelope import Keyring, NodeKeys
+from pqcnet.mesh.errors import DirectiveError, WakuError
+from pqcnet.mesh.qsdag_port import QsdagPort
+from pqcnet.mesh.transport import InProcessHub, InProcessTransport, Transport
+from pqcnet.mesh.waku import WakuRestClient, WakuTransport
+from pqcnet.qsdag import Ledger
+from pqcnet.qstp.tls import PeerGate, TlsPolicy
+from pqcnet.relayer.node import RelayerNode, load_identity
+from pqcnet.runtime.config import NodeConfig
+from pqcnet.runtime.errors import NodeConfigError, NodeError
+from pqcnet.runtime.governance import QstpEndpoint, SentryDirectives, sentry_tunnel_handler
+from pqcnet.runtime.relay_reports import RelayReportPublisher
+
+log = logging.getLogger("pqcnet.node")
+
+#: environment variable with the sentry node key passphrase (as ``pqcnet sentry run``)
+PASS_ENV = "PQCNET_NODE_PASSPHRASE"
+#: environment variable with the passphrase of ``control_plane.ca_dir``'s key
+CA_PASS_ENV = "PQCNET_CA_PASSPHRASE"
+#: seconds a Waku node gets to answer ``/health`` at start
+WAKU_HEALTH_TIMEOUT = 3.0
+#: loggers of the Waku REST client's HTTP stack: they log every request at INFO, i.e.
+#: every Waku poll (~10 lines/s). Logging writes synchronously on the event loop, so
+#: that flood once filled a stderr pipe its reader had stopped draining and blocked the
+#: whole node in write(2) — governance gRPC included (see the README section).
+CHATTY_LOGGERS = ("httpx", "httpcore")
+
+
+def _env_pass(name: str) -> bytes | None:
+    value = os.environ.get(name)
+    return value.encode() if value else None
+
+
+class _RelayerAgent(ControlPlaneAgent):
+    """A relayer's agent: refuses a forced rekey it could not complete, before rotating."""
+
+    can_rekey = ""
+
+    async def rekey(self, new_version: int) -> None:
+        if self.can_rekey:
+            raise DirectiveError(f"forced rekey refused, key unchanged: {self.can_rekey}")
+        await super().rekey(new_version)
+
+
+class _RelayerRekey:
+    """After the endpoint got a certificate for the rotated key, move the relayer to it."""
+
+    def __init__(self, endpoint: QstpEndpoint, node: RelayerNode) -> None:
+        self.endpoint, self.node = endpoint, node
+
+    def on_rate_limit(self, update: RateLimitUpdate) -> None:
+        return None
+
+    def on_slash(self, notice: SlashNotice) -> None:
+        return None  # the endpoint's gate is the relayer's gate
+
+    async def on_force_rekey(self, rekey: ForceRekey) -> None:
+        if rekey.target == self.endpoint.node_id and (
+                self.endpoint.identity is not self.node.identity):
+            await self.node.rotate_identity(self.endpoint.identity)
+
+
+def seed_gate(gate: PeerGate, ledger: Ledger | None, own_id: str) -> int:
+    """Deny every node the QS-DAG holds as slashed (the gate is in memory; the ledger is
+    durable). Returns how many. Slashes name node ids, which is what the gate keys on
+    (the node-id segment of the peer's SPIFFE id)."""
+    if ledger is None:
+        return 0
+    slashes = ledger.views.slashes
+    denied = 0
+    for node_id in slashes.slashed_nodes():
+        if node_id != own_id and ledger.is_slashed(node_id):
+            gate.deny(node_id, "slashed (QS-DAG)")
+            denied += 1
+    if denied:
+        log.info("slashed peers denied from the QS-DAG", extra={"count": denied})
+    return denied
+
+
+async def _waku_transport(urls: tuple[str, ...]) -> WakuTransport:
+    """A transport on the first Waku node that answers ``/health``."""
+    errors = []
+    for url in urls:
+        client = WakuRestClient(url)
+        try:
+            async with asyncio.timeout(WAKU_HEALTH_TIMEOUT):
+                await client.health()
+        except (WakuError, TimeoutError) as exc:
+            errors.append(f"{url}: {exc or 'timeout'}")
+            await client.aclose()
+            continue
+        return WakuTransport(client)
+    raise NodeError("no Waku node reachable (" + "; ".join(errors) + ")")
+
+
+class NodeRuntime:
+    """Starts and stops one node with its control plane (see the module docstring)."""
+
+    def __init__(self, cfg: NodeConfig, *, transport: Transport | None = None) -> None:
+        self.cfg = cfg
+        self._transport = transport
+        self.agent: ControlPlaneAgent | None = None
+        self.relayer: RelayerNode | None = None
+        self.gate: PeerGate | None = None
+        self.reports: RelayReportPublisher | None = None
+        self.endpoint: QstpEndpoint | None = None
+        self.sentry: Any = None
+        self.sentry_directives: SentryDirectives | None = None
+        self.port = 0
+        self.metrics_port: int | None = None
+        self.mesh_metrics_port: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closers: list[Callable[[], Awaitable[None] | None]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start the role, then the agent; on failure everything started is stopped."""
+        if not log.isEnabledFor(logging.DEBUG):  # per-request lines only when debugging
+            for name in CHATTY_LOGGERS:
+                logging.getLogger(name).setLevel(logging.WARNING)
+        try:
+            if self.cfg.role == "relayer":
+                await self._start_relayer()
+            else:
+                await self._start_sentry()
+            assert self.agent is not None
+            await self.agent.start()
+            cp = self.cfg.control_plane
+            if cp.metrics_port is not None:
+                httpd, _thread = start_http_server(cp.metrics_port, addr="127.0.0.1")
+                self.mesh_metrics_port = int(httpd.server_port)
+                self._closers.append(httpd.shutdown)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("node up", extra={"role": self.cfg.role, "node": self.node_id,
+                                   "port": self.port, "transport": cp.transport,
+                                   "namespace": cp.namespace})
+
+    @property
+    def node_id(self) -> str:
+        return self.agent.node_id if self.agent is not None else ""
+
+    async def stop(self) -> None:
+        """Stop the agent and the role's node (idempotent)."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.agent is not None:
+            with contextlib.suppress(Exception):
+                await self.agent.stop()
+        for closer in reversed(self._closers):
+            try:
+                res = closer()
+                if asyncio.iscoroutine(res):
+                    await res
+            except Exception as exc:  # keep closing the rest
+                log.warning("close failed during stop", extra={"error": repr(exc)})
+        self._closers.clear()
+        log.info("node stopped", extra={"role": self.cfg.role})
+
+    # ------------------------------------------------------------------ agent
+
+    async def _make_agent(self, keys: NodeKeys, ledger: Ledger | None,
+                          cls: type[ControlPlaneAgent] = ControlPlaneAgent) -> ControlPlaneAgent:
+        cp = self.cfg.control_plane
+        transport = self._transport
+        if transport is None:
+            transport = (await _waku_transport(cp.waku_rest_urls) if cp.transport == "waku"
+                         else InProcessTransport(InProcessHub()))
+        ring = Keyring()
+        if cp.governance_keys:
+            ring.add(cp.governance_issuer, cp.governance_keys[0], 1)
+        for node, key in cp.trust.items():
+            ring.add(node, key, 1)
+        governance = (GovernancePolicy(list(cp.governance_keys), cp.governance_threshold)
+                      if cp.governance_keys else None)
+        config = AgentConfig(role=self.cfg.role, namespace=cp.namespace,
+                             announce_interval_ms=int(cp.announce_interval_s * 1000),
+                             peer_expiry_ms=int(cp.announce_interval_s * 3000),
+                             tick_ms=max(1, int(cp.tick_s * 1000)))
+        port = QsdagPort(ledger, keys) if ledger is not None and cp.ledger == "node" else None
+        self.agent = cls(keys, transport, ring, config=config, governance=governance,
+                         ledger=port)
+        if governance is None:
+            log.warning("no governance keys configured; directives will be refused")
+        return self.agent
+
+    # ------------------------------------------------------------------ relayer
+
+    async def _start_relayer(self) -> None:
+        rcfg = self.cfg.relayer
+        assert rcfg is not None
+        identity = load_identity(rcfg)
+        self.gate = PeerGate()
+        node = self.relayer = RelayerNode(rcfg, identity, TlsPolicy(gate=self.gate))
+        self._closers.append(node.stop)
+        await node.start()
+        self.port, self.metrics_port = node.port, node.metrics_port
+        node_id = self.cfg.control_plane.node_id or rcfg.node_id
+        seed_gate(self.gate, node.anchor.ledger, node_id)
+        keys = NodeKeys(node_id, identity.key)
+        agent = await self._make_agent(keys, node.anchor.ledger, _RelayerAgent)
+        assert isinstance(agent, _RelayerAgent)
+        cp = self.cfg.control_plane
+        agent.can_rekey = ("no control_plane.ca_dir to certify the new key" if cp.ca_dir is None
+                           else "control_plane.ledger is none: the relayer's ledger would "
+                           "refuse proofs under the new key" if cp.ledger != "node" else "")
+        self.endpoint = QstpEndpoint(identity, keys, self._issuer(),
+                                     policy=TlsPolicy(gate=self.gate))
+        agent.handlers += [self.endpoint, _RelayerRekey(self.endpoint, node)]
+        if self.cfg.control_plane.publish_reports:
+            self.reports = RelayReportPublisher(
+                node, agent, interval_s=self.cfg.control_plane.report_interval_s)
+            self._tasks.append(asyncio.create_task(self.reports.run(), name="relay-reports"))
+
+    # ------------------------------------------------------------------ sentry
+
+    async def _start_sentry(self) -> None:
+        from pqcnet.sentry.attestation import LedgerAnchor, attestation_loop
+        from pqcnet.sentry.core import Sentry
+        from pqcnet.sentry.metrics import SentryMetrics
+
+        scfg = self.cfg.sentry
+        assert scfg is not None
+        if scfg.identity_dir is None:
+            raise NodeConfigError("sentry: config needs identity_dir (the node identity)")
+        identity = NodeIdentity.load(scfg.identity_dir, _env_pass(PASS_ENV))
+        node_id = self.cfg.control_plane.node_id or identity.spiffe_id.node_id
+        metrics = SentryMetrics()
+        ledger: Ledger | None = None
+        anchor: LedgerAnchor | None = None
+        if scfg.ledger_path is not None:
+            ledger = Ledger.open(scfg.ledger_path)
+            self._closers.append(ledger.close)
+            if ledger.genesis_id is None:  # a dev ledger with this node as authority
+                ledger.init_genesis("pqcnet-dev", node_id, identity.key)
+            config_bytes = (self.cfg.sentry_path.read_bytes()
+                            if self.cfg.sentry_path is not None else b"")
+            anchor = LedgerAnchor(ledger, node_id, identity.key, config_bytes, metrics)
+        self.sentry = Sentry(scfg, ledger=anchor, metrics=metrics)
+        self._closers.append(self.sentry.aclose)
+        keys = NodeKeys(node_id, identity.key)
+        agent = await self._make_agent(keys, ledger)
+        self.sentry_directives = SentryDirectives(self.sentry)
+        self.endpoint = QstpEndpoint(identity, keys, self._issuer(),
+                                     handler=sentry_tunnel_handler(self.sentry))
+        self._closers.append(self.endpoint.aclose)
+        seed_gate(self.endpoint.gate, ledger, node_id)
+        agent.handlers += [self.sentry_directives, self.endpoint]
+        self.port = await self.endpoint.serve(scfg.listen_host, scfg.listen_port)
+        if anchor is not None:
+            self._tasks.append(asyncio.create_task(
+                attestation_loop(anchor, scfg.attestation_interval), name="attestation"))
+        if scfg.metrics_port:
+            httpd, _thread = start_http_server(scfg.metrics_port, addr="127.0.0.1",
+                                               registry=metrics.registry)
+            self.metrics_port = int(httpd.server_port)
+            self._closers.append(httpd.shutdown)
+
+    def _issuer(self) -> Callable[[SpiffeId, SigningKey], NodeIdentity]:
+        ca_dir: Path | None = self.cfg.control_plane.ca_dir
+
+        def issue(sid: SpiffeId, key: SigningKey) -> NodeIdentity:
+            if ca_dir is None:
+                raise DirectiveError("forced rekey needs control_plane.ca_dir (no CA configured)")
+            return MeshCA.load(ca_dir, _env_pass(CA_PASS_ENV)).issue(sid, key=key)
+
+        return issue
+
+
+__all__ = ["CA_PASS_ENV", "CHATTY_LOGGERS", "PASS_ENV", "NodeRuntime", "seed_gate"]

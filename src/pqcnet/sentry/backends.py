@@ -1,0 +1,222 @@
+"""Proxy backends: the one seam between the sentry core and the services behind it.
+
+:class:`Backend.forward` takes a sanitized :class:`ForwardRequest` and returns a
+:class:`ForwardResponse` whose body is an async iterator, so a large backend answer
+streams back over the tunnel chunk by chunk instead of being buffered. Failures to
+reach or hear from a backend become :class:`~pqcnet.sentry.errors.BackendError`; a gRPC
+backend's *own* status (NOT_FOUND, INVALID_ARGUMENT, …) is relayed as it is.
+
+* :class:`HttpBackend` — HTTP/1.1 (JSON-RPC, REST) through one keep-alive pool per
+  backend (:class:`pqcnet.sentry.upstream.Upstream`: ``max_connections``, per-request
+  timeout). A small response arrives whole (``ForwardResponse.inline``) so the
+  sentry answers with one tunnel write; larger ones stream.
+* :class:`GrpcBackend` — unary gRPC by method path over one ``grpc.aio`` channel
+  (HTTP/2 multiplexes, so one channel is the pool); payloads stay opaque bytes.
+* :class:`TcpBackend` — a raw TCP connection per stream (the sidecar's TCP mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+import grpc.aio
+
+from pqcnet.sentry.config import BackendConfig
+from pqcnet.sentry.errors import BackendError, SentryConfigError
+from pqcnet.sentry.memo import Memo
+from pqcnet.sentry.upstream import Upstream
+
+#: Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded, plus ones we recompute.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
+    "upgrade", "proxy-authenticate", "proxy-authorization", "host", "content-length",
+})
+#: gRPC metadata keys the gRPC library owns; forwarding them would be refused.
+GRPC_RESERVED = frozenset({"content-type", "te", "user-agent", "grpc-timeout",
+                           "grpc-encoding", "grpc-accept-encoding", "grpc-status",
+                           "grpc-message", "host", "authority"})
+#: Chunk size read from a TCP backend per send on the tunnel.
+TCP_READ_CHUNK = 64 * 1024
+#: Largest gRPC message accepted from / sent to a backend.
+MAX_GRPC_MESSAGE = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardRequest:
+    """What the core hands a backend (already authenticated and sanitized)."""
+
+    method: str
+    path: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    timeout: float
+
+
+async def _no_body() -> AsyncIterator[bytes]:
+    return
+    yield b""  # pragma: no cover
+
+
+async def _nothing() -> None:
+    return None
+
+
+@dataclass(slots=True)
+class ForwardResponse:
+    """A backend's answer; iterate ``body`` then always call ``aclose``."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: AsyncIterator[bytes] = field(default_factory=_no_body)
+    grpc_code: int = 0
+    reason: str = ""
+    aclose: Callable[[], Awaitable[None]] = _nothing
+    #: the whole body when the backend's answer was small and already read (then
+    #: ``body`` is not used): lets the sentry send head, body and end in one write
+    inline: bytes | None = None
+
+
+class Backend(Protocol):
+    """The seam: forward one request, close the pool."""
+
+    name: str
+
+    async def forward(self, req: ForwardRequest) -> ForwardResponse: ...
+
+    async def aclose(self) -> None: ...
+
+
+#: Backend response header sets already filtered (bounded, see sentry.memo).
+_filtered: Memo[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = Memo()
+
+
+def _end_to_end(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """A backend's response headers without hop-by-hop ones (Content-Length stays)."""
+    got = _filtered.get(headers)
+    if got is None:
+        got = _filtered.put(headers, tuple(
+            (k, v) for k, v in headers
+            if k.lower() not in HOP_BY_HOP or k.lower() == "content-length"))
+    return got
+
+
+class HttpBackend:
+    """HTTP/1.1 with keep-alive connection pooling; large response bodies stream."""
+
+    def __init__(self, cfg: BackendConfig) -> None:
+        self.name = cfg.name
+        self.timeout = cfg.timeout
+        self._pool = Upstream(cfg.target, max_connections=cfg.max_connections,
+                              timeout=cfg.timeout, name=cfg.name)
+
+    async def forward(self, req: ForwardRequest) -> ForwardResponse:
+        headers = [(k, v) for k, v in req.headers if k.lower() not in HOP_BY_HOP]
+        timeout = min(req.timeout, self.timeout) if req.timeout > 0 else self.timeout
+        resp = await self._pool.request(req.method, req.path, headers, req.body, timeout)
+        out_headers = _end_to_end(resp.headers)
+        if resp.inline is not None or resp.stream is None:
+            return ForwardResponse(resp.status, out_headers, inline=resp.inline or b"")
+        return ForwardResponse(resp.status, out_headers, resp.stream, aclose=resp.aclose)
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+
+class GrpcBackend:
+    """Unary gRPC calls by method path with opaque request/response bytes."""
+
+    def __init__(self, cfg: BackendConfig) -> None:
+        self.name = cfg.name
+        self.timeout = cfg.timeout
+        self._channel = grpc.aio.insecure_channel(
+            cfg.target,
+            options=[("grpc.max_receive_message_length", MAX_GRPC_MESSAGE),
+                     ("grpc.max_send_message_length", MAX_GRPC_MESSAGE)],
+        )
+
+    async def forward(self, req: ForwardRequest) -> ForwardResponse:
+        metadata = tuple(
+            (k.lower(), _bin_value(v) if k.lower().endswith("-bin") else v)
+            for k, v in req.headers
+            if k.lower() not in GRPC_RESERVED and not k.startswith(":")
+        )
+        timeout = min(req.timeout, self.timeout) if req.timeout > 0 else self.timeout
+        call = self._channel.unary_unary(req.path, None, None)
+        try:
+            result = call(req.body, metadata=metadata, timeout=timeout)
+            reply: bytes = await result
+            trailing = await result.trailing_metadata()
+        except grpc.aio.AioRpcError as err:
+            code = err.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise BackendError(
+                    f"backend {self.name}: {code.name} {err.details() or ''}".strip()
+                ) from None
+            return ForwardResponse(200, (), grpc_code=code.value[0],
+                                   reason=err.details() or code.name)
+        headers = tuple((str(k), base64.b64encode(v).decode("ascii")
+                         if isinstance(v, bytes) else str(v)) for k, v in (trailing or ()))
+
+        return ForwardResponse(200, headers, inline=reply)
+
+    async def aclose(self) -> None:
+        await self._channel.close(None)
+
+
+class TcpBackend:
+    """Raw TCP: each tunnel stream gets its own connection."""
+
+    def __init__(self, cfg: BackendConfig) -> None:
+        self.name = cfg.name
+        self.timeout = cfg.timeout
+        host, _, port = cfg.target.rpartition(":")
+        self.host, self.port = host, int(port)
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Open a connection or raise :class:`BackendError`."""
+        try:
+            return await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port), self.timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            raise BackendError(f"backend {self.name} unreachable: {exc!r}") from None
+
+    async def forward(self, req: ForwardRequest) -> ForwardResponse:
+        raise BackendError(f"backend {self.name} is raw TCP; it takes streams, not requests")
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _bin_value(value: str) -> bytes:
+    """A ``-bin`` metadata value from the wire (base64) back to bytes; a value the
+    sanitizer replaced (no longer base64) is forwarded as its UTF-8 bytes."""
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return value.encode("utf-8")
+
+
+def build_backend(cfg: BackendConfig) -> HttpBackend | GrpcBackend | TcpBackend:
+    """Instantiate the backend class for ``cfg.kind``."""
+    if cfg.kind == "http":
+        return HttpBackend(cfg)
+    if cfg.kind == "grpc":
+        return GrpcBackend(cfg)
+    if cfg.kind == "tcp":
+        return TcpBackend(cfg)
+    raise SentryConfigError(f"unknown backend kind {cfg.kind!r}")
+
+
+async def close_quietly(writer: asyncio.StreamWriter) -> None:
+    """Close a stream writer, ignoring a peer that already went away."""
+    writer.close()
+    with contextlib.suppress(OSError, ConnectionError):
+        await writer.wait_closed()

@@ -1,0 +1,328 @@
+"""The sentry's tunnel-facing loop: one task per QSTP stream, one RPC per stream.
+
+:func:`handle_stream` is the whole per-RPC life: read the head, :meth:`Sentry.admit`
+it and read the bounded body, all within ``request_read_timeout`` (a slowloris
+client holds nothing but its own stream), sanitize, forward, and stream the
+backend's answer back. Every refusal becomes a response head with the typed error's
+outcome, one-line reason and retry-after; no exception reaches the peer and the
+backend never sees a refused request. It only needs the small :class:`RpcStream`
+surface, so it runs the same over :mod:`pqcnet.qstp.aio` streams and in tests.
+
+Two transport-level signals complete the picture:
+
+* a client that keeps hammering after rate-limit refusals (``HAMMER_REFUSALS`` within
+  ``HAMMER_WINDOW`` on one tunnel, see :mod:`pqcnet.sentry.limiter`) also gets a tunnel-wide
+  QSTP FLOW PAUSE carrying the bucket's retry-after, so its sidecar waits instead of
+  sending requests that would only be refused;
+* a backend that fails after the response head went out resets the stream with an
+  ERROR frame (``INTERNAL_ERROR``, reason "backend failed mid-response"), so the
+  client sees a failed stream, never a clean but truncated end.
+
+Small responses (``ForwardResponse.inline``) leave as one tunnel write: head, body
+and end of stream together.
+
+:class:`SentryServer` terminates QSTP (``pqcnet.qstp.aio.serve``) and feeds each accepted
+stream to :func:`handle_stream`, and polls the config file for hot reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, Protocol
+
+from pqcnet.errors import PqcnetError
+from pqcnet.qstp.errors import TunnelClosed
+from pqcnet.qstp.frames import ErrorCode
+from pqcnet.sentry.backends import TCP_READ_CHUNK, close_quietly
+from pqcnet.sentry.core import Admission, Sentry, TunnelView
+from pqcnet.sentry.errors import (
+    ConcurrencyLimited,
+    RateLimited,
+    RequestTooLarge,
+    SentryError,
+    WireError,
+)
+from pqcnet.sentry.wire import RequestHead, ResponseHead, decode_request, encode_response, read_head
+
+log = logging.getLogger("pqcnet.sentry")
+
+#: FLOW reason code the sentry puts on a PAUSE caused by rate limiting.
+FLOW_REASON_RATE_LIMITED = 429
+#: Shortest / longest rate-limit PAUSE, seconds (retry-after travels in whole ms, and a
+#: PAUSE of 0 ms would mean "until RESUME").
+MIN_PAUSE = 0.01
+MAX_PAUSE = 5.0
+
+
+class RpcStream(Protocol):
+    """What the sentry needs from one QSTP stream."""
+
+    async def send(self, data: bytes, end: bool = False) -> None: ...
+
+    async def recv(self) -> bytes: ...
+
+    async def close(self) -> None: ...
+
+    def reset(self, code: int = ..., reason: str = "") -> None: ...
+
+
+def error_head(exc: SentryError) -> ResponseHead:
+    """The response head describing a refusal."""
+    retry = float(getattr(exc, "retry_after", 0.0))
+    headers = (("retry-after", str(max(1, round(retry + 0.499)))),) if retry else ()
+    return ResponseHead(
+        status=exc.http_status, headers=headers, error=exc.outcome,
+        reason=str(exc).splitlines()[0][:500] if str(exc) else exc.outcome,
+        retry_after=retry, grpc_code=exc.grpc_code,
+    )
+
+
+async def _read_body(stream: RpcStream, first: bytes, limit: int) -> bytes:
+    body = bytearray(first)
+    while True:
+        if len(body) > limit:
+            raise RequestTooLarge(f"request body over {limit} bytes")
+        chunk = await stream.recv()
+        if not chunk:
+            return bytes(body)
+        body += chunk
+
+
+async def handle_stream(sentry: Sentry, stream: RpcStream, tunnel: TunnelView) -> str:
+    """Serve one RPC on ``stream``; returns the outcome label."""
+    started = time.perf_counter()
+    bounds = sentry.config.bounds
+    kind = "unknown"
+    outcome = "ok"
+    try:
+        # one deadline for the whole request (head, then body): one timer per RPC
+        phase = "head"
+        try:
+            async with asyncio.timeout(bounds.request_read_timeout):
+                payload, rest = await read_head(stream.recv)
+                head = decode_request(payload)
+                kind = head.kind
+                adm = sentry.admit(head, tunnel)
+                if kind != "tcp":
+                    phase = "body"
+                    try:
+                        rest = await _read_body(stream, rest, bounds.max_request_body)
+                    except BaseException:
+                        sentry.release()
+                        raise
+        except TimeoutError:
+            raise WireError(
+                f"request {phase} not received within {bounds.request_read_timeout:g}s"
+            ) from None
+        try:
+            if kind == "tcp":
+                await _pipe_tcp(sentry, stream, adm, rest)
+            else:
+                failed = await _proxy(sentry, stream, head, adm, rest)
+                if failed is not None:
+                    sentry.metrics.count(failed.outcome, type(failed).__name__)
+                    return failed.outcome
+        finally:
+            sentry.release()
+    except SentryError as exc:
+        outcome = exc.outcome
+        sentry.metrics.count(outcome, type(exc).__name__)
+        if isinstance(exc, RateLimited) and not isinstance(exc, ConcurrencyLimited):
+            _maybe_pause(sentry, tunnel, exc.retry_after)
+        log.info("sentry refused rpc", extra={"outcome": outcome, "reason": str(exc),
+                                              "peer": str(tunnel.peer), "kind": kind})
+        with contextlib.suppress(PqcnetError, OSError):
+            await stream.send(encode_response(error_head(exc)), end=True)
+        return outcome
+    except (TunnelClosed, ConnectionError):
+        outcome = "error"
+        sentry.metrics.count(outcome, "TunnelClosed")
+        return outcome
+    except Exception:
+        log.exception("sentry internal error", extra={"peer": str(tunnel.peer)})
+        sentry.metrics.count("error", "internal")
+        with contextlib.suppress(Exception):
+            await stream.send(encode_response(ResponseHead(
+                500, error="error", reason="internal sentry error", grpc_code=13)), end=True)
+        return "error"
+    sentry.metrics.count(outcome)
+    sentry.metrics.observe_latency(kind, time.perf_counter() - started)
+    return outcome
+
+
+def _maybe_pause(sentry: Sentry, tunnel: TunnelView, retry_after: float) -> None:
+    """PAUSE the tunnel once its client has ignored enough refusals in a window."""
+    if tunnel.pause is None or not tunnel.hammer.refused(sentry.clock()):
+        return
+    with contextlib.suppress(PqcnetError):
+        tunnel.pause(retry_after)
+        sentry.metrics.flow_pauses.inc()
+        log.info("tunnel paused: client keeps hammering after rate-limit refusals",
+                 extra={"peer": str(tunnel.peer), "retry_after": retry_after})
+
+
+async def _proxy(sentry: Sentry, stream: RpcStream, head: RequestHead, adm: Admission,
+                 body: bytes) -> SentryError | None:
+    """Forward one request; returns the error if the backend failed mid-response."""
+    req = sentry.prepare(head, body, adm)
+    resp = await sentry.backend(adm.backend.name).forward(req)
+    try:
+        head_bytes = encode_response(ResponseHead(
+            status=resp.status, headers=resp.headers, grpc_code=resp.grpc_code,
+            reason=resp.reason))
+        if resp.inline is not None:
+            await stream.send(head_bytes + resp.inline, end=True)
+            return None
+        await stream.send(head_bytes)
+        try:
+            async for chunk in resp.body:
+                await stream.send(chunk)
+        except SentryError as exc:  # head already sent: the stream must fail, not end
+            log.warning("backend failed mid-response", extra={"reason": str(exc)})
+            stream.reset(ErrorCode.INTERNAL_ERROR,
+                         f"backend failed mid-response: {exc}"[:200])
+            return exc
+        await stream.send(b"", end=True)
+        return None
+    finally:
+        await resp.aclose()
+
+
+async def _pipe_tcp(sentry: Sentry, stream: RpcStream, adm: Admission, rest: bytes) -> None:
+    reader, writer = await sentry.tcp_backend(adm.backend.name).connect()
+    await stream.send(encode_response(ResponseHead(status=200)))
+
+    async def up() -> None:
+        if rest:
+            writer.write(rest)
+        while data := await stream.recv():
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+    async def down() -> None:
+        while chunk := await reader.read(TCP_READ_CHUNK):
+            await stream.send(chunk)
+        await stream.send(b"", end=True)
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(up())
+            tg.create_task(down())
+    except* (OSError, ConnectionError, TunnelClosed):
+        pass
+    finally:
+        await close_quietly(writer)
+
+
+def tunnel_view(tunnel: Any) -> TunnelView:
+    """Adapt a :mod:`pqcnet.qstp.aio` tunnel to what the core needs."""
+    return TunnelView(
+        peer=tunnel.peer.spiffe_id,
+        channel_binding=tunnel.channel_binding(),
+        export=lambda label, n: bytes(tunnel.export_keying_material(label, n)),
+        pause=_Pauser(tunnel),
+    )
+
+
+class _Pauser:
+    """Tunnel-wide PAUSE with retry-after, lifted by a RESUME when it elapses.
+
+    The QSTP peer keeps honouring a PAUSE (waiting its retry-after before each send)
+    until it sees RESUME, so every PAUSE is paired with a scheduled RESUME; while one
+    is in force no second PAUSE is sent.
+    """
+
+    __slots__ = ("_handle", "_tunnel")
+
+    def __init__(self, tunnel: Any) -> None:
+        self._tunnel = tunnel
+        self._handle: asyncio.TimerHandle | None = None
+
+    def __call__(self, retry_after: float) -> None:
+        if self._handle is not None:
+            return
+        delay = min(max(retry_after, MIN_PAUSE), MAX_PAUSE)
+        self._tunnel.pause(None, FLOW_REASON_RATE_LIMITED, delay)
+        self._handle = asyncio.get_running_loop().call_later(delay, self._resume)
+
+    def _resume(self) -> None:
+        self._handle = None
+        if not self._tunnel.closed:
+            with contextlib.suppress(PqcnetError):
+                self._tunnel.resume(None, FLOW_REASON_RATE_LIMITED)
+
+
+class SentryServer:
+    """Terminates QSTP tunnels and serves their streams; hot-reloads the config file."""
+
+    def __init__(self, sentry: Sentry, identity: Any, tls_policy: Any = None, *,
+                 qstp_config: Any = None) -> None:
+        self.sentry = sentry
+        self.identity = identity
+        self.tls_policy = tls_policy
+        self.qstp_config = qstp_config
+        self._server: Any = None
+        self._watch: asyncio.Task[None] | None = None
+        self.tunnels_served = 0
+        self.reloads = 0
+
+    async def start(self, host: str | None = None, port: int | None = None) -> int:
+        """Listen (127.0.0.1 by default); returns the bound port."""
+        from pqcnet.qstp import aio
+
+        cfg = self.sentry.config
+        self._server = await aio.serve(
+            self._on_tunnel, host or cfg.listen_host,
+            cfg.listen_port if port is None else port,
+            self.identity, self.tls_policy, config=self.qstp_config)
+        port_: int = self._server.port
+        return port_
+
+    async def _on_tunnel(self, tunnel: Any) -> None:
+        view = tunnel_view(tunnel)
+        self.tunnels_served += 1
+        metrics = self.sentry.metrics
+        metrics.tunnels.inc()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                async for stream in tunnel:
+                    tg.create_task(handle_stream(self.sentry, stream, view))
+        finally:
+            metrics.tunnels.dec()
+
+    def watch_config(self, path: Any, interval: float = 1.0) -> None:
+        """Poll ``path``; on a change, validate and hot-reload the policy part."""
+        from pqcnet.sentry.config import file_fingerprint, load_config
+
+        async def loop() -> None:
+            seen = file_fingerprint(path)
+            while True:
+                await asyncio.sleep(interval)
+                now = file_fingerprint(path)
+                if now == seen:
+                    continue
+                seen = now
+                try:
+                    self.sentry.reload(load_config(path).policy)
+                    self.reloads += 1
+                except PqcnetError as exc:
+                    log.warning("config reload refused; old policy stays",
+                                extra={"error": str(exc)})
+
+        self._watch = asyncio.get_running_loop().create_task(loop())
+
+    async def aclose(self) -> None:
+        """Stop listening, end tunnels, close backend pools."""
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        await self.sentry.aclose()
