@@ -20,15 +20,20 @@ async def local_http(sidecar: Sidecar) -> tuple[asyncio.Server, str]:
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
-# 60/s, not more: client, sidecar, sentry and backend share one process here and top
-# out near 200 RPC/s together, and the flood must offer well above the limit.
-@pytest.mark.parametrize("stack_options", [{"rate": 60, "burst": 5}])
+# 20/s: client, sidecar, sentry and backend share one process here (~200 RPC/s together
+# on an idle machine, far less on a loaded one), and the flood must offer several times
+# the limit for the whole run — otherwise a stalled loop wastes tokens (the bucket only
+# holds `burst`) and fewer than rate x time pass legitimately.
+RATE = 20
+
+
+@pytest.mark.parametrize("stack_options", [{"rate": RATE, "burst": 5}])
 async def test_flood_accepted_rate_within_10_percent(env: Env) -> None:
     sidecar = env.stack.sidecar(env.mesh.acme, env.mesh.acme_issuer)
     server, url = await local_http(sidecar)
     accepted = 0
     limited = 0
-    duration = 3.0
+    duration = 4.0
     try:
         async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(
                 max_connections=16)) as client:
@@ -51,8 +56,10 @@ async def test_flood_accepted_rate_within_10_percent(env: Env) -> None:
     finally:
         server.close()
         await sidecar.aclose()
-    expected = 60 * elapsed + 5
-    assert limited > 0, "the flood never exceeded the limit; the test proves nothing"
+    expected = RATE * elapsed + 5
+    offered = accepted + limited
+    assert offered >= 2 * expected, ("the flood did not offer twice the limit; the test "
+                                     "proves nothing", offered, expected)
     assert abs(accepted - expected) <= 0.10 * expected, (accepted, expected, limited)
     assert len(env.http.seen.requests) == accepted
 
