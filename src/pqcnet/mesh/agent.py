@@ -1,4 +1,4 @@
-"""The control-plane agent: one per node, the only mesh object that does I/O.
+"""The control-plane agent: one per node; it and the parts it owns are the mesh's I/O.
 
 It owns a :class:`~pqcnet.mesh.transport.Transport` and composes the sans-IO parts —
 envelope signer/verifier, peer table, routing cache, DTN bundle store, governance
@@ -123,7 +123,7 @@ class ControlPlaneAgent:
         #: (shared with the parts below, which count into it too)
         self.events: Counter[str] = Counter()
         self._gossip = Gossip(self.publisher, self.peers, self.verifier, keyring, bundles,
-                             self.config, clock, self.events)
+                              self.config, clock, self.events)
         self._dagsync: DagSync | None = None
         self._ledger: LedgerPort | None = None
         self.ledger = ledger
