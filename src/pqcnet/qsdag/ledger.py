@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pqcnet.crypto.pqc import SigningKey, VerifyKey
-from pqcnet.qsdag import audit, rules, sync
+from pqcnet.qsdag import audit, orphans, rules, sync
 from pqcnet.qsdag.errors import (
     CorruptRecord,
     InvalidPayload,
@@ -34,12 +34,6 @@ from pqcnet.qsdag.errors import (
     VertexParked,
 )
 from pqcnet.qsdag.evidence import SlashingEvidence
-from pqcnet.qsdag.orphans import (
-    DEFAULT_MAX_ORPHANS,
-    DEFAULT_MAX_ORPHANS_PER_AUTHOR,
-    DEFAULT_MAX_UNVERIFIED_ORPHANS,
-    OrphanPool,
-)
 from pqcnet.qsdag.payloads import Genesis, KeyRecord, decode_payload, encode_payload
 from pqcnet.qsdag.receipts import AnchorReceipt, ImportReport, VerifyReport
 from pqcnet.qsdag.slashing import SlashNotice
@@ -54,10 +48,7 @@ from pqcnet.qsdag.vertex import (
 )
 from pqcnet.qsdag.views import Views
 
-__all__ = [
-    "DEFAULT_MAX_ORPHANS", "DEFAULT_MAX_ORPHANS_PER_AUTHOR", "DEFAULT_MAX_UNVERIFIED_ORPHANS",
-    "DEFAULT_SKEW", "AnchorReceipt", "ImportReport", "Ledger", "VerifyReport",
-]
+__all__ = ["DEFAULT_SKEW", "AnchorReceipt", "ImportReport", "Ledger", "VerifyReport"]
 
 log = logging.getLogger("pqcnet.qsdag")
 
@@ -73,16 +64,17 @@ class Ledger:
     """A QS-DAG ledger on RocksDB. Not thread-safe: one owner drives it."""
 
     def __init__(self, store: Store, *, clock: Callable[[], float], max_orphans: int,
-                 skew: float, max_orphans_per_author: int = DEFAULT_MAX_ORPHANS_PER_AUTHOR,
-                 max_unverified_orphans: int = DEFAULT_MAX_UNVERIFIED_ORPHANS) -> None:
+                 skew: float,
+                 max_orphans_per_author: int = orphans.DEFAULT_MAX_ORPHANS_PER_AUTHOR,
+                 max_unverified_orphans: int = orphans.DEFAULT_MAX_UNVERIFIED_ORPHANS) -> None:
         self._store = store
         self._clock = clock
         self.skew_ms = int(skew * 1000)
         self.views = Views(store)
         self._genesis: Genesis | None = None
-        self._orphans = OrphanPool(store, self, max_orphans=max_orphans,
-                                   max_per_author=max_orphans_per_author,
-                                   max_unverified=max_unverified_orphans)
+        self._orphans = orphans.OrphanPool(store, self, max_orphans=max_orphans,
+                                           max_per_author=max_orphans_per_author,
+                                           max_unverified=max_unverified_orphans)
         # Write-through caches of hot per-vertex reads (updated after each commit;
         # the store stays the source of truth on reopen).
         self._heads: dict[str, int] = {}
@@ -97,10 +89,10 @@ class Ledger:
 
     @classmethod
     def open(cls, path: str | Path, *, clock: Callable[[], float] = time.time,
-             max_orphans: int = DEFAULT_MAX_ORPHANS, skew: float = DEFAULT_SKEW,
+             max_orphans: int = orphans.DEFAULT_MAX_ORPHANS, skew: float = DEFAULT_SKEW,
              sync: bool = False,
-             max_orphans_per_author: int = DEFAULT_MAX_ORPHANS_PER_AUTHOR,
-             max_unverified_orphans: int = DEFAULT_MAX_UNVERIFIED_ORPHANS) -> Ledger:
+             max_orphans_per_author: int = orphans.DEFAULT_MAX_ORPHANS_PER_AUTHOR,
+             max_unverified_orphans: int = orphans.DEFAULT_MAX_UNVERIFIED_ORPHANS) -> Ledger:
         """Open (creating if needed) the ledger at ``path``.
 
         ``clock`` returns seconds since the epoch; ``sync=True`` fsyncs every write.
