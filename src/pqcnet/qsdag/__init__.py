@@ -9,6 +9,13 @@ The package does no network I/O: sync over the control plane calls
 :meth:`Ledger.tips` / :meth:`Ledger.missing` / :meth:`Ledger.export` /
 :meth:`Ledger.import_`.
 
+Where things are: ``ledger`` — :class:`Ledger`, the façade everything uses;
+``rules`` — the anchoring rules, in order, as pure checks; ``orphans`` — the
+bounded pool of vertices waiting for their ancestry; ``sync`` — missing / export /
+import; ``audit`` — ``verify()``; ``vertex``, ``payloads``, ``evidence``,
+``attestation``, ``slashing`` — what vertices carry and mean; ``store``, ``views`` —
+RocksDB and the views kept with it; ``receipts`` — what the ledger hands back.
+
 Quick tour::
 
     from pqcnet.qsdag import Ledger, VertexKind, PolicyAnchor, OpaqueRecord
