@@ -363,8 +363,9 @@ class Ledger:
         return receipt
 
     def _anchor_one(self, v: Vertex) -> AnchorReceipt:
-        """The rules of :mod:`pqcnet.qsdag.rules`, in their order, then the write."""
-        vid = v.id  # rule 1: an unencodable vertex raises MalformedVertex here
+        """The rules of :mod:`pqcnet.qsdag.rules`, in their order (numbered as there),
+        then the write."""
+        vid = v.id  # 1: an unencodable vertex raises MalformedVertex here
         if self.has(vid):
             return self.receipt(vid)
         try:
@@ -372,18 +373,18 @@ class Ledger:
         except InvalidPayload as exc:
             exc.vertex_id = vid
             raise
-        rules.check_not_future(v, vid, now_ms=self.now_ms(), skew_ms=self.skew_ms)
+        rules.check_not_future(v, vid, now_ms=self.now_ms(), skew_ms=self.skew_ms)  # 2
         if v.kind == VertexKind.GENESIS:
             return self._anchor_genesis(v, vid, payload)
         next_counter = self._next_counter(v.author)
-        if v.counter < next_counter:
+        if v.counter < next_counter:  # 3
             refusal = rules.equivocation(self, v, vid, next_counter)
             self._store_evidence(refusal.evidence)
             log.warning("equivocation", extra={"author": v.author, "counter": v.counter})
             raise refusal
         raw_metas = [self._store.get("vmeta", p) for p in v.parents]
         missing = tuple(p for p, m in zip(v.parents, raw_metas, strict=True) if m is None)
-        if missing or v.counter > next_counter:
+        if missing or v.counter > next_counter:  # 4
             self._orphans.park(v, vid)
             raise VertexParked(
                 f"vertex {vid.hex()[:16]} waits for {len(missing)} parents"
@@ -391,11 +392,11 @@ class Ledger:
                    if v.counter > next_counter else ""),
                 vertex_id=vid, missing_parents=missing,
                 waiting_counter=next_counter if v.counter > next_counter else None)
-        rules.check_not_slashed(self, v, vid)
-        rules.check_author(self, v, vid, payload)
+        rules.check_not_slashed(self, v, vid)  # 5
+        rules.check_author(self, v, vid, payload)  # 6
         metas = [VMETA.unpack(m) for m in raw_metas if m is not None]
-        rules.check_causality(v, vid, (m[2] for m in metas), skew_ms=self.skew_ms)
-        rules.check_kind(self, v, vid, payload)
+        rules.check_causality(v, vid, (m[2] for m in metas), skew_ms=self.skew_ms)  # 7
+        rules.check_kind(self, v, vid, payload)  # 8
         return self._write(self._store.batch(), v, vid, payload, 1 + max(m[0] for m in metas))
 
     def _anchor_genesis(self, v: Vertex, vid: bytes, payload: Genesis) -> AnchorReceipt:
