@@ -10,7 +10,7 @@ from pqcnet.crypto.pqc import SigningKey
 from pqcnet.mesh.agent import AgentConfig, ControlPlaneAgent
 from pqcnet.mesh.directives import GovernancePolicy
 from pqcnet.mesh.dtn import BundleStore
-from pqcnet.mesh.envelope import Keyring, NodeKeys
+from pqcnet.mesh.envelope import Keyring, NodeKeys, now_ms
 from pqcnet.mesh.ledger import LedgerPort
 from pqcnet.mesh.transport import Transport
 
@@ -43,7 +43,8 @@ async def until(cond: Callable[[], bool], limit_s: float = 10.0, what: str = "")
 
 def make_agent(keys: NodeKeys, members: list[str], transport: Transport, tmp: Path, *,
                config: AgentConfig = FAST,
-               ledger: LedgerPort | None = None) -> ControlPlaneAgent:
+               ledger: LedgerPort | None = None,
+               clock: Callable[[], int] = now_ms) -> ControlPlaneAgent:
     """One agent whose keyring holds every member's bootstrap key; its bundle store
     lives at ``tmp/bundles-<node>`` (so a restarted agent finds its bundles)."""
     ring = Keyring()
@@ -51,7 +52,8 @@ def make_agent(keys: NodeKeys, members: list[str], transport: Transport, tmp: Pa
         ring.add(n, node_key(n).public_key, 1)
     return ControlPlaneAgent(
         keys, transport, ring, config=config, governance=GovernancePolicy([GOV.public_key]),
-        ledger=ledger, bundles=BundleStore(tmp / f"bundles-{keys.node_id}", sync=False))
+        ledger=ledger, bundles=BundleStore(tmp / f"bundles-{keys.node_id}", sync=False),
+        clock=clock)
 
 
 def make_agents(names: list[str], transports: list[Transport], tmp: Path, *,

@@ -85,8 +85,8 @@ async def test_directive_reaches_handlers_once_and_forgeries_are_dropped(tmp_pat
         # a directive signed by a non-governance key is refused
         forged = sign_directive(Directive.create(RateLimitUpdate("*", 1e6, 10**6),
                                                  now_ms=gov.clock()), node_key("gov"))
-        await gov._publish(TOPICS["governance"], MessageType.GOVERNANCE_DIRECTIVE,
-                           forged.encode())
+        await gov.publisher.publish(TOPICS["governance"], MessageType.GOVERNANCE_DIRECTIVE,
+                                     forged.encode())
         await until(lambda: sentry.events["directive_rejected"] >= 1, what="forgery refused")
         # replaying a captured wire message is dropped by the replay window
         wire = gov.signer.wire(MessageType.GOVERNANCE_DIRECTIVE, d.encode(), now_ms=gov.clock())

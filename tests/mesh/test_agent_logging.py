@@ -21,8 +21,8 @@ async def test_offline_announce_logs_are_rate_limited(tmp_path: Path,
     # a real REST client against a closed loopback port: every publish fails
     dead = WakuTransport(WakuRestClient(WakuClientConfig("http://127.0.0.1:9", timeout_s=0.5,
                                                          retries=0)))
-    agent = make_agent(NodeKeys("n0", node_key("n0")), ["n0"], dead, tmp_path)
-    agent.clock = lambda: now[0]
+    agent = make_agent(NodeKeys("n0", node_key("n0")), ["n0"], dead, tmp_path,
+                       clock=lambda: now[0])
     caplog.set_level(logging.DEBUG, logger="pqcnet.mesh.agent")
     try:
         for _ in range(5):

@@ -101,8 +101,8 @@ async def test_directive_reaches_sentry_and_relayer_and_forgeries_drop(
         # forged (not governance-signed), replayed and unsigned messages are dropped and counted
         forged = sign_directive(Directive.create(RateLimitUpdate("*", 1e9, 10**6),
                                                  now_ms=gov.clock()), gov.keys.signing_key)
-        await gov._publish(gov.topics["governance"], MessageType.GOVERNANCE_DIRECTIVE,
-                           forged.encode())
+        await gov.publisher.publish(gov.topics["governance"], MessageType.GOVERNANCE_DIRECTIVE,
+                                     forged.encode())
         wire = gov.signer.wire(MessageType.GOSSIP, GossipItem("anomaly", b"x", 1).encode(),
                                now_ms=gov.clock())
         for _ in range(2):
@@ -113,8 +113,8 @@ async def test_directive_reaches_sentry_and_relayer_and_forgeries_drop(
         expired = sign_directive(Directive(b"\x07" * 16, gov.clock() - 120_000,
                                            gov.clock() - 60_000,
                                            RateLimitUpdate("*", 1e9, 10**6)), GOV)
-        await gov._publish(gov.topics["governance"], MessageType.GOVERNANCE_DIRECTIVE,
-                           expired.encode())
+        await gov.publisher.publish(gov.topics["governance"], MessageType.GOVERNANCE_DIRECTIVE,
+                                     expired.encode())
         stale = gov.signer.wire(MessageType.GOVERNANCE_DIRECTIVE, d.encode(),
                                 now_ms=gov.clock() - 600_000)
         await gov.transport.publish(gov.topics["governance"], stale)

@@ -1,4 +1,4 @@
-"""The control-plane agent: one per node, the only mesh object that does I/O.
+"""The control-plane agent: one per node; it and the parts it owns are the mesh's I/O.
 
 It owns a :class:`~pqcnet.mesh.transport.Transport` and composes the sans-IO parts —
 envelope signer/verifier, peer table, routing cache, DTN bundle store, governance
@@ -10,8 +10,12 @@ policy, ledger port — into the node's behaviour on the mesh:
   directive in the ledger, apply the built-in effect (revoke a slashed key, rotate
   our own key on a forced rekey), then call every registered
   :class:`~pqcnet.mesh.directives.DirectiveHandler`;
-* **gossip** with DTN store-and-forward (:mod:`pqcnet.mesh.gossip`);
-* **DAG sync**: tips, pulls and vertex chunks (:mod:`pqcnet.mesh.dagsync`).
+* **gossip** with DTN store-and-forward (:class:`~pqcnet.mesh.gossip.Gossip`);
+* **DAG sync**: tips, pulls and vertex chunks (:class:`~pqcnet.mesh.dagsync.DagSync`).
+
+The parts are composed, not mixed in: the agent builds each with what it needs (the
+shared :class:`~pqcnet.mesh.publisher.Publisher`, peer table, counters, config and
+clock) and calls them; they never reach back into the agent.
 
 Nothing a peer sends can crash the receive loop: every message is verified first
 (drops counted by reason in :attr:`ControlPlaneAgent.drops`) and every handler error
@@ -23,15 +27,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 from pqcnet.crypto.pqc import SigningKey, VerifyKey
 from pqcnet.mesh import metrics
 from pqcnet.mesh._aio import maybe_await
-from pqcnet.mesh.dagsync import DagSyncMixin
+from pqcnet.mesh.config import AgentConfig
+from pqcnet.mesh.dagsync import DAG_MESSAGES, DagSync
 from pqcnet.mesh.directives import (
     Directive,
     DirectiveHandler,
@@ -49,11 +52,9 @@ from pqcnet.mesh.envelope import (
     Keyring,
     MessageType,
     NodeKeys,
-    VerifierConfig,
     now_ms,
 )
 from pqcnet.mesh.errors import (
-    ConfigError,
     DirectiveError,
     EnvelopeRejected,
     LedgerRejected,
@@ -61,21 +62,20 @@ from pqcnet.mesh.errors import (
     TransportClosed,
     WakuError,
 )
-from pqcnet.mesh.gossip import GossipListener, GossipMixin
+from pqcnet.mesh.gossip import Gossip, GossipListener
 from pqcnet.mesh.ledger import LedgerPort
 from pqcnet.mesh.messages import (
     Announcement,
-    DagPull,
-    DagTips,
-    DagVertices,
-    Endpoint,
     RelayReport,
     RouteAdvertisement,
     RouteEntry,
     SlashingProposal,
 )
 from pqcnet.mesh.peers import PeerTable, RoutingCache
-from pqcnet.mesh.transport import Subscription, Transport, WakuMessage, inbox_topic, topic_map
+from pqcnet.mesh.publisher import Publisher
+from pqcnet.mesh.transport import Subscription, Transport, WakuMessage
+
+__all__ = ["AgentConfig", "ControlPlaneAgent", "ProposalListener", "ReportListener"]
 
 log = logging.getLogger("pqcnet.mesh.agent")
 
@@ -83,49 +83,12 @@ ReportListener = Callable[[RelayReport, str], Awaitable[None] | None]
 ProposalListener = Callable[[SlashingProposal, str], Awaitable[None] | None]
 
 
-@dataclass(frozen=True, slots=True)
-class AgentConfig:
-    """Behaviour and bounds of one agent."""
+class ControlPlaneAgent:
+    """A node's presence on the control plane.
 
-    role: str = "node"
-    #: separates meshes sharing one Waku network (content topic prefix)
-    namespace: str = ""
-    capabilities: tuple[str, ...] = ()
-    endpoints: tuple[Endpoint, ...] = ()
-    software_hash: bytes = b""
-    staking_address: str = ""
-    announce_interval_ms: int = 10_000
-    #: a peer silent this long (or 3 announce intervals) is not live
-    peer_expiry_ms: int = 30_000
-    #: how often the housekeeping loop runs
-    tick_ms: int = 500
-    #: live peers each gossip hop is forwarded to
-    gossip_fanout: int = 3
-    #: forwarding hops a new gossip item gets
-    gossip_hops: int = 2
-    #: default gossip / bundle lifetime
-    gossip_ttl_ms: int = 3_600_000
-    #: how often tips are published (0 = only on demand)
-    dag_sync_interval_ms: int = 2_000
-    #: vertices per DAG_VERTICES message (keeps messages under the Waku size limit)
-    dag_chunk: int = 8
-    #: directive ids remembered to apply each directive once
-    max_applied_directives: int = 10_000
-    #: slashing proposals kept for governance review
-    max_proposals: int = 1_000
-    #: while announcing keeps failing (node offline), log it at most this often
-    failure_log_interval_ms: int = 60_000
-    verifier: VerifierConfig = field(default_factory=VerifierConfig)
-
-    def __post_init__(self) -> None:
-        if self.announce_interval_ms <= 0 or self.tick_ms <= 0 or self.dag_chunk < 1:
-            raise ConfigError("announce interval, tick and dag_chunk must be positive")
-        if self.gossip_fanout < 1 or self.gossip_hops < 0:
-            raise ConfigError("gossip fan-out must be >= 1 and hops >= 0")
-
-
-class ControlPlaneAgent(GossipMixin, DagSyncMixin):
-    """A node's presence on the control plane."""
+    Its dependencies are fixed at construction, except the ledger, which may be
+    attached (or replaced) later by assigning :attr:`ledger`.
+    """
 
     def __init__(self, keys: NodeKeys, transport: Transport, keyring: Keyring, *,
                  config: AgentConfig | None = None,
@@ -138,35 +101,61 @@ class ControlPlaneAgent(GossipMixin, DagSyncMixin):
         self.keyring = keyring
         self.config = config or AgentConfig()
         self.governance = governance
-        self.ledger = ledger
         self.bundles = bundles
-        self.clock = clock
+        self._clock = clock
         keyring.add(keys.node_id, keys.signing_key.public_key, keys.key_version)
         # senders registered in (or rotated in) our QS-DAG are known without bootstrap
         keyring.lookup = self._ledger_key
         self.signer = EnvelopeSigner(keys)
         self.verifier = EnvelopeVerifier(keyring, [keys.recipient_key], self.config.verifier)
+        self.publisher = Publisher(transport, self.signer, namespace=self.config.namespace,
+                                   clock=clock)
+        self.topics = self.publisher.topics
+        self.my_inbox = self.publisher.inbox(keys.node_id)
         self.peers = PeerTable(expiry_ms=self.config.peer_expiry_ms)
         self.routes = RoutingCache()
         self.handlers: list[DirectiveHandler] = []
-        self.gossip_listeners: list[GossipListener] = []
         self.report_listeners: list[ReportListener] = []
         self.proposal_listeners: list[ProposalListener] = []
         self.proposals: list[tuple[SlashingProposal, str]] = []
         self.applied: OrderedDict[bytes, Directive] = OrderedDict()
         #: non-verifier events: handler errors, rejected directives, publish failures
+        #: (shared with the parts below, which count into it too)
         self.events: Counter[str] = Counter()
+        self._gossip = Gossip(self.publisher, self.peers, self.verifier, keyring, bundles,
+                              self.config, clock, self.events)
+        self._dagsync: DagSync | None = None
+        self._ledger: LedgerPort | None = None
+        self.ledger = ledger
         self._route_version = 0
         self._sub: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._last_announce = 0
-        self._last_tips = 0
         #: consecutive failed announcements, and when we last logged about them
         self._announce_failures = 0
         self._announce_logged_ms = 0
-        self._rng = random.Random()
-        self.topics = topic_map(self.config.namespace)
-        self.my_inbox = inbox_topic(keys.node_id, self.config.namespace)
+
+    @property
+    def clock(self) -> Callable[[], int]:
+        """Milliseconds since the epoch (fixed at construction: the parts share it)."""
+        return self._clock
+
+    @property
+    def ledger(self) -> LedgerPort | None:
+        """The ledger port, if any; assigning one (re)builds the DAG sync part."""
+        return self._ledger
+
+    @ledger.setter
+    def ledger(self, port: LedgerPort | None) -> None:
+        self._ledger = port
+        self._dagsync = (None if port is None else
+                         DagSync(port, self.publisher, self.peers, self.config, self._clock,
+                                 self.events))
+
+    @property
+    def gossip_listeners(self) -> list[GossipListener]:
+        """Called with (item, sender) for every fresh gossip item (append to it)."""
+        return self._gossip.listeners
 
     def _ledger_key(self, node_id: str, key_version: int) -> VerifyKey | None:
         return self.ledger.key_for(node_id, key_version) if self.ledger is not None else None
@@ -232,19 +221,11 @@ class ControlPlaneAgent(GossipMixin, DagSyncMixin):
             self.bundles.expire(now)
             for dest in self.bundles.destinations():
                 if self.peers.is_live(dest, now):
-                    await self.flush_bundles(dest)
-        if (self.ledger is not None and self.config.dag_sync_interval_ms
-                and now - self._last_tips >= self.config.dag_sync_interval_ms):
-            await self.publish_tips()
+                    await self._gossip.flush(dest)
+        if self._dagsync is not None and self._dagsync.due(now):
+            await self._dagsync.publish_tips()
 
     # ------------------------------------------------------------------ publishing
-
-    def _inbox(self, node_id: str) -> str:
-        return inbox_topic(node_id, self.config.namespace)
-
-    async def _publish(self, topic: str, type_: MessageType, body: bytes) -> None:
-        wire = self.signer.wire(type_, body, now_ms=self.clock())
-        await self.transport.publish(topic, wire)
 
     def announcement(self, *, next_key: SigningKey | None = None,
                      next_version: int = 0) -> Announcement:
@@ -261,8 +242,8 @@ class ControlPlaneAgent(GossipMixin, DagSyncMixin):
         """Publish our NodeAnnouncement."""
         self._last_announce = self.clock()
         try:
-            await self._publish(self.topics["announce"], MessageType.NODE_ANNOUNCEMENT,
-                                self.announcement().encode())
+            await self.publisher.publish(self.topics["announce"], MessageType.NODE_ANNOUNCEMENT,
+                                         self.announcement().encode())
         except WakuError as exc:
             self.events["publish_failed"] += 1
             self._announce_failures += 1
@@ -289,22 +270,40 @@ class ControlPlaneAgent(GossipMixin, DagSyncMixin):
         if self.ledger is not None:
             self.ledger.anchor_routes(ad.encode())
         self.routes.apply(ad)
-        await self._publish(self.topics["routes"], MessageType.ROUTE_ADVERTISEMENT, ad.encode())
+        await self.publisher.publish(self.topics["routes"], MessageType.ROUTE_ADVERTISEMENT,
+                                     ad.encode())
         return ad
 
     async def issue_directive(self, signed: SignedDirective) -> None:
         """Publish a (threshold-)signed directive to the governance topic and apply it here."""
-        await self._publish(self.topics["governance"], MessageType.GOVERNANCE_DIRECTIVE,
-                            signed.encode())
+        await self.publisher.publish(self.topics["governance"],
+                                     MessageType.GOVERNANCE_DIRECTIVE, signed.encode())
         await self._on_directive(signed.encode(), self.node_id)
 
     async def propose_slashing(self, proposal: SlashingProposal) -> None:
-        await self._publish(self.topics["governance"], MessageType.SLASHING_PROPOSAL,
-                            proposal.encode())
+        await self.publisher.publish(self.topics["governance"], MessageType.SLASHING_PROPOSAL,
+                                     proposal.encode())
 
     async def publish_report(self, report: RelayReport) -> None:
         """Relayers: publish a volume proof / performance report."""
-        await self._publish(self.topics["relay-reports"], MessageType.RELAY_REPORT, report.encode())
+        await self.publisher.publish(self.topics["relay-reports"], MessageType.RELAY_REPORT,
+                                     report.encode())
+
+    async def gossip(self, kind: str, payload: bytes, *, ttl_ms: int | None = None,
+                     destination: str = "") -> bytes:
+        """Originate a gossip item (to ``destination`` only, if given); returns its
+        message id. Absent peers get it as a DTN bundle."""
+        return await self._gossip.originate(kind, payload, ttl_ms=ttl_ms,
+                                            destination=destination)
+
+    async def flush_bundles(self, dest: str) -> int:
+        """Forward every unexpired bundle held for ``dest``; returns how many went out."""
+        return await self._gossip.flush(dest)
+
+    async def publish_tips(self) -> None:
+        """Tell the mesh what our ledger's tips are (nothing without a ledger)."""
+        if self._dagsync is not None:
+            await self._dagsync.publish_tips()
 
     # ------------------------------------------------------------------ receiving
 
@@ -350,18 +349,13 @@ class ControlPlaneAgent(GossipMixin, DagSyncMixin):
             for pl in self.proposal_listeners:
                 await maybe_await(pl(proposal, msg.sender))
         elif t is MessageType.GOSSIP:
-            await self._on_gossip(msg)
+            await self._gossip.on_message(msg)
         elif t is MessageType.RELAY_REPORT:
             report = RelayReport.decode(msg.body)
             for rl in self.report_listeners:
                 await maybe_await(rl(report, msg.sender))
-        elif self.ledger is not None:
-            if t is MessageType.DAG_TIPS:
-                await self._on_tips(DagTips.decode(msg.body), msg.sender)
-            elif t is MessageType.DAG_PULL:
-                await self._on_pull(DagPull.decode(msg.body), msg.sender)
-            elif t is MessageType.DAG_VERTICES:
-                await self._on_vertices(DagVertices.decode(msg.body), msg.sender)
+        elif t in DAG_MESSAGES and self._dagsync is not None:
+            await self._dagsync.handle(msg)
 
     async def _on_announcement(self, ann: Announcement, msg: ControlMessage) -> None:
         if ann.node_id != msg.sender or ann.key_version != msg.key_version:
@@ -373,7 +367,7 @@ class ControlPlaneAgent(GossipMixin, DagSyncMixin):
                 "peer": ann.node_id, "key_version": ann.next_key_version})
         if self.peers.observe(ann, self.clock()):
             log.info("peer up", extra={"peer": ann.node_id, "role": ann.role})
-            await self.flush_bundles(ann.node_id)
+            await self._gossip.flush(ann.node_id)
 
     # ------------------------------------------------------------------ directives
 
@@ -430,8 +424,8 @@ class ControlPlaneAgent(GossipMixin, DagSyncMixin):
             new_version = self.ledger.record_key_version(new_key.public_key,
                                                          self.keys.signing_key)
         rollover = self.announcement(next_key=new_key, next_version=new_version)
-        await self._publish(self.topics["announce"], MessageType.NODE_ANNOUNCEMENT,
-                            rollover.encode())
+        await self.publisher.publish(self.topics["announce"], MessageType.NODE_ANNOUNCEMENT,
+                                     rollover.encode())
         self.signer.rekey(new_key, new_version)
         self.keyring.add(self.node_id, new_key.public_key, new_version)
         self.keyring.retire_below(self.node_id, new_version)

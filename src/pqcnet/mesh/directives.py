@@ -18,9 +18,8 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
-from google.protobuf.message import DecodeError
-
 from pqcnet.crypto.pqc import SigningKey, VerifyKey
+from pqcnet.mesh._pb import parse
 from pqcnet.mesh.errors import DirectiveError
 from pqcnet.proto import mesh_pb2
 
@@ -91,10 +90,8 @@ class Directive:
 
     @classmethod
     def decode(cls, data: bytes) -> Directive:
-        try:
-            pb = mesh_pb2.GovernanceDirective.FromString(data)
-        except DecodeError:
-            raise DirectiveError("directive does not decode") from None
+        pb = parse(mesh_pb2.GovernanceDirective, data, DirectiveError,
+                   "directive does not decode")
         which = pb.WhichOneof("action")
         action: Action
         if which == "rate_limit":
@@ -132,10 +129,8 @@ class SignedDirective:
 
     @classmethod
     def decode(cls, data: bytes) -> SignedDirective:
-        try:
-            pb = mesh_pb2.SignedDirective.FromString(data)
-        except DecodeError:
-            raise DirectiveError("signed directive does not decode") from None
+        pb = parse(mesh_pb2.SignedDirective, data, DirectiveError,
+                   "signed directive does not decode")
         if len(pb.signatures) > MAX_SIGNATURES:
             raise DirectiveError(f"more than {MAX_SIGNATURES} signatures")
         return cls(Directive.decode(pb.directive), pb.directive,

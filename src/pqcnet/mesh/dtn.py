@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import rocksdict
-from google.protobuf.message import DecodeError
 
 from pqcnet.mesh import metrics
+from pqcnet.mesh._pb import parse
 from pqcnet.mesh.errors import BundleStoreError, ConfigError
 from pqcnet.proto import mesh_pb2
 
@@ -54,10 +54,7 @@ class Bundle:
 
     @classmethod
     def decode(cls, data: bytes) -> Bundle:
-        try:
-            pb = mesh_pb2.Bundle.FromString(data)
-        except DecodeError:
-            raise BundleStoreError("corrupt bundle record") from None
+        pb = parse(mesh_pb2.Bundle, data, BundleStoreError, "corrupt bundle record")
         return cls(pb.bundle_id, pb.destination, pb.created_ms, pb.expires_ms, pb.payload)
 
 

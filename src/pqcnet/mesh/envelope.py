@@ -25,8 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from google.protobuf.message import DecodeError
-
 from pqcnet.crypto.errors import SealError, SignatureInvalid
 from pqcnet.crypto.pqc import (
     RecipientKey,
@@ -37,6 +35,7 @@ from pqcnet.crypto.pqc import (
     seal,
 )
 from pqcnet.mesh import metrics
+from pqcnet.mesh._pb import parse
 from pqcnet.mesh.errors import (
     BadSignature,
     ConfigError,
@@ -325,10 +324,7 @@ class EnvelopeVerifier:
         """Decode, unseal, authenticate and freshness-check one wire message."""
         if len(wire) > self.config.max_wire_bytes:
             raise MalformedMessage(f"message of {len(wire)} bytes over the limit")
-        try:
-            msg = mesh_pb2.WireMessage.FromString(wire)
-        except DecodeError:
-            raise MalformedMessage("not a control wire message") from None
+        msg = parse(mesh_pb2.WireMessage, wire, MalformedMessage, "not a control wire message")
         if msg.version != WIRE_VERSION:
             raise MalformedMessage(f"unknown wire version {msg.version}")
         kind = msg.WhichOneof("content")
@@ -346,11 +342,10 @@ class EnvelopeVerifier:
             signed_bytes = msg.signed.SerializeToString()
         else:
             raise BadSignature("no signed envelope in the message")
-        try:
-            signed = mesh_pb2.SignedEnvelope.FromString(signed_bytes)
-            env = mesh_pb2.ControlEnvelope.FromString(signed.envelope)
-        except DecodeError:
-            raise MalformedMessage("envelope does not decode") from None
+        signed = parse(mesh_pb2.SignedEnvelope, signed_bytes, MalformedMessage,
+                       "envelope does not decode")
+        env = parse(mesh_pb2.ControlEnvelope, signed.envelope, MalformedMessage,
+                    "envelope does not decode")
         if not signed.signature:
             raise BadSignature("unsigned envelope")
         try:

@@ -7,86 +7,107 @@ DTN bundle in the RocksDB :class:`~pqcnet.mesh.dtn.BundleStore`, flushed when it
 announcements resume; expired bundles are never sent. A ``revocation`` item revokes
 its subject in our keyring before listeners see it.
 
-Mixed into :class:`~pqcnet.mesh.agent.ControlPlaneAgent`, which provides the attributes
-declared below.
+:class:`Gossip` is owned by :class:`~pqcnet.mesh.agent.ControlPlaneAgent`, which hands
+it everything it uses in its constructor (the publisher it sends through, the peer
+table, the verifier that dedups, the keyring it revokes in, the bundle store, the
+config, the clock and the shared event counters) and calls it for GOSSIP messages and
+when a peer comes back.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from abc import abstractmethod
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from pqcnet.mesh._aio import maybe_await
+from pqcnet.mesh.config import AgentConfig
 from pqcnet.mesh.dtn import BundleStore
-from pqcnet.mesh.envelope import (
-    ControlMessage,
-    EnvelopeSigner,
-    EnvelopeVerifier,
-    Keyring,
-    MessageType,
-    wrap,
-)
+from pqcnet.mesh.envelope import ControlMessage, EnvelopeVerifier, Keyring, MessageType
 from pqcnet.mesh.errors import BundleStoreError, StaleMessage, WakuError
 from pqcnet.mesh.messages import GossipItem
 from pqcnet.mesh.peers import PeerTable
-from pqcnet.mesh.transport import Transport
-
-if TYPE_CHECKING:
-    from pqcnet.mesh.agent import AgentConfig
+from pqcnet.mesh.publisher import Publisher
 
 log = logging.getLogger("pqcnet.mesh.agent")
 
 GossipListener = Callable[[GossipItem, str], Awaitable[None] | None]
 
 
-class GossipMixin:
+class Gossip:
     """Gossip origination, forwarding, DTN hold and flush."""
 
-    config: AgentConfig
-    transport: Transport
-    keyring: Keyring
-    bundles: BundleStore | None
-    clock: Callable[[], int]
-    signer: EnvelopeSigner
-    verifier: EnvelopeVerifier
-    peers: PeerTable
-    events: Counter[str]
-    gossip_listeners: list[GossipListener]
-    _rng: random.Random
+    def __init__(self, publisher: Publisher, peers: PeerTable, verifier: EnvelopeVerifier,
+                 keyring: Keyring, bundles: BundleStore | None, config: AgentConfig,
+                 clock: Callable[[], int], events: Counter[str], *,
+                 rng: random.Random | None = None) -> None:
+        self.publisher = publisher
+        self.peers = peers
+        self.verifier = verifier
+        self.keyring = keyring
+        self.bundles = bundles
+        self.config = config
+        self.clock = clock
+        self.events = events
+        self.rng = rng or random.Random()
+        #: called with (item, sender) for every fresh item received
+        self.listeners: list[GossipListener] = []
 
-    @property
-    @abstractmethod
-    def node_id(self) -> str:
-        """This node's id (provided by the agent)."""
-
-    @abstractmethod
-    def _inbox(self, node_id: str) -> str:
-        """The content topic of ``node_id``'s sealed inbox (provided by the agent)."""
-
-    async def gossip(self, kind: str, payload: bytes, *, ttl_ms: int | None = None,
-                     destination: str = "") -> bytes:
+    async def originate(self, kind: str, payload: bytes, *, ttl_ms: int | None = None,
+                        destination: str = "") -> bytes:
         """Originate a gossip item; returns its message id."""
         now = self.clock()
         item = GossipItem(kind, payload, now + (ttl_ms or self.config.gossip_ttl_ms), destination)
-        signed = self.signer.sign(MessageType.GOSSIP, item.encode(), now_ms=now)
+        signed = self.publisher.sign(MessageType.GOSSIP, item.encode())
         message_id = self.verifier.mark_seen(signed)
         if destination:
             await self._send_or_hold(destination, signed, item.expires_ms, hops=0)
         else:
             await self._spread(signed, item.expires_ms, self.config.gossip_hops,
-                               exclude={self.node_id}, hold_for_absent=True)
+                               exclude={self.publisher.node_id}, hold_for_absent=True)
         return message_id
+
+    async def on_message(self, msg: ControlMessage) -> None:
+        """A verified GOSSIP message: act on it, tell listeners, forward it."""
+        item = GossipItem.decode(msg.body)
+        if item.expires_ms <= self.clock():
+            raise StaleMessage("gossip item expired")
+        if item.kind == "revocation":
+            target = item.payload.decode("utf-8", "replace")
+            if target and target != self.publisher.node_id:
+                self.keyring.revoke(target, f"revocation gossip from {msg.sender}")
+        for gl in self.listeners:
+            await maybe_await(gl(item, msg.sender))
+        if msg.hops_left > 0 and not item.destination:
+            await self._spread(msg.signed, item.expires_ms, msg.hops_left - 1,
+                               exclude={self.publisher.node_id, msg.sender},
+                               hold_for_absent=False)
+
+    async def flush(self, dest: str) -> int:
+        """Forward every unexpired bundle held for ``dest``; returns how many went out."""
+        if self.bundles is None:
+            return 0
+        peer = self.peers.get(dest)
+        if peer is None or peer.announcement.seal_key is None:
+            return 0
+        sent = 0
+        for b in self.bundles.pending(dest, self.clock()):
+            try:
+                await self.publisher.forward(dest, peer.announcement.seal_key, b.payload, hops=0)
+            except WakuError:
+                self.events["publish_failed"] += 1
+                break
+            self.bundles.remove(b)
+            sent += 1
+        return sent
 
     async def _spread(self, signed: bytes, expires_ms: int, hops: int, *,
                       exclude: set[str], hold_for_absent: bool) -> None:
         now = self.clock()
         live = [p.announcement.node_id for p in self.peers.live(now)
                 if p.announcement.node_id not in exclude]
-        targets = self._rng.sample(live, min(self.config.gossip_fanout, len(live)))
+        targets = self.rng.sample(live, min(self.config.gossip_fanout, len(live)))
         for dest in targets:
             await self._send_or_hold(dest, signed, expires_ms, hops=hops)
         if hold_for_absent:
@@ -103,8 +124,7 @@ class GossipMixin:
             self._hold(dest, signed, expires_ms)
             return
         try:
-            await self.transport.publish(
-                self._inbox(dest), wrap(signed, to=peer.announcement.seal_key, hops=hops))
+            await self.publisher.forward(dest, peer.announcement.seal_key, signed, hops=hops)
         except WakuError:
             self.events["publish_failed"] += 1
             self._hold(dest, signed, expires_ms)
@@ -118,36 +138,3 @@ class GossipMixin:
         except BundleStoreError as exc:
             self.events["bundle_rejected"] += 1
             log.warning("bundle not stored", extra={"peer": dest, "error": str(exc)})
-
-    async def flush_bundles(self, dest: str) -> int:
-        """Forward every unexpired bundle held for ``dest``; returns how many went out."""
-        if self.bundles is None:
-            return 0
-        peer = self.peers.get(dest)
-        if peer is None or peer.announcement.seal_key is None:
-            return 0
-        sent = 0
-        for b in self.bundles.pending(dest, self.clock()):
-            try:
-                await self.transport.publish(
-                    self._inbox(dest), wrap(b.payload, to=peer.announcement.seal_key, hops=0))
-            except WakuError:
-                self.events["publish_failed"] += 1
-                break
-            self.bundles.remove(b)
-            sent += 1
-        return sent
-
-    async def _on_gossip(self, msg: ControlMessage) -> None:
-        item = GossipItem.decode(msg.body)
-        if item.expires_ms <= self.clock():
-            raise StaleMessage("gossip item expired")
-        if item.kind == "revocation":
-            target = item.payload.decode("utf-8", "replace")
-            if target and target != self.node_id:
-                self.keyring.revoke(target, f"revocation gossip from {msg.sender}")
-        for gl in self.gossip_listeners:
-            await maybe_await(gl(item, msg.sender))
-        if msg.hops_left > 0 and not item.destination:
-            await self._spread(msg.signed, item.expires_ms, msg.hops_left - 1,
-                               exclude={self.node_id, msg.sender}, hold_for_absent=False)

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as _PbMessage
 
 from pqcnet.crypto.errors import CryptoError
 from pqcnet.crypto.pqc import RecipientPublicKey, VerifyKey
+from pqcnet.mesh._pb import parse
 from pqcnet.mesh.errors import MalformedMessage
 from pqcnet.proto import mesh_pb2
 
@@ -30,10 +30,7 @@ _M = TypeVar("_M", bound=_PbMessage)
 
 
 def _parse(cls: type[_M], data: bytes) -> _M:
-    try:
-        return cls.FromString(data)
-    except DecodeError:
-        raise MalformedMessage(f"body is not a {cls.__name__}") from None
+    return parse(cls, data, MalformedMessage, f"body is not a {cls.__name__}")
 
 
 def _bounded(n: int, limit: int, what: str) -> None:

@@ -91,6 +91,11 @@ class Subscription:
             self.overflowed += 1
         self._queue.put_nowait(msg)
 
+    @property
+    def pending(self) -> int:
+        """Messages received and not taken yet (at most ``max_pending``)."""
+        return max(0, self._queue.qsize() - self.closed)  # a closed queue holds one sentinel
+
     async def get(self) -> WakuMessage:
         """Next message; raises :class:`TransportClosed` once closed and drained."""
         item = await self._queue.get()

@@ -9,6 +9,13 @@ The package does no network I/O: sync over the control plane calls
 :meth:`Ledger.tips` / :meth:`Ledger.missing` / :meth:`Ledger.export` /
 :meth:`Ledger.import_`.
 
+Where things are: ``ledger`` — :class:`Ledger`, the façade everything uses;
+``rules`` — the anchoring rules, in order, as pure checks; ``orphans`` — the
+bounded pool of vertices waiting for their ancestry; ``sync`` — missing / export /
+import; ``audit`` — ``verify()``; ``vertex``, ``payloads``, ``evidence``,
+``attestation``, ``slashing`` — what vertices carry and mean; ``store``, ``views`` —
+RocksDB and the views kept with it; ``receipts`` — what the ledger hands back.
+
 Quick tour::
 
     from pqcnet.qsdag import Ledger, VertexKind, PolicyAnchor, OpaqueRecord
@@ -88,15 +95,12 @@ from pqcnet.qsdag.errors import (
     VertexParked,
 )
 from pqcnet.qsdag.evidence import SlashingEvidence, verify_evidence
-from pqcnet.qsdag.ledger import (
+from pqcnet.qsdag.ledger import DEFAULT_SKEW, Ledger
+from pqcnet.qsdag.orphans import (
     DEFAULT_MAX_ORPHANS,
     DEFAULT_MAX_ORPHANS_PER_AUTHOR,
     DEFAULT_MAX_UNVERIFIED_ORPHANS,
-    DEFAULT_SKEW,
-    AnchorReceipt,
-    ImportReport,
-    Ledger,
-    VerifyReport,
+    OrphanPool,
 )
 from pqcnet.qsdag.payloads import (
     Genesis,
@@ -108,6 +112,7 @@ from pqcnet.qsdag.payloads import (
     decode_payload,
     encode_payload,
 )
+from pqcnet.qsdag.receipts import AnchorReceipt, ImportReport, VerifyReport
 from pqcnet.qsdag.slashing import SLASH_CONTENT_TYPE, SlashNotice
 from pqcnet.qsdag.vertex import (
     DOMAIN,
@@ -127,9 +132,9 @@ __all__ = [
     "ImportReport", "InvalidEvidence", "InvalidNodeId", "InvalidPayload", "KeyRecord",
     "KeyVersionMismatch", "Ledger", "LedgerError",
     "LedgerStateError", "MalformedVertex", "MeasurementPolicy", "Measurements", "NotFound",
-    "OpaqueRecord", "OrphanPoolFull", "PolicyAnchor", "Rejection", "RelayRecord", "Route",
-    "SlashNotice", "SlashingEvidence", "TimestampSkew", "UnknownAuthor", "VerifyReport", "Vertex",
-    "VertexKind", "VertexParked", "build_attestation", "decode", "decode_payload",
+    "OpaqueRecord", "OrphanPool", "OrphanPoolFull", "PolicyAnchor", "Rejection", "RelayRecord",
+    "Route", "SlashNotice", "SlashingEvidence", "TimestampSkew", "UnknownAuthor", "VerifyReport",
+    "Vertex", "VertexKind", "VertexParked", "build_attestation", "decode", "decode_payload",
     "encode_payload", "measure", "package_hash", "sign_vertex", "verify_attestation",
     "verify_evidence",
 ]

@@ -19,6 +19,7 @@ knows about ``rocksdict``. Three properties the ledger relies on:
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -46,6 +47,10 @@ COLUMN_FAMILIES: dict[str, str] = {
     "v_slash": "view: node → slash notices JSON (active and lifted)",
     "slash_tags": "view: vertex id → active slash ids in its ancestry (only if any)",
 }
+#: u64 rows and key parts: positions, author heads, counters, next position.
+U64 = struct.Struct(">Q")
+#: A ``vmeta`` value: depth, position, timestamp_ms.
+VMETA = struct.Struct(">QQQ")
 VIEW_FAMILIES = ("keys", "v_relay", "v_att", "v_route", "v_policy", "v_slash", "slash_tags")
 _SUM = 16
 

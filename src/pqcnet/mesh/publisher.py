@@ -1,0 +1,54 @@
+"""The agent's one way out: sign control messages as this node and publish them.
+
+The agent and its parts (gossip, DAG sync) all send through one :class:`Publisher`,
+so the envelope signer (and its counter), the transport and the topic naming are
+shared by construction instead of being reached for on the agent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pqcnet.crypto.pqc import RecipientPublicKey
+from pqcnet.mesh.envelope import EnvelopeSigner, MessageType, now_ms, wrap
+from pqcnet.mesh.transport import Transport, inbox_topic, topic_map
+
+
+class Publisher:
+    """Signs with ``signer``, stamps with ``clock``, publishes on ``transport``."""
+
+    def __init__(self, transport: Transport, signer: EnvelopeSigner, *, namespace: str = "",
+                 clock: Callable[[], int] = now_ms) -> None:
+        self.transport = transport
+        self.signer = signer
+        self.namespace = namespace
+        self.clock = clock
+        #: the standard content topics of this mesh (namespace applied)
+        self.topics = topic_map(namespace)
+
+    @property
+    def node_id(self) -> str:
+        return self.signer.keys.node_id
+
+    def inbox(self, node_id: str) -> str:
+        """The content topic of ``node_id``'s sealed inbox."""
+        return inbox_topic(node_id, self.namespace)
+
+    def sign(self, type_: MessageType, body: bytes) -> bytes:
+        """A signed envelope, not yet on the wire (gossip wraps it once per peer)."""
+        return self.signer.sign(type_, body, now_ms=self.clock())
+
+    async def publish(self, topic: str, type_: MessageType, body: bytes) -> None:
+        """Sign ``body`` and publish it, in the clear, on ``topic``."""
+        await self.transport.publish(topic, self.signer.wire(type_, body, now_ms=self.clock()))
+
+    async def send_sealed(self, dest: str, seal_key: RecipientPublicKey, type_: MessageType,
+                          body: bytes) -> None:
+        """Sign ``body`` for ``dest`` and publish it sealed to its inbox."""
+        wire = self.signer.wire(type_, body, now_ms=self.clock(), to=seal_key)
+        await self.transport.publish(self.inbox(dest), wire)
+
+    async def forward(self, dest: str, seal_key: RecipientPublicKey, signed: bytes, *,
+                      hops: int) -> None:
+        """Publish an already signed envelope sealed to ``dest``'s inbox."""
+        await self.transport.publish(self.inbox(dest), wrap(signed, to=seal_key, hops=hops))
