@@ -29,7 +29,7 @@ SCRIPT = "tools/refdocs.py"
 #: help text width, fixed so the output does not depend on the terminal
 WIDTH = 96
 #: class attributes that say how an error appears on the wire or in metrics
-ERROR_ATTRIBUTES = ("code", "outcome", "reason", "http_status", "retriable")
+ERROR_ATTRIBUTES = ("code", "outcome", "reason", "http_status", "grpc_code", "retriable")
 #: packages whose modules are not imported to find errors (they hold no error classes
 #: and importing them has costs: generated code, benchmark harnesses)
 SKIP_PACKAGES = ("pqcnet.proto", "pqcnet.bench")

@@ -56,6 +56,13 @@ def _plant(src: Path, module: str, line: str) -> None:
         fh.write(f"\n{line}  # planted by tests/architecture\n")
 
 
+def test_the_copy_alone_keeps_the_contract(src_copy: Path) -> None:
+    """The breach tests below start from this: lint-imports reads the copy, and it is clean."""
+    _plant(src_copy, "pqcnet/qstp/__init__.py", "import pqcnet.errors")   # downward: fine
+    result = _lint(src_copy.parent, pythonpath=src_copy)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @pytest.mark.parametrize(("module", "line", "expected"), [
     # upward: the tunnel core reaching for a service built on it
     ("pqcnet/qstp/__init__.py", "import pqcnet.relayer", "pqcnet.qstp -> pqcnet.relayer"),
@@ -69,8 +76,6 @@ def _plant(src: Path, module: str, line: str) -> None:
 ])
 def test_forbidden_import_breaks_the_contract(
         src_copy: Path, module: str, line: str, expected: str) -> None:
-    clean = _lint(src_copy.parent, pythonpath=src_copy)
-    assert clean.returncode == 0, clean.stdout + clean.stderr   # the copy alone is fine
     _plant(src_copy, module, line)
     result = _lint(src_copy.parent, pythonpath=src_copy)
     assert result.returncode != 0

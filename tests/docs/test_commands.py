@@ -42,7 +42,7 @@ PAGE_TIMEOUT_S = 90.0
 #: How long leftover background processes get after SIGTERM before SIGKILL.
 KILL_GRACE_S = 3.0
 #: Marks the start of each block in the combined output, so a failure names its block.
-MARK = "\x1e"
+MARK = "@@pqcnet-docs "
 _PY_END = "__PQCNET_DOCS_PYTHON__"
 
 
@@ -89,8 +89,17 @@ def _stop_group(proc: subprocess.Popen[str]) -> None:
 
 
 def _failed_block(output: str) -> str:
-    marks = [line for line in output.splitlines() if line.startswith(MARK)]
-    return marks[-1][1:] if marks else "before the first block"
+    marks = [line for line in output.split("\n") if line.startswith(MARK)]
+    return marks[-1][len(MARK):] if marks else "before the first block"
+
+
+def _logs(workdir: Path) -> str:
+    """The tails of the log files a page's commands wrote (servers run in the background)."""
+    parts = []
+    for path in sorted([*workdir.glob("*.log"), *workdir.glob("*.err")]):
+        tail = path.read_text(errors="replace").splitlines()[-15:]
+        parts.append(f"--- {path.name}\n" + "\n".join(tail))
+    return "\n".join(parts)
 
 
 @pytest.mark.parametrize("page", _pages_with_runnable_blocks(),
@@ -122,12 +131,12 @@ def test_runnable_blocks(page: Path, tmp_path: Path) -> None:
             proc.wait()
             output = log.read_text(errors="replace")
             pytest.fail(f"{page.name}: still running after {PAGE_TIMEOUT_S:.0f}s in "
-                        f"{_failed_block(output)}\n{output[-4000:]}")
+                        f"{_failed_block(output)}\n{output[-4000:]}\n{_logs(workdir)}")
         finally:
             _stop_group(proc)
     output = log.read_text(errors="replace")
     assert proc.returncode == 0, (
-        f"exit {proc.returncode} in {_failed_block(output)}\n{output[-4000:]}")
+        f"exit {proc.returncode} in {_failed_block(output)}\n{output[-4000:]}\n{_logs(workdir)}")
     assert f"{MARK}end" in output
     for block in page_blocks:
         for text in block.expect:
