@@ -96,7 +96,8 @@ def summary(cfg: Loaded) -> dict[str, Any]:
         }
     if isinstance(cfg, RelayerConfig):
         return {"node": cfg.node_id, "listen": f"{cfg.listen_host}:{cfg.listen_port}",
-                "backend": cfg.backend, "shards": cfg.shards, "owned_shards": cfg.shards_owned,
+                "backend": cfg.backend, "shards": cfg.shards,
+                "owned_shards": list(cfg.owned_shards) or "all",
                 "metrics_port": cfg.metrics_port, "grpc_port": cfg.grpc_port}
     cp = cfg.control_plane
     return {
