@@ -74,7 +74,8 @@ def test_key_file_that_is_not_a_key(tmp_path: Path) -> None:
 
 async def test_cli_bad_file_is_one_line_and_exit_1(tmp_path: Path) -> None:
     bad = write_yaml(tmp_path / "bad.yaml", {"role": "relayer", "relayer": RELAYER,
-                                             "control_plane": {"transport": "carrier"}})
+                                             "control_plane": {"transport": "carrier"}},
+                     valid=False)
     for cmd in ("check", "run"):
         status, out, err = await run_cli("node", cmd, "--config", str(bad))
         assert status == 1 and out == ""

@@ -121,6 +121,7 @@ def _describe(err: Mapping[str, Any]) -> str:
         return f"expected {_PATTERN_NAMES[ctx['pattern']]}, got {got}"
     msg = re.sub(r"a valid dictionary( or instance of \w+)?", "a mapping", msg)
     msg = msg.replace("Input should be ", "must be ").replace("a valid list", "a list")
+    msg = re.sub(r"^(List|Dictionary|String|Tuple) should have", "must have", msg)
     return f"{msg}, got {got}"
 
 

@@ -13,6 +13,7 @@ than 0, got 0``).
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,13 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from pqcnet._util.schema import split_hostport, validate, where
+from pqcnet._util.schema import (
+    HOSTPORT_PATTERN,
+    HTTP_URL_PATTERN,
+    split_hostport,
+    validate,
+    where,
+)
 from pqcnet._util.yamlfile import read_yaml_file
 from pqcnet.crypto.errors import CryptoError
 from pqcnet.crypto.pqc import MLDSAPublic, SigningKey, VerifyKey
@@ -178,15 +185,12 @@ def _backends(f: SentryFile, src: str) -> dict[str, BackendConfig]:
         at = where(src, "backends", i)
         if be.name in backends:
             raise SentryConfigError(f"{at}.name: duplicate backend name {be.name!r}")
-        if be.kind == "http":
-            if not be.target.startswith(("http://", "https://")):
-                raise SentryConfigError(f"{at}.target: expected an http(s):// URL, "
-                                        f"got {be.target!r}")
-        else:
-            try:
-                split_hostport(be.target)
-            except ValueError as exc:
-                raise SentryConfigError(f"{at}.target: {exc}") from None
+        # the same patterns the JSON Schema states for this rule (if kind: http ...)
+        pattern, what = ((HTTP_URL_PATTERN, "an http(s):// URL") if be.kind == "http"
+                         else (HOSTPORT_PATTERN, "host:port"))
+        if not re.fullmatch(pattern, be.target):
+            raise SentryConfigError(f"{at}.target: expected {what} for a {be.kind} backend, "
+                                    f"got {be.target!r}")
         backends[be.name] = be
     return backends
 
