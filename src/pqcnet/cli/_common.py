@@ -66,7 +66,7 @@ def run_until_signalled(start: Callable[[], Awaitable[S]], stop: Callable[[S], A
     """Run ``start()``; call ``ready(service)``; serve until SIGINT/SIGTERM; ``stop``.
 
     ``start`` must clean up after itself if it fails. ``fast_loop`` runs on uvloop when
-    available (see :mod:`pqcnet.sentry.loop`): the per-RPC proxies use it.
+    available (see :mod:`pqcnet._util.loop`): the per-RPC proxies use it.
     """
 
     async def main() -> None:
@@ -86,7 +86,7 @@ def run_until_signalled(start: Callable[[], Awaitable[S]], stop: Callable[[S], A
                 loop.remove_signal_handler(sig)
 
     if fast_loop:
-        from pqcnet.sentry import loop as fast
+        from pqcnet._util import loop as fast
 
         fast.run(main())
     else:

@@ -17,7 +17,6 @@ import click
 
 from pqcnet.cli._common import run_until_signalled
 from pqcnet.runtime import schema
-from pqcnet.runtime.config import NodeConfig
 
 _config = click.option("--config", "config_path", required=True,
                        type=click.Path(dir_okay=False, path_type=Path),
@@ -34,7 +33,7 @@ def cli() -> None:
 def check(config_path: Path) -> None:
     """Validate a node file (and the role's config it names) as `run` would; print a JSON
     summary (same as `pqcnet config check FILE --kind node`)."""
-    click.echo(json.dumps(schema.check(config_path, "node")))
+    click.echo(json.dumps(schema.check_node_file(config_path)))
 
 
 @cli.command("run")
@@ -43,9 +42,7 @@ def run(config_path: Path) -> None:
     """Start the node and its control-plane agent; serve until SIGINT/SIGTERM."""
     from pqcnet.runtime.node import NodeRuntime
 
-    cfg = schema.load("node", config_path)
-    assert isinstance(cfg, NodeConfig)
-    schema.require_runnable(cfg, str(config_path))
+    cfg = schema.load_node_file(config_path)
 
     async def start() -> NodeRuntime:
         node = NodeRuntime(cfg)

@@ -28,7 +28,6 @@ from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.frame import Frame
 from pqcnet.relayer.governance import VolumeFilter, pull_report, pull_volume
 from pqcnet.relayer.node import RelayerNode, load_identity
-from pqcnet.runtime import schema
 
 # ------------------------------------------------------------------ pqcnet relayer
 
@@ -43,9 +42,8 @@ def cli() -> None:
               dir_okay=False, path_type=Path), help="Relayer YAML (see examples/relayer.yaml).")
 def run_cmd(config_path: Path) -> None:
     """Serve QSTP ingress/egress, shard workers, metrics and governance gRPC."""
-    cfg = schema.load("relayer", config_path)
-    assert isinstance(cfg, RelayerConfig)
-    schema.require_runnable(cfg, str(config_path))
+    cfg = RelayerConfig.load(config_path)
+    cfg.require_identity(str(config_path))
     identity = load_identity(cfg)
 
     async def start() -> RelayerNode:

@@ -19,9 +19,8 @@ from pqcnet._util.env import ISSUER_PASS_ENV, PASS_ENV, env_passphrase
 from pqcnet.cli._common import hostport, passphrase, run_until_signalled
 from pqcnet.crypto.pqc import SigningKey
 from pqcnet.identity import NodeIdentity
-from pqcnet.runtime import schema
 from pqcnet.sentry import assertion as sa
-from pqcnet.sentry.config import verify_key_pem
+from pqcnet.sentry.config import check_file, load_config, require_identity, verify_key_pem
 from pqcnet.sentry.errors import SentryConfigError
 
 
@@ -47,7 +46,7 @@ def cli() -> None:
 def check(config_path: Path) -> None:
     """Validate a sentry config as `run` would; print its summary (JSON) with sanitizer
     policy digests (same as `pqcnet config check FILE --kind sentry`)."""
-    click.echo(json.dumps(schema.check(config_path, "sentry"), indent=2))
+    click.echo(json.dumps(check_file(config_path), indent=2))
 
 
 @cli.command("run")
@@ -63,10 +62,8 @@ def run(config_path: Path, reload_interval: float, passphrase_env: str,
         no_passphrase: bool) -> None:
     """Terminate QSTP tunnels and proxy admitted RPCs to the configured backends."""
     from pqcnet.runtime.sentry import SentryService
-    from pqcnet.sentry.config import SentryConfig, require_identity
 
-    cfg = schema.load("sentry", config_path)
-    assert isinstance(cfg, SentryConfig)
+    cfg = load_config(config_path)
     identity = NodeIdentity.load(require_identity(cfg),
                                  passphrase(passphrase_env, no_passphrase, what="node key"))
     service = SentryService(cfg, identity, config_path=config_path,

@@ -26,6 +26,7 @@ from pqcnet._util.schema import (
     Schema,
     format_error,
     validate,
+    where,
 )
 from pqcnet._util.yamlfile import read_yaml_file
 from pqcnet.relayer.backpressure import HIGH_WATER, LOW_WATER
@@ -178,6 +179,28 @@ class RelayerConfig(Schema):
         data = read_yaml_file(p, ConfigError)
         return cls.from_mapping({} if data is None else data, base=p.parent.resolve(),
                                 source=str(p))
+
+    def require_identity(self, name: str = "") -> str:
+        """The identity directory ``relayer run`` needs (what a check and a run agree on);
+        ``name`` is the file (error messages)."""
+        if not self.identity_dir:
+            raise ConfigError(where(name, "relayer", "identity_dir")
+                              + ": required to run a relayer")
+        return self.identity_dir
+
+    def summary(self) -> dict[str, Any]:
+        """What a check prints."""
+        return {"node": self.node_id, "listen": f"{self.listen_host}:{self.listen_port}",
+                "backend": self.backend, "shards": self.shards,
+                "owned_shards": list(self.owned_shards) or "all",
+                "metrics_port": self.metrics_port, "grpc_port": self.grpc_port}
+
+    @classmethod
+    def check_file(cls, path: Path) -> dict[str, Any]:
+        """Validate ``path`` as ``relayer run`` would; return its :meth:`summary`."""
+        cfg = cls.load(path)
+        cfg.require_identity(str(path))
+        return cfg.summary()
 
     def replace(self, **changes: Any) -> RelayerConfig:
         """A copy with ``changes`` applied (validated again; :class:`ConfigError`)."""

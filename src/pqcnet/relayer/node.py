@@ -283,7 +283,10 @@ class RelayerNode:
         key = self.identity.key
         if ledger.genesis_id is None:
             if not self.cfg.ledger_dev_genesis:
-                raise ConfigError(f"ledger at {path} has no genesis (ledger_dev_genesis off)")
+                raise ConfigError(
+                    f"ledger_dir: ledger {path} has no genesis; create it with `pqcnet ledger "
+                    f"--path {path} init --network NAME --authority {self.cfg.node_id} --key "
+                    "AUTHORITY.pem` (or set ledger_dev_genesis: true)")
             ledger.init_genesis("pqcnet-dev", self.cfg.node_id, key)
         self.anchor = LedgerAnchor(ledger, self.cfg.node_id, key)
 

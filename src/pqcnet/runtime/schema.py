@@ -6,12 +6,14 @@ path every command that validates a config file goes through.
   (:class:`pqcnet.sentry.schema.SentryFile`, :class:`pqcnet.relayer.config.RelayerFile`
   / :class:`~pqcnet.relayer.config.RelayerConfig`, :class:`pqcnet.runtime.config.NodeFile`).
   Deployment tooling (Helm's ``values.schema.json``) is generated from it.
-* :func:`check` loads a file of a kind the way ``run`` does — schema, then what only
-  the loader can check (key files readable, routes name defined backends, the
-  identity directory a ``run`` needs) — and returns a JSON-able summary. ``pqcnet
-  config check``, ``pqcnet sentry check`` and ``pqcnet node check`` all call it, and
-  the ``run`` commands call :func:`load` + :func:`require_runnable`, so a file one
-  accepts the other accepts.
+* :func:`check` validates a file of a kind the way ``run`` does — schema, then what
+  only the loader can check (key files readable, routes name defined backends, the
+  identity directory a ``run`` needs) — and returns a JSON-able summary. It delegates
+  to each role's own check (:func:`pqcnet.sentry.config.check_file`,
+  :meth:`pqcnet.relayer.config.RelayerConfig.check_file`, :func:`check_node_file`), which
+  ``pqcnet sentry check`` / ``node check`` call directly (a sentry install does not
+  ship the relayer) and whose parts the ``run`` commands use, so a file one accepts the
+  other accepts.
 """
 
 from __future__ import annotations
@@ -24,18 +26,16 @@ from pydantic import TypeAdapter
 from pqcnet._util.schema import where
 from pqcnet.errors import PqcnetError
 from pqcnet.relayer.config import RelayerConfig, RelayerFile
-from pqcnet.relayer.errors import ConfigError
 from pqcnet.runtime.config import NodeConfig, NodeFile, load_node_config
 from pqcnet.runtime.errors import NodeConfigError
-from pqcnet.sentry.config import SentryConfig, load_config, require_identity
+from pqcnet.sentry.config import check_file as check_sentry_file
+from pqcnet.sentry.config import require_identity
 from pqcnet.sentry.schema import SentryFile
 
 Kind = Literal["sentry", "relayer", "node"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
 #: the JSON Schema dialect pydantic emits
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
-
-Loaded = SentryConfig | RelayerConfig | NodeConfig
 
 
 def json_schema(kind: str) -> dict[str, Any]:
@@ -51,54 +51,19 @@ def json_schema(kind: str) -> dict[str, Any]:
     return {"$schema": DIALECT, "title": f"pqcnet {kind} config", **schema}
 
 
-def load(kind: Kind, path: Path) -> Loaded:
-    """Read and validate ``path`` as a ``kind`` file (each role's own loader)."""
-    if kind == "sentry":
-        return load_config(path)
-    if kind == "relayer":
-        return RelayerConfig.load(path)
-    return load_node_config(path)
-
-
-def require_runnable(cfg: Loaded, name: str = "") -> None:
-    """What ``run`` needs beyond a valid file: an identity directory. ``name`` is the
-    file (error messages)."""
-    if isinstance(cfg, SentryConfig):
-        require_identity(cfg, name)
-    elif isinstance(cfg, RelayerConfig):
-        if not cfg.identity_dir:
-            raise ConfigError(where(name, "relayer", "identity_dir")
-                              + ": required to run a relayer")
-    elif cfg.sentry is not None:
-        try:
+def require_runnable(cfg: NodeConfig) -> None:
+    """What ``node run`` needs beyond a valid file: the role's identity directory."""
+    try:
+        if cfg.sentry is not None:
             require_identity(cfg.sentry, "" if cfg.sentry_path else where(cfg.source, "sentry"))
-        except PqcnetError as exc:
-            raise NodeConfigError(str(exc)) from None
-    elif cfg.relayer is not None and not cfg.relayer.identity_dir:
-        raise NodeConfigError(where(cfg.source, "relayer", "identity_dir")
-                              + ": required to run a relayer")
+        elif cfg.relayer is not None:
+            cfg.relayer.require_identity(cfg.source)
+    except PqcnetError as exc:
+        raise NodeConfigError(str(exc)) from None
 
 
-def summary(cfg: Loaded) -> dict[str, Any]:
-    """What a check prints: the facts an operator verifies at a glance."""
-    if isinstance(cfg, SentryConfig):
-        from pqcnet.sentry.sanitizer import IdentitySanitizer
-
-        p = cfg.policy
-        return {
-            "listen": f"{cfg.listen_host}:{cfg.listen_port}",
-            "backends": {n: {"kind": b.kind, "target": b.target, "tenants": list(b.tenants)}
-                         for n, b in cfg.backends.items()},
-            "tenants": sorted(p.issuers),
-            "max_in_flight": p.max_in_flight,
-            "sanitizer_policy_sha256": {t: d.hex() for t, d in
-                                        IdentitySanitizer(p.sanitizer).digests().items()},
-        }
-    if isinstance(cfg, RelayerConfig):
-        return {"node": cfg.node_id, "listen": f"{cfg.listen_host}:{cfg.listen_port}",
-                "backend": cfg.backend, "shards": cfg.shards,
-                "owned_shards": list(cfg.owned_shards) or "all",
-                "metrics_port": cfg.metrics_port, "grpc_port": cfg.grpc_port}
+def node_summary(cfg: NodeConfig) -> dict[str, Any]:
+    """What a node check prints."""
     cp = cfg.control_plane
     return {
         "role": cfg.role, "transport": cp.transport, "waku_rest_urls": list(cp.waku_rest_urls),
@@ -107,14 +72,28 @@ def summary(cfg: Loaded) -> dict[str, Any]:
         "ledger": cp.ledger}
 
 
+def load_node_file(path: Path) -> NodeConfig:
+    """Load a node file as ``node run`` does (valid and runnable)."""
+    cfg = load_node_config(path)
+    require_runnable(cfg)
+    return cfg
+
+
+def check_node_file(path: Path) -> dict[str, Any]:
+    """``node check``: :func:`load_node_file` and its summary."""
+    return node_summary(load_node_file(path))
+
+
 def check(path: Path, kind: str) -> dict[str, Any]:
-    """Validate ``path`` exactly as ``run`` would and return its :func:`summary`."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    cfg = load(kind, path)
-    require_runnable(cfg, str(path))
-    return summary(cfg)
+    """Validate ``path`` exactly as the ``kind``'s ``run`` would; return its summary."""
+    if kind == "sentry":
+        return check_sentry_file(path)
+    if kind == "relayer":
+        return RelayerConfig.check_file(path)
+    if kind == "node":
+        return check_node_file(path)
+    raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
-__all__ = ["DIALECT", "KINDS", "Kind", "Loaded", "check", "json_schema", "load",
-           "require_runnable", "summary"]
+__all__ = ["DIALECT", "KINDS", "Kind", "check", "check_node_file", "json_schema",
+           "load_node_file", "node_summary", "require_runnable"]

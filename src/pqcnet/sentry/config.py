@@ -52,9 +52,22 @@ MAX_CONFIG_BYTES = 1024 * 1024
 MAX_KEY_FILE_BYTES = 4096
 
 __all__ = [
-    "BACKEND_KINDS", "MAX_CONFIG_BYTES", "BackendConfig", "Bounds", "Policy", "Route",
-    "SentryConfig", "file_fingerprint", "load_config", "load_verify_key", "parse_config",
-    "read_yaml", "require_identity", "verify_key_pem",
+    "BACKEND_KINDS",
+    "MAX_CONFIG_BYTES",
+    "BackendConfig",
+    "Bounds",
+    "Policy",
+    "Route",
+    "SentryConfig",
+    "check_file",
+    "file_fingerprint",
+    "load_config",
+    "load_verify_key",
+    "parse_config",
+    "read_yaml",
+    "require_identity",
+    "summary",
+    "verify_key_pem",
 ]
 
 
@@ -253,6 +266,30 @@ def require_identity(cfg: SentryConfig, name: str = "") -> Path:
         raise SentryConfigError(where(src, "identity_dir") + f": {cfg.identity_dir} is not a "
                                 "directory (create it with `pqcnet ca issue ... --out DIR`)")
     return cfg.identity_dir
+
+
+def summary(cfg: SentryConfig) -> dict[str, Any]:
+    """What a check prints: the facts an operator verifies at a glance."""
+    from pqcnet.sentry.sanitizer import IdentitySanitizer
+
+    p = cfg.policy
+    return {
+        "listen": f"{cfg.listen_host}:{cfg.listen_port}",
+        "backends": {n: {"kind": b.kind, "target": b.target, "tenants": list(b.tenants)}
+                     for n, b in cfg.backends.items()},
+        "tenants": sorted(p.issuers),
+        "max_in_flight": p.max_in_flight,
+        "sanitizer_policy_sha256": {t: d.hex() for t, d in
+                                    IdentitySanitizer(p.sanitizer).digests().items()},
+    }
+
+
+def check_file(path: Path) -> dict[str, Any]:
+    """Validate ``path`` as ``sentry run`` would (schema, key files, identity directory)
+    and return its :func:`summary` — ``sentry check`` and ``config check --kind sentry``."""
+    cfg = load_config(path)
+    require_identity(cfg)
+    return summary(cfg)
 
 
 def file_fingerprint(path: Path) -> bytes:
