@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from pqcnet import qstp
-from pqcnet.sentry.sidecar import Sidecar
-
-from ..sentry.harness import HttpBackend, config_dict, make_mesh, write_config
+from ..sentry.harness import HttpBackend, config_dict, make_mesh, sidecar_to, write_config
 from .harness import NodeProcess, write_yaml
 from .test_node_sentry import _status
 
@@ -34,12 +30,7 @@ async def test_node_sentry_hot_reloads_its_config_file(tmp_path: Path) -> None:
             "role": "sentry", "sentry": "sentry.yaml",
             "control_plane": {"transport": "embedded", "announce_interval_s": 1.0}})
         async with NodeProcess(config) as node:
-            port = node.ready["port"]
-
-            async def dial() -> Any:
-                return await qstp.connect("127.0.0.1", port, mesh.acme)
-
-            sidecar = Sidecar(dial, mesh.acme_issuer, subject="alice", tenant="acme")
+            sidecar = sidecar_to(node.ready["port"], mesh.acme, mesh.acme_issuer)
             try:
                 assert [await _status(sidecar) for _ in range(10)] == [200] * 10
                 strict = {**config_dict(http.port, 1, 1, rate=0.2, burst=2),

@@ -249,10 +249,19 @@ class Stack:
     def sidecar(self, identity: NodeIdentity, issuer: SigningKey, tenant: str = "acme",
                 *, subject: str = "alice", ttl: float = 300.0,
                 clock: Callable[[], float] = time.time) -> Sidecar:
-        async def dial() -> Any:
-            return await qstp.connect("127.0.0.1", self.port, identity)
+        return sidecar_to(self.port, identity, issuer, tenant, subject=subject, ttl=ttl,
+                          clock=clock)
 
-        return Sidecar(dial, issuer, subject=subject, tenant=tenant, ttl=ttl, clock=clock)
+
+def sidecar_to(port: int, identity: NodeIdentity, issuer: SigningKey, tenant: str = "acme",
+               *, subject: str = "alice", ttl: float = 300.0,
+               clock: Callable[[], float] = time.time) -> Sidecar:
+    """A sidecar dialling the sentry on 127.0.0.1:``port`` as ``identity``."""
+
+    async def dial() -> Any:
+        return await qstp.connect("127.0.0.1", port, identity)
+
+    return Sidecar(dial, issuer, subject=subject, tenant=tenant, ttl=ttl, clock=clock)
 
 
 @contextlib.asynccontextmanager

@@ -54,8 +54,8 @@ def run(config_path: Path) -> None:
             "ready": True, "role": cfg.role, "node": node.node_id, "port": node.port,
             "metrics_port": node.metrics_port, "mesh_metrics_port": node.mesh_metrics_port,
             "grpc_port": node.relayer.grpc_port if node.relayer is not None else None,
-            "transport": cfg.control_plane.transport,
-            "namespace": cfg.control_plane.namespace}))
+            "transport": cfg.control_plane.spec.transport,
+            "namespace": cfg.control_plane.spec.namespace}))
         sys.stdout.flush()
 
     run_until_signalled(start, NodeRuntime.stop, ready)

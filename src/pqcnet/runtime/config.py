@@ -119,23 +119,15 @@ class NodeFile(Schema):
 
 @dataclass(frozen=True, slots=True)
 class ControlPlaneConfig:
-    """How the node joins the control plane (keys loaded, paths resolved)."""
+    """The validated ``control_plane`` section (``spec``) with what the loader adds:
+    keys loaded, paths resolved, one URL turned into a list."""
 
-    transport: TransportKind = "embedded"
+    spec: ControlPlaneSpec
     waku_rest_urls: tuple[str, ...] = ()
-    namespace: str = ""
-    node_id: str = ""
     governance_keys: tuple[VerifyKey, ...] = ()
-    governance_threshold: int = 1
-    governance_issuer: str = "governance"
+    #: other senders whose envelopes we verify, node id -> key (version 1)
     trust: Mapping[str, VerifyKey] = field(default_factory=dict)
-    ledger: Literal["node", "none"] = "node"
-    announce_interval_s: float = 10.0
-    publish_reports: bool = True
-    report_interval_s: float = 1.0
-    metrics_port: int | None = None
     ca_dir: Path | None = None
-    tick_s: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,13 +164,8 @@ def _control_plane(cp: ControlPlaneSpec, base: Path, src: str) -> ControlPlaneCo
                               f"got {gov.threshold}")
     trust = {n: load_key(base / p, where(src, "control_plane", "trust", n))
              for n, p in cp.trust.items()}
-    return ControlPlaneConfig(
-        transport=cp.transport, waku_rest_urls=urls, namespace=cp.namespace,
-        node_id=cp.node_id, governance_keys=keys, governance_threshold=gov.threshold,
-        governance_issuer=gov.issuer, trust=trust, ledger=cp.ledger,
-        announce_interval_s=cp.announce_interval_s, publish_reports=cp.publish_reports,
-        report_interval_s=cp.report_interval_s, metrics_port=cp.metrics_port,
-        ca_dir=base / cp.ca_dir if cp.ca_dir else None, tick_s=cp.tick_s)
+    return ControlPlaneConfig(spec=cp, waku_rest_urls=urls, governance_keys=keys, trust=trust,
+                              ca_dir=base / cp.ca_dir if cp.ca_dir else None)
 
 
 def _role_config(f: NodeFile, raw: Mapping[str, Any], base: Path, src: str) -> NodeConfig:

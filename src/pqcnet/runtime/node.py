@@ -168,16 +168,16 @@ class NodeRuntime:
             assert self.agent is not None
             await self.agent.start()
             cp = self.cfg.control_plane
-            if cp.metrics_port is not None:
-                httpd, _thread = start_http_server(cp.metrics_port, addr="127.0.0.1")
+            if cp.spec.metrics_port is not None:
+                httpd, _thread = start_http_server(cp.spec.metrics_port, addr="127.0.0.1")
                 self.mesh_metrics_port = int(httpd.server_port)
                 self._closers.append(httpd.shutdown)
         except BaseException:
             await self.stop()
             raise
         log.info("node up", extra={"role": self.cfg.role, "node": self.node_id,
-                                   "port": self.port, "transport": cp.transport,
-                                   "namespace": cp.namespace})
+                                   "port": self.port, "transport": cp.spec.transport,
+                                   "namespace": cp.spec.namespace})
 
     @property
     def node_id(self) -> str:
@@ -209,20 +209,20 @@ class NodeRuntime:
         cp = self.cfg.control_plane
         transport = self._transport
         if transport is None:
-            transport = (await _waku_transport(cp.waku_rest_urls) if cp.transport == "waku"
+            transport = (await _waku_transport(cp.waku_rest_urls) if cp.spec.transport == "waku"
                          else InProcessTransport(InProcessHub()))
         ring = Keyring()
         if cp.governance_keys:
-            ring.add(cp.governance_issuer, cp.governance_keys[0], 1)
+            ring.add(cp.spec.governance.issuer, cp.governance_keys[0], 1)
         for node, key in cp.trust.items():
             ring.add(node, key, 1)
-        governance = (GovernancePolicy(list(cp.governance_keys), cp.governance_threshold)
+        governance = (GovernancePolicy(list(cp.governance_keys), cp.spec.governance.threshold)
                       if cp.governance_keys else None)
-        config = AgentConfig(role=self.cfg.role, namespace=cp.namespace,
-                             announce_interval_ms=int(cp.announce_interval_s * 1000),
-                             peer_expiry_ms=int(cp.announce_interval_s * 3000),
-                             tick_ms=max(1, int(cp.tick_s * 1000)))
-        port = QsdagPort(ledger, keys) if ledger is not None and cp.ledger == "node" else None
+        config = AgentConfig(role=self.cfg.role, namespace=cp.spec.namespace,
+                             announce_interval_ms=int(cp.spec.announce_interval_s * 1000),
+                             peer_expiry_ms=int(cp.spec.announce_interval_s * 3000),
+                             tick_ms=max(1, int(cp.spec.tick_s * 1000)))
+        port = QsdagPort(ledger, keys) if ledger is not None and cp.spec.ledger == "node" else None
         self.agent = cls(keys, transport, ring, config=config, governance=governance,
                          ledger=port)
         if governance is None:
@@ -240,7 +240,7 @@ class NodeRuntime:
         self._closers.append(node.stop)
         await node.start()
         self.port, self.metrics_port = node.port, node.metrics_port
-        node_id = self.cfg.control_plane.node_id or rcfg.node_id
+        node_id = self.cfg.control_plane.spec.node_id or rcfg.node_id
         seed_gate(self.gate, node.anchor.ledger, node_id)
         keys = NodeKeys(node_id, identity.key)
         agent = await self._make_agent(keys, node.anchor.ledger, _RelayerAgent)
@@ -248,13 +248,13 @@ class NodeRuntime:
         cp = self.cfg.control_plane
         agent.can_rekey = ("no control_plane.ca_dir to certify the new key" if cp.ca_dir is None
                            else "control_plane.ledger is none: the relayer's ledger would "
-                           "refuse proofs under the new key" if cp.ledger != "node" else "")
+                           "refuse proofs under the new key" if cp.spec.ledger != "node" else "")
         self.endpoint = QstpEndpoint(identity, keys, self._issuer(),
                                      policy=TlsPolicy(gate=self.gate))
         agent.handlers += [self.endpoint, _RelayerRekey(self.endpoint, node)]
-        if self.cfg.control_plane.publish_reports:
+        if self.cfg.control_plane.spec.publish_reports:
             self.reports = RelayReportPublisher(
-                node, agent, interval_s=self.cfg.control_plane.report_interval_s)
+                node, agent, interval_s=self.cfg.control_plane.spec.report_interval_s)
             self._tasks.append(asyncio.create_task(self.reports.run(), name="relay-reports"))
 
     # ------------------------------------------------------------------ sentry
@@ -265,7 +265,7 @@ class NodeRuntime:
         scfg = self.cfg.sentry
         assert scfg is not None
         identity = NodeIdentity.load(require_identity(scfg), env_passphrase(PASS_ENV))
-        keys = NodeKeys(self.cfg.control_plane.node_id or identity.spiffe_id.node_id,
+        keys = NodeKeys(self.cfg.control_plane.spec.node_id or identity.spiffe_id.node_id,
                         identity.key)
         service = self.sentry_service = SentryService(scfg, identity, keys=keys,
                                                       issuer=self._issuer())

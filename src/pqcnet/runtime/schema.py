@@ -66,10 +66,10 @@ def node_summary(cfg: NodeConfig) -> dict[str, Any]:
     """What a node check prints."""
     cp = cfg.control_plane
     return {
-        "role": cfg.role, "transport": cp.transport, "waku_rest_urls": list(cp.waku_rest_urls),
-        "namespace": cp.namespace, "governance_keys": len(cp.governance_keys),
-        "governance_threshold": cp.governance_threshold, "trusted": sorted(cp.trust),
-        "ledger": cp.ledger}
+        "role": cfg.role, "transport": cp.spec.transport, "waku_rest_urls": list(cp.waku_rest_urls),
+        "namespace": cp.spec.namespace, "governance_keys": len(cp.governance_keys),
+        "governance_threshold": cp.spec.governance.threshold, "trusted": sorted(cp.trust),
+        "ledger": cp.spec.ledger}
 
 
 def load_node_file(path: Path) -> NodeConfig:
