@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from tests.config.schemacheck import assert_schema
+
 PQCNET = str(Path(sys.executable).parent / "pqcnet")
 #: bytes of the node's stderr kept (the newest); older output is dropped
 STDERR_KEEP = 4 << 20
@@ -29,7 +31,11 @@ def namespace() -> str:
     return "n" + uuid.uuid4().hex[:10]
 
 
-def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+def write_yaml(path: Path, data: dict[str, Any], *, kind: str = "node",
+               valid: bool = True) -> Path:
+    """Write a config file; the JSON Schema of ``kind`` must accept it (or refuse it,
+    for a file written invalid on purpose)."""
+    assert_schema(kind, data, valid=valid)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from pqcnet import qstp
 from pqcnet.crypto.pqc import SigningKey
 from pqcnet.errors import PqcnetError
 from pqcnet.qsdag import Ledger, VertexKind
@@ -22,7 +20,7 @@ from pqcnet.sentry.config import verify_key_pem
 from pqcnet.sentry.sidecar import Sidecar
 from pqcnet.sentry.wire import RequestHead
 
-from ..sentry.harness import HttpBackend, config_dict, make_mesh, write_config
+from ..sentry.harness import HttpBackend, config_dict, make_mesh, sidecar_to, write_config
 from .harness import NodeProcess, namespace, run_cli, write_yaml
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(150)]
@@ -54,12 +52,7 @@ async def test_sentry_node_applies_rate_limit_directive(
                               "announce_interval_s": 1.0},
         })
         async with NodeProcess(config) as node:
-            port = node.ready["port"]
-
-            async def dial() -> Any:
-                return await qstp.connect("127.0.0.1", port, mesh.acme)
-
-            sidecar = Sidecar(dial, mesh.acme_issuer, subject="alice", tenant="acme")
+            sidecar = sidecar_to(node.ready["port"], mesh.acme, mesh.acme_issuer)
             try:
                 assert [await _status(sidecar) for _ in range(6)] == [200] * 6
                 limited = False

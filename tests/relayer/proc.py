@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from tests.config.schemacheck import assert_schema
 from tests.relayer.e2e import identities
 
 PQCNET = str(Path(sys.executable).parent / "pqcnet")
@@ -24,6 +25,7 @@ def write_config(tmp: Path, **kw: Any) -> Path:
     cfg = {"node_id": "relayer-p", "listen_port": 0, "identity_dir": str(ident),
            "data_dir": str(tmp / "data"), "shards": 8, **kw}
     path = tmp / "relayer.yaml"
+    assert_schema("relayer", {"relayer": cfg})
     path.write_text(yaml.safe_dump({"relayer": cfg}))
     return path
 

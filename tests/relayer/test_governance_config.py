@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from pydantic import ValidationError
 
 from pqcnet.crypto.pqc import SigningKey
 from pqcnet.proto import relayer_pb2 as pb
@@ -103,14 +104,18 @@ async def test_tls_with_classical_cert_and_plaintext_only_on_loopback(tmp_path: 
 
 
 def test_config_validation(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="unknown config keys: bogus"):
+    with pytest.raises(ConfigError, match=r"^relayer\.bogus: unknown key$"):
         RelayerConfig.from_mapping({"relayer": {"bogus": 1}})
-    with pytest.raises(ConfigError, match="redis_url"):
-        RelayerConfig(backend="redis")
+    with pytest.raises(ConfigError, match=r"^redis_url: required for backend redis$"):
+        RelayerConfig.from_mapping({"backend": "redis"})
     with pytest.raises(ConfigError, match="low_water"):
-        RelayerConfig(high_water=10, low_water=10)
+        RelayerConfig.from_mapping({"high_water": 10, "low_water": 10})
     with pytest.raises(ConfigError, match="owned_shards"):
-        RelayerConfig(shards=4, owned_shards=(4,))
+        RelayerConfig.from_mapping({"shards": 4, "owned_shards": [4]})
+    with pytest.raises(ValidationError):  # in code, a mistake is pydantic's own error
+        RelayerConfig(backend="redis")
+    with pytest.raises(ConfigError, match="owned_shards"):  # replace() validates again
+        RelayerConfig(shards=4).replace(owned_shards=(4,))
     bad = tmp_path / "bad.yaml"
     bad.write_text("relayer: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):

@@ -31,6 +31,7 @@ from pqcnet.sentry.config import load_config, verify_key_pem
 from pqcnet.sentry.core import Sentry
 from pqcnet.sentry.server import SentryServer
 from pqcnet.sentry.sidecar import Sidecar
+from tests.config.schemacheck import assert_schema
 
 TD = "pqcnet.test"
 SENTRY_ID = f"spiffe://{TD}/ops/sentry/s1"
@@ -230,6 +231,7 @@ def config_dict(http_port: int, grpc_port: int, tcp_port: int, *, rate: float = 
 def write_config(dir_: Path, mesh: Mesh, cfg: dict[str, Any]) -> Path:
     (dir_ / "acme-issuer.pub").write_bytes(verify_key_pem(mesh.acme_issuer.public_key))
     (dir_ / "globex-issuer.pub").write_bytes(verify_key_pem(mesh.globex_issuer.public_key))
+    assert_schema("sentry", cfg)
     path = dir_ / "sentry.yaml"
     tmp = dir_ / "sentry.yaml.tmp"
     tmp.write_text(yaml.safe_dump(cfg))
@@ -247,10 +249,19 @@ class Stack:
     def sidecar(self, identity: NodeIdentity, issuer: SigningKey, tenant: str = "acme",
                 *, subject: str = "alice", ttl: float = 300.0,
                 clock: Callable[[], float] = time.time) -> Sidecar:
-        async def dial() -> Any:
-            return await qstp.connect("127.0.0.1", self.port, identity)
+        return sidecar_to(self.port, identity, issuer, tenant, subject=subject, ttl=ttl,
+                          clock=clock)
 
-        return Sidecar(dial, issuer, subject=subject, tenant=tenant, ttl=ttl, clock=clock)
+
+def sidecar_to(port: int, identity: NodeIdentity, issuer: SigningKey, tenant: str = "acme",
+               *, subject: str = "alice", ttl: float = 300.0,
+               clock: Callable[[], float] = time.time) -> Sidecar:
+    """A sidecar dialling the sentry on 127.0.0.1:``port`` as ``identity``."""
+
+    async def dial() -> Any:
+        return await qstp.connect("127.0.0.1", port, identity)
+
+    return Sidecar(dial, issuer, subject=subject, tenant=tenant, ttl=ttl, clock=clock)
 
 
 @contextlib.asynccontextmanager

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from pqcnet.sentry import http1, loop, wire
+from pqcnet._util import loop
+from pqcnet.sentry import http1, wire
 from pqcnet.sentry.assertion import SessionAssertion
 from pqcnet.sentry.core import Admission, Sentry
 from pqcnet.sentry.errors import WireError

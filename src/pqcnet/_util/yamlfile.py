@@ -2,8 +2,8 @@
 
 Sentries, relayers and the node runtime all validate their config at start; this
 is the one place that reads such a file with a size bound and turns OS and YAML
-errors into the caller's own typed error with a one-line message. It lives in
-``qstp`` only because that is the package every role already depends on.
+errors into the caller's own typed error with a one-line message. What the mapping
+must hold is the schema's business (:mod:`pqcnet._util.schema`).
 """
 
 from __future__ import annotations

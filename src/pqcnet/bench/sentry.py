@@ -289,7 +289,7 @@ def _pqcnet_stack(d: Path, backend: int, sentry_port: int, sidecar_port: int
 def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
         loadgen_procs: int = 2) -> dict[str, Any]:
     """Measure all three paths; returns the JSON-able result."""
-    from pqcnet.sentry.loop import loop_name
+    from pqcnet._util.loop import loop_name
 
     load_before = round(os.getloadavg()[0], 2)
     ports = {k: _free_port() for k in ("backend", "nginx", "sentry", "sidecar")}

@@ -10,13 +10,14 @@ would show them; ``--no-passphrase`` stores keys unencrypted (development only).
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 
+from pqcnet._util.env import CA_PASS_ENV, PASS_ENV
+from pqcnet.cli._common import passphrase
 from pqcnet.identity import IssuancePolicy, MeshCA, NodeIdentity, SpiffeId, load_crl
 from pqcnet.identity.ca import CA_KEY_FILE
 from pqcnet.identity.certs import load_certs
@@ -51,24 +52,10 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
 DURATION = Duration()
 
 
-def passphrase(env: str, no_passphrase: bool, *, what: str, confirm: bool = False) -> bytes | None:
-    """Passphrase from ``$env``, else a hidden prompt; None when ``no_passphrase``."""
-    if no_passphrase:
-        return None
-    value = os.environ.get(env)
-    if value is None:
-        value = click.prompt(
-            f"{what} passphrase (or set ${env})", hide_input=True, confirmation_prompt=confirm
-        )
-    if not value:
-        raise click.BadParameter(f"empty {what} passphrase (use --no-passphrase for none)")
-    return value.encode()
-
-
 def _ca_options(f: Callable[..., None]) -> Callable[..., None]:
     f = click.option("--no-passphrase", is_flag=True,
                      help="CA key is (or will be) stored unencrypted (development only).")(f)
-    f = click.option("--passphrase-env", default="PQCNET_CA_PASSPHRASE", show_default=True,
+    f = click.option("--passphrase-env", default=CA_PASS_ENV, show_default=True,
                      help="Environment variable holding the CA key passphrase.")(f)
     f = click.option("--dir", "ca_dir", required=True,
                      type=click.Path(file_okay=False, path_type=Path),
@@ -122,7 +109,7 @@ def init(ca_dir: Path, passphrase_env: str, no_passphrase: bool, trust_domain: s
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the node identity (key.pem, cert.pem, bundle.pem, crl.pem).")
 @click.option("--ttl", type=DURATION, default=None, help="Certificate lifetime (default: policy).")
-@click.option("--node-passphrase-env", default="PQCNET_NODE_PASSPHRASE", show_default=True,
+@click.option("--node-passphrase-env", default=PASS_ENV, show_default=True,
               help="Environment variable with the passphrase for the node key.")
 @click.option("--no-node-passphrase", is_flag=True, help="Store the node key unencrypted.")
 def issue(ca_dir: Path, passphrase_env: str, no_passphrase: bool, spiffe_id: str, out: Path,
@@ -214,7 +201,7 @@ def bundle(ca_dir: Path) -> None:
 
 @cli.command("show")
 @click.argument("identity_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--passphrase-env", default="PQCNET_NODE_PASSPHRASE", show_default=True)
+@click.option("--passphrase-env", default=PASS_ENV, show_default=True)
 @click.option("--no-passphrase", is_flag=True)
 def show(identity_dir: Path, passphrase_env: str, no_passphrase: bool) -> None:
     """Load a node identity directory (checks key, chain, CRL) and describe it."""

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import click
 
-from pqcnet.cli.ca import passphrase
+from pqcnet._util.env import PASS_ENV
+from pqcnet.cli._common import passphrase
 from pqcnet.crypto.pqc import SigningKey
 from pqcnet.identity import build_csr
 from pqcnet.identity.errors import IdentityError
@@ -28,7 +29,7 @@ def cli() -> None:
               help="Where to write the private key (PEM, mode 0600).")
 @click.option("--algorithm", default="ML-DSA-65", show_default=True,
               type=click.Choice(["ML-DSA-44", "ML-DSA-65", "ML-DSA-87"]))
-@click.option("--passphrase-env", default="PQCNET_NODE_PASSPHRASE", show_default=True,
+@click.option("--passphrase-env", default=PASS_ENV, show_default=True,
               help="Environment variable with the key passphrase.")
 @click.option("--no-passphrase", is_flag=True, help="Store unencrypted (development only).")
 @click.option("--force", is_flag=True, help="Overwrite an existing key file.")
@@ -48,7 +49,7 @@ def gen(out: Path, algorithm: str, passphrase_env: str, no_passphrase: bool, for
               type=click.Path(dir_okay=False, exists=True, path_type=Path))
 @click.option("--spiffe-id", required=True, help="spiffe://<trust-domain>/<tenant>/<role>/<node>")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--passphrase-env", default="PQCNET_NODE_PASSPHRASE", show_default=True)
+@click.option("--passphrase-env", default=PASS_ENV, show_default=True)
 @click.option("--no-passphrase", is_flag=True, help="The key file is unencrypted.")
 def csr(
     key_file: Path, spiffe_id: str, out: Path, passphrase_env: str, no_passphrase: bool

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from tqdm import tqdm
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from pqcnet.crypto.pqc import SigningKey
 from pqcnet.errors import PqcnetError
 
+F = TypeVar("F", bound=Callable[..., Any])
 KINDS = ["attestation", "volume-proof", "performance-report", "policy-anchor", "route",
          "governance-directive", "slashing-evidence", "relay-record", "key-version"]
 
@@ -55,6 +57,18 @@ def _id(text: str) -> bytes:
     return raw
 
 
+def _receipt(r: Any, **extra: str) -> None:
+    """Print an append's receipt (vertex id, depth, position) as one JSON line."""
+    click.echo(json.dumps({"id": r.id.hex(), "depth": r.depth, "position": r.position,
+                           **extra}))
+
+
+def _key_option(help_text: str) -> Callable[[F], F]:
+    """``--key PEM``: the signing key of the command's author/authority/registrar."""
+    return click.option("--key", "key_path", required=True, type=click.Path(path_type=Path),
+                        help=help_text)
+
+
 @click.group()
 @click.option("--path", "path", default="pqcnet-ledger", show_default=True,
               envvar="PQCNET_LEDGER", type=click.Path(file_okay=False, path_type=Path),
@@ -68,8 +82,7 @@ def cli(ctx: click.Context, path: Path) -> None:
 @cli.command()
 @click.option("--network", required=True, help="Network name recorded in genesis.")
 @click.option("--authority", required=True, help="Node id of the genesis authority.")
-@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path),
-              help="Authority key PEM (created if missing).")
+@_key_option("Authority key PEM (created if missing).")
 @click.option("--open-enrolment/--no-open-enrolment", default=False,
               help="Allow nodes to self-register their first key.")
 @click.pass_context
@@ -86,8 +99,7 @@ def init(ctx: click.Context, network: str, authority: str, key_path: Path,
 @click.option("--node-key", required=True, type=click.Path(path_type=Path),
               help="The node's key PEM (created if missing; only its public key is used).")
 @click.option("--registrar", required=True, help="Authority node id signing the registration.")
-@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path),
-              help="Registrar key PEM.")
+@_key_option("Registrar key PEM.")
 @click.pass_context
 def register(ctx: click.Context, node: str, node_key: Path, registrar: str,
              key_path: Path) -> None:
@@ -95,15 +107,14 @@ def register(ctx: click.Context, node: str, node_key: Path, registrar: str,
     pub = _load_or_create_key(node_key, create=True).public_key
     signer = _load_or_create_key(key_path, create=False)
     r = _open(ctx).register_author(node, pub, registrar=registrar, signer=signer)
-    click.echo(json.dumps({"id": r.id.hex(), "depth": r.depth, "position": r.position}))
+    _receipt(r)
 
 
 @cli.command()
 @click.option("--kind", required=True, type=click.Choice(KINDS))
 @click.option("--json", "payload_json", required=True, help="Payload as protobuf JSON.")
 @click.option("--author", required=True, help="Author node id.")
-@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path),
-              help="Author key PEM.")
+@_key_option("Author key PEM.")
 @click.pass_context
 def append(ctx: click.Context, kind: str, payload_json: str, author: str,
            key_path: Path) -> None:
@@ -123,15 +134,14 @@ def append(ctx: click.Context, kind: str, payload_json: str, author: str,
     decode_payload(vkind, payload)
     signer = _load_or_create_key(key_path, create=False)
     r = _open(ctx).append(vkind, payload, author, signer)
-    click.echo(json.dumps({"id": r.id.hex(), "depth": r.depth, "position": r.position}))
+    _receipt(r)
 
 
 @cli.command()
 @click.option("--target", required=True, help="Node id to disable.")
 @click.option("--reason", required=True, help="Why (recorded in the ledger).")
 @click.option("--authority", required=True, help="Genesis authority node id signing it.")
-@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path),
-              help="Authority key PEM.")
+@_key_option("Authority key PEM.")
 @click.pass_context
 def slash(ctx: click.Context, target: str, reason: str, authority: str,
           key_path: Path) -> None:
@@ -139,8 +149,7 @@ def slash(ctx: click.Context, target: str, reason: str, authority: str,
     until a registrar re-registers it and it re-attests."""
     signer = _load_or_create_key(key_path, create=False)
     r = _open(ctx).slash(target, reason, authority, signer)
-    click.echo(json.dumps({"id": r.id.hex(), "depth": r.depth, "position": r.position,
-                           "target": target}))
+    _receipt(r, target=target)
 
 
 @cli.command()
@@ -219,7 +228,7 @@ def export_graph(ctx: click.Context, out: Path) -> None:
               type=click.Path(dir_okay=False, path_type=Path), help="JSONL sink file.")
 @click.option("--channel", default="channel-0", show_default=True)
 @click.option("--signer-id", required=True, help="Node id of the anchoring node.")
-@click.option("--key", "key_path", required=True, type=click.Path(path_type=Path))
+@_key_option("Anchoring node key PEM.")
 @click.option("--epoch-size", default=1024, show_default=True, type=click.IntRange(1, 65536))
 @click.pass_context
 def anchor(ctx: click.Context, sink_path: Path, channel: str, signer_id: str, key_path: Path,

@@ -67,9 +67,10 @@ def cli() -> None:
 @click.argument("path", type=click.Path(dir_okay=False))
 def keygen(path: str) -> None:
     """Write a fresh ML-DSA-65 signing key (PKCS#8 PEM) to PATH; print its key id."""
+    from pqcnet.identity.keystore import atomic_write
+
     key = SigningKey.generate()
-    Path(path).write_bytes(key.to_pem())
-    Path(path).chmod(0o600)
+    atomic_write(Path(path), key.to_pem(), mode=0o600)  # never world-readable, dirs made
     click.echo(json.dumps({"path": path, "key_id": key.key_id.hex(),
                            "algorithm": key.algorithm}))
 

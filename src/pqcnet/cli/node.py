@@ -9,15 +9,14 @@ file without starting anything.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import signal
 import sys
 from pathlib import Path
 
 import click
 
-from pqcnet.runtime.config import NodeConfig, load_node_config
+from pqcnet.cli._common import run_until_signalled
+from pqcnet.runtime import schema
 
 _config = click.option("--config", "config_path", required=True,
                        type=click.Path(dir_okay=False, path_type=Path),
@@ -32,41 +31,31 @@ def cli() -> None:
 @cli.command("check")
 @_config
 def check(config_path: Path) -> None:
-    """Validate a node file (and the role's config it names); print a JSON summary."""
-    cfg = load_node_config(config_path)
-    cp = cfg.control_plane
-    click.echo(json.dumps({
-        "role": cfg.role, "transport": cp.transport, "waku_rest_urls": list(cp.waku_rest_urls),
-        "namespace": cp.namespace, "governance_keys": len(cp.governance_keys),
-        "governance_threshold": cp.governance_threshold, "trusted": sorted(cp.trust),
-        "ledger": cp.ledger}))
+    """Validate a node file (and the role's config it names) as `run` would; print a JSON
+    summary (same as `pqcnet config check FILE --kind node`)."""
+    click.echo(json.dumps(schema.check_node_file(config_path)))
 
 
 @cli.command("run")
 @_config
 def run(config_path: Path) -> None:
     """Start the node and its control-plane agent; serve until SIGINT/SIGTERM."""
-    cfg = load_node_config(config_path)
-    asyncio.run(_run(cfg))
-
-
-async def _run(cfg: NodeConfig) -> None:
     from pqcnet.runtime.node import NodeRuntime
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    node = NodeRuntime(cfg)
-    await node.start()
-    try:
+    cfg = schema.load_node_file(config_path)
+
+    async def start() -> NodeRuntime:
+        node = NodeRuntime(cfg)
+        await node.start()
+        return node
+
+    def ready(node: NodeRuntime) -> None:
         click.echo(json.dumps({
             "ready": True, "role": cfg.role, "node": node.node_id, "port": node.port,
             "metrics_port": node.metrics_port, "mesh_metrics_port": node.mesh_metrics_port,
             "grpc_port": node.relayer.grpc_port if node.relayer is not None else None,
-            "transport": cfg.control_plane.transport,
-            "namespace": cfg.control_plane.namespace}))
+            "transport": cfg.control_plane.spec.transport,
+            "namespace": cfg.control_plane.spec.namespace}))
         sys.stdout.flush()
-        await stop.wait()
-    finally:
-        await node.stop()
+
+    run_until_signalled(start, NodeRuntime.stop, ready)

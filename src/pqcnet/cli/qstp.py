@@ -10,29 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import click
 
+from pqcnet._util.env import PASS_ENV
+from pqcnet.cli._common import hostport, load_identity
 from pqcnet.errors import PqcnetError
-from pqcnet.identity.errors import IdentityError
 from pqcnet.qstp.errors import HandshakeError
 
 GROUP_POLICIES = ("hybrid", "strict", "classical-allowed")
-
-
-def _load_identity(directory: Path, passphrase_env: str) -> Any:
-    from pqcnet.identity import NodeIdentity
-
-    secret = os.environ.get(passphrase_env)
-    try:
-        return NodeIdentity.load(directory, secret.encode() if secret else None)
-    except IdentityError as exc:
-        hint = "" if secret else f" (is the key encrypted? set ${passphrase_env})"
-        raise IdentityError(f"cannot load identity from {directory}: {exc}{hint}") from None
 
 
 def _policy(groups: str, allow_peer: tuple[str, ...]) -> Any:
@@ -67,19 +56,12 @@ def _emit(info: dict[str, object], as_json: bool, title: str) -> None:
         click.echo(f"{key:>20}: {shown}")
 
 
-def _split_hostport(target: str) -> tuple[str, int]:
-    host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise click.BadParameter(f"expected HOST:PORT, got {target!r}", param_hint="TARGET")
-    return host.strip("[]"), int(port)
-
-
 identity_option = click.option(
     "--identity", "identity_dir", required=True,
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Identity directory (written by `pqcnet ca issue --out DIR`).")
 passphrase_option = click.option(
-    "--passphrase-env", default="PQCNET_NODE_PASSPHRASE", show_default=True,
+    "--passphrase-env", default=PASS_ENV, show_default=True,
     help="Environment variable holding the node key passphrase (unset: key unencrypted).")
 groups_option = click.option(
     "--groups", type=click.Choice(GROUP_POLICIES), default="hybrid", show_default=True,
@@ -111,7 +93,7 @@ def cli() -> None:
 def serve(identity_dir: Path, passphrase_env: str, groups: str, allow_peer: tuple[str, ...],
           as_json: bool, host: str, port: int, echo: bool, count: int) -> None:
     """Accept QSTP tunnels and print what each handshake negotiated."""
-    identity = _load_identity(identity_dir, passphrase_env)
+    identity = load_identity(identity_dir, passphrase_env)
     policy = _policy(groups, allow_peer)
     try:
         asyncio.run(_serve(identity, policy, host, port, echo, count, as_json))
@@ -177,8 +159,8 @@ def connect(target: str, identity_dir: Path, passphrase_env: str, groups: str,
             allow_peer: tuple[str, ...], as_json: bool, message: str | None, resume: bool,
             timeout: float) -> None:
     """Open a QSTP tunnel to TARGET (HOST:PORT) and print the negotiated parameters."""
-    host, port = _split_hostport(target)
-    identity = _load_identity(identity_dir, passphrase_env)
+    host, port = hostport(target, param_hint="TARGET")
+    identity = load_identity(identity_dir, passphrase_env)
     policy = _policy(groups, allow_peer)
     asyncio.run(_connect(identity, policy, host, port, message, resume, timeout, as_json))
 

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -21,27 +20,14 @@ from typing import Any
 import click
 from tqdm import tqdm
 
+from pqcnet.cli._common import hostport, run_until_signalled
+from pqcnet.cli._common import load_identity as load_cli_identity
 from pqcnet.identity import NodeIdentity, dev_identities
 from pqcnet.relayer.client import PublisherClient, SubscriberClient
 from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.frame import Frame
 from pqcnet.relayer.governance import VolumeFilter, pull_report, pull_volume
 from pqcnet.relayer.node import RelayerNode, load_identity
-
-PASS_ENV = "PQCNET_NODE_PASSPHRASE"
-
-
-def _hostport(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise click.BadParameter(f"expected host:port, got {value!r}")
-    return host or "127.0.0.1", int(port)
-
-
-def _identity(path: Path) -> NodeIdentity:
-    pw = os.environ.get(PASS_ENV)
-    return NodeIdentity.load(path, pw.encode() if pw else None)
-
 
 # ------------------------------------------------------------------ pqcnet relayer
 
@@ -57,25 +43,21 @@ def cli() -> None:
 def run_cmd(config_path: Path) -> None:
     """Serve QSTP ingress/egress, shard workers, metrics and governance gRPC."""
     cfg = RelayerConfig.load(config_path)
+    cfg.require_identity(str(config_path))
     identity = load_identity(cfg)
-    asyncio.run(_run(cfg, identity))
 
-
-async def _run(cfg: RelayerConfig, identity: NodeIdentity) -> None:
-    node = RelayerNode(cfg, identity)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
+    async def start() -> RelayerNode:
+        node = RelayerNode(cfg, identity)
         await node.start()
+        return node
+
+    def ready(node: RelayerNode) -> None:
         click.echo(json.dumps({"ready": True, "port": node.port, "metrics_port":
                                node.metrics_port, "grpc_port": node.grpc_port,
                                "backend": cfg.backend, "node": cfg.node_id}))
         sys.stdout.flush()
-        await stop.wait()
-    finally:
-        await node.stop()
+
+    run_until_signalled(start, RelayerNode.stop, ready)
 
 
 @cli.command("dev-identities")
@@ -112,8 +94,8 @@ def publish_cli(target: str, identity_dir: Path, customer: str, channel: str,
                 message: str | None, count: int, size: int, batch: int, start_seq: int,
                 qos: int) -> None:
     """Send frames to a relayer; prints a JSON summary of accepted/rejected frames."""
-    host, port = _hostport(target)
-    identity = _identity(identity_dir)
+    host, port = hostport(target, param_hint="--relayer")
+    identity = load_cli_identity(identity_dir)
     payloads = [message.encode()] if message is not None else None
     n = 1 if payloads else count
     summary = asyncio.run(_publish(host, port, identity, customer, channel, n, size, batch,
@@ -169,8 +151,8 @@ async def _publish(host: str, port: int, identity: NodeIdentity, customer: str, 
 def subscribe_cli(target: str, identity_dir: Path, customer: str, channels: tuple[str, ...],
                   count: int, limit: float, quiet: bool) -> None:
     """Receive a customer's frames in order, one JSON line each, then a summary."""
-    host, port = _hostport(target)
-    identity = _identity(identity_dir)
+    host, port = hostport(target, param_hint="--relayer")
+    identity = load_cli_identity(identity_dir)
     summary = asyncio.run(_subscribe(host, port, identity, customer, channels, count, limit,
                                      quiet))
     click.echo(json.dumps(summary))

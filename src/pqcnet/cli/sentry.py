@@ -8,50 +8,28 @@ commands run until SIGINT/SIGTERM and shut down cleanly.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import click
 
-from pqcnet.cli.ca import passphrase
+from pqcnet._util.env import ISSUER_PASS_ENV, PASS_ENV, env_passphrase
+from pqcnet.cli._common import hostport, passphrase, run_until_signalled
 from pqcnet.crypto.pqc import SigningKey
 from pqcnet.identity import NodeIdentity
 from pqcnet.sentry import assertion as sa
-from pqcnet.sentry.config import SentryConfig, load_config, verify_key_pem
+from pqcnet.sentry.config import check_file, load_config, require_identity, verify_key_pem
 from pqcnet.sentry.errors import SentryConfigError
-
-PASS_ENV = "PQCNET_NODE_PASSPHRASE"
-ISSUER_PASS_ENV = "PQCNET_ISSUER_PASSPHRASE"
-
-
-def _hostport(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise click.BadParameter(f"expected host:port, got {value!r}")
-    return host or "127.0.0.1", int(port)
 
 
 def _issuer(path: Path, env: str) -> SigningKey:
-    import os
-
-    pw = os.environ.get(env)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise SentryConfigError(f"cannot read issuer key {path}: {exc.strerror}") from None
-    return SigningKey.from_pem(data, pw.encode() if pw else None)
-
-
-async def _until_signalled() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return SigningKey.from_pem(data, env_passphrase(env))
 
 
 # ---------------------------------------------------------------------------- sentry
@@ -66,20 +44,9 @@ def cli() -> None:
 @click.option("--config", "config_path", required=True,
               type=click.Path(dir_okay=False, exists=True, path_type=Path))
 def check(config_path: Path) -> None:
-    """Validate a sentry config and print its summary (JSON) with sanitizer policy digests."""
-    from pqcnet.sentry.sanitizer import IdentitySanitizer
-
-    cfg = load_config(config_path)
-    p = cfg.policy
-    click.echo(json.dumps({
-        "listen": f"{cfg.listen_host}:{cfg.listen_port}",
-        "backends": {n: {"kind": b.kind, "target": b.target, "tenants": list(b.tenants)}
-                     for n, b in cfg.backends.items()},
-        "tenants": sorted(p.issuers),
-        "max_in_flight": p.max_in_flight,
-        "sanitizer_policy_sha256": {t: d.hex() for t, d in
-                                    IdentitySanitizer(p.sanitizer).digests().items()},
-    }, indent=2))
+    """Validate a sentry config as `run` would; print its summary (JSON) with sanitizer
+    policy digests (same as `pqcnet config check FILE --kind sentry`)."""
+    click.echo(json.dumps(check_file(config_path), indent=2))
 
 
 @cli.command("run")
@@ -94,55 +61,19 @@ def check(config_path: Path) -> None:
 def run(config_path: Path, reload_interval: float, passphrase_env: str,
         no_passphrase: bool) -> None:
     """Terminate QSTP tunnels and proxy admitted RPCs to the configured backends."""
+    from pqcnet.runtime.sentry import SentryService
+
     cfg = load_config(config_path)
-    if cfg.identity_dir is None:
-        raise SentryConfigError("config needs identity_dir (the sentry's node identity)")
-    identity = NodeIdentity.load(cfg.identity_dir,
+    identity = NodeIdentity.load(require_identity(cfg),
                                  passphrase(passphrase_env, no_passphrase, what="node key"))
-    from pqcnet.sentry import loop
+    service = SentryService(cfg, identity, config_path=config_path,
+                            reload_interval=reload_interval)
 
-    loop.run(_run_sentry(cfg, identity, config_path, config_path.read_bytes(),
-                         reload_interval))
+    def ready(s: SentryService) -> None:
+        click.echo(f"sentry {identity.spiffe_id} listening on {cfg.listen_host}:{s.port}",
+                   err=True)
 
-
-async def _run_sentry(cfg: SentryConfig, identity: NodeIdentity, path: Path,
-                      config_bytes: bytes, reload_interval: float) -> None:
-    from pqcnet.sentry.attestation import LedgerAnchor, attestation_loop
-    from pqcnet.sentry.core import Sentry
-    from pqcnet.sentry.metrics import SentryMetrics
-    from pqcnet.sentry.server import SentryServer
-
-    metrics = SentryMetrics()
-    anchor: LedgerAnchor | None = None
-    ledger: Any = None
-    if cfg.ledger_path is not None:
-        from pqcnet.qsdag import Ledger
-
-        ledger = Ledger.open(cfg.ledger_path)
-        anchor = LedgerAnchor(ledger, identity.spiffe_id.node_id, identity.key,
-                              config_bytes, metrics)
-    sentry = Sentry(cfg, ledger=anchor, metrics=metrics)
-    server = SentryServer(sentry, identity)
-    port = await server.start()
-    server.watch_config(path, reload_interval)
-    tasks = []
-    if anchor is not None:
-        tasks.append(asyncio.create_task(attestation_loop(anchor, cfg.attestation_interval)))
-    if cfg.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(cfg.metrics_port, addr="127.0.0.1", registry=metrics.registry)
-    click.echo(f"sentry {identity.spiffe_id} listening on {cfg.listen_host}:{port}", err=True)
-    try:
-        await _until_signalled()
-    finally:
-        for t in tasks:
-            t.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        await server.aclose()
-        if ledger is not None:
-            ledger.close()
+    run_until_signalled(service.start, SentryService.aclose, ready, fast_loop=True)
 
 
 # ---------------------------------------------------------------------------- assertion
@@ -161,13 +92,10 @@ def assertion_cli() -> None:
 @click.option("--passphrase-env", default=ISSUER_PASS_ENV, show_default=True)
 def keygen(out: Path, pub: Path, passphrase_env: str) -> None:
     """Create a tenant issuer key pair (ML-DSA-65)."""
-    import os
-
     from pqcnet.identity.keystore import atomic_write
 
     key = SigningKey.generate()
-    pw = os.environ.get(passphrase_env)
-    atomic_write(out, key.to_pem(pw.encode() if pw else None), mode=0o600)
+    atomic_write(out, key.to_pem(env_passphrase(passphrase_env)), mode=0o600)
     atomic_write(pub, verify_key_pem(key.public_key))
     click.echo(f"issuer key {key.key_id.hex()[:16]} -> {out}, public -> {pub}")
 
@@ -231,8 +159,8 @@ def sidecar_cli(sentry_addr: str, identity_dir: Path, issuer_key: Path, tenant: 
                 subject: str, mode: str, listen: str, tcp_backend: str | None, ttl: float,
                 passphrase_env: str, no_passphrase: bool) -> None:
     """Let an unmodified local app reach a sentry over QSTP (plain localhost in, PQ out)."""
-    host, port = _hostport(sentry_addr)
-    lhost, lport = _hostport(listen)
+    host, port = hostport(sentry_addr, param_hint="--sentry")
+    lhost, lport = hostport(listen, param_hint="--listen")
     if lhost not in ("127.0.0.1", "localhost", "::1"):
         raise click.BadParameter("the sidecar's plaintext port must be on loopback")
     if mode == "tcp" and not tcp_backend:
@@ -240,38 +168,59 @@ def sidecar_cli(sentry_addr: str, identity_dir: Path, issuer_key: Path, tenant: 
     identity = NodeIdentity.load(identity_dir,
                                  passphrase(passphrase_env, no_passphrase, what="node key"))
     issuer = _issuer(issuer_key, ISSUER_PASS_ENV)
-    from pqcnet.sentry import loop
+    sidecar = _SidecarProcess(host, port, identity, issuer, tenant, subject, mode, lhost, lport,
+                              tcp_backend, ttl)
+    run_until_signalled(sidecar.start, _SidecarProcess.aclose, _SidecarProcess.announce,
+                        fast_loop=True)
 
-    loop.run(_run_sidecar(host, port, identity, issuer, tenant, subject, mode, lhost,
-                          lport, tcp_backend, ttl))
 
+class _SidecarProcess:
+    """The sidecar command's service: a :class:`Sidecar` behind a local listener."""
 
-async def _run_sidecar(host: str, port: int, identity: NodeIdentity, issuer: SigningKey,
-                       tenant: str, subject: str, mode: str, lhost: str, lport: int,
-                       tcp_backend: str | None, ttl: float) -> None:
-    from pqcnet import qstp
-    from pqcnet.sentry.sidecar import Sidecar, serve_grpc, serve_http, serve_tcp
+    def __init__(self, host: str, port: int, identity: NodeIdentity, issuer: SigningKey,
+                 tenant: str, subject: str, mode: str, lhost: str, lport: int,
+                 tcp_backend: str | None, ttl: float) -> None:
+        self.host, self.port, self.identity = host, port, identity
+        self.issuer, self.tenant, self.subject, self.ttl = issuer, tenant, subject, ttl
+        self.mode, self.lhost, self.lport, self.tcp_backend = mode, lhost, lport, tcp_backend
+        self.bound = 0
+        self.sidecar: Any = None
+        self.server: asyncio.Server | None = None
+        self.grpc_server: Any = None
 
-    async def dial() -> Any:
-        return await qstp.connect(host, port, identity)
+    async def start(self) -> _SidecarProcess:
+        from pqcnet import qstp
+        from pqcnet.sentry.sidecar import Sidecar, serve_grpc, serve_http, serve_tcp
 
-    sidecar = Sidecar(dial, issuer, subject=subject, tenant=tenant, ttl=ttl)
-    grpc_server: Any = None
-    server: asyncio.Server | None = None
-    if mode == "http":
-        server = await serve_http(sidecar, lhost, lport)
-        bound = server.sockets[0].getsockname()[1]
-    elif mode == "grpc":
-        grpc_server, bound = await serve_grpc(sidecar, lhost, lport)
-    else:
-        server = await serve_tcp(sidecar, str(tcp_backend), lhost, lport)
-        bound = server.sockets[0].getsockname()[1]
-    click.echo(f"sidecar ({mode}) on {lhost}:{bound} -> sentry {host}:{port}", err=True)
-    try:
-        await _until_signalled()
-    finally:
-        if server is not None:
-            server.close()
-        if grpc_server is not None:
-            await grpc_server.stop(1.0)
-        await sidecar.aclose()
+        async def dial() -> Any:
+            return await qstp.connect(self.host, self.port, self.identity)
+
+        self.sidecar = Sidecar(dial, self.issuer, subject=self.subject, tenant=self.tenant,
+                               ttl=self.ttl)
+        try:
+            if self.mode == "http":
+                self.server = await serve_http(self.sidecar, self.lhost, self.lport)
+            elif self.mode == "grpc":
+                self.grpc_server, self.bound = await serve_grpc(self.sidecar, self.lhost,
+                                                                self.lport)
+            else:
+                self.server = await serve_tcp(self.sidecar, str(self.tcp_backend), self.lhost,
+                                              self.lport)
+        except BaseException:
+            await self.aclose()
+            raise
+        if self.server is not None:
+            self.bound = self.server.sockets[0].getsockname()[1]
+        return self
+
+    def announce(self) -> None:
+        click.echo(f"sidecar ({self.mode}) on {self.lhost}:{self.bound} -> sentry "
+                   f"{self.host}:{self.port}", err=True)
+
+    async def aclose(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(1.0)
+        if self.sidecar is not None:
+            await self.sidecar.aclose()

@@ -1,17 +1,33 @@
 """Typed, validated relayer configuration (one YAML file, same keys as the Helm values).
 
-Cores never read files or the environment: :meth:`RelayerConfig.load` does, once,
-and rejects unknown keys and out-of-range values with a :class:`ConfigError` that
-names the key.
+:class:`RelayerConfig` is at once the object the relayer's parts read and the schema
+of its config file (a pydantic model on :class:`pqcnet._util.schema.Schema`): its
+flat fields are exactly the keys under ``relayer:``, so there is nothing to convert
+and nothing to keep in sync. It is validated whenever it is built: from a file by
+:meth:`RelayerConfig.load` or a mapping by :meth:`from_mapping` (every mistake is one
+:class:`ConfigError` line naming the key, ``relayer.yaml: relayer.shards: must be less
+than or equal to 4096, got 5000``), or in code as ``RelayerConfig(shards=4, ...)``
+(a mistake in code is pydantic's ``ValidationError``). Cores never read files or the
+environment: ``load`` does, once.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import ConfigDict, Field, ValidationError, model_validator
+
+from pqcnet._util.schema import (
+    Count,
+    HostPorts,
+    Port,
+    Positive,
+    Schema,
+    format_error,
+    validate,
+    where,
+)
 from pqcnet._util.yamlfile import read_yaml_file
 from pqcnet.relayer.backpressure import HIGH_WATER, LOW_WATER
 from pqcnet.relayer.errors import ConfigError
@@ -20,91 +36,120 @@ from pqcnet.relayer.overflow import MAX_OVERFLOW_RECORDS
 from pqcnet.relayer.sequencer import GAP_TIMEOUT, MAX_REORDER, MAX_TOPICS
 
 Backend = Literal["embedded", "redis", "kafka"]
+#: most shards a relayer mesh is split into (a shard costs a worker task and a bus stream)
+MAX_SHARDS = 4096
+#: keys holding paths, resolved against the config file's directory when relative
+PATH_KEYS = ("identity_dir", "data_dir", "ledger_dir", "grpc_tls_cert", "grpc_tls_key")
+REDIS_URL_PATTERN = r"^((rediss?|unix)://\S+)?$"
 
 
-@dataclass(frozen=True)
-class RelayerConfig:
+class RelayerConfig(Schema):
     """Everything a relayer node needs to start."""
 
-    node_id: str = "relayer-1"
-    #: QSTP ingress (publishers and subscribers)
+    node_id: str = Field(default="relayer-1", min_length=1)
+    """Node id (proof signer name, Redis consumer, Kafka client id)."""
     listen_host: str = "127.0.0.1"
-    listen_port: int = 7400
-    #: directory written by ``NodeIdentity.save`` (key, chain, trust bundle, CRL)
+    """QSTP ingress address (publishers and subscribers)."""
+    listen_port: Port = 7400
+    """QSTP ingress port (0: any free port)."""
     identity_dir: str = ""
-    #: environment variable holding the identity key passphrase (empty: unencrypted)
+    """Directory written by ``NodeIdentity.save`` (key, chain, trust bundle, CRL)."""
     identity_passphrase_env: str = ""
-    #: node-local state: embedded bus, dedup marks, overflow queue, ledger
+    """Environment variable holding the identity key passphrase (empty: unencrypted)."""
     data_dir: str = "relayer-data"
+    """Node-local state: embedded bus, dedup marks, overflow queue, ledger."""
     backend: Backend = "embedded"
-    shards: int = 32
-    #: shards this node works on (empty: all)
-    owned_shards: tuple[int, ...] = ()
+    """Message bus: embedded (RocksDB log), redis (Streams) or kafka."""
+    shards: int = Field(default=32, ge=1, le=MAX_SHARDS)
+    """Bus partitions."""
+    owned_shards: tuple[int, ...] = Field(default=(), strict=False)
+    """Shards this node works on (empty: all)."""
     group: str = "relayer"
-    redis_url: str = ""
+    """Consumer group of the shard workers."""
+    redis_url: str = Field(default="", pattern=REDIS_URL_PATTERN)
+    """redis:// URL (backend redis)."""
     redis_prefix: str = "pqcnet:relayer"
-    kafka_bootstrap: str = ""
+    """Key prefix of the relayer's Redis streams and marks."""
+    kafka_bootstrap: HostPorts = ""
+    """Kafka bootstrap servers, host:port[,host:port...] (backend kafka)."""
     kafka_topic: str = "pqcnet.relayer"
-    #: seconds between Kafka offset commits (0: commit on every ack)
-    kafka_commit_interval: float = 0.2
-    #: let the Kafka group protocol split shards among relayers (owned_shards must be empty)
+    """Kafka topic; one partition per shard."""
+    kafka_commit_interval: float = Field(default=0.2, ge=0)
+    """Seconds between Kafka offset commits (0: commit on every ack)."""
     kafka_rebalance: bool = False
-    #: fsync RocksDB writes (power-loss safety; process crashes are safe without it)
+    """Let the Kafka group protocol split shards among relayers (owned_shards empty)."""
     sync: bool = False
-    high_water: int = HIGH_WATER
-    low_water: int = LOW_WATER
-    retry_after: float = 1.0
-    backpressure_interval: float = 0.5
-    publish_timeout: float = 2.0
-    overflow_max_records: int = MAX_OVERFLOW_RECORDS
-    max_payload: int = MAX_PAYLOAD
-    max_id: int = MAX_ID
-    batch: int = 512
-    gap_timeout: float = GAP_TIMEOUT
-    max_reorder: int = MAX_REORDER
-    #: per shard worker: topics whose dedup marks stay in memory (LRU; misses read the store)
-    max_topics: int = MAX_TOPICS
-    epoch_seconds: float = 60.0
-    #: proven epochs kept (proof files, persisted volume, in-memory meter); older ones are
-    #: pruned once anchored — the QS-DAG vertex is then the record of them
-    keep_epochs: int = 1024
-    #: Prometheus /metrics on 127.0.0.1 (None: off, 0: any free port)
-    metrics_port: int | None = None
-    #: governance gRPC (None: off, 0: any free port)
+    """fsync RocksDB writes (power-loss safety; process crashes are safe without it)."""
+    high_water: int = Field(default=HIGH_WATER, ge=1)
+    """Backlog (records) per shard that sends FLOW PAUSE."""
+    low_water: int = Field(default=LOW_WATER, ge=0)
+    """Backlog below which a paused shard gets FLOW RESUME."""
+    retry_after: Positive = 1.0
+    """Seconds publishers are told to wait when refused for backpressure."""
+    backpressure_interval: Positive = 0.5
+    """Seconds between backlog samples."""
+    publish_timeout: Positive = 2.0
+    """Seconds a bus publish may take before the frames go to the overflow queue."""
+    overflow_max_records: Count = MAX_OVERFLOW_RECORDS
+    """Bound of the local overflow queue (records)."""
+    max_payload: Count = MAX_PAYLOAD
+    """Largest frame payload accepted (bytes)."""
+    max_id: Count = MAX_ID
+    """Longest customer / channel id accepted (bytes)."""
+    batch: Count = 512
+    """Records a shard worker reads per bus call."""
+    gap_timeout: Positive = GAP_TIMEOUT
+    """Seconds a sequence gap is waited for before it is reported and skipped."""
+    max_reorder: Count = MAX_REORDER
+    """Out-of-order frames held per topic while waiting for a gap."""
+    max_topics: Count = MAX_TOPICS
+    """Per shard worker: topics whose dedup marks stay in memory (LRU; misses read the
+    store)."""
+    epoch_seconds: Positive = 60.0
+    """Length of a metering epoch."""
+    keep_epochs: Count = 1024
+    """Proven epochs kept (proof files, persisted volume, in-memory meter); older ones
+    are pruned once anchored — the QS-DAG vertex is then the record of them."""
+    metrics_port: Port | None = None
+    """Prometheus /metrics on 127.0.0.1 (null: off, 0: any free port)."""
     grpc_host: str = "127.0.0.1"
-    grpc_port: int | None = None
+    """Governance gRPC address (plaintext only on loopback)."""
+    grpc_port: Port | None = None
+    """Governance gRPC port (null: off, 0: any free port)."""
     grpc_tls_cert: str = ""
+    """Classical TLS certificate (PEM) of the governance gRPC service."""
     grpc_tls_key: str = ""
-    #: QS-DAG ledger directory (default: <data_dir>/ledger)
+    """Its private key (PEM)."""
     ledger_dir: str = ""
-    #: create a dev genesis with this node as authority when the ledger has none
+    """QS-DAG ledger directory (default: <data_dir>/ledger)."""
     ledger_dev_genesis: bool = True
+    """Create a dev genesis with this node as authority when the ledger has none."""
 
-    def __post_init__(self) -> None:
-        if self.backend not in ("embedded", "redis", "kafka"):
-            raise ConfigError(f"backend: {self.backend!r} is not embedded, redis or kafka")
-        if not 1 <= self.shards <= 4096:
-            raise ConfigError("shards: must be 1..4096")
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        {"if": {"properties": {"backend": {"const": "redis"}}, "required": ["backend"]},
+         "then": {"required": ["redis_url"], "properties": {"redis_url": {"minLength": 1}}}},
+        {"if": {"properties": {"backend": {"const": "kafka"}}, "required": ["backend"]},
+         "then": {"required": ["kafka_bootstrap"],
+                  "properties": {"kafka_bootstrap": {"minLength": 1}}}},
+    ]})
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RelayerConfig:
+        """Rules between keys (the JSON Schema states the backend ones as if/then)."""
         if any(not 0 <= s < self.shards for s in self.owned_shards):
-            raise ConfigError("owned_shards: every shard must be in 0..shards-1")
+            raise ValueError("owned_shards: every shard must be in 0..shards-1")
         if self.backend == "redis" and not self.redis_url:
-            raise ConfigError("redis_url: required for backend redis")
+            raise ValueError("redis_url: required for backend redis")
         if self.backend == "kafka" and not self.kafka_bootstrap:
-            raise ConfigError("kafka_bootstrap: required for backend kafka")
+            raise ValueError("kafka_bootstrap: required for backend kafka")
         if self.kafka_rebalance and self.owned_shards:
-            raise ConfigError("kafka_rebalance: the group assigns shards; leave owned_shards empty")
-        if not 0 <= self.low_water < self.high_water:
-            raise ConfigError("low_water/high_water: need 0 <= low_water < high_water")
-        for name in ("retry_after", "backpressure_interval", "publish_timeout", "epoch_seconds",
-                     "gap_timeout"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name}: must be > 0")
-        for name in ("overflow_max_records", "max_payload", "max_id", "batch", "max_reorder",
-                     "max_topics", "keep_epochs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1")
+            raise ValueError("kafka_rebalance: the group assigns shards; leave owned_shards "
+                             "empty")
+        if not self.low_water < self.high_water:
+            raise ValueError("low_water/high_water: need 0 <= low_water < high_water")
         if bool(self.grpc_tls_cert) != bool(self.grpc_tls_key):
-            raise ConfigError("grpc_tls_cert/grpc_tls_key: give both or neither")
+            raise ValueError("grpc_tls_cert/grpc_tls_key: give both or neither")
+        return self
 
     @property
     def shards_owned(self) -> list[int]:
@@ -112,34 +157,65 @@ class RelayerConfig:
         return list(self.owned_shards) or list(range(self.shards))
 
     @classmethod
-    def from_mapping(cls, data: dict[str, Any], *, base: Path | None = None) -> RelayerConfig:
-        """Build from a mapping (YAML); relative paths resolve against ``base``."""
-        if not isinstance(data, dict):
-            raise ConfigError("relayer config must be a mapping")
-        data = dict(data.get("relayer", data))
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
-        if "owned_shards" in data:
-            data["owned_shards"] = tuple(data["owned_shards"] or ())
-        if base is not None:
-            for key in ("identity_dir", "data_dir", "ledger_dir", "grpc_tls_cert",
-                        "grpc_tls_key"):
-                if data.get(key) and not Path(data[key]).is_absolute():
-                    data[key] = str(base / data[key])
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ConfigError(f"bad relayer config: {exc}") from None
+    def from_mapping(cls, data: Any, *, base: Path | None = None,
+                     source: str = "") -> RelayerConfig:
+        """Build from a YAML mapping — ``{relayer: {...}}`` or the keys alone; relative
+        paths resolve against ``base``; errors name ``source`` and the key."""
+        if isinstance(data, dict) and "relayer" in data:
+            cfg = validate(RelayerFile, data, ConfigError, source=source).relayer
+        else:
+            cfg = validate(cls, data, ConfigError, source=source)
+        if base is None:
+            return cfg
+        changes = {k: str(base / getattr(cfg, k)) for k in PATH_KEYS
+                   if k in cfg.model_fields_set and getattr(cfg, k)
+                   and not Path(getattr(cfg, k)).is_absolute()}
+        return cfg.replace(**changes) if changes else cfg
 
     @classmethod
     def load(cls, path: str | Path) -> RelayerConfig:
         """Read and validate a YAML file."""
         p = Path(path)
         data = read_yaml_file(p, ConfigError)
-        return cls.from_mapping(data or {}, base=p.parent.resolve())
+        return cls.from_mapping({} if data is None else data, base=p.parent.resolve(),
+                                source=str(p))
+
+    def require_identity(self, name: str = "") -> str:
+        """The identity directory ``relayer run`` needs (what a check and a run agree on);
+        ``name`` is the file (error messages)."""
+        if not self.identity_dir:
+            raise ConfigError(where(name, "relayer", "identity_dir")
+                              + ": required to run a relayer")
+        return self.identity_dir
+
+    def summary(self) -> dict[str, Any]:
+        """What a check prints."""
+        return {"node": self.node_id, "listen": f"{self.listen_host}:{self.listen_port}",
+                "backend": self.backend, "shards": self.shards,
+                "owned_shards": list(self.owned_shards) or "all",
+                "metrics_port": self.metrics_port, "grpc_port": self.grpc_port}
+
+    @classmethod
+    def check_file(cls, path: Path) -> dict[str, Any]:
+        """Validate ``path`` as ``relayer run`` would; return its :meth:`summary`."""
+        cfg = cls.load(path)
+        cfg.require_identity(str(path))
+        return cfg.summary()
 
     def replace(self, **changes: Any) -> RelayerConfig:
-        """A copy with ``changes`` applied (validated again)."""
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` applied (validated again; :class:`ConfigError`)."""
+        data = {**self.model_dump(exclude_unset=True), **changes}
+        try:
+            return type(self).model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(format_error(exc, data)) from None
+
+
+class RelayerFile(Schema):
+    """A relayer config file: the relayer's keys under ``relayer:``."""
+
+    relayer: RelayerConfig = Field(default_factory=RelayerConfig)
+    """The relayer's configuration."""
+
+
+__all__ = ["MAX_SHARDS", "PATH_KEYS", "Backend", "RelayerConfig", "RelayerFile"]

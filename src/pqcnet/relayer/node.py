@@ -14,23 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pqcnet.crypto.pqc import length_prefixed
+from pqcnet._util.env import env_passphrase
 from pqcnet.errors import PqcnetError
 from pqcnet.identity import NodeIdentity
-from pqcnet.proto import relayer_pb2 as pb
 from pqcnet.qsdag import Ledger
 from pqcnet.qstp import aio
 from pqcnet.qstp.tls import TlsPolicy
@@ -50,11 +49,10 @@ from pqcnet.relayer.proof import (
     PerformanceReport,
     VolumeProof,
     build_volume_proof,
-    proof_from_pb,
-    proof_to_pb,
     sign_report,
 )
-from pqcnet.relayer.seqstore import RedisSeqStore, RocksSeqStore, SeqStore
+from pqcnet.relayer.proofstore import ProofStore
+from pqcnet.relayer.seqstore import RocksSeqStore, SeqStore
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -84,10 +82,8 @@ def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
 def _identity_passphrase(cfg: RelayerConfig) -> bytes | None:
     if not cfg.identity_passphrase_env:
         return None
-    value = os.environ.get(cfg.identity_passphrase_env)
-    if value is None:
-        raise ConfigError(f"identity_passphrase_env: ${cfg.identity_passphrase_env} unset")
-    return value.encode()
+    return env_passphrase(cfg.identity_passphrase_env,
+                          missing=lambda msg: ConfigError(f"identity_passphrase_env: {msg}"))
 
 
 def _sibling(directory: Path, tag: str) -> Path:
@@ -154,6 +150,7 @@ class RelayerNode:
         self.flow = FlowController(cfg.high_water, cfg.low_water)
         self.hub = SubscriberHub()
         self.proofs: dict[int, VolumeProof] = {}
+        self.proof_store = ProofStore(self.data_dir / "proofs")
         self.backlog: dict[int, int] = {}
         self._bus_lag: dict[int, int] = {}
         self.started_at = 0.0
@@ -162,7 +159,8 @@ class RelayerNode:
         self.grpc_port: int | None = None
         self.workers: list[RelayerShardWorker] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._closers: list[Any] = []
+        #: everything opened by start(), closed newest first by stop()
+        self._stack = contextlib.AsyncExitStack()
         self._server: aio.Server | None = None
         #: identity rotations done while running (forced rekeys)
         self.rekeys = 0
@@ -174,26 +172,31 @@ class RelayerNode:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Open everything and start serving; raises :class:`RelayerError` on failure."""
-        cfg = self.cfg
+        """Open everything and start serving; raises :class:`RelayerError` on failure
+        (after closing whatever had been opened)."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("relayer up", extra={"node": self.cfg.node_id, "port": self.port,
+                                      "backend": self.cfg.backend, "shards": len(self.workers)})
+
+    async def _start(self) -> None:
+        cfg, stack = self.cfg, self._stack
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.started_at = time.time()
         self.bus = make_bus(cfg, self.data_dir)
-        self._closers.append(self.bus.close)
+        stack.push_async_callback(_quietly, self.bus.close)
         await self.bus.start()
-        store: SeqStore
-        if cfg.backend == "redis":
-            from pqcnet.relayer.bus.redis_streams import RedisStreamsBus
-
-            assert isinstance(self.bus, RedisStreamsBus)
-            store = RedisSeqStore(self.bus.client, cfg.redis_prefix, cfg.node_id)
-        else:
+        store = self.bus.seq_store()
+        if store is None:
             rocks = RocksSeqStore(self.data_dir / "marks", sync=cfg.sync)
-            self._closers.append(rocks.close)
+            stack.push_async_callback(_quietly, rocks.close)
             store = rocks
         self.overflow = OverflowQueue(self.data_dir / "overflow", cfg.shards,
                                       max_records=cfg.overflow_max_records, sync=cfg.sync)
-        self._closers.append(self.overflow.close)
+        stack.push_async_callback(_quietly, self.overflow.close)
         self.publisher = BufferedPublisher(self.bus, self.overflow,
                                            publish_timeout=cfg.publish_timeout)
         self.ingress = Ingress(self.publisher, self.hub,
@@ -202,7 +205,7 @@ class RelayerNode:
         self._open_ledger()
         wcfg = WorkerConfig(group=cfg.group, batch=cfg.batch, max_reorder=cfg.max_reorder,
                             gap_timeout=cfg.gap_timeout, max_topics=cfg.max_topics)
-        self.store = store
+        self.store: SeqStore = store
         self.meter.apply(await store.load_volume())  # what this node counted before a restart
         self._load_proofs()
         self.workers = [RelayerShardWorker(self.bus, s, store, self.hub, wcfg, meter=self.meter)
@@ -213,26 +216,32 @@ class RelayerNode:
         self._tasks.append(asyncio.create_task(self._flow_loop(), name="flow"))
         self._tasks.append(asyncio.create_task(self._epoch_loop(), name="epochs"))
         await self._listen(cfg.listen_port)
+        stack.push_async_callback(_quietly, self._close_server)
         if cfg.metrics_port is not None:
             self.registry.register(_NodeCollector(self))
             httpd, _thread = start_http_server(cfg.metrics_port, addr="127.0.0.1",
                                                registry=self.registry)
             self.metrics_port = int(httpd.server_port)
-            self._closers.insert(0, httpd.shutdown)
+            stack.push_async_callback(_quietly, httpd.server_close)
+            stack.push_async_callback(_quietly, httpd.shutdown)
         if cfg.grpc_port is not None:
             tls = _read_tls(cfg)
             service = VolumeMetricsService(self.meter, self.report)
             grpc_server, self.grpc_port = await serve_governance(
                 service, cfg.grpc_host, cfg.grpc_port, tls=tls)
-            self._closers.insert(0, grpc_server)
-        log.info("relayer up", extra={"node": cfg.node_id, "port": self.port,
-                                      "backend": cfg.backend, "shards": len(self.workers)})
+            stack.push_async_callback(_quietly, grpc_server.stop, 0.5)
 
     async def _listen(self, port: int) -> None:
         server = await aio.serve(self.ingress.handle_tunnel, self.cfg.listen_host, port,
                                  self.identity, self.policy)
         self._server, self.port = server, server.port
-        self._closers.insert(0, server)
+
+    async def _close_server(self) -> None:
+        """Close the QSTP server in use (GOAWAY on its tunnels)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            await asyncio.wait_for(server.wait_closed(), 5)
 
     async def rotate_identity(self, identity: NodeIdentity) -> None:
         """Switch to ``identity`` (a new key + certificate) while running.
@@ -252,10 +261,7 @@ class RelayerNode:
             raise RelayerError("relayer is not running")
         self.identity = identity
         self.anchor.signer = identity.key
-        old, self._server = self._server, None
-        self._closers.remove(old)
-        old.close()
-        await old.wait_closed()
+        await self._close_server()
         await self._listen(self.port)
         self.rekeys += 1
         log.info("relayer identity rotated", extra={
@@ -273,11 +279,14 @@ class RelayerNode:
     def _open_ledger(self) -> None:
         path = Path(self.cfg.ledger_dir) if self.cfg.ledger_dir else self.data_dir / "ledger"
         ledger = Ledger.open(path, sync=self.cfg.sync)
-        self._closers.append(ledger.close)
+        self._stack.push_async_callback(_quietly, ledger.close)
         key = self.identity.key
         if ledger.genesis_id is None:
             if not self.cfg.ledger_dev_genesis:
-                raise ConfigError(f"ledger at {path} has no genesis (ledger_dev_genesis off)")
+                raise ConfigError(
+                    f"ledger_dir: ledger {path} has no genesis; create it with `pqcnet ledger "
+                    f"--path {path} init --network NAME --authority {self.cfg.node_id} --key "
+                    "AUTHORITY.pem` (or set ledger_dev_genesis: true)")
             ledger.init_genesis("pqcnet-dev", self.cfg.node_id, key)
         self.anchor = LedgerAnchor(ledger, self.cfg.node_id, key)
 
@@ -298,18 +307,7 @@ class RelayerNode:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        for closer in self._closers:
-            with contextlib.suppress(Exception):
-                if isinstance(closer, aio.Server):
-                    closer.close()
-                    await asyncio.wait_for(closer.wait_closed(), 5)
-                elif isinstance(closer, grpc.aio.Server):
-                    await closer.stop(0.5)
-                else:
-                    res = closer()
-                    if asyncio.iscoroutine(res):
-                        await res
-        self._closers.clear()
+        await self._stack.aclose()
 
     # ------------------------------------------------------------------ loops
     async def sample_backlog(self) -> None:
@@ -349,7 +347,7 @@ class RelayerNode:
                                        self.identity.key)
             vid = self.anchor.anchor_proof(proof)
             self.proofs[e] = proof
-            self._save_proof(proof, vid)
+            self.proof_store.write(proof, vid)
             out.append(proof)
             log.info("volume proof anchored", extra={"epoch": e, "records": proof.record_count,
                                                      "bytes": proof.total_bytes})
@@ -370,30 +368,16 @@ class RelayerNode:
         cutoff = old[-1] + 1
         await self.store.prune_volume(cutoff)
         self.meter.forget_before(cutoff)
+        self.proof_store.prune(old)
         for e in old:
-            (self.data_dir / "proofs" / f"{e}.proof").unlink(missing_ok=True)
             del self.proofs[e]
             self.anchor.receipts.pop(e, None)
         log.info("proven epochs pruned", extra={"before_epoch": cutoff, "count": len(old)})
         return len(old)
 
-    def _save_proof(self, proof: VolumeProof, vid: bytes) -> None:
-        d = self.data_dir / "proofs"
-        d.mkdir(exist_ok=True)
-        tmp = d / f"{proof.epoch}.tmp"
-        tmp.write_bytes(length_prefixed(vid, proof_to_pb(proof).SerializeToString()))
-        tmp.replace(d / f"{proof.epoch}.proof")
-
     def _load_proofs(self) -> None:
         """Proofs made before a restart: never prove (and anchor) an epoch twice."""
-        d = self.data_dir / "proofs"
-        for path in sorted(d.glob("*.proof")) if d.exists() else []:
-            raw = path.read_bytes()
-            n = int.from_bytes(raw[:4], "big")
-            vid, body = raw[4 : 4 + n], raw[8 + n :]
-            m = pb.VolumeProof()
-            m.ParseFromString(body)
-            proof = proof_from_pb(m)
+        for proof, vid in self.proof_store.load():
             self.proofs[proof.epoch] = proof
             self.anchor.receipts[proof.epoch] = vid
 
@@ -403,9 +387,8 @@ class RelayerNode:
             try:
                 self.prove_closed_epochs()
                 await self.prune_epochs()
-                if isinstance(self.bus, EmbeddedBus):  # Redis trims on ack, Kafka by retention
-                    for s in self.cfg.shards_owned:
-                        self.bus.trim(s, [self.cfg.group])
+                for s in self.cfg.shards_owned:
+                    await self.bus.compact(s, [self.cfg.group])
             except Exception:
                 log.exception("volume proof / log trim failed")
 
@@ -419,6 +402,19 @@ class RelayerNode:
         unsigned = PerformanceReport(self.cfg.node_id, epoch_from, last, proofs, receipts,
                                      time.time() - self.started_at)
         return sign_report(unsigned, self.identity.key)
+
+
+async def _quietly(close: Callable[..., Any], *args: Any) -> None:
+    """Run one closer of :meth:`RelayerNode.stop`; a failure is logged and the rest still
+    close (a stuck backend must not keep the ledger open)."""
+    try:
+        res = close(*args)
+        if inspect.isawaitable(res):
+            await res
+    except Exception as exc:
+        log.warning("close failed during stop", extra={"closer": getattr(close, "__qualname__",
+                                                                         repr(close)),
+                                                       "error": repr(exc)})
 
 
 class _NodeCollector(Collector):

@@ -12,12 +12,15 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from pqcnet.proto import relayer_pb2 as pb
 from pqcnet.relayer.errors import FieldMissing, FrameRejected, RelayerError
 from pqcnet.relayer.frame import Frame, Topic
+
+M = TypeVar("M", bound=Message)
 
 _LEN = struct.Struct(">I")
 #: largest single message on a relayer stream; bounds per-stream buffering
@@ -101,13 +104,19 @@ class Ack:
 ClientRequest = tuple[int, list[Incoming]] | Subscribe | Ack
 
 
-def decode_client(body: bytes) -> ClientRequest:
-    """Parse a ClientMessage; :class:`FrameRejected` if it is not one."""
-    msg = pb.ClientMessage()
+def _parse(cls: type[M], body: bytes, refusal: str) -> M:
+    """``body`` parsed as a ``cls`` message, or :class:`FrameRejected` with ``refusal``."""
+    msg = cls()
     try:
         msg.ParseFromString(body)
     except DecodeError:
-        raise FrameRejected("message is not a valid relayer ClientMessage") from None
+        raise FrameRejected(refusal) from None
+    return msg
+
+
+def decode_client(body: bytes) -> ClientRequest:
+    """Parse a ClientMessage; :class:`FrameRejected` if it is not one."""
+    msg = _parse(pb.ClientMessage, body, "message is not a valid relayer ClientMessage")
     which = msg.WhichOneof("body")
     if which == "subscribe":
         if not msg.subscribe.customer_id:
@@ -206,11 +215,7 @@ ServerMessage = tuple[int, list[Result]] | list[Frame] | ServerError
 
 def decode_server(body: bytes) -> ServerMessage:
     """Parse a RelayerMessage into a reply, a delivery batch or an error."""
-    msg = pb.RelayerMessage()
-    try:
-        msg.ParseFromString(body)
-    except DecodeError:
-        raise FrameRejected("not a valid RelayerMessage") from None
+    msg = _parse(pb.RelayerMessage, body, "not a valid RelayerMessage")
     which = msg.WhichOneof("body")
     if which == "reply":
         return msg.reply.request_id, [

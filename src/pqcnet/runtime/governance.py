@@ -48,8 +48,7 @@ from pqcnet.qstp.errors import HandshakeError
 from pqcnet.qstp.frames import ErrorCode
 from pqcnet.qstp.tls import PeerGate, TlsPolicy
 from pqcnet.sentry.core import Sentry
-from pqcnet.sentry.limiter import Plan
-from pqcnet.sentry.server import handle_stream, tunnel_view
+from pqcnet.sentry.server import serve_tunnel
 
 log = logging.getLogger("pqcnet.governance")
 
@@ -76,13 +75,7 @@ class SentryDirectives:
         self.applied: Counter[str] = Counter()
 
     def on_rate_limit(self, update: RateLimitUpdate) -> None:
-        plan = Plan(update.rate_per_s, float(update.burst))
-        policy = self.sentry.config.policy
-        if update.scope == "*":
-            new = replace(policy, default_plan=plan, plans={t: plan for t in policy.plans})
-        else:
-            new = replace(policy, plans={**policy.plans, update.scope: plan})
-        self.sentry.reload(new)
+        self.sentry.apply_rate_limit(update.scope, update.rate_per_s, float(update.burst))
         self.applied["rate_limit"] += 1
         log.info("rate limit directive applied", extra={
             "scope": update.scope, "rate": update.rate_per_s, "burst": update.burst})
@@ -115,17 +108,11 @@ class GateDirectives:
 
 
 def sentry_tunnel_handler(sentry: Sentry) -> Handler:
-    """Serve one QSTP tunnel's streams through ``sentry`` (what ``SentryServer`` does)."""
+    """Serve one QSTP tunnel's streams through ``sentry``
+    (:func:`pqcnet.sentry.server.serve_tunnel`)."""
 
     async def on_tunnel(tunnel: Tunnel) -> None:
-        view = tunnel_view(tunnel)
-        sentry.metrics.tunnels.inc()
-        try:
-            async with asyncio.TaskGroup() as tg:
-                async for stream in tunnel:
-                    tg.create_task(handle_stream(sentry, stream, view))
-        finally:
-            sentry.metrics.tunnels.dec()
+        await serve_tunnel(sentry, tunnel)
 
     return on_tunnel
 

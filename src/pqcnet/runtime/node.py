@@ -18,9 +18,10 @@ mesh messages have one author), and registers the existing bindings:
   on ``relay-reports``.
 * both roles — at start the ``PeerGate`` is seeded with the nodes the QS-DAG holds
   as slashed, so a restarted node keeps refusing them.
-* sentry — a :class:`~pqcnet.sentry.core.Sentry` served by a
-  :class:`~pqcnet.runtime.governance.QstpEndpoint` (slash: gate + close the target's tunnels;
-  forced rekey: new certificate from ``ca_dir`` and re-listen) plus
+* sentry — a :class:`~pqcnet.runtime.sentry.SentryService` (the same composition as
+  ``pqcnet sentry run``: ledger, attestation, config-file hot reload, Prometheus) whose
+  :class:`~pqcnet.runtime.governance.QstpEndpoint` obeys slash (gate + close the target's
+  tunnels) and forced rekey (new certificate from ``ca_dir`` and re-listen), plus
   :class:`~pqcnet.runtime.governance.SentryDirectives` (rate-limit hot reload).
 
 Directives are anchored in the role's QS-DAG before any effect when
@@ -33,13 +34,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import start_http_server
 
+from pqcnet._util.env import CA_PASS_ENV, PASS_ENV, env_passphrase
 from pqcnet.crypto.pqc import SigningKey
 from pqcnet.identity import MeshCA, NodeIdentity
 from pqcnet.identity.spiffe import SpiffeId
@@ -54,16 +55,13 @@ from pqcnet.qsdag import Ledger
 from pqcnet.qstp.tls import PeerGate, TlsPolicy
 from pqcnet.relayer.node import RelayerNode, load_identity
 from pqcnet.runtime.config import NodeConfig
-from pqcnet.runtime.errors import NodeConfigError, NodeError
-from pqcnet.runtime.governance import QstpEndpoint, SentryDirectives, sentry_tunnel_handler
+from pqcnet.runtime.errors import NodeError
+from pqcnet.runtime.governance import QstpEndpoint, SentryDirectives
 from pqcnet.runtime.relay_reports import RelayReportPublisher
+from pqcnet.runtime.sentry import SentryService
 
 log = logging.getLogger("pqcnet.node")
 
-#: environment variable with the sentry node key passphrase (as ``pqcnet sentry run``)
-PASS_ENV = "PQCNET_NODE_PASSPHRASE"
-#: environment variable with the passphrase of ``control_plane.ca_dir``'s key
-CA_PASS_ENV = "PQCNET_CA_PASSPHRASE"
 #: seconds a Waku node gets to answer ``/health`` at start
 WAKU_HEALTH_TIMEOUT = 3.0
 #: loggers of the Waku REST client's HTTP stack: they log every request at INFO, i.e.
@@ -71,11 +69,6 @@ WAKU_HEALTH_TIMEOUT = 3.0
 #: that flood once filled a stderr pipe its reader had stopped draining and blocked the
 #: whole node in write(2) — governance gRPC included (see the README section).
 CHATTY_LOGGERS = ("httpx", "httpcore")
-
-
-def _env_pass(name: str) -> bytes | None:
-    value = os.environ.get(name)
-    return value.encode() if value else None
 
 
 class _RelayerAgent(ControlPlaneAgent):
@@ -152,6 +145,7 @@ class NodeRuntime:
         self.reports: RelayReportPublisher | None = None
         self.endpoint: QstpEndpoint | None = None
         self.sentry: Any = None
+        self.sentry_service: SentryService | None = None
         self.sentry_directives: SentryDirectives | None = None
         self.port = 0
         self.metrics_port: int | None = None
@@ -174,16 +168,16 @@ class NodeRuntime:
             assert self.agent is not None
             await self.agent.start()
             cp = self.cfg.control_plane
-            if cp.metrics_port is not None:
-                httpd, _thread = start_http_server(cp.metrics_port, addr="127.0.0.1")
+            if cp.spec.metrics_port is not None:
+                httpd, _thread = start_http_server(cp.spec.metrics_port, addr="127.0.0.1")
                 self.mesh_metrics_port = int(httpd.server_port)
                 self._closers.append(httpd.shutdown)
         except BaseException:
             await self.stop()
             raise
         log.info("node up", extra={"role": self.cfg.role, "node": self.node_id,
-                                   "port": self.port, "transport": cp.transport,
-                                   "namespace": cp.namespace})
+                                   "port": self.port, "transport": cp.spec.transport,
+                                   "namespace": cp.spec.namespace})
 
     @property
     def node_id(self) -> str:
@@ -215,20 +209,20 @@ class NodeRuntime:
         cp = self.cfg.control_plane
         transport = self._transport
         if transport is None:
-            transport = (await _waku_transport(cp.waku_rest_urls) if cp.transport == "waku"
+            transport = (await _waku_transport(cp.waku_rest_urls) if cp.spec.transport == "waku"
                          else InProcessTransport(InProcessHub()))
         ring = Keyring()
         if cp.governance_keys:
-            ring.add(cp.governance_issuer, cp.governance_keys[0], 1)
+            ring.add(cp.spec.governance.issuer, cp.governance_keys[0], 1)
         for node, key in cp.trust.items():
             ring.add(node, key, 1)
-        governance = (GovernancePolicy(list(cp.governance_keys), cp.governance_threshold)
+        governance = (GovernancePolicy(list(cp.governance_keys), cp.spec.governance.threshold)
                       if cp.governance_keys else None)
-        config = AgentConfig(role=self.cfg.role, namespace=cp.namespace,
-                             announce_interval_ms=int(cp.announce_interval_s * 1000),
-                             peer_expiry_ms=int(cp.announce_interval_s * 3000),
-                             tick_ms=max(1, int(cp.tick_s * 1000)))
-        port = QsdagPort(ledger, keys) if ledger is not None and cp.ledger == "node" else None
+        config = AgentConfig(role=self.cfg.role, namespace=cp.spec.namespace,
+                             announce_interval_ms=int(cp.spec.announce_interval_s * 1000),
+                             peer_expiry_ms=int(cp.spec.announce_interval_s * 3000),
+                             tick_ms=max(1, int(cp.spec.tick_s * 1000)))
+        port = QsdagPort(ledger, keys) if ledger is not None and cp.spec.ledger == "node" else None
         self.agent = cls(keys, transport, ring, config=config, governance=governance,
                          ledger=port)
         if governance is None:
@@ -246,7 +240,7 @@ class NodeRuntime:
         self._closers.append(node.stop)
         await node.start()
         self.port, self.metrics_port = node.port, node.metrics_port
-        node_id = self.cfg.control_plane.node_id or rcfg.node_id
+        node_id = self.cfg.control_plane.spec.node_id or rcfg.node_id
         seed_gate(self.gate, node.anchor.ledger, node_id)
         keys = NodeKeys(node_id, identity.key)
         agent = await self._make_agent(keys, node.anchor.ledger, _RelayerAgent)
@@ -254,58 +248,37 @@ class NodeRuntime:
         cp = self.cfg.control_plane
         agent.can_rekey = ("no control_plane.ca_dir to certify the new key" if cp.ca_dir is None
                            else "control_plane.ledger is none: the relayer's ledger would "
-                           "refuse proofs under the new key" if cp.ledger != "node" else "")
+                           "refuse proofs under the new key" if cp.spec.ledger != "node" else "")
         self.endpoint = QstpEndpoint(identity, keys, self._issuer(),
                                      policy=TlsPolicy(gate=self.gate))
         agent.handlers += [self.endpoint, _RelayerRekey(self.endpoint, node)]
-        if self.cfg.control_plane.publish_reports:
+        if self.cfg.control_plane.spec.publish_reports:
             self.reports = RelayReportPublisher(
-                node, agent, interval_s=self.cfg.control_plane.report_interval_s)
+                node, agent, interval_s=self.cfg.control_plane.spec.report_interval_s)
             self._tasks.append(asyncio.create_task(self.reports.run(), name="relay-reports"))
 
     # ------------------------------------------------------------------ sentry
 
     async def _start_sentry(self) -> None:
-        from pqcnet.sentry.attestation import LedgerAnchor, attestation_loop
-        from pqcnet.sentry.core import Sentry
-        from pqcnet.sentry.metrics import SentryMetrics
+        from pqcnet.sentry.config import require_identity
 
         scfg = self.cfg.sentry
         assert scfg is not None
-        if scfg.identity_dir is None:
-            raise NodeConfigError("sentry: config needs identity_dir (the node identity)")
-        identity = NodeIdentity.load(scfg.identity_dir, _env_pass(PASS_ENV))
-        node_id = self.cfg.control_plane.node_id or identity.spiffe_id.node_id
-        metrics = SentryMetrics()
-        ledger: Ledger | None = None
-        anchor: LedgerAnchor | None = None
-        if scfg.ledger_path is not None:
-            ledger = Ledger.open(scfg.ledger_path)
-            self._closers.append(ledger.close)
-            if ledger.genesis_id is None:  # a dev ledger with this node as authority
-                ledger.init_genesis("pqcnet-dev", node_id, identity.key)
-            config_bytes = (self.cfg.sentry_path.read_bytes()
-                            if self.cfg.sentry_path is not None else b"")
-            anchor = LedgerAnchor(ledger, node_id, identity.key, config_bytes, metrics)
-        self.sentry = Sentry(scfg, ledger=anchor, metrics=metrics)
-        self._closers.append(self.sentry.aclose)
-        keys = NodeKeys(node_id, identity.key)
-        agent = await self._make_agent(keys, ledger)
-        self.sentry_directives = SentryDirectives(self.sentry)
-        self.endpoint = QstpEndpoint(identity, keys, self._issuer(),
-                                     handler=sentry_tunnel_handler(self.sentry))
-        self._closers.append(self.endpoint.aclose)
-        seed_gate(self.endpoint.gate, ledger, node_id)
+        identity = NodeIdentity.load(require_identity(scfg), env_passphrase(PASS_ENV))
+        keys = NodeKeys(self.cfg.control_plane.spec.node_id or identity.spiffe_id.node_id,
+                        identity.key)
+        service = self.sentry_service = SentryService(scfg, identity, keys=keys,
+                                                      issuer=self._issuer())
+        self._closers.append(service.aclose)
+        await service.open()
+        self.sentry = service.sentry
+        agent = await self._make_agent(keys, service.ledger)
+        self.sentry_directives = SentryDirectives(service.sentry)
+        self.endpoint = service.endpoint
+        seed_gate(self.endpoint.gate, service.ledger, keys.node_id)
         agent.handlers += [self.sentry_directives, self.endpoint]
-        self.port = await self.endpoint.serve(scfg.listen_host, scfg.listen_port)
-        if anchor is not None:
-            self._tasks.append(asyncio.create_task(
-                attestation_loop(anchor, scfg.attestation_interval), name="attestation"))
-        if scfg.metrics_port:
-            httpd, _thread = start_http_server(scfg.metrics_port, addr="127.0.0.1",
-                                               registry=metrics.registry)
-            self.metrics_port = int(httpd.server_port)
-            self._closers.append(httpd.shutdown)
+        self.port = await service.serve()
+        self.metrics_port = service.metrics_port
 
     def _issuer(self) -> Callable[[SpiffeId, SigningKey], NodeIdentity]:
         ca_dir: Path | None = self.cfg.control_plane.ca_dir
@@ -313,7 +286,7 @@ class NodeRuntime:
         def issue(sid: SpiffeId, key: SigningKey) -> NodeIdentity:
             if ca_dir is None:
                 raise DirectiveError("forced rekey needs control_plane.ca_dir (no CA configured)")
-            return MeshCA.load(ca_dir, _env_pass(CA_PASS_ENV)).issue(sid, key=key)
+            return MeshCA.load(ca_dir, env_passphrase(CA_PASS_ENV)).issue(sid, key=key)
 
         return issue
 

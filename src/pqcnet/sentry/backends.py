@@ -28,6 +28,7 @@ from typing import Protocol
 import grpc
 import grpc.aio
 
+from pqcnet._util.schema import split_hostport
 from pqcnet.sentry.config import BackendConfig
 from pqcnet.sentry.errors import BackendError, SentryConfigError
 from pqcnet.sentry.memo import Memo
@@ -176,8 +177,7 @@ class TcpBackend:
     def __init__(self, cfg: BackendConfig) -> None:
         self.name = cfg.name
         self.timeout = cfg.timeout
-        host, _, port = cfg.target.rpartition(":")
-        self.host, self.port = host, int(port)
+        self.host, self.port = split_hostport(cfg.target)  # validated by the config
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Open a connection or raise :class:`BackendError`."""

@@ -1,16 +1,19 @@
-"""Sentry configuration: one YAML file, parsed into typed objects and validated at load.
+"""Sentry configuration: one YAML file, validated against :class:`~pqcnet.sentry.schema.SentryFile`
+and turned into the typed objects the core uses.
 
 The file has a *static* part (listen address, identity, backends, routes, bounds),
 fixed for the life of the process, and a *policy* part (issuers, limits, ACL,
 sanitizer) that :meth:`Sentry.reload` swaps in while tunnels stay up. Relative paths
 are resolved against the config file's directory. See ``examples/sentry.yaml`` for a
-complete, commented file. Every mistake is a :class:`~pqcnet.sentry.errors.SentryConfigError`
-naming the offending key.
+complete, commented file. Every mistake is one :class:`~pqcnet.sentry.errors.SentryConfigError`
+line naming the file and the key (``sentry.yaml: limits.default.rate: must be greater
+than 0, got 0``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,54 +21,64 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
+from pqcnet._util.schema import (
+    HOSTPORT_PATTERN,
+    HTTP_URL_PATTERN,
+    split_hostport,
+    validate,
+    where,
+)
 from pqcnet._util.yamlfile import read_yaml_file
 from pqcnet.crypto.errors import CryptoError
-from pqcnet.crypto.pqc import MLDSAPublic, VerifyKey
+from pqcnet.crypto.pqc import MLDSAPublic, SigningKey, VerifyKey
+from pqcnet.errors import PqcnetError
 from pqcnet.sentry.acl import AclPolicy
 from pqcnet.sentry.errors import SentryConfigError
 from pqcnet.sentry.limiter import Plan
 from pqcnet.sentry.sanitizer import SanitizerPolicy, parse_policy
+from pqcnet.sentry.schema import (
+    BACKEND_KINDS,
+    BackendConfig,
+    Bounds,
+    PlanSpec,
+    SanitizerSpec,
+    SentryFile,
+)
 
-#: Bound on the config file we read (a typo'd path to a huge file must not OOM us).
+#: Bound on the config file and key files we read (a typo'd path to a huge file must
+#: not OOM us).
 MAX_CONFIG_BYTES = 1024 * 1024
-BACKEND_KINDS = ("http", "grpc", "tcp")
+#: Bound on a sanitizer key file.
+MAX_KEY_FILE_BYTES = 4096
 
-
-@dataclass(frozen=True, slots=True)
-class BackendConfig:
-    """One upstream the sentry forwards to."""
-
-    name: str
-    #: "http" (JSON-RPC / REST over HTTP/1.1), "grpc", or "tcp"
-    kind: str
-    #: http: base URL ``http://127.0.0.1:8080``; grpc/tcp: ``host:port``
-    target: str
-    #: tenants whose requests may reach this backend (namespace isolation)
-    tenants: tuple[str, ...]
-    #: seconds per request (connect + response head)
-    timeout: float = 10.0
-    #: pooled connections kept to this backend
-    max_connections: int = 100
+__all__ = [
+    "BACKEND_KINDS",
+    "MAX_CONFIG_BYTES",
+    "BackendConfig",
+    "Bounds",
+    "Policy",
+    "Route",
+    "SentryConfig",
+    "check_file",
+    "file_fingerprint",
+    "load_config",
+    "load_verify_key",
+    "parse_config",
+    "read_yaml",
+    "require_identity",
+    "summary",
+    "verify_key_pem",
+]
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """First route whose ``prefix`` starts the request path (or gRPC method) wins."""
+    """A route with the kind of the backend it names."""
 
     prefix: str
     backend: str
     #: "http" or "grpc" (tcp requests name their backend directly)
     kind: str = "http"
-
-
-@dataclass(frozen=True, slots=True)
-class Bounds:
-    """Named bounds of the sentry's request handling."""
-
-    #: largest request body read into memory (sanitizer needs whole JSON bodies)
-    max_request_body: int = 4 * 1024 * 1024
-    #: seconds for a client to deliver head + body on a stream (slowloris bound)
-    request_read_timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,16 +110,32 @@ class SentryConfig:
     ledger_path: Path | None = None
     attestation_interval: float = 60.0
     source: Path | None = None
+    #: create a dev genesis (this node as authority) in an empty ledger
+    ledger_dev_genesis: bool = True
 
 
-def load_verify_key(path: Path) -> VerifyKey:
-    """Read an ML-DSA public key (PEM SubjectPublicKeyInfo)."""
+def load_verify_key(path: Path, *, error: type[PqcnetError] = SentryConfigError,
+                    at: str = "", allow_private: bool = False) -> VerifyKey:
+    """Read an ML-DSA public key (PEM SubjectPublicKeyInfo) — the one reader of key
+    files named in configs. With ``allow_private`` a PKCS#8 signing key is accepted
+    too (its public half is used). ``at`` prefixes the error (file and key path)."""
+    prefix = f"{at}: " if at else ""
     try:
-        data = path.read_bytes()[:MAX_CONFIG_BYTES]
-        key = serialization.load_pem_public_key(data)
-        return VerifyKey(key)  # type: ignore[arg-type]
-    except (OSError, ValueError, CryptoError) as exc:
-        raise SentryConfigError(f"cannot load issuer key {path}: {exc}") from None
+        with path.open("rb") as fh:
+            pem = fh.read(MAX_CONFIG_BYTES)
+    except OSError as exc:
+        raise error(f"{prefix}cannot read key {path}: {exc.strerror}") from None
+    try:
+        return VerifyKey(serialization.load_pem_public_key(pem))  # type: ignore[arg-type]
+    except (ValueError, TypeError, CryptoError):
+        pass
+    if allow_private:
+        try:
+            return SigningKey.from_pem(pem).public_key
+        except (ValueError, TypeError, PqcnetError):
+            pass
+    raise error(f"{prefix}{path} is not an ML-DSA {'key' if allow_private else 'public key'} "
+                "PEM")
 
 
 def verify_key_pem(key: VerifyKey) -> bytes:
@@ -117,158 +146,109 @@ def verify_key_pem(key: VerifyKey) -> bytes:
     )
 
 
-def _get(d: Mapping[str, Any], key: str, typ: type, where: str, default: Any = ...) -> Any:
-    if key not in d:
-        if default is ...:
-            raise SentryConfigError(f"{where}.{key} is required")
-        return default
-    value = d[key]
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise SentryConfigError(f"{where}.{key} must be {typ.__name__}, got {value!r}")
-    return value
+def _plan(spec: PlanSpec) -> Plan:
+    return Plan(rate=spec.rate, burst=spec.burst)
 
 
-def _plan(d: Any, where: str) -> Plan:
-    if not isinstance(d, Mapping):
-        raise SentryConfigError(f"{where} must be a mapping with rate and burst")
-    return Plan(rate=_get(d, "rate", float, where), burst=_get(d, "burst", float, where))
-
-
-def _hostport(value: str, where: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise SentryConfigError(f"{where} must be host:port, got {value!r}")
-    return host, int(port)
-
-
-def _sanitizer_key(tenant: str, spec: Mapping[str, Any], base: Path) -> bytes:
-    if "key_hex" in spec:
+def _sanitizer_key(spec: SanitizerSpec, base: Path, at: str) -> bytes:
+    if spec.key_hex is not None:
+        return bytes.fromhex(spec.key_hex)
+    if spec.key_file is not None:
         try:
-            return bytes.fromhex(str(spec["key_hex"]))
-        except ValueError:
-            raise SentryConfigError(f"sanitizer.{tenant}.key_hex is not hex") from None
-    if "key_file" in spec:
-        try:
-            return (base / str(spec["key_file"])).read_bytes()[:4096].strip()
+            with (base / spec.key_file).open("rb") as fh:
+                return fh.read(MAX_KEY_FILE_BYTES).strip()
         except OSError as exc:
-            raise SentryConfigError(f"sanitizer.{tenant}.key_file: {exc}") from None
-    raise SentryConfigError(f"sanitizer.{tenant} needs key_hex or key_file")
+            raise SentryConfigError(f"{at}.key_file: {exc.strerror}: {exc.filename}") from None
+    raise SentryConfigError(f"{at}: needs key_hex or key_file")
 
 
-def parse_policy_section(raw: Mapping[str, Any], base: Path) -> Policy:
+def _policy(f: SentryFile, base: Path, src: str) -> Policy:
     """The hot-reloadable sections: issuers, limits, acl, sanitizer."""
-    issuers_raw = _get(raw, "issuers", dict, "config")
-    issuers: dict[str, tuple[VerifyKey, ...]] = {}
-    for tenant, files in issuers_raw.items():
-        if not isinstance(files, list) or not files:
-            raise SentryConfigError(f"issuers.{tenant} must be a non-empty list of key files")
-        issuers[str(tenant)] = tuple(load_verify_key(base / str(f)) for f in files)
-    limits = _get(raw, "limits", dict, "config")
-    plans = {str(t): _plan(p, f"limits.tenants.{t}") for t, p in
-             _get(limits, "tenants", dict, "limits", {}).items()}
-    acl_raw = _get(raw, "acl", dict, "config")
-    acl = AclPolicy.of(
-        [str(x) for x in _get(acl_raw, "allow_from", list, "acl")],
-        [str(x) for x in _get(acl_raw, "allow_methods", list, "acl")],
-    )
+    issuers = {tenant: tuple(load_verify_key(base / name, at=where(src, "issuers", tenant, i))
+                             for i, name in enumerate(files))
+               for tenant, files in f.issuers.items()}
     sanitizer: dict[str, SanitizerPolicy] = {}
-    for tenant, spec in _get(raw, "sanitizer", dict, "config", {}).items():
-        if not isinstance(spec, Mapping):
-            raise SentryConfigError(f"sanitizer.{tenant} must be a mapping")
-        sanitizer[str(tenant)] = parse_policy(_sanitizer_key(str(tenant), spec, base), spec)
-    max_in_flight = _get(limits, "max_in_flight", int, "limits")
-    if max_in_flight < 1:
-        raise SentryConfigError("limits.max_in_flight must be >= 1")
+    for tenant, spec in f.sanitizer.items():
+        at = where(src, "sanitizer", tenant)
+        rules = spec.model_dump(include={"headers", "json_fields"})
+        try:
+            sanitizer[tenant] = parse_policy(_sanitizer_key(spec, base, at), rules)
+        except SentryConfigError as exc:
+            raise SentryConfigError(str(exc) if str(exc).startswith(at) else f"{at}: {exc}"
+                                    ) from None
+    try:
+        acl = AclPolicy.of(f.acl.allow_from, f.acl.allow_methods)
+    except SentryConfigError as exc:
+        raise SentryConfigError(where(src, str(exc))) from None
     return Policy(
         issuers=issuers,
-        default_plan=_plan(_get(limits, "default", dict, "limits"), "limits.default"),
-        plans=plans,
-        max_in_flight=max_in_flight,
+        default_plan=_plan(f.limits.default),
+        plans={t: _plan(p) for t, p in f.limits.tenants.items()},
+        max_in_flight=f.limits.max_in_flight,
         acl=acl,
         sanitizer=sanitizer,
-        assertion_cache_size=_get(raw, "assertion_cache_size", int, "config", 100_000),
-        clock_skew=_get(raw, "clock_skew", float, "config", 30.0),
+        assertion_cache_size=f.assertion_cache_size,
+        clock_skew=f.clock_skew,
     )
 
 
-def _backend(d: Any, i: int) -> BackendConfig:
-    where = f"backends[{i}]"
-    if not isinstance(d, Mapping):
-        raise SentryConfigError(f"{where} must be a mapping")
-    kind = _get(d, "kind", str, where)
-    if kind not in BACKEND_KINDS:
-        raise SentryConfigError(f"{where}.kind must be one of {BACKEND_KINDS}, got {kind!r}")
-    target = _get(d, "target", str, where)
-    if kind == "http" and not target.startswith("http://") and not target.startswith("https://"):
-        raise SentryConfigError(f"{where}.target must be an http(s):// URL")
-    if kind != "http":
-        _hostport(target, f"{where}.target")
-    tenants = _get(d, "tenants", list, where)
-    timeout = _get(d, "timeout", float, where, 10.0)
-    conns = _get(d, "max_connections", int, where, 100)
-    if timeout <= 0 or conns < 1:
-        raise SentryConfigError(f"{where}: timeout must be > 0 and max_connections >= 1")
-    return BackendConfig(_get(d, "name", str, where), kind, target,
-                         tuple(str(t) for t in tenants), timeout, conns)
-
-
-def parse_config(raw: Mapping[str, Any], base: Path, source: Path | None = None) -> SentryConfig:
-    """Validate a loaded YAML mapping."""
-    if not isinstance(raw, Mapping):
-        raise SentryConfigError("config must be a YAML mapping")
-    host, port = _hostport(_get(raw, "listen", str, "config"), "listen")
+def _backends(f: SentryFile, src: str) -> dict[str, BackendConfig]:
     backends: dict[str, BackendConfig] = {}
-    for i, b in enumerate(_get(raw, "backends", list, "config")):
-        be = _backend(b, i)
+    for i, be in enumerate(f.backends):
+        at = where(src, "backends", i)
         if be.name in backends:
-            raise SentryConfigError(f"duplicate backend name {be.name!r}")
+            raise SentryConfigError(f"{at}.name: duplicate backend name {be.name!r}")
+        # the same patterns the JSON Schema states for this rule (if kind: http ...)
+        pattern, what = ((HTTP_URL_PATTERN, "an http(s):// URL") if be.kind == "http"
+                         else (HOSTPORT_PATTERN, "host:port"))
+        if not re.fullmatch(pattern, be.target):
+            raise SentryConfigError(f"{at}.target: expected {what} for a {be.kind} backend, "
+                                    f"got {be.target!r}")
         backends[be.name] = be
+    return backends
+
+
+def _routes(f: SentryFile, backends: Mapping[str, BackendConfig], src: str) -> tuple[Route, ...]:
     routes = []
-    for i, r in enumerate(_get(raw, "routes", list, "config", [])):
-        where = f"routes[{i}]"
-        if not isinstance(r, Mapping):
-            raise SentryConfigError(f"{where} must be a mapping")
-        route = Route(_get(r, "prefix", str, where), _get(r, "backend", str, where))
-        if route.backend not in backends:
-            raise SentryConfigError(f"{where}.backend {route.backend!r} is not defined")
-        kind = backends[route.backend].kind
+    for i, r in enumerate(f.routes):
+        at = where(src, "routes", i)
+        if r.backend not in backends:
+            raise SentryConfigError(f"{at}.backend: {r.backend!r} is not defined")
+        kind = backends[r.backend].kind
         if kind == "tcp":
-            raise SentryConfigError(f"{where}: tcp backends are addressed by name, not routed")
-        routes.append(Route(route.prefix, route.backend, kind))
-    bounds_raw = _get(raw, "bounds", dict, "config", {})
-    dflt = Bounds()
-    bounds = Bounds(
-        max_request_body=_get(bounds_raw, "max_request_body", int, "bounds",
-                              dflt.max_request_body),
-        request_read_timeout=_get(bounds_raw, "request_read_timeout", float, "bounds",
-                                  dflt.request_read_timeout),
-    )
-    identity = _get(raw, "identity_dir", str, "config", "")
-    metrics = _get(raw, "metrics_port", int, "config", 0)
-    ledger = _get(raw, "ledger", str, "config", "")
+            raise SentryConfigError(f"{at}.backend: tcp backends are addressed by name, "
+                                    "not routed")
+        routes.append(Route(r.prefix, r.backend, kind))
+    return tuple(routes)
+
+
+def parse_config(raw: Any, base: Path, source: Path | None = None, *,
+                 name: str = "") -> SentryConfig:
+    """Validate a loaded YAML mapping; ``name`` (default: ``source``) starts every
+    error message."""
+    src = name or (str(source) if source is not None else "")
+    f = validate(SentryFile, raw, SentryConfigError, source=src)
+    host, port = split_hostport(f.listen)
+    backends = _backends(f, src)
     return SentryConfig(
         listen_host=host,
         listen_port=port,
-        identity_dir=base / identity if identity else None,
+        identity_dir=base / f.identity_dir if f.identity_dir else None,
         backends=backends,
-        routes=tuple(routes),
-        policy=parse_policy_section(raw, base),
-        bounds=bounds,
-        metrics_port=metrics or None,
-        ledger_path=base / ledger if ledger else None,
-        attestation_interval=_get(raw, "attestation_interval", float, "config", 60.0),
+        routes=_routes(f, backends, src),
+        policy=_policy(f, base, src),
+        bounds=f.bounds,
+        metrics_port=f.metrics_port or None,
+        ledger_path=base / f.ledger if f.ledger else None,
+        attestation_interval=f.attestation_interval,
         source=source,
+        ledger_dev_genesis=f.ledger_dev_genesis,
     )
 
 
-def read_yaml(path: Path) -> Mapping[str, Any]:
-    """Read and parse a bounded YAML file that must hold a mapping."""
-    raw = read_yaml_file(path, SentryConfigError, max_bytes=MAX_CONFIG_BYTES)
-    if not isinstance(raw, Mapping):
-        raise SentryConfigError(f"config {path} must be a YAML mapping")
-    return raw
+def read_yaml(path: Path) -> Any:
+    """Read and parse a bounded YAML file."""
+    return read_yaml_file(path, SentryConfigError, max_bytes=MAX_CONFIG_BYTES)
 
 
 def load_config(path: Path) -> SentryConfig:
@@ -276,9 +256,46 @@ def load_config(path: Path) -> SentryConfig:
     return parse_config(read_yaml(path), path.parent, source=path)
 
 
+def require_identity(cfg: SentryConfig, name: str = "") -> Path:
+    """The identity directory a sentry needs to run (what ``check`` and ``run`` agree on)."""
+    src = name or (str(cfg.source) if cfg.source is not None else "")
+    if cfg.identity_dir is None:
+        raise SentryConfigError(where(src, "identity_dir") + ": required to run a sentry "
+                                "(the node identity from `pqcnet ca issue ... --out DIR`)")
+    if not cfg.identity_dir.is_dir():
+        raise SentryConfigError(where(src, "identity_dir") + f": {cfg.identity_dir} is not a "
+                                "directory (create it with `pqcnet ca issue ... --out DIR`)")
+    return cfg.identity_dir
+
+
+def summary(cfg: SentryConfig) -> dict[str, Any]:
+    """What a check prints: the facts an operator verifies at a glance."""
+    from pqcnet.sentry.sanitizer import IdentitySanitizer
+
+    p = cfg.policy
+    return {
+        "listen": f"{cfg.listen_host}:{cfg.listen_port}",
+        "backends": {n: {"kind": b.kind, "target": b.target, "tenants": list(b.tenants)}
+                     for n, b in cfg.backends.items()},
+        "tenants": sorted(p.issuers),
+        "max_in_flight": p.max_in_flight,
+        "sanitizer_policy_sha256": {t: d.hex() for t, d in
+                                    IdentitySanitizer(p.sanitizer).digests().items()},
+    }
+
+
+def check_file(path: Path) -> dict[str, Any]:
+    """Validate ``path`` as ``sentry run`` would (schema, key files, identity directory)
+    and return its :func:`summary` — ``sentry check`` and ``config check --kind sentry``."""
+    cfg = load_config(path)
+    require_identity(cfg)
+    return summary(cfg)
+
+
 def file_fingerprint(path: Path) -> bytes:
     """SHA-256 of a file's bytes (used to notice config edits for hot reload)."""
     try:
-        return hashlib.sha256(path.read_bytes()[: MAX_CONFIG_BYTES + 1]).digest()
+        with path.open("rb") as fh:
+            return hashlib.sha256(fh.read(MAX_CONFIG_BYTES + 1)).digest()
     except OSError:
         return b""

@@ -55,3 +55,20 @@ class Memo(Generic[K, V]):
     def clear(self) -> None:
         """Forget everything (tests, policy reload)."""
         self._d.clear()
+
+
+def memoized(memo: Memo[K, V], compute: Callable[[K], V],
+             size: Callable[[K, V], int]) -> Callable[[K], V]:
+    """``compute`` through ``memo``: a hit returns the remembered value; a miss computes
+    it and remembers it when ``size(key, value) <= memo.max_item`` (the bound is on
+    whichever side of the pair can be large)."""
+    get, put, limit = memo.get, memo.put, memo.max_item
+
+    def call(key: K) -> V:
+        got = get(key)
+        if got is not None:
+            return got
+        value = compute(key)
+        return put(key, value) if size(key, value) <= limit else value
+
+    return call

@@ -13,6 +13,25 @@ OUTCOMES = ("ok", "unauthenticated", "denied", "rate_limited", "backend_error",
             "bad_request", "too_large", "error")
 
 
+class _Children:
+    """The labelled children of one single-label metric, resolved once per label value:
+    ``labels()`` takes a lock and builds a key tuple on every call, which showed up per
+    RPC in the hot path. Label values are bounded by config (outcomes, error classes,
+    request kinds, tenants)."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[str, Any] = {}
+
+    def __getitem__(self, label: str) -> Any:
+        child = self._children.get(label)
+        if child is None:
+            child = self._children[label] = self._metric.labels(label)
+        return child
+
+
 class SentryMetrics:
     """All sentry instruments."""
 
@@ -69,12 +88,10 @@ class SentryMetrics:
             "pqcnet_sentry_attestations_total", "Attestation events emitted", registry=r
         )
 
-        # labelled children resolved once: ``labels()`` takes a lock and builds a key
-        # tuple on every call, which showed up per RPC in the hot path
-        self._requests = {o: self.requests.labels(o) for o in OUTCOMES}
-        self._rejections: dict[str, Any] = {}
-        self._latency: dict[str, Any] = {}
-        self._levels: dict[str, Any] = {}
+        self._requests = _Children(self.requests)
+        self._rejections = _Children(self.rejections)
+        self._latency = _Children(self.latency)
+        self._levels = _Children(self.bucket_level)
 
     def bind_gauges(self, in_flight: Callable[[], float], ratio: Callable[[], float]) -> None:
         """Read live values at scrape time."""
@@ -83,29 +100,17 @@ class SentryMetrics:
 
     def count(self, outcome: str, reason: str | None = None) -> None:
         """Count one finished RPC."""
-        child = self._requests.get(outcome)
-        if child is None:
-            child = self._requests[outcome] = self.requests.labels(outcome)
-        child.inc()
+        self._requests[outcome].inc()
         if reason is not None:
-            rej = self._rejections.get(reason)
-            if rej is None:
-                rej = self._rejections[reason] = self.rejections.labels(reason)
-            rej.inc()
+            self._rejections[reason].inc()
 
     def observe_latency(self, kind: str, seconds: float) -> None:
         """One finished RPC's duration."""
-        child = self._latency.get(kind)
-        if child is None:
-            child = self._latency[kind] = self.latency.labels(kind)
-        child.observe(seconds)
+        self._latency[kind].observe(seconds)
 
     def set_bucket_level(self, tenant: str, tokens: float) -> None:
         """Bucket level of the tenant's most recent client (tenants are config-bounded)."""
-        child = self._levels.get(tenant)
-        if child is None:
-            child = self._levels[tenant] = self.bucket_level.labels(tenant)
-        child.set(tokens)
+        self._levels[tenant].set(tokens)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """Current sample value (tests and the benchmark read metrics through this)."""

@@ -21,8 +21,9 @@ Two transport-level signals complete the picture:
 Small responses (``ForwardResponse.inline``) leave as one tunnel write: head, body
 and end of stream together.
 
-:class:`SentryServer` terminates QSTP (``pqcnet.qstp.aio.serve``) and feeds each accepted
-stream to :func:`handle_stream`, and polls the config file for hot reload.
+:func:`serve_tunnel` feeds each stream of an accepted tunnel to :func:`handle_stream`;
+:func:`watch_config` polls the config file for hot reload. :class:`SentryServer`
+terminates QSTP (``pqcnet.qstp.aio.serve``) with both.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from pqcnet.errors import PqcnetError
@@ -257,8 +260,54 @@ class _Pauser:
                 self._tunnel.resume(None, FLOW_REASON_RATE_LIMITED)
 
 
+async def serve_tunnel(sentry: Sentry, tunnel: Any) -> None:
+    """Serve every stream of one QSTP tunnel through ``sentry`` until the tunnel ends —
+    the one per-tunnel loop, whoever owns the listener (:class:`SentryServer`, or the
+    node runtime's QSTP endpoint)."""
+    view = tunnel_view(tunnel)
+    sentry.metrics.tunnels.inc()
+    try:
+        async with asyncio.TaskGroup() as tg:
+            async for stream in tunnel:
+                tg.create_task(handle_stream(sentry, stream, view))
+    finally:
+        sentry.metrics.tunnels.dec()
+
+
+def watch_config(sentry: Sentry, path: Path, interval: float = 1.0,
+                 on_reload: Callable[[], None] | None = None) -> asyncio.Task[None]:
+    """Poll ``path`` every ``interval`` s; on a change, validate it and hot-reload the
+    policy part (a file that does not validate is logged and the old policy stays).
+    Returns the polling task (cancel it to stop)."""
+    from pqcnet.sentry.config import file_fingerprint, load_config
+
+    async def loop() -> None:
+        seen = file_fingerprint(path)
+        while True:
+            await asyncio.sleep(interval)
+            now = file_fingerprint(path)
+            if now == seen:
+                continue
+            seen = now
+            try:
+                sentry.reload(load_config(path).policy)
+            except PqcnetError as exc:
+                log.warning("config reload refused; old policy stays",
+                            extra={"error": str(exc)})
+                continue
+            if on_reload is not None:
+                on_reload()
+
+    return asyncio.get_running_loop().create_task(loop(), name="sentry-config-watch")
+
+
 class SentryServer:
-    """Terminates QSTP tunnels and serves their streams; hot-reloads the config file."""
+    """Terminates QSTP tunnels and serves their streams; hot-reloads the config file.
+
+    The embeddable server (tests, benchmarks, applications); the ``pqcnet`` commands
+    run :class:`pqcnet.runtime.sentry.SentryService`, built on the same
+    :func:`serve_tunnel` and :func:`watch_config`.
+    """
 
     def __init__(self, sentry: Sentry, identity: Any, tls_policy: Any = None, *,
                  qstp_config: Any = None) -> None:
@@ -284,37 +333,16 @@ class SentryServer:
         return port_
 
     async def _on_tunnel(self, tunnel: Any) -> None:
-        view = tunnel_view(tunnel)
         self.tunnels_served += 1
-        metrics = self.sentry.metrics
-        metrics.tunnels.inc()
-        try:
-            async with asyncio.TaskGroup() as tg:
-                async for stream in tunnel:
-                    tg.create_task(handle_stream(self.sentry, stream, view))
-        finally:
-            metrics.tunnels.dec()
+        await serve_tunnel(self.sentry, tunnel)
 
     def watch_config(self, path: Any, interval: float = 1.0) -> None:
         """Poll ``path``; on a change, validate and hot-reload the policy part."""
-        from pqcnet.sentry.config import file_fingerprint, load_config
 
-        async def loop() -> None:
-            seen = file_fingerprint(path)
-            while True:
-                await asyncio.sleep(interval)
-                now = file_fingerprint(path)
-                if now == seen:
-                    continue
-                seen = now
-                try:
-                    self.sentry.reload(load_config(path).policy)
-                    self.reloads += 1
-                except PqcnetError as exc:
-                    log.warning("config reload refused; old policy stays",
-                                extra={"error": str(exc)})
+        def counted() -> None:
+            self.reloads += 1
 
-        self._watch = asyncio.get_running_loop().create_task(loop())
+        self._watch = watch_config(self.sentry, Path(path), interval, counted)
 
     async def aclose(self) -> None:
         """Stop listening, end tunnels, close backend pools."""

@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError
 
 from pqcnet.proto import sentry_pb2
 from pqcnet.sentry.errors import RequestTooLarge, WireError
-from pqcnet.sentry.memo import Memo
+from pqcnet.sentry.memo import Memo, memoized
 
 #: Bound on one head block; bounds what a peer can make us buffer before a body.
 MAX_HEAD_BYTES = 64 * 1024
@@ -86,19 +86,18 @@ class ResponseHead:
     grpc_code: int = 0
 
 
+def _out_size(_key: object, out: bytes) -> int:
+    return len(out)
+
+
+def _in_size(payload: bytes, _head: object) -> int:
+    return len(payload)
+
+
 def _frame(payload: bytes) -> bytes:
     if len(payload) > MAX_HEAD_BYTES:
         raise RequestTooLarge(f"head block of {len(payload)} bytes exceeds {MAX_HEAD_BYTES}")
     return _LEN.pack(len(payload)) + payload
-
-
-def encode_request(head: RequestHead) -> bytes:
-    """Length-prefixed ``RpcRequestHead``."""
-    got = _enc_req.get(head)
-    if got is not None:
-        return got
-    out = _encode_request(head)
-    return _enc_req.put(head, out) if len(out) <= _enc_req.max_item else out
 
 
 def _encode_request(head: RequestHead) -> bytes:
@@ -117,13 +116,8 @@ def _encode_request(head: RequestHead) -> bytes:
     return _frame(msg.SerializeToString())
 
 
-def encode_response(head: ResponseHead) -> bytes:
-    """Length-prefixed ``RpcResponseHead``."""
-    got = _enc_resp.get(head)
-    if got is not None:
-        return got
-    out = _encode_response(head)
-    return _enc_resp.put(head, out) if len(out) <= _enc_resp.max_item else out
+encode_request: Callable[[RequestHead], bytes] = memoized(_enc_req, _encode_request, _out_size)
+"""Length-prefixed ``RpcRequestHead``."""
 
 
 def _encode_response(head: ResponseHead) -> bytes:
@@ -138,13 +132,9 @@ def _encode_response(head: ResponseHead) -> bytes:
     return _frame(msg.SerializeToString())
 
 
-def decode_request(payload: bytes) -> RequestHead:
-    """Parse an ``RpcRequestHead`` payload (without the length prefix)."""
-    got = _dec_req.get(payload)
-    if got is not None:
-        return got
-    head = _decode_request(payload)
-    return _dec_req.put(payload, head) if len(payload) <= _dec_req.max_item else head
+encode_response: Callable[[ResponseHead], bytes] = memoized(_enc_resp, _encode_response,
+                                                             _out_size)
+"""Length-prefixed ``RpcResponseHead``."""
 
 
 def _decode_request(payload: bytes) -> RequestHead:
@@ -170,13 +160,8 @@ def _decode_request(payload: bytes) -> RequestHead:
     )
 
 
-def decode_response(payload: bytes) -> ResponseHead:
-    """Parse an ``RpcResponseHead`` payload (without the length prefix)."""
-    got = _dec_resp.get(payload)
-    if got is not None:
-        return got
-    head = _decode_response(payload)
-    return _dec_resp.put(payload, head) if len(payload) <= _dec_resp.max_item else head
+decode_request: Callable[[bytes], RequestHead] = memoized(_dec_req, _decode_request, _in_size)
+"""Parse an ``RpcRequestHead`` payload (without the length prefix)."""
 
 
 def _decode_response(payload: bytes) -> ResponseHead:
@@ -192,6 +177,10 @@ def _decode_response(payload: bytes) -> ResponseHead:
         retry_after=msg.retry_after,
         grpc_code=msg.grpc_code,
     )
+
+
+decode_response: Callable[[bytes], ResponseHead] = memoized(_dec_resp, _decode_response, _in_size)
+"""Parse an ``RpcResponseHead`` payload (without the length prefix)."""
 
 
 class HeadDecoder:

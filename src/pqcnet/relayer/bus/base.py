@@ -17,6 +17,12 @@ Semantics every backend keeps:
   the worker never acks a record while an earlier one is still held, so cursor
   backends (RocksDB, Kafka) may commit ``max(offset)+1``.
 * ``lag(shard, group)`` counts records published but not yet acked by ``group``.
+
+Two hooks let the relayer node treat every backend alike (no ``isinstance``):
+``seq_store()`` offers a home for the shard workers' dedup marks next to the log
+(Redis keeps them on the same server; the others return None and the node uses
+local RocksDB), and ``compact(shard, groups)`` drops what every group acked
+(the embedded log; Redis trims on ack and Kafka by retention, so they do nothing).
 """
 
 from __future__ import annotations
@@ -24,6 +30,10 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the store module builds on the embedded bus; types only here
+    from pqcnet.relayer.seqstore import SeqStore
 
 Offset = int | str
 """Integer log offset (embedded, Kafka) or Redis stream entry id."""
@@ -75,6 +85,15 @@ class Bus(abc.ABC):
     @abc.abstractmethod
     async def rewind(self, shard: int, group: str) -> None:
         """Forget in-flight reads: the next consume restarts at the first unacked record."""
+
+    def seq_store(self) -> SeqStore | None:
+        """A dedup-mark / volume store living with this backend, or None (the node keeps
+        them in local RocksDB)."""
+        return None
+
+    async def compact(self, shard: int, groups: Sequence[str]) -> None:  # noqa: B027
+        """Drop records of ``shard`` that every one of ``groups`` has acked (a no-op for
+        backends that trim by themselves)."""
 
     async def healthy(self) -> bool:
         """Cheap liveness probe used by the overflow replayer."""

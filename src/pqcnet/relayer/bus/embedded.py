@@ -148,6 +148,9 @@ class EmbeddedBus(Bus):
             self._trimmed[shard] = low
         return low
 
+    async def compact(self, shard: int, groups: Sequence[str]) -> None:
+        self.trim(shard, groups)
+
     async def rewind(self, shard: int, group: str) -> None:
         self._read.pop((shard, group), None)
 

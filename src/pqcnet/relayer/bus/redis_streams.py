@@ -35,6 +35,7 @@ from redis.exceptions import ResponseError
 
 from pqcnet.relayer.bus.base import Bus, Delivery, Offset
 from pqcnet.relayer.errors import BusError, BusUnavailable
+from pqcnet.relayer.seqstore import RedisSeqStore
 
 T = TypeVar("T")
 _FIELD = b"d"
@@ -144,6 +145,10 @@ class RedisStreamsBus(Bus):
             if "BUSYGROUP" not in str(exc):
                 raise
         self._groups.add((shard, group))
+
+    def seq_store(self) -> RedisSeqStore:
+        """Marks and volume on the same Redis server (same durability as the stream)."""
+        return RedisSeqStore(self.client, self.prefix, self.consumer)
 
     async def healthy(self) -> bool:
         try:

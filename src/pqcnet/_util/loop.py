@@ -1,4 +1,5 @@
-"""Which event loop the long-running sentry and sidecar processes use.
+"""Which event loop the long-running sentry and sidecar processes use (the CLI runner
+asks for it with ``fast_loop=True``).
 
 uvloop (the optional ``pqcnet[fast]`` extra) runs the same asyncio code with the loop,
 transports and timers in C; on the per-RPC path of a proxy most of the Python-level

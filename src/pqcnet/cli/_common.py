@@ -1,0 +1,96 @@
+"""What every ``pqcnet`` command shares: address and passphrase options, identity
+loading, and the one runner of long-lived services.
+
+:func:`run_until_signalled` is how ``relayer run``, ``sentry run``, ``sidecar`` and
+``node run`` live: signal handlers first (a SIGTERM during start-up still stops the
+process cleanly), start the service, announce it, wait for SIGINT/SIGTERM, stop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import click
+
+from pqcnet._util.env import PASS_ENV, env_passphrase
+from pqcnet._util.schema import split_hostport
+from pqcnet.identity import NodeIdentity
+from pqcnet.identity.errors import IdentityError
+
+S = TypeVar("S")
+#: signals that stop a long-running command
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def hostport(value: str, *, param_hint: str | None = None) -> tuple[str, int]:
+    """``host:port`` from the command line (``:7400`` means 127.0.0.1; ``[::1]:7400``
+    is IPv6), or a usage error naming the option."""
+    try:
+        host, port = split_hostport(value, default_host="127.0.0.1")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=param_hint) from None
+    return host.strip("[]"), port
+
+
+def passphrase(env: str, no_passphrase: bool, *, what: str, confirm: bool = False) -> bytes | None:
+    """Passphrase from ``$env``, else a hidden prompt; None when ``no_passphrase``."""
+    if no_passphrase:
+        return None
+    value = env_passphrase(env)
+    if value is None:
+        value = click.prompt(f"{what} passphrase (or set ${env})", hide_input=True,
+                             confirmation_prompt=confirm).encode()
+    if not value:
+        raise click.BadParameter(f"empty {what} passphrase (use --no-passphrase for none)")
+    return value
+
+
+def load_identity(directory: Path, passphrase_env: str = PASS_ENV) -> NodeIdentity:
+    """A node identity whose key passphrase (if any) is in ``$passphrase_env``; a failure
+    says whether that variable was set."""
+    secret = env_passphrase(passphrase_env)
+    try:
+        return NodeIdentity.load(directory, secret)
+    except IdentityError as exc:
+        hint = f" (set ${passphrase_env})" if secret is None and "passphrase" in str(exc) else ""
+        raise IdentityError(f"cannot load identity from {directory}: {exc}{hint}") from None
+
+
+def run_until_signalled(start: Callable[[], Awaitable[S]], stop: Callable[[S], Awaitable[None]],
+                        ready: Callable[[S], None] = lambda _s: None, *,
+                        fast_loop: bool = False) -> None:
+    """Run ``start()``; call ``ready(service)``; serve until SIGINT/SIGTERM; ``stop``.
+
+    ``start`` must clean up after itself if it fails. ``fast_loop`` runs on uvloop when
+    available (see :mod:`pqcnet._util.loop`): the per-RPC proxies use it.
+    """
+
+    async def main() -> None:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, stopping.set)
+        try:
+            service = await start()
+            try:
+                ready(service)
+                await stopping.wait()
+            finally:
+                await stop(service)
+        finally:
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+
+    if fast_loop:
+        from pqcnet._util import loop as fast
+
+        fast.run(main())
+    else:
+        asyncio.run(main())
+
+
+__all__ = ["STOP_SIGNALS", "hostport", "load_identity", "passphrase", "run_until_signalled"]

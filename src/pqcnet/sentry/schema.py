@@ -1,0 +1,166 @@
+"""The sentry config file's schema: what keys exist, their types and bounds.
+
+These pydantic models describe the YAML exactly as written (paths are strings, key
+files are names); :mod:`pqcnet.sentry.config` validates a file against
+:class:`SentryFile` and then builds the runtime objects the core uses (loaded issuer
+keys, ACL, sanitizer policies). Rules JSON Schema cannot state — a route names a
+defined backend, a key file can be read — are checked there, with the same
+one-line ``file: key.path: problem`` errors.
+
+:class:`BackendConfig` and :class:`Bounds` are used as they are by the core (nothing
+in them needs converting).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import ConfigDict, Field
+
+from pqcnet._util.schema import (
+    HOSTPORT_PATTERN,
+    HTTP_URL_PATTERN,
+    Count,
+    HexBytes,
+    HostPort,
+    Port,
+    Positive,
+    Schema,
+)
+
+BackendKind = Literal["http", "grpc", "tcp"]
+BACKEND_KINDS: tuple[BackendKind, ...] = ("http", "grpc", "tcp")
+
+
+class BackendConfig(Schema):
+    """One upstream the sentry forwards to."""
+
+    name: str = Field(min_length=1)
+    """Name routes and tcp requests refer to."""
+    kind: BackendKind
+    """http (JSON-RPC / REST over HTTP/1.1), grpc, or tcp."""
+    target: str
+    """http: base URL ``http://127.0.0.1:8080``; grpc/tcp: ``host:port``."""
+    tenants: tuple[str, ...] = Field(strict=False)
+    """Tenants whose requests may reach this backend (namespace isolation)."""
+    timeout: Positive = 10.0
+    """Seconds per request (connect + response head)."""
+    max_connections: Count = 100
+    """Pooled connections kept to this backend."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"properties": {"kind": {"const": "http"}}},
+        "then": {"properties": {"target": {"pattern": HTTP_URL_PATTERN}}},
+        "else": {"properties": {"target": {"pattern": HOSTPORT_PATTERN}}},
+    })
+
+
+class Bounds(Schema):
+    """Named bounds of the sentry's request handling."""
+
+    max_request_body: Count = 4 * 1024 * 1024
+    """Largest request body read into memory, bytes (the sanitizer needs whole JSON)."""
+    request_read_timeout: Positive = 10.0
+    """Seconds for a client to deliver head + body on a stream (slowloris bound)."""
+
+
+class RouteSpec(Schema):
+    """First route whose ``prefix`` starts the request path (or gRPC method) wins."""
+
+    prefix: str
+    """Path or gRPC method prefix."""
+    backend: str
+    """Name of an http or grpc backend."""
+
+
+class PlanSpec(Schema):
+    """A token bucket: sustained rate and burst."""
+
+    rate: Positive
+    """Requests per second."""
+    burst: float = Field(ge=1)
+    """Bucket size (requests)."""
+
+
+class LimitsSpec(Schema):
+    """Concurrency gate and per-client rate limits."""
+
+    max_in_flight: Count
+    """Global concurrency gate (never queues)."""
+    default: PlanSpec
+    """Per client (tenant, subject) plan when the tenant has none."""
+    tenants: dict[str, PlanSpec] = Field(default_factory=dict)
+    """Per-tenant plans."""
+
+
+class AclSpec(Schema):
+    """Who may call what. Empty lists deny everything (fail closed)."""
+
+    allow_from: list[str]
+    """SPIFFE ID patterns (per-segment globs, literal trust domain)."""
+    allow_methods: list[str]
+    """``METHOD /path`` globs, gRPC ``/pkg.Service/*``, ``TCP <backend>``."""
+
+
+class ReplaceAction(Schema):
+    """Replace the value by a fixed string."""
+
+    replace: str
+
+
+#: strip | hash | {replace: value}
+Action = Literal["strip", "hash"] | ReplaceAction
+
+
+class SanitizerSpec(Schema):
+    """One tenant's identity sanitizer: rules and the HMAC key of ``hash``."""
+
+    key_hex: HexBytes | None = None
+    """HMAC key, hex (at least 16 bytes)."""
+    key_file: str | None = None
+    """File holding the HMAC key (used when key_hex is absent)."""
+    headers: dict[str, Action] = Field(default_factory=dict)
+    """Header / gRPC metadata name (case-insensitive) -> action."""
+    json_fields: dict[str, Action] = Field(default_factory=dict)
+    """Dotted JSON body path -> action."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "anyOf": [{"required": ["key_hex"]}, {"required": ["key_file"]}]})
+
+
+class SentryFile(Schema):
+    """A sentry config file (``pqcnet sentry run --config``)."""
+
+    listen: HostPort
+    """QSTP listen address."""
+    identity_dir: str = ""
+    """Node identity directory (``pqcnet ca issue ... --out``); required to run."""
+    ledger: str = ""
+    """QS-DAG directory: anchors sanitizer policies and attestations (empty: none)."""
+    ledger_dev_genesis: bool = True
+    """Create a dev genesis with this node as authority when the ledger has none."""
+    attestation_interval: Positive = 60.0
+    """Seconds between attestation events (with a ledger)."""
+    metrics_port: Port = 0
+    """Prometheus on 127.0.0.1 (0: off)."""
+    issuers: dict[str, Annotated[list[str], Field(min_length=1)]]
+    """Per tenant: ML-DSA public key files trusted to sign session assertions."""
+    limits: LimitsSpec
+    acl: AclSpec
+    sanitizer: dict[str, SanitizerSpec] = Field(default_factory=dict)
+    """Per tenant identity sanitizer."""
+    backends: list[BackendConfig]
+    """Upstreams."""
+    routes: list[RouteSpec] = Field(default_factory=list)
+    """First matching prefix wins, per kind."""
+    bounds: Bounds = Field(default_factory=Bounds)
+    assertion_cache_size: Count = 100_000
+    """Verified session assertions remembered."""
+    clock_skew: float = Field(default=30.0, ge=0)
+    """Seconds of clock difference tolerated on assertion times."""
+
+
+__all__ = [
+    "BACKEND_KINDS", "AclSpec", "Action", "BackendConfig", "BackendKind", "Bounds",
+    "LimitsSpec", "PlanSpec", "ReplaceAction", "RouteSpec", "SanitizerSpec", "SentryFile",
+]
