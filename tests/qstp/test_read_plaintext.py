@@ -1,4 +1,4 @@
-"""Every exit of ``pqcnet.qstp.connection._read_plaintext`` through a real TLS 1.3 session.
+"""Every exit of ``pqcnet.qstp._ossl.read_plaintext`` through a real TLS 1.3 session.
 
 The reader stops for exactly four reasons: it needs more bytes (WANT_READ), it
 filled its bounded buffer (``4 * max_frame_payload``), the peer closed

@@ -53,6 +53,7 @@ from OpenSSL import SSL
 
 from pqcnet.errors import PqcnetError
 from pqcnet.identity import NodeIdentity
+from pqcnet.qstp import _ossl
 from pqcnet.qstp import events as ev
 from pqcnet.qstp.config import QstpConfiguration
 from pqcnet.qstp.connection import Connection, StreamState
@@ -634,6 +635,13 @@ class Tunnel(asyncio.Protocol):
 # --------------------------------------------------------------------------- client
 
 
+async def openssl_checked() -> None:
+    """Run this process's OpenSSL self-check (a child process, once) off the loop, so
+    building the first TLS context does not block it (see :mod:`pqcnet.qstp._ossl`)."""
+    if not _ossl.capabilities_known():
+        await asyncio.to_thread(_ossl.capabilities)
+
+
 _contexts: collections.OrderedDict[tuple[int, TlsPolicy], tuple[NodeIdentity, SSL.Context]] = (
     collections.OrderedDict()
 )
@@ -671,6 +679,7 @@ async def connect(
     """
     policy = policy or TlsPolicy()
     config = config or QstpConfiguration()
+    await openssl_checked()
     ctx = context or client_context(identity, policy)
     tls = new_connection(ctx, server=False, session=session)
     conn = Connection(tls, client=True, config=config,
@@ -711,7 +720,7 @@ class Server:
         self._policy = policy
         self._config = config
         self._max_tunnels = max_tunnels
-        self._context = build_context(identity, policy, server=True)
+        self._tls_context = build_context(identity, policy, server=True)
         self._verify = partial(verify_peer, identity=identity, policy=policy)
         self._tunnels: set[Tunnel] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -736,7 +745,7 @@ class Server:
             log.warning("tunnel limit reached; refusing connection",
                         extra={"max_tunnels": self._max_tunnels})
             return _Refuse()
-        tls = new_connection(self._context, server=True)
+        tls = new_connection(self._tls_context, server=True)
         conn = Connection(tls, client=False, config=self._config, verify=self._verify)
         tunnel = Tunnel(conn, server=self)
         self._tunnels.add(tunnel)
@@ -815,6 +824,7 @@ async def serve(
 ) -> Server:
     """Listen for QSTP tunnels; ``await handler(tunnel)`` runs per verified tunnel,
     and the tunnel is closed when the handler returns."""
+    await openssl_checked()
     server = Server(handler, identity, policy or TlsPolicy(), config or QstpConfiguration(),
                     max_tunnels)
     loop = asyncio.get_running_loop()

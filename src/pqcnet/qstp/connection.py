@@ -42,12 +42,10 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import threading
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL
 
 from pqcnet.crypto.errors import CryptoError
@@ -72,8 +70,6 @@ else:
     PeerInfo = Any
 
 log = logging.getLogger(__name__)
-_lib: Any = Binding.lib
-_ffi: Any = Binding.ffi
 
 #: Outstanding PINGs we track; more would let a caller grow the table without bound.
 MAX_OUTSTANDING_PINGS = 16
@@ -599,7 +595,7 @@ class Connection:
         """
         limit = self.config.max_frame_payload * 4
         while self.state is not ConnectionState.CLOSED:
-            plain, failure = _read_plaintext(self.tls, limit)
+            plain, failure = _ossl.read_plaintext(self.tls, limit)
             if plain and not self._decode(plain, now):
                 return
             if failure is not None:
@@ -847,42 +843,6 @@ class Connection:
             out, self._out = self._out, bytearray()
             with contextlib.suppress(SSL.Error):
                 self.tls.sendall(out)
-
-
-_scratch = threading.local()
-
-
-def _read_plaintext(tls: SSL.Connection, limit: int) -> tuple[bytes, BaseException | None]:
-    """Up to ``limit`` bytes of decrypted plaintext and the error that stopped reading.
-
-    ``SSL.Connection.recv`` returns one record (<= 16 KiB) per call and allocates a
-    buffer each time; here ``SSL_read`` fills one reused buffer until the BIO is
-    empty, with a single copy out. The common stop (SSL_ERROR_WANT_READ: need more
-    bytes) returns no error; any other condition is re-raised by pyOpenSSL's own
-    ``recv`` so close_notify, alerts and error queues are classified exactly as usual.
-    This touches ``tls._ssl`` (private), like :mod:`pqcnet.qstp._ossl`; the connection tests
-    exercise every exit.
-    """
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or len(buf) < limit:
-        buf = _scratch.buf = _ffi.new("char[]", limit)
-    ssl_ptr = tls._ssl
-    total = 0
-    failure: BaseException | None = None
-    while total < limit:
-        n = _lib.SSL_read(ssl_ptr, buf + total, limit - total)
-        if n > 0:
-            total += n
-            continue
-        if _lib.SSL_get_error(ssl_ptr, n) != _lib.SSL_ERROR_WANT_READ:
-            try:
-                tls.recv(1)  # let pyOpenSSL raise the precise exception
-            except (SSL.Error, HandshakeError) as exc:
-                failure = exc
-            else:  # pragma: no cover - a record became readable in between
-                failure = None
-        break
-    return (_ffi.buffer(buf, total)[:] if total else b""), failure
 
 
 def _handshake_reason(exc: BaseException) -> str:
