@@ -53,9 +53,6 @@ class QstpConfiguration:
     (fresh keys come with the new handshake), and closes the tunnel when the *next*
     rekey falls due — so no key protects more than ``2 * rekey_after_bytes`` or lives
     longer than ``2 * rekey_interval`` even with a peer that never reconnects."""
-    read_chunk: int = 64 * 1024
-    """Plaintext read from TLS per call (a TLS record holds at most 16 KiB): bounds one
-    read's temporary buffer and keeps it below malloc's mmap threshold."""
 
     def __post_init__(self) -> None:
         positive = {
@@ -65,7 +62,6 @@ class QstpConfiguration:
             "connection_window": self.connection_window,
             "max_streams": self.max_streams,
             "max_pending_send": self.max_pending_send,
-            "read_chunk": self.read_chunk,
         }
         for name, value in positive.items():
             if value <= 0:
