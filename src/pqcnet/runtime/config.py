@@ -26,11 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cryptography.hazmat.primitives import serialization
-
 from pqcnet._util.yamlfile import read_yaml_file
 from pqcnet.crypto.errors import CryptoError
-from pqcnet.crypto.pqc import SigningKey, VerifyKey
+from pqcnet.crypto.pqc import VerifyKey
 from pqcnet.errors import PqcnetError
 from pqcnet.relayer.config import RelayerConfig
 from pqcnet.runtime.errors import NodeConfigError
@@ -103,12 +101,8 @@ def load_key(path: Path, where: str) -> VerifyKey:
     except OSError as exc:
         raise _err(f"{where}: cannot read key {path}: {exc.strerror}") from None
     try:
-        return VerifyKey(serialization.load_pem_public_key(pem))  # type: ignore[arg-type]
-    except (ValueError, TypeError, CryptoError):
-        pass
-    try:
-        return SigningKey.from_pem(pem).public_key
-    except (ValueError, TypeError, PqcnetError):
+        return VerifyKey.from_pem(pem, private_ok=True)
+    except CryptoError:
         raise _err(f"{where}: {path} is not an ML-DSA key PEM") from None
 
 

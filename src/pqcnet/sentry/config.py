@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-
 from pqcnet._util.yamlfile import read_yaml_file
 from pqcnet.crypto.errors import CryptoError
-from pqcnet.crypto.pqc import MLDSAPublic, VerifyKey
+from pqcnet.crypto.pqc import VerifyKey
 from pqcnet.sentry.acl import AclPolicy
 from pqcnet.sentry.errors import SentryConfigError
 from pqcnet.sentry.limiter import Plan
@@ -102,19 +100,14 @@ class SentryConfig:
 def load_verify_key(path: Path) -> VerifyKey:
     """Read an ML-DSA public key (PEM SubjectPublicKeyInfo)."""
     try:
-        data = path.read_bytes()[:MAX_CONFIG_BYTES]
-        key = serialization.load_pem_public_key(data)
-        return VerifyKey(key)  # type: ignore[arg-type]
-    except (OSError, ValueError, CryptoError) as exc:
+        return VerifyKey.from_pem(path.read_bytes()[:MAX_CONFIG_BYTES])
+    except (OSError, CryptoError) as exc:
         raise SentryConfigError(f"cannot load issuer key {path}: {exc}") from None
 
 
 def verify_key_pem(key: VerifyKey) -> bytes:
     """PEM SubjectPublicKeyInfo of an ML-DSA public key (what issuers publish)."""
-    k: MLDSAPublic = key.cryptography_key
-    return k.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    return key.to_pem()
 
 
 def _get(d: Mapping[str, Any], key: str, typ: type, where: str, default: Any = ...) -> Any:
