@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from pqcnet.errors import PqcnetError
-from pqcnet.identity.errors import IdentityError
+from pqcnet.identity.errors import IdentityError, PassphraseRequired
 from pqcnet.qstp.errors import HandshakeError
 
 GROUP_POLICIES = ("hybrid", "strict", "classical-allowed")
@@ -31,7 +31,9 @@ def _load_identity(directory: Path, passphrase_env: str) -> Any:
     try:
         return NodeIdentity.load(directory, secret.encode() if secret else None)
     except IdentityError as exc:
-        hint = "" if secret else f" (is the key encrypted? set ${passphrase_env})"
+        # only an encrypted key without a passphrase gets the hint; a missing or bad
+        # file is named by the error itself (e.g. "trust bundle file not found: ...")
+        hint = f" (set ${passphrase_env})" if isinstance(exc, PassphraseRequired) else ""
         raise IdentityError(f"cannot load identity from {directory}: {exc}{hint}") from None
 
 

@@ -762,7 +762,8 @@ class Server:
             await tunnel._ready
         except HandshakeError as exc:
             self.handshake_failures += 1
-            log.info("handshake refused", extra={"reason": str(exc)})
+            by_peer = tunnel.close_reason is not None and tunnel.close_reason.by_peer
+            log.info("handshake refused", extra={"reason": str(exc), "by_peer": by_peer})
             await tunnel.close()
             return
         try:

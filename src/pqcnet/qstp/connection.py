@@ -274,7 +274,7 @@ class Connection:
         try:
             self.tls.bio_write(data)
         except SSL.Error as exc:  # pragma: no cover - memory BIO writes do not fail
-            self._terminate(ErrorCode.TLS_ERROR, _ssl_reason(exc), by_peer=True)
+            self._terminate(ErrorCode.TLS_ERROR, _ssl_reason(exc), by_peer=False)
             return
         if self.state is ConnectionState.HANDSHAKING:
             self._drive_handshake(now)
@@ -562,9 +562,11 @@ class Connection:
         except SSL.WantReadError:
             return
         except (SSL.Error, HandshakeError) as exc:
-            # a verify-callback refusal (HandshakeError) already made OpenSSL queue an alert
+            # a verify-callback refusal (HandshakeError) already made OpenSSL queue an
+            # alert; so did a refusal by OpenSSL itself (e.g. no shared group): only a
+            # failure the peer caused by its own alert or close is "by peer"
             self._terminate(ErrorCode.HANDSHAKE_FAILED, _handshake_reason(exc),
-                            by_peer=isinstance(exc, SSL.Error), send=False,
+                            by_peer=_ended_by_peer(exc), send=False,
                             during_handshake=True)
             return
         self._tls_established = True
@@ -625,7 +627,7 @@ class Connection:
         hs = self.state is ConnectionState.AWAIT_PREFACE
         self._terminate(ErrorCode.HANDSHAKE_FAILED if hs else ErrorCode.TLS_ERROR,
                         _handshake_reason(exc) if hs else _ssl_reason(exc),
-                        by_peer=True, send=False, during_handshake=hs)
+                        by_peer=_ended_by_peer(exc), send=False, during_handshake=hs)
 
     def _on_close_notify(self) -> None:
         hs = self.state is not ConnectionState.OPEN
@@ -850,6 +852,13 @@ def _handshake_reason(exc: BaseException) -> str:
     from pqcnet.qstp.tls import handshake_error
 
     return str(handshake_error(exc))
+
+
+def _ended_by_peer(exc: BaseException) -> bool:
+    """Peer alert / close vs a local decision: :func:`pqcnet.qstp.tls.ended_by_peer`."""
+    from pqcnet.qstp.tls import ended_by_peer
+
+    return ended_by_peer(exc)
 
 
 def _ssl_reason(exc: BaseException) -> str:

@@ -634,6 +634,23 @@ _ALERT_REASONS: Final = (
 )
 
 
+def _ssl_error_text(exc: SSL.Error) -> str:
+    reasons = [str(r[2]) for r in (exc.args[0] if exc.args else []) if isinstance(r, tuple)]
+    return "; ".join(reasons) or str(exc)
+
+
+def ended_by_peer(exc: BaseException) -> bool:
+    """Whether a TLS failure came from the peer — its close_notify, a fatal alert it
+    sent, the connection dropping — rather than from a decision taken here (no shared
+    group, a certificate our policy refuses, a record that fails authentication).
+    OpenSSL names a *received* alert ``... alert ...``; alerts we send are not named."""
+    if isinstance(exc, SSL.ZeroReturnError | SSL.SysCallError):
+        return True
+    if isinstance(exc, SSL.Error):
+        return "alert" in _ssl_error_text(exc).lower()
+    return False
+
+
 def handshake_error(exc: BaseException) -> HandshakeError:
     """Turn whatever ``do_handshake()``/``recv()`` raised into one clear HandshakeError."""
     if isinstance(exc, HandshakeError):
@@ -643,15 +660,14 @@ def handshake_error(exc: BaseException) -> HandshakeError:
     if isinstance(exc, SSL.SysCallError):
         return HandshakeRefused("closed", f"connection lost during the handshake: {exc}")
     if isinstance(exc, SSL.Error):
-        reasons = [str(r[2]) for r in (exc.args[0] if exc.args else []) if isinstance(r, tuple)]
-        text = "; ".join(reasons) or str(exc)
+        text = _ssl_error_text(exc)
         low = text.lower()
+        peer = ended_by_peer(exc)
         for needle, reason in _ALERT_REASONS:
             if needle in low:
-                peer = "alert" in low
                 prefix = "peer refused the handshake" if peer else "handshake failed"
                 return HandshakeRefused(reason, f"{prefix}: {text}")
-        if "alert" in low:
+        if peer:
             return HandshakeRefused("peer-refused", f"peer refused the handshake: {text}")
         return HandshakeRefused("tls", f"TLS handshake failed: {text}")
     return HandshakeRefused("tls", f"TLS handshake failed: {type(exc).__name__}: {exc}")
