@@ -427,6 +427,8 @@ def run_self_check(*, timeout: float = SELF_CHECK_TIMEOUT,
     def failed(why: str) -> Capabilities:
         return Capabilities(False, False, "self-check", why)
 
+    if command is None and not sys.executable:
+        return failed("no Python executable to run the self-check child with")
     cmd = list(command) if command is not None else [sys.executable, "-m", SELF_CHECK_MODULE]
     started = time.monotonic()
     try:

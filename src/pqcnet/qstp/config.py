@@ -47,8 +47,8 @@ class QstpConfiguration:
     rekey_interval: float = 3600.0
     """TLS KeyUpdate after this many seconds (0 disables)."""
     tls_key_update: bool = True
-    """Rekey with TLS 1.3 KeyUpdate. ``False`` behaves exactly like an OpenSSL build
-    without a usable ``SSL_key_update`` (see :func:`pqcnet.qstp._ossl.key_update_supported`):
+    """Rekey with TLS 1.3 KeyUpdate. ``False`` behaves exactly like a process whose
+    OpenSSL self-check disabled ``SSL_key_update`` (:func:`pqcnet.qstp._ossl.capabilities`):
     when a rekey falls due the connection sends GOAWAY asking the peer to reconnect
     (fresh keys come with the new handshake), and closes the tunnel when the *next*
     rekey falls due — so no key protects more than ``2 * rekey_after_bytes`` or lives

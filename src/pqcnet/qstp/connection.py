@@ -28,8 +28,8 @@ Protocol rules (see :mod:`pqcnet.qstp.frames` for the wire layout):
   when it arrives, which proves the server accepted the client certificate.
 * Rekey: a TLS 1.3 KeyUpdate after ``rekey_after_bytes`` or ``rekey_interval``,
   announced by a REKEY frame that already travels under the new keys. Without
-  KeyUpdate (an OpenSSL build where it cannot be resolved, or
-  ``QstpConfiguration.tls_key_update=False``) the fallback is a reconnect: the first
+  KeyUpdate (the process's OpenSSL self-check disabled it, see :mod:`pqcnet.qstp._ossl`,
+  or ``QstpConfiguration.tls_key_update=False``) the fallback is a reconnect: the first
   due rekey sends GOAWAY (reason :data:`REKEY_BY_RECONNECT`; running streams finish,
   no new ones) and sets :attr:`Connection.rekey_overdue`; the next one closes.
 * Shutdown: GOAWAY (last accepted stream, DATA frames processed) then TLS close_notify.
