@@ -219,3 +219,23 @@ async def test_over_sockets_a_reconnect_brings_fresh_keys(
         assert sorted(received) == [1000, 250_000]
         await first.close()
         await second.close()
+
+
+def test_a_partial_verdict_disables_only_that_feature(
+        caplog: pytest.LogCaptureFixture) -> None:
+    report = {**_ossl.symbol_report(), "key_update": True, "num_tickets": False,
+              "detail": "server sent 2 tickets, expected 1"}
+    code = f"import json; print(json.dumps({report!r}))"
+    caps = _ossl.run_self_check(command=[sys.executable, "-c", code])
+    assert caps == _ossl.Capabilities(True, False, "self-check",
+                                      "server sent 2 tickets, expected 1")
+    previous = _ossl.override_capabilities(None)
+    try:
+        with caplog.at_level(logging.INFO, logger="pqcnet.qstp._ossl"):
+            _ossl._install(caps, announce=True)
+        assert _ossl.key_update_supported()
+        (line,) = [r.getMessage() for r in caplog.records if r.name == "pqcnet.qstp._ossl"]
+        assert line == ("OpenSSL self-check: SSL_CTX_set_num_tickets disabled (server sent 2 "
+                        "tickets, expected 1); OpenSSL's default ticket count")
+    finally:
+        _ossl.override_capabilities(previous)

@@ -390,11 +390,13 @@ def _install(caps: Capabilities, *, announce: bool) -> None:
                  extra={"openssl_key_update": True, "openssl_num_tickets": True,
                         "openssl_check": caps.source})
         return
-    off = [name for name, on in (("TLS KeyUpdate", caps.key_update),
-                                 ("SSL_CTX_set_num_tickets", caps.num_tickets)) if not on]
+    off = [(name, fallback) for name, fallback, on in (
+        ("TLS KeyUpdate", "rekey by GOAWAY + reconnect", caps.key_update),
+        ("SSL_CTX_set_num_tickets", "OpenSSL's default ticket count", caps.num_tickets),
+    ) if not on]
     log.warning(
-        "OpenSSL self-check: %s disabled (%s); rekey by GOAWAY + reconnect, "
-        "OpenSSL's default ticket count", " and ".join(off), caps.detail,
+        "OpenSSL self-check: %s disabled (%s); %s", " and ".join(n for n, _ in off),
+        caps.detail, ", ".join(f for _, f in off),
         extra={"openssl_key_update": caps.key_update,
                "openssl_num_tickets": caps.num_tickets, "openssl_check": caps.source})
 
