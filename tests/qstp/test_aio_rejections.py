@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from functools import partial
 
 import pytest
@@ -190,3 +191,23 @@ async def test_connection_refused_is_a_typed_error(mesh: Mesh) -> None:
     await probe.wait_closed()
     with pytest.raises(TunnelClosed, match="cannot connect"):
         await qstp.connect("127.0.0.1", port, mesh.client)
+
+
+async def test_a_local_refusal_is_logged_as_ours_and_the_peers_as_theirs(
+        mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    """A strict server refuses a hybrid-only client: OpenSSL on the server decides
+    ("no suitable key share"), so the server's log lines say by_peer false; the
+    client was refused by an alert, so its line says by_peer true."""
+    caplog.set_level(logging.INFO, logger="pqcnet.qstp")
+    async with running_server(mesh, policy=TlsPolicy(groups="strict")) as server:
+        with pytest.raises(HandshakeError, match="peer-refused"):
+            await qstp.connect("127.0.0.1", server.port, mesh.client)
+        await _settled(server)
+        assert server.handshake_failures == 1
+    closed = [r for r in caplog.records if r.getMessage() == "tunnel closed"]
+    mine = [r for r in closed if "no suitable key share" in r.reason]  # type: ignore[attr-defined]
+    theirs = [r for r in closed if "alert handshake failure" in r.reason]  # type: ignore[attr-defined]
+    assert len(mine) == 1 and mine[0].by_peer is False  # type: ignore[attr-defined]
+    assert len(theirs) == 1 and theirs[0].by_peer is True  # type: ignore[attr-defined]
+    (refused,) = [r for r in caplog.records if r.getMessage() == "handshake refused"]
+    assert refused.by_peer is False and "no-shared-group" in refused.reason  # type: ignore[attr-defined]

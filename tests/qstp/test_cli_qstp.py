@@ -105,9 +105,29 @@ def test_refused_handshake_exits_nonzero_with_one_clear_line(
     assert "Traceback" not in res.stderr
 
 
+def _one_error(res: subprocess.CompletedProcess[str]) -> str:
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    return line
+
+
 def test_missing_passphrase_is_a_clear_error(identities: dict[str, Path]) -> None:
     res = pqcnet("qstp", "connect", "127.0.0.1:9", "--identity", str(identities["client"]),
                  "--passphrase-env", "PQCNET_UNSET_VARIABLE_FOR_TEST")
-    assert res.returncode == 1
-    assert "error: cannot load identity" in res.stderr
-    assert "Traceback" not in res.stderr
+    key = identities["client"] / "key.pem"
+    assert _one_error(res) == (
+        f"error: cannot load identity from {identities['client']}: {key} is encrypted: "
+        "a passphrase is required (set $PQCNET_UNSET_VARIABLE_FOR_TEST)")
+
+
+def test_a_missing_bundle_is_named_not_blamed_on_the_key(
+        identities: dict[str, Path], tmp_path: Path) -> None:
+    broken = tmp_path / "client"
+    broken.mkdir()
+    for name in ("key.pem", "cert.pem"):
+        (broken / name).write_bytes((identities["client"] / name).read_bytes())
+    for env in (PASS_ENV, "PQCNET_UNSET_VARIABLE_FOR_TEST"):  # with or without a passphrase
+        res = pqcnet("qstp", "connect", "127.0.0.1:9", "--identity", str(broken),
+                     "--passphrase-env", env)
+        assert _one_error(res) == (f"error: cannot load identity from {broken}: trust "
+                                   f"bundle file not found: {broken / 'bundle.pem'}")

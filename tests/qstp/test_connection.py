@@ -98,6 +98,33 @@ def test_handshake_reports_peers_and_group() -> None:
     assert c.state is s.state is ConnectionState.OPEN
 
 
+NOBODY = TlsPolicy(allowed_peers=("spiffe://mesh.test/acme/nobody/*",))
+
+
+@pytest.mark.parametrize(("server_policy", "client_policy", "refuser", "reason"), [
+    (TlsPolicy(groups="strict"), POLICY, "server", "no-shared-group"),  # OpenSSL decides
+    (NOBODY, POLICY, "server", "spiffe-not-allowed"),  # our verify callback decides
+    (POLICY, NOBODY, "client", "spiffe-not-allowed"),
+    (TlsPolicy(alpn=b"other/1"), POLICY, "server", "alpn"),
+])
+def test_a_refusal_is_by_peer_only_on_the_side_that_did_not_decide(
+        server_policy: TlsPolicy, client_policy: TlsPolicy, refuser: str, reason: str) -> None:
+    c = Connection(new_connection(build_context(MESH.client, client_policy, server=False),
+                                  server=False), client=True,
+                   verify=partial(verify_peer, identity=MESH.client, policy=client_policy))
+    s = Connection(new_connection(build_context(MESH.server, server_policy, server=True),
+                                  server=True), client=False,
+                   verify=partial(verify_peer, identity=MESH.server, policy=server_policy))
+    c.start(0.0)
+    s.start(0.0)
+    pump(c, s)
+    ends = {"client": terminated(c), "server": terminated(s)}
+    decided, told = ends[refuser], ends["client" if refuser == "server" else "server"]
+    assert decided.reason.endswith(f"[{reason}]") and not decided.by_peer
+    assert told.by_peer and "peer refused" in told.reason
+    assert decided.during_handshake and told.during_handshake
+
+
 def test_client_waits_for_server_preface_before_completing() -> None:
     c, s = new_pair()
     c.start(0.0)

@@ -19,7 +19,7 @@ import click
 from pqcnet._util.env import PASS_ENV, env_passphrase
 from pqcnet._util.schema import split_hostport
 from pqcnet.identity import NodeIdentity
-from pqcnet.identity.errors import IdentityError
+from pqcnet.identity.errors import IdentityError, PassphraseRequired
 
 S = TypeVar("S")
 #: signals that stop a long-running command
@@ -56,7 +56,9 @@ def load_identity(directory: Path, passphrase_env: str = PASS_ENV) -> NodeIdenti
     try:
         return NodeIdentity.load(directory, secret)
     except IdentityError as exc:
-        hint = f" (set ${passphrase_env})" if secret is None and "passphrase" in str(exc) else ""
+        # only an encrypted key without a passphrase gets the hint; a missing or bad
+        # file is named by the error itself (e.g. "trust bundle file not found: ...")
+        hint = f" (set ${passphrase_env})" if isinstance(exc, PassphraseRequired) else ""
         raise IdentityError(f"cannot load identity from {directory}: {exc}{hint}") from None
 
 

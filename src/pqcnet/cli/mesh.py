@@ -19,9 +19,7 @@ import time
 from pathlib import Path
 
 import click
-from cryptography.hazmat.primitives import serialization
 
-from pqcnet.crypto.errors import CryptoError
 from pqcnet.crypto.pqc import SigningKey, VerifyKey
 from pqcnet.mesh.directives import (
     Directive,
@@ -151,10 +149,7 @@ def _load_trust(specs: tuple[str, ...]) -> Keyring:
             pem = Path(path).read_bytes()
         except OSError as exc:
             raise ConfigError(f"cannot read key {path}: {exc.strerror}") from None
-        try:
-            key = VerifyKey(serialization.load_pem_public_key(pem))  # type: ignore[arg-type]
-        except (ValueError, TypeError, CryptoError):
-            key = SigningKey.from_pem(pem).public_key
+        key = VerifyKey.from_pem(pem, private_ok=True)
         ring.add(node, key, int(version or 1))
     return ring
 

@@ -19,7 +19,7 @@ import struct
 from dataclasses import dataclass
 from typing import Literal
 
-from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import mldsa, mlkem, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -134,6 +134,30 @@ class VerifyKey:
             return cls(_SIG_PUBLIC[algorithm_name].from_public_bytes(raw))
         except ValueError as exc:
             raise CryptoError(f"invalid {algorithm_name} public key: {exc}") from None
+
+    @classmethod
+    def from_pem(cls, pem: bytes, *, private_ok: bool = False) -> VerifyKey:
+        """Load a PEM SubjectPublicKeyInfo ML-DSA key (what issuers publish).
+
+        With ``private_ok`` an unencrypted ML-DSA private key PEM (what ``keygen``
+        writes) is accepted too and its public half returned. Anything else is a
+        :class:`CryptoError` saying what was found.
+        """
+        if private_ok and b"PRIVATE KEY-----" in pem:
+            return SigningKey.from_pem(pem).public_key
+        try:
+            key = serialization.load_pem_public_key(pem)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise CryptoError(f"cannot load public key: {exc}") from None
+        if not isinstance(key, tuple(_SIG_PUBLIC.values())):
+            raise CryptoError(f"expected an ML-DSA public key, got {type(key).__name__}")
+        return cls(key)  # type: ignore[arg-type]
+
+    def to_pem(self) -> bytes:
+        """PEM SubjectPublicKeyInfo (the inverse of :meth:`from_pem`)."""
+        return self._key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
 
     @property
     def cryptography_key(self) -> MLDSAPublic:

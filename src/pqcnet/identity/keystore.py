@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pqcnet.crypto.errors import CryptoError
 from pqcnet.crypto.pqc import SigningKey
-from pqcnet.identity.errors import IdentityError
+from pqcnet.identity.errors import IdentityError, PassphraseRequired
 
 #: Key files are tiny; refuse to read anything bigger (a wrong path, a device).
 MAX_KEY_FILE_BYTES = 64 * 1024
@@ -55,7 +55,7 @@ def read_private_key(path: Path, passphrase: bytes | None) -> SigningKey:
     pem = read_bounded(path, MAX_KEY_FILE_BYTES, "private key")
     encrypted = pem.lstrip().startswith(_ENCRYPTED_MARKER)
     if encrypted and not passphrase:
-        raise IdentityError(f"{path} is encrypted: a passphrase is required")
+        raise PassphraseRequired(f"{path} is encrypted: a passphrase is required")
     try:
         return SigningKey.from_pem(pem, passphrase if encrypted else None)
     except CryptoError as exc:

@@ -141,9 +141,11 @@ class NodeIdentity:
     def load(cls, directory: Path, passphrase: bytes | None) -> NodeIdentity:
         """Inverse of :meth:`save`; any missing or mismatched part is an IdentityError."""
         directory = Path(directory)
-        key = read_private_key(directory / KEY_FILE, passphrase)
+        # public files first: a missing one is named even when the key's passphrase
+        # is missing too (the user then fixes both at once)
         chain = read_bounded(directory / CERT_FILE, MAX_PEM_BYTES, "certificate")
         bundle = read_bounded(directory / BUNDLE_FILE, MAX_PEM_BYTES, "trust bundle")
+        key = read_private_key(directory / KEY_FILE, passphrase)
         crl_path = directory / CRL_FILE
         crl = read_bounded(crl_path, MAX_PEM_BYTES, "CRL") if crl_path.exists() else None
         return cls.from_pem(key, chain, bundle, crl)

@@ -47,15 +47,12 @@ class QstpConfiguration:
     rekey_interval: float = 3600.0
     """TLS KeyUpdate after this many seconds (0 disables)."""
     tls_key_update: bool = True
-    """Rekey with TLS 1.3 KeyUpdate. ``False`` behaves exactly like an OpenSSL build
-    without a usable ``SSL_key_update`` (see :func:`pqcnet.qstp._ossl.key_update_supported`):
+    """Rekey with TLS 1.3 KeyUpdate. ``False`` behaves exactly like a process whose
+    OpenSSL self-check disabled ``SSL_key_update`` (:func:`pqcnet.qstp._ossl.capabilities`):
     when a rekey falls due the connection sends GOAWAY asking the peer to reconnect
     (fresh keys come with the new handshake), and closes the tunnel when the *next*
     rekey falls due — so no key protects more than ``2 * rekey_after_bytes`` or lives
     longer than ``2 * rekey_interval`` even with a peer that never reconnects."""
-    read_chunk: int = 64 * 1024
-    """Plaintext read from TLS per call (a TLS record holds at most 16 KiB): bounds one
-    read's temporary buffer and keeps it below malloc's mmap threshold."""
 
     def __post_init__(self) -> None:
         positive = {
@@ -65,7 +62,6 @@ class QstpConfiguration:
             "connection_window": self.connection_window,
             "max_streams": self.max_streams,
             "max_pending_send": self.max_pending_send,
-            "read_chunk": self.read_chunk,
         }
         for name, value in positive.items():
             if value <= 0:

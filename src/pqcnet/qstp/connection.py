@@ -28,8 +28,8 @@ Protocol rules (see :mod:`pqcnet.qstp.frames` for the wire layout):
   when it arrives, which proves the server accepted the client certificate.
 * Rekey: a TLS 1.3 KeyUpdate after ``rekey_after_bytes`` or ``rekey_interval``,
   announced by a REKEY frame that already travels under the new keys. Without
-  KeyUpdate (an OpenSSL build where it cannot be resolved, or
-  ``QstpConfiguration.tls_key_update=False``) the fallback is a reconnect: the first
+  KeyUpdate (the process's OpenSSL self-check disabled it, see :mod:`pqcnet.qstp._ossl`,
+  or ``QstpConfiguration.tls_key_update=False``) the fallback is a reconnect: the first
   due rekey sends GOAWAY (reason :data:`REKEY_BY_RECONNECT`; running streams finish,
   no new ones) and sets :attr:`Connection.rekey_overdue`; the next one closes.
 * Shutdown: GOAWAY (last accepted stream, DATA frames processed) then TLS close_notify.
@@ -42,12 +42,10 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import threading
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL
 
 from pqcnet.crypto.errors import CryptoError
@@ -72,8 +70,6 @@ else:
     PeerInfo = Any
 
 log = logging.getLogger(__name__)
-_lib: Any = Binding.lib
-_ffi: Any = Binding.ffi
 
 #: Outstanding PINGs we track; more would let a caller grow the table without bound.
 MAX_OUTSTANDING_PINGS = 16
@@ -278,7 +274,7 @@ class Connection:
         try:
             self.tls.bio_write(data)
         except SSL.Error as exc:  # pragma: no cover - memory BIO writes do not fail
-            self._terminate(ErrorCode.TLS_ERROR, _ssl_reason(exc), by_peer=True)
+            self._terminate(ErrorCode.TLS_ERROR, _ssl_reason(exc), by_peer=False)
             return
         if self.state is ConnectionState.HANDSHAKING:
             self._drive_handshake(now)
@@ -566,9 +562,11 @@ class Connection:
         except SSL.WantReadError:
             return
         except (SSL.Error, HandshakeError) as exc:
-            # a verify-callback refusal (HandshakeError) already made OpenSSL queue an alert
+            # a verify-callback refusal (HandshakeError) already made OpenSSL queue an
+            # alert; so did a refusal by OpenSSL itself (e.g. no shared group): only a
+            # failure the peer caused by its own alert or close is "by peer"
             self._terminate(ErrorCode.HANDSHAKE_FAILED, _handshake_reason(exc),
-                            by_peer=isinstance(exc, SSL.Error), send=False,
+                            by_peer=_ended_by_peer(exc), send=False,
                             during_handshake=True)
             return
         self._tls_established = True
@@ -599,7 +597,7 @@ class Connection:
         """
         limit = self.config.max_frame_payload * 4
         while self.state is not ConnectionState.CLOSED:
-            plain, failure = _read_plaintext(self.tls, limit)
+            plain, failure = _ossl.read_plaintext(self.tls, limit)
             if plain and not self._decode(plain, now):
                 return
             if failure is not None:
@@ -629,7 +627,7 @@ class Connection:
         hs = self.state is ConnectionState.AWAIT_PREFACE
         self._terminate(ErrorCode.HANDSHAKE_FAILED if hs else ErrorCode.TLS_ERROR,
                         _handshake_reason(exc) if hs else _ssl_reason(exc),
-                        by_peer=True, send=False, during_handshake=hs)
+                        by_peer=_ended_by_peer(exc), send=False, during_handshake=hs)
 
     def _on_close_notify(self) -> None:
         hs = self.state is not ConnectionState.OPEN
@@ -849,47 +847,18 @@ class Connection:
                 self.tls.sendall(out)
 
 
-_scratch = threading.local()
-
-
-def _read_plaintext(tls: SSL.Connection, limit: int) -> tuple[bytes, BaseException | None]:
-    """Up to ``limit`` bytes of decrypted plaintext and the error that stopped reading.
-
-    ``SSL.Connection.recv`` returns one record (<= 16 KiB) per call and allocates a
-    buffer each time; here ``SSL_read`` fills one reused buffer until the BIO is
-    empty, with a single copy out. The common stop (SSL_ERROR_WANT_READ: need more
-    bytes) returns no error; any other condition is re-raised by pyOpenSSL's own
-    ``recv`` so close_notify, alerts and error queues are classified exactly as usual.
-    This touches ``tls._ssl`` (private), like :mod:`pqcnet.qstp._ossl`; the connection tests
-    exercise every exit.
-    """
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or len(buf) < limit:
-        buf = _scratch.buf = _ffi.new("char[]", limit)
-    ssl_ptr = tls._ssl
-    total = 0
-    failure: BaseException | None = None
-    while total < limit:
-        n = _lib.SSL_read(ssl_ptr, buf + total, limit - total)
-        if n > 0:
-            total += n
-            continue
-        if _lib.SSL_get_error(ssl_ptr, n) != _lib.SSL_ERROR_WANT_READ:
-            try:
-                tls.recv(1)  # let pyOpenSSL raise the precise exception
-            except (SSL.Error, HandshakeError) as exc:
-                failure = exc
-            else:  # pragma: no cover - a record became readable in between
-                failure = None
-        break
-    return (_ffi.buffer(buf, total)[:] if total else b""), failure
-
-
 def _handshake_reason(exc: BaseException) -> str:
     """Handshake failures are worded by :func:`pqcnet.qstp.tls.handshake_error` (one place)."""
     from pqcnet.qstp.tls import handshake_error
 
     return str(handshake_error(exc))
+
+
+def _ended_by_peer(exc: BaseException) -> bool:
+    """Peer alert / close vs a local decision: :func:`pqcnet.qstp.tls.ended_by_peer`."""
+    from pqcnet.qstp.tls import ended_by_peer
+
+    return ended_by_peer(exc)
 
 
 def _ssl_reason(exc: BaseException) -> str:

@@ -131,7 +131,10 @@ class ConnectionTerminated:
     during_handshake: bool = False
     """True when the tunnel never became usable (a handshake/authentication failure)."""
     by_peer: bool = False
-    """True when the peer (or its TLS stack) ended it; False when we did."""
+    """True when the peer ended it: its close_notify, ERROR frame or fatal TLS alert,
+    or the connection dropping. False when this side decided: a refusal by our policy
+    or by our TLS stack (no shared group), a bad record or frame detected here, a
+    timeout, :meth:`~pqcnet.qstp.connection.Connection.close`."""
 
 
 Event = (

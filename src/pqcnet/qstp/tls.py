@@ -53,7 +53,6 @@ from dataclasses import dataclass
 from typing import Final, Literal, get_args
 
 from cryptography import x509
-from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL, crypto
 from prometheus_client import Counter
 
@@ -94,8 +93,6 @@ CLASSICAL_HANDSHAKES = Counter(
     ["group", "side"],
 )
 
-_lib = Binding.lib
-_ffi = Binding.ffi
 #: which connections new_connection() made as servers (labels the classical counter)
 _SERVER_CONNECTIONS: weakref.WeakSet[SSL.Connection] = weakref.WeakSet()
 
@@ -264,6 +261,8 @@ def _current_crl(identity: NodeIdentity) -> RevocationList | None:
 
 
 _NO_CRL = 3  # X509_V_ERR_UNABLE_TO_GET_CRL
+#: OpenSSL's SSL_MODE_* bits (stable ABI values; pyOpenSSL names neither)
+_SSL_MODE_ENABLE_PARTIAL_WRITE = 0x1
 _SSL_MODE_NO_AUTO_CHAIN = 0x8
 #: TLS 1.3 session tickets a server sends per handshake (OpenSSL's default: 2).
 TICKETS_PER_HANDSHAKE: Final = 1
@@ -275,7 +274,7 @@ _CRL_SOFT_ERRORS = frozenset({_NO_CRL, 11, 12})  # + CRL_NOT_YET_VALID, CRL_HAS_
 
 
 def _x509_error(errno: int) -> HandshakeRefused:
-    text = _ffi.string(_lib.X509_verify_cert_error_string(errno)).decode(errors="replace")
+    text = _ossl.verify_error_string(errno)
     reason = {
         9: "not-yet-valid",  # X509_V_ERR_CERT_NOT_YET_VALID
         10: "expired",  # X509_V_ERR_CERT_HAS_EXPIRED
@@ -431,7 +430,10 @@ def build_context(identity: NodeIdentity, policy: TlsPolicy, *, server: bool) ->
 
     Contexts are cheap to share between connections; build a new one after
     renewal or a CRL update (the old one keeps serving existing connections).
+    The first call in a process runs the OpenSSL self-check child
+    (:func:`pqcnet.qstp._ossl.capabilities`), so it is decided before any tunnel exists.
     """
+    _ossl.capabilities()
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
     ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
@@ -443,7 +445,7 @@ def build_context(identity: NodeIdentity, policy: TlsPolicy, *, server: bool) ->
     # pyOpenSSL enables partial writes, so one SSL_write stops after each 16 KiB
     # record and sendall() loops in Python; memory BIOs never block, so let one
     # SSL_write encrypt a whole flush (~8x fewer calls on the bulk path)
-    _lib.SSL_CTX_clear_mode(ctx._context, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+    ctx.clear_mode(_SSL_MODE_ENABLE_PARTIAL_WRITE)
     ctx.set_tls13_ciphersuites(":".join(policy.cipher_suites).encode())
     _ossl.set_groups(ctx, list(policy.group_list))
     try:
@@ -545,7 +547,7 @@ def verify_peer(
         raise HandshakeRefused(
             "alpn", f"negotiated ALPN {alpn!r}, expected {policy.alpn.decode()!r}"
         )
-    group = _ossl.negotiated_group(conn) or ""
+    group = conn.get_group_name() or ""
     server = _is_server(conn)
     if group not in PQ_GROUPS:
         if policy.groups != "classical-allowed":
@@ -566,7 +568,7 @@ def verify_peer(
     else:
         # OpenSSL verified the chain (signatures, window, CRL) in this handshake;
         # its verdict plus the cheap policy checks suffice — no second ML-DSA verify
-        result = _lib.SSL_get_verify_result(conn._ssl)
+        result = _ossl.verify_result(conn)
         if result != 0 and result not in _CRL_SOFT_ERRORS:
             raise _x509_error(result)
         _check_window(peer_cert, now)
@@ -610,8 +612,6 @@ def resumable_session(conn: SSL.Connection) -> SSL.Session | None:
     TLS 1.3 tickets arrive *after* the handshake: read application data (or call
     ``recv`` once the server's flight has been fed in) before taking the session.
     """
-    if _lib.SSL_get_session(conn._ssl) == _ffi.NULL:
-        return None
     return conn.get_session()
 
 
@@ -634,6 +634,23 @@ _ALERT_REASONS: Final = (
 )
 
 
+def _ssl_error_text(exc: SSL.Error) -> str:
+    reasons = [str(r[2]) for r in (exc.args[0] if exc.args else []) if isinstance(r, tuple)]
+    return "; ".join(reasons) or str(exc)
+
+
+def ended_by_peer(exc: BaseException) -> bool:
+    """Whether a TLS failure came from the peer — its close_notify, a fatal alert it
+    sent, the connection dropping — rather than from a decision taken here (no shared
+    group, a certificate our policy refuses, a record that fails authentication).
+    OpenSSL names a *received* alert ``... alert ...``; alerts we send are not named."""
+    if isinstance(exc, SSL.ZeroReturnError | SSL.SysCallError):
+        return True
+    if isinstance(exc, SSL.Error):
+        return "alert" in _ssl_error_text(exc).lower()
+    return False
+
+
 def handshake_error(exc: BaseException) -> HandshakeError:
     """Turn whatever ``do_handshake()``/``recv()`` raised into one clear HandshakeError."""
     if isinstance(exc, HandshakeError):
@@ -643,15 +660,14 @@ def handshake_error(exc: BaseException) -> HandshakeError:
     if isinstance(exc, SSL.SysCallError):
         return HandshakeRefused("closed", f"connection lost during the handshake: {exc}")
     if isinstance(exc, SSL.Error):
-        reasons = [str(r[2]) for r in (exc.args[0] if exc.args else []) if isinstance(r, tuple)]
-        text = "; ".join(reasons) or str(exc)
+        text = _ssl_error_text(exc)
         low = text.lower()
+        peer = ended_by_peer(exc)
         for needle, reason in _ALERT_REASONS:
             if needle in low:
-                peer = "alert" in low
                 prefix = "peer refused the handshake" if peer else "handshake failed"
                 return HandshakeRefused(reason, f"{prefix}: {text}")
-        if "alert" in low:
+        if peer:
             return HandshakeRefused("peer-refused", f"peer refused the handshake: {text}")
         return HandshakeRefused("tls", f"TLS handshake failed: {text}")
     return HandshakeRefused("tls", f"TLS handshake failed: {type(exc).__name__}: {exc}")

@@ -249,9 +249,9 @@ class RelayerNode:
         Records nothing: whoever rotated the key (the control-plane agent after a
         ForceRekey) already recorded the new key version in this node's QS-DAG, so the
         next volume proofs and reports — signed with the new key from now on — are
-        accepted there. Then the QSTP server is closed (GOAWAY on every tunnel; the
-        publisher and subscriber SDKs reconnect) and re-listens on the same port with
-        the new certificate. Frames in flight are safe: acked ones are on the bus, the
+        accepted there. Then the QSTP server rotates (``Server.rotate_identity``: GOAWAY
+        on every tunnel, the publisher and subscriber SDKs reconnect to the same port
+        and meet the new certificate). Frames in flight are safe: acked ones are on the bus, the
         unacked ones are retried by the publisher. Last, the new identity replaces
         ``identity_dir`` on disk (:func:`save_identity`), so a restart presents the key
         the ledger now expects; if that write fails the node runs on the new identity
@@ -261,8 +261,7 @@ class RelayerNode:
             raise RelayerError("relayer is not running")
         self.identity = identity
         self.anchor.signer = identity.key
-        await self._close_server()
-        await self._listen(self.port)
+        await self._server.rotate_identity(identity, reason="relayer identity rotated")
         self.rekeys += 1
         log.info("relayer identity rotated", extra={
             "node": self.cfg.node_id, "port": self.port, "serial": identity.serial})

@@ -15,8 +15,9 @@ governance):
   (every later handshake from it is refused, on this endpoint and on any other that
   shares the gate, e.g. a relayer's ``TlsPolicy``) and closes the target's open
   tunnels; a **forced rekey** of this node takes the key the agent just rotated to
-  (and recorded in the QS-DAG), gets a certificate for it from the CA, GOAWAYs every
-  tunnel and re-listens with the new identity, so new tunnels present the new key (if
+  (and recorded in the QS-DAG), gets a certificate for it from the CA, closes its
+  dialled tunnels and rotates its server (:meth:`pqcnet.qstp.aio.Server.rotate_identity`:
+  GOAWAY to every tunnel, same port), so new tunnels present the new key (if
   the CA fails, the old identity keeps serving and the failure is counted by the agent
   as a handler error).
 * :func:`sentry_tunnel_handler` — the sentry's per-tunnel loop for a QSTP server
@@ -147,7 +148,6 @@ class QstpEndpoint:
         #: tunnels closed because their peer was slashed
         self.closed_for_slash = 0
         self._server: Server | None = None
-        self._addr: tuple[str, int] | None = None
         self._tunnels: set[Tunnel] = set()
         self._lock = asyncio.Lock()
 
@@ -185,7 +185,6 @@ class QstpEndpoint:
         """Listen with the current identity; returns the bound port."""
         self._server = await serve(self._serve_one, host, port, self.identity, self.policy,
                                    config=self.config)
-        self._addr = (host, self._server.port)
         return self._server.port
 
     async def connect(self, host: str, port: int) -> Tunnel:
@@ -241,10 +240,8 @@ class QstpEndpoint:
             for t in list(self._tunnels):  # outbound ones; the server GOAWAYs its own
                 await t.close(ErrorCode.NO_ERROR, "forced rekey")
             self._tunnels.clear()
-            if self._server is not None and self._addr is not None:
-                self._server.close()
-                await self._server.wait_closed()
-                await self.serve(*self._addr)
+            if self._server is not None:
+                await self._server.rotate_identity(new, self.policy, reason="forced rekey")
             log.info("rekeyed QSTP identity", extra={
                 "key_version": self.key_version, "serial": new.serial})
 

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-
 from pqcnet._util.schema import (
     HOSTPORT_PATTERN,
     HTTP_URL_PATTERN,
@@ -30,7 +28,7 @@ from pqcnet._util.schema import (
 )
 from pqcnet._util.yamlfile import read_yaml_file
 from pqcnet.crypto.errors import CryptoError
-from pqcnet.crypto.pqc import MLDSAPublic, SigningKey, VerifyKey
+from pqcnet.crypto.pqc import VerifyKey
 from pqcnet.errors import PqcnetError
 from pqcnet.sentry.acl import AclPolicy
 from pqcnet.sentry.errors import SentryConfigError
@@ -126,24 +124,15 @@ def load_verify_key(path: Path, *, error: type[PqcnetError] = SentryConfigError,
     except OSError as exc:
         raise error(f"{prefix}cannot read key {path}: {exc.strerror}") from None
     try:
-        return VerifyKey(serialization.load_pem_public_key(pem))  # type: ignore[arg-type]
-    except (ValueError, TypeError, CryptoError):
-        pass
-    if allow_private:
-        try:
-            return SigningKey.from_pem(pem).public_key
-        except (ValueError, TypeError, PqcnetError):
-            pass
-    raise error(f"{prefix}{path} is not an ML-DSA {'key' if allow_private else 'public key'} "
-                "PEM")
+        return VerifyKey.from_pem(pem, private_ok=allow_private)
+    except CryptoError:
+        raise error(f"{prefix}{path} is not an ML-DSA "
+                    f"{'key' if allow_private else 'public key'} PEM") from None
 
 
 def verify_key_pem(key: VerifyKey) -> bytes:
     """PEM SubjectPublicKeyInfo of an ML-DSA public key (what issuers publish)."""
-    k: MLDSAPublic = key.cryptography_key
-    return k.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    return key.to_pem()
 
 
 def _plan(spec: PlanSpec) -> Plan:

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -101,6 +103,25 @@ def test_pem_roundtrip_encrypted() -> None:
     with pytest.raises(CryptoError):
         SigningKey.from_pem(b"garbage")
     assert SigningKey.from_pem(key.to_pem()).public_key == key.public_key
+
+
+def test_verify_key_pem_roundtrip_and_errors() -> None:
+    key = SigningKey.generate("ML-DSA-44")
+    pub = key.public_key.to_pem()
+    assert pub.startswith(b"-----BEGIN PUBLIC KEY-----")
+    assert VerifyKey.from_pem(pub) == key.public_key
+    # a signing key PEM is refused unless the caller accepts one (keygen output)
+    with pytest.raises(CryptoError, match="cannot load public key"):
+        VerifyKey.from_pem(key.to_pem())
+    assert VerifyKey.from_pem(key.to_pem(), private_ok=True) == key.public_key
+    with pytest.raises(CryptoError, match="cannot load private key"):
+        VerifyKey.from_pem(key.to_pem(b"pw"), private_ok=True)  # encrypted: no passphrase
+    ed = ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    with pytest.raises(CryptoError, match="expected an ML-DSA public key, got Ed25519"):
+        VerifyKey.from_pem(ed, private_ok=True)
+    with pytest.raises(CryptoError, match="cannot load public key"):
+        VerifyKey.from_pem(b"-----BEGIN PUBLIC KEY-----\nnot base64\n-----END PUBLIC KEY-----\n")
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -28,7 +28,7 @@ from pqcnet.identity import (
     spiffe_matches,
 )
 from pqcnet.identity.certs import utcnow
-from pqcnet.identity.errors import IdentityError, PolicyViolation
+from pqcnet.identity.errors import IdentityError, PassphraseRequired, PolicyViolation
 from pqcnet.identity.keystore import is_encrypted, read_private_key, write_private_key
 
 pytestmark = pytest.mark.timeout(120)
@@ -257,7 +257,7 @@ def test_key_store_encrypts_with_passphrase(tmp_path: Path) -> None:
     assert read_private_key(path, b"correct horse").public_key == key.public_key
     with pytest.raises(IdentityError, match="wrong passphrase"):
         read_private_key(path, b"wrong")
-    with pytest.raises(IdentityError, match="passphrase is required"):
+    with pytest.raises(PassphraseRequired, match="passphrase is required"):
         read_private_key(path, None)
     with pytest.raises(IdentityError, match="not found"):
         read_private_key(tmp_path / "missing.pem", None)
@@ -281,6 +281,17 @@ def test_node_identity_save_load(tmp_path: Path) -> None:
     (tmp_path / "n" / "cert.pem").write_bytes(other.cert_chain_pem)
     with pytest.raises(IdentityError, match="does not match"):
         NodeIdentity.load(tmp_path / "n", b"pw")
+
+
+def test_a_missing_file_is_named_before_the_passphrase_is_asked_for(tmp_path: Path) -> None:
+    _ca, (node,) = dev_identities(TD, f"spiffe://{TD}/t/sentry/s")
+    node.save(tmp_path / "n", b"pw")
+    (tmp_path / "n" / "bundle.pem").unlink()
+    for passphrase in (b"pw", None):
+        with pytest.raises(IdentityError) as info:
+            NodeIdentity.load(tmp_path / "n", passphrase)
+        assert str(info.value) == f"trust bundle file not found: {tmp_path / 'n' / 'bundle.pem'}"
+        assert not isinstance(info.value, PassphraseRequired)
 
 
 def test_ca_save_load_keeps_state(tmp_path: Path) -> None:

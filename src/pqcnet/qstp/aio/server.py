@@ -1,0 +1,188 @@
+"""Listening for QSTP tunnels: :func:`serve`, the :class:`Server` it returns, and
+:meth:`Server.rotate_identity` (the one GOAWAY-and-re-present path a forced rekey uses)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+from pqcnet.identity import NodeIdentity
+from pqcnet.qstp.aio.tunnel import Tunnel, openssl_checked
+from pqcnet.qstp.config import QstpConfiguration
+from pqcnet.qstp.connection import Connection
+from pqcnet.qstp.errors import HandshakeError, TunnelClosed
+from pqcnet.qstp.frames import ErrorCode
+from pqcnet.qstp.tls import TlsPolicy, build_context, new_connection, verify_peer
+
+log = logging.getLogger(__name__)
+
+#: Tunnels one :func:`serve` keeps at once; beyond it new TCP connections are
+#: closed immediately (bounds memory and handshake CPU a connection flood can take).
+DEFAULT_MAX_TUNNELS = 1024
+
+Handler = Callable[[Tunnel], Awaitable[None]]
+"""Runs once per verified tunnel; the tunnel is closed when it returns."""
+
+
+class Server:
+    """A listening QSTP endpoint returned by :func:`serve`."""
+
+    def __init__(self, handler: Handler, identity: NodeIdentity, policy: TlsPolicy,
+                 config: QstpConfiguration, max_tunnels: int) -> None:
+        self._handler = handler
+        self._config = config
+        self._max_tunnels = max_tunnels
+        self._identity = identity
+        self._policy = policy
+        self._tls_context = build_context(identity, policy, server=True)
+        self._verify = partial(verify_peer, identity=identity, policy=policy)
+        self._tunnels: set[Tunnel] = set()
+        self._tasks: dict[Tunnel, asyncio.Task[None]] = {}
+        self._server: asyncio.Server | None = None
+        self.handshake_failures = 0
+        """Handshakes refused or timed out since start."""
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (useful with ``port=0``)."""
+        assert self._server is not None and self._server.sockets
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def tunnels(self) -> int:
+        """Tunnels currently connected (handshaking or open)."""
+        return len(self._tunnels)
+
+    @property
+    def identity(self) -> NodeIdentity:
+        """The identity new tunnels are offered (see :meth:`rotate_identity`)."""
+        return self._identity
+
+    async def rotate_identity(self, identity: NodeIdentity, policy: TlsPolicy | None = None,
+                              *, reason: str = "identity rotated") -> None:
+        """Present ``identity`` (and ``policy``, if given) from now on, and end every
+        tunnel made under the old one: GOAWAY + close_notify with ``reason``, handlers
+        cancelled, as :meth:`close` does, so peers reconnect and meet the new certificate.
+
+        The listening socket stays bound: the port does not change and no connection
+        is refused meanwhile (the next handshake already uses the new context). The
+        context is built first; if that fails nothing changes and the error propagates
+        (the old identity keeps serving). Returns once the old tunnels are gone, each
+        bounded by ``config.close_timeout``.
+        """
+        policy = policy or self._policy
+        context = build_context(identity, policy, server=True)
+        self._identity, self._policy, self._tls_context = identity, policy, context
+        self._verify = partial(verify_peer, identity=identity, policy=policy)
+        old = list(self._tunnels)
+        self._end(old, reason)
+        await self._ended(old)
+        log.info("server identity rotated", extra={
+            "identity": str(identity.spiffe_id), "serial": identity.serial,
+            "tunnels_ended": len(old)})
+
+    def close(self) -> None:
+        """Stop listening, end every tunnel (GOAWAY) and cancel running handlers."""
+        if self._server is not None:
+            self._server.close()
+        self._end(list(self._tunnels), "server shutting down")
+
+    async def wait_closed(self) -> None:
+        """Wait for handlers and sockets to finish after :meth:`close`."""
+        await self._ended(list(self._tunnels))
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+    # ------------------------------------------------------------------ internals
+
+    def _new_tunnel(self) -> asyncio.Protocol:
+        if len(self._tunnels) >= self._max_tunnels:
+            log.warning("tunnel limit reached; refusing connection",
+                        extra={"max_tunnels": self._max_tunnels})
+            return _Refuse()
+        tls = new_connection(self._tls_context, server=True)
+        conn = Connection(tls, client=False, config=self._config, verify=self._verify)
+        tunnel = Tunnel(conn, on_lost=self._tunnels.discard)
+        self._tunnels.add(tunnel)
+        task = asyncio.get_running_loop().create_task(self._run(tunnel))
+        self._tasks[tunnel] = task
+        task.add_done_callback(lambda _task: self._tasks.pop(tunnel, None))
+        return tunnel
+
+    def _end(self, tunnels: list[Tunnel], reason: str) -> None:
+        """Cancel the handlers of ``tunnels`` and send each GOAWAY + close_notify now."""
+        for tunnel in tunnels:
+            task = self._tasks.get(tunnel)
+            if task is not None:
+                task.cancel()
+        for tunnel in tunnels:
+            tunnel._end_now(ErrorCode.NO_ERROR, reason)
+
+    async def _ended(self, tunnels: list[Tunnel]) -> None:
+        """Wait until the handlers of ``tunnels`` returned and their sockets are gone."""
+        tasks = [t for t in (self._tasks.get(tunnel) for tunnel in tunnels) if t is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if tunnels:  # each bounded by config.close_timeout
+            await asyncio.gather(*(tunnel.close() for tunnel in tunnels))
+
+    async def _run(self, tunnel: Tunnel) -> None:
+        try:
+            await tunnel._ready
+        except HandshakeError as exc:
+            self.handshake_failures += 1
+            by_peer = tunnel.close_reason is not None and tunnel.close_reason.by_peer
+            log.info("handshake refused", extra={"reason": str(exc), "by_peer": by_peer})
+            await tunnel.close()
+            return
+        try:
+            await self._handler(tunnel)
+        except (TunnelClosed, HandshakeError) as exc:
+            log.info("tunnel handler ended", extra={"reason": str(exc)})
+        except asyncio.CancelledError:
+            await tunnel.close(ErrorCode.CANCELLED, "server shutting down")
+            raise
+        except Exception as exc:
+            log.exception("tunnel handler failed", extra={"peer": str(tunnel.peer.spiffe_id)})
+            await tunnel.close(ErrorCode.INTERNAL_ERROR, f"handler failed: {type(exc).__name__}")
+            return
+        await tunnel.close()
+
+
+class _Refuse(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+async def serve(
+    handler: Handler,
+    host: str,
+    port: int,
+    identity: NodeIdentity,
+    policy: TlsPolicy | None = None,
+    *,
+    config: QstpConfiguration | None = None,
+    max_tunnels: int = DEFAULT_MAX_TUNNELS,
+    backlog: int = 128,
+) -> Server:
+    """Listen for QSTP tunnels; ``await handler(tunnel)`` runs per verified tunnel,
+    and the tunnel is closed when the handler returns."""
+    await openssl_checked()
+    server = Server(handler, identity, policy or TlsPolicy(), config or QstpConfiguration(),
+                    max_tunnels)
+    loop = asyncio.get_running_loop()
+    server._server = await loop.create_server(server._new_tunnel, host, port, backlog=backlog)
+    return server
+
+
+__all__ = ["DEFAULT_MAX_TUNNELS", "Handler", "Server", "serve"]
