@@ -44,6 +44,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from pqcnet._util.yamlfile import read_yaml_file
 from pqcnet.identity.errors import KeyStoreError
 from pqcnet.identity.hsm import DEFAULT_KEK_LABEL, DEFAULT_MODULE, Pkcs11KeyStore
 from pqcnet.identity.keystore import FileKeyStore, KeyStore
@@ -129,6 +130,31 @@ class KeyStoreConfig:
             raise KeyStoreError("key_store.timeout_s must be positive")
         if self.shares or self.threshold:
             check_counts(self.shares, self.threshold)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The mapping :func:`key_store_config` reads back (absolute paths, no secrets)."""
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.kind == "file":
+            out.update(key_file=_abs(self.key_path), passphrase_env=self.passphrase_env)
+        elif self.kind == "pkcs11":
+            out.update(module=_abs(self.module), token_label=self.token_label,
+                       pin_env=self.pin_env, kek_label=self.kek_label,
+                       wrapped_key_file=_abs(self.wrapped_path))
+        else:
+            out.update(manifest=_abs(self.manifest_path),
+                       share_files=[_abs(p) for p in self.share_files],
+                       custodians=[{"address": c.address, "spiffe_id": c.spiffe_id}
+                                   for c in self.custodians],
+                       timeout_s=self.timeout_s)
+            if self.client_identity is not None:
+                out["client_identity"] = _abs(self.client_identity)
+            if self.client_key_store is not None:
+                out["client_key_store"] = self.client_key_store.to_mapping()
+            if self.shares:
+                out.update(shares=self.shares, threshold=self.threshold)
+            if self.share_dir is not None:
+                out["share_dir"] = _abs(self.share_dir)
+        return out
 
     @property
     def key_path(self) -> Path:
@@ -217,6 +243,21 @@ def key_store_config(
     return KeyStoreConfig(**kwargs)
 
 
+def read_key_store_file(path: Path, *, default_dir: Path | None = None,
+                        default_key_file: str = "key.pem") -> KeyStoreConfig:
+    """A YAML file holding the mapping, at top level or under ``key_store:``.
+
+    Relative paths in it resolve against the file's directory."""
+    path = Path(path)
+    doc = read_yaml_file(path, KeyStoreError, what="key store config")
+    if isinstance(doc, Mapping) and set(doc) == {"key_store"}:
+        doc = doc["key_store"]
+    if not isinstance(doc, Mapping):
+        raise KeyStoreError(f"key store config {path} must be a mapping (kind: file|pkcs11|shamir)")
+    return key_store_config(doc, base_dir=path.parent, default_dir=default_dir,
+                            default_key_file=default_key_file)
+
+
 def open_key_store(
     config: KeyStoreConfig,
     *,
@@ -248,6 +289,10 @@ def open_key_store(
         share_source = FileShareSource(config.share_files)
     return ShamirKeyStore(config.manifest_path, share_source, share_dir=config.share_dir,
                           shares=config.shares, threshold=config.threshold)
+
+
+def _abs(path: Path) -> str:
+    return str(Path(path).absolute())
 
 
 def _list(data: Mapping[str, Any], key: str) -> list[Any]:
