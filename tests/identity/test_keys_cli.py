@@ -15,25 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from pqcnet.cli import main
 from pqcnet.identity.hsm import Pkcs11KeyStore, wrapped_public_key
 from pqcnet.identity.keyconfig import open_key_store, read_key_store_file
 from tests.identity.conftest import Token
+from tests.qstp.test_identity_cli import run
 
 pytestmark = pytest.mark.timeout(180)
 
 TD = "example.org"
 PQCNET = Path(sys.executable).parent / "pqcnet"
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_split_and_combine(tmp_path: Path, capsys: pytest.CaptureFixture[str],

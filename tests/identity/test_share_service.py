@@ -209,6 +209,11 @@ async def _ask(stream: qstp.Stream, payload: bytes) -> dict[str, object]:
     return reply
 
 
+def _parse_reply_ok(reply: dict[str, object]) -> KeyShare:
+    assert "error" not in reply, reply
+    return KeyShare.from_json(reply["share"])
+
+
 async def test_bad_input_gets_a_typed_answer_and_the_service_keeps_serving(world: World) -> None:
     async with custodians(world, up=(0,), request_timeout_s=0.5) as running:
         host, port = running.config[0].host_port
@@ -241,9 +246,18 @@ async def test_bad_input_gets_a_typed_answer_and_the_service_keeps_serving(world
         with pytest.raises(TunnelClosed):
             await more.read_all(1024)
         await tunnel.close()
+        # a request the client aborts half-way gets no answer; the tunnel keeps working
+        tunnel = await qstp.connect(host, port, world.boot)
+        aborted = tunnel.open_stream()
+        await aborted.send(b'{"v": 1, "key')
+        aborted.reset()
+        share = _parse_reply_ok(await _ask(tunnel.open_stream(), json.dumps(
+            {"v": 1, "key_id": world.manifest.key_id.hex()}).encode()))
+        assert share == world.shares[0] and service.released == 1
+        await tunnel.close()
         share = await fetch_share(running.config[0], world.boot, world.manifest.key_id,
                                   timeout_s=5)
-        assert share == world.shares[0]
+        assert share == world.shares[0] and service.released == 2
         with pytest.raises(ShareServiceError) as err:
             await fetch_share(running.config[0], world.boot, b"\x01" * 32, timeout_s=5)
         assert err.value.code == "not_found" and not err.value.retriable

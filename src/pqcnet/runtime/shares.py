@@ -106,17 +106,18 @@ class ShareService:
 
     async def _answer(self, stream: qstp.Stream, peer: SpiffeId) -> None:
         try:
-            async with asyncio.timeout(self.request_timeout_s):
-                raw = await stream.read_all(MAX_REQUEST_BYTES)
-        except TimeoutError:
-            reply = self._error("timeout", f"no complete request in {self.request_timeout_s}s")
+            try:
+                async with asyncio.timeout(self.request_timeout_s):
+                    raw = await _read_bounded(stream, MAX_REQUEST_BYTES)
+            except TimeoutError:
+                reply = self._error("timeout",
+                                    f"no complete request in {self.request_timeout_s}s")
+            else:
+                reply = (self._respond(raw, peer) if raw is not None else
+                         self._error("too_large", f"request over {MAX_REQUEST_BYTES} bytes"))
+            await stream.send(json.dumps(reply).encode(), end=True)
         except TunnelClosed:
-            if stream.tunnel.closed:
-                return
-            reply = self._error("too_large", f"request over {MAX_REQUEST_BYTES} bytes")
-        else:
-            reply = self._respond(raw, peer)
-        await stream.send(json.dumps(reply).encode(), end=True)
+            return  # the peer reset this stream or left: nothing to answer
 
     def _respond(self, raw: bytes, peer: SpiffeId) -> dict[str, object]:
         try:
@@ -143,6 +144,18 @@ class ShareService:
         self.rejected += 1
         log.info("share request refused", extra={"code": code, "reason": message})
         return {"v": PROTOCOL_VERSION, "error": {"code": code, "message": message}}
+
+
+async def _read_bounded(stream: qstp.Stream, limit: int) -> bytes | None:
+    """The stream's bytes until its end, or None as soon as they pass ``limit``."""
+    parts: list[bytes] = []
+    total = 0
+    while chunk := await stream.recv():
+        total += len(chunk)
+        if total > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 # --------------------------------------------------------------------------- node
