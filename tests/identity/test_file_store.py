@@ -85,6 +85,8 @@ def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
     ({"kind": "shamir", "timeout_s": 0}, "timeout_s must be positive"),
     ({"kind": "shamir", "client_key_store": {"kind": "shamir"}}, "cannot itself be shamir"),
     ({"kind": "shamir", "share_files": "a.json"}, "share_files must be a list"),
+    ({"kind": "shamir", "shares": 2.5, "threshold": 2}, "shares must be an integer"),
+    ({"kind": "shamir", "timeout_s": "soon"}, "timeout_s must be a number"),
 ])
 def test_config_mistakes_name_the_key(mapping: dict[str, object], message: str) -> None:
     with pytest.raises(KeyStoreError, match=message):

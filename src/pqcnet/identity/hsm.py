@@ -134,15 +134,6 @@ class Pkcs11KeyStore:
 
     # ------------------------------------------------------------------ token
 
-    def kek_exists(self) -> bool:
-        """Whether the token holds our KEK (logs in with the PIN)."""
-        with self._session() as session:
-            try:
-                self._kek(session)
-            except HsmError:
-                return False
-            return True
-
     def destroy_kek(self) -> None:
         """Delete the KEK from the token: every blob wrapped under it becomes useless."""
         with self._session(rw=True) as session:

@@ -207,11 +207,11 @@ def key_store_config(
             raise KeyStoreError(f"key_store.{key} must be a string")
         return value
 
-    def number(key: str, default: float, kind_: type) -> Any:
+    def number(key: str, default: float, whole: bool = False) -> Any:
         value = data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise KeyStoreError(f"key_store.{key} must be a number")
-        return kind_(value)
+        if isinstance(value, bool) or not isinstance(value, int if whole else int | float):
+            raise KeyStoreError(f"key_store.{key} must be {'an integer' if whole else 'a number'}")
+        return value
 
     kwargs: dict[str, Any] = {"kind": kind, "default_dir": default_dir}
     if kind == "file":
@@ -231,8 +231,8 @@ def key_store_config(
             share_files=tuple(_path(base_dir, p) for p in _list(data, "share_files")),
             custodians=tuple(_custodian(c, i) for i, c in enumerate(_list(data, "custodians"))),
             client_identity=path("client_identity"),
-            timeout_s=number("timeout_s", DEFAULT_SHARE_TIMEOUT_S, float),
-            shares=number("shares", 0, int), threshold=number("threshold", 0, int),
+            timeout_s=float(number("timeout_s", DEFAULT_SHARE_TIMEOUT_S)),
+            shares=number("shares", 0, whole=True), threshold=number("threshold", 0, whole=True),
         )
         client = data.get("client_key_store")
         if client is not None:
