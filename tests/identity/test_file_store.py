@@ -22,7 +22,13 @@ from pqcnet.identity.keyconfig import (
     open_key_store,
     read_key_store_file,
 )
-from pqcnet.identity.keystore import FileKeyStore, KeyStore, key_seed, write_private_key
+from pqcnet.identity.keystore import (
+    FileKeyStore,
+    KeyStore,
+    key_from_seed,
+    key_seed,
+    write_private_key,
+)
 from pqcnet.identity.shamir import ShamirKeyStore
 
 
@@ -48,6 +54,17 @@ def test_file_store_round_trip_and_describe(tmp_path: Path) -> None:
     write_private_key(tmp_path / "e.pem", key, b"x")
     assert FileKeyStore(tmp_path / "e.pem", b"x").load().key_id == key.key_id
     assert len(key_seed(key)) == 32
+
+
+def test_seed_buffer_is_zeroised_after_expanding(tmp_path: Path) -> None:
+    key = SigningKey.generate()
+    seed = bytearray(key_seed(key))
+    assert key_from_seed(seed, key.algorithm).key_id == key.key_id
+    assert seed == bytearray(32)
+    bad = bytearray(b"\x01" * 31)
+    with pytest.raises(KeyStoreError, match="cannot rebuild"):
+        key_from_seed(bad, "ML-DSA-65")
+    assert bad == bytearray(31)  # wiped even when the key could not be built
 
 
 def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
