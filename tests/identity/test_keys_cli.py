@@ -11,16 +11,26 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import pqcnet.runtime.logging as plog
 from pqcnet.identity.hsm import Pkcs11KeyStore, wrapped_public_key
 from pqcnet.identity.keyconfig import open_key_store, read_key_store_file
 from tests.identity.conftest import Token
 from tests.qstp.test_identity_cli import run
 
 pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(autouse=True)
+def _flush_logs() -> Iterator[None]:
+    """``main()`` logs through a writer thread bound to capsys's stderr: flush it
+    before capsys closes that stream, or a late record hits a closed file."""
+    yield
+    plog._stop_listener()
 
 TD = "example.org"
 PQCNET = Path(sys.executable).parent / "pqcnet"
@@ -151,9 +161,11 @@ def test_share_serve_process_and_node_gathering(tmp_path: Path,
         lt = run(capsys, "keys", "show", "--key", "lt.pem", *no)[1].split()[2]
         assert out.split()[2] == lt
         code, _, err = run(capsys, "keys", "show", "--key-store", "evil.yaml")
-        last = err.strip().splitlines()[-1]  # after the per-custodian warnings
-        assert code == 1 and last.startswith("error: 0 of 2 shares gathered from 2 custodians; ")
-        assert "refused the handshake" in last
+        plog._stop_listener()  # the per-custodian warnings come from the writer thread
+        err += capsys.readouterr().err
+        (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+        assert code == 1 and line.startswith("error: 0 of 2 shares gathered from 2 custodians; ")
+        assert "refused the handshake" in line and "custodian gave no share" in err
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
