@@ -1,6 +1,6 @@
 """The ``scripts/services`` contract other areas rely on, and its probes.
 
-``.services/env`` lines must be exactly the three documented ``export`` forms; bad
+``.services/env`` lines must be exactly the documented ``export`` forms; bad
 arguments are refused with exit status 2 and one line; the stdlib probes in
 ``tools/probe.py`` say "ready" for the real services and "not ready" (fast, one line)
 for a closed port — the readiness checks are only as good as that distinction.
@@ -24,6 +24,10 @@ ENV_LINE = re.compile(
     r"export PQCNET_REDIS_URL=redis://127\.0\.0\.1:\d+/0"
     r"|export PQCNET_KAFKA_BOOTSTRAP=127\.0\.0\.1:\d+"
     r"|export PQCNET_WAKU_REST_URLS=http://127\.0\.0\.1:\d+(,http://127\.0\.0\.1:\d+){2}"
+    r"|export SOFTHSM2_CONF=/\S+/\.services/softhsm/softhsm2\.conf"
+    r"|export PQCNET_PKCS11_MODULE=/\S+\.so"
+    r"|export PQCNET_PKCS11_TOKEN=pqcnet-test"
+    r"|export PQCNET_PKCS11_PIN=[0-9a-f]{24}"
 )
 
 
@@ -50,7 +54,8 @@ def test_env_file_lines_follow_the_contract() -> None:
 def test_status_names_every_service() -> None:
     out = _run("status")
     assert out.returncode == 0
-    assert [line.split(":")[0] for line in out.stdout.splitlines()] == ["redis", "kafka", "waku"]
+    assert [line.split(":")[0] for line in out.stdout.splitlines()] == ["redis", "kafka", "waku",
+                                                                     "softhsm"]
 
 
 @pytest.mark.parametrize("args", [("start", "postgres"), ("stop", "redis", "nope"), ("restart",)])

@@ -5,6 +5,10 @@ The CA directory holds ``ca-key.pem`` (PKCS#8, encrypted under the CA passphrase
 number). Passphrases come from an environment variable (default
 ``PQCNET_CA_PASSPHRASE``) or an interactive prompt, never from argv where ``ps``
 would show them; ``--no-passphrase`` stores keys unencrypted (development only).
+
+The CA key can live in any key store: ``ca init --key-store FILE`` (a ``key_store:``
+mapping: file, pkcs11, shamir) stores it there and records the mapping (no secrets)
+as ``key-store.yaml`` in the CA directory, which later commands use by default.
 """
 
 from __future__ import annotations
@@ -15,14 +19,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
+import yaml
 
 from pqcnet._util.env import CA_PASS_ENV, PASS_ENV
 from pqcnet.cli._common import passphrase
+from pqcnet.cli._keystore import key_store_option, open_store
 from pqcnet.identity import IssuancePolicy, MeshCA, NodeIdentity, SpiffeId, load_crl
-from pqcnet.identity.ca import CA_KEY_FILE
+from pqcnet.identity.ca import CA_CERT_FILE, CA_KEY_FILE
 from pqcnet.identity.certs import load_certs
 from pqcnet.identity.errors import IdentityError
-from pqcnet.identity.keystore import atomic_write, read_bounded
+from pqcnet.identity.keyconfig import KeyStoreConfig, key_store_config, read_key_store_file
+from pqcnet.identity.keystore import KeyStore, atomic_write, read_bounded
+
+#: The CA's key-store mapping, recorded by ``ca init --key-store``.
+CA_KEY_STORE_FILE = "key-store.yaml"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -53,6 +63,9 @@ DURATION = Duration()
 
 
 def _ca_options(f: Callable[..., None]) -> Callable[..., None]:
+    f = key_store_option(
+        "CA key store config (YAML key_store: mapping: file | pkcs11 | shamir); "
+        f"default: --dir/{CA_KEY_STORE_FILE} if present, else --dir/{CA_KEY_FILE}.")(f)
     f = click.option("--no-passphrase", is_flag=True,
                      help="CA key is (or will be) stored unencrypted (development only).")(f)
     f = click.option("--passphrase-env", default=CA_PASS_ENV, show_default=True,
@@ -63,12 +76,27 @@ def _ca_options(f: Callable[..., None]) -> Callable[..., None]:
     return f
 
 
-def _load(ca_dir: Path, env: str, no_pass: bool) -> tuple[MeshCA, bytes | None]:
-    """The CA and the passphrase it was opened with (to save it back under the same)."""
-    if not (ca_dir / CA_KEY_FILE).exists():
+def _key_store_config(ca_dir: Path, key_store_file: Path | None) -> KeyStoreConfig:
+    recorded = ca_dir / CA_KEY_STORE_FILE
+    path = key_store_file or (recorded if recorded.exists() else None)
+    if path is None:
+        return key_store_config(None, default_dir=ca_dir, default_key_file=CA_KEY_FILE)
+    return read_key_store_file(path, default_dir=ca_dir, default_key_file=CA_KEY_FILE)
+
+
+def _key_store(ca_dir: Path, key_store_file: Path | None, env: str, no_pass: bool,
+               *, confirm: bool = False) -> KeyStore:
+    config = _key_store_config(ca_dir, key_store_file)
+    return open_store(config, lambda: passphrase(env, no_pass, what="CA", confirm=confirm))
+
+
+def _load(ca_dir: Path, env: str, no_pass: bool,
+          key_store_file: Path | None) -> tuple[MeshCA, KeyStore]:
+    """The CA and its key store (``ca.save(dir, key_store=...)`` leaves the key alone)."""
+    if not (ca_dir / CA_CERT_FILE).exists():
         raise IdentityError(f"no CA in {ca_dir} (run `pqcnet ca init --dir {ca_dir}` first)")
-    pw = passphrase(env, no_pass, what="CA")
-    return MeshCA.load(ca_dir, pw), pw
+    store = _key_store(ca_dir, key_store_file, env, no_pass)
+    return MeshCA.load(ca_dir, key_store=store), store
 
 
 @click.group()
@@ -87,19 +115,28 @@ def cli() -> None:
 @click.option("--validity", type=DURATION, default="365d", show_default=True,
               help="Lifetime of the CA certificate itself.")
 @click.option("--force", is_flag=True, help="Overwrite an existing CA in --dir.")
-def init(ca_dir: Path, passphrase_env: str, no_passphrase: bool, trust_domain: str,
-         roles: tuple[str, ...], tenants: tuple[str, ...], max_ttl: dt.timedelta,
-         default_ttl: dt.timedelta, validity: dt.timedelta, force: bool) -> None:
+def init(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_passphrase: bool,
+         trust_domain: str, roles: tuple[str, ...], tenants: tuple[str, ...],
+         max_ttl: dt.timedelta, default_ttl: dt.timedelta, validity: dt.timedelta,
+         force: bool) -> None:
     """Create a new CA (fresh ML-DSA-65 key) in --dir."""
-    if (ca_dir / CA_KEY_FILE).exists() and not force:
+    if ((ca_dir / CA_KEY_FILE).exists() or (ca_dir / CA_CERT_FILE).exists()) and not force:
         raise IdentityError(f"{ca_dir} already holds a CA (use --force to replace it)")
     policy = IssuancePolicy(allowed_roles=roles, allowed_tenants=tenants, max_ttl=max_ttl,
                             default_ttl=default_ttl)
-    pw = passphrase(passphrase_env, no_passphrase, what="new CA", confirm=True)
+    config = _key_store_config(ca_dir, key_store_file) if key_store_file else (
+        key_store_config(None, default_dir=ca_dir, default_key_file=CA_KEY_FILE))
+    store = open_store(config, lambda: passphrase(passphrase_env, no_passphrase,
+                                                  what="new CA", confirm=True))
     ca = MeshCA.create(trust_domain, validity=validity, policy=policy)
-    ca.save(ca_dir, pw)
-    click.echo(f"CA for {trust_domain} created in {ca_dir} "
-               f"(key {'encrypted' if pw else 'UNENCRYPTED'}, "
+    store.store(ca.key)
+    ca.save(ca_dir, key_store=store)
+    if key_store_file is not None:
+        atomic_write(ca_dir / CA_KEY_STORE_FILE,
+                     yaml.safe_dump(config.to_mapping(), sort_keys=False).encode())
+    else:
+        (ca_dir / CA_KEY_STORE_FILE).unlink(missing_ok=True)
+    click.echo(f"CA for {trust_domain} created in {ca_dir} (key: {store.describe()}, "
                f"valid until {ca.certificate.not_valid_after_utc:%Y-%m-%d})")
 
 
@@ -112,14 +149,15 @@ def init(ca_dir: Path, passphrase_env: str, no_passphrase: bool, trust_domain: s
 @click.option("--node-passphrase-env", default=PASS_ENV, show_default=True,
               help="Environment variable with the passphrase for the node key.")
 @click.option("--no-node-passphrase", is_flag=True, help="Store the node key unencrypted.")
-def issue(ca_dir: Path, passphrase_env: str, no_passphrase: bool, spiffe_id: str, out: Path,
-          ttl: dt.timedelta | None, node_passphrase_env: str, no_node_passphrase: bool) -> None:
+def issue(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_passphrase: bool,
+          spiffe_id: str, out: Path, ttl: dt.timedelta | None, node_passphrase_env: str,
+          no_node_passphrase: bool) -> None:
     """Generate a node key and certificate for SPIFFE_ID (spiffe://td/tenant/role/node)."""
     sid = SpiffeId.parse(spiffe_id)
-    ca, ca_pw = _load(ca_dir, passphrase_env, no_passphrase)
+    ca, store = _load(ca_dir, passphrase_env, no_passphrase, key_store_file)
     node = ca.issue(sid, ttl)
     node_pw = passphrase(node_passphrase_env, no_node_passphrase, what="node key", confirm=True)
-    ca.save(ca_dir, ca_pw)
+    ca.save(ca_dir, key_store=store)
     node.save(out, node_pw)
     click.echo(f"issued {sid} serial {node.serial:x} valid until {node.not_after.isoformat()} "
                f"-> {out}")
@@ -131,12 +169,12 @@ def issue(ca_dir: Path, passphrase_env: str, no_passphrase: bool, spiffe_id: str
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the signed certificate (PEM).")
 @click.option("--ttl", type=DURATION, default=None, help="Certificate lifetime (default: policy).")
-def sign_csr(ca_dir: Path, passphrase_env: str, no_passphrase: bool, csr: Path, out: Path,
-             ttl: dt.timedelta | None) -> None:
+def sign_csr(ca_dir: Path, key_store_file: Path | None, passphrase_env: str,
+             no_passphrase: bool, csr: Path, out: Path, ttl: dt.timedelta | None) -> None:
     """Check a CSR against the CA policy and sign it."""
-    ca, ca_pw = _load(ca_dir, passphrase_env, no_passphrase)
+    ca, store = _load(ca_dir, passphrase_env, no_passphrase, key_store_file)
     cert_pem = ca.sign_csr(read_bounded(csr, 1 << 20, "CSR"), ttl=ttl)
-    ca.save(ca_dir, ca_pw)
+    ca.save(ca_dir, key_store=store)
     atomic_write(out, cert_pem)
     cert = load_certs(cert_pem)[0]
     click.echo(f"signed serial {cert.serial_number:x} valid until "
@@ -151,12 +189,13 @@ def sign_csr(ca_dir: Path, passphrase_env: str, no_passphrase: bool, csr: Path, 
 @click.option("--spiffe-id", help="Revoke every unexpired certificate issued for this ID.")
 @click.option("--reason", default="unspecified", show_default=True,
               help="key_compromise, superseded, cessation_of_operation, ...")
-def revoke(ca_dir: Path, passphrase_env: str, no_passphrase: bool, serial: str | None,
-           cert_file: Path | None, spiffe_id: str | None, reason: str) -> None:
+def revoke(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_passphrase: bool,
+           serial: str | None, cert_file: Path | None, spiffe_id: str | None,
+           reason: str) -> None:
     """Revoke a certificate; publish it with `pqcnet ca crl`."""
     if sum(x is not None for x in (serial, cert_file, spiffe_id)) != 1:
         raise click.UsageError("give exactly one of --serial, --cert, --spiffe-id")
-    ca, ca_pw = _load(ca_dir, passphrase_env, no_passphrase)
+    ca, store = _load(ca_dir, passphrase_env, no_passphrase, key_store_file)
     if serial is not None:
         try:
             revs = [ca.revoke(int(serial, 16), reason)]
@@ -167,7 +206,7 @@ def revoke(ca_dir: Path, passphrase_env: str, no_passphrase: bool, serial: str |
         revs = [ca.revoke(cert, reason)]
     else:
         revs = ca.revoke_spiffe_id(str(spiffe_id), reason)
-    ca.save(ca_dir, ca_pw)
+    ca.save(ca_dir, key_store=store)
     for rev in revs:
         click.echo(f"revoked serial {rev.serial:x} ({rev.reason.name})")
 
@@ -178,12 +217,12 @@ def revoke(ca_dir: Path, passphrase_env: str, no_passphrase: bool, serial: str |
               help="Write the CRL here (default: stdout).")
 @click.option("--validity", type=DURATION, default="1h", show_default=True,
               help="nextUpdate distance: nodes should refresh before then.")
-def crl(ca_dir: Path, passphrase_env: str, no_passphrase: bool, out: Path | None,
-        validity: dt.timedelta) -> None:
+def crl(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_passphrase: bool,
+        out: Path | None, validity: dt.timedelta) -> None:
     """Sign and print a fresh CRL (PEM); any node verifies it with the trust bundle."""
-    ca, ca_pw = _load(ca_dir, passphrase_env, no_passphrase)
+    ca, store = _load(ca_dir, passphrase_env, no_passphrase, key_store_file)
     pem = ca.crl_pem(validity=validity)
-    ca.save(ca_dir, ca_pw)
+    ca.save(ca_dir, key_store=store)
     parsed = load_crl(pem, ca.trust_bundle_pem())
     if out is None:
         click.echo(pem.decode(), nl=False)

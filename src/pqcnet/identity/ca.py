@@ -35,7 +35,13 @@ from pqcnet.identity.certs import (
     utcnow,
 )
 from pqcnet.identity.errors import IdentityError, PolicyViolation
-from pqcnet.identity.keystore import atomic_write, read_bounded, read_private_key, write_private_key
+from pqcnet.identity.keystore import (
+    KeyStore,
+    atomic_write,
+    read_bounded,
+    read_private_key,
+    write_private_key,
+)
 from pqcnet.identity.node import NodeIdentity
 from pqcnet.identity.spiffe import SpiffeId
 
@@ -364,10 +370,18 @@ class MeshCA:
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, directory: Path, passphrase: bytes | None) -> None:
-        """Write the encrypted key (0600), certificate and state to ``directory``."""
+    def save(
+        self, directory: Path, passphrase: bytes | None = None, *,
+        key_store: KeyStore | None = None,
+    ) -> None:
+        """Write the encrypted key (0600), certificate and state to ``directory``.
+
+        With ``key_store`` the key lives there and is *not* written here: store it
+        once when the CA is created (``key_store.store(ca.key)``); later saves only
+        rewrite certificate and state (a Shamir store must not re-split per save)."""
         directory = Path(directory)
-        write_private_key(directory / CA_KEY_FILE, self.key, passphrase)
+        if key_store is None:
+            write_private_key(directory / CA_KEY_FILE, self.key, passphrase)
         atomic_write(directory / CA_CERT_FILE, self.trust_bundle_pem())
         state = {
             "trust_domain": self.trust_domain,
@@ -391,10 +405,16 @@ class MeshCA:
         atomic_write(directory / CA_STATE_FILE, json.dumps(state, indent=1).encode(), mode=0o600)
 
     @classmethod
-    def load(cls, directory: Path, passphrase: bytes | None) -> MeshCA:
-        """Inverse of :meth:`save`."""
+    def load(
+        cls, directory: Path, passphrase: bytes | None = None, *,
+        key_store: KeyStore | None = None,
+    ) -> MeshCA:
+        """Inverse of :meth:`save`; the key from ``key_store`` when given."""
         directory = Path(directory)
-        key = read_private_key(directory / CA_KEY_FILE, passphrase)
+        if key_store is not None:
+            key = key_store.load()
+        else:
+            key = read_private_key(directory / CA_KEY_FILE, passphrase)
         certs = load_certs(
             read_bounded(directory / CA_CERT_FILE, MAX_PEM_BYTES, "CA certificate"),
             "CA certificate",

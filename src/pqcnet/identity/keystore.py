@@ -1,24 +1,106 @@
-"""On-disk key store: private keys as PKCS#8 PEM, encrypted under a passphrase.
+"""Key stores: where a node's or the CA's ML-DSA private key lives between runs.
 
-A node's or CA's private key is the one secret on disk. It is written with the
-best encryption `cryptography` offers for PKCS#8 (PBES2 with a strong KDF and
-AES-256), created with mode 0600 *before* any byte is written, and replaced
-atomically so a crash never leaves a half-written key. Loading with a wrong
-passphrase is an :class:`IdentityError`, never a traceback.
+One small interface, :class:`KeyStore` (``load`` / ``store`` / ``describe``), and three
+backends, so identity loading and the CA never care which one is configured:
+
+- :class:`FileKeyStore` (here): PKCS#8 PEM encrypted under a passphrase — the
+  original behaviour; existing key files keep loading unchanged;
+- :class:`pqcnet.identity.hsm.Pkcs11KeyStore`: the key wrapped by an AES-256 key that
+  never leaves a PKCS#11 token;
+- :class:`pqcnet.identity.shamir.ShamirKeyStore`: the key split k-of-n among custodians.
+
+:func:`pqcnet.identity.keyconfig.open_key_store` builds one from a ``key_store:`` mapping.
+
+The file backend writes with the best encryption `cryptography` offers for PKCS#8
+(PBES2 with a strong KDF and AES-256), creates the file with mode 0600 *before* any
+byte is written, and replaces it atomically so a crash never leaves a half-written
+key. A wrong passphrase is an :class:`IdentityError`, never a traceback.
+
+``load`` blocks (file I/O, token calls, network for the share service): from async
+code call it as ``await asyncio.to_thread(store.load)``.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from pqcnet.crypto.errors import CryptoError
 from pqcnet.crypto.pqc import SigningKey
-from pqcnet.identity.errors import IdentityError, PassphraseRequired
+from pqcnet.identity.errors import IdentityError, KeyStoreError, PassphraseRequired
 
 #: Key files are tiny; refuse to read anything bigger (a wrong path, a device).
 MAX_KEY_FILE_BYTES = 64 * 1024
 _ENCRYPTED_MARKER = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
+
+
+#: ML-DSA keys are kept as their FIPS 204 seed (xi): 32 bytes expand to the full key.
+SEED_BYTES = 32
+
+
+@runtime_checkable
+class KeyStore(Protocol):
+    """Where one ML-DSA private key lives (see the module docstring)."""
+
+    def load(self) -> SigningKey:
+        """The key, in process memory; a typed :class:`IdentityError` when it cannot be had."""
+        ...
+
+    def store(self, key: SigningKey) -> None:
+        """Put ``key`` into the store (replacing what it held)."""
+        ...
+
+    def describe(self) -> str:
+        """One line for logs and ``pqcnet keys show`` (never secret material)."""
+        ...
+
+
+class FileKeyStore:
+    """A PKCS#8 PEM file, encrypted when a passphrase is given (the original key file)."""
+
+    def __init__(self, path: Path, passphrase: bytes | None) -> None:
+        self.path = Path(path)
+        self._passphrase = passphrase
+
+    def load(self) -> SigningKey:
+        return read_private_key(self.path, self._passphrase)
+
+    def store(self, key: SigningKey) -> None:
+        write_private_key(self.path, key, self._passphrase)
+
+    def describe(self) -> str:
+        state = "encrypted" if self._passphrase else "unencrypted"
+        return f"file {self.path} ({state})"
+
+
+def key_seed(key: SigningKey) -> bytes:
+    """The 32-byte FIPS 204 seed of ``key`` (what the HSM wraps and Shamir splits).
+
+    A key loaded from an expanded-only PKCS#8 has no seed: that is a clear error."""
+    try:
+        seed = key.cryptography_key.private_bytes_raw()
+    except (ValueError, TypeError) as exc:
+        raise KeyStoreError(f"{key} has no seed form to protect: {exc}") from None
+    if len(seed) != SEED_BYTES:
+        raise KeyStoreError(f"{key} seed is {len(seed)} bytes, expected {SEED_BYTES}")
+    return seed
+
+
+def key_from_seed(seed: bytearray, algorithm: str) -> SigningKey:
+    """Expand ``seed`` into a key, then overwrite ``seed`` with zeros (see
+    docs/how-to/key-custody.md for what zeroising can and cannot do in Python)."""
+    try:
+        return SigningKey.from_seed(seed, algorithm)  # type: ignore[arg-type]
+    except CryptoError as exc:
+        raise KeyStoreError(f"cannot rebuild the {algorithm} key: {exc}") from None
+    finally:
+        zeroize(seed)
+
+
+def zeroize(buf: bytearray) -> None:
+    """Overwrite a buffer we own with zeros (bytes objects cannot be wiped)."""
+    buf[:] = bytes(len(buf))
 
 
 def atomic_write(path: Path, data: bytes, *, mode: int = 0o644) -> None:

@@ -19,6 +19,7 @@ from pqcnet.crypto.pqc import SigningKey
 from pqcnet.identity.certs import MAX_PEM_BYTES, certs_pem, load_certs, spiffe_id_of
 from pqcnet.identity.errors import IdentityError
 from pqcnet.identity.keystore import (
+    KeyStore,
     atomic_write,
     read_bounded,
     read_private_key,
@@ -125,11 +126,20 @@ class NodeIdentity:
         """A copy trusting a different bundle (CA rotation)."""
         return NodeIdentity.from_pem(self.key, self.cert_chain_pem, trust_bundle_pem, self.crl_pem)
 
-    def save(self, directory: Path, passphrase: bytes | None) -> None:
-        """Write key (0600, encrypted when a passphrase is given), chain, bundle, CRL."""
+    def save(
+        self, directory: Path, passphrase: bytes | None = None, *,
+        key_store: KeyStore | None = None,
+    ) -> None:
+        """Write key (0600, encrypted when a passphrase is given), chain, bundle, CRL.
+
+        With ``key_store`` the key goes there instead of ``key.pem`` (``passphrase``
+        is then unused)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        write_private_key(directory / KEY_FILE, self.key, passphrase)
+        if key_store is not None:
+            key_store.store(self.key)
+        else:
+            write_private_key(directory / KEY_FILE, self.key, passphrase)
         atomic_write(directory / CERT_FILE, self.cert_chain_pem)
         atomic_write(directory / BUNDLE_FILE, self.trust_bundle_pem)
         if self.crl_pem is not None:
@@ -138,14 +148,23 @@ class NodeIdentity:
             (directory / CRL_FILE).unlink(missing_ok=True)
 
     @classmethod
-    def load(cls, directory: Path, passphrase: bytes | None) -> NodeIdentity:
-        """Inverse of :meth:`save`; any missing or mismatched part is an IdentityError."""
+    def load(
+        cls, directory: Path, passphrase: bytes | None = None, *,
+        key_store: KeyStore | None = None,
+    ) -> NodeIdentity:
+        """Inverse of :meth:`save`; any missing or mismatched part is an IdentityError.
+
+        The key comes from ``key_store`` when given (file, PKCS#11, Shamir), else
+        from ``key.pem`` under ``passphrase``."""
         directory = Path(directory)
         # public files first: a missing one is named even when the key's passphrase
         # is missing too (the user then fixes both at once)
         chain = read_bounded(directory / CERT_FILE, MAX_PEM_BYTES, "certificate")
         bundle = read_bounded(directory / BUNDLE_FILE, MAX_PEM_BYTES, "trust bundle")
-        key = read_private_key(directory / KEY_FILE, passphrase)
+        if key_store is not None:
+            key = key_store.load()
+        else:
+            key = read_private_key(directory / KEY_FILE, passphrase)
         crl_path = directory / CRL_FILE
         crl = read_bounded(crl_path, MAX_PEM_BYTES, "CRL") if crl_path.exists() else None
         return cls.from_pem(key, chain, bundle, crl)
