@@ -13,11 +13,11 @@ from pathlib import Path
 
 from pqcnet.crypto.pqc import SigningKey
 from pqcnet.mesh.agent import AgentConfig, ControlPlaneAgent
-from pqcnet.mesh.directives import GovernancePolicy
+from pqcnet.mesh.directives import Action, GovernancePolicy, SignedDirective
 from pqcnet.mesh.dtn import BundleStore
 from pqcnet.mesh.envelope import Keyring, NodeKeys, now_ms
 from pqcnet.mesh.ledger import LedgerPort
-from pqcnet.mesh.qsdag_port import QsdagPort
+from pqcnet.mesh.qsdag_port import QsdagPort, directive_body
 from pqcnet.mesh.transport import Transport
 from pqcnet.qsdag import Ledger
 
@@ -98,6 +98,17 @@ def attach_ledgers(agents: list[ControlPlaneAgent], ledgers: list[Ledger]) -> li
         a.ledger = port
         ports.append(port)
     return ports
+
+
+def anchored_by_itself(port: QsdagPort, action: Action) -> bool:
+    """Has the port's node anchored, in a vertex of its own, a directive with ``action``?"""
+    led, me = port.ledger, port.keys.node_id
+    for counter in range(led.next_counter(me)):
+        vid = led.by_author(me, counter)
+        body = directive_body(led.get(vid)) if vid is not None else None
+        if body is not None and SignedDirective.decode(body).directive.action == action:
+            return True
+    return False
 
 
 async def stop_all(agents: list[ControlPlaneAgent]) -> None:

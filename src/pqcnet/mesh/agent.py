@@ -111,8 +111,6 @@ class ControlPlaneAgent:
         self.keyring = keyring
         self.config = config or AgentConfig()
         self.bundles = bundles
-        #: the CA's CRL as gossiped (None: CRL gossip is refused as unverifiable)
-        self.crl = crl
         self._clock = clock
         keyring.add(keys.node_id, keys.signing_key.public_key, keys.key_version)
         # senders registered in (or rotated in) our QS-DAG are known without bootstrap,
@@ -169,6 +167,15 @@ class ControlPlaneAgent:
         if loaded:
             log.info("directive replay window reloaded from the ledger",
                      extra={"directives": loaded})
+
+    @property
+    def crl(self) -> CrlGate | None:
+        """The CA's CRL as gossiped (None: CRL gossip is refused as unverifiable)."""
+        return self._gossip.crl
+
+    @crl.setter
+    def crl(self, gate: CrlGate | None) -> None:
+        self._gossip.crl = gate
 
     @property
     def governance(self) -> GovernancePolicy | None:
