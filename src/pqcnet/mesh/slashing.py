@@ -3,7 +3,14 @@
 Sans-IO over a ``pqcnet.qsdag.Ledger``: :meth:`SlashingIndexer.scan` returns new
 :class:`~pqcnet.mesh.messages.SlashingProposal` s (each finding once), which the node
 publishes signed with :meth:`~pqcnet.mesh.agent.ControlPlaneAgent.propose_slashing`;
-governance turns an accepted proposal into a directive with :func:`to_directive`.
+governance turns an accepted proposal into a directive with :func:`to_directive`. The
+:class:`~pqcnet.mesh.pipeline.SlashingPipeline` runs all of that on a timer.
+
+A proposal is a pure function of the evidence (its id, detail and evidence list are
+derived from the ledger), so every node that sees the same evidence makes the same
+proposal, and :func:`to_directive` gives it the same directive id everywhere
+(:func:`slash_directive_id`): independent governance nodes that slash for the same
+evidence make one directive, applied once.
 
 Findings:
 
@@ -110,10 +117,22 @@ class SlashingIndexer:
             _pid(b"vm", report.anchor_id, hashlib.sha256(report.payload).digest())))
 
 
+def proposal_digest(proposal: SlashingProposal) -> bytes:
+    """What a slash directive names as its evidence (``SlashNotice.evidence_digest``)."""
+    return hashlib.sha256(proposal.encode()).digest()
+
+
+def slash_directive_id(proposal: SlashingProposal) -> bytes:
+    """The directive id of the slash for ``proposal`` (the same on every node)."""
+    return _pid(b"slash", proposal.proposal_id or proposal_digest(proposal))
+
+
 def to_directive(proposal: SlashingProposal, *governance_keys: SigningKey,
-                 now_ms: int) -> SignedDirective:
-    """Governance's answer to an accepted proposal: a signed slash directive."""
-    digest = hashlib.sha256(proposal.encode()).digest()
+                 now_ms: int, ttl_ms: int = 3_600_000) -> SignedDirective:
+    """Governance's answer to an accepted proposal: a slash directive signed by
+    ``governance_keys`` (possibly fewer than the threshold: others :func:`cosign`)."""
     return sign_directive(Directive.create(
-        SlashNotice(proposal.target, f"{proposal.kind}: {proposal.detail}", digest),
-        now_ms=now_ms), *governance_keys)
+        SlashNotice(proposal.target, f"{proposal.kind}: {proposal.detail}",
+                    proposal_digest(proposal)),
+        now_ms=now_ms, ttl_ms=ttl_ms, directive_id=slash_directive_id(proposal)),
+        *governance_keys)
