@@ -30,6 +30,7 @@ from pqcnet.mesh.transport import InProcessHub, InProcessTransport
 from ..mesh.harness import (
     FAST,
     GOV,
+    Recorder,
     anchored_by_itself,
     attach_ledgers,
     bootstrap_ledgers,
@@ -80,8 +81,8 @@ async def test_non_registrars_apply_only_after_anchoring_and_offline_nodes_catch
     # a node without a ledger hears every directive and applies none
     bare = make_agent(NodeKeys("bare", node_key("bare")), [*NAMES, "bare"],
                       InProcessTransport(hub), tmp_path)
-    bare_check: list[RateLimitUpdate] = []
-    bare.handlers.append(_Recording(bare_check))
+    bare_check = Recorder()
+    bare.handlers.append(bare_check)
     agents.append(bare)
     try:
         for a in agents:
@@ -119,21 +120,6 @@ async def test_non_registrars_apply_only_after_anchoring_and_offline_nodes_catch
             assert checks[name].unanchored == [], name
         assert checks["gov"].limits == [first.directive.action]
         assert not relayer.directives.rejections and not sentry.directives.rejections
-        assert bare_check == []
+        assert bare_check.limits == []
     finally:
         await stop_all(agents)
-
-
-class _Recording:
-    def __init__(self, out: list[RateLimitUpdate]) -> None:
-        self.out = out
-
-    def on_rate_limit(self, update: RateLimitUpdate) -> Outcome:
-        self.out.append(update)
-        return Outcome.APPLIED
-
-    def on_force_rekey(self, target: ForceRekey) -> None:
-        return None
-
-    def on_slash(self, target: SlashNotice) -> None:
-        return None

@@ -37,6 +37,7 @@ from pqcnet.qsdag.slashing import SlashNotice as LedgerSlash
 
 from ..mesh.harness import (
     GOV,
+    Recorder,
     attach_ledgers,
     bootstrap_ledgers,
     make_agent,
@@ -45,7 +46,6 @@ from ..mesh.harness import (
     stop_all,
     until,
 )
-from ..mesh.test_agent import LimitRecorder
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -64,7 +64,7 @@ class Mesh:
     agents: list[ControlPlaneAgent]
     transports: list[InProcessTransport]
     ports: list[QsdagPort]
-    recorders: dict[str, LimitRecorder]
+    recorders: dict[str, Recorder]
     ca: MeshCA
 
     def __getitem__(self, name: str) -> ControlPlaneAgent:
@@ -81,7 +81,7 @@ async def mesh(tmp: Path) -> AsyncIterator[Mesh]:
     for a in agents:
         a.governance = policy()
         a.crl = CrlGate(ca.trust_bundle_pem())
-        recorders[a.node_id] = rec = LimitRecorder()
+        recorders[a.node_id] = rec = Recorder()
         a.handlers.append(rec)
     ports = attach_ledgers(agents, bootstrap_ledgers(NAMES, tmp))
     try:
@@ -216,7 +216,7 @@ async def test_replayed_directive_has_no_effect_also_after_a_restart(tmp_path: P
         back.governance = policy()
         back.ledger = QsdagPort(Ledger.open(path), back.keys)
         assert d.directive.directive_id in back.applied    # the window came from the ledger
-        rec = LimitRecorder()
+        rec = Recorder()
         back.handlers.append(rec)
         m.agents[1] = back
         await back.start()

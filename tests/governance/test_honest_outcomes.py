@@ -26,7 +26,15 @@ from pqcnet.mesh.transport import InProcessHub, InProcessTransport
 from pqcnet.qstp.tls import PeerGate
 from pqcnet.runtime.governance import GateDirectives
 
-from ..mesh.harness import GOV, attach_ledgers, bootstrap_ledgers, make_agent, node_key, stop_all
+from ..mesh.harness import (
+    GOV,
+    Recorder,
+    attach_ledgers,
+    bootstrap_ledgers,
+    make_agent,
+    node_key,
+    stop_all,
+)
 
 pytestmark = pytest.mark.timeout(60)
 NAMES = ["relayer-1", "rogue-1"]
@@ -41,23 +49,6 @@ def outcome_total(action: str, part: str, outcome: str) -> float:
     return REGISTRY.get_sample_value("pqcnet_mesh_directive_outcomes_total",
                                      {"action": action, "handler": part,
                                       "outcome": outcome}) or 0.0
-
-
-class Quota:
-    """Stands for the relayer's per-customer quota handler: applies rate limits only."""
-
-    def __init__(self) -> None:
-        self.limits: list[RateLimitUpdate] = []
-
-    def on_rate_limit(self, update: RateLimitUpdate) -> Outcome:
-        self.limits.append(update)
-        return Outcome.APPLIED
-
-    def on_force_rekey(self, target: ForceRekey) -> Outcome:
-        return Outcome.IGNORED
-
-    def on_slash(self, target: SlashNotice) -> Outcome:
-        return Outcome.IGNORED
 
 
 class Broken:
@@ -92,7 +83,7 @@ async def test_outcomes_are_what_the_handlers_did(tmp_path: Path) -> None:
         assert relayer.directives.outcomes[("rate_limit", "mesh", "ignored")] == 1
         # (2) with a quota handler it is applied, and counted so; a broken consumer is
         # counted failed and does not stop the others
-        quota = Quota()
+        quota = Recorder(applies=frozenset({"rate_limit"}))  # the relayer's quota handler
         relayer.handlers[:0] = [Broken()]
         relayer.handlers.append(quota)
         before = applied_total("rate_limit")
@@ -100,7 +91,7 @@ async def test_outcomes_are_what_the_handlers_did(tmp_path: Path) -> None:
         assert quota.limits == [RateLimitUpdate("acme", 2.0, 2)]
         assert applied_total("rate_limit") == before + 1
         o = relayer.directives.outcomes
-        assert o[("rate_limit", "Quota", "applied")] == 1
+        assert o[("rate_limit", "Recorder", "applied")] == 1
         assert o[("rate_limit", "Broken", "failed")] == 1
         assert relayer.events["handler_error"] == 1
         # (3) a rekey of another node concerns nobody here

@@ -13,7 +13,15 @@ from pathlib import Path
 
 from pqcnet.crypto.pqc import SigningKey
 from pqcnet.mesh.agent import AgentConfig, ControlPlaneAgent
-from pqcnet.mesh.directives import Action, GovernancePolicy, SignedDirective
+from pqcnet.mesh.directives import (
+    Action,
+    ForceRekey,
+    GovernancePolicy,
+    Outcome,
+    RateLimitUpdate,
+    SignedDirective,
+    SlashNotice,
+)
 from pqcnet.mesh.dtn import BundleStore
 from pqcnet.mesh.envelope import Keyring, NodeKeys, now_ms
 from pqcnet.mesh.ledger import LedgerPort
@@ -36,6 +44,34 @@ def node_key(name: str) -> SigningKey:
 
 
 GOV = node_key("governance-key")
+
+
+class Recorder:
+    """A DirectiveHandler that records what it is told and reports ``applied`` for the
+    actions in ``applies`` (``ignored`` for the rest): a stand-in consumer for dispatch
+    tests (the real sentry limiter and QSTP bindings run in tests/governance)."""
+
+    def __init__(self, applies: frozenset[str] = frozenset({"rate_limit", "force_rekey",
+                                                           "slash"})) -> None:
+        self.applies = applies
+        self.limits: list[RateLimitUpdate] = []
+        self.rekeys: list[ForceRekey] = []
+        self.slashes: list[SlashNotice] = []
+
+    def _say(self, action: str) -> Outcome:
+        return Outcome.APPLIED if action in self.applies else Outcome.IGNORED
+
+    def on_rate_limit(self, update: RateLimitUpdate) -> Outcome:
+        self.limits.append(update)
+        return self._say("rate_limit")
+
+    async def on_force_rekey(self, target: ForceRekey) -> Outcome:
+        self.rekeys.append(target)
+        return self._say("force_rekey")
+
+    def on_slash(self, target: SlashNotice) -> Outcome:
+        self.slashes.append(target)
+        return self._say("slash")
 
 
 async def until(cond: Callable[[], bool], limit_s: float = 10.0, what: str = "") -> None:

@@ -10,7 +10,6 @@ import pytest
 from pqcnet.mesh.directives import (
     Directive,
     ForceRekey,
-    Outcome,
     RateLimitUpdate,
     SlashNotice,
     sign_directive,
@@ -21,6 +20,7 @@ from pqcnet.mesh.transport import TOPICS, InProcessHub, InProcessTransport
 
 from .harness import (
     GOV,
+    Recorder,
     attach_ledgers,
     bootstrap_ledgers,
     make_agents,
@@ -30,28 +30,6 @@ from .harness import (
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class LimitRecorder:
-    """A DirectiveHandler that keeps the last limit it was told (a sentry stand-in for
-    dispatch tests; the real sentry limiter is exercised in test_directive_effects)."""
-
-    def __init__(self) -> None:
-        self.limits: list[RateLimitUpdate] = []
-        self.rekeys: list[ForceRekey] = []
-        self.slashes: list[SlashNotice] = []
-
-    def on_rate_limit(self, update: RateLimitUpdate) -> Outcome:
-        self.limits.append(update)
-        return Outcome.APPLIED
-
-    async def on_force_rekey(self, target: ForceRekey) -> Outcome:
-        self.rekeys.append(target)
-        return Outcome.APPLIED
-
-    def on_slash(self, target: SlashNotice) -> Outcome:
-        self.slashes.append(target)
-        return Outcome.APPLIED
 
 
 def _net(n: int) -> tuple[InProcessHub, list[InProcessTransport]]:
@@ -83,7 +61,7 @@ async def test_directive_reaches_handlers_once_and_forgeries_are_dropped(tmp_pat
     names = ["gov", "sentry-1", "relayer-1"]
     gov, sentry, relayer = agents = make_agents(names, ts, tmp_path)
     attach_ledgers(agents, bootstrap_ledgers(names, tmp_path))
-    rec_s, rec_r = LimitRecorder(), LimitRecorder()
+    rec_s, rec_r = Recorder(), Recorder()
     sentry.handlers.append(rec_s)
     relayer.handlers.append(rec_r)
     try:
@@ -177,7 +155,7 @@ async def test_forced_rekey_rolls_the_key_over(tmp_path: Path) -> None:
     names = ["gov", "sentry-1"]
     gov, sentry = agents = make_agents(names, ts, tmp_path)
     attach_ledgers(agents, bootstrap_ledgers(names, tmp_path))
-    rec = LimitRecorder()
+    rec = Recorder()
     sentry.handlers.append(rec)
     try:
         for x in agents:

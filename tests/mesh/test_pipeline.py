@@ -162,15 +162,21 @@ async def test_report_mismatch_and_custom_rule_are_slashed_by_one_governance_nod
         journal = IdJournal(tmp_path / "j-gov")
         pipe = SlashingPipeline(gov, ports[0].ledger, governance_keys=[GA], journal=journal,
                                 rules=[over_reported])
-        # relayer-1 publishes a report that does not match the vertex it names
-        await r1.publish_report(RelayReport("volume_proof", b"bytes=5000", anchored))
-        await _drive([pipe], lambda: sentry.keyring.is_revoked("relayer-1"), "mismatch slashed")
-        # relayer-2 anchors an absurd claim: the extra rule finds it
-        ports[2].ledger.append(VertexKind.VOLUME_PROOF, OpaqueRecord(
-            "pqcnet.relayer.VolumeRecord", "relayer-2", b"bytes=99999999"), "relayer-2",
-            node_key("relayer-2"))
-        await _drive([pipe], lambda: sentry.keyring.is_revoked("relayer-2"), "rule slashed")
+        timer = asyncio.create_task(pipe.run(0.05))  # as the node runtime runs it
+        try:
+            # relayer-1 publishes a report that does not match the vertex it names
+            await r1.publish_report(RelayReport("volume_proof", b"bytes=5000", anchored))
+            await until(lambda: sentry.keyring.is_revoked("relayer-1"), 15, "mismatch slashed")
+            # relayer-2 anchors an absurd claim: the extra rule finds it
+            ports[2].ledger.append(VertexKind.VOLUME_PROOF, OpaqueRecord(
+                "pqcnet.relayer.VolumeRecord", "relayer-2", b"bytes=99999999"), "relayer-2",
+                node_key("relayer-2"))
+            await until(lambda: sentry.keyring.is_revoked("relayer-2"), 15, "rule slashed")
+        finally:
+            timer.cancel()
+            await asyncio.gather(timer, return_exceptions=True)
         assert pipe.counts["issued"] == 2 and pipe.counts["proposed"] == 2
+        assert pipe.counts["run_failed"] == 0
         kinds = sorted(d.action.reason.split(":")[0] for d in sentry.applied.values()
                        if d.action_name == "slash")
         assert kinds == ["over_report", "volume_mismatch"]

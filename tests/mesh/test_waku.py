@@ -26,13 +26,13 @@ from .dtn_scenarios import offline_peer_gets_bundles_on_return
 from .harness import (
     FAST,
     GOV,
+    Recorder,
     attach_ledgers,
     bootstrap_ledgers,
     make_agents,
     stop_all,
     until,
 )
-from .test_agent import LimitRecorder
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
 
@@ -101,7 +101,7 @@ async def test_directive_reaches_sentry_and_relayer_and_forgeries_drop(
     gov, sentry, relayer = agents = make_agents(
         names, _transports(waku_rest_urls, 3), tmp_path, config=cfg)
     attach_ledgers(agents, bootstrap_ledgers(names, tmp_path))
-    rec_s, rec_r = LimitRecorder(), LimitRecorder()
+    rec_s, rec_r = Recorder(), Recorder()
     sentry.handlers.append(rec_s)
     relayer.handlers.append(rec_r)
     try:

@@ -49,6 +49,8 @@ class SlashingIndexer:
         self.allowed_package_hashes = allowed_package_hashes
         self.allowed_config_hashes = allowed_config_hashes
         self._proposed: set[bytes] = set()
+        #: ledger position scanned up to (each scan reads only what was anchored since)
+        self._position = 0
 
     def _new(self, p: SlashingProposal) -> list[SlashingProposal]:
         if p.proposal_id in self._proposed:
@@ -57,14 +59,20 @@ class SlashingIndexer:
         return [p]
 
     def scan(self) -> list[SlashingProposal]:
-        """Every finding not proposed before."""
+        """Every finding not proposed before. Attestation histories are re-checked only
+        for nodes with attestations anchored since the previous scan (cheap on a timer)."""
         out: list[SlashingProposal] = []
         for ev in self.ledger.evidence():
             out += self._new(SlashingProposal(
                 ev.offender, "equivocation", f"two vertices at counter {ev.counter}",
                 (ev.first.id, ev.second.id), _pid(ev.digest)))
-        nodes = {self.ledger.get(v).author for v in self.ledger.ids()
-                 if self.ledger.get(v).kind == VertexKind.ATTESTATION}
+        end = len(self.ledger)
+        nodes = set()
+        for vid in self.ledger.ids_range(self._position, end):
+            v = self.ledger.get(vid)
+            if v.kind == VertexKind.ATTESTATION:
+                nodes.add(v.author)
+        self._position = end
         for node in sorted(nodes):
             out += self._check_attestations(node)
         return out
