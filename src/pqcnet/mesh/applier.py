@@ -216,13 +216,12 @@ class DirectiveApplier:
                 outcome = await self._call(h, action)
                 self._count(name, type(h).__name__, outcome)
                 results.append(outcome)
-        applied = Outcome.APPLIED in results
-        if applied:
+        outcome = (Outcome.APPLIED if Outcome.APPLIED in results else
+                   Outcome.FAILED if Outcome.FAILED in results else Outcome.IGNORED)
+        if outcome is Outcome.APPLIED:
             metrics.DIRECTIVES.labels(name).inc()
-        log.info("directive processed", extra={
-            "action": name, "id": d.directive_id.hex(), "via": via,
-            "outcome": "applied" if applied else
-            ("failed" if Outcome.FAILED in results else "ignored")})
+        log.info(f"directive {outcome.value}", extra={
+            "action": name, "id": d.directive_id.hex(), "via": via})
 
     async def _call(self, h: DirectiveHandler, action: Action) -> Outcome:
         try:
