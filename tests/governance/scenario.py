@@ -14,7 +14,8 @@ a :class:`~pqcnet.qstp.tls.PeerGate`. Governance then issues, over the control p
     and the relayer are refused, its vertices and control messages are rejected.
 
 A handler registered first checks that each directive is already anchored in the
-receiving node's QS-DAG when consumers are called (anchor before effect).
+receiving node's QS-DAG, in a vertex of that node's own, when consumers are called
+(anchor before effect, on registrar and non-registrar nodes alike).
 """
 
 from __future__ import annotations
@@ -30,17 +31,18 @@ from pqcnet.errors import PqcnetError
 from pqcnet.identity import MeshCA, NodeIdentity
 from pqcnet.mesh.agent import AgentConfig
 from pqcnet.mesh.directives import (
+    Action,
     Directive,
     ForceRekey,
+    Outcome,
     RateLimitUpdate,
     SlashNotice,
     sign_directive,
 )
-from pqcnet.mesh.qsdag_port import DIRECTIVE_CONTENT_TYPE, QsdagPort
+from pqcnet.mesh.qsdag_port import QsdagPort
 from pqcnet.mesh.transport import Transport
 from pqcnet.qsdag import Ledger, OpaqueRecord, VertexKind
 from pqcnet.qsdag.errors import AuthorSlashed
-from pqcnet.qsdag.payloads import decode_payload
 from pqcnet.qstp.tls import PeerGate, TlsPolicy
 from pqcnet.relayer.client import PublisherClient
 from pqcnet.relayer.config import RelayerConfig
@@ -58,7 +60,7 @@ from pqcnet.sentry.limiter import Plan
 from pqcnet.sentry.sidecar import Sidecar
 from pqcnet.sentry.wire import RequestHead
 
-from ..mesh.harness import GOV, make_agents, node_key, stop_all, until
+from ..mesh.harness import GOV, anchored_by_itself, make_agents, node_key, stop_all, until
 from ..sentry.harness import TD, HttpBackend, config_dict, grpc_backend, tcp_echo, write_config
 from ..sentry.harness import Mesh as SentryMesh
 
@@ -75,31 +77,27 @@ STATUS = RequestHead("http", "GET", "/status")
 
 class AnchoredFirst:
     """DirectiveHandler registered before the real ones: fails the scenario if a
-    directive reaches consumers before it is in this node's QS-DAG."""
+    directive reaches consumers before this node anchored it in its own QS-DAG."""
 
     def __init__(self, port: QsdagPort) -> None:
         self.port = port
         self.checked = 0
-        self.unanchored: list[str] = []
+        self.unanchored: list[Action] = []
 
-    def _check(self, what: str) -> None:
-        anchored = [v for v in self.port.ledger.ids()
-                    if self.port.ledger.get(v).kind == VertexKind.GOVERNANCE_DIRECTIVE]
-        payloads = [decode_payload(VertexKind.GOVERNANCE_DIRECTIVE,
-                                   self.port.ledger.get(v).payload) for v in anchored]
-        if not any(isinstance(p, OpaqueRecord) and p.content_type == DIRECTIVE_CONTENT_TYPE
-                   and what in (p.subject, "*") for p in payloads):
-            self.unanchored.append(what)
+    def _check(self, action: Action) -> Outcome:
+        if not anchored_by_itself(self.port, action):
+            self.unanchored.append(action)
         self.checked += 1
+        return Outcome.IGNORED
 
-    def on_rate_limit(self, u: RateLimitUpdate) -> None:
-        self._check(u.scope)
+    def on_rate_limit(self, u: RateLimitUpdate) -> Outcome:
+        return self._check(u)
 
-    def on_force_rekey(self, r: ForceRekey) -> None:
-        self._check(r.target)
+    def on_force_rekey(self, r: ForceRekey) -> Outcome:
+        return self._check(r)
 
-    def on_slash(self, s: SlashNotice) -> None:
-        self._check(s.target)
+    def on_slash(self, s: SlashNotice) -> Outcome:
+        return self._check(s)
 
 
 async def _status(sidecar: Sidecar) -> int:

@@ -18,28 +18,18 @@ from pqcnet.mesh.envelope import EnvelopeSigner, MessageType, NodeKeys
 from pqcnet.mesh.messages import GossipItem, RouteEntry
 from pqcnet.mesh.transport import TOPICS, InProcessHub, InProcessTransport
 
-from .harness import GOV, make_agents, node_key, stop_all, until
+from .harness import (
+    GOV,
+    Recorder,
+    attach_ledgers,
+    bootstrap_ledgers,
+    make_agents,
+    node_key,
+    stop_all,
+    until,
+)
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class LimitRecorder:
-    """A DirectiveHandler that keeps the last limit it was told (a sentry stand-in for
-    dispatch tests; the real sentry limiter is exercised in test_directive_effects)."""
-
-    def __init__(self) -> None:
-        self.limits: list[RateLimitUpdate] = []
-        self.rekeys: list[ForceRekey] = []
-        self.slashes: list[SlashNotice] = []
-
-    def on_rate_limit(self, update: RateLimitUpdate) -> None:
-        self.limits.append(update)
-
-    async def on_force_rekey(self, target: ForceRekey) -> None:
-        self.rekeys.append(target)
-
-    def on_slash(self, target: SlashNotice) -> None:
-        self.slashes.append(target)
 
 
 def _net(n: int) -> tuple[InProcessHub, list[InProcessTransport]]:
@@ -68,8 +58,10 @@ async def test_formation_routes_and_liveness(tmp_path: Path) -> None:
 
 async def test_directive_reaches_handlers_once_and_forgeries_are_dropped(tmp_path: Path) -> None:
     _, ts = _net(3)
-    gov, sentry, relayer = agents = make_agents(["gov", "sentry-1", "relayer-1"], ts, tmp_path)
-    rec_s, rec_r = LimitRecorder(), LimitRecorder()
+    names = ["gov", "sentry-1", "relayer-1"]
+    gov, sentry, relayer = agents = make_agents(names, ts, tmp_path)
+    attach_ledgers(agents, bootstrap_ledgers(names, tmp_path))
+    rec_s, rec_r = Recorder(), Recorder()
     sentry.handlers.append(rec_s)
     relayer.handlers.append(rec_r)
     try:
@@ -100,7 +92,9 @@ async def test_directive_reaches_handlers_once_and_forgeries_are_dropped(tmp_pat
 
 async def test_slashed_node_is_ignored_everywhere(tmp_path: Path) -> None:
     _, ts = _net(3)
-    gov, sentry, mallory = agents = make_agents(["gov", "sentry-1", "mallory"], ts, tmp_path)
+    names = ["gov", "sentry-1", "mallory"]
+    gov, sentry, mallory = agents = make_agents(names, ts, tmp_path)
+    attach_ledgers(agents, bootstrap_ledgers(names, tmp_path))
     seen: list[GossipItem] = []
     sentry.gossip_listeners.append(lambda item, sender: seen.append(item))
     try:
@@ -148,7 +142,9 @@ async def test_gossip_fanout_and_dtn_store_and_forward(tmp_path: Path) -> None:
         await until(lambda: b"carol" in got["n3"], what="bundle delivered after reconnect")
         await asyncio.sleep(0.3)
         assert b"short-lived" not in got["n3"]
-        assert agents[3].keyring.is_revoked("carol") is True
+        # a peer's revocation gossip is advisory: delivered and counted, never applied
+        assert agents[3].keyring.is_revoked("carol") is False
+        assert agents[3].events["advisory_revocation"] == 1
         assert got["n3"].count(b"carol") == 1
     finally:
         await stop_all(agents)
@@ -156,8 +152,10 @@ async def test_gossip_fanout_and_dtn_store_and_forward(tmp_path: Path) -> None:
 
 async def test_forced_rekey_rolls_the_key_over(tmp_path: Path) -> None:
     _, ts = _net(2)
-    gov, sentry = agents = make_agents(["gov", "sentry-1"], ts, tmp_path)
-    rec = LimitRecorder()
+    names = ["gov", "sentry-1"]
+    gov, sentry = agents = make_agents(names, ts, tmp_path)
+    attach_ledgers(agents, bootstrap_ledgers(names, tmp_path))
+    rec = Recorder()
     sentry.handlers.append(rec)
     try:
         for x in agents:

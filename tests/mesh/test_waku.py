@@ -22,8 +22,17 @@ from pqcnet.mesh.transport import content_topic
 from pqcnet.mesh.waku import WakuClientConfig, WakuRestClient, WakuTransport
 
 from .dag_scenarios import converge_and_slash
-from .harness import FAST, GOV, make_agent, make_agents, stop_all, until
-from .test_agent import LimitRecorder
+from .dtn_scenarios import offline_peer_gets_bundles_on_return
+from .harness import (
+    FAST,
+    GOV,
+    Recorder,
+    attach_ledgers,
+    bootstrap_ledgers,
+    make_agents,
+    stop_all,
+    until,
+)
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
 
@@ -32,9 +41,13 @@ def _ns() -> str:
     return "t" + uuid.uuid4().hex[:10]
 
 
+def _transport(urls: list[str], i: int) -> WakuTransport:
+    return WakuTransport.connect(urls[i % len(urls)], timeout_s=3.0, retries=2,
+                                 poll_interval_s=0.03)
+
+
 def _transports(urls: list[str], n: int) -> list[WakuTransport]:
-    return [WakuTransport.connect(urls[i % len(urls)], timeout_s=3.0, retries=2,
-                                  poll_interval_s=0.03) for i in range(n)]
+    return [_transport(urls, i) for i in range(n)]
 
 
 async def test_publish_on_one_node_arrives_on_another(waku_rest_urls: list[str]) -> None:
@@ -84,9 +97,11 @@ async def test_directive_reaches_sentry_and_relayer_and_forgeries_drop(
         waku_rest_urls: list[str], tmp_path: Path) -> None:
     cfg = dataclasses.replace(FAST, namespace=_ns(), announce_interval_ms=300,
                               peer_expiry_ms=3000)
+    names = ["gov", "sentry-1", "relayer-1"]
     gov, sentry, relayer = agents = make_agents(
-        ["gov", "sentry-1", "relayer-1"], _transports(waku_rest_urls, 3), tmp_path, config=cfg)
-    rec_s, rec_r = LimitRecorder(), LimitRecorder()
+        names, _transports(waku_rest_urls, 3), tmp_path, config=cfg)
+    attach_ledgers(agents, bootstrap_ledgers(names, tmp_path))
+    rec_s, rec_r = Recorder(), Recorder()
     sentry.handlers.append(rec_s)
     relayer.handlers.append(rec_r)
     try:
@@ -143,41 +158,12 @@ async def test_qsdag_converges_over_waku(waku_rest_urls: list[str], tmp_path: Pa
                              limit_s=60, config=cfg)
 
 
-async def test_dtn_offline_node_gets_broadcast_after_reconnect(
+async def test_offline_peer_gets_bundles_on_return_over_go_waku(
         waku_rest_urls: list[str], tmp_path: Path) -> None:
     cfg = dataclasses.replace(FAST, namespace=_ns(), announce_interval_ms=200,
                               peer_expiry_ms=1000)
-    agents = make_agents(["n0", "n1", "n2"], _transports(waku_rest_urls, 3), tmp_path,
-                         config=cfg)
-    got: dict[str, list[bytes]] = {x.node_id: [] for x in agents}
-    for x in agents:
-        x.gossip_listeners.append(lambda item, s, n=x.node_id: got[n].append(item.payload))
-    try:
-        for x in agents:
-            await x.start()
-        await until(lambda: all(len(x.peers.live(x.clock())) == 2 for x in agents), 30, "mesh")
-        # n2's node goes away (agent stopped); its bundle store stays on disk
-        n2 = agents[2]
-        await n2.stop()
-        await until(lambda: not agents[0].peers.is_live("n2", agents[0].clock()), 30, "n2 down")
-        await agents[0].gossip("revocation", b"carol", ttl_ms=120_000)
-        await agents[0].gossip("crl", b"expires-while-away", ttl_ms=300)
-        await until(lambda: b"carol" in got["n1"], 30, "live peer got it")
-        await asyncio.sleep(0.5)
-        # n2 comes back: a fresh agent with the same identity on a fresh REST client
-        assert n2.bundles is not None
-        n2.bundles.close()
-        back = make_agent(n2.keys, ["n0", "n1", "n2"], _transports(waku_rest_urls, 3)[2],
-                          tmp_path, config=cfg)
-        back.gossip_listeners.append(lambda item, s: got["n2"].append(item.payload))
-        agents[2] = back
-        await back.start()
-        await until(lambda: b"carol" in got["n2"], 30, "bundle after reconnect")
-        await asyncio.sleep(0.5)
-        assert b"expires-while-away" not in got["n2"]
-        assert back.keyring.is_revoked("carol")
-    finally:
-        await stop_all(agents)
+    await offline_peer_gets_bundles_on_return(
+        lambda i: _transport(waku_rest_urls, i), tmp_path, config=cfg, limit_s=30)
 
 
 @pytest.mark.skipif(not os.path.exists(Path(__file__).parents[1] / "services_ctl.py"),
@@ -225,7 +211,7 @@ async def test_rest_client_survives_waku_restart(waku_rest_urls: list[str]) -> N
         await until(lambda: any(b"m%d" % i in got for i in after_restart), 60,
                     "messages after the restart")
         assert t.resubscribes >= 1 and publish_errors >= 1
-        assert not any(task.done() for task in [*tasks, *t._pollers.values()])
+        assert not any(task.done() for task in tasks) and t.legs() == {waku_rest_urls[0]: 1}
         for task in tasks:
             task.cancel()
     finally:

@@ -6,11 +6,15 @@ policy, ledger port — into the node's behaviour on the mesh:
 
 * **announce** itself periodically (``announce`` topic) and expire silent peers;
 * **routes**: anchor its own advertisements in its ledger, apply others' to the cache;
-* **directives** (``governance`` topic): verify the governance threshold, anchor the
-  directive in the ledger, apply the built-in effect (revoke a slashed key, rotate
-  our own key on a forced rekey), then call every registered
-  :class:`~pqcnet.mesh.directives.DirectiveHandler`;
-* **gossip** with DTN store-and-forward (:class:`~pqcnet.mesh.gossip.Gossip`);
+* **directives** (``governance`` topic, and directives other nodes anchored that
+  arrive by DAG sync): the :class:`~pqcnet.mesh.applier.DirectiveApplier` verifies the
+  governance threshold, refuses replays, anchors the directive in this node's ledger
+  *before* any effect (no ledger, no effect), then applies the built-in effect (revoke
+  a slashed key, rotate our own key on a forced rekey) and calls every registered
+  :class:`~pqcnet.mesh.directives.DirectiveHandler`, counting what each really did;
+* **gossip** with DTN store-and-forward (:class:`~pqcnet.mesh.gossip.Gossip`), CA-signed
+  CRL updates through a :class:`~pqcnet.mesh.crl.CrlGate`; a peer's revocation gossip
+  is advisory only;
 * **DAG sync**: tips, pulls and vertex chunks (:class:`~pqcnet.mesh.dagsync.DagSync`).
 
 The parts are composed, not mixed in: the agent builds each with what it needs (the
@@ -31,16 +35,20 @@ from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 
 from pqcnet.crypto.pqc import SigningKey, VerifyKey
+from pqcnet.errors import PqcnetError
 from pqcnet.mesh import metrics
 from pqcnet.mesh._aio import maybe_await
+from pqcnet.mesh.applier import DirectiveApplier, PartialListener
 from pqcnet.mesh.config import AgentConfig
+from pqcnet.mesh.crl import CRL_GOSSIP_KIND, CrlGate
 from pqcnet.mesh.dagsync import DAG_MESSAGES, DagSync
 from pqcnet.mesh.directives import (
+    Action,
     Directive,
     DirectiveHandler,
     ForceRekey,
     GovernancePolicy,
-    RateLimitUpdate,
+    Outcome,
     SignedDirective,
     SlashNotice,
 )
@@ -55,6 +63,7 @@ from pqcnet.mesh.envelope import (
     now_ms,
 )
 from pqcnet.mesh.errors import (
+    CrlRejected,
     DirectiveError,
     EnvelopeRejected,
     LedgerRejected,
@@ -95,17 +104,19 @@ class ControlPlaneAgent:
                  governance: GovernancePolicy | None = None,
                  ledger: LedgerPort | None = None,
                  bundles: BundleStore | None = None,
+                 crl: CrlGate | None = None,
                  clock: Callable[[], int] = now_ms) -> None:
         self.keys = keys
         self.transport = transport
         self.keyring = keyring
         self.config = config or AgentConfig()
-        self.governance = governance
         self.bundles = bundles
         self._clock = clock
         keyring.add(keys.node_id, keys.signing_key.public_key, keys.key_version)
-        # senders registered in (or rotated in) our QS-DAG are known without bootstrap
+        # senders registered in (or rotated in) our QS-DAG are known without bootstrap,
+        # and senders the QS-DAG holds as slashed are refused even after a restart
         keyring.lookup = self._ledger_key
+        keyring.denied = self._ledger_denied
         self.signer = EnvelopeSigner(keys)
         self.verifier = EnvelopeVerifier(keyring, [keys.recipient_key], self.config.verifier)
         self.publisher = Publisher(transport, self.signer, namespace=self.config.namespace,
@@ -114,16 +125,17 @@ class ControlPlaneAgent:
         self.my_inbox = self.publisher.inbox(keys.node_id)
         self.peers = PeerTable(expiry_ms=self.config.peer_expiry_ms)
         self.routes = RoutingCache()
-        self.handlers: list[DirectiveHandler] = []
         self.report_listeners: list[ReportListener] = []
         self.proposal_listeners: list[ProposalListener] = []
         self.proposals: list[tuple[SlashingProposal, str]] = []
-        self.applied: OrderedDict[bytes, Directive] = OrderedDict()
         #: non-verifier events: handler errors, rejected directives, publish failures
         #: (shared with the parts below, which count into it too)
         self.events: Counter[str] = Counter()
-        self._gossip = Gossip(self.publisher, self.peers, self.verifier, keyring, bundles,
-                              self.config, clock, self.events)
+        self.directives = DirectiveApplier(governance, self._builtin, clock=clock,
+                                           events=self.events,
+                                           max_applied=self.config.max_applied_directives)
+        self._gossip = Gossip(self.publisher, self.peers, self.verifier, bundles,
+                              self.config, clock, self.events, crl=crl)
         self._dagsync: DagSync | None = None
         self._ledger: LedgerPort | None = None
         self.ledger = ledger
@@ -151,6 +163,47 @@ class ControlPlaneAgent:
         self._dagsync = (None if port is None else
                          DagSync(port, self.publisher, self.peers, self.config, self._clock,
                                  self.events))
+        loaded = self.directives.attach(port)
+        if loaded:
+            log.info("directive replay window reloaded from the ledger",
+                     extra={"directives": loaded})
+
+    @property
+    def crl(self) -> CrlGate | None:
+        """The CA's CRL as gossiped (None: CRL gossip is refused as unverifiable)."""
+        return self._gossip.crl
+
+    @crl.setter
+    def crl(self, gate: CrlGate | None) -> None:
+        self._gossip.crl = gate
+
+    @property
+    def governance(self) -> GovernancePolicy | None:
+        """The governance keys and threshold directives are checked against."""
+        return self.directives.policy
+
+    @governance.setter
+    def governance(self, policy: GovernancePolicy | None) -> None:
+        self.directives.policy = policy
+
+    @property
+    def handlers(self) -> list[DirectiveHandler]:
+        """Directive consumers, called after anchoring (append to it)."""
+        return self.directives.handlers
+
+    @handlers.setter
+    def handlers(self, value: list[DirectiveHandler]) -> None:
+        self.directives.handlers[:] = value
+
+    @property
+    def applied(self) -> OrderedDict[bytes, Directive]:
+        """Directive ids anchored and dispatched here (the replay window)."""
+        return self.directives.applied
+
+    @property
+    def partial_listeners(self) -> list[PartialListener]:
+        """Called with directives under the governance threshold (cosigning)."""
+        return self.directives.partial_listeners
 
     @property
     def gossip_listeners(self) -> list[GossipListener]:
@@ -159,6 +212,14 @@ class ControlPlaneAgent:
 
     def _ledger_key(self, node_id: str, key_version: int) -> VerifyKey | None:
         return self.ledger.key_for(node_id, key_version) if self.ledger is not None else None
+
+    def _ledger_denied(self, node_id: str) -> str | None:
+        if self.ledger is None or node_id == self.node_id:
+            return None
+        try:
+            return "slashed (QS-DAG)" if self.ledger.is_disabled(node_id) else None
+        except PqcnetError:  # a name the ledger cannot hold is not one it slashed
+            return None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -224,6 +285,10 @@ class ControlPlaneAgent:
                     await self._gossip.flush(dest)
         if self._dagsync is not None and self._dagsync.due(now):
             await self._dagsync.publish_tips()
+        if self.ledger is not None:
+            await self.directives.retry_pending()
+            for body in self.ledger.take_synced_directives():
+                await self._receive_directive(body, "ledger", synced=True)
 
     # ------------------------------------------------------------------ publishing
 
@@ -275,10 +340,24 @@ class ControlPlaneAgent:
         return ad
 
     async def issue_directive(self, signed: SignedDirective) -> None:
-        """Publish a (threshold-)signed directive to the governance topic and apply it here."""
+        """Publish a (threshold-)signed directive to the governance topic and process it
+        here like any received one (a local refusal is counted, not raised)."""
         await self.publisher.publish(self.topics["governance"],
                                      MessageType.GOVERNANCE_DIRECTIVE, signed.encode())
-        await self._on_directive(signed.encode(), self.node_id)
+        await self._receive_directive(signed.encode(), self.node_id)
+
+    async def publish_crl(self, pem: bytes, *, ttl_ms: int | None = None) -> bytes:
+        """Apply the CA-signed CRL ``pem`` here, then gossip it (absent peers get it on
+        return). Raises :class:`~pqcnet.mesh.errors.CrlRejected` if it is not the CA's
+        or not newer than ours. Returns the gossip message id."""
+        if self.crl is None:
+            raise CrlRejected("no trust bundle configured to check CRLs against",
+                              reason="crl_unverifiable")
+        crl = await self.crl.offer(pem, self.node_id)
+        if ttl_ms is None and crl.next_update is not None:
+            left = int(crl.next_update.timestamp() * 1000) - self.clock()
+            ttl_ms = left if left > 0 else None
+        return await self.gossip(CRL_GOSSIP_KIND, pem, ttl_ms=ttl_ms)
 
     async def propose_slashing(self, proposal: SlashingProposal) -> None:
         await self.publisher.publish(self.topics["governance"], MessageType.SLASHING_PROPOSAL,
@@ -341,7 +420,7 @@ class ControlPlaneAgent:
                 raise EnvelopeRejected("route advertisement for another node")
             self.routes.apply(ad)
         elif t is MessageType.GOVERNANCE_DIRECTIVE:
-            await self._on_directive(msg.body, msg.sender)
+            await self.directives.receive(msg.body, msg.sender)
         elif t is MessageType.SLASHING_PROPOSAL:
             proposal = SlashingProposal.decode(msg.body)
             if len(self.proposals) < self.config.max_proposals:
@@ -371,50 +450,31 @@ class ControlPlaneAgent:
 
     # ------------------------------------------------------------------ directives
 
-    async def _on_directive(self, body: bytes, sender: str) -> None:
-        if self.governance is None:
-            raise DirectiveError("no governance policy configured; directive ignored")
-        signed = SignedDirective.decode(body)
-        directive = self.governance.verify(signed, self.clock())
-        if directive.directive_id in self.applied:
-            return
-        action = directive.action
-        subject = getattr(action, "target", "") or getattr(action, "scope", "")
-        if self.ledger is not None:
-            self.ledger.anchor_directive(body, subject)
-        self.applied[directive.directive_id] = directive
-        while len(self.applied) > self.config.max_applied_directives:
-            self.applied.popitem(last=False)
-        await self._apply_builtin(action)
-        for h in self.handlers:
-            try:
-                if isinstance(action, RateLimitUpdate):
-                    await maybe_await(h.on_rate_limit(action))
-                elif isinstance(action, ForceRekey):
-                    await maybe_await(h.on_force_rekey(action))
-                else:
-                    await maybe_await(h.on_slash(action))
-            except Exception as exc:  # a consumer's bug must not stop other consumers
-                self.events["handler_error"] += 1
-                log.exception("directive handler failed", extra={"error": str(exc)})
-        metrics.DIRECTIVES.labels(directive.action_name).inc()
-        log.info("directive applied", extra={
-            "action": directive.action_name, "id": directive.directive_id.hex(),
-            "via": sender})
+    async def _receive_directive(self, body: bytes, via: str, *, synced: bool = False) -> None:
+        """Hand a directive to the applier; a refusal is counted there and logged here."""
+        try:
+            await self.directives.receive(body, via, synced=synced)
+        except (DirectiveError, LedgerRejected) as exc:
+            self.events["directive_rejected"] += 1
+            log.warning("directive refused", extra={"via": via, "error": str(exc)})
 
-    async def _apply_builtin(self, action: RateLimitUpdate | ForceRekey | SlashNotice) -> None:
+    async def _builtin(self, action: Action) -> Outcome:
+        """The agent's own effect of a directive (the ``mesh`` outcome)."""
         if isinstance(action, SlashNotice):
             if action.target == self.node_id:
                 self.events["slashed_self"] += 1
-                return
+                return Outcome.IGNORED
             self.keyring.revoke(action.target, f"slashed: {action.reason}")
             self.routes.drop_advertiser(action.target)
             self.peers.remove(action.target)
             if self.ledger is not None:
                 self.ledger.disable_author(action.target, action.reason)
-        elif isinstance(action, ForceRekey) and action.target == self.node_id and (
+            return Outcome.APPLIED
+        if isinstance(action, ForceRekey) and action.target == self.node_id and (
                 self.keys.key_version < action.min_key_version or not action.min_key_version):
             await self.rekey(max(self.keys.key_version + 1, action.min_key_version))
+            return Outcome.APPLIED
+        return Outcome.IGNORED
 
     async def rekey(self, new_version: int) -> None:
         """Rotate our signing key: record it in the ledger (which numbers the version

@@ -7,8 +7,16 @@ re-verified by anyone later, and what makes a threshold possible: ``k`` of the
 configured governance keys must sign (:func:`cosign` adds one signature at a time).
 
 Consumers — sentries, relayers, QSTP servers — implement :class:`DirectiveHandler`;
-the :class:`~pqcnet.mesh.agent.ControlPlaneAgent` calls them only after the directive has
-verified *and* been anchored in the ledger.
+the :class:`~pqcnet.mesh.applier.DirectiveApplier` calls them only after the directive
+has verified *and* been anchored in this node's ledger. Each handler answers with an
+:class:`Outcome` — ``applied`` (it changed something), ``ignored`` (the directive does
+not concern it) or ``failed`` — and that answer, not the mere call, is what the
+metrics count: a relayer that has nothing to do with a rate limit says ``ignored``.
+
+A directive is valid for a bounded window: ``issued_ms`` (minus a clock-skew
+allowance) to ``expires_ms``, at most :data:`MAX_LIFETIME_MS` long. The bound is what
+makes replay protection across restarts affordable: a node only has to remember (in
+its QS-DAG) the directives anchored during the last lifetime.
 """
 
 from __future__ import annotations
@@ -16,16 +24,22 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol
 
 from pqcnet.crypto.pqc import SigningKey, VerifyKey
 from pqcnet.mesh._pb import parse
-from pqcnet.mesh.errors import DirectiveError
+from pqcnet.mesh.errors import DirectiveError, DirectiveExpired, UnderThreshold
 from pqcnet.proto import mesh_pb2
 
 CONTEXT_DIRECTIVE = b"pqcnet/mesh/directive/v1"
 #: Most signatures a directive may carry (bounds verification work per message).
 MAX_SIGNATURES = 16
+#: Longest validity window of a directive. Bounds how far back a restarted node must
+#: look in its QS-DAG to refuse a replay of one it already applied.
+MAX_LIFETIME_MS = 7 * 24 * 3_600_000
+#: A directive issued this far in our future is still accepted (issuer clock skew).
+ISSUE_SKEW_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +79,14 @@ class Directive:
     action: Action
 
     @classmethod
-    def create(cls, action: Action, *, now_ms: int, ttl_ms: int = 3_600_000) -> Directive:
-        return cls(os.urandom(16), now_ms, now_ms + ttl_ms, action)
+    def create(cls, action: Action, *, now_ms: int, ttl_ms: int = 3_600_000,
+               directive_id: bytes | None = None) -> Directive:
+        """A new directive; ``directive_id`` fixes the id (16 bytes) so independent
+        issuers of the same decision (a slash for one piece of evidence) make one
+        directive, applied once."""
+        if directive_id is not None and len(directive_id) != 16:
+            raise DirectiveError("directive id must be 16 bytes")
+        return cls(directive_id or os.urandom(16), now_ms, now_ms + ttl_ms, action)
 
     @property
     def action_name(self) -> str:
@@ -161,30 +181,59 @@ class GovernancePolicy:
         self.keys = {k.key_id: k for k in keys}
         self.threshold = threshold
 
-    def verify(self, signed: SignedDirective, now_ms: int) -> Directive:
-        """The directive if ``threshold`` distinct governance keys signed it and it is live."""
+    def valid_signers(self, signed: SignedDirective) -> set[bytes]:
+        """Key ids of the governance keys whose signature on ``signed`` verifies."""
         good = set()
         for key_id, sig in signed.signatures:
             vk = self.keys.get(key_id)
             if vk is not None and vk.is_valid(sig, signed.raw, context=CONTEXT_DIRECTIVE):
                 good.add(key_id)
+        return good
+
+    def verify(self, signed: SignedDirective, now_ms: int) -> Directive:
+        """The directive if ``threshold`` distinct governance keys signed it and it is
+        inside its (bounded) validity window; else a typed :class:`DirectiveError`."""
+        good = self.valid_signers(signed)
         if len(good) < self.threshold:
-            raise DirectiveError(
-                f"directive has {len(good)} valid governance signatures; need {self.threshold}")
+            raise UnderThreshold(
+                f"directive has {len(good)} valid governance signatures; need {self.threshold}",
+                valid=len(good))
         d = signed.directive
-        if d.expires_ms and now_ms >= d.expires_ms:
-            raise DirectiveError("directive expired")
+        if not d.expires_ms or d.expires_ms - d.issued_ms > MAX_LIFETIME_MS:
+            raise DirectiveExpired(
+                f"directive lifetime must be set and at most {MAX_LIFETIME_MS} ms")
+        if now_ms >= d.expires_ms:
+            raise DirectiveExpired("directive expired")
+        if d.issued_ms > now_ms + ISSUE_SKEW_MS:
+            raise DirectiveExpired("directive issued in the future")
         return d
+
+
+class Outcome(StrEnum):
+    """What one handler did with one directive (the label of the outcome counters)."""
+
+    #: it changed something on this node
+    APPLIED = "applied"
+    #: the directive does not concern it (another node's rekey, a limit it has no use for)
+    IGNORED = "ignored"
+    #: it tried and could not (the error is logged and counted)
+    FAILED = "failed"
+
+
+#: A handler method's answer: an :class:`Outcome` (``None`` is read as ``ignored``: only
+#: a handler that says ``applied`` is counted as having applied anything), possibly async.
+HandlerResult = Outcome | None | Awaitable[Outcome | None]
 
 
 class DirectiveHandler(Protocol):
     """What a sentry, relayer or QSTP server implements to obey directives.
 
-    Methods may be plain or ``async``; the agent awaits whatever they return.
+    Methods may be plain or ``async``; the applier awaits whatever they return and
+    counts the :class:`Outcome` (an exception counts as ``failed``).
     """
 
-    def on_rate_limit(self, update: RateLimitUpdate) -> Awaitable[None] | None: ...
+    def on_rate_limit(self, update: RateLimitUpdate) -> HandlerResult: ...
 
-    def on_force_rekey(self, target: ForceRekey) -> Awaitable[None] | None: ...
+    def on_force_rekey(self, target: ForceRekey) -> HandlerResult: ...
 
-    def on_slash(self, target: SlashNotice) -> Awaitable[None] | None: ...
+    def on_slash(self, target: SlashNotice) -> HandlerResult: ...

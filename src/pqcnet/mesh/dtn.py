@@ -11,7 +11,12 @@ Keys: ``b"B" ‖ sha256(destination)[:16] ‖ created_ms:u64 ‖ bundle_id`` so 
 prefix scan yields a destination's bundles oldest first. Writes are synchronous
 (WAL fsync) when ``sync=True``: a bundle accepted is a bundle kept across a crash.
 A full store refuses new bundles with :class:`BundleStoreError` instead of evicting
-someone else's.
+someone else's; so does a destination already holding ``max_per_destination`` bundles
+(one peer that never returns cannot use up the room every other absent peer needs).
+
+The node runtime keeps one store per node under its data directory and hands it to
+the :class:`~pqcnet.mesh.agent.ControlPlaneAgent`; what is held survives a restart of the
+holder and is forwarded when the destination's announcements resume.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from pqcnet.proto import mesh_pb2
 
 #: Bundles held at most (all destinations); bounds disk use while peers are away.
 DEFAULT_MAX_BUNDLES = 100_000
+#: Bundles held at most for one destination; bounds what one absent peer can take.
+DEFAULT_MAX_PER_DESTINATION = 10_000
 #: Largest bundle payload.
 MAX_BUNDLE_BYTES = 128 * 1024
 
@@ -66,10 +73,12 @@ class BundleStore:
     """RocksDB-backed bundle store."""
 
     def __init__(self, path: str | Path, *, max_bundles: int = DEFAULT_MAX_BUNDLES,
+                 max_per_destination: int = DEFAULT_MAX_PER_DESTINATION,
                  sync: bool = True) -> None:
-        if max_bundles < 1:
-            raise ConfigError("max_bundles must be >= 1")
+        if max_bundles < 1 or max_per_destination < 1:
+            raise ConfigError("max_bundles and max_per_destination must be >= 1")
         self.max_bundles = max_bundles
+        self.max_per_destination = max_per_destination
         try:
             self._db = rocksdict.Rdict(str(path), options=rocksdict.Options(raw_mode=True))
         except Exception as exc:  # rocksdict raises plain Exception on open failures
@@ -105,9 +114,15 @@ class BundleStore:
         bundle_id = hashlib.sha256(destination.encode() + b"\0" + payload).digest()
         bundle = Bundle(bundle_id, destination, created_ms, expires_ms, payload)
         key = _dest_prefix(destination) + _U64.pack(created_ms) + bundle_id
-        for k, _ in self._scan(_dest_prefix(destination)):
+        held = self._scan(_dest_prefix(destination))
+        for k, _ in held:
             if k.endswith(bundle_id):
                 return bundle
+        live = sum(1 for _, v in held if Bundle.decode(v).expires_ms > created_ms)
+        if live >= self.max_per_destination:
+            metrics.BUNDLE_EVENTS.labels("rejected").inc()
+            raise BundleStoreError(f"{live} bundles already held for {destination!r} "
+                                   f"(limit {self.max_per_destination})")
         if self._count >= self.max_bundles:
             self.expire(created_ms)
             if self._count >= self.max_bundles:

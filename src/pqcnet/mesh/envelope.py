@@ -114,8 +114,9 @@ class Keyring:
     """Who may speak on the control plane: node id -> verify keys per key version.
 
     Fed from bootstrap config and from the QS-DAG's key-version records. Revoking a
-    node (slashing) makes every message it signs drop as ``revoked`` until it is
-    re-admitted with :meth:`readmit` after re-attesting.
+    node makes every message it signs drop as ``revoked`` until it is re-admitted with
+    :meth:`readmit` after re-attesting. Only governance revokes: the agent calls
+    :meth:`revoke` for a verified, anchored slash directive, never for a peer's say-so.
     """
 
     def __init__(self) -> None:
@@ -123,6 +124,9 @@ class Keyring:
         #: consulted for a (node, version) the ring does not hold — the QS-DAG's
         #: key-version view (``Ledger.key_for``); a key found there is remembered
         self.lookup: Callable[[str, int], VerifyKey | None] | None = None
+        #: consulted for every sender: a reason if a durable authority (the QS-DAG's
+        #: slash notices) refuses it, so a slash outlives a restart of this ring
+        self.denied: Callable[[str], str | None] | None = None
 
     def add(self, node_id: str, key: VerifyKey, key_version: int = 1) -> None:
         """Register (or replace) ``node_id``'s key for ``key_version``."""
@@ -159,6 +163,9 @@ class Keyring:
         entry = self._entries.get(node_id)
         if entry is not None and entry.revoked is not None:
             raise RevokedSender(f"sender {node_id} is revoked ({entry.revoked})")
+        denied = self.denied(node_id) if self.denied is not None else None
+        if denied is not None:
+            raise RevokedSender(f"sender {node_id} is revoked ({denied})")
         if (entry is None or key_version not in entry.versions) and self.lookup is not None:
             learned = self.lookup(node_id, key_version)
             if learned is not None:

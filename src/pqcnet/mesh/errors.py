@@ -11,12 +11,17 @@ label of the drop counter, so every discarded message is counted by cause::
     │   ├── BadSignature            signature missing or invalid (reason "bad_signature")
     │   ├── ReplayedMessage         counter outside/seen in the window (reason "replay")
     │   ├── StaleMessage            timestamp skew / expired (reason "stale")
-    │   └── NotForUs                sealed to another recipient (reason "not_for_us")
+    │   ├── NotForUs                sealed to another recipient (reason "not_for_us")
+    │   └── CrlRejected             a gossiped CRL is not the CA's, or not newer (``reason``)
     ├── WakuError                   the Waku REST endpoint failed (``retriable``)
     │   └── WakuUnavailable         connection refused / timeout / 5xx (retriable)
     ├── TransportClosed             the transport or subscription was closed
     ├── BundleStoreError            the DTN store could not read/write
-    ├── DirectiveError              a governance directive is invalid (threshold, expiry)
+    ├── DirectiveError              a governance directive was refused (``reason``)
+    │   ├── UnderThreshold          fewer valid governance signatures than the threshold
+    │   ├── DirectiveExpired        outside its validity window, or a lifetime too long
+    │   ├── DirectiveReplayed       already applied here (also across restarts)
+    │   └── NotAnchored             this node cannot anchor it (no ledger, ledger refused)
     ├── LedgerRejected              the QS-DAG refused to anchor something
     └── ConfigError                 a mesh configuration value is out of range
 """
@@ -108,8 +113,58 @@ class BundleStoreError(MeshError):
     """The DTN bundle store failed to read or write."""
 
 
+class CrlRejected(EnvelopeRejected):
+    """A gossiped CRL was refused: not signed by a CA of our trust bundle
+    (``crl_untrusted``), older than the one we hold (``crl_stale``), or the very one we
+    hold (``crl_duplicate``). Never applied, never forwarded."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class DirectiveError(MeshError):
-    """A governance directive is malformed, under threshold, or expired."""
+    """A governance directive was refused; ``reason`` labels the rejection counter
+    (``invalid`` unless the subclass or the raiser names a more precise one, e.g.
+    ``no_policy``)."""
+
+    reason = "invalid"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+
+
+class UnderThreshold(DirectiveError):
+    """Fewer distinct valid governance signatures than the policy's threshold."""
+
+    reason = "under_threshold"
+
+    def __init__(self, message: str, *, valid: int = 0) -> None:
+        super().__init__(message)
+        #: how many distinct governance keys did sign validly
+        self.valid = valid
+
+
+class DirectiveExpired(DirectiveError):
+    """Past ``expires_ms``, issued in the future, or valid for longer than allowed."""
+
+    reason = "expired"
+
+
+class DirectiveReplayed(DirectiveError):
+    """A directive id this node has already applied (the replay window is anchored in
+    the node's QS-DAG, so it holds across restarts)."""
+
+    reason = "replay"
+
+
+class NotAnchored(DirectiveError):
+    """The directive could not be anchored in this node's QS-DAG, so it is not applied
+    (``no_ledger``: the node has none; ``anchor_queue_full``: too many waiting)."""
+
+    reason = "unanchored"
 
 
 class LedgerRejected(MeshError):

@@ -4,13 +4,19 @@ Items are origin-signed envelopes sealed to each recipient's inbox, deduplicated
 message id (the verifier remembers ids), forwarded to ``gossip_fanout`` live peers
 while ``hops_left`` lasts. A peer that is not live, or whose publish fails, gets a
 DTN bundle in the RocksDB :class:`~pqcnet.mesh.dtn.BundleStore`, flushed when its
-announcements resume; expired bundles are never sent. A ``revocation`` item revokes
-its subject in our keyring before listeners see it.
+announcements resume; expired bundles are never sent.
+
+Gossip carries no authority of its own. A ``revocation`` item is *advisory*: it is
+counted (``pqcnet_mesh_advisories_total``) and listeners see it with its sender, but
+nothing is revoked — revocations take effect only through a CA-signed CRL or a
+governance-signed slash directive. A ``crl`` item is the CA's signed CRL: it is applied
+through the :class:`~pqcnet.mesh.crl.CrlGate` (which checks the CA signature and that it
+is newer), and a refused one is dropped (counted by reason) and not forwarded.
 
 :class:`Gossip` is owned by :class:`~pqcnet.mesh.agent.ControlPlaneAgent`, which hands
 it everything it uses in its constructor (the publisher it sends through, the peer
-table, the verifier that dedups, the keyring it revokes in, the bundle store, the
-config, the clock and the shared event counters) and calls it for GOSSIP messages and
+table, the verifier that dedups, the bundle store, the CRL gate, the config, the clock
+and the shared event counters) and calls it for GOSSIP messages and
 when a peer comes back.
 """
 
@@ -21,11 +27,13 @@ import random
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
+from pqcnet.mesh import metrics
 from pqcnet.mesh._aio import maybe_await
 from pqcnet.mesh.config import AgentConfig
+from pqcnet.mesh.crl import CRL_GOSSIP_KIND, CrlGate
 from pqcnet.mesh.dtn import BundleStore
-from pqcnet.mesh.envelope import ControlMessage, EnvelopeVerifier, Keyring, MessageType
-from pqcnet.mesh.errors import BundleStoreError, StaleMessage, WakuError
+from pqcnet.mesh.envelope import ControlMessage, EnvelopeVerifier, MessageType
+from pqcnet.mesh.errors import BundleStoreError, CrlRejected, StaleMessage, WakuError
 from pqcnet.mesh.messages import GossipItem
 from pqcnet.mesh.peers import PeerTable
 from pqcnet.mesh.publisher import Publisher
@@ -33,20 +41,22 @@ from pqcnet.mesh.publisher import Publisher
 log = logging.getLogger("pqcnet.mesh.agent")
 
 GossipListener = Callable[[GossipItem, str], Awaitable[None] | None]
+#: Gossip kinds that claim an authority a peer does not have: recorded, never applied.
+ADVISORY_KINDS = frozenset({"revocation"})
 
 
 class Gossip:
     """Gossip origination, forwarding, DTN hold and flush."""
 
     def __init__(self, publisher: Publisher, peers: PeerTable, verifier: EnvelopeVerifier,
-                 keyring: Keyring, bundles: BundleStore | None, config: AgentConfig,
+                 bundles: BundleStore | None, config: AgentConfig,
                  clock: Callable[[], int], events: Counter[str], *,
-                 rng: random.Random | None = None) -> None:
+                 crl: CrlGate | None = None, rng: random.Random | None = None) -> None:
         self.publisher = publisher
         self.peers = peers
         self.verifier = verifier
-        self.keyring = keyring
         self.bundles = bundles
+        self.crl = crl
         self.config = config
         self.clock = clock
         self.events = events
@@ -73,10 +83,14 @@ class Gossip:
         item = GossipItem.decode(msg.body)
         if item.expires_ms <= self.clock():
             raise StaleMessage("gossip item expired")
-        if item.kind == "revocation":
-            target = item.payload.decode("utf-8", "replace")
-            if target and target != self.publisher.node_id:
-                self.keyring.revoke(target, f"revocation gossip from {msg.sender}")
+        if item.kind in ADVISORY_KINDS:
+            self.events[f"advisory_{item.kind}"] += 1
+            metrics.ADVISORIES.labels(item.kind).inc()
+        elif item.kind == CRL_GOSSIP_KIND:
+            if self.crl is None:
+                raise CrlRejected("no trust bundle to check a CRL against",
+                                  reason="crl_unverifiable")
+            await self.crl.offer(item.payload, msg.sender)  # CrlRejected: dropped, counted
         for gl in self.listeners:
             await maybe_await(gl(item, msg.sender))
         if msg.hops_left > 0 and not item.destination:

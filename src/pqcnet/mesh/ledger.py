@@ -1,9 +1,10 @@
 """What the control plane needs from a QS-DAG ledger: :class:`LedgerPort`.
 
-The mesh anchors directives, route tables and key versions, disables slashed
-authors, and synchronises vertices between nodes; it needs nothing else from the
-ledger, so it depends on this small protocol. :mod:`pqcnet.mesh.qsdag_port` adapts the
-real ``qsdag`` ledger to it.
+The mesh anchors directives (and reads them back: its replay window, and directives
+other nodes anchored), route tables and key versions, disables slashed authors, and
+synchronises vertices between nodes; it needs nothing else from the ledger, so it
+depends on this small protocol. :mod:`pqcnet.mesh.qsdag_port` adapts the real ``qsdag``
+ledger to it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ class LedgerPort(Protocol):
 
     def anchor_directive(self, signed_directive: bytes, subject: str) -> bytes:
         """Anchor a verified governance directive; returns the anchoring vertex id."""
+        ...
+
+    def anchored_directives(self, since_ms: int) -> list[bytes]:
+        """Signed directives this node anchored at or after ``since_ms`` (its replay
+        window, reloaded at start)."""
+        ...
+
+    def take_synced_directives(self) -> list[bytes]:
+        """Signed directives anchored by other nodes that arrived by DAG sync since
+        the last call (so an offline node still learns of them)."""
         ...
 
     def anchor_routes(self, advertisement: bytes) -> bytes:

@@ -40,8 +40,34 @@ BUNDLE_EVENTS = Counter(
 PEERS = Gauge("pqcnet_mesh_live_peers", "Peers whose announcements are current.")
 DIRECTIVES = Counter(
     "pqcnet_mesh_directives_applied_total",
-    "Governance directives anchored and dispatched, by action.",
+    "Governance directives anchored here and applied by at least one part of this node "
+    "(a directive every part ignored is not counted), by action.",
     ["action"],
+)
+DIRECTIVE_OUTCOMES = Counter(
+    "pqcnet_mesh_directive_outcomes_total",
+    "What each part of this node did with each anchored directive, by action, part "
+    "(``mesh`` = the agent's own effect, else the handler's class) and outcome "
+    "(applied, ignored, failed).",
+    ["action", "handler", "outcome"],
+)
+DIRECTIVES_REJECTED = Counter(
+    "pqcnet_mesh_directives_rejected_total",
+    "Governance directives refused before any effect, by reason (under_threshold, "
+    "expired, replay, no_ledger, ...).",
+    ["reason"],
+)
+CRL_UPDATES = Counter(
+    "pqcnet_mesh_crl_updates_total",
+    "CRLs offered to this node, by result (applied, crl_untrusted, crl_stale, "
+    "crl_duplicate).",
+    ["result"],
+)
+ADVISORIES = Counter(
+    "pqcnet_mesh_advisories_total",
+    "Peer gossip that claims an authority it does not carry (e.g. a revocation): "
+    "recorded, never applied, by kind.",
+    ["kind"],
 )
 DELIVERY_LATENCY = Histogram(
     "pqcnet_mesh_delivery_latency_seconds",

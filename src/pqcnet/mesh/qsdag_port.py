@@ -19,6 +19,13 @@ a node slashed by a verified directive or by a synced ledger notice, whatever it
 ancestry. Refusals are counted by reason in :attr:`QsdagPort.refused`
 (``slashed_author`` = mesh door, ``AuthorSlashed`` = ledger rule).
 
+Directives in the ledger serve two more purposes. A restarted agent reloads the ids
+of the directives *it* anchored during the last directive lifetime
+(:meth:`QsdagPort.anchored_directives`): that is its replay window, anchored instead of
+kept in memory. And directives anchored by *other* nodes that arrive by DAG sync are
+queued (:meth:`QsdagPort.take_synced_directives`) so a node that was offline when a
+directive was published still gets it — verified, anchored by itself, then applied.
+
 A refused vertex is not forgotten: it is held in a bounded quarantine and released
 as soon as a vertex of an honest author names it as a parent. An honest node built on
 it before it learnt of the slash (the registrar's own slash notice may descend from
@@ -30,15 +37,16 @@ builds on stays out.
 from __future__ import annotations
 
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 
 from pqcnet.crypto.pqc import SigningKey, VerifyKey
 from pqcnet.mesh.envelope import NodeKeys
 from pqcnet.mesh.errors import LedgerRejected
 from pqcnet.mesh.messages import RouteAdvertisement
-from pqcnet.qsdag import Ledger, OpaqueRecord, Route, VertexKind
+from pqcnet.qsdag import Ledger, OpaqueRecord, Route, Vertex, VertexKind
 from pqcnet.qsdag.errors import LedgerError, MalformedVertex
+from pqcnet.qsdag.payloads import decode_payload
 from pqcnet.qsdag.vertex import decode
 
 log = logging.getLogger("pqcnet.mesh.qsdag")
@@ -47,6 +55,25 @@ DIRECTIVE_CONTENT_TYPE = "pqcnet.mesh.SignedDirective"
 #: Vertices of disabled authors held back on import (oldest dropped first). Bounds the
 #: memory a slashed node can make us spend by flooding vertices nobody builds on.
 MAX_QUARANTINE = 1024
+#: Own vertices read back at most when reloading the directive replay window (bounds
+#: start-up work on a node that writes many vertices per directive lifetime).
+MAX_REPLAY_SCAN = 200_000
+#: Directives from synced vertices waiting for the agent (oldest dropped first; a
+#: dropped one is still in the ledger and may be re-published by governance).
+MAX_SYNCED_DIRECTIVES = 1024
+
+
+def directive_body(v: Vertex) -> bytes | None:
+    """The signed directive a vertex anchors, or None if it anchors none."""
+    if v.kind != VertexKind.GOVERNANCE_DIRECTIVE:
+        return None
+    try:
+        rec = decode_payload(v.kind, v.payload)
+    except LedgerError:
+        return None
+    if isinstance(rec, OpaqueRecord) and rec.content_type == DIRECTIVE_CONTENT_TYPE:
+        return rec.body
+    return None
 
 
 class QsdagPort:
@@ -62,6 +89,7 @@ class QsdagPort:
         self._quarantine: OrderedDict[bytes, tuple[tuple[bytes, ...], bytes]] = OrderedDict()
         #: quarantined vertices released because an honest vertex built on them
         self.released_vertices = 0
+        self._synced: deque[bytes] = deque(maxlen=MAX_SYNCED_DIRECTIVES)
 
     def _append(self, kind: VertexKind, payload: object) -> bytes:
         try:
@@ -72,6 +100,31 @@ class QsdagPort:
     def anchor_directive(self, signed_directive: bytes, subject: str) -> bytes:
         return self._append(VertexKind.GOVERNANCE_DIRECTIVE,
                             OpaqueRecord(DIRECTIVE_CONTENT_TYPE, subject or "*", signed_directive))
+
+    def anchored_directives(self, since_ms: int) -> list[bytes]:
+        """Signed directives this node anchored in vertices stamped at or after
+        ``since_ms``, newest first (its own vertices, read back by counter)."""
+        me = self.keys.node_id
+        out: list[bytes] = []
+        counter = self.ledger.next_counter(me) - 1
+        for _ in range(MAX_REPLAY_SCAN):
+            vid = self.ledger.by_author(me, counter) if counter >= 0 else None
+            if vid is None:
+                break
+            v = self.ledger.get(vid)
+            if v.timestamp_ms < since_ms:
+                break
+            body = directive_body(v)
+            if body is not None:
+                out.append(body)
+            counter -= 1
+        return out
+
+    def take_synced_directives(self) -> list[bytes]:
+        """Signed directives found in vertices of other nodes imported since the last call."""
+        out = list(self._synced)
+        self._synced.clear()
+        return out
 
     def anchor_routes(self, advertisement: bytes) -> bytes:
         ad = RouteAdvertisement.decode(advertisement)
@@ -149,6 +202,11 @@ class QsdagPort:
         report = self.ledger.import_([*self._release(wanted), *accepted])
         for _, exc in report.rejected:
             self.refused[type(exc).__name__] += 1
+        for vid in report.anchored:
+            v = self.ledger.get(vid)
+            body = directive_body(v) if v.author != self.keys.node_id else None
+            if body is not None:
+                self._synced.append(body)
         return len(report.anchored)
 
     def _hold(self, vertex_id: bytes, parents: tuple[bytes, ...], blob: bytes) -> None:

@@ -3,7 +3,14 @@
 Sans-IO over a ``pqcnet.qsdag.Ledger``: :meth:`SlashingIndexer.scan` returns new
 :class:`~pqcnet.mesh.messages.SlashingProposal` s (each finding once), which the node
 publishes signed with :meth:`~pqcnet.mesh.agent.ControlPlaneAgent.propose_slashing`;
-governance turns an accepted proposal into a directive with :func:`to_directive`.
+governance turns an accepted proposal into a directive with :func:`to_directive`. The
+:class:`~pqcnet.mesh.pipeline.SlashingPipeline` runs all of that on a timer.
+
+A proposal is a pure function of the evidence (its id, detail and evidence list are
+derived from the ledger), so every node that sees the same evidence makes the same
+proposal, and :func:`to_directive` gives it the same directive id everywhere
+(:func:`slash_directive_id`): independent governance nodes that slash for the same
+evidence make one directive, applied once.
 
 Findings:
 
@@ -42,6 +49,8 @@ class SlashingIndexer:
         self.allowed_package_hashes = allowed_package_hashes
         self.allowed_config_hashes = allowed_config_hashes
         self._proposed: set[bytes] = set()
+        #: ledger position scanned up to (each scan reads only what was anchored since)
+        self._position = 0
 
     def _new(self, p: SlashingProposal) -> list[SlashingProposal]:
         if p.proposal_id in self._proposed:
@@ -50,14 +59,20 @@ class SlashingIndexer:
         return [p]
 
     def scan(self) -> list[SlashingProposal]:
-        """Every finding not proposed before."""
+        """Every finding not proposed before. Attestation histories are re-checked only
+        for nodes with attestations anchored since the previous scan (cheap on a timer)."""
         out: list[SlashingProposal] = []
         for ev in self.ledger.evidence():
             out += self._new(SlashingProposal(
                 ev.offender, "equivocation", f"two vertices at counter {ev.counter}",
                 (ev.first.id, ev.second.id), _pid(ev.digest)))
-        nodes = {self.ledger.get(v).author for v in self.ledger.ids()
-                 if self.ledger.get(v).kind == VertexKind.ATTESTATION}
+        end = len(self.ledger)
+        nodes = set()
+        for vid in self.ledger.ids_range(self._position, end):
+            v = self.ledger.get(vid)
+            if v.kind == VertexKind.ATTESTATION:
+                nodes.add(v.author)
+        self._position = end
         for node in sorted(nodes):
             out += self._check_attestations(node)
         return out
@@ -110,10 +125,22 @@ class SlashingIndexer:
             _pid(b"vm", report.anchor_id, hashlib.sha256(report.payload).digest())))
 
 
+def proposal_digest(proposal: SlashingProposal) -> bytes:
+    """What a slash directive names as its evidence (``SlashNotice.evidence_digest``)."""
+    return hashlib.sha256(proposal.encode()).digest()
+
+
+def slash_directive_id(proposal: SlashingProposal) -> bytes:
+    """The directive id of the slash for ``proposal`` (the same on every node)."""
+    return _pid(b"slash", proposal.proposal_id or proposal_digest(proposal))
+
+
 def to_directive(proposal: SlashingProposal, *governance_keys: SigningKey,
-                 now_ms: int) -> SignedDirective:
-    """Governance's answer to an accepted proposal: a signed slash directive."""
-    digest = hashlib.sha256(proposal.encode()).digest()
+                 now_ms: int, ttl_ms: int = 3_600_000) -> SignedDirective:
+    """Governance's answer to an accepted proposal: a slash directive signed by
+    ``governance_keys`` (possibly fewer than the threshold: others :func:`cosign`)."""
     return sign_directive(Directive.create(
-        SlashNotice(proposal.target, f"{proposal.kind}: {proposal.detail}", digest),
-        now_ms=now_ms), *governance_keys)
+        SlashNotice(proposal.target, f"{proposal.kind}: {proposal.detail}",
+                    proposal_digest(proposal)),
+        now_ms=now_ms, ttl_ms=ttl_ms, directive_id=slash_directive_id(proposal)),
+        *governance_keys)

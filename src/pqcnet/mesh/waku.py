@@ -1,274 +1,338 @@
-"""Async client for the Waku relay REST API (nwaku, go-waku) and a polling transport.
+"""The control plane over Waku REST nodes, failing over across all configured URLs.
 
-The REST API is poll-based: ``POST /relay/v1/auto/subscriptions`` registers content
-topics, and each ``GET /relay/v1/auto/messages/{contentTopic}`` drains what arrived
-since the previous GET (bounded by the node's ``--rest-relay-cache-capacity``).
-:class:`WakuTransport` turns that into the push-style :class:`~pqcnet.mesh.transport.Transport`
-seam with one poller task per subscription.
+:class:`WakuTransport` is the :class:`~pqcnet.mesh.transport.Transport` seam over one or
+more nodes' REST APIs (:class:`~pqcnet.mesh.waku_rest.WakuRestClient`, re-exported here).
 
-Failure policy: connection errors, timeouts and 5xx answers are retried with
-exponential backoff up to ``retries`` times and then raised as
-:class:`~pqcnet.mesh.errors.WakuUnavailable` (retriable); 4xx answers raise
-:class:`~pqcnet.mesh.errors.WakuError` at once. A poller never dies on errors: it backs off,
-and once the node answers again it re-subscribes (a restarted node has forgotten its
-subscriptions and answers 404) and carries on.
+**Publishing** goes to the *active* node — the first of the configured URLs that
+works. When it does not answer (:class:`~pqcnet.mesh.errors.WakuUnavailable`) the next
+healthy node becomes active and the same message (same Waku timestamp, so the relay
+network's own dedup still applies) is published there. The active node stays active
+until it fails: no flapping back.
+
+**Receiving**: each subscription is placed on up to ``replicas`` nodes (the active one
+and standbys), one poller ("leg") per node; the active leg polls every
+``poll_interval_s``, standbys every ``standby_poll_interval_s`` — a standby holds what
+the relay delivered while the active node dies, so a failover loses nothing. A
+message seen through two legs reaches the application once: legs dedup on (content
+topic, Waku timestamp, payload digest) in a bounded window; anything beyond it is a
+duplicate the envelope replay window drops.
+
+**Subscriptions are never left undrained** (go-waku: every subscription POST makes a
+new 1000-message buffer, and one nobody drains blocks the node's broadcaster): a leg
+re-subscribes only when the node answers 404 (it restarted and forgot us), never after
+a timeout; a node whose leg failed ``failure_threshold`` polls in a row is given up,
+the leg moves to the next healthy node, and once the failed node answers again its
+stale subscriptions are deleted (or, if a subscription is short of legs, adopted as
+they are). :meth:`WakuTransport.close` deletes ours too. A DELETE removes *every*
+subscription to those content topics on that node, so another transport of the same
+topics on the same node gets a 404 on its next poll and re-subscribes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
+import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
 
-import httpx
-
-from pqcnet.mesh import metrics
 from pqcnet.mesh.errors import ConfigError, WakuError, WakuUnavailable
 from pqcnet.mesh.transport import DEFAULT_MAX_PENDING, Subscription, WakuMessage
+from pqcnet.mesh.waku_rest import WakuClientConfig, WakuRestClient
+
+__all__ = ["WakuClientConfig", "WakuRestClient", "WakuTransport"]
 
 log = logging.getLogger("pqcnet.mesh.waku")
 
-
-@dataclass(frozen=True, slots=True)
-class WakuClientConfig:
-    """Timeouts and retry bounds of one REST endpoint."""
-
-    base_url: str
-    #: per-request timeout; bounds how long one dead node stalls a caller
-    timeout_s: float = 5.0
-    #: extra attempts after the first for retriable failures
-    retries: int = 3
-    #: first backoff; doubles per attempt
-    backoff_s: float = 0.1
-    #: idle pause between empty polls
-    poll_interval_s: float = 0.05
-    #: longest pause between polls while the node is down
-    max_backoff_s: float = 2.0
-
-    def __post_init__(self) -> None:
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"Waku REST URL must be http(s): {self.base_url!r}")
-        if self.timeout_s <= 0 or self.retries < 0 or self.poll_interval_s <= 0:
-            raise ConfigError("Waku timeouts must be > 0 and retries >= 0")
+#: Message keys remembered per subscription to drop copies seen through two legs.
+DEFAULT_DEDUP_CAPACITY = 16_384
 
 
-def _b64decode(text: str) -> bytes:
-    """Waku nodes emit standard or URL-safe base64, padded or not."""
-    padded = text + "=" * (-len(text) % 4)
-    try:
-        if "-" in text or "_" in text:
-            return base64.urlsafe_b64decode(padded)
-        return base64.b64decode(padded, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise WakuError(f"node returned a payload that is not base64: {exc}") from None
+@dataclass(eq=False)
+class _Placed:
+    """One subscription and the legs (node index -> poller) it runs on."""
 
-
-class WakuRestClient:
-    """Relay, health and debug endpoints of one Waku node."""
-
-    def __init__(self, config: WakuClientConfig | str,
-                 *, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self.config = WakuClientConfig(config) if isinstance(config, str) else config
-        self._http = httpx.AsyncClient(
-            base_url=self.config.base_url.rstrip("/"),
-            timeout=self.config.timeout_s,
-            transport=transport,
-        )
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
-
-    async def _request(self, method: str, path: str, *, op: str,
-                       json_body: Any = None, ok: tuple[int, ...] = (200,)) -> httpx.Response:
-        delay = self.config.backoff_s
-        last: str = ""
-        for attempt in range(self.config.retries + 1):
-            try:
-                resp = await self._http.request(method, path, json=json_body)
-            except httpx.TransportError as exc:
-                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            else:
-                if resp.status_code in ok:
-                    return resp
-                if resp.status_code < 500:
-                    metrics.WAKU_ERRORS.labels(op).inc()
-                    raise WakuError(
-                        f"waku {op} {path}: HTTP {resp.status_code} {resp.text[:200]!r}",
-                        status=resp.status_code,
-                    )
-                last = f"HTTP {resp.status_code} {resp.text[:200]!r}"
-            if attempt < self.config.retries:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.config.max_backoff_s)
-        metrics.WAKU_ERRORS.labels(op).inc()
-        raise WakuUnavailable(f"waku {op} at {self.config.base_url} failed: {last}")
-
-    # ------------------------------------------------------------------ node info
-
-    async def health(self) -> str:
-        """The node's health text. go-waku without RLN answers 501 "not implemented",
-        which still proves the REST server is up."""
-        resp = await self._request("GET", "/health", op="health", ok=(200, 501))
-        try:
-            return str(resp.json())
-        except ValueError:
-            return resp.text
-
-    async def info(self) -> dict[str, Any]:
-        """``/debug/v1/info``: ENR and listen addresses."""
-        resp = await self._request("GET", "/debug/v1/info", op="info")
-        data: dict[str, Any] = resp.json()
-        return data
-
-    async def version(self) -> str:
-        resp = await self._request("GET", "/debug/v1/version", op="version")
-        return str(resp.json())
-
-    # ------------------------------------------------------------------ auto-sharded relay
-
-    async def subscribe(self, content_topics: Sequence[str]) -> None:
-        # One topic per request: go-waku v0.10.0 answers 200 to a multi-topic POST
-        # but then 404s every one of those topics on GET (checked against the nodes
-        # scripts/services runs); single-topic requests work on nwaku and go-waku.
-        for topic in content_topics:
-            await self._request("POST", "/relay/v1/auto/subscriptions", op="subscribe",
-                                json_body=[topic])
-
-    async def unsubscribe(self, content_topics: Sequence[str]) -> None:
-        for topic in content_topics:
-            await self._request("DELETE", "/relay/v1/auto/subscriptions", op="unsubscribe",
-                                json_body=[topic])
-
-    async def publish(self, content_topic: str, payload: bytes,
-                      *, timestamp_ns: int | None = None) -> None:
-        await self._request("POST", "/relay/v1/auto/messages", op="publish",
-                            json_body=self._message_json(content_topic, payload, timestamp_ns))
-
-    async def messages(self, content_topic: str) -> list[WakuMessage]:
-        """Messages received on ``content_topic`` since the previous call."""
-        resp = await self._request(
-            "GET", "/relay/v1/auto/messages/" + quote(content_topic, safe=""), op="poll"
-        )
-        return self._parse_messages(resp)
-
-    # ------------------------------------------------------------------ named pubsub topics
-
-    async def subscribe_pubsub(self, pubsub_topics: Sequence[str]) -> None:
-        await self._request("POST", "/relay/v1/subscriptions", op="subscribe",
-                            json_body=list(pubsub_topics))
-
-    async def unsubscribe_pubsub(self, pubsub_topics: Sequence[str]) -> None:
-        await self._request("DELETE", "/relay/v1/subscriptions", op="unsubscribe",
-                            json_body=list(pubsub_topics))
-
-    async def publish_pubsub(self, pubsub_topic: str, content_topic: str, payload: bytes,
-                             *, timestamp_ns: int | None = None) -> None:
-        await self._request("POST", "/relay/v1/messages/" + quote(pubsub_topic, safe=""),
-                            op="publish",
-                            json_body=self._message_json(content_topic, payload, timestamp_ns))
-
-    async def messages_pubsub(self, pubsub_topic: str) -> list[WakuMessage]:
-        resp = await self._request(
-            "GET", "/relay/v1/messages/" + quote(pubsub_topic, safe=""), op="poll"
-        )
-        return self._parse_messages(resp)
-
-    # ------------------------------------------------------------------ JSON
-
-    @staticmethod
-    def _message_json(content_topic: str, payload: bytes, ts: int | None) -> dict[str, Any]:
-        return {
-            "payload": base64.b64encode(payload).decode(),
-            "contentTopic": content_topic,
-            "version": 0,
-            "timestamp": ts if ts is not None else time.time_ns(),
-        }
-
-    @staticmethod
-    def _parse_messages(resp: httpx.Response) -> list[WakuMessage]:
-        try:
-            data = resp.json()
-        except ValueError:
-            raise WakuError("node returned messages that are not JSON") from None
-        if data is None:
-            return []
-        if not isinstance(data, list):
-            raise WakuError("node returned a non-list messages answer")
-        out = []
-        for item in data:
-            if not isinstance(item, dict):
-                raise WakuError("node returned a message that is not an object")
-            out.append(WakuMessage(
-                content_topic=str(item.get("contentTopic", "")),
-                payload=_b64decode(str(item.get("payload") or "")),
-                timestamp_ns=int(item.get("timestamp") or 0),
-            ))
-        return out
+    sub: Subscription
+    topics: list[str]
+    legs: dict[int, asyncio.Task[None]] = field(default_factory=dict)
+    seen: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
 
 
 class WakuTransport:
-    """:class:`~pqcnet.mesh.transport.Transport` over one Waku node's REST API."""
+    """:class:`~pqcnet.mesh.transport.Transport` over one or more Waku nodes (see module)."""
 
-    def __init__(self, client: WakuRestClient, *, max_pending: int = DEFAULT_MAX_PENDING) -> None:
-        self.client = client
+    def __init__(self, clients: WakuRestClient | Sequence[WakuRestClient], *,
+                 max_pending: int = DEFAULT_MAX_PENDING, replicas: int = 2,
+                 standby_poll_interval_s: float = 0.5, failure_threshold: int = 2,
+                 health_interval_s: float = 1.0,
+                 dedup_capacity: int = DEFAULT_DEDUP_CAPACITY) -> None:
+        self.clients = [clients] if isinstance(clients, WakuRestClient) else list(clients)
+        if not self.clients:
+            raise ConfigError("a Waku transport needs at least one REST URL")
+        if replicas < 1 or failure_threshold < 1 or dedup_capacity < 1:
+            raise ConfigError("replicas, failure_threshold and dedup_capacity must be >= 1")
         self.max_pending = max_pending
-        self._pollers: dict[Subscription, asyncio.Task[None]] = {}
-        #: poll cycles that failed (node down); the poller keeps going
+        self.replicas = min(replicas, len(self.clients))
+        self.standby_poll_interval_s = standby_poll_interval_s
+        self.failure_threshold = failure_threshold
+        self.health_interval_s = health_interval_s
+        self.dedup_capacity = dedup_capacity
+        #: index of the node publishes go to
+        self.active = 0
+        self._healthy = [True] * len(self.clients)
+        #: content topics we subscribed on each node and have not deleted there
+        self._topics_on: list[set[str]] = [set() for _ in self.clients]
+        self._placed: dict[Subscription, _Placed] = {}
+        self._health: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        #: poll cycles that failed (a node down); the legs keep going or move
         self.poll_errors = 0
-        #: times a poller re-subscribed after the node came back
+        #: times a leg re-subscribed because its node had forgotten the subscription
         self.resubscribes = 0
+        #: times the active node changed, and legs moved to another node
+        self.failovers = 0
+        self.leg_moves = 0
+        #: copies of one message seen through two legs, dropped here
+        self.duplicates_suppressed = 0
+        #: stale subscriptions deleted on a node we had moved away from
+        self.cleanups = 0
 
     @classmethod
     def connect(cls, base_url: str, **kwargs: Any) -> WakuTransport:
+        """One node (``kwargs``: :class:`WakuClientConfig` fields)."""
         return cls(WakuRestClient(WakuClientConfig(base_url, **kwargs)))
 
+    @classmethod
+    def connect_many(cls, base_urls: Sequence[str], *, replicas: int = 2,
+                     standby_poll_interval_s: float = 0.5, failure_threshold: int = 2,
+                     health_interval_s: float = 1.0, **kwargs: Any) -> WakuTransport:
+        """Fail over across ``base_urls`` in order (``kwargs``: :class:`WakuClientConfig`
+        fields, applied to each; keep ``timeout_s * (retries + 1)`` short, it is how
+        long a dead node holds a publish before the next one is tried)."""
+        return cls([WakuRestClient(WakuClientConfig(u, **kwargs)) for u in base_urls],
+                   replicas=replicas, standby_poll_interval_s=standby_poll_interval_s,
+                   failure_threshold=failure_threshold, health_interval_s=health_interval_s)
+
+    @property
+    def client(self) -> WakuRestClient:
+        """The active node's client."""
+        return self.clients[self.active]
+
+    def url(self, node: int) -> str:
+        return self.clients[node].config.base_url
+
+    def legs(self) -> dict[str, int]:
+        """Running pollers per node URL (what each subscription is placed on)."""
+        out = {self.url(n): 0 for n in range(len(self.clients))}
+        for placed in self._placed.values():
+            for node, task in placed.legs.items():
+                if not task.done():
+                    out[self.url(node)] += 1
+        return out
+
+    # ------------------------------------------------------------------ publishing
+
     async def publish(self, content_topic: str, payload: bytes) -> None:
-        await self.client.publish(content_topic, payload)
+        """Publish through the active node, failing over to the next healthy ones."""
+        ts = time.time_ns()  # one Waku message, whichever node carries it
+        last: WakuError | None = None
+        for _ in range(len(self.clients)):
+            node = self.active
+            try:
+                await self.clients[node].publish(content_topic, payload, timestamp_ns=ts)
+                return
+            except WakuUnavailable as exc:
+                last = exc
+                await self._node_failed(node, exc)
+                if self.active == node:
+                    break  # nowhere else to go
+        assert last is not None
+        raise last
+
+    # ------------------------------------------------------------------ subscribing
 
     async def subscribe(self, content_topics: Sequence[str]) -> Subscription:
-        await self.client.subscribe(content_topics)
         sub = Subscription(content_topics, self.max_pending)
-        self._pollers[sub] = asyncio.create_task(self._poll(sub), name="waku-poll")
+        placed = _Placed(sub, sorted(sub.topics))
+        async with self._lock:
+            await self._place(placed)
+        if not placed.legs:
+            raise WakuUnavailable("no Waku node accepted the subscription: "
+                                  + ", ".join(c.config.base_url for c in self.clients))
+        self._placed[sub] = placed
+        if len(self.clients) > 1 and self._health is None:
+            self._health = asyncio.create_task(self._health_loop(), name="waku-health")
         return sub
 
-    async def _poll(self, sub: Subscription) -> None:
-        cfg = self.client.config
+    def _candidates(self) -> list[int]:
+        """Nodes in preference order, the active one first."""
+        n = len(self.clients)
+        return [(self.active + i) % n for i in range(n)]
+
+    async def _place(self, placed: _Placed) -> None:
+        """Add legs on healthy nodes until ``replicas`` (call with the lock held)."""
+        for node in self._candidates():
+            if len(placed.legs) >= self.replicas or placed.sub.closed:
+                return
+            if node in placed.legs or not self._healthy[node]:
+                continue
+            missing = [t for t in placed.topics if t not in self._topics_on[node]]
+            try:
+                await self.clients[node].subscribe(missing)
+            except WakuUnavailable as exc:
+                self._mark_down(node, exc)
+                continue
+            self._topics_on[node].update(missing)
+            placed.legs[node] = asyncio.create_task(self._leg(placed, node),
+                                                    name=f"waku-poll-{node}")
+
+    async def _leg(self, placed: _Placed, node: int) -> None:
+        client = self.clients[node]
+        cfg = client.config
         delay = cfg.poll_interval_s
-        topics = sorted(sub.topics)
-        resubscribe = False
-        while not sub.closed:
+        failures = 0
+        while not placed.sub.closed:
             got = 0
             try:
-                if resubscribe:
-                    await self.client.subscribe(topics)
-                    self.resubscribes += 1
-                    resubscribe = False
-                    log.info("waku resubscribed", extra={"url": cfg.base_url})
-                for topic in topics:
-                    for msg in await self.client.messages(topic):
-                        sub.put(msg)
-                        got += 1
-                delay = cfg.poll_interval_s
+                for topic in placed.topics:
+                    try:
+                        msgs = await client.messages(topic)
+                    except WakuError as exc:
+                        if exc.status != 404:
+                            raise
+                        # the node restarted (or a co-located transport deleted the
+                        # topic) and forgot us: subscribe this topic again, only it
+                        await client.subscribe([topic])
+                        self._topics_on[node].add(topic)
+                        self.resubscribes += 1
+                        log.info("waku resubscribed", extra={"url": cfg.base_url})
+                        continue
+                    for msg in msgs:
+                        got += self._deliver(placed, msg)
+                failures = 0
             except WakuError as exc:
                 self.poll_errors += 1
-                resubscribe = True
+                failures += 1
                 log.warning("waku poll failed", extra={"url": cfg.base_url, "error": str(exc)})
+                if len(self.clients) > 1 and failures >= self.failure_threshold:
+                    placed.legs.pop(node, None)
+                    await self._node_failed(node, exc)
+                    return
                 delay = min(max(delay * 2, cfg.backoff_s), cfg.max_backoff_s)
+            else:
+                delay = (cfg.poll_interval_s if node == self.active
+                         else self.standby_poll_interval_s)
             if not got:
                 await asyncio.sleep(delay)
 
+    def _deliver(self, placed: _Placed, msg: WakuMessage) -> int:
+        key = hashlib.sha256(b"%s\0%d\0" % (msg.content_topic.encode(), msg.timestamp_ns)
+                             + msg.payload).digest()[:16]
+        if key in placed.seen:
+            self.duplicates_suppressed += 1
+            return 0
+        placed.seen[key] = None
+        while len(placed.seen) > self.dedup_capacity:
+            placed.seen.popitem(last=False)
+        placed.sub.put(msg)
+        return 1
+
+    # ------------------------------------------------------------------ failover
+
+    def _mark_down(self, node: int, exc: WakuError) -> None:
+        if self._healthy[node]:
+            self._healthy[node] = False
+            if len(self.clients) > 1:
+                log.warning("waku node given up; failing over", extra={
+                    "url": self.url(node), "error": str(exc)})
+        self._pick_active()
+
+    def _pick_active(self) -> None:
+        """Keep the active node while it is healthy; else take the next healthy one."""
+        if self._healthy[self.active]:
+            return
+        healthy = [n for n in self._candidates() if self._healthy[n]]
+        if healthy:
+            self.active = healthy[0]
+            self.failovers += 1
+            log.warning("waku active node changed", extra={"url": self.url(self.active)})
+
+    async def _node_failed(self, node: int, exc: WakuError) -> None:
+        """Stop using ``node``: move the active role and every leg on it elsewhere."""
+        async with self._lock:
+            self._mark_down(node, exc)
+            if len(self.clients) == 1:
+                self._healthy[node] = True  # the only node: keep trying it
+                return
+            for placed in list(self._placed.values()):
+                leg = placed.legs.pop(node, None)
+                if leg is not None and leg is not asyncio.current_task():
+                    leg.cancel()
+                before = len(placed.legs)
+                await self._place(placed)
+                self.leg_moves += len(placed.legs) - before
+
+    async def _health_loop(self) -> None:
+        """Probe given-up nodes; when one answers, delete or adopt what we left there."""
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            for node, ok in enumerate(self._healthy):
+                if ok:
+                    continue
+                try:
+                    await self.clients[node].health()
+                except WakuError:
+                    continue
+                async with self._lock:
+                    await self._recover(node)
+
+    async def _recover(self, node: int) -> None:
+        """``node`` answers again (call with the lock held)."""
+        short = [p for p in self._placed.values() if len(p.legs) < self.replicas
+                 and not p.sub.closed]
+        adopt: set[str] = set()
+        for placed in short:
+            adopt.update(placed.topics)
+        stale = sorted(self._topics_on[node] - adopt)
+        try:
+            await self.clients[node].unsubscribe(stale)
+        except WakuError:
+            return  # still sick: next round
+        self._topics_on[node] -= set(stale)
+        self.cleanups += len(stale)
+        self._healthy[node] = True
+        self._pick_active()
+        log.info("waku node back", extra={"url": self.url(node), "deleted": len(stale)})
+        for placed in short:
+            await self._place(placed)  # subscribes only the topics not already there
+
+    # ------------------------------------------------------------------ closing
+
     async def close(self) -> None:
-        for sub, task in list(self._pollers.items()):
-            sub.close()
-            task.cancel()
+        """Stop every leg, delete our subscriptions where nodes answer, close clients."""
+        if self._health is not None:
+            self._health.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._pollers.clear()
-        await self.client.aclose()
+                await self._health
+            self._health = None
+        for placed in list(self._placed.values()):
+            placed.sub.close()
+            for task in placed.legs.values():
+                task.cancel()
+            for task in placed.legs.values():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._placed.clear()
+        for node, topics in enumerate(self._topics_on):
+            if topics:  # also on given-up nodes: they may be paused, not dead
+                client = self.clients[node]
+                with contextlib.suppress(WakuError, TimeoutError):
+                    async with asyncio.timeout(client.config.timeout_s):
+                        await client.unsubscribe(sorted(topics))
+            topics.clear()
+        for client in self.clients:
+            await client.aclose()
