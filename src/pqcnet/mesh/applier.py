@@ -64,7 +64,7 @@ log = logging.getLogger("pqcnet.mesh.agent")
 
 #: Verified directives waiting for this node's ledger to accept them (retried each
 #: tick). Bounds what a burst of directives can hold while the ledger lags.
-DEFAULT_MAX_PENDING = 256
+MAX_HELD_DIRECTIVES = 256
 #: The agent's own effect of an action (the ``mesh`` part of the outcome counters).
 BuiltinEffect = Callable[[Action], Awaitable[Outcome]]
 #: Called with (signed directive, via) for a directive under the signature threshold.
@@ -76,7 +76,7 @@ class DirectiveApplier:
 
     def __init__(self, policy: GovernancePolicy | None, builtin: BuiltinEffect, *,
                  clock: Callable[[], int], events: Counter[str], max_applied: int,
-                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
+                 max_pending: int = MAX_HELD_DIRECTIVES) -> None:
         self.policy = policy
         self.builtin = builtin
         self.clock = clock
