@@ -20,7 +20,7 @@ import pqcnet.runtime.logging as plog
 from pqcnet.identity.hsm import Pkcs11KeyStore, wrapped_public_key
 from pqcnet.identity.keyconfig import open_key_store, read_key_store_file
 from tests.identity.conftest import Token
-from tests.qstp.test_identity_cli import run
+from tests.identity.test_identity_cli import run
 
 pytestmark = pytest.mark.timeout(180)
 

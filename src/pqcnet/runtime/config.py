@@ -33,7 +33,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from pqcnet._util.schema import Count, HttpUrl, Port, Positive, Schema, validate, where
 from pqcnet._util.yamlfile import read_yaml_file
-from pqcnet.crypto.pqc import VerifyKey
+from pqcnet.crypto.pqc import SigningKey, VerifyKey
 from pqcnet.errors import PqcnetError
 from pqcnet.relayer.config import RelayerConfig
 from pqcnet.runtime.errors import NodeConfigError
@@ -60,6 +60,9 @@ class GovernanceSpec(Schema):
     issuer: str = Field(default="governance", min_length=1)
     """Node id the governance tooling sends as (``pqcnet mesh directive --issuer``);
     trusted under the first governance key."""
+    signing_keys: list[str] = Field(default_factory=list, max_length=MAX_KEYS)
+    """Governance nodes only: private governance key files (unencrypted ML-DSA PEM, each
+    one of ``keys``) this node signs slash directives with; empty on every other node."""
 
 
 class ControlPlaneSpec(Schema):
@@ -77,7 +80,8 @@ class ControlPlaneSpec(Schema):
     trust: dict[str, str] = Field(default_factory=dict, max_length=MAX_KEYS)
     """Other senders whose envelopes we verify: node id -> key file (version 1)."""
     ledger: Literal["node", "none"] = "node"
-    """node: anchor directives in the role's QS-DAG before applying them; none: do not."""
+    """node: anchor directives in the role's QS-DAG before applying them; none: no ledger,
+    so the node obeys no directive (each must be anchored in its own QS-DAG first)."""
     announce_interval_s: Positive = 10.0
     """Seconds between node announcements."""
     publish_reports: bool = True
@@ -90,6 +94,11 @@ class ControlPlaneSpec(Schema):
     """Forced rekey: directory of a MeshCA that certifies our new key."""
     tick_s: Positive = 0.5
     """Housekeeping tick (announce / expiry / tips), seconds."""
+    state_dir: str = "mesh-state"
+    """Control-plane state: DTN bundles, the last CA-signed CRL, the slashing journal, and
+    (for a sentry without a ledger) the QS-DAG the node anchors directives in."""
+    slashing_interval_s: Positive = 10.0
+    """Seconds between rounds of the slashing pipeline (evidence -> proposal -> slash)."""
 
     model_config = ConfigDict(json_schema_extra={
         "if": {"properties": {"transport": {"const": "waku"}}, "required": ["transport"]},
@@ -128,6 +137,10 @@ class ControlPlaneConfig:
     #: other senders whose envelopes we verify, node id -> key (version 1)
     trust: Mapping[str, VerifyKey] = field(default_factory=dict)
     ca_dir: Path | None = None
+    #: resolved ``state_dir``
+    state_dir: Path = Path("mesh-state")
+    #: governance signing keys this node holds (governance nodes only)
+    governance_signing_keys: tuple[SigningKey, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,8 +177,26 @@ def _control_plane(cp: ControlPlaneSpec, base: Path, src: str) -> ControlPlaneCo
                               f"got {gov.threshold}")
     trust = {n: load_key(base / p, where(src, "control_plane", "trust", n))
              for n, p in cp.trust.items()}
+    signing = tuple(_signing_key(base / p, where(src, "control_plane", "governance",
+                                                 "signing_keys", i), keys)
+                    for i, p in enumerate(gov.signing_keys))
     return ControlPlaneConfig(spec=cp, waku_rest_urls=urls, governance_keys=keys, trust=trust,
-                              ca_dir=base / cp.ca_dir if cp.ca_dir else None)
+                              ca_dir=base / cp.ca_dir if cp.ca_dir else None,
+                              state_dir=base / cp.state_dir, governance_signing_keys=signing)
+
+
+def _signing_key(path: Path, at: str, governance: tuple[VerifyKey, ...]) -> SigningKey:
+    """A governance signing key file; it must be one of the configured governance keys."""
+    try:
+        with path.open("rb") as fh:
+            key = SigningKey.from_pem(fh.read(MAX_FILE_BYTES))
+    except OSError as exc:
+        raise NodeConfigError(f"{at}: cannot read key {path}: {exc.strerror}") from None
+    except PqcnetError as exc:
+        raise NodeConfigError(f"{at}: {path} is not an unencrypted ML-DSA key: {exc}") from None
+    if key.public_key.key_id not in {k.key_id for k in governance}:
+        raise NodeConfigError(f"{at}: {path} is not one of control_plane.governance.keys")
+    return key
 
 
 def _role_config(f: NodeFile, raw: Mapping[str, Any], base: Path, src: str) -> NodeConfig:

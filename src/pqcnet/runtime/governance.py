@@ -40,7 +40,7 @@ from dataclasses import replace
 from pqcnet.crypto.pqc import SigningKey, VerifyKey
 from pqcnet.identity import NodeIdentity
 from pqcnet.identity.spiffe import SpiffeId
-from pqcnet.mesh.directives import ForceRekey, RateLimitUpdate, SlashNotice
+from pqcnet.mesh.directives import ForceRekey, Outcome, RateLimitUpdate, SlashNotice
 from pqcnet.mesh.envelope import NodeKeys
 from pqcnet.mesh.errors import DirectiveError
 from pqcnet.qstp.aio import Server, Tunnel, connect, serve
@@ -75,17 +75,18 @@ class SentryDirectives:
         #: directives applied, by action
         self.applied: Counter[str] = Counter()
 
-    def on_rate_limit(self, update: RateLimitUpdate) -> None:
+    def on_rate_limit(self, update: RateLimitUpdate) -> Outcome:
         self.sentry.apply_rate_limit(update.scope, update.rate_per_s, float(update.burst))
         self.applied["rate_limit"] += 1
         log.info("rate limit directive applied", extra={
             "scope": update.scope, "rate": update.rate_per_s, "burst": update.burst})
+        return Outcome.APPLIED
 
-    def on_force_rekey(self, target: ForceRekey) -> None:
-        return None  # the sentry's QstpEndpoint rotates its tunnels
+    def on_force_rekey(self, target: ForceRekey) -> Outcome:
+        return Outcome.IGNORED  # the sentry's QstpEndpoint rotates its tunnels
 
-    def on_slash(self, target: SlashNotice) -> None:
-        return None  # the sentry's QstpEndpoint (its PeerGate) refuses the node
+    def on_slash(self, target: SlashNotice) -> Outcome:
+        return Outcome.IGNORED  # the sentry's QstpEndpoint (its PeerGate) refuses the node
 
 
 class GateDirectives:
@@ -97,15 +98,17 @@ class GateDirectives:
         self.gate = gate
         self.node_id = node_id
 
-    def on_rate_limit(self, update: RateLimitUpdate) -> None:
-        return None
+    def on_rate_limit(self, update: RateLimitUpdate) -> Outcome:
+        return Outcome.IGNORED
 
-    def on_force_rekey(self, rekey: ForceRekey) -> None:
-        return None
+    def on_force_rekey(self, rekey: ForceRekey) -> Outcome:
+        return Outcome.IGNORED
 
-    def on_slash(self, notice: SlashNotice) -> None:
-        if notice.target != self.node_id:
-            self.gate.deny(notice.target, f"slashed: {notice.reason}")
+    def on_slash(self, notice: SlashNotice) -> Outcome:
+        if notice.target == self.node_id:
+            return Outcome.IGNORED  # a node does not refuse itself
+        self.gate.deny(notice.target, f"slashed: {notice.reason}")
+        return Outcome.APPLIED
 
 
 def sentry_tunnel_handler(sentry: Sentry) -> Handler:
@@ -204,14 +207,14 @@ class QstpEndpoint:
 
     # ------------------------------------------------------------------ directives
 
-    def on_rate_limit(self, update: RateLimitUpdate) -> None:
-        return None  # limits are the sentry's business
+    def on_rate_limit(self, update: RateLimitUpdate) -> Outcome:
+        return Outcome.IGNORED  # limits are the sentry's business
 
-    async def on_slash(self, notice: SlashNotice) -> None:
+    async def on_slash(self, notice: SlashNotice) -> Outcome:
         if notice.target == self.node_id:
             log.warning("this node was slashed; it must re-attest",
                         extra={"reason": notice.reason})
-            return
+            return Outcome.IGNORED
         GateDirectives(self.gate, self.node_id).on_slash(notice)
         for t in list(self._tunnels):
             if not t.closed and t.peer.spiffe_id.node_id == notice.target:
@@ -220,14 +223,15 @@ class QstpEndpoint:
                 self.closed_for_slash += 1
         log.info("slashed peer denied", extra={"peer": notice.target,
                                                "closed": self.closed_for_slash})
+        return Outcome.APPLIED
 
-    async def on_force_rekey(self, rekey: ForceRekey) -> None:
+    async def on_force_rekey(self, rekey: ForceRekey) -> Outcome:
         if rekey.target != self.node_id:
-            return
+            return Outcome.IGNORED
         async with self._lock:
             key = self.keys.signing_key
             if key.public_key.key_id == self.identity.key.public_key.key_id:
-                return  # the agent did not rotate (already at that version)
+                return Outcome.IGNORED  # the agent did not rotate (already at that version)
             issued = self.issuer(self.identity.spiffe_id, key)
             new = await issued if inspect.isawaitable(issued) else issued
             if not isinstance(new, NodeIdentity) or (
@@ -244,6 +248,7 @@ class QstpEndpoint:
                 await self._server.rotate_identity(new, self.policy, reason="forced rekey")
             log.info("rekeyed QSTP identity", extra={
                 "key_version": self.key_version, "serial": new.serial})
+            return Outcome.APPLIED
 
 
 __all__ = [

@@ -24,9 +24,17 @@ mesh messages have one author), and registers the existing bindings:
   tunnels) and forced rekey (new certificate from ``ca_dir`` and re-listen), plus
   :class:`~pqcnet.runtime.governance.SentryDirectives` (rate-limit hot reload).
 
-Directives are anchored in the role's QS-DAG before any effect when
-``control_plane.ledger`` is ``node`` (the relayer's ledger; the sentry's ``ledger``
-if its config names one).
+Directives take effect only once anchored in this node's own QS-DAG: the relayer's
+ledger, the sentry's ``ledger`` if its config names one, else a control-plane ledger
+under ``control_plane.state_dir`` that learns the genesis by DAG sync. With
+``control_plane.ledger: none`` the node obeys no directive (a warning says so).
+
+Control-plane state lives under ``control_plane.state_dir``: the DTN bundle store (messages
+for offline peers, delivered on their return), the last CA-signed CRL accepted from
+gossip (:class:`~pqcnet.mesh.crl.CrlGate`), and the journal of the
+:class:`~pqcnet.mesh.pipeline.SlashingPipeline` (evidence -> proposal -> slash; governance
+nodes holding ``governance.signing_keys`` also issue the slash). Waku REST URLs are used
+with failover (:meth:`~pqcnet.mesh.waku.WakuTransport.connect_many`).
 """
 
 from __future__ import annotations
@@ -45,9 +53,18 @@ from pqcnet.crypto.pqc import SigningKey
 from pqcnet.identity import MeshCA, NodeIdentity
 from pqcnet.identity.spiffe import SpiffeId
 from pqcnet.mesh.agent import AgentConfig, ControlPlaneAgent
-from pqcnet.mesh.directives import ForceRekey, GovernancePolicy, RateLimitUpdate, SlashNotice
+from pqcnet.mesh.crl import CrlGate
+from pqcnet.mesh.directives import (
+    ForceRekey,
+    GovernancePolicy,
+    Outcome,
+    RateLimitUpdate,
+    SlashNotice,
+)
+from pqcnet.mesh.dtn import BundleStore
 from pqcnet.mesh.envelope import Keyring, NodeKeys
 from pqcnet.mesh.errors import DirectiveError, WakuError
+from pqcnet.mesh.pipeline import SlashingPipeline
 from pqcnet.mesh.qsdag_port import QsdagPort
 from pqcnet.mesh.transport import InProcessHub, InProcessTransport, Transport
 from pqcnet.mesh.waku import WakuRestClient, WakuTransport
@@ -88,16 +105,18 @@ class _RelayerRekey:
     def __init__(self, endpoint: QstpEndpoint, node: RelayerNode) -> None:
         self.endpoint, self.node = endpoint, node
 
-    def on_rate_limit(self, update: RateLimitUpdate) -> None:
-        return None
+    def on_rate_limit(self, update: RateLimitUpdate) -> Outcome:
+        return Outcome.IGNORED
 
-    def on_slash(self, notice: SlashNotice) -> None:
-        return None  # the endpoint's gate is the relayer's gate
+    def on_slash(self, notice: SlashNotice) -> Outcome:
+        return Outcome.IGNORED  # the endpoint's gate is the relayer's gate
 
-    async def on_force_rekey(self, rekey: ForceRekey) -> None:
+    async def on_force_rekey(self, rekey: ForceRekey) -> Outcome:
         if rekey.target == self.endpoint.node_id and (
                 self.endpoint.identity is not self.node.identity):
             await self.node.rotate_identity(self.endpoint.identity)
+            return Outcome.APPLIED
+        return Outcome.IGNORED
 
 
 def seed_gate(gate: PeerGate, ledger: Ledger | None, own_id: str) -> int:
@@ -118,7 +137,8 @@ def seed_gate(gate: PeerGate, ledger: Ledger | None, own_id: str) -> int:
 
 
 async def _waku_transport(urls: tuple[str, ...]) -> WakuTransport:
-    """A transport on the first Waku node that answers ``/health``."""
+    """A transport failing over across ``urls``; at least one must answer ``/health``
+    now (a clear start error instead of a node that never hears anything)."""
     errors = []
     for url in urls:
         client = WakuRestClient(url)
@@ -127,9 +147,10 @@ async def _waku_transport(urls: tuple[str, ...]) -> WakuTransport:
                 await client.health()
         except (WakuError, TimeoutError) as exc:
             errors.append(f"{url}: {exc or 'timeout'}")
-            await client.aclose()
             continue
-        return WakuTransport(client)
+        finally:
+            await client.aclose()
+        return WakuTransport.connect_many(urls, timeout_s=2.0, retries=0)
     raise NodeError("no Waku node reachable (" + "; ".join(errors) + ")")
 
 
@@ -147,6 +168,9 @@ class NodeRuntime:
         self.sentry: Any = None
         self.sentry_service: SentryService | None = None
         self.sentry_directives: SentryDirectives | None = None
+        self.ledger: Ledger | None = None
+        self.crl: CrlGate | None = None
+        self.pipeline: SlashingPipeline | None = None
         self.port = 0
         self.metrics_port: int | None = None
         self.mesh_metrics_port: int | None = None
@@ -167,6 +191,7 @@ class NodeRuntime:
                 await self._start_sentry()
             assert self.agent is not None
             await self.agent.start()
+            self._start_pipeline()
             cp = self.cfg.control_plane
             if cp.spec.metrics_port is not None:
                 httpd, _thread = start_http_server(cp.spec.metrics_port, addr="127.0.0.1")
@@ -204,9 +229,11 @@ class NodeRuntime:
 
     # ------------------------------------------------------------------ agent
 
-    async def _make_agent(self, keys: NodeKeys, ledger: Ledger | None,
+    async def _make_agent(self, keys: NodeKeys, ledger: Ledger | None, identity: NodeIdentity,
                           cls: type[ControlPlaneAgent] = ControlPlaneAgent) -> ControlPlaneAgent:
         cp = self.cfg.control_plane
+        state = cp.state_dir
+        state.mkdir(parents=True, exist_ok=True)
         transport = self._transport
         if transport is None:
             transport = (await _waku_transport(cp.waku_rest_urls) if cp.spec.transport == "waku"
@@ -222,12 +249,34 @@ class NodeRuntime:
                              announce_interval_ms=int(cp.spec.announce_interval_s * 1000),
                              peer_expiry_ms=int(cp.spec.announce_interval_s * 3000),
                              tick_ms=max(1, int(cp.spec.tick_s * 1000)))
-        port = QsdagPort(ledger, keys) if ledger is not None and cp.spec.ledger == "node" else None
+        if ledger is None and cp.spec.ledger == "node":  # a sentry without its own ledger
+            ledger = Ledger.open(state / "ledger")
+            self._closers.append(ledger.close)
+        self.ledger = ledger if cp.spec.ledger == "node" else None
+        port = QsdagPort(self.ledger, keys) if self.ledger is not None else None
+        bundles = BundleStore(state / "bundles")
+        self._closers.append(bundles.close)
+        self.crl = CrlGate(identity.trust_bundle_pem, initial=identity.crl_pem,
+                           path=state / "crl.pem")
         self.agent = cls(keys, transport, ring, config=config, governance=governance,
-                         ledger=port)
+                         ledger=port, bundles=bundles, crl=self.crl)
         if governance is None:
             log.warning("no governance keys configured; directives will be refused")
+        if port is None:
+            log.warning("control_plane.ledger is none: this node obeys no governance "
+                        "directive (each must be anchored in its own QS-DAG first)")
         return self.agent
+
+    def _start_pipeline(self) -> None:
+        """Evidence -> proposal -> slash on a timer (needs the node's ledger)."""
+        if self.agent is None or self.ledger is None:
+            return
+        cp = self.cfg.control_plane
+        self.pipeline = SlashingPipeline(
+            self.agent, self.ledger, journal=cp.state_dir / "slashing.journal",
+            governance_keys=cp.governance_signing_keys)
+        self._tasks.append(asyncio.create_task(
+            self.pipeline.run(cp.spec.slashing_interval_s), name="slashing"))
 
     # ------------------------------------------------------------------ relayer
 
@@ -243,7 +292,7 @@ class NodeRuntime:
         node_id = self.cfg.control_plane.spec.node_id or rcfg.node_id
         seed_gate(self.gate, node.anchor.ledger, node_id)
         keys = NodeKeys(node_id, identity.key)
-        agent = await self._make_agent(keys, node.anchor.ledger, _RelayerAgent)
+        agent = await self._make_agent(keys, node.anchor.ledger, identity, _RelayerAgent)
         assert isinstance(agent, _RelayerAgent)
         cp = self.cfg.control_plane
         agent.can_rekey = ("no control_plane.ca_dir to certify the new key" if cp.ca_dir is None
@@ -272,7 +321,7 @@ class NodeRuntime:
         self._closers.append(service.aclose)
         await service.open()
         self.sentry = service.sentry
-        agent = await self._make_agent(keys, service.ledger)
+        agent = await self._make_agent(keys, service.ledger, identity)
         self.sentry_directives = SentryDirectives(service.sentry)
         self.endpoint = service.endpoint
         seed_gate(self.endpoint.gate, service.ledger, keys.node_id)
