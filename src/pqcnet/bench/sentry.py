@@ -68,13 +68,7 @@ def _backend_main(port: int) -> None:
     async def client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await r.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line[:15].lower() == b"content-length:":
-                        length = int(line[15:])
-                if length:
-                    await r.readexactly(length)
+                await _skip_body(r, await r.readuntil(b"\r\n\r\n"))
                 w.write(_RESPONSE)
                 await w.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -96,14 +90,16 @@ def _backend_main(port: int) -> None:
 async def _request(r: asyncio.StreamReader, w: asyncio.StreamWriter, req: bytes) -> int:
     w.write(req)
     head = await r.readuntil(b"\r\n\r\n")
-    status = int(head[9:12])
-    length = 0
+    await _skip_body(r, head)
+    return int(head[9:12])
+
+
+async def _skip_body(r: asyncio.StreamReader, head: bytes) -> None:
+    """Read (and drop) the Content-Length body that follows ``head`` (load generator only:
+    the parser under test is the sentry's, not this one)."""
     for line in head.split(b"\r\n"):
-        if line[:15].lower() == b"content-length:":
-            length = int(line[15:])
-    if length:
-        await r.readexactly(length)
-    return status
+        if line[:15].lower() == b"content-length:" and (length := int(line[15:])):
+            await r.readexactly(length)
 
 
 def _req(port: int) -> bytes:
