@@ -23,11 +23,13 @@ async def local_http(sidecar: Sidecar) -> tuple[asyncio.Server, str]:
 # 20/s: client, sidecar, sentry and backend share one process here (~200 RPC/s together
 # on an idle machine, far less on a loaded one), and the flood must offer several times
 # the limit for the whole run — otherwise a stalled loop wastes tokens (the bucket only
-# holds `burst`) and fewer than rate x time pass legitimately.
+# holds `burst`) and fewer than rate x time pass legitimately. A burst of one second's
+# tokens absorbs event-loop stalls shorter than a second (a loaded CI machine has them).
 RATE = 20
+BURST = RATE
 
 
-@pytest.mark.parametrize("stack_options", [{"rate": RATE, "burst": 5}])
+@pytest.mark.parametrize("stack_options", [{"rate": RATE, "burst": BURST}])
 async def test_flood_accepted_rate_within_10_percent(env: Env) -> None:
     sidecar = env.stack.sidecar(env.mesh.acme, env.mesh.acme_issuer)
     server, url = await local_http(sidecar)
@@ -56,7 +58,7 @@ async def test_flood_accepted_rate_within_10_percent(env: Env) -> None:
     finally:
         server.close()
         await sidecar.aclose()
-    expected = RATE * elapsed + 5
+    expected = RATE * elapsed + BURST
     offered = accepted + limited
     assert offered >= 2 * expected, ("the flood did not offer twice the limit; the test "
                                      "proves nothing", offered, expected)
