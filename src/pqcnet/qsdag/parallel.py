@@ -188,6 +188,15 @@ class ParallelVerifier:
                     self.workers, mp_context=multiprocessing.get_context("spawn"))
         return self._pool
 
+    def warm_up(self) -> None:
+        """Start the workers now rather than during the first batch (a spawned
+        process imports pqcnet first, ~1 s)."""
+        pool = self._executor()
+        if pool is not None:
+            futures = [pool.submit(_check_chunk, [], []) for _ in range(self.workers)]
+            for f in futures:
+                f.result()
+
     def close(self) -> None:
         """Stop the workers (idempotent)."""
         pool, self._pool = self._pool, None
