@@ -1,6 +1,6 @@
 """The ``scripts/services`` contract other areas rely on, and its probes.
 
-``.services/env`` lines must be exactly the three documented ``export`` forms; bad
+``.services/env`` lines must be exactly the documented ``export`` forms; bad
 arguments are refused with exit status 2 and one line; the stdlib probes in
 ``tools/probe.py`` say "ready" for the real services and "not ready" (fast, one line)
 for a closed port — the readiness checks are only as good as that distinction.
@@ -24,6 +24,9 @@ ENV_LINE = re.compile(
     r"export PQCNET_REDIS_URL=redis://127\.0\.0\.1:\d+/0"
     r"|export PQCNET_KAFKA_BOOTSTRAP=127\.0\.0\.1:\d+"
     r"|export PQCNET_WAKU_REST_URLS=http://127\.0\.0\.1:\d+(,http://127\.0\.0\.1:\d+){2}"
+    r"|export PQCNET_NATS_URL=tls://127\.0\.0\.1:\d+"
+    r"|export PQCNET_NATS_CA=/\S+/\.services/nats/tls/cert\.pem"
+    r"|export PQCNET_NATS_CLI=/\S+/nats"
 )
 
 
@@ -50,7 +53,8 @@ def test_env_file_lines_follow_the_contract() -> None:
 def test_status_names_every_service() -> None:
     out = _run("status")
     assert out.returncode == 0
-    assert [line.split(":")[0] for line in out.stdout.splitlines()] == ["redis", "kafka", "waku"]
+    names = [line.split(":")[0] for line in out.stdout.splitlines()]
+    assert names == ["redis", "kafka", "waku", "nats"]
 
 
 @pytest.mark.parametrize("args", [("start", "postgres"), ("stop", "redis", "nope"), ("restart",)])
