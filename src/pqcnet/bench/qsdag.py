@@ -259,7 +259,7 @@ def run(count: int = 100_000, authors: int = 4, workers: int = 2,
 @click.option("--sample", default=3000, show_default=True, type=click.IntRange(100, 10**6),
               help="Operations for the raw verify baseline.")
 @click.option("--slice", "slice_size", default=5000, show_default=True,
-              type=click.IntRange(100, 10**6),
+              type=click.IntRange(10, 10**6),
               help="Vertices anchored between interleaved baseline measurements.")
 @click.option("--verify-workers", default=2, show_default=True, type=click.IntRange(1, 32),
               help="Workers checking signatures in the parallel import phase.")
