@@ -86,7 +86,7 @@ class Latencies:
             self.samples.append(age_s(payload))
 
 
-async def _paced(total: int, rate: float, publishers: int,
+async def pace(total: int, rate: float, publishers: int,
                  send: Callable[[int, int], Awaitable[None]]) -> None:
     """Call ``send(publisher, i)`` for ``total`` frames at ``rate`` frames/s overall."""
     per = total // publishers
@@ -156,7 +156,7 @@ async def nats_py(server: NatsServer, frames: int, topics: int, size: int, publi
                     await send(k, i)
             await asyncio.gather(*(flood(k) for k in range(publishers)))
         else:
-            await _paced(want, rate, publishers, send)
+            await pace(want, rate, publishers, send)
         for p in pubs:
             await p.publish_async_completed()
         await asyncio.wait_for(done.wait(), 300)

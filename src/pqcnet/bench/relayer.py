@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from pqcnet.bench._echo import echo_rate
 from pqcnet.bench._env import services_env
-from pqcnet.bench._nats import Latencies, NatsServer, _paced, nats_go, nats_py, stamp
+from pqcnet.bench._nats import Latencies, NatsServer, nats_go, nats_py, pace, stamp
 from pqcnet.bench._stats import machine, percentiles, ratio
 from pqcnet.identity import dev_identities
 from pqcnet.relayer.client import PublisherClient, SubscriberClient
@@ -217,7 +217,7 @@ async def _paced_run(clients: _Clients, frames: int, topics: int, size: int,
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    await _paced(clients.want, rate, publishers, send)
+    await pace(clients.want, rate, publishers, send)
     await asyncio.gather(*tasks)
     await asyncio.wait_for(clients.done.wait(), 300)
     return {"frames": clients.want, "received": clients.got, "offered_per_s": rate,
@@ -240,8 +240,8 @@ async def _relayer_proc(cfg: Path) -> tuple[asyncio.subprocess.Process, int]:
 
 
 def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
-        topics: int = 64, batch: int = 256, size: int = 64, paced_frames: int = 4000,
-        paced_rate: float = 2000.0, baselines: bool = True) -> dict[str, Any]:
+        topics: int = 64, batch: int = 256, size: int = 64, paced_frames: int = 1000,
+        paced_rate: float = 200.0, baselines: bool = True) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-able result."""
     if size < 8:
         raise click.ClickException("--size must be >= 8: frames carry their send time")
@@ -370,9 +370,9 @@ def _peer_baselines(frames: int, topics: int, size: int, publishers: int,
 @click.option("--batch", default=256, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--size", default=64, show_default=True, type=click.IntRange(8),
               help="Payload bytes per frame (the first 8 carry the send time).")
-@click.option("--paced-frames", default=4000, show_default=True, type=click.IntRange(10),
+@click.option("--paced-frames", default=1000, show_default=True, type=click.IntRange(10),
               help="Frames of the latency run (one-frame publishes at --paced-rate).")
-@click.option("--paced-rate", default=2000.0, show_default=True,
+@click.option("--paced-rate", default=200.0, show_default=True,
               type=click.FloatRange(1, 1e6), help="Offered frames/s of the latency run.")
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
               help="Measure the QSTP echo ceiling and NATS JetStream (if running) too.")
