@@ -10,7 +10,23 @@ the same run the raw backend write rate with no pqcnet in the path:
 * redis: pipelined ``XADD``, 512 per pipeline;
 * kafka: aiokafka idempotent ``acks=all`` producer, ``send_batch`` of 512 records.
 
-Targets (issue 4): >= 10,000 frames/s and >= 0.5x the raw write rate.
+Every frame carries its send time, so the subscribers also measure publish→deliver
+latency: in the saturated run (8 requests of ``--batch`` frames in flight per
+publisher, so p50 ≈ frames in flight / throughput by Little's law) and in a *paced*
+run (one-frame publishes at ``--paced-rate``, below saturation: what one frame costs).
+
+Same-run baselines beyond the raw backend (issue 15), same frame size and topic count:
+
+* the QSTP small-frame echo rate over as many tunnels (:mod:`pqcnet.bench._echo`):
+  every relayed frame crosses QSTP twice, so this is the tunnel's own ceiling;
+* NATS JetStream with TLS, file storage, ``Nats-Msg-Id`` dedup and explicit acks
+  (:mod:`pqcnet.bench._nats`), driven by ``nats-py`` (saturated and paced, with
+  latency) and by NATS's Go benchmark client (``nats bench js``), when
+  ``scripts/services start nats`` runs; otherwise the JSON says it was skipped.
+
+Targets (issue 4): >= 10,000 frames/s and >= 0.5x the raw write rate. Issue 15: end
+to end >= 0.5x the echo ceiling; embedded >= 1x NATS (Go client), Redis/Kafka >= 0.6x;
+paced p99 <= 1.5x NATS's (nats-py, the only NATS client here that reports latency).
 """
 
 from __future__ import annotations
