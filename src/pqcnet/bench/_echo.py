@@ -12,11 +12,12 @@ relayer's reads see them too).
 from __future__ import annotations
 
 import asyncio
-import multiprocessing as mp
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from pqcnet.bench._spawn import save_identities, spawned
 
 PASSPHRASE = b"bench-echo"
 #: Frames a client sends before it waits for echoes: bounds the bytes in flight so
@@ -91,27 +92,13 @@ async def _client(port: int, root: Path, frames: int, size: int, tunnels: int) -
 
 def echo_rate(frames: int, size: int, tunnels: int) -> dict[str, Any]:
     """Frames echoed per second (each crossing QSTP twice), server in a second process."""
-    from pqcnet.identity import dev_identities
-
     if size < 1:
         raise ValueError("echo frames need at least one byte")
     with tempfile.TemporaryDirectory(prefix="pqcnet-bench-echo-") as tmp:
         root = Path(tmp)
-        _ca, (server, client) = dev_identities(
-            "bench.test", "spiffe://bench.test/bench/relayer/echo",
-            "spiffe://bench.test/bench/publisher/echo")
-        server.save(root / "server", PASSPHRASE)
-        client.save(root / "client", PASSPHRASE)
-        ctx = mp.get_context("spawn")
-        ports = ctx.Queue()
-        proc = ctx.Process(target=_server_main, args=(str(root), ports), daemon=True)
-        proc.start()
-        try:
-            port = ports.get(timeout=120)
+        save_identities(root, PASSPHRASE, "echo", "echo")
+        with spawned(_server_main, root) as port:
             rate = asyncio.run(_client(port, root, frames, size, tunnels))
-        finally:
-            proc.terminate()
-            proc.join(10)
     return {"what": f"QSTP echo of {size}-byte frames, one Stream.send each, "
                     f"{tunnels} tunnels, server in its own process",
             "frames": frames // tunnels * tunnels, "frames_per_s": round(rate)}

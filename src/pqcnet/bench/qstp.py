@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import multiprocessing as mp
 import os
 import ssl
 import statistics
@@ -40,6 +39,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
+from pqcnet.bench._spawn import save_identities, spawned
 from pqcnet.bench._stats import loadavg, percentiles
 
 TARGETS = {
@@ -358,28 +358,14 @@ async def _measure(root: Path, qport: int, sport: int, handshakes: int, bulk_mib
 def run(handshakes: int = 200, bulk_mib: int = 256, small_mib: int = 16,
         rounds: int = 3) -> dict[str, Any]:
     """Run the whole benchmark; returns the JSON-able result."""
-    from pqcnet.identity import dev_identities
-
     load_before = loadavg()
     with tempfile.TemporaryDirectory(prefix="pqcnet-bench-qstp-") as tmp:
         root = Path(tmp)
-        _ca, (server, client) = dev_identities(
-            "bench.test", "spiffe://bench.test/bench/relayer/server",
-            "spiffe://bench.test/bench/publisher/client")
-        server.save(root / "server", PASSPHRASE)
-        client.save(root / "client", PASSPHRASE)
+        save_identities(root, PASSPHRASE, "server", "client")
         _classical_pki(root)
-        ctx = mp.get_context("spawn")
-        ports = ctx.Queue()
-        proc = ctx.Process(target=_server_main, args=(str(root), ports), daemon=True)
-        proc.start()
-        try:
-            qport, sport = ports.get(timeout=60)
+        with spawned(_server_main, root) as (qport, sport):
             res = asyncio.run(_measure(root, qport, sport, handshakes, bulk_mib, small_mib,
                                       rounds))
-        finally:
-            proc.terminate()
-            proc.join(10)
     full = res["handshake_qstp_full"]["p50_ms"]
     resumed = res["handshake_qstp_resumed"]["p50_ms"]
     classical = res["handshake_stdlib_classical_full"]["p50_ms"]
