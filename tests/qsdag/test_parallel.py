@@ -80,12 +80,13 @@ def _import(path: Path, items: list[Vertex | bytes],
         ledger.close()
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_threaded_import_equals_serial_import(tmp_path: Path, seed: int) -> None:
+@pytest.mark.parametrize(("seed", "chunk", "lookahead"), [(1, 256, 2048), (2, 3, 7), (3, 1, 1)])
+def test_threaded_import_equals_serial_import(tmp_path: Path, seed: int, chunk: int,
+                                              lookahead: int) -> None:
     history, extras = _history(tmp_path / "src")
     items = _stream(history, extras, seed)
     serial = _import(tmp_path / "serial", items, None)
-    with ParallelVerifier(2, mode="thread") as verifier:
+    with ParallelVerifier(2, mode="thread", chunk=chunk, lookahead=lookahead) as verifier:
         par = _import(tmp_path / "par", items, verifier)
     assert par == serial
     # the input really exercised the rules: forged, equivocating, stale-key and
@@ -99,7 +100,7 @@ def test_process_pool_import_equals_serial_import(tmp_path: Path) -> None:
     history, extras = _history(tmp_path / "src")
     items = _stream(history, extras, 4)
     serial = _import(tmp_path / "serial", items, None)
-    with ParallelVerifier(2, mode="process") as verifier:
+    with ParallelVerifier(2, mode="process", chunk=5, lookahead=12) as verifier:
         assert _import(tmp_path / "par", items, verifier) == serial
 
 
@@ -132,7 +133,7 @@ def test_parallel_audit_equals_serial_audit_on_a_damaged_ledger(tmp_path: Path) 
     ledger._store.raw_put("vertices", victim, os.urandom(64))  # storage damage
     serial = ledger.verify()
     ledger.close()
-    with ParallelVerifier(2, mode="thread") as verifier:
+    with ParallelVerifier(2, mode="thread", chunk=4, lookahead=9) as verifier:
         ledger = Ledger.open(tmp_path / "l", verifier=verifier)
         par = ledger.verify()
         ledger.close()
@@ -145,6 +146,8 @@ def test_bad_settings_are_typed_errors() -> None:
         ParallelVerifier(0)
     with pytest.raises(VerifierConfigError):
         ParallelVerifier(2, mode="fibers")  # type: ignore[arg-type]
+    with pytest.raises(VerifierConfigError):
+        ParallelVerifier(2, chunk=10, lookahead=5)
 
 
 def _gil_released_during(op: Callable[[], object], calls: int = 40) -> bool:

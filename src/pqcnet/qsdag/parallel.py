@@ -54,10 +54,10 @@ log = logging.getLogger("pqcnet.qsdag")
 #: Most worker threads/processes one verifier may run: each holds a core busy.
 MAX_WORKERS = 32
 #: Vertices per worker task: amortises the hand-off (and, for processes, the pickling).
-CHUNK = 64
+CHUNK = 256
 #: How far (vertices) the verifier reads ahead of the anchoring. Bounds the vertices
 #: held in memory and the work wasted if the consumer stops early.
-LOOKAHEAD = 1024
+LOOKAHEAD = 2048
 #: Valid signatures remembered at most; the oldest is forgotten first. Forgetting
 #: only costs a repeat verify (an orphan released long after it was checked).
 MAX_PROVEN = 16_384
@@ -164,13 +164,20 @@ class ParallelVerifier:
     owner closes it (:meth:`close`); a ledger only borrows it.
     """
 
-    def __init__(self, workers: int, *, mode: Literal["process", "thread"] = "process") -> None:
+    def __init__(self, workers: int, *, mode: Literal["process", "thread"] = "process",
+                 chunk: int = CHUNK, lookahead: int = LOOKAHEAD) -> None:
         if not 1 <= workers <= MAX_WORKERS:
             raise VerifierConfigError(f"verifier workers must be 1..{MAX_WORKERS}, got {workers}")
         if mode not in ("process", "thread"):
             raise VerifierConfigError(f"verifier mode must be 'process' or 'thread', not {mode!r}")
+        if not 1 <= chunk <= lookahead:
+            raise VerifierConfigError(f"need 1 <= chunk <= lookahead, got {chunk}, {lookahead}")
         self.workers = workers
         self.mode = mode
+        #: vertices per worker task (:data:`CHUNK`)
+        self.chunk = chunk
+        #: vertices read ahead of the anchoring at most (:data:`LOOKAHEAD`)
+        self.lookahead = lookahead
         self._pool: Executor | None = None
         self._broken = False
 
@@ -238,7 +245,7 @@ class ParallelVerifier:
         source = iter(items)
         exhausted = False
         while True:
-            while not exhausted and len(buffered) < LOOKAHEAD:
+            while not exhausted and len(buffered) < self.lookahead:
                 try:
                     item = next(source)
                 except StopIteration:
@@ -252,7 +259,7 @@ class ParallelVerifier:
                         open_chunk.add(key, v)
                         target = open_chunk
                 buffered.append((out, target))
-                if len(open_chunk.jobs) >= CHUNK:
+                if len(open_chunk.jobs) >= self.chunk:
                     self._submit(open_chunk, chunks)
                     open_chunk = _Chunk()
             if not buffered:
