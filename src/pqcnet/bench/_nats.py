@@ -19,6 +19,7 @@ The server is ``scripts/services start nats`` (``PQCNET_NATS_URL``, ``PQCNET_NAT
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 import ssl
@@ -148,22 +149,29 @@ async def nats_py(server: NatsServer, frames: int, topics: int, size: int, publi
             await pubs[k].publish_async(f"{name}.t{(k + i * publishers) % topics}",
                                         stamp(size), headers={"Nats-Msg-Id": f"{k}-{i}"})
 
+        async def flood(k: int) -> None:
+            for i in range(per):
+                await send(k, i)
+
         consumer = asyncio.create_task(consume())
-        t0 = time.perf_counter()
-        if rate is None:
-            async def flood(k: int) -> None:
-                for i in range(per):
-                    await send(k, i)
-            await asyncio.gather(*(flood(k) for k in range(publishers)))
-        else:
-            await pace(want, rate, publishers, send)
-        for p in pubs:
-            await p.publish_async_completed()
-        await asyncio.wait_for(done.wait(), 300)
-        elapsed = time.perf_counter() - t0
-        await consumer
-        await psub.unsubscribe()
-        await js.delete_stream(name)
+        try:
+            t0 = time.perf_counter()
+            if rate is None:
+                await asyncio.gather(*(flood(k) for k in range(publishers)))
+            else:
+                await pace(want, rate, publishers, send)
+            for p in pubs:
+                await p.publish_async_completed()
+            await asyncio.wait_for(done.wait(), 300)
+            elapsed = time.perf_counter() - t0
+            await consumer
+        finally:
+            consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, nats.errors.Error):
+                await consumer
+                await psub.unsubscribe()
+            with contextlib.suppress(nats.errors.Error):
+                await js.delete_stream(name)  # the file store is not left behind
         return {"frames": want, "frames_per_s": round(want / elapsed),
                 "latency": percentiles(lat.samples)}
 
