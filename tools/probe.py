@@ -12,6 +12,7 @@ ready, with one line on stderr saying why).
     python3 tools/probe.py waku-multiaddr http://127.0.0.1:8645
     python3 tools/probe.py waku-peers http://127.0.0.1:8645 --min 2 --timeout 60
     python3 tools/probe.py waku-relay http://127.0.0.1:8645 http://127.0.0.1:8646
+    python3 tools/probe.py http-ok 'http://127.0.0.1:8222/healthz?js-enabled-only=true'
 """
 
 from __future__ import annotations
@@ -200,6 +201,13 @@ def waku_relay(src: str, dst: str) -> None:
     raise NotReady(f"message published via {src} not seen at {dst}")
 
 
+def http_ok(url: str) -> None:
+    """A health endpoint answering ``{"status": "ok"}`` (NATS ``/healthz``)."""
+    got = _http("GET", url)
+    if not (isinstance(got, dict) and got.get("status") == "ok"):
+        raise NotReady(f"{url} answered {got!r}")
+
+
 def wait(check: Callable[[], object], timeout: float) -> None:
     """Retry ``check`` until it passes or ``timeout`` elapses; exit 1 with the last reason."""
     deadline = time.monotonic() + timeout
@@ -231,7 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     wr = sub.add_parser("waku-relay")
     wr.add_argument("src")
     wr.add_argument("dst")
-    for sp in (k, wp, wr):
+    ho = sub.add_parser("http-ok")
+    ho.add_argument("url")
+    for sp in (k, wp, wr, ho):
         sp.add_argument("--timeout", type=float, default=float(os.environ.get("PROBE_TIMEOUT", 30)))
     a = p.parse_args(argv)
     if a.cmd == "free-port":
@@ -250,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
         wait(lambda: waku_peers(a.url, a.min), a.timeout)
     elif a.cmd == "waku-relay":
         wait(lambda: waku_relay(a.src, a.dst), a.timeout)
+    elif a.cmd == "http-ok":
+        wait(lambda: http_ok(a.url), a.timeout)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ ENV_LINE = re.compile(
     r"|export PQCNET_PKCS11_MODULE=/\S+\.so"
     r"|export PQCNET_PKCS11_TOKEN=pqcnet-test"
     r"|export PQCNET_PKCS11_PIN=[0-9a-f]{24}"
+    r"|export PQCNET_NATS_URL=tls://127\.0\.0\.1:\d+"
+    r"|export PQCNET_NATS_CA=/\S+/\.services/nats/tls/cert\.pem"
+    r"|export PQCNET_NATS_CLI=/\S+/nats"
 )
 
 
@@ -54,8 +57,8 @@ def test_env_file_lines_follow_the_contract() -> None:
 def test_status_names_every_service() -> None:
     out = _run("status")
     assert out.returncode == 0
-    assert [line.split(":")[0] for line in out.stdout.splitlines()] == ["redis", "kafka", "waku",
-                                                                     "softhsm"]
+    names = [line.split(":")[0] for line in out.stdout.splitlines()]
+    assert names == ["redis", "kafka", "waku", "softhsm", "nats"]
 
 
 @pytest.mark.parametrize("args", [("start", "postgres"), ("stop", "redis", "nope"), ("restart",)])

@@ -7,8 +7,14 @@ B's), same message count, same payload size:
 * ``pqcnet`` — each message signed (ML-DSA-65) and sealed (X25519+ML-KEM-768) by the
   sender, opened and verified (signature, replay window, skew) by the receiver.
 
-Reports messages/s and p50/p99 publish-to-accept latency for both and the overhead
-ratio. Without Waku URLs (``--waku`` or ``PQCNET_WAKU_REST_URLS``) it falls back to
+Each mode runs twice: *saturated* (``--inflight`` publishes in flight, as fast as
+they go: messages/s) and *paced* (``--paced-rate`` messages/s offered, below
+saturation: publish-to-accept latency). Latency from the saturated run is mostly
+queueing — with N publishes in flight, Little's law makes p50 ≈ N / throughput, so it
+only restates the throughput; the paced run measures what one message costs.
+Targets (issue 15): throughput >= 0.8x raw, paced p50 <= raw p50 + 3 ms. The JSON
+also has this process's CPU per message (signing, sealing, HTTP, polling) per run.
+Without Waku URLs (``--waku`` or ``PQCNET_WAKU_REST_URLS``) it falls back to
 the in-process transport and says so in the JSON.
 """
 
@@ -27,6 +33,7 @@ import click
 from tqdm import tqdm
 
 from pqcnet.bench._env import services_env
+from pqcnet.bench._stats import machine
 from pqcnet.mesh.envelope import EnvelopeSigner, EnvelopeVerifier, Keyring, MessageType, NodeKeys
 from pqcnet.mesh.transport import InProcessHub, InProcessTransport, Transport, content_topic
 from pqcnet.mesh.waku import WakuTransport
@@ -45,8 +52,12 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(p * len(xs)))]
 
 
+TARGET_THROUGHPUT_RATIO = 0.8
+TARGET_P50_OVER_RAW_MS = 3.0
+
+
 async def _one_run(mode: str, pub: Transport, sub_t: Transport, count: int, size: int,
-                   inflight: int, progress: tqdm) -> dict[str, Any]:
+                   inflight: int, progress: tqdm, rate: float | None = None) -> dict[str, Any]:
     topic = content_topic(f"bench{uuid.uuid4().hex[:8]}.{mode}")
     sender = NodeKeys.generate("bench-sender")
     receiver = NodeKeys.generate("bench-receiver")
@@ -84,6 +95,8 @@ async def _one_run(mode: str, pub: Transport, sub_t: Transport, count: int, size
     pad = b"\x00" * max(0, size - _SEQ.size)
 
     async def send(i: int) -> None:
+        if rate is not None:
+            await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
         async with sem:
             body = _SEQ.pack(i, time.time()) + pad
             sent_at[i] = time.perf_counter()
@@ -95,10 +108,12 @@ async def _one_run(mode: str, pub: Transport, sub_t: Transport, count: int, size
             await pub.publish(topic, wire)
 
     t0 = time.perf_counter()
+    cpu0 = time.process_time()
     await asyncio.gather(*(send(i) for i in range(count)))
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(done.wait(), timeout=max(30.0, count * 0.05))
     elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
     rx.cancel()
     sub.close()
     delivered = len(latencies)
@@ -108,11 +123,15 @@ async def _one_run(mode: str, pub: Transport, sub_t: Transport, count: int, size
         "p50_ms": round(_pct(latencies, 0.50) * 1000, 2),
         "p99_ms": round(_pct(latencies, 0.99) * 1000, 2),
         "mean_ms": round(statistics.fmean(latencies) * 1000, 2) if latencies else None,
+        "cpu_ms_per_msg": round(cpu / count * 1000, 3),
+        **({"offered_per_s": rate} if rate is not None else {"inflight": inflight}),
     }
 
 
-async def run_async(urls: list[str], count: int, size: int, inflight: int) -> dict[str, Any]:
-    """Both runs; returns the JSON-ready result."""
+async def run_async(urls: list[str], count: int, size: int, inflight: int,
+                    paced_count: int = 100, paced_rate: float = 20.0) -> dict[str, Any]:
+    """Both modes, saturated and paced; returns the JSON-ready result."""
+    before = machine()
     def transports() -> tuple[Transport, Transport]:
         if len(urls) >= 2:
             return (WakuTransport.connect(urls[0], poll_interval_s=0.01),
@@ -121,15 +140,21 @@ async def run_async(urls: list[str], count: int, size: int, inflight: int) -> di
         return InProcessTransport(hub), InProcessTransport(hub)
 
     results: dict[str, Any] = {}
-    with tqdm(total=2 * count, desc="mesh bench", unit="msg") as progress:
+    with tqdm(total=2 * (count + paced_count), desc="mesh bench", unit="msg",
+              disable=None) as progress:
         for mode in ("raw", "pqcnet"):
-            pub, sub = transports()
-            try:
-                results[mode] = await _one_run(mode, pub, sub, count, size, inflight, progress)
-            finally:
-                await pub.close()
-                await sub.close()
+            for label, n, rate in (("", count, None), ("_paced", paced_count, paced_rate)):
+                pub, sub = transports()
+                try:
+                    results[mode + label] = await _one_run(mode, pub, sub, n, size,
+                                                           inflight if rate is None else n,
+                                                           progress, rate)
+                finally:
+                    await pub.close()
+                    await sub.close()
     raw, pq = results["raw"], results["pqcnet"]
+    raw_p, pq_p = results["raw_paced"], results["pqcnet_paced"]
+    throughput = round(pq["msgs_per_s"] / raw["msgs_per_s"], 3) if raw["msgs_per_s"] else None
     return {
         "benchmark": "mesh",
         "transport": "go-waku REST" if len(urls) >= 2 else "in-process (no Waku URLs)",
@@ -137,9 +162,19 @@ async def run_async(urls: list[str], count: int, size: int, inflight: int) -> di
         "messages": count, "payload_bytes": size, "inflight": inflight,
         "baseline_raw_rest": raw,
         "pqcnet_signed_sealed": pq,
-        "throughput_ratio_pqcnet_over_raw": round(pq["msgs_per_s"] / raw["msgs_per_s"], 3)
-        if raw["msgs_per_s"] else None,
+        "baseline_raw_rest_paced": raw_p,
+        "pqcnet_signed_sealed_paced": pq_p,
+        "throughput_ratio_pqcnet_over_raw": throughput,
         "p50_latency_ratio": round(pq["p50_ms"] / raw["p50_ms"], 3) if raw["p50_ms"] else None,
+        "paced_p50_over_raw_ms": round(pq_p["p50_ms"] - raw_p["p50_ms"], 2),
+        "targets": {
+            "throughput_ratio_min": TARGET_THROUGHPUT_RATIO,
+            "paced_p50_over_raw_ms_max": TARGET_P50_OVER_RAW_MS,
+            "met_throughput": None if throughput is None
+            else throughput >= TARGET_THROUGHPUT_RATIO,
+            "met_paced_p50": pq_p["p50_ms"] - raw_p["p50_ms"] <= TARGET_P50_OVER_RAW_MS,
+        },
+        "machine": {"before": before, "after": machine()},
     }
 
 
@@ -149,7 +184,13 @@ async def run_async(urls: list[str], count: int, size: int, inflight: int) -> di
 @click.option("--count", default=300, show_default=True, help="Messages per run.")
 @click.option("--size", default=512, show_default=True, help="Application payload bytes.")
 @click.option("--inflight", default=8, show_default=True, help="Concurrent publishes.")
-def cli(waku_urls: str, count: int, size: int, inflight: int) -> None:
+@click.option("--paced-count", default=100, show_default=True, type=click.IntRange(1),
+              help="Messages per paced (latency) run.")
+@click.option("--paced-rate", default=20.0, show_default=True, type=click.FloatRange(0.1),
+              help="Offered messages/s of the paced runs.")
+def cli(waku_urls: str, count: int, size: int, inflight: int, paced_count: int,
+        paced_rate: float) -> None:
     """Control messages/s and latency through go-waku: pqcnet vs raw REST publish."""
     urls = [u for u in waku_urls.split(",") if u] or _urls_from_env()
-    click.echo(json.dumps(asyncio.run(run_async(urls, count, size, inflight)), indent=2))
+    click.echo(json.dumps(asyncio.run(run_async(urls, count, size, inflight, paced_count,
+                                                paced_rate)), indent=2))

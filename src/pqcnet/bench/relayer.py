@@ -10,7 +10,23 @@ the same run the raw backend write rate with no pqcnet in the path:
 * redis: pipelined ``XADD``, 512 per pipeline;
 * kafka: aiokafka idempotent ``acks=all`` producer, ``send_batch`` of 512 records.
 
-Targets (issue 4): >= 10,000 frames/s and >= 0.5x the raw write rate.
+Every frame carries its send time, so the subscribers also measure publish→deliver
+latency: in the saturated run (8 requests of ``--batch`` frames in flight per
+publisher, so p50 ≈ frames in flight / throughput by Little's law) and in a *paced*
+run (one-frame publishes at ``--paced-rate``, below saturation: what one frame costs).
+
+Same-run baselines beyond the raw backend (issue 15), same frame size and topic count:
+
+* the QSTP small-frame echo rate over as many tunnels (:mod:`pqcnet.bench._echo`):
+  every relayed frame crosses QSTP twice, so this is the tunnel's own ceiling;
+* NATS JetStream with TLS, file storage, ``Nats-Msg-Id`` dedup and explicit acks
+  (:mod:`pqcnet.bench._nats`), driven by ``nats-py`` (saturated and paced, with
+  latency) and by NATS's Go benchmark client (``nats bench js``), when
+  ``scripts/services start nats`` runs; otherwise the JSON says it was skipped.
+
+Targets (issue 4): >= 10,000 frames/s and >= 0.5x the raw write rate. Issue 15: end
+to end >= 0.5x the echo ceiling; embedded >= 1x NATS (Go client), Redis/Kafka >= 0.6x;
+paced p99 <= 1.5x NATS's (nats-py, the only NATS client here that reports latency).
 """
 
 from __future__ import annotations
@@ -30,13 +46,22 @@ import click
 import yaml
 from tqdm import tqdm
 
+from pqcnet.bench._echo import echo_rate
 from pqcnet.bench._env import services_env
+from pqcnet.bench._nats import Latencies, NatsServer, nats_go, nats_py, pace, stamp
+from pqcnet.bench._stats import machine, percentiles, ratio
 from pqcnet.identity import dev_identities
 from pqcnet.relayer.client import PublisherClient, SubscriberClient
 from pqcnet.relayer.frame import Frame, encode
 
 TARGET_FPS = 10_000
 TARGET_RATIO = 0.5
+#: issue 15: end to end >= 0.5x the QSTP small-frame echo ceiling
+TARGET_VS_ECHO = 0.5
+#: issue 15: embedded >= 1x NATS JetStream (Go client); Redis/Kafka >= 0.6x
+TARGET_VS_NATS_BROKER = 0.6
+#: issue 15: p99 publish->deliver <= NATS's x1.5
+TARGET_P99_VS_NATS = 1.5
 
 
 async def _raw_rate(backend: str, n: int, size: int, tmp: Path, url: str) -> float:
@@ -100,32 +125,67 @@ async def _raw_rate(backend: str, n: int, size: int, tmp: Path, url: str) -> flo
     return n / dt
 
 
-async def _e2e(port: int, ids: Any, frames: int, publishers: int, topics: int, batch: int,
-               size: int) -> tuple[float, int]:
-    customers = [f"cust{i}" for i in range(4)]
-    subs = []
-    got = {"n": 0}
-    done = asyncio.Event()
-    for c in customers:
-        s = await SubscriberClient.connect("127.0.0.1", port, ids[2])
-        await s.subscribe(c)
-        subs.append(s)
+class _Clients:
+    """Publishers and subscribers on their own QSTP tunnels, for one relayer."""
 
-    async def drain(s: SubscriberClient) -> None:
+    def __init__(self, pubs: list[PublisherClient], subs: list[SubscriberClient]) -> None:
+        self.pubs = pubs
+        self.subs = subs
+        self.got = 0
+        self.want = 0
+        self.lat: Latencies = Latencies(1)
+        self.done = asyncio.Event()
+        self._drains = [asyncio.create_task(self._drain(s)) for s in subs]
+
+    @classmethod
+    async def connect(cls, port: int, ids: Any, publishers: int) -> _Clients:
+        subs = []
+        for c in CUSTOMERS:
+            s = await SubscriberClient.connect("127.0.0.1", port, ids[2])
+            await s.subscribe(c)
+            subs.append(s)
+        pubs = [await PublisherClient.connect("127.0.0.1", port, ids[1])
+                for _ in range(publishers)]
+        return cls(pubs, subs)
+
+    async def _drain(self, s: SubscriberClient) -> None:
         async for b in s.batches():
-            got["n"] += len(b)
-            if got["n"] >= frames:
-                done.set()
+            for f in b:
+                self.lat.add(f.payload)
+            self.got += len(b)
+            if self.got >= self.want:
+                self.done.set()
 
-    drains = [asyncio.create_task(drain(s)) for s in subs]
-    clients = [await PublisherClient.connect("127.0.0.1", port, ids[1])
-               for _ in range(publishers)]
+    def expect(self, n: int) -> None:
+        self.got, self.want, self.lat = 0, n, Latencies(n)
+        self.done.clear()
+
+    async def close(self) -> None:
+        for d in self._drains:
+            d.cancel()
+        for client in self.pubs:
+            await client.close()
+        for s in self.subs:
+            await s.close()
+
+
+CUSTOMERS = [f"cust{i}" for i in range(4)]
+
+
+def _topics(k: int, topics: int, publishers: int, prefix: str) -> list[tuple[str, str]]:
+    return [(CUSTOMERS[t % 4], f"{prefix}{t}") for t in range(k, topics, publishers)]
+
+
+async def _saturated(clients: _Clients, frames: int, topics: int, batch: int,
+                     size: int) -> dict[str, Any]:
+    """Every publisher keeps 8 requests of ``batch`` frames in flight."""
+    publishers = len(clients.pubs)
     per_pub = frames // publishers
-    payload = os.urandom(size)
+    clients.expect(per_pub * publishers)
     bar = tqdm(total=frames, unit="frame", desc="relayer e2e", disable=None)
 
     async def pub(k: int, client: PublisherClient) -> None:
-        mine = [(customers[t % 4], f"ch{t}") for t in range(k, topics, publishers)]
+        mine = _topics(k, topics, publishers, "ch")
         seq = {t: 0 for t in mine}
         sent = 0
         inflight: set[asyncio.Task[Any]] = set()
@@ -134,7 +194,7 @@ async def _e2e(port: int, ids: Any, frames: int, publishers: int, topics: int, b
             for _ in range(min(batch, per_pub - sent)):
                 t = mine[(sent + len(fr)) % len(mine)]
                 seq[t] += 1
-                fr.append(Frame(t[0], t[1], seq[t], payload))
+                fr.append(Frame(t[0], t[1], seq[t], stamp(size)))
             sent += len(fr)
             task = asyncio.create_task(client.publish(fr))
             inflight.add(task)
@@ -146,17 +206,38 @@ async def _e2e(port: int, ids: Any, frames: int, publishers: int, topics: int, b
             assert all(r.accepted for r in res)
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(pub(k, c) for k, c in enumerate(clients)))
-    await asyncio.wait_for(done.wait(), 300)
+    await asyncio.gather(*(pub(k, c) for k, c in enumerate(clients.pubs)))
+    await asyncio.wait_for(clients.done.wait(), 300)
     elapsed = time.perf_counter() - t0
     bar.close()
-    for d in drains:
-        d.cancel()
-    for client in clients:
-        await client.close()
-    for s in subs:
-        await s.close()
-    return per_pub * publishers / elapsed, got["n"]
+    return {"frames": clients.want, "received": clients.got,
+            "frames_per_s": round(clients.want / elapsed),
+            "latency": percentiles(clients.lat.samples),
+            "in_flight_frames": publishers * 8 * batch}
+
+
+async def _paced_run(clients: _Clients, frames: int, topics: int, size: int,
+                     rate: float) -> dict[str, Any]:
+    """One-frame publishes at ``rate`` frames/s overall: latency below saturation."""
+    publishers = len(clients.pubs)
+    clients.expect(frames // publishers * publishers)
+    mine = [_topics(k, topics, publishers, "paced") for k in range(publishers)]
+    seqs: dict[tuple[str, str], int] = {}
+    tasks: set[asyncio.Task[Any]] = set()
+
+    async def send(k: int, i: int) -> None:
+        t = mine[k][i % len(mine[k])]
+        seqs[t] = seqs.get(t, 0) + 1
+        task = asyncio.create_task(clients.pubs[k].publish([Frame(t[0], t[1], seqs[t],
+                                                                  stamp(size))]))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    await pace(clients.want, rate, publishers, send)
+    await asyncio.gather(*tasks)
+    await asyncio.wait_for(clients.done.wait(), 300)
+    return {"frames": clients.want, "received": clients.got, "offered_per_s": rate,
+            "latency": percentiles(clients.lat.samples)}
 
 
 async def _relayer_proc(cfg: Path) -> tuple[asyncio.subprocess.Process, int]:
@@ -175,8 +256,11 @@ async def _relayer_proc(cfg: Path) -> tuple[asyncio.subprocess.Process, int]:
 
 
 def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
-        topics: int = 64, batch: int = 256, size: int = 64) -> dict[str, Any]:
+        topics: int = 64, batch: int = 256, size: int = 64, paced_frames: int = 1000,
+        paced_rate: float = 200.0, baselines: bool = True) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-able result."""
+    if size < 8:
+        raise click.ClickException("--size must be >= 8: frames carry their send time")
     url = ""
     if backend == "redis":
         url = services_env("PQCNET_REDIS_URL")
@@ -184,6 +268,7 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
         url = services_env("PQCNET_KAFKA_BOOTSTRAP")
     if backend != "embedded" and not url:
         raise click.ClickException(f"{backend} is not running (scripts/services start)")
+    before = machine()
 
     async def go() -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="pqcnet-bench-relayer-") as d:
@@ -204,7 +289,12 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
             path.write_text(yaml.safe_dump({"relayer": cfg}))
             proc, port = await _relayer_proc(path)
             try:
-                fps, received = await _e2e(port, ids, frames, publishers, topics, batch, size)
+                clients = await _Clients.connect(port, ids, publishers)
+                try:
+                    sat = await _saturated(clients, frames, topics, batch, size)
+                    paced = await _paced_run(clients, paced_frames, topics, size, paced_rate)
+                finally:
+                    await clients.close()
             finally:
                 proc.terminate()
                 with contextlib.suppress(TimeoutError):
@@ -212,32 +302,99 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
                 if proc.returncode is None:
                     proc.kill()
             raw = await _raw_rate(backend, frames, size, tmp, url)
-        return {
-            "benchmark": "relayer", "backend": backend, "shards": 32, "frames": frames,
-            "received": received, "publishers": publishers, "topics": topics,
-            "batch": batch, "payload_bytes": size,
-            "e2e_frames_per_s": round(fps), "baseline": {
-                "what": {"embedded": "rocksdict WriteBatch put (512/batch)",
-                         "redis": "pipelined XADD (512/pipeline)",
-                         "kafka": "aiokafka idempotent acks=all send_batch (512/batch)"}[backend],
-                "raw_writes_per_s": round(raw)},
-            "ratio": round(fps / raw, 3),
-            "targets": {"frames_per_s": TARGET_FPS, "ratio": TARGET_RATIO,
-                        "met_fps": fps >= TARGET_FPS, "met_ratio": fps / raw >= TARGET_RATIO},
-        }
+        return {"saturated": sat, "paced": paced, "raw": raw}
 
-    return asyncio.run(go())
+    res = asyncio.run(go())
+    sat, raw = res["saturated"], res["raw"]
+    fps = sat["frames_per_s"]
+    peers = _peer_baselines(frames, topics, size, publishers, paced_frames, paced_rate,
+                            baselines)
+    echo = peers["qstp_echo"].get("frames_per_s")
+    go_fps = peers["nats_go"].get("frames_per_s")
+    py = peers["nats_py"]
+    py_paced_p99 = py.get("paced", {}).get("latency", {}).get("p99_ms")
+    py_sat_p99 = py.get("saturated", {}).get("latency", {}).get("p99_ms")
+    ratios = {
+        "vs_raw_backend_writes": ratio(fps, raw),
+        "vs_qstp_echo_ceiling": ratio(fps, echo),
+        "vs_nats_go": ratio(fps, go_fps),
+        "vs_nats_py": ratio(fps, py.get("saturated", {}).get("frames_per_s")),
+        "paced_p99_vs_nats_py_paced_p99": ratio(res["paced"]["latency"]["p99_ms"],
+                                                py_paced_p99),
+        "saturated_p99_vs_nats_py_saturated_p99": ratio(sat["latency"]["p99_ms"], py_sat_p99),
+    }
+    nats_floor = 1.0 if backend == "embedded" else TARGET_VS_NATS_BROKER
+    return {
+        "benchmark": "relayer", "backend": backend, "shards": 32, "frames": frames,
+        "received": sat["received"], "publishers": publishers, "topics": topics,
+        "batch": batch, "payload_bytes": size,
+        "e2e_frames_per_s": fps,
+        "pqcnet": {"saturated": sat, "paced": res["paced"]},
+        "baseline": {
+            "what": {"embedded": "rocksdict WriteBatch put (512/batch)",
+                     "redis": "pipelined XADD (512/pipeline)",
+                     "kafka": "aiokafka idempotent acks=all send_batch (512/batch)"}[backend],
+            "raw_writes_per_s": round(raw)},
+        "ratio": ratio(fps, raw),
+        "baselines": peers,
+        "ratios": ratios,
+        "targets": {
+            "frames_per_s": TARGET_FPS, "ratio": TARGET_RATIO,
+            "vs_qstp_echo": TARGET_VS_ECHO, "vs_nats_go": nats_floor,
+            "p99_vs_nats_max": TARGET_P99_VS_NATS,
+            "met_fps": fps >= TARGET_FPS, "met_ratio": fps / raw >= TARGET_RATIO,
+            "met_vs_qstp_echo": _met(ratios["vs_qstp_echo_ceiling"], TARGET_VS_ECHO),
+            "met_vs_nats_go": _met(ratios["vs_nats_go"], nats_floor),
+            "met_p99_vs_nats": _met(ratios["paced_p99_vs_nats_py_paced_p99"],
+                                    TARGET_P99_VS_NATS, below=True),
+        },
+        "machine": {"before": before, "after": machine()},
+    }
+
+
+def _met(value: float | None, target: float, *, below: bool = False) -> bool | None:
+    if value is None:
+        return None
+    return value <= target if below else value >= target
+
+
+def _peer_baselines(frames: int, topics: int, size: int, publishers: int,
+                    paced_frames: int, paced_rate: float, enabled: bool) -> dict[str, Any]:
+    """The tunnel's ceiling and the peer (NATS JetStream), same sizes, same run."""
+    if not enabled:
+        off = {"skipped": "--no-baselines"}
+        return {"qstp_echo": off, "nats_py": off, "nats_go": off}
+    out: dict[str, Any] = {"qstp_echo": echo_rate(frames, size, publishers)}
+    server = NatsServer.find()
+    if server is None:
+        off = {"skipped": "NATS not running (scripts/services install nats && "
+                          "scripts/services start nats)"}
+        out.update(nats_py=off, nats_go=off)
+        return out
+    out["nats_py"] = asyncio.run(nats_py(server, frames, topics, size, publishers,
+                                         paced_frames, paced_rate))
+    out["nats_go"] = nats_go(server, frames, topics, size, publishers)
+    return out
 
 
 @click.command()
 @click.option("--backend", type=click.Choice(["embedded", "redis", "kafka"]),
               default="embedded", show_default=True)
-@click.option("--frames", default=60_000, show_default=True, type=click.IntRange(1000))
+@click.option("--frames", default=60_000, show_default=True, type=click.IntRange(100))
 @click.option("--publishers", default=4, show_default=True, type=click.IntRange(1, 64))
 @click.option("--topics", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--batch", default=256, show_default=True, type=click.IntRange(1, 4096))
-@click.option("--size", default=64, show_default=True, type=click.IntRange(0),
-              help="Payload bytes per frame.")
-def cli(backend: str, frames: int, publishers: int, topics: int, batch: int, size: int) -> None:
-    """End-to-end relayer frames/s (32 shards) vs the raw backend write rate."""
-    click.echo(json.dumps(run(backend, frames, publishers, topics, batch, size), indent=2))
+@click.option("--size", default=64, show_default=True, type=click.IntRange(8),
+              help="Payload bytes per frame (the first 8 carry the send time).")
+@click.option("--paced-frames", default=1000, show_default=True, type=click.IntRange(10),
+              help="Frames of the latency run (one-frame publishes at --paced-rate).")
+@click.option("--paced-rate", default=200.0, show_default=True,
+              type=click.FloatRange(1, 1e6), help="Offered frames/s of the latency run.")
+@click.option("--baselines/--no-baselines", default=True, show_default=True,
+              help="Measure the QSTP echo ceiling and NATS JetStream (if running) too.")
+def cli(backend: str, frames: int, publishers: int, topics: int, batch: int, size: int,
+        paced_frames: int, paced_rate: float, baselines: bool) -> None:
+    """End-to-end relayer frames/s and publish→deliver latency (32 shards) vs the raw
+    backend, the QSTP small-frame echo ceiling and NATS JetStream (nats-py and Go)."""
+    click.echo(json.dumps(run(backend, frames, publishers, topics, batch, size,
+                              paced_frames, paced_rate, baselines), indent=2))

@@ -10,11 +10,12 @@ with its reason; the audit never stops at the first one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 from pqcnet.crypto.errors import CryptoError
 from pqcnet.crypto.pqc import VerifyKey
 from pqcnet.qsdag.errors import KeyVersionMismatch, LedgerError, MalformedVertex
+from pqcnet.qsdag.parallel import ParallelVerifier
 from pqcnet.qsdag.payloads import Genesis, KeyRecord, decode_payload
 from pqcnet.qsdag.receipts import VerifyReport
 from pqcnet.qsdag.rules import verify_key, verify_signature
@@ -68,22 +69,54 @@ class Replay:
         self.slashes.registered_by[(rec.node_id, rec.key_version)] = registrar
 
 
-def audit(store: Store, get: Callable[[bytes], Vertex],
-          progress: Callable[[int], None] | None = None) -> VerifyReport:
-    """Replay every vertex of ``store`` (read with ``get``) in anchoring order."""
-    report = VerifyReport()
-    replay = Replay()
+#: One stored row as the audit reads it: position, id (None if unreadable), and the
+#: vertex or the error reading it raised.
+Row = tuple[int, bytes | None, Vertex | Exception]
+_READ_ERRORS = (LedgerError, CryptoError, AssertionError)
+
+
+def _rows(store: Store, get: Callable[[bytes], Vertex]) -> Iterator[Row]:
     for pos_key in store.keys("positions"):
         position = U64.unpack(pos_key)[0]
-        report.checked += 1
-        if progress:
-            progress(1)
-        vid_hex = "?"
+        vid = None
         try:
             vid = store.get("positions", pos_key)
             assert vid is not None
-            vid_hex = vid.hex()
-            replay.check(get(vid), vid, position)
-        except (LedgerError, CryptoError, AssertionError) as exc:
+            yield position, vid, get(vid)
+        except _READ_ERRORS as exc:
+            yield position, vid, exc
+
+
+def _checkable(row: Row) -> tuple[Row, Vertex | None]:
+    return row, row[2] if isinstance(row[2], Vertex) else None
+
+
+def audit(store: Store, get: Callable[[bytes], Vertex],
+          progress: Callable[[int], None] | None = None,
+          verifier: ParallelVerifier | None = None) -> VerifyReport:
+    """Replay every vertex of ``store`` (read with ``get``) in anchoring order;
+    ``verifier`` checks the signatures ahead of the replay on other cores."""
+    replay = Replay()
+    if verifier is None:
+        return _replay(_rows(store, get), replay, progress)
+    with verifier.ahead(_rows(store, get), _checkable,
+                        lambda node, version: replay.keys.get((node, version))) as rows:
+        return _replay(rows, replay, progress)
+
+
+def _replay(rows: Iterable[Row], replay: Replay,
+            progress: Callable[[int], None] | None) -> VerifyReport:
+    report = VerifyReport()
+    for position, vid, vertex in rows:
+        report.checked += 1
+        if progress:
+            progress(1)
+        vid_hex = "?" if vid is None else vid.hex()
+        try:
+            if isinstance(vertex, Exception):
+                raise vertex
+            assert vid is not None
+            replay.check(vertex, vid, position)
+        except _READ_ERRORS as exc:
             report.invalid.append((vid_hex, f"{type(exc).__name__}: {exc}"))
     return report

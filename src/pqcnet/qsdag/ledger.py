@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pqcnet.crypto.pqc import SigningKey, VerifyKey
-from pqcnet.qsdag import audit, orphans, rules, sync
+from pqcnet.qsdag import audit, orphans, parallel, rules, sync
 from pqcnet.qsdag.errors import (
     CorruptRecord,
     InvalidPayload,
@@ -66,8 +66,10 @@ class Ledger:
     def __init__(self, store: Store, *, clock: Callable[[], float], max_orphans: int,
                  skew: float,
                  max_orphans_per_author: int = orphans.DEFAULT_MAX_ORPHANS_PER_AUTHOR,
-                 max_unverified_orphans: int = orphans.DEFAULT_MAX_UNVERIFIED_ORPHANS) -> None:
+                 max_unverified_orphans: int = orphans.DEFAULT_MAX_UNVERIFIED_ORPHANS,
+                 verifier: parallel.ParallelVerifier | None = None) -> None:
         self._store = store
+        self._verifier = verifier
         self._clock = clock
         self.skew_ms = int(skew * 1000)
         self.views = Views(store)
@@ -92,17 +94,21 @@ class Ledger:
              max_orphans: int = orphans.DEFAULT_MAX_ORPHANS, skew: float = DEFAULT_SKEW,
              sync: bool = False,
              max_orphans_per_author: int = orphans.DEFAULT_MAX_ORPHANS_PER_AUTHOR,
-             max_unverified_orphans: int = orphans.DEFAULT_MAX_UNVERIFIED_ORPHANS) -> Ledger:
+             max_unverified_orphans: int = orphans.DEFAULT_MAX_UNVERIFIED_ORPHANS,
+             verifier: parallel.ParallelVerifier | None = None) -> Ledger:
         """Open (creating if needed) the ledger at ``path``.
 
         ``clock`` returns seconds since the epoch; ``sync=True`` fsyncs every write.
         Orphan bounds: ``max_orphans`` in all, ``max_orphans_per_author`` per author
         whose signature could be checked, ``max_unverified_orphans`` (at most half of
         ``max_orphans``) for vertices whose key is not known yet.
+        ``verifier`` (the switch; None = serial): a
+        :class:`~pqcnet.qsdag.parallel.ParallelVerifier` that :meth:`import_` and
+        :meth:`verify` use to check signatures on other cores. The caller owns it.
         """
         return cls(Store(path, sync=sync), clock=clock, max_orphans=max_orphans, skew=skew,
                    max_orphans_per_author=max_orphans_per_author,
-                   max_unverified_orphans=max_unverified_orphans)
+                   max_unverified_orphans=max_unverified_orphans, verifier=verifier)
 
     def close(self) -> None:
         self._store.close()
@@ -459,15 +465,20 @@ class Ledger:
 
     def import_(self, vertices: Iterable[Vertex | bytes]) -> ImportReport:
         """Verify and anchor vertices from a peer, in any order
-        (:func:`pqcnet.qsdag.sync.import_`)."""
-        return sync.import_(self, vertices)
+        (:func:`pqcnet.qsdag.sync.import_`); with a verifier, signatures are checked
+        on other cores ahead of the (still sequential) anchoring."""
+        if self._verifier is None:
+            return sync.import_(self, vertices)
+        with self._verifier.ahead(vertices, parallel.prepare_import, self.key_for) as stream:
+            return sync.import_(self, stream)
 
     # ------------------------------------------------------------------ audit
 
     def verify(self, progress: Callable[[int], None] | None = None) -> VerifyReport:
         """Re-check every stored vertex in anchoring order; report every invalid one
-        (:mod:`pqcnet.qsdag.audit`: replays keys and slashes, not the views)."""
-        return audit.audit(self._store, self.get, progress)
+        (:mod:`pqcnet.qsdag.audit`: replays keys and slashes, not the views; with a
+        verifier, signatures are checked on other cores ahead of the replay)."""
+        return audit.audit(self._store, self.get, progress, self._verifier)
 
     # ------------------------------------------------------------------ views
 

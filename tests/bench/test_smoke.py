@@ -1,0 +1,130 @@
+"""Every ``pqcnet bench`` runs at a tiny size and prints JSON with its same-run
+baselines and ratios.
+
+Structure only: the numbers are timings of a shared machine and are never asserted
+(benchmarks/README.md records them with their load). What is asserted besides the
+shape is correctness the benchmarks check on the way — every frame delivered, the
+parallel ledger identical to the serial one, the audit clean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pqcnet.bench import mesh
+from tests.conftest import _services_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+PQCNET = str(Path(sys.executable).parent / "pqcnet")
+
+
+def _bench(*args: str) -> dict[str, Any]:
+    proc = subprocess.run([PQCNET, "bench", *args], capture_output=True, text=True,
+                          timeout=540, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out: dict[str, Any] = json.loads(proc.stdout)
+    return out
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+def _latency(d: dict[str, Any]) -> None:
+    assert _number(d["p50_ms"]) and _number(d["p99_ms"]) and d["n"] > 0
+
+
+def _machine(d: dict[str, Any]) -> None:
+    assert d["cpus"] >= 1 and len(d["loadavg"]) == 3 and d["utc"]
+
+
+def test_qsdag_reports_serial_and_parallel_against_the_verify_floor() -> None:
+    d = _bench("qsdag", "--count", "40", "--slice", "20", "--sample", "100", "--workers", "1",
+               "--verify-workers", "2", "--verify-mode", "thread")
+    for key in ("baseline_mldsa65_verify_per_s", "baseline_mldsa65_verify_interleaved_median_per_s",
+                "verify_and_anchor_per_s", "ratio_vs_verify"):
+        assert _number(d[key]), key
+    par = d["parallel"]
+    for key in ("import_per_s", "baseline_mldsa65_verify_interleaved_median_per_s",
+                "ratio_vs_single_core_verify", "ratio_vs_serial_verify_and_anchor",
+                "main_cpu_us_per_vertex"):
+        assert _number(par[key]), key
+    assert par["identical_anchoring_order"] is True
+    assert par["ledger_verify_ok"] is True and d["ledger_verify_ok"] is True
+    assert isinstance(par["target_met"], bool) and par["target_ratio"] == 1.5
+    assert len(d["loadavg_before"]) == 3
+
+
+def test_qstp_reports_the_in_memory_floor_and_stdlib_ratios() -> None:
+    d = _bench("qstp", "--handshakes", "5", "--bulk-mib", "1", "--small-mib", "1",
+               "--rounds", "1")
+    for key in ("handshake_in_memory_full", "handshake_qstp_full",
+                "handshake_in_memory_resumed", "handshake_qstp_resumed",
+                "handshake_stdlib_classical_full"):
+        _latency(d[key])
+    for key in ("qstp_full_socket_vs_in_memory_p50", "qstp_resumed_socket_vs_in_memory_p50",
+                "bulk_qstp_vs_stdlib", "bulk_cpu_efficiency_qstp_vs_stdlib"):
+        assert _number(d["ratios"][key]), key
+    assert isinstance(d["targets_met"]["socket_vs_in_memory_full"], bool)
+    assert len(d["setup"]["loadavg_before"]) == 3
+
+
+def _relayer(*extra: str) -> dict[str, Any]:
+    d = _bench("relayer", "--frames", "400", "--publishers", "2", "--topics", "8",
+               "--batch", "32", "--paced-frames", "40", "--paced-rate", "200", *extra)
+    sat, paced = d["pqcnet"]["saturated"], d["pqcnet"]["paced"]
+    assert sat["received"] == sat["frames"] == 400 and paced["received"] == paced["frames"]
+    _latency(sat["latency"])
+    _latency(paced["latency"])
+    assert _number(d["e2e_frames_per_s"]) and _number(d["baseline"]["raw_writes_per_s"])
+    assert _number(d["ratio"]) and _number(d["ratios"]["vs_raw_backend_writes"])
+    _machine(d["machine"]["before"])
+    return d
+
+
+def test_relayer_reports_latency_and_the_qstp_echo_ceiling() -> None:
+    d = _relayer()
+    echo = d["baselines"]["qstp_echo"]
+    assert echo["frames"] == 400 and _number(echo["frames_per_s"])
+    assert _number(d["ratios"]["vs_qstp_echo_ceiling"])
+    assert set(d["ratios"]) >= {"vs_nats_go", "vs_nats_py", "paced_p99_vs_nats_py_paced_p99"}
+    if "skipped" in d["baselines"]["nats_go"]:  # NATS not running: said so, no ratio
+        assert d["ratios"]["vs_nats_go"] is None and d["targets"]["met_vs_nats_go"] is None
+
+
+def test_relayer_against_nats_jetstream() -> None:
+    # NATS is a benchmark-only service (`scripts/services start nats`), not one of the
+    # services a test run brings up, so its absence is a skip even in CI.
+    if not _services_env().get("PQCNET_NATS_URL"):
+        pytest.skip("NATS not running (scripts/services install nats && start nats)")
+    d = _relayer()
+    py, go = d["baselines"]["nats_py"], d["baselines"]["nats_go"]
+    _latency(py["saturated"]["latency"])
+    _latency(py["paced"]["latency"])
+    assert _number(py["saturated"]["frames_per_s"]) and _number(go["frames_per_s"])
+    assert go["frames"] == 400
+    for key in ("vs_nats_go", "vs_nats_py", "paced_p99_vs_nats_py_paced_p99"):
+        assert _number(d["ratios"][key]), key
+    assert isinstance(d["targets"]["met_vs_nats_go"], bool)
+
+
+def test_mesh_reports_saturated_and_paced_runs_against_raw() -> None:
+    d = asyncio.run(mesh.run_async([], 20, 64, 4, paced_count=10, paced_rate=50.0))
+    assert d["transport"].startswith("in-process")
+    for key in ("baseline_raw_rest", "pqcnet_signed_sealed", "baseline_raw_rest_paced",
+                "pqcnet_signed_sealed_paced"):
+        run = d[key]
+        assert run["delivered"] > 0 and run["lost"] == 0 and run["dropped"] == 0, key
+        assert _number(run["p50_ms"]) and _number(run["cpu_ms_per_msg"])
+    assert _number(d["throughput_ratio_pqcnet_over_raw"])
+    assert isinstance(d["paced_p50_over_raw_ms"], float)
+    assert isinstance(d["targets"]["met_paced_p50"], bool)
+    _machine(d["machine"]["before"])
