@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from pqcnet.bench import mesh
-from tests.conftest import _services_env
+from tests.conftest import require_service
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 PQCNET = str(Path(sys.executable).parent / "pqcnet")
@@ -101,10 +101,9 @@ def test_relayer_reports_latency_and_the_qstp_echo_ceiling() -> None:
 
 
 def test_relayer_against_nats_jetstream() -> None:
-    # NATS is a benchmark-only service (`scripts/services start nats`), not one of the
-    # services a test run brings up, so its absence is a skip even in CI.
-    if not _services_env().get("PQCNET_NATS_URL"):
-        pytest.skip("NATS not running (scripts/services install nats && start nats)")
+    # NATS is one of the services `make test` brings up: the baseline must run in CI
+    # (a missing service fails there, never skips).
+    require_service("PQCNET_NATS_URL", "NATS JetStream")
     d = _relayer()
     py, go = d["baselines"]["nats_py"], d["baselines"]["nats_go"]
     _latency(py["saturated"]["latency"])
