@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "subscribe": ("pqcnet.cli.subscribe", "Receive a customer's frames from a relayer."),
     "governance": ("pqcnet.cli.governance", "Governance gRPC queries: pull volume and reports."),
     "node": ("pqcnet.cli.node", "Run a relayer or sentry with its control plane: run, check."),
+    "sim": ("pqcnet.cli.sim", "Simulations of the overlay: run, sweep, report."),
 }
 
 

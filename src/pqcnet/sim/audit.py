@@ -38,12 +38,23 @@ CHECK_DELAY_S = 5.0
 EVIDENCE_SCAN_S = 2.0
 
 
+def in_flight_slack(world: World, dataplane: DataPlane | None) -> int:
+    """Bytes a crash can swallow between metering and receipt: what a customer's
+    publishers send while the relayer has not yet noticed the subscriber is gone
+    (``conn_timeout_s``), twice over for margin; at least 4 KiB."""
+    w, per_customer = world.sc.workload, 1
+    if dataplane is not None and dataplane.subscribers:
+        per_customer = -(-len(dataplane.publishers) // len(dataplane.subscribers))
+    window = world.sc.network.conn_timeout_s + 1.0
+    return max(4096, int(2 * window * w.frame_rate * (w.frame_bytes + 64) * per_customer))
+
+
 class Auditor:
-    def __init__(self, world: World, dataplane: DataPlane | None, *, tolerance: float = 0.1,
-                 slack_bytes: int = 64 * 1024) -> None:
+    def __init__(self, world: World, dataplane: DataPlane | None, *,
+                 tolerance: float = 0.1) -> None:
         self.world = world
         self.tolerance = tolerance
-        self.slack_bytes = slack_bytes
+        self.slack_bytes = in_flight_slack(world, dataplane)
         self.claimed: dict[tuple[str, str], int] = defaultdict(int)
         self.acked: dict[tuple[str, str], int] = defaultdict(int)
         self.flagged: dict[str, tuple[str, float]] = {}

@@ -8,8 +8,10 @@ versions, date.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
+import logging
 import math
 import os
 import platform
@@ -18,7 +20,7 @@ import sys
 import time
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,8 @@ from pqcnet.sim.world import World
 #: Relay kinds whose delivery ratio is reported (inbox messages have one recipient).
 BROADCAST_KINDS = ("data", "announce", "routes", "governance", "relay-reports", "dagsync",
                    "forged", "replayed")
+#: Loggers of the node code the simulator runs (quietened during a run).
+NODE_LOGGERS = ("pqcnet.mesh", "pqcnet.qsdag", "pqcnet.relayer", "pqcnet.sentry")
 #: Housekeeping period: forget payloads and duplicate-detection state past the seen TTL.
 SWEEP_S = 60.0
 
@@ -44,8 +48,29 @@ class RunResult:
     latencies: dict[str, list[float]] = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def _quiet_nodes() -> Iterator[None]:
+    """Node loggers at ERROR for the run: a thousand agents each warning about every
+    forged directive they refuse would cost more than simulating them, and the
+    simulator counts those events itself (``handled_by_agents``, drops, events)."""
+    loggers = [logging.getLogger(n) for n in NODE_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def run(scenario: Scenario, *, progress: Callable[[float], None] | None = None) -> RunResult:
     """Simulate ``scenario``; ``progress(now)`` is called once per simulated second."""
+    with _quiet_nodes():
+        return _run(scenario, progress)
+
+
+def _run(scenario: Scenario, progress: Callable[[float], None] | None) -> RunResult:
     wall0, cpu0 = time.perf_counter(), time.process_time()
     load0 = os.getloadavg()
     with verify_once(scenario.verify_cache) as vstats:

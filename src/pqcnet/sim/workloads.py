@@ -352,6 +352,10 @@ class AdversaryWorkload(Validators):
         stop = self.world.sc.duration_s - self.w.drain_s
         self.data.start(self.w.start_s, stop)
         self.adv.start(stop)
+        # legitimate directives for the replayers to capture (and every node to apply once)
+        eng = self.world.engine
+        eng.at(self.w.rate_limit_at_s, self.world.rate_limit, 5.0, 10, "rate_limit")
+        eng.at(self.w.rate_limit_at_s + 60.0, self.world.rate_limit, 8.0, 16, "rate_limit_2")
 
     def results(self) -> dict[str, Any]:
         world = self.world
@@ -372,7 +376,14 @@ class AdversaryWorkload(Validators):
                 "time_to_slash_directive_s": round(flagged[1] - start, 3) if flagged else None,
                 "applied_by": f"{sum(1 for i in pop if i in applied)}/{len(pop)}",
             }
+        legit = {}
+        for label in ("rate_limit", "rate_limit_2"):
+            t0 = world.rec.issued.get(label)
+            if t0 is not None:
+                legit[label] = world.rec.application_times(
+                    label, world.honest_online(t0, world.sc.duration_s))
         out = {"attacks": self.adv.summary(), "slashing": verdicts, "detection": detect,
+               "legitimate_directives": legit,
                "ledger": self.ledger_summary(), "frames": self.data.summary()}
         return {"adversaries": out}
 
