@@ -109,10 +109,10 @@ def make_plots(result: RunResult, target: Path) -> list[str] | str:
             buckets.setdefault(int(r.t0 // BUCKET_S), []).append(r.receivers)
     if len(buckets) > 1 and result.summary.get("churn"):
         fig, ax = plt.subplots(figsize=FIG_SIZE)
-        xs = sorted(buckets)
-        ax.plot([x * BUCKET_S / 60 for x in xs],
-                [sum(buckets[x]) / len(buckets[x]) / (result.summary["nodes"] - 1) for x in xs],
-                marker=".")
+        bins = sorted(buckets)
+        ax.plot([b * BUCKET_S / 60 for b in bins],
+                [sum(buckets[b]) / len(buckets[b]) / (result.summary["nodes"] - 1)
+                 for b in bins], marker=".")
         ax.set_xlabel("publish time (min)")
         ax.set_ylabel("receivers / (nodes - 1)")
         ax.set_title(f"relay delivery over time — {run_name(result.summary)}")
