@@ -43,6 +43,12 @@ class Engine:
         self._seq += 1
         heapq.heappush(self._heap, (t, self._seq, fn, args))
 
+    def push(self, t: float, fn: Callback, args: tuple[Any, ...]) -> None:
+        """:meth:`at` without the check, for callers that add a delay to ``now``
+        themselves (the network's hot path)."""
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, fn, args))
+
     def after(self, delay: float, fn: Callback, *args: Any) -> None:
         """Run ``fn(*args)`` ``delay`` seconds from now."""
         self.at(self.now + max(0.0, delay), fn, *args)

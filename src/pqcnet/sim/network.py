@@ -85,17 +85,20 @@ class Network:
     # ------------------------------------------------------------------ sending
 
     def send(self, a: int, b: int, size: int, fn: Callable[..., None], *args: Any) -> bool:
-        """Transmit ``size`` bytes a→b and call ``fn(*args)`` on arrival at ``b``.
+        """Transmit ``size`` bytes a->b and call ``fn(*args)`` on arrival at ``b``.
         Returns False when nothing left ``a`` (it is down)."""
         if not self.online[a]:
             return False
         now = self.engine.now
         tx = size * self._byte_s
-        depart = max(now, self.up_free[a]) + tx
+        free = self.up_free[a]
+        depart = (free if free > now else now) + tx
         self.up_free[a] = depart
         self.bytes_out[a] += size
         self.msgs_out[a] += 1
-        flight = self.link_latency(a, b)
+        flight = self._links.get((a, b) if a < b else (b, a))
+        if flight is None:
+            flight = self.link_latency(a, b)
         spec = self.spec
         if spec.latency.jitter_ms:
             flight = max(0.0, flight + self._jitter.gauss(0.0, spec.latency.jitter_ms / 1000))
@@ -104,10 +107,34 @@ class Network:
                 self.dropped["loss"] += 1
                 return True
             flight += spec.rto_ms / 1000
-        arrive = max(depart + flight, self.down_free[b]) + tx
+        arrive = depart + flight
+        free = self.down_free[b]
+        arrive = (free if free > arrive else arrive) + tx
         self.down_free[b] = arrive
-        self.engine.at(arrive, self._arrive, a, b, size, fn, args)
+        self.engine.push(arrive, self._arrive, (a, b, size, fn, args))
         return True
+
+    def book(self, a: int, b: int, size: int) -> None:
+        """Account a transmission whose arrival changes nothing (link occupancy and byte
+        counters only, no event): see the IHAVE short-cut in :mod:`pqcnet.sim.gossipsub`."""
+        if not self.online[a]:
+            return
+        now = self.engine.now
+        tx = size * self._byte_s
+        free = self.up_free[a]
+        depart = (free if free > now else now) + tx
+        self.up_free[a] = depart
+        self.bytes_out[a] += size
+        self.msgs_out[a] += 1
+        if self.online[b] and self.side[a] == self.side[b]:
+            flight = self._links.get((a, b) if a < b else (b, a))
+            if flight is None:
+                flight = self.link_latency(a, b)
+            arrive = depart + flight
+            free = self.down_free[b]
+            self.down_free[b] = (free if free > arrive else arrive) + tx
+            self.bytes_in[b] += size
+            self.msgs_in[b] += 1
 
     def _arrive(self, a: int, b: int, size: int, fn: Callable[..., None],
                 args: tuple[Any, ...]) -> None:
