@@ -89,6 +89,26 @@ class Network:
         Returns False when nothing left ``a`` (it is down)."""
         if not self.online[a]:
             return False
+        arrive = self._occupy(a, b, size, lossy=True)
+        if arrive >= 0:
+            self.engine.push(arrive, self._arrive, (a, b, size, fn, args))
+        return True
+
+    def book(self, a: int, b: int, size: int) -> None:
+        """Account a transmission whose arrival changes nothing (link occupancy and byte
+        counters only, no event): see the IHAVE short-cut in :mod:`pqcnet.sim.gossipsub`."""
+        if not self.online[a]:
+            return
+        reachable = self.online[b] and self.side[a] == self.side[b]
+        self._occupy(a, b, size, lossy=False, downlink=reachable)
+        if reachable:
+            self.bytes_in[b] += size
+            self.msgs_in[b] += 1
+
+    def _occupy(self, a: int, b: int, size: int, *, lossy: bool,
+                downlink: bool = True) -> float:
+        """Book the uplink of ``a`` and (if ``downlink``) the downlink of ``b``; the
+        arrival time, or -1 when the transmission is lost (datagram mode)."""
         now = self.engine.now
         tx = size * self._byte_s
         free = self.up_free[a]
@@ -100,41 +120,22 @@ class Network:
         if flight is None:
             flight = self.link_latency(a, b)
         spec = self.spec
-        if spec.latency.jitter_ms:
-            flight = max(0.0, flight + self._jitter.gauss(0.0, spec.latency.jitter_ms / 1000))
-        if spec.loss and self._loss.random() < spec.loss:
-            if not spec.tcp:
-                self.dropped["loss"] += 1
-                return True
-            flight += spec.rto_ms / 1000
+        if lossy:
+            if spec.latency.jitter_ms:
+                flight = max(0.0, flight + self._jitter.gauss(0.0,
+                                                              spec.latency.jitter_ms / 1000))
+            if spec.loss and self._loss.random() < spec.loss:
+                if not spec.tcp:
+                    self.dropped["loss"] += 1
+                    return -1.0
+                flight += spec.rto_ms / 1000
         arrive = depart + flight
+        if not downlink:
+            return arrive
         free = self.down_free[b]
         arrive = (free if free > arrive else arrive) + tx
         self.down_free[b] = arrive
-        self.engine.push(arrive, self._arrive, (a, b, size, fn, args))
-        return True
-
-    def book(self, a: int, b: int, size: int) -> None:
-        """Account a transmission whose arrival changes nothing (link occupancy and byte
-        counters only, no event): see the IHAVE short-cut in :mod:`pqcnet.sim.gossipsub`."""
-        if not self.online[a]:
-            return
-        now = self.engine.now
-        tx = size * self._byte_s
-        free = self.up_free[a]
-        depart = (free if free > now else now) + tx
-        self.up_free[a] = depart
-        self.bytes_out[a] += size
-        self.msgs_out[a] += 1
-        if self.online[b] and self.side[a] == self.side[b]:
-            flight = self._links.get((a, b) if a < b else (b, a))
-            if flight is None:
-                flight = self.link_latency(a, b)
-            arrive = depart + flight
-            free = self.down_free[b]
-            self.down_free[b] = (free if free > arrive else arrive) + tx
-            self.bytes_in[b] += size
-            self.msgs_in[b] += 1
+        return arrive
 
     def _arrive(self, a: int, b: int, size: int, fn: Callable[..., None],
                 args: tuple[Any, ...]) -> None:
