@@ -113,6 +113,9 @@ class GossipSubSpec:
     rpc_overhead: int = 64
     #: bytes of one message id in IHAVE/IWANT (Waku: 32-byte hash)
     id_bytes: int = 32
+    #: per-hop processing before a relay forwards and delivers (decode + validation, e.g.
+    #: RLN proof checks in Waku); 0 = instantaneous relays
+    validation_ms: float = 0.0
 
     def check(self) -> None:
         if not 0 < self.D_lo <= self.D <= self.D_hi:
@@ -125,6 +128,7 @@ class GossipSubSpec:
         _at_least("gossipsub.bootstrap_peers", self.bootstrap_peers, 1)
         _at_least("gossipsub.max_seen", self.max_seen, 1)
         _at_least("gossipsub.max_ihave_length", self.max_ihave_length, 1)
+        _at_least("gossipsub.validation_ms", self.validation_ms, 0)
 
 
 @dataclass(frozen=True)

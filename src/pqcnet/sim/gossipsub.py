@@ -256,8 +256,17 @@ class Relay:
             return
         self._mark_seen(r, mid)
         r.requested.pop(mid, None)
+        if self.spec.validation_ms > 0:
+            # the relay validates (decodes, checks RLN/signatures) before it forwards
+            self.engine.after(self.spec.validation_ms / 1000, self._forward, i, src, mid, hops,
+                              r.gen)
+        else:
+            self._forward(i, src, mid, hops, r.gen)
+
+    def _forward(self, i: int, src: int, mid: int, hops: int, gen: int) -> None:
+        r = self.routers[i]
         msg = self.messages.get(mid)
-        if msg is None:
+        if r is None or r.gen != gen or msg is None:
             return
         r.mcache[0].append(mid)
         sent = 0

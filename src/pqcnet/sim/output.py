@@ -136,10 +136,11 @@ def scaling_plot(rows: list[dict[str, Any]], target: Path) -> str | None:
     rows = sorted(rows, key=lambda r: r["nodes"])
     if len(rows) < 2:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(9.0, 3.2))
+    fig, axes = plt.subplots(1, 4, figsize=(11.0, 3.0))
     n = [r["nodes"] for r in rows]
-    for ax, key, label in ((axes[0], "wall_s", "wall s"), (axes[1], "peak_rss_mib", "peak RSS MiB"),
-                           (axes[2], "bytes_in_per_node", "bytes in / node")):
+    for ax, key, label in ((axes[0], "cpu_s", "CPU s"), (axes[1], "peak_rss_mib", "peak RSS MiB"),
+                           (axes[2], "bytes_in_per_node", "bytes in / node"),
+                           (axes[3], "route_bytes_per_node", "route-update bytes / node")):
         ax.plot(n, [r[key] for r in rows], marker="o")
         ax.set_xscale("log")
         ax.set_xlabel("nodes")

@@ -106,17 +106,19 @@ def render(results: Path) -> str:
                          f"{r['p95_vs_waku']:+.1%} |")
     else:
         lines.append("(no comparable run)")
-    scale = [{"nodes": s["nodes"], "wall_s": s["run"]["wall_s"],
-              "peak_rss_mib": s["run"]["peak_rss_mib"],
-              "bytes_in_per_node": s["network"]["bytes_in_per_node"]["mean_bytes"],
-              "name": s["_dir"]} for s in summaries if s["scenario"]["workload"]["kind"] == "scale"]
+    scale = [scale_row(s) for s in summaries if s["scenario"]["workload"]["kind"] == "scale"]
     if len(scale) > 1:
         png = scaling_plot(scale, results / "scaling.png")
-        lines += ["", "## Scale", "", "| run | nodes | wall s | peak RSS MiB | bytes in / node |",
-                  "|---|---|---|---|---|"]
+        lines += ["", "## Scale", "",
+                  "| run | nodes | log2 N | wall s | CPU s | CPU s / node-hour | peak RSS MiB | "
+                  "msgs in / node | bytes in / node | route-update bytes / node | "
+                  "data latency mean / p95 ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(scale, key=lambda r: r["nodes"]):
-            lines.append(f"| {r['name']} | {r['nodes']} | {r['wall_s']:.1f} | "
-                         f"{r['peak_rss_mib']:.0f} | {r['bytes_in_per_node']:.0f} |")
+            lines.append(
+                f"| {r['name']} | {r['nodes']} | {r['log2_nodes']:.2f} | {r['wall_s']:.1f} | "
+                f"{r['cpu_s']:.1f} | {r['cpu_s_per_node_hour']:.3f} | {r['peak_rss_mib']:.0f} | "
+                f"{r['msgs_in_per_node']:.0f} | {r['bytes_in_per_node']:.0f} | "
+                f"{r['route_bytes_per_node']:.0f} | {r['latency']} |")
         if png:
             lines += ["", f"![scaling]({png})"]
     for s in summaries:
@@ -126,6 +128,19 @@ def render(results: Path) -> str:
         for png in s["run"].get("plots", []) if isinstance(s["run"].get("plots"), list) else []:
             lines += ["", f"![{png}]({s['_dir']}/{png})"]
     return "\n".join(lines) + "\n"
+
+
+def scale_row(s: dict[str, Any]) -> dict[str, Any]:
+    n = s["nodes"]
+    lat = s["relay"]["latency_ms"].get("data", {})
+    return {"name": s["_dir"], "nodes": n, "log2_nodes": s["network"]["log2_nodes"],
+            "wall_s": s["run"]["wall_s"], "cpu_s": s["run"]["cpu_s"],
+            "cpu_s_per_node_hour": s["run"]["cpu_s_per_node_hour"] or 0.0,
+            "peak_rss_mib": s["run"]["peak_rss_mib"],
+            "msgs_in_per_node": s["network"]["messages_in"] / n,
+            "bytes_in_per_node": s["network"]["bytes_in_per_node"]["mean_bytes"],
+            "route_bytes_per_node": s["relay"]["bytes_by_kind"].get("routes", 0) / n,
+            "latency": f"{lat.get('mean', 0):.0f} / {lat.get('p95', 0):.0f}"}
 
 
 def _one(args: tuple[str, dict[str, Any], str, bool]) -> str:

@@ -35,6 +35,8 @@ BROADCAST_KINDS = ("data", "announce", "routes", "governance", "relay-reports", 
                    "forged", "replayed")
 #: Loggers of the node code the simulator runs (quietened during a run).
 NODE_LOGGERS = ("pqcnet.mesh", "pqcnet.qsdag", "pqcnet.relayer", "pqcnet.sentry")
+#: A node (and a publisher) joins the delivery population this long after it joined.
+JOIN_GRACE_S = 10.0
 #: Housekeeping period: forget payloads and duplicate-detection state past the seen TTL.
 SWEEP_S = 60.0
 
@@ -126,9 +128,13 @@ def _delivery(world: World) -> dict[str, Any]:
         if r.kind not in BROADCAST_KINDS or r.t0 + rec.window_s > end:
             continue
         t1 = r.t0 + rec.window_s
-        eligible = bisect_right(joined, r.t0) - (1 if world.joined[r.origin] <= r.t0 else 0)
-        eligible -= sum(1 for i in churned if i != r.origin and world.joined[i] <= r.t0
-                        and not rec.up_throughout(i, r.t0, t1))
+        # a node counts once it has been up JOIN_GRACE_S (time to dial and be grafted)
+        cut = r.t0 - JOIN_GRACE_S
+        if world.joined[r.origin] > cut:
+            continue
+        eligible = bisect_right(joined, cut) - 1
+        eligible -= sum(1 for i in churned if i != r.origin and world.joined[i] <= cut
+                        and not rec.up_throughout(i, cut, t1))
         if eligible <= 0:
             continue
         got = min(1.0, r.receivers / eligible)
