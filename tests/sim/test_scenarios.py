@@ -74,7 +74,8 @@ def test_churn_replays_every_frame_exactly_once(name: str) -> None:
 def test_partition_ledgers_converge_after_heal_without_false_evidence() -> None:
     sc = small("partition", nodes=30, duration_s=240, **{
         "roles.validators": 4, "roles.relayers": 2, "partition.at_s": 50.0,
-        "partition.heal_s": 110.0, "workload.drain_s": 100.0, "workload.msg_rate": 0.05})
+        "partition.heal_s": 110.0, "workload.drain_s": 100.0, "workload.msg_rate": 0.05,
+        "agent.dag_sync_interval_s": 10.0, "workload.ledger_append_s": 30.0})
     s = run(sc).summary
     p = s["partition"]
     assert p["dropped_across_partition"] > 0
