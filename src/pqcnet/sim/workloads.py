@@ -149,7 +149,8 @@ class Formation(Workload):
             "routes_covering_all_shards": sum(
                 1 for node in world.nodes if node.agent is not None and all(
                     node.agent.routes.lookup(f"shard-{k}") for k in self._shard.values())),
-            "announce_bytes_per_node": round(bk.get("announce", 0) / n, 1),
+            "announce_bytes_per_node": round(
+                (bk.get("announce", 0) + world.direct_bytes["announce"]) / n, 1),
             "route_update_bytes_per_node": round(bk.get("routes", 0) / n, 1),
             "announce_scope": world.sc.agent.announce,
         }}

@@ -76,6 +76,8 @@ class World:
         self._labels: dict[Action, str] = {}
         self.joined = [math.inf] * n
         self.handled: Counter[str] = Counter()
+        #: bytes sent outside the relay (direct announcements), by kind
+        self.direct_bytes: Counter[str] = Counter()
         #: (kind, node) results of handling adversarial messages: "dropped" / "accepted"
         self.adversarial: Counter[str] = Counter()
         self.on_handled: list[Callable[[SimNode, RelayMessage, bool], None]] = []
@@ -196,7 +198,8 @@ class World:
             return
         size = len(wire) + self.sc.gossipsub.rpc_overhead
         for p in list(r.peers):
-            self.net.send(node.idx, p, size, self._direct_announcement, p, wire)
+            if self.net.send(node.idx, p, size, self._direct_announcement, p, wire):
+                self.direct_bytes["announce"] += size
 
     def _direct_announcement(self, i: int, wire: bytes) -> None:
         node = self.nodes[i]
