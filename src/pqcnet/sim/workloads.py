@@ -237,8 +237,12 @@ class Churn(Workload):
         self.world.schedule_churn(self.w.start_s)
 
     def results(self) -> dict[str, Any]:
+        down = self.world.rec.downtime
+        subs = set(self.data.subscribers)
         return {"churn": {"frames": self.data.summary(),
-                          "down_events": sum(len(v) for v in self.world.rec.downtime.values())}}
+                          "down_events": sum(len(v) for v in down.values()),
+                          "subscriber_down_events": sum(len(v) for i, v in down.items()
+                                                        if i in subs)}}
 
     def close(self) -> None:
         self.data.close()
