@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "governance": ("pqcnet.cli.governance", "Governance gRPC queries: pull volume and reports."),
     "node": ("pqcnet.cli.node", "Run a relayer or sentry with its control plane: run, check."),
     "config": ("pqcnet.cli.config", "Config files: schema (JSON Schema), check FILE --kind."),
+    "sim": ("pqcnet.cli.sim", "Simulations of the overlay: run, sweep, report."),
 }
 
 
