@@ -153,7 +153,8 @@ async def test_cli_publish_subscribe_governance_pull(tmp_path: Path) -> None:
         res = await sub
         lines = [json.loads(x) for x in res.stdout.splitlines()]
         assert [x["seq"] for x in lines[:-1]] == list(range(1, 31))
-        assert lines[-1] == {"frames": 30, "bytes": 300, "duplicates_dropped": 0}
+        assert lines[-1] == {"frames": 30, "bytes": 300, "duplicates_dropped": 0,
+                             "reconnects": 0}
         pull = await asyncio.to_thread(
             _pqcnet, "governance", "pull", "--target", f"127.0.0.1:{proc.ready['grpc_port']}")
         assert pull.returncode == 0, pull.stderr
