@@ -1,6 +1,14 @@
 """Publisher and subscriber SDK: what ``pqcnet publish`` / ``pqcnet subscribe`` and the
 tests use to talk to a relayer over a QSTP tunnel.
 
+Exactly-once to the application across reconnects, relayer restarts and subscriber
+restarts rests on a durable **cursor** (highest seq the application took, per topic;
+:mod:`pqcnet.relayer.cursor`): a :class:`SubscriberClient` starts from it and drops
+every redelivered seq at or below it; it commits the cursor when the application
+acknowledges a batch (asks for the next one, or calls :meth:`SubscriberClient.ack`),
+then acks on the wire — never before. :class:`ResumingSubscriber` reconnects with
+the same cursor.
+
 :class:`PublisherClient` pipelines requests on one stream (replies come back in
 order and are matched by request id) and honours FLOW PAUSE because
 ``Stream.send`` waits while the relayer has paused the tunnel; it counts the FLOW
@@ -25,6 +33,7 @@ from pqcnet.qstp.aio import Stream, Tunnel
 from pqcnet.qstp.errors import TunnelClosed
 from pqcnet.qstp.events import FlowPaused
 from pqcnet.qstp.tls import TlsPolicy
+from pqcnet.relayer.cursor import Cursor, MemoryCursor
 from pqcnet.relayer.errors import RelayerError
 from pqcnet.relayer.frame import Frame, Topic
 from pqcnet.relayer.wire import (
@@ -123,21 +132,32 @@ class PublisherClient:
 
 
 class SubscriberClient:
-    """Receives one customer's frames (some or all channels) in order, exactly once."""
+    """Receives one customer's frames (some or all channels) in order, exactly once.
 
-    def __init__(self, tunnel: Tunnel) -> None:
+    ``cursor`` holds what the application already took (default: in memory, this
+    connection only). Pass a durable one (:class:`~pqcnet.relayer.cursor.FileCursor`,
+    :class:`~pqcnet.relayer.cursor.JournalCursor`) and a new client — after a reconnect,
+    a relayer restart or a restart of the application — resumes exactly after it.
+    """
+
+    def __init__(self, tunnel: Tunnel, cursor: Cursor | None = None) -> None:
         self.tunnel = tunnel
-        self.last: dict[Topic, int] = {}
+        self.cursor: Cursor = cursor if cursor is not None else MemoryCursor()
+        #: highest seq per topic handed to the application (committed or about to be)
+        self.last: dict[Topic, int] = dict(self.cursor.load())
+        #: redelivered frames dropped (at or below the cursor): never reach the application
         self.duplicates_dropped = 0
         self.batches_acked = 0
         self._pending: dict[Topic, int] = {}
+        self._taken: list[Frame] = []
         self._stream: Stream | None = None
 
     @classmethod
     async def connect(cls, host: str, port: int, identity: NodeIdentity,
-                      policy: TlsPolicy | None = None) -> SubscriberClient:
+                      policy: TlsPolicy | None = None,
+                      cursor: Cursor | None = None) -> SubscriberClient:
         """Open a tunnel to a relayer."""
-        return cls(await aio.connect(host, port, identity, policy))
+        return cls(await aio.connect(host, port, identity, policy), cursor)
 
     async def subscribe(self, customer: str, channels: Iterable[str] = ()) -> None:
         """Send the subscription; frames follow on :meth:`frames`."""
@@ -166,6 +186,7 @@ class SubscriberClient:
                     self.last[f.topic] = f.seq
                     fresh.append(f)
                 self._pending = upto
+                self._taken = fresh
                 if fresh:
                     yield fresh  # resumed: the application took the batch
                 await self.ack()
@@ -173,8 +194,18 @@ class SubscriberClient:
     async def ack(self, upto: Mapping[Topic, int] | None = None) -> None:
         """Acknowledge the batch last yielded by :meth:`batches` (done automatically
         when the next one is asked for), or only ``upto`` (highest seq per topic taken)
-        when the application stops part-way through a batch."""
+        when the application stops part-way through a batch.
+
+        The cursor is committed first (with the frames taken), the wire ack second: a
+        crash in between redelivers frames the cursor then drops.
+        """
         pending, self._pending = (upto or self._pending), {}
+        taken, self._taken = self._taken, []
+        if upto is not None:
+            taken = [f for f in taken if f.seq <= upto.get(f.topic, 0)]
+        committed = {f.topic: f.seq for f in taken}  # in order per topic: last is highest
+        if committed:
+            self.cursor.commit(taken, committed)
         if pending and self._stream is not None:
             await self._stream.send(encode_ack(pending))
             self.batches_acked += 1
@@ -183,3 +214,72 @@ class SubscriberClient:
         """Close the tunnel."""
         with contextlib.suppress(PqcnetError):
             await self.tunnel.close()
+
+
+class ResumingSubscriber:
+    """A subscriber that reconnects (to any of ``targets``, in turn) until closed,
+    resuming from its cursor each time: the application sees each seq once, in order,
+    across relayer restarts and lost tunnels.
+
+    Connection failures and lost tunnels are retried after ``retry_delay`` seconds;
+    a refusal the relayer says is final (not ``retriable``) is raised.
+    """
+
+    def __init__(self, targets: Sequence[tuple[str, int]], identity: NodeIdentity,
+                 customer: str, channels: Iterable[str] = (), *,
+                 cursor: Cursor | None = None, policy: TlsPolicy | None = None,
+                 retry_delay: float = 0.2) -> None:
+        if not targets:
+            raise ValueError("at least one relayer target")
+        self.targets = list(targets)
+        self.identity, self.policy = identity, policy
+        self.customer, self.channels = customer, tuple(channels)
+        self.cursor: Cursor = cursor if cursor is not None else MemoryCursor()
+        self.retry_delay = retry_delay
+        self.reconnects = 0
+        self.duplicates_dropped = 0
+        self.client: SubscriberClient | None = None
+        self._closed = False
+
+    async def batches(self) -> AsyncIterator[list[Frame]]:
+        """Batches across connections; acknowledging works as in :class:`SubscriberClient`."""
+        attempt = 0
+        while not self._closed:
+            host, port = self.targets[attempt % len(self.targets)]
+            attempt += 1
+            try:
+                client = await SubscriberClient.connect(host, port, self.identity,
+                                                        self.policy, self.cursor)
+            except (PqcnetError, OSError):
+                await asyncio.sleep(self.retry_delay)
+                continue
+            self.client = client
+            try:
+                await client.subscribe(self.customer, self.channels)
+                async for batch in client.batches():
+                    yield batch
+            except RelayerRefused as exc:
+                if exc.code != 31:  # only "too many subscriptions" is worth retrying
+                    raise
+            except PqcnetError:
+                pass
+            finally:
+                self.duplicates_dropped += client.duplicates_dropped
+                client.duplicates_dropped = 0
+                await client.close()
+                self.client = None
+            if self._closed:
+                return
+            self.reconnects += 1
+            await asyncio.sleep(self.retry_delay)
+
+    async def ack(self, upto: Mapping[Topic, int] | None = None) -> None:
+        """Acknowledge (part of) the batch last yielded; see :meth:`SubscriberClient.ack`."""
+        if self.client is not None:
+            await self.client.ack(upto)
+
+    async def close(self) -> None:
+        """Stop reconnecting and close the current tunnel."""
+        self._closed = True
+        if self.client is not None:
+            await self.client.close()

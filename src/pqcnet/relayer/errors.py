@@ -9,7 +9,8 @@ publisher SDK can tell "fix your frame" from "come back in a second"::
     ├── FrameRejected            a publisher's frame is malformed (code per reason)
     │   ├── FieldMissing         a required field is absent or empty
     │   ├── FieldTooLarge        a field exceeds its named bound
-    │   └── SeqNotMonotonic      seq went backwards on a tunnel without the retry flag
+    │   ├── SeqNotMonotonic      seq went backwards on a tunnel without the retry flag
+    │   └── LateFrame            seq is below where the topic's delivery moved past (gap)
     ├── BusError                 a bus backend failed (``retriable`` says if worth retrying)
     │   └── BusUnavailable       the backend cannot be reached / timed out (retriable)
     ├── OverflowFull             the local overflow queue reached its bound (retriable)
@@ -57,6 +58,14 @@ class SeqNotMonotonic(FrameRejected):
     """A topic's seq went backwards on one tunnel and the frame was not marked a retry."""
 
     code = 13
+
+
+class LateFrame(FrameRejected):
+    """The frame's seq is below the topic's delivery point: its gap was already skipped
+    (or the seq was delivered and this is not a retry). Refused before any ack; the
+    message names the seq delivery resumed at. Publish it again under a new seq."""
+
+    code = 15
 
 
 class BusError(RelayerError):

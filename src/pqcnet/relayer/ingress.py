@@ -33,6 +33,7 @@ from pqcnet.relayer.errors import (
     SeqNotMonotonic,
 )
 from pqcnet.relayer.frame import FrameLimits, Topic, encode, shard_for, validate
+from pqcnet.relayer.gapfence import GapFence
 from pqcnet.relayer.overflow import BufferedPublisher
 from pqcnet.relayer.wire import (
     Ack,
@@ -82,8 +83,10 @@ class Ingress:
     def __init__(self, publisher: BufferedPublisher, hub: SubscriberHub, *,
                  limits: FrameLimits | None = None,
                  max_frames_per_request: int = MAX_FRAMES_PER_REQUEST,
-                 retry_after: float = 1.0) -> None:
+                 retry_after: float = 1.0, fence: GapFence | None = None) -> None:
         self.publisher, self.hub = publisher, hub
+        #: refuses late frames before the ack (shared with the shard workers)
+        self.fence = fence
         self.shards = publisher.bus.partitions()
         self.limits = limits or FrameLimits()
         self.max_frames_per_request = max_frames_per_request
@@ -175,6 +178,21 @@ class Ingress:
             by_shard[shard_for(frame.customer, frame.channel, self.shards)].append(idx)
 
         async def one(shard: int, idxs: list[int]) -> None:
+            if self.fence is not None:
+                try:
+                    late = await self.fence.admit(
+                        shard, [(items[i].frame, items[i].retry) for i in idxs])  # type: ignore[misc]
+                except RelayerError as exc:  # marks unreadable: refuse, retriable
+                    for i in idxs:
+                        results[i] = Result(items[i].seq, False, code=exc.code,
+                                            reason=str(exc), retriable=exc.retriable)
+                    return
+                for i, err in zip(idxs, late, strict=True):
+                    if err is not None:
+                        results[i] = Result(items[i].seq, False, code=err.code, reason=str(err))
+                idxs = [i for i, err in zip(idxs, late, strict=True) if err is None]
+                if not idxs:
+                    return
             records = [encode(items[i].frame) for i in idxs]  # type: ignore[arg-type]
             try:
                 acc = await self.publisher.publish(shard, records)
@@ -182,6 +200,10 @@ class Ingress:
                 for i in idxs:
                     results[i] = Result(items[i].seq, False, code=exc.code, reason=str(exc),
                                         retriable=exc.retriable)
+                    if self.fence is not None:
+                        frame = items[i].frame
+                        assert frame is not None
+                        self.fence.release(frame.topic, frame.seq)
                 return
             session.shards.add(shard)
             for i in idxs:

@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,8 @@ from pqcnet.relayer.bus.embedded import EmbeddedBus
 from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.egress import SubscriberHub
 from pqcnet.relayer.errors import ConfigError, RelayerError
-from pqcnet.relayer.frame import FrameLimits
+from pqcnet.relayer.frame import FrameLimits, Topic
+from pqcnet.relayer.gapfence import GapFence
 from pqcnet.relayer.governance import VolumeMetricsService, serve_governance
 from pqcnet.relayer.ingress import Ingress
 from pqcnet.relayer.metering import VolumeMeter
@@ -149,6 +150,8 @@ class RelayerNode:
         self.meter = VolumeMeter(cfg.epoch_seconds, registry=self.registry)
         self.flow = FlowController(cfg.high_water, cfg.low_water)
         self.hub = SubscriberHub()
+        #: late-frame refusal, shared by ingress and shard workers (decision 0012)
+        self.fence = GapFence(self._stored_marks)
         self.proofs: dict[int, VolumeProof] = {}
         self.proof_store = ProofStore(self.data_dir / "proofs")
         self.backlog: dict[int, int] = {}
@@ -169,6 +172,7 @@ class RelayerNode:
         self.publisher: BufferedPublisher
         self.overflow: OverflowQueue
         self.anchor: LedgerAnchor
+        self.store: SeqStore
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -201,14 +205,15 @@ class RelayerNode:
                                            publish_timeout=cfg.publish_timeout)
         self.ingress = Ingress(self.publisher, self.hub,
                                limits=FrameLimits(cfg.max_payload, cfg.max_id),
-                               retry_after=cfg.retry_after)
+                               retry_after=cfg.retry_after, fence=self.fence)
         self._open_ledger()
         wcfg = WorkerConfig(group=cfg.group, batch=cfg.batch, max_reorder=cfg.max_reorder,
                             gap_timeout=cfg.gap_timeout, max_topics=cfg.max_topics)
-        self.store: SeqStore = store
+        self.store = store
         self.meter.apply(await store.load_volume())  # what this node counted before a restart
         self._load_proofs()
-        self.workers = [RelayerShardWorker(self.bus, s, store, self.hub, wcfg, meter=self.meter)
+        self.workers = [RelayerShardWorker(self.bus, s, store, self.hub, wcfg, meter=self.meter,
+                                           fence=self.fence)
                         for s in cfg.shards_owned]
         self._tasks += [asyncio.create_task(w.run(), name=f"shard-{w.shard}")
                         for w in self.workers]
@@ -230,6 +235,10 @@ class RelayerNode:
             grpc_server, self.grpc_port = await serve_governance(
                 service, cfg.grpc_host, cfg.grpc_port, tls=tls)
             stack.push_async_callback(_quietly, grpc_server.stop, 0.5)
+
+    async def _stored_marks(self, shard: int, topics: Sequence[Topic]) -> dict[Topic, int]:
+        """Durable next seqs for the gap fence (a shard's worker may live elsewhere)."""
+        return await self.store.load_topics(shard, topics)
 
     async def _listen(self, port: int) -> None:
         server = await aio.serve(self.ingress.handle_tunnel, self.cfg.listen_host, port,
