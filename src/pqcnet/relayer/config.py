@@ -29,6 +29,7 @@ from pqcnet._util.schema import (
     where,
 )
 from pqcnet._util.yamlfile import read_yaml_file
+from pqcnet.relayer.authz import AuthzSpec, QuotasSpec
 from pqcnet.relayer.backpressure import HIGH_WATER, LOW_WATER
 from pqcnet.relayer.errors import ConfigError
 from pqcnet.relayer.frame import MAX_ID, MAX_PAYLOAD
@@ -124,6 +125,11 @@ class RelayerConfig(Schema):
     """QS-DAG ledger directory (default: <data_dir>/ledger)."""
     ledger_dev_genesis: bool = True
     """Create a dev genesis with this node as authority when the ledger has none."""
+    authz: AuthzSpec = Field(default_factory=AuthzSpec)
+    """Data-plane authorization: which SPIFFE identities may publish to / subscribe from
+    which customers' channels (default: a tenant is its own customer, nothing else)."""
+    quotas: QuotasSpec = Field(default_factory=QuotasSpec)
+    """Per-customer quotas at this relayer (frames/s, bytes/s; 0: unlimited)."""
 
     model_config = ConfigDict(json_schema_extra={"allOf": [
         {"if": {"properties": {"backend": {"const": "redis"}}, "required": ["backend"]},
@@ -204,7 +210,7 @@ class RelayerConfig(Schema):
 
     def replace(self, **changes: Any) -> RelayerConfig:
         """A copy with ``changes`` applied (validated again; :class:`ConfigError`)."""
-        data = {**self.model_dump(exclude_unset=True), **changes}
+        data = {**self.model_dump(exclude_unset=True, by_alias=True), **changes}
         try:
             return type(self).model_validate(data)
         except ValidationError as exc:

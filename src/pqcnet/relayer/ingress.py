@@ -17,18 +17,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pqcnet.errors import PqcnetError
 from pqcnet.qstp.aio import Stream, Tunnel
+from pqcnet.relayer.authz import Authorizer, Quotas
 from pqcnet.relayer.backpressure import FlowChange
 from pqcnet.relayer.egress import SubscriberHub, SubscriptionRefused
 from pqcnet.relayer.errors import (
     FieldTooLarge,
     FrameRejected,
+    NotAuthorized,
     OverflowFull,
+    QuotaExceeded,
     RelayerError,
     SeqNotMonotonic,
 )
@@ -75,6 +79,10 @@ class IngressStats:
     rejected: int = 0
     overflowed: int = 0
     pauses_sent: int = 0
+    #: frames and subscriptions refused by the data-plane authorization
+    unauthorized: int = 0
+    #: frames refused by a customer quota
+    over_quota: int = 0
 
 
 class Ingress:
@@ -83,8 +91,16 @@ class Ingress:
     def __init__(self, publisher: BufferedPublisher, hub: SubscriberHub, *,
                  limits: FrameLimits | None = None,
                  max_frames_per_request: int = MAX_FRAMES_PER_REQUEST,
-                 retry_after: float = 1.0, fence: GapFence | None = None) -> None:
+                 retry_after: float = 1.0, fence: GapFence | None = None,
+                 authz: Authorizer | None = None,
+                 quotas: Quotas | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.publisher, self.hub = publisher, hub
+        #: data-plane authorization (None: everyone may do anything — tests of other
+        #: parts only; a RelayerNode always sets one)
+        self.authz = authz
+        self.quotas = quotas or Quotas()
+        self.clock = clock
         #: refuses late frames before the ack (shared with the shard workers)
         self.fence = fence
         self.shards = publisher.bus.partitions()
@@ -132,7 +148,16 @@ class Ingress:
                         continue
                     if isinstance(request, Subscribe):
                         try:
+                            if self.authz is not None:
+                                self.authz.check_subscribe(session.tunnel.peer.spiffe_id,
+                                                           request.customer, request.channels)
                             await self.hub.serve(stream, request, reader)
+                        except NotAuthorized as exc:
+                            self.stats.unauthorized += 1
+                            log.warning("subscription refused", extra={
+                                "peer": str(session.tunnel.peer.spiffe_id),
+                                "customer": request.customer, "reason": str(exc)})
+                            await stream.send(encode_error(exc.code, str(exc)))
                         except SubscriptionRefused as exc:
                             await stream.send(encode_error(exc.code, str(exc)))
                         return
@@ -160,6 +185,8 @@ class Ingress:
             return [Result(i.seq, False, code=err.code, reason=str(err)) for i in items]
         by_shard: dict[int, list[int]] = defaultdict(list)
         pending_high: dict[Topic, int] = {}
+        peer = session.tunnel.peer.spiffe_id if self.authz is not None else None
+        now = self.clock()
         for idx, item in enumerate(items):
             try:
                 if item.error is not None:
@@ -171,6 +198,19 @@ class Ingress:
                     raise SeqNotMonotonic(
                         f"seq {frame.seq} after {last} on {frame.customer}/{frame.channel} "
                         "(set retry to resend)")
+                if self.authz is not None:
+                    assert peer is not None
+                    self.authz.check(peer, "publish", frame.customer, frame.channel)
+                self.quotas.take(frame.customer, 1, len(frame.payload), now)
+            except NotAuthorized as exc:
+                self.stats.unauthorized += 1
+                results[idx] = Result(item.seq, False, code=exc.code, reason=str(exc))
+                continue
+            except QuotaExceeded as exc:
+                self.stats.over_quota += 1
+                results[idx] = Result(item.seq, False, code=exc.code, reason=str(exc),
+                                      retriable=True)
+                continue
             except RelayerError as exc:
                 results[idx] = Result(item.seq, False, code=exc.code, reason=str(exc))
                 continue

@@ -33,6 +33,7 @@ from pqcnet.identity import NodeIdentity
 from pqcnet.qsdag import Ledger
 from pqcnet.qstp import aio
 from pqcnet.qstp.tls import TlsPolicy
+from pqcnet.relayer.authz import Authorizer, Quotas, authz_policy
 from pqcnet.relayer.backpressure import FlowController
 from pqcnet.relayer.bus.base import Bus
 from pqcnet.relayer.bus.embedded import EmbeddedBus
@@ -152,6 +153,9 @@ class RelayerNode:
         self.hub = SubscriberHub()
         #: late-frame refusal, shared by ingress and shard workers (decision 0012)
         self.fence = GapFence(self._stored_marks)
+        self.authz = Authorizer(authz_policy(cfg.authz))
+        self.quotas = Quotas(cfg.quotas)
+        self.hub.may_receive = self.authz.may_receive
         self.proofs: dict[int, VolumeProof] = {}
         self.proof_store = ProofStore(self.data_dir / "proofs")
         self.backlog: dict[int, int] = {}
@@ -205,7 +209,9 @@ class RelayerNode:
                                            publish_timeout=cfg.publish_timeout)
         self.ingress = Ingress(self.publisher, self.hub,
                                limits=FrameLimits(cfg.max_payload, cfg.max_id),
-                               retry_after=cfg.retry_after, fence=self.fence)
+                               retry_after=cfg.retry_after, fence=self.fence,
+                               authz=self.authz,
+                               quotas=self.quotas)
         self._open_ledger()
         wcfg = WorkerConfig(group=cfg.group, batch=cfg.batch, max_reorder=cfg.max_reorder,
                             gap_timeout=cfg.gap_timeout, max_topics=cfg.max_topics)
@@ -283,6 +289,32 @@ class RelayerNode:
                                f"{exc}") from None
         log.info("rotated identity saved", extra={"node": self.cfg.node_id,
                                                   "dir": str(self.cfg.identity_dir)})
+
+    def reload(self, cfg: RelayerConfig) -> None:
+        """Hot-reload the policy part of ``cfg`` (``authz``, ``quotas``) while running;
+        the rest of the config is fixed for the life of the process. Tunnels stay up;
+        the next frame, subscription and delivery are decided by the new policy, and
+        existing quota buckets keep their level."""
+        policy = authz_policy(cfg.authz)  # compile first: a bad policy changes nothing
+        self.authz.policy = policy
+        self.quotas.reload(cfg.quotas, time.monotonic())
+        self.cfg = self.cfg.replace(authz=cfg.authz.model_dump(by_alias=True),
+                                    quotas=cfg.quotas.model_dump())
+        log.info("relayer policy reloaded", extra={
+            "customers_with_rules": sorted(cfg.authz.customers),
+            "quota_customers": sorted(cfg.quotas.customers)})
+
+    def apply_rate_limit(self, scope: str, rate: float, burst: float) -> None:
+        """A governance rate-limit directive: ``scope`` names a customer (``*``: every
+        customer) whose frames/s quota at this relayer becomes ``rate`` with ``burst``."""
+        if not scope:
+            raise ConfigError("rate-limit scope must be a customer name or '*'")
+        if not (rate > 0 and burst >= 1):
+            raise ConfigError(f"rate limit needs rate > 0 and burst >= 1, got {rate}/{burst}")
+        spec = self.quotas.apply_rate_limit(scope, rate, burst, time.monotonic())
+        self.cfg = self.cfg.replace(quotas=spec.model_dump())
+        log.info("rate limit directive applied", extra={"scope": scope, "rate": rate,
+                                                        "burst": burst})
 
     def _open_ledger(self) -> None:
         path = Path(self.cfg.ledger_dir) if self.cfg.ledger_dir else self.data_dir / "ledger"
@@ -453,6 +485,16 @@ class _NodeCollector(Collector):
                      ("overflowed", st.overflowed)):
             ing.add_metric([k], v)
         yield ing
+        refusals = CounterMetricFamily(
+            "pqcnet_relayer_authz_refusals",
+            "Frames and subscriptions refused by the data-plane authorization, by operation",
+            labels=["op"])
+        for op, v in sorted(n.authz.refusals.items()):
+            refusals.add_metric([op], v)
+        yield refusals
+        yield CounterMetricFamily("pqcnet_relayer_quota_refused_frames",
+                                  "Publisher frames refused by a customer quota",
+                                  value=n.quotas.refused)
         for name, attr, doc in (("delivered", "delivered", "Frames delivered to subscribers"),
                                 ("duplicates", "duplicates", "Duplicate frames suppressed"),
                                 ("gaps", "gaps", "Sequence gaps reported and skipped")):
