@@ -160,7 +160,7 @@ class InclusionProof(_message.Message):
     def __init__(self, index: _Optional[int] = ..., siblings: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class VolumeProof(_message.Message):
-    __slots__ = ("relayer_id", "epoch", "merkle_root", "records", "total_bytes", "total_frames", "signer_key_id", "signature", "record_count")
+    __slots__ = ("relayer_id", "epoch", "merkle_root", "records", "total_bytes", "total_frames", "signer_key_id", "signature", "record_count", "part", "parts")
     RELAYER_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MERKLE_ROOT_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +170,8 @@ class VolumeProof(_message.Message):
     SIGNER_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     RECORD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     relayer_id: str
     epoch: int
     merkle_root: bytes
@@ -179,7 +181,9 @@ class VolumeProof(_message.Message):
     signer_key_id: bytes
     signature: bytes
     record_count: int
-    def __init__(self, relayer_id: _Optional[str] = ..., epoch: _Optional[int] = ..., merkle_root: _Optional[bytes] = ..., records: _Optional[_Iterable[_Union[VolumeRecord, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., total_frames: _Optional[int] = ..., signer_key_id: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., record_count: _Optional[int] = ...) -> None: ...
+    part: int
+    parts: int
+    def __init__(self, relayer_id: _Optional[str] = ..., epoch: _Optional[int] = ..., merkle_root: _Optional[bytes] = ..., records: _Optional[_Iterable[_Union[VolumeRecord, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., total_frames: _Optional[int] = ..., signer_key_id: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., record_count: _Optional[int] = ..., part: _Optional[int] = ..., parts: _Optional[int] = ...) -> None: ...
 
 class RelayerPerformanceReport(_message.Message):
     __slots__ = ("relayer_id", "epoch_from", "epoch_to", "volume_proofs", "attestation_receipts", "uptime_seconds", "signer_key_id", "signature")

@@ -32,6 +32,7 @@ from pqcnet._util.yamlfile import read_yaml_file
 from pqcnet.relayer.backpressure import HIGH_WATER, LOW_WATER
 from pqcnet.relayer.errors import ConfigError
 from pqcnet.relayer.frame import MAX_ID, MAX_PAYLOAD
+from pqcnet.relayer.metering import MAX_LABEL_SERIES
 from pqcnet.relayer.overflow import MAX_OVERFLOW_RECORDS
 from pqcnet.relayer.sequencer import GAP_TIMEOUT, MAX_REORDER, MAX_TOPICS
 
@@ -112,6 +113,9 @@ class RelayerConfig(Schema):
     are pruned once anchored — the QS-DAG vertex is then the record of them."""
     metrics_port: Port | None = None
     """Prometheus /metrics on 127.0.0.1 (null: off, 0: any free port)."""
+    metrics_max_label_series: Count = MAX_LABEL_SERIES
+    """(customer, channel) pairs with their own volume series; later ones share the
+    ``other`` series until pruned epochs free a slot."""
     grpc_host: str = "127.0.0.1"
     """Governance gRPC address (plaintext only on loopback)."""
     grpc_port: Port | None = None
