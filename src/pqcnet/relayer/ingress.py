@@ -20,10 +20,12 @@ import logging
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pqcnet.errors import PqcnetError
 from pqcnet.qstp.aio import Stream, Tunnel
 from pqcnet.relayer.backpressure import FlowChange
+from pqcnet.relayer.counters import SignedAckCounter
 from pqcnet.relayer.egress import SubscriberHub, SubscriptionRefused
 from pqcnet.relayer.errors import (
     FieldTooLarge,
@@ -34,15 +36,19 @@ from pqcnet.relayer.errors import (
 )
 from pqcnet.relayer.frame import FrameLimits, Topic, encode, shard_for, validate
 from pqcnet.relayer.overflow import BufferedPublisher
+from pqcnet.relayer.receipts import VolumeReceipt
 from pqcnet.relayer.wire import (
     Ack,
+    Counters,
     Incoming,
     MessageReader,
     MessageTooLarge,
+    ReceiptRequest,
     Result,
     Subscribe,
     decode_client,
     encode_error,
+    encode_receipt,
     encode_reply,
 )
 
@@ -66,6 +72,16 @@ class TunnelSession:
     paused: bool = False
 
 
+class IngressServices(Protocol):
+    """What the node serves besides publish/subscribe (decision 0014)."""
+
+    def add_counters(self, peer: str, counters: Sequence[SignedAckCounter]) -> int:
+        """Keep a client's signed ack counters; returns how many were kept."""
+
+    def receipt(self, peer: str, customer: str, epoch: int) -> VolumeReceipt:
+        """The signed receipt of ``customer`` for ``epoch`` (RelayerError if refused)."""
+
+
 @dataclass(slots=True)
 class IngressStats:
     """Counters exported as metrics."""
@@ -82,7 +98,7 @@ class Ingress:
     def __init__(self, publisher: BufferedPublisher, hub: SubscriberHub, *,
                  limits: FrameLimits | None = None,
                  max_frames_per_request: int = MAX_FRAMES_PER_REQUEST,
-                 retry_after: float = 1.0) -> None:
+                 retry_after: float = 1.0, services: IngressServices | None = None) -> None:
         self.publisher, self.hub = publisher, hub
         self.shards = publisher.bus.partitions()
         self.limits = limits or FrameLimits()
@@ -92,6 +108,7 @@ class Ingress:
         self.sessions: set[TunnelSession] = set()
         self.paused_shards: set[int] = set()
         self.stats = IngressStats()
+        self.services = services
 
     # ------------------------------------------------------------------ tunnels
     async def handle_tunnel(self, tunnel: Tunnel) -> None:
@@ -138,6 +155,9 @@ class Ingress:
                         err = FrameRejected("ack without a subscription on this stream")
                         await stream.send(encode_error(err.code, str(err)))
                         continue
+                    if isinstance(request, (Counters, ReceiptRequest)):
+                        await self._serve(session, stream, request)
+                        continue
                     request_id, items = request
                     results = await self.publish(session, items)
                     await stream.send(encode_reply(request_id, results))
@@ -146,6 +166,22 @@ class Ingress:
         except Exception:  # never let a bug take the tunnel down with a traceback to the peer
             log.exception("ingress stream failed", extra={"stream": stream.id})
             stream.reset(reason="internal error")
+
+    async def _serve(self, session: TunnelSession, stream: Stream,
+                     request: Counters | ReceiptRequest) -> None:
+        """Signed counters in (no reply) or a receipt out; refusals as ErrorReply."""
+        try:
+            if self.services is None:
+                raise FrameRejected("this relayer keeps no counters and gives no receipts")
+            peer = str(session.tunnel.peer.spiffe_id)
+            if isinstance(request, Counters):
+                self.services.add_counters(peer, request.items)
+                return
+            receipt = self.services.receipt(peer, request.customer, request.epoch)
+        except RelayerError as exc:
+            await stream.send(encode_error(exc.code, str(exc)))
+            return
+        await stream.send(encode_receipt(receipt))
 
     # ------------------------------------------------------------------ publish
     async def publish(self, session: TunnelSession, items: Sequence[Incoming]) -> list[Result]:

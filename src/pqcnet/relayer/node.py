@@ -21,7 +21,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 
 from pqcnet._util.env import env_passphrase
 from pqcnet.errors import PqcnetError
-from pqcnet.identity import NodeIdentity
+from pqcnet.identity import NodeIdentity, SpiffeId
 from pqcnet.qsdag import Ledger
 from pqcnet.qstp import aio
 from pqcnet.qstp.tls import TlsPolicy
@@ -39,8 +39,16 @@ from pqcnet.relayer.backpressure import FlowController
 from pqcnet.relayer.bus.base import Bus
 from pqcnet.relayer.bus.embedded import EmbeddedBus
 from pqcnet.relayer.config import RelayerConfig
+from pqcnet.relayer.counters import (
+    ClaimCheck,
+    CounterBook,
+    SignedAckCounter,
+    Tolerance,
+    ca_trust,
+    check_claims,
+)
 from pqcnet.relayer.egress import SubscriberHub
-from pqcnet.relayer.errors import ConfigError, RelayerError
+from pqcnet.relayer.errors import ConfigError, ReceiptRefused, RelayerError
 from pqcnet.relayer.frame import FrameLimits
 from pqcnet.relayer.governance import VolumeMetricsService, serve_governance
 from pqcnet.relayer.ingress import Ingress
@@ -54,6 +62,7 @@ from pqcnet.relayer.proof import (
     sign_report,
 )
 from pqcnet.relayer.proofstore import Intent, ProofStore
+from pqcnet.relayer.receipts import VolumeReceipt, build_receipt
 from pqcnet.relayer.seqstore import RocksSeqStore, SeqStore
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
 
@@ -156,6 +165,9 @@ class RelayerNode:
         """epoch -> its proof (part 0 when the epoch was split over several trees)"""
         self._parts: dict[int, tuple[VolumeProof, ...]] = {}
         self.proof_store = ProofStore(self.data_dir / "proofs")
+        #: clients' signed ack counters (decision 0014), checked against our claims
+        self.counters = CounterBook(ca_trust(identity.trust_anchors))
+        self.tolerance = Tolerance(cfg.counter_tolerance_ratio, cfg.counter_tolerance_frames)
         self.backlog: dict[int, int] = {}
         self._bus_lag: dict[int, int] = {}
         self.started_at = 0.0
@@ -206,7 +218,7 @@ class RelayerNode:
                                            publish_timeout=cfg.publish_timeout)
         self.ingress = Ingress(self.publisher, self.hub,
                                limits=FrameLimits(cfg.max_payload, cfg.max_id),
-                               retry_after=cfg.retry_after)
+                               retry_after=cfg.retry_after, services=self)
         self._open_ledger()
         wcfg = WorkerConfig(group=cfg.group, batch=cfg.batch, max_reorder=cfg.max_reorder,
                             gap_timeout=cfg.gap_timeout, max_topics=cfg.max_topics)
@@ -401,6 +413,7 @@ class RelayerNode:
         cutoff = old[-1] + 1
         await self.store.prune_volume(cutoff)
         self.meter.forget_before(cutoff)
+        self.counters.forget_before(cutoff)
         self.proof_store.prune(old)
         for e in old:
             del self.proofs[e]
@@ -427,6 +440,32 @@ class RelayerNode:
                     await self.bus.compact(s, [self.cfg.group])
             except Exception:
                 log.exception("volume proof / log trim failed")
+
+    # ------------------------------------------------------------------ ingress services
+    def add_counters(self, peer: str, counters: Sequence[SignedAckCounter]) -> int:
+        """Keep a client's signed ack counters (only those it signed itself)."""
+        return self.counters.add(counters, peer=peer)
+
+    def receipt(self, peer: str, customer: str, epoch: int) -> VolumeReceipt:
+        """The signed receipt of ``customer`` for a proven ``epoch``; only a caller whose
+        SPIFFE tenant is the customer gets it."""
+        if SpiffeId.parse(peer).tenant != customer:
+            raise ReceiptRefused(f"tenant of {peer} may not read customer {customer!r}")
+        return self.receipt_for(customer, epoch)
+
+    def receipt_for(self, customer: str, epoch: int) -> VolumeReceipt:
+        parts = self._parts.get(epoch)
+        if not parts:
+            raise ReceiptRefused(f"epoch {epoch} is not proven here (yet, or any more)")
+        ledger = self.anchor.ledger
+        vertices = [ledger.get(self.anchor.part_receipt(epoch, p.part)).encode() for p in parts]
+        return build_receipt(self.cfg.node_id, customer, epoch, parts, vertices,
+                             self.identity.key)
+
+    def check_claims(self, epoch: int) -> list[ClaimCheck]:
+        """Each record of a proven epoch against the clients' signed counters."""
+        return check_claims([r for p in self._parts.get(epoch, ()) for r in p.records],
+                            self.counters, self.tolerance)
 
     def report(self, epoch_from: int = 0, epoch_to: int | None = None) -> PerformanceReport:
         """Signed performance report over proven epochs in the range."""
