@@ -31,8 +31,10 @@ from pqcnet._util.schema import (
 from pqcnet._util.yamlfile import read_yaml_file
 from pqcnet.relayer.authz import AuthzSpec, QuotasSpec
 from pqcnet.relayer.backpressure import HIGH_WATER, LOW_WATER
+from pqcnet.relayer.counters import TOLERANCE_FRAMES, TOLERANCE_RATIO
 from pqcnet.relayer.errors import ConfigError
 from pqcnet.relayer.frame import MAX_ID, MAX_PAYLOAD
+from pqcnet.relayer.metering import MAX_LABEL_SERIES
 from pqcnet.relayer.overflow import MAX_OVERFLOW_RECORDS
 from pqcnet.relayer.sequencer import GAP_TIMEOUT, MAX_REORDER, MAX_TOPICS
 
@@ -111,8 +113,15 @@ class RelayerConfig(Schema):
     keep_epochs: Count = 1024
     """Proven epochs kept (proof files, persisted volume, in-memory meter); older ones
     are pruned once anchored — the QS-DAG vertex is then the record of them."""
+    counter_tolerance_ratio: float = Field(default=TOLERANCE_RATIO, ge=0.0, le=1.0)
+    """How far a volume claim may exceed the clients' signed ack counters (ratio) ..."""
+    counter_tolerance_frames: Count = TOLERANCE_FRAMES
+    """... plus this many frames, before it is an over-claim (decision 0014)."""
     metrics_port: Port | None = None
     """Prometheus /metrics on 127.0.0.1 (null: off, 0: any free port)."""
+    metrics_max_label_series: Count = MAX_LABEL_SERIES
+    """(customer, channel) pairs with their own volume series; later ones share the
+    ``other`` series until pruned epochs free a slot."""
     grpc_host: str = "127.0.0.1"
     """Governance gRPC address (plaintext only on loopback)."""
     grpc_port: Port | None = None

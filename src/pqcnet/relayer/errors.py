@@ -17,6 +17,9 @@ publisher SDK can tell "fix your frame" from "come back in a second"::
     ├── OverflowFull             the local overflow queue reached its bound (retriable)
     ├── QuotaExceeded            the customer's frames/s or bytes/s quota is used up (retriable)
     ├── ProofError               a volume proof or inclusion proof does not verify
+    │   ├── ReceiptInvalid       a customer receipt, its proofs or its anchors do not verify
+    │   ├── CounterInvalid       a signed ack counter or over-claim evidence does not verify
+    │   └── ReceiptRefused       no receipt for that caller/customer/epoch
     └── GovernanceError          the governance gRPC call failed
 """
 
@@ -119,6 +122,26 @@ class ProofError(RelayerError):
     """A volume proof, signature or Merkle inclusion proof failed to verify."""
 
     code = 40
+
+
+class ReceiptInvalid(ProofError):
+    """A volume receipt, one of its proofs, its anchor vertex or its Layer-0 envelope
+    does not verify (the message names which)."""
+
+    code = 41
+
+
+class CounterInvalid(ProofError):
+    """A client-signed ack counter, or evidence built on one, does not verify."""
+
+    code = 42
+
+
+class ReceiptRefused(ProofError):
+    """No receipt: the epoch is not proven (yet, or any more), or the caller's SPIFFE
+    tenant is not the customer it asks about."""
+
+    code = 43
 
 
 class GovernanceError(RelayerError):

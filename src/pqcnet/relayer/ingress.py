@@ -21,11 +21,13 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pqcnet.errors import PqcnetError
 from pqcnet.qstp.aio import Stream, Tunnel
 from pqcnet.relayer.authz import Authorizer, Quotas
 from pqcnet.relayer.backpressure import FlowChange
+from pqcnet.relayer.counters import SignedAckCounter
 from pqcnet.relayer.egress import SubscriberHub, SubscriptionRefused
 from pqcnet.relayer.errors import (
     FieldTooLarge,
@@ -39,15 +41,19 @@ from pqcnet.relayer.errors import (
 from pqcnet.relayer.frame import FrameLimits, Topic, encode, shard_for, validate
 from pqcnet.relayer.gapfence import GapFence
 from pqcnet.relayer.overflow import BufferedPublisher
+from pqcnet.relayer.receipts import VolumeReceipt
 from pqcnet.relayer.wire import (
     Ack,
+    Counters,
     Incoming,
     MessageReader,
     MessageTooLarge,
+    ReceiptRequest,
     Result,
     Subscribe,
     decode_client,
     encode_error,
+    encode_receipt,
     encode_reply,
 )
 
@@ -69,6 +75,16 @@ class TunnelSession:
     highest: OrderedDict[Topic, int] = field(default_factory=OrderedDict)
     shards: set[int] = field(default_factory=set)
     paused: bool = False
+
+
+class IngressServices(Protocol):
+    """What the node serves besides publish/subscribe (decision 0014)."""
+
+    def add_counters(self, peer: str, counters: Sequence[SignedAckCounter]) -> int:
+        """Keep a client's signed ack counters; returns how many were kept."""
+
+    def receipt(self, peer: str, customer: str, epoch: int) -> VolumeReceipt:
+        """The signed receipt of ``customer`` for ``epoch`` (RelayerError if refused)."""
 
 
 @dataclass(slots=True)
@@ -94,7 +110,8 @@ class Ingress:
                  retry_after: float = 1.0, fence: GapFence | None = None,
                  authz: Authorizer | None = None,
                  quotas: Quotas | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 services: IngressServices | None = None) -> None:
         self.publisher, self.hub = publisher, hub
         #: data-plane authorization (None: everyone may do anything — tests of other
         #: parts only; a RelayerNode always sets one)
@@ -111,6 +128,7 @@ class Ingress:
         self.sessions: set[TunnelSession] = set()
         self.paused_shards: set[int] = set()
         self.stats = IngressStats()
+        self.services = services
 
     # ------------------------------------------------------------------ tunnels
     async def handle_tunnel(self, tunnel: Tunnel) -> None:
@@ -166,6 +184,9 @@ class Ingress:
                         err = FrameRejected("ack without a subscription on this stream")
                         await stream.send(encode_error(err.code, str(err)))
                         continue
+                    if isinstance(request, (Counters, ReceiptRequest)):
+                        await self._serve(session, stream, request)
+                        continue
                     request_id, items = request
                     results = await self.publish(session, items)
                     await stream.send(encode_reply(request_id, results))
@@ -174,6 +195,22 @@ class Ingress:
         except Exception:  # never let a bug take the tunnel down with a traceback to the peer
             log.exception("ingress stream failed", extra={"stream": stream.id})
             stream.reset(reason="internal error")
+
+    async def _serve(self, session: TunnelSession, stream: Stream,
+                     request: Counters | ReceiptRequest) -> None:
+        """Signed counters in (no reply) or a receipt out; refusals as ErrorReply."""
+        try:
+            if self.services is None:
+                raise FrameRejected("this relayer keeps no counters and gives no receipts")
+            peer = str(session.tunnel.peer.spiffe_id)
+            if isinstance(request, Counters):
+                self.services.add_counters(peer, request.items)
+                return
+            receipt = self.services.receipt(peer, request.customer, request.epoch)
+        except RelayerError as exc:
+            await stream.send(encode_error(exc.code, str(exc)))
+            return
+        await stream.send(encode_receipt(receipt))
 
     # ------------------------------------------------------------------ publish
     async def publish(self, session: TunnelSession, items: Sequence[Incoming]) -> list[Result]:

@@ -7,7 +7,9 @@ Background tasks it owns (all cancelled on :meth:`RelayerNode.stop`):
 * the overflow replayer (:meth:`BufferedPublisher.run`);
 * the flow loop: every ``backpressure_interval`` s, backlog = bus lag + overflow depth
   per shard → :class:`FlowController` → FLOW PAUSE/RESUME on publisher tunnels;
-* the epoch loop: each closed epoch → signed volume proof → anchored in the QS-DAG.
+* the epoch loop: each closed epoch → signed volume proof(s) → intent recorded →
+  anchored in the QS-DAG → proof files → intent cleared (see
+  :mod:`pqcnet.relayer.proofstore`: a crash anywhere anchors an epoch exactly once).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from prometheus_client.registry import Collector
 
 from pqcnet._util.env import env_passphrase
 from pqcnet.errors import PqcnetError
-from pqcnet.identity import NodeIdentity
+from pqcnet.identity import NodeIdentity, SpiffeId
 from pqcnet.qsdag import Ledger
 from pqcnet.qstp import aio
 from pqcnet.qstp.tls import TlsPolicy
@@ -38,8 +40,16 @@ from pqcnet.relayer.backpressure import FlowController
 from pqcnet.relayer.bus.base import Bus
 from pqcnet.relayer.bus.embedded import EmbeddedBus
 from pqcnet.relayer.config import RelayerConfig
+from pqcnet.relayer.counters import (
+    ClaimCheck,
+    CounterBook,
+    SignedAckCounter,
+    Tolerance,
+    ca_trust,
+    check_claims,
+)
 from pqcnet.relayer.egress import SubscriberHub
-from pqcnet.relayer.errors import ConfigError, RelayerError
+from pqcnet.relayer.errors import ConfigError, ReceiptRefused, RelayerError
 from pqcnet.relayer.frame import FrameLimits, Topic
 from pqcnet.relayer.gapfence import GapFence
 from pqcnet.relayer.governance import VolumeMetricsService, serve_governance
@@ -50,10 +60,11 @@ from pqcnet.relayer.proof import (
     LedgerAnchor,
     PerformanceReport,
     VolumeProof,
-    build_volume_proof,
+    build_volume_proofs,
     sign_report,
 )
-from pqcnet.relayer.proofstore import ProofStore
+from pqcnet.relayer.proofstore import Intent, ProofStore
+from pqcnet.relayer.receipts import VolumeReceipt, build_receipt
 from pqcnet.relayer.seqstore import RocksSeqStore, SeqStore
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
 
@@ -148,7 +159,8 @@ class RelayerNode:
         self.cfg, self.identity, self.policy = cfg, identity, policy or TlsPolicy()
         self.data_dir = Path(cfg.data_dir)
         self.registry = CollectorRegistry()
-        self.meter = VolumeMeter(cfg.epoch_seconds, registry=self.registry)
+        self.meter = VolumeMeter(cfg.epoch_seconds, registry=self.registry,
+                                 max_label_series=cfg.metrics_max_label_series)
         self.flow = FlowController(cfg.high_water, cfg.low_water)
         self.hub = SubscriberHub()
         #: late-frame refusal, shared by ingress and shard workers (decision 0012)
@@ -157,7 +169,12 @@ class RelayerNode:
         self.quotas = Quotas(cfg.quotas)
         self.hub.may_receive = self.authz.may_receive
         self.proofs: dict[int, VolumeProof] = {}
+        """epoch -> its proof (part 0 when the epoch was split over several trees)"""
+        self._parts: dict[int, tuple[VolumeProof, ...]] = {}
         self.proof_store = ProofStore(self.data_dir / "proofs")
+        #: clients' signed ack counters (decision 0014), checked against our claims
+        self.counters = CounterBook(ca_trust(identity.trust_anchors))
+        self.tolerance = Tolerance(cfg.counter_tolerance_ratio, cfg.counter_tolerance_frames)
         self.backlog: dict[int, int] = {}
         self._bus_lag: dict[int, int] = {}
         self.started_at = 0.0
@@ -210,8 +227,7 @@ class RelayerNode:
         self.ingress = Ingress(self.publisher, self.hub,
                                limits=FrameLimits(cfg.max_payload, cfg.max_id),
                                retry_after=cfg.retry_after, fence=self.fence,
-                               authz=self.authz,
-                               quotas=self.quotas)
+                               authz=self.authz, quotas=self.quotas, services=self)
         self._open_ledger()
         wcfg = WorkerConfig(group=cfg.group, batch=cfg.batch, max_reorder=cfg.max_reorder,
                             gap_timeout=cfg.gap_timeout, max_topics=cfg.max_topics)
@@ -376,22 +392,51 @@ class RelayerNode:
             except Exception:  # keep the loop alive whatever a backend throws
                 log.exception("backpressure sampling failed")
 
+    def proof_parts(self, epoch: int) -> tuple[VolumeProof, ...]:
+        """Every proof of a proven ``epoch`` (one unless it was split), part order."""
+        return self._parts.get(epoch, ())
+
     def prove_closed_epochs(self, now: float | None = None) -> list[VolumeProof]:
-        """Prove and anchor every epoch before the current one not yet proven."""
+        """Prove and anchor every epoch before the current one not yet proven.
+
+        Unfinished intents (a crash mid-anchoring) are finished first. An epoch whose
+        proof fails with a typed error is logged and retried next round; it never stops
+        the epochs after it.
+        """
         current = self.meter.epoch(now)
-        out = []
-        for e in self.meter.epochs():
-            if e >= current or e in self.proofs:
+        out: list[VolumeProof] = []
+        pending = set(self.proof_store.intent_epochs())
+        for e in sorted(pending | set(self.meter.epochs())):
+            if e in self.proofs or (e >= current and e not in pending):
                 continue
-            proof = build_volume_proof(self.cfg.node_id, e, self.meter.records(e),
-                                       self.identity.key)
-            vid = self.anchor.anchor_proof(proof)
-            self.proofs[e] = proof
-            self.proof_store.write(proof, vid)
-            out.append(proof)
-            log.info("volume proof anchored", extra={"epoch": e, "records": proof.record_count,
-                                                     "bytes": proof.total_bytes})
+            try:
+                parts = self._prove_epoch(e, pending)
+            except (PqcnetError, OSError) as exc:
+                log.error("volume proof failed; retried next round",
+                          extra={"epoch": e, "error": str(exc)})
+                continue
+            out += parts
+            log.info("volume proof anchored", extra={
+                "epoch": e, "parts": len(parts), "records": sum(p.record_count for p in parts),
+                "bytes": sum(p.total_bytes for p in parts)})
         return out
+
+    def _prove_epoch(self, epoch: int, pending: set[int]) -> list[VolumeProof]:
+        """Intent (durable) → anchor each part once → proof files → intent cleared."""
+        if epoch in pending:
+            intent = self.proof_store.read_intent(epoch)
+        else:
+            intent = Intent(epoch, self.anchor.next_counter(), tuple(build_volume_proofs(
+                self.cfg.node_id, epoch, self.meter.records(epoch), self.identity.key)))
+            self.proof_store.write_intent(intent)
+        vids = [self.anchor.find_anchored(p, intent.counter) or self.anchor.anchor_proof(p)
+                for p in intent.proofs]
+        for p, vid in reversed(list(zip(intent.proofs, vids, strict=True))):
+            self.proof_store.write(p, vid)  # part 0 last: its file names a complete epoch
+        self.proof_store.clear_intent(epoch)
+        self.proofs[epoch] = intent.proofs[0]
+        self._parts[epoch] = intent.proofs
+        return list(intent.proofs)
 
     async def prune_epochs(self) -> int:
         """Drop proven epochs beyond the newest ``keep_epochs`` ones; returns how many.
@@ -408,18 +453,22 @@ class RelayerNode:
         cutoff = old[-1] + 1
         await self.store.prune_volume(cutoff)
         self.meter.forget_before(cutoff)
+        self.counters.forget_before(cutoff)
         self.proof_store.prune(old)
         for e in old:
             del self.proofs[e]
-            self.anchor.receipts.pop(e, None)
+            self._parts.pop(e, None)
+            self.anchor.forget(e)
         log.info("proven epochs pruned", extra={"before_epoch": cutoff, "count": len(old)})
         return len(old)
 
     def _load_proofs(self) -> None:
         """Proofs made before a restart: never prove (and anchor) an epoch twice."""
         for proof, vid in self.proof_store.load():
-            self.proofs[proof.epoch] = proof
-            self.anchor.receipts[proof.epoch] = vid
+            if proof.part == 0:
+                self.proofs[proof.epoch] = proof
+            self._parts[proof.epoch] = (*self._parts.get(proof.epoch, ()), proof)
+            self.anchor.remember(proof, vid)
 
     async def _epoch_loop(self) -> None:
         while True:
@@ -432,12 +481,38 @@ class RelayerNode:
             except Exception:
                 log.exception("volume proof / log trim failed")
 
+    # ------------------------------------------------------------------ ingress services
+    def add_counters(self, peer: str, counters: Sequence[SignedAckCounter]) -> int:
+        """Keep a client's signed ack counters (only those it signed itself)."""
+        return self.counters.add(counters, peer=peer)
+
+    def receipt(self, peer: str, customer: str, epoch: int) -> VolumeReceipt:
+        """The signed receipt of ``customer`` for a proven ``epoch``; only a caller whose
+        SPIFFE tenant is the customer gets it."""
+        if SpiffeId.parse(peer).tenant != customer:
+            raise ReceiptRefused(f"tenant of {peer} may not read customer {customer!r}")
+        return self.receipt_for(customer, epoch)
+
+    def receipt_for(self, customer: str, epoch: int) -> VolumeReceipt:
+        parts = self._parts.get(epoch)
+        if not parts:
+            raise ReceiptRefused(f"epoch {epoch} is not proven here (yet, or any more)")
+        ledger = self.anchor.ledger
+        vertices = [ledger.get(self.anchor.part_receipt(epoch, p.part)).encode() for p in parts]
+        return build_receipt(self.cfg.node_id, customer, epoch, parts, vertices,
+                             self.identity.key)
+
+    def check_claims(self, epoch: int) -> list[ClaimCheck]:
+        """Each record of a proven epoch against the clients' signed counters."""
+        return check_claims([r for p in self._parts.get(epoch, ()) for r in p.records],
+                            self.counters, self.tolerance)
+
     def report(self, epoch_from: int = 0, epoch_to: int | None = None) -> PerformanceReport:
         """Signed performance report over proven epochs in the range."""
-        proofs = tuple(p for e, p in sorted(self.proofs.items())
+        proofs = tuple(p for e in sorted(self.proofs) for p in self._parts.get(e, ())
                        if e >= epoch_from and (epoch_to is None or e <= epoch_to))
-        receipts = tuple(self.anchor.receipts[p.epoch] for p in proofs
-                         if p.epoch in self.anchor.receipts)
+        receipts = tuple(self.anchor.part_receipts[(p.epoch, p.part)] for p in proofs
+                         if (p.epoch, p.part) in self.anchor.part_receipts)
         last = epoch_to if epoch_to is not None else (proofs[-1].epoch if proofs else epoch_from)
         unsigned = PerformanceReport(self.cfg.node_id, epoch_from, last, proofs, receipts,
                                      time.time() - self.started_at)
