@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,7 +27,6 @@ class Service:
     ledger: Ledger
     service: CaService
     url: str
-    saves: list[int] = field(default_factory=list)
 
     def token(self, pattern: str = f"spiffe://{TD}/acme/relayer/*", role: str = "relayer",
               ttl: dt.timedelta = dt.timedelta(minutes=5), *,
@@ -51,15 +50,10 @@ async def start_service(tmp_path: Path, config: CaServiceConfig | None = None) -
     ca = MeshCA.create(TD)
     tokens = TokenStore(tmp_path)
     ledger = Ledger.open(tmp_path / "ledger")
-    saves: list[int] = []
-
-    def save(c: MeshCA) -> None:
-        c.save(tmp_path, b"pw")
-        saves.append(len(c.issued))
-
-    svc = CaService(ca, save, tokens, config or CaServiceConfig(), ledger=ledger)
+    ca.save(tmp_path, b"pw")
+    svc = CaService(ca, tmp_path, tokens, config or CaServiceConfig(), ledger=ledger)
     port = await svc.start()
-    return Service(ca, tmp_path, tokens, ledger, svc, f"https://127.0.0.1:{port}", saves)
+    return Service(ca, tmp_path, tokens, ledger, svc, f"https://127.0.0.1:{port}")
 
 
 @pytest.fixture

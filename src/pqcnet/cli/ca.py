@@ -309,7 +309,7 @@ def serve(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_pas
     from pqcnet.qsdag.ledger import Ledger
     from pqcnet.runtime.ca_service import CaService, CaServiceConfig
 
-    ca, store = _load(ca_dir, passphrase_env, no_passphrase, key_store_file)
+    ca, _store = _load(ca_dir, passphrase_env, no_passphrase, key_store_file)
     try:
         hashes = frozenset(bytes.fromhex(h) for h in package_hashes) or frozenset(
             {package_hash()})
@@ -327,8 +327,7 @@ def serve(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_pas
     ledger = Ledger.open(ledger_dir or (ca_dir / "ledger"), sync=True)
 
     async def start() -> CaService:
-        service = CaService(ca, lambda c: c.save(ca_dir, key_store=store), TokenStore(ca_dir),
-                            config, ledger=ledger)
+        service = CaService(ca, ca_dir, TokenStore(ca_dir), config, ledger=ledger)
         await service.start(host, port, crl_http_port)
         service.start_maintenance()
         if metrics_port is not None:

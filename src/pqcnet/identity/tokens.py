@@ -22,7 +22,7 @@ import hashlib
 import json
 import secrets
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +87,11 @@ class TokenRecord:
     used_by: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k in ("created_at", "expires_at", "used_at"):
-            d[k] = d[k].isoformat() if d[k] is not None else None
-        return d
+        return {"token_hash": self.token_hash, "pattern": self.pattern, "role": self.role,
+                "created_at": self.created_at.isoformat(),
+                "expires_at": self.expires_at.isoformat(),
+                "used_at": self.used_at.isoformat() if self.used_at else None,
+                "used_by": self.used_by}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TokenRecord:
@@ -101,6 +102,12 @@ class TokenRecord:
             used_at=dt.datetime.fromisoformat(d["used_at"]) if d.get("used_at") else None,
             used_by=str(d.get("used_by", "")),
         )
+
+
+@dataclass
+class _Records:
+    items: dict[str, TokenRecord] = field(default_factory=dict)
+    dirty: bool = False
 
 
 def hash_token(secret: str) -> str:
@@ -140,32 +147,45 @@ class TokenStore:
     def __init__(self, ca_dir: Path) -> None:
         self.path = Path(ca_dir) / TOKEN_FILE
         self._lock_path = Path(ca_dir) / _LOCK_FILE
+        #: parsed file keyed by (mtime_ns, size, inode): a re-read only after a change
+        self._cache: tuple[tuple[int, int, int], dict[str, TokenRecord]] | None = None
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[dict[str, TokenRecord]]:
+    def _locked(self) -> Iterator[_Records]:
+        """The records under an exclusive ``flock``; written back if marked dirty."""
         self._lock_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self._lock_path, "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                records = self._read()
-                before = json.dumps({k: r.to_json() for k, r in records.items()})
+                records = _Records(self._read())
                 yield records
-                after = {k: r.to_json() for k, r in records.items()}
-                if json.dumps(after) != before:
-                    atomic_write(self.path, json.dumps({"v": 1, "tokens": list(after.values())},
-                                                       indent=1).encode(), mode=0o600)
+                if records.dirty:
+                    atomic_write(self.path, json.dumps(
+                        {"v": 1, "tokens": [r.to_json() for r in records.items.values()]},
+                        indent=1).encode(), mode=0o600)
+                    self._cache = (self._stamp(), dict(records.items))
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _stamp(self) -> tuple[int, int, int]:
+        st = self.path.stat()
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _read(self) -> dict[str, TokenRecord]:
         if not self.path.exists():
             return {}
+        stamp = self._stamp()
+        if self._cache is not None and self._cache[0] == stamp:
+            return dict(self._cache[1])  # unchanged since we last read or wrote it
         raw = read_bounded(self.path, MAX_TOKEN_FILE_BYTES, "token store")
         try:
             data = json.loads(raw)
-            return {r.token_hash: r for r in (TokenRecord.from_json(d) for d in data["tokens"])}
+            records = {r.token_hash: r
+                       for r in (TokenRecord.from_json(d) for d in data["tokens"])}
         except (KeyError, TypeError, ValueError) as exc:
             raise IdentityError(f"corrupt token store {self.path}: {exc}") from None
+        self._cache = (stamp, dict(records))
+        return records
 
     def create(self, pattern: str, role: str, ttl: dt.timedelta, *,
                now: dt.datetime | None = None) -> tuple[str, TokenRecord]:
@@ -178,17 +198,18 @@ class TokenStore:
             secrets.token_bytes(TOKEN_BYTES)).decode().rstrip("=")
         rec = TokenRecord(hash_token(secret), pattern, role, now, now + ttl)
         with self._locked() as records:
-            self._prune(records, now)
-            if len(records) >= MAX_TOKENS:
+            self._prune(records.items, now)
+            if len(records.items) >= MAX_TOKENS:
                 raise IdentityError(f"{MAX_TOKENS} live tokens already; let some expire")
-            records[rec.token_hash] = rec
+            records.items[rec.token_hash] = rec
+            records.dirty = True
         return secret, rec
 
     def check(self, secret: str, *, now: dt.datetime | None = None) -> TokenRecord:
         """The token's record if it may be redeemed now (nothing is written)."""
         digest = hash_token(secret)
         with self._locked() as records:
-            return self._usable(records, digest, now or utcnow())
+            return self._usable(records.items, digest, now or utcnow())
 
     def redeem(self, secret: str, spiffe_id: SpiffeId, *,
                now: dt.datetime | None = None) -> TokenRecord:
@@ -196,11 +217,12 @@ class TokenStore:
         digest = hash_token(secret)
         now = now or utcnow()
         with self._locked() as records:
-            rec = self._usable(records, digest, now)
+            rec = self._usable(records.items, digest, now)
             check_token_binding(rec, spiffe_id)
             spent = TokenRecord(rec.token_hash, rec.pattern, rec.role, rec.created_at,
                                 rec.expires_at, now, str(spiffe_id))
-            records[digest] = spent
+            records.items[digest] = spent
+            records.dirty = True
             return spent
 
     @staticmethod

@@ -29,8 +29,9 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -40,10 +41,11 @@ from prometheus_client import Counter, Gauge
 from pqcnet.crypto.errors import CryptoError
 from pqcnet.crypto.pqc import SigningKey, VerifyKey
 from pqcnet.errors import PqcnetError
-from pqcnet.identity.ca import IssuancePolicy, MeshCA
+from pqcnet.identity.ca import CA_STATE_FILE, IssuancePolicy, MeshCA
 from pqcnet.identity.certs import MAX_PEM_BYTES, load_certs, utcnow
 from pqcnet.identity.csr import build_csr
 from pqcnet.identity.errors import IdentityError, PolicyViolation
+from pqcnet.identity.keystore import atomic_write
 from pqcnet.identity.node import NodeIdentity
 from pqcnet.identity.spiffe import SpiffeId, spiffe_matches, validate_pattern
 from pqcnet.identity.tokens import (
@@ -190,11 +192,19 @@ def _error_response(exc: CaServiceError) -> Response:
 class CaService:
     """The CA service's request handling (transport: :class:`HttpsServer`)."""
 
-    def __init__(self, ca: MeshCA, save: Callable[[MeshCA], None], tokens: TokenStore,
+    def __init__(self, ca: MeshCA, ca_dir: Path, tokens: TokenStore,
                  config: CaServiceConfig | None = None, *, ledger: Ledger | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ca = ca
-        self._save = save
+        #: where ``ca-state.json`` is rewritten (the key and certificate are not touched)
+        self.ca_dir = Path(ca_dir)
+        # disk work runs in threads so handshakes of other clients overlap the fsyncs;
+        # one lock per file/store keeps each single-writer; state writes coalesce
+        self._state_lock = asyncio.Lock()
+        self._token_lock = asyncio.Lock()
+        self._ledger_lock = asyncio.Lock()
+        self._state_version = 0
+        self._state_written = 0
         self.tokens = tokens
         self.config = config or CaServiceConfig()
         self.ledger = ledger
@@ -271,7 +281,7 @@ class CaService:
         """Re-issue the service's own certificate (half-life) and reload the CRL into TLS."""
         if self.identity.needs_renewal(utcnow()):
             self.identity = self._server_identity()
-            self._persist()
+            self._persist_now()
         else:
             self.identity = self.identity.with_crl(self._crl_pem())
         if self.server is not None:
@@ -280,7 +290,7 @@ class CaService:
     # ------------------------------------------------------------------ dispatch
 
     async def handle(self, req: Request) -> Response:
-        routes: dict[str, tuple[str, Callable[[Request], Response]]] = {
+        routes: dict[str, tuple[str, Callable[[Request], Awaitable[Response]]]] = {
             "/v1/enroll": ("POST", self.enroll),
             "/v1/rotate": ("POST", self.rotate),
             "/v1/crl": ("GET", self.crl),
@@ -295,7 +305,7 @@ class CaService:
             method, fn = routes[path]
             if req.method != method:
                 raise CaServiceError(405, "method", f"{path} takes {method}")
-            response = fn(req)
+            response = await fn(req)
         except CaServiceError as exc:
             log.info("CA request refused", extra={"endpoint": endpoint, "status": exc.status,
                                                   "code": exc.code, "reason": exc.detail,
@@ -313,7 +323,7 @@ class CaService:
 
     # ------------------------------------------------------------------ endpoints
 
-    def enroll(self, req: Request) -> Response:
+    async def enroll(self, req: Request) -> Response:
         if not self.limiter.allow(req.remote):
             raise CaServiceError(429, "rate_limited", "too many enrollments; retry later")
         body = _json_body(req)
@@ -335,10 +345,12 @@ class CaService:
         self._check_policy(sid, public, body.get("attestation"), new_node=True)
         cert_pem = self._sign(csr_pem)
         try:
-            self.tokens.redeem(secret, sid)
+            async with self._token_lock:
+                await asyncio.to_thread(self.tokens.redeem, secret, sid)
         except TokenError as exc:  # lost a race with another enrollment of the same token
+            self.ca.issued.pop(load_certs(cert_pem)[0].serial_number, None)
             raise CaServiceError(401, f"token_{exc.code}", str(exc)) from None
-        cert = self._commit(cert_pem, sid, "enroll")
+        cert = await self._commit(cert_pem, sid, "enroll")
         return _ok({
             "certificate": cert_pem.decode(),
             "ca_cert": self.ca.trust_bundle_pem().decode(),
@@ -350,7 +362,7 @@ class CaService:
                        "crl_url": self.config.crl_url},
         })
 
-    def rotate(self, req: Request) -> Response:
+    async def rotate(self, req: Request) -> Response:
         peer = self._require_peer(req)
         if peer.cert_serial in self.ca.revocations:
             raise CaServiceError(401, "revoked", "the presented certificate is revoked")
@@ -362,14 +374,14 @@ class CaService:
                                  f"can only renew itself, not {sid}")
         self._check_policy(sid, public, body.get("attestation"), new_node=False)
         cert_pem = self._sign(csr_pem)
-        cert = self._commit(cert_pem, sid, "rotate")
+        cert = await self._commit(cert_pem, sid, "rotate")
         return _ok({"certificate": cert_pem.decode(),
                     "ca_cert": self.ca.trust_bundle_pem().decode(),
                     "crl": self._crl_pem().decode(),
                     "valid_not_before": cert.not_valid_before_utc.isoformat(),
                     "valid_not_after": cert.not_valid_after_utc.isoformat()})
 
-    def crl(self, req: Request) -> Response:
+    async def crl(self, req: Request) -> Response:
         pem = self._crl_pem()
         assert self._crl is not None
         etag = self._crl[1]
@@ -378,7 +390,7 @@ class CaService:
             return Response(304, b"", "application/pem-certificate-chain", headers)
         return Response(200, pem, "application/pkix-crl", headers)
 
-    def revoke(self, req: Request) -> Response:
+    async def revoke(self, req: Request) -> Response:
         peer = self._require_peer(req)
         if not any(spiffe_matches(p, peer.spiffe_id) for p in self.admin_patterns):
             raise CaServiceError(403, "not_admin", f"{peer.spiffe_id} may not revoke")
@@ -404,18 +416,18 @@ class CaService:
         except IdentityError as exc:
             raise CaServiceError(400, "bad_target", str(exc)) from None
         self._crl = None  # re-sign now: the revocation must be in the next fetch
-        self._persist()
+        await self._persist()
         for rev in revs:
             REVOKED.inc()
             rec = self.ca.issued.get(rev.serial)
-            self._anchor(REVOKED_CONTENT_TYPE, rec.spiffe_id if rec else "", {
+            await self._anchor(REVOKED_CONTENT_TYPE, rec.spiffe_id if rec else "", {
                 "serial": format(rev.serial, "x"), "reason": rev.reason.name,
                 "spiffe_id": rec.spiffe_id if rec else "", "by": str(peer.spiffe_id)})
         self.refresh_server_identity()
         self._update_gauge()
         return Response(204, b"")
 
-    def peers(self, req: Request) -> Response:
+    async def peers(self, req: Request) -> Response:
         self._require_peer(req)
         now = utcnow()
         out = []
@@ -502,14 +514,14 @@ class CaService:
         except IdentityError as exc:
             raise CaServiceError(400, "bad_csr", str(exc)) from None
 
-    def _commit(self, cert_pem: bytes, sid: SpiffeId, path: str) -> x509.Certificate:
+    async def _commit(self, cert_pem: bytes, sid: SpiffeId, path: str) -> x509.Certificate:
         cert = load_certs(cert_pem)[0]
-        self._persist()
+        await self._persist()
         ISSUED.labels(path=path).inc()
         now = utcnow()
         self._peers[str(sid)] = _PeerState(str(sid), cert.serial_number,
                                            cert.not_valid_after_utc, now)
-        self._anchor(ISSUED_CONTENT_TYPE, str(sid), {
+        await self._anchor(ISSUED_CONTENT_TYPE, str(sid), {
             "serial": format(cert.serial_number, "x"), "spiffe_id": str(sid), "path": path,
             "not_after": cert.not_valid_after_utc.isoformat(),
             "sha3_256": hashlib.sha3_256(cert.public_bytes(Encoding.DER)).hexdigest()})
@@ -518,15 +530,29 @@ class CaService:
                                               "serial": format(cert.serial_number, "x")})
         return cert
 
-    def _anchor(self, content_type: str, spiffe_id: str, body: dict[str, Any]) -> None:
-        if self.ledger is None:
+    async def _anchor(self, content_type: str, spiffe_id: str, body: dict[str, Any]) -> None:
+        ledger = self.ledger
+        if ledger is None:
             return
         subject = SpiffeId.parse(spiffe_id).node_id if spiffe_id else CA_AUTHOR
         record = OpaqueRecord(content_type, subject, json.dumps(body, sort_keys=True).encode())
-        self.ledger.append(VertexKind.GOVERNANCE_DIRECTIVE, record, CA_AUTHOR, self.ca.key)
+        async with self._ledger_lock:  # the ledger has one owner at a time
+            await asyncio.to_thread(ledger.append, VertexKind.GOVERNANCE_DIRECTIVE, record,
+                                    CA_AUTHOR, self.ca.key)
 
-    def _persist(self) -> None:
-        self._save(self.ca)
+    async def _persist(self) -> None:
+        """Make the CA state as of now durable; concurrent callers share one write."""
+        self._state_version += 1
+        mine = self._state_version
+        async with self._state_lock:
+            if self._state_written >= mine:
+                return  # a write that started after our change already covered it
+            version, data = self._state_version, self.ca.state_json()
+            await asyncio.to_thread(atomic_write, self.ca_dir / CA_STATE_FILE, data, mode=0o600)
+            self._state_written = version
+
+    def _persist_now(self) -> None:
+        atomic_write(self.ca_dir / CA_STATE_FILE, self.ca.state_json(), mode=0o600)
 
     def _crl_pem(self) -> bytes:
         now = self._clock()
