@@ -213,7 +213,7 @@ def metadata_from_wire(headers: Iterable[tuple[str, str]]
 class _ForwardAll(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     """Accept every unary method and forward its raw bytes through the sidecar."""
 
-    def __init__(self, sidecar: Sidecar) -> None:
+    def __init__(self, sidecar: Upstream) -> None:
         self._sidecar = sidecar
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[bytes, bytes]:
@@ -246,7 +246,7 @@ class _ForwardAll(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         return grpc.unary_unary_rpc_method_handler(unary)
 
 
-async def serve_grpc(sidecar: Sidecar, host: str = "127.0.0.1", port: int = 0
+async def serve_grpc(sidecar: Upstream, host: str = "127.0.0.1", port: int = 0
                      ) -> tuple[grpc.aio.Server, int]:
     """Start the local gRPC face; returns (server, bound port)."""
     server = grpc.aio.server()
@@ -259,15 +259,14 @@ async def serve_grpc(sidecar: Sidecar, host: str = "127.0.0.1", port: int = 0
 # ---------------------------------------------------------------------------- TCP
 
 
-async def serve_tcp(sidecar: Sidecar, backend: str, host: str = "127.0.0.1",
+async def serve_tcp(sidecar: Upstream, backend: str, host: str = "127.0.0.1",
                     port: int = 0) -> asyncio.Server:
     """Start the raw TCP face: each local connection becomes one stream to ``backend``."""
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             stream = await sidecar.open(RequestHead("tcp", "", backend), end=False)
-            payload, rest = await read_head(stream.recv)
-            resp = decode_response(payload)
+            resp, stream, rest = await sidecar.response(stream)
             if resp.error:
                 log.info("sentry refused tcp stream", extra={"outcome": resp.error,
                                                              "reason": resp.reason})
