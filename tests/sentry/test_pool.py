@@ -35,17 +35,19 @@ def pool_of(mesh: Mesh, ports: list[int], **kw: Any) -> SentryPool:
 
 
 @contextlib.contextmanager
-def sentry_process(mesh: Mesh, d: Path, backend_port: int) -> Iterator[
-        tuple[subprocess.Popen[str], int]]:
+def sentry_process(mesh: Mesh, d: Path, backend_port: int, *, workers: int = 1,
+                   **cfg_kw: Any) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """A real `pqcnet sentry run` (``workers`` processes) in front of the HTTP backend."""
     d.mkdir()
     mesh.sentry.save(d / "sentry-id", None)
     port = free_port()
-    cfg = config_dict(backend_port, 1, 1)
+    cfg = config_dict(backend_port, 1, 1, **cfg_kw)
     cfg["listen"] = f"127.0.0.1:{port}"
     cfg["identity_dir"] = "sentry-id"
     write_config(d, mesh, cfg)
     p = subprocess.Popen([*PQCNET, "sentry", "run", "--config", "sentry.yaml",
-                          "--no-passphrase"], cwd=d, stderr=subprocess.PIPE, text=True,
+                          "--no-passphrase", "--workers", str(workers)], cwd=d,
+                         stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         assert "listening" in (p.stderr.readline() if p.stderr else "")

@@ -59,14 +59,22 @@ def check(config_path: Path) -> None:
 @click.option("--passphrase-env", default=PASS_ENV, show_default=True,
               help="Environment variable with the node key passphrase.")
 @click.option("--no-passphrase", is_flag=True, help="The node key is stored unencrypted.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Worker processes sharing the listen port (SO_REUSEPORT); token "
+                   "buckets and the concurrency gate are shared between them.")
 def run(config_path: Path, reload_interval: float, passphrase_env: str,
-        no_passphrase: bool) -> None:
+        no_passphrase: bool, workers: int) -> None:
     """Terminate QSTP tunnels and proxy admitted RPCs to the configured backends."""
     from pqcnet.runtime.sentry import SentryService
 
     cfg = load_config(config_path)
-    identity = NodeIdentity.load(require_identity(cfg),
-                                 passphrase(passphrase_env, no_passphrase, what="node key"))
+    node_pass = passphrase(passphrase_env, no_passphrase, what="node key")
+    identity = NodeIdentity.load(require_identity(cfg), node_pass)
+    if workers > 1:
+        from pqcnet.cli._sentry_workers import run_workers
+
+        run_workers(config_path, workers, node_pass, reload_interval)
+        return
     service = SentryService(cfg, identity, config_path=config_path,
                             reload_interval=reload_interval)
 
