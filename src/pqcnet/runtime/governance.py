@@ -210,10 +210,12 @@ class QstpEndpoint:
         finally:
             self._tunnels.discard(tunnel)
 
-    async def serve(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Listen with the current identity; returns the bound port."""
+    async def serve(self, host: str = "127.0.0.1", port: int = 0, *,
+                    reuse_port: bool = False) -> int:
+        """Listen with the current identity; returns the bound port (``reuse_port``:
+        SO_REUSEPORT, for worker processes sharing it)."""
         self._server = await serve(self._serve_one, host, port, self.identity, self.policy,
-                                   config=self.config)
+                                   config=self.config, reuse_port=reuse_port)
         return self._server.port
 
     async def connect(self, host: str, port: int) -> Tunnel:

@@ -208,14 +208,17 @@ async def serve(
     config: QstpConfiguration | None = None,
     max_tunnels: int = DEFAULT_MAX_TUNNELS,
     backlog: int = 128,
+    reuse_port: bool = False,
 ) -> Server:
     """Listen for QSTP tunnels; ``await handler(tunnel)`` runs per verified tunnel,
-    and the tunnel is closed when the handler returns."""
+    and the tunnel is closed when the handler returns. ``reuse_port`` sets SO_REUSEPORT
+    so several processes share the port (the kernel spreads connections over them)."""
     await openssl_checked()
     server = Server(handler, identity, policy or TlsPolicy(), config or QstpConfiguration(),
                     max_tunnels)
     loop = asyncio.get_running_loop()
-    server._server = await loop.create_server(server._new_tunnel, host, port, backlog=backlog)
+    server._server = await loop.create_server(server._new_tunnel, host, port, backlog=backlog,
+                                              reuse_port=reuse_port or None)
     return server
 
 
