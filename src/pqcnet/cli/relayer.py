@@ -253,28 +253,46 @@ def governance_cli() -> None:
 
 
 @governance_cli.command("pull")
-@click.option("--target", required=True, help="Governance gRPC address host:port.")
+@click.option("--target", required=True,
+              help="host:port of the node's QSTP governance listener (with --identity), "
+                   "of its TLS gRPC (with --ca-cert), or of a loopback plaintext gRPC.")
+@click.option("--identity", "identity_dir", default=None,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Our mesh identity: pull post-quantum through QSTP (the default for a "
+                   "remote node).")
+@click.option("--expect-peer", default=None,
+              help="SPIFFE ID or glob the node must present (with --identity).")
 @click.option("--customer", default=None)
 @click.option("--channel", default=None)
 @click.option("--epoch-from", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--epoch-to", default=None, type=click.IntRange(0))
 @click.option("--ca-cert", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="PEM CA for a TLS governance endpoint (omit for loopback plaintext).")
+              help="Classical TLS instead of QSTP (explicit opt-in): PEM CA of the endpoint.")
 @click.option("--report", is_flag=True, help="Also fetch and include the signed report.")
-def pull_cmd(target: str, customer: str | None, channel: str | None, epoch_from: int,
+def pull_cmd(target: str, identity_dir: Path | None, expect_peer: str | None,
+             customer: str | None, channel: str | None, epoch_from: int,
              epoch_to: int | None, ca_cert: str | None, report: bool) -> None:
-    """Volume per (customer, channel, qos, epoch) and totals, as JSON."""
+    """Volume per (customer, channel, qos, epoch) and totals, as JSON.
+
+    With --identity the pull travels inside a QSTP tunnel (ML-KEM key exchange, ML-DSA
+    mutual authentication) to the relayer's governance_qstp_port."""
+    if identity_dir is not None and ca_cert:
+        raise click.UsageError("--identity (QSTP) and --ca-cert (classical TLS) exclude "
+                               "each other")
     q = VolumeFilter(customer, channel, epoch_from, epoch_to)
+    identity = load_cli_identity(identity_dir) if identity_dir is not None else None
 
     async def go() -> dict[str, Any]:
-        s = await pull_volume(target, q, ca_cert=ca_cert)
+        s = await pull_volume(target, q, ca_cert=ca_cert, identity=identity,
+                              expect_peer=expect_peer)
         out: dict[str, Any] = {
             "total_bytes": s.total_bytes, "total_frames": s.total_frames,
             "records": [{"customer": r.customer, "channel": r.channel, "qos": r.qos,
                          "epoch": r.epoch, "bytes": r.bytes, "frames": r.frames}
                         for r in s.records]}
         if report:
-            rep = await pull_report(target, epoch_from, epoch_to, ca_cert=ca_cert)
+            rep = await pull_report(target, epoch_from, epoch_to, ca_cert=ca_cert,
+                                    identity=identity, expect_peer=expect_peer)
             out["report"] = {"relayer": rep.relayer_id, "epoch_from": rep.epoch_from,
                              "epoch_to": rep.epoch_to, "uptime_seconds": rep.uptime_seconds,
                              "proofs": [{"epoch": p.epoch, "root": p.root.hex(),

@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from pqcnet.errors import PqcnetError
 from pqcnet.identity import NodeIdentity, SpiffeId
 from pqcnet.qsdag import Ledger
 from pqcnet.qstp import aio
+from pqcnet.qstp.aio.forward import serve_forward
 from pqcnet.qstp.tls import TlsPolicy
 from pqcnet.relayer.authz import Authorizer, Quotas, authz_policy
 from pqcnet.relayer.backpressure import FlowController
@@ -54,6 +56,7 @@ from pqcnet.relayer.frame import FrameLimits, Topic
 from pqcnet.relayer.gapfence import GapFence
 from pqcnet.relayer.governance import VolumeMetricsService, serve_governance
 from pqcnet.relayer.ingress import Ingress
+from pqcnet.relayer.ledger_api import LedgerService
 from pqcnet.relayer.metering import VolumeMeter
 from pqcnet.relayer.overflow import BufferedPublisher, OverflowQueue
 from pqcnet.relayer.proof import (
@@ -181,6 +184,8 @@ class RelayerNode:
         self.port = 0
         self.metrics_port: int | None = None
         self.grpc_port: int | None = None
+        #: bound port of the QSTP governance listener (None: off)
+        self.governance_qstp_port: int | None = None
         self.workers: list[RelayerShardWorker] = []
         self._tasks: list[asyncio.Task[None]] = []
         #: everything opened by start(), closed newest first by stop()
@@ -254,9 +259,19 @@ class RelayerNode:
         if cfg.grpc_port is not None:
             tls = _read_tls(cfg)
             service = VolumeMetricsService(self.meter, self.report)
+            anchors = Path(cfg.ledger_anchors) if cfg.ledger_anchors else None
             grpc_server, self.grpc_port = await serve_governance(
-                service, cfg.grpc_host, cfg.grpc_port, tls=tls)
+                service, cfg.grpc_host, cfg.grpc_port, tls=tls,
+                ledger=LedgerService(self.anchor.ledger, anchors))
             stack.push_async_callback(_quietly, grpc_server.stop, 0.5)
+        if cfg.governance_qstp_port is not None:
+            assert self.grpc_port is not None  # the config requires grpc_port
+            gov = await serve_forward(
+                cfg.grpc_host, self.grpc_port, cfg.listen_host, cfg.governance_qstp_port,
+                self.identity, replace(self.policy,
+                                       allowed_peers=tuple(cfg.governance_allowed_peers)))
+            self.governance_qstp_port = gov.port
+            stack.push_async_callback(_quietly, _close_qstp, gov)
 
     async def _stored_marks(self, shard: int, topics: Sequence[Topic]) -> dict[Topic, int]:
         """Durable next seqs for the gap fence (a shard's worker may live elsewhere)."""
@@ -517,6 +532,11 @@ class RelayerNode:
         unsigned = PerformanceReport(self.cfg.node_id, epoch_from, last, proofs, receipts,
                                      time.time() - self.started_at)
         return sign_report(unsigned, self.identity.key)
+
+
+async def _close_qstp(server: aio.Server) -> None:
+    server.close()
+    await asyncio.wait_for(server.wait_closed(), 5)
 
 
 async def _quietly(close: Callable[..., Any], *args: Any) -> None:
