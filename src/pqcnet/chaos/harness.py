@@ -70,6 +70,8 @@ class ChaosConfig:
     faults: int = 4
     #: which faults (default: all that apply to the backend)
     kinds: tuple[str, ...] = ()
+    #: an explicit fault sequence (overrides ``faults``/``kinds``; times still seeded)
+    schedule: tuple[str, ...] = ()
     publishers: int = 2
     channels: int = 4
     #: frames per second per publisher (paced); count = rate x duration
@@ -288,12 +290,13 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosResult:
         await sub.start()
         for p in pubs:
             await p.start()
-        times = sorted(rng.uniform(0.15, 0.85) * cfg.duration for _ in range(cfg.faults))
-        for at in times:
+        n_faults = len(cfg.schedule) or cfg.faults
+        times = sorted(rng.uniform(0.15, 0.85) * cfg.duration for _ in range(n_faults))
+        for i, at in enumerate(times):
             await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
             if _journal_frames(journal) >= expected:
                 break
-            kind = rng.choice(kinds)
+            kind = cfg.schedule[i] if cfg.schedule else rng.choice(kinds)
             rec = FaultRecord(kind, time.monotonic() - t0)
             records.append(rec)
             hold = rng.uniform(0.3, 1.5)
