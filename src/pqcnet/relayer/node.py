@@ -8,6 +8,13 @@ Background tasks it owns (all cancelled on :meth:`RelayerNode.stop`):
 * the flow loop: every ``backpressure_interval`` s, backlog = bus lag + overflow depth
   per shard → :class:`FlowController` → FLOW PAUSE/RESUME on publisher tunnels;
 * the epoch loop: each closed epoch → signed volume proof → anchored in the QS-DAG.
+
+If the bus cannot be reached at start (a broker outage), the relayer starts
+**degraded** instead of failing: ingress accepts into the overflow queue, a
+``bus-connect`` task retries with capped backoff, and once the bus answers the workers
+and the overflow replayer start and drain the queue in order. ``degraded`` (and the
+``pqcnet_relayer_degraded`` gauge, and the ``ready`` line of ``pqcnet relayer run``)
+says so meanwhile; no epoch is proven while degraded.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from pqcnet.relayer.bus.base import Bus
 from pqcnet.relayer.bus.embedded import EmbeddedBus
 from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.egress import SubscriberHub
-from pqcnet.relayer.errors import ConfigError, RelayerError
+from pqcnet.relayer.errors import BusError, BusUnavailable, ConfigError, RelayerError
 from pqcnet.relayer.frame import FrameLimits, Topic
 from pqcnet.relayer.gapfence import GapFence
 from pqcnet.relayer.governance import VolumeMetricsService, serve_governance
@@ -61,6 +68,8 @@ log = logging.getLogger(__name__)
 LAG_TIMEOUT = 1.0
 #: seconds shard workers get on stop to finish their current step
 STOP_GRACE = 3.0
+#: seconds connecting the bus may take at start before the relayer starts degraded
+BUS_START_TIMEOUT = 10.0
 
 
 def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
@@ -150,6 +159,9 @@ class RelayerNode:
         self.meter = VolumeMeter(cfg.epoch_seconds, registry=self.registry)
         self.flow = FlowController(cfg.high_water, cfg.low_water)
         self.hub = SubscriberHub()
+        #: True while the bus has not been reached since start: frames go to the overflow
+        #: queue only, no shard workers, no epoch proofs (readiness: degraded)
+        self.degraded = False
         #: late-frame refusal, shared by ingress and shard workers (decision 0012)
         self.fence = GapFence(self._stored_marks)
         self.proofs: dict[int, VolumeProof] = {}
@@ -192,12 +204,12 @@ class RelayerNode:
         self.started_at = time.time()
         self.bus = make_bus(cfg, self.data_dir)
         stack.push_async_callback(_quietly, self.bus.close)
-        await self.bus.start()
         store = self.bus.seq_store()
         if store is None:
             rocks = RocksSeqStore(self.data_dir / "marks", sync=cfg.sync)
             stack.push_async_callback(_quietly, rocks.close)
             store = rocks
+        self.store = store
         self.overflow = OverflowQueue(self.data_dir / "overflow", cfg.shards,
                                       max_records=cfg.overflow_max_records, sync=cfg.sync)
         stack.push_async_callback(_quietly, self.overflow.close)
@@ -207,17 +219,21 @@ class RelayerNode:
                                limits=FrameLimits(cfg.max_payload, cfg.max_id),
                                retry_after=cfg.retry_after, fence=self.fence)
         self._open_ledger()
-        wcfg = WorkerConfig(group=cfg.group, batch=cfg.batch, max_reorder=cfg.max_reorder,
-                            gap_timeout=cfg.gap_timeout, max_topics=cfg.max_topics)
-        self.store = store
-        self.meter.apply(await store.load_volume())  # what this node counted before a restart
         self._load_proofs()
-        self.workers = [RelayerShardWorker(self.bus, s, store, self.hub, wcfg, meter=self.meter,
-                                           fence=self.fence)
-                        for s in cfg.shards_owned]
-        self._tasks += [asyncio.create_task(w.run(), name=f"shard-{w.shard}")
-                        for w in self.workers]
-        self._tasks.append(asyncio.create_task(self.publisher.run(), name="overflow-replay"))
+        try:
+            async with asyncio.timeout(BUS_START_TIMEOUT):
+                await self._open_bus()
+        except (BusError, TimeoutError) as exc:
+            if isinstance(exc, BusError) and not exc.retriable:
+                raise
+            # degraded start: accept into the overflow queue, connect in the background
+            self.degraded = True
+            self.publisher.bus_down = True
+            log.warning("bus unavailable at start: degraded (overflow queue only)",
+                        extra={"backend": cfg.backend, "error": str(exc) or "timeout"})
+            self._tasks.append(asyncio.create_task(self._connect_bus(), name="bus-connect"))
+        else:
+            self._start_workers()
         self._tasks.append(asyncio.create_task(self._flow_loop(), name="flow"))
         self._tasks.append(asyncio.create_task(self._epoch_loop(), name="epochs"))
         await self._listen(cfg.listen_port)
@@ -236,8 +252,49 @@ class RelayerNode:
                 service, cfg.grpc_host, cfg.grpc_port, tls=tls)
             stack.push_async_callback(_quietly, grpc_server.stop, 0.5)
 
+    async def _open_bus(self) -> None:
+        """Connect the bus and load what this node metered before (raises if down)."""
+        await self.bus.start()
+        if not await self.bus.healthy():
+            raise BusUnavailable(f"{self.cfg.backend} bus not answering")
+        self.meter.apply(await self.store.load_volume())  # counted before a restart
+
+    def _start_workers(self) -> None:
+        """Shard workers and the overflow replayer (the bus is connected)."""
+        cfg = self.cfg
+        wcfg = WorkerConfig(group=cfg.group, batch=cfg.batch, max_reorder=cfg.max_reorder,
+                            gap_timeout=cfg.gap_timeout, max_topics=cfg.max_topics)
+        self.workers = [RelayerShardWorker(self.bus, s, self.store, self.hub, wcfg,
+                                           meter=self.meter, fence=self.fence)
+                        for s in cfg.shards_owned]
+        self._tasks += [asyncio.create_task(w.run(), name=f"shard-{w.shard}")
+                        for w in self.workers]
+        self._tasks.append(asyncio.create_task(self.publisher.run(), name="overflow-replay"))
+
+    async def _connect_bus(self) -> None:
+        """Degraded start: retry the bus with capped backoff, then run normally (the
+        overflow replayer drains what was accepted meanwhile, in order)."""
+        backoff = 0.2
+        while True:
+            await asyncio.sleep(backoff)
+            try:
+                async with asyncio.timeout(BUS_START_TIMEOUT):
+                    await self._open_bus()
+            except (BusError, TimeoutError) as exc:
+                backoff = min(backoff * 2, 5.0)
+                log.info("bus still unavailable", extra={"error": str(exc) or "timeout"})
+                continue
+            self._start_workers()
+            self.degraded = False
+            log.warning("bus connected: leaving degraded mode",
+                        extra={"backend": self.cfg.backend, "overflow": self.overflow.total()})
+            return
+
     async def _stored_marks(self, shard: int, topics: Sequence[Topic]) -> dict[Topic, int]:
-        """Durable next seqs for the gap fence (a shard's worker may live elsewhere)."""
+        """Durable next seqs for the gap fence (a shard's worker may live elsewhere);
+        none while degraded (the store may be the unreachable broker)."""
+        if self.degraded:
+            return {}
         return await self.store.load_topics(shard, topics)
 
     async def _listen(self, port: int) -> None:
@@ -392,6 +449,8 @@ class RelayerNode:
     async def _epoch_loop(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.cfg.epoch_seconds / 4))
+            if self.degraded:  # volume of earlier runs not loaded yet: proving would lie
+                continue
             try:
                 self.prove_closed_epochs()
                 await self.prune_epochs()
@@ -442,6 +501,9 @@ class _NodeCollector(Collector):
         yield GaugeMetricFamily("pqcnet_relayer_overflow_records",
                                 "Records waiting in the local overflow queue",
                                 value=n.overflow.total())
+        yield GaugeMetricFamily("pqcnet_relayer_degraded",
+                                "1 while the bus was not reached since start (overflow only)",
+                                value=1 if n.degraded else 0)
         yield GaugeMetricFamily("pqcnet_relayer_paused_shards",
                                 "Shards whose publishers are paused", value=len(n.flow.paused))
         yield GaugeMetricFamily("pqcnet_relayer_subscribers", "Subscriber streams",
