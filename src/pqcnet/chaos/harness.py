@@ -217,7 +217,7 @@ def _journal_frames(path: Path) -> int:
 
 async def run_chaos(cfg: ChaosConfig) -> ChaosResult:
     """Run one chaos experiment and check its histories."""
-    work = cfg.workdir
+    work = cfg.workdir.resolve()  # the relayer resolves paths against its config file
     if work.exists():
         shutil.rmtree(work)
     (work / "history").mkdir(parents=True)
