@@ -14,7 +14,8 @@ from pqcnet.chaos.harness import ChaosConfig, run_chaos
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
-SCHEDULE = ("kill-relayer", "kill-subscriber", "pause-relayer", "kill-publisher")
+SCHEDULE = ("kill-relayer", "kill-subscriber", "pause-relayer", "kill-publisher",
+            "pause-publisher")
 
 
 async def _run(tmp_path: Path, backend: str, schedule: tuple[str, ...], **kw: object) -> None:

@@ -9,7 +9,7 @@ shared instance), publisher and subscriber clients (``pqcnet chaos publisher`` /
 ``kill-relayer``   SIGKILL, restart on the same ports (process start included)
 ``pause-relayer``  SIGSTOP for a while, then SIGCONT
 ``kill-subscriber`` / ``kill-publisher``  SIGKILL, restart (resumes from its files)
-``pause-subscriber``  SIGSTOP / SIGCONT
+``pause-subscriber`` / ``pause-publisher``  SIGSTOP / SIGCONT
 ``restart-broker`` private redis-server: SIGKILL, restart on the same port and AOF
 =================  ==============================================================
 
@@ -45,7 +45,7 @@ from pqcnet.relayer.frame import Topic
 
 #: faults the schedule draws from, per backend
 FAULTS = ("kill-relayer", "pause-relayer", "kill-subscriber", "pause-subscriber",
-          "kill-publisher")
+          "kill-publisher", "pause-publisher")
 BROKER_FAULTS = {"redis": ("restart-broker",), "kafka": (), "embedded": ()}
 #: seconds a process may take to print its ready line
 START_LIMIT = 60.0
@@ -326,6 +326,12 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosResult:
                     await victim.kill()
                     await asyncio.sleep(hold)
                     await victim.start()
+                ended = time.monotonic()
+            elif kind == "pause-publisher":
+                victim = rng.choice(pubs)
+                victim.signal(signal.SIGSTOP)
+                await asyncio.sleep(hold)
+                victim.signal(signal.SIGCONT)
                 ended = time.monotonic()
             elif kind == "restart-broker" and broker is not None:
                 await broker.kill()
