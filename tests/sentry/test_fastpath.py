@@ -15,11 +15,10 @@ from typing import Any
 import pytest
 
 from pqcnet._util import loop
-from pqcnet.sentry import http1, wire
+from pqcnet.sentry import wire
 from pqcnet.sentry.assertion import SessionAssertion
 from pqcnet.sentry.core import Admission, Sentry
 from pqcnet.sentry.errors import WireError
-from pqcnet.sentry.http1 import HttpError, HttpLimits, parse_head
 from pqcnet.sentry.memo import Memo
 from pqcnet.sentry.sanitizer import SanitizerPolicy
 from pqcnet.sentry.upstream import parse_response_head
@@ -59,22 +58,6 @@ def test_malformed_heads_are_refused_every_time() -> None:
         with pytest.raises(WireError):
             wire.decode_request(wire._encode_request(
                 wire.RequestHead("http", "GET", "/x"))[4:].replace(b"http", b"nope"))
-
-
-def test_parse_head_memo_still_applies_the_callers_limits() -> None:
-    block = b"POST /rpc HTTP/1.1\r\nhost: x\r\nx-a: 1\r\ncontent-length: 5\r\n\r\n"
-    loose = HttpLimits()
-    assert parse_head(block, loose).content_length == 5
-    assert parse_head(block, loose) is parse_head(block, loose)  # memo hit
-    with pytest.raises(HttpError) as err:
-        parse_head(block, HttpLimits(max_headers=2))
-    assert err.value.http_status == 431
-    with pytest.raises(HttpError) as err:
-        parse_head(block, HttpLimits(max_body=4))
-    assert err.value.http_status == 413
-    big = b"GET /" + b"a" * (http1.PARSE_MEMO_MAX_HEAD + 10) + b" HTTP/1.1\r\n\r\n"
-    assert parse_head(big, loose).target.startswith("/aaa")
-    assert http1._parsed.get(big) is None  # too large to remember
 
 
 def test_response_head_memo_is_read_only_and_strict() -> None:

@@ -3,15 +3,18 @@
 All four live here (``publish.py``, ``subscribe.py``, ``governance.py`` next to this
 file only re-export) because they share identity loading and host:port parsing.
 ``relayer run`` serves until SIGINT/SIGTERM and prints one ``ready`` JSON line on
-stdout once it listens (scripts and tests wait for it).
+stdout once it listens (scripts and tests wait for it); SIGHUP re-reads the config
+file's policy part (``authz``, ``quotas``) without dropping a tunnel.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,6 +25,7 @@ from tqdm import tqdm
 
 from pqcnet.cli._common import hostport, run_until_signalled
 from pqcnet.cli._common import load_identity as load_cli_identity
+from pqcnet.errors import PqcnetError
 from pqcnet.identity import NodeIdentity, dev_identities
 from pqcnet.relayer.client import PublisherClient, ResumingSubscriber, SubscriberClient
 from pqcnet.relayer.config import RelayerConfig
@@ -50,6 +54,8 @@ def run_cmd(config_path: Path) -> None:
     async def start() -> RelayerNode:
         node = RelayerNode(cfg, identity)
         await node.start()
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, functools.partial(_reload, node, config_path))
         return node
 
     def ready(node: RelayerNode) -> None:
@@ -60,6 +66,17 @@ def run_cmd(config_path: Path) -> None:
         sys.stdout.flush()
 
     run_until_signalled(start, RelayerNode.stop, ready)
+
+
+def _reload(node: RelayerNode, path: Path) -> None:
+    """SIGHUP: re-read ``path`` and hot-reload its policy part (authz, quotas); a bad
+    file leaves the policy in force and says why on stderr."""
+    try:
+        node.reload(RelayerConfig.load(path))
+    except PqcnetError as exc:
+        click.echo(json.dumps({"reloaded": False, "error": str(exc)}), err=True)
+        return
+    click.echo(json.dumps({"reloaded": True, "config": str(path)}), err=True)
 
 
 @cli.command("dev-identities")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +59,22 @@ def check(config_path: Path) -> None:
 @click.option("--passphrase-env", default=PASS_ENV, show_default=True,
               help="Environment variable with the node key passphrase.")
 @click.option("--no-passphrase", is_flag=True, help="The node key is stored unencrypted.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Worker processes sharing the listen port (SO_REUSEPORT); token "
+                   "buckets and the concurrency gate are shared between them.")
 def run(config_path: Path, reload_interval: float, passphrase_env: str,
-        no_passphrase: bool) -> None:
+        no_passphrase: bool, workers: int) -> None:
     """Terminate QSTP tunnels and proxy admitted RPCs to the configured backends."""
     from pqcnet.runtime.sentry import SentryService
 
     cfg = load_config(config_path)
-    identity = NodeIdentity.load(require_identity(cfg),
-                                 passphrase(passphrase_env, no_passphrase, what="node key"))
+    node_pass = passphrase(passphrase_env, no_passphrase, what="node key")
+    identity = NodeIdentity.load(require_identity(cfg), node_pass)
+    if workers > 1:
+        from pqcnet.cli._sentry_workers import run_workers
+
+        run_workers(config_path, workers, node_pass, reload_interval)
+        return
     service = SentryService(cfg, identity, config_path=config_path,
                             reload_interval=reload_interval)
 
@@ -139,7 +148,9 @@ def inspect(token: str) -> None:
 
 
 @click.command("sidecar")
-@click.option("--sentry", "sentry_addr", required=True, help="host:port of the sentry.")
+@click.option("--sentry", "sentry_addrs", required=True, multiple=True,
+              help="host:port of a sentry; repeat it (or separate with commas) for a pool: "
+                   "health-checked, least-outstanding-requests, idempotent failover.")
 @click.option("--identity-dir", required=True,
               type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--issuer-key", required=True,
@@ -153,13 +164,19 @@ def inspect(token: str) -> None:
               help="Local plaintext address (loopback only).")
 @click.option("--tcp-backend", default=None, help="Sentry backend name for --mode tcp.")
 @click.option("--ttl", default=300.0, show_default=True, help="Assertion lifetime, seconds.")
+@click.option("--health-interval", default=1.0, show_default=True,
+              help="Seconds between health checks of the sentries (PING / re-dial).")
 @click.option("--passphrase-env", default=PASS_ENV, show_default=True)
 @click.option("--no-passphrase", is_flag=True, help="The node key is stored unencrypted.")
-def sidecar_cli(sentry_addr: str, identity_dir: Path, issuer_key: Path, tenant: str,
-                subject: str, mode: str, listen: str, tcp_backend: str | None, ttl: float,
-                passphrase_env: str, no_passphrase: bool) -> None:
+def sidecar_cli(sentry_addrs: tuple[str, ...], identity_dir: Path, issuer_key: Path,
+                tenant: str, subject: str, mode: str, listen: str, tcp_backend: str | None,
+                ttl: float, health_interval: float, passphrase_env: str,
+                no_passphrase: bool) -> None:
     """Let an unmodified local app reach a sentry over QSTP (plain localhost in, PQ out)."""
-    host, port = hostport(sentry_addr, param_hint="--sentry")
+    sentries = [hostport(a.strip(), param_hint="--sentry")
+                for arg in sentry_addrs for a in arg.split(",") if a.strip()]
+    if not sentries:
+        raise click.BadParameter("no sentry address given", param_hint="--sentry")
     lhost, lport = hostport(listen, param_hint="--listen")
     if lhost not in ("127.0.0.1", "localhost", "::1"):
         raise click.BadParameter("the sidecar's plaintext port must be on loopback")
@@ -168,19 +185,22 @@ def sidecar_cli(sentry_addr: str, identity_dir: Path, issuer_key: Path, tenant: 
     identity = NodeIdentity.load(identity_dir,
                                  passphrase(passphrase_env, no_passphrase, what="node key"))
     issuer = _issuer(issuer_key, ISSUER_PASS_ENV)
-    sidecar = _SidecarProcess(host, port, identity, issuer, tenant, subject, mode, lhost, lport,
-                              tcp_backend, ttl)
+    sidecar = _SidecarProcess(sentries, identity, issuer, tenant, subject, mode, lhost, lport,
+                              tcp_backend, ttl, health_interval)
     run_until_signalled(sidecar.start, _SidecarProcess.aclose, _SidecarProcess.announce,
                         fast_loop=True)
 
 
 class _SidecarProcess:
-    """The sidecar command's service: a :class:`Sidecar` behind a local listener."""
+    """The sidecar command's service: a pool of :class:`Sidecar` (one per sentry) behind
+    a local listener."""
 
-    def __init__(self, host: str, port: int, identity: NodeIdentity, issuer: SigningKey,
-                 tenant: str, subject: str, mode: str, lhost: str, lport: int,
-                 tcp_backend: str | None, ttl: float) -> None:
-        self.host, self.port, self.identity = host, port, identity
+    def __init__(self, sentries: list[tuple[str, int]], identity: NodeIdentity,
+                 issuer: SigningKey, tenant: str, subject: str, mode: str, lhost: str,
+                 lport: int, tcp_backend: str | None, ttl: float,
+                 health_interval: float = 1.0) -> None:
+        self.sentries, self.identity = sentries, identity
+        self.health_interval = health_interval
         self.issuer, self.tenant, self.subject, self.ttl = issuer, tenant, subject, ttl
         self.mode, self.lhost, self.lport, self.tcp_backend = mode, lhost, lport, tcp_backend
         self.bound = 0
@@ -190,13 +210,19 @@ class _SidecarProcess:
 
     async def start(self) -> _SidecarProcess:
         from pqcnet import qstp
+        from pqcnet.sentry.pool import SentryPool
         from pqcnet.sentry.sidecar import Sidecar, serve_grpc, serve_http, serve_tcp
 
-        async def dial() -> Any:
-            return await qstp.connect(self.host, self.port, self.identity)
+        def dialer(host: str, port: int) -> Callable[[], Awaitable[Any]]:
+            async def dial() -> Any:
+                return await qstp.connect(host, port, self.identity)
+            return dial
 
-        self.sidecar = Sidecar(dial, self.issuer, subject=self.subject, tenant=self.tenant,
-                               ttl=self.ttl)
+        self.sidecar = SentryPool(
+            [(f"{h}:{p}", Sidecar(dialer(h, p), self.issuer, subject=self.subject,
+                                  tenant=self.tenant, ttl=self.ttl))
+             for h, p in self.sentries], interval=self.health_interval)
+        self.sidecar.start()
         try:
             if self.mode == "http":
                 self.server = await serve_http(self.sidecar, self.lhost, self.lport)
@@ -214,8 +240,9 @@ class _SidecarProcess:
         return self
 
     def announce(self) -> None:
-        click.echo(f"sidecar ({self.mode}) on {self.lhost}:{self.bound} -> sentry "
-                   f"{self.host}:{self.port}", err=True)
+        names = ", ".join(f"{h}:{p}" for h, p in self.sentries)
+        click.echo(f"sidecar ({self.mode}) on {self.lhost}:{self.bound} -> sentry {names}",
+                   err=True)
 
     async def aclose(self) -> None:
         if self.server is not None:

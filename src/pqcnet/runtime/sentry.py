@@ -39,6 +39,7 @@ from pqcnet.sentry.core import Sentry
 from pqcnet.sentry.errors import SentryConfigError
 from pqcnet.sentry.metrics import SentryMetrics
 from pqcnet.sentry.server import serve_tunnel, watch_config
+from pqcnet.sentry.shared import SharedLimitState, install
 
 log = logging.getLogger("pqcnet.sentry")
 
@@ -74,8 +75,13 @@ class SentryService:
 
     def __init__(self, cfg: SentryConfig, identity: NodeIdentity, *,
                  keys: NodeKeys | None = None, issuer: IdentityIssuer = _no_ca,
-                 config_path: Path | None = None, reload_interval: float = 1.0) -> None:
+                 config_path: Path | None = None, reload_interval: float = 1.0,
+                 shared: tuple[SharedLimitState, int] | None = None,
+                 reuse_port: bool = False) -> None:
         self.cfg = cfg
+        #: (shared limiter state, this worker's index) under ``sentry run --workers N``
+        self.shared = shared
+        self.reuse_port = reuse_port
         self.identity = identity
         #: mesh identity (shared with a control-plane agent, which may rotate its key)
         self.keys = keys or NodeKeys(identity.spiffe_id.node_id, identity.key)
@@ -110,6 +116,8 @@ class SentryService:
                 self.anchor = LedgerAnchor(ledger, self.node_id, self.identity.key,
                                            config_bytes, self.metrics)
             self.sentry = Sentry(cfg, ledger=self.anchor, metrics=self.metrics)
+            if self.shared is not None:
+                install(self.sentry, *self.shared)
             stack.push_async_callback(self.sentry.aclose)
             self.endpoint = QstpEndpoint(self.identity, self.keys, self.issuer,
                                          handler=self._on_tunnel)
@@ -125,7 +133,8 @@ class SentryService:
         """Listen, then start attestation, hot reload and Prometheus; returns the port."""
         cfg = self.cfg
         try:
-            self.port = await self.endpoint.serve(cfg.listen_host, cfg.listen_port)
+            self.port = await self.endpoint.serve(cfg.listen_host, cfg.listen_port,
+                                                  reuse_port=self.reuse_port)
             if self.anchor is not None:
                 self._tasks.append(asyncio.create_task(
                     attestation_loop(self.anchor, cfg.attestation_interval), name="attestation"))

@@ -7,9 +7,11 @@ binding and renewed before it expires — with the tenant issuer key it was give
 (the delegated issuer of the node's tenant). Each RPC is one QSTP stream in the
 :mod:`pqcnet.sentry.wire` format. Three local faces, all bound to 127.0.0.1:
 
-* :func:`serve_http` — the strict, bounded HTTP/1.1 listener of :mod:`pqcnet.sentry.http1`;
-  keep-alive; sentry refusals come back as 401/403/429 (+ ``Retry-After``) with a
-  one-line JSON body ``{"error": outcome, "reason": ...}``.
+* :func:`serve_http` — the strict, bounded HTTP/1.x listener of
+  :mod:`pqcnet.sentry.local_http` (llhttp via httptools; chunked and streamed request
+  bodies, ``Expect: 100-continue``, HTTP/1.0, keep-alive, pipelining); sentry
+  refusals come back as 401/403/429 (+ ``Retry-After``) with a one-line JSON body
+  ``{"error": outcome, "reason": ...}``.
 * :func:`serve_grpc` — a ``grpc.aio`` server with a generic handler accepting any
   unary method, so an unmodified gRPC client (generated stubs) works; refusals are
   gRPC status codes (UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED).
@@ -26,11 +28,10 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,10 +41,11 @@ import grpc.aio
 from pqcnet.crypto.pqc import SigningKey
 from pqcnet.errors import PqcnetError
 from pqcnet.sentry import assertion as sa
+from pqcnet.sentry import local_http
 from pqcnet.sentry.backends import GRPC_RESERVED, TCP_READ_CHUNK, close_quietly
 from pqcnet.sentry.errors import BackendError
-from pqcnet.sentry.http1 import HttpError, HttpLimits, read_request, response_head
-from pqcnet.sentry.memo import Memo
+from pqcnet.sentry.http1 import HttpLimits
+from pqcnet.sentry.local_http import Upstream, body_chunks
 from pqcnet.sentry.wire import RequestHead, ResponseHead, decode_response, encode_request, read_head
 
 log = logging.getLogger("pqcnet.sidecar")
@@ -52,10 +54,6 @@ log = logging.getLogger("pqcnet.sidecar")
 RENEW_FRACTION = 0.2
 #: What gRPC accepts as a metadata key.
 _METADATA_KEY = re.compile(r"^[0-9a-z_.\-]+$")
-#: HTTP heads built for decoded response heads (bounded, see sentry.memo).
-_heads: Memo[tuple[ResponseHead, bool], tuple[str | None, bytes]] = Memo()
-#: Hop-by-hop response headers the sidecar sets itself.
-_RESPONSE_OWN = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length"})
 
 
 @dataclass(slots=True)
@@ -141,9 +139,16 @@ class Sidecar:
                     raise BackendError(f"sentry unreachable: {exc}") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def call(self, head: RequestHead, body: bytes) -> tuple[ResponseHead, Any, bytes]:
-        """Send one RPC; returns (response head, stream to read the body from, first bytes)."""
-        stream = await self.open(head, body)
+    async def call(self, head: RequestHead, body: bytes, *, idempotent: bool = False
+                   ) -> tuple[ResponseHead, Any, bytes]:
+        """Send one RPC; returns (response head, stream to read the body from, first bytes).
+
+        ``idempotent`` matters to a :class:`~pqcnet.sentry.pool.SentryPool` (which may
+        replay the request on another sentry); one sidecar has no other sentry to try."""
+        return await self.response(await self.open(head, body))
+
+    async def response(self, stream: Any) -> tuple[ResponseHead, Any, bytes]:
+        """Read the response head of a stream opened with :meth:`open`."""
         try:
             payload, rest = await read_head(stream.recv)
         except (PqcnetError, OSError) as exc:
@@ -157,100 +162,18 @@ class Sidecar:
             await self._drop(s)
 
 
-async def _body(stream: Any, first: bytes) -> AsyncIterator[bytes]:
-    if first:
-        yield first
-    while chunk := await stream.recv():
-        yield chunk
-
-
-def _error_json(outcome: str, reason: str) -> bytes:
-    return json.dumps({"error": outcome, "reason": reason}).encode() + b"\n"
+_body = body_chunks
 
 
 # ---------------------------------------------------------------------------- HTTP
 
 
-async def _write_simple(writer: asyncio.StreamWriter, status: int, body: bytes,
-                        extra: Iterable[tuple[str, str]] = (), *, close: bool) -> None:
-    headers = [("content-type", "application/json"), ("content-length", str(len(body))),
-               *extra, ("connection", "close" if close else "keep-alive")]
-    writer.write(response_head(status, headers) + body)
-    await writer.drain()
-
-
-async def _http_exchange(sidecar: Sidecar, req_head: Any, body: bytes,
-                         writer: asyncio.StreamWriter, keep: bool) -> bool:
-    head = RequestHead("http", req_head.method, req_head.target, req_head.headers)
-    try:
-        resp, stream, first = await sidecar.call(head, body)
-    except BackendError as exc:
-        await _write_simple(writer, 502, _error_json(exc.outcome, str(exc)), close=not keep)
-        return keep
-    if resp.error:
-        extra = [(n, v) for n, v in resp.headers if n.lower() == "retry-after"]
-        extra.append(("x-pqcnet-error", resp.error))
-        await _write_simple(writer, resp.status, _error_json(resp.error, resp.reason), extra,
-                            close=not keep)
-        return keep
-    length, out = _response_head(resp, keep)
-    # head and the body bytes that came with it leave in one write (one segment for
-    # the small answers that dominate RPC traffic)
-    async for chunk in _body(stream, first):
-        out += chunk if length is not None else b"%x\r\n%s\r\n" % (len(chunk), chunk)
-        writer.write(out)
-        out = b""
-        await writer.drain()
-    if length is None:
-        out += b"0\r\n\r\n"
-    if out:
-        writer.write(out)
-    await writer.drain()
-    return keep
-
-
-def _response_head(resp: ResponseHead, keep: bool) -> tuple[str | None, bytes]:
-    """(Content-Length or None for chunked, HTTP head) for a proxied answer; memoised,
-    as the decoded ResponseHead itself is (same backend answer, same bytes)."""
-    got = _heads.get((resp, keep))
-    if got is not None:
-        return got
-    headers = [(n, v) for n, v in resp.headers if n.lower() not in _RESPONSE_OWN]
-    length = next((v for n, v in resp.headers if n.lower() == "content-length"), None)
-    headers.append(("content-length", length) if length is not None
-                   else ("transfer-encoding", "chunked"))
-    headers.append(("connection", "keep-alive" if keep else "close"))
-    out = (length, response_head(resp.status, headers))
-    return _heads.put((resp, keep), out) if len(out[1]) <= _heads.max_item else out
-
-
-async def serve_http(sidecar: Sidecar, host: str = "127.0.0.1", port: int = 0,
+async def serve_http(sidecar: Upstream, host: str = "127.0.0.1", port: int = 0,
                      limits: HttpLimits | None = None) -> asyncio.Server:
-    """Start the local HTTP/1.1 face; ``server.sockets[0].getsockname()[1]`` is the port."""
-    lim = limits or HttpLimits()
-
-    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        first = True
-        try:
-            while True:
-                try:
-                    got = await read_request(reader, lim, first=first)
-                except HttpError as exc:
-                    with contextlib.suppress(OSError):
-                        await _write_simple(writer, exc.http_status,
-                                            _error_json(exc.outcome, str(exc)), close=True)
-                    return
-                if got is None:
-                    return
-                first = False
-                if not await _http_exchange(sidecar, got[0], got[1], writer, got[0].keep_alive):
-                    return
-        except (OSError, ConnectionError, PqcnetError) as exc:
-            log.info("local http client dropped", extra={"error": repr(exc)})
-        finally:
-            await close_quietly(writer)
-
-    return await asyncio.start_server(client, host, port, limit=lim.max_head_bytes)
+    """Start the local HTTP/1.x face (:mod:`pqcnet.sentry.local_http`) in front of a
+    sidecar or a :class:`~pqcnet.sentry.pool.SentryPool`; ``server.sockets[0]
+    .getsockname()[1]`` is the port."""
+    return await local_http.serve(sidecar, host, port, limits)
 
 
 # ---------------------------------------------------------------------------- gRPC
@@ -290,7 +213,7 @@ def metadata_from_wire(headers: Iterable[tuple[str, str]]
 class _ForwardAll(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     """Accept every unary method and forward its raw bytes through the sidecar."""
 
-    def __init__(self, sidecar: Sidecar) -> None:
+    def __init__(self, sidecar: Upstream) -> None:
         self._sidecar = sidecar
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[bytes, bytes]:
@@ -323,7 +246,7 @@ class _ForwardAll(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         return grpc.unary_unary_rpc_method_handler(unary)
 
 
-async def serve_grpc(sidecar: Sidecar, host: str = "127.0.0.1", port: int = 0
+async def serve_grpc(sidecar: Upstream, host: str = "127.0.0.1", port: int = 0
                      ) -> tuple[grpc.aio.Server, int]:
     """Start the local gRPC face; returns (server, bound port)."""
     server = grpc.aio.server()
@@ -336,15 +259,14 @@ async def serve_grpc(sidecar: Sidecar, host: str = "127.0.0.1", port: int = 0
 # ---------------------------------------------------------------------------- TCP
 
 
-async def serve_tcp(sidecar: Sidecar, backend: str, host: str = "127.0.0.1",
+async def serve_tcp(sidecar: Upstream, backend: str, host: str = "127.0.0.1",
                     port: int = 0) -> asyncio.Server:
     """Start the raw TCP face: each local connection becomes one stream to ``backend``."""
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             stream = await sidecar.open(RequestHead("tcp", "", backend), end=False)
-            payload, rest = await read_head(stream.recv)
-            resp = decode_response(payload)
+            resp, stream, rest = await sidecar.response(stream)
             if resp.error:
                 log.info("sentry refused tcp stream", extra={"outcome": resp.error,
                                                              "reason": resp.reason})

@@ -1,0 +1,138 @@
+"""``pqcnet sentry run --workers N``: N sentry processes on one port, one set of limits.
+
+The supervisor (this process) creates the shared limiter segment
+(:mod:`pqcnet.sentry.shared`) and one process-shared lock, reserves the port (a bound,
+non-listening SO_REUSEPORT socket, so ``listen: 127.0.0.1:0`` works too), and starts N
+workers (spawned processes). Each worker is an ordinary
+:class:`~pqcnet.runtime.sentry.SentryService` listening with SO_REUSEPORT — the kernel
+spreads *tunnels* (connections) over the workers — whose token buckets and
+concurrency gate are the shared ones. Each worker hot-reloads the config file itself.
+
+What stays with worker 0 only: the QS-DAG ledger (RocksDB takes one process; policy
+anchors and attestations are written once) and the Prometheus port. A worker that
+dies is restarted after its in-flight count is zeroed in the shared gate; SIGTERM /
+SIGINT stop them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+#: Seconds a worker may take to start listening.
+WORKER_START_TIMEOUT = 60.0
+#: Seconds a worker gets to stop after SIGTERM before it is killed.
+WORKER_STOP_TIMEOUT = 15.0
+
+
+def _worker_main(config_path: Path, index: int, shm_path: str, lock: Any, port: int,
+                 node_pass: bytes | None, reload_interval: float, ready: Any) -> None:
+    from pqcnet.cli._common import run_until_signalled
+    from pqcnet.identity import NodeIdentity
+    from pqcnet.runtime.sentry import SentryService
+    from pqcnet.sentry.config import load_config, require_identity
+    from pqcnet.sentry.shared import SharedLimitState
+
+    cfg = load_config(config_path)
+    cfg = dataclasses.replace(cfg, listen_port=port)
+    if index > 0:  # one ledger writer, one metrics port
+        cfg = dataclasses.replace(cfg, ledger_path=None, metrics_port=None)
+    identity = NodeIdentity.load(require_identity(cfg), node_pass)
+    state = SharedLimitState.attach(shm_path, lock)
+    service = SentryService(cfg, identity, config_path=config_path,
+                            reload_interval=reload_interval, shared=(state, index),
+                            reuse_port=True)
+    try:
+        run_until_signalled(service.start, SentryService.aclose,
+                            lambda s: ready.put((index, s.port)), fast_loop=True)
+    finally:
+        state.close()
+
+
+def _reserve(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind((host, port))
+    return s
+
+
+def run_workers(config_path: Path, workers: int, node_pass: bytes | None,
+                reload_interval: float) -> None:
+    """Supervise ``workers`` sentry processes until SIGTERM/SIGINT."""
+    from pqcnet.sentry.config import load_config
+    from pqcnet.sentry.shared import SharedLimitState
+
+    cfg = load_config(config_path)
+    ctx = multiprocessing.get_context("spawn")
+    lock = ctx.Lock()
+    state = SharedLimitState.create(lock, workers=workers)
+    holder = _reserve(cfg.listen_host, cfg.listen_port)
+    port = int(holder.getsockname()[1])
+    ready = ctx.Queue()
+    stopping = False
+
+    def stop(_sig: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    def spawn(i: int) -> Any:
+        p = ctx.Process(target=_worker_main, name=f"sentry-worker-{i}",
+                        args=(config_path, i, state.path, lock, port, node_pass,
+                              reload_interval, ready))
+        p.start()
+        return p
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    procs: dict[int, Any] = {}
+    try:
+        procs = {i: spawn(i) for i in range(workers)}
+        deadline = time.monotonic() + WORKER_START_TIMEOUT
+        started = 0
+        while started < workers and not stopping:
+            try:
+                ready.get(timeout=0.2)
+                started += 1
+            except Exception:  # queue.Empty
+                if time.monotonic() > deadline or any(not p.is_alive()
+                                                      for p in procs.values()):
+                    raise click.ClickException("a sentry worker failed to start") from None
+        if not stopping:
+            click.echo(f"sentry listening on {cfg.listen_host}:{port} ({workers} workers, "
+                       f"shared limits)", err=True)
+        while not stopping:
+            time.sleep(0.2)
+            for i, p in list(procs.items()):
+                if not p.is_alive() and not stopping:
+                    click.echo(f"sentry worker {i} exited ({p.exitcode}); restarting",
+                               err=True)
+                    state.reset_worker(i)
+                    procs[i] = spawn(i)
+    finally:
+        for p in procs.values():
+            if p.is_alive() and p.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.terminate()
+        end = time.monotonic() + WORKER_STOP_TIMEOUT
+        for p in procs.values():
+            p.join(max(0.0, end - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        holder.close()
+        state.close()
+        sys.stdout.flush()
+
+
+__all__ = ["run_workers"]

@@ -1,0 +1,154 @@
+"""A sidecar with a pool of sentries: two real `pqcnet sentry run` processes, one killed
+(SIGKILL) mid-run — every idempotent request still succeeds; balancing, health and the
+non-idempotent rule checked against real in-process sentries."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from pqcnet.sentry.errors import BackendError
+from pqcnet.sentry.pool import SentryPool
+from pqcnet.sentry.sidecar import serve_http
+from pqcnet.sentry.wire import RequestHead
+
+from .harness import HttpBackend, Mesh, config_dict, sentry_stack, sidecar_to, write_config
+from .test_cli import free_port
+
+PQCNET = [str(Path(sys.executable).parent / "pqcnet")]
+pytestmark = pytest.mark.timeout(120)
+
+
+def pool_of(mesh: Mesh, ports: list[int], **kw: Any) -> SentryPool:
+    return SentryPool([(f"127.0.0.1:{p}", sidecar_to(p, mesh.acme, mesh.acme_issuer))
+                       for p in ports], **kw)
+
+
+@contextlib.contextmanager
+def sentry_process(mesh: Mesh, d: Path, backend_port: int, *, workers: int = 1,
+                   **cfg_kw: Any) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """A real `pqcnet sentry run` (``workers`` processes) in front of the HTTP backend."""
+    d.mkdir()
+    mesh.sentry.save(d / "sentry-id", None)
+    port = free_port()
+    cfg = config_dict(backend_port, 1, 1, **cfg_kw)
+    cfg["listen"] = f"127.0.0.1:{port}"
+    cfg["identity_dir"] = "sentry-id"
+    write_config(d, mesh, cfg)
+    p = subprocess.Popen([*PQCNET, "sentry", "run", "--config", "sentry.yaml",
+                          "--no-passphrase", "--workers", str(workers)], cwd=d,
+                         stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert "listening" in (p.stderr.readline() if p.stderr else "")
+        yield p, port
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if p.stderr:
+            p.stderr.close()
+
+
+async def test_kill_one_of_two_sentry_processes_idempotent_requests_all_succeed(
+        tmp_path: Path, mesh: Mesh) -> None:
+    with HttpBackend() as backend, \
+            sentry_process(mesh, tmp_path / "a", backend.port) as (a, port_a), \
+            sentry_process(mesh, tmp_path / "b", backend.port) as (_b, port_b):
+        pool = pool_of(mesh, [port_a, port_b], interval=0.2, timeout=2.0)
+        pool.start()
+        server = await serve_http(pool)
+        local = server.sockets[0].getsockname()[1]
+        statuses: list[int] = []
+        killed, halfway = asyncio.Event(), asyncio.Event()
+
+        async def client(n: int) -> None:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{local}",
+                                         timeout=15) as c:
+                for i in range(n):
+                    statuses.append((await c.get("/status")).status_code)
+                    if len(statuses) >= 40:
+                        halfway.set()
+                    if i == n // 3:
+                        await killed.wait()  # half the run before, half after the kill
+
+        try:
+            tasks = [asyncio.create_task(client(30)) for _ in range(6)]
+            await halfway.wait()
+            served_before = {m.name: m.served for m in pool.members}
+            a.send_signal(signal.SIGKILL)  # mid-run: requests are in flight on both
+            a.wait(timeout=10)
+            killed.set()
+            await asyncio.gather(*tasks)
+            assert statuses == [200] * 180, [s for s in statuses if s != 200]
+            assert all(n > 0 for n in served_before.values()), served_before  # balanced
+            dead = next(m for m in pool.members if m.name.endswith(f":{port_a}"))
+            assert not dead.healthy and dead.failures >= 1
+            # after the kill the survivor carries everything, non-idempotent POSTs too
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{local}",
+                                         timeout=15) as c:
+                posts = [await c.post("/rpc", json={"id": i}) for i in range(5)]
+            assert [r.status_code for r in posts] == [200] * 5
+            assert {r.json()["id"] for r in posts} == set(range(5))
+        finally:
+            server.close()
+            await pool.aclose()
+
+
+async def test_least_outstanding_health_and_the_non_idempotent_rule(
+        tmp_path: Path, mesh: Mesh) -> None:
+    with HttpBackend(delay=0.4) as backend:
+        path = write_config(tmp_path, mesh, config_dict(backend.port, 1, 1))
+        async with sentry_stack(mesh, path) as s1, sentry_stack(mesh, path) as s2:
+            pool = pool_of(mesh, [s1.port, s2.port, free_port()], interval=0.1,
+                           timeout=1.0, backoff=0.1)
+            try:
+                await pool.check()  # the third address has no sentry: marked down
+                assert [m.healthy for m in pool.members] == [True, True, False]
+                # four slow calls at once spread 2 + 2 over the healthy sentries
+                get = RequestHead("http", "GET", "/status")
+                calls = [asyncio.create_task(pool.call(get, b"", idempotent=True))
+                         for _ in range(4)]
+                await asyncio.sleep(0.2)
+                assert sorted(m.outstanding for m in pool.members) == [0, 2, 2]
+                for resp, stream, _first in await asyncio.gather(*calls):
+                    assert resp.status == 200
+                    async for _ in _drain(stream):
+                        pass
+                assert [m.outstanding for m in pool.members] == [0, 0, 0]
+                # a sentry dying after a POST went out: the POST fails (it may have been
+                # forwarded); a GET sent at the same time moves to the other sentry
+                post = RequestHead("http", "POST", "/rpc")
+                first, other = pool.members[0], pool.members[1]
+                other.healthy, other.retry_at = False, pool._clock() + 60  # out of rotation
+                p = asyncio.create_task(pool.call(post, b'{"id":1}', idempotent=False))
+                g = asyncio.create_task(pool.call(get, b"", idempotent=True))
+                await asyncio.sleep(0.15)
+                assert first.outstanding == 2
+                await s1.server.aclose()
+                with pytest.raises(BackendError):
+                    await p
+                resp, _stream, _first = await g
+                assert resp.status == 200 and pool.failovers == 1
+                assert not first.healthy
+            finally:
+                await pool.aclose()
+
+
+async def _drain(stream: Any) -> Any:
+    while chunk := await stream.recv():
+        yield chunk
