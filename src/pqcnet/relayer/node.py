@@ -325,11 +325,21 @@ class RelayerNode:
             return
 
     async def _stored_marks(self, shard: int, topics: Sequence[Topic]) -> dict[Topic, int]:
-        """Durable next seqs for the gap fence (a shard's worker may live elsewhere);
-        none while degraded (the store may be the unreachable broker)."""
-        if self.degraded:
+        """Durable next seqs for the gap fence (a shard's worker may live elsewhere).
+
+        Never blocks ingress on the broker: while the bus is down or degraded (the marks
+        store may be that broker, e.g. Redis) or the read fails or times out, none are
+        known and the fence uses the local workers' in-memory marks only.
+        """
+        if self.degraded or self.publisher.bus_down:
             return {}
-        return await self.store.load_topics(shard, topics)
+        try:
+            async with asyncio.timeout(self.cfg.publish_timeout):
+                return await self.store.load_topics(shard, topics)
+        except (BusError, TimeoutError) as exc:
+            log.info("marks unreadable for the gap fence; local marks only",
+                     extra={"shard": shard, "error": str(exc) or "timeout"})
+            return {}
 
     async def _listen(self, port: int) -> None:
         server = await aio.serve(self.ingress.handle_tunnel, self.cfg.listen_host, port,
