@@ -61,7 +61,8 @@ def run_cmd(config_path: Path) -> None:
     def ready(node: RelayerNode) -> None:
         click.echo(json.dumps({"ready": True, "port": node.port, "metrics_port":
                                node.metrics_port, "grpc_port": node.grpc_port,
-                               "backend": cfg.backend, "node": cfg.node_id}))
+                               "backend": cfg.backend, "node": cfg.node_id,
+                               "degraded": node.degraded}))
         sys.stdout.flush()
 
     run_until_signalled(start, RelayerNode.stop, ready)

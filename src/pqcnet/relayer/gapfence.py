@@ -40,7 +40,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from pqcnet.relayer.errors import BusError, LateFrame
+from pqcnet.relayer.errors import LateFrame
 from pqcnet.relayer.frame import Frame, Topic
 
 #: skipped seq ranges remembered per topic (the most recent ones)
@@ -64,8 +64,6 @@ class FenceStats:
     held: int = 0
     #: admissions not tracked because :data:`MAX_INFLIGHT_SEQS` was reached
     untracked: int = 0
-    #: admissions decided without the durable marks (bus down: in-memory marks only)
-    marks_unavailable: int = 0
 
 
 class GapFence:
@@ -94,20 +92,15 @@ class GapFence:
         Returns one entry per frame: ``None`` (admitted, now in flight) or the
         :class:`LateFrame` to answer with.
         """
-        topics = list(dict.fromkeys(f.topic for f, _ in frames))
-        stored: Mapping[Topic, int] = {}
-        if self._marks is not None and topics:
-            try:
-                stored = await self._marks(shard, topics)
-            except BusError:
-                # The marks store is the bus's (Redis/Kafka) and it is down: this is
-                # exactly when the overflow queue must take frames. Decide from what
-                # this process knows — the workers' in-memory marks and the gaps it
-                # skipped itself; a worker cannot skip gaps while it cannot read the
-                # bus either, so no acknowledged frame falls behind a new skip.
-                self.stats.marks_unavailable += 1
-        # no await from here on: the check and the registration are one step
         cached = self._cached.get(shard)
+        # a local worker's cached mark is at least as new as the store: read the store
+        # only for topics it does not hold (cold topics, shards owned elsewhere)
+        cold = [t for t in dict.fromkeys(f.topic for f, _ in frames)
+                if cached is None or cached(t) is None]
+        stored: Mapping[Topic, int] = {}
+        if self._marks is not None and cold:
+            stored = await self._marks(shard, cold)
+        # no await from here on: the check and the registration are one step
         out: list[LateFrame | None] = []
         for frame, retry in frames:
             nxt = stored.get(frame.topic, 1)

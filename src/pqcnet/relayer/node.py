@@ -10,6 +10,13 @@ Background tasks it owns (all cancelled on :meth:`RelayerNode.stop`):
 * the epoch loop: each closed epoch → signed volume proof(s) → intent recorded →
   anchored in the QS-DAG → proof files → intent cleared (see
   :mod:`pqcnet.relayer.proofstore`: a crash anywhere anchors an epoch exactly once).
+
+If the bus cannot be reached at start (a broker outage), the relayer starts
+**degraded** instead of failing: ingress accepts into the overflow queue, a
+``bus-connect`` task retries with capped backoff, and once the bus answers the workers
+and the overflow replayer start and drain the queue in order. ``degraded`` (and the
+``pqcnet_relayer_degraded`` gauge, and the ``ready`` line of ``pqcnet relayer run``)
+says so meanwhile; no epoch is proven while degraded.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from pqcnet.identity import NodeIdentity, SpiffeId
 from pqcnet.qsdag import Ledger
 from pqcnet.qstp import aio
 from pqcnet.qstp.aio.forward import serve_forward
+from pqcnet.qstp.aio.tunnel import openssl_checked
 from pqcnet.qstp.tls import TlsPolicy
 from pqcnet.relayer.authz import Authorizer, Quotas, authz_policy
 from pqcnet.relayer.backpressure import FlowController
@@ -51,7 +59,13 @@ from pqcnet.relayer.counters import (
     check_claims,
 )
 from pqcnet.relayer.egress import SubscriberHub
-from pqcnet.relayer.errors import ConfigError, ReceiptRefused, RelayerError
+from pqcnet.relayer.errors import (
+    BusError,
+    BusUnavailable,
+    ConfigError,
+    ReceiptRefused,
+    RelayerError,
+)
 from pqcnet.relayer.frame import FrameLimits, Topic
 from pqcnet.relayer.gapfence import GapFence
 from pqcnet.relayer.governance import VolumeMetricsService, serve_governance
@@ -76,6 +90,8 @@ log = logging.getLogger(__name__)
 LAG_TIMEOUT = 1.0
 #: seconds shard workers get on stop to finish their current step
 STOP_GRACE = 3.0
+#: seconds connecting the bus may take at start before the relayer starts degraded
+BUS_START_TIMEOUT = 10.0
 
 
 def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
@@ -166,6 +182,9 @@ class RelayerNode:
                                  max_label_series=cfg.metrics_max_label_series)
         self.flow = FlowController(cfg.high_water, cfg.low_water)
         self.hub = SubscriberHub()
+        #: True while the bus has not been reached since start: frames go to the overflow
+        #: queue only, no shard workers, no epoch proofs (readiness: degraded)
+        self.degraded = False
         #: late-frame refusal, shared by ingress and shard workers (decision 0012)
         self.fence = GapFence(self._stored_marks)
         self.authz = Authorizer(authz_policy(cfg.authz))
@@ -214,16 +233,20 @@ class RelayerNode:
 
     async def _start(self) -> None:
         cfg, stack = self.cfg, self._stack
+        # QSTP's one-off OpenSSL self-check (a child process) runs while the stores open:
+        # it is a large part of a restart's time to ready (the recovery benchmark)
+        selfcheck = asyncio.create_task(openssl_checked(), name="openssl-selfcheck")
+        stack.callback(selfcheck.cancel)  # a failed start does not leave it behind
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.started_at = time.time()
         self.bus = make_bus(cfg, self.data_dir)
         stack.push_async_callback(_quietly, self.bus.close)
-        await self.bus.start()
         store = self.bus.seq_store()
         if store is None:
             rocks = RocksSeqStore(self.data_dir / "marks", sync=cfg.sync)
             stack.push_async_callback(_quietly, rocks.close)
             store = rocks
+        self.store = store
         self.overflow = OverflowQueue(self.data_dir / "overflow", cfg.shards,
                                       max_records=cfg.overflow_max_records, sync=cfg.sync)
         stack.push_async_callback(_quietly, self.overflow.close)
@@ -234,19 +257,24 @@ class RelayerNode:
                                retry_after=cfg.retry_after, fence=self.fence,
                                authz=self.authz, quotas=self.quotas, services=self)
         self._open_ledger()
-        wcfg = WorkerConfig(group=cfg.group, batch=cfg.batch, max_reorder=cfg.max_reorder,
-                            gap_timeout=cfg.gap_timeout, max_topics=cfg.max_topics)
-        self.store = store
-        self.meter.apply(await store.load_volume())  # what this node counted before a restart
         self._load_proofs()
-        self.workers = [RelayerShardWorker(self.bus, s, store, self.hub, wcfg, meter=self.meter,
-                                           fence=self.fence)
-                        for s in cfg.shards_owned]
-        self._tasks += [asyncio.create_task(w.run(), name=f"shard-{w.shard}")
-                        for w in self.workers]
-        self._tasks.append(asyncio.create_task(self.publisher.run(), name="overflow-replay"))
+        try:
+            async with asyncio.timeout(BUS_START_TIMEOUT):
+                await self._open_bus()
+        except (BusError, TimeoutError) as exc:
+            if isinstance(exc, BusError) and not exc.retriable:
+                raise
+            # degraded start: accept into the overflow queue, connect in the background
+            self.degraded = True
+            self.publisher.bus_down = True
+            log.warning("bus unavailable at start: degraded (overflow queue only)",
+                        extra={"backend": cfg.backend, "error": str(exc) or "timeout"})
+            self._tasks.append(asyncio.create_task(self._connect_bus(), name="bus-connect"))
+        else:
+            self._start_workers()
         self._tasks.append(asyncio.create_task(self._flow_loop(), name="flow"))
         self._tasks.append(asyncio.create_task(self._epoch_loop(), name="epochs"))
+        await selfcheck
         await self._listen(cfg.listen_port)
         stack.push_async_callback(_quietly, self._close_server)
         if cfg.metrics_port is not None:
@@ -273,9 +301,60 @@ class RelayerNode:
             self.governance_qstp_port = gov.port
             stack.push_async_callback(_quietly, _close_qstp, gov)
 
+    async def _open_bus(self) -> None:
+        """Connect the bus and load what this node metered before (raises if down)."""
+        await self.bus.start()
+        if not await self.bus.healthy():
+            raise BusUnavailable(f"{self.cfg.backend} bus not answering")
+        self.meter.apply(await self.store.load_volume())  # counted before a restart
+
+    def _start_workers(self) -> None:
+        """Shard workers and the overflow replayer (the bus is connected)."""
+        cfg = self.cfg
+        wcfg = WorkerConfig(group=cfg.group, batch=cfg.batch, max_reorder=cfg.max_reorder,
+                            gap_timeout=cfg.gap_timeout, max_topics=cfg.max_topics)
+        self.workers = [RelayerShardWorker(self.bus, s, self.store, self.hub, wcfg,
+                                           meter=self.meter, fence=self.fence)
+                        for s in cfg.shards_owned]
+        self._tasks += [asyncio.create_task(w.run(), name=f"shard-{w.shard}")
+                        for w in self.workers]
+        self._tasks.append(asyncio.create_task(self.publisher.run(), name="overflow-replay"))
+
+    async def _connect_bus(self) -> None:
+        """Degraded start: retry the bus with capped backoff, then run normally (the
+        overflow replayer drains what was accepted meanwhile, in order)."""
+        backoff = 0.2
+        while True:
+            await asyncio.sleep(backoff)
+            try:
+                async with asyncio.timeout(BUS_START_TIMEOUT):
+                    await self._open_bus()
+            except (BusError, TimeoutError) as exc:
+                backoff = min(backoff * 2, 5.0)
+                log.info("bus still unavailable", extra={"error": str(exc) or "timeout"})
+                continue
+            self._start_workers()
+            self.degraded = False
+            log.warning("bus connected: leaving degraded mode",
+                        extra={"backend": self.cfg.backend, "overflow": self.overflow.total()})
+            return
+
     async def _stored_marks(self, shard: int, topics: Sequence[Topic]) -> dict[Topic, int]:
-        """Durable next seqs for the gap fence (a shard's worker may live elsewhere)."""
-        return await self.store.load_topics(shard, topics)
+        """Durable next seqs for the gap fence (a shard's worker may live elsewhere).
+
+        Never blocks ingress on the broker: while the bus is down or degraded (the marks
+        store may be that broker, e.g. Redis) or the read fails or times out, none are
+        known and the fence uses the local workers' in-memory marks only.
+        """
+        if self.degraded or self.publisher.bus_down:
+            return {}
+        try:
+            async with asyncio.timeout(self.cfg.publish_timeout):
+                return await self.store.load_topics(shard, topics)
+        except (BusError, TimeoutError) as exc:
+            log.info("marks unreadable for the gap fence; local marks only",
+                     extra={"shard": shard, "error": str(exc) or "timeout"})
+            return {}
 
     async def _listen(self, port: int) -> None:
         server = await aio.serve(self.ingress.handle_tunnel, self.cfg.listen_host, port,
@@ -488,6 +567,8 @@ class RelayerNode:
     async def _epoch_loop(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.cfg.epoch_seconds / 4))
+            if self.degraded:  # volume of earlier runs not loaded yet: proving would lie
+                continue
             try:
                 self.prove_closed_epochs()
                 await self.prune_epochs()
@@ -569,6 +650,9 @@ class _NodeCollector(Collector):
         yield GaugeMetricFamily("pqcnet_relayer_overflow_records",
                                 "Records waiting in the local overflow queue",
                                 value=n.overflow.total())
+        yield GaugeMetricFamily("pqcnet_relayer_degraded",
+                                "1 while the bus was not reached since start (overflow only)",
+                                value=1 if n.degraded else 0)
         yield GaugeMetricFamily("pqcnet_relayer_paused_shards",
                                 "Shards whose publishers are paused", value=len(n.flow.paused))
         yield GaugeMetricFamily("pqcnet_relayer_subscribers", "Subscriber streams",
