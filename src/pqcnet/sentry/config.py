@@ -166,7 +166,8 @@ def _policy(f: SentryFile, base: Path, src: str) -> Policy:
             raise SentryConfigError(str(exc) if str(exc).startswith(at) else f"{at}: {exc}"
                                     ) from None
     try:
-        acl = AclPolicy.of(f.acl.allow_from, f.acl.allow_methods)
+        acl = (AclPolicy.from_rules(f.acl.rules) if f.acl.rules is not None
+               else AclPolicy.of(f.acl.allow_from or (), f.acl.allow_methods or ()))
     except SentryConfigError as exc:
         raise SentryConfigError(where(src, str(exc))) from None
     return Policy(

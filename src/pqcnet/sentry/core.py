@@ -4,7 +4,7 @@ For every RPC, in this order (cheapest refusal first, nothing reaches a backend
 until all pass)::
 
     assertion (cached verify, tenant, channel binding)  → Unauthenticated
-    ACL (peer SPIFFE ID, method key)                     → Denied
+    ACL (peer SPIFFE ID, method key, tenant)             → Denied
     route + tenant namespace of the backend              → Denied
     per-client token bucket                              → RateLimited
     global concurrency gate (held until the response ends) → RateLimited
@@ -160,7 +160,7 @@ class Sentry:
         now = self.clock() if now is None else now
         assertion = self.authenticate(head, tunnel, now)
         key = method_key(head.kind, head.method, head.path)
-        self.acl.check(tunnel.peer, key)
+        self.acl.check(tunnel.peer, key, assertion.tenant)
         backend = self.route(head)
         AclPolicy.check_tenant(assertion.tenant, backend.name, backend.tenants)
         try:

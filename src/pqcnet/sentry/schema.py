@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from pqcnet._util.schema import (
     HOSTPORT_PATTERN,
@@ -27,6 +27,7 @@ from pqcnet._util.schema import (
     Positive,
     Schema,
 )
+from pqcnet.identity.policy import RuleSpec
 
 BackendKind = Literal["http", "grpc", "tcp"]
 BACKEND_KINDS: tuple[BackendKind, ...] = ("http", "grpc", "tcp")
@@ -94,12 +95,34 @@ class LimitsSpec(Schema):
 
 
 class AclSpec(Schema):
-    """Who may call what. Empty lists deny everything (fail closed)."""
+    """Who may call what: per-tenant ``rules`` (first match wins), or the older global
+    ``allow_from`` + ``allow_methods`` (one allow rule for every tenant). No rule
+    denies everything (fail closed)."""
 
-    allow_from: list[str]
-    """SPIFFE ID patterns (per-segment globs, literal trust domain)."""
-    allow_methods: list[str]
-    """``METHOD /path`` globs, gRPC ``/pkg.Service/*``, ``TCP <backend>``."""
+    rules: dict[str, list[RuleSpec]] | None = None
+    """Rule lists per tenant (``*``: every tenant): ``{action: allow|deny, from: [SPIFFE
+    patterns], methods: [method-key globs]}``; the first matching rule decides."""
+    allow_from: list[str] | None = None
+    """Older form: SPIFFE ID patterns allowed to call (per-segment globs, literal trust
+    domain)."""
+    allow_methods: list[str] | None = None
+    """Older form: ``METHOD /path`` globs, gRPC ``/pkg.Service/*``, ``TCP <backend>``."""
+
+    @model_validator(mode="after")
+    def _one_form(self) -> AclSpec:
+        legacy = self.allow_from is not None or self.allow_methods is not None
+        if legacy and self.rules is not None:
+            raise ValueError(
+                "rules: give either rules or the older allow_from/allow_methods, not both; "
+                "to migrate, move them into one rule: rules: {'*': [{action: allow, from: "
+                "<allow_from>, methods: <allow_methods>}]}")
+        if legacy and (self.allow_from is None or self.allow_methods is None):
+            raise ValueError("allow_methods: the older form needs both allow_from and "
+                             "allow_methods (or write rules)")
+        if not legacy and self.rules is None:
+            raise ValueError("rules: required (per-tenant rule lists), or the older "
+                             "allow_from + allow_methods")
+        return self
 
 
 class ReplaceAction(Schema):
