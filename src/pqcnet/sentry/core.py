@@ -6,7 +6,7 @@ until all pass)::
     assertion (cached verify, tenant, channel binding)  → Unauthenticated
     ACL (peer SPIFFE ID, method key, tenant)             → Denied
     route + tenant namespace of the backend              → Denied
-    per-client token bucket                              → RateLimited
+    token buckets: per client, tenant-wide, per tunnel   → RateLimited
     global concurrency gate (held until the response ends) → RateLimited
     identity sanitizer (headers, JSON body)              → WireError on non-JSON
 
@@ -164,7 +164,8 @@ class Sentry:
         backend = self.route(head)
         AclPolicy.check_tenant(assertion.tenant, backend.name, backend.tenants)
         try:
-            level = self.limiter.check(assertion.tenant, assertion.subject, now)
+            level = self.limiter.check(assertion.tenant, assertion.subject, now,
+                                       str(tunnel.peer))
         except RateLimited:
             self.metrics.set_bucket_level(assertion.tenant, 0.0)
             raise

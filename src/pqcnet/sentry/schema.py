@@ -78,9 +78,19 @@ class PlanSpec(Schema):
     """A token bucket: sustained rate and burst."""
 
     rate: Positive
-    """Requests per second."""
+    """Requests per second, per client (tenant, subject)."""
     burst: float = Field(ge=1)
     """Bucket size (requests)."""
+    tenant_rate: Positive | None = None
+    """Requests per second of the whole tenant, all subjects and tunnels together
+    (default: ``rate`` — minting subjects does not multiply it)."""
+    tenant_burst: float | None = Field(default=None, ge=1)
+    """Tenant-wide bucket size (default: ``burst``)."""
+    tunnel_rate: Positive | None = None
+    """Requests per second one tunnel identity (sidecar) may send for the tenant
+    (default: the tenant's)."""
+    tunnel_burst: float | None = Field(default=None, ge=1)
+    """Per-tunnel bucket size (default: the tenant's)."""
 
 
 class LimitsSpec(Schema):
