@@ -155,9 +155,13 @@ def inspect(token: str) -> None:
 @click.option("--ttl", default=300.0, show_default=True, help="Assertion lifetime, seconds.")
 @click.option("--passphrase-env", default=PASS_ENV, show_default=True)
 @click.option("--no-passphrase", is_flag=True, help="The node key is stored unencrypted.")
+@click.option("--expect-peer", multiple=True, metavar="SPIFFE_ID",
+              help="Pin the sentry: SPIFFE ID or per-segment glob the peer must present "
+                   "(repeatable; default spiffe://<our trust domain>/*/sentry/*). Another "
+                   "node, e.g. a relayer, is refused with a clear error.")
 def sidecar_cli(sentry_addr: str, identity_dir: Path, issuer_key: Path, tenant: str,
                 subject: str, mode: str, listen: str, tcp_backend: str | None, ttl: float,
-                passphrase_env: str, no_passphrase: bool) -> None:
+                passphrase_env: str, no_passphrase: bool, expect_peer: tuple[str, ...]) -> None:
     """Let an unmodified local app reach a sentry over QSTP (plain localhost in, PQ out)."""
     host, port = hostport(sentry_addr, param_hint="--sentry")
     lhost, lport = hostport(listen, param_hint="--listen")
@@ -169,7 +173,7 @@ def sidecar_cli(sentry_addr: str, identity_dir: Path, issuer_key: Path, tenant: 
                                  passphrase(passphrase_env, no_passphrase, what="node key"))
     issuer = _issuer(issuer_key, ISSUER_PASS_ENV)
     sidecar = _SidecarProcess(host, port, identity, issuer, tenant, subject, mode, lhost, lport,
-                              tcp_backend, ttl)
+                              tcp_backend, ttl, expect_peer)
     run_until_signalled(sidecar.start, _SidecarProcess.aclose, _SidecarProcess.announce,
                         fast_loop=True)
 
@@ -179,8 +183,9 @@ class _SidecarProcess:
 
     def __init__(self, host: str, port: int, identity: NodeIdentity, issuer: SigningKey,
                  tenant: str, subject: str, mode: str, lhost: str, lport: int,
-                 tcp_backend: str | None, ttl: float) -> None:
+                 tcp_backend: str | None, ttl: float, expect_peer: tuple[str, ...] = ()) -> None:
         self.host, self.port, self.identity = host, port, identity
+        self.expect_peer = expect_peer
         self.issuer, self.tenant, self.subject, self.ttl = issuer, tenant, subject, ttl
         self.mode, self.lhost, self.lport, self.tcp_backend = mode, lhost, lport, tcp_backend
         self.bound = 0
@@ -189,12 +194,15 @@ class _SidecarProcess:
         self.grpc_server: Any = None
 
     async def start(self) -> _SidecarProcess:
-        from pqcnet import qstp
-        from pqcnet.sentry.sidecar import Sidecar, serve_grpc, serve_http, serve_tcp
+        from pqcnet.sentry.sidecar import (
+            Sidecar,
+            pinned_dial,
+            serve_grpc,
+            serve_http,
+            serve_tcp,
+        )
 
-        async def dial() -> Any:
-            return await qstp.connect(self.host, self.port, self.identity)
-
+        dial = pinned_dial(self.host, self.port, self.identity, self.expect_peer)
         self.sidecar = Sidecar(dial, self.issuer, subject=self.subject, tenant=self.tenant,
                                ttl=self.ttl)
         try:
