@@ -48,6 +48,13 @@ class BackendConfig(Schema):
     """Seconds per request (connect + response head)."""
     max_connections: Count = 100
     """Pooled connections kept to this backend."""
+    tls_ca: str = ""
+    """https backends: PEM CA bundle to trust (relative to the config file; empty: the
+    system trust store)."""
+    tls_cert: str = ""
+    """https backends: client certificate (PEM) for backends that require one."""
+    tls_key: str = ""
+    """https backends: the client certificate's private key (PEM)."""
 
     model_config = ConfigDict(json_schema_extra={
         "if": {"properties": {"kind": {"const": "http"}}},
