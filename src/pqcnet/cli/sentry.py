@@ -168,10 +168,14 @@ def inspect(token: str) -> None:
               help="Seconds between health checks of the sentries (PING / re-dial).")
 @click.option("--passphrase-env", default=PASS_ENV, show_default=True)
 @click.option("--no-passphrase", is_flag=True, help="The node key is stored unencrypted.")
+@click.option("--expect-peer", multiple=True, metavar="SPIFFE_ID",
+              help="Pin the sentry: SPIFFE ID or per-segment glob the peer must present "
+                   "(repeatable; default spiffe://<our trust domain>/*/sentry/*). Another "
+                   "node, e.g. a relayer, is refused with a clear error.")
 def sidecar_cli(sentry_addrs: tuple[str, ...], identity_dir: Path, issuer_key: Path,
                 tenant: str, subject: str, mode: str, listen: str, tcp_backend: str | None,
                 ttl: float, health_interval: float, passphrase_env: str,
-                no_passphrase: bool) -> None:
+                no_passphrase: bool, expect_peer: tuple[str, ...]) -> None:
     """Let an unmodified local app reach a sentry over QSTP (plain localhost in, PQ out)."""
     sentries = [hostport(a.strip(), param_hint="--sentry")
                 for arg in sentry_addrs for a in arg.split(",") if a.strip()]
@@ -186,7 +190,7 @@ def sidecar_cli(sentry_addrs: tuple[str, ...], identity_dir: Path, issuer_key: P
                                  passphrase(passphrase_env, no_passphrase, what="node key"))
     issuer = _issuer(issuer_key, ISSUER_PASS_ENV)
     sidecar = _SidecarProcess(sentries, identity, issuer, tenant, subject, mode, lhost, lport,
-                              tcp_backend, ttl, health_interval)
+                              tcp_backend, ttl, health_interval, expect_peer)
     run_until_signalled(sidecar.start, _SidecarProcess.aclose, _SidecarProcess.announce,
                         fast_loop=True)
 
@@ -198,9 +202,10 @@ class _SidecarProcess:
     def __init__(self, sentries: list[tuple[str, int]], identity: NodeIdentity,
                  issuer: SigningKey, tenant: str, subject: str, mode: str, lhost: str,
                  lport: int, tcp_backend: str | None, ttl: float,
-                 health_interval: float = 1.0) -> None:
+                 health_interval: float = 1.0, expect_peer: tuple[str, ...] = ()) -> None:
         self.sentries, self.identity = sentries, identity
         self.health_interval = health_interval
+        self.expect_peer = expect_peer
         self.issuer, self.tenant, self.subject, self.ttl = issuer, tenant, subject, ttl
         self.mode, self.lhost, self.lport, self.tcp_backend = mode, lhost, lport, tcp_backend
         self.bound = 0
@@ -209,14 +214,11 @@ class _SidecarProcess:
         self.grpc_server: Any = None
 
     async def start(self) -> _SidecarProcess:
-        from pqcnet import qstp
         from pqcnet.sentry.pool import SentryPool
-        from pqcnet.sentry.sidecar import Sidecar, serve_grpc, serve_http, serve_tcp
+        from pqcnet.sentry.sidecar import Sidecar, pinned_dial, serve_grpc, serve_http, serve_tcp
 
         def dialer(host: str, port: int) -> Callable[[], Awaitable[Any]]:
-            async def dial() -> Any:
-                return await qstp.connect(host, port, self.identity)
-            return dial
+            return pinned_dial(host, port, self.identity, self.expect_peer)
 
         self.sidecar = SentryPool(
             [(f"{h}:{p}", Sidecar(dialer(h, p), self.issuer, subject=self.subject,
