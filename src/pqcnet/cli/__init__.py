@@ -36,6 +36,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "node": ("pqcnet.cli.node", "Run a relayer or sentry with its control plane: run, check."),
     "config": ("pqcnet.cli.config", "Config files: schema (JSON Schema), check FILE --kind."),
     "sim": ("pqcnet.cli.sim", "Simulations of the overlay: run, sweep, report."),
+    "verify": ("pqcnet.cli.verify",
+               "Check volume receipts and proofs with public keys: receipt, proof, fetch-receipt."),
 }
 
 
