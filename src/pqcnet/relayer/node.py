@@ -15,6 +15,7 @@ Background tasks it owns (all cancelled on :meth:`RelayerNode.stop`):
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import logging
@@ -168,6 +169,9 @@ class RelayerNode:
         #: clients' signed ack counters (decision 0014), checked against our claims
         self.counters = CounterBook(ca_trust(identity.trust_anchors))
         self.tolerance = Tolerance(cfg.counter_tolerance_ratio, cfg.counter_tolerance_frames)
+        #: proven records by claim status, counted once per epoch by audit_claims()
+        self.claim_stats: collections.Counter[str] = collections.Counter()
+        self._audited: set[int] = set()
         self.backlog: dict[int, int] = {}
         self._bus_lag: dict[int, int] = {}
         self.started_at = 0.0
@@ -398,6 +402,26 @@ class RelayerNode:
         self._parts[epoch] = intent.proofs
         return list(intent.proofs)
 
+    def audit_claims(self, now: float | None = None) -> dict[str, int]:
+        """Check each proven epoch, once, against the clients' signed counters as soon as
+        their final counters are due (one whole epoch after it closed); counts records
+        per status in :attr:`claim_stats` (exported) and logs over-claims."""
+        due_before = self.meter.epoch(now) - 1
+        found: collections.Counter[str] = collections.Counter()
+        for e in sorted(self.proofs):
+            if e >= due_before or e in self._audited:
+                continue
+            self._audited.add(e)
+            for check in self.check_claims(e):
+                found[check.status] += 1
+                if check.status == "overclaimed":
+                    log.warning("volume claim above the clients' signed counters", extra={
+                        "epoch": e, "customer": check.record.customer,
+                        "channel": check.record.channel, "claimed": check.record.frames,
+                        "signed": check.signed_frames})
+        self.claim_stats.update(found)
+        return dict(found)
+
     async def prune_epochs(self) -> int:
         """Drop proven epochs beyond the newest ``keep_epochs`` ones; returns how many.
 
@@ -418,6 +442,7 @@ class RelayerNode:
         for e in old:
             del self.proofs[e]
             self._parts.pop(e, None)
+            self._audited.discard(e)
             self.anchor.forget(e)
         log.info("proven epochs pruned", extra={"before_epoch": cutoff, "count": len(old)})
         return len(old)
@@ -435,6 +460,7 @@ class RelayerNode:
             await asyncio.sleep(min(1.0, self.cfg.epoch_seconds / 4))
             try:
                 self.prove_closed_epochs()
+                self.audit_claims()
                 await self.prune_epochs()
                 for s in self.cfg.shards_owned:
                     await self.bus.compact(s, [self.cfg.group])
@@ -525,6 +551,15 @@ class _NodeCollector(Collector):
                                 ("gaps", "gaps", "Sequence gaps reported and skipped")):
             yield CounterMetricFamily(f"pqcnet_relayer_{name}_frames", doc,
                                       value=sum(getattr(w.stats, attr) for w in n.workers))
+        claims = CounterMetricFamily(
+            "pqcnet_relayer_claims_records",
+            "Proven volume records checked against client-signed counters, by status",
+            labels=["status"])
+        for status in ("supported", "overclaimed", "unsupported"):
+            claims.add_metric([status], n.claim_stats[status])
+        yield claims
+        yield GaugeMetricFamily("pqcnet_relayer_signed_counters",
+                                "Client-signed ack counters held", value=len(n.counters))
         for name, attr, doc in (("mark_evictions", "evictions",
                                  "Topic marks dropped from the in-memory LRU"),
                                 ("mark_loads", "mark_loads",
