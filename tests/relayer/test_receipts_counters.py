@@ -179,6 +179,13 @@ async def test_claims_checked_against_signed_counters(tmp_path: Path) -> None:
             await c.close()
         await pub.close()
         await node.stop()
+    node = await start_node(tmp_path, epoch_seconds=HOUR)  # the relayer keeps them
+    try:
+        status = {c.record.channel: c.status for c in node.check_claims(epoch)}
+        assert status == {"honest": "supported", "inflated": "overclaimed",
+                          "silent": "unsupported"}
+    finally:
+        await node.stop()
 
 
 def test_counter_book_refuses_foreign_ca_wrong_tenant_and_other_peer() -> None:

@@ -43,6 +43,7 @@ from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.counters import (
     ClaimCheck,
     CounterBook,
+    CounterStore,
     SignedAckCounter,
     Tolerance,
     ca_trust,
@@ -168,6 +169,7 @@ class RelayerNode:
         self.proof_store = ProofStore(self.data_dir / "proofs")
         #: clients' signed ack counters (decision 0014), checked against our claims
         self.counters = CounterBook(ca_trust(identity.trust_anchors))
+        self.counter_store = CounterStore(self.data_dir / "counters")
         self.tolerance = Tolerance(cfg.counter_tolerance_ratio, cfg.counter_tolerance_frames)
         #: proven records by claim status, counted once per epoch by audit_claims()
         self.claim_stats: collections.Counter[str] = collections.Counter()
@@ -229,6 +231,8 @@ class RelayerNode:
         self.store: SeqStore = store
         self.meter.apply(await store.load_volume())  # what this node counted before a restart
         self._load_proofs()
+        self.counter_store.load(self.counters)
+        stack.callback(self._save_counters)
         self.workers = [RelayerShardWorker(self.bus, s, store, self.hub, wcfg, meter=self.meter)
                         for s in cfg.shards_owned]
         self._tasks += [asyncio.create_task(w.run(), name=f"shard-{w.shard}")
@@ -402,6 +406,12 @@ class RelayerNode:
         self._parts[epoch] = intent.proofs
         return list(intent.proofs)
 
+    def _save_counters(self) -> None:
+        try:
+            self.counter_store.save(self.counters)
+        except OSError as exc:
+            log.error("signed counters not saved", extra={"error": str(exc)})
+
     def audit_claims(self, now: float | None = None) -> dict[str, int]:
         """Check each proven epoch, once, against the clients' signed counters as soon as
         their final counters are due (one whole epoch after it closed); counts records
@@ -438,6 +448,7 @@ class RelayerNode:
         await self.store.prune_volume(cutoff)
         self.meter.forget_before(cutoff)
         self.counters.forget_before(cutoff)
+        self.counter_store.prune(cutoff)
         self.proof_store.prune(old)
         for e in old:
             del self.proofs[e]
@@ -461,6 +472,7 @@ class RelayerNode:
             try:
                 self.prove_closed_epochs()
                 self.audit_claims()
+                self._save_counters()
                 await self.prune_epochs()
                 for s in self.cfg.shards_owned:
                     await self.bus.compact(s, [self.cfg.group])
