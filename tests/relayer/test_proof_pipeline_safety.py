@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
@@ -41,9 +43,19 @@ class _Crash(Exception):
     """Stands for the process dying at this point."""
 
 
+def _backend(request: pytest.FixtureRequest, backend: str) -> dict[str, Any]:
+    if backend == "redis":
+        return {"backend": "redis", "redis_url": request.getfixturevalue("redis_url"),
+                "redis_prefix": f"test:{uuid.uuid4().hex[:8]}", "epoch_seconds": 60.0}
+    return {"epoch_seconds": 60.0}
+
+
+@pytest.mark.parametrize("backend", ["embedded", "redis"])
 async def test_crash_between_anchor_and_proof_file_does_not_anchor_twice(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    node = await start_node(tmp_path, epoch_seconds=60.0)
+        backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        request: pytest.FixtureRequest) -> None:
+    kw = _backend(request, backend)
+    node = await start_node(tmp_path, **kw)
     try:
         await _traffic(node, 3, customers=2)
 
@@ -57,7 +69,7 @@ async def test_crash_between_anchor_and_proof_file_does_not_anchor_twice(
     finally:
         monkeypatch.undo()
         await node.stop()
-    node = await start_node(tmp_path, epoch_seconds=60.0)  # the restart
+    node = await start_node(tmp_path, **kw)  # the restart
     try:
         node.prove_closed_epochs(now=60.0 * 10)
         vids = _volume_proof_vertices(node)
@@ -69,7 +81,7 @@ async def test_crash_between_anchor_and_proof_file_does_not_anchor_twice(
         assert not list((node.data_dir / "proofs").glob("*.intent"))
     finally:
         await node.stop()
-    node = await start_node(tmp_path, epoch_seconds=60.0)  # and again: nothing new
+    node = await start_node(tmp_path, **kw)  # and again: nothing new
     try:
         assert node.prove_closed_epochs(now=60.0 * 10) == []
         assert len(_volume_proof_vertices(node)) == 1
