@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, str] = {
     "qstp": "pqcnet.bench.qstp",
     "sentry": "pqcnet.bench.sentry",
     "relayer": "pqcnet.bench.relayer",
+    "verify": "pqcnet.bench.verify",
 }
 
 
