@@ -19,6 +19,7 @@ from prometheus_client import generate_latest
 
 from pqcnet.qsdag import VertexKind
 from pqcnet.relayer import proof as proof_mod
+from pqcnet.relayer.errors import ProofError
 from pqcnet.relayer.metering import OTHER_LABEL, VolumeDelta, VolumeMeter
 from pqcnet.relayer.node import RelayerNode
 from pqcnet.relayer.proof import anchored_proof, inclusion_proof, verify_inclusion
@@ -174,3 +175,20 @@ def test_label_cardinality_is_bounded_and_pruned_series_go() -> None:
     assert _series(meter) == {("c0", "ch")}
     meter.apply({(2, "c9", "ch", 1): [5, 1]})  # freed slots are reusable
     assert ("c9", "ch") in _series(meter)
+
+
+async def test_a_damaged_intent_is_a_typed_error_and_later_epochs_are_still_proven(
+        tmp_path: Path) -> None:
+    node = await start_node(tmp_path, epoch_seconds=60.0)
+    try:
+        await _traffic(node, 3)
+        await _traffic(node, 4)
+        (node.data_dir / "proofs").mkdir(exist_ok=True)
+        (node.data_dir / "proofs" / "3.intent").write_bytes(b"\x00\x00\x00\x09garbage")
+        with pytest.raises(ProofError, match="damaged"):
+            node.proof_store.read_intent(3)
+        proven = node.prove_closed_epochs(now=60.0 * 10)  # never raises
+        assert [p.epoch for p in proven] == [4] and sorted(node.proofs) == [4]
+        assert len(_volume_proof_vertices(node)) == 1
+    finally:
+        await node.stop()
