@@ -192,3 +192,16 @@ async def test_a_damaged_intent_is_a_typed_error_and_later_epochs_are_still_prov
         assert len(_volume_proof_vertices(node)) == 1
     finally:
         await node.stop()
+
+
+def test_parts_are_bounded_by_encoded_size_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pqcnet.relayer.metering import VolumeRecord
+
+    monkeypatch.setattr(proof_mod, "MAX_PART_BYTES", 1000)  # ~7 records of ~130 bytes
+    recs = [VolumeRecord("c" * 40, f"{i:040d}", 1, 1, 1, 2) for i in range(20)]
+    slices = proof_mod.split_records(recs)
+    assert len(slices) > 2 and [r for s in slices for r in s] == recs
+    assert all(sum(len(r.customer) + len(r.channel) + 48 for r in s) <= 1000 for s in slices)
+    parts = proof_mod.build_volume_proofs("r", 2, recs, identities()[0].key)
+    assert [p.part for p in parts] == list(range(len(slices)))
+    assert {p.parts for p in parts} == {len(slices)}

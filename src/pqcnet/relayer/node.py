@@ -23,6 +23,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ from pqcnet.relayer.counters import (
     check_claims,
 )
 from pqcnet.relayer.egress import SubscriberHub
-from pqcnet.relayer.errors import ConfigError, ReceiptRefused, RelayerError
+from pqcnet.relayer.errors import ConfigError, ProofError, ReceiptRefused, RelayerError
 from pqcnet.relayer.frame import FrameLimits
 from pqcnet.relayer.governance import VolumeMetricsService, serve_governance
 from pqcnet.relayer.ingress import Ingress
@@ -61,7 +62,9 @@ from pqcnet.relayer.proof import (
     PerformanceReport,
     VolumeProof,
     build_volume_proofs,
+    check_records,
     sign_report,
+    split_records,
 )
 from pqcnet.relayer.proofstore import Intent, ProofStore
 from pqcnet.relayer.receipts import VolumeReceipt, build_receipt
@@ -392,7 +395,7 @@ class RelayerNode:
     def _prove_epoch(self, epoch: int, pending: set[int]) -> list[VolumeProof]:
         """Intent (durable) → anchor each part once → proof files → intent cleared."""
         if epoch in pending:
-            intent = self.proof_store.read_intent(epoch)
+            intent = self._with_records(self.proof_store.read_intent(epoch))
         else:
             intent = Intent(epoch, self.anchor.next_counter(), tuple(build_volume_proofs(
                 self.cfg.node_id, epoch, self.meter.records(epoch), self.identity.key)))
@@ -405,6 +408,20 @@ class RelayerNode:
         self.proofs[epoch] = intent.proofs[0]
         self._parts[epoch] = intent.proofs
         return list(intent.proofs)
+
+    def _with_records(self, intent: Intent) -> Intent:
+        """The intent's headers with their records, rebuilt from the persisted volume
+        (which must commit to the same roots: the epoch was closed when it was signed)."""
+        slices = split_records(self.meter.records(intent.epoch))
+        if len(slices) != len(intent.proofs):
+            raise ProofError(f"epoch {intent.epoch}: volume splits into {len(slices)} parts, "
+                             f"the intent has {len(intent.proofs)}")
+        out = []
+        for header, recs in zip(intent.proofs, slices, strict=True):
+            proof = replace(header, records=tuple(recs))
+            check_records(proof)  # the same root and totals as signed
+            out.append(proof)
+        return replace(intent, proofs=tuple(out))
 
     def _save_counters(self) -> None:
         try:
