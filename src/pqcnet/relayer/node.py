@@ -76,6 +76,8 @@ log = logging.getLogger(__name__)
 LAG_TIMEOUT = 1.0
 #: seconds shard workers get on stop to finish their current step
 STOP_GRACE = 3.0
+#: signed receipts kept for repeated requests (building one hashes its epoch's tree)
+RECEIPT_CACHE = 256
 
 
 def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
@@ -177,6 +179,8 @@ class RelayerNode:
         #: proven records by claim status, counted once per epoch by audit_claims()
         self.claim_stats: collections.Counter[str] = collections.Counter()
         self._audited: set[int] = set()
+        self._receipts: collections.OrderedDict[tuple[str, int], VolumeReceipt] = (
+            collections.OrderedDict())
         self.backlog: dict[int, int] = {}
         self._bus_lag: dict[int, int] = {}
         self.started_at = 0.0
@@ -472,6 +476,8 @@ class RelayerNode:
             self._parts.pop(e, None)
             self._audited.discard(e)
             self.anchor.forget(e)
+        for key in [k for k in self._receipts if k[1] < cutoff]:
+            del self._receipts[key]
         log.info("proven epochs pruned", extra={"before_epoch": cutoff, "count": len(old)})
         return len(old)
 
@@ -509,13 +515,22 @@ class RelayerNode:
         return self.receipt_for(customer, epoch)
 
     def receipt_for(self, customer: str, epoch: int) -> VolumeReceipt:
+        """The signed receipt (cached: the last :data:`RECEIPT_CACHE` are kept)."""
+        cached = self._receipts.get((customer, epoch))
+        if cached is not None and cached.signer_key_id == self.identity.key.key_id:
+            self._receipts.move_to_end((customer, epoch))
+            return cached
         parts = self._parts.get(epoch)
         if not parts:
             raise ReceiptRefused(f"epoch {epoch} is not proven here (yet, or any more)")
         ledger = self.anchor.ledger
         vertices = [ledger.get(self.anchor.part_receipt(epoch, p.part)).encode() for p in parts]
-        return build_receipt(self.cfg.node_id, customer, epoch, parts, vertices,
-                             self.identity.key)
+        receipt = build_receipt(self.cfg.node_id, customer, epoch, parts, vertices,
+                                self.identity.key)
+        self._receipts[(customer, epoch)] = receipt
+        while len(self._receipts) > RECEIPT_CACHE:
+            self._receipts.popitem(last=False)
+        return receipt
 
     def check_claims(self, epoch: int) -> list[ClaimCheck]:
         """Each record of a proven epoch against the clients' signed counters."""
