@@ -127,3 +127,12 @@ def test_mesh_reports_saturated_and_paced_runs_against_raw() -> None:
     assert isinstance(d["paced_p50_over_raw_ms"], float)
     assert isinstance(d["targets"]["met_paced_p50"], bool)
     _machine(d["machine"]["before"])
+
+
+def test_verify_reports_receipts_and_inclusion_against_the_verify_floor() -> None:
+    d = _bench("verify", "--records", "40", "--customers", "4", "--receipts", "4")
+    assert d["receipts"] == 4
+    for key in ("verify_receipts_per_s", "verify_inclusion_per_s",
+                "baseline_mldsa65_verify_per_s", "ratio_vs_verify_floor"):
+        assert _number(d[key]), key
+    _machine(d["machine_before"])

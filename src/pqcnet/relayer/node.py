@@ -22,6 +22,7 @@ says so meanwhile; no epoch is proven while degraded.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import logging
@@ -53,6 +54,7 @@ from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.counters import (
     ClaimCheck,
     CounterBook,
+    CounterStore,
     SignedAckCounter,
     Tolerance,
     ca_trust,
@@ -63,6 +65,7 @@ from pqcnet.relayer.errors import (
     BusError,
     BusUnavailable,
     ConfigError,
+    ProofError,
     ReceiptRefused,
     RelayerError,
 )
@@ -78,7 +81,9 @@ from pqcnet.relayer.proof import (
     PerformanceReport,
     VolumeProof,
     build_volume_proofs,
+    check_records,
     sign_report,
+    split_records,
 )
 from pqcnet.relayer.proofstore import Intent, ProofStore
 from pqcnet.relayer.receipts import VolumeReceipt, build_receipt
@@ -92,6 +97,8 @@ LAG_TIMEOUT = 1.0
 STOP_GRACE = 3.0
 #: seconds connecting the bus may take at start before the relayer starts degraded
 BUS_START_TIMEOUT = 10.0
+#: signed receipts kept for repeated requests (building one hashes its epoch's tree)
+RECEIPT_CACHE = 256
 
 
 def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
@@ -196,7 +203,13 @@ class RelayerNode:
         self.proof_store = ProofStore(self.data_dir / "proofs")
         #: clients' signed ack counters (decision 0014), checked against our claims
         self.counters = CounterBook(ca_trust(identity.trust_anchors))
+        self.counter_store = CounterStore(self.data_dir / "counters")
         self.tolerance = Tolerance(cfg.counter_tolerance_ratio, cfg.counter_tolerance_frames)
+        #: proven records by claim status, counted once per epoch by audit_claims()
+        self.claim_stats: collections.Counter[str] = collections.Counter()
+        self._audited: set[int] = set()
+        self._receipts: collections.OrderedDict[tuple[str, int], VolumeReceipt] = (
+            collections.OrderedDict())
         self.backlog: dict[int, int] = {}
         self._bus_lag: dict[int, int] = {}
         self.started_at = 0.0
@@ -258,6 +271,8 @@ class RelayerNode:
                                authz=self.authz, quotas=self.quotas, services=self)
         self._open_ledger()
         self._load_proofs()
+        self.counter_store.load(self.counters)
+        stack.callback(self._save_counters)
         try:
             async with asyncio.timeout(BUS_START_TIMEOUT):
                 await self._open_bus()
@@ -518,7 +533,7 @@ class RelayerNode:
     def _prove_epoch(self, epoch: int, pending: set[int]) -> list[VolumeProof]:
         """Intent (durable) → anchor each part once → proof files → intent cleared."""
         if epoch in pending:
-            intent = self.proof_store.read_intent(epoch)
+            intent = self._with_records(self.proof_store.read_intent(epoch))
         else:
             intent = Intent(epoch, self.anchor.next_counter(), tuple(build_volume_proofs(
                 self.cfg.node_id, epoch, self.meter.records(epoch), self.identity.key)))
@@ -531,6 +546,46 @@ class RelayerNode:
         self.proofs[epoch] = intent.proofs[0]
         self._parts[epoch] = intent.proofs
         return list(intent.proofs)
+
+    def _with_records(self, intent: Intent) -> Intent:
+        """The intent's headers with their records, rebuilt from the persisted volume
+        (which must commit to the same roots: the epoch was closed when it was signed)."""
+        slices = split_records(self.meter.records(intent.epoch))
+        if len(slices) != len(intent.proofs):
+            raise ProofError(f"epoch {intent.epoch}: volume splits into {len(slices)} parts, "
+                             f"the intent has {len(intent.proofs)}")
+        out = []
+        for header, recs in zip(intent.proofs, slices, strict=True):
+            proof = replace(header, records=tuple(recs))
+            check_records(proof)  # the same root and totals as signed
+            out.append(proof)
+        return replace(intent, proofs=tuple(out))
+
+    def _save_counters(self) -> None:
+        try:
+            self.counter_store.save(self.counters)
+        except OSError as exc:
+            log.error("signed counters not saved", extra={"error": str(exc)})
+
+    def audit_claims(self, now: float | None = None) -> dict[str, int]:
+        """Check each proven epoch, once, against the clients' signed counters as soon as
+        their final counters are due (one whole epoch after it closed); counts records
+        per status in :attr:`claim_stats` (exported) and logs over-claims."""
+        due_before = self.meter.epoch(now) - 1
+        found: collections.Counter[str] = collections.Counter()
+        for e in sorted(self.proofs):
+            if e >= due_before or e in self._audited:
+                continue
+            self._audited.add(e)
+            for check in self.check_claims(e):
+                found[check.status] += 1
+                if check.status == "overclaimed":
+                    log.warning("volume claim above the clients' signed counters", extra={
+                        "epoch": e, "customer": check.record.customer,
+                        "channel": check.record.channel, "claimed": check.record.frames,
+                        "signed": check.signed_frames})
+        self.claim_stats.update(found)
+        return dict(found)
 
     async def prune_epochs(self) -> int:
         """Drop proven epochs beyond the newest ``keep_epochs`` ones; returns how many.
@@ -548,11 +603,15 @@ class RelayerNode:
         await self.store.prune_volume(cutoff)
         self.meter.forget_before(cutoff)
         self.counters.forget_before(cutoff)
+        self.counter_store.prune(cutoff)
         self.proof_store.prune(old)
         for e in old:
             del self.proofs[e]
             self._parts.pop(e, None)
+            self._audited.discard(e)
             self.anchor.forget(e)
+        for key in [k for k in self._receipts if k[1] < cutoff]:
+            del self._receipts[key]
         log.info("proven epochs pruned", extra={"before_epoch": cutoff, "count": len(old)})
         return len(old)
 
@@ -571,6 +630,8 @@ class RelayerNode:
                 continue
             try:
                 self.prove_closed_epochs()
+                self.audit_claims()
+                self._save_counters()
                 await self.prune_epochs()
                 for s in self.cfg.shards_owned:
                     await self.bus.compact(s, [self.cfg.group])
@@ -590,13 +651,22 @@ class RelayerNode:
         return self.receipt_for(customer, epoch)
 
     def receipt_for(self, customer: str, epoch: int) -> VolumeReceipt:
+        """The signed receipt (cached: the last :data:`RECEIPT_CACHE` are kept)."""
+        cached = self._receipts.get((customer, epoch))
+        if cached is not None and cached.signer_key_id == self.identity.key.key_id:
+            self._receipts.move_to_end((customer, epoch))
+            return cached
         parts = self._parts.get(epoch)
         if not parts:
             raise ReceiptRefused(f"epoch {epoch} is not proven here (yet, or any more)")
         ledger = self.anchor.ledger
         vertices = [ledger.get(self.anchor.part_receipt(epoch, p.part)).encode() for p in parts]
-        return build_receipt(self.cfg.node_id, customer, epoch, parts, vertices,
-                             self.identity.key)
+        receipt = build_receipt(self.cfg.node_id, customer, epoch, parts, vertices,
+                                self.identity.key)
+        self._receipts[(customer, epoch)] = receipt
+        while len(self._receipts) > RECEIPT_CACHE:
+            self._receipts.popitem(last=False)
+        return receipt
 
     def check_claims(self, epoch: int) -> list[ClaimCheck]:
         """Each record of a proven epoch against the clients' signed counters."""
@@ -679,6 +749,15 @@ class _NodeCollector(Collector):
                                 ("gaps", "gaps", "Sequence gaps reported and skipped")):
             yield CounterMetricFamily(f"pqcnet_relayer_{name}_frames", doc,
                                       value=sum(getattr(w.stats, attr) for w in n.workers))
+        claims = CounterMetricFamily(
+            "pqcnet_relayer_claims_records",
+            "Proven volume records checked against client-signed counters, by status",
+            labels=["status"])
+        for status in ("supported", "overclaimed", "unsupported"):
+            claims.add_metric([status], n.claim_stats[status])
+        yield claims
+        yield GaugeMetricFamily("pqcnet_relayer_signed_counters",
+                                "Client-signed ack counters held", value=len(n.counters))
         for name, attr, doc in (("mark_evictions", "evictions",
                                  "Topic marks dropped from the in-memory LRU"),
                                 ("mark_loads", "mark_loads",
