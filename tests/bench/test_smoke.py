@@ -127,3 +127,12 @@ def test_mesh_reports_saturated_and_paced_runs_against_raw() -> None:
     assert isinstance(d["paced_p50_over_raw_ms"], float)
     assert isinstance(d["targets"]["met_paced_p50"], bool)
     _machine(d["machine"]["before"])
+
+
+def test_enroll_reports_rate_latency_and_the_sign_floor() -> None:
+    d = _bench("enroll", "--nodes", "4", "--concurrency", "2")
+    assert d["enrolled"] == 4 and d["failed"] == 0, d.get("failures_sample")
+    for key in ("enrollments_per_s", "baseline_mldsa65_sign_per_s", "ratio_vs_sign"):
+        assert _number(d[key]), key
+    _latency(d["latency"])
+    _machine(d["machine"])
