@@ -17,6 +17,7 @@ import click
 
 from pqcnet._util.env import ISSUER_PASS_ENV, PASS_ENV, env_passphrase
 from pqcnet.cli._common import hostport, passphrase, run_until_signalled
+from pqcnet.cli._rotation import build_manager, rotation_options
 from pqcnet.crypto.pqc import SigningKey
 from pqcnet.identity import NodeIdentity
 from pqcnet.sentry import assertion as sa
@@ -58,22 +59,37 @@ def check(config_path: Path) -> None:
 @click.option("--passphrase-env", default=PASS_ENV, show_default=True,
               help="Environment variable with the node key passphrase.")
 @click.option("--no-passphrase", is_flag=True, help="The node key is stored unencrypted.")
+@rotation_options
 def run(config_path: Path, reload_interval: float, passphrase_env: str,
-        no_passphrase: bool) -> None:
-    """Terminate QSTP tunnels and proxy admitted RPCs to the configured backends."""
+        no_passphrase: bool, **rotation: Any) -> None:
+    """Terminate QSTP tunnels and proxy admitted RPCs to the configured backends.
+
+    The identity directory is watched (hot reload); --renew-ca-url / --renew-ca-dir
+    renew the certificate before it expires."""
+    from pqcnet.runtime.rotation import bind_sentry
     from pqcnet.runtime.sentry import SentryService
 
     cfg = load_config(config_path)
-    identity = NodeIdentity.load(require_identity(cfg),
-                                 passphrase(passphrase_env, no_passphrase, what="node key"))
+    secret = passphrase(passphrase_env, no_passphrase, what="node key")
+    identity = NodeIdentity.load(require_identity(cfg), secret)
+    manager = build_manager(Path(require_identity(cfg)), secret, **rotation)
     service = SentryService(cfg, identity, config_path=config_path,
                             reload_interval=reload_interval)
+
+    async def start() -> SentryService:
+        await service.start()
+        await bind_sentry(service, manager)
+        return service
+
+    async def stop(s: SentryService) -> None:
+        await manager.stop()
+        await s.aclose()
 
     def ready(s: SentryService) -> None:
         click.echo(f"sentry {identity.spiffe_id} listening on {cfg.listen_host}:{s.port}",
                    err=True)
 
-    run_until_signalled(service.start, SentryService.aclose, ready, fast_loop=True)
+    run_until_signalled(start, stop, ready, fast_loop=True)
 
 
 # ---------------------------------------------------------------------------- assertion
@@ -155,21 +171,27 @@ def inspect(token: str) -> None:
 @click.option("--ttl", default=300.0, show_default=True, help="Assertion lifetime, seconds.")
 @click.option("--passphrase-env", default=PASS_ENV, show_default=True)
 @click.option("--no-passphrase", is_flag=True, help="The node key is stored unencrypted.")
+@rotation_options
 def sidecar_cli(sentry_addr: str, identity_dir: Path, issuer_key: Path, tenant: str,
                 subject: str, mode: str, listen: str, tcp_backend: str | None, ttl: float,
-                passphrase_env: str, no_passphrase: bool) -> None:
-    """Let an unmodified local app reach a sentry over QSTP (plain localhost in, PQ out)."""
+                passphrase_env: str, no_passphrase: bool, **rotation: Any) -> None:
+    """Let an unmodified local app reach a sentry over QSTP (plain localhost in, PQ out).
+
+    The identity directory is watched and, with --renew-ca-url / --renew-ca-dir, renewed;
+    new tunnels use the current identity, and a GOAWAY from the sentry makes the sidecar
+    dial anew for new requests while open ones finish."""
     host, port = hostport(sentry_addr, param_hint="--sentry")
     lhost, lport = hostport(listen, param_hint="--listen")
     if lhost not in ("127.0.0.1", "localhost", "::1"):
         raise click.BadParameter("the sidecar's plaintext port must be on loopback")
     if mode == "tcp" and not tcp_backend:
         raise click.UsageError("--mode tcp needs --tcp-backend")
-    identity = NodeIdentity.load(identity_dir,
-                                 passphrase(passphrase_env, no_passphrase, what="node key"))
+    secret = passphrase(passphrase_env, no_passphrase, what="node key")
+    identity = NodeIdentity.load(identity_dir, secret)
     issuer = _issuer(issuer_key, ISSUER_PASS_ENV)
     sidecar = _SidecarProcess(host, port, identity, issuer, tenant, subject, mode, lhost, lport,
                               tcp_backend, ttl)
+    sidecar.manager = build_manager(identity_dir, secret, **rotation)
     run_until_signalled(sidecar.start, _SidecarProcess.aclose, _SidecarProcess.announce,
                         fast_loop=True)
 
@@ -185,6 +207,8 @@ class _SidecarProcess:
         self.mode, self.lhost, self.lport, self.tcp_backend = mode, lhost, lport, tcp_backend
         self.bound = 0
         self.sidecar: Any = None
+        #: keeps the identity current (hot reload, renewal); None = load once
+        self.manager: Any = None
         self.server: asyncio.Server | None = None
         self.grpc_server: Any = None
 
@@ -192,8 +216,12 @@ class _SidecarProcess:
         from pqcnet import qstp
         from pqcnet.sentry.sidecar import Sidecar, serve_grpc, serve_http, serve_tcp
 
+        if self.manager is not None:
+            await self.manager.start()
+
         async def dial() -> Any:
-            return await qstp.connect(self.host, self.port, self.identity)
+            identity = self.manager.identity if self.manager is not None else self.identity
+            return await qstp.connect(self.host, self.port, identity)
 
         self.sidecar = Sidecar(dial, self.issuer, subject=self.subject, tenant=self.tenant,
                                ttl=self.ttl)
@@ -218,6 +246,8 @@ class _SidecarProcess:
                    f"{self.host}:{self.port}", err=True)
 
     async def aclose(self) -> None:
+        if self.manager is not None:
+            await self.manager.stop()
         if self.server is not None:
             self.server.close()
         if self.grpc_server is not None:

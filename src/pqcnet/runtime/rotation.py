@@ -48,6 +48,7 @@ from pqcnet.identity.node import BUNDLE_FILE, CERT_FILE, CRL_FILE, KEY_FILE, Nod
 from pqcnet.qstp.aio.server import Server
 from pqcnet.qstp.tls import PeerInfo
 from pqcnet.relayer.node import RelayerNode
+from pqcnet.runtime.sentry import SentryService
 
 log = logging.getLogger(__name__)
 
@@ -391,8 +392,10 @@ class ServerBinding:
         due = [(t, ts) for t, ts in self._retire if t - now <= margin * 2]
         self._retire = [(t, ts) for t, ts in self._retire if t - now > margin * 2]
         for _, tunnels in due:
+            # graceful: in-flight streams finish, the peer reconnects for new ones
             await self.server.end_tunnels(lambda _p: "certificate renewed; reconnect",
-                                          among=tunnels)  # type: ignore[arg-type]
+                                          among=tunnels,  # type: ignore[arg-type]
+                                          grace_s=self.expiry_margin_s / 2)
 
     async def _run(self) -> None:
         while True:
@@ -401,6 +404,33 @@ class ServerBinding:
                 await self.sweep()
             except PqcnetError as exc:
                 log.warning("tunnel sweep failed", extra={"reason": str(exc)})
+
+
+async def bind_server(server: Server, manager: IdentityManager,
+                      follow: OnChange | None = None) -> ServerBinding:
+    """Start ``manager`` with ``server`` following it (and ``follow`` called first on
+    every change, to update whatever else holds the identity)."""
+    if follow is not None:
+        manager.on_change(follow)
+    binding = ServerBinding(server, manager)
+    manager.on_stop(binding.stop)
+    await manager.start()
+    await binding.start()
+    return binding
+
+
+async def bind_sentry(service: SentryService, manager: IdentityManager) -> ServerBinding:
+    """Bind a running sentry (``pqcnet sentry run``): its endpoint's server and the
+    identity it dials with follow the manager."""
+    endpoint = service.endpoint
+    if endpoint is None or endpoint.server is None:
+        raise PqcnetError("sentry is not serving")
+
+    async def follow(identity: NodeIdentity, _changed: bool) -> None:
+        service.identity = identity
+        endpoint.identity = identity
+
+    return await bind_server(endpoint.server, manager, follow)
 
 
 async def bind_relayer(node: RelayerNode, manager: IdentityManager) -> ServerBinding:
@@ -413,12 +443,7 @@ async def bind_relayer(node: RelayerNode, manager: IdentityManager) -> ServerBin
         node.identity = identity
         node.anchor.signer = identity.key
 
-    manager.on_change(follow)
-    binding = ServerBinding(node.server, manager)
-    manager.on_stop(binding.stop)
-    await manager.start()
-    await binding.start()
-    return binding
+    return await bind_server(node.server, manager, follow)
 
 
 def file_identity(directory: Path, passphrase: bytes | None
@@ -442,5 +467,7 @@ __all__ = [
     "RotationConfig",
     "ServerBinding",
     "bind_relayer",
+    "bind_sentry",
+    "bind_server",
     "file_identity",
 ]
