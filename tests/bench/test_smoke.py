@@ -136,3 +136,12 @@ def test_verify_reports_receipts_and_inclusion_against_the_verify_floor() -> Non
                 "baseline_mldsa65_verify_per_s", "ratio_vs_verify_floor"):
         assert _number(d[key]), key
     _machine(d["machine_before"])
+
+
+def test_enroll_reports_rate_latency_and_the_sign_floor() -> None:
+    d = _bench("enroll", "--nodes", "4", "--concurrency", "2")
+    assert d["enrolled"] == 4 and d["failed"] == 0, d.get("failures_sample")
+    for key in ("enrollments_per_s", "baseline_mldsa65_sign_per_s", "ratio_vs_sign"):
+        assert _number(d[key]), key
+    _latency(d["latency"])
+    _machine(d["machine"])

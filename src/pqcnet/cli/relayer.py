@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from pqcnet.cli._common import hostport, run_until_signalled
 from pqcnet.cli._common import load_identity as load_cli_identity
+from pqcnet.cli._rotation import bind_relayer, build_manager, rotation_options, unbind
 from pqcnet.errors import PqcnetError
 from pqcnet.identity import NodeIdentity, dev_identities
 from pqcnet.relayer.client import PublisherClient, ResumingSubscriber, SubscriberClient
@@ -45,18 +46,32 @@ def cli() -> None:
 @cli.command("run")
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True,
               dir_okay=False, path_type=Path), help="Relayer YAML (see examples/relayer.yaml).")
-def run_cmd(config_path: Path) -> None:
-    """Serve QSTP ingress/egress, shard workers, metrics and governance gRPC."""
+@rotation_options
+def run_cmd(config_path: Path, **rotation: Any) -> None:
+    """Serve QSTP ingress/egress, shard workers, metrics and governance gRPC.
+
+    The identity directory is watched (hot reload); --renew-ca-url / --renew-ca-dir
+    renew the certificate (same key: it signs the relayer's QS-DAG proofs)."""
+    from pqcnet.relayer.node import save_identity
+
     cfg = RelayerConfig.load(config_path)
     cfg.require_identity(str(config_path))
     identity = load_identity(cfg)
+    manager = build_manager(Path(str(cfg.identity_dir)), None, rotate_key=False,
+                            load=lambda: load_identity(cfg),
+                            save=lambda new: save_identity(cfg, new), **rotation)
 
     async def start() -> RelayerNode:
         node = RelayerNode(cfg, identity)
         await node.start()
         asyncio.get_running_loop().add_signal_handler(
             signal.SIGHUP, functools.partial(_reload, node, config_path))
+        await bind_relayer(node, manager)
         return node
+
+    async def stop(node: RelayerNode) -> None:
+        await unbind(manager)
+        await node.stop()
 
     def ready(node: RelayerNode) -> None:
         click.echo(json.dumps({"ready": True, "port": node.port, "metrics_port":
@@ -65,7 +80,7 @@ def run_cmd(config_path: Path) -> None:
                                "degraded": node.degraded}))
         sys.stdout.flush()
 
-    run_until_signalled(start, RelayerNode.stop, ready)
+    run_until_signalled(start, stop, ready)
 
 
 def _reload(node: RelayerNode, path: Path) -> None:

@@ -383,6 +383,11 @@ class RelayerNode:
             server.close()
             await asyncio.wait_for(server.wait_closed(), 5)
 
+    @property
+    def server(self) -> aio.Server | None:
+        """The QSTP server while running (identity reload binds to it)."""
+        return self._server
+
     async def rotate_identity(self, identity: NodeIdentity) -> None:
         """Switch to ``identity`` (a new key + certificate) while running.
 

@@ -110,6 +110,12 @@ class _Session:
     renew_at: float
 
 
+def _ending(tunnel: Any) -> bool:
+    """Closed, or the sentry sent GOAWAY (e.g. its certificate was renewed): dial anew
+    for new requests; streams already open on the old tunnel finish there."""
+    return bool(getattr(tunnel, "closed", False)) or getattr(tunnel, "goaway", None) is not None
+
+
 class Sidecar:
     """One tunnel to one sentry, plus the assertion bound to it."""
 
@@ -145,12 +151,11 @@ class Sidecar:
     async def session(self) -> _Session:
         """The live tunnel and a fresh-enough assertion (dial / renew as needed)."""
         s = self._session
-        if (s is not None and not getattr(s.tunnel, "closed", False)
-                and self._clock() < s.renew_at):
+        if s is not None and not _ending(s.tunnel) and self._clock() < s.renew_at:
             return s  # the common case needs no lock
         async with self._lock:
             s = self._session
-            if s is None or getattr(s.tunnel, "closed", False):
+            if s is None or _ending(s.tunnel):
                 tunnel = await self._dial()
                 self.tunnels_opened += 1
                 s = self._session = self._mint(tunnel)
