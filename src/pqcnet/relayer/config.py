@@ -111,7 +111,11 @@ class RelayerConfig(Schema):
     """Proven epochs kept (proof files, persisted volume, in-memory meter); older ones
     are pruned once anchored — the QS-DAG vertex is then the record of them."""
     metrics_port: Port | None = None
-    """Prometheus /metrics on 127.0.0.1 (null: off, 0: any free port)."""
+    """Operations HTTP: Prometheus /metrics, /healthz, /readyz (null: off, 0: any free
+    port)."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the operations HTTP port (``0.0.0.0`` in a container, for the scraper
+    and the orchestrator's probes)."""
     grpc_host: str = "127.0.0.1"
     """Governance gRPC address (plaintext only on loopback)."""
     grpc_port: Port | None = None
