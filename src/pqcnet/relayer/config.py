@@ -119,7 +119,11 @@ class RelayerConfig(Schema):
     counter_tolerance_frames: Count = TOLERANCE_FRAMES
     """... plus this many frames, before it is an over-claim (decision 0014)."""
     metrics_port: Port | None = None
-    """Prometheus /metrics on 127.0.0.1 (null: off, 0: any free port)."""
+    """Operations HTTP: Prometheus /metrics, /healthz, /readyz (null: off, 0: any free
+    port)."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the operations HTTP port (``0.0.0.0`` in a container, for the scraper
+    and the orchestrator's probes)."""
     metrics_max_label_series: Count = MAX_LABEL_SERIES
     """(customer, channel) pairs with their own volume series; later ones share the
     ``other`` series until pruned epochs free a slot."""

@@ -34,11 +34,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pqcnet._util.env import env_passphrase
+from pqcnet._util.ops_http import not_expired, start_ops_server
 from pqcnet.errors import PqcnetError
 from pqcnet.identity import NodeIdentity, SpiffeId
 from pqcnet.qsdag import Ledger
@@ -294,9 +295,9 @@ class RelayerNode:
         stack.push_async_callback(_quietly, self._close_server)
         if cfg.metrics_port is not None:
             self.registry.register(_NodeCollector(self))
-            httpd, _thread = start_http_server(cfg.metrics_port, addr="127.0.0.1",
-                                               registry=self.registry)
-            self.metrics_port = int(httpd.server_port)
+            httpd = start_ops_server(cfg.metrics_port, cfg.metrics_host,
+                                     registry=self.registry, ready=self.ready)
+            self.metrics_port = httpd.port
             stack.push_async_callback(_quietly, httpd.server_close)
             stack.push_async_callback(_quietly, httpd.shutdown)
         if cfg.grpc_port is not None:
@@ -370,6 +371,14 @@ class RelayerNode:
             log.info("marks unreadable for the gap fence; local marks only",
                      extra={"shard": shard, "error": str(exc) or "timeout"})
             return {}
+
+    def ready(self) -> dict[str, bool | str]:
+        """``/readyz``: listening, identity valid, every shard worker and the overflow
+        replay alive (a worker that died on a bus error makes the node unready)."""
+        dead = sorted(t.get_name() for t in self._tasks if t.done())
+        return {"listening": self._server is not None or "not listening",
+                "identity": not_expired(self.identity.not_after),
+                "workers": not dead or f"stopped: {', '.join(dead)}"}
 
     async def _listen(self, port: int) -> None:
         server = await aio.serve(self.ingress.handle_tunnel, self.cfg.listen_host, port,

@@ -106,6 +106,7 @@ class SentryConfig:
     policy: Policy
     bounds: Bounds = field(default_factory=Bounds)
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     ledger_path: Path | None = None
     attestation_interval: float = 60.0
     source: Path | None = None
@@ -244,6 +245,7 @@ def parse_config(raw: Any, base: Path, source: Path | None = None, *,
         policy=_policy(f, base, src),
         bounds=f.bounds,
         metrics_port=f.metrics_port or None,
+        metrics_host=f.metrics_host,
         ledger_path=base / f.ledger if f.ledger else None,
         attestation_interval=f.attestation_interval,
         source=source,

@@ -182,7 +182,9 @@ class SentryFile(Schema):
     attestation_interval: Positive = 60.0
     """Seconds between attestation events (with a ledger)."""
     metrics_port: Port = 0
-    """Prometheus on 127.0.0.1 (0: off)."""
+    """Operations HTTP: Prometheus /metrics, /healthz, /readyz (0: off)."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the operations HTTP port (``0.0.0.0`` in a container)."""
     issuers: dict[str, Annotated[list[str], Field(min_length=1)]]
     """Per tenant: ML-DSA public key files trusted to sign session assertions."""
     limits: LimitsSpec
