@@ -15,6 +15,11 @@ from pqcnet.relayer.frame import Frame, Topic
 from pqcnet.relayer.node import RelayerNode
 
 TD = "pqcnet.test"
+#: an explicit grant: the test tenant ``acme`` may publish and subscribe every customer
+#: (these tests publish as ``cust1``, ``c``, ...; by default a tenant is only its own
+#: customer — tests/relayer/test_authz.py covers that)
+GRANT_ALL: dict[str, Any] = {"customers": {"*": [{
+    "from": [f"spiffe://{TD}/acme/*/*"], "methods": ["publish", "subscribe"]}]}}
 
 
 @functools.cache
@@ -28,6 +33,7 @@ def identities() -> tuple[NodeIdentity, NodeIdentity, NodeIdentity]:
 
 async def start_node(tmp: Path, **kw: Any) -> RelayerNode:
     kw.setdefault("shards", 8)
+    kw.setdefault("authz", GRANT_ALL)
     cfg = RelayerConfig(listen_port=0, data_dir=str(tmp / "relayer"), **kw)
     node = RelayerNode(cfg, identities()[0])
     await node.start()

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from tests.config.schemacheck import assert_schema
-from tests.relayer.e2e import identities
+from tests.relayer.e2e import GRANT_ALL, identities
 
 PQCNET = str(Path(sys.executable).parent / "pqcnet")
 
@@ -23,7 +23,7 @@ def write_config(tmp: Path, **kw: Any) -> Path:
     if not ident.exists():
         identities()[0].save(ident, None)
     cfg = {"node_id": "relayer-p", "listen_port": 0, "identity_dir": str(ident),
-           "data_dir": str(tmp / "data"), "shards": 8, **kw}
+           "data_dir": str(tmp / "data"), "shards": 8, "authz": GRANT_ALL, **kw}
     path = tmp / "relayer.yaml"
     assert_schema("relayer", {"relayer": cfg})
     path.write_text(yaml.safe_dump({"relayer": cfg}))

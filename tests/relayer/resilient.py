@@ -2,8 +2,8 @@
 
 A publisher keeps every frame until the relayer ACKed it and resends unACKed
 frames (``retry=True``) after reconnecting; so every seq is eventually ACKed once.
-A subscriber reconnects and keeps its per-topic ``last`` seq across connections;
-``raw`` counts what arrived on the wire, ``by_topic`` what the application saw.
+The subscriber is the SDK's :class:`ResumingSubscriber` with an in-process cursor;
+``by_topic`` is what the application saw.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from pqcnet.errors import PqcnetError
-from pqcnet.relayer.client import PublisherClient, SubscriberClient
+from pqcnet.relayer.client import PublisherClient, ResumingSubscriber
+from pqcnet.relayer.cursor import MemoryCursor
 from pqcnet.relayer.frame import Frame, Topic
 from tests.relayer.e2e import identities
 from tests.relayer.helpers import eventually
@@ -77,37 +78,40 @@ class ResilientPublisher:
 
 
 class ResilientSubscriber:
+    """The shipped :class:`ResumingSubscriber` (durable-cursor resume), recording what the
+    application saw. Nothing is copied between connections: the SDK resumes by itself.
+    ``app_duplicates`` counts seqs the application saw twice (must stay 0);
+    ``wire_duplicates`` counts redelivered frames the SDK dropped below its cursor."""
+
     def __init__(self, port: Callable[[], int], customer: str) -> None:
         self.port, self.customer = port, customer
-        self.last: dict[Topic, int] = {}
         self.by_topic: dict[Topic, list[int]] = defaultdict(list)
-        self.raw = 0
-        self.wire_duplicates = 0
+        self.app_duplicates = 0
+        self.cursor = MemoryCursor()  # the application's: survives every reconnect
+        self.sdk: ResumingSubscriber | None = None
         self.task = asyncio.create_task(self._run())
+
+    @property
+    def wire_duplicates(self) -> int:
+        return 0 if self.sdk is None else self.sdk.duplicates_dropped
 
     def total(self) -> int:
         return sum(len(v) for v in self.by_topic.values())
 
     async def _run(self) -> None:
-        while True:
-            try:
-                client = await SubscriberClient.connect("127.0.0.1", self.port(),
-                                                        identities()[2])
-            except PqcnetError:
-                await asyncio.sleep(0.2)
-                continue
-            client.last = self.last  # dedup state survives reconnects
-            try:
-                await client.subscribe(self.customer)
-                async for batch in client.batches():
-                    for f in batch:
-                        self.by_topic[f.topic].append(f.seq)
-            except PqcnetError:
-                pass
-            finally:
-                self.wire_duplicates += client.duplicates_dropped
-                await client.close()
-            await asyncio.sleep(0.2)
+        while True:  # the port may change across restarts: one SDK per port
+            port = self.port()
+            self.sdk = sdk = ResumingSubscriber([("127.0.0.1", port)], identities()[2],
+                                                self.customer, cursor=self.cursor)
+            async for batch in sdk.batches():
+                for f in batch:
+                    seen = self.by_topic[f.topic]
+                    if f.seq in seen:
+                        self.app_duplicates += 1
+                    seen.append(f.seq)
+                if self.port() != port:
+                    break
+            await sdk.close()
 
     async def wait_for(self, n: int, limit: float = 90.0) -> None:
         await eventually(lambda: self.total() >= n, limit)

@@ -62,6 +62,7 @@ async def test_sigkill_mid_stream_loses_nothing_acked(
         await sub.wait_for(len(topics) * n)
         await asyncio.sleep(0.5)
         assert_exactly_once_in_order(sub.by_topic, {t: n for t in topics})
+        assert sub.app_duplicates == 0  # redelivered frames stopped at the SDK's cursor
         # metering survived the kill: counted once per distinct frame, none twice
         vol = await pull_volume(f"127.0.0.1:{proc.ready['grpc_port']}", VolumeFilter())
         assert (vol.total_frames, vol.total_bytes) == (len(topics) * n, len(topics) * n * 32)
@@ -101,6 +102,7 @@ async def test_broker_outage_backpressure_overflow_replay(
         await sub.wait_for(len(topics) * n, 120)
         await asyncio.sleep(0.5)
         assert_exactly_once_in_order(sub.by_topic, {t: n for t in topics})
+        assert sub.app_duplicates == 0
         assert pub.overflowed >= 150 and node.publisher.replayed >= 150
         assert node.overflow.total() == 0
         await eventually(lambda: not node.flow.paused, 30)  # backlog drained: RESUME

@@ -153,7 +153,8 @@ async def test_cli_publish_subscribe_governance_pull(tmp_path: Path) -> None:
         res = await sub
         lines = [json.loads(x) for x in res.stdout.splitlines()]
         assert [x["seq"] for x in lines[:-1]] == list(range(1, 31))
-        assert lines[-1] == {"frames": 30, "bytes": 300, "duplicates_dropped": 0}
+        assert lines[-1] == {"frames": 30, "bytes": 300, "duplicates_dropped": 0,
+                             "reconnects": 0}
         pull = await asyncio.to_thread(
             _pqcnet, "governance", "pull", "--target", f"127.0.0.1:{proc.ready['grpc_port']}")
         assert pull.returncode == 0, pull.stderr
@@ -161,7 +162,10 @@ async def test_cli_publish_subscribe_governance_pull(tmp_path: Path) -> None:
         bad = await asyncio.to_thread(
             _pqcnet, "publish", "--relayer", target, "--identity", str(pub_dir),
             "--customer", "acme", "--channel", "c1", "--message", "x" * 10, "--qos", "1")
-        assert bad.returncode == 0  # seq 1 again on a new tunnel: accepted, suppressed later
+        # seq 1 again, not a retry: the topic moved past it -> LateFrame before any ack
+        # (decision 0012); the summary names the next seq
+        assert bad.returncode == 1
+        assert "code 15" in bad.stdout and "next seq is 31" in bad.stdout, bad.stdout
         refused = await asyncio.to_thread(
             _pqcnet, "governance", "pull", "--target", "127.0.0.1:1")
         assert refused.returncode == 1 and refused.stderr.startswith("error: GetVolume")

@@ -101,6 +101,27 @@ def test_memstore_runs_the_real_ledger_and_survives_a_reopen() -> None:
     assert reopened.verify().ok
 
 
+def test_memstore_layers_write_over_a_shared_base_without_touching_it() -> None:
+    base = MemoryStore()
+    gov, sentry = signing_key(1, "gov"), signing_key(1, "sentry")
+    clock = lambda: 1_800_000_000.0  # noqa: E731
+    first = Ledger(base, clock=clock, max_orphans=16, skew=30.0)
+    first.init_genesis("net", "gov", gov)
+    first.register_author("sentry", sentry.public_key, registrar="gov", signer=gov)
+    onboarding = first.tips()
+    a, b = MemoryStore(base=base), MemoryStore(base=base)
+    la = Ledger(a, clock=clock, max_orphans=16, skew=30.0)
+    la.append(VertexKind.PERFORMANCE_REPORT, OpaqueRecord("t", "sentry", b"x"), "sentry", sentry)
+    assert len(la) == 3 and la.tips() != onboarding and la.verify().ok
+    # the other layer and the base still see only the onboarding state
+    lb = Ledger(b, clock=clock, max_orphans=16, skew=30.0)
+    assert len(lb) == 2 and lb.tips() == onboarding
+    assert Ledger(base, clock=clock, max_orphans=16, skew=30.0).tips() == onboarding
+    # ordered scans merge both layers and skip the tombstoned tip
+    assert list(a.keys("tips")) == la.tips()
+    assert len(list(a.keys("vertices"))) == 3
+
+
 def test_verify_once_caches_outcomes_and_restores_the_real_method() -> None:
     key = signing_key(1, "k")
     sig = key.sign(b"m", context=b"c")

@@ -280,7 +280,11 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
             cfg: dict[str, Any] = {"node_id": "bench-relayer", "listen_port": 0,
                                    "identity_dir": str(tmp / "ident"),
                                    "data_dir": str(tmp / "data"), "shards": 32,
-                                   "backend": backend}
+                                   "backend": backend,
+                                   # the bench tenant publishes as cust0..3: granted
+                                   "authz": {"customers": {"*": [{
+                                       "from": ["spiffe://pqcnet.bench/b/*/*"],
+                                       "methods": ["publish", "subscribe"]}]}}}
             if backend == "redis":
                 cfg.update(redis_url=url, redis_prefix=f"bench:{uuid.uuid4().hex[:8]}")
             if backend == "kafka":

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("pqcnet.cli.bench", "Run a benchmark and print JSON."),
     "mesh": ("pqcnet.cli.mesh", "Control plane over Waku: announce, directives, observe."),
     "ledger": ("pqcnet.cli.ledger", "QS-DAG ledger: init, append, show, verify, tips, anchor."),
-    "ca": ("pqcnet.cli.ca", "Mesh CA: init, issue, sign-csr, revoke, crl, bundle."),
+    "ca": ("pqcnet.cli.ca", "Mesh CA: init, issue, sign-csr, revoke, crl, bundle, serve, token."),
     "keys": ("pqcnet.cli.keys", "Node keys: gen, csr."),
     "qstp": ("pqcnet.cli.qstp", "QSTP diagnostics: serve (test server), connect (test client)."),
     "sentry": ("pqcnet.cli.sentry", "Sentry RPC edge: run, check."),
@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "publish": ("pqcnet.cli.publish", "Send frames to a relayer over QSTP."),
     "subscribe": ("pqcnet.cli.subscribe", "Receive a customer's frames from a relayer."),
     "governance": ("pqcnet.cli.governance", "Governance gRPC queries: pull volume and reports."),
-    "node": ("pqcnet.cli.node", "Run a relayer or sentry with its control plane: run, check."),
+    "node": ("pqcnet.cli.node", "Run a relayer or sentry (run, check); join the mesh (enroll)."),
     "config": ("pqcnet.cli.config", "Config files: schema (JSON Schema), check FILE --kind."),
     "sim": ("pqcnet.cli.sim", "Simulations of the overlay: run, sweep, report."),
 }

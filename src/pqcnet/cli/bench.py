@@ -13,6 +13,7 @@ import click
 
 #: benchmark name -> module
 BENCHMARKS: dict[str, str] = {
+    "enroll": "pqcnet.bench.enroll",
     "mesh": "pqcnet.bench.mesh",
     "qsdag": "pqcnet.bench.qsdag",
     "qstp": "pqcnet.bench.qstp",

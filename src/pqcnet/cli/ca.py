@@ -101,7 +101,8 @@ def _load(ca_dir: Path, env: str, no_pass: bool,
 
 @click.group()
 def cli() -> None:
-    """Mesh certificate authority: ML-DSA-65 certificates with SPIFFE IDs."""
+    """Mesh certificate authority: ML-DSA-65 certificates with SPIFFE IDs; `serve` runs it
+    as the enrollment service."""
 
 
 @cli.command()
@@ -251,3 +252,135 @@ def show(identity_dir: Path, passphrase_env: str, no_passphrase: bool) -> None:
         crl_info = f"#{parsed.number}, {len(parsed.revoked)} revoked"
     click.echo(f"{node.spiffe_id}\n  serial {node.serial:x}\n  valid {node.not_before.isoformat()}"
                f" .. {node.not_after.isoformat()}\n  key {node.key.algorithm}\n  CRL {crl_info}")
+
+
+# --------------------------------------------------------------------------- service
+
+
+@cli.command("serve")
+@_ca_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8443, show_default=True,
+              help="HTTPS port (PQ TLS: X25519MLKEM768, ML-DSA certificate); 0 = any free.")
+@click.option("--crl-http-port", type=int, default=None,
+              help="Also serve GET /v1/crl on plain HTTP here (the CRL is signed).")
+@click.option("--ledger", "ledger_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="QS-DAG ledger recording issuances/revocations "
+              "(default: --dir/ledger).")
+@click.option("--max-nodes-per-tenant", type=int, default=0, show_default=True,
+              help="Distinct live SPIFFE IDs per tenant (0 = no limit).")
+@click.option("--allow-tenant", "allow_tenants", multiple=True,
+              help="Tenant that may enroll (repeat; default: any the CA policy allows).")
+@click.option("--attest-role", "attest_roles", multiple=True,
+              help="Role that must enroll/rotate with an attestation (repeat).")
+@click.option("--package-hash", "package_hashes", multiple=True,
+              help="Accepted package hash (hex) for attested roles (repeat; default: this "
+              "installation's).")
+@click.option("--admin", "admins", multiple=True,
+              help="SPIFFE pattern allowed to revoke (repeat; default spiffe://TD/*/admin/*).")
+@click.option("--enroll-rate", type=float, default=20.0, show_default=True,
+              help="Enrollments per second per client address.")
+@click.option("--enroll-burst", type=int, default=40, show_default=True)
+@click.option("--cert-ttl", type=DURATION, default=None,
+              help="Lifetime of issued certificates (default: the CA policy's).")
+@click.option("--bootstrap-peer", "bootstrap_peers", multiple=True,
+              help="Returned to enrolling nodes in config.bootstrap_peers (repeat).")
+@click.option("--gossip-fanout", type=int, default=3, show_default=True)
+@click.option("--crl-max-age", type=int, default=30, show_default=True,
+              help="Seconds: Cache-Control max-age of /v1/crl and CRL re-signing interval.")
+@click.option("--metrics-port", type=int, default=None,
+              help="Serve Prometheus metrics (pqcnet_ca_*) on this port.")
+def serve(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_passphrase: bool,
+          host: str, port: int, crl_http_port: int | None, ledger_dir: Path | None,
+          max_nodes_per_tenant: int, allow_tenants: tuple[str, ...],
+          attest_roles: tuple[str, ...], package_hashes: tuple[str, ...],
+          admins: tuple[str, ...], enroll_rate: float, enroll_burst: int,
+          cert_ttl: dt.timedelta | None, bootstrap_peers: tuple[str, ...],
+          gossip_fanout: int, crl_max_age: int, metrics_port: int | None) -> None:
+    """Run the CA as a service (seed 001 §7): enroll, rotate, crl, revoke, mesh/peers.
+
+    Prints one JSON line {"ready": true, "url": ...} once listening; serves until
+    SIGINT/SIGTERM."""
+    import json as _json
+
+    from pqcnet.cli._common import run_until_signalled
+    from pqcnet.identity.tokens import TokenStore
+    from pqcnet.qsdag.attestation import MeasurementPolicy, package_hash
+    from pqcnet.qsdag.ledger import Ledger
+    from pqcnet.runtime.ca_service import CaService, CaServiceConfig
+
+    ca, _store = _load(ca_dir, passphrase_env, no_passphrase, key_store_file)
+    try:
+        hashes = frozenset(bytes.fromhex(h) for h in package_hashes) or frozenset(
+            {package_hash()})
+    except ValueError:
+        raise click.BadParameter("--package-hash must be hex") from None
+    scheme_host = f"{host}:{{port}}"
+    config = CaServiceConfig(
+        max_nodes_per_tenant=max_nodes_per_tenant, allowed_tenants=allow_tenants,
+        attest_roles=attest_roles,
+        measurements=MeasurementPolicy(package_hashes=hashes) if attest_roles else None,
+        admin_patterns=admins, enroll_rate=enroll_rate, enroll_burst=enroll_burst,
+        cert_ttl=cert_ttl, bootstrap_peers=bootstrap_peers, gossip_fanout=gossip_fanout,
+        crl_url=(f"http://{host}:{crl_http_port}/v1/crl" if crl_http_port else ""),
+        crl_max_age_s=crl_max_age)
+    ledger = Ledger.open(ledger_dir or (ca_dir / "ledger"), sync=True)
+
+    async def start() -> CaService:
+        service = CaService(ca, ca_dir, TokenStore(ca_dir), config, ledger=ledger)
+        await service.start(host, port, crl_http_port)
+        service.start_maintenance()
+        if metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            start_http_server(metrics_port, addr=host)
+        return service
+
+    async def stop(service: CaService) -> None:
+        await service.close()
+        ledger.close()
+
+    def ready(service: CaService) -> None:
+        bound = service.server.port if service.server else port
+        click.echo(_json.dumps({"ready": True, "url": "https://" + scheme_host.format(port=bound),
+                                "port": bound, "trust_domain": ca.trust_domain,
+                                "crl_http_port": service.plain.port if service.plain else None}))
+        import sys
+
+        sys.stdout.flush()
+
+    run_until_signalled(start, stop, ready)
+
+
+@cli.group("token")
+def token() -> None:
+    """One-time enrollment tokens for `pqcnet node enroll`."""
+
+
+@token.command("create")
+@click.option("--dir", "ca_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="CA directory (needs no passphrase: only the token's hash is stored).")
+@click.option("--pattern", required=True,
+              help="SPIFFE pattern the node may ask for, e.g. spiffe://td/acme/relayer/*")
+@click.option("--role", required=True, help="Role of the certificate (the ID's role segment).")
+@click.option("--ttl", type=DURATION, default="1h", show_default=True,
+              help="How long the token can be redeemed.")
+@click.option("--ca-url", default="", help="https://host:port of `pqcnet ca serve` (recorded "
+              "in the bundle; the node may also pass --ca).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Token bundle file to hand to the node (mode 0600; holds the secret).")
+def token_create(ca_dir: Path, pattern: str, role: str, ttl: dt.timedelta, ca_url: str,
+                 out: Path) -> None:
+    """Create a single-use token and write the bundle (token + CA bundle) for the node;
+    carry it by hand for an air-gapped site."""
+    from pqcnet.identity.tokens import TokenBundle, TokenStore, write_bundle
+
+    if not (ca_dir / CA_CERT_FILE).exists():
+        raise IdentityError(f"no CA in {ca_dir}")
+    bundle_pem = read_bounded(ca_dir / CA_CERT_FILE, 1 << 22, "trust bundle")
+    if not load_certs(bundle_pem, "trust bundle"):
+        raise IdentityError(f"{ca_dir / CA_CERT_FILE} holds no certificate")
+    secret, rec = TokenStore(ca_dir).create(pattern, role, ttl)
+    write_bundle(out, TokenBundle(secret, pattern, role, rec.expires_at, bundle_pem, ca_url))
+    click.echo(f"token for {pattern} (role {role}) valid until {rec.expires_at.isoformat()} "
+               f"-> {out}")

@@ -1,4 +1,5 @@
-"""``pqcnet node run``: a relayer or sentry together with its control plane.
+"""``pqcnet node run``: a relayer or sentry together with its control plane;
+``pqcnet node enroll``: join the mesh through the CA service with a one-time token.
 
 The command loads and validates the node file (see ``examples/node-relayer.yaml``),
 starts :class:`~pqcnet.runtime.node.NodeRuntime`, prints one ``ready`` JSON line on
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import click
 
+from pqcnet._util.env import PASS_ENV
 from pqcnet.cli._common import run_until_signalled
+from pqcnet.cli._keystore import key_store_option
 from pqcnet.runtime import schema
 
 _config = click.option("--config", "config_path", required=True,
@@ -25,7 +28,7 @@ _config = click.option("--config", "config_path", required=True,
 
 @click.group()
 def cli() -> None:
-    """Run a relayer or sentry with its control-plane agent (directives, reports)."""
+    """Run a relayer or sentry with its control-plane agent; enroll a new node."""
 
 
 @cli.command("check")
@@ -59,3 +62,63 @@ def run(config_path: Path) -> None:
         sys.stdout.flush()
 
     run_until_signalled(start, NodeRuntime.stop, ready)
+
+
+@cli.command("enroll")
+@click.option("--ca", "ca_url", default="",
+              help="https://host:port of `pqcnet ca serve` (default: the token bundle's).")
+@click.option("--token-file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Token bundle from `pqcnet ca token create`.")
+@click.option("--spiffe-id", default="",
+              help="SPIFFE ID to ask for (default: the token's pattern when it is exact).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Identity directory to write (cert.pem, bundle.pem, crl.pem, key.pem).")
+@key_store_option("Key store config (YAML key_store: mapping: file | pkcs11 | shamir) for the "
+                  "new node key; default: --out/key.pem under $PQCNET_NODE_PASSPHRASE.")
+@click.option("--passphrase-env", default=PASS_ENV, show_default=True,
+              help="Environment variable with the passphrase for a file key store.")
+@click.option("--no-passphrase", is_flag=True, help="Store the node key unencrypted (dev).")
+@click.option("--attest/--no-attest", default=False, show_default=True,
+              help="Send this installation's signed measurements (required for attested roles).")
+@click.option("--timeout", type=float, default=15.0, show_default=True)
+def enroll(ca_url: str, token_file: Path, spiffe_id: str, out: Path,
+           key_store_file: Path | None, passphrase_env: str, no_passphrase: bool,
+           attest: bool, timeout: float) -> None:
+    """Join the mesh: new ML-DSA-65 key, CSR, POST /v1/enroll with the one-time token;
+    key (key store) and identity written only after the CA said yes."""
+    import asyncio
+
+    from pqcnet.cli._common import passphrase
+    from pqcnet.cli._keystore import open_store
+    from pqcnet.crypto.pqc import SigningKey
+    from pqcnet.identity import SpiffeId
+    from pqcnet.identity.errors import IdentityError
+    from pqcnet.identity.keyconfig import key_store_config, read_key_store_file
+    from pqcnet.identity.tokens import read_bundle
+    from pqcnet.runtime import enroll as client
+
+    bundle = read_bundle(token_file)
+    url = ca_url or bundle.ca_url
+    if not url:
+        raise click.UsageError("no CA URL: pass --ca or create the token with --ca-url")
+    if not spiffe_id:
+        if any(c in bundle.pattern for c in "*?["):
+            raise click.UsageError(f"the token allows {bundle.pattern}: pass --spiffe-id")
+        spiffe_id = bundle.pattern
+    sid = SpiffeId.parse(spiffe_id)
+    config = (read_key_store_file(key_store_file, default_dir=out) if key_store_file
+              else key_store_config(None, default_dir=out))
+    store = open_store(config, lambda: passphrase(passphrase_env, no_passphrase,
+                                                  what="node key", confirm=False))
+    key = SigningKey.generate("ML-DSA-65")
+    attestation = client.attestation_for(key, sid) if attest else None
+    identity, mesh = asyncio.run(client.enroll(url, bundle, sid, key, attestation=attestation,
+                                               timeout_s=timeout))
+    try:
+        identity.save(out, key_store=store)
+    except IdentityError as exc:
+        raise IdentityError(f"enrolled, but writing {out} failed: {exc}") from None
+    click.echo(json.dumps({"enrolled": str(identity.spiffe_id),
+                           "serial": format(identity.serial, "x"),
+                           "not_after": identity.not_after.isoformat(), "out": str(out),
+                           "key": store.describe(), "config": mesh}))

@@ -18,6 +18,7 @@ import click
 
 from pqcnet._util.env import PASS_ENV
 from pqcnet.cli._common import hostport, load_identity
+from pqcnet.cli._rotation import build_manager, rotation_options
 from pqcnet.errors import PqcnetError
 from pqcnet.qstp.errors import HandshakeError
 
@@ -90,19 +91,27 @@ def cli() -> None:
               help="Echo every stream back (otherwise read and discard).")
 @click.option("--count", default=0, type=click.IntRange(0), show_default=True,
               help="Exit after this many tunnels have ended (0: run until interrupted).")
+@rotation_options
 def serve(identity_dir: Path, passphrase_env: str, groups: str, allow_peer: tuple[str, ...],
-          as_json: bool, host: str, port: int, echo: bool, count: int) -> None:
-    """Accept QSTP tunnels and print what each handshake negotiated."""
+          as_json: bool, host: str, port: int, echo: bool, count: int, **rotation: Any) -> None:
+    """Accept QSTP tunnels and print what each handshake negotiated.
+
+    The identity directory is watched: a certificate re-issued into it is served from
+    the next handshake on (tunnels of the old one get a GOAWAY before it expires);
+    with --renew-ca-url / --renew-ca-dir the server renews its own certificate."""
+    from pqcnet._util.env import env_passphrase
+
     identity = load_identity(identity_dir, passphrase_env)
+    manager = build_manager(identity_dir, env_passphrase(passphrase_env), **rotation)
     policy = _policy(groups, allow_peer)
     try:
-        asyncio.run(_serve(identity, policy, host, port, echo, count, as_json))
+        asyncio.run(_serve(identity, policy, host, port, echo, count, as_json, manager))
     except KeyboardInterrupt:
         click.echo("stopped", err=True)
 
 
 async def _serve(identity: Any, policy: Any, host: str, port: int, echo: bool, count: int,
-                 as_json: bool) -> None:
+                 as_json: bool, manager: Any = None) -> None:
     from pqcnet import qstp
     from pqcnet.qstp.aio import Stream, Tunnel
 
@@ -135,9 +144,25 @@ async def _serve(identity: Any, policy: Any, host: str, port: int, echo: bool, c
                                    f"{exc.strerror or exc}") from None
     _emit({"listening": f"{host}:{server.port}", "identity": str(identity.spiffe_id),
            "groups": policy.groups}, as_json, "listening")
+    binding = None
+    if manager is not None:
+        from pqcnet.runtime.rotation import ServerBinding
+
+        async def announce(new: Any, certificate_changed: bool) -> None:
+            _emit({"identity": str(new.spiffe_id), "serial": format(new.serial, "x"),
+                   "not_after": new.not_after.isoformat(),
+                   "certificate_changed": certificate_changed}, as_json, "identity")
+
+        binding = ServerBinding(server, manager)
+        manager.on_change(announce)
+        await manager.start()
+        await binding.start()
     try:
         await finished.wait()
     finally:
+        if manager is not None and binding is not None:
+            await binding.stop()
+            await manager.stop()
         server.close()
         await server.wait_closed()
 

@@ -3,15 +3,18 @@
 All four live here (``publish.py``, ``subscribe.py``, ``governance.py`` next to this
 file only re-export) because they share identity loading and host:port parsing.
 ``relayer run`` serves until SIGINT/SIGTERM and prints one ``ready`` JSON line on
-stdout once it listens (scripts and tests wait for it).
+stdout once it listens (scripts and tests wait for it); SIGHUP re-reads the config
+file's policy part (``authz``, ``quotas``) without dropping a tunnel.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,9 +25,11 @@ from tqdm import tqdm
 
 from pqcnet.cli._common import hostport, run_until_signalled
 from pqcnet.cli._common import load_identity as load_cli_identity
+from pqcnet.errors import PqcnetError
 from pqcnet.identity import NodeIdentity, dev_identities
-from pqcnet.relayer.client import PublisherClient, SubscriberClient
+from pqcnet.relayer.client import PublisherClient, ResumingSubscriber, SubscriberClient
 from pqcnet.relayer.config import RelayerConfig
+from pqcnet.relayer.cursor import Cursor, FileCursor, JournalCursor, MemoryCursor
 from pqcnet.relayer.frame import Frame
 from pqcnet.relayer.governance import VolumeFilter, pull_report, pull_volume
 from pqcnet.relayer.node import RelayerNode, load_identity
@@ -49,6 +54,8 @@ def run_cmd(config_path: Path) -> None:
     async def start() -> RelayerNode:
         node = RelayerNode(cfg, identity)
         await node.start()
+        asyncio.get_running_loop().add_signal_handler(
+            signal.SIGHUP, functools.partial(_reload, node, config_path))
         return node
 
     def ready(node: RelayerNode) -> None:
@@ -58,6 +65,17 @@ def run_cmd(config_path: Path) -> None:
         sys.stdout.flush()
 
     run_until_signalled(start, RelayerNode.stop, ready)
+
+
+def _reload(node: RelayerNode, path: Path) -> None:
+    """SIGHUP: re-read ``path`` and hot-reload its policy part (authz, quotas); a bad
+    file leaves the policy in force and says why on stderr."""
+    try:
+        node.reload(RelayerConfig.load(path))
+    except PqcnetError as exc:
+        click.echo(json.dumps({"reloaded": False, "error": str(exc)}), err=True)
+        return
+    click.echo(json.dumps({"reloaded": True, "config": str(path)}), err=True)
 
 
 @cli.command("dev-identities")
@@ -148,26 +166,54 @@ async def _publish(host: str, port: int, identity: NodeIdentity, customer: str, 
 @click.option("--timeout", "limit", default=0.0, type=click.FloatRange(0),
               help="Stop after this many seconds (0: no limit).")
 @click.option("--quiet", is_flag=True, help="No per-frame lines, only the summary.")
+@click.option("--output", "output", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Append frame lines to FILE (fsynced per batch) instead of stdout; the "
+                   "file is also the cursor: a rerun resumes after its last line, exactly once.")
+@click.option("--cursor", "cursor_path", default=None,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Durable cursor file for stdout output (committed after each batch is "
+                   "written and flushed): a rerun resumes after it.")
+@click.option("--reconnect/--no-reconnect", default=True, show_default=True,
+              help="Reconnect and resume from the cursor when the tunnel or relayer goes away.")
 def subscribe_cli(target: str, identity_dir: Path, customer: str, channels: tuple[str, ...],
-                  count: int, limit: float, quiet: bool) -> None:
-    """Receive a customer's frames in order, one JSON line each, then a summary."""
+                  count: int, limit: float, quiet: bool, output: Path | None,
+                  cursor_path: Path | None, reconnect: bool) -> None:
+    """Receive a customer's frames in order, exactly once, one JSON line each, then a summary.
+
+    Each batch is acknowledged to the relayer only after its lines are written and
+    flushed (and the cursor committed), so a crash of the relayer or of this command
+    never loses a frame; with --output or --cursor a rerun never repeats one.
+    """
+    if output is not None and cursor_path is not None:
+        raise click.UsageError("--output is its own cursor; give --output or --cursor")
     host, port = hostport(target, param_hint="--relayer")
     identity = load_cli_identity(identity_dir)
+    cursor: Cursor
+    if output is not None:
+        cursor = JournalCursor(output)
+    elif cursor_path is not None:
+        cursor = FileCursor(cursor_path)
+    else:
+        cursor = MemoryCursor()
     summary = asyncio.run(_subscribe(host, port, identity, customer, channels, count, limit,
-                                     quiet))
+                                     quiet or output is not None, cursor, reconnect))
     click.echo(json.dumps(summary))
 
 
 async def _subscribe(host: str, port: int, identity: NodeIdentity, customer: str,
                      channels: tuple[str, ...], count: int, limit: float,
-                     quiet: bool) -> dict[str, Any]:
-    client = await SubscriberClient.connect(host, port, identity)
+                     quiet: bool, cursor: Cursor, reconnect: bool) -> dict[str, Any]:
+    sub: ResumingSubscriber | SubscriberClient
+    if reconnect:
+        sub = ResumingSubscriber([(host, port)], identity, customer, channels, cursor=cursor)
+    else:
+        sub = await SubscriberClient.connect(host, port, identity, cursor=cursor)
+        await sub.subscribe(customer, channels)
     got = nbytes = 0
-    await client.subscribe(customer, channels)
 
     async def consume() -> None:
         nonlocal got, nbytes
-        async for batch in client.batches():
+        async for batch in sub.batches():
             taken: dict[tuple[str, str], int] = {}
             for f in batch:
                 got += 1
@@ -177,16 +223,25 @@ async def _subscribe(host: str, port: int, identity: NodeIdentity, customer: str
                     click.echo(json.dumps({"customer": f.customer, "channel": f.channel,
                                            "seq": f.seq, "bytes": len(f.payload)}))
                 if count and got >= count:
-                    await client.ack(taken)  # only what was printed; the rest is redelivered
-                    return
+                    break
+            sys.stdout.flush()  # the application's ack: written and flushed, then committed
+            if count and got >= count:
+                await sub.ack(taken)  # only what was taken; the rest is redelivered
+                return
 
     try:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(limit or None):
                 await consume()
     finally:
-        await client.close()
-    return {"frames": got, "bytes": nbytes, "duplicates_dropped": client.duplicates_dropped}
+        await sub.close()
+        if isinstance(cursor, JournalCursor):
+            cursor.close()
+    out: dict[str, Any] = {"frames": got, "bytes": nbytes,
+                           "duplicates_dropped": sub.duplicates_dropped}
+    if isinstance(sub, ResumingSubscriber):
+        out["reconnects"] = sub.reconnects
+    return out
 
 
 # ------------------------------------------------------------------ pqcnet governance

@@ -383,6 +383,11 @@ class MeshCA:
         if key_store is None:
             write_private_key(directory / CA_KEY_FILE, self.key, passphrase)
         atomic_write(directory / CA_CERT_FILE, self.trust_bundle_pem())
+        atomic_write(directory / CA_STATE_FILE, self.state_json(), mode=0o600)
+
+    def state_json(self) -> bytes:
+        """The state file's bytes (policy, CRL number, revocations, issued log): what a
+        running CA service rewrites after each change (the key and certificate stay)."""
         state = {
             "trust_domain": self.trust_domain,
             "crl_number": self.crl_number,
@@ -402,7 +407,7 @@ class MeshCA:
                 for r in self.issued.values()
             ],
         }
-        atomic_write(directory / CA_STATE_FILE, json.dumps(state, indent=1).encode(), mode=0o600)
+        return json.dumps(state, indent=1).encode()
 
     @classmethod
     def load(

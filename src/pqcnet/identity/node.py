@@ -16,7 +16,13 @@ from pathlib import Path
 from cryptography import x509
 
 from pqcnet.crypto.pqc import SigningKey
-from pqcnet.identity.certs import MAX_PEM_BYTES, certs_pem, load_certs, spiffe_id_of
+from pqcnet.identity.certs import (
+    CLOCK_SKEW,
+    MAX_PEM_BYTES,
+    certs_pem,
+    load_certs,
+    spiffe_id_of,
+)
 from pqcnet.identity.errors import IdentityError
 from pqcnet.identity.keystore import (
     KeyStore,
@@ -111,8 +117,17 @@ class NodeIdentity:
         """The moment from which :meth:`needs_renewal` is true."""
         if not 0.0 < renew_at < 1.0:
             raise IdentityError("renew_at must be between 0 and 1 (exclusive)")
-        life = self.not_after - self.not_before
-        return self.not_before + life * renew_at
+        start = self.issued_at
+        return start + (self.not_after - start) * renew_at
+
+    @property
+    def issued_at(self) -> dt.datetime:
+        """When the certificate was issued: the mesh CA backdates ``notBefore`` by
+        :data:`~pqcnet.identity.certs.CLOCK_SKEW`, which would otherwise count as
+        lifetime (a 20 s certificate would look 5 min 20 s long and be renewed after it
+        expired). A certificate too short to have been backdated keeps its notBefore."""
+        shifted = self.not_before + CLOCK_SKEW
+        return shifted if shifted < self.not_after else self.not_before
 
     def needs_renewal(self, now: dt.datetime, renew_at: float = DEFAULT_RENEW_AT) -> bool:
         """True once ``renew_at`` of the lifetime has passed (or the cert expired)."""

@@ -115,25 +115,119 @@ class DeliveryAck(_message.Message):
     topics: _containers.RepeatedCompositeFieldContainer[TopicAck]
     def __init__(self, topics: _Optional[_Iterable[_Union[TopicAck, _Mapping]]] = ...) -> None: ...
 
+class AckCounter(_message.Message):
+    __slots__ = ("role", "customer", "channel", "epoch", "frames", "bytes", "final")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    customer: str
+    channel: str
+    epoch: int
+    frames: int
+    bytes: int
+    final: bool
+    def __init__(self, role: _Optional[str] = ..., customer: _Optional[str] = ..., channel: _Optional[str] = ..., epoch: _Optional[int] = ..., frames: _Optional[int] = ..., bytes: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
+
+class SignedAckCounter(_message.Message):
+    __slots__ = ("counter", "cert_chain_pem", "signature")
+    COUNTER_FIELD_NUMBER: _ClassVar[int]
+    CERT_CHAIN_PEM_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    counter: AckCounter
+    cert_chain_pem: bytes
+    signature: bytes
+    def __init__(self, counter: _Optional[_Union[AckCounter, _Mapping]] = ..., cert_chain_pem: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class AckCounters(_message.Message):
+    __slots__ = ("counters",)
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    counters: _containers.RepeatedCompositeFieldContainer[SignedAckCounter]
+    def __init__(self, counters: _Optional[_Iterable[_Union[SignedAckCounter, _Mapping]]] = ...) -> None: ...
+
+class ReceiptRequest(_message.Message):
+    __slots__ = ("customer_id", "epoch")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    epoch: int
+    def __init__(self, customer_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class ReceiptEntry(_message.Message):
+    __slots__ = ("record", "part", "index", "path")
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    record: VolumeRecord
+    part: int
+    index: int
+    path: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, record: _Optional[_Union[VolumeRecord, _Mapping]] = ..., part: _Optional[int] = ..., index: _Optional[int] = ..., path: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class VolumeReceipt(_message.Message):
+    __slots__ = ("relayer_id", "customer", "epoch", "entries", "proofs", "anchor_vertices", "signer_key_id", "signature")
+    RELAYER_ID_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    PROOFS_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_VERTICES_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    relayer_id: str
+    customer: str
+    epoch: int
+    entries: _containers.RepeatedCompositeFieldContainer[ReceiptEntry]
+    proofs: _containers.RepeatedCompositeFieldContainer[VolumeProof]
+    anchor_vertices: _containers.RepeatedScalarFieldContainer[bytes]
+    signer_key_id: bytes
+    signature: bytes
+    def __init__(self, relayer_id: _Optional[str] = ..., customer: _Optional[str] = ..., epoch: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[ReceiptEntry, _Mapping]]] = ..., proofs: _Optional[_Iterable[_Union[VolumeProof, _Mapping]]] = ..., anchor_vertices: _Optional[_Iterable[bytes]] = ..., signer_key_id: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class VolumeOverclaim(_message.Message):
+    __slots__ = ("proof", "entry", "counter", "tolerance_ratio", "tolerance_frames")
+    PROOF_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    COUNTER_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    proof: VolumeProof
+    entry: ReceiptEntry
+    counter: SignedAckCounter
+    tolerance_ratio: float
+    tolerance_frames: int
+    def __init__(self, proof: _Optional[_Union[VolumeProof, _Mapping]] = ..., entry: _Optional[_Union[ReceiptEntry, _Mapping]] = ..., counter: _Optional[_Union[SignedAckCounter, _Mapping]] = ..., tolerance_ratio: _Optional[float] = ..., tolerance_frames: _Optional[int] = ...) -> None: ...
+
 class ClientMessage(_message.Message):
-    __slots__ = ("publish", "subscribe", "ack")
+    __slots__ = ("publish", "subscribe", "ack", "counters", "receipt")
     PUBLISH_FIELD_NUMBER: _ClassVar[int]
     SUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     publish: PublishRequest
     subscribe: SubscribeRequest
     ack: DeliveryAck
-    def __init__(self, publish: _Optional[_Union[PublishRequest, _Mapping]] = ..., subscribe: _Optional[_Union[SubscribeRequest, _Mapping]] = ..., ack: _Optional[_Union[DeliveryAck, _Mapping]] = ...) -> None: ...
+    counters: AckCounters
+    receipt: ReceiptRequest
+    def __init__(self, publish: _Optional[_Union[PublishRequest, _Mapping]] = ..., subscribe: _Optional[_Union[SubscribeRequest, _Mapping]] = ..., ack: _Optional[_Union[DeliveryAck, _Mapping]] = ..., counters: _Optional[_Union[AckCounters, _Mapping]] = ..., receipt: _Optional[_Union[ReceiptRequest, _Mapping]] = ...) -> None: ...
 
 class RelayerMessage(_message.Message):
-    __slots__ = ("reply", "deliveries", "error")
+    __slots__ = ("reply", "deliveries", "error", "receipt")
     REPLY_FIELD_NUMBER: _ClassVar[int]
     DELIVERIES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
     reply: PublishReply
     deliveries: DeliveryBatch
     error: ErrorReply
-    def __init__(self, reply: _Optional[_Union[PublishReply, _Mapping]] = ..., deliveries: _Optional[_Union[DeliveryBatch, _Mapping]] = ..., error: _Optional[_Union[ErrorReply, _Mapping]] = ...) -> None: ...
+    receipt: VolumeReceipt
+    def __init__(self, reply: _Optional[_Union[PublishReply, _Mapping]] = ..., deliveries: _Optional[_Union[DeliveryBatch, _Mapping]] = ..., error: _Optional[_Union[ErrorReply, _Mapping]] = ..., receipt: _Optional[_Union[VolumeReceipt, _Mapping]] = ...) -> None: ...
 
 class VolumeRecord(_message.Message):
     __slots__ = ("customer", "channel", "bytes", "frames", "qos", "epoch")
@@ -160,7 +254,7 @@ class InclusionProof(_message.Message):
     def __init__(self, index: _Optional[int] = ..., siblings: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class VolumeProof(_message.Message):
-    __slots__ = ("relayer_id", "epoch", "merkle_root", "records", "total_bytes", "total_frames", "signer_key_id", "signature", "record_count")
+    __slots__ = ("relayer_id", "epoch", "merkle_root", "records", "total_bytes", "total_frames", "signer_key_id", "signature", "record_count", "part", "parts")
     RELAYER_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MERKLE_ROOT_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +264,8 @@ class VolumeProof(_message.Message):
     SIGNER_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     RECORD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     relayer_id: str
     epoch: int
     merkle_root: bytes
@@ -179,7 +275,9 @@ class VolumeProof(_message.Message):
     signer_key_id: bytes
     signature: bytes
     record_count: int
-    def __init__(self, relayer_id: _Optional[str] = ..., epoch: _Optional[int] = ..., merkle_root: _Optional[bytes] = ..., records: _Optional[_Iterable[_Union[VolumeRecord, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., total_frames: _Optional[int] = ..., signer_key_id: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., record_count: _Optional[int] = ...) -> None: ...
+    part: int
+    parts: int
+    def __init__(self, relayer_id: _Optional[str] = ..., epoch: _Optional[int] = ..., merkle_root: _Optional[bytes] = ..., records: _Optional[_Iterable[_Union[VolumeRecord, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., total_frames: _Optional[int] = ..., signer_key_id: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., record_count: _Optional[int] = ..., part: _Optional[int] = ..., parts: _Optional[int] = ...) -> None: ...
 
 class RelayerPerformanceReport(_message.Message):
     __slots__ = ("relayer_id", "epoch_from", "epoch_to", "volume_proofs", "attestation_receipts", "uptime_seconds", "signer_key_id", "signature")

@@ -56,7 +56,7 @@ from cryptography import x509
 from OpenSSL import SSL, crypto
 from prometheus_client import Counter
 
-from pqcnet.identity.certs import is_signed_by, spiffe_id_of, utcnow
+from pqcnet.identity.certs import is_signed_by, load_certs, spiffe_id_of, utcnow
 from pqcnet.identity.crl import RevocationList, load_crl
 from pqcnet.identity.errors import IdentityError
 from pqcnet.identity.node import NodeIdentity
@@ -425,14 +425,8 @@ def _use_mldsa_key(ctx: SSL.Context, identity: NodeIdentity) -> None:
         ctx.use_privatekey(pkey)
 
 
-def build_context(identity: NodeIdentity, policy: TlsPolicy, *, server: bool) -> SSL.Context:
-    """A TLS 1.3-only pyOpenSSL context presenting ``identity`` under ``policy``.
-
-    Contexts are cheap to share between connections; build a new one after
-    renewal or a CRL update (the old one keeps serving existing connections).
-    The first call in a process runs the OpenSSL self-check child
-    (:func:`pqcnet.qstp._ossl.capabilities`), so it is decided before any tunnel exists.
-    """
+def _base_context(policy: TlsPolicy) -> SSL.Context:
+    """TLS 1.3 only, our suites and groups, no compression/renegotiation, no auto chain."""
     _ossl.capabilities()
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
@@ -448,6 +442,22 @@ def build_context(identity: NodeIdentity, policy: TlsPolicy, *, server: bool) ->
     ctx.clear_mode(_SSL_MODE_ENABLE_PARTIAL_WRITE)
     ctx.set_tls13_ciphersuites(":".join(policy.cipher_suites).encode())
     _ossl.set_groups(ctx, list(policy.group_list))
+    return ctx
+
+
+def build_context(identity: NodeIdentity, policy: TlsPolicy, *, server: bool,
+                  client_cert: Literal["required", "optional"] = "required") -> SSL.Context:
+    """A TLS 1.3-only pyOpenSSL context presenting ``identity`` under ``policy``.
+
+    Contexts are cheap to share between connections; build a new one after
+    renewal or a CRL update (the old one keeps serving existing connections).
+    The first call in a process runs the OpenSSL self-check child
+    (:func:`pqcnet.qstp._ossl.capabilities`), so it is decided before any tunnel exists.
+    ``client_cert="optional"`` (servers only) asks for a client certificate and checks
+    one when sent, but lets a client without one finish the handshake: the CA
+    service's enroll endpoint, where a joining node has no certificate yet.
+    """
+    ctx = _base_context(policy)
     try:
         ctx.use_certificate(identity.certificate)
         for extra in identity.chain[1:]:
@@ -467,9 +477,13 @@ def build_context(identity: NodeIdentity, policy: TlsPolicy, *, server: bool) ->
             store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
     except (SSL.Error, crypto.Error) as exc:
         raise HandshakeError(f"cannot load identity {identity.spiffe_id} into TLS: {exc}") from None
-    ctx.set_verify(
-        SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify_callback(identity, policy)
-    )
+    if client_cert not in ("required", "optional") or (client_cert == "optional"
+                                                        and not server):
+        raise HandshakeError("client_cert='optional' is a server-side setting")
+    mode = SSL.VERIFY_PEER
+    if client_cert == "required":
+        mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    ctx.set_verify(mode, _verify_callback(identity, policy))
     ctx.set_verify_depth(policy.verify_depth)
     remaining = int((identity.not_after - utcnow()).total_seconds())
     lifetime = min(policy.session_lifetime, max(1, remaining))
@@ -494,6 +508,80 @@ def build_context(identity: NodeIdentity, policy: TlsPolicy, *, server: bool) ->
         ctx.set_alpn_protos([policy.alpn])
         ctx.set_session_cache_mode(SSL.SESS_CACHE_CLIENT)
     return ctx
+
+
+def build_anonymous_client_context(trust_bundle_pem: bytes, policy: TlsPolicy) -> SSL.Context:
+    """A client context with no certificate of its own, pinning the server.
+
+    For a node that is joining (``pqcnet node enroll``): it holds only the CA bundle
+    it was provisioned with. The server's chain must verify to that bundle and its
+    SPIFFE ID must match ``policy.allowed_peers`` (required: an anonymous client
+    has no trust domain of its own to fall back on). Check the finished handshake
+    with :func:`verify_server`.
+    """
+    if not policy.allowed_peers:
+        raise HandshakeError("an anonymous client must pin the server's SPIFFE ID "
+                             "(allowed_peers)")
+    ctx = _base_context(policy)
+    anchors = load_certs(trust_bundle_pem, "trust bundle")
+    if not anchors:
+        raise HandshakeError("trust bundle is empty")
+    store = ctx.get_cert_store()
+    if store is None:  # pragma: no cover - OpenSSL always has one
+        raise HandshakeError("OpenSSL context has no certificate store")
+    for anchor in anchors:
+        store.add_cert(crypto.X509.from_cryptography(anchor))
+
+    def callback(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int,
+                 ok: int) -> bool:
+        if not ok:
+            raise _x509_error(errno)
+        if depth == 0:
+            _pinned_server(cert.to_cryptography(), policy)
+        return True
+
+    ctx.set_verify(SSL.VERIFY_PEER, callback)
+    ctx.set_verify_depth(policy.verify_depth)
+    ctx.set_alpn_protos([policy.alpn])
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    return ctx
+
+
+def _pinned_server(cert: x509.Certificate, policy: TlsPolicy) -> SpiffeId:
+    try:
+        peer = _spiffe_id_of(cert)
+    except IdentityError as exc:
+        raise HandshakeRefused("bad-certificate", f"server certificate: {exc}") from None
+    if not any(spiffe_matches(p, peer) for p in policy.allowed_peers):
+        raise HandshakeRefused("spiffe-not-allowed",
+                               f"server {peer} is not the pinned {', '.join(policy.allowed_peers)}")
+    return peer
+
+
+def verify_server(conn: SSL.Connection, policy: TlsPolicy, *,
+                  now: dt.datetime | None = None) -> PeerInfo:
+    """:func:`verify_peer` for a client built by :func:`build_anonymous_client_context`."""
+    version = conn.get_protocol_version_name()
+    if version != "TLSv1.3":
+        raise HandshakeRefused("protocol-version", f"negotiated {version}, need TLSv1.3")
+    alpn = conn.get_alpn_proto_negotiated()
+    if alpn != policy.alpn:
+        raise HandshakeRefused("alpn", f"negotiated ALPN {alpn!r}, expected {policy.alpn!r}")
+    group = conn.get_group_name() or ""
+    if group not in PQ_GROUPS and policy.groups != "classical-allowed":
+        raise HandshakeRefused("classical-group", f"negotiated classical group {group or 'none'}")
+    cert = conn.get_peer_certificate(as_cryptography=True)
+    if cert is None:
+        raise HandshakeRefused("no-peer-certificate", "server presented no certificate")
+    result = _ossl.verify_result(conn)
+    if result != 0:
+        raise _x509_error(result)
+    _check_window(cert, now or utcnow())
+    return PeerInfo(
+        spiffe_id=_pinned_server(cert, policy), tls_version=version, group=group,
+        cipher=conn.get_cipher_name() or "", alpn=alpn.decode(errors="replace"),
+        cert_not_after=cert.not_valid_after_utc, resumed=False, cert_serial=cert.serial_number,
+    )
 
 
 def new_connection(
@@ -689,6 +777,7 @@ __all__ = [
     "PeerGate",
     "PeerInfo",
     "TlsPolicy",
+    "build_anonymous_client_context",
     "build_context",
     "channel_binding",
     "check_peer_certificate",
@@ -697,4 +786,5 @@ __all__ = [
     "new_connection",
     "resumable_session",
     "verify_peer",
+    "verify_server",
 ]

@@ -1,6 +1,14 @@
 """Publisher and subscriber SDK: what ``pqcnet publish`` / ``pqcnet subscribe`` and the
 tests use to talk to a relayer over a QSTP tunnel.
 
+Exactly-once to the application across reconnects, relayer restarts and subscriber
+restarts rests on a durable **cursor** (highest seq the application took, per topic;
+:mod:`pqcnet.relayer.cursor`): a :class:`SubscriberClient` starts from it and drops
+every redelivered seq at or below it; it commits the cursor when the application
+acknowledges a batch (asks for the next one, or calls :meth:`SubscriberClient.ack`),
+then acks on the wire — never before. :class:`ResumingSubscriber` reconnects with
+the same cursor.
+
 :class:`PublisherClient` pipelines requests on one stream (replies come back in
 order and are matched by request id) and honours FLOW PAUSE because
 ``Stream.send`` waits while the relayer has paused the tunnel; it counts the FLOW
@@ -10,6 +18,13 @@ a relayer crash or a lost ack. It acknowledges each batch (highest seq per topic
 when the application asks for the next one, i.e. after it took the batch: the
 relayer commits and meters a batch only on that ack, so a batch written to a tunnel
 that died before the application read it is redelivered, not lost.
+
+Both clients can count what they acknowledged (decision 0014): given a
+:class:`~pqcnet.relayer.counters.CounterTracker` they count accepted (publisher) or
+taken-and-acked (subscriber) frames per (customer, channel, epoch), and
+:meth:`send_counters` sends the counters signed with the client's identity key to the
+relayer — automatically at most every ``counter_interval`` seconds while acking.
+:meth:`PublisherClient.receipt` asks for the customer's signed receipt of an epoch.
 """
 
 from __future__ import annotations
@@ -25,20 +40,27 @@ from pqcnet.qstp.aio import Stream, Tunnel
 from pqcnet.qstp.errors import TunnelClosed
 from pqcnet.qstp.events import FlowPaused
 from pqcnet.qstp.tls import TlsPolicy
+from pqcnet.relayer.counters import CounterTracker
+from pqcnet.relayer.cursor import Cursor, MemoryCursor
 from pqcnet.relayer.errors import RelayerError
 from pqcnet.relayer.frame import Frame, Topic
+from pqcnet.relayer.receipts import VolumeReceipt
 from pqcnet.relayer.wire import (
     MessageReader,
     Result,
     ServerError,
     decode_server,
     encode_ack,
+    encode_counters,
     encode_publish,
+    encode_receipt_request,
     encode_subscribe,
 )
 
 #: publish requests in flight on one stream before ``publish()`` waits
 MAX_INFLIGHT = 32
+#: seconds between automatic signed-counter sends while acking
+COUNTER_INTERVAL = 1.0
 
 
 class RelayerRefused(RelayerError):
@@ -52,8 +74,11 @@ class RelayerRefused(RelayerError):
 class PublisherClient:
     """Publishes frames over one QSTP stream."""
 
-    def __init__(self, tunnel: Tunnel, *, max_inflight: int = MAX_INFLIGHT) -> None:
+    def __init__(self, tunnel: Tunnel, *, max_inflight: int = MAX_INFLIGHT,
+                 counters: CounterTracker | None = None) -> None:
         self.tunnel = tunnel
+        self.counters = counters
+        self._receipts: asyncio.Queue[VolumeReceipt | PqcnetError] = asyncio.Queue(1)
         self.stream: Stream = tunnel.open_stream()
         self.pauses_seen = 0
         self._next_id = 1
@@ -64,9 +89,10 @@ class PublisherClient:
 
     @classmethod
     async def connect(cls, host: str, port: int, identity: NodeIdentity,
-                      policy: TlsPolicy | None = None) -> PublisherClient:
+                      policy: TlsPolicy | None = None, *,
+                      counters: CounterTracker | None = None) -> PublisherClient:
         """Open a tunnel to a relayer and a publishing stream on it."""
-        return cls(await aio.connect(host, port, identity, policy))
+        return cls(await aio.connect(host, port, identity, policy), counters=counters)
 
     def _on_flow(self, event: object) -> None:
         if isinstance(event, FlowPaused):
@@ -79,8 +105,14 @@ class PublisherClient:
             while chunk := await self.stream.recv():
                 for body in reader.feed(chunk):
                     msg = decode_server(body)
+                    if isinstance(msg, VolumeReceipt):
+                        self._receipts.put_nowait(msg)
+                        continue
                     if isinstance(msg, ServerError):
                         error = RelayerRefused(msg.code, msg.reason)
+                        if not self._waiting and self._receipts.empty():
+                            self._receipts.put_nowait(error)  # a refused receipt
+                            continue
                         # request-level errors answer the oldest outstanding request
                         if self._waiting:
                             oldest = min(self._waiting)
@@ -92,6 +124,8 @@ class PublisherClient:
                             fut.set_result(msg[1])
         except PqcnetError as exc:
             error = exc
+        if self._receipts.empty():
+            self._receipts.put_nowait(error)  # wakes a receipt() waiting on a dead stream
         for fut in self._waiting.values():
             if not fut.done():
                 fut.set_exception(error)
@@ -107,7 +141,30 @@ class PublisherClient:
             fut: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
             self._waiting[request_id] = fut
             await self.stream.send(encode_publish(request_id, frames, retry=retry))
-            return await fut
+            results = await fut
+        if self.counters is not None:
+            self.counters.count(f for f, r in zip(frames, results, strict=False) if r.accepted)
+        return results
+
+    async def send_counters(self) -> int:
+        """Send the signed counters that changed (or closed); returns how many."""
+        signed = self.counters.take() if self.counters is not None else []
+        if signed:
+            await self.stream.send(encode_counters(signed))
+        return len(signed)
+
+    async def receipt(self, customer: str, epoch: int) -> VolumeReceipt:
+        """The relayer's signed receipt of ``customer`` for ``epoch`` (one at a time, and
+        not while publishes are in flight). :class:`RelayerRefused` when refused; the
+        stream's error if it ends first."""
+        async with self._slots:
+            if self._reader.done():
+                raise TunnelClosed("publisher stream is closed")
+            await self.stream.send(encode_receipt_request(customer, epoch))
+            got = await self._receipts.get()
+        if isinstance(got, PqcnetError):
+            raise got
+        return got
 
     async def send_raw(self, data: bytes) -> None:
         """Send arbitrary bytes on the publishing stream (tests of bad input)."""
@@ -123,21 +180,41 @@ class PublisherClient:
 
 
 class SubscriberClient:
-    """Receives one customer's frames (some or all channels) in order, exactly once."""
+    """Receives one customer's frames (some or all channels) in order, exactly once.
 
-    def __init__(self, tunnel: Tunnel) -> None:
+    ``cursor`` holds what the application already took (default: in memory, this
+    connection only). Pass a durable one (:class:`~pqcnet.relayer.cursor.FileCursor`,
+    :class:`~pqcnet.relayer.cursor.JournalCursor`) and a new client — after a reconnect,
+    a relayer restart or a restart of the application — resumes exactly after it.
+    """
+
+    def __init__(self, tunnel: Tunnel, cursor: Cursor | None = None, *,
+                 counters: CounterTracker | None = None,
+                 counter_interval: float = COUNTER_INTERVAL) -> None:
         self.tunnel = tunnel
-        self.last: dict[Topic, int] = {}
+        #: signs per-epoch ack counters for the relayer's volume claims (decision 0014)
+        self.counters = counters
+        self.counter_interval = counter_interval
+        self._counter_stream: Stream | None = None
+        self._counters_sent_at = 0.0
+        self.cursor: Cursor = cursor if cursor is not None else MemoryCursor()
+        #: highest seq per topic handed to the application (committed or about to be)
+        self.last: dict[Topic, int] = dict(self.cursor.load())
+        #: redelivered frames dropped (at or below the cursor): never reach the application
         self.duplicates_dropped = 0
         self.batches_acked = 0
         self._pending: dict[Topic, int] = {}
+        self._taken: list[Frame] = []
         self._stream: Stream | None = None
 
     @classmethod
     async def connect(cls, host: str, port: int, identity: NodeIdentity,
-                      policy: TlsPolicy | None = None) -> SubscriberClient:
+                      policy: TlsPolicy | None = None,
+                      cursor: Cursor | None = None, *,
+                      counters: CounterTracker | None = None) -> SubscriberClient:
         """Open a tunnel to a relayer."""
-        return cls(await aio.connect(host, port, identity, policy))
+        return cls(await aio.connect(host, port, identity, policy), cursor,
+                   counters=counters)
 
     async def subscribe(self, customer: str, channels: Iterable[str] = ()) -> None:
         """Send the subscription; frames follow on :meth:`frames`."""
@@ -166,6 +243,7 @@ class SubscriberClient:
                     self.last[f.topic] = f.seq
                     fresh.append(f)
                 self._pending = upto
+                self._taken = fresh
                 if fresh:
                     yield fresh  # resumed: the application took the batch
                 await self.ack()
@@ -173,13 +251,108 @@ class SubscriberClient:
     async def ack(self, upto: Mapping[Topic, int] | None = None) -> None:
         """Acknowledge the batch last yielded by :meth:`batches` (done automatically
         when the next one is asked for), or only ``upto`` (highest seq per topic taken)
-        when the application stops part-way through a batch."""
+        when the application stops part-way through a batch.
+
+        The cursor is committed first (with the frames taken), the wire ack second: a
+        crash in between redelivers frames the cursor then drops.
+        """
         pending, self._pending = (upto or self._pending), {}
+        taken, self._taken = self._taken, []
+        if upto is not None:
+            taken = [f for f in taken if f.seq <= upto.get(f.topic, 0)]
+        committed = {f.topic: f.seq for f in taken}  # in order per topic: last is highest
+        if committed:
+            self.cursor.commit(taken, committed)
         if pending and self._stream is not None:
             await self._stream.send(encode_ack(pending))
             self.batches_acked += 1
+            if self.counters is not None:
+                self.counters.count(taken)
+                now = asyncio.get_running_loop().time()
+                if now - self._counters_sent_at >= self.counter_interval:
+                    self._counters_sent_at = now
+                    await self.send_counters()
+
+    async def send_counters(self) -> int:
+        """Send the signed counters that changed (or closed) on a stream of their own
+        (the subscription stream carries only acks); returns how many."""
+        signed = self.counters.take() if self.counters is not None else []
+        if signed:
+            if self._counter_stream is None:
+                self._counter_stream = self.tunnel.open_stream()
+            await self._counter_stream.send(encode_counters(signed))
+        return len(signed)
 
     async def close(self) -> None:
         """Close the tunnel."""
         with contextlib.suppress(PqcnetError):
             await self.tunnel.close()
+
+
+class ResumingSubscriber:
+    """A subscriber that reconnects (to any of ``targets``, in turn) until closed,
+    resuming from its cursor each time: the application sees each seq once, in order,
+    across relayer restarts and lost tunnels.
+
+    Connection failures and lost tunnels are retried after ``retry_delay`` seconds;
+    a refusal the relayer says is final (not ``retriable``) is raised.
+    """
+
+    def __init__(self, targets: Sequence[tuple[str, int]], identity: NodeIdentity,
+                 customer: str, channels: Iterable[str] = (), *,
+                 cursor: Cursor | None = None, policy: TlsPolicy | None = None,
+                 retry_delay: float = 0.2) -> None:
+        if not targets:
+            raise ValueError("at least one relayer target")
+        self.targets = list(targets)
+        self.identity, self.policy = identity, policy
+        self.customer, self.channels = customer, tuple(channels)
+        self.cursor: Cursor = cursor if cursor is not None else MemoryCursor()
+        self.retry_delay = retry_delay
+        self.reconnects = 0
+        self.duplicates_dropped = 0
+        self.client: SubscriberClient | None = None
+        self._closed = False
+
+    async def batches(self) -> AsyncIterator[list[Frame]]:
+        """Batches across connections; acknowledging works as in :class:`SubscriberClient`."""
+        attempt = 0
+        while not self._closed:
+            host, port = self.targets[attempt % len(self.targets)]
+            attempt += 1
+            try:
+                client = await SubscriberClient.connect(host, port, self.identity,
+                                                        self.policy, self.cursor)
+            except (PqcnetError, OSError):
+                await asyncio.sleep(self.retry_delay)
+                continue
+            self.client = client
+            try:
+                await client.subscribe(self.customer, self.channels)
+                async for batch in client.batches():
+                    yield batch
+            except RelayerRefused as exc:
+                if exc.code != 31:  # only "too many subscriptions" is worth retrying
+                    raise
+            except PqcnetError:
+                pass
+            finally:
+                self.duplicates_dropped += client.duplicates_dropped
+                client.duplicates_dropped = 0
+                await client.close()
+                self.client = None
+            if self._closed:
+                return
+            self.reconnects += 1
+            await asyncio.sleep(self.retry_delay)
+
+    async def ack(self, upto: Mapping[Topic, int] | None = None) -> None:
+        """Acknowledge (part of) the batch last yielded; see :meth:`SubscriberClient.ack`."""
+        if self.client is not None:
+            await self.client.ack(upto)
+
+    async def close(self) -> None:
+        """Stop reconnecting and close the current tunnel."""
+        self._closed = True
+        if self.client is not None:
+            await self.client.close()

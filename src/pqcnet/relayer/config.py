@@ -29,9 +29,12 @@ from pqcnet._util.schema import (
     where,
 )
 from pqcnet._util.yamlfile import read_yaml_file
+from pqcnet.relayer.authz import AuthzSpec, QuotasSpec
 from pqcnet.relayer.backpressure import HIGH_WATER, LOW_WATER
+from pqcnet.relayer.counters import TOLERANCE_FRAMES, TOLERANCE_RATIO
 from pqcnet.relayer.errors import ConfigError
 from pqcnet.relayer.frame import MAX_ID, MAX_PAYLOAD
+from pqcnet.relayer.metering import MAX_LABEL_SERIES
 from pqcnet.relayer.overflow import MAX_OVERFLOW_RECORDS
 from pqcnet.relayer.sequencer import GAP_TIMEOUT, MAX_REORDER, MAX_TOPICS
 
@@ -110,8 +113,15 @@ class RelayerConfig(Schema):
     keep_epochs: Count = 1024
     """Proven epochs kept (proof files, persisted volume, in-memory meter); older ones
     are pruned once anchored — the QS-DAG vertex is then the record of them."""
+    counter_tolerance_ratio: float = Field(default=TOLERANCE_RATIO, ge=0.0, le=1.0)
+    """How far a volume claim may exceed the clients' signed ack counters (ratio) ..."""
+    counter_tolerance_frames: Count = TOLERANCE_FRAMES
+    """... plus this many frames, before it is an over-claim (decision 0014)."""
     metrics_port: Port | None = None
     """Prometheus /metrics on 127.0.0.1 (null: off, 0: any free port)."""
+    metrics_max_label_series: Count = MAX_LABEL_SERIES
+    """(customer, channel) pairs with their own volume series; later ones share the
+    ``other`` series until pruned epochs free a slot."""
     grpc_host: str = "127.0.0.1"
     """Governance gRPC address (plaintext only on loopback)."""
     grpc_port: Port | None = None
@@ -124,6 +134,11 @@ class RelayerConfig(Schema):
     """QS-DAG ledger directory (default: <data_dir>/ledger)."""
     ledger_dev_genesis: bool = True
     """Create a dev genesis with this node as authority when the ledger has none."""
+    authz: AuthzSpec = Field(default_factory=AuthzSpec)
+    """Data-plane authorization: which SPIFFE identities may publish to / subscribe from
+    which customers' channels (default: a tenant is its own customer, nothing else)."""
+    quotas: QuotasSpec = Field(default_factory=QuotasSpec)
+    """Per-customer quotas at this relayer (frames/s, bytes/s; 0: unlimited)."""
 
     model_config = ConfigDict(json_schema_extra={"allOf": [
         {"if": {"properties": {"backend": {"const": "redis"}}, "required": ["backend"]},
@@ -204,7 +219,7 @@ class RelayerConfig(Schema):
 
     def replace(self, **changes: Any) -> RelayerConfig:
         """A copy with ``changes`` applied (validated again; :class:`ConfigError`)."""
-        data = {**self.model_dump(exclude_unset=True), **changes}
+        data = {**self.model_dump(exclude_unset=True, by_alias=True), **changes}
         try:
             return type(self).model_validate(data)
         except ValidationError as exc:

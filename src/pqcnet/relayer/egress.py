@@ -25,10 +25,11 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pqcnet.errors import PqcnetError
+from pqcnet.identity.spiffe import SpiffeId
 from pqcnet.qstp.aio import Stream
 from pqcnet.qstp.errors import TunnelClosed
 from pqcnet.relayer.errors import FrameRejected, RelayerError
@@ -67,6 +68,8 @@ class Subscription:
 
     customer: str
     channels: frozenset[str]
+    #: authenticated identity of the subscriber's tunnel (None: not known, tests)
+    peer: SpiffeId | None = None
     queue: asyncio.Queue[_Item] = field(
         default_factory=lambda: asyncio.Queue(MAX_SUBSCRIBER_QUEUE))
     #: written shares awaiting the ack: (highest seq per topic, future), in write order
@@ -116,6 +119,10 @@ class SubscriberHub:
         self._subs: dict[str, list[Subscription]] = {}
         self._changed = asyncio.Event()
         self.held = 0
+        #: delivery-time authorization ``(peer, customer, channel) -> bool``: a grant
+        #: withdrawn by a reload stops delivery to subscriptions made under it (their
+        #: frames are then held, like frames nobody subscribed to). None: no check.
+        self.may_receive: Callable[[SpiffeId, str, str], bool] | None = None
 
     def count(self) -> int:
         """Active subscriptions."""
@@ -128,7 +135,8 @@ class SubscriberHub:
             shares: dict[int, tuple[Subscription, list[Frame]]] = {}
             held: list[Frame] = []
             for f in todo:
-                subs = [s for s in self._subs.get(f.customer, ()) if s.matches(f)]
+                subs = [s for s in self._subs.get(f.customer, ())
+                        if s.matches(f) and self._allowed(s, f)]
                 if not subs:
                     held.append(f)
                 for s in subs:
@@ -152,6 +160,11 @@ class SubscriberHub:
                         await self._changed.wait()
         self.held = 0
 
+    def _allowed(self, sub: Subscription, frame: Frame) -> bool:
+        check = self.may_receive
+        return check is None or sub.peer is None or check(sub.peer, frame.customer,
+                                                          frame.channel)
+
     def unacked(self) -> int:
         """Shares written to subscribers and not yet acknowledged."""
         return sum(len(s.unacked) for subs in self._subs.values() for s in subs)
@@ -161,7 +174,8 @@ class SubscriberHub:
         """Feed one subscriber stream (and read its acks) until it ends or fails."""
         if self.count() >= self.max_subscriptions:
             raise SubscriptionRefused(f"relayer has {self.max_subscriptions} subscriptions")
-        sub = Subscription(request.customer, request.channels)
+        peer = stream.tunnel.peer.spiffe_id if self.may_receive is not None else None
+        sub = Subscription(request.customer, request.channels, peer)
         self._subs.setdefault(sub.customer, []).append(sub)
         self._changed.set()
         acks = asyncio.create_task(self._read_acks(stream, sub, reader or MessageReader()))

@@ -17,32 +17,43 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pqcnet.errors import PqcnetError
 from pqcnet.qstp.aio import Stream, Tunnel
+from pqcnet.relayer.authz import Authorizer, Quotas
 from pqcnet.relayer.backpressure import FlowChange
+from pqcnet.relayer.counters import SignedAckCounter
 from pqcnet.relayer.egress import SubscriberHub, SubscriptionRefused
 from pqcnet.relayer.errors import (
     FieldTooLarge,
     FrameRejected,
+    NotAuthorized,
     OverflowFull,
+    QuotaExceeded,
     RelayerError,
     SeqNotMonotonic,
 )
 from pqcnet.relayer.frame import FrameLimits, Topic, encode, shard_for, validate
+from pqcnet.relayer.gapfence import GapFence
 from pqcnet.relayer.overflow import BufferedPublisher
+from pqcnet.relayer.receipts import VolumeReceipt
 from pqcnet.relayer.wire import (
     Ack,
+    Counters,
     Incoming,
     MessageReader,
     MessageTooLarge,
+    ReceiptRequest,
     Result,
     Subscribe,
     decode_client,
     encode_error,
+    encode_receipt,
     encode_reply,
 )
 
@@ -66,6 +77,16 @@ class TunnelSession:
     paused: bool = False
 
 
+class IngressServices(Protocol):
+    """What the node serves besides publish/subscribe (decision 0014)."""
+
+    def add_counters(self, peer: str, counters: Sequence[SignedAckCounter]) -> int:
+        """Keep a client's signed ack counters; returns how many were kept."""
+
+    def receipt(self, peer: str, customer: str, epoch: int) -> VolumeReceipt:
+        """The signed receipt of ``customer`` for ``epoch`` (RelayerError if refused)."""
+
+
 @dataclass(slots=True)
 class IngressStats:
     """Counters exported as metrics."""
@@ -74,6 +95,10 @@ class IngressStats:
     rejected: int = 0
     overflowed: int = 0
     pauses_sent: int = 0
+    #: frames and subscriptions refused by the data-plane authorization
+    unauthorized: int = 0
+    #: frames refused by a customer quota
+    over_quota: int = 0
 
 
 class Ingress:
@@ -82,8 +107,19 @@ class Ingress:
     def __init__(self, publisher: BufferedPublisher, hub: SubscriberHub, *,
                  limits: FrameLimits | None = None,
                  max_frames_per_request: int = MAX_FRAMES_PER_REQUEST,
-                 retry_after: float = 1.0) -> None:
+                 retry_after: float = 1.0, fence: GapFence | None = None,
+                 authz: Authorizer | None = None,
+                 quotas: Quotas | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 services: IngressServices | None = None) -> None:
         self.publisher, self.hub = publisher, hub
+        #: data-plane authorization (None: everyone may do anything — tests of other
+        #: parts only; a RelayerNode always sets one)
+        self.authz = authz
+        self.quotas = quotas or Quotas()
+        self.clock = clock
+        #: refuses late frames before the ack (shared with the shard workers)
+        self.fence = fence
         self.shards = publisher.bus.partitions()
         self.limits = limits or FrameLimits()
         self.max_frames_per_request = max_frames_per_request
@@ -92,6 +128,7 @@ class Ingress:
         self.sessions: set[TunnelSession] = set()
         self.paused_shards: set[int] = set()
         self.stats = IngressStats()
+        self.services = services
 
     # ------------------------------------------------------------------ tunnels
     async def handle_tunnel(self, tunnel: Tunnel) -> None:
@@ -129,7 +166,16 @@ class Ingress:
                         continue
                     if isinstance(request, Subscribe):
                         try:
+                            if self.authz is not None:
+                                self.authz.check_subscribe(session.tunnel.peer.spiffe_id,
+                                                           request.customer, request.channels)
                             await self.hub.serve(stream, request, reader)
+                        except NotAuthorized as exc:
+                            self.stats.unauthorized += 1
+                            log.warning("subscription refused", extra={
+                                "peer": str(session.tunnel.peer.spiffe_id),
+                                "customer": request.customer, "reason": str(exc)})
+                            await stream.send(encode_error(exc.code, str(exc)))
                         except SubscriptionRefused as exc:
                             await stream.send(encode_error(exc.code, str(exc)))
                         return
@@ -137,6 +183,9 @@ class Ingress:
                         self.stats.rejected += 1
                         err = FrameRejected("ack without a subscription on this stream")
                         await stream.send(encode_error(err.code, str(err)))
+                        continue
+                    if isinstance(request, (Counters, ReceiptRequest)):
+                        await self._serve(session, stream, request)
                         continue
                     request_id, items = request
                     results = await self.publish(session, items)
@@ -146,6 +195,22 @@ class Ingress:
         except Exception:  # never let a bug take the tunnel down with a traceback to the peer
             log.exception("ingress stream failed", extra={"stream": stream.id})
             stream.reset(reason="internal error")
+
+    async def _serve(self, session: TunnelSession, stream: Stream,
+                     request: Counters | ReceiptRequest) -> None:
+        """Signed counters in (no reply) or a receipt out; refusals as ErrorReply."""
+        try:
+            if self.services is None:
+                raise FrameRejected("this relayer keeps no counters and gives no receipts")
+            peer = str(session.tunnel.peer.spiffe_id)
+            if isinstance(request, Counters):
+                self.services.add_counters(peer, request.items)
+                return
+            receipt = self.services.receipt(peer, request.customer, request.epoch)
+        except RelayerError as exc:
+            await stream.send(encode_error(exc.code, str(exc)))
+            return
+        await stream.send(encode_receipt(receipt))
 
     # ------------------------------------------------------------------ publish
     async def publish(self, session: TunnelSession, items: Sequence[Incoming]) -> list[Result]:
@@ -157,6 +222,8 @@ class Ingress:
             return [Result(i.seq, False, code=err.code, reason=str(err)) for i in items]
         by_shard: dict[int, list[int]] = defaultdict(list)
         pending_high: dict[Topic, int] = {}
+        peer = session.tunnel.peer.spiffe_id if self.authz is not None else None
+        now = self.clock()
         for idx, item in enumerate(items):
             try:
                 if item.error is not None:
@@ -168,6 +235,19 @@ class Ingress:
                     raise SeqNotMonotonic(
                         f"seq {frame.seq} after {last} on {frame.customer}/{frame.channel} "
                         "(set retry to resend)")
+                if self.authz is not None:
+                    assert peer is not None
+                    self.authz.check(peer, "publish", frame.customer, frame.channel)
+                self.quotas.take(frame.customer, 1, len(frame.payload), now)
+            except NotAuthorized as exc:
+                self.stats.unauthorized += 1
+                results[idx] = Result(item.seq, False, code=exc.code, reason=str(exc))
+                continue
+            except QuotaExceeded as exc:
+                self.stats.over_quota += 1
+                results[idx] = Result(item.seq, False, code=exc.code, reason=str(exc),
+                                      retriable=True)
+                continue
             except RelayerError as exc:
                 results[idx] = Result(item.seq, False, code=exc.code, reason=str(exc))
                 continue
@@ -175,6 +255,21 @@ class Ingress:
             by_shard[shard_for(frame.customer, frame.channel, self.shards)].append(idx)
 
         async def one(shard: int, idxs: list[int]) -> None:
+            if self.fence is not None:
+                try:
+                    late = await self.fence.admit(
+                        shard, [(items[i].frame, items[i].retry) for i in idxs])  # type: ignore[misc]
+                except RelayerError as exc:  # marks unreadable: refuse, retriable
+                    for i in idxs:
+                        results[i] = Result(items[i].seq, False, code=exc.code,
+                                            reason=str(exc), retriable=exc.retriable)
+                    return
+                for i, err in zip(idxs, late, strict=True):
+                    if err is not None:
+                        results[i] = Result(items[i].seq, False, code=err.code, reason=str(err))
+                idxs = [i for i, err in zip(idxs, late, strict=True) if err is None]
+                if not idxs:
+                    return
             records = [encode(items[i].frame) for i in idxs]  # type: ignore[arg-type]
             try:
                 acc = await self.publisher.publish(shard, records)
@@ -182,6 +277,10 @@ class Ingress:
                 for i in idxs:
                     results[i] = Result(items[i].seq, False, code=exc.code, reason=str(exc),
                                         retriable=exc.retriable)
+                    if self.fence is not None:
+                        frame = items[i].frame
+                        assert frame is not None
+                        self.fence.release(frame.topic, frame.seq)
                 return
             session.shards.add(shard)
             for i in idxs:

@@ -5,7 +5,11 @@ meter counts exactly what left the relayer (duplicates suppressed by the sequenc
 never reach it). One meter feeds all three outputs, which is why they agree:
 
 * Prometheus counters ``pqcnet_relayer_volume_bytes_total`` /
-  ``pqcnet_relayer_volume_frames_total`` (labels customer, channel, qos);
+  ``pqcnet_relayer_volume_frames_total`` (labels customer, channel, qos). Label values
+  are bounded: at most ``max_label_series`` (customer, channel) pairs get their own
+  series; later ones are counted under ``customer="other", channel="other"`` (totals
+  stay exact). When epochs are pruned (:meth:`VolumeMeter.forget_before`), the series of
+  pairs with no traffic left in memory are removed, which frees their slots;
 * the governance gRPC service (:meth:`query`);
 * the signed per-epoch volume proofs (:meth:`records` of a closed epoch).
 
@@ -30,6 +34,12 @@ from pqcnet.relayer.frame import Frame
 
 #: epochs kept in memory for queries and proofs
 MAX_EPOCHS = 1024
+#: (customer, channel) pairs with their own Prometheus series; bounds the label
+#: cardinality a scrape (and the Prometheus server) must hold — every customer and
+#: channel a publisher invents would otherwise be a series forever.
+MAX_LABEL_SERIES = 1000
+#: the customer and channel label value of the series that pairs beyond the bound share
+OTHER_LABEL = "other"
 
 Key = tuple[str, str, int]
 VolumeKey = tuple[int, str, str, int]
@@ -60,11 +70,20 @@ class VolumeMeter:
     """Per-epoch aggregates plus the matching Prometheus counters."""
 
     def __init__(self, epoch_seconds: float = 60.0, *, clock: Callable[[], float] = time.time,
-                 registry: CollectorRegistry | None = None, max_epochs: int = MAX_EPOCHS) -> None:
+                 registry: CollectorRegistry | None = None, max_epochs: int = MAX_EPOCHS,
+                 max_label_series: int = MAX_LABEL_SERIES) -> None:
         if epoch_seconds <= 0:
             raise ValueError("epoch_seconds must be > 0")
+        if max_label_series < 0:
+            raise ValueError("max_label_series must be >= 0")
         self.epoch_seconds = epoch_seconds
         self.max_epochs = max_epochs
+        self.max_label_series = max_label_series
+        #: (customer, channel) with its own series -> the qos values it has series for
+        self._named: dict[tuple[str, str], set[int]] = {}
+        #: pairs counted under ``other`` -> qos values; ``other`` goes when none is left
+        self._folded: dict[tuple[str, str], set[int]] = {}
+        self._other_qos: set[int] = set()
         self._clock = clock
         self._epochs: dict[int, dict[Key, list[int]]] = {}
         self.version = 0
@@ -102,10 +121,39 @@ class VolumeMeter:
                 total = ep[(customer, channel, qos)] = [0, 0]
             total[0] += nbytes
             total[1] += nframes
-            labels = (customer, channel, str(qos))
+            labels = (*self._label_pair(customer, channel, qos), str(qos))
             self._bytes.labels(*labels).inc(nbytes)
             self._frames.labels(*labels).inc(nframes)
         self.version += 1
+
+    def _label_pair(self, customer: str, channel: str, qos: int) -> tuple[str, str]:
+        pair = (customer, channel)
+        named = self._named.get(pair)
+        if named is None and pair not in self._folded and pair != (OTHER_LABEL, OTHER_LABEL) \
+                and len(self._named) < self.max_label_series:
+            named = self._named[pair] = set()
+        if named is not None:
+            named.add(qos)
+            return pair
+        self._folded.setdefault(pair, set()).add(qos)
+        self._other_qos.add(qos)
+        return OTHER_LABEL, OTHER_LABEL
+
+    def _drop_series(self) -> None:
+        """Remove the series of pairs with no traffic left in any in-memory epoch."""
+        live = {(c, ch) for ep in self._epochs.values() for (c, ch, _q) in ep}
+        for table in (self._named, self._folded):
+            for pair in [p for p in table if p not in live]:
+                qos = table.pop(pair)
+                if table is self._named:
+                    for q in qos:
+                        self._bytes.remove(*pair, str(q))
+                        self._frames.remove(*pair, str(q))
+        other_qos = {q for qs in self._folded.values() for q in qs}
+        for q in self._other_qos - other_qos:
+            self._bytes.remove(OTHER_LABEL, OTHER_LABEL, str(q))
+            self._frames.remove(OTHER_LABEL, OTHER_LABEL, str(q))
+        self._other_qos = other_qos
 
     def record(self, shard: int, frames: Sequence[Frame]) -> None:
         """Count a delivered batch now (no persistence; the worker uses aggregate/apply)."""
@@ -138,3 +186,4 @@ class VolumeMeter:
             del self._epochs[e]
         while len(self._epochs) > self.max_epochs:
             del self._epochs[min(self._epochs)]
+        self._drop_series()

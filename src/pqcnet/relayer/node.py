@@ -7,7 +7,9 @@ Background tasks it owns (all cancelled on :meth:`RelayerNode.stop`):
 * the overflow replayer (:meth:`BufferedPublisher.run`);
 * the flow loop: every ``backpressure_interval`` s, backlog = bus lag + overflow depth
   per shard → :class:`FlowController` → FLOW PAUSE/RESUME on publisher tunnels;
-* the epoch loop: each closed epoch → signed volume proof → anchored in the QS-DAG.
+* the epoch loop: each closed epoch → signed volume proof(s) → intent recorded →
+  anchored in the QS-DAG → proof files → intent cleared (see
+  :mod:`pqcnet.relayer.proofstore`: a crash anywhere anchors an epoch exactly once).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +31,27 @@ from prometheus_client.registry import Collector
 
 from pqcnet._util.env import env_passphrase
 from pqcnet.errors import PqcnetError
-from pqcnet.identity import NodeIdentity
+from pqcnet.identity import NodeIdentity, SpiffeId
 from pqcnet.qsdag import Ledger
 from pqcnet.qstp import aio
 from pqcnet.qstp.tls import TlsPolicy
+from pqcnet.relayer.authz import Authorizer, Quotas, authz_policy
 from pqcnet.relayer.backpressure import FlowController
 from pqcnet.relayer.bus.base import Bus
 from pqcnet.relayer.bus.embedded import EmbeddedBus
 from pqcnet.relayer.config import RelayerConfig
+from pqcnet.relayer.counters import (
+    ClaimCheck,
+    CounterBook,
+    SignedAckCounter,
+    Tolerance,
+    ca_trust,
+    check_claims,
+)
 from pqcnet.relayer.egress import SubscriberHub
-from pqcnet.relayer.errors import ConfigError, RelayerError
-from pqcnet.relayer.frame import FrameLimits
+from pqcnet.relayer.errors import ConfigError, ReceiptRefused, RelayerError
+from pqcnet.relayer.frame import FrameLimits, Topic
+from pqcnet.relayer.gapfence import GapFence
 from pqcnet.relayer.governance import VolumeMetricsService, serve_governance
 from pqcnet.relayer.ingress import Ingress
 from pqcnet.relayer.metering import VolumeMeter
@@ -48,10 +60,11 @@ from pqcnet.relayer.proof import (
     LedgerAnchor,
     PerformanceReport,
     VolumeProof,
-    build_volume_proof,
+    build_volume_proofs,
     sign_report,
 )
-from pqcnet.relayer.proofstore import ProofStore
+from pqcnet.relayer.proofstore import Intent, ProofStore
+from pqcnet.relayer.receipts import VolumeReceipt, build_receipt
 from pqcnet.relayer.seqstore import RocksSeqStore, SeqStore
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
 
@@ -146,11 +159,22 @@ class RelayerNode:
         self.cfg, self.identity, self.policy = cfg, identity, policy or TlsPolicy()
         self.data_dir = Path(cfg.data_dir)
         self.registry = CollectorRegistry()
-        self.meter = VolumeMeter(cfg.epoch_seconds, registry=self.registry)
+        self.meter = VolumeMeter(cfg.epoch_seconds, registry=self.registry,
+                                 max_label_series=cfg.metrics_max_label_series)
         self.flow = FlowController(cfg.high_water, cfg.low_water)
         self.hub = SubscriberHub()
+        #: late-frame refusal, shared by ingress and shard workers (decision 0012)
+        self.fence = GapFence(self._stored_marks)
+        self.authz = Authorizer(authz_policy(cfg.authz))
+        self.quotas = Quotas(cfg.quotas)
+        self.hub.may_receive = self.authz.may_receive
         self.proofs: dict[int, VolumeProof] = {}
+        """epoch -> its proof (part 0 when the epoch was split over several trees)"""
+        self._parts: dict[int, tuple[VolumeProof, ...]] = {}
         self.proof_store = ProofStore(self.data_dir / "proofs")
+        #: clients' signed ack counters (decision 0014), checked against our claims
+        self.counters = CounterBook(ca_trust(identity.trust_anchors))
+        self.tolerance = Tolerance(cfg.counter_tolerance_ratio, cfg.counter_tolerance_frames)
         self.backlog: dict[int, int] = {}
         self._bus_lag: dict[int, int] = {}
         self.started_at = 0.0
@@ -169,6 +193,7 @@ class RelayerNode:
         self.publisher: BufferedPublisher
         self.overflow: OverflowQueue
         self.anchor: LedgerAnchor
+        self.store: SeqStore
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -201,14 +226,16 @@ class RelayerNode:
                                            publish_timeout=cfg.publish_timeout)
         self.ingress = Ingress(self.publisher, self.hub,
                                limits=FrameLimits(cfg.max_payload, cfg.max_id),
-                               retry_after=cfg.retry_after)
+                               retry_after=cfg.retry_after, fence=self.fence,
+                               authz=self.authz, quotas=self.quotas, services=self)
         self._open_ledger()
         wcfg = WorkerConfig(group=cfg.group, batch=cfg.batch, max_reorder=cfg.max_reorder,
                             gap_timeout=cfg.gap_timeout, max_topics=cfg.max_topics)
-        self.store: SeqStore = store
+        self.store = store
         self.meter.apply(await store.load_volume())  # what this node counted before a restart
         self._load_proofs()
-        self.workers = [RelayerShardWorker(self.bus, s, store, self.hub, wcfg, meter=self.meter)
+        self.workers = [RelayerShardWorker(self.bus, s, store, self.hub, wcfg, meter=self.meter,
+                                           fence=self.fence)
                         for s in cfg.shards_owned]
         self._tasks += [asyncio.create_task(w.run(), name=f"shard-{w.shard}")
                         for w in self.workers]
@@ -230,6 +257,10 @@ class RelayerNode:
             grpc_server, self.grpc_port = await serve_governance(
                 service, cfg.grpc_host, cfg.grpc_port, tls=tls)
             stack.push_async_callback(_quietly, grpc_server.stop, 0.5)
+
+    async def _stored_marks(self, shard: int, topics: Sequence[Topic]) -> dict[Topic, int]:
+        """Durable next seqs for the gap fence (a shard's worker may live elsewhere)."""
+        return await self.store.load_topics(shard, topics)
 
     async def _listen(self, port: int) -> None:
         server = await aio.serve(self.ingress.handle_tunnel, self.cfg.listen_host, port,
@@ -274,6 +305,32 @@ class RelayerNode:
                                f"{exc}") from None
         log.info("rotated identity saved", extra={"node": self.cfg.node_id,
                                                   "dir": str(self.cfg.identity_dir)})
+
+    def reload(self, cfg: RelayerConfig) -> None:
+        """Hot-reload the policy part of ``cfg`` (``authz``, ``quotas``) while running;
+        the rest of the config is fixed for the life of the process. Tunnels stay up;
+        the next frame, subscription and delivery are decided by the new policy, and
+        existing quota buckets keep their level."""
+        policy = authz_policy(cfg.authz)  # compile first: a bad policy changes nothing
+        self.authz.policy = policy
+        self.quotas.reload(cfg.quotas, time.monotonic())
+        self.cfg = self.cfg.replace(authz=cfg.authz.model_dump(by_alias=True),
+                                    quotas=cfg.quotas.model_dump())
+        log.info("relayer policy reloaded", extra={
+            "customers_with_rules": sorted(cfg.authz.customers),
+            "quota_customers": sorted(cfg.quotas.customers)})
+
+    def apply_rate_limit(self, scope: str, rate: float, burst: float) -> None:
+        """A governance rate-limit directive: ``scope`` names a customer (``*``: every
+        customer) whose frames/s quota at this relayer becomes ``rate`` with ``burst``."""
+        if not scope:
+            raise ConfigError("rate-limit scope must be a customer name or '*'")
+        if not (rate > 0 and burst >= 1):
+            raise ConfigError(f"rate limit needs rate > 0 and burst >= 1, got {rate}/{burst}")
+        spec = self.quotas.apply_rate_limit(scope, rate, burst, time.monotonic())
+        self.cfg = self.cfg.replace(quotas=spec.model_dump())
+        log.info("rate limit directive applied", extra={"scope": scope, "rate": rate,
+                                                        "burst": burst})
 
     def _open_ledger(self) -> None:
         path = Path(self.cfg.ledger_dir) if self.cfg.ledger_dir else self.data_dir / "ledger"
@@ -335,22 +392,51 @@ class RelayerNode:
             except Exception:  # keep the loop alive whatever a backend throws
                 log.exception("backpressure sampling failed")
 
+    def proof_parts(self, epoch: int) -> tuple[VolumeProof, ...]:
+        """Every proof of a proven ``epoch`` (one unless it was split), part order."""
+        return self._parts.get(epoch, ())
+
     def prove_closed_epochs(self, now: float | None = None) -> list[VolumeProof]:
-        """Prove and anchor every epoch before the current one not yet proven."""
+        """Prove and anchor every epoch before the current one not yet proven.
+
+        Unfinished intents (a crash mid-anchoring) are finished first. An epoch whose
+        proof fails with a typed error is logged and retried next round; it never stops
+        the epochs after it.
+        """
         current = self.meter.epoch(now)
-        out = []
-        for e in self.meter.epochs():
-            if e >= current or e in self.proofs:
+        out: list[VolumeProof] = []
+        pending = set(self.proof_store.intent_epochs())
+        for e in sorted(pending | set(self.meter.epochs())):
+            if e in self.proofs or (e >= current and e not in pending):
                 continue
-            proof = build_volume_proof(self.cfg.node_id, e, self.meter.records(e),
-                                       self.identity.key)
-            vid = self.anchor.anchor_proof(proof)
-            self.proofs[e] = proof
-            self.proof_store.write(proof, vid)
-            out.append(proof)
-            log.info("volume proof anchored", extra={"epoch": e, "records": proof.record_count,
-                                                     "bytes": proof.total_bytes})
+            try:
+                parts = self._prove_epoch(e, pending)
+            except (PqcnetError, OSError) as exc:
+                log.error("volume proof failed; retried next round",
+                          extra={"epoch": e, "error": str(exc)})
+                continue
+            out += parts
+            log.info("volume proof anchored", extra={
+                "epoch": e, "parts": len(parts), "records": sum(p.record_count for p in parts),
+                "bytes": sum(p.total_bytes for p in parts)})
         return out
+
+    def _prove_epoch(self, epoch: int, pending: set[int]) -> list[VolumeProof]:
+        """Intent (durable) → anchor each part once → proof files → intent cleared."""
+        if epoch in pending:
+            intent = self.proof_store.read_intent(epoch)
+        else:
+            intent = Intent(epoch, self.anchor.next_counter(), tuple(build_volume_proofs(
+                self.cfg.node_id, epoch, self.meter.records(epoch), self.identity.key)))
+            self.proof_store.write_intent(intent)
+        vids = [self.anchor.find_anchored(p, intent.counter) or self.anchor.anchor_proof(p)
+                for p in intent.proofs]
+        for p, vid in reversed(list(zip(intent.proofs, vids, strict=True))):
+            self.proof_store.write(p, vid)  # part 0 last: its file names a complete epoch
+        self.proof_store.clear_intent(epoch)
+        self.proofs[epoch] = intent.proofs[0]
+        self._parts[epoch] = intent.proofs
+        return list(intent.proofs)
 
     async def prune_epochs(self) -> int:
         """Drop proven epochs beyond the newest ``keep_epochs`` ones; returns how many.
@@ -367,18 +453,22 @@ class RelayerNode:
         cutoff = old[-1] + 1
         await self.store.prune_volume(cutoff)
         self.meter.forget_before(cutoff)
+        self.counters.forget_before(cutoff)
         self.proof_store.prune(old)
         for e in old:
             del self.proofs[e]
-            self.anchor.receipts.pop(e, None)
+            self._parts.pop(e, None)
+            self.anchor.forget(e)
         log.info("proven epochs pruned", extra={"before_epoch": cutoff, "count": len(old)})
         return len(old)
 
     def _load_proofs(self) -> None:
         """Proofs made before a restart: never prove (and anchor) an epoch twice."""
         for proof, vid in self.proof_store.load():
-            self.proofs[proof.epoch] = proof
-            self.anchor.receipts[proof.epoch] = vid
+            if proof.part == 0:
+                self.proofs[proof.epoch] = proof
+            self._parts[proof.epoch] = (*self._parts.get(proof.epoch, ()), proof)
+            self.anchor.remember(proof, vid)
 
     async def _epoch_loop(self) -> None:
         while True:
@@ -391,12 +481,38 @@ class RelayerNode:
             except Exception:
                 log.exception("volume proof / log trim failed")
 
+    # ------------------------------------------------------------------ ingress services
+    def add_counters(self, peer: str, counters: Sequence[SignedAckCounter]) -> int:
+        """Keep a client's signed ack counters (only those it signed itself)."""
+        return self.counters.add(counters, peer=peer)
+
+    def receipt(self, peer: str, customer: str, epoch: int) -> VolumeReceipt:
+        """The signed receipt of ``customer`` for a proven ``epoch``; only a caller whose
+        SPIFFE tenant is the customer gets it."""
+        if SpiffeId.parse(peer).tenant != customer:
+            raise ReceiptRefused(f"tenant of {peer} may not read customer {customer!r}")
+        return self.receipt_for(customer, epoch)
+
+    def receipt_for(self, customer: str, epoch: int) -> VolumeReceipt:
+        parts = self._parts.get(epoch)
+        if not parts:
+            raise ReceiptRefused(f"epoch {epoch} is not proven here (yet, or any more)")
+        ledger = self.anchor.ledger
+        vertices = [ledger.get(self.anchor.part_receipt(epoch, p.part)).encode() for p in parts]
+        return build_receipt(self.cfg.node_id, customer, epoch, parts, vertices,
+                             self.identity.key)
+
+    def check_claims(self, epoch: int) -> list[ClaimCheck]:
+        """Each record of a proven epoch against the clients' signed counters."""
+        return check_claims([r for p in self._parts.get(epoch, ()) for r in p.records],
+                            self.counters, self.tolerance)
+
     def report(self, epoch_from: int = 0, epoch_to: int | None = None) -> PerformanceReport:
         """Signed performance report over proven epochs in the range."""
-        proofs = tuple(p for e, p in sorted(self.proofs.items())
+        proofs = tuple(p for e in sorted(self.proofs) for p in self._parts.get(e, ())
                        if e >= epoch_from and (epoch_to is None or e <= epoch_to))
-        receipts = tuple(self.anchor.receipts[p.epoch] for p in proofs
-                         if p.epoch in self.anchor.receipts)
+        receipts = tuple(self.anchor.part_receipts[(p.epoch, p.part)] for p in proofs
+                         if (p.epoch, p.part) in self.anchor.part_receipts)
         last = epoch_to if epoch_to is not None else (proofs[-1].epoch if proofs else epoch_from)
         unsigned = PerformanceReport(self.cfg.node_id, epoch_from, last, proofs, receipts,
                                      time.time() - self.started_at)
@@ -444,6 +560,16 @@ class _NodeCollector(Collector):
                      ("overflowed", st.overflowed)):
             ing.add_metric([k], v)
         yield ing
+        refusals = CounterMetricFamily(
+            "pqcnet_relayer_authz_refusals",
+            "Frames and subscriptions refused by the data-plane authorization, by operation",
+            labels=["op"])
+        for op, v in sorted(n.authz.refusals.items()):
+            refusals.add_metric([op], v)
+        yield refusals
+        yield CounterMetricFamily("pqcnet_relayer_quota_refused_frames",
+                                  "Publisher frames refused by a customer quota",
+                                  value=n.quotas.refused)
         for name, attr, doc in (("delivered", "delivered", "Frames delivered to subscribers"),
                                 ("duplicates", "duplicates", "Duplicate frames suppressed"),
                                 ("gaps", "gaps", "Sequence gaps reported and skipped")):

@@ -7,8 +7,10 @@ object type). The *header* (records stripped: a vertex payload is bounded) is
 anchored as a ``VOLUME_PROOF`` vertex; any single record is then proven against the
 anchored root with an inclusion proof (:func:`verify_inclusion`). The tree is the
 house one, :mod:`pqcnet.layer0.merkle` (RFC 6962/9162, SHA-256), so any CT-style verifier can
-check a record; an epoch holds one leaf per active (customer, channel, QoS) and is
-bounded by ``pqcnet.layer0.merkle.MAX_LEAVES`` (a bigger epoch is refused with ProofError). A
+check a record; an epoch holds one leaf per active (customer, channel, QoS). One tree
+holds at most ``pqcnet.layer0.merkle.MAX_LEAVES`` leaves: a bigger epoch is split by
+:func:`build_volume_proofs` into ``parts`` consecutive slices of the canonical order,
+each a proof of its own (``part`` 0..parts-1, both covered by the signature). A
 :class:`PerformanceReport` bundles a range of proofs, the anchor receipts and
 uptime, signed the same way and anchored as ``PERFORMANCE_REPORT``.
 """
@@ -54,12 +56,20 @@ class VolumeProof:
     signer_key_id: bytes = b""
     signature: bytes = b""
     records: tuple[VolumeRecord, ...] = ()
+    part: int = 0
+    """Which slice of a split epoch this is (0 when the epoch fits one tree)."""
+    parts: int = 1
+    """How many proofs the epoch was split into."""
 
     def signed_bytes(self) -> bytes:
-        """What the signature covers (everything but the records and the signature)."""
+        """What the signature covers (everything but the records and the signature).
+
+        An unsplit epoch's bytes are unchanged from v1 (part/parts not appended), so
+        proofs signed before splitting existed still verify."""
+        split = () if (self.part, self.parts) == (0, 1) else (_u64(self.part), _u64(self.parts))
         return length_prefixed(self.relayer_id.encode(), _u64(self.epoch), self.root,
                                _u64(self.record_count), _u64(self.total_bytes),
-                               _u64(self.total_frames), self.signer_key_id)
+                               _u64(self.total_frames), self.signer_key_id, *split)
 
     def header(self) -> VolumeProof:
         """The proof without its records (what is anchored)."""
@@ -67,13 +77,22 @@ class VolumeProof:
 
 
 def build_volume_proof(relayer_id: str, epoch: int, records: Sequence[VolumeRecord],
-                       signer: SigningKey) -> VolumeProof:
-    """Commit to ``records`` (canonical order) and sign."""
+                       signer: SigningKey, *, part: int = 0, parts: int = 1) -> VolumeProof:
+    """Commit to ``records`` (canonical order, at most one tree) and sign."""
     unsigned = VolumeProof(relayer_id, epoch, _root(records), len(records),
                            sum(r.bytes for r in records), sum(r.frames for r in records),
-                           signer.key_id, b"", tuple(records))
+                           signer.key_id, b"", tuple(records), part, parts)
     return replace(unsigned, signature=signer.sign(unsigned.signed_bytes(),
                                                    context=PROOF_CONTEXT))
+
+
+def build_volume_proofs(relayer_id: str, epoch: int, records: Sequence[VolumeRecord],
+                        signer: SigningKey) -> list[VolumeProof]:
+    """One proof per tree: ``records`` cut into slices of at most ``MAX_LEAVES``."""
+    size = MAX_LEAVES
+    parts = max(1, -(-len(records) // size))
+    return [build_volume_proof(relayer_id, epoch, records[i * size:(i + 1) * size], signer,
+                               part=i, parts=parts) for i in range(parts)]
 
 
 def _root(records: Sequence[VolumeRecord]) -> bytes:
@@ -89,6 +108,8 @@ def verify_volume_proof(proof: VolumeProof, key: VerifyKey) -> None:
     """Signature, and — when records are present — root and totals recomputed."""
     if proof.signer_key_id != key.key_id:
         raise ProofError("volume proof was signed by a different key")
+    if not 0 <= proof.part < proof.parts:
+        raise ProofError(f"volume proof part {proof.part} of {proof.parts}")
     try:
         key.verify(proof.signature, proof.signed_bytes(), context=PROOF_CONTEXT)
     except SignatureInvalid as exc:
@@ -138,13 +159,14 @@ def proof_to_pb(p: VolumeProof) -> pb.VolumeProof:
                           records=[record_to_pb(r) for r in p.records],
                           total_bytes=p.total_bytes, total_frames=p.total_frames,
                           signer_key_id=p.signer_key_id, signature=p.signature,
-                          record_count=p.record_count)
+                          record_count=p.record_count, part=p.part,
+                          parts=0 if p.parts == 1 else p.parts)
 
 
 def proof_from_pb(m: pb.VolumeProof) -> VolumeProof:
     return VolumeProof(m.relayer_id, m.epoch, m.merkle_root, m.record_count, m.total_bytes,
                        m.total_frames, m.signer_key_id, m.signature,
-                       tuple(record_from_pb(r) for r in m.records))
+                       tuple(record_from_pb(r) for r in m.records), m.part, m.parts or 1)
 
 
 # ------------------------------------------------------------------ performance report
@@ -214,6 +236,9 @@ class LedgerAnchor:
     author: str
     signer: SigningKey
     receipts: dict[int, bytes] = field(default_factory=dict)
+    """epoch -> vertex id of its (first) proof"""
+    part_receipts: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    """(epoch, part) -> vertex id, for every part of every anchored epoch"""
 
     def anchor_proof(self, proof: VolumeProof) -> bytes:
         """Append the proof header as a VOLUME_PROOF vertex; returns the vertex id."""
@@ -221,8 +246,43 @@ class LedgerAnchor:
         receipt = self.ledger.append(VertexKind.VOLUME_PROOF,
                                      OpaqueRecord(PROOF_CONTENT_TYPE, self.author, body),
                                      self.author, self.signer)
-        self.receipts[proof.epoch] = receipt.id
+        self.remember(proof, receipt.id)
         return receipt.id
+
+    def remember(self, proof: VolumeProof, vertex_id: bytes) -> None:
+        """Record that ``proof`` is anchored at ``vertex_id``."""
+        if proof.part == 0:
+            self.receipts[proof.epoch] = vertex_id
+        self.part_receipts[(proof.epoch, proof.part)] = vertex_id
+
+    def forget(self, epoch: int) -> None:
+        self.receipts.pop(epoch, None)
+        for key in [k for k in self.part_receipts if k[0] == epoch]:
+            del self.part_receipts[key]
+
+    def part_receipt(self, epoch: int, part: int) -> bytes:
+        """The vertex id anchoring part ``part`` of ``epoch`` (KeyError if none)."""
+        return self.part_receipts[(epoch, part)]
+
+    def next_counter(self) -> int:
+        """The author counter the next anchor will take (recorded in anchoring intents)."""
+        return self.ledger.next_counter(self.author)
+
+    def find_anchored(self, proof: VolumeProof, from_counter: int) -> bytes | None:
+        """The vertex id of an already anchored ``proof`` among this author's vertices
+        from ``from_counter`` on (a crash after the anchor, before the proof file)."""
+        for counter in range(from_counter, self.ledger.next_counter(self.author)):
+            vid = self.ledger.by_author(self.author, counter)
+            if vid is None:
+                continue
+            try:
+                anchored = anchored_proof(self.ledger, vid)
+            except ProofError:
+                continue
+            if anchored.signed_bytes() == proof.signed_bytes():
+                self.remember(proof, vid)
+                return vid
+        return None
 
     def anchor_report(self, report: PerformanceReport) -> bytes:
         """Append a report (proof headers only) as a PERFORMANCE_REPORT vertex."""

@@ -26,7 +26,7 @@ is full, the topic waiting longest is skipped early, so memory stays bounded.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from pqcnet.relayer.bus.base import Delivery, Offset
@@ -41,6 +41,12 @@ GAP_TIMEOUT = 5.0
 #: marks-store read per batch for each cold topic (never a wrong dedup decision). The
 #: cache may exceed it within one step by the batch's new topics plus buffered ones.
 MAX_TOPICS = 65536
+#: seconds before a gap skip that was held (see :meth:`Sequencer.poll`) is reconsidered
+HOLD_RECHECK = 0.1
+
+#: ``(topic, lo, hi) -> True`` to postpone skipping seqs ``lo .. hi-1`` (a frame in that
+#: range was acknowledged and has not reached the worker yet)
+HoldGap = Callable[[Topic, int, int], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +114,10 @@ class Sequencer:
     def cached_topics(self) -> int:
         """Topics whose mark is currently in memory."""
         return len(self._next)
+
+    def peek(self, topic: Topic) -> int | None:
+        """The cached next seq of ``topic`` (None if not cached); does not touch the LRU."""
+        return self._next.get(topic)
 
     def missing(self, topics: Iterable[Topic]) -> list[Topic]:
         """The distinct ``topics`` whose mark is not cached (load them, then :meth:`prime`)."""
@@ -192,12 +202,21 @@ class Sequencer:
         self._waiting_since.setdefault(topic, now)
         return out
 
-    def poll(self, now: float) -> list[Event]:
-        """Skip gaps that have waited ``gap_timeout``; returns the resulting events."""
+    def poll(self, now: float, hold: HoldGap | None = None) -> list[Event]:
+        """Skip gaps that have waited ``gap_timeout``; returns the resulting events.
+
+        ``hold(topic, lo, hi)`` returning True postpones that skip by
+        :data:`HOLD_RECHECK` seconds: an acknowledged frame of the range is on its way.
+        """
         out: list[Event] = []
         for topic, since in list(self._waiting_since.items()):
-            if now - since >= self.gap_timeout:
-                out.extend(self._skip(topic, now))
+            if now - since < self.gap_timeout:
+                continue
+            buf = self._buf.get(topic)
+            if hold is not None and buf and hold(topic, self._next.get(topic, 1), min(buf)):
+                self._waiting_since[topic] = now - self.gap_timeout + HOLD_RECHECK
+                continue
+            out.extend(self._skip(topic, now))
         return out
 
     # ------------------------------------------------------------------ internals

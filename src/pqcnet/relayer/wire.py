@@ -17,8 +17,10 @@ from typing import TypeVar
 from google.protobuf.message import DecodeError, Message
 
 from pqcnet.proto import relayer_pb2 as pb
-from pqcnet.relayer.errors import FieldMissing, FrameRejected, RelayerError
+from pqcnet.relayer.counters import MAX_COUNTERS_PER_MESSAGE, SignedAckCounter
+from pqcnet.relayer.errors import FieldMissing, FieldTooLarge, FrameRejected, RelayerError
 from pqcnet.relayer.frame import Frame, Topic
+from pqcnet.relayer.receipts import VolumeReceipt
 
 M = TypeVar("M", bound=Message)
 
@@ -101,7 +103,22 @@ class Ack:
     upto: dict[Topic, int]
 
 
-ClientRequest = tuple[int, list[Incoming]] | Subscribe | Ack
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """A client's signed ack counters (decision 0014); no reply."""
+
+    items: tuple[SignedAckCounter, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptRequest:
+    """A customer asks for its signed receipt of one epoch."""
+
+    customer: str
+    epoch: int
+
+
+ClientRequest = tuple[int, list[Incoming]] | Subscribe | Ack | Counters | ReceiptRequest
 
 
 def _parse(cls: type[M], body: bytes, refusal: str) -> M:
@@ -128,8 +145,17 @@ def decode_client(body: bytes) -> ClientRequest:
             topic = (t.customer_id, t.channel_id)
             upto[topic] = max(upto.get(topic, 0), t.seq)
         return Ack(upto)
+    if which == "counters":
+        if len(msg.counters.counters) > MAX_COUNTERS_PER_MESSAGE:
+            raise FieldTooLarge(f"{len(msg.counters.counters)} counters in one message; "
+                                f"max {MAX_COUNTERS_PER_MESSAGE}")
+        return Counters(tuple(SignedAckCounter.from_pb(c) for c in msg.counters.counters))
+    if which == "receipt":
+        if not msg.receipt.customer_id:
+            raise FieldMissing("receipt: customer id is missing")
+        return ReceiptRequest(msg.receipt.customer_id, msg.receipt.epoch)
     if which != "publish":
-        raise FieldMissing("message has neither publish, subscribe nor ack")
+        raise FieldMissing("message has neither publish, subscribe, ack, counters nor receipt")
     return msg.publish.request_id, [_incoming(f) for f in msg.publish.frames]
 
 
@@ -159,6 +185,13 @@ def encode_error(code: int, reason: str) -> bytes:
     msg = pb.RelayerMessage()
     msg.error.code = code
     msg.error.reason = reason
+    return pack(msg.SerializeToString())
+
+
+def encode_receipt(receipt: VolumeReceipt) -> bytes:
+    """A framed VolumeReceipt reply."""
+    msg = pb.RelayerMessage()
+    msg.receipt.CopyFrom(receipt.to_pb())
     return pack(msg.SerializeToString())
 
 
@@ -202,6 +235,21 @@ def encode_ack(upto: Mapping[Topic, int]) -> bytes:
     return pack(msg.SerializeToString())
 
 
+def encode_counters(counters: Sequence[SignedAckCounter]) -> bytes:
+    """A framed AckCounters message."""
+    msg = pb.ClientMessage()
+    msg.counters.counters.extend(c.to_pb() for c in counters)
+    return pack(msg.SerializeToString())
+
+
+def encode_receipt_request(customer: str, epoch: int) -> bytes:
+    """A framed ReceiptRequest."""
+    msg = pb.ClientMessage()
+    msg.receipt.customer_id = customer
+    msg.receipt.epoch = epoch
+    return pack(msg.SerializeToString())
+
+
 @dataclass(frozen=True, slots=True)
 class ServerError:
     """A request-level error the relayer sent."""
@@ -210,7 +258,7 @@ class ServerError:
     reason: str
 
 
-ServerMessage = tuple[int, list[Result]] | list[Frame] | ServerError
+ServerMessage = tuple[int, list[Result]] | list[Frame] | ServerError | VolumeReceipt
 
 
 def decode_server(body: bytes) -> ServerMessage:
@@ -226,4 +274,6 @@ def decode_server(body: bytes) -> ServerMessage:
                 for d in msg.deliveries.frames]
     if which == "error":
         return ServerError(msg.error.code, msg.error.reason)
+    if which == "receipt":
+        return VolumeReceipt.from_pb(msg.receipt)
     raise FrameRejected("empty RelayerMessage")

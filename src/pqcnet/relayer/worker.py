@@ -30,7 +30,8 @@ from typing import Protocol
 from pqcnet.errors import PqcnetError
 from pqcnet.relayer.bus.base import Bus, Delivery
 from pqcnet.relayer.errors import FrameRejected
-from pqcnet.relayer.frame import Frame, decode
+from pqcnet.relayer.frame import Frame, Topic, decode
+from pqcnet.relayer.gapfence import GapFence
 from pqcnet.relayer.metering import VolumeMeter
 from pqcnet.relayer.seqstore import SeqStore
 from pqcnet.relayer.sequencer import (
@@ -103,6 +104,7 @@ class RelayerShardWorker:
         on_delivered: Callable[[int, Sequence[Frame]], None] | None = None,
         on_gap: Callable[[Gap], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        fence: GapFence | None = None,
     ) -> None:
         self.bus, self.shard, self.store, self.sink = bus, shard, store, sink
         self.config = config or WorkerConfig()
@@ -111,9 +113,16 @@ class RelayerShardWorker:
         self._on_delivered = on_delivered
         self._on_gap = on_gap
         self._clock = clock
+        self.fence = fence
+        if fence is not None:
+            fence.attach_worker(shard, self.cached_mark)
         self._seq: Sequencer | None = None
         self._inflight: deque[Delivery] = deque()
         self._stopping = False
+
+    def cached_mark(self, topic: Topic) -> int | None:
+        """The in-memory next seq of ``topic`` (None if not cached): newer than the store."""
+        return None if self._seq is None else self._seq.peek(topic)
 
     async def _reset(self) -> None:
         # no marks loaded here: they come from the store lazily, per topic, on a miss
@@ -152,11 +161,14 @@ class RelayerShardWorker:
             self.stats.mark_loads += len(cold)
         now = self._clock()
         out: list[Frame] = []
+        fence = self.fence
         for d, frame in decoded:
             self._inflight.append(d)
             if frame is not None:
+                if fence is not None:
+                    fence.consumed(frame.topic, frame.seq)
                 self._collect(seq.offer(frame, d, now), out)
-        self._collect(seq.poll(now), out)
+        self._collect(seq.poll(now, fence.holds if fence is not None else None), out)
         volume = self.meter.aggregate(out) if self.meter is not None and out else None
         if out:
             await self.sink.deliver(self.shard, out)
@@ -186,6 +198,8 @@ class RelayerShardWorker:
                 log.warning("sequence gap skipped", extra={
                     "shard": self.shard, "customer": ev.topic[0], "channel": ev.topic[1],
                     "expected": ev.expected, "resumed_at": ev.resumed_at})
+                if self.fence is not None:
+                    self.fence.record_gap(ev.topic, ev.expected, ev.resumed_at)
                 if self._on_gap is not None:
                     self._on_gap(ev)
 

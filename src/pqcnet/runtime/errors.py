@@ -2,7 +2,9 @@
 
     NodeError
     ├── NodeConfigError     the node file is unreadable, has unknown keys or bad values
-    └── ShareServiceError   a Shamir share service refused, failed or answered nonsense
+    ├── ShareServiceError   a Shamir share service refused, failed or answered nonsense
+    ├── HttpsError          HTTP/1.1 over PQ TLS failed (connect, handshake, framing)
+    └── CaServiceError      the CA service answered with an error status (``status``, ``code``)
 
 The CLI turns either into one ``error: ...`` line and exit status 1.
 """
@@ -37,4 +39,29 @@ class ShareServiceError(NodeError):
         return self.code in ("unavailable", "timeout")
 
 
-__all__ = ["NodeConfigError", "NodeError", "ShareServiceError"]
+class HttpsError(NodeError):
+    """HTTP/1.1 over PQ TLS (:mod:`pqcnet.runtime.https`) failed: unreachable,
+    refused handshake, malformed or oversized message, timeout."""
+
+
+class CaServiceError(NodeError):
+    """A CA service request was refused (:mod:`pqcnet.runtime.ca_service`).
+
+    ``status`` is the HTTP status (400 bad input, 401 bad/used/expired token or no
+    client certificate, 403 policy or attestation, 404, 413, 429 rate limit) and
+    ``code`` a short stable word for scripts and metrics.
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.detail = message
+
+    @property
+    def retriable(self) -> bool:
+        """Whether the same request may succeed later (rate limit, server trouble)."""
+        return self.status == 429 or self.status >= 500
+
+
+__all__ = ["CaServiceError", "HttpsError", "NodeConfigError", "NodeError", "ShareServiceError"]

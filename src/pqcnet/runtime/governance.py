@@ -10,6 +10,10 @@ governance):
 * :class:`SentryDirectives` — a rate-limit update hot-reloads the sentry's limiter
   through :meth:`pqcnet.sentry.core.Sentry.reload` (the same path as a config-file reload,
   so buckets keep their level and the policy change is anchored like any other).
+* :class:`RelayerDirectives` — a rate-limit update sets the frames/s quota of one
+  customer (scope = customer, ``*`` = every customer) at a running relayer
+  (:meth:`pqcnet.relayer.node.RelayerNode.apply_rate_limit`): publishers of that
+  customer beyond it get retriable ``QuotaExceeded`` results.
 * :class:`QstpEndpoint` — a node's QSTP face (server plus dialled tunnels) that obeys
   directives: a **slash** puts the target in the endpoint's :class:`~pqcnet.qstp.tls.PeerGate`
   (every later handshake from it is refused, on this endpoint and on any other that
@@ -48,6 +52,7 @@ from pqcnet.qstp.config import QstpConfiguration
 from pqcnet.qstp.errors import HandshakeError
 from pqcnet.qstp.frames import ErrorCode
 from pqcnet.qstp.tls import PeerGate, TlsPolicy
+from pqcnet.relayer.node import RelayerNode
 from pqcnet.sentry.core import Sentry
 from pqcnet.sentry.server import serve_tunnel
 
@@ -87,6 +92,27 @@ class SentryDirectives:
 
     def on_slash(self, target: SlashNotice) -> Outcome:
         return Outcome.IGNORED  # the sentry's QstpEndpoint (its PeerGate) refuses the node
+
+
+class RelayerDirectives:
+    """Applies rate-limit directives to a running relayer as per-customer quotas;
+    rekey and slash are the relayer's endpoint's business (``ignored`` here)."""
+
+    def __init__(self, node: RelayerNode) -> None:
+        self.node = node
+        #: directives applied, by action
+        self.applied: Counter[str] = Counter()
+
+    def on_rate_limit(self, update: RateLimitUpdate) -> Outcome:
+        self.node.apply_rate_limit(update.scope, update.rate_per_s, float(update.burst))
+        self.applied["rate_limit"] += 1
+        return Outcome.APPLIED
+
+    def on_force_rekey(self, target: ForceRekey) -> Outcome:
+        return Outcome.IGNORED
+
+    def on_slash(self, target: SlashNotice) -> Outcome:
+        return Outcome.IGNORED
 
 
 class GateDirectives:
@@ -258,6 +284,7 @@ __all__ = [
     "GateDirectives",
     "IdentityIssuer",
     "QstpEndpoint",
+    "RelayerDirectives",
     "SentryDirectives",
     "peer_key",
     "sentry_tunnel_handler",

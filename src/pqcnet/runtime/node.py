@@ -15,7 +15,8 @@ mesh messages have one author), and registers the existing bindings:
   when it could not complete (no ``ca_dir``, or ``ledger: none`` — the relayer's own
   ledger would then refuse proofs signed by a key it never saw). A
   :class:`~pqcnet.runtime.relay_reports.RelayReportPublisher` sends anchored volume proofs
-  on ``relay-reports``.
+  on ``relay-reports``; :class:`~pqcnet.runtime.governance.RelayerDirectives` turns a
+  rate-limit directive into a per-customer quota (it is ``applied`` only there).
 * both roles — at start the ``PeerGate`` is seeded with the nodes the QS-DAG holds
   as slashed, so a restarted node keeps refusing them.
 * sentry — a :class:`~pqcnet.runtime.sentry.SentryService` (the same composition as
@@ -73,7 +74,7 @@ from pqcnet.qstp.tls import PeerGate, TlsPolicy
 from pqcnet.relayer.node import RelayerNode, load_identity
 from pqcnet.runtime.config import NodeConfig
 from pqcnet.runtime.errors import NodeError
-from pqcnet.runtime.governance import QstpEndpoint, SentryDirectives
+from pqcnet.runtime.governance import QstpEndpoint, RelayerDirectives, SentryDirectives
 from pqcnet.runtime.relay_reports import RelayReportPublisher
 from pqcnet.runtime.sentry import SentryService
 
@@ -168,6 +169,7 @@ class NodeRuntime:
         self.sentry: Any = None
         self.sentry_service: SentryService | None = None
         self.sentry_directives: SentryDirectives | None = None
+        self.relayer_directives: RelayerDirectives | None = None
         self.ledger: Ledger | None = None
         self.crl: CrlGate | None = None
         self.pipeline: SlashingPipeline | None = None
@@ -300,7 +302,9 @@ class NodeRuntime:
                            "refuse proofs under the new key" if cp.spec.ledger != "node" else "")
         self.endpoint = QstpEndpoint(identity, keys, self._issuer(),
                                      policy=TlsPolicy(gate=self.gate))
-        agent.handlers += [self.endpoint, _RelayerRekey(self.endpoint, node)]
+        self.relayer_directives = RelayerDirectives(node)
+        agent.handlers += [self.endpoint, _RelayerRekey(self.endpoint, node),
+                           self.relayer_directives]
         if self.cfg.control_plane.spec.publish_reports:
             self.reports = RelayReportPublisher(
                 node, agent, interval_s=self.cfg.control_plane.spec.report_interval_s)

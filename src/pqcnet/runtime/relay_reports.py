@@ -50,12 +50,16 @@ class RelayReportPublisher:
         next round (the epoch is not marked published)."""
         sent = 0
         for epoch in sorted(e for e in self.node.proofs if e > self.last_epoch):
-            anchor = self.node.anchor.receipts.get(epoch)
-            if anchor is None or sent >= self.max_per_round:
+            parts = self.node.proof_parts(epoch) or (self.node.proofs[epoch],)
+            anchors = [self.node.anchor.part_receipts.get((epoch, p.part)) for p in parts]
+            if None in anchors or sent >= self.max_per_round:
                 break
-            body = proof_to_pb(self.node.proofs[epoch].header()).SerializeToString()
-            try:
-                await self.agent.publish_report(RelayReport(VOLUME_PROOF_KIND, body, anchor))
+            try:  # every part of a split epoch; a retry resends the epoch whole
+                for proof, anchor in zip(parts, anchors, strict=True):
+                    body = proof_to_pb(proof.header()).SerializeToString()
+                    assert anchor is not None
+                    await self.agent.publish_report(
+                        RelayReport(VOLUME_PROOF_KIND, body, anchor))
             except MeshError as exc:
                 self.failures += 1
                 log.info("relay report not published; will retry",

@@ -11,11 +11,20 @@ survives a simulated crash (it is the node's disk): a restarted node reopens a f
 ``Ledger`` on it and the ledger reloads its state as from RocksDB.
 
 Checksums are not kept (they detect disk damage, which is not simulated).
+
+**Copy-on-write base.** Every simulated node anchors the directives it applies in its
+own ledger, so every node needs one, starting from the same onboarding state (genesis
+plus every node's registration). ``MemoryStore(base=...)`` layers a node's writes over a
+frozen base store that all nodes share: reads fall through to the base, writes and
+deletes (tombstones) stay in the node's layer. A thousand ledgers then cost one copy of
+the bootstrap vertices plus each node's own writes. The base must not be written after
+layers are made on it.
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,11 +46,19 @@ class MemoryBatch(Batch):
 
 
 class _Family:
-    __slots__ = ("data", "keys")
+    """One column family: sorted keys, values; ``None`` marks a deletion over ``base``."""
 
-    def __init__(self) -> None:
-        self.data: dict[bytes, bytes] = {}
+    __slots__ = ("base", "data", "keys")
+
+    def __init__(self, base: _Family | None = None) -> None:
+        self.base = base
+        self.data: dict[bytes, bytes | None] = {}
         self.keys: list[bytes] = []
+
+    def get(self, key: bytes) -> bytes | None:
+        if key in self.data:
+            return self.data[key]
+        return self.base.get(key) if self.base is not None else None
 
     def put(self, key: bytes, value: bytes) -> None:
         if key not in self.data:
@@ -49,32 +66,52 @@ class _Family:
         self.data[key] = value
 
     def delete(self, key: bytes) -> None:
-        if self.data.pop(key, None) is not None:
+        if self.base is not None and self.base.get(key) is not None:
+            if key not in self.data:
+                bisect.insort(self.keys, key)
+            self.data[key] = None  # tombstone over the base
+        elif key in self.data:
+            del self.data[key]
             del self.keys[bisect.bisect_left(self.keys, key)]
+
+    def ordered(self, first: bytes) -> Iterator[bytes]:
+        """Keys (of this layer and the base, once each) from ``first`` on, in order."""
+        mine = self.keys[bisect.bisect_left(self.keys, first):] if first else self.keys
+        if self.base is None:
+            yield from list(mine)
+            return
+        last = None
+        for key in heapq.merge(list(mine), self.base.ordered(first)):
+            if key != last:
+                last = key
+                yield key
 
 
 class MemoryStore(Store):
-    """The ledger's column families in memory, key-ordered like RocksDB."""
+    """The ledger's column families in memory, key-ordered like RocksDB; optionally a
+    copy-on-write layer over a frozen ``base`` store."""
 
-    def __init__(self) -> None:  # the parent opens RocksDB; this holds dicts instead
+    def __init__(self, base: MemoryStore | None = None) -> None:
+        # the parent opens RocksDB; this holds dicts instead
         self.path = Path("<memory>")
-        self._fams = {cf: _Family() for cf in COLUMN_FAMILIES}
+        self.base = base
+        below: dict[str, _Family] = base._fams if base is not None else {}
+        self._fams: dict[str, _Family] = {cf: _Family(below.get(cf)) for cf in COLUMN_FAMILIES}
 
     def get(self, cf: str, key: bytes) -> bytes | None:
-        return self._fams[cf].data.get(key)
+        return self._fams[cf].get(key)
 
     def has(self, cf: str, key: bytes) -> bool:
-        return key in self._fams[cf].data
+        return self._fams[cf].get(key) is not None
 
     def items(self, cf: str, prefix: bytes = b"", *,
               start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
         fam = self._fams[cf]
         first = start if start is not None else prefix
-        keys = fam.keys[bisect.bisect_left(fam.keys, first):] if first else list(fam.keys)
-        for key in keys:
+        for key in fam.ordered(first):
             if prefix and not key.startswith(prefix):
                 break
-            value = fam.data.get(key)
+            value = fam.get(key)
             if value is not None:
                 yield key, value
 
@@ -86,7 +123,7 @@ class MemoryStore(Store):
         self._fams[cf].put(key, raw)
 
     def raw_get(self, cf: str, key: bytes) -> bytes | None:
-        return self._fams[cf].data.get(key)
+        return self._fams[cf].get(key)
 
     def batch(self) -> Batch:
         return MemoryBatch()

@@ -7,8 +7,13 @@ Each node holds, exactly as a deployed one would:
   threshold, anchored, then applied) on a :class:`~pqcnet.sim.transport.SimTransport`;
 * directive effects on a real sentry :class:`~pqcnet.sentry.limiter.RateLimiter` and a
   real QSTP :class:`~pqcnet.qstp.tls.PeerGate` (:class:`Effects`);
-* for validators and governance, a real :class:`~pqcnet.qsdag.Ledger` on a
-  :class:`~pqcnet.sim.memstore.MemoryStore`, behind the mesh's own ``QsdagPort``.
+* a real :class:`~pqcnet.qsdag.Ledger` on a :class:`~pqcnet.sim.memstore.MemoryStore`
+  behind the mesh's own ``QsdagPort``, on **every** node: the mesh applies a directive
+  only after the node anchored it in its own ledger (anchor-before-effect), so a node
+  without one applies nothing. Every store is a copy-on-write layer over the shared
+  onboarding state (genesis + every node's registration). Only validators and
+  governance (``syncs``) DAG-sync and announce on the topic; the other nodes' ledgers
+  hold the onboarding state plus what they anchor themselves.
 
 What survives a crash is what a node keeps on disk: its keys, its ledger store, its
 relayer bundle store and a subscriber's delivered-sequence marks (``persistent``).
@@ -23,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pqcnet.crypto.pqc import VerifyKey
 from pqcnet.mesh.agent import AgentConfig, ControlPlaneAgent
-from pqcnet.mesh.directives import ForceRekey, RateLimitUpdate, SlashNotice
+from pqcnet.mesh.directives import ForceRekey, Outcome, RateLimitUpdate, SlashNotice
 from pqcnet.mesh.envelope import Keyring, NodeKeys, VerifierConfig
 from pqcnet.mesh.qsdag_port import QsdagPort
 from pqcnet.qsdag import DEFAULT_SKEW, Ledger
@@ -55,33 +60,38 @@ class Effects:
         self.limiter = RateLimiter({}, INITIAL_PLAN)
         self.gate = PeerGate()
 
-    def on_rate_limit(self, update: RateLimitUpdate) -> None:
+    def on_rate_limit(self, update: RateLimitUpdate) -> Outcome:
         now = self.world.engine.now
         self.limiter.set_plans({}, Plan(update.rate_per_s, float(update.burst)), now)
-        if self.limiter.plan_for("any-tenant").rate == update.rate_per_s:
-            self.world.applied(update, self.node.idx)
+        if self.limiter.plan_for("any-tenant").rate != update.rate_per_s:
+            return Outcome.FAILED
+        self.world.applied(update, self.node.idx)
+        return Outcome.APPLIED
 
-    def on_force_rekey(self, target: ForceRekey) -> None:
-        return None
+    def on_force_rekey(self, target: ForceRekey) -> Outcome:
+        return Outcome.IGNORED
 
-    def on_slash(self, notice: SlashNotice) -> None:
+    def on_slash(self, notice: SlashNotice) -> Outcome:
         if notice.target == self.node.name:
-            return
+            return Outcome.IGNORED
         self.gate.deny(notice.target, notice.reason or "slashed")
         self.world.applied(notice, self.node.idx)
+        return Outcome.APPLIED
 
 
 class SimNode:
     """One simulated node (its index is its network address)."""
 
-    def __init__(self, idx: int, role: str, seed: int, *, ledger: bool) -> None:
+    def __init__(self, idx: int, role: str, seed: int, *, syncs: bool) -> None:
         self.idx = idx
         self.role = role
         self.name = node_name(idx)
         self.keys = NodeKeys(self.name, signing_key(seed, self.name), 1,
                              recipient_key(seed, self.name))
-        #: the node's disk: survives crashes
-        self.store: MemoryStore | None = MemoryStore() if ledger else None
+        #: does this node DAG-sync (and announce on the topic for seal keys)?
+        self.syncs = syncs
+        #: the node's disk: survives crashes (set by the world: a layer over onboarding)
+        self.store: MemoryStore | None = None
         self.persistent: dict[str, Any] = {}
         self.agent: ControlPlaneAgent | None = None
         self.port: QsdagPort | None = None
@@ -118,7 +128,10 @@ class SimNode:
         keyring.lookup = lookup
         self.effects = Effects(self, world)
         self.agent.handlers.append(self.effects)
-        self.topics = frozenset([*self.agent.topics.values(), self.agent.my_inbox])
+        topics = dict(self.agent.topics)
+        if not self.syncs:  # see the module docstring and simulations/README.md
+            topics.pop("dagsync", None)
+        self.topics = frozenset([*topics.values(), self.agent.my_inbox])
 
     def halt(self) -> None:
         """Lose everything in memory (crash or leave); the disk stays."""

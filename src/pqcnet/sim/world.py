@@ -32,6 +32,7 @@ from pqcnet.sim.config import Scenario
 from pqcnet.sim.crypto import VerifyStats, signing_key
 from pqcnet.sim.engine import Engine, Streams
 from pqcnet.sim.gossipsub import Relay, RelayMessage
+from pqcnet.sim.memstore import MemoryStore
 from pqcnet.sim.metrics import Recorder
 from pqcnet.sim.network import Network
 from pqcnet.sim.node import SimNode, agent_config
@@ -63,8 +64,8 @@ class World:
         self.topics = topic_map(NAMESPACE)
         self._kind_of_topic = {t: name for name, t in self.topics.items()}
         self.roles = self._assign_roles()
-        ledger_roles = {"governance", "validator"}
-        self.nodes = [SimNode(i, self.roles[i], self.seed, ledger=self.roles[i] in ledger_roles)
+        sync_roles = {"governance", "validator"}
+        self.nodes = [SimNode(i, self.roles[i], self.seed, syncs=self.roles[i] in sync_roles)
                       for i in range(n)]
         self.by_role: dict[str, list[int]] = {}
         for i, role in enumerate(self.roles):
@@ -88,7 +89,6 @@ class World:
         self.applications: Counter[tuple[str, int]] = Counter()
         #: called with every published relay message (adversaries capture here)
         self.relay_hooks: list[Callable[[RelayMessage], None]] = []
-        self._bootstrap_vertices: list[bytes] = []
         self._make_genesis()
 
     # ------------------------------------------------------------------ setup
@@ -114,28 +114,25 @@ class World:
         return self._directory.get(node_id) if version == 1 else None
 
     def _make_genesis(self) -> None:
-        """Governance writes genesis and registers the validators; every ledger node
-        starts from those vertices (what onboarding hands a new validator)."""
+        """Governance writes genesis and registers every node's key (what onboarding
+        does); every node's store is a copy-on-write layer over that shared state, so
+        each can anchor the directives it applies (anchor-before-effect)."""
         gov = self.nodes[self.gov]
-        assert gov.store is not None
-        ledger = Ledger(gov.store, clock=self.engine.now_s, max_orphans=64, skew=30.0)
+        base = MemoryStore()
+        ledger = Ledger(base, clock=self.engine.now_s, max_orphans=64, skew=30.0)
         ledger.init_genesis(NETWORK_NAME, gov.name, gov.keys.signing_key)
-        for i in self.by_role.get("validator", []):
-            node = self.nodes[i]
-            ledger.register_author(node.name, node.keys.signing_key.public_key,
-                                   registrar=gov.name, signer=gov.keys.signing_key)
-        self._bootstrap_vertices = [v.encode() for v in ledger.export(ledger.tips())]
-        for i in self.by_role.get("validator", []):
-            store = self.nodes[i].store
-            assert store is not None
-            Ledger(store, clock=self.engine.now_s, max_orphans=64,
-                   skew=30.0).import_(self._bootstrap_vertices)
+        for node in self.nodes:
+            if node.idx != self.gov:
+                ledger.register_author(node.name, node.keys.signing_key.public_key,
+                                       registrar=gov.name, signer=gov.keys.signing_key)
+        self.base_store = base
+        for node in self.nodes:
+            node.store = MemoryStore(base=base)
 
     def config_for(self, node: SimNode) -> Any:
         a = self.sc.agent
         return agent_config(NAMESPACE, node.role, announce_interval_s=a.announce_interval_s,
-                            dag_sync_interval_s=(a.dag_sync_interval_s
-                                                 if node.store is not None else 0.0),
+                            dag_sync_interval_s=a.dag_sync_interval_s if node.syncs else 0.0,
                             tick_s=a.tick_s)
 
     # ------------------------------------------------------------------ membership
@@ -167,7 +164,7 @@ class World:
         self.rec.node_down(i, self.engine.now)
 
     def _ticks(self, node: SimNode) -> bool:
-        return node.store is not None or self.sc.agent.announce != "none"
+        return node.syncs or self.sc.agent.announce != "none"
 
     def _tick(self, i: int, boot: int) -> None:
         node = self.nodes[i]
@@ -178,7 +175,7 @@ class World:
             self._announce_to_peers(node)
         # agent.tick announces on the topic: only where the scenario wants that, and on
         # ledger nodes, which need each other's seal keys for DAG sync
-        if self.sc.agent.announce != "topic" and node.store is None:
+        if self.sc.agent.announce != "topic" and not node.syncs:
             return
         drive(node.agent.tick())
 

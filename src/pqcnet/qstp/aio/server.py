@@ -14,7 +14,7 @@ from pqcnet.qstp.config import QstpConfiguration
 from pqcnet.qstp.connection import Connection
 from pqcnet.qstp.errors import HandshakeError, TunnelClosed
 from pqcnet.qstp.frames import ErrorCode
-from pqcnet.qstp.tls import TlsPolicy, build_context, new_connection, verify_peer
+from pqcnet.qstp.tls import PeerInfo, TlsPolicy, build_context, new_connection, verify_peer
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,40 @@ class Server:
         log.info("server identity rotated", extra={
             "identity": str(identity.spiffe_id), "serial": identity.serial,
             "tunnels_ended": len(old)})
+
+    def update_identity(self, identity: NodeIdentity) -> None:
+        """Use ``identity`` (same certificate, newer CRL or trust bundle) for new
+        handshakes only; open tunnels stay (see :meth:`end_tunnels` for the revoked)."""
+        context = build_context(identity, self._policy, server=True)
+        self._identity, self._tls_context = identity, context
+        self._verify = partial(verify_peer, identity=identity, policy=self._policy)
+
+    def open_tunnels(self) -> list[Tunnel]:
+        """The tunnels connected now (e.g. to end later those made before a renewal)."""
+        return list(self._tunnels)
+
+    async def end_tunnels(self, should_end: Callable[[PeerInfo], str | None], *,
+                          among: list[Tunnel] | None = None) -> int:
+        """End (GOAWAY with the returned reason) every open tunnel (of ``among``, if
+        given) whose verified peer ``should_end`` names a reason for, e.g. "peer
+        certificate revoked"; returns how many were ended."""
+        chosen: dict[str, list[Tunnel]] = {}
+        for tunnel in list(self._tunnels if among is None else among):
+            if tunnel not in self._tunnels:
+                continue
+            try:
+                peer = tunnel.peer
+            except TunnelClosed:
+                continue  # still handshaking or already gone
+            reason = should_end(peer)
+            if reason:
+                chosen.setdefault(reason, []).append(tunnel)
+        for reason, tunnels in chosen.items():
+            self._end(tunnels, reason)
+            log.info("tunnels ended", extra={"reason": reason, "tunnels": len(tunnels)})
+        ended = [t for ts in chosen.values() for t in ts]
+        await self._ended(ended)
+        return len(ended)
 
     def close(self) -> None:
         """Stop listening, end every tunnel (GOAWAY) and cancel running handlers."""

@@ -1,0 +1,314 @@
+"""One-time enrollment tokens: how a new node proves it was invited (seed 001 §4).
+
+An operator creates a token (``pqcnet ca token create``) bound to a SPIFFE ID
+pattern and a role, with a short TTL. The CA keeps only the token's SHA-256 in
+``tokens.json`` next to its state, so a copy of the CA directory does not leak
+usable tokens. A joining node presents the secret once to ``POST /v1/enroll``;
+:meth:`TokenStore.redeem` marks it used in the same locked read-modify-write, so a
+second use — a replay — is refused (``used``) and counted by the service.
+
+The token *bundle* (:func:`write_bundle`) is what travels to the node, by network
+or on a USB stick for an air-gapped site (seed 001 §4.2): the secret, the CA trust
+bundle the node pins, the CA service URL and the pattern/role it may ask for.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pqcnet.identity.certs import MAX_PEM_BYTES, load_certs, utcnow
+from pqcnet.identity.errors import IdentityError
+from pqcnet.identity.keystore import atomic_write, read_bounded
+from pqcnet.identity.spiffe import SpiffeId, spiffe_matches, validate_pattern
+
+TOKEN_FILE = "tokens.json"
+_LOCK_FILE = ".tokens.lock"
+TOKEN_PREFIX = "pqcnet-et1."
+#: Token secret entropy (bytes).
+TOKEN_BYTES = 32
+#: Longest TTL a token may have: tokens are for joining now, not for later.
+MAX_TOKEN_TTL = dt.timedelta(days=7)
+#: Tokens kept in the file; used and expired ones are pruned first.
+MAX_TOKENS = 100_000
+#: Bound on ``tokens.json``.
+MAX_TOKEN_FILE_BYTES = 64 * 1024 * 1024
+#: How long a used/expired token's hash is kept (a later replay is still named "used").
+KEEP_SPENT = dt.timedelta(days=1)
+BUNDLE_KIND = "pqcnet-enrollment-token"
+BUNDLE_VERSION = 1
+#: The CA service's own SPIFFE ID path (``spiffe://<td>/pqcnet/ca/ca-service``); nodes
+#: pin ``spiffe://<td>/pqcnet/ca/*``.
+CA_SERVICE_TENANT = "pqcnet"
+CA_SERVICE_ROLE = "ca"
+
+
+def ca_service_id(trust_domain: str) -> SpiffeId:
+    """The SPIFFE ID the CA service presents."""
+    return SpiffeId(trust_domain, CA_SERVICE_TENANT, CA_SERVICE_ROLE, "ca-service")
+
+
+def ca_service_pattern(trust_domain: str) -> str:
+    """What a node pins when talking to the CA service."""
+    return f"spiffe://{trust_domain}/{CA_SERVICE_TENANT}/{CA_SERVICE_ROLE}/*"
+
+
+class TokenError(IdentityError):
+    """A token was refused. ``code``: ``malformed``, ``unknown``, ``used``, ``expired``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """What the CA remembers about a token (never the secret)."""
+
+    #: SHA-256 of the secret, hex
+    token_hash: str
+    #: SPIFFE ID pattern the redeeming node's CSR must match
+    pattern: str
+    #: role the certificate will carry (must equal the ID's role segment)
+    role: str
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    used_at: dt.datetime | None = None
+    #: the SPIFFE ID the token was spent on
+    used_by: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"token_hash": self.token_hash, "pattern": self.pattern, "role": self.role,
+                "created_at": self.created_at.isoformat(),
+                "expires_at": self.expires_at.isoformat(),
+                "used_at": self.used_at.isoformat() if self.used_at else None,
+                "used_by": self.used_by}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TokenRecord:
+        return cls(
+            token_hash=str(d["token_hash"]), pattern=str(d["pattern"]), role=str(d["role"]),
+            created_at=dt.datetime.fromisoformat(d["created_at"]),
+            expires_at=dt.datetime.fromisoformat(d["expires_at"]),
+            used_at=dt.datetime.fromisoformat(d["used_at"]) if d.get("used_at") else None,
+            used_by=str(d.get("used_by", "")),
+        )
+
+
+@dataclass
+class _Records:
+    items: dict[str, TokenRecord] = field(default_factory=dict)
+    dirty: bool = False
+
+
+def hash_token(secret: str) -> str:
+    """The stored form of a token secret; a malformed secret is a ``malformed`` error."""
+    if not isinstance(secret, str) or not secret.startswith(TOKEN_PREFIX):
+        raise TokenError("malformed", f"token must start with {TOKEN_PREFIX!r}")
+    body = secret[len(TOKEN_PREFIX):]
+    try:
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    except (ValueError, TypeError):
+        raise TokenError("malformed", "token is not base64url") from None
+    if len(raw) != TOKEN_BYTES:
+        raise TokenError("malformed", f"token must carry {TOKEN_BYTES} random bytes")
+    return hashlib.sha256(raw).hexdigest()
+
+
+def check_binding(pattern: str, role: str) -> None:
+    """A token binding is a valid pattern whose role segment can match ``role``."""
+    validate_pattern(pattern)
+    segs = pattern[len("spiffe://"):].split("/")
+    if len(segs) != 4:
+        raise IdentityError("token pattern must be spiffe://<td>/<tenant>/<role>/<node-id glob>")
+    if not role or "/" in role:
+        raise IdentityError("token role must be one path segment")
+    probe = SpiffeId(segs[0], "t", role, "n")
+    if not spiffe_matches(f"spiffe://{segs[0]}/*/{segs[2]}/*", probe):
+        raise IdentityError(f"pattern {pattern!r} cannot name role {role!r}")
+
+
+class TokenStore:
+    """``tokens.json`` in a CA directory: create, check and redeem tokens.
+
+    Every change is a locked (``flock``) read-modify-write with an atomic replace,
+    so ``pqcnet ca token create`` and a running ``pqcnet ca serve`` share the file.
+    """
+
+    def __init__(self, ca_dir: Path) -> None:
+        self.path = Path(ca_dir) / TOKEN_FILE
+        self._lock_path = Path(ca_dir) / _LOCK_FILE
+        #: parsed file keyed by (mtime_ns, size, inode): a re-read only after a change
+        self._cache: tuple[tuple[int, int, int], dict[str, TokenRecord]] | None = None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[_Records]:
+        """The records under an exclusive ``flock``; written back if marked dirty."""
+        self._lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._lock_path, "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                records = _Records(self._read())
+                yield records
+                if records.dirty:
+                    atomic_write(self.path, json.dumps(
+                        {"v": 1, "tokens": [r.to_json() for r in records.items.values()]},
+                        indent=1).encode(), mode=0o600)
+                    self._cache = (self._stamp(), dict(records.items))
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _stamp(self) -> tuple[int, int, int]:
+        st = self.path.stat()
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _read(self) -> dict[str, TokenRecord]:
+        if not self.path.exists():
+            return {}
+        stamp = self._stamp()
+        if self._cache is not None and self._cache[0] == stamp:
+            return dict(self._cache[1])  # unchanged since we last read or wrote it
+        raw = read_bounded(self.path, MAX_TOKEN_FILE_BYTES, "token store")
+        try:
+            data = json.loads(raw)
+            records = {r.token_hash: r
+                       for r in (TokenRecord.from_json(d) for d in data["tokens"])}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IdentityError(f"corrupt token store {self.path}: {exc}") from None
+        self._cache = (stamp, dict(records))
+        return records
+
+    def create(self, pattern: str, role: str, ttl: dt.timedelta, *,
+               now: dt.datetime | None = None) -> tuple[str, TokenRecord]:
+        """A new token secret (returned once, never stored) and its record."""
+        check_binding(pattern, role)
+        if not dt.timedelta(0) < ttl <= MAX_TOKEN_TTL:
+            raise IdentityError(f"token TTL must be positive and at most {MAX_TOKEN_TTL}")
+        now = now or utcnow()
+        secret = TOKEN_PREFIX + base64.urlsafe_b64encode(
+            secrets.token_bytes(TOKEN_BYTES)).decode().rstrip("=")
+        rec = TokenRecord(hash_token(secret), pattern, role, now, now + ttl)
+        with self._locked() as records:
+            self._prune(records.items, now)
+            if len(records.items) >= MAX_TOKENS:
+                raise IdentityError(f"{MAX_TOKENS} live tokens already; let some expire")
+            records.items[rec.token_hash] = rec
+            records.dirty = True
+        return secret, rec
+
+    def check(self, secret: str, *, now: dt.datetime | None = None) -> TokenRecord:
+        """The token's record if it may be redeemed now (nothing is written)."""
+        digest = hash_token(secret)
+        with self._locked() as records:
+            return self._usable(records.items, digest, now or utcnow())
+
+    def redeem(self, secret: str, spiffe_id: SpiffeId, *,
+               now: dt.datetime | None = None) -> TokenRecord:
+        """Spend the token on ``spiffe_id`` (which must match its binding)."""
+        digest = hash_token(secret)
+        now = now or utcnow()
+        with self._locked() as records:
+            rec = self._usable(records.items, digest, now)
+            check_token_binding(rec, spiffe_id)
+            spent = TokenRecord(rec.token_hash, rec.pattern, rec.role, rec.created_at,
+                                rec.expires_at, now, str(spiffe_id))
+            records.items[digest] = spent
+            records.dirty = True
+            return spent
+
+    @staticmethod
+    def _usable(records: dict[str, TokenRecord], digest: str, now: dt.datetime) -> TokenRecord:
+        rec = records.get(digest)
+        if rec is None:
+            raise TokenError("unknown", "token is not known to this CA")
+        if rec.used_at is not None:
+            raise TokenError("used", f"token was already used (by {rec.used_by} at "
+                             f"{rec.used_at.isoformat()})")
+        if now >= rec.expires_at:
+            raise TokenError("expired", f"token expired at {rec.expires_at.isoformat()}")
+        return rec
+
+    @staticmethod
+    def _prune(records: dict[str, TokenRecord], now: dt.datetime) -> None:
+        for digest in [d for d, r in records.items()
+                       if (r.used_at or r.expires_at) + KEEP_SPENT < now]:
+            del records[digest]
+
+
+def check_token_binding(rec: TokenRecord, spiffe_id: SpiffeId) -> None:
+    """Raise :class:`TokenError` (``wrong_pattern``) unless ``spiffe_id`` fits the token."""
+    if not spiffe_matches(rec.pattern, spiffe_id) or spiffe_id.role != rec.role:
+        raise TokenError("wrong_pattern", f"{spiffe_id} is outside this token's binding "
+                         f"({rec.pattern}, role {rec.role})")
+
+
+# --------------------------------------------------------------------------- bundle file
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBundle:
+    """What a joining node is given (by network or on removable media)."""
+
+    token: str
+    pattern: str
+    role: str
+    expires_at: dt.datetime
+    #: PEM of the CA certificate(s) the node pins
+    ca_bundle_pem: bytes
+    #: ``https://host:port`` of ``pqcnet ca serve`` (empty: give ``--ca`` on enroll)
+    ca_url: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"v": BUNDLE_VERSION, "kind": BUNDLE_KIND, "token": self.token,
+                "spiffe_pattern": self.pattern, "role": self.role,
+                "expires_at": self.expires_at.isoformat(), "ca_url": self.ca_url,
+                "ca_bundle": self.ca_bundle_pem.decode()}
+
+
+def write_bundle(path: Path, bundle: TokenBundle) -> None:
+    """Write the token bundle (0600: it holds a secret) atomically."""
+    atomic_write(Path(path), json.dumps(bundle.to_json(), indent=1).encode(), mode=0o600)
+
+
+def read_bundle(path: Path) -> TokenBundle:
+    """Parse a token bundle file; anything off is an :class:`IdentityError`."""
+    raw = read_bounded(Path(path), MAX_PEM_BYTES * 2, "token bundle")
+    try:
+        d = json.loads(raw)
+        if d.get("kind") != BUNDLE_KIND or d.get("v") != BUNDLE_VERSION:
+            raise IdentityError(f"{path} is not a pqcnet enrollment token bundle")
+        bundle = TokenBundle(str(d["token"]), str(d["spiffe_pattern"]), str(d["role"]),
+                             dt.datetime.fromisoformat(d["expires_at"]),
+                             str(d["ca_bundle"]).encode(), str(d.get("ca_url", "")))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise IdentityError(f"corrupt token bundle {path}: {exc}") from None
+    if not load_certs(bundle.ca_bundle_pem, "CA bundle in the token file"):
+        raise IdentityError(f"{path} carries no CA certificate")
+    return bundle
+
+
+__all__ = [
+    "CA_SERVICE_ROLE",
+    "CA_SERVICE_TENANT",
+    "TOKEN_FILE",
+    "TokenBundle",
+    "TokenError",
+    "TokenRecord",
+    "TokenStore",
+    "ca_service_id",
+    "ca_service_pattern",
+    "check_binding",
+    "check_token_binding",
+    "hash_token",
+    "read_bundle",
+    "write_bundle",
+]

@@ -1,0 +1,61 @@
+"""``pqcnet ca serve`` / ``ca token create`` / ``node enroll`` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from pqcnet.identity import NodeIdentity
+
+PQCNET = [str(Path(sys.executable).parent / "pqcnet")]
+
+
+def _run(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PQCNET, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_serve_token_enroll_replay(tmp_path: Path) -> None:
+    env = {**os.environ, "PQCNET_CA_PASSPHRASE": "ca-pw", "PQCNET_NODE_PASSPHRASE": "node-pw"}
+    assert _run("ca", "init", "--dir", "ca", "--trust-domain", "example.org",
+                cwd=tmp_path, env=env).returncode == 0
+    serve = subprocess.Popen([*PQCNET, "ca", "serve", "--dir", "ca", "--port", "0"],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert serve.stdout is not None
+        line = serve.stdout.readline()
+        ready = json.loads(line)
+        assert ready["ready"] is True and ready["url"].startswith("https://127.0.0.1:")
+        made = _run("ca", "token", "create", "--dir", "ca", "--pattern",
+                    "spiffe://example.org/acme/relayer/r1", "--role", "relayer",
+                    "--ttl", "10m", "--ca-url", ready["url"], "--out", "r1.token",
+                    cwd=tmp_path, env=env)
+        assert made.returncode == 0, made.stderr
+        assert oct((tmp_path / "r1.token").stat().st_mode & 0o777) == "0o600"
+        assert "pqcnet-et1." not in (tmp_path / "ca" / "tokens.json").read_text()
+        joined = _run("node", "enroll", "--token-file", "r1.token", "--out", "r1",
+                      cwd=tmp_path, env=env)
+        assert joined.returncode == 0, joined.stderr
+        assert json.loads(joined.stdout)["enrolled"] == "spiffe://example.org/acme/relayer/r1"
+        node = NodeIdentity.load(tmp_path / "r1", b"node-pw")
+        assert str(node.spiffe_id) == "spiffe://example.org/acme/relayer/r1"
+        again = _run("node", "enroll", "--token-file", "r1.token", "--out", "r1-again",
+                     cwd=tmp_path, env=env)
+        assert again.returncode == 1
+        assert "401 token_used" in again.stderr
+        assert "Traceback" not in again.stderr
+        assert not (tmp_path / "r1-again").exists()
+        assert serve.poll() is None  # still serving
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait()
+    assert serve.returncode == 0, serve.stderr.read() if serve.stderr else ""

@@ -1,0 +1,316 @@
+"""The CA service (seed 001 §7) over real PQ TLS sockets: happy path and every refusal.
+
+Every refusal is checked from the attacker's chair: the status and code the client
+sees, that nothing was written (token file, CA issued log, ledger), and that the
+service still serves the next good request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+from OpenSSL import SSL
+
+from pqcnet.crypto.pqc import SigningKey
+from pqcnet.identity import SpiffeId, build_csr, load_crl
+from pqcnet.identity.certs import utcnow
+from pqcnet.qsdag.attestation import MeasurementPolicy
+from pqcnet.runtime import enroll as client
+from pqcnet.runtime.ca_service import TOKEN_REPLAYS, CaServiceConfig
+from pqcnet.runtime.errors import CaServiceError, HttpsError
+from pqcnet.runtime.https import request
+from tests.ca.conftest import TD, Service, start_service
+
+R1 = SpiffeId.parse(f"spiffe://{TD}/acme/relayer/r1")
+
+
+def _enroll(svc: Service, sid: SpiffeId = R1, **kw: object):  # type: ignore[no-untyped-def]
+    """The enroll coroutine; its token is created now (before any state snapshot)."""
+    bundle = kw.pop("bundle", None) or svc.token()
+    return client.enroll(svc.url, bundle, sid, SigningKey.generate(), **kw)  # type: ignore[arg-type]
+
+
+async def _refused(svc: Service, coro, status: int, code: str) -> CaServiceError:  # type: ignore[no-untyped-def]
+    before = svc.state()
+    with pytest.raises(CaServiceError) as err:
+        await coro
+    assert (err.value.status, err.value.code) == (status, code), err.value
+    assert svc.state() == before, "a refused request wrote something"
+    # and the service keeps serving
+    ident, _ = await _enroll(svc, SpiffeId.parse(f"spiffe://{TD}/acme/relayer/ok-{id(coro)}"))
+    assert ident.spiffe_id.node_id.startswith("ok-")
+    return err.value
+
+
+async def test_enroll_happy_path_rotate_crl_peers_revoke(service: Service) -> None:
+    ident, config = await _enroll(service)
+    assert ident.spiffe_id == R1
+    assert ident.certificate.issuer == service.ca.certificate.subject
+    assert config == {"bootstrap_peers": [], "gossip_fanout": 3, "crl_url": ""}
+    assert load_crl(ident.crl_pem or b"", ident.trust_bundle_pem).number >= 1
+    assert service.vertices() == 1  # the issuance is a QS-DAG vertex
+    # rotate with the current certificate: new key, new serial, same ID
+    new = await client.rotate(service.url, ident)
+    assert new.spiffe_id == R1 and new.serial != ident.serial
+    assert new.key.public_key.raw != ident.key.public_key.raw
+    assert service.vertices() == 2
+    peers = await client.peers(service.url, new)
+    assert [p["spiffe_id"] for p in peers] == [str(R1)]
+    assert peers[0]["serial"] == format(new.serial, "x") and peers[0]["status"] == "enrolled"
+    # revoke as an admin; the CRL names it; the revoked cert can no longer rotate
+    admin = service.ca.issue(f"spiffe://{TD}/ops/admin/a1")
+    pem, etag = await client.fetch_crl(service.url, ident.trust_bundle_pem, TD)
+    assert pem is not None and etag
+    await client.revoke(service.url, admin, serial=new.serial, reason="key_compromise")
+    assert service.vertices() == 3
+    fresh, etag2 = await client.fetch_crl(service.url, ident.trust_bundle_pem, TD, etag=etag)
+    assert fresh is not None and etag2 != etag
+    assert load_crl(fresh, ident.trust_bundle_pem).is_revoked(new.serial)
+    assert (await client.fetch_crl(service.url, ident.trust_bundle_pem, TD, etag=etag2))[0] is None
+    with pytest.raises(HttpsError, match="revoked"):
+        await client.rotate(service.url, new)
+
+
+async def test_used_token_is_401_and_counted(service: Service) -> None:
+    bundle = service.token()
+    await _enroll(service, bundle=bundle)
+    replays = TOKEN_REPLAYS._value.get()
+    err = await _refused(service, _enroll(service, bundle=bundle), 401, "token_used")
+    assert "already used" in err.detail
+    assert TOKEN_REPLAYS._value.get() == replays + 1
+    assert service.service.replays == 1
+
+
+async def test_expired_unknown_and_malformed_tokens(service: Service) -> None:
+    old = service.token(ttl=dt.timedelta(seconds=1), now=utcnow() - dt.timedelta(minutes=1))
+    await _refused(service, _enroll(service, bundle=old), 401, "token_expired")
+    good = service.token()
+    unknown = type(good)("pqcnet-et1." + "A" * 43, good.pattern, good.role, good.expires_at,
+                         good.ca_bundle_pem, good.ca_url)
+    await _refused(service, _enroll(service, bundle=unknown), 401, "token_unknown")
+    bad = type(good)("not-a-token", good.pattern, good.role, good.expires_at,
+                     good.ca_bundle_pem, good.ca_url)
+    await _refused(service, _enroll(service, bundle=bad), 400, "token_malformed")
+
+
+async def test_wrong_pattern_and_role(service: Service) -> None:
+    bundle = service.token(f"spiffe://{TD}/acme/relayer/r-*")
+    await _refused(service, _enroll(service, SpiffeId.parse(f"spiffe://{TD}/acme/relayer/x1"),
+                                    bundle=bundle), 403, "wrong_pattern")
+    bundle = service.token(f"spiffe://{TD}/acme/*/*", role="relayer")
+    await _refused(service, _enroll(service, SpiffeId.parse(f"spiffe://{TD}/acme/sentry/s1"),
+                                    bundle=bundle), 403, "wrong_pattern")
+    # the token survives a refusal: the right ID still enrolls with it
+    ident, _ = await _enroll(service, SpiffeId.parse(f"spiffe://{TD}/acme/relayer/r9"),
+                             bundle=bundle)
+    assert ident.spiffe_id.role == "relayer"
+
+
+async def _post(svc: Service, path: str, body: bytes) -> tuple[int, dict]:  # type: ignore[type-arg]
+    from pqcnet.identity.tokens import ca_service_pattern
+
+    resp = await request(svc.url, "POST", path, body, trust_bundle_pem=svc.ca.trust_bundle_pem(),
+                         server_pattern=ca_service_pattern(TD))
+    return resp.status, json.loads(resp.body or b"{}")
+
+
+async def test_bad_csr_and_bad_json(service: Service) -> None:
+    bundle = service.token()
+    before = service.state()
+    cases = [
+        (b"not json", 400, "bad_json"),
+        (b"[1, 2]", 400, "bad_json"),
+        (json.dumps({"token": bundle.token}).encode(), 400, "bad_csr"),
+        (json.dumps({"token": bundle.token, "csr": "garbage"}).encode(), 400, "bad_csr"),
+    ]
+    # a CSR whose signature does not match its key (proof of possession fails)
+    k1, k2 = SigningKey.generate(), SigningKey.generate()
+    good = build_csr(k1, R1)
+    other = build_csr(k2, R1)
+    forged = good.split(b"\n")[:3] + other.split(b"\n")[3:]
+    cases.append((json.dumps({"token": bundle.token, "csr": b"\n".join(forged).decode()}
+                             ).encode(), 400, "bad_csr"))
+    for body, status, code in cases:
+        got, answer = await _post(service, "/v1/enroll", body)
+        assert (got, answer["error"]["code"]) == (status, code), (body[:40], answer)
+    assert service.state() == before
+    # the token was not spent by any of those
+    ident, _ = await _enroll(service, bundle=bundle)
+    assert ident.spiffe_id == R1
+
+
+async def test_other_endpoints_refuse_bad_input(service: Service) -> None:
+    from pqcnet.identity.tokens import ca_service_pattern
+
+    pat = ca_service_pattern(TD)
+    bundle = service.ca.trust_bundle_pem()
+    r = await request(service.url, "GET", "/v1/nope", trust_bundle_pem=bundle, server_pattern=pat)
+    assert r.status == 404
+    r = await request(service.url, "GET", "/v1/enroll", trust_bundle_pem=bundle,
+                      server_pattern=pat)
+    assert r.status == 405
+    # rotate / revoke / peers without a client certificate
+    for method, path in (("POST", "/v1/rotate"), ("POST", "/v1/revoke"),
+                         ("GET", "/v1/mesh/peers")):
+        r = await request(service.url, method, path, b"{}", trust_bundle_pem=bundle,
+                          server_pattern=pat)
+        assert r.status == 401, (path, r.body)
+    node, _ = await _enroll(service)
+    before = service.state()
+    # a node is not an admin
+    with pytest.raises(CaServiceError) as err:
+        await client.revoke(service.url, node, serial=node.serial)
+    assert err.value.status == 403
+    admin = service.ca.issue(f"spiffe://{TD}/ops/admin/a1")
+    before = service.state()
+    for payload in ({}, {"serial": "zz"}, {"serial": "ab", "spiffe_id": str(R1)},
+                    {"serial": "abcdef"}):
+        r = await request(service.url, "POST", "/v1/revoke", json.dumps(payload).encode(),
+                          identity=admin, server_pattern=pat)
+        assert r.status in (400, 404), (payload, r.body)
+    # rotating into another node's ID
+    other = SpiffeId.parse(f"spiffe://{TD}/acme/relayer/someone-else")
+    r = await request(service.url, "POST", "/v1/rotate",
+                      json.dumps({"csr": build_csr(SigningKey.generate(), other).decode()}
+                                 ).encode(), identity=node, server_pattern=pat)
+    assert r.status == 403
+    r = await request(service.url, "POST", "/v1/rotate", b'{"csr": "x"}', identity=node,
+                      server_pattern=pat)
+    assert r.status == 400
+    assert service.state()[1:] == before[1:]  # nothing issued, no vertex
+    # an oversized body, raw garbage instead of TLS, a half request: still serving
+    r = await request(service.url, "POST", "/v1/enroll", b"x" * (5 * 1024 * 1024),
+                      trust_bundle_pem=bundle, server_pattern=pat)
+    assert r.status == 413
+    host, port = "127.0.0.1", int(service.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(b"GET / HTTP/1.1\r\n\r\n" * 10)
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 10) is not None
+    writer.close()
+    ident, _ = await _enroll(service, SpiffeId.parse(f"spiffe://{TD}/acme/relayer/after"))
+    assert ident.spiffe_id.node_id == "after"
+
+
+async def test_attestation_policy(tmp_path: Path) -> None:
+    config = CaServiceConfig(attest_roles=("relayer",), measurements=MeasurementPolicy(
+        package_hashes=frozenset({b"\x01" * 32})))
+    svc = await start_service(tmp_path, config)
+    try:
+        await _refused_no_followup(svc, _enroll(svc), 403, "attestation_required")
+        key = SigningKey.generate()
+        att = client.attestation_for(key, R1)  # this installation: not the allowed hash
+        with pytest.raises(CaServiceError) as err:
+            await client.enroll(svc.url, svc.token(), R1, key, attestation=att)
+        assert (err.value.status, err.value.code) == (403, "attestation_rejected")
+        # signed by another key than the CSR's: refused too
+        att = client.attestation_for(SigningKey.generate(), R1)
+        with pytest.raises(CaServiceError) as err:
+            await client.enroll(svc.url, svc.token(), R1, key, attestation=att)
+        assert err.value.status == 403
+        with pytest.raises(CaServiceError) as err:
+            await client.enroll(svc.url, svc.token(), R1, key,
+                                attestation={"type": "pqcnet", "payload": "@@"})
+        assert err.value.status == 400
+        assert svc.vertices() == 0 and not svc.ca.issued.keys() - {svc.service.identity.serial}
+    finally:
+        await svc.service.close()
+        svc.ledger.close()
+    # the same policy with this installation's hash admits it
+    from pqcnet.qsdag.attestation import package_hash
+
+    ok = CaServiceConfig(attest_roles=("relayer",), measurements=MeasurementPolicy(
+        package_hashes=frozenset({package_hash()})))
+    svc = await start_service(tmp_path / "ok", ok)
+    try:
+        key = SigningKey.generate()
+        ident, _ = await client.enroll(svc.url, svc.token(), R1, key,
+                                       attestation=client.attestation_for(key, R1))
+        assert ident.spiffe_id == R1
+    finally:
+        await svc.service.close()
+        svc.ledger.close()
+
+
+async def _refused_no_followup(svc: Service, coro, status: int, code: str) -> None:  # type: ignore[no-untyped-def]
+    before = svc.state()
+    with pytest.raises(CaServiceError) as err:
+        await coro
+    assert (err.value.status, err.value.code) == (status, code)
+    assert svc.state() == before
+
+
+async def test_max_nodes_per_tenant(tmp_path: Path) -> None:
+    svc = await start_service(tmp_path, CaServiceConfig(max_nodes_per_tenant=2))
+    try:
+        for n in ("a", "b"):
+            await _enroll(svc, SpiffeId.parse(f"spiffe://{TD}/acme/relayer/{n}"))
+        await _refused_no_followup(svc, _enroll(svc, SpiffeId.parse(
+            f"spiffe://{TD}/acme/relayer/c")), 403, "max_nodes")
+        # another tenant is not affected; re-enrolling an existing ID is not a new node
+        await _enroll(svc, SpiffeId.parse(f"spiffe://{TD}/other/relayer/c"),
+                      bundle=svc.token(f"spiffe://{TD}/other/relayer/*"))
+        await _enroll(svc, SpiffeId.parse(f"spiffe://{TD}/acme/relayer/a"))
+    finally:
+        await svc.service.close()
+        svc.ledger.close()
+
+
+async def test_rate_limit(tmp_path: Path) -> None:
+    svc = await start_service(tmp_path, CaServiceConfig(enroll_rate=0.5, enroll_burst=2))
+    try:
+        await _enroll(svc, SpiffeId.parse(f"spiffe://{TD}/acme/relayer/a"))
+        await _enroll(svc, SpiffeId.parse(f"spiffe://{TD}/acme/relayer/b"))
+        bundle = svc.token()
+        await _refused_no_followup(svc, _enroll(svc, bundle=bundle), 429, "rate_limited")
+        # the token was not spent: after the bucket refills it works
+        await asyncio.sleep(2.5)
+        ident, _ = await _enroll(svc, bundle=bundle)
+        assert ident.spiffe_id == R1
+    finally:
+        await svc.service.close()
+        svc.ledger.close()
+
+
+async def test_plain_http_crl_and_tls_pinning(tmp_path: Path) -> None:
+    svc = await start_service(tmp_path)
+    try:
+        from pqcnet.runtime.https import HttpsServer
+
+        plain = HttpsServer(svc.service.handle_plain, None)
+        port = await plain.start()
+        try:
+            pem, _etag = await client.fetch_crl(f"http://127.0.0.1:{port}", b"", TD)
+            assert pem is not None and load_crl(pem, svc.ca.trust_bundle_pem())
+            r = await request(f"http://127.0.0.1:{port}", "POST", "/v1/enroll", b"{}")
+            assert r.status == 404  # nothing but the CRL without TLS
+        finally:
+            await plain.close()
+        # a node provisioned with another CA's bundle refuses to talk to this service
+        from pqcnet.identity import MeshCA
+
+        stranger = MeshCA.create(TD)
+        bundle = svc.token()
+        wrong = type(bundle)(bundle.token, bundle.pattern, bundle.role, bundle.expires_at,
+                             stranger.trust_bundle_pem(), bundle.ca_url)
+        with pytest.raises(HttpsError, match=r"unknown-ca|certificate"):
+            await client.enroll(svc.url, wrong, R1, SigningKey.generate())
+    finally:
+        await svc.service.close()
+        svc.ledger.close()
+
+
+def test_client_tls_is_post_quantum() -> None:
+    # the group and ALPN the service negotiates (checked on every handshake by
+    # verify_server/verify_peer: a classical group is refused)
+    from pqcnet.runtime.https import http_policy
+
+    pol = http_policy()
+    assert pol.alpn == b"http/1.1" and pol.group_list == ("X25519MLKEM768",)
+    assert SSL.TLS1_3_VERSION
+    assert base64  # keep import used for readers of the attestation format

@@ -1,0 +1,123 @@
+"""Data-plane authorization (issue 11, reproduction 3): a peer publishes to, subscribes
+to and is billed as only the customers its SPIFFE identity is granted.
+
+Attacker's chair: tenant ``mallory`` holds a valid mesh certificate and tries to
+publish as ``acme`` (to be metered to acme) and to read acme's channel. Real relayer
+node (embedded bus), real QSTP tunnels on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pqcnet.identity import NodeIdentity, dev_identities
+from pqcnet.relayer.client import PublisherClient, RelayerRefused, SubscriberClient
+from pqcnet.relayer.config import RelayerConfig
+from pqcnet.relayer.frame import Frame
+from pqcnet.relayer.node import RelayerNode
+from tests.relayer.e2e import Collector
+from tests.relayer.helpers import eventually
+
+pytestmark = pytest.mark.timeout(90)
+
+TD = "pqcnet.test"
+NAMES = ("acme/relayer/r1", "acme/publisher/p1", "acme/subscriber/s1",
+         "mallory/publisher/m1", "mallory/subscriber/m2", "partner/publisher/x1")
+
+
+@functools.cache
+def ids() -> dict[str, NodeIdentity]:
+    _, nodes = dev_identities(TD, *(f"spiffe://{TD}/{n}" for n in NAMES))
+    return {n.split("/")[-1]: node for n, node in zip(NAMES, nodes)}
+
+
+async def start(tmp: Path, **kw: Any) -> RelayerNode:
+    cfg = RelayerConfig(listen_port=0, data_dir=str(tmp / "relayer"), shards=4, **kw)
+    node = RelayerNode(cfg, ids()["r1"])
+    await node.start()
+    return node
+
+
+async def test_cross_customer_publish_is_refused_and_not_billed(tmp_path: Path) -> None:
+    node = await start(tmp_path)
+    mallory = await PublisherClient.connect("127.0.0.1", node.port, ids()["m1"])
+    own = await PublisherClient.connect("127.0.0.1", node.port, ids()["p1"])
+    try:
+        res = await mallory.publish([Frame("acme", "orders", 1, b"forged"),
+                                     Frame("mallory", "orders", 1, b"mine")])
+        assert not res[0].accepted and res[0].code == 16, res[0]
+        assert "not authorized" in res[0].reason
+        assert res[1].accepted  # a tenant is its own customer
+        assert (await own.publish([Frame("acme", "orders", 1, b"ok")]))[0].accepted
+        assert node.ingress.stats.unauthorized == 1
+        sub = Collector(await SubscriberClient.connect("127.0.0.1", node.port, ids()["s1"]))
+        await sub.client.subscribe("acme")
+        await sub.wait_for(1)
+        await asyncio.sleep(0.3)
+        assert [f.payload for f in sub.frames] == [b"ok"]  # mallory's frame never got in
+        await eventually(lambda: node.meter.query())
+        billed = {r.customer: r.frames for r in node.meter.query()}
+        assert billed == {"acme": 1}, billed  # acme is billed only for its own frame
+        await sub.close()
+    finally:
+        await mallory.close()
+        await own.close()
+        await node.stop()
+
+
+async def test_cross_customer_subscribe_is_refused_with_a_typed_error(tmp_path: Path) -> None:
+    node = await start(tmp_path)
+    spy = await SubscriberClient.connect("127.0.0.1", node.port, ids()["m2"])
+    try:
+        await spy.subscribe("acme", ("orders",))
+        with pytest.raises(RelayerRefused) as err:
+            async for _batch in spy.batches():
+                break
+        assert err.value.code == 16 and "not authorized" in str(err.value)
+        assert node.ingress.stats.unauthorized == 1
+        assert node.hub.count() == 0
+    finally:
+        await spy.close()
+        await node.stop()
+
+
+async def test_explicit_grant_and_hot_reload(tmp_path: Path) -> None:
+    grant = {"customers": {"acme": [{"from": [f"spiffe://{TD}/partner/publisher/*"],
+                                     "methods": ["publish"], "channels": ["orders"]}]}}
+    node = await start(tmp_path, authz=grant)
+    partner = await PublisherClient.connect("127.0.0.1", node.port, ids()["x1"])
+    try:
+        ok, other = await partner.publish([Frame("acme", "orders", 1, b"granted"),
+                                           Frame("acme", "payroll", 1, b"not granted")])
+        assert ok.accepted and not other.accepted and other.code == 16
+        node.reload(node.cfg.replace(authz={}))  # the grant is withdrawn while running
+        (again,) = await partner.publish([Frame("acme", "orders", 2, b"now refused")])
+        assert not again.accepted and again.code == 16
+    finally:
+        await partner.close()
+        await node.stop()
+
+
+async def test_customer_quota_frames_and_bytes(tmp_path: Path) -> None:
+    quotas = {"customers": {"acme": {"frames_per_s": 0.001, "frames_burst": 3},
+                            "mallory": {"bytes_per_s": 0.001, "bytes_burst": 10}}}
+    node = await start(tmp_path, quotas=quotas)
+    pub = await PublisherClient.connect("127.0.0.1", node.port, ids()["p1"])
+    mal = await PublisherClient.connect("127.0.0.1", node.port, ids()["m1"])
+    try:
+        res = await pub.publish([Frame("acme", "q", s, b"x") for s in range(1, 6)])
+        assert [r.accepted for r in res] == [True, True, True, False, False]
+        assert res[3].code == 33 and res[3].retriable and "frames/s" in res[3].reason
+        res = await mal.publish([Frame("mallory", "q", 1, b"x" * 8),
+                                 Frame("mallory", "q", 2, b"x" * 8)])
+        assert [r.accepted for r in res] == [True, False] and "bytes/s" in res[1].reason
+        assert node.quotas.refused == 3 and node.ingress.stats.over_quota == 3
+    finally:
+        await pub.close()
+        await mal.close()
+        await node.stop()

@@ -1,0 +1,164 @@
+"""Issue 11, reproduction 7: the proof pipeline under crashes, huge epochs and many customers.
+
+* A crash between anchoring an epoch and writing its proof file must not anchor the epoch
+  a second time after the restart (the intent is recorded durably first).
+* An epoch with more records than one Merkle tree holds is split into several signed
+  trees; it never raises inside ``prove_closed_epochs`` and never stops later epochs.
+* Prometheus customer/channel label values are bounded (an ``other`` bucket) and the
+  series of pruned epochs are removed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+
+from pqcnet.qsdag import VertexKind
+from pqcnet.relayer import proof as proof_mod
+from pqcnet.relayer.metering import OTHER_LABEL, VolumeDelta, VolumeMeter
+from pqcnet.relayer.node import RelayerNode
+from pqcnet.relayer.proof import anchored_proof, inclusion_proof, verify_inclusion
+from tests.relayer.e2e import identities, start_node
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _volume_proof_vertices(node: RelayerNode) -> list[bytes]:
+    ledger = node.anchor.ledger
+    return [v for v in ledger.ids() if ledger.get(v).kind == VertexKind.VOLUME_PROOF]
+
+
+async def _traffic(node: RelayerNode, epoch: int, customers: int = 1) -> None:
+    delta: VolumeDelta = {(epoch, f"c{i}", "ch", 1): [10 * (i + 1), i + 1]
+                          for i in range(customers)}
+    await node.store.save(0, {}, delta)
+    node.meter.apply(delta)
+
+
+class _Crash(Exception):
+    """Stands for the process dying at this point."""
+
+
+async def test_crash_between_anchor_and_proof_file_does_not_anchor_twice(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    node = await start_node(tmp_path, epoch_seconds=60.0)
+    try:
+        await _traffic(node, 3, customers=2)
+
+        def crash(*_a: object, **_k: object) -> None:
+            raise _Crash
+
+        monkeypatch.setattr(node.proof_store, "write", crash)
+        with pytest.raises(_Crash):
+            node.prove_closed_epochs(now=60.0 * 10)
+        assert len(_volume_proof_vertices(node)) == 1  # anchored, proof file never written
+    finally:
+        monkeypatch.undo()
+        await node.stop()
+    node = await start_node(tmp_path, epoch_seconds=60.0)  # the restart
+    try:
+        node.prove_closed_epochs(now=60.0 * 10)
+        vids = _volume_proof_vertices(node)
+        assert len(vids) == 1, "epoch 3 was anchored twice"
+        assert sorted(node.proofs) == [3]
+        assert node.anchor.receipts[3] == vids[0]
+        stored, vid = node.proof_store.read(3)
+        assert vid == vids[0] and stored.record_count == 2
+        assert not list((node.data_dir / "proofs").glob("*.intent"))
+    finally:
+        await node.stop()
+    node = await start_node(tmp_path, epoch_seconds=60.0)  # and again: nothing new
+    try:
+        assert node.prove_closed_epochs(now=60.0 * 10) == []
+        assert len(_volume_proof_vertices(node)) == 1
+    finally:
+        await node.stop()
+
+
+async def test_crash_after_intent_before_anchor_anchors_once_on_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    node = await start_node(tmp_path, epoch_seconds=60.0)
+    try:
+        await _traffic(node, 3)
+
+        def crash(*_a: object, **_k: object) -> bytes:
+            raise _Crash
+
+        monkeypatch.setattr(node.anchor, "anchor_proof", crash)
+        with pytest.raises(_Crash):
+            node.prove_closed_epochs(now=60.0 * 10)
+        assert _volume_proof_vertices(node) == []
+    finally:
+        monkeypatch.undo()
+        await node.stop()
+    node = await start_node(tmp_path, epoch_seconds=60.0)
+    try:
+        node.prove_closed_epochs(now=60.0 * 10)
+        assert len(_volume_proof_vertices(node)) == 1 and sorted(node.proofs) == [3]
+    finally:
+        await node.stop()
+
+
+async def test_epoch_over_one_tree_is_split_and_later_epochs_still_proven(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(proof_mod, "MAX_LEAVES", 4)  # a tree of 4 stands for 2**20
+    node = await start_node(tmp_path, epoch_seconds=60.0)
+    try:
+        await _traffic(node, 3, customers=10)  # 10 records: three trees
+        await _traffic(node, 4, customers=1)
+        proven = node.prove_closed_epochs(now=60.0 * 10)
+        assert sorted({p.epoch for p in proven}) == [3, 4]
+        parts = [p for p in proven if p.epoch == 3]
+        assert [(p.part, p.parts, p.record_count) for p in parts] == [
+            (0, 3, 4), (1, 3, 4), (2, 3, 2)]
+        assert sum(p.total_frames for p in parts) == sum(range(1, 11))
+        assert len(_volume_proof_vertices(node)) == 4
+        key = identities()[0].key.public_key
+        for p in parts:  # each part anchored and each record provable under its part
+            vid = node.anchor.part_receipt(3, p.part)
+            header = anchored_proof(node.anchor.ledger, vid)
+            proof_mod.verify_volume_proof(header, key)
+            assert (header.part, header.parts) == (p.part, p.parts)
+            for i, rec in enumerate(p.records):
+                verify_inclusion(rec, inclusion_proof(p, i), header)
+        rep = node.report()
+        assert sum(p.total_frames for p in rep.proofs) == sum(range(1, 11)) + 1
+    finally:
+        await node.stop()
+    node = await start_node(tmp_path, epoch_seconds=60.0)  # parts survive a restart
+    try:
+        assert node.prove_closed_epochs(now=60.0 * 10) == []
+        assert len(node.proof_parts(3)) == 3
+        assert len(_volume_proof_vertices(node)) == 4
+    finally:
+        await node.stop()
+
+
+def _series(meter: VolumeMeter) -> set[tuple[str, str]]:
+    out = set()
+    for line in generate_latest(meter.registry).decode().splitlines():
+        if line.startswith("pqcnet_relayer_volume_frames_total{"):
+            labels = dict(kv.split("=", 1) for kv in line[line.index("{") + 1:
+                                                           line.index("}")].split(","))
+            out.add((labels["customer"].strip('"'), labels["channel"].strip('"')))
+    return out
+
+
+def test_label_cardinality_is_bounded_and_pruned_series_go() -> None:
+    meter = VolumeMeter(60.0, max_label_series=3)
+    for i in range(5):
+        meter.apply({(1, f"c{i}", "ch", 1): [10, 1]})
+    meter.apply({(2, "c0", "ch", 1): [10, 1]})
+    series = _series(meter)
+    assert (OTHER_LABEL, OTHER_LABEL) in series
+    assert len(series) <= 4  # 3 named + other
+    other = meter.registry.get_sample_value(
+        "pqcnet_relayer_volume_frames_total",
+        {"customer": OTHER_LABEL, "channel": OTHER_LABEL, "qos": "1"})
+    assert other == 2.0  # c3 and c4 folded into other; nothing lost from the totals
+    meter.forget_before(2)  # epoch 1 pruned: only c0 still has traffic in memory
+    assert _series(meter) == {("c0", "ch")}
+    meter.apply({(2, "c9", "ch", 1): [5, 1]})  # freed slots are reusable
+    assert ("c9", "ch") in _series(meter)
