@@ -220,7 +220,7 @@ def _measure(port: int, n: int, conns: int, seconds: float, procs: int,
 # ---------------------------------------------------------------------------- setup
 
 
-def _wait_port(port: int, timeout: float = 20.0) -> None:
+def _wait_port(port: int, timeout: float = 60.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         with socket.socket() as s:
