@@ -145,3 +145,16 @@ def test_enroll_reports_rate_latency_and_the_sign_floor() -> None:
         assert _number(d[key]), key
     _latency(d["latency"])
     _machine(d["machine"])
+
+
+def test_sentry_reports_n_workers_against_nginx_and_the_limit_accuracy() -> None:
+    d = _bench("sentry", "--requests", "30", "--seconds", "1", "--connections", "4",
+               "--loadgen-procs", "1", "--workers", "2")
+    assert _number(d["paths"]["pqcnet"]["rps"]) and d["paths"]["pqcnet"]["errors"] == 0
+    w = d["workers"]
+    assert w["workers"] == 2 and _number(w["scaling_rps_vs_1_worker"])
+    assert _number(w["pqcnet"]["sentry_cpu_ms_per_rpc"]) and w["pqcnet"]["errors"] == 0
+    if "nginx" in w:
+        assert _number(w["ratio_rps_pqcnet_to_nginx_same_workers"])
+    acc = w["limit_accuracy"]
+    assert acc["admitted"] > 0 and acc["refused"] > 0 and _number(acc["ratio"])
