@@ -165,10 +165,11 @@ async def step_shutdown(state: DemoState) -> None:
     say("done", workdir=state.workdir)
 
 
+from pqcnet.cli._network_demo import step_network  # noqa: E402
 from pqcnet.cli._relayer_demo import step_relayer  # noqa: E402
 
 STEPS: list[Step] = [step_ca, step_identities, step_tunnel, step_push, step_resume,
-                     step_relayer,
+                     step_relayer, step_network,
                      step_shutdown]
 
 
