@@ -127,3 +127,34 @@ def test_mesh_reports_saturated_and_paced_runs_against_raw() -> None:
     assert isinstance(d["paced_p50_over_raw_ms"], float)
     assert isinstance(d["targets"]["met_paced_p50"], bool)
     _machine(d["machine"]["before"])
+
+
+def test_verify_reports_receipts_and_inclusion_against_the_verify_floor() -> None:
+    d = _bench("verify", "--records", "40", "--customers", "4", "--receipts", "4")
+    assert d["receipts"] == 4
+    for key in ("verify_receipts_per_s", "verify_inclusion_per_s",
+                "baseline_mldsa65_verify_per_s", "ratio_vs_verify_floor"):
+        assert _number(d[key]), key
+    _machine(d["machine_before"])
+
+
+def test_enroll_reports_rate_latency_and_the_sign_floor() -> None:
+    d = _bench("enroll", "--nodes", "4", "--concurrency", "2")
+    assert d["enrolled"] == 4 and d["failed"] == 0, d.get("failures_sample")
+    for key in ("enrollments_per_s", "baseline_mldsa65_sign_per_s", "ratio_vs_sign"):
+        assert _number(d[key]), key
+    _latency(d["latency"])
+    _machine(d["machine"])
+
+
+def test_sentry_reports_n_workers_against_nginx_and_the_limit_accuracy() -> None:
+    d = _bench("sentry", "--requests", "30", "--seconds", "1", "--connections", "4",
+               "--loadgen-procs", "1", "--workers", "2")
+    assert _number(d["paths"]["pqcnet"]["rps"]) and d["paths"]["pqcnet"]["errors"] == 0
+    w = d["workers"]
+    assert w["workers"] == 2 and _number(w["scaling_rps_vs_1_worker"])
+    assert _number(w["pqcnet"]["sentry_cpu_ms_per_rpc"]) and w["pqcnet"]["errors"] == 0
+    if "nginx" in w:
+        assert _number(w["ratio_rps_pqcnet_to_nginx_same_workers"])
+    acc = w["limit_accuracy"]
+    assert acc["admitted"] > 0 and acc["refused"] > 0 and _number(acc["ratio"])

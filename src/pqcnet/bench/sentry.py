@@ -9,6 +9,15 @@ Three paths to the *same* backend, measured in one run by the same load generato
   → backend, with cached assertions (one per tunnel), ACL, limiter (limits set far
   above the offered load) and an identity-sanitizer policy on the path.
 
+With ``--workers N`` (default 2) a second phase runs ``pqcnet sentry run --workers N``
+(SO_REUSEPORT, shared limits) behind a sidecar holding 4·N tunnels to it (the kernel
+spreads connections, not streams, over the workers), next to nginx with
+``worker_processes N``: it reports the N-worker RPC/s, its ratio to the 1-worker sentry
+and to nginx with the same worker count, the sentry CPU per RPC summed over the
+workers, and the **accuracy of a shared rate limit**: one client (tenant ``lim``) over
+all workers, its plan hot-reloaded to half the rate just measured, admitted requests
+divided by ``burst + rate * seconds``.
+
 Every part is its own process on loopback (backend, nginx, sentry, sidecar, load
 generator), as they would be deployed. The load generator is a minimal keep-alive
 HTTP/1.1 client on raw asyncio streams so its own cost stays small and equal for
@@ -28,6 +37,7 @@ environment measures them on the stdlib loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -48,6 +58,14 @@ from tqdm import tqdm
 
 TARGET_RPS = 5000
 TARGET_ADDED_P99_MS = 5.0
+#: issue 15: N workers >= 1.3x one worker, and >= 0.3x nginx with the same workers
+TARGET_WORKER_SCALING = 1.3
+TARGET_RATIO_TO_NGINX = 0.3
+#: The limit-accuracy phase: tenant ``lim``'s starting plan (requests/s, burst), then
+#: this fraction of the measured N-worker rate.
+LIMIT_RATE = 1000.0
+LIMIT_BURST = 100.0
+LIMIT_FRACTION = 0.5
 _BODY = json.dumps({"jsonrpc": "2.0", "id": 1, "result": "0x1"}).encode()
 _RESPONSE = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
              + str(len(_BODY)).encode() + b"\r\n\r\n" + _BODY)
@@ -202,7 +220,7 @@ def _measure(port: int, n: int, conns: int, seconds: float, procs: int,
 # ---------------------------------------------------------------------------- setup
 
 
-def _wait_port(port: int, timeout: float = 20.0) -> None:
+def _wait_port(port: int, timeout: float = 60.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         with socket.socket() as s:
@@ -212,15 +230,17 @@ def _wait_port(port: int, timeout: float = 20.0) -> None:
     raise click.ClickException(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-def _nginx(d: Path, port: int, backend: int) -> subprocess.Popen[bytes] | None:
+def _nginx(d: Path, port: int, backend: int, workers: int = 1
+           ) -> subprocess.Popen[bytes] | None:
     exe = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
                                     else None)
     if exe is None:
         return None
+    d = d / f"nginx-{workers}"
     (d / "nginx" / "logs").mkdir(parents=True)
     conf = d / "nginx" / "nginx.conf"
     conf.write_text(f"""
-worker_processes 1;
+worker_processes {workers};
 error_log logs/error.log warn;
 pid logs/nginx.pid;
 events {{ worker_connections 1024; }}
@@ -244,46 +264,150 @@ http {{
                              "daemon off;"], stderr=subprocess.DEVNULL)
 
 
-def _pqcnet_stack(d: Path, backend: int, sentry_port: int, sidecar_port: int
-                  ) -> list[subprocess.Popen[bytes]]:
+def _identities(d: Path) -> None:
+    """Identities and issuer keys for both stacks (tenant ``acme`` unlimited, ``lim``
+    with :data:`LIMIT_RATE` for the limit-accuracy phase)."""
     from pqcnet.crypto.pqc import SigningKey
     from pqcnet.identity import dev_identities
     from pqcnet.sentry.config import verify_key_pem
 
-    _ca, (sentry_id, acme_id) = dev_identities(
+    _ca, (sentry_id, acme_id, lim_id) = dev_identities(
         "pqcnet.test", "spiffe://pqcnet.test/ops/sentry/s1",
-        "spiffe://pqcnet.test/acme/sidecar/a1")
+        "spiffe://pqcnet.test/acme/sidecar/a1", "spiffe://pqcnet.test/lim/sidecar/l1")
     sentry_id.save(d / "sentry-id", None)
     acme_id.save(d / "acme-id", None)
-    issuer = SigningKey.generate()
-    (d / "issuer.pem").write_bytes(issuer.to_pem())
-    (d / "issuer.pub").write_bytes(verify_key_pem(issuer.public_key))
-    (d / "sentry.yaml").write_text(yaml.safe_dump({
-        "listen": f"127.0.0.1:{sentry_port}", "identity_dir": "sentry-id",
-        "issuers": {"acme": ["issuer.pub"]},
-        "limits": {"max_in_flight": 4096, "default": {"rate": 1e6, "burst": 1e6}},
+    lim_id.save(d / "lim-id", None)
+    for tenant in ("acme", "lim"):
+        issuer = SigningKey.generate()
+        (d / f"{tenant}-issuer.pem").write_bytes(issuer.to_pem())
+        (d / f"{tenant}-issuer.pub").write_bytes(verify_key_pem(issuer.public_key))
+
+
+def _sentry_config(d: Path, backend: int, port: int, workers: int,
+                   lim: tuple[float, float] = (LIMIT_RATE, LIMIT_BURST)) -> str:
+    name = f"sentry-{workers}.yaml"
+    tmp = d / (name + ".tmp")
+    tmp.write_text(yaml.safe_dump({
+        "listen": f"127.0.0.1:{port}", "identity_dir": "sentry-id",
+        "issuers": {"acme": ["acme-issuer.pub"], "lim": ["lim-issuer.pub"]},
+        "limits": {"max_in_flight": 4096, "default": {"rate": 1e6, "burst": 1e6},
+                   "tenants": {"lim": {"rate": lim[0], "burst": lim[1]}}},
         "acl": {"allow_from": ["spiffe://pqcnet.test/*/sidecar/*"],
                 "allow_methods": ["POST /rpc"]},
         "sanitizer": {"acme": {"key_hex": "11" * 32, "headers": {"x-user-id": "hash"}}},
         "backends": [{"name": "be", "kind": "http", "target": f"http://127.0.0.1:{backend}",
-                      "tenants": ["acme"]}],
+                      "tenants": ["acme", "lim"]}],
         "routes": [{"prefix": "/", "backend": "be"}],
     }))
-    exe = str(Path(sys.executable).parent / "pqcnet")
-    sentry = subprocess.Popen([exe, "sentry", "run", "--config", "sentry.yaml",
-                               "--no-passphrase"], cwd=d, stderr=subprocess.DEVNULL)
-    _wait_port(sentry_port)
-    sidecar = subprocess.Popen([exe, "sidecar", "--sentry", f"127.0.0.1:{sentry_port}",
-                                "--identity-dir", "acme-id", "--issuer-key", "issuer.pem",
-                                "--tenant", "acme", "--subject", "bench", "--listen",
-                                f"127.0.0.1:{sidecar_port}", "--no-passphrase"],
+    tmp.replace(d / name)  # atomic: a running sentry hot-reloads it
+    return name
+
+
+def _sentry(d: Path, backend: int, port: int, workers: int) -> subprocess.Popen[bytes]:
+    name = _sentry_config(d, backend, port, workers)
+    sentry = subprocess.Popen([_exe(), "sentry", "run", "--config", name, "--no-passphrase",
+                               "--workers", str(workers)], cwd=d, stderr=subprocess.DEVNULL)
+    _wait_port(port)
+    return sentry
+
+
+def _exe() -> str:
+    return str(Path(sys.executable).parent / "pqcnet")
+
+
+def _sidecar(d: Path, sentry_port: int, port: int, tunnels: int = 1, tenant: str = "acme"
+             ) -> subprocess.Popen[bytes]:
+    """A sidecar; ``tunnels`` > 1 lists the sentry that many times (a pool of tunnels
+    to one address, which SO_REUSEPORT spreads over the sentry's workers)."""
+    sentries = [f"--sentry=127.0.0.1:{sentry_port}"] * tunnels
+    sidecar = subprocess.Popen([_exe(), "sidecar", *sentries, "--identity-dir",
+                                f"{tenant}-id", "--issuer-key", f"{tenant}-issuer.pem",
+                                "--tenant", tenant, "--subject", "bench", "--listen",
+                                f"127.0.0.1:{port}", "--no-passphrase"],
                                cwd=d, stderr=subprocess.DEVNULL)
-    _wait_port(sidecar_port)
-    return [sidecar, sentry]
+    _wait_port(port)
+    return sidecar
+
+
+def _pqcnet_stack(d: Path, backend: int, sentry_port: int, sidecar_port: int
+                  ) -> list[subprocess.Popen[bytes]]:
+    _identities(d)
+    sentry = _sentry(d, backend, sentry_port, 1)
+    return [_sidecar(d, sentry_port, sidecar_port), sentry]
+
+
+def _children(pid: int) -> list[int]:
+    """The N worker processes of a `sentry run --workers N` (its direct children,
+    without multiprocessing's resource tracker)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    kids = []
+    for child in (int(x) for x in text.split()):
+        with contextlib.suppress(OSError):
+            if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes():
+                kids.append(child)
+    return kids
+
+
+def _workers_phase(d: Path, backend: int, workers: int, requests: int, connections: int,
+                   seconds: float, loadgen_procs: int) -> dict[str, Any]:
+    """nginx and the pqcnet sentry with ``workers`` processes each, then the accuracy
+    of a shared rate limit under overload."""
+    ports = {k: _free_port() for k in ("nginx", "sentry", "sidecar", "lim")}
+    procs: list[subprocess.Popen[bytes]] = []
+    out: dict[str, Any] = {"workers": workers}
+    try:
+        nginx = _nginx(d, ports["nginx"], backend, workers)
+        if nginx is not None:
+            procs.append(nginx)
+            _wait_port(ports["nginx"])
+        sentry = _sentry(d, backend, ports["sentry"], workers)
+        procs.append(sentry)
+        tunnels = 4 * workers
+        procs.append(_sidecar(d, ports["sentry"], ports["sidecar"], tunnels))
+        procs.append(_sidecar(d, ports["sentry"], ports["lim"], tunnels, tenant="lim"))
+        time.sleep(2.0)  # let the pools dial every tunnel (health check)
+        kids = _children(sentry.pid)
+        watch = {"sidecar": procs[-2].pid, **{f"sentry_w{i}": pid for i, pid in
+                                               enumerate(kids)}}
+        if nginx is not None:
+            out["nginx"] = _measure(ports["nginx"], requests, connections, seconds,
+                                    loadgen_procs)
+        out["pqcnet"] = _measure(ports["sidecar"], requests, connections, seconds,
+                                 loadgen_procs, watch)
+        out["pqcnet"]["sentry_cpu_ms_per_rpc"] = round(sum(
+            v for k, v in out["pqcnet"].items()
+            if k.startswith("sentry_w") and k.endswith("cpu_ms_per_rpc")), 3)
+        out["tunnels"] = tunnels
+        # limit accuracy: one client (tenant lim, subject bench) over every worker, with
+        # a plan of half the rate just measured (hot-reloaded), so the offered load is
+        # about twice what the limit admits
+        rate = max(50.0, round(out["pqcnet"]["rps"] * LIMIT_FRACTION))
+        burst = max(1.0, round(rate / 10))
+        _sentry_config(d, backend, ports["sentry"], workers, (rate, burst))
+        time.sleep(2.5)  # > the 1 s reload interval
+        ok, refused = _throughput_multi(ports["lim"], connections, seconds, loadgen_procs)
+        allowed = burst + rate * seconds
+        out["limit_accuracy"] = {
+            "rate": rate, "burst": burst, "seconds": seconds,
+            "admitted": ok, "refused": refused, "allowed": allowed,
+            "ratio": round(ok / allowed, 3),
+            "within_10pct": abs(ok / allowed - 1) <= 0.10}
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return out
 
 
 def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
-        loadgen_procs: int = 2) -> dict[str, Any]:
+        loadgen_procs: int = 2, workers: int = 2) -> dict[str, Any]:
     """Measure all three paths; returns the JSON-able result."""
     from pqcnet._util.loop import loop_name
 
@@ -294,6 +418,7 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
     backend.start()
     procs: list[subprocess.Popen[bytes]] = []
     results: dict[str, Any] = {}
+    multi: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="pqcnet-bench-sentry-") as tmp:
         d = Path(tmp)
         try:
@@ -310,6 +435,9 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
             for name, port in tqdm(paths, desc="sentry bench", unit="path"):
                 results[name] = _measure(port, requests, connections, seconds, loadgen_procs,
                                          watch if name == "pqcnet" else None)
+            if workers > 1:
+                multi = _workers_phase(d, ports["backend"], workers, requests, connections,
+                                       seconds, loadgen_procs)
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
@@ -346,6 +474,23 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
         out["ratio_rps_pqcnet_to_nginx"] = round(pq["rps"] / ng["rps"], 3)
     else:
         out["nginx"] = "not found (install with `scripts/services install`); baseline skipped"
+    if multi:
+        m = multi["pqcnet"]
+        scaling = round(m["rps"] / pq["rps"], 3)
+        cpu1 = pq.get("sentry_cpu_ms_per_rpc", 0.0)
+        out["workers"] = {
+            **multi,
+            "scaling_rps_vs_1_worker": scaling,
+            "sentry_cpu_per_rpc_vs_1_worker": round(m["sentry_cpu_ms_per_rpc"] / cpu1, 3)
+            if cpu1 else None,
+            "targets": {"scaling": TARGET_WORKER_SCALING,
+                        "scaling_met": scaling >= TARGET_WORKER_SCALING},
+        }
+        if "nginx" in multi:
+            ratio = round(m["rps"] / multi["nginx"]["rps"], 3)
+            out["workers"]["ratio_rps_pqcnet_to_nginx_same_workers"] = ratio
+            out["workers"]["targets"].update({"ratio_to_nginx": TARGET_RATIO_TO_NGINX,
+                                              "ratio_to_nginx_met": ratio >= TARGET_RATIO_TO_NGINX})
     return out
 
 
@@ -357,6 +502,11 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
 @click.option("--seconds", default=5.0, show_default=True, help="Throughput phase length.")
 @click.option("--loadgen-procs", default=2, show_default=True,
               help="Load-generator processes for the throughput phase.")
-def cli(requests: int, connections: int, seconds: float, loadgen_procs: int) -> None:
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64),
+              help="Also measure `sentry run --workers N` against nginx with N workers, and "
+                   "the accuracy of a shared rate limit (1 = skip that phase).")
+def cli(requests: int, connections: int, seconds: float, loadgen_procs: int,
+        workers: int) -> None:
     """Sidecar → QSTP → sentry → backend vs direct and vs nginx; prints JSON."""
-    click.echo(json.dumps(run(requests, connections, seconds, loadgen_procs), indent=2))
+    click.echo(json.dumps(run(requests, connections, seconds, loadgen_procs, workers),
+                          indent=2))

@@ -37,6 +37,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("pqcnet.cli.config", "Config files: schema (JSON Schema), check FILE --kind."),
     "sim": ("pqcnet.cli.sim", "Simulations of the overlay: run, sweep, report."),
     "chaos": ("pqcnet.cli.chaos", "Fault runs checked from client histories: run, check."),
+    "verify": ("pqcnet.cli.verify",
+               "Check volume receipts and proofs with public keys: receipt, proof, fetch-receipt."),
 }
 
 

@@ -103,12 +103,27 @@ class Request:
     @property
     def idempotent(self) -> bool:
         """Safe to replay on another sentry (method, or an ``Idempotency-Key``)."""
-        return self.method in IDEMPOTENT_METHODS or any(
-            n.lower() == IDEMPOTENCY_KEY for n, _ in self.headers)
+        return self.method in IDEMPOTENT_METHODS or _header_facts(self.headers)[1]
 
     def forward_headers(self) -> tuple[tuple[str, str], ...]:
         """The headers that travel to the sentry (local-hop fields removed)."""
-        return tuple((n, v) for n, v in self.headers if n.lower() not in _LOCAL_ONLY)
+        return _header_facts(self.headers)[0]
+
+
+#: headers -> (forwarded headers, has an Idempotency-Key): an app repeats its headers
+#: byte for byte, so this is computed once per distinct header block (bounded memo)
+_facts: Memo[tuple[tuple[str, str], ...], tuple[tuple[tuple[str, str], ...], bool]] = Memo()
+
+
+def _header_facts(headers: tuple[tuple[str, str], ...]
+                  ) -> tuple[tuple[tuple[str, str], ...], bool]:
+    got = _facts.get(headers)
+    if got is None:
+        got = (tuple((n, v) for n, v in headers if n.lower() not in _LOCAL_ONLY),
+               any(n.lower() == IDEMPOTENCY_KEY for n, _ in headers))
+        if sum(len(n) + len(v) for n, v in headers) <= _facts.max_item:
+            _facts.put(headers, got)
+    return got
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +140,9 @@ class EndOfRequest:
 
 
 Event = Request | Body | EndOfRequest
+#: (target, headers, content length, chunked, expects 100-continue) of a head
+_HeadFacts = tuple[str, tuple[tuple[str, str], ...], int | None, bool, bool]
+_head_facts: Memo[tuple[bytes, tuple[tuple[bytes, bytes], ...], HttpLimits], _HeadFacts] = Memo()
 
 
 # ---------------------------------------------------------------------------- parser
@@ -155,7 +173,7 @@ class RequestParser:
         self._head_bytes = 0
         self._line_bytes = 0
         self._url = b""
-        self._headers: list[tuple[str, str]] = []
+        self._headers: list[tuple[bytes, bytes]] = []
         self._body_bytes = 0
 
     @property
@@ -227,23 +245,41 @@ class RequestParser:
         self._line_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(self._headers) >= self._limits.max_headers:
+        headers = self._headers
+        if len(headers) >= self._limits.max_headers:
             self._refuse(431, f"more than {self._limits.max_headers} header fields")
         self._line_bytes += len(name) + len(value) + 4
-        self._check_head()
-        self._headers.append((name.decode("ascii"), value.decode("latin-1")))
+        if self._line_bytes > self._limits.max_head_bytes:
+            self._check_head()
+        headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        lim = self._limits
         p = self._p
         version = p.get_http_version()
         if version not in ("1.1", "1.0"):
             self._refuse(505, f"unsupported HTTP version {version[:8]!r}")
+        # the head minus what llhttp decides per request: memoised (an app repeats its
+        # heads byte for byte); only heads that passed are remembered
+        key = (self._url, tuple(self._headers), self._limits)
+        facts = _head_facts.get(key)
+        if facts is None:
+            facts = self._head_facts()
+            if self._line_bytes <= _head_facts.max_item:
+                _head_facts.put(key, facts)
+        target, headers, length, chunked, expect = facts
+        self._in_head = False
+        self._events.append(Request(
+            p.get_method().decode("ascii"), target, headers, p.should_keep_alive(),
+            version == "1.0", expect, length, chunked))
+
+    def _head_facts(self) -> _HeadFacts:
+        lim = self._limits
         if not _TARGET.match(self._url):
             self._refuse(400, "malformed request target (origin-form only)")
+        headers = tuple((n.decode("ascii"), v.decode("latin-1")) for n, v in self._headers)
         length: int | None = None
         chunked = expect = False
-        for name, value in self._headers:
+        for name, value in headers:
             n = name.lower()
             if n == "content-length":
                 length = int(value)  # llhttp validated digits and uniqueness
@@ -255,11 +291,8 @@ class RequestParser:
                 expect = True
         if length is not None and length > lim.max_body:
             self._refuse(413, f"request body over {lim.max_body} bytes")
-        self._in_head = False
-        self._events.append(Request(
-            p.get_method().decode("ascii"), self._url.decode("ascii"), tuple(self._headers),
-            p.should_keep_alive(), version == "1.0", expect and (chunked or bool(length)),
-            length, chunked))
+        return (self._url.decode("ascii"), headers, length, chunked,
+                expect and (chunked or bool(length)))
 
     def _refuse(self, status: int, message: str) -> NoReturn:
         err = HttpError(status, message)
@@ -341,11 +374,13 @@ class _Conn:
                         self.parser.feed_eof()
                         return None
                     phase = "head"
-                    deadline.reschedule(self.loop.time() + lim.header_timeout)
                     self.parser.feed(data)
-                    ev = await self._pull()
-                    if ev is None:
-                        return None
+                    ev = self.parser.next_event()
+                    if ev is None:  # the head did not arrive whole: header_timeout
+                        deadline.reschedule(self.loop.time() + lim.header_timeout)
+                        ev = await self._pull()
+                        if ev is None:
+                            return None
         except TimeoutError:
             if phase == "first" and not self.parser.in_request:
                 if first:
