@@ -124,16 +124,19 @@ def dev_identities_cmd(out: Path, trust_domain: str) -> None:
 @click.option("--batch", default=64, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--start-seq", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--qos", default=1, show_default=True, type=click.IntRange(0, 2))
+@click.option("--retry", is_flag=True,
+              help="Mark the frames as resends: seqs already delivered are accepted (and "
+                   "suppressed) instead of refused as late (code 15).")
 def publish_cli(target: str, identity_dir: Path, customer: str, channel: str,
                 message: str | None, count: int, size: int, batch: int, start_seq: int,
-                qos: int) -> None:
+                qos: int, retry: bool) -> None:
     """Send frames to a relayer; prints a JSON summary of accepted/rejected frames."""
     host, port = hostport(target, param_hint="--relayer")
     identity = load_cli_identity(identity_dir)
     payloads = [message.encode()] if message is not None else None
     n = 1 if payloads else count
     summary = asyncio.run(_publish(host, port, identity, customer, channel, n, size, batch,
-                                   start_seq, qos, payloads))
+                                   start_seq, qos, payloads, retry))
     click.echo(json.dumps(summary))
     if summary["rejected"]:
         raise SystemExit(1)
@@ -141,7 +144,7 @@ def publish_cli(target: str, identity_dir: Path, customer: str, channel: str,
 
 async def _publish(host: str, port: int, identity: NodeIdentity, customer: str, channel: str,
                    count: int, size: int, batch: int, start: int, qos: int,
-                   payloads: list[bytes] | None) -> dict[str, Any]:
+                   payloads: list[bytes] | None, retry: bool = False) -> dict[str, Any]:
     client = await PublisherClient.connect(host, port, identity)
     accepted = rejected = overflowed = 0
     errors: list[str] = []
@@ -153,7 +156,7 @@ async def _publish(host: str, port: int, identity: NodeIdentity, customer: str, 
                 frames = [Frame(customer, channel, s,
                                 payloads[0] if payloads else os.urandom(size), qos)
                           for s in seqs]
-                for r in await client.publish(frames):
+                for r in await client.publish(frames, retry=retry):
                     if r.accepted:
                         accepted += 1
                         overflowed += r.overflowed
