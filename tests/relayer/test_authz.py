@@ -121,3 +121,28 @@ async def test_customer_quota_frames_and_bytes(tmp_path: Path) -> None:
         await pub.close()
         await mal.close()
         await node.stop()
+
+
+async def test_other_spiffe_shapes_need_a_configured_layout(tmp_path: Path) -> None:
+    """``spiffe://corp.test/ns/acme/sa/pub`` is a valid SPIFFE ID of another shape: with
+    no layout it has no tenant (refused, fail closed); a layout makes it tenant acme."""
+    _, (relayer, pub_id) = dev_identities("corp.test", "spiffe://corp.test/ops/relayer/r1",
+                                          "spiffe://corp.test/ns/acme/sa/pub")
+    for layouts, accepted in (([], False),
+                              ([{"template": "spiffe://corp.test/ns/{tenant}/sa/{node}",
+                                 "role": "publisher"}], True)):
+        cfg = RelayerConfig(listen_port=0, data_dir=str(tmp_path / f"r{accepted}"), shards=2,
+                            spiffe_layouts=layouts)
+        node = RelayerNode(cfg, relayer)
+        await node.start()
+        pub = await PublisherClient.connect("127.0.0.1", node.port, pub_id)
+        try:
+            (res,) = await pub.publish([Frame("acme", "orders", 1, b"x")])
+            assert res.accepted is accepted, res
+            if not accepted:
+                assert res.code == 16
+        finally:
+            await pub.close()
+            await node.stop()
+    with pytest.raises(Exception, match="spiffe_layouts"):
+        RelayerConfig.from_mapping({"spiffe_layouts": [{"template": "spiffe://corp.test/{x}"}]})

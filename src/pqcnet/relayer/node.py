@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import os
@@ -30,6 +31,7 @@ from prometheus_client.registry import Collector
 from pqcnet._util.env import env_passphrase
 from pqcnet.errors import PqcnetError
 from pqcnet.identity import NodeIdentity
+from pqcnet.identity.policy import compile_layouts
 from pqcnet.qsdag import Ledger
 from pqcnet.qstp import aio
 from pqcnet.qstp.tls import TlsPolicy
@@ -145,6 +147,9 @@ class RelayerNode:
     def __init__(self, cfg: RelayerConfig, identity: NodeIdentity,
                  policy: TlsPolicy | None = None) -> None:
         self.cfg, self.identity, self.policy = cfg, identity, policy or TlsPolicy()
+        if cfg.spiffe_layouts:  # peers' SPIFFE IDs of other shapes: read tenant/role
+            self.policy = dataclasses.replace(
+                self.policy, spiffe_layouts=compile_layouts(cfg.spiffe_layouts))
         self.data_dir = Path(cfg.data_dir)
         self.registry = CollectorRegistry()
         self.meter = VolumeMeter(cfg.epoch_seconds, registry=self.registry)
