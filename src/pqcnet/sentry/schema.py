@@ -27,7 +27,7 @@ from pqcnet._util.schema import (
     Positive,
     Schema,
 )
-from pqcnet.identity.policy import RuleSpec
+from pqcnet.identity.policy import RuleSpec, SpiffeLayoutSpec
 
 BackendKind = Literal["http", "grpc", "tcp"]
 BACKEND_KINDS: tuple[BackendKind, ...] = ("http", "grpc", "tcp")
@@ -183,6 +183,9 @@ class SentryFile(Schema):
     """Seconds between attestation events (with a ledger)."""
     metrics_port: Port = 0
     """Prometheus on 127.0.0.1 (0: off)."""
+    spiffe_layouts: list[SpiffeLayoutSpec] = Field(default_factory=list)
+    """How tenant/role/node are read from peers' SPIFFE IDs of other shapes than
+    ``tenant/role/node`` (first fitting template; unread IDs have no tenant)."""
     issuers: dict[str, Annotated[list[str], Field(min_length=1)]]
     """Per tenant: ML-DSA public key files trusted to sign session assertions."""
     limits: LimitsSpec
