@@ -195,3 +195,21 @@ async def test_withdrawn_grant_stops_delivery_on_a_live_subscription(tmp_path: P
         await spy.close()
         await pub.close()
         await node.stop()
+
+
+async def test_more_tunnels_do_not_multiply_a_customer_quota(tmp_path: Path) -> None:
+    """Attacker's chair: acme opens a second publisher tunnel (another identity of the
+    same tenant) to get around its quota; the quota is the customer's, not the tunnel's."""
+    node = await start(tmp_path, quotas={"customers": {"acme": {"frames_per_s": 0.001,
+                                                                "frames_burst": 4}}})
+    one = await PublisherClient.connect("127.0.0.1", node.port, ids()["p1"])
+    two = await PublisherClient.connect("127.0.0.1", node.port, ids()["s1"])
+    try:
+        a = await one.publish([Frame("acme", "a", s, b"x") for s in range(1, 5)])
+        b = await two.publish([Frame("acme", "b", s, b"x") for s in range(1, 5)])
+        assert sum(r.accepted for r in a + b) == 4
+        assert all(r.code == 33 for r in b)
+    finally:
+        await one.close()
+        await two.close()
+        await node.stop()
