@@ -121,3 +121,95 @@ async def test_customer_quota_frames_and_bytes(tmp_path: Path) -> None:
         await pub.close()
         await mal.close()
         await node.stop()
+
+
+async def test_other_spiffe_shapes_need_a_configured_layout(tmp_path: Path) -> None:
+    """``spiffe://corp.test/ns/acme/sa/pub`` is a valid SPIFFE ID of another shape: with
+    no layout it has no tenant (refused, fail closed); a layout makes it tenant acme."""
+    _, (relayer, pub_id) = dev_identities("corp.test", "spiffe://corp.test/ops/relayer/r1",
+                                          "spiffe://corp.test/ns/acme/sa/pub")
+    for layouts, accepted in (([], False),
+                              ([{"template": "spiffe://corp.test/ns/{tenant}/sa/{node}",
+                                 "role": "publisher"}], True)):
+        cfg = RelayerConfig(listen_port=0, data_dir=str(tmp_path / f"r{accepted}"), shards=2,
+                            spiffe_layouts=layouts)
+        node = RelayerNode(cfg, relayer)
+        await node.start()
+        pub = await PublisherClient.connect("127.0.0.1", node.port, pub_id)
+        try:
+            (res,) = await pub.publish([Frame("acme", "orders", 1, b"x")])
+            assert res.accepted is accepted, res
+            if not accepted:
+                assert res.code == 16
+        finally:
+            await pub.close()
+            await node.stop()
+    with pytest.raises(Exception, match="spiffe_layouts"):
+        RelayerConfig.from_mapping({"spiffe_layouts": [{"template": "spiffe://corp.test/{x}"}]})
+
+
+async def test_a_denied_channel_is_never_delivered_to_an_all_channels_subscriber(
+        tmp_path: Path) -> None:
+    """Attacker's chair: s1 may read acme but is denied channel ``audit``; it subscribes
+    to *all* channels hoping the deny only applies to named ones."""
+    deny = {"customers": {"acme": [{"action": "deny", "from": [f"spiffe://{TD}/acme/subscriber/*"],
+                                    "methods": ["subscribe"], "channels": ["audit"]}]}}
+    node = await start(tmp_path, authz=deny)
+    pub = await PublisherClient.connect("127.0.0.1", node.port, ids()["p1"])
+    sub = Collector(await SubscriberClient.connect("127.0.0.1", node.port, ids()["s1"]))
+    try:
+        await sub.client.subscribe("acme")
+        await eventually(lambda: node.hub.count() == 1)
+        res = await pub.publish([Frame("acme", "audit", 1, b"secret"),
+                                 Frame("acme", "orders", 1, b"public")])
+        assert all(r.accepted for r in res)
+        await sub.wait_for(1)
+        await asyncio.sleep(0.5)
+        assert [f.payload for f in sub.frames] == [b"public"]
+        assert {r.channel for r in node.meter.query()} <= {"orders"}  # nothing billed for it
+    finally:
+        await sub.close()
+        await pub.close()
+        await node.stop()
+
+
+async def test_withdrawn_grant_stops_delivery_on_a_live_subscription(tmp_path: Path) -> None:
+    """A partner subscribed under a grant; the grant is withdrawn by a reload while its
+    subscription stays open: nothing more is delivered to it."""
+    grant = {"customers": {"acme": [{"from": [f"spiffe://{TD}/mallory/subscriber/*"],
+                                     "methods": ["subscribe"], "channels": ["orders"]}]}}
+    node = await start(tmp_path, authz=grant)
+    pub = await PublisherClient.connect("127.0.0.1", node.port, ids()["p1"])
+    spy = Collector(await SubscriberClient.connect("127.0.0.1", node.port, ids()["m2"]))
+    try:
+        await spy.client.subscribe("acme", ("orders",))
+        await eventually(lambda: node.hub.count() == 1)
+        assert (await pub.publish([Frame("acme", "orders", 1, b"before")]))[0].accepted
+        await spy.wait_for(1)
+        node.reload(node.cfg.replace(authz={}))
+        assert (await pub.publish([Frame("acme", "orders", 2, b"after")]))[0].accepted
+        await asyncio.sleep(1.0)
+        assert [f.payload for f in spy.frames] == [b"before"]
+        assert node.hub.held >= 1  # held for an authorized subscriber, not dropped
+    finally:
+        await spy.close()
+        await pub.close()
+        await node.stop()
+
+
+async def test_more_tunnels_do_not_multiply_a_customer_quota(tmp_path: Path) -> None:
+    """Attacker's chair: acme opens a second publisher tunnel (another identity of the
+    same tenant) to get around its quota; the quota is the customer's, not the tunnel's."""
+    node = await start(tmp_path, quotas={"customers": {"acme": {"frames_per_s": 0.001,
+                                                                "frames_burst": 4}}})
+    one = await PublisherClient.connect("127.0.0.1", node.port, ids()["p1"])
+    two = await PublisherClient.connect("127.0.0.1", node.port, ids()["s1"])
+    try:
+        a = await one.publish([Frame("acme", "a", s, b"x") for s in range(1, 5)])
+        b = await two.publish([Frame("acme", "b", s, b"x") for s in range(1, 5)])
+        assert sum(r.accepted for r in a + b) == 4
+        assert all(r.code == 33 for r in b)
+    finally:
+        await one.close()
+        await two.close()
+        await node.stop()

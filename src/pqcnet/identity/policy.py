@@ -50,7 +50,7 @@ from pydantic import Field, field_validator
 
 from pqcnet._util.schema import Schema
 from pqcnet.identity.errors import IdentityError
-from pqcnet.identity.spiffe import SpiffeId, spiffe_matches, validate_pattern
+from pqcnet.identity.spiffe import SpiffeId, SpiffeLayout, spiffe_matches, validate_pattern
 
 Effect = Literal["allow", "deny"]
 #: the rule list that applies to every tenant (after the tenant's own)
@@ -110,6 +110,43 @@ class RuleSpec(Schema):
             except IdentityError as exc:
                 raise ValueError(str(exc)) from None
         return value
+
+
+class SpiffeLayoutSpec(Schema):
+    """Where tenant, role and node sit in SPIFFE IDs of another shape (config form of
+    :class:`~pqcnet.identity.spiffe.SpiffeLayout`)."""
+
+    template: str
+    """``spiffe://<trust-domain>/...`` with ``{tenant}``, ``{role}``, ``{node}``
+    placeholders, literals and per-segment globs, e.g.
+    ``spiffe://corp.example/ns/{tenant}/sa/{node}``."""
+    role: str = ""
+    """Fixed role when the template has no ``{role}``."""
+    tenant: str = ""
+    """Fixed tenant when the template has no ``{tenant}``."""
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if not value.startswith("spiffe://"):
+            raise ValueError(f"must be a spiffe:// template, got {value!r}")
+        return value
+
+    def layout(self) -> SpiffeLayout:
+        """The compiled layout (:class:`IdentityError` on a mistake)."""
+        return SpiffeLayout.of(self.template, role=self.role, tenant=self.tenant)
+
+
+def compile_layouts(specs: Iterable[SpiffeLayoutSpec], where: str = "spiffe_layouts"
+                    ) -> tuple[SpiffeLayout, ...]:
+    """Compile config layouts; a mistake raises :class:`IdentityError` naming ``where``."""
+    out = []
+    for i, spec in enumerate(specs):
+        try:
+            out.append(spec.layout())
+        except IdentityError as exc:
+            raise IdentityError(f"{where}[{i}]: {exc}") from None
+    return tuple(out)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,5 +257,7 @@ __all__ = [
     "PrincipalPolicy",
     "PrincipalRule",
     "RuleSpec",
+    "SpiffeLayoutSpec",
+    "compile_layouts",
     "matches",
 ]

@@ -60,7 +60,13 @@ from pqcnet.identity.certs import is_signed_by, load_certs, spiffe_id_of, utcnow
 from pqcnet.identity.crl import RevocationList, load_crl
 from pqcnet.identity.errors import IdentityError
 from pqcnet.identity.node import NodeIdentity
-from pqcnet.identity.spiffe import SpiffeId, spiffe_matches, validate_pattern
+from pqcnet.identity.spiffe import (
+    SpiffeId,
+    SpiffeLayout,
+    apply_layouts,
+    spiffe_matches,
+    validate_pattern,
+)
 from pqcnet.qstp import _ossl
 from pqcnet.qstp.errors import HandshakeError
 
@@ -181,6 +187,9 @@ class TlsPolicy:
     verify_depth: int = 3
     #: run-time denials (shared, mutable); ``None`` = nobody denied beyond the CRL
     gate: PeerGate | None = None
+    #: how tenant/role/node are read from peers' SPIFFE IDs of other shapes than
+    #: ``tenant/role/node`` (first fitting layout; see :class:`SpiffeLayout`)
+    spiffe_layouts: tuple[SpiffeLayout, ...] = ()
 
     def __post_init__(self) -> None:
         if self.groups not in get_args(GroupPolicy):
@@ -350,7 +359,7 @@ def _check_policy(
 ) -> SpiffeId:
     """The checks OpenSSL cannot do: SPIFFE ID policy, :class:`PeerGate`, our CRL rules."""
     try:
-        peer = _spiffe_id_of(cert)
+        peer = apply_layouts(_spiffe_id_of(cert), policy.spiffe_layouts)
     except IdentityError as exc:
         raise HandshakeRefused("bad-certificate", f"peer certificate: {exc}") from None
     if not policy.peer_allowed(peer, identity.spiffe_id.trust_domain):

@@ -29,6 +29,8 @@ from pqcnet._util.schema import (
     where,
 )
 from pqcnet._util.yamlfile import read_yaml_file
+from pqcnet.identity.errors import IdentityError
+from pqcnet.identity.policy import SpiffeLayoutSpec, compile_layouts
 from pqcnet.relayer.authz import AuthzSpec, QuotasSpec
 from pqcnet.relayer.backpressure import HIGH_WATER, LOW_WATER
 from pqcnet.relayer.counters import TOLERANCE_FRAMES, TOLERANCE_RATIO
@@ -153,6 +155,9 @@ class RelayerConfig(Schema):
     which customers' channels (default: a tenant is its own customer, nothing else)."""
     quotas: QuotasSpec = Field(default_factory=QuotasSpec)
     """Per-customer quotas at this relayer (frames/s, bytes/s; 0: unlimited)."""
+    spiffe_layouts: list[SpiffeLayoutSpec] = Field(default_factory=list)
+    """How tenant/role/node are read from peers' SPIFFE IDs of other shapes than
+    ``tenant/role/node`` (first fitting template wins; unread IDs have no tenant)."""
 
     model_config = ConfigDict(json_schema_extra={"allOf": [
         {"if": {"properties": {"backend": {"const": "redis"}}, "required": ["backend"]},
@@ -182,6 +187,10 @@ class RelayerConfig(Schema):
                                                       or self.grpc_tls_cert):
             raise ValueError("governance_qstp_port: needs grpc_port (loopback plaintext, "
                              "no grpc_tls_cert) to forward to")
+        try:
+            compile_layouts(self.spiffe_layouts)
+        except IdentityError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     @property

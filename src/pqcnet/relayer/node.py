@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import inspect
 import logging
 import os
@@ -42,6 +43,7 @@ from pqcnet._util.env import env_passphrase
 from pqcnet._util.ops_http import not_expired, start_ops_server
 from pqcnet.errors import PqcnetError
 from pqcnet.identity import NodeIdentity, SpiffeId
+from pqcnet.identity.policy import compile_layouts
 from pqcnet.qsdag import Ledger
 from pqcnet.qstp import aio
 from pqcnet.qstp.aio.forward import serve_forward
@@ -184,6 +186,9 @@ class RelayerNode:
     def __init__(self, cfg: RelayerConfig, identity: NodeIdentity,
                  policy: TlsPolicy | None = None) -> None:
         self.cfg, self.identity, self.policy = cfg, identity, policy or TlsPolicy()
+        if cfg.spiffe_layouts:  # peers' SPIFFE IDs of other shapes: read tenant/role
+            self.policy = dataclasses.replace(
+                self.policy, spiffe_layouts=compile_layouts(cfg.spiffe_layouts))
         self.data_dir = Path(cfg.data_dir)
         self.registry = CollectorRegistry()
         self.meter = VolumeMeter(cfg.epoch_seconds, registry=self.registry,

@@ -119,7 +119,7 @@ class SentryService:
                 install(self.sentry, *self.shared)
             stack.push_async_callback(self.sentry.aclose)
             self.endpoint = QstpEndpoint(self.identity, self.keys, self.issuer,
-                                         handler=self._on_tunnel)
+                                         handler=self._on_tunnel, policy=cfg.tls_policy())
             stack.push_async_callback(self.endpoint.aclose)
         except BaseException:
             await self.aclose()

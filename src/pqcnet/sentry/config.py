@@ -30,6 +30,10 @@ from pqcnet._util.yamlfile import read_yaml_file
 from pqcnet.crypto.errors import CryptoError
 from pqcnet.crypto.pqc import VerifyKey
 from pqcnet.errors import PqcnetError
+from pqcnet.identity.errors import IdentityError
+from pqcnet.identity.policy import compile_layouts
+from pqcnet.identity.spiffe import SpiffeLayout
+from pqcnet.qstp.tls import TlsPolicy
 from pqcnet.sentry.acl import AclPolicy
 from pqcnet.sentry.errors import SentryConfigError
 from pqcnet.sentry.limiter import Plan
@@ -112,6 +116,12 @@ class SentryConfig:
     source: Path | None = None
     #: create a dev genesis (this node as authority) in an empty ledger
     ledger_dev_genesis: bool = True
+    #: read tenant/role/node from peers' SPIFFE IDs of other shapes (static part)
+    spiffe_layouts: tuple[SpiffeLayout, ...] = ()
+
+    def tls_policy(self) -> TlsPolicy:
+        """The QSTP policy the sentry serves with (its SPIFFE layouts applied)."""
+        return TlsPolicy(spiffe_layouts=self.spiffe_layouts)
 
 
 def load_verify_key(path: Path, *, error: type[PqcnetError] = SentryConfigError,
@@ -228,6 +238,13 @@ def _routes(f: SentryFile, backends: Mapping[str, BackendConfig], src: str) -> t
     return tuple(routes)
 
 
+def _layouts(f: SentryFile, src: str) -> tuple[SpiffeLayout, ...]:
+    try:
+        return compile_layouts(f.spiffe_layouts)
+    except IdentityError as exc:
+        raise SentryConfigError(where(src, str(exc))) from None
+
+
 def parse_config(raw: Any, base: Path, source: Path | None = None, *,
                  name: str = "") -> SentryConfig:
     """Validate a loaded YAML mapping; ``name`` (default: ``source``) starts every
@@ -250,6 +267,7 @@ def parse_config(raw: Any, base: Path, source: Path | None = None, *,
         attestation_interval=f.attestation_interval,
         source=source,
         ledger_dev_genesis=f.ledger_dev_genesis,
+        spiffe_layouts=_layouts(f, src),
     )
 
 

@@ -27,7 +27,7 @@ from pqcnet._util.schema import (
     Positive,
     Schema,
 )
-from pqcnet.identity.policy import RuleSpec
+from pqcnet.identity.policy import RuleSpec, SpiffeLayoutSpec
 
 BackendKind = Literal["http", "grpc", "tcp"]
 BACKEND_KINDS: tuple[BackendKind, ...] = ("http", "grpc", "tcp")
@@ -185,6 +185,9 @@ class SentryFile(Schema):
     """Operations HTTP: Prometheus /metrics, /healthz, /readyz (0: off)."""
     metrics_host: str = "127.0.0.1"
     """Address of the operations HTTP port (``0.0.0.0`` in a container)."""
+    spiffe_layouts: list[SpiffeLayoutSpec] = Field(default_factory=list)
+    """How tenant/role/node are read from peers' SPIFFE IDs of other shapes than
+    ``tenant/role/node`` (first fitting template; unread IDs have no tenant)."""
     issuers: dict[str, Annotated[list[str], Field(min_length=1)]]
     """Per tenant: ML-DSA public key files trusted to sign session assertions."""
     limits: LimitsSpec

@@ -313,7 +313,8 @@ class SentryServer:
                  qstp_config: Any = None) -> None:
         self.sentry = sentry
         self.identity = identity
-        self.tls_policy = tls_policy
+        self.tls_policy = (tls_policy if tls_policy is not None
+                           else sentry.config.tls_policy())
         self.qstp_config = qstp_config
         self._server: Any = None
         self._watch: asyncio.Task[None] | None = None
