@@ -72,6 +72,13 @@ def _ending(tunnel: Any) -> bool:
     return bool(getattr(tunnel, "closed", False)) or getattr(tunnel, "goaway", None) is not None
 
 
+def _not_processed(stream: Any) -> bool:
+    """Whether the sentry announced (GOAWAY) that it accepted no stream this high: the
+    request never reached a backend, so sending it again on a new tunnel is safe."""
+    goaway = getattr(getattr(stream, "tunnel", None), "goaway", None)
+    return goaway is not None and int(stream.id) > int(goaway.last_stream_id)
+
+
 class Sidecar:
     """One tunnel to one sentry, plus the assertion bound to it."""
 
@@ -148,12 +155,16 @@ class Sidecar:
 
     async def call(self, head: RequestHead, body: bytes) -> tuple[ResponseHead, Any, bytes]:
         """Send one RPC; returns (response head, stream to read the body from, first bytes)."""
-        stream = await self.open(head, body)
-        try:
-            payload, rest = await read_head(stream.recv)
-        except (PqcnetError, OSError) as exc:
-            raise BackendError(f"sentry connection failed: {exc}") from None
-        return decode_response(payload), stream, rest
+        for attempt in (1, 2):
+            stream = await self.open(head, body)
+            try:
+                payload, rest = await read_head(stream.recv)
+            except (PqcnetError, OSError) as exc:
+                if attempt == 1 and _not_processed(stream):
+                    continue  # the sentry's GOAWAY says it never saw it: send it again
+                raise BackendError(f"sentry connection failed: {exc}") from None
+            return decode_response(payload), stream, rest
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def aclose(self) -> None:
         """Close the tunnel."""
