@@ -328,8 +328,7 @@ def serve(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_pas
 
     async def start() -> CaService:
         service = CaService(ca, ca_dir, TokenStore(ca_dir), config, ledger=ledger)
-        await service.start(host, port, crl_http_port)
-        service.start_maintenance()
+        await service.start(host, port, crl_http_port)  # also starts its maintenance loop
         if metrics_port is not None:
             from prometheus_client import start_http_server
 

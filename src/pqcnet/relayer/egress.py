@@ -77,6 +77,8 @@ class Subscription:
     #: highest seq per topic the subscriber acknowledged
     acked: dict[Topic, int] = field(default_factory=dict)
     window: asyncio.Event = field(default_factory=asyncio.Event)
+    #: the stream ended (:meth:`fail_all` ran): nothing put in the queue later is read
+    gone: bool = False
 
     def ack(self, upto: dict[Topic, int]) -> None:
         """Apply a cumulative ack; resolve every share it covers."""
@@ -92,6 +94,7 @@ class Subscription:
 
     def fail_all(self, reason: str) -> None:
         """The subscriber is gone: every unacked or queued share fails."""
+        self.gone = True
         while self.unacked:
             _, fut = self.unacked.popleft()
             if not fut.done():
@@ -146,6 +149,8 @@ class SubscriberHub:
             for sub, share in shares.values():
                 fut: asyncio.Future[None] = loop.create_future()
                 await sub.queue.put((share, fut))
+                if sub.gone:  # it left while we were putting: nobody will read this share
+                    sub.fail_all("subscriber went away before acknowledging")
                 futs.append(fut)
             errors = [r for r in await asyncio.gather(*futs, return_exceptions=True)
                       if isinstance(r, BaseException)]

@@ -230,8 +230,10 @@ class CaService:
         key = SigningKey.generate("ML-DSA-65")
         policy = IssuancePolicy(max_ttl=self.ca.policy.max_ttl,
                                 default_ttl=self.ca.policy.default_ttl)
+        # the CA's longest allowed lifetime: nodes' certificates may be short, the
+        # service's own is renewed by the maintenance loop at half-life
         cert = self.ca.sign_csr(build_csr(key, ca_service_id(self.ca.trust_domain)),
-                                policy, ttl=self.ca.policy.default_ttl)
+                                policy, ttl=self.ca.policy.max_ttl)
         return NodeIdentity.from_pem(key, cert, self.ca.trust_bundle_pem(), self._crl_pem())
 
     def _init_ledger(self, ledger: Ledger) -> None:
@@ -250,6 +252,8 @@ class CaService:
             self.plain = HttpsServer(self.handle_plain, None)
             await self.plain.start(host, crl_http_port)
         self._update_gauge()
+        if self._maintenance is None:
+            self.start_maintenance()
         log.info("CA service listening", extra={"port": bound, "trust_domain":
                                                 self.ca.trust_domain})
         return bound

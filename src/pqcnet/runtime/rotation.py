@@ -381,14 +381,16 @@ class ServerBinding:
         margin = dt.timedelta(seconds=self.expiry_margin_s)
         revoked = IdentityManager._held_crl(self.manager.identity)
 
-        def verdict(peer: PeerInfo) -> str | None:
+        def is_revoked(peer: PeerInfo) -> str | None:
             if revoked is not None and revoked.is_revoked(peer.cert_serial):
                 return "peer certificate revoked"
-            if peer.cert_not_after - now <= margin:
-                return "peer certificate expires"
             return None
 
-        await self.server.end_tunnels(verdict)
+        def expires(peer: PeerInfo) -> str | None:
+            return "peer certificate expires" if peer.cert_not_after - now <= margin else None
+
+        await self.server.end_tunnels(is_revoked)  # at once: not one more request
+        await self.server.end_tunnels(expires, grace_s=self.expiry_margin_s / 2)
         due = [(t, ts) for t, ts in self._retire if t - now <= margin * 2]
         self._retire = [(t, ts) for t, ts in self._retire if t - now > margin * 2]
         for _, tunnels in due:

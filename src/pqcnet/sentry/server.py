@@ -321,6 +321,11 @@ class SentryServer:
         self.tunnels_served = 0
         self.reloads = 0
 
+    @property
+    def server(self) -> Any:
+        """The QSTP server while listening (identity reload binds to it)."""
+        return self._server
+
     async def start(self, host: str | None = None, port: int | None = None) -> int:
         """Listen (127.0.0.1 by default); returns the bound port."""
         from pqcnet.qstp import aio

@@ -116,6 +116,13 @@ def _ending(tunnel: Any) -> bool:
     return bool(getattr(tunnel, "closed", False)) or getattr(tunnel, "goaway", None) is not None
 
 
+def _not_processed(stream: Any) -> bool:
+    """Whether the sentry announced (GOAWAY) that it accepted no stream this high: the
+    request never reached a backend, so sending it again on a new tunnel is safe."""
+    goaway = getattr(getattr(stream, "tunnel", None), "goaway", None)
+    return goaway is not None and int(stream.id) > int(goaway.last_stream_id)
+
+
 class Sidecar:
     """One tunnel to one sentry, plus the assertion bound to it."""
 
@@ -195,8 +202,18 @@ class Sidecar:
         """Send one RPC; returns (response head, stream to read the body from, first bytes).
 
         ``idempotent`` matters to a :class:`~pqcnet.sentry.pool.SentryPool` (which may
-        replay the request on another sentry); one sidecar has no other sentry to try."""
-        return await self.response(await self.open(head, body))
+        replay the request on another sentry); one sidecar resends only a request the
+        sentry's GOAWAY says it never processed (identity rotation)."""
+        for attempt in (1, 2):
+            stream = await self.open(head, body)
+            try:
+                payload, rest = await read_head(stream.recv)
+            except (PqcnetError, OSError) as exc:
+                if attempt == 1 and _not_processed(stream):
+                    continue  # the sentry's GOAWAY says it never saw it: send it again
+                raise BackendError(f"sentry connection failed: {exc}") from None
+            return decode_response(payload), stream, rest
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def response(self, stream: Any) -> tuple[ResponseHead, Any, bytes]:
         """Read the response head of a stream opened with :meth:`open`."""
