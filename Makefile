@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck pytest proto services-up services-down clean bench \
-	deploy-tools images
+	deploy-tools images compose-up compose-down
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,13 @@ deploy-tools:
 # The role images pqcnet-sentry / pqcnet-relayer (docker/Dockerfile) on our dockerd.
 images: $(STAMP) deploy-tools
 	$(PY) tools/images.py
+
+# The whole network of compose.yaml on our dockerd (images built when missing).
+compose-up: $(STAMP) deploy-tools
+	$(PY) tools/compose.py up
+
+compose-down:
+	$(PY) tools/compose.py down
 
 bench: $(STAMP)
 	$(VENV)/bin/pqcnet bench --help

@@ -1,6 +1,6 @@
 """Build the pqcnet role images (``pqcnet-sentry``, ``pqcnet-relayer``) from docker/Dockerfile.
 
-    python tools/images.py [--role sentry|relayer]... [--base-image IMG] [--tag TAG]
+    python tools/images.py [--role sentry|relayer]... [--base-image IMG] [--tag TAG] [--services]
 
 1. Wheelhouse on the host (``build/wheelhouse``): ``pip wheel`` of pqcnet and every
    dependency of its ``relayer`` and ``sentry`` extras, so the image build installs
@@ -115,12 +115,57 @@ def build(role: str, *, base: str, tag: str, env: dict[str, str]) -> dict[str, o
             "base": base, "base_digest": base_digest}
 
 
+SERVICES = ("kafka", "waku", "redis", "prometheus")
+SERVICES_CONTEXT = ROOT / "build" / "services-context"
+
+
+def _cached(pattern: str) -> Path:
+    """The newest cache entry scripts/services made for ``pattern`` (kafka-*, waku-*)."""
+    cache = Path(os.environ.get("PQCNET_CACHE", Path.home() / ".cache" / "pqcnet"))
+    found = sorted((p for p in cache.glob(pattern) if (p / "installed").exists()),
+                   key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"no {pattern} in {cache}: run scripts/services install")
+    return found[-1]
+
+
+def stage_services() -> Path:
+    """build/services-context: the Kafka jars and go-waku binary from the services cache."""
+    import shutil
+
+    ctx = SERVICES_CONTEXT
+    if ctx.exists():
+        shutil.rmtree(ctx)
+    ctx.mkdir(parents=True)
+    shutil.copytree(_cached("kafka-*") / "libs", ctx / "kafka-libs")
+    shutil.copy2(_cached("waku-*") / "waku", ctx / "waku")
+    shutil.copy2(ROOT / "docker" / "kafka-entrypoint.sh", ctx / "kafka-entrypoint.sh")
+    return ctx
+
+
+def build_service(name: str, *, base: str, tag: str, env: dict[str, str]) -> dict[str, object]:
+    docker, proc_env = docker_cmd(env)
+    ref = f"pqcnet-{name}:{tag}"
+    t0 = time.monotonic()
+    subprocess.run(
+        [*docker, "build", "--quiet", "-f", str(ROOT / "docker" / "services.Dockerfile"),
+         "--target", name, "-t", ref, "--build-arg", f"BASE_IMAGE={base}",
+         str(SERVICES_CONTEXT)], check=True, env=proc_env, stdout=subprocess.DEVNULL)
+    seconds = round(time.monotonic() - t0, 1)
+    out = subprocess.run([*docker, "image", "inspect", "--format", "{{.Id}} {{.Size}}", ref],
+                         check=True, capture_output=True, text=True, env=proc_env)
+    iid, size = out.stdout.split()
+    return {"image": ref, "id": iid, "size": int(size), "build_seconds": seconds}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--role", action="append", choices=ROLES)
     ap.add_argument("--base-image", default=None)
     ap.add_argument("--tag", default=version())
     ap.add_argument("--skip-wheels", action="store_true", help="Reuse build/wheelhouse as is.")
+    ap.add_argument("--services", action="store_true",
+                    help="Also build the compose network's Kafka, go-waku, Redis, Prometheus.")
     args = ap.parse_args(argv)
     env = deploy_env()
     base = args.base_image or env.get("PQCNET_BASE_IMAGE") or DEFAULT_BASE
@@ -128,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         wheelhouse()
     for role in args.role or ROLES:
         print(json.dumps(build(role, base=base, tag=args.tag, env=env)), flush=True)
+    if args.services:
+        stage_services()
+        for name in SERVICES:
+            print(json.dumps(build_service(name, base=base, tag=args.tag, env=env)), flush=True)
     return 0
 
 

@@ -1,0 +1,139 @@
+"""Bring the compose network (compose.yaml) up and down on our dockerd.
+
+    python tools/compose.py up [--project P] [--tag T] [--build]   # make compose-up
+    python tools/compose.py down [--project P]                       # make compose-down
+
+``up``: identities into build/compose/secrets (compose/make-secrets, today's CLI),
+images if missing (tools/images.py --services), ``docker-compose up -d``, then waits
+(bounded) until every container with a healthcheck is healthy. ``down`` removes the
+containers, the network and the volumes. Debian's docker-compose v1 (ADR 0018); the
+daemon and CLI come from .services/deploy-env.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import images
+
+ROOT = images.ROOT
+SECRETS = ROOT / "build" / "compose" / "secrets"
+SERVICE_IMAGES = ("sentry", "relayer", *images.SERVICES)
+
+
+class Compose:
+    """docker-compose (v1) for one project on our daemon."""
+
+    def __init__(self, project: str = "pqcnet", tag: str | None = None) -> None:
+        self.project = project
+        self.tag = tag or images.version()
+        env = images.deploy_env()
+        self.docker_cli = env.get("PQCNET_DOCKER_CLI", "docker")
+        self.compose_cli = env.get("PQCNET_COMPOSE", "docker-compose")
+        self.env = dict(os.environ, PQCNET_IMAGE_TAG=self.tag,
+                        PQCNET_COMPOSE_SECRETS=str(SECRETS))
+        if env.get("PQCNET_DOCKER_HOST"):
+            self.env["DOCKER_HOST"] = env["PQCNET_DOCKER_HOST"]
+        self.deploy_env = env
+
+    def compose(self, *args: str, check: bool = True,
+                timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run([self.compose_cli, "-f", str(ROOT / "compose.yaml"),
+                              "-p", self.project, *args], env=self.env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=timeout)
+        if check and res.returncode != 0:
+            raise RuntimeError(f"docker-compose {' '.join(args)}: exit {res.returncode}\n"
+                               f"{res.stderr[-3000:]}")
+        return res
+
+    def docker(self, *args: str, check: bool = True,
+               timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([self.docker_cli, *args], env=self.env, capture_output=True,
+                              text=True, check=check, timeout=timeout)
+
+    def container(self, service: str) -> str:
+        return self.compose("ps", "-q", service).stdout.strip()
+
+    def port(self, service: str, port: int) -> int:
+        out = self.compose("port", service, str(port)).stdout.strip()
+        return int(out.rsplit(":", 1)[1])
+
+    def missing_images(self) -> list[str]:
+        return [n for n in SERVICE_IMAGES
+                if self.docker("image", "inspect", f"pqcnet-{n}:{self.tag}",
+                               check=False).returncode != 0]
+
+    def secrets(self) -> None:
+        pqcnet = str(Path(sys.executable).with_name("pqcnet"))
+        subprocess.run([str(ROOT / "compose" / "make-secrets"), str(SECRETS)],
+                       env=dict(os.environ, PQCNET=pqcnet), check=True, timeout=300)
+
+    def health(self) -> dict[str, str]:
+        """service container name -> health (or state when it has no healthcheck)."""
+        ids = self.compose("ps", "-q").stdout.split()
+        if not ids:
+            return {}
+        out = self.docker("inspect", *ids).stdout
+        states = {}
+        for c in json.loads(out):
+            st = c["State"]
+            states[c["Name"].lstrip("/")] = st.get("Health", {}).get("Status") or st["Status"]
+        return states
+
+    def wait_healthy(self, timeout: float = 300) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        states: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            states = self.health()
+            if states and all(s in ("healthy", "running") for s in states.values()):
+                return states
+            time.sleep(2)
+        raise TimeoutError(f"compose network not healthy after {timeout:.0f}s: {states}")
+
+    def up(self, *, build: bool = False, timeout: float = 600) -> dict[str, str]:
+        self.secrets()
+        if build or self.missing_images():
+            subprocess.run([sys.executable, str(ROOT / "tools" / "images.py"), "--services",
+                            "--tag", self.tag], check=True, timeout=3600)
+        self.compose("up", "-d", timeout=timeout)
+        return self.wait_healthy(timeout)
+
+    def logs(self, service: str = "") -> str:
+        res = self.compose("logs", "--no-color", "--tail", "60", *([service] if service else []),
+                           check=False)
+        return res.stdout + res.stderr
+
+    def down(self) -> None:
+        self.compose("down", "-v", "--remove-orphans", "-t", "5", check=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("command", choices=["up", "down", "status"])
+    ap.add_argument("--project", default="pqcnet")
+    ap.add_argument("--tag", default=None)
+    ap.add_argument("--build", action="store_true", help="Rebuild the images first.")
+    args = ap.parse_args(argv)
+    c = Compose(args.project, args.tag)
+    if args.command == "up":
+        states = c.up(build=args.build)
+        print(json.dumps(states, indent=1))
+        print(f"prometheus: http://127.0.0.1:{c.port('prometheus', 9090)}  relayers: "
+              f"127.0.0.1:{c.port('relayer-1', 7400)} 127.0.0.1:{c.port('relayer-2', 7400)}"
+              "  client: docker-compose exec client python3 ... (sidecar at 127.0.0.1:8080)")
+    elif args.command == "down":
+        c.down()
+    else:
+        print(json.dumps(c.health(), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
