@@ -7,7 +7,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest proto services-up services-down clean bench
+.PHONY: demo test lint typecheck pytest proto services-up services-down clean bench \
+	deploy-tools images
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +41,15 @@ services-up:
 
 services-down:
 	scripts/services stop
+
+# Deployment tools (dockerd, docker-compose, helm, kubeconform, promtool, base image).
+deploy-tools:
+	scripts/deploy-tools install
+	scripts/deploy-tools start
+
+# The role images pqcnet-sentry / pqcnet-relayer (docker/Dockerfile) on our dockerd.
+images: $(STAMP) deploy-tools
+	$(PY) tools/images.py
 
 bench: $(STAMP)
 	$(VENV)/bin/pqcnet bench --help

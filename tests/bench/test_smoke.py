@@ -129,6 +129,24 @@ def test_mesh_reports_saturated_and_paced_runs_against_raw() -> None:
     _machine(d["machine"]["before"])
 
 
+def test_verify_reports_receipts_and_inclusion_against_the_verify_floor() -> None:
+    d = _bench("verify", "--records", "40", "--customers", "4", "--receipts", "4")
+    assert d["receipts"] == 4
+    for key in ("verify_receipts_per_s", "verify_inclusion_per_s",
+                "baseline_mldsa65_verify_per_s", "ratio_vs_verify_floor"):
+        assert _number(d[key]), key
+    _machine(d["machine_before"])
+
+
+def test_enroll_reports_rate_latency_and_the_sign_floor() -> None:
+    d = _bench("enroll", "--nodes", "4", "--concurrency", "2")
+    assert d["enrolled"] == 4 and d["failed"] == 0, d.get("failures_sample")
+    for key in ("enrollments_per_s", "baseline_mldsa65_sign_per_s", "ratio_vs_sign"):
+        assert _number(d[key]), key
+    _latency(d["latency"])
+    _machine(d["machine"])
+
+
 def test_sentry_reports_n_workers_against_nginx_and_the_limit_accuracy() -> None:
     d = _bench("sentry", "--requests", "30", "--seconds", "1", "--connections", "4",
                "--loadgen-procs", "1", "--workers", "2")

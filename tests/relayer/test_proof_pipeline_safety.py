@@ -10,13 +10,16 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
 
 from pqcnet.qsdag import VertexKind
 from pqcnet.relayer import proof as proof_mod
+from pqcnet.relayer.errors import ProofError
 from pqcnet.relayer.metering import OTHER_LABEL, VolumeDelta, VolumeMeter
 from pqcnet.relayer.node import RelayerNode
 from pqcnet.relayer.proof import anchored_proof, inclusion_proof, verify_inclusion
@@ -41,9 +44,19 @@ class _Crash(Exception):
     """Stands for the process dying at this point."""
 
 
+def _backend(request: pytest.FixtureRequest, backend: str) -> dict[str, Any]:
+    if backend == "redis":
+        return {"backend": "redis", "redis_url": request.getfixturevalue("redis_url"),
+                "redis_prefix": f"test:{uuid.uuid4().hex[:8]}", "epoch_seconds": 60.0}
+    return {"epoch_seconds": 60.0}
+
+
+@pytest.mark.parametrize("backend", ["embedded", "redis"])
 async def test_crash_between_anchor_and_proof_file_does_not_anchor_twice(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    node = await start_node(tmp_path, epoch_seconds=60.0)
+        backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        request: pytest.FixtureRequest) -> None:
+    kw = _backend(request, backend)
+    node = await start_node(tmp_path, **kw)
     try:
         await _traffic(node, 3, customers=2)
 
@@ -57,7 +70,7 @@ async def test_crash_between_anchor_and_proof_file_does_not_anchor_twice(
     finally:
         monkeypatch.undo()
         await node.stop()
-    node = await start_node(tmp_path, epoch_seconds=60.0)  # the restart
+    node = await start_node(tmp_path, **kw)  # the restart
     try:
         node.prove_closed_epochs(now=60.0 * 10)
         vids = _volume_proof_vertices(node)
@@ -69,7 +82,7 @@ async def test_crash_between_anchor_and_proof_file_does_not_anchor_twice(
         assert not list((node.data_dir / "proofs").glob("*.intent"))
     finally:
         await node.stop()
-    node = await start_node(tmp_path, epoch_seconds=60.0)  # and again: nothing new
+    node = await start_node(tmp_path, **kw)  # and again: nothing new
     try:
         assert node.prove_closed_epochs(now=60.0 * 10) == []
         assert len(_volume_proof_vertices(node)) == 1
@@ -162,3 +175,33 @@ def test_label_cardinality_is_bounded_and_pruned_series_go() -> None:
     assert _series(meter) == {("c0", "ch")}
     meter.apply({(2, "c9", "ch", 1): [5, 1]})  # freed slots are reusable
     assert ("c9", "ch") in _series(meter)
+
+
+async def test_a_damaged_intent_is_a_typed_error_and_later_epochs_are_still_proven(
+        tmp_path: Path) -> None:
+    node = await start_node(tmp_path, epoch_seconds=60.0)
+    try:
+        await _traffic(node, 3)
+        await _traffic(node, 4)
+        (node.data_dir / "proofs").mkdir(exist_ok=True)
+        (node.data_dir / "proofs" / "3.intent").write_bytes(b"\x00\x00\x00\x09garbage")
+        with pytest.raises(ProofError, match="damaged"):
+            node.proof_store.read_intent(3)
+        proven = node.prove_closed_epochs(now=60.0 * 10)  # never raises
+        assert [p.epoch for p in proven] == [4] and sorted(node.proofs) == [4]
+        assert len(_volume_proof_vertices(node)) == 1
+    finally:
+        await node.stop()
+
+
+def test_parts_are_bounded_by_encoded_size_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pqcnet.relayer.metering import VolumeRecord
+
+    monkeypatch.setattr(proof_mod, "MAX_PART_BYTES", 1000)  # ~7 records of ~130 bytes
+    recs = [VolumeRecord("c" * 40, f"{i:040d}", 1, 1, 1, 2) for i in range(20)]
+    slices = proof_mod.split_records(recs)
+    assert len(slices) > 2 and [r for s in slices for r in s] == recs
+    assert all(sum(len(r.customer) + len(r.channel) + 48 for r in s) <= 1000 for s in slices)
+    parts = proof_mod.build_volume_proofs("r", 2, recs, identities()[0].key)
+    assert [p.part for p in parts] == list(range(len(slices)))
+    assert {p.parts for p in parts} == {len(slices)}

@@ -119,8 +119,10 @@ async def test_customer_receipt_verifies_with_public_keys_and_tampering_is_typed
 
 async def test_claims_checked_against_signed_counters(tmp_path: Path) -> None:
     clock = [time.time()]
-    node = await start_node(tmp_path, epoch_seconds=HOUR)
-    pub = await PublisherClient.connect("127.0.0.1", node.port, identities()[1])
+    node = await start_node(tmp_path, epoch_seconds=HOUR, metrics_port=0)
+    pub = await PublisherClient.connect(
+        "127.0.0.1", node.port, identities()[1],
+        counters=CounterTracker("publisher", identities()[1], HOUR, clock=lambda: clock[0]))
     tracker = CounterTracker("subscriber", identities()[2], HOUR, clock=lambda: clock[0])
     counting = SubscriberClient(
         (await SubscriberClient.connect("127.0.0.1", node.port, identities()[2])).tunnel,
@@ -137,13 +139,18 @@ async def test_claims_checked_against_signed_counters(tmp_path: Path) -> None:
         await cols[1].wait_for(5)
         await _metered(node, 15)
         epoch = node.meter.epoch()
+        assert await pub.send_counters() == 3  # what the publisher saw accepted, signed
+        await _until(lambda: any(sc.counter.role == "publisher" for sc in
+                                 node.counters.for_topic("acme", "silent", epoch)),
+                     "publisher counters kept")
         await _until(lambda: any(sc.counter.frames >= 5 for sc in
                                  node.counters.for_topic("acme", "inflated", epoch)),
                      "progress counters kept")
         clock[0] += 2 * HOUR  # the client's epoch closed: its counters become final
         assert await counting.send_counters() == 2
-        await _until(lambda: all(sc.counter.final for ch in ("honest", "inflated")
-                                 for sc in node.counters.for_topic("acme", ch, epoch)),
+        await _until(lambda: all(any(sc.counter.final and sc.counter.role == "subscriber"
+                                     for sc in node.counters.for_topic("acme", ch, epoch))
+                                 for ch in ("honest", "inflated")),
                      "final counters kept")
         # the fraud that pays: the relayer claims 50 more frames on one topic
         node.meter.apply({(epoch, "acme", "inflated", 1): [1000, 50]})
@@ -152,6 +159,11 @@ async def test_claims_checked_against_signed_counters(tmp_path: Path) -> None:
                   for c in node.check_claims(epoch)}
         assert status == {"honest": ("supported", 5), "inflated": ("overclaimed", 5),
                           "silent": ("unsupported", 0)}
+        assert node.audit_claims(now=time.time() + 3 * HOUR) == {
+            "supported": 1, "overclaimed": 1, "unsupported": 1}
+        assert node.audit_claims(now=time.time() + 3 * HOUR) == {}  # once per epoch
+        assert node.registry.get_sample_value("pqcnet_relayer_claims_records_total",
+                                              {"status": "overclaimed"}) == 1.0
         [ev] = find_overclaims(node.proof_parts(epoch), node.counters, node.tolerance)
         trust = ca_trust(identities()[0].trust_anchors)
         verify_overclaim(ev, identities()[0].key.public_key, trust, Tolerance())
@@ -166,6 +178,13 @@ async def test_claims_checked_against_signed_counters(tmp_path: Path) -> None:
         for c in cols:
             await c.close()
         await pub.close()
+        await node.stop()
+    node = await start_node(tmp_path, epoch_seconds=HOUR)  # the relayer keeps them
+    try:
+        status = {c.record.channel: c.status for c in node.check_claims(epoch)}
+        assert status == {"honest": "supported", "inflated": "overclaimed",
+                          "silent": "unsupported"}
+    finally:
         await node.stop()
 
 

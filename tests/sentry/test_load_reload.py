@@ -25,7 +25,7 @@ async def local_http(sidecar: Sidecar) -> tuple[asyncio.Server, str]:
 # the limit for the whole run — otherwise a stalled loop wastes tokens (the bucket only
 # holds `burst`) and fewer than rate x time pass legitimately. A burst of one second's
 # tokens absorbs event-loop stalls shorter than a second (a loaded CI machine has them).
-RATE = 20
+RATE = 10  # low enough that a loaded 2-core CI machine still offers 2x the limit
 BURST = RATE
 
 
@@ -35,7 +35,7 @@ async def test_flood_accepted_rate_within_10_percent(env: Env) -> None:
     server, url = await local_http(sidecar)
     accepted = 0
     limited = 0
-    duration = 4.0
+    duration = 8.0
     try:
         async with httpx.AsyncClient(base_url=url, limits=httpx.Limits(
                 max_connections=16)) as client:

@@ -36,6 +36,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "node": ("pqcnet.cli.node", "Run a relayer or sentry (run, check); join the mesh (enroll)."),
     "config": ("pqcnet.cli.config", "Config files: schema (JSON Schema), check FILE --kind."),
     "sim": ("pqcnet.cli.sim", "Simulations of the overlay: run, sweep, report."),
+    "chaos": ("pqcnet.cli.chaos", "Fault runs checked from client histories: run, check."),
+    "verify": ("pqcnet.cli.verify",
+               "Check volume receipts and proofs with public keys: receipt, proof, fetch-receipt."),
 }
 
 

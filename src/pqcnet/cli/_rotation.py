@@ -42,7 +42,9 @@ def rotation_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def build_manager(identity_dir: Path, passphrase: bytes | None, *, renew_ca_url: str,
                   renew_ca_dir: Path | None, renew_at: float, reload_poll: float,
-                  crl_url: str, crl_refresh: float) -> Any:
+                  crl_url: str, crl_refresh: float, rotate_key: bool = True,
+                  load: Callable[[], Any] | None = None,
+                  save: Callable[[Any], None] | None = None) -> Any:
     """An :class:`~pqcnet.runtime.rotation.IdentityManager` for ``identity_dir``."""
     from pqcnet.runtime.rotation import (
         CaServiceRenewer,
@@ -76,6 +78,20 @@ def build_manager(identity_dir: Path, passphrase: bytes | None, *, renew_ca_url:
             ca.save(ca_dir, key_store=store)  # state and certificate; the key stays
 
         renewer = LocalCaRenewer(load_ca, save_ca)
-    load, save = file_identity(identity_dir, passphrase)
-    return IdentityManager(identity_dir, load, save, renewer=renewer, config=RotationConfig(
-        renew_at=renew_at, poll_s=reload_poll, crl_url=crl_url, crl_refresh_s=crl_refresh))
+    file_load, file_save = file_identity(identity_dir, passphrase)
+    return IdentityManager(identity_dir, load or file_load, save or file_save, renewer=renewer,
+                           config=RotationConfig(renew_at=renew_at, poll_s=reload_poll,
+                                                 crl_url=crl_url, crl_refresh_s=crl_refresh,
+                                                 rotate_key=rotate_key))
+
+
+async def bind_relayer(node: Any, manager: Any) -> None:
+    """Start ``manager`` and apply its changes to a running relayer's server."""
+    from pqcnet.runtime.rotation import bind_relayer as bind
+
+    await bind(node, manager)
+
+
+async def unbind(manager: Any) -> None:
+    """Stop ``manager`` and whatever was bound to it."""
+    await manager.stop()

@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, str] = {
     "qstp": "pqcnet.bench.qstp",
     "sentry": "pqcnet.bench.sentry",
     "relayer": "pqcnet.bench.relayer",
+    "verify": "pqcnet.bench.verify",
 }
 
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from pqcnet.cli._common import hostport, run_until_signalled
 from pqcnet.cli._common import load_identity as load_cli_identity
+from pqcnet.cli._rotation import bind_relayer, build_manager, rotation_options, unbind
 from pqcnet.errors import PqcnetError
 from pqcnet.identity import NodeIdentity, dev_identities
 from pqcnet.relayer.client import PublisherClient, ResumingSubscriber, SubscriberClient
@@ -45,26 +46,41 @@ def cli() -> None:
 @cli.command("run")
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True,
               dir_okay=False, path_type=Path), help="Relayer YAML (see examples/relayer.yaml).")
-def run_cmd(config_path: Path) -> None:
-    """Serve QSTP ingress/egress, shard workers, metrics and governance gRPC."""
+@rotation_options
+def run_cmd(config_path: Path, **rotation: Any) -> None:
+    """Serve QSTP ingress/egress, shard workers, metrics and governance gRPC.
+
+    The identity directory is watched (hot reload); --renew-ca-url / --renew-ca-dir
+    renew the certificate (same key: it signs the relayer's QS-DAG proofs)."""
+    from pqcnet.relayer.node import save_identity
+
     cfg = RelayerConfig.load(config_path)
     cfg.require_identity(str(config_path))
     identity = load_identity(cfg)
+    manager = build_manager(Path(str(cfg.identity_dir)), None, rotate_key=False,
+                            load=lambda: load_identity(cfg),
+                            save=lambda new: save_identity(cfg, new), **rotation)
 
     async def start() -> RelayerNode:
         node = RelayerNode(cfg, identity)
         await node.start()
         asyncio.get_running_loop().add_signal_handler(
             signal.SIGHUP, functools.partial(_reload, node, config_path))
+        await bind_relayer(node, manager)
         return node
+
+    async def stop(node: RelayerNode) -> None:
+        await unbind(manager)
+        await node.stop()
 
     def ready(node: RelayerNode) -> None:
         click.echo(json.dumps({"ready": True, "port": node.port, "metrics_port":
                                node.metrics_port, "grpc_port": node.grpc_port,
-                               "backend": cfg.backend, "node": cfg.node_id}))
+                               "backend": cfg.backend, "node": cfg.node_id,
+                               "degraded": node.degraded}))
         sys.stdout.flush()
 
-    run_until_signalled(start, RelayerNode.stop, ready)
+    run_until_signalled(start, stop, ready)
 
 
 def _reload(node: RelayerNode, path: Path) -> None:
@@ -253,28 +269,46 @@ def governance_cli() -> None:
 
 
 @governance_cli.command("pull")
-@click.option("--target", required=True, help="Governance gRPC address host:port.")
+@click.option("--target", required=True,
+              help="host:port of the node's QSTP governance listener (with --identity), "
+                   "of its TLS gRPC (with --ca-cert), or of a loopback plaintext gRPC.")
+@click.option("--identity", "identity_dir", default=None,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Our mesh identity: pull post-quantum through QSTP (the default for a "
+                   "remote node).")
+@click.option("--expect-peer", default=None,
+              help="SPIFFE ID or glob the node must present (with --identity).")
 @click.option("--customer", default=None)
 @click.option("--channel", default=None)
 @click.option("--epoch-from", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--epoch-to", default=None, type=click.IntRange(0))
 @click.option("--ca-cert", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="PEM CA for a TLS governance endpoint (omit for loopback plaintext).")
+              help="Classical TLS instead of QSTP (explicit opt-in): PEM CA of the endpoint.")
 @click.option("--report", is_flag=True, help="Also fetch and include the signed report.")
-def pull_cmd(target: str, customer: str | None, channel: str | None, epoch_from: int,
+def pull_cmd(target: str, identity_dir: Path | None, expect_peer: str | None,
+             customer: str | None, channel: str | None, epoch_from: int,
              epoch_to: int | None, ca_cert: str | None, report: bool) -> None:
-    """Volume per (customer, channel, qos, epoch) and totals, as JSON."""
+    """Volume per (customer, channel, qos, epoch) and totals, as JSON.
+
+    With --identity the pull travels inside a QSTP tunnel (ML-KEM key exchange, ML-DSA
+    mutual authentication) to the relayer's governance_qstp_port."""
+    if identity_dir is not None and ca_cert:
+        raise click.UsageError("--identity (QSTP) and --ca-cert (classical TLS) exclude "
+                               "each other")
     q = VolumeFilter(customer, channel, epoch_from, epoch_to)
+    identity = load_cli_identity(identity_dir) if identity_dir is not None else None
 
     async def go() -> dict[str, Any]:
-        s = await pull_volume(target, q, ca_cert=ca_cert)
+        s = await pull_volume(target, q, ca_cert=ca_cert, identity=identity,
+                              expect_peer=expect_peer)
         out: dict[str, Any] = {
             "total_bytes": s.total_bytes, "total_frames": s.total_frames,
             "records": [{"customer": r.customer, "channel": r.channel, "qos": r.qos,
                          "epoch": r.epoch, "bytes": r.bytes, "frames": r.frames}
                         for r in s.records]}
         if report:
-            rep = await pull_report(target, epoch_from, epoch_to, ca_cert=ca_cert)
+            rep = await pull_report(target, epoch_from, epoch_to, ca_cert=ca_cert,
+                                    identity=identity, expect_peer=expect_peer)
             out["report"] = {"relayer": rep.relayer_id, "epoch_from": rep.epoch_from,
                              "epoch_to": rep.epoch_to, "uptime_seconds": rep.uptime_seconds,
                              "proofs": [{"epoch": p.epoch, "root": p.root.hex(),

@@ -18,6 +18,7 @@ import click
 
 from pqcnet._util.env import ISSUER_PASS_ENV, PASS_ENV, env_passphrase
 from pqcnet.cli._common import hostport, passphrase, run_until_signalled
+from pqcnet.cli._rotation import build_manager, rotation_options
 from pqcnet.crypto.pqc import SigningKey
 from pqcnet.identity import NodeIdentity
 from pqcnet.sentry import assertion as sa
@@ -62,27 +63,43 @@ def check(config_path: Path) -> None:
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Worker processes sharing the listen port (SO_REUSEPORT); token "
                    "buckets and the concurrency gate are shared between them.")
+@rotation_options
 def run(config_path: Path, reload_interval: float, passphrase_env: str,
-        no_passphrase: bool, workers: int) -> None:
-    """Terminate QSTP tunnels and proxy admitted RPCs to the configured backends."""
+        no_passphrase: bool, workers: int, **rotation: Any) -> None:
+    """Terminate QSTP tunnels and proxy admitted RPCs to the configured backends.
+
+    The identity directory is watched (hot reload); --renew-ca-url / --renew-ca-dir
+    renew the certificate before it expires (single worker; with --workers N each
+    worker loads the identity at start)."""
+    from pqcnet.runtime.rotation import bind_sentry
     from pqcnet.runtime.sentry import SentryService
 
     cfg = load_config(config_path)
-    node_pass = passphrase(passphrase_env, no_passphrase, what="node key")
-    identity = NodeIdentity.load(require_identity(cfg), node_pass)
+    secret = passphrase(passphrase_env, no_passphrase, what="node key")
+    identity = NodeIdentity.load(require_identity(cfg), secret)
     if workers > 1:
         from pqcnet.cli._sentry_workers import run_workers
 
-        run_workers(config_path, workers, node_pass, reload_interval)
+        run_workers(config_path, workers, secret, reload_interval)
         return
+    manager = build_manager(Path(require_identity(cfg)), secret, **rotation)
     service = SentryService(cfg, identity, config_path=config_path,
                             reload_interval=reload_interval)
+
+    async def start() -> SentryService:
+        await service.start()
+        await bind_sentry(service, manager)
+        return service
+
+    async def stop(s: SentryService) -> None:
+        await manager.stop()
+        await s.aclose()
 
     def ready(s: SentryService) -> None:
         click.echo(f"sentry {identity.spiffe_id} listening on {cfg.listen_host}:{s.port}",
                    err=True)
 
-    run_until_signalled(service.start, SentryService.aclose, ready, fast_loop=True)
+    run_until_signalled(start, stop, ready, fast_loop=True)
 
 
 # ---------------------------------------------------------------------------- assertion
@@ -168,11 +185,21 @@ def inspect(token: str) -> None:
               help="Seconds between health checks of the sentries (PING / re-dial).")
 @click.option("--passphrase-env", default=PASS_ENV, show_default=True)
 @click.option("--no-passphrase", is_flag=True, help="The node key is stored unencrypted.")
+@rotation_options
+@click.option("--expect-peer", multiple=True, metavar="SPIFFE_ID",
+              help="Pin the sentry: SPIFFE ID or per-segment glob the peer must present "
+                   "(repeatable; default spiffe://<our trust domain>/*/sentry/*). Another "
+                   "node, e.g. a relayer, is refused with a clear error.")
 def sidecar_cli(sentry_addrs: tuple[str, ...], identity_dir: Path, issuer_key: Path,
                 tenant: str, subject: str, mode: str, listen: str, tcp_backend: str | None,
                 ttl: float, health_interval: float, passphrase_env: str,
-                no_passphrase: bool) -> None:
-    """Let an unmodified local app reach a sentry over QSTP (plain localhost in, PQ out)."""
+                no_passphrase: bool, expect_peer: tuple[str, ...],
+                **rotation: Any) -> None:
+    """Let an unmodified local app reach a sentry over QSTP (plain localhost in, PQ out).
+
+    The identity directory is watched and, with --renew-ca-url / --renew-ca-dir, renewed;
+    new tunnels use the current identity, and a GOAWAY from the sentry makes the sidecar
+    dial anew for new requests while open ones finish."""
     sentries = [hostport(a.strip(), param_hint="--sentry")
                 for arg in sentry_addrs for a in arg.split(",") if a.strip()]
     if not sentries:
@@ -182,11 +209,12 @@ def sidecar_cli(sentry_addrs: tuple[str, ...], identity_dir: Path, issuer_key: P
         raise click.BadParameter("the sidecar's plaintext port must be on loopback")
     if mode == "tcp" and not tcp_backend:
         raise click.UsageError("--mode tcp needs --tcp-backend")
-    identity = NodeIdentity.load(identity_dir,
-                                 passphrase(passphrase_env, no_passphrase, what="node key"))
+    secret = passphrase(passphrase_env, no_passphrase, what="node key")
+    identity = NodeIdentity.load(identity_dir, secret)
     issuer = _issuer(issuer_key, ISSUER_PASS_ENV)
     sidecar = _SidecarProcess(sentries, identity, issuer, tenant, subject, mode, lhost, lport,
-                              tcp_backend, ttl, health_interval)
+                              tcp_backend, ttl, health_interval, expect_peer)
+    sidecar.manager = build_manager(identity_dir, secret, **rotation)
     run_until_signalled(sidecar.start, _SidecarProcess.aclose, _SidecarProcess.announce,
                         fast_loop=True)
 
@@ -198,24 +226,30 @@ class _SidecarProcess:
     def __init__(self, sentries: list[tuple[str, int]], identity: NodeIdentity,
                  issuer: SigningKey, tenant: str, subject: str, mode: str, lhost: str,
                  lport: int, tcp_backend: str | None, ttl: float,
-                 health_interval: float = 1.0) -> None:
+                 health_interval: float = 1.0, expect_peer: tuple[str, ...] = ()) -> None:
         self.sentries, self.identity = sentries, identity
         self.health_interval = health_interval
+        self.expect_peer = expect_peer
         self.issuer, self.tenant, self.subject, self.ttl = issuer, tenant, subject, ttl
         self.mode, self.lhost, self.lport, self.tcp_backend = mode, lhost, lport, tcp_backend
         self.bound = 0
         self.sidecar: Any = None
+        #: keeps the identity current (hot reload, renewal); None = load once
+        self.manager: Any = None
         self.server: asyncio.Server | None = None
         self.grpc_server: Any = None
 
     async def start(self) -> _SidecarProcess:
-        from pqcnet import qstp
         from pqcnet.sentry.pool import SentryPool
-        from pqcnet.sentry.sidecar import Sidecar, serve_grpc, serve_http, serve_tcp
+        from pqcnet.sentry.sidecar import Sidecar, pinned_dial, serve_grpc, serve_http, serve_tcp
+
+        if self.manager is not None:
+            await self.manager.start()
 
         def dialer(host: str, port: int) -> Callable[[], Awaitable[Any]]:
             async def dial() -> Any:
-                return await qstp.connect(host, port, self.identity)
+                identity = self.manager.identity if self.manager is not None else self.identity
+                return await pinned_dial(host, port, identity, self.expect_peer)()
             return dial
 
         self.sidecar = SentryPool(
@@ -245,6 +279,8 @@ class _SidecarProcess:
                    err=True)
 
     async def aclose(self) -> None:
+        if self.manager is not None:
+            await self.manager.stop()
         if self.server is not None:
             self.server.close()
         if self.grpc_server is not None:

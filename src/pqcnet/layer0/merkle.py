@@ -96,6 +96,49 @@ def inclusion_proof(leaves: Sequence[bytes], index: int) -> InclusionProof:
     return InclusionProof(index, len(leaves), tuple(path))
 
 
+class Tree:
+    """One tree for many audit paths: leaf hashes and subtree roots computed once
+    (O(n) for the tree, O(log n) per path), where :func:`inclusion_proof` rehashes the
+    whole tree for each. Same paths, same root."""
+
+    def __init__(self, leaves: Sequence[bytes]) -> None:
+        if len(leaves) > MAX_LEAVES:
+            raise ProofInvalid(f"{len(leaves)} leaves; at most {MAX_LEAVES} per tree")
+        self._hashes = [leaf_hash(x) for x in leaves]
+        self._roots: dict[tuple[int, int], bytes] = {}
+
+    def _sub(self, lo: int, hi: int) -> bytes:
+        got = self._roots.get((lo, hi))
+        if got is None:
+            if hi - lo == 1:
+                got = self._hashes[lo]
+            else:
+                k = lo + _split(hi - lo)
+                got = node_hash(self._sub(lo, k), self._sub(k, hi))
+            self._roots[(lo, hi)] = got
+        return got
+
+    @property
+    def root(self) -> bytes:
+        return self._sub(0, len(self._hashes)) if self._hashes else hashlib.sha256(b"").digest()
+
+    def proof(self, index: int) -> InclusionProof:
+        n = len(self._hashes)
+        if not 0 <= index < n:
+            raise ProofInvalid(f"leaf {index} outside a tree of {n}")
+        path: list[bytes] = []
+        lo, hi = 0, n
+        while hi - lo > 1:  # top-down; RFC 6962 paths are bottom-up
+            k = lo + _split(hi - lo)
+            if index < k:
+                path.append(self._sub(k, hi))
+                hi = k
+            else:
+                path.append(self._sub(lo, k))
+                lo = k
+        return InclusionProof(index, n, tuple(reversed(path)))
+
+
 def verify_inclusion(leaf: bytes, proof: InclusionProof, root: bytes) -> None:
     """RFC 9162 §2.1.3.2; raises :class:`ProofInvalid` unless ``leaf`` is in the tree."""
     if not 0 <= proof.index < proof.size or any(len(p) != 32 for p in proof.path):

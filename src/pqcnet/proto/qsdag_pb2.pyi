@@ -177,3 +177,63 @@ class SlashNotice(_message.Message):
     reason: str
     key_version: int
     def __init__(self, target: _Optional[str] = ..., reason: _Optional[str] = ..., key_version: _Optional[int] = ...) -> None: ...
+
+class VertexRef(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: bytes
+    def __init__(self, id: _Optional[bytes] = ...) -> None: ...
+
+class VertexEntry(_message.Message):
+    __slots__ = ("id", "vertex", "depth", "position")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    VERTEX_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    id: bytes
+    vertex: Vertex
+    depth: int
+    position: int
+    def __init__(self, id: _Optional[bytes] = ..., vertex: _Optional[_Union[Vertex, _Mapping]] = ..., depth: _Optional[int] = ..., position: _Optional[int] = ...) -> None: ...
+
+class VertexQuery(_message.Message):
+    __slots__ = ("author", "kind", "since_ms", "until_ms", "limit")
+    AUTHOR_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SINCE_MS_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_MS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    author: str
+    kind: VertexKind
+    since_ms: int
+    until_ms: int
+    limit: int
+    def __init__(self, author: _Optional[str] = ..., kind: _Optional[_Union[VertexKind, str]] = ..., since_ms: _Optional[int] = ..., until_ms: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class SlashesQuery(_message.Message):
+    __slots__ = ("node",)
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    def __init__(self, node: _Optional[str] = ...) -> None: ...
+
+class SlashesReply(_message.Message):
+    __slots__ = ("slashed", "history_json")
+    SLASHED_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_JSON_FIELD_NUMBER: _ClassVar[int]
+    slashed: _containers.RepeatedScalarFieldContainer[str]
+    history_json: str
+    def __init__(self, slashed: _Optional[_Iterable[str]] = ..., history_json: _Optional[str] = ...) -> None: ...
+
+class AnchorEntry(_message.Message):
+    __slots__ = ("vertex_id", "envelope_json", "index", "path", "size")
+    VERTEX_ID_FIELD_NUMBER: _ClassVar[int]
+    ENVELOPE_JSON_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    vertex_id: bytes
+    envelope_json: str
+    index: int
+    path: _containers.RepeatedScalarFieldContainer[bytes]
+    size: int
+    def __init__(self, vertex_id: _Optional[bytes] = ..., envelope_json: _Optional[str] = ..., index: _Optional[int] = ..., path: _Optional[_Iterable[bytes]] = ..., size: _Optional[int] = ...) -> None: ...

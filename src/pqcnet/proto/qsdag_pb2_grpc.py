@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from pqcnet.proto import qsdag_pb2 as pqcnet_dot_proto_dot_qsdag__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -22,3 +23,218 @@ if _version_not_supported:
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
+
+
+class LedgerStub:
+    """---------------------------------------------------------------- Ledger queries
+    Read-only queries over one node's QS-DAG (pqcnet.runtime.ledger_api). grpcio cannot
+    present an ML-DSA identity, so the service listens in plaintext on loopback and
+    is reached from other hosts through QSTP (pqcnet.qstp.aio.forward).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetVertex = channel.unary_unary(
+                '/pqcnet.qsdag.Ledger/GetVertex',
+                request_serializer=pqcnet_dot_proto_dot_qsdag__pb2.VertexRef.SerializeToString,
+                response_deserializer=pqcnet_dot_proto_dot_qsdag__pb2.VertexEntry.FromString,
+                _registered_method=True)
+        self.QueryVertices = channel.unary_stream(
+                '/pqcnet.qsdag.Ledger/QueryVertices',
+                request_serializer=pqcnet_dot_proto_dot_qsdag__pb2.VertexQuery.SerializeToString,
+                response_deserializer=pqcnet_dot_proto_dot_qsdag__pb2.VertexEntry.FromString,
+                _registered_method=True)
+        self.GetSlashes = channel.unary_unary(
+                '/pqcnet.qsdag.Ledger/GetSlashes',
+                request_serializer=pqcnet_dot_proto_dot_qsdag__pb2.SlashesQuery.SerializeToString,
+                response_deserializer=pqcnet_dot_proto_dot_qsdag__pb2.SlashesReply.FromString,
+                _registered_method=True)
+        self.GetAnchor = channel.unary_unary(
+                '/pqcnet.qsdag.Ledger/GetAnchor',
+                request_serializer=pqcnet_dot_proto_dot_qsdag__pb2.VertexRef.SerializeToString,
+                response_deserializer=pqcnet_dot_proto_dot_qsdag__pb2.AnchorEntry.FromString,
+                _registered_method=True)
+
+
+class LedgerServicer:
+    """---------------------------------------------------------------- Ledger queries
+    Read-only queries over one node's QS-DAG (pqcnet.runtime.ledger_api). grpcio cannot
+    present an ML-DSA identity, so the service listens in plaintext on loopback and
+    is reached from other hosts through QSTP (pqcnet.qstp.aio.forward).
+    """
+
+    def GetVertex(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def QueryVertices(self, request, context):
+        """Vertices in anchoring order, filtered; at most `limit` (server bound applies).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSlashes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAnchor(self, request, context):
+        """The Layer-0 envelope that anchored a vertex and its inclusion proof.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_LedgerServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetVertex': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVertex,
+                    request_deserializer=pqcnet_dot_proto_dot_qsdag__pb2.VertexRef.FromString,
+                    response_serializer=pqcnet_dot_proto_dot_qsdag__pb2.VertexEntry.SerializeToString,
+            ),
+            'QueryVertices': grpc.unary_stream_rpc_method_handler(
+                    servicer.QueryVertices,
+                    request_deserializer=pqcnet_dot_proto_dot_qsdag__pb2.VertexQuery.FromString,
+                    response_serializer=pqcnet_dot_proto_dot_qsdag__pb2.VertexEntry.SerializeToString,
+            ),
+            'GetSlashes': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSlashes,
+                    request_deserializer=pqcnet_dot_proto_dot_qsdag__pb2.SlashesQuery.FromString,
+                    response_serializer=pqcnet_dot_proto_dot_qsdag__pb2.SlashesReply.SerializeToString,
+            ),
+            'GetAnchor': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAnchor,
+                    request_deserializer=pqcnet_dot_proto_dot_qsdag__pb2.VertexRef.FromString,
+                    response_serializer=pqcnet_dot_proto_dot_qsdag__pb2.AnchorEntry.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'pqcnet.qsdag.Ledger', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('pqcnet.qsdag.Ledger', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Ledger:
+    """---------------------------------------------------------------- Ledger queries
+    Read-only queries over one node's QS-DAG (pqcnet.runtime.ledger_api). grpcio cannot
+    present an ML-DSA identity, so the service listens in plaintext on loopback and
+    is reached from other hosts through QSTP (pqcnet.qstp.aio.forward).
+    """
+
+    @staticmethod
+    def GetVertex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqcnet.qsdag.Ledger/GetVertex',
+            pqcnet_dot_proto_dot_qsdag__pb2.VertexRef.SerializeToString,
+            pqcnet_dot_proto_dot_qsdag__pb2.VertexEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryVertices(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pqcnet.qsdag.Ledger/QueryVertices',
+            pqcnet_dot_proto_dot_qsdag__pb2.VertexQuery.SerializeToString,
+            pqcnet_dot_proto_dot_qsdag__pb2.VertexEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSlashes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqcnet.qsdag.Ledger/GetSlashes',
+            pqcnet_dot_proto_dot_qsdag__pb2.SlashesQuery.SerializeToString,
+            pqcnet_dot_proto_dot_qsdag__pb2.SlashesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAnchor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pqcnet.qsdag.Ledger/GetAnchor',
+            pqcnet_dot_proto_dot_qsdag__pb2.VertexRef.SerializeToString,
+            pqcnet_dot_proto_dot_qsdag__pb2.AnchorEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -36,6 +36,9 @@ DOMAIN = b"pqcnet/attestation/v1"
 #: The import package whose installed files make up the measured software.
 MEASURED_PACKAGE = "pqcnet"
 IMAGE_DIGEST_ENV = "PQCNET_IMAGE_DIGEST"
+#: The base image's digest, baked into pqcnet images at build time (docker/Dockerfile
+#: ``ARG BASE_IMAGE_DIGEST`` → ``ENV``); measured next to the running image's digest.
+BASE_IMAGE_DIGEST_ENV = "PQCNET_BASE_IMAGE_DIGEST"
 #: Largest TPM/HSM quote blob carried (quotes are a few KiB).
 MAX_QUOTE = 16 * 1024
 
@@ -139,13 +142,25 @@ def package_hash(root: Path | None = None) -> bytes:
     return h.digest()
 
 
+def image_identity(environ: Mapping[str, str]) -> str:
+    """The measured image identity: the running image's digest as the orchestrator
+    passes it (``PQCNET_IMAGE_DIGEST``), then ``base=<digest>`` of the base image the
+    image was built from (``PQCNET_BASE_IMAGE_DIGEST``), comma-separated; empty outside
+    an image."""
+    parts = [environ.get(IMAGE_DIGEST_ENV, "").strip()]
+    base = environ.get(BASE_IMAGE_DIGEST_ENV, "").strip()
+    if base:
+        parts.append(f"base={base}")
+    return ",".join(p for p in parts if p)[:256]
+
+
 def measure(config_bytes: bytes, *, env: Mapping[str, str] | None = None,
             root: Path | None = None) -> Measurements:
     """Measure the running node: the installed package, image digest (env), config."""
     environ = os.environ if env is None else env
     return Measurements(
         package_hash=package_hash(root),
-        image_digest=environ.get(IMAGE_DIGEST_ENV, ""),
+        image_digest=image_identity(environ),
         config_hash=hashlib.sha3_256(config_bytes).digest(),
     )
 

@@ -42,7 +42,8 @@ Backend = Literal["embedded", "redis", "kafka"]
 #: most shards a relayer mesh is split into (a shard costs a worker task and a bus stream)
 MAX_SHARDS = 4096
 #: keys holding paths, resolved against the config file's directory when relative
-PATH_KEYS = ("identity_dir", "data_dir", "ledger_dir", "grpc_tls_cert", "grpc_tls_key")
+PATH_KEYS = ("identity_dir", "data_dir", "ledger_dir", "grpc_tls_cert", "grpc_tls_key",
+             "ledger_anchors")
 REDIS_URL_PATTERN = r"^((rediss?|unix)://\S+)?$"
 
 
@@ -118,7 +119,11 @@ class RelayerConfig(Schema):
     counter_tolerance_frames: Count = TOLERANCE_FRAMES
     """... plus this many frames, before it is an over-claim (decision 0014)."""
     metrics_port: Port | None = None
-    """Prometheus /metrics on 127.0.0.1 (null: off, 0: any free port)."""
+    """Operations HTTP: Prometheus /metrics, /healthz, /readyz (null: off, 0: any free
+    port)."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the operations HTTP port (``0.0.0.0`` in a container, for the scraper
+    and the orchestrator's probes)."""
     metrics_max_label_series: Count = MAX_LABEL_SERIES
     """(customer, channel) pairs with their own volume series; later ones share the
     ``other`` series until pruned epochs free a slot."""
@@ -130,6 +135,15 @@ class RelayerConfig(Schema):
     """Classical TLS certificate (PEM) of the governance gRPC service."""
     grpc_tls_key: str = ""
     """Its private key (PEM)."""
+    governance_qstp_port: Port | None = None
+    """Post-quantum face of the governance gRPC (VolumeMetrics + Ledger): a QSTP listener
+    on listen_host that forwards each stream to grpc_port (null: off, 0: any free port).
+    Needs grpc_port on loopback without classical TLS."""
+    governance_allowed_peers: list[str] = Field(default_factory=list)
+    """SPIFFE IDs or globs allowed on governance_qstp_port (empty: any identity of the
+    trust domain)."""
+    ledger_anchors: str = ""
+    """Layer-0 JSONL anchor sink of this node's ledger, for Ledger.GetAnchor (optional)."""
     ledger_dir: str = ""
     """QS-DAG ledger directory (default: <data_dir>/ledger)."""
     ledger_dev_genesis: bool = True
@@ -164,6 +178,10 @@ class RelayerConfig(Schema):
             raise ValueError("low_water/high_water: need 0 <= low_water < high_water")
         if bool(self.grpc_tls_cert) != bool(self.grpc_tls_key):
             raise ValueError("grpc_tls_cert/grpc_tls_key: give both or neither")
+        if self.governance_qstp_port is not None and (self.grpc_port is None
+                                                      or self.grpc_tls_cert):
+            raise ValueError("governance_qstp_port: needs grpc_port (loopback plaintext, "
+                             "no grpc_tls_cert) to forward to")
         return self
 
     @property

@@ -33,6 +33,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
@@ -43,6 +44,7 @@ from pqcnet.crypto.pqc import SigningKey, VerifyKey, length_prefixed
 from pqcnet.errors import PqcnetError
 from pqcnet.identity import NodeIdentity, SpiffeId
 from pqcnet.identity.certs import is_signed_by, load_certs, spiffe_id_of, verify_key_of
+from pqcnet.identity.keystore import atomic_write
 from pqcnet.mesh.messages import SlashingProposal
 from pqcnet.proto import relayer_pb2 as pb
 from pqcnet.qsdag import Ledger, OpaqueRecord, VertexKind
@@ -66,6 +68,9 @@ OVERCLAIM_CONTENT_TYPE = "pqcnet.relayer.VolumeOverclaim"
 MAX_COUNTERS = 100_000
 #: Counters one AckCounters message may carry.
 MAX_COUNTERS_PER_MESSAGE = 1024
+#: Largest counter file read back at start (one epoch's counters, ~6 KiB each with
+#: the signer's chain).
+MAX_COUNTER_FILE = 256 << 20
 #: Seconds after an epoch's end (client clock) before its counter is signed ``final``.
 FINAL_GRACE = 2.0
 #: Default tolerance: a claim may exceed the signed count by this ratio ...
@@ -219,6 +224,8 @@ class CounterBook:
         self.max_counters = max_counters
         self._by_key: dict[tuple[str, str, str, str, int], SignedAckCounter] = {}
         self.refused = 0
+        #: epochs changed since :meth:`take_dirty` (what a store must rewrite)
+        self._dirty: set[int] = set()
 
     def add(self, counters: Iterable[SignedAckCounter], *, peer: str | None = None) -> int:
         """Keep valid counters (signed by ``peer`` when given); returns how many were
@@ -240,8 +247,16 @@ class CounterBook:
             if old is None and len(self._by_key) >= self.max_counters:
                 del self._by_key[min(self._by_key, key=lambda k: k[4])]  # oldest epoch goes
             self._by_key[key] = sc
+            self._dirty.add(c.epoch)
             kept += 1
         return kept
+
+    def take_dirty(self) -> list[int]:
+        dirty, self._dirty = sorted(self._dirty), set()
+        return dirty
+
+    def for_epoch(self, epoch: int) -> list[SignedAckCounter]:
+        return [sc for key, sc in sorted(self._by_key.items()) if key[4] == epoch]
 
     def for_topic(self, customer: str, channel: str, epoch: int) -> list[SignedAckCounter]:
         return [sc for (_r, _s, c, ch, e), sc in self._by_key.items()
@@ -253,6 +268,52 @@ class CounterBook:
 
     def __len__(self) -> int:
         return len(self._by_key)
+
+
+class CounterStore:
+    """The counter book on disk: ``<dir>/<epoch>.counters`` (an AckCounters message per
+    epoch, rewritten atomically and fsynced when it changed), so a restarted relayer
+    still holds what its clients signed. Loaded counters are verified again."""
+
+    SUFFIX = ".counters"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def save(self, book: CounterBook) -> int:
+        """Write the epochs that changed; returns how many files were written."""
+        dirty = book.take_dirty()
+        for epoch in dirty:
+            msg = pb.AckCounters(counters=[sc.to_pb() for sc in book.for_epoch(epoch)])
+            atomic_write(self.directory / f"{epoch}{self.SUFFIX}", msg.SerializeToString())
+        return len(dirty)
+
+    def load(self, book: CounterBook) -> int:
+        """Add every stored counter to ``book``; a damaged file is skipped (logged by
+        the caller through the returned count). Returns how many were kept."""
+        kept = 0
+        if not self.directory.is_dir():
+            return 0
+        for path in sorted(self.directory.glob(f"*{self.SUFFIX}")):
+            try:
+                with path.open("rb") as fh:
+                    raw = fh.read(MAX_COUNTER_FILE + 1)
+                if len(raw) > MAX_COUNTER_FILE:
+                    continue
+                msg = pb.AckCounters()
+                msg.ParseFromString(raw)
+            except (OSError, DecodeError):
+                continue
+            kept += book.add(SignedAckCounter.from_pb(m) for m in msg.counters)
+        book.take_dirty()
+        return kept
+
+    def prune(self, before: int) -> None:
+        if not self.directory.is_dir():
+            return
+        for path in self.directory.glob(f"*{self.SUFFIX}"):
+            if path.stem.isdigit() and int(path.stem) < before:
+                path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,8 +490,10 @@ def _relayer_key(ledger: Ledger, proof: VolumeProof) -> VerifyKey:
 
 
 __all__ = ["COUNTER_CONTEXT", "FINAL_GRACE", "MAX_COUNTERS", "MAX_COUNTERS_PER_MESSAGE",
+           "MAX_COUNTER_FILE",
            "OVERCLAIM_CONTENT_TYPE", "TOLERANCE_FRAMES", "TOLERANCE_RATIO", "AckCounter",
-           "ClaimCheck", "CounterBook", "CounterTracker", "SignedAckCounter", "Tolerance",
+           "ClaimCheck", "CounterBook", "CounterStore", "CounterTracker", "SignedAckCounter",
+           "Tolerance",
            "VolumeOverclaim", "ca_trust", "check_claims",
            "find_overclaims", "overclaim_rule", "report_overclaim", "sign_counter",
            "verify_overclaim"]

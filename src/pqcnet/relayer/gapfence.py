@@ -92,12 +92,15 @@ class GapFence:
         Returns one entry per frame: ``None`` (admitted, now in flight) or the
         :class:`LateFrame` to answer with.
         """
-        topics = list(dict.fromkeys(f.topic for f, _ in frames))
-        stored: Mapping[Topic, int] = {}
-        if self._marks is not None and topics:
-            stored = await self._marks(shard, topics)
-        # no await from here on: the check and the registration are one step
         cached = self._cached.get(shard)
+        # a local worker's cached mark is at least as new as the store: read the store
+        # only for topics it does not hold (cold topics, shards owned elsewhere)
+        cold = [t for t in dict.fromkeys(f.topic for f, _ in frames)
+                if cached is None or cached(t) is None]
+        stored: Mapping[Topic, int] = {}
+        if self._marks is not None and cold:
+            stored = await self._marks(shard, cold)
+        # no await from here on: the check and the registration are one step
         out: list[LateFrame | None] = []
         for frame, retry in frames:
             nxt = stored.get(frame.topic, 1)

@@ -14,6 +14,7 @@ hosts. Plaintext on a non-loopback address is refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -21,8 +22,15 @@ from pathlib import Path
 
 import grpc
 
+from pqcnet.errors import PqcnetError
+from pqcnet.identity.node import NodeIdentity
+from pqcnet.proto import qsdag_pb2_grpc as qsdag_grpc
 from pqcnet.proto import relayer_pb2 as pb
 from pqcnet.proto import relayer_pb2_grpc as pb_grpc
+from pqcnet.proto.qsdag_pb2_grpc import LedgerServicer
+from pqcnet.qstp import aio
+from pqcnet.qstp.aio.forward import LocalForward
+from pqcnet.qstp.tls import TlsPolicy
 from pqcnet.relayer.errors import ConfigError, GovernanceError
 from pqcnet.relayer.metering import VolumeMeter, VolumeRecord
 from pqcnet.relayer.proof import PerformanceReport, record_from_pb, record_to_pb
@@ -121,10 +129,14 @@ def _is_loopback(host: str) -> bool:
 
 async def serve_governance(service: VolumeMetricsService, host: str, port: int, *,
                            tls: tuple[bytes, bytes] | None = None,
+                           ledger: LedgerServicer | None = None,
                            ) -> tuple[grpc.aio.Server, int]:
-    """Start the gRPC server (``tls`` = (key PEM, cert PEM)); returns it and the bound port."""
+    """Start the gRPC server (``tls`` = (key PEM, cert PEM)) with ``VolumeMetrics`` and,
+    when given, the ``Ledger`` query service; returns it and the bound port."""
     server = grpc.aio.server()
     pb_grpc.add_VolumeMetricsServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    if ledger is not None:
+        qsdag_grpc.add_LedgerServicer_to_server(ledger, server)  # type: ignore[no-untyped-call]
     address = f"{host}:{port}"
     if tls is not None:
         creds = grpc.ssl_server_credentials([tls])
@@ -152,17 +164,56 @@ class VolumeSummary:
     total_frames: int
 
 
-def _channel(target: str, ca_cert: str | None) -> grpc.aio.Channel:
-    if ca_cert:
-        creds = grpc.ssl_channel_credentials(Path(ca_cert).read_bytes())
-        return grpc.aio.secure_channel(target, creds)
-    return grpc.aio.insecure_channel(target)
+@contextlib.asynccontextmanager
+async def open_channel(target: str, *, identity: NodeIdentity | None = None,
+                       expect_peer: str | None = None, ca_cert: str | None = None,
+                       ) -> AsyncIterator[grpc.aio.Channel]:
+    """A gRPC channel to a governance / ledger endpoint ``target`` (host:port).
+
+    With ``identity`` (the default for remote targets): ``target`` is the node's QSTP
+    forward listener (:func:`pqcnet.qstp.aio.forward.serve_forward`); the tunnel is
+    mutually authenticated with ML-DSA certificates and ML-KEM key exchange, and grpcio
+    talks to a local forward (:class:`~pqcnet.qstp.aio.forward.LocalForward`).
+    ``expect_peer``: SPIFFE ID or glob the server must present. With ``ca_cert``:
+    classical TLS, an explicit opt-in. With neither: plaintext, loopback targets only.
+    """
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise GovernanceError(f"target {target!r}: expected host:port")
+    if identity is not None:
+        policy = TlsPolicy(allowed_peers=(expect_peer,) if expect_peer else ())
+        try:
+            tunnel = await aio.connect(host, int(port), identity, policy)
+        except PqcnetError as exc:
+            raise GovernanceError(f"QSTP to {target}: {exc}") from None
+        try:
+            async with LocalForward(tunnel) as fwd, \
+                    grpc.aio.insecure_channel(fwd.address) as channel:
+                yield channel
+        finally:
+            with contextlib.suppress(PqcnetError):
+                await tunnel.close()
+    elif ca_cert:
+        pem = await asyncio.to_thread(Path(ca_cert).read_bytes)
+        creds = grpc.ssl_channel_credentials(pem)
+        async with grpc.aio.secure_channel(target, creds) as channel:
+            yield channel
+    else:
+        if not _is_loopback(host):
+            raise GovernanceError(
+                f"target {target}: plaintext gRPC is for loopback only; give --identity "
+                "(post-quantum, through the node's QSTP governance listener) or --ca-cert "
+                "(classical TLS)")
+        async with grpc.aio.insecure_channel(target) as channel:
+            yield channel
 
 
 async def pull_volume(target: str, query: VolumeFilter, *, ca_cert: str | None = None,
+                      identity: NodeIdentity | None = None, expect_peer: str | None = None,
                       deadline: float = 10.0) -> VolumeSummary:
     """Call GetVolume; :class:`GovernanceError` with the gRPC status on failure."""
-    async with _channel(target, ca_cert) as channel:
+    async with open_channel(target, identity=identity, expect_peer=expect_peer,
+                            ca_cert=ca_cert) as channel:
         stub = pb_grpc.VolumeMetricsStub(channel)  # type: ignore[no-untyped-call]
         try:
             resp = await stub.GetVolume(query.to_pb(), timeout=deadline)
@@ -174,12 +225,15 @@ async def pull_volume(target: str, query: VolumeFilter, *, ca_cert: str | None =
 
 
 async def pull_report(target: str, epoch_from: int = 0, epoch_to: int | None = None, *,
-                      ca_cert: str | None = None, deadline: float = 10.0) -> PerformanceReport:
+                      ca_cert: str | None = None, identity: NodeIdentity | None = None,
+                      expect_peer: str | None = None,
+                      deadline: float = 10.0) -> PerformanceReport:
     """Call GetPerformanceReport."""
     q = pb.ReportQuery(epoch_from=epoch_from)
     if epoch_to is not None:
         q.epoch_to = epoch_to
-    async with _channel(target, ca_cert) as channel:
+    async with open_channel(target, identity=identity, expect_peer=expect_peer,
+                            ca_cert=ca_cert) as channel:
         stub = pb_grpc.VolumeMetricsStub(channel)  # type: ignore[no-untyped-call]
         try:
             resp = await stub.GetPerformanceReport(q, timeout=deadline)
@@ -189,5 +243,5 @@ async def pull_report(target: str, epoch_from: int = 0, epoch_to: int | None = N
     return PerformanceReport.from_pb(resp)
 
 
-__all__ = ["VolumeFilter", "VolumeMetricsService", "VolumeSummary", "pull_report",
+__all__ = ["VolumeFilter", "VolumeMetricsService", "VolumeSummary", "open_channel", "pull_report",
            "pull_volume", "serve_governance"]

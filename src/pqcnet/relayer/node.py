@@ -10,11 +10,19 @@ Background tasks it owns (all cancelled on :meth:`RelayerNode.stop`):
 * the epoch loop: each closed epoch → signed volume proof(s) → intent recorded →
   anchored in the QS-DAG → proof files → intent cleared (see
   :mod:`pqcnet.relayer.proofstore`: a crash anywhere anchors an epoch exactly once).
+
+If the bus cannot be reached at start (a broker outage), the relayer starts
+**degraded** instead of failing: ingress accepts into the overflow queue, a
+``bus-connect`` task retries with capped backoff, and once the bus answers the workers
+and the overflow replayer start and drain the queue in order. ``degraded`` (and the
+``pqcnet_relayer_degraded`` gauge, and the ``ready`` line of ``pqcnet relayer run``)
+says so meanwhile; no epoch is proven while degraded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import logging
@@ -22,18 +30,22 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pqcnet._util.env import env_passphrase
+from pqcnet._util.ops_http import not_expired, start_ops_server
 from pqcnet.errors import PqcnetError
 from pqcnet.identity import NodeIdentity, SpiffeId
 from pqcnet.qsdag import Ledger
 from pqcnet.qstp import aio
+from pqcnet.qstp.aio.forward import serve_forward
+from pqcnet.qstp.aio.tunnel import openssl_checked
 from pqcnet.qstp.tls import TlsPolicy
 from pqcnet.relayer.authz import Authorizer, Quotas, authz_policy
 from pqcnet.relayer.backpressure import FlowController
@@ -43,17 +55,26 @@ from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.counters import (
     ClaimCheck,
     CounterBook,
+    CounterStore,
     SignedAckCounter,
     Tolerance,
     ca_trust,
     check_claims,
 )
 from pqcnet.relayer.egress import SubscriberHub
-from pqcnet.relayer.errors import ConfigError, ReceiptRefused, RelayerError
+from pqcnet.relayer.errors import (
+    BusError,
+    BusUnavailable,
+    ConfigError,
+    ProofError,
+    ReceiptRefused,
+    RelayerError,
+)
 from pqcnet.relayer.frame import FrameLimits, Topic
 from pqcnet.relayer.gapfence import GapFence
 from pqcnet.relayer.governance import VolumeMetricsService, serve_governance
 from pqcnet.relayer.ingress import Ingress
+from pqcnet.relayer.ledger_api import LedgerService
 from pqcnet.relayer.metering import VolumeMeter
 from pqcnet.relayer.overflow import BufferedPublisher, OverflowQueue
 from pqcnet.relayer.proof import (
@@ -61,7 +82,9 @@ from pqcnet.relayer.proof import (
     PerformanceReport,
     VolumeProof,
     build_volume_proofs,
+    check_records,
     sign_report,
+    split_records,
 )
 from pqcnet.relayer.proofstore import Intent, ProofStore
 from pqcnet.relayer.receipts import VolumeReceipt, build_receipt
@@ -73,6 +96,10 @@ log = logging.getLogger(__name__)
 LAG_TIMEOUT = 1.0
 #: seconds shard workers get on stop to finish their current step
 STOP_GRACE = 3.0
+#: seconds connecting the bus may take at start before the relayer starts degraded
+BUS_START_TIMEOUT = 10.0
+#: signed receipts kept for repeated requests (building one hashes its epoch's tree)
+RECEIPT_CACHE = 256
 
 
 def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
@@ -163,6 +190,9 @@ class RelayerNode:
                                  max_label_series=cfg.metrics_max_label_series)
         self.flow = FlowController(cfg.high_water, cfg.low_water)
         self.hub = SubscriberHub()
+        #: True while the bus has not been reached since start: frames go to the overflow
+        #: queue only, no shard workers, no epoch proofs (readiness: degraded)
+        self.degraded = False
         #: late-frame refusal, shared by ingress and shard workers (decision 0012)
         self.fence = GapFence(self._stored_marks)
         self.authz = Authorizer(authz_policy(cfg.authz))
@@ -174,13 +204,21 @@ class RelayerNode:
         self.proof_store = ProofStore(self.data_dir / "proofs")
         #: clients' signed ack counters (decision 0014), checked against our claims
         self.counters = CounterBook(ca_trust(identity.trust_anchors))
+        self.counter_store = CounterStore(self.data_dir / "counters")
         self.tolerance = Tolerance(cfg.counter_tolerance_ratio, cfg.counter_tolerance_frames)
+        #: proven records by claim status, counted once per epoch by audit_claims()
+        self.claim_stats: collections.Counter[str] = collections.Counter()
+        self._audited: set[int] = set()
+        self._receipts: collections.OrderedDict[tuple[str, int], VolumeReceipt] = (
+            collections.OrderedDict())
         self.backlog: dict[int, int] = {}
         self._bus_lag: dict[int, int] = {}
         self.started_at = 0.0
         self.port = 0
         self.metrics_port: int | None = None
         self.grpc_port: int | None = None
+        #: bound port of the QSTP governance listener (None: off)
+        self.governance_qstp_port: int | None = None
         self.workers: list[RelayerShardWorker] = []
         self._tasks: list[asyncio.Task[None]] = []
         #: everything opened by start(), closed newest first by stop()
@@ -209,16 +247,20 @@ class RelayerNode:
 
     async def _start(self) -> None:
         cfg, stack = self.cfg, self._stack
+        # QSTP's one-off OpenSSL self-check (a child process) runs while the stores open:
+        # it is a large part of a restart's time to ready (the recovery benchmark)
+        selfcheck = asyncio.create_task(openssl_checked(), name="openssl-selfcheck")
+        stack.callback(selfcheck.cancel)  # a failed start does not leave it behind
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.started_at = time.time()
         self.bus = make_bus(cfg, self.data_dir)
         stack.push_async_callback(_quietly, self.bus.close)
-        await self.bus.start()
         store = self.bus.seq_store()
         if store is None:
             rocks = RocksSeqStore(self.data_dir / "marks", sync=cfg.sync)
             stack.push_async_callback(_quietly, rocks.close)
             store = rocks
+        self.store = store
         self.overflow = OverflowQueue(self.data_dir / "overflow", cfg.shards,
                                       max_records=cfg.overflow_max_records, sync=cfg.sync)
         stack.push_async_callback(_quietly, self.overflow.close)
@@ -229,38 +271,114 @@ class RelayerNode:
                                retry_after=cfg.retry_after, fence=self.fence,
                                authz=self.authz, quotas=self.quotas, services=self)
         self._open_ledger()
-        wcfg = WorkerConfig(group=cfg.group, batch=cfg.batch, max_reorder=cfg.max_reorder,
-                            gap_timeout=cfg.gap_timeout, max_topics=cfg.max_topics)
-        self.store = store
-        self.meter.apply(await store.load_volume())  # what this node counted before a restart
         self._load_proofs()
-        self.workers = [RelayerShardWorker(self.bus, s, store, self.hub, wcfg, meter=self.meter,
-                                           fence=self.fence)
-                        for s in cfg.shards_owned]
-        self._tasks += [asyncio.create_task(w.run(), name=f"shard-{w.shard}")
-                        for w in self.workers]
-        self._tasks.append(asyncio.create_task(self.publisher.run(), name="overflow-replay"))
+        self.counter_store.load(self.counters)
+        stack.callback(self._save_counters)
+        try:
+            async with asyncio.timeout(BUS_START_TIMEOUT):
+                await self._open_bus()
+        except (BusError, TimeoutError) as exc:
+            if isinstance(exc, BusError) and not exc.retriable:
+                raise
+            # degraded start: accept into the overflow queue, connect in the background
+            self.degraded = True
+            self.publisher.bus_down = True
+            log.warning("bus unavailable at start: degraded (overflow queue only)",
+                        extra={"backend": cfg.backend, "error": str(exc) or "timeout"})
+            self._tasks.append(asyncio.create_task(self._connect_bus(), name="bus-connect"))
+        else:
+            self._start_workers()
         self._tasks.append(asyncio.create_task(self._flow_loop(), name="flow"))
         self._tasks.append(asyncio.create_task(self._epoch_loop(), name="epochs"))
+        await selfcheck
         await self._listen(cfg.listen_port)
         stack.push_async_callback(_quietly, self._close_server)
         if cfg.metrics_port is not None:
             self.registry.register(_NodeCollector(self))
-            httpd, _thread = start_http_server(cfg.metrics_port, addr="127.0.0.1",
-                                               registry=self.registry)
-            self.metrics_port = int(httpd.server_port)
+            httpd = start_ops_server(cfg.metrics_port, cfg.metrics_host,
+                                     registry=self.registry, ready=self.ready)
+            self.metrics_port = httpd.port
             stack.push_async_callback(_quietly, httpd.server_close)
             stack.push_async_callback(_quietly, httpd.shutdown)
         if cfg.grpc_port is not None:
             tls = _read_tls(cfg)
             service = VolumeMetricsService(self.meter, self.report)
+            anchors = Path(cfg.ledger_anchors) if cfg.ledger_anchors else None
             grpc_server, self.grpc_port = await serve_governance(
-                service, cfg.grpc_host, cfg.grpc_port, tls=tls)
+                service, cfg.grpc_host, cfg.grpc_port, tls=tls,
+                ledger=LedgerService(self.anchor.ledger, anchors))
             stack.push_async_callback(_quietly, grpc_server.stop, 0.5)
+        if cfg.governance_qstp_port is not None:
+            assert self.grpc_port is not None  # the config requires grpc_port
+            gov = await serve_forward(
+                cfg.grpc_host, self.grpc_port, cfg.listen_host, cfg.governance_qstp_port,
+                self.identity, replace(self.policy,
+                                       allowed_peers=tuple(cfg.governance_allowed_peers)))
+            self.governance_qstp_port = gov.port
+            stack.push_async_callback(_quietly, _close_qstp, gov)
+
+    async def _open_bus(self) -> None:
+        """Connect the bus and load what this node metered before (raises if down)."""
+        await self.bus.start()
+        if not await self.bus.healthy():
+            raise BusUnavailable(f"{self.cfg.backend} bus not answering")
+        self.meter.apply(await self.store.load_volume())  # counted before a restart
+
+    def _start_workers(self) -> None:
+        """Shard workers and the overflow replayer (the bus is connected)."""
+        cfg = self.cfg
+        wcfg = WorkerConfig(group=cfg.group, batch=cfg.batch, max_reorder=cfg.max_reorder,
+                            gap_timeout=cfg.gap_timeout, max_topics=cfg.max_topics)
+        self.workers = [RelayerShardWorker(self.bus, s, self.store, self.hub, wcfg,
+                                           meter=self.meter, fence=self.fence)
+                        for s in cfg.shards_owned]
+        self._tasks += [asyncio.create_task(w.run(), name=f"shard-{w.shard}")
+                        for w in self.workers]
+        self._tasks.append(asyncio.create_task(self.publisher.run(), name="overflow-replay"))
+
+    async def _connect_bus(self) -> None:
+        """Degraded start: retry the bus with capped backoff, then run normally (the
+        overflow replayer drains what was accepted meanwhile, in order)."""
+        backoff = 0.2
+        while True:
+            await asyncio.sleep(backoff)
+            try:
+                async with asyncio.timeout(BUS_START_TIMEOUT):
+                    await self._open_bus()
+            except (BusError, TimeoutError) as exc:
+                backoff = min(backoff * 2, 5.0)
+                log.info("bus still unavailable", extra={"error": str(exc) or "timeout"})
+                continue
+            self._start_workers()
+            self.degraded = False
+            log.warning("bus connected: leaving degraded mode",
+                        extra={"backend": self.cfg.backend, "overflow": self.overflow.total()})
+            return
 
     async def _stored_marks(self, shard: int, topics: Sequence[Topic]) -> dict[Topic, int]:
-        """Durable next seqs for the gap fence (a shard's worker may live elsewhere)."""
-        return await self.store.load_topics(shard, topics)
+        """Durable next seqs for the gap fence (a shard's worker may live elsewhere).
+
+        Never blocks ingress on the broker: while the bus is down or degraded (the marks
+        store may be that broker, e.g. Redis) or the read fails or times out, none are
+        known and the fence uses the local workers' in-memory marks only.
+        """
+        if self.degraded or self.publisher.bus_down:
+            return {}
+        try:
+            async with asyncio.timeout(self.cfg.publish_timeout):
+                return await self.store.load_topics(shard, topics)
+        except (BusError, TimeoutError) as exc:
+            log.info("marks unreadable for the gap fence; local marks only",
+                     extra={"shard": shard, "error": str(exc) or "timeout"})
+            return {}
+
+    def ready(self) -> dict[str, bool | str]:
+        """``/readyz``: listening, identity valid, every shard worker and the overflow
+        replay alive (a worker that died on a bus error makes the node unready)."""
+        dead = sorted(t.get_name() for t in self._tasks if t.done())
+        return {"listening": self._server is not None or "not listening",
+                "identity": not_expired(self.identity.not_after),
+                "workers": not dead or f"stopped: {', '.join(dead)}"}
 
     async def _listen(self, port: int) -> None:
         server = await aio.serve(self.ingress.handle_tunnel, self.cfg.listen_host, port,
@@ -273,6 +391,11 @@ class RelayerNode:
         if server is not None:
             server.close()
             await asyncio.wait_for(server.wait_closed(), 5)
+
+    @property
+    def server(self) -> aio.Server | None:
+        """The QSTP server while running (identity reload binds to it)."""
+        return self._server
 
     async def rotate_identity(self, identity: NodeIdentity) -> None:
         """Switch to ``identity`` (a new key + certificate) while running.
@@ -424,7 +547,7 @@ class RelayerNode:
     def _prove_epoch(self, epoch: int, pending: set[int]) -> list[VolumeProof]:
         """Intent (durable) → anchor each part once → proof files → intent cleared."""
         if epoch in pending:
-            intent = self.proof_store.read_intent(epoch)
+            intent = self._with_records(self.proof_store.read_intent(epoch))
         else:
             intent = Intent(epoch, self.anchor.next_counter(), tuple(build_volume_proofs(
                 self.cfg.node_id, epoch, self.meter.records(epoch), self.identity.key)))
@@ -437,6 +560,46 @@ class RelayerNode:
         self.proofs[epoch] = intent.proofs[0]
         self._parts[epoch] = intent.proofs
         return list(intent.proofs)
+
+    def _with_records(self, intent: Intent) -> Intent:
+        """The intent's headers with their records, rebuilt from the persisted volume
+        (which must commit to the same roots: the epoch was closed when it was signed)."""
+        slices = split_records(self.meter.records(intent.epoch))
+        if len(slices) != len(intent.proofs):
+            raise ProofError(f"epoch {intent.epoch}: volume splits into {len(slices)} parts, "
+                             f"the intent has {len(intent.proofs)}")
+        out = []
+        for header, recs in zip(intent.proofs, slices, strict=True):
+            proof = replace(header, records=tuple(recs))
+            check_records(proof)  # the same root and totals as signed
+            out.append(proof)
+        return replace(intent, proofs=tuple(out))
+
+    def _save_counters(self) -> None:
+        try:
+            self.counter_store.save(self.counters)
+        except OSError as exc:
+            log.error("signed counters not saved", extra={"error": str(exc)})
+
+    def audit_claims(self, now: float | None = None) -> dict[str, int]:
+        """Check each proven epoch, once, against the clients' signed counters as soon as
+        their final counters are due (one whole epoch after it closed); counts records
+        per status in :attr:`claim_stats` (exported) and logs over-claims."""
+        due_before = self.meter.epoch(now) - 1
+        found: collections.Counter[str] = collections.Counter()
+        for e in sorted(self.proofs):
+            if e >= due_before or e in self._audited:
+                continue
+            self._audited.add(e)
+            for check in self.check_claims(e):
+                found[check.status] += 1
+                if check.status == "overclaimed":
+                    log.warning("volume claim above the clients' signed counters", extra={
+                        "epoch": e, "customer": check.record.customer,
+                        "channel": check.record.channel, "claimed": check.record.frames,
+                        "signed": check.signed_frames})
+        self.claim_stats.update(found)
+        return dict(found)
 
     async def prune_epochs(self) -> int:
         """Drop proven epochs beyond the newest ``keep_epochs`` ones; returns how many.
@@ -454,11 +617,15 @@ class RelayerNode:
         await self.store.prune_volume(cutoff)
         self.meter.forget_before(cutoff)
         self.counters.forget_before(cutoff)
+        self.counter_store.prune(cutoff)
         self.proof_store.prune(old)
         for e in old:
             del self.proofs[e]
             self._parts.pop(e, None)
+            self._audited.discard(e)
             self.anchor.forget(e)
+        for key in [k for k in self._receipts if k[1] < cutoff]:
+            del self._receipts[key]
         log.info("proven epochs pruned", extra={"before_epoch": cutoff, "count": len(old)})
         return len(old)
 
@@ -473,8 +640,12 @@ class RelayerNode:
     async def _epoch_loop(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.cfg.epoch_seconds / 4))
+            if self.degraded:  # volume of earlier runs not loaded yet: proving would lie
+                continue
             try:
                 self.prove_closed_epochs()
+                self.audit_claims()
+                self._save_counters()
                 await self.prune_epochs()
                 for s in self.cfg.shards_owned:
                     await self.bus.compact(s, [self.cfg.group])
@@ -494,13 +665,22 @@ class RelayerNode:
         return self.receipt_for(customer, epoch)
 
     def receipt_for(self, customer: str, epoch: int) -> VolumeReceipt:
+        """The signed receipt (cached: the last :data:`RECEIPT_CACHE` are kept)."""
+        cached = self._receipts.get((customer, epoch))
+        if cached is not None and cached.signer_key_id == self.identity.key.key_id:
+            self._receipts.move_to_end((customer, epoch))
+            return cached
         parts = self._parts.get(epoch)
         if not parts:
             raise ReceiptRefused(f"epoch {epoch} is not proven here (yet, or any more)")
         ledger = self.anchor.ledger
         vertices = [ledger.get(self.anchor.part_receipt(epoch, p.part)).encode() for p in parts]
-        return build_receipt(self.cfg.node_id, customer, epoch, parts, vertices,
-                             self.identity.key)
+        receipt = build_receipt(self.cfg.node_id, customer, epoch, parts, vertices,
+                                self.identity.key)
+        self._receipts[(customer, epoch)] = receipt
+        while len(self._receipts) > RECEIPT_CACHE:
+            self._receipts.popitem(last=False)
+        return receipt
 
     def check_claims(self, epoch: int) -> list[ClaimCheck]:
         """Each record of a proven epoch against the clients' signed counters."""
@@ -517,6 +697,11 @@ class RelayerNode:
         unsigned = PerformanceReport(self.cfg.node_id, epoch_from, last, proofs, receipts,
                                      time.time() - self.started_at)
         return sign_report(unsigned, self.identity.key)
+
+
+async def _close_qstp(server: aio.Server) -> None:
+    server.close()
+    await asyncio.wait_for(server.wait_closed(), 5)
 
 
 async def _quietly(close: Callable[..., Any], *args: Any) -> None:
@@ -549,6 +734,9 @@ class _NodeCollector(Collector):
         yield GaugeMetricFamily("pqcnet_relayer_overflow_records",
                                 "Records waiting in the local overflow queue",
                                 value=n.overflow.total())
+        yield GaugeMetricFamily("pqcnet_relayer_degraded",
+                                "1 while the bus was not reached since start (overflow only)",
+                                value=1 if n.degraded else 0)
         yield GaugeMetricFamily("pqcnet_relayer_paused_shards",
                                 "Shards whose publishers are paused", value=len(n.flow.paused))
         yield GaugeMetricFamily("pqcnet_relayer_subscribers", "Subscriber streams",
@@ -575,6 +763,15 @@ class _NodeCollector(Collector):
                                 ("gaps", "gaps", "Sequence gaps reported and skipped")):
             yield CounterMetricFamily(f"pqcnet_relayer_{name}_frames", doc,
                                       value=sum(getattr(w.stats, attr) for w in n.workers))
+        claims = CounterMetricFamily(
+            "pqcnet_relayer_claims_records",
+            "Proven volume records checked against client-signed counters, by status",
+            labels=["status"])
+        for status in ("supported", "overclaimed", "unsupported"):
+            claims.add_metric([status], n.claim_stats[status])
+        yield claims
+        yield GaugeMetricFamily("pqcnet_relayer_signed_counters",
+                                "Client-signed ack counters held", value=len(n.counters))
         for name, attr, doc in (("mark_evictions", "evictions",
                                  "Topic marks dropped from the in-memory LRU"),
                                 ("mark_loads", "mark_loads",

@@ -33,6 +33,11 @@ from pqcnet.qsdag import Ledger, OpaqueRecord, VertexKind
 from pqcnet.relayer.errors import ProofError
 from pqcnet.relayer.metering import VolumeRecord
 
+#: Encoded records one proof part may carry (a part is also at most ``MAX_LEAVES``
+#: records): keeps every proof file well under ``proofstore.MAX_PROOF_FILE``, which a
+#: restarted relayer must read back.
+MAX_PART_BYTES = 32 << 20
+
 PROOF_CONTEXT = b"pqcnet/relayer/volume-proof/v1"
 REPORT_CONTEXT = b"pqcnet/relayer/performance-report/v1"
 PROOF_CONTENT_TYPE = "pqcnet.relayer.VolumeProof"
@@ -86,13 +91,27 @@ def build_volume_proof(relayer_id: str, epoch: int, records: Sequence[VolumeReco
                                                    context=PROOF_CONTEXT))
 
 
+def split_records(records: Sequence[VolumeRecord]) -> list[Sequence[VolumeRecord]]:
+    """Consecutive slices of at most ``MAX_LEAVES`` records and ``MAX_PART_BYTES``
+    encoded bytes each (deterministic: the same records always split the same way)."""
+    slices: list[Sequence[VolumeRecord]] = []
+    start, size = 0, 0
+    for i, r in enumerate(records):
+        est = len(r.customer) + len(r.channel) + 48  # protobuf overhead, generous
+        if i > start and (i - start >= MAX_LEAVES or size + est > MAX_PART_BYTES):
+            slices.append(records[start:i])
+            start, size = i, 0
+        size += est
+    slices.append(records[start:])
+    return slices
+
+
 def build_volume_proofs(relayer_id: str, epoch: int, records: Sequence[VolumeRecord],
                         signer: SigningKey) -> list[VolumeProof]:
-    """One proof per tree: ``records`` cut into slices of at most ``MAX_LEAVES``."""
-    size = MAX_LEAVES
-    parts = max(1, -(-len(records) // size))
-    return [build_volume_proof(relayer_id, epoch, records[i * size:(i + 1) * size], signer,
-                               part=i, parts=parts) for i in range(parts)]
+    """One signed proof per slice of :func:`split_records` (one for a normal epoch)."""
+    slices = split_records(records)
+    return [build_volume_proof(relayer_id, epoch, s, signer, part=i, parts=len(slices))
+            for i, s in enumerate(slices)]
 
 
 def _root(records: Sequence[VolumeRecord]) -> bytes:
@@ -114,8 +133,13 @@ def verify_volume_proof(proof: VolumeProof, key: VerifyKey) -> None:
         key.verify(proof.signature, proof.signed_bytes(), context=PROOF_CONTEXT)
     except SignatureInvalid as exc:
         raise ProofError(f"volume proof signature: {exc}") from None
-    if proof.records and (
-            _root(proof.records) != proof.root or len(proof.records) != proof.record_count
+    if proof.records:
+        check_records(proof)
+
+
+def check_records(proof: VolumeProof) -> None:
+    """Raise :class:`ProofError` unless ``proof.records`` give its root and totals."""
+    if (_root(proof.records) != proof.root or len(proof.records) != proof.record_count
             or sum(r.bytes for r in proof.records) != proof.total_bytes
             or sum(r.frames for r in proof.records) != proof.total_frames):
         raise ProofError("volume proof records do not match its root or totals")

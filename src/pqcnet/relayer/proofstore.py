@@ -7,7 +7,8 @@ trees has one file per further part, ``<epoch>.<part>.proof``). Written atomical
 
 Anchoring is made idempotent by an *intent* written before it:
 ``<dir>/<epoch>.intent`` holds the author counter the anchor will take and the signed
-proofs about to be anchored (fsynced, like the proof files). The node anchors, writes
+proof headers about to be anchored (fsynced, like the proof files; the records are
+rebuilt from the persisted volume, and must give the same roots). The node anchors, writes
 the proof files, then deletes the intent. After a crash anywhere in between, the
 intent is found at start and finished: a proof already in the ledger (looked up from
 the recorded counter) is taken as is, a missing one is anchored — so an epoch is
@@ -34,8 +35,10 @@ from pqcnet.relayer.proof import VolumeProof, proof_from_pb, proof_to_pb
 #: Largest proof file read: a proof carries one volume record per (customer, channel,
 #: qos) of its epoch, ~100 bytes each, so this allows ~600k of them per epoch.
 MAX_PROOF_FILE = 64 << 20
-#: Most trees one epoch is split into (bounds an intent file: parts x MAX_PROOF_FILE).
-MAX_PARTS = 16
+#: Most trees one epoch is split into (bounds an intent file, headers only).
+MAX_PARTS = 64
+#: Largest intent file read (MAX_PARTS headers of well under 4 KiB each).
+MAX_INTENT_FILE = MAX_PARTS * 4096
 SUFFIX = ".proof"
 INTENT_SUFFIX = ".intent"
 
@@ -63,7 +66,8 @@ def _split_lp(raw: bytes) -> list[bytes]:
 
 @dataclass(frozen=True, slots=True)
 class Intent:
-    """An epoch about to be anchored: its signed proofs and the first author counter."""
+    """An epoch about to be anchored: its signed proof headers (records are stripped
+    when written) and the first author counter."""
 
     epoch: int
     counter: int
@@ -94,7 +98,7 @@ class ProofStore:
         if len(intent.proofs) > MAX_PARTS:
             raise ProofError(f"epoch {intent.epoch}: {len(intent.proofs)} trees; at most "
                              f"{MAX_PARTS}")
-        bodies = [proof_to_pb(p).SerializeToString() for p in intent.proofs]
+        bodies = [proof_to_pb(p.header()).SerializeToString() for p in intent.proofs]
         atomic_write(self.intent_path(intent.epoch),
                      length_prefixed(intent.counter.to_bytes(8, "big"), *bodies))
         _fsync_dir(self.directory)
@@ -108,7 +112,7 @@ class ProofStore:
 
     def read_intent(self, epoch: int) -> Intent:
         path = self.intent_path(epoch)
-        raw = self._read(path, MAX_PROOF_FILE * MAX_PARTS)
+        raw = self._read(path, MAX_INTENT_FILE)
         try:
             head, *bodies = _split_lp(raw)
             if len(head) != 8 or not bodies:
@@ -186,4 +190,4 @@ class ProofStore:
                 extra.unlink(missing_ok=True)
 
 
-__all__ = ["MAX_PARTS", "MAX_PROOF_FILE", "Intent", "ProofStore"]
+__all__ = ["MAX_INTENT_FILE", "MAX_PARTS", "MAX_PROOF_FILE", "Intent", "ProofStore"]

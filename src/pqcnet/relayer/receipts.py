@@ -29,7 +29,7 @@ from pqcnet.crypto.pqc import SigningKey, VerifyKey, length_prefixed
 from pqcnet.layer0.anchor import EpochRecord, verify_anchored, verify_record
 from pqcnet.layer0.envelope import EpochAnchor
 from pqcnet.layer0.errors import Layer0Error
-from pqcnet.layer0.merkle import InclusionProof
+from pqcnet.layer0.merkle import InclusionProof, Tree
 from pqcnet.proto import relayer_pb2 as pb
 from pqcnet.qsdag.errors import LedgerError
 from pqcnet.qsdag.payloads import OpaqueRecord, decode_payload
@@ -40,7 +40,6 @@ from pqcnet.relayer.metering import VolumeRecord
 from pqcnet.relayer.proof import (
     PROOF_CONTENT_TYPE,
     VolumeProof,
-    inclusion_proof,
     proof_from_pb,
     proof_to_pb,
     record_from_pb,
@@ -145,8 +144,12 @@ def build_receipt(relayer_id: str, customer: str, epoch: int,
     """The signed receipt of ``customer`` from the epoch's proofs (with records)."""
     if not parts or len(parts) != len(anchor_vertices):
         raise ProofError(f"epoch {epoch}: {len(parts)} proofs, {len(anchor_vertices)} anchors")
-    entries = [ReceiptEntry(r, p.part, inclusion_proof(p, i))
-               for p in parts for i, r in enumerate(p.records) if r.customer == customer]
+    entries = []
+    for p in parts:
+        mine = [i for i, r in enumerate(p.records) if r.customer == customer]
+        if mine:  # one tree per part, then O(log n) per path
+            tree = Tree([r.canonical() for r in p.records])
+            entries += [ReceiptEntry(p.records[i], p.part, tree.proof(i)) for i in mine]
     unsigned = VolumeReceipt(relayer_id, customer, epoch, tuple(entries),
                              tuple(p.header() for p in parts), tuple(anchor_vertices),
                              signer.key_id)

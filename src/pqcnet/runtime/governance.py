@@ -190,6 +190,11 @@ class QstpEndpoint:
             raise RuntimeError("endpoint is not serving")
         return self._server.port
 
+    @property
+    def server(self) -> Server | None:
+        """The QSTP server while serving (identity reload binds to it)."""
+        return self._server
+
     # ------------------------------------------------------------------ serving / dialling
 
     def _track(self, tunnel: Tunnel) -> None:

@@ -34,7 +34,10 @@ Control-plane state lives under ``control_plane.state_dir``: the DTN bundle stor
 for offline peers, delivered on their return), the last CA-signed CRL accepted from
 gossip (:class:`~pqcnet.mesh.crl.CrlGate`), and the journal of the
 :class:`~pqcnet.mesh.pipeline.SlashingPipeline` (evidence -> proposal -> slash; governance
-nodes holding ``governance.signing_keys`` also issue the slash). Waku REST URLs are used
+nodes holding ``governance.signing_keys`` also issue the slash). The pipeline also runs
+the relayer's over-claim rule (:func:`pqcnet.relayer.counters.overclaim_rule`, decision
+0014): volume claims above client-signed ack counters, anchored as evidence, with the
+clients' certificates checked against this node's trust bundle. Waku REST URLs are used
 with failover (:meth:`~pqcnet.mesh.waku.WakuTransport.connect_many`).
 """
 
@@ -47,6 +50,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from prometheus_client import start_http_server
 
 from pqcnet._util.env import CA_PASS_ENV, PASS_ENV, env_passphrase
@@ -71,6 +75,7 @@ from pqcnet.mesh.transport import InProcessHub, InProcessTransport, Transport
 from pqcnet.mesh.waku import WakuRestClient, WakuTransport
 from pqcnet.qsdag import Ledger
 from pqcnet.qstp.tls import PeerGate, TlsPolicy
+from pqcnet.relayer.counters import ca_trust, overclaim_rule
 from pqcnet.relayer.node import RelayerNode, load_identity
 from pqcnet.runtime.config import NodeConfig
 from pqcnet.runtime.errors import NodeError
@@ -173,6 +178,7 @@ class NodeRuntime:
         self.ledger: Ledger | None = None
         self.crl: CrlGate | None = None
         self.pipeline: SlashingPipeline | None = None
+        self._trust_anchors: list[x509.Certificate] = []
         self.port = 0
         self.metrics_port: int | None = None
         self.mesh_metrics_port: int | None = None
@@ -260,6 +266,7 @@ class NodeRuntime:
         self._closers.append(bundles.close)
         self.crl = CrlGate(identity.trust_bundle_pem, initial=identity.crl_pem,
                            path=state / "crl.pem")
+        self._trust_anchors = identity.trust_anchors
         self.agent = cls(keys, transport, ring, config=config, governance=governance,
                          ledger=port, bundles=bundles, crl=self.crl)
         if governance is None:
@@ -276,7 +283,8 @@ class NodeRuntime:
         cp = self.cfg.control_plane
         self.pipeline = SlashingPipeline(
             self.agent, self.ledger, journal=cp.state_dir / "slashing.journal",
-            governance_keys=cp.governance_signing_keys)
+            governance_keys=cp.governance_signing_keys,
+            rules=[overclaim_rule(ca_trust(self._trust_anchors))])
         self._tasks.append(asyncio.create_task(
             self.pipeline.run(cp.spec.slashing_interval_s), name="slashing"))
 

@@ -47,6 +47,8 @@ from pqcnet.identity.crl import RevocationList, load_crl
 from pqcnet.identity.node import BUNDLE_FILE, CERT_FILE, CRL_FILE, KEY_FILE, NodeIdentity
 from pqcnet.qstp.aio.server import Server
 from pqcnet.qstp.tls import PeerInfo
+from pqcnet.relayer.node import RelayerNode
+from pqcnet.runtime.sentry import SentryService
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,9 @@ WATCHED = (CERT_FILE, BUNDLE_FILE, CRL_FILE, KEY_FILE)
 class Renewer(Protocol):
     """Where a renewed identity comes from."""
 
-    async def renew(self, current: NodeIdentity) -> NodeIdentity:
-        """A new identity (new key, new certificate) for ``current``'s SPIFFE ID."""
+    async def renew(self, current: NodeIdentity, *, rotate_key: bool = True) -> NodeIdentity:
+        """A new certificate for ``current``'s SPIFFE ID (and a new key unless
+        ``rotate_key`` is false: roles whose key is registered in the QS-DAG keep it)."""
         ...
 
 
@@ -79,10 +82,11 @@ class CaServiceRenewer:
         self.url = url
         self.timeout_s = timeout_s
 
-    async def renew(self, current: NodeIdentity) -> NodeIdentity:
+    async def renew(self, current: NodeIdentity, *, rotate_key: bool = True) -> NodeIdentity:
         from pqcnet.runtime.enroll import rotate
 
-        return await rotate(self.url, current, timeout_s=self.timeout_s)
+        return await rotate(self.url, current, None if rotate_key else current.key,
+                            timeout_s=self.timeout_s)
 
 
 class LocalCaRenewer:
@@ -94,14 +98,14 @@ class LocalCaRenewer:
         self._save_ca = save_ca
         self.ttl = ttl
 
-    async def renew(self, current: NodeIdentity) -> NodeIdentity:
+    async def renew(self, current: NodeIdentity, *, rotate_key: bool = True) -> NodeIdentity:
         def work() -> NodeIdentity:
             from pqcnet.identity.ca import MeshCA
 
             ca = self._load_ca()
             assert isinstance(ca, MeshCA)
             ttl = self.ttl or (current.not_after - current.issued_at)
-            new = ca.renew(current, min(ttl, ca.policy.max_ttl))
+            new = ca.renew(current, min(ttl, ca.policy.max_ttl), rotate_key=rotate_key)
             self._save_ca(ca)
             return new
 
@@ -123,6 +127,8 @@ class RotationConfig:
     #: first retry delay after a failed renewal, doubling up to ``retry_max_s``
     retry_min_s: float = 1.0
     retry_max_s: float = 60.0
+    #: a new key with every renewal (false for a relayer: its key signs QS-DAG proofs)
+    rotate_key: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 < self.renew_at < 1.0:
@@ -150,6 +156,7 @@ class IdentityManager:
         self.identity = initial or load()
         self._stamp = self._files_stamp()
         self._callbacks: list[OnChange] = []
+        self._stoppers: list[Callable[[], Awaitable[None]]] = []
         self._task: asyncio.Task[None] | None = None
         self._next_renew_try = 0.0
         self._retry_s = self.config.retry_min_s
@@ -167,7 +174,13 @@ class IdentityManager:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
+    def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` first when :meth:`stop` is called (bindings stop with us)."""
+        self._stoppers.append(callback)
+
     async def stop(self) -> None:
+        for stopper in self._stoppers:
+            await stopper()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -238,7 +251,7 @@ class IdentityManager:
             return
         current = self.identity
         try:
-            new = await self.renewer.renew(current)
+            new = await self.renewer.renew(current, rotate_key=self.config.rotate_key)
             if current.crl_pem is not None and new.crl_pem is None:
                 new = new.with_crl(current.crl_pem)
             await asyncio.to_thread(self._save, new)
@@ -379,8 +392,10 @@ class ServerBinding:
         due = [(t, ts) for t, ts in self._retire if t - now <= margin * 2]
         self._retire = [(t, ts) for t, ts in self._retire if t - now > margin * 2]
         for _, tunnels in due:
+            # graceful: in-flight streams finish, the peer reconnects for new ones
             await self.server.end_tunnels(lambda _p: "certificate renewed; reconnect",
-                                          among=tunnels)  # type: ignore[arg-type]
+                                          among=tunnels,  # type: ignore[arg-type]
+                                          grace_s=self.expiry_margin_s / 2)
 
     async def _run(self) -> None:
         while True:
@@ -389,6 +404,46 @@ class ServerBinding:
                 await self.sweep()
             except PqcnetError as exc:
                 log.warning("tunnel sweep failed", extra={"reason": str(exc)})
+
+
+async def bind_server(server: Server, manager: IdentityManager,
+                      follow: OnChange | None = None) -> ServerBinding:
+    """Start ``manager`` with ``server`` following it (and ``follow`` called first on
+    every change, to update whatever else holds the identity)."""
+    if follow is not None:
+        manager.on_change(follow)
+    binding = ServerBinding(server, manager)
+    manager.on_stop(binding.stop)
+    await manager.start()
+    await binding.start()
+    return binding
+
+
+async def bind_sentry(service: SentryService, manager: IdentityManager) -> ServerBinding:
+    """Bind a running sentry (``pqcnet sentry run``): its endpoint's server and the
+    identity it dials with follow the manager."""
+    endpoint = service.endpoint
+    if endpoint is None or endpoint.server is None:
+        raise PqcnetError("sentry is not serving")
+
+    async def follow(identity: NodeIdentity, _changed: bool) -> None:
+        service.identity = identity
+        endpoint.identity = identity
+
+    return await bind_server(endpoint.server, manager, follow)
+
+
+async def bind_relayer(node: RelayerNode, manager: IdentityManager) -> ServerBinding:
+    """Bind a running relayer: its server follows the manager, and ``node.identity``
+    too (the key stays with ``rotate_key=False``; the proof signer follows the key)."""
+    if node.server is None:
+        raise PqcnetError("relayer is not running")
+
+    async def follow(identity: NodeIdentity, _changed: bool) -> None:
+        node.identity = identity
+        node.anchor.signer = identity.key
+
+    return await bind_server(node.server, manager, follow)
 
 
 def file_identity(directory: Path, passphrase: bytes | None
@@ -411,5 +466,8 @@ __all__ = [
     "Renewer",
     "RotationConfig",
     "ServerBinding",
+    "bind_relayer",
+    "bind_sentry",
+    "bind_server",
     "file_identity",
 ]

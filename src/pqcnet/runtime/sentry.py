@@ -24,8 +24,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from prometheus_client import start_http_server
-
+from pqcnet._util.ops_http import not_expired, start_ops_server
 from pqcnet.crypto.pqc import SigningKey
 from pqcnet.identity import NodeIdentity
 from pqcnet.identity.spiffe import SpiffeId
@@ -142,15 +141,24 @@ class SentryService:
                 self._tasks.append(watch_config(self.sentry, self.config_path,
                                                 self.reload_interval))
             if cfg.metrics_port:
-                httpd, _thread = start_http_server(cfg.metrics_port, addr="127.0.0.1",
-                                                   registry=self.metrics.registry)
-                self.metrics_port = int(httpd.server_port)
+                httpd = start_ops_server(cfg.metrics_port, cfg.metrics_host,
+                                         registry=self.metrics.registry, ready=self.ready)
+                self.metrics_port = httpd.port
                 self._stack.callback(httpd.server_close)
                 self._stack.callback(httpd.shutdown)
         except BaseException:
             await self.aclose()
             raise
         return self.port
+
+    def ready(self) -> dict[str, bool | str]:
+        """``/readyz``: listening, identity valid, ledger open (when configured)."""
+        checks: dict[str, bool | str] = {
+            "listening": self.port > 0 or "not listening",
+            "identity": not_expired(self.identity.not_after)}
+        if self.cfg.ledger_path is not None:
+            checks["ledger"] = self.anchor is not None or "ledger not open"
+        return checks
 
     async def start(self) -> SentryService:
         """:meth:`open` then :meth:`serve` (no control plane to wire in between)."""

@@ -1,56 +1,53 @@
-"""ACL: who (SPIFFE ID of the tunnel peer) may call what (method), in which tenant.
+"""ACL: who (SPIFFE ID of the tunnel peer) may call what (method), per tenant.
 
-``allow_from`` entries are SPIFFE IDs or per-segment SPIFFE globs, matched by
-:func:`pqcnet.identity.spiffe.spiffe_matches` (the trust domain is always literal).
-``allow_methods`` entries are segment-aware globs so a wildcard cannot silently widen
-across a path boundary: ``*`` matches within one ``/``-separated segment, ``**``
-matches any rest (including ``/``). Exact strings match exactly. Examples::
+Rules are the shared principal policy (:mod:`pqcnet.identity.policy`, the same kind
+the relayer's data-plane authorization uses): per tenant (``*``: every tenant), read
+top to bottom, first match wins, ``allow`` or ``deny``, nothing matching is denied::
 
-    allow_from:    spiffe://pqcnet.test/acme/sidecar/*      any acme sidecar node
-                   spiffe://pqcnet.test/*/*/*               anyone in the trust domain
-    allow_methods: GET /status      POST /rpc/*      /pqcnet.echo.Echo/Say
-                   /pqcnet.echo.Echo/*               TCP tcp-echo
+    acl:
+      rules:
+        acme:
+          - {action: deny,  from: ["spiffe://pqcnet.test/acme/sidecar/legacy-*"], methods: ["**"]}
+          - {action: allow, from: ["spiffe://pqcnet.test/acme/sidecar/*"], methods: ["POST /rpc/*"]}
+        "*":
+          - {action: allow, from: ["spiffe://pqcnet.test/*/sidecar/*"], methods: ["GET /status"]}
 
-The *method key* of a request is ``"<HTTP METHOD> <path without query>"`` for HTTP,
-the gRPC path for gRPC, and ``"TCP <backend>"`` for raw TCP streams. Tenant namespace
-isolation (a tenant's requests only reach backends serving that tenant) is checked by
-:meth:`AclPolicy.check_tenant`.
+The tenant a request is decided in is its authenticated tenant (the session
+assertion's, which must be the tunnel peer's). ``from`` entries are SPIFFE IDs or
+per-segment SPIFFE globs (the trust domain is always literal); ``methods`` entries
+are segment-aware globs (``*`` within one ``/`` segment, ``**`` any rest). The
+*method key* of a request is ``"<HTTP METHOD> <path without query>"`` for HTTP, the
+gRPC path for gRPC, and ``"TCP <backend>"`` for raw TCP streams. Examples::
+
+    from:    spiffe://pqcnet.test/acme/sidecar/*      any acme sidecar node
+             spiffe://pqcnet.test/*/*/*               anyone in the trust domain
+    methods: GET /status      POST /rpc/*      /pqcnet.echo.Echo/Say
+             /pqcnet.echo.Echo/*               TCP tcp-echo
+
+The older form — ``allow_from`` + ``allow_methods``, one list for every tenant —
+still loads: it is exactly one ``allow`` rule under ``*`` (and keeps its refusal
+messages). Giving both forms is a configuration error naming the migration.
+Tenant namespace isolation (a tenant's requests only reach backends serving that
+tenant) is checked by :meth:`AclPolicy.check_tenant`.
 """
 
 from __future__ import annotations
 
-import functools
-import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from pqcnet.identity.errors import IdentityError
+from pqcnet.identity.policy import (
+    ANY_TENANT,
+    PrincipalPolicy,
+    PrincipalRule,
+    RuleSpec,
+    matches,
+)
 from pqcnet.identity.spiffe import SpiffeId, spiffe_matches, validate_pattern
 from pqcnet.sentry.errors import Denied, SentryConfigError
 
-
-@functools.lru_cache(maxsize=4096)
-def _compile(pattern: str) -> re.Pattern[str]:
-    out = []
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out) + r"\Z", re.DOTALL)
-
-
-def matches(pattern: str, value: str) -> bool:
-    """Segment-aware glob match (see module docstring)."""
-    if "*" not in pattern:
-        return pattern == value
-    return _compile(pattern).match(value) is not None
+__all__ = ["AclPolicy", "matches", "method_key"]
 
 
 def method_key(kind: str, method: str, path: str) -> str:
@@ -62,42 +59,55 @@ def method_key(kind: str, method: str, path: str) -> str:
     return path
 
 
-#: Bound on remembered allowed (peer, method) pairs; the memo is dropped when full.
-ACL_MEMO_MAX = 4096
-
-
 @dataclass(frozen=True, slots=True)
 class AclPolicy:
-    """One sentry's ACL. Empty lists deny everything (fail closed)."""
+    """One sentry's ACL. No rule denies everything (fail closed). Decisions are
+    memoised by the policy (bounded by :data:`pqcnet.identity.policy.DECISION_MEMO_MAX`);
+    a reload builds a new AclPolicy, so the memo never outlives it."""
 
-    allow_from: tuple[str, ...]
-    allow_methods: tuple[str, ...]
-    #: (peer, method key) pairs already allowed; glob matching per request showed up
-    #: in profiles. A reload builds a new AclPolicy, so the memo never outlives it.
-    _allowed: dict[tuple[SpiffeId, str], bool] = field(default_factory=dict, compare=False,
-                                                  repr=False)
+    policy: PrincipalPolicy
+    #: built from the older allow_from/allow_methods keys (refusals say which missed)
+    legacy: tuple[tuple[str, ...], tuple[str, ...]] | None = None
 
     @classmethod
     def of(cls, allow_from: Iterable[str], allow_methods: Iterable[str]) -> AclPolicy:
-        """Build from any iterables, validating the SPIFFE patterns."""
+        """The older global form: one allow rule for every tenant (patterns validated)."""
         try:
             peers = tuple(validate_pattern(p) for p in allow_from)
         except IdentityError as exc:
             raise SentryConfigError(f"acl.allow_from: {exc}") from None
-        return cls(peers, tuple(allow_methods))
+        methods = tuple(allow_methods)
+        rules = ({ANY_TENANT: (PrincipalRule("allow", peers, methods),)}
+                 if peers and methods else {})
+        return cls(PrincipalPolicy(rules), (peers, methods))
 
-    def check(self, peer: SpiffeId, key: str) -> None:
-        """Raise :class:`Denied` unless ``peer`` may call ``key``."""
-        memo = (peer, key)
-        if memo in self._allowed:
+    @classmethod
+    def from_rules(cls, rules: Mapping[str, Iterable[RuleSpec]]) -> AclPolicy:
+        """Per-tenant rule lists (validated :class:`RuleSpec`)."""
+        for tenant, lst in rules.items():
+            for i, spec in enumerate(lst):
+                if spec.channels != ["**"]:
+                    raise SentryConfigError(f"acl.rules.{tenant}[{i}].channels: channels are "
+                                            "a relayer rule field; a sentry rule has methods")
+        try:
+            return cls(PrincipalPolicy.from_specs(rules))
+        except IdentityError as exc:
+            raise SentryConfigError(f"acl.rules: {exc}") from None
+
+    def check(self, peer: SpiffeId, key: str, tenant: str | None = None) -> None:
+        """Raise :class:`Denied` unless ``peer`` may call ``key`` in ``tenant`` (default:
+        the peer's own tenant)."""
+        scope = peer.tenant if tenant is None else tenant
+        decision = self.policy.decide(scope, peer, key)
+        if decision.allowed:
             return
-        if not any(spiffe_matches(p, peer) for p in self.allow_from):
-            raise Denied(f"peer {peer} is not in allow_from")
-        if not any(matches(p, key) for p in self.allow_methods):
+        if self.legacy is not None:
+            peers, _methods = self.legacy
+            if not any(spiffe_matches(p, peer) for p in peers):
+                raise Denied(f"peer {peer} is not in allow_from")
             raise Denied(f"method {key!r} is not allowed")
-        if len(self._allowed) >= ACL_MEMO_MAX:
-            self._allowed.clear()
-        self._allowed[memo] = True
+        raise Denied(f"method {key!r} is not allowed for {peer} in tenant {scope!r} "
+                     f"({decision.reason})")
 
     @staticmethod
     def check_tenant(tenant: str, backend: str, backend_tenants: Iterable[str]) -> None:

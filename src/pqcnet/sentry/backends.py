@@ -32,7 +32,7 @@ from pqcnet._util.schema import split_hostport
 from pqcnet.sentry.config import BackendConfig
 from pqcnet.sentry.errors import BackendError, SentryConfigError
 from pqcnet.sentry.memo import Memo
-from pqcnet.sentry.upstream import Upstream
+from pqcnet.sentry.upstream import Upstream, backend_tls_context
 
 #: Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded, plus ones we recompute.
 HOP_BY_HOP = frozenset({
@@ -114,8 +114,10 @@ class HttpBackend:
     def __init__(self, cfg: BackendConfig) -> None:
         self.name = cfg.name
         self.timeout = cfg.timeout
+        tls = backend_tls_context(cfg.name, cfg.target, ca=cfg.tls_ca, cert=cfg.tls_cert,
+                                  key=cfg.tls_key)
         self._pool = Upstream(cfg.target, max_connections=cfg.max_connections,
-                              timeout=cfg.timeout, name=cfg.name)
+                              timeout=cfg.timeout, name=cfg.name, tls=tls)
 
     async def forward(self, req: ForwardRequest) -> ForwardResponse:
         headers = [(k, v) for k, v in req.headers if k.lower() not in HOP_BY_HOP]

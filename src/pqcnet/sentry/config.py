@@ -42,6 +42,7 @@ from pqcnet.sentry.schema import (
     SanitizerSpec,
     SentryFile,
 )
+from pqcnet.sentry.upstream import backend_tls_context
 
 #: Bound on the config file and key files we read (a typo'd path to a huge file must
 #: not OOM us).
@@ -105,6 +106,7 @@ class SentryConfig:
     policy: Policy
     bounds: Bounds = field(default_factory=Bounds)
     metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     ledger_path: Path | None = None
     attestation_interval: float = 60.0
     source: Path | None = None
@@ -136,7 +138,9 @@ def verify_key_pem(key: VerifyKey) -> bytes:
 
 
 def _plan(spec: PlanSpec) -> Plan:
-    return Plan(rate=spec.rate, burst=spec.burst)
+    return Plan(rate=spec.rate, burst=spec.burst, tenant_rate=spec.tenant_rate,
+                tenant_burst=spec.tenant_burst, tunnel_rate=spec.tunnel_rate,
+                tunnel_burst=spec.tunnel_burst)
 
 
 def _sanitizer_key(spec: SanitizerSpec, base: Path, at: str) -> bytes:
@@ -166,7 +170,8 @@ def _policy(f: SentryFile, base: Path, src: str) -> Policy:
             raise SentryConfigError(str(exc) if str(exc).startswith(at) else f"{at}: {exc}"
                                     ) from None
     try:
-        acl = AclPolicy.of(f.acl.allow_from, f.acl.allow_methods)
+        acl = (AclPolicy.from_rules(f.acl.rules) if f.acl.rules is not None
+               else AclPolicy.of(f.acl.allow_from or (), f.acl.allow_methods or ()))
     except SentryConfigError as exc:
         raise SentryConfigError(where(src, str(exc))) from None
     return Policy(
@@ -181,7 +186,7 @@ def _policy(f: SentryFile, base: Path, src: str) -> Policy:
     )
 
 
-def _backends(f: SentryFile, src: str) -> dict[str, BackendConfig]:
+def _backends(f: SentryFile, src: str, base: Path) -> dict[str, BackendConfig]:
     backends: dict[str, BackendConfig] = {}
     for i, be in enumerate(f.backends):
         at = where(src, "backends", i)
@@ -193,6 +198,18 @@ def _backends(f: SentryFile, src: str) -> dict[str, BackendConfig]:
         if not re.fullmatch(pattern, be.target):
             raise SentryConfigError(f"{at}.target: expected {what} for a {be.kind} backend, "
                                     f"got {be.target!r}")
+        paths = {k: str(base / v) for k in ("tls_ca", "tls_cert", "tls_key")
+                 if (v := getattr(be, k)) and not Path(v).is_absolute()}
+        if paths:
+            be = be.model_copy(update=paths)
+        if be.kind == "http":  # the TLS context run builds, built here too: check == run
+            try:
+                backend_tls_context(be.name, be.target, ca=be.tls_ca, cert=be.tls_cert,
+                                    key=be.tls_key)
+            except SentryConfigError as exc:
+                raise SentryConfigError(f"{at}: {exc}") from None
+        elif be.tls_ca or be.tls_cert or be.tls_key:
+            raise SentryConfigError(f"{at}.tls_ca: TLS to a backend is for http backends")
         backends[be.name] = be
     return backends
 
@@ -218,7 +235,7 @@ def parse_config(raw: Any, base: Path, source: Path | None = None, *,
     src = name or (str(source) if source is not None else "")
     f = validate(SentryFile, raw, SentryConfigError, source=src)
     host, port = split_hostport(f.listen)
-    backends = _backends(f, src)
+    backends = _backends(f, src, base)
     return SentryConfig(
         listen_host=host,
         listen_port=port,
@@ -228,6 +245,7 @@ def parse_config(raw: Any, base: Path, source: Path | None = None, *,
         policy=_policy(f, base, src),
         bounds=f.bounds,
         metrics_port=f.metrics_port or None,
+        metrics_host=f.metrics_host,
         ledger_path=base / f.ledger if f.ledger else None,
         attestation_interval=f.attestation_interval,
         source=source,

@@ -4,9 +4,9 @@ For every RPC, in this order (cheapest refusal first, nothing reaches a backend
 until all pass)::
 
     assertion (cached verify, tenant, channel binding)  → Unauthenticated
-    ACL (peer SPIFFE ID, method key)                     → Denied
+    ACL (peer SPIFFE ID, method key, tenant)             → Denied
     route + tenant namespace of the backend              → Denied
-    per-client token bucket                              → RateLimited
+    token buckets: per client, tenant-wide, per tunnel   → RateLimited
     global concurrency gate (held until the response ends) → RateLimited
     identity sanitizer (headers, JSON body)              → WireError on non-JSON
 
@@ -160,11 +160,12 @@ class Sentry:
         now = self.clock() if now is None else now
         assertion = self.authenticate(head, tunnel, now)
         key = method_key(head.kind, head.method, head.path)
-        self.acl.check(tunnel.peer, key)
+        self.acl.check(tunnel.peer, key, assertion.tenant)
         backend = self.route(head)
         AclPolicy.check_tenant(assertion.tenant, backend.name, backend.tenants)
         try:
-            level = self.limiter.check(assertion.tenant, assertion.subject, now)
+            level = self.limiter.check(assertion.tenant, assertion.subject, now,
+                                       str(tunnel.peer))
         except RateLimited:
             self.metrics.set_bucket_level(assertion.tenant, 0.0)
             raise

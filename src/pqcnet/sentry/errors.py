@@ -123,6 +123,14 @@ class BackendError(SentryError):
     retriable = True
 
 
+class PeerMismatch(BackendError):
+    """The sidecar reached a node whose SPIFFE ID is not the sentry it pins
+    (``--expect-peer``): e.g. a relayer's address given as the sentry's."""
+
+    outcome = "wrong_peer"
+    retriable = False
+
+
 #: outcome label -> class, so a sidecar can rebuild the typed error from a head block.
 BY_OUTCOME: dict[str, type[SentryError]] = {
     cls.outcome: cls

@@ -2,6 +2,11 @@
 
 Layer 1 (:class:`RateLimiter`) is fairness: each authenticated client (tenant,
 subject) gets a token bucket sized by its tenant's plan (rate per second + burst).
+Above the per-subject buckets sit a **tenant-wide** bucket (the tenant's total,
+default: the plan's own rate and burst) and a **per-tunnel-identity** bucket (what one
+sidecar, by its SPIFFE ID, may send for the tenant; default: the tenant's), so minting
+more subjects no longer multiplies a tenant's rate: a request needs a token from all
+three, and a refusal takes none.
 Layer 2 (:class:`ConcurrencyGate`) protects the sentry and its backends: at most
 ``max_in_flight`` requests are being proxied at once, whoever sends them.
 
@@ -39,14 +44,38 @@ HAMMER_WINDOW = 1.0
 class Plan:
     """A tenant's rate plan."""
 
-    #: sustained requests per second
+    #: sustained requests per second (per subject)
     rate: float
     #: bucket capacity (requests that may arrive at once after idling)
     burst: float
+    #: the whole tenant's sustained rate (None: ``rate``)
+    tenant_rate: float | None = None
+    #: the whole tenant's burst (None: ``burst``)
+    tenant_burst: float | None = None
+    #: one tunnel identity's rate for the tenant (None: the tenant's)
+    tunnel_rate: float | None = None
+    #: one tunnel identity's burst (None: the tenant's)
+    tunnel_burst: float | None = None
 
     def __post_init__(self) -> None:
         if not (self.rate > 0 and self.burst >= 1):
             raise SentryConfigError(f"plan needs rate > 0 and burst >= 1, got {self}")
+        for r, b in ((self.tenant_rate, self.tenant_burst),
+                     (self.tunnel_rate, self.tunnel_burst)):
+            if (r is not None and not r > 0) or (b is not None and not b >= 1):
+                raise SentryConfigError(f"plan needs tenant/tunnel rate > 0 and burst >= 1, "
+                                        f"got {self}")
+
+    @property
+    def tenant(self) -> Plan:
+        """The tenant-wide bucket's plan."""
+        return Plan(self.tenant_rate or self.rate, self.tenant_burst or self.burst)
+
+    @property
+    def tunnel(self) -> Plan:
+        """The per-tunnel-identity bucket's plan."""
+        t = self.tenant
+        return Plan(self.tunnel_rate or t.rate, self.tunnel_burst or t.burst)
 
 
 class TokenBucket:
@@ -69,6 +98,10 @@ class TokenBucket:
         self._refill(now)
         return self.tokens
 
+    def give(self, n: float = 1.0) -> None:
+        """Return ``n`` tokens taken by a request another bucket then refused."""
+        self.tokens = min(self.plan.burst, self.tokens + n)
+
     def take(self, now: float, n: float = 1.0) -> float:
         """Consume ``n`` tokens if available; else return seconds until they will be."""
         self._refill(now)
@@ -84,8 +117,13 @@ class TokenBucket:
         self.tokens = min(self.tokens, plan.burst)
 
 
+#: bucket kinds: a subject's, the whole tenant's, one tunnel identity's for the tenant
+_SUBJECT, _TENANT, _TUNNEL = "subject", "tenant", "tunnel"
+
+
 class RateLimiter:
-    """Per-(tenant, client) token buckets with per-tenant plans."""
+    """Per-(tenant, client) token buckets under per-tenant and per-tunnel-identity
+    buckets, with per-tenant plans."""
 
     def __init__(
         self,
@@ -97,15 +135,31 @@ class RateLimiter:
         self._plans = dict(plans)
         self._default = default
         self._buckets: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
+        #: tenant-wide and per-tunnel buckets: (kind, tenant, tunnel identity or "")
+        self._upper: OrderedDict[tuple[str, str, str], TokenBucket] = OrderedDict()
         self.max_clients = max_clients
 
     def plan_for(self, tenant: str) -> Plan:
         """The plan applying to ``tenant``."""
         return self._plans.get(tenant, self._default)
 
-    def check(self, tenant: str, client: str, now: float) -> float:
-        """Take one token for this client (returns the tokens left) or raise
-        :class:`RateLimited`."""
+    def _upper_bucket(self, kind: str, tenant: str, tunnel: str, now: float) -> TokenBucket:
+        key = (kind, tenant, tunnel)
+        bucket = self._upper.get(key)
+        if bucket is None:
+            plan = self.plan_for(tenant)
+            bucket = self._upper[key] = TokenBucket(
+                plan.tenant if kind == _TENANT else plan.tunnel, now)
+            while len(self._upper) > self.max_clients:
+                self._upper.popitem(last=False)
+        else:
+            self._upper.move_to_end(key)
+        return bucket
+
+    def check(self, tenant: str, client: str, now: float, tunnel: str = "") -> float:
+        """Take one token for this client — from its subject bucket, the tenant's bucket
+        and (``tunnel``: the tunnel peer's SPIFFE ID) that tunnel's bucket — and return
+        the subject's tokens left, or raise :class:`RateLimited` taking none."""
         key = (tenant, client)
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -114,13 +168,23 @@ class RateLimiter:
                 self._buckets.popitem(last=False)
         else:
             self._buckets.move_to_end(key)
-        wait = bucket.take(now)
-        if wait > 0:
-            raise RateLimited(
-                f"rate limit for tenant {tenant!r} ({bucket.plan.rate:g}/s, burst "
-                f"{bucket.plan.burst:g}) exceeded",
-                retry_after=wait,
-            )
+        chain = [(_SUBJECT, bucket), (_TENANT, self._upper_bucket(_TENANT, tenant, "", now))]
+        if tunnel:
+            chain.append((_TUNNEL, self._upper_bucket(_TUNNEL, tenant, tunnel, now)))
+        taken: list[TokenBucket] = []
+        for kind, b in chain:
+            wait = b.take(now)
+            if wait > 0:
+                for t in taken:
+                    t.give()
+                what = {_SUBJECT: "per-client", _TENANT: "tenant-wide",
+                        _TUNNEL: "per-tunnel"}[kind]
+                raise RateLimited(
+                    f"{what} rate limit for tenant {tenant!r} ({b.plan.rate:g}/s, burst "
+                    f"{b.plan.burst:g}) exceeded",
+                    retry_after=wait,
+                )
+            taken.append(b)
         return bucket.tokens
 
     def set_plans(self, plans: Mapping[str, Plan], default: Plan, now: float) -> None:
@@ -129,6 +193,9 @@ class RateLimiter:
         self._default = default
         for (tenant, _client), bucket in self._buckets.items():
             bucket.set_plan(self.plan_for(tenant), now)
+        for (kind, tenant, _tunnel), bucket in self._upper.items():
+            plan = self.plan_for(tenant)
+            bucket.set_plan(plan.tenant if kind == _TENANT else plan.tunnel, now)
 
     def level(self, tenant: str, client: str, now: float) -> float:
         """Tokens left for one client (a full bucket if it was never seen)."""

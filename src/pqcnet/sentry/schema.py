@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from pqcnet._util.schema import (
     HOSTPORT_PATTERN,
@@ -27,6 +27,7 @@ from pqcnet._util.schema import (
     Positive,
     Schema,
 )
+from pqcnet.identity.policy import RuleSpec
 
 BackendKind = Literal["http", "grpc", "tcp"]
 BACKEND_KINDS: tuple[BackendKind, ...] = ("http", "grpc", "tcp")
@@ -47,6 +48,13 @@ class BackendConfig(Schema):
     """Seconds per request (connect + response head)."""
     max_connections: Count = 100
     """Pooled connections kept to this backend."""
+    tls_ca: str = ""
+    """https backends: PEM CA bundle to trust (relative to the config file; empty: the
+    system trust store)."""
+    tls_cert: str = ""
+    """https backends: client certificate (PEM) for backends that require one."""
+    tls_key: str = ""
+    """https backends: the client certificate's private key (PEM)."""
 
     model_config = ConfigDict(json_schema_extra={
         "if": {"properties": {"kind": {"const": "http"}}},
@@ -77,9 +85,19 @@ class PlanSpec(Schema):
     """A token bucket: sustained rate and burst."""
 
     rate: Positive
-    """Requests per second."""
+    """Requests per second, per client (tenant, subject)."""
     burst: float = Field(ge=1)
     """Bucket size (requests)."""
+    tenant_rate: Positive | None = None
+    """Requests per second of the whole tenant, all subjects and tunnels together
+    (default: ``rate`` — minting subjects does not multiply it)."""
+    tenant_burst: float | None = Field(default=None, ge=1)
+    """Tenant-wide bucket size (default: ``burst``)."""
+    tunnel_rate: Positive | None = None
+    """Requests per second one tunnel identity (sidecar) may send for the tenant
+    (default: the tenant's)."""
+    tunnel_burst: float | None = Field(default=None, ge=1)
+    """Per-tunnel bucket size (default: the tenant's)."""
 
 
 class LimitsSpec(Schema):
@@ -94,12 +112,34 @@ class LimitsSpec(Schema):
 
 
 class AclSpec(Schema):
-    """Who may call what. Empty lists deny everything (fail closed)."""
+    """Who may call what: per-tenant ``rules`` (first match wins), or the older global
+    ``allow_from`` + ``allow_methods`` (one allow rule for every tenant). No rule
+    denies everything (fail closed)."""
 
-    allow_from: list[str]
-    """SPIFFE ID patterns (per-segment globs, literal trust domain)."""
-    allow_methods: list[str]
-    """``METHOD /path`` globs, gRPC ``/pkg.Service/*``, ``TCP <backend>``."""
+    rules: dict[str, list[RuleSpec]] | None = None
+    """Rule lists per tenant (``*``: every tenant): ``{action: allow|deny, from: [SPIFFE
+    patterns], methods: [method-key globs]}``; the first matching rule decides."""
+    allow_from: list[str] | None = None
+    """Older form: SPIFFE ID patterns allowed to call (per-segment globs, literal trust
+    domain)."""
+    allow_methods: list[str] | None = None
+    """Older form: ``METHOD /path`` globs, gRPC ``/pkg.Service/*``, ``TCP <backend>``."""
+
+    @model_validator(mode="after")
+    def _one_form(self) -> AclSpec:
+        legacy = self.allow_from is not None or self.allow_methods is not None
+        if legacy and self.rules is not None:
+            raise ValueError(
+                "rules: give either rules or the older allow_from/allow_methods, not both; "
+                "to migrate, move them into one rule: rules: {'*': [{action: allow, from: "
+                "<allow_from>, methods: <allow_methods>}]}")
+        if legacy and (self.allow_from is None or self.allow_methods is None):
+            raise ValueError("allow_methods: the older form needs both allow_from and "
+                             "allow_methods (or write rules)")
+        if not legacy and self.rules is None:
+            raise ValueError("rules: required (per-tenant rule lists), or the older "
+                             "allow_from + allow_methods")
+        return self
 
 
 class ReplaceAction(Schema):
@@ -142,7 +182,9 @@ class SentryFile(Schema):
     attestation_interval: Positive = 60.0
     """Seconds between attestation events (with a ledger)."""
     metrics_port: Port = 0
-    """Prometheus on 127.0.0.1 (0: off)."""
+    """Operations HTTP: Prometheus /metrics, /healthz, /readyz (0: off)."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the operations HTTP port (``0.0.0.0`` in a container)."""
     issuers: dict[str, Annotated[list[str], Field(min_length=1)]]
     """Per tenant: ML-DSA public key files trusted to sign session assertions."""
     limits: LimitsSpec

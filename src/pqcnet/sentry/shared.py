@@ -158,6 +158,28 @@ class SharedLimitState:
             _SLOT.pack_into(self.buf, at, fp, tokens, last, 0)
             return wait, tokens
 
+    def take_all(self, buckets: list[tuple[int, Plan]], now: float) -> tuple[float, float]:
+        """One token from every bucket or from none, atomically (the subject bucket and
+        the tenant-wide / per-tunnel buckets above it): (wait seconds, 0.0 = taken;
+        tokens left in the first bucket)."""
+        with self.lock:
+            rows = []
+            wait = 0.0
+            for fp, plan in buckets:
+                at = self._slot(fp, now, plan)
+                _key, tokens, last, _spare = _SLOT.unpack_from(self.buf, at)
+                if now > last:
+                    tokens = min(plan.burst, tokens + (now - last) * plan.rate)
+                    last = now
+                tokens = min(tokens, plan.burst)
+                if tokens < 1.0:
+                    wait = max(wait, (1.0 - tokens) / plan.rate)
+                rows.append((at, fp, tokens, last))
+            for at, fp, tokens, last in rows:
+                _SLOT.pack_into(self.buf, at, fp, tokens - (0.0 if wait else 1.0), last, 0)
+            first = rows[0][2] - (0.0 if wait else 1.0)
+            return wait, first
+
     def level(self, fp: int, plan: Plan, now: float) -> float:
         """Tokens available (a full bucket if it is not in the table)."""
         with self.lock:
@@ -199,13 +221,19 @@ class SharedRateLimiter(RateLimiter):
                 self._seen.popitem(last=False)
         return fp
 
-    def check(self, tenant: str, client: str, now: float) -> float:
+    def check(self, tenant: str, client: str, now: float, tunnel: str = "") -> float:
+        """As :meth:`Limiter.check`, over every worker: the subject's bucket, the
+        tenant-wide bucket and (``tunnel``) the tunnel identity's bucket, all or none."""
         plan = self.plan_for(tenant)
-        wait, tokens = self.state.take(self._fp(tenant, client), plan, now)
+        buckets = [(self._fp(tenant, client), plan),
+                   (fingerprint("\x01tenant", tenant), plan.tenant)]
+        if tunnel:
+            buckets.append((fingerprint("\x02tunnel\x00" + tenant, tunnel), plan.tunnel))
+        wait, tokens = self.state.take_all(buckets, now)
         if wait > 0:
             raise RateLimited(
                 f"rate limit for tenant {tenant!r} ({plan.rate:g}/s, burst "
-                f"{plan.burst:g}) exceeded",
+                f"{plan.burst:g}; tenant-wide {plan.tenant.rate:g}/s) exceeded",
                 retry_after=wait,
             )
         return tokens

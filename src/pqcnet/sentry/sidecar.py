@@ -31,8 +31,8 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -40,10 +40,16 @@ import grpc.aio
 
 from pqcnet.crypto.pqc import SigningKey
 from pqcnet.errors import PqcnetError
+from pqcnet.identity import NodeIdentity
+from pqcnet.identity.errors import IdentityError
+from pqcnet.identity.spiffe import validate_pattern
+from pqcnet.qstp.aio import Tunnel, connect
+from pqcnet.qstp.errors import HandshakeError
+from pqcnet.qstp.tls import TlsPolicy
 from pqcnet.sentry import assertion as sa
 from pqcnet.sentry import local_http
 from pqcnet.sentry.backends import GRPC_RESERVED, TCP_READ_CHUNK, close_quietly
-from pqcnet.sentry.errors import BackendError
+from pqcnet.sentry.errors import BackendError, PeerMismatch, SentryConfigError
 from pqcnet.sentry.http1 import HttpLimits
 from pqcnet.sentry.local_http import Upstream, body_chunks
 from pqcnet.sentry.wire import RequestHead, ResponseHead, decode_response, encode_request, read_head
@@ -56,12 +62,58 @@ RENEW_FRACTION = 0.2
 _METADATA_KEY = re.compile(r"^[0-9a-z_.\-]+$")
 
 
+#: HandshakeRefused code of a peer whose SPIFFE ID our policy does not allow
+_NOT_ALLOWED = "spiffe-not-allowed"
+
+
+def default_expect_peer(identity: NodeIdentity) -> str:
+    """The pin when none is given: any sentry of our trust domain
+    (``spiffe://<td>/*/sentry/*``) — never a relayer or another client."""
+    return f"spiffe://{identity.spiffe_id.trust_domain}/*/sentry/*"
+
+
+def pinned_dial(host: str, port: int, identity: NodeIdentity, expect: Sequence[str] = (),
+                policy: TlsPolicy | None = None) -> Callable[[], Awaitable[Tunnel]]:
+    """A ``dial`` for :class:`Sidecar` that accepts only a peer matching ``expect``
+    (SPIFFE IDs or per-segment globs; default :func:`default_expect_peer`). A peer
+    with another identity fails the handshake and raises :class:`PeerMismatch`
+    naming what it presented and what was expected."""
+    patterns = tuple(expect) or (default_expect_peer(identity),)
+    try:
+        for p in patterns:
+            validate_pattern(p)
+    except IdentityError as exc:
+        raise SentryConfigError(f"--expect-peer: {exc}") from None
+    pinned = TlsPolicy(allowed_peers=patterns) if policy is None else replace(
+        policy, allowed_peers=patterns)
+
+    async def dial() -> Tunnel:
+        try:
+            return await connect(host, port, identity, pinned)
+        except HandshakeError as exc:
+            # the tunnel reports the refusal as a HandshakeError carrying its code
+            if (getattr(exc, "reason", "") != _NOT_ALLOWED
+                    and not str(exc).endswith(f"[{_NOT_ALLOWED}]")):
+                raise
+            raise PeerMismatch(
+                f"{host}:{port} is not the expected sentry: {exc} (expected "
+                f"{', '.join(patterns)}; --expect-peer pins another identity)") from None
+
+    return dial
+
+
 @dataclass(slots=True)
 class _Session:
     tunnel: Any
     assertion: bytes
     expires_at: float
     renew_at: float
+
+
+def _ending(tunnel: Any) -> bool:
+    """Closed, or the sentry sent GOAWAY (e.g. its certificate was renewed): dial anew
+    for new requests; streams already open on the old tunnel finish there."""
+    return bool(getattr(tunnel, "closed", False)) or getattr(tunnel, "goaway", None) is not None
 
 
 class Sidecar:
@@ -99,12 +151,11 @@ class Sidecar:
     async def session(self) -> _Session:
         """The live tunnel and a fresh-enough assertion (dial / renew as needed)."""
         s = self._session
-        if (s is not None and not getattr(s.tunnel, "closed", False)
-                and self._clock() < s.renew_at):
+        if s is not None and not _ending(s.tunnel) and self._clock() < s.renew_at:
             return s  # the common case needs no lock
         async with self._lock:
             s = self._session
-            if s is None or getattr(s.tunnel, "closed", False):
+            if s is None or _ending(s.tunnel):
                 tunnel = await self._dial()
                 self.tunnels_opened += 1
                 s = self._session = self._mint(tunnel)

@@ -20,6 +20,11 @@ by ``Content-Length``, ``chunked`` or connection close. This module is exactly t
   before any response byte) is retried once on a fresh one.
 * Bounds: response head :data:`MAX_RESPONSE_HEAD`, chunk-size line length, and the
   per-request timeout on connect, response head and every body read.
+* ``https://`` origins: TLS (1.2 or later) with the configured CA bundle (else the
+  system's trust store), host name checked, and an optional client certificate —
+  :func:`backend_tls_context`, which ``sentry check`` runs too, so check and run agree.
+  (Backend links are classical TLS: the stdlib ``ssl`` cannot do ML-KEM; the PQ hop is
+  the QSTP tunnel in front of the sentry.)
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -99,18 +105,55 @@ class _Stale(Exception):
     """EOF on a reused connection before any response byte (internal)."""
 
 
+def backend_tls_context(name: str, target: str, *, ca: str = "", cert: str = "",
+                        key: str = "") -> ssl.SSLContext | None:
+    """The client TLS context for an ``https://`` backend (None for ``http://``).
+
+    ``ca``: PEM CA bundle to trust (empty: the system store); ``cert``/``key``: a client
+    certificate for backends that require one. Every problem is a
+    :class:`SentryConfigError` naming the backend and the key.
+    """
+    scheme = urlsplit(target).scheme
+    if scheme != "https":
+        if ca or cert or key:
+            raise SentryConfigError(f"backend {name}: tls_ca/tls_cert/tls_key need an "
+                                    f"https:// target, got {target!r}")
+        return None
+    if bool(cert) != bool(key):
+        raise SentryConfigError(f"backend {name}: tls_cert and tls_key go together")
+    try:
+        ctx = ssl.create_default_context(cafile=ca or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise SentryConfigError(f"backend {name}: tls_ca {ca}: {_why(exc)}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert:
+        try:
+            ctx.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise SentryConfigError(f"backend {name}: tls_cert/tls_key {cert}: "
+                                    f"{_why(exc)}") from None
+    return ctx
+
+
+def _why(exc: OSError | ssl.SSLError) -> str:
+    return str(exc.strerror or exc) if isinstance(exc, OSError) else str(exc)
+
+
 class Upstream:
-    """A keep-alive connection pool to one ``http://host:port`` origin."""
+    """A keep-alive connection pool to one ``http(s)://host:port`` origin."""
 
     def __init__(self, base_url: str, *, max_connections: int, timeout: float,
-                 name: str = "backend") -> None:
+                 name: str = "backend", tls: ssl.SSLContext | None = None) -> None:
         url = urlsplit(base_url)
-        if url.scheme != "http" or not url.hostname:
-            raise SentryConfigError(f"backend {name}: target must be http://host[:port], "
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise SentryConfigError(f"backend {name}: target must be http(s)://host[:port], "
                                     f"got {base_url!r}")
+        if url.scheme == "https" and tls is None:
+            tls = backend_tls_context(name, base_url)
+        self.tls = tls if url.scheme == "https" else None
         self.name = name
         self.host = url.hostname
-        self.port = url.port or 80
+        self.port = url.port or (443 if url.scheme == "https" else 80)
         self.prefix = url.path.rstrip("/")
         self.host_header = url.netloc
         self.max_connections = max_connections
@@ -122,8 +165,9 @@ class Upstream:
     # ------------------------------------------------------------------ pool
 
     async def _connect(self) -> _Conn:
-        reader, writer = await asyncio.open_connection(self.host, self.port,
-                                                       limit=MAX_RESPONSE_HEAD)
+        reader, writer = await asyncio.open_connection(
+            self.host, self.port, limit=MAX_RESPONSE_HEAD, ssl=self.tls,
+            server_hostname=self.host if self.tls is not None else None)
         sock = writer.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):

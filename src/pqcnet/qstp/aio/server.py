@@ -96,10 +96,12 @@ class Server:
         return list(self._tunnels)
 
     async def end_tunnels(self, should_end: Callable[[PeerInfo], str | None], *,
-                          among: list[Tunnel] | None = None) -> int:
+                          among: list[Tunnel] | None = None, grace_s: float = 0.0) -> int:
         """End (GOAWAY with the returned reason) every open tunnel (of ``among``, if
         given) whose verified peer ``should_end`` names a reason for, e.g. "peer
-        certificate revoked"; returns how many were ended."""
+        certificate revoked"; returns how many were ended. With ``grace_s`` the GOAWAY
+        goes out first and handlers get that long to finish the streams already open
+        (no new ones are accepted) before the tunnels are closed."""
         chosen: dict[str, list[Tunnel]] = {}
         for tunnel in list(self._tunnels if among is None else among):
             if tunnel not in self._tunnels:
@@ -111,6 +113,14 @@ class Server:
             reason = should_end(peer)
             if reason:
                 chosen.setdefault(reason, []).append(tunnel)
+        if grace_s > 0 and chosen:
+            for reason, tunnels in chosen.items():
+                for tunnel in tunnels:
+                    tunnel.send_goaway(reason)
+            tasks = [t for t in (self._tasks.get(x) for ts in chosen.values() for x in ts)
+                     if t is not None]
+            if tasks:
+                await asyncio.wait(tasks, timeout=grace_s)
         for reason, tunnels in chosen.items():
             self._end(tunnels, reason)
             log.info("tunnels ended", extra={"reason": reason, "tunnels": len(tunnels)})

@@ -279,6 +279,13 @@ class Tunnel(asyncio.Protocol):
         self._write_paused = False
         self._writable.fire()
 
+    def send_goaway(self, reason: str, code: int = ErrorCode.NO_ERROR) -> None:
+        """Graceful shutdown: tell the peer to open no new streams (``reason`` says why);
+        streams already open finish normally. :meth:`close` ends the tunnel later."""
+        if not self._conn.closed:
+            self._conn.goaway(code, reason)
+            self._process()
+
     # ------------------------------------------------------------------ internals
 
     def _end_now(self, code: int, reason: str) -> None:

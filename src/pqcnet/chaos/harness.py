@@ -1,0 +1,413 @@
+"""The fault harness: real processes, a seeded fault schedule, then the checker.
+
+``run_chaos`` starts (as subprocesses) one relayer (``pqcnet relayer run``), a private
+``redis-server`` on its own port for the Redis backend (so broker faults never touch a
+shared instance), publisher and subscriber clients (``pqcnet chaos publisher`` /
+``subscriber``), then applies faults at seeded times while they run:
+
+=================  ==============================================================
+``kill-relayer``   SIGKILL, restart on the same ports (process start included)
+``pause-relayer``  SIGSTOP for a while, then SIGCONT
+``kill-subscriber`` / ``kill-publisher``  SIGKILL, restart (resumes from its files)
+``pause-subscriber`` / ``pause-publisher``  SIGSTOP / SIGCONT
+``restart-broker`` private redis-server: SIGKILL, restart on the same port and AOF
+=================  ==============================================================
+
+Recovery time of a fault = from the moment the fault ended (restart / SIGCONT issued)
+until the application takes its next frame. After the schedule, the clients finish,
+the subscriber drains, metering is pulled over the governance gRPC service, and
+:func:`pqcnet.chaos.checker.check` reads the histories.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pqcnet.chaos.checker import Report, check
+from pqcnet.errors import PqcnetError
+from pqcnet.identity import dev_identities
+from pqcnet.relayer.frame import Topic
+
+#: faults the schedule draws from, per backend
+FAULTS = ("kill-relayer", "pause-relayer", "kill-subscriber", "pause-subscriber",
+          "kill-publisher", "pause-publisher")
+BROKER_FAULTS = {"redis": ("restart-broker",), "kafka": (), "embedded": ()}
+#: seconds a process may take to print its ready line
+START_LIMIT = 60.0
+#: seconds the subscriber may take to drain after the publishers finished
+DRAIN_LIMIT = 90.0
+
+
+class ChaosError(PqcnetError):
+    """The harness could not run (a process did not start, a client failed)."""
+
+
+@dataclass
+class ChaosConfig:
+    """One chaos run."""
+
+    backend: str = "embedded"
+    workdir: Path = Path("chaos-run")
+    seed: int = 1
+    #: seconds the fault schedule lasts (publishers are paced to outlast it)
+    duration: float = 20.0
+    #: faults in the schedule (0: a fault-free run)
+    faults: int = 4
+    #: which faults (default: all that apply to the backend)
+    kinds: tuple[str, ...] = ()
+    #: an explicit fault sequence (overrides ``faults``/``kinds``; times still seeded)
+    schedule: tuple[str, ...] = ()
+    publishers: int = 2
+    channels: int = 4
+    #: frames per second per publisher (paced); count = rate x duration
+    rate: float = 100.0
+    size: int = 64
+    kafka_bootstrap: str = ""
+    gap_timeout: float = 5.0
+
+
+@dataclass
+class FaultRecord:
+    """One applied fault and its measured recovery."""
+
+    kind: str
+    at: float
+    recovery: float | None = None
+
+
+@dataclass
+class ChaosResult:
+    """What a run produced."""
+
+    config: ChaosConfig
+    report: Report
+    seconds: float
+    frames: int
+    faults: list[FaultRecord] = field(default_factory=list)
+
+    @property
+    def frames_per_s(self) -> float:
+        """Frames the application took per second of the run."""
+        return self.frames / self.seconds if self.seconds else 0.0
+
+    def recovery(self, q: float) -> float | None:
+        """Recovery time quantile over faults (seconds)."""
+        xs = sorted(f.recovery for f in self.faults if f.recovery is not None)
+        if not xs:
+            return None
+        if len(xs) == 1:
+            return xs[0]
+        return statistics.quantiles(xs, n=100, method="inclusive")[int(q * 100) - 1]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        p50, p99 = self.recovery(0.5), self.recovery(0.99)
+        return {"backend": self.config.backend, "seed": self.config.seed,
+                "seconds": round(self.seconds, 2), "frames": self.frames,
+                "frames_per_s": round(self.frames_per_s, 1),
+                "faults": [{"kind": f.kind, "at": round(f.at, 2),
+                            "recovery_s": None if f.recovery is None else round(f.recovery, 3)}
+                           for f in self.faults],
+                "recovery_p50_s": None if p50 is None else round(p50, 3),
+                "recovery_p99_s": None if p99 is None else round(p99, 3),
+                "check": self.report.as_dict()}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pqcnet() -> list[str]:
+    script = Path(sys.executable).parent / "pqcnet"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from pqcnet.cli import main; sys.exit(main())"]
+
+
+class Proc:
+    """One managed subprocess (restartable with the same arguments)."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, *, ready_line: bool = False,
+                 env: dict[str, str] | None = None) -> None:
+        self.name, self.argv, self.log, self.ready_line = name, argv, log, ready_line
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready: dict[str, Any] = {}
+        self.paused = False
+
+    async def start(self) -> None:
+        with self.log.open("ab") as err:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdout=asyncio.subprocess.PIPE if self.ready_line else err,
+                stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})},
+                start_new_session=True)
+        if self.ready_line:
+            assert self.proc.stdout is not None
+            try:
+                async with asyncio.timeout(START_LIMIT):
+                    line = await self.proc.stdout.readline()
+            except TimeoutError:
+                line = b""
+            if not line:
+                raise ChaosError(f"{self.name} did not start: "
+                                 f"{self.log.read_text(errors='replace')[-1500:]}")
+            self.ready = json.loads(line)
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+    async def kill(self) -> None:
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGKILL)
+        if self.proc is not None:
+            await self.proc.wait()
+
+    async def stop(self, grace: float = 15.0) -> None:
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(grace):
+                await self.proc.wait()
+        except TimeoutError:
+            await self.kill()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+
+async def _wait_port(port: int, limit: float = 30.0) -> None:
+    async with asyncio.timeout(limit):
+        while True:
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+                return
+            except OSError:
+                await asyncio.sleep(0.05)
+
+
+def _journal_frames(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with path.open("rb") as fh:
+        return sum(1 for line in fh if line.endswith(b"\n"))
+
+
+async def run_chaos(cfg: ChaosConfig) -> ChaosResult:
+    """Run one chaos experiment and check its histories."""
+    work = cfg.workdir.resolve()  # the relayer resolves paths against its config file
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "history").mkdir(parents=True)
+    rng = random.Random(cfg.seed)
+    _, ids = dev_identities("pqcnet.chaos", "spiffe://pqcnet.chaos/acme/relayer/r1",
+                            "spiffe://pqcnet.chaos/acme/publisher/p1",
+                            "spiffe://pqcnet.chaos/acme/subscriber/s1")
+    for name, ident in zip(("relayer", "publisher", "subscriber"), ids, strict=True):
+        ident.save(work / "ident" / name, None)
+    port, grpc_port = _free_port(), _free_port()
+    relayer_cfg: dict[str, Any] = {
+        "node_id": "chaos-r1", "listen_port": port, "grpc_port": grpc_port,
+        "identity_dir": str(work / "ident" / "relayer"), "data_dir": str(work / "relayer"),
+        "shards": 8, "gap_timeout": cfg.gap_timeout, "publish_timeout": 0.5}
+    procs: list[Proc] = []
+    broker: Proc | None = None
+    if cfg.backend == "redis":
+        rport = _free_port()
+        (work / "redis").mkdir()
+        broker = Proc("redis", ["redis-server", "--port", str(rport), "--bind", "127.0.0.1",
+                                "--dir", str(work / "redis"), "--appendonly", "yes",
+                                "--appendfsync", "always", "--save", ""],
+                      work / "redis.log")
+        await broker.start()
+        procs.append(broker)
+        await _wait_port(rport)
+        relayer_cfg |= {"backend": "redis", "redis_url": f"redis://127.0.0.1:{rport}/0",
+                        "redis_prefix": f"chaos{cfg.seed}"}
+    elif cfg.backend == "kafka":
+        if not cfg.kafka_bootstrap:
+            raise ChaosError("kafka backend: give --kafka-bootstrap (scripts/services start)")
+        relayer_cfg |= {"backend": "kafka", "kafka_bootstrap": cfg.kafka_bootstrap,
+                        "kafka_topic": f"pqcnet-chaos-{os.getpid()}-{cfg.seed}-"
+                                       f"{int(time.time())}"}
+    elif cfg.backend != "embedded":
+        raise ChaosError(f"unknown backend {cfg.backend!r}")
+    (work / "relayer.yaml").write_text(yaml.safe_dump({"relayer": relayer_cfg}))
+    relayer = Proc("relayer", [*_pqcnet(), "relayer", "run", "--config",
+                               str(work / "relayer.yaml")], work / "relayer.log",
+                   ready_line=True)
+    procs.append(relayer)
+    count = max(10, int(cfg.rate * cfg.duration / max(1, cfg.channels // cfg.publishers)))
+    topics: list[Topic] = [("acme", f"ch{i}") for i in range(cfg.channels)]
+    target = f"127.0.0.1:{port}"
+    pubs: list[Proc] = []
+    for k in range(cfg.publishers):
+        chans = [ch for (_, ch) in topics[k::cfg.publishers]]
+        per_request = 10
+        pace = per_request * len(chans) / cfg.rate  # one request per pace seconds
+        pubs.append(Proc(f"publisher-{k}", [
+            *_pqcnet(), "chaos", "publisher", "--relayer", target,
+            "--identity", str(work / "ident" / "publisher"),
+            "--history", str(work / "history" / f"publisher-{k}.jsonl"),
+            "--customer", "acme", *[a for ch in chans for a in ("--channel", ch)],
+            "--count", str(count), "--seed", str(cfg.seed), "--size", str(cfg.size),
+            "--batch", str(per_request), "--pace", f"{pace:.4f}"],
+            work / f"publisher-{k}.log"))
+    journal = work / "history" / "subscriber.jsonl"
+    sub = Proc("subscriber", [*_pqcnet(), "chaos", "subscriber", "--relayer", target,
+                              "--identity", str(work / "ident" / "subscriber"),
+                              "--journal", str(journal), "--customer", "acme"],
+               work / "subscriber.log")
+    procs += [*pubs, sub]
+    kinds = cfg.kinds or FAULTS + BROKER_FAULTS.get(cfg.backend, ())
+    expected = count * len(topics)
+    records: list[FaultRecord] = []
+    t0 = time.monotonic()
+    try:
+        await relayer.start()
+        await sub.start()
+        for p in pubs:
+            await p.start()
+        n_faults = len(cfg.schedule) or cfg.faults
+        times = sorted(rng.uniform(0.15, 0.85) * cfg.duration for _ in range(n_faults))
+        for i, at in enumerate(times):
+            await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
+            if _journal_frames(journal) >= expected:
+                break
+            kind = cfg.schedule[i] if cfg.schedule else rng.choice(kinds)
+            rec = FaultRecord(kind, time.monotonic() - t0)
+            records.append(rec)
+            hold = rng.uniform(0.3, 1.5)
+            if kind == "kill-relayer":
+                await relayer.kill()
+                await asyncio.sleep(hold)
+                ended = time.monotonic()
+                await relayer.start()
+            elif kind == "pause-relayer":
+                relayer.signal(signal.SIGSTOP)
+                await asyncio.sleep(hold)
+                relayer.signal(signal.SIGCONT)
+                ended = time.monotonic()
+            elif kind == "kill-subscriber":
+                await sub.kill()
+                await asyncio.sleep(hold)
+                ended = time.monotonic()
+                await sub.start()
+            elif kind == "pause-subscriber":
+                sub.signal(signal.SIGSTOP)
+                await asyncio.sleep(hold)
+                sub.signal(signal.SIGCONT)
+                ended = time.monotonic()
+            elif kind == "kill-publisher":
+                victim = rng.choice(pubs)
+                if victim.running:
+                    await victim.kill()
+                    await asyncio.sleep(hold)
+                    await victim.start()
+                ended = time.monotonic()
+            elif kind == "pause-publisher":
+                victim = rng.choice(pubs)
+                victim.signal(signal.SIGSTOP)
+                await asyncio.sleep(hold)
+                victim.signal(signal.SIGCONT)
+                ended = time.monotonic()
+            elif kind == "restart-broker" and broker is not None:
+                await broker.kill()
+                await asyncio.sleep(hold)
+                await broker.start()
+                ended = time.monotonic()
+            else:
+                raise ChaosError(f"fault {kind!r} does not apply to {cfg.backend}")
+            before = _journal_frames(journal)
+            rec.recovery = await _recovery(journal, before, ended, expected)
+        for p in pubs:  # publishers finish (restarting one killed by a late fault)
+            while True:
+                assert p.proc is not None
+                code = await p.proc.wait()
+                if code == 0:
+                    break
+                if code in (-signal.SIGKILL, -signal.SIGTERM):
+                    await p.start()
+                    continue
+                raise ChaosError(f"{p.name} failed (exit {code}): "
+                                 f"{p.log.read_text(errors='replace')[-1500:]}")
+        acked = _acked(work / "history")
+        async with asyncio.timeout(DRAIN_LIMIT):
+            while _journal_frames(journal) < acked:
+                if not sub.running:
+                    raise ChaosError("subscriber exited: "
+                                     f"{sub.log.read_text(errors='replace')[-1500:]}")
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # anything extra (a duplicate) has time to show
+        seconds = time.monotonic() - t0
+        await sub.stop()
+        metering = await _metering(f"127.0.0.1:{grpc_port}")
+        (work / "metering.json").write_text(json.dumps(
+            [[c, ch, f, b] for (c, ch), (f, b) in sorted(metering.items())]))
+    finally:
+        for p in reversed(procs):
+            await p.stop()
+    report = check(sorted((work / "history").glob("*.jsonl")), metering)
+    return ChaosResult(cfg, report, seconds, _journal_frames(journal), records)
+
+
+async def _recovery(journal: Path, before: int, ended: float, expected: int) -> float | None:
+    """Seconds from ``ended`` until the application took a frame past ``before``."""
+    if before >= expected:
+        return None
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(60):
+            while _journal_frames(journal) <= before:  # noqa: ASYNC110 - a file other processes write
+                await asyncio.sleep(0.02)
+            return time.monotonic() - ended
+    return None
+
+
+def _acked(history: Path) -> int:
+    from pqcnet.chaos.history import read_history
+
+    seen: set[tuple[str, str, int]] = set()
+    for path in history.glob("publisher-*.jsonl"):
+        for row in read_history(path):
+            if row["op"] == "ack":
+                seen.add((row["customer"], row["channel"], int(row["seq"])))
+    return len(seen)
+
+
+async def _metering(target: str) -> dict[Topic, tuple[int, int]]:
+    """Frames and bytes the relayer metered per topic (governance gRPC)."""
+    from pqcnet.relayer.governance import VolumeFilter, pull_volume
+
+    vol = await pull_volume(target, VolumeFilter())
+    out: dict[Topic, tuple[int, int]] = {}
+    for r in vol.records:
+        f, b = out.get((r.customer, r.channel), (0, 0))
+        out[(r.customer, r.channel)] = (f + r.frames, b + r.bytes)
+    return out
+
+
+def load_metering(path: Path) -> dict[Topic, tuple[int, int]]:
+    """Read the metering file a run wrote (for ``pqcnet chaos check``)."""
+    return {(str(c), str(ch)): (int(f), int(b)) for c, ch, f, b in json.loads(path.read_text())}

@@ -1,0 +1,101 @@
+"""Fixtures of the deployment tests: the tools ``scripts/deploy-tools`` installs and
+starts (dockerd, docker-compose, helm, kubeconform + schemas, promtool), read from
+``.services/deploy-env``. A missing tool skips — unless ``PQCNET_REQUIRE_SERVICES=1``
+(CI), where it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def deploy_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    path = ROOT / ".services" / "deploy-env"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            line = line.strip().removeprefix("export ")
+            if "=" in line and not line.startswith("#"):
+                key, _, value = line.partition("=")
+                env[key] = value
+    env.update({k: v for k, v in os.environ.items() if k.startswith("PQCNET_")})
+    return env
+
+
+def require_tool(var: str, what: str) -> str:
+    value = deploy_env().get(var, "")
+    if value:
+        return value
+    msg = f"{what} not available ({var} unset; run `scripts/deploy-tools install && " \
+          "scripts/deploy-tools start`)"
+    if os.environ.get("PQCNET_REQUIRE_SERVICES") == "1":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@dataclass(frozen=True)
+class Docker:
+    """The docker CLI bound to our daemon."""
+
+    cli: str
+    env: dict[str, str]
+
+    def run(self, *args: str, check: bool = True, timeout: float = 600,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([self.cli, *args], env=self.env, capture_output=True, text=True,
+                              check=check, timeout=timeout, input=input)
+
+
+@pytest.fixture(scope="session")
+def docker() -> Docker:
+    host = require_tool("PQCNET_DOCKER_HOST", "dockerd")
+    cli = require_tool("PQCNET_DOCKER_CLI", "docker CLI")
+    env = dict(os.environ, DOCKER_HOST=host, DOCKER_BUILDKIT="1")
+    return Docker(cli, env)
+
+
+@pytest.fixture(scope="session")
+def base_image() -> str:
+    return require_tool("PQCNET_BASE_IMAGE", "local base image")
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    return require_tool("PQCNET_HELM", "helm")
+
+
+@pytest.fixture(scope="session")
+def kubeconform() -> tuple[str, Path, str]:
+    """(binary, schema dir, kubernetes version)."""
+    binary = require_tool("PQCNET_KUBECONFORM", "kubeconform")
+    schemas = Path(require_tool("PQCNET_K8S_SCHEMAS", "kubernetes JSON schemas"))
+    return binary, schemas, require_tool("PQCNET_K8S_VERSION", "kubernetes version")
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    return require_tool("PQCNET_PROMTOOL", "promtool")
+
+
+@pytest.fixture(scope="session")
+def images(docker: Docker, base_image: str) -> Iterator[dict[str, str]]:
+    """Build both role images once per session (tools/images.py); ``{role: ref}``."""
+    import json
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "images.py"),
+                          "--base-image", base_image, "--tag", "test"],
+                         env=dict(docker.env, PQCNET_DOCKER_HOST=docker.env["DOCKER_HOST"],
+                                  PQCNET_DOCKER_CLI=docker.cli),
+                         capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-4000:]
+    built = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    yield {b["image"].split(":")[0].removeprefix("pqcnet-"): b["image"] for b in built}

@@ -1,0 +1,135 @@
+"""Build the pqcnet role images (``pqcnet-sentry``, ``pqcnet-relayer``) from docker/Dockerfile.
+
+    python tools/images.py [--role sentry|relayer]... [--base-image IMG] [--tag TAG]
+
+1. Wheelhouse on the host (``build/wheelhouse``): ``pip wheel`` of pqcnet and every
+   dependency of its ``relayer`` and ``sentry`` extras, so the image build installs
+   from files only (``--no-index``) and needs no network or TLS inside the build. The
+   dependencies are re-wheeled only when pyproject.toml changes; pqcnet's own wheel at
+   every build.
+2. ``docker build --target <role>`` with the repository root as context, filtered by
+   .dockerignore down to ``build/wheelhouse``; ``BASE_IMAGE_DIGEST`` is the base
+   image's id as the daemon reports it, so the attestation measures which base it was.
+
+The daemon is the one in ``$DOCKER_HOST`` (``scripts/deploy-tools start`` writes
+``PQCNET_DOCKER_HOST`` / ``PQCNET_BASE_IMAGE`` / ``PQCNET_DOCKER_CLI`` to
+``.services/deploy-env``; they are read from there when not in the environment).
+Prints one JSON line per image: tag, id, size in bytes, build seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WHEELHOUSE = ROOT / "build" / "wheelhouse"
+ROLES = ("sentry", "relayer")
+EXTRAS = {"sentry": "sentry", "relayer": "relayer"}
+DEFAULT_BASE = "debian:bookworm-slim"
+
+
+def deploy_env() -> dict[str, str]:
+    """``.services/deploy-env`` merged under the process environment."""
+    env: dict[str, str] = {}
+    path = ROOT / ".services" / "deploy-env"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            line = line.strip().removeprefix("export ")
+            if "=" in line and not line.startswith("#"):
+                k, _, v = line.partition("=")
+                env[k] = v
+    env.update({k: v for k, v in os.environ.items() if k.startswith("PQCNET_")})
+    return env
+
+
+def docker_cmd(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The docker CLI and the environment to run it with."""
+    proc_env = dict(os.environ)
+    if env.get("PQCNET_DOCKER_HOST"):
+        proc_env["DOCKER_HOST"] = env["PQCNET_DOCKER_HOST"]
+    proc_env["DOCKER_BUILDKIT"] = "1"
+    return [env.get("PQCNET_DOCKER_CLI", "docker")], proc_env
+
+
+def version() -> str:
+    for line in (ROOT / "pyproject.toml").read_text().splitlines():
+        if line.startswith("version = "):
+            return line.split('"')[1]
+    return "0.0.0"
+
+
+def revision() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], check=True,
+                              capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def wheelhouse(python: str = sys.executable) -> Path:
+    """Fill :data:`WHEELHOUSE`; returns it."""
+    WHEELHOUSE.mkdir(parents=True, exist_ok=True)
+    stamp = WHEELHOUSE / ".deps-stamp"
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    for old in WHEELHOUSE.glob("pqcnet-*.whl"):
+        old.unlink()
+    pip = [python, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(WHEELHOUSE)]
+    if not stamp.exists() or stamp.read_text() != digest:
+        subprocess.run([*pip, f"{ROOT}[relayer,sentry]"], check=True)
+        stamp.write_text(digest)
+    else:
+        subprocess.run([*pip, "--no-deps", str(ROOT)], check=True)
+    return WHEELHOUSE
+
+
+def image_id(docker: list[str], env: dict[str, str], ref: str) -> str:
+    out = subprocess.run([*docker, "image", "inspect", "--format", "{{.Id}}", ref],
+                         check=True, capture_output=True, text=True, env=env)
+    return out.stdout.strip()
+
+
+def build(role: str, *, base: str, tag: str, env: dict[str, str]) -> dict[str, object]:
+    docker, proc_env = docker_cmd(env)
+    base_digest = image_id(docker, proc_env, base)
+    ref = f"pqcnet-{role}:{tag}"
+    t0 = time.monotonic()
+    subprocess.run(
+        [*docker, "build", "--quiet", "-f", str(ROOT / "docker" / "Dockerfile"),
+         "--target", role, "-t", ref,
+         "--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"BASE_IMAGE_DIGEST={base_digest}",
+         "--build-arg", f"EXTRAS={EXTRAS[role]}", "--build-arg", f"VERSION={version()}",
+         "--build-arg", f"REVISION={revision()}", str(ROOT)],
+        check=True, env=proc_env, stdout=subprocess.DEVNULL)
+    seconds = round(time.monotonic() - t0, 1)
+    out = subprocess.run([*docker, "image", "inspect", "--format", "{{.Id}} {{.Size}}", ref],
+                         check=True, capture_output=True, text=True, env=proc_env)
+    iid, size = out.stdout.split()
+    return {"image": ref, "id": iid, "size": int(size), "build_seconds": seconds,
+            "base": base, "base_digest": base_digest}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--role", action="append", choices=ROLES)
+    ap.add_argument("--base-image", default=None)
+    ap.add_argument("--tag", default=version())
+    ap.add_argument("--skip-wheels", action="store_true", help="Reuse build/wheelhouse as is.")
+    args = ap.parse_args(argv)
+    env = deploy_env()
+    base = args.base_image or env.get("PQCNET_BASE_IMAGE") or DEFAULT_BASE
+    if not args.skip_wheels:
+        wheelhouse()
+    for role in args.role or ROLES:
+        print(json.dumps(build(role, base=base, tag=args.tag, env=env)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
