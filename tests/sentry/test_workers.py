@@ -28,7 +28,8 @@ def test_buckets_and_gate_are_one_across_attached_workers() -> None:
     owner = SharedLimitState.create(lock, workers=2, slots=64)
     other = SharedLimitState.attach(owner.path, lock)
     try:
-        plan = Plan(rate=1.0, burst=3)
+        # per-subject 1/s, burst 3; the tenant as a whole may do far more
+        plan = Plan(rate=1.0, burst=3, tenant_rate=1000.0, tenant_burst=1000.0)
         a = SharedRateLimiter(owner, {"acme": plan}, plan)
         b = SharedRateLimiter(other, {"acme": plan}, plan)
         now = 1000.0
@@ -39,6 +40,14 @@ def test_buckets_and_gate_are_one_across_attached_workers() -> None:
             b.check("acme", "alice", now)
         assert err.value.retry_after == pytest.approx(1.0)
         assert b.check("acme", "bob", now) == 2  # another client, another bucket
+        # the tenant-wide bucket is shared across workers too
+        tight = Plan(rate=100.0, burst=100, tenant_rate=1.0, tenant_burst=2)
+        a2 = SharedRateLimiter(owner, {"globex": tight}, tight)
+        b2 = SharedRateLimiter(other, {"globex": tight}, tight)
+        a2.check("globex", "u1", now)
+        b2.check("globex", "u2", now)
+        with pytest.raises(RateLimited):
+            a2.check("globex", "u3", now)
         assert a.check("acme", "alice", now + 1.0) == 0  # refilled one token
         assert b.level("acme", "alice", now + 2.5) == pytest.approx(1.5)
         # more clients than a probe window holds: old buckets are evicted and come back full
