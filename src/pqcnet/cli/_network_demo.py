@@ -253,12 +253,12 @@ async def step_network(state: Any) -> None:
         bar.update()
 
         # -- the volume proof of the epoch, anchored in relayer-1's QS-DAG
-        node = r1.relayer
-        assert node is not None
-        node.prove_closed_epochs(now=time.time() + 2 * node.cfg.epoch_seconds)
+        r1_node = r1.relayer
+        assert r1_node is not None
+        r1_node.prove_closed_epochs(now=time.time() + 2 * r1_node.cfg.epoch_seconds)
         # the node's own epoch loop may have proven the epoch already: take the latest
-        proof = node.proofs[max(node.proofs)]
-        anchored = anchored_proof(node.anchor.ledger, node.anchor.receipts[proof.epoch])
+        proof = r1_node.proofs[max(r1_node.proofs)]
+        anchored = anchored_proof(r1_node.anchor.ledger, r1_node.anchor.receipts[proof.epoch])
         verify_inclusion(proof.records[0], inclusion_proof(proof, 0), anchored)
         bar.update()
     state.results.update(network_in_order=in_order, network_http_before=before,
