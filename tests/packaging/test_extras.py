@@ -29,7 +29,7 @@ ROLES: dict[str, tuple[str, ...]] = {
     "sentry": ("pqcnet.sentry", "pqcnet.cli.sentry", "pqcnet.cli.sidecar",
                "pqcnet.cli.assertion"),
     "relayer": ("pqcnet.relayer", "pqcnet.cli.relayer", "pqcnet.cli.publish",
-                "pqcnet.cli.subscribe", "pqcnet.cli.governance"),
+                "pqcnet.cli.subscribe", "pqcnet.cli.governance", "pqcnet.cli.ledger_query"),
 }
 
 

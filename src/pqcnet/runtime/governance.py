@@ -40,6 +40,7 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from typing import Protocol
 
 from pqcnet.crypto.pqc import SigningKey, VerifyKey
 from pqcnet.identity import NodeIdentity
@@ -52,7 +53,6 @@ from pqcnet.qstp.config import QstpConfiguration
 from pqcnet.qstp.errors import HandshakeError
 from pqcnet.qstp.frames import ErrorCode
 from pqcnet.qstp.tls import PeerGate, TlsPolicy
-from pqcnet.relayer.node import RelayerNode
 from pqcnet.sentry.core import Sentry
 from pqcnet.sentry.server import serve_tunnel
 
@@ -94,11 +94,19 @@ class SentryDirectives:
         return Outcome.IGNORED  # the sentry's QstpEndpoint (its PeerGate) refuses the node
 
 
-class RelayerDirectives:
-    """Applies rate-limit directives to a running relayer as per-customer quotas;
-    rekey and slash are the relayer's endpoint's business (``ignored`` here)."""
+class QuotaTarget(Protocol):
+    """What :class:`RelayerDirectives` needs of a relayer (a structural type, so the
+    sentry role, which imports this module, does not pull in the relayer's bus clients)."""
 
-    def __init__(self, node: RelayerNode) -> None:
+    def apply_rate_limit(self, scope: str, rate: float, burst: float) -> None: ...
+
+
+class RelayerDirectives:
+    """Applies rate-limit directives to a running relayer
+    (:class:`~pqcnet.relayer.node.RelayerNode`) as per-customer quotas; rekey and slash
+    are the relayer's endpoint's business (``ignored`` here)."""
+
+    def __init__(self, node: QuotaTarget) -> None:
         self.node = node
         #: directives applied, by action
         self.applied: Counter[str] = Counter()

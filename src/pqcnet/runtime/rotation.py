@@ -37,7 +37,7 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
 
@@ -47,8 +47,6 @@ from pqcnet.identity.crl import RevocationList, load_crl
 from pqcnet.identity.node import BUNDLE_FILE, CERT_FILE, CRL_FILE, KEY_FILE, NodeIdentity
 from pqcnet.qstp.aio.server import Server
 from pqcnet.qstp.tls import PeerInfo
-from pqcnet.relayer.node import RelayerNode
-from pqcnet.runtime.sentry import SentryService
 
 log = logging.getLogger(__name__)
 
@@ -421,8 +419,10 @@ async def bind_server(server: Server, manager: IdentityManager,
     return binding
 
 
-async def bind_sentry(service: SentryService, manager: IdentityManager) -> ServerBinding:
-    """Bind a running sentry (``pqcnet sentry run``): its endpoint's server and the
+async def bind_sentry(service: Any, manager: IdentityManager) -> ServerBinding:
+    """Bind a running sentry (``pqcnet sentry run``; a
+    :class:`~pqcnet.runtime.sentry.SentryService`, typed loosely so this module does not
+    pull the sentry role into the core install): its endpoint's server and the
     identity it dials with follow the manager."""
     endpoint = service.endpoint
     if endpoint is None or endpoint.server is None:
@@ -435,8 +435,10 @@ async def bind_sentry(service: SentryService, manager: IdentityManager) -> Serve
     return await bind_server(endpoint.server, manager, follow)
 
 
-async def bind_relayer(node: RelayerNode, manager: IdentityManager) -> ServerBinding:
-    """Bind a running relayer: its server follows the manager, and ``node.identity``
+async def bind_relayer(node: Any, manager: IdentityManager) -> ServerBinding:
+    """Bind a running relayer (a :class:`~pqcnet.relayer.node.RelayerNode`, typed loosely
+    so the core install — ``qstp serve`` uses this module — does not need the relayer's
+    bus clients): its server follows the manager, and ``node.identity``
     too (the key stays with ``rotate_key=False``; the proof signer follows the key)."""
     if node.server is None:
         raise PqcnetError("relayer is not running")
