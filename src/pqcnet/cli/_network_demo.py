@@ -253,12 +253,12 @@ async def step_network(state: Any) -> None:
         bar.update()
 
         # -- the volume proof of the epoch, anchored in relayer-1's QS-DAG
-        node = r1.relayer
-        assert node is not None
-        node.prove_closed_epochs(now=time.time() + 2 * node.cfg.epoch_seconds)
+        rnode = r1.relayer
+        assert rnode is not None
+        rnode.prove_closed_epochs(now=time.time() + 2 * rnode.cfg.epoch_seconds)
         # the node's own epoch loop may have proven the epoch already: take the latest
-        proof = node.proofs[max(node.proofs)]
-        anchored = anchored_proof(node.anchor.ledger, node.anchor.receipts[proof.epoch])
+        proof = rnode.proofs[max(rnode.proofs)]
+        anchored = anchored_proof(rnode.anchor.ledger, rnode.anchor.receipts[proof.epoch])
         verify_inclusion(proof.records[0], inclusion_proof(proof, 0), anchored)
         bar.update()
     state.results.update(network_in_order=in_order, network_http_before=before,
