@@ -1,7 +1,9 @@
 """The compose network (compose.yaml) end to end, on our dockerd with docker-compose v1:
 every service healthy; client → sidecar → sentry → backend; publisher → relayer (Kafka)
-→ subscriber; Prometheus has scraped every node. (The fault tests — relayer and
-sentry crashes — are not in yet: docs/decisions/0018-deployment.md.)
+→ subscriber; Prometheus has scraped every node; and faults — a relayer crashed
+mid-stream comes back (restart policy) with nothing acknowledged lost or duplicated as
+seen by an independent subscriber on the other relayer; a crashed sentry comes back
+and the sidecar's requests succeed again on their own.
 
 One network per module (a project name of its own, removed with its volumes after).
 """
@@ -11,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
+import signal
 import sys
 import time
 import urllib.parse
@@ -92,6 +96,14 @@ def _eventually(check: Callable[[], bool], limit: float, what: str) -> None:
     raise AssertionError(f"not within {limit:.0f}s: {what}")
 
 
+def _crash(net: compose_tool.Compose, service: str) -> None:
+    """SIGKILL the service's main process from the host: a crash, so the restart
+    policy applies (``docker kill`` counts as a manual stop for the daemon)."""
+    cid = net.container(service)
+    pid = int(net.docker("inspect", "--format", "{{.State.Pid}}", cid).stdout)
+    os.kill(pid, signal.SIGKILL)
+
+
 def test_every_service_is_healthy(net: compose_tool.Compose) -> None:
     states = net.health()
     services = {"redis", "kafka", "waku-1", "waku-2", "waku-3", "relayer-1", "relayer-2",
@@ -147,6 +159,49 @@ def test_prometheus_scraped_every_node(net: compose_tool.Compose) -> None:
     assert _prom(port, 'pqcnet_sentry_requests_total{outcome="ok"}'), "sentry metrics"
 
 
+class _Publisher:
+    """Resends unacknowledged frames after reconnecting; records what was acked."""
+
+    def __init__(self, port: Callable[[], int], topic: Topic, n: int) -> None:
+        self.port, self.topic, self.n = port, topic, n
+        self.acked = 0
+        self.reconnects = 0
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        client: PublisherClient | None = None
+        retry = False
+        while self.acked < self.n:
+            if client is None:
+                try:
+                    client = await PublisherClient.connect("127.0.0.1", self.port(),
+                                                           _identity("publisher"))
+                except (PqcnetError, OSError):
+                    await asyncio.sleep(0.5)
+                    continue
+            frames = [Frame(*self.topic, s, bytes([s % 251]) * 32)
+                      for s in range(self.acked + 1, min(self.acked + 10, self.n) + 1)]
+            try:
+                async with asyncio.timeout(30):
+                    results = await client.publish(frames, retry=retry)
+            except (PqcnetError, TimeoutError, OSError):
+                with contextlib.suppress(PqcnetError, OSError):
+                    await client.close()
+                client, retry = None, True
+                self.reconnects += 1
+                await asyncio.sleep(0.5)
+                continue
+            retry = False
+            for f, r in zip(frames, results):
+                if not r.accepted:
+                    retry = True
+                    break
+                self.acked = max(self.acked, f.seq)
+            await asyncio.sleep(0.1)  # a steady stream (≥ 8 s for 800 frames), not a burst
+        if client is not None:
+            await client.close()
+
+
 class _Subscriber:
     """An independent consumer: one application subscribed on every relayer (they
     split the shards), with one dedup state; keeps everything it was given."""
@@ -185,3 +240,49 @@ class _Subscriber:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
+def test_relayer_crash_mid_stream_loses_and_duplicates_nothing(
+        net: compose_tool.Compose) -> None:
+    n = 800
+    topic = ("acme", f"fault-{secrets.token_hex(2)}")
+
+    async def go() -> tuple[_Publisher, _Subscriber]:
+        sub = _Subscriber([lambda: net.port("relayer-1", 7400),
+                           lambda: net.port("relayer-2", 7400)], "acme")
+        pub = _Publisher(lambda: net.port("relayer-1", 7400), topic, n)
+        for _ in range(300):  # up to 60 s for a fifth of the stream
+            if pub.acked >= n // 5:
+                break
+            await asyncio.sleep(0.2)
+        assert 0 < pub.acked < n, pub.acked
+        await asyncio.to_thread(_crash, net, "relayer-1")
+        async with asyncio.timeout(240):
+            await pub.task
+            for _ in range(480):
+                if len(sub.seen[topic]) >= n:
+                    break
+                await asyncio.sleep(0.5)
+        await asyncio.sleep(3)  # anything late (a duplicate) would arrive now
+        await sub.close()
+        return pub, sub
+
+    pub, sub = asyncio.run(go())
+    assert pub.reconnects >= 1, "the publisher never saw the crash"
+    got = sub.seen[topic]
+    missing = sorted(set(range(1, n + 1)) - set(got))
+    assert sorted(got) == list(range(1, n + 1)), (len(got), missing[:20])
+    print(f"relayer crash: {pub.reconnects} publisher reconnects, "
+          f"{sub.wire_duplicates} wire duplicates dropped by the subscriber")
+    restarts = int(net.docker("inspect", "--format", "{{.RestartCount}}",
+                              net.container("relayer-1")).stdout)
+    assert restarts >= 1
+
+
+def test_sentry_crash_sidecar_recovers(net: compose_tool.Compose) -> None:
+    assert _rpc(net, "before")["result"]["method"] == "before"  # type: ignore[index]
+    _crash(net, "sentry-1")
+    t0 = time.monotonic()
+    _eventually(lambda: _rpc(net, "after")["result"]["method"] == "after",  # type: ignore[index]
+                180, "sidecar requests succeed again after the sentry crash")
+    recovered = time.monotonic() - t0
+    assert recovered < 180
+    print(f"sentry crash: requests succeed again after {recovered:.1f}s")
