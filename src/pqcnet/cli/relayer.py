@@ -28,7 +28,12 @@ from pqcnet.cli._common import load_identity as load_cli_identity
 from pqcnet.cli._rotation import bind_relayer, build_manager, rotation_options, unbind
 from pqcnet.errors import PqcnetError
 from pqcnet.identity import NodeIdentity, dev_identities
-from pqcnet.relayer.client import PublisherClient, ResumingSubscriber, SubscriberClient
+from pqcnet.relayer.client import (
+    ClusterSubscriber,
+    FailoverPublisher,
+    ResumingSubscriber,
+    SubscriberClient,
+)
 from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.cursor import Cursor, FileCursor, JournalCursor, MemoryCursor
 from pqcnet.relayer.frame import Frame
@@ -112,7 +117,8 @@ def dev_identities_cmd(out: Path, trust_domain: str) -> None:
 
 
 @click.command()
-@click.option("--relayer", "target", required=True, help="Relayer QSTP address host:port.")
+@click.option("--relayer", "target", required=True,
+              help="Relayer QSTP address host:port; a cluster: host:port,host:port,...")
 @click.option("--identity", "identity_dir", required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--customer", required=True)
@@ -131,21 +137,31 @@ def publish_cli(target: str, identity_dir: Path, customer: str, channel: str,
                 message: str | None, count: int, size: int, batch: int, start_seq: int,
                 qos: int, retry: bool) -> None:
     """Send frames to a relayer; prints a JSON summary of accepted/rejected frames."""
-    host, port = hostport(target, param_hint="--relayer")
+    targets = _targets(target)
     identity = load_cli_identity(identity_dir)
     payloads = [message.encode()] if message is not None else None
     n = 1 if payloads else count
-    summary = asyncio.run(_publish(host, port, identity, customer, channel, n, size, batch,
+    summary = asyncio.run(_publish(targets, identity, customer, channel, n, size, batch,
                                    start_seq, qos, payloads, retry))
     click.echo(json.dumps(summary))
     if summary["rejected"]:
         raise SystemExit(1)
 
 
-async def _publish(host: str, port: int, identity: NodeIdentity, customer: str, channel: str,
-                   count: int, size: int, batch: int, start: int, qos: int,
+def _targets(value: str) -> list[tuple[str, int]]:
+    """``host:port[,host:port...]`` of --relayer."""
+    out = [hostport(part.strip(), param_hint="--relayer")
+           for part in value.split(",") if part.strip()]
+    if not out:
+        raise click.BadParameter("no relayer address", param_hint="--relayer")
+    return out
+
+
+async def _publish(targets: list[tuple[str, int]], identity: NodeIdentity, customer: str,
+                   channel: str, count: int, size: int, batch: int, start: int, qos: int,
                    payloads: list[bytes] | None, retry: bool = False) -> dict[str, Any]:
-    client = await PublisherClient.connect(host, port, identity)
+    # fails over to the next relayer with the same seqs (dedup keeps it exactly once)
+    client = FailoverPublisher(targets, identity)
     accepted = rejected = overflowed = 0
     errors: list[str] = []
     t0 = time.perf_counter()
@@ -169,14 +185,15 @@ async def _publish(host: str, port: int, identity: NodeIdentity, customer: str, 
         await client.close()
     return {"accepted": accepted, "rejected": rejected, "overflowed": overflowed,
             "pauses_seen": client.pauses_seen, "seconds": round(time.perf_counter() - t0, 3),
-            "errors": errors}
+            "failovers": client.failovers, "errors": errors}
 
 
 # ------------------------------------------------------------------ pqcnet subscribe
 
 
 @click.command()
-@click.option("--relayer", "target", required=True, help="Relayer QSTP address host:port.")
+@click.option("--relayer", "target", required=True,
+              help="Relayer QSTP address host:port; a cluster: host:port,host:port,...")
 @click.option("--identity", "identity_dir", required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--customer", required=True)
@@ -205,7 +222,9 @@ def subscribe_cli(target: str, identity_dir: Path, customer: str, channels: tupl
     """
     if output is not None and cursor_path is not None:
         raise click.UsageError("--output is its own cursor; give --output or --cursor")
-    host, port = hostport(target, param_hint="--relayer")
+    targets = _targets(target)
+    if len(targets) > 1 and not reconnect:
+        raise click.UsageError("a cluster (several --relayer addresses) needs --reconnect")
     identity = load_cli_identity(identity_dir)
     cursor: Cursor
     if output is not None:
@@ -214,19 +233,21 @@ def subscribe_cli(target: str, identity_dir: Path, customer: str, channels: tupl
         cursor = FileCursor(cursor_path)
     else:
         cursor = MemoryCursor()
-    summary = asyncio.run(_subscribe(host, port, identity, customer, channels, count, limit,
+    summary = asyncio.run(_subscribe(targets, identity, customer, channels, count, limit,
                                      quiet or output is not None, cursor, reconnect))
     click.echo(json.dumps(summary))
 
 
-async def _subscribe(host: str, port: int, identity: NodeIdentity, customer: str,
+async def _subscribe(targets: list[tuple[str, int]], identity: NodeIdentity, customer: str,
                      channels: tuple[str, ...], count: int, limit: float,
                      quiet: bool, cursor: Cursor, reconnect: bool) -> dict[str, Any]:
-    sub: ResumingSubscriber | SubscriberClient
-    if reconnect:
-        sub = ResumingSubscriber([(host, port)], identity, customer, channels, cursor=cursor)
+    sub: ClusterSubscriber | ResumingSubscriber | SubscriberClient
+    if len(targets) > 1:  # each relayer delivers the shards it owns: listen to all
+        sub = ClusterSubscriber(targets, identity, customer, channels, cursor=cursor)
+    elif reconnect:
+        sub = ResumingSubscriber(targets, identity, customer, channels, cursor=cursor)
     else:
-        sub = await SubscriberClient.connect(host, port, identity, cursor=cursor)
+        sub = await SubscriberClient.connect(*targets[0], identity, cursor=cursor)
         await sub.subscribe(customer, channels)
     got = nbytes = 0
 
@@ -258,7 +279,7 @@ async def _subscribe(host: str, port: int, identity: NodeIdentity, customer: str
             cursor.close()
     out: dict[str, Any] = {"frames": got, "bytes": nbytes,
                            "duplicates_dropped": sub.duplicates_dropped}
-    if isinstance(sub, ResumingSubscriber):
+    if isinstance(sub, ResumingSubscriber | ClusterSubscriber):
         out["reconnects"] = sub.reconnects
     return out
 

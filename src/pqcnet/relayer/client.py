@@ -190,7 +190,8 @@ class SubscriberClient:
 
     def __init__(self, tunnel: Tunnel, cursor: Cursor | None = None, *,
                  counters: CounterTracker | None = None,
-                 counter_interval: float = COUNTER_INTERVAL) -> None:
+                 counter_interval: float = COUNTER_INTERVAL,
+                 seen: dict[Topic, int] | None = None) -> None:
         self.tunnel = tunnel
         #: signs per-epoch ack counters for the relayer's volume claims (decision 0014)
         self.counters = counters
@@ -198,8 +199,12 @@ class SubscriberClient:
         self._counter_stream: Stream | None = None
         self._counters_sent_at = 0.0
         self.cursor: Cursor = cursor if cursor is not None else MemoryCursor()
-        #: highest seq per topic handed to the application (committed or about to be)
-        self.last: dict[Topic, int] = dict(self.cursor.load())
+        #: highest seq per topic handed to the application (committed or about to be);
+        #: ``seen`` shares it between the clients of one application (one per relayer of
+        #: a cluster), so a frame redelivered by another relayer after a takeover is dropped
+        self.last: dict[Topic, int] = seen if seen is not None else {}
+        for topic, seq in self.cursor.load().items():
+            self.last[topic] = max(self.last.get(topic, 0), seq)
         #: redelivered frames dropped (at or below the cursor): never reach the application
         self.duplicates_dropped = 0
         self.batches_acked = 0
@@ -301,9 +306,10 @@ class ResumingSubscriber:
     def __init__(self, targets: Sequence[tuple[str, int]], identity: NodeIdentity,
                  customer: str, channels: Iterable[str] = (), *,
                  cursor: Cursor | None = None, policy: TlsPolicy | None = None,
-                 retry_delay: float = 0.2) -> None:
+                 retry_delay: float = 0.2, seen: dict[Topic, int] | None = None) -> None:
         if not targets:
             raise ValueError("at least one relayer target")
+        self.seen = seen
         self.targets = list(targets)
         self.identity, self.policy = identity, policy
         self.customer, self.channels = customer, tuple(channels)
@@ -321,8 +327,9 @@ class ResumingSubscriber:
             host, port = self.targets[attempt % len(self.targets)]
             attempt += 1
             try:
-                client = await SubscriberClient.connect(host, port, self.identity,
-                                                        self.policy, self.cursor)
+                client = SubscriberClient(await aio.connect(host, port, self.identity,
+                                                            self.policy),
+                                          self.cursor, seen=self.seen)
             except (PqcnetError, OSError):
                 await asyncio.sleep(self.retry_delay)
                 continue
@@ -356,3 +363,167 @@ class ResumingSubscriber:
         self._closed = True
         if self.client is not None:
             await self.client.close()
+
+
+class FailoverPublisher:
+    """A publisher that takes a list of relayers (a cluster sharing one bus) and fails
+    over between them, client-side.
+
+    Requests go to the current relayer; when the connection fails, the tunnel is lost
+    or a request takes longer than ``attempt_timeout`` seconds, the same frames — same
+    seqs — are sent again to the next relayer, marked as a retry. A frame the first
+    relayer had already put on the bus is then on it twice, and the shard worker's
+    dedup marks deliver it once: exactly once across failovers. :meth:`publish` gives
+    up (raising the last error) after ``give_up`` seconds without an answer.
+    """
+
+    def __init__(self, targets: Sequence[tuple[str, int]], identity: NodeIdentity,
+                 policy: TlsPolicy | None = None, *,
+                 counters: CounterTracker | None = None, attempt_timeout: float = 10.0,
+                 retry_delay: float = 0.2, give_up: float = 60.0) -> None:
+        if not targets:
+            raise ValueError("at least one relayer target")
+        self.targets = list(targets)
+        self.identity, self.policy, self.counters = identity, policy, counters
+        self.attempt_timeout, self.retry_delay, self.give_up = (attempt_timeout,
+                                                                retry_delay, give_up)
+        self.client: PublisherClient | None = None
+        #: times this publisher moved to another relayer (or reconnected)
+        self.failovers = 0
+        self._pauses = 0
+        self._next = 0
+        self._retry = False
+
+    @property
+    def pauses_seen(self) -> int:
+        """FLOW PAUSE frames seen across connections."""
+        return self._pauses + (self.client.pauses_seen if self.client is not None else 0)
+
+    async def _connected(self) -> PublisherClient:
+        if self.client is None:
+            host, port = self.targets[self._next % len(self.targets)]
+            self._next += 1
+            self.client = await PublisherClient.connect(host, port, self.identity,
+                                                        self.policy, counters=self.counters)
+        return self.client
+
+    async def _drop(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            self._pauses += client.pauses_seen
+            with contextlib.suppress(PqcnetError, OSError):
+                await client.close()
+        self.failovers += 1
+        self._retry = True  # what was sent may be on the bus already
+
+    async def publish(self, frames: Sequence[Frame], *, retry: bool = False) -> list[Result]:
+        """Send ``frames`` (one request) to the current relayer, failing over to the
+        next with the same seqs until one answers; one result per frame."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.give_up
+        while True:
+            try:
+                client = await self._connected()
+                async with asyncio.timeout(self.attempt_timeout):
+                    results = await client.publish(frames, retry=retry or self._retry)
+            except RelayerRefused:
+                raise  # the relayer answered: not a connectivity problem
+            except (PqcnetError, OSError, TimeoutError) as exc:
+                await self._drop()
+                if loop.time() >= deadline:
+                    if isinstance(exc, PqcnetError):
+                        raise
+                    raise TunnelClosed(f"no relayer answered: {exc or 'timeout'}") from None
+                await asyncio.sleep(self.retry_delay)
+                continue
+            self._retry = False
+            return results
+
+    async def close(self) -> None:
+        """Close the current connection."""
+        client, self.client = self.client, None
+        if client is not None:
+            self._pauses += client.pauses_seen
+            await client.close()
+
+
+class ClusterSubscriber:
+    """A subscriber of a relayer cluster: one :class:`ResumingSubscriber` per relayer,
+    their batches merged into one stream for the application.
+
+    In a cluster each relayer delivers only the shards (bus partitions) it owns, and
+    ownership moves when relayers join, leave or die, so a subscriber listens to every
+    relayer. All of them share one cursor and one "highest seq taken" table: a frame
+    redelivered by the relayer that took a shard over is dropped, so the application
+    sees each seq once, in order per topic. Each batch is acknowledged to the relayer
+    it came from when the application asks for the next one (or calls :meth:`ack`).
+    """
+
+    def __init__(self, targets: Sequence[tuple[str, int]], identity: NodeIdentity,
+                 customer: str, channels: Iterable[str] = (), *,
+                 cursor: Cursor | None = None, policy: TlsPolicy | None = None,
+                 retry_delay: float = 0.2) -> None:
+        if not targets:
+            raise ValueError("at least one relayer target")
+        self.cursor: Cursor = cursor if cursor is not None else MemoryCursor()
+        self._seen: dict[Topic, int] = dict(self.cursor.load())
+        self.subs = [ResumingSubscriber([t], identity, customer, channels, cursor=self.cursor,
+                                        policy=policy, retry_delay=retry_delay,
+                                        seen=self._seen)
+                     for t in targets]
+        self._source: ResumingSubscriber | None = None
+
+    @property
+    def duplicates_dropped(self) -> int:
+        """Redelivered frames dropped across relayers and connections."""
+        return sum(s.duplicates_dropped + (s.client.duplicates_dropped if s.client else 0)
+                   for s in self.subs)
+
+    @property
+    def reconnects(self) -> int:
+        """Reconnections across relayers."""
+        return sum(s.reconnects for s in self.subs)
+
+    async def batches(self) -> AsyncIterator[list[Frame]]:
+        """Batches from every relayer, in the order they arrived."""
+        Item = tuple[ResumingSubscriber, list[Frame], asyncio.Future[None]] | BaseException
+        queue: asyncio.Queue[Item] = asyncio.Queue(len(self.subs))
+        loop = asyncio.get_running_loop()
+
+        async def pump(sub: ResumingSubscriber) -> None:
+            try:
+                async for batch in sub.batches():
+                    taken: asyncio.Future[None] = loop.create_future()
+                    await queue.put((sub, batch, taken))
+                    await taken  # acked when the generator resumes: after the app took it
+            except Exception as exc:  # a final refusal: hand it to the application
+                await queue.put(exc)
+
+        tasks = [asyncio.create_task(pump(s), name=f"cluster-sub-{i}")
+                 for i, s in enumerate(self.subs)]
+        taken: asyncio.Future[None] | None = None
+        try:
+            while True:
+                if taken is not None and not taken.done():
+                    taken.set_result(None)
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                self._source, batch, taken = item
+                yield batch
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, PqcnetError, OSError):
+                    await t
+
+    async def ack(self, upto: Mapping[Topic, int] | None = None) -> None:
+        """Acknowledge (part of) the batch last yielded, to the relayer it came from."""
+        if self._source is not None:
+            await self._source.ack(upto)
+
+    async def close(self) -> None:
+        """Stop every subscription."""
+        for s in self.subs:
+            await s.close()

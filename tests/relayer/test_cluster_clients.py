@@ -1,0 +1,61 @@
+"""Client-side failover of the cluster SDK against real relayers on loopback: the
+publisher moves past a relayer that is gone, with the same seqs; the cluster
+subscriber listens to every relayer and shares one cursor."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+
+from pqcnet.relayer.client import ClusterSubscriber, FailoverPublisher
+from pqcnet.relayer.frame import Frame
+from tests.relayer.e2e import identities, start_node
+from tests.relayer.helpers import assert_exactly_once_in_order
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:  # bound then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_failover_publisher_and_cluster_subscriber(tmp_path: Path) -> None:
+    node = await start_node(tmp_path)
+    dead = ("127.0.0.1", _dead_port())
+    live = ("127.0.0.1", node.port)
+    pub = FailoverPublisher([dead, live], identities()[1], retry_delay=0.05, give_up=30)
+    sub = ClusterSubscriber([dead, live], identities()[2], "acme", retry_delay=0.05)
+    got: list[Frame] = []
+
+    async def take() -> None:
+        async for batch in sub.batches():
+            got.extend(batch)
+            if len(got) >= 60:
+                await sub.ack()
+                return
+
+    task = asyncio.create_task(take())
+    try:
+        for first in range(1, 61, 20):
+            frames = [Frame("acme", "ch", s, b"x%d" % s) for s in range(first, first + 20)]
+            results = await pub.publish(frames)
+            assert all(r.accepted for r in results)
+        # the same seqs again (a publisher's retry after a lost answer): dedup drops them
+        again = await pub.publish([Frame("acme", "ch", s, b"x%d" % s) for s in range(1, 21)],
+                                  retry=True)
+        assert len(again) == 20
+        async with asyncio.timeout(60):
+            await task
+        assert pub.failovers >= 1  # the dead address was tried first
+        assert_exactly_once_in_order({("acme", "ch"): [f.seq for f in got]}, {("acme", "ch"): 60})
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await pub.close()
+        await sub.close()
+        await node.stop()
