@@ -77,6 +77,7 @@ class KafkaBus(Bus):
         commit_interval: float = 0.0,
         rebalance: bool = False,
         revoke_grace: float = 5.0,
+        session_timeout: float = 10.0,
     ) -> None:
         if shards < 1:
             raise ValueError("shards must be >= 1")
@@ -97,6 +98,8 @@ class KafkaBus(Bus):
         #: group protocol assigns partitions (True) or ``owned`` is fixed (False)
         self.rebalance = rebalance
         self.revoke_grace = revoke_grace
+        #: group session: a dead member's partitions move after this many seconds
+        self.session_timeout = session_timeout
         self.assigned: set[int] = set() if rebalance else set(self.owned)
         self._reset_needed: set[int] = set()
         self._revoking: set[int] = set()
@@ -186,6 +189,8 @@ class KafkaBus(Bus):
                 bootstrap_servers=self.bootstrap, group_id=group, client_id=self.client_id,
                 enable_auto_commit=False, auto_offset_reset="earliest",
                 isolation_level="read_committed",
+                session_timeout_ms=int(self.session_timeout * 1000),
+                heartbeat_interval_ms=max(100, int(self.session_timeout * 1000 / 3)),
             )
             await self._call(consumer.start())
             if self.rebalance:
