@@ -22,12 +22,13 @@ from pqcnet.relayer.cursor import JournalCursor
 from pqcnet.relayer.frame import Frame, Topic
 from pqcnet.relayer.seqstore import RedisSeqStore
 from tests.relayer.e2e import identities
+from tests.relayer.helpers import eventually
 from tests.relayer.proc import RelayerProcess, write_config
 
 pytestmark = pytest.mark.timeout(240)
 
 TOPICS: list[Topic] = [("acme", f"ch{i}") for i in range(4)]
-COUNT = 240  # frames per topic
+COUNT = 320  # frames per topic
 BATCH = 8
 
 
@@ -63,11 +64,14 @@ async def test_three_relayers_kill_one_add_one(tmp_path: Path, kafka_bootstrap: 
     sub = ClusterSubscriber(targets, identities()[2], "acme", cursor=cursor,
                             retry_delay=0.2)
     taken = 0
+    by_relayer = [0, 0, 0]  # frames each relayer delivered: who owned partitions when
 
     async def consume() -> None:
         nonlocal taken
         async for batch in sub.batches():
             taken += len(batch)
+            assert sub._source is not None
+            by_relayer[sub.subs.index(sub._source)] += len(batch)
             if taken >= COUNT * len(TOPICS):
                 await sub.ack()
                 return
@@ -91,11 +95,14 @@ async def test_three_relayers_kill_one_add_one(tmp_path: Path, kafka_bootstrap: 
                 await asyncio.sleep(0.2)  # retriable refusal (backpressure): same seqs again
             step += 1
             if step == 8:
+                # r1 owns partitions (it delivered) before it dies
+                await eventually(lambda: by_relayer[1] > 0, 60)
                 procs[1].kill()  # mid-stream: its partitions move after the session timeout
             if step == 14:
                 await procs[2].start()  # joins the group: takes partitions over
                 pub.targets.append(targets[2])
-            await asyncio.sleep(0.05)
+            # after r2 joined, slow down until the group gave it partitions
+            await asyncio.sleep(0.3 if step >= 14 and by_relayer[2] == 0 else 0.05)
         async with asyncio.timeout(150):
             await consumer
     finally:
@@ -122,5 +129,7 @@ async def test_three_relayers_kill_one_add_one(tmp_path: Path, kafka_bootstrap: 
     report = check(sorted(hist.glob("*.jsonl")),
                    {t: (f, b) for t, (f, b) in metering.items()})
     assert report.ok, report.table()
+    assert by_relayer[1] > 0 and by_relayer[2] > 0, by_relayer  # killed one and added one
+    assert by_relayer[0] > 0, by_relayer
     assert report.total("taken") == COUNT * len(TOPICS)
     assert report.total("acked") == COUNT * len(TOPICS)
