@@ -5,18 +5,23 @@
   :class:`ConfigError`-style :class:`BusError`, never silently mis-sharded.
 * The producer is idempotent with ``acks=all``: a publish returns only after the
   broker's in-sync replicas have the records, and producer retries never duplicate.
-* Consumption, default: *explicit partition assignment* with the group id used only
+* Consumption, ``rebalance=False`` (a relayer with ``owned_shards``): *explicit
+  partition assignment* with the group id used only
   for committed offsets. Each relayer owns a fixed set of shards (``owned``; default
   all), so there is no group-join / rebalance round on start (each costs seconds) and
   a shard is never read by two relayers at once.
-* Consumption, ``rebalance=True``: the group protocol assigns partitions among the
-  relayers of a group. On revoke, the listener waits (up to ``revoke_grace`` s) for
-  the shard's worker to ack what it consumed, commits, and stops acking that shard;
-  on assign, the shard's next ``consume`` raises a retriable error so its worker
-  resets to the committed offset and its stored marks. Nothing acked is replayed and
-  nothing unacked is lost. A new owner's marks for the shard's topics are older than
-  the previous owner's (marks are node-local), so its first frame per topic waits
-  ``gap_timeout`` and is reported as a gap before delivery resumes, in order.
+* Consumption, ``rebalance=True`` (the relayer's default, ``kafka_rebalance``): the
+  group protocol assigns partitions among the relayers of a group. On revoke, the
+  listener waits (up to ``revoke_grace`` s) for the shard's worker to ack what it
+  consumed, commits, and stops acking that shard; on assign, the shard's next
+  ``consume`` raises a retriable error so its worker resets to the committed offset
+  and its stored marks. Nothing acked is replayed and nothing unacked is lost. With
+  node-local marks a new owner's marks for the shard's topics are older than the
+  previous owner's, so its first frame per topic waits ``gap_timeout`` and is reported
+  as a gap before delivery resumes, in order; a node configured with ``redis_url``
+  keeps marks and volume in Redis instead (:func:`pqcnet.relayer.node.shared_marks`),
+  and they move with the partition. A dead member's partitions move after
+  ``session_timeout`` seconds without heartbeats.
 * Commits happen after the worker has delivered and persisted its dedup marks, so a
   crash replays, never skips.
 """
