@@ -73,7 +73,8 @@ class RelayerConfig(Schema):
     group: str = "relayer"
     """Consumer group of the shard workers."""
     redis_url: str = Field(default="", pattern=REDIS_URL_PATTERN)
-    """redis:// URL (backend redis)."""
+    """redis:// URL (backend redis; with backend kafka, optional: the store of dedup marks
+    and metered volume, shared by a cluster so marks move with a partition)."""
     redis_prefix: str = "pqcnet:relayer"
     """Key prefix of the relayer's Redis streams and marks."""
     kafka_bootstrap: HostPorts = ""
@@ -82,8 +83,13 @@ class RelayerConfig(Schema):
     """Kafka topic; one partition per shard."""
     kafka_commit_interval: float = Field(default=0.2, ge=0)
     """Seconds between Kafka offset commits (0: commit on every ack)."""
-    kafka_rebalance: bool = False
-    """Let the Kafka group protocol split shards among relayers (owned_shards empty)."""
+    kafka_rebalance: bool = True
+    """Let the Kafka group protocol split shards among the relayers of ``group`` (off
+    when owned_shards is given)."""
+    kafka_session_timeout: float = Field(default=6.0, ge=1.0, le=300.0)
+    """Seconds without heartbeats before the Kafka group gives a dead relayer's
+    partitions to the others (must be >= the broker's group.min.session.timeout.ms;
+    the project's broker allows 1 s)."""
     sync: bool = False
     """fsync RocksDB writes (power-loss safety; process crashes are safe without it)."""
     high_water: int = Field(default=HIGH_WATER, ge=1)
@@ -176,7 +182,8 @@ class RelayerConfig(Schema):
             raise ValueError("redis_url: required for backend redis")
         if self.backend == "kafka" and not self.kafka_bootstrap:
             raise ValueError("kafka_bootstrap: required for backend kafka")
-        if self.kafka_rebalance and self.owned_shards:
+        if (self.kafka_rebalance and self.owned_shards
+                and "kafka_rebalance" in self.model_fields_set):
             raise ValueError("kafka_rebalance: the group assigns shards; leave owned_shards "
                              "empty")
         if not self.low_water < self.high_water:
@@ -192,6 +199,11 @@ class RelayerConfig(Schema):
         except IdentityError as exc:
             raise ValueError(str(exc)) from None
         return self
+
+    @property
+    def rebalancing(self) -> bool:
+        """The Kafka group assigns this node's shards (default unless owned_shards)."""
+        return self.backend == "kafka" and self.kafka_rebalance and not self.owned_shards
 
     @property
     def shards_owned(self) -> list[int]:

@@ -90,7 +90,7 @@ from pqcnet.relayer.proof import (
 )
 from pqcnet.relayer.proofstore import Intent, ProofStore
 from pqcnet.relayer.receipts import VolumeReceipt, build_receipt
-from pqcnet.relayer.seqstore import RocksSeqStore, SeqStore
+from pqcnet.relayer.seqstore import RedisSeqStore, RocksSeqStore, SeqStore
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,17 @@ def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
         return KafkaBus(cfg.kafka_bootstrap, cfg.shards, topic=cfg.kafka_topic,
                         owned=cfg.shards_owned, client_id=cfg.node_id,
                         commit_interval=cfg.kafka_commit_interval,
-                        rebalance=cfg.kafka_rebalance)
+                        rebalance=cfg.rebalancing,
+                        session_timeout=cfg.kafka_session_timeout)
     return EmbeddedBus(data_dir / "bus", cfg.shards, sync=cfg.sync)
+
+
+def shared_marks(cfg: RelayerConfig) -> RedisSeqStore:
+    """Dedup marks and metered volume in Redis for a Kafka cluster (``redis_url``)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(cfg.redis_url, socket_connect_timeout=cfg.publish_timeout)
+    return RedisSeqStore(client, cfg.redis_prefix, cfg.node_id)
 
 
 def _identity_passphrase(cfg: RelayerConfig) -> bytes | None:
@@ -261,6 +270,15 @@ class RelayerNode:
         self.bus = make_bus(cfg, self.data_dir)
         stack.push_async_callback(_quietly, self.bus.close)
         store = self.bus.seq_store()
+        if store is None and cfg.backend == "kafka" and cfg.redis_url:
+            # a cluster's shared marks and volume: they move with a partition
+            shared = shared_marks(cfg)
+            stack.push_async_callback(_quietly, shared.aclose)
+            store = shared
+        elif store is None and cfg.rebalancing:
+            log.warning("kafka cluster with node-local dedup marks: a partition taken "
+                        "over replays to subscribers (their cursor drops it) and may be "
+                        "metered twice; set redis_url for shared marks")
         if store is None:
             rocks = RocksSeqStore(self.data_dir / "marks", sync=cfg.sync)
             stack.push_async_callback(_quietly, rocks.close)

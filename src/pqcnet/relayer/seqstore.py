@@ -163,6 +163,11 @@ class RedisSeqStore:
         self._prefix = prefix
         self._node = node_id
 
+    async def aclose(self) -> None:
+        """Close the Redis client (only a store that owns its client, e.g. a Kafka
+        cluster's shared marks; the Redis bus closes its own)."""
+        await self._r.aclose()
+
     def key(self, shard: int) -> str:
         """The hash holding ``shard``'s marks."""
         return f"{self._prefix}:seq:{shard}"

@@ -5,18 +5,23 @@
   :class:`ConfigError`-style :class:`BusError`, never silently mis-sharded.
 * The producer is idempotent with ``acks=all``: a publish returns only after the
   broker's in-sync replicas have the records, and producer retries never duplicate.
-* Consumption, default: *explicit partition assignment* with the group id used only
+* Consumption, ``rebalance=False`` (a relayer with ``owned_shards``): *explicit
+  partition assignment* with the group id used only
   for committed offsets. Each relayer owns a fixed set of shards (``owned``; default
   all), so there is no group-join / rebalance round on start (each costs seconds) and
   a shard is never read by two relayers at once.
-* Consumption, ``rebalance=True``: the group protocol assigns partitions among the
-  relayers of a group. On revoke, the listener waits (up to ``revoke_grace`` s) for
-  the shard's worker to ack what it consumed, commits, and stops acking that shard;
-  on assign, the shard's next ``consume`` raises a retriable error so its worker
-  resets to the committed offset and its stored marks. Nothing acked is replayed and
-  nothing unacked is lost. A new owner's marks for the shard's topics are older than
-  the previous owner's (marks are node-local), so its first frame per topic waits
-  ``gap_timeout`` and is reported as a gap before delivery resumes, in order.
+* Consumption, ``rebalance=True`` (the relayer's default, ``kafka_rebalance``): the
+  group protocol assigns partitions among the relayers of a group. On revoke, the
+  listener waits (up to ``revoke_grace`` s) for the shard's worker to ack what it
+  consumed, commits, and stops acking that shard; on assign, the shard's next
+  ``consume`` raises a retriable error so its worker resets to the committed offset
+  and its stored marks. Nothing acked is replayed and nothing unacked is lost. With
+  node-local marks a new owner's marks for the shard's topics are older than the
+  previous owner's, so its first frame per topic waits ``gap_timeout`` and is reported
+  as a gap before delivery resumes, in order; a node configured with ``redis_url``
+  keeps marks and volume in Redis instead (:func:`pqcnet.relayer.node.shared_marks`),
+  and they move with the partition. A dead member's partitions move after
+  ``session_timeout`` seconds without heartbeats.
 * Commits happen after the worker has delivered and persisted its dedup marks, so a
   crash replays, never skips.
 """
@@ -77,6 +82,7 @@ class KafkaBus(Bus):
         commit_interval: float = 0.0,
         rebalance: bool = False,
         revoke_grace: float = 5.0,
+        session_timeout: float = 10.0,
     ) -> None:
         if shards < 1:
             raise ValueError("shards must be >= 1")
@@ -97,6 +103,8 @@ class KafkaBus(Bus):
         #: group protocol assigns partitions (True) or ``owned`` is fixed (False)
         self.rebalance = rebalance
         self.revoke_grace = revoke_grace
+        #: group session: a dead member's partitions move after this many seconds
+        self.session_timeout = session_timeout
         self.assigned: set[int] = set() if rebalance else set(self.owned)
         self._reset_needed: set[int] = set()
         self._revoking: set[int] = set()
@@ -186,6 +194,8 @@ class KafkaBus(Bus):
                 bootstrap_servers=self.bootstrap, group_id=group, client_id=self.client_id,
                 enable_auto_commit=False, auto_offset_reset="earliest",
                 isolation_level="read_committed",
+                session_timeout_ms=int(self.session_timeout * 1000),
+                heartbeat_interval_ms=max(100, int(self.session_timeout * 1000 / 3)),
             )
             await self._call(consumer.start())
             if self.rebalance:
