@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from pqcnet._util.env import PASS_ENV
 from pqcnet.cli._common import run_until_signalled
 from pqcnet.cli._keystore import key_store_option
+from pqcnet.cli._rotation import build_manager, rotation_options, unbind
 from pqcnet.runtime import schema
 
 _config = click.option("--config", "config_path", required=True,
@@ -41,16 +43,48 @@ def check(config_path: Path) -> None:
 
 @cli.command("run")
 @_config
-def run(config_path: Path) -> None:
-    """Start the node and its control-plane agent; serve until SIGINT/SIGTERM."""
+@rotation_options
+def run(config_path: Path, **rotation: Any) -> None:
+    """Start the node and its control-plane agent; serve until SIGINT/SIGTERM.
+
+    The role's identity directory is watched (a certificate rewritten by cert-manager or
+    `pqcnet ca issue` is taken within --reload-poll seconds, atomically) and, with
+    --renew-ca-url / --renew-ca-dir, renewed at --renew-at of its lifetime; new tunnels
+    use the new certificate, old ones get a GOAWAY. A relayer keeps its key (it signs
+    its proofs and its ledger vertices); a sentry's key rotates with its certificate.
+    """
     from pqcnet.runtime.node import NodeRuntime
+    from pqcnet.runtime.rotation import bind_relayer, bind_sentry
 
     cfg = schema.load_node_file(config_path)
+    if cfg.role == "relayer":
+        from pqcnet.relayer.node import load_identity, save_identity
+
+        rcfg = cfg.relayer
+        assert rcfg is not None
+        manager = build_manager(Path(str(rcfg.identity_dir)), None, rotate_key=False,
+                                load=lambda: load_identity(rcfg),
+                                save=lambda new: save_identity(rcfg, new), **rotation)
+    else:
+        from pqcnet._util.env import PASS_ENV, env_passphrase
+        from pqcnet.sentry.config import require_identity
+
+        assert cfg.sentry is not None
+        manager = build_manager(require_identity(cfg.sentry), env_passphrase(PASS_ENV),
+                                **rotation)
 
     async def start() -> NodeRuntime:
         node = NodeRuntime(cfg)
         await node.start()
+        if node.relayer is not None:
+            await bind_relayer(node.relayer, manager)
+        else:
+            await bind_sentry(node.sentry_service, manager)
         return node
+
+    async def stop(node: NodeRuntime) -> None:
+        await unbind(manager)
+        await node.stop()
 
     def ready(node: NodeRuntime) -> None:
         click.echo(json.dumps({
@@ -61,7 +95,7 @@ def run(config_path: Path) -> None:
             "namespace": cfg.control_plane.spec.namespace}))
         sys.stdout.flush()
 
-    run_until_signalled(start, NodeRuntime.stop, ready)
+    run_until_signalled(start, stop, ready)
 
 
 @cli.command("enroll")
