@@ -5,6 +5,7 @@ subscriber listens to every relayer and shares one cursor."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from pqcnet.relayer.client import ClusterSubscriber, FailoverPublisher
 from pqcnet.relayer.frame import Frame
 from tests.relayer.e2e import identities, start_node
 from tests.relayer.helpers import assert_exactly_once_in_order
+from tests.relayer.proc import PQCNET
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -58,4 +60,32 @@ async def test_failover_publisher_and_cluster_subscriber(tmp_path: Path) -> None
         await asyncio.gather(task, return_exceptions=True)
         await pub.close()
         await sub.close()
+        await node.stop()
+
+
+async def test_cli_publish_and_subscribe_take_a_relayer_list(tmp_path: Path) -> None:
+    """`pqcnet publish/subscribe --relayer dead,live`: the publisher fails over, the
+    subscriber listens to both and gets every frame once."""
+    node = await start_node(tmp_path)
+    pub_dir, sub_dir = tmp_path / "pub", tmp_path / "sub"
+    identities()[1].save(pub_dir, None)
+    identities()[2].save(sub_dir, None)
+    relayers = f"127.0.0.1:{_dead_port()},127.0.0.1:{node.port}"
+    try:
+        pub = await asyncio.create_subprocess_exec(
+            PQCNET, "publish", "--relayer", relayers, "--identity", str(pub_dir),
+            "--customer", "acme", "--channel", "ch", "--count", "40", "--batch", "10",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        out, _ = await asyncio.wait_for(pub.communicate(), 60)
+        summary = json.loads(out.decode().strip().splitlines()[-1])
+        assert summary["accepted"] == 40 and summary["failovers"] >= 1, summary
+        sub = await asyncio.create_subprocess_exec(
+            PQCNET, "subscribe", "--relayer", relayers, "--identity", str(sub_dir),
+            "--customer", "acme", "--count", "40", "--timeout", "60",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        out, _ = await asyncio.wait_for(sub.communicate(), 90)
+        lines = [json.loads(x) for x in out.decode().strip().splitlines()]
+        assert [row["seq"] for row in lines[:-1]] == list(range(1, 41))
+        assert lines[-1]["frames"] == 40
+    finally:
         await node.stop()

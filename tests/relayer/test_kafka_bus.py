@@ -175,3 +175,48 @@ async def test_group_rebalance_hands_shards_over_without_loss_or_replay(
     assert_exactly_once_in_order(sink.by_topic, {t: n for t in topics})
     await stop(b)
     await pub.close()
+
+
+async def test_static_member_restart_resumes_exactly_once(kafka_bootstrap: str,
+                                                          tmp_path: Path) -> None:
+    """Static membership (group.instance.id): a relayer stopped and restarted under the
+    same id takes its partitions back and resumes at its commit, exactly once."""
+    topic = f"pqcnet-static-{uuid.uuid4().hex[:8]}"
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    shards = 4
+    topics = [("c", f"ch{i}") for i in range(8)]
+    sink = CollectSink()
+    cfg = WorkerConfig(group=group, poll_timeout=0.1, gap_timeout=0.5)
+    store = RocksSeqStore(tmp_path / "marks")
+    pub = KafkaBus(kafka_bootstrap, shards, topic=topic)
+    await pub.start()
+
+    async def publish(lo: int, hi: int) -> None:
+        for t in topics:
+            await pub.publish(shard_for(t[0], t[1], shards),
+                              [encode(Frame(*t, q, b"p")) for q in range(lo, hi + 1)])
+
+    async def run(upto: int) -> None:
+        b = KafkaBus(kafka_bootstrap, shards, topic=topic, rebalance=True,
+                     instance_id="relayer-x", session_timeout=6.0, commit_interval=0.0)
+        await b.start()
+        workers = [RelayerShardWorker(b, s, store, sink, cfg) for s in range(shards)]
+        tasks = [asyncio.create_task(w.run()) for w in workers]
+        try:
+            await sink.wait_for(len(topics) * upto, 90)
+        finally:
+            for w in workers:
+                w.stop()
+            await asyncio.wait_for(asyncio.gather(*tasks), 30)
+            await b.close()
+
+    try:
+        await publish(1, 30)
+        await run(30)
+        await publish(31, 60)
+        await run(60)  # same instance id: no wait for the old member's session
+        await asyncio.sleep(0.5)
+        assert_exactly_once_in_order(sink.by_topic, {t: 60 for t in topics})
+    finally:
+        await pub.close()
+        store.close()

@@ -90,6 +90,11 @@ class RelayerConfig(Schema):
     """Seconds without heartbeats before the Kafka group gives a dead relayer's
     partitions to the others (must be >= the broker's group.min.session.timeout.ms;
     the project's broker allows 1 s)."""
+    kafka_static_membership: bool = False
+    """Kafka static group membership (group.instance.id = node_id, unique per group): a
+    relayer restarted under the same node_id gets its partitions back without a
+    rebalance; a clean stop does not leave the group either, so its partitions move
+    only after kafka_session_timeout."""
     sync: bool = False
     """fsync RocksDB writes (power-loss safety; process crashes are safe without it)."""
     high_water: int = Field(default=HIGH_WATER, ge=1)

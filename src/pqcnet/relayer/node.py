@@ -118,7 +118,8 @@ def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
                         owned=cfg.shards_owned, client_id=cfg.node_id,
                         commit_interval=cfg.kafka_commit_interval,
                         rebalance=cfg.rebalancing,
-                        session_timeout=cfg.kafka_session_timeout)
+                        session_timeout=cfg.kafka_session_timeout,
+                        instance_id=cfg.node_id if cfg.kafka_static_membership else None)
     return EmbeddedBus(data_dir / "bus", cfg.shards, sync=cfg.sync)
 
 

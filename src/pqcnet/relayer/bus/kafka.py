@@ -83,6 +83,7 @@ class KafkaBus(Bus):
         rebalance: bool = False,
         revoke_grace: float = 5.0,
         session_timeout: float = 10.0,
+        instance_id: str | None = None,
     ) -> None:
         if shards < 1:
             raise ValueError("shards must be >= 1")
@@ -105,6 +106,9 @@ class KafkaBus(Bus):
         self.revoke_grace = revoke_grace
         #: group session: a dead member's partitions move after this many seconds
         self.session_timeout = session_timeout
+        #: static group membership (group.instance.id): a restart under the same id
+        #: gets its partitions back without a rebalance; a clean stop does not leave
+        self.instance_id = instance_id
         self.assigned: set[int] = set() if rebalance else set(self.owned)
         self._reset_needed: set[int] = set()
         self._revoking: set[int] = set()
@@ -196,6 +200,7 @@ class KafkaBus(Bus):
                 isolation_level="read_committed",
                 session_timeout_ms=int(self.session_timeout * 1000),
                 heartbeat_interval_ms=max(100, int(self.session_timeout * 1000 / 3)),
+                group_instance_id=self.instance_id if self.rebalance else None,
             )
             await self._call(consumer.start())
             if self.rebalance:
