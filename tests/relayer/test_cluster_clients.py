@@ -89,3 +89,26 @@ async def test_cli_publish_and_subscribe_take_a_relayer_list(tmp_path: Path) -> 
         assert lines[-1]["frames"] == 40
     finally:
         await node.stop()
+
+
+async def test_failover_publisher_does_not_hide_a_refusal_of_its_identity(
+        tmp_path: Path) -> None:
+    """A slashed publisher (denied by the relayer's PeerGate) gets the refusal at once,
+    not after failing over for ``give_up`` seconds."""
+    from pqcnet.qstp.errors import HandshakeError
+    from pqcnet.qstp.tls import PeerGate, TlsPolicy
+    from pqcnet.relayer.config import RelayerConfig
+    from pqcnet.relayer.node import RelayerNode
+    from tests.relayer.e2e import GRANT_ALL
+
+    relayer, pub_id, _ = identities()
+    cfg = RelayerConfig(listen_port=0, data_dir=str(tmp_path / "r"), authz=GRANT_ALL)
+    node = RelayerNode(cfg, relayer, TlsPolicy(gate=PeerGate((pub_id.spiffe_id.node_id,))))
+    await node.start()
+    try:
+        pub = FailoverPublisher([("127.0.0.1", node.port)], pub_id, give_up=600.0)
+        with pytest.raises(HandshakeError, match=r"\[certificate-refused\]"):
+            await asyncio.wait_for(pub.publish([Frame("acme", "ch", 1, b"x")]), 120)
+        await pub.close()
+    finally:
+        await node.stop()

@@ -37,7 +37,7 @@ from pqcnet.errors import PqcnetError
 from pqcnet.identity import NodeIdentity
 from pqcnet.qstp import aio
 from pqcnet.qstp.aio import Stream, Tunnel
-from pqcnet.qstp.errors import TunnelClosed
+from pqcnet.qstp.errors import HandshakeError, TunnelClosed
 from pqcnet.qstp.events import FlowPaused
 from pqcnet.qstp.tls import TlsPolicy
 from pqcnet.relayer.counters import CounterTracker
@@ -365,6 +365,22 @@ class ResumingSubscriber:
             await self.client.close()
 
 
+#: handshake refusals about *our* identity: every relayer of the cluster would refuse it
+#: too (a slash or revocation is mesh-wide), so failing over only hides the answer
+IDENTITY_REFUSALS = frozenset({"certificate-refused", "revoked", "denied", "unknown-ca",
+                               "spiffe-not-allowed", "bad-certificate"})
+
+
+def _refusal_reason(exc: HandshakeError) -> str:
+    """The refusal code of a handshake error (``reason``, or the ``[code]`` its message
+    ends with when the tunnel re-raised it as a plain HandshakeError)."""
+    reason = getattr(exc, "reason", "")
+    if reason:
+        return str(reason)
+    text = str(exc)
+    return text[text.rfind("[") + 1:-1] if text.endswith("]") and "[" in text else ""
+
+
 class FailoverPublisher:
     """A publisher that takes a list of relayers (a cluster sharing one bus) and fails
     over between them, client-side.
@@ -428,6 +444,14 @@ class FailoverPublisher:
                     results = await client.publish(frames, retry=retry or self._retry)
             except RelayerRefused:
                 raise  # the relayer answered: not a connectivity problem
+            except HandshakeError as exc:
+                if _refusal_reason(exc) in IDENTITY_REFUSALS:
+                    raise  # our identity is refused (slashed, revoked...): so would the rest be
+                await self._drop()
+                if loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(self.retry_delay)
+                continue
             except (PqcnetError, OSError, TimeoutError) as exc:
                 await self._drop()
                 if loop.time() >= deadline:
