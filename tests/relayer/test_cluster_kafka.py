@@ -79,6 +79,7 @@ async def test_three_relayers_kill_one_add_one(tmp_path: Path, kafka_bootstrap: 
     await asyncio.gather(procs[0].start(), procs[1].start())
     consumer = asyncio.create_task(consume())
     acked = dict.fromkeys(TOPICS, 0)
+    kill_at: int | None = None
     try:
         step = 0
         while any(v < COUNT for v in acked.values()):
@@ -94,15 +95,18 @@ async def test_three_relayers_kill_one_add_one(tmp_path: Path, kafka_bootstrap: 
             if len(ok) < len(frames):
                 await asyncio.sleep(0.2)  # retriable refusal (backpressure): same seqs again
             step += 1
-            if step == 8:
-                # r1 owns partitions (it delivered) before it dies
+            # r1 must own partitions (it delivered) before it dies; the group may give it
+            # some only after a rebalance, so keep publishing until it has delivered
+            if kill_at is None and step >= 8 and (by_relayer[1] > 0 or step >= 30):
                 await eventually(lambda: by_relayer[1] > 0, 60)
                 procs[1].kill()  # mid-stream: its partitions move after the session timeout
-            if step == 14:
+                kill_at = step
+            if kill_at is not None and step == kill_at + 6:
                 await procs[2].start()  # joins the group: takes partitions over
                 pub.targets.append(targets[2])
             # after r2 joined, slow down until the group gave it partitions
-            await asyncio.sleep(0.3 if step >= 14 and by_relayer[2] == 0 else 0.05)
+            joined = kill_at is not None and step >= kill_at + 6
+            await asyncio.sleep(0.3 if joined and by_relayer[2] == 0 else 0.05)
         async with asyncio.timeout(150):
             await consumer
     finally:
