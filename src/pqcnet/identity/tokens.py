@@ -5,7 +5,10 @@ pattern and a role, with a short TTL. The CA keeps only the token's SHA-256 in
 ``tokens.json`` next to its state, so a copy of the CA directory does not leak
 usable tokens. A joining node presents the secret once to ``POST /v1/enroll``;
 :meth:`TokenStore.redeem` marks it used in the same locked read-modify-write, so a
-second use — a replay — is refused (``used``) and counted by the service.
+second use — a replay — is refused (``used``) and counted by the service. The one
+exception is the same node retrying with the same SPIFFE ID and key before the token
+expires (:meth:`TokenStore.is_retry`): a CA that crashed after spending the token must
+not strand a node whose answer was lost.
 
 The token *bundle* (:func:`write_bundle`) is what travels to the node, by network
 or on a USB stick for an air-gapped site (seed 001 §4.2): the secret, the CA trust
@@ -19,6 +22,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
+import hmac
 import json
 import secrets
 from collections.abc import Iterator
@@ -85,13 +89,15 @@ class TokenRecord:
     used_at: dt.datetime | None = None
     #: the SPIFFE ID the token was spent on
     used_by: str = ""
+    #: SHA-256 (hex) of the public key it was spent on: that node may ask again (below)
+    used_key: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"token_hash": self.token_hash, "pattern": self.pattern, "role": self.role,
                 "created_at": self.created_at.isoformat(),
                 "expires_at": self.expires_at.isoformat(),
                 "used_at": self.used_at.isoformat() if self.used_at else None,
-                "used_by": self.used_by}
+                "used_by": self.used_by, "used_key": self.used_key}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TokenRecord:
@@ -100,7 +106,7 @@ class TokenRecord:
             created_at=dt.datetime.fromisoformat(d["created_at"]),
             expires_at=dt.datetime.fromisoformat(d["expires_at"]),
             used_at=dt.datetime.fromisoformat(d["used_at"]) if d.get("used_at") else None,
-            used_by=str(d.get("used_by", "")),
+            used_by=str(d.get("used_by", "")), used_key=str(d.get("used_key", "")),
         )
 
 
@@ -211,19 +217,35 @@ class TokenStore:
         with self._locked() as records:
             return self._usable(records.items, digest, now or utcnow())
 
-    def redeem(self, secret: str, spiffe_id: SpiffeId, *,
+    def redeem(self, secret: str, spiffe_id: SpiffeId, *, key_digest: str = "",
                now: dt.datetime | None = None) -> TokenRecord:
-        """Spend the token on ``spiffe_id`` (which must match its binding)."""
+        """Spend the token on ``spiffe_id`` (which must match its binding) and the key
+        whose SHA-256 is ``key_digest``."""
         digest = hash_token(secret)
         now = now or utcnow()
         with self._locked() as records:
             rec = self._usable(records.items, digest, now)
             check_token_binding(rec, spiffe_id)
             spent = TokenRecord(rec.token_hash, rec.pattern, rec.role, rec.created_at,
-                                rec.expires_at, now, str(spiffe_id))
+                                rec.expires_at, now, str(spiffe_id), key_digest)
             records.items[digest] = spent
             records.dirty = True
             return spent
+
+    def is_retry(self, secret: str, spiffe_id: SpiffeId, key_digest: str, *,
+                 now: dt.datetime | None = None) -> bool:
+        """Whether a spent token was spent on exactly ``spiffe_id`` and this key and has
+        not expired: the same node asking again because the CA's answer never reached it
+        (the CA crashed after spending the token, the connection was cut). The CSR's
+        signature proves the caller holds that key, so a second certificate gives it
+        nothing it does not have; any other ID or key stays a replay."""
+        digest = hash_token(secret)
+        with self._locked() as records:
+            rec = records.items.get(digest)
+        return (rec is not None and rec.used_at is not None and bool(rec.used_key)
+                and rec.used_by == str(spiffe_id)
+                and hmac.compare_digest(rec.used_key, key_digest)
+                and (now or utcnow()) < rec.expires_at)
 
     @staticmethod
     def _usable(records: dict[str, TokenRecord], digest: str, now: dt.datetime) -> TokenRecord:

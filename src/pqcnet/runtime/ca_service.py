@@ -337,6 +337,9 @@ class CaService:
             record = self.tokens.check(secret)
         except TokenError as exc:
             if exc.code == "used":
+                sid, public = _parse_csr(csr_pem)
+                if self.tokens.is_retry(secret, sid, public.key_id.hex()):
+                    return await self._reissue(csr_pem, sid, public, body.get("attestation"))
                 self.replays += 1
                 TOKEN_REPLAYS.inc()
             raise CaServiceError(400 if exc.code == "malformed" else 401,
@@ -350,11 +353,25 @@ class CaService:
         cert_pem = self._sign(csr_pem)
         try:
             async with self._token_lock:
-                await asyncio.to_thread(self.tokens.redeem, secret, sid)
+                await asyncio.to_thread(self.tokens.redeem, secret, sid,
+                                        key_digest=public.key_id.hex())
         except TokenError as exc:  # lost a race with another enrollment of the same token
             self.ca.issued.pop(load_certs(cert_pem)[0].serial_number, None)
             raise CaServiceError(401, f"token_{exc.code}", str(exc)) from None
-        cert = await self._commit(cert_pem, sid, "enroll")
+        return await self._enrolled(cert_pem, sid, "enroll")
+
+    async def _reissue(self, csr_pem: bytes, sid: SpiffeId, public: VerifyKey,
+                       attestation: object) -> Response:
+        """The answer to a node retrying an enrollment whose token it already spent on
+        this ID and key (:meth:`TokenStore.is_retry`): policy and attestation are checked
+        again, the node is not counted twice against ``max_nodes``, the certificate is
+        new (and recorded like any other)."""
+        self._check_policy(sid, public, attestation, new_node=False)
+        log.info("enrollment retried", extra={"spiffe_id": str(sid)})
+        return await self._enrolled(self._sign(csr_pem), sid, "enroll_retry")
+
+    async def _enrolled(self, cert_pem: bytes, sid: SpiffeId, path: str) -> Response:
+        cert = await self._commit(cert_pem, sid, path)
         return _ok({
             "certificate": cert_pem.decode(),
             "ca_cert": self.ca.trust_bundle_pem().decode(),
