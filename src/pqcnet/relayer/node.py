@@ -110,7 +110,8 @@ def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
         from pqcnet.relayer.bus.redis_streams import RedisStreamsBus
 
         return RedisStreamsBus(cfg.redis_url, cfg.shards, prefix=cfg.redis_prefix,
-                               consumer=cfg.node_id, op_timeout=cfg.publish_timeout)
+                               consumer=cfg.node_id, op_timeout=cfg.publish_timeout,
+                               lease=cfg.redis_lease if cfg.redis_leases else None)
     if cfg.backend == "kafka":
         from pqcnet.relayer.bus.kafka import KafkaBus
 
