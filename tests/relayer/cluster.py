@@ -16,8 +16,8 @@ from pqcnet.relayer.proof import VolumeProof, verify_volume_proof
 from pqcnet.relayer.proofstore import ProofStore
 from pqcnet.relayer.seqstore import RedisSeqStore
 
-#: (node, epoch, topic) -> frames
-Volume = dict[tuple[str, int, Topic], int]
+#: (node, epoch, topic) -> (frames, bytes)
+Volume = dict[tuple[str, int, Topic], tuple[int, int]]
 
 
 def free_port() -> int:
@@ -33,19 +33,28 @@ async def metered(redis_url: str, prefix: str, names: list[str]) -> Volume:
     try:
         for name in names:
             vol = await RedisSeqStore(client, prefix, name).load_volume()
-            for (epoch, customer, channel, _qos), (_nbytes, nframes) in vol.items():
+            for (epoch, customer, channel, _qos), (nbytes, nframes) in vol.items():
                 key = (name, epoch, (customer, channel))
-                out[key] = out.get(key, 0) + nframes
+                f, b = out.get(key, (0, 0))
+                out[key] = (f + nframes, b + nbytes)
     finally:
         await client.aclose()
     return out
 
 
-def by_topic(volume: Volume) -> dict[Topic, int]:
-    out: Counter[Topic] = Counter()
-    for (_n, _e, topic), frames in volume.items():
-        out[topic] += frames
-    return dict(out)
+def by_topic(volume: Volume) -> dict[Topic, tuple[int, int]]:
+    """(frames, bytes) per topic over relayers and epochs (the checker's metering)."""
+    frames: Counter[Topic] = Counter()
+    nbytes: Counter[Topic] = Counter()
+    for (_n, _e, topic), (f, b) in volume.items():
+        frames[topic] += f
+        nbytes[topic] += b
+    return {t: (frames[t], nbytes[t]) for t in frames}
+
+
+def frames_of(volume: Volume) -> int:
+    """Frames over all keys."""
+    return sum(f for f, _b in volume.values())
 
 
 def proofs(data_dir: Path) -> list[VolumeProof]:
@@ -73,7 +82,7 @@ def audit_proofs(relayer_dirs: dict[str, Path], volume: Volume, key: VerifyKey) 
             for r in p.records:
                 k = (name, r.epoch, (r.customer, r.channel))
                 assert k not in covered, f"{k} in two proofs"
-                covered[k] = r.frames
+                covered[k] = (r.frames, r.bytes)
     assert covered == volume, _diff(covered, volume)
     return covered
 

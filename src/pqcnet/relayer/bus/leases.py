@@ -35,7 +35,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -283,10 +283,10 @@ class ShardLeases:
                     await self._journal(held, "released")
 
 
-def journal(entries: list[Any]) -> list[tuple[str, int, str]]:
+def journal(entries: Iterable[Any] | None) -> list[tuple[str, int, str]]:
     """``(node, shard, event)`` of raw ``XRANGE`` entries of the ownership journal."""
     out = []
-    for _id, fields in entries:
+    for _id, fields in entries or ():
         f = {_s(k): _s(v) for k, v in fields.items()}
         out.append((f["node"], int(f["shard"]), f["event"]))
     return out
