@@ -188,3 +188,25 @@ async def test_redis_workers_share_the_port(tmp_path: Path, redis_url: str) -> N
     assert report.ok, report.table()
     assert report.total("taken") == report.total("acked") == COUNT * len(TOPICS)
     assert not _listeners(port)  # SIGTERM stopped every worker
+
+
+def test_bench_relayer_workers_reports_both_runs(redis_url: str) -> None:
+    """``pqcnet bench relayer --workers 2`` measures one worker and two in one run and
+    reports the ratio and CPU per frame (shape only: timings are never asserted)."""
+    res = subprocess.run([PQCNET, "bench", "relayer", "--backend", "redis", "--workers", "2",
+                          "--frames", "600", "--publishers", "2", "--topics", "8",
+                          "--batch", "32", "--paced-frames", "40", "--no-baselines"],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    d = json.loads(res.stdout)
+    w = d["workers"]
+    assert w["workers"] == 2 and d["received"] == 600
+    for part in ("one_worker", "n_workers"):
+        assert w[part]["frames_per_s"] > 0 and w[part]["relayer_cpu_us_per_frame"] > 0, w
+    assert len(w["n_workers"]["per_worker_cpu_seconds"]) == 2
+    assert all(c > 0 for c in w["n_workers"]["per_worker_cpu_seconds"])  # both worked
+    assert w["speedup_vs_one_worker"] > 0 and w["cpu_per_frame_vs_one_worker"] > 0
+    assert isinstance(w["targets"]["met_speedup"], bool)
+    embedded = subprocess.run([PQCNET, "bench", "relayer", "--workers", "2", "--frames", "100",
+                               "--no-baselines"], capture_output=True, text=True, timeout=60)
+    assert embedded.returncode != 0 and "single-process" in embedded.stderr
