@@ -110,7 +110,8 @@ def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
         from pqcnet.relayer.bus.redis_streams import RedisStreamsBus
 
         return RedisStreamsBus(cfg.redis_url, cfg.shards, prefix=cfg.redis_prefix,
-                               consumer=cfg.node_id, op_timeout=cfg.publish_timeout)
+                               consumer=cfg.node_id, op_timeout=cfg.publish_timeout,
+                               lease=cfg.redis_lease if cfg.redis_leases else None)
     if cfg.backend == "kafka":
         from pqcnet.relayer.bus.kafka import KafkaBus
 
@@ -194,8 +195,14 @@ class RelayerNode:
     """One running relayer."""
 
     def __init__(self, cfg: RelayerConfig, identity: NodeIdentity,
-                 policy: TlsPolicy | None = None) -> None:
+                 policy: TlsPolicy | None = None, *, reuse_port: bool = False,
+                 own_port: int | None = None) -> None:
         self.cfg, self.identity, self.policy = cfg, identity, policy or TlsPolicy()
+        #: SO_REUSEPORT on the QSTP listener (``relayer run --workers N``) ...
+        self.reuse_port = reuse_port
+        #: ... and a port of this worker alone (0: any free one), where subscribers reach
+        #: the shards it owns; bound port in :attr:`own_port` once listening
+        self.own_port = own_port
         if cfg.spiffe_layouts:  # peers' SPIFFE IDs of other shapes: read tenant/role
             self.policy = dataclasses.replace(
                 self.policy, spiffe_layouts=compile_layouts(cfg.spiffe_layouts))
@@ -406,8 +413,10 @@ class RelayerNode:
 
     async def _listen(self, port: int) -> None:
         server = await aio.serve(self.ingress.handle_tunnel, self.cfg.listen_host, port,
-                                 self.identity, self.policy)
+                                 self.identity, self.policy, reuse_port=self.reuse_port)
         self._server, self.port = server, server.port
+        if self.own_port is not None:
+            self.own_port = await server.listen_also(self.cfg.listen_host, self.own_port)
 
     async def _close_server(self) -> None:
         """Close the QSTP server in use (GOAWAY on its tunnels)."""
