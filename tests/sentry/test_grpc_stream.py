@@ -28,9 +28,11 @@ from pqcnet.sentry.grpc_stream import (
     message_frame,
     trailer_frame,
 )
+from pqcnet.sentry.pool import SentryPool
 from pqcnet.sentry.sidecar import serve_grpc
 
 from .conftest import Env
+from .harness import sentry_stack, sidecar_to
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -218,3 +220,33 @@ async def test_sentry_going_away_mid_stream_is_unavailable_not_ok(
             pass
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     await asyncio.wait_for(env.grpc.cancelled.wait(), 15)  # and the backend was told
+
+
+async def test_streams_through_a_pool_of_sentries(env: Env) -> None:
+    """The sidecar's pool carries streaming calls too; each goes to one sentry and
+    releases its outstanding slot when the head arrives."""
+    async with sentry_stack(env.mesh, env.stack.config_path) as second:
+        pool = SentryPool([(str(p), sidecar_to(p, env.mesh.acme, env.mesh.acme_issuer))
+                           for p in (env.stack.port, second.port)])
+        server, port = await serve_grpc(pool)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = echo_pb2_grpc.EchoStub(channel)
+                calls = [stub.Count(echo_pb2.CountRequest(count=20), timeout=30)
+                         for _ in range(4)]
+
+                async def seqs(call: Any) -> list[int]:
+                    return [r.seq async for r in call]
+
+                got = await asyncio.gather(*(seqs(c) for c in calls))
+                assert got == [list(range(20))] * 4
+                chat = stub.Chat(timeout=30)
+                await chat.write(echo_pb2.EchoRequest(text="pool"))
+                assert (await chat.read()).text == "POOL"
+                await chat.done_writing()
+                assert await chat.code() == grpc.StatusCode.OK
+            assert all(m.served >= 1 for m in pool.members), pool.status()
+            assert [m.outstanding for m in pool.members] == [0, 0]
+        finally:
+            await server.stop(None)
+            await pool.aclose()
