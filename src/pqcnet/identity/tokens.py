@@ -25,7 +25,7 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from typing import Any
 from pqcnet.identity.certs import MAX_PEM_BYTES, load_certs, utcnow
 from pqcnet.identity.errors import IdentityError
 from pqcnet.identity.keystore import atomic_write, read_bounded
-from pqcnet.identity.spiffe import SpiffeId, spiffe_matches, validate_pattern
+from pqcnet.identity.spiffe import SpiffeId, SpiffeLayout, spiffe_matches, validate_pattern
 
 TOKEN_FILE = "tokens.json"
 _LOCK_FILE = ".tokens.lock"
@@ -130,14 +130,19 @@ def hash_token(secret: str) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def check_binding(pattern: str, role: str) -> None:
-    """A token binding is a valid pattern whose role segment can match ``role``."""
+def check_binding(pattern: str, role: str, layouts: Sequence[SpiffeLayout] = ()) -> None:
+    """A token binding is a valid pattern whose role segment can match ``role`` — or,
+    for IDs of another shape, one that fits one of the CA's ``layouts`` with ``role``."""
     validate_pattern(pattern)
     segs = pattern[len("spiffe://"):].split("/")
-    if len(segs) != 4:
-        raise IdentityError("token pattern must be spiffe://<td>/<tenant>/<role>/<node-id glob>")
     if not role or "/" in role:
         raise IdentityError("token role must be one path segment")
+    if len(segs) != 4 and any(la.admits_pattern(pattern, role) for la in layouts):
+        return
+    if len(segs) != 4:
+        shapes = "".join(f" or {la.uri}" for la in layouts)
+        raise IdentityError("token pattern must be spiffe://<td>/<tenant>/<role>/<node-id glob>"
+                            f"{shapes} (role {role!r})")
     probe = SpiffeId(segs[0], "t", role, "n")
     if not spiffe_matches(f"spiffe://{segs[0]}/*/{segs[2]}/*", probe):
         raise IdentityError(f"pattern {pattern!r} cannot name role {role!r}")
@@ -194,9 +199,11 @@ class TokenStore:
         return records
 
     def create(self, pattern: str, role: str, ttl: dt.timedelta, *,
-               now: dt.datetime | None = None) -> tuple[str, TokenRecord]:
-        """A new token secret (returned once, never stored) and its record."""
-        check_binding(pattern, role)
+               now: dt.datetime | None = None,
+               layouts: Sequence[SpiffeLayout] = ()) -> tuple[str, TokenRecord]:
+        """A new token secret (returned once, never stored) and its record; ``layouts``
+        are the CA policy's SPIFFE layouts (patterns of other shapes must fit one)."""
+        check_binding(pattern, role, layouts)
         if not dt.timedelta(0) < ttl <= MAX_TOKEN_TTL:
             raise IdentityError(f"token TTL must be positive and at most {MAX_TOKEN_TTL}")
         now = now or utcnow()
@@ -267,7 +274,8 @@ class TokenStore:
 
 
 def check_token_binding(rec: TokenRecord, spiffe_id: SpiffeId) -> None:
-    """Raise :class:`TokenError` (``wrong_pattern``) unless ``spiffe_id`` fits the token."""
+    """Raise :class:`TokenError` (``wrong_pattern``) unless ``spiffe_id`` fits the token
+    (an ID of another shape: read through the CA's layouts first, for its role)."""
     if not spiffe_matches(rec.pattern, spiffe_id) or spiffe_id.role != rec.role:
         raise TokenError("wrong_pattern", f"{spiffe_id} is outside this token's binding "
                          f"({rec.pattern}, role {rec.role})")

@@ -344,7 +344,7 @@ class CaService:
                 TOKEN_REPLAYS.inc()
             raise CaServiceError(400 if exc.code == "malformed" else 401,
                                  f"token_{exc.code}", str(exc)) from None
-        sid, public = _parse_csr(csr_pem)
+        sid, public = self._parse_csr(csr_pem)
         try:
             check_token_binding(record, sid)
         except TokenError as exc:
@@ -389,8 +389,8 @@ class CaService:
             raise CaServiceError(401, "revoked", "the presented certificate is revoked")
         body = _json_body(req)
         csr_pem = _field(body, "csr", limit=MAX_PEM_BYTES).encode()
-        sid, public = _parse_csr(csr_pem)
-        if sid != peer.spiffe_id:
+        sid, public = self._parse_csr(csr_pem)
+        if str(sid) != str(peer.spiffe_id):
             raise CaServiceError(403, "wrong_identity", f"a certificate for {peer.spiffe_id} "
                                  f"can only renew itself, not {sid}")
         self._check_policy(sid, public, body.get("attestation"), new_node=False)
@@ -473,6 +473,15 @@ class CaService:
             raise CaServiceError(401, "revoked", "the presented certificate is revoked")
         return req.peer
 
+    def _parse_csr(self, csr_pem: bytes) -> tuple[SpiffeId, VerifyKey]:
+        """The CSR's SPIFFE ID, its tenant and role read through the CA policy's SPIFFE
+        layouts (403 ``policy`` if it has another shape that fits none), and its key."""
+        sid, public = _parse_csr(csr_pem)
+        try:
+            return self.ca.policy.resolve(sid), public
+        except PolicyViolation as exc:
+            raise CaServiceError(403, "policy", str(exc)) from None
+
     def _check_policy(self, sid: SpiffeId, public: VerifyKey, attestation: object, *,
                       new_node: bool) -> None:
         if self.config.allowed_tenants and sid.tenant not in self.config.allowed_tenants:
@@ -525,7 +534,7 @@ class CaService:
         now = utcnow()
         return {r.spiffe_id for r in self.ca.issued.values()
                 if r.not_after > now and r.serial not in self.ca.revocations
-                and SpiffeId.parse(r.spiffe_id).tenant == tenant}
+                and self.ca.policy.tenant_of(SpiffeId.parse(r.spiffe_id)) == tenant}
 
     def _sign(self, csr_pem: bytes) -> bytes:
         try:
