@@ -91,6 +91,7 @@ from pqcnet.relayer.proof import (
 from pqcnet.relayer.proofstore import Intent, ProofStore
 from pqcnet.relayer.receipts import VolumeReceipt, build_receipt
 from pqcnet.relayer.seqstore import RedisSeqStore, RocksSeqStore, SeqStore
+from pqcnet.relayer.settlement import Settlement, bounded, families, settlement
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -548,6 +549,22 @@ class RelayerNode:
             except Exception:  # keep the loop alive whatever a backend throws
                 log.exception("backpressure sampling failed")
 
+    def settlement(self) -> Settlement:
+        """Volume per (customer, state) over the held epochs (:mod:`.settlement`);
+        "anchored" is looked up in the ledger itself."""
+        ledger = self.anchor.ledger
+
+        def is_anchored(epoch: int, part: int) -> bool:
+            vid = self.anchor.part_receipts.get((epoch, part))
+            return vid is not None and ledger.has(vid)
+
+        for _ in range(3):  # read from the scrape thread while the loop may add an epoch
+            try:
+                return settlement(self.meter, dict(self._parts), is_anchored)
+            except RuntimeError:
+                continue
+        return settlement(self.meter, dict(self._parts), is_anchored)
+
     def proof_parts(self, epoch: int) -> tuple[VolumeProof, ...]:
         """Every proof of a proven ``epoch`` (one unless it was split), part order."""
         return self._parts.get(epoch, ())
@@ -803,6 +820,19 @@ class _NodeCollector(Collector):
         for status in ("supported", "overclaimed", "unsupported"):
             claims.add_metric([status], n.claim_stats[status])
         yield claims
+        if not n.degraded:  # volume of earlier runs not loaded yet: it would lie
+            yield from families(bounded(n.settlement(), n.cfg.metrics_max_label_series))
+        yield GaugeMetricFamily("pqcnet_relayer_proven_epochs",
+                                "Epochs whose anchored volume proof is held", value=len(n.proofs))
+        try:  # read from the scrape thread; a closed ledger (stopping) has no numbers
+            own, orphans = n.anchor.next_counter(), n.anchor.ledger.orphan_count
+        except (PqcnetError, OSError, AttributeError):
+            own = orphans = -1
+        if own >= 0:
+            yield GaugeMetricFamily("pqcnet_relayer_ledger_own_vertices",
+                                    "Vertices this relayer appended to its QS-DAG", value=own)
+            yield GaugeMetricFamily("pqcnet_relayer_ledger_orphans",
+                                    "Vertices parked in the QS-DAG orphan pool", value=orphans)
         yield GaugeMetricFamily("pqcnet_relayer_signed_counters",
                                 "Client-signed ack counters held", value=len(n.counters))
         for name, attr, doc in (("mark_evictions", "evictions",
