@@ -52,6 +52,7 @@ from .conftest import require_tool
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "dashboards"))
 import build as dashboards
+
 import compose as compose_tool
 
 pytestmark = pytest.mark.timeout(1800)
