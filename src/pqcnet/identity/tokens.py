@@ -25,7 +25,7 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,7 +174,7 @@ class TokenStore:
                     atomic_write(self.path, json.dumps(
                         {"v": 1, "tokens": [r.to_json() for r in records.items.values()]},
                         indent=1).encode(), mode=0o600)
-                    self._cache = (self._stamp(), dict(records.items))
+                    self._cache = (self._stamp(), dict(records.items))  # never changed
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -183,11 +183,18 @@ class TokenStore:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _read(self) -> dict[str, TokenRecord]:
-        if not self.path.exists():
+        """The records, a copy the caller may change."""
+        return dict(self._snapshot())
+
+    def _snapshot(self) -> Mapping[str, TokenRecord]:
+        """The records as last written (cached dicts are never changed: read only)."""
+        try:
+            stamp = self._stamp()
+        except FileNotFoundError:
             return {}
-        stamp = self._stamp()
-        if self._cache is not None and self._cache[0] == stamp:
-            return dict(self._cache[1])  # unchanged since we last read or wrote it
+        cached = self._cache
+        if cached is not None and cached[0] == stamp:
+            return cached[1]  # unchanged since we last read or wrote it
         raw = read_bounded(self.path, MAX_TOKEN_FILE_BYTES, "token store")
         try:
             data = json.loads(raw)
@@ -195,7 +202,7 @@ class TokenStore:
                        for r in (TokenRecord.from_json(d) for d in data["tokens"])}
         except (KeyError, TypeError, ValueError) as exc:
             raise IdentityError(f"corrupt token store {self.path}: {exc}") from None
-        self._cache = (stamp, dict(records))
+        self._cache = (stamp, records)
         return records
 
     def create(self, pattern: str, role: str, ttl: dt.timedelta, *,
@@ -219,10 +226,14 @@ class TokenStore:
         return secret, rec
 
     def check(self, secret: str, *, now: dt.datetime | None = None) -> TokenRecord:
-        """The token's record if it may be redeemed now (nothing is written)."""
+        """The token's record if it may be redeemed now (nothing is written).
+
+        Reads without the lock: the file is only ever replaced whole (a reader sees the
+        old store or the new one), and a check is advisory — :meth:`redeem` checks again
+        under the lock. So the CA service's event loop never waits here for another
+        enrollment's write and fsync (it did: 6 % of its time in ``bench enroll``)."""
         digest = hash_token(secret)
-        with self._locked() as records:
-            return self._usable(records.items, digest, now or utcnow())
+        return self._usable(self._snapshot(), digest, now or utcnow())
 
     def redeem(self, secret: str, spiffe_id: SpiffeId, *, key_digest: str = "",
                now: dt.datetime | None = None) -> TokenRecord:
@@ -255,7 +266,8 @@ class TokenStore:
                 and (now or utcnow()) < rec.expires_at)
 
     @staticmethod
-    def _usable(records: dict[str, TokenRecord], digest: str, now: dt.datetime) -> TokenRecord:
+    def _usable(records: Mapping[str, TokenRecord], digest: str,
+                now: dt.datetime) -> TokenRecord:
         rec = records.get(digest)
         if rec is None:
             raise TokenError("unknown", "token is not known to this CA")

@@ -538,7 +538,8 @@ class CaService:
 
     def _sign(self, csr_pem: bytes) -> bytes:
         try:
-            return self.ca.sign_csr(csr_pem, ttl=self.config.cert_ttl)
+            # _parse_csr verified these bytes' signature (proof of possession) already
+            return self.ca.sign_csr(csr_pem, ttl=self.config.cert_ttl, signature_checked=True)
         except PolicyViolation as exc:
             raise CaServiceError(403, "policy", str(exc)) from None
         except IdentityError as exc:
