@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ async def test_three_relayers_add_one_kill_one(tmp_path: Path, redis_url: str) -
     prefix = f"rcluster:{uuid.uuid4().hex[:8]}"
     common = {"backend": "redis", "redis_url": redis_url, "redis_prefix": prefix,
               "group": "cluster", "shards": SHARDS, "redis_lease": LEASE,
-              "epoch_seconds": EPOCH}
+              "epoch_seconds": EPOCH, "metrics_port": 0}
     names = ["r0", "r1", "r2"]
     ports = [free_port() for _ in names]
     dirs = {n: tmp_path / n for n in names}
@@ -142,6 +143,17 @@ async def test_three_relayers_add_one_kill_one(tmp_path: Path, redis_url: str) -
             return proved_frames >= frames_of(volume)
 
         await eventually(proved, 4 * EPOCH + 30, 0.5)
+        # the three live relayers' owned-shards gauges: every shard, none twice, all shares
+        owned_now: list[int] = []
+
+        async def gauges() -> bool:
+            owned_now[:] = [await asyncio.to_thread(_owned_gauge, p.ready["metrics_port"])
+                            for p in procs]
+            return sum(owned_now) == SHARDS and min(owned_now) >= SHARDS // 3
+
+        async with asyncio.timeout(6 * LEASE + 20):
+            while not await gauges():  # noqa: ASYNC110 - polling another process
+                await asyncio.sleep(0.5)
     finally:
         consumer.cancel()
         await asyncio.gather(consumer, return_exceptions=True)
@@ -196,3 +208,12 @@ async def test_three_relayers_add_one_kill_one(tmp_path: Path, redis_url: str) -
 
 def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
+
+
+def _owned_gauge(port: int) -> int:
+    """``pqcnet_relayer_owned_shards`` from a relayer's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("pqcnet_relayer_owned_shards "):
+                return int(float(line.split()[1]))
+    raise AssertionError("no pqcnet_relayer_owned_shards series")

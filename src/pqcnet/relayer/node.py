@@ -572,7 +572,9 @@ class RelayerNode:
     def prove_closed_epochs(self, now: float | None = None) -> list[VolumeProof]:
         """Prove and anchor every epoch before the current one not yet proven.
 
-        Unfinished intents (a crash mid-anchoring) are finished first. An epoch whose
+        Unfinished intents (a crash mid-anchoring) are finished first. An epoch with a
+        batch still between delivery and its volume write waits (with every later one)
+        for the next round (:meth:`VolumeMeter.settled`). An epoch whose
         proof fails with a typed error is logged and retried next round; it never stops
         the epochs after it.
         """
@@ -582,6 +584,8 @@ class RelayerNode:
         for e in sorted(pending | set(self.meter.epochs())):
             if e in self.proofs or (e >= current and e not in pending):
                 continue
+            if e not in pending and not self.meter.settled(e):
+                break  # a batch of it is still being delivered: next round, in order
             try:
                 parts = self._prove_epoch(e, pending)
             except (PqcnetError, OSError) as exc:
@@ -787,6 +791,10 @@ class _NodeCollector(Collector):
         yield GaugeMetricFamily("pqcnet_relayer_degraded",
                                 "1 while the bus was not reached since start (overflow only)",
                                 value=1 if n.degraded else 0)
+        yield GaugeMetricFamily("pqcnet_relayer_owned_shards",
+                                "Shards this relayer works on now (a cluster: its Redis "
+                                "leases or Kafka assignment)",
+                                value=len(n.bus.assignment()) if not n.degraded else 0)
         yield GaugeMetricFamily("pqcnet_relayer_paused_shards",
                                 "Shards whose publishers are paused", value=len(n.flow.paused))
         yield GaugeMetricFamily("pqcnet_relayer_subscribers", "Subscriber streams",

@@ -159,8 +159,10 @@ class ShardLeases:
                 await self.round()
             except (RedisError, OSError, TimeoutError) as exc:
                 log.warning("shard lease round failed", extra={"error": str(exc)})
-                if self.owned and time.monotonic() >= self._valid_until:
-                    self._lose(set(self.owned), "expired (redis unreachable)")
+            except Exception:  # a bug must not stop the renewals for good
+                log.exception("shard lease round failed")
+            if self.owned and time.monotonic() >= self._valid_until:
+                self._lose(set(self.owned), "expired (no successful round)")
 
     async def round(self) -> None:
         """Heartbeat, renew what we hold, claim up to our share, release above it."""
