@@ -71,7 +71,7 @@ _RESPONSE = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-leng
              + str(len(_BODY)).encode() + b"\r\n\r\n" + _BODY)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -80,7 +80,7 @@ def _free_port() -> int:
 # ---------------------------------------------------------------------------- backend
 
 
-def _backend_main(port: int) -> None:
+def backend_main(port: int) -> None:
     """A tiny keep-alive HTTP/1.1 backend answering every request with the same JSON."""
 
     async def client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -264,7 +264,7 @@ http {{
                              "daemon off;"], stderr=subprocess.DEVNULL)
 
 
-def _identities(d: Path) -> None:
+def write_identities(d: Path) -> None:
     """Identities and issuer keys for both stacks (tenant ``acme`` unlimited, ``lim``
     with :data:`LIMIT_RATE` for the limit-accuracy phase)."""
     from pqcnet.crypto.pqc import SigningKey
@@ -283,11 +283,15 @@ def _identities(d: Path) -> None:
         (d / f"{tenant}-issuer.pub").write_bytes(verify_key_pem(issuer.public_key))
 
 
-def _sentry_config(d: Path, backend: int, port: int, workers: int,
-                   lim: tuple[float, float] = (LIMIT_RATE, LIMIT_BURST)) -> str:
+def write_sentry_config(d: Path, backend: int, port: int, workers: int,
+                        lim: tuple[float, float] = (LIMIT_RATE, LIMIT_BURST),
+                        bounds: dict[str, Any] | None = None) -> str:
+    """The bench sentry's config file (written atomically: a running sentry hot-reloads
+    it); returns its name inside ``d``."""
     name = f"sentry-{workers}.yaml"
     tmp = d / (name + ".tmp")
     tmp.write_text(yaml.safe_dump({
+        "bounds": bounds or {},
         "listen": f"127.0.0.1:{port}", "identity_dir": "sentry-id",
         "issuers": {"acme": ["acme-issuer.pub"], "lim": ["lim-issuer.pub"]},
         "limits": {"max_in_flight": 4096, "default": {"rate": 1e6, "burst": 1e6},
@@ -304,7 +308,7 @@ def _sentry_config(d: Path, backend: int, port: int, workers: int,
 
 
 def _sentry(d: Path, backend: int, port: int, workers: int) -> subprocess.Popen[bytes]:
-    name = _sentry_config(d, backend, port, workers)
+    name = write_sentry_config(d, backend, port, workers)
     sentry = subprocess.Popen([_exe(), "sentry", "run", "--config", name, "--no-passphrase",
                                "--workers", str(workers)], cwd=d, stderr=subprocess.DEVNULL)
     _wait_port(port)
@@ -331,7 +335,7 @@ def _sidecar(d: Path, sentry_port: int, port: int, tunnels: int = 1, tenant: str
 
 def _pqcnet_stack(d: Path, backend: int, sentry_port: int, sidecar_port: int
                   ) -> list[subprocess.Popen[bytes]]:
-    _identities(d)
+    write_identities(d)
     sentry = _sentry(d, backend, sentry_port, 1)
     return [_sidecar(d, sentry_port, sidecar_port), sentry]
 
@@ -355,7 +359,7 @@ def _workers_phase(d: Path, backend: int, workers: int, requests: int, connectio
                    seconds: float, loadgen_procs: int) -> dict[str, Any]:
     """nginx and the pqcnet sentry with ``workers`` processes each, then the accuracy
     of a shared rate limit under overload."""
-    ports = {k: _free_port() for k in ("nginx", "sentry", "sidecar", "lim")}
+    ports = {k: free_port() for k in ("nginx", "sentry", "sidecar", "lim")}
     procs: list[subprocess.Popen[bytes]] = []
     out: dict[str, Any] = {"workers": workers}
     try:
@@ -386,7 +390,7 @@ def _workers_phase(d: Path, backend: int, workers: int, requests: int, connectio
         # about twice what the limit admits
         rate = max(50.0, round(out["pqcnet"]["rps"] * LIMIT_FRACTION))
         burst = max(1.0, round(rate / 10))
-        _sentry_config(d, backend, ports["sentry"], workers, (rate, burst))
+        write_sentry_config(d, backend, ports["sentry"], workers, (rate, burst))
         time.sleep(2.5)  # > the 1 s reload interval
         ok, refused = _throughput_multi(ports["lim"], connections, seconds, loadgen_procs)
         allowed = burst + rate * seconds
@@ -412,9 +416,9 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
     from pqcnet._util.loop import loop_name
 
     load_before = round(os.getloadavg()[0], 2)
-    ports = {k: _free_port() for k in ("backend", "nginx", "sentry", "sidecar")}
+    ports = {k: free_port() for k in ("backend", "nginx", "sentry", "sidecar")}
     ctx = multiprocessing.get_context("spawn")
-    backend = ctx.Process(target=_backend_main, args=(ports["backend"],), daemon=True)
+    backend = ctx.Process(target=backend_main, args=(ports["backend"],), daemon=True)
     backend.start()
     procs: list[subprocess.Popen[bytes]] = []
     results: dict[str, Any] = {}
