@@ -353,7 +353,8 @@ class SentryServer:
         self._server = await aio.serve(
             self._on_tunnel, host or cfg.listen_host,
             cfg.listen_port if port is None else port,
-            self.identity, self.tls_policy, config=self.qstp_config)
+            self.identity, self.tls_policy, config=self.qstp_config,
+            max_tunnels=cfg.bounds.max_tunnels)
         port_: int = self._server.port
         return port_
 
