@@ -38,6 +38,12 @@ _STR = {"type": "string"}
 _OBJ = {"type": "object"}
 _BOOL = {"type": "boolean"}
 _PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+#: a name the chart builds object names from: an RFC 1123 label (what the API server
+#: accepts), short enough for the suffixes the chart and the controllers append
+#: (-headless, -<i>, the StatefulSet's -<revision hash>)
+_NAME = {"type": "string", "maxLength": 40, "pattern": "^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$",
+         "description": "Lower-case letters, digits and '-', starting and ending with a "
+                        "letter or digit (RFC 1123 label), at most 40 characters."}
 
 
 def _image(role: str) -> dict[str, Any]:
@@ -58,14 +64,15 @@ def _common(role: str) -> dict[str, Any]:
     return {
         "global": _OBJ,
         "enabled": _BOOL,
-        "nameOverride": _STR,
-        "fullnameOverride": _STR,
+        "nameOverride": _NAME,
+        "fullnameOverride": _NAME,
         "image": _image(role),
         "existingSecret": {
             "type": "string", "minLength": 1,
             "description": "Secret holding the node identity files (key.pem, cert.pem, "
-                           "bundle.pem; per replica '<pod>.key.pem' etc. for relayers), "
-                           "mounted read-only. Keys only ever as files."},
+                           "bundle.pem), mounted read-only. Relayers: the name prefix, "
+                           "relayer <i> mounts only Secret '<existingSecret>-<i>'. Keys "
+                           "only ever as files."},
         "keyPassphraseSecret": {
             "type": "object", "additionalProperties": False,
             "description": "Optional Secret key with the node key's passphrase "

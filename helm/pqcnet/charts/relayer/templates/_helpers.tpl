@@ -91,3 +91,10 @@ readinessProbe:
   timeoutSeconds: 3
   failureThreshold: 2
 {{- end -}}
+
+{{/* The config file of relayer `name` (dict "ctx" $ "name" ...). */}}
+{{- define "relayer.config" -}}
+{{- $v := .ctx.Values -}}
+{{- $managed := dict "node_id" .name "listen_host" "0.0.0.0" "listen_port" (int $v.service.port) "identity_dir" "/run/secrets/pqcnet/identity" "data_dir" "/var/lib/pqcnet/data" "ledger_dir" "/var/lib/pqcnet/ledger" "metrics_port" (int $v.opsPort) "metrics_host" "0.0.0.0" -}}
+{{- dict "relayer" (merge $managed (deepCopy $v.config)) | toYaml -}}
+{{- end -}}
