@@ -258,7 +258,6 @@ QUIET = {
     "Waku REST errors by operation": "only while a go-waku node is unreachable",
     "Directives rejected by reason": "only forged, expired or replayed directives",
     "Orphan pool (vertices missing parents)": "orphans only while syncing a peer's DAG",
-    "Certificates issued / revoked, token replays": "the compose run enrolls no node",
     "Identity reloads and renewals": "no certificate is renewed in a short run",
     "Classical (non-PQ) handshakes": "the compose network is PQ-only",
     "Topic-mark LRU: evictions and loads/s": "the LRU holds every topic of a short run",

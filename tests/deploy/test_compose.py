@@ -518,6 +518,66 @@ def test_prometheus_scraped_every_node(net: compose_tool.Compose) -> None:
     assert _prom(port, "pqcnet_ca_enrolled_nodes"), "CA metrics"
 
 
+#: prints a directory's regular files as JSON {name: text} (no shell in the images)
+DUMP_DIR = """
+import json, os, sys
+d = sys.argv[1]
+print(json.dumps({n: open(os.path.join(d, n)).read() for n in sorted(os.listdir(d))
+                  if os.path.isfile(os.path.join(d, n))}))
+"""
+
+
+def test_ca_service_enrolls_a_node_once(net: compose_tool.Compose, tmp_path: Path) -> None:
+    """The CA service of the network: an operator makes a one-time token inside the
+    `ca` container; a new node (in the client container) enrolls with it over PQ TLS
+    (https://ca:8443), and its fresh identity publishes through a relayer; the same
+    token used again is refused (token_used) — and Prometheus counts both."""
+    pattern = f"spiffe://{TD}/acme/publisher/*"
+    net.compose("exec", "-T", "ca", "pqcnet", "ca", "token", "create", "--dir",
+                "/var/lib/pqcnet/ca", "--pattern", pattern, "--role", "publisher",
+                "--ca-url", "https://ca:8443", "--out", "/tmp/token.json")
+    token = net.compose("exec", "-T", "ca", "python3", "-c",
+                        "print(open('/tmp/token.json').read())").stdout
+    net.compose("exec", "-T", "client", "python3", "-c",
+                "import sys; open('/tmp/token.json', 'w').write(sys.argv[1])", token)
+
+    def enroll(name: str) -> subprocess.CompletedProcess[str]:
+        return net.compose("exec", "-T", "client", "pqcnet", "node", "enroll",
+                           "--token-file", "/tmp/token.json", "--spiffe-id",
+                           f"spiffe://{TD}/acme/publisher/{name}", "--out", f"/tmp/{name}",
+                           "--no-passphrase", check=False, timeout=120)
+
+    first = enroll("enrolled-1")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["enrolled"] == f"spiffe://{TD}/acme/publisher/enrolled-1"
+    # the enrolled identity (key written in the client's tmpfs) publishes via relayer-1
+    files = json.loads(net.compose("exec", "-T", "client", "python3", "-c", DUMP_DIR,
+                                   "/tmp/enrolled-1").stdout)
+    ident_dir = tmp_path / "enrolled-1"
+    ident_dir.mkdir()
+    for name, text in files.items():
+        (ident_dir / name).write_text(text)
+
+    async def publish() -> list[bool]:
+        pub = await PublisherClient.connect("127.0.0.1", net.port("relayer-1", 7400),
+                                            NodeIdentity.load(ident_dir, None))
+        try:
+            topic = ("acme", f"enrolled-{secrets.token_hex(2)}")
+            return [r.accepted for r in await pub.publish(
+                [Frame(*topic, s, b"e" * 16) for s in range(1, 6)])]
+        finally:
+            await pub.close()
+
+    assert asyncio.run(publish()) == [True] * 5
+    again = enroll("enrolled-2")
+    assert again.returncode != 0 and "token_used" in again.stdout + again.stderr, again
+    port = net.port("prometheus", 9090)
+    _eventually(lambda: float(_prom(port, "sum(pqcnet_ca_certificates_issued_total)")[0]
+                              ["value"][1]) >= 1  # type: ignore[index]
+                and float(_prom(port, "sum(pqcnet_ca_token_replays_total)")[0]
+                          ["value"][1]) >= 1, 30, "CA metrics count the enrollment")  # type: ignore[index]
+
+
 def _runbook_pages() -> list[Path]:
     return [p for p in sorted((ROOT / "runbook").glob("*.md"))
             if any("compose" in b.flags for b in blocks(p))]
