@@ -86,9 +86,8 @@ def _phase(pid: int, idle: int, what: str, n: int) -> dict[str, Any]:
 async def _relayer(topics: int, active: int, rounds: int, publishers: int, batch: int,
                    size: int) -> dict[str, Any]:
     from pqcnet.bench._nats import stamp
-    from pqcnet.bench.relayer import CUSTOMERS
+    from pqcnet.bench.relayer import CUSTOMERS, relayer_process
     from pqcnet.bench.relayer import _Clients as Clients
-    from pqcnet.bench.relayer import _relayer_proc as relayer_process
     from pqcnet.identity import dev_identities
     from pqcnet.relayer.client import PublisherClient
     from pqcnet.relayer.frame import Frame
@@ -106,7 +105,8 @@ async def _relayer(topics: int, active: int, rounds: int, publishers: int, batch
                                               "methods": ["publish", "subscribe"]}]}}}
         path = tmp / "relayer.yaml"
         path.write_text(yaml.safe_dump({"relayer": cfg}))
-        proc, port = await relayer_process(path)
+        proc, ready = await relayer_process(path)
+        port = int(ready["port"])
         try:
             clients = await Clients.connect(port, ids, publishers)
             try:

@@ -259,7 +259,7 @@ async def _paced_run(clients: _Clients, frames: int, topics: int, size: int,
             "latency": percentiles(clients.lat.samples)}
 
 
-async def _relayer_proc(cfg: Path, workers: int = 1
+async def relayer_process(cfg: Path, workers: int = 1
                         ) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
     """``pqcnet relayer run`` (``--workers N``) and its ready line, with ``pids`` (the
     processes doing the work) and ``sub_ports`` (where subscribers reach them)."""
@@ -329,7 +329,7 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
                            group=f"bench-{tag}")
             path = tmp / "relayer.yaml"
             path.write_text(yaml.safe_dump({"relayer": cfg}))
-            proc, ready = await _relayer_proc(path, n_workers)
+            proc, ready = await relayer_process(path, n_workers)
             paced: dict[str, Any] = {}
             try:
                 if n_workers > 1:  # let the workers split the shards before the load
