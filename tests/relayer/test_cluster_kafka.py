@@ -145,3 +145,25 @@ async def test_three_relayers_kill_one_add_one(tmp_path: Path, kafka_bootstrap: 
                          identities()[0].key.public_key)
     assert frames_of(cover) == COUNT * len(TOPICS)
     assert {n for n, _e, _t in cover} == set(names)
+
+
+async def test_broker_accepts_a_one_second_group_session(kafka_bootstrap: str) -> None:
+    """The project's broker (scripts/services: group.min.session.timeout.ms=1000) lets a
+    relayer ask for a 1 s session, so a dead member's partitions can move within ~1 s;
+    a stock broker (6 s floor) refuses the join with InvalidSessionTimeout."""
+    from pqcnet.relayer.bus.kafka import KafkaBus
+
+    tag = uuid.uuid4().hex[:8]
+    bus = KafkaBus(kafka_bootstrap, 2, topic=f"pqcnet-session-{tag}", rebalance=True,
+                   session_timeout=1.0, client_id=f"session-{tag}")
+    await bus.start()
+    try:
+        async def joined() -> None:
+            while not bus.assignment():
+                await bus.consume(0, f"session-{tag}", block=0.2)
+
+        async with asyncio.timeout(60):
+            await joined()
+        assert bus.assignment() == [0, 1]
+    finally:
+        await bus.close()
