@@ -163,9 +163,15 @@ async def test_redis_workers_share_the_port(tmp_path: Path, redis_url: str) -> N
         async def kill_worker_1() -> list[int]:
             await eventually(lambda: by_worker[1] > 0 and taken > COUNT, 90)
             os.kill(ready["pids"][1], signal.SIGKILL)  # mid-stream
-            await eventually(lambda: len(_listeners(port)) == 2
-                             and ready["pids"][1] not in _listeners(port), 90, 0.2)
-            return sorted(_listeners(port))
+            seen: set[int] = set()
+
+            def restarted() -> bool:  # one look at ss per try: its output is a snapshot
+                seen.clear()
+                seen.update(_listeners(port))
+                return len(seen) == 2 and ready["pids"][1] not in seen
+
+            await eventually(restarted, 90, 0.2)
+            return sorted(seen)
 
         _done, restarted = await asyncio.gather(
             asyncio.gather(*(publish(i, t) for i, t in enumerate(TOPICS))), kill_worker_1())

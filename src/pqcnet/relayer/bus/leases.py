@@ -219,10 +219,11 @@ class ShardLeases:
                 task.add_done_callback(self._releases.discard)
 
     async def _free(self) -> set[int]:
-        """Shards without a live lease, or whose lease is our previous life's."""
+        """Shards without a live lease, or whose lease is our previous life's — or ours
+        without our knowing it (a round cut off between the claim and its bookkeeping)."""
         values = await self._r.mget([self.key(s) for s in range(self.shards)])
         return {s for s, v in enumerate(values)
-                if v is None or (_s(v)[17:] == self.node_id and _s(v) != self.value)}
+                if s not in self.owned and (v is None or _s(v)[17:] == self.node_id)}
 
     async def _hand_back(self, shard: int) -> None:
         """Let the worker finish what it consumed, then delete our lease."""
