@@ -205,10 +205,10 @@ class ShardLeases:
                 if int(await self._claim(keys=[self.key(s)],
                                          args=[self.value, self.px, self.node_id])):
                     got.add(s)
-            if got:
+            if got:  # owned and the bus told in one step: no worker reads in between
                 self.owned |= got
-                await self._journal(got, "claimed")
                 self._changed(got, set())
+                await self._journal(got, "claimed")
         elif keeping > share:
             order = self._preferred()
             spare = sorted(self.owned - self.releasing, key=order.index, reverse=True)
