@@ -210,7 +210,8 @@ def _rollout_values(tmp_path: Path) -> Path:
 
 def _relayer_state(kube: Kube, ns: str, name: str) -> dict[str, Any]:
     sts = kube.get("statefulset", name, "-n", ns)
-    return sts["status"]  # type: ignore[no-any-return]
+    status: dict[str, Any] = sts["status"]
+    return status
 
 
 def test_install_and_upgrade_roll_out_with_wait(kube: Kube, tmp_path: Path) -> None:
