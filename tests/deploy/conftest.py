@@ -15,19 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-
-
-def deploy_env() -> dict[str, str]:
-    env: dict[str, str] = {}
-    path = ROOT / ".services" / "deploy-env"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            line = line.strip().removeprefix("export ")
-            if "=" in line and not line.startswith("#"):
-                key, _, value = line.partition("=")
-                env[key] = value
-    env.update({k: v for k, v in os.environ.items() if k.startswith("PQCNET_")})
-    return env
+from tools.images import deploy_env
 
 
 def require_tool(var: str, what: str) -> str:

@@ -1,11 +1,19 @@
 """The compose network (compose.yaml) end to end, on our dockerd with docker-compose v1:
 every service healthy; client → sidecar → sentry → backend; publisher → relayer (Kafka)
-→ subscriber; Prometheus has scraped every node; and faults — a relayer crashed
-mid-stream comes back (restart policy) with nothing acknowledged lost or duplicated as
-seen by an independent subscriber on the other relayer; a crashed sentry comes back
-and the sidecar's requests succeed again on their own.
+→ subscriber; faults — a relayer crashed mid-stream comes back (restart policy) with
+nothing acknowledged lost or duplicated, counted by the history checker
+(:mod:`pqcnet.chaos`) on the publisher's history and the subscriber's journal, and by an
+independent Kafka consumer reading the topic; the governance pull (post-quantum, the
+governance identity only) equals what Prometheus scraped; a rate-limit directive
+published on the Waku control plane is applied by both sentries (429 through each);
+a crashed sentry comes back and the sidecar's requests succeed again on their own;
+Prometheus has scraped every node (all targets up); the runbook's ``compose`` blocks
+run; and every Grafana panel's query runs against this Prometheus, with data where
+traffic ran (dashboards/build.py; its QUIET panels may be empty).
 
-One network per module (a project name of its own, removed with its volumes after).
+The tests run in file order and share one network per module (a project of its own,
+removed with its volumes after); the order matters: the directive test lowers the
+``acme`` rate (sentries and relayer quotas) and restores it before the next test.
 """
 
 from __future__ import annotations
@@ -16,28 +24,41 @@ import json
 import os
 import secrets
 import signal
+import socket
+import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+from pqcnet.chaos.checker import check
+from pqcnet.chaos.history import HistoryWriter
 from pqcnet.errors import PqcnetError
 from pqcnet.identity import NodeIdentity
 from pqcnet.relayer.client import PublisherClient, SubscriberClient
+from pqcnet.relayer.cursor import JournalCursor, payload_digest
 from pqcnet.relayer.frame import Frame, Topic
 from tests.conftest import ROOT
+from tests.docs.markdown import blocks
 
 from .conftest import require_tool
 
 sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "dashboards"))
+import build as dashboards
+
 import compose as compose_tool
 
 pytestmark = pytest.mark.timeout(1800)
 TAG = "compose"
+PQCNET = str(Path(sys.executable).with_name("pqcnet"))
+TD = "pqcnet.compose"
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +66,10 @@ def net() -> Iterator[compose_tool.Compose]:
     require_tool("PQCNET_DOCKER_HOST", "dockerd")
     require_tool("PQCNET_COMPOSE", "docker-compose")
     require_tool("PQCNET_BASE_IMAGE", "local base image")
+    reuse = os.environ.get("PQCNET_COMPOSE_TEST_PROJECT")
+    if reuse:  # development only: a network already up (tools/compose.py up --project
+        yield compose_tool.Compose(reuse, TAG)  # P --tag compose), left running after
+        return
     c = compose_tool.Compose(f"pqcnet-test-{secrets.token_hex(3)}", TAG)
     try:
         c.up(timeout=600)
@@ -106,8 +131,9 @@ def _crash(net: compose_tool.Compose, service: str) -> None:
 
 def test_every_service_is_healthy(net: compose_tool.Compose) -> None:
     states = net.health()
-    services = {"redis", "kafka", "waku-1", "waku-2", "waku-3", "relayer-1", "relayer-2",
-                "backend", "sentry-1", "sentry-2", "sidecar", "client", "prometheus"}
+    services = {"redis", "kafka", "waku-1", "waku-2", "waku-3", "ca", "relayer-1",
+                "relayer-2", "backend", "sentry-1", "sentry-2", "sidecar", "client",
+                "prometheus"}
     assert {n.split("_", 1)[1].rsplit("_", 1)[0] for n in states} == services, states
     assert all(s == "healthy" or s == "running" for s in states.values()), states
 
@@ -145,25 +171,13 @@ def test_publisher_relayer_kafka_subscriber(net: compose_tool.Compose) -> None:
     assert asyncio.run(go()) == list(range(1, 51))
 
 
-def test_prometheus_scraped_every_node(net: compose_tool.Compose) -> None:
-    port = net.port("prometheus", 9090)
-    targets = {"relayer-1:9100", "relayer-2:9100", "sentry-1:9100", "sentry-2:9100"}
-
-    def all_up() -> bool:
-        up = {r["metric"]["instance"]: r["value"][1]  # type: ignore[index]
-              for r in _prom(port, "up")}
-        return set(up) == targets and set(up.values()) == {"1"}
-
-    _eventually(all_up, 60, "every node scraped and up")
-    assert _prom(port, "pqcnet_relayer_subscribers"), "relayer metrics not scraped"
-    assert _prom(port, 'pqcnet_sentry_requests_total{outcome="ok"}'), "sentry metrics"
-
-
 class _Publisher:
-    """Resends unacknowledged frames after reconnecting; records what was acked."""
+    """Resends unacknowledged frames after reconnecting; records every attempt
+    (``publish``) and every acknowledgement (``ack``) in a chaos history file."""
 
-    def __init__(self, port: Callable[[], int], topic: Topic, n: int) -> None:
-        self.port, self.topic, self.n = port, topic, n
+    def __init__(self, port: Callable[[], int], topic: Topic, n: int,
+                 history: HistoryWriter) -> None:
+        self.port, self.topic, self.n, self.history = port, topic, n, history
         self.acked = 0
         self.reconnects = 0
         self.task = asyncio.create_task(self._run())
@@ -181,6 +195,7 @@ class _Publisher:
                     continue
             frames = [Frame(*self.topic, s, bytes([s % 251]) * 32)
                       for s in range(self.acked + 1, min(self.acked + 10, self.n) + 1)]
+            self.history.record("publish", frames)
             try:
                 async with asyncio.timeout(30):
                     results = await client.publish(frames, retry=retry)
@@ -196,6 +211,7 @@ class _Publisher:
                 if not r.accepted:
                     retry = True
                     break
+                self.history.record("ack", [f])
                 self.acked = max(self.acked, f.seq)
             await asyncio.sleep(0.1)  # a steady stream (≥ 8 s for 800 frames), not a burst
         if client is not None:
@@ -203,11 +219,14 @@ class _Publisher:
 
 
 class _Subscriber:
-    """An independent consumer: one application subscribed on every relayer (they
-    split the shards), with one dedup state; keeps everything it was given."""
+    """One application subscribed on every relayer (they split the shards), with one
+    dedup state and one durable journal (:class:`JournalCursor`: what the application
+    took, the chaos checker's subscriber history)."""
 
-    def __init__(self, ports: list[Callable[[], int]], customer: str) -> None:
+    def __init__(self, ports: list[Callable[[], int]], customer: str,
+                 journal: Path | None = None) -> None:
         self.customer = customer
+        self.cursor = JournalCursor(journal) if journal is not None else None
         self.last: dict[Topic, int] = {}
         self.seen: dict[Topic, list[int]] = defaultdict(list)
         self.wire_duplicates = 0
@@ -217,7 +236,8 @@ class _Subscriber:
         while True:
             try:
                 client = await SubscriberClient.connect("127.0.0.1", port(),
-                                                        _identity("subscriber"))
+                                                        _identity("subscriber"),
+                                                        cursor=self.cursor)
             except (PqcnetError, OSError):
                 await asyncio.sleep(0.5)
                 continue
@@ -238,17 +258,30 @@ class _Subscriber:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.cursor is not None:
+            self.cursor.close()
+
+
+def _kafka_log(net: compose_tool.Compose, topic: Topic) -> dict[int, list[str]]:
+    """seq -> payload digests of ``topic`` as the Kafka log holds them, read by an
+    independent consumer (tests/deploy/data/kafka_dump.py) in the relayer-2 container."""
+    script = (ROOT / "tests" / "deploy" / "data" / "kafka_dump.py").read_text()
+    out = net.compose("exec", "-T", "relayer-2", "python3", "-c", script, *topic, timeout=180)
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    return {int(k): v for k, v in doc["seen"].items()}
 
 
 def test_relayer_crash_mid_stream_loses_and_duplicates_nothing(
-        net: compose_tool.Compose) -> None:
+        net: compose_tool.Compose, tmp_path: Path) -> None:
     n = 800
     topic = ("acme", f"fault-{secrets.token_hex(2)}")
+    pub_history, journal = tmp_path / "publisher.jsonl", tmp_path / "subscriber.jsonl"
 
     async def go() -> tuple[_Publisher, _Subscriber]:
         sub = _Subscriber([lambda: net.port("relayer-1", 7400),
-                           lambda: net.port("relayer-2", 7400)], "acme")
-        pub = _Publisher(lambda: net.port("relayer-1", 7400), topic, n)
+                           lambda: net.port("relayer-2", 7400)], "acme", journal)
+        history = HistoryWriter(pub_history)
+        pub = _Publisher(lambda: net.port("relayer-1", 7400), topic, n, history)
         for _ in range(300):  # up to 60 s for a fifth of the stream
             if pub.acked >= n // 5:
                 break
@@ -263,6 +296,7 @@ def test_relayer_crash_mid_stream_loses_and_duplicates_nothing(
                 await asyncio.sleep(0.5)
         await asyncio.sleep(3)  # anything late (a duplicate) would arrive now
         await sub.close()
+        history.close()
         return pub, sub
 
     pub, sub = asyncio.run(go())
@@ -270,11 +304,186 @@ def test_relayer_crash_mid_stream_loses_and_duplicates_nothing(
     got = sub.seen[topic]
     missing = sorted(set(range(1, n + 1)) - set(got))
     assert sorted(got) == list(range(1, n + 1)), (len(got), missing[:20])
+
+    # the history checker: acked by the relayer vs taken by the application
+    report = check([pub_history, journal]).topics[topic]
+    assert (report.acked, report.taken) == (n, n), report
+    assert (report.lost_acked, report.duplicated, report.out_of_order,
+            report.phantom) == (0, 0, 0, 0), report
+
+    # an independent consumer of the Kafka topic: every acked frame is in the durable
+    # log with the payload the publisher sent; a frame is there at most as often as the
+    # publisher sent it (a resend after the crash), never more
+    log = _kafka_log(net, topic)
+    sent: dict[int, int] = defaultdict(int)
+    for line in pub_history.read_text().splitlines():
+        row = json.loads(line)
+        if row["op"] == "publish":
+            sent[row["seq"]] += 1
+    assert sorted(log) == list(range(1, n + 1)), sorted(set(range(1, n + 1)) - set(log))[:20]
+    for seq, digests in log.items():
+        assert set(digests) == {payload_digest(bytes([seq % 251]) * 32)}, seq
+        assert len(digests) <= sent[seq], (seq, len(digests), sent[seq])
+    in_log_twice = sum(len(d) - 1 for d in log.values())
     print(f"relayer crash: {pub.reconnects} publisher reconnects, "
-          f"{sub.wire_duplicates} wire duplicates dropped by the subscriber")
+          f"{sub.wire_duplicates} wire duplicates dropped by the subscriber, "
+          f"{in_log_twice} resent frames in the Kafka log twice; checker: {report}")
     restarts = int(net.docker("inspect", "--format", "{{.RestartCount}}",
                               net.container("relayer-1")).stdout)
     assert restarts >= 1
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PQCNET, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _pull(net: compose_tool.Compose, relayer: str,
+          identity: str) -> subprocess.CompletedProcess[str]:
+    return _cli("governance", "pull", "--target", f"127.0.0.1:{net.port(relayer, 7402)}",
+                "--identity", str(compose_tool.SECRETS / identity),
+                "--expect-peer", f"spiffe://{TD}/ops/relayer/{relayer}")
+
+
+def test_governance_pull_equals_prometheus(net: compose_tool.Compose) -> None:
+    """Each relayer's volume as its governance service answers (QSTP, the governance
+    identity) equals what Prometheus scraped from it — its metered settlement gauge
+    and its delivered-volume counter. Nobody publishes now, so both are still."""
+    port = net.port("prometheus", 9090)
+    total = 0
+    for relayer in ("relayer-1", "relayer-2"):
+        inst = f'instance="{relayer}:9100"'
+
+        def agree(relayer: str = relayer, inst: str = inst) -> bool:
+            res = _pull(net, relayer, "governance")
+            assert res.returncode == 0, res.stderr
+            pulled = json.loads(res.stdout)["total_frames"]
+            time.sleep(6)  # one more scrape (every 5 s) after the pull
+            # a relayer that owned no traffic's shard has no series: 0
+            metered = _prom(port, "sum(pqcnet_relayer_settlement_frames"
+                                  f'{{{inst},state="metered"}}) or vector(0)')
+            counted = _prom(port, f"sum(pqcnet_relayer_volume_frames_total{{{inst}}}) "
+                                  "or vector(0)")
+            values = {float(metered[0]["value"][1]), float(counted[0]["value"][1])}  # type: ignore[index]
+            print(f"{relayer}: governance pull {pulled} frames, Prometheus {values}")
+            agree.pulled = pulled  # type: ignore[attr-defined]
+            return values == {float(pulled)}
+
+        _eventually(agree, 90, f"{relayer}: governance pull == Prometheus")
+        total += agree.pulled  # type: ignore[attr-defined]
+    assert total > 0, "no volume metered: the traffic tests did not run first"
+
+
+def test_governance_pull_refuses_other_identities(net: compose_tool.Compose) -> None:
+    """governance_allowed_peers: a customer's publisher may not read the volume."""
+    res = _pull(net, "relayer-1", "publisher")
+    assert res.returncode != 0
+    assert "refused" in res.stderr, res.stderr
+
+
+#: what the client container runs: N JSON-RPC calls to its sidecar; prints the statuses
+STATUSES = """
+import json, sys, urllib.error, urllib.request
+out = []
+for _ in range(int(sys.argv[2])):
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": sys.argv[1], "params": [1]}).encode()
+    req = urllib.request.Request(sys.argv[3] + "/rpc", data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=20) as r:
+            out.append(r.status)
+    except urllib.error.HTTPError as e:
+        out.append(e.code)
+print(json.dumps(out))
+"""
+
+
+def _statuses_via_sentry_1(net: compose_tool.Compose, n: int) -> list[int]:
+    out = net.compose("exec", "-T", "client", "python3", "-c", STATUSES, "limit", str(n),
+                      "http://127.0.0.1:8080", timeout=120)
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def _statuses_via(url: str, n: int) -> list[int]:
+    out = subprocess.run([sys.executable, "-c", STATUSES, "limit", str(n), url],
+                         capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _directive(net: compose_tool.Compose, rate: float, burst: int) -> None:
+    res = _cli("mesh", "directive", "--waku", f"http://127.0.0.1:{net.port('waku-3', 8645)}",
+               "--namespace", "compose", "--key", str(compose_tool.SECRETS / "gov" / "gov.pem"),
+               "--rate", str(rate), "--burst", str(burst), "--scope", "acme")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["action"] == "rate_limit"
+
+
+def _govern(net: compose_tool.Compose, rate: float, burst: int, took: Callable[[], bool],
+            what: str) -> None:
+    """Publish the directive until ``took()`` (Waku relay is best effort: a message
+    published before every node's mesh grafted, or dropped, is simply sent again — each
+    one is a new directive, anchored and applied once)."""
+    for _attempt in range(5):
+        _directive(net, rate, burst)
+        with contextlib.suppress(AssertionError):
+            _eventually(took, 30, what)
+            return
+    raise AssertionError(f"not after 5 directives: {what}")
+
+
+@contextlib.contextmanager
+def _host_sidecar(net: compose_tool.Compose, sentry: str) -> Iterator[str]:
+    """A sidecar on the host in front of one sentry (its 7443 published on loopback)."""
+    listen = f"127.0.0.1:{_free_port()}"
+    proc = subprocess.Popen(
+        [PQCNET, "sidecar", "--sentry", f"127.0.0.1:{net.port(sentry, 7443)}",
+         "--identity-dir", str(compose_tool.SECRETS / "sidecar"),
+         "--issuer-key", str(compose_tool.SECRETS / "issuer" / "acme-issuer.key"),
+         "--tenant", "acme", "--subject", "alice", "--listen", listen, "--no-passphrase",
+         "--expect-peer", f"spiffe://{TD}/ops/sentry/{sentry}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _eventually(lambda: bool(socket.create_connection(tuple(listen.split(":")), 1)),  # type: ignore[arg-type]
+                    60, "host sidecar listening")
+        yield f"http://{listen}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_rate_limit_directive_applied_by_both_sentries(net: compose_tool.Compose) -> None:
+    """Governance publishes a rate limit for tenant acme on the Waku control plane; each
+    sentry anchors it in its QS-DAG and applies it: 429 through sentry-1 (the compose
+    sidecar) and through sentry-2 (a sidecar on the host). Restored afterwards."""
+    port = net.port("prometheus", 9090)
+    with _host_sidecar(net, "sentry-2") as via_2:
+        _eventually(lambda: _statuses_via(via_2, 1) == [200], 90, "sentry-2 answers 200")
+        assert _statuses_via_sentry_1(net, 1) == [200]
+        limited: dict[str, list[int]] = {}
+
+        def both_limited() -> bool:
+            limited["sentry-1"] = _statuses_via_sentry_1(net, 6)
+            limited["sentry-2"] = _statuses_via(via_2, 6)
+            return all(s.count(429) >= 3 for s in limited.values())
+
+        def both_lifted() -> bool:
+            return (_statuses_via_sentry_1(net, 3) == [200] * 3
+                    and _statuses_via(via_2, 3) == [200] * 3)
+
+        try:
+            _govern(net, 0.2, 2, both_limited, "429 via both sentries")
+            applied = _prom(port, 'sum by (instance) '
+                                  '(pqcnet_mesh_directives_applied_total{action="rate_limit"})')
+            assert {r["metric"]["instance"] for r in applied} >= {  # type: ignore[index]
+                "sentry-1:9100", "sentry-2:9100"}, applied
+        finally:
+            _govern(net, 10000, 10000, both_lifted, "limit lifted on both sentries")
+    print(f"rate-limit directive: {limited}")
 
 
 def test_sentry_crash_sidecar_recovers(net: compose_tool.Compose) -> None:
@@ -286,3 +495,132 @@ def test_sentry_crash_sidecar_recovers(net: compose_tool.Compose) -> None:
     recovered = time.monotonic() - t0
     assert recovered < 180
     print(f"sentry crash: requests succeed again after {recovered:.1f}s")
+
+
+def test_prometheus_scraped_every_node(net: compose_tool.Compose) -> None:
+    """Every target of every job is up (the crashed nodes came back)."""
+    port = net.port("prometheus", 9090)
+    targets = {"relayer-1:9100", "relayer-2:9100", "sentry-1:9100", "sentry-2:9100",
+               "ca:9100"}
+
+    def all_up() -> bool:
+        url = f"http://127.0.0.1:{port}/api/v1/targets"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            active = json.loads(r.read())["data"]["activeTargets"]
+        health = {t["labels"]["instance"]: t["health"] for t in active}
+        return set(health) == targets and set(health.values()) == {"up"}
+
+    _eventually(all_up, 120, "every target up")
+    up = {r["metric"]["instance"]: r["value"][1] for r in _prom(port, "up")}  # type: ignore[index]
+    assert up == dict.fromkeys(targets, "1"), up
+    assert _prom(port, "pqcnet_relayer_subscribers"), "relayer metrics not scraped"
+    assert _prom(port, 'pqcnet_sentry_requests_total{outcome="ok"}'), "sentry metrics"
+    assert _prom(port, "pqcnet_ca_enrolled_nodes"), "CA metrics"
+
+
+#: prints a directory's regular files as JSON {name: text} (no shell in the images)
+DUMP_DIR = """
+import json, os, sys
+d = sys.argv[1]
+print(json.dumps({n: open(os.path.join(d, n)).read() for n in sorted(os.listdir(d))
+                  if os.path.isfile(os.path.join(d, n))}))
+"""
+
+
+def test_ca_service_enrolls_a_node_once(net: compose_tool.Compose, tmp_path: Path) -> None:
+    """The CA service of the network: an operator makes a one-time token inside the
+    `ca` container; a new node (in the client container) enrolls with it over PQ TLS
+    (https://ca:8443), and its fresh identity publishes through a relayer; the same
+    token used again is refused (token_used) — and Prometheus counts both."""
+    pattern = f"spiffe://{TD}/acme/publisher/*"
+    net.compose("exec", "-T", "ca", "pqcnet", "ca", "token", "create", "--dir",
+                "/var/lib/pqcnet/ca", "--pattern", pattern, "--role", "publisher",
+                "--ca-url", "https://ca:8443", "--out", "/tmp/token.json")
+    token = net.compose("exec", "-T", "ca", "python3", "-c",
+                        "print(open('/tmp/token.json').read())").stdout
+    net.compose("exec", "-T", "client", "python3", "-c",
+                "import sys; open('/tmp/token.json', 'w').write(sys.argv[1])", token)
+
+    def enroll(name: str) -> subprocess.CompletedProcess[str]:
+        return net.compose("exec", "-T", "client", "pqcnet", "node", "enroll",
+                           "--token-file", "/tmp/token.json", "--spiffe-id",
+                           f"spiffe://{TD}/acme/publisher/{name}", "--out", f"/tmp/{name}",
+                           "--no-passphrase", check=False, timeout=120)
+
+    first = enroll("enrolled-1")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["enrolled"] == f"spiffe://{TD}/acme/publisher/enrolled-1"
+    # the enrolled identity (key written in the client's tmpfs) publishes via relayer-1
+    files = json.loads(net.compose("exec", "-T", "client", "python3", "-c", DUMP_DIR,
+                                   "/tmp/enrolled-1").stdout)
+    ident_dir = tmp_path / "enrolled-1"
+    ident_dir.mkdir()
+    for name, text in files.items():
+        (ident_dir / name).write_text(text)
+
+    async def publish() -> list[bool]:
+        pub = await PublisherClient.connect("127.0.0.1", net.port("relayer-1", 7400),
+                                            NodeIdentity.load(ident_dir, None))
+        try:
+            topic = ("acme", f"enrolled-{secrets.token_hex(2)}")
+            return [r.accepted for r in await pub.publish(
+                [Frame(*topic, s, b"e" * 16) for s in range(1, 6)])]
+        finally:
+            await pub.close()
+
+    assert asyncio.run(publish()) == [True] * 5
+    again = enroll("enrolled-2")
+    assert again.returncode != 0 and "token_used" in again.stdout + again.stderr, again
+    port = net.port("prometheus", 9090)
+    _eventually(lambda: float(_prom(port, "sum(pqcnet_ca_certificates_issued_total)")[0]
+                              ["value"][1]) >= 1  # type: ignore[index]
+                and float(_prom(port, "sum(pqcnet_ca_token_replays_total)")[0]
+                          ["value"][1]) >= 1, 30, "CA metrics count the enrollment")  # type: ignore[index]
+
+
+def _runbook_pages() -> list[Path]:
+    return [p for p in sorted((ROOT / "runbook").glob("*.md"))
+            if any("compose" in b.flags for b in blocks(p))]
+
+
+@pytest.mark.parametrize("page", _runbook_pages(), ids=lambda p: p.name)
+def test_runbook_blocks(net: compose_tool.Compose, page: Path) -> None:
+    """The page's ``compose`` blocks (runbook/README.md#runnable-blocks) in one bash
+    session against this network; ``<!-- expect: -->`` lines must appear."""
+    page_blocks = [b for b in blocks(page) if "compose" in b.flags]
+    script = "set -eo pipefail\n" + "\n".join(b.text for b in page_blocks) + "\n"
+    env = dict(net.env, COMPOSE_FILE=str(ROOT / "compose.yaml"),
+               COMPOSE_PROJECT_NAME=net.project,
+               PATH=os.pathsep.join([str(Path(PQCNET).parent),
+                                     str(Path(net.compose_cli).parent),
+                                     str(Path(net.docker_cli).parent),
+                                     os.environ.get("PATH", "")]))
+    res = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, (f"{page.name}: exit {res.returncode}\n"
+                                 f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    for b in page_blocks:
+        for text in b.expect:
+            assert text in res.stdout, f"{b.where}: expected {text!r} in\n{res.stdout[-3000:]}"
+
+
+def test_every_dashboard_query_runs(net: compose_tool.Compose) -> None:
+    """Every panel query of every committed dashboard, as Grafana would send it (an
+    instant query), returns without error; with data unless the panel is QUIET (it
+    counts faults this run does not cause). Runs last: the traffic, the crash, the
+    directive and the rate-limited requests above are what the panels show."""
+    port = net.port("prometheus", 9090)
+    time.sleep(6)  # the last scrape after the tests above
+    empty, errors = [], []
+    for uid in dashboards.DASHBOARDS:
+        doc = json.loads((dashboards.OUT / f"{uid}.json").read_text())
+        for title, expr in dashboards.queries(doc):
+            try:
+                result = _prom(port, expr)
+            except (AssertionError, urllib.error.HTTPError) as exc:
+                errors.append((uid, title, expr, str(exc)))
+                continue
+            if not result and title not in dashboards.QUIET:
+                empty.append((uid, title, expr))
+    assert not errors, errors
+    assert not empty, f"panels without data after the traffic: {empty}"

@@ -29,6 +29,11 @@ def test_metrics_healthz_readyz() -> None:
     try:
         code, body = _get(httpd.port, "/metrics")
         assert code == 200 and b"pqcnet_test_things_total 3.0" in body
+        # the process-wide registry rides along: process internals and module-level
+        # families (identity, QSTP) reach Prometheus through the one ops port
+        assert b"\nprocess_resident_memory_bytes " in body, body[-2000:]
+        assert b"\npython_gc_objects_collected_total{" in body
+        assert body.count(b"# TYPE pqcnet_test_things_total") <= 1
         assert _get(httpd.port, "/healthz") == (200, b"ok\n")
         code, body = _get(httpd.port, "/readyz")
         assert code == 503

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from pqcnet.mesh.config import AgentConfig
 from pqcnet.mesh.dagsync import DagSync
@@ -137,12 +138,20 @@ async def test_bad_vertices_are_skipped_and_counted(pair: tuple[Side, Side]) -> 
     meet(holder, puller)
     await subscribe(puller)
     good = [v.encode() for v in holder.ledger.export(holder.ledger.tips())]
+    scraped = _refused_samples()
     await holder.sync.publisher.send_sealed(
         "n1", puller.keys.recipient_key.public, MessageType.DAG_VERTICES,
         DagVertices("n1", (b"\x00garbage", *good)).encode())
     await puller.pump()
     assert puller.events["dag_vertices_imported"] == len(good)
     assert puller.port.refused["malformed"] == 1
+    # and exported for the ledger-verify alert (pqcnet_mesh_dag_refused_vertices_total)
+    assert _refused_samples() - scraped == 1
+
+
+def _refused_samples() -> float:
+    return REGISTRY.get_sample_value("pqcnet_mesh_dag_refused_vertices_total",
+                                     {"reason": "malformed"}) or 0.0
 
 
 async def test_no_route_to_an_unannounced_peer(pair: tuple[Side, Side]) -> None:

@@ -185,3 +185,40 @@ async def test_streams_nobody_accepts_are_refused_not_queued(mesh: Mesh) -> None
         assert refused == 6
         release.set()
         await tunnel.close()
+
+
+async def test_reset_after_the_peers_end_reaches_a_blocked_sender(mesh: Mesh) -> None:
+    """A peer that ended its side and then resets the stream (a gRPC client that
+    cancels after its last message): ``recv`` has reported the clean end, but the local
+    side still learns of the reset — ``wait_failed`` returns and a ``send`` waiting for
+    credit fails instead of waiting forever — and the tunnel drops both streams."""
+    got: asyncio.Queue[Stream] = asyncio.Queue()
+    done = asyncio.Event()
+    tunnels: list[Tunnel] = []
+
+    async def handler(tunnel: Tunnel) -> None:
+        tunnels.append(tunnel)
+        async for stream in tunnel:
+            await got.put(stream)
+        await done.wait()
+
+    async with running_server(mesh, handler, config=SMALL) as server:
+        tunnel = await qstp.connect("127.0.0.1", server.port, mesh.client, config=SMALL)
+        stream = tunnel.open_stream()
+        await stream.send(b"request", end=True)
+        far = await got.get()
+        assert await far.read_all(100) == b"request"
+        # the far side answers faster than we read: it blocks on our window
+        sender = asyncio.create_task(far.send(os.urandom(4 * SMALL.stream_window)))
+        await _until(lambda: tunnels[0].connection.send_window(far.id) == 0, "sender blocked")
+        watcher = asyncio.create_task(far.wait_failed())
+        await asyncio.sleep(0.05)
+        assert not sender.done() and not watcher.done()
+        stream.reset()  # we give up
+        with pytest.raises(TunnelClosed):
+            await asyncio.wait_for(sender, 10)
+        assert isinstance(await asyncio.wait_for(watcher, 10), TunnelClosed)
+        assert stream.id not in tunnel._streams  # a local reset releases the stream
+        assert far.id not in tunnels[0]._streams
+        await tunnel.close()
+        done.set()

@@ -422,3 +422,18 @@ def test_a_stream_opened_and_ended_in_one_frame_gets_no_window_grant() -> None:
     assert s.data_to_send() != b""  # the window grant for a stream that stays open
     ends = [(e.stream_id, e.end_stream) for e in drain(s) if isinstance(e, ev.DataReceived)]
     assert ends == [(sid, True), (sid2, False)]
+
+
+def test_handshake_buffers_are_dropped_and_data_still_flows() -> None:
+    """After the handshake both sides swap their memory BIOs for empty ones (a BIO keeps
+    the capacity of the largest ML-DSA flight forever otherwise); records, rekeys and
+    streams work as before on the new pair."""
+    c, s = open_pair()
+    pump(c, s)
+    assert not c._bios_to_shrink and not s._bios_to_shrink
+    sid = c.open_stream()
+    c.send_data(sid, b"after the swap" * 1000, end_stream=True)
+    pump(c, s)
+    got = [e for e in drain(s) if isinstance(e, ev.DataReceived)]
+    assert b"".join(e.data for e in got) == b"after the swap" * 1000
+    assert got[-1].end_stream

@@ -2,25 +2,25 @@
 partitions, one relayer is SIGKILLed mid-stream and a third one joins; the shared
 dedup marks and volume (Redis) move with the partitions. The failover publisher and
 the cluster subscriber record histories; pqcnet.chaos's checker finds no lost
-acknowledged, duplicated, out-of-order, phantom or mis-billed frame."""
+acknowledged, duplicated, out-of-order, phantom or mis-billed frame. Last, each
+relayer's signed volume proofs cover exactly what it metered (the partitions it owned
+in each epoch), their union is the total and no frame is proved twice."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import uuid
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 
 from pqcnet.chaos.checker import check
 from pqcnet.chaos.history import HistoryWriter, payload_for
 from pqcnet.relayer.client import ClusterSubscriber, FailoverPublisher
 from pqcnet.relayer.cursor import JournalCursor
 from pqcnet.relayer.frame import Frame, Topic
-from pqcnet.relayer.seqstore import RedisSeqStore
+from tests.relayer.cluster import audit_proofs, by_topic, frames_of, metered, proofs
 from tests.relayer.e2e import identities
 from tests.relayer.helpers import eventually
 from tests.relayer.proc import RelayerProcess, write_config
@@ -30,6 +30,7 @@ pytestmark = pytest.mark.timeout(240)
 TOPICS: list[Topic] = [("acme", f"ch{i}") for i in range(4)]
 COUNT = 320  # frames per topic
 BATCH = 8
+EPOCH = 3.0
 
 
 def _free_port() -> int:
@@ -45,12 +46,14 @@ async def test_three_relayers_kill_one_add_one(tmp_path: Path, kafka_bootstrap: 
     common = {"backend": "kafka", "kafka_bootstrap": kafka_bootstrap,
               "kafka_topic": f"pqcnet-cluster-{tag}", "group": f"cluster-{tag}",
               "redis_url": redis_url, "redis_prefix": prefix,
-              "kafka_session_timeout": 6.0, "kafka_commit_interval": 0.0}
+              "kafka_session_timeout": 6.0, "kafka_commit_interval": 0.0,
+              "epoch_seconds": EPOCH}
     names = ["r0", "r1", "r2"]
     ports = [_free_port() for _ in names]
     procs = []
+    dirs = {n: tmp_path / n for n in names}
     for name, port in zip(names, ports):
-        d = tmp_path / name
+        d = dirs[name]
         d.mkdir()
         procs.append(RelayerProcess(write_config(d, node_id=name, listen_port=port,
                                                  **common)))
@@ -109,6 +112,16 @@ async def test_three_relayers_kill_one_add_one(tmp_path: Path, kafka_bootstrap: 
             await asyncio.sleep(0.3 if joined and by_relayer[2] == 0 else 0.05)
         async with asyncio.timeout(150):
             await consumer
+        # the killed relayer comes back (same node_id and data dir) to prove the epochs
+        # it metered before it died (its volume is in Redis)
+        await procs[1].start()
+        volume = await metered(redis_url, prefix, names)
+
+        def proved() -> bool:
+            return sum(p.total_frames for n in names
+                       for p in proofs(dirs[n] / "data")) >= frames_of(volume)
+
+        await eventually(proved, 4 * EPOCH + 60, 0.5)
     finally:
         consumer.cancel()
         await asyncio.gather(consumer, return_exceptions=True)
@@ -120,20 +133,15 @@ async def test_three_relayers_kill_one_add_one(tmp_path: Path, kafka_bootstrap: 
             if p.proc is not None:
                 await p.stop()
     # metering per customer from every relayer's volume (the killed one's too), as billed
-    client = aioredis.from_url(redis_url)
-    metering: dict[Topic, list[int]] = defaultdict(lambda: [0, 0])
-    try:
-        for name in names:
-            vol = await RedisSeqStore(client, prefix, name).load_volume()
-            for (_epoch, customer, channel, _qos), (nbytes, nframes) in vol.items():
-                metering[(customer, channel)][0] += nframes
-                metering[(customer, channel)][1] += nbytes
-    finally:
-        await client.aclose()
-    report = check(sorted(hist.glob("*.jsonl")),
-                   {t: (f, b) for t, (f, b) in metering.items()})
+    metering = by_topic(volume)
+    report = check(sorted(hist.glob("*.jsonl")), metering)
     assert report.ok, report.table()
     assert by_relayer[1] > 0 and by_relayer[2] > 0, by_relayer  # killed one and added one
     assert by_relayer[0] > 0, by_relayer
     assert report.total("taken") == COUNT * len(TOPICS)
     assert report.total("acked") == COUNT * len(TOPICS)
+    # proofs: each relayer proved exactly what it metered; union = total, nothing twice
+    cover = audit_proofs({n: dirs[n] / "data" for n in names}, volume,
+                         identities()[0].key.public_key)
+    assert frames_of(cover) == COUNT * len(TOPICS)
+    assert {n for n, _e, _t in cover} == set(names)

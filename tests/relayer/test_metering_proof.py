@@ -109,3 +109,41 @@ def test_proof_signs_verifies_and_anchors_in_qsdag(tmp_path: Path) -> None:
         verify_report(replace(report, uptime_seconds=43.0), key.public_key)
     assert ledger.has(anchor.anchor_report(report))
     ledger.close()
+
+
+def test_a_held_batch_keeps_its_epoch_and_later_ones_unsettled() -> None:
+    clock = [100.0]
+    m = _meter(clock)
+    late = m.aggregate([Frame("a", "x", 1, b"abc")])  # epoch 10, being written
+    m.hold(late)
+    assert not m.settled(10) and not m.settled(11) and m.settled(9)
+    m.hold(late)  # a second worker's batch of the same epoch
+    m.release(late)
+    assert not m.settled(10)
+    m.apply(late)
+    m.release(late)
+    assert m.settled(10) and m.settled(11)
+
+
+async def test_node_proves_an_epoch_only_after_its_last_batch_was_written(
+        tmp_path: Path) -> None:
+    """A batch delivered near the end of an epoch and written after it must land in the
+    proof of that epoch, not after it (metered but never proven)."""
+    import time
+
+    from tests.relayer.e2e import start_node
+
+    node = await start_node(tmp_path, epoch_seconds=3600.0)
+    try:
+        early = node.meter.aggregate([Frame("a", "x", 1, b"12")])
+        node.meter.apply(early)
+        late = node.meter.aggregate([Frame("a", "x", 2, b"345")])  # same epoch, in flight
+        node.meter.hold(late)
+        later = time.time() + 7200
+        assert node.prove_closed_epochs(now=later) == []  # held: nothing proven yet
+        node.meter.apply(late)
+        node.meter.release(late)
+        [proof] = node.prove_closed_epochs(now=later)
+        assert (proof.total_frames, proof.total_bytes) == (2, 5)
+    finally:
+        await node.stop()

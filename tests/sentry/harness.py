@@ -147,6 +147,12 @@ class HttpBackend:
 class EchoServicer(echo_pb2_grpc.EchoServicer):
     def __init__(self) -> None:
         self.seen: list[tuple[str, list[tuple[str, str]]]] = []
+        #: Count replies the gRPC library accepted for sending (flow-control tests)
+        self.produced = 0
+        #: a streaming call whose client went away (cancel, deadline) ended here
+        self.cancelled = asyncio.Event()
+        #: streaming calls currently running
+        self.streams = 0
 
     async def Say(self, request: echo_pb2.EchoRequest,
                   context: grpc.aio.ServicerContext[Any, Any]) -> echo_pb2.EchoReply:
@@ -159,6 +165,58 @@ class EchoServicer(echo_pb2_grpc.EchoServicer):
                                            ("x-echo", "plain")))
         return echo_pb2.EchoReply(text=request.text.upper(),
                                   metadata=[f"{k}={v}" for k, v in md])
+
+    def _watch(self, context: grpc.aio.ServicerContext[Any, Any]) -> list[bool]:
+        """Count the call as running until grpc says it is done; a call whose handler
+        did not reach its end (``ended[0]``) was ended by the other side. (grpc's own
+        ``cancelled()`` stays False when a client's cancel fails a pending write.)"""
+        self.streams += 1
+        ended = [False]
+
+        def done(_ctx: Any) -> None:
+            self.streams -= 1
+            if not ended[0]:
+                self.cancelled.set()
+
+        context.add_done_callback(done)
+        return ended
+
+    async def Count(self, request: echo_pb2.CountRequest,
+                    context: grpc.aio.ServicerContext[Any, Any]
+                    ) -> AsyncIterator[echo_pb2.CountReply]:
+        ended = self._watch(context)
+        md = [(str(k), str(v)) for k, v in context.invocation_metadata() or ()]
+        self.seen.append((f"count:{request.count}", md))
+        await context.send_initial_metadata((("x-count-start", "yes"),))
+        padding = b"p" * request.size
+        seq = 0
+        while request.count == 0 or seq < request.count:
+            yield echo_pb2.CountReply(seq=seq, padding=padding)
+            seq += 1
+            self.produced = seq
+        ended[0] = True
+        if request.fail_after:
+            await context.abort(grpc.StatusCode.DATA_LOSS, request.fail_after,
+                                (("x-failed-at", str(seq)),))
+        context.set_trailing_metadata((("x-count", str(seq)), ("x-count-bin", b"\x00\xffend")))
+
+    async def Chat(self, request_iterator: AsyncIterator[echo_pb2.EchoRequest],
+                   context: grpc.aio.ServicerContext[Any, Any]
+                   ) -> AsyncIterator[echo_pb2.EchoReply]:
+        ended = self._watch(context)
+        n = 0
+        async for req in request_iterator:
+            n += 1
+            if req.text == "give-up":  # the backend ends the call mid-stream
+                ended[0] = True
+                await context.abort(grpc.StatusCode.CANCELLED, "backend gave up")
+            if req.text == "bye":  # the backend finishes before the client does
+                break
+            if req.text == "slow":  # busy when the client cancels
+                await asyncio.sleep(30)
+            yield echo_pb2.EchoReply(text=req.text.upper())
+        ended[0] = True
+        context.set_trailing_metadata((("x-chat-messages", str(n)),))
 
 
 @contextlib.asynccontextmanager

@@ -17,8 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
+from pqcnet.sentry.config import load_config
+from pqcnet.sentry.core import Sentry
 from pqcnet.sentry.errors import BackendError
 from pqcnet.sentry.pool import SentryPool
+from pqcnet.sentry.server import SentryServer
 from pqcnet.sentry.sidecar import serve_http
 from pqcnet.sentry.wire import RequestHead
 
@@ -152,3 +155,42 @@ async def test_least_outstanding_health_and_the_non_idempotent_rule(
 async def _drain(stream: Any) -> Any:
     while chunk := await stream.recv():
         yield chunk
+
+
+async def test_a_sentry_that_comes_back_rejoins_the_rotation(tmp_path: Path, mesh: Mesh) -> None:
+    """Health checks: a sentry down at start is skipped (its requests go to the other),
+    and once it listens again the background check puts it back and it serves."""
+    with HttpBackend() as backend:
+        path = write_config(tmp_path, mesh, config_dict(backend.port, 1, 1))
+        late_port = free_port()
+        async with sentry_stack(mesh, path) as s1:
+            pool = pool_of(mesh, [s1.port, late_port], interval=0.1, timeout=1.0,
+                           backoff=0.1, max_backoff=0.2)
+            pool.start()
+            get = RequestHead("http", "GET", "/status")
+            try:
+                for _ in range(6):
+                    resp, stream, _first = await pool.call(get, b"", idempotent=True)
+                    assert resp.status == 200
+                    async for _ in _drain(stream):
+                        pass
+                late = pool.members[1]
+                assert not late.healthy and late.served == 0
+                again = SentryServer(Sentry(load_config(path)), mesh.sentry)
+                await again.start(port=late_port)  # the sentry comes (back) up
+                try:
+                    for _ in range(100):
+                        if late.healthy:
+                            break
+                        await asyncio.sleep(0.05)
+                    assert late.healthy
+                    for _ in range(10):
+                        resp, stream, _first = await pool.call(get, b"", idempotent=True)
+                        assert resp.status == 200
+                        async for _ in _drain(stream):
+                            pass
+                    assert late.served > 0  # back in the least-outstanding rotation
+                finally:
+                    await again.aclose()
+            finally:
+                await pool.aclose()

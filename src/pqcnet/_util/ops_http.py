@@ -1,6 +1,9 @@
 """The operations HTTP endpoint every long-running role serves next to its work port.
 
-* ``GET /metrics`` — Prometheus text exposition of the role's registry.
+* ``GET /metrics`` — Prometheus text exposition of the role's registry followed by the
+  process-wide default registry (``process_*``, ``python_gc_*``, and the module-level
+  ``pqcnet_identity_*``, ``pqcnet_qstp_*``, ``pqcnet_mesh_*`` families), so the one port
+  Prometheus scrapes carries the role, its identity and the process internals.
 * ``GET /healthz`` — liveness: 200 while the process answers at all (the orchestrator
   restarts the container when it stops answering).
 * ``GET /readyz`` — readiness: 200 when the role's own check passes (identity valid,
@@ -20,7 +23,7 @@ import threading
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 #: a readiness check's result per name: True (passes) or a short reason it does not
 Checks = Mapping[str, "bool | str"]
@@ -79,8 +82,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            body = generate_latest(self.server.registry) if self.server.registry is not None \
-                else generate_latest()
+            role = self.server.registry
+            body = generate_latest(REGISTRY)
+            if role is not None and role is not REGISTRY:
+                body = generate_latest(role) + body
             self._send(200, body, CONTENT_TYPE_LATEST)
         elif path == "/healthz":
             self._send(200, b"ok\n", "text/plain; charset=utf-8")

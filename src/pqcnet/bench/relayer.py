@@ -24,9 +24,18 @@ Same-run baselines beyond the raw backend (issue 15), same frame size and topic 
   latency) and by NATS's Go benchmark client (``nats bench js``), when
   ``scripts/services start nats`` runs; otherwise the JSON says it was skipped.
 
+``--workers N`` (redis, kafka): the relayer runs as ``pqcnet relayer run --workers N``
+(N processes on one port, the shards split between them), and the same run measures
+one worker first: the JSON's ``workers`` part has both frames/s, their ratio, and the
+relayer processes' CPU-seconds per frame (from ``/proc/<pid>/stat``, every worker
+summed; ``per_worker`` splits it), whose N-worker / 1-worker ratio predicts scaling on
+a host with a core per worker. Publishers use the shared port; one subscriber per
+customer per worker (each worker delivers the shards it owns).
+
 Targets (issue 4): >= 10,000 frames/s and >= 0.5x the raw write rate. Issue 15: end
 to end >= 0.5x the echo ceiling; embedded >= 1x NATS (Go client), Redis/Kafka >= 0.6x;
-paced p99 <= 1.5x NATS's (nats-py, the only NATS client here that reports latency).
+paced p99 <= 1.5x NATS's (nats-py, the only NATS client here that reports latency);
+N=2 workers >= 1.3x one, CPU-seconds per frame within 15 % of one worker's.
 """
 
 from __future__ import annotations
@@ -62,6 +71,12 @@ TARGET_VS_ECHO = 0.5
 TARGET_VS_NATS_BROKER = 0.6
 #: issue 15: p99 publish->deliver <= NATS's x1.5
 TARGET_P99_VS_NATS = 1.5
+#: issue 15: 2 workers >= 1.3x one worker ...
+TARGET_WORKERS_SPEEDUP = 1.3
+#: ... with CPU-seconds per frame within 15 % of the 1-worker figure
+TARGET_CPU_PER_FRAME_DRIFT = 0.15
+#: seconds the workers get to split the shards (leases / group rebalance) before load
+WORKERS_SETTLE = 6.0
 
 
 async def _raw_rate(backend: str, n: int, size: int, tmp: Path, url: str) -> float:
@@ -138,12 +153,16 @@ class _Clients:
         self._drains = [asyncio.create_task(self._drain(s)) for s in subs]
 
     @classmethod
-    async def connect(cls, port: int, ids: Any, publishers: int) -> _Clients:
+    async def connect(cls, port: int, ids: Any, publishers: int,
+                      sub_ports: list[int] | None = None) -> _Clients:
+        """Publishers on ``port``; a subscriber per customer on each of ``sub_ports``
+        (every worker's own port; default ``port``)."""
         subs = []
-        for c in CUSTOMERS:
-            s = await SubscriberClient.connect("127.0.0.1", port, ids[2])
-            await s.subscribe(c)
-            subs.append(s)
+        for sp in sub_ports or [port]:
+            for c in CUSTOMERS:
+                s = await SubscriberClient.connect("127.0.0.1", sp, ids[2])
+                await s.subscribe(c)
+                subs.append(s)
         pubs = [await PublisherClient.connect("127.0.0.1", port, ids[1])
                 for _ in range(publishers)]
         return cls(pubs, subs)
@@ -240,25 +259,42 @@ async def _paced_run(clients: _Clients, frames: int, topics: int, size: int,
             "latency": percentiles(clients.lat.samples)}
 
 
-async def _relayer_proc(cfg: Path) -> tuple[asyncio.subprocess.Process, int]:
+async def relayer_process(cfg: Path, workers: int = 1
+                        ) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
+    """``pqcnet relayer run`` (``--workers N``) and its ready line, with ``pids`` (the
+    processes doing the work) and ``sub_ports`` (where subscribers reach them)."""
     pqcnet = str(Path(sys.executable).parent / "pqcnet")
     log = (cfg.parent / "relayer.log").open("ab")
     proc = await asyncio.create_subprocess_exec(
-        pqcnet, "relayer", "run", "--config", str(cfg), stdout=asyncio.subprocess.PIPE,
-        stderr=log)
+        pqcnet, "relayer", "run", "--config", str(cfg), "--workers", str(workers),
+        stdout=asyncio.subprocess.PIPE, stderr=log)
     log.close()
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 120)
     if not line:
         raise click.ClickException("relayer did not start: "
                                    + (cfg.parent / "relayer.log").read_text()[-1500:])
-    return proc, int(json.loads(line)["port"])
+    ready: dict[str, Any] = json.loads(line)
+    ready.setdefault("pids", [proc.pid])
+    ready["sub_ports"] = ready.get("worker_ports") or [ready["port"]]
+    return proc, ready
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (``/proc/<pid>/stat``)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # after "(comm)": state is field 3
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
         topics: int = 64, batch: int = 256, size: int = 64, paced_frames: int = 1000,
-        paced_rate: float = 200.0, baselines: bool = True) -> dict[str, Any]:
+        paced_rate: float = 200.0, baselines: bool = True, workers: int = 1
+        ) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-able result."""
+    if workers > 1 and backend == "embedded":
+        raise click.ClickException("--workers > 1 needs --backend redis or kafka: the "
+                                   "embedded backend is single-process")
     if size < 8:
         raise click.ClickException("--size must be >= 8: frames carry their send time")
     url = ""
@@ -270,7 +306,7 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
         raise click.ClickException(f"{backend} is not running (scripts/services start)")
     before = machine()
 
-    async def go() -> dict[str, Any]:
+    async def e2e(n_workers: int, paced_run: bool) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="pqcnet-bench-relayer-") as d:
             tmp = Path(d)
             _, ids = dev_identities("pqcnet.bench", "spiffe://pqcnet.bench/b/relayer/r",
@@ -285,18 +321,28 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
                                    "authz": {"customers": {"*": [{
                                        "from": ["spiffe://pqcnet.bench/b/*/*"],
                                        "methods": ["publish", "subscribe"]}]}}}
+            tag = uuid.uuid4().hex[:8]
             if backend == "redis":
-                cfg.update(redis_url=url, redis_prefix=f"bench:{uuid.uuid4().hex[:8]}")
+                cfg.update(redis_url=url, redis_prefix=f"bench:{tag}")
             if backend == "kafka":
-                cfg.update(kafka_bootstrap=url, kafka_topic=f"bench-{uuid.uuid4().hex[:8]}")
+                cfg.update(kafka_bootstrap=url, kafka_topic=f"bench-{tag}",
+                           group=f"bench-{tag}")
             path = tmp / "relayer.yaml"
             path.write_text(yaml.safe_dump({"relayer": cfg}))
-            proc, port = await _relayer_proc(path)
+            proc, ready = await relayer_process(path, n_workers)
+            paced: dict[str, Any] = {}
             try:
-                clients = await _Clients.connect(port, ids, publishers)
+                if n_workers > 1:  # let the workers split the shards before the load
+                    await asyncio.sleep(WORKERS_SETTLE)
+                clients = await _Clients.connect(ready["port"], ids, publishers,
+                                                 ready["sub_ports"])
                 try:
+                    cpu0 = [cpu_seconds(p) for p in ready["pids"]]
                     sat = await _saturated(clients, frames, topics, batch, size)
-                    paced = await _paced_run(clients, paced_frames, topics, size, paced_rate)
+                    cpu = [cpu_seconds(p) - c for p, c in zip(ready["pids"], cpu0, strict=True)]
+                    if paced_run:
+                        paced = await _paced_run(clients, paced_frames, topics, size,
+                                                 paced_rate)
                 finally:
                     await clients.close()
             finally:
@@ -305,8 +351,17 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
                     await asyncio.wait_for(proc.wait(), 30)
                 if proc.returncode is None:
                     proc.kill()
-            raw = await _raw_rate(backend, frames, size, tmp, url)
+            raw = await _raw_rate(backend, frames, size, tmp, url) if paced_run else 0.0
+        sat["relayer_cpu_seconds"] = round(sum(cpu), 3)
+        sat["relayer_cpu_us_per_frame"] = round(sum(cpu) / sat["frames"] * 1e6, 2)
+        sat["per_worker_cpu_seconds"] = [round(c, 3) for c in cpu]
         return {"saturated": sat, "paced": paced, "raw": raw}
+
+    async def go() -> dict[str, Any]:
+        one = await e2e(1, workers == 1) if workers > 1 else None
+        res = await e2e(workers, True)
+        res["one_worker"] = one
+        return res
 
     res = asyncio.run(go())
     sat, raw = res["saturated"], res["raw"]
@@ -328,7 +383,7 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
         "saturated_p99_vs_nats_py_saturated_p99": ratio(sat["latency"]["p99_ms"], py_sat_p99),
     }
     nats_floor = 1.0 if backend == "embedded" else TARGET_VS_NATS_BROKER
-    return {
+    out = {
         "benchmark": "relayer", "backend": backend, "shards": 32, "frames": frames,
         "received": sat["received"], "publishers": publishers, "topics": topics,
         "batch": batch, "payload_bytes": size,
@@ -353,6 +408,30 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
                                     TARGET_P99_VS_NATS, below=True),
         },
         "machine": {"before": before, "after": machine()},
+    }
+    if res["one_worker"] is not None:
+        out["workers"] = _workers_part(workers, res["one_worker"]["saturated"], sat)
+    return out
+
+
+def _workers_part(workers: int, one: dict[str, Any], many: dict[str, Any]) -> dict[str, Any]:
+    """N workers against one worker measured in the same run."""
+    speedup = ratio(many["frames_per_s"], one["frames_per_s"])
+    cpu = ratio(many["relayer_cpu_us_per_frame"], one["relayer_cpu_us_per_frame"])
+    return {
+        "workers": workers,
+        "one_worker": {k: one[k] for k in ("frames_per_s", "relayer_cpu_seconds",
+                                           "relayer_cpu_us_per_frame", "latency")},
+        "n_workers": {k: many[k] for k in ("frames_per_s", "relayer_cpu_seconds",
+                                           "relayer_cpu_us_per_frame",
+                                           "per_worker_cpu_seconds", "latency")},
+        "speedup_vs_one_worker": speedup,
+        "cpu_per_frame_vs_one_worker": cpu,
+        "targets": {"speedup": TARGET_WORKERS_SPEEDUP,
+                    "cpu_per_frame_drift_max": TARGET_CPU_PER_FRAME_DRIFT,
+                    "met_speedup": _met(speedup, TARGET_WORKERS_SPEEDUP),
+                    "met_cpu_per_frame": (None if cpu is None
+                                          else abs(cpu - 1) <= TARGET_CPU_PER_FRAME_DRIFT)},
     }
 
 
@@ -396,9 +475,12 @@ def _peer_baselines(frames: int, topics: int, size: int, publishers: int,
               type=click.FloatRange(1, 1e6), help="Offered frames/s of the latency run.")
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
               help="Measure the QSTP echo ceiling and NATS JetStream (if running) too.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 16),
+              help="Relayer processes (relayer run --workers N; redis/kafka); with N > 1 "
+                   "one worker is measured first in the same run.")
 def cli(backend: str, frames: int, publishers: int, topics: int, batch: int, size: int,
-        paced_frames: int, paced_rate: float, baselines: bool) -> None:
+        paced_frames: int, paced_rate: float, baselines: bool, workers: int) -> None:
     """End-to-end relayer frames/s and publish→deliver latency (32 shards) vs the raw
     backend, the QSTP small-frame echo ceiling and NATS JetStream (nats-py and Go)."""
     click.echo(json.dumps(run(backend, frames, publishers, topics, batch, size,
-                              paced_frames, paced_rate, baselines), indent=2))
+                              paced_frames, paced_rate, baselines, workers), indent=2))

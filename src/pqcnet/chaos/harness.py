@@ -197,6 +197,20 @@ class Proc:
         return self.proc is not None and self.proc.returncode is None
 
 
+def _victim(kind: str, rng: random.Random, *, relayer: Proc, subscriber: Proc,
+            pubs: list[Proc], broker: Proc | None, backend: str) -> Proc:
+    """The process a fault of ``kind`` (``kill-*``, ``pause-*``, ``restart-broker``) hits."""
+    verb, _, role = kind.partition("-")
+    if verb in ("kill", "pause"):
+        if role == "publisher":
+            return rng.choice(pubs)
+        if role in ("relayer", "subscriber"):
+            return relayer if role == "relayer" else subscriber
+    if kind == "restart-broker" and broker is not None:
+        return broker
+    raise ChaosError(f"fault {kind!r} does not apply to {backend}")
+
+
 async def _wait_port(port: int, limit: float = 30.0) -> None:
     async with asyncio.timeout(limit):
         while True:
@@ -300,46 +314,17 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosResult:
             rec = FaultRecord(kind, time.monotonic() - t0)
             records.append(rec)
             hold = rng.uniform(0.3, 1.5)
-            if kind == "kill-relayer":
-                await relayer.kill()
-                await asyncio.sleep(hold)
-                ended = time.monotonic()
-                await relayer.start()
-            elif kind == "pause-relayer":
-                relayer.signal(signal.SIGSTOP)
-                await asyncio.sleep(hold)
-                relayer.signal(signal.SIGCONT)
-                ended = time.monotonic()
-            elif kind == "kill-subscriber":
-                await sub.kill()
-                await asyncio.sleep(hold)
-                ended = time.monotonic()
-                await sub.start()
-            elif kind == "pause-subscriber":
-                sub.signal(signal.SIGSTOP)
-                await asyncio.sleep(hold)
-                sub.signal(signal.SIGCONT)
-                ended = time.monotonic()
-            elif kind == "kill-publisher":
-                victim = rng.choice(pubs)
-                if victim.running:
-                    await victim.kill()
-                    await asyncio.sleep(hold)
-                    await victim.start()
-                ended = time.monotonic()
-            elif kind == "pause-publisher":
-                victim = rng.choice(pubs)
+            victim = _victim(kind, rng, relayer=relayer, subscriber=sub, pubs=pubs,
+                             broker=broker, backend=cfg.backend)
+            if kind.startswith("pause-"):
                 victim.signal(signal.SIGSTOP)
                 await asyncio.sleep(hold)
                 victim.signal(signal.SIGCONT)
-                ended = time.monotonic()
-            elif kind == "restart-broker" and broker is not None:
-                await broker.kill()
+            elif victim.running or victim not in pubs:  # a publisher may have finished
+                await victim.kill()
                 await asyncio.sleep(hold)
-                await broker.start()
-                ended = time.monotonic()
-            else:
-                raise ChaosError(f"fault {kind!r} does not apply to {cfg.backend}")
+                await victim.start()
+            ended = time.monotonic()
             before = _journal_frames(journal)
             rec.recovery = await _recovery(journal, before, ended, expected)
         for p in pubs:  # publishers finish (restarting one killed by a late fault)

@@ -66,6 +66,7 @@ class LazyGroup(click.Group):
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-json/--no-log-json", default=False, help="Structured JSON log lines.")
+@click.version_option(package_name="pqcnet", prog_name="pqcnet")
 def app(log_level: str, log_json: bool) -> None:
     """pqcnet — post-quantum DePIN overlay: QSTP tunnels, sentries, relayers, QS-DAG, mesh."""
     from pqcnet.runtime.logging import configure

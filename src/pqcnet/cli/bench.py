@@ -14,6 +14,7 @@ import click
 #: benchmark name -> module
 BENCHMARKS: dict[str, str] = {
     "enroll": "pqcnet.bench.enroll",
+    "memory": "pqcnet.bench.memory",
     "mesh": "pqcnet.bench.mesh",
     "qsdag": "pqcnet.bench.qsdag",
     "qstp": "pqcnet.bench.qstp",

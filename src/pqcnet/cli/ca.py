@@ -13,6 +13,7 @@ as ``key-store.yaml`` in the CA directory, which later commands use by default.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 from collections.abc import Callable
@@ -25,11 +26,12 @@ from pqcnet._util.env import CA_PASS_ENV, PASS_ENV
 from pqcnet.cli._common import passphrase
 from pqcnet.cli._keystore import key_store_option, open_store
 from pqcnet.identity import IssuancePolicy, MeshCA, NodeIdentity, SpiffeId, load_crl
-from pqcnet.identity.ca import CA_CERT_FILE, CA_KEY_FILE
+from pqcnet.identity.ca import CA_CERT_FILE, CA_KEY_FILE, stored_policy
 from pqcnet.identity.certs import load_certs
 from pqcnet.identity.errors import IdentityError
 from pqcnet.identity.keyconfig import KeyStoreConfig, key_store_config, read_key_store_file
 from pqcnet.identity.keystore import KeyStore, atomic_write, read_bounded
+from pqcnet.identity.spiffe import SpiffeLayout
 
 #: The CA's key-store mapping, recorded by ``ca init --key-store``.
 CA_KEY_STORE_FILE = "key-store.yaml"
@@ -60,6 +62,32 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
 
 
 DURATION = Duration()
+
+
+class Layout(click.ParamType):  # type: ignore[type-arg]
+    """``TEMPLATE[,role=R][,tenant=T]``: a SPIFFE layout (``spiffe_layouts`` in the
+    sentry and relayer configs), e.g. ``spiffe://corp.example/ns/{tenant}/sa/{node},role=sidecar``."""
+
+    name = "spiffe-layout"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> SpiffeLayout:
+        if isinstance(value, SpiffeLayout):
+            return value
+        template, *extra = str(value).split(",")
+        fixed: dict[str, str] = {}
+        for item in extra:
+            key, sep, val = item.partition("=")
+            if not sep or key.strip() not in ("role", "tenant"):
+                self.fail(f"{value!r}: expected TEMPLATE[,role=R][,tenant=T]", param, ctx)
+            fixed[key.strip()] = val.strip()
+        try:
+            return SpiffeLayout.of(template.strip(), **fixed)
+        except IdentityError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+LAYOUT = Layout()
 
 
 def _ca_options(f: Callable[..., None]) -> Callable[..., None]:
@@ -115,16 +143,20 @@ def cli() -> None:
 @click.option("--default-ttl", type=DURATION, default="12h", show_default=True)
 @click.option("--validity", type=DURATION, default="365d", show_default=True,
               help="Lifetime of the CA certificate itself.")
+@click.option("--spiffe-layout", "layouts", multiple=True, type=LAYOUT,
+              help="SPIFFE IDs of another shape this CA signs, with where tenant and role "
+              "sit: TEMPLATE[,role=R][,tenant=T] (repeat), e.g. "
+              "'spiffe://corp.example/ns/{tenant}/sa/{node},role=sidecar'.")
 @click.option("--force", is_flag=True, help="Overwrite an existing CA in --dir.")
 def init(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_passphrase: bool,
          trust_domain: str, roles: tuple[str, ...], tenants: tuple[str, ...],
          max_ttl: dt.timedelta, default_ttl: dt.timedelta, validity: dt.timedelta,
-         force: bool) -> None:
+         layouts: tuple[SpiffeLayout, ...], force: bool) -> None:
     """Create a new CA (fresh ML-DSA-65 key) in --dir."""
     if ((ca_dir / CA_KEY_FILE).exists() or (ca_dir / CA_CERT_FILE).exists()) and not force:
         raise IdentityError(f"{ca_dir} already holds a CA (use --force to replace it)")
     policy = IssuancePolicy(allowed_roles=roles, allowed_tenants=tenants, max_ttl=max_ttl,
-                            default_ttl=default_ttl)
+                            default_ttl=default_ttl, spiffe_layouts=layouts)
     config = _key_store_config(ca_dir, key_store_file) if key_store_file else (
         key_store_config(None, default_dir=ca_dir, default_key_file=CA_KEY_FILE))
     store = open_store(config, lambda: passphrase(passphrase_env, no_passphrase,
@@ -290,13 +322,17 @@ def show(identity_dir: Path, passphrase_env: str, no_passphrase: bool) -> None:
               help="Seconds: Cache-Control max-age of /v1/crl and CRL re-signing interval.")
 @click.option("--metrics-port", type=int, default=None,
               help="Serve Prometheus metrics (pqcnet_ca_*) on this port.")
+@click.option("--spiffe-layout", "layouts", multiple=True, type=LAYOUT,
+              help="Replace the CA policy's SPIFFE layouts (see `ca init`; saved with the "
+              "CA's state): TEMPLATE[,role=R][,tenant=T] (repeat).")
 def serve(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_passphrase: bool,
           host: str, port: int, crl_http_port: int | None, ledger_dir: Path | None,
           max_nodes_per_tenant: int, allow_tenants: tuple[str, ...],
           attest_roles: tuple[str, ...], package_hashes: tuple[str, ...],
           admins: tuple[str, ...], enroll_rate: float, enroll_burst: int,
           cert_ttl: dt.timedelta | None, bootstrap_peers: tuple[str, ...],
-          gossip_fanout: int, crl_max_age: int, metrics_port: int | None) -> None:
+          gossip_fanout: int, crl_max_age: int, metrics_port: int | None,
+          layouts: tuple[SpiffeLayout, ...]) -> None:
     """Run the CA as a service (seed 001 §7): enroll, rotate, crl, revoke, mesh/peers.
 
     Prints one JSON line {"ready": true, "url": ...} once listening; serves until
@@ -310,6 +346,8 @@ def serve(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_pas
     from pqcnet.runtime.ca_service import CaService, CaServiceConfig
 
     ca, _store = _load(ca_dir, passphrase_env, no_passphrase, key_store_file)
+    if layouts:
+        ca.policy = dataclasses.replace(ca.policy, spiffe_layouts=layouts)
     try:
         hashes = frozenset(bytes.fromhex(h) for h in package_hashes) or frozenset(
             {package_hash()})
@@ -379,7 +417,8 @@ def token_create(ca_dir: Path, pattern: str, role: str, ttl: dt.timedelta, ca_ur
     bundle_pem = read_bounded(ca_dir / CA_CERT_FILE, 1 << 22, "trust bundle")
     if not load_certs(bundle_pem, "trust bundle"):
         raise IdentityError(f"{ca_dir / CA_CERT_FILE} holds no certificate")
-    secret, rec = TokenStore(ca_dir).create(pattern, role, ttl)
+    secret, rec = TokenStore(ca_dir).create(pattern, role, ttl,
+                                            layouts=stored_policy(ca_dir).spiffe_layouts)
     write_bundle(out, TokenBundle(secret, pattern, role, rec.expires_at, bundle_pem, ca_url))
     click.echo(f"token for {pattern} (role {role}) valid until {rec.expires_at.isoformat()} "
                f"-> {out}")

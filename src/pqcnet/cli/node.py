@@ -10,6 +10,7 @@ file without starting anything.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -114,10 +115,14 @@ def run(config_path: Path, **rotation: Any) -> None:
 @click.option("--no-passphrase", is_flag=True, help="Store the node key unencrypted (dev).")
 @click.option("--attest/--no-attest", default=False, show_default=True,
               help="Send this installation's signed measurements (required for attested roles).")
-@click.option("--timeout", type=float, default=15.0, show_default=True)
+@click.option("--timeout", type=float, default=15.0, show_default=True,
+              help="Seconds for one request.")
+@click.option("--retry-for", type=click.FloatRange(0), default=60.0, show_default=True,
+              help="Seconds to keep retrying (same key) while the CA is unreachable, "
+                   "rate-limits or fails; a refusal is final.")
 def enroll(ca_url: str, token_file: Path, spiffe_id: str, out: Path,
            key_store_file: Path | None, passphrase_env: str, no_passphrase: bool,
-           attest: bool, timeout: float) -> None:
+           attest: bool, timeout: float, retry_for: float) -> None:
     """Join the mesh: new ML-DSA-65 key, CSR, POST /v1/enroll with the one-time token;
     key (key store) and identity written only after the CA said yes."""
     import asyncio
@@ -145,9 +150,12 @@ def enroll(ca_url: str, token_file: Path, spiffe_id: str, out: Path,
     store = open_store(config, lambda: passphrase(passphrase_env, no_passphrase,
                                                   what="node key", confirm=False))
     key = SigningKey.generate("ML-DSA-65")
-    attestation = client.attestation_for(key, sid) if attest else None
+    # an ID of another shape names no role itself: the CA reads it through its SPIFFE
+    # layouts, and the token says which one it must come out as
+    attested = sid if sid.role else dataclasses.replace(sid, role=bundle.role)
+    attestation = client.attestation_for(key, attested) if attest else None
     identity, mesh = asyncio.run(client.enroll(url, bundle, sid, key, attestation=attestation,
-                                               timeout_s=timeout))
+                                               timeout_s=timeout, retry_for_s=retry_for))
     try:
         identity.save(out, key_store=store)
     except IdentityError as exc:

@@ -51,14 +51,23 @@ def cli() -> None:
 @cli.command("run")
 @click.option("--config", "config_path", required=True, type=click.Path(exists=True,
               dir_okay=False, path_type=Path), help="Relayer YAML (see examples/relayer.yaml).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Relayer processes sharing the listen port (SO_REUSEPORT); each is a "
+                   "cluster member (<node_id>-w<i>, data_dir/w<i>). Backends redis and "
+                   "kafka only: embedded is single-process.")
 @rotation_options
-def run_cmd(config_path: Path, **rotation: Any) -> None:
+def run_cmd(config_path: Path, workers: int, **rotation: Any) -> None:
     """Serve QSTP ingress/egress, shard workers, metrics and governance gRPC.
 
     The identity directory is watched (hot reload); --renew-ca-url / --renew-ca-dir
     renew the certificate (same key: it signs the relayer's QS-DAG proofs)."""
     from pqcnet.relayer.node import save_identity
 
+    if workers > 1:
+        from pqcnet.cli._relayer_workers import run_workers
+
+        run_workers(config_path, workers, rotation)
+        return
     cfg = RelayerConfig.load(config_path)
     cfg.require_identity(str(config_path))
     identity = load_identity(cfg)
@@ -70,7 +79,7 @@ def run_cmd(config_path: Path, **rotation: Any) -> None:
         node = RelayerNode(cfg, identity)
         await node.start()
         asyncio.get_running_loop().add_signal_handler(
-            signal.SIGHUP, functools.partial(_reload, node, config_path))
+            signal.SIGHUP, functools.partial(reload_policy, node, config_path))
         await bind_relayer(node, manager)
         return node
 
@@ -88,7 +97,7 @@ def run_cmd(config_path: Path, **rotation: Any) -> None:
     run_until_signalled(start, stop, ready)
 
 
-def _reload(node: RelayerNode, path: Path) -> None:
+def reload_policy(node: RelayerNode, path: Path) -> None:
     """SIGHUP: re-read ``path`` and hot-reload its policy part (authz, quotas); a bad
     file leaves the policy in force and says why on stderr."""
     try:

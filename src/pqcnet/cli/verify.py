@@ -22,6 +22,7 @@ from typing import Any
 
 import click
 
+from pqcnet._util.files import read_bounded
 from pqcnet.cli._common import hostport
 from pqcnet.cli._common import load_identity as load_cli_identity
 from pqcnet.crypto.pqc import VerifyKey
@@ -55,17 +56,6 @@ def load_public_key(path: Path) -> VerifyKey:
     return VerifyKey.from_pem(pem, private_ok=True)
 
 
-def _read(path: Path, bound: int) -> bytes:
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(bound + 1)
-    except OSError as exc:
-        raise PqcnetError(f"cannot read {path}: {exc.strerror}") from None
-    if len(data) > bound:
-        raise ReceiptInvalid(f"{path} is larger than {bound} bytes")
-    return data
-
-
 _key_type = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
@@ -96,7 +86,8 @@ def cli() -> None:
 def receipt_cmd(file: Path, relayer_key: Path, layer0: Path | None,
                 layer0_key: Path | None) -> None:
     """Verify a customer's signed volume receipt FILE."""
-    receipt = VolumeReceipt.decode(_read(file, MAX_RECEIPT))
+    receipt = VolumeReceipt.decode(
+        read_bounded(file, MAX_RECEIPT, ReceiptInvalid, unreadable=PqcnetError))
     vids = verify_receipt(receipt, load_public_key(relayer_key))
     out: dict[str, Any] = {
         "ok": True, "relayer": receipt.relayer_id, "customer": receipt.customer,

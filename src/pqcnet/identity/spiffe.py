@@ -189,6 +189,31 @@ class SpiffeLayout:
                 _check_segment(what, fixed)
         return cls(parts[0], segs, role, tenant)
 
+    @property
+    def uri(self) -> str:
+        """The template as written (``spiffe://td/ns/{tenant}/sa/{node}``)."""
+        return f"{SCHEME}{self.trust_domain}/" + "/".join(self.template)
+
+    def admits_pattern(self, pattern: str, role: str) -> bool:
+        """True when IDs matching the per-segment glob ``pattern`` can fit this layout
+        with role ``role`` (an enrollment token's binding; the ID itself is checked with
+        :meth:`extract` when the token is redeemed)."""
+        if not pattern.startswith(SCHEME):
+            return False
+        parts = pattern[len(SCHEME):].split("/")
+        if parts[0] != self.trust_domain or len(parts) - 1 != len(self.template):
+            return False
+        if self.role and self.role != role:
+            return False
+        for t, p in zip(self.template, parts[1:]):
+            if t == "{role}":
+                if not fnmatch.fnmatchcase(role, p):
+                    return False
+            elif t not in _PLACEHOLDERS and not (
+                    fnmatch.fnmatchcase(p, t) or fnmatch.fnmatchcase(t, p)):
+                return False
+        return True
+
     def extract(self, sid: SpiffeId) -> SpiffeId | None:
         """``sid`` with tenant/role/node from this layout, or None if it does not fit."""
         segs = sid.segments

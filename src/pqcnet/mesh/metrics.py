@@ -69,6 +69,13 @@ ADVISORIES = Counter(
     "recorded, never applied, by kind.",
     ["kind"],
 )
+DAG_REFUSED = Counter(
+    "pqcnet_mesh_dag_refused_vertices_total",
+    "QS-DAG vertices from peers' DAG sync refused by this node's ledger, by reason "
+    "(malformed, slashed_author, or the ledger error class: a bad signature, an unknown "
+    "author, a conflicting vertex ...).",
+    ["reason"],
+)
 DELIVERY_LATENCY = Histogram(
     "pqcnet_mesh_delivery_latency_seconds",
     "Sender timestamp to local acceptance.",

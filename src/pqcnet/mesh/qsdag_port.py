@@ -41,6 +41,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Sequence
 
 from pqcnet.crypto.pqc import SigningKey, VerifyKey
+from pqcnet.mesh import metrics
 from pqcnet.mesh.envelope import NodeKeys
 from pqcnet.mesh.errors import LedgerRejected
 from pqcnet.mesh.messages import RouteAdvertisement
@@ -184,6 +185,12 @@ class QsdagPort:
         vs = self.ledger.export(self.ledger.tips(), known_tips=their_tips)
         return [v.encode() for v in vs[:limit]]
 
+    def _refuse(self, reason: str) -> None:
+        """Count a refused vertex here (tests, status) and for Prometheus (the ledger
+        verify alert); ``reason`` comes from a fixed set, so the label set is bounded."""
+        self.refused[reason] += 1
+        metrics.DAG_REFUSED.labels(reason).inc()
+
     def import_vertices(self, blobs: Sequence[bytes]) -> int:
         accepted: list[bytes] = []
         wanted: list[bytes] = []  # parents named by honest vertices of this batch
@@ -191,17 +198,17 @@ class QsdagPort:
             try:
                 vertex = decode(blob)
             except MalformedVertex:
-                self.refused["malformed"] += 1
+                self._refuse("malformed")
                 continue
             if self.is_disabled(vertex.author):
-                self.refused["slashed_author"] += 1
+                self._refuse("slashed_author")
                 self._hold(vertex.id, vertex.parents, blob)
                 continue
             accepted.append(blob)
             wanted.extend(vertex.parents)
         report = self.ledger.import_([*self._release(wanted), *accepted])
         for _, exc in report.rejected:
-            self.refused[type(exc).__name__] += 1
+            self._refuse(type(exc).__name__)
         for vid in report.anchored:
             v = self.ledger.get(vid)
             body = directive_body(v) if v.author != self.keys.node_id else None

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pqcnet/proto/echo.proto\x12\x0bpqcnet.echo\"\x1b\n\x0b\x45\x63hoRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"+\n\tEchoReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08metadata\x18\x02 \x03(\t2?\n\x04\x45\x63ho\x12\x37\n\x03Say\x12\x18.pqcnet.echo.EchoRequest\x1a\x16.pqcnet.echo.EchoReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pqcnet/proto/echo.proto\x12\x0bpqcnet.echo\"\x1b\n\x0b\x45\x63hoRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"+\n\tEchoReply\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08metadata\x18\x02 \x03(\t\"?\n\x0c\x43ountRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x0c\n\x04size\x18\x02 \x01(\r\x12\x12\n\nfail_after\x18\x03 \x01(\t\"*\n\nCountReply\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07padding\x18\x02 \x01(\x0c\x32\xbc\x01\n\x04\x45\x63ho\x12\x37\n\x03Say\x12\x18.pqcnet.echo.EchoRequest\x1a\x16.pqcnet.echo.EchoReply\x12=\n\x05\x43ount\x12\x19.pqcnet.echo.CountRequest\x1a\x17.pqcnet.echo.CountReply0\x01\x12<\n\x04\x43hat\x12\x18.pqcnet.echo.EchoRequest\x1a\x16.pqcnet.echo.EchoReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ECHOREQUEST']._serialized_end=67
   _globals['_ECHOREPLY']._serialized_start=69
   _globals['_ECHOREPLY']._serialized_end=112
-  _globals['_ECHO']._serialized_start=114
-  _globals['_ECHO']._serialized_end=177
+  _globals['_COUNTREQUEST']._serialized_start=114
+  _globals['_COUNTREQUEST']._serialized_end=177
+  _globals['_COUNTREPLY']._serialized_start=179
+  _globals['_COUNTREPLY']._serialized_end=221
+  _globals['_ECHO']._serialized_start=224
+  _globals['_ECHO']._serialized_end=412
 # @@protoc_insertion_point(module_scope)

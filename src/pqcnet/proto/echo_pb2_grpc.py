@@ -39,6 +39,16 @@ class EchoStub:
                 request_serializer=pqcnet_dot_proto_dot_echo__pb2.EchoRequest.SerializeToString,
                 response_deserializer=pqcnet_dot_proto_dot_echo__pb2.EchoReply.FromString,
                 _registered_method=True)
+        self.Count = channel.unary_stream(
+                '/pqcnet.echo.Echo/Count',
+                request_serializer=pqcnet_dot_proto_dot_echo__pb2.CountRequest.SerializeToString,
+                response_deserializer=pqcnet_dot_proto_dot_echo__pb2.CountReply.FromString,
+                _registered_method=True)
+        self.Chat = channel.stream_stream(
+                '/pqcnet.echo.Echo/Chat',
+                request_serializer=pqcnet_dot_proto_dot_echo__pb2.EchoRequest.SerializeToString,
+                response_deserializer=pqcnet_dot_proto_dot_echo__pb2.EchoReply.FromString,
+                _registered_method=True)
 
 
 class EchoServicer:
@@ -50,11 +60,35 @@ class EchoServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Count(self, request, context):
+        """server streaming: `count` replies, then OK (or the failure asked for)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Chat(self, request_iterator, context):
+        """bidirectional: each request answered in turn, upper-cased
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EchoServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Say': grpc.unary_unary_rpc_method_handler(
                     servicer.Say,
+                    request_deserializer=pqcnet_dot_proto_dot_echo__pb2.EchoRequest.FromString,
+                    response_serializer=pqcnet_dot_proto_dot_echo__pb2.EchoReply.SerializeToString,
+            ),
+            'Count': grpc.unary_stream_rpc_method_handler(
+                    servicer.Count,
+                    request_deserializer=pqcnet_dot_proto_dot_echo__pb2.CountRequest.FromString,
+                    response_serializer=pqcnet_dot_proto_dot_echo__pb2.CountReply.SerializeToString,
+            ),
+            'Chat': grpc.stream_stream_rpc_method_handler(
+                    servicer.Chat,
                     request_deserializer=pqcnet_dot_proto_dot_echo__pb2.EchoRequest.FromString,
                     response_serializer=pqcnet_dot_proto_dot_echo__pb2.EchoReply.SerializeToString,
             ),
@@ -84,6 +118,60 @@ class Echo:
             request,
             target,
             '/pqcnet.echo.Echo/Say',
+            pqcnet_dot_proto_dot_echo__pb2.EchoRequest.SerializeToString,
+            pqcnet_dot_proto_dot_echo__pb2.EchoReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Count(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pqcnet.echo.Echo/Count',
+            pqcnet_dot_proto_dot_echo__pb2.CountRequest.SerializeToString,
+            pqcnet_dot_proto_dot_echo__pb2.CountReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pqcnet.echo.Echo/Chat',
             pqcnet_dot_proto_dot_echo__pb2.EchoRequest.SerializeToString,
             pqcnet_dot_proto_dot_echo__pb2.EchoReply.FromString,
             options,

@@ -94,6 +94,12 @@ PRIVATE_SYMBOLS: Final[tuple[PrivateSymbol, ...]] = (
     PrivateSymbol("binding.lib", "SSL_get_error", "read_plaintext: why SSL_read stopped"),
     PrivateSymbol("binding.lib", "SSL_ERROR_WANT_READ", "read_plaintext: the normal stop"),
     PrivateSymbol("binding.lib", "ERR_clear_error", "a refused SSL_key_update"),
+    PrivateSymbol("binding.lib", "BIO_get_mem_data", "fresh_bios: both BIOs drained"),
+    PrivateSymbol("binding.lib", "BIO_new", "fresh_bios: the new pair"),
+    PrivateSymbol("binding.lib", "BIO_s_mem", "fresh_bios: the new pair"),
+    PrivateSymbol("binding.lib", "BIO_free", "fresh_bios: a pair that could not be made"),
+    PrivateSymbol("binding.lib", "SSL_set_bio", "fresh_bios: swap (frees the old pair)"),
+    PrivateSymbol("binding.ffi", "NULL", "fresh_bios: no data pointer wanted"),
     PrivateSymbol("binding.ffi", "new", "read_plaintext's reused buffer"),
     PrivateSymbol("binding.ffi", "buffer", "read_plaintext's copy out"),
     PrivateSymbol("binding.ffi", "cast", "function pointers from symbol addresses"),
@@ -101,6 +107,10 @@ PRIVATE_SYMBOLS: Final[tuple[PrivateSymbol, ...]] = (
     PrivateSymbol("binding.ffi", "string", "C strings from OpenSSL"),
     PrivateSymbol("pyopenssl.attr", "Context._context", "the SSL_CTX* for the calls above"),
     PrivateSymbol("pyopenssl.attr", "Connection._ssl", "the SSL* for the calls above"),
+    PrivateSymbol("pyopenssl.attr", "Connection._into_ssl",
+                  "fresh_bios: the memory BIO pyOpenSSL's bio_write fills"),
+    PrivateSymbol("pyopenssl.attr", "Connection._from_ssl",
+                  "fresh_bios: the memory BIO pyOpenSSL's bio_read drains"),
     PrivateSymbol("pyopenssl.verify-local", "store_ctx",
                   "set_verify_error (else the alert stays internal_error)"),
     PrivateSymbol("elf.symtab", "SSL_key_update",
@@ -199,6 +209,34 @@ def read_plaintext(tls: SSL.Connection, limit: int) -> tuple[bytes, BaseExceptio
                 failure = None
         break
     return (_ffi.buffer(buf, total)[:] if total else b""), failure
+
+
+def fresh_bios(tls: SSL.Connection) -> bool:
+    """Give a memory-BIO connection a new, empty pair of BIOs once both are drained;
+    returns whether it did.
+
+    A memory BIO never shrinks: after a handshake (ML-DSA certificate flights of
+    several KiB each way) each of the two keeps the capacity of the largest flight,
+    ≈ 23 KiB per connection in all, for the connection's life — a third of a sentry's
+    memory per idle tunnel. ``SSL_set_bio`` frees the old pair; pyOpenSSL's
+    ``bio_write`` / ``bio_read`` use the attributes updated here. Nothing is lost:
+    it only swaps when neither BIO holds a byte.
+    """
+    rbio, wbio = tls._into_ssl, tls._from_ssl
+    if rbio is None or wbio is None:
+        return False
+    if _lib.BIO_get_mem_data(rbio, _ffi.NULL) or _lib.BIO_get_mem_data(wbio, _ffi.NULL):
+        return False
+    new_r = _lib.BIO_new(_lib.BIO_s_mem())
+    new_w = _lib.BIO_new(_lib.BIO_s_mem())
+    if new_r == _ffi.NULL or new_w == _ffi.NULL:  # pragma: no cover - out of memory
+        for bio in (new_r, new_w):
+            if bio != _ffi.NULL:
+                _lib.BIO_free(bio)
+        return False
+    _lib.SSL_set_bio(tls._ssl, new_r, new_w)
+    tls._into_ssl, tls._from_ssl = new_r, new_w
+    return True
 
 
 # ---------------------------------------------------------------------------- unexported calls

@@ -192,6 +192,8 @@ class Connection:
         self._peer_paused: dict[int, ev.FlowPaused] = {}
         self._started = False
         self._tls_established = False
+        #: the memory BIOs still hold their handshake-sized buffers
+        self._bios_to_shrink = True
         self._handshake_deadline: float | None = None
         self._last_recv = 0.0
         self._last_rekey = 0.0
@@ -352,6 +354,10 @@ class Connection:
                 break
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self.bytes_sent += len(data)
+        if self._bios_to_shrink and self._tls_established:
+            # the handshake's flights are out: drop the BIOs' grown buffers (see
+            # _ossl.fresh_bios); retried on the next call while a partial record waits
+            self._bios_to_shrink = not _ossl.fresh_bios(self.tls)
         return data
 
     # ------------------------------------------------------------------ application calls

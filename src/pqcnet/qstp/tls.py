@@ -273,6 +273,7 @@ _NO_CRL = 3  # X509_V_ERR_UNABLE_TO_GET_CRL
 #: OpenSSL's SSL_MODE_* bits (stable ABI values; pyOpenSSL names neither)
 _SSL_MODE_ENABLE_PARTIAL_WRITE = 0x1
 _SSL_MODE_NO_AUTO_CHAIN = 0x8
+_SSL_MODE_RELEASE_BUFFERS = 0x10
 #: TLS 1.3 session tickets a server sends per handshake (OpenSSL's default: 2).
 TICKETS_PER_HANDSHAKE: Final = 1
 #: (peer certificate, trust bundle) pairs whose issuer signature a resumed session
@@ -445,6 +446,7 @@ def _base_context(policy: TlsPolicy) -> SSL.Context:
     # anchors, and an auto-built chain would add the root's ~5 KiB ML-DSA
     # certificate to every full handshake, each way
     ctx.set_mode(_SSL_MODE_NO_AUTO_CHAIN)
+    ctx.set_mode(_SSL_MODE_RELEASE_BUFFERS)
     # pyOpenSSL enables partial writes, so one SSL_write stops after each 16 KiB
     # record and sendall() loops in Python; memory BIOs never block, so let one
     # SSL_write encrypt a whole flush (~8x fewer calls on the bulk path)

@@ -77,6 +77,10 @@ class RelayerConfig(Schema):
     and metered volume, shared by a cluster so marks move with a partition)."""
     redis_prefix: str = "pqcnet:relayer"
     """Key prefix of the relayer's Redis streams and marks."""
+    redis_lease: float = Field(default=3.0, ge=0.5, le=300.0)
+    """Backend redis without owned_shards (a cluster): seconds a relayer's shard lease
+    lasts without renewal (renewed every lease/3 s); a dead relayer's shards are taken
+    over this long after its last renewal. node_id must be unique in the cluster."""
     kafka_bootstrap: HostPorts = ""
     """Kafka bootstrap servers, host:port[,host:port...] (backend kafka)."""
     kafka_topic: str = "pqcnet.relayer"
@@ -209,6 +213,11 @@ class RelayerConfig(Schema):
     def rebalancing(self) -> bool:
         """The Kafka group assigns this node's shards (default unless owned_shards)."""
         return self.backend == "kafka" and self.kafka_rebalance and not self.owned_shards
+
+    @property
+    def redis_leases(self) -> bool:
+        """Shards come from leases in Redis (backend redis, no owned_shards)."""
+        return self.backend == "redis" and not self.owned_shards
 
     @property
     def shards_owned(self) -> list[int]:

@@ -186,6 +186,10 @@ class SubscriberHub:
         acks = asyncio.create_task(self._read_acks(stream, sub, reader or MessageReader()))
         log.info("subscriber joined", extra={"customer": sub.customer,
                                              "channels": sorted(sub.channels)})
+        # the queue read / window wait in progress: this handler may be cancelled (its
+        # tunnel ended: GOAWAY on rotation, revocation, shutdown) at any await
+        getter: asyncio.Task[_Item] | None = None
+        waiter: asyncio.Task[bool] | None = None
         try:
             while not acks.done():
                 if len(sub.unacked) >= self.max_unacked:  # window full: wait for an ack
@@ -193,14 +197,15 @@ class SubscriberHub:
                     waiter = asyncio.create_task(sub.window.wait())
                     await asyncio.wait({waiter, acks}, return_when=asyncio.FIRST_COMPLETED)
                     waiter.cancel()
+                    waiter = None
                     continue
                 getter = asyncio.create_task(sub.queue.get())
                 done, _ = await asyncio.wait({getter, acks},
                                              return_when=asyncio.FIRST_COMPLETED)
                 if getter not in done:
-                    getter.cancel()
                     break
                 frames, fut = getter.result()
+                getter = None
                 upto: dict[Topic, int] = {}
                 for f in frames:
                     upto[f.topic] = f.seq  # in order per topic: the last is the highest
@@ -211,6 +216,10 @@ class SubscriberHub:
                     break
         finally:
             acks.cancel()
+            if waiter is not None:
+                waiter.cancel()
+            if getter is not None:
+                _abandon_read(getter, sub)
             self._subs[sub.customer].remove(sub)
             if not self._subs[sub.customer]:
                 del self._subs[sub.customer]
@@ -233,3 +242,18 @@ class SubscriberHub:
                 await stream.send(encode_error(exc.code, str(exc)))
         except PqcnetError:
             pass
+
+
+def _abandon_read(getter: asyncio.Task[_Item], sub: Subscription) -> None:
+    """The handler stopped with a queue read in flight. A read still waiting is
+    cancelled (``Queue.get`` then leaves any share in the queue, where
+    :meth:`Subscription.fail_all` fails it). A read that already took a share — the
+    handler was cancelled after the read finished and before it resumed — must fail
+    that share itself: it is in neither the queue nor ``unacked``, nobody will write
+    it, and the shard worker would wait for its ack forever (the soak test's stall)."""
+    if not getter.done():
+        getter.cancel()
+        return
+    if getter.cancelled() or getter.exception() is not None:
+        return
+    sub.unacked.append(({}, getter.result()[1]))  # failed with the rest by fail_all

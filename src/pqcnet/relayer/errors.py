@@ -6,6 +6,7 @@ publisher SDK can tell "fix your frame" from "come back in a second"::
 
     RelayerError
     ├── ConfigError              invalid relayer configuration
+    │   └── SingleProcessBackend  --workers N with a backend one process must own (embedded)
     ├── FrameRejected            a publisher's frame is malformed (code per reason)
     │   ├── FieldMissing         a required field is absent or empty
     │   ├── FieldTooLarge        a field exceeds its named bound
@@ -39,6 +40,11 @@ class ConfigError(RelayerError):
     """The relayer configuration is invalid (message names the key)."""
 
     code = 2
+
+
+class SingleProcessBackend(ConfigError):
+    """``relayer run --workers N`` (N > 1) with the embedded backend: its RocksDB log is
+    opened by one process only; several workers need backend redis or kafka."""
 
 
 class FrameRejected(RelayerError):

@@ -18,6 +18,12 @@ Epochs are ``floor(time / epoch_seconds)``. The worker computes a batch's delta
 (:mod:`pqcnet.relayer.seqstore`), and only then applies it here (:meth:`apply`). So a crash
 either loses both the marks and the count (the batch is redelivered and counted
 then) or keeps both — a restarted relayer loads its totals and counts nothing twice.
+
+The worker aggregates a batch once it was delivered (its epoch is the delivery's), then
+writes it; the write can straddle the end of the epoch, so the worker
+:meth:`~VolumeMeter.hold` s the batch meanwhile and the node proves an epoch only once
+it is :meth:`~VolumeMeter.settled` — otherwise the batch would land in an epoch already
+signed and anchored: metered, never proven.
 """
 
 from __future__ import annotations
@@ -86,6 +92,9 @@ class VolumeMeter:
         self._other_qos: set[int] = set()
         self._clock = clock
         self._epochs: dict[int, dict[Key, list[int]]] = {}
+        #: epoch -> batches aggregated for it and not yet applied or dropped (at most one
+        #: per shard worker)
+        self._held: dict[int, int] = {}
         self.version = 0
         """Bumped on every change (the gRPC watcher polls it)."""
         self.registry = registry or CollectorRegistry()
@@ -111,6 +120,25 @@ class VolumeMeter:
             agg[0] += len(f.payload)
             agg[1] += 1
         return batch
+
+    def hold(self, delta: VolumeDelta) -> None:
+        """A batch of ``delta`` is on its way to :meth:`apply` (or will be dropped):
+        its epochs are not :meth:`settled` until :meth:`release`."""
+        for e in {k[0] for k in delta}:
+            self._held[e] = self._held.get(e, 0) + 1
+
+    def release(self, delta: VolumeDelta) -> None:
+        """The held batch was applied or dropped (call exactly once per :meth:`hold`)."""
+        for e in {k[0] for k in delta}:
+            left = self._held.get(e, 0) - 1
+            if left > 0:
+                self._held[e] = left
+            else:
+                self._held.pop(e, None)
+
+    def settled(self, epoch: int) -> bool:
+        """No batch of ``epoch`` (or an earlier one) is between aggregate and apply."""
+        return not any(e <= epoch for e in self._held)
 
     def apply(self, delta: VolumeDelta) -> None:
         """Add a delta (from :meth:`aggregate`, or loaded from the store at start)."""

@@ -91,6 +91,7 @@ from pqcnet.relayer.proof import (
 from pqcnet.relayer.proofstore import Intent, ProofStore
 from pqcnet.relayer.receipts import VolumeReceipt, build_receipt
 from pqcnet.relayer.seqstore import RedisSeqStore, RocksSeqStore, SeqStore
+from pqcnet.relayer.settlement import Settlement, bounded, families, settlement
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,8 @@ def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
         from pqcnet.relayer.bus.redis_streams import RedisStreamsBus
 
         return RedisStreamsBus(cfg.redis_url, cfg.shards, prefix=cfg.redis_prefix,
-                               consumer=cfg.node_id, op_timeout=cfg.publish_timeout)
+                               consumer=cfg.node_id, op_timeout=cfg.publish_timeout,
+                               lease=cfg.redis_lease if cfg.redis_leases else None)
     if cfg.backend == "kafka":
         from pqcnet.relayer.bus.kafka import KafkaBus
 
@@ -194,8 +196,14 @@ class RelayerNode:
     """One running relayer."""
 
     def __init__(self, cfg: RelayerConfig, identity: NodeIdentity,
-                 policy: TlsPolicy | None = None) -> None:
+                 policy: TlsPolicy | None = None, *, reuse_port: bool = False,
+                 own_port: int | None = None) -> None:
         self.cfg, self.identity, self.policy = cfg, identity, policy or TlsPolicy()
+        #: SO_REUSEPORT on the QSTP listener (``relayer run --workers N``) ...
+        self.reuse_port = reuse_port
+        #: ... and a port of this worker alone (0: any free one), where subscribers reach
+        #: the shards it owns; bound port in :attr:`own_port` once listening
+        self.own_port = own_port
         if cfg.spiffe_layouts:  # peers' SPIFFE IDs of other shapes: read tenant/role
             self.policy = dataclasses.replace(
                 self.policy, spiffe_layouts=compile_layouts(cfg.spiffe_layouts))
@@ -406,8 +414,10 @@ class RelayerNode:
 
     async def _listen(self, port: int) -> None:
         server = await aio.serve(self.ingress.handle_tunnel, self.cfg.listen_host, port,
-                                 self.identity, self.policy)
+                                 self.identity, self.policy, reuse_port=self.reuse_port)
         self._server, self.port = server, server.port
+        if self.own_port is not None:
+            self.own_port = await server.listen_also(self.cfg.listen_host, self.own_port)
 
     async def _close_server(self) -> None:
         """Close the QSTP server in use (GOAWAY on its tunnels)."""
@@ -539,6 +549,22 @@ class RelayerNode:
             except Exception:  # keep the loop alive whatever a backend throws
                 log.exception("backpressure sampling failed")
 
+    def settlement(self) -> Settlement:
+        """Volume per (customer, state) over the held epochs (:mod:`.settlement`);
+        "anchored" is looked up in the ledger itself."""
+        ledger = self.anchor.ledger
+
+        def is_anchored(epoch: int, part: int) -> bool:
+            vid = self.anchor.part_receipts.get((epoch, part))
+            return vid is not None and ledger.has(vid)
+
+        for _ in range(3):  # read from the scrape thread while the loop may add an epoch
+            try:
+                return settlement(self.meter, dict(self._parts), is_anchored)
+            except RuntimeError:
+                continue
+        return settlement(self.meter, dict(self._parts), is_anchored)
+
     def proof_parts(self, epoch: int) -> tuple[VolumeProof, ...]:
         """Every proof of a proven ``epoch`` (one unless it was split), part order."""
         return self._parts.get(epoch, ())
@@ -546,7 +572,9 @@ class RelayerNode:
     def prove_closed_epochs(self, now: float | None = None) -> list[VolumeProof]:
         """Prove and anchor every epoch before the current one not yet proven.
 
-        Unfinished intents (a crash mid-anchoring) are finished first. An epoch whose
+        Unfinished intents (a crash mid-anchoring) are finished first. An epoch with a
+        batch still between delivery and its volume write waits (with every later one)
+        for the next round (:meth:`VolumeMeter.settled`). An epoch whose
         proof fails with a typed error is logged and retried next round; it never stops
         the epochs after it.
         """
@@ -556,6 +584,8 @@ class RelayerNode:
         for e in sorted(pending | set(self.meter.epochs())):
             if e in self.proofs or (e >= current and e not in pending):
                 continue
+            if e not in pending and not self.meter.settled(e):
+                break  # a batch of it is still being delivered: next round, in order
             try:
                 parts = self._prove_epoch(e, pending)
             except (PqcnetError, OSError) as exc:
@@ -761,6 +791,10 @@ class _NodeCollector(Collector):
         yield GaugeMetricFamily("pqcnet_relayer_degraded",
                                 "1 while the bus was not reached since start (overflow only)",
                                 value=1 if n.degraded else 0)
+        yield GaugeMetricFamily("pqcnet_relayer_owned_shards",
+                                "Shards this relayer works on now (a cluster: its Redis "
+                                "leases or Kafka assignment)",
+                                value=len(n.bus.assignment()) if not n.degraded else 0)
         yield GaugeMetricFamily("pqcnet_relayer_paused_shards",
                                 "Shards whose publishers are paused", value=len(n.flow.paused))
         yield GaugeMetricFamily("pqcnet_relayer_subscribers", "Subscriber streams",
@@ -794,6 +828,19 @@ class _NodeCollector(Collector):
         for status in ("supported", "overclaimed", "unsupported"):
             claims.add_metric([status], n.claim_stats[status])
         yield claims
+        if not n.degraded:  # volume of earlier runs not loaded yet: it would lie
+            yield from families(bounded(n.settlement(), n.cfg.metrics_max_label_series))
+        yield GaugeMetricFamily("pqcnet_relayer_proven_epochs",
+                                "Epochs whose anchored volume proof is held", value=len(n.proofs))
+        try:  # read from the scrape thread; a closed ledger (stopping) has no numbers
+            own, orphans = n.anchor.next_counter(), n.anchor.ledger.orphan_count
+        except (PqcnetError, OSError, AttributeError):
+            own = orphans = -1
+        if own >= 0:
+            yield GaugeMetricFamily("pqcnet_relayer_ledger_own_vertices",
+                                    "Vertices this relayer appended to its QS-DAG", value=own)
+            yield GaugeMetricFamily("pqcnet_relayer_ledger_orphans",
+                                    "Vertices parked in the QS-DAG orphan pool", value=orphans)
         yield GaugeMetricFamily("pqcnet_relayer_signed_counters",
                                 "Client-signed ack counters held", value=len(n.counters))
         for name, attr, doc in (("mark_evictions", "evictions",

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
+from pqcnet._util.files import read_bounded
 from pqcnet.crypto.pqc import length_prefixed
 from pqcnet.identity.keystore import atomic_write
 from pqcnet.proto import relayer_pb2 as pb
@@ -112,7 +113,7 @@ class ProofStore:
 
     def read_intent(self, epoch: int) -> Intent:
         path = self.intent_path(epoch)
-        raw = self._read(path, MAX_INTENT_FILE)
+        raw = read_bounded(path, MAX_INTENT_FILE, ProofError)
         try:
             head, *bodies = _split_lp(raw)
             if len(head) != 8 or not bodies:
@@ -132,17 +133,6 @@ class ProofStore:
         self.intent_path(epoch).unlink(missing_ok=True)
         _fsync_dir(self.directory)
 
-    @staticmethod
-    def _read(path: Path, bound: int) -> bytes:
-        try:
-            with path.open("rb") as fh:
-                raw = fh.read(bound + 1)
-        except OSError as exc:
-            raise ProofError(f"cannot read {path}: {exc.strerror}") from None
-        if len(raw) > bound:
-            raise ProofError(f"{path} is larger than {bound} bytes")
-        return raw
-
     def epochs(self) -> list[int]:
         """Epochs with a proof file, ascending."""
         if not self.directory.is_dir():
@@ -152,7 +142,7 @@ class ProofStore:
     def read(self, epoch: int, part: int = 0) -> tuple[VolumeProof, bytes]:
         """The proof of ``epoch`` (its part ``part``) and its anchor vertex id."""
         path = self.path(epoch, part)
-        raw = self._read(path, MAX_PROOF_FILE)
+        raw = read_bounded(path, MAX_PROOF_FILE, ProofError)
         try:
             (n,) = struct.unpack_from(">I", raw, 0)
             vid = raw[4 : 4 + n]

@@ -10,7 +10,7 @@ RocksDB (embedded and Kafka backends; node-local) and a Redis hash per shard
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -26,6 +26,25 @@ _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _VOLKEY = struct.Struct(">QB")  # epoch, qos (then the topic key)
 _VOLVAL = struct.Struct(">QQ")  # bytes, frames (cumulative)
+# KEYS lease, marks hash, volb, volf; ARGV value, n marks, (topic, next) * n,
+# then (field, bytes, frames) * k. Nothing is written unless the lease is ours.
+_FENCED_SAVE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local n = tonumber(ARGV[2])
+local i = 3
+while n > 0 do
+  local m = math.min(n, 200)
+  redis.call('HSET', KEYS[2], unpack(ARGV, i, i + 2 * m - 1))
+  i = i + 2 * m
+  n = n - m
+end
+while i <= #ARGV do
+  redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
+  redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 2])
+  i = i + 3
+end
+return 1
+"""
 
 
 def _volkey(epoch: int, customer: str, channel: str, qos: int) -> bytes:
@@ -156,12 +175,19 @@ class RedisSeqStore:
     Volume goes to two hashes per node (``{prefix}:volb:{node}`` bytes and
     ``{prefix}:volf:{node}`` frames, ``HINCRBY``), written in the same MULTI as the
     marks: marks are shared by whoever owns a shard, volume is each relayer's own.
+
+    With a ``fence`` (a Redis cluster's shard leases) the write is one Lua script that
+    first checks the shard's lease still holds our value: a relayer that lost the
+    lease gets :class:`BusUnavailable` and neither moves the marks nor meters.
     """
 
-    def __init__(self, client: aioredis.Redis, prefix: str, node_id: str = "relayer") -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str, node_id: str = "relayer", *,
+                 fence: Callable[[int], tuple[str, str] | None] | None = None) -> None:
         self._r = client
         self._prefix = prefix
         self._node = node_id
+        self._fence = fence
+        self._fenced_save = client.register_script(_FENCED_SAVE) if fence else None
 
     async def aclose(self) -> None:
         """Close the Redis client (only a store that owns its client, e.g. a Kafka
@@ -192,6 +218,8 @@ class RedisSeqStore:
                    volume: VolumeDelta | None = None) -> None:
         if not marks and not volume:
             return
+        if self._fence is not None:
+            return await self._save_fenced(shard, self._fence(shard), marks, volume)
         pipe = self._r.pipeline(transaction=True)
         if marks:
             mapping = {topic_key(t): n for t, n in marks.items()}
@@ -204,6 +232,25 @@ class RedisSeqStore:
             await pipe.execute()
         except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
             raise BusUnavailable(f"redis unavailable saving marks: {exc}") from None
+
+    async def _save_fenced(self, shard: int, lease: tuple[str, str] | None,
+                           marks: Mapping[Topic, int], volume: VolumeDelta | None) -> None:
+        if lease is None:
+            raise BusUnavailable(f"shard {shard} is not leased here: marks not saved")
+        assert self._fenced_save is not None
+        args: list[bytes | str | int] = [lease[1], len(marks)]
+        for t, n in marks.items():
+            args += [topic_key(t), n]
+        for (epoch, customer, channel, qos), (nbytes, nframes) in (volume or {}).items():
+            args += [_volkey(epoch, customer, channel, qos), nbytes, nframes]
+        keys = [lease[0], self.key(shard), f"{self._prefix}:volb:{self._node}",
+                f"{self._prefix}:volf:{self._node}"]
+        try:
+            ok = await self._fenced_save(keys=keys, args=args)
+        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            raise BusUnavailable(f"redis unavailable saving marks: {exc}") from None
+        if not int(ok):
+            raise BusUnavailable(f"shard {shard}: lease lost, marks and volume not saved")
 
     async def load_volume(self) -> VolumeDelta:
         try:

@@ -169,16 +169,25 @@ class RelayerShardWorker:
                     fence.consumed(frame.topic, frame.seq)
                 self._collect(seq.offer(frame, d, now), out)
         self._collect(seq.poll(now, fence.holds if fence is not None else None), out)
-        volume = self.meter.aggregate(out) if self.meter is not None and out else None
         if out:
             await self.sink.deliver(self.shard, out)
             self.stats.delivered += len(out)
             if self._on_delivered is not None:
                 self._on_delivered(self.shard, out)
-        # marks and the metered volume in one write: a crash keeps both or neither
-        await self.store.save(self.shard, seq.take_dirty(), volume)
-        if volume and self.meter is not None:
-            self.meter.apply(volume)
+        # counted in the epoch it was delivered in; that epoch is not proven before the
+        # volume is written and applied (or dropped with a failed write)
+        meter = self.meter
+        volume = meter.aggregate(out) if meter is not None and out else None
+        if volume and meter is not None:
+            meter.hold(volume)
+        try:
+            # marks and the metered volume in one write: a crash keeps both or neither
+            await self.store.save(self.shard, seq.take_dirty(), volume)
+            if volume and meter is not None:
+                meter.apply(volume)
+        finally:
+            if volume and meter is not None:
+                meter.release(volume)
         self.stats.evictions += seq.evict()  # marks are durable now: safe to forget cold ones
         done: list[Delivery] = []
         while self._inflight and not seq.is_held(self._inflight[0].offset):

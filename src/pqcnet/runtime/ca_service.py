@@ -337,11 +337,14 @@ class CaService:
             record = self.tokens.check(secret)
         except TokenError as exc:
             if exc.code == "used":
+                sid, public = _parse_csr(csr_pem)
+                if self.tokens.is_retry(secret, sid, public.key_id.hex()):
+                    return await self._reissue(csr_pem, sid, public, body.get("attestation"))
                 self.replays += 1
                 TOKEN_REPLAYS.inc()
             raise CaServiceError(400 if exc.code == "malformed" else 401,
                                  f"token_{exc.code}", str(exc)) from None
-        sid, public = _parse_csr(csr_pem)
+        sid, public = self._parse_csr(csr_pem)
         try:
             check_token_binding(record, sid)
         except TokenError as exc:
@@ -350,11 +353,25 @@ class CaService:
         cert_pem = self._sign(csr_pem)
         try:
             async with self._token_lock:
-                await asyncio.to_thread(self.tokens.redeem, secret, sid)
+                await asyncio.to_thread(self.tokens.redeem, secret, sid,
+                                        key_digest=public.key_id.hex())
         except TokenError as exc:  # lost a race with another enrollment of the same token
             self.ca.issued.pop(load_certs(cert_pem)[0].serial_number, None)
             raise CaServiceError(401, f"token_{exc.code}", str(exc)) from None
-        cert = await self._commit(cert_pem, sid, "enroll")
+        return await self._enrolled(cert_pem, sid, "enroll")
+
+    async def _reissue(self, csr_pem: bytes, sid: SpiffeId, public: VerifyKey,
+                       attestation: object) -> Response:
+        """The answer to a node retrying an enrollment whose token it already spent on
+        this ID and key (:meth:`TokenStore.is_retry`): policy and attestation are checked
+        again, the node is not counted twice against ``max_nodes``, the certificate is
+        new (and recorded like any other)."""
+        self._check_policy(sid, public, attestation, new_node=False)
+        log.info("enrollment retried", extra={"spiffe_id": str(sid)})
+        return await self._enrolled(self._sign(csr_pem), sid, "enroll_retry")
+
+    async def _enrolled(self, cert_pem: bytes, sid: SpiffeId, path: str) -> Response:
+        cert = await self._commit(cert_pem, sid, path)
         return _ok({
             "certificate": cert_pem.decode(),
             "ca_cert": self.ca.trust_bundle_pem().decode(),
@@ -372,8 +389,8 @@ class CaService:
             raise CaServiceError(401, "revoked", "the presented certificate is revoked")
         body = _json_body(req)
         csr_pem = _field(body, "csr", limit=MAX_PEM_BYTES).encode()
-        sid, public = _parse_csr(csr_pem)
-        if sid != peer.spiffe_id:
+        sid, public = self._parse_csr(csr_pem)
+        if str(sid) != str(peer.spiffe_id):
             raise CaServiceError(403, "wrong_identity", f"a certificate for {peer.spiffe_id} "
                                  f"can only renew itself, not {sid}")
         self._check_policy(sid, public, body.get("attestation"), new_node=False)
@@ -456,6 +473,15 @@ class CaService:
             raise CaServiceError(401, "revoked", "the presented certificate is revoked")
         return req.peer
 
+    def _parse_csr(self, csr_pem: bytes) -> tuple[SpiffeId, VerifyKey]:
+        """The CSR's SPIFFE ID, its tenant and role read through the CA policy's SPIFFE
+        layouts (403 ``policy`` if it has another shape that fits none), and its key."""
+        sid, public = _parse_csr(csr_pem)
+        try:
+            return self.ca.policy.resolve(sid), public
+        except PolicyViolation as exc:
+            raise CaServiceError(403, "policy", str(exc)) from None
+
     def _check_policy(self, sid: SpiffeId, public: VerifyKey, attestation: object, *,
                       new_node: bool) -> None:
         if self.config.allowed_tenants and sid.tenant not in self.config.allowed_tenants:
@@ -508,11 +534,12 @@ class CaService:
         now = utcnow()
         return {r.spiffe_id for r in self.ca.issued.values()
                 if r.not_after > now and r.serial not in self.ca.revocations
-                and SpiffeId.parse(r.spiffe_id).tenant == tenant}
+                and self.ca.policy.tenant_of(SpiffeId.parse(r.spiffe_id)) == tenant}
 
     def _sign(self, csr_pem: bytes) -> bytes:
         try:
-            return self.ca.sign_csr(csr_pem, ttl=self.config.cert_ttl)
+            # _parse_csr verified these bytes' signature (proof of possession) already
+            return self.ca.sign_csr(csr_pem, ttl=self.config.cert_ttl, signature_checked=True)
         except PolicyViolation as exc:
             raise CaServiceError(403, "policy", str(exc)) from None
         except IdentityError as exc:

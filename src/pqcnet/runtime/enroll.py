@@ -8,8 +8,11 @@ PQ TLS (:func:`pqcnet.runtime.https.request`); a refusal is a
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import logging
+import time
 from typing import Any
 
 from pqcnet.crypto.pqc import SigningKey
@@ -18,10 +21,12 @@ from pqcnet.identity.node import NodeIdentity
 from pqcnet.identity.spiffe import SpiffeId
 from pqcnet.identity.tokens import TokenBundle, ca_service_pattern
 from pqcnet.qsdag.attestation import build_attestation
-from pqcnet.runtime.errors import CaServiceError, HttpsError
+from pqcnet.runtime.errors import CaServiceError, HttpsError, NodeError
 from pqcnet.runtime.https import ClientResponse, request
 
 DEFAULT_TIMEOUT_S = 15.0
+
+log = logging.getLogger(__name__)
 
 
 def attestation_for(key: SigningKey, sid: SpiffeId, *, config_bytes: bytes = b"",
@@ -62,24 +67,49 @@ def _identity(key: SigningKey, body: dict[str, Any]) -> NodeIdentity:
     return NodeIdentity.from_pem(key, cert, bundle, crl)
 
 
+def _transient(exc: NodeError) -> bool:
+    """Worth asking again: the CA was unreachable, went away mid-answer, timed out, is
+    rate-limiting us or failed inside; never a refusal of the token, CSR or policy."""
+    if isinstance(exc, CaServiceError):
+        return exc.status == 429 or exc.status >= 500
+    return isinstance(exc, HttpsError)
+
+
 async def enroll(ca_url: str, bundle: TokenBundle, spiffe_id: SpiffeId, key: SigningKey, *,
                  attestation: dict[str, str] | None = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[NodeIdentity, dict[str, Any]]:
+                 timeout_s: float = DEFAULT_TIMEOUT_S,
+                 retry_for_s: float = 0.0) -> tuple[NodeIdentity, dict[str, Any]]:
     """Join: the token + a CSR for ``key`` -> the node's identity and mesh config.
 
     The CA service is pinned by the bundle's CA certificate(s) and its SPIFFE ID;
-    nothing is written here (the caller stores key and identity on success).
+    nothing is written here (the caller stores key and identity on success). A
+    transient failure is retried with the same key and CSR for up to ``retry_for_s``
+    seconds (backoff 0.5 s doubling to 5 s): if the CA spent the token but its answer
+    was lost, it recognises the same node asking again (``TokenStore.is_retry``).
     """
     payload: dict[str, Any] = {"token": bundle.token,
                                "csr": build_csr(key, spiffe_id).decode(),
                                "node_id": spiffe_id.node_id}
     if attestation is not None:
         payload["attestation"] = attestation
-    resp = await request(ca_url, "POST", "/v1/enroll", json.dumps(payload).encode(),
-                         trust_bundle_pem=bundle.ca_bundle_pem,
-                         server_pattern=ca_service_pattern(spiffe_id.trust_domain),
-                         timeout_s=timeout_s)
-    body = _answer(resp)
+    data = json.dumps(payload).encode()
+    deadline = time.monotonic() + retry_for_s
+    backoff = 0.5
+    while True:
+        try:
+            resp = await request(ca_url, "POST", "/v1/enroll", data,
+                                 trust_bundle_pem=bundle.ca_bundle_pem,
+                                 server_pattern=ca_service_pattern(spiffe_id.trust_domain),
+                                 timeout_s=timeout_s)
+            body = _answer(resp)
+            break
+        except NodeError as exc:
+            if not _transient(exc) or time.monotonic() + backoff > deadline:
+                raise
+            log.info("enrollment failed, retrying", extra={"reason": str(exc),
+                                                          "retry_in_s": backoff})
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
     identity = _identity(key, body)
     if identity.spiffe_id != spiffe_id:
         raise HttpsError(f"CA issued {identity.spiffe_id}, asked for {spiffe_id}")

@@ -48,7 +48,7 @@ from pqcnet.identity.spiffe import SpiffeId
 from pqcnet.mesh.directives import ForceRekey, Outcome, RateLimitUpdate, SlashNotice
 from pqcnet.mesh.envelope import NodeKeys
 from pqcnet.mesh.errors import DirectiveError
-from pqcnet.qstp.aio import Server, Tunnel, connect, serve
+from pqcnet.qstp.aio import DEFAULT_MAX_TUNNELS, Server, Tunnel, connect, serve
 from pqcnet.qstp.config import QstpConfiguration
 from pqcnet.qstp.errors import HandshakeError
 from pqcnet.qstp.frames import ErrorCode
@@ -224,11 +224,12 @@ class QstpEndpoint:
             self._tunnels.discard(tunnel)
 
     async def serve(self, host: str = "127.0.0.1", port: int = 0, *,
-                    reuse_port: bool = False) -> int:
+                    reuse_port: bool = False, max_tunnels: int = DEFAULT_MAX_TUNNELS) -> int:
         """Listen with the current identity; returns the bound port (``reuse_port``:
-        SO_REUSEPORT, for worker processes sharing it)."""
+        SO_REUSEPORT, for worker processes sharing it; ``max_tunnels``: served at once)."""
         self._server = await serve(self._serve_one, host, port, self.identity, self.policy,
-                                   config=self.config, reuse_port=reuse_port)
+                                   config=self.config, reuse_port=reuse_port,
+                                   max_tunnels=max_tunnels)
         return self._server.port
 
     async def connect(self, host: str, port: int) -> Tunnel:

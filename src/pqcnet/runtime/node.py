@@ -48,7 +48,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from prometheus_client import start_http_server
@@ -76,12 +76,14 @@ from pqcnet.mesh.waku import WakuRestClient, WakuTransport
 from pqcnet.qsdag import Ledger
 from pqcnet.qstp.tls import PeerGate, TlsPolicy
 from pqcnet.relayer.counters import ca_trust, overclaim_rule
-from pqcnet.relayer.node import RelayerNode, load_identity
 from pqcnet.runtime.config import NodeConfig
 from pqcnet.runtime.errors import NodeError
 from pqcnet.runtime.governance import QstpEndpoint, RelayerDirectives, SentryDirectives
 from pqcnet.runtime.relay_reports import RelayReportPublisher
 from pqcnet.runtime.sentry import SentryService
+
+if TYPE_CHECKING:  # the relayer's bus clients (redis, aiokafka) are not in a sentry image
+    from pqcnet.relayer.node import RelayerNode
 
 log = logging.getLogger("pqcnet.node")
 
@@ -293,6 +295,8 @@ class NodeRuntime:
     async def _start_relayer(self) -> None:
         rcfg = self.cfg.relayer
         assert rcfg is not None
+        from pqcnet.relayer.node import RelayerNode, load_identity
+
         identity = load_identity(rcfg)
         self.gate = PeerGate()
         node = self.relayer = RelayerNode(rcfg, identity, TlsPolicy(gate=self.gate))

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from pqcnet.mesh.agent import ControlPlaneAgent
 from pqcnet.mesh.errors import MeshError
 from pqcnet.mesh.messages import RelayReport
-from pqcnet.relayer.node import RelayerNode
 from pqcnet.relayer.proof import proof_to_pb
+
+if TYPE_CHECKING:  # the relayer's bus clients are not installed in a sentry image
+    from pqcnet.relayer.node import RelayerNode
 
 log = logging.getLogger("pqcnet.relay_reports")
 

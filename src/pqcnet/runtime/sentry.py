@@ -31,7 +31,7 @@ from pqcnet.identity.spiffe import SpiffeId
 from pqcnet.mesh.envelope import NodeKeys
 from pqcnet.mesh.errors import DirectiveError
 from pqcnet.qsdag import Ledger
-from pqcnet.runtime.governance import IdentityIssuer, QstpEndpoint
+from pqcnet.runtime.governance import DEFAULT_MAX_TRACKED_TUNNELS, IdentityIssuer, QstpEndpoint
 from pqcnet.sentry.attestation import LedgerAnchor, attestation_loop
 from pqcnet.sentry.config import SentryConfig
 from pqcnet.sentry.core import Sentry
@@ -118,8 +118,10 @@ class SentryService:
             if self.shared is not None:
                 install(self.sentry, *self.shared)
             stack.push_async_callback(self.sentry.aclose)
-            self.endpoint = QstpEndpoint(self.identity, self.keys, self.issuer,
-                                         handler=self._on_tunnel, policy=cfg.tls_policy())
+            self.endpoint = QstpEndpoint(
+                self.identity, self.keys, self.issuer, handler=self._on_tunnel,
+                policy=cfg.tls_policy(),
+                max_tracked=max(DEFAULT_MAX_TRACKED_TUNNELS, cfg.bounds.max_tunnels))
             stack.push_async_callback(self.endpoint.aclose)
         except BaseException:
             await self.aclose()
@@ -133,7 +135,8 @@ class SentryService:
         cfg = self.cfg
         try:
             self.port = await self.endpoint.serve(cfg.listen_host, cfg.listen_port,
-                                                  reuse_port=self.reuse_port)
+                                                  reuse_port=self.reuse_port,
+                                                  max_tunnels=cfg.bounds.max_tunnels)
             if self.anchor is not None:
                 self._tasks.append(asyncio.create_task(
                     attestation_loop(self.anchor, cfg.attestation_interval), name="attestation"))

@@ -10,8 +10,10 @@ backend's *own* status (NOT_FOUND, INVALID_ARGUMENT, …) is relayed as it is.
   backend (:class:`pqcnet.sentry.upstream.Upstream`: ``max_connections``, per-request
   timeout). A small response arrives whole (``ForwardResponse.inline``) so the
   sentry answers with one tunnel write; larger ones stream.
-* :class:`GrpcBackend` — unary gRPC by method path over one ``grpc.aio`` channel
-  (HTTP/2 multiplexes, so one channel is the pool); payloads stay opaque bytes.
+* :class:`GrpcBackend` — gRPC by method path over one ``grpc.aio`` channel (HTTP/2
+  multiplexes, so one channel is the pool); payloads stay opaque bytes. ``forward``
+  makes a unary call; ``open_stream`` a streaming one (any cardinality, see
+  :mod:`pqcnet.sentry.grpc_stream`).
 * :class:`TcpBackend` — a raw TCP connection per stream (the sidecar's TCP mode).
 """
 
@@ -21,7 +23,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -145,11 +147,7 @@ class GrpcBackend:
         )
 
     async def forward(self, req: ForwardRequest) -> ForwardResponse:
-        metadata = tuple(
-            (k.lower(), _bin_value(v) if k.lower().endswith("-bin") else v)
-            for k, v in req.headers
-            if k.lower() not in GRPC_RESERVED and not k.startswith(":")
-        )
+        metadata = _metadata(req.headers)
         timeout = min(req.timeout, self.timeout) if req.timeout > 0 else self.timeout
         call = self._channel.unary_unary(req.path, None, None)
         try:
@@ -164,10 +162,15 @@ class GrpcBackend:
                 ) from None
             return ForwardResponse(200, (), grpc_code=code.value[0],
                                    reason=err.details() or code.name)
-        headers = tuple((str(k), base64.b64encode(v).decode("ascii")
-                         if isinstance(v, bytes) else str(v)) for k, v in (trailing or ()))
+        return ForwardResponse(200, metadata_to_wire(trailing or ()), inline=reply)
 
-        return ForwardResponse(200, headers, inline=reply)
+    def open_stream(self, req: ForwardRequest) -> grpc.aio.StreamStreamCall[bytes, bytes]:
+        """Start a streaming call (works for every cardinality on the wire). Its life is
+        bounded by the client's deadline only: a stream may rightly outlive the
+        backend's per-request ``timeout``, and it holds a concurrency slot meanwhile."""
+        call = self._channel.stream_stream(req.path, None, None)
+        return call(None, metadata=_metadata(req.headers),
+                    timeout=req.timeout if req.timeout > 0 else None)
 
     async def aclose(self) -> None:
         await self._channel.close(None)
@@ -195,6 +198,21 @@ class TcpBackend:
 
     async def aclose(self) -> None:
         return None
+
+
+def _metadata(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str | bytes], ...]:
+    """Wire headers as backend call metadata (``-bin`` values decoded, keys gRPC owns
+    left out)."""
+    return tuple((k.lower(), _bin_value(v) if k.lower().endswith("-bin") else v)
+                 for k, v in headers
+                 if k.lower() not in GRPC_RESERVED and not k.startswith(":"))
+
+
+def metadata_to_wire(metadata: Iterable[tuple[str, str | bytes]]
+                     ) -> tuple[tuple[str, str], ...]:
+    """gRPC metadata as wire headers: binary (``-bin``) values travel base64-encoded."""
+    return tuple((str(k), base64.b64encode(v).decode("ascii") if isinstance(v, bytes)
+                  else str(v)) for k, v in metadata)
 
 
 def _bin_value(value: str) -> bytes:

@@ -70,6 +70,9 @@ class Bounds(Schema):
     """Largest request body read into memory, bytes (the sanitizer needs whole JSON)."""
     request_read_timeout: Positive = 10.0
     """Seconds for a client to deliver head + body on a stream (slowloris bound)."""
+    max_tunnels: Count = 1024
+    """QSTP tunnels served at once; one more is refused when it connects. Each open
+    tunnel costs a socket and memory (measured by ``pqcnet bench memory``)."""
 
 
 class RouteSpec(Schema):

@@ -1,8 +1,10 @@
 """The sentry's tunnel-facing loop: one task per QSTP stream, one RPC per stream.
 
 :func:`handle_stream` is the whole per-RPC life: read the head, :meth:`Sentry.admit`
-it and read the bounded body, all within ``request_read_timeout`` (a slowloris
-client holds nothing but its own stream), sanitize, forward, and stream the
+it and read the bounded body (a streaming gRPC call has no body to wait for: its
+messages are relayed as they come, see :mod:`pqcnet.sentry.grpc_stream`), all within
+``request_read_timeout`` (a slowloris client holds nothing but its own stream),
+sanitize, forward, and stream the
 backend's answer back. Every refusal becomes a response head with the typed error's
 outcome, one-line reason and retry-after; no exception reaches the peer and the
 backend never sees a refused request. It only needs the small :class:`RpcStream`
@@ -39,15 +41,17 @@ from typing import Any, Protocol
 from pqcnet.errors import PqcnetError
 from pqcnet.qstp.errors import TunnelClosed
 from pqcnet.qstp.frames import ErrorCode
-from pqcnet.sentry.backends import TCP_READ_CHUNK, close_quietly
+from pqcnet.sentry.backends import TCP_READ_CHUNK, GrpcBackend, close_quietly
 from pqcnet.sentry.core import Admission, Sentry, TunnelView
 from pqcnet.sentry.errors import (
     ConcurrencyLimited,
+    Denied,
     RateLimited,
     RequestTooLarge,
     SentryError,
     WireError,
 )
+from pqcnet.sentry.grpc_stream import STREAM, proxy_stream
 from pqcnet.sentry.wire import RequestHead, ResponseHead, decode_request, encode_response, read_head
 
 log = logging.getLogger("pqcnet.sentry")
@@ -109,7 +113,9 @@ async def handle_stream(sentry: Sentry, stream: RpcStream, tunnel: TunnelView) -
                 head = decode_request(payload)
                 kind = head.kind
                 adm = sentry.admit(head, tunnel)
-                if kind != "tcp":
+                if kind == "grpc" and head.method == STREAM:
+                    kind = "grpc-stream"  # messages flow both ways for the call's life
+                elif kind != "tcp":
                     phase = "body"
                     try:
                         rest = await _read_body(stream, rest, bounds.max_request_body)
@@ -123,6 +129,8 @@ async def handle_stream(sentry: Sentry, stream: RpcStream, tunnel: TunnelView) -
         try:
             if kind == "tcp":
                 await _pipe_tcp(sentry, stream, adm, rest)
+            elif kind == "grpc-stream":
+                await _grpc_stream(sentry, stream, head, adm, rest)
             else:
                 failed = await _proxy(sentry, stream, head, adm, rest)
                 if failed is not None:
@@ -192,6 +200,17 @@ async def _proxy(sentry: Sentry, stream: RpcStream, head: RequestHead, adm: Admi
         return None
     finally:
         await resp.aclose()
+
+
+async def _grpc_stream(sentry: Sentry, stream: RpcStream, head: RequestHead, adm: Admission,
+                       rest: bytes) -> None:
+    """A streaming gRPC call (:mod:`pqcnet.sentry.grpc_stream`); the gate slot is held
+    until the backend's status went out or either side went away."""
+    backend = sentry.backend(adm.backend.name)
+    if not isinstance(backend, GrpcBackend):
+        raise Denied(f"backend {adm.backend.name!r} is not a gRPC backend")
+    req = sentry.prepare(head, b"", adm)
+    await proxy_stream(stream, backend.open_stream(req), rest)
 
 
 async def _pipe_tcp(sentry: Sentry, stream: RpcStream, adm: Admission, rest: bytes) -> None:
@@ -334,7 +353,8 @@ class SentryServer:
         self._server = await aio.serve(
             self._on_tunnel, host or cfg.listen_host,
             cfg.listen_port if port is None else port,
-            self.identity, self.tls_policy, config=self.qstp_config)
+            self.identity, self.tls_policy, config=self.qstp_config,
+            max_tunnels=cfg.bounds.max_tunnels)
         port_: int = self._server.port
         return port_
 

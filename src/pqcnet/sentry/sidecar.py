@@ -13,11 +13,13 @@ binding and renewed before it expires — with the tenant issuer key it was give
   refusals come back as 401/403/429 (+ ``Retry-After``) with a one-line JSON body
   ``{"error": outcome, "reason": ...}``.
 * :func:`serve_grpc` — a ``grpc.aio`` server with a generic handler accepting any
-  unary method, so an unmodified gRPC client (generated stubs) works; refusals are
-  gRPC status codes (UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED).
-  Binary metadata (keys ending ``-bin``) crosses the tunnel base64-encoded and
-  reaches the backend as the original bytes; the backend's trailing metadata comes
-  back to the client the same way.
+  method of any cardinality (unary, server-streaming, client-streaming, bidi), so an
+  unmodified gRPC client (generated stubs) works; messages flow with end-to-end flow
+  control and cancellation (:mod:`pqcnet.sentry.grpc_stream`); refusals are gRPC
+  status codes (UNAUTHENTICATED, PERMISSION_DENIED, RESOURCE_EXHAUSTED). Binary
+  metadata (keys ending ``-bin``) crosses the tunnel base64-encoded and reaches the
+  backend as the original bytes; the backend's initial and trailing metadata and its
+  status come back to the client the same way.
 * :func:`serve_tcp` — raw bytes of each local connection piped over one stream to a
   named TCP backend.
 """
@@ -45,11 +47,19 @@ from pqcnet.identity.errors import IdentityError
 from pqcnet.identity.spiffe import validate_pattern
 from pqcnet.qstp.aio import Tunnel, connect
 from pqcnet.qstp.errors import HandshakeError
+from pqcnet.qstp.frames import ErrorCode
 from pqcnet.qstp.tls import TlsPolicy
 from pqcnet.sentry import assertion as sa
 from pqcnet.sentry import local_http
-from pqcnet.sentry.backends import GRPC_RESERVED, TCP_READ_CHUNK, close_quietly
-from pqcnet.sentry.errors import BackendError, PeerMismatch, SentryConfigError
+from pqcnet.sentry.backends import GRPC_RESERVED, TCP_READ_CHUNK, close_quietly, metadata_to_wire
+from pqcnet.sentry.errors import BackendError, PeerMismatch, SentryConfigError, SentryError
+from pqcnet.sentry.grpc_stream import (
+    MESSAGE,
+    STREAM,
+    FrameDecoder,
+    decode_trailers,
+    message_frame,
+)
 from pqcnet.sentry.http1 import HttpLimits
 from pqcnet.sentry.local_http import Upstream, body_chunks
 from pqcnet.sentry.wire import RequestHead, ResponseHead, decode_response, encode_request, read_head
@@ -247,18 +257,6 @@ async def serve_http(sidecar: Upstream, host: str = "127.0.0.1", port: int = 0,
 # ---------------------------------------------------------------------------- gRPC
 
 
-def metadata_to_wire(metadata: Iterable[tuple[str, str | bytes]]
-                     ) -> tuple[tuple[str, str], ...]:
-    """gRPC metadata as wire headers: binary (``-bin``) values travel base64-encoded."""
-    out: list[tuple[str, str]] = []
-    for key, value in metadata:
-        if isinstance(value, bytes):
-            out.append((str(key), base64.b64encode(value).decode("ascii")))
-        else:
-            out.append((str(key), str(value)))
-    return tuple(out)
-
-
 def metadata_from_wire(headers: Iterable[tuple[str, str]]
                        ) -> tuple[tuple[str, str | bytes], ...]:
     """The backend's trailing metadata for the local gRPC client (``-bin`` decoded);
@@ -278,8 +276,17 @@ def metadata_from_wire(headers: Iterable[tuple[str, str]]
     return tuple(out)
 
 
+def _status(code: int) -> grpc.StatusCode:
+    return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+
+
 class _ForwardAll(grpc.GenericRpcHandler):  # type: ignore[type-arg]
-    """Accept every unary method and forward its raw bytes through the sidecar."""
+    """Accept every method, of any cardinality, and forward it through the sidecar.
+
+    The local server cannot know whether the app's stub is unary or streaming (on
+    HTTP/2 every gRPC call is a stream of messages ended by trailers), so every call
+    is served as a bidirectional stream and carried as framed messages
+    (:mod:`pqcnet.sentry.grpc_stream`): a unary call is the one-message case."""
 
     def __init__(self, sidecar: Upstream) -> None:
         self._sidecar = sidecar
@@ -288,30 +295,81 @@ class _ForwardAll(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         method: str = details.method
         sidecar = self._sidecar
 
-        async def unary(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
-                        ) -> bytes:
-            metadata = metadata_to_wire(context.invocation_metadata() or ())
-            remaining = context.time_remaining()
-            timeout = float(remaining) if remaining is not None else 0.0
-            head = RequestHead("grpc", "", method, metadata, timeout=min(timeout, 3600.0))
-            try:
-                resp, stream, first = await sidecar.call(head, request)
-            except BackendError as exc:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-            if resp.grpc_code != 0 or resp.error:
-                code = next((c for c in grpc.StatusCode if c.value[0] == resp.grpc_code),
-                            grpc.StatusCode.UNKNOWN)
-                await context.abort(code, resp.reason or resp.error)
-            try:
-                reply = b"".join([c async for c in _body(stream, first)])
-            except PqcnetError as exc:  # the sentry reset the stream mid-response
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-            trailers = metadata_from_wire(resp.headers)
-            if trailers:
-                context.set_trailing_metadata(trailers)
-            return reply
+        async def handler(_requests: Any, context: grpc.aio.ServicerContext[bytes, bytes]
+                          ) -> None:
+            await _forward_stream(sidecar, method, context)
 
-        return grpc.unary_unary_rpc_method_handler(unary)
+        return grpc.stream_stream_rpc_method_handler(handler)
+
+
+async def _forward_stream(sidecar: Upstream, method: str,
+                          context: grpc.aio.ServicerContext[bytes, bytes]) -> None:
+    """One local gRPC call: messages up as the app writes them, messages down as the
+    app reads them (each hop waits for the next: flow control stays end to end), the
+    backend's status and trailers last; a cancel or deadline resets the QSTP stream."""
+    remaining = context.time_remaining()
+    timeout = min(float(remaining), 3600.0) if remaining is not None else 0.0
+    head = RequestHead("grpc", STREAM, method,
+                       metadata_to_wire(context.invocation_metadata() or ()), timeout=timeout)
+    try:
+        stream = await sidecar.open(head, b"", end=False)
+    except BackendError as exc:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    up = asyncio.create_task(_app_to_sentry(stream, context))
+    finished = False
+    try:
+        try:
+            resp, _stream, data = await sidecar.response(stream)
+        except BackendError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        if resp.error or resp.grpc_code:
+            await context.abort(_status(resp.grpc_code), resp.reason or resp.error)
+        initial = metadata_from_wire(resp.headers)
+        if initial:
+            await context.send_initial_metadata(initial)
+        dec = FrameDecoder()
+        while True:
+            try:
+                frames = dec.feed(data)
+            except SentryError as exc:
+                await context.abort(grpc.StatusCode.INTERNAL, f"bad frame from sentry: {exc}")
+            for flag, payload in frames:
+                if flag == MESSAGE:
+                    await context.write(payload)  # waits on the app's HTTP/2 window
+                    continue
+                status = decode_trailers(payload)
+                finished = up.done()
+                trailers = metadata_from_wire(status.headers)
+                if status.grpc_code:
+                    await context.abort(_status(status.grpc_code), status.reason, trailers)
+                if trailers:
+                    context.set_trailing_metadata(trailers)
+                return
+            try:
+                data = await stream.recv()  # credit goes back only now
+            except PqcnetError as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"sentry stream failed: {exc}")
+            if not data:
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    "sentry stream ended without a gRPC status")
+    finally:
+        up.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await up
+        if not finished:  # cancelled, failed, or the app still sending: abort our half
+            with contextlib.suppress(PqcnetError, OSError):
+                stream.reset(ErrorCode.CANCELLED, "grpc call ended by the client side")
+
+
+async def _app_to_sentry(stream: Any, context: grpc.aio.ServicerContext[bytes, bytes]
+                         ) -> None:
+    try:
+        while isinstance(message := await context.read(), bytes):  # EOF ends it
+            await stream.send(message_frame(message))  # waits for the sentry's credit
+        await stream.send(b"", end=True)
+    except (PqcnetError, OSError) as exc:
+        # the sentry ended or reset the stream: its status (if any) is read by the caller
+        log.debug("grpc upload stopped", extra={"error": str(exc)})
 
 
 async def serve_grpc(sidecar: Upstream, host: str = "127.0.0.1", port: int = 0

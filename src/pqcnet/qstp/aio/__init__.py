@@ -16,6 +16,7 @@ The whole API other packages use::
     body = await stream.read_all(limit)    # everything until end (TunnelClosed if > limit)
     await stream.close()                   # half-close (END_STREAM)
     stream.reset(code, reason)             # abort this stream only (ERROR frame)
+    await stream.wait_failed()             # until reset / tunnel end (also after the peer's END)
 
     async for stream in tunnel: ...        # streams the peer opens, until the tunnel ends
     await tunnel.accept_stream()           # the same, one at a time (None once ended)

@@ -41,6 +41,7 @@ class Server:
         self._tunnels: set[Tunnel] = set()
         self._tasks: dict[Tunnel, asyncio.Task[None]] = {}
         self._server: asyncio.Server | None = None
+        self._also: list[asyncio.Server] = []  # further listening sockets (listen_also)
         self.handshake_failures = 0
         """Handshakes refused or timed out since start."""
 
@@ -128,10 +129,21 @@ class Server:
         await self._ended(ended)
         return len(ended)
 
+    async def listen_also(self, host: str, port: int) -> int:
+        """Accept tunnels on one more address too (same handler, identity, policy and
+        tunnel limit); returns its bound port. ``relayer run --workers N``: each worker
+        has its own port beside the shared SO_REUSEPORT one."""
+        extra = await asyncio.get_running_loop().create_server(self._new_tunnel, host, port)
+        self._also.append(extra)
+        bound: int = extra.sockets[0].getsockname()[1]
+        return bound
+
     def close(self) -> None:
         """Stop listening, end every tunnel (GOAWAY) and cancel running handlers."""
         if self._server is not None:
             self._server.close()
+        for extra in self._also:
+            extra.close()
         self._end(list(self._tunnels), "server shutting down")
 
     async def wait_closed(self) -> None:
@@ -139,6 +151,8 @@ class Server:
         await self._ended(list(self._tunnels))
         if self._server is not None:
             await self._server.wait_closed()
+        for extra in self._also:
+            await extra.wait_closed()
 
     async def __aenter__(self) -> Server:
         return self

@@ -40,6 +40,10 @@ class Stream:
         self._chunks: collections.deque[bytes] = collections.deque()
         self._eof = False
         self._error: PqcnetError | None = None
+        #: why the stream failed, kept even after the peer's END (``recv`` then reports
+        #: a clean end, but a long-lived sender/watcher must still learn of a reset)
+        self._failure: PqcnetError | None = None
+        self._failure_waiter: asyncio.Future[PqcnetError] | None = None
         self._readable = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._sent_end = False
@@ -164,11 +168,22 @@ class Stream:
             return
         await self.send(b"", end=True)
 
+    async def wait_failed(self) -> PqcnetError:
+        """Wait until the stream fails — reset by either side, or its tunnel ended —
+        also after the peer ended its side (when ``recv()`` only returns ``b""``);
+        returns the error. Cancel the wait when no longer interested."""
+        if self._failure is not None:
+            return self._failure
+        if self._failure_waiter is None:
+            self._failure_waiter = asyncio.get_running_loop().create_future()
+        return await asyncio.shield(self._failure_waiter)
+
     def reset(self, code: int = ErrorCode.CANCELLED, reason: str = "") -> None:
         """Abort the stream in both directions (ERROR frame on this stream)."""
         if self._tunnel.closed:
             return
         self._tunnel._conn.reset_stream(self.id, code, reason)
+        self._tunnel._release(self.id)  # the core dropped it: so does the tunnel
         self._fail(TunnelClosed(f"stream {self.id} reset locally"))
         self._tunnel._schedule_flush()
 
@@ -183,6 +198,10 @@ class Stream:
     def _fail(self, error: PqcnetError) -> None:
         if self._error is None and not self._eof:
             self._error = error
+        if self._failure is None:
+            self._failure = error
+            if self._failure_waiter is not None and not self._failure_waiter.done():
+                self._failure_waiter.set_result(error)
         self._readable.set()
 
 

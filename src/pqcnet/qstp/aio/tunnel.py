@@ -375,7 +375,10 @@ class Tunnel(asyncio.Protocol):
                 stream = self._streams.get(event.stream_id)
                 if stream is not None:
                     stream._on_data(event.data, event.end_stream)
-                    if event.end_stream:
+                    if event.end_stream and stream._sent_end:
+                        # both ends done. (Not before we ended too: when the core has
+                        # already dropped the stream, a reset by the peer follows in this
+                        # batch, and the stream must still be here to learn of it.)
                         self._release(event.stream_id)
                 else:  # the stream object is gone: give the credit back
                     conn.consumed(event.stream_id, len(event.data))
@@ -410,6 +413,9 @@ class Tunnel(asyncio.Protocol):
                 if stream is not None:
                     stream._fail(TunnelClosed(
                         f"stream {event.stream_id} reset by peer: {event.reason or event.code}"))
+                # a send() waiting for credit on it must wake to see the stream is gone
+                # (a stream whose peer had half-closed keeps no error for its reader)
+                self._credit.fire()
             elif isinstance(event, ev.GoAwayReceived):
                 self.goaway = event
             elif isinstance(event, ev.ConnectionTerminated):

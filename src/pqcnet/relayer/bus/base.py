@@ -86,6 +86,11 @@ class Bus(abc.ABC):
     async def rewind(self, shard: int, group: str) -> None:
         """Forget in-flight reads: the next consume restarts at the first unacked record."""
 
+    def assignment(self) -> list[int]:
+        """Shards this relayer works on right now (a cluster's bus: those its group
+        protocol or its leases gave it; otherwise all)."""
+        return list(range(self.partitions()))
+
     def seq_store(self) -> SeqStore | None:
         """A dedup-mark / volume store living with this backend, or None (the node keeps
         them in local RocksDB)."""

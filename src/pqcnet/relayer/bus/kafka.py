@@ -118,6 +118,9 @@ class KafkaBus(Bus):
     def partitions(self) -> int:
         return self._shards
 
+    def assignment(self) -> list[int]:
+        return sorted(self.assigned - self._revoking)
+
     def tp(self, shard: int) -> TopicPartition:
         """The Kafka partition of ``shard``."""
         return TopicPartition(self.topic, shard)

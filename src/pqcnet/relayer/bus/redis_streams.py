@@ -21,11 +21,22 @@
 
 Every call runs under ``op_timeout``; connection failures and timeouts become
 :class:`BusUnavailable` (retriable), which the ingress turns into overflow.
+
+Clusters (``lease`` set; ``pqcnet relayer run`` with no ``owned_shards``): N relayers
+share the streams and split the shards through leases
+(:class:`~pqcnet.relayer.bus.leases.ShardLeases`). ``publish`` goes to any shard;
+``consume`` hands out records only of shards whose lease this relayer holds (others
+wait and return nothing); a shard just claimed first makes its worker reset (its
+marks are reloaded from Redis, where the previous owner left them), then takes every
+entry of other consumers' PELs at once (``XAUTOCLAIM`` with no idle time: the lease
+says their owner is gone or has handed the shard back) before reading new ones. The
+marks and volume writes are fenced by the lease (:meth:`seq_store`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
@@ -34,6 +45,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from pqcnet.relayer.bus.base import Bus, Delivery, Offset
+from pqcnet.relayer.bus.leases import ShardLeases
 from pqcnet.relayer.errors import BusError, BusUnavailable
 from pqcnet.relayer.seqstore import RedisSeqStore
 
@@ -93,6 +105,8 @@ class RedisStreamsBus(Bus):
         op_timeout: float = 2.0,
         trim_every: int = 64,
         entry_records: int = ENTRY_RECORDS,
+        lease: float | None = None,
+        revoke_grace: float = 5.0,
     ) -> None:
         if shards < 1:
             raise ValueError("shards must be >= 1")
@@ -114,6 +128,15 @@ class RedisStreamsBus(Bus):
         self._phase: dict[tuple[int, str], str] = {}  # "pending" cursor id, or ">"
         self._claimed: set[tuple[int, str]] = set()
         self._acks_since_trim = [0] * shards
+        #: shard leases of a cluster (None: this relayer works on the shards it is given)
+        self.leases: ShardLeases | None = None
+        if lease is not None:
+            self.leases = ShardLeases(self.client, prefix, consumer, shards, lease=lease,
+                                      revoke_grace=revoke_grace, drain=self._drain,
+                                      on_change=self._ownership_changed)
+        self._reset_needed: set[int] = set()
+        self._out: dict[int, set[str]] = {}  # shard -> entry ids handed out, not acked
+        self._changed = asyncio.Event()
 
     def key(self, shard: int) -> str:
         """Stream key of ``shard``."""
@@ -147,8 +170,39 @@ class RedisStreamsBus(Bus):
         self._groups.add((shard, group))
 
     def seq_store(self) -> RedisSeqStore:
-        """Marks and volume on the same Redis server (same durability as the stream)."""
-        return RedisSeqStore(self.client, self.prefix, self.consumer)
+        """Marks and volume on the same Redis server (same durability as the stream);
+        in a cluster every write is fenced by the shard's lease."""
+        fence = self.leases.fence if self.leases is not None else None
+        return RedisSeqStore(self.client, self.prefix, self.consumer, fence=fence)
+
+    async def start(self) -> None:
+        if self.leases is not None and self.leases._task is None:
+            try:
+                await self.leases.start()
+            except (aioredis.ConnectionError, aioredis.TimeoutError, OSError,
+                    TimeoutError) as exc:
+                raise BusUnavailable(f"redis unavailable claiming shards: {exc}") from None
+            self._reset_needed.clear()  # no worker has read anything yet: nothing stale
+
+    def assignment(self) -> list[int]:
+        if self.leases is None:
+            return list(range(self._shards))
+        return sorted(self.leases.owned)
+
+    def _ownership_changed(self, gained: set[int], lost: set[int]) -> None:
+        for s in gained | lost:
+            self._reset_needed.add(s)  # stale in-memory marks: the worker reloads them
+            self._out.pop(s, None)
+            for sg in [sg for sg in self._claimed if sg[0] == s]:
+                self._claimed.discard(sg)
+            for sg in [sg for sg in self._phase if sg[0] == s]:
+                self._phase[sg] = "0"
+        self._changed.set()
+
+    async def _drain(self, shard: int) -> None:
+        """Until every entry of ``shard`` handed out is acked (a lease hand-back)."""
+        while self._out.get(shard):  # noqa: ASYNC110 - the workers ack from other tasks
+            await asyncio.sleep(0.02)
 
     async def healthy(self) -> bool:
         try:
@@ -178,8 +232,23 @@ class RedisStreamsBus(Bus):
         self, shard: int, group: str, *, max_records: int = 512, block: float = 0.5
     ) -> list[Delivery]:
         self.check_shard(shard)
+        leases = self.leases
+        if leases is not None:
+            if shard in self._reset_needed:
+                self._reset_needed.discard(shard)
+                raise BusUnavailable(f"shard {shard} changed owner: resetting")
+            if not leases.holds(shard):  # not ours (any more): nothing to hand out
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(block):
+                        await self._changed.wait()
+                return []
         await self._ensure_group(shard, group)
-        key, sg = self.key(shard), (shard, group)
+        sg = (shard, group)
+        if sg not in self._claimed:  # once per (re)start or claim: take over others' work
+            if await self._take_pending(shard, group):
+                self._phase[sg] = "0"  # now ours: read with our own, through the pending path
+            self._claimed.add(sg)
         cursor = self._phase.get(sg, "0")
         count = max(1, int(max_records / self._per_entry[shard]))  # entries, not records
         if cursor != ">":
@@ -188,17 +257,26 @@ class RedisStreamsBus(Bus):
                 self._phase[sg] = _s(out[-1][0])
                 return self._deliveries(shard, group, out)
             self._phase[sg] = ">"
-        if sg not in self._claimed:  # once per (re)start: take over dead consumers' work
-            self._claimed.add(sg)
-            res = await self._call(self.client.xautoclaim(
-                key, group, self.consumer, self.claim_idle_ms, "0-0", count=count))
-            claimed = res[1] if res else []
-            if claimed:
-                self._phase[sg] = "0"  # they are now ours: read them through the pending path
-                return self._deliveries(shard, group, claimed)
         ms = max(1, int(block * 1000))
         entries = await self._read(shard, group, ">", count, ms)
         return self._deliveries(shard, group, entries)
+
+    async def _take_pending(self, shard: int, group: str) -> int:
+        """Move other consumers' pending entries of ``shard`` into our PEL; how many.
+
+        Without a lease only entries idle for ``claim_idle_ms`` (their consumer is
+        probably dead); with one, all of them at once (XAUTOCLAIM pages until done).
+        """
+        idle = 0 if self.leases is not None else self.claim_idle_ms
+        start, total = "0-0", 0
+        for _ in range(10_000):  # bounded: a PEL holds at most a few batches per consumer
+            res = await self._call(self.client.xautoclaim(
+                self.key(shard), group, self.consumer, idle, start, count=256))
+            total += len(res[1]) if res else 0
+            start = _s(res[0]) if res else "0-0"
+            if start == "0-0":
+                break
+        return total
 
     async def _read(self, shard: int, group: str, cursor: str, count: int,
                     block_ms: int | None) -> list[Any]:
@@ -214,8 +292,11 @@ class RedisStreamsBus(Bus):
 
     def _deliveries(self, shard: int, group: str, entries: Sequence[Any]) -> list[Delivery]:
         out = []
+        handed = self._out.setdefault(shard, set()) if self.leases is not None else None
         for entry_id, fields in entries:
             eid = _s(entry_id)
+            if handed is not None:
+                handed.add(eid)
             blob = fields.get(_FIELD) if fields else None
             records = _unpack(blob) if blob else None
             if not records:
@@ -239,6 +320,9 @@ class RedisStreamsBus(Bus):
         if not done:
             return
         await self._call(self.client.xack(self.key(shard), group, *done))
+        handed = self._out.get(shard)
+        if handed:
+            handed.difference_update(done)
         self._acks_since_trim[shard] += len(done)
         if self._acks_since_trim[shard] >= self.trim_every:
             self._acks_since_trim[shard] = 0
@@ -268,6 +352,8 @@ class RedisStreamsBus(Bus):
 
     async def lag(self, shard: int, group: str) -> int:
         self.check_shard(shard)
+        if self.leases is not None and shard not in self.leases.owned:
+            return 0  # not ours to deliver
         await self._ensure_group(shard, group)
         key = self.key(shard)
         for g in await self._call(self.client.xinfo_groups(key)):
@@ -281,6 +367,9 @@ class RedisStreamsBus(Bus):
 
     async def rewind(self, shard: int, group: str) -> None:
         self._phase[(shard, group)] = "0"
+        self._out.pop(shard, None)  # what was handed out is read again from the PEL
 
     async def close(self) -> None:
+        if self.leases is not None:
+            await self.leases.close()
         await self.client.aclose()

@@ -1,0 +1,215 @@
+"""``pqcnet relayer run --workers N``: N relayer processes on one host, one port.
+
+The supervisor (this process) reserves the listen port (a bound, non-listening
+SO_REUSEPORT socket, so ``listen_port: 0`` works too) and starts N workers (spawned
+processes). Each worker is an ordinary :class:`~pqcnet.relayer.node.RelayerNode`
+listening with SO_REUSEPORT — the kernel spreads *tunnels* over the workers — and a
+member of the relayer cluster on the shared bus: node id ``<node_id>-w<i>``, its own
+``data_dir/w<i>`` (overflow queue, ledger, proofs), so the shards split between the
+workers by Redis leases or the Kafka group exactly as between hosts
+(``docs/explanation/relayer-cluster.md``). Publishers use the shared port; a worker
+delivers only the shards it owns, so each worker also listens on a port of its own
+(:func:`own_port`) and subscribers list all of them (``pqcnet subscribe --relayer
+h:p1,h:p2,...``, the ready line's ``worker_ports``). Worker 0 alone serves the metrics,
+gRPC and governance ports and renews the certificate; the others hot-reload the
+renewed identity from ``identity_dir``.
+
+The embedded backend is one RocksDB log one process opens: ``--workers`` above 1 is a
+:class:`~pqcnet.relayer.errors.SingleProcessBackend` error; ``owned_shards`` is a
+:class:`~pqcnet.relayer.errors.ConfigError` (every worker would work on the same fixed
+shards). A worker that dies is restarted; SIGTERM / SIGINT stop them all; SIGHUP is
+passed on to every worker (policy reload). The supervisor prints one ``ready`` JSON
+line once every worker listens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pqcnet.relayer.config import RelayerConfig
+from pqcnet.relayer.errors import ConfigError, SingleProcessBackend
+
+#: Seconds a worker may take to start listening.
+WORKER_START_TIMEOUT = 90.0
+#: Seconds a worker gets to stop after SIGTERM before it is killed.
+WORKER_STOP_TIMEOUT = 20.0
+
+
+def check_workers(cfg: RelayerConfig, workers: int) -> None:
+    """Refuse a worker count the configuration cannot run (typed errors)."""
+    if workers <= 1:
+        return
+    if cfg.backend == "embedded":
+        raise SingleProcessBackend(
+            f"backend embedded is single-process (its RocksDB log is opened by one process): "
+            f"--workers {workers} needs backend redis or kafka")
+    if cfg.owned_shards:
+        raise ConfigError(f"owned_shards: with --workers {workers} the workers split the "
+                          "shards among themselves (Redis leases / Kafka group); leave it "
+                          "empty")
+    if cfg.backend == "kafka" and not cfg.kafka_rebalance:
+        raise ConfigError(f"kafka_rebalance: --workers {workers} needs the Kafka group to "
+                          "split the partitions")
+
+
+def worker_config(cfg: RelayerConfig, index: int, port: int) -> RelayerConfig:
+    """Worker ``index``'s config: its own node id and state directories, the shared
+    port; the ops ports stay with worker 0."""
+    changes: dict[str, Any] = {"node_id": f"{cfg.node_id}-w{index}", "listen_port": port,
+                               "data_dir": str(Path(cfg.data_dir) / f"w{index}")}
+    if cfg.ledger_dir:
+        changes["ledger_dir"] = str(Path(cfg.ledger_dir) / f"w{index}")
+    if index > 0:
+        changes.update(metrics_port=None, grpc_port=None, governance_qstp_port=None,
+                       ledger_anchors="")
+    return cfg.replace(**changes)
+
+
+def own_port(port: int, index: int) -> int:
+    """Worker ``index``'s own port: ``port + 1 + index`` (stable across restarts, so
+    subscribers' lists stay right), or any free one when the config says port 0."""
+    return 0 if port == 0 else port + 1 + index
+
+
+def _worker_main(config_path: Path, index: int, port: int, rotation: dict[str, Any],
+                 ready: Any) -> None:
+    import asyncio
+    import functools
+
+    from pqcnet.cli._common import run_until_signalled
+    from pqcnet.cli._rotation import bind_relayer, build_manager, unbind
+    from pqcnet.cli.relayer import reload_policy
+    from pqcnet.relayer.node import RelayerNode, load_identity, save_identity
+
+    base = RelayerConfig.load(config_path)
+    own = own_port(base.listen_port, index)  # from the configured port (0: any free one)
+    cfg = worker_config(base, index, port)
+    identity = load_identity(cfg)
+    if index > 0:  # one renewer; the others pick the renewed identity up from disk
+        rotation = {**rotation, "renew_ca_url": "", "renew_ca_dir": None}
+    manager = build_manager(Path(str(cfg.identity_dir)), None, rotate_key=False,
+                            load=lambda: load_identity(cfg),
+                            save=lambda new: save_identity(cfg, new), **rotation)
+
+    async def start() -> RelayerNode:
+        node = RelayerNode(cfg, identity, reuse_port=True, own_port=own)
+        await node.start()
+        asyncio.get_running_loop().add_signal_handler(  # forwarded by the supervisor
+            signal.SIGHUP, functools.partial(reload_policy, node, config_path))
+        await bind_relayer(node, manager)
+        return node
+
+    async def stop(node: RelayerNode) -> None:
+        await unbind(manager)
+        await node.stop()
+
+    def up(node: RelayerNode) -> None:
+        ready.put({"index": index, "port": node.port, "own_port": node.own_port,
+                   "metrics_port": node.metrics_port,
+                   "grpc_port": node.grpc_port, "node": cfg.node_id,
+                   "degraded": node.degraded})
+
+    run_until_signalled(start, stop, up)
+
+
+def _reserve(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind((host, port))
+    return s
+
+
+def run_workers(config_path: Path, workers: int, rotation: dict[str, Any]) -> None:
+    """Supervise ``workers`` relayer processes until SIGTERM/SIGINT."""
+    cfg = RelayerConfig.load(config_path)
+    cfg.require_identity(str(config_path))
+    check_workers(cfg, workers)
+    ctx = multiprocessing.get_context("spawn")
+    holder = _reserve(cfg.listen_host, cfg.listen_port)
+    port = int(holder.getsockname()[1])
+    ready = ctx.Queue()
+    stopping = False
+
+    def stop(_sig: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    def hup(_sig: int, _frame: object) -> None:  # policy reload: every worker re-reads
+        for p in procs.values():
+            if p.is_alive() and p.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGHUP)
+
+    def spawn(i: int) -> Any:
+        p = ctx.Process(target=_worker_main, name=f"relayer-worker-{i}",
+                        args=(config_path, i, port, rotation, ready))
+        p.start()
+        return p
+
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    old[signal.SIGHUP] = signal.signal(signal.SIGHUP, hup)
+    procs: dict[int, Any] = {}
+    try:
+        procs = {i: spawn(i) for i in range(workers)}
+        deadline = time.monotonic() + WORKER_START_TIMEOUT
+        up: dict[int, dict[str, Any]] = {}
+        while len(up) < workers and not stopping:
+            try:
+                info = ready.get(timeout=0.2)
+                up[int(info["index"])] = info
+            except Exception:  # queue.Empty
+                if time.monotonic() > deadline or any(not p.is_alive()
+                                                      for p in procs.values()):
+                    raise click.ClickException("a relayer worker failed to start "
+                                               "(see its log lines above)") from None
+        if not stopping:
+            first = up[0]
+            click.echo(json.dumps({
+                "ready": True, "port": port, "metrics_port": first["metrics_port"],
+                "grpc_port": first["grpc_port"], "backend": cfg.backend,
+                "node": cfg.node_id, "workers": workers,
+                "worker_nodes": [up[i]["node"] for i in range(workers)],
+                "worker_ports": [up[i]["own_port"] for i in range(workers)],
+                "pids": [procs[i].pid for i in range(workers)],
+                "degraded": any(u["degraded"] for u in up.values())}))
+            sys.stdout.flush()
+        while not stopping:
+            time.sleep(0.2)
+            with contextlib.suppress(Exception):  # later ready lines of restarted workers
+                while True:
+                    ready.get_nowait()
+            for i, p in list(procs.items()):
+                if not p.is_alive() and not stopping:
+                    click.echo(f"relayer worker {i} exited ({p.exitcode}); restarting",
+                               err=True)
+                    procs[i] = spawn(i)
+    finally:
+        for p in procs.values():
+            if p.is_alive() and p.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.terminate()
+        end = time.monotonic() + WORKER_STOP_TIMEOUT
+        for p in procs.values():
+            p.join(max(0.0, end - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        holder.close()
+        sys.stdout.flush()
+
+
+__all__ = ["check_workers", "own_port", "run_workers", "worker_config"]

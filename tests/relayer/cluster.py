@@ -1,0 +1,117 @@
+"""Shared pieces of the relayer cluster tests (Kafka and Redis): the failover publish
+loop's frames, every relayer's metered volume, and the proof audit (each relayer's
+signed proofs cover what it metered, the union is the total, nothing proved twice)."""
+
+from __future__ import annotations
+
+import socket
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from pqcnet.crypto.pqc import VerifyKey
+from pqcnet.relayer.frame import Topic
+from pqcnet.relayer.proof import VolumeProof, verify_volume_proof
+from pqcnet.relayer.proofstore import ProofStore
+from pqcnet.relayer.seqstore import RedisSeqStore
+
+#: (node, epoch, topic) -> (frames, bytes)
+Volume = dict[tuple[str, int, Topic], tuple[int, int]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def metered(redis_url: str, prefix: str, names: list[str]) -> Volume:
+    """What every relayer metered (the killed one's too), from the shared Redis store."""
+    client = aioredis.from_url(redis_url)
+    out: Volume = {}
+    try:
+        for name in names:
+            vol = await RedisSeqStore(client, prefix, name).load_volume()
+            for (epoch, customer, channel, _qos), (nbytes, nframes) in vol.items():
+                key = (name, epoch, (customer, channel))
+                f, b = out.get(key, (0, 0))
+                out[key] = (f + nframes, b + nbytes)
+    finally:
+        await client.aclose()
+    return out
+
+
+def by_topic(volume: Volume) -> dict[Topic, tuple[int, int]]:
+    """(frames, bytes) per topic over relayers and epochs (the checker's metering)."""
+    frames: Counter[Topic] = Counter()
+    nbytes: Counter[Topic] = Counter()
+    for (_n, _e, topic), (f, b) in volume.items():
+        frames[topic] += f
+        nbytes[topic] += b
+    return {t: (frames[t], nbytes[t]) for t in frames}
+
+
+def frames_of(volume: Volume) -> int:
+    """Frames over all keys."""
+    return sum(f for f, _b in volume.values())
+
+
+def proofs(data_dir: Path) -> list[VolumeProof]:
+    """The proofs a relayer wrote (with records)."""
+    return [p for p, _vid in ProofStore(data_dir / "proofs").load()]
+
+
+def audit_proofs(relayer_dirs: dict[str, Path], volume: Volume, key: VerifyKey) -> Volume:
+    """Check every relayer's proofs against its own metered volume; returns what the
+    proofs cover, (node, epoch, topic) -> frames.
+
+    * each proof verifies (signature, root, totals) and is signed as its relayer;
+    * a relayer proves exactly what it metered, epoch by epoch — no more (a frame of a
+      shard it did not own would have to be metered by it first), no less;
+    * no (relayer, epoch) is proved twice.
+    """
+    covered: Volume = {}
+    seen: set[tuple[str, int, int]] = set()
+    for name, d in relayer_dirs.items():
+        for p in proofs(d):
+            verify_volume_proof(p, key)
+            assert p.relayer_id == name, (p.relayer_id, name)
+            assert (name, p.epoch, p.part) not in seen, f"{name} proved epoch {p.epoch} twice"
+            seen.add((name, p.epoch, p.part))
+            for r in p.records:
+                k = (name, r.epoch, (r.customer, r.channel))
+                assert k not in covered, f"{k} in two proofs"
+                covered[k] = (r.frames, r.bytes)
+    assert covered == volume, _diff(covered, volume)
+    return covered
+
+
+def _diff(a: Volume, b: Volume) -> str:
+    keys = sorted(set(a) | set(b))
+    return "; ".join(f"{k}: proved {a.get(k)} metered {b.get(k)}" for k in keys
+                     if a.get(k) != b.get(k))[:2000]
+
+
+def ownership_intervals(events: list[tuple[int, str, int, str]]
+                        ) -> dict[tuple[str, int], list[tuple[int, int]]]:
+    """(node, shard) -> [(from_ms, to_ms)] from ``(ms, node, shard, event)`` journal
+    entries: an ownership starts at ``claimed`` and ends at the owner's ``released`` /
+    ``lost``, or at the next claim of the shard by another node (a killed owner writes
+    nothing)."""
+    out: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
+    open_: dict[int, tuple[str, int]] = {}
+    end = 2**62
+    for ms, node, shard, event in sorted(events):
+        cur = open_.get(shard)
+        if event == "claimed":
+            if cur is not None and cur[0] != node:
+                out[(cur[0], shard)].append((cur[1], ms))
+            if cur is None or cur[0] != node:
+                open_[shard] = (node, ms)
+        elif cur is not None and cur[0] == node:
+            out[(node, shard)].append((cur[1], ms))
+            del open_[shard]
+    for shard, (node, since) in open_.items():
+        out[(node, shard)].append((since, end))
+    return dict(out)

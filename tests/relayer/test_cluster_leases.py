@@ -1,0 +1,127 @@
+"""Shard leases of a Redis relayer cluster (decision 0019), against a real Redis: the
+shards split between members, a clean stop hands its shards over at once, a dead
+member's shards move after the lease expired with its pending entries, and a relayer
+without the lease can neither save marks nor meter (fencing)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from pqcnet.relayer.bus.leases import journal
+from pqcnet.relayer.bus.redis_streams import RedisStreamsBus
+from pqcnet.relayer.errors import BusUnavailable
+from pqcnet.relayer.frame import Frame, encode
+from tests.relayer.helpers import eventually
+
+pytestmark = pytest.mark.timeout(120)
+SHARDS = 8
+LEASE = 1.0
+
+
+@pytest.fixture
+async def cluster(redis_url: str) -> AsyncIterator[Callable[[str], RedisStreamsBus]]:
+    prefix = f"lease:{uuid.uuid4().hex[:10]}"
+    made: list[RedisStreamsBus] = []
+
+    def make(node: str) -> RedisStreamsBus:
+        bus = RedisStreamsBus(redis_url, SHARDS, prefix=prefix, consumer=node, lease=LEASE,
+                              revoke_grace=1.0)
+        made.append(bus)
+        return bus
+
+    yield make
+    for b in made:
+        await b.close()
+    client = aioredis.from_url(redis_url)
+    keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+async def test_shards_split_and_clean_stop_hands_over(cluster: Callable[[str], RedisStreamsBus]
+                                                      ) -> None:
+    a = cluster("a")
+    await a.start()
+    assert a.assignment() == list(range(SHARDS))  # a lone relayer owns every shard
+    b = cluster("b")
+    await b.start()
+    await eventually(lambda: len(a.assignment()) == len(b.assignment()) == SHARDS // 2, 30)
+    assert set(a.assignment()).isdisjoint(b.assignment())
+    await a.close()  # clean stop: leases deleted, b takes them at its next round
+    await eventually(lambda: b.assignment() == list(range(SHARDS)), 3 * LEASE + 2)
+    assert b.leases is not None
+    raw = await b.client.xrange(b.leases.journal_key)
+    events = journal(raw)
+    assert ("a", 0, "released") in events and ("b", 0, "claimed") in events
+
+
+async def test_dead_relayer_shards_and_pending_entries_move(
+        cluster: Callable[[str], RedisStreamsBus]) -> None:
+    a = cluster("a")
+    await a.start()
+    frames = [Frame("acme", "c", s, b"x%d" % s) for s in range(1, 4)]
+    await a.publish(0, [encode(f) for f in frames])
+    got = await a.consume(0, "g", block=0.5)
+    assert len(got) == 3  # read, never acked: in a's PEL when it "dies"
+    assert a.leases is not None
+    assert a.leases._task is not None
+    a.leases._task.cancel()  # dead: no renewals, no release
+    b = cluster("b")
+    await b.start()
+    assert 0 not in b.assignment()  # a's lease still runs
+    await eventually(lambda: 0 in b.assignment(), 4 * LEASE + 3)
+    with pytest.raises(BusUnavailable):  # newly claimed: the worker resets first
+        await b.consume(0, "g", block=0.2)
+    again = await b.consume(0, "g", block=0.2)  # a's pending entries, taken at once
+    assert [d.data for d in again] == [d.data for d in got]
+    await b.ack(0, "g", again)
+    assert (await b.client.xpending(b.key(0), "g"))["pending"] == 0
+
+
+async def test_writes_are_fenced_by_the_lease(cluster: Callable[[str], RedisStreamsBus]) -> None:
+    a = cluster("a")
+    await a.start()
+    store_a = a.seq_store()
+    topic = ("acme", "c")
+    vol = {(7, "acme", "c", 1): [10, 1]}
+    for s in range(SHARDS):  # a owns every shard now: its writes go through
+        await store_a.save(s, {topic: 5}, vol)
+    b = cluster("b")
+    await b.start()
+    await eventually(lambda: len(b.assignment()) == SHARDS // 2, 30)
+    shard = b.assignment()[0]
+    # a relayer without the lease of the shard: refused before Redis is asked ...
+    with pytest.raises(BusUnavailable, match="not leased"):
+        await store_a.save(shard, {topic: 99}, vol)
+    # ... and one that still believes it holds it (paused, partitioned): Redis refuses
+    assert a.leases is not None
+    a.leases.owned.add(shard)
+    with pytest.raises(BusUnavailable, match="lease lost"):
+        await store_a.save(shard, {topic: 99}, vol)
+    a.leases.owned.discard(shard)
+    assert await b.seq_store().load_topics(shard, [topic]) == {topic: 5}
+    assert await store_a.load_volume() == {(7, "acme", "c", 1): [10 * SHARDS, SHARDS]}
+    await b.seq_store().save(shard, {topic: 6}, vol)  # the owner's write goes through
+    assert await b.seq_store().load_topics(shard, [topic]) == {topic: 6}
+
+
+async def test_concurrent_claims_never_share_a_shard(
+        cluster: Callable[[str], RedisStreamsBus]) -> None:
+    buses = [cluster(f"n{i}") for i in range(3)]
+    await asyncio.gather(*(b.start() for b in buses))
+
+    def balanced() -> bool:
+        sets = [set(b.assignment()) for b in buses]
+        return sum(map(len, sets)) == SHARDS and all(len(s) >= 2 for s in sets)
+
+    await eventually(balanced, 30)
+    sets = [set(b.assignment()) for b in buses]
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert sets[i].isdisjoint(sets[j])

@@ -1,0 +1,212 @@
+"""``pqcnet relayer run --workers N`` as real processes: N workers share the listen port
+(SO_REUSEPORT) and split the shards like a cluster; the embedded backend refuses with
+a typed error. A worker SIGKILLed mid-stream is restarted by the supervisor and the
+history checker finds nothing lost, duplicated, reordered or mis-billed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pqcnet.chaos.checker import check
+from pqcnet.chaos.history import HistoryWriter, payload_for
+from pqcnet.cli._relayer_workers import check_workers, worker_config
+from pqcnet.relayer.client import ClusterSubscriber, FailoverPublisher
+from pqcnet.relayer.config import RelayerConfig
+from pqcnet.relayer.cursor import JournalCursor
+from pqcnet.relayer.errors import ConfigError, SingleProcessBackend
+from pqcnet.relayer.frame import Frame, Topic
+from tests.relayer.cluster import by_topic, metered
+from tests.relayer.e2e import identities
+from tests.relayer.helpers import eventually
+from tests.relayer.proc import PQCNET, write_config
+
+pytestmark = pytest.mark.timeout(240)
+
+TOPICS: list[Topic] = [("acme", f"ch{i}") for i in range(6)]
+COUNT = 150
+BATCH = 10
+
+
+def _port_run(n: int) -> int:
+    """A port p with p+1..p+n free too (the workers' own ports)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = int(s.getsockname()[1])
+        if base + n >= 65535:
+            continue
+        try:
+            for k in range(1, n + 1):
+                with socket.socket() as t:
+                    t.bind(("127.0.0.1", base + k))
+        except OSError:
+            continue
+        return base
+    raise AssertionError("no run of free ports")
+
+
+def _listeners(port: int) -> set[int]:
+    """Pids with a listening socket on ``port`` (``ss``, not our code)."""
+    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True,
+                         text=True, check=True).stdout
+    return {int(part.split("=")[1]) for line in out.splitlines()
+            for part in line.replace(")", ",").split(",") if part.startswith("pid=")}
+
+
+def test_embedded_backend_refuses_workers(tmp_path: Path) -> None:
+    config = write_config(tmp_path, backend="embedded")
+    res = subprocess.run([PQCNET, "relayer", "run", "--config", str(config), "--workers", "2"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1, res
+    assert "backend embedded is single-process" in res.stderr, res.stderr
+    assert res.stdout == ""  # no ready line: nothing started
+    cfg = RelayerConfig.load(config)
+    with pytest.raises(SingleProcessBackend):
+        check_workers(cfg, 2)
+    check_workers(cfg, 1)  # one process is what embedded is
+
+
+def test_worker_configs_and_refusals(tmp_path: Path) -> None:
+    cfg = RelayerConfig(backend="redis", redis_url="redis://127.0.0.1:1/0", node_id="r",
+                        data_dir=str(tmp_path), metrics_port=9100, grpc_port=0)
+    w0, w1 = worker_config(cfg, 0, 7000), worker_config(cfg, 1, 7000)
+    assert (w0.node_id, w1.node_id) == ("r-w0", "r-w1")
+    assert Path(w1.data_dir) == tmp_path / "w1" and w1.listen_port == 7000
+    assert (w0.metrics_port, w1.metrics_port, w1.grpc_port) == (9100, None, None)
+    with pytest.raises(ConfigError, match="owned_shards"):
+        check_workers(cfg.replace(owned_shards=[0, 1]), 2)
+
+
+async def test_redis_workers_share_the_port(tmp_path: Path, redis_url: str) -> None:
+    prefix = f"workers:{uuid.uuid4().hex[:8]}"
+    port = _port_run(2)
+    config = write_config(tmp_path, backend="redis", redis_url=redis_url,
+                          redis_prefix=prefix, node_id="rw", listen_port=port,
+                          redis_lease=1.5, group="workers")
+    log = (tmp_path / "relayer.log").open("ab")
+    proc = await asyncio.create_subprocess_exec(
+        PQCNET, "relayer", "run", "--config", str(config), "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=log,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    hist = tmp_path / "history"
+    hist.mkdir()
+    cursor = JournalCursor(hist / "subscriber.jsonl")
+    pub_log = HistoryWriter(hist / "publisher.jsonl")
+    pubs: list[FailoverPublisher] = []
+    sub: ClusterSubscriber | None = None
+    consumer: asyncio.Task[None] | None = None
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(120):
+            line = await proc.stdout.readline()
+        assert line, (tmp_path / "relayer.log").read_text()[-3000:]
+        ready: dict[str, Any] = json.loads(line)
+        assert ready["workers"] == 2 and ready["port"] == port
+        assert ready["worker_nodes"] == ["rw-w0", "rw-w1"]
+        assert ready["worker_ports"] == [port + 1, port + 2]
+        assert _listeners(port) == set(ready["pids"])  # both workers on the one port
+        # publishers on the shared port (the kernel spreads their tunnels); one
+        # subscriber through every worker's own port
+        pubs = [FailoverPublisher([("127.0.0.1", port)], identities()[1],
+                                  attempt_timeout=15.0, retry_delay=0.1, give_up=90.0)
+                for _ in TOPICS]
+        own = [("127.0.0.1", p) for p in ready["worker_ports"]]
+        sub = ClusterSubscriber(own, identities()[2], "acme", cursor=cursor, retry_delay=0.2)
+        taken = 0
+        by_worker = [0, 0]
+
+        async def consume() -> None:
+            nonlocal taken
+            assert sub is not None
+            async for batch in sub.batches():
+                taken += len(batch)
+                assert sub._source is not None
+                by_worker[sub.subs.index(sub._source)] += len(batch)
+                if taken >= COUNT * len(TOPICS):
+                    await sub.ack()
+                    return
+
+        consumer = asyncio.create_task(consume())
+
+        async def publish(i: int, topic: Topic) -> None:
+            seq = 0
+            while seq < COUNT:
+                frames = [Frame(*topic, s, payload_for(2, *topic, s, 40))
+                          for s in range(seq + 1, min(seq + BATCH, COUNT) + 1)]
+                pub_log.record("publish", frames)
+                results = await pubs[i].publish(frames)
+                ok = [f for f, r in zip(frames, results) if r.accepted]
+                pub_log.record("ack", ok)
+                seq = max([seq, *(f.seq for f in ok)])
+                await asyncio.sleep(0.05 if len(ok) == len(frames) else 0.3)
+
+        async def kill_worker_1() -> list[int]:
+            await eventually(lambda: by_worker[1] > 0 and taken > COUNT, 90)
+            os.kill(ready["pids"][1], signal.SIGKILL)  # mid-stream
+            await eventually(lambda: len(_listeners(port)) == 2
+                             and ready["pids"][1] not in _listeners(port), 90, 0.2)
+            return sorted(_listeners(port))
+
+        _done, restarted = await asyncio.gather(
+            asyncio.gather(*(publish(i, t) for i, t in enumerate(TOPICS))), kill_worker_1())
+        async with asyncio.timeout(120):
+            await consumer
+    finally:
+        if consumer is not None:
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+        for p in pubs:
+            await p.close()
+        if sub is not None:
+            await sub.close()
+        pub_log.close()
+        cursor.close()
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(40):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        log.close()
+    assert proc.returncode == 0, (tmp_path / "relayer.log").read_text()[-3000:]
+    assert ready["pids"][1] not in restarted and len(restarted) == 2
+    assert all(by_worker), by_worker  # both workers owned shards and delivered
+    volume = await metered(redis_url, prefix, ["rw-w0", "rw-w1"])
+    report = check(sorted(hist.glob("*.jsonl")), by_topic(volume))
+    assert report.ok, report.table()
+    assert report.total("taken") == report.total("acked") == COUNT * len(TOPICS)
+    assert not _listeners(port)  # SIGTERM stopped every worker
+
+
+def test_bench_relayer_workers_reports_both_runs(redis_url: str) -> None:
+    """``pqcnet bench relayer --workers 2`` measures one worker and two in one run and
+    reports the ratio and CPU per frame (shape only: timings are never asserted)."""
+    res = subprocess.run([PQCNET, "bench", "relayer", "--backend", "redis", "--workers", "2",
+                          "--frames", "600", "--publishers", "2", "--topics", "8",
+                          "--batch", "32", "--paced-frames", "40", "--no-baselines"],
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    d = json.loads(res.stdout)
+    w = d["workers"]
+    assert w["workers"] == 2 and d["received"] == 600
+    for part in ("one_worker", "n_workers"):
+        assert w[part]["frames_per_s"] > 0 and w[part]["relayer_cpu_us_per_frame"] > 0, w
+    assert len(w["n_workers"]["per_worker_cpu_seconds"]) == 2
+    assert all(c > 0 for c in w["n_workers"]["per_worker_cpu_seconds"])  # both worked
+    assert w["speedup_vs_one_worker"] > 0 and w["cpu_per_frame_vs_one_worker"] > 0
+    assert isinstance(w["targets"]["met_speedup"], bool)
+    embedded = subprocess.run([PQCNET, "bench", "relayer", "--workers", "2", "--frames", "100",
+                               "--no-baselines"], capture_output=True, text=True, timeout=60)
+    assert embedded.returncode != 0 and "single-process" in embedded.stderr
