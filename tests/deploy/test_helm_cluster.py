@@ -102,7 +102,7 @@ def kube(helm: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     bin_dir = Path(require_tool("PQCNET_K8S_BIN", "kube-apiserver/etcd/kwok (k8s tools)"))
     stages = Path(require_tool("PQCNET_KWOK_STAGES", "kwok stages"))
     root = tmp_path_factory.mktemp("kcluster")
-    cluster = Cluster(root, bin_dir, stages)
+    cluster = Cluster(root, bin_dir, stages, die_with_parent=True)
     cluster.up()
     try:
         k = Kube(cluster, helm, root / "helm")
