@@ -277,7 +277,10 @@ class Cluster:
         return resp.status_code == 200
 
     def _node_ready(self) -> bool:
-        node = json.loads(self.kubectl("get", "node", NODE_NAME, "-o", "json").stdout)
+        out = self.kubectl("get", "node", NODE_NAME, "-o", "json", check=False)
+        if out.returncode != 0:
+            return False
+        node = json.loads(out.stdout)
         ready = any(c["type"] == "Ready" and c["status"] == "True"
                     for c in node.get("status", {}).get("conditions", []))
         return ready and not node["spec"].get("taints")
