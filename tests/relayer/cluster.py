@@ -7,11 +7,13 @@ from __future__ import annotations
 import socket
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from pqcnet.crypto.pqc import VerifyKey
-from pqcnet.relayer.frame import Topic
+from pqcnet.relayer.bus.leases import journal
+from pqcnet.relayer.frame import Topic, shard_for
 from pqcnet.relayer.proof import VolumeProof, verify_volume_proof
 from pqcnet.relayer.proofstore import ProofStore
 from pqcnet.relayer.seqstore import RedisSeqStore
@@ -115,3 +117,30 @@ def ownership_intervals(events: list[tuple[int, str, int, str]]
     for shard, (node, since) in open_.items():
         out[(node, shard)].append((since, end))
     return dict(out)
+
+
+async def read_journal(redis_url: str, prefix: str) -> list[tuple[int, str, int, str]]:
+    """``(ms, node, shard, event)`` of the ownership journal ``{prefix}:owners``."""
+    client = aioredis.from_url(redis_url)
+    try:
+        raw: list[Any] = await client.xrange(f"{prefix}:owners") or []
+    finally:
+        await client.aclose()
+    return [(int(_s(eid).split("-")[0]), node, shard, event)
+            for (eid, _f), (node, shard, event) in zip(raw, journal(raw), strict=True)]
+
+
+def assert_owned_when_proved(cover: Volume, events: list[tuple[int, str, int, str]],
+                             shards: int, epoch_seconds: float) -> None:
+    """Every (relayer, epoch, topic) a relayer proved: the topic's shard was owned by
+    that relayer (per the journal) at some time during that epoch."""
+    owned = ownership_intervals(events)
+    for node, epoch, topic in cover:
+        shard = shard_for(*topic, shards)
+        lo, hi = int(epoch * epoch_seconds * 1000), int((epoch + 1) * epoch_seconds * 1000)
+        spans = owned.get((node, shard), [])
+        assert any(a < hi and b > lo for a, b in spans), (node, epoch, topic, shard, spans)
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v

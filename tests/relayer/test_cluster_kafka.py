@@ -3,8 +3,9 @@ partitions, one relayer is SIGKILLed mid-stream and a third one joins; the share
 dedup marks and volume (Redis) move with the partitions. The failover publisher and
 the cluster subscriber record histories; pqcnet.chaos's checker finds no lost
 acknowledged, duplicated, out-of-order, phantom or mis-billed frame. Last, each
-relayer's signed volume proofs cover exactly what it metered (the partitions it owned
-in each epoch), their union is the total and no frame is proved twice."""
+relayer's signed volume proofs cover exactly what it metered, only for partitions the
+group gave it in that epoch (the ownership journal in Redis), their union is the total
+and no frame is proved twice."""
 
 from __future__ import annotations
 
@@ -20,7 +21,15 @@ from pqcnet.chaos.history import HistoryWriter, payload_for
 from pqcnet.relayer.client import ClusterSubscriber, FailoverPublisher
 from pqcnet.relayer.cursor import JournalCursor
 from pqcnet.relayer.frame import Frame, Topic
-from tests.relayer.cluster import audit_proofs, by_topic, frames_of, metered, proofs
+from tests.relayer.cluster import (
+    assert_owned_when_proved,
+    audit_proofs,
+    by_topic,
+    frames_of,
+    metered,
+    proofs,
+    read_journal,
+)
 from tests.relayer.e2e import identities
 from tests.relayer.helpers import eventually
 from tests.relayer.proc import RelayerProcess, write_config
@@ -31,6 +40,7 @@ TOPICS: list[Topic] = [("acme", f"ch{i}") for i in range(4)]
 COUNT = 320  # frames per topic
 BATCH = 8
 EPOCH = 3.0
+SHARDS = 8
 
 
 def _free_port() -> int:
@@ -47,7 +57,7 @@ async def test_three_relayers_kill_one_add_one(tmp_path: Path, kafka_bootstrap: 
               "kafka_topic": f"pqcnet-cluster-{tag}", "group": f"cluster-{tag}",
               "redis_url": redis_url, "redis_prefix": prefix,
               "kafka_session_timeout": 6.0, "kafka_commit_interval": 0.0,
-              "epoch_seconds": EPOCH}
+              "epoch_seconds": EPOCH, "shards": SHARDS}
     names = ["r0", "r1", "r2"]
     ports = [_free_port() for _ in names]
     procs = []
@@ -145,3 +155,30 @@ async def test_three_relayers_kill_one_add_one(tmp_path: Path, kafka_bootstrap: 
                          identities()[0].key.public_key)
     assert frames_of(cover) == COUNT * len(TOPICS)
     assert {n for n, _e, _t in cover} == set(names)
+    # ... and only for topics of partitions the group gave it in that epoch (the
+    # ownership journal the relayers write next to the shared marks)
+    events = await read_journal(redis_url, prefix)
+    assert {e[1] for e in events} == set(names)
+    assert_owned_when_proved(cover, events, SHARDS, EPOCH)
+
+
+async def test_broker_accepts_a_one_second_group_session(kafka_bootstrap: str) -> None:
+    """The project's broker (scripts/services: group.min.session.timeout.ms=1000) lets a
+    relayer ask for a 1 s session, so a dead member's partitions can move within ~1 s;
+    a stock broker (6 s floor) refuses the join with InvalidSessionTimeout."""
+    from pqcnet.relayer.bus.kafka import KafkaBus
+
+    tag = uuid.uuid4().hex[:8]
+    bus = KafkaBus(kafka_bootstrap, 2, topic=f"pqcnet-session-{tag}", rebalance=True,
+                   session_timeout=1.0, client_id=f"session-{tag}")
+    await bus.start()
+    try:
+        async def joined() -> None:
+            while not bus.assignment():
+                await bus.consume(0, f"session-{tag}", block=0.2)
+
+        async with asyncio.timeout(60):
+            await joined()
+        assert bus.assignment() == [0, 1]
+    finally:
+        await bus.close()

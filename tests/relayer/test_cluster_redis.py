@@ -16,25 +16,23 @@ import subprocess
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from pqcnet.chaos.checker import check
 from pqcnet.chaos.history import HistoryWriter, payload_for
-from pqcnet.relayer.bus.leases import journal
 from pqcnet.relayer.client import ClusterSubscriber, FailoverPublisher
 from pqcnet.relayer.cursor import JournalCursor
-from pqcnet.relayer.frame import Frame, Topic, shard_for
+from pqcnet.relayer.frame import Frame, Topic
 from tests.relayer.cluster import (
+    assert_owned_when_proved,
     audit_proofs,
     by_topic,
     frames_of,
     free_port,
     metered,
-    ownership_intervals,
     proofs,
+    read_journal,
 )
 from tests.relayer.e2e import identities
 from tests.relayer.helpers import eventually
@@ -191,23 +189,9 @@ async def test_three_relayers_add_one_kill_one(tmp_path: Path, redis_url: str) -
     assert frames_of(cover) == COUNT * len(TOPICS)
     assert {n for n, _e, _t in cover} == set(names)
     # ... and only for topics of shards it owned (ownership journal) in that epoch
-    client = aioredis.from_url(redis_url)
-    try:
-        raw: list[Any] = await client.xrange(f"{prefix}:owners") or []
-    finally:
-        await client.aclose()
-    events = [(int(_s(eid).split("-")[0]), node, shard, event)
-              for (eid, _f), (node, shard, event) in zip(raw, journal(raw), strict=True)]
-    owned = ownership_intervals(events)
-    for node, epoch, topic in cover:
-        shard = shard_for(*topic, SHARDS)
-        lo, hi = int(epoch * EPOCH * 1000), int((epoch + 1) * EPOCH * 1000)
-        spans = owned.get((node, shard), [])
-        assert any(a < hi and b > lo for a, b in spans), (node, epoch, topic, shard, spans)
-
-
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
+    events = await read_journal(redis_url, prefix)
+    assert {e[1] for e in events} == set(names)
+    assert_owned_when_proved(cover, events, SHARDS, EPOCH)
 
 
 def _owned_gauge(port: int) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -38,15 +39,14 @@ BATCH = 10
 
 
 def _port_run(n: int) -> int:
-    """A port p with p+1..p+n free too (the workers' own ports)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = int(s.getsockname()[1])
-        if base + n >= 65535:
-            continue
+    """A port p with p+1..p+n free too (the workers' own ports), below the kernel's
+    ephemeral range: outgoing connections (to Redis, of any process) never take them."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(500):
+        base = rng.randrange(max(1024, low - 12_000), low - n - 1)
         try:
-            for k in range(1, n + 1):
+            for k in range(n + 1):
                 with socket.socket() as t:
                     t.bind(("127.0.0.1", base + k))
         except OSError:
@@ -78,13 +78,23 @@ def test_embedded_backend_refuses_workers(tmp_path: Path) -> None:
 
 def test_worker_configs_and_refusals(tmp_path: Path) -> None:
     cfg = RelayerConfig(backend="redis", redis_url="redis://127.0.0.1:1/0", node_id="r",
-                        data_dir=str(tmp_path), metrics_port=9100, grpc_port=0)
+                        data_dir=str(tmp_path), ledger_dir=str(tmp_path / "ledger"),
+                        metrics_port=9100, grpc_port=0)
     w0, w1 = worker_config(cfg, 0, 7000), worker_config(cfg, 1, 7000)
-    assert (w0.node_id, w1.node_id) == ("r-w0", "r-w1")
-    assert Path(w1.data_dir) == tmp_path / "w1" and w1.listen_port == 7000
+    # worker 0 is the configured relayer: going from 1 to N processes keeps its state
+    assert (w0.node_id, w0.data_dir, w0.ledger_dir) == ("r", cfg.data_dir, cfg.ledger_dir)
+    assert (w1.node_id, Path(w1.data_dir)) == ("r-w1", tmp_path / "w1")
+    assert w1.ledger_dir == f"{tmp_path / 'ledger'}-w1" and w1.listen_port == 7000
     assert (w0.metrics_port, w1.metrics_port, w1.grpc_port) == (9100, None, None)
     with pytest.raises(ConfigError, match="owned_shards"):
         check_workers(cfg.replace(owned_shards=[0, 1]), 2)
+    # fewer workers than a run before: the extra workers' state would be stranded
+    (tmp_path / "w2").mkdir()
+    check_workers(cfg, 3)
+    with pytest.raises(ConfigError, match="w2 belong to workers this run would not start"):
+        check_workers(cfg, 2)
+    with pytest.raises(ConfigError, match="stranded"):
+        check_workers(cfg, 1)
 
 
 async def test_redis_workers_share_the_port(tmp_path: Path, redis_url: str) -> None:
@@ -112,7 +122,7 @@ async def test_redis_workers_share_the_port(tmp_path: Path, redis_url: str) -> N
         assert line, (tmp_path / "relayer.log").read_text()[-3000:]
         ready: dict[str, Any] = json.loads(line)
         assert ready["workers"] == 2 and ready["port"] == port
-        assert ready["worker_nodes"] == ["rw-w0", "rw-w1"]
+        assert ready["worker_nodes"] == ["rw", "rw-w1"]
         assert ready["worker_ports"] == [port + 1, port + 2]
         assert _listeners(port) == set(ready["pids"])  # both workers on the one port
         # publishers on the shared port (the kernel spreads their tunnels); one
@@ -153,9 +163,15 @@ async def test_redis_workers_share_the_port(tmp_path: Path, redis_url: str) -> N
         async def kill_worker_1() -> list[int]:
             await eventually(lambda: by_worker[1] > 0 and taken > COUNT, 90)
             os.kill(ready["pids"][1], signal.SIGKILL)  # mid-stream
-            await eventually(lambda: len(_listeners(port)) == 2
-                             and ready["pids"][1] not in _listeners(port), 90, 0.2)
-            return sorted(_listeners(port))
+            seen: set[int] = set()
+
+            def restarted() -> bool:  # one look at ss per try: its output is a snapshot
+                seen.clear()
+                seen.update(_listeners(port))
+                return len(seen) == 2 and ready["pids"][1] not in seen
+
+            await eventually(restarted, 90, 0.2)
+            return sorted(seen)
 
         _done, restarted = await asyncio.gather(
             asyncio.gather(*(publish(i, t) for i, t in enumerate(TOPICS))), kill_worker_1())
@@ -183,7 +199,7 @@ async def test_redis_workers_share_the_port(tmp_path: Path, redis_url: str) -> N
     assert proc.returncode == 0, (tmp_path / "relayer.log").read_text()[-3000:]
     assert ready["pids"][1] not in restarted and len(restarted) == 2
     assert all(by_worker), by_worker  # both workers owned shards and delivered
-    volume = await metered(redis_url, prefix, ["rw-w0", "rw-w1"])
+    volume = await metered(redis_url, prefix, ["rw", "rw-w1"])
     report = check(sorted(hist.glob("*.jsonl")), by_topic(volume))
     assert report.ok, report.table()
     assert report.total("taken") == report.total("acked") == COUNT * len(TOPICS)

@@ -4,9 +4,13 @@ The supervisor (this process) reserves the listen port (a bound, non-listening
 SO_REUSEPORT socket, so ``listen_port: 0`` works too) and starts N workers (spawned
 processes). Each worker is an ordinary :class:`~pqcnet.relayer.node.RelayerNode`
 listening with SO_REUSEPORT — the kernel spreads *tunnels* over the workers — and a
-member of the relayer cluster on the shared bus: node id ``<node_id>-w<i>``, its own
-``data_dir/w<i>`` (overflow queue, ledger, proofs), so the shards split between the
-workers by Redis leases or the Kafka group exactly as between hosts
+member of the relayer cluster on the shared bus, so the shards split between the
+workers by Redis leases or the Kafka group exactly as between hosts. Worker 0 *is* the
+configured relayer (its ``node_id``, ``data_dir``, ``ledger_dir``): going from one
+process to N keeps its overflow queue, proofs, ledger and metered volume. Worker
+``i >= 1`` is ``<node_id>-w<i>`` with ``data_dir/w<i>`` and ``<ledger_dir>-w<i>``. A
+``data_dir/w<i>`` of a worker a run would not start (fewer workers than before) is
+refused: its overflow queue and unproven volume would be stranded
 (``docs/explanation/relayer-cluster.md``). Publishers use the shared port; a worker
 delivers only the shards it owns, so each worker also listens on a port of its own
 (:func:`own_port`) and subscribers list all of them (``pqcnet subscribe --relayer
@@ -46,8 +50,22 @@ WORKER_START_TIMEOUT = 90.0
 WORKER_STOP_TIMEOUT = 20.0
 
 
+def worker_dir(cfg: RelayerConfig, index: int) -> Path:
+    """Where worker ``index`` keeps its node-local state (worker 0: ``data_dir``)."""
+    return Path(cfg.data_dir) / f"w{index}" if index else Path(cfg.data_dir)
+
+
 def check_workers(cfg: RelayerConfig, workers: int) -> None:
-    """Refuse a worker count the configuration cannot run (typed errors)."""
+    """Refuse a worker count the configuration cannot run (typed errors); also for one
+    process, which must not strand the state of workers of an earlier, larger run."""
+    stranded = sorted(p.name for p in Path(cfg.data_dir).glob("w[0-9]*")
+                      if p.is_dir() and p.name[1:].isdigit() and int(p.name[1:]) >= workers)
+    if stranded:
+        raise ConfigError(
+            f"data_dir: {', '.join(stranded)} belong to workers this run would not start "
+            f"(--workers {workers}); their overflow queues and unproven volume would be "
+            f"stranded: run with as many workers until they drained and proved their "
+            f"epochs, then remove those directories")
     if workers <= 1:
         return
     if cfg.backend == "embedded":
@@ -64,15 +82,16 @@ def check_workers(cfg: RelayerConfig, workers: int) -> None:
 
 
 def worker_config(cfg: RelayerConfig, index: int, port: int) -> RelayerConfig:
-    """Worker ``index``'s config: its own node id and state directories, the shared
-    port; the ops ports stay with worker 0."""
+    """Worker ``index``'s config on the shared ``port``: worker 0 is the configured
+    relayer; the others get their own node id and state directories and no ops ports."""
+    if index == 0:
+        return cfg.replace(listen_port=port)
     changes: dict[str, Any] = {"node_id": f"{cfg.node_id}-w{index}", "listen_port": port,
-                               "data_dir": str(Path(cfg.data_dir) / f"w{index}")}
-    if cfg.ledger_dir:
-        changes["ledger_dir"] = str(Path(cfg.ledger_dir) / f"w{index}")
-    if index > 0:
-        changes.update(metrics_port=None, grpc_port=None, governance_qstp_port=None,
-                       ledger_anchors="")
+                               "data_dir": str(worker_dir(cfg, index)),
+                               "metrics_port": None, "grpc_port": None,
+                               "governance_qstp_port": None, "ledger_anchors": ""}
+    if cfg.ledger_dir:  # a sibling: not inside another RocksDB directory
+        changes["ledger_dir"] = f"{cfg.ledger_dir.rstrip('/')}-w{index}"
     return cfg.replace(**changes)
 
 
@@ -212,4 +231,4 @@ def run_workers(config_path: Path, workers: int, rotation: dict[str, Any]) -> No
         sys.stdout.flush()
 
 
-__all__ = ["check_workers", "own_port", "run_workers", "worker_config"]
+__all__ = ["check_workers", "own_port", "run_workers", "worker_config", "worker_dir"]

@@ -53,22 +53,23 @@ def cli() -> None:
               dir_okay=False, path_type=Path), help="Relayer YAML (see examples/relayer.yaml).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Relayer processes sharing the listen port (SO_REUSEPORT); each is a "
-                   "cluster member (<node_id>-w<i>, data_dir/w<i>). Backends redis and "
-                   "kafka only: embedded is single-process.")
+                   "cluster member (worker 0 is the configured relayer; worker i is "
+                   "<node_id>-w<i> with data_dir/w<i>). Backends redis and kafka only: "
+                   "embedded is single-process.")
 @rotation_options
 def run_cmd(config_path: Path, workers: int, **rotation: Any) -> None:
     """Serve QSTP ingress/egress, shard workers, metrics and governance gRPC.
 
     The identity directory is watched (hot reload); --renew-ca-url / --renew-ca-dir
     renew the certificate (same key: it signs the relayer's QS-DAG proofs)."""
+    from pqcnet.cli._relayer_workers import check_workers, run_workers
     from pqcnet.relayer.node import save_identity
 
     if workers > 1:
-        from pqcnet.cli._relayer_workers import run_workers
-
         run_workers(config_path, workers, rotation)
         return
     cfg = RelayerConfig.load(config_path)
+    check_workers(cfg, 1)  # no state of an earlier --workers N run left stranded
     cfg.require_identity(str(config_path))
     identity = load_identity(cfg)
     manager = build_manager(Path(str(cfg.identity_dir)), None, rotate_key=False,

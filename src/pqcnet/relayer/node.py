@@ -53,6 +53,7 @@ from pqcnet.relayer.authz import Authorizer, Quotas, authz_policy
 from pqcnet.relayer.backpressure import FlowController
 from pqcnet.relayer.bus.base import Bus
 from pqcnet.relayer.bus.embedded import EmbeddedBus
+from pqcnet.relayer.bus.leases import write_journal
 from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.counters import (
     ClaimCheck,
@@ -244,6 +245,8 @@ class RelayerNode:
         self.governance_qstp_port: int | None = None
         self.workers: list[RelayerShardWorker] = []
         self._tasks: list[asyncio.Task[None]] = []
+        #: ownership-journal writes in flight (a Kafka cluster with redis_url)
+        self._journal_tasks: set[asyncio.Task[None]] = set()
         #: everything opened by start(), closed newest first by stop()
         self._stack = contextlib.AsyncExitStack()
         self._server: aio.Server | None = None
@@ -284,6 +287,8 @@ class RelayerNode:
             shared = shared_marks(cfg)
             stack.push_async_callback(_quietly, shared.aclose)
             store = shared
+            if cfg.rebalancing:  # who owned which partition when, next to the marks
+                self.bus.on_assignment = self._journal_assignment
         elif store is None and cfg.rebalancing:
             log.warning("kafka cluster with node-local dedup marks: a partition taken "
                         "over replays to subscribers (their cursor drops it) and may be "
@@ -348,6 +353,18 @@ class RelayerNode:
                                        allowed_peers=tuple(cfg.governance_allowed_peers)))
             self.governance_qstp_port = gov.port
             stack.push_async_callback(_quietly, _close_qstp, gov)
+
+    def _journal_assignment(self, gained: set[int], lost: set[int]) -> None:
+        """Kafka group changes into the ownership journal (as Redis leases write it)."""
+        store = self.store
+        if not isinstance(store, RedisSeqStore):
+            return
+        for shards, event in ((gained, "claimed"), (lost, "released")):
+            if shards:
+                task = asyncio.create_task(write_journal(
+                    store.client, self.cfg.redis_prefix, self.cfg.node_id, shards, event))
+                self._journal_tasks.add(task)
+                task.add_done_callback(self._journal_tasks.discard)
 
     async def _open_bus(self) -> None:
         """Connect the bus and load what this node metered before (raises if down)."""
@@ -521,6 +538,9 @@ class RelayerNode:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         await self._stack.aclose()
+        for j in list(self._journal_tasks):  # the last revokes' entries, best effort
+            j.cancel()
+        await asyncio.gather(*self._journal_tasks, return_exceptions=True)
 
     # ------------------------------------------------------------------ loops
     async def sample_backlog(self) -> None:

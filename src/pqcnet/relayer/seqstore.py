@@ -189,6 +189,11 @@ class RedisSeqStore:
         self._fence = fence
         self._fenced_save = client.register_script(_FENCED_SAVE) if fence else None
 
+    @property
+    def client(self) -> aioredis.Redis:
+        """The Redis client (the node writes the ownership journal with it)."""
+        return self._r
+
     async def aclose(self) -> None:
         """Close the Redis client (only a store that owns its client, e.g. a Kafka
         cluster's shared marks; the Redis bus closes its own)."""

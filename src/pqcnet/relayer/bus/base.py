@@ -28,7 +28,7 @@ local RocksDB), and ``compact(shard, groups)`` drops what every group acked
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -56,6 +56,9 @@ class Bus(abc.ABC):
 
     #: backend name as used in config (``embedded``, ``redis``, ``kafka``)
     name: str = "bus"
+    #: called with (gained, lost) shards when a cluster's assignment changes (the node
+    #: journals them); backends whose assignment never changes never call it
+    on_assignment: Callable[[set[int], set[int]], None] | None = None
 
     @abc.abstractmethod
     def partitions(self) -> int:

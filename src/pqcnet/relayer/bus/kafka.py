@@ -398,6 +398,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             acked.pop(bus.tp(s), None)
             bus._consumed.pop(s, None)
         bus._changed.set()
+        if shards and bus.on_assignment is not None:
+            bus.on_assignment(set(), shards)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         bus = self.bus
@@ -410,3 +412,5 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         bus.assigned |= shards
         bus._reset_needed |= new
         bus._changed.set()
+        if new and bus.on_assignment is not None:
+            bus.on_assignment(new, set())

@@ -21,7 +21,9 @@ cluster (same ``redis_prefix`` and group) agree on who works on which shard thro
   a lease without noticing (paused, partitioned) can neither meter nor ack that shard.
 * **journal** — every claim / release / loss is appended to the bounded stream
   ``{prefix}:owners`` (``node``, ``shard``, ``event``, server time), so who owned what
-  and when can be read with ``redis-cli XRANGE`` (proof audits, incidents).
+  and when can be read with ``redis-cli XRANGE`` (proof audits, incidents). A Kafka
+  cluster with ``redis_url`` writes its group assignments there too
+  (:func:`write_journal`).
 
 A relayer that cannot reach Redis stops counting on its leases ``lease`` s after its
 last successful renewal, whatever it believes, and drops every shard.
@@ -203,10 +205,10 @@ class ShardLeases:
                 if int(await self._claim(keys=[self.key(s)],
                                          args=[self.value, self.px, self.node_id])):
                     got.add(s)
-            if got:
+            if got:  # owned and the bus told in one step: no worker reads in between
                 self.owned |= got
-                await self._journal(got, "claimed")
                 self._changed(got, set())
+                await self._journal(got, "claimed")
         elif keeping > share:
             order = self._preferred()
             spare = sorted(self.owned - self.releasing, key=order.index, reverse=True)
@@ -217,10 +219,11 @@ class ShardLeases:
                 task.add_done_callback(self._releases.discard)
 
     async def _free(self) -> set[int]:
-        """Shards without a live lease, or whose lease is our previous life's."""
+        """Shards without a live lease, or whose lease is our previous life's — or ours
+        without our knowing it (a round cut off between the claim and its bookkeeping)."""
         values = await self._r.mget([self.key(s) for s in range(self.shards)])
         return {s for s, v in enumerate(values)
-                if v is None or (_s(v)[17:] == self.node_id and _s(v) != self.value)}
+                if s not in self.owned and (v is None or _s(v)[17:] == self.node_id)}
 
     async def _hand_back(self, shard: int) -> None:
         """Let the worker finish what it consumed, then delete our lease."""
@@ -256,12 +259,7 @@ class ShardLeases:
             self._on_change(gained, lost)
 
     async def _journal(self, shards: set[int], event: str) -> None:
-        pipe = self._r.pipeline(transaction=False)
-        for s in sorted(shards):
-            pipe.xadd(self.journal_key, {"node": self.node_id, "shard": s, "event": event},
-                      maxlen=JOURNAL_LEN, approximate=True)
-        with contextlib.suppress(RedisError, OSError):
-            await pipe.execute()
+        await write_journal(self._r, self.prefix, self.node_id, shards, event)
 
     async def close(self) -> None:
         """Stop renewing, hand every lease back and leave the members (clean stop: the
@@ -283,6 +281,20 @@ class ShardLeases:
                 await self._r.zrem(self.members_key, self.node_id)
                 if held:
                     await self._journal(held, "released")
+
+
+async def write_journal(client: aioredis.Redis, prefix: str, node_id: str,
+                        shards: Iterable[int], event: str) -> None:
+    """Append ``event`` (claimed / released / lost) for ``shards`` to the ownership
+    journal ``{prefix}:owners`` (bounded; best effort: a failed write is only logged)."""
+    pipe = client.pipeline(transaction=False)
+    for s in sorted(shards):
+        pipe.xadd(f"{prefix}:owners", {"node": node_id, "shard": s, "event": event},
+                  maxlen=JOURNAL_LEN, approximate=True)
+    try:
+        await pipe.execute()
+    except (RedisError, OSError) as exc:
+        log.info("ownership journal not written", extra={"event": event, "error": str(exc)})
 
 
 def journal(entries: Iterable[Any] | None) -> list[tuple[str, int, str]]:
