@@ -130,3 +130,23 @@ def test_wire_parse_or_typed_error_whole_and_byte_at_a_time(blob: bytes, step: i
                     for body in reader.feed(c):
                         with contextlib.suppress(RelayerError):
                             decode_client(body)
+
+
+def test_hot_path_constructors_build_the_same_frozen_objects() -> None:
+    """make_frame / wire.accepted / the sequencer's Deliver skip the frozen __init__ only."""
+    import dataclasses
+
+    from pqcnet.relayer import wire
+    from pqcnet.relayer.frame import make_frame
+    from pqcnet.relayer.sequencer import _deliver
+
+    fast = make_frame("c", "ch", 7, b"p", 2)
+    assert fast == Frame("c", "ch", 7, b"p", 2) and hash(fast) == hash(Frame("c", "ch", 7, b"p", 2))
+    assert make_frame("c", "ch", 7, b"p") == Frame("c", "ch", 7, b"p")  # default qos
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.seq = 8  # type: ignore[misc]
+    assert wire.accepted(7, True) == wire.Result(7, True, overflowed=True)
+    d = Delivery(0, 3, encode(fast))
+    assert _deliver(fast, d) == Deliver(fast, d)
+    item = wire.decode_client(wire.encode_publish(1, [fast])[4:])
+    assert item == (1, [wire.Incoming(7, fast, None, False)])

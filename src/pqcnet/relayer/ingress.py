@@ -51,6 +51,7 @@ from pqcnet.relayer.wire import (
     ReceiptRequest,
     Result,
     Subscribe,
+    accepted,
     decode_client,
     encode_error,
     encode_receipt,
@@ -284,7 +285,7 @@ class Ingress:
                 return
             session.shards.add(shard)
             for i in idxs:
-                results[i] = Result(items[i].seq, True, overflowed=acc.overflowed)
+                results[i] = accepted(items[i].seq, acc.overflowed)
                 frame = items[i].frame
                 assert frame is not None
                 prev = session.highest.pop(frame.topic, 0)
