@@ -150,3 +150,21 @@ def test_hot_path_constructors_build_the_same_frozen_objects() -> None:
     assert _deliver(fast, d) == Deliver(fast, d)
     item = wire.decode_client(wire.encode_publish(1, [fast])[4:])
     assert item == (1, [wire.Incoming(7, fast, None, False)])
+
+
+def test_encode_reply_short_form_is_byte_identical() -> None:
+    """Accepted results are encoded without their zero fields: same bytes as all fields."""
+    from pqcnet.proto import relayer_pb2 as pb
+    from pqcnet.relayer import wire
+
+    results = [wire.accepted(1, False), wire.accepted(2, True),
+               wire.Result(3, False, code=7, reason="no", retriable=True)]
+    msg = pb.RelayerMessage()
+    msg.reply.request_id = 9
+    for r in results:
+        msg.reply.results.add(
+            seq=r.seq, status=pb.FrameResult.ACCEPTED if r.accepted else pb.FrameResult.REJECTED,
+            error_code=r.code, reason=r.reason, overflowed=r.overflowed, retriable=r.retriable)
+    assert wire.encode_reply(9, results) == wire.pack(msg.SerializeToString())
+    decoded = wire.decode_server(wire.encode_reply(9, results)[4:])
+    assert decoded == (9, results)

@@ -196,10 +196,13 @@ def encode_reply(request_id: int, results: Sequence[Result]) -> bytes:
     """A framed PublishReply."""
     msg = pb.RelayerMessage()
     msg.reply.request_id = request_id
+    add = msg.reply.results.add
+    accepted_ = pb.FrameResult.ACCEPTED
     for r in results:
-        msg.reply.results.add(
-            seq=r.seq,
-            status=pb.FrameResult.ACCEPTED if r.accepted else pb.FrameResult.REJECTED,
+        if r.accepted and not r.overflowed:  # the usual case; proto3 omits the zero fields
+            add(seq=r.seq, status=accepted_)
+            continue
+        add(seq=r.seq, status=accepted_ if r.accepted else pb.FrameResult.REJECTED,
             error_code=r.code, reason=r.reason, overflowed=r.overflowed, retriable=r.retriable)
     return pack(msg.SerializeToString())
 
