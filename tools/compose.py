@@ -66,9 +66,10 @@ class Compose:
         return int(out.rsplit(":", 1)[1])
 
     def missing_images(self) -> list[str]:
-        return [n for n in SERVICE_IMAGES
-                if self.docker("image", "inspect", f"pqcnet-{n}:{self.tag}",
-                               check=False).returncode != 0]
+        """Images of the network that are absent or were built from other inputs (another
+        branch, an older tree: :func:`images.current`)."""
+        docker, env = images.docker_cmd(self.deploy_env)
+        return [n for n in SERVICE_IMAGES if not images.current(docker, env, n, self.tag)]
 
     def secrets(self) -> None:
         pqcnet = str(Path(sys.executable).with_name("pqcnet"))
@@ -99,9 +100,13 @@ class Compose:
 
     def up(self, *, build: bool = False, timeout: float = 600) -> dict[str, str]:
         self.secrets()
-        if build or self.missing_images():
-            subprocess.run([sys.executable, str(ROOT / "tools" / "images.py"), "--services",
-                            "--tag", self.tag], check=True, timeout=3600)
+        stale = list(SERVICE_IMAGES) if build else self.missing_images()
+        if stale:
+            roles = [a for r in images.ROLES if r in stale for a in ("--role", r)]
+            services = ["--services"] if set(stale) - set(images.ROLES) else []
+            subprocess.run([sys.executable, str(ROOT / "tools" / "images.py"),
+                            *(roles or ["--skip-roles"]), *services, "--tag", self.tag],
+                           check=True, timeout=3600)
         self.compose("up", "-d", timeout=timeout)
         return self.wait_healthy(timeout)
 

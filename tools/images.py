@@ -89,6 +89,48 @@ def wheelhouse(python: str = sys.executable) -> Path:
     return WHEELHOUSE
 
 
+#: What a role image is built from / what a service image is built from: an image whose
+#: ``pqcnet.inputs`` label differs from the hash of these is stale (built from another
+#: tree — a branch, an older commit) and is rebuilt instead of reused.
+ROLE_INPUTS = ("src", "pyproject.toml", "docker/Dockerfile", ".dockerignore")
+SERVICE_INPUTS = ("docker/services.Dockerfile", "docker/kafka-entrypoint.sh")
+INPUTS_LABEL = "pqcnet.inputs"
+
+
+def inputs_hash(paths: tuple[str, ...], root: Path = ROOT) -> str:
+    """SHA-256 (16 hex) over the relative paths and contents of the files under ``paths``
+    (uncommitted edits count; caches and bytecode do not)."""
+    h = hashlib.sha256()
+    for rel in paths:
+        top = root / rel
+        files = sorted(top.rglob("*")) if top.is_dir() else [top]
+        for f in files:
+            if not f.is_file() or "__pycache__" in f.parts or f.suffix == ".pyc":
+                continue
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def image_inputs(name: str) -> str:
+    """The inputs hash image ``pqcnet-<name>`` must carry to be current (a service image
+    also names the Kafka and go-waku builds it copies from the services cache)."""
+    if name in ROLES:
+        return inputs_hash(ROLE_INPUTS)
+    cache = Path(os.environ.get("PQCNET_CACHE", Path.home() / ".cache" / "pqcnet"))
+    builds = sorted(p.name for p in (*cache.glob("kafka-*"), *cache.glob("waku-*"))
+                    if (p / "installed").exists())
+    return hashlib.sha256((inputs_hash(SERVICE_INPUTS) + "|".join(builds)).encode()
+                          ).hexdigest()[:16]
+
+
+def current(docker: list[str], env: dict[str, str], name: str, tag: str) -> bool:
+    """Whether ``pqcnet-<name>:<tag>`` exists and was built from this tree's inputs."""
+    out = subprocess.run([*docker, "image", "inspect", "--format",
+                          f'{{{{index .Config.Labels "{INPUTS_LABEL}"}}}}',
+                          f"pqcnet-{name}:{tag}"], capture_output=True, text=True, env=env)
+    return out.returncode == 0 and out.stdout.strip() == image_inputs(name)
+
+
 def image_id(docker: list[str], env: dict[str, str], ref: str) -> str:
     out = subprocess.run([*docker, "image", "inspect", "--format", "{{.Id}}", ref],
                          check=True, capture_output=True, text=True, env=env)
@@ -102,7 +144,7 @@ def build(role: str, *, base: str, tag: str, env: dict[str, str]) -> dict[str, o
     t0 = time.monotonic()
     subprocess.run(
         [*docker, "build", "--quiet", "-f", str(ROOT / "docker" / "Dockerfile"),
-         "--target", role, "-t", ref,
+         "--target", role, "-t", ref, "--label", f"{INPUTS_LABEL}={image_inputs(role)}",
          "--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"BASE_IMAGE_DIGEST={base_digest}",
          "--build-arg", f"EXTRAS={EXTRAS[role]}", "--build-arg", f"VERSION={version()}",
          "--build-arg", f"REVISION={revision()}", str(ROOT)],
@@ -150,6 +192,7 @@ def build_service(name: str, *, base: str, tag: str, env: dict[str, str]) -> dic
     subprocess.run(
         [*docker, "build", "--quiet", "-f", str(ROOT / "docker" / "services.Dockerfile"),
          "--target", name, "-t", ref, "--build-arg", f"BASE_IMAGE={base}",
+         "--label", f"{INPUTS_LABEL}={image_inputs(name)}",
          str(SERVICES_CONTEXT)], check=True, env=proc_env, stdout=subprocess.DEVNULL)
     seconds = round(time.monotonic() - t0, 1)
     out = subprocess.run([*docker, "image", "inspect", "--format", "{{.Id}} {{.Size}}", ref],
@@ -164,14 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-image", default=None)
     ap.add_argument("--tag", default=version())
     ap.add_argument("--skip-wheels", action="store_true", help="Reuse build/wheelhouse as is.")
+    ap.add_argument("--skip-roles", action="store_true", help="Build no role image.")
     ap.add_argument("--services", action="store_true",
                     help="Also build the compose network's Kafka, go-waku, Redis, Prometheus.")
     args = ap.parse_args(argv)
     env = deploy_env()
     base = args.base_image or env.get("PQCNET_BASE_IMAGE") or DEFAULT_BASE
-    if not args.skip_wheels:
+    roles = [] if args.skip_roles else (args.role or list(ROLES))
+    if roles and not args.skip_wheels:
         wheelhouse()
-    for role in args.role or ROLES:
+    for role in roles:
         print(json.dumps(build(role, base=base, tag=args.tag, env=env)), flush=True)
     if args.services:
         stage_services()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime as dt
 import ipaddress
 import json
@@ -123,6 +124,10 @@ class Cluster:
     root: Path
     bin: Path
     stages: Path
+    #: the components get SIGKILL when the process that started them dies (a test
+    #: session killed hard leaves no control plane behind); off for the CLI, whose
+    #: process exits right after `up`
+    die_with_parent: bool = False
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -200,14 +205,21 @@ class Cluster:
             return [self._tool(name), f"--kubeconfig={kc}", "--secure-port=0",
                     "--leader-elect=false", "--use-service-account-credentials=false",
                     f"--service-account-private-key-file={pki / 'sa.key'}",
-                    f"--root-ca-file={pki / 'ca.crt'}", "--profiling=false"]
+                    f"--root-ca-file={pki / 'ca.crt'}", "--profiling=false",
+                    # a starved kwok (2 loaded cores) must not make the fake node
+                    # "unreachable": its pods would be marked not ready
+                    "--node-monitor-grace-period=5m"]
         if name == "kube-scheduler":
             return [self._tool(name), f"--kubeconfig={kc}", "--secure-port=0",
                     "--leader-elect=false", "--profiling=false"]
         if name == "kwok":
             return [self._tool(name), f"--kubeconfig={kc}",
                     "--config", str(self.root / "kwok.yaml"),
-                    "--manage-all-nodes=true", "--node-ip=127.0.0.1"]
+                    "--manage-all-nodes=true", "--node-ip=127.0.0.1",
+                    # the node's heartbeat is its Lease, renewed every 10 s: without
+                    # it the node lifecycle controller finds the node silent after its
+                    # grace period and marks every pod on it not ready for good
+                    "--node-lease-duration-seconds=40"]
         raise ValueError(name)
 
     # --------------------------------------------------------------------- lifecycle
@@ -216,7 +228,8 @@ class Cluster:
         log = (self.root / "logs" / f"{name}.log").open("ab")
         proc = subprocess.Popen(self._argv(name), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
-                                cwd=self.root)
+                                cwd=self.root,
+                                preexec_fn=_die_with_parent if self.die_with_parent else None)
         log.close()
         self.procs[name] = proc
         (self.root / "run" / f"{name}.pid").write_text(str(proc.pid))
@@ -264,7 +277,10 @@ class Cluster:
         return resp.status_code == 200
 
     def _node_ready(self) -> bool:
-        node = json.loads(self.kubectl("get", "node", NODE_NAME, "-o", "json").stdout)
+        out = self.kubectl("get", "node", NODE_NAME, "-o", "json", check=False)
+        if out.returncode != 0:
+            return False
+        node = json.loads(out.stdout)
         ready = any(c["type"] == "Ready" and c["status"] == "True"
                     for c in node.get("status", {}).get("conditions", []))
         return ready and not node["spec"].get("taints")
@@ -326,6 +342,12 @@ def _node() -> dict[str, Any]:
                                     "kubernetes.io/arch": "amd64", "type": "kwok"},
                          "annotations": {"kwok.x-k8s.io/node": "fake"}},
             "status": {"allocatable": resources, "capacity": resources}}
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the parent thread exits (Linux
+    PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
 
 
 def _tcp_open(port: int) -> bool:

@@ -158,3 +158,19 @@ def test_sentry_reports_n_workers_against_nginx_and_the_limit_accuracy() -> None
         assert _number(w["ratio_rps_pqcnet_to_nginx_same_workers"])
     acc = w["limit_accuracy"]
     assert acc["admitted"] > 0 and acc["refused"] > 0 and _number(acc["ratio"])
+    half = d["paths"]["pqcnet"]["at_half_load"]
+    assert half["offered_rps"] > 0 and half["achieved_rps"] > 0 and _number(half["p99_ms"])
+    assert "p99" in d["pqcnet_added_latency_at_half_load_ms"]
+
+
+def test_memory_reports_rss_of_a_real_relayer_and_sentry_against_idle() -> None:
+    d = _bench("memory", "--topics", "400", "--active", "40", "--rounds", "1",
+               "--tunnels", "64", "--concurrency", "8")
+    r, s = d["relayer"], d["sentry"]
+    assert r["received"] == 40  # the last send's frames all delivered
+    assert r["seen"]["topics"] == 400 and _number(r["seen"]["rss_mib"])
+    assert r["peak_rss_mib"] >= r["idle_rss_mib"] > 0
+    assert s["tunnels"]["open"] == 64 and s["tunnels"]["failed"] == 0
+    assert s["rss_mib"] > s["idle_rss_mib"] > 0  # 64 tunnels held open cost memory
+    assert d["rlimit_nofile"] >= 64 and set(d["targets"]) == {"relayer_under_1gib",
+                                                              "sentry_under_1gib"}

@@ -501,7 +501,7 @@ def test_prometheus_scraped_every_node(net: compose_tool.Compose) -> None:
     """Every target of every job is up (the crashed nodes came back)."""
     port = net.port("prometheus", 9090)
     targets = {"relayer-1:9100", "relayer-2:9100", "sentry-1:9100", "sentry-2:9100",
-               "ca:9100"}
+               "ca:9100", "waku-1:8008", "waku-2:8008", "waku-3:8008"}
 
     def all_up() -> bool:
         url = f"http://127.0.0.1:{port}/api/v1/targets"
@@ -581,6 +581,12 @@ def test_ca_service_enrolls_a_node_once(net: compose_tool.Compose, tmp_path: Pat
 def _runbook_pages() -> list[Path]:
     return [p for p in sorted((ROOT / "runbook").glob("*.md"))
             if any("compose" in b.flags for b in blocks(p))]
+
+
+def test_the_runbook_has_compose_blocks() -> None:
+    """The parametrised test below must not pass by having nothing to run."""
+    pages = {p.name for p in _runbook_pages()}
+    assert {"incident-response.md", "rolling-upgrade.md"} <= pages, pages
 
 
 @pytest.mark.parametrize("page", _runbook_pages(), ids=lambda p: p.name)

@@ -102,7 +102,7 @@ def kube(helm: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     bin_dir = Path(require_tool("PQCNET_K8S_BIN", "kube-apiserver/etcd/kwok (k8s tools)"))
     stages = Path(require_tool("PQCNET_KWOK_STAGES", "kwok stages"))
     root = tmp_path_factory.mktemp("kcluster")
-    cluster = Cluster(root, bin_dir, stages)
+    cluster = Cluster(root, bin_dir, stages, die_with_parent=True)
     cluster.up()
     try:
         k = Kube(cluster, helm, root / "helm")
@@ -210,7 +210,8 @@ def _rollout_values(tmp_path: Path) -> Path:
 
 def _relayer_state(kube: Kube, ns: str, name: str) -> dict[str, Any]:
     sts = kube.get("statefulset", name, "-n", ns)
-    return sts["status"]  # type: ignore[no-any-return]
+    status: dict[str, Any] = sts["status"]
+    return status
 
 
 def test_install_and_upgrade_roll_out_with_wait(kube: Kube, tmp_path: Path) -> None:
@@ -288,3 +289,46 @@ def _check_relayer_secrets(kube: Kube, ns: str, relayers: list[str]) -> None:
         assert mounts["identity"]["readOnly"] is True
         conf = yaml.safe_load(kube.get("configmap", "r-relayer", "-n", ns)["data"][f"{name}.yaml"])
         assert conf["relayer"]["identity_dir"] == mounts["identity"]["mountPath"]
+
+
+def test_failed_upgrade_keeps_the_sentries_serving_and_rolls_back(
+        kube: Kube, tmp_path: Path) -> None:
+    """The health gate: an upgrade whose new pods never get ready (here: a node
+    selector no node matches) fails `--wait`, the old sentries keep serving all along
+    (maxUnavailable 0), and `helm rollback` restores the previous revision."""
+    ns = kube.namespace("gate")
+    kube.identity_secret(ns, "sentry-identity")
+    values = tmp_path / "gate.yaml"
+    values.write_text(yaml.safe_dump({
+        "relayer": {"enabled": False},
+        "sentry": {"replicaCount": 2, "autoscaling": {"enabled": False},
+                   "existingSecret": "sentry-identity"}}))
+    out = kube.helm("install", "g", str(CHART), "-n", ns, "-f", str(values),
+                    "--wait", "--timeout", "5m")
+    assert out.returncode == 0, out.stderr
+    before = _replicasets(kube, ns)
+    assert list(before.values()) == [("pqcnet-sentry:0.1.0", 2)]
+
+    out = kube.helm("upgrade", "g", str(CHART), "-n", ns, "-f", str(values),
+                    "--set", "global.imageTag=0.2.0",
+                    "--set", "sentry.nodeSelector.pqcnet\\.io/pool=nowhere",
+                    "--wait", "--timeout", "20s")
+    assert out.returncode != 0
+    assert "context deadline exceeded" in out.stderr or "timed out" in out.stderr, out.stderr
+    status = json.loads(kube.helm("status", "g", "-n", ns, "-o", "json").stdout)
+    assert status["version"] == 2 and status["info"]["status"] == "failed"
+    during = _replicasets(kube, ns)
+    assert during[next(iter(before))] == ("pqcnet-sentry:0.1.0", 2)  # still serving
+    stuck = [rs for name, rs in during.items() if name not in before]
+    assert stuck == [("pqcnet-sentry:0.2.0", 0)]  # the surge pod never got ready
+    pending = kube.get("pods", "-n", ns, "--field-selector=status.phase=Pending")["items"]
+    assert len(pending) == 1
+
+    out = kube.helm("rollback", "g", "1", "-n", ns, "--wait", "--timeout", "5m")
+    assert out.returncode == 0, out.stderr
+    status = json.loads(kube.helm("status", "g", "-n", ns, "-o", "json").stdout)
+    assert status["version"] == 3 and status["info"]["status"] == "deployed"
+    after = _replicasets(kube, ns)
+    assert after[next(iter(before))] == ("pqcnet-sentry:0.1.0", 2)
+    assert all(after[name][1] == 0 for name in after if name not in before)
+    assert kube.get("pods", "-n", ns, "--field-selector=status.phase=Pending")["items"] == []

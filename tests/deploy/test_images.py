@@ -19,6 +19,7 @@ import yaml
 
 from pqcnet.identity import dev_identities
 from tests.sentry.harness import config_dict, make_mesh, write_config
+from tools import images as images_tool
 
 from .conftest import Docker
 
@@ -120,6 +121,9 @@ def test_images_are_labelled_non_root_and_measure_their_identity(
         for key in ("version", "revision", "source", "title", "base.digest"):
             assert labels.get(f"org.opencontainers.image.{key}"), (role, key, labels)
         assert labels["org.opencontainers.image.title"] == f"pqcnet-{role}"
+        # built from this tree: the compose network reuses it, an image of another
+        # tree (a branch, an older commit) is rebuilt instead (tools/compose.py)
+        assert labels["pqcnet.inputs"] == images_tool.image_inputs(role)
         assert cfg["Healthcheck"]["Test"][0] == "CMD"
         env = dict(e.split("=", 1) for e in cfg["Env"])
         base = env["PQCNET_BASE_IMAGE_DIGEST"]
@@ -199,3 +203,21 @@ def test_bad_config_is_refused_with_a_clear_message(
     logs = docker.run("logs", name).stderr
     assert "Traceback" not in logs, logs[-3000:]
     assert "limits.default.rate" in logs, logs[-3000:]
+
+
+def test_inputs_hash_follows_the_tree_not_its_caches(tmp_path: Path) -> None:
+    """An image is stale when any file it is built from changes, not when bytecode
+    or caches appear (tools/images.py ``inputs_hash``)."""
+    (tmp_path / "src" / "pkg").mkdir(parents=True)
+    (tmp_path / "src" / "pkg" / "mod.py").write_text("x = 1\n")
+    (tmp_path / "pyproject.toml").write_text("[project]\n")
+    paths = ("src", "pyproject.toml")
+    first = images_tool.inputs_hash(paths, tmp_path)
+    (tmp_path / "src" / "pkg" / "__pycache__").mkdir()
+    (tmp_path / "src" / "pkg" / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"\0")
+    assert images_tool.inputs_hash(paths, tmp_path) == first
+    (tmp_path / "src" / "pkg" / "mod.py").write_text("x = 2\n")
+    assert images_tool.inputs_hash(paths, tmp_path) != first
+    (tmp_path / "src" / "pkg" / "mod.py").write_text("x = 1\n")
+    (tmp_path / "src" / "pkg" / "new.py").write_text("")
+    assert images_tool.inputs_hash(paths, tmp_path) != first

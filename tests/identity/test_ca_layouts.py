@@ -7,8 +7,14 @@ library, on ``pqcnet ca serve``'s enrollment over real PQ TLS sockets, and on th
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -135,6 +141,38 @@ async def test_ca_service_refuses_what_the_layout_makes_off_policy(svc: _Svc) ->
                   f"spiffe://{TD}/ns/acme/sa/c", 403, "max_nodes")
 
 
+async def test_attested_role_read_through_the_layout(tmp_path: Path) -> None:
+    """``--attest-role sidecar``: a layout-shaped ID is a sidecar, so it must attest, and
+    its attestation must name the role the layout gives it."""
+    ca = MeshCA.create(TD, policy=POLICY)
+    ca.save(tmp_path, b"pw")
+    service = CaService(ca, tmp_path, TokenStore(tmp_path),
+                        CaServiceConfig(attest_roles=("sidecar",)))
+    svc = _Svc(ca, service.tokens, service, f"https://127.0.0.1:{await service.start()}",
+               Ledger.open(tmp_path / "ledger"))
+    sid = SpiffeId.parse(f"spiffe://{TD}/ns/acme/sa/web")
+    try:
+        with pytest.raises(CaServiceError) as err:
+            await svc.enroll(svc.bundle(f"spiffe://{TD}/ns/acme/sa/*", "sidecar"), str(sid))
+        assert (err.value.status, err.value.code) == (403, "attestation_required")
+        # the role as the ID names it (none), a wrong one, the one the layout reads
+        for role, refusal in (("", (400, "bad_attestation")),
+                              ("relayer", (403, "attestation_mismatch")), ("sidecar", None)):
+            key = SigningKey.generate()
+            att = client.attestation_for(key, dataclasses.replace(sid, role=role))
+            coro = client.enroll(svc.url, svc.bundle(f"spiffe://{TD}/ns/acme/sa/*", "sidecar"),
+                                 sid, key, attestation=att)
+            if refusal is None:
+                assert str((await coro)[0].spiffe_id) == str(sid)
+                continue
+            with pytest.raises(CaServiceError) as err:
+                await coro
+            assert (err.value.status, err.value.code) == refusal
+    finally:
+        await service.close()
+        svc.ledger.close()
+
+
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     try:
         main(list(argv))
@@ -174,3 +212,41 @@ def test_cli_init_with_a_layout_then_issue_and_tokens(tmp_path: Path,
     code, out = _run(capsys, "ca", "init", "--dir", str(tmp_path / "ca2"), "--trust-domain",
                      TD, "--no-passphrase", "--spiffe-layout", f"spiffe://{TD}/ns/{{tenant}}")
     assert code != 0 and "needs {role} or a fixed role" in out, out
+
+
+def test_node_enroll_attests_the_role_its_layout_gives(tmp_path: Path) -> None:
+    """`pqcnet ca serve --attest-role sidecar` and `pqcnet node enroll --attest` for a
+    layout-shaped ID: the node attests as the token's role (the ID itself names none)."""
+    exe = str(Path(sys.executable).parent / "pqcnet")
+    env = {**os.environ, "PQCNET_CA_PASSPHRASE": "ca-pw"}
+
+    def pqcnet(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([exe, *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    made = pqcnet("ca", "init", "--dir", "ca", "--trust-domain", TD, "--spiffe-layout",
+                  f"spiffe://{TD}/ns/{{tenant}}/sa/{{node}},role=sidecar")
+    assert made.returncode == 0, made.stderr
+    serve = subprocess.Popen([exe, "ca", "serve", "--dir", "ca", "--port", "0",
+                              "--attest-role", "sidecar"], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert serve.stdout is not None
+        ready = json.loads(serve.stdout.readline() or "{}")
+        assert ready.get("ready") is True, serve.stderr.read() if serve.stderr else ""
+        made = pqcnet("ca", "token", "create", "--dir", "ca", "--pattern",
+                      f"spiffe://{TD}/ns/acme/sa/*", "--role", "sidecar", "--ca-url",
+                      ready["url"], "--out", "web.token")
+        assert made.returncode == 0, made.stderr
+        joined = pqcnet("node", "enroll", "--token-file", "web.token", "--spiffe-id",
+                        f"spiffe://{TD}/ns/acme/sa/web", "--out", "web", "--no-passphrase",
+                        "--attest")
+        assert joined.returncode == 0, joined.stderr
+        assert json.loads(joined.stdout)["enrolled"] == f"spiffe://{TD}/ns/acme/sa/web"
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait()

@@ -130,3 +130,41 @@ def test_wire_parse_or_typed_error_whole_and_byte_at_a_time(blob: bytes, step: i
                     for body in reader.feed(c):
                         with contextlib.suppress(RelayerError):
                             decode_client(body)
+
+
+def test_hot_path_constructors_build_the_same_frozen_objects() -> None:
+    """make_frame / wire.accepted / the sequencer's Deliver skip the frozen __init__ only."""
+    import dataclasses
+
+    from pqcnet.relayer import wire
+    from pqcnet.relayer.frame import make_frame
+    from pqcnet.relayer.sequencer import _deliver
+
+    fast = make_frame("c", "ch", 7, b"p", 2)
+    assert fast == Frame("c", "ch", 7, b"p", 2) and hash(fast) == hash(Frame("c", "ch", 7, b"p", 2))
+    assert make_frame("c", "ch", 7, b"p") == Frame("c", "ch", 7, b"p")  # default qos
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.seq = 8  # type: ignore[misc]
+    assert wire.accepted(7, True) == wire.Result(7, True, overflowed=True)
+    d = Delivery(0, 3, encode(fast))
+    assert _deliver(fast, d) == Deliver(fast, d)
+    item = wire.decode_client(wire.encode_publish(1, [fast])[4:])
+    assert item == (1, [wire.Incoming(7, fast, None, False)])
+
+
+def test_encode_reply_short_form_is_byte_identical() -> None:
+    """Accepted results are encoded without their zero fields: same bytes as all fields."""
+    from pqcnet.proto import relayer_pb2 as pb
+    from pqcnet.relayer import wire
+
+    results = [wire.accepted(1, False), wire.accepted(2, True),
+               wire.Result(3, False, code=7, reason="no", retriable=True)]
+    msg = pb.RelayerMessage()
+    msg.reply.request_id = 9
+    for r in results:
+        msg.reply.results.add(
+            seq=r.seq, status=pb.FrameResult.ACCEPTED if r.accepted else pb.FrameResult.REJECTED,
+            error_code=r.code, reason=r.reason, overflowed=r.overflowed, retriable=r.retriable)
+    assert wire.encode_reply(9, results) == wire.pack(msg.SerializeToString())
+    decoded = wire.decode_server(wire.encode_reply(9, results)[4:])
+    assert decoded == (9, results)

@@ -194,3 +194,31 @@ async def test_a_sentry_that_comes_back_rejoins_the_rotation(tmp_path: Path, mes
                     await again.aclose()
             finally:
                 await pool.aclose()
+
+
+async def test_bounds_max_tunnels_refuses_the_one_too_many(tmp_path: Path, mesh: Mesh) -> None:
+    """`bounds.max_tunnels` is the sentry's tunnel bound: the third tunnel to a sentry
+    configured for two is refused when it connects; once one closes, a new one gets in."""
+    from pqcnet import qstp
+    from pqcnet.errors import PqcnetError
+
+    with HttpBackend() as backend:
+        cfg = config_dict(backend.port, 1, 1)
+        cfg["bounds"]["max_tunnels"] = 2
+        path = write_config(tmp_path, mesh, cfg)
+        async with sentry_stack(mesh, path) as s:
+            first = await qstp.connect("127.0.0.1", s.port, mesh.acme)
+            second = await qstp.connect("127.0.0.1", s.port, mesh.acme)
+            with pytest.raises((PqcnetError, OSError)):
+                extra = await asyncio.wait_for(
+                    qstp.connect("127.0.0.1", s.port, mesh.acme), 20)
+                await extra.ping()  # (if the dial itself got through, the tunnel is dead)
+            await first.close()
+            for _ in range(100):
+                if s.server.server.tunnels < 2:
+                    break
+                await asyncio.sleep(0.05)
+            again = await qstp.connect("127.0.0.1", s.port, mesh.acme)
+            assert await again.ping() >= 0
+            await again.close()
+            await second.close()

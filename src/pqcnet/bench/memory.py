@@ -30,6 +30,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -221,10 +222,9 @@ async def _sentry(tunnels: int, concurrency: int) -> dict[str, Any]:
             gate = asyncio.Semaphore(concurrency)
             bar = tqdm(total=tunnels, unit="tunnel", desc="sentry memory", disable=None)
             curve: list[dict[str, Any]] = []
-            failures = 0
+            failures: Counter[str] = Counter()  # by error type: a handful of keys
 
             async def one(i: int) -> None:
-                nonlocal failures
                 async with gate:
                     async def dial() -> Any:
                         return await aio.connect("127.0.0.1", ports["sentry"], identity)
@@ -235,9 +235,9 @@ async def _sentry(tunnels: int, concurrency: int) -> dict[str, Any]:
                         while await stream.recv():
                             pass
                         if resp.status != 200:
-                            failures += 1
-                    except Exception:
-                        failures += 1
+                            failures[f"status {resp.status}"] += 1
+                    except Exception as exc:
+                        failures[type(exc).__name__] += 1
                         await sc.aclose()
                         return
                     opened.append(sc)
@@ -255,7 +255,8 @@ async def _sentry(tunnels: int, concurrency: int) -> dict[str, Any]:
             await asyncio.sleep(2.0)  # let the sentry settle (freed handshake buffers)
             n = len(opened)
             out["tunnels"] = {**_phase(proc.pid, idle, "tunnel", n), "open": n,
-                              "failed": failures, "asked": tunnels,
+                              "failed": sum(failures.values()),
+                              "failures": dict(failures), "asked": tunnels,
                               "opened_per_s": round(n / elapsed, 1)}
             out["curve"] = curve
             final = _status(proc.pid)

@@ -10,6 +10,7 @@ file without starting anything.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -149,7 +150,10 @@ def enroll(ca_url: str, token_file: Path, spiffe_id: str, out: Path,
     store = open_store(config, lambda: passphrase(passphrase_env, no_passphrase,
                                                   what="node key", confirm=False))
     key = SigningKey.generate("ML-DSA-65")
-    attestation = client.attestation_for(key, sid) if attest else None
+    # an ID of another shape names no role itself: the CA reads it through its SPIFFE
+    # layouts, and the token says which one it must come out as
+    attested = sid if sid.role else dataclasses.replace(sid, role=bundle.role)
+    attestation = client.attestation_for(key, attested) if attest else None
     identity, mesh = asyncio.run(client.enroll(url, bundle, sid, key, attestation=attestation,
                                                timeout_s=timeout, retry_for_s=retry_for))
     try:

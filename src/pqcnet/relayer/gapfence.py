@@ -138,7 +138,10 @@ class GapFence:
         if self._n_inflight >= self.max_inflight:
             self.stats.untracked += 1
             return
-        self._inflight.setdefault(topic, Counter())[seq] += 1
+        c = self._inflight.get(topic)
+        if c is None:  # not setdefault: that builds a Counter for every frame
+            c = self._inflight[topic] = Counter()
+        c[seq] += 1
         self._n_inflight += 1
 
     def release(self, topic: Topic, seq: int) -> None:

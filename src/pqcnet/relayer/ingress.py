@@ -51,6 +51,7 @@ from pqcnet.relayer.wire import (
     ReceiptRequest,
     Result,
     Subscribe,
+    accepted,
     decode_client,
     encode_error,
     encode_receipt,
@@ -230,7 +231,8 @@ class Ingress:
                     raise item.error
                 assert item.frame is not None
                 frame = validate(item.frame, self.limits)
-                last = pending_high.get(frame.topic, session.highest.get(frame.topic, 0))
+                topic = frame.topic
+                last = pending_high.get(topic, session.highest.get(topic, 0))
                 if frame.seq <= last and not item.retry:
                     raise SeqNotMonotonic(
                         f"seq {frame.seq} after {last} on {frame.customer}/{frame.channel} "
@@ -251,7 +253,7 @@ class Ingress:
             except RelayerError as exc:
                 results[idx] = Result(item.seq, False, code=exc.code, reason=str(exc))
                 continue
-            pending_high[frame.topic] = max(last, frame.seq)
+            pending_high[topic] = max(last, frame.seq)
             by_shard[shard_for(frame.customer, frame.channel, self.shards)].append(idx)
 
         async def one(shard: int, idxs: list[int]) -> None:
@@ -284,11 +286,11 @@ class Ingress:
                 return
             session.shards.add(shard)
             for i in idxs:
-                results[i] = Result(items[i].seq, True, overflowed=acc.overflowed)
+                results[i] = accepted(items[i].seq, acc.overflowed)
                 frame = items[i].frame
                 assert frame is not None
-                prev = session.highest.pop(frame.topic, 0)
-                session.highest[frame.topic] = max(prev, frame.seq)
+                topic = frame.topic
+                session.highest[topic] = max(session.highest.pop(topic, 0), frame.seq)
             if acc.overflowed:
                 self.stats.overflowed += len(idxs)
 

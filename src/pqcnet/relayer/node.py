@@ -400,6 +400,9 @@ class RelayerNode:
                 continue
             self._start_workers()
             self.degraded = False
+            me = asyncio.current_task()
+            if me in self._tasks:  # finished, not failed: not a stopped worker for ready()
+                self._tasks.remove(me)
             log.warning("bus connected: leaving degraded mode",
                         extra={"backend": self.cfg.backend, "overflow": self.overflow.total()})
             return

@@ -28,9 +28,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pqcnet.relayer.bus.base import Delivery, Offset
-from pqcnet.relayer.frame import Frame, Topic
+from pqcnet.relayer.frame import Frame, Topic, slot_setters
 
 #: frames one shard may hold out of order; bounds memory per shard worker
 MAX_REORDER = 4096
@@ -76,6 +77,16 @@ class Gap:
 
 
 Event = Deliver | Duplicate | Gap
+_DELIVER_SET = slot_setters(Deliver, "frame", "delivery")
+
+
+def _deliver(frame: Frame, delivery: Delivery,
+             _set: tuple[Callable[[Any, Any], None], ...] = _DELIVER_SET) -> Deliver:
+    """``Deliver(frame, delivery)``, cheaper (see :func:`pqcnet.relayer.frame.slot_setters`)."""
+    ev: Deliver = object.__new__(Deliver)
+    _set[0](ev, frame)
+    _set[1](ev, delivery)
+    return ev
 
 
 class Sequencer:
@@ -188,7 +199,7 @@ class Sequencer:
         if frame.seq < expected or (buf is not None and frame.seq in buf):
             return [Duplicate(frame, delivery)]
         if frame.seq == expected:
-            out: list[Event] = [Deliver(frame, delivery)]
+            out: list[Event] = [_deliver(frame, delivery)]
             self._advance(topic, expected + 1, out)
             return out
         out = []
@@ -225,7 +236,7 @@ class Sequencer:
         while buf and nxt in buf:
             frame, delivery = buf.pop(nxt)
             self._held.discard(delivery.offset)
-            out.append(Deliver(frame, delivery))
+            out.append(_deliver(frame, delivery))
             nxt += 1
         self._next[topic] = nxt
         self._next.move_to_end(topic)

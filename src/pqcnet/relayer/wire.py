@@ -10,19 +10,20 @@ the only place ``relayer_pb2`` objects exist: everything past them uses
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
 from pqcnet.proto import relayer_pb2 as pb
 from pqcnet.relayer.counters import MAX_COUNTERS_PER_MESSAGE, SignedAckCounter
 from pqcnet.relayer.errors import FieldMissing, FieldTooLarge, FrameRejected, RelayerError
-from pqcnet.relayer.frame import Frame, Topic
+from pqcnet.relayer.frame import Frame, Topic, make_frame, slot_setters
 from pqcnet.relayer.receipts import VolumeReceipt
 
 M = TypeVar("M", bound=Message)
+_new = object.__new__
 
 _LEN = struct.Struct(">I")
 #: largest single message on a relayer stream; bounds per-stream buffering
@@ -159,23 +160,49 @@ def decode_client(body: bytes) -> ClientRequest:
     return msg.publish.request_id, [_incoming(f) for f in msg.publish.frames]
 
 
-def _incoming(f: pb.IngressFrame) -> Incoming:
+_INCOMING_SET = slot_setters(Incoming, "seq", "frame", "error", "retry")
+_RESULT_SET = slot_setters(Result, "seq", "accepted", "overflowed", "code", "reason", "retriable")
+
+
+def _incoming(f: pb.IngressFrame, _set: tuple[Callable[[Any, Any], None], ...] = _INCOMING_SET
+              ) -> Incoming:
     seq = f.seq if f.HasField("seq") else 0
     for field in ("customer_id", "channel_id", "seq", "payload"):
         if not f.HasField(field):
             return Incoming(seq, None, FieldMissing(f"{field} is missing"), f.retry)
     qos = f.qos if f.HasField("qos") else 1
-    return Incoming(seq, Frame(f.customer_id, f.channel_id, f.seq, f.payload, qos), None, f.retry)
+    item: Incoming = _new(Incoming)  # Incoming(seq, frame, None, retry), cheaper
+    _set[0](item, seq)
+    _set[1](item, make_frame(f.customer_id, f.channel_id, f.seq, f.payload, qos))
+    _set[2](item, None)
+    _set[3](item, f.retry)
+    return item
+
+
+def accepted(seq: int, overflowed: bool,
+             _set: tuple[Callable[[Any, Any], None], ...] = _RESULT_SET) -> Result:
+    """``Result(seq, True, overflowed=overflowed)`` for the hot path (see ``slot_setters``)."""
+    res: Result = _new(Result)
+    _set[0](res, seq)
+    _set[1](res, True)
+    _set[2](res, overflowed)
+    _set[3](res, 0)
+    _set[4](res, "")
+    _set[5](res, False)
+    return res
 
 
 def encode_reply(request_id: int, results: Sequence[Result]) -> bytes:
     """A framed PublishReply."""
     msg = pb.RelayerMessage()
     msg.reply.request_id = request_id
+    add = msg.reply.results.add
+    accepted_ = pb.FrameResult.ACCEPTED
     for r in results:
-        msg.reply.results.add(
-            seq=r.seq,
-            status=pb.FrameResult.ACCEPTED if r.accepted else pb.FrameResult.REJECTED,
+        if r.accepted and not r.overflowed:  # the usual case; proto3 omits the zero fields
+            add(seq=r.seq, status=accepted_)
+            continue
+        add(seq=r.seq, status=accepted_ if r.accepted else pb.FrameResult.REJECTED,
             error_code=r.code, reason=r.reason, overflowed=r.overflowed, retriable=r.retriable)
     return pack(msg.SerializeToString())
 

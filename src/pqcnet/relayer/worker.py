@@ -190,6 +190,9 @@ class RelayerShardWorker:
                 meter.release(volume)
         self.stats.evictions += seq.evict()  # marks are durable now: safe to forget cold ones
         done: list[Delivery] = []
+        if not seq.buffered:  # nothing held out of order: the whole in-flight prefix is done
+            done.extend(self._inflight)
+            self._inflight.clear()
         while self._inflight and not seq.is_held(self._inflight[0].offset):
             done.append(self._inflight.popleft())
         if done:

@@ -72,7 +72,7 @@ class Bounds(Schema):
     """Seconds for a client to deliver head + body on a stream (slowloris bound)."""
     max_tunnels: Count = 1024
     """QSTP tunnels served at once; one more is refused when it connects. Each open
-    tunnel costs a socket and memory (measured by ``pqcnet bench memory``)."""
+    tunnel costs a socket and about 74 KiB (``pqcnet bench memory``)."""
 
 
 class RouteSpec(Schema):

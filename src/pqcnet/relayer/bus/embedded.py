@@ -14,24 +14,51 @@ committed offset of every group are deleted in ranges (``retain_acked=False``).
 
 RocksDB allows one process per database, so this backend is single-process; the
 in-process ``asyncio.Event`` per shard wakes consumers without polling.
+
+Consumers read just-published records from a small in-memory *tail* of each shard
+(the last records written, bounded by :data:`TAIL_RECORDS` and :data:`TAIL_BYTES`)
+instead of opening a RocksDB iterator per consume call: records are immutable once
+written and the tail is appended to only after the ``WriteBatch`` succeeded, so it
+always mirrors ``[head - len(tail), head)`` of the log. A reader behind the tail
+(restart, slow group) falls back to the iterator.
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import rocksdict
 
 from pqcnet.relayer.bus.base import Bus, Delivery, Offset
 from pqcnet.relayer.errors import BusError
+from pqcnet.relayer.frame import slot_setters
 
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 #: groups a shard may have; bounds the per-shard cursor table
 MAX_GROUPS = 64
+_DELIVERY_SET = slot_setters(Delivery, "shard", "offset", "data")
+_new = object.__new__
+
+
+def _delivery(shard: int, offset: int, data: bytes,
+              _set: tuple[Callable[[Any, Any], None], ...] = _DELIVERY_SET) -> Delivery:
+    """``Delivery(shard, offset, data)``, cheaper (see ``frame.slot_setters``)."""
+    d: Delivery = _new(Delivery)
+    _set[0](d, shard)
+    _set[1](d, offset)
+    _set[2](d, data)
+    return d
+
+
+#: records kept in memory per shard for consumers that keep up (see module docstring)
+TAIL_RECORDS = 2048
+#: bytes of record data kept in memory per shard; bounds the tail with large payloads
+TAIL_BYTES = 512 * 1024
 
 
 def open_rocks(path: str | Path) -> rocksdict.Rdict:
@@ -61,6 +88,8 @@ class EmbeddedBus(Bus):
         self._read: dict[tuple[int, str], int] = {}  # in-memory read cursor per group
         self._trimmed: dict[int, int] = {}
         self._wake = [asyncio.Event() for _ in range(shards)]
+        self._tail: list[list[bytes]] = [[] for _ in range(shards)]
+        self._tail_bytes = [0] * shards
         self._closed = False
 
     def _load_int(self, key: bytes, default: int) -> int:
@@ -87,8 +116,31 @@ class EmbeddedBus(Bus):
         batch.put(b"H" + _U16.pack(shard), _U64.pack(start + len(records)))
         self._db.write(batch, self._wo)
         self._head[shard] = start + len(records)
+        self._remember(shard, records)
         self._wake[shard].set()
         return list(range(start, start + len(records)))
+
+    def _remember(self, shard: int, records: Sequence[bytes]) -> None:
+        """Append durable records to the shard's tail; past a bound, keep the newer half."""
+        tail = self._tail[shard]
+        tail.extend(records)
+        self._tail_bytes[shard] += sum(map(len, records))
+        if len(tail) > TAIL_RECORDS or self._tail_bytes[shard] > TAIL_BYTES:
+            keep, size = 0, 0  # newest records within half of each bound (amortised cut)
+            for rec in reversed(tail):
+                if keep >= TAIL_RECORDS // 2 or size + len(rec) > TAIL_BYTES // 2:
+                    break
+                keep, size = keep + 1, size + len(rec)
+            del tail[: len(tail) - keep]
+            self._tail_bytes[shard] = size
+
+    def _forget_below(self, shard: int, offset: int) -> None:
+        """Drop tail records below ``offset`` (they were deleted from the log)."""
+        tail = self._tail[shard]
+        cut = min(len(tail), offset - (self._head[shard] - len(tail)))
+        if cut > 0:
+            self._tail_bytes[shard] -= sum(map(len, tail[:cut]))
+            del tail[:cut]
 
     def _committed(self, shard: int, group: str) -> int:
         return self._load_int(b"G" + _U16.pack(shard) + group.encode(), 0)
@@ -111,9 +163,18 @@ class EmbeddedBus(Bus):
                 return []
             self._check_open()
         pos = self._read[key]
-        end = min(self._head[shard], pos + max_records)
+        head = self._head[shard]
+        end = min(head, pos + max_records)
+        tail = self._tail[shard]
+        first = head - len(tail)
+        if pos >= first:  # all of it is in the in-memory tail: no RocksDB read
+            out = [_delivery(shard, off, rec)
+                   for off, rec in zip(range(pos, end), tail[pos - first : end - first])]
+            if out:
+                self._read[key] = end
+            return out
         prefix = b"L" + _U16.pack(shard)
-        out: list[Delivery] = []
+        out = []
         it = self._db.iter()
         it.seek(prefix + _U64.pack(pos))
         while it.valid() and len(out) < end - pos:
@@ -146,6 +207,7 @@ class EmbeddedBus(Bus):
             prefix = b"L" + _U16.pack(shard)
             self._db.delete_range(prefix + _U64.pack(0), prefix + _U64.pack(low))
             self._trimmed[shard] = low
+            self._forget_below(shard, low)
         return low
 
     async def compact(self, shard: int, groups: Sequence[str]) -> None:
