@@ -3,7 +3,8 @@ every service healthy; client → sidecar → sentry → backend; publisher → 
 → subscriber; faults — a relayer crashed mid-stream comes back (restart policy) with
 nothing acknowledged lost or duplicated, counted by the history checker
 (:mod:`pqcnet.chaos`) on the publisher's history and the subscriber's journal, and by an
-independent Kafka consumer reading the topic; the governance pull (post-quantum, the
+independent Kafka consumer reading the topic, and billed once (both relayers' metered
+volume = the distinct frames taken); the governance pull (post-quantum, the
 governance identity only) equals what Prometheus scraped; a rate-limit directive
 published on the Waku control plane is applied by both sentries (429 through each);
 a crashed sentry comes back and the sidecar's requests succeed again on their own;
@@ -72,7 +73,9 @@ def net() -> Iterator[compose_tool.Compose]:
         return
     c = compose_tool.Compose(f"pqcnet-test-{secrets.token_hex(3)}", TAG)
     try:
-        c.up(timeout=600)
+        # build=True: the role images carry this checkout's code (cached layers: ~1 min);
+        # an image left from an older checkout under the same tag would test that code
+        c.up(build=True, timeout=600)
     except BaseException:
         print(c.logs(), file=sys.stderr)
         c.down()
@@ -324,10 +327,22 @@ def test_relayer_crash_mid_stream_loses_and_duplicates_nothing(
     for seq, digests in log.items():
         assert set(digests) == {payload_digest(bytes([seq % 251]) * 32)}, seq
         assert len(digests) <= sent[seq], (seq, len(digests), sent[seq])
+    # billing: what both relayers metered for the topic (their governance services)
+    # against the distinct frames the application took
+    metered = [0, 0]
+    for relayer in ("relayer-1", "relayer-2"):
+        res = _pull(net, relayer, "governance", "--customer", topic[0], "--channel", topic[1])
+        assert res.returncode == 0, res.stderr
+        doc = json.loads(res.stdout)
+        metered[0] += doc["total_frames"]
+        metered[1] += doc["total_bytes"]
+    billed = check([pub_history, journal], {topic: (metered[0], metered[1])}).topics[topic]
+    assert billed.misbilled == 0, (metered, billed)
     in_log_twice = sum(len(d) - 1 for d in log.values())
     print(f"relayer crash: {pub.reconnects} publisher reconnects, "
           f"{sub.wire_duplicates} wire duplicates dropped by the subscriber, "
-          f"{in_log_twice} resent frames in the Kafka log twice; checker: {report}")
+          f"{in_log_twice} resent frames in the Kafka log twice; metered {metered}; "
+          f"checker: {billed}")
     restarts = int(net.docker("inspect", "--format", "{{.RestartCount}}",
                               net.container("relayer-1")).stdout)
     assert restarts >= 1
@@ -337,11 +352,11 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PQCNET, *args], capture_output=True, text=True, timeout=timeout)
 
 
-def _pull(net: compose_tool.Compose, relayer: str,
-          identity: str) -> subprocess.CompletedProcess[str]:
+def _pull(net: compose_tool.Compose, relayer: str, identity: str,
+          *query: str) -> subprocess.CompletedProcess[str]:
     return _cli("governance", "pull", "--target", f"127.0.0.1:{net.port(relayer, 7402)}",
                 "--identity", str(compose_tool.SECRETS / identity),
-                "--expect-peer", f"spiffe://{TD}/ops/relayer/{relayer}")
+                "--expect-peer", f"spiffe://{TD}/ops/relayer/{relayer}", *query)
 
 
 def test_governance_pull_equals_prometheus(net: compose_tool.Compose) -> None:
