@@ -73,9 +73,9 @@ def net() -> Iterator[compose_tool.Compose]:
         return
     c = compose_tool.Compose(f"pqcnet-test-{secrets.token_hex(3)}", TAG)
     try:
-        # build=True: the role images carry this checkout's code (cached layers: ~1 min);
-        # an image left from an older checkout under the same tag would test that code
-        c.up(build=True, timeout=600)
+        # images built from other inputs than this checkout's (an older tree, a branch:
+        # their ``pqcnet.inputs`` label differs) are rebuilt, current ones reused
+        c.up(timeout=600)
     except BaseException:
         print(c.logs(), file=sys.stderr)
         c.down()
