@@ -11,11 +11,53 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from tests.conftest import ROOT
 from tools.images import deploy_env
+
+
+def load_dashboards() -> ModuleType:
+    """dashboards/build.py as a module (loaded by path under its own name: a bare
+    ``import build`` could find the PyPA ``build`` package instead)."""
+    import importlib.util
+    import sys
+
+    name = "pqcnet_dashboards_build"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "dashboards" / "build.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created")
+
+
+def metric_exported(name: str) -> bool:
+    """Whether src/pqcnet registers metric ``name`` (a series name as PromQL sees it; the
+    ``_total``/``_bucket``/... suffixes prometheus_client adds are stripped): as a string
+    literal ``"pqcnet_…"``, or through an f-string template ``f"pqcnet_relayer_{name}_frames"``
+    whose placeholder value (``gaps``) is a string literal of the same module."""
+    import re
+
+    bases = {name} | {name.removesuffix(s) for s in _SUFFIXES if name.endswith(s)}
+    for path in (ROOT / "src" / "pqcnet").rglob("*.py"):
+        text = path.read_text()
+        for base in bases:
+            if f'"{base}"' in text:
+                return True
+            for tmpl in re.findall(r'f"(pqcnet_[a-z0-9_{}]+)"', text):
+                rx = re.sub(r"\\\{[a-z_]+\\\}", "([a-z0-9_]+)", re.escape(tmpl))
+                m = re.fullmatch(rx, base)
+                if m and all(f'"{v}"' in text for v in m.groups()):
+                    return True
+    return False
 
 
 def require_tool(var: str, what: str) -> str:

@@ -13,6 +13,8 @@ import yaml
 from tests.conftest import ROOT
 from tests.docs.markdown import anchors
 
+from .conftest import metric_exported
+
 RULES = ROOT / "helm" / "pqcnet" / "files" / "alerts.yaml"
 CASES = ROOT / "tests" / "deploy" / "data" / "alerts_test.yaml"
 
@@ -49,30 +51,10 @@ def test_every_alert_links_to_a_runbook_section() -> None:
         assert anchor in anchors(path), (rule["alert"], url)
 
 
-_SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created")
-
-
-def _exported(name: str) -> bool:
-    """Whether src/pqcnet registers metric ``name``: as a string literal ``"pqcnet_…"``,
-    or through an f-string template ``f"pqcnet_relayer_{name}_frames"`` whose placeholder
-    value (``gaps``) is a string literal of the same module."""
-    for path in (ROOT / "src" / "pqcnet").rglob("*.py"):
-        text = path.read_text()
-        if f'"{name}"' in text:
-            return True
-        for tmpl in re.findall(r'f"(pqcnet_[a-z0-9_{}]+)"', text):
-            rx = re.sub(r"\\\{[a-z_]+\\\}", "([a-z0-9_]+)", re.escape(tmpl))
-            m = re.fullmatch(rx, name)
-            if m and all(f'"{v}"' in text for v in m.groups()):
-                return True
-    return False
-
-
 def test_every_alert_metric_is_exported_by_the_code() -> None:
     """An alert on a metric no node exports never fires: each ``pqcnet_*`` series an
     expression names must be registered somewhere in src/pqcnet (counters without their
     ``_total`` suffix, as prometheus_client adds it)."""
     for rule in _alerts():
         for name in set(re.findall(r"\bpqcnet_[a-z0-9_]+", str(rule["expr"]))):
-            bases = {name} | {name.removesuffix(s) for s in _SUFFIXES if name.endswith(s)}
-            assert any(_exported(b) for b in bases), (rule["alert"], name)
+            assert metric_exported(name), (rule["alert"], name)

@@ -48,13 +48,13 @@ from pqcnet.relayer.frame import Frame, Topic
 from tests.conftest import ROOT
 from tests.docs.markdown import blocks
 
-from .conftest import require_tool
+from .conftest import load_dashboards, require_tool
 
 sys.path.insert(0, str(ROOT / "tools"))
-sys.path.insert(0, str(ROOT / "dashboards"))
-import build as dashboards
 
 import compose as compose_tool
+
+dashboards = load_dashboards()
 
 pytestmark = pytest.mark.timeout(1800)
 TAG = "compose"
