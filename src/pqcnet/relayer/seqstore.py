@@ -30,8 +30,9 @@ _VOLVAL = struct.Struct(">QQ")  # bytes, frames (cumulative)
 # then (field, bytes, frames) * k. Nothing is written unless the lease is ours.
 _FENCED_SAVE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local n = tonumber(ARGV[2])
-local i = 3
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[5], ARGV[3], ARGV[2]) end
+local n = tonumber(ARGV[4])
+local i = 5
 while n > 0 do
   local m = math.min(n, 200)
   redis.call('HSET', KEYS[2], unpack(ARGV, i, i + 2 * m - 1))
@@ -69,8 +70,15 @@ class SeqStore(Protocol):
         ...
 
     async def save(self, shard: int, marks: Mapping[Topic, int],
-                   volume: VolumeDelta | None = None) -> None:
-        """Durably update marks of ``shard`` and add ``volume``, in one atomic write."""
+                   volume: VolumeDelta | None = None, *, token: bytes = b"") -> None:
+        """Durably update marks of ``shard`` and add ``volume``, in one atomic write;
+        a non-empty ``token`` is recorded in the same write (:meth:`landed`)."""
+        ...
+
+    async def landed(self, shard: int, token: bytes) -> bool:
+        """Whether the last write of ``shard`` carrying a token carried ``token``: after a
+        save that failed without telling whether it was applied (the connection closed
+        under it), the worker asks this before counting the batch's volume."""
         ...
 
     async def load_volume(self) -> VolumeDelta:
@@ -117,12 +125,17 @@ class RocksSeqStore:
         return {t: int(_U64.unpack(v)[0]) for t, v in zip(topics, raw, strict=True)
                 if v is not None}
 
+    async def landed(self, shard: int, token: bytes) -> bool:
+        return bool(token) and self._db.get(b"T" + _U16.pack(shard)) == token
+
     async def save(self, shard: int, marks: Mapping[Topic, int],
-                   volume: VolumeDelta | None = None) -> None:
+                   volume: VolumeDelta | None = None, *, token: bytes = b"") -> None:
         if not marks and not volume:
             return
         prefix = b"S" + _U16.pack(shard)
         batch = rocksdict.WriteBatch(raw_mode=True)
+        if token:
+            batch.put(b"T" + _U16.pack(shard), token)
         for topic, nxt in marks.items():
             batch.put(prefix + topic_key(topic), _U64.pack(nxt))
         updated: dict[bytes, tuple[int, int]] = {}
@@ -219,13 +232,27 @@ class RedisSeqStore:
             raise BusUnavailable(f"redis unavailable loading marks: {exc}") from None
         return {t: int(v) for t, v in zip(topics, raw, strict=True) if v is not None}
 
+    def _token_key(self) -> str:
+        return f"{self._prefix}:landed:{self._node}"
+
+    async def landed(self, shard: int, token: bytes) -> bool:
+        if not token:
+            return False
+        try:
+            got = await self._r.hget(self._token_key(), str(shard))
+        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            raise BusUnavailable(f"redis unavailable checking a write: {exc}") from None
+        return got is not None and _b(got) == token.hex().encode()
+
     async def save(self, shard: int, marks: Mapping[Topic, int],
-                   volume: VolumeDelta | None = None) -> None:
+                   volume: VolumeDelta | None = None, *, token: bytes = b"") -> None:
         if not marks and not volume:
             return
         if self._fence is not None:
-            return await self._save_fenced(shard, self._fence(shard), marks, volume)
+            return await self._save_fenced(shard, self._fence(shard), marks, volume, token)
         pipe = self._r.pipeline(transaction=True)
+        if token:
+            pipe.hset(self._token_key(), str(shard), token.hex())
         if marks:
             mapping = {topic_key(t): n for t, n in marks.items()}
             pipe.hset(self.key(shard), mapping=mapping)  # type: ignore[arg-type]
@@ -239,17 +266,18 @@ class RedisSeqStore:
             raise BusUnavailable(f"redis unavailable saving marks: {exc}") from None
 
     async def _save_fenced(self, shard: int, lease: tuple[str, str] | None,
-                           marks: Mapping[Topic, int], volume: VolumeDelta | None) -> None:
+                           marks: Mapping[Topic, int], volume: VolumeDelta | None,
+                           token: bytes = b"") -> None:
         if lease is None:
             raise BusUnavailable(f"shard {shard} is not leased here: marks not saved")
         assert self._fenced_save is not None
-        args: list[bytes | str | int] = [lease[1], len(marks)]
+        args: list[bytes | str | int] = [lease[1], token.hex(), str(shard), len(marks)]
         for t, n in marks.items():
             args += [topic_key(t), n]
         for (epoch, customer, channel, qos), (nbytes, nframes) in (volume or {}).items():
             args += [_volkey(epoch, customer, channel, qos), nbytes, nframes]
         keys = [lease[0], self.key(shard), f"{self._prefix}:volb:{self._node}",
-                f"{self._prefix}:volf:{self._node}"]
+                f"{self._prefix}:volf:{self._node}", self._token_key()]
         try:
             ok = await self._fenced_save(keys=keys, args=args)
         except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:

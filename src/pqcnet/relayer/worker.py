@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -29,10 +30,10 @@ from typing import Protocol
 
 from pqcnet.errors import PqcnetError
 from pqcnet.relayer.bus.base import Bus, Delivery
-from pqcnet.relayer.errors import FrameRejected
+from pqcnet.relayer.errors import BusUnavailable, FrameRejected
 from pqcnet.relayer.frame import Frame, Topic, decode
 from pqcnet.relayer.gapfence import GapFence
-from pqcnet.relayer.metering import VolumeMeter
+from pqcnet.relayer.metering import VolumeDelta, VolumeMeter
 from pqcnet.relayer.seqstore import SeqStore
 from pqcnet.relayer.sequencer import (
     GAP_TIMEOUT,
@@ -87,6 +88,8 @@ class WorkerStats:
     #: marks dropped from the LRU / read back from the store on a miss
     evictions: int = 0
     mark_loads: int = 0
+    #: ambiguous saves (connection closed under them) found applied afterwards
+    unsure_landed: int = 0
 
 
 class RelayerShardWorker:
@@ -119,6 +122,8 @@ class RelayerShardWorker:
         self._seq: Sequencer | None = None
         self._inflight: deque[Delivery] = deque()
         self._stopping = False
+        #: (token, volume) of a save that failed ambiguously, until the store tells
+        self._unsure: tuple[bytes, VolumeDelta] | None = None
 
     def cached_mark(self, topic: Topic) -> int | None:
         """The in-memory next seq of ``topic`` (None if not cached): newer than the store."""
@@ -132,8 +137,23 @@ class RelayerShardWorker:
         self._inflight.clear()
         await self.bus.rewind(self.shard, self.config.group)
 
+    async def _settle_unsure(self) -> None:
+        """Count the volume of a save that failed without saying whether it was applied
+        iff the store holds its token; either way the batch is released (its epoch may be
+        proven). Raises :class:`BusUnavailable` (and stays unsure) while the store is down."""
+        assert self._unsure is not None and self.meter is not None
+        token, volume = self._unsure
+        landed = await self.store.landed(self.shard, token)
+        self._unsure = None
+        if landed:
+            self.meter.apply(volume)
+            self.stats.unsure_landed += 1
+        self.meter.release(volume)
+
     async def step(self) -> int:
         """One consume/deliver/persist/ack round; returns frames delivered."""
+        if self._unsure is not None:
+            await self._settle_unsure()
         if self._seq is None:
             await self._reset()
         seq = self._seq
@@ -180,11 +200,18 @@ class RelayerShardWorker:
         volume = meter.aggregate(out) if meter is not None and out else None
         if volume and meter is not None:
             meter.hold(volume)
+        token = os.urandom(8) if volume else b""
         try:
             # marks and the metered volume in one write: a crash keeps both or neither
-            await self.store.save(self.shard, seq.take_dirty(), volume)
+            await self.store.save(self.shard, seq.take_dirty(), volume, token=token)
             if volume and meter is not None:
                 meter.apply(volume)
+        except BusUnavailable:
+            if volume and meter is not None:
+                # the write may have landed before the connection closed: still held,
+                # counted (or dropped) once the store says (_settle_unsure)
+                self._unsure, volume = (token, volume), None
+            raise
         finally:
             if volume and meter is not None:
                 meter.release(volume)
