@@ -123,3 +123,28 @@ async def _evicted_topics_exactly_once(factory: BusFactory, backend: str,
     assert second.stats.duplicates >= len(TOPICS) * 6  # the retried 5..10 of every topic
     assert second.stats.evictions > 0
     assert_exactly_once_in_order(sink.by_topic, dict.fromkeys(TOPICS, 16))
+
+
+async def test_volume_totals_exact_past_the_bounded_cache(tmp_path: Path) -> None:
+    """The RocksDB store keeps at most ``vol_cache`` volume totals in memory; totals it
+    dropped are read back when next updated, so the persisted sums stay exact."""
+    store = RocksSeqStore(tmp_path / "marks", vol_cache=LRU)
+    rng = random.Random(7)
+    want: dict[tuple[int, str, str, int], list[int]] = {}
+    for _ in range(30):  # 30 saves over 40 topics: most updates miss the cache
+        delta = {}
+        for c, ch in rng.sample(TOPICS, 8):
+            key = (5, c, ch, 1)
+            delta[key] = [rng.randint(1, 100), 1]
+            w = want.setdefault(key, [0, 0])
+            w[0] += delta[key][0]
+            w[1] += 1
+        await store.save(0, {}, delta)
+        assert len(store._vol) <= LRU
+    assert await store.load_volume() == want
+    store.close()
+    reopened = RocksSeqStore(tmp_path / "marks")
+    try:
+        assert await reopened.load_volume() == want
+    finally:
+        reopened.close()

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 import uuid
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,33 @@ def test_label_cardinality_is_bounded_and_pruned_series_go() -> None:
     assert _series(meter) == {("c0", "ch")}
     meter.apply({(2, "c9", "ch", 1): [5, 1]})  # freed slots are reusable
     assert ("c9", "ch") in _series(meter)
+
+
+def test_folded_pairs_cost_nothing_beyond_their_epoch_volume() -> None:
+    """Pairs past the label bound are not remembered one by one: 20,000 distinct
+    (customer, channel) pairs cost the meter only their per-epoch volume entries, and
+    the series stay bounded; a folded pair stays folded while its traffic is in memory."""
+    meter = VolumeMeter(60.0, max_label_series=3)
+    keys = [(1, f"c{i % 4}", f"m{i}", 1) for i in range(20_000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(0, len(keys), 100):
+            meter.apply({k: [64, 1] for k in keys[i:i + 100]})
+        per_pair = (tracemalloc.get_traced_memory()[0] - before) / len(keys)
+    finally:
+        tracemalloc.stop()
+    # one epoch entry (key tuple, [bytes, frames], dict slot) is ~170 B; remembering
+    # each folded pair with its qos set cost ~300 B more
+    assert per_pair < 260, per_pair
+    assert len(_series(meter)) == 4
+    assert sum(r.frames for r in meter.records(1)) == 20_000  # totals exact
+    meter.apply({(2, "c1", "m5", 1): [1, 1]})  # folded, with traffic in epochs 1 and 2
+    meter.forget_before(2)  # epoch 1 pruned: the named pairs' slots are free again
+    assert _series(meter) == {(OTHER_LABEL, OTHER_LABEL)}
+    meter.apply({(2, "c1", "m5", 1): [1, 1]})  # still live: stays under other
+    meter.apply({(2, "c2", "new", 1): [1, 1]})  # a pair not in memory takes a slot
+    assert _series(meter) == {(OTHER_LABEL, OTHER_LABEL), ("c2", "new")}
 
 
 async def test_a_damaged_intent_is_a_typed_error_and_later_epochs_are_still_proven(

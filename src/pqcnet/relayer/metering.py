@@ -86,10 +86,16 @@ class VolumeMeter:
         self.max_epochs = max_epochs
         self.max_label_series = max_label_series
         #: (customer, channel) with its own series -> the qos values it has series for
+        #: (at most ``max_label_series`` pairs). The pairs counted under ``other`` are
+        #: not kept: a pair is folded exactly while it has traffic in memory and no
+        #: series of its own, which the epochs already say (so nothing here grows with
+        #: the number of distinct pairs).
         self._named: dict[tuple[str, str], set[int]] = {}
-        #: pairs counted under ``other`` -> qos values; ``other`` goes when none is left
-        self._folded: dict[tuple[str, str], set[int]] = {}
+        #: qos values with an ``other`` series; one goes when no folded traffic with
+        #: that qos is left in memory
         self._other_qos: set[int] = set()
+        #: every qos value applied (at most 256), to look a pair up in the epochs
+        self._qos_seen: set[int] = set()
         self._clock = clock
         self._epochs: dict[int, dict[Key, list[int]]] = {}
         #: epoch -> batches aggregated for it and not yet applied or dropped (at most one
@@ -143,41 +149,46 @@ class VolumeMeter:
     def apply(self, delta: VolumeDelta) -> None:
         """Add a delta (from :meth:`aggregate`, or loaded from the store at start)."""
         for (epoch, customer, channel, qos), (nbytes, nframes) in delta.items():
+            # labels first: whether the pair was folded depends on the traffic before
+            labels = (*self._label_pair(customer, channel, qos), str(qos))
             ep = self._epochs.setdefault(epoch, {})
             total = ep.get((customer, channel, qos))
             if total is None:
                 total = ep[(customer, channel, qos)] = [0, 0]
             total[0] += nbytes
             total[1] += nframes
-            labels = (*self._label_pair(customer, channel, qos), str(qos))
             self._bytes.labels(*labels).inc(nbytes)
             self._frames.labels(*labels).inc(nframes)
         self.version += 1
 
     def _label_pair(self, customer: str, channel: str, qos: int) -> tuple[str, str]:
         pair = (customer, channel)
+        self._qos_seen.add(qos)
         named = self._named.get(pair)
-        if named is None and pair not in self._folded and pair != (OTHER_LABEL, OTHER_LABEL) \
-                and len(self._named) < self.max_label_series:
+        if named is None and pair != (OTHER_LABEL, OTHER_LABEL) \
+                and len(self._named) < self.max_label_series and not self._live(pair):
+            # a free slot, and the pair is not folded already (a live pair without a
+            # series is counted under ``other`` until its traffic leaves memory)
             named = self._named[pair] = set()
         if named is not None:
             named.add(qos)
             return pair
-        self._folded.setdefault(pair, set()).add(qos)
         self._other_qos.add(qos)
         return OTHER_LABEL, OTHER_LABEL
 
+    def _live(self, pair: tuple[str, str]) -> bool:
+        """``pair`` has traffic in an in-memory epoch."""
+        c, ch = pair
+        return any((c, ch, q) in ep for ep in self._epochs.values() for q in self._qos_seen)
+
     def _drop_series(self) -> None:
         """Remove the series of pairs with no traffic left in any in-memory epoch."""
-        live = {(c, ch) for ep in self._epochs.values() for (c, ch, _q) in ep}
-        for table in (self._named, self._folded):
-            for pair in [p for p in table if p not in live]:
-                qos = table.pop(pair)
-                if table is self._named:
-                    for q in qos:
-                        self._bytes.remove(*pair, str(q))
-                        self._frames.remove(*pair, str(q))
-        other_qos = {q for qs in self._folded.values() for q in qs}
+        for pair in [p for p in self._named if not self._live(p)]:
+            for q in self._named.pop(pair):
+                self._bytes.remove(*pair, str(q))
+                self._frames.remove(*pair, str(q))
+        other_qos = {q for ep in self._epochs.values() for (c, ch, q) in ep
+                     if (c, ch) not in self._named}
         for q in self._other_qos - other_qos:
             self._bytes.remove(OTHER_LABEL, OTHER_LABEL, str(q))
             self._frames.remove(OTHER_LABEL, OTHER_LABEL, str(q))

@@ -10,6 +10,7 @@ RocksDB (embedded and Kafka backends; node-local) and a Redis hash per shard
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +27,10 @@ _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _VOLKEY = struct.Struct(">QB")  # epoch, qos (then the topic key)
 _VOLVAL = struct.Struct(">QQ")  # bytes, frames (cumulative)
+#: volume totals a RocksDB store keeps in memory (LRU, ≈ 170 B each); the rest are read
+#: back from the database when next updated. Without a bound every (epoch, customer,
+#: channel, qos) ever metered stayed in memory until its epoch was pruned.
+VOL_CACHE = 65_536
 # KEYS lease, marks hash, volb, volf; ARGV value, n marks, (topic, next) * n,
 # then (field, bytes, frames) * k. Nothing is written unless the lease is ours.
 _FENCED_SAVE = """
@@ -94,7 +99,7 @@ class RocksSeqStore:
     """Marks in RocksDB under ``b"S" shard:u16 topic_key``."""
 
     def __init__(self, path: str | Path | None = None, *, db: rocksdict.Rdict | None = None,
-                 sync: bool = False) -> None:
+                 sync: bool = False, vol_cache: int = VOL_CACHE) -> None:
         if db is None:
             if path is None:
                 raise ValueError("RocksSeqStore needs a path or an open db")
@@ -105,7 +110,10 @@ class RocksSeqStore:
         self._db = db
         self._wo = rocksdict.WriteOptions()
         self._wo.sync = sync
-        self._vol: dict[bytes, tuple[int, int]] = {}
+        #: cache of the persisted totals this process wrote (one writer per shard, so
+        #: a cached value is the database's); bounded by ``vol_cache``
+        self._vol: OrderedDict[bytes, tuple[int, int]] = OrderedDict()
+        self._vol_cache = vol_cache
 
     async def load(self, shard: int) -> dict[Topic, int]:
         prefix = b"S" + _U16.pack(shard)
@@ -149,7 +157,11 @@ class RocksSeqStore:
             updated[key] = (cur[0] + nbytes, cur[1] + nframes)
             batch.put(key, _VOLVAL.pack(*updated[key]))
         self._db.write(batch, self._wo)
-        self._vol.update(updated)
+        for key, total in updated.items():
+            self._vol[key] = total
+            self._vol.move_to_end(key)
+        while len(self._vol) > self._vol_cache:
+            self._vol.popitem(last=False)
 
     async def load_volume(self) -> VolumeDelta:
         out: VolumeDelta = {}

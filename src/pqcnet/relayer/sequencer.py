@@ -41,7 +41,10 @@ GAP_TIMEOUT = 5.0
 #: many (customer, channel) topics spends on marks; the cost of a too-small value is one
 #: marks-store read per batch for each cold topic (never a wrong dedup decision). The
 #: cache may exceed it within one step by the batch's new topics plus buffered ones.
-MAX_TOPICS = 65536
+#: 8,192 per worker is 262,144 per relayer on the default 32 shards: room for 100k active
+#: topics (≈ 3.1k a shard) while a relayer that has seen 1M topics does not keep them
+#: all (65,536 per worker meant 2M, ≈ 150 B each).
+MAX_TOPICS = 8192
 #: seconds before a gap skip that was held (see :meth:`Sequencer.poll`) is reconsidered
 HOLD_RECHECK = 0.1
 
