@@ -9,8 +9,11 @@ process cleanly), start the service, announce it, wait for SIGINT/SIGTERM, stop 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import multiprocessing.process
 import signal
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
@@ -96,3 +99,19 @@ def run_until_signalled(start: Callable[[], Awaitable[S]], stop: Callable[[S], A
 
 
 __all__ = ["STOP_SIGNALS", "hostport", "load_identity", "passphrase", "run_until_signalled"]
+
+
+def stop_workers(procs: Iterable[multiprocessing.process.BaseProcess], timeout: float) -> None:
+    """SIGTERM every live worker process, give them ``timeout`` seconds together to
+    finish, then SIGKILL the rest (the supervisors of ``sentry/relayer run --workers``)."""
+    procs = list(procs)
+    for p in procs:
+        if p.is_alive() and p.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+    end = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, end - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(5)

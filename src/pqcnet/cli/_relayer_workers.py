@@ -41,6 +41,7 @@ from typing import Any
 
 import click
 
+from pqcnet.cli._common import stop_workers
 from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.errors import ConfigError, SingleProcessBackend
 
@@ -215,16 +216,7 @@ def run_workers(config_path: Path, workers: int, rotation: dict[str, Any]) -> No
                                err=True)
                     procs[i] = spawn(i)
     finally:
-        for p in procs.values():
-            if p.is_alive() and p.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    p.terminate()
-        end = time.monotonic() + WORKER_STOP_TIMEOUT
-        for p in procs.values():
-            p.join(max(0.0, end - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+        stop_workers(procs.values(), WORKER_STOP_TIMEOUT)
         for sig, handler in old.items():
             signal.signal(sig, handler)
         holder.close()

@@ -16,7 +16,6 @@ SIGINT stop them all.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import multiprocessing
 import signal
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+from pqcnet.cli._common import stop_workers
 
 #: Seconds a worker may take to start listening.
 WORKER_START_TIMEOUT = 60.0
@@ -118,16 +119,7 @@ def run_workers(config_path: Path, workers: int, node_pass: bytes | None,
                     state.reset_worker(i)
                     procs[i] = spawn(i)
     finally:
-        for p in procs.values():
-            if p.is_alive() and p.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    p.terminate()
-        end = time.monotonic() + WORKER_STOP_TIMEOUT
-        for p in procs.values():
-            p.join(max(0.0, end - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+        stop_workers(procs.values(), WORKER_STOP_TIMEOUT)
         for sig, handler in old.items():
             signal.signal(sig, handler)
         holder.close()
