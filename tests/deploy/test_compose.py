@@ -492,10 +492,18 @@ def test_rate_limit_directive_applied_by_both_sentries(net: compose_tool.Compose
 
         try:
             _govern(net, 0.2, 2, both_limited, "429 via both sentries")
-            applied = _prom(port, 'sum by (instance) '
-                                  '(pqcnet_mesh_directives_applied_total{action="rate_limit"})')
-            assert {r["metric"]["instance"] for r in applied} >= {  # type: ignore[index]
-                "sentry-1:9100", "sentry-2:9100"}, applied
+            # Prometheus scrapes every 5 s: the 429s can be seen before the counter is.
+            applied: list[dict[str, object]] = []
+
+            def counted_on_both() -> bool:
+                applied[:] = _prom(port, 'sum by (instance) (pqcnet_mesh_directives_applied_'
+                                         'total{action="rate_limit"})')
+                return {r["metric"]["instance"] for r in applied} >= {  # type: ignore[index]
+                    "sentry-1:9100", "sentry-2:9100"}
+
+            with contextlib.suppress(AssertionError):
+                _eventually(counted_on_both, 30, "directive counted on both sentries")
+            assert counted_on_both(), applied
         finally:
             _govern(net, 10000, 10000, both_lifted, "limit lifted on both sentries")
     print(f"rate-limit directive: {limited}")
