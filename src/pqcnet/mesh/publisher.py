@@ -3,6 +3,13 @@
 The agent and its parts (gossip, DAG sync) all send through one :class:`Publisher`,
 so the envelope signer (and its counter), the transport and the topic naming are
 shared by construction instead of being reached for on the agent.
+
+With a :class:`~pqcnet.mesh.offload.CryptoPool` the signing and sealing of
+:meth:`Publisher.publish`, :meth:`~Publisher.send_sealed` and :meth:`~Publisher.forward`
+run on its threads, off the event loop; the counter is still taken on the loop at the
+call (:meth:`~pqcnet.mesh.envelope.EnvelopeSigner.reserve`), so counters follow the
+order of the calls. Without one (the default; the simulations need a deterministic
+loop) everything runs inline.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from collections.abc import Callable
 
 from pqcnet.crypto.pqc import RecipientPublicKey
 from pqcnet.mesh.envelope import EnvelopeSigner, MessageType, now_ms, wrap
+from pqcnet.mesh.offload import CryptoPool
 from pqcnet.mesh.transport import Transport, inbox_topic, topic_map
 
 
@@ -18,11 +26,13 @@ class Publisher:
     """Signs with ``signer``, stamps with ``clock``, publishes on ``transport``."""
 
     def __init__(self, transport: Transport, signer: EnvelopeSigner, *, namespace: str = "",
-                 clock: Callable[[], int] = now_ms) -> None:
+                 clock: Callable[[], int] = now_ms, crypto: CryptoPool | None = None) -> None:
         self.transport = transport
         self.signer = signer
         self.namespace = namespace
         self.clock = clock
+        #: where signing and sealing run (None: inline, on the loop)
+        self.crypto = crypto
         #: the standard content topics of this mesh (namespace applied)
         self.topics = topic_map(namespace)
 
@@ -38,17 +48,27 @@ class Publisher:
         """A signed envelope, not yet on the wire (gossip wraps it once per peer)."""
         return self.signer.sign(type_, body, now_ms=self.clock())
 
+    async def _wire(self, type_: MessageType, body: bytes,
+                    to: RecipientPublicKey | None) -> bytes:
+        unsigned = self.signer.reserve(type_, body, now_ms=self.clock(), to=to)
+        if self.crypto is None:
+            return unsigned.wire(to)
+        return await self.crypto.run(lambda: unsigned.wire(to))
+
     async def publish(self, topic: str, type_: MessageType, body: bytes) -> None:
         """Sign ``body`` and publish it, in the clear, on ``topic``."""
-        await self.transport.publish(topic, self.signer.wire(type_, body, now_ms=self.clock()))
+        await self.transport.publish(topic, await self._wire(type_, body, None))
 
     async def send_sealed(self, dest: str, seal_key: RecipientPublicKey, type_: MessageType,
                           body: bytes) -> None:
         """Sign ``body`` for ``dest`` and publish it sealed to its inbox."""
-        wire = self.signer.wire(type_, body, now_ms=self.clock(), to=seal_key)
-        await self.transport.publish(self.inbox(dest), wire)
+        await self.transport.publish(self.inbox(dest), await self._wire(type_, body, seal_key))
 
     async def forward(self, dest: str, seal_key: RecipientPublicKey, signed: bytes, *,
                       hops: int) -> None:
         """Publish an already signed envelope sealed to ``dest``'s inbox."""
-        await self.transport.publish(self.inbox(dest), wrap(signed, to=seal_key, hops=hops))
+        if self.crypto is None:
+            wire = wrap(signed, to=seal_key, hops=hops)
+        else:
+            wire = await self.crypto.run(lambda: wrap(signed, to=seal_key, hops=hops))
+        await self.transport.publish(self.inbox(dest), wire)
