@@ -41,8 +41,8 @@ _IDX = struct.Struct(">I")
 
 
 async def _burst(pub_t: Transport, sub_t: Transport, *, sealed: bool,
-                 settle_s: float) -> tuple[list[ControlMessage], EnvelopeVerifier, CryptoPool,
-                                           int]:
+                 settle_s: float, inline_when_alone: bool = True,
+                 ) -> tuple[list[ControlMessage], EnvelopeVerifier, Publisher, int]:
     """``N`` concurrent publishes through a pooled Publisher; what the receiver got."""
     sender = NodeKeys("offload-sender", node_key("offload-sender"))
     receiver = NodeKeys("offload-receiver", node_key("offload-receiver"))
@@ -51,7 +51,7 @@ async def _burst(pub_t: Transport, sub_t: Transport, *, sealed: bool,
     verifier = EnvelopeVerifier(ring, [receiver.recipient_key])
     pool = CryptoPool(threads=2, max_pending=4)
     publisher = Publisher(pub_t, EnvelopeSigner(sender), namespace="o" + uuid.uuid4().hex[:8],
-                          crypto=pool)
+                          crypto=pool, inline_when_alone=inline_when_alone)
     topic = publisher.inbox(receiver.node_id) if sealed else publisher.topics["routes"]
     sub = await sub_t.subscribe([topic])
     await asyncio.sleep(settle_s)  # let the relay mesh graft the topic's shard
@@ -89,11 +89,13 @@ async def _burst(pub_t: Transport, sub_t: Transport, *, sealed: bool,
         await sampler
         sub.close()
         pool.close()
-    return got, verifier, pool, peak
+    return got, verifier, publisher, peak
 
 
-def _check(got: list[ControlMessage], verifier: EnvelopeVerifier, pool: CryptoPool,
+def _check(got: list[ControlMessage], verifier: EnvelopeVerifier, publisher: Publisher,
            peak: int, *, sealed: bool) -> None:
+    pool = publisher.crypto
+    assert pool is not None
     assert not verifier.drops, f"receiver dropped {dict(verifier.drops)}"
     assert len(got) == N
     by_index = {_IDX.unpack(m.body)[0]: m for m in got}
@@ -102,7 +104,10 @@ def _check(got: list[ControlMessage], verifier: EnvelopeVerifier, pool: CryptoPo
     assert all(a < b for a, b in itertools.pairwise(counters)), \
         "counters are not strictly increasing in publish order"
     assert all(m.sealed is sealed for m in got)
-    assert pool.completed == N  # every envelope was signed on the pool's threads
+    # over Waku the first publish was alone and signed inline, the rest overlapped on the
+    # threads; in process (inline_when_alone off) every one went through the threads
+    inline = 1 if publisher.inline_when_alone else 0
+    assert publisher.inline_alone == inline and pool.completed == N - inline
     assert 1 <= peak <= pool.max_pending
 
 
@@ -114,18 +119,20 @@ async def test_concurrent_publishes_over_go_waku_keep_counter_order(
     pub_t = WakuTransport.connect(waku_rest_urls[0], timeout_s=5.0, poll_interval_s=0.02)
     sub_t = WakuTransport.connect(waku_rest_urls[-1], timeout_s=5.0, poll_interval_s=0.02)
     try:
-        got, verifier, pool, peak = await _burst(pub_t, sub_t, sealed=sealed, settle_s=1.0)
+        got, verifier, publisher, peak = await _burst(pub_t, sub_t, sealed=sealed,
+                                                      settle_s=1.0)
     finally:
         await pub_t.close()
         await sub_t.close()
-    _check(got, verifier, pool, peak, sealed=sealed)
+    _check(got, verifier, publisher, peak, sealed=sealed)
 
 
 async def test_concurrent_publishes_in_process_keep_counter_order() -> None:
     hub = InProcessHub()
-    got, verifier, pool, peak = await _burst(InProcessTransport(hub), InProcessTransport(hub),
-                                             sealed=True, settle_s=0.0)
-    _check(got, verifier, pool, peak, sealed=True)
+    got, verifier, publisher, peak = await _burst(
+        InProcessTransport(hub), InProcessTransport(hub), sealed=True, settle_s=0.0,
+        inline_when_alone=False)
+    _check(got, verifier, publisher, peak, sealed=True)
 
 
 async def test_work_runs_on_the_pool_threads_and_the_key_is_the_reserved_one() -> None:
@@ -168,7 +175,8 @@ async def test_counters_are_taken_at_the_call_not_in_the_threads() -> None:
     verifier = EnvelopeVerifier(ring, [receiver.recipient_key])
     signer = EnvelopeSigner(sender)
     pool = CryptoPool(threads=2, max_pending=8)
-    publisher = Publisher(InProcessTransport(hub), signer, crypto=pool)
+    publisher = Publisher(InProcessTransport(hub), signer, crypto=pool,
+                          inline_when_alone=False)
     sub = await InProcessTransport(hub).subscribe([publisher.inbox(receiver.node_id)])
     gate = threading.Event()
     gates = [asyncio.create_task(pool.run(gate.wait)) for _ in range(2)]
@@ -189,6 +197,25 @@ async def test_counters_are_taken_at_the_call_not_in_the_threads() -> None:
         assert [order[i] for i in range(20)] == list(range(start + 1, start + 21))
     finally:
         gate.set()
+        sub.close()
+        pool.close()
+
+
+async def test_a_lone_publish_signs_inline() -> None:
+    """One publish at a time gains nothing from a thread hop: it is signed on the loop."""
+    hub = InProcessHub()
+    keys = NodeKeys("alone", node_key("alone"))
+    pool = CryptoPool(threads=2)
+    publisher = Publisher(InProcessTransport(hub), EnvelopeSigner(keys), crypto=pool)
+    sub = await InProcessTransport(hub).subscribe([publisher.topics["routes"]])
+    try:
+        for i in range(3):
+            await publisher.publish(publisher.topics["routes"], MessageType.ROUTE_ADVERTISEMENT,
+                                    _IDX.pack(i))
+        assert publisher.inline_alone == 3 and pool.completed == 0
+        assert publisher.in_progress == 0
+        assert sub.pending == 3
+    finally:
         sub.close()
         pool.close()
 
