@@ -131,6 +131,8 @@ async def _one_run(mode: str, pub: Transport, sub_t: Transport, count: int, size
     delivered = len(latencies)
     return {
         "delivered": delivered, "lost": count - delivered, "dropped": dropped,
+        # lost here (our subscription queue overflowed) rather than in go-waku
+        "overflowed_locally": sub.overflowed,
         "msgs_per_s": round(delivered / elapsed, 1),
         "p50_ms": round(_pct(latencies, 0.50) * 1000, 2),
         "p99_ms": round(_pct(latencies, 0.99) * 1000, 2),
