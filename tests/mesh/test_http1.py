@@ -17,6 +17,7 @@ import pytest
 
 from pqcnet.mesh.errors import ConfigError, WakuUnavailable
 from pqcnet.mesh.http1 import HttpClient
+from pqcnet.mesh.waku_rest import WakuClientConfig, WakuRestClient
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -191,6 +192,12 @@ async def test_nobody_listening_and_bad_config() -> None:
         await client.aclose()
     with pytest.raises(WakuUnavailable, match="closed"):
         await client.request("GET", "/health")
+    rest = WakuRestClient(WakuClientConfig(f"http://127.0.0.1:{port}", retries=5,
+                                           backoff_s=1.0))
+    await rest.aclose()
+    async with asyncio.timeout(0.5):  # no retries with backoff once closed by us
+        with pytest.raises(WakuUnavailable, match="closed"):
+            await rest.health()
     with pytest.raises(ConfigError):
         HttpClient("ftp://example.invalid", timeout_s=1.0)
     with pytest.raises(ConfigError):

@@ -248,6 +248,10 @@ class HttpClient:
         return conn
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def idle(self) -> int:
         """Sockets kept open for reuse."""
         return sum(1 for c in self._idle if not c.closed)

@@ -108,6 +108,8 @@ class WakuRestClient:
             try:
                 resp = await self._http.request(method, path, body)
             except WakuUnavailable as exc:
+                if self._http.closed:
+                    raise  # closed by us: retrying cannot help
                 last = str(exc)
             else:
                 if resp.status in ok:
