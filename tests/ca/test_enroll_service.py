@@ -236,6 +236,24 @@ async def test_attestation_policy(tmp_path: Path) -> None:
         ident, _ = await client.enroll(svc.url, svc.token(), R1, key,
                                        attestation=client.attestation_for(key, R1))
         assert ident.spiffe_id == R1
+        # rotation is held to the same policy: without an attestation it is refused ...
+        with pytest.raises(CaServiceError) as err:
+            await client.rotate(svc.url, ident)
+        assert (err.value.status, err.value.code) == (403, "attestation_required")
+        # ... with one signed by another key than the new certificate's too ...
+        other = SigningKey.generate()
+        with pytest.raises(CaServiceError) as err:
+            await client.rotate(svc.url, ident, SigningKey.generate(),
+                                attestation=client.attestation_for(other, R1))
+        assert err.value.status == 403
+        # ... and the renewer `node run --renew-ca-url` uses attests: the node renews
+        from pqcnet.runtime.rotation import CaServiceRenewer
+
+        renewed = await CaServiceRenewer(svc.url).renew(ident)
+        assert renewed.spiffe_id == R1 and renewed.serial != ident.serial
+        assert renewed.key.public_key.key_id != ident.key.public_key.key_id
+        kept = await CaServiceRenewer(svc.url).renew(renewed, rotate_key=False)
+        assert kept.key.public_key.key_id == renewed.key.public_key.key_id
     finally:
         await svc.service.close()
         svc.ledger.close()
