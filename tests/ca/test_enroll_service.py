@@ -11,14 +11,18 @@ import asyncio
 import base64
 import datetime as dt
 import json
+import socket
+import struct
 from pathlib import Path
 
 import pytest
 from OpenSSL import SSL
+from prometheus_client import REGISTRY
 
 from pqcnet.crypto.pqc import SigningKey
-from pqcnet.identity import SpiffeId, build_csr, load_crl
+from pqcnet.identity import MeshCA, SpiffeId, build_csr, load_crl
 from pqcnet.identity.certs import utcnow
+from pqcnet.identity.tokens import TokenBundle
 from pqcnet.qsdag.attestation import MeasurementPolicy
 from pqcnet.runtime import enroll as client
 from pqcnet.runtime.ca_service import TOKEN_REPLAYS, CaServiceConfig
@@ -232,6 +236,24 @@ async def test_attestation_policy(tmp_path: Path) -> None:
         ident, _ = await client.enroll(svc.url, svc.token(), R1, key,
                                        attestation=client.attestation_for(key, R1))
         assert ident.spiffe_id == R1
+        # rotation is held to the same policy: without an attestation it is refused ...
+        with pytest.raises(CaServiceError) as err:
+            await client.rotate(svc.url, ident)
+        assert (err.value.status, err.value.code) == (403, "attestation_required")
+        # ... with one signed by another key than the new certificate's too ...
+        other = SigningKey.generate()
+        with pytest.raises(CaServiceError) as err:
+            await client.rotate(svc.url, ident, SigningKey.generate(),
+                                attestation=client.attestation_for(other, R1))
+        assert err.value.status == 403
+        # ... and the renewer `node run --renew-ca-url` uses attests: the node renews
+        from pqcnet.runtime.rotation import CaServiceRenewer
+
+        renewed = await CaServiceRenewer(svc.url).renew(ident)
+        assert renewed.spiffe_id == R1 and renewed.serial != ident.serial
+        assert renewed.key.public_key.key_id != ident.key.public_key.key_id
+        kept = await CaServiceRenewer(svc.url).renew(renewed, rotate_key=False)
+        assert kept.key.public_key.key_id == renewed.key.public_key.key_id
     finally:
         await svc.service.close()
         svc.ledger.close()
@@ -255,10 +277,41 @@ async def test_max_nodes_per_tenant(tmp_path: Path) -> None:
         # another tenant is not affected; re-enrolling an existing ID is not a new node
         await _enroll(svc, SpiffeId.parse(f"spiffe://{TD}/other/relayer/c"),
                       bundle=svc.token(f"spiffe://{TD}/other/relayer/*"))
-        await _enroll(svc, SpiffeId.parse(f"spiffe://{TD}/acme/relayer/a"))
+        first, _ = await _enroll(svc, SpiffeId.parse(f"spiffe://{TD}/acme/relayer/a"))
+        live = {r.spiffe_id for r in svc.ca.issued.values()}  # nothing expired or revoked yet
+        assert {f"spiffe://{TD}/acme/relayer/a", f"spiffe://{TD}/acme/relayer/b",
+                f"spiffe://{TD}/other/relayer/c"} < live  # and the service's own
+        assert REGISTRY.get_sample_value("pqcnet_ca_enrolled_nodes") == len(live)
+        # a revoked node no longer holds a slot: c gets in
+        svc.ca.revoke_spiffe_id(first.spiffe_id)  # both of its certificates
+        await _enroll(svc, SpiffeId.parse(f"spiffe://{TD}/acme/relayer/c"))
+        # a left, acme/c came: as many as before
+        assert REGISTRY.get_sample_value("pqcnet_ca_enrolled_nodes") == len(live)
     finally:
         await svc.service.close()
         svc.ledger.close()
+
+
+async def test_server_reset_mid_exchange_is_a_typed_transient_error() -> None:
+    """A CA that dies mid-answer resets the connection: the client gets HttpsError (which
+    ``node enroll --retry-for`` retries), never a bare ConnectionResetError."""
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)  # the ClientHello
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    server = await asyncio.start_server(reset, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(HttpsError, match=r"lost|TLS|closed"):
+            ca = MeshCA.create(TD)
+            bundle = TokenBundle("t" * 32, f"spiffe://{TD}/acme/relayer/*", "relayer",
+                                 utcnow() + dt.timedelta(hours=1), ca.trust_bundle_pem(), "")
+            await client.enroll(f"https://127.0.0.1:{port}", bundle, R1, SigningKey.generate())
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_rate_limit(tmp_path: Path) -> None:

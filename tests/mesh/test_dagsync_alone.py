@@ -174,3 +174,25 @@ async def test_tips_schedule_and_publish_failure(pair: tuple[Side, Side]) -> Non
     never = DagSync(holder.port, sync.publisher, holder.peers,
                     AgentConfig(dag_sync_interval_ms=0), now_ms, Counter())
     assert not never.due(10**12)
+
+
+async def test_pull_only_from_listed_senders(pair: tuple[Side, Side]) -> None:
+    """``dag_pull_from``: tips of a sender not listed start no pull (counted); listed
+    ones do; ``()`` is anchor-only (nobody)."""
+    holder, puller = pair
+    meet(holder, puller)
+    await subscribe(holder, puller)
+    for allowed in ((), ("validator-1",)):
+        puller.sync.config = AgentConfig(dag_chunk=CHUNK, dag_pull_from=allowed)
+        before = puller.events["dag_tips_not_pulled"]
+        await holder.sync.publish_tips()
+        await puller.pump()
+        assert puller.events["dag_tips_not_pulled"] == before + 1
+        assert await holder.pump() == []  # no pull reached the holder
+        assert len(puller.ledger) == 0
+    puller.sync.config = AgentConfig(dag_chunk=CHUNK, dag_pull_from=("gov",))
+    await holder.sync.publish_tips()
+    await puller.pump()
+    assert [m.type for m in await holder.pump()] == [MessageType.DAG_PULL]
+    await puller.pump()
+    assert set(puller.ledger.ids()) == set(holder.ledger.ids())

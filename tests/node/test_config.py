@@ -12,6 +12,7 @@ import pytest
 from pqcnet.crypto.pqc import SigningKey
 from pqcnet.runtime.config import load_node_config, parse_node_config
 from pqcnet.runtime.errors import NodeConfigError
+from pqcnet.runtime.node import agent_config
 from pqcnet.sentry.config import verify_key_pem
 
 from .harness import run_cli, write_yaml
@@ -36,6 +37,17 @@ def test_good_relayer_file_loads(tmp_path: Path, gov_pub: str) -> None:
     assert cfg.relayer is not None and cfg.relayer.node_id == "relayer-1"
     assert cfg.relayer.identity_dir == str(tmp_path / "id")  # relative to the node file
     assert len(cfg.control_plane.governance_keys) == 1 and "peer-1" in cfg.control_plane.trust
+    agent = agent_config("relayer", cfg.control_plane.spec)  # defaults: pull from anyone
+    assert (agent.dag_pull_from, agent.dag_sync_interval_ms) == (None, 2000)
+
+
+@pytest.mark.parametrize(("pull_from", "expected"), [([], ()), (["v1", "v2"], ("v1", "v2"))])
+def test_dag_sync_settings_reach_the_agent(tmp_path: Path, pull_from: list[str],
+                                           expected: tuple[str, ...]) -> None:
+    cfg = parse_node_config({"role": "relayer", "relayer": RELAYER, "control_plane": {
+        "dag_pull_from": pull_from, "dag_sync_interval_s": 0}}, tmp_path)
+    agent = agent_config("relayer", cfg.control_plane.spec)
+    assert (agent.dag_pull_from, agent.dag_sync_interval_ms) == (expected, 0)
 
 
 @pytest.mark.parametrize(("doc", "needle"), [
@@ -57,6 +69,12 @@ def test_good_relayer_file_loads(tmp_path: Path, gov_pub: str) -> None:
     ({"role": "relayer", "relayer": RELAYER, "control_plane": {"announce_interval_s": 0}},
      "announce_interval_s"),
     ({"role": "sentry", "sentry": "nope.yaml"}, "cannot read config"),
+    ({"role": "relayer", "relayer": RELAYER, "control_plane": {"dag_sync_interval_s": -1}},
+     "dag_sync_interval_s"),
+    ({"role": "relayer", "relayer": RELAYER, "control_plane": {"dag_pull_from": "v1"}},
+     "dag_pull_from"),
+    ({"role": "relayer", "relayer": RELAYER, "control_plane": {"dag_pull_from": [""]}},
+     "dag_pull_from"),
 ])
 def test_bad_files_name_the_key(tmp_path: Path, doc: dict[str, Any], needle: str) -> None:
     with pytest.raises(NodeConfigError) as info:

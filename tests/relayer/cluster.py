@@ -1,9 +1,11 @@
-"""Shared pieces of the relayer cluster tests (Kafka and Redis): the failover publish
-loop's frames, every relayer's metered volume, and the proof audit (each relayer's
-signed proofs cover what it metered, the union is the total, nothing proved twice)."""
+"""Shared pieces of the relayer cluster tests (Kafka and Redis): the three relayers with
+their recording failover publisher and cluster subscriber (:class:`ClusterRun`), every
+relayer's metered volume, and the proof audit (each relayer's signed proofs cover what
+it metered, the union is the total, nothing proved twice)."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -11,12 +13,18 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from pqcnet.chaos.checker import check
+from pqcnet.chaos.history import HistoryWriter, payload_for
 from pqcnet.crypto.pqc import VerifyKey
 from pqcnet.relayer.bus.leases import journal
-from pqcnet.relayer.frame import Topic, shard_for
+from pqcnet.relayer.client import ClusterSubscriber, FailoverPublisher
+from pqcnet.relayer.cursor import JournalCursor
+from pqcnet.relayer.frame import Frame, Topic, shard_for
 from pqcnet.relayer.proof import VolumeProof, verify_volume_proof
 from pqcnet.relayer.proofstore import ProofStore
 from pqcnet.relayer.seqstore import RedisSeqStore
+from tests.relayer.e2e import identities
+from tests.relayer.proc import RelayerProcess, write_config
 
 #: (node, epoch, topic) -> (frames, bytes)
 Volume = dict[tuple[str, int, Topic], tuple[int, int]]
@@ -144,3 +152,101 @@ def assert_owned_when_proved(cover: Volume, events: list[tuple[int, str, int, st
 
 def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
+
+
+class ClusterRun:
+    """Three relayers (``r0``..``r2``, not started) sharing ``common`` config, a
+    failover publisher on the first two, a cluster subscriber on all three, both
+    recording histories under ``tmp/history``; ``by_relayer`` counts the frames each
+    relayer delivered (who owned shards when)."""
+
+    names = ["r0", "r1", "r2"]
+
+    def __init__(self, tmp: Path, topics: list[Topic], count: int, batch: int,
+                 **common: Any) -> None:
+        self.topics, self.count, self.batch = topics, count, batch
+        ports = [free_port() for _ in self.names]
+        self.dirs = {n: tmp / n for n in self.names}
+        self.procs: list[RelayerProcess] = []
+        for name, port in zip(self.names, ports):
+            self.dirs[name].mkdir()
+            self.procs.append(RelayerProcess(write_config(
+                self.dirs[name], node_id=name, listen_port=port, **common)))
+        self.targets = [("127.0.0.1", p) for p in ports]
+        self.hist = tmp / "history"
+        self.hist.mkdir()
+        self.cursor = JournalCursor(self.hist / "subscriber.jsonl")
+        self.pub_log = HistoryWriter(self.hist / "publisher.jsonl")
+        self.pub = FailoverPublisher(self.targets[:2], identities()[1], attempt_timeout=15.0,
+                                     retry_delay=0.1, give_up=120.0)
+        self.sub = ClusterSubscriber(self.targets, identities()[2], "acme",
+                                     cursor=self.cursor, retry_delay=0.2)
+        self.acked = dict.fromkeys(topics, 0)
+        self.taken = 0
+        self.by_relayer = [0, 0, 0]
+
+    @property
+    def total(self) -> int:
+        return self.count * len(self.topics)
+
+    async def consume(self) -> None:
+        """Take batches until every frame was taken, then ack."""
+        async for batch in self.sub.batches():
+            self.taken += len(batch)
+            assert self.sub._source is not None
+            self.by_relayer[self.sub.subs.index(self.sub._source)] += len(batch)
+            if self.taken >= self.total:
+                await self.sub.ack()
+                return
+
+    def done(self) -> bool:
+        return all(v >= self.count for v in self.acked.values())
+
+    async def publish_step(self) -> None:
+        """The next ``batch`` seqs of every topic past its acked prefix, recorded; a
+        retriable refusal (backpressure) pauses, and the same seqs go again."""
+        frames = [Frame(c, ch, s, payload_for(1, c, ch, s, 48))
+                  for (c, ch) in self.topics
+                  for s in range(self.acked[(c, ch)] + 1,
+                                 min(self.acked[(c, ch)] + self.batch, self.count) + 1)]
+        self.pub_log.record("publish", frames)
+        results = await self.pub.publish(frames)
+        ok = [f for f, r in zip(frames, results) if r.accepted]
+        self.pub_log.record("ack", ok)
+        for f in ok:
+            self.acked[f.topic] = max(self.acked[f.topic], f.seq)
+        if len(ok) < len(frames):
+            await asyncio.sleep(0.2)
+
+    async def close(self, consumer: asyncio.Task[None]) -> None:
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+        await self.pub.close()
+        await self.sub.close()
+        self.pub_log.close()
+        self.cursor.close()
+        for p in self.procs:
+            if p.proc is not None:
+                await p.stop()
+
+    def proved(self, volume: Volume) -> bool:
+        """Every metered frame is in some relayer's proofs."""
+        return sum(p.total_frames for n in self.names
+                   for p in proofs(self.dirs[n] / "data")) >= frames_of(volume)
+
+    async def check_histories_and_proofs(self, volume: Volume, redis_url: str, prefix: str,
+                                         shards: int, epoch: float) -> None:
+        """The history checker against what the relayers bill; then each relayer proved
+        exactly what it metered (union = total, nothing twice), only for topics of shards
+        it owned in that epoch (the ownership journal next to the shared marks)."""
+        report = check(sorted(self.hist.glob("*.jsonl")), by_topic(volume))
+        assert report.ok, report.table()
+        assert report.total("taken") == report.total("acked") == self.total
+        assert all(self.by_relayer), self.by_relayer  # every relayer delivered
+        cover = audit_proofs({n: self.dirs[n] / "data" for n in self.names}, volume,
+                             identities()[0].key.public_key)
+        assert frames_of(cover) == self.total
+        assert {n for n, _e, _t in cover} == set(self.names)
+        events = await read_journal(redis_url, prefix)
+        assert {e[1] for e in events} == set(self.names)
+        assert_owned_when_proved(cover, events, shards, epoch)

@@ -19,24 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from pqcnet.chaos.checker import check
-from pqcnet.chaos.history import HistoryWriter, payload_for
-from pqcnet.relayer.client import ClusterSubscriber, FailoverPublisher
-from pqcnet.relayer.cursor import JournalCursor
-from pqcnet.relayer.frame import Frame, Topic
-from tests.relayer.cluster import (
-    assert_owned_when_proved,
-    audit_proofs,
-    by_topic,
-    frames_of,
-    free_port,
-    metered,
-    proofs,
-    read_journal,
-)
-from tests.relayer.e2e import identities
+from pqcnet.relayer.frame import Topic
+from tests.relayer.cluster import ClusterRun, metered
 from tests.relayer.helpers import eventually
-from tests.relayer.proc import RelayerProcess, write_config
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -64,63 +49,23 @@ def _ints(text: str) -> list[int]:
 
 async def test_three_relayers_add_one_kill_one(tmp_path: Path, redis_url: str) -> None:
     prefix = f"rcluster:{uuid.uuid4().hex[:8]}"
-    common = {"backend": "redis", "redis_url": redis_url, "redis_prefix": prefix,
-              "group": "cluster", "shards": SHARDS, "redis_lease": LEASE,
-              "epoch_seconds": EPOCH, "metrics_port": 0}
-    names = ["r0", "r1", "r2"]
-    ports = [free_port() for _ in names]
-    dirs = {n: tmp_path / n for n in names}
-    procs = []
-    for name, port in zip(names, ports):
-        dirs[name].mkdir()
-        procs.append(RelayerProcess(write_config(dirs[name], node_id=name, listen_port=port,
-                                                 **common)))
-    targets = [("127.0.0.1", p) for p in ports]
-    hist = tmp_path / "history"
-    hist.mkdir()
-    cursor = JournalCursor(hist / "subscriber.jsonl")
-    pub_log = HistoryWriter(hist / "publisher.jsonl")
-    pub = FailoverPublisher(targets[:2], identities()[1], attempt_timeout=15.0,
-                            retry_delay=0.1, give_up=120.0)
-    sub = ClusterSubscriber(targets, identities()[2], "acme", cursor=cursor,
-                            retry_delay=0.2)
-    taken = 0
-    by_relayer = [0, 0, 0]  # frames each relayer delivered
-
-    async def consume() -> None:
-        nonlocal taken
-        async for batch in sub.batches():
-            taken += len(batch)
-            assert sub._source is not None
-            by_relayer[sub.subs.index(sub._source)] += len(batch)
-            if taken >= COUNT * len(TOPICS):
-                await sub.ack()
-                return
-
+    run = ClusterRun(tmp_path, TOPICS, COUNT, BATCH, backend="redis", redis_url=redis_url,
+                     redis_prefix=prefix, group="cluster", shards=SHARDS, redis_lease=LEASE,
+                     epoch_seconds=EPOCH, metrics_port=0)
+    procs, by_relayer = run.procs, run.by_relayer
     await procs[0].start()
     await procs[1].start()
-    consumer = asyncio.create_task(consume())
-    acked = dict.fromkeys(TOPICS, 0)
+    consumer = asyncio.create_task(run.consume())
     added_at: int | None = None
     killed = False
     try:
         step = 0
-        while any(v < COUNT for v in acked.values()):
-            frames = [Frame(c, ch, s, payload_for(1, c, ch, s, 48))
-                      for (c, ch) in TOPICS
-                      for s in range(acked[(c, ch)] + 1, min(acked[(c, ch)] + BATCH, COUNT) + 1)]
-            pub_log.record("publish", frames)
-            results = await pub.publish(frames)
-            ok = [f for f, r in zip(frames, results) if r.accepted]
-            pub_log.record("ack", ok)
-            for f in ok:
-                acked[f.topic] = max(acked[f.topic], f.seq)
-            if len(ok) < len(frames):
-                await asyncio.sleep(0.2)  # retriable refusal (backpressure): same seqs again
+        while not run.done():
+            await run.publish_step()
             step += 1
             if added_at is None and step >= 6:
                 await procs[2].start()  # ADDED mid-stream: leases give it its share
-                pub.targets.append(targets[2])
+                run.pub.targets.append(run.targets[2])
                 added_at = step
             # r2 must have delivered (owns shards) and r1 too before r1 is killed
             if not killed and added_at is not None and step >= added_at + 4 \
@@ -134,13 +79,8 @@ async def test_three_relayers_add_one_kill_one(tmp_path: Path, redis_url: str) -
         # the killed relayer comes back (same node_id, same data dir): it proves the
         # epochs it metered before it died, from its volume in Redis
         await procs[1].start()
-        volume = await metered(redis_url, prefix, names)
-
-        def proved() -> bool:
-            proved_frames = sum(p.total_frames for n in names for p in proofs(dirs[n] / "data"))
-            return proved_frames >= frames_of(volume)
-
-        await eventually(proved, 4 * EPOCH + 30, 0.5)
+        volume = await metered(redis_url, prefix, run.names)
+        await eventually(lambda: run.proved(volume), 4 * EPOCH + 30, 0.5)
         # the three live relayers' owned-shards gauges: every shard, none twice, all shares
         owned_now: list[int] = []
 
@@ -153,20 +93,7 @@ async def test_three_relayers_add_one_kill_one(tmp_path: Path, redis_url: str) -
             while not await gauges():  # noqa: ASYNC110 - polling another process
                 await asyncio.sleep(0.5)
     finally:
-        consumer.cancel()
-        await asyncio.gather(consumer, return_exceptions=True)
-        await pub.close()
-        await sub.close()
-        pub_log.close()
-        cursor.close()
-        for p in procs:
-            if p.proc is not None:
-                await p.stop()
-    # the history checker: clients' histories against what the relayers bill
-    report = check(sorted(hist.glob("*.jsonl")), by_topic(volume))
-    assert report.ok, report.table()
-    assert report.total("taken") == report.total("acked") == COUNT * len(TOPICS)
-    assert all(by_relayer), by_relayer  # every relayer delivered: added and killed one too
+        await run.close(consumer)
 
     # independent counts with redis-cli: every shard read and acked by the group ...
     for s in range(SHARDS):
@@ -180,18 +107,11 @@ async def test_three_relayers_add_one_kill_one(tmp_path: Path, redis_url: str) -
         assert lag == [0], (s, groups)
     # ... and the metered frames, summed by redis-cli, are the frames taken
     metered_frames = sum(sum(_ints(_cli(redis_url, "HVALS", f"{prefix}:volf:{n}")))
-                         for n in names)
-    assert metered_frames == COUNT * len(TOPICS)
-
-    # proofs: each relayer proved exactly what it metered; union = total, nothing twice
-    cover = audit_proofs({n: dirs[n] / "data" for n in names}, volume,
-                         identities()[0].key.public_key)
-    assert frames_of(cover) == COUNT * len(TOPICS)
-    assert {n for n, _e, _t in cover} == set(names)
-    # ... and only for topics of shards it owned (ownership journal) in that epoch
-    events = await read_journal(redis_url, prefix)
-    assert {e[1] for e in events} == set(names)
-    assert_owned_when_proved(cover, events, SHARDS, EPOCH)
+                         for n in run.names)
+    assert metered_frames == run.total
+    # the history checker against the bill; each relayer's proofs, only for shards it
+    # owned (ownership journal) in that epoch
+    await run.check_histories_and_proofs(volume, redis_url, prefix, SHARDS, EPOCH)
 
 
 def _owned_gauge(port: int) -> int:

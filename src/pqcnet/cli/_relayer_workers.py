@@ -104,35 +104,17 @@ def own_port(port: int, index: int) -> int:
 
 def _worker_main(config_path: Path, index: int, port: int, rotation: dict[str, Any],
                  ready: Any) -> None:
-    import asyncio
-    import functools
-
     from pqcnet.cli._common import run_until_signalled
-    from pqcnet.cli._rotation import bind_relayer, build_manager, unbind
-    from pqcnet.cli.relayer import reload_policy
-    from pqcnet.relayer.node import RelayerNode, load_identity, save_identity
+    from pqcnet.cli.relayer import relayer_lifecycle
+    from pqcnet.relayer.node import RelayerNode
 
     base = RelayerConfig.load(config_path)
     own = own_port(base.listen_port, index)  # from the configured port (0: any free one)
     cfg = worker_config(base, index, port)
-    identity = load_identity(cfg)
     if index > 0:  # one renewer; the others pick the renewed identity up from disk
         rotation = {**rotation, "renew_ca_url": "", "renew_ca_dir": None}
-    manager = build_manager(Path(str(cfg.identity_dir)), None, rotate_key=False,
-                            load=lambda: load_identity(cfg),
-                            save=lambda new: save_identity(cfg, new), **rotation)
-
-    async def start() -> RelayerNode:
-        node = RelayerNode(cfg, identity, reuse_port=True, own_port=own)
-        await node.start()
-        asyncio.get_running_loop().add_signal_handler(  # forwarded by the supervisor
-            signal.SIGHUP, functools.partial(reload_policy, node, config_path))
-        await bind_relayer(node, manager)
-        return node
-
-    async def stop(node: RelayerNode) -> None:
-        await unbind(manager)
-        await node.stop()
+    start, stop = relayer_lifecycle(cfg, config_path, rotation, reuse_port=True,
+                                    own_port=own)
 
     def up(node: RelayerNode) -> None:
         ready.put({"index": index, "port": node.port, "own_port": node.own_port,

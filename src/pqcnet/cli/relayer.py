@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,6 @@ def run_cmd(config_path: Path, workers: int, **rotation: Any) -> None:
     The identity directory is watched (hot reload); --renew-ca-url / --renew-ca-dir
     renew the certificate (same key: it signs the relayer's QS-DAG proofs)."""
     from pqcnet.cli._relayer_workers import check_workers, run_workers
-    from pqcnet.relayer.node import save_identity
 
     if workers > 1:
         run_workers(config_path, workers, rotation)
@@ -71,13 +71,32 @@ def run_cmd(config_path: Path, workers: int, **rotation: Any) -> None:
     cfg = RelayerConfig.load(config_path)
     check_workers(cfg, 1)  # no state of an earlier --workers N run left stranded
     cfg.require_identity(str(config_path))
+    start, stop = relayer_lifecycle(cfg, config_path, rotation)
+
+    def ready(node: RelayerNode) -> None:
+        click.echo(json.dumps({"ready": True, "port": node.port, "metrics_port":
+                               node.metrics_port, "grpc_port": node.grpc_port,
+                               "backend": cfg.backend, "node": cfg.node_id,
+                               "degraded": node.degraded}))
+        sys.stdout.flush()
+
+    run_until_signalled(start, stop, ready)
+
+
+def relayer_lifecycle(cfg: RelayerConfig, config_path: Path, rotation: dict[str, Any],
+                      **node_options: Any) -> tuple[Callable[[], Awaitable[RelayerNode]],
+                                                    Callable[[RelayerNode], Awaitable[None]]]:
+    """``start``/``stop`` of one relayer process (``relayer run`` and each ``--workers``
+    worker): the node, SIGHUP policy reload, and the certificate manager bound to it."""
+    from pqcnet.relayer.node import save_identity
+
     identity = load_identity(cfg)
     manager = build_manager(Path(str(cfg.identity_dir)), None, rotate_key=False,
                             load=lambda: load_identity(cfg),
                             save=lambda new: save_identity(cfg, new), **rotation)
 
     async def start() -> RelayerNode:
-        node = RelayerNode(cfg, identity)
+        node = RelayerNode(cfg, identity, **node_options)
         await node.start()
         asyncio.get_running_loop().add_signal_handler(
             signal.SIGHUP, functools.partial(reload_policy, node, config_path))
@@ -88,14 +107,7 @@ def run_cmd(config_path: Path, workers: int, **rotation: Any) -> None:
         await unbind(manager)
         await node.stop()
 
-    def ready(node: RelayerNode) -> None:
-        click.echo(json.dumps({"ready": True, "port": node.port, "metrics_port":
-                               node.metrics_port, "grpc_port": node.grpc_port,
-                               "backend": cfg.backend, "node": cfg.node_id,
-                               "degraded": node.degraded}))
-        sys.stdout.flush()
-
-    run_until_signalled(start, stop, ready)
+    return start, stop
 
 
 def reload_policy(node: RelayerNode, path: Path) -> None:

@@ -214,6 +214,12 @@ class MeshCA:
     #: after every issuance: encoding it afresh (``json`` with ``indent`` is pure Python)
     #: took ~2 s per write at the :data:`MAX_ISSUED_LOG` bound
     _issued_lines: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
+    #: tenant -> serial -> record, of certificates live when last looked at, built on
+    #: first use for the policy it was built with (layouts decide tenants): counting a
+    #: tenant's nodes must not scan the whole issued log on every enrollment
+    _by_tenant: dict[str, dict[int, IssuedRecord]] | None = field(
+        default=None, repr=False, compare=False)
+    _by_tenant_policy: IssuancePolicy | None = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ creation
 
@@ -345,6 +351,46 @@ class MeshCA:
             while len(self.issued) >= MAX_ISSUED_LOG:
                 self.issued.pop(next(iter(self.issued)))
         self.issued[rec.serial] = rec
+        if self._by_tenant is not None and self._by_tenant_policy is self.policy:
+            self._index(self._by_tenant, rec)
+
+    def forget(self, serial: int) -> None:
+        """Drop ``serial`` from the issued log (a certificate signed but never handed
+        out, e.g. its enrollment lost a race for the token)."""
+        self.issued.pop(serial, None)
+
+    def live_ids(self, tenant: str, now: dt.datetime | None = None) -> set[str]:
+        """SPIFFE IDs of ``tenant`` holding an unexpired, unrevoked certificate of this
+        CA. Costs the tenant's live certificates, not the issued log: expired, revoked
+        and forgotten entries leave the index as they are met."""
+        now = now or utcnow()
+        recs = self._tenant_index().get(tenant)
+        if not recs:
+            return set()
+        for serial in [s for s, r in recs.items() if r.not_after <= now
+                       or s in self.revocations or self.issued.get(s) is not r]:
+            del recs[serial]
+        return {r.spiffe_id for r in recs.values()}
+
+    def live_count(self, now: dt.datetime | None = None) -> int:
+        """Distinct SPIFFE IDs holding a live certificate (an ID has one tenant)."""
+        now = now or utcnow()
+        return sum(len(self.live_ids(t, now)) for t in list(self._tenant_index()))
+
+    def _tenant_index(self) -> dict[str, dict[int, IssuedRecord]]:
+        if self._by_tenant is None or self._by_tenant_policy is not self.policy:
+            index: dict[str, dict[int, IssuedRecord]] = {}
+            for rec in self.issued.values():
+                self._index(index, rec)
+            self._by_tenant, self._by_tenant_policy = index, self.policy
+        return self._by_tenant
+
+    def _index(self, index: dict[str, dict[int, IssuedRecord]], rec: IssuedRecord) -> None:
+        try:
+            tenant = self.policy.tenant_of(SpiffeId.parse(rec.spiffe_id))
+        except IdentityError:  # an ID this policy cannot read any more: no tenant's node
+            return
+        index.setdefault(tenant, {})[rec.serial] = rec
 
     # ------------------------------------------------------------------ revocation
 

@@ -40,6 +40,11 @@ class AgentConfig:
     dag_sync_interval_ms: int = 2_000
     #: vertices per DAG_VERTICES message (keeps messages under the Waku size limit)
     dag_chunk: int = 8
+    #: whose tips start a pull: None = any sender; a tuple = only these node ids (the
+    #: validators); () = nobody (anchor-only: the node keeps its ledger for
+    #: anchor-before-effect and pulls from no one). Without a bound every sentry would
+    #: pull every diverged ledger it hears of (simulations/README.md, finding 7).
+    dag_pull_from: tuple[str, ...] | None = None
     #: directive ids remembered to apply each directive once
     max_applied_directives: int = 10_000
     #: slashing proposals kept for governance review

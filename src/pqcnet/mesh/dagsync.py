@@ -1,11 +1,12 @@
 """QS-DAG sync over the control plane: the part of the agent that converges ledgers.
 
 Every ``dag_sync_interval_ms`` a node publishes its tips; a node that sees tips it
-does not know pulls (sending its own tips, sealed to the holder's inbox); the holder
-answers with the vertices the puller lacks, parents first, in ``dag_chunk``-sized
-DAG_VERTICES messages sealed to the puller's inbox (keeping each under the Waku
-message size limit). Imports go through the :class:`~pqcnet.mesh.ledger.LedgerPort`, which
-verifies every vertex; a bad one is skipped and counted, never fatal.
+does not know (from a sender in ``dag_pull_from``, when that is set) pulls (sending its
+own tips, sealed to the holder's inbox); the holder answers with the vertices the
+puller lacks, parents first, in ``dag_chunk``-sized DAG_VERTICES messages sealed to the
+puller's inbox (keeping each under the Waku message size limit). Imports go through
+the :class:`~pqcnet.mesh.ledger.LedgerPort`, which verifies every vertex; a bad one is
+skipped and counted, never fatal.
 
 :class:`DagSync` is owned by :class:`~pqcnet.mesh.agent.ControlPlaneAgent` (one per
 attached ledger) and gets everything it uses in its constructor; it is driven by
@@ -77,6 +78,10 @@ class DagSync:
         await self.publisher.send_sealed(dest, peer.announcement.seal_key, type_, body)
 
     async def _on_tips(self, tips: DagTips, sender: str) -> None:
+        allowed = self.config.dag_pull_from
+        if allowed is not None and sender not in allowed:
+            self.events["dag_tips_not_pulled"] += 1
+            return
         if all(self.ledger.knows(t) for t in tips.tips):
             return
         pull = DagPull(self.publisher.node_id, (), tuple(self.ledger.tips()))

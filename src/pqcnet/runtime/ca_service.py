@@ -356,7 +356,7 @@ class CaService:
                 await asyncio.to_thread(self.tokens.redeem, secret, sid,
                                         key_digest=public.key_id.hex())
         except TokenError as exc:  # lost a race with another enrollment of the same token
-            self.ca.issued.pop(load_certs(cert_pem)[0].serial_number, None)
+            self.ca.forget(load_certs(cert_pem)[0].serial_number)
             raise CaServiceError(401, f"token_{exc.code}", str(exc)) from None
         return await self._enrolled(cert_pem, sid, "enroll")
 
@@ -496,7 +496,7 @@ class CaService:
             self._check_attestation(sid, public, attestation)
         limit = self.config.max_nodes_per_tenant
         if new_node and limit:
-            live = self._live_ids(sid.tenant)
+            live = self.ca.live_ids(sid.tenant)
             if str(sid) not in live and len(live) >= limit:
                 raise CaServiceError(403, "max_nodes", f"tenant {sid.tenant!r} has {len(live)} "
                                      f"nodes already (limit {limit})")
@@ -529,12 +529,6 @@ class CaService:
             verify_attestation(event, public, policy)
         except LedgerError as exc:
             raise CaServiceError(403, "attestation_rejected", str(exc)) from None
-
-    def _live_ids(self, tenant: str) -> set[str]:
-        now = utcnow()
-        return {r.spiffe_id for r in self.ca.issued.values()
-                if r.not_after > now and r.serial not in self.ca.revocations
-                and self.ca.policy.tenant_of(SpiffeId.parse(r.spiffe_id)) == tenant}
 
     def _sign(self, csr_pem: bytes) -> bytes:
         try:
@@ -595,9 +589,7 @@ class CaService:
         return self._crl[0]
 
     def _update_gauge(self) -> None:
-        now = utcnow()
-        ENROLLED_NODES.set(len({r.spiffe_id for r in self.ca.issued.values()
-                                if r.not_after > now and r.serial not in self.ca.revocations}))
+        ENROLLED_NODES.set(self.ca.live_count())
 
 
 def _parse_csr(csr_pem: bytes) -> tuple[SpiffeId, VerifyKey]:

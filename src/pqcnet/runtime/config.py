@@ -84,6 +84,14 @@ class ControlPlaneSpec(Schema):
     so the node obeys no directive (each must be anchored in its own QS-DAG first)."""
     announce_interval_s: Positive = 10.0
     """Seconds between node announcements."""
+    dag_sync_interval_s: Annotated[float, Field(ge=0)] = 2.0
+    """Seconds between publishing this node's QS-DAG tips (0: never; it still answers
+    pulls)."""
+    dag_pull_from: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, max_length=MAX_KEYS)
+    """Node ids (the validators) whose tips this node pulls vertices from; null: any
+    sender; []: nobody (anchor-only: a sentry keeps its ledger for anchor-before-effect
+    without pulling every other node's diverged DAG)."""
     publish_reports: bool = True
     """Relayer: publish anchored volume proofs on relay-reports."""
     report_interval_s: Positive = 1.0

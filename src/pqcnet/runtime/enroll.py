@@ -118,11 +118,15 @@ async def enroll(ca_url: str, bundle: TokenBundle, spiffe_id: SpiffeId, key: Sig
 
 
 async def rotate(ca_url: str, current: NodeIdentity, new_key: SigningKey | None = None, *,
-                 attestation: dict[str, str] | None = None,
+                 attestation: dict[str, str] | None = None, attest: bool = False,
                  timeout_s: float = DEFAULT_TIMEOUT_S) -> NodeIdentity:
     """Renew: authenticated by ``current`` (mutual TLS), a CSR for ``new_key`` (a fresh
-    ML-DSA-65 key unless given) -> the new identity."""
+    ML-DSA-65 key unless given) -> the new identity. ``attest`` signs this
+    installation's measurements with the key being certified (what a CA with
+    ``attest_roles`` requires on rotation, as on enrollment)."""
     key = new_key or SigningKey.generate(current.key.algorithm)
+    if attest and attestation is None:
+        attestation = attestation_for(key, current.spiffe_id)
     payload: dict[str, Any] = {"csr": build_csr(key, current.spiffe_id).decode(),
                                "current_cert_serial": format(current.serial, "x")}
     if attestation is not None:

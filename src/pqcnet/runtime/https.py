@@ -408,6 +408,8 @@ async def request(
         raise HttpsError(f"no answer from {url} in {timeout_s}s") from None
     except HandshakeError as exc:
         raise HttpsError(f"TLS with {url} failed: {exc}") from None
+    except OSError as exc:  # reset / broken pipe mid-exchange: the server went away
+        raise HttpsError(f"connection to {url} lost: {exc}") from None
 
 
 async def _exchange(chan: TlsChannel, tls: SSL.Connection | None,

@@ -76,7 +76,7 @@ from pqcnet.mesh.waku import WakuRestClient, WakuTransport
 from pqcnet.qsdag import Ledger
 from pqcnet.qstp.tls import PeerGate, TlsPolicy
 from pqcnet.relayer.counters import ca_trust, overclaim_rule
-from pqcnet.runtime.config import NodeConfig
+from pqcnet.runtime.config import ControlPlaneSpec, NodeConfig
 from pqcnet.runtime.errors import NodeError
 from pqcnet.runtime.governance import QstpEndpoint, RelayerDirectives, SentryDirectives
 from pqcnet.runtime.relay_reports import RelayReportPublisher
@@ -125,6 +125,17 @@ class _RelayerRekey:
             await self.node.rotate_identity(self.endpoint.identity)
             return Outcome.APPLIED
         return Outcome.IGNORED
+
+
+def agent_config(role: str, spec: ControlPlaneSpec) -> AgentConfig:
+    """The control-plane agent's behaviour from the node file's ``control_plane``."""
+    return AgentConfig(role=role, namespace=spec.namespace,
+                       announce_interval_ms=int(spec.announce_interval_s * 1000),
+                       peer_expiry_ms=int(spec.announce_interval_s * 3000),
+                       tick_ms=max(1, int(spec.tick_s * 1000)),
+                       dag_sync_interval_ms=int(spec.dag_sync_interval_s * 1000),
+                       dag_pull_from=(None if spec.dag_pull_from is None
+                                      else tuple(spec.dag_pull_from)))
 
 
 def seed_gate(gate: PeerGate, ledger: Ledger | None, own_id: str) -> int:
@@ -255,10 +266,7 @@ class NodeRuntime:
             ring.add(node, key, 1)
         governance = (GovernancePolicy(list(cp.governance_keys), cp.spec.governance.threshold)
                       if cp.governance_keys else None)
-        config = AgentConfig(role=self.cfg.role, namespace=cp.spec.namespace,
-                             announce_interval_ms=int(cp.spec.announce_interval_s * 1000),
-                             peer_expiry_ms=int(cp.spec.announce_interval_s * 3000),
-                             tick_ms=max(1, int(cp.spec.tick_s * 1000)))
+        config = agent_config(self.cfg.role, cp.spec)
         if ledger is None and cp.spec.ledger == "node":  # a sentry without its own ledger
             ledger = Ledger.open(state / "ledger")
             self._closers.append(ledger.close)

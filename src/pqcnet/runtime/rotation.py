@@ -74,7 +74,11 @@ class Renewer(Protocol):
 
 
 class CaServiceRenewer:
-    """Renew through ``pqcnet ca serve``'s ``POST /v1/rotate`` (mutual TLS)."""
+    """Renew through ``pqcnet ca serve``'s ``POST /v1/rotate`` (mutual TLS), with an
+    attestation of this installation signed by the key being certified: a CA that
+    requires one for the node's role (``attest_roles``) refuses a renewal without it,
+    and the node would go dark when its certificate expires. IDs of another shape than
+    ``tenant/role/node`` name no role here and renew without one."""
 
     def __init__(self, url: str, *, timeout_s: float = 15.0) -> None:
         self.url = url
@@ -84,7 +88,7 @@ class CaServiceRenewer:
         from pqcnet.runtime.enroll import rotate
 
         return await rotate(self.url, current, None if rotate_key else current.key,
-                            timeout_s=self.timeout_s)
+                            attest=bool(current.spiffe_id.role), timeout_s=self.timeout_s)
 
 
 class LocalCaRenewer:
