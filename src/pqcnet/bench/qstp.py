@@ -159,6 +159,12 @@ def _server_main(root: str, ports: Any) -> None:
 # --------------------------------------------------------------------------- measurements
 
 
+def _pyopenssl_version() -> str:
+    from OpenSSL import SSL
+
+    return SSL.SSLeay_version(SSL.SSLEAY_VERSION).decode()
+
+
 def _pcts(samples: list[float]) -> dict[str, Any]:
     return percentiles(samples)
 
@@ -255,11 +261,13 @@ async def _stdlib_handshakes(port: int, ctx: ssl.SSLContext, n: int,
 
 
 async def _qstp_transfer(port: int, ident: Any, total: int, size: int,
-                         bar: tqdm) -> tuple[float, float]:
-    """Wall seconds and CPU seconds (client + server) for pushing ``total`` bytes."""
+                         bar: tqdm) -> tuple[float, float, str]:
+    """Wall seconds, CPU seconds (client + server) for pushing ``total`` bytes, and the
+    negotiated cipher suite."""
     from pqcnet import qstp
 
     tunnel = await qstp.connect("127.0.0.1", port, ident)
+    cipher = tunnel.peer.cipher
     stream = tunnel.open_stream()
     chunk = os.urandom(size)
     cpu = time.process_time()
@@ -278,12 +286,13 @@ async def _qstp_transfer(port: int, ident: Any, total: int, size: int,
     if counted != sent:
         raise RuntimeError("QSTP sink counted a different number of bytes")
     await tunnel.close()
-    return elapsed, client_cpu + server_cpu
+    return elapsed, client_cpu + server_cpu, cipher
 
 
 async def _stdlib_transfer(port: int, ctx: ssl.SSLContext, total: int, size: int,
-                           bar: tqdm) -> tuple[float, float]:
+                           bar: tqdm) -> tuple[float, float, str]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+    cipher = writer.get_extra_info("cipher")[0]
     chunk = os.urandom(size)
     cpu = time.process_time()
     t0 = time.perf_counter()
@@ -303,7 +312,7 @@ async def _stdlib_transfer(port: int, ctx: ssl.SSLContext, total: int, size: int
         raise RuntimeError("stdlib sink counted a different number of bytes")
     writer.close()
     await writer.wait_closed()
-    return elapsed, client_cpu + server_cpu
+    return elapsed, client_cpu + server_cpu, cipher
 
 
 async def _measure(root: Path, qport: int, sport: int, handshakes: int, bulk_mib: int,
@@ -328,8 +337,8 @@ async def _measure(root: Path, qport: int, sport: int, handshakes: int, bulk_mib
             sport, cctx, handshakes, bar)
     for label, size, mib in (("bulk_64k", 64 * 1024, bulk_mib), ("small_256b", 256, small_mib)):
         total = mib * 1024 * 1024
-        qs: list[tuple[float, float]] = []
-        bs: list[tuple[float, float]] = []
+        qs: list[tuple[float, float, str]] = []
+        bs: list[tuple[float, float, str]] = []
         with tqdm(total=2 * total * rounds, desc=label, unit="B", unit_scale=True,
                   leave=False) as bar:
             for _ in range(rounds):  # interleaved, so background load hits both alike
@@ -338,10 +347,14 @@ async def _measure(root: Path, qport: int, sport: int, handshakes: int, bulk_mib
         q, b = statistics.median(x[0] for x in qs), statistics.median(x[0] for x in bs)
         qcpu = statistics.median(x[1] for x in qs)
         bcpu = statistics.median(x[1] for x in bs)
+        ciphers = {x[2] for x in qs + bs}
+        if len(ciphers) != 1:  # a different AEAD would make the ratio meaningless
+            raise RuntimeError(f"QSTP and stdlib ssl negotiated different ciphers: {ciphers}")
         out[label] = {
             "bytes": total,
             "rounds": rounds,
             "frame_bytes": size,
+            "cipher": ciphers.pop(),
             "qstp_gbit_s": round(total * 8 / q / 1e9, 3),
             "stdlib_gbit_s": round(total * 8 / b / 1e9, 3),
             "qstp_frames_per_s": round(total / size / q),
@@ -394,6 +407,9 @@ def run(handshakes: int = 200, bulk_mib: int = 256, small_mib: int = 16,
         "transport": "loopback TCP, TCP_NODELAY; servers in a second process",
         "qstp": "TLS 1.3 X25519MLKEM768, ML-DSA-65 mTLS, AES-256-GCM, pyOpenSSL memory BIO",
         "baseline": "stdlib ssl TLS 1.3 mTLS, ECDSA P-256, default group (X25519), asyncio",
+        # same cipher (checked), same write sizes; the two OpenSSL builds differ
+        "qstp_openssl": _pyopenssl_version(),
+        "stdlib_openssl": ssl.OPENSSL_VERSION,
         "cpus": os.cpu_count(),
         # 1/5/15-minute load averages: other work on the machine skews wall times
         "loadavg_before": load_before,
