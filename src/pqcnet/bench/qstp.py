@@ -9,7 +9,10 @@ gets a core) and the clients in this one. Measured in the same run:
 * bulk throughput with 64 KiB writes, and the rate of 256-byte writes, through a
   QSTP stream vs stdlib ``ssl`` asyncio streams, plus the CPU seconds both processes
   spent per GiB (wall-clock rates swing with other load on a small machine; CPU per
-  byte much less so). Ratios > 1 mean QSTP is better.
+  byte much less so). Ratios > 1 mean QSTP is better. Both sides of the bulk
+  comparison write the same sizes and must have negotiated the same cipher suite
+  (checked: the run aborts otherwise; both pick TLS_AES_256_GCM_SHA384); their OpenSSL
+  builds differ (pyOpenSSL's bundled one vs the system's, both in ``setup``).
 
 A QSTP ``connect()`` returns only after the server's first frame arrived (proof
 that the server accepted our certificate), half a round trip more than the stdlib
