@@ -15,6 +15,7 @@ hold, and is checked here against real RocksDB and a real SIGKILL:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -58,19 +59,27 @@ def _state(ledger: Ledger) -> dict[str, object]:
             "orphans": ledger.orphan_count}
 
 
-def test_sigkill_mid_import_leaves_a_consistent_prefix(tmp_path: Path) -> None:
-    total = 1200
-    base, vertices = _peer(tmp_path, total)
-    frames = tmp_path / "frames"
-    frames.write_bytes(b"".join(struct.pack(">I", len(raw)) + raw
-                                for raw in (v.encode() for v in vertices)))
-    with Ledger.open(base) as boot:
-        boot_ids = boot.ids()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.qsdag.crash_importer", str(base), str(frames)],
+def _frames(path: Path, vertices: list[Vertex]) -> Path:
+    path.write_bytes(b"".join(struct.pack(">I", len(raw)) + raw
+                              for raw in (v.encode() for v in vertices)))
+    return path
+
+
+def _child(module: str, *args: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", f"tests.qsdag.{module}", *map(str, args)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+
+
+def test_sigkill_mid_import_leaves_a_consistent_prefix(tmp_path: Path) -> None:
+    total = 1200
+    base, vertices = _peer(tmp_path, total)
+    frames = _frames(tmp_path / "frames", vertices)
+    with Ledger.open(base) as boot:
+        boot_ids = boot.ids()
+    proc = _child("crash_importer", base, frames)
     assert proc.stdout is not None
     taken = 0
     for line in proc.stdout:
@@ -103,6 +112,29 @@ def test_sigkill_mid_import_leaves_a_consistent_prefix(tmp_path: Path) -> None:
     assert ledger.ids()[len(boot_ids):] == [v.id for v in vertices]
     assert ledger.verify().ok
     ledger.close()
+
+
+def test_failed_grouped_write_leaves_the_ledger_as_on_disk(tmp_path: Path) -> None:
+    """A real write error (RLIMIT_FSIZE stops the WAL mid-import): the import raises
+    LedgerStateError, and what the ledger object then reports — length, ids, tips,
+    author counters, orphans — is exactly what reopening the store shows."""
+    base, vertices = _peer(tmp_path, 700)
+    frames = _frames(tmp_path / "frames", vertices)
+    wal = max(f.stat().st_size for f in base.glob("*.log"))
+    proc = _child("fsize_importer", base, frames, wal + 1_500_000)  # ~1.5 groups fit
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0
+    seen = json.loads(out)
+    assert seen["error"] and "failed" in seen["error"]
+    reopened = Ledger.open(base)
+    on_disk = {"error": seen["error"], "ids": [v.hex() for v in reopened.ids()],
+               "tips": sorted(t.hex() for t in reopened.tips()), "len": len(reopened),
+               "alice": reopened.next_counter("alice"), "bob": reopened.next_counter("bob"),
+               "orphans": reopened.orphan_count}
+    assert seen == on_disk
+    assert 3 + GROUP_BATCHES <= seen["len"] < 3 + len(vertices)  # one group written, not all
+    assert reopened.verify().ok
+    reopened.close()
 
 
 def test_input_failing_mid_import_keeps_what_was_anchored(tmp_path: Path) -> None:
