@@ -36,8 +36,8 @@ documented limits in the ADR.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from pqcnet.relayer.errors import LateFrame
@@ -74,7 +74,8 @@ class GapFence:
         self._marks = marks
         self._cached: dict[int, Callable[[Topic], int | None]] = {}
         self._gaps: OrderedDict[Topic, list[tuple[int, int]]] = OrderedDict()
-        self._inflight: dict[Topic, Counter[int]] = {}
+        #: topic -> admitted seq -> how many admissions of it are in flight
+        self._inflight: dict[Topic, dict[int, int]] = {}
         self._n_inflight = 0
         self.max_inflight = max_inflight
         self.stats = FenceStats()
@@ -102,18 +103,34 @@ class GapFence:
             stored = await self._marks(shard, cold)
         # no await from here on: the check and the registration are one step
         out: list[LateFrame | None] = []
+        nxts: dict[Topic, int] = {}
+        inflight = self._inflight
         for frame, retry in frames:
-            nxt = stored.get(frame.topic, 1)
-            if cached is not None:
-                mem = cached(frame.topic)
-                if mem is not None:
-                    nxt = max(nxt, mem)
-            err = self._check(frame, retry, nxt)
-            if err is not None:
-                self.stats.refused += 1
-                out.append(err)
-                continue
-            self._register(frame.topic, frame.seq)
+            topic = frame.topic
+            nxt = nxts.get(topic)
+            if nxt is None:  # once per topic: the marks do not move during this loop
+                nxt = stored.get(topic, 1)
+                if cached is not None:
+                    mem = cached(topic)
+                    if mem is not None:
+                        nxt = max(nxt, mem)
+                nxts[topic] = nxt
+            if frame.seq < nxt:
+                err = self._check(frame, retry, nxt)
+                if err is not None:
+                    self.stats.refused += 1
+                    out.append(err)
+                    continue
+            # admitted: registered as in flight (inline: this runs for every frame)
+            if self._n_inflight >= self.max_inflight:
+                self.stats.untracked += 1
+            else:
+                c = inflight.get(topic)
+                if c is None:
+                    inflight[topic] = {frame.seq: 1}
+                else:
+                    c[frame.seq] = c.get(frame.seq, 0) + 1
+                self._n_inflight += 1
             out.append(None)
         return out
 
@@ -134,32 +151,41 @@ class GapFence:
             f"{nxt} (delivered or skipped); publish it under a new seq, or set retry "
             "if it is a resend")
 
-    def _register(self, topic: Topic, seq: int) -> None:
-        if self._n_inflight >= self.max_inflight:
-            self.stats.untracked += 1
-            return
-        c = self._inflight.get(topic)
-        if c is None:  # not setdefault: that builds a Counter for every frame
-            c = self._inflight[topic] = Counter()
-        c[seq] += 1
-        self._n_inflight += 1
-
     def release(self, topic: Topic, seq: int) -> None:
         """An admitted frame will not reach the bus (its publish failed)."""
         c = self._inflight.get(topic)
-        if c is None or c[seq] <= 0:
+        if c is None:
             return
-        c[seq] -= 1
+        n = c.get(seq, 0)
+        if n <= 0:
+            return
         self._n_inflight -= 1
-        if c[seq] == 0:
-            del c[seq]
-            if not c:
-                del self._inflight[topic]
+        if n > 1:
+            c[seq] = n - 1
+            return
+        del c[seq]
+        if not c:
+            del self._inflight[topic]
+
+    def release_many(self, frames: Iterable[Frame]) -> None:
+        """:meth:`release` of each of ``frames``."""
+        release = self.release
+        for f in frames:
+            release(f.topic, f.seq)
 
     # ------------------------------------------------------------------ worker side
     def consumed(self, topic: Topic, seq: int) -> None:
         """The worker read this frame from the bus: it is no longer in flight."""
         self.release(topic, seq)
+
+    def consumed_many(self, frames: Iterable[Frame | None]) -> None:
+        """:meth:`consumed` of each frame of a batch the worker read (None: corrupt)."""
+        if not self._n_inflight:
+            return  # nothing in flight (frames replayed after a restart, other publishers)
+        release = self.release
+        for f in frames:
+            if f is not None:
+                release(f.topic, f.seq)
 
     def holds(self, topic: Topic, lo: int, hi: int) -> bool:
         """True while an admitted seq in ``lo .. hi-1`` has not reached the worker."""
