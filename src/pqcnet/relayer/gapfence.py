@@ -36,11 +36,12 @@ documented limits in the ADR.
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from pqcnet.relayer.errors import LateFrame
+from pqcnet.relayer.errors import LateFrame, RelayerError
 from pqcnet.relayer.frame import Frame, Topic
 
 #: skipped seq ranges remembered per topic (the most recent ones)
@@ -91,17 +92,49 @@ class GapFence:
         """Check ``(frame, retry)`` pairs of one shard; register the admitted ones.
 
         Returns one entry per frame: ``None`` (admitted, now in flight) or the
-        :class:`LateFrame` to answer with.
+        :class:`LateFrame` to answer with. A marks read that fails raises its error.
         """
-        cached = self._cached.get(shard)
+        got = (await self.admit_many({shard: frames}))[shard]
+        if isinstance(got, RelayerError):
+            raise got
+        return got
+
+    async def admit_many(self, by_shard: Mapping[int, Sequence[tuple[Frame, bool]]]
+                         ) -> dict[int, list[LateFrame | None] | RelayerError]:
+        """:meth:`admit` for the frames of several shards (one ingress request): the
+        marks store is read for the cold topics of all of them concurrently, then every
+        frame is checked and registered with no ``await`` in between. A shard whose
+        marks read failed gets that error instead of a list (its frames not admitted)."""
         # a local worker's cached mark is at least as new as the store: read the store
         # only for topics it does not hold (cold topics, shards owned elsewhere)
-        cold = [t for t in dict.fromkeys(f.topic for f, _ in frames)
-                if cached is None or cached(t) is None]
-        stored: Mapping[Topic, int] = {}
-        if self._marks is not None and cold:
-            stored = await self._marks(shard, cold)
-        # no await from here on: the check and the registration are one step
+        colds: dict[int, list[Topic]] = {}
+        for shard, frames in by_shard.items():
+            cached = self._cached.get(shard)
+            cold = [t for t in dict.fromkeys(f.topic for f, _ in frames)
+                    if cached is None or cached(t) is None]
+            if cold and self._marks is not None:
+                colds[shard] = cold
+        stored: dict[int, Mapping[Topic, int] | BaseException] = {}
+        if colds:
+            marks = self._marks
+            assert marks is not None
+            got = await asyncio.gather(*(marks(s, t) for s, t in colds.items()),
+                                       return_exceptions=True)
+            stored = dict(zip(colds, got, strict=True))
+        # no await from here on: the checks and the registrations are one step
+        out: dict[int, list[LateFrame | None] | RelayerError] = {}
+        for shard, frames in by_shard.items():
+            known = stored.get(shard, {})
+            if isinstance(known, BaseException):
+                if not isinstance(known, RelayerError):
+                    raise known
+                out[shard] = known
+                continue
+            out[shard] = self._admit(self._cached.get(shard), known, frames)
+        return out
+
+    def _admit(self, cached: Callable[[Topic], int | None] | None, stored: Mapping[Topic, int],
+               frames: Sequence[tuple[Frame, bool]]) -> list[LateFrame | None]:
         out: list[LateFrame | None] = []
         nxts: dict[Topic, int] = {}
         inflight = self._inflight

@@ -33,7 +33,6 @@ from pqcnet.relayer.errors import (
     FieldTooLarge,
     FrameRejected,
     NotAuthorized,
-    OverflowFull,
     QuotaExceeded,
     RelayerError,
     SeqNotMonotonic,
@@ -288,54 +287,8 @@ class Ingress:
             else:
                 idxs.append(idx)
 
-        async def one(shard: int, idxs: list[int]) -> None:
-            # admitted items carry a frame (the loop above refused the others)
-            frames = cast(list[Frame], [items[i].frame for i in idxs])
-            if self.fence is not None:
-                try:
-                    late = await self.fence.admit(
-                        shard, [(f, items[i].retry) for f, i in zip(frames, idxs, strict=True)])
-                except RelayerError as exc:  # marks unreadable: refuse, retriable
-                    for i in idxs:
-                        results[i] = Result(items[i].seq, False, code=exc.code,
-                                            reason=str(exc), retriable=exc.retriable)
-                    return
-                if any(err is not None for err in late):
-                    for i, err in zip(idxs, late, strict=True):
-                        if err is not None:
-                            results[i] = Result(items[i].seq, False, code=err.code,
-                                                reason=str(err))
-                    idxs = [i for i, err in zip(idxs, late, strict=True) if err is None]
-                    if not idxs:
-                        return
-                    frames = cast(list[Frame], [items[i].frame for i in idxs])
-            records = [encode(f) for f in frames]
-            try:
-                acc = await self.publisher.publish(shard, records)
-            except (OverflowFull, RelayerError) as exc:
-                for i in idxs:
-                    results[i] = Result(items[i].seq, False, code=exc.code, reason=str(exc),
-                                        retriable=exc.retriable)
-                if self.fence is not None:
-                    self.fence.release_many(frames)
-                return
-            session.shards.add(shard)
-            overflowed = acc.overflowed
-            top: dict[Topic, int] = {}
-            for i, frame in zip(idxs, frames, strict=True):
-                results[i] = accepted(items[i].seq, overflowed)
-                topic = frame.topic
-                if frame.seq > top.get(topic, 0):
-                    top[topic] = frame.seq
-            for topic, high in top.items():  # most recently used last (the bound's order)
-                session.highest[topic] = max(session.highest.pop(topic, 0), high)
-            if overflowed:
-                self.stats.overflowed += len(idxs)
-
-        if len(by_shard) == 1:
-            await one(*next(iter(by_shard.items())))
-        else:
-            await asyncio.gather(*(one(s, idxs) for s, idxs in by_shard.items()))
+        if by_shard:
+            await self._commit(session, items, by_shard, results)
         while len(session.highest) > MAX_TOPICS_PER_TUNNEL:
             session.highest.popitem(last=False)
         out = [r for r in results if r is not None]
@@ -343,6 +296,64 @@ class Ingress:
         self.stats.accepted += ok
         self.stats.rejected += len(out) - ok
         return out
+
+    async def _commit(self, session: TunnelSession, items: Sequence[Incoming],
+                      by_shard: dict[int, list[int]], results: list[Result | None]) -> None:
+        """Fence, then one durable publish for every shard of the request; fills
+        ``results`` for the items in ``by_shard``."""
+
+        def refuse(idxs: list[int], exc: RelayerError) -> None:
+            for i in idxs:
+                results[i] = Result(items[i].seq, False, code=exc.code, reason=str(exc),
+                                    retriable=exc.retriable)
+
+        # the valid items carry a frame (the loop in publish refused the others)
+        frames = {s: cast(list[Frame], [items[i].frame for i in idxs])
+                  for s, idxs in by_shard.items()}
+        if self.fence is not None:
+            verdicts = await self.fence.admit_many(
+                {s: [(f, items[i].retry) for f, i in zip(frames[s], idxs, strict=True)]
+                 for s, idxs in by_shard.items()})
+            for shard, late in verdicts.items():
+                idxs = by_shard[shard]
+                if isinstance(late, RelayerError):  # marks unreadable: refuse, retriable
+                    refuse(idxs, late)
+                    del by_shard[shard], frames[shard]
+                    continue
+                if any(err is not None for err in late):
+                    for i, err in zip(idxs, late, strict=True):
+                        if err is not None:
+                            results[i] = Result(items[i].seq, False, code=err.code,
+                                                reason=str(err))
+                    by_shard[shard] = [i for i, e in zip(idxs, late, strict=True) if e is None]
+                    frames[shard] = [f for f, e in zip(frames[shard], late, strict=True)
+                                     if e is None]
+                    if not by_shard[shard]:
+                        del by_shard[shard], frames[shard]
+            if not by_shard:
+                return
+        outcome = await self.publisher.publish_many(
+            {s: [encode(f) for f in fs] for s, fs in frames.items()})
+        top: dict[Topic, int] = {}
+        for shard, idxs in by_shard.items():
+            acc = outcome[shard]
+            if isinstance(acc, RelayerError):  # bus and overflow both refused (OverflowFull…)
+                refuse(idxs, acc)
+                if self.fence is not None:
+                    self.fence.release_many(frames[shard])
+                continue
+            session.shards.add(shard)
+            overflowed = acc.overflowed
+            for i, frame in zip(idxs, frames[shard], strict=True):
+                results[i] = accepted(items[i].seq, overflowed)
+                topic = frame.topic
+                if frame.seq > top.get(topic, 0):
+                    top[topic] = frame.seq
+            if overflowed:
+                self.stats.overflowed += len(idxs)
+        highest = session.highest
+        for topic, high in top.items():  # most recently used last (the bound's order)
+            highest[topic] = max(highest.pop(topic, 0), high)
 
     # ------------------------------------------------------------------ flow
     def apply_flow(self, change: FlowChange) -> None:
