@@ -109,7 +109,7 @@ def _worker_main(config_path: Path, index: int, port: int, rotation: dict[str, A
 
     from pqcnet.cli._common import run_until_signalled
     from pqcnet.cli._rotation import bind_relayer, build_manager, unbind
-    from pqcnet.cli.relayer import reload_policy
+    from pqcnet.cli.relayer import reload_policy, tune_gc
     from pqcnet.relayer.node import RelayerNode, load_identity, save_identity
 
     base = RelayerConfig.load(config_path)
@@ -135,12 +135,13 @@ def _worker_main(config_path: Path, index: int, port: int, rotation: dict[str, A
         await node.stop()
 
     def up(node: RelayerNode) -> None:
+        tune_gc()
         ready.put({"index": index, "port": node.port, "own_port": node.own_port,
                    "metrics_port": node.metrics_port,
                    "grpc_port": node.grpc_port, "node": cfg.node_id,
                    "degraded": node.degraded})
 
-    run_until_signalled(start, stop, up)
+    run_until_signalled(start, stop, up, fast_loop=True)
 
 
 def _reserve(host: str, port: int) -> socket.socket:
