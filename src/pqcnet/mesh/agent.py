@@ -80,6 +80,7 @@ from pqcnet.mesh.messages import (
     RouteEntry,
     SlashingProposal,
 )
+from pqcnet.mesh.offload import CryptoPool
 from pqcnet.mesh.peers import PeerTable, RoutingCache
 from pqcnet.mesh.publisher import Publisher
 from pqcnet.mesh.transport import Subscription, Transport, WakuMessage
@@ -105,6 +106,7 @@ class ControlPlaneAgent:
                  ledger: LedgerPort | None = None,
                  bundles: BundleStore | None = None,
                  crl: CrlGate | None = None,
+                 crypto: CryptoPool | None = None,
                  clock: Callable[[], int] = now_ms) -> None:
         self.keys = keys
         self.transport = transport
@@ -119,8 +121,9 @@ class ControlPlaneAgent:
         keyring.denied = self._ledger_denied
         self.signer = EnvelopeSigner(keys)
         self.verifier = EnvelopeVerifier(keyring, [keys.recipient_key], self.config.verifier)
+        # ``crypto``: sign and seal on its threads (owned and closed by the caller)
         self.publisher = Publisher(transport, self.signer, namespace=self.config.namespace,
-                                   clock=clock)
+                                   clock=clock, crypto=crypto)
         self.topics = self.publisher.topics
         self.my_inbox = self.publisher.inbox(keys.node_id)
         self.peers = PeerTable(expiry_ms=self.config.peer_expiry_ms)

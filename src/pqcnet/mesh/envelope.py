@@ -200,39 +200,75 @@ class NodeKeys:
 # --------------------------------------------------------------------------- sending
 
 
+@dataclass(frozen=True, slots=True)
+class UnsignedEnvelope:
+    """An envelope whose counter is already taken, ready to be signed in any thread.
+
+    :meth:`EnvelopeSigner.reserve` makes it on the caller's thread, so counters follow
+    the order of the calls; :meth:`sign` and :meth:`wire` touch no shared state (the key
+    is the one current at reservation), which lets a
+    :class:`~pqcnet.mesh.offload.CryptoPool` run them off the event loop.
+    """
+
+    type: MessageType
+    #: the serialized ``ControlEnvelope`` (counter, timestamp, body, recipient)
+    envelope: bytes = field(repr=False)
+    counter: int
+    signing_key: SigningKey = field(repr=False)
+
+    def sign(self) -> bytes:
+        """Serialized ``SignedEnvelope``."""
+        sig = self.signing_key.sign(self.envelope, context=CONTEXT_ENVELOPE)
+        return mesh_pb2.SignedEnvelope(envelope=self.envelope,
+                                       signature=sig).SerializeToString()
+
+    def wire(self, to: RecipientPublicKey | None = None, hops: int = 0) -> bytes:
+        """A complete Waku payload: signed, sealed to ``to`` if given (and counted)."""
+        out = wrap(self.sign(), to=to, hops=hops)
+        metrics.PUBLISHED.labels(self.type.name.lower()).inc()  # thread-safe
+        return out
+
+
 class EnvelopeSigner:
     """Builds wire messages for one node. Counters start at the construction time in
-    microseconds, so they keep increasing across restarts without persisted state."""
+    microseconds, so they keep increasing across restarts without persisted state.
+
+    Not thread-safe: call it from one thread (the event loop); hand the
+    :class:`UnsignedEnvelope` from :meth:`reserve` to other threads to sign."""
 
     def __init__(self, keys: NodeKeys, *, start_counter: int | None = None) -> None:
         self.keys = keys
         self._counter = start_counter if start_counter is not None else time.time_ns() // 1000
+
+    @property
+    def counter(self) -> int:
+        """The last counter taken."""
+        return self._counter
 
     def rekey(self, signing_key: SigningKey, key_version: int) -> None:
         """Switch to a new key (forced rekey); counters continue."""
         self.keys.signing_key = signing_key
         self.keys.key_version = key_version
 
-    def sign(self, type_: MessageType, body: bytes, *, now_ms: int,
-             recipient: bytes = b"") -> bytes:
-        """Serialized ``SignedEnvelope`` for ``body``."""
+    def reserve(self, type_: MessageType, body: bytes, *, now_ms: int,
+                to: RecipientPublicKey | None = None) -> UnsignedEnvelope:
+        """Take the next counter for ``body`` (sealed to ``to`` if given); sign later."""
         self._counter += 1
         env = mesh_pb2.ControlEnvelope(
             type=mesh_pb2.MessageType.Name(type_.value), sender=self.keys.node_id,
             counter=self._counter, timestamp_ms=now_ms, body=body,
-            key_version=self.keys.key_version, recipient=recipient,
+            key_version=self.keys.key_version, recipient=to.key_id if to is not None else b"",
         ).SerializeToString()
-        sig = self.keys.signing_key.sign(env, context=CONTEXT_ENVELOPE)
-        return mesh_pb2.SignedEnvelope(envelope=env, signature=sig).SerializeToString()
+        return UnsignedEnvelope(type_, env, self._counter, self.keys.signing_key)
+
+    def sign(self, type_: MessageType, body: bytes, *, now_ms: int) -> bytes:
+        """Serialized ``SignedEnvelope`` for ``body`` (no recipient: content for many)."""
+        return self.reserve(type_, body, now_ms=now_ms).sign()
 
     def wire(self, type_: MessageType, body: bytes, *, now_ms: int,
              to: RecipientPublicKey | None = None, hops: int = 0) -> bytes:
         """A complete Waku payload: signed, sealed to ``to`` if given."""
-        rcpt = to.key_id if to is not None else b""
-        signed = self.sign(type_, body, now_ms=now_ms, recipient=rcpt)
-        out = wrap(signed, to=to, hops=hops)
-        metrics.PUBLISHED.labels(type_.name.lower()).inc()
-        return out
+        return self.reserve(type_, body, now_ms=now_ms, to=to).wire(to, hops)
 
 
 def wrap(signed: bytes, *, to: RecipientPublicKey | None, hops: int) -> bytes:

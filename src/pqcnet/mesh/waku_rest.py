@@ -6,7 +6,9 @@ since the previous GET (bounded by the node's ``--rest-relay-cache-capacity``).
 :class:`~pqcnet.mesh.waku.WakuTransport` turns one or more of these clients into the
 push-style :class:`~pqcnet.mesh.transport.Transport` seam.
 
-Failure policy: connection errors, timeouts and 5xx answers are retried with
+HTTP is :class:`~pqcnet.mesh.http1.HttpClient` (keep-alive sockets, llhttp parsing;
+see there for why not httpx). Failure policy: connection errors, timeouts and 5xx
+answers are retried with
 exponential backoff up to ``retries`` times and then raised as
 :class:`~pqcnet.mesh.errors.WakuUnavailable` (retriable); 4xx answers raise
 :class:`~pqcnet.mesh.errors.WakuError` at once (a GET for a content topic the node does
@@ -24,16 +26,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import httpx
-
 from pqcnet.mesh import metrics
 from pqcnet.mesh.errors import ConfigError, WakuError, WakuUnavailable
+from pqcnet.mesh.http1 import DEFAULT_MAX_CONNECTIONS, HttpClient, HttpResponse
 from pqcnet.mesh.transport import WakuMessage
 
 
@@ -52,12 +54,16 @@ class WakuClientConfig:
     poll_interval_s: float = 0.05
     #: longest pause between polls while the node is down
     max_backoff_s: float = 2.0
+    #: keep-alive sockets to the node; bounds concurrent requests (more wait)
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"Waku REST URL must be http(s): {self.base_url!r}")
         if self.timeout_s <= 0 or self.retries < 0 or self.poll_interval_s <= 0:
             raise ConfigError("Waku timeouts must be > 0 and retries >= 0")
+        if self.max_connections < 1:
+            raise ConfigError("Waku max_connections must be >= 1")
 
 
 def _b64decode(text: str) -> bytes:
@@ -71,40 +77,50 @@ def _b64decode(text: str) -> bytes:
         raise WakuError(f"node returned a payload that is not base64: {exc}") from None
 
 
+def _json_object(resp: HttpResponse) -> dict[str, Any]:
+    try:
+        data = json.loads(resp.body)
+    except ValueError:
+        raise WakuError("node returned an answer that is not JSON") from None
+    if not isinstance(data, dict):
+        raise WakuError("node returned a non-object answer")
+    return data
+
+
 class WakuRestClient:
     """Relay, health and debug endpoints of one Waku node."""
 
-    def __init__(self, config: WakuClientConfig | str,
-                 *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, config: WakuClientConfig | str) -> None:
         self.config = WakuClientConfig(config) if isinstance(config, str) else config
-        self._http = httpx.AsyncClient(
-            base_url=self.config.base_url.rstrip("/"),
-            timeout=self.config.timeout_s,
-            transport=transport,
-        )
+        self._http = HttpClient(self.config.base_url, timeout_s=self.config.timeout_s,
+                                max_connections=self.config.max_connections)
 
     async def aclose(self) -> None:
         await self._http.aclose()
 
     async def _request(self, method: str, path: str, *, op: str,
-                       json_body: Any = None, ok: tuple[int, ...] = (200,)) -> httpx.Response:
+                       json_body: Any = None, ok: tuple[int, ...] = (200,)) -> HttpResponse:
+        body = None if json_body is None else json.dumps(
+            json_body, separators=(",", ":")).encode()
         delay = self.config.backoff_s
         last: str = ""
         for attempt in range(self.config.retries + 1):
             try:
-                resp = await self._http.request(method, path, json=json_body)
-            except httpx.TransportError as exc:
-                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                resp = await self._http.request(method, path, body)
+            except WakuUnavailable as exc:
+                if self._http.closed:
+                    raise  # closed by us: retrying cannot help
+                last = str(exc)
             else:
-                if resp.status_code in ok:
+                if resp.status in ok:
                     return resp
-                if resp.status_code < 500:
+                if resp.status < 500:
                     metrics.WAKU_ERRORS.labels(op).inc()
                     raise WakuError(
-                        f"waku {op} {path}: HTTP {resp.status_code} {resp.text[:200]!r}",
-                        status=resp.status_code,
+                        f"waku {op} {path}: HTTP {resp.status} {resp.text[:200]!r}",
+                        status=resp.status,
                     )
-                last = f"HTTP {resp.status_code} {resp.text[:200]!r}"
+                last = f"HTTP {resp.status} {resp.text[:200]!r}"
             if attempt < self.config.retries:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.max_backoff_s)
@@ -118,19 +134,21 @@ class WakuRestClient:
         which still proves the REST server is up."""
         resp = await self._request("GET", "/health", op="health", ok=(200, 501))
         try:
-            return str(resp.json())
+            return str(json.loads(resp.body))
         except ValueError:
             return resp.text
 
     async def info(self) -> dict[str, Any]:
         """``/debug/v1/info``: ENR and listen addresses."""
         resp = await self._request("GET", "/debug/v1/info", op="info")
-        data: dict[str, Any] = resp.json()
-        return data
+        return _json_object(resp)
 
     async def version(self) -> str:
         resp = await self._request("GET", "/debug/v1/version", op="version")
-        return str(resp.json())
+        try:
+            return str(json.loads(resp.body))
+        except ValueError:
+            raise WakuError("node returned a version that is not JSON") from None
 
     # ------------------------------------------------------------------ auto-sharded relay
 
@@ -195,9 +213,9 @@ class WakuRestClient:
         }
 
     @staticmethod
-    def _parse_messages(resp: httpx.Response) -> list[WakuMessage]:
+    def _parse_messages(resp: HttpResponse) -> list[WakuMessage]:
         try:
-            data = resp.json()
+            data = json.loads(resp.body)
         except ValueError:
             raise WakuError("node returned messages that are not JSON") from None
         if data is None:
