@@ -59,3 +59,18 @@ def test_serve_token_enroll_replay(tmp_path: Path) -> None:
             serve.kill()
             serve.wait()
     assert serve.returncode == 0, serve.stderr.read() if serve.stderr else ""
+
+
+def test_serve_refuses_to_advertise_its_bind_address(tmp_path: Path) -> None:
+    """`--host 0.0.0.0` is where the service listens, not where other nodes reach it: a
+    CRL URL on it would send each enrolled node to itself. Refused before listening,
+    with the option that fixes it named; `--advertise-host` gives the reachable name."""
+    env = {**os.environ, "PQCNET_CA_PASSPHRASE": "ca-pw"}
+    assert _run("ca", "init", "--dir", "ca", "--trust-domain", "example.org",
+                cwd=tmp_path, env=env).returncode == 0
+    for host in ("0.0.0.0", "::"):
+        res = _run("ca", "serve", "--dir", "ca", "--host", host, "--port", "0",
+                   "--crl-http-port", "18081", cwd=tmp_path, env=env)
+        assert res.returncode == 1, res
+        assert f"{host} is a bind address" in res.stderr, res.stderr
+        assert "--advertise-host" in res.stderr and "Traceback" not in res.stderr

@@ -292,6 +292,10 @@ def show(identity_dir: Path, passphrase_env: str, no_passphrase: bool) -> None:
 @cli.command("serve")
 @_ca_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--advertise-host", default="",
+              help="Name or address other nodes reach this service by, in the URLs it hands "
+              "out (the CRL URL of the enroll answer, the ready line); default: --host, "
+              "which must then not be a wildcard such as 0.0.0.0.")
 @click.option("--port", type=int, default=8443, show_default=True,
               help="HTTPS port (PQ TLS: X25519MLKEM768, ML-DSA certificate); 0 = any free.")
 @click.option("--crl-http-port", type=int, default=None,
@@ -326,8 +330,8 @@ def show(identity_dir: Path, passphrase_env: str, no_passphrase: bool) -> None:
               help="Replace the CA policy's SPIFFE layouts (see `ca init`; saved with the "
               "CA's state): TEMPLATE[,role=R][,tenant=T] (repeat).")
 def serve(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_passphrase: bool,
-          host: str, port: int, crl_http_port: int | None, ledger_dir: Path | None,
-          max_nodes_per_tenant: int, allow_tenants: tuple[str, ...],
+          host: str, advertise_host: str, port: int, crl_http_port: int | None,
+          ledger_dir: Path | None, max_nodes_per_tenant: int, allow_tenants: tuple[str, ...],
           attest_roles: tuple[str, ...], package_hashes: tuple[str, ...],
           admins: tuple[str, ...], enroll_rate: float, enroll_burst: int,
           cert_ttl: dt.timedelta | None, bootstrap_peers: tuple[str, ...],
@@ -353,14 +357,16 @@ def serve(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_pas
             {package_hash()})
     except ValueError:
         raise click.BadParameter("--package-hash must be hex") from None
-    scheme_host = f"{host}:{{port}}"
+    public = advertise_host or host
+    public = f"[{public}]" if ":" in public else public  # an IPv6 literal in a URL
+    scheme_host = f"{public}:{{port}}"
     config = CaServiceConfig(
         max_nodes_per_tenant=max_nodes_per_tenant, allowed_tenants=allow_tenants,
         attest_roles=attest_roles,
         measurements=MeasurementPolicy(package_hashes=hashes) if attest_roles else None,
         admin_patterns=admins, enroll_rate=enroll_rate, enroll_burst=enroll_burst,
         cert_ttl=cert_ttl, bootstrap_peers=bootstrap_peers, gossip_fanout=gossip_fanout,
-        crl_url=(f"http://{host}:{crl_http_port}/v1/crl" if crl_http_port else ""),
+        crl_url=(f"http://{public}:{crl_http_port}/v1/crl" if crl_http_port else ""),
         crl_max_age_s=crl_max_age)
     ledger = Ledger.open(ledger_dir or (ca_dir / "ledger"), sync=True)
 
