@@ -16,6 +16,7 @@ docker-compose v1 (ADR 0018); the daemon and CLI come from .services/deploy-env.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -130,6 +131,9 @@ class Compose:
         self.compose("down", "-v", "--remove-orphans", "-t", "5", check=False)
         if not keep_secrets:
             shutil.rmtree(self.secrets_dir, ignore_errors=True)
+            if self.secrets_dir.parent == secrets_dir(self.project).parent:
+                with contextlib.suppress(OSError):  # build/compose/<project>, if empty
+                    self.secrets_dir.parent.rmdir()
 
 
 def main(argv: list[str] | None = None) -> int:
