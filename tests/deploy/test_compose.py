@@ -45,7 +45,6 @@ from pqcnet.identity import NodeIdentity
 from pqcnet.relayer.client import PublisherClient, SubscriberClient
 from pqcnet.relayer.cursor import JournalCursor, payload_digest
 from pqcnet.relayer.frame import Frame, Topic
-from pqcnet.runtime import enroll as enroll_client
 from tests.conftest import ROOT
 from tests.docs.markdown import blocks
 
@@ -686,7 +685,8 @@ def test_enrolled_node_fetches_the_advertised_crl_and_revocation_applies(
     """The CRL URL the CA service hands an enrolling node (the enroll answer's
     config.crl_url) names the service (`ca`, its --advertise-host), not its bind
     address 0.0.0.0: the node, in another container, fetches and verifies the CRL
-    from it. An operator (the admin identity) revokes the node through the CA service;
+    from it. An operator revokes the node through the CA service (`pqcnet ca revoke
+    --ca`, the admin identity, the CA's 8443 published on loopback);
     the node's next fetch lists its serial, and the relayers — which refresh the CRL
     from the same URL every 5 s into their read-only identity mounts — refuse its
     handshake, while an unrevoked publisher still gets through."""
@@ -707,9 +707,10 @@ def test_enrolled_node_fetches_the_advertised_crl_and_revocation_applies(
     assert serial not in before["revoked"], before  # type: ignore[operator]
     assert asyncio.run(_publish_as(net, "relayer-1", ident)) == [True] * 5
 
-    asyncio.run(enroll_client.revoke(f"https://127.0.0.1:{net.port('ca', 8443)}",
-                                     _identity(net, "admin"), serial=ident.serial,
-                                     reason="key_compromise"))
+    res = _cli("ca", "revoke", "--ca", f"https://127.0.0.1:{net.port('ca', 8443)}",
+               "--identity", str(net.secrets_dir / "admin"), "--serial", serial,
+               "--reason", "key_compromise")
+    assert res.returncode == 0, res.stderr
     after = fetched()
     assert serial in after["revoked"], after  # type: ignore[operator]
 
