@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,8 +33,16 @@ ROOT = images.ROOT
 SERVICE_IMAGES = ("sentry", "relayer", *images.SERVICES)
 
 
+#: what docker-compose keeps of a project name as is (it would rewrite others, and the
+#: name is a path component of the secrets directory)
+PROJECT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
 def secrets_dir(project: str) -> Path:
     """The default secrets directory of a project (compose.yaml's default for ``pqcnet``)."""
+    if not PROJECT_NAME.fullmatch(project):
+        raise SystemExit(f"compose project name {project!r}: use lowercase letters, digits, "
+                         "'-' and '_' (starting with a letter or digit)")
     return ROOT / "build" / "compose" / project / "secrets"
 
 
@@ -45,7 +54,8 @@ class Compose:
                  secrets: Path | None = None) -> None:
         self.project = project
         self.tag = tag or images.version()
-        self.secrets_dir = (secrets or secrets_dir(project)).resolve()
+        default = secrets_dir(project)  # also checks the project name
+        self.secrets_dir = (secrets or default).resolve()
         env = images.deploy_env()
         self.docker_cli = env.get("PQCNET_DOCKER_CLI", "docker")
         self.compose_cli = env.get("PQCNET_COMPOSE", "docker-compose")
