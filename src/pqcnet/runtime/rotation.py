@@ -16,7 +16,8 @@ a long-running role runs. Every ``poll_s`` it:
    lifetime is left it raises an alarm (metric + error log) — long before expiry;
 3. **refreshes the CRL** from ``crl_url`` (``GET /v1/crl`` with ETag) when one is
    configured (else the ``crl.pem`` file is watched as part of 1), verified against
-   the trust bundle; only a newer CRL replaces the held one.
+   the trust bundle; only a newer CRL replaces the held one. It is written to the
+   directory when that is writable, else held in memory (read-only mounts).
 
 Changes reach the role through callbacks. :class:`ServerBinding` is the one for a
 QSTP server: new handshakes use the new identity at once; tunnels made under the
@@ -306,7 +307,13 @@ class IdentityManager:
         if not fresh.is_newer_than(held):
             return
         new = ident.with_crl(pem)
-        await asyncio.to_thread(self._write_crl, pem)
+        try:
+            await asyncio.to_thread(self._write_crl, pem)
+        except OSError as exc:
+            # a read-only identity directory (a mounted Secret, a compose ``:ro`` bind):
+            # the CRL still applies, held in memory and fetched again after a restart
+            log.warning("CRL applied in memory only: cannot write it to the identity "
+                        "directory", extra={"dir": str(self.directory), "error": str(exc)})
         await self._apply(new, "crl")
 
     def _write_crl(self, pem: bytes) -> None:
