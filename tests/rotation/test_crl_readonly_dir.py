@@ -9,7 +9,9 @@ the filesystem refuses to write (``chattr +i`` as root, mode 0555 otherwise).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -44,11 +46,13 @@ def _read_only(directory: Path) -> Iterator[None]:
             directory.chmod(0o755)
 
 
-async def test_crl_applies_in_memory_when_the_directory_is_read_only(tmp_path: Path) -> None:
+async def test_crl_applies_in_memory_when_the_directory_is_read_only(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     svc = await start_service(tmp_path / "ca")
     try:
         node = svc.ca.issue(f"spiffe://{TD}/acme/relayer/r1")
         peer = svc.ca.issue(f"spiffe://{TD}/acme/publisher/p1")
+        other = svc.ca.issue(f"spiffe://{TD}/acme/publisher/p2")
         admin = svc.ca.issue(f"spiffe://{TD}/ops/admin/a1")
         directory = tmp_path / "id"
         node.save(directory, None)
@@ -64,7 +68,17 @@ async def test_crl_applies_in_memory_when_the_directory_is_read_only(tmp_path: P
             assert load_crl(held, node.trust_bundle_pem).is_revoked(peer.serial)
             assert manager.reloads == 1
             assert (directory / "crl.pem").read_bytes() == on_disk  # untouched
-            await manager.tick()  # and the next tick still runs (304 or same CRL)
+            # the next CRL is taken too, and the read-only directory is said only once
+            await client.revoke(svc.url, admin, serial=other.serial, reason="superseded")
+            await asyncio.sleep(0.6)  # crl_refresh_s
+            await manager.tick()
+            held = manager.identity.crl_pem
+            assert held is not None
+            assert load_crl(held, node.trust_bundle_pem).is_revoked(other.serial)
+            assert manager.reloads == 2
+        warned = [r for r in caplog.records
+                  if r.levelno == logging.WARNING and "in memory only" in r.getMessage()]
+        assert len(warned) == 1, warned
     finally:
         await svc.service.close()
         svc.ledger.close()

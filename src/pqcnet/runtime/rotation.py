@@ -165,6 +165,8 @@ class IdentityManager:
         self._retry_s = self.config.retry_min_s
         self._next_crl = 0.0
         self._crl_etag = ""
+        #: the directory refused a CRL write once: later CRLs are held in memory quietly
+        self._crl_in_memory = False
         self.renewals_ok = 0
         self.renewals_failed = 0
         self.reloads = 0
@@ -311,9 +313,12 @@ class IdentityManager:
             await asyncio.to_thread(self._write_crl, pem)
         except OSError as exc:
             # a read-only identity directory (a mounted Secret, a compose ``:ro`` bind):
-            # the CRL still applies, held in memory and fetched again after a restart
-            log.warning("CRL applied in memory only: cannot write it to the identity "
-                        "directory", extra={"dir": str(self.directory), "error": str(exc)})
+            # the CRL still applies, held in memory and fetched again after a restart;
+            # said once (the CA re-signs every max-age: a line per refresh is noise)
+            (log.debug if self._crl_in_memory else log.warning)(
+                "CRL applied in memory only: cannot write it to the identity directory",
+                extra={"dir": str(self.directory), "error": str(exc)})
+            self._crl_in_memory = True
         await self._apply(new, "crl")
 
     def _write_crl(self, pem: bytes) -> None:
