@@ -186,6 +186,14 @@ def test_every_node_counts_live_mesh_peers(net: compose_tool.Compose) -> None:
     drops = {r["metric"]["instance"]: r["value"][1] for r in _prom(  # type: ignore[index]
         port, 'pqcnet_mesh_dropped_messages_total{reason="unknown_sender"}')}
     print(f"live mesh peers: {live}; unknown_sender drops: {drops}")
+    # now that they hear each other, their DAG tips reach each other too: anchor-only
+    # nodes (control_plane.dag_pull_from: []; each has its own genesis) pull nothing, so
+    # no node refuses a foreign vertex and PqcnetLedgerVerifyErrors stays quiet
+    time.sleep(12)  # several tips rounds (2 s) and scrapes (5 s)
+    refused = _prom(port, "sum by (instance) (pqcnet_mesh_dag_refused_vertices_total)")
+    assert all(float(r["value"][1]) == 0 for r in refused), refused  # type: ignore[index]
+    firing = _prom(port, 'ALERTS{alertname="PqcnetLedgerVerifyErrors"}')
+    assert firing == [], firing
 
 
 def test_client_sidecar_sentry_backend(net: compose_tool.Compose) -> None:
