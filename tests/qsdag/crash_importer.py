@@ -1,5 +1,7 @@
 """Subprocess for the grouped-import crash test: import a peer's vertices from a
-file of length-prefixed wire frames, printing how many were taken before each one."""
+file of length-prefixed wire frames, printing the index of each one before it is
+taken. Before frame ``stall`` the stream stalls (like a peer that stops sending)
+until stdin has a line, so the test can kill the import at a known point."""
 
 from __future__ import annotations
 
@@ -20,13 +22,15 @@ def frames(path: Path) -> Iterator[bytes]:
         at += 4 + n
 
 
-def main(ledger_path: str, frames_path: str) -> None:
+def main(ledger_path: str, frames_path: str, stall: str = "-1") -> None:
     ledger = Ledger.open(ledger_path)
 
     def stream() -> Iterator[bytes]:
         for i, frame in enumerate(frames(Path(frames_path))):
             sys.stdout.write(f"{i}\n")
             sys.stdout.flush()
+            if i == int(stall):
+                sys.stdin.readline()
             yield frame
 
     ledger.import_(stream())
@@ -36,4 +40,4 @@ def main(ledger_path: str, frames_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])

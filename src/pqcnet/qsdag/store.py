@@ -105,8 +105,11 @@ class Batch:
         self.size = 0
 
     def after_commit(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` once the batch is applied (write-through caches use this, so a
-        failed commit never leaves a cache ahead of the store)."""
+        """Run ``fn`` once the batch is applied — written, or (inside
+        :meth:`Store.grouped`) in the group every read sees. Write-through caches use
+        this, so a failed commit never leaves a cache ahead of the store; a failed
+        group write raises :class:`LedgerStateError` and the owner must re-read its
+        caches (:meth:`Ledger.import_ <pqcnet.qsdag.ledger.Ledger.import_>` does)."""
         self._after.append(fn)
 
     def put(self, cf: str, key: bytes, value: bytes) -> None:
@@ -278,8 +281,10 @@ class Store:
         """Flush and release the database (all handles are dropped)."""
         if getattr(self, "_db", None) is None:
             return
-        self.flush()
-        self._cfs.clear()
-        self._handles.clear()
-        self._db.close()
-        self._db = None  # type: ignore[assignment]
+        try:
+            self.flush()
+        finally:
+            self._cfs.clear()
+            self._handles.clear()
+            self._db.close()
+            self._db = None  # type: ignore[assignment]
