@@ -3,18 +3,24 @@
     python tools/compose.py up [--project P] [--tag T] [--build]   # make compose-up
     python tools/compose.py down [--project P]                       # make compose-down
 
-``up``: identities into build/compose/secrets (compose/make-secrets, today's CLI),
-images if missing (tools/images.py --services), ``docker-compose up -d``, then waits
-(bounded) until every container with a healthcheck is healthy. ``down`` removes the
-containers, the network and the volumes. Debian's docker-compose v1 (ADR 0018); the
-daemon and CLI come from .services/deploy-env.
+``up``: identities into the project's own secrets directory (compose/make-secrets,
+today's CLI; ``build/compose/<project>/secrets`` unless ``--secrets DIR``), images if
+missing (tools/images.py --services), ``docker-compose up -d``, then waits (bounded)
+until every container with a healthcheck is healthy. ``down`` removes the containers,
+the network, the volumes and that secrets directory (the CA service wrote its state
+there; the next ``up`` issues fresh identities for fresh ledgers). One directory per
+project: two checkouts or test runs never share identities or CA state. Debian's
+docker-compose v1 (ADR 0018); the daemon and CLI come from .services/deploy-env.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -24,21 +30,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import images
 
 ROOT = images.ROOT
-SECRETS = ROOT / "build" / "compose" / "secrets"
 SERVICE_IMAGES = ("sentry", "relayer", *images.SERVICES)
 
 
-class Compose:
-    """docker-compose (v1) for one project on our daemon."""
+#: what docker-compose keeps of a project name as is (it would rewrite others, and the
+#: name is a path component of the secrets directory)
+PROJECT_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
-    def __init__(self, project: str = "pqcnet", tag: str | None = None) -> None:
+
+def secrets_dir(project: str) -> Path:
+    """The default secrets directory of a project (compose.yaml's default for ``pqcnet``)."""
+    if not PROJECT_NAME.fullmatch(project):
+        raise SystemExit(f"compose project name {project!r}: use lowercase letters, digits, "
+                         "'-' and '_' (starting with a letter or digit)")
+    return ROOT / "build" / "compose" / project / "secrets"
+
+
+class Compose:
+    """docker-compose (v1) for one project on our daemon, with its own secrets directory
+    (``secrets``: default :func:`secrets_dir`; ``down`` removes it)."""
+
+    def __init__(self, project: str = "pqcnet", tag: str | None = None,
+                 secrets: Path | None = None) -> None:
         self.project = project
         self.tag = tag or images.version()
+        default = secrets_dir(project)  # also checks the project name
+        self.secrets_dir = (secrets or default).resolve()
         env = images.deploy_env()
         self.docker_cli = env.get("PQCNET_DOCKER_CLI", "docker")
         self.compose_cli = env.get("PQCNET_COMPOSE", "docker-compose")
         self.env = dict(os.environ, PQCNET_IMAGE_TAG=self.tag,
-                        PQCNET_COMPOSE_SECRETS=str(SECRETS))
+                        PQCNET_COMPOSE_SECRETS=str(self.secrets_dir))
         if env.get("PQCNET_DOCKER_HOST"):
             self.env["DOCKER_HOST"] = env["PQCNET_DOCKER_HOST"]
         self.deploy_env = env
@@ -73,7 +95,7 @@ class Compose:
 
     def secrets(self) -> None:
         pqcnet = str(Path(sys.executable).with_name("pqcnet"))
-        subprocess.run([str(ROOT / "compose" / "make-secrets"), str(SECRETS)],
+        subprocess.run([str(ROOT / "compose" / "make-secrets"), str(self.secrets_dir)],
                        env=dict(os.environ, PQCNET=pqcnet), check=True, timeout=300)
 
     def health(self) -> dict[str, str]:
@@ -115,8 +137,13 @@ class Compose:
                            check=False)
         return res.stdout + res.stderr
 
-    def down(self) -> None:
+    def down(self, *, keep_secrets: bool = False) -> None:
         self.compose("down", "-v", "--remove-orphans", "-t", "5", check=False)
+        if not keep_secrets:
+            shutil.rmtree(self.secrets_dir, ignore_errors=True)
+            if self.secrets_dir.parent == secrets_dir(self.project).parent:
+                with contextlib.suppress(OSError):  # build/compose/<project>, if empty
+                    self.secrets_dir.parent.rmdir()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,16 +152,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--project", default="pqcnet")
     ap.add_argument("--tag", default=None)
     ap.add_argument("--build", action="store_true", help="Rebuild the images first.")
+    ap.add_argument("--secrets", type=Path, default=None,
+                    help="Secrets directory (default: build/compose/<project>/secrets).")
+    ap.add_argument("--keep-secrets", action="store_true",
+                    help="down: keep the secrets directory.")
     args = ap.parse_args(argv)
-    c = Compose(args.project, args.tag)
+    c = Compose(args.project, args.tag, args.secrets)
     if args.command == "up":
         states = c.up(build=args.build)
         print(json.dumps(states, indent=1))
         print(f"prometheus: http://127.0.0.1:{c.port('prometheus', 9090)}  relayers: "
               f"127.0.0.1:{c.port('relayer-1', 7400)} 127.0.0.1:{c.port('relayer-2', 7400)}"
               "  client: docker-compose exec client python3 ... (sidecar at 127.0.0.1:8080)")
+        print(f"export COMPOSE_FILE=compose.yaml COMPOSE_PROJECT_NAME={c.project} "
+              f"PQCNET_COMPOSE_SECRETS={c.secrets_dir}")
     elif args.command == "down":
-        c.down()
+        c.down(keep_secrets=args.keep_secrets)
     else:
         print(json.dumps(c.health(), indent=1))
     return 0

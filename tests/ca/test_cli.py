@@ -59,3 +59,71 @@ def test_serve_token_enroll_replay(tmp_path: Path) -> None:
             serve.kill()
             serve.wait()
     assert serve.returncode == 0, serve.stderr.read() if serve.stderr else ""
+
+
+def test_serve_refuses_to_advertise_its_bind_address(tmp_path: Path) -> None:
+    """`--host 0.0.0.0` is where the service listens, not where other nodes reach it: a
+    CRL URL on it would send each enrolled node to itself. Refused before listening,
+    with the option that fixes it named; `--advertise-host` gives the reachable name."""
+    env = {**os.environ, "PQCNET_CA_PASSPHRASE": "ca-pw"}
+    assert _run("ca", "init", "--dir", "ca", "--trust-domain", "example.org",
+                cwd=tmp_path, env=env).returncode == 0
+    for host in ("0.0.0.0", "::"):
+        res = _run("ca", "serve", "--dir", "ca", "--host", host, "--port", "0",
+                   "--crl-http-port", "18081", cwd=tmp_path, env=env)
+        assert res.returncode == 1, res
+        assert f"{host} is a bind address" in res.stderr, res.stderr
+        assert "--advertise-host" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_revoke_through_the_service(tmp_path: Path) -> None:
+    """`ca revoke --ca URL --identity ADMIN` while `ca serve` runs on the directory (an
+    offline `--dir` revocation would not be served, and would be overwritten): the
+    served CRL lists the serial at once. A node that is not an admin is refused and
+    nothing is revoked; --dir with --ca is a usage error."""
+    import asyncio
+
+    from pqcnet.identity import load_crl
+    from pqcnet.runtime.enroll import fetch_crl
+
+    env = {**os.environ, "PQCNET_CA_PASSPHRASE": "ca-pw"}
+    assert _run("ca", "init", "--dir", "ca", "--trust-domain", "example.org",
+                cwd=tmp_path, env=env).returncode == 0
+    for sid, out in (("acme/relayer/r1", "r1"), ("ops/admin/a1", "admin"),
+                     ("acme/publisher/p1", "p1")):
+        made = _run("ca", "issue", "--dir", "ca", "--no-node-passphrase",
+                    f"spiffe://example.org/{sid}", "--out", out, cwd=tmp_path, env=env)
+        assert made.returncode == 0, made.stderr
+    r1 = NodeIdentity.load(tmp_path / "r1", None)
+    serve = subprocess.Popen([*PQCNET, "ca", "serve", "--dir", "ca", "--port", "0"],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert serve.stdout is not None
+        url = json.loads(serve.stdout.readline())["url"]
+
+        def served() -> frozenset[int]:
+            pem, _ = asyncio.run(fetch_crl(url, r1.trust_bundle_pem, "example.org"))
+            assert pem is not None
+            return load_crl(pem, r1.trust_bundle_pem).revoked
+
+        serial = format(r1.serial, "x")
+        refused = _run("ca", "revoke", "--ca", url, "--identity", "p1", "--serial", serial,
+                       cwd=tmp_path, env=env)
+        assert refused.returncode == 1 and "403" in refused.stderr, refused
+        assert "Traceback" not in refused.stderr and r1.serial not in served()
+        both = _run("ca", "revoke", "--ca", url, "--dir", "ca", "--identity", "admin",
+                    "--serial", serial, cwd=tmp_path, env=env)
+        assert both.returncode == 2 and "not both" in both.stderr, both
+        done = _run("ca", "revoke", "--ca", url, "--identity", "admin", "--serial", serial,
+                    "--reason", "key_compromise", cwd=tmp_path, env=env)
+        assert done.returncode == 0, done.stderr
+        assert f"revoked serial {serial}" in done.stdout
+        assert r1.serial in served()
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait()

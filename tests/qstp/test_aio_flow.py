@@ -222,3 +222,33 @@ async def test_reset_after_the_peers_end_reaches_a_blocked_sender(mesh: Mesh) ->
         assert far.id not in tunnels[0]._streams
         await tunnel.close()
         done.set()
+
+
+async def test_default_window_is_granted_in_full_and_bounds_a_reader_that_stops(
+        mesh: Mesh) -> None:
+    """With default windows a sender gets exactly ``stream_window`` bytes in flight
+    to a receiver that reads nothing (a bulk sender is not held to less, and a
+    stopped reader buffers no more), then everything arrives once it reads."""
+    window = QstpConfiguration().stream_window
+    got: asyncio.Queue[Stream] = asyncio.Queue()
+
+    async def handler(tunnel: Tunnel) -> None:
+        async for stream in tunnel:
+            await got.put(stream)
+
+    payload = os.urandom(2 * window + 12345)
+    async with running_server(mesh, handler) as server:
+        tunnel = await qstp.connect("127.0.0.1", server.port, mesh.client)
+        stream = tunnel.open_stream()
+        sender = asyncio.create_task(stream.send(payload, end=True))
+        far = await got.get()
+        await _until(lambda: tunnel.connection.send_window(stream.id) == 0, "sender blocked")
+        await _until(lambda: sum(len(c) for c in far._chunks) == window,
+                     "the whole window buffered at the receiver")
+        await asyncio.sleep(0.05)
+        assert sum(len(c) for c in far._chunks) == window
+        assert not sender.done()
+        received = await far.read_all(len(payload))
+        await sender
+        assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+        await tunnel.close()

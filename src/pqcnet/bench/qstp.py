@@ -9,7 +9,10 @@ gets a core) and the clients in this one. Measured in the same run:
 * bulk throughput with 64 KiB writes, and the rate of 256-byte writes, through a
   QSTP stream vs stdlib ``ssl`` asyncio streams, plus the CPU seconds both processes
   spent per GiB (wall-clock rates swing with other load on a small machine; CPU per
-  byte much less so). Ratios > 1 mean QSTP is better.
+  byte much less so). Ratios > 1 mean QSTP is better. Both sides of the bulk
+  comparison write the same sizes and must have negotiated the same cipher suite
+  (checked: the run aborts otherwise; both pick TLS_AES_256_GCM_SHA384); their OpenSSL
+  builds differ (pyOpenSSL's bundled one vs the system's, both in ``setup``).
 
 A QSTP ``connect()`` returns only after the server's first frame arrived (proof
 that the server accepted our certificate), half a round trip more than the stdlib
@@ -19,7 +22,10 @@ The crypto floor, measured in the same run: the same full (and resumed) handshak
 driven entirely in memory in this process (two sans-IO ``Connection`` objects over
 memory BIOs, no sockets, no event loop): both sides' work back to back, which is
 what the over-socket handshake cannot beat without running the sides in parallel.
-The over-socket p50 is reported as a ratio to it (target: <= 1.2x).
+The over-socket p50 is reported as a ratio to it (target: <= 1.2x), and so is the CPU
+both processes spent per over-socket handshake (connect and close included; read from
+the server process over a plain TCP port) against the in-memory CPU per handshake:
+wall times on a busy machine include waiting for the cores, CPU much less so.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ TARGETS = {
 _LEN = struct.Struct(">Q")
 #: sink reply: bytes counted, server CPU seconds spent on the transfer
 _REPLY = struct.Struct(">Qd")
+#: the server process's CPU seconds, from its plain-TCP CPU port
+_CPU = struct.Struct(">d")
 PASSPHRASE = b"bench"
 #: Flights exchanged before an in-memory handshake must have finished.
 _MAX_PUMP_ROUNDS = 20
@@ -145,10 +153,16 @@ async def _serve_all(root: str, ports: Any) -> None:
         finally:
             writer.close()
 
+    async def cpu_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(_CPU.pack(time.process_time()))  # this process's CPU seconds so far
+        await writer.drain()
+        writer.close()
+
     server = await qstp.serve(handler, "127.0.0.1", 0, ident)
     base = await asyncio.start_server(stdlib_handler, "127.0.0.1", 0,
                                       ssl=_stdlib_context(Path(root), server=True))
-    ports.put((server.port, base.sockets[0].getsockname()[1]))
+    cpu = await asyncio.start_server(cpu_handler, "127.0.0.1", 0)
+    ports.put((server.port, base.sockets[0].getsockname()[1], cpu.sockets[0].getsockname()[1]))
     await asyncio.Event().wait()
 
 
@@ -157,6 +171,12 @@ def _server_main(root: str, ports: Any) -> None:
 
 
 # --------------------------------------------------------------------------- measurements
+
+
+def _pyopenssl_version() -> str:
+    from OpenSSL import SSL
+
+    return SSL.SSLeay_version(SSL.SSLEAY_VERSION).decode()
 
 
 def _pcts(samples: list[float]) -> dict[str, Any]:
@@ -209,17 +229,29 @@ def _in_memory_handshakes(root: Path, n: int, resumed: bool) -> dict[str, Any]:
     last = one(None)  # kept alive while its ticket is offered
     session = last.session if resumed else None
     samples = []
+    cpu = time.process_time()
     for _ in range(n):
         t0 = time.perf_counter()
         c = one(session)
         samples.append(time.perf_counter() - t0)
         if resumed:
             last, session = c, c.session
-    return _pcts(samples)
+    return _pcts(samples) | {"cpu_ms": round((time.process_time() - cpu) / n * 1e3, 3)}
+
+
+async def _server_cpu(cpu_port: int) -> float:
+    reader, writer = await asyncio.open_connection("127.0.0.1", cpu_port)
+    value: float = _CPU.unpack(await reader.readexactly(_CPU.size))[0]
+    writer.close()
+    await writer.wait_closed()
+    return value
 
 
 async def _qstp_handshakes(port: int, ident: Any, n: int, resumed: bool,
-                           bar: tqdm) -> dict[str, float]:
+                           bar: tqdm, cpu_port: int | None = None) -> dict[str, Any]:
+    """Over-socket handshakes (connect + close each). With ``cpu_port`` also the CPU
+    both processes spent per handshake, connect and close included: the figure the
+    other processes on a busy machine do not move."""
     from pqcnet import qstp
 
     samples: list[float] = []
@@ -228,6 +260,8 @@ async def _qstp_handshakes(port: int, ident: Any, n: int, resumed: bool,
         first = await qstp.connect("127.0.0.1", port, ident)
         session = first.session
         await first.close()
+    server_cpu = await _server_cpu(cpu_port) if cpu_port else 0.0
+    client_cpu = time.process_time()
     for _ in range(n):
         t0 = time.perf_counter()
         tunnel = await qstp.connect("127.0.0.1", port, ident, session=session)
@@ -238,7 +272,15 @@ async def _qstp_handshakes(port: int, ident: Any, n: int, resumed: bool,
             session = tunnel.session  # each connection brings a fresh ticket
         await tunnel.close()
         bar.update()
-    return _pcts(samples)
+    out: dict[str, Any] = _pcts(samples)
+    if cpu_port:
+        client_cpu = time.process_time() - client_cpu
+        await asyncio.sleep(0.05)  # the server finishes closing the last tunnel
+        server_cpu = await _server_cpu(cpu_port) - server_cpu
+        out["client_cpu_ms"] = round(client_cpu / n * 1e3, 3)
+        out["server_cpu_ms"] = round(server_cpu / n * 1e3, 3)
+        out["cpu_ms"] = round((client_cpu + server_cpu) / n * 1e3, 3)
+    return out
 
 
 async def _stdlib_handshakes(port: int, ctx: ssl.SSLContext, n: int,
@@ -255,11 +297,13 @@ async def _stdlib_handshakes(port: int, ctx: ssl.SSLContext, n: int,
 
 
 async def _qstp_transfer(port: int, ident: Any, total: int, size: int,
-                         bar: tqdm) -> tuple[float, float]:
-    """Wall seconds and CPU seconds (client + server) for pushing ``total`` bytes."""
+                         bar: tqdm) -> tuple[float, float, str]:
+    """Wall seconds, CPU seconds (client + server) for pushing ``total`` bytes, and the
+    negotiated cipher suite."""
     from pqcnet import qstp
 
     tunnel = await qstp.connect("127.0.0.1", port, ident)
+    cipher = tunnel.peer.cipher
     stream = tunnel.open_stream()
     chunk = os.urandom(size)
     cpu = time.process_time()
@@ -278,12 +322,13 @@ async def _qstp_transfer(port: int, ident: Any, total: int, size: int,
     if counted != sent:
         raise RuntimeError("QSTP sink counted a different number of bytes")
     await tunnel.close()
-    return elapsed, client_cpu + server_cpu
+    return elapsed, client_cpu + server_cpu, cipher
 
 
 async def _stdlib_transfer(port: int, ctx: ssl.SSLContext, total: int, size: int,
-                           bar: tqdm) -> tuple[float, float]:
+                           bar: tqdm) -> tuple[float, float, str]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+    cipher = writer.get_extra_info("cipher")[0]
     chunk = os.urandom(size)
     cpu = time.process_time()
     t0 = time.perf_counter()
@@ -303,13 +348,14 @@ async def _stdlib_transfer(port: int, ctx: ssl.SSLContext, total: int, size: int
         raise RuntimeError("stdlib sink counted a different number of bytes")
     writer.close()
     await writer.wait_closed()
-    return elapsed, client_cpu + server_cpu
+    return elapsed, client_cpu + server_cpu, cipher
 
 
-async def _measure(root: Path, qport: int, sport: int, handshakes: int, bulk_mib: int,
+async def _measure(root: Path, ports: tuple[int, int, int], handshakes: int, bulk_mib: int,
                    small_mib: int, rounds: int) -> dict[str, Any]:
     from pqcnet.identity import NodeIdentity
 
+    qport, sport, cpu_port = ports
     ident = NodeIdentity.load(root / "client", PASSPHRASE)
     cctx = _stdlib_context(root, server=False)
     out: dict[str, Any] = {}
@@ -320,16 +366,17 @@ async def _measure(root: Path, qport: int, sport: int, handshakes: int, bulk_mib
         _in_memory_handshakes(root, 3, False)
         # in-memory floor right before each over-socket set: same machine load
         out["handshake_in_memory_full"] = _in_memory_handshakes(root, handshakes, False)
-        out["handshake_qstp_full"] = await _qstp_handshakes(qport, ident, handshakes, False, bar)
+        out["handshake_qstp_full"] = await _qstp_handshakes(qport, ident, handshakes, False, bar,
+                                                            cpu_port)
         out["handshake_in_memory_resumed"] = _in_memory_handshakes(root, handshakes, True)
         out["handshake_qstp_resumed"] = await _qstp_handshakes(qport, ident, handshakes,
-                                                               True, bar)
+                                                               True, bar, cpu_port)
         out["handshake_stdlib_classical_full"] = await _stdlib_handshakes(
             sport, cctx, handshakes, bar)
     for label, size, mib in (("bulk_64k", 64 * 1024, bulk_mib), ("small_256b", 256, small_mib)):
         total = mib * 1024 * 1024
-        qs: list[tuple[float, float]] = []
-        bs: list[tuple[float, float]] = []
+        qs: list[tuple[float, float, str]] = []
+        bs: list[tuple[float, float, str]] = []
         with tqdm(total=2 * total * rounds, desc=label, unit="B", unit_scale=True,
                   leave=False) as bar:
             for _ in range(rounds):  # interleaved, so background load hits both alike
@@ -338,10 +385,14 @@ async def _measure(root: Path, qport: int, sport: int, handshakes: int, bulk_mib
         q, b = statistics.median(x[0] for x in qs), statistics.median(x[0] for x in bs)
         qcpu = statistics.median(x[1] for x in qs)
         bcpu = statistics.median(x[1] for x in bs)
+        ciphers = {x[2] for x in qs + bs}
+        if len(ciphers) != 1:  # a different AEAD would make the ratio meaningless
+            raise RuntimeError(f"QSTP and stdlib ssl negotiated different ciphers: {ciphers}")
         out[label] = {
             "bytes": total,
             "rounds": rounds,
             "frame_bytes": size,
+            "cipher": ciphers.pop(),
             "qstp_gbit_s": round(total * 8 / q / 1e9, 3),
             "stdlib_gbit_s": round(total * 8 / b / 1e9, 3),
             "qstp_frames_per_s": round(total / size / q),
@@ -363,9 +414,8 @@ def run(handshakes: int = 200, bulk_mib: int = 256, small_mib: int = 16,
         root = Path(tmp)
         save_identities(root, PASSPHRASE, "server", "client")
         _classical_pki(root)
-        with spawned(_server_main, root) as (qport, sport):
-            res = asyncio.run(_measure(root, qport, sport, handshakes, bulk_mib, small_mib,
-                                      rounds))
+        with spawned(_server_main, root) as ports:
+            res = asyncio.run(_measure(root, ports, handshakes, bulk_mib, small_mib, rounds))
     full = res["handshake_qstp_full"]["p50_ms"]
     resumed = res["handshake_qstp_resumed"]["p50_ms"]
     classical = res["handshake_stdlib_classical_full"]["p50_ms"]
@@ -373,6 +423,10 @@ def run(handshakes: int = 200, bulk_mib: int = 256, small_mib: int = 16,
     floor = res["handshake_in_memory_full"]["p50_ms"]
     res["ratios"] = {
         "qstp_full_socket_vs_in_memory_p50": round(full / floor, 3),
+        # CPU (both processes, connect + close) per handshake vs the in-memory CPU:
+        # what the wall ratio tends to when no other process competes for the cores
+        "qstp_full_socket_vs_in_memory_cpu": round(
+            res["handshake_qstp_full"]["cpu_ms"] / res["handshake_in_memory_full"]["cpu_ms"], 3),
         "qstp_resumed_socket_vs_in_memory_p50": round(
             resumed / res["handshake_in_memory_resumed"]["p50_ms"], 3),
         "qstp_full_vs_classical_full_p50": round(full / classical, 3),
@@ -394,6 +448,9 @@ def run(handshakes: int = 200, bulk_mib: int = 256, small_mib: int = 16,
         "transport": "loopback TCP, TCP_NODELAY; servers in a second process",
         "qstp": "TLS 1.3 X25519MLKEM768, ML-DSA-65 mTLS, AES-256-GCM, pyOpenSSL memory BIO",
         "baseline": "stdlib ssl TLS 1.3 mTLS, ECDSA P-256, default group (X25519), asyncio",
+        # same cipher (checked), same write sizes; the two OpenSSL builds differ
+        "qstp_openssl": _pyopenssl_version(),
+        "stdlib_openssl": ssl.OPENSSL_VERSION,
         "cpus": os.cpu_count(),
         # 1/5/15-minute load averages: other work on the machine skews wall times
         "loadavg_before": load_before,

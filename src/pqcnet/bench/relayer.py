@@ -338,7 +338,9 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
                                                  ready["sub_ports"])
                 try:
                     cpu0 = [cpu_seconds(p) for p in ready["pids"]]
+                    gen0 = time.process_time()
                     sat = await _saturated(clients, frames, topics, batch, size)
+                    gen = time.process_time() - gen0
                     cpu = [cpu_seconds(p) - c for p, c in zip(ready["pids"], cpu0, strict=True)]
                     if paced_run:
                         paced = await _paced_run(clients, paced_frames, topics, size,
@@ -355,6 +357,11 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
         sat["relayer_cpu_seconds"] = round(sum(cpu), 3)
         sat["relayer_cpu_us_per_frame"] = round(sum(cpu) / sat["frames"] * 1e6, 2)
         sat["per_worker_cpu_seconds"] = [round(c, 3) for c in cpu]
+        # who is the bottleneck: a share near 1.0 is a process using its whole core
+        wall = sat["frames"] / sat["frames_per_s"]
+        sat["relayer_cpu_share"] = round(sum(cpu) / wall / n_workers, 3)
+        sat["load_generator_cpu_seconds"] = round(gen, 3)
+        sat["load_generator_cpu_share"] = round(gen / wall, 3)
         return {"saturated": sat, "paced": paced, "raw": raw}
 
     async def go() -> dict[str, Any]:

@@ -105,7 +105,7 @@ def own_port(port: int, index: int) -> int:
 def _worker_main(config_path: Path, index: int, port: int, rotation: dict[str, Any],
                  ready: Any) -> None:
     from pqcnet.cli._common import run_until_signalled
-    from pqcnet.cli.relayer import relayer_lifecycle
+    from pqcnet.cli.relayer import relayer_lifecycle, tune_gc
     from pqcnet.relayer.node import RelayerNode
 
     base = RelayerConfig.load(config_path)
@@ -117,12 +117,13 @@ def _worker_main(config_path: Path, index: int, port: int, rotation: dict[str, A
                                     own_port=own)
 
     def up(node: RelayerNode) -> None:
+        tune_gc()
         ready.put({"index": index, "port": node.port, "own_port": node.own_port,
                    "metrics_port": node.metrics_port,
                    "grpc_port": node.grpc_port, "node": cfg.node_id,
                    "degraded": node.degraded})
 
-    run_until_signalled(start, stop, up)
+    run_until_signalled(start, stop, up, fast_loop=True)
 
 
 def _reserve(host: str, port: int) -> socket.socket:

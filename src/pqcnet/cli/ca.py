@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ import click
 import yaml
 
 from pqcnet._util.env import CA_PASS_ENV, PASS_ENV
-from pqcnet.cli._common import passphrase
+from pqcnet.cli._common import load_identity, passphrase
 from pqcnet.cli._keystore import key_store_option, open_store
 from pqcnet.identity import IssuancePolicy, MeshCA, NodeIdentity, SpiffeId, load_crl
 from pqcnet.identity.ca import CA_CERT_FILE, CA_KEY_FILE, stored_policy
@@ -90,7 +91,7 @@ class Layout(click.ParamType):  # type: ignore[type-arg]
 LAYOUT = Layout()
 
 
-def _ca_options(f: Callable[..., None]) -> Callable[..., None]:
+def _ca_options(f: Callable[..., None], *, dir_required: bool = True) -> Callable[..., None]:
     f = key_store_option(
         "CA key store config (YAML key_store: mapping: file | pkcs11 | shamir); "
         f"default: --dir/{CA_KEY_STORE_FILE} if present, else --dir/{CA_KEY_FILE}.")(f)
@@ -98,7 +99,7 @@ def _ca_options(f: Callable[..., None]) -> Callable[..., None]:
                      help="CA key is (or will be) stored unencrypted (development only).")(f)
     f = click.option("--passphrase-env", default=CA_PASS_ENV, show_default=True,
                      help="Environment variable holding the CA key passphrase.")(f)
-    f = click.option("--dir", "ca_dir", required=True,
+    f = click.option("--dir", "ca_dir", required=dir_required,
                      type=click.Path(file_okay=False, path_type=Path),
                      help="CA directory.")(f)
     return f
@@ -215,19 +216,37 @@ def sign_csr(ca_dir: Path, key_store_file: Path | None, passphrase_env: str,
 
 
 @cli.command()
-@_ca_options
+@functools.partial(_ca_options, dir_required=False)
+@click.option("--ca", "ca_url", default="",
+              help="Revoke through this CA service (https://host:port, POST /v1/revoke) "
+              "instead of in --dir: use it while `ca serve` runs on the directory (the "
+              "service does not re-read it); the CRL it serves lists the serial at once.")
+@click.option("--identity", "identity_dir", default=None,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="With --ca: an admin identity directory (the service's --admin "
+              f"patterns); its key passphrase from ${PASS_ENV}.")
 @click.option("--serial", help="Serial number (hex) to revoke.")
 @click.option("--cert", "cert_file", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="Certificate file to revoke.")
 @click.option("--spiffe-id", help="Revoke every unexpired certificate issued for this ID.")
 @click.option("--reason", default="unspecified", show_default=True,
               help="key_compromise, superseded, cessation_of_operation, ...")
-def revoke(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_passphrase: bool,
-           serial: str | None, cert_file: Path | None, spiffe_id: str | None,
-           reason: str) -> None:
-    """Revoke a certificate; publish it with `pqcnet ca crl`."""
+def revoke(ca_dir: Path | None, key_store_file: Path | None, passphrase_env: str,
+           no_passphrase: bool, ca_url: str, identity_dir: Path | None, serial: str | None,
+           cert_file: Path | None, spiffe_id: str | None, reason: str) -> None:
+    """Revoke a certificate in the CA directory (publish it with `pqcnet ca crl`), or
+    through the CA service with --ca and an admin --identity."""
     if sum(x is not None for x in (serial, cert_file, spiffe_id)) != 1:
         raise click.UsageError("give exactly one of --serial, --cert, --spiffe-id")
+    if ca_url:
+        if ca_dir is not None:
+            raise click.UsageError("give --dir (revoke offline) or --ca (the service), not both")
+        _revoke_remote(ca_url, identity_dir, serial, cert_file, spiffe_id, reason)
+        return
+    if ca_dir is None:
+        raise click.UsageError("give --dir (the CA directory) or --ca (the CA service)")
+    if identity_dir is not None:
+        raise click.UsageError("--identity is for --ca (the caller the service checks)")
     ca, store = _load(ca_dir, passphrase_env, no_passphrase, key_store_file)
     if serial is not None:
         try:
@@ -242,6 +261,30 @@ def revoke(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_pa
     ca.save(ca_dir, key_store=store)
     for rev in revs:
         click.echo(f"revoked serial {rev.serial:x} ({rev.reason.name})")
+
+
+def _revoke_remote(ca_url: str, identity_dir: Path | None, serial: str | None,
+                   cert_file: Path | None, spiffe_id: str | None, reason: str) -> None:
+    """POST /v1/revoke as the admin identity (:func:`pqcnet.runtime.enroll.revoke`)."""
+    import asyncio
+
+    from pqcnet.runtime import enroll as client
+
+    if identity_dir is None:
+        raise click.UsageError("--ca needs --identity (an admin identity directory)")
+    number: int | None = None
+    if serial is not None:
+        try:
+            number = int(serial, 16)
+        except ValueError:
+            raise click.BadParameter(f"serial {serial!r} is not hexadecimal") from None
+    elif cert_file is not None:
+        number = load_certs(read_bounded(cert_file, 1 << 20, "certificate"))[0].serial_number
+    admin = load_identity(identity_dir)
+    asyncio.run(client.revoke(ca_url, admin, serial=number, spiffe_id=spiffe_id,
+                              reason=reason))
+    what = f"serial {number:x}" if number is not None else str(spiffe_id)
+    click.echo(f"revoked {what} ({reason}) through {ca_url}")
 
 
 @cli.command()
@@ -292,6 +335,10 @@ def show(identity_dir: Path, passphrase_env: str, no_passphrase: bool) -> None:
 @cli.command("serve")
 @_ca_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--advertise-host", default="",
+              help="Name or address other nodes reach this service by, in the URLs it hands "
+              "out (the CRL URL of the enroll answer, the ready line); default: --host, "
+              "which must then not be a wildcard such as 0.0.0.0.")
 @click.option("--port", type=int, default=8443, show_default=True,
               help="HTTPS port (PQ TLS: X25519MLKEM768, ML-DSA certificate); 0 = any free.")
 @click.option("--crl-http-port", type=int, default=None,
@@ -326,8 +373,8 @@ def show(identity_dir: Path, passphrase_env: str, no_passphrase: bool) -> None:
               help="Replace the CA policy's SPIFFE layouts (see `ca init`; saved with the "
               "CA's state): TEMPLATE[,role=R][,tenant=T] (repeat).")
 def serve(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_passphrase: bool,
-          host: str, port: int, crl_http_port: int | None, ledger_dir: Path | None,
-          max_nodes_per_tenant: int, allow_tenants: tuple[str, ...],
+          host: str, advertise_host: str, port: int, crl_http_port: int | None,
+          ledger_dir: Path | None, max_nodes_per_tenant: int, allow_tenants: tuple[str, ...],
           attest_roles: tuple[str, ...], package_hashes: tuple[str, ...],
           admins: tuple[str, ...], enroll_rate: float, enroll_burst: int,
           cert_ttl: dt.timedelta | None, bootstrap_peers: tuple[str, ...],
@@ -353,14 +400,16 @@ def serve(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_pas
             {package_hash()})
     except ValueError:
         raise click.BadParameter("--package-hash must be hex") from None
-    scheme_host = f"{host}:{{port}}"
+    public = advertise_host or host
+    public = f"[{public}]" if ":" in public else public  # an IPv6 literal in a URL
+    scheme_host = f"{public}:{{port}}"
     config = CaServiceConfig(
         max_nodes_per_tenant=max_nodes_per_tenant, allowed_tenants=allow_tenants,
         attest_roles=attest_roles,
         measurements=MeasurementPolicy(package_hashes=hashes) if attest_roles else None,
         admin_patterns=admins, enroll_rate=enroll_rate, enroll_burst=enroll_burst,
         cert_ttl=cert_ttl, bootstrap_peers=bootstrap_peers, gossip_fanout=gossip_fanout,
-        crl_url=(f"http://{host}:{crl_http_port}/v1/crl" if crl_http_port else ""),
+        crl_url=(f"http://{public}:{crl_http_port}/v1/crl" if crl_http_port else ""),
         crl_max_age_s=crl_max_age)
     ledger = Ledger.open(ledger_dir or (ca_dir / "ledger"), sync=True)
 

@@ -32,7 +32,7 @@ DEFAULT_THREADS = 2
 #: Jobs submitted to the threads at once (running + queued); further callers wait on
 #: the loop. Bounds the executor's otherwise unbounded queue and the memory of
 #: envelopes waiting to be signed.
-DEFAULT_MAX_PENDING = 32
+DEFAULT_MAX_CRYPTO_JOBS = 32
 #: Hard cap on ``max_pending``: reordering from the pool stays well under the
 #: receivers' default replay window (1024 counters).
 MAX_PENDING_LIMIT = 256
@@ -42,7 +42,7 @@ class CryptoPool:
     """A bounded thread pool for CPU-heavy envelope work (see module)."""
 
     def __init__(self, threads: int = DEFAULT_THREADS,
-                 max_pending: int = DEFAULT_MAX_PENDING) -> None:
+                 max_pending: int = DEFAULT_MAX_CRYPTO_JOBS) -> None:
         if threads < 1 or not 1 <= max_pending <= MAX_PENDING_LIMIT:
             raise ConfigError(f"crypto pool needs threads >= 1 and 1 <= max_pending <= "
                               f"{MAX_PENDING_LIMIT}")

@@ -80,11 +80,19 @@ class Ledger:
         # Write-through caches of hot per-vertex reads (updated after each commit;
         # the store stays the source of truth on reopen).
         self._heads: dict[str, int] = {}
+        self._next_position = 0
+        self._load_state()
+
+    def _load_state(self) -> None:
+        """(Re)read what the ledger keeps in memory from the store: on open, and after
+        a failed grouped write left the caches ahead of what was written."""
+        self._heads.clear()
+        self.views.forget_caches()
         raw = self._store.get("meta", b"next_position")
         self._next_position = 0 if raw is None else int(U64.unpack(raw)[0])
         gid = self._store.get("meta", b"genesis")
-        if gid is not None:
-            self._genesis = decode_payload(VertexKind.GENESIS, self.get(gid).payload)
+        self._genesis = (None if gid is None
+                         else decode_payload(VertexKind.GENESIS, self.get(gid).payload))
         self._orphans.load()
 
     # ------------------------------------------------------------------ lifecycle
@@ -466,11 +474,24 @@ class Ledger:
     def import_(self, vertices: Iterable[Vertex | bytes]) -> ImportReport:
         """Verify and anchor vertices from a peer, in any order
         (:func:`pqcnet.qsdag.sync.import_`); with a verifier, signatures are checked
-        on other cores ahead of the (still sequential) anchoring."""
-        if self._verifier is None:
-            return sync.import_(self, vertices)
-        with self._verifier.ahead(vertices, parallel.prepare_import, self.key_for) as stream:
-            return sync.import_(self, stream)
+        on other cores ahead of the (still sequential) anchoring.
+
+        Writes are grouped (:meth:`Store.grouped <pqcnet.qsdag.store.Store.grouped>`):
+        everything reported anchored is written when this returns (or raises); a
+        process killed during the call leaves a prefix of its anchoring order, each
+        vertex complete or absent. If a grouped write fails, the ledger re-reads its
+        state from the store and the :class:`LedgerStateError` propagates.
+        """
+        try:
+            with self._store.grouped():
+                if self._verifier is None:
+                    return sync.import_(self, vertices)
+                with self._verifier.ahead(vertices, parallel.prepare_import,
+                                          self.key_for) as stream:
+                    return sync.import_(self, stream)
+        except LedgerStateError:
+            self._load_state()
+            raise
 
     # ------------------------------------------------------------------ audit
 

@@ -97,8 +97,12 @@ class OrphanPool:
         """Index the persisted orphans (after the ledger knows its genesis).
 
         They were checked when parked; classify them again without crypto: verified
-        iff a key for them is anchored or vouched for by a verified orphan.
+        iff a key for them is anchored or vouched for by a verified orphan. Anything
+        indexed before is forgotten first (a reload after a failed write).
         """
+        for index in (self._orphans, self._wait_parent, self._wait_counter,
+                      self._by_author, self._unverified, self._parked_keys):
+            index.clear()
         pending: dict[bytes, Vertex] = {}
         for oid, raw in self._store.items("orphans"):
             try:
@@ -157,6 +161,8 @@ class OrphanPool:
         by a rule is dropped from the pool and logged.
         """
         released: list[R] = []
+        if not self._orphans:  # the common case: nothing waits for anything
+            return released
         work = [(first.author, first.counter, first_id)]
         while work:
             author, counter, vid = work.pop()

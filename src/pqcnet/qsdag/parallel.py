@@ -153,8 +153,9 @@ class _Chunk:
     def add(self, key: VerifyKey, v: Vertex) -> None:
         ident = (key.algorithm, key.raw)
         index = self.keys.setdefault(ident, (len(self.keys), key))[0]
-        self.jobs.append((index, v.signature, v.canonical()))
-        self.facts.append((key.algorithm, key.raw, v.signature, v.canonical()))
+        message = v.canonical()
+        self.jobs.append((index, v.signature, message))
+        self.facts.append((key.algorithm, key.raw, v.signature, message))
 
 
 class ParallelVerifier:

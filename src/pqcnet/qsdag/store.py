@@ -5,9 +5,19 @@ knows about ``rocksdict``. Three properties the ledger relies on:
 
 * **Atomicity** — all effects of anchoring one vertex (the vertex, its metadata,
   children index, tips, author head, orphan removal, view rows) go into one
-  RocksDB ``WriteBatch``; after a crash either all of them are there or none.
-  With ``sync=False`` (default) a batch survives a killed process (it is in the
-  WAL in the OS page cache) but not a power loss; ``sync=True`` fsyncs each batch.
+  :class:`Batch`, written as one RocksDB ``WriteBatch``; after a crash either all of
+  them are there or none. With ``sync=False`` (default) a batch survives a killed
+  process (it is in the WAL in the OS page cache) but not a power loss;
+  ``sync=True`` fsyncs each write.
+* **Grouping** — inside :meth:`Store.grouped` (a bulk import), committed batches are
+  applied to an in-memory overlay that every read sees at once, and written together
+  as one ``WriteBatch`` per group (:data:`GROUP_BATCHES` batches or
+  :data:`GROUP_BYTES`, and when the block ends). Why: per vertex, the RocksDB write
+  call, the ``WriteBatch`` object and the rows a later vertex of the group overwrites
+  (tips, author heads, the next position) cost main-thread CPU that bulk import
+  cannot spread across cores. A group holds whole batches only, so after a crash the
+  store holds a prefix of the commits: every vertex complete or absent, as before;
+  what a crash may lose is the unwritten tail of an import that had not returned.
 * **Integrity** — every value is stored as ``blake2b-128(cf ‖ key ‖ value) ‖ value``;
   a value altered on disk (or moved under another key) raises
   :class:`~pqcnet.qsdag.errors.CorruptRecord` instead of being served. (Vertex ids are the
@@ -18,6 +28,7 @@ knows about ``rocksdict``. Three properties the ledger relies on:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import struct
 from collections.abc import Callable, Iterator
@@ -52,6 +63,11 @@ U64 = struct.Struct(">Q")
 #: A ``vmeta`` value: depth, position, timestamp_ms.
 VMETA = struct.Struct(">QQQ")
 VIEW_FAMILIES = ("keys", "v_relay", "v_att", "v_route", "v_policy", "v_slash", "slash_tags")
+#: Most batches one :meth:`Store.grouped` write holds (bounds what a crash can lose
+#: of an import in progress, and the overlay's memory).
+GROUP_BATCHES = 256
+#: Most value bytes one grouped write holds (vertices may be up to ~270 KiB each).
+GROUP_BYTES = 4 * 1024 * 1024
 _SUM = 16
 
 
@@ -76,33 +92,52 @@ def _opts() -> Options:
 
 
 class Batch:
-    """Writes collected for one atomic commit."""
+    """Writes collected for one atomic commit: the last value per (cf, key), None for
+    a delete — exactly what applying the operations in order leaves."""
 
-    __slots__ = ("_after", "_handles", "_wb", "pending")
+    __slots__ = ("_after", "pending", "size")
 
-    def __init__(self, handles: dict[str, ColumnFamily]) -> None:
-        self._wb = WriteBatch(raw_mode=True)
-        self._handles = handles
+    def __init__(self) -> None:
         #: (cf, key) -> value or None (deleted): lets a batch read its own writes
         self.pending: dict[tuple[str, bytes], bytes | None] = {}
         self._after: list[Callable[[], None]] = []
+        #: value bytes put (bounds a group)
+        self.size = 0
 
     def after_commit(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` once the batch is durably applied (write-through caches use
-        this, so a failed commit never leaves a cache ahead of the store)."""
+        """Run ``fn`` once the batch is applied — written, or (inside
+        :meth:`Store.grouped`) in the group every read sees. Write-through caches use
+        this, so a failed commit never leaves a cache ahead of the store; a failed
+        group write raises :class:`LedgerStateError` and the owner must re-read its
+        caches (:meth:`Ledger.import_ <pqcnet.qsdag.ledger.Ledger.import_>` does)."""
         self._after.append(fn)
 
     def put(self, cf: str, key: bytes, value: bytes) -> None:
-        self._wb.put(key, _checksum(cf, key, value) + value, self._handles[cf])
         self.pending[(cf, key)] = value
+        self.size += len(value)
 
     def delete(self, cf: str, key: bytes) -> None:
-        self._wb.delete(key, self._handles[cf])
         self.pending[(cf, key)] = None
+
+
+class _Group:
+    """Committed batches not written yet (:meth:`Store.grouped`)."""
+
+    __slots__ = ("batches", "max_batches", "max_bytes", "pending", "size")
+
+    def __init__(self, max_batches: int, max_bytes: int) -> None:
+        self.pending: dict[tuple[str, bytes], bytes | None] = {}
+        self.batches = 0
+        self.size = 0
+        self.max_batches = max_batches
+        self.max_bytes = max_bytes
 
 
 class Store:
     """A RocksDB database with the ledger's column families."""
+
+    #: the open group of :meth:`grouped` (None: every commit is written at once)
+    _group: _Group | None = None
 
     def __init__(self, path: str | Path, *, sync: bool = False) -> None:
         self.path = Path(path)
@@ -128,15 +163,22 @@ class Store:
 
     def get(self, cf: str, key: bytes) -> bytes | None:
         """The value under ``key`` or None; raises :class:`CorruptRecord` if damaged."""
+        group = self._group
+        if group is not None and (cf, key) in group.pending:
+            return group.pending[(cf, key)]
         raw = self._cfs[cf].get(key)
         return None if raw is None else self._check(cf, key, raw)
 
     def has(self, cf: str, key: bytes) -> bool:
+        group = self._group
+        if group is not None and (cf, key) in group.pending:
+            return group.pending[(cf, key)] is not None
         return self._cfs[cf].get(key) is not None
 
     def items(self, cf: str, prefix: bytes = b"", *,
               start: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
         """Checked (key, value) pairs in key order, under ``prefix``, from ``start``."""
+        self.flush()  # ordered reads come from RocksDB alone
         first = start if start is not None else prefix
         it = self._cfs[cf].items(from_key=first) if first else self._cfs[cf].items()
         for key, raw in it:
@@ -147,6 +189,7 @@ class Store:
 
     def keys(self, cf: str, prefix: bytes = b"") -> Iterator[bytes]:
         """Keys in order, optionally under ``prefix`` (values not read)."""
+        self.flush()
         it = self._cfs[cf].keys(from_key=prefix) if prefix else self._cfs[cf].keys()
         for key in it:
             assert isinstance(key, bytes)
@@ -156,21 +199,76 @@ class Store:
 
     def raw_put(self, cf: str, key: bytes, raw: bytes) -> None:
         """Write bytes without a checksum — only for corruption tests and tooling."""
+        self.flush()
         self._cfs[cf][key] = raw
 
     def raw_get(self, cf: str, key: bytes) -> bytes | None:
         """Stored bytes including the checksum prefix."""
+        self.flush()
         value: bytes | None = self._cfs[cf].get(key)
         return value
 
     def batch(self) -> Batch:
-        return Batch(self._handles)
+        return Batch()
 
     def commit(self, batch: Batch) -> None:
-        """Apply a batch atomically."""
-        self._db.write(batch._wb, self._wopts)
+        """Apply a batch atomically (inside :meth:`grouped`: to the group, written
+        with it; reads see it at once either way)."""
+        group = self._group
+        if group is None:
+            self._write(batch.pending)
+        else:
+            group.pending.update(batch.pending)
+            group.batches += 1
+            group.size += batch.size
+            if group.batches >= group.max_batches or group.size >= group.max_bytes:
+                self.flush()
         for fn in batch._after:
             fn()
+
+    def _write(self, rows: dict[tuple[str, bytes], bytes | None]) -> None:
+        wb = WriteBatch(raw_mode=True)
+        handles = self._handles
+        for (cf, key), value in rows.items():
+            if value is None:
+                wb.delete(key, handles[cf])
+            else:
+                wb.put(key, _checksum(cf, key, value) + value, handles[cf])
+        self._db.write(wb, self._wopts)
+
+    @contextlib.contextmanager
+    def grouped(self, max_batches: int = GROUP_BATCHES,
+                max_bytes: int = GROUP_BYTES) -> Iterator[None]:
+        """Commits inside the block are written together, one ``WriteBatch`` per
+        ``max_batches`` commits or ``max_bytes`` of values (module docstring);
+        everything is written when the block ends, also when it ends with an
+        exception. Not reentrant."""
+        if self._group is not None:
+            raise LedgerStateError("store commits are already grouped")
+        if max_batches < 1 or max_bytes < 1:
+            raise LedgerStateError(f"a group needs room for one commit, got "
+                                   f"{max_batches} batches / {max_bytes} bytes")
+        self._group = _Group(max_batches, max_bytes)
+        try:
+            yield
+        finally:
+            try:
+                self.flush()
+            finally:
+                self._group = None
+
+    def flush(self) -> None:
+        """Write the open group's commits now (a no-op outside :meth:`grouped`)."""
+        group = self._group
+        if group is None or not group.pending:
+            return
+        rows, group.pending = group.pending, {}
+        batches, group.batches, group.size = group.batches, 0, 0
+        try:
+            self._write(rows)
+        except Exception as exc:  # rocksdict raises plain Exception for IO errors
+            raise LedgerStateError(f"writing {batches} grouped commits to {self.path} "
+                                   f"failed: {exc}") from None
 
     def clear(self, cf: str) -> None:
         """Delete every row of a column family (used by view rebuilds)."""
@@ -183,7 +281,10 @@ class Store:
         """Flush and release the database (all handles are dropped)."""
         if getattr(self, "_db", None) is None:
             return
-        self._cfs.clear()
-        self._handles.clear()
-        self._db.close()
-        self._db = None  # type: ignore[assignment]
+        try:
+            self.flush()
+        finally:
+            self._cfs.clear()
+            self._handles.clear()
+            self._db.close()
+            self._db = None  # type: ignore[assignment]

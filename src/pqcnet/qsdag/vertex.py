@@ -125,13 +125,21 @@ def canonical_bytes(
     author_b = author.encode("utf-8")
     _check_fields(int(kind), author_b, counter, timestamp_ms, key_version, parents, payload)
     return b"".join((
-        length_prefixed(DOMAIN),
-        struct.pack(">H", int(kind)),
-        length_prefixed(author_b),
-        struct.pack(">QQIH", counter, timestamp_ms, key_version, len(parents)),
+        _DOMAIN_LP,
+        _HEAD.pack(int(kind), len(author_b)),
+        author_b,
+        _FIXED.pack(counter, timestamp_ms, key_version, len(parents)),
         *parents,
-        length_prefixed(payload),
+        _LEN.pack(len(payload)),
+        payload,
     ))
+
+
+# The fixed parts of the layout above (built once: the encoding runs for every vertex).
+_DOMAIN_LP = length_prefixed(DOMAIN)
+_HEAD = struct.Struct(">HI")  # kind, then the author's length prefix
+_FIXED = struct.Struct(">QQIH")
+_LEN = struct.Struct(">I")
 
 
 def _check_fields(

@@ -24,9 +24,12 @@ class QstpConfiguration:
     """Largest frame payload we accept: bounds memory pinned by one incomplete frame."""
     max_data_chunk: int = MAX_DATA_CHUNK
     """Largest DATA payload we send (must not exceed the peer's ``max_frame_payload``)."""
-    stream_window: int = 1024 * 1024
-    """Receive credit per stream: bounds bytes buffered for a slow reader of one stream."""
-    connection_window: int = 4 * 1024 * 1024
+    stream_window: int = 4 * 1024 * 1024
+    """Receive credit per stream: bounds bytes buffered for a slow reader of one stream.
+    4 MiB: at ~1 GB/s one scheduler wake-up (~1 ms on a busy host) moves ~1 MB, and the
+    receiver grants credit at half a window; with 1 MiB a bulk sender stalled on credit
+    (``benchmarks/README.md``, "qstp — issue 15 follow-up")."""
+    connection_window: int = 8 * 1024 * 1024
     """Receive credit for all streams together: bounds a connection's buffered bytes."""
     max_streams: int = 256
     """Concurrent peer-opened streams: bounds per-stream state a peer can create."""

@@ -157,6 +157,8 @@ class Quotas:
                  max_customers: int = MAX_QUOTA_CUSTOMERS) -> None:
         self.spec = spec or QuotasSpec()
         self.max_customers = max_customers
+        #: no customer has a quota: the ingress skips :meth:`take` (kept by :meth:`reload`)
+        self.unlimited = _unlimited(self.spec)
         self._buckets: OrderedDict[str, tuple[_Bucket | None, _Bucket | None]] = OrderedDict()
         #: frames refused for quota
         self.refused = 0
@@ -206,6 +208,7 @@ class Quotas:
     def reload(self, spec: QuotasSpec, now: float) -> None:
         """Hot reload: new rates apply to existing buckets, which keep their level."""
         self.spec = spec
+        self.unlimited = _unlimited(spec)
         for customer in list(self._buckets):
             q = self.quota(customer)
             fb, bb = self._buckets[customer]
@@ -227,6 +230,11 @@ class Quotas:
                               customers={**s.customers, scope: upd(self.quota(scope))})
         self.reload(spec, now)
         return spec
+
+
+def _unlimited(spec: QuotasSpec) -> bool:
+    return all(q.frames_per_s <= 0 and q.bytes_per_s <= 0
+               for q in (spec.default, *spec.customers.values()))
 
 
 def _keep(old: _Bucket | None, new: _Bucket | None) -> _Bucket | None:

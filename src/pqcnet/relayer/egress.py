@@ -51,6 +51,8 @@ MAX_SUBSCRIBER_QUEUE = 64
 MAX_SUBSCRIPTIONS = 10_000
 #: shares written to one subscriber and awaiting its ack (its in-flight window)
 MAX_UNACKED = 64
+#: bytes of queued delivery messages one stream write may coalesce
+MAX_COALESCE_BYTES = 1 << 20
 
 _Item = tuple[list[Frame], asyncio.Future[None]]
 
@@ -137,13 +139,20 @@ class SubscriberHub:
         while todo:
             shares: dict[int, tuple[Subscription, list[Frame]]] = {}
             held: list[Frame] = []
+            #: who gets a topic's frames: decided once per topic per round
+            targets: dict[Topic, list[list[Frame]]] = {}
             for f in todo:
-                subs = [s for s in self._subs.get(f.customer, ())
+                topic = f.topic
+                lists = targets.get(topic)
+                if lists is None:
+                    lists = targets[topic] = [
+                        shares.setdefault(id(s), (s, []))[1]
+                        for s in self._subs.get(f.customer, ())
                         if s.matches(f) and self._allowed(s, f)]
-                if not subs:
+                if not lists:
                     held.append(f)
-                for s in subs:
-                    shares.setdefault(id(s), (s, []))[1].append(f)
+                for share in lists:
+                    share.append(f)
             futs = []
             loop = asyncio.get_running_loop()
             for sub, share in shares.values():
@@ -204,14 +213,25 @@ class SubscriberHub:
                                              return_when=asyncio.FIRST_COMPLETED)
                 if getter not in done:
                     break
-                frames, fut = getter.result()
+                items = [getter.result()]
                 getter = None
-                upto: dict[Topic, int] = {}
-                for f in frames:
-                    upto[f.topic] = f.seq  # in order per topic: the last is the highest
-                sub.unacked.append((upto, fut))
+                # shares already queued go out in the same write (one QSTP send, not one
+                # per share), within the window and :data:`MAX_COALESCE_BYTES`
+                messages = [encode_deliveries(items[0][0])]
+                size = len(messages[0])
+                while (not sub.queue.empty() and size < MAX_COALESCE_BYTES
+                       and len(sub.unacked) + len(items) < self.max_unacked):
+                    items.append(sub.queue.get_nowait())
+                    messages.append(encode_deliveries(items[-1][0]))
+                    size += len(messages[-1])
+                for frames, fut in items:
+                    upto: dict[Topic, int] = {}
+                    for f in frames:
+                        upto[f.topic] = f.seq  # in order per topic: the last is the highest
+                    sub.unacked.append((upto, fut))
                 try:
-                    await stream.send(encode_deliveries(frames))
+                    await stream.send(messages[0] if len(messages) == 1
+                                      else b"".join(messages))
                 except PqcnetError:
                     break
         finally:

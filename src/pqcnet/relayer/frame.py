@@ -130,6 +130,15 @@ def validate(frame: Frame, limits: FrameLimits) -> Frame:
     for name, value in (("customer", frame.customer), ("channel", frame.channel)):
         if len(value.encode()) > limits.max_id:
             raise FieldTooLarge(f"{name} id over {limits.max_id} bytes")
+    return validate_body(frame, limits)
+
+
+def validate_body(frame: Frame, limits: FrameLimits) -> Frame:
+    """The checks of :func:`validate` that do not depend on the topic's ids: what a
+    frame of a topic whose ids already passed still needs (the ingress checks the ids
+    once per topic per request)."""
+    if frame.seq < 1:
+        raise FieldMissing("seq is missing (must be >= 1)")
     if len(frame.payload) > limits.max_payload:
         raise FieldTooLarge(f"payload of {len(frame.payload)} bytes over {limits.max_payload}")
     if not 0 <= frame.qos <= MAX_QOS:

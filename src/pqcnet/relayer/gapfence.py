@@ -36,11 +36,12 @@ documented limits in the ADR.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import asyncio
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from pqcnet.relayer.errors import LateFrame
+from pqcnet.relayer.errors import LateFrame, RelayerError
 from pqcnet.relayer.frame import Frame, Topic
 
 #: skipped seq ranges remembered per topic (the most recent ones)
@@ -74,7 +75,8 @@ class GapFence:
         self._marks = marks
         self._cached: dict[int, Callable[[Topic], int | None]] = {}
         self._gaps: OrderedDict[Topic, list[tuple[int, int]]] = OrderedDict()
-        self._inflight: dict[Topic, Counter[int]] = {}
+        #: topic -> admitted seq -> how many admissions of it are in flight
+        self._inflight: dict[Topic, dict[int, int]] = {}
         self._n_inflight = 0
         self.max_inflight = max_inflight
         self.stats = FenceStats()
@@ -90,30 +92,78 @@ class GapFence:
         """Check ``(frame, retry)`` pairs of one shard; register the admitted ones.
 
         Returns one entry per frame: ``None`` (admitted, now in flight) or the
-        :class:`LateFrame` to answer with.
+        :class:`LateFrame` to answer with. A marks read that fails raises its error.
         """
-        cached = self._cached.get(shard)
+        got = (await self.admit_many({shard: frames}))[shard]
+        if isinstance(got, RelayerError):
+            raise got
+        return got
+
+    async def admit_many(self, by_shard: Mapping[int, Sequence[tuple[Frame, bool]]]
+                         ) -> dict[int, list[LateFrame | None] | RelayerError]:
+        """:meth:`admit` for the frames of several shards (one ingress request): the
+        marks store is read for the cold topics of all of them concurrently, then every
+        frame is checked and registered with no ``await`` in between. A shard whose
+        marks read failed gets that error instead of a list (its frames not admitted)."""
         # a local worker's cached mark is at least as new as the store: read the store
         # only for topics it does not hold (cold topics, shards owned elsewhere)
-        cold = [t for t in dict.fromkeys(f.topic for f, _ in frames)
-                if cached is None or cached(t) is None]
-        stored: Mapping[Topic, int] = {}
-        if self._marks is not None and cold:
-            stored = await self._marks(shard, cold)
-        # no await from here on: the check and the registration are one step
-        out: list[LateFrame | None] = []
-        for frame, retry in frames:
-            nxt = stored.get(frame.topic, 1)
-            if cached is not None:
-                mem = cached(frame.topic)
-                if mem is not None:
-                    nxt = max(nxt, mem)
-            err = self._check(frame, retry, nxt)
-            if err is not None:
-                self.stats.refused += 1
-                out.append(err)
+        colds: dict[int, list[Topic]] = {}
+        for shard, frames in by_shard.items():
+            cached = self._cached.get(shard)
+            cold = [t for t in dict.fromkeys(f.topic for f, _ in frames)
+                    if cached is None or cached(t) is None]
+            if cold and self._marks is not None:
+                colds[shard] = cold
+        stored: dict[int, Mapping[Topic, int] | BaseException] = {}
+        if colds:
+            marks = self._marks
+            assert marks is not None
+            got = await asyncio.gather(*(marks(s, t) for s, t in colds.items()),
+                                       return_exceptions=True)
+            stored = dict(zip(colds, got, strict=True))
+        # no await from here on: the checks and the registrations are one step
+        out: dict[int, list[LateFrame | None] | RelayerError] = {}
+        for shard, frames in by_shard.items():
+            known = stored.get(shard, {})
+            if isinstance(known, BaseException):
+                if not isinstance(known, RelayerError):
+                    raise known
+                out[shard] = known
                 continue
-            self._register(frame.topic, frame.seq)
+            out[shard] = self._admit(self._cached.get(shard), known, frames)
+        return out
+
+    def _admit(self, cached: Callable[[Topic], int | None] | None, stored: Mapping[Topic, int],
+               frames: Sequence[tuple[Frame, bool]]) -> list[LateFrame | None]:
+        out: list[LateFrame | None] = []
+        nxts: dict[Topic, int] = {}
+        inflight = self._inflight
+        for frame, retry in frames:
+            topic = frame.topic
+            nxt = nxts.get(topic)
+            if nxt is None:  # once per topic: the marks do not move during this loop
+                nxt = stored.get(topic, 1)
+                if cached is not None:
+                    mem = cached(topic)
+                    if mem is not None:
+                        nxt = max(nxt, mem)
+                nxts[topic] = nxt
+            if frame.seq < nxt:
+                err = self._check(frame, retry, nxt)
+                if err is not None:
+                    self.stats.refused += 1
+                    out.append(err)
+                    continue
+            # admitted: registered as in flight (inline: this runs for every frame)
+            if self._n_inflight >= self.max_inflight:
+                self.stats.untracked += 1
+            else:
+                c = inflight.get(topic)
+                if c is None:
+                    inflight[topic] = {frame.seq: 1}
+                else:
+                    c[frame.seq] = c.get(frame.seq, 0) + 1
+                self._n_inflight += 1
             out.append(None)
         return out
 
@@ -134,32 +184,41 @@ class GapFence:
             f"{nxt} (delivered or skipped); publish it under a new seq, or set retry "
             "if it is a resend")
 
-    def _register(self, topic: Topic, seq: int) -> None:
-        if self._n_inflight >= self.max_inflight:
-            self.stats.untracked += 1
-            return
-        c = self._inflight.get(topic)
-        if c is None:  # not setdefault: that builds a Counter for every frame
-            c = self._inflight[topic] = Counter()
-        c[seq] += 1
-        self._n_inflight += 1
-
     def release(self, topic: Topic, seq: int) -> None:
         """An admitted frame will not reach the bus (its publish failed)."""
         c = self._inflight.get(topic)
-        if c is None or c[seq] <= 0:
+        if c is None:
             return
-        c[seq] -= 1
+        n = c.get(seq, 0)
+        if n <= 0:
+            return
         self._n_inflight -= 1
-        if c[seq] == 0:
-            del c[seq]
-            if not c:
-                del self._inflight[topic]
+        if n > 1:
+            c[seq] = n - 1
+            return
+        del c[seq]
+        if not c:
+            del self._inflight[topic]
+
+    def release_many(self, frames: Iterable[Frame]) -> None:
+        """:meth:`release` of each of ``frames``."""
+        release = self.release
+        for f in frames:
+            release(f.topic, f.seq)
 
     # ------------------------------------------------------------------ worker side
     def consumed(self, topic: Topic, seq: int) -> None:
         """The worker read this frame from the bus: it is no longer in flight."""
         self.release(topic, seq)
+
+    def consumed_many(self, frames: Iterable[Frame | None]) -> None:
+        """:meth:`consumed` of each frame of a batch the worker read (None: corrupt)."""
+        if not self._n_inflight:
+            return  # nothing in flight (frames replayed after a restart, other publishers)
+        release = self.release
+        for f in frames:
+            if f is not None:
+                release(f.topic, f.seq)
 
     def holds(self, topic: Topic, lo: int, hi: int) -> bool:
         """True while an admitted seq in ``lo .. hi-1`` has not reached the worker."""

@@ -18,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from pqcnet.errors import PqcnetError
 from pqcnet.qstp.aio import Stream, Tunnel
@@ -33,12 +33,19 @@ from pqcnet.relayer.errors import (
     FieldTooLarge,
     FrameRejected,
     NotAuthorized,
-    OverflowFull,
     QuotaExceeded,
     RelayerError,
     SeqNotMonotonic,
 )
-from pqcnet.relayer.frame import FrameLimits, Topic, encode, shard_for, validate
+from pqcnet.relayer.frame import (
+    Frame,
+    FrameLimits,
+    Topic,
+    encode,
+    shard_for,
+    validate,
+    validate_body,
+)
 from pqcnet.relayer.gapfence import GapFence
 from pqcnet.relayer.overflow import BufferedPublisher
 from pqcnet.relayer.receipts import VolumeReceipt
@@ -215,32 +222,51 @@ class Ingress:
 
     # ------------------------------------------------------------------ publish
     async def publish(self, session: TunnelSession, items: Sequence[Incoming]) -> list[Result]:
-        """Validate, shard, durably publish; one :class:`Result` per item, in order."""
+        """Validate, shard, durably publish; one :class:`Result` per item, in order.
+
+        What depends only on the topic — its ids' limits, the authorization, its shard —
+        is decided once per topic per request (a request carries many frames of few
+        topics); seq, payload, QoS and quota are checked per frame."""
         results: list[Result | None] = [None] * len(items)
         if len(items) > self.max_frames_per_request:
             err = FieldTooLarge(f"{len(items)} frames in one request; "
                                 f"max {self.max_frames_per_request}")
             return [Result(i.seq, False, code=err.code, reason=str(err)) for i in items]
-        by_shard: dict[int, list[int]] = defaultdict(list)
+        by_shard: dict[int, list[int]] = {}
+        #: topic -> its shard, for topics whose ids and authorization passed
+        known: dict[Topic, int] = {}
         pending_high: dict[Topic, int] = {}
+        highest = session.highest
         peer = session.tunnel.peer.spiffe_id if self.authz is not None else None
+        quotas = None if self.quotas.unlimited else self.quotas
         now = self.clock()
+        limits = self.limits
         for idx, item in enumerate(items):
             try:
                 if item.error is not None:
                     raise item.error
-                assert item.frame is not None
-                frame = validate(item.frame, self.limits)
+                frame = item.frame
+                assert frame is not None
                 topic = frame.topic
-                last = pending_high.get(topic, session.highest.get(topic, 0))
+                shard = known.get(topic)
+                if shard is None:
+                    validate(frame, limits)
+                    if self.authz is not None:
+                        assert peer is not None
+                        self.authz.check(peer, "publish", frame.customer, frame.channel)
+                    shard = known[topic] = shard_for(frame.customer, frame.channel,
+                                                     self.shards)
+                else:
+                    validate_body(frame, limits)
+                last = pending_high.get(topic)
+                if last is None:
+                    last = highest.get(topic, 0)
                 if frame.seq <= last and not item.retry:
                     raise SeqNotMonotonic(
                         f"seq {frame.seq} after {last} on {frame.customer}/{frame.channel} "
                         "(set retry to resend)")
-                if self.authz is not None:
-                    assert peer is not None
-                    self.authz.check(peer, "publish", frame.customer, frame.channel)
-                self.quotas.take(frame.customer, 1, len(frame.payload), now)
+                if quotas is not None:
+                    quotas.take(frame.customer, 1, len(frame.payload), now)
             except NotAuthorized as exc:
                 self.stats.unauthorized += 1
                 results[idx] = Result(item.seq, False, code=exc.code, reason=str(exc))
@@ -253,48 +279,16 @@ class Ingress:
             except RelayerError as exc:
                 results[idx] = Result(item.seq, False, code=exc.code, reason=str(exc))
                 continue
-            pending_high[topic] = max(last, frame.seq)
-            by_shard[shard_for(frame.customer, frame.channel, self.shards)].append(idx)
+            if frame.seq > last:
+                pending_high[topic] = frame.seq
+            idxs = by_shard.get(shard)
+            if idxs is None:
+                by_shard[shard] = [idx]
+            else:
+                idxs.append(idx)
 
-        async def one(shard: int, idxs: list[int]) -> None:
-            if self.fence is not None:
-                try:
-                    late = await self.fence.admit(
-                        shard, [(items[i].frame, items[i].retry) for i in idxs])  # type: ignore[misc]
-                except RelayerError as exc:  # marks unreadable: refuse, retriable
-                    for i in idxs:
-                        results[i] = Result(items[i].seq, False, code=exc.code,
-                                            reason=str(exc), retriable=exc.retriable)
-                    return
-                for i, err in zip(idxs, late, strict=True):
-                    if err is not None:
-                        results[i] = Result(items[i].seq, False, code=err.code, reason=str(err))
-                idxs = [i for i, err in zip(idxs, late, strict=True) if err is None]
-                if not idxs:
-                    return
-            records = [encode(items[i].frame) for i in idxs]  # type: ignore[arg-type]
-            try:
-                acc = await self.publisher.publish(shard, records)
-            except (OverflowFull, RelayerError) as exc:
-                for i in idxs:
-                    results[i] = Result(items[i].seq, False, code=exc.code, reason=str(exc),
-                                        retriable=exc.retriable)
-                    if self.fence is not None:
-                        frame = items[i].frame
-                        assert frame is not None
-                        self.fence.release(frame.topic, frame.seq)
-                return
-            session.shards.add(shard)
-            for i in idxs:
-                results[i] = accepted(items[i].seq, acc.overflowed)
-                frame = items[i].frame
-                assert frame is not None
-                topic = frame.topic
-                session.highest[topic] = max(session.highest.pop(topic, 0), frame.seq)
-            if acc.overflowed:
-                self.stats.overflowed += len(idxs)
-
-        await asyncio.gather(*(one(s, idxs) for s, idxs in by_shard.items()))
+        if by_shard:
+            await self._commit(session, items, by_shard, results)
         while len(session.highest) > MAX_TOPICS_PER_TUNNEL:
             session.highest.popitem(last=False)
         out = [r for r in results if r is not None]
@@ -302,6 +296,64 @@ class Ingress:
         self.stats.accepted += ok
         self.stats.rejected += len(out) - ok
         return out
+
+    async def _commit(self, session: TunnelSession, items: Sequence[Incoming],
+                      by_shard: dict[int, list[int]], results: list[Result | None]) -> None:
+        """Fence, then one durable publish for every shard of the request; fills
+        ``results`` for the items in ``by_shard``."""
+
+        def refuse(idxs: list[int], exc: RelayerError) -> None:
+            for i in idxs:
+                results[i] = Result(items[i].seq, False, code=exc.code, reason=str(exc),
+                                    retriable=exc.retriable)
+
+        # the valid items carry a frame (the loop in publish refused the others)
+        frames = {s: cast(list[Frame], [items[i].frame for i in idxs])
+                  for s, idxs in by_shard.items()}
+        if self.fence is not None:
+            verdicts = await self.fence.admit_many(
+                {s: [(f, items[i].retry) for f, i in zip(frames[s], idxs, strict=True)]
+                 for s, idxs in by_shard.items()})
+            for shard, late in verdicts.items():
+                idxs = by_shard[shard]
+                if isinstance(late, RelayerError):  # marks unreadable: refuse, retriable
+                    refuse(idxs, late)
+                    del by_shard[shard], frames[shard]
+                    continue
+                if any(err is not None for err in late):
+                    for i, err in zip(idxs, late, strict=True):
+                        if err is not None:
+                            results[i] = Result(items[i].seq, False, code=err.code,
+                                                reason=str(err))
+                    by_shard[shard] = [i for i, e in zip(idxs, late, strict=True) if e is None]
+                    frames[shard] = [f for f, e in zip(frames[shard], late, strict=True)
+                                     if e is None]
+                    if not by_shard[shard]:
+                        del by_shard[shard], frames[shard]
+            if not by_shard:
+                return
+        outcome = await self.publisher.publish_many(
+            {s: [encode(f) for f in fs] for s, fs in frames.items()})
+        top: dict[Topic, int] = {}
+        for shard, idxs in by_shard.items():
+            acc = outcome[shard]
+            if isinstance(acc, RelayerError):  # bus and overflow both refused (OverflowFull…)
+                refuse(idxs, acc)
+                if self.fence is not None:
+                    self.fence.release_many(frames[shard])
+                continue
+            session.shards.add(shard)
+            overflowed = acc.overflowed
+            for i, frame in zip(idxs, frames[shard], strict=True):
+                results[i] = accepted(items[i].seq, overflowed)
+                topic = frame.topic
+                if frame.seq > top.get(topic, 0):
+                    top[topic] = frame.seq
+            if overflowed:
+                self.stats.overflowed += len(idxs)
+        highest = session.highest
+        for topic, high in top.items():  # most recently used last (the bound's order)
+            highest[topic] = max(highest.pop(topic, 0), high)
 
     # ------------------------------------------------------------------ flow
     def apply_flow(self, change: FlowChange) -> None:

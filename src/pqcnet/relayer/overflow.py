@@ -16,18 +16,20 @@ Keys: ``b"Q" shard:u16 n:u64 -> record`` (n increases per shard, survives restar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import rocksdict
 
 from pqcnet.relayer.bus.base import Bus
 from pqcnet.relayer.bus.embedded import open_rocks
-from pqcnet.relayer.errors import BusError, OverflowFull
+from pqcnet.relayer.errors import BusError, OverflowFull, RelayerError
 
 log = logging.getLogger(__name__)
 _U16 = struct.Struct(">H")
@@ -114,6 +116,10 @@ class Accepted:
     overflowed: bool
 
 
+_ON_BUS = Accepted(False)
+_OVERFLOWED = Accepted(True)
+
+
 class BufferedPublisher:
     """Publish to the bus, or durably to the overflow queue when the bus cannot take it."""
 
@@ -135,6 +141,10 @@ class BufferedPublisher:
             deque() for _ in range(n)]
         self._flushing = [False] * n
         self._flushers: set[asyncio.Task[None]] = set()
+        #: requests of several shards waiting for the cross-shard group commit
+        self._pending_many: deque[tuple[Mapping[int, Sequence[bytes]],
+                                        asyncio.Future[dict[int, Accepted]]]] = deque()
+        self._flushing_many = False
 
     async def publish(self, shard: int, records: Sequence[bytes]) -> Accepted:
         """Durably accept ``records`` for ``shard`` (bus or overflow).
@@ -152,6 +162,104 @@ class BufferedPublisher:
             self._flushers.add(task)
             task.add_done_callback(self._flushers.discard)
         return await asyncio.shield(fut)
+
+    async def publish_many(self, batches: Mapping[int, Sequence[bytes]]
+                           ) -> dict[int, Accepted | RelayerError]:
+        """:meth:`publish` for the records of several shards (one ingress request): per
+        shard, where its records went or why they were refused (another exception is
+        raised).
+
+        On a bus that writes several shards at once (:attr:`Bus.batched_shards`, the
+        embedded log) the group commit spans shards: while one write is in flight, later
+        requests wait and go out together in the next — one durable write for many
+        requests of many shards, instead of one per shard per request. Otherwise each
+        shard goes through :meth:`publish` (its own group commit), concurrently.
+        """
+        if not self.bus.batched_shards:
+            shards = list(batches)
+            got = await asyncio.gather(*(self.publish(s, batches[s]) for s in shards),
+                                       return_exceptions=True)
+            for r in got:  # a bug is not a refusal
+                if isinstance(r, BaseException) and not isinstance(r, RelayerError):
+                    raise r
+            return dict(zip(shards, cast(list[Accepted | RelayerError], got), strict=True))
+        fut: asyncio.Future[dict[int, Accepted]] = asyncio.get_running_loop().create_future()
+        self._pending_many.append((batches, fut))
+        if not self._flushing_many:
+            self._flushing_many = True
+            task = asyncio.create_task(self._flush_many())
+            self._flushers.add(task)
+            task.add_done_callback(self._flushers.discard)
+        try:
+            return dict(await asyncio.shield(fut))
+        except RelayerError as exc:  # one write for all shards: the same outcome for each
+            return dict.fromkeys(batches, exc)
+
+    async def _flush_many(self) -> None:
+        pending = self._pending_many
+        try:
+            while pending:
+                items: list[tuple[Mapping[int, Sequence[bytes]],
+                                  asyncio.Future[dict[int, Accepted]]]] = []
+                merged: dict[int, list[bytes]] = {}
+                count = 0
+                while pending and (not items or count < MAX_COALESCE):
+                    batches, fut = pending.popleft()
+                    items.append((batches, fut))
+                    for shard, records in batches.items():  # arrival order per shard
+                        merged.setdefault(shard, []).extend(records)
+                        count += len(records)
+                try:
+                    acc = await self._publish_now_many(merged)
+                except Exception as exc:
+                    for _, f in items:
+                        if not f.done():
+                            f.set_exception(exc)
+                    continue
+                for batches, f in items:
+                    if not f.done():
+                        f.set_result({s: acc[s] for s in batches})
+        finally:
+            self._flushing_many = False
+
+    async def _publish_now_many(self, merged: dict[int, list[bytes]]) -> dict[int, Accepted]:
+        """One bus write for the shards with nothing queued in overflow; the others (and
+        all of them when the bus is down or slow) go to the overflow queue. The queue's
+        bound is checked for all of them before anything is written (a request is taken
+        whole or refused whole, except after a bus write that timed out — which may have
+        landed, as with :meth:`publish`)."""
+        shards = sorted(merged)
+        async with contextlib.AsyncExitStack() as held:
+            for shard in shards:  # ascending: never a lock cycle with another holder
+                await held.enter_async_context(self._locks[shard])
+            direct = {} if self.bus_down else {
+                s: merged[s] for s in shards if self.queue.depth(s) == 0}
+            self._check_room(merged, [s for s in shards if s not in direct])
+            if direct:
+                try:
+                    async with asyncio.timeout(self.publish_timeout):
+                        await self.bus.publish_many(direct)
+                except (TimeoutError, BusError) as exc:
+                    if isinstance(exc, BusError) and not exc.retriable:
+                        raise
+                    self.bus_down = True
+                    log.warning("bus unavailable: using overflow queue",
+                                extra={"shards": len(direct), "error": str(exc) or "timeout"})
+                    direct = {}
+                    self._check_room(merged, shards)
+            out = dict.fromkeys(direct, _ON_BUS)
+            for shard in shards:
+                if shard not in direct:
+                    self.queue.append(shard, merged[shard])
+                    out[shard] = _OVERFLOWED
+                    self._kick.set()
+            return out
+
+    def _check_room(self, merged: Mapping[int, Sequence[bytes]], shards: Sequence[int]) -> None:
+        need = sum(len(merged[s]) for s in shards)
+        if need and self.queue.total() + need > self.queue.max_records:
+            raise OverflowFull(f"overflow queue holds {self.queue.total()} records "
+                               f"(bound {self.queue.max_records}); retry later")
 
     async def _flush(self, shard: int) -> None:
         try:

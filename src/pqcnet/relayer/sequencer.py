@@ -216,6 +216,32 @@ class Sequencer:
         self._waiting_since.setdefault(topic, now)
         return out
 
+    def offer_batch(self, records: Iterable[tuple[Frame, Delivery]], now: float,
+                    delivered: list[Frame]) -> list[Event]:
+        """:meth:`offer` of each record in turn: the frames to deliver are appended to
+        ``delivered`` (in order), the other events (duplicates, gaps) returned.
+
+        The common case — a cached topic with nothing buffered receives its next seq —
+        is decided inline, without the per-frame event objects :meth:`offer` builds."""
+        other: list[Event] = []
+        marks, bufs, dirty, waiting = self._next, self._buf, self._dirty, self._waiting_since
+        for frame, delivery in records:
+            topic = frame.topic
+            expected = marks.get(topic)
+            if expected is not None and frame.seq == expected and topic not in bufs:
+                marks[topic] = dirty[topic] = expected + 1
+                marks.move_to_end(topic)
+                if waiting:
+                    waiting.pop(topic, None)
+                delivered.append(frame)
+                continue
+            for ev in self.offer(frame, delivery, now):
+                if isinstance(ev, Deliver):
+                    delivered.append(ev.frame)
+                else:
+                    other.append(ev)
+        return other
+
     def poll(self, now: float, hold: HoldGap | None = None) -> list[Event]:
         """Skip gaps that have waited ``gap_timeout``; returns the resulting events.
 

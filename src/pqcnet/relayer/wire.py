@@ -166,14 +166,19 @@ _RESULT_SET = slot_setters(Result, "seq", "accepted", "overflowed", "code", "rea
 
 def _incoming(f: pb.IngressFrame, _set: tuple[Callable[[Any, Any], None], ...] = _INCOMING_SET
               ) -> Incoming:
-    seq = f.seq if f.HasField("seq") else 0
-    for field in ("customer_id", "channel_id", "seq", "payload"):
-        if not f.HasField(field):
-            return Incoming(seq, None, FieldMissing(f"{field} is missing"), f.retry)
-    qos = f.qos if f.HasField("qos") else 1
+    customer, channel, seq, payload = f.customer_id, f.channel_id, f.seq, f.payload
+    if not (customer and channel and seq and payload):
+        # a field at its default value: present (explicitly sent) or missing? Only then
+        # ask, one HasField each; a non-default value is present by definition
+        for field in ("customer_id", "channel_id", "seq", "payload"):
+            if not f.HasField(field):
+                return Incoming(seq, None, FieldMissing(f"{field} is missing"), f.retry)
+    qos = f.qos
+    if not qos and not f.HasField("qos"):
+        qos = 1  # absent: the standard QoS (0 sent explicitly is best-effort)
     item: Incoming = _new(Incoming)  # Incoming(seq, frame, None, retry), cheaper
     _set[0](item, seq)
-    _set[1](item, make_frame(f.customer_id, f.channel_id, f.seq, f.payload, qos))
+    _set[1](item, make_frame(customer, channel, seq, payload, qos))
     _set[2](item, None)
     _set[3](item, f.retry)
     return item

@@ -182,12 +182,11 @@ class RelayerShardWorker:
         now = self._clock()
         out: list[Frame] = []
         fence = self.fence
-        for d, frame in decoded:
-            self._inflight.append(d)
-            if frame is not None:
-                if fence is not None:
-                    fence.consumed(frame.topic, frame.seq)
-                self._collect(seq.offer(frame, d, now), out)
+        self._inflight.extend(batch)
+        if fence is not None:
+            fence.consumed_many(f for _, f in decoded)
+        self._collect(seq.offer_batch([(f, d) for d, f in decoded if f is not None], now, out),
+                      out)
         self._collect(seq.poll(now, fence.holds if fence is not None else None), out)
         if out:
             await self.sink.deliver(self.shard, out)

@@ -26,9 +26,11 @@ import base64
 import contextlib
 import datetime as dt
 import hashlib
+import ipaddress
 import json
 import logging
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +109,9 @@ class CaServiceConfig:
     #: mesh config returned on enroll
     bootstrap_peers: tuple[str, ...] = ()
     gossip_fanout: int = 3
+    #: where enrolling nodes fetch the CRL (returned in the enroll answer's config): a
+    #: name or address *clients* reach, never the bind address (``0.0.0.0`` would send
+    #: every node to itself); empty = none advertised
     crl_url: str = ""
     #: Cache-Control max-age for GET /v1/crl, and how often the CRL is re-signed
     crl_max_age_s: int = 30
@@ -116,6 +121,30 @@ class CaServiceConfig:
             raise CaServiceError(400, "bad_config", "limits must be positive")
         for pattern in self.admin_patterns:
             validate_pattern(pattern)
+        if self.crl_url:
+            check_advertised_url(self.crl_url, "crl_url")
+
+
+def check_advertised_url(url: str, what: str) -> None:
+    """Refuse a URL handed to other nodes that they cannot use: not http(s), no host,
+    or a wildcard bind address (``0.0.0.0``, ``::``) instead of the service's name."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if parts.scheme not in ("http", "https") or not host or port == 0:
+        raise CaServiceError(400, "bad_config", f"{what} {url!r}: not an http(s) URL with a "
+                             "host (and a port other than 0)")
+    try:
+        wildcard = ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a name
+        wildcard = False
+    if wildcard:
+        raise CaServiceError(400, "bad_config", (
+            f"{what} {url!r}: {host} is a bind address, not one other nodes can reach; "
+            "advertise the service's name (pqcnet ca serve --advertise-host)"))
 
 
 class _Bucket:
@@ -624,4 +653,5 @@ __all__ = [
     "CaService",
     "CaServiceConfig",
     "RateLimiter",
+    "check_advertised_url",
 ]

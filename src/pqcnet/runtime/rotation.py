@@ -16,7 +16,8 @@ a long-running role runs. Every ``poll_s`` it:
    lifetime is left it raises an alarm (metric + error log) — long before expiry;
 3. **refreshes the CRL** from ``crl_url`` (``GET /v1/crl`` with ETag) when one is
    configured (else the ``crl.pem`` file is watched as part of 1), verified against
-   the trust bundle; only a newer CRL replaces the held one.
+   the trust bundle; only a newer CRL replaces the held one. It is written to the
+   directory when that is writable, else held in memory (read-only mounts).
 
 Changes reach the role through callbacks. :class:`ServerBinding` is the one for a
 QSTP server: new handshakes use the new identity at once; tunnels made under the
@@ -164,6 +165,8 @@ class IdentityManager:
         self._retry_s = self.config.retry_min_s
         self._next_crl = 0.0
         self._crl_etag = ""
+        #: the directory refused a CRL write once: later CRLs are held in memory quietly
+        self._crl_in_memory = False
         self.renewals_ok = 0
         self.renewals_failed = 0
         self.reloads = 0
@@ -306,7 +309,16 @@ class IdentityManager:
         if not fresh.is_newer_than(held):
             return
         new = ident.with_crl(pem)
-        await asyncio.to_thread(self._write_crl, pem)
+        try:
+            await asyncio.to_thread(self._write_crl, pem)
+        except OSError as exc:
+            # a read-only identity directory (a mounted Secret, a compose ``:ro`` bind):
+            # the CRL still applies, held in memory and fetched again after a restart;
+            # said once (the CA re-signs every max-age: a line per refresh is noise)
+            (log.debug if self._crl_in_memory else log.warning)(
+                "CRL applied in memory only: cannot write it to the identity directory",
+                extra={"dir": str(self.directory), "error": str(exc)})
+            self._crl_in_memory = True
         await self._apply(new, "crl")
 
     def _write_crl(self, pem: bytes) -> None:

@@ -7,9 +7,9 @@ implementation, not a mock.
 
 Semantics every backend keeps:
 
-* ``publish(shard, records)`` returns only once the records are durable in the
-  backend's own terms (RocksDB WAL, Redis AOF, Kafka acks=all) and returns one
-  offset per record, in order.
+* ``publish(shard, records)`` (``publish_many`` for several shards) returns only
+  once the records are durable in the backend's own terms (RocksDB WAL, Redis
+  AOF, Kafka acks=all); ``publish`` returns one offset per record, in order.
 * ``consume(shard, group)`` returns records not yet acknowledged by ``group``; a
   record is redelivered after a restart until it is acked (at-least-once; the shard
   worker turns this into exactly-once with its sequence window).
@@ -28,7 +28,8 @@ local RocksDB), and ``compact(shard, groups)`` drops what every group acked
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -56,6 +57,10 @@ class Bus(abc.ABC):
 
     #: backend name as used in config (``embedded``, ``redis``, ``kafka``)
     name: str = "bus"
+    #: True when :meth:`publish_many` puts every shard's records in one durable write
+    #: (the embedded log): the overflow publisher then group-commits whole ingress
+    #: requests across shards instead of one write per shard
+    batched_shards: bool = False
     #: called with (gained, lost) shards when a cluster's assignment changes (the node
     #: journals them); backends whose assignment never changes never call it
     on_assignment: Callable[[set[int], set[int]], None] | None = None
@@ -70,6 +75,11 @@ class Bus(abc.ABC):
     @abc.abstractmethod
     async def publish(self, shard: int, records: Sequence[bytes]) -> list[Offset]:
         """Durably append ``records`` to ``shard``; one offset per record."""
+
+    async def publish_many(self, batches: Mapping[int, Sequence[bytes]]) -> None:
+        """:meth:`publish` of each shard's records (all or nothing only where
+        :attr:`batched_shards`; here one publish per shard, concurrently)."""
+        await asyncio.gather(*(self.publish(s, r) for s, r in batches.items() if r))
 
     @abc.abstractmethod
     async def consume(

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ class EmbeddedBus(Bus):
     """RocksDB-backed partitioned log."""
 
     name = "embedded"
+    batched_shards = True
 
     def __init__(self, path: str | Path, shards: int = 32, *, sync: bool = False) -> None:
         if shards < 1 or shards > 0xFFFF:
@@ -105,20 +106,31 @@ class EmbeddedBus(Bus):
 
     async def publish(self, shard: int, records: Sequence[bytes]) -> list[Offset]:
         self.check_shard(shard)
-        self._check_open()
-        if not records:
-            return []
-        prefix = b"L" + _U16.pack(shard)
         start = self._head[shard]
+        await self.publish_many({shard: records})
+        return list(range(start, self._head[shard]))
+
+    async def publish_many(self, batches: Mapping[int, Sequence[bytes]]) -> None:
+        """Every shard's records in one RocksDB write batch: all durable, or none."""
+        for shard in batches:
+            self.check_shard(shard)
+        self._check_open()
         batch = rocksdict.WriteBatch(raw_mode=True)
-        for i, rec in enumerate(records):
-            batch.put(prefix + _U64.pack(start + i), rec)
-        batch.put(b"H" + _U16.pack(shard), _U64.pack(start + len(records)))
+        pack = _U64.pack
+        for shard, records in batches.items():
+            if not records:
+                continue
+            prefix = b"L" + _U16.pack(shard)
+            start = self._head[shard]
+            for i, rec in enumerate(records, start):
+                batch.put(prefix + pack(i), rec)
+            batch.put(b"H" + _U16.pack(shard), pack(start + len(records)))
         self._db.write(batch, self._wo)
-        self._head[shard] = start + len(records)
-        self._remember(shard, records)
-        self._wake[shard].set()
-        return list(range(start, start + len(records)))
+        for shard, records in batches.items():
+            if records:
+                self._head[shard] += len(records)
+                self._remember(shard, records)
+                self._wake[shard].set()
 
     def _remember(self, shard: int, records: Sequence[bytes]) -> None:
         """Append durable records to the shard's tail; past a bound, keep the newer half."""
