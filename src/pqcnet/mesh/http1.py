@@ -171,7 +171,7 @@ class HttpClient:
         self.max_connections = max_connections
         self.max_head = max_head
         self.max_body = max_body
-        self._ssl = ssl.create_default_context() if url.scheme == "https" else None
+        self._tls_context = ssl.create_default_context() if url.scheme == "https" else None
         netloc = url.netloc.rpartition("@")[2]
         self._host_header = f"Host: {netloc}\r\n".encode()
         self._idle: list[_Conn] = []
@@ -236,7 +236,7 @@ class HttpClient:
         try:
             _, conn = await loop.create_connection(
                 lambda: _Conn(self.max_head, self.max_body), self.host, self.port,
-                ssl=self._ssl, server_hostname=self.host if self._ssl else None)
+                ssl=self._tls_context, server_hostname=self.host if self._tls_context else None)
         except OSError as exc:
             raise WakuUnavailable(f"cannot connect to {self.base_url}: {exc}") from None
         assert conn.transport is not None
