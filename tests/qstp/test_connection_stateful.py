@@ -313,6 +313,9 @@ class ConnectionPair(RuleBasedStateMachine):
                 consumed = self.consumed[(PEER[side], sid)]
                 assert sent - consumed <= STREAM_WINDOW, (side, sid, sent, consumed)
                 in_flight_total += sent - consumed
+            # data the peer dropped (a stream it refused at max_streams, like h2's
+            # REFUSED_STREAM) is credited back without being consumed
+            in_flight_total -= self.conns[PEER[side]].dropped_data_bytes
             assert in_flight_total <= CONN_WINDOW
 
     @invariant()

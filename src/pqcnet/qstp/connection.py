@@ -184,6 +184,9 @@ class Connection:
         self._conn_recv_window = INITIAL_WINDOW
         self._conn_recv_pending = 0
         self._data_frames_received = 0
+        #: DATA bytes received and dropped (a refused or released stream, after GOAWAY):
+        #: never delivered, their connection credit goes back to the peer
+        self.dropped_data_bytes = 0
         self._pings: dict[bytes, float] = {}
         self._keepalive: bytes | None = None  # payload of the outstanding keepalive PING
         self._ping_counter = 0
@@ -727,6 +730,7 @@ class Connection:
     def _late_data(self, n: int) -> None:
         """DATA for a stream we already released: drop it but return its credit."""
         self._data_frames_received += 1
+        self.dropped_data_bytes += n
         self._conn_recv_pending += n
         if self._conn_recv_pending >= self.config.connection_window // 2:
             inc, self._conn_recv_pending = self._conn_recv_pending, 0
