@@ -164,7 +164,7 @@ async def test_claims_checked_against_signed_counters(tmp_path: Path) -> None:
         assert node.audit_claims(now=time.time() + 3 * HOUR) == {}  # once per epoch
         assert node.registry.get_sample_value("pqcnet_relayer_claims_records_total",
                                               {"status": "overclaimed"}) == 1.0
-        [ev] = find_overclaims(node.proof_parts(epoch), node.counters, node.tolerance)
+        [ev] = find_overclaims(node.proof_parts(epoch, records=True), node.counters, node.tolerance)
         trust = ca_trust(identities()[0].trust_anchors)
         verify_overclaim(ev, identities()[0].key.public_key, trust, Tolerance())
         assert ev.entry.record.frames == 55 and ev.counter.counter.frames == 5

@@ -257,7 +257,7 @@ async def step_network(state: Any) -> None:
         assert r1_node is not None
         r1_node.prove_closed_epochs(now=time.time() + 2 * r1_node.cfg.epoch_seconds)
         # the node's own epoch loop may have proven the epoch already: take the latest
-        proof = r1_node.proofs[max(r1_node.proofs)]
+        proof = r1_node.proof_parts(max(r1_node.proofs), records=True)[0]
         anchored = anchored_proof(r1_node.anchor.ledger, r1_node.anchor.receipts[proof.epoch])
         verify_inclusion(proof.records[0], inclusion_proof(proof, 0), anchored)
         bar.update()

@@ -49,9 +49,18 @@ def merkle_root(leaves: Sequence[bytes]) -> bytes:
     """Root over ``leaves`` (the empty tree's root is SHA-256 of nothing)."""
     if len(leaves) > MAX_LEAVES:
         raise ProofInvalid(f"{len(leaves)} leaves; at most {MAX_LEAVES} per tree")
-    if not leaves:
+    return root_of_leaf_hashes([leaf_hash(x) for x in leaves])
+
+
+def root_of_leaf_hashes(hashes: Sequence[bytes]) -> bytes:
+    """:func:`merkle_root` from the leaves' :func:`leaf_hash` es: a caller that encodes
+    each leaf on the fly never holds every encoded leaf at once (a relayer's epoch can
+    have a million)."""
+    if len(hashes) > MAX_LEAVES:
+        raise ProofInvalid(f"{len(hashes)} leaves; at most {MAX_LEAVES} per tree")
+    if not hashes:
         return hashlib.sha256(b"").digest()
-    return _root([leaf_hash(x) for x in leaves])
+    return _root(hashes)
 
 
 @dataclass(frozen=True, slots=True)

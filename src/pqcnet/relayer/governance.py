@@ -31,7 +31,7 @@ from pqcnet.proto.qsdag_pb2_grpc import LedgerServicer
 from pqcnet.qstp import aio
 from pqcnet.qstp.aio.forward import LocalForward
 from pqcnet.qstp.tls import TlsPolicy
-from pqcnet.relayer.errors import ConfigError, GovernanceError
+from pqcnet.relayer.errors import ConfigError, GovernanceError, ProofError
 from pqcnet.relayer.metering import VolumeMeter, VolumeRecord
 from pqcnet.relayer.proof import PerformanceReport, record_from_pb, record_to_pb
 
@@ -115,7 +115,11 @@ class VolumeMetricsService(pb_grpc.VolumeMetricsServicer):
         context: grpc.aio.ServicerContext[pb.ReportQuery, pb.RelayerPerformanceReport],
     ) -> pb.RelayerPerformanceReport:
         epoch_to = request.epoch_to if request.HasField("epoch_to") else None
-        return self._report(request.epoch_from, epoch_to).to_pb()
+        try:  # the proven records are read from the proof files
+            return self._report(request.epoch_from, epoch_to).to_pb()
+        except ProofError as exc:
+            await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+            raise  # abort raises; this line is for the type checker
 
 
 def _is_loopback(host: str) -> bool:

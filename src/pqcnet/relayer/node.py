@@ -223,8 +223,12 @@ class RelayerNode:
         self.quotas = Quotas(cfg.quotas)
         self.hub.may_receive = self.authz.may_receive
         self.proofs: dict[int, VolumeProof] = {}
-        """epoch -> its proof (part 0 when the epoch was split over several trees)"""
+        """epoch -> its proof's header (part 0 when the epoch was split over several
+        trees); the records are in the proof files (:meth:`proof_parts`)"""
         self._parts: dict[int, tuple[VolumeProof, ...]] = {}
+        #: epoch -> customer -> [bytes, frames] of its signed records (settlement's
+        #: "proved"), so a proven epoch's per-topic records leave memory
+        self._proved: dict[int, dict[str, list[int]]] = {}
         self.proof_store = ProofStore(self.data_dir / "proofs")
         #: clients' signed ack counters (decision 0014), checked against our claims
         self.counters = CounterBook(ca_trust(identity.trust_anchors))
@@ -583,14 +587,34 @@ class RelayerNode:
 
         for _ in range(3):  # read from the scrape thread while the loop may add an epoch
             try:
-                return settlement(self.meter, dict(self._parts), is_anchored)
+                return settlement(self.meter, dict(self._parts), dict(self._proved),
+                                  is_anchored)
             except RuntimeError:
                 continue
-        return settlement(self.meter, dict(self._parts), is_anchored)
+        return settlement(self.meter, dict(self._parts), dict(self._proved), is_anchored)
 
-    def proof_parts(self, epoch: int) -> tuple[VolumeProof, ...]:
-        """Every proof of a proven ``epoch`` (one unless it was split), part order."""
-        return self._parts.get(epoch, ())
+    def proof_parts(self, epoch: int, *, records: bool = False) -> tuple[VolumeProof, ...]:
+        """Every proof of a proven ``epoch`` (one unless it was split), part order.
+
+        Headers only unless ``records``: then they are read from the proof files (a
+        proven epoch's per-topic records are not kept in memory — at 1M topics they
+        were ~100 MiB per epoch). A missing or damaged file is a ``ProofError``."""
+        parts = self._parts.get(epoch, ())
+        if not records or not parts:
+            return parts
+        return tuple(p for p, _ in self.proof_store.read_parts(epoch))
+
+    def _remember_proven(self, epoch: int, parts: Sequence[VolumeProof]) -> None:
+        """Keep a proven epoch's headers and per-customer totals; drop its records."""
+        totals: dict[str, list[int]] = {}
+        for p in parts:
+            for r in p.records:
+                t = totals.setdefault(r.customer, [0, 0])
+                t[0] += r.bytes
+                t[1] += r.frames
+        self._parts[epoch] = tuple(p.header() for p in parts)
+        self.proofs[epoch] = self._parts[epoch][0]
+        self._proved[epoch] = totals
 
     def prove_closed_epochs(self, now: float | None = None) -> list[VolumeProof]:
         """Prove and anchor every epoch before the current one not yet proven.
@@ -634,8 +658,7 @@ class RelayerNode:
         for p, vid in reversed(list(zip(intent.proofs, vids, strict=True))):
             self.proof_store.write(p, vid)  # part 0 last: its file names a complete epoch
         self.proof_store.clear_intent(epoch)
-        self.proofs[epoch] = intent.proofs[0]
-        self._parts[epoch] = intent.proofs
+        self._remember_proven(epoch, intent.proofs)
         return list(intent.proofs)
 
     def _with_records(self, intent: Intent) -> Intent:
@@ -668,7 +691,12 @@ class RelayerNode:
             if e >= due_before or e in self._audited:
                 continue
             self._audited.add(e)
-            for check in self.check_claims(e):
+            try:
+                checks = self.check_claims(e)
+            except ProofError as exc:  # its proof file went missing or bad: say so, go on
+                log.error("claim check skipped", extra={"epoch": e, "error": str(exc)})
+                continue
+            for check in checks:
                 found[check.status] += 1
                 if check.status == "overclaimed":
                     log.warning("volume claim above the clients' signed counters", extra={
@@ -699,6 +727,7 @@ class RelayerNode:
         for e in old:
             del self.proofs[e]
             self._parts.pop(e, None)
+            self._proved.pop(e, None)
             self._audited.discard(e)
             self.anchor.forget(e)
         for key in [k for k in self._receipts if k[1] < cutoff]:
@@ -708,11 +737,17 @@ class RelayerNode:
 
     def _load_proofs(self) -> None:
         """Proofs made before a restart: never prove (and anchor) an epoch twice."""
-        for proof, vid in self.proof_store.load():
-            if proof.part == 0:
-                self.proofs[proof.epoch] = proof
-            self._parts[proof.epoch] = (*self._parts.get(proof.epoch, ()), proof)
+        epoch: int | None = None
+        parts: list[VolumeProof] = []
+        for proof, vid in self.proof_store.load():  # epoch order, part 0 first
+            if proof.epoch != epoch and parts:
+                self._remember_proven(parts[0].epoch, parts)
+                parts = []
+            epoch = proof.epoch
+            parts.append(proof)
             self.anchor.remember(proof, vid)
+        if parts:
+            self._remember_proven(parts[0].epoch, parts)
 
     async def _epoch_loop(self) -> None:
         while True:
@@ -747,9 +782,9 @@ class RelayerNode:
         if cached is not None and cached.signer_key_id == self.identity.key.key_id:
             self._receipts.move_to_end((customer, epoch))
             return cached
-        parts = self._parts.get(epoch)
-        if not parts:
+        if epoch not in self._parts:
             raise ReceiptRefused(f"epoch {epoch} is not proven here (yet, or any more)")
+        parts = self.proof_parts(epoch, records=True)
         ledger = self.anchor.ledger
         vertices = [ledger.get(self.anchor.part_receipt(epoch, p.part)).encode() for p in parts]
         receipt = build_receipt(self.cfg.node_id, customer, epoch, parts, vertices,
@@ -761,13 +796,14 @@ class RelayerNode:
 
     def check_claims(self, epoch: int) -> list[ClaimCheck]:
         """Each record of a proven epoch against the clients' signed counters."""
-        return check_claims([r for p in self._parts.get(epoch, ()) for r in p.records],
-                            self.counters, self.tolerance)
+        return check_claims([r for p in self.proof_parts(epoch, records=True)
+                             for r in p.records], self.counters, self.tolerance)
 
     def report(self, epoch_from: int = 0, epoch_to: int | None = None) -> PerformanceReport:
         """Signed performance report over proven epochs in the range."""
-        proofs = tuple(p for e in sorted(self.proofs) for p in self._parts.get(e, ())
-                       if e >= epoch_from and (epoch_to is None or e <= epoch_to))
+        proofs = tuple(p for e in sorted(self.proofs)
+                       if e >= epoch_from and (epoch_to is None or e <= epoch_to)
+                       for p in self.proof_parts(e, records=True))
         receipts = tuple(self.anchor.part_receipts[(p.epoch, p.part)] for p in proofs
                          if (p.epoch, p.part) in self.anchor.part_receipts)
         last = epoch_to if epoch_to is not None else (proofs[-1].epoch if proofs else epoch_from)

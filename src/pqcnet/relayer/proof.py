@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 from pqcnet.crypto.errors import SignatureInvalid
 from pqcnet.crypto.pqc import SigningKey, VerifyKey, length_prefixed
 from pqcnet.layer0.errors import ProofInvalid
-from pqcnet.layer0.merkle import MAX_LEAVES, InclusionProof, merkle_root
+from pqcnet.layer0.merkle import MAX_LEAVES, InclusionProof, leaf_hash, root_of_leaf_hashes
 from pqcnet.layer0.merkle import inclusion_proof as _tree_proof
 from pqcnet.layer0.merkle import verify_inclusion as _tree_verify
 from pqcnet.proto import relayer_pb2 as pb
@@ -118,7 +118,7 @@ def _root(records: Sequence[VolumeRecord]) -> bytes:
     if len(records) > MAX_LEAVES:  # before encoding a million records for nothing
         raise ProofError(f"volume proof: {len(records)} records; at most {MAX_LEAVES} per tree")
     try:
-        return merkle_root([r.canonical() for r in records])
+        return root_of_leaf_hashes([leaf_hash(r.canonical()) for r in records])
     except ProofInvalid as exc:
         raise ProofError(f"volume proof: {exc}") from None
 

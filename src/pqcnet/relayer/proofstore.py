@@ -31,7 +31,7 @@ from pqcnet.crypto.pqc import length_prefixed
 from pqcnet.identity.keystore import atomic_write
 from pqcnet.proto import relayer_pb2 as pb
 from pqcnet.relayer.errors import ProofError
-from pqcnet.relayer.proof import VolumeProof, proof_from_pb, proof_to_pb
+from pqcnet.relayer.proof import VolumeProof, proof_from_pb, proof_to_pb, record_to_pb
 
 #: Largest proof file read: a proof carries one volume record per (customer, channel,
 #: qos) of its epoch, ~100 bytes each, so this allows ~600k of them per epoch.
@@ -42,6 +42,34 @@ MAX_PARTS = 64
 MAX_INTENT_FILE = MAX_PARTS * 4096
 SUFFIX = ".proof"
 INTENT_SUFFIX = ".intent"
+#: the key of ``VolumeProof.records`` (field 4, length-delimited) on the wire
+_RECORDS_KEY = bytes([4 << 3 | 2])
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_proof(proof: VolumeProof) -> bytes:
+    """``proof_to_pb(proof).SerializeToString()``'s message, records encoded one at a time.
+
+    The protobuf message of a 300k-record epoch holds 300k sub-messages at once (about
+    as much memory as the meter's whole epoch); this holds one. A repeated field may
+    follow the others on the wire, so any protobuf parser reads the same message.
+    """
+    head = proof_to_pb(proof.header()).SerializeToString()
+    body = bytearray(head)
+    for r in proof.records:
+        rec = record_to_pb(r).SerializeToString()
+        body += _RECORDS_KEY
+        body += _varint(len(rec))
+        body += rec
+    return bytes(body)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -86,7 +114,7 @@ class ProofStore:
 
     def write(self, proof: VolumeProof, vertex_id: bytes) -> None:
         """Store ``proof`` anchored at ``vertex_id`` (atomic; replaces an older file)."""
-        body = proof_to_pb(proof).SerializeToString()
+        body = encode_proof(proof)
         atomic_write(self.path(proof.epoch, proof.part), length_prefixed(vertex_id, body))
         _fsync_dir(self.directory)
 
@@ -180,4 +208,4 @@ class ProofStore:
                 extra.unlink(missing_ok=True)
 
 
-__all__ = ["MAX_INTENT_FILE", "MAX_PARTS", "MAX_PROOF_FILE", "Intent", "ProofStore"]
+__all__ = ["MAX_INTENT_FILE", "MAX_PARTS", "MAX_PROOF_FILE", "Intent", "ProofStore", "encode_proof"]

@@ -5,7 +5,8 @@ per closed epoch and anchors it in its QS-DAG (:mod:`pqcnet.relayer.proof`). Ove
 epochs it still holds (``keep_epochs`` proven ones plus the open one), per customer:
 
 * ``metered``  — delivered frames/bytes, from the meter;
-* ``proved``   — the records of the signed proofs held (read from the proofs, not the meter);
+* ``proved``   — the records of the signed proofs held (summed from the proofs when they
+  were signed or loaded, not from the meter);
 * ``anchored`` — the part of ``proved`` whose every proof part is a vertex of the ledger
   (looked up in the ledger, not in the node's bookkeeping);
 * ``pending``  — metered in an epoch that has no proof yet (the open epoch, or a closed one
@@ -34,9 +35,14 @@ Settlement = dict[tuple[str, str], list[int]]
 
 
 def settlement(meter: VolumeMeter, parts: Mapping[int, Sequence[VolumeProof]],
+               proved: Mapping[int, Mapping[str, Sequence[int]]],
                is_anchored: Callable[[int, int], bool]) -> Settlement:
-    """Volume per (customer, state) over the epochs the meter and the proofs hold;
-    ``is_anchored(epoch, part)`` says whether that proof part is in the ledger."""
+    """Volume per (customer, state) over the epochs the meter and the proofs hold.
+
+    ``parts`` are the proven epochs' proof headers, ``proved`` the per-customer
+    ``[bytes, frames]`` summed from their signed records when they were proven (or
+    loaded from the proof files), and ``is_anchored(epoch, part)`` says whether that
+    proof part is in the ledger."""
     out: Settlement = {}
 
     def add(customer: str, state: str, nbytes: int, frames: int) -> None:
@@ -52,11 +58,10 @@ def settlement(meter: VolumeMeter, parts: Mapping[int, Sequence[VolumeProof]],
                 add(r.customer, "pending", r.bytes, r.frames)
     for epoch, proofs in parts.items():
         anchored = all(is_anchored(epoch, p.part) for p in proofs)
-        for p in proofs:
-            for r in p.records:
-                add(r.customer, "proved", r.bytes, r.frames)
-                if anchored:
-                    add(r.customer, "anchored", r.bytes, r.frames)
+        for customer, (nbytes, frames) in proved.get(epoch, {}).items():
+            add(customer, "proved", nbytes, frames)
+            if anchored:
+                add(customer, "anchored", nbytes, frames)
     return out
 
 
