@@ -3,10 +3,10 @@
     python tools/images.py [--role sentry|relayer]... [--base-image IMG] [--tag TAG] [--services]
 
 1. Wheelhouse on the host (``build/wheelhouse``): ``pip wheel`` of pqcnet and every
-   dependency of its ``relayer`` and ``sentry`` extras, so the image build installs
-   from files only (``--no-index``) and needs no network or TLS inside the build. The
-   dependencies are re-wheeled only when pyproject.toml changes; pqcnet's own wheel at
-   every build.
+   dependency of its ``relayer``, ``sentry`` and ``fast`` (uvloop) extras, so the image
+   build installs from files only (``--no-index``) and needs no network or TLS inside
+   the build. The dependencies are re-wheeled only when pyproject.toml or the extras
+   change; pqcnet's own wheel at every build.
 2. ``docker build --target <role>`` with the repository root as context, filtered by
    .dockerignore down to ``build/wheelhouse``; ``BASE_IMAGE_DIGEST`` is the base
    image's id as the daemon reports it, so the attestation measures which base it was.
@@ -31,7 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WHEELHOUSE = ROOT / "build" / "wheelhouse"
 ROLES = ("sentry", "relayer")
-EXTRAS = {"sentry": "sentry", "relayer": "relayer"}
+#: each role's extras; ``fast`` (uvloop) because the hot paths were measured on it
+EXTRAS = {"sentry": "sentry,fast", "relayer": "relayer,fast"}
 DEFAULT_BASE = "debian:bookworm-slim"
 
 
@@ -77,12 +78,14 @@ def wheelhouse(python: str = sys.executable) -> Path:
     """Fill :data:`WHEELHOUSE`; returns it."""
     WHEELHOUSE.mkdir(parents=True, exist_ok=True)
     stamp = WHEELHOUSE / ".deps-stamp"
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    extras = ",".join(sorted({x for e in EXTRAS.values() for x in e.split(",")}))
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()
+                            ).hexdigest()
     for old in WHEELHOUSE.glob("pqcnet-*.whl"):
         old.unlink()
     pip = [python, "-m", "pip", "wheel", "--quiet", "--wheel-dir", str(WHEELHOUSE)]
     if not stamp.exists() or stamp.read_text() != digest:
-        subprocess.run([*pip, f"{ROOT}[relayer,sentry]"], check=True)
+        subprocess.run([*pip, f"{ROOT}[{extras}]"], check=True)
         stamp.write_text(digest)
     else:
         subprocess.run([*pip, "--no-deps", str(ROOT)], check=True)
@@ -114,8 +117,9 @@ def inputs_hash(paths: tuple[str, ...], root: Path = ROOT) -> str:
 def image_inputs(name: str) -> str:
     """The inputs hash image ``pqcnet-<name>`` must carry to be current (a service image
     also names the Kafka and go-waku builds it copies from the services cache)."""
-    if name in ROLES:
-        return inputs_hash(ROLE_INPUTS)
+    if name in ROLES:  # the extras are a build argument: part of what the image is
+        return hashlib.sha256(f"{inputs_hash(ROLE_INPUTS)}|{EXTRAS[name]}".encode()
+                              ).hexdigest()[:16]
     cache = Path(os.environ.get("PQCNET_CACHE", Path.home() / ".cache" / "pqcnet"))
     builds = sorted(p.name for p in (*cache.glob("kafka-*"), *cache.glob("waku-*"))
                     if (p / "installed").exists())

@@ -165,8 +165,9 @@ def test_sentry_reports_n_workers_against_nginx_and_the_limit_accuracy() -> None
 
 def test_memory_reports_rss_of_a_real_relayer_and_sentry_against_idle() -> None:
     d = _bench("memory", "--topics", "400", "--active", "40", "--rounds", "1",
-               "--tunnels", "64", "--concurrency", "8")
+               "--tunnels", "64", "--concurrency", "8", "--epoch-seconds", "2")
     r, s = d["relayer"], d["sentry"]
+    assert r["epoch_seconds"] == 2.0
     assert r["received"] == 40  # the last send's frames all delivered
     assert r["seen"]["topics"] == 400 and _number(r["seen"]["rss_mib"])
     assert r["peak_rss_mib"] >= r["idle_rss_mib"] > 0

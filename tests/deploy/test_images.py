@@ -134,6 +134,11 @@ def test_images_are_labelled_non_root_and_measure_their_identity(
                          "from pqcnet.qsdag.attestation import measure; "
                          "print(measure(b'').image_digest)").stdout.strip()
         assert out == f"sha256:feed,base={base}"
+        # the event loop the benchmarks measured (the `fast` extra is in every role image)
+        loop = docker.run("run", "--rm", "--entrypoint", "python3", ref, "-c",
+                          "from pqcnet._util.loop import loop_name; print(loop_name())"
+                          ).stdout.strip()
+        assert loop == "uvloop", role
     # No pip (nor compilers) in the final stage.
     out = docker.run("run", "--rm", "--entrypoint", "python3", images["sentry"], "-c",
                      "import importlib.util as u; print(u.find_spec('pip'))").stdout.strip()
