@@ -300,26 +300,44 @@ class RelayerPerformanceReport(_message.Message):
     def __init__(self, relayer_id: _Optional[str] = ..., epoch_from: _Optional[int] = ..., epoch_to: _Optional[int] = ..., volume_proofs: _Optional[_Iterable[_Union[VolumeProof, _Mapping]]] = ..., attestation_receipts: _Optional[_Iterable[bytes]] = ..., uptime_seconds: _Optional[float] = ..., signer_key_id: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class VolumeQuery(_message.Message):
-    __slots__ = ("customer", "channel", "epoch_from", "epoch_to")
+    __slots__ = ("customer", "channel", "epoch_from", "epoch_to", "page_size", "page_token")
     CUSTOMER_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FROM_FIELD_NUMBER: _ClassVar[int]
     EPOCH_TO_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     customer: str
     channel: str
     epoch_from: int
     epoch_to: int
-    def __init__(self, customer: _Optional[str] = ..., channel: _Optional[str] = ..., epoch_from: _Optional[int] = ..., epoch_to: _Optional[int] = ...) -> None: ...
+    page_size: int
+    page_token: bytes
+    def __init__(self, customer: _Optional[str] = ..., channel: _Optional[str] = ..., epoch_from: _Optional[int] = ..., epoch_to: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[bytes] = ...) -> None: ...
 
 class VolumeResponse(_message.Message):
-    __slots__ = ("records", "total_bytes", "total_frames")
+    __slots__ = ("records", "total_bytes", "total_frames", "next_page_token")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[VolumeRecord]
     total_bytes: int
     total_frames: int
-    def __init__(self, records: _Optional[_Iterable[_Union[VolumeRecord, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., total_frames: _Optional[int] = ...) -> None: ...
+    next_page_token: bytes
+    def __init__(self, records: _Optional[_Iterable[_Union[VolumeRecord, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., total_frames: _Optional[int] = ..., next_page_token: _Optional[bytes] = ...) -> None: ...
+
+class VolumeCursor(_message.Message):
+    __slots__ = ("epoch", "customer", "channel", "qos")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    QOS_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    customer: str
+    channel: str
+    qos: int
+    def __init__(self, epoch: _Optional[int] = ..., customer: _Optional[str] = ..., channel: _Optional[str] = ..., qos: _Optional[int] = ...) -> None: ...
 
 class ReportQuery(_message.Message):
     __slots__ = ("epoch_from", "epoch_to")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from pqcnet.errors import PqcnetError
 from pqcnet.identity.node import NodeIdentity
@@ -39,6 +40,16 @@ from pqcnet.relayer.proof import PerformanceReport, record_from_pb, record_to_pb
 MAX_WATCHERS = 64
 #: seconds between WatchVolume change checks
 WATCH_INTERVAL = 0.5
+#: GetVolume records per page when the query names no page_size, and the most it may ask
+DEFAULT_PAGE_SIZE = 10_000
+MAX_PAGE_SIZE = 50_000
+#: a page stops once its records' encoded size passes this (ids up to the frame limits
+#: make a record up to ~600 bytes; gRPC clients refuse messages over 4 MiB by default)
+MAX_PAGE_BYTES = 2 << 20
+#: the largest response a governance client accepts (a performance report carries the
+#: records of every proof in its range); the server refuses to build a bigger one
+MAX_MESSAGE_BYTES = 64 << 20
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,10 +93,24 @@ class VolumeMetricsService(pb_grpc.VolumeMetricsServicer):
     async def GetVolume(self, request: pb.VolumeQuery,
                         context: grpc.aio.ServicerContext[pb.VolumeQuery, pb.VolumeResponse],
                         ) -> pb.VolumeResponse:
-        recs = self._query(VolumeFilter.from_pb(request))
+        f = VolumeFilter.from_pb(request)
+        after = None
+        if request.page_token:
+            try:
+                cur = pb.VolumeCursor.FromString(request.page_token)
+            except DecodeError:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed page_token")
+                raise  # abort raises; this line is for the type checker
+            after = (cur.epoch, cur.customer, cur.channel, cur.qos)
+        limit = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        recs, last = self.meter.page(f.customer, f.channel, f.epoch_from, f.epoch_to, after,
+                                     limit, MAX_PAGE_BYTES)
+        token = b"" if last is None else pb.VolumeCursor(
+            epoch=last[0], customer=last[1], channel=last[2], qos=last[3]).SerializeToString()
         return pb.VolumeResponse(records=[record_to_pb(r) for r in recs],
                                  total_bytes=sum(r.bytes for r in recs),
-                                 total_frames=sum(r.frames for r in recs))
+                                 total_frames=sum(r.frames for r in recs),
+                                 next_page_token=token)
 
     async def WatchVolume(self, request: pb.VolumeQuery,
                           context: grpc.aio.ServicerContext[pb.VolumeQuery, pb.VolumeRecord],
@@ -116,10 +141,16 @@ class VolumeMetricsService(pb_grpc.VolumeMetricsServicer):
     ) -> pb.RelayerPerformanceReport:
         epoch_to = request.epoch_to if request.HasField("epoch_to") else None
         try:  # the proven records are read from the proof files
-            return self._report(request.epoch_from, epoch_to).to_pb()
+            report = self._report(request.epoch_from, epoch_to).to_pb()
         except ProofError as exc:
             await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
             raise  # abort raises; this line is for the type checker
+        if report.ByteSize() > MAX_MESSAGE_BYTES:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the report of epochs {request.epoch_from}..{epoch_to} is "
+                                f"{report.ByteSize()} bytes (at most {MAX_MESSAGE_BYTES}): "
+                                "ask for fewer epochs")
+        return report
 
 
 def _is_loopback(host: str) -> bool:
@@ -192,7 +223,7 @@ async def open_channel(target: str, *, identity: NodeIdentity | None = None,
             raise GovernanceError(f"QSTP to {target}: {exc}") from None
         try:
             async with LocalForward(tunnel) as fwd, \
-                    grpc.aio.insecure_channel(fwd.address) as channel:
+                    grpc.aio.insecure_channel(fwd.address, options=_CHANNEL_OPTIONS) as channel:
                 yield channel
         finally:
             with contextlib.suppress(PqcnetError):
@@ -200,7 +231,7 @@ async def open_channel(target: str, *, identity: NodeIdentity | None = None,
     elif ca_cert:
         pem = await asyncio.to_thread(Path(ca_cert).read_bytes)
         creds = grpc.ssl_channel_credentials(pem)
-        async with grpc.aio.secure_channel(target, creds) as channel:
+        async with grpc.aio.secure_channel(target, creds, options=_CHANNEL_OPTIONS) as channel:
             yield channel
     else:
         if not _is_loopback(host):
@@ -208,24 +239,37 @@ async def open_channel(target: str, *, identity: NodeIdentity | None = None,
                 f"target {target}: plaintext gRPC is for loopback only; give --identity "
                 "(post-quantum, through the node's QSTP governance listener) or --ca-cert "
                 "(classical TLS)")
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS) as channel:
             yield channel
 
 
 async def pull_volume(target: str, query: VolumeFilter, *, ca_cert: str | None = None,
                       identity: NodeIdentity | None = None, expect_peer: str | None = None,
-                      deadline: float = 10.0) -> VolumeSummary:
-    """Call GetVolume; :class:`GovernanceError` with the gRPC status on failure."""
+                      deadline: float = 10.0, page_size: int = 0) -> VolumeSummary:
+    """Call GetVolume page by page (``deadline`` per page; ``page_size`` 0: the server's
+    default) until the last; :class:`GovernanceError` with the gRPC status on failure."""
+    records: list[VolumeRecord] = []
+    nbytes = frames = 0
     async with open_channel(target, identity=identity, expect_peer=expect_peer,
                             ca_cert=ca_cert) as channel:
         stub = pb_grpc.VolumeMetricsStub(channel)  # type: ignore[no-untyped-call]
-        try:
-            resp = await stub.GetVolume(query.to_pb(), timeout=deadline)
-        except grpc.aio.AioRpcError as exc:
-            raise GovernanceError(f"GetVolume on {target}: {exc.code().name}: "
-                                  f"{exc.details()}") from None
-    return VolumeSummary(tuple(record_from_pb(r) for r in resp.records), resp.total_bytes,
-                         resp.total_frames)
+        q = query.to_pb()
+        q.page_size = page_size
+        while True:
+            try:
+                resp = await stub.GetVolume(q, timeout=deadline)
+            except grpc.aio.AioRpcError as exc:
+                raise GovernanceError(f"GetVolume on {target}: {exc.code().name}: "
+                                      f"{exc.details()}") from None
+            records += (record_from_pb(r) for r in resp.records)
+            nbytes += resp.total_bytes
+            frames += resp.total_frames
+            if not resp.next_page_token:
+                break
+            if resp.next_page_token == q.page_token:  # a server that does not move on
+                raise GovernanceError(f"GetVolume on {target}: the same page token twice")
+            q.page_token = resp.next_page_token
+    return VolumeSummary(tuple(records), nbytes, frames)
 
 
 async def pull_report(target: str, epoch_from: int = 0, epoch_to: int | None = None, *,
