@@ -87,8 +87,26 @@ class VolumeMetricsService(pb_grpc.VolumeMetricsServicer):
         self._report = report
         self._watchers = 0
 
-    def _query(self, f: VolumeFilter) -> list[VolumeRecord]:
-        return self.meter.query(f.customer, f.channel, f.epoch_from, f.epoch_to)
+    def _changed(self, f: VolumeFilter, sealed_sent: dict[int, int]) -> list[VolumeRecord]:
+        """Records of the open epochs in ``f``'s range, and of the sealed ones not sent
+        yet at their current seal version (``sealed_sent`` updated)."""
+        m = self.meter
+        out: list[VolumeRecord] = []
+        held = set()
+        for e in m.epochs():
+            if e < f.epoch_from or (f.epoch_to is not None and e > f.epoch_to):
+                continue
+            held.add(e)
+            if m.sealed(e):
+                if sealed_sent.get(e) == m.seal_version(e):
+                    continue
+                sealed_sent[e] = m.seal_version(e)
+            out += [r for r in m.records(e)
+                    if (f.customer is None or r.customer == f.customer)
+                    and (f.channel is None or r.channel == f.channel)]
+        for e in [e for e in sealed_sent if e not in held]:
+            del sealed_sent[e]  # pruned
+        return out
 
     async def GetVolume(self, request: pb.VolumeQuery,
                         context: grpc.aio.ServicerContext[pb.VolumeQuery, pb.VolumeResponse],
@@ -103,8 +121,12 @@ class VolumeMetricsService(pb_grpc.VolumeMetricsServicer):
                 raise  # abort raises; this line is for the type checker
             after = (cur.epoch, cur.customer, cur.channel, cur.qos)
         limit = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        recs, last = self.meter.page(f.customer, f.channel, f.epoch_from, f.epoch_to, after,
-                                     limit, MAX_PAGE_BYTES)
+        try:  # a proven epoch's records are read from its proof file
+            recs, last = self.meter.page(f.customer, f.channel, f.epoch_from, f.epoch_to,
+                                         after, limit, MAX_PAGE_BYTES)
+        except ProofError as exc:
+            await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+            raise  # abort raises; this line is for the type checker
         token = b"" if last is None else pb.VolumeCursor(
             epoch=last[0], customer=last[1], channel=last[2], qos=last[3]).SerializeToString()
         return pb.VolumeResponse(records=[record_to_pb(r) for r in recs],
@@ -121,16 +143,28 @@ class VolumeMetricsService(pb_grpc.VolumeMetricsServicer):
         self._watchers += 1
         try:
             f = VolumeFilter.from_pb(request)
+            #: what was sent of the epochs still open to change (a sealed — proven —
+            #: epoch is sent once, and again whole only if a late frame changes it)
             sent: dict[tuple[str, str, int, int], tuple[int, int]] = {}
+            sealed_sent: dict[int, int] = {}  # epoch -> its seal version when sent
             version = -1
             while True:
                 if self.meter.version != version:
                     version = self.meter.version
-                    for r in self._query(f):
+                    try:
+                        changed = self._changed(f, sealed_sent)
+                    except ProofError as exc:
+                        await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+                        raise  # abort raises; this line is for the type checker
+                    for r in changed:
                         key = (r.customer, r.channel, r.qos, r.epoch)
                         if sent.get(key) != (r.bytes, r.frames):
                             sent[key] = (r.bytes, r.frames)
                             yield record_to_pb(r)
+                    # a sealed epoch was compared once against what was sent while it
+                    # was open; forget it: ``sent`` is bounded by the open epochs
+                    for key in [k for k in sent if k[3] in sealed_sent]:
+                        del sent[key]
                 await asyncio.sleep(WATCH_INTERVAL)
         finally:
             self._watchers -= 1

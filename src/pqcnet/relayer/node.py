@@ -78,7 +78,7 @@ from pqcnet.relayer.gapfence import GapFence
 from pqcnet.relayer.governance import VolumeMetricsService, serve_governance
 from pqcnet.relayer.ingress import Ingress
 from pqcnet.relayer.ledger_api import LedgerService
-from pqcnet.relayer.metering import VolumeMeter
+from pqcnet.relayer.metering import VolumeMeter, VolumeRecord
 from pqcnet.relayer.overflow import BufferedPublisher, OverflowQueue
 from pqcnet.relayer.proof import (
     LedgerAnchor,
@@ -104,6 +104,8 @@ STOP_GRACE = 3.0
 BUS_START_TIMEOUT = 10.0
 #: signed receipts kept for repeated requests (building one hashes its epoch's tree)
 RECEIPT_CACHE = 256
+#: seconds a proven epoch's records read back for a governance pull stay cached
+RECORDS_CACHE_IDLE = 30.0
 
 
 def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
@@ -212,6 +214,11 @@ class RelayerNode:
         self.registry = CollectorRegistry()
         self.meter = VolumeMeter(cfg.epoch_seconds, registry=self.registry,
                                  max_label_series=cfg.metrics_max_label_series)
+        self.meter.sealed_records = self._proven_records
+        #: the records of the proven epoch read last (epoch, records, monotonic time of
+        #: the last use): a governance pull pages through one epoch at a time; dropped
+        #: by the epoch loop once unused for RECORDS_CACHE_IDLE seconds
+        self._records_cache: tuple[int, tuple[VolumeRecord, ...], float] | None = None
         self.flow = FlowController(cfg.high_water, cfg.low_water)
         self.hub = SubscriberHub()
         #: True while the bus has not been reached since start: frames go to the overflow
@@ -376,6 +383,7 @@ class RelayerNode:
         if not await self.bus.healthy():
             raise BusUnavailable(f"{self.cfg.backend} bus not answering")
         self.meter.apply(await self.store.load_volume())  # counted before a restart
+        self._seal_proven()
 
     def _start_workers(self) -> None:
         """Shard workers and the overflow replayer (the bus is connected)."""
@@ -604,6 +612,27 @@ class RelayerNode:
             return parts
         return tuple(p for p, _ in self.proof_store.read_parts(epoch))
 
+    def _proven_records(self, epoch: int) -> tuple[VolumeRecord, ...]:
+        """A proven epoch's records from its proof files (the meter's ``sealed_records``);
+        ``ProofError`` when a file is missing or damaged."""
+        cached = self._records_cache
+        if cached is not None and cached[0] == epoch:
+            recs = cached[1]
+        else:
+            recs = tuple(r for p in self.proof_parts(epoch, records=True) for r in p.records)
+        self._records_cache = (epoch, recs, time.monotonic())
+        return recs
+
+    def _seal_proven(self) -> None:
+        """After the persisted volume is loaded: seal every proven epoch, keeping what
+        reached the meter after its proof (late frames) in memory."""
+        for e in sorted(self._parts):
+            try:
+                self.meter.seal(e, proven=self._proven_records(e))
+            except ProofError as exc:  # its records stay in memory: nothing is lost
+                log.error("proven epoch not sealed", extra={"epoch": e, "error": str(exc)})
+        self._records_cache = None
+
     def _remember_proven(self, epoch: int, parts: Sequence[VolumeProof]) -> None:
         """Keep a proven epoch's headers and per-customer totals; drop its records."""
         totals: dict[str, list[int]] = {}
@@ -659,6 +688,9 @@ class RelayerNode:
             self.proof_store.write(p, vid)  # part 0 last: its file names a complete epoch
         self.proof_store.clear_intent(epoch)
         self._remember_proven(epoch, intent.proofs)
+        # the proof holds the meter's records of the epoch as they are now (a batch of
+        # it still on its way was waited for: settled)
+        self.meter.seal(epoch)
         return list(intent.proofs)
 
     def _with_records(self, intent: Intent) -> Intent:
@@ -719,6 +751,8 @@ class RelayerNode:
         if not old:
             return 0
         cutoff = old[-1] + 1
+        if self._records_cache is not None and self._records_cache[0] < cutoff:
+            self._records_cache = None
         await self.store.prune_volume(cutoff)
         self.meter.forget_before(cutoff)
         self.counters.forget_before(cutoff)
@@ -754,6 +788,9 @@ class RelayerNode:
             await asyncio.sleep(min(1.0, self.cfg.epoch_seconds / 4))
             if self.degraded:  # volume of earlier runs not loaded yet: proving would lie
                 continue
+            cache = self._records_cache
+            if cache is not None and time.monotonic() - cache[2] > RECORDS_CACHE_IDLE:
+                self._records_cache = None
             try:
                 self.prove_closed_epochs()
                 self.audit_claims()

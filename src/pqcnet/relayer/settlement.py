@@ -50,12 +50,12 @@ def settlement(meter: VolumeMeter, parts: Mapping[int, Sequence[VolumeProof]],
         v[0] += nbytes
         v[1] += frames
 
-    for epoch in meter.epochs():
+    for epoch in meter.epochs():  # per-customer totals: no proof file is read
         proven = epoch in parts
-        for r in meter.records(epoch):
-            add(r.customer, "metered", r.bytes, r.frames)
+        for customer, (nbytes, frames) in meter.customer_totals(epoch).items():
+            add(customer, "metered", nbytes, frames)
             if not proven:
-                add(r.customer, "pending", r.bytes, r.frames)
+                add(customer, "pending", nbytes, frames)
     for epoch, proofs in parts.items():
         anchored = all(is_anchored(epoch, p.part) for p in proofs)
         for customer, (nbytes, frames) in proved.get(epoch, {}).items():
