@@ -222,3 +222,42 @@ async def test_bounds_max_tunnels_refuses_the_one_too_many(tmp_path: Path, mesh:
             assert await again.ping() >= 0
             await again.close()
             await second.close()
+
+
+@pytest.mark.parametrize("window", [131_072, 8 * 1024 * 1024])
+async def test_bounds_tunnel_buffer_bytes_is_the_window_a_client_gets(
+        tmp_path: Path, mesh: Mesh, window: int) -> None:
+    """`bounds.tunnel_buffer_bytes` bounds what one tunnel can make the sentry buffer:
+    it is the connection window the client is granted (read on the client's side, after
+    the preface), so `max_tunnels` times it bounds the whole sentry."""
+    from pqcnet import qstp
+
+    with HttpBackend() as backend:
+        cfg = config_dict(backend.port, 1, 1)
+        cfg["bounds"]["tunnel_buffer_bytes"] = window
+        path = write_config(tmp_path, mesh, cfg)
+        async with sentry_stack(mesh, path) as s:
+            tunnel = await qstp.connect("127.0.0.1", s.port, mesh.acme)
+            try:
+                assert await tunnel.ping() >= 0  # the preface and its ACK are in
+                assert tunnel.connection.connection_send_window == window
+            finally:
+                await tunnel.close()
+
+
+def test_a_tunnel_buffer_below_the_initial_window_is_refused(tmp_path: Path,
+                                                               mesh: Mesh) -> None:
+    import yaml
+
+    from pqcnet.sentry.config import load_config
+    from pqcnet.sentry.errors import SentryConfigError
+    from tests.config.schemacheck import assert_schema
+
+    with HttpBackend() as backend:
+        cfg = config_dict(backend.port, 1, 1)
+        path = write_config(tmp_path, mesh, cfg)
+        cfg["bounds"]["tunnel_buffer_bytes"] = 1024  # below QSTP's initial window
+        assert_schema("sentry", cfg, valid=False)  # the published schema says so too
+        path.write_text(yaml.safe_dump(cfg))
+        with pytest.raises(SentryConfigError, match="tunnel_buffer_bytes"):
+            load_config(path)

@@ -234,6 +234,12 @@ class Connection:
         """Plaintext frame bytes queued since the last :meth:`data_to_send`."""
         return len(self._out)
 
+    @property
+    def connection_send_window(self) -> int:
+        """Bytes the peer lets this side send on the whole connection right now (its
+        connection window minus what is in flight): what the peer agreed to buffer."""
+        return max(0, self._conn_send_credit)
+
     def send_window(self, stream_id: int) -> int:
         """Bytes that may be sent on ``stream_id`` right now (0 when blocked)."""
         st = self._streams.get(stream_id)

@@ -120,7 +120,7 @@ class SentryService:
             stack.push_async_callback(self.sentry.aclose)
             self.endpoint = QstpEndpoint(
                 self.identity, self.keys, self.issuer, handler=self._on_tunnel,
-                policy=cfg.tls_policy(),
+                policy=cfg.tls_policy(), config=cfg.qstp_config(),
                 max_tracked=max(DEFAULT_MAX_TRACKED_TUNNELS, cfg.bounds.max_tunnels))
             stack.push_async_callback(self.endpoint.aclose)
         except BaseException:

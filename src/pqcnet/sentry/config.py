@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from pqcnet.errors import PqcnetError
 from pqcnet.identity.errors import IdentityError
 from pqcnet.identity.policy import compile_layouts
 from pqcnet.identity.spiffe import SpiffeLayout
+from pqcnet.qstp.config import QstpConfiguration
 from pqcnet.qstp.tls import TlsPolicy
 from pqcnet.sentry.acl import AclPolicy
 from pqcnet.sentry.errors import SentryConfigError
@@ -122,6 +123,14 @@ class SentryConfig:
     def tls_policy(self) -> TlsPolicy:
         """The QSTP policy the sentry serves with (its SPIFFE layouts applied)."""
         return TlsPolicy(spiffe_layouts=self.spiffe_layouts)
+
+    def qstp_config(self) -> QstpConfiguration:
+        """The QSTP settings the sentry serves with: windows from
+        ``bounds.tunnel_buffer_bytes``."""
+        window = self.bounds.tunnel_buffer_bytes
+        base = QstpConfiguration()
+        return replace(base, connection_window=window,
+                       stream_window=min(base.stream_window, window))
 
 
 def load_verify_key(path: Path, *, error: type[PqcnetError] = SentryConfigError,

@@ -73,6 +73,11 @@ class Bounds(Schema):
     max_tunnels: Count = 1024
     """QSTP tunnels served at once; one more is refused when it connects. Each open
     tunnel costs a socket and about 74 KiB (``pqcnet bench memory``)."""
+    tunnel_buffer_bytes: int = Field(default=8 * 1024 * 1024, ge=65_536, le=2**31 - 1)
+    """Most bytes one tunnel may make the sentry buffer: the QSTP connection window it
+    grants (a stream's window is the smaller of this and 4 MiB). What a slow consumer
+    can pile up is ``max_tunnels`` times this (defaults: 1024 x 8 MiB = 8 GiB worst case):
+    lower it where tunnels are many and requests small."""
 
 
 class RouteSpec(Schema):

@@ -334,7 +334,8 @@ class SentryServer:
         self.identity = identity
         self.tls_policy = (tls_policy if tls_policy is not None
                            else sentry.config.tls_policy())
-        self.qstp_config = qstp_config
+        self.qstp_config = (qstp_config if qstp_config is not None
+                            else sentry.config.qstp_config())
         self._server: Any = None
         self._watch: asyncio.Task[None] | None = None
         self.tunnels_served = 0
