@@ -26,7 +26,7 @@ from pqcnet.mesh.envelope import (
     NodeKeys,
     now_ms,
 )
-from pqcnet.mesh.messages import Announcement, DagVertices
+from pqcnet.mesh.messages import Announcement, DagTips, DagVertices
 from pqcnet.mesh.peers import PeerTable
 from pqcnet.mesh.publisher import Publisher
 from pqcnet.mesh.qsdag_port import QsdagPort
@@ -149,6 +149,11 @@ async def test_bad_vertices_are_skipped_and_counted(pair: tuple[Side, Side]) -> 
     assert _refused_samples() - scraped == 1
 
 
+def _sync_samples(event: str) -> float:
+    return REGISTRY.get_sample_value("pqcnet_mesh_dag_sync_events_total",
+                                     {"event": event}) or 0.0
+
+
 def _refused_samples() -> float:
     return REGISTRY.get_sample_value("pqcnet_mesh_dag_refused_vertices_total",
                                      {"reason": "malformed"}) or 0.0
@@ -196,3 +201,41 @@ async def test_pull_only_from_listed_senders(pair: tuple[Side, Side]) -> None:
     assert [m.type for m in await holder.pump()] == [MessageType.DAG_PULL]
     await puller.pump()
     assert set(puller.ledger.ids()) == set(holder.ledger.ids())
+
+
+async def test_tips_of_a_ledger_with_another_genesis_are_not_pulled(
+        pair: tuple[Side, Side], tmp_path: Path) -> None:
+    """Each compose/dev node has its own genesis: pulling another's DAG refuses every
+    vertex (unknown author) and fires the ledger-verify alert. Tips carry the genesis,
+    so a node with a genesis does not pull a foreign one (counted); an empty ledger still
+    pulls (it learns its genesis that way, as in the first test)."""
+    holder, puller = pair
+    foreign = Ledger.open(tmp_path / "foreign")
+    foreign.init_genesis("pqcnet-test", "n1", node_key("n1"))  # its own dev genesis
+    foreign.append(VertexKind.ROUTE, Route("own", "n1"), "n1", node_key("n1"))
+    other = side("n1", foreign, InProcessHub(), ["gov", "n1"])
+    try:
+        other.transport = puller.transport  # same hub as the holder
+        other.sync = DagSync(other.port, Publisher(puller.transport,
+                                                   EnvelopeSigner(other.keys)),
+                             other.peers, AgentConfig(dag_chunk=CHUNK), now_ms, other.events)
+        other.sub = None
+        meet(holder, other)
+        await subscribe(holder, other)
+        refused = _refused_samples()
+        foreign_seen = _sync_samples("dag_tips_foreign_genesis")
+        await holder.sync.publish_tips()
+        await other.pump()
+        assert other.events["dag_tips_foreign_genesis"] == 1
+        assert _sync_samples("dag_tips_foreign_genesis") - foreign_seen == 1  # exported
+        assert await holder.pump() == []  # no pull was sent
+        assert set(foreign.ids()).isdisjoint(holder.ledger.ids())
+        assert _refused_samples() == refused
+        # the same tips without a genesis (an older sender): pulled, as before
+        await holder.sync.publisher.publish(
+            holder.sync.publisher.topics["dagsync"], MessageType.DAG_TIPS,
+            DagTips(tuple(holder.ledger.tips()), len(holder.ledger)).encode())
+        await other.pump()
+        assert [m.type for m in await holder.pump()] == [MessageType.DAG_PULL]
+    finally:
+        foreign.close()

@@ -60,6 +60,10 @@ class LedgerPort(Protocol):
 
     def vertex_count(self) -> int: ...
 
+    def genesis_id(self) -> bytes | None:
+        """The ledger's genesis vertex id (None while it has none)."""
+        ...
+
     def knows(self, vertex_id: bytes) -> bool: ...
 
     def export_for(self, their_tips: Sequence[bytes], limit: int) -> list[bytes]:

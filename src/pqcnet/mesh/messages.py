@@ -158,16 +158,18 @@ class GossipItem:
 class DagTips:
     tips: tuple[bytes, ...]
     vertex_count: int
+    #: the sender's genesis vertex id (empty: its ledger has none yet, or it is older)
+    genesis: bytes = b""
 
     def encode(self) -> bytes:
-        return mesh_pb2.DagTips(tips=list(self.tips),
-                                vertex_count=self.vertex_count).SerializeToString()
+        return mesh_pb2.DagTips(tips=list(self.tips), vertex_count=self.vertex_count,
+                                genesis=self.genesis).SerializeToString()
 
     @classmethod
     def decode(cls, data: bytes) -> DagTips:
         pb = _parse(mesh_pb2.DagTips, data)
         _bounded(len(pb.tips), MAX_IDS, "tips")
-        return cls(tuple(pb.tips), pb.vertex_count)
+        return cls(tuple(pb.tips), pb.vertex_count, pb.genesis)
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,6 +69,13 @@ ADVISORIES = Counter(
     "recorded, never applied, by kind.",
     ["kind"],
 )
+DAG_SYNC = Counter(
+    "pqcnet_mesh_dag_sync_events_total",
+    "QS-DAG sync events by kind: vertices imported, rounds finished, tips not pulled "
+    "(sender not in dag_pull_from; dag_tips_foreign_genesis: a ledger of another genesis), "
+    "no route to the peer, publish failed.",
+    ["event"],
+)
 DAG_REFUSED = Counter(
     "pqcnet_mesh_dag_refused_vertices_total",
     "QS-DAG vertices from peers' DAG sync refused by this node's ledger, by reason "

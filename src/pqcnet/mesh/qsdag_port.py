@@ -178,6 +178,9 @@ class QsdagPort:
     def vertex_count(self) -> int:
         return len(self.ledger)
 
+    def genesis_id(self) -> bytes | None:
+        return self.ledger.genesis_id
+
     def knows(self, vertex_id: bytes) -> bool:
         return self.ledger.has(vertex_id)
 

@@ -221,12 +221,14 @@ class GossipItem(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., payload: _Optional[bytes] = ..., expires_ms: _Optional[int] = ..., destination: _Optional[str] = ...) -> None: ...
 
 class DagTips(_message.Message):
-    __slots__ = ("tips", "vertex_count")
+    __slots__ = ("tips", "vertex_count", "genesis")
     TIPS_FIELD_NUMBER: _ClassVar[int]
     VERTEX_COUNT_FIELD_NUMBER: _ClassVar[int]
+    GENESIS_FIELD_NUMBER: _ClassVar[int]
     tips: _containers.RepeatedScalarFieldContainer[bytes]
     vertex_count: int
-    def __init__(self, tips: _Optional[_Iterable[bytes]] = ..., vertex_count: _Optional[int] = ...) -> None: ...
+    genesis: bytes
+    def __init__(self, tips: _Optional[_Iterable[bytes]] = ..., vertex_count: _Optional[int] = ..., genesis: _Optional[bytes] = ...) -> None: ...
 
 class DagPull(_message.Message):
     __slots__ = ("ids", "have_tips", "requester")
