@@ -177,6 +177,15 @@ async def test_redis_workers_share_the_port(tmp_path: Path, redis_url: str) -> N
             asyncio.gather(*(publish(i, t) for i, t in enumerate(TOPICS))), kill_worker_1())
         async with asyncio.timeout(120):
             await consumer
+        # the last wire ack is fire-and-forget: a worker bills a batch when it processes
+        # its ack, so wait for that before stopping them (a worker stopped first would
+        # redeliver, and then bill, those frames after a restart; this test never
+        # restarts it — stopping at once failed once under CI load, 350 frames unbilled)
+        for _ in range(300):  # <= 60 s
+            billed = by_topic(await metered(redis_url, prefix, ["rw", "rw-w1"]))
+            if sum(f for f, _ in billed.values()) >= taken:
+                break
+            await asyncio.sleep(0.2)
     finally:
         if consumer is not None:
             consumer.cancel()
