@@ -138,6 +138,27 @@ def test_round_trip_whole_split_and_byte_at_a_time(frames: list[Frame], cut: int
         assert one == frames
 
 
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(valid_frames(), min_size=1, max_size=8), st.integers(1, 64))
+def test_memoryview_input_is_copied_out_before_its_buffer_is_reused(
+        frames: list[Frame], cut: int) -> None:
+    """The TLS reader hands large reads over as a view on a buffer it reuses: after
+    ``feed`` returns, wiping that buffer must change no frame and no buffered tail."""
+    wire = b"".join(fr.encode_frame(f) for f in frames)
+    scratch = bytearray(cut)
+    dec = FrameDecoder()
+    out: list[Frame] = []
+    for i in range(0, len(wire), cut):
+        piece = wire[i : i + cut]
+        scratch[: len(piece)] = piece
+        got = dec.feed(memoryview(scratch)[: len(piece)])
+        scratch[:] = b"\xee" * cut  # the next read overwrites the buffer
+        assert all(type(f.payload) is bytes for f in got)
+        out += got
+    assert out == frames
+    assert dec.buffered == 0
+
+
 def _parse_everything(frames: list[Frame]) -> None:
     """Run the payload parser for each frame type (may raise FrameError only)."""
     for f in frames:

@@ -57,6 +57,60 @@ def test_more_plaintext_than_one_read_holds_is_read_in_bounded_steps() -> None:
     assert not s.closed
 
 
+def _opened(body: bytes) -> tuple[Connection, Connection, bytes]:
+    """A pair whose client stream was granted its full window, and ``body`` sent on it
+    (the TLS records, not yet delivered)."""
+    c, s = open_pair()
+    sid = c.open_stream()
+    c.send_data(sid, b".")
+    s.receive_data(c.data_to_send(), 0.0)
+    c.receive_data(s.data_to_send(), 0.0)  # the stream's window grant
+    drain(s), drain(c)
+    c.send_data(sid, body)
+    return c, s, c.data_to_send()
+
+
+def test_a_large_read_is_a_view_on_the_reused_buffer_and_frames_survive_its_reuse() -> None:
+    """Reads of at least VIEW_MIN_BYTES skip the copy into ``bytes``: the view is only
+    valid until the next read, so the frames decoded from it must own their bytes."""
+    from pqcnet.qstp import _ossl
+
+    first = bytes(range(256)) * 512  # 128 KiB: two 64 KiB DATA frames
+    zeros = b"\x00" * len(first)
+    _c, s, wire = _opened(first)
+    s.tls.bio_write(wire)
+    limit = 4 * s.config.max_frame_payload
+    plain, failure = _ossl.read_plaintext(s.tls, limit)
+    assert failure is None and type(plain) is memoryview
+    assert len(plain) >= _ossl.VIEW_MIN_BYTES
+    seen = bytes(plain)
+    _c2, s2, wire2 = _opened(zeros)
+    s2.tls.bio_write(wire2)
+    second, _ = _ossl.read_plaintext(s2.tls, limit)
+    assert bytes(plain) != seen and bytes(plain) == bytes(second)  # one reused buffer
+    # through the connection: each tunnel gets its own bytes, the same thread's
+    # buffer serving both reads
+    _c3, s3, wire3 = _opened(first)
+    _c4, s4, wire4 = _opened(zeros)
+    s3.receive_data(wire3, 0.0)
+    s4.receive_data(wire4, 0.0)
+    got = [e for e in drain(s3) if isinstance(e, ev.DataReceived)]
+    assert all(type(e.data) is bytes for e in got)
+    assert b"".join(e.data for e in got) == first
+    assert _data(drain(s4)) == zeros
+
+
+def test_a_small_read_is_copied_into_bytes() -> None:
+    from pqcnet.qstp import _ossl
+
+    c, s = open_pair()
+    sid = c.open_stream()
+    c.send_data(sid, b"small")
+    s.tls.bio_write(c.data_to_send())
+    plain, failure = _ossl.read_plaintext(s.tls, 4 * s.config.max_frame_payload)
+    assert failure is None and type(plain) is bytes and b"small" in plain
+
+
 def test_data_then_close_notify_in_one_read() -> None:
     c, s = open_pair()
     sid = c.open_stream()

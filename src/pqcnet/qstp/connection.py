@@ -75,6 +75,9 @@ log = logging.getLogger(__name__)
 MAX_OUTSTANDING_PINGS = 16
 #: Bytes asked of the TLS write BIO per read; the BIO is drained in a loop.
 _BIO_CHUNK = 256 * 1024
+#: ``Flags.END_STREAM`` as a plain int: ``int & IntFlag`` goes through enum's
+#: Python-level operator on every DATA frame.
+_END_STREAM = int(fr.Flags.END_STREAM)
 _MAX_WINDOW = 0x7FFFFFFF
 #: GOAWAY reason when a rekey falls due and TLS KeyUpdate is unavailable.
 REKEY_BY_RECONNECT = "rekey due and TLS KeyUpdate unavailable: reconnect for fresh keys"
@@ -621,7 +624,7 @@ class Connection:
             if len(plain) < limit:
                 return
 
-    def _decode(self, plain: bytes, now: float) -> bool:
+    def _decode(self, plain: bytes | memoryview, now: float) -> bool:
         """Handle the frames in ``plain``; False once the connection closed."""
         try:
             for frame in self._decoder.feed(plain):
@@ -713,7 +716,7 @@ class Connection:
             self._streams[sid] = st
             self._peer_streams += 1
             st.acked_initial = True
-            if not frame.flags & fr.Flags.END_STREAM:
+            if not frame.flags & _END_STREAM:
                 # a stream opened and ended in one frame will send no more: no grant
                 self._grant_initial(st)
             self._events.append(ev.StreamOpened(sid))
@@ -724,7 +727,7 @@ class Connection:
         st.recv_window -= n
         if st.recv_window < 0:
             raise FlowControlError(f"stream {sid}: peer exceeded the stream window")
-        end = bool(frame.flags & fr.Flags.END_STREAM)
+        end = bool(frame.flags & _END_STREAM)
         st.transition(StreamInput.RECV_DATA)
         self._data_frames_received += 1
         if end:

@@ -235,7 +235,9 @@ class FrameDecoder:
     After an error the decoder is poisoned (the stream position is lost); the
     connection closes. It holds at most one incomplete frame (header +
     ``max_frame_payload`` bytes); complete frames are sliced straight out of the
-    caller's bytes, so each payload byte is copied once.
+    caller's bytes, so each payload byte is copied once. A ``memoryview`` input is
+    never kept: every payload and the partial tail are copied out of it, so the
+    caller may reuse its buffer once ``feed`` returns.
     """
 
     __slots__ = ("_buf", "_failed", "max_frame_payload")
@@ -252,7 +254,8 @@ class FrameDecoder:
         """Bytes held for an incomplete frame."""
         return len(self._buf)
 
-    def _header(self, buf: bytes | bytearray, pos: int) -> tuple[FrameType, int, int, int, int]:
+    def _header(self, buf: bytes | bytearray | memoryview,
+                pos: int) -> tuple[FrameType, int, int, int, int]:
         """Validate the header at ``pos``: ``(type, flags, stream_id, seq, length)``."""
         version, ftype, flags, stream_id, seq, length = HEADER.unpack_from(buf, pos)
         if version != VERSION:
@@ -269,7 +272,7 @@ class FrameDecoder:
             raise FrameError("DATA frame on stream 0")
         return kind, flags, stream_id, seq, length
 
-    def _complete_pending(self, data: bytes, frames: list[Frame]) -> int:
+    def _complete_pending(self, data: bytes | memoryview, frames: list[Frame]) -> int:
         """Top up the buffered partial frame from ``data``; bytes of ``data`` used."""
         buf = self._buf
         used = 0
@@ -287,11 +290,13 @@ class FrameDecoder:
             self._buf = bytearray()
         return used
 
-    def feed(self, data: bytes) -> list[Frame]:
+    def feed(self, data: bytes | memoryview) -> list[Frame]:
         """Consume ``data``; return every complete frame now available."""
         if self._failed:
             raise FrameError("decoder already failed on earlier input")
-        data = bytes(data)  # a no-op for bytes; slices below must be immutable bytes
+        view = type(data) is memoryview
+        if not view:
+            data = bytes(data)  # a no-op for bytes; slices below must be immutable bytes
         frames: list[Frame] = []
         pos = 0
         end = len(data)
@@ -307,7 +312,9 @@ class FrameDecoder:
                 stop = pos + HEADER_SIZE + length
                 if stop > end:
                     break
-                append(Frame(kind, stream_id, seq, data[pos + HEADER_SIZE : stop], flags))
+                payload = data[pos + HEADER_SIZE : stop]  # bytes, or copied to bytes next
+                append(Frame(kind, stream_id, seq, bytes(payload) if view else payload,  # type: ignore[arg-type]
+                             flags))
                 pos = stop
         except FrameError:
             self._failed = True
