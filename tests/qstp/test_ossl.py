@@ -101,3 +101,22 @@ def test_key_update_is_supported_here() -> None:
     # on this machine's cryptography wheel the symbol is resolvable; if a future
     # wheel strips it, QSTP falls back to reconnecting and this test says so loudly
     assert _ossl.key_update_supported()
+
+
+def test_pending_out_counts_the_write_bio_exactly() -> None:
+    """``data_to_send`` skips pyOpenSSL's ``bio_read`` when this says 0: it must be 0
+    only when the BIO is empty, and equal what a read then drains."""
+    from tests.qstp.test_connection import drain, open_pair
+
+    c, s = open_pair()
+    assert _ossl.pending_out(c.tls) == 0
+    assert c.data_to_send() == b""
+    sid = c.open_stream()
+    c.send_data(sid, b"x" * 1000)
+    c._flush_plain()  # plaintext into TLS: ciphertext now waits in the write BIO
+    waiting = _ossl.pending_out(c.tls)
+    assert waiting > 1000
+    wire = c.data_to_send()
+    assert len(wire) == waiting and _ossl.pending_out(c.tls) == 0
+    s.receive_data(wire, 0.0)
+    assert any(getattr(e, "data", b"") == b"x" * 1000 for e in drain(s))

@@ -110,7 +110,7 @@ PRIVATE_SYMBOLS: Final[tuple[PrivateSymbol, ...]] = (
     PrivateSymbol("pyopenssl.attr", "Connection._into_ssl",
                   "fresh_bios: the memory BIO pyOpenSSL's bio_write fills"),
     PrivateSymbol("pyopenssl.attr", "Connection._from_ssl",
-                  "fresh_bios: the memory BIO pyOpenSSL's bio_read drains"),
+                  "fresh_bios, pending_out: the memory BIO pyOpenSSL's bio_read drains"),
     PrivateSymbol("pyopenssl.verify-local", "store_ctx",
                   "set_verify_error (else the alert stays internal_error)"),
     PrivateSymbol("elf.symtab", "SSL_key_update",
@@ -221,6 +221,19 @@ def read_plaintext(tls: SSL.Connection,
     if total >= VIEW_MIN_BYTES:
         return memoryview(_ffi.buffer(buf, total)), failure
     return (_ffi.buffer(buf, total)[:] if total else b""), failure
+
+
+def pending_out(tls: SSL.Connection) -> int:
+    """Bytes waiting in the write BIO (-1: not a memory BIO, unknown).
+
+    ``Connection.data_to_send`` asks first: most of its calls on a busy tunnel find
+    nothing to send, and pyOpenSSL's ``bio_read`` answers an empty BIO by allocating
+    its buffer and raising ``WantReadError`` (4 of every 6 calls on the relayer's
+    one-frame path, profiled)."""
+    wbio = tls._from_ssl
+    if wbio is None:
+        return -1
+    return int(_lib.BIO_get_mem_data(wbio, _ffi.NULL))
 
 
 def fresh_bios(tls: SSL.Connection) -> bool:

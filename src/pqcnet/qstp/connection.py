@@ -351,6 +351,15 @@ class Connection:
     def data_to_send(self) -> bytes:
         """Encrypted bytes to write to the transport (empty when nothing is pending)."""
         self._flush_plain()
+        data = self._read_wbio() if _ossl.pending_out(self.tls) else b""
+        self.bytes_sent += len(data)
+        if self._bios_to_shrink and self._tls_established:
+            # the handshake's flights are out: drop the BIOs' grown buffers (see
+            # _ossl.fresh_bios); retried on the next call while a partial record waits
+            self._bios_to_shrink = not _ossl.fresh_bios(self.tls)
+        return data
+
+    def _read_wbio(self) -> bytes:
         chunks: list[bytes] = []
         while True:
             try:
@@ -364,13 +373,7 @@ class Connection:
             chunks.append(chunk)
             if len(chunk) < _BIO_CHUNK:
                 break
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self.bytes_sent += len(data)
-        if self._bios_to_shrink and self._tls_established:
-            # the handshake's flights are out: drop the BIOs' grown buffers (see
-            # _ossl.fresh_bios); retried on the next call while a partial record waits
-            self._bios_to_shrink = not _ossl.fresh_bios(self.tls)
-        return data
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     # ------------------------------------------------------------------ application calls
 
