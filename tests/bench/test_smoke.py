@@ -82,6 +82,8 @@ def _relayer(*extra: str) -> dict[str, Any]:
                "--batch", "32", "--paced-frames", "40", "--paced-rate", "200", *extra)
     sat, paced = d["pqcnet"]["saturated"], d["pqcnet"]["paced"]
     assert sat["received"] == sat["frames"] == 400 and paced["received"] == paced["frames"]
+    # the untimed warm-up ran first, on its own topics, and delivered all of it
+    assert sat["warmup"]["frames"] == 1000 and _number(sat["warmup"]["frames_per_s"])
     _latency(sat["latency"])
     _latency(paced["latency"])
     assert _number(d["e2e_frames_per_s"]) and _number(d["baseline"]["raw_writes_per_s"])

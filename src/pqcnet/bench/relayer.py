@@ -10,6 +10,13 @@ the same run the raw backend write rate with no pqcnet in the path:
 * redis: pipelined ``XADD``, 512 per pipeline;
 * kafka: aiokafka idempotent ``acks=all`` producer, ``send_batch`` of 512 records.
 
+Before the timed run an untimed one of a fifth of ``--frames`` (other topics, prefix
+``warm``) brings the pipeline to its steady state; its rate is in the JSON
+(``saturated.warmup``). On Kafka a new 32-partition topic settles in the first
+seconds (partition leaders, the group's first assignment, the broker's JIT): in five
+60k-frame runs without the warm-up a stall of ~0.7 s at the start (deliveries at
+~2.5k frames/s) came in some runs and not others, 26k-48k frames/s.
+
 Every frame carries its send time, so the subscribers also measure publish→deliver
 latency: in the saturated run (8 requests of ``--batch`` frames in flight per
 publisher, so p50 ≈ frames in flight / throughput by Little's law) and in a *paced*
@@ -77,6 +84,8 @@ TARGET_WORKERS_SPEEDUP = 1.3
 TARGET_CPU_PER_FRAME_DRIFT = 0.15
 #: seconds the workers get to split the shards (leases / group rebalance) before load
 WORKERS_SETTLE = 6.0
+#: the untimed warm-up run before the timed one: this share of ``--frames``
+WARMUP_SHARE = 5
 
 
 async def _raw_rate(backend: str, n: int, size: int, tmp: Path, url: str) -> float:
@@ -196,15 +205,16 @@ def _topics(k: int, topics: int, publishers: int, prefix: str) -> list[tuple[str
 
 
 async def _saturated(clients: _Clients, frames: int, topics: int, batch: int,
-                     size: int) -> dict[str, Any]:
-    """Every publisher keeps 8 requests of ``batch`` frames in flight."""
+                     size: int, prefix: str = "ch") -> dict[str, Any]:
+    """Every publisher keeps 8 requests of ``batch`` frames in flight (on topics named
+    ``prefix`` + number, each starting at seq 1)."""
     publishers = len(clients.pubs)
     per_pub = frames // publishers
     clients.expect(per_pub * publishers)
-    bar = tqdm(total=frames, unit="frame", desc="relayer e2e", disable=None)
+    bar = tqdm(total=frames, unit="frame", desc=f"relayer e2e ({prefix})", disable=None)
 
     async def pub(k: int, client: PublisherClient) -> None:
-        mine = _topics(k, topics, publishers, "ch")
+        mine = _topics(k, topics, publishers, prefix)
         seq = {t: 0 for t in mine}
         sent = 0
         inflight: set[asyncio.Task[Any]] = set()
@@ -337,6 +347,8 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
                 clients = await _Clients.connect(ready["port"], ids, publishers,
                                                  ready["sub_ports"])
                 try:
+                    warm = await _saturated(clients, max(frames // WARMUP_SHARE, 1000),
+                                            topics, batch, size, prefix="warm")
                     cpu0 = [cpu_seconds(p) for p in ready["pids"]]
                     gen0 = time.process_time()
                     sat = await _saturated(clients, frames, topics, batch, size)
@@ -354,6 +366,7 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
                 if proc.returncode is None:
                     proc.kill()
             raw = await _raw_rate(backend, frames, size, tmp, url) if paced_run else 0.0
+        sat["warmup"] = {k: warm[k] for k in ("frames", "frames_per_s")}
         sat["relayer_cpu_seconds"] = round(sum(cpu), 3)
         sat["relayer_cpu_us_per_frame"] = round(sum(cpu) / sat["frames"] * 1e6, 2)
         sat["per_worker_cpu_seconds"] = [round(c, 3) for c in cpu]
