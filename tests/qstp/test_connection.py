@@ -180,6 +180,27 @@ def test_credit_limits_sender_until_receiver_consumes() -> None:
     assert c.send_window(sid) == cfg.stream_window
 
 
+def test_consumed_says_whether_it_queued_credit() -> None:
+    """The tunnel flushes after ``consumed`` only when it returns True: it must be
+    True exactly when an ACK frame is waiting to go out."""
+    cfg = QstpConfiguration(stream_window=INITIAL_WINDOW * 2,
+                            connection_window=INITIAL_WINDOW * 4)
+    c, s = open_pair(cfg)
+    sid = c.open_stream()
+    c.send_data(sid, b"x" * 100)
+    pump(c, s)
+    drain(s)
+    assert s.data_to_send() == b""
+    assert s.consumed(sid, 100) is False  # far below half a window: nothing to send
+    assert s.data_to_send() == b""
+    assert s.consumed(sid, cfg.stream_window // 2) is True  # crosses half the stream window
+    wire = s.data_to_send()
+    assert wire
+    c.receive_data(wire, 0.0)
+    assert any(isinstance(e, ev.CreditAvailable) and e.stream_id == sid for e in drain(c))
+    assert s.consumed(sid, 0) is False
+
+
 @pytest.mark.parametrize(
     ("raw_after_open", "code"),
     [

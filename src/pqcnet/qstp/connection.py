@@ -464,23 +464,30 @@ class Connection:
         st.state = StreamState.CLOSED
         self._queue(FrameType.ERROR, stream_id, 0, fr.error_payload(code, reason))
 
-    def consumed(self, stream_id: int, n: int) -> None:
-        """The application took ``n`` received bytes of ``stream_id``: return credit."""
+    def consumed(self, stream_id: int, n: int) -> bool:
+        """The application took ``n`` received bytes of ``stream_id``: return credit.
+
+        Credit goes back in ACK frames once half a window is pending; returns whether
+        one was queued (a caller driving I/O has something to send only then)."""
         if n <= 0 or self.state is not ConnectionState.OPEN:
-            return
+            return False
+        queued = False
         self._conn_recv_pending += n
         if self._conn_recv_pending >= self.config.connection_window // 2:
             inc, self._conn_recv_pending = self._conn_recv_pending, 0
             self._conn_recv_window += inc
             self._queue(FrameType.ACK, 0, None, fr.ack_payload(inc))
+            queued = True
         st = self._streams.get(stream_id)
         if st is None or st.state in (StreamState.HALF_CLOSED_REMOTE, StreamState.CLOSED):
-            return
+            return queued
         st.recv_pending += n
         if st.recv_pending >= self.config.stream_window // 2:
             inc, st.recv_pending = st.recv_pending, 0
             st.recv_window += inc
             self._queue(FrameType.ACK, stream_id, max(0, st.recv_seq - 1), fr.ack_payload(inc))
+            queued = True
+        return queued
 
     def pause(self, stream_id: int = 0, reason: int = 0, retry_after: float = 0.0) -> None:
         """Ask the peer to stop sending on ``stream_id`` (0: everything)."""

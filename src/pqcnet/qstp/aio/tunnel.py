@@ -321,8 +321,9 @@ class Tunnel(asyncio.Protocol):
             self._streams.pop(stream_id, None)
 
     def _consumed(self, stream_id: int, n: int) -> None:
-        if not self._conn.closed:
-            self._conn.consumed(stream_id, n)
+        # a flush only when an ACK was queued: most reads of small frames return less
+        # than half a window, and an empty flush is a whole _process round
+        if not self._conn.closed and self._conn.consumed(stream_id, n):
             self._schedule_flush()
 
     def _schedule_flush(self) -> None:
