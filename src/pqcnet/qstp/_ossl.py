@@ -179,8 +179,8 @@ def set_verify_error(x509_error: int) -> bool:
 _scratch = threading.local()
 
 #: Reads of at least this many bytes come back as a view on the scratch buffer instead
-#: of a copy (bulk transfers: one copy per payload byte fewer, measured 1.41x -> 1.65x
-#: stdlib ``ssl`` in ``bench qstp``); smaller reads are copied into ``bytes``, which
+#: of a copy: one copy per payload byte fewer (receive CPU -12 % in memory, 64 KiB
+#: frames; benchmarks/README.md). Smaller reads are copied into ``bytes``, which
 #: slices faster per frame.
 VIEW_MIN_BYTES = 64 * 1024
 
@@ -224,15 +224,15 @@ def read_plaintext(tls: SSL.Connection,
 
 
 def pending_out(tls: SSL.Connection) -> int:
-    """Bytes waiting in the write BIO (-1: not a memory BIO, unknown).
+    """Bytes waiting in the write BIO of a memory-BIO connection (QSTP's only kind).
 
-    ``Connection.data_to_send`` asks first: most of its calls on a busy tunnel find
-    nothing to send, and pyOpenSSL's ``bio_read`` answers an empty BIO by allocating
-    its buffer and raising ``WantReadError`` (4 of every 6 calls on the relayer's
-    one-frame path, profiled)."""
+    ``Connection.data_to_send`` reads exactly that much in one ``bio_read``, and skips
+    the read when it is 0: most of its calls on a busy tunnel find nothing to send,
+    and pyOpenSSL answers an empty BIO by allocating the buffer and raising
+    ``WantReadError`` (4 of every 6 calls on the relayer's one-frame path, profiled)."""
     wbio = tls._from_ssl
     if wbio is None:
-        return -1
+        raise TypeError("pending_out needs a memory-BIO connection (no socket)")
     return int(_lib.BIO_get_mem_data(wbio, _ffi.NULL))
 
 

@@ -73,8 +73,6 @@ log = logging.getLogger(__name__)
 
 #: Outstanding PINGs we track; more would let a caller grow the table without bound.
 MAX_OUTSTANDING_PINGS = 16
-#: Bytes asked of the TLS write BIO per read; the BIO is drained in a loop.
-_BIO_CHUNK = 256 * 1024
 #: ``Flags.END_STREAM`` as a plain int: ``int & IntFlag`` goes through enum's
 #: Python-level operator on every DATA frame.
 _END_STREAM = int(fr.Flags.END_STREAM)
@@ -351,29 +349,14 @@ class Connection:
     def data_to_send(self) -> bytes:
         """Encrypted bytes to write to the transport (empty when nothing is pending)."""
         self._flush_plain()
-        data = self._read_wbio() if _ossl.pending_out(self.tls) else b""
+        waiting = _ossl.pending_out(self.tls)  # exactly what is there: one read drains it
+        data = self.tls.bio_read(waiting) if waiting else b""
         self.bytes_sent += len(data)
         if self._bios_to_shrink and self._tls_established:
             # the handshake's flights are out: drop the BIOs' grown buffers (see
             # _ossl.fresh_bios); retried on the next call while a partial record waits
             self._bios_to_shrink = not _ossl.fresh_bios(self.tls)
         return data
-
-    def _read_wbio(self) -> bytes:
-        chunks: list[bytes] = []
-        while True:
-            try:
-                chunk = self.tls.bio_read(_BIO_CHUNK)
-            except SSL.WantReadError:
-                break
-            except SSL.Error:  # pragma: no cover - BIO read cannot fail otherwise
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-            if len(chunk) < _BIO_CHUNK:
-                break
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     # ------------------------------------------------------------------ application calls
 
