@@ -5,6 +5,7 @@ proven shows up as money lost (the identity breaks)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import urllib.request
@@ -32,6 +33,18 @@ def _scrape(port: int) -> dict[tuple[str, str], float]:
         text, re.M)}
 
 
+async def _scrape_once_metered(port: int, want: dict[str, int]) -> dict[tuple[str, str], float]:
+    """Scrape until ``want`` (customer -> frames) is metered. A subscriber holding its
+    frames does not mean they are metered yet: the relayer meters a batch once the
+    subscriber's ack reached it, and the delivery may overtake the publisher's reply."""
+    async with asyncio.timeout(10):
+        while True:
+            got = _scrape(port)
+            if all(got.get((c, "metered")) == n for c, n in want.items()):
+                return got
+            await asyncio.sleep(0.02)  # the scrape above blocks this (the node's) loop
+
+
 async def test_metered_equals_proved_plus_pending_through_the_anchor(tmp_path: Path) -> None:
     node = await start_node(tmp_path, metrics_port=0, epoch_seconds=3600)
     subs = [await subscriber(node.port, c) for c in ("acme", "zeta")]
@@ -43,8 +56,7 @@ async def test_metered_equals_proved_plus_pending_through_the_anchor(tmp_path: P
         await subs[0].wait_for(30)
         await subs[1].wait_for(12)
         assert node.metrics_port is not None
-        before = _scrape(node.metrics_port)
-        assert before[("acme", "metered")] == 30 and before[("zeta", "metered")] == 12
+        before = await _scrape_once_metered(node.metrics_port, {"acme": 30, "zeta": 12})
         assert before[("acme", "pending")] == 30 and before[("acme", "proved")] == 0
         assert before[("acme", "anchored")] == 0
 

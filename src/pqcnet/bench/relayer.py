@@ -355,8 +355,15 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
                     gen = time.process_time() - gen0
                     cpu = [cpu_seconds(p) - c for p, c in zip(ready["pids"], cpu0, strict=True)]
                     if paced_run:
+                        pcpu0 = [cpu_seconds(p) for p in ready["pids"]]
                         paced = await _paced_run(clients, paced_frames, topics, size,
                                                  paced_rate)
+                        pcpu = sum(cpu_seconds(p) - c
+                                   for p, c in zip(ready["pids"], pcpu0, strict=True))
+                        # what one single-frame request costs the relayer (idle work
+                        # of the run's seconds included)
+                        paced["relayer_cpu_us_per_frame"] = round(
+                            pcpu / max(paced["frames"], 1) * 1e6, 1)
                 finally:
                     await clients.close()
             finally:

@@ -78,7 +78,9 @@ class Subscription:
     unacked: deque[tuple[dict[Topic, int], asyncio.Future[None]]] = field(default_factory=deque)
     #: highest seq per topic the subscriber acknowledged
     acked: dict[Topic, int] = field(default_factory=dict)
-    window: asyncio.Event = field(default_factory=asyncio.Event)
+    #: set by an ack, a queued share and the end of the ack reader: what the stream's
+    #: writer loop waits for (one event, not a task per queue read)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
     #: the stream ended (:meth:`fail_all` ran): nothing put in the queue later is read
     gone: bool = False
 
@@ -92,7 +94,7 @@ class Subscription:
             _, fut = self.unacked.popleft()
             if not fut.done():
                 fut.set_result(None)
-        self.window.set()
+        self.wake.set()
 
     def fail_all(self, reason: str) -> None:
         """The subscriber is gone: every unacked or queued share fails."""
@@ -158,6 +160,7 @@ class SubscriberHub:
             for sub, share in shares.values():
                 fut: asyncio.Future[None] = loop.create_future()
                 await sub.queue.put((share, fut))
+                sub.wake.set()
                 if sub.gone:  # it left while we were putting: nobody will read this share
                     sub.fail_all("subscriber went away before acknowledging")
                 futs.append(fut)
@@ -193,35 +196,28 @@ class SubscriberHub:
         self._subs.setdefault(sub.customer, []).append(sub)
         self._changed.set()
         acks = asyncio.create_task(self._read_acks(stream, sub, reader or MessageReader()))
+        acks.add_done_callback(lambda _: sub.wake.set())
         log.info("subscriber joined", extra={"customer": sub.customer,
                                              "channels": sorted(sub.channels)})
-        # the queue read / window wait in progress: this handler may be cancelled (its
-        # tunnel ended: GOAWAY on rotation, revocation, shutdown) at any await
-        getter: asyncio.Task[_Item] | None = None
-        waiter: asyncio.Task[bool] | None = None
+        # this handler may be cancelled (its tunnel ended: GOAWAY on rotation,
+        # revocation, shutdown) at any await; a share is taken from the queue only
+        # between awaits and is in ``unacked`` before the next one, so fail_all finds
+        # every share not acknowledged
+        queue = sub.queue
         try:
             while not acks.done():
-                if len(sub.unacked) >= self.max_unacked:  # window full: wait for an ack
-                    sub.window.clear()
-                    waiter = asyncio.create_task(sub.window.wait())
-                    await asyncio.wait({waiter, acks}, return_when=asyncio.FIRST_COMPLETED)
-                    waiter.cancel()
-                    waiter = None
+                if len(sub.unacked) >= self.max_unacked or queue.empty():
+                    sub.wake.clear()  # window full or nothing queued: wait for a change
+                    await sub.wake.wait()
                     continue
-                getter = asyncio.create_task(sub.queue.get())
-                done, _ = await asyncio.wait({getter, acks},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    break
-                items = [getter.result()]
-                getter = None
+                items = [queue.get_nowait()]
                 # shares already queued go out in the same write (one QSTP send, not one
                 # per share), within the window and :data:`MAX_COALESCE_BYTES`
                 messages = [encode_deliveries(items[0][0])]
                 size = len(messages[0])
-                while (not sub.queue.empty() and size < MAX_COALESCE_BYTES
+                while (not queue.empty() and size < MAX_COALESCE_BYTES
                        and len(sub.unacked) + len(items) < self.max_unacked):
-                    items.append(sub.queue.get_nowait())
+                    items.append(queue.get_nowait())
                     messages.append(encode_deliveries(items[-1][0]))
                     size += len(messages[-1])
                 for frames, fut in items:
@@ -236,10 +232,6 @@ class SubscriberHub:
                     break
         finally:
             acks.cancel()
-            if waiter is not None:
-                waiter.cancel()
-            if getter is not None:
-                _abandon_read(getter, sub)
             self._subs[sub.customer].remove(sub)
             if not self._subs[sub.customer]:
                 del self._subs[sub.customer]
@@ -263,17 +255,3 @@ class SubscriberHub:
         except PqcnetError:
             pass
 
-
-def _abandon_read(getter: asyncio.Task[_Item], sub: Subscription) -> None:
-    """The handler stopped with a queue read in flight. A read still waiting is
-    cancelled (``Queue.get`` then leaves any share in the queue, where
-    :meth:`Subscription.fail_all` fails it). A read that already took a share — the
-    handler was cancelled after the read finished and before it resumed — must fail
-    that share itself: it is in neither the queue nor ``unacked``, nobody will write
-    it, and the shard worker would wait for its ack forever (the soak test's stall)."""
-    if not getter.done():
-        getter.cancel()
-        return
-    if getter.cancelled() or getter.exception() is not None:
-        return
-    sub.unacked.append(({}, getter.result()[1]))  # failed with the rest by fail_all

@@ -139,6 +139,10 @@ class VolumeMeter:
                               labels, registry=self.registry)
         self._frames = Counter("pqcnet_relayer_volume_frames", "Frames delivered",
                                labels, registry=self.registry)
+        #: (customer, channel, qos) labels -> their (bytes, frames) children: one dict
+        #: lookup per apply instead of two ``labels()`` calls (validation and a lock
+        #: each); entries leave with their series in :meth:`_drop_series`
+        self._children: dict[tuple[str, str, str], tuple[Counter, Counter]] = {}
 
     def epoch(self, now: float | None = None) -> int:
         """The epoch number at ``now`` (default: the clock)."""
@@ -190,8 +194,12 @@ class VolumeMeter:
             sealed = self._sealed.get(epoch)
             if sealed is not None:
                 sealed.version += 1
-            self._bytes.labels(*labels).inc(nbytes)
-            self._frames.labels(*labels).inc(nframes)
+            children = self._children.get(labels)
+            if children is None:
+                children = self._children[labels] = (self._bytes.labels(*labels),
+                                                     self._frames.labels(*labels))
+            children[0].inc(nbytes)
+            children[1].inc(nframes)
         self.version += 1
 
     def _label_pair(self, customer: str, channel: str, qos: int) -> tuple[str, str]:
@@ -222,12 +230,14 @@ class VolumeMeter:
             for q in self._named.pop(pair):
                 self._bytes.remove(*pair, str(q))
                 self._frames.remove(*pair, str(q))
+                self._children.pop((*pair, str(q)), None)
         other_qos = {q for ep in self._epochs.values() for (c, ch, q) in ep
                      if (c, ch) not in self._named}
         other_qos.update(q for s in self._sealed.values() for q in s.folded_qos)
         for q in self._other_qos - other_qos:
             self._bytes.remove(OTHER_LABEL, OTHER_LABEL, str(q))
             self._frames.remove(OTHER_LABEL, OTHER_LABEL, str(q))
+            self._children.pop((OTHER_LABEL, OTHER_LABEL, str(q)), None)
         self._other_qos = other_qos
 
     def record(self, shard: int, frames: Sequence[Frame]) -> None:

@@ -12,8 +12,10 @@ SIGKILL) leaves either all of a batch or none of it; ``sync=True`` additionally
 fsyncs the WAL for power loss. Commits are single puts. Records below the minimum
 committed offset of every group are deleted in ranges (``retain_acked=False``).
 
-RocksDB allows one process per database, so this backend is single-process; the
-in-process ``asyncio.Event`` per shard wakes consumers without polling.
+RocksDB allows one process per database, so this backend is single-process; a
+publish resolves the futures of consumers blocked on its shard, so they wake without
+polling (a bare future and a timer, not ``asyncio.wait_for``, which wraps every wait
+in a task: one idle shard worker's wake-up cost several loop rounds).
 
 Consumers read just-published records from a small in-memory *tail* of each shard
 (the last records written, bounded by :data:`TAIL_RECORDS` and :data:`TAIL_BYTES`)
@@ -61,6 +63,11 @@ TAIL_RECORDS = 2048
 TAIL_BYTES = 512 * 1024
 
 
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def open_rocks(path: str | Path) -> rocksdict.Rdict:
     """Open (creating) a raw-bytes RocksDB; a clear :class:`BusError` if it is locked."""
     Path(path).mkdir(parents=True, exist_ok=True)
@@ -88,7 +95,8 @@ class EmbeddedBus(Bus):
         self._head = [self._load_int(b"H" + _U16.pack(s), 0) for s in range(shards)]
         self._read: dict[tuple[int, str], int] = {}  # in-memory read cursor per group
         self._trimmed: dict[int, int] = {}
-        self._wake = [asyncio.Event() for _ in range(shards)]
+        #: consumers blocked on each shard (resolved by a publish, a timeout or close)
+        self._waiters: list[list[asyncio.Future[None]]] = [[] for _ in range(shards)]
         self._tail: list[list[bytes]] = [[] for _ in range(shards)]
         self._tail_bytes = [0] * shards
         self._closed = False
@@ -130,7 +138,31 @@ class EmbeddedBus(Bus):
             if records:
                 self._head[shard] += len(records)
                 self._remember(shard, records)
-                self._wake[shard].set()
+                self._wake(shard)
+
+    def _wake(self, shard: int) -> None:
+        waiters = self._waiters[shard]
+        if waiters:
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            waiters.clear()
+
+    async def _wait(self, shard: int, block: float) -> None:
+        """Until the next publish to ``shard``, :meth:`close` or ``block`` seconds."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._waiters[shard].append(fut)
+        timer = loop.call_later(block, _resolve, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            if not fut.done():  # cancelled by our caller: forget it
+                fut.cancel()
+            waiters = self._waiters[shard]
+            if fut in waiters:
+                waiters.remove(fut)
 
     def _remember(self, shard: int, records: Sequence[bytes]) -> None:
         """Append durable records to the shard's tail; past a bound, keep the newer half."""
@@ -168,12 +200,10 @@ class EmbeddedBus(Bus):
                 raise BusError(f"shard {shard} already has {MAX_GROUPS} groups")
             self._read[key] = self._committed(shard, group)
         if self._read[key] >= self._head[shard]:
-            self._wake[shard].clear()
-            try:
-                await asyncio.wait_for(self._wake[shard].wait(), block)
-            except TimeoutError:
-                return []
+            await self._wait(shard, block)
             self._check_open()
+            if self._read[key] >= self._head[shard]:  # timed out
+                return []
         pos = self._read[key]
         head = self._head[shard]
         end = min(head, pos + max_records)
@@ -232,6 +262,6 @@ class EmbeddedBus(Bus):
         if self._closed:
             return
         self._closed = True
-        for ev in self._wake:
-            ev.set()  # wake blocked consumers so they see the closed bus
+        for shard in range(self._shards):
+            self._wake(shard)  # blocked consumers wake and see the closed bus
         self._db.close()
