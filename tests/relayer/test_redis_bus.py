@@ -125,3 +125,32 @@ async def test_concurrent_publishers_exactly_once_across_restart(
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_publish_many_one_round_trip_each_shard_in_order(
+        redis_bus_factory: BusFactory) -> None:
+    """A cross-shard group commit is one pipeline; each shard's stream holds exactly its
+    own records, in order, packed by ``entry_records`` (counted with XLEN, not through
+    the bus), and a shard with nothing to write gets no entry."""
+    bus = redis_bus_factory(consumer="a", entry_records=2)
+    assert isinstance(bus, RedisStreamsBus) and bus.batched_shards
+    calls = 0
+    execute = bus.client.pipeline
+
+    def counting(*a: object, **k: object) -> object:
+        nonlocal calls
+        calls += 1
+        return execute(*a, **k)  # type: ignore[arg-type]
+
+    bus.client.pipeline = counting  # type: ignore[method-assign]
+    await bus.publish_many({0: [b"a0", b"a1", b"a2"], 3: [b"d0"], 2: []})
+    assert calls == 1
+    assert await bus.client.xlen(bus.key(0)) == 2  # 3 records, 2 per entry
+    assert await bus.client.xlen(bus.key(3)) == 1
+    assert await bus.client.exists(bus.key(2)) == 0
+    assert [d.data for d in await bus.consume(0, "g", block=0.1)] == [b"a0", b"a1", b"a2"]
+    assert [d.data for d in await bus.consume(3, "g", block=0.1)] == [b"d0"]
+    assert await bus.consume(2, "g", block=0.05) == []
+    with pytest.raises(ValueError):
+        await bus.publish_many({bus.partitions(): [b"x"]})  # no such shard: nothing sent
+    assert calls == 1
