@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,14 @@ async def _can_connect(port: int, who: NodeIdentity) -> bool:
     return True
 
 
+def _envelope_jobs(port: int) -> dict[str, float]:
+    """``pqcnet_mesh_envelope_jobs_total`` by ``where``, scraped like Prometheus would."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {w: float(v) for w, v in re.findall(
+        r'^pqcnet_mesh_envelope_jobs_total\{where="([^"]+)"\} (\S+)$', text, re.M)}
+
+
 async def test_relayer_node_obeys_slash_and_publishes_proofs(
         waku_rest_urls: list[str], tmp_path: Path) -> None:
     _ca, (relayer_id, good, rogue, sub_id) = dev_identities(
@@ -61,7 +71,8 @@ async def test_relayer_node_obeys_slash_and_publishes_proofs(
                     "metrics_port": 0},
         "control_plane": {"transport": "waku", "waku_rest_urls": [waku_rest_urls[0]],
                           "namespace": ns, "governance": {"keys": ["gov.pub"]},
-                          "announce_interval_s": 1.0, "report_interval_s": 0.2},
+                          "announce_interval_s": 1.0, "report_interval_s": 0.2,
+                          "metrics_port": 0},
     })
     observer = WakuRestClient(waku_rest_urls[-1])
     reports_topic = topic_map(ns)["relay-reports"]
@@ -130,6 +141,11 @@ async def test_relayer_node_obeys_slash_and_publishes_proofs(
             assert all(r.kind == VOLUME_PROOF_KIND for r in reports)
             assert reports[0].anchor_id in rep.receipts
             assert rep.proofs and sum(p.total_frames for p in rep.proofs) >= 5
+            # every envelope it published was signed on its crypto thread (default
+            # sign_threads 1), none on the loop that carries the tunnels
+            jobs = _envelope_jobs(node.ready["mesh_metrics_port"])
+            assert jobs.get("pool", 0) >= len(reports) + 1, jobs  # announcements too
+            assert jobs.get("loop", 0) == 0, jobs
             status = await node.stop()
         assert status == 0, node.stderr.decode()[-2000:]
         logs = [json.loads(line) for line in node.stderr.decode().splitlines()

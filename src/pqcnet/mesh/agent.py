@@ -107,6 +107,7 @@ class ControlPlaneAgent:
                  bundles: BundleStore | None = None,
                  crl: CrlGate | None = None,
                  crypto: CryptoPool | None = None,
+                 inline_when_alone: bool = True,
                  clock: Callable[[], int] = now_ms) -> None:
         self.keys = keys
         self.transport = transport
@@ -121,9 +122,12 @@ class ControlPlaneAgent:
         keyring.denied = self._ledger_denied
         self.signer = EnvelopeSigner(keys)
         self.verifier = EnvelopeVerifier(keyring, [keys.recipient_key], self.config.verifier)
-        # ``crypto``: sign and seal on its threads (owned and closed by the caller)
+        # ``crypto``: sign and seal on its threads (owned and closed by the caller);
+        # ``inline_when_alone``: see :mod:`pqcnet.mesh.publisher` (a node carrying
+        # traffic on the same loop turns it off)
         self.publisher = Publisher(transport, self.signer, namespace=self.config.namespace,
-                                   clock=clock, crypto=crypto)
+                                   clock=clock, crypto=crypto,
+                                   inline_when_alone=inline_when_alone)
         self.topics = self.publisher.topics
         self.my_inbox = self.publisher.inbox(keys.node_id)
         self.peers = PeerTable(expiry_ms=self.config.peer_expiry_ms)

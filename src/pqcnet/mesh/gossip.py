@@ -69,7 +69,7 @@ class Gossip:
         """Originate a gossip item; returns its message id."""
         now = self.clock()
         item = GossipItem(kind, payload, now + (ttl_ms or self.config.gossip_ttl_ms), destination)
-        signed = self.publisher.sign(MessageType.GOSSIP, item.encode())
+        signed = await self.publisher.sign(MessageType.GOSSIP, item.encode())
         message_id = self.verifier.mark_seen(signed)
         if destination:
             await self._send_or_hold(destination, signed, item.expires_ms, hops=0)

@@ -23,6 +23,12 @@ PUBLISHED = Counter(
     "Control messages signed and published, by type.",
     ["type"],
 )
+ENVELOPE_JOBS = Counter(
+    "pqcnet_mesh_envelope_jobs_total",
+    "Envelopes signed (and sealed) for publishing, by where the work ran: pool (a "
+    "crypto thread, off the event loop) or loop (inline, stalling it meanwhile).",
+    ["where"],
+)
 WAKU_ERRORS = Counter(
     "pqcnet_mesh_waku_errors_total",
     "Failed Waku REST calls (after retries), by operation.",

@@ -24,9 +24,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pqcnet.crypto.pqc import RecipientPublicKey
+from pqcnet.mesh import metrics
 from pqcnet.mesh.envelope import EnvelopeSigner, MessageType, now_ms, wrap
 from pqcnet.mesh.offload import CryptoPool
 from pqcnet.mesh.transport import Transport, inbox_topic, topic_map
+
+_ON_LOOP = metrics.ENVELOPE_JOBS.labels("loop")
+_ON_POOL = metrics.ENVELOPE_JOBS.labels("pool")
 
 
 class Publisher:
@@ -57,18 +61,28 @@ class Publisher:
         """The content topic of ``node_id``'s sealed inbox."""
         return inbox_topic(node_id, self.namespace)
 
-    def sign(self, type_: MessageType, body: bytes) -> bytes:
-        """A signed envelope, not yet on the wire (gossip wraps it once per peer)."""
-        return self.signer.sign(type_, body, now_ms=self.clock())
+    async def sign(self, type_: MessageType, body: bytes) -> bytes:
+        """A signed envelope, not yet on the wire (gossip wraps it once per peer); signed
+        where publishes are (the counter taken now, as for them)."""
+        unsigned = self.signer.reserve(type_, body, now_ms=self.clock())
+        self.in_progress += 1
+        try:
+            return await self._run(unsigned.sign)
+        finally:
+            self.in_progress -= 1
 
     async def _run(self, job: Callable[[], bytes]) -> bytes:
         """``job`` inline or on the pool (see module); call with ``in_progress`` counted."""
         if self.crypto is None:
+            _ON_LOOP.inc()
             return job()
         if self.inline_when_alone and self.in_progress == 1:
             self.inline_alone += 1
+            _ON_LOOP.inc()
             return job()
-        return await self.crypto.run(job)
+        out = await self.crypto.run(job)
+        _ON_POOL.inc()
+        return out
 
     async def _send(self, topic: str, job: Callable[[], bytes]) -> None:
         self.in_progress += 1

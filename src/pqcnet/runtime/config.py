@@ -107,6 +107,10 @@ class ControlPlaneSpec(Schema):
     (for a sentry without a ledger) the QS-DAG the node anchors directives in."""
     slashing_interval_s: Positive = 10.0
     """Seconds between rounds of the slashing pipeline (evidence -> proposal -> slash)."""
+    sign_threads: Annotated[int, Field(ge=0, le=16)] = 1
+    """Threads that sign and seal this node's control messages, off the event loop the
+    role's tunnels run on (ML-DSA releases the GIL). 0: on the loop, where each ~1 ms
+    signature stalls every tunnel of the node meanwhile."""
 
     model_config = ConfigDict(json_schema_extra={
         "if": {"properties": {"transport": {"const": "waku"}}, "required": ["transport"]},

@@ -69,6 +69,7 @@ from pqcnet.mesh.directives import (
 from pqcnet.mesh.dtn import BundleStore
 from pqcnet.mesh.envelope import Keyring, NodeKeys
 from pqcnet.mesh.errors import DirectiveError, WakuError
+from pqcnet.mesh.offload import CryptoPool
 from pqcnet.mesh.pipeline import SlashingPipeline
 from pqcnet.mesh.qsdag_port import QsdagPort
 from pqcnet.mesh.transport import InProcessHub, InProcessTransport, Transport
@@ -277,8 +278,13 @@ class NodeRuntime:
         self.crl = CrlGate(identity.trust_bundle_pem, initial=identity.crl_pem,
                            path=state / "crl.pem")
         self._trust_anchors = identity.trust_anchors
+        pool = CryptoPool(cp.spec.sign_threads) if cp.spec.sign_threads else None
+        if pool is not None:
+            self._closers.append(pool.close)
+        # off the loop even when alone: this loop carries the role's traffic
         self.agent = cls(keys, transport, ring, config=config, governance=governance,
-                         ledger=port, bundles=bundles, crl=self.crl)
+                         ledger=port, bundles=bundles, crl=self.crl, crypto=pool,
+                         inline_when_alone=False)
         if governance is None:
             log.warning("no governance keys configured; directives will be refused")
         if port is None:
