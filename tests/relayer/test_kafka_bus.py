@@ -220,3 +220,41 @@ async def test_static_member_restart_resumes_exactly_once(kafka_bootstrap: str,
     finally:
         await pub.close()
         store.close()
+
+
+async def test_fetch_loop_buffers_are_bounded_and_rewind_drops_them(
+        bus: KafkaBus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One fetch loop feeds every shard (kafka_pump): a shard whose worker does not take
+    its records gets its partition paused at the bound, and takes them all later, in
+    order, exactly once; a rewind drops what was buffered and reads again from the
+    committed offset — nothing fetched before the seek is handed out after it."""
+    from pqcnet.relayer.bus import kafka_pump
+
+    monkeypatch.setattr(kafka_pump, "MAX_BUFFERED", 8)
+    monkeypatch.setattr(kafka_pump, "FETCH_RECORDS", 4)
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    records = [f"r{i}".encode() for i in range(60)]
+    for i in range(0, 60, 10):
+        await bus.publish(9, records[i : i + 10])
+    first = await bus.consume(9, group, max_records=3, block=2)  # starts the fetch loop
+    pump = bus._pumps[group]
+    # the loop fetches while nobody takes: the partition is paused at the bound
+    await eventually(lambda: bus.tp(9) in bus._consumers[group].paused(), limit=20)
+    await asyncio.sleep(0.5)  # and stays bounded while paused
+    assert pump.buffered(9) <= 8 + 4, pump.buffered(9)  # bound + one fetch at most
+    got = list(first)
+    async with asyncio.timeout(30):
+        while len(got) < 60:  # the group never committed: from the partition's start
+            got += await bus.consume(9, group, max_records=7, block=0.5)
+    mine = [d.data for d in got if d.data in set(records)]
+    assert mine == records  # all of them, in order, once
+    assert bus.tp(9) not in bus._consumers[group].paused()
+    # rewind to the (absent) commit: back to the beginning; nothing buffered survives
+    await bus.ack(9, group, got[:5])
+    await bus.consume(9, group, max_records=2, block=0.5)  # something may be buffered now
+    await bus.rewind(9, group)
+    again: list = []
+    async with asyncio.timeout(30):
+        while len(again) < 10:
+            again += await bus.consume(9, group, max_records=10, block=0.5)
+    assert [d.offset for d in again[:10]] == [got[5].offset + i for i in range(10)]

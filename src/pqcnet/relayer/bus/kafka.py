@@ -24,6 +24,9 @@
   ``session_timeout`` seconds without heartbeats.
 * Commits happen after the worker has delivered and persisted its dedup marks, so a
   crash replays, never skips.
+* One fetch loop per consumer reads every assigned partition and wakes only the shard
+  worker whose records arrived (:mod:`.kafka_pump`; bounded per shard by pausing the
+  partition); a rewind drops what it buffered before seeking.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from aiokafka.errors import (
 )
 
 from pqcnet.relayer.bus.base import Bus, Delivery, Offset
+from pqcnet.relayer.bus.kafka_pump import PartitionPump
 from pqcnet.relayer.errors import BusError, BusUnavailable
 
 T = TypeVar("T")
@@ -56,6 +60,13 @@ _PRODUCER_FATAL = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerE
                    ProducerFenced)
 #: default partitions of the relayer topic (the issue asks for >= 32)
 DEFAULT_PARTITIONS = 32
+
+
+def _bus_error(exc: KafkaError) -> BusError:
+    """A Kafka error as the bus error the shard workers and the ingress handle."""
+    if getattr(exc, "retriable", False):
+        return BusUnavailable(f"kafka retriable error: {exc}")
+    return BusError(f"kafka error: {exc}")
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
@@ -114,6 +125,8 @@ class KafkaBus(Bus):
         self._revoking: set[int] = set()
         self._consumed: dict[int, int] = {}  # shard -> highest offset handed out
         self._changed = asyncio.Event()
+        #: group -> the fetch loop feeding its shard workers (see :mod:`.kafka_pump`)
+        self._pumps: dict[str, PartitionPump] = {}
 
     def partitions(self) -> int:
         return self._shards
@@ -139,9 +152,7 @@ class KafkaBus(Bus):
             self._producer_broken = True
             raise BusUnavailable(f"kafka producer state lost ({exc}); recreating") from None
         except KafkaError as exc:
-            if getattr(exc, "retriable", False):
-                raise BusUnavailable(f"kafka retriable error: {exc}") from None
-            raise BusError(f"kafka error: {exc}") from None
+            raise _bus_error(exc) from None
 
     async def start(self) -> None:
         async with self._start_lock:
@@ -211,6 +222,9 @@ class KafkaBus(Bus):
             else:
                 consumer.assign([self.tp(s) for s in self.owned])
             self._consumers[group] = consumer
+            pump = self._pumps[group] = PartitionPump(
+                consumer, self.topic, lambda: self.assigned - self._revoking)
+            pump.start()
         return consumer
 
     async def publish(self, shard: int, records: Sequence[bytes]) -> list[Offset]:
@@ -263,7 +277,7 @@ class KafkaBus(Bus):
         self.check_shard(shard)
         if shard not in self.owned:
             raise BusError(f"shard {shard} is not owned by this relayer")
-        consumer = await self._consumer(group)
+        await self._consumer(group)
         if shard in self._reset_needed:
             self._reset_needed.discard(shard)
             raise BusUnavailable(f"shard {shard} (re)assigned to this relayer: resetting")
@@ -273,16 +287,16 @@ class KafkaBus(Bus):
                 async with asyncio.timeout(block):
                     await self._changed.wait()
             return []
-        tp = self.tp(shard)
+        pump = self._pumps[group]
+        await pump.wait(shard, block)
+        if shard not in self.assigned or shard in self._revoking:
+            return []  # revoked while we waited
         try:
-            got = await self._call(
-                consumer.getmany(tp, timeout_ms=int(block * 1000), max_records=max_records),
-                self.op_timeout + block)
-        except BusError:
-            if shard not in self.assigned:
-                return []  # revoked while we waited
-            raise
-        out = [Delivery(shard, int(r.offset), r.value or b"") for r in got.get(tp, [])]
+            out = pump.take(shard, max_records)
+        except KafkaError as exc:
+            raise _bus_error(exc) from None
+        except OSError as exc:
+            raise BusUnavailable(f"kafka unavailable: {exc}") from None
         if out:
             self._consumed[shard] = int(out[-1].offset)
         return out
@@ -341,9 +355,12 @@ class KafkaBus(Bus):
         if committed is None:
             committed = await self._call(consumer.committed(tp))
         if committed is None:
-            await self._call(consumer.seek_to_beginning(tp))
-        else:
-            consumer.seek(tp, committed)
+            committed = (await self._call(consumer.beginning_offsets([tp])))[tp]
+        # no await from here: nothing the fetch loop buffered before the seek survives it
+        if shard not in self.assigned:
+            return
+        self._pumps[group].drop(shard)
+        consumer.seek(tp, committed)
 
     async def healthy(self) -> bool:
         if self._producer is None:
@@ -362,6 +379,9 @@ class KafkaBus(Bus):
         for group in list(self._consumers):
             with contextlib.suppress(BusError):
                 await self._commit(group)
+        for pump in self._pumps.values():
+            await pump.close()
+        self._pumps.clear()
         for consumer in self._consumers.values():
             await consumer.stop()
         self._consumers.clear()
@@ -394,9 +414,12 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             await bus._commit(self.group)
         bus.assigned -= shards
         bus._revoking -= shards
+        pump = bus._pumps.get(self.group)
         for s in shards:
             acked.pop(bus.tp(s), None)
             bus._consumed.pop(s, None)
+            if pump is not None:
+                pump.drop(s)  # fetched, never handed out: the next owner reads them
         bus._changed.set()
         if shards and bus.on_assignment is not None:
             bus.on_assignment(set(), shards)
