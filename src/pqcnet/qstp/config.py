@@ -7,7 +7,7 @@ callers build one of these (the CLI and node config map their settings onto it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pqcnet.qstp.frames import MAX_DATA_CHUNK, MAX_FRAME_PAYLOAD
 
@@ -56,6 +56,13 @@ class QstpConfiguration:
     (fresh keys come with the new handshake), and closes the tunnel when the *next*
     rekey falls due — so no key protects more than ``2 * rekey_after_bytes`` or lives
     longer than ``2 * rekey_interval`` even with a peer that never reconnects."""
+
+    def with_buffer(self, window: int) -> QstpConfiguration:
+        """These settings with ``window`` as the most one tunnel may make us buffer: the
+        connection window we grant, and each stream's the smaller of it and ours (what a
+        server's ``tunnel_buffer_bytes`` means; ``max_tunnels`` times it bounds them all)."""
+        return replace(self, connection_window=window,
+                       stream_window=min(self.stream_window, window))
 
     def __post_init__(self) -> None:
         positive = {

@@ -31,6 +31,8 @@ from pqcnet._util.schema import (
 from pqcnet._util.yamlfile import read_yaml_file
 from pqcnet.identity.errors import IdentityError
 from pqcnet.identity.policy import SpiffeLayoutSpec, compile_layouts
+from pqcnet.qstp.aio.server import DEFAULT_MAX_TUNNELS
+from pqcnet.qstp.config import INITIAL_WINDOW
 from pqcnet.relayer.authz import AuthzSpec, QuotasSpec
 from pqcnet.relayer.backpressure import HIGH_WATER, LOW_WATER
 from pqcnet.relayer.counters import TOLERANCE_FRAMES, TOLERANCE_RATIO
@@ -58,6 +60,15 @@ class RelayerConfig(Schema):
     """QSTP ingress address (publishers and subscribers)."""
     listen_port: Port = 7400
     """QSTP ingress port (0: any free port)."""
+    max_tunnels: Count = DEFAULT_MAX_TUNNELS
+    """QSTP tunnels (publishers and subscribers) served at once; one more is refused
+    when it connects."""
+    tunnel_buffer_bytes: int = Field(default=8 * 1024 * 1024, ge=INITIAL_WINDOW,
+                                     le=2**31 - 1)
+    """Most bytes one tunnel may make the relayer buffer: the QSTP connection window it
+    grants (a stream's is the smaller of this and 4 MiB). ``max_tunnels`` times this
+    bounds what slow tunnels can pile up (defaults: 1024 x 8 MiB = 8 GiB worst case):
+    lower it where tunnels are many and requests small."""
     identity_dir: str = ""
     """Directory written by ``NodeIdentity.save`` (key, chain, trust bundle, CRL)."""
     identity_passphrase_env: str = ""

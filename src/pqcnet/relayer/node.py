@@ -48,6 +48,7 @@ from pqcnet.qsdag import Ledger
 from pqcnet.qstp import aio
 from pqcnet.qstp.aio.forward import serve_forward
 from pqcnet.qstp.aio.tunnel import openssl_checked
+from pqcnet.qstp.config import QstpConfiguration
 from pqcnet.qstp.tls import TlsPolicy
 from pqcnet.relayer.authz import Authorizer, Quotas, authz_policy
 from pqcnet.relayer.backpressure import FlowController
@@ -445,8 +446,11 @@ class RelayerNode:
                 "workers": not dead or f"stopped: {', '.join(dead)}"}
 
     async def _listen(self, port: int) -> None:
-        server = await aio.serve(self.ingress.handle_tunnel, self.cfg.listen_host, port,
-                                 self.identity, self.policy, reuse_port=self.reuse_port)
+        server = await aio.serve(
+            self.ingress.handle_tunnel, self.cfg.listen_host, port, self.identity,
+            self.policy, reuse_port=self.reuse_port,
+            config=QstpConfiguration().with_buffer(self.cfg.tunnel_buffer_bytes),
+            max_tunnels=self.cfg.max_tunnels)
         self._server, self.port = server, server.port
         if self.own_port is not None:
             self.own_port = await server.listen_also(self.cfg.listen_host, self.own_port)

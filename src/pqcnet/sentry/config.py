@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +127,7 @@ class SentryConfig:
     def qstp_config(self) -> QstpConfiguration:
         """The QSTP settings the sentry serves with: windows from
         ``bounds.tunnel_buffer_bytes``."""
-        window = self.bounds.tunnel_buffer_bytes
-        base = QstpConfiguration()
-        return replace(base, connection_window=window,
-                       stream_window=min(base.stream_window, window))
+        return QstpConfiguration().with_buffer(self.bounds.tunnel_buffer_bytes)
 
 
 def load_verify_key(path: Path, *, error: type[PqcnetError] = SentryConfigError,
