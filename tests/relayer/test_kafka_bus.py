@@ -258,3 +258,23 @@ async def test_fetch_loop_buffers_are_bounded_and_rewind_drops_them(
         while len(again) < 10:
             again += await bus.consume(9, group, max_records=10, block=0.5)
     assert [d.offset for d in again[:10]] == [got[5].offset + i for i in range(10)]
+
+
+async def test_publish_many_lands_each_shard_in_order(bus: KafkaBus) -> None:
+    """A cross-shard group commit (``batched_shards``): every shard's records in its own
+    partition, in order, and nothing in a shard that had none."""
+    assert bus.batched_shards
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    ends = {s: (await bus.lag(s, group)) for s in (11, 12, 13)}  # what earlier tests left
+    await bus.publish_many({11: [b"k0", b"k1", b"k2"], 12: [], 13: [b"m0"]})
+    assert await bus.lag(11, group) == ends[11] + 3
+    assert await bus.lag(12, group) == ends[12]
+    assert await bus.lag(13, group) == ends[13] + 1
+    for shard, want in ((11, [b"k0", b"k1", b"k2"]), (13, [b"m0"])):
+        got: list = []
+        async with asyncio.timeout(30):
+            while len(got) < ends[shard] + len(want):
+                got += await bus.consume(shard, group, block=0.5)
+        assert [d.data for d in got[ends[shard]:]] == want
+    with pytest.raises(ValueError):
+        await bus.publish_many({bus.partitions(): [b"x"]})  # no such shard: nothing sent

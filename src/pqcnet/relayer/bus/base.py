@@ -59,8 +59,8 @@ class Bus(abc.ABC):
     name: str = "bus"
     #: True when :meth:`publish_many` writes every shard's records in one go, with one
     #: outcome for all of them (the embedded log: one atomic RocksDB write; Redis: one
-    #: pipeline): the overflow publisher then group-commits whole ingress requests
-    #: across shards instead of one write per shard
+    #: pipeline; Kafka: one produce request per broker): the overflow publisher then
+    #: group-commits whole ingress requests across shards instead of one write per shard
     batched_shards: bool = False
     #: called with (gained, lost) shards when a cluster's assignment changes (the node
     #: journals them); backends whose assignment never changes never call it

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -69,6 +69,15 @@ def _bus_error(exc: KafkaError) -> BusError:
     return BusError(f"kafka error: {exc}")
 
 
+async def _settled(futs: list[asyncio.Future[Any]]) -> list[Any]:
+    """The batches' record metadata. Shielded: cancelling aiokafka's batch futures (our
+    timeout) would make the idempotent producer skip sequence numbers, and fail later
+    with OutOfOrderSequenceNumber."""
+    gathered = asyncio.gather(*futs)
+    gathered.add_done_callback(_retrieve)  # no "exception never retrieved" noise
+    return list(await asyncio.shield(gathered))
+
+
 def _retrieve(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()
@@ -78,6 +87,7 @@ class KafkaBus(Bus):
     """Shards as partitions of one Kafka topic."""
 
     name = "kafka"
+    batched_shards = True
 
     def __init__(
         self,
@@ -227,10 +237,7 @@ class KafkaBus(Bus):
             pump.start()
         return consumer
 
-    async def publish(self, shard: int, records: Sequence[bytes]) -> list[Offset]:
-        self.check_shard(shard)
-        if not records:
-            return []
+    async def _producer_ready(self) -> AIOKafkaProducer:
         if self._producer_broken and self._producer is not None:
             old, self._producer, self._producer_broken = self._producer, None, False
             with contextlib.suppress(KafkaError):
@@ -238,38 +245,67 @@ class KafkaBus(Bus):
         if self._producer is None:
             await self.start()
         assert self._producer is not None
-        producer = self._producer
+        return self._producer
+
+    async def _enqueue(self, producer: AIOKafkaProducer, shard: int, records: Sequence[bytes]
+                       ) -> tuple[list[asyncio.Future[Any]], list[int]]:
+        """Hand ``records`` to the producer as whole record batches (one send each, not
+        one per record: the per-record path costs ~70 us of Python per record); returns
+        the batches' futures and record counts."""
+        sizes: list[int] = []
+        futs = []
+        batch = producer.create_batch()
+        n = 0
+        for rec in records:
+            if batch.append(key=None, value=rec, timestamp=None) is None:
+                batch.close()
+                futs.append(await producer.send_batch(batch, self.topic, partition=shard))
+                sizes.append(n)
+                batch, n = producer.create_batch(), 0
+                if batch.append(key=None, value=rec, timestamp=None) is None:
+                    raise BusError(f"record of {len(rec)} bytes exceeds the batch size")
+            n += 1
+        batch.close()
+        futs.append(await producer.send_batch(batch, self.topic, partition=shard))
+        sizes.append(n)
+        return futs, sizes
+
+    async def publish(self, shard: int, records: Sequence[bytes]) -> list[Offset]:
+        self.check_shard(shard)
+        if not records:
+            return []
+        producer = await self._producer_ready()
 
         async def send_all() -> list[Offset]:
-            # whole record batches (one produce request each) rather than one send per
-            # record: the per-record path costs ~70 us of Python per record
-            sizes: list[int] = []
-            futs = []
-            batch = producer.create_batch()
-            n = 0
-            for rec in records:
-                if batch.append(key=None, value=rec, timestamp=None) is None:
-                    batch.close()
-                    futs.append(await producer.send_batch(batch, self.topic, partition=shard))
-                    sizes.append(n)
-                    batch, n = producer.create_batch(), 0
-                    if batch.append(key=None, value=rec, timestamp=None) is None:
-                        raise BusError(f"record of {len(rec)} bytes exceeds the batch size")
-                n += 1
-            batch.close()
-            futs.append(await producer.send_batch(batch, self.topic, partition=shard))
-            sizes.append(n)
+            futs, sizes = await self._enqueue(producer, shard, records)
             out: list[Offset] = []
-            # shielded: cancelling aiokafka's batch futures (our timeout) would make the
-            # idempotent producer skip sequence numbers -> OutOfOrderSequenceNumber later
-            gathered = asyncio.gather(*futs)
-            gathered.add_done_callback(_retrieve)  # no "exception never retrieved" noise
-            metas = await asyncio.shield(gathered)
-            for meta, count in zip(metas, sizes):
+            for meta, count in zip(await _settled(futs), sizes, strict=True):
                 out += range(int(meta.offset), int(meta.offset) + count)
             return out
 
         return await self._call(send_all())
+
+    async def publish_many(self, batches: Mapping[int, Sequence[bytes]]) -> None:
+        """Every shard's batches handed to the producer before waiting for any: its
+        sender then carries them in one produce request per broker (one round trip for
+        a group commit, not one per shard). Not atomic across partitions — a failure
+        raises for all of them and the caller sends all to the overflow queue; what did
+        land is there twice and the shard workers drop the second copy as a duplicate,
+        as after a publish that timed out."""
+        for shard in batches:
+            self.check_shard(shard)
+        if not any(batches.values()):
+            return
+        producer = await self._producer_ready()
+
+        async def send_all() -> None:
+            futs: list[asyncio.Future[Any]] = []
+            for shard, records in batches.items():
+                if records:
+                    futs += (await self._enqueue(producer, shard, records))[0]
+            await _settled(futs)
+
+        await self._call(send_all())
 
     async def consume(
         self, shard: int, group: str, *, max_records: int = 512, block: float = 0.5
