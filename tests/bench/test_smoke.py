@@ -86,6 +86,9 @@ def _relayer(*extra: str) -> dict[str, Any]:
     assert sat["warmup"]["frames"] == 1000 and _number(sat["warmup"]["frames_per_s"])
     _latency(sat["latency"])
     _latency(paced["latency"])
+    # the relayer's CPU over the paced phase, per one-frame request (from /proc, in
+    # clock ticks: 40 requests may round to 0, so only its presence and type here)
+    assert _number(paced["relayer_cpu_us_per_frame"]), paced
     assert _number(d["e2e_frames_per_s"]) and _number(d["baseline"]["raw_writes_per_s"])
     assert _number(d["ratio"]) and _number(d["ratios"]["vs_raw_backend_writes"])
     _machine(d["machine"]["before"])
