@@ -32,7 +32,6 @@ from collections import deque
 from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
 
 from pqcnet.relayer.bus.base import Delivery
 
@@ -140,8 +139,9 @@ class PartitionPump:
                 got = await self.consumer.getmany(timeout_ms=500, max_records=FETCH_RECORDS)
             except asyncio.CancelledError:
                 raise
-            except (KafkaError, OSError) as exc:
-                log.warning("kafka fetch failed", extra={"error": str(exc)})
+            except Exception as exc:  # the loop must outlive any one failure
+                # (a dead loop would leave every shard worker waiting on an empty buffer)
+                log.warning("kafka fetch failed", extra={"error": repr(exc)})
                 for shard in self._shards():
                     self._failed[shard] = exc
                     self._wake(shard)
