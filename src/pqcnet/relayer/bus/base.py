@@ -126,3 +126,45 @@ class Bus(abc.ABC):
         """Raise ``ValueError`` for a shard outside ``0..partitions()-1`` (a caller bug)."""
         if not 0 <= shard < self.partitions():
             raise ValueError(f"shard {shard} outside 0..{self.partitions() - 1}")
+
+
+class Wakeups:
+    """Consumers blocked per shard, woken by the next arrival, :meth:`wake_all` or their
+    timeout: a bare future and a timer per wait (``asyncio.wait_for`` wraps each wait in
+    a task, several loop rounds per idle shard worker's wake-up)."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[int, list[asyncio.Future[None]]] = {}
+
+    def wake(self, shard: int) -> None:
+        waiters = self._waiters.get(shard)
+        if waiters:
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+            waiters.clear()
+
+    def wake_all(self) -> None:
+        for shard in list(self._waiters):
+            self.wake(shard)
+
+    async def wait(self, shard: int, block: float) -> None:
+        """Until the next :meth:`wake` of ``shard`` (or all), or ``block`` seconds."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        waiters = self._waiters.setdefault(shard, [])
+        waiters.append(fut)
+        timer = loop.call_later(block, _resolve, fut)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            if not fut.done():  # cancelled by our caller: forget it
+                fut.cancel()
+            if fut in waiters:
+                waiters.remove(fut)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

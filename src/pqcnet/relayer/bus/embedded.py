@@ -27,7 +27,6 @@ always mirrors ``[head - len(tail), head)`` of the log. A reader behind the tail
 
 from __future__ import annotations
 
-import asyncio
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 
 import rocksdict
 
-from pqcnet.relayer.bus.base import Bus, Delivery, Offset
+from pqcnet.relayer.bus.base import Bus, Delivery, Offset, Wakeups
 from pqcnet.relayer.errors import BusError
 from pqcnet.relayer.frame import slot_setters
 
@@ -61,11 +60,6 @@ def _delivery(shard: int, offset: int, data: bytes,
 TAIL_RECORDS = 2048
 #: bytes of record data kept in memory per shard; bounds the tail with large payloads
 TAIL_BYTES = 512 * 1024
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 def open_rocks(path: str | Path) -> rocksdict.Rdict:
@@ -95,8 +89,8 @@ class EmbeddedBus(Bus):
         self._head = [self._load_int(b"H" + _U16.pack(s), 0) for s in range(shards)]
         self._read: dict[tuple[int, str], int] = {}  # in-memory read cursor per group
         self._trimmed: dict[int, int] = {}
-        #: consumers blocked on each shard (resolved by a publish, a timeout or close)
-        self._waiters: list[list[asyncio.Future[None]]] = [[] for _ in range(shards)]
+        #: consumers blocked on each shard (woken by a publish, a timeout or close)
+        self._wakeups = Wakeups()
         self._tail: list[list[bytes]] = [[] for _ in range(shards)]
         self._tail_bytes = [0] * shards
         self._closed = False
@@ -138,31 +132,7 @@ class EmbeddedBus(Bus):
             if records:
                 self._head[shard] += len(records)
                 self._remember(shard, records)
-                self._wake(shard)
-
-    def _wake(self, shard: int) -> None:
-        waiters = self._waiters[shard]
-        if waiters:
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
-            waiters.clear()
-
-    async def _wait(self, shard: int, block: float) -> None:
-        """Until the next publish to ``shard``, :meth:`close` or ``block`` seconds."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        self._waiters[shard].append(fut)
-        timer = loop.call_later(block, _resolve, fut)
-        try:
-            await fut
-        finally:
-            timer.cancel()
-            if not fut.done():  # cancelled by our caller: forget it
-                fut.cancel()
-            waiters = self._waiters[shard]
-            if fut in waiters:
-                waiters.remove(fut)
+                self._wakeups.wake(shard)
 
     def _remember(self, shard: int, records: Sequence[bytes]) -> None:
         """Append durable records to the shard's tail; past a bound, keep the newer half."""
@@ -200,7 +170,7 @@ class EmbeddedBus(Bus):
                 raise BusError(f"shard {shard} already has {MAX_GROUPS} groups")
             self._read[key] = self._committed(shard, group)
         if self._read[key] >= self._head[shard]:
-            await self._wait(shard, block)
+            await self._wakeups.wait(shard, block)
             self._check_open()
             if self._read[key] >= self._head[shard]:  # timed out
                 return []
@@ -262,6 +232,5 @@ class EmbeddedBus(Bus):
         if self._closed:
             return
         self._closed = True
-        for shard in range(self._shards):
-            self._wake(shard)  # blocked consumers wake and see the closed bus
+        self._wakeups.wake_all()  # blocked consumers wake and see the closed bus
         self._db.close()

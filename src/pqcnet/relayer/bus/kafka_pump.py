@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from pqcnet.relayer.bus.base import Delivery
+from pqcnet.relayer.bus.base import Delivery, Wakeups
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class PartitionPump:
         self._shards = shards
         self._buf: dict[int, deque[Delivery]] = {}
         self._bytes: dict[int, int] = {}
-        self._waiters: dict[int, list[asyncio.Future[None]]] = {}
+        self._wakeups = Wakeups()
         self._paused: set[int] = set()
         self._failed: dict[int, BaseException] = {}
         self._task: asyncio.Task[None] | None = None
@@ -73,8 +73,7 @@ class PartitionPump:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        for shard in list(self._waiters):
-            self._wake(shard)
+        self._wakeups.wake_all()
 
     # ------------------------------------------------------------------ worker side
     def take(self, shard: int, max_records: int) -> list[Delivery]:
@@ -100,21 +99,8 @@ class PartitionPump:
 
     async def wait(self, shard: int, block: float) -> None:
         """Until records (or an error) for ``shard`` arrive, or ``block`` seconds."""
-        if self.ready(shard):
-            return
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        waiters = self._waiters.setdefault(shard, [])
-        waiters.append(fut)
-        timer = loop.call_later(block, _resolve, fut)
-        try:
-            await fut
-        finally:
-            timer.cancel()
-            if not fut.done():
-                fut.cancel()
-            if fut in waiters:
-                waiters.remove(fut)
+        if not self.ready(shard):
+            await self._wakeups.wait(shard, block)
 
     def drop(self, shard: int) -> None:
         """Forget what is buffered for ``shard`` (before a seek, on revoke) and fetch it
@@ -124,7 +110,7 @@ class PartitionPump:
         self._failed.pop(shard, None)
         if shard in self._paused:
             self._resume(shard)
-        self._wake(shard)
+        self._wakeups.wake(shard)
 
     def buffered(self, shard: int | None = None) -> int:
         """Records buffered for ``shard`` (None: over all shards)."""
@@ -144,7 +130,7 @@ class PartitionPump:
                 log.warning("kafka fetch failed", extra={"error": repr(exc)})
                 for shard in self._shards():
                     self._failed[shard] = exc
-                    self._wake(shard)
+                    self._wakeups.wake(shard)
                 await asyncio.sleep(ERROR_BACKOFF)
                 continue
             mine = self._shards()
@@ -161,23 +147,10 @@ class PartitionPump:
                 if len(buf) >= MAX_BUFFERED or self._bytes[shard] >= MAX_BUFFERED_BYTES:
                     self.consumer.pause(TopicPartition(self.topic, shard))
                     self._paused.add(shard)
-                self._wake(shard)
+                self._wakeups.wake(shard)
 
     def _resume(self, shard: int) -> None:
         self._paused.discard(shard)
         tp = TopicPartition(self.topic, shard)
         if tp in self.consumer.assignment():
             self.consumer.resume(tp)
-
-    def _wake(self, shard: int) -> None:
-        waiters = self._waiters.get(shard)
-        if waiters:
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
-            waiters.clear()
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
