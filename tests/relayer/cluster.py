@@ -165,6 +165,7 @@ class ClusterRun:
     def __init__(self, tmp: Path, topics: list[Topic], count: int, batch: int,
                  **common: Any) -> None:
         self.topics, self.count, self.batch = topics, count, batch
+        self.redis_url, self.redis_prefix = common["redis_url"], common["redis_prefix"]
         ports = [free_port() for _ in self.names]
         self.dirs = {n: tmp / n for n in self.names}
         self.procs: list[RelayerProcess] = []
@@ -198,6 +199,12 @@ class ClusterRun:
             if self.taken >= self.total:
                 await self.sub.ack()
                 return
+
+    async def has_metered(self, name: str) -> bool:
+        """``name`` wrote volume to the shared store: a relayer killed after it delivered
+        but before its volume write bills nothing (the next owner redelivers and bills
+        those frames), so a test that wants the dead relayer in the proofs waits for it."""
+        return frames_of(await metered(self.redis_url, self.redis_prefix, [name])) > 0
 
     def done(self) -> bool:
         return all(v >= self.count for v in self.acked.values())
