@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -55,3 +57,12 @@ async def eventually(pred: Callable[[], object], limit: float = 60.0, step: floa
     async with asyncio.timeout(limit):
         while not pred():  # noqa: ASYNC110 - state lives in other objects; polling is simplest
             await asyncio.sleep(step)
+
+
+def redis_cli(redis_url: str, *args: str) -> str:
+    """``redis-cli`` itself: counts that do not go through pqcnet's code."""
+    exe = shutil.which("redis-cli")
+    assert exe, "redis-cli (installed with redis-server by scripts/services)"
+    out = subprocess.run([exe, "-u", redis_url, "--no-raw", *args], check=True,
+                         capture_output=True, text=True, timeout=30)
+    return out.stdout

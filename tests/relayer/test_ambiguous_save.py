@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from pqcnet.relayer.bus.embedded import EmbeddedBus
 from pqcnet.relayer.errors import BusUnavailable
 from pqcnet.relayer.frame import Frame, Topic, encode
+from pqcnet.relayer.gapfence import SeqRanges
 from pqcnet.relayer.metering import VolumeDelta, VolumeMeter
 from pqcnet.relayer.seqstore import RedisSeqStore, RocksSeqStore
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
@@ -37,13 +38,14 @@ class OnceFailingStore(RocksSeqStore):
         self.failed = False
 
     async def save(self, shard: int, marks: Mapping[Topic, int],
-                   volume: VolumeDelta | None = None, *, token: bytes = b"") -> None:
+                   volume: VolumeDelta | None = None, *, token: bytes = b"",
+                   gaps: Mapping[Topic, SeqRanges] | None = None) -> None:
         if volume and not self.failed:
             self.failed = True
             if self.apply_first:
-                await super().save(shard, marks, volume, token=token)
+                await super().save(shard, marks, volume, token=token, gaps=gaps)
             raise BusUnavailable("redis unavailable saving marks: Connection closed by server")
-        await super().save(shard, marks, volume, token=token)
+        await super().save(shard, marks, volume, token=token, gaps=gaps)
 
 
 async def _run(tmp_path: Path, *, apply_first: bool) -> tuple[VolumeMeter, CollectSink,

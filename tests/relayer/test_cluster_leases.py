@@ -103,12 +103,15 @@ async def test_writes_are_fenced_by_the_lease(cluster: Callable[[str], RedisStre
     assert a.leases is not None
     a.leases.owned.add(shard)
     with pytest.raises(BusUnavailable, match="lease lost"):
-        await store_a.save(shard, {topic: 99}, vol)
+        await store_a.save(shard, {topic: 99}, vol, gaps={topic: [(5, 99)]})
     a.leases.owned.discard(shard)
     assert await b.seq_store().load_topics(shard, [topic]) == {topic: 5}
+    assert await b.seq_store().load_gaps(shard, [topic]) == {}  # nor its skipped gap
     assert await store_a.load_volume() == {(7, "acme", "c", 1): [10 * SHARDS, SHARDS]}
-    await b.seq_store().save(shard, {topic: 6}, vol)  # the owner's write goes through
-    assert await b.seq_store().load_topics(shard, [topic]) == {topic: 6}
+    # the owner's write goes through, with the gap it skipped in the same script
+    await b.seq_store().save(shard, {topic: 9}, vol, gaps={topic: [(5, 9)]})
+    assert await b.seq_store().load_topics(shard, [topic]) == {topic: 9}
+    assert await store_a.load_gaps(shard, [topic]) == {topic: [(5, 9)]}
 
 
 async def test_concurrent_claims_never_share_a_shard(

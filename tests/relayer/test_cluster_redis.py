@@ -11,8 +11,6 @@ it owned (the ownership journal) in that epoch, and their union is the total."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import urllib.request
 import uuid
 from pathlib import Path
@@ -21,7 +19,7 @@ import pytest
 
 from pqcnet.relayer.frame import Topic
 from tests.relayer.cluster import ClusterRun, metered
-from tests.relayer.helpers import eventually
+from tests.relayer.helpers import eventually, redis_cli
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -31,15 +29,6 @@ BATCH = 8
 SHARDS = 8
 EPOCH = 3.0
 LEASE = 2.0
-
-
-def _cli(redis_url: str, *args: str) -> str:
-    """``redis-cli`` itself: counts that do not go through pqcnet's code."""
-    exe = shutil.which("redis-cli")
-    assert exe, "redis-cli (installed with redis-server by scripts/services)"
-    out = subprocess.run([exe, "-u", redis_url, "--no-raw", *args], check=True,
-                         capture_output=True, text=True, timeout=30)
-    return out.stdout
 
 
 def _ints(text: str) -> list[int]:
@@ -69,7 +58,8 @@ async def test_three_relayers_add_one_kill_one(tmp_path: Path, redis_url: str) -
                 added_at = step
             # r2 must have delivered (owns shards) and r1 too before r1 is killed
             if not killed and added_at is not None and step >= added_at + 4 \
-                    and by_relayer[2] > 0 and by_relayer[1] > 0:
+                    and by_relayer[2] > 0 and by_relayer[1] > 0 \
+                    and await run.has_metered("r1"):
                 procs[1].kill()  # SIGKILL mid-stream: its shards move after the lease
                 killed = True
             await asyncio.sleep(0.25 if added_at is not None and not killed else 0.05)
@@ -98,15 +88,15 @@ async def test_three_relayers_add_one_kill_one(tmp_path: Path, redis_url: str) -
     # independent counts with redis-cli: every shard read and acked by the group ...
     for s in range(SHARDS):
         key = f"{prefix}:s:{s}"
-        pending = _ints(_cli(redis_url, "XPENDING", key, "cluster"))
+        pending = _ints(redis_cli(redis_url, "XPENDING", key, "cluster"))
         assert pending and pending[0] == 0, (s, pending)
-        groups = _cli(redis_url, "XINFO", "GROUPS", key)
+        groups = redis_cli(redis_url, "XINFO", "GROUPS", key)
         lines = groups.splitlines()
         lag = [int(lines[i + 1].split()[-1].strip('"')) for i, line in enumerate(lines)
                if line.split()[-1].strip('"') == "lag"]
         assert lag == [0], (s, groups)
     # ... and the metered frames, summed by redis-cli, are the frames taken
-    metered_frames = sum(sum(_ints(_cli(redis_url, "HVALS", f"{prefix}:volf:{n}")))
+    metered_frames = sum(sum(_ints(redis_cli(redis_url, "HVALS", f"{prefix}:volf:{n}")))
                          for n in run.names)
     assert metered_frames == run.total
     # the history checker against the bill; each relayer's proofs, only for shards it

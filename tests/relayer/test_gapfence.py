@@ -5,13 +5,18 @@ skipped and then discarded."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
 
 from pqcnet.relayer.bus.base import Delivery
 from pqcnet.relayer.bus.embedded import EmbeddedBus
+from pqcnet.relayer.errors import BusUnavailable
 from pqcnet.relayer.frame import Frame, encode
-from pqcnet.relayer.gapfence import GapFence
-from pqcnet.relayer.seqstore import RocksSeqStore
+from pqcnet.relayer.gapfence import MAX_RANGES_PER_TOPIC, GapFence
+from pqcnet.relayer.seqstore import RedisSeqStore, RocksSeqStore, SeqStore
 from pqcnet.relayer.sequencer import Sequencer
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
 from tests.relayer.helpers import CollectSink
@@ -75,3 +80,51 @@ async def test_admitted_frame_is_waited_for_not_skipped(tmp_path: Path) -> None:
         await asyncio.wait_for(task, 5)
         store.close()
         await bus.close()
+
+
+@pytest.mark.parametrize("kind", ["rocks", "redis"])
+async def test_stored_gaps_merge_and_stay_bounded(kind: str, tmp_path: Path,
+                                                  redis_url: str) -> None:
+    """Each write adds its skipped ranges to those recorded (read-modify-write by the one
+    writer of the shard); only the most recent MAX_RANGES_PER_TOPIC are kept; a gap
+    written without marks or volume is still written; other shards do not see it."""
+    client = aioredis.from_url(redis_url)
+    store: SeqStore = (RocksSeqStore(tmp_path / "marks") if kind == "rocks"
+                       else RedisSeqStore(client, f"gaps:{uuid.uuid4().hex[:8]}"))
+    try:
+        other = ("c", "y")
+        await store.save(3, {T: 3}, gaps={T: [(1, 3)]})
+        await store.save(3, {}, gaps={T: [(4, 6)], other: [(1, 2)]})
+        assert await store.load_gaps(3, [T, other, ("c", "z")]) == {
+            T: [(1, 3), (4, 6)], other: [(1, 2)]}
+        assert await store.load_gaps(2, [T]) == {}
+        n = MAX_RANGES_PER_TOPIC + 5
+        for k in range(n):  # one gap per write, as a worker skipping them one by one
+            await store.save(3, {T: 100 + 10 * k + 5},
+                             gaps={T: [(100 + 10 * k, 100 + 10 * k + 5)]})
+        got = (await store.load_gaps(3, [T]))[T]
+        assert len(got) == MAX_RANGES_PER_TOPIC
+        assert got[-1] == (100 + 10 * (n - 1), 100 + 10 * (n - 1) + 5)  # newest kept
+        assert got[0] == (100 + 10 * (n - MAX_RANGES_PER_TOPIC),
+                          100 + 10 * (n - MAX_RANGES_PER_TOPIC) + 5)
+    finally:
+        if isinstance(store, RocksSeqStore):
+            store.close()
+        await client.aclose()
+
+
+async def test_a_retry_that_cannot_be_checked_is_refused_retriably() -> None:
+    """The store's gaps cannot be read (broker down): a retry below the delivery point is
+    refused with a retriable error, not acknowledged unchecked; a fresh frame at or past
+    the delivery point is admitted (no gap read needed)."""
+    async def marks(shard: int, topics: object) -> dict[tuple[str, str], int]:
+        return {T: 10}
+
+    async def gaps(shard: int, topics: object) -> dict[tuple[str, str], list[tuple[int, int]]]:
+        raise BusUnavailable("redis unavailable loading gaps: connection refused")
+
+    fence = GapFence(marks, gaps)
+    got = await fence.admit_many({0: [(_f(4), True)], 1: [(_f(10), False)]})
+    assert isinstance(got[0], BusUnavailable) and got[0].retriable
+    assert got[1] == [None]
+    assert fence.stats.gap_reads == 1 and fence.inflight == 1

@@ -21,6 +21,11 @@ One fence is shared by the ingress and the shard workers of one relayer process:
   way (on the bus or in the overflow queue). This closes the race between the check in
   ``admit`` and a skip that happens before the worker reads the frame.
 * ``record_gap`` (worker): remember skipped ranges, so retries inside them are refused.
+  The worker also writes them to the marks store in the same write as the marks that
+  move past them; a *retry* below the delivery point that no remembered range holds is
+  checked against the stored ranges (``gaps`` lookup) before it is admitted, so after a
+  restart, or at a relayer of the cluster that does not own the shard (a failed-over
+  publisher's retry), it is refused too instead of acknowledged and suppressed.
 
 Everything is synchronous: a check and its registration happen with no ``await`` in
 between, and so do the worker's skip decision and its ``record_gap``.
@@ -28,10 +33,10 @@ between, and so do the worker's skip decision and its ``record_gap``.
 Bounds: skipped ranges per topic (:data:`MAX_RANGES_PER_TOPIC`) and topics remembered
 (:data:`MAX_GAP_TOPICS`, oldest forgotten first); in-flight seqs
 (:data:`MAX_INFLIGHT_SEQS`; beyond it admissions are not registered and the gap race is
-open for those frames — counted in ``untracked``). The fence is in memory: after a
-restart the skipped ranges are forgotten (a *retry* in an old gap is then accepted as a
-duplicate) and frames already in the overflow queue are not in flight — both are
-documented limits in the ADR.
+open for those frames — counted in ``untracked``). The in-flight registry is in memory
+and per process: frames already in the overflow queue at a restart are not in flight,
+and another relayer's admissions do not hold this one's skips — documented limits in
+the ADR.
 """
 
 from __future__ import annotations
@@ -51,8 +56,12 @@ MAX_GAP_TOPICS = 65_536
 #: admitted-but-not-consumed seqs tracked; bounds memory during a long bus outage
 MAX_INFLIGHT_SEQS = 1_000_000
 
+#: skipped seq ranges of one topic, ``[lo, hi)`` each, oldest first
+SeqRanges = list[tuple[int, int]]
 #: ``(shard, topics) -> next seq per topic`` as far as this relayer knows (absent: new)
 MarkLookup = Callable[[int, Sequence[Topic]], Awaitable[Mapping[Topic, int]]]
+#: ``(shard, topics) -> recorded skipped ranges per topic`` (the marks store's)
+GapLookup = Callable[[int, Sequence[Topic]], Awaitable[Mapping[Topic, SeqRanges]]]
 
 
 @dataclass(slots=True)
@@ -65,14 +74,17 @@ class FenceStats:
     held: int = 0
     #: admissions not tracked because :data:`MAX_INFLIGHT_SEQS` was reached
     untracked: int = 0
+    #: retries below the delivery point checked against the store's recorded gaps
+    gap_reads: int = 0
 
 
 class GapFence:
     """Late-frame refusal and the in-flight registry shared by ingress and workers."""
 
-    def __init__(self, marks: MarkLookup | None = None, *,
+    def __init__(self, marks: MarkLookup | None = None, gaps: GapLookup | None = None, *,
                  max_inflight: int = MAX_INFLIGHT_SEQS) -> None:
         self._marks = marks
+        self._stored_gaps = gaps
         self._cached: dict[int, Callable[[Topic], int | None]] = {}
         self._gaps: OrderedDict[Topic, list[tuple[int, int]]] = OrderedDict()
         #: topic -> admitted seq -> how many admissions of it are in flight
@@ -121,20 +133,69 @@ class GapFence:
             got = await asyncio.gather(*(marks(s, t) for s, t in colds.items()),
                                        return_exceptions=True)
             stored = dict(zip(colds, got, strict=True))
+        gaps = await self._recorded_gaps(by_shard, stored)
         # no await from here on: the checks and the registrations are one step
         out: dict[int, list[LateFrame | None] | RelayerError] = {}
         for shard, frames in by_shard.items():
             known = stored.get(shard, {})
-            if isinstance(known, BaseException):
-                if not isinstance(known, RelayerError):
-                    raise known
-                out[shard] = known
+            recorded = gaps.get(shard, {})
+            failed = next((e for e in (known, recorded) if isinstance(e, BaseException)), None)
+            if failed is not None:
+                if not isinstance(failed, RelayerError):
+                    raise failed
+                out[shard] = failed
                 continue
-            out[shard] = self._admit(self._cached.get(shard), known, frames)
+            assert not isinstance(known, BaseException)
+            assert not isinstance(recorded, BaseException)
+            out[shard] = self._admit(shard, known, frames, recorded)
         return out
 
-    def _admit(self, cached: Callable[[Topic], int | None] | None, stored: Mapping[Topic, int],
-               frames: Sequence[tuple[Frame, bool]]) -> list[LateFrame | None]:
+    def _next_seq(self, shard: int, stored: Mapping[Topic, int], topic: Topic) -> int:
+        nxt = stored.get(topic, 1)
+        cached = self._cached.get(shard)
+        if cached is not None:
+            mem = cached(topic)
+            if mem is not None:
+                nxt = max(nxt, mem)
+        return nxt
+
+    async def _recorded_gaps(
+            self, by_shard: Mapping[int, Sequence[tuple[Frame, bool]]],
+            stored: Mapping[int, Mapping[Topic, int] | BaseException],
+    ) -> dict[int, Mapping[Topic, SeqRanges] | BaseException]:
+        """The store's skipped ranges for topics with a *retry* below the delivery point
+        that no range in memory holds (rare: a resend after a failover or a restart).
+        A failed read is that shard's error (retriable :class:`BusUnavailable`): a retry
+        that cannot be checked is refused for now, never acknowledged and suppressed."""
+        lookup = self._stored_gaps
+        if lookup is None:
+            return {}
+        wanted: dict[int, list[Topic]] = {}
+        for shard, frames in by_shard.items():
+            known = stored.get(shard, {})
+            if isinstance(known, BaseException):
+                continue
+            for frame, retry in frames:
+                if (retry and frame.seq < self._next_seq(shard, known, frame.topic)
+                        and not self._in_gap(frame.topic, frame.seq)):
+                    topics = wanted.setdefault(shard, [])
+                    if frame.topic not in topics:
+                        topics.append(frame.topic)
+        if not wanted:
+            return {}
+        self.stats.gap_reads += sum(len(t) for t in wanted.values())
+        got = await asyncio.gather(*(lookup(s, t) for s, t in wanted.items()),
+                                   return_exceptions=True)
+        return dict(zip(wanted, got, strict=True))
+
+    def _in_gap(self, topic: Topic, seq: int) -> tuple[int, int] | None:
+        for lo, hi in self._gaps.get(topic, ()):
+            if lo <= seq < hi:
+                return lo, hi
+        return None
+
+    def _admit(self, shard: int, stored: Mapping[Topic, int], frames: Sequence[tuple[Frame, bool]],
+               recorded: Mapping[Topic, SeqRanges]) -> list[LateFrame | None]:
         out: list[LateFrame | None] = []
         nxts: dict[Topic, int] = {}
         inflight = self._inflight
@@ -142,14 +203,9 @@ class GapFence:
             topic = frame.topic
             nxt = nxts.get(topic)
             if nxt is None:  # once per topic: the marks do not move during this loop
-                nxt = stored.get(topic, 1)
-                if cached is not None:
-                    mem = cached(topic)
-                    if mem is not None:
-                        nxt = max(nxt, mem)
-                nxts[topic] = nxt
+                nxt = nxts[topic] = self._next_seq(shard, stored, topic)
             if frame.seq < nxt:
-                err = self._check(frame, retry, nxt)
+                err = self._check(frame, retry, nxt, recorded.get(topic, ()))
                 if err is not None:
                     self.stats.refused += 1
                     out.append(err)
@@ -167,16 +223,19 @@ class GapFence:
             out.append(None)
         return out
 
-    def _check(self, frame: Frame, retry: bool, nxt: int) -> LateFrame | None:
+    def _check(self, frame: Frame, retry: bool, nxt: int,
+               recorded: Iterable[tuple[int, int]]) -> LateFrame | None:
         if frame.seq >= nxt:
             return None
         name = f"{frame.customer}/{frame.channel}"
-        for lo, hi in self._gaps.get(frame.topic, ()):
-            if lo <= frame.seq < hi:
-                return LateFrame(
-                    f"seq {frame.seq} of {name} is late: the topic moved past it, delivery "
-                    f"resumed at seq {hi} after the gap {lo}..{hi - 1} was skipped; "
-                    "publish it under a new seq")
+        gap = self._in_gap(frame.topic, frame.seq) or next(
+            ((lo, hi) for lo, hi in recorded if lo <= frame.seq < hi), None)
+        if gap is not None:
+            lo, hi = gap
+            return LateFrame(
+                f"seq {frame.seq} of {name} is late: the topic moved past it, delivery "
+                f"resumed at seq {hi} after the gap {lo}..{hi - 1} was skipped; "
+                "publish it under a new seq")
         if retry:
             return None  # a resend of a delivered frame: accepted, the worker suppresses it
         return LateFrame(

@@ -30,7 +30,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -75,7 +75,7 @@ from pqcnet.relayer.errors import (
     RelayerError,
 )
 from pqcnet.relayer.frame import FrameLimits, Topic
-from pqcnet.relayer.gapfence import GapFence
+from pqcnet.relayer.gapfence import GapFence, SeqRanges
 from pqcnet.relayer.governance import VolumeMetricsService, serve_governance
 from pqcnet.relayer.ingress import Ingress
 from pqcnet.relayer.ledger_api import LedgerService
@@ -226,7 +226,7 @@ class RelayerNode:
         #: queue only, no shard workers, no epoch proofs (readiness: degraded)
         self.degraded = False
         #: late-frame refusal, shared by ingress and shard workers (decision 0012)
-        self.fence = GapFence(self._stored_marks)
+        self.fence = GapFence(self._stored_marks, self._stored_gaps)
         self.authz = Authorizer(authz_policy(cfg.authz))
         self.quotas = Quotas(cfg.quotas)
         self.hub.may_receive = self.authz.may_receive
@@ -436,6 +436,21 @@ class RelayerNode:
             log.info("marks unreadable for the gap fence; local marks only",
                      extra={"shard": shard, "error": str(exc) or "timeout"})
             return {}
+
+    async def _stored_gaps(self, shard: int, topics: Sequence[Topic]) -> Mapping[Topic, SeqRanges]:
+        """Recorded skipped ranges for the gap fence, read only for a *retry* below the
+        delivery point. Unlike the marks, an unanswered read refuses the retry
+        (retriable): accepting it unchecked could acknowledge a frame in a skipped gap
+        that is then suppressed as a duplicate."""
+        if self.degraded or self.publisher.bus_down:
+            raise BusUnavailable("marks store unreachable: a retry below the delivery point "
+                                 "cannot be checked against skipped gaps now")
+        try:
+            async with asyncio.timeout(self.cfg.publish_timeout):
+                return await self.store.load_gaps(shard, topics)
+        except TimeoutError:
+            raise BusUnavailable("marks store timed out: a retry below the delivery point "
+                                 "cannot be checked against skipped gaps now") from None
 
     def ready(self) -> dict[str, bool | str]:
         """``/readyz``: listening, identity valid, every shard worker and the overflow
@@ -916,6 +931,16 @@ class _NodeCollector(Collector):
         yield CounterMetricFamily("pqcnet_relayer_quota_refused_frames",
                                   "Publisher frames refused by a customer quota",
                                   value=n.quotas.refused)
+        fence = CounterMetricFamily(
+            "pqcnet_relayer_gap_fence_events",
+            "Gap fence (late frames): refused, skips held for an in-flight frame, "
+            "admissions untracked (in-flight bound), retries checked against stored gaps",
+            labels=["event"])
+        fs = n.fence.stats
+        for k, v in (("refused", fs.refused), ("held", fs.held), ("untracked", fs.untracked),
+                     ("gap_reads", fs.gap_reads)):
+            fence.add_metric([k], v)
+        yield fence
         for name, attr, doc in (("delivered", "delivered", "Frames delivered to subscribers"),
                                 ("duplicates", "duplicates", "Duplicate frames suppressed"),
                                 ("gaps", "gaps", "Sequence gaps reported and skipped")):

@@ -2,7 +2,11 @@
 
 Persisting ``next_seq`` after delivery and *before* acking the bus is what makes
 duplicate suppression survive a restart: a replayed record below the mark is
-recognised as already delivered. Two implementations behind one small protocol:
+recognised as already delivered. The seq ranges a worker skipped (gaps) are written in
+the same atomic write as the marks that move past them, so the gap fence refuses a
+retry inside one after a restart, or at another relayer of the cluster, instead of
+acknowledging it as a duplicate (docs/decisions/0012-late-frames.md).
+Two implementations behind one small protocol:
 RocksDB (embedded and Kafka backends; node-local) and a Redis hash per shard
 (Redis backend, so any relayer taking over the shard sees the same marks).
 """
@@ -21,6 +25,7 @@ import rocksdict
 from pqcnet.relayer.bus.embedded import open_rocks
 from pqcnet.relayer.errors import BusUnavailable
 from pqcnet.relayer.frame import Topic, topic_from_key, topic_key
+from pqcnet.relayer.gapfence import MAX_RANGES_PER_TOPIC, SeqRanges
 from pqcnet.relayer.metering import VolumeDelta
 
 _U16 = struct.Struct(">H")
@@ -31,18 +36,22 @@ _VOLVAL = struct.Struct(">QQ")  # bytes, frames (cumulative)
 #: back from the database when next updated. Without a bound every (epoch, customer,
 #: channel, qos) ever metered stayed in memory until its epoch was pruned.
 VOL_CACHE = 65_536
-# KEYS lease, marks hash, volb, volf; ARGV value, n marks, (topic, next) * n,
-# then (field, bytes, frames) * k. Nothing is written unless the lease is ours.
+# KEYS lease, marks hash, volb, volf, landed, gaps hash; ARGV value, token, shard,
+# n marks, (topic, next) * n, n gaps, (topic, ranges) * g, then (field, bytes, frames)
+# * k. Nothing is written unless the lease is ours.
 _FENCED_SAVE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[5], ARGV[3], ARGV[2]) end
-local n = tonumber(ARGV[4])
-local i = 5
-while n > 0 do
-  local m = math.min(n, 200)
-  redis.call('HSET', KEYS[2], unpack(ARGV, i, i + 2 * m - 1))
-  i = i + 2 * m
-  n = n - m
+local i = 4
+for _, key in ipairs({KEYS[2], KEYS[6]}) do
+  local n = tonumber(ARGV[i])
+  i = i + 1
+  while n > 0 do
+    local m = math.min(n, 200)
+    redis.call('HSET', key, unpack(ARGV, i, i + 2 * m - 1))
+    i = i + 2 * m
+    n = n - m
+  end
 end
 while i <= #ARGV do
   redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
@@ -51,6 +60,25 @@ while i <= #ARGV do
 end
 return 1
 """
+
+
+def _pack_ranges(ranges: SeqRanges) -> bytes:
+    """Skipped ranges as ``lo-hi,lo-hi`` (ASCII: readable with ``redis-cli``)."""
+    return b",".join(b"%d-%d" % r for r in ranges)
+
+
+def _unpack_ranges(raw: bytes | str) -> SeqRanges:
+    out: SeqRanges = []
+    for part in _b(raw).split(b","):
+        lo, _, hi = part.partition(b"-")
+        out.append((int(lo), int(hi)))
+    return out
+
+
+def _merged(old: bytes | str | None, new: SeqRanges) -> bytes:
+    """Recorded ranges plus ``new``, the most recent :data:`MAX_RANGES_PER_TOPIC` kept."""
+    ranges = (_unpack_ranges(old) if old else []) + list(new)
+    return _pack_ranges(ranges[-MAX_RANGES_PER_TOPIC:])
 
 
 def _volkey(epoch: int, customer: str, channel: str, qos: int) -> bytes:
@@ -75,9 +103,17 @@ class SeqStore(Protocol):
         ...
 
     async def save(self, shard: int, marks: Mapping[Topic, int],
-                   volume: VolumeDelta | None = None, *, token: bytes = b"") -> None:
-        """Durably update marks of ``shard`` and add ``volume``, in one atomic write;
-        a non-empty ``token`` is recorded in the same write (:meth:`landed`)."""
+                   volume: VolumeDelta | None = None, *, token: bytes = b"",
+                   gaps: Mapping[Topic, SeqRanges] | None = None) -> None:
+        """Durably update marks of ``shard``, add ``volume`` and record the skipped
+        ``gaps`` (new ranges per topic; the most recent :data:`MAX_RANGES_PER_TOPIC` are
+        kept), in one atomic write; a non-empty ``token`` is recorded in the same write
+        (:meth:`landed`). One writer per shard (a lease or the group protocol), so the
+        gaps' read-modify-write is safe."""
+        ...
+
+    async def load_gaps(self, shard: int, topics: Sequence[Topic]) -> dict[Topic, SeqRanges]:
+        """The skipped ranges recorded for ``topics`` of ``shard`` (absent: none)."""
         ...
 
     async def landed(self, shard: int, token: bytes) -> bool:
@@ -136,9 +172,17 @@ class RocksSeqStore:
     async def landed(self, shard: int, token: bytes) -> bool:
         return bool(token) and self._db.get(b"T" + _U16.pack(shard)) == token
 
+    async def load_gaps(self, shard: int, topics: Sequence[Topic]) -> dict[Topic, SeqRanges]:
+        if not topics:
+            return {}
+        prefix = b"G" + _U16.pack(shard)
+        raw: list[bytes | None] = self._db.get([prefix + topic_key(t) for t in topics]) or []
+        return {t: _unpack_ranges(v) for t, v in zip(topics, raw, strict=True) if v}
+
     async def save(self, shard: int, marks: Mapping[Topic, int],
-                   volume: VolumeDelta | None = None, *, token: bytes = b"") -> None:
-        if not marks and not volume:
+                   volume: VolumeDelta | None = None, *, token: bytes = b"",
+                   gaps: Mapping[Topic, SeqRanges] | None = None) -> None:
+        if not marks and not volume and not gaps:
             return
         prefix = b"S" + _U16.pack(shard)
         batch = rocksdict.WriteBatch(raw_mode=True)
@@ -146,6 +190,9 @@ class RocksSeqStore:
             batch.put(b"T" + _U16.pack(shard), token)
         for topic, nxt in marks.items():
             batch.put(prefix + topic_key(topic), _U64.pack(nxt))
+        for topic, ranges in (gaps or {}).items():
+            key = b"G" + _U16.pack(shard) + topic_key(topic)
+            batch.put(key, _merged(self._db.get(key), ranges))
         updated: dict[bytes, tuple[int, int]] = {}
         for (epoch, customer, channel, qos), (nbytes, nframes) in (volume or {}).items():
             # one writer per shard, so read-modify-write of the shard's own totals is safe
@@ -228,6 +275,31 @@ class RedisSeqStore:
         """The hash holding ``shard``'s marks."""
         return f"{self._prefix}:seq:{shard}"
 
+    def gaps_key(self, shard: int) -> str:
+        """The hash holding ``shard``'s skipped ranges (topic_key -> ``lo-hi,...``)."""
+        return f"{self._prefix}:gaps:{shard}"
+
+    async def load_gaps(self, shard: int, topics: Sequence[Topic]) -> dict[Topic, SeqRanges]:
+        if not topics:
+            return {}
+        try:
+            raw = await self._r.hmget(self.gaps_key(shard), [topic_key(t) for t in topics])
+        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            raise BusUnavailable(f"redis unavailable loading gaps: {exc}") from None
+        return {t: _unpack_ranges(v) for t, v in zip(topics, raw, strict=True) if v}
+
+    async def _gap_fields(self, shard: int, gaps: Mapping[Topic, SeqRanges] | None
+                          ) -> dict[bytes, bytes]:
+        """The gaps hash fields after adding ``gaps`` (read first: one writer per shard)."""
+        if not gaps:
+            return {}
+        topics = list(gaps)
+        try:
+            old = await self._r.hmget(self.gaps_key(shard), [topic_key(t) for t in topics])
+        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
+            raise BusUnavailable(f"redis unavailable saving gaps: {exc}") from None
+        return {topic_key(t): _merged(o, gaps[t]) for t, o in zip(topics, old, strict=True)}
+
     async def load(self, shard: int) -> dict[Topic, int]:
         try:
             raw = await self._r.hgetall(self.key(shard))
@@ -257,17 +329,22 @@ class RedisSeqStore:
         return got is not None and _b(got) == token.hex().encode()
 
     async def save(self, shard: int, marks: Mapping[Topic, int],
-                   volume: VolumeDelta | None = None, *, token: bytes = b"") -> None:
-        if not marks and not volume:
+                   volume: VolumeDelta | None = None, *, token: bytes = b"",
+                   gaps: Mapping[Topic, SeqRanges] | None = None) -> None:
+        if not marks and not volume and not gaps:
             return
+        gap_fields = await self._gap_fields(shard, gaps)
         if self._fence is not None:
-            return await self._save_fenced(shard, self._fence(shard), marks, volume, token)
+            return await self._save_fenced(shard, self._fence(shard), marks, volume, token,
+                                           gap_fields)
         pipe = self._r.pipeline(transaction=True)
         if token:
             pipe.hset(self._token_key(), str(shard), token.hex())
         if marks:
             mapping = {topic_key(t): n for t, n in marks.items()}
             pipe.hset(self.key(shard), mapping=mapping)  # type: ignore[arg-type]
+        if gap_fields:
+            pipe.hset(self.gaps_key(shard), mapping=gap_fields)  # type: ignore[arg-type]
         for (epoch, customer, channel, qos), (nbytes, nframes) in (volume or {}).items():
             field = _volkey(epoch, customer, channel, qos)
             pipe.hincrby(f"{self._prefix}:volb:{self._node}", field, nbytes)
@@ -279,17 +356,20 @@ class RedisSeqStore:
 
     async def _save_fenced(self, shard: int, lease: tuple[str, str] | None,
                            marks: Mapping[Topic, int], volume: VolumeDelta | None,
-                           token: bytes = b"") -> None:
+                           token: bytes, gap_fields: Mapping[bytes, bytes]) -> None:
         if lease is None:
             raise BusUnavailable(f"shard {shard} is not leased here: marks not saved")
         assert self._fenced_save is not None
         args: list[bytes | str | int] = [lease[1], token.hex(), str(shard), len(marks)]
         for t, n in marks.items():
             args += [topic_key(t), n]
+        args.append(len(gap_fields))
+        for field, value in gap_fields.items():
+            args += [field, value]
         for (epoch, customer, channel, qos), (nbytes, nframes) in (volume or {}).items():
             args += [_volkey(epoch, customer, channel, qos), nbytes, nframes]
         keys = [lease[0], self.key(shard), f"{self._prefix}:volb:{self._node}",
-                f"{self._prefix}:volf:{self._node}", self._token_key()]
+                f"{self._prefix}:volf:{self._node}", self._token_key(), self.gaps_key(shard)]
         try:
             ok = await self._fenced_save(keys=keys, args=args)
         except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:

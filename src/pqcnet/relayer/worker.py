@@ -32,7 +32,7 @@ from pqcnet.errors import PqcnetError
 from pqcnet.relayer.bus.base import Bus, Delivery
 from pqcnet.relayer.errors import BusUnavailable, FrameRejected
 from pqcnet.relayer.frame import Frame, Topic, decode
-from pqcnet.relayer.gapfence import GapFence
+from pqcnet.relayer.gapfence import GapFence, SeqRanges
 from pqcnet.relayer.metering import VolumeDelta, VolumeMeter
 from pqcnet.relayer.seqstore import SeqStore
 from pqcnet.relayer.sequencer import (
@@ -185,9 +185,10 @@ class RelayerShardWorker:
         self._inflight.extend(batch)
         if fence is not None:
             fence.consumed_many(f for _, f in decoded)
+        gaps: dict[Topic, SeqRanges] = {}
         self._collect(seq.offer_batch([(f, d) for d, f in decoded if f is not None], now, out),
-                      out)
-        self._collect(seq.poll(now, fence.holds if fence is not None else None), out)
+                      out, gaps)
+        self._collect(seq.poll(now, fence.holds if fence is not None else None), out, gaps)
         if out:
             await self.sink.deliver(self.shard, out)
             self.stats.delivered += len(out)
@@ -201,8 +202,9 @@ class RelayerShardWorker:
             meter.hold(volume)
         token = os.urandom(8) if volume else b""
         try:
-            # marks and the metered volume in one write: a crash keeps both or neither
-            await self.store.save(self.shard, seq.take_dirty(), volume, token=token)
+            # marks, the metered volume and the gaps skipped in one write: a crash keeps
+            # all or none (a retry in a skipped gap is refused after a restart too)
+            await self.store.save(self.shard, seq.take_dirty(), volume, token=token, gaps=gaps)
             if volume and meter is not None:
                 meter.apply(volume)
         except BusUnavailable:
@@ -225,7 +227,8 @@ class RelayerShardWorker:
             await self.bus.ack(self.shard, self.config.group, done)
         return len(out)
 
-    def _collect(self, events: Sequence[Deliver | Duplicate | Gap], out: list[Frame]) -> None:
+    def _collect(self, events: Sequence[Deliver | Duplicate | Gap], out: list[Frame],
+                 gaps: dict[Topic, SeqRanges]) -> None:
         for ev in events:
             if isinstance(ev, Deliver):
                 out.append(ev.frame)
@@ -236,6 +239,7 @@ class RelayerShardWorker:
                 log.warning("sequence gap skipped", extra={
                     "shard": self.shard, "customer": ev.topic[0], "channel": ev.topic[1],
                     "expected": ev.expected, "resumed_at": ev.resumed_at})
+                gaps.setdefault(ev.topic, []).append((ev.expected, ev.resumed_at))
                 if self.fence is not None:
                     self.fence.record_gap(ev.topic, ev.expected, ev.resumed_at)
                 if self._on_gap is not None:
