@@ -76,6 +76,11 @@ class FenceStats:
     untracked: int = 0
     #: retries below the delivery point checked against the store's recorded gaps
     gap_reads: int = 0
+    #: frames of a gap skipped here that reached the worker afterwards (admitted where
+    #: the skip could not be seen: another relayer process, or a skip forced by a full
+    #: reorder buffer) and were dropped as below the delivery point — each one very
+    #: likely an acknowledged frame never delivered, so it is counted and logged
+    late_on_bus: int = 0
 
 
 class GapFence:
@@ -296,6 +301,14 @@ class GapFence:
         self._gaps[topic] = ranges[-MAX_RANGES_PER_TOPIC:]
         while len(self._gaps) > MAX_GAP_TOPICS:
             self._gaps.popitem(last=False)
+
+    def dropped_in_gap(self, topic: Topic, seq: int) -> bool:
+        """The worker suppresses ``seq`` as below the delivery point: True (and counted)
+        if it lies in a gap skipped here, i.e. it arrived after its slot was given up."""
+        if self._in_gap(topic, seq) is None:
+            return False
+        self.stats.late_on_bus += 1
+        return True
 
     @property
     def inflight(self) -> int:

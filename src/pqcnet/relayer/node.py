@@ -934,11 +934,12 @@ class _NodeCollector(Collector):
         fence = CounterMetricFamily(
             "pqcnet_relayer_gap_fence_events",
             "Gap fence (late frames): refused, skips held for an in-flight frame, "
-            "admissions untracked (in-flight bound), retries checked against stored gaps",
+            "admissions untracked (in-flight bound), retries checked against stored gaps, "
+            "frames of a skipped gap that reached the worker anyway (dropped)",
             labels=["event"])
         fs = n.fence.stats
         for k, v in (("refused", fs.refused), ("held", fs.held), ("untracked", fs.untracked),
-                     ("gap_reads", fs.gap_reads)):
+                     ("gap_reads", fs.gap_reads), ("late_on_bus", fs.late_on_bus)):
             fence.add_metric([k], v)
         yield fence
         for name, attr, doc in (("delivered", "delivered", "Frames delivered to subscribers"),

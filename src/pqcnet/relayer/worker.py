@@ -234,6 +234,12 @@ class RelayerShardWorker:
                 out.append(ev.frame)
             elif isinstance(ev, Duplicate):
                 self.stats.duplicates += 1
+                f = ev.frame
+                if self.fence is not None and self.fence.dropped_in_gap(f.topic, f.seq):
+                    log.error("frame of a skipped gap reached the worker after the skip: "
+                              "dropped (admitted where the skip was not visible)", extra={
+                                  "shard": self.shard, "customer": f.customer,
+                                  "channel": f.channel, "seq": f.seq})
             else:
                 self.stats.gaps += 1
                 log.warning("sequence gap skipped", extra={
