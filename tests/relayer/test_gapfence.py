@@ -34,7 +34,7 @@ async def test_fence_rules() -> None:
     async def lookup(shard: int, topics: object) -> dict[tuple[str, str], int]:
         return dict(marks)
 
-    fence = GapFence(lookup)
+    fence = GapFence(lookup, owns=lambda shard: True)  # shard 0 is read here
     fence.record_gap(T, 1, 6)  # the worker skipped 1..5, resumed at 6
     out = await fence.admit(0, [(_f(3), True), (_f(3), False), (_f(8), True), (_f(8), False),
                                 (_f(11), False)])
@@ -114,6 +114,26 @@ async def test_a_frame_of_a_skipped_gap_reaching_the_worker_is_counted(tmp_path:
         await bus.close()
 
 
+async def test_in_flight_only_for_shards_owned_here_and_forgotten_when_lost() -> None:
+    """Admissions are registered in flight only for a shard a worker here reads: one
+    owned elsewhere is never ``consumed`` here, and before this every frame accepted
+    for another relayer's shard stayed registered until MAX_INFLIGHT_SEQS was reached
+    (then nothing more was tracked, for any shard). Registrations made while a shard was
+    owned are dropped once it moved away."""
+    owned = {0, 1}
+    fence = GapFence(owns=owned.__contains__)
+    assert await fence.admit(0, [(_f(1), False), (_f(2), False)]) == [None, None]
+    other = Frame("c", "other", 1, b"p")
+    assert await fence.admit(1, [(other, False)]) == [None]
+    assert fence.inflight == 3
+    owned.discard(0)  # shard 0 moved to another relayer with two frames unread
+    assert await fence.admit(0, [(_f(3), False)]) == [None]
+    assert fence.inflight == 1  # shard 1's frame only; nothing of shard 0
+    assert not fence.holds(T, 1, 4)
+    fence.consumed(other.topic, 1)
+    assert fence.inflight == 0 and fence.stats.untracked == 0
+
+
 @pytest.mark.parametrize("kind", ["rocks", "redis"])
 async def test_stored_gaps_merge_and_stay_bounded(kind: str, tmp_path: Path,
                                                   redis_url: str) -> None:
@@ -155,7 +175,7 @@ async def test_a_retry_that_cannot_be_checked_is_refused_retriably() -> None:
     async def gaps(shard: int, topics: object) -> dict[tuple[str, str], list[tuple[int, int]]]:
         raise BusUnavailable("redis unavailable loading gaps: connection refused")
 
-    fence = GapFence(marks, gaps)
+    fence = GapFence(marks, gaps, owns=lambda shard: True)
     got = await fence.admit_many({0: [(_f(4), True)], 1: [(_f(10), False)]})
     assert isinstance(got[0], BusUnavailable) and got[0].retriable
     assert got[1] == [None]

@@ -80,6 +80,8 @@ def _fence_events(port: int) -> dict[str, float]:
         if line.startswith("pqcnet_relayer_gap_fence_events_total{"):
             labels, value = line.rsplit(" ", 1)
             out[labels.split('"')[1]] = float(value)
+        elif line.startswith("pqcnet_relayer_gap_fence_inflight_frames "):
+            out["inflight"] = float(line.split()[1])
     return out
 
 
@@ -121,10 +123,16 @@ async def test_a_retry_in_a_gap_is_refused_by_a_relayer_not_owning_the_shard(
         assert codes == [LateFrame.code] * 5
         assert other.fence.stats.gap_reads == 1 and other.fence.stats.refused == 5
         assert await asyncio.to_thread(_fence_events, other.metrics_port or 0) == {
-            "refused": 5.0, "held": 0.0, "untracked": 0.0, "gap_reads": 1.0, "late_on_bus": 0.0}
+            "refused": 5.0, "held": 0.0, "untracked": 0.0, "gap_reads": 1.0, "late_on_bus": 0.0,
+            "inflight": 0.0}
         assert owner.fence.stats.gap_reads == 0  # the owner had the gap in memory
         # a resend of a delivered frame is still accepted at r1, and never redelivered
         assert await _retry_at(other, [Frame("acme", "late", 7, b"x7")]) == [0]
+        # r1 has no worker for the shard: nothing it accepts for it is held in flight
+        # there (r0's worker reads it; r1 would wait for its "consumed" for good)
+        assert other.fence.inflight == 0
+        assert (await asyncio.to_thread(_fence_events, other.metrics_port or 0))[
+            "inflight"] == 0.0
         await asyncio.sleep(0.5)
         assert sub.by_topic[("acme", "late")] == [6, 7, 8, 9, 10]
     finally:

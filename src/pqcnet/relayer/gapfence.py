@@ -87,14 +87,21 @@ class GapFence:
     """Late-frame refusal and the in-flight registry shared by ingress and workers."""
 
     def __init__(self, marks: MarkLookup | None = None, gaps: GapLookup | None = None, *,
+                 owns: Callable[[int], bool] | None = None,
                  max_inflight: int = MAX_INFLIGHT_SEQS) -> None:
         self._marks = marks
         self._stored_gaps = gaps
+        #: whether a worker of this process takes a shard's records now (a cluster's
+        #: lease or group assignment); None: the shards of attached workers
+        self._owns = owns
         self._cached: dict[int, Callable[[Topic], int | None]] = {}
         self._gaps: OrderedDict[Topic, list[tuple[int, int]]] = OrderedDict()
         #: topic -> admitted seq -> how many admissions of it are in flight
         self._inflight: dict[Topic, dict[int, int]] = {}
         self._n_inflight = 0
+        #: shard of each topic in ``_inflight``, and how many such topics per shard
+        self._topic_shard: dict[Topic, int] = {}
+        self._shard_topics: dict[int, int] = {}
         self.max_inflight = max_inflight
         self.stats = FenceStats()
 
@@ -102,6 +109,12 @@ class GapFence:
     def attach_worker(self, shard: int, cached_mark: Callable[[Topic], int | None]) -> None:
         """Let the fence read ``shard``'s in-memory marks (newer than the store)."""
         self._cached[shard] = cached_mark
+
+    def owned_here(self, shard: int) -> bool:
+        """A worker of this process takes ``shard``'s records now. Only then is an
+        admission registered in flight: a frame for a shard another relayer owns is
+        never read (``consumed``) here, and would stay registered for good."""
+        return self._owns(shard) if self._owns is not None else shard in self._cached
 
     # ------------------------------------------------------------------ ingress side
     async def admit(self, shard: int,
@@ -152,7 +165,10 @@ class GapFence:
                 continue
             assert not isinstance(known, BaseException)
             assert not isinstance(recorded, BaseException)
-            out[shard] = self._admit(shard, known, frames, recorded)
+            track = self.owned_here(shard)
+            if not track and shard in self._shard_topics:
+                self._forget_shard(shard)  # admitted while owned, moved away unread
+            out[shard] = self._admit(shard, known, frames, recorded, track)
         return out
 
     def _next_seq(self, shard: int, stored: Mapping[Topic, int], topic: Topic) -> int:
@@ -200,7 +216,7 @@ class GapFence:
         return None
 
     def _admit(self, shard: int, stored: Mapping[Topic, int], frames: Sequence[tuple[Frame, bool]],
-               recorded: Mapping[Topic, SeqRanges]) -> list[LateFrame | None]:
+               recorded: Mapping[Topic, SeqRanges], track: bool) -> list[LateFrame | None]:
         out: list[LateFrame | None] = []
         nxts: dict[Topic, int] = {}
         inflight = self._inflight
@@ -216,12 +232,16 @@ class GapFence:
                     out.append(err)
                     continue
             # admitted: registered as in flight (inline: this runs for every frame)
-            if self._n_inflight >= self.max_inflight:
+            if not track:
+                pass
+            elif self._n_inflight >= self.max_inflight:
                 self.stats.untracked += 1
             else:
                 c = inflight.get(topic)
                 if c is None:
                     inflight[topic] = {frame.seq: 1}
+                    self._topic_shard[topic] = shard
+                    self._shard_topics[shard] = self._shard_topics.get(shard, 0) + 1
                 else:
                     c[frame.seq] = c.get(frame.seq, 0) + 1
                 self._n_inflight += 1
@@ -263,6 +283,19 @@ class GapFence:
         del c[seq]
         if not c:
             del self._inflight[topic]
+            shard = self._topic_shard.pop(topic)
+            left = self._shard_topics[shard] - 1
+            if left:
+                self._shard_topics[shard] = left
+            else:
+                del self._shard_topics[shard]
+
+    def _forget_shard(self, shard: int) -> None:
+        """Drop the in-flight registrations of ``shard`` (no longer owned here)."""
+        for topic in [t for t, s in self._topic_shard.items() if s == shard]:
+            self._n_inflight -= sum(self._inflight.pop(topic).values())
+            del self._topic_shard[topic]
+        self._shard_topics.pop(shard, None)
 
     def release_many(self, frames: Iterable[Frame]) -> None:
         """:meth:`release` of each of ``frames``."""

@@ -226,7 +226,8 @@ class RelayerNode:
         #: queue only, no shard workers, no epoch proofs (readiness: degraded)
         self.degraded = False
         #: late-frame refusal, shared by ingress and shard workers (decision 0012)
-        self.fence = GapFence(self._stored_marks, self._stored_gaps)
+        self._shard_set = frozenset(cfg.shards_owned)
+        self.fence = GapFence(self._stored_marks, self._stored_gaps, owns=self._owns)
         self.authz = Authorizer(authz_policy(cfg.authz))
         self.quotas = Quotas(cfg.quotas)
         self.hub.may_receive = self.authz.may_receive
@@ -436,6 +437,12 @@ class RelayerNode:
             log.info("marks unreadable for the gap fence; local marks only",
                      extra={"shard": shard, "error": str(exc) or "timeout"})
             return {}
+
+    def _owns(self, shard: int) -> bool:
+        """A shard worker of this process takes ``shard``'s records now, or will once
+        a degraded start reaches the bus (the gap fence registers admissions in flight
+        only then)."""
+        return shard in self._shard_set and (self.degraded or self.bus.owns(shard))
 
     async def _stored_gaps(self, shard: int, topics: Sequence[Topic]) -> Mapping[Topic, SeqRanges]:
         """Recorded skipped ranges for the gap fence, read only for a *retry* below the
@@ -942,6 +949,10 @@ class _NodeCollector(Collector):
                      ("gap_reads", fs.gap_reads), ("late_on_bus", fs.late_on_bus)):
             fence.add_metric([k], v)
         yield fence
+        yield GaugeMetricFamily("pqcnet_relayer_gap_fence_inflight_frames",
+                                "Frames acknowledged for shards read here and not yet read "
+                                "by their worker (a gap is not skipped past them)",
+                                value=n.fence.inflight)
         for name, attr, doc in (("delivered", "delivered", "Frames delivered to subscribers"),
                                 ("duplicates", "duplicates", "Duplicate frames suppressed"),
                                 ("gaps", "gaps", "Sequence gaps reported and skipped")):

@@ -105,6 +105,11 @@ class Bus(abc.ABC):
         protocol or its leases gave it; otherwise all)."""
         return list(range(self.partitions()))
 
+    def owns(self, shard: int) -> bool:
+        """Whether :meth:`consume` of ``shard`` hands out records here now (cheap: the
+        gap fence asks per request)."""
+        return True
+
     def seq_store(self) -> SeqStore | None:
         """A dedup-mark / volume store living with this backend, or None (the node keeps
         them in local RocksDB)."""

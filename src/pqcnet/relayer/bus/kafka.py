@@ -144,6 +144,9 @@ class KafkaBus(Bus):
     def assignment(self) -> list[int]:
         return sorted(self.assigned - self._revoking)
 
+    def owns(self, shard: int) -> bool:
+        return shard in self.assigned and shard not in self._revoking
+
     def tp(self, shard: int) -> TopicPartition:
         """The Kafka partition of ``shard``."""
         return TopicPartition(self.topic, shard)

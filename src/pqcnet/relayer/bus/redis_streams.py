@@ -191,6 +191,9 @@ class RedisStreamsBus(Bus):
             return list(range(self._shards))
         return sorted(self.leases.owned)
 
+    def owns(self, shard: int) -> bool:
+        return self.leases is None or self.leases.holds(shard)
+
     def _ownership_changed(self, gained: set[int], lost: set[int]) -> None:
         for s in gained | lost:
             self._reset_needed.add(s)  # stale in-memory marks: the worker reloads them
