@@ -134,6 +134,23 @@ async def test_in_flight_only_for_shards_owned_here_and_forgotten_when_lost() ->
     assert fence.inflight == 0 and fence.stats.untracked == 0
 
 
+async def test_a_worker_s_marks_count_only_while_it_owns_the_shard() -> None:
+    """A worker's in-memory marks are newer than the store only while its shard is
+    owned here; once the shard moved away (before the worker resets) they are stale,
+    and the new owner's marks in the shared store decide."""
+    owned = {0}
+
+    async def shared(shard: int, topics: object) -> dict[tuple[str, str], int]:
+        return {T: 10}  # the new owner delivered up to 9
+
+    fence = GapFence(shared, owns=owned.__contains__)
+    fence.attach_worker(0, lambda topic: 5)  # what this worker knew when it owned it
+    assert await fence.admit(0, [(_f(7), False)]) == [None]  # its marks rule while owned
+    owned.clear()
+    got = await fence.admit(0, [(_f(7), False)])
+    assert got[0] is not None and "next seq is 10" in str(got[0])
+
+
 @pytest.mark.parametrize("kind", ["rocks", "redis"])
 async def test_stored_gaps_merge_and_stay_bounded(kind: str, tmp_path: Path,
                                                   redis_url: str) -> None:

@@ -116,6 +116,14 @@ class GapFence:
         never read (``consumed``) here, and would stay registered for good."""
         return self._owns(shard) if self._owns is not None else shard in self._cached
 
+    def _local_marks(self, shard: int) -> Callable[[Topic], int | None] | None:
+        """The in-memory marks of ``shard``'s worker while it owns the shard (after the
+        shard moved away they are stale until the worker resets: the store is read)."""
+        cached = self._cached.get(shard)
+        if cached is None or (self._owns is not None and not self._owns(shard)):
+            return None
+        return cached
+
     # ------------------------------------------------------------------ ingress side
     async def admit(self, shard: int,
                     frames: Sequence[tuple[Frame, bool]]) -> list[LateFrame | None]:
@@ -139,7 +147,7 @@ class GapFence:
         # only for topics it does not hold (cold topics, shards owned elsewhere)
         colds: dict[int, list[Topic]] = {}
         for shard, frames in by_shard.items():
-            cached = self._cached.get(shard)
+            cached = self._local_marks(shard)
             cold = [t for t in dict.fromkeys(f.topic for f, _ in frames)
                     if cached is None or cached(t) is None]
             if cold and self._marks is not None:
@@ -173,7 +181,7 @@ class GapFence:
 
     def _next_seq(self, shard: int, stored: Mapping[Topic, int], topic: Topic) -> int:
         nxt = stored.get(topic, 1)
-        cached = self._cached.get(shard)
+        cached = self._local_marks(shard)
         if cached is not None:
             mem = cached(topic)
             if mem is not None:
