@@ -179,9 +179,10 @@ class GapFence:
             out[shard] = self._admit(shard, known, frames, recorded, track)
         return out
 
-    def _next_seq(self, shard: int, stored: Mapping[Topic, int], topic: Topic) -> int:
+    @staticmethod
+    def _next_seq(cached: Callable[[Topic], int | None] | None, stored: Mapping[Topic, int],
+                  topic: Topic) -> int:
         nxt = stored.get(topic, 1)
-        cached = self._local_marks(shard)
         if cached is not None:
             mem = cached(topic)
             if mem is not None:
@@ -204,8 +205,9 @@ class GapFence:
             known = stored.get(shard, {})
             if isinstance(known, BaseException):
                 continue
+            cached = self._local_marks(shard)
             for frame, retry in frames:
-                if (retry and frame.seq < self._next_seq(shard, known, frame.topic)
+                if (retry and frame.seq < self._next_seq(cached, known, frame.topic)
                         and not self._in_gap(frame.topic, frame.seq)):
                     topics = wanted.setdefault(shard, [])
                     if frame.topic not in topics:
@@ -228,11 +230,12 @@ class GapFence:
         out: list[LateFrame | None] = []
         nxts: dict[Topic, int] = {}
         inflight = self._inflight
+        cached = self._local_marks(shard)
         for frame, retry in frames:
             topic = frame.topic
             nxt = nxts.get(topic)
             if nxt is None:  # once per topic: the marks do not move during this loop
-                nxt = nxts[topic] = self._next_seq(shard, stored, topic)
+                nxt = nxts[topic] = self._next_seq(cached, stored, topic)
             if frame.seq < nxt:
                 err = self._check(frame, retry, nxt, recorded.get(topic, ()))
                 if err is not None:
