@@ -20,7 +20,7 @@ import pytest
 
 from pqcnet.chaos.checker import check
 from pqcnet.chaos.history import HistoryWriter, payload_for
-from pqcnet.cli._relayer_workers import check_workers, worker_config
+from pqcnet.cli._relayer_workers import check_workers, per_process_limits, worker_config
 from pqcnet.relayer.client import ClusterSubscriber, FailoverPublisher
 from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.cursor import JournalCursor
@@ -95,6 +95,12 @@ def test_worker_configs_and_refusals(tmp_path: Path) -> None:
         check_workers(cfg, 2)
     with pytest.raises(ConfigError, match="stranded"):
         check_workers(cfg, 1)
+    # quotas are each worker's own: said at start (nothing to say for one process)
+    assert per_process_limits(cfg, 2) == []
+    quoted = cfg.replace(quotas={"customers": {"acme": {"frames_per_s": 100}}})
+    assert per_process_limits(quoted, 1) == []
+    (warning,) = per_process_limits(quoted, 3)
+    assert "per worker process" in warning and "3x" in warning
 
 
 async def test_redis_workers_share_the_port(tmp_path: Path, redis_url: str) -> None:

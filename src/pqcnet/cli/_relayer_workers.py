@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -44,6 +45,8 @@ import click
 from pqcnet.cli._common import stop_workers
 from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.errors import ConfigError, SingleProcessBackend
+
+log = logging.getLogger(__name__)
 
 #: Seconds a worker may take to start listening.
 WORKER_START_TIMEOUT = 90.0
@@ -80,6 +83,21 @@ def check_workers(cfg: RelayerConfig, workers: int) -> None:
     if cfg.backend == "kafka" and not cfg.kafka_rebalance:
         raise ConfigError(f"kafka_rebalance: --workers {workers} needs the Kafka group to "
                           "split the partitions")
+
+
+def per_process_limits(cfg: RelayerConfig, workers: int) -> list[str]:
+    """Limits each worker enforces on its own (not shared between the processes, unlike
+    the sentry's shared-memory limiter): said at start so nobody reads them as per host."""
+    if workers <= 1:
+        return []
+    out = []
+    quotas = cfg.quotas
+    if any(q.frames_per_s or q.bytes_per_s
+           for q in (quotas.default, *quotas.customers.values())):
+        out.append(f"quotas are enforced per worker process: with --workers {workers} a "
+                   f"customer whose tunnels land on several workers can publish up to "
+                   f"{workers}x its configured frames_per_s / bytes_per_s on this host")
+    return out
 
 
 def worker_config(cfg: RelayerConfig, index: int, port: int) -> RelayerConfig:
@@ -139,6 +157,8 @@ def run_workers(config_path: Path, workers: int, rotation: dict[str, Any]) -> No
     cfg = RelayerConfig.load(config_path)
     cfg.require_identity(str(config_path))
     check_workers(cfg, workers)
+    for warning in per_process_limits(cfg, workers):
+        log.warning(warning, extra={"workers": workers})
     ctx = multiprocessing.get_context("spawn")
     holder = _reserve(cfg.listen_host, cfg.listen_port)
     port = int(holder.getsockname()[1])
