@@ -12,6 +12,7 @@ import random
 import signal
 import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,8 @@ import pytest
 
 from pqcnet.chaos.checker import check
 from pqcnet.chaos.history import HistoryWriter, payload_for
-from pqcnet.cli._relayer_workers import check_workers, per_process_limits, worker_config
-from pqcnet.relayer.client import ClusterSubscriber, FailoverPublisher
+from pqcnet.cli._relayer_workers import check_workers, worker_config
+from pqcnet.relayer.client import ClusterSubscriber, FailoverPublisher, PublisherClient
 from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.cursor import JournalCursor
 from pqcnet.relayer.errors import ConfigError, SingleProcessBackend
@@ -95,12 +96,6 @@ def test_worker_configs_and_refusals(tmp_path: Path) -> None:
         check_workers(cfg, 2)
     with pytest.raises(ConfigError, match="stranded"):
         check_workers(cfg, 1)
-    # quotas are each worker's own: said at start (nothing to say for one process)
-    assert per_process_limits(cfg, 2) == []
-    quoted = cfg.replace(quotas={"customers": {"acme": {"frames_per_s": 100}}})
-    assert per_process_limits(quoted, 1) == []
-    (warning,) = per_process_limits(quoted, 3)
-    assert "per worker process" in warning and "3x" in warning
 
 
 async def test_redis_workers_share_the_port(tmp_path: Path, redis_url: str) -> None:
@@ -219,6 +214,83 @@ async def test_redis_workers_share_the_port(tmp_path: Path, redis_url: str) -> N
     assert report.ok, report.table()
     assert report.total("taken") == report.total("acked") == COUNT * len(TOPICS)
     assert not _listeners(port)  # SIGTERM stopped every worker
+
+
+def _quota_segments() -> set[Path]:
+    """The relayer workers' shared quota segments in /dev/shm."""
+    return set(Path("/dev/shm").glob("pqcnet-relayer-quotas-*"))
+
+
+async def test_a_customer_quota_is_one_bucket_over_the_workers(tmp_path: Path,
+                                                                redis_url: str) -> None:
+    """acme may publish 40 frames/s (burst 40). Two publishers, each on a different
+    worker's own port, offer far more for ~2 s: together they get the quota once (the
+    workers share one bucket in shared memory), not once per worker; each is refused
+    with the retriable QuotaExceeded (33) past it. Another customer is not limited."""
+    rate, burst = 40.0, 40.0
+    before = await asyncio.to_thread(_quota_segments)
+    port = _port_run(2)
+    config = write_config(
+        tmp_path, backend="redis", redis_url=redis_url,
+        redis_prefix=f"quota:{uuid.uuid4().hex[:8]}", node_id="rq", listen_port=port,
+        redis_lease=1.5, group="quota",
+        quotas={"customers": {"acme": {"frames_per_s": rate, "frames_burst": burst}}})
+    log = (tmp_path / "relayer.log").open("ab")
+    proc = await asyncio.create_subprocess_exec(
+        PQCNET, "relayer", "run", "--config", str(config), "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=log,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    pubs: list[PublisherClient] = []
+    during: set[Path] = set()
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(120):
+            line = await proc.stdout.readline()
+        assert line, (tmp_path / "relayer.log").read_text()[-3000:]
+        ready: dict[str, Any] = json.loads(line)
+        during = await asyncio.to_thread(_quota_segments)
+        pubs = [await PublisherClient.connect("127.0.0.1", p, identities()[1])
+                for p in ready["worker_ports"]]  # one tunnel on each worker
+        counts = [{"ok": 0, "quota": 0}, {"ok": 0, "quota": 0}]
+
+        async def offer(k: int, channel: str, until: float) -> None:
+            seq = 0
+            while time.monotonic() < until:
+                frames = [Frame("acme", channel, seq + i + 1, b"q") for i in range(10)]
+                seq += 10
+                for r in await pubs[k].publish(frames):
+                    if r.accepted:
+                        counts[k]["ok"] += 1
+                    else:
+                        assert r.code == 33 and r.retriable, r
+                        counts[k]["quota"] += 1
+                await asyncio.sleep(0.02)
+
+        t0 = time.monotonic()
+        await asyncio.gather(offer(0, "q0", t0 + 2.0), offer(1, "q1", t0 + 2.0))
+        elapsed = time.monotonic() - t0
+        allowed = burst + rate * elapsed
+        total = counts[0]["ok"] + counts[1]["ok"]
+        # one bucket: within 15 % of what one bucket allows (per-worker buckets: ~2x)
+        assert 0.85 * allowed <= total <= 1.15 * allowed, (total, allowed, counts)
+        assert all(c["ok"] and c["quota"] for c in counts), counts  # both workers took
+        other = await pubs[0].publish([Frame("other", "q", 1, b"x")] * 1)
+        assert other[0].accepted  # no quota for other customers
+    finally:
+        for pub in pubs:
+            await pub.close()
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(40):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        log.close()
+    assert proc.returncode == 0, (tmp_path / "relayer.log").read_text()[-3000:]
+    assert len(during - before) == 1, (before, during)  # the workers' one segment ...
+    assert not await asyncio.to_thread(_quota_segments) & (during - before)  # ... removed
 
 
 def test_bench_relayer_workers_reports_both_runs(redis_url: str) -> None:

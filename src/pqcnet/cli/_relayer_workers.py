@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import multiprocessing
 import os
 import signal
@@ -42,16 +41,18 @@ from typing import Any
 
 import click
 
+from pqcnet._util.shmlimits import SharedLimitState
 from pqcnet.cli._common import stop_workers
+from pqcnet.relayer.authz import MAX_QUOTA_CUSTOMERS
 from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.errors import ConfigError, SingleProcessBackend
-
-log = logging.getLogger(__name__)
 
 #: Seconds a worker may take to start listening.
 WORKER_START_TIMEOUT = 90.0
 #: Seconds a worker gets to stop after SIGTERM before it is killed.
 WORKER_STOP_TIMEOUT = 20.0
+#: Buckets in the workers' shared quota segment: two per customer (frames, bytes).
+QUOTA_SLOTS = 2 * MAX_QUOTA_CUSTOMERS
 
 
 def worker_dir(cfg: RelayerConfig, index: int) -> Path:
@@ -85,21 +86,6 @@ def check_workers(cfg: RelayerConfig, workers: int) -> None:
                           "split the partitions")
 
 
-def per_process_limits(cfg: RelayerConfig, workers: int) -> list[str]:
-    """Limits each worker enforces on its own (not shared between the processes, unlike
-    the sentry's shared-memory limiter): said at start so nobody reads them as per host."""
-    if workers <= 1:
-        return []
-    out = []
-    quotas = cfg.quotas
-    if any(q.frames_per_s or q.bytes_per_s
-           for q in (quotas.default, *quotas.customers.values())):
-        out.append(f"quotas are enforced per worker process: with --workers {workers} a "
-                   f"customer whose tunnels land on several workers can publish up to "
-                   f"{workers}x its configured frames_per_s / bytes_per_s on this host")
-    return out
-
-
 def worker_config(cfg: RelayerConfig, index: int, port: int) -> RelayerConfig:
     """Worker ``index``'s config on the shared ``port``: worker 0 is the configured
     relayer; the others get their own node id and state directories and no ops ports."""
@@ -121,9 +107,10 @@ def own_port(port: int, index: int) -> int:
 
 
 def _worker_main(config_path: Path, index: int, port: int, rotation: dict[str, Any],
-                 ready: Any) -> None:
+                 ready: Any, shm_path: str, lock: Any) -> None:
     from pqcnet.cli._common import run_until_signalled
     from pqcnet.cli.relayer import relayer_lifecycle, tune_gc
+    from pqcnet.relayer.authz import SharedQuotas
     from pqcnet.relayer.node import RelayerNode
 
     base = RelayerConfig.load(config_path)
@@ -131,8 +118,9 @@ def _worker_main(config_path: Path, index: int, port: int, rotation: dict[str, A
     cfg = worker_config(base, index, port)
     if index > 0:  # one renewer; the others pick the renewed identity up from disk
         rotation = {**rotation, "renew_ca_url": "", "renew_ca_dir": None}
+    state = SharedLimitState.attach(shm_path, lock)  # quotas: one bucket per host
     start, stop = relayer_lifecycle(cfg, config_path, rotation, reuse_port=True,
-                                    own_port=own)
+                                    own_port=own, quotas=SharedQuotas(state, cfg.quotas))
 
     def up(node: RelayerNode) -> None:
         tune_gc()
@@ -141,7 +129,10 @@ def _worker_main(config_path: Path, index: int, port: int, rotation: dict[str, A
                    "grpc_port": node.grpc_port, "node": cfg.node_id,
                    "degraded": node.degraded})
 
-    run_until_signalled(start, stop, up, fast_loop=True)
+    try:
+        run_until_signalled(start, stop, up, fast_loop=True)
+    finally:
+        state.close()
 
 
 def _reserve(host: str, port: int) -> socket.socket:
@@ -157,9 +148,10 @@ def run_workers(config_path: Path, workers: int, rotation: dict[str, Any]) -> No
     cfg = RelayerConfig.load(config_path)
     cfg.require_identity(str(config_path))
     check_workers(cfg, workers)
-    for warning in per_process_limits(cfg, workers):
-        log.warning(warning, extra={"workers": workers})
     ctx = multiprocessing.get_context("spawn")
+    lock = ctx.Lock()
+    quota_state = SharedLimitState.create(lock, workers=workers, slots=QUOTA_SLOTS,
+                                          prefix="pqcnet-relayer-quotas-")
     holder = _reserve(cfg.listen_host, cfg.listen_port)
     port = int(holder.getsockname()[1])
     ready = ctx.Queue()
@@ -177,7 +169,8 @@ def run_workers(config_path: Path, workers: int, rotation: dict[str, Any]) -> No
 
     def spawn(i: int) -> Any:
         p = ctx.Process(target=_worker_main, name=f"relayer-worker-{i}",
-                        args=(config_path, i, port, rotation, ready))
+                        args=(config_path, i, port, rotation, ready, quota_state.path,
+                              lock))
         p.start()
         return p
 
@@ -223,6 +216,7 @@ def run_workers(config_path: Path, workers: int, rotation: dict[str, Any]) -> No
         for sig, handler in old.items():
             signal.signal(sig, handler)
         holder.close()
+        quota_state.close()  # the owner: the segment goes too
         sys.stdout.flush()
 
 

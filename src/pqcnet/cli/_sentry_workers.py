@@ -76,7 +76,7 @@ def run_workers(config_path: Path, workers: int, node_pass: bytes | None,
     cfg = load_config(config_path)
     ctx = multiprocessing.get_context("spawn")
     lock = ctx.Lock()
-    state = SharedLimitState.create(lock, workers=workers)
+    state = SharedLimitState.create(lock, workers=workers, prefix="pqcnet-sentry-limits-")
     holder = _reserve(cfg.listen_host, cfg.listen_port)
     port = int(holder.getsockname()[1])
     ready = ctx.Queue()

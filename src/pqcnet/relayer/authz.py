@@ -46,6 +46,7 @@ from typing import Literal
 from pydantic import Field
 
 from pqcnet._util.schema import Schema
+from pqcnet._util.shmlimits import SharedLimitState, fingerprint
 from pqcnet.identity.policy import PrincipalPolicy, RuleSpec
 from pqcnet.identity.spiffe import SpiffeId
 from pqcnet.relayer.errors import NotAuthorized, QuotaExceeded
@@ -232,6 +233,46 @@ class Quotas:
         return spec
 
 
+@dataclass(frozen=True, slots=True)
+class _Rate:
+    rate: float
+    burst: float
+
+
+class SharedQuotas(Quotas):
+    """:class:`Quotas` whose buckets live in shared memory: one frames bucket and one
+    bytes bucket per customer over all worker processes of ``relayer run --workers N``
+    (:mod:`pqcnet._util.shmlimits`), so a customer whose tunnels land on several workers
+    still gets its quota once per host, not once per worker. Hot reload and governance
+    rate limits change :attr:`spec`; a bucket takes a new rate (clamped to a new burst)
+    at its next take. ``refused`` stays this worker's count."""
+
+    def __init__(self, state: SharedLimitState, spec: QuotasSpec | None = None) -> None:
+        super().__init__(spec)
+        self.state = state
+
+    def take(self, customer: str, frames: int, nbytes: int, now: float) -> None:
+        q = self.quota(customer)
+        rows: list[tuple[int, _Rate, float]] = []
+        units: list[tuple[str, float]] = []
+        if q.frames_per_s > 0:
+            rows.append((fingerprint("relayer-quota-frames", customer),
+                         _Rate(q.frames_per_s, q.frames_burst or q.frames_per_s), frames))
+            units.append(("frames", q.frames_per_s))
+        if q.bytes_per_s > 0:
+            rows.append((fingerprint("relayer-quota-bytes", customer),
+                         _Rate(q.bytes_per_s, q.bytes_burst or q.bytes_per_s), nbytes))
+            units.append(("bytes", q.bytes_per_s))
+        if not rows:
+            return
+        wait, short = self.state.take_counts(rows, now)
+        if wait > 0:
+            self.refused += frames
+            unit, rate = units[short]
+            raise QuotaExceeded(f"customer {customer!r} is over its quota of {rate:g} "
+                                f"{unit}/s (retry in {wait:.3g}s)", retry_after=wait)
+
+
 def _unlimited(spec: QuotasSpec) -> bool:
     return all(q.frames_per_s <= 0 and q.bytes_per_s <= 0
                for q in (spec.default, *spec.customers.values()))
@@ -245,4 +286,4 @@ def _keep(old: _Bucket | None, new: _Bucket | None) -> _Bucket | None:
 
 
 __all__ = ["MAX_QUOTA_CUSTOMERS", "Authorizer", "AuthzSpec", "Op", "QuotaSpec", "Quotas",
-           "QuotasSpec", "authz_policy"]
+           "QuotasSpec", "SharedQuotas", "authz_policy"]

@@ -201,7 +201,7 @@ class RelayerNode:
 
     def __init__(self, cfg: RelayerConfig, identity: NodeIdentity,
                  policy: TlsPolicy | None = None, *, reuse_port: bool = False,
-                 own_port: int | None = None) -> None:
+                 own_port: int | None = None, quotas: Quotas | None = None) -> None:
         self.cfg, self.identity, self.policy = cfg, identity, policy or TlsPolicy()
         #: SO_REUSEPORT on the QSTP listener (``relayer run --workers N``) ...
         self.reuse_port = reuse_port
@@ -229,7 +229,8 @@ class RelayerNode:
         self._shard_set = frozenset(cfg.shards_owned)
         self.fence = GapFence(self._stored_marks, self._stored_gaps, owns=self._owns)
         self.authz = Authorizer(authz_policy(cfg.authz))
-        self.quotas = Quotas(cfg.quotas)
+        #: per-customer quotas (``relayer run --workers N``: shared by the workers)
+        self.quotas = quotas if quotas is not None else Quotas(cfg.quotas)
         self.hub.may_receive = self.authz.may_receive
         self.proofs: dict[int, VolumeProof] = {}
         """epoch -> its proof's header (part 0 when the epoch was split over several

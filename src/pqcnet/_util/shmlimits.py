@@ -1,0 +1,234 @@
+"""Token buckets in shared memory, for the worker processes of one host (``--workers N``).
+
+With N workers on one port (SO_REUSEPORT), a client's token bucket must stay *one*
+bucket, or a client spreading its tunnels over the workers would get N times its plan.
+The state lives in **shared memory** (a file in ``/dev/shm`` mapped by every worker)
+guarded by one process-shared lock (the supervisor's ``multiprocessing`` lock, handed to
+each worker) — not in Redis: a take is a lock, a few struct reads/writes and an unlock
+(≈ 2 µs), where a Redis round trip per request would cost more than the request's CPU
+budget and add a network dependency. Workers are processes on one host; several hosts
+remain independent (each host its own limits). Users: the sentry's rate limiter and
+concurrency gate (:mod:`pqcnet.sentry.shared`) and the relayer's per-customer quotas
+(:mod:`pqcnet.relayer.authz`).
+
+Layout (little-endian)::
+
+    header   magic u64 ‖ slots u32 ‖ workers u32
+    gate     workers x i64   in-flight per worker (a dead worker's count is zeroed by
+                             the supervisor, so a crash cannot leak gate capacity)
+    table    slots x (fingerprint u64 ‖ tokens f64 ‖ last f64 ‖ spare u64)
+
+A bucket is found by an 8-byte BLAKE2b :func:`fingerprint` in an open-addressed table
+probed :data:`PROBE` slots deep; a full window evicts its least recently used bucket,
+which comes back full — the same forgetting as a single-process limiter's LRU bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import mmap
+import os
+import struct
+import tempfile
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from pqcnet.errors import PqcnetError
+
+
+class SharedStateError(PqcnetError):
+    """The shared segment cannot be created or attached (bad size, not ours)."""
+
+
+class Rate(Protocol):
+    """What a bucket needs: a sustained rate and a capacity."""
+
+    @property
+    def rate(self) -> float: ...
+
+    @property
+    def burst(self) -> float: ...
+
+
+#: buckets in a segment by default (clients x 2: subject and tenant-wide buckets)
+DEFAULT_SLOTS = 200_000
+MAGIC = 0x70716353_4C494D31  # "pqcSLIM1"
+#: Slots probed per lookup before the least recently used one is evicted.
+PROBE = 16
+#: Most worker processes one sentry may run.
+MAX_WORKERS = 64
+_HEAD = struct.Struct("<QII")
+_I64 = struct.Struct("<q")
+_SLOT = struct.Struct("<QddQ")
+
+
+def fingerprint(*parts: str) -> int:
+    """Stable 64-bit bucket key of ``parts`` (Python's ``hash`` differs per process;
+    never 0: 0 marks an empty slot)."""
+    d = hashlib.blake2b("\x00".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(d, "little") or 1
+
+
+class SharedLimitState:
+    """The shared segment (a file in ``/dev/shm``, mapped by every process) plus its
+    lock. The supervisor :meth:`create` s it; each worker :meth:`attach` es by path with
+    the lock it was handed."""
+
+    def __init__(self, path: str, lock: Any, *, owner: bool) -> None:
+        self.path = path
+        self.lock = lock
+        self.owner = owner
+        with open(path, "r+b") as f:
+            self._map = mmap.mmap(f.fileno(), 0)
+        self.buf = memoryview(self._map)
+        magic, self.slots, self.workers = _HEAD.unpack_from(self.buf, 0)
+        if magic != MAGIC:
+            self.close()
+            raise SharedStateError(f"shared limiter segment {path!r} is not ours")
+        self._gate_at = _HEAD.size
+        self._table_at = self._gate_at + _I64.size * self.workers
+
+    @classmethod
+    def create(cls, lock: Any, *, workers: int, slots: int = DEFAULT_SLOTS,
+               prefix: str = "pqcnet-limits-") -> SharedLimitState:
+        """A zeroed segment for ``workers`` processes and ``slots`` buckets."""
+        if not 1 <= workers <= MAX_WORKERS:
+            raise SharedStateError(f"workers must be 1..{MAX_WORKERS}, got {workers}")
+        size = _HEAD.size + _I64.size * workers + _SLOT.size * slots
+        # mkstemp: a fresh 0600 file with a random name (RAM-backed where /dev/shm exists)
+        shm_dir = "/dev/shm"  # noqa: S108
+        where = shm_dir if os.path.isdir(shm_dir) else None
+        fd, path = tempfile.mkstemp(prefix=prefix, dir=where)
+        try:
+            os.ftruncate(fd, size)  # zero-filled
+            os.pwrite(fd, _HEAD.pack(MAGIC, slots, workers), 0)
+        finally:
+            os.close(fd)
+        return cls(path, lock, owner=True)
+
+    @classmethod
+    def attach(cls, path: str, lock: Any) -> SharedLimitState:
+        """Map the supervisor's segment (in a worker)."""
+        return cls(path, lock, owner=False)
+
+    # -- gate (caller holds the lock)
+
+    def gate_total(self) -> int:
+        buf, at = self.buf, self._gate_at
+        return sum(int(_I64.unpack_from(buf, at + 8 * w)[0]) for w in range(self.workers))
+
+    def gate_add(self, worker: int, n: int) -> None:
+        at = self._gate_at + 8 * worker
+        _I64.pack_into(self.buf, at, _I64.unpack_from(self.buf, at)[0] + n)
+
+    def reset_worker(self, worker: int) -> None:
+        """Forget a dead worker's in-flight count (supervisor)."""
+        with self.lock:
+            _I64.pack_into(self.buf, self._gate_at + 8 * worker, 0)
+
+    # -- buckets (caller holds the lock)
+
+    def _slot(self, fp: int, now: float, plan: Rate) -> int:
+        """Offset of ``fp``'s slot, claiming (full bucket) or evicting as needed."""
+        buf = self.buf
+        base = fp % self.slots
+        victim, oldest = -1, float("inf")
+        for i in range(PROBE):
+            at: int = self._table_at + _SLOT.size * ((base + i) % self.slots)
+            key, _tokens, last, _spare = _SLOT.unpack_from(buf, at)
+            if key == fp:
+                return at
+            if key == 0:
+                victim = at
+                break
+            if last < oldest:
+                victim, oldest = at, last
+        _SLOT.pack_into(buf, victim, fp, plan.burst, now, 0)
+        return victim
+
+    def take(self, fp: int, plan: Rate, now: float, n: float = 1.0) -> tuple[float, float]:
+        """Refill + take ``n`` atomically: (wait seconds, 0.0 = taken; tokens left)."""
+        with self.lock:
+            at = self._slot(fp, now, plan)
+            _key, tokens, last, _spare = _SLOT.unpack_from(self.buf, at)
+            if now > last:
+                tokens = min(plan.burst, tokens + (now - last) * plan.rate)
+                last = now
+            tokens = min(tokens, plan.burst)  # a lowered plan clamps at once
+            wait = 0.0
+            if tokens >= n:
+                tokens -= n
+            else:
+                wait = (n - tokens) / plan.rate
+            _SLOT.pack_into(self.buf, at, fp, tokens, last, 0)
+            return wait, tokens
+
+    def take_all(self, buckets: Sequence[tuple[int, Rate]], now: float) -> tuple[float, float]:
+        """One token from every bucket or from none, atomically (the subject bucket and
+        the tenant-wide / per-tunnel buckets above it): (wait seconds, 0.0 = taken;
+        tokens left in the first bucket)."""
+        with self.lock:
+            rows = []
+            wait = 0.0
+            for fp, plan in buckets:
+                at = self._slot(fp, now, plan)
+                _key, tokens, last, _spare = _SLOT.unpack_from(self.buf, at)
+                if now > last:
+                    tokens = min(plan.burst, tokens + (now - last) * plan.rate)
+                    last = now
+                tokens = min(tokens, plan.burst)
+                if tokens < 1.0:
+                    wait = max(wait, (1.0 - tokens) / plan.rate)
+                rows.append((at, fp, tokens, last))
+            for at, fp, tokens, last in rows:
+                _SLOT.pack_into(self.buf, at, fp, tokens - (0.0 if wait else 1.0), last, 0)
+            first = rows[0][2] - (0.0 if wait else 1.0)
+            return wait, first
+
+    def take_counts(self, rows: Sequence[tuple[int, Rate, float]], now: float
+                    ) -> tuple[float, int]:
+        """``n`` tokens from each ``(fp, rate, n)`` bucket, all or none, atomically:
+        (0.0, -1) when taken, else (seconds to wait, index of the bucket that lacked
+        the most time)."""
+        with self.lock:
+            got = []
+            wait, short = 0.0, -1
+            for i, (fp, plan, n) in enumerate(rows):
+                at = self._slot(fp, now, plan)
+                _key, tokens, last, _spare = _SLOT.unpack_from(self.buf, at)
+                if now > last:
+                    tokens = min(plan.burst, tokens + (now - last) * plan.rate)
+                    last = now
+                tokens = min(tokens, plan.burst)
+                if tokens < n and (n - tokens) / plan.rate > wait:
+                    wait, short = (n - tokens) / plan.rate, i
+                got.append((at, fp, tokens, last, n))
+            for at, fp, tokens, last, n in got:
+                _SLOT.pack_into(self.buf, at, fp, tokens - (0.0 if wait else n), last, 0)
+            return wait, short
+
+    def level(self, fp: int, plan: Rate, now: float) -> float:
+        """Tokens available (a full bucket if it is not in the table)."""
+        with self.lock:
+            base = fp % self.slots
+            for i in range(PROBE):
+                at = self._table_at + _SLOT.size * ((base + i) % self.slots)
+                key, tokens, last, _spare = _SLOT.unpack_from(self.buf, at)
+                if key == fp:
+                    return float(min(plan.burst, tokens + max(0.0, now - last) * plan.rate))
+                if key == 0:
+                    break
+        return plan.burst
+
+    def close(self) -> None:
+        """Unmap; the owner also removes the segment."""
+        self.buf.release()
+        self._map.close()
+        if self.owner:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+__all__ = ["DEFAULT_SLOTS", "MAX_WORKERS", "PROBE", "Rate", "SharedLimitState",
+           "SharedStateError", "fingerprint"]
