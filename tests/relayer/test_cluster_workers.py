@@ -117,11 +117,7 @@ async def test_redis_workers_share_the_port(tmp_path: Path, redis_url: str) -> N
     sub: ClusterSubscriber | None = None
     consumer: asyncio.Task[None] | None = None
     try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(120):
-            line = await proc.stdout.readline()
-        assert line, (tmp_path / "relayer.log").read_text()[-3000:]
-        ready: dict[str, Any] = json.loads(line)
+        ready = await _ready(proc, tmp_path / "relayer.log")
         assert ready["workers"] == 2 and ready["port"] == port
         assert ready["worker_nodes"] == ["rw", "rw-w1"]
         assert ready["worker_ports"] == [port + 1, port + 2]
@@ -197,14 +193,7 @@ async def test_redis_workers_share_the_port(tmp_path: Path, redis_url: str) -> N
             await sub.close()
         pub_log.close()
         cursor.close()
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(40):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await _terminate(proc)
         log.close()
     assert proc.returncode == 0, (tmp_path / "relayer.log").read_text()[-3000:]
     assert ready["pids"][1] not in restarted and len(restarted) == 2
@@ -214,6 +203,29 @@ async def test_redis_workers_share_the_port(tmp_path: Path, redis_url: str) -> N
     assert report.ok, report.table()
     assert report.total("taken") == report.total("acked") == COUNT * len(TOPICS)
     assert not _listeners(port)  # SIGTERM stopped every worker
+
+
+async def _ready(proc: asyncio.subprocess.Process, log: Path) -> dict[str, Any]:
+    """The supervisor's ready line (every worker listens)."""
+    assert proc.stdout is not None
+    async with asyncio.timeout(120):
+        line = await proc.stdout.readline()
+    if not line:
+        raise AssertionError((await asyncio.to_thread(log.read_text))[-3000:])
+    ready: dict[str, Any] = json.loads(line)
+    return ready
+
+
+async def _terminate(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM (the supervisor stops its workers), SIGKILL after 40 s."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(40):
+                await proc.wait()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
 
 
 def _quota_segments() -> set[Path]:
@@ -243,11 +255,7 @@ async def test_a_customer_quota_is_one_bucket_over_the_workers(tmp_path: Path,
     pubs: list[PublisherClient] = []
     during: set[Path] = set()
     try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(120):
-            line = await proc.stdout.readline()
-        assert line, (tmp_path / "relayer.log").read_text()[-3000:]
-        ready: dict[str, Any] = json.loads(line)
+        ready = await _ready(proc, tmp_path / "relayer.log")
         during = await asyncio.to_thread(_quota_segments)
         pubs = [await PublisherClient.connect("127.0.0.1", p, identities()[1])
                 for p in ready["worker_ports"]]  # one tunnel on each worker
@@ -279,14 +287,7 @@ async def test_a_customer_quota_is_one_bucket_over_the_workers(tmp_path: Path,
     finally:
         for pub in pubs:
             await pub.close()
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(40):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await _terminate(proc)
         log.close()
     assert proc.returncode == 0, (tmp_path / "relayer.log").read_text()[-3000:]
     assert len(during - before) == 1, (before, during)  # the workers' one segment ...

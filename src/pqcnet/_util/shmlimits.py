@@ -147,15 +147,20 @@ class SharedLimitState:
         _SLOT.pack_into(buf, victim, fp, plan.burst, now, 0)
         return victim
 
+    def _refilled(self, at: int, plan: Rate, now: float) -> tuple[float, float]:
+        """The slot's (tokens, last) refilled up to ``now``; a lowered plan clamps the
+        tokens at once (caller holds the lock)."""
+        _key, tokens, last, _spare = _SLOT.unpack_from(self.buf, at)
+        if now > last:
+            tokens = min(plan.burst, tokens + (now - last) * plan.rate)
+            last = now
+        return min(tokens, plan.burst), last
+
     def take(self, fp: int, plan: Rate, now: float, n: float = 1.0) -> tuple[float, float]:
         """Refill + take ``n`` atomically: (wait seconds, 0.0 = taken; tokens left)."""
         with self.lock:
             at = self._slot(fp, now, plan)
-            _key, tokens, last, _spare = _SLOT.unpack_from(self.buf, at)
-            if now > last:
-                tokens = min(plan.burst, tokens + (now - last) * plan.rate)
-                last = now
-            tokens = min(tokens, plan.burst)  # a lowered plan clamps at once
+            tokens, last = self._refilled(at, plan, now)
             wait = 0.0
             if tokens >= n:
                 tokens -= n
@@ -173,11 +178,7 @@ class SharedLimitState:
             wait = 0.0
             for fp, plan in buckets:
                 at = self._slot(fp, now, plan)
-                _key, tokens, last, _spare = _SLOT.unpack_from(self.buf, at)
-                if now > last:
-                    tokens = min(plan.burst, tokens + (now - last) * plan.rate)
-                    last = now
-                tokens = min(tokens, plan.burst)
+                tokens, last = self._refilled(at, plan, now)
                 if tokens < 1.0:
                     wait = max(wait, (1.0 - tokens) / plan.rate)
                 rows.append((at, fp, tokens, last))
@@ -196,11 +197,7 @@ class SharedLimitState:
             wait, short = 0.0, -1
             for i, (fp, plan, n) in enumerate(rows):
                 at = self._slot(fp, now, plan)
-                _key, tokens, last, _spare = _SLOT.unpack_from(self.buf, at)
-                if now > last:
-                    tokens = min(plan.burst, tokens + (now - last) * plan.rate)
-                    last = now
-                tokens = min(tokens, plan.burst)
+                tokens, last = self._refilled(at, plan, now)
                 if tokens < n and (n - tokens) / plan.rate > wait:
                     wait, short = (n - tokens) / plan.rate, i
                 got.append((at, fp, tokens, last, n))
