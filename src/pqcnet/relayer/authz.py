@@ -250,27 +250,49 @@ class SharedQuotas(Quotas):
     def __init__(self, state: SharedLimitState, spec: QuotasSpec | None = None) -> None:
         super().__init__(spec)
         self.state = state
+        #: customer -> its buckets' (fingerprint, rate) and (unit, rate) rows, built
+        #: once per spec (hashing per frame was most of a take's cost); bounded (LRU)
+        self._rows: OrderedDict[str, tuple[list[tuple[int, _Rate]], list[tuple[str, float]]]]
+        self._rows = OrderedDict()
 
-    def take(self, customer: str, frames: int, nbytes: int, now: float) -> None:
+    def _customer_rows(self, customer: str
+                       ) -> tuple[list[tuple[int, _Rate]], list[tuple[str, float]]]:
+        got = self._rows.get(customer)
+        if got is not None:
+            self._rows.move_to_end(customer)
+            return got
         q = self.quota(customer)
-        rows: list[tuple[int, _Rate, float]] = []
+        rows: list[tuple[int, _Rate]] = []
         units: list[tuple[str, float]] = []
         if q.frames_per_s > 0:
             rows.append((fingerprint("relayer-quota-frames", customer),
-                         _Rate(q.frames_per_s, q.frames_burst or q.frames_per_s), frames))
+                         _Rate(q.frames_per_s, q.frames_burst or q.frames_per_s)))
             units.append(("frames", q.frames_per_s))
         if q.bytes_per_s > 0:
             rows.append((fingerprint("relayer-quota-bytes", customer),
-                         _Rate(q.bytes_per_s, q.bytes_burst or q.bytes_per_s), nbytes))
+                         _Rate(q.bytes_per_s, q.bytes_burst or q.bytes_per_s)))
             units.append(("bytes", q.bytes_per_s))
+        self._rows[customer] = rows, units
+        while len(self._rows) > self.max_customers:
+            self._rows.popitem(last=False)
+        return rows, units
+
+    def take(self, customer: str, frames: int, nbytes: int, now: float) -> None:
+        rows, units = self._customer_rows(customer)
         if not rows:
             return
-        wait, short = self.state.take_counts(rows, now)
+        counts = (frames, nbytes) if units[0][0] == "frames" else (nbytes,)
+        wait, short = self.state.take_counts(
+            [(fp, rate, n) for (fp, rate), n in zip(rows, counts, strict=False)], now)
         if wait > 0:
             self.refused += frames
             unit, rate = units[short]
             raise QuotaExceeded(f"customer {customer!r} is over its quota of {rate:g} "
                                 f"{unit}/s (retry in {wait:.3g}s)", retry_after=wait)
+
+    def reload(self, spec: QuotasSpec, now: float) -> None:
+        super().reload(spec, now)
+        self._rows.clear()  # rates come from the new spec at the next take
 
 
 def _unlimited(spec: QuotasSpec) -> bool:
