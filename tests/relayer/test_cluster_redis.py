@@ -82,6 +82,14 @@ async def test_three_relayers_add_one_kill_one(tmp_path: Path, redis_url: str) -
         async with asyncio.timeout(6 * LEASE + 20):
             while not await gauges():  # noqa: ASYNC110 - polling another process
                 await asyncio.sleep(0.5)
+        # the gap fence of every live relayer: nothing dropped after a skip, nothing
+        # untracked, and in flight at most what a shard move can strand (a few publish
+        # steps); before in-flight was limited to owned shards, every frame accepted for
+        # another relayer's shard stayed registered (~2/3 of the stream here)
+        for proc in procs:
+            fence = await asyncio.to_thread(_fence_counters, proc.ready["metrics_port"])
+            assert fence["late_on_bus"] == 0 and fence["untracked"] == 0, fence
+            assert fence["inflight"] <= 4 * BATCH * len(TOPICS), fence
     finally:
         await run.close(consumer)
 
@@ -102,6 +110,20 @@ async def test_three_relayers_add_one_kill_one(tmp_path: Path, redis_url: str) -
     # the history checker against the bill; each relayer's proofs, only for shards it
     # owned (ownership journal) in that epoch
     await run.check_histories_and_proofs(volume, redis_url, prefix, SHARDS, EPOCH)
+
+
+def _fence_counters(port: int) -> dict[str, float]:
+    """``pqcnet_relayer_gap_fence_*`` from a relayer's /metrics (events and in flight)."""
+    out: dict[str, float] = {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("pqcnet_relayer_gap_fence_events_total{"):
+                labels, value = line.rsplit(" ", 1)
+                out[labels.split('"')[1]] = float(value)
+            elif line.startswith("pqcnet_relayer_gap_fence_inflight_frames "):
+                out["inflight"] = float(line.split()[1])
+    assert {"late_on_bus", "untracked", "inflight"} <= set(out), out
+    return out
 
 
 def _owned_gauge(port: int) -> int:
