@@ -279,13 +279,18 @@ class RedisSeqStore:
         """The hash holding ``shard``'s skipped ranges (topic_key -> ``lo-hi,...``)."""
         return f"{self._prefix}:gaps:{shard}"
 
-    async def load_gaps(self, shard: int, topics: Sequence[Topic]) -> dict[Topic, SeqRanges]:
+    async def _hmget(self, key: str, topics: Sequence[Topic], what: str
+                     ) -> list[bytes | str | None]:
+        """``HMGET key`` for ``topics`` (one value or None each, in order)."""
         if not topics:
-            return {}
+            return []
         try:
-            raw = await self._r.hmget(self.gaps_key(shard), [topic_key(t) for t in topics])
+            return list(await self._r.hmget(key, [topic_key(t) for t in topics]))
         except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
-            raise BusUnavailable(f"redis unavailable loading gaps: {exc}") from None
+            raise BusUnavailable(f"redis unavailable {what}: {exc}") from None
+
+    async def load_gaps(self, shard: int, topics: Sequence[Topic]) -> dict[Topic, SeqRanges]:
+        raw = await self._hmget(self.gaps_key(shard), topics, "loading gaps")
         return {t: _unpack_ranges(v) for t, v in zip(topics, raw, strict=True) if v}
 
     async def _gap_fields(self, shard: int, gaps: Mapping[Topic, SeqRanges] | None
@@ -294,10 +299,7 @@ class RedisSeqStore:
         if not gaps:
             return {}
         topics = list(gaps)
-        try:
-            old = await self._r.hmget(self.gaps_key(shard), [topic_key(t) for t in topics])
-        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
-            raise BusUnavailable(f"redis unavailable saving gaps: {exc}") from None
+        old = await self._hmget(self.gaps_key(shard), topics, "saving gaps")
         return {topic_key(t): _merged(o, gaps[t]) for t, o in zip(topics, old, strict=True)}
 
     async def load(self, shard: int) -> dict[Topic, int]:
@@ -308,12 +310,7 @@ class RedisSeqStore:
         return {topic_from_key(_b(k)): int(v) for k, v in raw.items()}
 
     async def load_topics(self, shard: int, topics: Sequence[Topic]) -> dict[Topic, int]:
-        if not topics:
-            return {}
-        try:
-            raw = await self._r.hmget(self.key(shard), [topic_key(t) for t in topics])
-        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
-            raise BusUnavailable(f"redis unavailable loading marks: {exc}") from None
+        raw = await self._hmget(self.key(shard), topics, "loading marks")
         return {t: int(v) for t, v in zip(topics, raw, strict=True) if v is not None}
 
     def _token_key(self) -> str:
