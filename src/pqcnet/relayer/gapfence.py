@@ -116,13 +116,10 @@ class GapFence:
         never read (``consumed``) here, and would stay registered for good."""
         return self._owns(shard) if self._owns is not None else shard in self._cached
 
-    def _local_marks(self, shard: int) -> Callable[[Topic], int | None] | None:
+    def _local_marks(self, shard: int, owned: bool) -> Callable[[Topic], int | None] | None:
         """The in-memory marks of ``shard``'s worker while it owns the shard (after the
         shard moved away they are stale until the worker resets: the store is read)."""
-        cached = self._cached.get(shard)
-        if cached is None or (self._owns is not None and not self._owns(shard)):
-            return None
-        return cached
+        return self._cached.get(shard) if owned else None
 
     # ------------------------------------------------------------------ ingress side
     async def admit(self, shard: int,
@@ -137,17 +134,23 @@ class GapFence:
             raise got
         return got
 
-    async def admit_many(self, by_shard: Mapping[int, Sequence[tuple[Frame, bool]]]
+    async def admit_many(self, by_shard: Mapping[int, Sequence[tuple[Frame, bool]]], *,
+                         retries: bool = True,
                          ) -> dict[int, list[LateFrame | None] | RelayerError]:
         """:meth:`admit` for the frames of several shards (one ingress request): the
         marks store is read for the cold topics of all of them concurrently, then every
         frame is checked and registered with no ``await`` in between. A shard whose
-        marks read failed gets that error instead of a list (its frames not admitted)."""
+        marks read failed gets that error instead of a list (its frames not admitted).
+        ``retries=False`` (the caller knows no frame is a resend) skips the search for
+        retries that need the stored gaps."""
+        # asked once per shard: whether a worker here owns it decides both whose marks
+        # are read and whether admissions are registered in flight
+        owned = {shard: self.owned_here(shard) for shard in by_shard}
         # a local worker's cached mark is at least as new as the store: read the store
         # only for topics it does not hold (cold topics, shards owned elsewhere)
         colds: dict[int, list[Topic]] = {}
         for shard, frames in by_shard.items():
-            cached = self._local_marks(shard)
+            cached = self._local_marks(shard, owned[shard])
             cold = [t for t in dict.fromkeys(f.topic for f, _ in frames)
                     if cached is None or cached(t) is None]
             if cold and self._marks is not None:
@@ -159,7 +162,7 @@ class GapFence:
             got = await asyncio.gather(*(marks(s, t) for s, t in colds.items()),
                                        return_exceptions=True)
             stored = dict(zip(colds, got, strict=True))
-        gaps = await self._recorded_gaps(by_shard, stored)
+        gaps = await self._recorded_gaps(by_shard, stored, owned) if retries else {}
         # no await from here on: the checks and the registrations are one step
         out: dict[int, list[LateFrame | None] | RelayerError] = {}
         for shard, frames in by_shard.items():
@@ -173,7 +176,7 @@ class GapFence:
                 continue
             assert not isinstance(known, BaseException)
             assert not isinstance(recorded, BaseException)
-            track = self.owned_here(shard)
+            track = owned[shard]
             if not track and shard in self._shard_topics:
                 self._forget_shard(shard)  # admitted while owned, moved away unread
             out[shard] = self._admit(shard, known, frames, recorded, track)
@@ -192,6 +195,7 @@ class GapFence:
     async def _recorded_gaps(
             self, by_shard: Mapping[int, Sequence[tuple[Frame, bool]]],
             stored: Mapping[int, Mapping[Topic, int] | BaseException],
+            owned: Mapping[int, bool],
     ) -> dict[int, Mapping[Topic, SeqRanges] | BaseException]:
         """The store's skipped ranges for topics with a *retry* below the delivery point
         that no range in memory holds (rare: a resend after a failover or a restart).
@@ -205,7 +209,7 @@ class GapFence:
             known = stored.get(shard, {})
             if isinstance(known, BaseException):
                 continue
-            cached = self._local_marks(shard)
+            cached = self._local_marks(shard, owned[shard])
             for frame, retry in frames:
                 if (retry and frame.seq < self._next_seq(cached, known, frame.topic)
                         and not self._in_gap(frame.topic, frame.seq)):
@@ -230,7 +234,7 @@ class GapFence:
         out: list[LateFrame | None] = []
         nxts: dict[Topic, int] = {}
         inflight = self._inflight
-        cached = self._local_marks(shard)
+        cached = self._local_marks(shard, track)
         for frame, retry in frames:
             topic = frame.topic
             nxt = nxts.get(topic)

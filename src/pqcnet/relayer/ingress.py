@@ -313,7 +313,8 @@ class Ingress:
         if self.fence is not None:
             verdicts = await self.fence.admit_many(
                 {s: [(f, items[i].retry) for f, i in zip(frames[s], idxs, strict=True)]
-                 for s, idxs in by_shard.items()})
+                 for s, idxs in by_shard.items()},
+                retries=any(item.retry for item in items))
             for shard, late in verdicts.items():
                 idxs = by_shard[shard]
                 if isinstance(late, RelayerError):  # marks unreadable: refuse, retriable
