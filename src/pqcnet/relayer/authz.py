@@ -239,6 +239,15 @@ class _Rate:
     burst: float
 
 
+@dataclass(frozen=True, slots=True)
+class _QuotaRow:
+    """One shared bucket of a customer: its slot fingerprint, rate, and what it counts."""
+
+    fp: int
+    rate: _Rate
+    unit: Literal["frames", "bytes"]
+
+
 class SharedQuotas(Quotas):
     """:class:`Quotas` whose buckets live in shared memory: one frames bucket and one
     bytes bucket per customer over all worker processes of ``relayer run --workers N``
@@ -250,45 +259,42 @@ class SharedQuotas(Quotas):
     def __init__(self, state: SharedLimitState, spec: QuotasSpec | None = None) -> None:
         super().__init__(spec)
         self.state = state
-        #: customer -> its buckets' (fingerprint, rate) and (unit, rate) rows, built
-        #: once per spec (hashing per frame was most of a take's cost); bounded (LRU)
-        self._rows: OrderedDict[str, tuple[list[tuple[int, _Rate]], list[tuple[str, float]]]]
-        self._rows = OrderedDict()
+        #: customer -> its buckets' rows, built once per spec (hashing per frame was
+        #: most of a take's cost); bounded (LRU)
+        self._rows: OrderedDict[str, list[_QuotaRow]] = OrderedDict()
 
-    def _customer_rows(self, customer: str
-                       ) -> tuple[list[tuple[int, _Rate]], list[tuple[str, float]]]:
+    def _customer_rows(self, customer: str) -> list[_QuotaRow]:
         got = self._rows.get(customer)
         if got is not None:
             self._rows.move_to_end(customer)
             return got
         q = self.quota(customer)
-        rows: list[tuple[int, _Rate]] = []
-        units: list[tuple[str, float]] = []
+        rows: list[_QuotaRow] = []
         if q.frames_per_s > 0:
-            rows.append((fingerprint("relayer-quota-frames", customer),
-                         _Rate(q.frames_per_s, q.frames_burst or q.frames_per_s)))
-            units.append(("frames", q.frames_per_s))
+            rows.append(_QuotaRow(fingerprint("relayer-quota-frames", customer),
+                                  _Rate(q.frames_per_s, q.frames_burst or q.frames_per_s),
+                                  "frames"))
         if q.bytes_per_s > 0:
-            rows.append((fingerprint("relayer-quota-bytes", customer),
-                         _Rate(q.bytes_per_s, q.bytes_burst or q.bytes_per_s)))
-            units.append(("bytes", q.bytes_per_s))
-        self._rows[customer] = rows, units
+            rows.append(_QuotaRow(fingerprint("relayer-quota-bytes", customer),
+                                  _Rate(q.bytes_per_s, q.bytes_burst or q.bytes_per_s),
+                                  "bytes"))
+        self._rows[customer] = rows
         while len(self._rows) > self.max_customers:
             self._rows.popitem(last=False)
-        return rows, units
+        return rows
 
     def take(self, customer: str, frames: int, nbytes: int, now: float) -> None:
-        rows, units = self._customer_rows(customer)
+        rows = self._customer_rows(customer)
         if not rows:
             return
-        counts = (frames, nbytes) if units[0][0] == "frames" else (nbytes,)
         wait, short = self.state.take_counts(
-            [(fp, rate, n) for (fp, rate), n in zip(rows, counts, strict=False)], now)
+            [(r.fp, r.rate, nbytes if r.unit == "bytes" else frames) for r in rows], now)
         if wait > 0:
             self.refused += frames
-            unit, rate = units[short]
-            raise QuotaExceeded(f"customer {customer!r} is over its quota of {rate:g} "
-                                f"{unit}/s (retry in {wait:.3g}s)", retry_after=wait)
+            row = rows[short]
+            raise QuotaExceeded(f"customer {customer!r} is over its quota of "
+                                f"{row.rate.rate:g} {row.unit}/s (retry in {wait:.3g}s)",
+                                retry_after=wait)
 
     def reload(self, spec: QuotasSpec, now: float) -> None:
         super().reload(spec, now)
