@@ -4,6 +4,8 @@ of limits — the tenant bucket and the concurrency gate hold across workers."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -27,6 +29,8 @@ def test_buckets_and_gate_are_one_across_attached_workers() -> None:
     lock = threading.Lock()
     owner = SharedLimitState.create(lock, workers=2, slots=64)
     other = SharedLimitState.attach(owner.path, lock)
+    # anonymous memory reached through the owner's descriptor: no name in /dev/shm
+    assert os.readlink(owner.path).startswith("/memfd:pqcnet-limits")
     try:
         # per-subject 1/s, burst 3; the tenant as a whole may do far more
         plan = Plan(rate=1.0, burst=3, tenant_rate=1000.0, tenant_burst=1000.0)
@@ -69,7 +73,53 @@ def test_buckets_and_gate_are_one_across_attached_workers() -> None:
     finally:
         other.close()
         owner.close()
-    assert not Path(owner.path).exists()
+    assert not Path(owner.path).exists() or "memfd:" not in os.readlink(owner.path)
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc: no psutil here)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, mesh: Mesh) -> None:
+    """SIGKILL (OOM killer, a careless operator) gives the supervisor no chance to stop
+    its workers: the kernel must, or they keep serving on the port with nobody
+    restarting them. The shared segment goes with them (nothing left in /dev/shm)."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("pqcnet-sentry-limits-*"))
+    with HttpBackend() as backend, sentry_process(mesh, tmp_path / "s", backend.port,
+                                                  workers=2) as (p, port):
+        workers = [c for c in _children(p.pid)
+                   if "multiprocessing.spawn" in Path(f"/proc/{c}/cmdline").read_text()]
+        assert len(workers) == 2, workers
+        assert any(os.readlink(f).startswith("/memfd:pqcnet-sentry-limits")
+                   for f in Path(f"/proc/{p.pid}/fd").iterdir())
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        p.kill()
+        p.wait()
+        deadline = time.monotonic() + 30
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [w for w in workers if _running(w)], "orphaned workers still running"
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    assert not set(shm.glob("pqcnet-sentry-limits-*")) - before
 
 
 async def _hammer(sidecar: Sidecar, until: float) -> tuple[int, int]:

@@ -2,7 +2,8 @@
 
 With N workers on one port (SO_REUSEPORT), a client's token bucket must stay *one*
 bucket, or a client spreading its tunnels over the workers would get N times its plan.
-The state lives in **shared memory** (a file in ``/dev/shm`` mapped by every worker)
+The state lives in **shared memory** (an anonymous ``memfd`` of the supervisor that
+every worker maps; a file in ``/dev/shm`` where there is no memfd)
 guarded by one process-shared lock (the supervisor's ``multiprocessing`` lock, handed to
 each worker) — not in Redis: a take is a lock, a few struct reads/writes and an unlock
 (≈ 2 µs), where a Redis round trip per request would cost more than the request's CPU
@@ -63,6 +64,21 @@ _I64 = struct.Struct("<q")
 _SLOT = struct.Struct("<QddQ")
 
 
+def _new_segment(prefix: str) -> tuple[int, str, bool]:
+    """A fresh segment: ``(fd, path workers open, named)``. Where Linux allows, an
+    anonymous ``memfd`` the workers open as ``/proc/<pid>/fd/<fd>``: nothing in
+    ``/dev/shm`` outlives the processes, even when the supervisor is SIGKILLed. Else a
+    0600 file with a random name (``/dev/shm`` where it exists) the owner unlinks."""
+    proc_fd = f"/proc/{os.getpid()}/fd"
+    if hasattr(os, "memfd_create") and os.path.isdir(proc_fd):
+        with contextlib.suppress(OSError):
+            fd = os.memfd_create(prefix.rstrip("-"), os.MFD_CLOEXEC)
+            return fd, f"{proc_fd}/{fd}", False
+    shm_dir = "/dev/shm"  # noqa: S108
+    fd, path = tempfile.mkstemp(prefix=prefix, dir=shm_dir if os.path.isdir(shm_dir) else None)
+    return fd, path, True
+
+
 def fingerprint(*parts: str) -> int:
     """Stable 64-bit bucket key of ``parts`` (Python's ``hash`` differs per process;
     never 0: 0 marks an empty slot)."""
@@ -71,14 +87,15 @@ def fingerprint(*parts: str) -> int:
 
 
 class SharedLimitState:
-    """The shared segment (a file in ``/dev/shm``, mapped by every process) plus its
-    lock. The supervisor :meth:`create` s it; each worker :meth:`attach` es by path with
-    the lock it was handed."""
+    """The shared segment (anonymous memory, mapped by every process) plus its lock.
+    The supervisor :meth:`create` s it; each worker :meth:`attach` es by :attr:`path`
+    with the lock it was handed."""
 
     def __init__(self, path: str, lock: Any, *, owner: bool) -> None:
         self.path = path
         self.lock = lock
         self.owner = owner
+        self._memfd: int | None = None
         with open(path, "r+b") as f:
             self._map = mmap.mmap(f.fileno(), 0)
         self.buf = memoryview(self._map)
@@ -96,16 +113,21 @@ class SharedLimitState:
         if not 1 <= workers <= MAX_WORKERS:
             raise SharedStateError(f"workers must be 1..{MAX_WORKERS}, got {workers}")
         size = _HEAD.size + _I64.size * workers + _SLOT.size * slots
-        # mkstemp: a fresh 0600 file with a random name (RAM-backed where /dev/shm exists)
-        shm_dir = "/dev/shm"  # noqa: S108
-        where = shm_dir if os.path.isdir(shm_dir) else None
-        fd, path = tempfile.mkstemp(prefix=prefix, dir=where)
+        fd, path, named = _new_segment(prefix)
         try:
             os.ftruncate(fd, size)  # zero-filled
             os.pwrite(fd, _HEAD.pack(MAGIC, slots, workers), 0)
-        finally:
+            state = cls(path, lock, owner=named)
+        except BaseException:
             os.close(fd)
-        return cls(path, lock, owner=True)
+            if named:
+                os.unlink(path)
+            raise
+        if named:
+            os.close(fd)
+        else:
+            state._memfd = fd  # workers open it through /proc/<pid>/fd while it is open
+        return state
 
     @classmethod
     def attach(cls, path: str, lock: Any) -> SharedLimitState:
@@ -222,6 +244,9 @@ class SharedLimitState:
         """Unmap; the owner also removes the segment."""
         self.buf.release()
         self._map.close()
+        if self._memfd is not None:
+            os.close(self._memfd)
+            self._memfd = None
         if self.owner:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)

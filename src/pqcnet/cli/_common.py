@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing.process
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -27,6 +28,7 @@ from pqcnet.identity.errors import IdentityError, PassphraseRequired
 S = TypeVar("S")
 #: signals that stop a long-running command
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def hostport(value: str, *, param_hint: str | None = None) -> tuple[str, int]:
@@ -99,6 +101,20 @@ def run_until_signalled(start: Callable[[], Awaitable[S]], stop: Callable[[S], A
 
 
 __all__ = ["STOP_SIGNALS", "hostport", "load_identity", "passphrase", "run_until_signalled"]
+
+
+def follow_supervisor(supervisor_pid: int) -> None:
+    """Make this worker process get SIGTERM (a graceful stop) when its supervisor dies,
+    even by SIGKILL or the OOM killer: a worker left running would keep serving on the
+    shared port with nobody restarting or stopping it. Linux ``PR_SET_PDEATHSIG``;
+    a supervisor already gone before the call stops the worker at once."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != supervisor_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def stop_workers(procs: Iterable[multiprocessing.process.BaseProcess], timeout: float) -> None:

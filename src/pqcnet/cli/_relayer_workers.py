@@ -21,9 +21,11 @@ renewed identity from ``identity_dir``.
 The embedded backend is one RocksDB log one process opens: ``--workers`` above 1 is a
 :class:`~pqcnet.relayer.errors.SingleProcessBackend` error; ``owned_shards`` is a
 :class:`~pqcnet.relayer.errors.ConfigError` (every worker would work on the same fixed
-shards). A worker that dies is restarted; SIGTERM / SIGINT stop them all; SIGHUP is
-passed on to every worker (policy reload). The supervisor prints one ``ready`` JSON
-line once every worker listens.
+shards). A worker that dies is restarted; SIGTERM / SIGINT stop them all, and so does
+the supervisor's own death (even SIGKILL: the kernel sends each worker SIGTERM,
+:func:`~pqcnet.cli._common.follow_supervisor`, and the quota segment is anonymous
+memory freed with the last process); SIGHUP is passed on to every worker (policy
+reload). The supervisor prints one ``ready`` JSON line once every worker listens.
 """
 
 from __future__ import annotations
@@ -107,12 +109,13 @@ def own_port(port: int, index: int) -> int:
 
 
 def _worker_main(config_path: Path, index: int, port: int, rotation: dict[str, Any],
-                 ready: Any, shm_path: str, lock: Any) -> None:
-    from pqcnet.cli._common import run_until_signalled
+                 ready: Any, shm_path: str, lock: Any, supervisor: int) -> None:
+    from pqcnet.cli._common import follow_supervisor, run_until_signalled
     from pqcnet.cli.relayer import relayer_lifecycle, tune_gc
     from pqcnet.relayer.authz import SharedQuotas
     from pqcnet.relayer.node import RelayerNode
 
+    follow_supervisor(supervisor)
     base = RelayerConfig.load(config_path)
     own = own_port(base.listen_port, index)  # from the configured port (0: any free one)
     cfg = worker_config(base, index, port)
@@ -170,7 +173,7 @@ def run_workers(config_path: Path, workers: int, rotation: dict[str, Any]) -> No
     def spawn(i: int) -> Any:
         p = ctx.Process(target=_worker_main, name=f"relayer-worker-{i}",
                         args=(config_path, i, port, rotation, ready, quota_state.path,
-                              lock))
+                              lock, os.getpid()))
         p.start()
         return p
 

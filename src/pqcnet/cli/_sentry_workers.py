@@ -11,13 +11,16 @@ concurrency gate are the shared ones. Each worker hot-reloads the config file it
 What stays with worker 0 only: the QS-DAG ledger (RocksDB takes one process; policy
 anchors and attestations are written once) and the Prometheus port. A worker that
 dies is restarted after its in-flight count is zeroed in the shared gate; SIGTERM /
-SIGINT stop them all.
+SIGINT stop them all, and so does the supervisor's own death (even SIGKILL: each
+worker gets SIGTERM from the kernel, :func:`~pqcnet.cli._common.follow_supervisor`;
+the shared segment is anonymous memory, freed with the last process).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import os
 import signal
 import socket
 import sys
@@ -36,8 +39,11 @@ WORKER_STOP_TIMEOUT = 15.0
 
 
 def _worker_main(config_path: Path, index: int, shm_path: str, lock: Any, port: int,
-                 node_pass: bytes | None, reload_interval: float, ready: Any) -> None:
-    from pqcnet.cli._common import run_until_signalled
+                 node_pass: bytes | None, reload_interval: float, ready: Any,
+                 supervisor: int) -> None:
+    from pqcnet.cli._common import follow_supervisor, run_until_signalled
+
+    follow_supervisor(supervisor)
     from pqcnet.identity import NodeIdentity
     from pqcnet.runtime.sentry import SentryService
     from pqcnet.sentry.config import load_config, require_identity
@@ -89,7 +95,7 @@ def run_workers(config_path: Path, workers: int, node_pass: bytes | None,
     def spawn(i: int) -> Any:
         p = ctx.Process(target=_worker_main, name=f"sentry-worker-{i}",
                         args=(config_path, i, state.path, lock, port, node_pass,
-                              reload_interval, ready))
+                              reload_interval, ready, os.getpid()))
         p.start()
         return p
 
