@@ -306,6 +306,46 @@ async def test_a_customer_quota_is_one_bucket_over_the_workers(tmp_path: Path,
     assert not (during | after) - before, (before, during, after)  # nothing named
 
 
+async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path,
+                                                        redis_url: str) -> None:
+    """The supervisor SIGKILLed (OOM killer): nobody is left to stop or restart its
+    workers, so the kernel stops them (SIGTERM: the usual graceful stop, no traceback,
+    the port released) instead of leaving them to serve unsupervised."""
+    port = _port_run(2)
+    config = write_config(tmp_path, backend="redis", redis_url=redis_url,
+                          redis_prefix=f"orphan:{uuid.uuid4().hex[:8]}", node_id="ro",
+                          listen_port=port, redis_lease=1.5, group="orphan")
+    log = (tmp_path / "relayer.log").open("ab")
+    proc = await asyncio.create_subprocess_exec(
+        PQCNET, "relayer", "run", "--config", str(config), "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=log,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    pids: list[int] = []
+    try:
+        ready = await _ready(proc, tmp_path / "relayer.log")
+        pids = ready["pids"]
+        assert _listeners(port) == set(pids)
+        proc.kill()  # (its wait() would also wait for the workers: they share stdout)
+        await eventually(lambda: not _listeners(port), 60, 0.2)
+        await eventually(lambda: not any(_running(pid) for pid in pids), 30, 0.2)
+    finally:
+        for pid in pids:  # a failed run must not leave them behind either
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await _terminate(proc)
+        log.close()
+    assert "Traceback" not in (tmp_path / "relayer.log").read_text()
+
+
+def _running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (an orphan's parent may never reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def test_bench_relayer_workers_reports_both_runs(redis_url: str) -> None:
     """``pqcnet bench relayer --workers 2`` measures one worker and two in one run and
     reports the ratio and CPU per frame (shape only: timings are never asserted)."""
