@@ -16,7 +16,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -28,6 +28,7 @@ from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.cursor import JournalCursor
 from pqcnet.relayer.errors import ConfigError, SingleProcessBackend
 from pqcnet.relayer.frame import Frame, Topic
+from tests.procs import running
 from tests.relayer.cluster import by_topic, metered
 from tests.relayer.e2e import identities
 from tests.relayer.helpers import eventually
@@ -106,10 +107,7 @@ async def test_redis_workers_share_the_port(tmp_path: Path, redis_url: str) -> N
                           redis_prefix=prefix, node_id="rw", listen_port=port,
                           redis_lease=1.5, group="workers")
     log = (tmp_path / "relayer.log").open("ab")
-    proc = await asyncio.create_subprocess_exec(
-        PQCNET, "relayer", "run", "--config", str(config), "--workers", "2",
-        stdout=asyncio.subprocess.PIPE, stderr=log,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = await _start_workers(config, log)
     hist = tmp_path / "history"
     hist.mkdir()
     cursor = JournalCursor(hist / "subscriber.jsonl")
@@ -206,6 +204,14 @@ async def test_redis_workers_share_the_port(tmp_path: Path, redis_url: str) -> N
     assert not _listeners(port)  # SIGTERM stopped every worker
 
 
+async def _start_workers(config: Path, log: IO[bytes]) -> asyncio.subprocess.Process:
+    """``pqcnet relayer run --workers 2``: the ready line on stdout, logs into ``log``."""
+    return await asyncio.create_subprocess_exec(
+        PQCNET, "relayer", "run", "--config", str(config), "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=log,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
 async def _ready(proc: asyncio.subprocess.Process, log: Path) -> dict[str, Any]:
     """The supervisor's ready line (every worker listens)."""
     assert proc.stdout is not None
@@ -259,10 +265,7 @@ async def test_a_customer_quota_is_one_bucket_over_the_workers(tmp_path: Path,
         redis_lease=1.5, group="quota",
         quotas={"customers": {"acme": {"frames_per_s": rate, "frames_burst": burst}}})
     log = (tmp_path / "relayer.log").open("ab")
-    proc = await asyncio.create_subprocess_exec(
-        PQCNET, "relayer", "run", "--config", str(config), "--workers", "2",
-        stdout=asyncio.subprocess.PIPE, stderr=log,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = await _start_workers(config, log)
     pubs: list[PublisherClient] = []
     during: set[Path] = set()
     try:
@@ -316,10 +319,7 @@ async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path,
                           redis_prefix=f"orphan:{uuid.uuid4().hex[:8]}", node_id="ro",
                           listen_port=port, redis_lease=1.5, group="orphan")
     log = (tmp_path / "relayer.log").open("ab")
-    proc = await asyncio.create_subprocess_exec(
-        PQCNET, "relayer", "run", "--config", str(config), "--workers", "2",
-        stdout=asyncio.subprocess.PIPE, stderr=log,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = await _start_workers(config, log)
     pids: list[int] = []
     try:
         ready = await _ready(proc, tmp_path / "relayer.log")
@@ -327,7 +327,7 @@ async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path,
         assert _listeners(port) == set(pids)
         proc.kill()  # (its wait() would also wait for the workers: they share stdout)
         await eventually(lambda: not _listeners(port), 60, 0.2)
-        await eventually(lambda: not any(_running(pid) for pid in pids), 30, 0.2)
+        await eventually(lambda: not any(running(pid) for pid in pids), 30, 0.2)
     finally:
         for pid in pids:  # a failed run must not leave them behind either
             with contextlib.suppress(ProcessLookupError):
@@ -335,15 +335,6 @@ async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path,
         await _terminate(proc)
         log.close()
     assert "Traceback" not in (tmp_path / "relayer.log").read_text()
-
-
-def _running(pid: int) -> bool:
-    """``pid`` exists and is not a zombie (an orphan's parent may never reap it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_bench_relayer_workers_reports_both_runs(redis_url: str) -> None:

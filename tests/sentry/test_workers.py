@@ -17,6 +17,7 @@ from pqcnet.sentry.limiter import Plan
 from pqcnet.sentry.shared import SharedConcurrencyGate, SharedLimitState, SharedRateLimiter
 from pqcnet.sentry.sidecar import Sidecar
 from pqcnet.sentry.wire import RequestHead
+from tests.procs import children, running
 
 from .harness import HttpBackend, Mesh, sidecar_to
 from .test_pool import sentry_process
@@ -76,27 +77,6 @@ def test_buckets_and_gate_are_one_across_attached_workers() -> None:
     assert not Path(owner.path).exists() or "memfd:" not in os.readlink(owner.path)
 
 
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (from /proc: no psutil here)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, mesh: Mesh) -> None:
     """SIGKILL (OOM killer, a careless operator) gives the supervisor no chance to stop
     its workers: the kernel must, or they keep serving on the port with nobody
@@ -105,7 +85,7 @@ def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, mesh: Mesh) 
     before = set(shm.glob("pqcnet-sentry-limits-*"))
     with HttpBackend() as backend, sentry_process(mesh, tmp_path / "s", backend.port,
                                                   workers=2) as (p, port):
-        workers = [c for c in _children(p.pid)
+        workers = [c for c in children(p.pid)
                    if "multiprocessing.spawn" in Path(f"/proc/{c}/cmdline").read_text()]
         assert len(workers) == 2, workers
         assert any(os.readlink(f).startswith("/memfd:pqcnet-sentry-limits")
@@ -114,9 +94,9 @@ def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path, mesh: Mesh) 
         p.kill()
         p.wait()
         deadline = time.monotonic() + 30
-        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+        while any(running(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [w for w in workers if _running(w)], "orphaned workers still running"
+        assert not [w for w in workers if running(w)], "orphaned workers still running"
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
     assert not set(shm.glob("pqcnet-sentry-limits-*")) - before
