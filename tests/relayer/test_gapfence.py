@@ -134,6 +134,26 @@ async def test_in_flight_only_for_shards_owned_here_and_forgotten_when_lost() ->
     assert fence.inflight == 0 and fence.stats.untracked == 0
 
 
+async def test_a_shard_lost_while_the_store_is_read_is_not_registered() -> None:
+    """The marks read is an await: the shard can move to another relayer meanwhile.
+    Registration follows ownership *after* the read (a frame registered for a shard
+    no worker here reads again would stay in flight), and a shard gained meanwhile is
+    registered."""
+    owned = {0}
+
+    async def lookup(shard: int, topics: object) -> dict[tuple[str, str], int]:
+        owned.clear()
+        owned.add(1)  # a rebalance: 0 goes away, 1 comes
+        return {}
+
+    fence = GapFence(lookup, owns=owned.__contains__)
+    other = Frame("c", "other", 1, b"p")
+    got = await fence.admit_many({0: [(_f(1), False)], 1: [(other, False)]})
+    assert got == {0: [None], 1: [None]}
+    assert fence.inflight == 1 and fence.holds(other.topic, 1, 2)
+    assert not fence.holds(T, 1, 2)
+
+
 async def test_a_worker_s_marks_count_only_while_it_owns_the_shard() -> None:
     """A worker's in-memory marks are newer than the store only while its shard is
     owned here; once the shard moved away (before the worker resets) they are stale,

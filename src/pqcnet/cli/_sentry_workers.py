@@ -42,12 +42,12 @@ def _worker_main(config_path: Path, index: int, shm_path: str, lock: Any, port: 
                  node_pass: bytes | None, reload_interval: float, ready: Any,
                  supervisor: int) -> None:
     from pqcnet.cli._common import follow_supervisor, run_until_signalled
-
-    follow_supervisor(supervisor)
     from pqcnet.identity import NodeIdentity
     from pqcnet.runtime.sentry import SentryService
     from pqcnet.sentry.config import load_config, require_identity
     from pqcnet.sentry.shared import SharedLimitState
+
+    follow_supervisor(supervisor)
 
     cfg = load_config(config_path)
     cfg = dataclasses.replace(cfg, listen_port=port)

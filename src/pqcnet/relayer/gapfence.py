@@ -143,8 +143,9 @@ class GapFence:
         marks read failed gets that error instead of a list (its frames not admitted).
         ``retries=False`` (the caller knows no frame is a resend) skips the search for
         retries that need the stored gaps."""
-        # asked once per shard: whether a worker here owns it decides both whose marks
-        # are read and whether admissions are registered in flight
+        # whether a worker here owns each shard decides whose marks are read (asked once
+        # per shard here) and whether admissions are registered in flight (asked again
+        # below if this call awaited the store: ownership may have moved meanwhile)
         owned = {shard: self.owned_here(shard) for shard in by_shard}
         # a local worker's cached mark is at least as new as the store: read the store
         # only for topics it does not hold (cold topics, shards owned elsewhere)
@@ -163,6 +164,8 @@ class GapFence:
                                        return_exceptions=True)
             stored = dict(zip(colds, got, strict=True))
         gaps = await self._recorded_gaps(by_shard, stored, owned) if retries else {}
+        if colds or gaps:
+            owned = {shard: self.owned_here(shard) for shard in by_shard}
         # no await from here on: the checks and the registrations are one step
         out: dict[int, list[LateFrame | None] | RelayerError] = {}
         for shard, frames in by_shard.items():
