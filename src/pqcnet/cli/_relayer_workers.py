@@ -111,7 +111,7 @@ def own_port(port: int, index: int) -> int:
 def _worker_main(config_path: Path, index: int, port: int, rotation: dict[str, Any],
                  ready: Any, shm_path: str, lock: Any, supervisor: int) -> None:
     from pqcnet.cli._common import follow_supervisor, run_until_signalled
-    from pqcnet.cli.relayer import relayer_lifecycle, tune_gc
+    from pqcnet.cli.relayer import relayer_lifecycle
     from pqcnet.relayer.authz import SharedQuotas
     from pqcnet.relayer.node import RelayerNode
 
@@ -126,7 +126,6 @@ def _worker_main(config_path: Path, index: int, port: int, rotation: dict[str, A
                                     own_port=own, quotas=SharedQuotas(state, cfg.quotas))
 
     def up(node: RelayerNode) -> None:
-        tune_gc()
         ready.put({"index": index, "port": node.port, "own_port": node.own_port,
                    "metrics_port": node.metrics_port,
                    "grpc_port": node.grpc_port, "node": cfg.node_id,

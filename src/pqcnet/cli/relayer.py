@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import json
 import os
 import signal
@@ -75,7 +74,6 @@ def run_cmd(config_path: Path, workers: int, **rotation: Any) -> None:
     start, stop = relayer_lifecycle(cfg, config_path, rotation)
 
     def ready(node: RelayerNode) -> None:
-        tune_gc()
         click.echo(json.dumps({"ready": True, "port": node.port, "metrics_port":
                                node.metrics_port, "grpc_port": node.grpc_port,
                                "backend": cfg.backend, "node": cfg.node_id,
@@ -110,23 +108,6 @@ def relayer_lifecycle(cfg: RelayerConfig, config_path: Path, rotation: dict[str,
         await node.stop()
 
     return start, stop
-
-
-#: young-generation threshold of a serving relayer (CPython's default is 700): the hot
-#: path allocates a few short-lived objects per frame, so at 700 a young collection ran
-#: every ~150 frames and promoted in-flight frames into older generations
-GC_YOUNG_THRESHOLD = 20_000
-
-
-def tune_gc() -> None:
-    """Once a relayer process has started: move everything allocated so far (modules,
-    config, identity, the node's own structures) out of the collector's reach with
-    ``gc.freeze()`` — none of it is garbage, yet every full collection walked it — and
-    collect the young generation less often. Cycles are still collected."""
-    gc.collect()
-    gc.freeze()
-    _, g1, g2 = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, g1, g2)
 
 
 def reload_policy(node: RelayerNode, path: Path) -> None:
