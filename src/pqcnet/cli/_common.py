@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import multiprocessing
 import multiprocessing.process
 import os
 import signal
@@ -125,17 +126,19 @@ def run_until_signalled(start: Callable[[], Awaitable[S]], stop: Callable[[S], A
 __all__ = ["STOP_SIGNALS", "hostport", "load_identity", "passphrase", "run_until_signalled"]
 
 
-def follow_supervisor(supervisor_pid: int) -> None:
+def follow_supervisor() -> None:
     """Make this worker process get SIGTERM (a graceful stop) when its supervisor dies,
     even by SIGKILL or the OOM killer: a worker left running would keep serving on the
     shared port with nobody restarting or stopping it. Linux ``PR_SET_PDEATHSIG``;
-    a supervisor already gone before the call stops the worker at once."""
+    a supervisor already gone before the call stops the worker at once. Call it first
+    in a ``multiprocessing`` worker (the supervisor is its parent process)."""
+    parent = multiprocessing.parent_process()
     with contextlib.suppress(OSError, AttributeError):
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    if os.getppid() != supervisor_pid:
+    if parent is not None and os.getppid() != parent.pid:
         os.kill(os.getpid(), signal.SIGTERM)
 
 

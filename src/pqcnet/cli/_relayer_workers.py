@@ -109,13 +109,13 @@ def own_port(port: int, index: int) -> int:
 
 
 def _worker_main(config_path: Path, index: int, port: int, rotation: dict[str, Any],
-                 ready: Any, shm_path: str, lock: Any, supervisor: int) -> None:
+                 ready: Any, shm_path: str, lock: Any) -> None:
     from pqcnet.cli._common import follow_supervisor, run_until_signalled
     from pqcnet.cli.relayer import relayer_lifecycle
     from pqcnet.relayer.authz import SharedQuotas
     from pqcnet.relayer.node import RelayerNode
 
-    follow_supervisor(supervisor)
+    follow_supervisor()
     base = RelayerConfig.load(config_path)
     own = own_port(base.listen_port, index)  # from the configured port (0: any free one)
     cfg = worker_config(base, index, port)
@@ -172,7 +172,7 @@ def run_workers(config_path: Path, workers: int, rotation: dict[str, Any]) -> No
     def spawn(i: int) -> Any:
         p = ctx.Process(target=_worker_main, name=f"relayer-worker-{i}",
                         args=(config_path, i, port, rotation, ready, quota_state.path,
-                              lock, os.getpid()))
+                              lock))
         p.start()
         return p
 

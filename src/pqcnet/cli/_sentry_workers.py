@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-import os
 import signal
 import socket
 import sys
@@ -39,15 +38,14 @@ WORKER_STOP_TIMEOUT = 15.0
 
 
 def _worker_main(config_path: Path, index: int, shm_path: str, lock: Any, port: int,
-                 node_pass: bytes | None, reload_interval: float, ready: Any,
-                 supervisor: int) -> None:
+                 node_pass: bytes | None, reload_interval: float, ready: Any) -> None:
     from pqcnet.cli._common import follow_supervisor, run_until_signalled
     from pqcnet.identity import NodeIdentity
     from pqcnet.runtime.sentry import SentryService
     from pqcnet.sentry.config import load_config, require_identity
     from pqcnet.sentry.shared import SharedLimitState
 
-    follow_supervisor(supervisor)
+    follow_supervisor()
 
     cfg = load_config(config_path)
     cfg = dataclasses.replace(cfg, listen_port=port)
@@ -95,7 +93,7 @@ def run_workers(config_path: Path, workers: int, node_pass: bytes | None,
     def spawn(i: int) -> Any:
         p = ctx.Process(target=_worker_main, name=f"sentry-worker-{i}",
                         args=(config_path, i, state.path, lock, port, node_pass,
-                              reload_interval, ready, os.getpid()))
+                              reload_interval, ready))
         p.start()
         return p
 
