@@ -234,18 +234,14 @@ class Quotas:
 
 
 @dataclass(frozen=True, slots=True)
-class _Rate:
-    rate: float
-    burst: float
-
-
-@dataclass(frozen=True, slots=True)
 class _QuotaRow:
-    """One shared bucket of a customer: its slot fingerprint, rate, and what it counts."""
+    """One shared bucket of a customer: its slot fingerprint, what it counts, and its
+    rate and burst (the row is the bucket's :class:`~pqcnet._util.shmlimits.Rate`)."""
 
     fp: int
-    rate: _Rate
     unit: Literal["frames", "bytes"]
+    rate: float
+    burst: float
 
 
 class SharedQuotas(Quotas):
@@ -271,13 +267,11 @@ class SharedQuotas(Quotas):
         q = self.quota(customer)
         rows: list[_QuotaRow] = []
         if q.frames_per_s > 0:
-            rows.append(_QuotaRow(fingerprint("relayer-quota-frames", customer),
-                                  _Rate(q.frames_per_s, q.frames_burst or q.frames_per_s),
-                                  "frames"))
+            rows.append(_QuotaRow(fingerprint("relayer-quota-frames", customer), "frames",
+                                  q.frames_per_s, q.frames_burst or q.frames_per_s))
         if q.bytes_per_s > 0:
-            rows.append(_QuotaRow(fingerprint("relayer-quota-bytes", customer),
-                                  _Rate(q.bytes_per_s, q.bytes_burst or q.bytes_per_s),
-                                  "bytes"))
+            rows.append(_QuotaRow(fingerprint("relayer-quota-bytes", customer), "bytes",
+                                  q.bytes_per_s, q.bytes_burst or q.bytes_per_s))
         self._rows[customer] = rows
         while len(self._rows) > self.max_customers:
             self._rows.popitem(last=False)
@@ -288,12 +282,12 @@ class SharedQuotas(Quotas):
         if not rows:
             return
         wait, short = self.state.take_counts(
-            [(r.fp, r.rate, nbytes if r.unit == "bytes" else frames) for r in rows], now)
+            [(r.fp, r, nbytes if r.unit == "bytes" else frames) for r in rows], now)
         if wait > 0:
             self.refused += frames
             row = rows[short]
             raise QuotaExceeded(f"customer {customer!r} is over its quota of "
-                                f"{row.rate.rate:g} {row.unit}/s (retry in {wait:.3g}s)",
+                                f"{row.rate:g} {row.unit}/s (retry in {wait:.3g}s)",
                                 retry_after=wait)
 
     def reload(self, spec: QuotasSpec, now: float) -> None:
