@@ -15,6 +15,7 @@ import multiprocessing
 import multiprocessing.process
 import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -140,6 +141,16 @@ def follow_supervisor() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     if parent is not None and os.getppid() != parent.pid:
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A bound, non-listening SO_REUSEPORT socket a ``--workers`` supervisor holds: the
+    port is the workers' (``port`` 0 picks a free one, read back from the socket)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind((host, port))
+    return s
 
 
 def stop_workers(procs: Iterable[multiprocessing.process.BaseProcess], timeout: float) -> None:

@@ -35,7 +35,6 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ from typing import Any
 import click
 
 from pqcnet._util.shmlimits import SharedLimitState
-from pqcnet.cli._common import stop_workers
+from pqcnet.cli._common import reserve_port, stop_workers
 from pqcnet.relayer.authz import MAX_QUOTA_CUSTOMERS
 from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.errors import ConfigError, SingleProcessBackend
@@ -137,14 +136,6 @@ def _worker_main(config_path: Path, index: int, port: int, rotation: dict[str, A
         state.close()
 
 
-def _reserve(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    s.bind((host, port))
-    return s
-
-
 def run_workers(config_path: Path, workers: int, rotation: dict[str, Any]) -> None:
     """Supervise ``workers`` relayer processes until SIGTERM/SIGINT."""
     cfg = RelayerConfig.load(config_path)
@@ -154,7 +145,7 @@ def run_workers(config_path: Path, workers: int, rotation: dict[str, Any]) -> No
     lock = ctx.Lock()
     quota_state = SharedLimitState.create(lock, workers=workers, slots=QUOTA_SLOTS,
                                           prefix="pqcnet-relayer-quotas-")
-    holder = _reserve(cfg.listen_host, cfg.listen_port)
+    holder = reserve_port(cfg.listen_host, cfg.listen_port)
     port = int(holder.getsockname()[1])
     ready = ctx.Queue()
     stopping = False

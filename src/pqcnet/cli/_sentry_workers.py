@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 
 import click
 
-from pqcnet.cli._common import stop_workers
+from pqcnet.cli._common import reserve_port, stop_workers
 
 #: Seconds a worker may take to start listening.
 WORKER_START_TIMEOUT = 60.0
@@ -63,14 +62,6 @@ def _worker_main(config_path: Path, index: int, shm_path: str, lock: Any, port: 
         state.close()
 
 
-def _reserve(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    s.bind((host, port))
-    return s
-
-
 def run_workers(config_path: Path, workers: int, node_pass: bytes | None,
                 reload_interval: float) -> None:
     """Supervise ``workers`` sentry processes until SIGTERM/SIGINT."""
@@ -81,7 +72,7 @@ def run_workers(config_path: Path, workers: int, node_pass: bytes | None,
     ctx = multiprocessing.get_context("spawn")
     lock = ctx.Lock()
     state = SharedLimitState.create(lock, workers=workers, prefix="pqcnet-sentry-limits-")
-    holder = _reserve(cfg.listen_host, cfg.listen_port)
+    holder = reserve_port(cfg.listen_host, cfg.listen_port)
     port = int(holder.getsockname()[1])
     ready = ctx.Queue()
     stopping = False
