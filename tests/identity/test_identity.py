@@ -227,6 +227,41 @@ def test_crl_roundtrip_any_node_can_verify() -> None:
     assert crl.is_stale(utcnow() + dt.timedelta(hours=2))
 
 
+def test_a_checked_crl_is_remembered_only_for_the_same_bytes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes re-read the CRL they hold every second: the ML-DSA check runs once per
+    distinct (CRL, bundle) pair, and a cached success never vouches for other bytes."""
+    from pqcnet.identity import crl as crl_mod
+
+    ca, (a,) = dev_identities(TD, f"spiffe://{TD}/t/sentry/a")
+    crl_mod._checked_crl.cache_clear()
+    checks: list[int] = []
+    real = crl_mod._signed_by
+    monkeypatch.setattr(crl_mod, "_signed_by",
+                        lambda c, anchor: checks.append(1) or real(c, anchor))
+    pem = ca.crl_pem()
+    first = load_crl(pem, a.trust_bundle_pem)
+    assert load_crl(bytearray(pem), a.trust_bundle_pem) is first  # same bytes, any type
+    assert len(checks) == 1
+    # one flipped signature byte after the good CRL was cached: checked, refused
+    der = bytearray(x509.load_pem_x509_crl(pem).public_bytes(serialization.Encoding.DER))
+    der[-40] ^= 1
+    bad = x509.load_der_x509_crl(bytes(der)).public_bytes(serialization.Encoding.PEM)
+    for _ in range(2):  # failures are not remembered either
+        with pytest.raises(IdentityError, match="signature"):
+            load_crl(bad, a.trust_bundle_pem)
+    assert len(checks) == 3
+    # the cached CRL under a bundle without its CA: refused, not answered from the cache
+    other, (o,) = dev_identities(TD, f"spiffe://{TD}/t/sentry/o")
+    with pytest.raises(IdentityError, match="not in the trust bundle"):
+        load_crl(pem, o.trust_bundle_pem)
+    # bounded: many distinct CRLs never hold more than CRL_CACHE_SIZE entries
+    numbers = {load_crl(other.crl_pem(), o.trust_bundle_pem).number
+               for _ in range(crl_mod.CRL_CACHE_SIZE + 3)}  # each call signs a new one
+    assert len(numbers) == crl_mod.CRL_CACHE_SIZE + 3
+    assert crl_mod._checked_crl.cache_info().currsize == crl_mod.CRL_CACHE_SIZE
+
+
 def test_revoke_by_spiffe_id_and_serial() -> None:
     ca = MeshCA.create(TD)
     n1 = ca.issue(f"spiffe://{TD}/t/relayer/x")

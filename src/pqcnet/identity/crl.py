@@ -5,11 +5,18 @@ CLI). A node accepts it only after :func:`load_crl` has checked the ML-DSA
 signature against a CA in its trust bundle, so an attacker who can inject bytes
 can neither forge revocations nor hide them (an older CRL, by ``crl_number``,
 never replaces a newer one: see :meth:`RevocationList.is_newer_than`).
+
+Checking costs a PEM parse of the CRL and the trust bundle plus an ML-DSA-65 verify
+(≈ 0.6 ms), and a running node re-reads the CRL it holds every second (tunnel sweep,
+identity poll) on its event loop: successful checks are remembered by the exact bytes
+of both inputs (:data:`CRL_CACHE_SIZE` of them), so unchanged inputs are not
+re-verified and any changed byte is checked afresh. Failures are never remembered.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -19,6 +26,9 @@ from pqcnet.identity.errors import IdentityError
 
 #: Bound on revoked entries in one CRL; a CA with more should shorten TTLs instead.
 MAX_CRL_ENTRIES = 100_000
+#: Signature-checked CRLs remembered by (CRL bytes, trust-bundle bytes): a node holds
+#: one and meets a few more (gossip, renewal), so a handful covers steady state.
+CRL_CACHE_SIZE = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +56,13 @@ class RevocationList:
 
 
 def load_crl(pem: bytes, trust_bundle_pem: bytes) -> RevocationList:
-    """Parse ``pem`` and check it is signed by a CA in ``trust_bundle_pem``."""
+    """Parse ``pem`` and check it is signed by a CA in ``trust_bundle_pem`` (raises
+    IdentityError if not; a success for the same bytes is answered from a cache)."""
+    return _checked_crl(bytes(pem), bytes(trust_bundle_pem))
+
+
+@functools.lru_cache(maxsize=CRL_CACHE_SIZE)
+def _checked_crl(pem: bytes, trust_bundle_pem: bytes) -> RevocationList:
     if len(pem) > MAX_PEM_BYTES:
         raise IdentityError(f"CRL larger than {MAX_PEM_BYTES} bytes")
     try:
