@@ -28,9 +28,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 PQCNET = str(Path(sys.executable).parent / "pqcnet")
 
 
-def _bench(*args: str) -> dict[str, Any]:
+def _bench(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     proc = subprocess.run([PQCNET, "bench", *args], capture_output=True, text=True,
-                          timeout=540, check=False)
+                          timeout=540, check=False,
+                          env=None if env is None else {**os.environ, **env})
     assert proc.returncode == 0, proc.stderr[-2000:]
     out: dict[str, Any] = json.loads(proc.stdout)
     return out
@@ -182,6 +183,15 @@ def test_sentry_reports_n_workers_against_nginx_and_the_limit_accuracy() -> None
             vg = path["at_half_load_vegeta"]
             assert vg["counted"] > 0 and vg["errors"] == 0 and _number(vg["p99_ms"])
             assert vg["offered_rps"] == half["offered_rps"]
+
+
+def test_sentry_without_a_working_vegeta_says_so_and_keeps_its_own_figures() -> None:
+    d = _bench("sentry", "--requests", "20", "--seconds", "0.5", "--connections", "2",
+               "--loadgen-procs", "1", "--workers", "1", env={"PQCNET_VEGETA": "/bin/false"})
+    added = d["pqcnet_added_latency_at_half_load_ms"]
+    assert added["driver"] == "asyncio client" and added["vegeta_failed"].startswith("direct")
+    assert all("at_half_load_vegeta" not in path for path in d["paths"].values())
+    assert added["p99"] == added["p99_asyncio_client"]
 
 
 def test_memory_reports_rss_of_a_real_relayer_and_sentry_against_idle() -> None:
