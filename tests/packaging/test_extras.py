@@ -43,9 +43,20 @@ def _module_name(path: Path) -> str:
 MODULES = {_module_name(p): p for p in SRC.rglob("*.py")}
 
 
+def _parse(path: Path) -> ast.Module:
+    """``ast.parse``, once more after CPython 3.11's spurious "AST constructor recursion
+    depth mismatch" SystemError (python/cpython#106905; seen once in a CI run here, on a
+    file that parses fine before and after)."""
+    source = path.read_text()
+    try:
+        return ast.parse(source)
+    except SystemError:
+        return ast.parse(source)
+
+
 @cache
 def _imports(module: str) -> frozenset[str]:
-    tree = ast.parse(MODULES[module].read_text())
+    tree = _parse(MODULES[module])
     guarded: set[int] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Try) and any(
