@@ -49,3 +49,11 @@ def test_a_closed_port_is_all_errors(vegeta: str) -> None:
         port = s.getsockname()[1]  # bound, never listening: connections are refused
         got = _vegeta.paced(vegeta, _line(port), rate=50, seconds=1, connections=2)
     assert got["errors"] == 50, got  # refused requests are failures, never latencies
+
+
+def test_a_run_shorter_than_the_warm_up_is_counted_whole(vegeta: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        got = _vegeta.paced(vegeta, _line(port), rate=20, seconds=0.2, connections=1)
+    assert got["counted"] == 4 and got["errors"] == 4, got

@@ -57,7 +57,8 @@ def paced(exe: str, line: bytes, rate: float, seconds: float, connections: int
     if not rows:
         raise RuntimeError("vegeta returned no results")
     start = min(r[0] for r in rows)
-    kept = [r for r in rows if r[0] - start >= WARMUP_S * 1e9]
+    # a run too short to spare its warm-up is counted whole
+    kept = [r for r in rows if r[0] - start >= WARMUP_S * 1e9] or rows
     lat = sorted(r[2] / 1e6 for r in kept)
     span = (max(r[0] for r in kept) - min(r[0] for r in kept)) / 1e9 if len(kept) > 1 else 0
     return {"driver": "vegeta", "offered_rps": round(rate, 1),
