@@ -23,6 +23,7 @@ import subprocess
 from typing import Any
 
 from pqcnet.bench._env import services_env
+from pqcnet.bench._stats import percentiles
 
 #: Results sent in the first WARMUP_S seconds (connections being opened) are not counted.
 WARMUP_S = 0.25
@@ -59,11 +60,11 @@ def paced(exe: str, line: bytes, rate: float, seconds: float, connections: int
     start = min(r[0] for r in rows)
     # a run too short to spare its warm-up is counted whole
     kept = [r for r in rows if r[0] - start >= WARMUP_S * 1e9] or rows
-    lat = sorted(r[2] / 1e6 for r in kept)
+    latencies_s = [r[2] / 1e9 for r in kept]
     span = (max(r[0] for r in kept) - min(r[0] for r in kept)) / 1e9 if len(kept) > 1 else 0
+    pct = percentiles(latencies_s)
     return {"driver": "vegeta", "offered_rps": round(rate, 1),
             "achieved_rps": round((len(kept) - 1) / span, 1) if span else 0.0,
-            "p50_ms": round(lat[len(lat) // 2], 3),
-            "p99_ms": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3),
-            "max_ms": round(lat[-1], 3), "counted": len(kept),
+            "p50_ms": pct["p50_ms"], "p99_ms": pct["p99_ms"],
+            "max_ms": round(max(latencies_s) * 1000, 3), "counted": pct["n"],
             "errors": sum(1 for r in rows if r[1] != 200)}
