@@ -174,6 +174,13 @@ def test_sentry_reports_n_workers_against_nginx_and_the_limit_accuracy() -> None
     assert acc["admitted"] > 0 and acc["refused"] > 0 and _number(acc["ratio"])
     half = d["paths"]["pqcnet"]["at_half_load"]
     assert half["offered_rps"] > 0 and half["achieved_rps"] > 0 and _number(half["p99_ms"])
+    # CPU per RPC and busy fraction of the sidecar and sentry, sequential and at half
+    # load (/proc tick resolution: a tiny run may read 0; never negative or > the cores)
+    for cpu in (d["paths"]["pqcnet"]["sequential_cpu"], half["cpu"]):
+        for who in ("sidecar", "sentry"):
+            assert _number(cpu[f"{who}_cpu_ms_per_rpc"])
+            assert _number(cpu[f"{who}_busy"]) and cpu[f"{who}_busy"] <= d["cpus"]
+    assert "cpu" not in d["paths"]["direct"]["at_half_load"]
     added = d["pqcnet_added_latency_at_half_load_ms"]
     assert "p99" in added and "p99_asyncio_client" in added
     # vegeta comes with the NATS baseline (`scripts/services install`): in CI it must run
@@ -183,6 +190,7 @@ def test_sentry_reports_n_workers_against_nginx_and_the_limit_accuracy() -> None
             vg = path["at_half_load_vegeta"]
             assert vg["counted"] > 0 and vg["errors"] == 0 and _number(vg["p99_ms"])
             assert vg["offered_rps"] == half["offered_rps"]
+        assert _number(d["paths"]["pqcnet"]["at_half_load_vegeta"]["cpu"]["sentry_busy"])
 
 
 def test_sentry_without_a_working_vegeta_says_so_and_keeps_its_own_figures() -> None:

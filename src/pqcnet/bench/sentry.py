@@ -33,7 +33,11 @@ path gets the same offer from it too (:mod:`pqcnet.bench._vegeta`) and the targe
 judged on vegeta's figures, which carry less of the generator's own tail. For the
 pqcnet path the CPU the sidecar and sentry processes used per RPC during the
 throughput phase is reported too (from ``/proc``): unlike RPC/s it does not depend
-on what else the machine is running.
+on what else the machine is running; so is the CPU per RPC and the busy fraction of
+one core (``*_busy``) of each of the two during the sequential phase
+(``sequential_cpu``) and each half-load run (``cpu``): requests that arrive alone cost
+about twice what they cost in a saturated batch, which is why "half of the maximum
+RPS" keeps each process over half busy.
 Throughput: ``--connections`` concurrent keep-alive connections for ``--seconds``.
 The 1-minute load average before and after is part of the output: on the shared
 2-core machine other work skews numbers. So is ``event_loop``: the sentry and sidecar
@@ -265,17 +269,44 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class _CpuWatch:
+    """CPU the watched processes used between :meth:`start` and :meth:`per_rpc`, per
+    RPC and as a busy fraction of one core over the wall time (how close to its own
+    saturation each single-threaded process ran during a phase)."""
+
+    def __init__(self, watch: dict[str, int] | None) -> None:
+        self.watch = watch or {}
+        self.start()
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._cpu0 = {name: _cpu_seconds(pid) for name, pid in self.watch.items()}
+
+    def per_rpc(self, rpcs: int, *, busy: bool = False) -> dict[str, float]:
+        wall = max(time.monotonic() - self._t0, 1e-9)
+        out: dict[str, float] = {}
+        for name, pid in self.watch.items():
+            used = _cpu_seconds(pid) - self._cpu0[name]
+            out[f"{name}_cpu_ms_per_rpc"] = round(used * 1000 / max(rpcs, 1), 3)
+            if busy:
+                out[f"{name}_busy"] = round(used / wall, 3)
+        return out
+
+
 def _measure(port: int, n: int, conns: int, seconds: float, procs: int,
              watch: dict[str, int] | None = None) -> dict[str, Any]:
+    cpu = _CpuWatch(watch)
     lat = asyncio.run(_latency(port, n))
-    before = {name: _cpu_seconds(pid) for name, pid in (watch or {}).items()}
+    sequential = cpu.per_rpc(n + 20, busy=True)  # +20: the warm-up requests
+    cpu.start()
     ok, bad = _throughput_multi(port, conns, seconds, procs)
-    cpu = {f"{name}_cpu_ms_per_rpc": round((_cpu_seconds(pid) - before[name]) * 1000
-                                           / max(ok, 1), 3)
-           for name, pid in (watch or {}).items()}
-    return {**cpu,"p50_ms": round(_pct(lat, 0.50), 3), "p99_ms": round(_pct(lat, 0.99), 3),
-            "mean_ms": round(statistics.fmean(lat) * 1000, 3),
-            "rps": round(ok / seconds, 1), "errors": bad}
+    out: dict[str, Any] = {**cpu.per_rpc(ok), "p50_ms": round(_pct(lat, 0.50), 3),
+                           "p99_ms": round(_pct(lat, 0.99), 3),
+                           "mean_ms": round(statistics.fmean(lat) * 1000, 3),
+                           "rps": round(ok / seconds, 1), "errors": bad}
+    if watch:
+        out["sequential_cpu"] = sequential
+    return out
 
 
 # ---------------------------------------------------------------------------- setup
@@ -506,13 +537,19 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
             # request costs when the proxy is busy but not saturated
             half = max(10.0, results["pqcnet"]["rps"] * HALF_LOAD)
             for name, port in paths:
-                results[name]["at_half_load"] = asyncio.run(
+                cpu = _CpuWatch(watch if name == "pqcnet" else None)
+                paced = results[name]["at_half_load"] = asyncio.run(
                     _paced(port, half, seconds, connections))
+                if cpu.watch:
+                    paced["cpu"] = cpu.per_rpc(int(half * seconds), busy=True)
                 if vegeta is not None:  # the same offer from an independent generator
                     try:
-                        results[name]["at_half_load_vegeta"] = _vegeta.paced(
+                        cpu.start()
+                        paced = results[name]["at_half_load_vegeta"] = _vegeta.paced(
                             vegeta, _vegeta.target(port, _RPC, _RPC_HEADERS), half,
                             seconds, connections)
+                        if cpu.watch:
+                            paced["cpu"] = cpu.per_rpc(int(half * seconds), busy=True)
                     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                         vegeta_failed = f"{name}: {exc}"
                         vegeta = None
