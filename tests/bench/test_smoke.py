@@ -202,6 +202,70 @@ def test_sentry_without_a_working_vegeta_says_so_and_keeps_its_own_figures() -> 
     assert added["p99"] == added["p99_asyncio_client"]
 
 
+def test_sentry_sweep_reports_the_latency_curve_and_draws_it(tmp_path: Path) -> None:
+    png = tmp_path / "curve.png"
+    d = _bench("sentry", "--requests", "20", "--seconds", "0.5", "--connections", "2",
+               "--loadgen-procs", "1", "--workers", "1", "--sweep", "0.5,0.2,0.5",
+               "--plot", str(png))
+    sw = d["sweep"]
+    points = sw["points"]
+    assert [p["fraction"] for p in points] == [0.2, 0.5]  # sorted, the repeat once
+    assert points[0]["offered_rps"] < points[1]["offered_rps"]
+    for p in points:
+        for name in ("direct", "pqcnet", *(["nginx"] if "nginx" in d["paths"] else [])):
+            assert p[name]["errors"] == 0 and _number(p[name]["p99_ms"]), (name, p)
+            assert p[name]["p50_ms"] <= p[name]["p99_ms"]
+        assert p["pqcnet_added_p99_ms"] == round(p["pqcnet"]["p99_ms"]
+                                                 - p["direct"]["p99_ms"], 3)
+        assert 0 <= p["pqcnet"]["cpu"]["sentry_busy"] <= d["cpus"]
+        assert "cpu" not in p["direct"]
+    # the verdict follows from the points: the largest leading fraction under the target
+    upto = None
+    for p in points:
+        if p["pqcnet_added_p99_ms"] > sw["added_p99_target_ms"]:
+            break
+        upto = p["fraction"]
+    assert sw["target_holds_up_to_fraction"] == upto
+    if _services_env().get("PQCNET_VEGETA") or os.environ.get("PQCNET_REQUIRE_SERVICES") == "1":
+        assert {p[n]["driver"] for p in points for n in ("direct", "pqcnet")} == {"vegeta"}
+    assert sw["plot"] == str(png)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--sweep", "0.5,0"), "fractions must be in (0, 1]"),
+    (("--sweep", "1.5"), "fractions must be in (0, 1]"),
+    (("--sweep", "0.5,half"), "not a comma-separated list of numbers"),
+    (("--sweep", ",".join(str(i / 100) for i in range(1, 23))), "at most 20 points"),
+    (("--plot", "x.png"), "give --sweep too"),
+])
+def test_sentry_sweep_refuses_bad_settings_before_running(args: tuple[str, ...],
+                                                          message: str) -> None:
+    proc = subprocess.run([PQCNET, "bench", "sentry", *args], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_sentry_plot_without_matplotlib_is_refused_before_the_run(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from pqcnet.bench import _plot
+    from pqcnet.bench import sentry as bench_sentry
+
+    def must_not_run(*_a: object) -> None:
+        raise AssertionError("the bench ran although --plot cannot be honoured")
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails, as uninstalled
+    monkeypatch.setattr(bench_sentry, "run", must_not_run)
+    assert not _plot.available()
+    res = CliRunner().invoke(bench_sentry.cli, ["--sweep", "0.5", "--plot", "x.png"])
+    assert res.exit_code == 2 and "pip install 'pqcnet[sim]'" in res.output
+
+
 def test_memory_reports_rss_of_a_real_relayer_and_sentry_against_idle() -> None:
     d = _bench("memory", "--topics", "400", "--active", "40", "--rounds", "1",
                "--tunnels", "64", "--concurrency", "8", "--epoch-seconds", "2")

@@ -38,6 +38,10 @@ one core (``*_busy``) of each of the two during the sequential phase
 (``sequential_cpu``) and each half-load run (``cpu``): requests that arrive alone cost
 about twice what they cost in a saturated batch, which is why "half of the maximum
 RPS" keeps each process over half busy.
+``--sweep F1,F2,...`` offers every path each of those fractions of the pqcnet
+path's maximum (vegeta when built, else the asyncio client): the latency-vs-load curve
+and the largest fraction up to which the added p99 stays within the target;
+``--plot`` draws it (:mod:`pqcnet.bench._plot`).
 Throughput: ``--connections`` concurrent keep-alive connections for ``--seconds``.
 The 1-minute load average before and after is part of the output: on the shared
 2-core machine other work skews numbers. So is ``event_loop``: the sentry and sidecar
@@ -67,7 +71,7 @@ import click
 import yaml
 from tqdm import tqdm
 
-from pqcnet.bench import _vegeta
+from pqcnet.bench import _plot, _vegeta
 
 TARGET_RPS = 5000
 TARGET_ADDED_P99_MS = 5.0
@@ -82,6 +86,8 @@ TARGET_ADDED_P99_HALF_LOAD_MS = 2.0
 LIMIT_RATE = 1000.0
 LIMIT_BURST = 100.0
 LIMIT_FRACTION = 0.5
+#: load-sweep points at most (each costs --seconds per path)
+MAX_SWEEP_POINTS = 20
 _BODY = json.dumps({"jsonrpc": "2.0", "id": 1, "result": "0x1"}).encode()
 _RESPONSE = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
              + str(len(_BODY)).encode() + b"\r\n\r\n" + _BODY)
@@ -309,6 +315,63 @@ def _measure(port: int, n: int, conns: int, seconds: float, procs: int,
     return out
 
 
+def _offer(port: int, rate: float, seconds: float, conns: int, vegeta: str | None,
+           watch: dict[str, int] | None) -> dict[str, Any]:
+    """Offer ``rate`` RPC/s open loop for ``seconds`` from vegeta (when given) or the
+    asyncio client; with ``watch``, the watched processes' CPU per RPC and busy
+    fraction during the run are added as ``cpu``."""
+    cpu = _CpuWatch(watch)
+    if vegeta is None:
+        got = asyncio.run(_paced(port, rate, seconds, conns))
+    else:
+        got = _vegeta.paced(vegeta, _vegeta.target(port, _RPC, _RPC_HEADERS), rate,
+                            seconds, conns)
+    if cpu.watch:
+        got["cpu"] = cpu.per_rpc(int(rate * seconds), busy=True)
+    return got
+
+
+#: what a failing vegeta raises (the run then goes on with the asyncio client)
+_VEGETA_ERRORS = (OSError, RuntimeError, subprocess.SubprocessError)
+
+
+def _sweep(paths: list[tuple[str, int]], max_rps: float, fractions: tuple[float, ...],
+           seconds: float, conns: int, vegeta: str | None, watch: dict[str, int]
+           ) -> dict[str, Any]:
+    """Every path at each fraction of pqcnet's maximum RPS (one driver: vegeta when it
+    works, else the asyncio client): the latency-vs-load curve and where the added-p99
+    target stops holding."""
+    points: list[dict[str, Any]] = []
+    failed = ""
+    for fraction in tqdm(sorted(set(fractions)), desc="load sweep", unit="point"):
+        rate = max(10.0, max_rps * fraction)
+        point: dict[str, Any] = {"fraction": fraction, "offered_rps": round(rate, 1)}
+        for name, port in paths:
+            w = watch if name == "pqcnet" else None
+            try:
+                got = _offer(port, rate, seconds, conns, vegeta, w)
+            except _VEGETA_ERRORS as exc:
+                failed, vegeta = f"{name} at {fraction:g}: {exc}", None
+                got = _offer(port, rate, seconds, conns, None, w)
+            point[name] = {k: got[k] for k in ("driver", "achieved_rps", "p50_ms", "p99_ms",
+                                               "errors", "cpu") if k in got}
+            point[name].setdefault("driver", "asyncio client")
+        point["pqcnet_added_p99_ms"] = round(point["pqcnet"]["p99_ms"]
+                                             - point["direct"]["p99_ms"], 3)
+        points.append(point)
+    holds = [p["fraction"] for p in points
+             if p["pqcnet_added_p99_ms"] <= TARGET_ADDED_P99_HALF_LOAD_MS]
+    # the largest fraction up to which every point met the target (None: not even the first)
+    upto = None
+    for p in points:
+        if p["fraction"] not in holds:
+            break
+        upto = p["fraction"]
+    return {"points": points, "added_p99_target_ms": TARGET_ADDED_P99_HALF_LOAD_MS,
+            "target_holds_up_to_fraction": upto,
+            **({"vegeta_failed": failed} if failed else {})}
+
+
 # ---------------------------------------------------------------------------- setup
 
 
@@ -503,8 +566,10 @@ def _workers_phase(d: Path, backend: int, workers: int, requests: int, connectio
 
 
 def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
-        loadgen_procs: int = 2, workers: int = 2) -> dict[str, Any]:
-    """Measure all three paths; returns the JSON-able result."""
+        loadgen_procs: int = 2, workers: int = 2, sweep: tuple[float, ...] = ()
+        ) -> dict[str, Any]:
+    """Measure all three paths (and, with ``sweep``, each at those fractions of
+    pqcnet's maximum RPS); returns the JSON-able result."""
     from pqcnet._util.loop import loop_name
 
     load_before = round(os.getloadavg()[0], 2)
@@ -517,6 +582,7 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
     procs: list[subprocess.Popen[bytes]] = []
     results: dict[str, Any] = {}
     multi: dict[str, Any] = {}
+    swept: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="pqcnet-bench-sentry-") as tmp:
         d = Path(tmp)
         try:
@@ -537,22 +603,19 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
             # request costs when the proxy is busy but not saturated
             half = max(10.0, results["pqcnet"]["rps"] * HALF_LOAD)
             for name, port in paths:
-                cpu = _CpuWatch(watch if name == "pqcnet" else None)
-                paced = results[name]["at_half_load"] = asyncio.run(
-                    _paced(port, half, seconds, connections))
-                if cpu.watch:
-                    paced["cpu"] = cpu.per_rpc(int(half * seconds), busy=True)
+                w = watch if name == "pqcnet" else None
+                results[name]["at_half_load"] = _offer(port, half, seconds, connections,
+                                                       None, w)
                 if vegeta is not None:  # the same offer from an independent generator
                     try:
-                        cpu.start()
-                        paced = results[name]["at_half_load_vegeta"] = _vegeta.paced(
-                            vegeta, _vegeta.target(port, _RPC, _RPC_HEADERS), half,
-                            seconds, connections)
-                        if cpu.watch:
-                            paced["cpu"] = cpu.per_rpc(int(half * seconds), busy=True)
-                    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                        results[name]["at_half_load_vegeta"] = _offer(
+                            port, half, seconds, connections, vegeta, w)
+                    except _VEGETA_ERRORS as exc:
                         vegeta_failed = f"{name}: {exc}"
                         vegeta = None
+            if sweep:
+                swept = _sweep(paths, results["pqcnet"]["rps"], sweep, seconds,
+                               connections, vegeta, watch)
             if workers > 1:
                 multi = _workers_phase(d, ports["backend"], workers, requests, connections,
                                        seconds, loadgen_procs)
@@ -612,6 +675,8 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
         out["ratio_rps_pqcnet_to_nginx"] = round(pq["rps"] / ng["rps"], 3)
     else:
         out["nginx"] = "not found (install with `scripts/services install`); baseline skipped"
+    if swept:
+        out["sweep"] = swept
     if multi:
         m = multi["pqcnet"]
         scaling = round(m["rps"] / pq["rps"], 3)
@@ -643,8 +708,43 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 64),
               help="Also measure `sentry run --workers N` against nginx with N workers, and "
                    "the accuracy of a shared rate limit (1 = skip that phase).")
+@click.option("--sweep", default="", metavar="F1,F2,...",
+              help="Also offer every path these fractions (0 < F <= 1) of pqcnet's "
+                   "maximum RPS, open loop, for --seconds each: the latency-vs-load curve "
+                   "(JSON `sweep`), e.g. 0.1,0.3,0.5,0.7,0.9.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the sweep's curve to this PNG (needs --sweep and matplotlib, "
+                   "the `sim` extra).")
 def cli(requests: int, connections: int, seconds: float, loadgen_procs: int,
-        workers: int) -> None:
+        workers: int, sweep: str, plot: Path | None) -> None:
     """Sidecar → QSTP → sentry → backend vs direct and vs nginx; prints JSON."""
-    click.echo(json.dumps(run(requests, connections, seconds, loadgen_procs, workers),
-                          indent=2))
+    fractions = parse_fractions(sweep)
+    if plot is not None:
+        if not fractions:
+            raise click.UsageError("--plot draws the load sweep: give --sweep too")
+        if not _plot.available():
+            raise click.UsageError("--plot needs matplotlib: pip install 'pqcnet[sim]'")
+    out = run(requests, connections, seconds, loadgen_procs, workers, fractions)
+    if plot is not None:
+        out["sweep"]["plot"] = str(_plot.latency_vs_load(out["sweep"], plot))
+    click.echo(json.dumps(out, indent=2))
+
+
+def parse_fractions(text: str) -> tuple[float, ...]:
+    """``"0.1,0.5"`` → ``(0.1, 0.5)``; :class:`click.BadParameter` unless every one is a
+    number in (0, 1] (at most :data:`MAX_SWEEP_POINTS`)."""
+    if not text.strip():
+        return ()
+    try:
+        fractions = tuple(float(f) for f in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers",
+                                 param_hint="--sweep") from None
+    bad = [f for f in fractions if not 0.0 < f <= 1.0]
+    if bad:
+        raise click.BadParameter(f"fractions must be in (0, 1], got {bad[0]:g}",
+                                 param_hint="--sweep")
+    if len(set(fractions)) > MAX_SWEEP_POINTS:
+        raise click.BadParameter(f"at most {MAX_SWEEP_POINTS} points",
+                                 param_hint="--sweep")
+    return fractions
