@@ -218,6 +218,7 @@ def test_sentry_sweep_reports_the_latency_curve_and_draws_it(tmp_path: Path) -> 
         assert p["pqcnet_added_p99_ms"] == round(p["pqcnet"]["p99_ms"]
                                                  - p["direct"]["p99_ms"], 3)
         assert 0 <= p["pqcnet"]["cpu"]["sentry_busy"] <= d["cpus"]
+        assert _number(p["pqcnet"]["cpu"]["sidecar_cpu_ms_per_rpc"])
         assert "cpu" not in p["direct"]
     # the verdict follows from the points: the largest leading fraction under the target
     upto = None
@@ -239,6 +240,8 @@ def test_sentry_sweep_reports_the_latency_curve_and_draws_it(tmp_path: Path) -> 
     (("--sweep", "0.5,half"), "not a comma-separated list of numbers"),
     (("--sweep", ",".join(str(i / 100) for i in range(1, 23))), "at most 20 points"),
     (("--plot", "x.png"), "give --sweep too"),
+    (("--sweep", "0.5", "--plot", "/nonexistent-pqcnet-dir/x.png"),
+     "no directory '/nonexistent-pqcnet-dir'"),
 ])
 def test_sentry_sweep_refuses_bad_settings_before_running(args: tuple[str, ...],
                                                           message: str) -> None:

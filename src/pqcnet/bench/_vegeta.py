@@ -67,4 +67,5 @@ def paced(exe: str, line: bytes, rate: float, seconds: float, connections: int
             "achieved_rps": round((len(kept) - 1) / span, 1) if span else 0.0,
             "p50_ms": pct["p50_ms"], "p99_ms": pct["p99_ms"],
             "max_ms": round(max(latencies_s) * 1000, 3), "counted": pct["n"],
+            "sent": len(rows),
             "errors": sum(1 for r in rows if r[1] != 200)}
