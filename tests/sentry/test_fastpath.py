@@ -112,6 +112,30 @@ def _check_forwarded_headers(sentry: Sentry) -> None:
         ("x-user-id", "u-7"), ("x-keep", "k"))  # no policy for globex
 
 
+async def test_header_memos_keep_their_size_bound(tmp_path: Path, mesh: Mesh) -> None:
+    """A peer's oversized header block (under the 64 KiB head limit, over the memo's
+    item bound) is answered like any other but never remembered: the memos hold at most
+    max_entries x max_item, whatever the peers send."""
+    from pqcnet.sentry import backends
+
+    sentry = Sentry(_load(tmp_path, mesh))
+    try:
+        memo = sentry._forward_headers
+        big = (("x-keep", "k" * (memo.max_item + 1)),)
+        small = (("x-keep", "k"),)
+        for headers in (big, big, small):
+            head = wire.RequestHead("http", "POST", "/rpc", headers)
+            assert sentry.prepare(head, b"", _admission(sentry, "globex")).headers == headers
+        assert len(memo) == 1 and memo.get(small) is not None and memo.get(big) is None
+    finally:
+        await sentry.aclose()
+    backends._filtered.clear()
+    huge = (("x-big", "v" * (backends._filtered.max_item + 1)), ("connection", "close"))
+    assert backends._end_to_end(huge) == huge[:1]  # hop-by-hop dropped all the same
+    assert len(backends._filtered) == 0
+    assert backends._end_to_end(small) == small and len(backends._filtered) == 1
+
+
 def _load(tmp_path: Path, mesh: Mesh) -> Any:
     from pqcnet.sentry.config import load_config
 

@@ -33,7 +33,7 @@ import grpc.aio
 from pqcnet._util.schema import split_hostport
 from pqcnet.sentry.config import BackendConfig
 from pqcnet.sentry.errors import BackendError, SentryConfigError
-from pqcnet.sentry.memo import Memo
+from pqcnet.sentry.memo import Memo, headers_size
 from pqcnet.sentry.upstream import Upstream, backend_tls_context
 
 #: Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded, plus ones we recompute.
@@ -104,9 +104,10 @@ def _end_to_end(headers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], 
     """A backend's response headers without hop-by-hop ones (Content-Length stays)."""
     got = _filtered.get(headers)
     if got is None:
-        got = _filtered.put(headers, tuple(
-            (k, v) for k, v in headers
-            if k.lower() not in HOP_BY_HOP or k.lower() == "content-length"))
+        got = tuple((k, v) for k, v in headers
+                    if k.lower() not in HOP_BY_HOP or k.lower() == "content-length")
+        if headers_size(headers) <= _filtered.max_item:
+            _filtered.put(headers, got)
     return got
 
 

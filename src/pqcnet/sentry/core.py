@@ -42,7 +42,7 @@ from pqcnet.sentry.backends import Backend, ForwardRequest, TcpBackend, build_ba
 from pqcnet.sentry.config import BackendConfig, Policy, SentryConfig
 from pqcnet.sentry.errors import Denied, RateLimited, SentryConfigError, Unauthenticated
 from pqcnet.sentry.limiter import ConcurrencyGate, HammerDetector, Plan, RateLimiter
-from pqcnet.sentry.memo import Memo
+from pqcnet.sentry.memo import Memo, headers_size
 from pqcnet.sentry.metrics import SentryMetrics
 from pqcnet.sentry.sanitizer import IdentitySanitizer, SanitizerPolicy
 from pqcnet.sentry.wire import RequestHead
@@ -187,7 +187,8 @@ class Sentry:
         else:
             kept = [(n, v) for n, v in head.headers if n.lower() != HEADER]
             headers = tuple(kept if policy is None else policy.sanitize_headers(kept))
-            self._forward_headers.put(head.headers, (policy, headers))
+            if headers_size(head.headers) <= self._forward_headers.max_item:
+                self._forward_headers.put(head.headers, (policy, headers))
         if policy is not None and head.kind == "http":
             body = policy.sanitize_body(body)
         return ForwardRequest(head.method, head.path, headers, body, head.timeout)

@@ -52,7 +52,7 @@ from pqcnet.qstp.frames import ErrorCode
 from pqcnet.sentry.backends import close_quietly
 from pqcnet.sentry.errors import BackendError
 from pqcnet.sentry.http1 import HttpError, HttpLimits, response_head
-from pqcnet.sentry.memo import Memo
+from pqcnet.sentry.memo import Memo, headers_size
 from pqcnet.sentry.wire import RequestHead, ResponseHead
 
 log = logging.getLogger("pqcnet.sidecar")
@@ -121,7 +121,7 @@ def _header_facts(headers: tuple[tuple[str, str], ...]
     if got is None:
         got = (tuple((n, v) for n, v in headers if n.lower() not in _LOCAL_ONLY),
                any(n.lower() == IDEMPOTENCY_KEY for n, _ in headers))
-        if sum(len(n) + len(v) for n, v in headers) <= _facts.max_item:
+        if headers_size(headers) <= _facts.max_item:
             _facts.put(headers, got)
     return got
 

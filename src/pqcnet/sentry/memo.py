@@ -57,6 +57,12 @@ class Memo(Generic[K, V]):
         self._d.clear()
 
 
+def headers_size(headers: tuple[tuple[str, str], ...]) -> int:
+    """Characters in a header block's names and values: the size a memo bounds when
+    the key is a header tuple."""
+    return sum(len(n) + len(v) for n, v in headers)
+
+
 def memoized(memo: Memo[K, V], compute: Callable[[K], V],
              size: Callable[[K, V], int]) -> Callable[[K], V]:
     """``compute`` through ``memo``: a hit returns the remembered value; a miss computes
