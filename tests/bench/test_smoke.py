@@ -165,6 +165,7 @@ def test_sentry_reports_n_workers_against_nginx_and_the_limit_accuracy() -> None
     d = _bench("sentry", "--requests", "30", "--seconds", "1", "--connections", "4",
                "--loadgen-procs", "1", "--workers", "2")
     assert _number(d["paths"]["pqcnet"]["rps"]) and d["paths"]["pqcnet"]["errors"] == 0
+    assert d["settings"]["request_ids"] is False
     w = d["workers"]
     assert w["workers"] == 2 and _number(w["scaling_rps_vs_1_worker"])
     assert _number(w["pqcnet"]["sentry_cpu_ms_per_rpc"]) and w["pqcnet"]["errors"] == 0
@@ -206,7 +207,11 @@ def test_sentry_sweep_reports_the_latency_curve_and_draws_it(tmp_path: Path) -> 
     png = tmp_path / "curve.png"
     d = _bench("sentry", "--requests", "20", "--seconds", "0.5", "--connections", "2",
                "--loadgen-procs", "1", "--workers", "1", "--sweep", "0.5,0.2,0.5",
-               "--plot", str(png))
+               "--plot", str(png), "--request-ids")
+    # unique x-request-ids (as traced apps send) pass the sidecar and sentry untouched
+    assert d["settings"]["request_ids"] is True
+    assert all(path["errors"] == 0 and path["at_half_load"]["errors"] == 0
+               for path in d["paths"].values())
     sw = d["sweep"]
     points = sw["points"]
     assert [p["fraction"] for p in points] == [0.2, 0.5]  # sorted, the repeat once

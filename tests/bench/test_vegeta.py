@@ -58,3 +58,4 @@ def test_a_run_shorter_than_the_warm_up_is_counted_whole(vegeta: str) -> None:
         port = s.getsockname()[1]
         got = _vegeta.paced(vegeta, _line(port), rate=20, seconds=0.2, connections=1)
     assert got["counted"] == got["sent"] == 4 and got["errors"] == 4, got
+

@@ -53,9 +53,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import multiprocessing
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -64,6 +66,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,15 +155,29 @@ def _req(port: int) -> bytes:
             % (port, head, len(_RPC), _RPC))
 
 
-async def _latency(port: int, n: int) -> list[float]:
-    r, w = await asyncio.open_connection("127.0.0.1", port)
+def _requests(port: int, ids: bool) -> Iterator[bytes]:
+    """The bench's request, endlessly; with ``ids`` each one carries its own
+    ``x-request-id`` (a random tag per call, then a counter), as a traced app's requests
+    do (and vegeta's, with ``X-Vegeta-Seq``): no two heads are equal, so the sidecar's
+    and sentry's head memos never hit."""
     req = _req(port)
+    if not ids:
+        return itertools.repeat(req)
+    head, _, body = req.partition(b"\r\n\r\n")
+    tag = secrets.token_hex(4).encode()
+    return (b"%s\r\nx-request-id: %s-%d\r\n\r\n%s" % (head, tag, n, body)
+            for n in itertools.count())
+
+
+async def _latency(port: int, n: int, ids: bool = False) -> list[float]:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    reqs = _requests(port, ids)
     for _ in range(20):
-        await _request(r, w, req)
+        await _request(r, w, next(reqs))
     out = []
     for _ in range(n):
         t = time.perf_counter()
-        status = await _request(r, w, req)
+        status = await _request(r, w, next(reqs))
         out.append(time.perf_counter() - t)
         if status != 200:
             raise click.ClickException(f"port {port} answered {status}")
@@ -168,18 +185,19 @@ async def _latency(port: int, n: int) -> list[float]:
     return out
 
 
-async def _throughput(port: int, conns: int, seconds: float) -> tuple[int, int]:
-    req = _req(port)
+async def _throughput(port: int, conns: int, seconds: float, ids: bool = False
+                      ) -> tuple[int, int]:
+    reqs = _requests(port, ids)
     ok = bad = 0
     deadline = 0.0
 
     async def worker() -> None:
         nonlocal ok, bad
         r, w = await asyncio.open_connection("127.0.0.1", port)
-        await _request(r, w, req)
+        await _request(r, w, next(reqs))
         while time.perf_counter() < deadline:
             try:
-                status = await _request(r, w, req)
+                status = await _request(r, w, next(reqs))
             except (asyncio.IncompleteReadError, ConnectionError):
                 bad += 1  # the server closed the connection: count it and reconnect
                 w.close()
@@ -196,11 +214,12 @@ async def _throughput(port: int, conns: int, seconds: float) -> tuple[int, int]:
     return ok, bad
 
 
-async def _paced(port: int, rate: float, seconds: float, conns: int) -> dict[str, Any]:
+async def _paced(port: int, rate: float, seconds: float, conns: int, ids: bool = False
+                 ) -> dict[str, Any]:
     """Open-loop latency at a fixed offered ``rate``: request *i* is due at
     ``t0 + i / rate`` and its latency counts from that moment (a request that waits for
     a free connection is late, not excused: no coordinated omission)."""
-    req = _req(port)
+    reqs = _requests(port, ids)
     due: asyncio.Queue[float | None] = asyncio.Queue()
     lat: list[float] = []
     bad = 0
@@ -208,10 +227,10 @@ async def _paced(port: int, rate: float, seconds: float, conns: int) -> dict[str
     async def worker() -> None:
         nonlocal bad
         r, w = await asyncio.open_connection("127.0.0.1", port)
-        await _request(r, w, req)
+        await _request(r, w, next(reqs))
         while (t := await due.get()) is not None:
             try:
-                status = await _request(r, w, req)
+                status = await _request(r, w, next(reqs))
             except (asyncio.IncompleteReadError, ConnectionError):
                 bad += 1
                 w.close()
@@ -245,17 +264,19 @@ def _pct(xs: list[float], p: float) -> float:
     return sorted(xs)[min(len(xs) - 1, int(p * len(xs)))] * 1000
 
 
-def _throughput_proc(port: int, conns: int, seconds: float, out: Any) -> None:
-    out.put(asyncio.run(_throughput(port, conns, seconds)))
+def _throughput_proc(port: int, conns: int, seconds: float, out: Any, ids: bool) -> None:
+    out.put(asyncio.run(_throughput(port, conns, seconds, ids)))
 
 
-def _throughput_multi(port: int, conns: int, seconds: float, procs: int) -> tuple[int, int]:
+def _throughput_multi(port: int, conns: int, seconds: float, procs: int, ids: bool = False
+                      ) -> tuple[int, int]:
     """Run the throughput phase in ``procs`` processes; sum their counts."""
     procs = max(1, min(procs, conns))
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
     shares = [conns // procs + (1 if i < conns % procs else 0) for i in range(procs)]
-    workers = [ctx.Process(target=_throughput_proc, args=(port, n, seconds, q), daemon=True)
+    workers = [ctx.Process(target=_throughput_proc, args=(port, n, seconds, q, ids),
+                           daemon=True)
                for n in shares]
     for w in workers:
         w.start()
@@ -300,12 +321,12 @@ class _CpuWatch:
 
 
 def _measure(port: int, n: int, conns: int, seconds: float, procs: int,
-             watch: dict[str, int] | None = None) -> dict[str, Any]:
+             watch: dict[str, int] | None = None, ids: bool = False) -> dict[str, Any]:
     cpu = _CpuWatch(watch)
-    lat = asyncio.run(_latency(port, n))
+    lat = asyncio.run(_latency(port, n, ids))
     sequential = cpu.per_rpc(n + 20, busy=True)  # +20: the warm-up requests
     cpu.start()
-    ok, bad = _throughput_multi(port, conns, seconds, procs)
+    ok, bad = _throughput_multi(port, conns, seconds, procs, ids)
     out: dict[str, Any] = {**cpu.per_rpc(ok), "p50_ms": round(_pct(lat, 0.50), 3),
                            "p99_ms": round(_pct(lat, 0.99), 3),
                            "mean_ms": round(statistics.fmean(lat) * 1000, 3),
@@ -316,14 +337,14 @@ def _measure(port: int, n: int, conns: int, seconds: float, procs: int,
 
 
 def _offer(port: int, rate: float, seconds: float, conns: int, vegeta: str | None,
-           watch: dict[str, int] | None) -> dict[str, Any]:
+           watch: dict[str, int] | None, ids: bool = False) -> dict[str, Any]:
     """Offer ``rate`` RPC/s open loop for ``seconds`` from vegeta (when given) or the
     asyncio client; with ``watch``, the watched processes' CPU per request sent (an
     overloaded vegeta sends fewer than offered) and busy fraction during the run are
     added as ``cpu``."""
     cpu = _CpuWatch(watch)
     if vegeta is None:
-        got = asyncio.run(_paced(port, rate, seconds, conns))
+        got = asyncio.run(_paced(port, rate, seconds, conns, ids))
     else:
         got = _vegeta.paced(vegeta, _vegeta.target(port, _RPC, _RPC_HEADERS), rate,
                             seconds, conns)
@@ -337,8 +358,8 @@ _VEGETA_ERRORS = (OSError, RuntimeError, subprocess.SubprocessError)
 
 
 def _sweep(paths: list[tuple[str, int]], max_rps: float, fractions: tuple[float, ...],
-           seconds: float, conns: int, vegeta: str | None, watch: dict[str, int]
-           ) -> dict[str, Any]:
+           seconds: float, conns: int, vegeta: str | None, watch: dict[str, int],
+           ids: bool = False) -> dict[str, Any]:
     """Every path at each fraction of pqcnet's maximum RPS (one driver: vegeta when it
     works, else the asyncio client): the latency-vs-load curve and where the added-p99
     target stops holding."""
@@ -350,10 +371,10 @@ def _sweep(paths: list[tuple[str, int]], max_rps: float, fractions: tuple[float,
         for name, port in paths:
             w = watch if name == "pqcnet" else None
             try:
-                got = _offer(port, rate, seconds, conns, vegeta, w)
+                got = _offer(port, rate, seconds, conns, vegeta, w, ids)
             except _VEGETA_ERRORS as exc:
                 failed, vegeta = f"{name} at {fraction:g}: {exc}", None
-                got = _offer(port, rate, seconds, conns, None, w)
+                got = _offer(port, rate, seconds, conns, None, w, ids)
             point[name] = {k: got[k] for k in ("driver", "achieved_rps", "p50_ms", "p99_ms",
                                                "errors", "cpu") if k in got}
             point[name].setdefault("driver", "asyncio client")
@@ -510,7 +531,7 @@ def _children(pid: int) -> list[int]:
 
 
 def _workers_phase(d: Path, backend: int, workers: int, requests: int, connections: int,
-                   seconds: float, loadgen_procs: int) -> dict[str, Any]:
+                   seconds: float, loadgen_procs: int, ids: bool = False) -> dict[str, Any]:
     """nginx and the pqcnet sentry with ``workers`` processes each, then the accuracy
     of a shared rate limit under overload."""
     ports = {k: free_port() for k in ("nginx", "sentry", "sidecar", "lim")}
@@ -532,9 +553,9 @@ def _workers_phase(d: Path, backend: int, workers: int, requests: int, connectio
                                                enumerate(kids)}}
         if nginx is not None:
             out["nginx"] = _measure(ports["nginx"], requests, connections, seconds,
-                                    loadgen_procs)
+                                    loadgen_procs, ids=ids)
         out["pqcnet"] = _measure(ports["sidecar"], requests, connections, seconds,
-                                 loadgen_procs, watch)
+                                 loadgen_procs, watch, ids)
         out["pqcnet"]["sentry_cpu_ms_per_rpc"] = round(sum(
             v for k, v in out["pqcnet"].items()
             if k.startswith("sentry_w") and k.endswith("cpu_ms_per_rpc")), 3)
@@ -546,7 +567,8 @@ def _workers_phase(d: Path, backend: int, workers: int, requests: int, connectio
         burst = max(1.0, round(rate / 10))
         write_sentry_config(d, backend, ports["sentry"], workers, (rate, burst))
         time.sleep(2.5)  # > the 1 s reload interval
-        ok, refused = _throughput_multi(ports["lim"], connections, seconds, loadgen_procs)
+        ok, refused = _throughput_multi(ports["lim"], connections, seconds, loadgen_procs,
+                                        ids)
         allowed = burst + rate * seconds
         out["limit_accuracy"] = {
             "rate": rate, "burst": burst, "seconds": seconds,
@@ -565,8 +587,8 @@ def _workers_phase(d: Path, backend: int, workers: int, requests: int, connectio
 
 
 def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
-        loadgen_procs: int = 2, workers: int = 2, sweep: tuple[float, ...] = ()
-        ) -> dict[str, Any]:
+        loadgen_procs: int = 2, workers: int = 2, sweep: tuple[float, ...] = (),
+        request_ids: bool = False) -> dict[str, Any]:
     """Measure all three paths (and, with ``sweep``, each at those fractions of
     pqcnet's maximum RPS); returns the JSON-able result."""
     from pqcnet._util.loop import loop_name
@@ -597,14 +619,14 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
             watch = {"sidecar": procs[-2].pid, "sentry": procs[-1].pid}
             for name, port in tqdm(paths, desc="sentry bench", unit="path"):
                 results[name] = _measure(port, requests, connections, seconds, loadgen_procs,
-                                         watch if name == "pqcnet" else None)
+                                         watch if name == "pqcnet" else None, request_ids)
             # every path again at half of pqcnet's measured maximum, open loop: what a
             # request costs when the proxy is busy but not saturated
             half = max(10.0, results["pqcnet"]["rps"] * HALF_LOAD)
             for name, port in paths:
                 w = watch if name == "pqcnet" else None
                 results[name]["at_half_load"] = _offer(port, half, seconds, connections,
-                                                       None, w)
+                                                       None, w, request_ids)
                 if vegeta is not None:  # the same offer from an independent generator
                     try:
                         results[name]["at_half_load_vegeta"] = _offer(
@@ -614,10 +636,10 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
                         vegeta = None
             if sweep:
                 swept = _sweep(paths, results["pqcnet"]["rps"], sweep, seconds,
-                               connections, vegeta, watch)
+                               connections, vegeta, watch, request_ids)
             if workers > 1:
                 multi = _workers_phase(d, ports["backend"], workers, requests, connections,
-                                       seconds, loadgen_procs)
+                                       seconds, loadgen_procs, request_ids)
         finally:
             for p in procs:
                 p.send_signal(signal.SIGTERM)
@@ -643,7 +665,8 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
         # PQCNET_NO_UVLOOP=1 forces the stdlib loop for an A/B run)
         "event_loop": loop_name(),
         "settings": {"latency_requests": requests, "connections": connections,
-                     "seconds": seconds, "loadgen_processes": loadgen_procs},
+                     "seconds": seconds, "loadgen_processes": loadgen_procs,
+                     "request_ids": request_ids},
         "loadavg_1m": {"before": load_before, "after": round(os.getloadavg()[0], 2)},
         "paths": results,
         "pqcnet_added_latency_ms": {
@@ -711,11 +734,15 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
               help="Also offer every path these fractions (0 < F <= 1) of pqcnet's "
                    "maximum RPS, open loop, for --seconds each: the latency-vs-load curve "
                    "(JSON `sweep`), e.g. 0.1,0.3,0.5,0.7,0.9.")
+@click.option("--request-ids", is_flag=True,
+              help="The bench's own client sends a unique x-request-id on every request, "
+                   "as traced apps do (vegeta always sends a unique X-Vegeta-Seq): no "
+                   "head repeats, so no head memo hits.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the sweep's curve to this PNG (needs --sweep and matplotlib, "
                    "the `sim` extra).")
 def cli(requests: int, connections: int, seconds: float, loadgen_procs: int,
-        workers: int, sweep: str, plot: Path | None) -> None:
+        workers: int, sweep: str, request_ids: bool, plot: Path | None) -> None:
     """Sidecar → QSTP → sentry → backend vs direct and vs nginx; prints JSON."""
     fractions = parse_fractions(sweep)
     if plot is not None:
@@ -725,7 +752,7 @@ def cli(requests: int, connections: int, seconds: float, loadgen_procs: int,
             raise click.UsageError("--plot needs matplotlib: pip install 'pqcnet[sim]'")
         if not plot.parent.is_dir():  # found now, not after minutes of measuring
             raise click.UsageError(f"--plot: no directory {str(plot.parent)!r}")
-    out = run(requests, connections, seconds, loadgen_procs, workers, fractions)
+    out = run(requests, connections, seconds, loadgen_procs, workers, fractions, request_ids)
     if plot is not None:
         out["sweep"]["plot"] = str(_plot.latency_vs_load(out["sweep"], plot))
     click.echo(json.dumps(out, indent=2))
