@@ -84,6 +84,40 @@ async def test_dead_relayer_shards_and_pending_entries_move(
     assert (await b.client.xpending(b.key(0), "g"))["pending"] == 0
 
 
+async def test_entries_read_after_the_lease_ran_out_are_taken_by_the_owner(
+        cluster: Callable[[str], RedisStreamsBus]) -> None:
+    """The race behind a CI failure: a relayer's XREADGROUP lands after the new owner's
+    one-time claim (its lease expired on the way), so the entries sit in the loser's
+    PEL, unacked for good, and the owner never reads them (they are past the group's
+    last-delivered id). The owner's sweep takes them after two leases."""
+    b = cluster("b")
+    await b.start()
+    assert b.assignment() == list(range(SHARDS))
+    assert await b.consume(0, "g", block=0.1) == []  # claimed: nothing pending yet
+    frames = [Frame("acme", "c", s, b"late%d" % s) for s in range(1, 4)]
+    await b.publish(0, [encode(f) for f in frames])
+    # the former owner "a", whose lease is gone, reads them now: the late XREADGROUP
+    late = await b.client.xreadgroup("g", "a", {b.key(0): ">"}, count=10)
+    assert len(late[0][1]) == 1  # one packed entry, now in a's PEL
+    mine = await b.consume(0, "g", block=0.1)
+    assert mine == []  # past the last-delivered id: b's own reads never see them
+    async with asyncio.timeout(6 * LEASE + 5):
+        while not (got := await b.consume(0, "g", block=0.1)):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+    assert [d.data for d in got] == [encode(f) for f in frames]
+    assert b.stale_claimed == 1
+    await b.ack(0, "g", got)
+    pending = await b.client.xpending(b.key(0), "g")
+    assert pending["pending"] == 0, pending
+    # b's own entries in flight are never swept away from it
+    await b.publish(0, [encode(Frame("acme", "c", 9, b"mine"))])
+    held = await b.consume(0, "g", block=0.1)
+    assert len(held) == 1
+    await asyncio.sleep(3 * LEASE)
+    assert await b.consume(0, "g", block=0.1) == [] and b.stale_claimed == 1
+    await b.ack(0, "g", held)
+
+
 async def test_writes_are_fenced_by_the_lease(cluster: Callable[[str], RedisStreamsBus]) -> None:
     a = cluster("a")
     await a.start()

@@ -32,12 +32,20 @@ marks are reloaded from Redis, where the previous owner left them), then takes e
 entry of other consumers' PELs at once (``XAUTOCLAIM`` with no idle time: the lease
 says their owner is gone or has handed the shard back) before reading new ones. The
 marks and volume writes are fenced by the lease (:meth:`seq_store`).
+
+A relayer can still read entries of a shard a moment after its lease ran out (its
+``XREADGROUP`` was on the way when the new owner took the shard over): they land in
+its PEL after the new owner's one claim, and its fenced write fails, so it never acks
+them. So an owner also sweeps, every ``lease`` seconds, the other consumers' PELs of
+its shards and takes entries idle for two leases (:meth:`_claim_stale`), handing them
+to its worker as they come (``XCLAIM`` returns them), without re-reading its own PEL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import struct
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -51,6 +59,7 @@ from pqcnet.relayer.errors import BusError, BusUnavailable
 from pqcnet.relayer.seqstore import RedisSeqStore
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 _FIELD = b"d"
 _U32 = struct.Struct(">I")
 #: records packed into one stream entry at most
@@ -129,6 +138,10 @@ class RedisStreamsBus(Bus):
         self._groups: set[tuple[int, str]] = set()
         self._phase: dict[tuple[int, str], str] = {}  # "pending" cursor id, or ">"
         self._claimed: set[tuple[int, str]] = set()
+        #: (shard, group) -> loop time of the next sweep for stale foreign entries
+        self._sweep_at: dict[tuple[int, str], float] = {}
+        #: entries taken from other consumers' PELs by the periodic sweep
+        self.stale_claimed = 0
         self._acks_since_trim = [0] * shards
         #: shard leases of a cluster (None: this relayer works on the shards it is given)
         self.leases: ShardLeases | None = None
@@ -273,6 +286,8 @@ class RedisStreamsBus(Bus):
             if await self._take_pending(shard, group):
                 self._phase[sg] = "0"  # now ours: read with our own, through the pending path
             self._claimed.add(sg)
+        if leases is not None and (stale := await self._claim_stale(shard, group, leases)):
+            return self._deliveries(shard, group, stale)
         cursor = self._phase.get(sg, "0")
         count = max(1, int(max_records / self._per_entry[shard]))  # entries, not records
         if cursor != ">":
@@ -301,6 +316,35 @@ class RedisStreamsBus(Bus):
             if start == "0-0":
                 break
         return total
+
+    async def _claim_stale(self, shard: int, group: str, leases: ShardLeases) -> list[Any]:
+        """Every ``lease`` seconds: entries of ``shard`` idle for two leases in *other*
+        consumers' PELs, moved into ours (``XCLAIM``, which returns them). Only a
+        relayer that read after losing the lease leaves such entries; ours in flight
+        are never touched."""
+        now = asyncio.get_running_loop().time()
+        sg = (shard, group)
+        if now < self._sweep_at.get(sg, 0.0):
+            return []
+        self._sweep_at[sg] = now + leases.lease
+        key, idle = self.key(shard), max(1, int(2 * leases.lease * 1000))
+        summary: Any = await self._call(self.client.xpending(key, group))
+        out: list[Any] = []
+        for c in summary.get("consumers") or ():
+            name = _s(c["name"])
+            if name == self.consumer or not int(c["pending"]):
+                continue
+            rows: Any = await self._call(self.client.xpending_range(
+                key, group, "-", "+", 256, consumername=name, idle=idle))
+            ids = [r["message_id"] for r in rows]
+            if ids:
+                out += await self._call(self.client.xclaim(key, group, self.consumer,
+                                                           idle, ids))
+        if out:
+            self.stale_claimed += len(out)
+            log.warning("took entries a former owner read after its lease ran out",
+                        extra={"shard": shard, "entries": len(out)})
+        return out
 
     async def _read(self, shard: int, group: str, cursor: str, count: int,
                     block_ms: int | None) -> list[Any]:
