@@ -257,7 +257,7 @@ async def _paced(port: int, rate: float, seconds: float, conns: int, ids: bool =
     elapsed = time.perf_counter() - t0
     return {"offered_rps": round(rate, 1), "achieved_rps": round(len(lat) / elapsed, 1),
             "p50_ms": round(_pct(lat, 0.50), 3), "p99_ms": round(_pct(lat, 0.99), 3),
-            "errors": bad, "sent": n}
+            "errors": bad, "sent": n, "driver": "asyncio client"}
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -377,7 +377,6 @@ def _sweep(paths: list[tuple[str, int]], max_rps: float, fractions: tuple[float,
                 got = _offer(port, rate, seconds, conns, None, w, ids)
             point[name] = {k: got[k] for k in ("driver", "achieved_rps", "p50_ms", "p99_ms",
                                                "errors", "cpu") if k in got}
-            point[name].setdefault("driver", "asyncio client")
         point["pqcnet_added_p99_ms"] = round(point["pqcnet"]["p99_ms"]
                                              - point["direct"]["p99_ms"], 3)
         points.append(point)
