@@ -6,8 +6,10 @@ without the lease can neither save marks nor meter (fencing)."""
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -15,8 +17,9 @@ import redis.asyncio as aioredis
 from pqcnet.relayer.bus.leases import journal
 from pqcnet.relayer.bus.redis_streams import RedisStreamsBus
 from pqcnet.relayer.errors import BusUnavailable
-from pqcnet.relayer.frame import Frame, encode
-from tests.relayer.helpers import eventually
+from pqcnet.relayer.frame import Frame, encode, shard_for
+from tests.relayer.e2e import start_node, subscriber
+from tests.relayer.helpers import eventually, redis_cli
 
 pytestmark = pytest.mark.timeout(120)
 SHARDS = 8
@@ -37,6 +40,10 @@ async def cluster(redis_url: str) -> AsyncIterator[Callable[[str], RedisStreamsB
     yield make
     for b in made:
         await b.close()
+    await _drop_keys(redis_url, prefix)
+
+
+async def _drop_keys(redis_url: str, prefix: str) -> None:
     client = aioredis.from_url(redis_url)
     keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
     if keys:
@@ -162,3 +169,49 @@ async def test_concurrent_claims_never_share_a_shard(
     for i in range(3):
         for j in range(i + 1, 3):
             assert sets[i].isdisjoint(sets[j])
+
+
+async def test_a_relayer_delivers_and_counts_entries_a_stalled_member_read(
+        tmp_path: Path, redis_url: str) -> None:
+    """The sweep seen from outside a running relayer: a stalled former owner ("ghost")
+    reads three frames after the shard moved here — the XADD and its XREADGROUP in one
+    MULTI, so the relayer's own blocked read cannot win the race. The subscriber gets
+    them anyway, the metric counts the one entry, and nothing stays pending."""
+    prefix = f"lease:{uuid.uuid4().hex[:10]}"
+    node = await start_node(tmp_path, backend="redis", redis_url=redis_url, shards=SHARDS,
+                            redis_prefix=prefix, redis_lease=LEASE, metrics_port=0)
+    sub = None
+    try:
+        await eventually(lambda: node.bus.assignment() == list(range(SHARDS)), 30)
+        sub = await subscriber(node.port, "acme")
+        bus = node.bus
+        assert isinstance(bus, RedisStreamsBus)
+        shard = shard_for("acme", "late", SHARDS)
+        frames = [encode(Frame("acme", "late", s, b"read-by-the-ghost")) for s in (1, 2, 3)]
+        pipe = bus.client.pipeline(transaction=True)
+        bus._add(pipe, shard, frames)
+        pipe.xreadgroup(node.cfg.group, "ghost", {bus.key(shard): ">"}, count=10)
+        _, ghost = await pipe.execute()
+        assert len(ghost[0][1]) == 1, ghost  # in the ghost's PEL, past the last-delivered id
+        await sub.wait_for(3, limit=10 * LEASE + 20)
+        assert [(f.channel, f.seq) for f in sub.frames] == [("late", 1), ("late", 2),
+                                                           ("late", 3)]
+        assert node.metrics_port is not None
+        scraped = await asyncio.to_thread(_scrape, node.metrics_port)
+        assert "pqcnet_relayer_stale_claimed_entries_total 1.0" in scraped.splitlines()
+        await eventually(lambda: _pending(redis_url, bus.key(shard), node.cfg.group) == 0, 30)
+    finally:
+        if sub is not None:
+            await sub.close()
+        await node.stop()
+        await _drop_keys(redis_url, prefix)
+
+
+def _pending(redis_url: str, key: str, group: str) -> int:
+    """The group's pending count as ``redis-cli`` sees it (an independent client)."""
+    return int(redis_cli(redis_url, "XPENDING", key, group).splitlines()[0].split()[-1])
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return str(r.read().decode())

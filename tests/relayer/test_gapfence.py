@@ -5,6 +5,7 @@ skipped and then discarded."""
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -14,12 +15,14 @@ import redis.asyncio as aioredis
 from pqcnet.relayer.bus.base import Delivery
 from pqcnet.relayer.bus.embedded import EmbeddedBus
 from pqcnet.relayer.errors import BusUnavailable
-from pqcnet.relayer.frame import Frame, encode
+from pqcnet.relayer.frame import Frame, decode, encode, shard_for
 from pqcnet.relayer.gapfence import MAX_RANGES_PER_TOPIC, GapFence
+from pqcnet.relayer.overflow import BufferedPublisher, OverflowQueue
 from pqcnet.relayer.seqstore import RedisSeqStore, RocksSeqStore, SeqStore
 from pqcnet.relayer.sequencer import Sequencer
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
-from tests.relayer.helpers import CollectSink
+from tests.relayer.e2e import start_node, subscriber
+from tests.relayer.helpers import CollectSink, eventually
 
 T = ("c", "x")
 
@@ -112,6 +115,92 @@ async def test_a_frame_of_a_skipped_gap_reaching_the_worker_is_counted(tmp_path:
         await asyncio.wait_for(task, 5)
         store.close()
         await bus.close()
+
+
+@pytest.mark.parametrize("restore", [True, False], ids=["restored", "not-restored"])
+async def test_overflow_frames_from_before_a_restart_hold_their_gap(
+        tmp_path: Path, restore: bool) -> None:
+    """Seq 1 was acknowledged into the overflow queue (the bus was slow) and the relayer
+    restarted; 2 and 3 are on the bus. The new process registers the queued frame in
+    flight from the queue, so its gap waits for the replay. Without that registration
+    (the control case) the gap is skipped and the acknowledged frame is dropped late."""
+    queue = OverflowQueue(tmp_path / "overflow", 1)
+    queue.append(0, [encode(_f(1))])
+    queue.close()  # the crash: only what is on disk survives
+    queue = OverflowQueue(tmp_path / "overflow", 1)
+    bus = EmbeddedBus(tmp_path / "bus", shards=1)
+    await bus.publish(0, [encode(_f(s)) for s in (2, 3)])
+    store = RocksSeqStore(tmp_path / "state")
+    sink = CollectSink()
+    fence = GapFence(store.load_topics, store.load_gaps)
+    w = RelayerShardWorker(bus, 0, store, sink,
+                           WorkerConfig(poll_timeout=0.05, gap_timeout=0.2), fence=fence)
+    if restore:
+        assert fence.restore(0, (decode(r) for r in queue.scan(0))) == 1
+        assert fence.inflight == 1 and fence.stats.restored == 1
+    task = asyncio.create_task(w.run())
+    try:
+        await asyncio.sleep(0.8)  # well past gap_timeout, the replay still "slow"
+        await BufferedPublisher(bus, queue).replay_once()
+        if restore:
+            await sink.wait_for(3, 10)
+            assert sink.by_topic[T] == [1, 2, 3]
+            assert w.stats.gaps == 0 and fence.stats.held >= 1
+            assert fence.stats.late_on_bus == 0 and fence.inflight == 0
+        else:
+            await eventually(lambda: fence.stats.late_on_bus == 1, 10)
+            assert sink.by_topic[T] == [2, 3] and w.stats.gaps == 1
+        assert queue.total() == 0
+    finally:
+        w.stop()
+        await asyncio.wait_for(task, 5)
+        store.close()
+        queue.close()
+        await bus.close()
+
+
+async def test_a_restarted_relayer_restores_its_overflow_frames(tmp_path: Path) -> None:
+    """The node wiring, seen from /metrics: frames left in the overflow queue by an
+    earlier run are counted as ``restored``, reach the bus and the worker, and leave
+    nothing registered in flight (a leak would hold that topic's gaps for good)."""
+    shard = shard_for("acme", "q", 8)
+    queue = OverflowQueue(tmp_path / "relayer" / "overflow", 8)
+    queue.append(shard, [encode(Frame("acme", "q", s, b"queued")) for s in (1, 2, 3)])
+    queue.close()
+    node = await start_node(tmp_path, metrics_port=0)
+    sub = None
+    try:
+        sub = await subscriber(node.port, "acme")
+        await sub.wait_for(3, 30)
+        assert sub.by_topic[("acme", "q")] == [1, 2, 3]
+        assert node.metrics_port is not None
+        port = node.metrics_port
+
+        def scrape() -> dict[str, float]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines() if line and not line.startswith("#")}
+
+        want = {'pqcnet_relayer_gap_fence_events_total{event="restored"}': 3.0,
+                "pqcnet_relayer_delivered_frames_total": 3.0,
+                "pqcnet_relayer_gap_fence_inflight_frames": 0.0,
+                "pqcnet_relayer_overflow_records": 0.0,
+                'pqcnet_relayer_gap_fence_events_total{event="late_on_bus"}': 0.0,
+                "pqcnet_relayer_gaps_frames_total": 0.0}
+        seen: dict[str, float | None] = {}
+        try:
+            async with asyncio.timeout(30):
+                while seen != want:
+                    got = await asyncio.to_thread(scrape)
+                    seen = {k: got.get(k) for k in want}
+                    await asyncio.sleep(0.1)
+        except TimeoutError:
+            raise AssertionError(f"metrics {seen}, want {want}") from None
+    finally:
+        if sub is not None:
+            await sub.close()
+        await node.stop()
 
 
 async def test_in_flight_only_for_shards_owned_here_and_forgotten_when_lost() -> None:

@@ -124,7 +124,7 @@ async def test_a_retry_in_a_gap_is_refused_by_a_relayer_not_owning_the_shard(
         assert other.fence.stats.gap_reads == 1 and other.fence.stats.refused == 5
         assert await asyncio.to_thread(_fence_events, other.metrics_port or 0) == {
             "refused": 5.0, "held": 0.0, "untracked": 0.0, "gap_reads": 1.0, "late_on_bus": 0.0,
-            "inflight": 0.0}
+            "restored": 0.0, "inflight": 0.0}
         assert owner.fence.stats.gap_reads == 0  # the owner had the gap in memory
         # a resend of a delivered frame is still accepted at r1, and never redelivered
         assert await _retry_at(other, [Frame("acme", "late", 7, b"x7")]) == [0]

@@ -34,9 +34,9 @@ Bounds: skipped ranges per topic (:data:`MAX_RANGES_PER_TOPIC`) and topics remem
 (:data:`MAX_GAP_TOPICS`, oldest forgotten first); in-flight seqs
 (:data:`MAX_INFLIGHT_SEQS`; beyond it admissions are not registered and the gap race is
 open for those frames — counted in ``untracked``). The in-flight registry is in memory
-and per process: frames already in the overflow queue at a restart are not in flight,
-and another relayer's admissions do not hold this one's skips — documented limits in
-the ADR.
+and per process: frames still in the overflow queue at a restart are registered again
+from the queue when the workers start (``restore``), but another relayer's admissions
+do not hold this one's skips — a documented limit (decision 0020).
 """
 
 from __future__ import annotations
@@ -81,6 +81,9 @@ class FenceStats:
     #: reorder buffer) and were dropped as below the delivery point — each one very
     #: likely an acknowledged frame never delivered, so it is counted and logged
     late_on_bus: int = 0
+    #: frames of the overflow queue registered in flight when the workers started
+    #: (acknowledged before a restart, not on the bus yet)
+    restored: int = 0
 
 
 class GapFence:
@@ -236,7 +239,6 @@ class GapFence:
                recorded: Mapping[Topic, SeqRanges], track: bool) -> list[LateFrame | None]:
         out: list[LateFrame | None] = []
         nxts: dict[Topic, int] = {}
-        inflight = self._inflight
         cached = self._local_marks(shard, track)
         for frame, retry in frames:
             topic = frame.topic
@@ -249,22 +251,38 @@ class GapFence:
                     self.stats.refused += 1
                     out.append(err)
                     continue
-            # admitted: registered as in flight (inline: this runs for every frame)
-            if not track:
-                pass
-            elif self._n_inflight >= self.max_inflight:
-                self.stats.untracked += 1
-            else:
-                c = inflight.get(topic)
-                if c is None:
-                    inflight[topic] = {frame.seq: 1}
-                    self._topic_shard[topic] = shard
-                    self._shard_topics[shard] = self._shard_topics.get(shard, 0) + 1
-                else:
-                    c[frame.seq] = c.get(frame.seq, 0) + 1
-                self._n_inflight += 1
+            if track:  # admitted: registered as in flight
+                self._track(shard, topic, frame.seq)
             out.append(None)
         return out
+
+    def _track(self, shard: int, topic: Topic, seq: int) -> None:
+        if self._n_inflight >= self.max_inflight:
+            self.stats.untracked += 1
+            return
+        c = self._inflight.get(topic)
+        if c is None:
+            self._inflight[topic] = {seq: 1}
+            self._topic_shard[topic] = shard
+            self._shard_topics[shard] = self._shard_topics.get(shard, 0) + 1
+        else:
+            c[seq] = c.get(seq, 0) + 1
+        self._n_inflight += 1
+
+    def restore(self, shard: int, frames: Iterable[Frame]) -> int:
+        """Register frames acknowledged before a restart and still queued locally (the
+        overflow queue) as in flight, unchecked — they were admitted then. Called when
+        ``shard``'s worker starts, before it reads: nothing queued is tracked yet at
+        that point (the process is new, and admissions while no worker ran were not
+        registered), so nothing is counted twice. Returns how many were registered."""
+        if not self.owned_here(shard):
+            return 0
+        n = 0
+        for f in frames:
+            self._track(shard, f.topic, f.seq)
+            n += 1
+        self.stats.restored += n
+        return n
 
     def _check(self, frame: Frame, retry: bool, nxt: int,
                recorded: Iterable[tuple[int, int]]) -> LateFrame | None:

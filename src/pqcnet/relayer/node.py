@@ -70,11 +70,12 @@ from pqcnet.relayer.errors import (
     BusError,
     BusUnavailable,
     ConfigError,
+    FrameRejected,
     ProofError,
     ReceiptRefused,
     RelayerError,
 )
-from pqcnet.relayer.frame import FrameLimits, Topic
+from pqcnet.relayer.frame import Frame, FrameLimits, Topic, decode
 from pqcnet.relayer.gapfence import GapFence, SeqRanges
 from pqcnet.relayer.governance import VolumeMetricsService, serve_governance
 from pqcnet.relayer.ingress import Ingress
@@ -396,9 +397,23 @@ class RelayerNode:
         self.workers = [RelayerShardWorker(self.bus, s, self.store, self.hub, wcfg,
                                            meter=self.meter, fence=self.fence)
                         for s in cfg.shards_owned]
+        # frames acknowledged before a restart and still queued hold their gaps too
+        restored = sum(self.fence.restore(w.shard, self._queued(w.shard)) for w in self.workers)
+        if restored:
+            log.info("overflow frames from before the start held in flight",
+                     extra={"frames": restored})
         self._tasks += [asyncio.create_task(w.run(), name=f"shard-{w.shard}")
                         for w in self.workers]
         self._tasks.append(asyncio.create_task(self.publisher.run(), name="overflow-replay"))
+
+    def _queued(self, shard: int) -> Iterator[Frame]:
+        """The overflow queue's frames of ``shard`` (a corrupt record is the worker's to
+        report when the replay brings it to the bus)."""
+        for rec in self.overflow.scan(shard):
+            try:
+                yield decode(rec)
+            except FrameRejected:
+                continue
 
     async def _connect_bus(self) -> None:
         """Degraded start: retry the bus with capped backoff, then run normally (the
@@ -943,11 +958,13 @@ class _NodeCollector(Collector):
             "pqcnet_relayer_gap_fence_events",
             "Gap fence (late frames): refused, skips held for an in-flight frame, "
             "admissions untracked (in-flight bound), retries checked against stored gaps, "
-            "frames of a skipped gap that reached the worker anyway (dropped)",
+            "frames of a skipped gap that reached the worker anyway (dropped), overflow "
+            "frames registered in flight at start",
             labels=["event"])
         fs = n.fence.stats
         for k, v in (("refused", fs.refused), ("held", fs.held), ("untracked", fs.untracked),
-                     ("gap_reads", fs.gap_reads), ("late_on_bus", fs.late_on_bus)):
+                     ("gap_reads", fs.gap_reads), ("late_on_bus", fs.late_on_bus),
+                     ("restored", fs.restored)):
             fence.add_metric([k], v)
         yield fence
         yield GaugeMetricFamily("pqcnet_relayer_gap_fence_inflight_frames",
@@ -959,6 +976,10 @@ class _NodeCollector(Collector):
                                 ("gaps", "gaps", "Sequence gaps reported and skipped")):
             yield CounterMetricFamily(f"pqcnet_relayer_{name}_frames", doc,
                                       value=sum(getattr(w.stats, attr) for w in n.workers))
+        yield CounterMetricFamily(
+            "pqcnet_relayer_stale_claimed_entries",
+            "Bus entries taken from a former shard owner that read them after its lease "
+            "ran out (Redis cluster sweep)", value=n.bus.stale_claimed)
         claims = CounterMetricFamily(
             "pqcnet_relayer_claims_records",
             "Proven volume records checked against client-signed counters, by status",

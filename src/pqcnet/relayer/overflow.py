@@ -20,7 +20,7 @@ import contextlib
 import logging
 import struct
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -95,6 +95,16 @@ class OverflowQueue:
                 raise BusError(f"overflow queue entry {shard}/{n} missing")
             out.append(rec)
         return out
+
+    def scan(self, shard: int) -> Iterator[bytes]:
+        """Every record queued for ``shard``, oldest first, read lazily (the queue may
+        hold :data:`MAX_OVERFLOW_RECORDS`); nothing is removed."""
+        prefix = b"Q" + _U16.pack(shard)
+        it = self._db.iter()
+        it.seek(prefix + _U64.pack(self._head[shard]))
+        while it.valid() and it.key()[:3] == prefix:
+            yield cast(bytes, it.value())
+            it.next()
 
     def remove(self, shard: int, count: int) -> None:
         """Drop the ``count`` oldest records of ``shard`` (after they reached the bus)."""

@@ -65,6 +65,9 @@ class Bus(abc.ABC):
     #: called with (gained, lost) shards when a cluster's assignment changes (the node
     #: journals them); backends whose assignment never changes never call it
     on_assignment: Callable[[set[int], set[int]], None] | None = None
+    #: entries taken from a former owner's pending list that it read after its lease
+    #: ran out (the Redis cluster sweep); 0 on backends without such a sweep
+    stale_claimed: int = 0
 
     @abc.abstractmethod
     def partitions(self) -> int:
