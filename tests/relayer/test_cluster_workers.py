@@ -339,15 +339,17 @@ async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path,
 
 def test_bench_relayer_workers_reports_both_runs(redis_url: str) -> None:
     """``pqcnet bench relayer --workers 2`` measures one worker and two in one run and
-    reports the ratio and CPU per frame (shape only: timings are never asserted)."""
+    reports the ratio and CPU per frame (shape only: timings are never asserted). Enough
+    frames that each worker's share takes several of /proc's 10 ms CPU ticks: with 600,
+    a fast machine did one worker's share in under one tick and read 0.0 for it."""
     res = subprocess.run([PQCNET, "bench", "relayer", "--backend", "redis", "--workers", "2",
-                          "--frames", "600", "--publishers", "2", "--topics", "8",
+                          "--frames", "6000", "--publishers", "2", "--topics", "8",
                           "--batch", "32", "--paced-frames", "40", "--no-baselines"],
                          capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     d = json.loads(res.stdout)
     w = d["workers"]
-    assert w["workers"] == 2 and d["received"] == 600
+    assert w["workers"] == 2 and d["received"] == 6000
     for part in ("one_worker", "n_workers"):
         assert w[part]["frames_per_s"] > 0 and w[part]["relayer_cpu_us_per_frame"] > 0, w
     assert len(w["n_workers"]["per_worker_cpu_seconds"]) == 2
