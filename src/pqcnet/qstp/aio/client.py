@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import errno
+import ipaddress
 import logging
+import socket
 from functools import partial
 
 from OpenSSL import SSL
@@ -68,7 +72,7 @@ async def connect(
     tunnel = Tunnel(conn)
     try:
         async with asyncio.timeout(config.handshake_timeout):
-            await loop.create_connection(lambda: tunnel, host, port)
+            await _dial(loop, tunnel, conn, host, port)
     except TimeoutError:
         raise HandshakeError(f"TCP connect to {host}:{port} timed out") from None
     except OSError as exc:
@@ -85,6 +89,37 @@ async def connect(
     log.info("tunnel up", extra={"peer": str(tunnel.peer.spiffe_id),
                                  "group": tunnel.peer.group, "resumed": tunnel.resumed})
     return tunnel
+
+
+async def _dial(loop: asyncio.AbstractEventLoop, tunnel: Tunnel, conn: Connection,
+                host: str, port: int) -> None:
+    """TCP connect, with ``tunnel`` as the protocol.
+
+    For a numeric address the SYN goes out first and the ClientHello (ML-KEM and X25519
+    key generation) is produced while the TCP handshake completes and the server runs
+    its accept path, on the other core; only then does the socket become the tunnel's
+    transport. Names go through asyncio's resolver and ``create_connection`` as usual.
+    """
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        await loop.create_connection(lambda: tunnel, host, port)
+        return
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            sock.connect((host, port))
+        conn.start(loop.time())
+        try:
+            await loop.sock_connect(sock, (host, port))
+        except OSError as exc:
+            if exc.errno != errno.EISCONN:  # already connected is what we want
+                raise
+        await loop.create_connection(lambda: tunnel, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
 
 
 __all__ = ["CONTEXT_CACHE_SIZE", "client_context", "connect"]
