@@ -77,9 +77,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def kafka_cluster_id() -> str:
-    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding (22 chars)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+def kafka_cluster_id(draw: Callable[[], bytes] = lambda: uuid.uuid4().bytes) -> str:
+    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding (22 chars).
+
+    Never one starting with ``-`` (1 in 64 of them would): Kafka's argument parser takes
+    ``-t -xyz…`` for an option and refuses the format with "expected one argument", so
+    a fresh services start failed that often. Kafka's own ``random-uuid`` redraws too."""
+    while True:
+        cid = base64.urlsafe_b64encode(draw()).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

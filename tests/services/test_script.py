@@ -8,10 +8,12 @@ for a closed port — the readiness checks are only as good as that distinction.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +107,56 @@ def test_waku_probes_see_the_peered_nodes(waku_rest_urls: list[str]) -> None:
     ma = subprocess.run([*PROBE, "waku-multiaddr", first], capture_output=True, text=True,
                         timeout=20, check=False)
     assert re.fullmatch(r"/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+\n", ma.stdout), ma.stdout
+
+
+def _probe_module() -> object:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("probe", services_ctl.ROOT / "tools" / "probe.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kafka_cluster_ids_never_start_with_a_dash() -> None:
+    """16 bytes whose URL-safe base64 starts with ``-`` (first byte 0xF8 to 0xFB) are drawn
+    again; the id that comes back is the next draw's, 22 characters."""
+    probe = _probe_module()
+    draws = iter([b"\xf8" + bytes(15), b"\x01" * 16])
+    cid = probe.kafka_cluster_id(lambda: next(draws))  # type: ignore[attr-defined]
+    assert cid == "AQEBAQEBAQEBAQEBAQEBAQ" and len(cid) == 22
+
+
+def test_kafka_storage_format_refuses_a_dash_id_and_takes_ours(
+        kafka_bootstrap: str, tmp_path: Path) -> None:
+    """Why the redraw exists, shown with Kafka's own StorageTool (the one
+    ``scripts/services`` formats with): ``-t -…`` is refused as a missing argument —
+    a cold services start failed that way — and a probe id formats the log dir."""
+    cache = Path(os.environ.get("PQCNET_CACHE", Path.home() / ".cache" / "pqcnet"))
+    libs = sorted(cache.glob("kafka-*/libs"))
+    assert libs, f"Kafka is running ({kafka_bootstrap}) but no kafka-*/libs under {cache}"
+    conf = tmp_path / "server.properties"
+    conf.write_text("process.roles=broker,controller\nnode.id=1\n"
+                    "controller.quorum.voters=1@127.0.0.1:1\n"
+                    "listeners=PLAINTEXT://127.0.0.1:0,CONTROLLER://127.0.0.1:1\n"
+                    "controller.listener.names=CONTROLLER\n"
+                    f"log.dirs={tmp_path / 'data'}\n")
+
+    def fmt(cid: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["java", "-cp", f"{libs[-1]}/*", "kafka.tools.StorageTool",
+                               "format", "--ignore-formatted", "-t", cid, "-c", str(conf)],
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    bad = fmt("-" + "A" * 21)
+    assert bad.returncode != 0 and "expected one argument" in bad.stderr, bad.stderr[-500:]
+    cid = _run_probe("kafka-id")
+    good = fmt(cid)
+    assert good.returncode == 0, good.stdout[-500:] + good.stderr[-500:]
+    assert f"cluster.id={cid}" in (tmp_path / "data" / "meta.properties").read_text()
+
+
+def _run_probe(*args: str) -> str:
+    out = subprocess.run([*PROBE, *args], capture_output=True, text=True, timeout=30,
+                         check=True)
+    return out.stdout.strip()
