@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -66,3 +67,12 @@ def redis_cli(redis_url: str, *args: str) -> str:
     out = subprocess.run([exe, "-u", redis_url, "--no-raw", *args], check=True,
                          capture_output=True, text=True, timeout=30)
     return out.stdout
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """A relayer's ``/metrics`` over HTTP, as ``{'name{labels}': value}`` (what a
+    Prometheus scrape sees, not the in-process registry)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}

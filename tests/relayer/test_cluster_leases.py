@@ -6,7 +6,6 @@ without the lease can neither save marks nor meter (fencing)."""
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ from pqcnet.relayer.bus.redis_streams import RedisStreamsBus
 from pqcnet.relayer.errors import BusUnavailable
 from pqcnet.relayer.frame import Frame, encode, shard_for
 from tests.relayer.e2e import start_node, subscriber
-from tests.relayer.helpers import eventually, redis_cli
+from tests.relayer.helpers import eventually, redis_cli, scrape_metrics
 
 pytestmark = pytest.mark.timeout(120)
 SHARDS = 8
@@ -197,8 +196,8 @@ async def test_a_relayer_delivers_and_counts_entries_a_stalled_member_read(
         assert [(f.channel, f.seq) for f in sub.frames] == [("late", 1), ("late", 2),
                                                            ("late", 3)]
         assert node.metrics_port is not None
-        scraped = await asyncio.to_thread(_scrape, node.metrics_port)
-        assert "pqcnet_relayer_stale_claimed_entries_total 1.0" in scraped.splitlines()
+        scraped = await asyncio.to_thread(scrape_metrics, node.metrics_port)
+        assert scraped["pqcnet_relayer_stale_claimed_entries_total"] == 1.0
         await eventually(lambda: _pending(redis_url, bus.key(shard), node.cfg.group) == 0, 30)
     finally:
         if sub is not None:
@@ -210,8 +209,3 @@ async def test_a_relayer_delivers_and_counts_entries_a_stalled_member_read(
 def _pending(redis_url: str, key: str, group: str) -> int:
     """The group's pending count as ``redis-cli`` sees it (an independent client)."""
     return int(redis_cli(redis_url, "XPENDING", key, group).splitlines()[0].split()[-1])
-
-
-def _scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        return str(r.read().decode())

@@ -5,7 +5,6 @@ skipped and then discarded."""
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from pqcnet.relayer.seqstore import RedisSeqStore, RocksSeqStore, SeqStore
 from pqcnet.relayer.sequencer import Sequencer
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
 from tests.relayer.e2e import start_node, subscriber
-from tests.relayer.helpers import CollectSink, eventually
+from tests.relayer.helpers import CollectSink, eventually, scrape_metrics
 
 T = ("c", "x")
 
@@ -175,13 +174,6 @@ async def test_a_restarted_relayer_restores_its_overflow_frames(tmp_path: Path) 
         assert sub.by_topic[("acme", "q")] == [1, 2, 3]
         assert node.metrics_port is not None
         port = node.metrics_port
-
-        def scrape() -> dict[str, float]:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-                text = r.read().decode()
-            return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-                    for line in text.splitlines() if line and not line.startswith("#")}
-
         want = {'pqcnet_relayer_gap_fence_events_total{event="restored"}': 3.0,
                 "pqcnet_relayer_delivered_frames_total": 3.0,
                 "pqcnet_relayer_gap_fence_inflight_frames": 0.0,
@@ -192,7 +184,7 @@ async def test_a_restarted_relayer_restores_its_overflow_frames(tmp_path: Path) 
         try:
             async with asyncio.timeout(30):
                 while seen != want:
-                    got = await asyncio.to_thread(scrape)
+                    got = await asyncio.to_thread(scrape_metrics, port)
                     seen = {k: got.get(k) for k in want}
                     await asyncio.sleep(0.1)
         except TimeoutError:

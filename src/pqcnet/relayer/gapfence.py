@@ -274,13 +274,14 @@ class GapFence:
         overflow queue) as in flight, unchecked — they were admitted then. Called when
         ``shard``'s worker starts, before it reads: nothing queued is tracked yet at
         that point (the process is new, and admissions while no worker ran were not
-        registered), so nothing is counted twice. Returns how many were registered."""
+        registered), so nothing is counted twice. Returns how many were registered
+        (past :data:`MAX_INFLIGHT_SEQS` they count as ``untracked`` instead)."""
         if not self.owned_here(shard):
             return 0
-        n = 0
+        before = self._n_inflight
         for f in frames:
             self._track(shard, f.topic, f.seq)
-            n += 1
+        n = self._n_inflight - before
         self.stats.restored += n
         return n
 
