@@ -197,3 +197,61 @@ async def test_worker_reports_and_skips_a_gap(tmp_path: Path) -> None:
     await asyncio.wait_for(task, 5)
     store.close()
     await bus.close()
+
+
+def _stored_offsets(bus: EmbeddedBus, shard: int) -> list[int]:
+    """Offsets of the records RocksDB still holds for ``shard`` (read from the db)."""
+    prefix = b"L" + shard.to_bytes(2, "big")
+    it = bus._db.iter()
+    it.seek(prefix)
+    out = []
+    while it.valid() and it.key()[:3] == prefix:
+        out.append(int.from_bytes(it.key()[3:], "big"))
+        it.next()
+    return out
+
+
+def _point_deletes(bus: EmbeddedBus) -> int:
+    return int(bus._db.property_int_value("rocksdb.num-deletes-active-mem-table"))
+
+
+async def test_trims_write_point_deletes_not_a_range_tombstone_each(tmp_path: Path) -> None:
+    """A steady trickle of trims must not pile up RocksDB range tombstones.
+
+    Each range tombstone in the memtable is fragmented again on the next read, so one
+    per shard per second (the relayer's trim loop) made every read O(tombstones) and a
+    long run O(n²) until a memtable flush (benchmarks/README: "Trims that slowed down
+    with time"). Short spans are point deletes, counted by RocksDB itself; a long one
+    is one range tombstone; and a trim after a restart starts where the log starts.
+    """
+    from pqcnet.relayer.bus.embedded import POINT_DELETES_MAX
+
+    shards, rounds = 32, 100
+    bus = EmbeddedBus(tmp_path / "bus", shards=shards)
+    for r in range(rounds):  # one record, its ack and a trim per shard per round
+        for s in range(shards):
+            await bus.publish(s, [b"r%d" % r])
+            await bus.ack(s, "g", await bus.consume(s, "g", block=0.1))
+            assert bus.trim(s, ["g"]) == r + 1
+    assert _point_deletes(bus) == shards * rounds  # one point delete per record
+    assert all(_stored_offsets(bus, s) == [] for s in range(shards))
+    assert [await bus.lag(s, "g") for s in range(shards)] == [0] * shards
+
+    backlog = POINT_DELETES_MAX + 10  # a long span: one range tombstone, no point deletes
+    await bus.publish(0, [b"b"] * backlog)
+    await bus.publish(1, [b"k"] * 5)
+    await bus.ack(0, "g", await bus.consume(0, "g", max_records=backlog, block=0.1))
+    assert bus.trim(0, ["g"]) == rounds + backlog
+    assert _point_deletes(bus) == shards * rounds
+    assert _stored_offsets(bus, 0) == []
+    await bus.close()
+
+    bus = EmbeddedBus(tmp_path / "bus", shards=shards)  # shard 1 holds 5 unacked records
+    before = _point_deletes(bus)
+    got = await bus.consume(1, "g", max_records=2, block=0.1)
+    assert [d.offset for d in got] == [rounds, rounds + 1]
+    await bus.ack(1, "g", got)
+    assert bus.trim(1, ["g"]) == rounds + 2
+    assert _point_deletes(bus) - before == 2  # from the log's start, not from offset 0
+    assert _stored_offsets(bus, 1) == [rounds + 2, rounds + 3, rounds + 4]
+    await bus.close()

@@ -28,7 +28,7 @@ from typing import cast
 import rocksdict
 
 from pqcnet.relayer.bus.base import Bus
-from pqcnet.relayer.bus.embedded import open_rocks
+from pqcnet.relayer.bus.embedded import delete_span, open_rocks
 from pqcnet.relayer.errors import BusError, OverflowFull, RelayerError
 
 log = logging.getLogger(__name__)
@@ -109,8 +109,7 @@ class OverflowQueue:
     def remove(self, shard: int, count: int) -> None:
         """Drop the ``count`` oldest records of ``shard`` (after they reached the bus)."""
         start = self._head[shard]
-        self._db.delete_range(b"Q" + _U16.pack(shard) + _U64.pack(start),
-                              b"Q" + _U16.pack(shard) + _U64.pack(start + count))
+        delete_span(self._db, b"Q" + _U16.pack(shard), start, start + count)
         self._head[shard] = start + count
 
     def close(self) -> None:

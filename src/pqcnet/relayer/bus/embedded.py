@@ -9,8 +9,10 @@ byte order is log order)::
 
 A publish writes records and the new head in one ``WriteBatch``, so a crash (even
 SIGKILL) leaves either all of a batch or none of it; ``sync=True`` additionally
-fsyncs the WAL for power loss. Commits are single puts. Records below the minimum
-committed offset of every group are deleted in ranges (``retain_acked=False``).
+fsyncs the WAL for power loss. Commits are single puts, and kept in memory too (this
+process is the database's only writer). Records below the minimum committed offset of
+every group are deleted (``retain_acked=False``) from where the last trim stopped,
+with point deletes when the span is short (:func:`delete_span` says why).
 
 RocksDB allows one process per database, so this backend is single-process; a
 publish resolves the futures of consumers blocked on its shard, so they wake without
@@ -62,6 +64,36 @@ TAIL_RECORDS = 2048
 TAIL_BYTES = 512 * 1024
 
 
+#: a deletion of at most this many keys writes point tombstones (see :func:`delete_span`)
+POINT_DELETES_MAX = 4096
+
+
+def delete_span(db: rocksdict.Rdict, prefix: bytes, start: int, end: int) -> None:
+    """Delete the keys ``prefix + u64(n)`` for ``start <= n < end`` (not fsynced: a
+    deletion lost in a crash is repeated by the next one).
+
+    Not always one ``delete_range``: RocksDB keeps range tombstones in the memtable
+    and fragments them again on the first read after each new one, so a steady
+    trickle of small range deletes (a trim per shard per second) makes every read
+    cost O(tombstones) and the whole run O(n²) until the memtable flushes, which at
+    low traffic takes an hour. Measured (benchmarks/README, "Trims that slowed down
+    with time"): 300 rounds of one record, ack and trim on each of 32 shards took
+    54.7 s with a range from offset 0 per trim and 0.13 s like this. So a short span
+    is point deletes in one batch, and only a long one (a restart's first trim, a
+    drained backlog) one range tombstone.
+    """
+    if end <= start:
+        return
+    if end - start > POINT_DELETES_MAX:
+        db.delete_range(prefix + _U64.pack(start), prefix + _U64.pack(end))
+        return
+    batch = rocksdict.WriteBatch(raw_mode=True)
+    pack = _U64.pack
+    for n in range(start, end):
+        batch.delete(prefix + pack(n))
+    db.write(batch)
+
+
 def open_rocks(path: str | Path) -> rocksdict.Rdict:
     """Open (creating) a raw-bytes RocksDB; a clear :class:`BusError` if it is locked."""
     Path(path).mkdir(parents=True, exist_ok=True)
@@ -88,7 +120,10 @@ class EmbeddedBus(Bus):
         self._shards = shards
         self._head = [self._load_int(b"H" + _U16.pack(s), 0) for s in range(shards)]
         self._read: dict[tuple[int, str], int] = {}  # in-memory read cursor per group
+        #: first offset not yet deleted, per shard (set by the first trim)
         self._trimmed: dict[int, int] = {}
+        #: committed offset per (shard, group), as last written or read
+        self._commits: dict[tuple[int, str], int] = {}
         #: consumers blocked on each shard (woken by a publish, a timeout or close)
         self._wakeups = Wakeups()
         self._tail: list[list[bytes]] = [[] for _ in range(shards)]
@@ -157,7 +192,14 @@ class EmbeddedBus(Bus):
             del tail[:cut]
 
     def _committed(self, shard: int, group: str) -> int:
-        return self._load_int(b"G" + _U16.pack(shard) + group.encode(), 0)
+        """The group's committed offset, from memory after the first read: the trim
+        and backpressure loops ask for every shard each second."""
+        got = self._commits.get((shard, group))
+        if got is None:
+            got = self._load_int(b"G" + _U16.pack(shard) + group.encode(), 0)
+            if len(self._commits) < self._shards * MAX_GROUPS:
+                self._commits[shard, group] = got
+        return got
 
     async def consume(
         self, shard: int, group: str, *, max_records: int = 512, block: float = 0.5
@@ -206,6 +248,8 @@ class EmbeddedBus(Bus):
             return
         upto = max(int(d.offset) for d in deliveries) + 1
         self._db.put(b"G" + _U16.pack(shard) + group.encode(), _U64.pack(upto), self._wo)
+        if (shard, group) in self._commits or len(self._commits) < self._shards * MAX_GROUPS:
+            self._commits[shard, group] = upto
 
     async def lag(self, shard: int, group: str) -> int:
         self.check_shard(shard)
@@ -215,12 +259,23 @@ class EmbeddedBus(Bus):
     def trim(self, shard: int, groups: Sequence[str]) -> int:
         """Delete records every group in ``groups`` has acked; returns the new log start."""
         low = min((self._committed(shard, g) for g in groups), default=0)
-        if low > self._trimmed.get(shard, 0):
-            prefix = b"L" + _U16.pack(shard)
-            self._db.delete_range(prefix + _U64.pack(0), prefix + _U64.pack(low))
+        start = self._trimmed.get(shard)
+        if start is None:
+            start = self._trimmed[shard] = self._log_start(shard)
+        if low > start:
+            delete_span(self._db, b"L" + _U16.pack(shard), start, low)
             self._trimmed[shard] = low
             self._forget_below(shard, low)
         return low
+
+    def _log_start(self, shard: int) -> int:
+        """The shard's first record still stored (its head if none is)."""
+        prefix = b"L" + _U16.pack(shard)
+        it = self._db.iter()
+        it.seek(prefix)
+        if it.valid() and it.key()[:3] == prefix:
+            return int(_U64.unpack(it.key()[3:])[0])
+        return self._head[shard]
 
     async def compact(self, shard: int, groups: Sequence[str]) -> None:
         self.trim(shard, groups)
