@@ -209,3 +209,41 @@ async def test_a_relayer_delivers_and_counts_entries_a_stalled_member_read(
 def _pending(redis_url: str, key: str, group: str) -> int:
     """The group's pending count as ``redis-cli`` sees it (an independent client)."""
     return int(redis_cli(redis_url, "XPENDING", key, group).splitlines()[0].split()[-1])
+
+
+async def test_in_flight_of_shards_handed_over_is_dropped_at_once(
+        tmp_path: Path, redis_url: str) -> None:
+    """Frames registered in flight for a shard (acknowledged, not yet read by this
+    relayer's worker: still in its overflow queue) are never read here once the shard
+    moved to another member. The gauge dropped them only at the shard's next admission
+    here — which, with the shard gone, may never come: a stuck gauge and a held gap.
+    Now the hand-over itself drops them, seen on ``/metrics``."""
+    prefix = f"lease:{uuid.uuid4().hex[:10]}"
+    node = await start_node(tmp_path, backend="redis", redis_url=redis_url, shards=SHARDS,
+                            redis_prefix=prefix, redis_lease=LEASE, metrics_port=0)
+    other = RedisStreamsBus(redis_url, SHARDS, prefix=prefix, consumer="b", lease=LEASE,
+                            revoke_grace=1.0)
+    try:
+        await eventually(lambda: node.bus.assignment() == list(range(SHARDS)), 30)
+        assert node.metrics_port is not None
+        for shard in range(SHARDS):  # what the ingress registers before it publishes
+            frame = Frame("acme", _channel_of(shard), 1, b"q")
+            assert await node.fence.admit(shard, [(frame, False)]) == [None]
+        gauge = "pqcnet_relayer_gap_fence_inflight_frames"
+        assert (await asyncio.to_thread(scrape_metrics, node.metrics_port))[gauge] == SHARDS
+        await other.start()  # a second member: half of the shards move to it
+        await eventually(lambda: len(other.assignment()) == SHARDS // 2, 30)
+        kept = len(node.bus.assignment())
+        assert kept == SHARDS // 2
+        scraped = await asyncio.to_thread(scrape_metrics, node.metrics_port)
+        assert scraped[gauge] == kept  # no admission happened since the hand-over
+        assert node.fence.holds(("acme", _channel_of(node.bus.assignment()[0])), 1, 2)
+    finally:
+        await other.close()
+        await node.stop()
+        await _drop_keys(redis_url, prefix)
+
+
+def _channel_of(shard: int) -> str:
+    """A channel of customer ``acme`` whose topic maps to ``shard``."""
+    return next(f"c{i}" for i in range(10_000) if shard_for("acme", f"c{i}", SHARDS) == shard)

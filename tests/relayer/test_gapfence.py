@@ -215,6 +215,21 @@ async def test_in_flight_only_for_shards_owned_here_and_forgotten_when_lost() ->
     assert fence.inflight == 0 and fence.stats.untracked == 0
 
 
+async def test_forget_shards_drops_only_those_shards() -> None:
+    """What a cluster hand-over calls: the lost shards' registrations go (counted), the
+    kept shard's stay and still hold its gap."""
+    fence = GapFence(owns=lambda shard: True)
+    for shard in (0, 1, 2):
+        frames = [(Frame("c", f"s{shard}", seq, b"p"), False) for seq in (1, 2)]
+        assert await fence.admit(shard, frames) == [None, None]
+    assert fence.forget_shards({0, 2, 5}) == 4
+    assert fence.inflight == 2 and fence.holds(("c", "s1"), 1, 3)
+    assert not fence.holds(("c", "s0"), 1, 3) and not fence.holds(("c", "s2"), 1, 3)
+    assert fence.forget_shards({0}) == 0
+    fence.consumed_many([Frame("c", "s1", 1, b"p"), Frame("c", "s1", 2, b"p")])
+    assert fence.inflight == 0
+
+
 async def test_a_shard_lost_while_the_store_is_read_is_not_registered() -> None:
     """The marks read is an await: the shard can move to another relayer meanwhile.
     Registration follows ownership *after* the read (a frame registered for a shard

@@ -184,7 +184,7 @@ class GapFence:
             assert not isinstance(recorded, BaseException)
             track = owned[shard]
             if not track and shard in self._shard_topics:
-                self._forget_shard(shard)  # admitted while owned, moved away unread
+                self.forget_shards((shard,))  # admitted while owned, moved away unread
             out[shard] = self._admit(shard, known, frames, recorded, track)
         return out
 
@@ -327,12 +327,21 @@ class GapFence:
             else:
                 del self._shard_topics[shard]
 
-    def _forget_shard(self, shard: int) -> None:
-        """Drop the in-flight registrations of ``shard`` (no longer owned here)."""
-        for topic in [t for t, s in self._topic_shard.items() if s == shard]:
+    def forget_shards(self, shards: Iterable[int]) -> int:
+        """Drop the in-flight registrations of ``shards`` (no longer owned here: their
+        frames are read by another relayer, never ``consumed`` here). Called when the
+        cluster's assignment changes, and by an admission that finds its shard gone.
+        Returns how many were dropped."""
+        gone = {s for s in shards if s in self._shard_topics}
+        if not gone:
+            return 0
+        before = self._n_inflight
+        for topic in [t for t, s in self._topic_shard.items() if s in gone]:
             self._n_inflight -= sum(self._inflight.pop(topic).values())
             del self._topic_shard[topic]
-        self._shard_topics.pop(shard, None)
+        for s in gone:
+            del self._shard_topics[s]
+        return before - self._n_inflight
 
     def release_many(self, frames: Iterable[Frame]) -> None:
         """:meth:`release` of each of ``frames``."""

@@ -262,6 +262,7 @@ class RelayerNode:
         self._tasks: list[asyncio.Task[None]] = []
         #: ownership-journal writes in flight (a Kafka cluster with redis_url)
         self._journal_tasks: set[asyncio.Task[None]] = set()
+        self._journal_kafka = False
         #: everything opened by start(), closed newest first by stop()
         self._stack = contextlib.AsyncExitStack()
         self._server: aio.Server | None = None
@@ -295,6 +296,7 @@ class RelayerNode:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.started_at = time.time()
         self.bus = make_bus(cfg, self.data_dir)
+        self.bus.on_assignment = self._assignment_changed
         stack.push_async_callback(_quietly, self.bus.close)
         store = self.bus.seq_store()
         if store is None and cfg.backend == "kafka" and cfg.redis_url:
@@ -302,8 +304,9 @@ class RelayerNode:
             shared = shared_marks(cfg)
             stack.push_async_callback(_quietly, shared.aclose)
             store = shared
-            if cfg.rebalancing:  # who owned which partition when, next to the marks
-                self.bus.on_assignment = self._journal_assignment
+            # who owned which partition when, next to the marks (Redis leases journal
+            # their own changes)
+            self._journal_kafka = cfg.rebalancing
         elif store is None and cfg.rebalancing:
             log.warning("kafka cluster with node-local dedup marks: a partition taken "
                         "over replays to subscribers (their cursor drops it) and may be "
@@ -368,6 +371,14 @@ class RelayerNode:
                                        allowed_peers=tuple(cfg.governance_allowed_peers)))
             self.governance_qstp_port = gov.port
             stack.push_async_callback(_quietly, _close_qstp, gov)
+
+    def _assignment_changed(self, gained: set[int], lost: set[int]) -> None:
+        """A cluster's shards moved: what was registered in flight for a lost shard is
+        never read here (the gauge would stay up until its next admission), and
+        Kafka's changes go to the ownership journal."""
+        self.fence.forget_shards(lost)
+        if self._journal_kafka:
+            self._journal_assignment(gained, lost)
 
     def _journal_assignment(self, gained: set[int], lost: set[int]) -> None:
         """Kafka group changes into the ownership journal (as Redis leases write it)."""

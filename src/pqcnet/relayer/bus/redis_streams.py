@@ -216,6 +216,8 @@ class RedisStreamsBus(Bus):
             for sg in [sg for sg in self._phase if sg[0] == s]:
                 self._phase[sg] = "0"
         self._changed.set()
+        if self.on_assignment is not None:
+            self.on_assignment(gained, lost)
 
     async def _drain(self, shard: int) -> None:
         """Until every entry of ``shard`` handed out is acked (a lease hand-back)."""
