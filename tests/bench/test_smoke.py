@@ -98,6 +98,9 @@ def _relayer(*extra: str) -> dict[str, Any]:
     # the relayer's CPU over the paced phase, per one-frame request (from /proc, in
     # clock ticks: 40 requests may round to 0, so only its presence and type here)
     assert _number(paced["relayer_cpu_us_per_frame"]), paced
+    # the paced phase waited for the relayer to go quiet after the saturated one (at
+    # most 15 s; the share is that of the last 0.5 s window, one core = 1.0)
+    assert 0.5 <= paced["settled_after_s"] <= 16 and 0 <= paced["settle_cpu_share"] <= 1, paced
     assert _number(d["e2e_frames_per_s"]) and _number(d["baseline"]["raw_writes_per_s"])
     assert _number(d["ratio"]) and _number(d["ratios"]["vs_raw_backend_writes"])
     _machine(d["machine"]["before"])

@@ -26,6 +26,9 @@ Every frame carries its send time, so the subscribers also measure publish→del
 latency: in the saturated run (8 requests of ``--batch`` frames in flight per
 publisher, so p50 ≈ frames in flight / throughput by Little's law) and in a *paced*
 run (one-frame publishes at ``--paced-rate``, below saturation: what one frame costs).
+The paced run starts once the relayer went quiet after the saturated one (at most
+15 s, ``settled_after_s`` in the JSON): before, its first seconds paid for the
+saturated phase's after-work, and the paced Redis p99 depended on what ran before.
 
 Same-run baselines beyond the raw backend (issue 15), same frame size and topic count:
 
@@ -60,6 +63,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +93,12 @@ TARGET_WORKERS_SPEEDUP = 1.3
 TARGET_CPU_PER_FRAME_DRIFT = 0.15
 #: seconds the workers get to split the shards (leases / group rebalance) before load
 WORKERS_SETTLE = 6.0
+#: the paced run starts once the relayer processes are this idle (CPU share of one core
+#: each, over SETTLE_WINDOW s) or after SETTLE_MAX s: the saturated phase's after-work
+#: (log trims, the bus client's buffers, GC) is not billed to the one-frame requests
+SETTLE_SHARE = 0.05
+SETTLE_WINDOW = 0.5
+SETTLE_MAX = 15.0
 #: each untimed warm-up round before the timed run: this share of ``--frames``
 WARMUP_SHARE = 5
 #: warm-up rounds at most (the last ones only while the rate still climbs)
@@ -267,6 +277,19 @@ async def _warm_up(clients: _Clients, frames: int, topics: int, batch: int,
     return rounds
 
 
+async def _settle(pids: Sequence[int]) -> dict[str, float]:
+    """Wait for the relayer to go quiet after the saturated phase (see SETTLE_SHARE);
+    returns how long it took and the CPU share of the last window."""
+    t0 = time.monotonic()
+    while True:
+        c0 = sum(cpu_seconds(p) for p in pids)
+        await asyncio.sleep(SETTLE_WINDOW)
+        share = (sum(cpu_seconds(p) for p in pids) - c0) / SETTLE_WINDOW / len(pids)
+        waited = time.monotonic() - t0
+        if share <= SETTLE_SHARE or waited >= SETTLE_MAX:
+            return {"settled_after_s": round(waited, 2), "settle_cpu_share": round(share, 3)}
+
+
 async def _paced_run(clients: _Clients, frames: int, topics: int, size: int,
                      rate: float) -> dict[str, Any]:
     """One-frame publishes at ``rate`` frames/s overall: latency below saturation."""
@@ -377,9 +400,11 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
                     gen = time.process_time() - gen0
                     cpu = [cpu_seconds(p) - c for p, c in zip(ready["pids"], cpu0, strict=True)]
                     if paced_run:
+                        settled = await _settle(ready["pids"])
                         pcpu0 = [cpu_seconds(p) for p in ready["pids"]]
                         paced = await _paced_run(clients, paced_frames, topics, size,
                                                  paced_rate)
+                        paced.update(settled)
                         pcpu = sum(cpu_seconds(p) - c
                                    for p, c in zip(ready["pids"], pcpu0, strict=True))
                         # what one single-frame request costs the relayer (idle work
