@@ -16,7 +16,7 @@ from pqcnet.relayer.bus.embedded import EmbeddedBus
 async def main(rounds: int, shards: int = 32) -> None:
     bus = EmbeddedBus(tempfile.mkdtemp() + "/bus", shards=shards)
     t0 = time.perf_counter()
-    for r in range(rounds):
+    for _ in range(rounds):
         for s in range(shards):
             await bus.publish(s, [b"x" * 64])
             await bus.ack(s, "g", await bus.consume(s, "g", block=0.1))
