@@ -373,10 +373,15 @@ class RelayerNode:
             stack.push_async_callback(_quietly, _close_qstp, gov)
 
     def _assignment_changed(self, gained: set[int], lost: set[int]) -> None:
-        """A cluster's shards moved: what was registered in flight for a lost shard is
-        never read here (the gauge would stay up until its next admission), and
-        Kafka's changes go to the ownership journal."""
-        self.fence.forget_shards(lost)
+        """A cluster's shards moved. A lost Redis lease is final for what this process
+        registered in flight for the shard: the new owner reads those frames, never
+        this one, so they are dropped now (the gauge stayed up until the shard's next
+        admission here, which may never come). Kafka's eager rebalance revokes every
+        partition, also those handed straight back, so a revoke is not final: dropping
+        there would reopen the gap race for frames still on their way; the next
+        admission drops them as before. Kafka's changes go to the ownership journal."""
+        if self.cfg.backend == "redis":
+            self.fence.forget_shards(lost)
         if self._journal_kafka:
             self._journal_assignment(gained, lost)
 

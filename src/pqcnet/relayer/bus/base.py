@@ -63,7 +63,7 @@ class Bus(abc.ABC):
     #: group-commits whole ingress requests across shards instead of one write per shard
     batched_shards: bool = False
     #: called with (gained, lost) shards when a cluster's assignment changes (the node
-    #: drops the gap fence's registrations of lost shards and journals Kafka's
+    #: drops the gap fence's registrations of lost Redis leases and journals Kafka's
     #: changes); backends whose assignment never changes never call it
     on_assignment: Callable[[set[int], set[int]], None] | None = None
     #: entries taken from a former owner's pending list that it read after its lease
