@@ -373,14 +373,14 @@ class RelayerNode:
             stack.push_async_callback(_quietly, _close_qstp, gov)
 
     def _assignment_changed(self, gained: set[int], lost: set[int]) -> None:
-        """A cluster's shards moved. A lost Redis lease is final for what this process
-        registered in flight for the shard: the new owner reads those frames, never
-        this one, so they are dropped now (the gauge stayed up until the shard's next
-        admission here, which may never come). Kafka's eager rebalance revokes every
-        partition, also those handed straight back, so a revoke is not final: dropping
-        there would reopen the gap race for frames still on their way; the next
-        admission drops them as before. Kafka's changes go to the ownership journal."""
-        if self.cfg.backend == "redis":
+        """A cluster's shards moved. A final loss (a Redis lease, ``Bus.losses_final``)
+        ends what this process registered in flight for the shard: the new owner reads
+        those frames, never this one, so they are dropped now (the gauge stayed up until
+        the shard's next admission here, which may never come). Kafka's eager rebalance
+        revokes every partition, also those handed straight back, so there dropping
+        would reopen the gap race for frames still on their way; the next admission
+        drops them as before. Kafka's changes go to the ownership journal."""
+        if self.bus.losses_final:
             self.fence.forget_shards(lost)
         if self._journal_kafka:
             self._journal_assignment(gained, lost)

@@ -66,6 +66,10 @@ class Bus(abc.ABC):
     #: drops the gap fence's registrations of lost Redis leases and journals Kafka's
     #: changes); backends whose assignment never changes never call it
     on_assignment: Callable[[set[int], set[int]], None] | None = None
+    #: True when a shard reported lost is read by another member from then on (a Redis
+    #: lease); False when a loss may be an eager rebalance's revoke of a partition that
+    #: comes straight back (Kafka), so what waits for this member's worker must stay
+    losses_final: bool = False
     #: entries taken from a former owner's pending list that it read after its lease
     #: ran out (the Redis cluster sweep); 0 on backends without such a sweep
     stale_claimed: int = 0

@@ -197,9 +197,14 @@ class EmbeddedBus(Bus):
         got = self._commits.get((shard, group))
         if got is None:
             got = self._load_int(b"G" + _U16.pack(shard) + group.encode(), 0)
-            if len(self._commits) < self._shards * MAX_GROUPS:
-                self._commits[shard, group] = got
+            self._remember_commit(shard, group, got)
         return got
+
+    def _remember_commit(self, shard: int, group: str, offset: int) -> None:
+        """Cache a committed offset; at most shards * MAX_GROUPS entries (a caller asking
+        for ever new group names reads RocksDB instead)."""
+        if (shard, group) in self._commits or len(self._commits) < self._shards * MAX_GROUPS:
+            self._commits[shard, group] = offset
 
     async def consume(
         self, shard: int, group: str, *, max_records: int = 512, block: float = 0.5
@@ -248,8 +253,7 @@ class EmbeddedBus(Bus):
             return
         upto = max(int(d.offset) for d in deliveries) + 1
         self._db.put(b"G" + _U16.pack(shard) + group.encode(), _U64.pack(upto), self._wo)
-        if (shard, group) in self._commits or len(self._commits) < self._shards * MAX_GROUPS:
-            self._commits[shard, group] = upto
+        self._remember_commit(shard, group, upto)
 
     async def lag(self, shard: int, group: str) -> int:
         self.check_shard(shard)

@@ -103,6 +103,7 @@ class RedisStreamsBus(Bus):
 
     name = "redis"
     batched_shards = True
+    losses_final = True  # a lease lost is held by another member (or by none, expired)
 
     def __init__(
         self,
