@@ -244,6 +244,71 @@ async def test_in_flight_of_shards_handed_over_is_dropped_at_once(
         await _drop_keys(redis_url, prefix)
 
 
+async def test_a_regained_shard_holds_the_gap_of_its_queued_frames(
+        tmp_path: Path, redis_url: str) -> None:
+    """A Redis outage both queues acknowledged frames in the overflow queue and lets
+    leases lapse. Seq 1 of a topic was acknowledged into this relayer's overflow queue
+    (the bus slow), the shard's lease went to another member and came back, and seqs
+    2 and 3 reached the stream meanwhile. The loss dropped seq 1's in-flight
+    registration; the regain registers it again from the queue, so the worker holds the
+    gap until the replay brings it and the subscriber gets 1, 2, 3. Before, the gap was
+    skipped after ``gap_timeout`` and the acknowledged frame was dropped as late."""
+    prefix = f"lease:{uuid.uuid4().hex[:10]}"
+    node = await start_node(tmp_path, backend="redis", redis_url=redis_url, shards=SHARDS,
+                            redis_prefix=prefix, redis_lease=LEASE, metrics_port=0,
+                            gap_timeout=0.3)
+    other = RedisStreamsBus(redis_url, SHARDS, prefix=prefix, consumer="b", lease=LEASE,
+                            revoke_grace=1.0)
+    sub = None
+    try:
+        await eventually(lambda: node.bus.assignment() == list(range(SHARDS)), 30)
+        replay = next(t for t in node._tasks if t.get_name() == "overflow-replay")
+        replay.cancel()  # the bus stays "slow": the test replays the queue itself
+        sub = await subscriber(node.port, "acme")
+        await other.start()  # half of the shards move to it
+        await eventually(lambda: len(other.assignment()) == SHARDS // 2, 30)
+        shard = other.assignment()[0]
+        topic = ("acme", _channel_of(shard))
+        first = Frame(*topic, 1, b"queued")
+        # the ingress's path for a frame the bus did not take in time: admitted, queued
+        assert await node.fence.admit(shard, [(first, False)]) == [None]
+        node.overflow.append(shard, [encode(first)])
+        assert node.fence.inflight == 0  # not owned here: nothing registered
+        await other.publish(shard, [encode(Frame(*topic, s, b"on bus")) for s in (2, 3)])
+        await other.close()  # a clean stop: its shards come back
+        await eventually(lambda: node.bus.assignment() == list(range(SHARDS)), 30)
+        assert node.fence.inflight == 1 and node.fence.holds(topic, 1, 2)
+        await asyncio.sleep(1.0)  # more than three gap timeouts: the gap is held
+        assert sub.by_topic[topic] == []
+        assert await node.publisher.replay_once() == 1
+        await sub.wait_for(3, 30)
+        assert sub.by_topic[topic] == [1, 2, 3]
+        assert node.metrics_port is not None
+        want = {'pqcnet_relayer_gap_fence_events_total{event="restored"}': 1.0,
+                'pqcnet_relayer_gap_fence_events_total{event="late_on_bus"}': 0.0,
+                "pqcnet_relayer_gap_fence_inflight_frames": 0.0,
+                "pqcnet_relayer_gaps_frames_total": 0.0,
+                "pqcnet_relayer_delivered_frames_total": 3.0}
+        port = node.metrics_port
+        seen: dict[str, float | None] = {}
+        for _ in range(100):
+            got = await asyncio.to_thread(scrape_metrics, port)
+            seen = {k: got.get(k) for k in want}
+            if seen == want:
+                break
+            await asyncio.sleep(0.1)
+        assert seen == want
+        # every entry of the shard acked in the group, as redis-cli sees it
+        await eventually(lambda: _pending(redis_url, node.bus.key(shard), node.cfg.group) == 0,
+                         30)
+    finally:
+        if sub is not None:
+            await sub.close()
+        await other.close()
+        await node.stop()
+        await _drop_keys(redis_url, prefix)
+
+
 def _channel_of(shard: int) -> str:
     """A channel of customer ``acme`` whose topic maps to ``shard``."""
     return next(f"c{i}" for i in range(10_000) if shard_for("acme", f"c{i}", SHARDS) == shard)

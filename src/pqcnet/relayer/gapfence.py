@@ -35,7 +35,8 @@ Bounds: skipped ranges per topic (:data:`MAX_RANGES_PER_TOPIC`) and topics remem
 (:data:`MAX_INFLIGHT_SEQS`; beyond it admissions are not registered and the gap race is
 open for those frames — counted in ``untracked``). The in-flight registry is in memory
 and per process: frames still in the overflow queue at a restart are registered again
-from the queue when the workers start (``restore``), but another relayer's admissions
+from the queue when the workers start and when a Redis lease lost before comes back
+(``restore``), but another relayer's admissions
 do not hold this one's skips — a documented limit (decision 0020).
 """
 

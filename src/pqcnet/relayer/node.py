@@ -379,9 +379,18 @@ class RelayerNode:
         the shard's next admission here, which may never come). Kafka's eager rebalance
         revokes every partition, also those handed straight back, so there dropping
         would reopen the gap race for frames still on their way; the next admission
-        drops them as before. Kafka's changes go to the ownership journal."""
+        drops them as before. A shard regained after such a loss gets its frames still
+        in this process's overflow queue registered again, as at a start (``restore``):
+        a Redis outage both queues frames and lets leases lapse, and without it the
+        worker could skip the gap of an acknowledged, queued frame. Kafka's changes go
+        to the ownership journal."""
         if self.bus.losses_final:
             self.fence.forget_shards(lost)
+            if gained and self.workers:  # before the workers start, _start_workers does it
+                restored = sum(self.fence.restore(s, self._queued(s)) for s in sorted(gained))
+                if restored:
+                    log.info("overflow frames of regained shards held in flight",
+                             extra={"frames": restored, "shards": sorted(gained)})
         if self._journal_kafka:
             self._journal_assignment(gained, lost)
 
