@@ -92,6 +92,10 @@ class RelayerConfig(Schema):
     """Backend redis without owned_shards (a cluster): seconds a relayer's shard lease
     lasts without renewal (renewed every lease/3 s); a dead relayer's shards are taken
     over this long after its last renewal. node_id must be unique in the cluster."""
+    redis_max_len: int = Field(default=1_000_000, ge=1, le=100_000_000)
+    """Backend redis: entries a shard stream may hold before acknowledged ones are
+    trimmed (the replay window; never trimmed past an unacknowledged entry). Redis
+    memory is about shards x this x (entry size + ~50 B)."""
     kafka_bootstrap: HostPorts = ""
     """Kafka bootstrap servers, host:port[,host:port...] (backend kafka)."""
     kafka_topic: str = "pqcnet.relayer"

@@ -117,6 +117,7 @@ def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
 
         return RedisStreamsBus(cfg.redis_url, cfg.shards, prefix=cfg.redis_prefix,
                                consumer=cfg.node_id, op_timeout=cfg.publish_timeout,
+                               max_len=cfg.redis_max_len,
                                lease=cfg.redis_lease if cfg.redis_leases else None)
     if cfg.backend == "kafka":
         from pqcnet.relayer.bus.kafka import KafkaBus
