@@ -125,6 +125,9 @@ def test_relayer_against_nats_jetstream() -> None:
     py, go = d["baselines"]["nats_py"], d["baselines"]["nats_go"]
     _latency(py["saturated"]["latency"])
     _latency(py["paced"]["latency"])
+    # nats-server waited for quiet before its paced run, as the relayer did
+    assert 0.5 <= py["paced"]["settled_after_s"] <= 16, py["paced"]
+    assert 0 <= py["paced"]["settle_cpu_share"] <= 1, py["paced"]
     assert _number(py["saturated"]["frames_per_s"]) and _number(go["frames_per_s"])
     assert go["frames"] == 400
     for key in ("vs_nats_go", "vs_nats_py", "paced_p99_vs_nats_py_paced_p99"):

@@ -28,8 +28,10 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from pqcnet.bench._cpu import settle
 from pqcnet.bench._env import services_env
 from pqcnet.bench._stats import percentiles
 
@@ -54,13 +56,26 @@ class NatsServer:
     url: str
     ca: str
     cli: str
+    #: nats-server's process (from ``scripts/services``' pid file), whose CPU the paced
+    #: run waits to go quiet as the relayer's does; None if unknown
+    pid: int | None = None
 
     @classmethod
     def find(cls) -> NatsServer | None:
         url, ca = services_env("PQCNET_NATS_URL"), services_env("PQCNET_NATS_CA")
         if not url or not ca:
             return None
-        return cls(url, ca, services_env("PQCNET_NATS_CLI"))
+        return cls(url, ca, services_env("PQCNET_NATS_CLI"),
+                   _live_pid(services_env("PQCNET_NATS_PID_FILE")))
+
+
+def _live_pid(pid_file: str) -> int | None:
+    """The pid in ``pid_file`` if that process is alive (else None: no settle step)."""
+    try:
+        pid = int(Path(pid_file).read_text().split()[0]) if pid_file else 0
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if pid > 0 and Path(f"/proc/{pid}/stat").exists() else None
 
 
 def stamp(payload_size: int) -> bytes:
@@ -177,7 +192,9 @@ async def nats_py(server: NatsServer, frames: int, topics: int, size: int, publi
 
     try:
         saturated = await one_run(frames, None)
-        paced = await one_run(paced_frames, paced_rate)
+        # the same settle step as the relayer's before its paced run
+        settled = await settle([server.pid]) if server.pid is not None else {}
+        paced = {**await one_run(paced_frames, paced_rate), **settled}
     finally:
         for nc in conns:
             await nc.close()

@@ -29,6 +29,8 @@ run (one-frame publishes at ``--paced-rate``, below saturation: what one frame c
 The paced run starts once the relayer went quiet after the saturated one (at most
 15 s, ``settled_after_s`` in the JSON): before, its first seconds paid for the
 saturated phase's after-work, and the paced Redis p99 depended on what ran before.
+nats-py's paced run waits the same way for nats-server (its pid from
+``scripts/services``), so both p99s of the ratio start from a quiet server.
 
 Same-run baselines beyond the raw backend (issue 15), same frame size and topic count:
 
@@ -63,7 +65,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ import click
 import yaml
 from tqdm import tqdm
 
+from pqcnet.bench._cpu import cpu_seconds, settle
 from pqcnet.bench._echo import echo_rate
 from pqcnet.bench._env import services_env
 from pqcnet.bench._nats import Latencies, NatsServer, nats_go, nats_py, pace, stamp
@@ -93,12 +95,6 @@ TARGET_WORKERS_SPEEDUP = 1.3
 TARGET_CPU_PER_FRAME_DRIFT = 0.15
 #: seconds the workers get to split the shards (leases / group rebalance) before load
 WORKERS_SETTLE = 6.0
-#: the paced run starts once the relayer processes are this idle (CPU share of one core
-#: each, over SETTLE_WINDOW s) or after SETTLE_MAX s: the saturated phase's after-work
-#: (log trims, the bus client's buffers, GC) is not billed to the one-frame requests
-SETTLE_SHARE = 0.05
-SETTLE_WINDOW = 0.5
-SETTLE_MAX = 15.0
 #: each untimed warm-up round before the timed run: this share of ``--frames``
 WARMUP_SHARE = 5
 #: warm-up rounds at most (the last ones only while the rate still climbs)
@@ -277,19 +273,6 @@ async def _warm_up(clients: _Clients, frames: int, topics: int, batch: int,
     return rounds
 
 
-async def _settle(pids: Sequence[int]) -> dict[str, float]:
-    """Wait for the relayer to go quiet after the saturated phase (see SETTLE_SHARE);
-    returns how long it took and the CPU share of the last window."""
-    t0 = time.monotonic()
-    while True:
-        c0 = sum(cpu_seconds(p) for p in pids)
-        await asyncio.sleep(SETTLE_WINDOW)
-        share = (sum(cpu_seconds(p) for p in pids) - c0) / SETTLE_WINDOW / len(pids)
-        waited = time.monotonic() - t0
-        if share <= SETTLE_SHARE or waited >= SETTLE_MAX:
-            return {"settled_after_s": round(waited, 2), "settle_cpu_share": round(share, 3)}
-
-
 async def _paced_run(clients: _Clients, frames: int, topics: int, size: int,
                      rate: float) -> dict[str, Any]:
     """One-frame publishes at ``rate`` frames/s overall: latency below saturation."""
@@ -333,13 +316,6 @@ async def relayer_process(cfg: Path, workers: int = 1
     ready.setdefault("pids", [proc.pid])
     ready["sub_ports"] = ready.get("worker_ports") or [ready["port"]]
     return proc, ready
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process (``/proc/<pid>/stat``)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()  # after "(comm)": state is field 3
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
@@ -400,7 +376,7 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
                     gen = time.process_time() - gen0
                     cpu = [cpu_seconds(p) - c for p, c in zip(ready["pids"], cpu0, strict=True)]
                     if paced_run:
-                        settled = await _settle(ready["pids"])
+                        settled = await settle(ready["pids"])
                         pcpu0 = [cpu_seconds(p) for p in ready["pids"]]
                         paced = await _paced_run(clients, paced_frames, topics, size,
                                                  paced_rate)

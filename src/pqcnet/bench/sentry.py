@@ -75,6 +75,7 @@ import yaml
 from tqdm import tqdm
 
 from pqcnet.bench import _plot, _vegeta
+from pqcnet.bench._cpu import cpu_seconds
 
 TARGET_RPS = 5000
 TARGET_ADDED_P99_MS = 5.0
@@ -290,12 +291,6 @@ def _throughput_multi(port: int, conns: int, seconds: float, procs: int, ids: bo
     return sum(g[0] for g in got), sum(g[1] for g in got)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class _CpuWatch:
     """CPU the watched processes used between :meth:`start` and :meth:`per_rpc`, per
     RPC and as a busy fraction of one core over the wall time (how close to its own
@@ -307,13 +302,13 @@ class _CpuWatch:
 
     def start(self) -> None:
         self._t0 = time.monotonic()
-        self._cpu0 = {name: _cpu_seconds(pid) for name, pid in self.watch.items()}
+        self._cpu0 = {name: cpu_seconds(pid) for name, pid in self.watch.items()}
 
     def per_rpc(self, rpcs: int, *, busy: bool = False) -> dict[str, float]:
         wall = max(time.monotonic() - self._t0, 1e-9)
         out: dict[str, float] = {}
         for name, pid in self.watch.items():
-            used = _cpu_seconds(pid) - self._cpu0[name]
+            used = cpu_seconds(pid) - self._cpu0[name]
             out[f"{name}_cpu_ms_per_rpc"] = round(used * 1000 / max(rpcs, 1), 3)
             if busy:
                 out[f"{name}_busy"] = round(used / wall, 3)
