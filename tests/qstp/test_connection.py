@@ -35,10 +35,13 @@ SCTX = build_context(MESH.server, POLICY, server=True)
 WIN = QstpConfiguration().stream_window // 65536  # full frames that fill a stream window
 
 
-def new_pair(config: QstpConfiguration | None = None) -> tuple[Connection, Connection]:
+def new_pair(config: QstpConfiguration | None = None,
+             server_config: QstpConfiguration | None = None) -> tuple[Connection, Connection]:
+    """A client and a server connection (the server with ``server_config`` if given)."""
     c = Connection(new_connection(CCTX, server=False), client=True, config=config,
                    verify=partial(verify_peer, identity=MESH.client, policy=POLICY))
-    s = Connection(new_connection(SCTX, server=True), client=False, config=config,
+    s = Connection(new_connection(SCTX, server=True), client=False,
+                   config=server_config or config,
                    verify=partial(verify_peer, identity=MESH.server, policy=POLICY))
     return c, s
 
@@ -63,8 +66,9 @@ def drain(conn: Connection) -> list[ev.Event]:
     return out
 
 
-def open_pair(config: QstpConfiguration | None = None) -> tuple[Connection, Connection]:
-    c, s = new_pair(config)
+def open_pair(config: QstpConfiguration | None = None,
+              server_config: QstpConfiguration | None = None) -> tuple[Connection, Connection]:
+    c, s = new_pair(config, server_config)
     c.start(0.0)
     s.start(0.0)
     pump(c, s)

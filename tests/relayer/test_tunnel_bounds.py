@@ -1,7 +1,8 @@
 """The relayer's QSTP bounds are its operator's: ``max_tunnels`` refuses the one tunnel
 too many (and admits again once one closes), ``tunnel_buffer_bytes`` is the connection
-window a publisher or subscriber is granted (read on the client's side), and a buffer
-below QSTP's initial window is refused at start with the key named."""
+window a publisher or subscriber is granted (read on the client's side),
+``tunnel_buffer_total_bytes`` the budget those windows share, and a buffer below QSTP's
+initial window is refused at start with the key named."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import yaml
 
 from pqcnet import qstp
 from pqcnet.errors import PqcnetError
+from pqcnet.qstp.config import INITIAL_WINDOW
 from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.errors import ConfigError
 from tests.config.schemacheck import assert_schema
 from tests.relayer.e2e import identities, publisher, start_node
+from tests.relayer.helpers import scrape_metrics
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -64,4 +67,50 @@ def test_a_buffer_below_the_initial_window_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "relayer.yaml"
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="tunnel_buffer_bytes"):
+        RelayerConfig.load(path)
+
+
+async def test_tunnel_buffer_total_bytes_is_shared_by_the_tunnels(tmp_path: Path) -> None:
+    """A budget of one window's extra: the first tunnel gets the full window, the second
+    the initial 64 KiB (read on the clients' side), /metrics shows the budget spent and
+    one reduced start, and once the first closes the budget is back for the next."""
+    window = 256 * 1024
+    extra = window - INITIAL_WINDOW
+    node = await start_node(tmp_path, tunnel_buffer_bytes=window,
+                            tunnel_buffer_total_bytes=extra, metrics_port=0)
+    assert node.metrics_port is not None
+    port = node.metrics_port
+    tunnels = []
+    try:
+        for ident in (identities()[1], identities()[2]):
+            t = await qstp.connect("127.0.0.1", node.port, ident)
+            assert await t.ping() >= 0  # the preface and its ACK are in
+            tunnels.append(t)
+        assert [t.connection.connection_send_window for t in tunnels] == [window,
+                                                                          INITIAL_WINDOW]
+        got = await asyncio.to_thread(scrape_metrics, port)
+        assert got['pqcnet_relayer_tunnel_buffer_budget_bytes{state="total"}'] == extra
+        assert got['pqcnet_relayer_tunnel_buffer_budget_bytes{state="reserved"}'] == extra
+        assert got["pqcnet_relayer_tunnel_reduced_windows_total"] == 1
+        await tunnels.pop(0).close()
+        reserved = 'pqcnet_relayer_tunnel_buffer_budget_bytes{state="reserved"}'
+        async with asyncio.timeout(10):
+            while (await asyncio.to_thread(scrape_metrics, port))[reserved] != 0:  # noqa: ASYNC110 - polling another process's /metrics
+                await asyncio.sleep(0.05)
+        t = await qstp.connect("127.0.0.1", node.port, identities()[1])
+        tunnels.append(t)
+        assert await t.ping() >= 0
+        assert t.connection.connection_send_window == window
+    finally:
+        for t in tunnels:
+            await t.close()
+        await node.stop()
+
+
+def test_a_negative_total_buffer_is_refused(tmp_path: Path) -> None:
+    cfg = {"relayer": {"node_id": "r1", "tunnel_buffer_total_bytes": -1}}
+    assert_schema("relayer", cfg, valid=False)
+    path = tmp_path / "relayer.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="tunnel_buffer_total_bytes"):
         RelayerConfig.load(path)

@@ -245,6 +245,37 @@ async def test_bounds_tunnel_buffer_bytes_is_the_window_a_client_gets(
                 await tunnel.close()
 
 
+async def test_bounds_tunnel_buffer_total_bytes_is_shared_by_the_tunnels(
+        tmp_path: Path, mesh: Mesh) -> None:
+    """`bounds.tunnel_buffer_total_bytes` is the budget the tunnels' windows come from:
+    with room for one window's extra, the second tunnel starts with the initial 64 KiB
+    (read on the clients' side) and the sentry's metrics say so."""
+    from pqcnet import qstp
+    from pqcnet.qstp.config import INITIAL_WINDOW
+
+    window = 256 * 1024
+    with HttpBackend() as backend:
+        cfg = config_dict(backend.port, 1, 1)
+        cfg["bounds"]["tunnel_buffer_bytes"] = window
+        cfg["bounds"]["tunnel_buffer_total_bytes"] = window - INITIAL_WINDOW
+        path = write_config(tmp_path, mesh, cfg)
+        async with sentry_stack(mesh, path) as s:
+            tunnels = [await qstp.connect("127.0.0.1", s.port, mesh.acme) for _ in range(2)]
+            try:
+                for t in tunnels:
+                    assert await t.ping() >= 0
+                assert [t.connection.connection_send_window for t in tunnels] == [
+                    window, INITIAL_WINDOW]
+                m = s.sentry.metrics
+                name = "pqcnet_sentry_tunnel_buffer_budget_bytes"
+                assert m.value(name, {"state": "total"}) == window - INITIAL_WINDOW
+                assert m.value(name, {"state": "reserved"}) == window - INITIAL_WINDOW
+                assert m.value("pqcnet_sentry_tunnel_reduced_windows_total") == 1
+            finally:
+                for t in tunnels:
+                    await t.close()
+
+
 def test_a_tunnel_buffer_below_the_initial_window_is_refused(tmp_path: Path,
                                                                mesh: Mesh) -> None:
     import yaml

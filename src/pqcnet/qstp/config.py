@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from pqcnet.qstp.budget import ReceiveBudget
 from pqcnet.qstp.frames import MAX_DATA_CHUNK, MAX_FRAME_PAYLOAD
 
 #: Credit every window starts with before the peer's first ACK (both sides assume it,
@@ -57,12 +58,21 @@ class QstpConfiguration:
     rekey falls due — so no key protects more than ``2 * rekey_after_bytes`` or lives
     longer than ``2 * rekey_interval`` even with a peer that never reconnects."""
 
-    def with_buffer(self, window: int) -> QstpConfiguration:
+    receive_budget: ReceiveBudget | None = None
+    """Receive credit shared by every connection made with these settings (a server's
+    ``tunnel_buffer_total_bytes``): each takes its window beyond ``INITIAL_WINDOW``
+    from it, so together they cannot be made to buffer more than its total plus
+    ``INITIAL_WINDOW`` each (:mod:`pqcnet.qstp.budget`). None: no shared bound."""
+
+    def with_buffer(self, window: int, total: int | None = None) -> QstpConfiguration:
         """These settings with ``window`` as the most one tunnel may make us buffer: the
         connection window we grant, and each stream's the smaller of it and ours (what a
-        server's ``tunnel_buffer_bytes`` means; ``max_tunnels`` times it bounds them all)."""
+        server's ``tunnel_buffer_bytes`` means). With ``total``, one new
+        :class:`ReceiveBudget` of that many bytes for all the tunnels (a server's
+        ``tunnel_buffer_total_bytes``); else ``max_tunnels`` times ``window`` bounds them."""
         return replace(self, connection_window=window,
-                       stream_window=min(self.stream_window, window))
+                       stream_window=min(self.stream_window, window),
+                       receive_budget=None if total is None else ReceiveBudget(total))
 
     def __post_init__(self) -> None:
         positive = {

@@ -184,6 +184,8 @@ class Connection:
         self._conn_send_credit = INITIAL_WINDOW
         self._conn_recv_window = INITIAL_WINDOW
         self._conn_recv_pending = 0
+        #: connection credit beyond INITIAL_WINDOW held from ``config.receive_budget``
+        self._reserved = 0
         self._data_frames_received = 0
         #: DATA bytes received and dropped (a refused or released stream, after GOAWAY):
         #: never delivered, their connection credit goes back to the peer
@@ -454,13 +456,7 @@ class Connection:
         one was queued (a caller driving I/O has something to send only then)."""
         if n <= 0 or self.state is not ConnectionState.OPEN:
             return False
-        queued = False
-        self._conn_recv_pending += n
-        if self._conn_recv_pending >= self.config.connection_window // 2:
-            inc, self._conn_recv_pending = self._conn_recv_pending, 0
-            self._conn_recv_window += inc
-            self._queue(FrameType.ACK, 0, None, fr.ack_payload(inc))
-            queued = True
+        queued = self._return_credit(n)
         st = self._streams.get(stream_id)
         if st is None or st.state in (StreamState.HALF_CLOSED_REMOTE, StreamState.CLOSED):
             return queued
@@ -593,10 +589,17 @@ class Connection:
             return
         self._last_rekey = now
         self.state = ConnectionState.AWAIT_PREFACE if self.is_client else ConnectionState.OPEN
-        # the preface: raise the peer's view of our connection window
-        self._conn_recv_window += self.config.connection_window - INITIAL_WINDOW
-        self._queue(FrameType.ACK, 0, None,
-                    fr.ack_payload(self.config.connection_window - INITIAL_WINDOW))
+        # the preface: raise the peer's view of our connection window (from the shared
+        # budget if there is one; an ACK of 0 still completes the peer's handshake)
+        extra = self.config.connection_window - INITIAL_WINDOW
+        budget = self.config.receive_budget
+        if budget is not None:
+            self._reserved = budget.take(extra)
+            if self._reserved < extra:
+                budget.reduced_starts += 1
+            extra = self._reserved
+        self._conn_recv_window += extra
+        self._queue(FrameType.ACK, 0, None, fr.ack_payload(extra))
         if not self.is_client:
             self._events.append(ev.HandshakeCompleted(peer=self.peer))
 
@@ -733,11 +736,26 @@ class Connection:
         """DATA for a stream we already released: drop it but return its credit."""
         self._data_frames_received += 1
         self.dropped_data_bytes += n
+        self._return_credit(n)
+
+    def _return_credit(self, n: int) -> bool:
+        """``n`` received bytes left our buffers: ACK the connection credit once half of
+        our window is pending (with a receive budget, half of the window we hold, topped
+        up from the budget as it frees). Returns whether an ACK was queued."""
         self._conn_recv_pending += n
-        if self._conn_recv_pending >= self.config.connection_window // 2:
-            inc, self._conn_recv_pending = self._conn_recv_pending, 0
-            self._conn_recv_window += inc
-            self._queue(FrameType.ACK, 0, None, fr.ack_payload(inc))
+        budget = self.config.receive_budget
+        full = self.config.connection_window
+        window = full if budget is None else INITIAL_WINDOW + self._reserved
+        if self._conn_recv_pending < window // 2:
+            return False
+        inc, self._conn_recv_pending = self._conn_recv_pending, 0
+        if budget is not None and window < full:
+            more = budget.take(full - window)
+            self._reserved += more
+            inc += more
+        self._conn_recv_window += inc
+        self._queue(FrameType.ACK, 0, None, fr.ack_payload(inc))
+        return True
 
     def _maybe_release(self, st: _Stream) -> None:
         if st.state is StreamState.CLOSED:
@@ -844,6 +862,9 @@ class Connection:
         if send and tls_up and not by_peer:
             self._queue(FrameType.ERROR, 0, None, fr.error_payload(code, reason))
         self.state = ConnectionState.CLOSED
+        if self._reserved and self.config.receive_budget is not None:
+            self.config.receive_budget.give_back(self._reserved)
+            self._reserved = 0
         if tls_up:
             self._flush_plain_closed()
             with contextlib.suppress(SSL.Error):

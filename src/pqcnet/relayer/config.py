@@ -67,8 +67,13 @@ class RelayerConfig(Schema):
                                      le=2**31 - 1)
     """Most bytes one tunnel may make the relayer buffer: the QSTP connection window it
     grants (a stream's is the smaller of this and 4 MiB). ``max_tunnels`` times this
-    bounds what slow tunnels can pile up (defaults: 1024 x 8 MiB = 8 GiB worst case):
-    lower it where tunnels are many and requests small."""
+    bounds what slow tunnels can pile up (defaults: 1024 x 8 MiB = 8 GiB worst case);
+    ``tunnel_buffer_total_bytes`` caps their sum."""
+    tunnel_buffer_total_bytes: int = Field(default=1024**3, ge=0, le=2**40)
+    """Most bytes all tunnels together may make the relayer buffer beyond 64 KiB each:
+    a tunnel takes its window beyond 64 KiB from this budget when it opens and gives it
+    back when it closes; one that opens while it is spent starts with 64 KiB and grows
+    as it frees. Per process (``--workers N``: one budget per worker)."""
     identity_dir: str = ""
     """Directory written by ``NodeIdentity.save`` (key, chain, trust bundle, CRL)."""
     identity_passphrase_env: str = ""

@@ -48,6 +48,7 @@ from pqcnet.qsdag import Ledger
 from pqcnet.qstp import aio
 from pqcnet.qstp.aio.forward import serve_forward
 from pqcnet.qstp.aio.tunnel import openssl_checked
+from pqcnet.qstp.budget import budget_metrics
 from pqcnet.qstp.config import QstpConfiguration
 from pqcnet.qstp.tls import TlsPolicy
 from pqcnet.relayer.authz import Authorizer, Quotas, authz_policy
@@ -255,6 +256,10 @@ class RelayerNode:
         self._bus_lag: dict[int, int] = {}
         self.started_at = 0.0
         self.port = 0
+        #: the QSTP settings of the ingress: per-tunnel windows and the budget all
+        #: tunnels share (one per process, so /metrics reads it)
+        self.qstp_config = QstpConfiguration().with_buffer(cfg.tunnel_buffer_bytes,
+                                                           cfg.tunnel_buffer_total_bytes)
         self.metrics_port: int | None = None
         self.grpc_port: int | None = None
         #: bound port of the QSTP governance listener (None: off)
@@ -513,8 +518,7 @@ class RelayerNode:
         server = await aio.serve(
             self.ingress.handle_tunnel, self.cfg.listen_host, port, self.identity,
             self.policy, reuse_port=self.reuse_port,
-            config=QstpConfiguration().with_buffer(self.cfg.tunnel_buffer_bytes),
-            max_tunnels=self.cfg.max_tunnels)
+            config=self.qstp_config, max_tunnels=self.cfg.max_tunnels)
         self._server, self.port = server, server.port
         if self.own_port is not None:
             self.own_port = await server.listen_also(self.cfg.listen_host, self.own_port)
@@ -963,6 +967,7 @@ class _NodeCollector(Collector):
                                 "Shards whose publishers are paused", value=len(n.flow.paused))
         yield GaugeMetricFamily("pqcnet_relayer_subscribers", "Subscriber streams",
                                 value=n.hub.count())
+        yield from budget_metrics(n.qstp_config.receive_budget, "relayer")
         ing = CounterMetricFamily("pqcnet_relayer_ingress_frames",
                                   "Publisher frames by outcome", labels=["result"])
         st = n.ingress.stats

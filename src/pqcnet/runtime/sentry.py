@@ -118,10 +118,12 @@ class SentryService:
             if self.shared is not None:
                 install(self.sentry, *self.shared)
             stack.push_async_callback(self.sentry.aclose)
+            qstp_config = cfg.qstp_config()  # with the receive budget its tunnels share
             self.endpoint = QstpEndpoint(
                 self.identity, self.keys, self.issuer, handler=self._on_tunnel,
-                policy=cfg.tls_policy(), config=cfg.qstp_config(),
+                policy=cfg.tls_policy(), config=qstp_config,
                 max_tracked=max(DEFAULT_MAX_TRACKED_TUNNELS, cfg.bounds.max_tunnels))
+            self.metrics.bind_budget(qstp_config.receive_budget)
             stack.push_async_callback(self.endpoint.aclose)
         except BaseException:
             await self.aclose()

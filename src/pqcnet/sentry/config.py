@@ -126,8 +126,11 @@ class SentryConfig:
 
     def qstp_config(self) -> QstpConfiguration:
         """The QSTP settings the sentry serves with: windows from
-        ``bounds.tunnel_buffer_bytes``."""
-        return QstpConfiguration().with_buffer(self.bounds.tunnel_buffer_bytes)
+        ``bounds.tunnel_buffer_bytes`` and a new receive budget of
+        ``bounds.tunnel_buffer_total_bytes`` (call once per server: the budget is what
+        its tunnels share)."""
+        return QstpConfiguration().with_buffer(self.bounds.tunnel_buffer_bytes,
+                                               self.bounds.tunnel_buffer_total_bytes)
 
 
 def load_verify_key(path: Path, *, error: type[PqcnetError] = SentryConfigError,

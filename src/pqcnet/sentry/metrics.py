@@ -4,10 +4,14 @@ in tests and benchmarks must not collide). Names follow ``pqcnet_sentry_<what>_<
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector
+
+from pqcnet.qstp.budget import ReceiveBudget, budget_metrics
 
 OUTCOMES = ("ok", "unauthenticated", "denied", "rate_limited", "backend_error",
             "bad_request", "too_large", "error")
@@ -30,6 +34,16 @@ class _Children:
         if child is None:
             child = self._children[label] = self._metric.labels(label)
         return child
+
+
+class _BudgetCollector(Collector):
+    """``pqcnet_sentry_tunnel_buffer_*`` from the live budget."""
+
+    def __init__(self, budget: ReceiveBudget) -> None:
+        self._budget = budget
+
+    def collect(self) -> Iterator[Metric]:
+        return budget_metrics(self._budget, "sentry")
 
 
 class SentryMetrics:
@@ -92,11 +106,22 @@ class SentryMetrics:
         self._rejections = _Children(self.rejections)
         self._latency = _Children(self.latency)
         self._levels = _Children(self.bucket_level)
+        self._budget: _BudgetCollector | None = None
 
     def bind_gauges(self, in_flight: Callable[[], float], ratio: Callable[[], float]) -> None:
         """Read live values at scrape time."""
         self.in_flight.set_function(in_flight)
         self.cache_ratio.set_function(ratio)
+
+    def bind_budget(self, budget: ReceiveBudget | None) -> None:
+        """Export the QSTP receive budget the sentry's tunnels share (read at scrape
+        time); a later call (a new server for the same sentry) replaces the earlier."""
+        if self._budget is not None:
+            self.registry.unregister(self._budget)
+            self._budget = None
+        if budget is not None:
+            self._budget = _BudgetCollector(budget)
+            self.registry.register(self._budget)
 
     def count(self, outcome: str, reason: str | None = None) -> None:
         """Count one finished RPC."""

@@ -336,6 +336,7 @@ class SentryServer:
                            else sentry.config.tls_policy())
         self.qstp_config = (qstp_config if qstp_config is not None
                             else sentry.config.qstp_config())
+        sentry.metrics.bind_budget(self.qstp_config.receive_budget)
         self._server: Any = None
         self._watch: asyncio.Task[None] | None = None
         self.tunnels_served = 0
