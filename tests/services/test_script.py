@@ -33,6 +33,7 @@ ENV_LINE = re.compile(
     r"|export PQCNET_NATS_URL=tls://127\.0\.0\.1:\d+"
     r"|export PQCNET_NATS_CA=/\S+/\.services/nats/tls/cert\.pem"
     r"|export PQCNET_NATS_CLI=/\S+/nats"
+    r"|export PQCNET_NATS_PID_FILE=/\S+/\.services/nats/pid"
     r"|export PQCNET_VEGETA=/\S+/vegeta"
 )
 

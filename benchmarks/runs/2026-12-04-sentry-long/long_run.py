@@ -20,8 +20,15 @@ import time
 from pathlib import Path
 
 from pqcnet.bench import _vegeta
-from pqcnet.bench.sentry import (_RPC, _RPC_HEADERS, _CpuWatch, _pqcnet_stack, _wait_port,
-                                 backend_main, free_port)
+from pqcnet.bench.sentry import (
+    _RPC,
+    _RPC_HEADERS,
+    _CpuWatch,
+    _pqcnet_stack,
+    _wait_port,
+    backend_main,
+    free_port,
+)
 
 
 def rss_mib(pid: int) -> float:
