@@ -186,6 +186,9 @@ class Connection:
         self._conn_recv_pending = 0
         #: connection credit beyond INITIAL_WINDOW held from ``config.receive_budget``
         self._reserved = 0
+        #: pending consumed bytes at which connection credit goes back: half of the
+        #: window we grant (with a budget, of the window we hold; set at the preface)
+        self._ack_at = self.config.connection_window // 2
         self._data_frames_received = 0
         #: DATA bytes received and dropped (a refused or released stream, after GOAWAY):
         #: never delivered, their connection credit goes back to the peer
@@ -456,7 +459,8 @@ class Connection:
         one was queued (a caller driving I/O has something to send only then)."""
         if n <= 0 or self.state is not ConnectionState.OPEN:
             return False
-        queued = self._return_credit(n)
+        self._conn_recv_pending += n
+        queued = self._conn_recv_pending >= self._ack_at and self._return_credit()
         st = self._streams.get(stream_id)
         if st is None or st.state in (StreamState.HALF_CLOSED_REMOTE, StreamState.CLOSED):
             return queued
@@ -598,6 +602,7 @@ class Connection:
             if self._reserved < extra:
                 budget.reduced_starts += 1
             extra = self._reserved
+            self._ack_at = (INITIAL_WINDOW + extra) // 2
         self._conn_recv_window += extra
         self._queue(FrameType.ACK, 0, None, fr.ack_payload(extra))
         if not self.is_client:
@@ -736,23 +741,24 @@ class Connection:
         """DATA for a stream we already released: drop it but return its credit."""
         self._data_frames_received += 1
         self.dropped_data_bytes += n
-        self._return_credit(n)
-
-    def _return_credit(self, n: int) -> bool:
-        """``n`` received bytes left our buffers: ACK the connection credit once half of
-        our window is pending (with a receive budget, half of the window we hold, topped
-        up from the budget as it frees). Returns whether an ACK was queued."""
         self._conn_recv_pending += n
-        budget = self.config.receive_budget
-        full = self.config.connection_window
-        window = full if budget is None else INITIAL_WINDOW + self._reserved
-        if self._conn_recv_pending < window // 2:
-            return False
+        if self._conn_recv_pending >= self._ack_at:
+            self._return_credit()
+
+    def _return_credit(self) -> bool:
+        """Half of our window was consumed (``_ack_at``): ACK the pending connection
+        credit, with a receive budget topped up from it toward the full window as it
+        frees. Returns True (an ACK was queued)."""
         inc, self._conn_recv_pending = self._conn_recv_pending, 0
-        if budget is not None and window < full:
-            more = budget.take(full - window)
-            self._reserved += more
-            inc += more
+        budget = self.config.receive_budget
+        if budget is not None:
+            full = self.config.connection_window
+            window = INITIAL_WINDOW + self._reserved
+            if window < full:
+                more = budget.take(full - window)
+                self._reserved += more
+                self._ack_at = (INITIAL_WINDOW + self._reserved) // 2
+                inc += more
         self._conn_recv_window += inc
         self._queue(FrameType.ACK, 0, None, fr.ack_payload(inc))
         return True
