@@ -214,7 +214,10 @@ def read_plaintext(tls: SSL.Connection,
             try:
                 tls.recv(1)  # let pyOpenSSL raise the precise exception
             except (SSL.Error, HandshakeError) as exc:
-                failure = exc
+                # kept without its traceback: that would hold this frame, whose
+                # ``failure`` is the exception itself — a cycle that kept the whole
+                # closed tunnel (TLS objects, buffers) until a full collection
+                failure = exc.with_traceback(None)
             else:  # pragma: no cover - a record became readable in between
                 failure = None
         break
