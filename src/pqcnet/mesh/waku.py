@@ -146,7 +146,7 @@ class WakuTransport:
                 await self.clients[node].publish(content_topic, payload, timestamp_ns=ts)
                 return
             except WakuUnavailable as exc:
-                last = exc
+                last = exc.with_traceback(None)  # no tb: no cycle via its frame
                 await self._node_failed(node, exc)
                 if self.active == node:
                     break  # nowhere else to go

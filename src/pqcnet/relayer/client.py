@@ -123,7 +123,7 @@ class PublisherClient:
                         if fut is not None and not fut.done():
                             fut.set_result(msg[1])
         except PqcnetError as exc:
-            error = exc
+            error = exc.with_traceback(None)  # no tb: no cycle via its frame
         if self._receipts.empty():
             self._receipts.put_nowait(error)  # wakes a receipt() waiting on a dead stream
         for fut in self._waiting.values():

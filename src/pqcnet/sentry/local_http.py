@@ -456,7 +456,7 @@ class _Conn:
         try:
             stream = await self.up.open(head, first, end=False)
         except BackendError as exc:
-            failure = exc
+            failure = exc.with_traceback(None)  # no tb: no cycle via its frame
         try:
             async with asyncio.timeout(self.lim.body_timeout):
                 while True:
@@ -498,7 +498,7 @@ class _Conn:
             try:
                 resp, stream, first = await self.up.response(stream)
             except BackendError as exc:
-                failure = exc
+                failure = exc.with_traceback(None)  # no tb: no cycle via its frame
         if failure is not None:
             await self._simple(502, error_json(failure.outcome, str(failure)),
                                close=not req.keep_alive)

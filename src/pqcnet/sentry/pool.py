@@ -180,7 +180,7 @@ class SentryPool:
             try:
                 return await self._open_on(m, head, body, end)
             except BackendError as exc:
-                last = exc
+                last = exc.with_traceback(None)  # no tb: no cycle via its frame
         raise BackendError(f"no sentry reachable ({len(tried)} tried): {last}")
 
     async def response(self, stream: Any) -> tuple[ResponseHead, Any, bytes]:
@@ -209,14 +209,14 @@ class SentryPool:
             try:
                 stream = await self._open_on(m, head, body, True)
             except BackendError as exc:
-                last = exc
+                last = exc.with_traceback(None)  # no tb: no cycle via its frame
                 continue  # nothing reached that sentry's backend: any request may move
             try:
                 return await self.response(stream)
             except BackendError as exc:
                 if not idempotent:
                     raise
-                last = exc
+                last = exc.with_traceback(None)  # no tb: no cycle via its frame
                 self.failovers += 1
                 log.info("idempotent request replayed on another sentry",
                          extra={"failed": m.name, "error": str(exc)})
