@@ -11,6 +11,7 @@ import pytest
 from pqcnet import qstp
 from pqcnet.qstp.aio import Tunnel
 from pqcnet.qstp.errors import TunnelClosed
+from tests.gcutil import collector_off, live
 
 from .qstputil import CLIENT_ID, SERVER_ID, Mesh, make_mesh, running_server
 
@@ -200,7 +201,6 @@ async def test_closed_tunnels_are_freed_without_the_cyclic_collector(
     cycle that kept each closed tunnel (TLS objects, buffers, events) until a full
     collection. Counted with the collector off, on both sides of five tunnels closed by
     the client or by the server's handler."""
-    import gc
 
     async def handler(tunnel: Tunnel) -> None:
         async for stream in tunnel:
@@ -208,14 +208,9 @@ async def test_closed_tunnels_are_freed_without_the_cyclic_collector(
             if closer == "server":
                 return  # the server closes the tunnel
 
-    def tunnels() -> int:
-        return sum(1 for o in gc.get_objects() if type(o) is Tunnel)
-
     async with running_server(mesh, handler) as server:
-        gc.collect()
-        gc.disable()
-        try:
-            before = tunnels()
+        with collector_off():
+            before = live(Tunnel)
             for i in range(5):
                 t = await qstp.connect("127.0.0.1", server.port, mesh.client)
                 s = t.open_stream()
@@ -227,9 +222,7 @@ async def test_closed_tunnels_are_freed_without_the_cyclic_collector(
                     await t.wait_closed()
             del t, s
             for _ in range(100):
-                if tunnels() <= before:
+                if live(Tunnel) <= before:
                     break
                 await asyncio.sleep(0.02)
-            assert tunnels() <= before, tunnels() - before
-        finally:
-            gc.enable()
+            assert live(Tunnel) <= before, live(Tunnel) - before

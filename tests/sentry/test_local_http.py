@@ -5,7 +5,6 @@ and input fed whole and byte at a time that must end in a clear 4xx, never a cra
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 from collections.abc import AsyncIterator
 
@@ -17,6 +16,7 @@ from hypothesis import strategies as st
 from pqcnet.sentry.http1 import HttpError, HttpLimits
 from pqcnet.sentry.local_http import Body, EndOfRequest, Request, RequestParser
 from pqcnet.sentry.sidecar import serve_http
+from tests.gcutil import collector_off, live
 
 from .conftest import Env
 
@@ -300,13 +300,8 @@ async def test_closed_connections_leave_nothing_for_the_cyclic_collector(
     connection must be freed by reference counting alone, or its objects pile up until
     a full collection (the long run's slow RSS growth). Counted with the collector off:
     no request parser of the 20 closed connections is left."""
-    def parsers() -> int:
-        return sum(1 for o in gc.get_objects() if type(o) is RequestParser)
-
-    gc.collect()
-    gc.disable()
-    try:
-        before = parsers()
+    with collector_off():
+        before = live(RequestParser)
         for i in range(20):
             r, w = await asyncio.open_connection("127.0.0.1", port)
             body = rpc(i)
@@ -317,9 +312,7 @@ async def test_closed_connections_leave_nothing_for_the_cyclic_collector(
             w.close()
             await w.wait_closed()
         for _ in range(100):  # the server side sees each EOF on its own schedule
-            if parsers() <= before:
+            if live(RequestParser) <= before:
                 break
             await asyncio.sleep(0.02)
-        assert parsers() <= before, parsers() - before
-    finally:
-        gc.enable()
+        assert live(RequestParser) <= before, live(RequestParser) - before

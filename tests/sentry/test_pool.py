@@ -24,6 +24,7 @@ from pqcnet.sentry.pool import SentryPool
 from pqcnet.sentry.server import SentryServer
 from pqcnet.sentry.sidecar import serve_http
 from pqcnet.sentry.wire import RequestHead
+from tests.gcutil import collector_off, live
 
 from .harness import HttpBackend, Mesh, config_dict, sentry_stack, sidecar_to, write_config
 from .test_cli import free_port
@@ -300,27 +301,20 @@ async def test_failed_calls_leave_nothing_for_the_cyclic_collector(mesh: Mesh) -
     request's head and body: during an outage every failed request stayed in memory
     until a full collection, which serving processes run rarely. Counted with the
     collector off: no sentry error is left after the calls."""
-    import gc
-
-    def errors() -> int:
-        return sum(1 for o in gc.get_objects() if isinstance(o, BackendError))
-
     pool = pool_of(mesh, [free_port(), free_port()])  # nobody listens there
     head = RequestHead("http", "POST", "/rpc")
-    gc.collect()
-    gc.disable()
     try:
-        before = errors()
-        for idempotent in (True, False):
-            try:
-                await pool.call(head, b"x" * 4096, idempotent=idempotent)
-            except BackendError as exc:
-                assert "no sentry" in str(exc)
-            else:
-                raise AssertionError("a call to sentries that are down succeeded")
-            for m in pool.members:  # down members are retried at once, not skipped
-                m.healthy, m.retry_at = True, 0.0
-        assert errors() <= before, errors() - before
+        with collector_off():
+            before = live(BackendError)
+            for idempotent in (True, False):
+                try:
+                    await pool.call(head, b"x" * 4096, idempotent=idempotent)
+                except BackendError as exc:
+                    assert "no sentry" in str(exc)
+                else:
+                    raise AssertionError("a call to sentries that are down succeeded")
+                for m in pool.members:  # down members are retried at once, not skipped
+                    m.healthy, m.retry_at = True, 0.0
+            assert live(BackendError) <= before, live(BackendError) - before
     finally:
-        gc.enable()
         await pool.aclose()

@@ -46,6 +46,14 @@ class ReceiveBudget:
         """Bytes not reserved by any connection."""
         return self.total - self.reserved
 
+    def reserve_window(self, want: int) -> int:
+        """A new connection's window beyond the initial one: :meth:`take`, counting a
+        start with less than ``want`` in ``reduced_starts``."""
+        got = self.take(want)
+        if got < want:
+            self.reduced_starts += 1
+        return got
+
     def take(self, want: int) -> int:
         """Reserve up to ``want`` bytes; returns how many were reserved (0 when spent)."""
         n = max(0, min(want, self.total - self.reserved))

@@ -460,7 +460,9 @@ class Connection:
         if n <= 0 or self.state is not ConnectionState.OPEN:
             return False
         self._conn_recv_pending += n
-        queued = self._conn_recv_pending >= self._ack_at and self._return_credit()
+        queued = self._conn_recv_pending >= self._ack_at
+        if queued:
+            self._return_credit()
         st = self._streams.get(stream_id)
         if st is None or st.state in (StreamState.HALF_CLOSED_REMOTE, StreamState.CLOSED):
             return queued
@@ -598,10 +600,7 @@ class Connection:
         extra = self.config.connection_window - INITIAL_WINDOW
         budget = self.config.receive_budget
         if budget is not None:
-            self._reserved = budget.take(extra)
-            if self._reserved < extra:
-                budget.reduced_starts += 1
-            extra = self._reserved
+            extra = self._reserved = budget.reserve_window(extra)
             self._ack_at = (INITIAL_WINDOW + extra) // 2
         self._conn_recv_window += extra
         self._queue(FrameType.ACK, 0, None, fr.ack_payload(extra))
@@ -745,10 +744,10 @@ class Connection:
         if self._conn_recv_pending >= self._ack_at:
             self._return_credit()
 
-    def _return_credit(self) -> bool:
+    def _return_credit(self) -> None:
         """Half of our window was consumed (``_ack_at``): ACK the pending connection
         credit, with a receive budget topped up from it toward the full window as it
-        frees. Returns True (an ACK was queued)."""
+        frees."""
         inc, self._conn_recv_pending = self._conn_recv_pending, 0
         budget = self.config.receive_budget
         if budget is not None:
@@ -761,7 +760,6 @@ class Connection:
                 inc += more
         self._conn_recv_window += inc
         self._queue(FrameType.ACK, 0, None, fr.ack_payload(inc))
-        return True
 
     def _maybe_release(self, st: _Stream) -> None:
         if st.state is StreamState.CLOSED:
