@@ -6,6 +6,7 @@ without the lease can neither save marks nor meter (fencing)."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from pqcnet.relayer.bus.leases import journal
 from pqcnet.relayer.bus.redis_streams import RedisStreamsBus
 from pqcnet.relayer.errors import BusUnavailable
 from pqcnet.relayer.frame import Frame, encode, shard_for
-from tests.relayer.e2e import start_node, subscriber
+from tests.relayer.e2e import publisher, start_node, subscriber
 from tests.relayer.helpers import eventually, redis_cli, scrape_metrics
 
 pytestmark = pytest.mark.timeout(120)
@@ -309,6 +310,88 @@ async def test_a_regained_shard_holds_the_gap_of_its_queued_frames(
         await _drop_keys(redis_url, prefix)
 
 
+async def test_a_lease_renewed_late_keeps_the_gap_of_its_acknowledged_frames(
+        tmp_path: Path, redis_url: str) -> None:
+    """The validity a lease round grants (0.9 lease) ran out before the next round
+    finished — a stalled event loop or a slow Redis — and that round then renewed the
+    lease: it never lapsed in Redis, and no loss was reported. For that moment the
+    worker takes no records (right: the lease might be gone), but admissions went on.
+    Before, the first of them dropped the shard's in-flight registrations and none was
+    registered: seq 1 of a topic, acknowledged and still in the overflow queue, lost its
+    registration, so once the round renewed the lease the worker skipped its gap (seqs
+    2 and 3 were on the stream, from another relayer's ingress) and the replay brought
+    it too late. Now the subscriber gets 1, 2, 3 and nothing is late."""
+    prefix = f"lease:{uuid.uuid4().hex[:10]}"
+    lease = 20.0  # the test drives the rounds itself; nothing expires in Redis meanwhile
+    node = await start_node(tmp_path, backend="redis", redis_url=redis_url, shards=SHARDS,
+                            redis_prefix=prefix, redis_lease=lease, metrics_port=0,
+                            gap_timeout=0.3)
+    sub = pub = None
+    try:
+        await eventually(lambda: node.bus.assignment() == list(range(SHARDS)), 30)
+        leases = node.bus.leases
+        assert leases is not None and leases._task is not None
+        for task in (leases._task, next(t for t in node._tasks
+                                        if t.get_name() == "overflow-replay")):
+            task.cancel()  # the test runs the lease rounds and the replay itself
+        sub = await subscriber(node.port, "acme")
+        pub = await publisher(node.port)
+        shard = 3
+        topic, other = (("acme", c) for c in _channels_of(shard, 2))
+        first = Frame(*topic, 1, b"queued")
+        # the ingress's path for a frame the bus did not take in time: admitted, queued
+        assert await node.fence.admit(shard, [(first, False)]) == [None]
+        node.overflow.append(shard, [encode(first)])
+        assert node.fence.inflight == 1
+        leases._valid_until = time.monotonic()  # the clock passed it; the round is late
+        assert not node.bus.owns(shard) and shard in node.bus.assignment()
+        # an admission of the shard meanwhile, through the real ingress (queued behind 1)
+        results = await pub.publish([Frame(*other, 1, b"meanwhile")])
+        assert [r.accepted for r in results] == [True]
+        assert node.fence.inflight == 2  # seq 1 kept, the new one registered
+        # seqs 2 and 3 reach the stream from another relayer's ingress
+        await node.bus.publish(shard, [encode(Frame(*topic, s, b"on bus")) for s in (2, 3)])
+        await leases.round()  # the late round: a real renewal in Redis, no loss
+        assert node.bus.owns(shard) and leases.owned == set(range(SHARDS))
+        await asyncio.sleep(1.0)  # more than three gap timeouts: the gap of 1 is held
+        assert sub.by_topic[topic] == []
+        assert node.fence.holds(topic, 1, 2)
+        assert await node.publisher.replay_once() == 2
+        await sub.wait_for(4, 30)
+        assert sub.by_topic[topic] == [1, 2, 3] and sub.by_topic[other] == [1]
+        assert node.metrics_port is not None
+        want = {'pqcnet_relayer_gap_fence_events_total{event="late_on_bus"}': 0.0,
+                "pqcnet_relayer_gap_fence_inflight_frames": 0.0,
+                "pqcnet_relayer_gaps_frames_total": 0.0,
+                "pqcnet_relayer_delivered_frames_total": 4.0}
+        port = node.metrics_port
+        seen: dict[str, float | None] = {}
+        for _ in range(100):
+            got = await asyncio.to_thread(scrape_metrics, port)
+            seen = {k: got.get(k) for k in want}
+            if seen == want:
+                break
+            await asyncio.sleep(0.1)
+        assert seen == want
+        # no loss was journaled: the lease never lapsed in Redis (read with redis-cli)
+        owners = redis_cli(redis_url, "XRANGE", leases.journal_key, "-", "+")
+        assert "lost" not in owners and "claimed" in owners
+        await eventually(lambda: _pending(redis_url, node.bus.key(shard), node.cfg.group) == 0,
+                         30)
+    finally:
+        for c in (sub, pub):
+            if c is not None:
+                await c.close()
+        await node.stop()
+        await _drop_keys(redis_url, prefix)
+
+
 def _channel_of(shard: int) -> str:
     """A channel of customer ``acme`` whose topic maps to ``shard``."""
-    return next(f"c{i}" for i in range(10_000) if shard_for("acme", f"c{i}", SHARDS) == shard)
+    return _channels_of(shard, 1)[0]
+
+
+def _channels_of(shard: int, n: int) -> list[str]:
+    """``n`` channels of customer ``acme`` whose topics map to ``shard``."""
+    found = (f"c{i}" for i in range(10_000) if shard_for("acme", f"c{i}", SHARDS) == shard)
+    return [next(found) for _ in range(n)]

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from pqcnet.relayer.bus.base import Delivery
 from pqcnet.relayer.bus.embedded import EmbeddedBus
-from pqcnet.relayer.errors import BusUnavailable
+from pqcnet.relayer.errors import BusUnavailable, LateFrame
 from pqcnet.relayer.frame import Frame, decode, encode, shard_for
 from pqcnet.relayer.gapfence import MAX_RANGES_PER_TOPIC, GapFence
 from pqcnet.relayer.overflow import BufferedPublisher, OverflowQueue
@@ -213,6 +213,35 @@ async def test_in_flight_only_for_shards_owned_here_and_forgotten_when_lost() ->
     assert not fence.holds(T, 1, 4)
     fence.consumed(other.topic, 1)
     assert fence.inflight == 0 and fence.stats.untracked == 0
+
+
+async def test_a_shard_not_owned_for_a_moment_but_still_assigned_keeps_its_registrations(
+        ) -> None:
+    """A Redis lease whose validity ran out before the next renewal round: the worker
+    takes no records for that moment (``owns`` false), but no loss was reported
+    (``assigned`` true) and the round will renew it. An admission then is registered
+    and drops nothing; before, it dropped the shard's registrations and registered
+    nothing, so the worker could skip the gap of an acknowledged frame afterwards. The
+    marks of both the store (read: not owned now) and the worker count."""
+    owns_now, assigned = {0}, {0}
+    reads: list[int] = []
+
+    async def lookup(shard: int, topics: object) -> dict[tuple[str, str], int]:
+        reads.append(shard)
+        return {T: 3}  # the store: delivered up to seq 2
+
+    fence = GapFence(lookup, owns=owns_now.__contains__, assigned=assigned.__contains__)
+    fence.attach_worker(0, lambda topic: 5 if topic == T else None)  # the worker: up to 4
+    assert await fence.admit(0, [(_f(5), False)]) == [None]
+    assert fence.inflight == 1 and reads == []
+    owns_now.discard(0)  # the lease round runs late
+    got = await fence.admit(0, [(_f(4), False), (_f(6), False)])
+    assert isinstance(got[0], LateFrame) and got[1] is None  # the worker's marks count
+    assert reads == [0]  # not owned now: the store is read as well
+    assert fence.inflight == 2 and fence.holds(T, 5, 6) and fence.holds(T, 6, 7)
+    assigned.discard(0)  # the round reported the loss: what was registered goes
+    assert await fence.admit(0, [(_f(7), False)]) == [None]
+    assert fence.inflight == 0
 
 
 async def test_forget_shards_drops_only_those_shards() -> None:

@@ -92,12 +92,16 @@ class GapFence:
 
     def __init__(self, marks: MarkLookup | None = None, gaps: GapLookup | None = None, *,
                  owns: Callable[[int], bool] | None = None,
+                 assigned: Callable[[int], bool] | None = None,
                  max_inflight: int = MAX_INFLIGHT_SEQS) -> None:
         self._marks = marks
         self._stored_gaps = gaps
         #: whether a worker of this process takes a shard's records now (a cluster's
         #: lease or group assignment); None: the shards of attached workers
         self._owns = owns
+        #: whether a shard stays this process's until an ownership change is reported
+        #: (``owns`` without a Redis lease's time bound); None: ``owns``
+        self._assigned = assigned
         self._cached: dict[int, Callable[[Topic], int | None]] = {}
         self._gaps: OrderedDict[Topic, list[tuple[int, int]]] = OrderedDict()
         #: topic -> admitted seq -> how many admissions of it are in flight
@@ -119,6 +123,15 @@ class GapFence:
         admission registered in flight: a frame for a shard another relayer owns is
         never read (``consumed``) here, and would stay registered for good."""
         return self._owns(shard) if self._owns is not None else shard in self._cached
+
+    def tracked_here(self, shard: int) -> bool:
+        """Admissions of ``shard`` are registered in flight: a worker of this process
+        reads it now, or will once the lease round running late renews it. A Redis
+        lease whose validity ran out before the next round is not :meth:`owned_here`
+        for that moment, but no loss was reported; dropping and not registering its
+        admissions then opened the gap race for acknowledged frames once the round
+        renewed the lease (a real loss is reported: :meth:`forget_shards`)."""
+        return self._assigned(shard) if self._assigned is not None else self.owned_here(shard)
 
     def _local_marks(self, shard: int, owned: bool) -> Callable[[Topic], int | None] | None:
         """The in-memory marks of ``shard``'s worker while it owns the shard (after the
@@ -147,9 +160,10 @@ class GapFence:
         marks read failed gets that error instead of a list (its frames not admitted).
         ``retries=False`` (the caller knows no frame is a resend) skips the search for
         retries that need the stored gaps."""
-        # whether a worker here owns each shard decides whose marks are read (asked once
-        # per shard here) and whether admissions are registered in flight (asked again
-        # below if this call awaited the store: ownership may have moved meanwhile)
+        # whether a worker here owns each shard now decides whose marks are read; whether
+        # admissions are registered in flight is asked below, after the awaits
+        # (ownership may have moved meanwhile): ``tracked_here``, whose worker's cached
+        # marks then also count (the higher of them and the store's)
         owned = {shard: self.owned_here(shard) for shard in by_shard}
         # a local worker's cached mark is at least as new as the store: read the store
         # only for topics it does not hold (cold topics, shards owned elsewhere)
@@ -168,8 +182,6 @@ class GapFence:
                                        return_exceptions=True)
             stored = dict(zip(colds, got, strict=True))
         gaps = await self._recorded_gaps(by_shard, stored, owned) if retries else {}
-        if colds or gaps:
-            owned = {shard: self.owned_here(shard) for shard in by_shard}
         # no await from here on: the checks and the registrations are one step
         out: dict[int, list[LateFrame | None] | RelayerError] = {}
         for shard, frames in by_shard.items():
@@ -183,7 +195,7 @@ class GapFence:
                 continue
             assert not isinstance(known, BaseException)
             assert not isinstance(recorded, BaseException)
-            track = owned[shard]
+            track = self.tracked_here(shard)
             if not track and shard in self._shard_topics:
                 self.forget_shards((shard,))  # admitted while owned, moved away unread
             out[shard] = self._admit(shard, known, frames, recorded, track)
@@ -277,7 +289,7 @@ class GapFence:
         that point (the process is new, and admissions while no worker ran were not
         registered), so nothing is counted twice. Returns how many were registered
         (past :data:`MAX_INFLIGHT_SEQS` they count as ``untracked`` instead)."""
-        if not self.owned_here(shard):
+        if not self.tracked_here(shard):
             return 0
         before = self._n_inflight
         for f in frames:

@@ -230,7 +230,8 @@ class RelayerNode:
         self.degraded = False
         #: late-frame refusal, shared by ingress and shard workers (decision 0012)
         self._shard_set = frozenset(cfg.shards_owned)
-        self.fence = GapFence(self._stored_marks, self._stored_gaps, owns=self._owns)
+        self.fence = GapFence(self._stored_marks, self._stored_gaps, owns=self._owns,
+                              assigned=self._assigned)
         self.authz = Authorizer(authz_policy(cfg.authz))
         #: per-customer quotas (``relayer run --workers N``: shared by the workers)
         self.quotas = quotas if quotas is not None else Quotas(cfg.quotas)
@@ -490,6 +491,12 @@ class RelayerNode:
         a degraded start reaches the bus (the gap fence registers admissions in flight
         only then)."""
         return shard in self._shard_set and (self.degraded or self.bus.owns(shard))
+
+    def _assigned(self, shard: int) -> bool:
+        """:meth:`_owns` until an ownership change says otherwise (``Bus.in_assignment``: a
+        Redis lease running late on its renewal is still assigned): what the gap fence's
+        in-flight registry follows."""
+        return shard in self._shard_set and (self.degraded or self.bus.in_assignment(shard))
 
     async def _stored_gaps(self, shard: int, topics: Sequence[Topic]) -> Mapping[Topic, SeqRanges]:
         """Recorded skipped ranges for the gap fence, read only for a *retry* below the

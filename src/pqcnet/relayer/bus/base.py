@@ -118,6 +118,15 @@ class Bus(abc.ABC):
         gap fence asks per request)."""
         return True
 
+    def in_assignment(self, shard: int) -> bool:
+        """Whether ``shard`` is this member's until an ownership change says otherwise.
+        Unlike :meth:`owns` it is not bounded by time: a Redis lease whose validity ran
+        out before the next renewal round (a stalled loop, a slow Redis) is not owned
+        for a moment, but still assigned — the round either renews it (it never lapsed)
+        or reports the loss. The gap fence's in-flight registry follows this, because
+        every end of an assignment is reported to it."""
+        return self.owns(shard)
+
     def seq_store(self) -> SeqStore | None:
         """A dedup-mark / volume store living with this backend, or None (the node keeps
         them in local RocksDB)."""

@@ -139,8 +139,14 @@ class ShardLeases:
 
     def holds(self, shard: int) -> bool:
         """Whether our workers may take new records of ``shard`` now."""
-        return shard in self.owned and shard not in self.releasing \
-            and time.monotonic() < self._valid_until
+        return self.assigned(shard) and time.monotonic() < self._valid_until
+
+    def assigned(self, shard: int) -> bool:
+        """Whether ``shard`` is ours until a round reports it lost or handed back —
+        :meth:`holds` without the time bound: past ``_valid_until`` the next round
+        either renews the lease (then it never lapsed) or loses it (then the change is
+        reported)."""
+        return shard in self.owned and shard not in self.releasing
 
     def fence(self, shard: int) -> tuple[str, str] | None:
         """(lease key, our value) a write for ``shard`` must find in Redis, or None when

@@ -208,6 +208,9 @@ class RedisStreamsBus(Bus):
     def owns(self, shard: int) -> bool:
         return self.leases is None or self.leases.holds(shard)
 
+    def in_assignment(self, shard: int) -> bool:
+        return self.leases is None or self.leases.assigned(shard)
+
     def _ownership_changed(self, gained: set[int], lost: set[int]) -> None:
         for s in gained | lost:
             self._reset_needed.add(s)  # stale in-memory marks: the worker reloads them
