@@ -280,3 +280,35 @@ async def test_publish_many_lands_each_shard_in_order(bus: KafkaBus) -> None:
         assert [d.data for d in got[ends[shard]:]] == want
     with pytest.raises(ValueError):
         await bus.publish_many({bus.partitions(): [b"x"]})  # no such shard: nothing sent
+
+
+async def test_a_failed_fetch_reaches_each_shard_once_without_the_loops_frames() -> None:
+    """A failed ``getmany`` is handed to the next ``take`` of every assigned shard: the
+    same error object for all of them. Kept with its traceback, it held the fetch
+    loop's frame (and, through it, the pump) and every raise in a worker grew it by that
+    worker's frames. Each raise now starts a fresh traceback: the worker's own frame
+    only (and the test's). The consumer is a real aiokafka one, never started, so its
+    fetch fails."""
+    import traceback
+
+    from aiokafka import AIOKafkaConsumer
+
+    from pqcnet.relayer.bus.kafka_pump import PartitionPump
+
+    consumer = AIOKafkaConsumer(bootstrap_servers="127.0.0.1:9")
+    pump = PartitionPump(consumer, "never", lambda: {0, 1})
+    pump.start()
+    try:
+        await eventually(lambda: pump.ready(0) and pump.ready(1), limit=10)
+        stacks = []
+        for shard in (0, 1):
+            with pytest.raises(AttributeError) as info:
+                pump.take(shard, 10)
+            stacks.append([f.name for f in traceback.extract_tb(info.value.__traceback__)])
+        here = test_a_failed_fetch_reaches_each_shard_once_without_the_loops_frames.__name__
+        assert stacks == [[here, "take"], [here, "take"]]
+        assert not pump.ready(0)  # once per shard
+        assert pump.take(0, 10) == []
+    finally:
+        await pump.close()
+        await consumer.stop()

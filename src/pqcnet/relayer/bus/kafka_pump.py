@@ -80,8 +80,8 @@ class PartitionPump:
         """Up to ``max_records`` buffered records of ``shard``, in offset order; raises
         the loop's error once if a fetch failed while ``shard`` was assigned."""
         err = self._failed.pop(shard, None)
-        if err is not None:
-            raise err
+        if err is not None:  # one error for every shard: each raise starts a new traceback
+            raise err.with_traceback(None)
         buf = self._buf.get(shard)
         if not buf:
             return []
@@ -128,8 +128,9 @@ class PartitionPump:
             except Exception as exc:  # the loop must outlive any one failure
                 # (a dead loop would leave every shard worker waiting on an empty buffer)
                 log.warning("kafka fetch failed", extra={"error": repr(exc)})
+                error = exc.with_traceback(None)  # its frame would hold this task's
                 for shard in self._shards():
-                    self._failed[shard] = exc
+                    self._failed[shard] = error
                     self._wakeups.wake(shard)
                 await asyncio.sleep(ERROR_BACKOFF)
                 continue
