@@ -96,3 +96,100 @@ async def test_broker_accepts_a_one_second_group_session(kafka_bootstrap: str) -
         assert bus.assignment() == [0, 1]
     finally:
         await bus.close()
+
+
+async def test_in_flight_follows_partitions_that_moved_for_good(
+        tmp_path: Path, kafka_bootstrap: str) -> None:
+    """The gap fence's in-flight registry across Kafka rebalances (eager: every
+    partition revoked, then the new set assigned). Seq 1 of a topic on every shard is
+    acknowledged into the relayer's overflow queue (the bus slow). A second member joins:
+    the registrations of the partitions that went are dropped at the assign step (they
+    stayed until the shard's next admission here, which may never come), those handed
+    straight back stay. An admission here for a partition that went is not registered.
+    The member leaves: the partitions that came back get their queued frames registered
+    again, so the worker holds the gap of seq 1 while seqs 2 and 3 arrive from another
+    relayer's ingress, and the subscriber gets 1, 2, 3. Before, the admission while the
+    partition was away dropped seq 1's registration for good, the gap was skipped and
+    seq 1 arrived too late."""
+    from pqcnet.relayer.bus.kafka import KafkaBus
+    from pqcnet.relayer.frame import Frame, encode, shard_for
+    from tests.relayer.e2e import publisher, start_node, subscriber
+    from tests.relayer.helpers import scrape_metrics
+
+    tag = uuid.uuid4().hex[:8]
+    topic_name, group = f"pqcnet-fence-{tag}", f"fence-{tag}"
+    node = await start_node(tmp_path, backend="kafka", kafka_bootstrap=kafka_bootstrap,
+                            kafka_topic=topic_name, group=group, shards=SHARDS,
+                            kafka_session_timeout=3.0, metrics_port=0, gap_timeout=0.3)
+    other = KafkaBus(kafka_bootstrap, SHARDS, topic=topic_name, rebalance=True,
+                     session_timeout=3.0, revoke_grace=1.0)
+    sub = pub = None
+    joined: asyncio.Task[None] | None = None
+    try:
+        await eventually(lambda: node.bus.assignment() == list(range(SHARDS)), 60)
+        next(t for t in node._tasks if t.get_name() == "overflow-replay").cancel()
+        sub = await subscriber(node.port, "acme")
+        pub = await publisher(node.port)
+        channels = {s: next(f"c{i}" for i in range(10_000)
+                            if shard_for("acme", f"c{i}", SHARDS) == s) for s in range(SHARDS)}
+        for shard, channel in channels.items():  # the ingress's path with the bus slow
+            first = Frame("acme", channel, 1, b"queued")
+            assert await node.fence.admit(shard, [(first, False)]) == [None]
+            node.overflow.append(shard, [encode(first)])
+        assert node.fence.inflight == SHARDS
+
+        async def member() -> None:  # the second member reads (and so joins the group)
+            while True:
+                for s in other.assignment():
+                    await other.consume(s, group, block=0.1)
+                await other.consume(0, group, block=0.1)
+
+        joined = asyncio.create_task(member())
+        await eventually(lambda: len(node.bus.assignment()) == SHARDS // 2
+                         and len(other.assignment()) == SHARDS // 2, 60)
+        kept = set(node.bus.assignment())
+        went = sorted(set(range(SHARDS)) - kept)
+        assert node.fence.inflight == len(kept)  # the partitions that went: dropped
+        x = went[0]
+        topic = ("acme", channels[x])
+        # an admission for a partition that went (through the ingress; queued behind 1)
+        meanwhile = next(("acme", f"m{i}") for i in range(10_000)
+                         if shard_for("acme", f"m{i}", SHARDS) == x)
+        assert [r.accepted for r in await pub.publish([Frame(*meanwhile, 1, b"m")])] == [True]
+        assert node.fence.inflight == len(kept)  # not registered: read elsewhere
+        joined.cancel()
+        await asyncio.gather(joined, return_exceptions=True)
+        await other.close()  # leaves the group: its partitions come back
+        await eventually(lambda: node.bus.assignment() == list(range(SHARDS)), 60)
+        # every queued frame of the partitions that came back is registered again
+        assert node.fence.inflight == SHARDS + 1
+        assert node.fence.stats.restored == len(went) + 1
+        # seqs 2 and 3 reach the partition from another relayer's ingress
+        await node.bus.publish(x, [encode(Frame(*topic, s, b"on bus")) for s in (2, 3)])
+        await asyncio.sleep(1.5)  # the worker read them; more than three gap timeouts
+        assert sub.by_topic[topic] == [] and node.fence.holds(topic, 1, 2)
+        assert await node.publisher.replay_once() == SHARDS + 1
+        await sub.wait_for(SHARDS + 3, 60)
+        assert sub.by_topic[topic] == [1, 2, 3] and sub.by_topic[meanwhile] == [1]
+        assert node.metrics_port is not None
+        want = {'pqcnet_relayer_gap_fence_events_total{event="late_on_bus"}': 0.0,
+                "pqcnet_relayer_gap_fence_inflight_frames": 0.0,
+                "pqcnet_relayer_gaps_frames_total": 0.0,
+                "pqcnet_relayer_delivered_frames_total": float(SHARDS + 3)}
+        seen: dict[str, float | None] = {}
+        for _ in range(100):
+            got = await asyncio.to_thread(scrape_metrics, node.metrics_port)
+            seen = {k: got.get(k) for k in want}
+            if seen == want:
+                break
+            await asyncio.sleep(0.1)
+        assert seen == want
+    finally:
+        if joined is not None:
+            joined.cancel()
+            await asyncio.gather(joined, return_exceptions=True)
+        for c in (sub, pub):
+            if c is not None:
+                await c.close()
+        await other.close()
+        await node.stop()

@@ -34,10 +34,10 @@ Bounds: skipped ranges per topic (:data:`MAX_RANGES_PER_TOPIC`) and topics remem
 (:data:`MAX_GAP_TOPICS`, oldest forgotten first); in-flight seqs
 (:data:`MAX_INFLIGHT_SEQS`; beyond it admissions are not registered and the gap race is
 open for those frames — counted in ``untracked``). The in-flight registry is in memory
-and per process: frames still in the overflow queue at a restart are registered again
-from the queue when the workers start and when a Redis lease lost before comes back
-(``restore``), but another relayer's admissions
-do not hold this one's skips — a documented limit (decision 0020).
+and per process: frames still in the overflow queue are registered from the queue when
+the workers start and when a shard moves here (a Redis lease, a Kafka partition:
+``restore``), but another relayer's admissions do not hold this one's skips — a
+documented limit (decision 0020).
 """
 
 from __future__ import annotations
@@ -283,12 +283,14 @@ class GapFence:
         self._n_inflight += 1
 
     def restore(self, shard: int, frames: Iterable[Frame]) -> int:
-        """Register frames acknowledged before a restart and still queued locally (the
-        overflow queue) as in flight, unchecked — they were admitted then. Called when
-        ``shard``'s worker starts, before it reads: nothing queued is tracked yet at
-        that point (the process is new, and admissions while no worker ran were not
-        registered), so nothing is counted twice. Returns how many were registered
-        (past :data:`MAX_INFLIGHT_SEQS` they count as ``untracked`` instead)."""
+        """Register frames acknowledged before and still queued locally (the overflow
+        queue) as in flight, unchecked — they were admitted then. Called when
+        ``shard``'s worker starts, before it reads, and when ``shard`` moves here from
+        another member: nothing of it is tracked at those points (the process is new;
+        admissions of a shard not assigned here are not registered, and its
+        registrations were dropped when it went), so nothing is counted twice. Returns
+        how many were registered (past :data:`MAX_INFLIGHT_SEQS` they count as
+        ``untracked`` instead)."""
         if not self.tracked_here(shard):
             return 0
         before = self._n_inflight

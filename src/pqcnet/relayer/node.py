@@ -304,6 +304,7 @@ class RelayerNode:
         self.started_at = time.time()
         self.bus = make_bus(cfg, self.data_dir)
         self.bus.on_assignment = self._assignment_changed
+        self.bus.on_moved = self._shards_moved
         stack.push_async_callback(_quietly, self.bus.close)
         store = self.bus.seq_store()
         if store is None and cfg.backend == "kafka" and cfg.redis_url:
@@ -380,26 +381,27 @@ class RelayerNode:
             stack.push_async_callback(_quietly, _close_qstp, gov)
 
     def _assignment_changed(self, gained: set[int], lost: set[int]) -> None:
-        """A cluster's shards moved. A final loss (a Redis lease, ``Bus.losses_final``)
-        ends what this process registered in flight for the shard: the new owner reads
-        those frames, never this one, so they are dropped now (the gauge stayed up until
-        the shard's next admission here, which may never come). Kafka's eager rebalance
-        revokes every partition, also those handed straight back, so there dropping
-        would reopen the gap race for frames still on their way; the next admission
-        drops them as before. A shard regained after such a loss gets its frames still
-        in this process's overflow queue registered again, as at a start (``restore``):
-        a Redis outage both queues frames and lets leases lapse, and without it the
-        worker could skip the gap of an acknowledged, queued frame. Kafka's changes go
-        to the ownership journal."""
-        if self.bus.losses_final:
-            self.fence.forget_shards(lost)
-            if gained and self.workers:  # before the workers start, _start_workers does it
-                restored = sum(self.fence.restore(s, self._queued(s)) for s in sorted(gained))
-                if restored:
-                    log.info("overflow frames of regained shards held in flight",
-                             extra={"frames": restored, "shards": sorted(gained)})
+        """A step of a Kafka group's assignment change goes to the ownership journal
+        (Redis leases journal their own)."""
         if self._journal_kafka:
             self._journal_assignment(gained, lost)
+
+    def _shards_moved(self, came: set[int], went: set[int]) -> None:
+        """A cluster's shards moved for good (``Bus.on_moved``). What this process
+        registered in flight for a shard that went is dropped now: the new owner reads
+        those frames, never this one (the gauge stayed up until the shard's next
+        admission here, which may never come). A shard that came gets its frames still
+        in this process's overflow queue registered, as at a start (``restore``): a bus
+        outage both queues acknowledged frames and moves shards, and without it the
+        worker could skip the gap of an acknowledged, queued frame. A Kafka partition
+        revoked and handed straight back by an eager rebalance neither came nor went:
+        its registrations stay (dropping them would reopen the gap race)."""
+        self.fence.forget_shards(went)
+        if came and self.workers:  # before the workers start, _start_workers does it
+            restored = sum(self.fence.restore(s, self._queued(s)) for s in sorted(came))
+            if restored:
+                log.info("overflow frames of shards that came here held in flight",
+                         extra={"frames": restored, "shards": sorted(came)})
 
     def _journal_assignment(self, gained: set[int], lost: set[int]) -> None:
         """Kafka group changes into the ownership journal (as Redis leases write it)."""

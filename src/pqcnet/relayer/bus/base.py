@@ -62,14 +62,18 @@ class Bus(abc.ABC):
     #: pipeline; Kafka: one produce request per broker): the overflow publisher then
     #: group-commits whole ingress requests across shards instead of one write per shard
     batched_shards: bool = False
-    #: called with (gained, lost) shards when a cluster's assignment changes (the node
-    #: drops the gap fence's registrations of lost Redis leases and journals Kafka's
-    #: changes); backends whose assignment never changes never call it
+    #: called with (gained, lost) shards at each step of a cluster's assignment change
+    #: as its protocol makes it (Kafka's eager rebalance: every partition revoked, then
+    #: the new set assigned; the node journals these); backends whose assignment never
+    #: changes never call it
     on_assignment: Callable[[set[int], set[int]], None] | None = None
-    #: True when a shard reported lost is read by another member from then on (a Redis
-    #: lease); False when a loss may be an eager rebalance's revoke of a partition that
-    #: comes straight back (Kafka), so what waits for this member's worker must stay
-    losses_final: bool = False
+    #: called with (came, went) shards once a change is settled: shards this member
+    #: reads now and did not before, and shards another member (or none) reads from now
+    #: on. A Redis lease change is settled at once, a Kafka rebalance at its assign step
+    #: (a partition revoked and handed straight back neither came nor went). The node's
+    #: gap fence follows it: what this process registered in flight for a shard that
+    #: went is dropped, a shard that came gets its queued frames registered
+    on_moved: Callable[[set[int], set[int]], None] | None = None
     #: entries taken from a former owner's pending list that it read after its lease
     #: ran out (the Redis cluster sweep); 0 on backends without such a sweep
     stale_claimed: int = 0

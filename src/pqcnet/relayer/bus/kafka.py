@@ -133,6 +133,8 @@ class KafkaBus(Bus):
         self.assigned: set[int] = set() if rebalance else set(self.owned)
         self._reset_needed: set[int] = set()
         self._revoking: set[int] = set()
+        #: partitions held when the rebalance in progress revoked them (None: none is)
+        self._held_before: set[int] | None = None
         self._consumed: dict[int, int] = {}  # shard -> highest offset handed out
         self._changed = asyncio.Event()
         #: group -> the fetch loop feeding its shard workers (see :mod:`.kafka_pump`)
@@ -439,6 +441,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         bus = self.bus
         shards = {tp.partition for tp in revoked if tp.topic == bus.topic}
         acked = bus._acked.setdefault(self.group, {})
+        if bus._held_before is None:
+            bus._held_before = set(bus.assigned)
         bus._revoking |= shards  # hand out nothing new; let in-flight batches finish
 
         def settled() -> bool:  # every consumed record of these shards is acked
@@ -471,8 +475,13 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         for s in new:
             acked.pop(bus.tp(s), None)  # the previous owner's commit is the truth now
             bus._consumed.pop(s, None)
+        before = bus._held_before if bus._held_before is not None else set(bus.assigned)
+        bus._held_before = None
         bus.assigned |= shards
         bus._reset_needed |= new
         bus._changed.set()
         if new and bus.on_assignment is not None:
             bus.on_assignment(new, set())
+        came, went = shards - before, before - shards
+        if (came or went) and bus.on_moved is not None:
+            bus.on_moved(came, went)

@@ -103,7 +103,6 @@ class RedisStreamsBus(Bus):
 
     name = "redis"
     batched_shards = True
-    losses_final = True  # a lease lost is held by another member (or by none, expired)
 
     def __init__(
         self,
@@ -222,6 +221,8 @@ class RedisStreamsBus(Bus):
         self._changed.set()
         if self.on_assignment is not None:
             self.on_assignment(gained, lost)
+        if self.on_moved is not None:  # a lease lost is another member's (or expired)
+            self.on_moved(gained, lost)
 
     async def _drain(self, shard: int) -> None:
         """Until every entry of ``shard`` handed out is acked (a lease hand-back)."""
