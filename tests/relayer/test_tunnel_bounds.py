@@ -25,7 +25,10 @@ pytestmark = pytest.mark.timeout(90)
 
 
 async def test_max_tunnels_refuses_the_one_too_many(tmp_path: Path) -> None:
-    node = await start_node(tmp_path, max_tunnels=2)
+    """The third tunnel to a relayer configured for two is refused (counted on
+    ``/metrics``); once one closes, a new one gets in."""
+    node = await start_node(tmp_path, max_tunnels=2, metrics_port=0)
+    assert node.metrics_port is not None
     try:
         first = await publisher(node.port)
         second = await qstp.connect("127.0.0.1", node.port, identities()[2])
@@ -33,6 +36,10 @@ async def test_max_tunnels_refuses_the_one_too_many(tmp_path: Path) -> None:
             extra = await asyncio.wait_for(
                 qstp.connect("127.0.0.1", node.port, identities()[1]), 20)
             await extra.ping()  # (if the dial itself got through, the tunnel is dead)
+        scraped = await asyncio.to_thread(scrape_metrics, node.metrics_port)
+        assert scraped["pqcnet_relayer_tunnels_refused_at_limit_total"] == 1
+        assert scraped["pqcnet_relayer_tunnels_active"] == 2
+        assert scraped['pqcnet_relayer_handshake_failures_total{refused_by="local"}'] == 0
         await first.close()
         server = node._server
         assert server is not None
@@ -114,3 +121,42 @@ def test_a_negative_total_buffer_is_refused(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match="tunnel_buffer_total_bytes"):
         RelayerConfig.load(path)
+
+
+async def test_handshake_failures_are_counted_by_who_refused(tmp_path: Path) -> None:
+    """A client from a CA the relayer's peers do not share refuses the relayer's
+    certificate (``refused_by="peer"``: what a relayer whose own certificate went bad
+    sees); a scanner sending garbage is refused here (``"local"``). Neither counts as a
+    tunnel, and the relayer still serves its real clients."""
+    from pqcnet.identity import dev_identities
+
+    node = await start_node(tmp_path, metrics_port=0)
+    assert node.metrics_port is not None
+    try:
+        _, (stranger,) = dev_identities("other.test", "spiffe://other.test/x/publisher/p")
+        with pytest.raises(PqcnetError):
+            await asyncio.wait_for(qstp.connect("127.0.0.1", node.port, stranger), 20)
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            assert await asyncio.wait_for(reader.read(), 20) is not None  # closed on us
+            writer.close()
+        want = {'pqcnet_relayer_handshake_failures_total{refused_by="peer"}': 1.0,
+                'pqcnet_relayer_handshake_failures_total{refused_by="local"}': 2.0,
+                "pqcnet_relayer_tunnels_refused_at_limit_total": 0.0,
+                "pqcnet_relayer_tunnels_active": 0.0}
+        seen: dict[str, float | None] = {}
+        for _ in range(100):
+            got = await asyncio.to_thread(scrape_metrics, node.metrics_port)
+            seen = {k: got.get(k) for k in want}
+            if seen == want:
+                break
+            await asyncio.sleep(0.05)
+        assert seen == want
+        client = await publisher(node.port)
+        assert (await asyncio.to_thread(scrape_metrics, node.metrics_port))[
+            "pqcnet_relayer_tunnels_active"] == 1
+        await client.close()
+    finally:
+        await node.stop()

@@ -40,12 +40,14 @@ def pool_of(mesh: Mesh, ports: list[int], **kw: Any) -> SentryPool:
 
 @contextlib.contextmanager
 def sentry_process(mesh: Mesh, d: Path, backend_port: int, *, workers: int = 1,
+                   extra: dict[str, Any] | None = None,
                    **cfg_kw: Any) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """A real `pqcnet sentry run` (``workers`` processes) in front of the HTTP backend."""
+    """A real `pqcnet sentry run` (``workers`` processes) in front of the HTTP backend;
+    ``extra``: more top-level config keys."""
     d.mkdir()
     mesh.sentry.save(d / "sentry-id", None)
     port = free_port()
-    cfg = config_dict(backend_port, 1, 1, **cfg_kw)
+    cfg = config_dict(backend_port, 1, 1, **cfg_kw) | (extra or {})
     cfg["listen"] = f"127.0.0.1:{port}"
     cfg["identity_dir"] = "sentry-id"
     write_config(d, mesh, cfg)
@@ -214,6 +216,11 @@ async def test_bounds_max_tunnels_refuses_the_one_too_many(tmp_path: Path, mesh:
                 extra = await asyncio.wait_for(
                     qstp.connect("127.0.0.1", s.port, mesh.acme), 20)
                 await extra.ping()  # (if the dial itself got through, the tunnel is dead)
+            m = s.sentry.metrics
+            assert m.value("pqcnet_sentry_tunnels_refused_at_limit_total") == 1
+            assert m.value("pqcnet_sentry_tunnels_active") == 2
+            assert m.value("pqcnet_sentry_handshake_failures_total",
+                           {"refused_by": "local"}) == 0
             await first.close()
             for _ in range(100):
                 if s.server.server.tunnels < 2:
@@ -223,6 +230,43 @@ async def test_bounds_max_tunnels_refuses_the_one_too_many(tmp_path: Path, mesh:
             assert await again.ping() >= 0
             await again.close()
             await second.close()
+
+
+async def test_handshake_failures_are_counted_by_who_refused(tmp_path: Path,
+                                                            mesh: Mesh) -> None:
+    """`pqcnet sentry run`'s /metrics: a sidecar from a CA the sentry's peers do not
+    share refuses the sentry's certificate (``refused_by="peer"``: what a sentry whose
+    own certificate went bad sees), a scanner's garbage is refused by the sentry
+    (``"local"``); read with an HTTP client, as Prometheus would."""
+    from pqcnet import qstp
+    from pqcnet.errors import PqcnetError
+    from pqcnet.identity import dev_identities
+
+    metrics = free_port()
+    with HttpBackend() as backend, \
+            sentry_process(mesh, tmp_path / "s", backend.port,
+                           extra={"metrics_port": metrics}) as (_p, port):
+        _, (stranger,) = dev_identities("other.test", "spiffe://other.test/x/sidecar/s")
+        with pytest.raises(PqcnetError):
+            await asyncio.wait_for(qstp.connect("127.0.0.1", port, stranger), 20)
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            await asyncio.wait_for(reader.read(), 20)  # closed on us
+            writer.close()
+        want = {'pqcnet_sentry_handshake_failures_total{refused_by="peer"} 1.0',
+                'pqcnet_sentry_handshake_failures_total{refused_by="local"} 2.0',
+                "pqcnet_sentry_tunnels_refused_at_limit_total 0.0"}
+        lines: set[str] = set()
+        async with httpx.AsyncClient(timeout=10) as c:
+            for _ in range(100):
+                text = (await c.get(f"http://127.0.0.1:{metrics}/metrics")).text
+                lines = set(text.splitlines())
+                if want <= lines:
+                    break
+                await asyncio.sleep(0.05)
+        assert want <= lines, sorted(x for x in lines if "handshake" in x or "at_limit" in x)
 
 
 @pytest.mark.parametrize("window", [131_072, 8 * 1024 * 1024])

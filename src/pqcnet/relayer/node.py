@@ -977,6 +977,10 @@ class _NodeCollector(Collector):
         yield GaugeMetricFamily("pqcnet_relayer_subscribers", "Subscriber streams",
                                 value=n.hub.count())
         yield from budget_metrics(n.qstp_config.receive_budget, "relayer")
+        yield GaugeMetricFamily("pqcnet_relayer_tunnels_active",
+                                "QSTP tunnels open (past the handshake)",
+                                value=len(n.ingress.sessions))
+        yield from aio.server_metrics(n._server, "relayer")
         ing = CounterMetricFamily("pqcnet_relayer_ingress_frames",
                                   "Publisher frames by outcome", labels=["result"])
         st = n.ingress.stats

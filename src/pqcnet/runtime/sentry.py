@@ -124,6 +124,8 @@ class SentryService:
                 policy=cfg.tls_policy(), config=qstp_config,
                 max_tracked=max(DEFAULT_MAX_TRACKED_TUNNELS, cfg.bounds.max_tunnels))
             self.metrics.bind_budget(qstp_config.receive_budget)
+            endpoint = self.endpoint
+            self.metrics.bind_server(lambda: endpoint.server)
             stack.push_async_callback(self.endpoint.aclose)
         except BaseException:
             await self.aclose()

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
+from pqcnet.qstp.aio import Server, server_metrics
 from pqcnet.qstp.budget import ReceiveBudget, budget_metrics
 
 OUTCOMES = ("ok", "unauthenticated", "denied", "rate_limited", "backend_error",
@@ -44,6 +45,17 @@ class _BudgetCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         return budget_metrics(self._budget, "sentry")
+
+
+class _ServerCollector(Collector):
+    """``pqcnet_sentry_handshake_failures_total`` and ``..._tunnels_refused_at_limit_total``
+    from the QSTP server serving now (read at scrape time)."""
+
+    def __init__(self, server: Callable[[], Server | None]) -> None:
+        self._server = server
+
+    def collect(self) -> Iterator[Metric]:
+        return server_metrics(self._server(), "sentry")
 
 
 class SentryMetrics:
@@ -107,6 +119,7 @@ class SentryMetrics:
         self._latency = _Children(self.latency)
         self._levels = _Children(self.bucket_level)
         self._budget: _BudgetCollector | None = None
+        self._server: _ServerCollector | None = None
 
     def bind_gauges(self, in_flight: Callable[[], float], ratio: Callable[[], float]) -> None:
         """Read live values at scrape time."""
@@ -122,6 +135,14 @@ class SentryMetrics:
         if budget is not None:
             self._budget = _BudgetCollector(budget)
             self.registry.register(self._budget)
+
+    def bind_server(self, server: Callable[[], Server | None]) -> None:
+        """Export the handshake counters of the QSTP server ``server()`` returns at
+        scrape time; a later call replaces the earlier."""
+        if self._server is not None:
+            self.registry.unregister(self._server)
+        self._server = _ServerCollector(server)
+        self.registry.register(self._server)
 
     def count(self, outcome: str, reason: str | None = None) -> None:
         """Count one finished RPC."""

@@ -338,6 +338,7 @@ class SentryServer:
                             else sentry.config.qstp_config())
         sentry.metrics.bind_budget(self.qstp_config.receive_budget)
         self._server: Any = None
+        sentry.metrics.bind_server(lambda: self._server)
         self._watch: asyncio.Task[None] | None = None
         self.tunnels_served = 0
         self.reloads = 0

@@ -29,6 +29,7 @@ The whole API other packages use::
     await tunnel.ping() -> rtt; tunnel.rekey(); await tunnel.close(); await tunnel.wait_closed()
     tunnel.on_key_update; tunnel.key_updates; tunnel.close_reason; tunnel.goaway
     server.tunnels; server.handshake_failures; server.identity
+    server_metrics(server, role)           # its counters as pqcnet_{role}_... metrics
     await server.rotate_identity(identity)  # same port; old tunnels get GOAWAY, new ones
                                            # handshake with the new certificate
 
@@ -49,7 +50,7 @@ context cache), :mod:`.server` listening (limits, handler tasks, identity rotati
 from __future__ import annotations
 
 from pqcnet.qstp.aio.client import client_context, connect
-from pqcnet.qstp.aio.server import DEFAULT_MAX_TUNNELS, Handler, Server, serve
+from pqcnet.qstp.aio.server import DEFAULT_MAX_TUNNELS, Handler, Server, serve, server_metrics
 from pqcnet.qstp.aio.stream import Stream
 from pqcnet.qstp.aio.tunnel import CLOSE_TIMEOUT, Tunnel
 
@@ -63,4 +64,5 @@ __all__ = [
     "client_context",
     "connect",
     "serve",
+    "server_metrics",
 ]

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
 
 from pqcnet.identity import NodeIdentity
 from pqcnet.qstp.aio.tunnel import Tunnel, openssl_checked
@@ -44,6 +47,11 @@ class Server:
         self._also: list[asyncio.Server] = []  # further listening sockets (listen_also)
         self.handshake_failures = 0
         """Handshakes refused or timed out since start."""
+        self.refused_by_peer = 0
+        """Of :attr:`handshake_failures`, those the peer ended (an alert: it did not
+        accept our certificate, our group or our SPIFFE ID)."""
+        self.refused_at_limit = 0
+        """TCP connections closed unanswered because ``max_tunnels`` were connected."""
 
     @property
     def port(self) -> int:
@@ -165,6 +173,7 @@ class Server:
 
     def _new_tunnel(self) -> asyncio.Protocol:
         if len(self._tunnels) >= self._max_tunnels:
+            self.refused_at_limit += 1
             log.warning("tunnel limit reached; refusing connection",
                         extra={"max_tunnels": self._max_tunnels})
             return _Refuse()
@@ -200,6 +209,7 @@ class Server:
         except HandshakeError as exc:
             self.handshake_failures += 1
             by_peer = tunnel.close_reason is not None and tunnel.close_reason.by_peer
+            self.refused_by_peer += by_peer
             log.info("handshake refused", extra={"reason": str(exc), "by_peer": by_peer})
             await tunnel.close()
             return
@@ -215,6 +225,29 @@ class Server:
             await tunnel.close(ErrorCode.INTERNAL_ERROR, f"handler failed: {type(exc).__name__}")
             return
         await tunnel.close()
+
+
+def server_metrics(server: Server | None, role: str) -> Iterator[Metric]:
+    """``pqcnet_{role}_handshake_failures_total{refused_by}`` and
+    ``pqcnet_{role}_tunnels_refused_at_limit_total`` from ``server``'s counters, read
+    at scrape time (zeros while it does not listen). ``refused_by="peer"``: the peer
+    ended the handshake (it does not accept *our* certificate — expired, revoked, from a
+    CA it does not trust — group or SPIFFE ID); ``"local"``: we refused the peer's, or
+    the handshake timed out or was garbage. A rise of the first after a rotation is
+    this node's identity going bad; of the second, a peer's (or a scan)."""
+    failed = server.handshake_failures if server is not None else 0
+    by_peer = server.refused_by_peer if server is not None else 0
+    fails = CounterMetricFamily(
+        f"pqcnet_{role}_handshake_failures",
+        "QSTP handshakes that failed, by who refused (peer: it refused ours; local: we "
+        "refused it, or a timeout)", labels=["refused_by"])
+    fails.add_metric(["peer"], by_peer)
+    fails.add_metric(["local"], failed - by_peer)
+    yield fails
+    yield CounterMetricFamily(
+        f"pqcnet_{role}_tunnels_refused_at_limit",
+        "TCP connections closed unanswered because max_tunnels tunnels were connected",
+        value=server.refused_at_limit if server is not None else 0)
 
 
 class _Refuse(asyncio.Protocol):
