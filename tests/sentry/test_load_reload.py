@@ -134,3 +134,43 @@ async def test_hot_reload_of_limits_and_acl_keeps_tunnels(env: Env) -> None:
     assert sidecar.tunnels_opened == 1
     assert env.stack.server.tunnels_served == 1
     assert env.stack.server.reloads == 2
+
+
+async def test_a_static_edit_is_named_not_ignored(env: Env) -> None:
+    """Editing the static part (``bounds``, a backend's timeout) cannot apply without a
+    restart. The reload still swaps the policy in, and now names those keys: a warning
+    and ``pqcnet_sentry_config_restart_pending`` 1 until the file matches the running
+    static part again. A policy-only edit leaves it at 0."""
+    import yaml
+
+    server, sentry, path = env.stack.server, env.stack.sentry, env.stack.config_path
+    server.watch_config(path, interval=0.05)
+    await asyncio.sleep(0.2)  # the watcher took the file's fingerprint
+    gauge = "pqcnet_sentry_config_restart_pending"
+
+    async def reloaded(n: int) -> None:
+        for _ in range(500):
+            if server.reloads >= n:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{server.reloads} reloads, want {n}")
+
+    original = path.read_text()
+    cfg = yaml.safe_load(original)
+    cfg["bounds"] = {**cfg.get("bounds", {}), "max_tunnels": 7}
+    cfg["backends"][0]["timeout"] = 9
+    cfg["limits"]["max_in_flight"] = 5  # policy: applies
+    path.write_text(yaml.safe_dump(cfg))
+    await reloaded(1)
+    assert sentry.metrics.value(gauge) == 1
+    assert sentry.gate.limit == 5
+    assert sentry.reload_file(sentry.config) == []  # the running config: nothing
+    assert sentry.metrics.value(gauge) == 0
+    cfg["bounds"]["max_tunnels"] = 8  # another static edit: pending again
+    path.write_text(yaml.safe_dump(cfg))
+    await reloaded(2)
+    assert sentry.metrics.value(gauge) == 1
+    path.write_text(original)  # back as started: nothing pending, the old limit back
+    await reloaded(3)
+    assert sentry.metrics.value(gauge) == 0
+    assert sentry.gate.limit == 64

@@ -121,7 +121,7 @@ def _worker_main(config_path: Path, index: int, port: int, rotation: dict[str, A
     if index > 0:  # one renewer; the others pick the renewed identity up from disk
         rotation = {**rotation, "renew_ca_url": "", "renew_ca_dir": None}
     state = SharedLimitState.attach(shm_path, lock)  # quotas: one bucket per host
-    start, stop = relayer_lifecycle(cfg, config_path, rotation, reuse_port=True,
+    start, stop = relayer_lifecycle(cfg, config_path, rotation, started=base, reuse_port=True,
                                     own_port=own, quotas=SharedQuotas(state, cfg.quotas))
 
     def up(node: RelayerNode) -> None:

@@ -84,10 +84,13 @@ def run_cmd(config_path: Path, workers: int, **rotation: Any) -> None:
 
 
 def relayer_lifecycle(cfg: RelayerConfig, config_path: Path, rotation: dict[str, Any],
+                      *, started: RelayerConfig | None = None,
                       **node_options: Any) -> tuple[Callable[[], Awaitable[RelayerNode]],
                                                     Callable[[RelayerNode], Awaitable[None]]]:
     """``start``/``stop`` of one relayer process (``relayer run`` and each ``--workers``
-    worker): the node, SIGHUP policy reload, and the certificate manager bound to it."""
+    worker): the node, SIGHUP policy reload, and the certificate manager bound to it.
+    ``started``: the file as loaded (a worker's ``cfg`` differs from it), what a reload
+    compares the re-read file with."""
     from pqcnet.relayer.node import save_identity
 
     identity = load_identity(cfg)
@@ -99,7 +102,7 @@ def relayer_lifecycle(cfg: RelayerConfig, config_path: Path, rotation: dict[str,
         node = RelayerNode(cfg, identity, **node_options)
         await node.start()
         asyncio.get_running_loop().add_signal_handler(
-            signal.SIGHUP, functools.partial(reload_policy, node, config_path))
+            signal.SIGHUP, functools.partial(reload_policy, node, config_path, started or cfg))
         await bind_relayer(node, manager)
         return node
 
@@ -110,15 +113,17 @@ def relayer_lifecycle(cfg: RelayerConfig, config_path: Path, rotation: dict[str,
     return start, stop
 
 
-def reload_policy(node: RelayerNode, path: Path) -> None:
+def reload_policy(node: RelayerNode, path: Path, started: RelayerConfig) -> None:
     """SIGHUP: re-read ``path`` and hot-reload its policy part (authz, quotas); a bad
-    file leaves the policy in force and says why on stderr."""
+    file leaves the policy in force and says why on stderr. Static keys the file
+    changed since ``started`` are named: they apply at a restart."""
     try:
-        node.reload(RelayerConfig.load(path))
+        pending = node.reload(RelayerConfig.load(path), started=started)
     except PqcnetError as exc:
         click.echo(json.dumps({"reloaded": False, "error": str(exc)}), err=True)
         return
-    click.echo(json.dumps({"reloaded": True, "config": str(path)}), err=True)
+    click.echo(json.dumps({"reloaded": True, "config": str(path),
+                           "restart_pending": pending}), err=True)
 
 
 @cli.command("dev-identities")

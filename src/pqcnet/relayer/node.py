@@ -39,6 +39,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pqcnet._util.confdiff import changed_keys, plain
 from pqcnet._util.env import env_passphrase
 from pqcnet._util.ops_http import not_expired, start_ops_server
 from pqcnet.errors import PqcnetError
@@ -228,6 +229,8 @@ class RelayerNode:
         #: True while the bus has not been reached since start: frames go to the overflow
         #: queue only, no shard workers, no epoch proofs (readiness: degraded)
         self.degraded = False
+        #: static config keys a reload found changed (they apply at a restart)
+        self.restart_pending: list[str] = []
         #: late-frame refusal, shared by ingress and shard workers (decision 0012)
         self._shard_set = frozenset(cfg.shards_owned)
         self.fence = GapFence(self._stored_marks, self._stored_gaps, owns=self._owns,
@@ -576,11 +579,14 @@ class RelayerNode:
         log.info("rotated identity saved", extra={"node": self.cfg.node_id,
                                                   "dir": str(self.cfg.identity_dir)})
 
-    def reload(self, cfg: RelayerConfig) -> None:
+    def reload(self, cfg: RelayerConfig, *, started: RelayerConfig | None = None) -> list[str]:
         """Hot-reload the policy part of ``cfg`` (``authz``, ``quotas``) while running;
         the rest of the config is fixed for the life of the process. Tunnels stay up;
         the next frame, subscription and delivery are decided by the new policy, and
-        existing quota buckets keep their level."""
+        existing quota buckets keep their level. Returns the static keys ``cfg``
+        changes against ``started`` (the file as this process loaded it; default: the
+        running config): they apply only at a restart, so they are logged and
+        ``pqcnet_relayer_config_restart_pending`` is 1 until the file matches again."""
         policy = authz_policy(cfg.authz)  # compile first: a bad policy changes nothing
         self.authz.policy = policy
         self.quotas.reload(cfg.quotas, time.monotonic())
@@ -589,6 +595,11 @@ class RelayerNode:
         log.info("relayer policy reloaded", extra={
             "customers_with_rules": sorted(cfg.authz.customers),
             "quota_customers": sorted(cfg.quotas.customers)})
+        self.restart_pending = changed_keys(_static(started or self.cfg), _static(cfg))
+        if self.restart_pending:
+            log.warning("config keys changed that apply only at a restart",
+                        extra={"keys": self.restart_pending})
+        return self.restart_pending
 
     def apply_rate_limit(self, scope: str, rate: float, burst: float) -> None:
         """A governance rate-limit directive: ``scope`` names a customer (``*``: every
@@ -977,6 +988,10 @@ class _NodeCollector(Collector):
         yield GaugeMetricFamily("pqcnet_relayer_subscribers", "Subscriber streams",
                                 value=n.hub.count())
         yield from budget_metrics(n.qstp_config.receive_budget, "relayer")
+        yield GaugeMetricFamily("pqcnet_relayer_config_restart_pending",
+                                "1 while the config file's static part differs from the "
+                                "running one (the reload's log line names the keys)",
+                                value=1 if n.restart_pending else 0)
         yield GaugeMetricFamily("pqcnet_relayer_tunnels_active",
                                 "QSTP tunnels open (past the handshake)",
                                 value=len(n.ingress.sessions))
@@ -1052,3 +1067,8 @@ class _NodeCollector(Collector):
                                  "Topic marks read from the marks store on an LRU miss")):
             yield CounterMetricFamily(f"pqcnet_relayer_{name}_topics", doc,
                                       value=sum(getattr(w.stats, attr) for w in n.workers))
+
+
+def _static(cfg: RelayerConfig) -> dict[str, Any]:
+    """The part of ``cfg`` a hot reload cannot change (all but ``authz`` and ``quotas``)."""
+    return {k: v for k, v in plain(cfg).items() if k not in ("authz", "quotas")}

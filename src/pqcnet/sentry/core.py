@@ -32,9 +32,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Protocol
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Protocol
 
+from pqcnet._util.confdiff import changed_keys, plain
 from pqcnet.identity.spiffe import SpiffeId
 from pqcnet.sentry.acl import AclPolicy, method_key
 from pqcnet.sentry.assertion import HEADER, AssertionVerifier, SessionAssertion, from_header
@@ -259,6 +260,19 @@ class Sentry:
         log.info("sentry policy reloaded", extra={"max_in_flight": policy.max_in_flight,
                                                   "tenants": sorted(policy.issuers)})
 
+    def reload_file(self, new: SentryConfig) -> list[str]:
+        """A re-read config file: swap its policy in, and name the static keys it changed
+        (``listen``, ``backends``, ``bounds…``): they apply only at a restart, so they
+        are logged and ``pqcnet_sentry_config_restart_pending`` is 1 until the file
+        matches the running static part again. Returns those keys."""
+        self.reload(new.policy)
+        pending = changed_keys(_static(self.config), _static(new))
+        self.metrics.restart_pending.set(1 if pending else 0)
+        if pending:
+            log.warning("config keys changed that apply only at a restart",
+                        extra={"keys": pending})
+        return pending
+
     def _anchor_policies(self, skip: dict[str, bytes] | None = None) -> None:
         if self.ledger is None:
             return
@@ -272,3 +286,8 @@ class Sentry:
         for be in self.backends.values():
             await be.aclose()
 
+
+def _static(cfg: SentryConfig) -> dict[str, Any]:
+    """The static part of ``cfg`` as plain data (what a hot reload cannot change)."""
+    return {f.name: plain(getattr(cfg, f.name)) for f in fields(cfg)
+            if f.name not in ("policy", "source")}

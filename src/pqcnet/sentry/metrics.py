@@ -98,6 +98,11 @@ class SentryMetrics:
         self.tunnels = Gauge(
             "pqcnet_sentry_tunnels_active", "QSTP tunnels currently open", registry=r
         )
+        self.restart_pending = Gauge(
+            "pqcnet_sentry_config_restart_pending",
+            "1 while the config file's static part differs from the running one (those "
+            "keys apply at a restart; the reload's log line names them)", registry=r
+        )
         self.latency = Histogram(
             "pqcnet_sentry_request_duration_seconds",
             "Time from head received to response end",

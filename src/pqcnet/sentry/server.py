@@ -309,7 +309,7 @@ def watch_config(sentry: Sentry, path: Path, interval: float = 1.0,
                 continue
             seen = now
             try:
-                sentry.reload(load_config(path).policy)
+                sentry.reload_file(load_config(path))
             except PqcnetError as exc:
                 log.warning("config reload refused; old policy stays",
                             extra={"error": str(exc)})
