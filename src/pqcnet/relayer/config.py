@@ -36,11 +36,13 @@ from pqcnet.qstp.config import INITIAL_WINDOW
 from pqcnet.relayer.authz import AuthzSpec, QuotasSpec
 from pqcnet.relayer.backpressure import HIGH_WATER, LOW_WATER
 from pqcnet.relayer.counters import TOLERANCE_FRAMES, TOLERANCE_RATIO
+from pqcnet.relayer.egress import ACK_TIMEOUT
 from pqcnet.relayer.errors import ConfigError
 from pqcnet.relayer.frame import MAX_ID, MAX_PAYLOAD
 from pqcnet.relayer.metering import MAX_LABEL_SERIES
 from pqcnet.relayer.overflow import MAX_OVERFLOW_RECORDS
 from pqcnet.relayer.sequencer import GAP_TIMEOUT, MAX_REORDER, MAX_TOPICS
+from pqcnet.relayer.wire import MAX_PAYLOAD_LIMIT
 
 Backend = Literal["embedded", "redis", "kafka"]
 #: most shards a relayer mesh is split into (a shard costs a worker task and a bus stream)
@@ -133,7 +135,7 @@ class RelayerConfig(Schema):
     """Seconds a bus publish may take before the frames go to the overflow queue."""
     overflow_max_records: Count = MAX_OVERFLOW_RECORDS
     """Bound of the local overflow queue (records)."""
-    max_payload: Count = MAX_PAYLOAD
+    max_payload: int = Field(default=MAX_PAYLOAD, ge=1, le=MAX_PAYLOAD_LIMIT)
     """Largest frame payload accepted (bytes)."""
     max_id: Count = MAX_ID
     """Longest customer / channel id accepted (bytes)."""
@@ -141,6 +143,10 @@ class RelayerConfig(Schema):
     """Records a shard worker reads per bus call."""
     gap_timeout: Positive = GAP_TIMEOUT
     """Seconds a sequence gap is waited for before it is reported and skipped."""
+    subscriber_ack_timeout: float = Field(default=ACK_TIMEOUT, gt=0, le=3600)
+    """Seconds a subscriber may leave a delivered batch unacknowledged before it is
+    evicted (its stream reset; the batch goes to the subscribers left). Its shard's
+    delivery waits for the ack meanwhile, other customers' topics included."""
     max_reorder: Count = MAX_REORDER
     """Out-of-order frames held per topic while waiting for a gap."""
     max_topics: Count = MAX_TOPICS

@@ -14,9 +14,18 @@ seqs it already has, so the application still sees each seq once).
 Each subscriber has at most ``max_unacked`` shares written and awaiting its ack
 (:data:`MAX_UNACKED`), and at most :data:`MAX_SUBSCRIBER_QUEUE` queued behind them.
 
+A subscriber that acknowledges nothing for ``ack_timeout`` seconds while a share waits
+for it (a hung application on a live tunnel, or one that stopped reading its stream) is
+**evicted**: its stream is reset, its shares fail and the worker delivers them again to
+the subscribers left (their cursors drop what they had). Without the deadline one such
+subscriber stalled ``deliver()`` — and with it every topic of the shard, other
+customers' included — for as long as its tunnel lived. A slow subscriber that keeps
+acknowledging is not evicted: it slows its shard, as backpressure intends.
+
 Frames of a topic with no subscriber are *held*: ``deliver()`` waits until one
 subscribes. The shard's bus lag then grows and backpressure pauses its publishers —
-the same path as a slow subscriber, and nothing is dropped.
+the same path as a slow subscriber, and nothing is dropped. The shard's other topics
+wait too (a documented limit: ``docs/operations/known-limits.md``).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from pqcnet.errors import PqcnetError
 from pqcnet.identity.spiffe import SpiffeId
 from pqcnet.qstp.aio import Stream
 from pqcnet.qstp.errors import TunnelClosed
+from pqcnet.qstp.frames import ErrorCode
 from pqcnet.relayer.errors import FrameRejected, RelayerError
 from pqcnet.relayer.frame import Frame, Topic
 from pqcnet.relayer.wire import (
@@ -39,7 +49,7 @@ from pqcnet.relayer.wire import (
     MessageReader,
     Subscribe,
     decode_client,
-    encode_deliveries,
+    encode_delivery_messages,
     encode_error,
 )
 
@@ -53,6 +63,8 @@ MAX_SUBSCRIPTIONS = 10_000
 MAX_UNACKED = 64
 #: bytes of queued delivery messages one stream write may coalesce
 MAX_COALESCE_BYTES = 1 << 20
+#: default seconds a subscriber may leave a written share unacknowledged
+ACK_TIMEOUT = 30.0
 
 _Item = tuple[list[Frame], asyncio.Future[None]]
 
@@ -76,6 +88,9 @@ class Subscription:
         default_factory=lambda: asyncio.Queue(MAX_SUBSCRIBER_QUEUE))
     #: written shares awaiting the ack: (highest seq per topic, future), in write order
     unacked: deque[tuple[dict[Topic, int], asyncio.Future[None]]] = field(default_factory=deque)
+    #: loop time the oldest share in ``unacked`` started waiting for its ack (moves on
+    #: with each ack that resolves a share)
+    waiting_since: float = 0.0
     #: highest seq per topic the subscriber acknowledged
     acked: dict[Topic, int] = field(default_factory=dict)
     #: set by an ack, a queued share and the end of the ack reader: what the stream's
@@ -89,11 +104,15 @@ class Subscription:
         for topic, seq in upto.items():
             if seq > self.acked.get(topic, 0):
                 self.acked[topic] = seq
+        resolved = False
         while self.unacked and all(self.acked.get(t, 0) >= n
                                    for t, n in self.unacked[0][0].items()):
             _, fut = self.unacked.popleft()
+            resolved = True
             if not fut.done():
                 fut.set_result(None)
+        if resolved:  # progress: the next share's wait starts now
+            self.waiting_since = asyncio.get_running_loop().time()
         self.wake.set()
 
     def fail_all(self, reason: str) -> None:
@@ -118,14 +137,25 @@ class SubscriberHub:
     """Implements :class:`pqcnet.relayer.worker.Sink` over subscriber streams."""
 
     def __init__(self, max_subscriptions: int = MAX_SUBSCRIPTIONS, *,
-                 max_unacked: int = MAX_UNACKED) -> None:
+                 max_unacked: int = MAX_UNACKED, ack_timeout: float = ACK_TIMEOUT) -> None:
         if max_unacked < 1:
             raise ValueError("max_unacked must be >= 1")
+        if ack_timeout <= 0:
+            raise ValueError("ack_timeout must be > 0")
         self.max_subscriptions = max_subscriptions
         self.max_unacked = max_unacked
+        self.ack_timeout = ack_timeout
         self._subs: dict[str, list[Subscription]] = {}
         self._changed = asyncio.Event()
-        self.held = 0
+        #: frames waiting for a subscriber, per shard (``held`` sums them)
+        self._held: dict[int, int] = {}
+        #: subscribers evicted for leaving a share unacknowledged past ``ack_timeout``
+        self.ack_timeouts = 0
+
+    @property
+    def held(self) -> int:
+        """Frames the shard workers hold now because no subscriber takes their topic."""
+        return sum(self._held.values())
         #: delivery-time authorization ``(peer, customer, channel) -> bool``: a grant
         #: withdrawn by a reload stops delivery to subscriptions made under it (their
         #: frames are then held, like frames nobody subscribed to). None: no check.
@@ -170,12 +200,12 @@ class SubscriberHub:
                 raise errors[0]
             todo = held
             if todo:
-                self.held = len(todo)
+                self._held[shard] = len(todo)
                 self._changed.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(1.0):
                         await self._changed.wait()
-        self.held = 0
+        self._held.pop(shard, None)
 
     def _allowed(self, sub: Subscription, frame: Frame) -> bool:
         check = self.may_receive
@@ -204,30 +234,48 @@ class SubscriberHub:
         # between awaits and is in ``unacked`` before the next one, so fail_all finds
         # every share not acknowledged
         queue = sub.queue
+        loop = asyncio.get_running_loop()
         try:
             while not acks.done():
+                # a share written and not acknowledged within ack_timeout: evicted (the
+                # wait and the write both end at that deadline)
+                deadline = sub.waiting_since + self.ack_timeout if sub.unacked else None
+                if deadline is not None and loop.time() >= deadline:
+                    self._evict(stream, sub)
+                    break
                 if len(sub.unacked) >= self.max_unacked or queue.empty():
                     sub.wake.clear()  # window full or nothing queued: wait for a change
-                    await sub.wake.wait()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout_at(deadline):
+                            await sub.wake.wait()
                     continue
                 items = [queue.get_nowait()]
                 # shares already queued go out in the same write (one QSTP send, not one
-                # per share), within the window and :data:`MAX_COALESCE_BYTES`
-                messages = [encode_deliveries(items[0][0])]
-                size = len(messages[0])
+                # per share), within the window and :data:`MAX_COALESCE_BYTES`; a share
+                # too large for one message goes as several (the subscriber acks each)
+                messages = encode_delivery_messages(items[0][0])
+                size = sum(map(len, messages))
                 while (not queue.empty() and size < MAX_COALESCE_BYTES
                        and len(sub.unacked) + len(items) < self.max_unacked):
                     items.append(queue.get_nowait())
-                    messages.append(encode_deliveries(items[-1][0]))
-                    size += len(messages[-1])
+                    more = encode_delivery_messages(items[-1][0])
+                    messages += more
+                    size += sum(map(len, more))
+                if not sub.unacked:
+                    sub.waiting_since = loop.time()
                 for frames, fut in items:
                     upto: dict[Topic, int] = {}
                     for f in frames:
                         upto[f.topic] = f.seq  # in order per topic: the last is the highest
                     sub.unacked.append((upto, fut))
                 try:
-                    await stream.send(messages[0] if len(messages) == 1
-                                      else b"".join(messages))
+                    # a subscriber that stopped reading blocks this send (no credit)
+                    async with asyncio.timeout_at(sub.waiting_since + self.ack_timeout):
+                        await stream.send(messages[0] if len(messages) == 1
+                                          else b"".join(messages))
+                except TimeoutError:
+                    self._evict(stream, sub)
+                    break
                 except PqcnetError:
                     break
         finally:
@@ -237,6 +285,17 @@ class SubscriberHub:
                 del self._subs[sub.customer]
             sub.fail_all("subscriber went away before acknowledging")
             log.info("subscriber left", extra={"customer": sub.customer})
+
+    def _evict(self, stream: Stream, sub: Subscription) -> None:
+        """End a subscriber that left a share unacknowledged past ``ack_timeout``; its
+        shares fail (``serve``'s cleanup) and go to the subscribers left."""
+        self.ack_timeouts += 1
+        log.warning("subscriber evicted: no acknowledgement in time", extra={
+            "customer": sub.customer, "peer": str(sub.peer) if sub.peer else None,
+            "ack_timeout_s": self.ack_timeout, "unacked": len(sub.unacked)})
+        with contextlib.suppress(PqcnetError):  # already ended: nothing to reset
+            stream.reset(ErrorCode.CANCELLED,
+                         f"no acknowledgement within {self.ack_timeout:g} s")
 
     @staticmethod
     async def _read_acks(stream: Stream, sub: Subscription, reader: MessageReader) -> None:

@@ -225,7 +225,7 @@ class RelayerNode:
         #: by the epoch loop once unused for RECORDS_CACHE_IDLE seconds
         self._records_cache: tuple[int, tuple[VolumeRecord, ...], float] | None = None
         self.flow = FlowController(cfg.high_water, cfg.low_water)
-        self.hub = SubscriberHub()
+        self.hub = SubscriberHub(ack_timeout=cfg.subscriber_ack_timeout)
         #: True while the bus has not been reached since start: frames go to the overflow
         #: queue only, no shard workers, no epoch proofs (readiness: degraded)
         self.degraded = False
@@ -987,6 +987,14 @@ class _NodeCollector(Collector):
                                 "Shards whose publishers are paused", value=len(n.flow.paused))
         yield GaugeMetricFamily("pqcnet_relayer_subscribers", "Subscriber streams",
                                 value=n.hub.count())
+        yield GaugeMetricFamily("pqcnet_relayer_held_frames",
+                                "Frames delivery waits with because no subscriber takes "
+                                "their topic (their shard's other topics wait too)",
+                                value=n.hub.held)
+        yield CounterMetricFamily("pqcnet_relayer_subscriber_ack_timeouts",
+                                  "Subscribers evicted for leaving a delivered batch "
+                                  "unacknowledged past subscriber_ack_timeout",
+                                  value=n.hub.ack_timeouts)
         yield from budget_metrics(n.qstp_config.receive_budget, "relayer")
         yield GaugeMetricFamily("pqcnet_relayer_config_restart_pending",
                                 "1 while the config file's static part differs from the "

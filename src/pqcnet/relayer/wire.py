@@ -28,6 +28,14 @@ _new = object.__new__
 _LEN = struct.Struct(">I")
 #: largest single message on a relayer stream; bounds per-stream buffering
 MAX_MESSAGE = 8 * 1024 * 1024
+#: about where a delivery share too large for one message is cut (half of MAX_MESSAGE:
+#: room for the per-frame encoding the size estimate does not count exactly)
+DELIVERY_SPLIT = MAX_MESSAGE // 2
+#: largest frame payload a relayer may be configured to accept: it fits one message
+MAX_PAYLOAD_LIMIT = DELIVERY_SPLIT
+#: bytes of protobuf encoding per delivered frame besides payload and ids (tags,
+#: lengths, seq, qos), rounded up
+_FRAME_OVERHEAD = 32
 
 
 class MessageTooLarge(FrameRejected):
@@ -234,6 +242,30 @@ def encode_deliveries(frames: Iterable[Frame]) -> bytes:
     for f in frames:
         add(customer_id=f.customer, channel_id=f.channel, seq=f.seq, payload=f.payload, qos=f.qos)
     return pack(msg.SerializeToString())
+
+
+def encode_delivery_messages(frames: Sequence[Frame]) -> list[bytes]:
+    """``frames`` as framed DeliveryBatches a subscriber accepts: each body at most
+    :data:`MAX_MESSAGE`, in order. One message when it fits (the common case: encoded
+    once, as before); a larger share — a backlog of big frames, a redelivery after a
+    reset — is cut into messages of about :data:`DELIVERY_SPLIT` bytes. Before, the
+    whole share went as one message: the subscriber refused it (MessageTooLarge),
+    reconnected and got the same message again, for good."""
+    one = encode_deliveries(frames)
+    if len(one) - _LEN.size <= MAX_MESSAGE:
+        return [one]
+    out: list[bytes] = []
+    start = size = 0
+    for i, f in enumerate(frames):
+        n = len(f.payload) + _FRAME_OVERHEAD + 4 * (len(f.customer) + len(f.channel))
+        if size + n > DELIVERY_SPLIT and i > start:
+            out += encode_delivery_messages(frames[start:i])
+            start, size = i, 0
+        size += n
+    if start == 0:  # one frame over the limit: max_payload is bounded so that it fits
+        raise MessageTooLarge(f"a frame of {len(frames[0].payload)} bytes does not fit a "
+                              f"delivery message ({MAX_MESSAGE} bytes)")
+    return out + encode_delivery_messages(frames[start:])
 
 
 # ------------------------------------------------------------------ client side

@@ -1,0 +1,81 @@
+"""A subscriber that stops acknowledging cannot stall its shard for good.
+
+Delivery waits until every subscriber acknowledged its share of a batch (the meter
+counts what subscribers took). A subscriber on a live tunnel whose application hung —
+or one that stopped reading its stream altogether — used to stall its shard's worker
+for as long as its tunnel lived: its own customer's other subscribers *and other
+customers whose topics share the shard* got nothing more. Now it is evicted after
+``subscriber_ack_timeout``; the batch goes to the subscribers left (their cursors drop
+the repeat) and ``/metrics`` counts the eviction. Histories are read at the healthy
+subscribers: every seq once, in order."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from pqcnet.errors import PqcnetError
+from pqcnet.relayer.client import SubscriberClient
+from pqcnet.relayer.frame import Frame, shard_for
+from tests.relayer.e2e import identities, publisher, start_node, subscriber
+from tests.relayer.helpers import scrape_metrics
+
+pytestmark = pytest.mark.timeout(120)
+SHARDS = 8
+
+
+def _same_shard() -> tuple[str, str]:
+    """A channel of ``acme`` and one of ``globex`` whose topics share a shard."""
+    for i in range(10_000):
+        for j in range(64):
+            if shard_for("acme", f"a{i}", SHARDS) == shard_for("globex", f"g{j}", SHARDS):
+                return f"a{i}", f"g{j}"
+    raise AssertionError("no shared shard")
+
+
+@pytest.mark.parametrize("payload", [16, 512 * 1024], ids=["hung-app", "stopped-reading"])
+async def test_a_subscriber_that_never_acks_is_evicted(tmp_path: Path, payload: int) -> None:
+    """``hung-app``: small frames, the stuck subscriber's tunnel takes them but its
+    application never asks for the next batch (no ack). ``stopped-reading``: 9 MiB for
+    its customer, more than its tunnel's window, so the relayer's write to it blocks."""
+    node = await start_node(tmp_path, shards=SHARDS, subscriber_ack_timeout=1.0,
+                            metrics_port=0)
+    a, g = _same_shard()
+    acme, globex = ("acme", a), ("globex", g)
+    stuck = await SubscriberClient.connect("127.0.0.1", node.port, identities()[2])
+    healthy = other = pub = None
+    try:
+        healthy = await subscriber(node.port, "acme")
+        other = await subscriber(node.port, "globex")
+        await stuck.subscribe("acme")  # and never reads a batch: no ack, ever
+        pub = await publisher(node.port)
+        await asyncio.sleep(0.3)  # the three subscriptions are in place
+        n = 18
+        for seq in range(1, n + 1):  # one request per seq: one batch each, in turn
+            results = await pub.publish([Frame(*acme, seq, b"a" * payload),
+                                         Frame(*globex, seq, b"g" * 16)])
+            assert all(r.accepted for r in results), results
+        await healthy.wait_for(n, 60)
+        await other.wait_for(n, 60)
+        assert healthy.by_topic[acme] == list(range(1, n + 1))
+        assert other.by_topic[globex] == list(range(1, n + 1))
+        assert node.metrics_port is not None
+        got = await asyncio.to_thread(scrape_metrics, node.metrics_port)
+        assert got["pqcnet_relayer_subscriber_ack_timeouts_total"] == 1
+        assert got["pqcnet_relayer_subscribers"] == 2  # the stuck one is gone
+        assert got["pqcnet_relayer_held_frames"] == 0
+        with pytest.raises(PqcnetError):  # its stream was reset
+            async with asyncio.timeout(10):
+                async for _ in stuck.batches():
+                    pass
+                raise AssertionError("the stream ended without an error")
+    finally:
+        for c in (healthy, other):
+            if c is not None:
+                await c.close()
+        if pub is not None:
+            await pub.close()
+        await stuck.close()
+        await node.stop()
