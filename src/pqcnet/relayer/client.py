@@ -46,7 +46,10 @@ from pqcnet.relayer.errors import RelayerError
 from pqcnet.relayer.frame import Frame, Topic
 from pqcnet.relayer.receipts import VolumeReceipt
 from pqcnet.relayer.wire import (
+    MAX_FRAMES_PER_REQUEST,
+    MAX_MESSAGE,
     MessageReader,
+    MessageTooLarge,
     Result,
     ServerError,
     decode_server,
@@ -55,6 +58,7 @@ from pqcnet.relayer.wire import (
     encode_publish,
     encode_receipt_request,
     encode_subscribe,
+    message_parts,
 )
 
 #: publish requests in flight on one stream before ``publish()`` waits
@@ -132,15 +136,41 @@ class PublisherClient:
         self._waiting.clear()
 
     async def publish(self, frames: Sequence[Frame], *, retry: bool = False) -> list[Result]:
-        """Send ``frames`` in one request; returns one result per frame once durable."""
+        """Send ``frames``; returns one result per frame once durable. One request when
+        it fits (the common case); more than a request holds — 4096 frames, or more
+        bytes than a relayer message (8 MiB) — goes as several, one after the other
+        (in seq order: a topic's later part never overtakes its earlier one and fills
+        the relayer's reorder buffer). Before, such a call was refused frame by frame (too
+        many) or reset the publisher's stream (too large), failing every request on
+        it. A transport error fails the whole call, as for one request: resend it with
+        ``retry`` (parts already durable are then accepted and suppressed). A single
+        frame too large for a message raises :class:`MessageTooLarge` before anything
+        is sent."""
+        if len(frames) <= MAX_FRAMES_PER_REQUEST:
+            results = await self._request(frames, retry)
+            if results is not None:
+                return results
+        parts = message_parts(frames, MAX_FRAMES_PER_REQUEST)
+        if len(parts) == 1:
+            raise MessageTooLarge(f"{len(frames)} frames do not fit a relayer message")
+        out: list[Result] = []
+        for part in parts:
+            out += await self.publish(part, retry=retry)
+        return out
+
+    async def _request(self, frames: Sequence[Frame], retry: bool) -> list[Result] | None:
+        """One PublishRequest; None (nothing sent) if it is larger than a message."""
         async with self._slots:
             if self._reader.done():
                 raise TunnelClosed("publisher stream is closed")
+            data = encode_publish(self._next_id, frames, retry=retry)
+            if len(data) - 4 > MAX_MESSAGE:
+                return None
             request_id = self._next_id
             self._next_id += 1
             fut: asyncio.Future[list[Result]] = asyncio.get_running_loop().create_future()
             self._waiting[request_id] = fut
-            await self.stream.send(encode_publish(request_id, frames, retry=retry))
+            await self.stream.send(data)
             results = await fut
         if self.counters is not None:
             self.counters.count(f for f, r in zip(frames, results, strict=False) if r.accepted)

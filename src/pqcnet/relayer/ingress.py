@@ -50,6 +50,7 @@ from pqcnet.relayer.gapfence import GapFence
 from pqcnet.relayer.overflow import BufferedPublisher
 from pqcnet.relayer.receipts import VolumeReceipt
 from pqcnet.relayer.wire import (
+    MAX_FRAMES_PER_REQUEST,
     Ack,
     Counters,
     Incoming,
@@ -69,8 +70,6 @@ log = logging.getLogger(__name__)
 
 #: FLOW reason the relayer sends with PAUSE/RESUME: a shard's backlog crossed a mark
 REASON_SHARD_BACKLOG = 1
-#: frames one PublishRequest may carry
-MAX_FRAMES_PER_REQUEST = 4096
 #: topics whose highest seq a tunnel session remembers (oldest forgotten first)
 MAX_TOPICS_PER_TUNNEL = 65_536
 

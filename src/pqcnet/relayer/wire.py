@@ -254,21 +254,34 @@ def encode_delivery_messages(frames: Sequence[Frame]) -> list[bytes]:
     one = encode_deliveries(frames)
     if len(one) - _LEN.size <= MAX_MESSAGE:
         return [one]
-    out: list[bytes] = []
+    return [m for part in message_parts(frames) for m in encode_delivery_messages(part)]
+
+
+def message_parts(frames: Sequence[Frame], max_frames: int | None = None
+                  ) -> list[Sequence[Frame]]:
+    """``frames`` cut, in order, into parts of about :data:`DELIVERY_SPLIT` bytes (an
+    upper estimate of their encoding) and at most ``max_frames`` frames each. Raises
+    :class:`MessageTooLarge` for a frame that cannot fit a message by itself."""
+    parts: list[Sequence[Frame]] = []
     start = size = 0
     for i, f in enumerate(frames):
         n = len(f.payload) + _FRAME_OVERHEAD + 4 * (len(f.customer) + len(f.channel))
-        if size + n > DELIVERY_SPLIT and i > start:
-            out += encode_delivery_messages(frames[start:i])
+        if n > MAX_MESSAGE:
+            raise MessageTooLarge(f"a frame of {len(f.payload)} bytes does not fit a "
+                                  f"relayer message ({MAX_MESSAGE} bytes)")
+        if i > start and (size + n > DELIVERY_SPLIT
+                          or (max_frames is not None and i - start >= max_frames)):
+            parts.append(frames[start:i])
             start, size = i, 0
         size += n
-    if start == 0:  # one frame over the limit: max_payload is bounded so that it fits
-        raise MessageTooLarge(f"a frame of {len(frames[0].payload)} bytes does not fit a "
-                              f"delivery message ({MAX_MESSAGE} bytes)")
-    return out + encode_delivery_messages(frames[start:])
+    parts.append(frames[start:])
+    return parts
 
 
 # ------------------------------------------------------------------ client side
+
+#: frames in one publish request (the ingress refuses more; the SDK splits larger calls)
+MAX_FRAMES_PER_REQUEST = 4096
 
 
 def encode_publish(request_id: int, frames: Sequence[Frame], *, retry: bool = False) -> bytes:
