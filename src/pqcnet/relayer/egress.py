@@ -98,6 +98,8 @@ class Subscription:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     #: the stream ended (:meth:`fail_all` ran): nothing put in the queue later is read
     gone: bool = False
+    #: the ack deadline's timer (:meth:`SubscriberHub._watch`), while serving
+    watchdog: asyncio.TimerHandle | None = None
 
     def ack(self, upto: dict[Topic, int]) -> None:
         """Apply a cumulative ack; resolve every share it covers."""
@@ -235,19 +237,15 @@ class SubscriberHub:
         # every share not acknowledged
         queue = sub.queue
         loop = asyncio.get_running_loop()
+        # one timer per subscriber, re-armed at the oldest share's deadline: eviction
+        # resets the stream, which ends this loop's wait or its blocked write (no timer
+        # per write on the delivery path)
+        sub.watchdog = loop.call_later(self.ack_timeout, self._watch, stream, sub)
         try:
             while not acks.done():
-                # a share written and not acknowledged within ack_timeout: evicted (the
-                # wait and the write both end at that deadline)
-                deadline = sub.waiting_since + self.ack_timeout if sub.unacked else None
-                if deadline is not None and loop.time() >= deadline:
-                    self._evict(stream, sub)
-                    break
                 if len(sub.unacked) >= self.max_unacked or queue.empty():
                     sub.wake.clear()  # window full or nothing queued: wait for a change
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout_at(deadline):
-                            await sub.wake.wait()
+                    await sub.wake.wait()
                     continue
                 items = [queue.get_nowait()]
                 # shares already queued go out in the same write (one QSTP send, not one
@@ -269,16 +267,13 @@ class SubscriberHub:
                         upto[f.topic] = f.seq  # in order per topic: the last is the highest
                     sub.unacked.append((upto, fut))
                 try:
-                    # a subscriber that stopped reading blocks this send (no credit)
-                    async with asyncio.timeout_at(sub.waiting_since + self.ack_timeout):
-                        await stream.send(messages[0] if len(messages) == 1
-                                          else b"".join(messages))
-                except TimeoutError:
-                    self._evict(stream, sub)
-                    break
+                    await stream.send(messages[0] if len(messages) == 1
+                                      else b"".join(messages))
                 except PqcnetError:
                     break
         finally:
+            if sub.watchdog is not None:
+                sub.watchdog.cancel()
             acks.cancel()
             self._subs[sub.customer].remove(sub)
             if not self._subs[sub.customer]:
@@ -286,9 +281,24 @@ class SubscriberHub:
             sub.fail_all("subscriber went away before acknowledging")
             log.info("subscriber left", extra={"customer": sub.customer})
 
+    def _watch(self, stream: Stream, sub: Subscription) -> None:
+        """The subscriber's ack deadline: evict it if its oldest share waited
+        ``ack_timeout``, else look again at that share's deadline (or a timeout from now
+        when nothing waits)."""
+        if sub.gone:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due = sub.waiting_since + self.ack_timeout if sub.unacked else now + self.ack_timeout
+        if sub.unacked and now >= due:
+            self._evict(stream, sub)
+            return
+        sub.watchdog = loop.call_at(due, self._watch, stream, sub)
+
     def _evict(self, stream: Stream, sub: Subscription) -> None:
-        """End a subscriber that left a share unacknowledged past ``ack_timeout``; its
-        shares fail (``serve``'s cleanup) and go to the subscribers left."""
+        """End a subscriber that left a share unacknowledged past ``ack_timeout``: its
+        stream is reset (the serve loop's wait or write ends), its shares fail
+        (``serve``'s cleanup) and go to the subscribers left."""
         self.ack_timeouts += 1
         log.warning("subscriber evicted: no acknowledgement in time", extra={
             "customer": sub.customer, "peer": str(sub.peer) if sub.peer else None,
