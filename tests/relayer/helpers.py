@@ -76,3 +76,19 @@ def scrape_metrics(port: int) -> dict[str, float]:
         text = r.read().decode()
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
             for line in text.splitlines() if line and not line.startswith("#")}
+
+
+async def metrics_reach(port: int, want: dict[str, float], limit: float = 10.0) -> None:
+    """Scrape ``/metrics`` (over HTTP) until every series in ``want`` has its value;
+    AssertionError naming what was seen after ``limit`` seconds."""
+    seen: dict[str, float | None] = {}
+    try:
+        async with asyncio.timeout(limit):
+            while True:
+                got = await asyncio.to_thread(scrape_metrics, port)
+                seen = {k: got.get(k) for k in want}
+                if seen == want:
+                    return
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise AssertionError(f"metrics {seen}, want {want}") from None

@@ -17,7 +17,7 @@ import pytest
 
 from pqcnet.relayer.frame import Topic
 from tests.relayer.cluster import ClusterRun, metered
-from tests.relayer.helpers import eventually
+from tests.relayer.helpers import eventually, metrics_reach
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -114,7 +114,6 @@ async def test_in_flight_follows_partitions_that_moved_for_good(
     from pqcnet.relayer.bus.kafka import KafkaBus
     from pqcnet.relayer.frame import Frame, encode, shard_for
     from tests.relayer.e2e import publisher, start_node, subscriber
-    from tests.relayer.helpers import scrape_metrics
 
     tag = uuid.uuid4().hex[:8]
     topic_name, group = f"pqcnet-fence-{tag}", f"fence-{tag}"
@@ -176,14 +175,7 @@ async def test_in_flight_follows_partitions_that_moved_for_good(
                 "pqcnet_relayer_gap_fence_inflight_frames": 0.0,
                 "pqcnet_relayer_gaps_frames_total": 0.0,
                 "pqcnet_relayer_delivered_frames_total": float(SHARDS + 3)}
-        seen: dict[str, float | None] = {}
-        for _ in range(100):
-            got = await asyncio.to_thread(scrape_metrics, node.metrics_port)
-            seen = {k: got.get(k) for k in want}
-            if seen == want:
-                break
-            await asyncio.sleep(0.1)
-        assert seen == want
+        await metrics_reach(node.metrics_port, want)
     finally:
         if joined is not None:
             joined.cancel()

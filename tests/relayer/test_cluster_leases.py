@@ -19,7 +19,7 @@ from pqcnet.relayer.bus.redis_streams import RedisStreamsBus
 from pqcnet.relayer.errors import BusUnavailable
 from pqcnet.relayer.frame import Frame, encode, shard_for
 from tests.relayer.e2e import publisher, start_node, subscriber
-from tests.relayer.helpers import eventually, redis_cli, scrape_metrics
+from tests.relayer.helpers import eventually, metrics_reach, redis_cli, scrape_metrics
 
 pytestmark = pytest.mark.timeout(120)
 SHARDS = 8
@@ -291,14 +291,7 @@ async def test_a_regained_shard_holds_the_gap_of_its_queued_frames(
                 "pqcnet_relayer_gaps_frames_total": 0.0,
                 "pqcnet_relayer_delivered_frames_total": 3.0}
         port = node.metrics_port
-        seen: dict[str, float | None] = {}
-        for _ in range(100):
-            got = await asyncio.to_thread(scrape_metrics, port)
-            seen = {k: got.get(k) for k in want}
-            if seen == want:
-                break
-            await asyncio.sleep(0.1)
-        assert seen == want
+        await metrics_reach(port, want)
         # every entry of the shard acked in the group, as redis-cli sees it
         await eventually(lambda: _pending(redis_url, node.bus.key(shard), node.cfg.group) == 0,
                          30)
@@ -365,14 +358,7 @@ async def test_a_lease_renewed_late_keeps_the_gap_of_its_acknowledged_frames(
                 "pqcnet_relayer_gaps_frames_total": 0.0,
                 "pqcnet_relayer_delivered_frames_total": 4.0}
         port = node.metrics_port
-        seen: dict[str, float | None] = {}
-        for _ in range(100):
-            got = await asyncio.to_thread(scrape_metrics, port)
-            seen = {k: got.get(k) for k in want}
-            if seen == want:
-                break
-            await asyncio.sleep(0.1)
-        assert seen == want
+        await metrics_reach(port, want)
         # no loss was journaled: the lease never lapsed in Redis (read with redis-cli)
         owners = redis_cli(redis_url, "XRANGE", leases.journal_key, "-", "+")
         assert "lost" not in owners and "claimed" in owners

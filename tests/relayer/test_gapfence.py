@@ -21,7 +21,7 @@ from pqcnet.relayer.seqstore import RedisSeqStore, RocksSeqStore, SeqStore
 from pqcnet.relayer.sequencer import Sequencer
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
 from tests.relayer.e2e import start_node, subscriber
-from tests.relayer.helpers import CollectSink, eventually, scrape_metrics
+from tests.relayer.helpers import CollectSink, eventually, metrics_reach
 
 T = ("c", "x")
 
@@ -180,15 +180,7 @@ async def test_a_restarted_relayer_restores_its_overflow_frames(tmp_path: Path) 
                 "pqcnet_relayer_overflow_records": 0.0,
                 'pqcnet_relayer_gap_fence_events_total{event="late_on_bus"}': 0.0,
                 "pqcnet_relayer_gaps_frames_total": 0.0}
-        seen: dict[str, float | None] = {}
-        try:
-            async with asyncio.timeout(30):
-                while seen != want:
-                    got = await asyncio.to_thread(scrape_metrics, port)
-                    seen = {k: got.get(k) for k in want}
-                    await asyncio.sleep(0.1)
-        except TimeoutError:
-            raise AssertionError(f"metrics {seen}, want {want}") from None
+        await metrics_reach(port, want, 30)
     finally:
         if sub is not None:
             await sub.close()

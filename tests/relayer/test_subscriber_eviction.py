@@ -79,3 +79,13 @@ async def test_a_subscriber_that_never_acks_is_evicted(tmp_path: Path, payload: 
             await pub.close()
         await stuck.close()
         await node.stop()
+
+
+def test_a_new_hub_checks_its_bound_and_starts_at_zero() -> None:
+    from pqcnet.relayer.egress import ACK_TIMEOUT, SubscriberHub
+
+    hub = SubscriberHub()
+    assert (hub.ack_timeout, hub.ack_timeouts, hub.held, hub.may_receive) == (
+        ACK_TIMEOUT, 0, 0, None)
+    with pytest.raises(ValueError, match="ack_timeout"):
+        SubscriberHub(ack_timeout=0)

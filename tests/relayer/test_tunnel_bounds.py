@@ -19,7 +19,7 @@ from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.errors import ConfigError
 from tests.config.schemacheck import assert_schema
 from tests.relayer.e2e import identities, publisher, start_node
-from tests.relayer.helpers import scrape_metrics
+from tests.relayer.helpers import metrics_reach, scrape_metrics
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -146,14 +146,7 @@ async def test_handshake_failures_are_counted_by_who_refused(tmp_path: Path) -> 
                 'pqcnet_relayer_handshake_failures_total{refused_by="local"}': 2.0,
                 "pqcnet_relayer_tunnels_refused_at_limit_total": 0.0,
                 "pqcnet_relayer_tunnels_active": 0.0}
-        seen: dict[str, float | None] = {}
-        for _ in range(100):
-            got = await asyncio.to_thread(scrape_metrics, node.metrics_port)
-            seen = {k: got.get(k) for k in want}
-            if seen == want:
-                break
-            await asyncio.sleep(0.05)
-        assert seen == want
+        await metrics_reach(node.metrics_port, want)
         client = await publisher(node.port)
         assert (await asyncio.to_thread(scrape_metrics, node.metrics_port))[
             "pqcnet_relayer_tunnels_active"] == 1

@@ -153,15 +153,15 @@ class SubscriberHub:
         self._held: dict[int, int] = {}
         #: subscribers evicted for leaving a share unacknowledged past ``ack_timeout``
         self.ack_timeouts = 0
+        #: delivery-time authorization ``(peer, customer, channel) -> bool``: a grant
+        #: withdrawn by a reload stops delivery to subscriptions made under it (their
+        #: frames are then held, like frames nobody subscribed to). None: no check.
+        self.may_receive: Callable[[SpiffeId, str, str], bool] | None = None
 
     @property
     def held(self) -> int:
         """Frames the shard workers hold now because no subscriber takes their topic."""
         return sum(self._held.values())
-        #: delivery-time authorization ``(peer, customer, channel) -> bool``: a grant
-        #: withdrawn by a reload stops delivery to subscriptions made under it (their
-        #: frames are then held, like frames nobody subscribed to). None: no check.
-        self.may_receive: Callable[[SpiffeId, str, str], bool] | None = None
 
     def count(self) -> int:
         """Active subscriptions."""

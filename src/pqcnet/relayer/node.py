@@ -988,7 +988,7 @@ class _NodeCollector(Collector):
         yield GaugeMetricFamily("pqcnet_relayer_subscribers", "Subscriber streams",
                                 value=n.hub.count())
         yield GaugeMetricFamily("pqcnet_relayer_held_frames",
-                                "Frames delivery waits with because no subscriber takes "
+                                "Frames whose delivery waits because no subscriber takes "
                                 "their topic (their shard's other topics wait too)",
                                 value=n.hub.held)
         yield CounterMetricFamily("pqcnet_relayer_subscriber_ack_timeouts",

@@ -37,25 +37,15 @@ class _Children:
         return child
 
 
-class _BudgetCollector(Collector):
-    """``pqcnet_sentry_tunnel_buffer_*`` from the live budget."""
+class _Live(Collector):
+    """Metrics computed at scrape time by ``collect`` (the QSTP receive budget's, the
+    QSTP server's counters)."""
 
-    def __init__(self, budget: ReceiveBudget) -> None:
-        self._budget = budget
-
-    def collect(self) -> Iterator[Metric]:
-        return budget_metrics(self._budget, "sentry")
-
-
-class _ServerCollector(Collector):
-    """``pqcnet_sentry_handshake_failures_total`` and ``..._tunnels_refused_at_limit_total``
-    from the QSTP server serving now (read at scrape time)."""
-
-    def __init__(self, server: Callable[[], Server | None]) -> None:
-        self._server = server
+    def __init__(self, collect: Callable[[], Iterator[Metric]]) -> None:
+        self._collect = collect
 
     def collect(self) -> Iterator[Metric]:
-        return server_metrics(self._server(), "sentry")
+        return self._collect()
 
 
 class SentryMetrics:
@@ -123,8 +113,8 @@ class SentryMetrics:
         self._rejections = _Children(self.rejections)
         self._latency = _Children(self.latency)
         self._levels = _Children(self.bucket_level)
-        self._budget: _BudgetCollector | None = None
-        self._server: _ServerCollector | None = None
+        self._budget: _Live | None = None
+        self._server: _Live | None = None
 
     def bind_gauges(self, in_flight: Callable[[], float], ratio: Callable[[], float]) -> None:
         """Read live values at scrape time."""
@@ -138,7 +128,7 @@ class SentryMetrics:
             self.registry.unregister(self._budget)
             self._budget = None
         if budget is not None:
-            self._budget = _BudgetCollector(budget)
+            self._budget = _Live(lambda: budget_metrics(budget, "sentry"))
             self.registry.register(self._budget)
 
     def bind_server(self, server: Callable[[], Server | None]) -> None:
@@ -146,7 +136,7 @@ class SentryMetrics:
         scrape time; a later call replaces the earlier."""
         if self._server is not None:
             self.registry.unregister(self._server)
-        self._server = _ServerCollector(server)
+        self._server = _Live(lambda: server_metrics(server(), "sentry"))
         self.registry.register(self._server)
 
     def count(self, outcome: str, reason: str | None = None) -> None:
