@@ -224,6 +224,37 @@ async def test_reset_after_the_peers_end_reaches_a_blocked_sender(mesh: Mesh) ->
         done.set()
 
 
+async def test_a_local_reset_reaches_a_sender_blocked_on_that_stream(mesh: Mesh) -> None:
+    """The sender's own side gives up on a stream whose peer stopped reading (the
+    sentry's write watch, a timeout elsewhere): ``reset()`` from another task must fail
+    the ``send`` waiting for credit at once. Before, it waited on until the tunnel's
+    next credit — which a peer that reads nothing never sends."""
+    got: asyncio.Queue[Stream] = asyncio.Queue()
+    done = asyncio.Event()
+
+    async def handler(tunnel: Tunnel) -> None:
+        async for stream in tunnel:
+            await got.put(stream)
+        await done.wait()
+
+    async with running_server(mesh, handler, config=SMALL) as server:
+        tunnel = await qstp.connect("127.0.0.1", server.port, mesh.client, config=SMALL)
+        stream = tunnel.open_stream()
+        sender = asyncio.create_task(stream.send(os.urandom(4 * SMALL.stream_window)))
+        await got.get()  # the far side never reads it
+        await _until(lambda: tunnel.connection.send_window(stream.id) == 0, "sender blocked")
+        await asyncio.sleep(0.05)
+        assert not sender.done()
+        stream.reset()
+        with pytest.raises(TunnelClosed, match="reset locally"):
+            await asyncio.wait_for(sender, 5)
+        other = tunnel.open_stream()  # the tunnel is fine
+        await other.send(b"still here", end=True)
+        assert await (await got.get()).read_all(100) == b"still here"
+        done.set()
+        await tunnel.close()
+
+
 async def test_default_window_is_granted_in_full_and_bounds_a_reader_that_stops(
         mesh: Mesh) -> None:
     """With default windows a sender gets exactly ``stream_window`` bytes in flight

@@ -47,6 +47,7 @@ from pqcnet.sentry.memo import Memo, headers_size
 from pqcnet.sentry.metrics import SentryMetrics
 from pqcnet.sentry.sanitizer import IdentitySanitizer, SanitizerPolicy
 from pqcnet.sentry.wire import RequestHead
+from pqcnet.sentry.writewatch import WriteWatch
 
 log = logging.getLogger("pqcnet.sentry")
 
@@ -106,6 +107,8 @@ class Sentry:
                                           clock_skew=p.clock_skew)
         self.limiter = RateLimiter(p.plans, p.default_plan)
         self.gate = ConcurrencyGate(p.max_in_flight)
+        #: resets a response write that waited ``bounds.response_write_timeout``
+        self.write_watch = WriteWatch(config.bounds.response_write_timeout)
         self.acl: AclPolicy = p.acl
         self.sanitizer = IdentitySanitizer(p.sanitizer)
         self.backends: dict[str, Backend] = {
@@ -282,7 +285,8 @@ class Sentry:
             self.ledger.anchor_policy(tenant, digest, "sentry identity sanitizer policy")
 
     async def aclose(self) -> None:
-        """Close backend pools."""
+        """Close backend pools (and stop the write watch)."""
+        await self.write_watch.aclose()
         for be in self.backends.values():
             await be.aclose()
 

@@ -57,6 +57,13 @@ class RequestTooLarge(WireError):
     grpc_code = 8  # RESOURCE_EXHAUSTED
 
 
+class ClientTooSlow(SentryError):
+    """The client did not read the response for ``bounds.response_write_timeout``
+    seconds; its stream was reset (nothing can be sent on it any more)."""
+
+    outcome = "error"
+
+
 class Unauthenticated(SentryError):
     """The request carried no valid session assertion."""
 

@@ -70,6 +70,11 @@ class Bounds(Schema):
     """Largest request body read into memory, bytes (the sanitizer needs whole JSON)."""
     request_read_timeout: Positive = 10.0
     """Seconds for a client to deliver head + body on a stream (slowloris bound)."""
+    response_write_timeout: float = Field(default=30.0, gt=0, le=3600)
+    """Seconds one write of a response may wait for the client to read (QSTP flow
+    control) before the stream is reset: a client that stops reading a large response
+    gives back its concurrency-gate slot and backend connection. Per write, so a slow
+    client that keeps reading gets everything."""
     max_tunnels: Count = 1024
     """QSTP tunnels served at once; one more is refused when it connects. Each open
     tunnel costs a socket and about 74 KiB (``pqcnet bench memory``)."""

@@ -44,6 +44,7 @@ from pqcnet.qstp.frames import ErrorCode
 from pqcnet.sentry.backends import TCP_READ_CHUNK, GrpcBackend, close_quietly
 from pqcnet.sentry.core import Admission, Sentry, TunnelView
 from pqcnet.sentry.errors import (
+    ClientTooSlow,
     ConcurrencyLimited,
     Denied,
     RateLimited,
@@ -177,26 +178,45 @@ def _maybe_pause(sentry: Sentry, tunnel: TunnelView, retry_after: float) -> None
 
 async def _proxy(sentry: Sentry, stream: RpcStream, head: RequestHead, adm: Admission,
                  body: bytes) -> SentryError | None:
-    """Forward one request; returns the error if the backend failed mid-response."""
+    """Forward one request; returns the error if the backend failed mid-response or
+    the client stopped reading it (each write may wait ``response_write_timeout``:
+    a waiting write holds a gate slot and a backend connection)."""
     req = sentry.prepare(head, body, adm)
     resp = await sentry.backend(adm.backend.name).forward(req)
+    watch = sentry.write_watch
+
+    async def send(data: bytes, end: bool = False) -> None:
+        watch.begin(stream)
+        try:
+            await stream.send(data, end=end)
+        except PqcnetError:
+            if watch.end(stream):  # the watch reset the stream: the client stopped reading
+                raise ClientTooSlow("client read nothing of the response for "
+                                    f"{watch.limit:g}s") from None
+            raise
+        watch.end(stream)
+
     try:
         head_bytes = encode_response(ResponseHead(
             status=resp.status, headers=resp.headers, grpc_code=resp.grpc_code,
             reason=resp.reason))
-        if resp.inline is not None:
-            await stream.send(head_bytes + resp.inline, end=True)
-            return None
-        await stream.send(head_bytes)
         try:
+            if resp.inline is not None:
+                await send(head_bytes + resp.inline, end=True)
+                return None
+            await send(head_bytes)
             async for chunk in resp.body:
-                await stream.send(chunk)
+                await send(chunk)
+            await send(b"", end=True)
+        except ClientTooSlow as exc:  # the stream was reset by the watch
+            log.warning("client stopped reading the response; stream reset",
+                        extra={"reason": str(exc), "backend": adm.backend.name})
+            return exc
         except SentryError as exc:  # head already sent: the stream must fail, not end
             log.warning("backend failed mid-response", extra={"reason": str(exc)})
             stream.reset(ErrorCode.INTERNAL_ERROR,
                          f"backend failed mid-response: {exc}"[:200])
             return exc
-        await stream.send(b"", end=True)
         return None
     finally:
         await resp.aclose()

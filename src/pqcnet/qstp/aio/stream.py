@@ -185,6 +185,11 @@ class Stream:
         self._tunnel._conn.reset_stream(self.id, code, reason)
         self._tunnel._release(self.id)  # the core dropped it: so does the tunnel
         self._fail(TunnelClosed(f"stream {self.id} reset locally"))
+        # a send() on this stream waiting for credit or for a peer's RESUME must wake
+        # to see the reset (as for a reset by the peer); before, it waited on until
+        # the tunnel's next credit, which a peer that stopped reading never sends
+        self._tunnel._credit.fire()
+        self._tunnel._flow.fire()
         self._tunnel._schedule_flush()
 
     # -- called by the tunnel
