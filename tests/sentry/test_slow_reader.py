@@ -85,3 +85,53 @@ async def test_a_slow_reader_that_keeps_reading_gets_the_whole_response(
             finally:
                 server.close()
                 await sidecar.aclose()
+
+
+async def test_the_watch_cuts_only_a_write_that_waited_and_forgets_every_write() -> None:
+    """``WriteWatch`` on real QSTP streams: a write blocked on a peer that reads nothing
+    is reset after the limit (``end`` reports the cut once); a write that completes, and
+    one whose task is cancelled, leave nothing behind."""
+    from pqcnet import qstp
+    from pqcnet.errors import PqcnetError
+    from pqcnet.qstp.aio import Stream, Tunnel
+    from pqcnet.qstp.config import QstpConfiguration
+    from pqcnet.sentry.writewatch import WriteWatch
+    from tests.qstp.qstputil import make_mesh, running_server
+
+    small = QstpConfiguration(stream_window=65_536, connection_window=131_072)
+    got: asyncio.Queue[Stream] = asyncio.Queue()
+    done = asyncio.Event()
+
+    async def handler(tunnel: Tunnel) -> None:
+        async for stream in tunnel:
+            await got.put(stream)  # and never read
+        await done.wait()
+
+    qmesh = make_mesh()
+    watch = WriteWatch(0.4)
+    async with running_server(qmesh, handler, config=small) as server:
+        tunnel = await qstp.connect("127.0.0.1", server.port, qmesh.client, config=small)
+
+        async def write(stream: Stream, data: bytes) -> bool:
+            watch.begin(stream)
+            try:
+                await stream.send(data)
+            except PqcnetError:
+                return watch.end(stream)
+            finally:
+                watch.end(stream)
+            return False
+
+        quick = tunnel.open_stream()
+        assert await write(quick, b"fits the window") is False
+        blocked = tunnel.open_stream()
+        assert await asyncio.wait_for(write(blocked, b"x" * 1_000_000), 10) is True
+        cancelled = tunnel.open_stream()
+        task = asyncio.create_task(write(cancelled, b"y" * 1_000_000))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert watch.watching() == 0
+        done.set()
+        await tunnel.close()
+    await watch.aclose()

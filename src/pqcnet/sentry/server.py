@@ -194,7 +194,8 @@ async def _proxy(sentry: Sentry, stream: RpcStream, head: RequestHead, adm: Admi
                 raise ClientTooSlow("client read nothing of the response for "
                                     f"{watch.limit:g}s") from None
             raise
-        watch.end(stream)
+        finally:  # also when cancelled (the tunnel went away): nothing left watched
+            watch.end(stream)
 
     try:
         head_bytes = encode_response(ResponseHead(

@@ -40,6 +40,10 @@ class WriteWatch:
         self.cut: set[Any] = set()
         self._task: asyncio.Task[None] | None = None
 
+    def watching(self) -> int:
+        """Writes in progress (bounded by the RPCs in flight)."""
+        return len(self._writing) + len(self.cut)
+
     def begin(self, stream: Any) -> None:
         """A write on ``stream`` starts."""
         loop = asyncio.get_running_loop()
@@ -48,7 +52,8 @@ class WriteWatch:
             self._task = loop.create_task(self._sweep(), name="sentry-write-watch")
 
     def end(self, stream: Any) -> bool:
-        """The write on ``stream`` returned or failed; True if the watch cut it."""
+        """The write on ``stream`` returned, failed or was cancelled; True if the watch
+        cut it (the first call after the cut; calling it again is harmless)."""
         self._writing.pop(stream, None)
         if stream in self.cut:
             self.cut.discard(stream)
