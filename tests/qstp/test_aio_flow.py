@@ -283,3 +283,46 @@ async def test_default_window_is_granted_in_full_and_bounds_a_reader_that_stops(
         await sender
         assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
         await tunnel.close()
+
+
+async def test_a_local_reset_reaches_a_sender_waiting_for_a_full_transport(
+        mesh: Mesh) -> None:
+    """The peer stopped reading its *socket* (not just its streams): the sender's
+    transport fills and its ``send`` waits for the drain, with QSTP credit left. The
+    local reset must fail that ``send`` too; before, it waited until the socket
+    drained."""
+    big = QstpConfiguration(stream_window=64 * 1024 * 1024,
+                            connection_window=64 * 1024 * 1024)
+    got: asyncio.Queue[Stream] = asyncio.Queue()
+    peers: list[Tunnel] = []
+    done = asyncio.Event()
+
+    async def handler(tunnel: Tunnel) -> None:
+        peers.append(tunnel)
+        async for stream in tunnel:
+            await got.put(stream)
+        await done.wait()
+
+    async with running_server(mesh, handler, config=big) as server:
+        tunnel = await qstp.connect("127.0.0.1", server.port, mesh.client, config=big)
+        stream = tunnel.open_stream()
+        await stream.send(os.urandom(16 * 1024 * 1024))  # read in full: credit granted
+        far = await got.get()
+        n = 0
+        while n < 16 * 1024 * 1024:
+            n += len(await far.recv())
+        await _until(lambda: tunnel.connection.send_window(stream.id) > 16 * 1024 * 1024,
+                     "credit for more")
+        assert peers[0]._transport is not None
+        peers[0]._transport.pause_reading()  # now the peer reads nothing from its socket
+        sender = asyncio.create_task(stream.send(os.urandom(48 * 1024 * 1024)))
+        await _until(lambda: tunnel._write_paused, "transport full")
+        await asyncio.sleep(0.5)  # the kernel's buffers fill too: nothing drains any more
+        assert tunnel._write_paused and not sender.done()
+        assert tunnel.connection.send_window(stream.id) > 0  # credit left: not a credit wait
+        stream.reset()
+        with pytest.raises(TunnelClosed, match="reset locally"):
+            await asyncio.wait_for(sender, 5)
+        peers[0]._transport.resume_reading()
+        done.set()
+        await tunnel.close()

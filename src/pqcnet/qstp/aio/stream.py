@@ -112,8 +112,10 @@ class Stream:
             else:
                 t._schedule_flush()  # small writes in one loop turn share a flush
             view = view[n:]
-            if t._write_paused:
-                await t._drain()
+            while t._write_paused and not conn.closed:  # the transport is full
+                if self._error is not None:  # reset meanwhile: stop waiting for it
+                    raise self._error
+                await t._writable.wait()
             if last:
                 return
 
@@ -185,11 +187,13 @@ class Stream:
         self._tunnel._conn.reset_stream(self.id, code, reason)
         self._tunnel._release(self.id)  # the core dropped it: so does the tunnel
         self._fail(TunnelClosed(f"stream {self.id} reset locally"))
-        # a send() on this stream waiting for credit or for a peer's RESUME must wake
-        # to see the reset (as for a reset by the peer); before, it waited on until
-        # the tunnel's next credit, which a peer that stopped reading never sends
+        # a send() on this stream waiting for credit, for a peer's RESUME or for a full
+        # transport must wake to see the reset (as for a reset by the peer); before, it
+        # waited on until the tunnel's next credit or drain, which a peer that stopped
+        # reading never brings
         self._tunnel._credit.fire()
         self._tunnel._flow.fire()
+        self._tunnel._writable.fire()  # ... or for the transport to drain
         self._tunnel._schedule_flush()
 
     # -- called by the tunnel
