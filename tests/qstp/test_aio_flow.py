@@ -34,14 +34,25 @@ async def _until(cond: object, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-async def test_slow_reader_makes_the_sender_wait(mesh: Mesh) -> None:
-    got: asyncio.Queue[Stream] = asyncio.Queue()
-    done = asyncio.Event()
+class _Parked:
+    """A server handler that hands every stream its peers open to the test (which
+    reads them, or not) and keeps each tunnel until ``done`` is set."""
 
-    async def handler(tunnel: Tunnel) -> None:
+    def __init__(self) -> None:
+        self.got: asyncio.Queue[Stream] = asyncio.Queue()
+        self.done = asyncio.Event()
+        self.tunnels: list[Tunnel] = []
+
+    async def handler(self, tunnel: Tunnel) -> None:
+        self.tunnels.append(tunnel)
         async for stream in tunnel:
-            await got.put(stream)
-        await done.wait()
+            await self.got.put(stream)
+        await self.done.wait()
+
+
+async def test_slow_reader_makes_the_sender_wait(mesh: Mesh) -> None:
+    parked = _Parked()
+    got, done, handler = parked.got, parked.done, parked.handler
 
     payload = os.urandom(4 * 1024 * 1024)
     async with running_server(mesh, handler, config=SMALL) as server:
@@ -192,15 +203,8 @@ async def test_reset_after_the_peers_end_reaches_a_blocked_sender(mesh: Mesh) ->
     cancels after its last message): ``recv`` has reported the clean end, but the local
     side still learns of the reset — ``wait_failed`` returns and a ``send`` waiting for
     credit fails instead of waiting forever — and the tunnel drops both streams."""
-    got: asyncio.Queue[Stream] = asyncio.Queue()
-    done = asyncio.Event()
-    tunnels: list[Tunnel] = []
-
-    async def handler(tunnel: Tunnel) -> None:
-        tunnels.append(tunnel)
-        async for stream in tunnel:
-            await got.put(stream)
-        await done.wait()
+    parked = _Parked()
+    got, done, handler, tunnels = parked.got, parked.done, parked.handler, parked.tunnels
 
     async with running_server(mesh, handler, config=SMALL) as server:
         tunnel = await qstp.connect("127.0.0.1", server.port, mesh.client, config=SMALL)
@@ -229,13 +233,8 @@ async def test_a_local_reset_reaches_a_sender_blocked_on_that_stream(mesh: Mesh)
     sentry's write watch, a timeout elsewhere): ``reset()`` from another task must fail
     the ``send`` waiting for credit at once. Before, it waited on until the tunnel's
     next credit — which a peer that reads nothing never sends."""
-    got: asyncio.Queue[Stream] = asyncio.Queue()
-    done = asyncio.Event()
-
-    async def handler(tunnel: Tunnel) -> None:
-        async for stream in tunnel:
-            await got.put(stream)
-        await done.wait()
+    parked = _Parked()
+    got, done, handler = parked.got, parked.done, parked.handler
 
     async with running_server(mesh, handler, config=SMALL) as server:
         tunnel = await qstp.connect("127.0.0.1", server.port, mesh.client, config=SMALL)
@@ -293,15 +292,8 @@ async def test_a_local_reset_reaches_a_sender_waiting_for_a_full_transport(
     drained."""
     big = QstpConfiguration(stream_window=64 * 1024 * 1024,
                             connection_window=64 * 1024 * 1024)
-    got: asyncio.Queue[Stream] = asyncio.Queue()
-    peers: list[Tunnel] = []
-    done = asyncio.Event()
-
-    async def handler(tunnel: Tunnel) -> None:
-        peers.append(tunnel)
-        async for stream in tunnel:
-            await got.put(stream)
-        await done.wait()
+    parked = _Parked()
+    got, done, handler, peers = parked.got, parked.done, parked.handler, parked.tunnels
 
     async with running_server(mesh, handler, config=big) as server:
         tunnel = await qstp.connect("127.0.0.1", server.port, mesh.client, config=big)
