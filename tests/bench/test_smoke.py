@@ -135,6 +135,20 @@ def test_relayer_against_nats_jetstream() -> None:
     assert isinstance(d["targets"]["met_vs_nats_go"], bool)
 
 
+def test_parking_reports_live_rates_the_replay_and_the_hold_without_it() -> None:
+    d = _bench("parking", "--frames", "2000", "--hold-window", "0.5")
+    base, parked, off = d["baseline"], d["parked"], d["parking_off"]
+    # the benchmark checked every seq once, in order, at both subscribers
+    assert base["live_frames"] == parked["live_frames"] == 2000
+    assert parked["idle_frames"] == 200 and parked["park_replays"] == 1
+    assert parked["parked_topics"] == 1 and parked["records_behind_park"] == 2200
+    assert _number(parked["replay_s"]) and _number(parked["replayed_records_per_s"])
+    assert _number(d["ratios"]["live_with_parked_vs_baseline"])
+    # parking off: the shard holds after its first batch (at most 512 records)
+    assert off["live_frames_in_window"] <= 512 and off["hold_window_s"] == 0.5
+    _machine(d["machine"]["before"])
+
+
 def test_mesh_reports_saturated_and_paced_runs_against_raw() -> None:
     d = asyncio.run(mesh.run_async([], 20, 64, 4, paced_count=10, paced_rate=50.0))
     assert d["transport"].startswith("in-process")

@@ -9,7 +9,7 @@ import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
-from pqcnet.relayer.frame import Frame, Topic
+from pqcnet.relayer.frame import Frame, Topic, shard_for
 
 
 class CollectSink:
@@ -21,15 +21,24 @@ class CollectSink:
         self.changed = asyncio.Event()
         self.fail_next = 0
         self.fail_with: Exception = OSError("subscriber went away")
+        #: topics nobody takes (a worker that parks passes over their frames)
+        self.absent: set[Topic] = set()
 
-    async def deliver(self, shard: int, frames: Sequence[Frame]) -> None:
+    async def deliver(self, shard: int, frames: Sequence[Frame], *,
+                      park: bool = False) -> Sequence[Frame]:
         if self.fail_next:
             self.fail_next -= 1
             raise self.fail_with
+        held = [f for f in frames if f.topic in self.absent] if park else []
         for f in frames:
-            self.by_topic[f.topic].append(f.seq)
-            self.frames.append(f)
+            if not held or f.topic not in self.absent:
+                self.by_topic[f.topic].append(f.seq)
+                self.frames.append(f)
         self.changed.set()
+        return held
+
+    def takes(self, topic: Topic) -> bool:
+        return topic not in self.absent
 
     def total(self) -> int:
         return len(self.frames)
@@ -40,6 +49,15 @@ class CollectSink:
                 self.changed.clear()
                 await self.changed.wait()
         await asyncio.wait_for(_wait(), limit)
+
+
+def same_shard(shards: int) -> tuple[str, str]:
+    """A channel of ``acme`` and one of ``globex`` whose topics share one of ``shards``."""
+    for i in range(10_000):
+        for j in range(64):
+            if shard_for("acme", f"a{i}", shards) == shard_for("globex", f"g{j}", shards):
+                return f"a{i}", f"g{j}"
+    raise AssertionError("no shared shard")
 
 
 def assert_exactly_once_in_order(

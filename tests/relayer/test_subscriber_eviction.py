@@ -18,21 +18,14 @@ import pytest
 
 from pqcnet.errors import PqcnetError
 from pqcnet.relayer.client import SubscriberClient
-from pqcnet.relayer.frame import Frame, shard_for
+from pqcnet.relayer.frame import Frame
 from tests.relayer.e2e import identities, publisher, start_node, subscriber
-from tests.relayer.helpers import scrape_metrics
+from tests.relayer.helpers import same_shard, scrape_metrics
 
 pytestmark = pytest.mark.timeout(120)
 SHARDS = 8
 
 
-def _same_shard() -> tuple[str, str]:
-    """A channel of ``acme`` and one of ``globex`` whose topics share a shard."""
-    for i in range(10_000):
-        for j in range(64):
-            if shard_for("acme", f"a{i}", SHARDS) == shard_for("globex", f"g{j}", SHARDS):
-                return f"a{i}", f"g{j}"
-    raise AssertionError("no shared shard")
 
 
 @pytest.mark.parametrize("payload", [16, 512 * 1024], ids=["hung-app", "stopped-reading"])
@@ -42,7 +35,7 @@ async def test_a_subscriber_that_never_acks_is_evicted(tmp_path: Path, payload: 
     its customer, more than its tunnel's window, so the relayer's write to it blocks."""
     node = await start_node(tmp_path, shards=SHARDS, subscriber_ack_timeout=1.0,
                             metrics_port=0)
-    a, g = _same_shard()
+    a, g = same_shard(SHARDS)
     acme, globex = ("acme", a), ("globex", g)
     stuck = await SubscriberClient.connect("127.0.0.1", node.port, identities()[2])
     healthy = other = pub = None

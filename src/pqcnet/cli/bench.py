@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "enroll": "pqcnet.bench.enroll",
     "memory": "pqcnet.bench.memory",
     "mesh": "pqcnet.bench.mesh",
+    "parking": "pqcnet.bench.parking",
     "qsdag": "pqcnet.bench.qsdag",
     "qstp": "pqcnet.bench.qstp",
     "sentry": "pqcnet.bench.sentry",

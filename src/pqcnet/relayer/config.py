@@ -147,6 +147,11 @@ class RelayerConfig(Schema):
     """Seconds a subscriber may leave a delivered batch unacknowledged before it is
     evicted (its stream reset; the batch goes to the subscribers left). Its shard's
     delivery waits for the ack meanwhile, other customers' topics included."""
+    park_max_records: int = Field(default=HIGH_WATER, ge=0, le=10_000_000)
+    """Per shard: records a worker may consume past the first frame of a topic with no
+    subscriber (parked; the shard's other topics keep flowing) before the shard holds
+    for it instead. The bus keeps those records unacknowledged (it cannot trim them).
+    0: no parking (a topic with no subscriber holds its shard at once)."""
     max_reorder: Count = MAX_REORDER
     """Out-of-order frames held per topic while waiting for a gap."""
     max_topics: Count = MAX_TOPICS

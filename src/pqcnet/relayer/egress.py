@@ -23,9 +23,11 @@ customers' included — for as long as its tunnel lived. A slow subscriber that 
 acknowledging is not evicted: it slows its shard, as backpressure intends.
 
 Frames of a topic with no subscriber are *held*: ``deliver()`` waits until one
-subscribes. The shard's bus lag then grows and backpressure pauses its publishers —
-the same path as a slow subscriber, and nothing is dropped. The shard's other topics
-wait too (a documented limit: ``docs/operations/known-limits.md``).
+subscribes. The shard workers ask :meth:`SubscriberHub.takes` first and *park* such a
+topic instead (:mod:`pqcnet.relayer.worker`), so its shard's other topics keep
+flowing; a worker holds only once its parking bound is reached, and then the shard's
+bus lag grows and backpressure pauses its publishers — the same path as a slow
+subscriber, and nothing is dropped.
 """
 
 from __future__ import annotations
@@ -167,8 +169,11 @@ class SubscriberHub:
         """Active subscriptions."""
         return sum(len(v) for v in self._subs.values())
 
-    async def deliver(self, shard: int, frames: Sequence[Frame]) -> None:
-        """Deliver ``frames`` to every matching subscriber; hold those with none."""
+    async def deliver(self, shard: int, frames: Sequence[Frame], *,
+                      park: bool = False) -> Sequence[Frame]:
+        """Deliver ``frames`` to every matching subscriber; hold those with none until
+        one subscribes, or with ``park`` return them (in order) once the rest was
+        acknowledged."""
         todo = list(frames)
         while todo:
             shares: dict[int, tuple[Subscription, list[Frame]]] = {}
@@ -201,6 +206,8 @@ class SubscriberHub:
             if errors:
                 raise errors[0]
             todo = held
+            if todo and park:
+                return todo
             if todo:
                 self._held[shard] = len(todo)
                 self._changed.clear()
@@ -208,6 +215,15 @@ class SubscriberHub:
                     async with asyncio.timeout(1.0):
                         await self._changed.wait()
         self._held.pop(shard, None)
+        return ()
+
+    def takes(self, topic: Topic) -> bool:
+        """True if a subscriber (allowed by a live grant) takes ``topic`` now."""
+        customer, channel = topic
+        check = self.may_receive
+        return any((not s.channels or channel in s.channels)
+                   and (check is None or s.peer is None or check(s.peer, customer, channel))
+                   for s in self._subs.get(customer, ()))
 
     def _allowed(self, sub: Subscription, frame: Frame) -> bool:
         check = self.may_receive

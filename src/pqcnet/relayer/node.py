@@ -400,6 +400,9 @@ class RelayerNode:
         revoked and handed straight back by an eager rebalance neither came nor went:
         its registrations stay (dropping them would reopen the gap race)."""
         self.fence.forget_shards(went)
+        for w in self.workers:
+            if w.shard in went:
+                w.moved_away()
         if came and self.workers:  # before the workers start, _start_workers does it
             restored = sum(self.fence.restore(s, self._queued(s)) for s in sorted(came))
             if restored:
@@ -430,7 +433,8 @@ class RelayerNode:
         """Shard workers and the overflow replayer (the bus is connected)."""
         cfg = self.cfg
         wcfg = WorkerConfig(group=cfg.group, batch=cfg.batch, max_reorder=cfg.max_reorder,
-                            gap_timeout=cfg.gap_timeout, max_topics=cfg.max_topics)
+                            gap_timeout=cfg.gap_timeout, max_topics=cfg.max_topics,
+                            park_max_records=cfg.park_max_records)
         self.workers = [RelayerShardWorker(self.bus, s, self.store, self.hub, wcfg,
                                            meter=self.meter, fence=self.fence)
                         for s in cfg.shards_owned]
@@ -661,8 +665,12 @@ class RelayerNode:
                 except (RelayerError, TimeoutError):
                     pass  # keep the last known lag; the overflow depth still counts
             await asyncio.gather(*(lag(s) for s in shards))
+        behind = {w.shard: w.behind_park for w in self.workers}
         for s in shards:
-            backlog = self._bus_lag.get(s, 0) + self.overflow.depth(s)
+            # records a worker consumed past a parked topic are done, only not yet
+            # acknowledged on the bus: not a backlog its publishers should pause for
+            backlog = (max(0, self._bus_lag.get(s, 0) - behind.get(s, 0))
+                       + self.overflow.depth(s))
             self.backlog[s] = backlog
             change = self.flow.update(s, backlog)
             if change is not None:
@@ -989,8 +997,17 @@ class _NodeCollector(Collector):
                                 value=n.hub.count())
         yield GaugeMetricFamily("pqcnet_relayer_held_frames",
                                 "Frames whose delivery waits because no subscriber takes "
-                                "their topic (their shard's other topics wait too)",
+                                "their topic and parking is off or full (their shard's other "
+                                "topics wait too)",
                                 value=n.hub.held)
+        yield GaugeMetricFamily("pqcnet_relayer_parked_topics",
+                                "Topics with no subscriber whose frames the shard workers "
+                                "pass over now (delivered when one subscribes)",
+                                value=sum(w.parked_topics for w in n.workers))
+        yield GaugeMetricFamily("pqcnet_relayer_records_behind_park",
+                                "Records consumed past a parked topic's first frame, kept "
+                                "unacknowledged on the bus (bounded by park_max_records)",
+                                value=sum(w.behind_park for w in n.workers))
         yield CounterMetricFamily("pqcnet_relayer_subscriber_ack_timeouts",
                                   "Subscribers evicted for leaving a delivered batch "
                                   "unacknowledged past subscriber_ack_timeout",
@@ -1069,11 +1086,17 @@ class _NodeCollector(Collector):
                                     "Vertices parked in the QS-DAG orphan pool", value=orphans)
         yield GaugeMetricFamily("pqcnet_relayer_signed_counters",
                                 "Client-signed ack counters held", value=len(n.counters))
-        for name, attr, doc in (("mark_evictions", "evictions",
+        for name, attr, doc in (("mark_evictions_topics", "evictions",
                                  "Topic marks dropped from the in-memory LRU"),
-                                ("mark_loads", "mark_loads",
-                                 "Topic marks read from the marks store on an LRU miss")):
-            yield CounterMetricFamily(f"pqcnet_relayer_{name}_topics", doc,
+                                ("mark_loads_topics", "mark_loads",
+                                 "Topic marks read from the marks store on an LRU miss"),
+                                ("parked_frames", "parked",
+                                 "Frames passed over because no subscriber took their topic"),
+                                ("park_replays", "park_replays",
+                                 "Shard replays because a parked topic got a subscriber"),
+                                ("park_overflows", "park_overflows",
+                                 "Shards that reached park_max_records and held instead")):
+            yield CounterMetricFamily(f"pqcnet_relayer_{name}", doc,
                                       value=sum(getattr(w.stats, attr) for w in n.workers))
 
 

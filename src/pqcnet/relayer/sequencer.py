@@ -26,7 +26,7 @@ is full, the topic waiting longest is skipped early, so memory stays bounded.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,11 +147,12 @@ class Sequencer:
         for topic, nxt in marks.items():
             self._next.setdefault(topic, nxt)
 
-    def evict(self) -> int:
+    def evict(self, keep: Container[Topic] = ()) -> int:
         """Drop least recently used marks beyond ``max_topics``; returns how many.
 
         Call after the dirty marks were persisted: a topic with an unsaved mark or
-        frames in the reorder buffer is kept (it still needs its in-memory state).
+        frames in the reorder buffer is kept (it still needs its in-memory state), and
+        so is every topic in ``keep``.
         """
         excess = len(self._next) - self.max_topics
         if excess <= 0:
@@ -160,7 +161,7 @@ class Sequencer:
         for topic in self._next:
             if len(drop) >= excess:
                 break
-            if topic not in self._buf and topic not in self._dirty:
+            if topic not in self._buf and topic not in self._dirty and topic not in keep:
                 drop.append(topic)
         for topic in drop:
             del self._next[topic]

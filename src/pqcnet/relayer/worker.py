@@ -14,6 +14,19 @@ together with the marks, so it is counted exactly once across crashes too.
 
 A failing sink or bus resets the worker to the last durable state (reload marks,
 rewind the bus) and retries with capped backoff; the loop never dies on them.
+
+**Parking** (``park_max_records`` > 0): a topic nobody subscribes to must not hold
+its shard — other customers' topics share it. The worker passes over such a topic's
+frames: they are neither delivered nor metered, its mark is not persisted past them,
+and the bus is acknowledged only up to the first record that carried one. Every
+other topic is delivered, marked and metered as usual. When a subscriber for a parked
+topic appears, the worker resets: the bus replays from the first parked record, the
+marks drop what the other topics already got, and the parked frames go out in order
+— the same argument as a crash, which parking therefore also survives. The records
+consumed past the first parked one are bounded by ``park_max_records`` (the bus
+cannot trim them); at the bound the worker replays and *holds* the shard as it did
+before parking existed, until the held topics are delivered, and backpressure pauses
+the shard's publishers (decision 0021).
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -51,8 +64,16 @@ log = logging.getLogger(__name__)
 class Sink(Protocol):
     """Where in-order frames go (the subscriber hub, or a test collector)."""
 
-    async def deliver(self, shard: int, frames: Sequence[Frame]) -> None:
-        """Deliver ``frames`` (already in order per topic); raise to have them retried."""
+    async def deliver(self, shard: int, frames: Sequence[Frame], *,
+                      park: bool = False) -> Sequence[Frame]:
+        """Deliver ``frames`` (already in order per topic); raise to have them retried.
+
+        A topic nobody takes waits for a subscriber; with ``park`` its frames are
+        returned at once instead (in order), and nothing else is."""
+        ...
+
+    def takes(self, topic: Topic) -> bool:
+        """True if a subscriber would take ``topic``'s frames now (else they are parked)."""
         ...
 
 
@@ -74,6 +95,9 @@ class WorkerConfig:
     max_topics: int = MAX_TOPICS
     #: longest backoff after a bus/sink failure
     max_backoff: float = 2.0
+    #: records consumed past the first parked one before the shard holds instead
+    #: (the bus keeps them unacknowledged); 0 turns parking off
+    park_max_records: int = 0
 
 
 @dataclass(slots=True)
@@ -90,6 +114,13 @@ class WorkerStats:
     mark_loads: int = 0
     #: ambiguous saves (connection closed under them) found applied afterwards
     unsure_landed: int = 0
+    #: frames passed over because no subscriber took their topic (counted again if
+    #: a replay passes over them again)
+    parked: int = 0
+    #: replays because a subscriber arrived for a parked topic
+    park_replays: int = 0
+    #: replays because ``park_max_records`` was reached (the shard then holds)
+    park_overflows: int = 0
 
 
 class RelayerShardWorker:
@@ -124,6 +155,18 @@ class RelayerShardWorker:
         self._stopping = False
         #: (token, volume) of a save that failed ambiguously, until the store tells
         self._unsure: tuple[bytes, VolumeDelta] | None = None
+        #: parked topics -> the seq of their first parked frame (their durable mark)
+        self._parked: dict[Topic, int] = {}
+        #: records consumed since the bus acknowledgement stopped at a parked record
+        self.behind_park = 0
+        #: parking is off until these topics (parked when ``park_max_records`` was hit)
+        #: were delivered again: the shard holds for them as without parking
+        self._hold: set[Topic] = set()
+
+    @property
+    def parked_topics(self) -> int:
+        """Topics whose frames this worker passes over now (no subscriber)."""
+        return len(self._parked)
 
     def cached_mark(self, topic: Topic) -> int | None:
         """The in-memory next seq of ``topic`` (None if not cached): newer than the store."""
@@ -135,7 +178,35 @@ class RelayerShardWorker:
                               gap_timeout=self.config.gap_timeout,
                               max_topics=self.config.max_topics)
         self._inflight.clear()
+        self._parked.clear()
+        self.behind_park = 0
         await self.bus.rewind(self.shard, self.config.group)
+
+    def moved_away(self) -> None:
+        """The shard went to another relayer: forget what is parked here (the new owner
+        replays from the bus acknowledgement, which stayed at the first parked record);
+        the next step starts from durable state should the shard come back."""
+        if self._parked or self.behind_park:
+            self._parked.clear()
+            self.behind_park = 0
+            self._seq = None
+
+    async def _unpark(self) -> None:
+        """Replay from the first parked record if a parked topic has a subscriber now
+        (it gets its frames in order) or the parking bound was reached (the shard then
+        holds until the held topics are delivered)."""
+        if self.behind_park >= self.config.park_max_records:
+            self.stats.park_overflows += 1
+            self._hold = set(self._parked)
+            log.warning("parking bound reached: the shard holds until its topics with no "
+                        "subscriber get one", extra={
+                            "shard": self.shard, "parked_topics": len(self._parked),
+                            "records_behind": self.behind_park})
+        elif any(map(self.sink.takes, self._parked)):
+            self.stats.park_replays += 1
+        else:
+            return
+        await self._reset()  # marks come back from the store: a parked topic's stayed put
 
     async def _settle_unsure(self) -> None:
         """Count the volume of a save that failed without saying whether it was applied
@@ -154,6 +225,8 @@ class RelayerShardWorker:
         """One consume/deliver/persist/ack round; returns frames delivered."""
         if self._unsure is not None:
             await self._settle_unsure()
+        if self._parked:
+            await self._unpark()
         if self._seq is None:
             await self._reset()
         seq = self._seq
@@ -188,12 +261,28 @@ class RelayerShardWorker:
         gaps: dict[Topic, SeqRanges] = {}
         self._collect(seq.offer_batch([(f, d) for d, f in decoded if f is not None], now, out),
                       out, gaps)
-        self._collect(seq.poll(now, fence.holds if fence is not None else None), out, gaps)
+        polled = seq.poll(now, fence.holds if fence is not None else None)
+        self._collect(polled, out, gaps)
+        pin: set[object] = set()
+        park = bool(self.config.park_max_records) and not self._hold
+        passed: list[Frame] = []
+        if out and self._parked and park:
+            # a parked topic's later frames wait behind its first (order per topic)
+            parked = self._parked
+            passed = [f for f in out if f.topic in parked]
+            if passed:
+                out = [f for f in out if f.topic not in parked]
         if out:
-            await self.sink.deliver(self.shard, out)
+            held = await self.sink.deliver(self.shard, out, park=park)
+            if held:  # no subscriber took these topics: parked
+                ids = set(map(id, held))
+                out = [f for f in out if id(f) not in ids]
+                passed += held
             self.stats.delivered += len(out)
-            if self._on_delivered is not None:
+            if self._on_delivered is not None and out:
                 self._on_delivered(self.shard, out)
+        if passed:
+            self._park(passed, decoded, polled, pin)
         # counted in the epoch it was delivered in; that epoch is not proven before the
         # volume is written and applied (or dropped with a failed write)
         meter = self.meter
@@ -204,7 +293,10 @@ class RelayerShardWorker:
         try:
             # marks, the metered volume and the gaps skipped in one write: a crash keeps
             # all or none (a retry in a skipped gap is refused after a restart too)
-            await self.store.save(self.shard, seq.take_dirty(), volume, token=token, gaps=gaps)
+            marks = seq.take_dirty()
+            for topic in self._parked:  # stays at the first parked frame until delivered
+                marks.pop(topic, None)
+            await self.store.save(self.shard, marks, volume, token=token, gaps=gaps)
             if volume and meter is not None:
                 meter.apply(volume)
         except BusUnavailable:
@@ -216,16 +308,50 @@ class RelayerShardWorker:
         finally:
             if volume and meter is not None:
                 meter.release(volume)
-        self.stats.evictions += seq.evict()  # marks are durable now: safe to forget cold ones
+        # marks are durable now: safe to forget cold ones (a parked topic's in-memory
+        # mark is ahead of its durable one: kept, or its next frame would look like a gap)
+        self.stats.evictions += seq.evict(self._parked)
+        if self._hold and out:
+            self._hold.difference_update(f.topic for f in out)
         done: list[Delivery] = []
-        if not seq.buffered:  # nothing held out of order: the whole in-flight prefix is done
-            done.extend(self._inflight)
+        if pin or self.behind_park:
+            # acknowledged up to the first parked record; the rest waits for the replay
+            while self._inflight and not self.behind_park and self._inflight[0].offset not in pin \
+                    and not seq.is_held(self._inflight[0].offset):
+                done.append(self._inflight.popleft())
+            self.behind_park += len(self._inflight)
             self._inflight.clear()
-        while self._inflight and not seq.is_held(self._inflight[0].offset):
-            done.append(self._inflight.popleft())
+        else:
+            if not seq.buffered:  # nothing held out of order: the whole prefix is done
+                done.extend(self._inflight)
+                self._inflight.clear()
+            while self._inflight and not seq.is_held(self._inflight[0].offset):
+                done.append(self._inflight.popleft())
         if done:
             await self.bus.ack(self.shard, self.config.group, done)
         return len(out)
+
+    def _park(self, passed: Sequence[Frame], decoded: Iterable[tuple[Delivery, Frame | None]],
+              polled: Iterable[Deliver | Duplicate | Gap], pin: set[object]) -> None:
+        """Park the topics of ``passed`` (frames nobody took, in order per topic) and put
+        the bus offsets of the records carrying them in ``pin`` (the first in-flight
+        record when one is not known: nothing is acknowledged then)."""
+        parked = self._parked
+        for f in passed:
+            parked.setdefault(f.topic, f.seq)
+        self.stats.parked += len(passed)
+        # frames released from the reorder buffer by offer_batch come without their
+        # record: look in this batch and in poll's events, else pin the whole prefix
+        where = {id(f): d.offset for d, f in decoded if f is not None}
+        where.update((id(ev.frame), ev.delivery.offset) for ev in polled
+                     if isinstance(ev, Deliver))
+        for f in passed:
+            offset = where.get(id(f))
+            if offset is None:
+                if self._inflight:
+                    pin.add(self._inflight[0].offset)
+                return
+            pin.add(offset)
 
     def _collect(self, events: Sequence[Deliver | Duplicate | Gap], out: list[Frame],
                  gaps: dict[Topic, SeqRanges]) -> None:

@@ -1,0 +1,251 @@
+"""A topic nobody subscribes to does not hold its shard: it is parked.
+
+Shards are shared by many customers' topics. A topic with no subscriber used to hold
+its shard's worker in ``deliver()`` until one subscribed — so a tenant publishing to a
+channel it never reads (or whose application was down) stopped every other customer
+on that shard. Now the worker passes over that topic's frames, keeps delivering the
+others, acknowledges the bus only up to the parked topic's first record, and replays
+from there when a subscriber comes (decision 0021). Histories are read at real
+subscribers; the bus is read with ``redis-cli``; the counters over HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pqcnet.relayer.bus.embedded import EmbeddedBus
+from pqcnet.relayer.client import PublisherClient
+from pqcnet.relayer.frame import Frame, encode, shard_for
+from pqcnet.relayer.seqstore import RocksSeqStore
+from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
+from tests.relayer.e2e import Collector, publisher, start_node, subscriber
+from tests.relayer.helpers import (
+    CollectSink,
+    eventually,
+    metrics_reach,
+    same_shard,
+    scrape_metrics,
+)
+from tests.relayer.proc import RelayerProcess, write_config
+
+pytestmark = pytest.mark.timeout(180)
+SHARDS = 8
+
+
+
+
+async def _close(*clients: Collector | PublisherClient | None) -> None:
+    for c in clients:
+        if c is not None:
+            await c.close()
+
+
+def _volume(metrics: dict[str, float], customer: str) -> float:
+    return sum(v for k, v in metrics.items()
+               if k.startswith("pqcnet_relayer_volume_frames_total{")
+               and f'customer="{customer}"' in k)
+
+
+def _xpending(url: str, key: str, group: str) -> int:
+    """Entries of ``key`` read and not acknowledged by ``group``, asked with redis-cli."""
+    cli = shutil.which("redis-cli")
+    assert cli is not None, "redis-cli is installed by scripts/services"
+    out = subprocess.run([cli, "-u", url, "XPENDING", key, group], check=True,
+                         capture_output=True, text=True, timeout=10).stdout.split()
+    return int(out[0])
+
+
+@pytest.mark.parametrize("backend", ["embedded", "redis"])
+async def test_a_topic_nobody_reads_does_not_hold_other_customers(
+        tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    kw: dict[str, Any] = {}
+    if backend == "redis":
+        url = request.getfixturevalue("redis_url")
+        prefix = f"park-{uuid.uuid4().hex[:8]}"
+        kw = {"backend": "redis", "redis_url": url, "redis_prefix": prefix}
+    node = await start_node(tmp_path, shards=SHARDS, metrics_port=0,
+                            backpressure_interval=0.1, **kw)
+    a, g = same_shard(SHARDS)
+    acme, globex = ("acme", a), ("globex", g)
+    shard = shard_for(*acme, SHARDS)
+    port = node.metrics_port
+    assert port
+    pub = other = late = None
+    try:
+        other = await subscriber(node.port, "globex")
+        pub = await publisher(node.port)
+        await asyncio.sleep(0.3)  # subscribed
+        n = 20
+        for seq in range(1, n + 1):  # one request per seq: acme's frame comes first
+            results = await pub.publish([Frame(*acme, seq, b"a" * 32),
+                                         Frame(*globex, seq, b"g" * 16)])
+            assert all(r.accepted for r in results), results
+        # without parking the worker waits in deliver() for an acme subscriber and
+        # globex gets at most the frames of the first batch
+        await other.wait_for(n, 30)
+        assert other.by_topic[globex] == list(range(1, n + 1))
+        await metrics_reach(port, {"pqcnet_relayer_parked_topics": 1.0,
+                                   "pqcnet_relayer_held_frames": 0.0,
+                                   "pqcnet_relayer_park_replays_total": 0.0,
+                                   "pqcnet_relayer_park_overflows_total": 0.0,
+                                   "pqcnet_relayer_paused_shards": 0.0,
+                                   f'pqcnet_relayer_shard_backlog_records{{shard="{shard}"}}': 0.0})
+        m = scrape_metrics(port)
+        # every record from acme's first one on is consumed and kept on the bus
+        assert m["pqcnet_relayer_records_behind_park"] >= 2 * n - 1
+        assert m["pqcnet_relayer_parked_frames_total"] == n
+        assert _volume(m, "globex") == n and _volume(m, "acme") == 0  # nothing parked billed
+        if backend == "redis":
+            pending = _xpending(url, f"{prefix}:s:{shard}", "relayer")
+            assert pending >= 1, pending  # the bus still holds them, unacknowledged
+
+        late = await subscriber(node.port, "acme")
+        await late.wait_for(n, 30)
+        assert late.by_topic[acme] == list(range(1, n + 1))  # in order, once, all
+        await metrics_reach(port, {"pqcnet_relayer_parked_topics": 0.0,
+                                   "pqcnet_relayer_records_behind_park": 0.0,
+                                   "pqcnet_relayer_park_replays_total": 1.0})
+        m = scrape_metrics(port)
+        assert _volume(m, "acme") == n and _volume(m, "globex") == n  # each billed once
+        # the replay re-read globex's frames: the marks suppressed them
+        assert m["pqcnet_relayer_duplicates_frames_total"] >= n
+        assert m["pqcnet_relayer_delivered_frames_total"] == 2 * n
+        if backend == "redis":
+            await eventually(lambda: _xpending(url, f"{prefix}:s:{shard}",
+                                               "relayer") == 0, 20)
+        # both topics flow on, parking nothing
+        results = await pub.publish([Frame(*acme, n + 1, b"a"), Frame(*globex, n + 1, b"g")])
+        assert all(r.accepted for r in results)
+        await late.wait_for(n + 1, 30)
+        await other.wait_for(n + 1, 30)
+        assert late.by_topic[acme] == list(range(1, n + 2))
+        assert other.by_topic[globex] == list(range(1, n + 2))
+        assert scrape_metrics(port)["pqcnet_relayer_parked_frames_total"] == n
+    finally:
+        await _close(late, other, pub)
+        await node.stop()
+
+
+async def test_the_parking_bound_makes_the_shard_hold(tmp_path: Path) -> None:
+    """Past ``park_max_records`` the bus cannot keep more behind the parked topic: the
+    shard holds as it did before parking, and its backlog pauses its publishers; the
+    parked topic's subscriber releases everything, in order, once."""
+    node = await start_node(tmp_path, shards=SHARDS, metrics_port=0, park_max_records=30,
+                            backpressure_interval=0.1, high_water=40, low_water=5)
+    a, g = same_shard(SHARDS)
+    acme, globex = ("acme", a), ("globex", g)
+    port = node.metrics_port
+    assert port
+    pub = other = late = None
+    try:
+        other = await subscriber(node.port, "globex")
+        pub = await publisher(node.port)
+        await asyncio.sleep(0.3)
+        results = await pub.publish([Frame(*acme, s, b"a") for s in range(1, 6)])
+        assert all(r.accepted for r in results)
+        n = 60
+        for first in range(1, n + 1, 10):
+            results = await pub.publish([Frame(*globex, s, b"g") for s in range(first, first + 10)])
+            assert all(r.accepted for r in results)
+        await metrics_reach(port, {"pqcnet_relayer_park_overflows_total": 1.0,
+                                   "pqcnet_relayer_parked_topics": 0.0,
+                                   "pqcnet_relayer_held_frames": 5.0}, 30)
+        held_at = len(other.frames)
+        assert held_at < n  # the shard holds: globex's later frames wait
+        await metrics_reach(port, {"pqcnet_relayer_paused_shards": 1.0}, 30)
+
+        late = await subscriber(node.port, "acme")
+        await late.wait_for(5, 30)
+        await other.wait_for(n, 30)
+        assert late.by_topic[acme] == [1, 2, 3, 4, 5]
+        assert other.by_topic[globex] == list(range(1, n + 1))
+        await metrics_reach(port, {"pqcnet_relayer_held_frames": 0.0,
+                                   "pqcnet_relayer_paused_shards": 0.0}, 30)
+        m = scrape_metrics(port)
+        assert m["pqcnet_relayer_park_overflows_total"] == 1
+        assert _volume(m, "acme") == 5 and _volume(m, "globex") == n
+    finally:
+        await _close(late, other, pub)
+        await node.stop()
+
+
+async def test_a_relayer_killed_while_a_topic_is_parked_loses_nothing(tmp_path: Path) -> None:
+    """SIGKILL with a parked topic: the restarted relayer replays from the parked
+    record; the live customer's frames are not delivered again (their marks were
+    saved), the parked customer's come in order once its subscriber arrives."""
+    a, g = same_shard(SHARDS)
+    acme, globex = ("acme", a), ("globex", g)
+    proc = await RelayerProcess(write_config(tmp_path, shards=SHARDS)).start()
+    pub = other = late = None
+    try:
+        other = await subscriber(proc.port, "globex")
+        pub = await publisher(proc.port)
+        await asyncio.sleep(0.3)
+        n = 12
+        for seq in range(1, n + 1):
+            results = await pub.publish([Frame(*acme, seq, b"a"), Frame(*globex, seq, b"g")])
+            assert all(r.accepted for r in results)
+        await other.wait_for(n, 30)
+        await pub.close()
+        await other.close()
+        pub = other = None
+        proc.kill()  # while acme is parked: the bus was acknowledged up to acme's seq 1
+        await proc.stop()
+
+        proc = await RelayerProcess(proc.config).start()
+        other = await subscriber(proc.port, "globex")  # a fresh client: no cursor
+        late = await subscriber(proc.port, "acme")
+        await late.wait_for(n, 30)
+        assert late.by_topic[acme] == list(range(1, n + 1))
+        pub = await publisher(proc.port)
+        results = await pub.publish([Frame(*globex, n + 1, b"g")])
+        assert all(r.accepted for r in results)
+        await other.wait_for(1, 30)
+        # globex's 1..n were delivered and marked before the kill: only the new one
+        assert other.by_topic[globex] == [n + 1]
+    finally:
+        await _close(late, other, pub)
+        await proc.stop()
+
+
+async def test_a_parked_topic_keeps_its_mark_in_memory_past_the_lru(tmp_path: Path) -> None:
+    """With room for one topic's mark, a parked topic's mark (ahead of the store's)
+    must stay cached: read back from the store, its next frame would look like the
+    end of a gap and the parked frames would be skipped as one."""
+    bus = EmbeddedBus(tmp_path / "bus", shards=1)
+    store = RocksSeqStore(tmp_path / "marks")
+    sink = CollectSink()
+    parked = ("acme", "down")
+    sink.absent.add(parked)
+    worker = RelayerShardWorker(bus, 0, store, sink, WorkerConfig(
+        max_topics=1, gap_timeout=0.05, poll_timeout=0.01, park_max_records=10_000))
+    try:
+        await bus.publish(0, [encode(Frame(*parked, 1, b"x"))])
+        for i in range(20):  # other topics push the parked one out of a 1-topic LRU
+            await bus.publish(0, [encode(Frame("globex", f"g{i}", 1, b"y"))])
+        await worker.step()
+        await bus.publish(0, [encode(Frame(*parked, 2, b"x"))])
+        for _ in range(5):
+            await worker.step()
+            await asyncio.sleep(0.06)  # past gap_timeout: a wrong mark would skip
+        assert worker.stats.gaps == 0
+        assert worker.parked_topics == 1 and worker.stats.parked == 2
+        assert worker.behind_park == 22  # parked seq 1's record and every one after it
+        assert sink.total() == 20
+        sink.absent.clear()
+        for _ in range(3):
+            await worker.step()
+        assert sink.by_topic[parked] == [1, 2]
+        assert worker.stats.park_replays == 1 and worker.parked_topics == 0
+        assert worker.stats.duplicates == 20 and worker.stats.gaps == 0
+        assert await bus.lag(0, "relayer") == 0
+    finally:
+        await bus.close()
+        store.close()
