@@ -21,8 +21,10 @@ class CollectSink:
         self.changed = asyncio.Event()
         self.fail_next = 0
         self.fail_with: Exception = OSError("subscriber went away")
-        #: topics nobody takes (a worker that parks passes over their frames)
+        #: topics nobody takes (a worker that parks passes over their frames); bump
+        #: ``generation`` after taking one out, as the hub does when a subscriber joins
         self.absent: set[Topic] = set()
+        self.generation = 0
 
     async def deliver(self, shard: int, frames: Sequence[Frame], *,
                       park: bool = False) -> Sequence[Frame]:

@@ -192,6 +192,10 @@ async def test_withdrawn_grant_stops_delivery_on_a_live_subscription(tmp_path: P
         assert [f.payload for f in spy.frames] == [b"before"]
         # parked for an authorized subscriber, not dropped
         assert sum(w.parked_topics for w in node.workers) == 1
+        node.reload(node.cfg.replace(authz=grant))  # restored: the parked frame goes out
+        await spy.wait_for(2)
+        assert [f.payload for f in spy.frames] == [b"before", b"after"]
+        assert sum(w.parked_topics for w in node.workers) == 0
     finally:
         await spy.close()
         await pub.close()

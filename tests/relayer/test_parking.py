@@ -12,6 +12,7 @@ subscribers; the bus is read with ``redis-cli``; the counters over HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import uuid
@@ -21,11 +22,14 @@ from typing import Any
 import pytest
 
 from pqcnet.relayer.bus.embedded import EmbeddedBus
-from pqcnet.relayer.client import PublisherClient
-from pqcnet.relayer.frame import Frame, encode, shard_for
+from pqcnet.relayer.bus.kafka import KafkaBus
+from pqcnet.relayer.client import PublisherClient, SubscriberClient
+from pqcnet.relayer.cursor import MemoryCursor
+from pqcnet.relayer.errors import BusError, BusUnavailable
+from pqcnet.relayer.frame import Frame, decode, encode, shard_for
 from pqcnet.relayer.seqstore import RocksSeqStore
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
-from tests.relayer.e2e import Collector, publisher, start_node, subscriber
+from tests.relayer.e2e import Collector, identities, publisher, start_node, subscriber
 from tests.relayer.helpers import (
     CollectSink,
     eventually,
@@ -178,14 +182,19 @@ async def test_the_parking_bound_makes_the_shard_hold(tmp_path: Path) -> None:
 
 async def test_a_relayer_killed_while_a_topic_is_parked_loses_nothing(tmp_path: Path) -> None:
     """SIGKILL with a parked topic: the restarted relayer replays from the parked
-    record; the live customer's frames are not delivered again (their marks were
-    saved), the parked customer's come in order once its subscriber arrives."""
+    record; the live customer's application (its process kept its cursor) sees each
+    seq once, and the relayer sends it again at most the one batch whose marks the
+    kill may have beaten (the rest was marked despite the bus acknowledgement staying
+    at the parked record); the parked customer's frames come in order once its
+    subscriber arrives."""
     a, g = same_shard(SHARDS)
     acme, globex = ("acme", a), ("globex", g)
     proc = await RelayerProcess(write_config(tmp_path, shards=SHARDS)).start()
+    cursor = MemoryCursor()  # the live application's: it outlives the relayer's crash
+    seen: list[int] = []
     pub = other = late = None
     try:
-        other = await subscriber(proc.port, "globex")
+        other = await _subscriber_with(proc.port, "globex", cursor)
         pub = await publisher(proc.port)
         await asyncio.sleep(0.3)
         n = 12
@@ -193,14 +202,14 @@ async def test_a_relayer_killed_while_a_topic_is_parked_loses_nothing(tmp_path: 
             results = await pub.publish([Frame(*acme, seq, b"a"), Frame(*globex, seq, b"g")])
             assert all(r.accepted for r in results)
         await other.wait_for(n, 30)
-        await pub.close()
-        await other.close()
+        seen += other.by_topic[globex]
+        await _close(pub, other)
         pub = other = None
         proc.kill()  # while acme is parked: the bus was acknowledged up to acme's seq 1
         await proc.stop()
 
         proc = await RelayerProcess(proc.config).start()
-        other = await subscriber(proc.port, "globex")  # a fresh client: no cursor
+        other = await _subscriber_with(proc.port, "globex", cursor)
         late = await subscriber(proc.port, "acme")
         await late.wait_for(n, 30)
         assert late.by_topic[acme] == list(range(1, n + 1))
@@ -208,11 +217,18 @@ async def test_a_relayer_killed_while_a_topic_is_parked_loses_nothing(tmp_path: 
         results = await pub.publish([Frame(*globex, n + 1, b"g")])
         assert all(r.accepted for r in results)
         await other.wait_for(1, 30)
-        # globex's 1..n were delivered and marked before the kill: only the new one
-        assert other.by_topic[globex] == [n + 1]
+        seen += other.by_topic[globex]
+        assert seen == list(range(1, n + 2))
+        assert other.client.duplicates_dropped <= 1  # not 1..n again: they were marked
     finally:
         await _close(late, other, pub)
         await proc.stop()
+
+
+async def _subscriber_with(port: int, customer: str, cursor: MemoryCursor) -> Collector:
+    client = await SubscriberClient.connect("127.0.0.1", port, identities()[2], cursor=cursor)
+    await client.subscribe(customer)
+    return Collector(client)
 
 
 async def test_a_parked_topic_keeps_its_mark_in_memory_past_the_lru(tmp_path: Path) -> None:
@@ -240,6 +256,10 @@ async def test_a_parked_topic_keeps_its_mark_in_memory_past_the_lru(tmp_path: Pa
         assert worker.behind_park == 22  # parked seq 1's record and every one after it
         assert sink.total() == 20
         sink.absent.clear()
+        for _ in range(3):  # nothing joined: the parked topic is not looked at again
+            await worker.step()
+        assert worker.parked_topics == 1 and sink.by_topic[parked] == []
+        sink.generation += 1
         for _ in range(3):
             await worker.step()
         assert sink.by_topic[parked] == [1, 2]
@@ -249,3 +269,92 @@ async def test_a_parked_topic_keeps_its_mark_in_memory_past_the_lru(tmp_path: Pa
     finally:
         await bus.close()
         store.close()
+
+
+async def test_parked_records_survive_a_kafka_partition_move(tmp_path: Path,
+                                                              kafka_bootstrap: str) -> None:
+    """A second group member takes half the partitions while every partition has a
+    parked topic: the relayer forgets the parked state of the partitions that went
+    (the bus makes their workers reset; the gauge drops), the member reads them from
+    the parked record on (the commit stayed there, read with a plain Kafka consumer),
+    and when the partitions come back the relayer replays them: the parked customer's
+    subscriber gets every seq once, in order."""
+    shards = 4
+    tag = uuid.uuid4().hex[:8]
+    topic_name, group = f"pqcnet-park-{tag}", f"park-{tag}"
+    node = await start_node(tmp_path, backend="kafka", kafka_bootstrap=kafka_bootstrap,
+                            kafka_topic=topic_name, group=group, shards=shards,
+                            kafka_session_timeout=3.0, metrics_port=0)
+    other = KafkaBus(kafka_bootstrap, shards, topic=topic_name, rebalance=True,
+                     session_timeout=3.0, revoke_grace=1.0)
+    first_read: dict[int, Frame] = {}
+    live = late = pub = None
+    joined: asyncio.Task[None] | None = None
+    try:
+        await eventually(lambda: node.bus.assignment() == list(range(shards)), 60)
+        live = await subscriber(node.port, "globex")
+        pub = await publisher(node.port)
+        await asyncio.sleep(0.3)
+        idle = {s: ("acme", next(f"c{i}" for i in range(10_000)
+                                 if shard_for("acme", f"c{i}", shards) == s))
+                for s in range(shards)}
+        busy = {s: ("globex", next(f"g{i}" for i in range(10_000)
+                                   if shard_for("globex", f"g{i}", shards) == s))
+                for s in range(shards)}
+        for seq in (1, 2, 3):
+            results = await pub.publish([Frame(*idle[s], seq, b"a") for s in range(shards)]
+                                        + [Frame(*busy[s], seq, b"g") for s in range(shards)])
+            assert all(r.accepted for r in results)
+        await live.wait_for(3 * shards, 30)
+        await eventually(lambda: sum(w.parked_topics for w in node.workers) == shards, 30)
+
+        async def member() -> None:  # the second member reads (and so joins the group)
+            while True:
+                for s in other.assignment():
+                    try:
+                        batch = await other.consume(s, group, block=0.1)
+                    except BusUnavailable:  # newly assigned: start at the commit
+                        await other.rewind(s, group)
+                        continue
+                    if batch and s not in first_read:
+                        first_read[s] = decode(batch[0].data)
+                if not other.assignment():  # joins the group
+                    with contextlib.suppress(BusUnavailable, BusError):
+                        await other.consume(0, group, block=0.1)
+
+        joined = asyncio.create_task(member())
+        await eventually(lambda: len(node.bus.assignment()) == shards // 2
+                         and len(other.assignment()) == shards // 2, 60)
+        went = sorted(set(range(shards)) - set(node.bus.assignment()))
+        await eventually(lambda: sum(w.parked_topics for w in node.workers) == shards // 2)
+        # read the partitions that went again from their commit, as a new owner does
+        joined.cancel()
+        await asyncio.gather(joined, return_exceptions=True)
+        first_read.clear()
+        for s in went:
+            await other.rewind(s, group)
+        joined = asyncio.create_task(member())
+        await eventually(lambda: set(first_read) == set(went), 30)
+        # the commit stayed at each partition's first parked record
+        assert {s: (first_read[s].topic, first_read[s].seq) for s in went} == {
+            s: (idle[s], 1) for s in went}
+        joined.cancel()
+        await asyncio.gather(joined, return_exceptions=True)
+        await other.close()  # leaves the group: its partitions come back
+        await eventually(lambda: node.bus.assignment() == list(range(shards)), 60)
+        late = await subscriber(node.port, "acme")
+        await late.wait_for(3 * shards, 60)
+        assert {t: late.by_topic[t] for t in idle.values()} == {
+            t: [1, 2, 3] for t in idle.values()}
+        await eventually(lambda: sum(w.parked_topics for w in node.workers) == 0)
+        assert live.by_topic == {t: [1, 2, 3] for t in busy.values()}
+        assert node.metrics_port is not None
+        m = scrape_metrics(node.metrics_port)
+        assert _volume(m, "acme") == 3 * shards and _volume(m, "globex") == 3 * shards
+    finally:
+        if joined is not None:
+            joined.cancel()
+            await asyncio.gather(joined, return_exceptions=True)
+        await _close(late, live, pub)
+        await other.close()
+        await node.stop()

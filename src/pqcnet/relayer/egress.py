@@ -155,6 +155,8 @@ class SubscriberHub:
         self._held: dict[int, int] = {}
         #: subscribers evicted for leaving a share unacknowledged past ``ack_timeout``
         self.ack_timeouts = 0
+        #: bumped when a subscriber joins or the grants change (Sink.generation)
+        self.generation = 0
         #: delivery-time authorization ``(peer, customer, channel) -> bool``: a grant
         #: withdrawn by a reload stops delivery to subscriptions made under it (their
         #: frames are then held, like frames nobody subscribed to). None: no check.
@@ -217,6 +219,11 @@ class SubscriberHub:
         self._held.pop(shard, None)
         return ()
 
+    def policy_changed(self) -> None:
+        """The grants changed (a reload): held and parked topics are looked at again."""
+        self.generation += 1
+        self._changed.set()
+
     def takes(self, topic: Topic) -> bool:
         """True if a subscriber (allowed by a live grant) takes ``topic`` now."""
         customer, channel = topic
@@ -242,6 +249,7 @@ class SubscriberHub:
         peer = stream.tunnel.peer.spiffe_id if self.may_receive is not None else None
         sub = Subscription(request.customer, request.channels, peer)
         self._subs.setdefault(sub.customer, []).append(sub)
+        self.generation += 1
         self._changed.set()
         acks = asyncio.create_task(self._read_acks(stream, sub, reader or MessageReader()))
         acks.add_done_callback(lambda _: sub.wake.set())

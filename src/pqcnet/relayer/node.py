@@ -400,9 +400,6 @@ class RelayerNode:
         revoked and handed straight back by an eager rebalance neither came nor went:
         its registrations stay (dropping them would reopen the gap race)."""
         self.fence.forget_shards(went)
-        for w in self.workers:
-            if w.shard in went:
-                w.moved_away()
         if came and self.workers:  # before the workers start, _start_workers does it
             restored = sum(self.fence.restore(s, self._queued(s)) for s in sorted(came))
             if restored:
@@ -593,6 +590,7 @@ class RelayerNode:
         ``pqcnet_relayer_config_restart_pending`` is 1 until the file matches again."""
         policy = authz_policy(cfg.authz)  # compile first: a bad policy changes nothing
         self.authz.policy = policy
+        self.hub.policy_changed()
         self.quotas.reload(cfg.quotas, time.monotonic())
         self.cfg = self.cfg.replace(authz=cfg.authz.model_dump(by_alias=True),
                                     quotas=cfg.quotas.model_dump())

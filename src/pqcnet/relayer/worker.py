@@ -76,6 +76,12 @@ class Sink(Protocol):
         """True if a subscriber would take ``topic``'s frames now (else they are parked)."""
         ...
 
+    @property
+    def generation(self) -> int:
+        """Changes whenever :meth:`takes` may have become true for a topic (a subscriber
+        joined, the grants changed): parked topics are looked at again only then."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
@@ -159,6 +165,8 @@ class RelayerShardWorker:
         self._parked: dict[Topic, int] = {}
         #: records consumed since the bus acknowledgement stopped at a parked record
         self.behind_park = 0
+        #: the sink's generation when the parked topics were last looked at
+        self._looked_at = -1
         #: parking is off until these topics (parked when ``park_max_records`` was hit)
         #: were delivered again: the shard holds for them as without parking
         self._hold: set[Topic] = set()
@@ -182,15 +190,6 @@ class RelayerShardWorker:
         self.behind_park = 0
         await self.bus.rewind(self.shard, self.config.group)
 
-    def moved_away(self) -> None:
-        """The shard went to another relayer: forget what is parked here (the new owner
-        replays from the bus acknowledgement, which stayed at the first parked record);
-        the next step starts from durable state should the shard come back."""
-        if self._parked or self.behind_park:
-            self._parked.clear()
-            self.behind_park = 0
-            self._seq = None
-
     async def _unpark(self) -> None:
         """Replay from the first parked record if a parked topic has a subscriber now
         (it gets its frames in order) or the parking bound was reached (the shard then
@@ -202,7 +201,10 @@ class RelayerShardWorker:
                         "subscriber get one", extra={
                             "shard": self.shard, "parked_topics": len(self._parked),
                             "records_behind": self.behind_park})
-        elif any(map(self.sink.takes, self._parked)):
+        elif self.sink.generation != self._looked_at:
+            self._looked_at = self.sink.generation
+            if not any(map(self.sink.takes, self._parked)):
+                return
             self.stats.park_replays += 1
         else:
             return
@@ -294,8 +296,9 @@ class RelayerShardWorker:
             # marks, the metered volume and the gaps skipped in one write: a crash keeps
             # all or none (a retry in a skipped gap is refused after a restart too)
             marks = seq.take_dirty()
-            for topic in self._parked:  # stays at the first parked frame until delivered
-                marks.pop(topic, None)
+            if self._parked:  # a parked topic's stays at its first parked frame
+                parked = self._parked
+                marks = {t: m for t, m in marks.items() if t not in parked}
             await self.store.save(self.shard, marks, volume, token=token, gaps=gaps)
             if volume and meter is not None:
                 meter.apply(volume)
