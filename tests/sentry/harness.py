@@ -252,13 +252,17 @@ async def tcp_echo() -> AsyncIterator[int]:
 
 def config_dict(http_port: int, grpc_port: int, tcp_port: int, *, rate: float = 1000,
                 burst: float = 1000, max_in_flight: int = 64,
-                methods: list[str] | None = None) -> dict[str, Any]:
+                methods: list[str] | None = None,
+                tenant_share: float | None = None) -> dict[str, Any]:
+    limits: dict[str, Any] = {"max_in_flight": max_in_flight,
+                              "default": {"rate": rate, "burst": burst},
+                              "tenants": {"acme": {"rate": rate, "burst": burst}}}
+    if tenant_share is not None:
+        limits["tenant_share"] = tenant_share
     return {
         "listen": "127.0.0.1:0",
         "issuers": {"acme": ["acme-issuer.pub"], "globex": ["globex-issuer.pub"]},
-        "limits": {"max_in_flight": max_in_flight,
-                   "default": {"rate": rate, "burst": burst},
-                   "tenants": {"acme": {"rate": rate, "burst": burst}}},
+        "limits": limits,
         "acl": {"allow_from": [f"spiffe://{TD}/*/sidecar/*"],
                 "allow_methods": methods if methods is not None else [
                     "POST /rpc", "POST /rpc/**", "GET /status", "GET /big/*",

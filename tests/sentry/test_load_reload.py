@@ -66,8 +66,11 @@ async def test_flood_accepted_rate_within_10_percent(env: Env) -> None:
     assert len(env.http.seen.requests) == accepted
 
 
-@pytest.mark.parametrize("stack_options", [{"max_in_flight": 4, "delay": 0.2}])
+@pytest.mark.parametrize("stack_options", [{"max_in_flight": 4, "delay": 0.2,
+                                            "tenant_share": 1.0}])
 async def test_concurrency_never_exceeds_gate(env: Env) -> None:
+    """One tenant against the whole gate (its per-tenant share off:
+    tests/sentry/test_tenant_share.py covers that)."""
     sidecar = env.stack.sidecar(env.mesh.acme, env.mesh.acme_issuer)
     server, url = await local_http(sidecar)
     try:

@@ -97,6 +97,13 @@ class Policy:
     sanitizer: Mapping[str, SanitizerPolicy]
     assertion_cache_size: int = 100_000
     clock_skew: float = 30.0
+    #: most of ``max_in_flight`` one tenant may hold (a plan's own cap overrides it)
+    tenant_share: float = 1.0
+
+    @property
+    def tenant_caps(self) -> dict[str, int]:
+        """Tenants whose plan sets its own ``max_in_flight``."""
+        return {t: p.max_in_flight for t, p in self.plans.items() if p.max_in_flight}
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +166,7 @@ def verify_key_pem(key: VerifyKey) -> bytes:
 def _plan(spec: PlanSpec) -> Plan:
     return Plan(rate=spec.rate, burst=spec.burst, tenant_rate=spec.tenant_rate,
                 tenant_burst=spec.tenant_burst, tunnel_rate=spec.tunnel_rate,
-                tunnel_burst=spec.tunnel_burst)
+                tunnel_burst=spec.tunnel_burst, max_in_flight=spec.max_in_flight)
 
 
 def _sanitizer_key(spec: SanitizerSpec, base: Path, at: str) -> bytes:
@@ -198,6 +205,7 @@ def _policy(f: SentryFile, base: Path, src: str) -> Policy:
         default_plan=_plan(f.limits.default),
         plans={t: _plan(p) for t, p in f.limits.tenants.items()},
         max_in_flight=f.limits.max_in_flight,
+        tenant_share=f.limits.tenant_share,
         acl=acl,
         sanitizer=sanitizer,
         assertion_cache_size=f.assertion_cache_size,

@@ -106,7 +106,7 @@ class Sentry:
         self.verifier = AssertionVerifier(p.issuers, cache_size=p.assertion_cache_size,
                                           clock_skew=p.clock_skew)
         self.limiter = RateLimiter(p.plans, p.default_plan)
-        self.gate = ConcurrencyGate(p.max_in_flight)
+        self.gate = ConcurrencyGate(p.max_in_flight, p.tenant_share, p.tenant_caps)
         #: resets a response write that waited ``bounds.response_write_timeout``
         self.write_watch = WriteWatch(config.bounds.response_write_timeout)
         self.acl: AclPolicy = p.acl
@@ -174,12 +174,12 @@ class Sentry:
             self.metrics.set_bucket_level(assertion.tenant, 0.0)
             raise
         self.metrics.set_bucket_level(assertion.tenant, level)
-        self.gate.acquire()
+        self.gate.acquire(assertion.tenant)
         return Admission(assertion, backend, key)
 
-    def release(self) -> None:
+    def release(self, adm: Admission) -> None:
         """Give back the concurrency slot taken by :meth:`admit`."""
-        self.gate.release()
+        self.gate.release(adm.assertion.tenant)
 
     def prepare(self, head: RequestHead, body: bytes, adm: Admission) -> ForwardRequest:
         """Sanitize and build the request the backend sees (assertion header removed)."""
@@ -255,6 +255,7 @@ class Sentry:
         self.verifier.clock_skew = policy.clock_skew
         self.limiter.set_plans(policy.plans, policy.default_plan, now)
         self.gate.set_limit(policy.max_in_flight)
+        self.gate.set_caps(policy.tenant_share, policy.tenant_caps)
         self.acl = policy.acl
         old = self.sanitizer.digests()
         self.sanitizer = IdentitySanitizer(policy.sanitizer)

@@ -121,6 +121,11 @@ class ConcurrencyLimited(RateLimited):
     """The sentry-wide concurrency gate is full (not the client's own bucket)."""
 
 
+class TenantConcurrencyLimited(ConcurrencyLimited):
+    """The tenant already holds its share of the concurrency gate
+    (``limits.tenant_share`` or its plan's ``max_in_flight``)."""
+
+
 class BackendError(SentryError):
     """The backend could not be reached, failed, or timed out."""
 

@@ -20,11 +20,17 @@ reads a clock, so tests drive it deterministically.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from pqcnet.sentry.errors import ConcurrencyLimited, RateLimited, SentryConfigError
+from pqcnet.sentry.errors import (
+    ConcurrencyLimited,
+    RateLimited,
+    SentryConfigError,
+    TenantConcurrencyLimited,
+)
 
 #: Bound on remembered client buckets; least-recently-used are forgotten (and come
 #: back full). Clients are authenticated subjects, so this bounds honest churn.
@@ -56,6 +62,8 @@ class Plan:
     tunnel_rate: float | None = None
     #: one tunnel identity's burst (None: the tenant's)
     tunnel_burst: float | None = None
+    #: RPCs the tenant may have in flight (None: the gate's ``share`` of its limit)
+    max_in_flight: int | None = None
 
     def __post_init__(self) -> None:
         if not (self.rate > 0 and self.burst >= 1):
@@ -209,29 +217,62 @@ class RateLimiter:
 
 
 class ConcurrencyGate:
-    """At most ``limit`` holders at once; never waits. ``peak`` records the maximum seen."""
+    """At most ``limit`` holders at once, and at most its cap per tenant; never waits.
+    ``peak`` records the maximum seen.
 
-    def __init__(self, limit: int) -> None:
+    A tenant's cap is ``caps[tenant]`` or ``share`` of ``limit`` (rounded up): without
+    it one tenant's long-lived streams could hold every slot and refuse the others.
+    ``by_tenant`` holds only tenants with something in flight (bounded by ``limit``).
+    """
+
+    def __init__(self, limit: int, share: float = 1.0,
+                 caps: Mapping[str, int] | None = None) -> None:
         if limit < 1:
             raise SentryConfigError(f"max_in_flight must be >= 1, got {limit}")
         self.limit = limit
         self.in_flight = 0
         self.peak = 0
+        self.by_tenant: dict[str, int] = {}
+        self.share = 1.0
+        self.caps: dict[str, int] = {}
+        self.set_caps(share, caps or {})
 
-    def acquire(self) -> None:
-        """Enter or raise :class:`RateLimited`."""
+    def cap(self, tenant: str) -> int:
+        """Slots ``tenant`` may hold at once."""
+        return self.caps.get(tenant) or max(1, math.ceil(self.share * self.limit))
+
+    def _take_tenant(self, tenant: str) -> None:
+        held = self.by_tenant.get(tenant, 0)
+        cap = self.cap(tenant)
+        if held >= cap:
+            raise TenantConcurrencyLimited(
+                f"tenant {tenant!r} has {held} requests in flight, its share of the "
+                f"sentry's {self.limit}", retry_after=GATE_RETRY_AFTER)
+        self.by_tenant[tenant] = held + 1
+
+    def _give_tenant(self, tenant: str) -> None:
+        held = self.by_tenant.get(tenant, 0) - 1
+        if held > 0:
+            self.by_tenant[tenant] = held
+        else:
+            self.by_tenant.pop(tenant, None)
+
+    def acquire(self, tenant: str = "") -> None:
+        """Enter or raise :class:`RateLimited` (the gate or the tenant's cap is full)."""
         if self.in_flight >= self.limit:
             raise ConcurrencyLimited(
                 f"sentry is at its concurrency limit ({self.limit} in flight)",
                 retry_after=GATE_RETRY_AFTER,
             )
+        self._take_tenant(tenant)
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
 
-    def release(self) -> None:
-        """Leave (exactly once per successful :meth:`acquire`)."""
+    def release(self, tenant: str = "") -> None:
+        """Leave (exactly once per successful :meth:`acquire`, with its tenant)."""
         if self.in_flight <= 0:
             raise RuntimeError("ConcurrencyGate.release without acquire")
+        self._give_tenant(tenant)
         self.in_flight -= 1
 
     def set_limit(self, limit: int) -> None:
@@ -239,6 +280,14 @@ class ConcurrencyGate:
         if limit < 1:
             raise SentryConfigError(f"max_in_flight must be >= 1, got {limit}")
         self.limit = limit
+
+    def set_caps(self, share: float, caps: Mapping[str, int]) -> None:
+        """Hot reload of the per-tenant caps (holders above a lowered cap finish)."""
+        if not 0 < share <= 1:
+            raise SentryConfigError(f"tenant_share must be in (0, 1], got {share}")
+        if any(c < 1 for c in caps.values()):
+            raise SentryConfigError("a tenant's max_in_flight must be >= 1")
+        self.share, self.caps = share, dict(caps)
 
 
 class HammerDetector:

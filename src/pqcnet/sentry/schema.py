@@ -116,6 +116,9 @@ class PlanSpec(Schema):
     (default: the tenant's)."""
     tunnel_burst: float | None = Field(default=None, ge=1)
     """Per-tunnel bucket size (default: the tenant's)."""
+    max_in_flight: Count | None = None
+    """RPCs (streams and TCP pipes included) this tenant may have in flight at once
+    (default: ``limits.tenant_share`` of ``limits.max_in_flight``)."""
 
 
 class LimitsSpec(Schema):
@@ -123,6 +126,11 @@ class LimitsSpec(Schema):
 
     max_in_flight: Count
     """Global concurrency gate (never queues)."""
+    tenant_share: float = Field(default=0.5, gt=0, le=1)
+    """Most of ``max_in_flight`` one tenant may hold at once, rounded up (a plan's own
+    ``max_in_flight`` overrides it): one tenant's long-lived gRPC streams and TCP pipes
+    cannot take the whole gate from the others. 1: no per-tenant cap. Per process:
+    with ``--workers N`` a tenant may hold up to N times it, never more than the gate."""
     default: PlanSpec
     """Per client (tenant, subject) plan when the tenant has none."""
     tenants: dict[str, PlanSpec] = Field(default_factory=dict)

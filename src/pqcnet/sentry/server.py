@@ -121,7 +121,7 @@ async def handle_stream(sentry: Sentry, stream: RpcStream, tunnel: TunnelView) -
                     try:
                         rest = await _read_body(stream, rest, bounds.max_request_body)
                     except BaseException:
-                        sentry.release()
+                        sentry.release(adm)
                         raise
         except TimeoutError:
             raise WireError(
@@ -138,7 +138,7 @@ async def handle_stream(sentry: Sentry, stream: RpcStream, tunnel: TunnelView) -
                     sentry.metrics.count(failed.outcome, type(failed).__name__)
                     return failed.outcome
         finally:
-            sentry.release()
+            sentry.release(adm)
     except SentryError as exc:
         outcome = exc.outcome
         sentry.metrics.count(outcome, type(exc).__name__)

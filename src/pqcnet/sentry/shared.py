@@ -82,29 +82,32 @@ class SharedConcurrencyGate(ConcurrencyGate):
     ``in_flight`` / ``peak`` stay this worker's own (its metrics); the decision uses
     the sum over all workers."""
 
-    def __init__(self, state: SharedLimitState, worker: int, limit: int) -> None:
-        super().__init__(limit)
+    def __init__(self, state: SharedLimitState, worker: int, limit: int, share: float = 1.0,
+                 caps: Mapping[str, int] | None = None) -> None:
+        super().__init__(limit, share, caps)
         if not 0 <= worker < state.workers:
             raise SentryConfigError(f"worker {worker} outside 0..{state.workers - 1}")
         self.state = state
         self.worker = worker
 
-    def acquire(self) -> None:
+    def acquire(self, tenant: str = "") -> None:
         with self.state.lock:
             if self.state.gate_total() >= self.limit:
                 raise ConcurrencyLimited(
                     f"sentry is at its concurrency limit ({self.limit} in flight)",
                     retry_after=GATE_RETRY_AFTER,
                 )
+            self._take_tenant(tenant)  # this worker's count (the caps are per process)
             self.state.gate_add(self.worker, 1)
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
 
-    def release(self) -> None:
+    def release(self, tenant: str = "") -> None:
         if self.in_flight <= 0:
             raise RuntimeError("ConcurrencyGate.release without acquire")
         with self.state.lock:
             self.state.gate_add(self.worker, -1)
+        self._give_tenant(tenant)
         self.in_flight -= 1
 
     def global_in_flight(self) -> int:
@@ -118,7 +121,8 @@ def install(sentry: Any, state: SharedLimitState, worker: int) -> None:
     serves anything; its policy's plans and limit carry over)."""
     p = sentry.config.policy
     sentry.limiter = SharedRateLimiter(state, p.plans, p.default_plan)
-    sentry.gate = SharedConcurrencyGate(state, worker, p.max_in_flight)
+    sentry.gate = SharedConcurrencyGate(state, worker, p.max_in_flight, p.tenant_share,
+                                        p.tenant_caps)
 
 
 __all__ = ["MAX_WORKERS", "PROBE", "SharedConcurrencyGate", "SharedLimitState",
