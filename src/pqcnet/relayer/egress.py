@@ -20,7 +20,12 @@ for it (a hung application on a live tunnel, or one that stopped reading its str
 the subscribers left (their cursors drop what they had). Without the deadline one such
 subscriber stalled ``deliver()`` — and with it every topic of the shard, other
 customers' included — for as long as its tunnel lived. A slow subscriber that keeps
-acknowledging is not evicted: it slows its shard, as backpressure intends.
+acknowledging is not evicted: it slows its shard, as backpressure intends. A peer
+whose subscriptions to a customer are evicted a second time within an hour has its
+new subscriptions to that customer refused (``SubscriberQuarantined``) for
+``ack_timeout``, doubling with each further eviction up to :data:`MAX_QUARANTINE`:
+otherwise a hung application that reconnects stalls its shard for ``ack_timeout``
+every time.
 
 Frames of a topic with no subscriber are *held*: ``deliver()`` waits until one
 subscribes. The shard workers ask :meth:`SubscriberHub.takes` first and *park* such a
@@ -35,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -67,6 +72,12 @@ MAX_UNACKED = 64
 MAX_COALESCE_BYTES = 1 << 20
 #: default seconds a subscriber may leave a written share unacknowledged
 ACK_TIMEOUT = 30.0
+#: seconds an eviction counts against its (peer, customer)
+STRIKE_MEMORY = 3600.0
+#: longest a repeat offender's new subscriptions are refused, seconds
+MAX_QUARANTINE = 600.0
+#: (peer, customer) pairs with evictions remembered (least recently evicted forgotten)
+MAX_STRIKES = 10_000
 
 _Item = tuple[list[Frame], asyncio.Future[None]]
 
@@ -76,6 +87,15 @@ class SubscriptionRefused(RelayerError):
 
     code = 31
     retriable = True
+
+
+class SubscriberQuarantined(SubscriptionRefused):
+    """This peer's subscriptions to this customer were evicted again and again for not
+    acknowledging; new ones are refused for ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass(eq=False)
@@ -157,6 +177,10 @@ class SubscriberHub:
         self.ack_timeouts = 0
         #: bumped when a subscriber joins or the grants change (Sink.generation)
         self.generation = 0
+        #: (peer, customer) -> (evictions, loop time of the last), least recent first
+        self._strikes: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
+        #: subscriptions refused because their peer is quarantined for the customer
+        self.quarantine_refusals = 0
         #: delivery-time authorization ``(peer, customer, channel) -> bool``: a grant
         #: withdrawn by a reload stops delivery to subscriptions made under it (their
         #: frames are then held, like frames nobody subscribed to). None: no check.
@@ -246,6 +270,7 @@ class SubscriberHub:
         """Feed one subscriber stream (and read its acks) until it ends or fails."""
         if self.count() >= self.max_subscriptions:
             raise SubscriptionRefused(f"relayer has {self.max_subscriptions} subscriptions")
+        self._check_quarantine(str(stream.tunnel.peer.spiffe_id), request.customer)
         peer = stream.tunnel.peer.spiffe_id if self.may_receive is not None else None
         sub = Subscription(request.customer, request.channels, peer)
         self._subs.setdefault(sub.customer, []).append(sub)
@@ -319,11 +344,41 @@ class SubscriberHub:
             return
         sub.watchdog = loop.call_at(due, self._watch, stream, sub)
 
+    def _check_quarantine(self, peer: str, customer: str) -> None:
+        """Refuse a repeat offender (second eviction within :data:`STRIKE_MEMORY`) for
+        ``ack_timeout`` x 2^(evictions - 2), at most :data:`MAX_QUARANTINE`."""
+        got = self._strikes.get((peer, customer))
+        if got is None:
+            return
+        n, at = got
+        now = asyncio.get_running_loop().time()
+        if now - at > STRIKE_MEMORY:
+            del self._strikes[(peer, customer)]
+            return
+        if n < 2:
+            return
+        left = at + min(self.ack_timeout * 2 ** (n - 2), MAX_QUARANTINE) - now
+        if left > 0:
+            self.quarantine_refusals += 1
+            raise SubscriberQuarantined(
+                f"{peer}'s subscriptions to {customer!r} were evicted {n} times for not "
+                f"acknowledging; refused for {left:.0f} s more", retry_after=left)
+
+    def _strike(self, peer: str, customer: str) -> None:
+        key = (peer, customer)
+        n, at = self._strikes.pop(key, (0, 0.0))
+        now = asyncio.get_running_loop().time()
+        self._strikes[key] = (1 if now - at > STRIKE_MEMORY else n + 1, now)
+        while len(self._strikes) > MAX_STRIKES:
+            self._strikes.popitem(last=False)
+
     def _evict(self, stream: Stream, sub: Subscription) -> None:
         """End a subscriber that left a share unacknowledged past ``ack_timeout``: its
         stream is reset (the serve loop's wait or write ends), its shares fail
         (``serve``'s cleanup) and go to the subscribers left."""
         self.ack_timeouts += 1
+        with contextlib.suppress(PqcnetError, AttributeError):  # a tunnel without a peer
+            self._strike(str(stream.tunnel.peer.spiffe_id), sub.customer)
         log.warning("subscriber evicted: no acknowledgement in time", extra={
             "customer": sub.customer, "peer": str(sub.peer) if sub.peer else None,
             "ack_timeout_s": self.ack_timeout, "unacked": len(sub.unacked)})

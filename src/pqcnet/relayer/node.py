@@ -1006,6 +1006,10 @@ class _NodeCollector(Collector):
                                 "Records consumed past a parked topic's first frame, kept "
                                 "unacknowledged on the bus (bounded by park_max_records)",
                                 value=sum(w.behind_park for w in n.workers))
+        yield CounterMetricFamily("pqcnet_relayer_subscriber_quarantine_refusals",
+                                  "Subscriptions refused because their peer's subscriptions "
+                                  "to the customer were evicted repeatedly",
+                                  value=n.hub.quarantine_refusals)
         yield CounterMetricFamily("pqcnet_relayer_subscriber_ack_timeouts",
                                   "Subscribers evicted for leaving a delivered batch "
                                   "unacknowledged past subscriber_ack_timeout",
