@@ -1,7 +1,8 @@
 """``pqcnet bench parking``: what a topic nobody reads costs the others on its shard.
 
-A relayer process (``pqcnet relayer run``, embedded bus, **one shard**, so every topic
-shares it) and, in this process, publishers and subscribers over real QSTP tunnels:
+A relayer process (``pqcnet relayer run``, ``--backend`` embedded, redis or kafka,
+**one shard**, so every topic shares it) and, in this process, publishers and
+subscribers over real QSTP tunnels:
 
 * **baseline** — the ``live`` customer publishes ``--frames`` frames on 4 topics (one
   publisher each, ``--batch`` frames per request, one request in flight) and its
@@ -27,6 +28,7 @@ import json
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from typing import Any
 import click
 import yaml
 
+from pqcnet.bench._env import services_env
 from pqcnet.bench._stats import machine, ratio
 from pqcnet.bench.relayer import relayer_process
 from pqcnet.identity import NodeIdentity, dev_identities
@@ -100,15 +103,23 @@ def _metric(port: int, name: str) -> float:
 
 
 async def _one(ids: list[NodeIdentity], frames: int, idle_frames: int, batch: int,
-               size: int, park_max_records: int, hold_window: float) -> dict[str, Any]:
+               size: int, park_max_records: int, hold_window: float,
+               backend: str = "embedded", url: str = "") -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="pqcnet-bench-parking-") as d:
         tmp = Path(d)
         ids[0].save(tmp / "ident", None)
-        cfg = {"node_id": "bench-parking", "listen_port": 0, "metrics_port": 0,
+        cfg: dict[str, Any] = {"node_id": "bench-parking", "listen_port": 0, "metrics_port": 0,
                "identity_dir": str(tmp / "ident"), "data_dir": str(tmp / "data"),
                "shards": 1, "park_max_records": park_max_records,
                "authz": {"customers": {"*": [{"from": ["spiffe://pqcnet.bench/b/*/*"],
                                               "methods": ["publish", "subscribe"]}]}}}
+        tag = uuid.uuid4().hex[:8]
+        cfg["backend"] = backend
+        if backend == "redis":
+            cfg.update(redis_url=url, redis_prefix=f"bench-park:{tag}")
+        elif backend == "kafka":
+            cfg.update(kafka_bootstrap=url, kafka_topic=f"bench-park-{tag}",
+                       group=f"bench-park-{tag}")
         path = tmp / "relayer.yaml"
         path.write_text(yaml.safe_dump({"relayer": cfg}))
         proc, ready = await relayer_process(path)
@@ -185,20 +196,27 @@ async def _subscriber(port: int, ident: NodeIdentity, customer: str) -> Subscrib
 
 
 def run(frames: int = 40_000, parked_share: float = 0.1, batch: int = 256, size: int = 64,
-        hold_window: float = 3.0) -> dict[str, Any]:
+        hold_window: float = 3.0, backend: str = "embedded") -> dict[str, Any]:
     """Run the benchmark; returns the JSON-able result."""
+    url = ""
+    if backend != "embedded":
+        url = services_env("PQCNET_REDIS_URL" if backend == "redis"
+                           else "PQCNET_KAFKA_BOOTSTRAP")
+        if not url:
+            raise click.ClickException(f"{backend} is not running (scripts/services start)")
     _, ids = dev_identities("pqcnet.bench", "spiffe://pqcnet.bench/b/relayer/r",
                             "spiffe://pqcnet.bench/b/publisher/p",
                             "spiffe://pqcnet.bench/b/subscriber/s")
     idle = max(1, int(frames * parked_share))
     before = machine()
-    base = asyncio.run(_one(ids, frames, 0, batch, size, 50_000, hold_window))
+    base = asyncio.run(_one(ids, frames, 0, batch, size, 50_000, hold_window, backend, url))
     parked = asyncio.run(_one(ids, frames, idle, batch, size, max(50_000, 2 * frames),
-                              hold_window))
-    off = asyncio.run(_one(ids, frames, idle, batch, size, 0, hold_window))
+                              hold_window, backend, url))
+    off = asyncio.run(_one(ids, frames, idle, batch, size, 0, hold_window, backend, url))
     return {
         "benchmark": "parking",
-        "setup": {"frames": frames, "parked_share": parked_share, "batch": batch,
+        "setup": {"backend": backend, "frames": frames, "parked_share": parked_share,
+                  "batch": batch,
                   "size": size, "shards": 1, "live_topics": LIVE_TOPICS},
         "baseline": base,
         "parked": parked,
@@ -219,7 +237,12 @@ def run(frames: int = 40_000, parked_share: float = 0.1, batch: int = 256, size:
 @click.option("--size", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--hold-window", default=3.0, show_default=True,
               type=click.FloatRange(0.5, 60), help="Seconds watched with parking off.")
-def cli(frames: int, parked_share: float, batch: int, size: int, hold_window: float) -> None:
+@click.option("--backend", default="embedded", show_default=True,
+              type=click.Choice(["embedded", "redis", "kafka"]),
+              help="The relayer's bus (redis/kafka: scripts/services start).")
+def cli(frames: int, parked_share: float, batch: int, size: int, hold_window: float,
+        backend: str) -> None:
     """A topic nobody subscribes to vs the live topics on its shard: live frames/s with
     it parked vs without it, the replay when its subscriber comes, and parking off."""
-    click.echo(json.dumps(run(frames, parked_share, batch, size, hold_window), indent=2))
+    click.echo(json.dumps(run(frames, parked_share, batch, size, hold_window, backend),
+                          indent=2))
