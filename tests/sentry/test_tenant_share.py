@@ -60,6 +60,19 @@ def test_the_gate_caps_each_tenant_and_forgets_idle_ones() -> None:
     with pytest.raises(TenantConcurrencyLimited):
         gate.acquire("acme")
     assert ConcurrencyGate(3, 0.5).cap("x") == 2 and ConcurrencyGate(1, 0.1).cap("x") == 1
+    # the default plan's cap (key "") for tenants without their own
+    assert [ConcurrencyGate(8, 0.5, {"": 3, "big": 6}).cap(t) for t in ("x", "big")] == [3, 6]
+
+
+def test_plans_in_the_config_file_set_the_caps(tmp_path: Path, mesh: Mesh) -> None:
+    from pqcnet.sentry.config import load_config
+    from pqcnet.sentry.core import Sentry
+
+    cfg = config_dict(1, 1, 1, max_in_flight=10)
+    cfg["limits"]["default"]["max_in_flight"] = 3
+    cfg["limits"]["tenants"]["acme"]["max_in_flight"] = 7
+    gate = Sentry(load_config(write_config(tmp_path, mesh, cfg))).gate
+    assert (gate.cap("acme"), gate.cap("globex"), gate.share) == (7, 3, 0.5)
 
 
 @pytest.mark.parametrize("share", [0.5, 1.0], ids=["capped", "uncapped"])

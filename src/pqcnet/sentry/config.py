@@ -102,8 +102,12 @@ class Policy:
 
     @property
     def tenant_caps(self) -> dict[str, int]:
-        """Tenants whose plan sets its own ``max_in_flight``."""
-        return {t: p.max_in_flight for t, p in self.plans.items() if p.max_in_flight}
+        """Caps set by plans: tenants whose own plan sets ``max_in_flight``, and under
+        ``""`` the default plan's (every other tenant's)."""
+        caps = {t: p.max_in_flight for t, p in self.plans.items() if p.max_in_flight}
+        if self.default_plan.max_in_flight:
+            caps[""] = self.default_plan.max_in_flight
+        return caps
 
 
 @dataclass(frozen=True, slots=True)

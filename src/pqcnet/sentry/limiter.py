@@ -238,8 +238,10 @@ class ConcurrencyGate:
         self.set_caps(share, caps or {})
 
     def cap(self, tenant: str) -> int:
-        """Slots ``tenant`` may hold at once."""
-        return self.caps.get(tenant) or max(1, math.ceil(self.share * self.limit))
+        """Slots ``tenant`` may hold at once: its own cap, else the default one (key
+        ``""``), else ``share`` of the gate."""
+        return (self.caps.get(tenant) or self.caps.get("")
+                or max(1, math.ceil(self.share * self.limit)))
 
     def _take_tenant(self, tenant: str) -> None:
         held = self.by_tenant.get(tenant, 0)

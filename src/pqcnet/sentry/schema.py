@@ -117,8 +117,9 @@ class PlanSpec(Schema):
     tunnel_burst: float | None = Field(default=None, ge=1)
     """Per-tunnel bucket size (default: the tenant's)."""
     max_in_flight: Count | None = None
-    """RPCs (streams and TCP pipes included) this tenant may have in flight at once
-    (default: ``limits.tenant_share`` of ``limits.max_in_flight``)."""
+    """RPCs (streams and TCP pipes included) this tenant may have in flight at once;
+    in ``limits.default``: every tenant whose own plan sets none (default:
+    ``limits.tenant_share`` of ``limits.max_in_flight``)."""
 
 
 class LimitsSpec(Schema):
