@@ -64,15 +64,21 @@ def test_the_gate_caps_each_tenant_and_forgets_idle_ones() -> None:
     assert [ConcurrencyGate(8, 0.5, {"": 3, "big": 6}).cap(t) for t in ("x", "big")] == [3, 6]
 
 
-def test_plans_in_the_config_file_set_the_caps(tmp_path: Path, mesh: Mesh) -> None:
+async def test_plans_in_the_config_file_set_the_caps(tmp_path: Path, mesh: Mesh) -> None:
+    """Through the config file: a tenant's plan, the default plan, the default share
+    (the sentry builds its gRPC backend's channel, hence a running loop)."""
     from pqcnet.sentry.config import load_config
     from pqcnet.sentry.core import Sentry
 
     cfg = config_dict(1, 1, 1, max_in_flight=10)
     cfg["limits"]["default"]["max_in_flight"] = 3
     cfg["limits"]["tenants"]["acme"]["max_in_flight"] = 7
-    gate = Sentry(load_config(write_config(tmp_path, mesh, cfg))).gate
-    assert (gate.cap("acme"), gate.cap("globex"), gate.share) == (7, 3, 0.5)
+    sentry = Sentry(load_config(write_config(tmp_path, mesh, cfg)))
+    try:
+        gate = sentry.gate
+        assert (gate.cap("acme"), gate.cap("globex"), gate.share) == (7, 3, 0.5)
+    finally:
+        await sentry.aclose()
 
 
 @pytest.mark.parametrize("share", [0.5, 1.0], ids=["capped", "uncapped"])

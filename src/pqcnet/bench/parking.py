@@ -28,17 +28,15 @@ import json
 import tempfile
 import time
 import urllib.request
-import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
 from pqcnet.bench._env import services_env
 from pqcnet.bench._stats import machine, ratio
-from pqcnet.bench.relayer import relayer_process
+from pqcnet.bench.relayer import relayer_config, relayer_process
 from pqcnet.identity import NodeIdentity, dev_identities
 from pqcnet.relayer.client import PublisherClient, SubscriberClient
 from pqcnet.relayer.frame import Frame, Topic
@@ -108,20 +106,8 @@ async def _one(ids: list[NodeIdentity], frames: int, idle_frames: int, batch: in
     with tempfile.TemporaryDirectory(prefix="pqcnet-bench-parking-") as d:
         tmp = Path(d)
         ids[0].save(tmp / "ident", None)
-        cfg: dict[str, Any] = {"node_id": "bench-parking", "listen_port": 0, "metrics_port": 0,
-               "identity_dir": str(tmp / "ident"), "data_dir": str(tmp / "data"),
-               "shards": 1, "park_max_records": park_max_records,
-               "authz": {"customers": {"*": [{"from": ["spiffe://pqcnet.bench/b/*/*"],
-                                              "methods": ["publish", "subscribe"]}]}}}
-        tag = uuid.uuid4().hex[:8]
-        cfg["backend"] = backend
-        if backend == "redis":
-            cfg.update(redis_url=url, redis_prefix=f"bench-park:{tag}")
-        elif backend == "kafka":
-            cfg.update(kafka_bootstrap=url, kafka_topic=f"bench-park-{tag}",
-                       group=f"bench-park-{tag}")
-        path = tmp / "relayer.yaml"
-        path.write_text(yaml.safe_dump({"relayer": cfg}))
+        path = relayer_config(tmp, backend, url, shards=1, metrics_port=0,
+                              park_max_records=park_max_records)
         proc, ready = await relayer_process(path)
         port, mport = int(ready["port"]), int(ready["metrics_port"])
         live = _Drain(await _subscriber(port, ids[2], "live"))

@@ -297,6 +297,26 @@ async def _paced_run(clients: _Clients, frames: int, topics: int, size: int,
             "latency": percentiles(clients.lat.samples)}
 
 
+def relayer_config(tmp: Path, backend: str, url: str, **extra: Any) -> Path:
+    """Write a bench relayer's config in ``tmp`` (its identity saved in ``tmp/ident``)
+    on ``backend`` (a fresh Redis prefix or Kafka topic and group each time); returns
+    the file. The bench tenant may publish and subscribe as any customer."""
+    cfg: dict[str, Any] = {
+        "node_id": "bench-relayer", "listen_port": 0, "identity_dir": str(tmp / "ident"),
+        "data_dir": str(tmp / "data"), "backend": backend,
+        "authz": {"customers": {"*": [{"from": ["spiffe://pqcnet.bench/b/*/*"],
+                                       "methods": ["publish", "subscribe"]}]}},
+        **extra}
+    tag = uuid.uuid4().hex[:8]
+    if backend == "redis":
+        cfg.update(redis_url=url, redis_prefix=f"bench:{tag}")
+    elif backend == "kafka":
+        cfg.update(kafka_bootstrap=url, kafka_topic=f"bench-{tag}", group=f"bench-{tag}")
+    path = tmp / "relayer.yaml"
+    path.write_text(yaml.safe_dump({"relayer": cfg}))
+    return path
+
+
 async def relayer_process(cfg: Path, workers: int = 1
                         ) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
     """``pqcnet relayer run`` (``--workers N``) and its ready line, with ``pids`` (the
@@ -344,22 +364,7 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
                                     "spiffe://pqcnet.bench/b/publisher/p",
                                     "spiffe://pqcnet.bench/b/subscriber/s")
             ids[0].save(tmp / "ident", None)
-            cfg: dict[str, Any] = {"node_id": "bench-relayer", "listen_port": 0,
-                                   "identity_dir": str(tmp / "ident"),
-                                   "data_dir": str(tmp / "data"), "shards": 32,
-                                   "backend": backend,
-                                   # the bench tenant publishes as cust0..3: granted
-                                   "authz": {"customers": {"*": [{
-                                       "from": ["spiffe://pqcnet.bench/b/*/*"],
-                                       "methods": ["publish", "subscribe"]}]}}}
-            tag = uuid.uuid4().hex[:8]
-            if backend == "redis":
-                cfg.update(redis_url=url, redis_prefix=f"bench:{tag}")
-            if backend == "kafka":
-                cfg.update(kafka_bootstrap=url, kafka_topic=f"bench-{tag}",
-                           group=f"bench-{tag}")
-            path = tmp / "relayer.yaml"
-            path.write_text(yaml.safe_dump({"relayer": cfg}))
+            path = relayer_config(tmp, backend, url, shards=32)
             proc, ready = await relayer_process(path, n_workers)
             paced: dict[str, Any] = {}
             try:

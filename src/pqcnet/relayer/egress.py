@@ -183,7 +183,7 @@ class SubscriberHub:
         self.quarantine_refusals = 0
         #: delivery-time authorization ``(peer, customer, channel) -> bool``: a grant
         #: withdrawn by a reload stops delivery to subscriptions made under it (their
-        #: frames are then held, like frames nobody subscribed to). None: no check.
+        #: topics are then parked, like topics nobody subscribed to). None: no check.
         self.may_receive: Callable[[SpiffeId, str, str], bool] | None = None
 
     @property
@@ -213,7 +213,7 @@ class SubscriberHub:
                     lists = targets[topic] = [
                         shares.setdefault(id(s), (s, []))[1]
                         for s in self._subs.get(f.customer, ())
-                        if s.matches(f) and self._allowed(s, f)]
+                        if s.matches(f) and self._allowed(s, f.customer, f.channel)]
                 if not lists:
                     held.append(f)
                 for share in lists:
@@ -251,15 +251,13 @@ class SubscriberHub:
     def takes(self, topic: Topic) -> bool:
         """True if a subscriber (allowed by a live grant) takes ``topic`` now."""
         customer, channel = topic
-        check = self.may_receive
         return any((not s.channels or channel in s.channels)
-                   and (check is None or s.peer is None or check(s.peer, customer, channel))
+                   and self._allowed(s, customer, channel)
                    for s in self._subs.get(customer, ()))
 
-    def _allowed(self, sub: Subscription, frame: Frame) -> bool:
+    def _allowed(self, sub: Subscription, customer: str, channel: str) -> bool:
         check = self.may_receive
-        return check is None or sub.peer is None or check(sub.peer, frame.customer,
-                                                          frame.channel)
+        return check is None or sub.peer is None or check(sub.peer, customer, channel)
 
     def unacked(self) -> int:
         """Shares written to subscribers and not yet acknowledged."""
