@@ -128,3 +128,32 @@ def test_journal_cursor_cuts_a_torn_line(tmp_path: Path) -> None:
     assert JournalCursor(path).load() == {("a", "b"): 2}
     assert path.read_text().count("\n") == 2 and path.read_text().endswith("\n")
     os.remove(path)
+
+
+async def test_a_tunnel_lost_under_the_last_ack_is_not_an_error(tmp_path: Path) -> None:
+    """The chaos subscriber acknowledges its last batch explicitly; when a GOAWAY ended
+    its tunnel between the batch and that ack, ``ResumingSubscriber.ack`` raised
+    ``TunnelClosed`` and the subscriber died (seen once in CI under
+    tests/rotation/test_goaway_delivery.py). The cursor is committed before the wire
+    ack, so the batch is taken; the lost wire ack is not an error."""
+    from pqcnet.relayer.client import ResumingSubscriber
+
+    node = await start_node(tmp_path, shards=1)
+    cursor = FileCursor(tmp_path / "cursor.json")
+    sub = ResumingSubscriber([("127.0.0.1", node.port)], identities()[2], "acme",
+                             cursor=cursor)
+    pub = await publisher(node.port)
+    try:
+        assert (await pub.publish([Frame("acme", "c", 1, b"x")]))[0].accepted
+        batches = sub.batches()
+        got = await asyncio.wait_for(batches.__anext__(), 20)
+        assert [f.seq for f in got] == [1]
+        assert sub.client is not None
+        await sub.client.tunnel.close()  # the tunnel goes before the ack is sent
+        await sub.ack()  # before: TunnelClosed
+        assert FileCursor(tmp_path / "cursor.json").load() == {("acme", "c"): 1}
+        await batches.aclose()
+    finally:
+        await sub.close()
+        await pub.close()
+        await node.stop()

@@ -384,9 +384,15 @@ class ResumingSubscriber:
             await asyncio.sleep(self.retry_delay)
 
     async def ack(self, upto: Mapping[Topic, int] | None = None) -> None:
-        """Acknowledge (part of) the batch last yielded; see :meth:`SubscriberClient.ack`."""
+        """Acknowledge (part of) the batch last yielded; see :meth:`SubscriberClient.ack`.
+
+        A tunnel lost under the wire ack (a GOAWAY on rotation, a relayer restart) is
+        not an error: the cursor was committed first, and the next connection resumes
+        from it (the relayer sends the batch again, the cursor drops it). A cursor
+        that cannot commit still raises."""
         if self.client is not None:
-            await self.client.ack(upto)
+            with contextlib.suppress(TunnelClosed):
+                await self.client.ack(upto)
 
     async def close(self) -> None:
         """Stop reconnecting and close the current tunnel."""
