@@ -27,6 +27,7 @@ from pqcnet.relayer.client import PublisherClient, SubscriberClient
 from pqcnet.relayer.cursor import MemoryCursor
 from pqcnet.relayer.errors import BusError, BusUnavailable
 from pqcnet.relayer.frame import Frame, decode, encode, shard_for
+from pqcnet.relayer.node import RelayerNode
 from pqcnet.relayer.seqstore import RocksSeqStore
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
 from tests.relayer.e2e import Collector, identities, publisher, start_node, subscriber
@@ -43,6 +44,16 @@ pytestmark = pytest.mark.timeout(180)
 SHARDS = 8
 
 
+def _two_customers() -> tuple[tuple[str, str], tuple[str, str]]:
+    """acme's and globex's topics, on one shard."""
+    a, g = same_shard(SHARDS)
+    return ("acme", a), ("globex", g)
+
+
+def _metrics_port(node: RelayerNode) -> int:
+    port = node.metrics_port
+    assert port, "started with metrics_port=0"
+    return port
 
 
 async def _close(*clients: Collector | PublisherClient | None) -> None:
@@ -76,11 +87,9 @@ async def test_a_topic_nobody_reads_does_not_hold_other_customers(
         kw = {"backend": "redis", "redis_url": url, "redis_prefix": prefix}
     node = await start_node(tmp_path, shards=SHARDS, metrics_port=0,
                             backpressure_interval=0.1, **kw)
-    a, g = same_shard(SHARDS)
-    acme, globex = ("acme", a), ("globex", g)
+    acme, globex = _two_customers()
     shard = shard_for(*acme, SHARDS)
-    port = node.metrics_port
-    assert port
+    port = _metrics_port(node)
     pub = other = late = None
     try:
         other = await subscriber(node.port, "globex")
@@ -143,10 +152,8 @@ async def test_the_parking_bound_makes_the_shard_hold(tmp_path: Path) -> None:
     parked topic's subscriber releases everything, in order, once."""
     node = await start_node(tmp_path, shards=SHARDS, metrics_port=0, park_max_records=30,
                             backpressure_interval=0.1, high_water=40, low_water=5)
-    a, g = same_shard(SHARDS)
-    acme, globex = ("acme", a), ("globex", g)
-    port = node.metrics_port
-    assert port
+    acme, globex = _two_customers()
+    port = _metrics_port(node)
     pub = other = late = None
     try:
         other = await subscriber(node.port, "globex")
@@ -187,8 +194,7 @@ async def test_a_relayer_killed_while_a_topic_is_parked_loses_nothing(tmp_path: 
     kill may have beaten (the rest was marked despite the bus acknowledgement staying
     at the parked record); the parked customer's frames come in order once its
     subscriber arrives."""
-    a, g = same_shard(SHARDS)
-    acme, globex = ("acme", a), ("globex", g)
+    acme, globex = _two_customers()
     proc = await RelayerProcess(write_config(tmp_path, shards=SHARDS)).start()
     cursor = MemoryCursor()  # the live application's: it outlives the relayer's crash
     seen: list[int] = []
