@@ -97,13 +97,13 @@ async def test_a_slow_reader_that_keeps_reading_gets_the_whole_response(
 
 
 async def test_the_watch_cuts_only_a_write_that_waited_and_forgets_every_write() -> None:
-    """``WriteWatch`` on real QSTP streams: a write blocked on a peer that reads nothing
-    is reset after the limit (``end`` reports the cut once); a write that completes, and
+    """``WriteWatch.send`` on real QSTP streams: a write blocked on a peer that reads
+    nothing is reset after the limit (``ClientTooSlow``); a write that completes, and
     one whose task is cancelled, leave nothing behind."""
     from pqcnet import qstp
-    from pqcnet.errors import PqcnetError
     from pqcnet.qstp.aio import Stream, Tunnel
     from pqcnet.qstp.config import QstpConfiguration
+    from pqcnet.sentry.errors import ClientTooSlow
     from pqcnet.sentry.writewatch import WriteWatch
     from tests.qstp.qstputil import make_mesh, running_server
 
@@ -122,13 +122,10 @@ async def test_the_watch_cuts_only_a_write_that_waited_and_forgets_every_write()
         tunnel = await qstp.connect("127.0.0.1", server.port, qmesh.client, config=small)
 
         async def write(stream: Stream, data: bytes) -> bool:
-            watch.begin(stream)
             try:
-                await stream.send(data)
-            except PqcnetError:
-                return watch.end(stream)
-            finally:
-                watch.end(stream)
+                await watch.send(stream, data)
+            except ClientTooSlow:
+                return True
             return False
 
         quick = tunnel.open_stream()

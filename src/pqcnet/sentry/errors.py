@@ -16,6 +16,8 @@ so one exception is enough to count, log and answer a refusal consistently::
         │   ├── AssertionExpired         outside [issued_at, expires_at]
         │   ├── WrongTenant              assertion tenant != tunnel peer tenant
         │   └── ChannelBindingMismatch   bound to another tunnel (replay)
+        ├── ClientTooSlow                a response write waited too long for the client
+        ├── PipeIdle                     a TCP pipe moved nothing for its idle timeout
         ├── Denied                       ACL / tenant namespace refused
         ├── RateLimited                  token bucket empty or concurrency gate full
         └── BackendError                 the backend failed or timed out (retriable)
@@ -60,6 +62,13 @@ class RequestTooLarge(WireError):
 class ClientTooSlow(SentryError):
     """The client did not read the response for ``bounds.response_write_timeout``
     seconds; its stream was reset (nothing can be sent on it any more)."""
+
+    outcome = "error"
+
+
+class PipeIdle(SentryError):
+    """A raw TCP pipe moved no byte either way for ``bounds.tcp_idle_timeout`` seconds;
+    its stream was reset and the backend connection closed."""
 
     outcome = "error"
 

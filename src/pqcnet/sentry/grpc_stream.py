@@ -47,6 +47,7 @@ from pqcnet.errors import PqcnetError
 from pqcnet.sentry.backends import MAX_GRPC_MESSAGE, metadata_to_wire
 from pqcnet.sentry.errors import RequestTooLarge, WireError
 from pqcnet.sentry.wire import ResponseHead, decode_response, encode_response
+from pqcnet.sentry.writewatch import WriteWatch
 
 log = logging.getLogger("pqcnet.sentry")
 
@@ -125,13 +126,15 @@ def decode_trailers(payload: bytes) -> ResponseHead:
 
 
 async def proxy_stream(stream: Any, call: grpc.aio.StreamStreamCall[bytes, bytes],
-                       rest: bytes) -> int:
+                       rest: bytes, watch: WriteWatch) -> int:
     """Relay one streaming call between a tunnel stream and a backend call until the
-    backend's status is sent (or either side goes away); returns the gRPC code."""
+    backend's status is sent (or either side goes away); returns the gRPC code. Each
+    write to the client is under ``watch``: a client that stops reading is cut
+    (:class:`~pqcnet.sentry.errors.ClientTooSlow`) and the backend call cancelled."""
     gone = asyncio.Event()  # set when the client side ended the call
     up = asyncio.create_task(_client_to_backend(stream, call, rest, gone))
     try:
-        return await _backend_to_client(stream, call, gone)
+        return await _backend_to_client(stream, call, gone, watch)
     finally:
         if not call.done():
             call.cancel()
@@ -166,16 +169,16 @@ async def _client_to_backend(stream: Any, call: grpc.aio.StreamStreamCall[bytes,
 
 
 async def _backend_to_client(stream: Any, call: grpc.aio.StreamStreamCall[bytes, bytes],
-                             gone: asyncio.Event) -> int:
+                             gone: asyncio.Event, watch: WriteWatch) -> int:
     try:
         initial = await call.initial_metadata()
-        await stream.send(encode_response(ResponseHead(
+        await watch.send(stream, encode_response(ResponseHead(
             200, metadata_to_wire(initial or ()))))
         while True:
             message = await call.read()  # asked for only when the last send returned
             if message is EOF or not isinstance(message, bytes):
                 break
-            await stream.send(message_frame(message))
+            await watch.send(stream, message_frame(message))
     except grpc.RpcError:
         pass  # the status is read below
     except asyncio.CancelledError:
@@ -188,8 +191,8 @@ async def _backend_to_client(stream: Any, call: grpc.aio.StreamStreamCall[bytes,
     details = await call.details() or ""
     trailing = await call.trailing_metadata()
     value = int(code.value[0])
-    await stream.send(trailer_frame(value, details, metadata_to_wire(trailing or ())),
-                      end=True)
+    await watch.send(stream, trailer_frame(value, details, metadata_to_wire(trailing or ())),
+                     end=True)
     return value
 
 

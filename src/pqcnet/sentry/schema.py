@@ -74,7 +74,12 @@ class Bounds(Schema):
     """Seconds one write of a response may wait for the client to read (QSTP flow
     control) before the stream is reset: a client that stops reading a large response
     gives back its concurrency-gate slot and backend connection. Per write, so a slow
-    client that keeps reading gets everything."""
+    client that keeps reading gets everything. Also bounds each write of a streaming
+    gRPC call's messages and of a TCP pipe's bytes to the client."""
+    tcp_idle_timeout: float = Field(default=600.0, gt=0, le=86_400)
+    """Seconds a raw TCP pipe may move no byte in either direction before the sentry
+    closes it (both sides) and frees its gate slot; like nginx's stream
+    ``proxy_timeout``. A backend that stops reading stalls the pipe, so it ends too."""
     max_tunnels: Count = 1024
     """QSTP tunnels served at once; one more is refused when it connects. Each open
     tunnel costs a socket and about 74 KiB (``pqcnet bench memory``)."""

@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,6 +47,7 @@ from pqcnet.sentry.errors import (
     ClientTooSlow,
     ConcurrencyLimited,
     Denied,
+    PipeIdle,
     RateLimited,
     RequestTooLarge,
     SentryError,
@@ -183,32 +184,19 @@ async def _proxy(sentry: Sentry, stream: RpcStream, head: RequestHead, adm: Admi
     a waiting write holds a gate slot and a backend connection)."""
     req = sentry.prepare(head, body, adm)
     resp = await sentry.backend(adm.backend.name).forward(req)
-    watch = sentry.write_watch
-
-    async def send(data: bytes, end: bool = False) -> None:
-        watch.begin(stream)
-        try:
-            await stream.send(data, end=end)
-        except PqcnetError:
-            if watch.end(stream):  # the watch reset the stream: the client stopped reading
-                raise ClientTooSlow("client read nothing of the response for "
-                                    f"{watch.limit:g}s") from None
-            raise
-        finally:  # also when cancelled (the tunnel went away): nothing left watched
-            watch.end(stream)
-
+    send = sentry.write_watch.send  # ClientTooSlow once a write waited too long
     try:
         head_bytes = encode_response(ResponseHead(
             status=resp.status, headers=resp.headers, grpc_code=resp.grpc_code,
             reason=resp.reason))
         try:
             if resp.inline is not None:
-                await send(head_bytes + resp.inline, end=True)
+                await send(stream, head_bytes + resp.inline, end=True)
                 return None
-            await send(head_bytes)
+            await send(stream, head_bytes)
             async for chunk in resp.body:
-                await send(chunk)
-            await send(b"", end=True)
+                await send(stream, chunk)
+            await send(stream, b"", end=True)
         except ClientTooSlow as exc:  # the stream was reset by the watch
             log.warning("client stopped reading the response; stream reset",
                         extra={"reason": str(exc), "backend": adm.backend.name})
@@ -231,33 +219,66 @@ async def _grpc_stream(sentry: Sentry, stream: RpcStream, head: RequestHead, adm
     if not isinstance(backend, GrpcBackend):
         raise Denied(f"backend {adm.backend.name!r} is not a gRPC backend")
     req = sentry.prepare(head, b"", adm)
-    await proxy_stream(stream, backend.open_stream(req), rest)
+    await proxy_stream(stream, backend.open_stream(req), rest, sentry.write_watch)
 
 
 async def _pipe_tcp(sentry: Sentry, stream: RpcStream, adm: Admission, rest: bytes) -> None:
+    """Bytes both ways between the stream and a backend connection until both sides
+    ended, either failed, a write to the client waited ``response_write_timeout``
+    (:class:`ClientTooSlow`) or nothing moved for ``tcp_idle_timeout`` (:class:`PipeIdle`):
+    a pipe holds a gate slot for its life, so it must not outlive its use."""
     reader, writer = await sentry.tcp_backend(adm.backend.name).connect()
-    await stream.send(encode_response(ResponseHead(status=200)))
+    watch, idle = sentry.write_watch, sentry.config.bounds.tcp_idle_timeout
+    loop = asyncio.get_running_loop()
+    moved = loop.time()  # when a byte last came in from either side
+    open_sides = 2
 
     async def up() -> None:
+        nonlocal moved
         if rest:
             writer.write(rest)
         while data := await stream.recv():
+            moved = loop.time()
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
 
     async def down() -> None:
+        nonlocal moved
         while chunk := await reader.read(TCP_READ_CHUNK):
-            await stream.send(chunk)
-        await stream.send(b"", end=True)
+            moved = loop.time()
+            await watch.send(stream, chunk)
+        await watch.send(stream, b"", end=True)
 
+    async def side(run: Callable[[], Awaitable[None]]) -> None:
+        nonlocal open_sides
+        await run()
+        open_sides -= 1
+        if not open_sides:
+            dog.cancel()  # both directions ended: the pipe is done
+
+    async def watchdog() -> None:
+        # a deadline moved forward as bytes flow, not an event: a per-chunk timer
+        # reschedule would cost more than this one wake-up per quiet period
+        quiet = 0.0
+        while quiet < idle:
+            await asyncio.sleep(idle - quiet)
+            quiet = loop.time() - moved
+        stream.reset(ErrorCode.CANCELLED, f"tcp pipe idle for {idle:g}s")
+        raise PipeIdle(f"tcp pipe moved nothing for {idle:g}s")
+
+    await stream.send(encode_response(ResponseHead(status=200)))
     try:
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(up())
-            tg.create_task(down())
-    except* (OSError, ConnectionError, TunnelClosed):
-        pass
+            dog = tg.create_task(watchdog())
+            tg.create_task(side(up))
+            tg.create_task(side(down))
+    except ExceptionGroup as group:
+        _, cut = group.split((OSError, ConnectionError, TunnelClosed))
+        if cut is not None:  # a bound ended the pipe (or a bug): said, not swallowed
+            first = cut.exceptions[0]
+            raise first if isinstance(first, SentryError) else cut from None
     finally:
         await close_quietly(writer)
 

@@ -11,7 +11,8 @@ writes that almost never wait. Here a write costs two dict operations; one task 
 sentry looks every ``limit / 4`` seconds and resets the streams whose current write
 began ``limit`` seconds ago or more. A write that waited is therefore cut between
 ``limit`` and ``1.25 * limit``. The deadline is per write, not per response: a slow
-client that keeps reading gets everything.
+client that keeps reading gets everything. Responses, streaming gRPC messages and TCP
+pipe bytes towards the client all go through :meth:`WriteWatch.send`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 from pqcnet.errors import PqcnetError
 from pqcnet.qstp.frames import ErrorCode
+from pqcnet.sentry.errors import ClientTooSlow
 
 log = logging.getLogger("pqcnet.sentry")
 
@@ -43,6 +45,19 @@ class WriteWatch:
     def watching(self) -> int:
         """Writes in progress (bounded by the RPCs in flight)."""
         return len(self._writing) + len(self.cut)
+
+    async def send(self, stream: Any, data: bytes, end: bool = False) -> None:
+        """``stream.send`` under the watch; :class:`ClientTooSlow` if the watch cut it
+        (the stream is reset then: nothing more can go out on it)."""
+        self.begin(stream)
+        try:
+            await stream.send(data, end=end)
+        except PqcnetError:
+            if self.end(stream):
+                raise ClientTooSlow(f"client read nothing for {self.limit:g}s") from None
+            raise
+        finally:  # also when cancelled (the tunnel went away): nothing left watched
+            self.end(stream)
 
     def begin(self, stream: Any) -> None:
         """A write on ``stream`` starts."""
@@ -69,8 +84,8 @@ class WriteWatch:
                 if now - began >= self.limit and stream not in self.cut:
                     self.cut.add(stream)
                     with contextlib.suppress(PqcnetError):
-                        stream.reset(ErrorCode.CANCELLED, "client read nothing of the "
-                                     f"response for {self.limit:g}s")
+                        stream.reset(ErrorCode.CANCELLED,
+                                     f"client read nothing for {self.limit:g}s")
 
     async def aclose(self) -> None:
         """Stop the sweep."""
