@@ -227,7 +227,13 @@ class RelayerShardWorker:
         """One consume/deliver/persist/ack round; returns frames delivered."""
         if self._unsure is not None:
             await self._settle_unsure()
-        if self._parked:
+        if (self._parked or self.behind_park) and not self.bus.owns(self.shard):
+            # the shard went to another relayer, which reads the parked records from the
+            # bus commit: nothing is parked here any more (the gauges said so until the
+            # shard came back). Reset below; a shard that comes back resets again
+            self._hold.clear()
+            self._seq = None
+        elif self._parked:
             await self._unpark()
         if self._seq is None:
             await self._reset()

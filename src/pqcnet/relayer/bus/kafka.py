@@ -60,6 +60,12 @@ _PRODUCER_FATAL = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerE
                    ProducerFenced)
 #: default partitions of the relayer topic (the issue asks for >= 32)
 DEFAULT_PARTITIONS = 32
+#: longest a consumer's fetch waits at the broker when nothing is new, ms (aiokafka's
+#: default is 500). A rewind (a parked topic's replay, a worker reset) waits for the
+#: fetch in flight and then one more: 1.02 s per replay at 500, 0.42 s at 100
+#: (``pqcnet bench parking --backend kafka``). A fetch returns as soon as a record
+#: arrives either way; an idle consumer sends 10 fetches/s instead of 2.
+FETCH_MAX_WAIT_MS = 100
 
 
 def _bus_error(exc: KafkaError) -> BusError:
@@ -226,7 +232,7 @@ class KafkaBus(Bus):
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.bootstrap, group_id=group, client_id=self.client_id,
                 enable_auto_commit=False, auto_offset_reset="earliest",
-                isolation_level="read_committed",
+                isolation_level="read_committed", fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
                 session_timeout_ms=int(self.session_timeout * 1000),
                 heartbeat_interval_ms=max(100, int(self.session_timeout * 1000 / 3)),
                 group_instance_id=self.instance_id if self.rebalance else None,
