@@ -268,8 +268,8 @@ async def _pipe_tcp(sentry: Sentry, stream: RpcStream, adm: Admission, rest: byt
         stream.reset(ErrorCode.CANCELLED, f"tcp pipe idle for {idle:g}s")
         raise PipeIdle(f"tcp pipe moved nothing for {idle:g}s")
 
-    await stream.send(encode_response(ResponseHead(status=200)))
     try:
+        await stream.send(encode_response(ResponseHead(status=200)))
         async with asyncio.TaskGroup() as tg:
             dog = tg.create_task(watchdog())
             tg.create_task(side(up))
