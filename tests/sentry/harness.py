@@ -232,15 +232,38 @@ async def grpc_backend() -> AsyncIterator[tuple[EchoServicer, int]]:
         await server.stop(None)
 
 
-@contextlib.asynccontextmanager
-async def tcp_echo() -> AsyncIterator[int]:
-    async def client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        while data := await r.read(65536):
-            w.write(data[::-1])
-            await w.drain()
-        w.close()
+class TcpEcho:
+    """TCP echo backend: echoes each read reversed; after :data:`FLOOD` it writes
+    :data:`FLOOD_CHUNK` until the peer goes (a backend that talks to a client that
+    stopped reading). Counts connections opened and closed, seen from its side."""
 
-    server = await asyncio.start_server(client, "127.0.0.1", 0)
+    FLOOD = b"flood"
+    FLOOD_CHUNK = b"f" * 65536
+
+    def __init__(self) -> None:
+        self.opened = self.closed = 0
+
+    async def client(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.opened += 1
+        try:
+            while data := await r.read(65536):
+                if data == self.FLOOD:
+                    while True:  # drain() waits while nobody reads; fails once closed
+                        w.write(self.FLOOD_CHUNK)
+                        await w.drain()
+                w.write(data[::-1])
+                await w.drain()
+        except OSError:  # the peer reset or went; nothing to echo to
+            pass
+        finally:
+            self.closed += 1
+            w.close()
+
+
+@contextlib.asynccontextmanager
+async def tcp_echo(backend: TcpEcho | None = None) -> AsyncIterator[int]:
+    """A :class:`TcpEcho` (``backend``, to watch its counts) on a loopback port."""
+    server = await asyncio.start_server((backend or TcpEcho()).client, "127.0.0.1", 0)
     try:
         yield server.sockets[0].getsockname()[1]
     finally:

@@ -28,47 +28,18 @@ from pqcnet.proto import echo_pb2, echo_pb2_grpc
 from pqcnet.sentry.sidecar import serve_grpc, serve_tcp
 from tests.relayer.helpers import eventually
 
-from .harness import Mesh, Stack, config_dict, grpc_backend, sentry_stack, write_config
+from .harness import (
+    Mesh,
+    Stack,
+    TcpEcho,
+    config_dict,
+    grpc_backend,
+    sentry_stack,
+    tcp_echo,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(90)
-
-FLOOD = b"flood"
-CHUNK = b"f" * 65536
-
-
-class TcpBackend:
-    """Echoes each read reversed; after :data:`FLOOD` writes until the peer goes.
-    Counts connections opened and closed (seen from the backend's side)."""
-
-    def __init__(self) -> None:
-        self.opened = self.closed = 0
-
-    async def client(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        self.opened += 1
-        try:
-            while data := await r.read(65536):
-                if data == FLOOD:
-                    while True:  # drain() waits while nobody reads; fails once closed
-                        w.write(CHUNK)
-                        await w.drain()
-                w.write(data[::-1])
-                await w.drain()
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self.closed += 1
-            w.close()
-
-
-@contextlib.asynccontextmanager
-async def _tcp_backend() -> AsyncIterator[tuple[TcpBackend, int]]:
-    backend = TcpBackend()
-    server = await asyncio.start_server(backend.client, "127.0.0.1", 0)
-    try:
-        yield backend, server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-
 
 @contextlib.asynccontextmanager
 async def _stack(tmp_path: Path, mesh: Mesh, grpc_port: int, tcp_port: int,
@@ -109,7 +80,8 @@ async def test_an_idle_pipe_is_closed_at_both_ends_and_a_talking_one_is_not(
     """Idle timeout 2 s: one pipe says nothing after its first echo, the other echoes
     every 0.2 s for 5 s. The quiet one ends (client and backend see it), the talking
     one gets every echo; then its client closes it: no second ``PipeIdle``."""
-    async with _tcp_backend() as (backend, tcp_port), \
+    backend = TcpEcho()
+    async with tcp_echo(backend) as tcp_port, \
             _stack(tmp_path, mesh, 1, tcp_port, tcp_idle_timeout=2.0) as s, \
             _pipes(s, mesh) as port:
         quiet_r, quiet_w = await asyncio.open_connection("127.0.0.1", port)
@@ -144,13 +116,14 @@ async def test_a_pipe_whose_client_stops_reading_is_cut(tmp_path: Path, mesh: Me
     waits ``response_write_timeout`` (1 s) and the pipe is cut; the backend's writes
     fail (its connection closed), the slot comes back. The idle timeout (60 s) plays
     no part: bytes were moving until the client's buffers were full."""
-    async with _tcp_backend() as (backend, tcp_port), \
+    backend = TcpEcho()
+    async with tcp_echo(backend) as tcp_port, \
             _stack(tmp_path, mesh, 1, tcp_port, response_write_timeout=1.0,
                    tcp_idle_timeout=60.0) as s, \
             _pipes(s, mesh) as port:
         _r, w = await asyncio.open_connection("127.0.0.1", port)
         try:
-            w.write(FLOOD)
+            w.write(TcpEcho.FLOOD)
             await w.drain()
             gate = s.sentry.gate
             await eventually(lambda: gate.in_flight == 1, 10)
