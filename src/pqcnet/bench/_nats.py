@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.bench._cpu import settle
 from pqcnet.bench._env import services_env
 from pqcnet.bench._stats import percentiles
@@ -181,9 +182,8 @@ async def nats_py(server: NatsServer, frames: int, topics: int, size: int, publi
             elapsed = time.perf_counter() - t0
             await consumer
         finally:
-            consumer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, nats.errors.Error):
-                await consumer
+            with contextlib.suppress(nats.errors.Error):
+                await cancel_and_wait(consumer)
                 await psub.unsubscribe()
             with contextlib.suppress(nats.errors.Error):
                 await js.delete_stream(name)  # the file store is not left behind

@@ -29,11 +29,11 @@ is caught, logged and counted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 
+from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.crypto.pqc import SigningKey, VerifyKey
 from pqcnet.errors import PqcnetError
 from pqcnet.mesh import metrics
@@ -250,15 +250,13 @@ class ControlPlaneAgent:
         await self.announce()
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        self._tasks.clear()
-        if self._sub is not None:
-            self._sub.close()
-        await self.transport.close()
+        try:
+            await cancel_and_wait(*self._tasks)
+        finally:  # the subscription and transport close even when this is cancelled
+            self._tasks.clear()
+            if self._sub is not None:
+                self._sub.close()
+            await self.transport.close()
 
     async def _receive_loop(self, sub: Subscription) -> None:
         while True:

@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.mesh.errors import ConfigError, WakuError, WakuUnavailable
 from pqcnet.mesh.transport import DEFAULT_MAX_PENDING, Subscription, WakuMessage
 from pqcnet.mesh.waku_rest import WakuClientConfig, WakuRestClient
@@ -314,25 +315,20 @@ class WakuTransport:
 
     async def close(self) -> None:
         """Stop every leg, delete our subscriptions where nodes answer, close clients."""
-        if self._health is not None:
-            self._health.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health
+        try:
+            await cancel_and_wait(self._health)
             self._health = None
-        for placed in list(self._placed.values()):
-            placed.sub.close()
-            for task in placed.legs.values():
-                task.cancel()
-            for task in placed.legs.values():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._placed.clear()
-        for node, topics in enumerate(self._topics_on):
-            if topics:  # also on given-up nodes: they may be paused, not dead
-                client = self.clients[node]
-                with contextlib.suppress(WakuError, TimeoutError):
-                    async with asyncio.timeout(client.config.timeout_s):
-                        await client.unsubscribe(sorted(topics))
-            topics.clear()
-        for client in self.clients:
-            await client.aclose()
+            for placed in self._placed.values():
+                placed.sub.close()
+            await cancel_and_wait(*(t for p in self._placed.values() for t in p.legs.values()))
+            self._placed.clear()
+            for node, topics in enumerate(self._topics_on):
+                if topics:  # also on given-up nodes: they may be paused, not dead
+                    client = self.clients[node]
+                    with contextlib.suppress(WakuError, TimeoutError):
+                        async with asyncio.timeout(client.config.timeout_s):
+                            await client.unsubscribe(sorted(topics))
+                topics.clear()
+        finally:  # the HTTP clients close even when this close is cancelled
+            for client in self.clients:
+                await client.aclose()

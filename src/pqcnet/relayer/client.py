@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 
+from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.errors import PqcnetError
 from pqcnet.identity import NodeIdentity
 from pqcnet.qstp import aio
@@ -202,11 +203,12 @@ class PublisherClient:
 
     async def close(self) -> None:
         """Close the stream and the tunnel."""
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, PqcnetError):
-            await self._reader
-        with contextlib.suppress(PqcnetError):
-            await self.tunnel.close()
+        try:
+            with contextlib.suppress(PqcnetError):
+                await cancel_and_wait(self._reader)
+        finally:  # the tunnel closes even when this close is cancelled
+            with contextlib.suppress(PqcnetError):
+                await self.tunnel.close()
 
 
 class SubscriberClient:
@@ -572,11 +574,8 @@ class ClusterSubscriber:
                 self._source, batch, taken = item
                 yield batch
         finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, PqcnetError, OSError):
-                    await t
+            with contextlib.suppress(PqcnetError, OSError):
+                await cancel_and_wait(*tasks)
 
     async def ack(self, upto: Mapping[Topic, int] | None = None) -> None:
         """Acknowledge (part of) the batch last yielded, to the relayer it came from."""

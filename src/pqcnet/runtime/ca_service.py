@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
@@ -40,6 +39,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client import Counter, Gauge
 
+from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.crypto.errors import CryptoError
 from pqcnet.crypto.pqc import SigningKey, VerifyKey
 from pqcnet.errors import PqcnetError
@@ -302,13 +302,12 @@ class CaService:
         self._maintenance = asyncio.create_task(loop())
 
     async def close(self) -> None:
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintenance
-        for srv in (self.server, self.plain):
-            if srv is not None:
-                await srv.close()
+        try:
+            await cancel_and_wait(self._maintenance)
+        finally:  # the listeners close even when this close is cancelled
+            for srv in (self.server, self.plain):
+                if srv is not None:
+                    await srv.close()
 
     def refresh_server_identity(self) -> None:
         """Re-issue the service's own certificate (half-life) and reload the CRL into TLS."""

@@ -31,7 +31,6 @@ certificate, and peers reconnect on the new one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import os
@@ -42,6 +41,7 @@ from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge
 
+from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.errors import PqcnetError
 from pqcnet.identity.certs import utcnow
 from pqcnet.identity.crl import RevocationList, load_crl
@@ -186,10 +186,7 @@ class IdentityManager:
     async def stop(self) -> None:
         for stopper in self._stoppers:
             await stopper()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         while True:
@@ -376,10 +373,7 @@ class ServerBinding:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def apply(self, identity: NodeIdentity, certificate_changed: bool) -> None:
         old = self.server.identity

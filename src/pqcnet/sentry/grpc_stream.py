@@ -34,7 +34,6 @@ sidecar's side is in :mod:`pqcnet.sentry.sidecar`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import struct
 from collections.abc import Iterable
@@ -43,6 +42,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.errors import PqcnetError
 from pqcnet.sentry.backends import MAX_GRPC_MESSAGE, metadata_to_wire
 from pqcnet.sentry.errors import RequestTooLarge, WireError
@@ -138,9 +138,7 @@ async def proxy_stream(stream: Any, call: grpc.aio.StreamStreamCall[bytes, bytes
     finally:
         if not call.done():
             call.cancel()
-        up.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await up
+        await cancel_and_wait(up)
 
 
 async def _client_to_backend(stream: Any, call: grpc.aio.StreamStreamCall[bytes, bytes],

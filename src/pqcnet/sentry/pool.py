@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.errors import PqcnetError
 from pqcnet.sentry.errors import BackendError
 from pqcnet.sentry.sidecar import Sidecar
@@ -260,13 +261,12 @@ class SentryPool:
 
     async def aclose(self) -> None:
         """Stop the health check and close every tunnel."""
-        if self._health is not None:
-            self._health.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health
+        try:
+            await cancel_and_wait(self._health)
+        finally:  # the tunnels close even when this close is cancelled
             self._health = None
-        for m in self.members:
-            await m.sidecar.aclose()
+            for m in self.members:
+                await m.sidecar.aclose()
 
 
 __all__ = ["Member", "SentryPool"]

@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.errors import PqcnetError
 from pqcnet.qstp.errors import TunnelClosed
 from pqcnet.qstp.frames import ErrorCode
@@ -417,11 +418,10 @@ class SentryServer:
 
     async def aclose(self) -> None:
         """Stop listening, end tunnels, close backend pools."""
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-        await self.sentry.aclose()
+        try:
+            await cancel_and_wait(self._watch)
+        finally:  # the listener and backends close even when this close is cancelled
+            if self._server is not None:
+                self._server.close()
+                await self._server.wait_closed()
+            await self.sentry.aclose()

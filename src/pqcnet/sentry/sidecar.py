@@ -40,6 +40,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.crypto.pqc import SigningKey
 from pqcnet.errors import PqcnetError
 from pqcnet.identity import NodeIdentity
@@ -353,12 +354,12 @@ async def _forward_stream(sidecar: Upstream, method: str,
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
                                     "sentry stream ended without a gRPC status")
     finally:
-        up.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await up
-        if not finished:  # cancelled, failed, or the app still sending: abort our half
-            with contextlib.suppress(PqcnetError, OSError):
-                stream.reset(ErrorCode.CANCELLED, "grpc call ended by the client side")
+        try:
+            await cancel_and_wait(up)
+        finally:
+            if not finished:  # cancelled, failed, or the app still sending: abort our half
+                with contextlib.suppress(PqcnetError, OSError):
+                    stream.reset(ErrorCode.CANCELLED, "grpc call ended by the client side")
 
 
 async def _app_to_sentry(stream: Any, context: grpc.aio.ServicerContext[bytes, bytes]

@@ -22,6 +22,7 @@ import contextlib
 import logging
 from typing import Any
 
+from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.errors import PqcnetError
 from pqcnet.qstp.frames import ErrorCode
 from pqcnet.sentry.errors import ClientTooSlow
@@ -89,8 +90,5 @@ class WriteWatch:
 
     async def aclose(self) -> None:
         """Stop the sweep."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None

@@ -50,6 +50,7 @@ from aiokafka.errors import (
     UnknownProducerId,
 )
 
+from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.relayer.bus.base import Bus, Delivery, Offset
 from pqcnet.relayer.bus.kafka_pump import PartitionPump
 from pqcnet.relayer.errors import BusError, BusUnavailable
@@ -419,22 +420,21 @@ class KafkaBus(Bus):
         return True
 
     async def close(self) -> None:
-        if self._committer is not None:
-            self._committer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._committer
-        for group in list(self._consumers):
-            with contextlib.suppress(BusError):
-                await self._commit(group)
-        for pump in self._pumps.values():
-            await pump.close()
-        self._pumps.clear()
-        for consumer in self._consumers.values():
-            await consumer.stop()
-        self._consumers.clear()
-        if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+        try:
+            await cancel_and_wait(self._committer)
+            for group in list(self._consumers):
+                with contextlib.suppress(BusError):
+                    await self._commit(group)
+        finally:  # the clients close even when this close is cancelled (commits may not)
+            for pump in self._pumps.values():
+                await pump.close()
+            self._pumps.clear()
+            for consumer in self._consumers.values():
+                await consumer.stop()
+            self._consumers.clear()
+            if self._producer is not None:
+                await self._producer.stop()
+                self._producer = None
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]

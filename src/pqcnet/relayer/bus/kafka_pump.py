@@ -26,13 +26,13 @@ What it keeps from the direct calls:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.relayer.bus.base import Delivery, Wakeups
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,11 @@ class PartitionPump:
                                                                 name="kafka-pump")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        try:
+            await cancel_and_wait(self._task)
+        finally:  # workers waiting on a shard are woken even when this is cancelled
             self._task = None
-        self._wakeups.wake_all()
+            self._wakeups.wake_all()
 
     # ------------------------------------------------------------------ worker side
     def take(self, shard: int, max_records: int) -> list[Delivery]:

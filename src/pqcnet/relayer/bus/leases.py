@@ -43,6 +43,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from pqcnet._util.tasks import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 #: default seconds a shard lease lasts without renewal
@@ -270,10 +272,7 @@ class ShardLeases:
     async def close(self) -> None:
         """Stop renewing, hand every lease back and leave the members (clean stop: the
         others take the shards over at once instead of after ``lease`` s)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         for t in list(self._releases):
             t.cancel()
         await asyncio.gather(*self._releases, return_exceptions=True)
