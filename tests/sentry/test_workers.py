@@ -1,5 +1,6 @@
 """`pqcnet sentry run --workers N`: N processes on one port (SO_REUSEPORT) with one set
-of limits — the tenant bucket and the concurrency gate hold across workers."""
+of limits — the tenant bucket, the concurrency gate and each tenant's cap on the gate
+hold across workers."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from pqcnet.sentry.errors import ConcurrencyLimited, RateLimited
+from pqcnet.sentry.errors import ConcurrencyLimited, RateLimited, TenantConcurrencyLimited
 from pqcnet.sentry.limiter import Plan
 from pqcnet.sentry.shared import SharedConcurrencyGate, SharedLimitState, SharedRateLimiter
 from pqcnet.sentry.sidecar import Sidecar
 from pqcnet.sentry.wire import RequestHead
 from tests.procs import children, running
+from tests.relayer.helpers import eventually
 
 from .harness import HttpBackend, Mesh, sidecar_to
 from .test_pool import sentry_process
@@ -157,3 +159,91 @@ async def test_two_workers_share_the_concurrency_gate(tmp_path: Path, mesh: Mesh
     statuses = sorted(h.status for h, _s, _f in heads)
     assert backend.seen.max_in_flight <= 2
     assert statuses.count(429) >= 4, statuses
+
+
+def test_a_tenants_cap_is_one_across_attached_workers() -> None:
+    """A tenant's cap (here half of a gate of 4) counts its holders on every worker:
+    two on worker 0 and 1 leave it no third anywhere, while another tenant still
+    enters. A dead worker's holders are freed with it. Rows of tenants holding nothing
+    are reused, and more tenants in flight than a probe window of rows is a refusal,
+    never a miscount."""
+    lock = threading.Lock()
+    owner = SharedLimitState.create(lock, workers=2, slots=64, held_slots=64)
+    other = SharedLimitState.attach(owner.path, lock)
+    try:
+        g0 = SharedConcurrencyGate(owner, 0, 4, 0.5)
+        g1 = SharedConcurrencyGate(other, 1, 4, 0.5)
+        g0.acquire("acme")
+        g1.acquire("acme")
+        for g in (g0, g1):
+            with pytest.raises(TenantConcurrencyLimited, match="has 2 requests"):
+                g.acquire("acme")
+        g1.acquire("globex")
+        assert g0.tenant_in_flight("acme") == 2 and g1.tenant_in_flight("globex") == 1
+        assert (g0.by_tenant, g1.by_tenant) == ({"acme": 1}, {"acme": 1, "globex": 1})
+        owner.reset_worker(1)  # worker 1 died holding one of acme's and globex's
+        assert g0.tenant_in_flight("acme") == 1 and g0.tenant_in_flight("globex") == 0
+        g0.acquire("acme")
+        g0.release("acme")
+        g0.release("acme")
+        assert g0.tenant_in_flight("acme") == 0 and g0.global_in_flight() == 0
+        # 500 tenants one after another through 64 rows: a row is free again once its
+        # tenant holds nothing (else a window fills and acquire refuses)
+        for i in range(500):
+            g0.acquire(f"t{i}")
+            g0.release(f"t{i}")
+        assert g0.global_in_flight() == 0 and g0.by_tenant == {}
+    finally:
+        other.close()
+        owner.close()
+    tiny = SharedLimitState.create(lock, workers=1, slots=8, held_slots=2)
+    try:
+        gate = SharedConcurrencyGate(tiny, 0, 100, 1.0)
+        tenants = [f"t{i}" for i in range(5)]
+        taken = []
+        for t in tenants:  # two rows: at most two tenants in flight at once
+            try:
+                gate.acquire(t)
+                taken.append(t)
+            except ConcurrencyLimited as exc:
+                assert "shared table full" in str(exc)
+        assert len(taken) == 2 and gate.in_flight == 2
+        assert sum(gate.tenant_in_flight(t) for t in tenants) == 2
+        for t in taken:
+            gate.release(t)
+        gate.acquire(tenants[4])  # rows free again
+        assert gate.tenant_in_flight(tenants[4]) == 1
+    finally:
+        tiny.close()
+
+
+async def test_two_workers_keep_one_tenant_cap(tmp_path: Path, mesh: Mesh) -> None:
+    """16 tunnels of acme (spread over both workers by the kernel) each start a slow
+    call at once; the gate is 4 with a tenant share of half. acme gets exactly 2 in
+    flight — per-worker caps would let it hold 2 on each worker, the whole gate — and
+    globex, calling while acme's 2 are held, is served."""
+    slow = HttpBackend(delay=1.5)
+    with slow as backend, sentry_process(mesh, tmp_path / "s", backend.port, workers=2,
+                                         max_in_flight=4, tenant_share=0.5) as (_p, port):
+        acme = [sidecar_to(port, mesh.acme, mesh.acme_issuer, subject=f"u{i}")
+                for i in range(16)]
+        globex = sidecar_to(port, mesh.globex, mesh.globex_issuer, tenant="globex",
+                            subject="gina")
+        try:
+            for s in [*acme, globex]:
+                await s.session()
+            calls = [asyncio.create_task(s.call(STATUS, b"")) for s in acme]
+            await eventually(lambda: backend.seen.in_flight >= 2, 20)
+            head, stream, _first = await globex.call(
+                RequestHead("http", "POST", "/globex/x"), b'{"q": 1}')
+            while await stream.recv():
+                pass
+            heads = await asyncio.gather(*calls)
+        finally:
+            for s in [*acme, globex]:
+                await s.aclose()
+    statuses = sorted(h.status for h, _s, _f in heads)
+    assert statuses == [200] * 2 + [429] * 14, statuses
+    assert head.status == 200
+    assert backend.seen.max_in_flight <= 3  # acme's 2 and globex's 1
+    assert [q["path"] for q in backend.seen.requests].count("/globex/x") == 1

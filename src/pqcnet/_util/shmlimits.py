@@ -9,19 +9,24 @@ each worker) — not in Redis: a take is a lock, a few struct reads/writes and a
 (≈ 2 µs), where a Redis round trip per request would cost more than the request's CPU
 budget and add a network dependency. Workers are processes on one host; several hosts
 remain independent (each host its own limits). Users: the sentry's rate limiter and
-concurrency gate (:mod:`pqcnet.sentry.shared`) and the relayer's per-customer quotas
-(:mod:`pqcnet.relayer.authz`).
+concurrency gate with its per-tenant caps (:mod:`pqcnet.sentry.shared`) and the
+relayer's per-customer quotas (:mod:`pqcnet.relayer.authz`).
 
 Layout (little-endian)::
 
-    header   magic u64 ‖ slots u32 ‖ workers u32
+    header   magic u64 ‖ slots u32 ‖ workers u32 ‖ held slots u32 ‖ spare u32
     gate     workers x i64   in-flight per worker (a dead worker's count is zeroed by
                              the supervisor, so a crash cannot leak gate capacity)
     table    slots x (fingerprint u64 ‖ tokens f64 ‖ last f64 ‖ spare u64)
+    held     held slots x (fingerprint u64 ‖ workers x i32)   in-flight per key
+                             (a tenant) per worker, zeroed with the worker's gate count
 
 A bucket is found by an 8-byte BLAKE2b :func:`fingerprint` in an open-addressed table
 probed :data:`PROBE` slots deep; a full window evicts its least recently used bucket,
 which comes back full — the same forgetting as a single-process limiter's LRU bound.
+A held row is found the same way, but is never evicted while it counts anything (that
+would free slots still held): a row whose counts are all zero is free for another key,
+and a window of :data:`PROBE` rows all in use refuses the take (as a full gate would).
 """
 
 from __future__ import annotations
@@ -54,13 +59,17 @@ class Rate(Protocol):
 
 #: buckets in a segment by default (clients x 2: subject and tenant-wide buckets)
 DEFAULT_SLOTS = 200_000
-MAGIC = 0x70716353_4C494D31  # "pqcSLIM1"
+#: held rows by default: keys (tenants) with something in flight at once
+DEFAULT_HELD_SLOTS = 4096
+MAGIC = 0x70716353_4C494D32  # "pqcSLIM2"
 #: Slots probed per lookup before the least recently used one is evicted.
 PROBE = 16
 #: Most worker processes one sentry may run.
 MAX_WORKERS = 64
-_HEAD = struct.Struct("<QII")
+_HEAD = struct.Struct("<QIIII")
 _I64 = struct.Struct("<q")
+_I32 = struct.Struct("<i")
+_U64 = struct.Struct("<Q")
 _SLOT = struct.Struct("<QddQ")
 
 
@@ -99,24 +108,32 @@ class SharedLimitState:
         with open(path, "r+b") as f:
             self._map = mmap.mmap(f.fileno(), 0)
         self.buf = memoryview(self._map)
-        magic, self.slots, self.workers = _HEAD.unpack_from(self.buf, 0)
+        magic, self.slots, self.workers, self.held_slots, _ = _HEAD.unpack_from(self.buf, 0)
         if magic != MAGIC:
             self.close()
             raise SharedStateError(f"shared limiter segment {path!r} is not ours")
         self._gate_at = _HEAD.size
         self._table_at = self._gate_at + _I64.size * self.workers
+        self._held_at = self._table_at + _SLOT.size * self.slots
+        self._held_row = struct.Struct(f"<Q{self.workers}i")
 
     @classmethod
     def create(cls, lock: Any, *, workers: int, slots: int = DEFAULT_SLOTS,
+               held_slots: int = DEFAULT_HELD_SLOTS,
                prefix: str = "pqcnet-limits-") -> SharedLimitState:
-        """A zeroed segment for ``workers`` processes and ``slots`` buckets."""
+        """A zeroed segment for ``workers`` processes, ``slots`` buckets and
+        ``held_slots`` in-flight rows."""
         if not 1 <= workers <= MAX_WORKERS:
             raise SharedStateError(f"workers must be 1..{MAX_WORKERS}, got {workers}")
-        size = _HEAD.size + _I64.size * workers + _SLOT.size * slots
+        if slots < 1 or held_slots < 1:
+            raise SharedStateError(f"slots and held_slots must be >= 1, got {slots}, "
+                                   f"{held_slots}")
+        size = (_HEAD.size + _I64.size * workers + _SLOT.size * slots
+                + (8 + 4 * workers) * held_slots)
         fd, path, named = _new_segment(prefix)
         try:
             os.ftruncate(fd, size)  # zero-filled
-            os.pwrite(fd, _HEAD.pack(MAGIC, slots, workers), 0)
+            os.pwrite(fd, _HEAD.pack(MAGIC, slots, workers, held_slots, 0), 0)
             state = cls(path, lock, owner=named)
         except BaseException:
             os.close(fd)
@@ -145,9 +162,63 @@ class SharedLimitState:
         _I64.pack_into(self.buf, at, _I64.unpack_from(self.buf, at)[0] + n)
 
     def reset_worker(self, worker: int) -> None:
-        """Forget a dead worker's in-flight count (supervisor)."""
+        """Forget a dead worker's in-flight counts, the gate's and every key's
+        (supervisor)."""
         with self.lock:
             _I64.pack_into(self.buf, self._gate_at + 8 * worker, 0)
+            col = 8 + 4 * worker
+            for row in range(self.held_slots):
+                _I32.pack_into(self.buf, self._held_at + self._held_row.size * row + col, 0)
+
+    # -- in flight per key (caller holds the lock)
+
+    def _held(self, fp: int, claim: bool) -> int:
+        """Offset of ``fp``'s held row; with ``claim`` a free row (all counts zero) of
+        its window is taken when it has none. -1: not found / no free row."""
+        buf, row, key_of = self.buf, self._held_row, _U64.unpack_from
+        base = fp % self.held_slots
+        free = -1
+        for i in range(PROBE):
+            at: int = self._held_at + row.size * ((base + i) % self.held_slots)
+            key = key_of(buf, at)[0]
+            if key == fp:
+                return at
+            if key == 0:  # never used: nothing of fp's lies further on
+                if free < 0:
+                    free = at
+                break
+            if free < 0 and not any(row.unpack_from(buf, at)[1:]):
+                free = at
+        if claim and free >= 0:
+            row.pack_into(buf, free, fp, *([0] * self.workers))
+            return free
+        return -1
+
+    def held_total(self, fp: int) -> int:
+        """What ``fp`` holds in flight over every worker."""
+        at = self._held(fp, claim=False)
+        return 0 if at < 0 else int(sum(self._held_row.unpack_from(self.buf, at)[1:]))
+
+    def held_take(self, fp: int, worker: int, cap: int) -> int:
+        """One more in flight for ``fp`` on ``worker`` if it holds fewer than ``cap``
+        over every worker. Returns what it held before (``>= cap``: nothing taken), or
+        -1 (nothing taken) when every row of its window is in use."""
+        at = self._held(fp, claim=True)
+        if at < 0:
+            return -1
+        held = int(sum(self._held_row.unpack_from(self.buf, at)[1:]))
+        if held < cap:
+            at += 8 + 4 * worker
+            _I32.pack_into(self.buf, at, _I32.unpack_from(self.buf, at)[0] + 1)
+        return held
+
+    def held_give(self, fp: int, worker: int) -> None:
+        """One fewer in flight for ``fp`` on ``worker`` (never below zero: a count the
+        supervisor zeroed stays zero)."""
+        at = self._held(fp, claim=False)
+        if at >= 0:
+            at += 8 + 4 * worker
+            _I32.pack_into(self.buf, at, max(0, _I32.unpack_from(self.buf, at)[0] - 1))
 
     # -- buckets (caller holds the lock)
 
@@ -252,5 +323,5 @@ class SharedLimitState:
                 os.unlink(self.path)
 
 
-__all__ = ["DEFAULT_SLOTS", "MAX_WORKERS", "PROBE", "Rate", "SharedLimitState",
-           "SharedStateError", "fingerprint"]
+__all__ = ["DEFAULT_HELD_SLOTS", "DEFAULT_SLOTS", "MAX_WORKERS", "PROBE", "Rate",
+           "SharedLimitState", "SharedStateError", "fingerprint"]

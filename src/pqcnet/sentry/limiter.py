@@ -243,13 +243,16 @@ class ConcurrencyGate:
         return (self.caps.get(tenant) or self.caps.get("")
                 or max(1, math.ceil(self.share * self.limit)))
 
+    def tenant_full(self, tenant: str, held: int) -> TenantConcurrencyLimited:
+        """The refusal of a tenant holding ``held`` slots, its cap."""
+        return TenantConcurrencyLimited(
+            f"tenant {tenant!r} has {held} requests in flight, its share of the "
+            f"sentry's {self.limit}", retry_after=GATE_RETRY_AFTER)
+
     def _take_tenant(self, tenant: str) -> None:
         held = self.by_tenant.get(tenant, 0)
-        cap = self.cap(tenant)
-        if held >= cap:
-            raise TenantConcurrencyLimited(
-                f"tenant {tenant!r} has {held} requests in flight, its share of the "
-                f"sentry's {self.limit}", retry_after=GATE_RETRY_AFTER)
+        if held >= self.cap(tenant):
+            raise self.tenant_full(tenant, held)
         self.by_tenant[tenant] = held + 1
 
     def _give_tenant(self, tenant: str) -> None:

@@ -135,8 +135,8 @@ class LimitsSpec(Schema):
     tenant_share: float = Field(default=0.5, gt=0, le=1)
     """Most of ``max_in_flight`` one tenant may hold at once, rounded up (a plan's own
     ``max_in_flight`` overrides it): one tenant's long-lived gRPC streams and TCP pipes
-    cannot take the whole gate from the others. 1: no per-tenant cap. Per process:
-    with ``--workers N`` a tenant may hold up to N times it, never more than the gate."""
+    cannot take the whole gate from the others. 1: no per-tenant cap. One cap over
+    the workers of ``--workers N`` (shared memory), like the gate."""
     default: PlanSpec
     """Per client (tenant, subject) plan when the tenant has none."""
     tenants: dict[str, PlanSpec] = Field(default_factory=dict)

@@ -1,8 +1,10 @@
 """The sentry's limiter state shared by its worker processes (``--workers N``).
 
-A tenant's token bucket and the global concurrency gate must stay *one* bucket and
-*one* gate over the workers, or a client spreading its tunnels over them would get N
-times its plan: both live in a :class:`~pqcnet._util.shmlimits.SharedLimitState`
+A tenant's token bucket, the global concurrency gate and a tenant's cap on that gate
+(``limits.tenant_share`` / a plan's ``max_in_flight``) must stay *one* bucket, *one*
+gate and *one* cap over the workers, or a client spreading its tunnels over them would
+get N times its plan (or, with the cap counted per worker, take every slot of the gate
+from the other tenants): all live in a :class:`~pqcnet._util.shmlimits.SharedLimitState`
 (shared memory, one process-shared lock; why not Redis: see that module).
 
 :class:`SharedRateLimiter` and :class:`SharedConcurrencyGate` subclass the
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
+from functools import lru_cache
 from typing import Any
 
 from pqcnet._util.shmlimits import MAX_WORKERS, PROBE, SharedLimitState, fingerprint
@@ -77,10 +80,16 @@ class SharedRateLimiter(RateLimiter):
             yield tenant, client, self.state.level(fp, self.plan_for(tenant), now)
 
 
+@lru_cache(maxsize=4096)
+def _held_key(tenant: str) -> int:
+    """The shared in-flight row of ``tenant`` (cached: one BLAKE2b per tenant)."""
+    return fingerprint("\x03held", tenant)
+
+
 class SharedConcurrencyGate(ConcurrencyGate):
-    """:class:`ConcurrencyGate` counting every worker's holders against one limit.
-    ``in_flight`` / ``peak`` stay this worker's own (its metrics); the decision uses
-    the sum over all workers."""
+    """:class:`ConcurrencyGate` counting every worker's holders against one limit and
+    each tenant's holders, over every worker, against its cap. ``in_flight`` / ``peak``
+    / ``by_tenant`` stay this worker's own (its metrics); the decisions use the sums."""
 
     def __init__(self, state: SharedLimitState, worker: int, limit: int, share: float = 1.0,
                  caps: Mapping[str, int] | None = None) -> None:
@@ -91,14 +100,23 @@ class SharedConcurrencyGate(ConcurrencyGate):
         self.worker = worker
 
     def acquire(self, tenant: str = "") -> None:
-        with self.state.lock:
-            if self.state.gate_total() >= self.limit:
+        key, state = _held_key(tenant), self.state
+        with state.lock:
+            if state.gate_total() >= self.limit:
                 raise ConcurrencyLimited(
                     f"sentry is at its concurrency limit ({self.limit} in flight)",
                     retry_after=GATE_RETRY_AFTER,
                 )
-            self._take_tenant(tenant)  # this worker's count (the caps are per process)
-            self.state.gate_add(self.worker, 1)
+            cap = self.cap(tenant)
+            held = state.held_take(key, self.worker, cap)
+            if held < 0:
+                raise ConcurrencyLimited(  # more tenants in flight than rows: as full
+                    "sentry cannot count one more tenant in flight (shared table full)",
+                    retry_after=GATE_RETRY_AFTER)
+            if held >= cap:
+                raise self.tenant_full(tenant, held)
+            state.gate_add(self.worker, 1)
+        self.by_tenant[tenant] = self.by_tenant.get(tenant, 0) + 1
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
 
@@ -107,8 +125,14 @@ class SharedConcurrencyGate(ConcurrencyGate):
             raise RuntimeError("ConcurrencyGate.release without acquire")
         with self.state.lock:
             self.state.gate_add(self.worker, -1)
+            self.state.held_give(_held_key(tenant), self.worker)
         self._give_tenant(tenant)
         self.in_flight -= 1
+
+    def tenant_in_flight(self, tenant: str) -> int:
+        """What ``tenant`` holds across all workers."""
+        with self.state.lock:
+            return self.state.held_total(_held_key(tenant))
 
     def global_in_flight(self) -> int:
         """Holders across all workers."""
