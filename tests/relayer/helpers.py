@@ -8,6 +8,7 @@ import subprocess
 import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from pqcnet.relayer.frame import Frame, Topic, shard_for
 
@@ -78,6 +79,33 @@ async def eventually(pred: Callable[[], object], limit: float = 60.0, step: floa
     async with asyncio.timeout(limit):
         while not pred():  # noqa: ASYNC110 - state lives in other objects; polling is simplest
             await asyncio.sleep(step)
+
+
+async def private_redis(port: int, data: Path) -> asyncio.subprocess.Process:
+    """A redis-server of the test's own on ``port`` with its files in ``data`` (AOF with
+    fsync always: what it acknowledged survives its SIGKILL); returns once it accepts
+    connections. Stop it with ``kill()`` + ``wait()``."""
+    exe = shutil.which("redis-server")
+    assert exe, "redis-server (installed by scripts/services install redis)"
+    await asyncio.to_thread(data.mkdir, exist_ok=True)
+    proc = await asyncio.create_subprocess_exec(
+        exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+        "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+    async def answers() -> bool:
+        try:
+            _r, w = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return False
+        w.close()
+        return True
+
+    async with asyncio.timeout(30):
+        while not await answers():
+            assert proc.returncode is None, "redis-server exited at start"
+            await asyncio.sleep(0.05)
+    return proc
 
 
 def redis_cli(redis_url: str, *args: str) -> str:

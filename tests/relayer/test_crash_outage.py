@@ -1,8 +1,10 @@
-"""SIGKILL of a relayer subprocess mid-stream, and broker outages, per backend.
+"""SIGKILL of a relayer subprocess mid-stream, broker outages, and both at once.
 
 Shown: no acknowledged frame is lost and none is seen twice by the application;
 during a broker outage backpressure engages (FLOW PAUSE reaches publishers), the
-overflow queue fills, then replays in order once the broker is back."""
+overflow queue fills, then replays in order once the broker is back — also when the
+relayer is SIGKILLed while the queue holds acknowledged frames and restarts before
+the broker returns."""
 
 from __future__ import annotations
 
@@ -17,7 +19,12 @@ import pytest
 from pqcnet.relayer.governance import VolumeFilter, pull_volume
 from tests import services_ctl
 from tests.relayer.e2e import start_node
-from tests.relayer.helpers import assert_exactly_once_in_order, eventually
+from tests.relayer.helpers import (
+    assert_exactly_once_in_order,
+    eventually,
+    private_redis,
+    scrape_metrics,
+)
 from tests.relayer.proc import RelayerProcess, write_config
 from tests.relayer.resilient import ResilientPublisher, ResilientSubscriber
 
@@ -111,3 +118,57 @@ async def test_broker_outage_backpressure_overflow_replay(
         if pub is not None:
             pub.task.cancel()
         await node.stop()
+
+
+@pytest.mark.services
+async def test_sigkill_while_the_overflow_queue_holds_acked_frames(tmp_path: Path) -> None:
+    """The broker (a private redis-server) is SIGKILLed mid-stream: the relayer keeps
+    acknowledging into its overflow queue. Then the relayer is SIGKILLed too, and
+    restarts while the broker is still down (degraded), taking more frames into the
+    queue; then the broker comes back. Every frame the publishers saw acknowledged
+    reaches the application once, in order — those queued before the kill come only
+    from the queue on disk (the publishers never resend an acknowledged frame) and the
+    restarted relayer registers them with its gap fence (its /metrics say so) — and
+    each is billed once."""
+    rport, port = _free_port(), _free_port()
+    redis = await private_redis(rport, tmp_path / "redis")
+    cfg = write_config(tmp_path, listen_port=port, grpc_port=0, backend="redis",
+                       redis_url=f"redis://127.0.0.1:{rport}/0", redis_prefix="crash",
+                       publish_timeout=0.5, metrics_port=0)
+    proc = await RelayerProcess(cfg).start()
+    topics = [("acme", f"ch{i}") for i in range(4)]
+    n = 400
+    sub = ResilientSubscriber(lambda: port, "acme")
+    pubs = [ResilientPublisher(lambda: port, topics[k::2], n, batch=5, pace=0.05)
+            for k in range(2)]
+    try:
+        await eventually(lambda: sum(p.total_acked() for p in pubs) >= 200)
+        redis.kill()  # the broker dies: acknowledged frames go to the overflow queue
+        await redis.wait()
+        await eventually(lambda: sum(p.overflowed for p in pubs) >= 60)
+        queued_before_kill = sum(p.overflowed for p in pubs)
+        proc.kill()
+        await proc.stop()
+        proc = await RelayerProcess(cfg).start()  # degraded: the broker is still down
+        await eventually(lambda: sum(p.overflowed for p in pubs) >= queued_before_kill + 40)
+        redis = await private_redis(rport, tmp_path / "redis")
+        await asyncio.wait_for(asyncio.gather(*(p.task for p in pubs)), 120)
+        assert sum(p.reconnects for p in pubs) >= 1  # the kill really cut them off
+        await sub.wait_for(len(topics) * n, 120)
+        await asyncio.sleep(0.5)
+        assert_exactly_once_in_order(sub.by_topic, {t: n for t in topics})
+        assert sub.app_duplicates == 0
+        vol = await pull_volume(f"127.0.0.1:{proc.ready['grpc_port']}", VolumeFilter())
+        assert (vol.total_frames, vol.total_bytes) == (len(topics) * n, len(topics) * n * 32)
+        seen = scrape_metrics(proc.ready["metrics_port"])  # the restarted process's own
+        fence = 'pqcnet_relayer_gap_fence_events_total{event="%s"}'
+        assert seen[fence % "restored"] >= queued_before_kill  # read back from disk
+        assert seen[fence % "late_on_bus"] == 0 and seen["pqcnet_relayer_gaps_frames_total"] == 0
+        assert seen["pqcnet_relayer_overflow_records"] == 0
+    finally:
+        await sub.close()
+        for p in pubs:
+            p.task.cancel()
+        await proc.stop()
+        redis.kill()
+        await redis.wait()

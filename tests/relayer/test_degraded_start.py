@@ -6,7 +6,6 @@ private redis-server this test starts and stops on its own port."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import uuid
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 
 from pqcnet.relayer.frame import Frame
 from tests.relayer.e2e import publisher, start_node, subscriber
-from tests.relayer.helpers import eventually
+from tests.relayer.helpers import eventually, private_redis
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.services]
 
@@ -35,10 +34,7 @@ def _degraded_gauge(port: int) -> float:
 
 async def test_relayer_starts_with_its_broker_down_and_drains_when_it_returns(
         tmp_path: Path) -> None:
-    if shutil.which("redis-server") is None:
-        pytest.fail("redis-server not installed (scripts/services install redis)")
     rport = _free_port()
-    (tmp_path / "redis").mkdir()
     node = await start_node(tmp_path, backend="redis", redis_url=f"redis://127.0.0.1:{rport}/0",
                             redis_prefix=f"deg:{uuid.uuid4().hex[:8]}", publish_timeout=0.5,
                             metrics_port=0)
@@ -51,10 +47,7 @@ async def test_relayer_starts_with_its_broker_down_and_drains_when_it_returns(
         res = await pub.publish([Frame("acme", "d", s, b"p%d" % s) for s in range(1, 51)])
         assert all(r.accepted and r.overflowed for r in res), res[:2]
         assert node.overflow.total() == 50
-        redis = await asyncio.create_subprocess_exec(
-            "redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--dir",
-            str(tmp_path / "redis"), "--appendonly", "yes", "--appendfsync", "always",
-            "--save", "", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        redis = await private_redis(rport, tmp_path / "redis")
         await sub.wait_for(50, 60)
         await asyncio.sleep(0.3)
         assert sub.by_topic[("acme", "d")] == list(range(1, 51))
