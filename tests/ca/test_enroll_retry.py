@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from pqcnet.runtime import enroll as client
 from pqcnet.runtime.ca_service import ISSUED, ISSUED_CONTENT_TYPE, TOKEN_REPLAYS
 from pqcnet.runtime.errors import CaServiceError
 from tests.ca.conftest import TD, Service
+from tests.ports import free_port
 
 PQCNET = [str(Path(sys.executable).parent / "pqcnet")]
 WILD = f"spiffe://{TD}/acme/relayer/*"
@@ -93,12 +93,6 @@ async def test_no_retry_once_the_token_expired(service: Service) -> None:
 N_NODES = 8
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _serve(tmp: Path, port: int, env: dict[str, str]) -> subprocess.Popen[str]:
     proc = subprocess.Popen([*PQCNET, "--log-level", "info", "ca", "serve", "--dir", "ca",
                              "--port", str(port), "--enroll-rate", "1000",
@@ -131,7 +125,7 @@ def test_ca_killed_mid_enrollment_strands_no_node(tmp_path: Path) -> None:
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert made.returncode == 0, made.stderr
     ca_dir = tmp_path / "ca"
-    port = _free_port()
+    port = free_port()
     url = f"https://127.0.0.1:{port}"
     ca_bundle = (ca_dir / "ca-cert.pem").read_bytes()
     store = TokenStore(ca_dir)

@@ -47,6 +47,7 @@ from pqcnet.relayer.cursor import JournalCursor, payload_digest
 from pqcnet.relayer.frame import Frame, Topic
 from tests.conftest import ROOT
 from tests.docs.markdown import blocks
+from tests.ports import free_port
 
 from .conftest import load_dashboards, require_tool
 
@@ -483,12 +484,6 @@ def _statuses_via(url: str, n: int) -> list[int]:
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _directive(net: compose_tool.Compose, rate: float, burst: int) -> None:
     res = _cli("mesh", "directive", "--waku", f"http://127.0.0.1:{net.port('waku-3', 8645)}",
                "--namespace", "compose", "--key", str(net.secrets_dir / "gov" / "gov.pem"),
@@ -513,7 +508,7 @@ def _govern(net: compose_tool.Compose, rate: float, burst: int, took: Callable[[
 @contextlib.contextmanager
 def _host_sidecar(net: compose_tool.Compose, sentry: str) -> Iterator[str]:
     """A sidecar on the host in front of one sentry (its 7443 published on loopback)."""
-    listen = f"127.0.0.1:{_free_port()}"
+    listen = f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen(
         [PQCNET, "sidecar", "--sentry", f"127.0.0.1:{net.port(sentry, 7443)}",
          "--identity-dir", str(net.secrets_dir / "sidecar"),

@@ -6,7 +6,6 @@ it metered, the union is the total, nothing proved twice)."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -23,17 +22,12 @@ from pqcnet.relayer.frame import Frame, Topic, shard_for
 from pqcnet.relayer.proof import VolumeProof, verify_volume_proof
 from pqcnet.relayer.proofstore import ProofStore
 from pqcnet.relayer.seqstore import RedisSeqStore
+from tests.ports import free_port
 from tests.relayer.e2e import identities
 from tests.relayer.proc import RelayerProcess, write_config
 
 #: (node, epoch, topic) -> (frames, bytes)
 Volume = dict[tuple[str, int, Topic], tuple[int, int]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def metered(redis_url: str, prefix: str, names: list[str]) -> Volume:

@@ -9,9 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -28,10 +26,11 @@ from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.cursor import JournalCursor
 from pqcnet.relayer.errors import ConfigError, SingleProcessBackend
 from pqcnet.relayer.frame import Frame, Topic
+from tests.ports import port_run
 from tests.procs import running
 from tests.relayer.cluster import by_topic, metered
 from tests.relayer.e2e import identities
-from tests.relayer.helpers import eventually
+from tests.relayer.helpers import eventually, scrape_metrics
 from tests.relayer.proc import PQCNET, write_config
 
 pytestmark = pytest.mark.timeout(240)
@@ -39,23 +38,6 @@ pytestmark = pytest.mark.timeout(240)
 TOPICS: list[Topic] = [("acme", f"ch{i}") for i in range(6)]
 COUNT = 150
 BATCH = 10
-
-
-def _port_run(n: int) -> int:
-    """A port p with p+1..p+n free too (the workers' own ports), below the kernel's
-    ephemeral range: outgoing connections (to Redis, of any process) never take them."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    rng = random.Random()
-    for _ in range(500):
-        base = rng.randrange(max(1024, low - 12_000), low - n - 1)
-        try:
-            for k in range(n + 1):
-                with socket.socket() as t:
-                    t.bind(("127.0.0.1", base + k))
-        except OSError:
-            continue
-        return base
-    raise AssertionError("no run of free ports")
 
 
 def _listeners(port: int) -> set[int]:
@@ -88,7 +70,10 @@ def test_worker_configs_and_refusals(tmp_path: Path) -> None:
     assert (w0.node_id, w0.data_dir, w0.ledger_dir) == ("r", cfg.data_dir, cfg.ledger_dir)
     assert (w1.node_id, Path(w1.data_dir)) == ("r-w1", tmp_path / "w1")
     assert w1.ledger_dir == f"{tmp_path / 'ledger'}-w1" and w1.listen_port == 7000
-    assert (w0.metrics_port, w1.metrics_port, w1.grpc_port) == (9100, None, None)
+    # a metrics port each (a process's counters are its own); one gRPC port
+    assert (w0.metrics_port, w1.metrics_port, w1.grpc_port) == (9100, 9101, None)
+    assert worker_config(cfg.replace(metrics_port=0), 1, 7000).metrics_port == 0
+    assert worker_config(cfg.replace(metrics_port=None), 1, 7000).metrics_port is None
     with pytest.raises(ConfigError, match="owned_shards"):
         check_workers(cfg.replace(owned_shards=[0, 1]), 2)
     # fewer workers than a run before: the extra workers' state would be stranded
@@ -102,7 +87,7 @@ def test_worker_configs_and_refusals(tmp_path: Path) -> None:
 
 async def test_redis_workers_share_the_port(tmp_path: Path, redis_url: str) -> None:
     prefix = f"workers:{uuid.uuid4().hex[:8]}"
-    port = _port_run(2)
+    port = port_run(2)
     config = write_config(tmp_path, backend="redis", redis_url=redis_url,
                           redis_prefix=prefix, node_id="rw", listen_port=port,
                           redis_lease=1.5, group="workers")
@@ -255,14 +240,15 @@ async def test_a_customer_quota_is_one_bucket_over_the_workers(tmp_path: Path,
     """acme may publish 40 frames/s (burst 40). Two publishers, each on a different
     worker's own port, offer far more for ~2 s: together they get the quota once (the
     workers share one bucket in shared memory), not once per worker; each is refused
-    with the retriable QuotaExceeded (33) past it. Another customer is not limited."""
+    with the retriable QuotaExceeded (33) past it. Another customer is not limited.
+    Each worker's own /metrics counts exactly what its publisher saw."""
     rate, burst = 40.0, 40.0
     before = await asyncio.to_thread(_quota_segments)
-    port = _port_run(2)
+    port = port_run(2)
     config = write_config(
         tmp_path, backend="redis", redis_url=redis_url,
         redis_prefix=f"quota:{uuid.uuid4().hex[:8]}", node_id="rq", listen_port=port,
-        redis_lease=1.5, group="quota",
+        redis_lease=1.5, group="quota", metrics_port=0,
         quotas={"customers": {"acme": {"frames_per_s": rate, "frames_burst": burst}}})
     log = (tmp_path / "relayer.log").open("ab")
     proc = await _start_workers(config, log)
@@ -299,6 +285,13 @@ async def test_a_customer_quota_is_one_bucket_over_the_workers(tmp_path: Path,
         assert all(c["ok"] and c["quota"] for c in counts), counts  # both workers took
         other = await pubs[0].publish([Frame("other", "q", 1, b"x")] * 1)
         assert other[0].accepted  # no quota for other customers
+        ports = ready["worker_metrics_ports"]
+        assert len(set(ports)) == 2 and ports[0] == ready["metrics_port"]
+        for k, port_k in enumerate(ports):
+            seen = await asyncio.to_thread(scrape_metrics, port_k)
+            accepted = 'pqcnet_relayer_ingress_frames_total{result="accepted"}'
+            assert seen[accepted] == counts[k]["ok"] + (k == 0), (k, seen[accepted])
+            assert seen["pqcnet_relayer_quota_refused_frames_total"] == counts[k]["quota"]
     finally:
         for pub in pubs:
             await pub.close()
@@ -314,7 +307,7 @@ async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path,
     """The supervisor SIGKILLed (OOM killer): nobody is left to stop or restart its
     workers, so the kernel stops them (SIGTERM: the usual graceful stop, no traceback,
     the port released) instead of leaving them to serve unsupervised."""
-    port = _port_run(2)
+    port = port_run(2)
     config = write_config(tmp_path, backend="redis", redis_url=redis_url,
                           redis_prefix=f"orphan:{uuid.uuid4().hex[:8]}", node_id="ro",
                           listen_port=port, redis_lease=1.5, group="orphan")

@@ -9,7 +9,6 @@ the broker returns."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pytest
 
 from pqcnet.relayer.governance import VolumeFilter, pull_volume
 from tests import services_ctl
+from tests.ports import free_port
 from tests.relayer.e2e import start_node
 from tests.relayer.helpers import (
     assert_exactly_once_in_order,
@@ -29,12 +29,6 @@ from tests.relayer.proc import RelayerProcess, write_config
 from tests.relayer.resilient import ResilientPublisher, ResilientSubscriber
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _backend_kw(request: pytest.FixtureRequest, backend: str) -> dict[str, Any]:
@@ -51,7 +45,7 @@ def _backend_kw(request: pytest.FixtureRequest, backend: str) -> dict[str, Any]:
 async def test_sigkill_mid_stream_loses_nothing_acked(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest,
 ) -> None:
-    port = _free_port()
+    port = free_port()
     cfg = write_config(tmp_path, listen_port=port, grpc_port=0, **_backend_kw(request, backend))
     proc = await RelayerProcess(cfg).start()
     topics = [("acme", f"ch{i}") for i in range(6)]
@@ -130,7 +124,7 @@ async def test_sigkill_while_the_overflow_queue_holds_acked_frames(tmp_path: Pat
     from the queue on disk (the publishers never resend an acknowledged frame) and the
     restarted relayer registers them with its gap fence (its /metrics say so) — and
     each is billed once."""
-    rport, port = _free_port(), _free_port()
+    rport, port = free_port(), free_port()
     redis = await private_redis(rport, tmp_path / "redis")
     cfg = write_config(tmp_path, listen_port=port, grpc_port=0, backend="redis",
                        redis_url=f"redis://127.0.0.1:{rport}/0", redis_prefix="crash",

@@ -7,28 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import uuid
 from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port
 from tests.relayer.e2e import start_node
 from tests.relayer.helpers import eventually
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.services]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_ready_after_leaving_degraded_mode(tmp_path: Path) -> None:
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server not installed (scripts/services install redis)")
-    rport = _free_port()
+    rport = free_port()
     (tmp_path / "redis").mkdir()
     node = await start_node(tmp_path, backend="redis", redis_url=f"redis://127.0.0.1:{rport}/0",
                             redis_prefix=f"rdy:{uuid.uuid4().hex[:8]}", publish_timeout=0.5)

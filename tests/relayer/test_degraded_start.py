@@ -6,7 +6,6 @@ private redis-server this test starts and stops on its own port."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 from pathlib import Path
 
@@ -14,16 +13,11 @@ import httpx
 import pytest
 
 from pqcnet.relayer.frame import Frame
+from tests.ports import free_port
 from tests.relayer.e2e import publisher, start_node, subscriber
 from tests.relayer.helpers import eventually, private_redis
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.services]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _degraded_gauge(port: int) -> float:
@@ -34,7 +28,7 @@ def _degraded_gauge(port: int) -> float:
 
 async def test_relayer_starts_with_its_broker_down_and_drains_when_it_returns(
         tmp_path: Path) -> None:
-    rport = _free_port()
+    rport = free_port()
     node = await start_node(tmp_path, backend="redis", redis_url=f"redis://127.0.0.1:{rport}/0",
                             redis_prefix=f"deg:{uuid.uuid4().hex[:8]}", publish_timeout=0.5,
                             metrics_port=0)

@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,18 +17,13 @@ import pytest
 from pqcnet.relayer.client import SubscriberClient
 from pqcnet.relayer.cursor import FileCursor, JournalCursor
 from pqcnet.relayer.frame import Frame
+from tests.ports import free_port
 from tests.relayer.e2e import identities, publisher, start_node
 from tests.relayer.helpers import assert_exactly_once_in_order, eventually
 from tests.relayer.proc import PQCNET, RelayerProcess, write_config
 from tests.relayer.resilient import ResilientPublisher
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _read(out: Path) -> dict[tuple[str, str], list[int]]:
@@ -50,7 +44,7 @@ async def _subscribe(port: int, sub_dir: Path, out: Path) -> asyncio.subprocess.
 
 async def test_relayer_and_subscriber_sigkill_no_duplicates_to_the_application(
         tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = await RelayerProcess(write_config(tmp_path, listen_port=port)).start()
     sub_dir, out = tmp_path / "sub", tmp_path / "frames.jsonl"
     identities()[2].save(sub_dir, None)

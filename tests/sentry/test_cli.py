@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,18 +15,13 @@ import yaml
 from click.testing import CliRunner
 
 from pqcnet.cli import app
+from tests.ports import free_port
 
 from .harness import HttpBackend
 
 ROOT = Path(__file__).resolve().parents[2]
 PQCNET = [str(Path(sys.executable).parent / "pqcnet")]
 pytestmark = pytest.mark.timeout(120)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pq(*args: str, cwd: Path) -> str:

@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,9 @@ from pqcnet.sentry.limiter import Plan
 from pqcnet.sentry.shared import SharedConcurrencyGate, SharedLimitState, SharedRateLimiter
 from pqcnet.sentry.sidecar import Sidecar
 from pqcnet.sentry.wire import RequestHead
+from tests.ports import port_run
 from tests.procs import children, running
-from tests.relayer.helpers import eventually
+from tests.relayer.helpers import eventually, scrape_metrics
 
 from .harness import HttpBackend, Mesh, sidecar_to
 from .test_pool import sentry_process
@@ -247,3 +249,37 @@ async def test_two_workers_keep_one_tenant_cap(tmp_path: Path, mesh: Mesh) -> No
     assert head.status == 200
     assert backend.seen.max_in_flight <= 3  # acme's 2 and globex's 1
     assert [q["path"] for q in backend.seen.requests].count("/globex/x") == 1
+
+
+async def test_each_worker_serves_its_own_metrics(tmp_path: Path, mesh: Mesh) -> None:
+    """``metrics_port: P`` with two workers: worker i serves /metrics and /healthz on
+    P + i, each counting the requests it served — together exactly the requests sent
+    (one port for worker 0 alone showed only its share). 16 tunnels: the kernel puts
+    some on each worker."""
+    metrics = port_run(1)
+    calls = 3
+    with HttpBackend() as backend, sentry_process(
+            mesh, tmp_path / "s", backend.port, workers=2,
+            extra={"metrics_port": metrics}) as (_p, port):
+        sidecars = [sidecar_to(port, mesh.acme, mesh.acme_issuer, subject=f"u{i}")
+                    for i in range(16)]
+        try:
+            for s in sidecars:
+                await s.session()
+            for _ in range(calls):
+                heads = await asyncio.gather(*(s.call(STATUS, b"") for s in sidecars))
+                assert {h.status for h, _s, _f in heads} == {200}
+        finally:
+            for s in sidecars:
+                await s.aclose()
+        ok = 'pqcnet_sentry_requests_total{outcome="ok"}'
+        served = []
+        for p in (metrics, metrics + 1):
+            seen = await asyncio.to_thread(scrape_metrics, p)
+            served.append(seen[ok])
+            health = await asyncio.to_thread(
+                urllib.request.urlopen, f"http://127.0.0.1:{p}/healthz", timeout=10)
+            assert health.status == 200
+            health.close()
+    assert sum(served) == 16 * calls and all(served), served
+    assert len(backend.seen.requests) == 16 * calls

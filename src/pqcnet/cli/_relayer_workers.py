@@ -14,9 +14,11 @@ refused: its overflow queue and unproven volume would be stranded
 (``docs/explanation/relayer-cluster.md``). Publishers use the shared port; a worker
 delivers only the shards it owns, so each worker also listens on a port of its own
 (:func:`own_port`) and subscribers list all of them (``pqcnet subscribe --relayer
-h:p1,h:p2,...``, the ready line's ``worker_ports``). Worker 0 alone serves the metrics,
-gRPC and governance ports and renews the certificate; the others hot-reload the
-renewed identity from ``identity_dir``.
+h:p1,h:p2,...``, the ready line's ``worker_ports``). Each worker serves its own
+metrics and health port (:func:`metrics_port`, the ready line's
+``worker_metrics_ports``): a process's counters are its own, and Prometheus sums
+targets. Worker 0 alone serves the gRPC and governance ports and renews the
+certificate; the others hot-reload the renewed identity from ``identity_dir``.
 
 The embedded backend is one RocksDB log one process opens: ``--workers`` above 1 is a
 :class:`~pqcnet.relayer.errors.SingleProcessBackend` error; ``owned_shards`` is a
@@ -89,16 +91,24 @@ def check_workers(cfg: RelayerConfig, workers: int) -> None:
 
 def worker_config(cfg: RelayerConfig, index: int, port: int) -> RelayerConfig:
     """Worker ``index``'s config on the shared ``port``: worker 0 is the configured
-    relayer; the others get their own node id and state directories and no ops ports."""
+    relayer; the others get their own node id, state directories and metrics port,
+    and no gRPC or governance port."""
     if index == 0:
         return cfg.replace(listen_port=port)
     changes: dict[str, Any] = {"node_id": f"{cfg.node_id}-w{index}", "listen_port": port,
                                "data_dir": str(worker_dir(cfg, index)),
-                               "metrics_port": None, "grpc_port": None,
+                               "metrics_port": metrics_port(cfg.metrics_port, index),
+                               "grpc_port": None,
                                "governance_qstp_port": None, "ledger_anchors": ""}
     if cfg.ledger_dir:  # a sibling: not inside another RocksDB directory
         changes["ledger_dir"] = f"{cfg.ledger_dir.rstrip('/')}-w{index}"
     return cfg.replace(**changes)
+
+
+def metrics_port(port: int | None, index: int) -> int | None:
+    """Worker ``index``'s metrics port: ``port + index`` (stable across restarts, so
+    scrape targets stay right), any free one when the config says 0, none without."""
+    return port if not port else port + index
 
 
 def own_port(port: int, index: int) -> int:
@@ -191,6 +201,7 @@ def run_workers(config_path: Path, workers: int, rotation: dict[str, Any]) -> No
                 "node": cfg.node_id, "workers": workers,
                 "worker_nodes": [up[i]["node"] for i in range(workers)],
                 "worker_ports": [up[i]["own_port"] for i in range(workers)],
+                "worker_metrics_ports": [up[i]["metrics_port"] for i in range(workers)],
                 "pids": [procs[i].pid for i in range(workers)],
                 "degraded": any(u["degraded"] for u in up.values())}))
             sys.stdout.flush()

@@ -9,7 +9,9 @@ spreads *tunnels* (connections) over the workers — whose token buckets and
 concurrency gate are the shared ones. Each worker hot-reloads the config file itself.
 
 What stays with worker 0 only: the QS-DAG ledger (RocksDB takes one process; policy
-anchors and attestations are written once) and the Prometheus port. A worker that
+anchors and attestations are written once). Each worker serves its own metrics and
+health port, ``metrics_port + i`` (a process's counters are its own; Prometheus sums
+the targets). A worker that
 dies is restarted after its in-flight count is zeroed in the shared gate; SIGTERM /
 SIGINT stop them all, and so does the supervisor's own death (even SIGKILL: each
 worker gets SIGTERM from the kernel, :func:`~pqcnet.cli._common.follow_supervisor`;
@@ -48,8 +50,10 @@ def _worker_main(config_path: Path, index: int, shm_path: str, lock: Any, port: 
 
     cfg = load_config(config_path)
     cfg = dataclasses.replace(cfg, listen_port=port)
-    if index > 0:  # one ledger writer, one metrics port
-        cfg = dataclasses.replace(cfg, ledger_path=None, metrics_port=None)
+    if index > 0:  # one ledger writer; a metrics port each
+        cfg = dataclasses.replace(cfg, ledger_path=None,
+                                  metrics_port=cfg.metrics_port + index if cfg.metrics_port
+                                  else None)
     identity = NodeIdentity.load(require_identity(cfg), node_pass)
     state = SharedLimitState.attach(shm_path, lock)
     service = SentryService(cfg, identity, config_path=config_path,
@@ -57,7 +61,7 @@ def _worker_main(config_path: Path, index: int, shm_path: str, lock: Any, port: 
                             reuse_port=True)
     try:
         run_until_signalled(service.start, SentryService.aclose,
-                            lambda s: ready.put((index, s.port)), fast_loop=True)
+                            lambda s: ready.put((index, s.metrics_port)), fast_loop=True)
     finally:
         state.close()
 
@@ -93,18 +97,20 @@ def run_workers(config_path: Path, workers: int, node_pass: bytes | None,
     try:
         procs = {i: spawn(i) for i in range(workers)}
         deadline = time.monotonic() + WORKER_START_TIMEOUT
-        started = 0
-        while started < workers and not stopping:
+        metrics: dict[int, int | None] = {}
+        while len(metrics) < workers and not stopping:
             try:
-                ready.get(timeout=0.2)
-                started += 1
+                index, metrics_port = ready.get(timeout=0.2)
+                metrics[index] = metrics_port
             except Exception:  # queue.Empty
                 if time.monotonic() > deadline or any(not p.is_alive()
                                                       for p in procs.values()):
                     raise click.ClickException("a sentry worker failed to start") from None
         if not stopping:
+            ops = (f"; metrics ports {', '.join(str(metrics[i]) for i in range(workers))}"
+                   if cfg.metrics_port else "")
             click.echo(f"sentry listening on {cfg.listen_host}:{port} ({workers} workers, "
-                       f"shared limits)", err=True)
+                       f"shared limits{ops})", err=True)
         while not stopping:
             time.sleep(0.2)
             for i, p in list(procs.items()):

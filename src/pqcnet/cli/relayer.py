@@ -55,8 +55,8 @@ def cli() -> None:
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Relayer processes sharing the listen port (SO_REUSEPORT); each is a "
                    "cluster member (worker 0 is the configured relayer; worker i is "
-                   "<node_id>-w<i> with data_dir/w<i>). Backends redis and kafka only: "
-                   "embedded is single-process.")
+                   "<node_id>-w<i> with data_dir/w<i>, metrics on metrics_port + i). "
+                   "Backends redis and kafka only: embedded is single-process.")
 @rotation_options
 def run_cmd(config_path: Path, workers: int, **rotation: Any) -> None:
     """Serve QSTP ingress/egress, shard workers, metrics and governance gRPC.

@@ -62,7 +62,8 @@ def check(config_path: Path) -> None:
 @click.option("--no-passphrase", is_flag=True, help="The node key is stored unencrypted.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Worker processes sharing the listen port (SO_REUSEPORT); token "
-                   "buckets and the concurrency gate are shared between them.")
+                   "buckets, the concurrency gate and tenant caps are shared between "
+                   "them. Worker i serves its metrics on metrics_port + i.")
 @rotation_options
 def run(config_path: Path, reload_interval: float, passphrase_env: str,
         no_passphrase: bool, workers: int, **rotation: Any) -> None:
