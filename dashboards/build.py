@@ -155,6 +155,10 @@ SENTRY = {
           (("sum by (instance) (pqcnet_sentry_tunnels_active)", "{{instance}} tunnels"),
            ("sum by (instance) (pqcnet_sentry_in_flight_requests)",
             "{{instance}} in flight"))),
+        P("Gate slots held by tenant", "short",
+          (("sum by (tenant) (pqcnet_sentry_tenant_in_flight_requests)", "{{tenant}}"),),
+          "Summed over workers and hosts; a tenant's cap (limits.tenant_share) holds per "
+          "host."),
         P("Token bucket level by tenant", "short",
           (("min by (instance, tenant) (pqcnet_sentry_token_bucket_level_tokens)",
             "{{instance}} {{tenant}}"),)),

@@ -119,9 +119,19 @@ async def test_a_topic_nobody_reads_does_not_hold_other_customers(
             pending = _xpending(url, f"{prefix}:s:{shard}", "relayer")
             assert pending >= 1, pending  # the bus still holds them, unacknowledged
 
+        interrupted: list[int] = []  # a spy: the real interrupt still runs
+        real_interrupt = node.bus.interrupt
+
+        def spy(s: int) -> None:
+            interrupted.append(s)
+            real_interrupt(s)
+
+        node.bus.interrupt = spy  # type: ignore[method-assign]
         late = await subscriber(node.port, "acme")
         await late.wait_for(n, 30)
         assert late.by_topic[acme] == list(range(1, n + 1))  # in order, once, all
+        # the join woke the parked shard's consume wait (a no-op on Redis)
+        assert interrupted == [shard]
         await metrics_reach(port, {"pqcnet_relayer_parked_topics": 0.0,
                                    "pqcnet_relayer_records_behind_park": 0.0,
                                    "pqcnet_relayer_park_replays_total": 1.0})
@@ -237,17 +247,29 @@ async def _subscriber_with(port: int, customer: str, cursor: MemoryCursor) -> Co
     return Collector(client)
 
 
+PARKED = ("acme", "down")
+
+
+def _parking_worker(tmp_path: Path, **cfg: Any) -> tuple[
+        EmbeddedBus, RocksSeqStore, CollectSink, RelayerShardWorker]:
+    """One embedded shard, its worker (parking on) and a sink that has no subscriber
+    for :data:`PARKED`."""
+    bus = EmbeddedBus(tmp_path / "bus", shards=1)
+    store = RocksSeqStore(tmp_path / "marks")
+    sink = CollectSink()
+    sink.absent.add(PARKED)
+    worker = RelayerShardWorker(bus, 0, store, sink,
+                                WorkerConfig(park_max_records=10_000, **cfg))
+    return bus, store, sink, worker
+
+
 async def test_a_parked_topic_keeps_its_mark_in_memory_past_the_lru(tmp_path: Path) -> None:
     """With room for one topic's mark, a parked topic's mark (ahead of the store's)
     must stay cached: read back from the store, its next frame would look like the
     end of a gap and the parked frames would be skipped as one."""
-    bus = EmbeddedBus(tmp_path / "bus", shards=1)
-    store = RocksSeqStore(tmp_path / "marks")
-    sink = CollectSink()
-    parked = ("acme", "down")
-    sink.absent.add(parked)
-    worker = RelayerShardWorker(bus, 0, store, sink, WorkerConfig(
-        max_topics=1, gap_timeout=0.05, poll_timeout=0.01, park_max_records=10_000))
+    bus, store, sink, worker = _parking_worker(tmp_path, max_topics=1, gap_timeout=0.05,
+                                               poll_timeout=0.01)
+    parked = PARKED
     try:
         await bus.publish(0, [encode(Frame(*parked, 1, b"x"))])
         for i in range(20):  # other topics push the parked one out of a 1-topic LRU
@@ -273,6 +295,32 @@ async def test_a_parked_topic_keeps_its_mark_in_memory_past_the_lru(tmp_path: Pa
         assert worker.stats.duplicates == 20 and worker.stats.gaps == 0
         assert await bus.lag(0, "relayer") == 0
     finally:
+        await bus.close()
+        store.close()
+
+
+async def test_a_subscriber_for_a_parked_topic_ends_the_consume_wait(tmp_path: Path) -> None:
+    """The worker waits up to ``poll_timeout`` in ``consume`` when the shard is idle;
+    a subscriber that comes for a parked topic must not wait that out. With a 60 s
+    poll timeout, the parked frame reaches the new subscriber once the bus's wait is
+    interrupted — long before the timeout (without ``interrupt`` this takes 60 s and
+    the 15 s limit fails)."""
+    bus, store, sink, worker = _parking_worker(tmp_path, poll_timeout=60.0)
+    parked = PARKED
+    task = asyncio.create_task(worker.run())
+    try:
+        await bus.publish(0, [encode(Frame(*parked, 1, b"x"))])
+        await eventually(lambda: worker.parked_topics == 1, 15)
+        await asyncio.sleep(0.1)  # the worker is back in its (60 s) consume wait
+        sink.absent.clear()
+        sink.generation += 1  # a subscriber joined (what the hub does) ...
+        bus.interrupt(0)  # ... and the node wakes the parked shard
+        await eventually(lambda: sink.by_topic[parked] == [1], 15)
+        assert worker.stats.park_replays == 1 and worker.parked_topics == 0
+    finally:
+        worker.stop()
+        bus.interrupt(0)
+        await asyncio.wait_for(task, 15)
         await bus.close()
         store.close()
 

@@ -98,6 +98,10 @@ async def test_long_lived_pipes_of_one_tenant_leave_room_for_another(
                     gate = s.sentry.gate
                     assert gate.by_tenant == {"acme": held}
                     value = s.sentry.metrics.value
+                    holders = "pqcnet_sentry_tenant_in_flight_requests"
+                    assert value(holders, {"tenant": "acme"}) == held
+                    assert s.sentry.metrics.registry.get_sample_value(
+                        holders, {"tenant": "globex"}) == 0  # its call is over
                     if share == 0.5:
                         assert (held, refused, status) == (2, 3, 200)
                         assert value("pqcnet_sentry_rejections_total",
@@ -109,6 +113,7 @@ async def test_long_lived_pipes_of_one_tenant_leave_room_for_another(
                                      {"reason": "ConcurrencyLimited"}) == 2
                 await eventually(lambda: s.sentry.gate.in_flight == 0, 20)
                 assert s.sentry.gate.by_tenant == {}
+                assert s.sentry.metrics.value(holders, {"tenant": "acme"}) == 0
 
 
 async def _attack(s: Stack, mesh: Mesh, stack: contextlib.AsyncExitStack

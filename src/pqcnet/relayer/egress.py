@@ -177,6 +177,8 @@ class SubscriberHub:
         self.ack_timeouts = 0
         #: bumped when a subscriber joins or the grants change (Sink.generation)
         self.generation = 0
+        #: called right after each bump (the node wakes workers holding parked topics)
+        self.on_generation: Callable[[], None] | None = None
         #: (peer, customer) -> (evictions, loop time of the last), least recent first
         self._strikes: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
         #: subscriptions refused because their peer is quarantined for the customer
@@ -245,8 +247,13 @@ class SubscriberHub:
 
     def policy_changed(self) -> None:
         """The grants changed (a reload): held and parked topics are looked at again."""
+        self._bump()
+
+    def _bump(self) -> None:
         self.generation += 1
         self._changed.set()
+        if self.on_generation is not None:
+            self.on_generation()
 
     def takes(self, topic: Topic) -> bool:
         """True if a subscriber (allowed by a live grant) takes ``topic`` now."""
@@ -272,8 +279,7 @@ class SubscriberHub:
         peer = stream.tunnel.peer.spiffe_id if self.may_receive is not None else None
         sub = Subscription(request.customer, request.channels, peer)
         self._subs.setdefault(sub.customer, []).append(sub)
-        self.generation += 1
-        self._changed.set()
+        self._bump()
         acks = asyncio.create_task(self._read_acks(stream, sub, reader or MessageReader()))
         acks.add_done_callback(lambda _: sub.wake.set())
         log.info("subscriber joined", extra={"customer": sub.customer,

@@ -239,6 +239,7 @@ class RelayerNode:
         #: per-customer quotas (``relayer run --workers N``: shared by the workers)
         self.quotas = quotas if quotas is not None else Quotas(cfg.quotas)
         self.hub.may_receive = self.authz.may_receive
+        self.hub.on_generation = self._look_at_parked
         self.proofs: dict[int, VolumeProof] = {}
         """epoch -> its proof's header (part 0 when the epoch was split over several
         trees); the records are in the proof files (:meth:`proof_parts`)"""
@@ -491,6 +492,14 @@ class RelayerNode:
             log.info("marks unreadable for the gap fence; local marks only",
                      extra={"shard": shard, "error": str(exc) or "timeout"})
             return {}
+
+    def _look_at_parked(self) -> None:
+        """A subscriber joined or the grants changed: a worker with parked topics looks
+        at them now instead of after its consume wait (``poll_timeout``); a bus that
+        cannot end that wait early (Redis) leaves it to the timeout."""
+        for w in self.workers:
+            if w.parked_topics:
+                self.bus.interrupt(w.shard)
 
     def _owns(self, shard: int) -> bool:
         """A shard worker of this process takes ``shard``'s records now, or will once

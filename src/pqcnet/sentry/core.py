@@ -119,7 +119,15 @@ class Sentry:
                                     tuple[SanitizerPolicy | None,
                                           tuple[tuple[str, str], ...]]] = Memo()
         self.metrics.bind_gauges(lambda: self.gate.in_flight, self._hit_ratio)
+        self.metrics.bind_tenants(self._tenant_holders)
         self._anchor_policies()
+
+    def _tenant_holders(self) -> dict[str, int]:
+        """Gate slots per tenant (this process's; every configured tenant, 0 included,
+        so a series does not vanish while its tenant holds nothing)."""
+        held = dict.fromkeys(self.config.policy.issuers, 0)
+        held.update(self.gate.by_tenant)
+        return held
 
     def _hit_ratio(self) -> float:
         total = self.verifier.hits + self.verifier.misses

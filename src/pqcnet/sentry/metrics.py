@@ -4,11 +4,11 @@ in tests and benchmarks must not collide). Names follow ``pqcnet_sentry_<what>_<
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from pqcnet.qstp.aio import Server, server_metrics
@@ -115,11 +115,27 @@ class SentryMetrics:
         self._levels = _Children(self.bucket_level)
         self._budget: _Live | None = None
         self._server: _Live | None = None
+        self._holders: Callable[[], Mapping[str, int]] = dict
+        self.registry.register(_Live(self._tenant_metrics))
 
     def bind_gauges(self, in_flight: Callable[[], float], ratio: Callable[[], float]) -> None:
         """Read live values at scrape time."""
         self.in_flight.set_function(in_flight)
         self.cache_ratio.set_function(ratio)
+
+    def bind_tenants(self, holders: Callable[[], Mapping[str, int]]) -> None:
+        """Read each tenant's slots of the concurrency gate at scrape time (tenants are
+        config-bounded: the label set is)."""
+        self._holders = holders
+
+    def _tenant_metrics(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "pqcnet_sentry_tenant_in_flight_requests",
+            "RPCs of each tenant holding the concurrency gate (its cap: limits.tenant_share)",
+            labels=["tenant"])
+        for tenant, held in sorted(self._holders().items()):
+            family.add_metric([tenant], held)
+        yield family
 
     def bind_budget(self, budget: ReceiveBudget | None) -> None:
         """Export the QSTP receive budget the sentry's tunnels share (read at scrape

@@ -100,6 +100,13 @@ class Bus(abc.ABC):
     ) -> list[Delivery]:
         """Up to ``max_records`` unacked records, waiting up to ``block`` s for the first."""
 
+    def interrupt(self, shard: int) -> None:  # noqa: B027 - optional hook
+        """End a :meth:`consume` of ``shard`` that is waiting now: it returns at once
+        (with what it has, maybe nothing) instead of at ``block``. For a worker that has
+        something else to do — a subscriber came for a topic it parked. A bus whose
+        wait cannot be ended safely (Redis: ``XREADGROUP BLOCK`` on the server; a
+        cancelled read could lose the entries it delivered) keeps its timeout."""
+
     @abc.abstractmethod
     async def ack(self, shard: int, group: str, deliveries: Sequence[Delivery]) -> None:
         """Acknowledge a consumed prefix; acked records are never redelivered."""

@@ -206,6 +206,9 @@ class EmbeddedBus(Bus):
         if (shard, group) in self._commits or len(self._commits) < self._shards * MAX_GROUPS:
             self._commits[shard, group] = offset
 
+    def interrupt(self, shard: int) -> None:
+        self._wakeups.wake(shard)
+
     async def consume(
         self, shard: int, group: str, *, max_records: int = 512, block: float = 0.5
     ) -> list[Delivery]:

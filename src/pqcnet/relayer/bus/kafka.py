@@ -319,6 +319,10 @@ class KafkaBus(Bus):
 
         await self._call(send_all())
 
+    def interrupt(self, shard: int) -> None:
+        for pump in self._pumps.values():
+            pump.interrupt(shard)
+
     async def consume(
         self, shard: int, group: str, *, max_records: int = 512, block: float = 0.5
     ) -> list[Delivery]:

@@ -101,6 +101,10 @@ class PartitionPump:
         if not self.ready(shard):
             await self._wakeups.wait(shard, block)
 
+    def interrupt(self, shard: int) -> None:
+        """End a :meth:`wait` of ``shard`` now (the worker has something else to do)."""
+        self._wakeups.wake(shard)
+
     def drop(self, shard: int) -> None:
         """Forget what is buffered for ``shard`` (before a seek, on revoke) and fetch it
         again if it was paused. Call with no ``await`` between this and the seek."""
