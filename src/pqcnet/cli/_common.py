@@ -143,6 +143,13 @@ def follow_supervisor() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def worker_metrics_port(port: int | None, index: int) -> int | None:
+    """Worker ``index``'s metrics port under ``--workers N``: ``port + index`` (stable
+    across restarts, so scrape targets stay right); ``0`` and None stay as they are
+    (a role's own meaning: any free port, or none)."""
+    return port if not port else port + index
+
+
 def reserve_port(host: str, port: int) -> socket.socket:
     """A bound, non-listening SO_REUSEPORT socket a ``--workers`` supervisor holds: the
     port is the workers' (``port`` 0 picks a free one, read back from the socket)."""

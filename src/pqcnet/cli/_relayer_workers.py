@@ -15,7 +15,7 @@ refused: its overflow queue and unproven volume would be stranded
 delivers only the shards it owns, so each worker also listens on a port of its own
 (:func:`own_port`) and subscribers list all of them (``pqcnet subscribe --relayer
 h:p1,h:p2,...``, the ready line's ``worker_ports``). Each worker serves its own
-metrics and health port (:func:`metrics_port`, the ready line's
+metrics and health port (:func:`~pqcnet.cli._common.worker_metrics_port`, the ready line's
 ``worker_metrics_ports``): a process's counters are its own, and Prometheus sums
 targets. Worker 0 alone serves the gRPC and governance ports and renews the
 certificate; the others hot-reload the renewed identity from ``identity_dir``.
@@ -45,7 +45,7 @@ from typing import Any
 import click
 
 from pqcnet._util.shmlimits import SharedLimitState
-from pqcnet.cli._common import reserve_port, stop_workers
+from pqcnet.cli._common import reserve_port, stop_workers, worker_metrics_port
 from pqcnet.relayer.authz import MAX_QUOTA_CUSTOMERS
 from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.errors import ConfigError, SingleProcessBackend
@@ -97,18 +97,12 @@ def worker_config(cfg: RelayerConfig, index: int, port: int) -> RelayerConfig:
         return cfg.replace(listen_port=port)
     changes: dict[str, Any] = {"node_id": f"{cfg.node_id}-w{index}", "listen_port": port,
                                "data_dir": str(worker_dir(cfg, index)),
-                               "metrics_port": metrics_port(cfg.metrics_port, index),
+                               "metrics_port": worker_metrics_port(cfg.metrics_port, index),
                                "grpc_port": None,
                                "governance_qstp_port": None, "ledger_anchors": ""}
     if cfg.ledger_dir:  # a sibling: not inside another RocksDB directory
         changes["ledger_dir"] = f"{cfg.ledger_dir.rstrip('/')}-w{index}"
     return cfg.replace(**changes)
-
-
-def metrics_port(port: int | None, index: int) -> int | None:
-    """Worker ``index``'s metrics port: ``port + index`` (stable across restarts, so
-    scrape targets stay right), any free one when the config says 0, none without."""
-    return port if not port else port + index
 
 
 def own_port(port: int, index: int) -> int:

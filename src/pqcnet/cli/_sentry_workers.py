@@ -30,7 +30,7 @@ from typing import Any
 
 import click
 
-from pqcnet.cli._common import reserve_port, stop_workers
+from pqcnet.cli._common import reserve_port, stop_workers, worker_metrics_port
 
 #: Seconds a worker may take to start listening.
 WORKER_START_TIMEOUT = 60.0
@@ -51,9 +51,9 @@ def _worker_main(config_path: Path, index: int, shm_path: str, lock: Any, port: 
     cfg = load_config(config_path)
     cfg = dataclasses.replace(cfg, listen_port=port)
     if index > 0:  # one ledger writer; a metrics port each
-        cfg = dataclasses.replace(cfg, ledger_path=None,
-                                  metrics_port=cfg.metrics_port + index if cfg.metrics_port
-                                  else None)
+        cfg = dataclasses.replace(cfg, ledger_path=None,  # metrics_port 0: none
+                                  metrics_port=worker_metrics_port(cfg.metrics_port,
+                                                                   index) or None)
     identity = NodeIdentity.load(require_identity(cfg), node_pass)
     state = SharedLimitState.attach(shm_path, lock)
     service = SentryService(cfg, identity, config_path=config_path,
