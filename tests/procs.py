@@ -1,6 +1,6 @@
 """What the tests read about processes from ``/proc`` (no psutil here): whether a pid
-still runs, and a process's children — for the ``--workers`` supervisors, whose workers
-must not outlive them."""
+still runs, a process's children — for the ``--workers`` supervisors, whose workers
+must not outlive them — and which process listens on a port (which worker to kill)."""
 
 from __future__ import annotations
 
@@ -30,3 +30,27 @@ def children(pid: int) -> list[int]:
             if fields is not None and int(fields[1]) == pid:
                 out.append(int(entry.name))
     return out
+
+
+def listener_pid(port: int) -> int | None:
+    """The process listening on TCP ``port`` (IPv4), or None: the socket's inode from
+    ``/proc/net/tcp``, then the process holding a descriptor to it."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        cols = line.split()
+        if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == "0A":  # LISTEN
+            inodes.add(f"socket:[{cols[9]}]")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = list((entry / "fd").iterdir())
+        except OSError:  # gone, or not ours to read
+            continue
+        for fd in fds:
+            try:
+                if str(fd.readlink()) in inodes:
+                    return int(entry.name)
+            except OSError:  # closed meanwhile
+                continue
+    return None

@@ -5,7 +5,6 @@ at the next take. (The process-level test is in test_cluster_workers.py.)"""
 
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Iterator
 
 import pytest
@@ -17,9 +16,8 @@ from pqcnet.relayer.errors import QuotaExceeded
 
 @pytest.fixture
 def segment() -> Iterator[tuple[SharedLimitState, SharedLimitState]]:
-    lock = multiprocessing.get_context("spawn").Lock()
-    owner = SharedLimitState.create(lock, workers=2, slots=64, prefix="pqcnet-test-quotas-")
-    other = SharedLimitState.attach(owner.path, lock)
+    owner = SharedLimitState.create(workers=2, slots=64, prefix="pqcnet-test-quotas-")
+    other = SharedLimitState.attach(owner.path)
     yield owner, other
     other.close()
     owner.close()

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -20,7 +20,7 @@ from pqcnet.sentry.shared import SharedConcurrencyGate, SharedLimitState, Shared
 from pqcnet.sentry.sidecar import Sidecar
 from pqcnet.sentry.wire import RequestHead
 from tests.ports import port_run
-from tests.procs import children, running
+from tests.procs import children, listener_pid, running
 from tests.relayer.helpers import eventually, scrape_metrics
 
 from .harness import HttpBackend, Mesh, sidecar_to
@@ -31,9 +31,8 @@ STATUS = RequestHead("http", "GET", "/status")
 
 
 def test_buckets_and_gate_are_one_across_attached_workers() -> None:
-    lock = threading.Lock()
-    owner = SharedLimitState.create(lock, workers=2, slots=64)
-    other = SharedLimitState.attach(owner.path, lock)
+    owner = SharedLimitState.create(workers=2, slots=64)
+    other = SharedLimitState.attach(owner.path)
     # anonymous memory reached through the owner's descriptor: no name in /dev/shm
     assert os.readlink(owner.path).startswith("/memfd:pqcnet-limits")
     try:
@@ -169,9 +168,8 @@ def test_a_tenants_cap_is_one_across_attached_workers() -> None:
     enters. A dead worker's holders are freed with it. Rows of tenants holding nothing
     are reused, and more tenants in flight than a probe window of rows is a refusal,
     never a miscount."""
-    lock = threading.Lock()
-    owner = SharedLimitState.create(lock, workers=2, slots=64, held_slots=64)
-    other = SharedLimitState.attach(owner.path, lock)
+    owner = SharedLimitState.create(workers=2, slots=64, held_slots=64)
+    other = SharedLimitState.attach(owner.path)
     try:
         g0 = SharedConcurrencyGate(owner, 0, 4, 0.5)
         g1 = SharedConcurrencyGate(other, 1, 4, 0.5)
@@ -198,7 +196,7 @@ def test_a_tenants_cap_is_one_across_attached_workers() -> None:
     finally:
         other.close()
         owner.close()
-    tiny = SharedLimitState.create(lock, workers=1, slots=8, held_slots=2)
+    tiny = SharedLimitState.create(workers=1, slots=8, held_slots=2)
     try:
         gate = SharedConcurrencyGate(tiny, 0, 100, 1.0)
         tenants = [f"t{i}" for i in range(5)]
@@ -249,6 +247,48 @@ async def test_two_workers_keep_one_tenant_cap(tmp_path: Path, mesh: Mesh) -> No
     assert head.status == 200
     assert backend.seen.max_in_flight <= 3  # acme's 2 and globex's 1
     assert [q["path"] for q in backend.seen.requests].count("/globex/x") == 1
+
+
+async def test_a_killed_worker_gives_back_its_tenants_slots(tmp_path: Path,
+                                                            mesh: Mesh) -> None:
+    """SIGKILL of the worker serving acme's two slow calls — acme's whole cap, half of a
+    gate of 4 — from outside, found by its metrics port. The calls it held fail; the
+    supervisor zeroes that worker's counts and restarts it, and acme then gets exactly
+    its two slots again (a leaked count would refuse all three calls)."""
+    metrics = port_run(1)
+    gauge = 'pqcnet_sentry_tenant_in_flight_requests{tenant="acme"}'
+    with HttpBackend(delay=3.0) as backend, sentry_process(
+            mesh, tmp_path / "s", backend.port, workers=2, max_in_flight=4,
+            tenant_share=0.5, extra={"metrics_port": metrics}) as (p, port):
+        first = sidecar_to(port, mesh.acme, mesh.acme_issuer, subject="u0")
+        try:  # one tunnel: both calls on one worker
+            await first.session()
+            calls = [asyncio.create_task(first.call(STATUS, b"")) for _ in range(2)]
+            await eventually(lambda: backend.seen.in_flight >= 2, 20)
+            held = [(await asyncio.to_thread(scrape_metrics, metrics + i)).get(gauge, 0.0)
+                    for i in (0, 1)]
+            assert sorted(held) == [0.0, 2.0], held
+            victim_port = metrics + held.index(2.0)
+            victim = listener_pid(victim_port)
+            assert victim is not None and victim in children(p.pid)
+            os.kill(victim, signal.SIGKILL)
+            lost = await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await first.aclose()
+        assert not [x for x in lost if not isinstance(x, BaseException)
+                    and x[0].status == 200], lost
+        await eventually(lambda: listener_pid(victim_port) not in (None, victim), 60)
+        assert p.poll() is None
+        again = [sidecar_to(port, mesh.acme, mesh.acme_issuer, subject=f"v{i}")
+                 for i in range(3)]
+        try:
+            for s in again:
+                await s.session()
+            heads = await asyncio.gather(*(s.call(STATUS, b"") for s in again))
+        finally:
+            for s in again:
+                await s.aclose()
+    assert sorted(h.status for h, _s, _f in heads) == [200, 200, 429]
 
 
 async def test_each_worker_serves_its_own_metrics(tmp_path: Path, mesh: Mesh) -> None:

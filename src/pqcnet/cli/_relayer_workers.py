@@ -112,7 +112,7 @@ def own_port(port: int, index: int) -> int:
 
 
 def _worker_main(config_path: Path, index: int, port: int, rotation: dict[str, Any],
-                 ready: Any, shm_path: str, lock: Any) -> None:
+                 ready: Any, shm_path: str) -> None:
     from pqcnet.cli._common import follow_supervisor, run_until_signalled
     from pqcnet.cli.relayer import relayer_lifecycle
     from pqcnet.relayer.authz import SharedQuotas
@@ -124,7 +124,7 @@ def _worker_main(config_path: Path, index: int, port: int, rotation: dict[str, A
     cfg = worker_config(base, index, port)
     if index > 0:  # one renewer; the others pick the renewed identity up from disk
         rotation = {**rotation, "renew_ca_url": "", "renew_ca_dir": None}
-    state = SharedLimitState.attach(shm_path, lock)  # quotas: one bucket per host
+    state = SharedLimitState.attach(shm_path)  # quotas: one bucket per host
     start, stop = relayer_lifecycle(cfg, config_path, rotation, started=base, reuse_port=True,
                                     own_port=own, quotas=SharedQuotas(state, cfg.quotas))
 
@@ -146,8 +146,7 @@ def run_workers(config_path: Path, workers: int, rotation: dict[str, Any]) -> No
     cfg.require_identity(str(config_path))
     check_workers(cfg, workers)
     ctx = multiprocessing.get_context("spawn")
-    lock = ctx.Lock()
-    quota_state = SharedLimitState.create(lock, workers=workers, slots=QUOTA_SLOTS,
+    quota_state = SharedLimitState.create(workers=workers, slots=QUOTA_SLOTS,
                                           prefix="pqcnet-relayer-quotas-")
     holder = reserve_port(cfg.listen_host, cfg.listen_port)
     port = int(holder.getsockname()[1])
@@ -166,8 +165,7 @@ def run_workers(config_path: Path, workers: int, rotation: dict[str, Any]) -> No
 
     def spawn(i: int) -> Any:
         p = ctx.Process(target=_worker_main, name=f"relayer-worker-{i}",
-                        args=(config_path, i, port, rotation, ready, quota_state.path,
-                              lock))
+                        args=(config_path, i, port, rotation, ready, quota_state.path))
         p.start()
         return p
 

@@ -1,7 +1,8 @@
 """``pqcnet sentry run --workers N``: N sentry processes on one port, one set of limits.
 
 The supervisor (this process) creates the shared limiter segment
-(:mod:`pqcnet.sentry.shared`) and one process-shared lock, reserves the port (a bound,
+(:mod:`pqcnet.sentry.shared`, with its own lock, which a worker's death releases),
+reserves the port (a bound,
 non-listening SO_REUSEPORT socket, so ``listen: 127.0.0.1:0`` works too), and starts N
 workers (spawned processes). Each worker is an ordinary
 :class:`~pqcnet.runtime.sentry.SentryService` listening with SO_REUSEPORT — the kernel
@@ -38,7 +39,7 @@ WORKER_START_TIMEOUT = 60.0
 WORKER_STOP_TIMEOUT = 15.0
 
 
-def _worker_main(config_path: Path, index: int, shm_path: str, lock: Any, port: int,
+def _worker_main(config_path: Path, index: int, shm_path: str, port: int,
                  node_pass: bytes | None, reload_interval: float, ready: Any) -> None:
     from pqcnet.cli._common import follow_supervisor, run_until_signalled
     from pqcnet.identity import NodeIdentity
@@ -55,7 +56,7 @@ def _worker_main(config_path: Path, index: int, shm_path: str, lock: Any, port: 
                                   metrics_port=worker_metrics_port(cfg.metrics_port,
                                                                    index) or None)
     identity = NodeIdentity.load(require_identity(cfg), node_pass)
-    state = SharedLimitState.attach(shm_path, lock)
+    state = SharedLimitState.attach(shm_path)
     service = SentryService(cfg, identity, config_path=config_path,
                             reload_interval=reload_interval, shared=(state, index),
                             reuse_port=True)
@@ -74,8 +75,7 @@ def run_workers(config_path: Path, workers: int, node_pass: bytes | None,
 
     cfg = load_config(config_path)
     ctx = multiprocessing.get_context("spawn")
-    lock = ctx.Lock()
-    state = SharedLimitState.create(lock, workers=workers, prefix="pqcnet-sentry-limits-")
+    state = SharedLimitState.create(workers=workers, prefix="pqcnet-sentry-limits-")
     holder = reserve_port(cfg.listen_host, cfg.listen_port)
     port = int(holder.getsockname()[1])
     ready = ctx.Queue()
@@ -87,7 +87,7 @@ def run_workers(config_path: Path, workers: int, node_pass: bytes | None,
 
     def spawn(i: int) -> Any:
         p = ctx.Process(target=_worker_main, name=f"sentry-worker-{i}",
-                        args=(config_path, i, state.path, lock, port, node_pass,
+                        args=(config_path, i, state.path, port, node_pass,
                               reload_interval, ready))
         p.start()
         return p
