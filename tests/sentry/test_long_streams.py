@@ -3,13 +3,14 @@
 A TCP pipe or a streaming gRPC call holds a concurrency-gate slot (a pipe also a
 backend connection) for its whole life. Two ways one outlived its use: its client
 stopped reading (the sentry's write towards it waited for good; only plain responses
-had a write deadline) and a pipe where nothing moves (kept until a side closes, which
-may be never). Now every write towards the client is under
-``bounds.response_write_timeout`` (``ClientTooSlow``) and a pipe that moves no byte for
-``bounds.tcp_idle_timeout`` is closed at both ends (``PipeIdle``); a pipe that keeps
-talking, however slowly, is not. Checked through real sidecars and real TCP and gRPC
-backends: the client sees its connection end, the backend sees its connection (or
-call) end, the slot comes back.
+had a write deadline) and a pipe or call where nothing moves (kept until a side
+closes, which may be never). Now every write towards the client is under
+``bounds.response_write_timeout`` (``ClientTooSlow``), a pipe that moves no byte for
+``bounds.tcp_idle_timeout`` is closed at both ends (``PipeIdle``) and a streaming gRPC
+call that moves no message for ``bounds.grpc_stream_idle_timeout`` is ended with
+UNAVAILABLE (``StreamIdle``); a pipe or call that keeps talking, however slowly, is
+not. Checked through real sidecars and real TCP and gRPC backends: the client sees its
+connection end, the backend sees its connection (or call) end, the slot comes back.
 """
 
 from __future__ import annotations
@@ -161,6 +162,57 @@ async def test_a_grpc_stream_whose_client_stops_reading_is_cut(
                         while await call.read() is not grpc.aio.EOF:
                             pass
                 assert info.value.code() != grpc.StatusCode.OK
+        finally:
+            await server.stop(None)
+            await sidecar.aclose()
+
+
+async def test_an_idle_grpc_stream_is_ended_and_a_talking_one_is_not(
+        tmp_path: Path, mesh: Mesh) -> None:
+    """Idle timeout 2 s, three bidirectional Chat calls through a real sidecar: one
+    never says anything (the backend never answers, so not even its response head
+    went out), one says nothing after its first echo, one says something every 0.2 s
+    for 5 s. The first two end UNAVAILABLE saying why, their backend calls ended and
+    their slots back; the talking one gets every echo and ends OK when its client
+    finishes."""
+    async with grpc_backend() as (servicer, grpc_port), \
+            _stack(tmp_path, mesh, grpc_port, 1, grpc_stream_idle_timeout=2.0) as s:
+        sidecar = s.sidecar(mesh.acme, mesh.acme_issuer)
+        server, port = await serve_grpc(sidecar)
+        gate = s.sentry.gate
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = echo_pb2_grpc.EchoStub(channel)
+                silent: Any = stub.Chat(timeout=60)
+                quiet: Any = stub.Chat(timeout=60)
+                talk: Any = stub.Chat(timeout=60)
+                for call in (quiet, talk):
+                    await call.write(echo_pb2.EchoRequest(text="hi"))
+                    assert (await call.read()).text == "HI"
+                await eventually(lambda: servicer.streams == 3, 10)
+                assert gate.in_flight == 3
+                for i in range(25):  # 5 s, more than twice the idle timeout
+                    await talk.write(echo_pb2.EchoRequest(text=f"m{i}"))
+                    assert (await talk.read()).text == f"M{i}"
+                    await asyncio.sleep(0.2)
+                for call in (silent, quiet):
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        async with asyncio.timeout(15):
+                            await call.read()
+                    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                    assert "moved no message for 2s" in (info.value.details() or "")
+                assert _rejections(s, "StreamIdle") == 2
+                # their backend calls ended, their slots are back (within the talking
+                # call's idle timeout: it must not idle here)
+                await eventually(lambda: gate.in_flight == 1 and servicer.streams == 1, 1)
+                await talk.write(echo_pb2.EchoRequest(text="last"))
+                assert (await talk.read()).text == "LAST"
+                await talk.done_writing()
+                assert await talk.read() is grpc.aio.EOF
+                assert await talk.code() == grpc.StatusCode.OK
+            await eventually(lambda: gate.in_flight == 0 and servicer.streams == 0, 10)
+            assert _rejections(s, "StreamIdle") == 2  # ended by its client, not for idling
+            assert _rejections(s, "ClientTooSlow") == 0
         finally:
             await server.stop(None)
             await sidecar.aclose()

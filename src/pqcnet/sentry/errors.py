@@ -18,6 +18,8 @@ so one exception is enough to count, log and answer a refusal consistently::
         │   └── ChannelBindingMismatch   bound to another tunnel (replay)
         ├── ClientTooSlow                a response write waited too long for the client
         ├── PipeIdle                     a TCP pipe moved nothing for its idle timeout
+        ├── StreamIdle                   a streaming gRPC call moved no message for its
+        │                                idle timeout
         ├── Denied                       ACL / tenant namespace refused
         ├── RateLimited                  token bucket empty or concurrency gate full
         └── BackendError                 the backend failed or timed out (retriable)
@@ -71,6 +73,15 @@ class PipeIdle(SentryError):
     its stream was reset and the backend connection closed."""
 
     outcome = "error"
+
+
+class StreamIdle(SentryError):
+    """A streaming gRPC call moved no message either way for
+    ``bounds.grpc_stream_idle_timeout`` seconds; the backend call was cancelled and the
+    client got this code (UNAVAILABLE: nothing was wrong with its request)."""
+
+    outcome = "error"
+    grpc_code = 14  # UNAVAILABLE
 
 
 class Unauthenticated(SentryError):

@@ -25,7 +25,10 @@ QSTP ``send()`` (which waits for the sidecar's credit) returned, the sidecar ``r
 producer behind a slow reader therefore waits, with at most the QSTP stream window plus
 the two HTTP/2 windows in flight. Cancellation travels both ways: a client cancel (or
 deadline) resets the QSTP stream, and the sentry cancels the backend call; a backend
-that aborts, fails or is cancelled ends in a trailer with its status.
+that aborts, fails or is cancelled ends in a trailer with its status. A call that
+moves no message either way for ``bounds.grpc_stream_idle_timeout`` is ended by the
+sentry (it holds a gate slot for its life): the backend call is cancelled and the
+client gets UNAVAILABLE in a trailer (:class:`~pqcnet.sentry.errors.StreamIdle`).
 
 :class:`FrameDecoder` is sans-IO; :func:`proxy_stream` is the sentry's side (the
 sidecar's side is in :mod:`pqcnet.sentry.sidecar`).
@@ -45,9 +48,9 @@ import grpc.aio
 from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.errors import PqcnetError
 from pqcnet.sentry.backends import MAX_GRPC_MESSAGE, metadata_to_wire
-from pqcnet.sentry.errors import RequestTooLarge, WireError
+from pqcnet.sentry.errors import RequestTooLarge, StreamIdle, WireError
 from pqcnet.sentry.wire import ResponseHead, decode_response, encode_response
-from pqcnet.sentry.writewatch import WriteWatch
+from pqcnet.sentry.writewatch import WriteWatch, until_quiet
 
 log = logging.getLogger("pqcnet.sentry")
 
@@ -125,30 +128,54 @@ def decode_trailers(payload: bytes) -> ResponseHead:
 # ---------------------------------------------------------------------------- sentry side
 
 
+class _Activity:
+    """When the call last moved something (loop time), and the idle timeout that cut
+    it (0: not cut)."""
+
+    __slots__ = ("cut", "moved")
+
+    def __init__(self, now: float) -> None:
+        self.moved = now
+        self.cut = 0.0
+
+
 async def proxy_stream(stream: Any, call: grpc.aio.StreamStreamCall[bytes, bytes],
-                       rest: bytes, watch: WriteWatch) -> int:
+                       rest: bytes, watch: WriteWatch, *, idle: float = 0.0) -> int:
     """Relay one streaming call between a tunnel stream and a backend call until the
     backend's status is sent (or either side goes away); returns the gRPC code. Each
     write to the client is under ``watch``: a client that stops reading is cut
-    (:class:`~pqcnet.sentry.errors.ClientTooSlow`) and the backend call cancelled."""
+    (:class:`~pqcnet.sentry.errors.ClientTooSlow`) and the backend call cancelled.
+    ``idle`` > 0: a call that moves no message (a byte from the client, a message from
+    the backend) for that long is ended with :class:`StreamIdle`."""
     gone = asyncio.Event()  # set when the client side ended the call
-    up = asyncio.create_task(_client_to_backend(stream, call, rest, gone))
+    act = _Activity(asyncio.get_running_loop().time())
+    up = asyncio.create_task(_client_to_backend(stream, call, rest, gone, act))
+    dog = asyncio.create_task(_cut_when_idle(call, act, idle)) if idle > 0 else None
     try:
-        return await _backend_to_client(stream, call, gone, watch)
+        return await _backend_to_client(stream, call, gone, watch, act)
     finally:
         if not call.done():
             call.cancel()
-        await cancel_and_wait(up)
+        await cancel_and_wait(up, dog)
+
+
+async def _cut_when_idle(call: grpc.aio.StreamStreamCall[bytes, bytes], act: _Activity,
+                         idle: float) -> None:
+    await until_quiet(lambda: act.moved, idle)
+    if call.cancel():  # the backend's read ends; _backend_to_client tells the client
+        act.cut = idle
 
 
 async def _client_to_backend(stream: Any, call: grpc.aio.StreamStreamCall[bytes, bytes],
-                             data: bytes, gone: asyncio.Event) -> None:
+                             data: bytes, gone: asyncio.Event, act: _Activity) -> None:
     dec = FrameDecoder(trailers_allowed=False)
+    loop = asyncio.get_running_loop()
     try:
         while True:
             for _flag, message in dec.feed(data):
                 await call.write(message)  # waits on the backend's HTTP/2 window
             data = await stream.recv()
+            act.moved = loop.time()
             if not data:
                 if dec.pending:
                     raise WireError("request stream ended inside a gRPC message")
@@ -167,15 +194,19 @@ async def _client_to_backend(stream: Any, call: grpc.aio.StreamStreamCall[bytes,
 
 
 async def _backend_to_client(stream: Any, call: grpc.aio.StreamStreamCall[bytes, bytes],
-                             gone: asyncio.Event, watch: WriteWatch) -> int:
+                             gone: asyncio.Event, watch: WriteWatch, act: _Activity) -> int:
+    loop = asyncio.get_running_loop()
+    head_sent = False
     try:
         initial = await call.initial_metadata()
         await watch.send(stream, encode_response(ResponseHead(
             200, metadata_to_wire(initial or ()))))
+        head_sent = True
         while True:
             message = await call.read()  # asked for only when the last send returned
             if message is EOF or not isinstance(message, bytes):
                 break
+            act.moved = loop.time()
             await watch.send(stream, message_frame(message))
     except grpc.RpcError:
         pass  # the status is read below
@@ -185,6 +216,11 @@ async def _backend_to_client(stream: Any, call: grpc.aio.StreamStreamCall[bytes,
             raise  # we are being cancelled, not the call
     if gone.is_set():  # we cancelled the call because the client went: nobody to tell
         return int(grpc.StatusCode.CANCELLED.value[0])
+    if act.cut:  # we cancelled it for idling: the client is told why, in a trailer
+        idle = StreamIdle(f"grpc stream moved no message for {act.cut:g}s")
+        if head_sent:  # else the caller answers with an error head
+            await watch.send(stream, trailer_frame(idle.grpc_code, str(idle)), end=True)
+        raise idle
     code = await call.code()
     details = await call.details() or ""
     trailing = await call.trailing_metadata()

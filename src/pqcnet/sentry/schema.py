@@ -80,6 +80,11 @@ class Bounds(Schema):
     """Seconds a raw TCP pipe may move no byte in either direction before the sentry
     closes it (both sides) and frees its gate slot; like nginx's stream
     ``proxy_timeout``. A backend that stops reading stalls the pipe, so it ends too."""
+    grpc_stream_idle_timeout: float = Field(default=600.0, gt=0, le=86_400)
+    """Seconds a streaming gRPC call may move no message in either direction before
+    the sentry cancels the backend call, ends the client's with UNAVAILABLE and frees
+    its gate slot — like Envoy's ``stream_idle_timeout``. A watch-style stream that may
+    stay silent longer needs this raised (or a heartbeat message)."""
     max_tunnels: Count = 1024
     """QSTP tunnels served at once; one more is refused when it connects. Each open
     tunnel costs a socket and about 74 KiB (``pqcnet bench memory``)."""

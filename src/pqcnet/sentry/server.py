@@ -56,6 +56,7 @@ from pqcnet.sentry.errors import (
 )
 from pqcnet.sentry.grpc_stream import STREAM, proxy_stream
 from pqcnet.sentry.wire import RequestHead, ResponseHead, decode_request, encode_response, read_head
+from pqcnet.sentry.writewatch import until_quiet
 
 log = logging.getLogger("pqcnet.sentry")
 
@@ -220,7 +221,8 @@ async def _grpc_stream(sentry: Sentry, stream: RpcStream, head: RequestHead, adm
     if not isinstance(backend, GrpcBackend):
         raise Denied(f"backend {adm.backend.name!r} is not a gRPC backend")
     req = sentry.prepare(head, b"", adm)
-    await proxy_stream(stream, backend.open_stream(req), rest, sentry.write_watch)
+    await proxy_stream(stream, backend.open_stream(req), rest, sentry.write_watch,
+                       idle=sentry.config.bounds.grpc_stream_idle_timeout)
 
 
 async def _pipe_tcp(sentry: Sentry, stream: RpcStream, adm: Admission, rest: bytes) -> None:
@@ -260,12 +262,7 @@ async def _pipe_tcp(sentry: Sentry, stream: RpcStream, adm: Admission, rest: byt
             dog.cancel()  # both directions ended: the pipe is done
 
     async def watchdog() -> None:
-        # a deadline moved forward as bytes flow, not an event: a per-chunk timer
-        # reschedule would cost more than this one wake-up per quiet period
-        quiet = 0.0
-        while quiet < idle:
-            await asyncio.sleep(idle - quiet)
-            quiet = loop.time() - moved
+        await until_quiet(lambda: moved, idle)
         stream.reset(ErrorCode.CANCELLED, f"tcp pipe idle for {idle:g}s")
         raise PipeIdle(f"tcp pipe moved nothing for {idle:g}s")
 

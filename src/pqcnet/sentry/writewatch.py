@@ -13,6 +13,8 @@ began ``limit`` seconds ago or more. A write that waited is therefore cut betwee
 ``limit`` and ``1.25 * limit``. The deadline is per write, not per response: a slow
 client that keeps reading gets everything. Responses, streaming gRPC messages and TCP
 pipe bytes towards the client all go through :meth:`WriteWatch.send`.
+
+:func:`until_quiet` is the other bound of a long-lived stream: nothing moving on it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from pqcnet._util.tasks import cancel_and_wait
@@ -28,6 +31,19 @@ from pqcnet.qstp.frames import ErrorCode
 from pqcnet.sentry.errors import ClientTooSlow
 
 log = logging.getLogger("pqcnet.sentry")
+
+
+async def until_quiet(last_moved: Callable[[], float], idle: float) -> None:
+    """Return once nothing moved for ``idle`` seconds; ``last_moved()`` is the loop
+    time of the last byte or message either way. A deadline pushed forward as data
+    flows, not a timer re-armed per chunk: one wake-up per quiet period. Used by TCP
+    pipes (``tcp_idle_timeout``) and streaming gRPC calls
+    (``grpc_stream_idle_timeout``), which hold a gate slot for their life."""
+    loop = asyncio.get_running_loop()
+    quiet = 0.0
+    while quiet < idle:
+        await asyncio.sleep(idle - quiet)
+        quiet = loop.time() - last_moved()
 
 
 class WriteWatch:
