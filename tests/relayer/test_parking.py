@@ -28,8 +28,9 @@ from pqcnet.relayer.cursor import MemoryCursor
 from pqcnet.relayer.errors import BusError, BusUnavailable
 from pqcnet.relayer.frame import Frame, decode, encode, shard_for
 from pqcnet.relayer.node import RelayerNode
-from pqcnet.relayer.seqstore import RocksSeqStore
+from pqcnet.relayer.seqstore import RedisSeqStore, RocksSeqStore
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
+from tests.relayer.conftest import BusFactory
 from tests.relayer.e2e import Collector, identities, publisher, start_node, subscriber
 from tests.relayer.helpers import (
     CollectSink,
@@ -250,12 +251,18 @@ async def _subscriber_with(port: int, customer: str, cursor: MemoryCursor) -> Co
 PARKED = ("acme", "down")
 
 
-def _parking_worker(tmp_path: Path, **cfg: Any) -> tuple[
-        EmbeddedBus, RocksSeqStore, CollectSink, RelayerShardWorker]:
-    """One embedded shard, its worker (parking on) and a sink that has no subscriber
-    for :data:`PARKED`."""
-    bus = EmbeddedBus(tmp_path / "bus", shards=1)
-    store = RocksSeqStore(tmp_path / "marks")
+def _parking_worker(tmp_path: Path, redis: BusFactory | None = None, **cfg: Any) -> tuple[
+        Any, Any, CollectSink, RelayerShardWorker]:
+    """One shard (embedded, or Redis when given its bus factory), its worker (parking
+    on) and a sink that has no subscriber for :data:`PARKED`."""
+    bus: Any
+    store: Any
+    if redis is None:
+        bus = EmbeddedBus(tmp_path / "bus", shards=1)
+        store = RocksSeqStore(tmp_path / "marks")
+    else:
+        bus = redis(shards=1)
+        store = RedisSeqStore(bus.client, bus.prefix)
     sink = CollectSink()
     sink.absent.add(PARKED)
     worker = RelayerShardWorker(bus, 0, store, sink,
@@ -299,13 +306,22 @@ async def test_a_parked_topic_keeps_its_mark_in_memory_past_the_lru(tmp_path: Pa
         store.close()
 
 
-async def test_a_subscriber_for_a_parked_topic_ends_the_consume_wait(tmp_path: Path) -> None:
-    """The worker waits up to ``poll_timeout`` in ``consume`` when the shard is idle;
-    a subscriber that comes for a parked topic must not wait that out. With a 60 s
-    poll timeout, the parked frame reaches the new subscriber once the bus's wait is
-    interrupted — long before the timeout (without ``interrupt`` this takes 60 s and
-    the 15 s limit fails)."""
-    bus, store, sink, worker = _parking_worker(tmp_path, poll_timeout=60.0)
+@pytest.fixture(params=["embedded", "redis"])
+def parking_backend(request: pytest.FixtureRequest) -> BusFactory | None:
+    """None: the embedded bus; else the Redis bus factory (set up outside the test's
+    event loop, which an async fixture needs)."""
+    return request.getfixturevalue("redis_bus_factory") if request.param == "redis" else None
+
+
+async def test_a_subscriber_for_a_parked_topic_ends_the_consume_wait(
+        tmp_path: Path, parking_backend: BusFactory | None) -> None:
+    """The worker waits up to ``poll_timeout`` in ``consume`` when the shard is idle
+    (Redis: ``XREADGROUP BLOCK`` on the server); a subscriber that comes for a parked
+    topic must not wait that out. With a 60 s poll timeout, the parked frame reaches
+    the new subscriber once the bus's wait is interrupted — long before the timeout
+    (without ``interrupt`` this takes 60 s and the 15 s limit fails)."""
+    redis = parking_backend
+    bus, store, sink, worker = _parking_worker(tmp_path, redis, poll_timeout=60.0)
     parked = PARKED
     task = asyncio.create_task(worker.run())
     try:
@@ -322,7 +338,7 @@ async def test_a_subscriber_for_a_parked_topic_ends_the_consume_wait(tmp_path: P
         bus.interrupt(0)
         await asyncio.wait_for(task, 15)
         await bus.close()
-        store.close()
+        await store.aclose() if redis is not None else store.close()
 
 
 async def test_parked_records_survive_a_kafka_partition_move(tmp_path: Path,

@@ -4,11 +4,15 @@ and exactly-once ordered delivery with concurrent publishers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from pqcnet.relayer.bus.redis_streams import RedisStreamsBus
+from pqcnet.relayer.errors import BusUnavailable
 from pqcnet.relayer.frame import Frame, encode, shard_for
 from pqcnet.relayer.seqstore import RedisSeqStore
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
@@ -154,3 +158,56 @@ async def test_publish_many_one_round_trip_each_shard_in_order(
     with pytest.raises(ValueError):
         await bus.publish_many({bus.partitions(): [b"x"]})  # no such shard: nothing sent
     assert calls == 1
+
+
+async def _blocked_reader(admin: Any) -> int | None:
+    """Id of the client blocked in XREADGROUP, as Redis lists it (CLIENT LIST)."""
+    for c in await admin.client_list():
+        if c.get("cmd") == "xreadgroup" and "b" in c.get("flags", ""):
+            return int(c["id"])
+    return None
+
+
+async def test_interrupt_ends_a_blocking_read_and_loses_nothing(
+        redis_bus_factory: BusFactory, redis_url: str) -> None:
+    """``interrupt`` ends a 30 s blocking consume at once, seen from Redis's side: the
+    client blocked in XREADGROUP (CLIENT LIST) is gone and the consume returns nothing.
+    300 rounds of a publish racing an interrupt of the read waiting for it hand every
+    entry out once, in order — CLIENT UNBLOCK is atomic in Redis, never a cancelled
+    read that could drop what it was given. After Redis kills the reading connection
+    (CLIENT KILL), its new connection's id is the one interrupted."""
+    bus = redis_bus_factory(consumer="a", entry_records=1)
+    writer = redis_bus_factory(consumer="w", entry_records=1)
+    admin = aioredis.from_url(redis_url)
+    try:
+        assert await bus.consume(0, "g", block=0.01) == []  # the group exists now
+        for round_ in range(2):
+            waiting = asyncio.create_task(bus.consume(0, "g", block=30.0))
+            async with asyncio.timeout(10):
+                while (reader := await _blocked_reader(admin)) is None:  # noqa: ASYNC110 - Redis's state
+                    await asyncio.sleep(0.02)
+            bus.interrupt(0)
+            assert await asyncio.wait_for(waiting, 5) == []
+            assert await _blocked_reader(admin) is None
+            if round_ == 0:  # Redis drops the connection: the next read reconnects
+                await admin.client_kill_filter(_id=reader)
+                with contextlib.suppress(BusUnavailable):
+                    await bus.consume(0, "g", block=0.05)
+        published: list[bytes] = []
+        got: list[bytes] = []
+        for i in range(300):
+            reader_task = asyncio.create_task(bus.consume(0, "g", block=5.0))
+            await asyncio.sleep(random.uniform(0, 0.003))
+            published.append(str(i).encode())
+            await writer.publish(0, [published[-1]])
+            bus.interrupt(0)
+            batch = await asyncio.wait_for(reader_task, 10)
+            got += [d.data for d in batch]
+            await bus.ack(0, "g", batch)
+        while batch := await bus.consume(0, "g", block=0.2):
+            got += [d.data for d in batch]
+            await bus.ack(0, "g", batch)
+        assert got == published
+        assert await bus.lag(0, "g") == 0
+    finally:
+        await admin.aclose()

@@ -495,8 +495,8 @@ class RelayerNode:
 
     def _look_at_parked(self) -> None:
         """A subscriber joined or the grants changed: a worker with parked topics looks
-        at them now instead of after its consume wait (``poll_timeout``); a bus that
-        cannot end that wait early (Redis) leaves it to the timeout."""
+        at them now instead of after its consume wait (``poll_timeout``): every bus ends
+        that wait (Redis with ``CLIENT UNBLOCK``), best effort."""
         for w in self.workers:
             if w.parked_topics:
                 self.bus.interrupt(w.shard)

@@ -103,9 +103,10 @@ class Bus(abc.ABC):
     def interrupt(self, shard: int) -> None:  # noqa: B027 - optional hook
         """End a :meth:`consume` of ``shard`` that is waiting now: it returns at once
         (with what it has, maybe nothing) instead of at ``block``. For a worker that has
-        something else to do — a subscriber came for a topic it parked. A bus whose
-        wait cannot be ended safely (Redis: ``XREADGROUP BLOCK`` on the server; a
-        cancelled read could lose the entries it delivered) keeps its timeout."""
+        something else to do — a subscriber came for a topic it parked. Best effort:
+        a wait that cannot be ended safely keeps its timeout (never cancel a read that
+        may be delivering: Redis ends ``XREADGROUP BLOCK`` with ``CLIENT UNBLOCK``,
+        which Redis applies atomically, never by cancelling the call)."""
 
     @abc.abstractmethod
     async def ack(self, shard: int, group: str, deliveries: Sequence[Delivery]) -> None:

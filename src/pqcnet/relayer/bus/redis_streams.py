@@ -10,7 +10,10 @@
 * consume: first the consumer's own pending entries (``XREADGROUP ... 0``, what it
   read but never acked before a crash), then entries idle longer than
   ``claim_idle_ms`` in *other* consumers' PELs (``XAUTOCLAIM``: a dead relayer's
-  work), then new entries (``>``, blocking).
+  work), then new entries (``>``, blocking). The blocking read of a (shard, group)
+  runs on a connection of its own whose server-side id is known, so :meth:`interrupt`
+  can end its wait from another connection (``CLIENT UNBLOCK``, which makes it return
+  as if timed out: atomic in Redis, so no entry is delivered and dropped).
 * ack: ``XACK`` of every entry whose *last* record is in the acked prefix (an entry
   half-acked at a crash is redelivered whole; the sequencer drops the repeats), then
   a trim every ``trim_every`` acked entries with ``XTRIM MINID`` set to the
@@ -53,6 +56,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.relayer.bus.base import Bus, Delivery, Offset
 from pqcnet.relayer.bus.leases import ShardLeases
 from pqcnet.relayer.errors import BusError, BusUnavailable
@@ -125,6 +129,14 @@ class RedisStreamsBus(Bus):
             url, socket_timeout=None, socket_connect_timeout=op_timeout,
             max_connections=shards * 2 + 16,
         )
+        self._url = url
+        #: (shard, group) -> the client of its blocking reads (one connection each)
+        self._blockers: dict[tuple[int, str], aioredis.Redis] = {}
+        #: (shard, group) -> that connection's CLIENT ID (refreshed on each connect)
+        self._block_ids: dict[tuple[int, str], int] = {}
+        #: (shard, group)s whose blocking read is under way
+        self._blocking: set[tuple[int, str]] = set()
+        self._unblocks: set[asyncio.Task[None]] = set()
         self._shards, self.prefix, self.consumer = shards, prefix, consumer
         #: target stream length; trimming never removes unacked entries
         self.max_len = max_len
@@ -356,14 +368,53 @@ class RedisStreamsBus(Bus):
     async def _read(self, shard: int, group: str, cursor: str, count: int,
                     block_ms: int | None) -> list[Any]:
         limit = self.op_timeout + (block_ms or 0) / 1000
-        res: Any = await self._call(self.client.xreadgroup(
-            group, self.consumer, {self.key(shard): cursor}, count=count, block=block_ms),
-            limit)
+        sg = (shard, group)
+        client = self.client if block_ms is None else self._blocker(sg)
+        if block_ms is not None:
+            self._blocking.add(sg)
+        try:
+            res: Any = await self._call(client.xreadgroup(
+                group, self.consumer, {self.key(shard): cursor}, count=count,
+                block=block_ms), limit)
+        finally:
+            self._blocking.discard(sg)
         if not res:
             return []
         if isinstance(res, dict):
             raise BusError("unexpected RESP3 reply; connect with protocol 2")
         return list(res[0][1])
+
+    def _blocker(self, sg: tuple[int, str]) -> aioredis.Redis:
+        """The client of ``sg``'s blocking reads: one connection, whose id is read
+        again on every (re)connect."""
+        client = self._blockers.get(sg)
+        if client is None:
+            async def connected(conn: Any) -> None:
+                await conn.on_connect()
+                await conn.send_command("CLIENT", "ID")
+                self._block_ids[sg] = int(await conn.read_response())
+
+            client = self._blockers[sg] = aioredis.from_url(
+                self._url, socket_timeout=None, socket_connect_timeout=self.op_timeout,
+                single_connection_client=True, redis_connect_func=connected)
+        return client
+
+    def interrupt(self, shard: int) -> None:
+        """End ``shard``'s blocking reads now (``CLIENT UNBLOCK`` from the pool): each
+        returns nothing, as at its timeout. Best effort — an unblock that fails, or
+        arrives before the read reached Redis, leaves the read to its timeout."""
+        for sg in self._blocking:
+            cid = self._block_ids.get(sg)
+            if sg[0] == shard and cid is not None:
+                task = asyncio.get_running_loop().create_task(self._unblock(cid))
+                self._unblocks.add(task)
+                task.add_done_callback(self._unblocks.discard)
+
+    async def _unblock(self, client_id: int) -> None:
+        try:
+            await self._call(self.client.client_unblock(client_id))
+        except BusError as exc:  # BusUnavailable included
+            log.info("could not end a blocking read early", extra={"error": str(exc)})
 
     def _deliveries(self, shard: int, group: str, entries: Sequence[Any]) -> list[Delivery]:
         out = []
@@ -447,4 +498,8 @@ class RedisStreamsBus(Bus):
     async def close(self) -> None:
         if self.leases is not None:
             await self.leases.close()
+        await cancel_and_wait(*self._unblocks)
+        for client in self._blockers.values():
+            await client.aclose()
+        self._blockers.clear()
         await self.client.aclose()
