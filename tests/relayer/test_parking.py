@@ -131,7 +131,7 @@ async def test_a_topic_nobody_reads_does_not_hold_other_customers(
         late = await subscriber(node.port, "acme")
         await late.wait_for(n, 30)
         assert late.by_topic[acme] == list(range(1, n + 1))  # in order, once, all
-        # the join woke the parked shard's consume wait (a no-op on Redis)
+        # the join woke the parked shard's consume wait (on Redis: CLIENT UNBLOCK)
         assert interrupted == [shard]
         await metrics_reach(port, {"pqcnet_relayer_parked_topics": 0.0,
                                    "pqcnet_relayer_records_behind_park": 0.0,

@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -289,6 +290,52 @@ async def test_a_killed_worker_gives_back_its_tenants_slots(tmp_path: Path,
             for s in again:
                 await s.aclose()
     assert sorted(h.status for h, _s, _f in heads) == [200, 200, 429]
+
+
+async def _said(p: subprocess.Popen[str], text: str) -> str:
+    """The next line of the supervisor's stderr (shared with its workers' logs) that
+    contains ``text``."""
+    assert p.stderr is not None
+    async with asyncio.timeout(30):
+        while True:
+            line = await asyncio.to_thread(p.stderr.readline)
+            assert line, f"stderr ended before {text!r}"
+            if text in line:
+                return line
+
+
+async def test_a_worker_that_keeps_dying_is_restarted_ever_later(tmp_path: Path,
+                                                                 mesh: Mesh) -> None:
+    """Worker 1 SIGKILLed again each time it is back (found by its metrics port): the
+    supervisor restarts it at once, then after 0.5 s, then after 1 s — and says so —
+    while worker 0 goes on serving; the third new process is not listening sooner
+    than a second after the kill."""
+    metrics = port_run(1)
+    with HttpBackend() as backend, sentry_process(
+            mesh, tmp_path / "s", backend.port, workers=2,
+            extra={"metrics_port": metrics}) as (p, port):
+        seen: list[int | None] = [None]
+        expected = ["restarting now", "restarting in 0.5 s (2 quick exits in a row)",
+                    "restarting in 1 s (3 quick exits in a row)"]
+        killed_at = 0.0
+        for words in expected:
+            await eventually(lambda: listener_pid(metrics + 1) not in seen, 60)
+            victim = listener_pid(metrics + 1)
+            assert victim is not None and victim in children(p.pid)
+            seen.append(victim)
+            os.kill(victim, signal.SIGKILL)
+            killed_at = time.monotonic()
+            line = await _said(p, "sentry worker 1 exited")
+            assert f"sentry worker 1 exited (-9); {words}" in line, line
+        await eventually(lambda: listener_pid(metrics + 1) not in seen, 60)
+        assert time.monotonic() - killed_at >= 1.0
+        assert listener_pid(metrics) in children(p.pid)  # worker 0 never went
+        sidecar = sidecar_to(port, mesh.acme, mesh.acme_issuer)
+        try:
+            head, _stream, _first = await sidecar.call(STATUS, b"")
+        finally:
+            await sidecar.aclose()
+        assert head.status == 200
 
 
 async def test_each_worker_serves_its_own_metrics(tmp_path: Path, mesh: Mesh) -> None:

@@ -19,7 +19,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -158,6 +158,58 @@ def reserve_port(host: str, port: int) -> socket.socket:
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     s.bind((host, port))
     return s
+
+
+#: A worker that ran this long before it died is restarted at once (a fresh streak).
+STABLE_S = 60.0
+#: The wait before restarting a worker that died again within STABLE_S of its start;
+#: it doubles with each such death, up to RESTART_MAX_S.
+RESTART_FIRST_S = 0.5
+RESTART_MAX_S = 30.0
+
+
+class Respawner:
+    """Restarts the dead workers of a ``--workers`` supervisor (call :meth:`poll`
+    every few tenths of a second), backing off when they die again soon: a death after
+    ``STABLE_S`` of running is restarted at once; each death within ``STABLE_S`` of the
+    worker's (re)start doubles the wait (0.5 s, 1 s, 2 s … 30 s). A worker that cannot
+    start — a full disk, a key it cannot read — is so not respawned five times a
+    second for ever, spending the cores its siblings serve with. ``on_death(i)`` runs
+    as soon as worker ``i`` is found dead (the sentry frees its gate slots there)."""
+
+    def __init__(self, role: str, procs: dict[int, Any], spawn: Callable[[int], Any], *,
+                 on_death: Callable[[int], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.role, self.procs, self._spawn, self._on_death = role, procs, spawn, on_death
+        self._clock = clock
+        now = clock()
+        self._started = dict.fromkeys(procs, now)
+        self._streak = dict.fromkeys(procs, 0)
+        #: worker -> when it is to be started again
+        self.due: dict[int, float] = {}
+
+    def poll(self) -> None:
+        """Note the workers that died since the last call; start those whose wait
+        is over."""
+        now = self._clock()
+        for i, p in self.procs.items():
+            if i in self.due or p.is_alive():
+                continue
+            soon = now - self._started[i] < STABLE_S
+            streak = self._streak[i] = self._streak[i] + 1 if soon else 1
+            delay = 0.0 if streak == 1 else min(RESTART_MAX_S,
+                                                RESTART_FIRST_S * 2 ** (streak - 2))
+            self.due[i] = now + delay
+            if self._on_death is not None:
+                self._on_death(i)
+            when = "now" if not delay else f"in {delay:g} s ({streak} quick exits in a row)"
+            click.echo(f"{self.role} worker {i} exited ({p.exitcode}); restarting {when}",
+                       err=True)
+        for i, at in list(self.due.items()):
+            if now >= at:
+                del self.due[i]
+                self.procs[i] = self._spawn(i)
+                self._started[i] = self._clock()
 
 
 def stop_workers(procs: Iterable[multiprocessing.process.BaseProcess], timeout: float) -> None:

@@ -45,7 +45,7 @@ from typing import Any
 import click
 
 from pqcnet._util.shmlimits import SharedLimitState
-from pqcnet.cli._common import reserve_port, stop_workers, worker_metrics_port
+from pqcnet.cli._common import Respawner, reserve_port, stop_workers, worker_metrics_port
 from pqcnet.relayer.authz import MAX_QUOTA_CUSTOMERS
 from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.errors import ConfigError, SingleProcessBackend
@@ -197,16 +197,14 @@ def run_workers(config_path: Path, workers: int, rotation: dict[str, Any]) -> No
                 "pids": [procs[i].pid for i in range(workers)],
                 "degraded": any(u["degraded"] for u in up.values())}))
             sys.stdout.flush()
+        respawner = Respawner("relayer", procs, spawn)
         while not stopping:
             time.sleep(0.2)
             with contextlib.suppress(Exception):  # later ready lines of restarted workers
                 while True:
                     ready.get_nowait()
-            for i, p in list(procs.items()):
-                if not p.is_alive() and not stopping:
-                    click.echo(f"relayer worker {i} exited ({p.exitcode}); restarting",
-                               err=True)
-                    procs[i] = spawn(i)
+            if not stopping:
+                respawner.poll()
     finally:
         stop_workers(procs.values(), WORKER_STOP_TIMEOUT)
         for sig, handler in old.items():

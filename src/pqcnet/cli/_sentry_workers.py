@@ -2,21 +2,22 @@
 
 The supervisor (this process) creates the shared limiter segment
 (:mod:`pqcnet.sentry.shared`, with its own lock, which a worker's death releases),
-reserves the port (a bound,
-non-listening SO_REUSEPORT socket, so ``listen: 127.0.0.1:0`` works too), and starts N
-workers (spawned processes). Each worker is an ordinary
-:class:`~pqcnet.runtime.sentry.SentryService` listening with SO_REUSEPORT — the kernel
+reserves the port (a bound, non-listening SO_REUSEPORT socket, so
+``listen: 127.0.0.1:0`` works too), and starts N workers (spawned processes). Each
+worker is an ordinary :class:`~pqcnet.runtime.sentry.SentryService` listening with
+SO_REUSEPORT — the kernel
 spreads *tunnels* (connections) over the workers — whose token buckets and
 concurrency gate are the shared ones. Each worker hot-reloads the config file itself.
 
 What stays with worker 0 only: the QS-DAG ledger (RocksDB takes one process; policy
 anchors and attestations are written once). Each worker serves its own metrics and
 health port, ``metrics_port + i`` (a process's counters are its own; Prometheus sums
-the targets). A worker that
-dies is restarted after its in-flight count is zeroed in the shared gate; SIGTERM /
-SIGINT stop them all, and so does the supervisor's own death (even SIGKILL: each
-worker gets SIGTERM from the kernel, :func:`~pqcnet.cli._common.follow_supervisor`;
-the shared segment is anonymous memory, freed with the last process).
+the targets). A worker that dies is restarted after its in-flight counts are zeroed in
+the shared gate — at once, or after a growing wait if it keeps dying soon after its
+start (:class:`~pqcnet.cli._common.Respawner`). SIGTERM / SIGINT stop them all, and so
+does the supervisor's own death (even SIGKILL: each worker gets SIGTERM from the
+kernel, :func:`~pqcnet.cli._common.follow_supervisor`; the shared segment is
+anonymous memory, freed with the last process).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 
 import click
 
-from pqcnet.cli._common import reserve_port, stop_workers, worker_metrics_port
+from pqcnet.cli._common import Respawner, reserve_port, stop_workers, worker_metrics_port
 
 #: Seconds a worker may take to start listening.
 WORKER_START_TIMEOUT = 60.0
@@ -111,14 +112,11 @@ def run_workers(config_path: Path, workers: int, node_pass: bytes | None,
                    if cfg.metrics_port else "")
             click.echo(f"sentry listening on {cfg.listen_host}:{port} ({workers} workers, "
                        f"shared limits{ops})", err=True)
+        respawner = Respawner("sentry", procs, spawn, on_death=state.reset_worker)
         while not stopping:
             time.sleep(0.2)
-            for i, p in list(procs.items()):
-                if not p.is_alive() and not stopping:
-                    click.echo(f"sentry worker {i} exited ({p.exitcode}); restarting",
-                               err=True)
-                    state.reset_worker(i)
-                    procs[i] = spawn(i)
+            if not stopping:
+                respawner.poll()
     finally:
         stop_workers(procs.values(), WORKER_STOP_TIMEOUT)
         for sig, handler in old.items():
