@@ -187,15 +187,22 @@ async def test_a_relayer_delivers_and_counts_entries_a_stalled_member_read(
         bus = node.bus
         assert isinstance(bus, RedisStreamsBus)
         shard = shard_for("acme", "late", SHARDS)
+        # the shard's worker is at work first (one frame through it): a ghost that reads
+        # before the worker's first read would have its entry taken over at that read
+        # (XAUTOCLAIM of a shard just claimed), which is not the sweep this test is about
+        warm = next(c for c in (f"warm{i}" for i in range(10_000))
+                    if shard_for("acme", c, SHARDS) == shard)
+        await bus.publish(shard, [encode(Frame("acme", warm, 1, b"w"))])
+        await sub.wait_for(1, limit=30)
         frames = [encode(Frame("acme", "late", s, b"read-by-the-ghost")) for s in (1, 2, 3)]
         pipe = bus.client.pipeline(transaction=True)
         bus._add(pipe, shard, frames)
         pipe.xreadgroup(node.cfg.group, "ghost", {bus.key(shard): ">"}, count=10)
         _, ghost = await pipe.execute()
         assert len(ghost[0][1]) == 1, ghost  # in the ghost's PEL, past the last-delivered id
-        await sub.wait_for(3, limit=10 * LEASE + 20)
-        assert [(f.channel, f.seq) for f in sub.frames] == [("late", 1), ("late", 2),
-                                                           ("late", 3)]
+        await sub.wait_for(4, limit=10 * LEASE + 20)
+        assert [(f.channel, f.seq) for f in sub.frames] == [(warm, 1), ("late", 1),
+                                                           ("late", 2), ("late", 3)]
         assert node.metrics_port is not None
         scraped = await asyncio.to_thread(scrape_metrics, node.metrics_port)
         assert scraped["pqcnet_relayer_stale_claimed_entries_total"] == 1.0

@@ -320,8 +320,7 @@ async def test_a_subscriber_for_a_parked_topic_ends_the_consume_wait(
     topic must not wait that out. With a 60 s poll timeout, the parked frame reaches
     the new subscriber once the bus's wait is interrupted — long before the timeout
     (without ``interrupt`` this takes 60 s and the 15 s limit fails)."""
-    redis = parking_backend
-    bus, store, sink, worker = _parking_worker(tmp_path, redis, poll_timeout=60.0)
+    bus, store, sink, worker = _parking_worker(tmp_path, parking_backend, poll_timeout=60.0)
     parked = PARKED
     task = asyncio.create_task(worker.run())
     try:
@@ -338,7 +337,7 @@ async def test_a_subscriber_for_a_parked_topic_ends_the_consume_wait(
         bus.interrupt(0)
         await asyncio.wait_for(task, 15)
         await bus.close()
-        await store.aclose() if redis is not None else store.close()
+        await store.aclose() if parking_backend is not None else store.close()
 
 
 async def test_parked_records_survive_a_kafka_partition_move(tmp_path: Path,

@@ -175,7 +175,8 @@ async def test_interrupt_ends_a_blocking_read_and_loses_nothing(
     300 rounds of a publish racing an interrupt of the read waiting for it hand every
     entry out once, in order — CLIENT UNBLOCK is atomic in Redis, never a cancelled
     read that could drop what it was given. After Redis kills the reading connection
-    (CLIENT KILL), its new connection's id is the one interrupted."""
+    (CLIENT KILL), its new connection's id is the one interrupted; a read interrupted
+    before it reached Redis is unblocked once it does (the unblock is tried again)."""
     bus = redis_bus_factory(consumer="a", entry_records=1)
     writer = redis_bus_factory(consumer="w", entry_records=1)
     admin = aioredis.from_url(redis_url)
@@ -193,6 +194,15 @@ async def test_interrupt_ends_a_blocking_read_and_loses_nothing(
                 await admin.client_kill_filter(_id=reader)
                 with contextlib.suppress(BusUnavailable):
                     await bus.consume(0, "g", block=0.05)
+        # a first blocking read, interrupted while its connection is still being made
+        fresh = redis_bus_factory(consumer="b", entry_records=1)
+        assert isinstance(fresh, RedisStreamsBus)
+        waiting = asyncio.create_task(fresh.consume(0, "g", block=30.0))
+        async with asyncio.timeout(10):
+            while (0, "g") not in fresh._blocking:  # noqa: ASYNC110 - the bus's own state
+                await asyncio.sleep(0)
+        fresh.interrupt(0)
+        assert await asyncio.wait_for(waiting, 5) == []
         published: list[bytes] = []
         got: list[bytes] = []
         for i in range(300):

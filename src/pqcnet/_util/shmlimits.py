@@ -4,9 +4,10 @@ With N workers on one port (SO_REUSEPORT), a client's token bucket must stay *on
 bucket, or a client spreading its tunnels over the workers would get N times its plan.
 The state lives in **shared memory** (an anonymous ``memfd`` of the supervisor that
 every worker maps; a file in ``/dev/shm`` where there is no memfd) guarded by one
-lock, :class:`SegmentLock` (a robust mutex: a worker's death releases it) — not in Redis: a take is
-a lock, a few struct reads/writes and an unlock (≈ 3 µs), where a Redis round trip per
-request would cost more than the request's CPU budget and add a network dependency.
+lock, :class:`SegmentLock` (a robust mutex: a worker's death releases it) — not in
+Redis: a take is a lock, a few struct reads/writes and an unlock (≈ 2 µs), where a
+Redis round trip per request would cost more than the request's CPU budget and add a
+network dependency.
 Workers are processes on one host; several hosts remain independent (each host its own
 limits). Users: the sentry's rate limiter and concurrency gate with its per-tenant caps
 (:mod:`pqcnet.sentry.shared`) and the relayer's per-customer quotas
@@ -177,8 +178,8 @@ class SegmentLock:
 
 class SharedLimitState:
     """The shared segment (anonymous memory, mapped by every process) plus its lock.
-    The supervisor :meth:`create` s it; each worker :meth:`attach` es by :attr:`path`
-    (its own open of the segment, so its own :class:`SegmentLock`)."""
+    The supervisor :meth:`create` s it (and makes the mutex in it); each worker
+    :meth:`attach` es by :attr:`path` and takes the same mutex."""
 
     def __init__(self, path: str, *, owner: bool) -> None:
         self.path = path
@@ -186,7 +187,10 @@ class SharedLimitState:
         self._memfd: int | None = None
         with open(path, "r+b") as f:
             self._map = mmap.mmap(f.fileno(), 0)
-        self._mutex = ctypes.c_char.from_buffer(self._map, _MUTEX_AT)  # pins the map
+        if len(self._map) < _DATA_AT:
+            self._map.close()
+            raise SharedStateError(f"shared limiter segment {path!r} is not ours")
+        self._mutex: Any = ctypes.c_char.from_buffer(self._map, _MUTEX_AT)  # pins the map
         self.lock = SegmentLock(ctypes.addressof(self._mutex))
         self.buf = memoryview(self._map)
         magic, self.slots, self.workers, self.held_slots, _ = _HEAD.unpack_from(self.buf, 0)
@@ -396,7 +400,7 @@ class SharedLimitState:
     def close(self) -> None:
         """Unmap; the owner also removes the segment."""
         self.buf.release()
-        del self._mutex  # the last export of the map
+        self._mutex = None  # the last export of the map
         self._map.close()
         if self._memfd is not None:
             os.close(self._memfd)

@@ -68,6 +68,8 @@ _FIELD = b"d"
 _U32 = struct.Struct(">I")
 #: records packed into one stream entry at most
 ENTRY_RECORDS = 256
+#: CLIENT UNBLOCKs tried 10 ms apart while a read is on its way to Redis (≈ 0.2 s)
+UNBLOCK_TRIES = 20
 
 
 def _pack(records: Sequence[bytes]) -> bytes:
@@ -401,18 +403,26 @@ class RedisStreamsBus(Bus):
 
     def interrupt(self, shard: int) -> None:
         """End ``shard``'s blocking reads now (``CLIENT UNBLOCK`` from the pool): each
-        returns nothing, as at its timeout. Best effort — an unblock that fails, or
-        arrives before the read reached Redis, leaves the read to its timeout."""
+        returns nothing, as at its timeout. Best effort: an unblock that fails leaves
+        the read to its timeout."""
         for sg in self._blocking:
-            cid = self._block_ids.get(sg)
-            if sg[0] == shard and cid is not None:
-                task = asyncio.get_running_loop().create_task(self._unblock(cid))
+            if sg[0] == shard:
+                task = asyncio.get_running_loop().create_task(self._unblock(sg))
                 self._unblocks.add(task)
                 task.add_done_callback(self._unblocks.discard)
 
-    async def _unblock(self, client_id: int) -> None:
+    async def _unblock(self, sg: tuple[int, str]) -> None:
+        """``CLIENT UNBLOCK`` ``sg``'s reading connection; again every 10 ms while the
+        read is under way here but not yet blocked in Redis (Redis answers 0), up to
+        :data:`UNBLOCK_TRIES` times."""
         try:
-            await self._call(self.client.client_unblock(client_id))
+            for _ in range(UNBLOCK_TRIES):
+                cid = self._block_ids.get(sg)
+                if cid is not None and await self._call(self.client.client_unblock(cid)):
+                    return
+                if sg not in self._blocking:  # the read returned meanwhile
+                    return
+                await asyncio.sleep(0.01)
         except BusError as exc:  # BusUnavailable included
             log.info("could not end a blocking read early", extra={"error": str(exc)})
 
