@@ -146,19 +146,26 @@ async def test_two_workers_enforce_one_rate_limit(tmp_path: Path, mesh: Mesh) ->
     assert 0.7 * allowed <= ok <= 1.3 * allowed, (ok, allowed, limited)
 
 
+async def _statuses_of_concurrent_calls(port: int, mesh: Mesh, subjects: list[str]
+                                        ) -> list[int]:
+    """One acme sidecar (its own tunnel) per subject, all connected first, then one
+    status call each at once; the response statuses, sorted."""
+    sidecars = [sidecar_to(port, mesh.acme, mesh.acme_issuer, subject=u) for u in subjects]
+    try:
+        for s in sidecars:
+            await s.session()
+        heads = await asyncio.gather(*(s.call(STATUS, b"") for s in sidecars))
+    finally:
+        for s in sidecars:
+            await s.aclose()
+    return sorted(h.status for h, _s, _f in heads)
+
+
 async def test_two_workers_share_the_concurrency_gate(tmp_path: Path, mesh: Mesh) -> None:
     with HttpBackend(delay=0.8) as backend, sentry_process(
             mesh, tmp_path / "s", backend.port, workers=2, max_in_flight=2) as (_p, port):
-        sidecars = [sidecar_to(port, mesh.acme, mesh.acme_issuer, subject=f"u{i}")
-                    for i in range(8)]
-        try:
-            for s in sidecars:
-                await s.session()
-            heads = await asyncio.gather(*(s.call(STATUS, b"") for s in sidecars))
-        finally:
-            for s in sidecars:
-                await s.aclose()
-    statuses = sorted(h.status for h, _s, _f in heads)
+        statuses = await _statuses_of_concurrent_calls(port, mesh,
+                                                       [f"u{i}" for i in range(8)])
     assert backend.seen.max_in_flight <= 2
     assert statuses.count(429) >= 4, statuses
 
@@ -280,16 +287,8 @@ async def test_a_killed_worker_gives_back_its_tenants_slots(tmp_path: Path,
                     and x[0].status == 200], lost
         await eventually(lambda: listener_pid(victim_port) not in (None, victim), 60)
         assert p.poll() is None
-        again = [sidecar_to(port, mesh.acme, mesh.acme_issuer, subject=f"v{i}")
-                 for i in range(3)]
-        try:
-            for s in again:
-                await s.session()
-            heads = await asyncio.gather(*(s.call(STATUS, b"") for s in again))
-        finally:
-            for s in again:
-                await s.aclose()
-    assert sorted(h.status for h, _s, _f in heads) == [200, 200, 429]
+        again = await _statuses_of_concurrent_calls(port, mesh, [f"v{i}" for i in range(3)])
+    assert again == [200, 200, 429]
 
 
 async def _said(p: subprocess.Popen[str], text: str) -> str:
