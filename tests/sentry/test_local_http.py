@@ -113,6 +113,45 @@ def test_parser_bounds_a_header_line_that_never_ends() -> None:
         p.feed(b"\r\n\r\n")
 
 
+def test_parser_switches_to_websocket_and_keeps_what_follows() -> None:
+    plain = b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n"
+    upgrade = (b"GET /ws?x=1 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\n"
+               b"Upgrade: websocket\r\nSec-WebSocket-Key: k\r\n\r\n")
+    frames = b"\x81\x82abcdXY" * 3  # the new protocol's bytes, pipelined behind
+    data = plain + upgrade + frames
+    for step in (len(data), 1, 5):
+        p = RequestParser(LIMITS)
+        events: list[object] = []
+        rest = b""
+        for i in range(0, len(data), step):
+            p.feed(data[i:i + step])
+            events += _drain(p)
+            if p.upgraded is not None:  # the connection stops feeding HTTP here
+                rest = p.upgraded + data[i + step:]
+                break
+        reqs = [e for e in events if isinstance(e, Request)]
+        assert [(r.target, r.websocket, r.keep_alive) for r in reqs] == [
+            ("/status", False, True), ("/ws?x=1", True, False)]
+        assert rest == frames
+        with pytest.raises(HttpError) as err:
+            p.feed(b"GET / HTTP/1.1\r\n\r\n")
+        assert err.value.http_status == 400
+
+
+@pytest.mark.parametrize("data", [
+    b"GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+    b"POST /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+    b"Content-Length: 2\r\n\r\nab",
+    b"OPTIONS /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+])
+def test_parser_refuses_other_upgrades_with_501(data: bytes) -> None:
+    p = RequestParser(LIMITS)
+    with pytest.raises(HttpError) as err:
+        p.feed(data)
+    assert err.value.http_status == 501
+    assert _drain(p) == []  # nothing of the refused request reaches the sentry
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300), st.integers(min_value=1, max_value=7))
 def test_parser_parse_or_typed_error(data: bytes, step: int) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,26 @@ async def test_an_idle_pipe_is_closed_at_both_ends_and_a_talking_one_is_not(
         await eventually(lambda: gate.in_flight == 0 and backend.closed == 2, 10)
         assert _rejections(s, "PipeIdle") == 1  # closed by its client, not for idling
         assert _rejections(s, "ClientTooSlow") == 0
+
+
+async def test_a_pipe_whose_client_resets_is_freed_at_once(tmp_path: Path,
+                                                            mesh: Mesh) -> None:
+    """The app's connection is reset (SO_LINGER 0: no FIN, as from a crashed host): the
+    sidecar resets the sentry stream, so the slot and the backend connection come back
+    now, not after the idle timeout (60 s here)."""
+    backend = TcpEcho()
+    async with tcp_echo(backend) as tcp_port, \
+            _stack(tmp_path, mesh, 1, tcp_port, tcp_idle_timeout=60.0) as s, \
+            _pipes(s, mesh) as port:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"ping")
+        assert await asyncio.wait_for(r.readexactly(4), 10) == b"gnip"
+        assert s.sentry.gate.in_flight == 1
+        sock = w.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        w.transport.abort()
+        await eventually(lambda: s.sentry.gate.in_flight == 0 and backend.closed == 1, 15)
+        assert _rejections(s, "PipeIdle") == 0
 
 
 async def test_a_pipe_whose_client_stops_reading_is_cut(tmp_path: Path, mesh: Mesh) -> None:

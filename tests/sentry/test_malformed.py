@@ -36,7 +36,7 @@ async def raw_http(port: int, data: bytes, *, then_wait: bool = True) -> bytes:
     (b"POST /rpc HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n0\r\n\r\n", b"400"),
     (b"POST /rpc HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nab",
      b"400"),
-    (b"GET /status HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n", b"501"),
+    (b"GET /status HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n", b"501"),
     (b"POST /rpc HTTP/1.1\r\nExpect: telepathy\r\nContent-Length: 2\r\n\r\nab", b"417"),
     (b"GET /status HTTP/1.1\nHost: x\n\n", b"400"),
     (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", b"414"),

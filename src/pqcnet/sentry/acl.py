@@ -17,12 +17,14 @@ assertion's, which must be the tunnel peer's). ``from`` entries are SPIFFE IDs o
 per-segment SPIFFE globs (the trust domain is always literal); ``methods`` entries
 are segment-aware globs (``*`` within one ``/`` segment, ``**`` any rest). The
 *method key* of a request is ``"<HTTP METHOD> <path without query>"`` for HTTP, the
-gRPC path for gRPC, and ``"TCP <backend>"`` for raw TCP streams. Examples::
+gRPC path for gRPC, ``"TCP <backend>"`` for raw TCP streams and ``"WS <path without
+query>"`` for a WebSocket (its own key: a rule allowing ``GET /feed`` does not allow
+holding a pipe open on it). Examples::
 
     from:    spiffe://pqcnet.test/acme/sidecar/*      any acme sidecar node
              spiffe://pqcnet.test/*/*/*               anyone in the trust domain
     methods: GET /status      POST /rpc/*      /pqcnet.echo.Echo/Say
-             /pqcnet.echo.Echo/*               TCP tcp-echo
+             /pqcnet.echo.Echo/*               TCP tcp-echo      WS /feed
 
 The older form — ``allow_from`` + ``allow_methods``, one list for every tenant —
 still loads: it is exactly one ``allow`` rule under ``*`` (and keeps its refusal
@@ -56,6 +58,8 @@ def method_key(kind: str, method: str, path: str) -> str:
         return f"{method.upper()} {path.split('?', 1)[0]}"
     if kind == "tcp":
         return f"TCP {path}"
+    if kind == "ws":  # a long-lived pipe: allowed by its own key, never by "GET /path"
+        return f"WS {path.split('?', 1)[0]}"
     return path
 
 

@@ -9,7 +9,8 @@ backend's *own* status (NOT_FOUND, INVALID_ARGUMENT, …) is relayed as it is.
 * :class:`HttpBackend` — HTTP/1.1 (JSON-RPC, REST) through one keep-alive pool per
   backend (:class:`pqcnet.sentry.upstream.Upstream`: ``max_connections``, per-request
   timeout). A small response arrives whole (``ForwardResponse.inline``) so the
-  sentry answers with one tunnel write; larger ones stream.
+  sentry answers with one tunnel write; larger ones stream. ``upgrade`` switches a
+  connection of its own to WebSocket (the sidecar's ``ws`` requests).
 * :class:`GrpcBackend` — gRPC by method path over one ``grpc.aio`` channel (HTTP/2
   multiplexes, so one channel is the pool); payloads stay opaque bytes. ``forward``
   makes a unary call; ``open_stream`` a streaming one (any cardinality, see
@@ -34,7 +35,7 @@ from pqcnet._util.schema import split_hostport
 from pqcnet.sentry.config import BackendConfig
 from pqcnet.sentry.errors import BackendError, SentryConfigError
 from pqcnet.sentry.memo import Memo, headers_size
-from pqcnet.sentry.upstream import Upstream, backend_tls_context
+from pqcnet.sentry.upstream import Upgraded, Upstream, backend_tls_context
 
 #: Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded, plus ones we recompute.
 HOP_BY_HOP = frozenset({
@@ -130,6 +131,19 @@ class HttpBackend:
         if resp.inline is not None or resp.stream is None:
             return ForwardResponse(resp.status, out_headers, inline=resp.inline or b"")
         return ForwardResponse(resp.status, out_headers, resp.stream, aclose=resp.aclose)
+
+    async def upgrade(self, req: ForwardRequest, protocol: str = "websocket") -> Upgraded:
+        """Ask the backend to switch to ``protocol`` (see :meth:`Upstream.upgrade`);
+        response headers come back end to end only (no hop-by-hop, and no framing
+        headers when the answer is not a 101: its body travels whole)."""
+        headers = [(k, v) for k, v in req.headers if k.lower() not in HOP_BY_HOP]
+        timeout = min(req.timeout, self.timeout) if req.timeout > 0 else self.timeout
+        got = await self._pool.upgrade(req.path, headers, protocol, timeout)
+        out = _end_to_end(got.headers)
+        if got.status != 101:
+            out = tuple((k, v) for k, v in out if k.lower() != "content-length")
+        got.headers = out
+        return got
 
     async def aclose(self) -> None:
         await self._pool.aclose()

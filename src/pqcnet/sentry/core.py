@@ -162,8 +162,9 @@ class Sentry:
             if cfg is None or cfg.kind != "tcp":
                 raise Denied(f"no TCP backend named {head.path!r}")
             return cfg
+        kind = "http" if head.kind == "ws" else head.kind  # a WebSocket starts as HTTP
         for r in self.config.routes:
-            if r.kind == head.kind and head.path.startswith(r.prefix):
+            if r.kind == kind and head.path.startswith(r.prefix):
                 return self.config.backends[r.backend]
         raise Denied(f"no route for {head.kind} {head.path!r}")
 

@@ -69,8 +69,9 @@ class ClientTooSlow(SentryError):
 
 
 class PipeIdle(SentryError):
-    """A raw TCP pipe moved no byte either way for ``bounds.tcp_idle_timeout`` seconds;
-    its stream was reset and the backend connection closed."""
+    """A raw TCP pipe or a WebSocket moved no byte either way for
+    ``bounds.tcp_idle_timeout`` seconds; its stream was reset and the backend
+    connection closed."""
 
     outcome = "error"
 

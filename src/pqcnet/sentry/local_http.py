@@ -19,11 +19,20 @@ What an unmodified app may send, and what it gets:
   refused with 413 *instead*, before the app sends it); any other expectation is 417;
 * HTTP/1.0 clients (keep-alive only when asked for; a response of unknown length is
   sent raw and ends with the connection, never chunked);
-* pipelined requests, answered in order.
+* pipelined requests, answered in order;
+* WebSocket (``GET`` with ``Connection: Upgrade`` and ``Upgrade: websocket``): the
+  handshake travels to the backend through the sentry as a ``ws`` request (ACL key
+  ``WS /path``); after the backend's ``101`` the connection is a byte pipe to it, frames
+  untouched, until either side closes (the sentry's ``bounds.tcp_idle_timeout`` ends
+  a silent one). Any other answer (403, 404, 429 …) is relayed and the connection
+  closes. Why a pipe and not a WebSocket library here: the sidecar never needs to read
+  a frame, and relaying bytes keeps extensions (``permessage-deflate``) and
+  subprotocols the app's and the backend's business.
 
 Refusals are a status line, a one-line JSON body and ``connection: close``: 400
 malformed, 408 too slow, 413 body too large, 414 request line too long, 431 head too
-large / too many fields, 417 unknown expectation, 501 protocol upgrade / CONNECT,
+large / too many fields, 417 unknown expectation, 501 CONNECT or an upgrade to anything
+but WebSocket,
 505 other HTTP versions. A refusal never reaches the sentry and never crashes the
 listener; a body that turns out too large mid-stream resets the sentry stream.
 
@@ -42,14 +51,14 @@ import logging
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NoReturn, Protocol
 
 import httptools
 
 from pqcnet.errors import PqcnetError
 from pqcnet.qstp.frames import ErrorCode
-from pqcnet.sentry.backends import close_quietly
+from pqcnet.sentry.backends import TCP_READ_CHUNK, close_quietly
 from pqcnet.sentry.errors import BackendError
 from pqcnet.sentry.http1 import HttpError, HttpLimits, response_head
 from pqcnet.sentry.memo import Memo, headers_size
@@ -99,6 +108,8 @@ class Request:
     content_length: int | None
     #: the body is chunked
     chunked: bool
+    #: the client asked to switch this connection to a WebSocket (and the parser did)
+    websocket: bool = False
 
     @property
     def idempotent(self) -> bool:
@@ -157,7 +168,8 @@ class RequestParser:
     """
 
     __slots__ = ("_began", "_body_bytes", "_error", "_events", "_head_bytes", "_headers",
-                 "_in_head", "_in_message", "_limits", "_line_bytes", "_p", "_url")
+                 "_in_head", "_in_message", "_limits", "_line_bytes", "_p", "_url",
+                 "upgraded")
 
     def __init__(self, limits: HttpLimits) -> None:
         self._limits = limits
@@ -166,6 +178,9 @@ class RequestParser:
         self._p = httptools.HttpRequestParser(self)
         self._began = 0
         self._in_message = False
+        #: bytes after a WebSocket upgrade request (the new protocol's, not HTTP);
+        #: None until the parser switched — after that, feeding raises
+        self.upgraded: bytes | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -194,13 +209,15 @@ class RequestParser:
         """Parse ``data``; events become available through :meth:`next_event`."""
         if self._error is not None:
             raise self._error
+        if self.upgraded is not None:
+            raise HttpError(400, "bytes after an upgrade belong to the new protocol")
         began = self._began
         was_in_head = self._in_head
         was_idle = not self._in_message
         try:
             self._p.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(HttpError(501, "protocol upgrade and CONNECT are not supported"))
+        except httptools.HttpParserUpgrade as exc:
+            self._switch(data, exc)
         except httptools.HttpParserError as exc:
             if self._error is None:
                 text = str(exc) or type(exc).__name__
@@ -217,6 +234,22 @@ class RequestParser:
             elif was_idle and self._began == began + 1:
                 self._head_bytes = len(data)
             self._check_head()
+
+    def _switch(self, data: bytes, exc: httptools.HttpParserUpgrade) -> None:
+        """llhttp stopped after a request asking to switch protocols (it emitted the
+        head and the end of the request first): a body-less ``GET`` asking for a
+        WebSocket becomes one; CONNECT and any other upgrade are refused (501)."""
+        at = next((i for i in range(len(self._events) - 1, -1, -1)
+                   if isinstance(self._events[i], Request)), None)
+        req = self._events[at] if at is not None else None
+        if (at is None or not isinstance(req, Request) or req.method != "GET" or req.chunked
+                or req.content_length or not _asks_websocket(req.headers)):
+            self._fail(HttpError(501, "CONNECT and upgrades to anything but WebSocket are "
+                                      "not supported"))
+            return
+        offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+        self._events[at] = replace(req, websocket=True, keep_alive=False)
+        self.upgraded = data[offset:]
 
     def feed_eof(self) -> None:
         """The client closed its side: an unfinished request is an error."""
@@ -320,6 +353,13 @@ class RequestParser:
         self._in_message = False
 
 
+def _asks_websocket(headers: tuple[tuple[str, str], ...]) -> bool:
+    """An ``Upgrade`` header naming ``websocket`` among its protocols."""
+    return any(n.lower() == "upgrade" and "websocket" in
+               (p.strip().split("/", 1)[0].lower() for p in v.split(","))
+               for n, v in headers)
+
+
 # ---------------------------------------------------------------------------- upstream
 
 
@@ -421,6 +461,9 @@ class _Conn:
                     if req is None:
                         return
                     first = False
+                    if req.websocket:
+                        await self._websocket(req)
+                        return
                     head = RequestHead("http", req.method, req.target, req.forward_headers())
                     body, ended = self._buffered_body()
                     if ended:
@@ -446,6 +489,30 @@ class _Conn:
         finally:
             self.parser.release()
             await close_quietly(self.writer)
+
+    async def _websocket(self, req: Request) -> None:
+        """Ask for the WebSocket through the sentry; after its 101 pipe the bytes."""
+        self.parser.next_event()  # the upgrade request's end
+        rest = self.parser.upgraded or b""
+        head = RequestHead("ws", "GET", req.target, req.forward_headers())
+        try:
+            stream = await self.up.open(head, b"", end=False)
+            resp, stream, first = await self.up.response(stream)
+        except BackendError as exc:
+            await self._simple(502, error_json(exc.outcome, str(exc)), close=True)
+            return
+        if resp.status != 101 or resp.error:  # refused by the sentry or the backend
+            with contextlib.suppress(PqcnetError, OSError):
+                await stream.send(b"", end=True)
+            await self._relay(req, resp, stream, first)
+            return
+        headers = [(n, v) for n, v in resp.headers if n.lower() not in _RESPONSE_OWN]
+        headers += [("upgrade", "websocket"), ("connection", "Upgrade")]
+        self.writer.write(response_head(101, headers))
+        try:
+            await pipe(self.reader, self.writer, stream, first=first, rest=rest)
+        except* (OSError, ConnectionError, PqcnetError) as eg:
+            log.info("websocket pipe ended", extra={"error": repr(eg.exceptions[0])})
 
     async def _stream_body(self, head: RequestHead, first: bytes
                            ) -> tuple[Any, BackendError | None]:
@@ -540,6 +607,40 @@ class _Conn:
         await self.writer.drain()
 
 
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, stream: Any,
+               *, first: bytes = b"", rest: bytes = b"") -> None:
+    """Bytes both ways between a local connection and a sentry stream until both ended
+    (EOF passed on each way) or either failed (the exception propagates in a group);
+    ``first`` came from the sentry and ``rest`` from the app before the pipe started.
+    A failure resets the stream (the sentry frees the pipe at once, not after its
+    idle timeout); the caller closes the writer."""
+
+    async def up() -> None:
+        if rest:
+            await stream.send(rest)
+        while data := await reader.read(TCP_READ_CHUNK):
+            await stream.send(data)  # waits for the sentry's credit
+        await stream.send(b"", end=True)
+
+    async def down() -> None:
+        if first:
+            writer.write(first)
+        while chunk := await stream.recv():
+            writer.write(chunk)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(up())
+            tg.create_task(down())
+    except BaseException:
+        with contextlib.suppress(PqcnetError, OSError):
+            stream.reset(ErrorCode.CANCELLED, "local connection failed")
+        raise
+
+
 def response_for(resp: ResponseHead, keep: bool, http10: bool = False
                  ) -> tuple[str | None, bytes]:
     """(Content-Length or None, HTTP head) for a proxied answer; memoised, as the decoded
@@ -573,4 +674,4 @@ async def serve(up: Upstream, host: str = "127.0.0.1", port: int = 0,
 
 
 __all__ = ["IDEMPOTENT_METHODS", "Body", "EndOfRequest", "Event", "Request", "RequestParser",
-           "Upstream", "error_json", "response_for", "serve"]
+           "Upstream", "error_json", "pipe", "response_for", "serve"]

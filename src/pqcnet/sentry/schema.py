@@ -77,8 +77,8 @@ class Bounds(Schema):
     client that keeps reading gets everything. Also bounds each write of a streaming
     gRPC call's messages and of a TCP pipe's bytes to the client."""
     tcp_idle_timeout: float = Field(default=600.0, gt=0, le=86_400)
-    """Seconds a raw TCP pipe may move no byte in either direction before the sentry
-    closes it (both sides) and frees its gate slot; like nginx's stream
+    """Seconds a raw TCP pipe or a WebSocket may move no byte in either direction before
+    the sentry closes it (both sides) and frees its gate slot; like nginx's stream
     ``proxy_timeout``. A backend that stops reading stalls the pipe, so it ends too."""
     grpc_stream_idle_timeout: float = Field(default=600.0, gt=0, le=86_400)
     """Seconds a streaming gRPC call may move no message in either direction before

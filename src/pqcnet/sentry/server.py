@@ -21,7 +21,8 @@ Two transport-level signals complete the picture:
   client sees a failed stream, never a clean but truncated end.
 
 Small responses (``ForwardResponse.inline``) leave as one tunnel write: head, body
-and end of stream together.
+and end of stream together. A raw TCP stream, and a WebSocket once its backend
+answered 101, is a byte pipe (:func:`_pipe`) bounded by the idle and write timeouts.
 
 :func:`serve_tunnel` feeds each stream of an accepted tunnel to :func:`handle_stream`;
 :func:`watch_config` polls the config file for hot reload. :class:`SentryServer`
@@ -42,7 +43,7 @@ from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.errors import PqcnetError
 from pqcnet.qstp.errors import TunnelClosed
 from pqcnet.qstp.frames import ErrorCode
-from pqcnet.sentry.backends import TCP_READ_CHUNK, GrpcBackend, close_quietly
+from pqcnet.sentry.backends import TCP_READ_CHUNK, GrpcBackend, HttpBackend, close_quietly
 from pqcnet.sentry.core import Admission, Sentry, TunnelView
 from pqcnet.sentry.errors import (
     ClientTooSlow,
@@ -119,7 +120,7 @@ async def handle_stream(sentry: Sentry, stream: RpcStream, tunnel: TunnelView) -
                 adm = sentry.admit(head, tunnel)
                 if kind == "grpc" and head.method == STREAM:
                     kind = "grpc-stream"  # messages flow both ways for the call's life
-                elif kind != "tcp":
+                elif kind not in ("tcp", "ws"):  # pipes: bytes flow after the answer
                     phase = "body"
                     try:
                         rest = await _read_body(stream, rest, bounds.max_request_body)
@@ -133,6 +134,8 @@ async def handle_stream(sentry: Sentry, stream: RpcStream, tunnel: TunnelView) -
         try:
             if kind == "tcp":
                 await _pipe_tcp(sentry, stream, adm, rest)
+            elif kind == "ws":
+                await _pipe_ws(sentry, stream, head, adm, rest)
             elif kind == "grpc-stream":
                 await _grpc_stream(sentry, stream, head, adm, rest)
             else:
@@ -226,11 +229,36 @@ async def _grpc_stream(sentry: Sentry, stream: RpcStream, head: RequestHead, adm
 
 
 async def _pipe_tcp(sentry: Sentry, stream: RpcStream, adm: Admission, rest: bytes) -> None:
-    """Bytes both ways between the stream and a backend connection until both sides
-    ended, either failed, a write to the client waited ``response_write_timeout``
-    (:class:`ClientTooSlow`) or nothing moved for ``tcp_idle_timeout`` (:class:`PipeIdle`):
-    a pipe holds a gate slot for its life, so it must not outlive its use."""
+    """A raw TCP stream: a backend connection of its own, then :func:`_pipe`."""
     reader, writer = await sentry.tcp_backend(adm.backend.name).connect()
+    await _pipe(sentry, stream, reader, writer, rest, ResponseHead(status=200), "tcp pipe")
+
+
+async def _pipe_ws(sentry: Sentry, stream: RpcStream, head: RequestHead, adm: Admission,
+                   rest: bytes) -> None:
+    """A WebSocket: the backend is asked to upgrade (its own connection, outside the
+    pool); after its 101 the pipe carries the WebSocket's bytes, frames untouched. Any
+    other answer (404, 401, …) goes back as a plain response and the stream ends."""
+    backend = sentry.backend(adm.backend.name)
+    if not isinstance(backend, HttpBackend):
+        raise Denied(f"backend {adm.backend.name!r} is not an HTTP backend")
+    got = await backend.upgrade(sentry.prepare(head, b"", adm))
+    if got.reader is None or got.writer is None:
+        await sentry.write_watch.send(
+            stream, encode_response(ResponseHead(got.status, got.headers)) + got.body, end=True)
+        return
+    await _pipe(sentry, stream, got.reader, got.writer, rest,
+                ResponseHead(101, got.headers), "websocket")
+
+
+async def _pipe(sentry: Sentry, stream: RpcStream, reader: asyncio.StreamReader,
+                writer: asyncio.StreamWriter, rest: bytes, head: ResponseHead,
+                what: str) -> None:
+    """Send ``head``, then bytes both ways between the stream and a backend connection
+    until both sides ended, either failed, a write to the client waited
+    ``response_write_timeout`` (:class:`ClientTooSlow`) or nothing moved for
+    ``tcp_idle_timeout`` (:class:`PipeIdle`): a pipe holds a gate slot for its life,
+    so it must not outlive its use. The connection is closed at the end."""
     watch, idle = sentry.write_watch, sentry.config.bounds.tcp_idle_timeout
     loop = asyncio.get_running_loop()
     moved = loop.time()  # when a byte last came in from either side
@@ -263,11 +291,11 @@ async def _pipe_tcp(sentry: Sentry, stream: RpcStream, adm: Admission, rest: byt
 
     async def watchdog() -> None:
         await until_quiet(lambda: moved, idle)
-        stream.reset(ErrorCode.CANCELLED, f"tcp pipe idle for {idle:g}s")
-        raise PipeIdle(f"tcp pipe moved nothing for {idle:g}s")
+        stream.reset(ErrorCode.CANCELLED, f"{what} idle for {idle:g}s")
+        raise PipeIdle(f"{what} moved nothing for {idle:g}s")
 
     try:
-        await stream.send(encode_response(ResponseHead(status=200)))
+        await stream.send(encode_response(head))
         async with asyncio.TaskGroup() as tg:
             dog = tg.create_task(watchdog())
             tg.create_task(side(up))

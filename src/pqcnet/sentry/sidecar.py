@@ -22,6 +22,9 @@ binding and renewed before it expires — with the tenant issuer key it was give
   status come back to the client the same way.
 * :func:`serve_tcp` — raw bytes of each local connection piped over one stream to a
   named TCP backend.
+
+WebSockets need no face of their own: the HTTP face upgrades them
+(:mod:`pqcnet.sentry.local_http`).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from pqcnet.qstp.frames import ErrorCode
 from pqcnet.qstp.tls import TlsPolicy
 from pqcnet.sentry import assertion as sa
 from pqcnet.sentry import local_http
-from pqcnet.sentry.backends import GRPC_RESERVED, TCP_READ_CHUNK, close_quietly, metadata_to_wire
+from pqcnet.sentry.backends import GRPC_RESERVED, close_quietly, metadata_to_wire
 from pqcnet.sentry.errors import BackendError, PeerMismatch, SentryConfigError, SentryError
 from pqcnet.sentry.grpc_stream import (
     MESSAGE,
@@ -62,7 +65,7 @@ from pqcnet.sentry.grpc_stream import (
     message_frame,
 )
 from pqcnet.sentry.http1 import HttpLimits
-from pqcnet.sentry.local_http import Upstream, body_chunks
+from pqcnet.sentry.local_http import Upstream, body_chunks, pipe
 from pqcnet.sentry.wire import RequestHead, ResponseHead, decode_response, encode_request, read_head
 
 log = logging.getLogger("pqcnet.sidecar")
@@ -398,24 +401,7 @@ async def serve_tcp(sidecar: Upstream, backend: str, host: str = "127.0.0.1",
                 log.info("sentry refused tcp stream", extra={"outcome": resp.error,
                                                              "reason": resp.reason})
                 return
-            if rest:
-                writer.write(rest)
-
-            async def up() -> None:
-                while data := await reader.read(TCP_READ_CHUNK):
-                    await stream.send(data)
-                await stream.send(b"", end=True)
-
-            async def down() -> None:
-                while chunk := await stream.recv():
-                    writer.write(chunk)
-                    await writer.drain()
-                if writer.can_write_eof():
-                    writer.write_eof()
-
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(up())
-                tg.create_task(down())
+            await pipe(reader, writer, stream, first=rest)
         except* (OSError, ConnectionError, PqcnetError) as eg:
             log.info("tcp pipe ended", extra={"error": repr(eg.exceptions[0])})
         finally:

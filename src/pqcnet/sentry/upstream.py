@@ -20,6 +20,8 @@ by ``Content-Length``, ``chunked`` or connection close. This module is exactly t
   before any response byte) is retried once on a fresh one.
 * Bounds: response head :data:`MAX_RESPONSE_HEAD`, chunk-size line length, and the
   per-request timeout on connect, response head and every body read.
+* Protocol upgrades (a WebSocket through the sidecar): :meth:`Upstream.upgrade` asks
+  for one on a connection of its own, outside the pool, and hands the connection over.
 * ``https://`` origins: TLS (1.2 or later) with the configured CA bundle (else the
   system's trust store), host name checked, and an optional client certificate —
   :func:`backend_tls_context`, which ``sentry check`` runs too, so check and run agree.
@@ -99,6 +101,21 @@ class UpstreamResponse:
                 await aclose()
         if self.lease is not None:
             self.lease.release(False)
+
+
+@dataclass(slots=True)
+class Upgraded:
+    """A backend's answer to an upgrade request: status 101 with the connection, now
+    speaking the new protocol (``reader`` / ``writer``; the caller closes it) — or any
+    other status with its body (up to :data:`INLINE_BODY_MAX` bytes of a
+    ``Content-Length`` body, else empty), the connection already closed."""
+
+    status: int
+    #: as the backend sent them (hop-by-hop included; the caller filters)
+    headers: tuple[tuple[str, str], ...]
+    body: bytes = b""
+    reader: asyncio.StreamReader | None = None
+    writer: asyncio.StreamWriter | None = None
 
 
 class _Stale(Exception):
@@ -237,6 +254,50 @@ class Upstream:
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def upgrade(self, path: str, headers: list[tuple[str, str]], protocol: str,
+                      time_limit: float | None = None) -> Upgraded:
+        """Ask the backend to switch this request's connection to ``protocol``
+        (``GET`` with ``Connection: Upgrade``; RFC 9110 §7.8). The connection is its
+        own, never one of the pool's ``max_connections``: an upgraded connection lives
+        as long as its client wants (the sentry's concurrency gate bounds how many).
+        A 101 naming another protocol is a :class:`BackendError`."""
+        if self._closed:
+            raise BackendError(f"backend {self.name}: client closed")
+        t = self.timeout if time_limit is None else time_limit
+        wire = self._encode("GET", path, [*headers, ("Connection", "Upgrade"),
+                                          ("Upgrade", protocol)], b"")
+        conn: _Conn | None = None
+        try:
+            async with asyncio.timeout(t):
+                conn = await self._connect()
+                conn.writer.write(wire)
+                while True:
+                    raw = await conn.reader.readuntil(b"\r\n\r\n")
+                    status, headers_in, _http10, lower = parse_response_head(raw)
+                    if status >= 200 or status == 101:
+                        break
+                if status == 101:
+                    got = lower.get("upgrade", "").strip().lower()
+                    if got != protocol:
+                        raise ValueError(f"101 switched to {got[:40]!r}, not {protocol!r}")
+                    return Upgraded(101, headers_in, b"", conn.reader, conn.writer)
+                length = int(lower.get("content-length", "0") or "0")
+                body = (await conn.reader.readexactly(length)
+                        if 0 < length <= INLINE_BODY_MAX else b"")
+        except TimeoutError:
+            _close(conn)
+            raise BackendError(f"backend {self.name} timed out after {t:g}s") from None
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ValueError) as exc:
+            _close(conn)
+            raise BackendError(f"backend {self.name} refused the upgrade or answered "
+                               f"invalidly: {exc!r}") from None
+        except BaseException:
+            _close(conn)
+            raise
+        _close(conn)
+        return Upgraded(status, headers_in, body)
+
     def _abort(self, conn: _Conn | None) -> None:
         if conn is not None:
             conn.writer.close()
@@ -359,6 +420,11 @@ class Upstream:
         for conn in idle:
             with contextlib.suppress(OSError, ConnectionError):
                 await conn.writer.wait_closed()
+
+
+def _close(conn: _Conn | None) -> None:
+    if conn is not None:
+        conn.writer.close()
 
 
 #: Parsed response heads, by their raw bytes (a backend repeats its heads).

@@ -5,11 +5,13 @@ One QSTP stream per RPC, opened by the client side::
     client → sentry:  u32 BE length ‖ RpcRequestHead (protobuf)  ‖ request body … END
     sentry → client:  u32 BE length ‖ RpcResponseHead (protobuf) ‖ response body … END
 
-* ``RpcRequestHead`` carries ``kind`` (``http`` | ``grpc`` | ``tcp``), the HTTP method
-  and target (or gRPC method path, or TCP backend name), headers / gRPC metadata,
-  the serialized session assertion, and the client's timeout.
+* ``RpcRequestHead`` carries ``kind`` (``http`` | ``grpc`` | ``tcp`` | ``ws``), the
+  HTTP method and target (or gRPC method path, or TCP backend name), headers / gRPC
+  metadata, the serialized session assertion, and the client's timeout.
 * The request body is every byte after the head until the stream's end; for ``tcp``
-  both directions stay open and carry raw bytes until either side ends.
+  both directions stay open and carry raw bytes until either side ends. ``ws`` is an
+  HTTP ``GET`` asking to become a WebSocket: the sentry asks the backend, and after a
+  101 response head both directions carry the WebSocket's bytes as ``tcp`` does.
 * ``RpcResponseHead`` carries the status (HTTP status; 200 for a good gRPC call), the
   backend's headers, and — when the sentry refused or failed — ``error`` (the outcome
   label of a :class:`~pqcnet.sentry.errors.SentryError`), a one-line ``reason``, ``retry_after``
@@ -38,7 +40,7 @@ from pqcnet.sentry.memo import Memo, memoized
 MAX_HEAD_BYTES = 64 * 1024
 #: Bound on header / metadata entries in a head.
 MAX_HEADERS = 100
-KINDS = ("http", "grpc", "tcp")
+KINDS = ("http", "grpc", "tcp", "ws")
 _LEN = struct.Struct(">I")
 
 # Heads repeat byte for byte (same client, same backend answer): encoding and decoding
@@ -54,7 +56,7 @@ _dec_resp: Memo[bytes, ResponseHead] = Memo()
 class RequestHead:
     """A decoded ``RpcRequestHead``."""
 
-    #: "http", "grpc" or "tcp"
+    #: "http", "grpc", "tcp" or "ws"
     kind: str
     #: HTTP method ("" otherwise)
     method: str
