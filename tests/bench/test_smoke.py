@@ -214,6 +214,25 @@ def test_sentry_reports_n_workers_against_nginx_and_the_limit_accuracy() -> None
         assert _number(d["paths"]["pqcnet"]["at_half_load_vegeta"]["cpu"]["sentry_busy"])
 
 
+def test_websocket_reports_open_round_trip_and_echoes_against_direct() -> None:
+    d = _bench("websocket", "--connects", "5", "--messages", "20", "--connections", "2",
+               "--window", "4", "--seconds", "0.5")
+    assert {"direct", "pqcnet"} <= set(d["paths"])
+    for path in d["paths"].values():
+        _latency(path["connect"])
+        _latency(path["round_trip"])
+        assert path["connect"]["n"] == 5 and path["round_trip"]["n"] == 20
+        assert path["throughput"]["messages"] > 0  # every echo sent came back (else a hang)
+    cpu = d["paths"]["pqcnet"]["throughput"]
+    for who in ("sidecar", "sentry"):
+        assert _number(cpu[f"{who}_cpu_ms_per_message"]) and cpu[f"{who}_busy"] <= d["cpus"]
+    assert "sidecar_busy" not in d["paths"]["direct"]["throughput"]
+    assert _number(d["ratio_messages_per_s_pqcnet_to_direct"])
+    if "nginx" in d["paths"]:
+        assert _number(d["ratio_messages_per_s_pqcnet_to_nginx"])
+    _machine(d["machine"]["before"])
+
+
 def test_sentry_without_a_working_vegeta_says_so_and_keeps_its_own_figures() -> None:
     d = _bench("sentry", "--requests", "20", "--seconds", "0.5", "--connections", "2",
                "--loadgen-procs", "1", "--workers", "1", env={"PQCNET_VEGETA": "/bin/false"})

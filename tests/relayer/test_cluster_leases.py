@@ -76,6 +76,8 @@ async def test_dead_relayer_shards_and_pending_entries_move(
     await a.publish(0, [encode(f) for f in frames])
     got = await a.consume(0, "g", block=0.5)
     assert len(got) == 3  # read, never acked: in a's PEL when it "dies"
+    in_pel = (await a.client.xpending(a.key(0), "g"))["pending"]
+    assert in_pel >= 1 and a.taken_over == 0
     assert a.leases is not None
     assert a.leases._task is not None
     a.leases._task.cancel()  # dead: no renewals, no release
@@ -87,6 +89,7 @@ async def test_dead_relayer_shards_and_pending_entries_move(
         await b.consume(0, "g", block=0.2)
     again = await b.consume(0, "g", block=0.2)  # a's pending entries, taken at once
     assert [d.data for d in again] == [d.data for d in got]
+    assert b.taken_over == in_pel  # every entry of the dead member's PEL, counted once
     await b.ack(0, "g", again)
     assert (await b.client.xpending(b.key(0), "g"))["pending"] == 0
 
@@ -206,6 +209,8 @@ async def test_a_relayer_delivers_and_counts_entries_a_stalled_member_read(
         assert node.metrics_port is not None
         scraped = await asyncio.to_thread(scrape_metrics, node.metrics_port)
         assert scraped["pqcnet_relayer_stale_claimed_entries_total"] == 1.0
+        # the sweep, not a takeover at a claim: the warm-up frame made sure of it
+        assert scraped["pqcnet_relayer_taken_over_entries_total"] == 0.0
         await eventually(lambda: _pending(redis_url, bus.key(shard), node.cfg.group) == 0, 30)
     finally:
         if sub is not None:

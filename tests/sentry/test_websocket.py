@@ -27,10 +27,19 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.http11 import Request, Response
 
+from pqcnet.sentry.pool import SentryPool
 from pqcnet.sentry.sidecar import serve_http
 from tests.relayer.helpers import eventually
 
-from .harness import SANITIZER_KEY, Mesh, Stack, config_dict, sentry_stack, write_config
+from .harness import (
+    SANITIZER_KEY,
+    Mesh,
+    Stack,
+    config_dict,
+    sentry_stack,
+    sidecar_to,
+    write_config,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -229,3 +238,27 @@ async def test_a_raw_upgrade_keeps_bytes_sent_right_after_the_handshake(
         wr.close()
         await wr.wait_closed()
         await eventually(lambda: w.stack.sentry.gate.in_flight == 0, limit=15)
+
+
+async def test_a_pool_opens_the_websocket_on_a_sentry_that_answers(tmp_path: Path,
+                                                                    mesh: Mesh) -> None:
+    """A sidecar with two sentries, the first one down: the WebSocket is opened on the
+    second (nothing reached the first one's backend, so moving it is safe)."""
+    async with _ws(tmp_path, mesh) as w:
+        with socket.socket() as s:  # a port nothing listens on
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]
+        pool = SentryPool([(f"127.0.0.1:{p}", sidecar_to(p, mesh.acme, mesh.acme_issuer))
+                           for p in (dead, w.stack.port)])
+        server = await serve_http(pool)
+        try:
+            url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws"
+            for _ in range(2):  # the second finds the first sentry marked down
+                async with _open(url) as app:
+                    await app.send(b"\x00\x01")
+                    assert await app.recv() == b"echo:\x00\x01"
+            await eventually(lambda: w.feed.closed == 2, 15)
+            assert [m.outstanding for m in pool.members] == [0, 0]
+        finally:
+            server.close()
+            await pool.aclose()

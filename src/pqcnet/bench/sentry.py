@@ -389,6 +389,17 @@ def _sweep(paths: list[tuple[str, int]], max_rps: float, fractions: tuple[float,
 # ---------------------------------------------------------------------------- setup
 
 
+def stop(procs: list[subprocess.Popen[bytes]], grace: float = 10.0) -> None:
+    """SIGTERM every process, then wait ``grace`` seconds for each (SIGKILL after)."""
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def _wait_port(port: int, timeout: float = 60.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -466,7 +477,7 @@ def write_sentry_config(d: Path, backend: int, port: int, workers: int,
         "limits": {"max_in_flight": 4096, "default": {"rate": 1e6, "burst": 1e6},
                    "tenants": {"lim": {"rate": lim[0], "burst": lim[1]}}},
         "acl": {"allow_from": ["spiffe://pqcnet.test/*/sidecar/*"],
-                "allow_methods": ["POST /rpc"]},
+                "allow_methods": ["POST /rpc", "WS /ws"]},  # WS: bench websocket
         "sanitizer": {"acme": {"key_hex": "11" * 32, "headers": {"x-user-id": "hash"}}},
         "backends": [{"name": "be", "kind": "http", "target": f"http://127.0.0.1:{backend}",
                       "tenants": ["acme", "lim"]}],
@@ -570,13 +581,7 @@ def _workers_phase(d: Path, backend: int, workers: int, requests: int, connectio
             "ratio": round(ok / allowed, 3),
             "within_10pct": abs(ok / allowed - 1) <= 0.10}
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs, 20)
     return out
 
 
@@ -635,13 +640,7 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
                 multi = _workers_phase(d, ports["backend"], workers, requests, connections,
                                        seconds, loadgen_procs, request_ids)
         finally:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-            for p in procs:
-                try:
-                    p.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop(procs)
             backend.terminate()
             backend.join(5)
     direct, pq = results["direct"], results["pqcnet"]

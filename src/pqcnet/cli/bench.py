@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, str] = {
     "sentry": "pqcnet.bench.sentry",
     "relayer": "pqcnet.bench.relayer",
     "verify": "pqcnet.bench.verify",
+    "websocket": "pqcnet.bench.websocket",
 }
 
 

@@ -1075,6 +1075,11 @@ class _NodeCollector(Collector):
             "pqcnet_relayer_stale_claimed_entries",
             "Bus entries taken from a former shard owner that read them after its lease "
             "ran out (Redis cluster sweep)", value=n.bus.stale_claimed)
+        yield CounterMetricFamily(
+            "pqcnet_relayer_taken_over_entries",
+            "Bus entries taken over from other members' pending lists when this relayer "
+            "began reading a shard (Redis XAUTOCLAIM after a claim or restart)",
+            value=n.bus.taken_over)
         claims = CounterMetricFamily(
             "pqcnet_relayer_claims_records",
             "Proven volume records checked against client-signed counters, by status",

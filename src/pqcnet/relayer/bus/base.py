@@ -77,6 +77,11 @@ class Bus(abc.ABC):
     #: entries taken from a former owner's pending list that it read after its lease
     #: ran out (the Redis cluster sweep); 0 on backends without such a sweep
     stale_claimed: int = 0
+    #: entries taken over from other members' pending lists when this one began
+    #: reading a shard (Redis: XAUTOCLAIM after a claim or restart — the work a dead or
+    #: departed owner read and never acknowledged); 0 where the bus moves partitions
+    #: with their committed offsets instead (Kafka)
+    taken_over: int = 0
 
     @abc.abstractmethod
     def partitions(self) -> int:

@@ -156,6 +156,8 @@ class RedisStreamsBus(Bus):
         self._sweep_at: dict[tuple[int, str], float] = {}
         #: entries taken from other consumers' PELs by the periodic sweep
         self.stale_claimed = 0
+        #: entries taken from other consumers' PELs when a shard was (re)claimed
+        self.taken_over = 0
         self._acks_since_trim = [0] * shards
         #: shard leases of a cluster (None: this relayer works on the shards it is given)
         self.leases: ShardLeases | None = None
@@ -336,6 +338,10 @@ class RedisStreamsBus(Bus):
             start = _s(res[0]) if res else "0-0"
             if start == "0-0":
                 break
+        if total:
+            self.taken_over += total
+            log.info("took over entries another member read and never acknowledged",
+                     extra={"shard": shard, "entries": total})
         return total
 
     async def _claim_stale(self, shard: int, group: str, leases: ShardLeases) -> list[Any]:
