@@ -225,7 +225,7 @@ def test_websocket_reports_open_round_trip_and_echoes_against_direct() -> None:
         assert path["throughput"]["messages"] > 0  # every echo sent came back (else a hang)
     cpu = d["paths"]["pqcnet"]["throughput"]
     for who in ("sidecar", "sentry"):
-        assert _number(cpu[f"{who}_cpu_ms_per_message"]) and cpu[f"{who}_busy"] <= d["cpus"]
+        assert _number(cpu[f"{who}_cpu_us_per_message"]) and cpu[f"{who}_busy"] <= d["cpus"]
     assert "sidecar_busy" not in d["paths"]["direct"]["throughput"]
     assert _number(d["ratio_messages_per_s_pqcnet_to_direct"])
     if "nginx" in d["paths"]:

@@ -304,12 +304,16 @@ class _CpuWatch:
         self._t0 = time.monotonic()
         self._cpu0 = {name: cpu_seconds(pid) for name, pid in self.watch.items()}
 
-    def per_rpc(self, rpcs: int, *, busy: bool = False) -> dict[str, float]:
+    def per_rpc(self, rpcs: int, *, busy: bool = False, per: str = "rpc",
+                micro: bool = False) -> dict[str, float]:
+        """``{name}_cpu_ms_per_{per}`` (µs with ``micro``: small units of work) and,
+        with ``busy``, ``{name}_busy``."""
         wall = max(time.monotonic() - self._t0, 1e-9)
         out: dict[str, float] = {}
+        unit, scale = ("us", 1e6) if micro else ("ms", 1e3)
         for name, pid in self.watch.items():
             used = cpu_seconds(pid) - self._cpu0[name]
-            out[f"{name}_cpu_ms_per_rpc"] = round(used * 1000 / max(rpcs, 1), 3)
+            out[f"{name}_cpu_{unit}_per_{per}"] = round(used * scale / max(rpcs, 1), 3)
             if busy:
                 out[f"{name}_busy"] = round(used / wall, 3)
         return out

@@ -130,9 +130,8 @@ def _measure(url: str, connects: int, messages: int, conns: int, window: int,
     out["round_trip"] = _ms(asyncio.run(_round_trips(url, messages)))
     cpu.start()
     got = asyncio.run(_throughput(url, conns, window, seconds))
-    used = {k.replace("_per_rpc", "_per_message"): v
-            for k, v in cpu.per_rpc(got, busy=True).items()}
-    out["throughput"] = {"messages": got, "messages_per_s": round(got / seconds, 1), **used}
+    out["throughput"] = {"messages": got, "messages_per_s": round(got / seconds, 1),
+                         **cpu.per_rpc(got, busy=True, per="message", micro=True)}
     return out
 
 
