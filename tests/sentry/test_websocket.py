@@ -125,7 +125,8 @@ def _count(s: Stack, name: str, **labels: str) -> float:
 async def test_a_websocket_carries_messages_both_ways_and_frees_its_slot(
         tmp_path: Path, mesh: Mesh) -> None:
     async with _ws(tmp_path, mesh) as w:
-        async with _open(f"{w.url}/ws?since=7",
+        # compression off: the bytes charged below are then the payloads plus framing
+        async with _open(f"{w.url}/ws?since=7", compression=None,
                          additional_headers={"x-user-id": "u-42", "x-other": "kept"}
                            ) as app:
             assert app.subprotocol == "jsonrpc"  # negotiated end to end
@@ -148,6 +149,15 @@ async def test_a_websocket_carries_messages_both_ways_and_frees_its_slot(
         assert head["x-user-id"] == f"hmac256:{want}"
         assert "x-pqcnet-assertion" not in head  # the session assertion stops at the sentry
         assert _count(w.stack, "pqcnet_sentry_requests_total", outcome="ok") == 1
+        # acme is charged the WebSocket once and its bytes after the handshake: the
+        # payloads plus RFC 6455 framing (at most 14 bytes a frame; 53 frames each way
+        # with the close)
+        usage = w.stack.sentry.usage.rows["acme"]
+        assert usage.requests["ws"] == 1 and sum(usage.requests.values()) == 1
+        sent = len('{"jsonrpc":"2.0","id":1,"method":"eth_subscribe"}') + len(big) + sum(
+            len(f"m{i}") for i in range(50))
+        assert sent <= usage.up <= sent + 14 * 53
+        assert sent + 5 * 52 <= usage.down <= sent + 5 * 52 + 14 * 53
 
 
 async def test_without_the_ws_key_or_the_tenant_the_websocket_is_refused(

@@ -46,6 +46,7 @@ from pqcnet.sentry.limiter import ConcurrencyGate, HammerDetector, Plan, RateLim
 from pqcnet.sentry.memo import Memo, headers_size
 from pqcnet.sentry.metrics import SentryMetrics
 from pqcnet.sentry.sanitizer import IdentitySanitizer, SanitizerPolicy
+from pqcnet.sentry.usage import TenantUsage, Usage
 from pqcnet.sentry.wire import RequestHead
 from pqcnet.sentry.writewatch import WriteWatch
 
@@ -85,6 +86,8 @@ class Admission:
     assertion: SessionAssertion
     backend: BackendConfig
     key: str
+    #: the tenant's usage row (requests and bytes are counted into it)
+    usage: Usage = field(default_factory=Usage)
 
 
 class Sentry:
@@ -120,6 +123,9 @@ class Sentry:
                                           tuple[tuple[str, str], ...]]] = Memo()
         self.metrics.bind_gauges(lambda: self.gate.in_flight, self._hit_ratio)
         self.metrics.bind_tenants(self._tenant_holders)
+        #: what each tenant used (admitted requests by kind, payload bytes each way)
+        self.usage = TenantUsage()
+        self.metrics.bind_usage(lambda: self.usage.collect(self.config.policy.issuers))
         self._anchor_policies()
 
     def _tenant_holders(self) -> dict[str, int]:
@@ -184,7 +190,7 @@ class Sentry:
             raise
         self.metrics.set_bucket_level(assertion.tenant, level)
         self.gate.acquire(assertion.tenant)
-        return Admission(assertion, backend, key)
+        return Admission(assertion, backend, key, self.usage.row(assertion.tenant))
 
     def release(self, adm: Admission) -> None:
         """Give back the concurrency slot taken by :meth:`admit`."""

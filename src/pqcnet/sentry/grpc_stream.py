@@ -49,6 +49,7 @@ from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.errors import PqcnetError
 from pqcnet.sentry.backends import MAX_GRPC_MESSAGE, metadata_to_wire
 from pqcnet.sentry.errors import RequestTooLarge, StreamIdle, WireError
+from pqcnet.sentry.usage import Usage
 from pqcnet.sentry.wire import ResponseHead, decode_response, encode_response
 from pqcnet.sentry.writewatch import WriteWatch, until_quiet
 
@@ -129,26 +130,29 @@ def decode_trailers(payload: bytes) -> ResponseHead:
 
 
 class _Activity:
-    """When the call last moved something (loop time), and the idle timeout that cut
-    it (0: not cut)."""
+    """When the call last moved something (loop time), the idle timeout that cut it
+    (0: not cut), and the tenant's usage row its messages are counted into."""
 
-    __slots__ = ("cut", "moved")
+    __slots__ = ("cut", "moved", "usage")
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float, usage: Usage) -> None:
         self.moved = now
         self.cut = 0.0
+        self.usage = usage
 
 
 async def proxy_stream(stream: Any, call: grpc.aio.StreamStreamCall[bytes, bytes],
-                       rest: bytes, watch: WriteWatch, *, idle: float = 0.0) -> int:
+                       rest: bytes, watch: WriteWatch, *, idle: float = 0.0,
+                       usage: Usage | None = None) -> int:
     """Relay one streaming call between a tunnel stream and a backend call until the
     backend's status is sent (or either side goes away); returns the gRPC code. Each
     write to the client is under ``watch``: a client that stops reading is cut
     (:class:`~pqcnet.sentry.errors.ClientTooSlow`) and the backend call cancelled.
     ``idle`` > 0: a call that moves no message (a byte from the client, a message from
-    the backend) for that long is ended with :class:`StreamIdle`."""
+    the backend) for that long is ended with :class:`StreamIdle`. Message bytes are
+    counted into ``usage`` each way (:mod:`pqcnet.sentry.usage`)."""
     gone = asyncio.Event()  # set when the client side ended the call
-    act = _Activity(asyncio.get_running_loop().time())
+    act = _Activity(asyncio.get_running_loop().time(), usage or Usage())
     up = asyncio.create_task(_client_to_backend(stream, call, rest, gone, act))
     dog = asyncio.create_task(_cut_when_idle(call, act, idle)) if idle > 0 else None
     try:
@@ -174,6 +178,7 @@ async def _client_to_backend(stream: Any, call: grpc.aio.StreamStreamCall[bytes,
         while True:
             for _flag, message in dec.feed(data):
                 await call.write(message)  # waits on the backend's HTTP/2 window
+                act.usage.up += len(message)
             data = await stream.recv()
             act.moved = loop.time()
             if not data:
@@ -208,6 +213,7 @@ async def _backend_to_client(stream: Any, call: grpc.aio.StreamStreamCall[bytes,
                 break
             act.moved = loop.time()
             await watch.send(stream, message_frame(message))
+            act.usage.down += len(message)
     except grpc.RpcError:
         pass  # the status is read below
     except asyncio.CancelledError:

@@ -137,6 +137,10 @@ class SentryMetrics:
             family.add_metric([tenant], held)
         yield family
 
+    def bind_usage(self, collect: Callable[[], Iterator[Metric]]) -> None:
+        """Export each tenant's usage (:mod:`pqcnet.sentry.usage`) at scrape time."""
+        self.registry.register(_Live(collect))
+
     def bind_budget(self, budget: ReceiveBudget | None) -> None:
         """Export the QSTP receive budget the sentry's tunnels share (read at scrape
         time); a later call (a new server for the same sentry) replaces the earlier."""

@@ -56,6 +56,7 @@ from pqcnet.sentry.errors import (
     WireError,
 )
 from pqcnet.sentry.grpc_stream import STREAM, proxy_stream
+from pqcnet.sentry.usage import Usage
 from pqcnet.sentry.wire import RequestHead, ResponseHead, decode_request, encode_response, read_head
 from pqcnet.sentry.writewatch import until_quiet
 
@@ -132,6 +133,7 @@ async def handle_stream(sentry: Sentry, stream: RpcStream, tunnel: TunnelView) -
                 f"request {phase} not received within {bounds.request_read_timeout:g}s"
             ) from None
         try:
+            adm.usage.requests[kind] += 1  # admitted and its body read: it counts
             if kind == "tcp":
                 await _pipe_tcp(sentry, stream, adm, rest)
             elif kind == "ws":
@@ -188,6 +190,8 @@ async def _proxy(sentry: Sentry, stream: RpcStream, head: RequestHead, adm: Admi
     the client stopped reading it (each write may wait ``response_write_timeout``:
     a waiting write holds a gate slot and a backend connection)."""
     req = sentry.prepare(head, body, adm)
+    usage = adm.usage
+    usage.up += len(req.body)
     resp = await sentry.backend(adm.backend.name).forward(req)
     send = sentry.write_watch.send  # ClientTooSlow once a write waited too long
     try:
@@ -197,10 +201,12 @@ async def _proxy(sentry: Sentry, stream: RpcStream, head: RequestHead, adm: Admi
         try:
             if resp.inline is not None:
                 await send(stream, head_bytes + resp.inline, end=True)
+                usage.down += len(resp.inline)
                 return None
             await send(stream, head_bytes)
             async for chunk in resp.body:
                 await send(stream, chunk)
+                usage.down += len(chunk)
             await send(stream, b"", end=True)
         except ClientTooSlow as exc:  # the stream was reset by the watch
             log.warning("client stopped reading the response; stream reset",
@@ -225,13 +231,14 @@ async def _grpc_stream(sentry: Sentry, stream: RpcStream, head: RequestHead, adm
         raise Denied(f"backend {adm.backend.name!r} is not a gRPC backend")
     req = sentry.prepare(head, b"", adm)
     await proxy_stream(stream, backend.open_stream(req), rest, sentry.write_watch,
-                       idle=sentry.config.bounds.grpc_stream_idle_timeout)
+                       idle=sentry.config.bounds.grpc_stream_idle_timeout, usage=adm.usage)
 
 
 async def _pipe_tcp(sentry: Sentry, stream: RpcStream, adm: Admission, rest: bytes) -> None:
     """A raw TCP stream: a backend connection of its own, then :func:`_pipe`."""
     reader, writer = await sentry.tcp_backend(adm.backend.name).connect()
-    await _pipe(sentry, stream, reader, writer, rest, ResponseHead(status=200), "tcp pipe")
+    await _pipe(sentry, stream, reader, writer, rest, ResponseHead(status=200), "tcp pipe",
+                adm.usage)
 
 
 async def _pipe_ws(sentry: Sentry, stream: RpcStream, head: RequestHead, adm: Admission,
@@ -246,14 +253,15 @@ async def _pipe_ws(sentry: Sentry, stream: RpcStream, head: RequestHead, adm: Ad
     if got.reader is None or got.writer is None:
         await sentry.write_watch.send(
             stream, encode_response(ResponseHead(got.status, got.headers)) + got.body, end=True)
+        adm.usage.down += len(got.body)
         return
     await _pipe(sentry, stream, got.reader, got.writer, rest,
-                ResponseHead(101, got.headers), "websocket")
+                ResponseHead(101, got.headers), "websocket", adm.usage)
 
 
 async def _pipe(sentry: Sentry, stream: RpcStream, reader: asyncio.StreamReader,
                 writer: asyncio.StreamWriter, rest: bytes, head: ResponseHead,
-                what: str) -> None:
+                what: str, usage: Usage) -> None:
     """Send ``head``, then bytes both ways between the stream and a backend connection
     until both sides ended, either failed, a write to the client waited
     ``response_write_timeout`` (:class:`ClientTooSlow`) or nothing moved for
@@ -268,9 +276,11 @@ async def _pipe(sentry: Sentry, stream: RpcStream, reader: asyncio.StreamReader,
         nonlocal moved
         if rest:
             writer.write(rest)
+            usage.up += len(rest)
         while data := await stream.recv():
             moved = loop.time()
             writer.write(data)
+            usage.up += len(data)
             await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
@@ -280,6 +290,7 @@ async def _pipe(sentry: Sentry, stream: RpcStream, reader: asyncio.StreamReader,
         while chunk := await reader.read(TCP_READ_CHUNK):
             moved = loop.time()
             await watch.send(stream, chunk)
+            usage.down += len(chunk)
         await watch.send(stream, b"", end=True)
 
     async def side(run: Callable[[], Awaitable[None]]) -> None:
