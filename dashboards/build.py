@@ -150,6 +150,17 @@ SENTRY = {
            ("histogram_quantile(0.99, sum by (le, kind) "
             "(rate(pqcnet_sentry_request_duration_seconds_bucket[5m])))", "p99 {{kind}}"))),
     ],
+    "Usage by tenant": [
+        P("Admitted requests/s by tenant and kind", "reqps",
+          (("sum by (tenant, kind) (rate(pqcnet_sentry_tenant_requests_total[1m]))",
+            "{{tenant}} {{kind}}"),),
+          "A TCP pipe, WebSocket or streaming gRPC call counts once, when it starts."),
+        P("Payload bytes/s by tenant", "Bps",
+          (("sum by (tenant, direction) (rate(pqcnet_sentry_tenant_bytes_total[1m]))",
+            "{{tenant}} {{direction}}"),),
+          "up = to backends (after the sanitizer), down = to clients; no heads, no tunnel "
+          "framing."),
+    ],
     "Capacity": [
         P("Tunnels open and requests in flight", "short",
           (("sum by (instance) (pqcnet_sentry_tunnels_active)", "{{instance}} tunnels"),
