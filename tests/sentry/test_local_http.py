@@ -13,8 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pqcnet.sentry.http1 import HttpError, HttpLimits
-from pqcnet.sentry.local_http import Body, EndOfRequest, Request, RequestParser
+from pqcnet.sentry.http1 import Body, EndOfRequest, HttpError, HttpLimits, Request, RequestParser
 from pqcnet.sentry.sidecar import serve_http
 from tests.gcutil import collector_off, live
 
