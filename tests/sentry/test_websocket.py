@@ -272,3 +272,43 @@ async def test_a_pool_opens_the_websocket_on_a_sentry_that_answers(tmp_path: Pat
         finally:
             server.close()
             await pool.aclose()
+
+
+async def test_a_backend_switching_to_another_protocol_is_a_502(tmp_path: Path,
+                                                                 mesh: Mesh) -> None:
+    """A backend that answers the WebSocket handshake with a 101 to ``h2c``: the sentry
+    refuses to pipe it (the app asked for a WebSocket), the app gets 502, and the slot
+    and the backend connection are given back."""
+    closed = asyncio.Event()
+
+    async def liar(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n"
+                b"Connection: Upgrade\r\n\r\n")
+        await w.drain()
+        await r.read()  # until the sentry closes its side
+        closed.set()
+        w.close()
+
+    server = await asyncio.start_server(liar, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    cfg = config_dict(port, 1, 1, methods=["WS /ws"])
+    try:
+        async with sentry_stack(mesh, write_config(tmp_path, mesh, cfg)) as stack:
+            sidecar = stack.sidecar(mesh.acme, mesh.acme_issuer)
+            face = await serve_http(sidecar)
+            try:
+                url = f"ws://127.0.0.1:{face.sockets[0].getsockname()[1]}/ws"
+                with pytest.raises(InvalidStatus) as bad:
+                    async with _open(url):
+                        pass
+                assert bad.value.response.status_code == 502
+                assert b"h2c" in bad.value.response.body
+                async with asyncio.timeout(15):
+                    await closed.wait()
+                await eventually(lambda: stack.sentry.gate.in_flight == 0, 15)
+            finally:
+                face.close()
+                await sidecar.aclose()
+    finally:
+        server.close()
