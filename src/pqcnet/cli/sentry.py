@@ -177,7 +177,9 @@ def inspect(token: str) -> None:
 @click.option("--tenant", required=True)
 @click.option("--subject", required=True, help="Subject named in the assertions.")
 @click.option("--mode", type=click.Choice(["http", "grpc", "tcp"]), default="http",
-              show_default=True)
+              show_default=True,
+              help="http: HTTP/1.x, WebSocket upgrades included (ACL key 'WS /path'); "
+                   "grpc: any gRPC method; tcp: raw bytes to --tcp-backend.")
 @click.option("--listen", default="127.0.0.1:8080", show_default=True,
               help="Local plaintext address (loopback only).")
 @click.option("--tcp-backend", default=None, help="Sentry backend name for --mode tcp.")
