@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
+from pathlib import Path
 
 import grpc
 import grpc.aio
@@ -25,6 +27,7 @@ from pqcnet.sentry.usage import KINDS
 from tests.relayer.helpers import eventually
 
 from .conftest import Env
+from .harness import Mesh, config_dict, sentry_stack, write_config
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -103,3 +106,25 @@ async def test_each_tenant_is_charged_what_its_ends_saw(env: Env) -> None:
         await globex.aclose()
         ops.shutdown()
         ops.server_close()
+
+
+async def test_a_body_whose_backend_never_answered_is_not_charged(
+        tmp_path: Path, mesh: Mesh) -> None:
+    with socket.socket() as s:  # a port nothing listens on: acme's backend is down
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    path = write_config(tmp_path, mesh, config_dict(dead, 1, 1))
+    async with sentry_stack(mesh, path) as stack:
+        sidecar = stack.sidecar(mesh.acme, mesh.acme_issuer)
+        http = await serve_http(sidecar)
+        try:
+            url = f"http://127.0.0.1:{http.sockets[0].getsockname()[1]}/rpc"
+            async with httpx.AsyncClient() as client:
+                r = await client.post(url, content=b'{"jsonrpc":"2.0","id":1}')
+            assert r.status_code == 502
+        finally:
+            http.close()
+            await sidecar.aclose()
+        usage = stack.sentry.usage.rows["acme"]
+        assert usage.requests["http"] == 1  # admitted: it counts as a request
+        assert usage.up == usage.down == 0  # but nothing reached the backend

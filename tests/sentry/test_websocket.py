@@ -194,8 +194,10 @@ async def test_a_backend_that_refuses_the_upgrade_is_relayed(tmp_path: Path,
         assert w.feed.open == 0
         await eventually(lambda: w.stack.sentry.gate.in_flight == 0)
         async with _open(f"{w.url}/ws") as app:  # the face keeps serving
-            await app.send("again")
-            assert await app.recv() == "echo:again"
+            # the compression extension was negotiated end to end, through both pipes
+            assert [e.name for e in app.protocol.extensions] == ["permessage-deflate"]
+            await app.send("again" * 1000)
+            assert await app.recv() == "echo:" + "again" * 1000
 
 
 async def test_an_idle_websocket_is_closed_at_both_ends(tmp_path: Path, mesh: Mesh) -> None:

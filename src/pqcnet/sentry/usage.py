@@ -12,7 +12,8 @@ as ``pqcnet_sentry_tenant_requests_total{tenant,kind}`` and
 * Bytes are payload, never heads or tunnel framing: ``up`` is what the backend was sent
   (HTTP request bodies after the identity sanitizer, gRPC messages, every byte of a
   TCP pipe or WebSocket after its handshake), ``down`` what the client was sent
-  (response bodies, gRPC messages, pipe bytes).
+  (response bodies, gRPC messages, pipe bytes). An HTTP request whose backend failed
+  to answer is counted as a request but its body is not charged.
 
 Tenants are the configured issuers' (only an authenticated tenant gets a row), so the
 label set is bounded by the config. With ``--workers N`` each worker counts its own
