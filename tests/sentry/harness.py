@@ -29,6 +29,7 @@ from pqcnet.identity import NodeIdentity, dev_identities
 from pqcnet.proto import echo_pb2, echo_pb2_grpc
 from pqcnet.sentry.config import load_config, verify_key_pem
 from pqcnet.sentry.core import Sentry
+from pqcnet.sentry.pool import SentryPool
 from pqcnet.sentry.server import SentryServer
 from pqcnet.sentry.sidecar import Sidecar
 from tests.config.schemacheck import assert_schema
@@ -336,6 +337,12 @@ class Stack:
                 clock: Callable[[], float] = time.time) -> Sidecar:
         return sidecar_to(self.port, identity, issuer, tenant, subject=subject, ttl=ttl,
                           clock=clock)
+
+
+def pool_of(mesh: Mesh, ports: list[int], **kw: Any) -> SentryPool:
+    """acme sidecars to the sentries on 127.0.0.1:``ports``, as one pool."""
+    return SentryPool([(f"127.0.0.1:{p}", sidecar_to(p, mesh.acme, mesh.acme_issuer))
+                       for p in ports], **kw)
 
 
 def sidecar_to(port: int, identity: NodeIdentity, issuer: SigningKey, tenant: str = "acme",

@@ -20,22 +20,16 @@ import pytest
 from pqcnet.sentry.config import load_config
 from pqcnet.sentry.core import Sentry
 from pqcnet.sentry.errors import BackendError
-from pqcnet.sentry.pool import SentryPool
 from pqcnet.sentry.server import SentryServer
 from pqcnet.sentry.sidecar import serve_http
 from pqcnet.sentry.wire import RequestHead
 from tests.gcutil import collector_off, live
 
-from .harness import HttpBackend, Mesh, config_dict, sentry_stack, sidecar_to, write_config
+from .harness import HttpBackend, Mesh, config_dict, pool_of, sentry_stack, write_config
 from .test_cli import free_port
 
 PQCNET = [str(Path(sys.executable).parent / "pqcnet")]
 pytestmark = pytest.mark.timeout(120)
-
-
-def pool_of(mesh: Mesh, ports: list[int], **kw: Any) -> SentryPool:
-    return SentryPool([(f"127.0.0.1:{p}", sidecar_to(p, mesh.acme, mesh.acme_issuer))
-                       for p in ports], **kw)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from pqcnet._util.ops_http import start_ops_server
 from pqcnet.proto import echo_pb2, echo_pb2_grpc
 from pqcnet.sentry.sidecar import serve_grpc, serve_http, serve_tcp
 from pqcnet.sentry.usage import KINDS
+from tests.ports import free_port
 from tests.relayer.helpers import eventually
 
 from .conftest import Env
@@ -110,9 +110,7 @@ async def test_each_tenant_is_charged_what_its_ends_saw(env: Env) -> None:
 
 async def test_a_body_whose_backend_never_answered_is_not_charged(
         tmp_path: Path, mesh: Mesh) -> None:
-    with socket.socket() as s:  # a port nothing listens on: acme's backend is down
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+    dead = free_port()  # nothing listens there: acme's backend is down
     path = write_config(tmp_path, mesh, config_dict(dead, 1, 1))
     async with sentry_stack(mesh, path) as stack:
         sidecar = stack.sidecar(mesh.acme, mesh.acme_issuer)

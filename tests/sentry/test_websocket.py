@@ -27,8 +27,8 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.http11 import Request, Response
 
-from pqcnet.sentry.pool import SentryPool
 from pqcnet.sentry.sidecar import serve_http
+from tests.ports import free_port
 from tests.relayer.helpers import eventually
 
 from .harness import (
@@ -36,8 +36,8 @@ from .harness import (
     Mesh,
     Stack,
     config_dict,
+    pool_of,
     sentry_stack,
-    sidecar_to,
     write_config,
 )
 
@@ -257,11 +257,7 @@ async def test_a_pool_opens_the_websocket_on_a_sentry_that_answers(tmp_path: Pat
     """A sidecar with two sentries, the first one down: the WebSocket is opened on the
     second (nothing reached the first one's backend, so moving it is safe)."""
     async with _ws(tmp_path, mesh) as w:
-        with socket.socket() as s:  # a port nothing listens on
-            s.bind(("127.0.0.1", 0))
-            dead = s.getsockname()[1]
-        pool = SentryPool([(f"127.0.0.1:{p}", sidecar_to(p, mesh.acme, mesh.acme_issuer))
-                           for p in (dead, w.stack.port)])
+        pool = pool_of(mesh, [free_port(), w.stack.port])  # nothing listens on the first
         server = await serve_http(pool)
         try:
             url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws"

@@ -414,10 +414,15 @@ def _wait_port(port: int, timeout: float = 60.0) -> None:
     raise click.ClickException(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
+def nginx_exe() -> str | None:
+    """The nginx binary (Debian puts it in /usr/sbin, often off a user's PATH)."""
+    return shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
+                                     else None)
+
+
 def _nginx(d: Path, port: int, backend: int, workers: int = 1
            ) -> subprocess.Popen[bytes] | None:
-    exe = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
-                                    else None)
+    exe = nginx_exe()
     if exe is None:
         return None
     d = d / f"nginx-{workers}"

@@ -45,6 +45,7 @@ from pqcnet.bench.sentry import (
     _sidecar,
     _wait_port,
     free_port,
+    nginx_exe,
     stop,
     write_identities,
     write_sentry_config,
@@ -137,9 +138,7 @@ def _measure(url: str, connects: int, messages: int, conns: int, window: int,
 
 def _nginx_ws(d: Path, port: int, backend: int) -> subprocess.Popen[bytes] | None:
     """nginx as a WebSocket reverse proxy (its documented configuration)."""
-    from shutil import which
-
-    exe = which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    exe = nginx_exe()
     if exe is None:
         return None
     home = d / "nginx-ws"

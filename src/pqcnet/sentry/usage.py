@@ -27,8 +27,11 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
-#: request kinds as counted (a streaming gRPC call is ``grpc-stream``)
-KINDS = ("http", "grpc", "grpc-stream", "tcp", "ws")
+from pqcnet.sentry import wire
+
+#: request kinds as counted: the wire's, and ``grpc-stream`` for a streaming gRPC call
+#: (derived, so a new wire kind cannot reach the counters without a row)
+KINDS = (*wire.KINDS, "grpc-stream")
 
 
 def _zeros() -> dict[str, int]:
