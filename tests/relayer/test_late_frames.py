@@ -124,10 +124,15 @@ async def test_a_retry_in_a_gap_is_refused_by_a_relayer_not_owning_the_shard(
         assert other.fence.stats.gap_reads == 1 and other.fence.stats.refused == 5
         assert await asyncio.to_thread(_fence_events, other.metrics_port or 0) == {
             "refused": 5.0, "held": 0.0, "untracked": 0.0, "gap_reads": 1.0, "late_on_bus": 0.0,
-            "restored": 0.0, "inflight": 0.0}
+            "restored": 0.0, "inflight": 0.0, "marked": 0.0, "reserved": 0.0,
+            "held_elsewhere": 0.0, "refused_on_bus": 0.0}
         assert owner.fence.stats.gap_reads == 0  # the owner had the gap in memory
-        # a resend of a delivered frame is still accepted at r1, and never redelivered
+        # the owner reserved its skip in the shared store first (decision 0020)
+        assert owner.fence.stats.reserved == 1 and owner.fence.stats.held_elsewhere == 0
+        # a resend of a delivered frame is still accepted at r1 (confirmed in the store
+        # after its append: below the mark, no marker), and never redelivered
         assert await _retry_at(other, [Frame("acme", "late", 7, b"x7")]) == [0]
+        assert other.fence.stats.marked == 1
         # r1 has no worker for the shard: nothing it accepts for it is held in flight
         # there (r0's worker reads it; r1 would wait for its "consumed" for good)
         assert other.fence.inflight == 0

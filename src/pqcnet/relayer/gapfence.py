@@ -36,8 +36,11 @@ Bounds: skipped ranges per topic (:data:`MAX_RANGES_PER_TOPIC`) and topics remem
 open for those frames — counted in ``untracked``). The in-flight registry is in memory
 and per process: frames still in the overflow queue are registered from the queue when
 the workers start and when a shard moves here (a Redis lease, a Kafka partition:
-``restore``), but another relayer's admissions do not hold this one's skips — a
-documented limit (decision 0020).
+``restore``). Another relayer's admissions hold this one's skips through the shared
+store (decision 0020, :mod:`pqcnet.relayer.agreement`): the ingress ``confirm``-s frames
+it appended for a shard it does not own, and the worker reserves a skip there first
+(``agree``); while a reservation is pending, local admissions inside its range are
+refused.
 """
 
 from __future__ import annotations
@@ -63,6 +66,13 @@ SeqRanges = list[tuple[int, int]]
 MarkLookup = Callable[[int, Sequence[Topic]], Awaitable[Mapping[Topic, int]]]
 #: ``(shard, topics) -> recorded skipped ranges per topic`` (the marks store's)
 GapLookup = Callable[[int, Sequence[Topic]], Awaitable[Mapping[Topic, SeqRanges]]]
+#: ``(topic, lo, hi)``: seqs ``lo .. hi-1`` of ``topic``
+Span = tuple[Topic, int, int]
+#: ``{shard: [(topic, seq)]} -> {shard: [refused?]}`` (the shared store's confirm)
+Confirm = Callable[[Mapping[int, Sequence[tuple[Topic, int]]]],
+                   Awaitable[Mapping[int, list[bool]]]]
+#: ``(shard, spans) -> [reserved?]`` (the shared store's reserve)
+Reserve = Callable[[int, Sequence[Span]], Awaitable[list[bool]]]
 
 
 @dataclass(slots=True)
@@ -85,6 +95,16 @@ class FenceStats:
     #: frames of the overflow queue registered in flight when the workers started
     #: (acknowledged before a restart, not on the bus yet)
     restored: int = 0
+    #: frames appended here for a shard owned elsewhere, recorded in the shared store
+    #: as acknowledged before their ack (decision 0020)
+    marked: int = 0
+    #: gap skips reserved in the shared store before they were made
+    reserved: int = 0
+    #: gap skips held because a frame of the range was acknowledged by another relayer
+    held_elsewhere: int = 0
+    #: frames of an agreed skip that reached the worker: refused at their ingress after
+    #: their append (not acknowledged), dropped — expected, unlike ``late_on_bus``
+    refused_on_bus: int = 0
 
 
 class GapFence:
@@ -93,8 +113,11 @@ class GapFence:
     def __init__(self, marks: MarkLookup | None = None, gaps: GapLookup | None = None, *,
                  owns: Callable[[int], bool] | None = None,
                  assigned: Callable[[int], bool] | None = None,
-                 max_inflight: int = MAX_INFLIGHT_SEQS) -> None:
+                 max_inflight: int = MAX_INFLIGHT_SEQS,
+                 confirm: Confirm | None = None) -> None:
         self._marks = marks
+        #: the cluster's shared store (decision 0020); None: one relayer, or no store
+        self.confirmer = confirm
         self._stored_gaps = gaps
         #: whether a worker of this process takes a shard's records now (a cluster's
         #: lease or group assignment); None: the shards of attached workers
@@ -104,6 +127,10 @@ class GapFence:
         self._assigned = assigned
         self._cached: dict[int, Callable[[Topic], int | None]] = {}
         self._gaps: OrderedDict[Topic, list[tuple[int, int]]] = OrderedDict()
+        #: skips agreed through the shared store (their frames were refused, not lost)
+        self._agreed: OrderedDict[Span, None] = OrderedDict()
+        #: ranges being reserved now: local admissions inside them are refused
+        self._pending: dict[Topic, list[tuple[int, int]]] = {}
         #: topic -> admitted seq -> how many admissions of it are in flight
         self._inflight: dict[Topic, dict[int, int]] = {}
         self._n_inflight = 0
@@ -253,12 +280,13 @@ class GapFence:
         out: list[LateFrame | None] = []
         nxts: dict[Topic, int] = {}
         cached = self._local_marks(shard, track)
+        pending = self._pending
         for frame, retry in frames:
             topic = frame.topic
             nxt = nxts.get(topic)
             if nxt is None:  # once per topic: the marks do not move during this loop
                 nxt = nxts[topic] = self._next_seq(cached, stored, topic)
-            if frame.seq < nxt:
+            if frame.seq < nxt or (pending and topic in pending):
                 err = self._check(frame, retry, nxt, recorded.get(topic, ()))
                 if err is not None:
                     self.stats.refused += 1
@@ -302,9 +330,14 @@ class GapFence:
 
     def _check(self, frame: Frame, retry: bool, nxt: int,
                recorded: Iterable[tuple[int, int]]) -> LateFrame | None:
+        name = f"{frame.customer}/{frame.channel}"
+        for lo, hi in self._pending.get(frame.topic, ()):
+            if lo <= frame.seq < hi:
+                return LateFrame(
+                    f"seq {frame.seq} of {name} is late: delivery is giving up the gap "
+                    f"{lo}..{hi - 1} now; publish it under a new seq")
         if frame.seq >= nxt:
             return None
-        name = f"{frame.customer}/{frame.channel}"
         gap = self._in_gap(frame.topic, frame.seq) or next(
             ((lo, hi) for lo, hi in recorded if lo <= frame.seq < hi), None)
         if gap is not None:
@@ -388,21 +421,84 @@ class GapFence:
             return True
         return False
 
-    def record_gap(self, topic: Topic, lo: int, hi: int) -> None:
-        """The worker skipped seqs ``lo .. hi-1`` of ``topic``."""
+    def record_gap(self, topic: Topic, lo: int, hi: int, *, agreed: bool = False) -> None:
+        """The worker skipped seqs ``lo .. hi-1`` of ``topic`` (``agreed``: reserved in
+        the cluster's shared store first)."""
         ranges = self._gaps.pop(topic, [])
         ranges.append((lo, hi))
         self._gaps[topic] = ranges[-MAX_RANGES_PER_TOPIC:]
         while len(self._gaps) > MAX_GAP_TOPICS:
             self._gaps.popitem(last=False)
+        if agreed:
+            self._agreed[(topic, lo, hi)] = None
+            while len(self._agreed) > MAX_GAP_TOPICS:
+                self._agreed.popitem(last=False)
 
     def dropped_in_gap(self, topic: Topic, seq: int) -> bool:
         """The worker suppresses ``seq`` as below the delivery point: True (and counted)
-        if it lies in a gap skipped here, i.e. it arrived after its slot was given up."""
-        if self._in_gap(topic, seq) is None:
+        if it lies in a gap skipped here, i.e. it arrived after its slot was given up —
+        as ``refused_on_bus`` if the skip was agreed (its ingress refused it after the
+        append), else as ``late_on_bus`` (very likely acknowledged and lost)."""
+        gap = self._in_gap(topic, seq)
+        if gap is None:
+            return False
+        if (topic, *gap) in self._agreed:
+            self.stats.refused_on_bus += 1
             return False
         self.stats.late_on_bus += 1
         return True
+
+    async def agree(self, shard: int, spans: Sequence[Span], reserve: Reserve) -> set[Span]:
+        """Reserve ``spans`` of ``shard`` for skips in the shared store; returns the
+        reserved ones (skip them now, with no ``await`` in between). While the call is
+        pending, local admissions inside the spans are refused. If it fails the spans
+        are remembered as skipped here anyway (the script may have run: refusing a
+        local retry inside one loses nothing) and the error is raised."""
+        pending = self._pending
+        for topic, lo, hi in spans:
+            pending.setdefault(topic, []).append((lo, hi))
+        try:
+            got = await reserve(shard, spans)
+        except BaseException:
+            for topic, lo, hi in spans:
+                self.record_gap(topic, lo, hi)
+            raise
+        finally:
+            for topic, lo, hi in spans:
+                ranges = pending.get(topic)
+                if ranges is not None:
+                    ranges.remove((lo, hi))
+                    if not ranges:
+                        del pending[topic]
+        out = {span for span, ok in zip(spans, got, strict=True) if ok}
+        self.stats.reserved += len(out)
+        self.stats.held_elsewhere += len(spans) - len(out)
+        return out
+
+    async def confirm(self, by_shard: Mapping[int, Sequence[Frame]]
+                      ) -> dict[int, list[LateFrame | None]]:
+        """Record frames appended here for shards owned elsewhere as acknowledged, in
+        the shared store, before their ack: a :class:`LateFrame` for each one whose
+        seq the owner reserved or skipped. The store's error is raised (retriable:
+        nothing is acknowledged, the publisher retries with the same seq)."""
+        assert self.confirmer is not None
+        got = await self.confirmer(
+            {s: [(f.topic, f.seq) for f in fs] for s, fs in by_shard.items()})
+        out: dict[int, list[LateFrame | None]] = {}
+        for shard, frames in by_shard.items():
+            verdicts: list[LateFrame | None] = []
+            for frame, refused in zip(frames, got[shard], strict=True):
+                if not refused:
+                    self.stats.marked += 1
+                    verdicts.append(None)
+                    continue
+                self.stats.refused += 1
+                verdicts.append(LateFrame(
+                    f"seq {frame.seq} of {frame.customer}/{frame.channel} is late: the "
+                    "relayer that owns its shard gave up its gap; publish it under a new "
+                    "seq"))
+            out[shard] = verdicts
+        return out
 
     @property
     def inflight(self) -> int:

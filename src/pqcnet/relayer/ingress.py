@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
@@ -32,6 +32,7 @@ from pqcnet.relayer.egress import SubscriberHub, SubscriptionRefused
 from pqcnet.relayer.errors import (
     FieldTooLarge,
     FrameRejected,
+    LateFrame,
     NotAuthorized,
     QuotaExceeded,
     RelayerError,
@@ -309,11 +310,13 @@ class Ingress:
         # the valid items carry a frame (the loop in publish refused the others)
         frames = {s: cast(list[Frame], [items[i].frame for i in idxs])
                   for s, idxs in by_shard.items()}
+        tracked: set[int] = set()
         if self.fence is not None:
             verdicts = await self.fence.admit_many(
                 {s: [(f, items[i].retry) for f, i in zip(frames[s], idxs, strict=True)]
                  for s, idxs in by_shard.items()},
                 retries=any(item.retry for item in items))
+            tracked = {s for s in verdicts if self.fence.tracked_here(s)}  # no await since
             for shard, late in verdicts.items():
                 idxs = by_shard[shard]
                 if isinstance(late, RelayerError):  # marks unreadable: refuse, retriable
@@ -334,6 +337,7 @@ class Ingress:
                 return
         outcome = await self.publisher.publish_many(
             {s: [encode(f) for f in fs] for s, fs in frames.items()})
+        await self._confirm_elsewhere(items, outcome, by_shard, frames, tracked, results)
         top: dict[Topic, int] = {}
         for shard, idxs in by_shard.items():
             acc = outcome[shard]
@@ -354,6 +358,43 @@ class Ingress:
         highest = session.highest
         for topic, high in top.items():  # most recently used last (the bound's order)
             highest[topic] = max(highest.pop(topic, 0), high)
+
+    async def _confirm_elsewhere(self, items: Sequence[Incoming], outcome: Mapping[int, object],
+                                 by_shard: dict[int, list[int]], frames: dict[int, list[Frame]],
+                                 tracked: set[int], results: list[Result | None]) -> None:
+        """Frames appended for shards owned elsewhere (or whose ownership moved since
+        their admission) are recorded in the cluster's shared store before their ack
+        (decision 0020); refused ones get LateFrame, all of a shard get the store's
+        error (retriable) if it does not answer. ``by_shard``/``frames`` keep the rest."""
+        fence = self.fence
+        if fence is None or fence.confirmer is None:
+            return
+        elsewhere = {s: frames[s] for s in by_shard
+                     if not isinstance(outcome[s], RelayerError)
+                     and (s not in tracked or not fence.owned_here(s))}
+        if not elsewhere:
+            return
+        try:
+            verdicts: Mapping[int, list[LateFrame | None] | RelayerError] = (
+                await fence.confirm(elsewhere))
+        except RelayerError as exc:
+            verdicts = dict.fromkeys(elsewhere, exc)
+        for shard, late in verdicts.items():
+            idxs = by_shard[shard]
+            if isinstance(late, RelayerError):
+                for i in idxs:
+                    results[i] = Result(items[i].seq, False, code=late.code,
+                                        reason=str(late), retriable=late.retriable)
+                del by_shard[shard], frames[shard]
+                continue
+            for i, err in zip(idxs, late, strict=True):
+                if err is not None:
+                    results[i] = Result(items[i].seq, False, code=err.code, reason=str(err))
+            keep = [e is None for e in late]
+            by_shard[shard] = [i for i, k in zip(idxs, keep, strict=True) if k]
+            frames[shard] = [f for f, k in zip(frames[shard], keep, strict=True) if k]
+            if not by_shard[shard]:
+                del by_shard[shard], frames[shard]
 
     # ------------------------------------------------------------------ flow
     def apply_flow(self, change: FlowChange) -> None:

@@ -328,6 +328,8 @@ class RelayerNode:
             stack.push_async_callback(_quietly, rocks.close)
             store = rocks
         self.store = store
+        if isinstance(store, RedisSeqStore):  # shared by a cluster: skips agreed there
+            self.fence.confirmer = store.agreement.confirm
         self.overflow = OverflowQueue(self.data_dir / "overflow", cfg.shards,
                                       max_records=cfg.overflow_max_records, sync=cfg.sync)
         stack.push_async_callback(_quietly, self.overflow.close)
@@ -433,8 +435,10 @@ class RelayerNode:
         wcfg = WorkerConfig(group=cfg.group, batch=cfg.batch, max_reorder=cfg.max_reorder,
                             gap_timeout=cfg.gap_timeout, max_topics=cfg.max_topics,
                             park_max_records=cfg.park_max_records)
+        agreement = self.store.agreement if isinstance(self.store, RedisSeqStore) else None
         self.workers = [RelayerShardWorker(self.bus, s, self.store, self.hub, wcfg,
-                                           meter=self.meter, fence=self.fence)
+                                           meter=self.meter, fence=self.fence,
+                                           agreement=agreement)
                         for s in cfg.shards_owned]
         # frames acknowledged before a restart and still queued hold their gaps too
         restored = sum(self.fence.restore(w.shard, self._queued(w.shard)) for w in self.workers)
@@ -1054,12 +1058,16 @@ class _NodeCollector(Collector):
             "Gap fence (late frames): refused, skips held for an in-flight frame, "
             "admissions untracked (in-flight bound), retries checked against stored gaps, "
             "frames of a skipped gap that reached the worker anyway (dropped), overflow "
-            "frames registered in flight at start",
+            "frames registered in flight at start; in a cluster: frames marked acknowledged "
+            "for another relayer's shard, skips reserved or held by such a mark, refused "
+            "frames of an agreed skip dropped",
             labels=["event"])
         fs = n.fence.stats
         for k, v in (("refused", fs.refused), ("held", fs.held), ("untracked", fs.untracked),
                      ("gap_reads", fs.gap_reads), ("late_on_bus", fs.late_on_bus),
-                     ("restored", fs.restored)):
+                     ("restored", fs.restored), ("marked", fs.marked),
+                     ("reserved", fs.reserved), ("held_elsewhere", fs.held_elsewhere),
+                     ("refused_on_bus", fs.refused_on_bus)):
             fence.add_metric([k], v)
         yield fence
         yield GaugeMetricFamily("pqcnet_relayer_gap_fence_inflight_frames",

@@ -22,6 +22,7 @@ from typing import Protocol
 import redis.asyncio as aioredis
 import rocksdict
 
+from pqcnet.relayer.agreement import SEQ_DIGITS, GapAgreement
 from pqcnet.relayer.bus.embedded import open_rocks
 from pqcnet.relayer.errors import BusUnavailable
 from pqcnet.relayer.frame import Topic, topic_from_key, topic_key
@@ -36,13 +37,22 @@ _VOLVAL = struct.Struct(">QQ")  # bytes, frames (cumulative)
 #: back from the database when next updated. Without a bound every (epoch, customer,
 #: channel, qos) ever metered stayed in memory until its epoch was pruned.
 VOL_CACHE = 65_536
-# KEYS lease, marks hash, volb, volf, landed, gaps hash; ARGV value, token, shard,
-# n marks, (topic, next) * n, n gaps, (topic, ranges) * g, then (field, bytes, frames)
-# * k. Nothing is written unless the lease is ours.
-_FENCED_SAVE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+# KEYS lease (any key when unfenced), marks hash, volb, volf, landed, gaps hash, pending
+# hash, acked zset (decision 0020); ARGV lease value ('' = unfenced), token, shard,
+# n marks, (topic, next) * n, n gaps, (topic, ranges) * g, n done, topic * d (pending
+# ranges the marks now pass), then (field, bytes, frames) * k. Nothing is written unless
+# the lease is ours. The markers below each saved mark are deleted (they were read).
+_SAVE = """
+if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[5], ARGV[3], ARGV[2]) end
 local i = 4
+if redis.call('EXISTS', KEYS[8]) == 1 then
+  for j = i + 1, i + 2 * tonumber(ARGV[i]), 2 do
+    local s = ARGV[j + 1]
+    redis.call('ZREMRANGEBYLEX', KEYS[8], '[' .. ARGV[j],
+               '(' .. ARGV[j] .. string.rep('0', SEQ_DIGITS - #s) .. s)
+  end
+end
 for _, key in ipairs({KEYS[2], KEYS[6]}) do
   local n = tonumber(ARGV[i])
   i = i + 1
@@ -53,13 +63,16 @@ for _, key in ipairs({KEYS[2], KEYS[6]}) do
     n = n - m
   end
 end
+local d = tonumber(ARGV[i])
+if d > 0 then redis.call('HDEL', KEYS[7], unpack(ARGV, i + 1, i + d)) end
+i = i + 1 + d
 while i <= #ARGV do
   redis.call('HINCRBY', KEYS[3], ARGV[i], ARGV[i + 1])
   redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 2])
   i = i + 3
 end
 return 1
-"""
+""".replace("SEQ_DIGITS", str(SEQ_DIGITS))
 
 
 def _pack_ranges(ranges: SeqRanges) -> bytes:
@@ -76,8 +89,10 @@ def _unpack_ranges(raw: bytes | str) -> SeqRanges:
 
 
 def _merged(old: bytes | str | None, new: SeqRanges) -> bytes:
-    """Recorded ranges plus ``new``, the most recent :data:`MAX_RANGES_PER_TOPIC` kept."""
-    ranges = (_unpack_ranges(old) if old else []) + list(new)
+    """Recorded ranges plus ``new`` (one already there, reserved before the skip, is not
+    added twice), the most recent :data:`MAX_RANGES_PER_TOPIC` kept."""
+    ranges = _unpack_ranges(old) if old else []
+    ranges += [r for r in new if r not in ranges]
     return _pack_ranges(ranges[-MAX_RANGES_PER_TOPIC:])
 
 
@@ -245,12 +260,14 @@ class RedisSeqStore:
     """Marks in one Redis hash per shard: ``{prefix}:seq:{shard}`` topic_key -> next_seq.
 
     Volume goes to two hashes per node (``{prefix}:volb:{node}`` bytes and
-    ``{prefix}:volf:{node}`` frames, ``HINCRBY``), written in the same MULTI as the
-    marks: marks are shared by whoever owns a shard, volume is each relayer's own.
+    ``{prefix}:volf:{node}`` frames, ``HINCRBY``), written by the same Lua script as the
+    marks: marks are shared by whoever owns a shard, volume is each relayer's own. The
+    script also ends the gap agreement's pending ranges and markers the marks pass
+    (:mod:`pqcnet.relayer.agreement`).
 
-    With a ``fence`` (a Redis cluster's shard leases) the write is one Lua script that
-    first checks the shard's lease still holds our value: a relayer that lost the
-    lease gets :class:`BusUnavailable` and neither moves the marks nor meters.
+    With a ``fence`` (a Redis cluster's shard leases) the script first checks the
+    shard's lease still holds our value: a relayer that lost the lease gets
+    :class:`BusUnavailable` and neither moves the marks nor meters.
     """
 
     def __init__(self, client: aioredis.Redis, prefix: str, node_id: str = "relayer", *,
@@ -259,7 +276,9 @@ class RedisSeqStore:
         self._prefix = prefix
         self._node = node_id
         self._fence = fence
-        self._fenced_save = client.register_script(_FENCED_SAVE) if fence else None
+        self._save = client.register_script(_SAVE)
+        #: the cluster's per-frame agreement on gap skips (decision 0020), same keys
+        self.agreement = GapAgreement(client, prefix, fence=fence)
 
     @property
     def client(self) -> aioredis.Redis:
@@ -331,44 +350,29 @@ class RedisSeqStore:
         if not marks and not volume and not gaps:
             return
         gap_fields = await self._gap_fields(shard, gaps)
+        lease: tuple[str, str] | None = None
         if self._fence is not None:
-            return await self._save_fenced(shard, self._fence(shard), marks, volume, token,
-                                           gap_fields)
-        pipe = self._r.pipeline(transaction=True)
-        if token:
-            pipe.hset(self._token_key(), str(shard), token.hex())
-        if marks:
-            mapping = {topic_key(t): n for t, n in marks.items()}
-            pipe.hset(self.key(shard), mapping=mapping)  # type: ignore[arg-type]
-        if gap_fields:
-            pipe.hset(self.gaps_key(shard), mapping=gap_fields)  # type: ignore[arg-type]
-        for (epoch, customer, channel, qos), (nbytes, nframes) in (volume or {}).items():
-            field = _volkey(epoch, customer, channel, qos)
-            pipe.hincrby(f"{self._prefix}:volb:{self._node}", field, nbytes)
-            pipe.hincrby(f"{self._prefix}:volf:{self._node}", field, nframes)
-        try:
-            await pipe.execute()
-        except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
-            raise BusUnavailable(f"redis unavailable saving marks: {exc}") from None
-
-    async def _save_fenced(self, shard: int, lease: tuple[str, str] | None,
-                           marks: Mapping[Topic, int], volume: VolumeDelta | None,
-                           token: bytes, gap_fields: Mapping[bytes, bytes]) -> None:
-        if lease is None:
-            raise BusUnavailable(f"shard {shard} is not leased here: marks not saved")
-        assert self._fenced_save is not None
-        args: list[bytes | str | int] = [lease[1], token.hex(), str(shard), len(marks)]
+            lease = self._fence(shard)
+            if lease is None:
+                raise BusUnavailable(f"shard {shard} is not leased here: marks not saved")
+        args: list[bytes | str | int] = [lease[1] if lease else "", token.hex(), str(shard),
+                                         len(marks)]
         for t, n in marks.items():
             args += [topic_key(t), n]
         args.append(len(gap_fields))
         for field, value in gap_fields.items():
             args += [field, value]
+        done = [topic_key(t) for t in gaps or () if t in marks]
+        args.append(len(done))
+        args += done
         for (epoch, customer, channel, qos), (nbytes, nframes) in (volume or {}).items():
             args += [_volkey(epoch, customer, channel, qos), nbytes, nframes]
-        keys = [lease[0], self.key(shard), f"{self._prefix}:volb:{self._node}",
-                f"{self._prefix}:volf:{self._node}", self._token_key(), self.gaps_key(shard)]
+        keys = [lease[0] if lease else self.key(shard), self.key(shard),
+                f"{self._prefix}:volb:{self._node}", f"{self._prefix}:volf:{self._node}",
+                self._token_key(), self.gaps_key(shard), self.agreement.pending_key(shard),
+                self.agreement.acked_key(shard)]
         try:
-            ok = await self._fenced_save(keys=keys, args=args)
+            ok = await self._save(keys=keys, args=args)
         except (aioredis.ConnectionError, aioredis.TimeoutError) as exc:
             raise BusUnavailable(f"redis unavailable saving marks: {exc}") from None
         if not int(ok):

@@ -77,6 +77,9 @@ class Gap:
     topic: Topic
     expected: int
     resumed_at: int
+    #: the cluster agreed on this skip before it was made (decision 0020): no frame of
+    #: it was acknowledged anywhere, so one reaching the worker later was refused
+    agreed: bool = False
 
 
 Event = Deliver | Duplicate | Gap
@@ -113,6 +116,8 @@ class Sequencer:
         self._waiting_since: dict[Topic, float] = {}
         self._held: set[Offset] = set()
         self._dirty: dict[Topic, int] = {}
+        #: ranges skipped by agreement before this sequencer began (:meth:`preskip`)
+        self._skips: dict[Topic, tuple[int, int]] = {}
         self.max_reorder = max_reorder
         self.gap_timeout = gap_timeout
         self.max_topics = max_topics
@@ -183,6 +188,23 @@ class Sequencer:
             return None
         return min(self._waiting_since.values()) + self.gap_timeout
 
+    def due(self, now: float) -> list[tuple[Topic, int, int]]:
+        """The skips :meth:`poll` at ``now`` would make with nothing held, as
+        ``(topic, lo, hi)``: seqs ``lo .. hi-1`` given up (to agree on them first)."""
+        out: list[tuple[Topic, int, int]] = []
+        for topic, since in self._waiting_since.items():
+            buf = self._buf.get(topic)
+            if buf and now - since >= self.gap_timeout:
+                out.append((topic, self._next.get(topic, 1), min(buf)))
+        return out
+
+    def preskip(self, spans: Mapping[Topic, tuple[int, int]]) -> None:
+        """Seqs ``lo .. hi-1`` of each topic were given up by agreement before this
+        sequencer began (a relayer reserved the skip and stopped before its marks moved
+        past it): a frame of such a range is a refused frame, suppressed, and the topic
+        jumps to ``hi`` when it reaches the range."""
+        self._skips.update(spans)
+
     def take_dirty(self) -> dict[Topic, int]:
         """``next_seq`` values changed since the last call (to persist)."""
         dirty, self._dirty = self._dirty, {}
@@ -196,6 +218,13 @@ class Sequencer:
         (an uncached topic counts as new, next seq 1).
         """
         topic = frame.topic
+        if self._skips and topic in self._skips:
+            lo, hi = self._skips[topic]
+            pre = self._enter_skip(topic)
+            if topic in self._skips and lo <= frame.seq < hi:
+                return [*pre, Duplicate(frame, delivery)]
+            if pre:
+                return pre + self.offer(frame, delivery, now)
         expected = self._next.get(topic, 1)
         if topic in self._next:
             self._next.move_to_end(topic)
@@ -226,10 +255,12 @@ class Sequencer:
         is decided inline, without the per-frame event objects :meth:`offer` builds."""
         other: list[Event] = []
         marks, bufs, dirty, waiting = self._next, self._buf, self._dirty, self._waiting_since
+        skips = self._skips
         for frame, delivery in records:
             topic = frame.topic
             expected = marks.get(topic)
-            if expected is not None and frame.seq == expected and topic not in bufs:
+            if expected is not None and frame.seq == expected and topic not in bufs \
+                    and topic not in skips:
                 marks[topic] = dirty[topic] = expected + 1
                 marks.move_to_end(topic)
                 if waiting:
@@ -261,13 +292,37 @@ class Sequencer:
         return out
 
     # ------------------------------------------------------------------ internals
+    def _enter_skip(self, topic: Topic) -> list[Event]:
+        """Apply ``topic``'s agreed skip if its next seq is in it (forgotten once passed)."""
+        lo, hi = self._skips[topic]
+        nxt = self._next.get(topic, 1)
+        if nxt >= hi:
+            del self._skips[topic]
+        elif nxt >= lo:
+            out: list[Event] = []
+            self._advance(topic, nxt, out)
+            return out
+        return []
+
     def _advance(self, topic: Topic, nxt: int, out: list[Event]) -> None:
         buf = self._buf.get(topic)
-        while buf and nxt in buf:
-            frame, delivery = buf.pop(nxt)
-            self._held.discard(delivery.offset)
-            out.append(_deliver(frame, delivery))
-            nxt += 1
+        while True:
+            while buf and nxt in buf:
+                frame, delivery = buf.pop(nxt)
+                self._held.discard(delivery.offset)
+                out.append(_deliver(frame, delivery))
+                nxt += 1
+            skip = self._skips.get(topic) if self._skips else None
+            if skip is None or not skip[0] <= nxt < skip[1]:
+                break
+            del self._skips[topic]  # an agreed skip reached: its frames were refused
+            out.append(Gap(topic, nxt, skip[1], agreed=True))
+            for s in [s for s in buf or () if s < skip[1]]:
+                assert buf is not None
+                frame, delivery = buf.pop(s)
+                self._held.discard(delivery.offset)
+                out.append(Duplicate(frame, delivery))
+            nxt = skip[1]
         self._next[topic] = nxt
         self._next.move_to_end(topic)
         self._dirty[topic] = nxt

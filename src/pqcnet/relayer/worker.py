@@ -37,11 +37,12 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from pqcnet.errors import PqcnetError
+from pqcnet.relayer.agreement import GapAgreement
 from pqcnet.relayer.bus.base import Bus, Delivery
 from pqcnet.relayer.errors import BusUnavailable, FrameRejected
 from pqcnet.relayer.frame import Frame, Topic, decode
@@ -145,6 +146,7 @@ class RelayerShardWorker:
         on_gap: Callable[[Gap], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         fence: GapFence | None = None,
+        agreement: GapAgreement | None = None,
     ) -> None:
         self.bus, self.shard, self.store, self.sink = bus, shard, store, sink
         self.config = config or WorkerConfig()
@@ -154,6 +156,8 @@ class RelayerShardWorker:
         self._on_gap = on_gap
         self._clock = clock
         self.fence = fence
+        #: the cluster's shared store, where skips are reserved first (decision 0020)
+        self.agreement = agreement
         if fence is not None:
             fence.attach_worker(shard, self.cached_mark)
         self._seq: Sequencer | None = None
@@ -181,10 +185,15 @@ class RelayerShardWorker:
         return None if self._seq is None else self._seq.peek(topic)
 
     async def _reset(self) -> None:
-        # no marks loaded here: they come from the store lazily, per topic, on a miss
+        # no marks loaded here: they come from the store lazily, per topic, on a miss;
+        # skips reserved but not saved past (a relayer stopped between) are loaded first
+        self._seq = None
+        pending = (await self.agreement.load_pending(self.shard)
+                   if self.agreement is not None else {})
         self._seq = Sequencer(max_reorder=self.config.max_reorder,
                               gap_timeout=self.config.gap_timeout,
                               max_topics=self.config.max_topics)
+        self._seq.preskip(pending)
         self._inflight.clear()
         self._parked.clear()
         self.behind_park = 0
@@ -269,8 +278,17 @@ class RelayerShardWorker:
         gaps: dict[Topic, SeqRanges] = {}
         self._collect(seq.offer_batch([(f, d) for d, f in decoded if f is not None], now, out),
                       out, gaps)
-        polled = seq.poll(now, fence.holds if fence is not None else None)
-        self._collect(polled, out, gaps)
+        agreed: set[tuple[Topic, int, int]] = set()
+        hold = fence.holds if fence is not None else None
+        if fence is not None and self.agreement is not None:
+            deadline = seq.next_deadline()
+            due = ([s for s in seq.due(now) if not fence.holds(*s)]
+                   if deadline is not None and deadline <= now else [])
+            if due:  # skipped only once the cluster agreed (no await before the poll)
+                agreed = await fence.agree(self.shard, due, self.agreement.reserve)
+            hold = lambda topic, lo, hi: (topic, lo, hi) not in agreed  # noqa: E731
+        polled = seq.poll(now, hold)
+        self._collect(polled, out, gaps, agreed)
         pin: set[object] = set()
         park = bool(self.config.park_max_records) and not self._hold
         passed: list[Frame] = []
@@ -363,7 +381,8 @@ class RelayerShardWorker:
             pin.add(offset)
 
     def _collect(self, events: Sequence[Deliver | Duplicate | Gap], out: list[Frame],
-                 gaps: dict[Topic, SeqRanges]) -> None:
+                 gaps: dict[Topic, SeqRanges],
+                 agreed: Container[tuple[Topic, int, int]] = ()) -> None:
         for ev in events:
             if isinstance(ev, Deliver):
                 out.append(ev.frame)
@@ -382,7 +401,8 @@ class RelayerShardWorker:
                     "expected": ev.expected, "resumed_at": ev.resumed_at})
                 gaps.setdefault(ev.topic, []).append((ev.expected, ev.resumed_at))
                 if self.fence is not None:
-                    self.fence.record_gap(ev.topic, ev.expected, ev.resumed_at)
+                    self.fence.record_gap(ev.topic, ev.expected, ev.resumed_at, agreed=(
+                        ev.agreed or (ev.topic, ev.expected, ev.resumed_at) in agreed))
                 if self._on_gap is not None:
                     self._on_gap(ev)
 
