@@ -24,6 +24,7 @@ from pqcnet.relayer.proofstore import ProofStore
 from pqcnet.relayer.seqstore import RedisSeqStore
 from tests.ports import free_port
 from tests.relayer.e2e import identities
+from tests.relayer.helpers import redis_cli
 from tests.relayer.proc import RelayerProcess, write_config
 
 #: (node, epoch, topic) -> (frames, bytes)
@@ -229,6 +230,19 @@ class ClusterRun:
         for p in self.procs:
             if p.proc is not None:
                 await p.stop()
+
+    def agreement_left(self, shards: int) -> dict[int, tuple[int, int]]:
+        """Shards with gap-agreement markers or pending ranges still in Redis, counted
+        with redis-cli (decision 0020): every marker is of a frame its shard's owner has
+        yet to read and save a mark past, so none is left once the stream was delivered."""
+        out: dict[int, tuple[int, int]] = {}
+        for s in range(shards):
+            counts = tuple(int(redis_cli(self.redis_url, cmd, f"{self.redis_prefix}:{key}:{s}")
+                               .split()[-1]) for cmd, key in (("ZCARD", "acked"),
+                                                              ("HLEN", "pending")))
+            if any(counts):
+                out[s] = (counts[0], counts[1])
+        return out
 
     def proved(self, volume: Volume) -> bool:
         """Every metered frame is in some relayer's proofs."""

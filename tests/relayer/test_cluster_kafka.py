@@ -64,6 +64,9 @@ async def test_three_relayers_kill_one_add_one(tmp_path: Path, kafka_bootstrap: 
         assert kill_at is not None, "r1 delivered nothing while the stream was published"
         async with asyncio.timeout(150):
             await consumer
+        # frames accepted for another relayer's partition were confirmed in Redis before
+        # their ack (decision 0020), and their owners' saves removed every marker
+        await eventually(lambda: not run.agreement_left(SHARDS), 30, 0.5)
         # the killed relayer comes back (same node_id and data dir) to prove the epochs
         # it metered before it died (its volume is in Redis)
         await procs[1].start()

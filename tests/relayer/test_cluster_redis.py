@@ -97,6 +97,11 @@ async def test_three_relayers_add_one_kill_one(tmp_path: Path, redis_url: str) -
                 fence = await asyncio.to_thread(_fence_counters, port)
             assert fence["late_on_bus"] == 0 and fence["untracked"] == 0, fence
             assert fence["inflight"] == 0, fence
+        # r0 accepted frames for other relayers' shards throughout: each was confirmed in
+        # Redis before its ack (decision 0020), and the owners' saves removed every marker
+        assert (await asyncio.to_thread(_fence_counters, procs[0].ready["metrics_port"])
+                )["marked"] > 0
+        await eventually(lambda: not run.agreement_left(SHARDS), 30, 0.5)
         # independent counts with redis-cli, while the cluster still runs: every shard
         # read and acked by the group. Checked before the stop, not after it: a stop
         # that finds a worker mid-step cancels it after STOP_GRACE and leaves that

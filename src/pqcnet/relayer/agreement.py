@@ -56,6 +56,7 @@ for s = 0, tonumber(ARGV[1]) - 1 do
   local n = tonumber(ARGV[a])
   a = a + 1
   local seen = {}
+  local add = {}
   for _ = 1, n do
     local tk, seq, member = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2]
     a = a + 3
@@ -78,9 +79,13 @@ for s = 0, tonumber(ARGV[1]) - 1 do
       end
     end
     if refused == 0 and seq >= t.mark then
-      redis.call('ZADD', acked, 0, member)
+      add[#add + 1] = 0
+      add[#add + 1] = member
     end
     out[#out + 1] = refused
+  end
+  for i = 1, #add, 4000 do
+    redis.call('ZADD', acked, unpack(add, i, math.min(i + 3999, #add)))
   end
 end
 return out
@@ -158,12 +163,15 @@ class GapAgreement:
         not be acknowledged then (their publisher retries with the same seq)."""
         keys: list[str] = []
         args: list[bytes | int] = [len(by_shard)]
+        tks: dict[Topic, bytes] = {}
         for shard, frames in by_shard.items():
             keys += [f"{self._prefix}:gaps:{shard}", f"{self._prefix}:seq:{shard}",
                      self.acked_key(shard)]
             args.append(len(frames))
             for topic, seq in frames:
-                tk = topic_key(topic)
+                tk = tks.get(topic)
+                if tk is None:
+                    tk = tks[topic] = topic_key(topic)
                 args += [tk, seq, marker(tk, seq)]
         try:
             got = await self._confirm(keys=keys, args=args)
