@@ -1,4 +1,4 @@
-"""The cross-relayer gap race, end to end with two relayer processes on Redis
+"""The cross-relayer gap race, end to end with two relayer processes (Redis, Kafka)
 (decision 0020). r0 owns the topic's shard; seq 2 and 3 reach it, seq 1 is missing.
 r0 is SIGSTOPped; the publisher fails over to r1, which acknowledges a backlog for the
 same shard and then seq 1. r0 resumes with its ``gap_timeout`` long gone and seq 1
@@ -28,14 +28,20 @@ BACKLOG = 12_000  # records ahead of seq 1: far more than one worker step reads
 FENCE = "pqcnet_relayer_gap_fence_events_total{{event=\"{}\"}}"
 
 
+@pytest.mark.parametrize("backend", ["redis", "kafka"])
 async def test_an_owner_stopped_mid_gap_waits_for_the_frame_acknowledged_elsewhere(
-        tmp_path: Path, redis_url: str) -> None:
-    prefix = f"agree:{uuid.uuid4().hex[:8]}"
+        tmp_path: Path, redis_url: str, backend: str, request: pytest.FixtureRequest) -> None:
+    """On Redis streams, and on Kafka with the marks in Redis (``redis_url``)."""
+    tag = uuid.uuid4().hex[:8]
+    prefix = f"agree:{tag}"
     shard = shard_for("acme", "late", SHARDS)
     fillers = [ch for ch in (f"fill{i}" for i in range(64))
                if shard_for("acme", ch, SHARDS) == shard][:4]
-    common = {"backend": "redis", "redis_url": redis_url, "redis_prefix": prefix,
+    common = {"backend": backend, "redis_url": redis_url, "redis_prefix": prefix,
               "shards": SHARDS, "gap_timeout": 1.0, "metrics_port": 0}
+    if backend == "kafka":  # static partitions (owned_shards): no group rebalancing
+        common |= {"kafka_bootstrap": request.getfixturevalue("kafka_bootstrap"),
+                   "kafka_topic": f"pqcnet-agree-{tag}", "group": f"agree-{tag}"}
     procs = []
     for i, owned in enumerate((shard, 1 - shard)):
         (tmp_path / f"r{i}").mkdir()
