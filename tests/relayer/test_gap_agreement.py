@@ -223,3 +223,63 @@ def test_sequencer_honours_a_preskipped_range() -> None:
     assert offer(5) == ["Duplicate:5"]
     assert offer(6) == ["Deliver:6", "Deliver:7"] and seq.next_seq(T) == 8
     assert not Gap(T, 1, 2).agreed  # a skip made alone
+
+
+def test_a_full_reorder_buffer_makes_the_gap_due_when_skips_are_agreed() -> None:
+    """Without the agreement a full buffer skips the oldest gap at once (a skip nobody
+    agreed on); with it the gap becomes due for the next poll, and only past twice the
+    bound is the skip forced."""
+    def run(defer: bool) -> tuple[list[str], Sequencer]:
+        seq = Sequencer(max_reorder=2, gap_timeout=30.0, defer_forced=defer)
+        seq.prime({T: 1}, [T])
+        names: list[str] = []
+        for n in (3, 4, 5):  # 1 and 2 missing; the third frame finds the buffer full
+            delivered: list[Frame] = []
+            events = seq.offer_batch([(_f(n), Delivery(0, n, b""))], 0.0, delivered)
+            names += [type(e).__name__ for e in events] + [f"Deliver:{f.seq}" for f in delivered]
+        return names, seq
+
+    names, seq = run(False)
+    assert names == ["Gap", "Deliver:3", "Deliver:4", "Deliver:5"]
+    names, seq = run(True)
+    assert names == [] and seq.buffered == 3
+    assert seq.due(0.0) == [(T, 1, 3)]  # due at once, though gap_timeout is 30 s
+    assert [type(e).__name__ for e in seq.poll(0.0, hold=lambda t, lo, hi: False)] == [
+        "Gap", "Deliver", "Deliver", "Deliver"]
+    seq = Sequencer(max_reorder=2, gap_timeout=30.0, defer_forced=True)
+    seq.prime({T: 1}, [T])
+    held = [seq.offer_batch([(_f(n), Delivery(0, n, b""))], 0.0, []) for n in (3, 4, 5, 6)]
+    assert held == [[], [], [], []] and seq.buffered == 4  # twice the bound
+    assert [type(e).__name__ for e in seq.offer(_f(7), Delivery(0, 7, b""), 0.0)] == [
+        "Gap", "Deliver", "Deliver", "Deliver", "Deliver", "Deliver"]
+
+
+async def test_a_full_buffer_skip_is_agreed_so_a_late_copy_is_refused_not_lost(
+        shared: tuple[RedisStreamsBus, RedisSeqStore]) -> None:
+    """A shard whose reorder buffer fills: the skip is reserved first, so B's confirm
+    of the missing seq afterwards is refused and the owner's drop of B's copy is
+    ``refused_on_bus`` — before, the forced skip was never agreed and the same copy,
+    acknowledged by B, was lost (``late_on_bus``)."""
+    bus, store = shared
+    b = _other_relayer(store)
+    assert await b.admit(0, [(_f(1), False)]) == [None]  # B checked before the skip
+    sink = CollectSink()
+    fence = GapFence(store.load_topics, store.load_gaps)
+    w = RelayerShardWorker(bus, 0, store, sink,
+                           WorkerConfig(poll_timeout=0.05, gap_timeout=30.0, max_reorder=4),
+                           fence=fence, agreement=store.agreement)
+    task = asyncio.create_task(w.run())
+    try:
+        await bus.publish(0, [encode(_f(s)) for s in range(2, 8)])  # 6 > max_reorder
+        await sink.wait_for(6, 10)  # long before gap_timeout
+        assert fence.stats.reserved == 1 and w.stats.gaps == 1
+        await bus.publish(0, [encode(_f(1))])  # B's append, then its confirm
+        got = await b.confirm({0: [_f(1)]})
+        assert isinstance(got[0][0], LateFrame)
+        await bus.publish(0, [encode(_f(8))])
+        await sink.wait_for(7, 10)
+        assert sink.by_topic[T] == [2, 3, 4, 5, 6, 7, 8]
+        assert fence.stats.refused_on_bus == 1 and fence.stats.late_on_bus == 0
+    finally:
+        w.stop()
+        await asyncio.wait_for(task, 10)

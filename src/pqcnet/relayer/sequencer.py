@@ -20,7 +20,9 @@ It never reads a clock or does I/O: the worker feeds ``offer(frame, delivery, no
 and ``poll(now)`` and acts on the returned events. A gap older than
 ``gap_timeout`` is reported and skipped (delivery resumes at the lowest buffered
 seq); a late arrival of a skipped seq is then a duplicate. When the reorder buffer
-is full, the topic waiting longest is skipped early, so memory stays bounded.
+is full, the topic waiting longest is skipped early, so memory stays bounded — in a
+cluster that agrees on skips (``defer_forced``) it is made due instead, so the next
+:meth:`poll` skips it once agreed, and only past twice the bound is a skip forced.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ class Sequencer:
         max_reorder: int = MAX_REORDER,
         gap_timeout: float = GAP_TIMEOUT,
         max_topics: int = MAX_TOPICS,
+        defer_forced: bool = False,
     ) -> None:
         if max_reorder < 1:
             raise ValueError("max_reorder must be >= 1")
@@ -121,6 +124,10 @@ class Sequencer:
         self.max_reorder = max_reorder
         self.gap_timeout = gap_timeout
         self.max_topics = max_topics
+        #: a full reorder buffer makes the oldest gap due instead of skipping it at once,
+        #: so the skip can be agreed first (decision 0020); the buffer may then hold up
+        #: to twice ``max_reorder`` before a skip is forced
+        self.defer_forced = defer_forced
         #: topics dropped from the cache so far (exported as a stat)
         self.evictions = 0
 
@@ -238,9 +245,14 @@ class Sequencer:
         out = []
         if len(self._held) >= self.max_reorder:
             oldest = min(self._waiting_since, key=self._waiting_since.__getitem__)
-            out.extend(self._skip(oldest, now))
-            if topic == oldest:  # the skip moved next_seq: re-evaluate this frame
-                return out + self.offer(frame, delivery, now)
+            if self.defer_forced and len(self._held) < 2 * self.max_reorder:
+                # due now: the next poll skips it once the cluster agreed
+                self._waiting_since[oldest] = min(self._waiting_since[oldest],
+                                                  now - self.gap_timeout)
+            else:
+                out.extend(self._skip(oldest, now))
+                if topic == oldest:  # the skip moved next_seq: re-evaluate this frame
+                    return out + self.offer(frame, delivery, now)
         self._buf.setdefault(topic, {})[frame.seq] = (frame, delivery)
         self._held.add(delivery.offset)
         self._waiting_since.setdefault(topic, now)

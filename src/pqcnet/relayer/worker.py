@@ -192,7 +192,8 @@ class RelayerShardWorker:
                    if self.agreement is not None else {})
         self._seq = Sequencer(max_reorder=self.config.max_reorder,
                               gap_timeout=self.config.gap_timeout,
-                              max_topics=self.config.max_topics)
+                              max_topics=self.config.max_topics,
+                              defer_forced=self.agreement is not None)
         self._seq.preskip(pending)
         self._inflight.clear()
         self._parked.clear()
