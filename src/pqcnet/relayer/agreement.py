@@ -47,7 +47,10 @@ from pqcnet.relayer.gapfence import MAX_RANGES_PER_TOPIC
 SEQ_DIGITS = 20
 
 # KEYS per shard: gaps hash, marks hash, acked zset. ARGV: number of shards, then per
-# shard: n, then (topic_key, seq, member) * n. Returns one 1 (refused) or 0 per frame.
+# shard: n topics, then (topic_key, "seq,seq,...") * n. Returns one string per shard:
+# a '1' (refused) or '0' per frame, in the order of the ARGV. The markers' members are
+# built here (topic_key ‖ the seq zero-padded to SEQ_DIGITS) so the client sends each
+# topic key once per request.
 _CONFIRM = """
 local out = {}
 local a = 2
@@ -55,41 +58,42 @@ for s = 0, tonumber(ARGV[1]) - 1 do
   local gaps, marks, acked = KEYS[3 * s + 1], KEYS[3 * s + 2], KEYS[3 * s + 3]
   local n = tonumber(ARGV[a])
   a = a + 1
-  local seen = {}
+  local flags = {}
   local add = {}
   for _ = 1, n do
-    local tk, seq, member = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2]
-    a = a + 3
-    local t = seen[tk]
-    if t == nil then
-      t = {mark = tonumber(redis.call('HGET', marks, tk) or '0'), ranges = {}}
-      local raw = redis.call('HGET', gaps, tk)
-      if raw then
-        for lo, hi in string.gmatch(raw, '(%d+)-(%d+)') do
-          t.ranges[#t.ranges + 1] = {tonumber(lo), tonumber(hi)}
+    local tk, seqs = ARGV[a], ARGV[a + 1]
+    a = a + 2
+    local mark = tonumber(redis.call('HGET', marks, tk) or '0')
+    local ranges = {}
+    local raw = redis.call('HGET', gaps, tk)
+    if raw then
+      for lo, hi in string.gmatch(raw, '(%d+)-(%d+)') do
+        ranges[#ranges + 1] = {tonumber(lo), tonumber(hi)}
+      end
+    end
+    for digits in string.gmatch(seqs, '%d+') do
+      local seq = tonumber(digits)
+      local refused = '0'
+      for _, r in ipairs(ranges) do
+        if seq >= r[1] and seq < r[2] then
+          refused = '1'
+          break
         end
       end
-      seen[tk] = t
-    end
-    local refused = 0
-    for _, r in ipairs(t.ranges) do
-      if seq >= r[1] and seq < r[2] then
-        refused = 1
-        break
+      if refused == '0' and seq >= mark then
+        add[#add + 1] = 0
+        add[#add + 1] = tk .. string.rep('0', SEQ_DIGITS - #digits) .. digits
       end
+      flags[#flags + 1] = refused
     end
-    if refused == 0 and seq >= t.mark then
-      add[#add + 1] = 0
-      add[#add + 1] = member
-    end
-    out[#out + 1] = refused
   end
   for i = 1, #add, 4000 do
     redis.call('ZADD', acked, unpack(add, i, math.min(i + 3999, #add)))
   end
+  out[#out + 1] = table.concat(flags)
 end
 return out
-"""
+""".replace("SEQ_DIGITS", str(SEQ_DIGITS))
 
 # KEYS lease, gaps hash, acked zset, pending hash. ARGV lease value ('' = no lease),
 # ranges kept per topic, then (topic_key, lo, hi, lo member, hi member) * n. Returns
@@ -163,22 +167,29 @@ class GapAgreement:
         not be acknowledged then (their publisher retries with the same seq)."""
         keys: list[str] = []
         args: list[bytes | int] = [len(by_shard)]
-        tks: dict[Topic, bytes] = {}
+        order: list[list[int]] = []  # per shard: frame indexes in the script's order
         for shard, frames in by_shard.items():
             keys += [f"{self._prefix}:gaps:{shard}", f"{self._prefix}:seq:{shard}",
                      self.acked_key(shard)]
-            args.append(len(frames))
-            for topic, seq in frames:
-                tk = tks.get(topic)
-                if tk is None:
-                    tk = tks[topic] = topic_key(topic)
-                args += [tk, seq, marker(tk, seq)]
+            per_topic: dict[Topic, list[int]] = {}
+            for i, (topic, _) in enumerate(frames):
+                per_topic.setdefault(topic, []).append(i)
+            args.append(len(per_topic))
+            for topic, idxs in per_topic.items():
+                args += [topic_key(topic), ",".join(str(frames[i][1]) for i in idxs).encode()]
+            order.append([i for idxs in per_topic.values() for i in idxs])
         try:
             got = await self._confirm(keys=keys, args=args)
         except aioredis.RedisError as exc:
             raise BusUnavailable(f"redis unavailable confirming frames: {exc}") from None
-        flags = iter(int(x) == 1 for x in got)
-        return {shard: [next(flags) for _ in frames] for shard, frames in by_shard.items()}
+        out: dict[int, list[bool]] = {}
+        for (shard, frames), idxs, flags in zip(by_shard.items(), order, got, strict=True):
+            refused = [False] * len(frames)
+            for i, flag in zip(idxs, flags if isinstance(flags, bytes) else flags.encode(),
+                               strict=True):
+                refused[i] = flag == 0x31  # b"1"
+            out[shard] = refused
+        return out
 
     async def reserve(self, shard: int, spans: Sequence[Span]) -> list[bool]:
         """Reserve each span for a skip: True if reserved (skip it now), False if a
