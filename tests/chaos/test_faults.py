@@ -1,7 +1,9 @@
 """Issue 11: zero lost-acknowledged, duplicated, out-of-order, phantom and mis-billed
 frames across a fault schedule with a single relayer SIGKILLed and restarted, per
 backend (small scale, fixed seed). Real processes: relayer, publishers, subscriber,
-and for Redis a private redis-server the schedule kills and restarts."""
+and for Redis a private redis-server the schedule kills and restarts. Issue 15: the
+same with a cluster of three relayers, one of them killed and another paused, so
+shards move between relayers while publishers fail over."""
 
 from __future__ import annotations
 
@@ -42,3 +44,22 @@ async def test_redis_with_broker_restart(tmp_path: Path) -> None:
 async def test_kafka(tmp_path: Path, kafka_bootstrap: str) -> None:
     await _run(tmp_path, "kafka", ("kill-relayer", "kill-subscriber", "kill-publisher"),
                kafka_bootstrap=kafka_bootstrap)
+
+
+@pytest.mark.services
+async def test_redis_cluster_takeover(tmp_path: Path) -> None:
+    """Three relayers on one Redis (shard leases of 1 s): a relayer killed (its shards
+    move once its lease ran out), one paused (past its lease it loses its shards and is
+    fenced off when it resumes), another killed, the subscriber killed."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server not installed (scripts/services install redis)")
+    await _run(tmp_path, "redis", ("kill-relayer", "pause-relayer", "kill-relayer",
+                                   "kill-subscriber"), relayers=3, lease=1.0)
+
+
+@pytest.mark.services
+async def test_kafka_cluster_takeover(tmp_path: Path, kafka_bootstrap: str) -> None:
+    """Two relayers in one Kafka group, their marks and volume in the run's private
+    Redis: a relayer killed (the group hands its partitions over), one paused."""
+    await _run(tmp_path, "kafka", ("kill-relayer", "pause-relayer", "kill-subscriber"),
+               kafka_bootstrap=kafka_bootstrap, relayers=2)

@@ -65,10 +65,11 @@ async def test_subscriber_goaway_mid_stream_every_acked_frame_taken(tmp_path: Pa
     pub_hist, journal = tmp_path / "pub.jsonl", tmp_path / "sub.jsonl"
     topics = [("acme", "a"), ("acme", "b")]
     count = 400
-    sub = asyncio.create_task(run_subscriber("127.0.0.1", node.port, identities()[2],
-                                             journal, "acme", until=len(topics) * count))
-    pub = asyncio.create_task(run_publisher("127.0.0.1", node.port, identities()[1],
-                                            pub_hist, topics, count, batch=2, pace=0.0))
+    target = [("127.0.0.1", node.port)]
+    sub = asyncio.create_task(run_subscriber(target, identities()[2], journal, "acme",
+                                             until=len(topics) * count))
+    pub = asyncio.create_task(run_publisher(target, identities()[1], pub_hist, topics, count,
+                                            batch=2, pace=0.0))
     server = node.server
     assert server is not None
     goaways = 0

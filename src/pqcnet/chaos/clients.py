@@ -3,8 +3,11 @@ survive being SIGKILLed (each run resumes from its own files).
 
 The publisher sends ``count`` frames per topic in requests of ``batch`` frames per
 topic; after a restart it reads its history, resumes after the highest acked seq and
-marks the first request a retry (those frames may already be on the bus). The
-subscriber is the SDK's :class:`~pqcnet.relayer.client.ResumingSubscriber` with a
+marks the first request a retry (those frames may already be on the bus). Given
+several relayers (a cluster) it fails over to the next one whenever a request fails,
+with the same seqs. The subscriber is the SDK's
+:class:`~pqcnet.relayer.client.ResumingSubscriber` — one per relayer of a cluster,
+merged by :class:`~pqcnet.relayer.client.ClusterSubscriber` — with a
 :class:`~pqcnet.relayer.cursor.JournalCursor` as both history and cursor.
 """
 
@@ -18,7 +21,7 @@ from pathlib import Path
 from pqcnet.chaos.history import HistoryWriter, payload_for, read_history
 from pqcnet.errors import PqcnetError
 from pqcnet.identity import NodeIdentity
-from pqcnet.relayer.client import PublisherClient, ResumingSubscriber
+from pqcnet.relayer.client import ClusterSubscriber, PublisherClient, ResumingSubscriber
 from pqcnet.relayer.cursor import JournalCursor
 from pqcnet.relayer.frame import Frame, Topic
 
@@ -37,10 +40,12 @@ def _acked_before(history: Path) -> dict[Topic, int]:
     return out
 
 
-async def run_publisher(host: str, port: int, identity: NodeIdentity, history: Path,
-                        topics: Sequence[Topic], count: int, *, seed: int = 1, size: int = 64,
-                        batch: int = 10, pace: float = 0.0, retry_delay: float = 0.2) -> int:
-    """Publish until every topic has ``count`` acked frames; returns frames acked now."""
+async def run_publisher(targets: Sequence[tuple[str, int]], identity: NodeIdentity,
+                        history: Path, topics: Sequence[Topic], count: int, *, seed: int = 1,
+                        size: int = 64, batch: int = 10, pace: float = 0.0,
+                        retry_delay: float = 0.2) -> int:
+    """Publish until every topic has ``count`` acked frames, failing over along
+    ``targets`` (host, port) when a request fails; returns frames acked now."""
     acked: dict[Topic, int] = dict.fromkeys(topics, 0)
     for t, seq in _acked_before(history).items():
         if t in acked:
@@ -48,12 +53,15 @@ async def run_publisher(host: str, port: int, identity: NodeIdentity, history: P
     log = HistoryWriter(history)
     retry, done = True, 0  # first request after a (re)start may repeat frames on the bus
     client: PublisherClient | None = None
+    at = 0  # the target in use; the next one after a failure
     try:
         while any(v < count for v in acked.values()):
             if client is None:
+                host, port = targets[at % len(targets)]
                 try:
                     client = await PublisherClient.connect(host, port, identity)
                 except (PqcnetError, OSError):
+                    at += 1
                     await asyncio.sleep(retry_delay)
                     continue
             frames = [Frame(c, ch, s, payload_for(seed, c, ch, s, size))
@@ -67,6 +75,7 @@ async def run_publisher(host: str, port: int, identity: NodeIdentity, history: P
                 with contextlib.suppress(PqcnetError, OSError):
                     await client.close()
                 client, retry = None, True
+                at += 1
                 await asyncio.sleep(retry_delay)
                 continue
             retry = False
@@ -94,14 +103,17 @@ async def run_publisher(host: str, port: int, identity: NodeIdentity, history: P
     return done
 
 
-async def run_subscriber(host: str, port: int, identity: NodeIdentity, journal: Path,
-                         customer: str, *, until: int = 0) -> int:
+async def run_subscriber(targets: Sequence[tuple[str, int]], identity: NodeIdentity,
+                         journal: Path, customer: str, *, until: int = 0) -> int:
     """Take frames into ``journal`` (history and cursor) until ``until`` frames are in
-    it (0: forever); returns frames taken by this run."""
+    it (0: forever); returns frames taken by this run. Several ``targets`` are a
+    cluster: each relayer delivers the shards it owns, so all are listened to."""
     cursor = JournalCursor(journal)
     total = sum(cursor.load().values())  # seqs start at 1 and are taken in order
     taken = 0
-    sub = ResumingSubscriber([(host, port)], identity, customer, cursor=cursor)
+    sub: ResumingSubscriber | ClusterSubscriber = (
+        ResumingSubscriber(list(targets), identity, customer, cursor=cursor)
+        if len(targets) == 1 else ClusterSubscriber(targets, identity, customer, cursor=cursor))
     try:
         async for batch in sub.batches():
             taken += len(batch)  # committed to the journal when the next batch is asked

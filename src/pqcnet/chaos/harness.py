@@ -1,12 +1,16 @@
 """The fault harness: real processes, a seeded fault schedule, then the checker.
 
-``run_chaos`` starts (as subprocesses) one relayer (``pqcnet relayer run``), a private
-``redis-server`` on its own port for the Redis backend (so broker faults never touch a
-shared instance), publisher and subscriber clients (``pqcnet chaos publisher`` /
-``subscriber``), then applies faults at seeded times while they run:
+``run_chaos`` starts (as subprocesses) one relayer (``pqcnet relayer run``) — or a
+cluster of ``relayers`` on one Redis or Kafka bus (Redis shard leases; a Kafka group
+with its marks in the private Redis) —, a private ``redis-server`` on its own port for
+the Redis backend and for a Kafka cluster (so broker faults never touch a shared
+instance), publisher and subscriber clients (``pqcnet chaos publisher`` /
+``subscriber``: the publishers fail over along the relayers, the subscriber listens to
+all of them), then applies faults at seeded times while they run:
 
 =================  ==============================================================
-``kill-relayer``   SIGKILL, restart on the same ports (process start included)
+``kill-relayer``   SIGKILL (a random relayer of a cluster: its shards move to the
+                   others), restart on the same ports (process start included)
 ``pause-relayer``  SIGSTOP for a while, then SIGCONT
 ``kill-subscriber`` / ``kill-publisher``  SIGKILL, restart (resumes from its files)
 ``pause-subscriber`` / ``pause-publisher``  SIGSTOP / SIGCONT
@@ -79,6 +83,10 @@ class ChaosConfig:
     size: int = 64
     kafka_bootstrap: str = ""
     gap_timeout: float = 5.0
+    #: relayer processes (more than one: a cluster; Redis or Kafka only)
+    relayers: int = 1
+    #: a Redis cluster's shard lease, seconds (how soon a killed relayer's shards move)
+    lease: float = 2.0
 
 
 @dataclass
@@ -117,7 +125,8 @@ class ChaosResult:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready summary."""
         p50, p99 = self.recovery(0.5), self.recovery(0.99)
-        return {"backend": self.config.backend, "seed": self.config.seed,
+        return {"backend": self.config.backend, "relayers": self.config.relayers,
+                "seed": self.config.seed,
                 "seconds": round(self.seconds, 2), "frames": self.frames,
                 "frames_per_s": round(self.frames_per_s, 1),
                 "faults": [{"kind": f.kind, "at": round(f.at, 2),
@@ -197,15 +206,17 @@ class Proc:
         return self.proc is not None and self.proc.returncode is None
 
 
-def _victim(kind: str, rng: random.Random, *, relayer: Proc, subscriber: Proc,
+def _victim(kind: str, rng: random.Random, *, relayers: list[Proc], subscriber: Proc,
             pubs: list[Proc], broker: Proc | None, backend: str) -> Proc:
     """The process a fault of ``kind`` (``kill-*``, ``pause-*``, ``restart-broker``) hits."""
     verb, _, role = kind.partition("-")
     if verb in ("kill", "pause"):
         if role == "publisher":
             return rng.choice(pubs)
-        if role in ("relayer", "subscriber"):
-            return relayer if role == "relayer" else subscriber
+        if role == "relayer":
+            return relayers[0] if len(relayers) == 1 else rng.choice(relayers)
+        if role == "subscriber":
+            return subscriber
     if kind == "restart-broker" and broker is not None:
         return broker
     raise ChaosError(f"fault {kind!r} does not apply to {backend}")
@@ -241,14 +252,15 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosResult:
                             "spiffe://pqcnet.chaos/acme/subscriber/s1")
     for name, ident in zip(("relayer", "publisher", "subscriber"), ids, strict=True):
         ident.save(work / "ident" / name, None)
-    port, grpc_port = _free_port(), _free_port()
+    if cfg.relayers > 1 and cfg.backend == "embedded":
+        raise ChaosError("a relayer cluster needs a shared bus: --backend redis or kafka")
     relayer_cfg: dict[str, Any] = {
-        "node_id": "chaos-r1", "listen_port": port, "grpc_port": grpc_port,
-        "identity_dir": str(work / "ident" / "relayer"), "data_dir": str(work / "relayer"),
-        "shards": 8, "gap_timeout": cfg.gap_timeout, "publish_timeout": 0.5}
+        "identity_dir": str(work / "ident" / "relayer"), "shards": 8,
+        "gap_timeout": cfg.gap_timeout, "publish_timeout": 0.5}
     procs: list[Proc] = []
     broker: Proc | None = None
-    if cfg.backend == "redis":
+    redis_url = ""
+    if cfg.backend == "redis" or (cfg.backend == "kafka" and cfg.relayers > 1):
         rport = _free_port()
         (work / "redis").mkdir()
         broker = Proc("redis", ["redis-server", "--port", str(rport), "--bind", "127.0.0.1",
@@ -258,31 +270,49 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosResult:
         await broker.start()
         procs.append(broker)
         await _wait_port(rport)
-        relayer_cfg |= {"backend": "redis", "redis_url": f"redis://127.0.0.1:{rport}/0",
+        redis_url = f"redis://127.0.0.1:{rport}/0"
+    if cfg.backend == "redis":
+        relayer_cfg |= {"backend": "redis", "redis_url": redis_url,
                         "redis_prefix": f"chaos{cfg.seed}"}
+        if cfg.relayers > 1:
+            relayer_cfg["redis_lease"] = cfg.lease
     elif cfg.backend == "kafka":
         if not cfg.kafka_bootstrap:
             raise ChaosError("kafka backend: give --kafka-bootstrap (scripts/services start)")
+        name = f"pqcnet-chaos-{os.getpid()}-{cfg.seed}-{int(time.time())}"
         relayer_cfg |= {"backend": "kafka", "kafka_bootstrap": cfg.kafka_bootstrap,
-                        "kafka_topic": f"pqcnet-chaos-{os.getpid()}-{cfg.seed}-"
-                                       f"{int(time.time())}"}
+                        "kafka_topic": name}
+        if cfg.relayers > 1:  # a group; the marks and volume shared in the private Redis
+            relayer_cfg |= {"group": name, "redis_url": redis_url,
+                            "redis_prefix": f"chaos{cfg.seed}"}
     elif cfg.backend != "embedded":
         raise ChaosError(f"unknown backend {cfg.backend!r}")
-    (work / "relayer.yaml").write_text(yaml.safe_dump({"relayer": relayer_cfg}))
-    relayer = Proc("relayer", [*_pqcnet(), "relayer", "run", "--config",
-                               str(work / "relayer.yaml")], work / "relayer.log",
-                   ready_line=True)
-    procs.append(relayer)
+    relayers: list[Proc] = []
+    grpc_ports: list[int] = []
+    targets: list[str] = []
+    for i in range(cfg.relayers):
+        port, grpc_port = _free_port(), _free_port()
+        suffix = "" if cfg.relayers == 1 else f"-{i + 1}"
+        conf = work / f"relayer{suffix}.yaml"
+        conf.write_text(yaml.safe_dump({"relayer": relayer_cfg | {
+            "node_id": f"chaos-r{i + 1}", "listen_port": port, "grpc_port": grpc_port,
+            "data_dir": str(work / f"relayer{suffix}")}}))
+        relayers.append(Proc(f"relayer{suffix}", [*_pqcnet(), "relayer", "run", "--config",
+                                                  str(conf)], work / f"relayer{suffix}.log",
+                             ready_line=True))
+        grpc_ports.append(grpc_port)
+        targets.append(f"127.0.0.1:{port}")
+    procs += relayers
     count = max(10, int(cfg.rate * cfg.duration / max(1, cfg.channels // cfg.publishers)))
     topics: list[Topic] = [("acme", f"ch{i}") for i in range(cfg.channels)]
-    target = f"127.0.0.1:{port}"
+    relayer_args = [a for t in targets for a in ("--relayer", t)]
     pubs: list[Proc] = []
     for k in range(cfg.publishers):
         chans = [ch for (_, ch) in topics[k::cfg.publishers]]
         per_request = 10
         pace = per_request * len(chans) / cfg.rate  # one request per pace seconds
         pubs.append(Proc(f"publisher-{k}", [
-            *_pqcnet(), "chaos", "publisher", "--relayer", target,
+            *_pqcnet(), "chaos", "publisher", *relayer_args,
             "--identity", str(work / "ident" / "publisher"),
             "--history", str(work / "history" / f"publisher-{k}.jsonl"),
             "--customer", "acme", *[a for ch in chans for a in ("--channel", ch)],
@@ -290,7 +320,7 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosResult:
             "--batch", str(per_request), "--pace", f"{pace:.4f}"],
             work / f"publisher-{k}.log"))
     journal = work / "history" / "subscriber.jsonl"
-    sub = Proc("subscriber", [*_pqcnet(), "chaos", "subscriber", "--relayer", target,
+    sub = Proc("subscriber", [*_pqcnet(), "chaos", "subscriber", *relayer_args,
                               "--identity", str(work / "ident" / "subscriber"),
                               "--journal", str(journal), "--customer", "acme"],
                work / "subscriber.log")
@@ -300,7 +330,8 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosResult:
     records: list[FaultRecord] = []
     t0 = time.monotonic()
     try:
-        await relayer.start()
+        for r in relayers:
+            await r.start()
         await sub.start()
         for p in pubs:
             await p.start()
@@ -314,7 +345,7 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosResult:
             rec = FaultRecord(kind, time.monotonic() - t0)
             records.append(rec)
             hold = rng.uniform(0.3, 1.5)
-            victim = _victim(kind, rng, relayer=relayer, subscriber=sub, pubs=pubs,
+            victim = _victim(kind, rng, relayers=relayers, subscriber=sub, pubs=pubs,
                              broker=broker, backend=cfg.backend)
             if kind.startswith("pause-"):
                 victim.signal(signal.SIGSTOP)
@@ -348,7 +379,7 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosResult:
         await asyncio.sleep(0.5)  # anything extra (a duplicate) has time to show
         seconds = time.monotonic() - t0
         await sub.stop()
-        metering = await _metering(f"127.0.0.1:{grpc_port}")
+        metering = await _metering([f"127.0.0.1:{p}" for p in grpc_ports])
         (work / "metering.json").write_text(json.dumps(
             [[c, ch, f, b] for (c, ch), (f, b) in sorted(metering.items())]))
     finally:
@@ -381,15 +412,17 @@ def _acked(history: Path) -> int:
     return len(seen)
 
 
-async def _metering(target: str) -> dict[Topic, tuple[int, int]]:
-    """Frames and bytes the relayer metered per topic (governance gRPC)."""
+async def _metering(targets: list[str]) -> dict[Topic, tuple[int, int]]:
+    """Frames and bytes the relayers metered per topic (governance gRPC), summed: each
+    relayer of a cluster reports what its own workers delivered."""
     from pqcnet.relayer.governance import VolumeFilter, pull_volume
 
-    vol = await pull_volume(target, VolumeFilter())
     out: dict[Topic, tuple[int, int]] = {}
-    for r in vol.records:
-        f, b = out.get((r.customer, r.channel), (0, 0))
-        out[(r.customer, r.channel)] = (f + r.frames, b + r.bytes)
+    for target in targets:
+        vol = await pull_volume(target, VolumeFilter())
+        for r in vol.records:
+            f, b = out.get((r.customer, r.channel), (0, 0))
+            out[(r.customer, r.channel)] = (f + r.frames, b + r.bytes)
     return out
 
 

@@ -38,10 +38,14 @@ def cli() -> None:
               help="Kafka broker host:port (default $PQCNET_KAFKA_BOOTSTRAP).")
 @click.option("--workdir", default="chaos-runs", show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
+@click.option("--relayers", default=1, show_default=True, type=click.IntRange(1, 5),
+              help="Relayer processes: more than one is a cluster on one bus (redis, kafka), "
+                   "and kill-relayer then hands a relayer's shards to the others.")
 @click.option("--no-baseline", is_flag=True, help="Skip the fault-free run.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def run_cmd(minutes: float, backends: tuple[str, ...], seed: int, faults: int, rate: float,
-            kafka_bootstrap: str, workdir: Path, no_baseline: bool, as_json: bool) -> None:
+            kafka_bootstrap: str, workdir: Path, relayers: int, no_baseline: bool,
+            as_json: bool) -> None:
     """Run the fault schedule per backend; print the checker's table and the benchmark.
 
     Exits 1 if the checker finds any anomaly.
@@ -57,11 +61,13 @@ def run_cmd(minutes: float, backends: tuple[str, ...], seed: int, faults: int, r
         if not no_baseline:
             base = asyncio.run(run_chaos(ChaosConfig(
                 backend=backend, workdir=workdir / f"{backend}-baseline", seed=seed,
-                duration=duration, faults=0, rate=rate, kafka_bootstrap=kafka_bootstrap)))
+                duration=duration, faults=0, rate=rate, kafka_bootstrap=kafka_bootstrap,
+                relayers=relayers)))
             ok = ok and base.report.ok
         res = asyncio.run(run_chaos(ChaosConfig(
             backend=backend, workdir=workdir / f"{backend}-faults", seed=seed,
-            duration=duration, faults=n_faults, rate=rate, kafka_bootstrap=kafka_bootstrap)))
+            duration=duration, faults=n_faults, rate=rate, kafka_bootstrap=kafka_bootstrap,
+            relayers=relayers)))
         ok = ok and res.report.ok
         row = res.as_dict()
         row["baseline_frames_per_s"] = None if base is None else round(base.frames_per_s, 1)
@@ -103,7 +109,8 @@ def check_cmd(histories: tuple[Path, ...], metering: Path | None, as_json: bool)
 
 
 @cli.command("publisher")
-@click.option("--relayer", "target", required=True, help="host:port")
+@click.option("--relayer", "targets", required=True, multiple=True,
+              help="host:port; repeat for a cluster (failover in this order).")
 @click.option("--identity", "identity_dir", required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--history", required=True, type=click.Path(dir_okay=False, path_type=Path))
@@ -114,21 +121,22 @@ def check_cmd(histories: tuple[Path, ...], metering: Path | None, as_json: bool)
 @click.option("--size", default=64, show_default=True, type=click.IntRange(1, 65536))
 @click.option("--batch", default=10, show_default=True, type=click.IntRange(1, 1000))
 @click.option("--pace", default=0.0, show_default=True, type=click.FloatRange(0))
-def publisher_cmd(target: str, identity_dir: Path, history: Path, customer: str,
+def publisher_cmd(targets: tuple[str, ...], identity_dir: Path, history: Path, customer: str,
                   channels: tuple[str, ...], count: int, seed: int, size: int, batch: int,
                   pace: float) -> None:
     """Recording publisher (resumes from its history after a kill)."""
     from pqcnet.chaos.clients import run_publisher
 
-    host, port = hostport(target, param_hint="--relayer")
-    n = asyncio.run(run_publisher(host, port, load_cli_identity(identity_dir), history,
+    n = asyncio.run(run_publisher([hostport(t, param_hint="--relayer") for t in targets],
+                                  load_cli_identity(identity_dir), history,
                                   [(customer, ch) for ch in channels], count, seed=seed,
                                   size=size, batch=batch, pace=pace))
     click.echo(json.dumps({"acked": n}))
 
 
 @cli.command("subscriber")
-@click.option("--relayer", "target", required=True, help="host:port")
+@click.option("--relayer", "targets", required=True, multiple=True,
+              help="host:port; repeat for every relayer of a cluster.")
 @click.option("--identity", "identity_dir", required=True,
               type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--journal", required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -136,12 +144,12 @@ def publisher_cmd(target: str, identity_dir: Path, history: Path, customer: str,
 @click.option("--customer", required=True)
 @click.option("--until", default=0, show_default=True, type=click.IntRange(0),
               help="Stop once the journal holds this many frames (0: run until killed).")
-def subscriber_cmd(target: str, identity_dir: Path, journal: Path, customer: str,
+def subscriber_cmd(targets: tuple[str, ...], identity_dir: Path, journal: Path, customer: str,
                    until: int) -> None:
     """Recording subscriber (its journal is its cursor: resumes exactly after a kill)."""
     from pqcnet.chaos.clients import run_subscriber
 
-    host, port = hostport(target, param_hint="--relayer")
-    n = asyncio.run(run_subscriber(host, port, load_cli_identity(identity_dir), journal,
-                                   customer, until=until))
+    n = asyncio.run(run_subscriber([hostport(t, param_hint="--relayer") for t in targets],
+                                   load_cli_identity(identity_dir), journal, customer,
+                                   until=until))
     click.echo(json.dumps({"taken": n}))
