@@ -142,9 +142,12 @@ class GapAgreement:
     """The two scripts and the pending ranges, over one Redis client."""
 
     def __init__(self, client: aioredis.Redis, prefix: str, *,
+                 marks_key: Callable[[int], str], gaps_key: Callable[[int], str],
                  fence: Callable[[int], tuple[str, str] | None] | None = None) -> None:
         self._r = client
         self._prefix = prefix
+        #: the marks store's hashes of a shard (its marks, its recorded ranges)
+        self._marks_key, self._gaps_key = marks_key, gaps_key
         #: a Redis cluster's shard lease ``(key, value)``: a reservation by a relayer
         #: that lost it is refused (None: no leases, e.g. a Kafka group)
         self._fence = fence
@@ -169,8 +172,7 @@ class GapAgreement:
         args: list[bytes | int] = [len(by_shard)]
         order: list[list[int]] = []  # per shard: frame indexes in the script's order
         for shard, frames in by_shard.items():
-            keys += [f"{self._prefix}:gaps:{shard}", f"{self._prefix}:seq:{shard}",
-                     self.acked_key(shard)]
+            keys += [self._gaps_key(shard), self._marks_key(shard), self.acked_key(shard)]
             per_topic: dict[Topic, list[int]] = {}
             for i, (topic, _) in enumerate(frames):
                 per_topic.setdefault(topic, []).append(i)
@@ -204,7 +206,7 @@ class GapAgreement:
         for topic, lo, hi in spans:
             tk = topic_key(topic)
             args += [tk, lo, hi, marker(tk, lo), marker(tk, hi)]
-        keys = [lease[0] if lease else self.pending_key(shard), f"{self._prefix}:gaps:{shard}",
+        keys = [lease[0] if lease else self.pending_key(shard), self._gaps_key(shard),
                 self.acked_key(shard), self.pending_key(shard)]
         try:
             got = [int(x) for x in await self._reserve(keys=keys, args=args)]

@@ -278,7 +278,8 @@ class RedisSeqStore:
         self._fence = fence
         self._save = client.register_script(_SAVE)
         #: the cluster's per-frame agreement on gap skips (decision 0020), same keys
-        self.agreement = GapAgreement(client, prefix, fence=fence)
+        self.agreement = GapAgreement(client, prefix, marks_key=self.key,
+                                      gaps_key=self.gaps_key, fence=fence)
 
     @property
     def client(self) -> aioredis.Redis:
