@@ -45,13 +45,21 @@ from pqcnet.relayer.gapfence import MAX_RANGES_PER_TOPIC
 
 #: digits of a marker's seq (u64 fits)
 SEQ_DIGITS = 20
+#: the one definition of a marker's member, prepended to every script that builds one
+#: (the confirm, the reserve, and the marks save that deletes them): ``tk`` a topic key,
+#: ``digits`` a seq in decimal
+MEMBER_LUA = f"""
+local function member(tk, digits)
+  return tk .. string.rep('0', {SEQ_DIGITS} - #digits) .. digits
+end
+"""
 
 # KEYS per shard: gaps hash, marks hash, acked zset. ARGV: number of shards, then per
 # shard: n topics, then (topic_key, "seq,seq,...") * n. Returns one string per shard:
 # a '1' (refused) or '0' per frame, in the order of the ARGV. The markers' members are
 # built here (topic_key ‖ the seq zero-padded to SEQ_DIGITS) so the client sends each
 # topic key once per request.
-_CONFIRM = """
+_CONFIRM = MEMBER_LUA + """
 local out = {}
 local a = 2
 for s = 0, tonumber(ARGV[1]) - 1 do
@@ -82,7 +90,7 @@ for s = 0, tonumber(ARGV[1]) - 1 do
       end
       if refused == '0' and seq >= mark then
         add[#add + 1] = 0
-        add[#add + 1] = tk .. string.rep('0', SEQ_DIGITS - #digits) .. digits
+        add[#add + 1] = member(tk, digits)
       end
       flags[#flags + 1] = refused
     end
@@ -93,19 +101,19 @@ for s = 0, tonumber(ARGV[1]) - 1 do
   out[#out + 1] = table.concat(flags)
 end
 return out
-""".replace("SEQ_DIGITS", str(SEQ_DIGITS))
+"""
 
 # KEYS lease, gaps hash, acked zset, pending hash. ARGV lease value ('' = no lease),
-# ranges kept per topic, then (topic_key, lo, hi, lo member, hi member) * n. Returns
+# ranges kept per topic, then (topic_key, lo, hi) * n. Returns
 # {-1} if the lease is not ours, else one 1 (reserved) or 0 (a marker holds it) each.
-_RESERVE = """
+_RESERVE = MEMBER_LUA + """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1} end
 local keep = tonumber(ARGV[2])
 local out = {}
-for i = 3, #ARGV, 5 do
+for i = 3, #ARGV, 3 do
   local tk = ARGV[i]
-  local held = redis.call('ZRANGEBYLEX', KEYS[3], '[' .. ARGV[i + 3], '(' .. ARGV[i + 4],
-                          'LIMIT', 0, 1)
+  local held = redis.call('ZRANGEBYLEX', KEYS[3], '[' .. member(tk, ARGV[i + 1]),
+                          '(' .. member(tk, ARGV[i + 2]), 'LIMIT', 0, 1)
   if #held > 0 then
     out[#out + 1] = 0
   else
@@ -131,11 +139,6 @@ return out
 
 #: ``(topic, lo, hi)``: seqs ``lo .. hi-1`` of ``topic``
 Span = tuple[Topic, int, int]
-
-
-def marker(tk: bytes, seq: int) -> bytes:
-    """The sorted-set member of ``seq`` of the topic whose key is ``tk``."""
-    return tk + b"%0*d" % (SEQ_DIGITS, seq)
 
 
 class GapAgreement:
@@ -204,8 +207,7 @@ class GapAgreement:
             raise BusUnavailable(f"shard {shard} is not leased here: no gap reserved")
         args: list[bytes | str | int] = [lease[1] if lease else "", MAX_RANGES_PER_TOPIC]
         for topic, lo, hi in spans:
-            tk = topic_key(topic)
-            args += [tk, lo, hi, marker(tk, lo), marker(tk, hi)]
+            args += [topic_key(topic), lo, hi]
         keys = [lease[0] if lease else self.pending_key(shard), self._gaps_key(shard),
                 self.acked_key(shard), self.pending_key(shard)]
         try:

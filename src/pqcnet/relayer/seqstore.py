@@ -22,7 +22,7 @@ from typing import Protocol
 import redis.asyncio as aioredis
 import rocksdict
 
-from pqcnet.relayer.agreement import SEQ_DIGITS, GapAgreement
+from pqcnet.relayer.agreement import MEMBER_LUA, GapAgreement
 from pqcnet.relayer.bus.embedded import open_rocks
 from pqcnet.relayer.errors import BusUnavailable
 from pqcnet.relayer.frame import Topic, topic_from_key, topic_key
@@ -42,15 +42,14 @@ VOL_CACHE = 65_536
 # n marks, (topic, next) * n, n gaps, (topic, ranges) * g, n done, topic * d (pending
 # ranges the marks now pass), then (field, bytes, frames) * k. Nothing is written unless
 # the lease is ours. The markers below each saved mark are deleted (they were read).
-_SAVE = """
+_SAVE = MEMBER_LUA + """
 if ARGV[1] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[5], ARGV[3], ARGV[2]) end
 local i = 4
 if redis.call('EXISTS', KEYS[8]) == 1 then
   for j = i + 1, i + 2 * tonumber(ARGV[i]), 2 do
     local s = ARGV[j + 1]
-    redis.call('ZREMRANGEBYLEX', KEYS[8], '[' .. ARGV[j],
-               '(' .. ARGV[j] .. string.rep('0', SEQ_DIGITS - #s) .. s)
+    redis.call('ZREMRANGEBYLEX', KEYS[8], '[' .. ARGV[j], '(' .. member(ARGV[j], s))
   end
 end
 for _, key in ipairs({KEYS[2], KEYS[6]}) do
@@ -72,7 +71,7 @@ while i <= #ARGV do
   i = i + 3
 end
 return 1
-""".replace("SEQ_DIGITS", str(SEQ_DIGITS))
+"""
 
 
 def _pack_ranges(ranges: SeqRanges) -> bytes:
