@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,6 +272,90 @@ async def test_a_pool_opens_the_websocket_on_a_sentry_that_answers(tmp_path: Pat
             await pool.aclose()
 
 
+@contextlib.asynccontextmanager
+async def _raw_backend(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                         Awaitable[None]]) -> AsyncIterator[int]:
+    """A hand-written HTTP backend (asyncio streams): answers no library would send."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+def _refuser(framing: str, body: bytes) -> contextlib.AbstractAsyncContextManager[int]:
+    """A raw HTTP backend that answers every upgrade with 401 and ``body`` framed by
+    ``framing``: ``length`` (Content-Length), ``chunked`` (three chunks, one with an
+    extension, and a trailer) or ``close`` (no length: the body ends at the close)."""
+    async def answer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        head = b"HTTP/1.1 401 Unauthorized\r\nContent-Type: text/plain\r\n"
+        if framing == "length":
+            w.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        elif framing == "chunked":
+            w.write(head + b"Transfer-Encoding: chunked\r\n\r\n")
+            third = len(body) // 3
+            for i, part in enumerate((body[:third], body[third:2 * third], body[2 * third:])):
+                w.write(b"%x%s\r\n" % (len(part), b";ext=1" if i == 1 else b"") + part + b"\r\n")
+                await w.drain()
+            w.write(b"0\r\nX-Trailer: dropped\r\n\r\n")
+        else:
+            w.write(head + b"Connection: close\r\n\r\n" + body)
+        await w.drain()
+        w.close()
+
+    return _raw_backend(answer)
+
+
+async def _handshake_refused(tmp_path: Path, mesh: Mesh, port: int,
+                             backend_done: asyncio.Event | None = None
+                             ) -> tuple[Response, int]:
+    """The app's WebSocket handshake through a sentry to the backend on ``port``,
+    which must fail: the response the app got, and the bytes acme was charged down,
+    once the sentry's slot is back (and ``backend_done`` set, the sentry still up)."""
+    cfg = config_dict(port, 1, 1, methods=["WS /ws"])
+    async with sentry_stack(mesh, write_config(tmp_path, mesh, cfg)) as stack:
+        sidecar = stack.sidecar(mesh.acme, mesh.acme_issuer)
+        face = await serve_http(sidecar)
+        try:
+            url = f"ws://127.0.0.1:{face.sockets[0].getsockname()[1]}/ws"
+            with pytest.raises(InvalidStatus) as refused:
+                async with _open(url):
+                    pass
+            await eventually(lambda: stack.sentry.gate.in_flight == 0, 15)
+            if backend_done is not None:
+                async with asyncio.timeout(15):
+                    await backend_done.wait()
+            row = stack.sentry.usage.rows.get("acme")
+            return refused.value.response, row.down if row is not None else 0
+        finally:
+            face.close()
+            await sidecar.aclose()
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+async def test_a_refusal_reaches_the_app_with_its_whole_body_however_framed(
+        tmp_path: Path, mesh: Mesh, framing: str) -> None:
+    """A backend refusing the upgrade (401): the app gets the status and every byte of
+    its body whether the backend framed it by length, in chunks or by closing — a
+    chunked or close-delimited refusal used to arrive empty — and acme is charged
+    those bytes; a refusal body over the inline bound is a 502 that says so, never a
+    cut body."""
+    body = b"token expired; renew at /auth\n" + bytes(range(256)) * 80  # ~20 KiB
+    async with _refuser(framing, body) as port:
+        got, down = await _handshake_refused(tmp_path, mesh, port)
+    assert got.status_code == 401
+    assert got.body == body
+    assert got.headers["content-type"] == "text/plain"
+    assert "x-trailer" not in got.headers
+    assert down == len(body)
+    async with _refuser(framing, bytes(70 * 1024)) as port:
+        got, down = await _handshake_refused(tmp_path, mesh, port)
+    assert got.status_code == 502
+    assert b"refusal body" in got.body
+    assert down == 0
+
+
 async def test_a_backend_switching_to_another_protocol_is_a_502(tmp_path: Path,
                                                                  mesh: Mesh) -> None:
     """A backend that answers the WebSocket handshake with a 101 to ``h2c``: the sentry
@@ -288,25 +372,7 @@ async def test_a_backend_switching_to_another_protocol_is_a_502(tmp_path: Path,
         closed.set()
         w.close()
 
-    server = await asyncio.start_server(liar, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    cfg = config_dict(port, 1, 1, methods=["WS /ws"])
-    try:
-        async with sentry_stack(mesh, write_config(tmp_path, mesh, cfg)) as stack:
-            sidecar = stack.sidecar(mesh.acme, mesh.acme_issuer)
-            face = await serve_http(sidecar)
-            try:
-                url = f"ws://127.0.0.1:{face.sockets[0].getsockname()[1]}/ws"
-                with pytest.raises(InvalidStatus) as bad:
-                    async with _open(url):
-                        pass
-                assert bad.value.response.status_code == 502
-                assert b"h2c" in bad.value.response.body
-                async with asyncio.timeout(15):
-                    await closed.wait()
-                await eventually(lambda: stack.sentry.gate.in_flight == 0, 15)
-            finally:
-                face.close()
-                await sidecar.aclose()
-    finally:
-        server.close()
+    async with _raw_backend(liar) as port:
+        got, _down = await _handshake_refused(tmp_path, mesh, port, backend_done=closed)
+    assert got.status_code == 502
+    assert b"h2c" in got.body

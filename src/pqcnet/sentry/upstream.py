@@ -107,8 +107,8 @@ class UpstreamResponse:
 class Upgraded:
     """A backend's answer to an upgrade request: status 101 with the connection, now
     speaking the new protocol (``reader`` / ``writer``; the caller closes it) — or any
-    other status with its body (up to :data:`INLINE_BODY_MAX` bytes of a
-    ``Content-Length`` body, else empty), the connection already closed."""
+    other status with its whole body (framed by ``Content-Length``, ``chunked`` or the
+    connection's close; at most :data:`INLINE_BODY_MAX` bytes), the connection closed."""
 
     status: int
     #: as the backend sent them (hop-by-hop included; the caller filters)
@@ -116,6 +116,49 @@ class Upgraded:
     body: bytes = b""
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
+
+
+async def _read_chunk(reader: asyncio.StreamReader) -> bytes:
+    """One chunk of a ``chunked`` body (RFC 9112 §7.1); ``b""`` at its end, after the
+    trailers (dropped). Malformed framing is a :class:`ValueError`."""
+    line = await reader.readuntil(b"\r\n")
+    size = int(line.split(b";", 1)[0].strip() or b"x", 16)
+    if size == 0:
+        while (await reader.readuntil(b"\r\n")) != b"\r\n":
+            pass
+        return b""
+    data = await reader.readexactly(size)
+    if await reader.readexactly(2) != b"\r\n":
+        raise ValueError("chunk not followed by CRLF")
+    return data
+
+
+async def _refusal_body(reader: asyncio.StreamReader, status: int,
+                        lower: Mapping[str, str]) -> bytes:
+    """The whole body of a non-101 answer to an upgrade, however it is framed; more
+    than :data:`INLINE_BODY_MAX` bytes is a :class:`ValueError` (a refusal is small:
+    the caller answers 502 rather than relay a cut body)."""
+    if status in (204, 304):
+        return b""
+    te = lower.get("transfer-encoding", "").lower()
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        if te.endswith("chunked"):
+            data = await _read_chunk(reader)
+        elif te or "content-length" not in lower:  # delimited by the close
+            data = await reader.read(READ_CHUNK)
+        else:
+            length = int(lower["content-length"])
+            if not 0 <= length <= INLINE_BODY_MAX:
+                raise ValueError(f"refusal body of {length} bytes (Content-Length)")
+            return await reader.readexactly(length)
+        if not data:
+            return b"".join(parts)
+        size += len(data)
+        if size > INLINE_BODY_MAX:
+            raise ValueError(f"refusal body over {INLINE_BODY_MAX} bytes")
+        parts.append(data)
 
 
 class _Stale(Exception):
@@ -260,7 +303,8 @@ class Upstream:
         (``GET`` with ``Connection: Upgrade``; RFC 9110 §7.8). The connection is its
         own, never one of the pool's ``max_connections``: an upgraded connection lives
         as long as its client wants (the sentry's concurrency gate bounds how many).
-        A 101 naming another protocol is a :class:`BackendError`."""
+        A 101 naming another protocol is a :class:`BackendError`, and so is a refusal
+        whose body exceeds :data:`INLINE_BODY_MAX` (never a truncated body)."""
         if self._closed:
             raise BackendError(f"backend {self.name}: client closed")
         t = self.timeout if time_limit is None else time_limit
@@ -281,9 +325,7 @@ class Upstream:
                     if got != protocol:
                         raise ValueError(f"101 switched to {got[:40]!r}, not {protocol!r}")
                     return Upgraded(101, headers_in, b"", conn.reader, conn.writer)
-                length = int(lower.get("content-length", "0") or "0")
-                body = (await conn.reader.readexactly(length)
-                        if 0 < length <= INLINE_BODY_MAX else b"")
+                body = await _refusal_body(conn.reader, status, lower)
         except TimeoutError:
             _close(conn)
             raise BackendError(f"backend {self.name} timed out after {t:g}s") from None
@@ -380,16 +422,10 @@ class Upstream:
         try:
             while True:
                 async with asyncio.timeout(t):
-                    line = await reader.readuntil(b"\r\n")
-                    size = int(line.split(b";", 1)[0].strip() or b"x", 16)
-                    if size == 0:
-                        while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                            pass  # trailers are dropped
-                        done = True
-                        return
-                    data = await reader.readexactly(size)
-                    if await reader.readexactly(2) != b"\r\n":
-                        raise ValueError("chunk not followed by CRLF")
+                    data = await _read_chunk(reader)
+                if not data:
+                    done = True
+                    return
                 yield data
         except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError,
                 asyncio.LimitOverrunError) as exc:
