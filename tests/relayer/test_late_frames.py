@@ -82,6 +82,8 @@ def _fence_events(port: int) -> dict[str, float]:
             out[labels.split('"')[1]] = float(value)
         elif line.startswith("pqcnet_relayer_gap_fence_inflight_frames "):
             out["inflight"] = float(line.split()[1])
+        elif line.startswith("pqcnet_relayer_shards_catching_up "):
+            out["catching_up"] = float(line.split()[1])
     return out
 
 
@@ -125,7 +127,8 @@ async def test_a_retry_in_a_gap_is_refused_by_a_relayer_not_owning_the_shard(
         assert await asyncio.to_thread(_fence_events, other.metrics_port or 0) == {
             "refused": 5.0, "held": 0.0, "untracked": 0.0, "gap_reads": 1.0, "late_on_bus": 0.0,
             "restored": 0.0, "inflight": 0.0, "marked": 0.0, "reserved": 0.0,
-            "held_elsewhere": 0.0, "refused_on_bus": 0.0}
+            "held_elsewhere": 0.0, "refused_on_bus": 0.0, "held_catching_up": 0.0,
+            "catching_up": 0.0}
         assert owner.fence.stats.gap_reads == 0  # the owner had the gap in memory
         # the owner reserved its skip in the shared store first (decision 0020)
         assert owner.fence.stats.reserved == 1 and owner.fence.stats.held_elsewhere == 0

@@ -1060,16 +1060,24 @@ class _NodeCollector(Collector):
             "frames of a skipped gap that reached the worker anyway (dropped), overflow "
             "frames registered in flight at start; in a cluster: frames marked acknowledged "
             "for another relayer's shard, skips reserved or held by such a mark, refused "
-            "frames of an agreed skip dropped",
+            "frames of an agreed skip dropped; skips held while a shard worker had not "
+            "read the log up to its end at the worker's reset",
             labels=["event"])
         fs = n.fence.stats
         for k, v in (("refused", fs.refused), ("held", fs.held), ("untracked", fs.untracked),
                      ("gap_reads", fs.gap_reads), ("late_on_bus", fs.late_on_bus),
                      ("restored", fs.restored), ("marked", fs.marked),
                      ("reserved", fs.reserved), ("held_elsewhere", fs.held_elsewhere),
-                     ("refused_on_bus", fs.refused_on_bus)):
+                     ("refused_on_bus", fs.refused_on_bus),
+                     ("held_catching_up", sum(w.stats.held_catching_up for w in n.workers))):
             fence.add_metric([k], v)
         yield fence
+        yield GaugeMetricFamily(
+            "pqcnet_relayer_shards_catching_up",
+            "Shards worked here whose worker has not yet read the records the bus held at "
+            "its last reset (a start, a takeover): no gap is skipped on them meanwhile",
+            value=sum(1 for w in n.workers if n.bus.owns(w.shard)
+                      and not n.bus.caught_up(w.shard, w.config.group)))
         yield GaugeMetricFamily("pqcnet_relayer_gap_fence_inflight_frames",
                                 "Frames acknowledged for shards read here and not yet read "
                                 "by their worker (a gap is not skipped past them)",

@@ -56,6 +56,7 @@ from pqcnet.relayer.sequencer import (
     Deliver,
     Duplicate,
     Gap,
+    HoldGap,
     Sequencer,
 )
 
@@ -128,6 +129,9 @@ class WorkerStats:
     park_replays: int = 0
     #: replays because ``park_max_records`` was reached (the shard then holds)
     park_overflows: int = 0
+    #: gap skips postponed (each :data:`~pqcnet.relayer.sequencer.HOLD_RECHECK`) because
+    #: the worker had not yet read the records its bus held at its last reset
+    held_catching_up: int = 0
 
 
 class RelayerShardWorker:
@@ -187,9 +191,11 @@ class RelayerShardWorker:
     async def _reset(self) -> None:
         # no marks loaded here: they come from the store lazily, per topic, on a miss;
         # skips reserved but not saved past (a relayer stopped between) are loaded first
+        # (the rewind first: if it fails, the next step resets again)
         self._seq = None
         pending = (await self.agreement.load_pending(self.shard)
                    if self.agreement is not None else {})
+        await self.bus.rewind(self.shard, self.config.group)
         self._seq = Sequencer(max_reorder=self.config.max_reorder,
                               gap_timeout=self.config.gap_timeout,
                               max_topics=self.config.max_topics,
@@ -198,7 +204,6 @@ class RelayerShardWorker:
         self._inflight.clear()
         self._parked.clear()
         self.behind_park = 0
-        await self.bus.rewind(self.shard, self.config.group)
 
     async def _unpark(self) -> None:
         """Replay from the first parked record if a parked topic has a subscriber now
@@ -280,8 +285,12 @@ class RelayerShardWorker:
         self._collect(seq.offer_batch([(f, d) for d, f in decoded if f is not None], now, out),
                       out, gaps)
         agreed: set[tuple[Topic, int, int]] = set()
-        hold = fence.holds if fence is not None else None
-        if fence is not None and self.agreement is not None:
+        hold: HoldGap | None = fence.holds if fence is not None else None
+        if not self.bus.caught_up(self.shard, self.config.group):
+            # the log had more at the reset than was read since: a missing seq may be a
+            # frame acknowledged before it and still ahead (decision 0023)
+            hold = self._hold_catching_up
+        elif fence is not None and self.agreement is not None:
             deadline = seq.next_deadline()
             due = ([s for s in seq.due(now) if not fence.holds(*s)]
                    if deadline is not None and deadline <= now else [])
@@ -358,6 +367,10 @@ class RelayerShardWorker:
         if done:
             await self.bus.ack(self.shard, self.config.group, done)
         return len(out)
+
+    def _hold_catching_up(self, _topic: Topic, _lo: int, _hi: int) -> bool:
+        self.stats.held_catching_up += 1
+        return True
 
     def _park(self, passed: Sequence[Frame], decoded: Iterable[tuple[Delivery, Frame | None]],
               polled: Iterable[Deliver | Duplicate | Gap], pin: set[object]) -> None:

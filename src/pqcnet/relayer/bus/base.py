@@ -17,6 +17,10 @@ Semantics every backend keeps:
   the worker never acks a record while an earlier one is still held, so cursor
   backends (RocksDB, Kafka) may commit ``max(offset)+1``.
 * ``lag(shard, group)`` counts records published but not yet acked by ``group``.
+* ``caught_up(shard, group)`` is False from a ``rewind`` (a worker's reset: a start, a
+  restart, a shard taken over) until ``consume`` has handed out every record that was in
+  the shard at that moment. Until then a missing seq may be a frame acknowledged before
+  the reset and still ahead in the log, so the worker skips no gap (decision 0023).
 
 Two hooks let the relayer node treat every backend alike (no ``isinstance``):
 ``seq_store()`` offers a home for the shard workers' dedup marks next to the log
@@ -123,7 +127,14 @@ class Bus(abc.ABC):
 
     @abc.abstractmethod
     async def rewind(self, shard: int, group: str) -> None:
-        """Forget in-flight reads: the next consume restarts at the first unacked record."""
+        """Forget in-flight reads: the next consume restarts at the first unacked record;
+        the end of the shard's log now becomes what :meth:`caught_up` waits for."""
+
+    def caught_up(self, shard: int, group: str) -> bool:
+        """Whether ``consume`` has handed out (since the last :meth:`rewind`) the records
+        up to the end the log had at that rewind, or found nothing left to read. Cheap:
+        the worker asks every step. True on a backend that keeps no such end."""
+        return True
 
     def assignment(self) -> list[int]:
         """Shards this relayer works on right now (a cluster's bus: those its group

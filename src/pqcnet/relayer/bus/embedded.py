@@ -120,6 +120,8 @@ class EmbeddedBus(Bus):
         self._shards = shards
         self._head = [self._load_int(b"H" + _U16.pack(s), 0) for s in range(shards)]
         self._read: dict[tuple[int, str], int] = {}  # in-memory read cursor per group
+        #: the shard's head at a group's last rewind, until its cursor reached it
+        self._catch_up: dict[tuple[int, str], int] = {}
         #: first offset not yet deleted, per shard (set by the first trim)
         self._trimmed: dict[int, int] = {}
         #: committed offset per (shard, group), as last written or read
@@ -289,6 +291,19 @@ class EmbeddedBus(Bus):
 
     async def rewind(self, shard: int, group: str) -> None:
         self._read.pop((shard, group), None)
+        if self._committed(shard, group) < self._head[shard]:
+            self._catch_up[shard, group] = self._head[shard]
+        else:
+            self._catch_up.pop((shard, group), None)
+
+    def caught_up(self, shard: int, group: str) -> bool:
+        end = self._catch_up.get((shard, group))
+        if end is None:
+            return True
+        if self._read.get((shard, group), 0) < end:
+            return False
+        del self._catch_up[shard, group]
+        return True
 
     async def close(self) -> None:
         if self._closed:

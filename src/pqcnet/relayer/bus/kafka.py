@@ -143,6 +143,8 @@ class KafkaBus(Bus):
         #: partitions held when the rebalance in progress revoked them (None: none is)
         self._held_before: set[int] | None = None
         self._consumed: dict[int, int] = {}  # shard -> highest offset handed out
+        #: (shard, group) -> the partition's last offset at its rewind, until handed out
+        self._catch_up: dict[tuple[int, str], int] = {}
         self._changed = asyncio.Event()
         #: group -> the fetch loop feeding its shard workers (see :mod:`.kafka_pump`)
         self._pumps: dict[str, PartitionPump] = {}
@@ -351,6 +353,9 @@ class KafkaBus(Bus):
             raise BusUnavailable(f"kafka unavailable: {exc}") from None
         if out:
             self._consumed[shard] = int(out[-1].offset)
+            end = self._catch_up.get((shard, group))
+            if end is not None and int(out[-1].offset) >= end:
+                del self._catch_up[shard, group]
         return out
 
     async def ack(self, shard: int, group: str, deliveries: Sequence[Delivery]) -> None:
@@ -408,11 +413,19 @@ class KafkaBus(Bus):
             committed = await self._call(consumer.committed(tp))
         if committed is None:
             committed = (await self._call(consumer.beginning_offsets([tp])))[tp]
+        end = int((await self._call(consumer.end_offsets([tp])))[tp])
         # no await from here: nothing the fetch loop buffered before the seek survives it
         if shard not in self.assigned:
             return
         self._pumps[group].drop(shard)
         consumer.seek(tp, committed)
+        if int(committed) < end:  # caught up once the record at end - 1 is handed out
+            self._catch_up[shard, group] = end - 1
+        else:
+            self._catch_up.pop((shard, group), None)
+
+    def caught_up(self, shard: int, group: str) -> bool:
+        return (shard, group) not in self._catch_up
 
     async def healthy(self) -> bool:
         if self._producer is None:

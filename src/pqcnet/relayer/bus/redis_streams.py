@@ -167,6 +167,9 @@ class RedisStreamsBus(Bus):
                                       on_change=self._ownership_changed)
         self._reset_needed: set[int] = set()
         self._out: dict[int, set[str]] = {}  # shard -> entry ids handed out, not acked
+        #: (shard, group) -> the stream's last id at its rewind, until a read of new
+        #: entries reached it or found none (see :meth:`caught_up`)
+        self._catch_up: dict[tuple[int, str], tuple[int, int]] = {}
         self._changed = asyncio.Event()
 
     def key(self, shard: int) -> str:
@@ -321,6 +324,9 @@ class RedisStreamsBus(Bus):
             self._phase[sg] = ">"
         ms = max(1, int(block * 1000))
         entries = await self._read(shard, group, ">", count, ms)
+        end = self._catch_up.get(sg)
+        if end is not None and (not entries or _id_key(_s(entries[-1][0])) >= end):
+            del self._catch_up[sg]  # every entry up to the end at the rewind handed out
         return self._deliveries(shard, group, entries)
 
     async def _take_pending(self, shard: int, group: str) -> int:
@@ -508,8 +514,23 @@ class RedisStreamsBus(Bus):
         return 0
 
     async def rewind(self, shard: int, group: str) -> None:
-        self._phase[(shard, group)] = "0"
+        sg = (shard, group)
+        self._phase[sg] = "0"
         self._out.pop(shard, None)  # what was handed out is read again from the PEL
+        # the stream's end now: caught up once new reads pass it (the PELs of this
+        # consumer and of former owners come first, through the pending path)
+        self._catch_up[sg] = (2**63, 0)  # not caught up even if XINFO fails below
+        try:
+            info: Any = await self._call(self.client.xinfo_stream(self.key(shard)))
+        except BusError as exc:
+            if "no such key" not in str(exc).lower():
+                raise
+            del self._catch_up[sg]  # no stream yet: nothing was acknowledged into it
+            return
+        self._catch_up[sg] = _id_key(_s(info["last-generated-id"]))
+
+    def caught_up(self, shard: int, group: str) -> bool:
+        return (shard, group) not in self._catch_up
 
     async def close(self) -> None:
         if self.leases is not None:
