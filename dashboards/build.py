@@ -100,12 +100,16 @@ RELAY = {
            ("sum by (instance) (pqcnet_relayer_gaps_frames_total)", "{{instance}} gaps"))),
         P("Gap fence: late frames and the cluster's agreement on skips", "short",
           (("sum by (instance, event) (rate(pqcnet_relayer_gap_fence_events_total"
-            '{event=~"refused|late_on_bus|marked|reserved|held_elsewhere|refused_on_bus"}'
-            "[1m]))", "{{instance}} {{event}}"),),
+            '{event=~"refused|late_on_bus|marked|reserved|held_elsewhere|refused_on_bus|'
+            'held_catching_up"}[1m]))', "{{instance}} {{event}}"),
+           ("sum by (instance) (pqcnet_relayer_shards_catching_up)",
+            "{{instance}} shards catching up")),
           "late_on_bus must stay 0 (an acknowledged frame dropped). In a cluster: marked = "
           "frames confirmed for another relayer's shard, reserved = skips agreed first, "
           "held_elsewhere = skips waiting for a frame another relayer acknowledged, "
-          "refused_on_bus = copies of refused frames dropped (decision 0020)."),
+          "refused_on_bus = copies of refused frames dropped (decision 0020). "
+          "held_catching_up and shards catching up: after a start or a takeover, no skip "
+          "until the backlog there at that moment is read (decision 0023)."),
         P("Refused: authorization and quota", "short",
           (("sum by (instance, op) (pqcnet_relayer_authz_refusals_total)",
             "{{instance}} authz {{op}}"),

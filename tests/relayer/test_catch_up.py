@@ -28,7 +28,7 @@ from pqcnet.relayer.bus.redis_streams import RedisStreamsBus
 from pqcnet.relayer.frame import Frame, encode
 from pqcnet.relayer.seqstore import RocksSeqStore
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
-from tests.relayer.helpers import CollectSink, eventually
+from tests.relayer.helpers import CollectSink, eventually, redis_cli
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
 
@@ -151,3 +151,57 @@ async def test_a_restarted_worker_waits_for_its_backlog_again(bus: Bus, tmp_path
         worker.stop()
         await asyncio.wait_for(task, 10)
         store.close()
+
+
+@pytest.mark.parametrize("settle", [True, False], ids=["settle", "control"])
+async def test_a_new_owner_waits_for_what_its_former_owner_read_late(
+        redis_url: str, tmp_path: Path, settle: bool) -> None:
+    """Redis cluster: the former owner's read was on the way when this relayer claimed
+    the shard, so a late-acknowledged seq 1 lands in the former owner's pending list,
+    past the group's cursor — nowhere this relayer reads. The sweep takes it once idle
+    for two leases; the new owner skips nothing until the first sweep three leases
+    after its claim, and delivers 1, 2 in order. The control (caught up as soon as the
+    log is read, the previous behaviour) skips seq 1 and drops it when the sweep brings
+    it. Counted from outside with ``redis-cli XPENDING``."""
+    lease = 1.0
+    bus = RedisStreamsBus(redis_url, 1, prefix=f"test:settle:{uuid.uuid4().hex[:8]}",
+                          consumer="b", lease=lease)
+    await bus.start()
+    if not settle:
+        bus.caught_up = lambda s, g: (s, g) not in bus._catch_up  # type: ignore[method-assign]
+    sink = CollectSink()
+    store = RocksSeqStore(tmp_path / "marks")
+    cfg = WorkerConfig(group="g", poll_timeout=0.05, gap_timeout=0.2)
+    worker = RelayerShardWorker(bus, 0, store, sink, cfg)
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: (0, "g") in bus._claimed, 10)  # claimed: the clock runs
+        await bus.publish(0, [encode(Frame(*T, 2, b"second"))])
+        # the former owner "a"'s read lands now: XADD and its XREADGROUP in one MULTI, so
+        # this relayer's own blocked read cannot take the entry first
+        pipe = bus.client.pipeline(transaction=True)
+        bus._add(pipe, 0, [encode(Frame(*T, 1, b"first, read by the former owner"))])
+        pipe.xreadgroup("g", "a", {bus.key(0): ">"}, count=10)
+        _, late = await pipe.execute()
+        assert len(late[0][1]) == 1, late
+        await eventually(lambda: bus.stale_claimed == 1, 10 * lease + 10)
+        if settle:
+            await eventually(lambda: sink.by_topic[T] == [1, 2], 10)
+            assert worker.stats.gaps == 0 and worker.stats.held_catching_up >= 1
+            assert bus.caught_up(0, "g")
+            await bus.publish(0, [encode(Frame(*T, 4, b"fourth"))])  # a real gap: skipped
+            await eventually(lambda: sink.by_topic[T] == [1, 2, 4], 10)
+            assert worker.stats.gaps == 1
+        else:
+            await eventually(lambda: worker.stats.duplicates == 1, 10)
+            assert sink.by_topic[T] == [2] and worker.stats.gaps == 1
+        await eventually(lambda: redis_cli(redis_url, "XPENDING", bus.key(0), "g")
+                         .splitlines()[0].split()[-1] == "0", 10)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+        store.close()
+        keys = [k async for k in bus.client.scan_iter(match=f"{bus.prefix}:*")]
+        if keys:
+            await bus.client.delete(*keys)
+        await bus.close()

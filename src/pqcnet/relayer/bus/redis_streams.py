@@ -170,6 +170,9 @@ class RedisStreamsBus(Bus):
         #: (shard, group) -> the stream's last id at its rewind, until a read of new
         #: entries reached it or found none (see :meth:`caught_up`)
         self._catch_up: dict[tuple[int, str], tuple[int, int]] = {}
+        #: (shard, group) -> loop time from which a sweep has seen every entry a former
+        #: owner read as its lease ran out (a cluster: three leases after the claim)
+        self._settle: dict[tuple[int, str], float] = {}
         self._changed = asyncio.Event()
 
     def key(self, shard: int) -> str:
@@ -235,6 +238,7 @@ class RedisStreamsBus(Bus):
             self._out.pop(s, None)
             for sg in [sg for sg in self._claimed if sg[0] == s]:
                 self._claimed.discard(sg)
+                self._settle.pop(sg, None)
             for sg in [sg for sg in self._phase if sg[0] == s]:
                 self._phase[sg] = "0"
         self._changed.set()
@@ -312,6 +316,9 @@ class RedisStreamsBus(Bus):
             if await self._take_pending(shard, group):
                 self._phase[sg] = "0"  # now ours: read with our own, through the pending path
             self._claimed.add(sg)
+            if leases is not None:  # a read the former owner had on the way lands in its
+                # PEL after this claim; the sweep takes it once idle for two leases
+                self._settle[sg] = asyncio.get_running_loop().time() + 3 * leases.lease
         if leases is not None and (stale := await self._claim_stale(shard, group, leases)):
             return self._deliveries(shard, group, stale)
         cursor = self._phase.get(sg, "0")
@@ -360,6 +367,7 @@ class RedisStreamsBus(Bus):
         if now < self._sweep_at.get(sg, 0.0):
             return []
         self._sweep_at[sg] = now + leases.lease
+        settles = now >= self._settle.get(sg, float("inf"))
         key, idle = self.key(shard), max(1, int(2 * leases.lease * 1000))
         summary: Any = await self._call(self.client.xpending(key, group))
         out: list[Any] = []
@@ -370,6 +378,7 @@ class RedisStreamsBus(Bus):
             rows: Any = await self._call(self.client.xpending_range(
                 key, group, "-", "+", 256, consumername=name, idle=idle))
             ids = [r["message_id"] for r in rows]
+            settles = settles and len(ids) < 256  # more than a page: not all taken yet
             if ids:
                 out += await self._call(self.client.xclaim(key, group, self.consumer,
                                                            idle, ids))
@@ -377,6 +386,8 @@ class RedisStreamsBus(Bus):
             self.stale_claimed += len(out)
             log.warning("took entries a former owner read after its lease ran out",
                         extra={"shard": shard, "entries": len(out)})
+        if settles:  # what a former owner read late since the claim is ours now
+            self._settle.pop(sg, None)
         return out
 
     async def _read(self, shard: int, group: str, cursor: str, count: int,
@@ -530,7 +541,7 @@ class RedisStreamsBus(Bus):
         self._catch_up[sg] = _id_key(_s(info["last-generated-id"]))
 
     def caught_up(self, shard: int, group: str) -> bool:
-        return (shard, group) not in self._catch_up
+        return (shard, group) not in self._catch_up and (shard, group) not in self._settle
 
     async def close(self) -> None:
         if self.leases is not None:
