@@ -15,7 +15,16 @@ all of them), then applies faults at seeded times while they run:
 ``kill-subscriber`` / ``kill-publisher``  SIGKILL, restart (resumes from its files)
 ``pause-subscriber`` / ``pause-publisher``  SIGSTOP / SIGCONT
 ``restart-broker`` private redis-server: SIGKILL, restart on the same port and AOF
+``add-relayer``    a cluster: start a relayer that is not running (the spare every
+                   cluster run has, or one removed before); it takes shards over
+``remove-relayer`` a cluster: stop a running relayer for good (SIGTERM: it hands its
+                   shards over and leaves; at least one keeps running)
 =================  ==============================================================
+
+A cluster run configures one relayer more than ``relayers``, a spare that starts down;
+the clients know all of them (a publisher fails over past one that is down, the
+subscriber keeps reconnecting to it). Relayers that are down at the end are started
+again only to read their metering, which lives in their data directories.
 
 Recovery time of a fault = from the moment the fault ended (restart / SIGCONT issued)
 until the application takes its next frame. After the schedule, the clients finish,
@@ -51,6 +60,8 @@ from pqcnet.relayer.frame import Topic
 FAULTS = ("kill-relayer", "pause-relayer", "kill-subscriber", "pause-subscriber",
           "kill-publisher", "pause-publisher")
 BROKER_FAULTS = {"redis": ("restart-broker",), "kafka": (), "embedded": ()}
+#: faults only a cluster has (membership changes)
+CLUSTER_FAULTS = ("add-relayer", "remove-relayer")
 #: seconds a process may take to print its ready line
 START_LIMIT = 60.0
 #: seconds the subscriber may take to drain after the publishers finished
@@ -96,6 +107,8 @@ class FaultRecord:
     kind: str
     at: float
     recovery: float | None = None
+    #: the process it hit (``relayer-2``, ``publisher-0``, …)
+    victim: str = ""
 
 
 @dataclass
@@ -129,7 +142,7 @@ class ChaosResult:
                 "seed": self.config.seed,
                 "seconds": round(self.seconds, 2), "frames": self.frames,
                 "frames_per_s": round(self.frames_per_s, 1),
-                "faults": [{"kind": f.kind, "at": round(f.at, 2),
+                "faults": [{"kind": f.kind, "at": round(f.at, 2), "victim": f.victim,
                             "recovery_s": None if f.recovery is None else round(f.recovery, 3)}
                            for f in self.faults],
                 "recovery_p50_s": None if p50 is None else round(p50, 3),
@@ -210,16 +223,22 @@ def _victim(kind: str, rng: random.Random, *, relayers: list[Proc], subscriber: 
             pubs: list[Proc], broker: Proc | None, backend: str) -> Proc:
     """The process a fault of ``kind`` (``kill-*``, ``pause-*``, ``restart-broker``) hits."""
     verb, _, role = kind.partition("-")
+    up = [r for r in relayers if r.running]
     if verb in ("kill", "pause"):
         if role == "publisher":
             return rng.choice(pubs)
-        if role == "relayer":
-            return relayers[0] if len(relayers) == 1 else rng.choice(relayers)
+        if role == "relayer" and up:
+            return up[0] if len(up) == 1 else rng.choice(up)
         if role == "subscriber":
             return subscriber
+    if kind == "remove-relayer" and len(up) > 1:
+        return rng.choice(up)
+    if kind == "add-relayer" and (down := [r for r in relayers if not r.running]):
+        return down[0]
     if kind == "restart-broker" and broker is not None:
         return broker
-    raise ChaosError(f"fault {kind!r} does not apply to {backend}")
+    raise ChaosError(f"fault {kind!r} does not apply to {backend} now (relayers running: "
+                     f"{len(up)} of {len(relayers)})")
 
 
 async def _wait_port(port: int, limit: float = 30.0) -> None:
@@ -290,7 +309,7 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosResult:
     relayers: list[Proc] = []
     grpc_ports: list[int] = []
     targets: list[str] = []
-    for i in range(cfg.relayers):
+    for i in range(cfg.relayers + (1 if cfg.relayers > 1 else 0)):  # a cluster: a spare
         port, grpc_port = _free_port(), _free_port()
         suffix = "" if cfg.relayers == 1 else f"-{i + 1}"
         conf = work / f"relayer{suffix}.yaml"
@@ -325,12 +344,13 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosResult:
                               "--journal", str(journal), "--customer", "acme"],
                work / "subscriber.log")
     procs += [*pubs, sub]
-    kinds = cfg.kinds or FAULTS + BROKER_FAULTS.get(cfg.backend, ())
+    kinds = cfg.kinds or (FAULTS + BROKER_FAULTS.get(cfg.backend, ())
+                          + (CLUSTER_FAULTS if cfg.relayers > 1 else ()))
     expected = count * len(topics)
     records: list[FaultRecord] = []
     t0 = time.monotonic()
     try:
-        for r in relayers:
+        for r in relayers[:cfg.relayers]:  # the spare starts down
             await r.start()
         await sub.start()
         for p in pubs:
@@ -342,12 +362,24 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosResult:
             if not cfg.schedule and _journal_frames(journal) >= expected:
                 break  # a drawn schedule ends with the workload; an explicit one is applied whole
             kind = cfg.schedule[i] if cfg.schedule else rng.choice(kinds)
+            if not cfg.schedule and kind in CLUSTER_FAULTS and not _applies(kind, relayers):
+                kind = "kill-relayer"  # a drawn membership change that cannot happen now
             rec = FaultRecord(kind, time.monotonic() - t0)
             records.append(rec)
             hold = rng.uniform(0.3, 1.5)
             victim = _victim(kind, rng, relayers=relayers, subscriber=sub, pubs=pubs,
                              broker=broker, backend=cfg.backend)
-            if kind.startswith("pause-"):
+            rec.victim = victim.name
+            if kind == "add-relayer":
+                await victim.start()
+            elif kind == "remove-relayer":
+                await victim.stop()
+                assert victim.proc is not None
+                if victim.proc.returncode != 0:  # killed after the grace: not a clean stop
+                    raise ChaosError(f"{victim.name} did not stop cleanly (exit "
+                                     f"{victim.proc.returncode}): "
+                                     f"{victim.log.read_text(errors='replace')[-1500:]}")
+            elif kind.startswith("pause-"):
                 victim.signal(signal.SIGSTOP)
                 await asyncio.sleep(hold)
                 victim.signal(signal.SIGCONT)
@@ -379,7 +411,13 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosResult:
         await asyncio.sleep(0.5)  # anything extra (a duplicate) has time to show
         seconds = time.monotonic() - t0
         await sub.stop()
-        metering = await _metering([f"127.0.0.1:{p}" for p in grpc_ports])
+        ran = [r for r in relayers if r.proc is not None]
+        for r in ran:  # a removed relayer's metering is in its data directory
+            if not r.running:
+                await r.start()
+        metering = await _metering([f"127.0.0.1:{p}" for r, p in zip(relayers, grpc_ports,
+                                                                      strict=True)
+                                    if r in ran])
         (work / "metering.json").write_text(json.dumps(
             [[c, ch, f, b] for (c, ch), (f, b) in sorted(metering.items())]))
     finally:
@@ -387,6 +425,12 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosResult:
             await p.stop()
     report = check(sorted((work / "history").glob("*.jsonl")), metering)
     return ChaosResult(cfg, report, seconds, _journal_frames(journal), records)
+
+
+def _applies(kind: str, relayers: list[Proc]) -> bool:
+    """Whether a membership change can happen now (one relayer stays; a down one to add)."""
+    up = sum(r.running for r in relayers)
+    return up > 1 if kind == "remove-relayer" else up < len(relayers)
 
 
 async def _recovery(journal: Path, before: int, ended: float, expected: int) -> float | None:

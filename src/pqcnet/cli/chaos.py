@@ -39,8 +39,9 @@ def cli() -> None:
 @click.option("--workdir", default="chaos-runs", show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
 @click.option("--relayers", default=1, show_default=True, type=click.IntRange(1, 5),
-              help="Relayer processes: more than one is a cluster on one bus (redis, kafka), "
-                   "and kill-relayer then hands a relayer's shards to the others.")
+              help="Relayer processes: more than one is a cluster on one bus (redis, kafka) "
+                   "with a spare that starts down; kill-relayer then hands a relayer's shards "
+                   "to the others, and add-relayer / remove-relayer change the membership.")
 @click.option("--no-baseline", is_flag=True, help="Skip the fault-free run.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def run_cmd(minutes: float, backends: tuple[str, ...], seed: int, faults: int, rate: float,
@@ -81,7 +82,7 @@ def run_cmd(minutes: float, backends: tuple[str, ...], seed: int, faults: int, r
             click.echo(res.report.table())
             for f in res.faults:
                 rec = "n/a" if f.recovery is None else f"{f.recovery:.3f} s"
-                click.echo(f"  t={f.at:6.2f}s  {f.kind:<17} recovery {rec}")
+                click.echo(f"  t={f.at:6.2f}s  {f.kind:<17} {f.victim:<13} recovery {rec}")
             click.echo(json.dumps({k: row[k] for k in (
                 "frames_per_s", "baseline_frames_per_s", "ratio", "recovery_p50_s",
                 "recovery_p99_s", "loadavg")}))

@@ -659,6 +659,9 @@ class RelayerNode:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        # a rebalance the bus's close sets off must not reach the fence: the overflow
+        # queue it would read closes first (the ownership journal still gets it)
+        self.bus.on_moved = None
         await self._stack.aclose()
         for j in list(self._journal_tasks):  # the last revokes' entries, best effort
             j.cancel()
