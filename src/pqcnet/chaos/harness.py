@@ -221,7 +221,9 @@ class Proc:
 
 def _victim(kind: str, rng: random.Random, *, relayers: list[Proc], subscriber: Proc,
             pubs: list[Proc], broker: Proc | None, backend: str) -> Proc:
-    """The process a fault of ``kind`` (``kill-*``, ``pause-*``, ``restart-broker``) hits."""
+    """The process a fault of ``kind`` (``kill-*``, ``pause-*``, ``restart-broker``,
+    ``add-relayer``, ``remove-relayer``) hits; relayer faults pick among the running
+    relayers, an addition the first one that is down."""
     verb, _, role = kind.partition("-")
     up = [r for r in relayers if r.running]
     if verb in ("kill", "pause"):
