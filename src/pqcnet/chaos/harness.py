@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
@@ -364,14 +365,19 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosResult:
             if not cfg.schedule and _journal_frames(journal) >= expected:
                 break  # a drawn schedule ends with the workload; an explicit one is applied whole
             kind = cfg.schedule[i] if cfg.schedule else rng.choice(kinds)
-            if not cfg.schedule and kind in CLUSTER_FAULTS and not _applies(kind, relayers):
-                kind = "kill-relayer"  # a drawn membership change that cannot happen now
-            rec = FaultRecord(kind, time.monotonic() - t0)
-            records.append(rec)
+            at = time.monotonic() - t0
             hold = rng.uniform(0.3, 1.5)
-            victim = _victim(kind, rng, relayers=relayers, subscriber=sub, pubs=pubs,
-                             broker=broker, backend=cfg.backend)
-            rec.victim = victim.name
+            pick = functools.partial(_victim, rng=rng, relayers=relayers, subscriber=sub,
+                                     pubs=pubs, broker=broker, backend=cfg.backend)
+            try:
+                victim = pick(kind)
+            except ChaosError:
+                if cfg.schedule or kind not in CLUSTER_FAULTS:
+                    raise
+                kind = "kill-relayer"  # a drawn membership change that cannot happen now
+                victim = pick(kind)
+            rec = FaultRecord(kind, at, victim=victim.name)
+            records.append(rec)
             if kind == "add-relayer":
                 await victim.start()
             elif kind == "remove-relayer":
@@ -427,12 +433,6 @@ async def run_chaos(cfg: ChaosConfig) -> ChaosResult:
             await p.stop()
     report = check(sorted((work / "history").glob("*.jsonl")), metering)
     return ChaosResult(cfg, report, seconds, _journal_frames(journal), records)
-
-
-def _applies(kind: str, relayers: list[Proc]) -> bool:
-    """Whether a membership change can happen now (one relayer stays; a down one to add)."""
-    up = sum(r.running for r in relayers)
-    return up > 1 if kind == "remove-relayer" else up < len(relayers)
 
 
 async def _recovery(journal: Path, before: int, ended: float, expected: int) -> float | None:
