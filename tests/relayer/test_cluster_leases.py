@@ -6,10 +6,13 @@ without the lease can neither save marks nor meter (fencing)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -18,6 +21,7 @@ from pqcnet.relayer.bus.leases import journal
 from pqcnet.relayer.bus.redis_streams import RedisStreamsBus
 from pqcnet.relayer.errors import BusUnavailable
 from pqcnet.relayer.frame import Frame, encode, shard_for
+from pqcnet.relayer.node import RelayerNode
 from tests.relayer.e2e import publisher, start_node, subscriber
 from tests.relayer.helpers import eventually, metrics_reach, redis_cli, scrape_metrics
 
@@ -219,6 +223,19 @@ async def test_a_relayer_delivers_and_counts_entries_a_stalled_member_read(
         await _drop_keys(redis_url, prefix)
 
 
+async def _node_and_member(tmp_path: Path, redis_url: str, **node_kw: Any
+                           ) -> tuple[str, RelayerNode, RedisStreamsBus]:
+    """A relayer on a fresh prefix (it will own every shard) and a second member "b"
+    of its cluster, not started yet."""
+    prefix = f"lease:{uuid.uuid4().hex[:10]}"
+    node = await start_node(tmp_path, backend="redis", redis_url=redis_url, shards=SHARDS,
+                            redis_prefix=prefix, redis_lease=LEASE, metrics_port=0,
+                            **node_kw)
+    other = RedisStreamsBus(redis_url, SHARDS, prefix=prefix, consumer="b", lease=LEASE,
+                            revoke_grace=1.0)
+    return prefix, node, other
+
+
 def _pending(redis_url: str, key: str, group: str) -> int:
     """The group's pending count as ``redis-cli`` sees it (an independent client)."""
     return int(redis_cli(redis_url, "XPENDING", key, group).splitlines()[0].split()[-1])
@@ -231,11 +248,7 @@ async def test_in_flight_of_shards_handed_over_is_dropped_at_once(
     moved to another member. The gauge dropped them only at the shard's next admission
     here — which, with the shard gone, may never come: a stuck gauge and a held gap.
     Now the hand-over itself drops them, seen on ``/metrics``."""
-    prefix = f"lease:{uuid.uuid4().hex[:10]}"
-    node = await start_node(tmp_path, backend="redis", redis_url=redis_url, shards=SHARDS,
-                            redis_prefix=prefix, redis_lease=LEASE, metrics_port=0)
-    other = RedisStreamsBus(redis_url, SHARDS, prefix=prefix, consumer="b", lease=LEASE,
-                            revoke_grace=1.0)
+    prefix, node, other = await _node_and_member(tmp_path, redis_url)
     try:
         await eventually(lambda: node.bus.assignment() == list(range(SHARDS)), 30)
         assert node.metrics_port is not None
@@ -266,12 +279,7 @@ async def test_a_regained_shard_holds_the_gap_of_its_queued_frames(
     registration; the regain registers it again from the queue, so the worker holds the
     gap until the replay brings it and the subscriber gets 1, 2, 3. Before, the gap was
     skipped after ``gap_timeout`` and the acknowledged frame was dropped as late."""
-    prefix = f"lease:{uuid.uuid4().hex[:10]}"
-    node = await start_node(tmp_path, backend="redis", redis_url=redis_url, shards=SHARDS,
-                            redis_prefix=prefix, redis_lease=LEASE, metrics_port=0,
-                            gap_timeout=0.3)
-    other = RedisStreamsBus(redis_url, SHARDS, prefix=prefix, consumer="b", lease=LEASE,
-                            revoke_grace=1.0)
+    prefix, node, other = await _node_and_member(tmp_path, redis_url, gap_timeout=0.3)
     sub = None
     try:
         await eventually(lambda: node.bus.assignment() == list(range(SHARDS)), 30)
@@ -393,3 +401,117 @@ def _channels_of(shard: int, n: int) -> list[str]:
     """``n`` channels of customer ``acme`` whose topics map to ``shard``."""
     found = (f"c{i}" for i in range(10_000) if shard_for("acme", f"c{i}", SHARDS) == shard)
     return [next(found) for _ in range(n)]
+
+
+@pytest.mark.parametrize("fenced", [True, False], ids=["fenced", "control"])
+async def test_a_former_owner_paused_past_its_lease_reads_nothing(
+        cluster: Callable[[str], RedisStreamsBus], redis_url: str, fenced: bool) -> None:
+    """Decision 0024. Relayer "a" pauses between its lease check and its read for much
+    longer than its lease: "b" claims the shard, takes it over and counts as caught up
+    (three leases later). Then a's read lands. Fenced, Redis refuses it: nothing lands
+    in a's pending list, a drops the shard at once, and b reads the entry itself — and
+    a paused a cannot take b's in-flight entries either (``XAUTOCLAIM`` under the same
+    fence). The control (a's read let through the fence, i.e. unfenced as before) puts
+    the acknowledged entry in a's pending list, past the group's cursor, while b
+    believes it is caught up: a gap b skips now loses that frame. Pending entries
+    counted from outside with ``redis-cli XPENDING``."""
+    a = cluster("a")
+    await a.start()
+    assert a.leases is not None and a.leases._task is not None
+    assert await a.consume(0, "g", block=0.1) == []  # a reads shard 0: drained
+    a.leases._task.cancel()  # paused: no renewals; it still believes it holds its shards
+    a.leases._valid_until = float("inf")
+    b = cluster("b")
+    await b.start()
+    await eventually(lambda: 0 in b.assignment(), 10 * LEASE + 5)
+    async with asyncio.timeout(6 * LEASE + 5):  # b reads; the settle time after its claim
+        while (0, "g") not in b._claimed or not b.caught_up(0, "g"):
+            with contextlib.suppress(BusUnavailable):  # a claim resets the worker first
+                assert await b.consume(0, "g", block=0.1) == []
+    assert b.leases is not None
+    if not fenced:
+        b_value = b.leases.value
+        a.leases.fence = lambda s: (a.leases.key(s), b_value)  # type: ignore[union-attr,method-assign]
+    frame = encode(Frame("acme", "c", 1, b"acknowledged while a was paused"))
+    await b.publish(0, [frame])
+    key = b.key(0)
+    if fenced:
+        with pytest.raises(BusUnavailable, match="changed owner"):
+            await a.consume(0, "g", block=0.1)
+        assert a.fenced_out == 1 and 0 not in a.assignment()
+        assert _pending_of(redis_url, key, "g", "a") == 0
+        got = await b.consume(0, "g", block=0.1)
+        assert [d.data for d in got] == [frame]
+        # a, still believing it owns the shard, tries to take b's in-flight entry
+        a.leases.owned.add(0)
+        with pytest.raises(BusUnavailable, match="changed owner"):
+            await a._take_pending(0, "g")
+        assert a.fenced_out == 2
+        assert (_pending_of(redis_url, key, "g", "a"), _pending_of(redis_url, key, "g", "b")
+                ) == (0, 1)
+        await b.ack(0, "g", got)
+    else:
+        stolen = await a.consume(0, "g", block=0.1)
+        assert [d.data for d in stolen] == [frame] and a.fenced_out == 0
+        assert _pending_of(redis_url, key, "g", "a") == 1
+        assert await b.consume(0, "g", block=0.1) == [] and b.caught_up(0, "g")
+    assert _pending(redis_url, key, "g") == (0 if fenced else 1)
+
+
+def _pending_of(redis_url: str, key: str, group: str, consumer: str) -> int:
+    """``consumer``'s pending entries as ``redis-cli XPENDING`` counts them."""
+    out = redis_cli(redis_url, "XPENDING", key, group, "-", "+", "100", consumer)
+    return len(re.findall(r'"\d+-\d+"', out))  # one entry id per pending entry
+
+
+async def test_a_paused_relayer_reads_nothing_once_its_leases_are_gone(
+        tmp_path: Path, redis_url: str) -> None:
+    """A running relayer stops renewing its leases but still believes it holds every
+    shard (paused: its lease loop never runs again), and another member takes the
+    shards over. A frame published to each shard then wakes the paused relayer's
+    workers, whose reads Redis refuses (decision 0024): counted on its ``/metrics``,
+    once per shard, its shards dropped, nothing in its pending lists (``redis-cli
+    XPENDING``) — the new owner reads every frame."""
+    prefix, node, other = await _node_and_member(tmp_path, redis_url)
+    try:
+        bus = node.bus
+        assert isinstance(bus, RedisStreamsBus) and bus.leases is not None
+        await eventually(lambda: bus.assignment() == list(range(SHARDS)), 30)
+        assert bus.leases._task is not None
+        bus.leases._task.cancel()
+        bus.leases._valid_until = float("inf")
+        await other.start()
+        await eventually(lambda: other.assignment() == list(range(SHARDS)), 10 * LEASE + 10)
+        assert bus.assignment() == list(range(SHARDS))  # it still believes
+        frames = {s: encode(Frame("acme", _channel_of(s), 1, b"while paused"))
+                  for s in range(SHARDS)}
+        for s, f in frames.items():
+            await other.publish(s, [f])
+        assert node.metrics_port is not None
+        name = "pqcnet_relayer_fenced_reads_total"
+
+        def refused() -> float:
+            return scrape_metrics(node.metrics_port)[name]  # type: ignore[arg-type]
+
+        async with asyncio.timeout(30):
+            while await asyncio.to_thread(refused) < SHARDS:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        assert bus.assignment() == [] and bus.fenced_out == SHARDS
+        got: dict[int, list[bytes]] = {}
+        async with asyncio.timeout(30):
+            for s in range(SHARDS):
+                while s not in got:
+                    with contextlib.suppress(BusUnavailable):  # a claim resets first
+                        if ds := await other.consume(s, node.cfg.group, block=0.1):
+                            got[s] = [d.data for d in ds]
+                            await other.ack(s, node.cfg.group, ds)
+        assert got == {s: [f] for s, f in frames.items()}
+        for s in range(SHARDS):
+            key = other.key(s)
+            assert _pending_of(redis_url, key, node.cfg.group, node.cfg.node_id) == 0
+            assert _pending(redis_url, key, node.cfg.group) == 0
+        assert await asyncio.to_thread(refused) == SHARDS  # once per shard, then dropped
+    finally:
+        await other.close()
+        await node.stop()
+        await _drop_keys(redis_url, prefix)

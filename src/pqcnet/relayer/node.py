@@ -1099,6 +1099,11 @@ class _NodeCollector(Collector):
             "Bus entries taken over from other members' pending lists when this relayer "
             "began reading a shard (Redis XAUTOCLAIM after a claim or restart)",
             value=n.bus.taken_over)
+        yield CounterMetricFamily(
+            "pqcnet_relayer_fenced_reads",
+            "Reads and claims of a shard Redis refused because this relayer's lease of it "
+            "was gone (a paused or partitioned former owner); the shard is dropped here",
+            value=n.bus.fenced_out)
         claims = CounterMetricFamily(
             "pqcnet_relayer_claims_records",
             "Proven volume records checked against client-signed counters, by status",

@@ -86,6 +86,9 @@ class Bus(abc.ABC):
     #: departed owner read and never acknowledged); 0 where the bus moves partitions
     #: with their committed offsets instead (Kafka)
     taken_over: int = 0
+    #: reads and claims Redis refused because this member's lease of the shard was
+    #: gone (a paused or partitioned former owner; decision 0024); 0 elsewhere
+    fenced_out: int = 0
 
     @abc.abstractmethod
     def partitions(self) -> int:

@@ -250,6 +250,12 @@ class ShardLeases:
                 self.owned.discard(shard)
                 self._changed(set(), {shard})
 
+    def lost(self, shards: set[int], why: str) -> None:
+        """Drop ``shards`` now: Redis showed their leases are not ours any more (a
+        fenced read or write was refused) — the next round would have found out."""
+        if gone := shards & self.owned:
+            self._lose(gone, why)
+
     def _lose(self, shards: set[int], why: str) -> None:
         self.owned -= shards
         self.releasing -= shards

@@ -36,12 +36,22 @@ entry of other consumers' PELs at once (``XAUTOCLAIM`` with no idle time: the le
 says their owner is gone or has handed the shard back) before reading new ones. The
 marks and volume writes are fenced by the lease (:meth:`seq_store`).
 
-A relayer can still read entries of a shard a moment after its lease ran out (its
-``XREADGROUP`` was on the way when the new owner took the shard over): they land in
-its PEL after the new owner's one claim, and its fenced write fails, so it never acks
-them. So an owner also sweeps, every ``lease`` seconds, the other consumers' PELs of
-its shards and takes entries idle for two leases (:meth:`_claim_stale`), handing them
-to its worker as they come (``XCLAIM`` returns them), without re-reading its own PEL.
+In a cluster every read and claim is *fenced* too (decision 0024): ``XREADGROUP``,
+``XAUTOCLAIM`` and ``XCLAIM`` run in one script with a check that this relayer's lease
+of the shard is still in Redis (:meth:`_fenced`), so a relayer whose lease ran out —
+paused between its lease check and its read, however long — reads nothing: no entry
+lands in its PEL after the new owner took the shard over. Scripts cannot block, so a
+``>`` read that drained the stream remembers the stream's last entry id, and the next
+read first waits for an entry past it with a plain ``XREAD BLOCK`` (no side effect:
+it moves no cursor and fills no PEL), then reads under the fence. A refused read drops
+the shard here at once (:meth:`ShardLeases.lost`).
+
+Relayers of an older version (a rolling upgrade) or a foreign client of the group can
+still read unfenced, so an owner also sweeps, every ``lease`` seconds, the other
+consumers' PELs of its shards and takes entries idle for two leases
+(:meth:`_claim_stale`), handing them to its worker as they come (``XCLAIM`` returns
+them), without re-reading its own PEL; a taken-over shard counts as caught up only
+after the first sweep three leases after its claim.
 """
 
 from __future__ import annotations
@@ -70,6 +80,34 @@ _U32 = struct.Struct(">I")
 ENTRY_RECORDS = 256
 #: CLIENT UNBLOCKs tried 10 ms apart while a read is on its way to Redis (≈ 0.2 s)
 UNBLOCK_TRIES = 20
+
+# KEYS[1] stream, KEYS[2] the shard's lease; ARGV[1] our lease value, ARGV[2] the op,
+# then its arguments. {0} when the lease is not ours; else {1, reply...}.
+#   read   group consumer count cursor -> {1, entries, tail}: tail is the stream's last
+#          entry id ('0-0': none) when a '>' read drained it, '' otherwise
+#   autoclaim group consumer min_idle start count -> {1, XAUTOCLAIM reply}
+#   claim  group consumer min_idle id... -> {1, XCLAIM reply}
+_FENCED = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0} end
+local op = ARGV[2]
+if op == 'read' then
+  local r = redis.call('XREADGROUP', 'GROUP', ARGV[3], ARGV[4], 'COUNT', ARGV[5],
+                       'STREAMS', KEYS[1], ARGV[6])
+  local entries = (r and r[1][2]) or {}
+  local tail = ''
+  if ARGV[6] == '>' and #entries < tonumber(ARGV[5]) then
+    local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+    tail = (last[1] and last[1][1]) or '0-0'
+  end
+  return {1, entries, tail}
+elseif op == 'autoclaim' then
+  return {1, redis.call('XAUTOCLAIM', KEYS[1], ARGV[3], ARGV[4], ARGV[5], ARGV[6],
+                        'COUNT', ARGV[7])}
+elseif op == 'claim' then
+  return {1, redis.call('XCLAIM', KEYS[1], ARGV[3], ARGV[4], ARGV[5], unpack(ARGV, 6))}
+end
+return redis.error_reply('unknown fenced op ' .. op)
+"""
 
 
 def _pack(records: Sequence[bytes]) -> bytes:
@@ -102,6 +140,18 @@ def _next_id(entry_id: str) -> str:
 def _id_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def _entries(raw: Any) -> list[tuple[Any, dict[Any, Any] | None]]:
+    """``(id, fields)`` of a script's raw stream entries (``[id, [field, value, ...]]``;
+    a deleted entry still in a PEL comes with no fields)."""
+    out = []
+    for e in raw or ():
+        if not isinstance(e, list) or not e:
+            continue
+        f = e[1] if len(e) > 1 else None
+        out.append((e[0], dict(zip(f[::2], f[1::2], strict=True)) if f else None))
+    return out
 
 
 class RedisStreamsBus(Bus):
@@ -158,6 +208,11 @@ class RedisStreamsBus(Bus):
         self.stale_claimed = 0
         #: entries taken from other consumers' PELs when a shard was (re)claimed
         self.taken_over = 0
+        #: reads and claims refused because our lease of the shard was gone from Redis
+        self.fenced_out = 0
+        #: (shard, group) -> the stream's last entry id when a fenced '>' read drained
+        #: it: the next read waits for an entry past it first (scripts cannot block)
+        self._tail: dict[tuple[int, str], str] = {}
         self._acks_since_trim = [0] * shards
         #: shard leases of a cluster (None: this relayer works on the shards it is given)
         self.leases: ShardLeases | None = None
@@ -165,6 +220,7 @@ class RedisStreamsBus(Bus):
             self.leases = ShardLeases(self.client, prefix, consumer, shards, lease=lease,
                                       revoke_grace=revoke_grace, drain=self._drain,
                                       on_change=self._ownership_changed)
+        self._fence_script = self.client.register_script(_FENCED)
         self._reset_needed: set[int] = set()
         self._out: dict[int, set[str]] = {}  # shard -> entry ids handed out, not acked
         #: (shard, group) -> the stream's last id at its rewind, until a read of new
@@ -241,6 +297,7 @@ class RedisStreamsBus(Bus):
                 self._settle.pop(sg, None)
             for sg in [sg for sg in self._phase if sg[0] == s]:
                 self._phase[sg] = "0"
+                self._tail.pop(sg, None)
         self._changed.set()
         if self.on_assignment is not None:
             self.on_assignment(gained, lost)
@@ -345,8 +402,13 @@ class RedisStreamsBus(Bus):
         idle = 0 if self.leases is not None else self.claim_idle_ms
         start, total = "0-0", 0
         for _ in range(10_000):  # bounded: a PEL holds at most a few batches per consumer
-            res = await self._call(self.client.xautoclaim(
-                self.key(shard), group, self.consumer, idle, start, count=256))
+            res: Any
+            if self.leases is None:
+                res = await self._call(self.client.xautoclaim(
+                    self.key(shard), group, self.consumer, idle, start, count=256))
+            else:
+                res = (await self._fenced(shard, "autoclaim", group, self.consumer,
+                                          idle, start, 256))[0]
             total += len(res[1]) if res else 0
             start = _s(res[0]) if res else "0-0"
             if start == "0-0":
@@ -380,8 +442,9 @@ class RedisStreamsBus(Bus):
             ids = [r["message_id"] for r in rows]
             settles = settles and len(ids) < 256  # more than a page: not all taken yet
             if ids:
-                out += await self._call(self.client.xclaim(key, group, self.consumer,
-                                                           idle, ids))
+                claimed = await self._fenced(shard, "claim", group, self.consumer, idle,
+                                             *ids)
+                out += _entries(claimed[0])
         if out:
             self.stale_claimed += len(out)
             log.warning("took entries a former owner read after its lease ran out",
@@ -390,8 +453,57 @@ class RedisStreamsBus(Bus):
             self._settle.pop(sg, None)
         return out
 
+    async def _fenced(self, shard: int, op: str, *args: Any) -> list[Any]:
+        """``op`` (see :data:`_FENCED`) on ``shard``'s stream only while our lease of
+        ``shard`` is in Redis — the check and the op are one script, so no read or
+        claim of a relayer whose lease ran out reaches the stream. Its reply; when the
+        lease is not ours, the refusal is counted, the shard dropped here at once, and
+        :class:`BusUnavailable` raised (the worker resets, as after any owner change)."""
+        assert self.leases is not None
+        fence = self.leases.fence(shard)
+        if fence is not None:
+            res: Any = await self._call(self._fence_script(
+                keys=[self.key(shard), fence[0]], args=[fence[1], op, *args]))
+            if int(res[0]):
+                return list(res[1:])
+            self.fenced_out += 1
+            log.warning("a read of a shard whose lease ran out was refused",
+                        extra={"shard": shard, "op": op})
+            self.leases.lost({shard}, f"{op} refused: the lease is not ours in Redis")
+        self._reset_needed.discard(shard)  # this raise is the reset
+        raise BusUnavailable(f"shard {shard} changed owner: resetting")
+
+    async def _read_fenced(self, shard: int, group: str, cursor: str, count: int,
+                           block_ms: int | None) -> list[Any]:
+        """A cluster's read: under the lease fence. A blocking ``>`` read whose last
+        read drained the stream first waits (``XREAD BLOCK``, interruptible) for an
+        entry past the stream's last id then, and returns nothing if none came."""
+        sg = (shard, group)
+        tail = self._tail.pop(sg, None) if cursor == ">" and block_ms else None
+        if tail is not None and not await self._wait_past(sg, tail, block_ms or 1):
+            self._tail[sg] = tail  # still drained, as far as we know
+            return []
+        res = await self._fenced(shard, "read", group, self.consumer, count, cursor)
+        if tail := _s(res[1]):
+            self._tail[sg] = tail
+        return _entries(res[0])
+
+    async def _wait_past(self, sg: tuple[int, str], tail: str, block_ms: int) -> bool:
+        """Wait up to ``block_ms`` for an entry of ``sg``'s stream past ``tail``; False
+        on a timeout or an :meth:`interrupt`. A plain ``XREAD``: it reads for no group."""
+        self._blocking.add(sg)
+        try:
+            res: Any = await self._call(self._blocker(sg).xread(
+                {self.key(sg[0]): tail}, count=1, block=block_ms),
+                self.op_timeout + block_ms / 1000)
+        finally:
+            self._blocking.discard(sg)
+        return bool(res)
+
     async def _read(self, shard: int, group: str, cursor: str, count: int,
                     block_ms: int | None) -> list[Any]:
+        if self.leases is not None:
+            return await self._read_fenced(shard, group, cursor, count, block_ms)
         limit = self.op_timeout + (block_ms or 0) / 1000
         sg = (shard, group)
         client = self.client if block_ms is None else self._blocker(sg)
@@ -527,6 +639,7 @@ class RedisStreamsBus(Bus):
     async def rewind(self, shard: int, group: str) -> None:
         sg = (shard, group)
         self._phase[sg] = "0"
+        self._tail.pop(sg, None)
         self._out.pop(shard, None)  # what was handed out is read again from the PEL
         # the stream's end now: caught up once new reads pass it (the PELs of this
         # consumer and of former owners come first, through the pending path)
