@@ -179,6 +179,8 @@ class ClusterRun:
                                      cursor=self.cursor, retry_delay=0.2)
         self.acked = dict.fromkeys(topics, 0)
         self.taken = 0
+        #: set once every frame was taken (:meth:`consume` goes on reading)
+        self.all_taken = asyncio.Event()
         self.by_relayer = [0, 0, 0]
 
     @property
@@ -186,14 +188,17 @@ class ClusterRun:
         return self.count * len(self.topics)
 
     async def consume(self) -> None:
-        """Take batches until every frame was taken, then ack."""
+        """Take batches until cancelled (:meth:`close`); ``all_taken`` is set once every
+        frame was. It goes on reading after that: a relayer that delivered frames and
+        died (or was fenced) before it billed them has them delivered again by their
+        next owner, which bills them when this subscriber acks the repeats — which it
+        only does while it reads."""
         async for batch in self.sub.batches():
             self.taken += len(batch)
             assert self.sub._source is not None
             self.by_relayer[self.sub.subs.index(self.sub._source)] += len(batch)
             if self.taken >= self.total:
-                await self.sub.ack()
-                return
+                self.all_taken.set()
 
     async def has_metered(self, name: str) -> bool:
         """``name`` wrote volume to the shared store: a relayer killed after it delivered

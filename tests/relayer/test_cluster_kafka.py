@@ -10,12 +10,13 @@ and no frame is proved twice."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
 from pathlib import Path
 
 import pytest
 
-from pqcnet.relayer.frame import Topic
+from pqcnet.relayer.frame import Topic, shard_for
 from tests.relayer.cluster import ClusterRun, metered
 from tests.relayer.helpers import eventually, metrics_reach
 
@@ -63,7 +64,7 @@ async def test_three_relayers_kill_one_add_one(tmp_path: Path, kafka_bootstrap: 
             await asyncio.sleep(0.5 if waiting else 0.05)
         assert kill_at is not None, "r1 delivered nothing while the stream was published"
         async with asyncio.timeout(150):
-            await consumer
+            await run.all_taken.wait()
         # frames accepted for another relayer's partition were confirmed in Redis before
         # their ack (decision 0020), and their owners' saves removed every marker
         await eventually(lambda: not run.agreement_left(SHARDS), 30, 0.5)
@@ -77,6 +78,86 @@ async def test_three_relayers_kill_one_add_one(tmp_path: Path, kafka_bootstrap: 
     # metering per customer from every relayer's volume (the killed one's too), as billed;
     # proofs per relayer, only for partitions the group gave it in that epoch
     await run.check_histories_and_proofs(volume, redis_url, prefix, SHARDS, EPOCH)
+
+
+
+async def test_a_member_paused_past_its_session_bills_nothing_twice(
+        tmp_path: Path, kafka_bootstrap: str, redis_url: str) -> None:
+    """Decision 0025, from outside. The subscriber takes a batch from r1 and r1 is
+    SIGSTOPped before the subscriber's ack for it reaches it; it stays stopped for three
+    times its group session (2 s). The group gives its partitions to r0 and r2, which
+    claim them with a newer generation and deliver from the last commit: the batch
+    again, which the subscriber's cursor drops and acks, and they bill. When r1 resumes,
+    the ack waiting in its socket makes it save marks and volume for that batch with the
+    old generation: refused. Before the fence it billed the batch a second time. The
+    history checker finds every frame taken once and billed exactly once (metering per
+    customer equal to deliveries); every relayer's proofs cover only what it metered,
+    for partitions the group gave it then; r1's log shows the refused save."""
+    tag = uuid.uuid4().hex[:8]
+    prefix = f"cluster:{tag}"
+    session = 2.0
+    # one topic per partition: every member owns topics whatever the group gives it
+    topics = [("acme", next(f"ch{i}" for i in range(10_000)
+                            if shard_for("acme", f"ch{i}", SHARDS) == s)) for s in range(SHARDS)]
+    run = ClusterRun(tmp_path, topics, COUNT, BATCH, backend="kafka",
+                     kafka_bootstrap=kafka_bootstrap, kafka_topic=f"pqcnet-stale-{tag}",
+                     group=f"stale-{tag}", redis_url=redis_url, redis_prefix=prefix,
+                     kafka_session_timeout=session, kafka_commit_interval=0.0,
+                     epoch_seconds=EPOCH, shards=SHARDS)
+    procs, by_relayer = run.procs, run.by_relayer
+    await asyncio.gather(*(p.start() for p in procs))
+    loop = asyncio.get_running_loop()
+    paused_at: float | None = None
+
+    async def consume() -> None:
+        """``run.consume``, pausing r1 once: after a batch of it was taken, before the
+        ack for it (sent when the next batch is asked for)."""
+        nonlocal paused_at
+        async for batch in run.sub.batches():
+            run.taken += len(batch)
+            assert run.sub._source is not None
+            source = run.sub.subs.index(run.sub._source)
+            by_relayer[source] += len(batch)
+            if run.taken >= run.total:
+                run.all_taken.set()
+            if paused_at is None and source == 1 and all(by_relayer) \
+                    and await run.has_metered("r1"):
+                assert procs[1].proc is not None
+                procs[1].proc.send_signal(signal.SIGSTOP)
+                paused_at = loop.time()
+
+    consumer = asyncio.create_task(consume())
+    try:
+        resumed = False
+        while not resumed:
+            if not run.done():
+                await run.publish_step()
+            elif paused_at is None:
+                break  # never paused: failed below
+            if paused_at is not None and loop.time() >= paused_at + 3 * session:
+                assert procs[1].proc is not None
+                procs[1].proc.send_signal(signal.SIGCONT)
+                resumed = True
+            # slowly until every member delivered, and once r1 is paused: the stream
+            # goes on past its resumption
+            await asyncio.sleep(0.3 if paused_at is not None or not all(by_relayer)
+                                else 0.05)
+        assert paused_at is not None, "not every relayer delivered while the stream ran"
+        while not run.done():
+            await run.publish_step()
+            await asyncio.sleep(0.05)
+        async with asyncio.timeout(150):
+            await run.all_taken.wait()
+        await eventually(lambda: not run.agreement_left(SHARDS), 30, 0.5)
+        volume = await metered(redis_url, prefix, run.names)
+        await eventually(lambda: run.proved(volume), 4 * EPOCH + 60, 0.5)
+    finally:
+        await run.close(consumer)
+    await run.check_histories_and_proofs(volume, redis_url, prefix, SHARDS, EPOCH)
+    log = (run.dirs["r1"] / "relayer.log").read_text()
+    # r1's save for the batch was refused: by Redis (an old generation) or at once (its
+    # consumer had already learnt it was out of the group)
+    assert "lease lost" in log or "not leased here: marks not saved" in log, log[-3000:]
 
 
 async def test_broker_accepts_a_one_second_group_session(kafka_bootstrap: str) -> None:

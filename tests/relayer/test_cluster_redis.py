@@ -66,7 +66,7 @@ async def test_three_relayers_add_one_kill_one(tmp_path: Path, redis_url: str) -
             await asyncio.sleep(0.25 if added_at is not None and not killed else 0.05)
         assert killed, by_relayer
         async with asyncio.timeout(150):
-            await consumer
+            await run.all_taken.wait()
         # the killed relayer comes back (same node_id, same data dir): it proves the
         # epochs it metered before it died, from its volume in Redis
         await procs[1].start()

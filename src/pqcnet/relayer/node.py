@@ -133,12 +133,21 @@ def make_bus(cfg: RelayerConfig, data_dir: Path) -> Bus:
     return EmbeddedBus(data_dir / "bus", cfg.shards, sync=cfg.sync)
 
 
-def shared_marks(cfg: RelayerConfig) -> RedisSeqStore:
-    """Dedup marks and metered volume in Redis for a Kafka cluster (``redis_url``)."""
+def shared_marks(cfg: RelayerConfig, bus: Bus) -> RedisSeqStore:
+    """Dedup marks and metered volume in Redis for a Kafka cluster (``redis_url``); when
+    the group rebalances, writes are fenced by the partitions' owner keys (decision
+    0025: a stale member neither moves the marks nor meters)."""
     import redis.asyncio as aioredis
 
+    from pqcnet.relayer.bus.kafka import KafkaBus
+    from pqcnet.relayer.bus.kafka_owners import PartitionOwners
+
     client = aioredis.from_url(cfg.redis_url, socket_connect_timeout=cfg.publish_timeout)
-    return RedisSeqStore(client, cfg.redis_prefix, cfg.node_id)
+    fence = None
+    if isinstance(bus, KafkaBus) and bus.rebalance:
+        bus.owners = PartitionOwners(client, cfg.redis_prefix, bus.owner_token)
+        fence = bus.owners.fence
+    return RedisSeqStore(client, cfg.redis_prefix, cfg.node_id, fence=fence)
 
 
 def _identity_passphrase(cfg: RelayerConfig) -> bytes | None:
@@ -313,7 +322,7 @@ class RelayerNode:
         store = self.bus.seq_store()
         if store is None and cfg.backend == "kafka" and cfg.redis_url:
             # a cluster's shared marks and volume: they move with a partition
-            shared = shared_marks(cfg)
+            shared = shared_marks(cfg, self.bus)
             stack.push_async_callback(_quietly, shared.aclose)
             store = shared
             # who owned which partition when, next to the marks (Redis leases journal
@@ -1101,8 +1110,9 @@ class _NodeCollector(Collector):
             value=n.bus.taken_over)
         yield CounterMetricFamily(
             "pqcnet_relayer_fenced_reads",
-            "Reads and claims of a shard Redis refused because this relayer's lease of it "
-            "was gone (a paused or partitioned former owner); the shard is dropped here",
+            "Reads and claims of a shard refused because this relayer no longer held it "
+            "(Redis: its lease was gone; Kafka with redis_url: a newer group generation "
+            "held the partition): a paused or partitioned former owner",
             value=n.bus.fenced_out)
         claims = CounterMetricFamily(
             "pqcnet_relayer_claims_records",

@@ -86,8 +86,9 @@ class Bus(abc.ABC):
     #: departed owner read and never acknowledged); 0 where the bus moves partitions
     #: with their committed offsets instead (Kafka)
     taken_over: int = 0
-    #: reads and claims Redis refused because this member's lease of the shard was
-    #: gone (a paused or partitioned former owner; decision 0024); 0 elsewhere
+    #: reads and claims refused because this member no longer held the shard (Redis:
+    #: its lease was gone, decision 0024; Kafka with shared marks: a newer group
+    #: generation held the partition, decision 0025); 0 on the embedded backend
     fenced_out: int = 0
 
     @abc.abstractmethod

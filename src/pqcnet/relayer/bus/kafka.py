@@ -20,8 +20,9 @@
   previous owner's, so its first frame per topic waits ``gap_timeout`` and is reported
   as a gap before delivery resumes, in order; a node configured with ``redis_url``
   keeps marks and volume in Redis instead (:func:`pqcnet.relayer.node.shared_marks`),
-  and they move with the partition. A dead member's partitions move after
-  ``session_timeout`` seconds without heartbeats.
+  and they move with the partition; its writes are fenced by the group generation
+  (:mod:`.kafka_owners`, decision 0025: every reset claims the partition first). A
+  dead member's partitions move after ``session_timeout`` seconds without heartbeats.
 * Commits happen after the worker has delivered and persisted its dedup marks, so a
   crash replays, never skips.
 * One fetch loop per consumer reads every assigned partition and wakes only the shard
@@ -52,6 +53,7 @@ from aiokafka.errors import (
 
 from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.relayer.bus.base import Bus, Delivery, Offset
+from pqcnet.relayer.bus.kafka_owners import PartitionOwners, owner_token
 from pqcnet.relayer.bus.kafka_pump import PartitionPump
 from pqcnet.relayer.errors import BusError, BusUnavailable
 
@@ -148,6 +150,9 @@ class KafkaBus(Bus):
         self._changed = asyncio.Event()
         #: group -> the fetch loop feeding its shard workers (see :mod:`.kafka_pump`)
         self._pumps: dict[str, PartitionPump] = {}
+        #: owner keys fencing a cluster's shared marks and volume (decision 0025): set
+        #: by the node when the group rebalances and the marks are in Redis
+        self.owners: PartitionOwners | None = None
 
     def partitions(self) -> int:
         return self._shards
@@ -157,6 +162,22 @@ class KafkaBus(Bus):
 
     def owns(self, shard: int) -> bool:
         return shard in self.assigned and shard not in self._revoking
+
+    @property
+    def fenced_out(self) -> int:  # type: ignore[override]
+        """Partition claims refused because a newer group generation held them."""
+        return self.owners.refused if self.owners is not None else 0
+
+    def owner_token(self, shard: int) -> str | None:
+        """This member's token for ``shard`` (its group generation and member), or
+        None when the group does not give it the partition now."""
+        if not self.rebalance or not self.owns(shard) or len(self._consumers) != 1:
+            return None
+        coordinator = next(iter(self._consumers.values()))._coordinator
+        if coordinator is None or coordinator.generation < 0:
+            return None
+        return owner_token(coordinator.generation,
+                           self.instance_id or str(coordinator.member_id))
 
     def tp(self, shard: int) -> TopicPartition:
         """The Kafka partition of ``shard``."""
@@ -407,6 +428,8 @@ class KafkaBus(Bus):
         consumer = await self._consumer(group)
         if shard not in self.assigned:
             return
+        if self.owners is not None:  # before any mark is read: a stale member's later
+            await self.owners.claim(shard)  # saves are refused from here on
         tp = self.tp(shard)
         committed = self._acked.get(group, {}).get(tp)
         if committed is None:
