@@ -110,6 +110,18 @@ RELAY = {
           "refused_on_bus = copies of refused frames dropped (decision 0020). "
           "held_catching_up and shards catching up: after a start or a takeover, no skip "
           "until the backlog there at that moment is read (decision 0023)."),
+        P("Cluster hand-overs: entries taken over, stale entries, fenced reads", "short",
+          (("sum by (instance) (pqcnet_relayer_taken_over_entries_total)",
+            "{{instance}} taken over"),
+           ("sum by (instance) (pqcnet_relayer_stale_claimed_entries_total)",
+            "{{instance}} stale entries taken"),
+           ("sum by (instance) (pqcnet_relayer_fenced_reads_total)",
+            "{{instance}} fenced out")),
+          "taken over: what a departed owner read and never acknowledged, redelivered "
+          "here. stale entries: read by a reader that does not fence (an older version, "
+          "a foreign client). fenced out: this relayer stalled past its Redis lease or "
+          "Kafka session and was refused (decisions 0024, 0025; alert "
+          "PqcnetRelayerFencedOut)."),
         P("Refused: authorization and quota", "short",
           (("sum by (instance, op) (pqcnet_relayer_authz_refusals_total)",
             "{{instance}} authz {{op}}"),

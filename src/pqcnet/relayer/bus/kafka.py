@@ -170,8 +170,11 @@ class KafkaBus(Bus):
 
     def owner_token(self, shard: int) -> str | None:
         """This member's token for ``shard`` (its group generation and member), or
-        None when the group does not give it the partition now."""
-        if not self.rebalance or not self.owns(shard) or len(self._consumers) != 1:
+        None when the group does not give it the partition now. A partition being
+        revoked is still ours until the revocation ends: its in-flight batches are
+        saved and acked under the generation that assigned it (the revoke callback runs
+        before the next join)."""
+        if not self.rebalance or shard not in self.assigned or len(self._consumers) != 1:
             return None
         coordinator = next(iter(self._consumers.values()))._coordinator
         if coordinator is None or coordinator.generation < 0:
