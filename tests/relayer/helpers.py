@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 import urllib.request
@@ -115,6 +116,15 @@ def redis_cli(redis_url: str, *args: str) -> str:
     out = subprocess.run([exe, "-u", redis_url, "--no-raw", *args], check=True,
                          capture_output=True, text=True, timeout=30)
     return out.stdout
+
+
+def redis_pending(redis_url: str, key: str, group: str, consumer: str | None = None) -> int:
+    """Pending entries of ``group`` on stream ``key`` (of one ``consumer`` if given), as
+    ``redis-cli XPENDING`` counts them."""
+    if consumer is None:
+        return int(redis_cli(redis_url, "XPENDING", key, group).splitlines()[0].split()[-1])
+    out = redis_cli(redis_url, "XPENDING", key, group, "-", "+", "1000", consumer)
+    return len(re.findall(r'"\d+-\d+"', out))  # one entry id per pending entry
 
 
 def scrape_metrics(port: int) -> dict[str, float]:

@@ -28,7 +28,7 @@ from pqcnet.relayer.bus.redis_streams import RedisStreamsBus
 from pqcnet.relayer.frame import Frame, encode
 from pqcnet.relayer.seqstore import RocksSeqStore
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
-from tests.relayer.helpers import CollectSink, eventually, redis_cli
+from tests.relayer.helpers import CollectSink, eventually, redis_pending
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(120)]
 
@@ -177,7 +177,7 @@ async def test_a_new_owner_waits_for_what_its_former_owner_read_late(
     try:
         await eventually(lambda: (0, "g") in bus._claimed, 10)  # claimed: the clock runs
         await bus.publish(0, [encode(Frame(*T, 2, b"second"))])
-        await eventually(lambda: _pending(redis_url, bus.key(0)) == 1, 10)  # b read it
+        await eventually(lambda: redis_pending(redis_url, bus.key(0), "g") == 1, 10)  # b read it
         # the former owner "a"'s read lands now: XADD and its XREADGROUP in one MULTI, so
         # this relayer's own blocked read cannot take the entry first
         pipe = bus.client.pipeline(transaction=True)
@@ -198,7 +198,7 @@ async def test_a_new_owner_waits_for_what_its_former_owner_read_late(
         else:
             await eventually(lambda: worker.stats.duplicates == 1, 10)
             assert sink.by_topic[T] == [2] and worker.stats.gaps == 1
-        await eventually(lambda: _pending(redis_url, bus.key(0)) == 0, 10)
+        await eventually(lambda: redis_pending(redis_url, bus.key(0), "g") == 0, 10)
     finally:
         worker.stop()
         await asyncio.wait_for(task, 10)
@@ -208,7 +208,3 @@ async def test_a_new_owner_waits_for_what_its_former_owner_read_late(
             await bus.client.delete(*keys)
         await bus.close()
 
-
-def _pending(redis_url: str, key: str) -> int:
-    """Group g's pending entries as ``redis-cli XPENDING`` counts them."""
-    return int(redis_cli(redis_url, "XPENDING", key, "g").splitlines()[0].split()[-1])

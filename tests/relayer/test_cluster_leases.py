@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -23,7 +22,13 @@ from pqcnet.relayer.errors import BusUnavailable
 from pqcnet.relayer.frame import Frame, encode, shard_for
 from pqcnet.relayer.node import RelayerNode
 from tests.relayer.e2e import publisher, start_node, subscriber
-from tests.relayer.helpers import eventually, metrics_reach, redis_cli, scrape_metrics
+from tests.relayer.helpers import (
+    eventually,
+    metrics_reach,
+    redis_cli,
+    redis_pending,
+    scrape_metrics,
+)
 
 pytestmark = pytest.mark.timeout(120)
 SHARDS = 8
@@ -215,7 +220,8 @@ async def test_a_relayer_delivers_and_counts_entries_a_stalled_member_read(
         assert scraped["pqcnet_relayer_stale_claimed_entries_total"] == 1.0
         # the sweep, not a takeover at a claim: the warm-up frame made sure of it
         assert scraped["pqcnet_relayer_taken_over_entries_total"] == 0.0
-        await eventually(lambda: _pending(redis_url, bus.key(shard), node.cfg.group) == 0, 30)
+        await eventually(
+            lambda: redis_pending(redis_url, bus.key(shard), node.cfg.group) == 0, 30)
     finally:
         if sub is not None:
             await sub.close()
@@ -234,11 +240,6 @@ async def _node_and_member(tmp_path: Path, redis_url: str, **node_kw: Any
     other = RedisStreamsBus(redis_url, SHARDS, prefix=prefix, consumer="b", lease=LEASE,
                             revoke_grace=1.0)
     return prefix, node, other
-
-
-def _pending(redis_url: str, key: str, group: str) -> int:
-    """The group's pending count as ``redis-cli`` sees it (an independent client)."""
-    return int(redis_cli(redis_url, "XPENDING", key, group).splitlines()[0].split()[-1])
 
 
 async def test_in_flight_of_shards_handed_over_is_dropped_at_once(
@@ -313,7 +314,7 @@ async def test_a_regained_shard_holds_the_gap_of_its_queued_frames(
         port = node.metrics_port
         await metrics_reach(port, want)
         # every entry of the shard acked in the group, as redis-cli sees it
-        await eventually(lambda: _pending(redis_url, node.bus.key(shard), node.cfg.group) == 0,
+        await eventually(lambda: redis_pending(redis_url, node.bus.key(shard), node.cfg.group) == 0,
                          30)
     finally:
         if sub is not None:
@@ -382,7 +383,7 @@ async def test_a_lease_renewed_late_keeps_the_gap_of_its_acknowledged_frames(
         # no loss was journaled: the lease never lapsed in Redis (read with redis-cli)
         owners = redis_cli(redis_url, "XRANGE", leases.journal_key, "-", "+")
         assert "lost" not in owners and "claimed" in owners
-        await eventually(lambda: _pending(redis_url, node.bus.key(shard), node.cfg.group) == 0,
+        await eventually(lambda: redis_pending(redis_url, node.bus.key(shard), node.cfg.group) == 0,
                          30)
     finally:
         for c in (sub, pub):
@@ -439,7 +440,7 @@ async def test_a_former_owner_paused_past_its_lease_reads_nothing(
         with pytest.raises(BusUnavailable, match="changed owner"):
             await a.consume(0, "g", block=0.1)
         assert a.fenced_out == 1 and 0 not in a.assignment()
-        assert _pending_of(redis_url, key, "g", "a") == 0
+        assert redis_pending(redis_url, key, "g", "a") == 0
         got = await b.consume(0, "g", block=0.1)
         assert [d.data for d in got] == [frame]
         # a, still believing it owns the shard, tries to take b's in-flight entry
@@ -447,21 +448,15 @@ async def test_a_former_owner_paused_past_its_lease_reads_nothing(
         with pytest.raises(BusUnavailable, match="changed owner"):
             await a._take_pending(0, "g")
         assert a.fenced_out == 2
-        assert (_pending_of(redis_url, key, "g", "a"), _pending_of(redis_url, key, "g", "b")
-                ) == (0, 1)
+        assert redis_pending(redis_url, key, "g", "a") == 0
+        assert redis_pending(redis_url, key, "g", "b") == 1
         await b.ack(0, "g", got)
     else:
         stolen = await a.consume(0, "g", block=0.1)
         assert [d.data for d in stolen] == [frame] and a.fenced_out == 0
-        assert _pending_of(redis_url, key, "g", "a") == 1
+        assert redis_pending(redis_url, key, "g", "a") == 1
         assert await b.consume(0, "g", block=0.1) == [] and b.caught_up(0, "g")
-    assert _pending(redis_url, key, "g") == (0 if fenced else 1)
-
-
-def _pending_of(redis_url: str, key: str, group: str, consumer: str) -> int:
-    """``consumer``'s pending entries as ``redis-cli XPENDING`` counts them."""
-    out = redis_cli(redis_url, "XPENDING", key, group, "-", "+", "100", consumer)
-    return len(re.findall(r'"\d+-\d+"', out))  # one entry id per pending entry
+    assert redis_pending(redis_url, key, "g") == (0 if fenced else 1)
 
 
 async def test_a_paused_relayer_reads_nothing_once_its_leases_are_gone(
@@ -508,8 +503,8 @@ async def test_a_paused_relayer_reads_nothing_once_its_leases_are_gone(
         assert got == {s: [f] for s, f in frames.items()}
         for s in range(SHARDS):
             key = other.key(s)
-            assert _pending_of(redis_url, key, node.cfg.group, node.cfg.node_id) == 0
-            assert _pending(redis_url, key, node.cfg.group) == 0
+            assert redis_pending(redis_url, key, node.cfg.group, node.cfg.node_id) == 0
+            assert redis_pending(redis_url, key, node.cfg.group) == 0
         assert await asyncio.to_thread(refused) == SHARDS  # once per shard, then dropped
     finally:
         await other.close()
