@@ -23,6 +23,7 @@ import pytest
 
 from pqcnet.bench import mesh
 from tests.conftest import _services_env, require_service
+from tests.relayer.helpers import redis_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 PQCNET = str(Path(sys.executable).parent / "pqcnet")
@@ -133,6 +134,31 @@ def test_relayer_against_nats_jetstream() -> None:
     for key in ("vs_nats_go", "vs_nats_py", "paced_p99_vs_nats_py_paced_p99"):
         assert _number(d["ratios"][key]), key
     assert isinstance(d["targets"]["met_vs_nats_go"], bool)
+
+
+def test_relayer_on_kafka_with_its_marks_in_redis() -> None:
+    """``--marks-in-redis``: the Kafka relayer keeps marks and volume in Redis, as a Kafka
+    cluster does (decision 0025). Seen from outside with ``redis-cli``: the run left
+    one partition-owner key per partition (32) under one new prefix — every partition's
+    marks went through the generation fence. Refused for the other backends."""
+    require_service("PQCNET_KAFKA_BOOTSTRAP", "Kafka")
+    redis_url = require_service("PQCNET_REDIS_URL", "Redis")
+
+    def owner_keys() -> set[str]:
+        out = redis_cli(redis_url, "--scan", "--pattern", "bench:*:kowner:*")
+        return {k.strip('"') for k in out.split()}
+
+    before = owner_keys()
+    d = _relayer("--backend", "kafka", "--marks-in-redis", "--no-baselines")
+    assert d["marks"] == "redis"
+    new = owner_keys() - before
+    assert len(new) == 32 and len({k.rsplit(":kowner:", 1)[0] for k in new}) == 1, new
+    assert {int(k.rsplit(":", 1)[1]) for k in new} == set(range(32))
+    for backend in ("embedded", "redis"):
+        proc = subprocess.run([PQCNET, "bench", "relayer", "--backend", backend,
+                               "--marks-in-redis", "--frames", "100", "--no-baselines"],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode != 0 and "is for --backend kafka" in proc.stderr, proc.stderr
 
 
 def test_parking_reports_live_rates_the_replay_and_the_hold_without_it() -> None:

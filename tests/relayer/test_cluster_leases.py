@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -457,6 +458,40 @@ async def test_a_former_owner_paused_past_its_lease_reads_nothing(
         assert redis_pending(redis_url, key, "g", "a") == 1
         assert await b.consume(0, "g", block=0.1) == [] and b.caught_up(0, "g")
     assert redis_pending(redis_url, key, "g") == (0 if fenced else 1)
+
+
+async def test_a_lease_lost_during_the_wait_refuses_the_read_it_wakes(
+        cluster: Callable[[str], RedisStreamsBus], redis_url: str) -> None:
+    """Decision 0024. A drained shard's read waits in ``XREAD BLOCK`` with its fenced
+    read pipelined behind it, on one connection. The lease changes hands while it
+    waits (rewritten with ``redis-cli``, as another member's claim after ours ran out);
+    the entry published then wakes the wait, and Redis runs the fenced read at once —
+    refused: the consume raises, the refusal is counted, the shard is dropped, nothing
+    sits in a's pending list and the group's cursor has not moved past the entry
+    (``redis-cli XPENDING`` / ``XINFO GROUPS``), so the new owner reads it."""
+    a = cluster("a")
+    await a.start()
+    assert a.leases is not None and a.leases._task is not None
+    a.leases._task.cancel()  # no rounds: it goes on believing it holds its shards
+    a.leases._valid_until = float("inf")
+    assert await a.consume(0, "g", block=0.1) == []  # drained: the next read waits
+    waiting = asyncio.create_task(a.consume(0, "g", block=30.0))
+
+    def blocked() -> bool:
+        clients = redis_cli(redis_url, "CLIENT", "LIST").splitlines()
+        return any(" cmd=xread " in c and " flags=b " in c for c in clients)
+
+    await eventually(blocked, 10)
+    redis_cli(redis_url, "SET", a.leases.key(0), "0123456789abcdef:b")
+    key = a.key(0)
+    await a.publish(0, [encode(Frame("acme", "c", 1, b"published while a waited"))])
+    with pytest.raises(BusUnavailable, match="changed owner"):
+        await asyncio.wait_for(waiting, 10)
+    assert a.fenced_out == 1 and 0 not in a.assignment()
+    assert redis_pending(redis_url, key, "g") == 0
+    lag = re.search(r'"lag"\n\s*\d+\) \(integer\) (\d+)',
+                    redis_cli(redis_url, "XINFO", "GROUPS", key))
+    assert lag is not None and lag[1] == "1"  # the group has not been handed it
 
 
 async def test_a_paused_relayer_reads_nothing_once_its_leases_are_gone(

@@ -160,42 +160,54 @@ async def test_publish_many_one_round_trip_each_shard_in_order(
     assert calls == 1
 
 
-async def _blocked_reader(admin: Any) -> int | None:
-    """Id of the client blocked in XREADGROUP, as Redis lists it (CLIENT LIST)."""
+async def _blocked_reader(admin: Any, cmd: str = "xreadgroup") -> int | None:
+    """Id of the client blocked in ``cmd``, as Redis lists it (CLIENT LIST)."""
     for c in await admin.client_list():
-        if c.get("cmd") == "xreadgroup" and "b" in c.get("flags", ""):
+        if c.get("cmd") == cmd and "b" in c.get("flags", ""):
             return int(c["id"])
     return None
 
 
+@pytest.mark.parametrize("lease", [None, 5.0], ids=["alone", "cluster"])
 async def test_interrupt_ends_a_blocking_read_and_loses_nothing(
-        redis_bus_factory: BusFactory, redis_url: str) -> None:
+        redis_bus_factory: BusFactory, redis_url: str, lease: float | None) -> None:
     """``interrupt`` ends a 30 s blocking consume at once, seen from Redis's side: the
-    client blocked in XREADGROUP (CLIENT LIST) is gone and the consume returns nothing.
+    client blocked in XREADGROUP (a cluster member: in the XREAD its fenced read waits
+    behind, decision 0024) is gone (CLIENT LIST) and the consume returns nothing.
     300 rounds of a publish racing an interrupt of the read waiting for it hand every
     entry out once, in order — CLIENT UNBLOCK is atomic in Redis, never a cancelled
     read that could drop what it was given. After Redis kills the reading connection
     (CLIENT KILL), its new connection's id is the one interrupted; a read interrupted
     before it reached Redis is unblocked once it does (the unblock is tried again)."""
-    bus = redis_bus_factory(consumer="a", entry_records=1)
+    bus = redis_bus_factory(consumer="a", entry_records=1, lease=lease)
     writer = redis_bus_factory(consumer="w", entry_records=1)
     admin = aioredis.from_url(redis_url)
+    cmd = "xreadgroup" if lease is None else "xread"
     try:
-        assert await bus.consume(0, "g", block=0.01) == []  # the group exists now
+        if lease is not None:
+            await bus.start()  # the lone member: every shard is its own
         for round_ in range(2):
+            # the group exists; a member's shard is drained, so its next read waits
+            assert await bus.consume(0, "g", block=0.01) == []
             waiting = asyncio.create_task(bus.consume(0, "g", block=30.0))
             async with asyncio.timeout(10):
-                while (reader := await _blocked_reader(admin)) is None:  # noqa: ASYNC110 - Redis's state
+                while (reader := await _blocked_reader(admin, cmd)) is None:  # noqa: ASYNC110 - Redis's state
                     await asyncio.sleep(0.02)
             bus.interrupt(0)
             assert await asyncio.wait_for(waiting, 5) == []
-            assert await _blocked_reader(admin) is None
+            assert await _blocked_reader(admin, cmd) is None
             if round_ == 0:  # Redis drops the connection: the next read reconnects
                 await admin.client_kill_filter(_id=reader)
                 with contextlib.suppress(BusUnavailable):
                     await bus.consume(0, "g", block=0.05)
         # a first blocking read, interrupted while its connection is still being made
-        fresh = redis_bus_factory(consumer="b", entry_records=1)
+        if lease is None:
+            fresh = redis_bus_factory(consumer="b", entry_records=1)
+        else:  # another member would not own shard 0: the same bus, a new connection
+            assert isinstance(bus, RedisStreamsBus)
+            assert await bus.consume(0, "g", block=0.01) == []  # drained: the next one waits
+            fresh = bus
+            await bus._blockers.pop((0, "g")).aclose()
         assert isinstance(fresh, RedisStreamsBus)
         waiting = asyncio.create_task(fresh.consume(0, "g", block=30.0))
         async with asyncio.timeout(10):

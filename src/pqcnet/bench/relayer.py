@@ -49,6 +49,11 @@ summed; ``per_worker`` splits it), whose N-worker / 1-worker ratio predicts scal
 a host with a core per worker. Publishers use the shared port; one subscriber per
 customer per worker (each worker delivers the shards it owns).
 
+``--marks-in-redis`` (kafka): the relayer keeps its dedup marks and metered volume in
+Redis (``redis_url``, a fresh prefix), as a Kafka relayer cluster does to move them with
+a partition — fenced by the group generation (decision 0025); without it they stay in
+the relayer's node-local RocksDB. The JSON's ``marks`` says which ran.
+
 Targets (issue 4): >= 10,000 frames/s and >= 0.5x the raw write rate. Issue 15: end
 to end >= 0.5x the echo ceiling; embedded >= 1x NATS (Go client), Redis/Kafka >= 0.6x;
 paced p99 <= 1.5x NATS's (nats-py, the only NATS client here that reports latency);
@@ -297,10 +302,13 @@ async def _paced_run(clients: _Clients, frames: int, topics: int, size: int,
             "latency": percentiles(clients.lat.samples)}
 
 
-def relayer_config(tmp: Path, backend: str, url: str, **extra: Any) -> Path:
+def relayer_config(tmp: Path, backend: str, url: str, marks_url: str = "",
+                   **extra: Any) -> Path:
     """Write a bench relayer's config in ``tmp`` (its identity saved in ``tmp/ident``)
-    on ``backend`` (a fresh Redis prefix or Kafka topic and group each time); returns
-    the file. The bench tenant may publish and subscribe as any customer."""
+    on ``backend`` (a fresh Redis prefix or Kafka topic and group each time; a Kafka
+    relayer given ``marks_url`` keeps its marks and volume in that Redis, under a fresh
+    prefix); returns the file. The bench tenant may publish and subscribe as any
+    customer."""
     cfg: dict[str, Any] = {
         "node_id": "bench-relayer", "listen_port": 0, "identity_dir": str(tmp / "ident"),
         "data_dir": str(tmp / "data"), "backend": backend,
@@ -312,6 +320,8 @@ def relayer_config(tmp: Path, backend: str, url: str, **extra: Any) -> Path:
         cfg.update(redis_url=url, redis_prefix=f"bench:{tag}")
     elif backend == "kafka":
         cfg.update(kafka_bootstrap=url, kafka_topic=f"bench-{tag}", group=f"bench-{tag}")
+        if marks_url:
+            cfg.update(redis_url=marks_url, redis_prefix=f"bench:{tag}")
     path = tmp / "relayer.yaml"
     path.write_text(yaml.safe_dump({"relayer": cfg}))
     return path
@@ -340,12 +350,15 @@ async def relayer_process(cfg: Path, workers: int = 1
 
 def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
         topics: int = 64, batch: int = 256, size: int = 64, paced_frames: int = 1000,
-        paced_rate: float = 200.0, baselines: bool = True, workers: int = 1
-        ) -> dict[str, Any]:
+        paced_rate: float = 200.0, baselines: bool = True, workers: int = 1,
+        marks_in_redis: bool = False) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-able result."""
     if workers > 1 and backend == "embedded":
         raise click.ClickException("--workers > 1 needs --backend redis or kafka: the "
                                    "embedded backend is single-process")
+    if marks_in_redis and backend != "kafka":
+        raise click.ClickException("--marks-in-redis is for --backend kafka (redis keeps "
+                                   "its marks in Redis anyway; embedded keeps them local)")
     if size < 8:
         raise click.ClickException("--size must be >= 8: frames carry their send time")
     url = ""
@@ -355,6 +368,10 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
         url = services_env("PQCNET_KAFKA_BOOTSTRAP")
     if backend != "embedded" and not url:
         raise click.ClickException(f"{backend} is not running (scripts/services start)")
+    marks_url = services_env("PQCNET_REDIS_URL") if marks_in_redis else ""
+    if marks_in_redis and not marks_url:
+        raise click.ClickException("--marks-in-redis: redis is not running "
+                                   "(scripts/services start redis)")
     before = machine()
 
     async def e2e(n_workers: int, paced_run: bool) -> dict[str, Any]:
@@ -364,7 +381,7 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
                                     "spiffe://pqcnet.bench/b/publisher/p",
                                     "spiffe://pqcnet.bench/b/subscriber/s")
             ids[0].save(tmp / "ident", None)
-            path = relayer_config(tmp, backend, url, shards=32)
+            path = relayer_config(tmp, backend, url, marks_url, shards=32)
             proc, ready = await relayer_process(path, n_workers)
             paced: dict[str, Any] = {}
             try:
@@ -443,6 +460,7 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
         "benchmark": "relayer", "backend": backend, "shards": 32, "frames": frames,
         "received": sat["received"], "publishers": publishers, "topics": topics,
         "batch": batch, "payload_bytes": size,
+        "marks": "redis" if backend == "redis" or marks_in_redis else "node-local",
         "e2e_frames_per_s": fps,
         "pqcnet": {"saturated": sat, "paced": res["paced"]},
         "baseline": {
@@ -534,9 +552,15 @@ def _peer_baselines(frames: int, topics: int, size: int, publishers: int,
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 16),
               help="Relayer processes (relayer run --workers N; redis/kafka); with N > 1 "
                    "one worker is measured first in the same run.")
+@click.option("--marks-in-redis", is_flag=True,
+              help="kafka: dedup marks and metered volume in Redis (redis_url), as a Kafka "
+                   "relayer cluster keeps them, fenced by the group generation; default: "
+                   "the relayer's node-local RocksDB.")
 def cli(backend: str, frames: int, publishers: int, topics: int, batch: int, size: int,
-        paced_frames: int, paced_rate: float, baselines: bool, workers: int) -> None:
+        paced_frames: int, paced_rate: float, baselines: bool, workers: int,
+        marks_in_redis: bool) -> None:
     """End-to-end relayer frames/s and publish→deliver latency (32 shards) vs the raw
     backend, the QSTP small-frame echo ceiling and NATS JetStream (nats-py and Go)."""
     click.echo(json.dumps(run(backend, frames, publishers, topics, batch, size,
-                              paced_frames, paced_rate, baselines, workers), indent=2))
+                              paced_frames, paced_rate, baselines, workers,
+                              marks_in_redis), indent=2))

@@ -83,14 +83,19 @@ UNBLOCK_TRIES = 20
 
 # KEYS[1] stream, KEYS[2] the shard's lease; ARGV[1] our lease value, ARGV[2] the op,
 # then its arguments. {0} when the lease is not ours; else {1, reply...}.
-#   read   group consumer count cursor -> {1, entries, tail}: tail is the stream's last
-#          entry id ('0-0': none) when a '>' read drained it, '' otherwise
+#   read   group consumer count cursor [after] -> {1, entries, tail}: tail is the
+#          stream's last entry id ('0-0': none) when a '>' read drained it, '' otherwise;
+#          with ``after`` (an entry id) it reads only when an entry past it exists, and
+#          otherwise returns {1, {}, after}
 #   autoclaim group consumer min_idle start count -> {1, XAUTOCLAIM reply}
 #   claim  group consumer min_idle id... -> {1, XCLAIM reply}
 _FENCED = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0} end
 local op = ARGV[2]
 if op == 'read' then
+  if ARGV[7] and not redis.call('XREAD', 'COUNT', 1, 'STREAMS', KEYS[1], ARGV[7]) then
+    return {1, {}, ARGV[7]}
+  end
   local r = redis.call('XREADGROUP', 'GROUP', ARGV[3], ARGV[4], 'COUNT', ARGV[5],
                        'STREAMS', KEYS[1], ARGV[6])
   local entries = (r and r[1][2]) or {}
@@ -453,17 +458,22 @@ class RedisStreamsBus(Bus):
             self._settle.pop(sg, None)
         return out
 
-    async def _fenced(self, shard: int, op: str, *args: Any) -> list[Any]:
+    async def _fenced(self, shard: int, op: str, *args: Any,
+                      wait: int | None = None) -> list[Any]:
         """``op`` (see :data:`_FENCED`) on ``shard``'s stream only while our lease of
         ``shard`` is in Redis — the check and the op are one script, so no read or
         claim of a relayer whose lease ran out reaches the stream. Its reply; when the
         lease is not ours, the refusal is counted, the shard dropped here at once, and
-        :class:`BusUnavailable` raised (the worker resets, as after any owner change)."""
+        :class:`BusUnavailable` raised (the worker resets, as after any owner change).
+        ``wait`` (a ``read`` after an entry id, for group ``args[0]``): first wait up to
+        that many ms for an entry past the id, see :meth:`_wait_then`."""
         assert self.leases is not None
         fence = self.leases.fence(shard)
         if fence is not None:
-            res: Any = await self._call(self._fence_script(
-                keys=[self.key(shard), fence[0]], args=[fence[1], op, *args]))
+            keys, argv = [self.key(shard), fence[0]], [fence[1], op, *args]
+            res: Any = await (self._call(self._fence_script(keys=keys, args=argv))
+                              if wait is None else
+                              self._wait_then((shard, args[0]), args[-1], wait, keys, argv))
             if int(res[0]):
                 return list(res[1:])
             self.fenced_out += 1
@@ -473,32 +483,38 @@ class RedisStreamsBus(Bus):
         self._reset_needed.discard(shard)  # this raise is the reset
         raise BusUnavailable(f"shard {shard} changed owner: resetting")
 
+    async def _wait_then(self, sg: tuple[int, str], after: str, block_ms: int,
+                         keys: list[str], argv: list[Any]) -> Any:
+        """``XREAD BLOCK`` for an entry of ``sg``'s stream past ``after`` (a plain read
+        for no group: it moves no cursor and fills no pending list; ``CLIENT UNBLOCK``
+        ends it) and the fenced script, pipelined on ``sg``'s blocking connection: Redis
+        holds the script until the wait ends and runs it at once then — no round trip
+        between the wake-up and the read (decision 0024). The script's reply."""
+        self._blocking.add(sg)
+        try:
+            pipe = self._blocker(sg).pipeline(transaction=False)
+            pipe.xread({keys[0]: after}, count=1, block=block_ms)
+            pipe.eval(_FENCED, len(keys), *keys, *argv)
+            replies = await self._call(pipe.execute(), self.op_timeout + block_ms / 1000)
+        finally:
+            self._blocking.discard(sg)
+        return replies[1]
+
     async def _read_fenced(self, shard: int, group: str, cursor: str, count: int,
                            block_ms: int | None) -> list[Any]:
         """A cluster's read: under the lease fence. A blocking ``>`` read whose last
-        read drained the stream first waits (``XREAD BLOCK``, interruptible) for an
-        entry past the stream's last id then, and returns nothing if none came."""
+        read drained the stream first waits for an entry past the stream's last id
+        then (interruptible), and reads only if one came."""
         sg = (shard, group)
         tail = self._tail.pop(sg, None) if cursor == ">" and block_ms else None
-        if tail is not None and not await self._wait_past(sg, tail, block_ms or 1):
-            self._tail[sg] = tail  # still drained, as far as we know
-            return []
-        res = await self._fenced(shard, "read", group, self.consumer, count, cursor)
+        if tail is None:
+            res = await self._fenced(shard, "read", group, self.consumer, count, cursor)
+        else:
+            res = await self._fenced(shard, "read", group, self.consumer, count, cursor,
+                                     tail, wait=block_ms)
         if tail := _s(res[1]):
             self._tail[sg] = tail
         return _entries(res[0])
-
-    async def _wait_past(self, sg: tuple[int, str], tail: str, block_ms: int) -> bool:
-        """Wait up to ``block_ms`` for an entry of ``sg``'s stream past ``tail``; False
-        on a timeout or an :meth:`interrupt`. A plain ``XREAD``: it reads for no group."""
-        self._blocking.add(sg)
-        try:
-            res: Any = await self._call(self._blocker(sg).xread(
-                {self.key(sg[0]): tail}, count=1, block=block_ms),
-                self.op_timeout + block_ms / 1000)
-        finally:
-            self._blocking.discard(sg)
-        return bool(res)
 
     async def _read(self, shard: int, group: str, cursor: str, count: int,
                     block_ms: int | None) -> list[Any]:
@@ -531,9 +547,11 @@ class RedisStreamsBus(Bus):
                 await conn.send_command("CLIENT", "ID")
                 self._block_ids[sg] = int(await conn.read_response())
 
+            # a cluster's reads pipeline the wait and the fenced read (_wait_then): a
+            # pipeline takes a connection from the pool, so the pool holds the one
             client = self._blockers[sg] = aioredis.from_url(
                 self._url, socket_timeout=None, socket_connect_timeout=self.op_timeout,
-                single_connection_client=True, redis_connect_func=connected)
+                single_connection_client=self.leases is None, redis_connect_func=connected)
         return client
 
     def interrupt(self, shard: int) -> None:
