@@ -86,16 +86,18 @@ UNBLOCK_TRIES = 20
 #   read   group consumer count cursor [after] -> {1, entries, tail}: tail is the
 #          stream's last entry id ('0-0': none) when a '>' read drained it, '' otherwise;
 #          with ``after`` (an entry id) it reads only when an entry past it exists, and
-#          otherwise returns {1, {}, after}
+#          otherwise returns {1, {}, after} without looking at the lease: a wait that
+#          ended with nothing to read is not a read (as when the wait was its own call)
 #   autoclaim group consumer min_idle start count -> {1, XAUTOCLAIM reply}
 #   claim  group consumer min_idle id... -> {1, XCLAIM reply}
 _FENCED = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0} end
 local op = ARGV[2]
+if op == 'read' and ARGV[7]
+   and not redis.call('XREAD', 'COUNT', 1, 'STREAMS', KEYS[1], ARGV[7]) then
+  return {1, {}, ARGV[7]}
+end
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0} end
 if op == 'read' then
-  if ARGV[7] and not redis.call('XREAD', 'COUNT', 1, 'STREAMS', KEYS[1], ARGV[7]) then
-    return {1, {}, ARGV[7]}
-  end
   local r = redis.call('XREADGROUP', 'GROUP', ARGV[3], ARGV[4], 'COUNT', ARGV[5],
                        'STREAMS', KEYS[1], ARGV[6])
   local entries = (r and r[1][2]) or {}
