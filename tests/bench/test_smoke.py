@@ -16,6 +16,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -136,12 +137,29 @@ def test_relayer_against_nats_jetstream() -> None:
     assert isinstance(d["targets"]["met_vs_nats_go"], bool)
 
 
+def kafka_topics(bootstrap: str) -> set[str]:
+    """The broker's topic list, as its metadata answer gives it (the admin client's
+    ``list_topics``, not the bench's delete path)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def listed() -> set[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+        await admin.start()
+        try:
+            return set(await admin.list_topics())
+        finally:
+            await admin.close()
+
+    return asyncio.run(listed())
+
+
 def test_relayer_on_kafka_with_its_marks_in_redis() -> None:
     """``--marks-in-redis``: the Kafka relayer keeps marks and volume in Redis, as a Kafka
-    cluster does (decision 0025). Seen from outside with ``redis-cli``: the run left
-    one partition-owner key per partition (32) under one new prefix — every partition's
-    marks went through the generation fence. Refused for the other backends."""
-    require_service("PQCNET_KAFKA_BOOTSTRAP", "Kafka")
+    cluster does (decision 0025). Seen from outside with ``redis-cli`` (the run keeps its
+    broker state for it, ``--keep-broker-state``): one partition-owner key per partition
+    (32) under one new prefix — every partition's marks went through the generation
+    fence. Refused for the other backends."""
+    kafka = require_service("PQCNET_KAFKA_BOOTSTRAP", "Kafka")
     redis_url = require_service("PQCNET_REDIS_URL", "Redis")
 
     def owner_keys() -> set[str]:
@@ -149,11 +167,31 @@ def test_relayer_on_kafka_with_its_marks_in_redis() -> None:
         return {k.strip('"') for k in out.split()}
 
     before = owner_keys()
-    d = _relayer("--backend", "kafka", "--marks-in-redis", "--no-baselines")
-    assert d["marks"] == "redis"
+    d = _relayer("--backend", "kafka", "--marks-in-redis", "--no-baselines",
+                 "--keep-broker-state")
+    assert d["marks"] == "redis" and d["broker_state"] == [{"kept": True}]
     new = owner_keys() - before
-    assert len(new) == 32 and len({k.rsplit(":kowner:", 1)[0] for k in new}) == 1, new
-    assert {int(k.rsplit(":", 1)[1]) for k in new} == set(range(32))
+    try:
+        assert len(new) == 32 and len({k.rsplit(":kowner:", 1)[0] for k in new}) == 1, new
+        assert {int(k.rsplit(":", 1)[1]) for k in new} == set(range(32))
+    finally:
+        prefix = next(iter(new)).rsplit(":kowner:", 1)[0] if new else ""
+        if prefix:  # the test drops what it kept
+            keys = redis_cli(redis_url, "--scan", "--pattern", prefix + ":*").split()
+            redis_cli(redis_url, "UNLINK", *(k.strip('"') for k in keys))
+    # without the flag the run drops its prefix and its topic: neither redis-cli nor the
+    # broker's own topic list has them afterwards
+    d = _relayer("--backend", "kafka", "--marks-in-redis", "--no-baselines")
+    (dropped,) = d["broker_state"]
+    assert dropped["redis_keys"]["kowner"] == 32 and dropped["redis_keys"]["seq"] >= 1
+    left = redis_cli(redis_url, "--scan", "--pattern", dropped["redis_prefix"] + ":*")
+    assert left.split() == [], left
+    assert dropped["kafka_topic"].startswith("bench-")
+    for _ in range(20):  # the deletion reaches every broker's metadata in a moment
+        if dropped["kafka_topic"] not in kafka_topics(kafka):
+            break
+        time.sleep(0.5)
+    assert dropped["kafka_topic"] not in kafka_topics(kafka)
     for backend in ("embedded", "redis"):
         proc = subprocess.run([PQCNET, "bench", "relayer", "--backend", backend,
                                "--marks-in-redis", "--frames", "100", "--no-baselines"],

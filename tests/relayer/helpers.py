@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 import subprocess
 import urllib.request
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 from pqcnet.relayer.frame import Frame, Topic, shard_for
@@ -116,6 +117,26 @@ def redis_cli(redis_url: str, *args: str) -> str:
     out = subprocess.run([exe, "-u", redis_url, "--no-raw", *args], check=True,
                          capture_output=True, text=True, timeout=30)
     return out.stdout
+
+
+@contextlib.asynccontextmanager
+async def redis_monitor(redis_url: str) -> AsyncIterator[list[str]]:
+    """``redis-cli MONITOR`` for the block: the list it yields holds every command line
+    Redis echoed (a script's own calls as ``[db lua]``) once the block is left."""
+    exe = shutil.which("redis-cli")
+    assert exe, "redis-cli (installed with redis-server by scripts/services)"
+    proc = await asyncio.create_subprocess_exec(exe, "-u", redis_url, "MONITOR",
+                                                stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    assert (await asyncio.wait_for(proc.stdout.readline(), 10)).strip() == b"OK"
+    lines: list[str] = []
+    try:
+        yield lines
+    finally:
+        await asyncio.sleep(0.2)  # the last commands reach the monitor
+        proc.terminate()
+        out, _ = await asyncio.wait_for(proc.communicate(), 10)
+        lines += out.decode(errors="replace").splitlines()
 
 
 def redis_pending(redis_url: str, key: str, group: str, consumer: str | None = None) -> int:

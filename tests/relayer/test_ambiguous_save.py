@@ -21,7 +21,7 @@ from pqcnet.relayer.errors import BusUnavailable
 from pqcnet.relayer.frame import Frame, Topic, encode
 from pqcnet.relayer.gapfence import SeqRanges
 from pqcnet.relayer.metering import VolumeDelta, VolumeMeter
-from pqcnet.relayer.seqstore import RedisSeqStore, RocksSeqStore
+from pqcnet.relayer.seqstore import RedisSeqStore, RocksSeqStore, StreamAck
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
 from tests.relayer.helpers import CollectSink
 
@@ -39,13 +39,14 @@ class OnceFailingStore(RocksSeqStore):
 
     async def save(self, shard: int, marks: Mapping[Topic, int],
                    volume: VolumeDelta | None = None, *, token: bytes = b"",
-                   gaps: Mapping[Topic, SeqRanges] | None = None) -> None:
+                   gaps: Mapping[Topic, SeqRanges] | None = None,
+                   ack: StreamAck | None = None) -> None:
         if volume and not self.failed:
             self.failed = True
             if self.apply_first:
-                await super().save(shard, marks, volume, token=token, gaps=gaps)
+                await super().save(shard, marks, volume, token=token, gaps=gaps, ack=ack)
             raise BusUnavailable("redis unavailable saving marks: Connection closed by server")
-        await super().save(shard, marks, volume, token=token, gaps=gaps)
+        await super().save(shard, marks, volume, token=token, gaps=gaps, ack=ack)
 
 
 async def _run(tmp_path: Path, *, apply_first: bool) -> tuple[VolumeMeter, CollectSink,

@@ -22,11 +22,13 @@ from pqcnet.relayer.bus.redis_streams import RedisStreamsBus
 from pqcnet.relayer.errors import BusUnavailable
 from pqcnet.relayer.frame import Frame, encode, shard_for
 from pqcnet.relayer.node import RelayerNode
+from pqcnet.relayer.seqstore import RocksSeqStore
 from tests.relayer.e2e import publisher, start_node, subscriber
 from tests.relayer.helpers import (
     eventually,
     metrics_reach,
     redis_cli,
+    redis_monitor,
     redis_pending,
     scrape_metrics,
 )
@@ -166,6 +168,86 @@ async def test_writes_are_fenced_by_the_lease(cluster: Callable[[str], RedisStre
     await b.seq_store().save(shard, {topic: 9}, vol, gaps={topic: [(5, 9)]})
     assert await b.seq_store().load_topics(shard, [topic]) == {topic: 9}
     assert await store_a.load_gaps(shard, [topic]) == {topic: [(5, 9)]}
+
+
+async def test_the_ack_rides_in_the_fenced_marks_write(
+        cluster: Callable[[str], RedisStreamsBus], redis_url: str, tmp_path: Path) -> None:
+    """On Redis a batch's ``XACK`` is made by the marks script, after the marks: one
+    round trip, and fenced by the same lease check. Seen from outside: ``redis-cli
+    MONITOR`` shows the owner's ``XACK`` coming from the script (``lua``), never from a
+    client, and ``XPENDING`` empties; a former owner that still believes it holds the
+    shard gets "lease lost" and its entries stay pending (the new owner takes them)."""
+    a = cluster("a")
+    await a.start()
+    store_a = a.seq_store()
+    topic = ("acme", "c")
+    for s in range(SHARDS):
+        await a.publish(s, [encode(Frame("acme", "c", 1, b"x%d" % s))])
+    got = {s: await a.consume(s, "g", block=0.1) for s in range(SHARDS)}
+    assert all(len(d) == 1 for d in got.values()), got
+    rocks = RocksSeqStore(tmp_path / "marks")  # a store elsewhere cannot carry the ack
+    assert a.ack_in_store(0, "g", got[0], rocks) is None
+    rocks.close()
+    async with redis_monitor(redis_url) as out:
+        b = cluster("b")
+        await b.start()
+        await eventually(lambda: len(b.assignment()) == SHARDS // 2, 30)
+        lost, kept = b.assignment()[0], a.assignment()[0]
+        assert a.leases is not None
+        a.leases.owned.add(lost)  # paused past its lease: still believes it owns it
+        fold = a.ack_in_store(lost, "g", got[lost], store_a)
+        assert fold is not None and len(fold.ids) == 1
+        with pytest.raises(BusUnavailable, match="lease lost"):
+            await store_a.save(lost, {topic: 2}, ack=fold)
+        a.leases.owned.discard(lost)
+        assert redis_pending(redis_url, a.key(lost), "g", "a") == 1  # not acknowledged
+        fold = a.ack_in_store(kept, "g", got[kept], store_a)
+        assert fold is not None
+        await store_a.save(kept, {topic: 2}, ack=fold)
+        await a.acked(kept, fold)
+        assert redis_pending(redis_url, a.key(kept), "g") == 0
+    xacks = [line for line in out if '"XACK"' in line.upper() and f'"{a.prefix}:' in line]
+    assert len(xacks) == 1 and "lua]" in xacks[0], xacks
+    assert f'"{a.key(kept)}"' in xacks[0] and fold.ids[0] in xacks[0], xacks
+    assert await b.seq_store().load_topics(kept, [topic]) == {topic: 2}
+    assert await b.seq_store().load_topics(lost, [topic]) == {}
+
+
+async def test_a_relayer_acks_its_batches_in_the_marks_script(
+        tmp_path: Path, redis_url: str) -> None:
+    """The worker's side of the same: a relayer on Redis delivers 40 frames and every
+    ``XACK`` of its streams that ``redis-cli MONITOR`` sees comes from its marks script;
+    nothing stays pending and the marks are where the acks say."""
+    prefix = f"lease:{uuid.uuid4().hex[:10]}"
+    async with redis_monitor(redis_url) as out:
+        await _deliver_forty(tmp_path, redis_url, prefix)
+    xacks = [line for line in out if '"XACK"' in line.upper() and f'"{prefix}:' in line]
+    assert xacks and all("lua]" in line for line in xacks), xacks
+
+
+async def _deliver_forty(tmp_path: Path, redis_url: str, prefix: str) -> None:
+    node = await start_node(tmp_path, backend="redis", redis_url=redis_url, shards=SHARDS,
+                            redis_prefix=prefix, redis_lease=LEASE)
+    sub = pub = None
+    try:
+        await eventually(lambda: node.bus.assignment() == list(range(SHARDS)), 30)
+        sub = await subscriber(node.port, "acme")
+        pub = await publisher(node.port)
+        for i in range(4):
+            await pub.publish([Frame("acme", f"c{i}", s, b"%d" % s) for s in range(1, 11)])
+        await sub.wait_for(40, limit=30)
+        bus = node.bus
+        assert isinstance(bus, RedisStreamsBus)
+        for shard in range(SHARDS):
+            await eventually(
+                lambda s=shard: redis_pending(redis_url, bus.key(s), node.cfg.group) == 0, 30)
+    finally:
+        if pub is not None:
+            await pub.close()
+        if sub is not None:
+            await sub.close()
+        await node.stop()
+        await _drop_keys(redis_url, prefix)
 
 
 async def test_concurrent_claims_never_share_a_shard(

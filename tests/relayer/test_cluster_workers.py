@@ -30,7 +30,7 @@ from tests.ports import port_run
 from tests.procs import running
 from tests.relayer.cluster import by_topic, metered
 from tests.relayer.e2e import identities
-from tests.relayer.helpers import eventually, scrape_metrics
+from tests.relayer.helpers import eventually, redis_cli, scrape_metrics
 from tests.relayer.proc import PQCNET, write_config
 
 pytestmark = pytest.mark.timeout(240)
@@ -354,6 +354,13 @@ def test_bench_relayer_workers_reports_both_runs(redis_url: str) -> None:
     assert all(c > 0 for c in w["n_workers"]["per_worker_cpu_seconds"])  # both worked
     assert w["speedup_vs_one_worker"] > 0 and w["cpu_per_frame_vs_one_worker"] > 0
     assert isinstance(w["targets"]["met_speedup"], bool)
+    # each run's relayer left 32 streams and their marks, dropped once measured: nothing
+    # under either prefix now, as redis-cli sees it
+    assert len(d["broker_state"]) == 2, d["broker_state"]
+    for dropped in d["broker_state"]:
+        assert dropped["redis_keys"]["s"] == 32 and dropped["redis_keys"]["seq"] >= 1, dropped
+        left = redis_cli(redis_url, "--scan", "--pattern", dropped["redis_prefix"] + ":*")
+        assert left.split() == [], left
     embedded = subprocess.run([PQCNET, "bench", "relayer", "--workers", "2", "--frames", "100",
                                "--no-baselines"], capture_output=True, text=True, timeout=60)
     assert embedded.returncode != 0 and "single-process" in embedded.stderr

@@ -54,6 +54,10 @@ Redis (``redis_url``, a fresh prefix), as a Kafka relayer cluster does to move t
 a partition — fenced by the group generation (decision 0025); without it they stay in
 the relayer's node-local RocksDB. The JSON's ``marks`` says which ran.
 
+What the bench relayer wrote to Redis / Kafka (its prefix, its topic) is dropped once
+measured, and the JSON's ``broker_state`` lists it (:mod:`pqcnet.bench._broker`);
+``--keep-broker-state`` keeps it to look at.
+
 Targets (issue 4): >= 10,000 frames/s and >= 0.5x the raw write rate. Issue 15: end
 to end >= 0.5x the echo ceiling; embedded >= 1x NATS (Go client), Redis/Kafka >= 0.6x;
 paced p99 <= 1.5x NATS's (nats-py, the only NATS client here that reports latency);
@@ -77,6 +81,7 @@ import click
 import yaml
 from tqdm import tqdm
 
+from pqcnet.bench._broker import drop_kafka_topic, drop_relayer_state
 from pqcnet.bench._cpu import cpu_seconds, settle
 from pqcnet.bench._echo import echo_rate
 from pqcnet.bench._env import services_env
@@ -166,7 +171,20 @@ async def _raw_rate(backend: str, n: int, size: int, tmp: Path, url: str) -> flo
     await asyncio.gather(*futs)
     dt = time.perf_counter() - t0
     await prod.stop()
+    await drop_kafka_topic(url, topic)
     return n / dt
+
+
+async def _drop(cfg: Path) -> dict[str, Any]:
+    """Drop the bench relayer's broker state; a broker that fails to is reported, not
+    raised (the measurement is done)."""
+    from aiokafka.errors import KafkaError
+    from redis.exceptions import RedisError
+
+    try:
+        return await drop_relayer_state(cfg)
+    except (OSError, RedisError, KafkaError) as exc:
+        return {"error": f"could not drop the run's broker state: {exc!r}"}
 
 
 class _Clients:
@@ -351,7 +369,7 @@ async def relayer_process(cfg: Path, workers: int = 1
 def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
         topics: int = 64, batch: int = 256, size: int = 64, paced_frames: int = 1000,
         paced_rate: float = 200.0, baselines: bool = True, workers: int = 1,
-        marks_in_redis: bool = False) -> dict[str, Any]:
+        marks_in_redis: bool = False, keep_broker_state: bool = False) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-able result."""
     if workers > 1 and backend == "embedded":
         raise click.ClickException("--workers > 1 needs --backend redis or kafka: the "
@@ -418,6 +436,7 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
                 if proc.returncode is None:
                     proc.kill()
             raw = await _raw_rate(backend, frames, size, tmp, url) if paced_run else 0.0
+            dropped = {"kept": True} if keep_broker_state else await _drop(path)
         sat["warmup_rounds"] = warm
         sat["warmup"] = warm[-1]
         sat["relayer_cpu_seconds"] = round(sum(cpu), 3)
@@ -428,7 +447,7 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
         sat["relayer_cpu_share"] = round(sum(cpu) / wall / n_workers, 3)
         sat["load_generator_cpu_seconds"] = round(gen, 3)
         sat["load_generator_cpu_share"] = round(gen / wall, 3)
-        return {"saturated": sat, "paced": paced, "raw": raw}
+        return {"saturated": sat, "paced": paced, "raw": raw, "broker_state": dropped}
 
     async def go() -> dict[str, Any]:
         one = await e2e(1, workers == 1) if workers > 1 else None
@@ -482,6 +501,8 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
                                     TARGET_P99_VS_NATS, below=True),
         },
         "machine": {"before": before, "after": machine()},
+        # what each relayer of the run left on the brokers, dropped unless kept
+        "broker_state": [r["broker_state"] for r in (res["one_worker"], res) if r],
     }
     if res["one_worker"] is not None:
         out["workers"] = _workers_part(workers, res["one_worker"]["saturated"], sat)
@@ -556,11 +577,14 @@ def _peer_baselines(frames: int, topics: int, size: int, publishers: int,
               help="kafka: dedup marks and metered volume in Redis (redis_url), as a Kafka "
                    "relayer cluster keeps them, fenced by the group generation; default: "
                    "the relayer's node-local RocksDB.")
+@click.option("--keep-broker-state", is_flag=True,
+              help="Keep what the bench relayer wrote to Redis / Kafka (its prefix, its "
+                   "topic) to look at; default: dropped once measured.")
 def cli(backend: str, frames: int, publishers: int, topics: int, batch: int, size: int,
         paced_frames: int, paced_rate: float, baselines: bool, workers: int,
-        marks_in_redis: bool) -> None:
+        marks_in_redis: bool, keep_broker_state: bool) -> None:
     """End-to-end relayer frames/s and publish→deliver latency (32 shards) vs the raw
     backend, the QSTP small-frame echo ceiling and NATS JetStream (nats-py and Go)."""
     click.echo(json.dumps(run(backend, frames, publishers, topics, batch, size,
                               paced_frames, paced_rate, baselines, workers,
-                              marks_in_redis), indent=2))
+                              marks_in_redis, keep_broker_state), indent=2))

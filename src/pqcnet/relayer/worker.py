@@ -8,7 +8,8 @@ One worker per shard runs the loop::
 The order of the last three steps is the whole correctness argument: a crash after
 delivery but before the marks are saved replays frames the subscriber already has
 (the subscriber SDK drops seq <= last seen); a crash after the marks but before the
-ack replays frames the marks suppress. Nothing is acked before it was delivered,
+ack replays frames the marks suppress (on Redis the ack is in the marks' own script,
+after them: :meth:`Bus.ack_in_store`). Nothing is acked before it was delivered,
 so an acknowledged publish is never lost. The batch's metered volume is written
 together with the marks, so it is counted exactly once across crashes too.
 
@@ -326,6 +327,10 @@ class RelayerShardWorker:
         if volume and meter is not None:
             meter.hold(volume)
         token = os.urandom(8) if volume else b""
+        done = self._done(seq, pin)
+        # on a bus whose store can (Redis), the acknowledgement rides in the same write
+        ack = (self.bus.ack_in_store(self.shard, self.config.group, done, self.store)
+               if done else None)
         try:
             # marks, the metered volume and the gaps skipped in one write: a crash keeps
             # all or none (a retry in a skipped gap is refused after a restart too)
@@ -333,7 +338,7 @@ class RelayerShardWorker:
             if self._parked:  # a parked topic's stays at its first parked frame
                 parked = self._parked
                 marks = {t: m for t, m in marks.items() if t not in parked}
-            await self.store.save(self.shard, marks, volume, token=token, gaps=gaps)
+            await self.store.save(self.shard, marks, volume, token=token, gaps=gaps, ack=ack)
             if volume and meter is not None:
                 meter.apply(volume)
         except BusUnavailable:
@@ -350,6 +355,15 @@ class RelayerShardWorker:
         self.stats.evictions += seq.evict(self._parked)
         if self._hold and out:
             self._hold.difference_update(f.topic for f in out)
+        if ack is not None:
+            await self.bus.acked(self.shard, ack)
+        elif done:
+            await self.bus.ack(self.shard, self.config.group, done)
+        return len(out)
+
+    def _done(self, seq: Sequencer, pin: Container[object]) -> list[Delivery]:
+        """Take the in-flight prefix this step acknowledges (after the marks are saved; a
+        failed save resets the worker, which forgets the in-flight records anyway)."""
         done: list[Delivery] = []
         if pin or self.behind_park:
             # acknowledged up to the first parked record; the rest waits for the replay
@@ -364,9 +378,7 @@ class RelayerShardWorker:
                 self._inflight.clear()
             while self._inflight and not seq.is_held(self._inflight[0].offset):
                 done.append(self._inflight.popleft())
-        if done:
-            await self.bus.ack(self.shard, self.config.group, done)
-        return len(out)
+        return done
 
     def _hold_catching_up(self, _topic: Topic, _lo: int, _hi: int) -> bool:
         self.stats.held_catching_up += 1

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the store module builds on the embedded bus; types only here
-    from pqcnet.relayer.seqstore import SeqStore
+    from pqcnet.relayer.seqstore import SeqStore, StreamAck
 
 Offset = int | str
 """Integer log offset (embedded, Kafka) or Redis stream entry id."""
@@ -124,6 +124,17 @@ class Bus(abc.ABC):
     @abc.abstractmethod
     async def ack(self, shard: int, group: str, deliveries: Sequence[Delivery]) -> None:
         """Acknowledge a consumed prefix; acked records are never redelivered."""
+
+    def ack_in_store(self, shard: int, group: str, deliveries: Sequence[Delivery],
+                     store: SeqStore) -> StreamAck | None:
+        """The acknowledgement of ``deliveries`` as a write ``store`` makes together with
+        the batch's marks (:meth:`SeqStore.save`'s ``ack``), or None: then :meth:`ack`
+        after the save. Only a store on the bus's own server can (the Redis bus's)."""
+        return None
+
+    async def acked(self, shard: int, ack: StreamAck) -> None:  # noqa: B027 - optional
+        """After a save that carried ``ack`` (:meth:`ack_in_store`): what :meth:`ack`
+        does once the bus has the acknowledgement (bookkeeping, trimming)."""
 
     @abc.abstractmethod
     async def lag(self, shard: int, group: str) -> int:

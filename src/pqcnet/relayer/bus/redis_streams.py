@@ -70,7 +70,7 @@ from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.relayer.bus.base import Bus, Delivery, Offset
 from pqcnet.relayer.bus.leases import ShardLeases
 from pqcnet.relayer.errors import BusError, BusUnavailable
-from pqcnet.relayer.seqstore import RedisSeqStore
+from pqcnet.relayer.seqstore import RedisSeqStore, SeqStore, StreamAck
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -599,18 +599,38 @@ class RedisStreamsBus(Bus):
             out += [Delivery(shard, f"{eid}/{i}/{n}", r) for i, r in enumerate(records)]
         return out
 
-    async def ack(self, shard: int, group: str, deliveries: Sequence[Delivery]) -> None:
-        self.check_shard(shard)
-        if not deliveries:
-            return
+    @staticmethod
+    def _done_entries(deliveries: Sequence[Delivery]) -> list[str]:
+        """The entries whose *last* record is in ``deliveries`` (the whole entry done)."""
         done = []
         for d in deliveries:
             eid, i, n = str(d.offset).split("/")
-            if int(i) == int(n) - 1:  # the entry's last record: the whole entry is done
+            if int(i) == int(n) - 1:
                 done.append(eid)
+        return done
+
+    async def ack(self, shard: int, group: str, deliveries: Sequence[Delivery]) -> None:
+        self.check_shard(shard)
+        done = self._done_entries(deliveries)
         if not done:
             return
         await self._call(self.client.xack(self.key(shard), group, *done))
+        await self._after_ack(shard, done)
+
+    def ack_in_store(self, shard: int, group: str, deliveries: Sequence[Delivery],
+                     store: SeqStore) -> StreamAck | None:
+        """The ``XACK`` rides in the marks script when ``store`` writes to this bus's
+        Redis (:meth:`seq_store`): fenced by the same lease check, one round trip."""
+        self.check_shard(shard)
+        if not isinstance(store, RedisSeqStore) or store.client is not self.client:
+            return None
+        return StreamAck(self.key(shard), group, tuple(self._done_entries(deliveries)))
+
+    async def acked(self, shard: int, ack: StreamAck) -> None:
+        if ack.ids:
+            await self._after_ack(shard, ack.ids)
+
+    async def _after_ack(self, shard: int, done: Sequence[str]) -> None:
         handed = self._out.get(shard)
         if handed:
             handed.difference_update(done)
