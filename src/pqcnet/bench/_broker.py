@@ -2,13 +2,14 @@
 
 A benchmark is a guest on the brokers it measures through. Each ``bench relayer`` run
 on Redis left its prefix's 32 streams (every frame of the run), marks and volume
-hashes behind — about 70 MB per default run — and on Kafka a 32-partition topic.
-Kept, they grew the next runs' Redis: bigger AOF rewrites (a forked child using a
-core) came more often, and consecutive runs slowed down. So a run drops what its
-relayer wrote once it is measured (``--keep-broker-state`` keeps it to look at), and
-reports what it dropped. Kafka consumer groups are not deleted (the admin client here
-has no call for it): the broker expires their committed offsets
-(``offsets.retention.minutes``).
+hashes behind — about 10 MB of Redis memory per default run — and on Kafka a
+32-partition topic (two with the raw baseline's). Kept, they grow the broker run after
+run, and with it the AOF rewrites Redis forks on the same cores: one that fell into a
+paced phase put its p99 at 31 ms instead of 7 to 9 (benchmarks/README, "What a bench run
+leaves on the brokers"). So a run drops what its relayer wrote once it is measured
+(``--keep-broker-state`` keeps it to look at), and reports what it dropped. Kafka
+consumer groups are not deleted (the admin client here has no call for it): the broker
+expires their committed offsets (``offsets.retention.minutes``).
 """
 
 from __future__ import annotations
