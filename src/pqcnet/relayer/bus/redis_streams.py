@@ -461,21 +461,21 @@ class RedisStreamsBus(Bus):
         return out
 
     async def _fenced(self, shard: int, op: str, *args: Any,
-                      wait: int | None = None) -> list[Any]:
+                      wait: tuple[str, str, int] | None = None) -> list[Any]:
         """``op`` (see :data:`_FENCED`) on ``shard``'s stream only while our lease of
         ``shard`` is in Redis — the check and the op are one script, so no read or
         claim of a relayer whose lease ran out reaches the stream. Its reply; when the
         lease is not ours, the refusal is counted, the shard dropped here at once, and
         :class:`BusUnavailable` raised (the worker resets, as after any owner change).
-        ``wait`` (a ``read`` after an entry id, for group ``args[0]``): first wait up to
-        that many ms for an entry past the id, see :meth:`_wait_then`."""
+        ``wait`` (a ``read``'s group, the entry id it reads after, ms): first wait up to
+        that long for an entry past the id, see :meth:`_wait_then`."""
         assert self.leases is not None
         fence = self.leases.fence(shard)
         if fence is not None:
             keys, argv = [self.key(shard), fence[0]], [fence[1], op, *args]
             res: Any = await (self._call(self._fence_script(keys=keys, args=argv))
                               if wait is None else
-                              self._wait_then((shard, args[0]), args[-1], wait, keys, argv))
+                              self._wait_then((shard, wait[0]), wait[1], wait[2], keys, argv))
             if int(res[0]):
                 return list(res[1:])
             self.fenced_out += 1
@@ -509,11 +509,11 @@ class RedisStreamsBus(Bus):
         then (interruptible), and reads only if one came."""
         sg = (shard, group)
         tail = self._tail.pop(sg, None) if cursor == ">" and block_ms else None
-        if tail is None:
-            res = await self._fenced(shard, "read", group, self.consumer, count, cursor)
-        else:
+        if tail is not None and block_ms:
             res = await self._fenced(shard, "read", group, self.consumer, count, cursor,
-                                     tail, wait=block_ms)
+                                     tail, wait=(group, tail, block_ms))
+        else:
+            res = await self._fenced(shard, "read", group, self.consumer, count, cursor)
         if tail := _s(res[1]):
             self._tail[sg] = tail
         return _entries(res[0])
