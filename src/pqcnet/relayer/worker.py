@@ -362,8 +362,9 @@ class RelayerShardWorker:
         return len(out)
 
     def _done(self, seq: Sequencer, pin: Container[object]) -> list[Delivery]:
-        """Take the in-flight prefix this step acknowledges (after the marks are saved; a
-        failed save resets the worker, which forgets the in-flight records anyway)."""
+        """Take the in-flight prefix this step acknowledges once its marks are saved.
+        Taken before the save, which may carry the acknowledgement; a failed save resets
+        the worker, which forgets the in-flight records anyway."""
         done: list[Delivery] = []
         if pin or self.behind_park:
             # acknowledged up to the first parked record; the rest waits for the replay
