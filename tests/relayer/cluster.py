@@ -103,11 +103,12 @@ def ownership_intervals(events: list[tuple[int, str, int, str]]
     """(node, shard) -> [(from_ms, to_ms)] from ``(ms, node, shard, event)`` journal
     entries: an ownership starts at ``claimed`` and ends at the owner's ``released`` /
     ``lost``, or at the next claim of the shard by another node (a killed owner writes
-    nothing)."""
+    nothing). Entries of one millisecond keep the journal's order (a release and the
+    claim after it often share one: sorting on the event name put the claim first)."""
     out: dict[tuple[str, int], list[tuple[int, int]]] = defaultdict(list)
     open_: dict[int, tuple[str, int]] = {}
     end = 2**62
-    for ms, node, shard, event in sorted(events):
+    for ms, node, shard, event in sorted(events, key=lambda e: e[0]):
         cur = open_.get(shard)
         if event == "claimed":
             if cur is not None and cur[0] != node:

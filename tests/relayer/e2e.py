@@ -80,3 +80,10 @@ async def subscriber(port: int, customer: str, channels: tuple[str, ...] = ()) -
     client = await SubscriberClient.connect("127.0.0.1", port, identities()[2])
     await client.subscribe(customer, channels)
     return Collector(client)
+
+
+async def close_clients(*clients: Collector | PublisherClient | None) -> None:
+    """Close each client that was made (a test's ``finally``: some may not have been)."""
+    for c in clients:
+        if c is not None:
+            await c.close()

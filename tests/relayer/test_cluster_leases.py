@@ -23,7 +23,7 @@ from pqcnet.relayer.errors import BusUnavailable
 from pqcnet.relayer.frame import Frame, encode, shard_for
 from pqcnet.relayer.node import RelayerNode
 from pqcnet.relayer.seqstore import RocksSeqStore
-from tests.relayer.e2e import publisher, start_node, subscriber
+from tests.relayer.e2e import close_clients, publisher, start_node, subscriber
 from tests.relayer.helpers import (
     eventually,
     metrics_reach,
@@ -242,10 +242,7 @@ async def _deliver_forty(tmp_path: Path, redis_url: str, prefix: str) -> None:
             await eventually(
                 lambda s=shard: redis_pending(redis_url, bus.key(s), node.cfg.group) == 0, 30)
     finally:
-        if pub is not None:
-            await pub.close()
-        if sub is not None:
-            await sub.close()
+        await close_clients(pub, sub)
         await node.stop()
         await _drop_keys(redis_url, prefix)
 

@@ -23,7 +23,7 @@ import pytest
 
 from pqcnet.relayer.bus.embedded import EmbeddedBus
 from pqcnet.relayer.bus.kafka import KafkaBus
-from pqcnet.relayer.client import PublisherClient, SubscriberClient
+from pqcnet.relayer.client import SubscriberClient
 from pqcnet.relayer.cursor import MemoryCursor
 from pqcnet.relayer.errors import BusError, BusUnavailable
 from pqcnet.relayer.frame import Frame, decode, encode, shard_for
@@ -31,7 +31,14 @@ from pqcnet.relayer.node import RelayerNode
 from pqcnet.relayer.seqstore import RedisSeqStore, RocksSeqStore
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
 from tests.relayer.conftest import BusFactory
-from tests.relayer.e2e import Collector, identities, publisher, start_node, subscriber
+from tests.relayer.e2e import (
+    Collector,
+    close_clients,
+    identities,
+    publisher,
+    start_node,
+    subscriber,
+)
 from tests.relayer.helpers import (
     CollectSink,
     eventually,
@@ -57,16 +64,20 @@ def _metrics_port(node: RelayerNode) -> int:
     return port
 
 
-async def _close(*clients: Collector | PublisherClient | None) -> None:
-    for c in clients:
-        if c is not None:
-            await c.close()
-
-
 def _volume(metrics: dict[str, float], customer: str) -> float:
     return sum(v for k, v in metrics.items()
                if k.startswith("pqcnet_relayer_volume_frames_total{")
                and f'customer="{customer}"' in k)
+
+
+async def _billed(port: int, want: dict[str, float]) -> None:
+    """Wait until each customer in ``want`` is metered that many frames: a batch is
+    metered once its marks' write returns, after the subscriber already has it."""
+    def now() -> dict[str, float]:
+        m = scrape_metrics(port)
+        return {c: _volume(m, c) for c in want}
+
+    await eventually(lambda: now() == want, 15)
 
 
 def _xpending(url: str, key: str, group: str) -> int:
@@ -111,11 +122,11 @@ async def test_a_topic_nobody_reads_does_not_hold_other_customers(
                                    "pqcnet_relayer_park_overflows_total": 0.0,
                                    "pqcnet_relayer_paused_shards": 0.0,
                                    f'pqcnet_relayer_shard_backlog_records{{shard="{shard}"}}': 0.0})
+        await _billed(port, {"globex": n, "acme": 0})  # nothing parked billed
         m = scrape_metrics(port)
         # every record from acme's first one on is consumed and kept on the bus
         assert m["pqcnet_relayer_records_behind_park"] >= 2 * n - 1
         assert m["pqcnet_relayer_parked_frames_total"] == n
-        assert _volume(m, "globex") == n and _volume(m, "acme") == 0  # nothing parked billed
         if backend == "redis":
             pending = _xpending(url, f"{prefix}:s:{shard}", "relayer")
             assert pending >= 1, pending  # the bus still holds them, unacknowledged
@@ -136,8 +147,8 @@ async def test_a_topic_nobody_reads_does_not_hold_other_customers(
         await metrics_reach(port, {"pqcnet_relayer_parked_topics": 0.0,
                                    "pqcnet_relayer_records_behind_park": 0.0,
                                    "pqcnet_relayer_park_replays_total": 1.0})
+        await _billed(port, {"acme": n, "globex": n})  # each billed once
         m = scrape_metrics(port)
-        assert _volume(m, "acme") == n and _volume(m, "globex") == n  # each billed once
         # the replay re-read globex's frames: the marks suppressed them
         assert m["pqcnet_relayer_duplicates_frames_total"] >= n
         assert m["pqcnet_relayer_delivered_frames_total"] == 2 * n
@@ -153,7 +164,7 @@ async def test_a_topic_nobody_reads_does_not_hold_other_customers(
         assert other.by_topic[globex] == list(range(1, n + 2))
         assert scrape_metrics(port)["pqcnet_relayer_parked_frames_total"] == n
     finally:
-        await _close(late, other, pub)
+        await close_clients(late, other, pub)
         await node.stop()
 
 
@@ -190,11 +201,10 @@ async def test_the_parking_bound_makes_the_shard_hold(tmp_path: Path) -> None:
         assert other.by_topic[globex] == list(range(1, n + 1))
         await metrics_reach(port, {"pqcnet_relayer_held_frames": 0.0,
                                    "pqcnet_relayer_paused_shards": 0.0}, 30)
-        m = scrape_metrics(port)
-        assert m["pqcnet_relayer_park_overflows_total"] == 1
-        assert _volume(m, "acme") == 5 and _volume(m, "globex") == n
+        assert scrape_metrics(port)["pqcnet_relayer_park_overflows_total"] == 1
+        await _billed(port, {"acme": 5, "globex": n})
     finally:
-        await _close(late, other, pub)
+        await close_clients(late, other, pub)
         await node.stop()
 
 
@@ -220,7 +230,7 @@ async def test_a_relayer_killed_while_a_topic_is_parked_loses_nothing(tmp_path: 
             assert all(r.accepted for r in results)
         await other.wait_for(n, 30)
         seen += other.by_topic[globex]
-        await _close(pub, other)
+        await close_clients(pub, other)
         pub = other = None
         proc.kill()  # while acme is parked: the bus was acknowledged up to acme's seq 1
         await proc.stop()
@@ -238,7 +248,7 @@ async def test_a_relayer_killed_while_a_topic_is_parked_loses_nothing(tmp_path: 
         assert seen == list(range(1, n + 2))
         assert other.client.duplicates_dropped <= 1  # not 1..n again: they were marked
     finally:
-        await _close(late, other, pub)
+        await close_clients(late, other, pub)
         await proc.stop()
 
 
@@ -436,6 +446,6 @@ async def test_parked_records_survive_a_kafka_partition_move(tmp_path: Path,
         if joined is not None:
             joined.cancel()
             await asyncio.gather(joined, return_exceptions=True)
-        await _close(late, live, pub)
+        await close_clients(late, live, pub)
         await other.close()
         await node.stop()

@@ -282,6 +282,8 @@ class RelayerNode:
         self._tasks: list[asyncio.Task[None]] = []
         #: ownership-journal writes in flight (a Kafka cluster with redis_url)
         self._journal_tasks: set[asyncio.Task[None]] = set()
+        #: one journal write at a time, in the order the group's changes came
+        self._journal_lock = asyncio.Lock()
         self._journal_kafka = False
         #: everything opened by start(), closed newest first by stop()
         self._stack = contextlib.AsyncExitStack()
@@ -425,10 +427,18 @@ class RelayerNode:
             return
         for shards, event in ((gained, "claimed"), (lost, "released")):
             if shards:
-                task = asyncio.create_task(write_journal(
-                    store.client, self.cfg.redis_prefix, self.cfg.node_id, shards, event))
+                task = asyncio.create_task(self._write_journal(store, shards, event))
                 self._journal_tasks.add(task)
                 task.add_done_callback(self._journal_tasks.discard)
+
+    async def _write_journal(self, store: RedisSeqStore, shards: set[int], event: str) -> None:
+        """One write at a time (tasks take the lock in the order they were made): an
+        eager rebalance's revoke and the next assignment's claim of the same partition
+        would otherwise race on two pool connections, and a claim landing before the
+        release it follows would read as this node never owning the partition."""
+        async with self._journal_lock:
+            await write_journal(store.client, self.cfg.redis_prefix, self.cfg.node_id,
+                                shards, event)
 
     async def _open_bus(self) -> None:
         """Connect the bus and load what this node metered before (raises if down)."""
