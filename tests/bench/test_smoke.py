@@ -14,6 +14,7 @@ import itertools
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -197,6 +198,75 @@ def test_relayer_on_kafka_with_its_marks_in_redis() -> None:
                                "--marks-in-redis", "--frames", "100", "--no-baselines"],
                               capture_output=True, text=True, timeout=60, check=False)
         assert proc.returncode != 0 and "is for --backend kafka" in proc.stderr, proc.stderr
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process under ``pid`` (read from /proc: who names whom as parent)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone while read
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = {c for c, pp in parents.items() if pp == p}
+        todo += kids - out
+        out |= kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_relayer_interrupted_mid_run_drops_its_broker_state() -> None:
+    """Ctrl-C while the relayer is being measured: the bench stops its relayer and drops
+    the prefix it wrote to Redis as a finished run does, says so on stderr, and exits
+    non-zero. Seen from outside: redis-cli finds the new prefix's streams while the run
+    goes, and nothing under it afterwards; no process the bench started is left."""
+    redis_url = require_service("PQCNET_REDIS_URL", "Redis")
+
+    def prefixes() -> set[str]:
+        out = redis_cli(redis_url, "--scan", "--pattern", "bench:*:s:*")
+        return {k.strip('"').rsplit(":s:", 1)[0] for k in out.split()}
+
+    before = prefixes()
+    bench = subprocess.Popen(  # long enough to be interrupted while it measures
+        [PQCNET, "bench", "relayer", "--backend", "redis", "--no-baselines",
+         "--frames", "2000000", "--paced-frames", "100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        new: set[str] = set()
+        for _ in range(240):
+            new = prefixes() - before
+            if new:
+                break
+            time.sleep(0.25)
+        assert len(new) == 1, (new, bench.poll())
+        (prefix,) = new
+        time.sleep(1.0)  # into the measurement
+        assert bench.poll() is None, bench.communicate()
+        started = _descendants(bench.pid)
+        assert started, "the bench's relayer process"
+        bench.send_signal(signal.SIGINT)
+        out, err = bench.communicate(timeout=120)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.communicate()
+    assert bench.returncode != 0 and out == "", (bench.returncode, out[-500:])
+    assert "bench relayer: the run failed; its broker state:" in err, err[-2000:]
+    assert prefix in err and "'s': 32" in err, err[-2000:]
+    left = redis_cli(redis_url, "--scan", "--pattern", prefix + ":*")
+    assert left.split() == [], left
+    assert not [p for p in started if _alive(p)], started
 
 
 def test_parking_reports_live_rates_the_replay_and_the_hold_without_it() -> None:

@@ -7,7 +7,8 @@ hashes behind — about 10 MB of Redis memory per default run — and on Kafka a
 run, and with it the AOF rewrites Redis forks on the same cores: one that fell into a
 paced phase put its p99 at 31 ms instead of 7 to 9 (benchmarks/README, "What a bench run
 leaves on the brokers"). So a run drops what its relayer wrote once it is measured
-(``--keep-broker-state`` keeps it to look at), and reports what it dropped. Kafka
+(``--keep-broker-state`` keeps it to look at), and reports what it dropped — a run
+that fails or is interrupted (Ctrl-C) as well, on stderr. Kafka
 consumer groups are not deleted (the admin client here has no call for it): the broker
 expires their committed offsets (``offsets.retention.minutes``).
 """

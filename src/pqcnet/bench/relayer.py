@@ -56,7 +56,8 @@ the relayer's node-local RocksDB. The JSON's ``marks`` says which ran.
 
 What the bench relayer wrote to Redis / Kafka (its prefix, its topic) is dropped once
 measured, and the JSON's ``broker_state`` lists it (:mod:`pqcnet.bench._broker`);
-``--keep-broker-state`` keeps it to look at.
+``--keep-broker-state`` keeps it to look at. A run that fails or is interrupted drops
+it too, and says on stderr what it dropped.
 
 Targets (issue 4): >= 10,000 frames/s and >= 0.5x the raw write rate. Issue 15: end
 to end >= 0.5x the echo ceiling; embedded >= 1x NATS (Go client), Redis/Kafka >= 0.6x;
@@ -87,7 +88,7 @@ from pqcnet.bench._echo import echo_rate
 from pqcnet.bench._env import services_env
 from pqcnet.bench._nats import Latencies, NatsServer, nats_go, nats_py, pace, stamp
 from pqcnet.bench._stats import machine, percentiles, ratio
-from pqcnet.identity import dev_identities
+from pqcnet.identity import NodeIdentity, dev_identities
 from pqcnet.relayer.client import PublisherClient, SubscriberClient
 from pqcnet.relayer.frame import Frame, encode
 
@@ -405,43 +406,56 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
                                     "spiffe://pqcnet.bench/b/subscriber/s")
             ids[0].save(tmp / "ident", None)
             path = relayer_config(tmp, backend, url, marks_url, shards=32)
-            proc, ready = await relayer_process(path, n_workers)
-            paced: dict[str, Any] = {}
             try:
-                if n_workers > 1:  # let the workers split the shards before the load
-                    await asyncio.sleep(WORKERS_SETTLE)
-                clients = await _Clients.connect(ready["port"], ids, publishers,
-                                                 ready["sub_ports"])
-                try:
-                    warm = await _warm_up(clients, max(frames // WARMUP_SHARE, 1000),
-                                          topics, batch, size)
-                    cpu0 = [cpu_seconds(p) for p in ready["pids"]]
-                    gen0 = time.process_time()
-                    sat = await _saturated(clients, frames, topics, batch, size)
-                    gen = time.process_time() - gen0
-                    cpu = [cpu_seconds(p) - c for p, c in zip(ready["pids"], cpu0, strict=True)]
-                    if paced_run:
-                        settled = await settle(ready["pids"])
-                        pcpu0 = [cpu_seconds(p) for p in ready["pids"]]
-                        paced = await _paced_run(clients, paced_frames, topics, size,
-                                                 paced_rate)
-                        paced.update(settled)
-                        pcpu = sum(cpu_seconds(p) - c
-                                   for p, c in zip(ready["pids"], pcpu0, strict=True))
-                        # what one single-frame request costs the relayer (idle work
-                        # of the run's seconds included)
-                        paced["relayer_cpu_us_per_frame"] = round(
-                            pcpu / max(paced["frames"], 1) * 1e6, 1)
-                finally:
-                    await clients.close()
+                res = await measure(tmp, path, ids, n_workers, paced_run)
+            except BaseException:  # failed or interrupted (Ctrl-C): dropped all the same
+                if not keep_broker_state:
+                    left = await _drop(path)
+                    print(f"bench relayer: the run failed; its broker state: {left}",
+                          file=sys.stderr)
+                raise
+            res["broker_state"] = {"kept": True} if keep_broker_state else await _drop(path)
+            return res
+
+    async def measure(tmp: Path, path: Path, ids: list[NodeIdentity], n_workers: int,
+                      paced_run: bool) -> dict[str, Any]:
+        """One relayer (``n_workers`` processes) measured; it has exited on return."""
+        proc, ready = await relayer_process(path, n_workers)
+        paced: dict[str, Any] = {}
+        try:
+            if n_workers > 1:  # let the workers split the shards before the load
+                await asyncio.sleep(WORKERS_SETTLE)
+            clients = await _Clients.connect(ready["port"], ids, publishers,
+                                             ready["sub_ports"])
+            try:
+                warm = await _warm_up(clients, max(frames // WARMUP_SHARE, 1000),
+                                      topics, batch, size)
+                cpu0 = [cpu_seconds(p) for p in ready["pids"]]
+                gen0 = time.process_time()
+                sat = await _saturated(clients, frames, topics, batch, size)
+                gen = time.process_time() - gen0
+                cpu = [cpu_seconds(p) - c for p, c in zip(ready["pids"], cpu0, strict=True)]
+                if paced_run:
+                    settled = await settle(ready["pids"])
+                    pcpu0 = [cpu_seconds(p) for p in ready["pids"]]
+                    paced = await _paced_run(clients, paced_frames, topics, size,
+                                             paced_rate)
+                    paced.update(settled)
+                    pcpu = sum(cpu_seconds(p) - c
+                               for p, c in zip(ready["pids"], pcpu0, strict=True))
+                    # what one single-frame request costs the relayer (idle work
+                    # of the run's seconds included)
+                    paced["relayer_cpu_us_per_frame"] = round(
+                        pcpu / max(paced["frames"], 1) * 1e6, 1)
             finally:
-                proc.terminate()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), 30)
-                if proc.returncode is None:
-                    proc.kill()
-            raw = await _raw_rate(backend, frames, size, tmp, url) if paced_run else 0.0
-            dropped = {"kept": True} if keep_broker_state else await _drop(path)
+                await clients.close()
+        finally:
+            proc.terminate()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 30)
+            if proc.returncode is None:
+                proc.kill()
+        raw = await _raw_rate(backend, frames, size, tmp, url) if paced_run else 0.0
         sat["warmup_rounds"] = warm
         sat["warmup"] = warm[-1]
         sat["relayer_cpu_seconds"] = round(sum(cpu), 3)
@@ -452,7 +466,7 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
         sat["relayer_cpu_share"] = round(sum(cpu) / wall / n_workers, 3)
         sat["load_generator_cpu_seconds"] = round(gen, 3)
         sat["load_generator_cpu_share"] = round(gen / wall, 3)
-        return {"saturated": sat, "paced": paced, "raw": raw, "broker_state": dropped}
+        return {"saturated": sat, "paced": paced, "raw": raw}
 
     async def go() -> dict[str, Any]:
         one = await e2e(1, workers == 1) if workers > 1 else None
