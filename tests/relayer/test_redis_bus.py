@@ -12,12 +12,17 @@ import pytest
 import redis.asyncio as aioredis
 
 from pqcnet.relayer.bus.redis_streams import RedisStreamsBus
-from pqcnet.relayer.errors import BusUnavailable
+from pqcnet.relayer.errors import BusError, BusUnavailable
 from pqcnet.relayer.frame import Frame, encode, shard_for
 from pqcnet.relayer.seqstore import RedisSeqStore
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
 from tests.relayer.conftest import BusFactory
-from tests.relayer.helpers import CollectSink, assert_exactly_once_in_order
+from tests.relayer.helpers import (
+    CollectSink,
+    assert_exactly_once_in_order,
+    redis_cli,
+    redis_monitor,
+)
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(90)]
 
@@ -158,6 +163,35 @@ async def test_publish_many_one_round_trip_each_shard_in_order(
     with pytest.raises(ValueError):
         await bus.publish_many({bus.partitions(): [b"x"]})  # no such shard: nothing sent
     assert calls == 1
+
+
+async def test_lags_ask_for_every_shard_in_one_round_trip(
+        redis_bus_factory: BusFactory, redis_url: str) -> None:
+    """The backpressure sample (every ``backpressure_interval``, all owned shards) is
+    one pipeline: ``redis-cli MONITOR`` sees one ``XINFO GROUPS`` per shard, all from
+    one connection. The counts are each group's undelivered plus pending records. A
+    shard whose stream went away is left out while the others answer, and the next
+    sample makes its group again."""
+    bus = redis_bus_factory(consumer="a", shards=8, entry_records=1)
+    assert isinstance(bus, RedisStreamsBus)
+    await bus.publish(2, [b"a", b"b", b"c"])
+    await bus.publish(5, [b"x"] * 5)
+    got = await bus.consume(5, "g", max_records=2, block=0.1)
+    await bus.ack(5, "g", got[:1])  # 3 undelivered + 1 read and not acknowledged
+    await bus.lags(range(8), "g")  # the groups exist before the monitored sample
+    async with redis_monitor(redis_url) as lines:
+        lags = await bus.lags(range(8), "g")
+    assert lags == {0: 0, 1: 0, 2: 3, 3: 0, 4: 0, 5: 4, 6: 0, 7: 0}
+    assert lags == {s: await bus.lag(s, "g") for s in range(8)}
+    prefix = bus.key(0).rsplit(":", 1)[0]
+    xinfo = [line for line in lines if '"XINFO"' in line and prefix in line]
+    assert len(xinfo) == 8 and len({line.split()[2] for line in xinfo}) == 1, xinfo
+    redis_cli(redis_url, "DEL", bus.key(3))
+    assert await bus.lags(range(8), "g") == {s: n for s, n in lags.items() if s != 3}
+    assert (await bus.lags(range(8), "g"))[3] == 0
+    with pytest.raises(BusError):
+        redis_cli(redis_url, "DEL", bus.key(3))
+        await bus.lag(3, "g")  # one shard asked on its own: its error is raised
 
 
 async def _blocked_reader(admin: Any, cmd: str = "xreadgroup") -> int | None:

@@ -690,14 +690,12 @@ class RelayerNode:
     async def sample_backlog(self) -> None:
         """One backpressure round over all owned shards."""
         shards = self.cfg.shards_owned
-        if not self.publisher.bus_down:  # a down bus would only make lag() wait; skip it
-            async def lag(s: int) -> None:
-                try:
-                    async with asyncio.timeout(LAG_TIMEOUT):
-                        self._bus_lag[s] = await self.bus.lag(s, self.cfg.group)
-                except (RelayerError, TimeoutError):
-                    pass  # keep the last known lag; the overflow depth still counts
-            await asyncio.gather(*(lag(s) for s in shards))
+        if not self.publisher.bus_down:  # a down bus would only make lags() wait; skip it
+            try:
+                async with asyncio.timeout(LAG_TIMEOUT):
+                    self._bus_lag.update(await self.bus.lags(shards, self.cfg.group))
+            except (RelayerError, TimeoutError):
+                pass  # keep the last known lags; the overflow depth still counts
         behind = {w.shard: w.behind_park for w in self.workers}
         for s in shards:
             # records a worker consumed past a parked topic are done, only not yet

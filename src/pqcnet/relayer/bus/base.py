@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from pqcnet.relayer.errors import RelayerError
 
 if TYPE_CHECKING:  # the store module builds on the embedded bus; types only here
     from pqcnet.relayer.seqstore import SeqStore, StreamAck
@@ -139,6 +141,18 @@ class Bus(abc.ABC):
     @abc.abstractmethod
     async def lag(self, shard: int, group: str) -> int:
         """Records in ``shard`` not yet acked by ``group``."""
+
+    async def lags(self, shards: Iterable[int], group: str) -> dict[int, int]:
+        """:meth:`lag` of each of ``shards`` (the backpressure sample, every
+        ``backpressure_interval``); a shard whose lag could not be had is left out.
+        A networked bus asks for them all in one round trip."""
+        order = list(shards)
+        got = await asyncio.gather(*(self.lag(s, group) for s in order),
+                                   return_exceptions=True)
+        for g in got:
+            if isinstance(g, BaseException) and not isinstance(g, RelayerError):
+                raise g  # a bug, not a bus that did not answer
+        return {s: g for s, g in zip(order, got, strict=True) if isinstance(g, int)}
 
     @abc.abstractmethod
     async def rewind(self, shard: int, group: str) -> None:

@@ -1,0 +1,55 @@
+"""Idle CPU share and Redis commands/s of a bench-configured Redis relayer (32 shards),
+measured for benchmarks/README.md ("Redis relayer: where a paced frame's Redis work
+goes"). Run from the repository with the services' env sourced:
+``.venv/bin/python benchmarks/runs/2026-12-07-redis-paced-profile/idle.py 30``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pqcnet.bench._broker import drop_relayer_state
+from pqcnet.bench._cpu import cpu_seconds
+from pqcnet.bench.relayer import relayer_config, relayer_process
+from pqcnet.identity import dev_identities
+
+URL = os.environ["PQCNET_REDIS_URL"]
+SECS = float(sys.argv[1]) if len(sys.argv) > 1 else 30
+
+
+def calls() -> int:
+    """Every command Redis has run (INFO commandstats, scripts' own calls included)."""
+    out = subprocess.run(["redis-cli", "-u", URL, "INFO", "commandstats"],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(int(m) for m in re.findall(r"calls=(\d+)", out))
+
+
+async def main() -> None:
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        _, ids = dev_identities("pqcnet.bench", "spiffe://pqcnet.bench/b/relayer/r")
+        ids[0].save(tmp / "ident", None)
+        cfg = relayer_config(tmp, "redis", URL, shards=32)
+        proc, ready = await relayer_process(cfg, 1)
+        try:
+            await asyncio.sleep(5)  # started and quiet
+            c0, n0, t0 = sum(map(cpu_seconds, ready["pids"])), calls(), time.monotonic()
+            await asyncio.sleep(SECS)
+            c1, n1, t1 = sum(map(cpu_seconds, ready["pids"])), calls(), time.monotonic()
+        finally:
+            proc.terminate()
+            await proc.wait()
+        await drop_relayer_state(cfg)
+    print(json.dumps({"cpu_share": round((c1 - c0) / (t1 - t0), 4),
+                      "redis_cmds_per_s": round((n1 - n0) / (t1 - t0), 1),
+                      "loadavg": os.getloadavg()}))
+
+
+asyncio.run(main())
