@@ -12,6 +12,7 @@ import random
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -280,6 +281,31 @@ async def test_publish_many_lands_each_shard_in_order(bus: KafkaBus) -> None:
         assert [d.data for d in got[ends[shard]:]] == want
     with pytest.raises(ValueError):
         await bus.publish_many({bus.partitions(): [b"x"]})  # no such shard: nothing sent
+
+
+async def test_lags_ask_for_every_partition_in_one_request(bus: KafkaBus) -> None:
+    """The backpressure sample of all owned shards is one ``ListOffsets`` request, not
+    one per partition, and gives each shard what :meth:`KafkaBus.lag` gives it alone."""
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    shards = range(14, 20)
+    before = await bus.lags(shards, group)  # what earlier tests left
+    await bus.publish_many({14: [b"a", b"b"], 17: [b"c"]})
+    consumer = await bus._consumer(group)
+    asked: list[int] = []
+    real = consumer.end_offsets
+
+    async def counting(partitions: list[Any]) -> Any:
+        asked.append(len(partitions))
+        return await real(partitions)
+
+    consumer.end_offsets = counting  # type: ignore[method-assign]
+    try:
+        lags = await bus.lags(shards, group)
+    finally:
+        consumer.end_offsets = real  # type: ignore[method-assign]
+    assert asked == [len(shards)]
+    assert lags == {s: before[s] + {14: 2, 17: 1}.get(s, 0) for s in shards}
+    assert lags == {s: await bus.lag(s, group) for s in shards}
 
 
 async def test_a_failed_fetch_reaches_each_shard_once_without_the_loops_frames() -> None:

@@ -1,7 +1,7 @@
-"""Idle CPU share and Redis commands/s of a bench-configured Redis relayer (32 shards),
-measured for benchmarks/README.md ("Redis relayer: where a paced frame's Redis work
-goes"). Run from the repository with the services' env sourced:
-``.venv/bin/python benchmarks/runs/2026-12-07-redis-paced-profile/idle.py 30``."""
+"""Idle CPU share (and Redis commands/s) of a bench-configured relayer (32 shards) on
+Redis or Kafka, measured for benchmarks/README.md ("Redis relayer: where a paced
+frame's Redis work goes"). Run from the repository with the services' env sourced:
+``.venv/bin/python benchmarks/runs/2026-12-07-redis-paced-profile/idle.py 30 [kafka]``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from pqcnet.identity import dev_identities
 
 URL = os.environ["PQCNET_REDIS_URL"]
 SECS = float(sys.argv[1]) if len(sys.argv) > 1 else 30
+BACKEND = sys.argv[2] if len(sys.argv) > 2 else "redis"
+BUS_URL = URL if BACKEND == "redis" else os.environ["PQCNET_KAFKA_BOOTSTRAP"]
 
 
 def calls() -> int:
@@ -36,7 +38,7 @@ async def main() -> None:
         tmp = Path(d)
         _, ids = dev_identities("pqcnet.bench", "spiffe://pqcnet.bench/b/relayer/r")
         ids[0].save(tmp / "ident", None)
-        cfg = relayer_config(tmp, "redis", URL, shards=32)
+        cfg = relayer_config(tmp, BACKEND, BUS_URL, shards=32)
         proc, ready = await relayer_process(cfg, 1)
         try:
             await asyncio.sleep(5)  # started and quiet
@@ -47,7 +49,7 @@ async def main() -> None:
             proc.terminate()
             await proc.wait()
         await drop_relayer_state(cfg)
-    print(json.dumps({"cpu_share": round((c1 - c0) / (t1 - t0), 4),
+    print(json.dumps({"backend": BACKEND, "cpu_share": round((c1 - c0) / (t1 - t0), 4),
                       "redis_cmds_per_s": round((n1 - n0) / (t1 - t0), 1),
                       "loadavg": os.getloadavg()}))
 

@@ -145,7 +145,8 @@ class Bus(abc.ABC):
     async def lags(self, shards: Iterable[int], group: str) -> dict[int, int]:
         """:meth:`lag` of each of ``shards`` (the backpressure sample, every
         ``backpressure_interval``); a shard whose lag could not be had is left out.
-        A networked bus asks for them all in one round trip."""
+        A networked bus asks for them all in one round trip (and may define its
+        :meth:`lag` through this, as Redis and Kafka do)."""
         order = list(shards)
         got = await asyncio.gather(*(self.lag(s, group) for s in order),
                                    return_exceptions=True)

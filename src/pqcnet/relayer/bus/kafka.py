@@ -414,18 +414,30 @@ class KafkaBus(Bus):
                         "kafka commit failed", extra={"group": group, "error": str(exc)})
 
     async def lag(self, shard: int, group: str) -> int:
-        self.check_shard(shard)
+        return (await self.lags([shard], group))[shard]
+
+    async def lags(self, shards: Iterable[int], group: str) -> dict[int, int]:
+        """Every assigned shard's end offset in one ``ListOffsets`` request (the
+        backpressure sample asks for all of them every ``backpressure_interval``: one
+        request each was 64 a second for 32 partitions), less what this relayer acked
+        (or the group committed). A failed request raises: no shard's lag is known."""
+        order = list(shards)
+        for s in order:
+            self.check_shard(s)
         consumer = await self._consumer(group)
-        if shard not in self.assigned:
-            return 0  # not ours to deliver
-        tp = self.tp(shard)
-        end = (await self._call(consumer.end_offsets([tp])))[tp]
-        committed = self._acked.get(group, {}).get(tp)
-        if committed is None:
-            committed = await self._call(consumer.committed(tp))
-        if committed is None:
-            committed = (await self._call(consumer.beginning_offsets([tp])))[tp]
-        return max(0, int(end) - int(committed))
+        out = {s: 0 for s in order if s not in self.assigned}  # not ours to deliver
+        tps = {s: self.tp(s) for s in order if s not in out}
+        if not tps:
+            return out
+        ends = await self._call(consumer.end_offsets(list(tps.values())))
+        for s, tp in tps.items():
+            committed = self._acked.get(group, {}).get(tp)
+            if committed is None:
+                committed = await self._call(consumer.committed(tp))
+            if committed is None:
+                committed = (await self._call(consumer.beginning_offsets([tp])))[tp]
+            out[s] = max(0, int(ends[tp]) - int(committed))
+        return out
 
     async def rewind(self, shard: int, group: str) -> None:
         consumer = await self._consumer(group)
