@@ -32,6 +32,17 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def descendants(pid: int) -> set[int]:
+    """Every live process under ``pid``: its children, theirs, and so on."""
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        kids = set(children(todo.pop())) - out
+        out |= kids
+        todo += kids
+    return {p for p in out if running(p)}
+
+
 def listener_pid(port: int) -> int | None:
     """The process listening on TCP ``port`` (IPv4), or None: the socket's inode from
     ``/proc/net/tcp``, then the process holding a descriptor to it."""

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -43,6 +41,7 @@ from tests.relayer.helpers import (
     CollectSink,
     eventually,
     metrics_reach,
+    redis_pending,
     same_shard,
     scrape_metrics,
 )
@@ -78,15 +77,6 @@ async def _billed(port: int, want: dict[str, float]) -> None:
         return {c: _volume(m, c) for c in want}
 
     await eventually(lambda: now() == want, 15)
-
-
-def _xpending(url: str, key: str, group: str) -> int:
-    """Entries of ``key`` read and not acknowledged by ``group``, asked with redis-cli."""
-    cli = shutil.which("redis-cli")
-    assert cli is not None, "redis-cli is installed by scripts/services"
-    out = subprocess.run([cli, "-u", url, "XPENDING", key, group], check=True,
-                         capture_output=True, text=True, timeout=10).stdout.split()
-    return int(out[0])
 
 
 @pytest.mark.parametrize("backend", ["embedded", "redis"])
@@ -128,7 +118,7 @@ async def test_a_topic_nobody_reads_does_not_hold_other_customers(
         assert m["pqcnet_relayer_records_behind_park"] >= 2 * n - 1
         assert m["pqcnet_relayer_parked_frames_total"] == n
         if backend == "redis":
-            pending = _xpending(url, f"{prefix}:s:{shard}", "relayer")
+            pending = redis_pending(url, f"{prefix}:s:{shard}", "relayer")
             assert pending >= 1, pending  # the bus still holds them, unacknowledged
 
         interrupted: list[int] = []  # a spy: the real interrupt still runs
@@ -153,7 +143,7 @@ async def test_a_topic_nobody_reads_does_not_hold_other_customers(
         assert m["pqcnet_relayer_duplicates_frames_total"] >= n
         assert m["pqcnet_relayer_delivered_frames_total"] == 2 * n
         if backend == "redis":
-            await eventually(lambda: _xpending(url, f"{prefix}:s:{shard}",
+            await eventually(lambda: redis_pending(url, f"{prefix}:s:{shard}",
                                                "relayer") == 0, 20)
         # both topics flow on, parking nothing
         results = await pub.publish([Frame(*acme, n + 1, b"a"), Frame(*globex, n + 1, b"g")])
