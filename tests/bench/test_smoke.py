@@ -25,6 +25,7 @@ import pytest
 
 from pqcnet.bench import mesh
 from tests.conftest import _services_env, require_service
+from tests.procs import descendants, running
 from tests.relayer.helpers import redis_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -200,32 +201,6 @@ def test_relayer_on_kafka_with_its_marks_in_redis() -> None:
         assert proc.returncode != 0 and "is for --backend kafka" in proc.stderr, proc.stderr
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every live process under ``pid`` (read from /proc: who names whom as parent)."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone while read
-            continue
-        if fields[0] != "Z":
-            parents[int(stat.parent.name)] = int(fields[1])
-    out, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        kids = {c for c, pp in parents.items() if pp == p}
-        todo += kids - out
-        out |= kids
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_relayer_interrupted_mid_run_drops_its_broker_state() -> None:
     """Ctrl-C while the relayer is being measured: the bench stops its relayer and drops
     the prefix it wrote to Redis as a finished run does, says so on stderr, and exits
@@ -237,36 +212,41 @@ def test_relayer_interrupted_mid_run_drops_its_broker_state() -> None:
         out = redis_cli(redis_url, "--scan", "--pattern", "bench:*:s:*")
         return {k.strip('"').rsplit(":s:", 1)[0] for k in out.split()}
 
+    def flowing(prefix: str) -> bool:  # the clients publish: past start-up and connect
+        return any(int(redis_cli(redis_url, "XLEN", f"{prefix}:s:{s}").split()[-1])
+                   for s in range(32))
+
     before = prefixes()
     bench = subprocess.Popen(  # long enough to be interrupted while it measures
         [PQCNET, "bench", "relayer", "--backend", "redis", "--no-baselines",
          "--frames", "2000000", "--paced-frames", "100000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)  # its own group: a hung bench is killed with its relayer
     try:
         new: set[str] = set()
         for _ in range(240):
             new = prefixes() - before
-            if new:
+            if new and flowing(next(iter(new))):
                 break
             time.sleep(0.25)
         assert len(new) == 1, (new, bench.poll())
         (prefix,) = new
         time.sleep(1.0)  # into the measurement
         assert bench.poll() is None, bench.communicate()
-        started = _descendants(bench.pid)
+        started = descendants(bench.pid)
         assert started, "the bench's relayer process"
         bench.send_signal(signal.SIGINT)
         out, err = bench.communicate(timeout=120)
     finally:
         if bench.poll() is None:
-            bench.kill()
+            os.killpg(bench.pid, signal.SIGKILL)  # the relayer too: later tests share Redis
             bench.communicate()
     assert bench.returncode != 0 and out == "", (bench.returncode, out[-500:])
     assert "bench relayer: the run failed; its broker state:" in err, err[-2000:]
     assert prefix in err and "'s': 32" in err, err[-2000:]
     left = redis_cli(redis_url, "--scan", "--pattern", prefix + ":*")
     assert left.split() == [], left
-    assert not [p for p in started if _alive(p)], started
+    assert not [p for p in started if running(p)], started
 
 
 def test_parking_reports_live_rates_the_replay_and_the_hold_without_it() -> None:

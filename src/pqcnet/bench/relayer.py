@@ -362,7 +362,12 @@ async def relayer_process(cfg: Path, workers: int = 1
         stdout=asyncio.subprocess.PIPE, stderr=log)
     log.close()
     assert proc.stdout is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), 120)
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 120)
+    except BaseException:  # interrupted or timed out before ready: not left running
+        proc.kill()
+        await proc.wait()
+        raise
     if not line:
         raise click.ClickException("relayer did not start: "
                                    + (cfg.parent / "relayer.log").read_text()[-1500:])
