@@ -1,17 +1,19 @@
 """The ownership journal (``{prefix}:owners``) and the reading of it that the cluster
 tests check proofs against: who owned a shard when. A Kafka relayer journals its
 group's assignment changes from callbacks; an eager rebalance revokes a partition and
-hands it straight back in one step, often within one millisecond."""
+hands it straight back in one step, often within one millisecond; a Redis relayer's
+leases journal a loss from a background task and a claim inline."""
 
 from __future__ import annotations
 
 import asyncio
 import re
 import uuid
-from pathlib import Path
 
+import redis.asyncio as aioredis
+
+from pqcnet.relayer.bus.leases import OwnershipJournal, ShardLeases
 from tests.relayer.cluster import ownership_intervals
-from tests.relayer.e2e import start_node
 from tests.relayer.helpers import redis_cli
 
 END = 2**62
@@ -29,24 +31,53 @@ def test_a_claim_by_another_node_ends_a_killed_owner_span() -> None:
     assert ownership_intervals(events) == {("r0", 1): [(100, 400)], ("r1", 1): [(400, END)]}
 
 
-async def test_assignment_changes_reach_the_journal_in_the_order_they_came(
-        tmp_path: Path, redis_url: str) -> None:
-    """Forty revoke/claim steps made back to back (as aiokafka's callbacks make them):
-    read with redis-cli, the journal has them in that order. Each step's write is its
-    own task; unserialized, two of them race on two pool connections."""
+def _events(redis_url: str, key: str) -> list[tuple[str, str]]:
+    """(shard, event) of the journal, read with redis-cli."""
+    out = redis_cli(redis_url, "XRANGE", key, "-", "+")
+    return re.findall(r'"shard"\n\s*\d+\) "(\d+)"\n\s*\d+\) "event"\n\s*\d+\) "(\w+)"', out)
+
+
+async def test_changes_posted_back_to_back_reach_the_journal_in_their_order(
+        redis_url: str) -> None:
+    """Forty revoke/claim steps, each posted from a callback and the loop let run in
+    between (as aiokafka's callbacks come): read with redis-cli, the journal has them in
+    that order. Written from concurrent tasks without one writer, two pipelines race on
+    two pool connections."""
     prefix = f"journal-{uuid.uuid4().hex[:8]}"
-    node = await start_node(tmp_path, backend="redis", redis_url=redis_url,
-                            redis_prefix=prefix, shards=4)
-    key = f"{prefix}:owners"
+    client = aioredis.from_url(redis_url)
+    journal = OwnershipJournal(client, prefix, "r0")
     try:
-        before = int(redis_cli(redis_url, "XLEN", key).split()[-1])
         steps = ["released" if i % 2 == 0 else "claimed" for i in range(40)]
         for event in steps:
-            node._journal_assignment(*(({2}, set()) if event == "claimed" else (set(), {2})))
-        await asyncio.gather(*node._journal_tasks)
-        got = re.findall(r'"event"\n\s*\d+\) "(\w+)"',
-                         redis_cli(redis_url, "XRANGE", key, "-", "+"))
-        assert got[before:] == steps
+            journal.post({2}, event)
+            await asyncio.sleep(0)
+        await journal.close(10)
+        assert _events(redis_url, journal.key) == [("2", e) for e in steps]
     finally:
-        await node.stop()
-        redis_cli(redis_url, "DEL", key)
+        redis_cli(redis_url, "DEL", journal.key)
+        await client.aclose()
+
+
+async def test_a_lease_lost_and_claimed_again_in_one_round_is_journalled_in_that_order(
+        redis_url: str) -> None:
+    """A lease that lapsed in Redis (deleted behind the holder's back) is lost and, free,
+    claimed again by the same round: the journal reads claimed, lost, claimed — the
+    loss is written from a background task, the claim inline — and a clean stop's
+    release of both shards is written before close returns."""
+    prefix = f"journal-{uuid.uuid4().hex[:8]}"
+    client = aioredis.from_url(redis_url)
+    leases = ShardLeases(client, prefix, "r0", 2, lease=30.0)
+    try:
+        await leases.round()
+        assert leases.owned == {0, 1}
+        redis_cli(redis_url, "DEL", leases.key(0))
+        await leases.round()
+        assert leases.owned == {0, 1}
+        await leases.close()
+        assert _events(redis_url, leases.journal_key) == [
+            ("0", "claimed"), ("1", "claimed"), ("0", "lost"), ("0", "claimed"),
+            ("0", "released"), ("1", "released")]
+        assert redis_cli(redis_url, "EXISTS", leases.key(0), leases.key(1)).split()[-1] == "0"
+    finally:
+        redis_cli(redis_url, "DEL", leases.journal_key, leases.members_key)
+        await client.aclose()

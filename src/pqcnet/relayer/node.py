@@ -56,7 +56,7 @@ from pqcnet.relayer.authz import Authorizer, Quotas, authz_policy
 from pqcnet.relayer.backpressure import FlowController
 from pqcnet.relayer.bus.base import Bus
 from pqcnet.relayer.bus.embedded import EmbeddedBus
-from pqcnet.relayer.bus.leases import write_journal
+from pqcnet.relayer.bus.leases import OwnershipJournal
 from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.counters import (
     ClaimCheck,
@@ -280,11 +280,8 @@ class RelayerNode:
         self.governance_qstp_port: int | None = None
         self.workers: list[RelayerShardWorker] = []
         self._tasks: list[asyncio.Task[None]] = []
-        #: ownership-journal writes in flight (a Kafka cluster with redis_url)
-        self._journal_tasks: set[asyncio.Task[None]] = set()
-        #: one journal write at a time, in the order the group's changes came
-        self._journal_lock = asyncio.Lock()
-        self._journal_kafka = False
+        #: a Kafka cluster with redis_url: its group's assignment changes, journalled
+        self._journal: OwnershipJournal | None = None
         #: everything opened by start(), closed newest first by stop()
         self._stack = contextlib.AsyncExitStack()
         self._server: aio.Server | None = None
@@ -329,7 +326,9 @@ class RelayerNode:
             store = shared
             # who owned which partition when, next to the marks (Redis leases journal
             # their own changes)
-            self._journal_kafka = cfg.rebalancing
+            if cfg.rebalancing:
+                self._journal = OwnershipJournal(shared.client, cfg.redis_prefix,
+                                                 cfg.node_id)
         elif store is None and cfg.rebalancing:
             log.warning("kafka cluster with node-local dedup marks: a partition taken "
                         "over replays to subscribers (their cursor drops it) and may be "
@@ -399,9 +398,12 @@ class RelayerNode:
 
     def _assignment_changed(self, gained: set[int], lost: set[int]) -> None:
         """A step of a Kafka group's assignment change goes to the ownership journal
-        (Redis leases journal their own)."""
-        if self._journal_kafka:
-            self._journal_assignment(gained, lost)
+        (Redis leases journal their own), in the order the steps came: an eager
+        rebalance's revoke and the next assignment's claim of the same partition."""
+        if self._journal is not None:
+            for shards, event in ((gained, "claimed"), (lost, "released")):
+                if shards:
+                    self._journal.post(shards, event)
 
     def _shards_moved(self, came: set[int], went: set[int]) -> None:
         """A cluster's shards moved for good (``Bus.on_moved``). What this process
@@ -419,26 +421,6 @@ class RelayerNode:
             if restored:
                 log.info("overflow frames of shards that came here held in flight",
                          extra={"frames": restored, "shards": sorted(came)})
-
-    def _journal_assignment(self, gained: set[int], lost: set[int]) -> None:
-        """Kafka group changes into the ownership journal (as Redis leases write it)."""
-        store = self.store
-        if not isinstance(store, RedisSeqStore):
-            return
-        for shards, event in ((gained, "claimed"), (lost, "released")):
-            if shards:
-                task = asyncio.create_task(self._write_journal(store, shards, event))
-                self._journal_tasks.add(task)
-                task.add_done_callback(self._journal_tasks.discard)
-
-    async def _write_journal(self, store: RedisSeqStore, shards: set[int], event: str) -> None:
-        """One write at a time (tasks take the lock in the order they were made): an
-        eager rebalance's revoke and the next assignment's claim of the same partition
-        would otherwise race on two pool connections, and a claim landing before the
-        release it follows would read as this node never owning the partition."""
-        async with self._journal_lock:
-            await write_journal(store.client, self.cfg.redis_prefix, self.cfg.node_id,
-                                shards, event)
 
     async def _open_bus(self) -> None:
         """Connect the bus and load what this node metered before (raises if down)."""
@@ -682,9 +664,8 @@ class RelayerNode:
         # queue it would read closes first (the ownership journal still gets it)
         self.bus.on_moved = None
         await self._stack.aclose()
-        for j in list(self._journal_tasks):  # the last revokes' entries, best effort
-            j.cancel()
-        await asyncio.gather(*self._journal_tasks, return_exceptions=True)
+        if self._journal is not None:  # the last revokes' entries, best effort
+            await self._journal.close(STOP_GRACE)
 
     # ------------------------------------------------------------------ loops
     async def sample_backlog(self) -> None:

@@ -21,9 +21,9 @@ cluster (same ``redis_prefix`` and group) agree on who works on which shard thro
   a lease without noticing (paused, partitioned) can neither meter nor ack that shard.
 * **journal** — every claim / release / loss is appended to the bounded stream
   ``{prefix}:owners`` (``node``, ``shard``, ``event``, server time), so who owned what
-  and when can be read with ``redis-cli XRANGE`` (proof audits, incidents). A Kafka
-  cluster with ``redis_url`` writes its group assignments there too
-  (:func:`write_journal`).
+  and when can be read with ``redis-cli XRANGE`` (proof audits, incidents). One
+  relayer's entries land in the order its ownership changed (:class:`OwnershipJournal`).
+  A Kafka cluster with ``redis_url`` writes its group assignments there too.
 
 A relayer that cannot reach Redis stops counting on its leases ``lease`` s after its
 last successful renewal, whatever it believes, and drops every shard.
@@ -37,6 +37,7 @@ import logging
 import math
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 LEASE_SECONDS = 3.0
 #: entries kept in the ownership journal stream (approximate MAXLEN)
 JOURNAL_LEN = 10_000
+#: ownership changes of one relayer waiting for their journal write (more are dropped,
+#: with a warning: only while Redis is slower than the group changes)
+JOURNAL_PENDING = 1_024
 
 # KEYS[1] lease; ARGV value, px, node_id. Free, ours, or our previous life's -> take it.
 _CLAIM = """
@@ -115,6 +119,7 @@ class ShardLeases:
         self.members: list[str] = []
         self._drain = drain
         self._on_change = on_change
+        self.journal = OwnershipJournal(client, prefix, node_id)
         self._valid_until = 0.0
         self._task: asyncio.Task[None] | None = None
         self._releases: set[asyncio.Task[None]] = set()
@@ -216,7 +221,8 @@ class ShardLeases:
             if got:  # owned and the bus told in one step: no worker reads in between
                 self.owned |= got
                 self._changed(got, set())
-                await self._journal(got, "claimed")
+                self.journal.record(got, "claimed")
+                await self.journal.flush()
         elif keeping > share:
             order = self._preferred()
             spare = sorted(self.owned - self.releasing, key=order.index, reverse=True)
@@ -241,7 +247,8 @@ class ShardLeases:
                     async with asyncio.timeout(self.revoke_grace):
                         await self._drain(shard)
             await self._release(keys=[self.key(shard)], args=[self.value])
-            await self._journal({shard}, "released")
+            self.journal.record({shard}, "released")
+            await self.journal.flush()
         except (RedisError, OSError) as exc:  # the lease then simply expires
             log.warning("shard lease release failed", extra={"shard": shard, "error": str(exc)})
         finally:
@@ -261,9 +268,7 @@ class ShardLeases:
         self.releasing -= shards
         log.warning("shard leases lost", extra={"shards": sorted(shards), "reason": why})
         self._changed(set(), shards)
-        task = asyncio.create_task(self._journal(shards, "lost"))
-        self._releases.add(task)
-        task.add_done_callback(self._releases.discard)
+        self.journal.post(shards, "lost")
 
     def _changed(self, gained: set[int], lost: set[int]) -> None:
         log.info("shard ownership changed", extra={
@@ -271,9 +276,6 @@ class ShardLeases:
             "owned": len(self.owned), "members": len(self.members)})
         if self._on_change is not None:
             self._on_change(gained, lost)
-
-    async def _journal(self, shards: set[int], event: str) -> None:
-        await write_journal(self._r, self.prefix, self.node_id, shards, event)
 
     async def close(self) -> None:
         """Stop renewing, hand every lease back and leave the members (clean stop: the
@@ -291,21 +293,75 @@ class ShardLeases:
                     await self._release(keys=[self.key(s)], args=[self.value])
                 await self._r.zrem(self.members_key, self.node_id)
                 if held:
-                    await self._journal(held, "released")
+                    self.journal.record(held, "released")
+        await self.journal.close(self.lease / 2)
 
 
-async def write_journal(client: aioredis.Redis, prefix: str, node_id: str,
-                        shards: Iterable[int], event: str) -> None:
-    """Append ``event`` (claimed / released / lost) for ``shards`` to the ownership
-    journal ``{prefix}:owners`` (bounded; best effort: a failed write is only logged)."""
-    pipe = client.pipeline(transaction=False)
-    for s in sorted(shards):
-        pipe.xadd(f"{prefix}:owners", {"node": node_id, "shard": s, "event": event},
-                  maxlen=JOURNAL_LEN, approximate=True)
-    try:
-        await pipe.execute()
-    except (RedisError, OSError) as exc:
-        log.info("ownership journal not written", extra={"event": event, "error": str(exc)})
+class OwnershipJournal:
+    """One relayer's entries of the ownership journal ``{prefix}:owners``, written in
+    the order its ownership changed.
+
+    A change is queued where it happens (:meth:`record`, synchronous) and one writer at
+    a time sends everything queued in one pipeline (:meth:`flush`). Writing each change
+    from its own task raced: two pipelines on two pooled connections land in either
+    order, and a ``claimed`` before the ``lost`` / ``released`` it follows reads as this
+    relayer never owning the shard. Best effort, as before: a failed write is logged
+    and its entries dropped (written later they would carry a wrong server time)."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str, node_id: str, *,
+                 pending: int = JOURNAL_PENDING) -> None:
+        self._r, self.prefix, self.node_id = client, prefix, node_id
+        self._pending = pending
+        self._queue: deque[tuple[tuple[int, ...], str]] = deque()
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def key(self) -> str:
+        return f"{self.prefix}:owners"
+
+    def record(self, shards: Iterable[int], event: str) -> None:
+        """Queue ``event`` (claimed / released / lost) for ``shards``, in call order."""
+        if len(self._queue) >= self._pending:
+            log.warning("ownership journal entry dropped (writes behind)",
+                        extra={"event": event, "shards": sorted(shards)})
+            return
+        self._queue.append((tuple(sorted(shards)), event))
+
+    def post(self, shards: Iterable[int], event: str) -> None:
+        """:meth:`record` and flush in the background (callers that cannot wait)."""
+        self.record(shards, event)
+        task = asyncio.create_task(self.flush(), name="ownership-journal")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def flush(self) -> None:
+        """Write everything queued, oldest first (returns once it is written or the
+        write failed)."""
+        async with self._lock:
+            if not self._queue:
+                return
+            batch = list(self._queue)
+            self._queue.clear()
+            pipe = self._r.pipeline(transaction=False)
+            for shards, event in batch:
+                for s in shards:
+                    pipe.xadd(self.key, {"node": self.node_id, "shard": s, "event": event},
+                              maxlen=JOURNAL_LEN, approximate=True)
+            try:
+                await pipe.execute()
+            except (RedisError, OSError) as exc:
+                log.info("ownership journal not written",
+                         extra={"entries": len(batch), "error": str(exc)})
+
+    async def close(self, grace: float) -> None:
+        """Write what is queued (up to ``grace`` s), then stop the background writes."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self.flush()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def journal(entries: Iterable[Any] | None) -> list[tuple[str, int, str]]:
