@@ -236,7 +236,11 @@ def test_relayer_interrupted_mid_run_drops_its_broker_state() -> None:
         started = descendants(bench.pid)
         assert started, "the bench's relayer process"
         bench.send_signal(signal.SIGINT)
-        out, err = bench.communicate(timeout=120)
+        try:
+            out, err = bench.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # where it hangs, for whoever reads the failure
+            pytest.fail("the bench hung after SIGINT; its stacks:\n"
+                        + "\n".join(_stacks(p) for p in [bench.pid, *started]))
     finally:
         if bench.poll() is None:
             os.killpg(bench.pid, signal.SIGKILL)  # the relayer too: later tests share Redis
@@ -247,6 +251,14 @@ def test_relayer_interrupted_mid_run_drops_its_broker_state() -> None:
     left = redis_cli(redis_url, "--scan", "--pattern", prefix + ":*")
     assert left.split() == [], left
     assert not [p for p in started if running(p)], started
+
+
+def _stacks(pid: int) -> str:
+    """``py-spy dump`` of a live process (its Python threads' stacks, idle ones too)."""
+    spy = Path(sys.executable).parent / "py-spy"
+    proc = subprocess.run([str(spy), "dump", "--pid", str(pid)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    return f"-- pid {pid}\n{proc.stdout}{proc.stderr}"
 
 
 def test_parking_reports_live_rates_the_replay_and_the_hold_without_it() -> None:
