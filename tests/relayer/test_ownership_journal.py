@@ -7,14 +7,18 @@ leases journal a loss from a background task and a claim inline."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import uuid
+from pathlib import Path
 
 import redis.asyncio as aioredis
 
 from pqcnet.relayer.bus.leases import OwnershipJournal, ShardLeases
+from tests.procs import connections_to
 from tests.relayer.cluster import ownership_intervals
-from tests.relayer.helpers import redis_cli
+from tests.relayer.e2e import start_node
+from tests.relayer.helpers import eventually, redis_cli
 
 END = 2**62
 
@@ -81,3 +85,34 @@ async def test_a_lease_lost_and_claimed_again_in_one_round_is_journalled_in_that
     finally:
         redis_cli(redis_url, "DEL", leases.journal_key, leases.members_key)
         await client.aclose()
+
+
+async def test_a_kafka_relayer_journals_its_group_changes_and_its_clean_stop(
+        tmp_path: Path, kafka_bootstrap: str, redis_url: str) -> None:
+    """A lone Kafka relayer with shared marks: the group gives it every partition
+    (``claimed``), and its clean stop — the bus's close revokes them after the shared
+    marks' work is done — still reaches the journal (``released``), written before the
+    Redis client it writes with is closed: after the stop this process holds no more
+    connections to Redis than before the start (a write through a closed redis-py
+    client opens a new connection, and nothing closes it)."""
+    tag = uuid.uuid4().hex[:8]
+    prefix = f"journal-{tag}"
+    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    held = connections_to(os.getpid(), redis_port)
+    node = await start_node(tmp_path, backend="kafka", kafka_bootstrap=kafka_bootstrap,
+                            kafka_topic=f"pqcnet-journal-{tag}", group=f"journal-{tag}",
+                            redis_url=redis_url, redis_prefix=prefix, shards=4,
+                            kafka_session_timeout=3.0)
+    key = f"{prefix}:owners"
+    try:
+        await eventually(lambda: node.bus.assignment() == [0, 1, 2, 3], 60)
+        await eventually(lambda: len(_events(redis_url, key)) == 4, 10)
+    finally:
+        await node.stop()
+    try:
+        assert connections_to(os.getpid(), redis_port) == held
+        got = _events(redis_url, key)
+        assert sorted(got[:4]) == [(str(s), "claimed") for s in range(4)]
+        assert sorted(got[4:]) == [(str(s), "released") for s in range(4)]
+    finally:
+        redis_cli(redis_url, "DEL", key)

@@ -314,6 +314,10 @@ class RelayerNode:
         stack.callback(selfcheck.cancel)  # a failed start does not leave it behind
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.started_at = time.time()
+        # closed after the bus: its close revokes the group's partitions, which the
+        # ownership journal writes with the shared marks' Redis client
+        after_bus = contextlib.AsyncExitStack()
+        stack.push_async_callback(after_bus.aclose)
         self.bus = make_bus(cfg, self.data_dir)
         self.bus.on_assignment = self._assignment_changed
         self.bus.on_moved = self._shards_moved
@@ -322,13 +326,14 @@ class RelayerNode:
         if store is None and cfg.backend == "kafka" and cfg.redis_url:
             # a cluster's shared marks and volume: they move with a partition
             shared = shared_marks(cfg, self.bus)
-            stack.push_async_callback(_quietly, shared.aclose)
+            after_bus.push_async_callback(_quietly, shared.aclose)
             store = shared
             # who owned which partition when, next to the marks (Redis leases journal
-            # their own changes)
+            # their own changes); the last revokes' entries best effort
             if cfg.rebalancing:
                 self._journal = OwnershipJournal(shared.client, cfg.redis_prefix,
                                                  cfg.node_id)
+                after_bus.push_async_callback(_quietly, self._journal.close, STOP_GRACE)
         elif store is None and cfg.rebalancing:
             log.warning("kafka cluster with node-local dedup marks: a partition taken "
                         "over replays to subscribers (their cursor drops it) and may be "
@@ -664,8 +669,6 @@ class RelayerNode:
         # queue it would read closes first (the ownership journal still gets it)
         self.bus.on_moved = None
         await self._stack.aclose()
-        if self._journal is not None:  # the last revokes' entries, best effort
-            await self._journal.close(STOP_GRACE)
 
     # ------------------------------------------------------------------ loops
     async def sample_backlog(self) -> None:

@@ -487,6 +487,12 @@ class KafkaBus(Bus):
             for consumer in self._consumers.values():
                 await consumer.stop()
             self._consumers.clear()
+            # leaving the group hands every partition back without a revoke callback:
+            # say so (the ownership journal's ``released``), as a rebalance would
+            if (left := set(self.assigned)) and self.rebalance:
+                self.assigned.clear()
+                if self.on_assignment is not None:
+                    self.on_assignment(set(), left)
             if self._producer is not None:
                 await self._producer.stop()
                 self._producer = None
