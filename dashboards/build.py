@@ -218,6 +218,9 @@ CONTROL = {
           (("sum by (reason) (pqcnet_mesh_dropped_messages_total)", "{{reason}}"),)),
         P("Waku REST errors by operation", "short",
           (("sum by (instance, op) (pqcnet_mesh_waku_errors_total)", "{{instance}} {{op}}"),)),
+        P("Waku failovers and moved subscription legs", "short",
+          (("sum by (instance) (pqcnet_mesh_waku_failovers_total)", "{{instance}} failovers"),
+           ("sum by (instance) (pqcnet_mesh_waku_leg_moves_total)", "{{instance}} legs moved"))),
         P("Delivery latency p99 (sender → accepted)", "s",
           (("histogram_quantile(0.99, sum by (le) "
             "(rate(pqcnet_mesh_delivery_latency_seconds_bucket[5m])))", "p99"),)),
@@ -309,6 +312,7 @@ QUIET = {
     "Refused: authorization and quota": "no frame is refused in the compose run",
     "Dropped control messages by reason": "only forged, stale or replayed messages",
     "Waku REST errors by operation": "only while a go-waku node is unreachable",
+    "Waku failovers and moved subscription legs": "no go-waku node fails in the compose run",
     "Directives rejected by reason": "only forged, expired or replayed directives",
     "Orphan pool (vertices missing parents)": "orphans only while syncing a peer's DAG",
     "Identity reloads and renewals": "no certificate is renewed in a short run",

@@ -5,7 +5,9 @@ both receives it and publishes its own numbered stream (watched from node 3). No
 — the transport's active node — is frozen with SIGSTOP mid-stream: publishes and polls
 move to node 2 (the standby leg already holds what was relayed meanwhile), then node 1
 is resumed and the subscription we left there is deleted so it cannot clog the node.
-Every message reaches its application exactly once. Then every node restarts
+Every message reaches its application exactly once, and the process's Prometheus
+counters of failovers, moved legs, suppressed duplicates and deleted subscriptions
+agree with the transports' own. Then every node restarts
 (``scripts/services restart waku``): the transport re-places its subscription and
 carries on.
 """
@@ -14,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import uuid
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY, generate_latest
 
 from pqcnet.mesh.errors import WakuError
 from pqcnet.mesh.transport import Subscription, content_topic
@@ -71,6 +75,23 @@ def _collect(sub: Subscription, into: list[bytes]) -> asyncio.Task[None]:
     return asyncio.create_task(run())
 
 
+#: the transport's counters and the Prometheus counters it feeds
+WAKU_METRICS = {"failovers": "pqcnet_mesh_waku_failovers_total",
+                "leg_moves": "pqcnet_mesh_waku_leg_moves_total",
+                "duplicates_suppressed": "pqcnet_mesh_waku_duplicates_suppressed_total",
+                "cleanups": "pqcnet_mesh_waku_stale_subscriptions_deleted_total"}
+
+
+def _waku_metrics() -> dict[str, float]:
+    """This process's Waku failover counters, read from its Prometheus exposition."""
+    text = generate_latest(REGISTRY).decode()
+    out = {}
+    for attr, name in WAKU_METRICS.items():
+        (value,) = re.findall(rf"^{name} (\S+)$", text, re.M)
+        out[attr] = float(value)
+    return out
+
+
 async def test_transport_fails_over_across_all_rest_urls(waku_rest_urls: list[str]) -> None:
     urls = waku_rest_urls
     assert len(urls) == 3
@@ -82,6 +103,7 @@ async def test_transport_fails_over_across_all_rest_urls(waku_rest_urls: list[st
     watcher = WakuTransport.connect(urls[2], timeout_s=2.0, retries=2, poll_interval_s=0.03)
     got_in: list[bytes] = []
     got_out: list[bytes] = []
+    before = _waku_metrics()
     tasks: list[asyncio.Task[None]] = []
     streams: list[Stream] = []
     stopped = False
@@ -104,6 +126,11 @@ async def test_transport_fails_over_across_all_rest_urls(waku_rest_urls: list[st
         stopped = False
         await until(lambda: t.cleanups >= 1, 30, "stale subscription deleted on node 1")
         assert t.failovers == 1 and streams[1].errors == 0  # no publish was lost
+        # one leg moved (node 1's to node 3) and node 1's one subscription was deleted;
+        # the standby leg saw what the active one saw; the process's metrics say the same
+        assert t.leg_moves == 1 and t.cleanups == 1 and t.duplicates_suppressed >= 1
+        assert _waku_metrics() == {
+            k: before[k] + getattr(t, k) + getattr(watcher, k) for k in WAKU_METRICS}
         for s in streams:
             await s.stop()
         await until(lambda: set(got_in) >= set(streams[0].sent)

@@ -34,6 +34,25 @@ WAKU_ERRORS = Counter(
     "Failed Waku REST calls (after retries), by operation.",
     ["op"],
 )
+WAKU_FAILOVERS = Counter(
+    "pqcnet_mesh_waku_failovers_total",
+    "Times the active Waku node (publishes, the first subscription leg) moved to another "
+    "of waku_rest_urls because it failed.",
+)
+WAKU_LEG_MOVES = Counter(
+    "pqcnet_mesh_waku_leg_moves_total",
+    "Subscription legs re-placed on another Waku node after theirs failed.",
+)
+WAKU_DUPLICATES = Counter(
+    "pqcnet_mesh_waku_duplicates_suppressed_total",
+    "Messages seen through two subscription legs (active and standby node), dropped "
+    "once.",
+)
+WAKU_CLEANUPS = Counter(
+    "pqcnet_mesh_waku_stale_subscriptions_deleted_total",
+    "Subscriptions left on a failed Waku node, deleted when it answered again (one "
+    "nobody drains blocks go-waku's broadcaster).",
+)
 BUNDLES = Gauge(
     "pqcnet_mesh_dtn_bundles",
     "Bundles held in the DTN store awaiting an unreachable peer.",

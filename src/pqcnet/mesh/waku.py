@@ -42,6 +42,7 @@ from typing import Any
 
 from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.mesh.errors import ConfigError, WakuError, WakuUnavailable
+from pqcnet.mesh.metrics import WAKU_CLEANUPS, WAKU_DUPLICATES, WAKU_FAILOVERS, WAKU_LEG_MOVES
 from pqcnet.mesh.transport import DEFAULT_MAX_PENDING, Subscription, WakuMessage
 from pqcnet.mesh.waku_rest import WakuClientConfig, WakuRestClient
 
@@ -235,6 +236,7 @@ class WakuTransport:
                              + msg.payload).digest()[:16]
         if key in placed.seen:
             self.duplicates_suppressed += 1
+            WAKU_DUPLICATES.inc()
             return 0
         placed.seen[key] = None
         while len(placed.seen) > self.dedup_capacity:
@@ -260,6 +262,7 @@ class WakuTransport:
         if healthy:
             self.active = healthy[0]
             self.failovers += 1
+            WAKU_FAILOVERS.inc()
             log.warning("waku active node changed", extra={"url": self.url(self.active)})
 
     async def _node_failed(self, node: int, exc: WakuError) -> None:
@@ -275,7 +278,9 @@ class WakuTransport:
                     leg.cancel()
                 before = len(placed.legs)
                 await self._place(placed)
-                self.leg_moves += len(placed.legs) - before
+                moved = len(placed.legs) - before
+                self.leg_moves += moved
+                WAKU_LEG_MOVES.inc(moved)
 
     async def _health_loop(self) -> None:
         """Probe given-up nodes; when one answers, delete or adopt what we left there."""
@@ -305,6 +310,7 @@ class WakuTransport:
             return  # still sick: next round
         self._topics_on[node] -= set(stale)
         self.cleanups += len(stale)
+        WAKU_CLEANUPS.inc(len(stale))
         self._healthy[node] = True
         self._pick_active()
         log.info("waku node back", extra={"url": self.url(node), "deleted": len(stale)})

@@ -71,7 +71,8 @@ class ControlPlaneSpec(Schema):
     transport: TransportKind = "embedded"
     """waku, or embedded (in-process: a node alone, for try-outs)."""
     waku_rest_urls: list[HttpUrl] | HttpUrl = Field(default_factory=list)
-    """REST base URLs of Waku nodes; the first one answering /health at start is used."""
+    """REST base URLs of Waku nodes; one must answer /health at start, then the node
+    fails over across all of them (active node plus a standby subscription leg)."""
     namespace: str = ""
     """Content-topic namespace (separates meshes sharing one Waku network)."""
     node_id: str = ""
