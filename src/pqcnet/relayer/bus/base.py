@@ -70,8 +70,9 @@ class Bus(abc.ABC):
     batched_shards: bool = False
     #: called with (gained, lost) shards at each step of a cluster's assignment change
     #: as its protocol makes it (Kafka's eager rebalance: every partition revoked, then
-    #: the new set assigned; the node journals these); backends whose assignment never
-    #: changes never call it
+    #: the new set assigned; the node journals these; Kafka also at close, every
+    #: partition still held as lost); backends whose assignment never changes never
+    #: call it
     on_assignment: Callable[[set[int], set[int]], None] | None = None
     #: called with (came, went) shards once a change is settled: shards this member
     #: reads now and did not before, and shards another member (or none) reads from now
