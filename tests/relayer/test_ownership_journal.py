@@ -7,11 +7,13 @@ leases journal a loss from a background task and a claim inline."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import uuid
 from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
 
 from pqcnet.relayer.bus.leases import OwnershipJournal, ShardLeases
@@ -57,6 +59,26 @@ async def test_changes_posted_back_to_back_reach_the_journal_in_their_order(
             await asyncio.sleep(0)
         await journal.close(10)
         assert _events(redis_url, journal.key) == [("2", e) for e in steps]
+    finally:
+        redis_cli(redis_url, "DEL", journal.key)
+        await client.aclose()
+
+
+async def test_changes_beyond_the_pending_bound_are_dropped_with_a_warning(
+        redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The queue of changes waiting for their write is bounded: past ``pending`` a
+    change is dropped and said so in the log; the ones queued are written, in order."""
+    prefix = f"journal-{uuid.uuid4().hex[:8]}"
+    client = aioredis.from_url(redis_url)
+    journal = OwnershipJournal(client, prefix, "r0", pending=2)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pqcnet.relayer.bus.leases"):
+            for event in ("claimed", "released", "claimed"):
+                journal.record({5}, event)
+        dropped = [r for r in caplog.records if "entry dropped" in r.getMessage()]
+        assert [(r.event, r.shards) for r in dropped] == [("claimed", [5])]  # type: ignore[attr-defined]
+        await journal.close(10)
+        assert _events(redis_url, journal.key) == [("5", "claimed"), ("5", "released")]
     finally:
         redis_cli(redis_url, "DEL", journal.key)
         await client.aclose()
