@@ -1,7 +1,6 @@
 """What the tests read about processes from ``/proc`` (no psutil here): whether a pid
 still runs, a process's children — for the ``--workers`` supervisors, whose workers
-must not outlive them —, which process listens on a port (which worker to kill) and
-the connections a process holds to a server (a client left open after a stop)."""
+must not outlive them — and which process listens on a port (which worker to kill)."""
 
 from __future__ import annotations
 
@@ -66,21 +65,3 @@ def listener_pid(port: int) -> int | None:
             except OSError:  # closed meanwhile
                 continue
     return None
-
-
-def connections_to(pid: int, port: int) -> int:
-    """Established TCP connections (IPv4) that ``pid`` holds to a server on ``port``:
-    ``/proc/net/tcp`` rows whose socket is one of the process's descriptors."""
-    mine = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            mine.add(str(fd.readlink()))
-        except OSError:  # closed meanwhile
-            continue
-    n = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        cols = line.split()
-        if (cols[3] == "01" and int(cols[2].rsplit(":", 1)[1], 16) == port  # ESTABLISHED
-                and f"socket:[{cols[9]}]" in mine):
-            n += 1
-    return n

@@ -267,3 +267,16 @@ async def test_interrupt_ends_a_blocking_read_and_loses_nothing(
         assert await bus.lag(0, "g") == 0
     finally:
         await admin.aclose()
+
+
+async def test_its_connections_say_whose_they_are(redis_bus_factory: BusFactory,
+                                                  redis_url: str) -> None:
+    """``redis-cli CLIENT LIST`` names a relayer's connections after its node id (a
+    character Redis refuses in a name becomes ``_``), and none is left after close."""
+    bus = redis_bus_factory(consumer="edge relayer\n7")
+    await bus.start()
+    await bus.publish(0, [encode(Frame("acme", "ch", 1, b"x"))])
+    name = "name=pqcnet-relayer:edge_relayer_7:bus "
+    assert name in redis_cli(redis_url, "CLIENT", "LIST")
+    await bus.close()
+    assert name not in redis_cli(redis_url, "CLIENT", "LIST")

@@ -95,7 +95,7 @@ from pqcnet.relayer.proof import (
 )
 from pqcnet.relayer.proofstore import Intent, ProofStore
 from pqcnet.relayer.receipts import VolumeReceipt, build_receipt
-from pqcnet.relayer.seqstore import RedisSeqStore, RocksSeqStore, SeqStore
+from pqcnet.relayer.seqstore import RedisSeqStore, RocksSeqStore, SeqStore, client_name
 from pqcnet.relayer.settlement import Settlement, bounded, families, settlement
 from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
 
@@ -142,7 +142,8 @@ def shared_marks(cfg: RelayerConfig, bus: Bus) -> RedisSeqStore:
     from pqcnet.relayer.bus.kafka import KafkaBus
     from pqcnet.relayer.bus.kafka_owners import PartitionOwners
 
-    client = aioredis.from_url(cfg.redis_url, socket_connect_timeout=cfg.publish_timeout)
+    client = aioredis.from_url(cfg.redis_url, socket_connect_timeout=cfg.publish_timeout,
+                               client_name=client_name(cfg.node_id, "marks"))
     fence = None
     if isinstance(bus, KafkaBus) and bus.rebalance:
         bus.owners = PartitionOwners(client, cfg.redis_prefix, bus.owner_token)

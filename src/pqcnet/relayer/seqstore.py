@@ -16,6 +16,7 @@ fall between the two writes.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -286,6 +287,13 @@ class RocksSeqStore:
         """Close the database if this store opened it."""
         if self._owned:
             self._db.close()
+
+
+def client_name(node_id: str, what: str) -> str:
+    """The name a relayer's Redis connections carry (``CLIENT SETNAME`` on connect),
+    so ``redis-cli CLIENT LIST`` tells whose they are: ``pqcnet-relayer:<node>:<what>``
+    (a character Redis refuses in a name — a space, a newline — becomes ``_``)."""
+    return re.sub(r"[^!-~]", "_", f"pqcnet-relayer:{node_id}:{what}")
 
 
 class RedisSeqStore:

@@ -70,7 +70,7 @@ from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.relayer.bus.base import Bus, Delivery, Offset
 from pqcnet.relayer.bus.leases import ShardLeases
 from pqcnet.relayer.errors import BusError, BusUnavailable
-from pqcnet.relayer.seqstore import RedisSeqStore, SeqStore, StreamAck
+from pqcnet.relayer.seqstore import RedisSeqStore, SeqStore, StreamAck, client_name
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class RedisStreamsBus(Bus):
             raise ValueError("shards must be >= 1")
         self.client: aioredis.Redis = aioredis.from_url(
             url, socket_timeout=None, socket_connect_timeout=op_timeout,
-            max_connections=shards * 2 + 16,
+            max_connections=shards * 2 + 16, client_name=client_name(consumer, "bus"),
         )
         self._url = url
         #: (shard, group) -> the client of its blocking reads (one connection each)
@@ -553,7 +553,8 @@ class RedisStreamsBus(Bus):
             # pipeline takes a connection from the pool, so the pool holds the one
             client = self._blockers[sg] = aioredis.from_url(
                 self._url, socket_timeout=None, socket_connect_timeout=self.op_timeout,
-                single_connection_client=self.leases is None, redis_connect_func=connected)
+                single_connection_client=self.leases is None, redis_connect_func=connected,
+                client_name=client_name(self.consumer, "read"))
         return client
 
     def interrupt(self, shard: int) -> None:
