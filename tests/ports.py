@@ -9,10 +9,11 @@ from pathlib import Path
 
 
 def free_port() -> int:
-    """A port free on 127.0.0.1 now (the kernel's pick)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free on 127.0.0.1 now, below the kernel's ephemeral range (``port_run``):
+    the kernel's own pick lay in that range, where any process's outgoing connection
+    (three relayers connecting to Kafka and Redis at once) could take it before the
+    server meant for it bound — a cluster test's relayer failed with EADDRINUSE so."""
+    return port_run(0)
 
 
 def port_run(n: int) -> int:
