@@ -226,6 +226,17 @@ class ClusterRun:
         if len(ok) < len(frames):
             await asyncio.sleep(0.2)
 
+    async def start(self, *which: int) -> None:
+        """Start relayers ``which`` together. If one fails, every relayer process of the
+        run is stopped before the error goes up: a failed start (a port taken, in one
+        CI) left the others running, holding the shared Redis and Kafka for later tests."""
+        try:
+            await asyncio.gather(*(self.procs[i].start() for i in which))
+        except BaseException:
+            for p in self.procs:
+                await p.stop()
+            raise
+
     async def close(self, consumer: asyncio.Task[None]) -> None:
         consumer.cancel()
         await asyncio.gather(consumer, return_exceptions=True)

@@ -39,7 +39,7 @@ async def test_three_relayers_kill_one_add_one(tmp_path: Path, kafka_bootstrap: 
                      kafka_session_timeout=6.0, kafka_commit_interval=0.0,
                      epoch_seconds=EPOCH, shards=SHARDS)
     procs, by_relayer = run.procs, run.by_relayer
-    await asyncio.gather(procs[0].start(), procs[1].start())
+    await run.start(0, 1)
     consumer = asyncio.create_task(run.consume())
     kill_at: int | None = None
     try:
@@ -105,7 +105,7 @@ async def test_a_member_paused_past_its_session_bills_nothing_twice(
                      kafka_session_timeout=session, kafka_commit_interval=0.0,
                      epoch_seconds=EPOCH, shards=SHARDS)
     procs, by_relayer = run.procs, run.by_relayer
-    await asyncio.gather(*(p.start() for p in procs))
+    await run.start(0, 1, 2)
     loop = asyncio.get_running_loop()
     paused_at: float | None = None
 

@@ -43,8 +43,8 @@ async def test_three_relayers_add_one_kill_one(tmp_path: Path, redis_url: str) -
                      redis_prefix=prefix, group="cluster", shards=SHARDS, redis_lease=LEASE,
                      epoch_seconds=EPOCH, metrics_port=0)
     procs, by_relayer = run.procs, run.by_relayer
-    await procs[0].start()
-    await procs[1].start()
+    await run.start(0)
+    await run.start(1)
     consumer = asyncio.create_task(run.consume())
     added_at: int | None = None
     killed = False
