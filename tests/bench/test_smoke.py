@@ -239,8 +239,13 @@ def test_relayer_interrupted_mid_run_drops_its_broker_state() -> None:
         try:
             out, err = bench.communicate(timeout=120)
         except subprocess.TimeoutExpired:  # where it hangs, for whoever reads the failure
-            pytest.fail("the bench hung after SIGINT; its stacks:\n"
-                        + "\n".join(_stacks(p) for p in [bench.pid, *started]))
+            stacks = "\n".join(_stacks(p) for p in [bench.pid, *started])
+            bench.send_signal(signal.SIGUSR1)  # the bench prints its asyncio tasks
+            time.sleep(2.0)
+            os.killpg(bench.pid, signal.SIGKILL)
+            _out, err = bench.communicate()
+            pytest.fail(f"the bench hung after SIGINT; its threads:\n{stacks}\n"
+                        f"its tasks and stderr:\n{err[-12000:]}")
     finally:
         if bench.poll() is None:
             os.killpg(bench.pid, signal.SIGKILL)  # the relayer too: later tests share Redis

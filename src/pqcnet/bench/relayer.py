@@ -71,6 +71,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -242,6 +243,14 @@ class _Clients:
 
 
 CUSTOMERS = [f"cust{i}" for i in range(4)]
+
+
+def _dump_tasks() -> None:
+    """Print every asyncio task's stack to stderr (``bench relayer`` on SIGUSR1)."""
+    for task in asyncio.all_tasks():
+        print(f"-- task {task.get_name()}", file=sys.stderr)
+        task.print_stack(limit=12, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _topics(k: int, topics: int, publishers: int, prefix: str) -> list[tuple[str, str]]:
@@ -474,6 +483,9 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
         return {"saturated": sat, "paced": paced, "raw": raw}
 
     async def go() -> dict[str, Any]:
+        # SIGUSR1: every task's stack on stderr (where an interrupted run waits; the
+        # interrupt test asks before it gives up on a bench that did not exit)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
         one = await e2e(1, workers == 1) if workers > 1 else None
         res = await e2e(workers, True)
         res["one_worker"] = one
