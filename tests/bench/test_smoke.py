@@ -10,6 +10,7 @@ parallel ledger identical to the serial one, the audit clean.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import math
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 
 from pqcnet.bench import mesh
+from pqcnet.bench._broker import drop_kafka_group
 from tests.conftest import _services_env, require_service
 from tests.procs import descendants, running
 from tests.relayer.helpers import redis_cli
@@ -155,6 +157,21 @@ def kafka_topics(bootstrap: str) -> set[str]:
     return asyncio.run(listed())
 
 
+def kafka_groups(bootstrap: str) -> set[str]:
+    """The broker's consumer groups (the admin client's ``list_consumer_groups``)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def listed() -> set[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+        await admin.start()
+        try:
+            return {g[0] for g in await admin.list_consumer_groups()}
+        finally:
+            await admin.close()
+
+    return asyncio.run(listed())
+
+
 def test_relayer_on_kafka_with_its_marks_in_redis() -> None:
     """``--marks-in-redis``: the Kafka relayer keeps marks and volume in Redis, as a Kafka
     cluster does (decision 0025). Seen from outside with ``redis-cli`` (the run keeps its
@@ -168,15 +185,19 @@ def test_relayer_on_kafka_with_its_marks_in_redis() -> None:
         out = redis_cli(redis_url, "--scan", "--pattern", "bench:*:kowner:*")
         return {k.strip('"') for k in out.split()}
 
-    before = owner_keys()
+    before, groups_before = owner_keys(), kafka_groups(kafka)
     d = _relayer("--backend", "kafka", "--marks-in-redis", "--no-baselines",
                  "--keep-broker-state")
     assert d["marks"] == "redis" and d["broker_state"] == [{"kept": True}]
-    new = owner_keys() - before
+    new, new_groups = owner_keys() - before, kafka_groups(kafka) - groups_before
     try:
         assert len(new) == 32 and len({k.rsplit(":kowner:", 1)[0] for k in new}) == 1, new
         assert {int(k.rsplit(":", 1)[1]) for k in new} == set(range(32))
+        # kept: the relayer's consumer group (its committed offsets) is on the broker
+        assert len(new_groups) == 1 and next(iter(new_groups)).startswith("bench-")
     finally:
+        for group in new_groups:
+            asyncio.run(drop_kafka_group(kafka, group))
         prefix = next(iter(new)).rsplit(":kowner:", 1)[0] if new else ""
         if prefix:  # the test drops what it kept
             keys = redis_cli(redis_url, "--scan", "--pattern", prefix + ":*").split()
@@ -194,6 +215,10 @@ def test_relayer_on_kafka_with_its_marks_in_redis() -> None:
             break
         time.sleep(0.5)
     assert dropped["kafka_topic"] not in kafka_topics(kafka)
+    # and its consumer group: the relayer left it on its clean stop, the bench deleted it
+    assert dropped["kafka_group"]["result"] == "deleted", dropped
+    assert dropped["kafka_group"]["name"].startswith("bench-")
+    assert dropped["kafka_group"]["name"] not in kafka_groups(kafka)
     for backend in ("embedded", "redis"):
         proc = subprocess.run([PQCNET, "bench", "relayer", "--backend", backend,
                                "--marks-in-redis", "--frames", "100", "--no-baselines"],
@@ -201,11 +226,23 @@ def test_relayer_on_kafka_with_its_marks_in_redis() -> None:
         assert proc.returncode != 0 and "is for --backend kafka" in proc.stderr, proc.stderr
 
 
-def test_relayer_interrupted_mid_run_drops_its_broker_state() -> None:
-    """Ctrl-C while the relayer is being measured: the bench stops its relayer and drops
-    the prefix it wrote to Redis as a finished run does, says so on stderr, and exits
-    non-zero. Seen from outside: redis-cli finds the new prefix's streams while the run
-    goes, and nothing under it afterwards; no process the bench started is left."""
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sig, inherit_ignored_sigint", [
+    (signal.SIGINT, True),  # as a bench started with `&` from a script gets it
+    (signal.SIGTERM, False)], ids=["SIGINT-inherited-ignored", "SIGTERM"])
+def test_relayer_interrupted_mid_run_drops_its_broker_state(
+        sig: signal.Signals, inherit_ignored_sigint: bool) -> None:
+    """Ctrl-C (or SIGTERM) while the relayer is being measured: the bench stops its
+    relayer and drops the prefix it wrote to Redis as a finished run does, says so on
+    stderr, and exits 128 + signal. Seen from outside: redis-cli finds the new prefix's
+    streams while the run goes, and nothing under it afterwards; no process the bench
+    started is left. The SIGINT case starts the bench with SIGINT ignored, as a
+    background job of a script (``make test &``) does: before the bench installed its own
+    handler such a bench ran on through the signal (a make test started that way hung
+    here)."""
     redis_url = require_service("PQCNET_REDIS_URL", "Redis")
 
     def prefixes() -> set[str]:
@@ -221,7 +258,9 @@ def test_relayer_interrupted_mid_run_drops_its_broker_state() -> None:
         [PQCNET, "bench", "relayer", "--backend", "redis", "--no-baselines",
          "--frames", "2000000", "--paced-frames", "100000"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)  # its own group: a hung bench is killed with its relayer
+        start_new_session=True,  # its own group: a hung bench is killed with its relayer
+        preexec_fn=_ignore_sigint if inherit_ignored_sigint else None)
+    started: set[int] = set()
     try:
         new: set[str] = set()
         for _ in range(240):
@@ -235,7 +274,7 @@ def test_relayer_interrupted_mid_run_drops_its_broker_state() -> None:
         assert bench.poll() is None, bench.communicate()
         started = descendants(bench.pid)
         assert started, "the bench's relayer process"
-        bench.send_signal(signal.SIGINT)
+        bench.send_signal(sig)
         try:
             out, err = bench.communicate(timeout=120)
         except subprocess.TimeoutExpired:  # where it hangs, for whoever reads the failure
@@ -244,18 +283,21 @@ def test_relayer_interrupted_mid_run_drops_its_broker_state() -> None:
             time.sleep(2.0)
             os.killpg(bench.pid, signal.SIGKILL)
             _out, err = bench.communicate()
-            pytest.fail(f"the bench hung after SIGINT; its threads:\n{stacks}\n"
+            pytest.fail(f"the bench hung after {sig.name}; its threads:\n{stacks}\n"
                         f"its tasks and stderr:\n{err[-12000:]}")
     finally:
         if bench.poll() is None:
-            os.killpg(bench.pid, signal.SIGKILL)  # the relayer too: later tests share Redis
+            os.killpg(bench.pid, signal.SIGKILL)
             bench.communicate()
-    assert bench.returncode != 0 and out == "", (bench.returncode, out[-500:])
+        orphans = [p for p in started if running(p)]
+        with contextlib.suppress(ProcessLookupError):  # the rest of its group (an
+            os.killpg(bench.pid, signal.SIGKILL)      # orphaned relayer): tests share Redis
+    assert bench.returncode == 128 + sig and out == "", (bench.returncode, out[-500:])
     assert "bench relayer: the run failed; its broker state:" in err, err[-2000:]
     assert prefix in err and "'s': 32" in err, err[-2000:]
     left = redis_cli(redis_url, "--scan", "--pattern", prefix + ":*")
     assert left.split() == [], left
-    assert not [p for p in started if running(p)], started
+    assert orphans == [], started
 
 
 def _stacks(pid: int) -> str:

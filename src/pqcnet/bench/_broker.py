@@ -8,9 +8,11 @@ run, and with it the AOF rewrites Redis forks on the same cores: one that fell i
 paced phase put its p99 at 31 ms instead of 7 to 9 (benchmarks/README, "What a bench run
 leaves on the brokers"). So a run drops what its relayer wrote once it is measured
 (``--keep-broker-state`` keeps it to look at), and reports what it dropped — a run
-that fails or is interrupted (Ctrl-C) as well, on stderr. Kafka
-consumer groups are not deleted (the admin client here has no call for it): the broker
-expires their committed offsets (``offsets.retention.minutes``).
+that fails or is interrupted (Ctrl-C) as well, on stderr. The Kafka relayer's consumer
+group (its committed offsets) goes too: aiokafka's admin client has no call for that, so
+:func:`drop_kafka_group` sends Kafka's DeleteGroups request to the group's coordinator
+itself, through aiokafka's client (kept, every run's group stayed in the broker's group
+list until ``offsets.retention.minutes`` — a week by default).
 """
 
 from __future__ import annotations
@@ -60,6 +62,26 @@ async def drop_kafka_topic(bootstrap: str, topic: str) -> None:
         await admin.close()
 
 
+async def drop_kafka_group(bootstrap: str, group: str) -> str:
+    """Delete consumer group ``group`` and its committed offsets; returns ``"deleted"``
+    or the name of the broker's error (``GroupIdNotFound``: nothing was committed;
+    ``NonEmptyGroup``: a member is still in it — one killed, not stopped, stays until
+    its session times out)."""
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.errors import for_code
+    from aiokafka.protocol.admin import DeleteGroupsRequest
+
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    await client.bootstrap()
+    try:
+        coordinator = await client.coordinator_lookup(0, group)  # 0: a consumer group
+        resp = await client.send(coordinator, DeleteGroupsRequest([group]))
+    finally:
+        await client.close()
+    ((_name, code),) = resp.results
+    return "deleted" if code == 0 else str(for_code(code).__name__)
+
+
 async def drop_relayer_state(cfg: Path) -> dict[str, Any]:
     """Drop what the relayer of config ``cfg`` wrote to its brokers (its Redis prefix,
     its Kafka topic); returns what was dropped, for the bench's JSON."""
@@ -71,4 +93,8 @@ async def drop_relayer_state(cfg: Path) -> dict[str, Any]:
     if rel.get("backend") == "kafka" and rel.get("kafka_topic"):
         await drop_kafka_topic(rel["kafka_bootstrap"], rel["kafka_topic"])
         out["kafka_topic"] = rel["kafka_topic"]
+        if group := rel.get("group"):  # the bench's own; never the default "relayer"
+            out["kafka_group"] = {"name": group,
+                                  "result": await drop_kafka_group(rel["kafka_bootstrap"],
+                                                                   group)}
     return out
