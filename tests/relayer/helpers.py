@@ -11,8 +11,29 @@ import urllib.request
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pqcnet.relayer.frame import Frame, Topic, shard_for
+
+
+def one_shard_worker(tmp_path: Path, redis: Callable[..., Any] | None = None,
+                     **cfg: Any) -> tuple[Any, Any, CollectSink, Any]:
+    """One shard on the embedded bus (or on Redis, given ``redis_bus_factory``), its
+    marks store, a :class:`CollectSink` and a worker with ``WorkerConfig(**cfg)``."""
+    from pqcnet.relayer.bus.embedded import EmbeddedBus
+    from pqcnet.relayer.seqstore import RedisSeqStore, RocksSeqStore
+    from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
+
+    bus: Any
+    store: Any
+    if redis is None:
+        bus = EmbeddedBus(tmp_path / "bus", shards=1)
+        store = RocksSeqStore(tmp_path / "marks")
+    else:
+        bus = redis(shards=1)
+        store = RedisSeqStore(bus.client, bus.prefix)
+    sink = CollectSink()
+    return bus, store, sink, RelayerShardWorker(bus, 0, store, sink, WorkerConfig(**cfg))
 
 
 class CollectSink:

@@ -19,15 +19,13 @@ from typing import Any
 
 import pytest
 
-from pqcnet.relayer.bus.embedded import EmbeddedBus
 from pqcnet.relayer.bus.kafka import KafkaBus
 from pqcnet.relayer.client import SubscriberClient
 from pqcnet.relayer.cursor import MemoryCursor
 from pqcnet.relayer.errors import BusError, BusUnavailable
 from pqcnet.relayer.frame import Frame, decode, encode, shard_for
 from pqcnet.relayer.node import RelayerNode
-from pqcnet.relayer.seqstore import RedisSeqStore, RocksSeqStore
-from pqcnet.relayer.worker import RelayerShardWorker, WorkerConfig
+from pqcnet.relayer.worker import RelayerShardWorker
 from tests.relayer.conftest import BusFactory
 from tests.relayer.e2e import (
     Collector,
@@ -41,6 +39,7 @@ from tests.relayer.helpers import (
     CollectSink,
     eventually,
     metrics_reach,
+    one_shard_worker,
     redis_pending,
     same_shard,
     scrape_metrics,
@@ -255,18 +254,9 @@ def _parking_worker(tmp_path: Path, redis: BusFactory | None = None, **cfg: Any)
         Any, Any, CollectSink, RelayerShardWorker]:
     """One shard (embedded, or Redis when given its bus factory), its worker (parking
     on) and a sink that has no subscriber for :data:`PARKED`."""
-    bus: Any
-    store: Any
-    if redis is None:
-        bus = EmbeddedBus(tmp_path / "bus", shards=1)
-        store = RocksSeqStore(tmp_path / "marks")
-    else:
-        bus = redis(shards=1)
-        store = RedisSeqStore(bus.client, bus.prefix)
-    sink = CollectSink()
+    bus, store, sink, worker = one_shard_worker(tmp_path, redis, park_max_records=10_000,
+                                                **cfg)
     sink.absent.add(PARKED)
-    worker = RelayerShardWorker(bus, 0, store, sink,
-                                WorkerConfig(park_max_records=10_000, **cfg))
     return bus, store, sink, worker
 
 

@@ -143,6 +143,11 @@ class RelayerConfig(Schema):
     """Records a shard worker reads per bus call."""
     gap_timeout: Positive = GAP_TIMEOUT
     """Seconds a sequence gap is waited for before it is reported and skipped."""
+    idle_poll_timeout: float = Field(default=2.0, ge=0, le=60)
+    """Longest wait of a quiet shard worker's bus read, in seconds: each empty read
+    doubles the wait from 0.2 s up to this (0: stay at 0.2 s). New records end a wait at
+    once; on Redis every wait is a read and a script, so an idle relayer's command rate
+    falls with it."""
     subscriber_ack_timeout: float = Field(default=ACK_TIMEOUT, gt=0, le=3600)
     """Seconds a subscriber may leave a delivered batch unacknowledged before it is
     evicted (its stream reset; the batch goes to the subscribers left). Its shard's

@@ -441,7 +441,8 @@ class RelayerNode:
         cfg = self.cfg
         wcfg = WorkerConfig(group=cfg.group, batch=cfg.batch, max_reorder=cfg.max_reorder,
                             gap_timeout=cfg.gap_timeout, max_topics=cfg.max_topics,
-                            park_max_records=cfg.park_max_records)
+                            park_max_records=cfg.park_max_records,
+                            idle_poll_timeout=cfg.idle_poll_timeout)
         agreement = self.store.agreement if isinstance(self.store, RedisSeqStore) else None
         self.workers = [RelayerShardWorker(self.bus, s, self.store, self.hub, wcfg,
                                            meter=self.meter, fence=self.fence,
@@ -659,6 +660,7 @@ class RelayerNode:
         """
         for w in self.workers:
             w.stop()
+            self.bus.interrupt(w.shard)  # a quiet shard's consume may wait for seconds
         worker_tasks = [t for t in self._tasks if t.get_name().startswith("shard-")]
         if worker_tasks:
             await asyncio.wait(worker_tasks, timeout=STOP_GRACE)

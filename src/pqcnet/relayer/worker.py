@@ -96,6 +96,11 @@ class WorkerConfig:
     batch: int = 512
     #: seconds a consume waits for new records
     poll_timeout: float = 0.2
+    #: longest consume wait of a quiet shard: each empty consume doubles the wait from
+    #: ``poll_timeout`` up to this (0: no growth). Records end any wait at once; what
+    #: else a worker looks at between consumes (parked topics, settling an unsure
+    #: save, catching up) keeps the short wait, and ``stop`` interrupts the bus.
+    idle_poll_timeout: float = 0.0
     #: frames held out of order per shard
     max_reorder: int = MAX_REORDER
     #: seconds before a missing seq is reported and skipped
@@ -179,6 +184,8 @@ class RelayerShardWorker:
         #: parking is off until these topics (parked when ``park_max_records`` was hit)
         #: were delivered again: the shard holds for them as without parking
         self._hold: set[Topic] = set()
+        #: the next consume's wait on a quiet shard (grows to ``idle_poll_timeout``)
+        self._idle_wait = self.config.poll_timeout
 
     @property
     def parked_topics(self) -> int:
@@ -256,13 +263,16 @@ class RelayerShardWorker:
         seq = self._seq
         assert seq is not None
         now = self._clock()
-        wait = self.config.poll_timeout
+        wait = self._idle_wait if self._quiet(seq) else self.config.poll_timeout
         deadline = seq.next_deadline()
         if deadline is not None:
             wait = max(0.0, min(wait, deadline - now))
         batch = await self.bus.consume(
             self.shard, self.config.group, max_records=self.config.batch, block=wait
         )
+        self._idle_wait = (self.config.poll_timeout if batch else
+                           min(max(self._idle_wait * 2, self.config.poll_timeout),
+                               max(self.config.idle_poll_timeout, self.config.poll_timeout)))
         decoded: list[tuple[Delivery, Frame | None]] = []
         for d in batch:
             try:
@@ -360,6 +370,13 @@ class RelayerShardWorker:
         elif done:
             await self.bus.ack(self.shard, self.config.group, done)
         return len(out)
+
+    def _quiet(self, seq: Sequencer) -> bool:
+        """Nothing but new records to wait for: no frame held or in flight, nothing
+        parked or held for parking, no unsure save, the log read up to its end."""
+        return (not seq.buffered and not self._inflight and not self._parked
+                and not self._hold and self._unsure is None
+                and self.bus.caught_up(self.shard, self.config.group))
 
     def _done(self, seq: Sequencer, pin: Container[object]) -> list[Delivery]:
         """Take the in-flight prefix this step acknowledges once its marks are saved.

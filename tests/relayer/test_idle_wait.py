@@ -1,0 +1,120 @@
+"""A quiet shard worker waits longer and longer in ``consume`` (``idle_poll_timeout``).
+
+On Redis every consume wait is an ``XREAD BLOCK`` and the fenced script after it: at a
+fixed 0.2 s, 32 idle shards made 160 waits a second (about 520 Redis commands a second
+with the lease renewals and lag samples). Growing the wait of a quiet shard must not
+delay anything: records end a wait at once, a worker with something else to look at
+(parked topics) keeps the short wait, and ``stop`` with ``interrupt`` ends a long wait.
+The waits are read where the worker asks the bus (the ``block`` it passes), on the
+embedded and the Redis bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pqcnet.relayer.frame import Frame, encode
+from tests.relayer.conftest import BusFactory
+from tests.relayer.helpers import eventually, one_shard_worker
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Consumes:
+    """``bus.consume`` recorded: (block asked, seconds it took, records returned)."""
+
+    def __init__(self, bus: Any) -> None:
+        self.calls: list[tuple[float, float, int]] = []
+        self.started = 0
+        self._consume = bus.consume
+        bus.consume = self
+
+    async def __call__(self, shard: int, group: str, **kw: Any) -> Any:
+        self.started += 1
+        t0 = time.monotonic()
+        out = await self._consume(shard, group, **kw)
+        self.calls.append((kw["block"], time.monotonic() - t0, len(out)))
+        return out
+
+    def blocks(self) -> list[float]:
+        return [round(b, 3) for b, _, _ in self.calls]
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def backend(request: pytest.FixtureRequest) -> BusFactory | None:
+    """None: the embedded bus; else the Redis bus factory."""
+    return request.getfixturevalue("redis_bus_factory") if request.param == "redis" else None
+
+
+async def _close(bus: Any, store: Any, redis: BusFactory | None) -> None:
+    await bus.close()
+    await store.aclose() if redis is not None else store.close()
+
+
+async def test_a_quiet_shard_doubles_its_wait_and_a_record_ends_it(
+        tmp_path: Path, backend: BusFactory | None) -> None:
+    bus, store, sink, worker = one_shard_worker(tmp_path, backend, poll_timeout=0.05,
+                                       idle_poll_timeout=30.0)
+    consumes = Consumes(bus)
+    task = asyncio.create_task(worker.run())
+    try:
+        # 0.05 + 0.1 + ... + 1.6 s of empty reads: the seventh waits 3.2 s
+        await eventually(lambda: consumes.started >= 7, 30)
+        assert consumes.blocks()[:6] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6]
+        assert all(n == 0 for _, _, n in consumes.calls)
+        await asyncio.sleep(0.3)  # well into the 3.2 s wait
+        await bus.publish(0, [encode(Frame("acme", "c", 1, b"x"))])
+        await eventually(lambda: sink.by_topic[("acme", "c")] == [1], 15)
+        await eventually(lambda: len(consumes.calls) >= 8, 15)
+        block, took, n = consumes.calls[6]
+        # the record ended the long wait, not its timeout
+        assert (round(block, 3), n) == (3.2, 1) and took < block / 2, consumes.calls
+        assert round(consumes.calls[7][0], 3) == 0.05  # records: short waits again
+        assert worker.stats.delivered == 1 and worker.stats.resets == 0
+    finally:
+        worker.stop()
+        bus.interrupt(0)
+        await asyncio.wait_for(task, 15)  # a 30 s wait is ended, not sat out
+        await _close(bus, store, backend)
+    # the wait grows to idle_poll_timeout and no further
+    assert max(b for b, _, _ in consumes.calls) <= 30.0
+
+
+async def test_waits_stay_short_without_idle_poll_timeout_or_with_a_parked_topic(
+        tmp_path: Path, backend: BusFactory | None) -> None:
+    """``idle_poll_timeout`` 0 (the worker's default) keeps ``poll_timeout``; so does a
+    parked topic (its subscriber may come any moment) even with a long idle wait."""
+    bus, store, sink, worker = one_shard_worker(tmp_path, backend, poll_timeout=0.02)
+    consumes = Consumes(bus)
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: consumes.started >= 10, 15)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 15)
+        await _close(bus, store, backend)
+    assert set(consumes.blocks()) == {0.02}, consumes.blocks()
+
+    bus, store, sink, worker = one_shard_worker(tmp_path / "parked", backend, poll_timeout=0.02,
+                                       idle_poll_timeout=30.0, park_max_records=100)
+    sink.absent.add(("acme", "down"))
+    consumes = Consumes(bus)
+    await bus.publish(0, [encode(Frame("acme", "down", 1, b"x"))])
+    task = asyncio.create_task(worker.run())
+    try:
+        await eventually(lambda: worker.parked_topics == 1, 15)
+        seen = consumes.started
+        await eventually(lambda: consumes.started >= seen + 10, 15)
+    finally:
+        worker.stop()
+        bus.interrupt(0)
+        await asyncio.wait_for(task, 15)
+        await _close(bus, store, backend)
+    parked_from = next(i for i, (_, _, n) in enumerate(consumes.calls) if n)
+    assert set(consumes.blocks()[parked_from + 1:]) == {0.02}, consumes.blocks()
+    assert worker.parked_topics == 1 and worker.stats.parked == 1
