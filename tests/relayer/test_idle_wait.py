@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import pytest
 
 from pqcnet.relayer.frame import Frame, encode
 from tests.relayer.conftest import BusFactory
+from tests.relayer.e2e import start_node
 from tests.relayer.helpers import eventually, one_shard_worker
 
 pytestmark = pytest.mark.timeout(120)
@@ -30,6 +32,8 @@ class Consumes:
 
     def __init__(self, bus: Any) -> None:
         self.calls: list[tuple[float, float, int]] = []
+        #: each shard's last finished consume (one cancelled is not recorded)
+        self.last: dict[int, tuple[float, float, int]] = {}
         self.started = 0
         self._consume = bus.consume
         bus.consume = self
@@ -39,6 +43,7 @@ class Consumes:
         t0 = time.monotonic()
         out = await self._consume(shard, group, **kw)
         self.calls.append((kw["block"], time.monotonic() - t0, len(out)))
+        self.last[shard] = self.calls[-1]
         return out
 
     def blocks(self) -> list[float]:
@@ -76,13 +81,18 @@ async def test_a_quiet_shard_doubles_its_wait_and_a_record_ends_it(
         assert (round(block, 3), n) == (3.2, 1) and took < block / 2, consumes.calls
         assert round(consumes.calls[7][0], 3) == 0.05  # records: short waits again
         assert worker.stats.delivered == 1 and worker.stats.resets == 0
+        # quiet again: into another 3.2 s wait, which stop + interrupt end (the node's
+        # stop does both)
+        await eventually(lambda: consumes.started >= 7 + 7, 30)
+        await asyncio.sleep(0.3)
     finally:
         worker.stop()
         bus.interrupt(0)
-        await asyncio.wait_for(task, 15)  # a 30 s wait is ended, not sat out
+        await asyncio.wait_for(task, 15)
         await _close(bus, store, backend)
-    # the wait grows to idle_poll_timeout and no further
-    assert max(b for b, _, _ in consumes.calls) <= 30.0
+    block, took, n = consumes.calls[-1]
+    assert (round(block, 3), n) == (3.2, 0) and took < block / 2, consumes.calls
+    assert consumes.blocks()[7:13] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6]
 
 
 async def test_waits_stay_short_without_idle_poll_timeout_or_with_a_parked_topic(
@@ -118,3 +128,26 @@ async def test_waits_stay_short_without_idle_poll_timeout_or_with_a_parked_topic
     parked_from = next(i for i, (_, _, n) in enumerate(consumes.calls) if n)
     assert set(consumes.blocks()[parked_from + 1:]) == {0.02}, consumes.blocks()
     assert worker.parked_topics == 1 and worker.stats.parked == 1
+
+
+async def test_a_redis_relayers_stop_ends_its_shards_long_waits(tmp_path: Path,
+                                                                redis_url: str) -> None:
+    """``RelayerNode.stop`` interrupts the workers' waits: with ``idle_poll_timeout`` 60
+    the shards sit in 6.4 s ``XREAD BLOCK``s on the Redis server when the stop comes;
+    every shard's last read ends early with nothing (``CLIENT UNBLOCK``), none is
+    cancelled (a cancelled read is not recorded) or waited out."""
+    node = await start_node(tmp_path, backend="redis", redis_url=redis_url, shards=4,
+                            redis_prefix=f"idle:{uuid.uuid4().hex[:8]}",
+                            idle_poll_timeout=60.0)
+    try:
+        consumes = Consumes(node.bus)
+        await eventually(lambda: node.bus.assignment() == [0, 1, 2, 3], 30)
+        # 0.2 + 0.4 + ... + 3.2 s of empty reads: every shard is then in a 6.4 s one
+        await eventually(lambda: consumes.started >= 4 * 6 and all(
+            round(b, 3) == 3.2 for b, _, _ in consumes.last.values()), 60)
+        await asyncio.sleep(0.5)
+    finally:
+        await node.stop()
+    assert sorted(consumes.last) == [0, 1, 2, 3]
+    for shard, (block, took, n) in consumes.last.items():
+        assert round(block, 3) == 6.4 and n == 0 and took < block / 2, (shard, consumes.calls)

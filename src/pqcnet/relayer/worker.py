@@ -99,7 +99,8 @@ class WorkerConfig:
     #: longest consume wait of a quiet shard: each empty consume doubles the wait from
     #: ``poll_timeout`` up to this (0: no growth). Records end any wait at once; what
     #: else a worker looks at between consumes (parked topics, settling an unsure
-    #: save, catching up) keeps the short wait, and ``stop`` interrupts the bus.
+    #: save, catching up — on Redis also the three leases after a claim) keeps the
+    #: short wait, and ``stop`` interrupts the bus.
     idle_poll_timeout: float = 0.0
     #: frames held out of order per shard
     max_reorder: int = MAX_REORDER
@@ -263,15 +264,17 @@ class RelayerShardWorker:
         seq = self._seq
         assert seq is not None
         now = self._clock()
-        wait = self._idle_wait if self._quiet(seq) else self.config.poll_timeout
+        quiet = self._quiet(seq)
+        wait = self._idle_wait if quiet else self.config.poll_timeout
         deadline = seq.next_deadline()
         if deadline is not None:
             wait = max(0.0, min(wait, deadline - now))
         batch = await self.bus.consume(
             self.shard, self.config.group, max_records=self.config.batch, block=wait
         )
-        self._idle_wait = (self.config.poll_timeout if batch else
-                           min(max(self._idle_wait * 2, self.config.poll_timeout),
+        # an empty quiet read doubles the next one's wait; anything else starts over
+        self._idle_wait = (self.config.poll_timeout if batch or not quiet else
+                           min(self._idle_wait * 2,
                                max(self.config.idle_poll_timeout, self.config.poll_timeout)))
         decoded: list[tuple[Delivery, Frame | None]] = []
         for d in batch:
