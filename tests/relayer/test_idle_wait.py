@@ -6,12 +6,13 @@ with the lease renewals and lag samples). Growing the wait of a quiet shard must
 delay anything: records end a wait at once, a worker with something else to look at
 (parked topics) keeps the short wait, and ``stop`` with ``interrupt`` ends a long wait.
 The waits are read where the worker asks the bus (the ``block`` it passes), on the
-embedded and the Redis bus.
+embedded and the Redis bus; on Kafka, a rebalance ends a long read at the revoke.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from pqcnet.relayer.bus.kafka import KafkaBus
+from pqcnet.relayer.errors import BusUnavailable
 from pqcnet.relayer.frame import Frame, encode
 from tests.relayer.conftest import BusFactory
 from tests.relayer.e2e import start_node
@@ -151,3 +154,51 @@ async def test_a_redis_relayers_stop_ends_its_shards_long_waits(tmp_path: Path,
     assert sorted(consumes.last) == [0, 1, 2, 3]
     for shard, (block, took, n) in consumes.last.items():
         assert round(block, 3) == 6.4 and n == 0 and took < block / 2, (shard, consumes.calls)
+
+
+async def test_a_kafka_rebalance_ends_a_long_read_and_the_next_one_resets(
+        kafka_bootstrap: str) -> None:
+    """Kafka's eager rebalance revokes every partition and assigns the kept ones again.
+    A quiet shard's long read must not sit through that: the revoke ends it with
+    nothing (the pump drops the partition and wakes its reader), before the new
+    assignment, and the next read raises ``BusUnavailable`` for the reset the
+    assignment asks for (the committed offset, the stored marks). Only then does the
+    record published after the move come out."""
+    tag = uuid.uuid4().hex[:8]
+    topic, group = f"pqcnet-idle-{tag}", f"idle-{tag}"
+    a, b = (KafkaBus(kafka_bootstrap, 2, topic=topic, rebalance=True, session_timeout=1.0,
+                     revoke_grace=0.5, client_id=f"{name}-{tag}") for name in "ab")
+    await a.start()
+    await b.start()
+    waits: dict[int, asyncio.Task[Any]] = {}
+    try:
+        async with asyncio.timeout(60):  # A alone: both partitions, their resets taken
+            while a.assignment() != [0, 1] or a._reset_needed:
+                for s in (0, 1):
+                    with contextlib.suppress(BusUnavailable):
+                        await a.consume(s, group, block=0.1)
+        waits = {s: asyncio.create_task(a.consume(s, group, block=60.0)) for s in (0, 1)}
+        await asyncio.sleep(0.3)
+        assert not any(w.done() for w in waits.values())
+        async with asyncio.timeout(60):  # B joins: A's two revoked, one assigned again
+            while not b.assignment() or len(a.assignment()) != 1:
+                with contextlib.suppress(BusUnavailable):
+                    await b.consume(0, group, block=0.1)
+        (kept,) = a.assignment()
+        # both 60 s reads ended at the revoke, with nothing
+        assert [await asyncio.wait_for(waits[s], 5) for s in (0, 1)] == [[], []]
+        await a.publish(kept, [b"after the move"])
+        with pytest.raises(BusUnavailable, match="assigned to this relayer"):
+            await a.consume(kept, group, block=5.0)
+        await a.rewind(kept, group)
+        async with asyncio.timeout(30):  # after the reset the record is read
+            got: list[Any] = []
+            while not got:
+                got = await a.consume(kept, group, block=1.0)
+        assert [d.data for d in got] == [b"after the move"]
+    finally:
+        for task in waits.values():
+            task.cancel()
+        await asyncio.gather(*waits.values(), return_exceptions=True)
+        await b.close()
+        await a.close()

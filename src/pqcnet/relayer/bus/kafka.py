@@ -366,12 +366,9 @@ class KafkaBus(Bus):
                     await self._changed.wait()
             return []
         pump = self._pumps[group]
-        await pump.wait(shard, block)
+        await pump.wait(shard, block)  # a revoke ends it (the pump drops the partition)
         if shard not in self.assigned or shard in self._revoking:
             return []  # revoked while we waited
-        if shard in self._reset_needed:  # revoked and assigned again while we waited
-            self._reset_needed.discard(shard)
-            raise BusUnavailable(f"shard {shard} reassigned to this relayer: resetting")
         try:
             out = pump.take(shard, max_records)
         except KafkaError as exc:
