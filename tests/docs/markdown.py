@@ -25,7 +25,10 @@ SERVICES = {
     "redis": ("PQCNET_REDIS_URL", "Redis"),
     "kafka": ("PQCNET_KAFKA_BOOTSTRAP", "Kafka"),
     "waku": ("PQCNET_WAKU_REST_URLS", "go-waku"),
+    "nats": ("PQCNET_NATS_URL", "NATS JetStream"),
 }
+#: further ``.services/env`` variables a service's blocks get (when set)
+SERVICE_EXTRAS = {"nats": ("PQCNET_NATS_CA", "PQCNET_NATS_CLI")}
 
 _FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
 _EXPECT = re.compile(r"^<!--\s*expect:\s*(?P<text>.*?)\s*-->\s*$")

@@ -31,6 +31,7 @@ from tests.conftest import ROOT, require_service
 from tests.docs.markdown import (
     EXECUTABLE_LANGUAGES,
     RUNNABLE_LANGUAGES,
+    SERVICE_EXTRAS,
     SERVICES,
     Block,
     blocks,
@@ -115,6 +116,8 @@ def test_runnable_blocks(page: Path, tmp_path: Path) -> None:
         for service in needed:
             var, what = SERVICES[service]
             lines.append(f"export {var}={require_service(var, what)}")
+            lines += [f"export {x}={os.environ[x]}" for x in SERVICE_EXTRAS.get(service, ())
+                      if x in os.environ]
         (workdir / ".services").mkdir()
         (workdir / ".services" / "env").write_text("\n".join(lines) + "\n")
     log = tmp_path / "output.log"

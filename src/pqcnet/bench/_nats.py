@@ -231,14 +231,17 @@ def nats_go(server: NatsServer, frames: int, topics: int, size: int,
         consumer = subprocess.Popen(
             [*base, "consume", *common, "--clients", "1", "--msgs", str(per * publishers + 1),
              "--acks", "explicit"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        t0 = time.perf_counter()
-        pub_rate = _go([*base, "pub", "async", name, *common, "--clients", str(publishers),
-                        "--msgs", str(per * publishers), *pub_args])
         try:
+            t0 = time.perf_counter()
+            pub_rate = _go([*base, "pub", "async", name, *common, "--clients",
+                            str(publishers), "--msgs", str(per * publishers), *pub_args])
             text, _ = consumer.communicate(timeout=GO_BENCH_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
+        except BaseException as exc:  # failed, timed out or stopped: not left waiting
             consumer.kill()
-            raise RuntimeError("nats bench js consume did not finish") from None
+            consumer.communicate()
+            if isinstance(exc, subprocess.TimeoutExpired):
+                raise RuntimeError("nats bench js consume did not finish") from None
+            raise
         elapsed = time.perf_counter() - t0
         if consumer.returncode != 0:
             raise RuntimeError(f"nats bench js consume failed: {text.strip()[-400:]}")

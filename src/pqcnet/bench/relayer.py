@@ -58,7 +58,9 @@ What the bench relayer wrote to Redis / Kafka (its prefix, its topic) is dropped
 measured, and the JSON's ``broker_state`` lists it (:mod:`pqcnet.bench._broker`);
 ``--keep-broker-state`` keeps it to look at. A run that fails or is interrupted drops
 it too, and says on stderr what it dropped: Ctrl-C (SIGINT) and SIGTERM stop the run
-that way, exit status 130 / 143, also where SIGINT came in ignored.
+that way (``pqcnet bench`` runs under :func:`pqcnet._util.signals.stopping`), exit
+status 130 / 143, also where SIGINT came in ignored — in the same-run baselines too:
+the echo server is stopped, the NATS streams deleted, ``nats bench`` ended.
 
 Targets (issue 4): >= 10,000 frames/s and >= 0.5x the raw write rate. Issue 15: end
 to end >= 0.5x the echo ceiling; embedded >= 1x NATS (Go client), Redis/Kafka >= 0.6x;
@@ -252,26 +254,6 @@ def _dump_tasks() -> None:
         print(f"-- task {task.get_name()}", file=sys.stderr)
         task.print_stack(limit=12, file=sys.stderr)
     sys.stderr.flush()
-
-
-def _stop_on_signals(stopped: list[int]) -> None:
-    """SIGINT (Ctrl-C) or SIGTERM cancels the running measurement, whose clean-up stops
-    the relayer and drops its broker state; the signal lands in ``stopped``. Installed
-    even where SIGINT came in ignored (a bench started with ``&`` from a script), as
-    every pqcnet command stops on both; a second signal exits at once (``128 + sig``)."""
-    loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
-    assert main is not None
-
-    def stop(sig: int) -> None:
-        if stopped:  # asked twice: no clean-up wanted
-            print(f"bench relayer: signal {sig} again, exiting now", file=sys.stderr)
-            os._exit(128 + sig)
-        stopped.append(sig)
-        main.cancel()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop, sig)
 
 
 def _topics(k: int, topics: int, publishers: int, prefix: str) -> list[tuple[str, str]]:
@@ -507,19 +489,12 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
         # SIGUSR1: every task's stack on stderr (where an interrupted run waits; the
         # interrupt test asks before it gives up on a bench that did not exit)
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
-        _stop_on_signals(stopped)
         one = await e2e(1, workers == 1) if workers > 1 else None
         res = await e2e(workers, True)
         res["one_worker"] = one
         return res
 
-    stopped: list[int] = []
-    try:
-        res = asyncio.run(go())
-    except asyncio.CancelledError:
-        if not stopped:
-            raise
-        raise SystemExit(128 + stopped[0]) from None  # 130 for Ctrl-C, as a shell says
+    res = asyncio.run(go())
     sat, raw = res["saturated"], res["raw"]
     fps = sat["frames_per_s"]
     peers = _peer_baselines(frames, topics, size, publishers, paced_frames, paced_rate,

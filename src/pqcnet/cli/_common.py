@@ -25,12 +25,11 @@ import click
 
 from pqcnet._util.env import PASS_ENV, env_passphrase
 from pqcnet._util.schema import split_hostport
+from pqcnet._util.signals import STOP_SIGNALS
 from pqcnet.identity import NodeIdentity
 from pqcnet.identity.errors import IdentityError, PassphraseRequired
 
 S = TypeVar("S")
-#: signals that stop a long-running command
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 

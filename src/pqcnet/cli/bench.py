@@ -2,7 +2,10 @@
 
 Each benchmark module ``benchmarks/<name>.py`` exposes ``run(**options) -> dict`` and a
 click command ``cli``; this group just mounts them. Every result includes the
-baseline measured in the same run and the ratio to it.
+baseline measured in the same run and the ratio to it. A benchmark runs under
+:func:`~pqcnet._util.signals.stopping`: SIGINT or SIGTERM stops it with its clean-up
+done (its servers and relayers stopped, its broker state and NATS streams dropped) and
+exit status 128 + signal.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import importlib
 
 import click
+
+from pqcnet._util.signals import stopping
 
 #: benchmark name -> module
 BENCHMARKS: dict[str, str] = {
@@ -35,6 +40,10 @@ class _BenchGroup(click.Group):
             return None
         command: click.Command = importlib.import_module(BENCHMARKS[cmd_name]).cli
         return command
+
+    def invoke(self, ctx: click.Context) -> object:
+        with stopping("pqcnet bench"):
+            return super().invoke(ctx)
 
 
 @click.group(cls=_BenchGroup)

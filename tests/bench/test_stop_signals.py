@@ -1,0 +1,178 @@
+"""SIGINT / SIGTERM stop a benchmark with its clean-up done, in every phase.
+
+:func:`pqcnet._util.signals.stopping` is checked in a child process (a real signal,
+a real exit status); then ``pqcnet bench relayer`` is stopped inside its same-run
+NATS baselines — where it has a JetStream stream on the services' nats-server and,
+for the Go client, ``nats bench`` processes of its own — and the stream list and the
+process table are read from outside afterwards (the ``nats`` CLI, ``/proc``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_service
+from tests.procs import descendants, running
+
+PQCNET = str(Path(sys.executable).parent / "pqcnet")
+
+#: A command under ``stopping``: a synchronous phase, then an event loop, each with a
+#: clean-up that writes a line to argv[1] (the loop's clean-up awaits first).
+_CHILD = textwrap.dedent("""
+    import asyncio, sys, time
+    from pqcnet._util.signals import stopping
+    log = open(sys.argv[1], "a", buffering=1)
+    phase, hang = sys.argv[2], sys.argv[3] == "hang"
+
+    async def serve():
+        try:
+            log.write("ready\\n")
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0.05)  # clean-up that needs the loop
+            log.write("loop clean-up\\n")
+            while hang:
+                time.sleep(1)
+
+    with stopping("child"):
+        if phase == "sync":
+            try:
+                log.write("ready\\n")
+                time.sleep(3600)
+            finally:
+                log.write("sync clean-up\\n")
+                while hang:
+                    time.sleep(1)
+        else:
+            asyncio.run(serve())
+    """)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _child(tmp_path: Path, phase: str, *, hang: bool = False,
+           ignore_sigint: bool = False) -> tuple[subprocess.Popen[str], Path]:
+    log = tmp_path / "log"
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(log), phase,
+                             "hang" if hang else "-"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_ignore_sigint if ignore_sigint else None)
+    _wait(lambda: log.exists() and "ready" in log.read_text(), 30, "the child to start")
+    return proc, log
+
+
+def _wait(cond: Callable[[], bool], seconds: float, what: str) -> None:
+    end = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("phase", ["sync", "loop"])
+@pytest.mark.parametrize("sig, ignore_sigint", [
+    (signal.SIGTERM, False), (signal.SIGINT, False),
+    (signal.SIGINT, True)],  # a command started with `&` from a script
+    ids=["SIGTERM", "SIGINT", "SIGINT-inherited-ignored"])
+def test_a_stop_signal_runs_the_clean_up_and_exits_128_plus_the_signal(
+        tmp_path: Path, phase: str, sig: signal.Signals, ignore_sigint: bool) -> None:
+    proc, log = _child(tmp_path, phase, ignore_sigint=ignore_sigint)
+    proc.send_signal(sig)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + sig, (proc.returncode, err)
+    done = "sync clean-up" if phase == "sync" else "loop clean-up"
+    assert log.read_text().splitlines() == ["ready", done]
+    assert f"child: stopped by {sig.name} (clean-up done)" in err, err
+    assert "Traceback" not in err, err
+
+
+def test_a_second_signal_exits_at_once_when_the_clean_up_hangs(tmp_path: Path) -> None:
+    proc, log = _child(tmp_path, "loop", hang=True)
+    proc.send_signal(signal.SIGTERM)
+    _wait(lambda: "loop clean-up" in log.read_text(), 30, "the clean-up to start")
+    assert proc.poll() is None  # hanging in its clean-up
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGINT, (proc.returncode, err)
+    assert "child: SIGINT again, exiting now" in err, err
+
+
+# --------------------------------------------------------------------------- the bench
+
+
+def _streams(url: str, ca: str, cli: str) -> set[str]:
+    out = subprocess.run([cli, "--server", url, "--tlsca", ca, "stream", "ls", "--names"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    return set(out.split())
+
+
+def _cmdline(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return ""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("client", ["nats-py", "nats-go"])
+def test_bench_relayer_stopped_in_its_nats_baseline_leaves_no_stream_and_no_process(
+        client: str) -> None:
+    """SIGTERM while the bench measures NATS JetStream: its stream is deleted from the
+    services' nats-server (the ``nats`` CLI lists the same streams as before the run),
+    no process it started is left (``nats bench`` included), exit status 143. Before,
+    SIGTERM ended the bench on the spot there: the stream's file store stayed on the
+    server and a ``nats bench js consume`` waited for messages for ever."""
+    url = require_service("PQCNET_NATS_URL", "NATS JetStream")
+    ca, cli = os.environ["PQCNET_NATS_CA"], os.environ["PQCNET_NATS_CLI"]
+    before = _streams(url, ca, cli)
+    prefix = "PQCB" if client == "nats-py" else "PQCG"
+    bench = subprocess.Popen(
+        [PQCNET, "bench", "relayer", "--backend", "embedded", "--frames", "40000",
+         "--paced-frames", "50", "--publishers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    started: set[int] = set()
+    try:
+        def in_phase() -> bool:
+            nonlocal started
+            if bench.poll() is not None:
+                pytest.fail(f"the bench ended first: {bench.communicate()[1][-2000:]}")
+            if client == "nats-go":  # its consumer runs through the Go measurement
+                kids = descendants(bench.pid)
+                if any("bench js consume" in _cmdline(p) for p in kids):
+                    started = kids
+                    return True
+                return False
+            return any(s.startswith(prefix) for s in _streams(url, ca, cli) - before)
+
+        _wait(in_phase, 300, f"the bench's {client} baseline")
+        started |= descendants(bench.pid)
+        bench.send_signal(signal.SIGTERM)
+        out, err = bench.communicate(timeout=120)
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.communicate()
+        # multiprocessing's resource tracker ends once the bench's exit closed its pipe
+        end = time.monotonic() + 10
+        while any(running(p) for p in started) and time.monotonic() < end:
+            time.sleep(0.05)
+        orphans = {p: _cmdline(p) for p in started if running(p)}
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(bench.pid, signal.SIGKILL)
+    assert bench.returncode == 128 + signal.SIGTERM and out == "", (bench.returncode, err)
+    assert "pqcnet bench: stopped by SIGTERM (clean-up done)" in err, err[-2000:]
+    assert started, "the bench had processes of its own"
+    assert orphans == {}
+    assert _streams(url, ca, cli) == before
