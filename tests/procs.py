@@ -15,6 +15,12 @@ def _stat_fields(pid: int | str) -> list[str] | None:
         return None
 
 
+def stopped(pid: int) -> bool:
+    """``pid`` is stopped by a signal (SIGSTOP: state ``T``)."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] == "T"
+
+
 def running(pid: int) -> bool:
     """``pid`` exists and is not a zombie (an orphan's new parent may never reap it)."""
     fields = _stat_fields(pid)

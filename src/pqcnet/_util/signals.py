@@ -17,14 +17,25 @@ reaches all of them the same way. :class:`Stopped` is a ``KeyboardInterrupt``, s
 asyncio treats it as Ctrl-C: it leaves the event loop, and ``asyncio.run`` cancels
 the remaining tasks and runs their clean-up (awaits included) before re-raising it;
 ``except Exception`` handlers let it through.
+
+Where it is raised matters: a signal handler runs between any two bytecodes, also
+inside a destructor or a weakref callback, where Python prints an exception and drops
+it ("Exception ignored in …": the stop was lost and the run went on). So while an
+event loop runs, the handler only schedules the raise as the loop's next callback;
+and a :class:`Stopped` that was dropped all the same (``sys.unraisablehook``) is
+delivered again, as the signal it came from.
 """
 
 from __future__ import annotations
 
+import _thread
+import asyncio
 import contextlib
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from types import FrameType
 
@@ -52,9 +63,21 @@ def stopping(name: str) -> Iterator[None]:
             print(f"{name}: {signal.Signals(sig).name} again, exiting now", file=sys.stderr)
             os._exit(128 + sig)
         hits.append(sig)
-        raise Stopped(sig)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop in this thread: raise here
+            raise Stopped(sig) from None
+        loop.call_soon_threadsafe(_raise, sig)
+
+    def unraisable(u: sys.UnraisableHookArgs) -> None:
+        if isinstance(u.exc_value, Stopped):  # raised where Python drops it: again
+            hits.clear()
+            _redeliver(u.exc_value.signum)
+        else:
+            previous_hook(u)
 
     old = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
     except Stopped as exc:
@@ -62,8 +85,28 @@ def stopping(name: str) -> Iterator[None]:
               file=sys.stderr)
         raise SystemExit(128 + exc.signum) from None
     finally:
+        sys.unraisablehook = previous_hook
         for sig, handler in old.items():
             signal.signal(sig, handler)
+
+
+def _raise(sig: int) -> None:
+    raise Stopped(sig)
+
+
+#: Seconds before a dropped stop is signalled again (past the hook that saw it drop).
+REDELIVER_AFTER_S = 0.01
+
+
+def _redeliver(sig: int) -> None:
+    """Signal ``sig`` to the main thread again, from another thread a moment later:
+    from the main thread itself the handler would run at once, inside the unraisable
+    hook — where the exception is dropped again."""
+    def later() -> None:
+        time.sleep(REDELIVER_AFTER_S)
+        _thread.interrupt_main(signal.Signals(sig))
+
+    threading.Thread(target=later, name="stop-redeliver", daemon=True).start()
 
 
 __all__ = ["STOP_SIGNALS", "Stopped", "stopping"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from pqcnet._util.signals import stopping
 from pqcnet.cli._common import hostport
 from pqcnet.cli._common import load_identity as load_cli_identity
 
@@ -53,39 +54,41 @@ def run_cmd(minutes: float, backends: tuple[str, ...], seed: int, faults: int, r
     """
     from pqcnet.chaos.harness import ChaosConfig, run_chaos
 
-    duration = minutes * 60
-    n_faults = faults or max(1, int(duration / 5))
-    out: list[dict[str, object]] = []
-    ok = True
-    for backend in backends:
-        base = None
-        if not no_baseline:
-            base = asyncio.run(run_chaos(ChaosConfig(
-                backend=backend, workdir=workdir / f"{backend}-baseline", seed=seed,
-                duration=duration, faults=0, rate=rate, kafka_bootstrap=kafka_bootstrap,
+    # SIGINT / SIGTERM: the relayers and clients (a paused one too) are stopped first
+    with stopping("pqcnet chaos run"):
+        duration = minutes * 60
+        n_faults = faults or max(1, int(duration / 5))
+        out: list[dict[str, object]] = []
+        ok = True
+        for backend in backends:
+            base = None
+            if not no_baseline:
+                base = asyncio.run(run_chaos(ChaosConfig(
+                    backend=backend, workdir=workdir / f"{backend}-baseline", seed=seed,
+                    duration=duration, faults=0, rate=rate, kafka_bootstrap=kafka_bootstrap,
+                    relayers=relayers)))
+                ok = ok and base.report.ok
+            res = asyncio.run(run_chaos(ChaosConfig(
+                backend=backend, workdir=workdir / f"{backend}-faults", seed=seed,
+                duration=duration, faults=n_faults, rate=rate, kafka_bootstrap=kafka_bootstrap,
                 relayers=relayers)))
-            ok = ok and base.report.ok
-        res = asyncio.run(run_chaos(ChaosConfig(
-            backend=backend, workdir=workdir / f"{backend}-faults", seed=seed,
-            duration=duration, faults=n_faults, rate=rate, kafka_bootstrap=kafka_bootstrap,
-            relayers=relayers)))
-        ok = ok and res.report.ok
-        row = res.as_dict()
-        row["baseline_frames_per_s"] = None if base is None else round(base.frames_per_s, 1)
-        row["ratio"] = (None if base is None or not base.frames_per_s
-                        else round(res.frames_per_s / base.frames_per_s, 3))
-        row["loadavg"] = [round(x, 2) for x in os.getloadavg()]
-        out.append(row)
-        if not as_json:
-            click.echo(f"== {backend}: {len(res.faults)} faults, seed {seed}, "
-                       f"histories in {workdir / f'{backend}-faults' / 'history'}")
-            click.echo(res.report.table())
-            for f in res.faults:
-                rec = "n/a" if f.recovery is None else f"{f.recovery:.3f} s"
-                click.echo(f"  t={f.at:6.2f}s  {f.kind:<17} {f.victim:<13} recovery {rec}")
-            click.echo(json.dumps({k: row[k] for k in (
-                "frames_per_s", "baseline_frames_per_s", "ratio", "recovery_p50_s",
-                "recovery_p99_s", "loadavg")}))
+            ok = ok and res.report.ok
+            row = res.as_dict()
+            row["baseline_frames_per_s"] = None if base is None else round(base.frames_per_s, 1)
+            row["ratio"] = (None if base is None or not base.frames_per_s
+                            else round(res.frames_per_s / base.frames_per_s, 3))
+            row["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+            out.append(row)
+            if not as_json:
+                click.echo(f"== {backend}: {len(res.faults)} faults, seed {seed}, "
+                           f"histories in {workdir / f'{backend}-faults' / 'history'}")
+                click.echo(res.report.table())
+                for f in res.faults:
+                    rec = "n/a" if f.recovery is None else f"{f.recovery:.3f} s"
+                    click.echo(f"  t={f.at:6.2f}s  {f.kind:<17} {f.victim:<13} recovery {rec}")
+                click.echo(json.dumps({k: row[k] for k in (
+                    "frames_per_s", "baseline_frames_per_s", "ratio", "recovery_p50_s",
+                    "recovery_p99_s", "loadavg")}))
     if as_json:
         click.echo(json.dumps(out, indent=2))
     if not ok:

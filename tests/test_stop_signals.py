@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_service
-from tests.procs import descendants, running
+from tests.procs import descendants, running, stopped
 
 PQCNET = str(Path(sys.executable).parent / "pqcnet")
 
@@ -44,8 +44,21 @@ _CHILD = textwrap.dedent("""
             while hang:
                 time.sleep(1)
 
+    class Slow:
+        def __del__(self):  # where a signal most often lands: an exception is dropped
+            t = time.perf_counter()
+            while time.perf_counter() - t < 0.01:
+                pass
+
     with stopping("child"):
-        if phase == "sync":
+        if phase == "destructors":
+            try:
+                log.write("ready\\n")
+                while True:
+                    Slow()
+            finally:
+                log.write("sync clean-up\\n")
+        elif phase == "sync":
             try:
                 log.write("ready\\n")
                 time.sleep(3600)
@@ -98,6 +111,18 @@ def test_a_stop_signal_runs_the_clean_up_and_exits_128_plus_the_signal(
     assert "Traceback" not in err, err
 
 
+def test_a_stop_that_lands_in_a_destructor_is_delivered_again(tmp_path: Path) -> None:
+    """The child spends nearly all its time in ``__del__``, where Python drops an
+    exception ("Exception ignored in"): the stop still ends the run, clean-up done."""
+    proc, log = _child(tmp_path, "destructors")
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err)
+    assert log.read_text().splitlines() == ["ready", "sync clean-up"]
+    assert "Exception ignored" not in err and "Traceback" not in err, err
+
+
 def test_a_second_signal_exits_at_once_when_the_clean_up_hangs(tmp_path: Path) -> None:
     proc, log = _child(tmp_path, "loop", hang=True)
     proc.send_signal(signal.SIGTERM)
@@ -124,6 +149,33 @@ def _cmdline(pid: int) -> str:
     return ""
 
 
+def _pqcnet(*args: str) -> subprocess.Popen[str]:
+    """A ``pqcnet`` command in a process group of its own (killed whole if it hangs)."""
+    return subprocess.Popen([PQCNET, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _reap(cmd: subprocess.Popen[str], started: set[int]) -> dict[int, str]:
+    """After ``cmd`` ended (killed here if it did not): which of the processes it had
+    started still run (pid -> command line) — each is then killed, as are the rest of
+    its group. Processes in the middle of exiting get 10 s (multiprocessing's resource
+    tracker ends only once the command's exit closed its pipe)."""
+    if cmd.poll() is None:
+        os.killpg(cmd.pid, signal.SIGKILL)
+        cmd.communicate()
+    end = time.monotonic() + 10
+    while any(running(p) for p in started) and time.monotonic() < end:
+        time.sleep(0.05)
+    left = {p: _cmdline(p) for p in started if running(p)}
+    for p in left:  # possibly in a session of its own: not in the command's group
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGCONT)
+            os.kill(p, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(cmd.pid, signal.SIGKILL)
+    return left
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("client", ["nats-py", "nats-go"])
@@ -138,10 +190,8 @@ def test_bench_relayer_stopped_in_its_nats_baseline_leaves_no_stream_and_no_proc
     ca, cli = os.environ["PQCNET_NATS_CA"], os.environ["PQCNET_NATS_CLI"]
     before = _streams(url, ca, cli)
     prefix = "PQCB" if client == "nats-py" else "PQCG"
-    bench = subprocess.Popen(
-        [PQCNET, "bench", "relayer", "--backend", "embedded", "--frames", "40000",
-         "--paced-frames", "50", "--publishers", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    bench = _pqcnet("bench", "relayer", "--backend", "embedded", "--frames", "40000",
+                    "--paced-frames", "50", "--publishers", "2")
     started: set[int] = set()
     try:
         def in_phase() -> bool:
@@ -161,18 +211,42 @@ def test_bench_relayer_stopped_in_its_nats_baseline_leaves_no_stream_and_no_proc
         bench.send_signal(signal.SIGTERM)
         out, err = bench.communicate(timeout=120)
     finally:
-        if bench.poll() is None:
-            os.killpg(bench.pid, signal.SIGKILL)
-            bench.communicate()
-        # multiprocessing's resource tracker ends once the bench's exit closed its pipe
-        end = time.monotonic() + 10
-        while any(running(p) for p in started) and time.monotonic() < end:
-            time.sleep(0.05)
-        orphans = {p: _cmdline(p) for p in started if running(p)}
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(bench.pid, signal.SIGKILL)
+        orphans = _reap(bench, started)
     assert bench.returncode == 128 + signal.SIGTERM and out == "", (bench.returncode, err)
     assert "pqcnet bench: stopped by SIGTERM (clean-up done)" in err, err[-2000:]
     assert started, "the bench had processes of its own"
     assert orphans == {}
     assert _streams(url, ca, cli) == before
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_chaos_run_stopped_while_it_pauses_a_process_leaves_nothing_running(
+        tmp_path: Path) -> None:
+    """SIGTERM to ``pqcnet chaos run`` at the moment one of its processes is SIGSTOPped
+    (a pause fault): the run stops its relayer and clients — the paused one continued
+    and stopped too — and exits 143. Before, SIGTERM ended the harness on the spot:
+    its relayer and clients (each in a session of its own) ran on, the paused one
+    stopped for ever."""
+    chaos = _pqcnet("chaos", "run", "--minutes", "1", "--backend", "embedded",
+                    "--no-baseline", "--faults", "40", "--seed", "3", "--rate", "50",
+                    "--workdir", str(tmp_path / "w"))
+    started: set[int] = set()
+    try:
+        def pausing() -> bool:
+            nonlocal started
+            if chaos.poll() is not None:
+                pytest.fail(f"the run ended first: {chaos.communicate()[1][-2000:]}")
+            kids = descendants(chaos.pid)
+            started |= kids
+            return any(stopped(p) for p in kids)
+
+        _wait(pausing, 120, "a pause fault")
+        chaos.send_signal(signal.SIGTERM)
+        _out, err = chaos.communicate(timeout=120)
+    finally:
+        left = _reap(chaos, started)
+    assert chaos.returncode == 128 + signal.SIGTERM, (chaos.returncode, err[-2000:])
+    assert "pqcnet chaos run: stopped by SIGTERM (clean-up done)" in err, err[-2000:]
+    assert len(started) >= 3, "a relayer, a subscriber and publishers"
+    assert left == {}
