@@ -250,3 +250,23 @@ def test_chaos_run_stopped_while_it_pauses_a_process_leaves_nothing_running(
     assert "pqcnet chaos run: stopped by SIGTERM (clean-up done)" in err, err[-2000:]
     assert len(started) >= 3, "a relayer, a subscriber and publishers"
     assert left == {}
+
+
+@pytest.mark.timeout(300)
+def test_demo_stopped_mid_run_removes_its_temporary_directory(tmp_path: Path) -> None:
+    """The demo's temporary directory holds a CA's private key: SIGTERM mid-run
+    removes it as a finished run does (before, the process died and left it)."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    demo = subprocess.Popen([PQCNET, "demo", "--megabytes", "4096"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _wait(lambda: any((d / "ca").exists() for d in tmp_path.glob("pqcnet-demo-*")),
+              120, "the demo's CA")
+        demo.send_signal(signal.SIGTERM)
+        _out, err = demo.communicate(timeout=60)
+    finally:
+        _reap(demo, set())
+    assert demo.returncode == 128 + signal.SIGTERM, (demo.returncode, err[-2000:])
+    assert "pqcnet demo: stopped by SIGTERM (clean-up done)" in err, err[-2000:]
+    assert list(tmp_path.glob("pqcnet-demo-*")) == []

@@ -25,6 +25,8 @@ from typing import Any
 import click
 from tqdm import tqdm
 
+from pqcnet._util.signals import stopping
+
 TRUST_DOMAIN = "demo.pqcnet"
 RELAYER_ID = f"spiffe://{TRUST_DOMAIN}/acme/relayer/r1"
 PUBLISHER_ID = f"spiffe://{TRUST_DOMAIN}/acme/publisher/p1"
@@ -192,9 +194,12 @@ async def run_steps(state: DemoState, steps: list[Step] | None = None) -> DemoSt
               help="Keep the CA and identities here (default: a temporary directory).")
 def cli(megabytes: int, workdir: Path | None) -> None:
     """Run the end-to-end demo on loopback with the embedded backends."""
-    if workdir is not None:
-        workdir.mkdir(parents=True, exist_ok=True)
-        asyncio.run(run_steps(DemoState(workdir, megabytes)))
-        return
-    with tempfile.TemporaryDirectory(prefix="pqcnet-demo-") as tmp:
-        asyncio.run(run_steps(DemoState(Path(tmp), megabytes)))
+    # SIGINT / SIGTERM: the servers stop and the temporary directory (the demo CA's
+    # private key among its files) is removed, as after a finished run
+    with stopping("pqcnet demo"):
+        if workdir is not None:
+            workdir.mkdir(parents=True, exist_ok=True)
+            asyncio.run(run_steps(DemoState(workdir, megabytes)))
+            return
+        with tempfile.TemporaryDirectory(prefix="pqcnet-demo-") as tmp:
+            asyncio.run(run_steps(DemoState(Path(tmp), megabytes)))
