@@ -170,7 +170,8 @@ def verify_key_pem(key: VerifyKey) -> bytes:
 def _plan(spec: PlanSpec) -> Plan:
     return Plan(rate=spec.rate, burst=spec.burst, tenant_rate=spec.tenant_rate,
                 tenant_burst=spec.tenant_burst, tunnel_rate=spec.tunnel_rate,
-                tunnel_burst=spec.tunnel_burst, max_in_flight=spec.max_in_flight)
+                tunnel_burst=spec.tunnel_burst, max_in_flight=spec.max_in_flight,
+                pipe_rate=spec.pipe_rate, pipe_burst=spec.pipe_burst)
 
 
 def _sanitizer_key(spec: SanitizerSpec, base: Path, at: str) -> bytes:

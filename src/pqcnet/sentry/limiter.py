@@ -37,6 +37,9 @@ from pqcnet.sentry.errors import (
 DEFAULT_MAX_CLIENTS = 100_000
 #: retry-after suggested when the concurrency gate is full, seconds.
 GATE_RETRY_AFTER = 0.05
+#: The least a tenant's pipe-bytes bucket holds: one read of a pipe (64 KiB) fits.
+PIPE_MIN_BURST = 65_536
+
 #: Bucket refusals on one tunnel within :data:`HAMMER_WINDOW` seconds after which the
 #: sentry also sends a QSTP FLOW PAUSE (with the bucket's retry-after) on that tunnel,
 #: so a client that ignores 429s is slowed at the transport instead of costing a
@@ -64,6 +67,10 @@ class Plan:
     tunnel_burst: float | None = None
     #: RPCs the tenant may have in flight (None: the gate's ``share`` of its limit)
     max_in_flight: int | None = None
+    #: bytes/s all the tenant's pipes (TCP, WebSocket) move together (None: no limit)
+    pipe_rate: float | None = None
+    #: bytes those pipes may move at once after a quiet spell (None: see :attr:`pipe`)
+    pipe_burst: float | None = None
 
     def __post_init__(self) -> None:
         if not (self.rate > 0 and self.burst >= 1):
@@ -73,6 +80,10 @@ class Plan:
             if (r is not None and not r > 0) or (b is not None and not b >= 1):
                 raise SentryConfigError(f"plan needs tenant/tunnel rate > 0 and burst >= 1, "
                                         f"got {self}")
+        if (self.pipe_rate is not None and not self.pipe_rate > 0) or (
+                self.pipe_burst is not None and not self.pipe_burst >= PIPE_MIN_BURST):
+            raise SentryConfigError(f"plan needs pipe_rate > 0 and pipe_burst >= "
+                                    f"{PIPE_MIN_BURST}, got {self}")
 
     @property
     def tenant(self) -> Plan:
@@ -84,6 +95,15 @@ class Plan:
         """The per-tunnel-identity bucket's plan."""
         t = self.tenant
         return Plan(self.tunnel_rate or t.rate, self.tunnel_burst or t.burst)
+
+    @property
+    def pipe(self) -> Plan | None:
+        """The tenant's pipe-bytes bucket's plan (tokens are bytes), or None: no limit.
+        The default burst is one second's worth, at least :data:`PIPE_MIN_BURST`."""
+        if self.pipe_rate is None:
+            return None
+        return Plan(self.pipe_rate,
+                    self.pipe_burst or max(self.pipe_rate, float(PIPE_MIN_BURST)))
 
 
 class TokenBucket:
@@ -125,8 +145,13 @@ class TokenBucket:
         self.tokens = min(self.tokens, plan.burst)
 
 
-#: bucket kinds: a subject's, the whole tenant's, one tunnel identity's for the tenant
-_SUBJECT, _TENANT, _TUNNEL = "subject", "tenant", "tunnel"
+#: bucket kinds: a subject's, the whole tenant's, one tunnel identity's for the tenant,
+#: the tenant's pipe bytes
+_SUBJECT, _TENANT, _TUNNEL, _PIPE = "subject", "tenant", "tunnel", "pipe"
+
+
+def _upper_plan(kind: str, plan: Plan) -> Plan | None:
+    return plan.tenant if kind == _TENANT else plan.pipe if kind == _PIPE else plan.tunnel
 
 
 class RateLimiter:
@@ -155,9 +180,9 @@ class RateLimiter:
         key = (kind, tenant, tunnel)
         bucket = self._upper.get(key)
         if bucket is None:
-            plan = self.plan_for(tenant)
-            bucket = self._upper[key] = TokenBucket(
-                plan.tenant if kind == _TENANT else plan.tunnel, now)
+            plan = _upper_plan(kind, self.plan_for(tenant))
+            assert plan is not None
+            bucket = self._upper[key] = TokenBucket(plan, now)
             while len(self._upper) > self.max_clients:
                 self._upper.popitem(last=False)
         else:
@@ -195,15 +220,26 @@ class RateLimiter:
             taken.append(b)
         return bucket.tokens
 
+    def take_bytes(self, tenant: str, n: float, now: float) -> float:
+        """Take ``n`` bytes (at most the bucket's burst) from ``tenant``'s pipe-bytes
+        bucket: 0.0 when taken (or the plan has no ``pipe_rate``), else the seconds
+        until they will be there, taking none."""
+        if self.plan_for(tenant).pipe is None:
+            return 0.0
+        return self._upper_bucket(_PIPE, tenant, "", now).take(now, n)
+
     def set_plans(self, plans: Mapping[str, Plan], default: Plan, now: float) -> None:
         """Hot reload: new plans apply to existing buckets immediately."""
         self._plans = dict(plans)
         self._default = default
         for (tenant, _client), bucket in self._buckets.items():
             bucket.set_plan(self.plan_for(tenant), now)
-        for (kind, tenant, _tunnel), bucket in self._upper.items():
-            plan = self.plan_for(tenant)
-            bucket.set_plan(plan.tenant if kind == _TENANT else plan.tunnel, now)
+        for key, bucket in list(self._upper.items()):
+            plan = _upper_plan(key[0], self.plan_for(key[1]))
+            if plan is None:  # pipes unlimited now
+                del self._upper[key]
+            else:
+                bucket.set_plan(plan, now)
 
     def level(self, tenant: str, client: str, now: float) -> float:
         """Tokens left for one client (a full bucket if it was never seen)."""

@@ -130,6 +130,13 @@ class PlanSpec(Schema):
     """RPCs (streams and TCP pipes included) this tenant may have in flight at once;
     in ``limits.default``: every tenant whose own plan sets none (default:
     ``limits.tenant_share`` of ``limits.max_in_flight``)."""
+    pipe_rate: Positive | None = None
+    """Bytes per second all this tenant's pipes (TCP pipes, WebSockets) may move,
+    both directions together, over every worker; a pipe above it is slowed (read
+    less often), never cut (default: no limit)."""
+    pipe_burst: float | None = Field(default=None, ge=65536)
+    """Bytes the tenant's pipes may move at once after a quiet spell (default: one
+    second of ``pipe_rate``, at least 64 KiB)."""
 
 
 class LimitsSpec(Schema):

@@ -238,7 +238,7 @@ async def _pipe_tcp(sentry: Sentry, stream: RpcStream, adm: Admission, rest: byt
     """A raw TCP stream: a backend connection of its own, then :func:`_pipe`."""
     reader, writer = await sentry.tcp_backend(adm.backend.name).connect()
     await _pipe(sentry, stream, reader, writer, rest, ResponseHead(status=200), "tcp pipe",
-                adm.usage)
+                adm)
 
 
 async def _pipe_ws(sentry: Sentry, stream: RpcStream, head: RequestHead, adm: Admission,
@@ -256,29 +256,37 @@ async def _pipe_ws(sentry: Sentry, stream: RpcStream, head: RequestHead, adm: Ad
         adm.usage.down += len(got.body)
         return
     await _pipe(sentry, stream, got.reader, got.writer, rest,
-                ResponseHead(101, got.headers), "websocket", adm.usage)
+                ResponseHead(101, got.headers), "websocket", adm)
 
 
 async def _pipe(sentry: Sentry, stream: RpcStream, reader: asyncio.StreamReader,
                 writer: asyncio.StreamWriter, rest: bytes, head: ResponseHead,
-                what: str, usage: Usage) -> None:
+                what: str, adm: Admission) -> None:
     """Send ``head``, then bytes both ways between the stream and a backend connection
     until both sides ended, either failed, a write to the client waited
     ``response_write_timeout`` (:class:`ClientTooSlow`) or nothing moved for
     ``tcp_idle_timeout`` (:class:`PipeIdle`): a pipe holds a gate slot for its life,
-    so it must not outlive its use. The connection is closed at the end."""
+    so it must not outlive its use. Bytes either way are taken from the tenant's
+    ``pipe_rate`` bucket before they are passed on (:func:`_throttle`). The connection
+    is closed at the end."""
     watch, idle = sentry.write_watch, sentry.config.bounds.tcp_idle_timeout
     loop = asyncio.get_running_loop()
     moved = loop.time()  # when a byte last came in from either side
     open_sides = 2
+    usage, tenant = adm.usage, adm.assertion.tenant
+
+    def touch() -> None:
+        nonlocal moved
+        moved = loop.time()
 
     async def up() -> None:
-        nonlocal moved
         if rest:
+            await _throttle(sentry, tenant, usage, len(rest), touch)
             writer.write(rest)
             usage.up += len(rest)
         while data := await stream.recv():
-            moved = loop.time()
+            touch()
+            await _throttle(sentry, tenant, usage, len(data), touch)
             writer.write(data)
             usage.up += len(data)
             await writer.drain()
@@ -286,9 +294,9 @@ async def _pipe(sentry: Sentry, stream: RpcStream, reader: asyncio.StreamReader,
             writer.write_eof()
 
     async def down() -> None:
-        nonlocal moved
         while chunk := await reader.read(TCP_READ_CHUNK):
-            moved = loop.time()
+            touch()
+            await _throttle(sentry, tenant, usage, len(chunk), touch)
             await watch.send(stream, chunk)
             usage.down += len(chunk)
         await watch.send(stream, b"", end=True)
@@ -318,6 +326,37 @@ async def _pipe(sentry: Sentry, stream: RpcStream, reader: asyncio.StreamReader,
             raise first if isinstance(first, SentryError) else cut from None
     finally:
         await close_quietly(writer)
+
+
+#: Bytes a pipe takes from its tenant's ``pipe_rate`` bucket at a time: small next to
+#: the bucket (>= 64 KiB), so the tenant's pipes take turns instead of a small reader
+#: always getting the tokens a large one waits to add up.
+THROTTLE_PIECE = 16_384
+#: Longest single sleep of a throttled pipe: it counts as moving in between (the idle
+#: watchdog), and a reload that lifts the limit is seen that soon.
+THROTTLE_SLICE_S = 0.5
+
+
+async def _throttle(sentry: Sentry, tenant: str, usage: Usage, n: int,
+                    touch: Callable[[], None]) -> None:
+    """Wait until ``tenant``'s pipe-bytes bucket (its plan's ``pipe_rate``, one over
+    the workers) gave ``n`` bytes. The pipe reads nothing meanwhile, so TCP and QSTP
+    flow control slow its sender: a pipe over its tenant's rate is slowed, never cut
+    (``touch`` marks it as moving for the idle watchdog). No ``pipe_rate``: no wait.
+    Waits add up in ``usage.pipe_throttled``."""
+    limiter, loop = sentry.limiter, asyncio.get_running_loop()
+    while n > 0:
+        if limiter.plan_for(tenant).pipe is None:  # per piece: a reload may lift it
+            return
+        piece = min(n, THROTTLE_PIECE)
+        wait = limiter.take_bytes(tenant, piece, sentry.clock())
+        if wait > 0:
+            t0 = loop.time()
+            await asyncio.sleep(min(wait, THROTTLE_SLICE_S))
+            usage.pipe_throttled += loop.time() - t0
+            touch()
+            continue
+        n -= piece
 
 
 def tunnel_view(tunnel: Any) -> TunnelView:

@@ -67,6 +67,13 @@ class SharedRateLimiter(RateLimiter):
             )
         return tokens
 
+    def take_bytes(self, tenant: str, n: float, now: float) -> float:
+        """As :meth:`RateLimiter.take_bytes`, over every worker: one bucket per tenant."""
+        plan = self.plan_for(tenant).pipe
+        if plan is None:
+            return 0.0
+        return self.state.take(fingerprint("\x03pipe", tenant), plan, now, n)[0]
+
     def set_plans(self, plans: Mapping[str, Plan], default: Plan, now: float) -> None:
         # buckets are clamped to the new burst at their next take (see take())
         self._plans = dict(plans)

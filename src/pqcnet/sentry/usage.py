@@ -48,6 +48,8 @@ class Usage:
     up: int = 0
     #: payload bytes sent to clients
     down: int = 0
+    #: seconds the tenant's pipes waited for its ``pipe_rate`` (summed over pipes)
+    pipe_throttled: float = 0.0
 
 
 class TenantUsage:
@@ -75,6 +77,10 @@ class TenantUsage:
             "pqcnet_sentry_tenant_bytes",
             "Payload bytes per tenant: up = to backends, down = to clients (no heads, no "
             "tunnel framing)", labels=["tenant", "direction"])
+        throttled = CounterMetricFamily(
+            "pqcnet_sentry_tenant_pipe_throttled_seconds",
+            "Seconds the tenant's pipes (TCP, WebSocket) waited for its plan's pipe_rate, "
+            "summed over its pipes", labels=["tenant"])
         empty = Usage()
         for tenant in names:
             u = self.rows.get(tenant, empty)
@@ -82,5 +88,7 @@ class TenantUsage:
                 requests.add_metric([tenant, kind], n)
             sent.add_metric([tenant, "up"], u.up)
             sent.add_metric([tenant, "down"], u.down)
+            throttled.add_metric([tenant], u.pipe_throttled)
         yield requests
         yield sent
+        yield throttled
