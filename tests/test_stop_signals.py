@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,7 @@ PQCNET = str(Path(sys.executable).parent / "pqcnet")
 #: A command under ``stopping``: a synchronous phase, then an event loop, each with a
 #: clean-up that writes a line to argv[1] (the loop's clean-up awaits first).
 _CHILD = textwrap.dedent("""
-    import asyncio, sys, time
+    import asyncio, signal, sys, time
     from pqcnet._util.signals import stopping
     log = open(sys.argv[1], "a", buffering=1)
     phase, hang = sys.argv[2], sys.argv[3] == "hang"
@@ -44,18 +44,16 @@ _CHILD = textwrap.dedent("""
             while hang:
                 time.sleep(1)
 
-    class Slow:
-        def __del__(self):  # where a signal most often lands: an exception is dropped
-            t = time.perf_counter()
-            while time.perf_counter() - t < 0.01:
-                pass
+    class Trip:
+        def __del__(self):  # the stop lands here, where Python drops an exception
+            signal.raise_signal(signal.SIGTERM)
 
     with stopping("child"):
-        if phase == "destructors":
+        if phase == "destructor":
             try:
                 log.write("ready\\n")
-                while True:
-                    Slow()
+                Trip()
+                time.sleep(3600)
             finally:
                 log.write("sync clean-up\\n")
         elif phase == "sync":
@@ -75,15 +73,23 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _child(tmp_path: Path, phase: str, *, hang: bool = False,
-           ignore_sigint: bool = False) -> tuple[subprocess.Popen[str], Path]:
+@contextlib.contextmanager
+def _child(tmp_path: Path, phase: str, *, hang: bool = False, ignore_sigint: bool = False
+           ) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """The :data:`_CHILD` command, started; SIGKILLed at the end if still running (a
+    failing test must not leave a busy process behind)."""
     log = tmp_path / "log"
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(log), phase,
                              "hang" if hang else "-"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_ignore_sigint if ignore_sigint else None)
-    _wait(lambda: log.exists() and "ready" in log.read_text(), 30, "the child to start")
-    return proc, log
+    try:
+        _wait(lambda: log.exists() and "ready" in log.read_text(), 30, "the child to start")
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def _wait(cond: Callable[[], bool], seconds: float, what: str) -> None:
@@ -101,9 +107,9 @@ def _wait(cond: Callable[[], bool], seconds: float, what: str) -> None:
     ids=["SIGTERM", "SIGINT", "SIGINT-inherited-ignored"])
 def test_a_stop_signal_runs_the_clean_up_and_exits_128_plus_the_signal(
         tmp_path: Path, phase: str, sig: signal.Signals, ignore_sigint: bool) -> None:
-    proc, log = _child(tmp_path, phase, ignore_sigint=ignore_sigint)
-    proc.send_signal(sig)
-    _out, err = proc.communicate(timeout=30)
+    with _child(tmp_path, phase, ignore_sigint=ignore_sigint) as (proc, log):
+        proc.send_signal(sig)
+        _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + sig, (proc.returncode, err)
     done = "sync clean-up" if phase == "sync" else "loop clean-up"
     assert log.read_text().splitlines() == ["ready", done]
@@ -112,26 +118,25 @@ def test_a_stop_signal_runs_the_clean_up_and_exits_128_plus_the_signal(
 
 
 def test_a_stop_that_lands_in_a_destructor_is_delivered_again(tmp_path: Path) -> None:
-    """The child spends nearly all its time in ``__del__``, where Python drops an
-    exception ("Exception ignored in"): the stop still ends the run, clean-up done."""
-    proc, log = _child(tmp_path, "destructors")
-    time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _out, err = proc.communicate(timeout=30)
+    """The child's SIGTERM is handled inside a ``__del__`` (it raises the signal there),
+    where Python drops an exception ("Exception ignored in"): the stop is delivered
+    again and ends the run — the sleep after it — with its clean-up done."""
+    with _child(tmp_path, "destructor") as (proc, log):
+        _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err)
     assert log.read_text().splitlines() == ["ready", "sync clean-up"]
     assert "Exception ignored" not in err and "Traceback" not in err, err
 
 
 def test_a_second_signal_exits_at_once_when_the_clean_up_hangs(tmp_path: Path) -> None:
-    proc, log = _child(tmp_path, "loop", hang=True)
-    proc.send_signal(signal.SIGTERM)
-    _wait(lambda: "loop clean-up" in log.read_text(), 30, "the clean-up to start")
-    assert proc.poll() is None  # hanging in its clean-up
-    proc.send_signal(signal.SIGINT)
-    _out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 128 + signal.SIGINT, (proc.returncode, err)
-    assert "child: SIGINT again, exiting now" in err, err
+    with _child(tmp_path, "loop", hang=True) as (proc, log):
+        proc.send_signal(signal.SIGTERM)
+        _wait(lambda: "loop clean-up" in log.read_text(), 30, "the clean-up to start")
+        assert proc.poll() is None  # hanging in its clean-up
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 128 + signal.SIGINT, (proc.returncode, err)
+        assert "child: SIGINT again, exiting now" in err, err
 
 
 # --------------------------------------------------------------------------- the bench

@@ -403,6 +403,11 @@ def test_websocket_reports_open_round_trip_and_echoes_against_direct() -> None:
     assert _number(d["ratio_messages_per_s_pqcnet_to_direct"])
     if "nginx" in d["paths"]:
         assert _number(d["ratio_messages_per_s_pqcnet_to_nginx"])
+    limited = d["pipe_rate"]  # the tenant held to half of what its pipe moved
+    assert limited["share"] == 0.5 and limited["messages"] > 0
+    assert limited["limit_bytes_per_s"] == pytest.approx(
+        0.5 * limited["unlimited_bytes_per_s"], rel=0.01)
+    assert _number(limited["accuracy"]) and isinstance(limited["within_10_percent"], bool)
     _machine(d["machine"]["before"])
 
 

@@ -28,7 +28,6 @@ delivered again, as the signal it came from.
 
 from __future__ import annotations
 
-import _thread
 import asyncio
 import contextlib
 import os
@@ -99,12 +98,16 @@ REDELIVER_AFTER_S = 0.01
 
 
 def _redeliver(sig: int) -> None:
-    """Signal ``sig`` to the main thread again, from another thread a moment later:
-    from the main thread itself the handler would run at once, inside the unraisable
-    hook — where the exception is dropped again."""
+    """Send ``sig`` to the main thread again, from another thread a moment later: sent
+    from the main thread itself its handler would run at once, inside the unraisable
+    hook — where the exception is dropped again. A real signal (``pthread_kill``), so
+    a main thread blocked in a call (a sleep, a ``wait``) is woken for it."""
+    main = threading.main_thread().ident
+    assert main is not None
+
     def later() -> None:
         time.sleep(REDELIVER_AFTER_S)
-        _thread.interrupt_main(signal.Signals(sig))
+        signal.pthread_kill(main, sig)
 
     threading.Thread(target=later, name="stop-redeliver", daemon=True).start()
 

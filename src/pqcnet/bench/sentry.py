@@ -474,17 +474,22 @@ def write_identities(d: Path) -> None:
 
 def write_sentry_config(d: Path, backend: int, port: int, workers: int,
                         lim: tuple[float, float] = (LIMIT_RATE, LIMIT_BURST),
-                        bounds: dict[str, Any] | None = None) -> str:
+                        bounds: dict[str, Any] | None = None,
+                        acme_pipe_rate: float | None = None) -> str:
     """The bench sentry's config file (written atomically: a running sentry hot-reloads
-    it); returns its name inside ``d``."""
+    it); returns its name inside ``d``. ``acme_pipe_rate``: tenant acme's pipes (and
+    WebSockets) held to so many bytes/s."""
     name = f"sentry-{workers}.yaml"
     tmp = d / (name + ".tmp")
+    tenants: dict[str, Any] = {"lim": {"rate": lim[0], "burst": lim[1]}}
+    if acme_pipe_rate is not None:
+        tenants["acme"] = {"rate": 1e6, "burst": 1e6, "pipe_rate": acme_pipe_rate}
     tmp.write_text(yaml.safe_dump({
         "bounds": bounds or {},
         "listen": f"127.0.0.1:{port}", "identity_dir": "sentry-id",
         "issuers": {"acme": ["acme-issuer.pub"], "lim": ["lim-issuer.pub"]},
         "limits": {"max_in_flight": 4096, "default": {"rate": 1e6, "burst": 1e6},
-                   "tenants": {"lim": {"rate": lim[0], "burst": lim[1]}}},
+                   "tenants": tenants},
         "acl": {"allow_from": ["spiffe://pqcnet.test/*/sidecar/*"],
                 "allow_methods": ["POST /rpc", "WS /ws"]},  # WS: bench websocket
         "sanitizer": {"acme": {"key_hex": "11" * 32, "headers": {"x-user-id": "hash"}}},

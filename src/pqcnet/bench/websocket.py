@@ -20,6 +20,14 @@ of its own); ``round trip`` — sequential 64-byte echoes on one connection, p50
 flight for ``--seconds``: echoes received per second; for pqcnet also the CPU the
 sidecar and sentry used per message (``/proc``). Ratios are pqcnet's to direct and to
 nginx. Everything shares the machine: the 1-minute load average is part of the output.
+
+``pipe_rate`` — the accuracy of a plan's ``pipe_rate`` (bytes/s over all a tenant's
+pipes and WebSockets): the running sentry's config is rewritten with ``--pipe-share``
+of the bytes/s the pqcnet path just moved as the tenant's limit (a hot reload), the
+bucket's burst is spent in a warm-up, and the same throughput phase runs again. The
+bytes are counted at the client from the WebSocket framing (each 64-byte echo is a
+70-byte masked frame up and a 66-byte frame down), not read from the sentry; the
+ratio achieved / limit is the accuracy (issue 15: within ±10 %).
 """
 
 from __future__ import annotations
@@ -55,6 +63,13 @@ from pqcnet.bench.sentry import (
 PATH = "/ws"
 #: bytes per message (a small JSON-RPC notification)
 MESSAGE = b"x" * 64
+#: bytes one echo moves through a pipe: the client's masked frame (2-byte header, 4-byte
+#: mask) up, the server's unmasked frame (2-byte header) down; no compression
+WIRE_BYTES_PER_ECHO = (2 + 4 + len(MESSAGE)) + (2 + len(MESSAGE))
+#: seconds the sentry gets to hot-reload a rewritten config (it looks every second)
+RELOAD_WAIT_S = 3.0
+#: seconds of echoes that spend the limited tenant's burst before the timed phase
+BURST_WARMUP_S = 2.0
 
 
 def backend_main(port: int) -> None:
@@ -170,9 +185,25 @@ http {{
                             stderr=subprocess.DEVNULL)
 
 
+def _pipe_rate(d: Path, ports: dict[str, int], url: str, moved: float, share: float,
+               conns: int, window: int, seconds: float) -> dict[str, Any]:
+    """The tenant limited to ``share`` of ``moved`` bytes/s (hot reload), its burst
+    spent, the throughput phase again: achieved bytes/s against the limit."""
+    limit = max(1.0, share * moved)
+    write_sentry_config(d, ports["backend"], ports["sentry"], 1, acme_pipe_rate=limit)
+    time.sleep(RELOAD_WAIT_S)
+    asyncio.run(_throughput(url, conns, window, BURST_WARMUP_S))
+    got = asyncio.run(_throughput(url, conns, window, seconds))
+    achieved = got * WIRE_BYTES_PER_ECHO / seconds
+    return {"share": share, "limit_bytes_per_s": round(limit),
+            "unlimited_bytes_per_s": round(moved), "achieved_bytes_per_s": round(achieved),
+            "messages": got, "accuracy": round(achieved / limit, 3),
+            "within_10_percent": abs(achieved / limit - 1) <= 0.10}
+
+
 def run(connects: int = 200, messages: int = 2000, connections: int = 8, window: int = 16,
-        seconds: float = 5.0) -> dict[str, Any]:
-    """Measure the three paths; returns the JSON-able result."""
+        seconds: float = 5.0, pipe_share: float = 0.5) -> dict[str, Any]:
+    """Measure the three paths (and the pipe-rate accuracy); the JSON-able result."""
     before = machine()
     ports = {k: free_port() for k in ("backend", "nginx", "sentry", "sidecar")}
     backend = multiprocessing.get_context("spawn").Process(
@@ -180,6 +211,7 @@ def run(connects: int = 200, messages: int = 2000, connections: int = 8, window:
     backend.start()
     procs: list[subprocess.Popen[bytes]] = []
     results: dict[str, Any] = {}
+    limited: dict[str, Any] = {"skipped": "--pipe-share 0"}
     with tempfile.TemporaryDirectory(prefix="pqcnet-bench-ws-") as tmp:
         d = Path(tmp)
         try:
@@ -203,6 +235,11 @@ def run(connects: int = 200, messages: int = 2000, connections: int = 8, window:
                 results[path] = _measure(f"ws://127.0.0.1:{port}{PATH}", connects, messages,
                                          connections, window, seconds,
                                          watch if path == "pqcnet" else None)
+            if pipe_share:
+                moved = (results["pqcnet"]["throughput"]["messages_per_s"]
+                         * WIRE_BYTES_PER_ECHO)
+                limited = _pipe_rate(d, ports, f"ws://127.0.0.1:{ports['sidecar']}{PATH}",
+                                     moved, pipe_share, connections, window, seconds)
         finally:
             stop(procs)
             backend.terminate()
@@ -221,6 +258,7 @@ def run(connects: int = 200, messages: int = 2000, connections: int = 8, window:
                                     - direct["round_trip"]["p99_ms"], 3)},
         "ratio_messages_per_s_pqcnet_to_direct": round(
             pq["throughput"]["messages_per_s"] / direct["throughput"]["messages_per_s"], 3),
+        "pipe_rate": limited,
         "machine": {"before": before, "after": machine()},
         "cpus": os.cpu_count(),
     }
@@ -244,7 +282,11 @@ def run(connects: int = 200, messages: int = 2000, connections: int = 8, window:
               help="Messages each of them keeps in flight.")
 @click.option("--seconds", default=5.0, show_default=True,
               type=click.FloatRange(0.1, 3600), help="Throughput phase length per path.")
-def cli(connects: int, messages: int, connections: int, window: int, seconds: float) -> None:
+@click.option("--pipe-share", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="Then limit the tenant's pipe_rate to this share of the bytes/s the "
+                   "pqcnet path moved and measure again (0: skip).")
+def cli(connects: int, messages: int, connections: int, window: int, seconds: float,
+        pipe_share: float) -> None:
     """WebSocket echoes: sidecar → QSTP → sentry vs direct and vs nginx; prints JSON."""
     import json
 
@@ -253,4 +295,5 @@ def cli(connects: int, messages: int, connections: int, window: int, seconds: fl
     except ImportError:
         raise click.UsageError("bench websocket needs the websockets package: "
                                "pip install websockets (in the dev extras)") from None
-    click.echo(json.dumps(run(connects, messages, connections, window, seconds), indent=2))
+    click.echo(json.dumps(run(connects, messages, connections, window, seconds,
+                               pipe_share), indent=2))
