@@ -28,9 +28,21 @@ from pqcnet.sentry.errors import SentryConfigError
 from pqcnet.sentry.limiter import PIPE_MIN_BURST, Plan, RateLimiter
 from pqcnet.sentry.shared import SharedRateLimiter
 from pqcnet.sentry.sidecar import serve_tcp
-from tests.relayer.helpers import eventually
+from tests.ports import port_run
+from tests.relayer.helpers import eventually, scrape_metrics
 
-from .harness import Mesh, Stack, TcpEcho, config_dict, sentry_stack, tcp_echo, write_config
+from .harness import (
+    HttpBackend,
+    Mesh,
+    Stack,
+    TcpEcho,
+    config_dict,
+    sentry_stack,
+    sidecar_to,
+    tcp_echo,
+    write_config,
+)
+from .test_pool import sentry_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -158,3 +170,40 @@ async def test_without_a_pipe_rate_nothing_waits(tmp_path: Path, mesh: Mesh) -> 
                       tenant="acme") == 0.0
         assert _value(s, "pqcnet_sentry_tenant_bytes_total", tenant="acme",
                       direction="down") == 300 * 4096
+
+
+async def test_two_workers_hold_a_tenant_to_one_pipe_rate(tmp_path: Path, mesh: Mesh) -> None:
+    """``sentry run --workers 2``: 16 tunnels (the kernel puts some on each worker —
+    their own metrics say so), a pipe on each; together they move no faster than the
+    tenant's one ``pipe_rate``. A bucket per worker would let them move twice as fast."""
+    rate, per_pipe, pipes = 100_000.0, 3 * 4096, 16
+    metrics = port_run(1)
+    async with tcp_echo() as tcp_port:
+        with HttpBackend() as http:
+            cfg = config_dict(http.port, 1, tcp_port)
+            cfg["limits"]["tenants"]["acme"].update(pipe_rate=rate,
+                                                    pipe_burst=PIPE_MIN_BURST)
+            with sentry_process(mesh, tmp_path / "s", http.port, workers=2, extra={
+                    "metrics_port": metrics, "limits": cfg["limits"],
+                    "backends": cfg["backends"]}) as (_p, port):
+                sidecars = [sidecar_to(port, mesh.acme, mesh.acme_issuer)
+                            for _ in range(pipes)]
+                servers = [await serve_tcp(s, "tcp-echo") for s in sidecars]
+                try:
+                    t0 = time.monotonic()
+                    await asyncio.gather(*(_echo(srv.sockets[0].getsockname()[1], per_pipe)
+                                           for srv in servers))
+                    seconds = time.monotonic() - t0
+                finally:
+                    for srv in servers:
+                        srv.close()
+                    for s in sidecars:
+                        await s.aclose()
+                moved = []
+                for p in (metrics, metrics + 1):
+                    seen = await asyncio.to_thread(scrape_metrics, p)
+                    moved.append(seen['pqcnet_sentry_tenant_bytes_total{direction="up",'
+                                      'tenant="acme"}'])
+    assert sum(moved) == pipes * per_pipe and all(moved), moved  # both workers carried
+    floor = (2 * pipes * per_pipe - PIPE_MIN_BURST) / rate
+    assert seconds >= 0.95 * floor, (seconds, floor)
