@@ -73,6 +73,10 @@ def test_worker_configs_and_refusals(tmp_path: Path) -> None:
     # a metrics port each (a process's counters are its own); one gRPC port
     assert (w0.metrics_port, w1.metrics_port, w1.grpc_port) == (9100, 9101, None)
     assert worker_config(cfg.replace(metrics_port=0), 1, 7000).metrics_port == 0
+    # the receive budget bounds the host: split over the workers
+    assert w0.tunnel_buffer_total_bytes == cfg.tunnel_buffer_total_bytes
+    assert [worker_config(cfg, i, 7000, 4).tunnel_buffer_total_bytes
+            for i in range(4)] == [cfg.tunnel_buffer_total_bytes // 4] * 4
     assert worker_config(cfg.replace(metrics_port=None), 1, 7000).metrics_port is None
     with pytest.raises(ConfigError, match="owned_shards"):
         check_workers(cfg.replace(owned_shards=[0, 1]), 2)

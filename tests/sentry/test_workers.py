@@ -11,9 +11,12 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from pqcnet.sentry.errors import ConcurrencyLimited, RateLimited, TenantConcurrencyLimited
 from pqcnet.sentry.limiter import Plan
@@ -369,3 +372,39 @@ async def test_each_worker_serves_its_own_metrics(tmp_path: Path, mesh: Mesh) ->
             health.close()
     assert sum(served) == 16 * calls and all(served), served
     assert len(backend.seen.requests) == 16 * calls
+
+
+async def test_workers_split_the_receive_budget_and_report_no_restart_for_a_policy_edit(
+        tmp_path: Path, mesh: Mesh) -> None:
+    """Two workers: each buffers at most half of ``bounds.tunnel_buffer_total_bytes``
+    (the configured bound is the host's, not each process's). A policy edit is
+    reloaded by both without ``pqcnet_sentry_config_restart_pending`` — before, worker
+    1 compared the file with its own copy (its metrics port) and reported a restart
+    pending after every reload; a static edit is reported by both."""
+    metrics = port_run(1)
+    with HttpBackend() as backend, sentry_process(
+            mesh, tmp_path / "s", backend.port, workers=2,
+            extra={"metrics_port": metrics}) as (_p, _port):
+        path = tmp_path / "s" / "sentry.yaml"
+        cfg = yaml.safe_load(path.read_text())
+
+        def edit(change: Callable[[dict[str, Any]], None]) -> None:
+            change(cfg)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(yaml.safe_dump(cfg))
+            tmp.replace(path)
+
+        async def scrape() -> list[dict[str, float]]:
+            return [await asyncio.to_thread(scrape_metrics, p) for p in (metrics, metrics + 1)]
+
+        budget = 'pqcnet_sentry_tunnel_buffer_budget_bytes{state="total"}'
+        pending = "pqcnet_sentry_config_restart_pending"
+        assert [m[budget] for m in await scrape()] == [1024**3 // 2] * 2  # the default's half
+        edit(lambda c: c["limits"]["default"].update(rate=7.0))  # policy only
+        await asyncio.sleep(2.5)  # both workers re-read it (every second)
+        assert [m[pending] for m in await scrape()] == [0, 0]
+        edit(lambda c: c["bounds"].update(max_tunnels=7))  # static
+        end = time.monotonic() + 15
+        while [m[pending] for m in await scrape()] != [1, 1]:
+            assert time.monotonic() < end, "a static edit not reported by both workers"
+            await asyncio.sleep(0.2)

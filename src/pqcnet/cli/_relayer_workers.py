@@ -89,13 +89,19 @@ def check_workers(cfg: RelayerConfig, workers: int) -> None:
                           "split the partitions")
 
 
-def worker_config(cfg: RelayerConfig, index: int, port: int) -> RelayerConfig:
-    """Worker ``index``'s config on the shared ``port``: worker 0 is the configured
-    relayer; the others get their own node id, state directories and metrics port,
-    and no gRPC or governance port."""
+def worker_config(cfg: RelayerConfig, index: int, port: int, workers: int = 1
+                  ) -> RelayerConfig:
+    """Worker ``index``'s config (of ``workers``) on the shared ``port``: worker 0 is
+    the configured relayer; the others get their own node id, state directories and
+    metrics port, and no gRPC or governance port. Each gets ``1 / workers`` of
+    ``tunnel_buffer_total_bytes``, so the configured budget bounds the host, not each
+    process (the kernel spreads tunnels evenly; a worker whose share is spent gives
+    new tunnels the initial 64 KiB window, it refuses none)."""
+    budget = cfg.tunnel_buffer_total_bytes // max(1, workers)
     if index == 0:
-        return cfg.replace(listen_port=port)
+        return cfg.replace(listen_port=port, tunnel_buffer_total_bytes=budget)
     changes: dict[str, Any] = {"node_id": f"{cfg.node_id}-w{index}", "listen_port": port,
+                               "tunnel_buffer_total_bytes": budget,
                                "data_dir": str(worker_dir(cfg, index)),
                                "metrics_port": worker_metrics_port(cfg.metrics_port, index),
                                "grpc_port": None,
@@ -111,8 +117,8 @@ def own_port(port: int, index: int) -> int:
     return 0 if port == 0 else port + 1 + index
 
 
-def _worker_main(config_path: Path, index: int, port: int, rotation: dict[str, Any],
-                 ready: Any, shm_path: str) -> None:
+def _worker_main(config_path: Path, index: int, workers: int, port: int,
+                 rotation: dict[str, Any], ready: Any, shm_path: str) -> None:
     from pqcnet.cli._common import follow_supervisor, run_until_signalled
     from pqcnet.cli.relayer import relayer_lifecycle
     from pqcnet.relayer.authz import SharedQuotas
@@ -121,7 +127,7 @@ def _worker_main(config_path: Path, index: int, port: int, rotation: dict[str, A
     follow_supervisor()
     base = RelayerConfig.load(config_path)
     own = own_port(base.listen_port, index)  # from the configured port (0: any free one)
-    cfg = worker_config(base, index, port)
+    cfg = worker_config(base, index, port, workers)
     if index > 0:  # one renewer; the others pick the renewed identity up from disk
         rotation = {**rotation, "renew_ca_url": "", "renew_ca_dir": None}
     state = SharedLimitState.attach(shm_path)  # quotas: one bucket per host
@@ -165,7 +171,8 @@ def run_workers(config_path: Path, workers: int, rotation: dict[str, Any]) -> No
 
     def spawn(i: int) -> Any:
         p = ctx.Process(target=_worker_main, name=f"relayer-worker-{i}",
-                        args=(config_path, i, port, rotation, ready, quota_state.path))
+                        args=(config_path, i, workers, port, rotation, ready,
+                              quota_state.path))
         p.start()
         return p
 

@@ -28,11 +28,14 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from pqcnet.cli._common import Respawner, reserve_port, stop_workers, worker_metrics_port
+
+if TYPE_CHECKING:
+    from pqcnet.sentry.config import SentryConfig
 
 #: Seconds a worker may take to start listening.
 WORKER_START_TIMEOUT = 60.0
@@ -40,7 +43,24 @@ WORKER_START_TIMEOUT = 60.0
 WORKER_STOP_TIMEOUT = 15.0
 
 
-def _worker_main(config_path: Path, index: int, shm_path: str, port: int,
+def worker_config(cfg: SentryConfig, index: int, port: int, workers: int) -> SentryConfig:
+    """Worker ``index``'s copy of the config (of ``workers``) on the shared ``port``:
+    worker 0 keeps the ledger; the others get none and a metrics port each. Each gets
+    ``1 / workers`` of ``bounds.tunnel_buffer_total_bytes``, so the configured budget
+    bounds the host, not each process (the kernel spreads tunnels evenly; a worker
+    whose share is spent gives new tunnels the initial 64 KiB window, it refuses
+    none)."""
+    bounds = cfg.bounds.model_copy(update={
+        "tunnel_buffer_total_bytes": cfg.bounds.tunnel_buffer_total_bytes // max(1, workers)})
+    cfg = dataclasses.replace(cfg, listen_port=port, bounds=bounds)
+    if index > 0:  # one ledger writer; a metrics port each (metrics_port 0: none)
+        cfg = dataclasses.replace(cfg, ledger_path=None,
+                                  metrics_port=worker_metrics_port(cfg.metrics_port,
+                                                                   index) or None)
+    return cfg
+
+
+def _worker_main(config_path: Path, index: int, workers: int, shm_path: str, port: int,
                  node_pass: bytes | None, reload_interval: float, ready: Any) -> None:
     from pqcnet.cli._common import follow_supervisor, run_until_signalled
     from pqcnet.identity import NodeIdentity
@@ -50,17 +70,13 @@ def _worker_main(config_path: Path, index: int, shm_path: str, port: int,
 
     follow_supervisor()
 
-    cfg = load_config(config_path)
-    cfg = dataclasses.replace(cfg, listen_port=port)
-    if index > 0:  # one ledger writer; a metrics port each
-        cfg = dataclasses.replace(cfg, ledger_path=None,  # metrics_port 0: none
-                                  metrics_port=worker_metrics_port(cfg.metrics_port,
-                                                                   index) or None)
+    base = load_config(config_path)
+    cfg = worker_config(base, index, port, workers)
     identity = NodeIdentity.load(require_identity(cfg), node_pass)
     state = SharedLimitState.attach(shm_path)
     service = SentryService(cfg, identity, config_path=config_path,
                             reload_interval=reload_interval, shared=(state, index),
-                            reuse_port=True)
+                            reuse_port=True, started=base)
     try:
         run_until_signalled(service.start, SentryService.aclose,
                             lambda s: ready.put((index, s.metrics_port)), fast_loop=True)
@@ -88,7 +104,7 @@ def run_workers(config_path: Path, workers: int, node_pass: bytes | None,
 
     def spawn(i: int) -> Any:
         p = ctx.Process(target=_worker_main, name=f"sentry-worker-{i}",
-                        args=(config_path, i, state.path, port, node_pass,
+                        args=(config_path, i, workers, state.path, port, node_pass,
                               reload_interval, ready))
         p.start()
         return p

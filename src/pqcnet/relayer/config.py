@@ -75,7 +75,8 @@ class RelayerConfig(Schema):
     """Most bytes all tunnels together may make the relayer buffer beyond 64 KiB each:
     a tunnel takes its window beyond 64 KiB from this budget when it opens and gives it
     back when it closes; one that opens while it is spent starts with 64 KiB and grows
-    as it frees. Per process (``--workers N``: one budget per worker)."""
+    as it frees. Under ``--workers N`` each worker gets ``1/N`` of it (the kernel
+    spreads tunnels evenly), so it bounds the host."""
     identity_dir: str = ""
     """Directory written by ``NodeIdentity.save`` (key, chain, trust bundle, CRL)."""
     identity_passphrase_env: str = ""

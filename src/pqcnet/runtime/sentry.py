@@ -76,8 +76,11 @@ class SentryService:
                  keys: NodeKeys | None = None, issuer: IdentityIssuer = _no_ca,
                  config_path: Path | None = None, reload_interval: float = 1.0,
                  shared: tuple[SharedLimitState, int] | None = None,
-                 reuse_port: bool = False) -> None:
+                 reuse_port: bool = False, started: SentryConfig | None = None) -> None:
         self.cfg = cfg
+        #: the config file as read, when ``cfg`` is a worker's copy of it (hot reload
+        #: compares the file with this)
+        self.started = started
         #: (shared limiter state, this worker's index) under ``sentry run --workers N``
         self.shared = shared
         self.reuse_port = reuse_port
@@ -114,7 +117,8 @@ class SentryService:
                                 if self.config_path is not None else b"")
                 self.anchor = LedgerAnchor(ledger, self.node_id, self.identity.key,
                                            config_bytes, self.metrics)
-            self.sentry = Sentry(cfg, ledger=self.anchor, metrics=self.metrics)
+            self.sentry = Sentry(cfg, ledger=self.anchor, metrics=self.metrics,
+                                 started=self.started)
             if self.shared is not None:
                 install(self.sentry, *self.shared)
             stack.push_async_callback(self.sentry.aclose)

@@ -100,8 +100,13 @@ class Sentry:
         clock: Callable[[], float] = time.time,
         ledger: PolicyLedger | None = None,
         metrics: SentryMetrics | None = None,
+        started: SentryConfig | None = None,
     ) -> None:
         self.config = config
+        #: the config file's static part at start, what a re-read file is compared
+        #: with: a ``--workers`` worker runs a copy with its own port, metrics port and
+        #: ledger (``started`` is the file as read), which is no change to report
+        self._started_static = _static(started or config)
         self.clock = clock
         self.ledger = ledger
         self.metrics = metrics or SentryMetrics()
@@ -285,7 +290,7 @@ class Sentry:
         are logged and ``pqcnet_sentry_config_restart_pending`` is 1 until the file
         matches the running static part again. Returns those keys."""
         self.reload(new.policy)
-        pending = changed_keys(_static(self.config), _static(new))
+        pending = changed_keys(self._started_static, _static(new))
         self.metrics.restart_pending.set(1 if pending else 0)
         if pending:
             log.warning("config keys changed that apply only at a restart",
