@@ -22,8 +22,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pqcnet._util.shmlimits import SharedLimitState
+from pqcnet.sentry.config import load_config
 from pqcnet.sentry.errors import SentryConfigError
 from pqcnet.sentry.limiter import PIPE_MIN_BURST, Plan, RateLimiter
 from pqcnet.sentry.shared import SharedRateLimiter
@@ -207,3 +209,31 @@ async def test_two_workers_hold_a_tenant_to_one_pipe_rate(tmp_path: Path, mesh: 
     assert sum(moved) == pipes * per_pipe and all(moved), moved  # both workers carried
     floor = (2 * pipes * per_pipe - PIPE_MIN_BURST) / rate
     assert seconds >= 0.95 * floor, (seconds, floor)
+
+
+async def test_a_reload_limits_a_pipe_that_is_already_open(tmp_path: Path, mesh: Mesh) -> None:
+    """The plan is read for every piece a pipe takes: a ``pipe_rate`` set by a hot
+    reload holds the pipes open before it too."""
+    rate, total = 50_000.0, 12 * 4096
+    async with tcp_echo() as tcp_port, \
+            _pipe_stack(tmp_path, mesh, tcp_port, None, 30.0) as (s, port):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            async def echo(n: int) -> float:
+                t0 = time.monotonic()
+                w.write(b"y" * n)
+                assert await asyncio.wait_for(r.readexactly(n), 60) == b"y" * n
+                return time.monotonic() - t0
+
+            await echo(total)
+            name = "pqcnet_sentry_tenant_pipe_throttled_seconds_total"
+            assert _value(s, name, tenant="acme") == 0.0  # no limit yet
+            cfg = yaml.safe_load(s.config_path.read_text())
+            cfg["limits"]["tenants"]["acme"].update(pipe_rate=rate, pipe_burst=PIPE_MIN_BURST)
+            s.config_path.write_text(yaml.safe_dump(cfg))
+            assert s.sentry.reload_file(load_config(s.config_path)) == []  # policy only
+            seconds = await echo(total)
+        finally:
+            w.close()
+    assert seconds >= 0.95 * (2 * total - PIPE_MIN_BURST) / rate, seconds
+    assert _value(s, name, tenant="acme") > 0
