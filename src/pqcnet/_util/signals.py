@@ -23,7 +23,7 @@ inside a destructor or a weakref callback, where Python prints an exception and 
 it ("Exception ignored in …": the stop was lost and the run went on). So while an
 event loop runs, the handler only schedules the raise as the loop's next callback;
 and a :class:`Stopped` that was dropped all the same (``sys.unraisablehook``) is
-delivered again, as the signal it came from.
+delivered again, as the signal it came from (decision 0027).
 """
 
 from __future__ import annotations
