@@ -173,6 +173,14 @@ SENTRY = {
             "(rate(pqcnet_sentry_request_duration_seconds_bucket[5m])))", "p50 {{kind}}"),
            ("histogram_quantile(0.99, sum by (le, kind) "
             "(rate(pqcnet_sentry_request_duration_seconds_bucket[5m])))", "p99 {{kind}}"))),
+        P("Backend latency p50 / p99", "s",
+          (("histogram_quantile(0.5, sum by (le, backend) "
+            "(rate(pqcnet_sentry_upstream_duration_seconds_bucket[5m])))", "p50 {{backend}}"),
+           ("histogram_quantile(0.99, sum by (le, backend) "
+            "(rate(pqcnet_sentry_upstream_duration_seconds_bucket[5m])))",
+            "p99 {{backend}}")),
+          "The backend's share of the latency above: pool checkout and write to the "
+          "response head in. What is left is the sentry's own."),
     ],
     "Usage by tenant": [
         P("Admitted requests/s by tenant and kind", "reqps",

@@ -371,10 +371,15 @@ def test_sentry_reports_n_workers_against_nginx_and_the_limit_accuracy() -> None
     # CPU per RPC and busy fraction of the sidecar and sentry, sequential and at half
     # load (/proc tick resolution: a tiny run may read 0; never negative or > the cores)
     for cpu in (d["paths"]["pqcnet"]["sequential_cpu"], half["cpu"]):
-        for who in ("sidecar", "sentry"):
+        for who in ("sidecar", "sentry", "backend"):
             assert _number(cpu[f"{who}_cpu_ms_per_rpc"])
             assert _number(cpu[f"{who}_busy"]) and cpu[f"{who}_busy"] <= d["cpus"]
+            # time runnable but waiting for a core (schedstat, ns resolution)
+            assert _number(cpu[f"{who}_runq_ms_per_rpc"])
+        assert 0 < cpu["machine_busy"] <= 1
     assert "cpu" not in d["paths"]["direct"]["at_half_load"]
+    _split(half, half["sent"] + half["warm_up"])  # + one untimed request per connection
+    assert "sentry_split" not in d["paths"]["direct"]["at_half_load"]
     added = d["pqcnet_added_latency_at_half_load_ms"]
     assert "p99" in added and "p99_asyncio_client" in added
     # vegeta comes with the NATS baseline (`scripts/services install`): in CI it must run
@@ -385,6 +390,18 @@ def test_sentry_reports_n_workers_against_nginx_and_the_limit_accuracy() -> None
             assert vg["counted"] > 0 and vg["errors"] == 0 and _number(vg["p99_ms"])
             assert vg["offered_rps"] == half["offered_rps"]
         assert _number(d["paths"]["pqcnet"]["at_half_load_vegeta"]["cpu"]["sentry_busy"])
+        vg = d["paths"]["pqcnet"]["at_half_load_vegeta"]
+        _split(vg, vg["sent"])
+
+
+def _split(run: dict[str, Any], sent: int) -> None:
+    """The sentry's own histograms counted exactly the requests the run sent, and the
+    backend's share of their mean time is a part of it."""
+    split = run["sentry_split"]
+    assert split["requests"] == sent, (split, sent)
+    assert 0 < split["upstream_mean_ms"] <= split["mean_ms"]
+    assert split["own_mean_ms"] == pytest.approx(split["mean_ms"] - split["upstream_mean_ms"],
+                                                 abs=0.002)
 
 
 def test_websocket_reports_open_round_trip_and_echoes_against_direct() -> None:
@@ -441,7 +458,9 @@ def test_sentry_sweep_reports_the_latency_curve_and_draws_it(tmp_path: Path) -> 
                                                  - p["direct"]["p99_ms"], 3)
         assert 0 <= p["pqcnet"]["cpu"]["sentry_busy"] <= d["cpus"]
         assert _number(p["pqcnet"]["cpu"]["sidecar_cpu_ms_per_rpc"])
-        assert "cpu" not in p["direct"]
+        assert 0 < p["pqcnet"]["cpu"]["machine_busy"] <= 1
+        assert p["pqcnet"]["sentry_split"]["requests"] > 0
+        assert "cpu" not in p["direct"] and "sentry_split" not in p["direct"]
     # the verdict follows from the points: the largest leading fraction under the target
     upto = None
     for p in points:

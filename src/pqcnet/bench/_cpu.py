@@ -23,6 +23,26 @@ SETTLE_WINDOW = 0.5
 SETTLE_MAX = 15.0
 
 
+def run_delay_seconds(pid: int) -> float:
+    """Seconds the live threads of a process spent runnable but waiting for a core
+    (``/proc/<pid>/task/*/schedstat``, second field): on two shared cores, the part of
+    a request's latency that is the scheduler's, not the process's own work."""
+    total = 0
+    for f in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            total += int(f.read_text().split()[1])
+        except (OSError, IndexError, ValueError):  # a thread that ended meanwhile
+            continue
+    return total / 1e9
+
+
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) clock ticks of all cores so far (``/proc/stat``'s ``cpu`` line;
+    idle and iowait are not busy)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a live process (``/proc/<pid>/stat``)."""
     stat = Path(f"/proc/{pid}/stat").read_text()

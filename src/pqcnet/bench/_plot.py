@@ -52,11 +52,11 @@ def latency_vs_load(sweep: dict[str, Any], target: Path) -> Path:
     added.set_ylabel("ms")
     added.set_title("added p99", fontsize=9)
     added.legend(fontsize=7)
-    for who in ("sidecar", "sentry"):
+    for who in ("sidecar", "sentry", "machine"):
         busy.plot(rps, [p["pqcnet"].get("cpu", {}).get(f"{who}_busy", 0.0) for p in points],
-                  marker="o", label=who)
+                  marker="o", label=who if who != "machine" else "machine (all cores)")
     busy.set_ylim(0, 1.05)
-    busy.set_ylabel("share of one core")
+    busy.set_ylabel("share of one core (machine: of all)")
     busy.set_title("busy", fontsize=9)
     busy.legend(fontsize=7)
     for ax in (lat, added, busy):

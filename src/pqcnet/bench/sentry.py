@@ -37,7 +37,12 @@ on what else the machine is running; so is the CPU per RPC and the busy fraction
 one core (``*_busy``) of each of the two during the sequential phase
 (``sequential_cpu``) and each half-load run (``cpu``): requests that arrive alone cost
 about twice what they cost in a saturated batch, which is why "half of the maximum
-RPS" keeps each process over half busy.
+RPS" keeps each process over half busy. Each half-load and sweep run also says how
+long each process waited for a core (``*_runq_ms_per_rpc``, from
+``/proc/<pid>/task/*/schedstat``) and how busy the whole machine was
+(``machine_busy``), and splits the sentry's mean time per request (``sentry_split``,
+from its own histograms) into the backend's share (pool checkout to response in:
+``pqcnet_sentry_upstream_duration_seconds``) and the rest.
 ``--sweep F1,F2,...`` offers every path each of those fractions of the pqcnet
 path's maximum (vegeta when built, else the asyncio client): the latency-vs-load curve
 and the largest fraction up to which the added p99 stays within the target;
@@ -75,7 +80,8 @@ import yaml
 from tqdm import tqdm
 
 from pqcnet.bench import _plot, _vegeta
-from pqcnet.bench._cpu import cpu_seconds
+from pqcnet.bench._cpu import cpu_seconds, machine_jiffies, run_delay_seconds
+from pqcnet.bench._scrape import histogram_totals
 
 TARGET_RPS = 5000
 TARGET_ADDED_P99_MS = 5.0
@@ -258,7 +264,7 @@ async def _paced(port: int, rate: float, seconds: float, conns: int, ids: bool =
     elapsed = time.perf_counter() - t0
     return {"offered_rps": round(rate, 1), "achieved_rps": round(len(lat) / elapsed, 1),
             "p50_ms": round(_pct(lat, 0.50), 3), "p99_ms": round(_pct(lat, 0.99), 3),
-            "errors": bad, "sent": n, "driver": "asyncio client"}
+            "errors": bad, "sent": n, "warm_up": conns, "driver": "asyncio client"}
 
 
 def _pct(xs: list[float], p: float) -> float:
@@ -294,7 +300,9 @@ def _throughput_multi(port: int, conns: int, seconds: float, procs: int, ids: bo
 class _CpuWatch:
     """CPU the watched processes used between :meth:`start` and :meth:`per_rpc`, per
     RPC and as a busy fraction of one core over the wall time (how close to its own
-    saturation each single-threaded process ran during a phase)."""
+    saturation each single-threaded process ran during a phase); with ``busy``, also
+    how long each waited for a core (run-queue delay) and how busy the whole machine
+    was, which tells CPU contention from a queue inside a process."""
 
     def __init__(self, watch: dict[str, int] | None) -> None:
         self.watch = watch or {}
@@ -303,11 +311,14 @@ class _CpuWatch:
     def start(self) -> None:
         self._t0 = time.monotonic()
         self._cpu0 = {name: cpu_seconds(pid) for name, pid in self.watch.items()}
+        self._wait0 = {name: run_delay_seconds(pid) for name, pid in self.watch.items()}
+        self._machine0 = machine_jiffies()
 
     def per_rpc(self, rpcs: int, *, busy: bool = False, per: str = "rpc",
                 micro: bool = False) -> dict[str, float]:
         """``{name}_cpu_ms_per_{per}`` (µs with ``micro``: small units of work) and,
-        with ``busy``, ``{name}_busy``."""
+        with ``busy``, ``{name}_busy``, ``{name}_runq_ms_per_{per}`` (time runnable
+        but not running) and ``machine_busy`` (share of all cores)."""
         wall = max(time.monotonic() - self._t0, 1e-9)
         out: dict[str, float] = {}
         unit, scale = ("us", 1e6) if micro else ("ms", 1e3)
@@ -316,7 +327,55 @@ class _CpuWatch:
             out[f"{name}_cpu_{unit}_per_{per}"] = round(used * scale / max(rpcs, 1), 3)
             if busy:
                 out[f"{name}_busy"] = round(used / wall, 3)
+                waited = run_delay_seconds(pid) - self._wait0[name]
+                out[f"{name}_runq_{unit}_per_{per}"] = round(waited * scale / max(rpcs, 1), 3)
+        if busy and self.watch:
+            b1, t1 = machine_jiffies()
+            b0, t0 = self._machine0
+            out["machine_busy"] = round((b1 - b0) / max(t1 - t0, 1), 3)
         return out
+
+
+#: how long a phase's split waits for its last requests to be counted by the sentry
+SPLIT_WAIT_S = 2.0
+_WHOLE = "pqcnet_sentry_request_duration_seconds"
+_UPSTREAM = "pqcnet_sentry_upstream_duration_seconds"
+
+
+class _SentrySplit:
+    """The sentry's mean time per request over a phase, and how much of it was its
+    backend's (the sum and count of its request and upstream histograms, read from its
+    /metrics before and after): which side of the sentry a latency lives on."""
+
+    def __init__(self, metrics_port: int | None) -> None:
+        self.url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None
+        self._before = self._read()
+
+    def _read(self) -> dict[str, float]:
+        return {} if self.url is None else histogram_totals(self.url, (_WHOLE, _UPSTREAM))
+
+    def result(self, expect: int) -> dict[str, float]:
+        """The split over the phase; waits (up to :data:`SPLIT_WAIT_S`) for ``expect``
+        requests to be counted: the sentry observes a request just after sending its
+        response, so a scrape right after the client's last answer can miss it."""
+        if self.url is None:
+            return {}
+        deadline = time.monotonic() + SPLIT_WAIT_S
+        while True:
+            after = self._read()
+            d = {k: after.get(k, 0.0) - self._before.get(k, 0.0) for k in after}
+            if d.get(f"{_WHOLE}_count", 0.0) >= expect or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        n = d.get(f"{_WHOLE}_count", 0.0)
+        up = d.get(f"{_UPSTREAM}_count", 0.0)
+        if not n or not up:
+            return {}
+        whole = d[f"{_WHOLE}_sum"] / n * 1000
+        upstream = d[f"{_UPSTREAM}_sum"] / up * 1000
+        return {"requests": int(n), "mean_ms": round(whole, 3),
+                "upstream_mean_ms": round(upstream, 3),
+                "own_mean_ms": round(whole - upstream, 3)}
 
 
 def _measure(port: int, n: int, conns: int, seconds: float, procs: int,
@@ -336,11 +395,13 @@ def _measure(port: int, n: int, conns: int, seconds: float, procs: int,
 
 
 def _offer(port: int, rate: float, seconds: float, conns: int, vegeta: str | None,
-           watch: dict[str, int] | None, ids: bool = False) -> dict[str, Any]:
+           watch: dict[str, int] | None, ids: bool = False, metrics: int | None = None
+           ) -> dict[str, Any]:
     """Offer ``rate`` RPC/s open loop for ``seconds`` from vegeta (when given) or the
     asyncio client; with ``watch``, the watched processes' CPU per request sent (an
     overloaded vegeta sends fewer than offered) and busy fraction during the run are
-    added as ``cpu``."""
+    added as ``cpu``; with the sentry's ``metrics`` port, ``sentry_split``."""
+    split = _SentrySplit(metrics)
     cpu = _CpuWatch(watch)
     if vegeta is None:
         got = asyncio.run(_paced(port, rate, seconds, conns, ids))
@@ -349,6 +410,9 @@ def _offer(port: int, rate: float, seconds: float, conns: int, vegeta: str | Non
                             seconds, conns)
     if cpu.watch:
         got["cpu"] = cpu.per_rpc(got["sent"], busy=True)
+    # the asyncio client's one untimed request per connection reaches the sentry too
+    if got_split := split.result(got["sent"] + got.get("warm_up", 0) - got["errors"]):
+        got["sentry_split"] = got_split
     return got
 
 
@@ -358,7 +422,7 @@ _VEGETA_ERRORS = (OSError, RuntimeError, subprocess.SubprocessError)
 
 def _sweep(paths: list[tuple[str, int]], max_rps: float, fractions: tuple[float, ...],
            seconds: float, conns: int, vegeta: str | None, watch: dict[str, int],
-           ids: bool = False) -> dict[str, Any]:
+           ids: bool = False, metrics: int | None = None) -> dict[str, Any]:
     """Every path at each fraction of pqcnet's maximum RPS (one driver: vegeta when it
     works, else the asyncio client): the latency-vs-load curve and where the added-p99
     target stops holding."""
@@ -368,14 +432,14 @@ def _sweep(paths: list[tuple[str, int]], max_rps: float, fractions: tuple[float,
         rate = max(10.0, max_rps * fraction)
         point: dict[str, Any] = {"fraction": fraction, "offered_rps": round(rate, 1)}
         for name, port in paths:
-            w = watch if name == "pqcnet" else None
+            w, mp = (watch, metrics) if name == "pqcnet" else (None, None)
             try:
-                got = _offer(port, rate, seconds, conns, vegeta, w, ids)
+                got = _offer(port, rate, seconds, conns, vegeta, w, ids, mp)
             except _VEGETA_ERRORS as exc:
                 failed, vegeta = f"{name} at {fraction:g}: {exc}", None
-                got = _offer(port, rate, seconds, conns, None, w, ids)
+                got = _offer(port, rate, seconds, conns, None, w, ids, mp)
             point[name] = {k: got[k] for k in ("driver", "achieved_rps", "p50_ms", "p99_ms",
-                                               "errors", "cpu") if k in got}
+                                               "errors", "cpu", "sentry_split") if k in got}
         point["pqcnet_added_p99_ms"] = round(point["pqcnet"]["p99_ms"]
                                              - point["direct"]["p99_ms"], 3)
         points.append(point)
@@ -475,7 +539,7 @@ def write_identities(d: Path) -> None:
 def write_sentry_config(d: Path, backend: int, port: int, workers: int,
                         lim: tuple[float, float] = (LIMIT_RATE, LIMIT_BURST),
                         bounds: dict[str, Any] | None = None,
-                        acme_pipe_rate: float | None = None) -> str:
+                        acme_pipe_rate: float | None = None, metrics_port: int = 0) -> str:
     """The bench sentry's config file (written atomically: a running sentry hot-reloads
     it); returns its name inside ``d``. ``acme_pipe_rate``: tenant acme's pipes (and
     WebSockets) held to so many bytes/s."""
@@ -485,7 +549,7 @@ def write_sentry_config(d: Path, backend: int, port: int, workers: int,
     if acme_pipe_rate is not None:
         tenants["acme"] = {"rate": 1e6, "burst": 1e6, "pipe_rate": acme_pipe_rate}
     tmp.write_text(yaml.safe_dump({
-        "bounds": bounds or {},
+        "bounds": bounds or {}, "metrics_port": metrics_port,
         "listen": f"127.0.0.1:{port}", "identity_dir": "sentry-id",
         "issuers": {"acme": ["acme-issuer.pub"], "lim": ["lim-issuer.pub"]},
         "limits": {"max_in_flight": 4096, "default": {"rate": 1e6, "burst": 1e6},
@@ -501,8 +565,9 @@ def write_sentry_config(d: Path, backend: int, port: int, workers: int,
     return name
 
 
-def _sentry(d: Path, backend: int, port: int, workers: int) -> subprocess.Popen[bytes]:
-    name = write_sentry_config(d, backend, port, workers)
+def _sentry(d: Path, backend: int, port: int, workers: int, metrics_port: int = 0
+            ) -> subprocess.Popen[bytes]:
+    name = write_sentry_config(d, backend, port, workers, metrics_port=metrics_port)
     sentry = subprocess.Popen([_exe(), "sentry", "run", "--config", name, "--no-passphrase",
                                "--workers", str(workers)], cwd=d, stderr=subprocess.DEVNULL)
     _wait_port(port)
@@ -527,10 +592,10 @@ def _sidecar(d: Path, sentry_port: int, port: int, tunnels: int = 1, tenant: str
     return sidecar
 
 
-def _pqcnet_stack(d: Path, backend: int, sentry_port: int, sidecar_port: int
-                  ) -> list[subprocess.Popen[bytes]]:
+def _pqcnet_stack(d: Path, backend: int, sentry_port: int, sidecar_port: int,
+                  metrics_port: int = 0) -> list[subprocess.Popen[bytes]]:
     write_identities(d)
-    sentry = _sentry(d, backend, sentry_port, 1)
+    sentry = _sentry(d, backend, sentry_port, 1, metrics_port)
     return [_sidecar(d, sentry_port, sidecar_port), sentry]
 
 
@@ -609,7 +674,7 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
     load_before = round(os.getloadavg()[0], 2)
     vegeta = _vegeta.find()
     vegeta_failed = ""
-    ports = {k: free_port() for k in ("backend", "nginx", "sentry", "sidecar")}
+    ports = {k: free_port() for k in ("backend", "nginx", "sentry", "sidecar", "metrics")}
     ctx = multiprocessing.get_context("spawn")
     backend = ctx.Process(target=backend_main, args=(ports["backend"],), daemon=True)
     backend.start()
@@ -625,11 +690,14 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
             if nginx is not None:
                 procs.append(nginx)
                 _wait_port(ports["nginx"])
-            procs += _pqcnet_stack(d, ports["backend"], ports["sentry"], ports["sidecar"])
+            procs += _pqcnet_stack(d, ports["backend"], ports["sentry"], ports["sidecar"],
+                                   ports["metrics"])
             paths = [("direct", ports["backend"]), ("pqcnet", ports["sidecar"])]
             if nginx is not None:
                 paths.insert(1, ("nginx", ports["nginx"]))
             watch = {"sidecar": procs[-2].pid, "sentry": procs[-1].pid}
+            if backend.pid is not None:
+                watch["backend"] = backend.pid
             for name, port in tqdm(paths, desc="sentry bench", unit="path"):
                 results[name] = _measure(port, requests, connections, seconds, loadgen_procs,
                                          watch if name == "pqcnet" else None, request_ids)
@@ -637,19 +705,19 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
             # request costs when the proxy is busy but not saturated
             half = max(10.0, results["pqcnet"]["rps"] * HALF_LOAD)
             for name, port in paths:
-                w = watch if name == "pqcnet" else None
+                w, mp = (watch, ports["metrics"]) if name == "pqcnet" else (None, None)
                 results[name]["at_half_load"] = _offer(port, half, seconds, connections,
-                                                       None, w, request_ids)
+                                                       None, w, request_ids, mp)
                 if vegeta is not None:  # the same offer from an independent generator
                     try:
                         results[name]["at_half_load_vegeta"] = _offer(
-                            port, half, seconds, connections, vegeta, w)
+                            port, half, seconds, connections, vegeta, w, metrics=mp)
                     except _VEGETA_ERRORS as exc:
                         vegeta_failed = f"{name}: {exc}"
                         vegeta = None
             if sweep:
                 swept = _sweep(paths, results["pqcnet"]["rps"], sweep, seconds,
-                               connections, vegeta, watch, request_ids)
+                               connections, vegeta, watch, request_ids, ports["metrics"])
             if workers > 1:
                 multi = _workers_phase(d, ports["backend"], workers, requests, connections,
                                        seconds, loadgen_procs, request_ids)

@@ -16,6 +16,9 @@ from pqcnet.qstp.budget import ReceiveBudget, budget_metrics
 
 OUTCOMES = ("ok", "unauthenticated", "denied", "rate_limited", "backend_error",
             "bad_request", "too_large", "error")
+#: seconds; shared by the whole-request and the upstream histograms so their buckets
+#: compare one to one
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5, 10)
 
 
 class _Children:
@@ -97,7 +100,16 @@ class SentryMetrics:
             "pqcnet_sentry_request_duration_seconds",
             "Time from head received to response end",
             ["kind"],
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5, 10),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "pqcnet_sentry_upstream_duration_seconds",
+            "Time from handing a request to its backend (pool checkout, write) until the "
+            "response head, and a small body, is in: the backend's share of "
+            "pqcnet_sentry_request_duration_seconds (answered requests; names are config's)",
+            ["backend"],
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.flow_pauses = Counter(
@@ -112,6 +124,7 @@ class SentryMetrics:
         self._requests = _Children(self.requests)
         self._rejections = _Children(self.rejections)
         self._latency = _Children(self.latency)
+        self._upstream = _Children(self.upstream_latency)
         self._levels = _Children(self.bucket_level)
         self._budget: _Live | None = None
         self._server: _Live | None = None
@@ -168,6 +181,11 @@ class SentryMetrics:
     def observe_latency(self, kind: str, seconds: float) -> None:
         """One finished RPC's duration."""
         self._latency[kind].observe(seconds)
+
+    def observe_upstream(self, backend: str, seconds: float) -> None:
+        """How long one answered request waited on its backend (backend names are
+        config-bounded)."""
+        self._upstream[backend].observe(seconds)
 
     def set_bucket_level(self, tenant: str, tokens: float) -> None:
         """Bucket level of the tenant's most recent client (tenants are config-bounded)."""

@@ -190,7 +190,9 @@ async def _proxy(sentry: Sentry, stream: RpcStream, head: RequestHead, adm: Admi
     the client stopped reading it (each write may wait ``response_write_timeout``:
     a waiting write holds a gate slot and a backend connection)."""
     req = sentry.prepare(head, body, adm)
+    handed = time.perf_counter()
     resp = await sentry.backend(adm.backend.name).forward(req)
+    sentry.metrics.observe_upstream(adm.backend.name, time.perf_counter() - handed)
     usage = adm.usage
     usage.up += len(req.body)  # charged once the backend answered (a failure is not)
     send = sentry.write_watch.send  # ClientTooSlow once a write waited too long
