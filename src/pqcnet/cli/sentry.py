@@ -186,6 +186,12 @@ def inspect(token: str) -> None:
 @click.option("--ttl", default=300.0, show_default=True, help="Assertion lifetime, seconds.")
 @click.option("--health-interval", default=1.0, show_default=True,
               help="Seconds between health checks of the sentries (PING / re-dial).")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve /metrics, /healthz and /readyz (ready: listening, a sentry in "
+                   "rotation, identity valid) on this port; 0 picks a free one (printed "
+                   "at start). Off when not given.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Address of the --metrics-port endpoint (0.0.0.0 in a container).")
 @click.option("--passphrase-env", default=PASS_ENV, show_default=True)
 @click.option("--no-passphrase", is_flag=True, help="The node key is stored unencrypted.")
 @rotation_options
@@ -195,9 +201,9 @@ def inspect(token: str) -> None:
                    "node, e.g. a relayer, is refused with a clear error.")
 def sidecar_cli(sentry_addrs: tuple[str, ...], identity_dir: Path, issuer_key: Path,
                 tenant: str, subject: str, mode: str, listen: str, tcp_backend: str | None,
-                ttl: float, health_interval: float, passphrase_env: str,
-                no_passphrase: bool, expect_peer: tuple[str, ...],
-                **rotation: Any) -> None:
+                ttl: float, health_interval: float, metrics_port: int | None,
+                metrics_host: str, passphrase_env: str, no_passphrase: bool,
+                expect_peer: tuple[str, ...], **rotation: Any) -> None:
     """Let an unmodified local app reach a sentry over QSTP (plain localhost in, PQ out).
 
     The identity directory is watched and, with --renew-ca-url / --renew-ca-dir, renewed;
@@ -217,6 +223,7 @@ def sidecar_cli(sentry_addrs: tuple[str, ...], identity_dir: Path, issuer_key: P
     issuer = _issuer(issuer_key, ISSUER_PASS_ENV)
     sidecar = _SidecarProcess(sentries, identity, issuer, tenant, subject, mode, lhost, lport,
                               tcp_backend, ttl, health_interval, expect_peer)
+    sidecar.metrics_addr = None if metrics_port is None else (metrics_host, metrics_port)
     sidecar.manager = build_manager(identity_dir, secret, **rotation)
     run_until_signalled(sidecar.start, _SidecarProcess.aclose, _SidecarProcess.announce,
                         fast_loop=True)
@@ -241,6 +248,9 @@ class _SidecarProcess:
         self.manager: Any = None
         self.server: asyncio.Server | None = None
         self.grpc_server: Any = None
+        #: (host, port) of /metrics, /healthz, /readyz; None = not served
+        self.metrics_addr: tuple[str, int] | None = None
+        self.ops: Any = None
 
     async def start(self) -> _SidecarProcess:
         from pqcnet.sentry.pool import SentryPool
@@ -269,19 +279,55 @@ class _SidecarProcess:
             else:
                 self.server = await serve_tcp(self.sidecar, str(self.tcp_backend), self.lhost,
                                               self.lport)
+        except OSError as exc:  # the port is taken or not ours: a clear error, no traceback
+            await self.aclose()
+            raise SentryConfigError(f"--listen {self.lhost}:{self.lport}: "
+                                    f"{exc.strerror or exc}") from None
         except BaseException:
             await self.aclose()
             raise
         if self.server is not None:
             self.bound = self.server.sockets[0].getsockname()[1]
+        if self.metrics_addr is not None:
+            from pqcnet._util.ops_http import start_ops_server
+            from pqcnet.sentry.sidecar_metrics import SidecarMetrics
+
+            host, port = self.metrics_addr
+            try:
+                self.ops = start_ops_server(port, host, ready=self.ready,
+                                            registry=SidecarMetrics(self.sidecar).registry)
+            except OSError as exc:
+                await self.aclose()
+                raise SentryConfigError(f"--metrics-port {host}:{port}: "
+                                        f"{exc.strerror or exc}") from None
+            except BaseException:
+                await self.aclose()
+                raise
         return self
+
+    def ready(self) -> dict[str, bool | str]:
+        """``/readyz``: listening, at least one sentry in rotation, identity valid."""
+        from pqcnet._util.ops_http import not_expired
+
+        members = self.sidecar.members
+        identity = self.manager.identity if self.manager is not None else self.identity
+        return {"listening": self.bound > 0 or "not listening",
+                "sentries": any(m.healthy for m in members) or (
+                    "no sentry in rotation: " + ", ".join(m.name for m in members)),
+                "identity": not_expired(identity.not_after)}
 
     def announce(self) -> None:
         names = ", ".join(f"{h}:{p}" for h, p in self.sentries)
-        click.echo(f"sidecar ({self.mode}) on {self.lhost}:{self.bound} -> sentry {names}",
-                   err=True)
+        ops = ("" if self.ops is None
+               else f" (metrics on {self.ops.server_address[0]}:{self.ops.port})")
+        click.echo(f"sidecar ({self.mode}) on {self.lhost}:{self.bound} -> sentry {names}"
+                   f"{ops}", err=True)
 
     async def aclose(self) -> None:
+        if self.ops is not None:
+            self.ops.shutdown()
+            self.ops.server_close()
+            self.ops = None
         if self.manager is not None:
             await self.manager.stop()
         if self.server is not None:

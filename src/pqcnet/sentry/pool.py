@@ -70,17 +70,21 @@ class Member:
     served: int = 0
     #: times this member was marked down
     failures: int = 0
+    #: called with each answered request's round trip in seconds (metrics), if set
+    observe: Callable[[float], None] | None = None
 
 
 class _Tracked:
     """A stream opened through the pool: remembers its member and releases the
     member's outstanding slot exactly once (response head, reset or close)."""
 
-    __slots__ = ("_done", "member", "stream")
+    __slots__ = ("_done", "member", "started", "stream")
 
-    def __init__(self, stream: Any, member: Member) -> None:
+    def __init__(self, stream: Any, member: Member, started: float) -> None:
         self.stream = stream
         self.member = member
+        #: perf_counter() when the request was handed to the pool (round-trip metric)
+        self.started = started
         self._done = False
         member.outstanding += 1
 
@@ -158,8 +162,8 @@ class SentryPool:
 
     # ------------------------------------------------------------------ requests
 
-    async def _open_on(self, m: Member, head: RequestHead, body: bytes, end: bool
-                       ) -> _Tracked:
+    async def _open_on(self, m: Member, head: RequestHead, body: bytes, end: bool,
+                       started: float) -> _Tracked:
         try:
             stream = await m.sidecar.open(head, body, end=end)
         except BackendError as exc:
@@ -168,7 +172,7 @@ class SentryPool:
         except (PqcnetError, OSError) as exc:  # the dial itself failed
             self._down(m, exc)
             raise BackendError(f"sentry {m.name} unreachable: {exc}") from None
-        return _Tracked(stream, m)
+        return _Tracked(stream, m, started)
 
     async def open(self, head: RequestHead, body: bytes = b"", *, end: bool = True
                    ) -> _Tracked:
@@ -176,10 +180,11 @@ class SentryPool:
         be reached is marked down and the next one tried."""
         tried: list[Member] = []
         last: BackendError | None = None
+        started = time.perf_counter()
         while (m := self.pick(tried)) is not None:
             tried.append(m)
             try:
-                return await self._open_on(m, head, body, end)
+                return await self._open_on(m, head, body, end, started)
             except BackendError as exc:
                 last = exc.with_traceback(None)  # no tb: no cycle via its frame
         raise BackendError(f"no sentry reachable ({len(tried)} tried): {last}")
@@ -196,6 +201,8 @@ class SentryPool:
         finally:
             stream.release()
         m.served += 1
+        if m.observe is not None:
+            m.observe(time.perf_counter() - stream.started)
         self._up(m)
         return got
 
@@ -205,10 +212,11 @@ class SentryPool:
         fail unless ``idempotent``, in which case the next sentry gets it."""
         tried: list[Member] = []
         last: BackendError | None = None
+        started = time.perf_counter()  # a failover's round trip counts the failed try
         while (m := self.pick(tried)) is not None:
             tried.append(m)
             try:
-                stream = await self._open_on(m, head, body, True)
+                stream = await self._open_on(m, head, body, True, started)
             except BackendError as exc:
                 last = exc.with_traceback(None)  # no tb: no cycle via its frame
                 continue  # nothing reached that sentry's backend: any request may move
