@@ -182,6 +182,25 @@ SENTRY = {
           "The backend's share of the latency above: pool checkout and write to the "
           "response head in. What is left is the sentry's own."),
     ],
+    "Sidecars": [
+        P("Round trip p50 / p99 by sentry", "s",
+          (("histogram_quantile(0.5, sum by (le, sentry) "
+            "(rate(pqcnet_sidecar_sentry_round_trip_seconds_bucket[5m])))", "p50 {{sentry}}"),
+           ("histogram_quantile(0.99, sum by (le, sentry) "
+            "(rate(pqcnet_sidecar_sentry_round_trip_seconds_bucket[5m])))",
+            "p99 {{sentry}}")),
+          "From the sidecar handing a request to its pool until the response head is in: "
+          "tunnel, sentry and backend. Minus the sentry's own latency: the tunnel."),
+        P("Sentries in rotation, per sidecar", "short",
+          (("sum by (instance) (pqcnet_sidecar_sentry_up)", "{{instance}} up"),
+           ("count by (instance) (pqcnet_sidecar_sentry_up)", "{{instance}} configured")),
+          "A sidecar with none up answers its app 502 and is not ready (/readyz)."),
+        P("Failovers and sentries marked down /s", "short",
+          (("sum by (instance) (rate(pqcnet_sidecar_failovers_total[5m]))",
+            "{{instance}} failovers"),
+           ("sum by (sentry) (rate(pqcnet_sidecar_sentry_marked_down_total[5m]))",
+            "{{sentry}} marked down"))),
+    ],
     "Usage by tenant": [
         P("Admitted requests/s by tenant and kind", "reqps",
           (("sum by (tenant, kind) (rate(pqcnet_sentry_tenant_requests_total[1m]))",

@@ -275,3 +275,40 @@ def test_demo_stopped_mid_run_removes_its_temporary_directory(tmp_path: Path) ->
     assert demo.returncode == 128 + signal.SIGTERM, (demo.returncode, err[-2000:])
     assert "pqcnet demo: stopped by SIGTERM (clean-up done)" in err, err[-2000:]
     assert list(tmp_path.glob("pqcnet-demo-*")) == []
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sim_sweep_stopped_mid_run_terminates_its_workers(tmp_path: Path,
+                                                          sig: signal.Signals) -> None:
+    """``pqcnet sim sweep --jobs 2`` stopped while both workers simulate 1000 nodes:
+    the workers are terminated (not waited for: a run takes minutes), no run directory
+    is written, and the exit status says which signal. Before, SIGTERM killed the
+    parent alone and left its two busy workers running; SIGINT printed a traceback
+    from every process."""
+    out = tmp_path / "results"
+    sweep = _pqcnet("sim", "sweep", "simulations/scenarios/scale.yaml", "--nodes", "1000",
+                    "--seeds", "1,2", "--jobs", "2", "--no-plots", "--out", str(out))
+    started: set[int] = set()
+    try:
+        def busy() -> bool:
+            if sweep.poll() is not None:
+                pytest.fail(f"the sweep ended first: {sweep.communicate()[1][-2000:]}")
+            kids = descendants(sweep.pid)
+            started.update(kids)
+            return len(kids) >= 2
+
+        _wait(busy, 120, "two sweep workers")
+        time.sleep(1.0)  # inside their runs
+        if sig == signal.SIGINT:  # Ctrl-C: the terminal signals the whole process group
+            os.killpg(sweep.pid, sig)
+        else:  # `kill PID`: the parent alone
+            sweep.send_signal(sig)
+        _out, err = sweep.communicate(timeout=60)
+    finally:
+        left = _reap(sweep, started)
+    assert sweep.returncode == 128 + sig, (sweep.returncode, err[-2000:])
+    assert f"pqcnet sim sweep: stopped by {sig.name} (clean-up done)" in err, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert left == {}
+    assert not list(out.glob("*/summary.json"))

@@ -379,7 +379,7 @@ def test_sentry_reports_n_workers_against_nginx_and_the_limit_accuracy() -> None
         assert 0 < cpu["machine_busy"] <= 1
     assert "cpu" not in d["paths"]["direct"]["at_half_load"]
     _split(half, half["sent"] + half["warm_up"])  # + one untimed request per connection
-    assert "sentry_split" not in d["paths"]["direct"]["at_half_load"]
+    assert "hops" not in d["paths"]["direct"]["at_half_load"]
     added = d["pqcnet_added_latency_at_half_load_ms"]
     assert "p99" in added and "p99_asyncio_client" in added
     # vegeta comes with the NATS baseline (`scripts/services install`): in CI it must run
@@ -395,13 +395,16 @@ def test_sentry_reports_n_workers_against_nginx_and_the_limit_accuracy() -> None
 
 
 def _split(run: dict[str, Any], sent: int) -> None:
-    """The sentry's own histograms counted exactly the requests the run sent, and the
-    backend's share of their mean time is a part of it."""
-    split = run["sentry_split"]
-    assert split["requests"] == sent, (split, sent)
-    assert 0 < split["upstream_mean_ms"] <= split["mean_ms"]
-    assert split["own_mean_ms"] == pytest.approx(split["mean_ms"] - split["upstream_mean_ms"],
-                                                 abs=0.002)
+    """The sentry's own histograms counted exactly the requests the run sent, and each
+    hop's mean time is inside the one before it."""
+    hops = run["hops"]
+    assert hops["requests"] == sent, (hops, sent)
+    assert (hops["sidecar_round_trip_mean_ms"] >= hops["sentry_mean_ms"]
+            >= hops["upstream_mean_ms"] > 0), hops
+    assert hops["sentry_own_mean_ms"] == pytest.approx(
+        hops["sentry_mean_ms"] - hops["upstream_mean_ms"], abs=0.002)
+    assert hops["tunnel_and_wakeups_mean_ms"] == pytest.approx(
+        hops["sidecar_round_trip_mean_ms"] - hops["sentry_mean_ms"], abs=0.002)
 
 
 def test_websocket_reports_open_round_trip_and_echoes_against_direct() -> None:
@@ -459,8 +462,8 @@ def test_sentry_sweep_reports_the_latency_curve_and_draws_it(tmp_path: Path) -> 
         assert 0 <= p["pqcnet"]["cpu"]["sentry_busy"] <= d["cpus"]
         assert _number(p["pqcnet"]["cpu"]["sidecar_cpu_ms_per_rpc"])
         assert 0 < p["pqcnet"]["cpu"]["machine_busy"] <= 1
-        assert p["pqcnet"]["sentry_split"]["requests"] > 0
-        assert "cpu" not in p["direct"] and "sentry_split" not in p["direct"]
+        assert p["pqcnet"]["hops"]["requests"] > 0
+        assert "cpu" not in p["direct"] and "hops" not in p["direct"]
     # the verdict follows from the points: the largest leading fraction under the target
     upto = None
     for p in points:

@@ -40,9 +40,9 @@ about twice what they cost in a saturated batch, which is why "half of the maxim
 RPS" keeps each process over half busy. Each half-load and sweep run also says how
 long each process waited for a core (``*_runq_ms_per_rpc``, from
 ``/proc/<pid>/task/*/schedstat``) and how busy the whole machine was
-(``machine_busy``), and splits the sentry's mean time per request (``sentry_split``,
-from its own histograms) into the backend's share (pool checkout to response in:
-``pqcnet_sentry_upstream_duration_seconds``) and the rest.
+(``machine_busy``), and where the mean request time went (``hops``, from the
+sidecar's and sentry's own histograms): the sidecar's round trip to its sentry, the
+tunnel with the processes' wake-ups, the sentry's own work and its backend's share.
 ``--sweep F1,F2,...`` offers every path each of those fractions of the pqcnet
 path's maximum (vegeta when built, else the asyncio client): the latency-vs-load curve
 and the largest fraction up to which the added p99 stays within the target;
@@ -338,27 +338,35 @@ class _CpuWatch:
 
 #: how long a phase's split waits for its last requests to be counted by the sentry
 SPLIT_WAIT_S = 2.0
+_ROUND_TRIP = "pqcnet_sidecar_sentry_round_trip_seconds"
 _WHOLE = "pqcnet_sentry_request_duration_seconds"
 _UPSTREAM = "pqcnet_sentry_upstream_duration_seconds"
 
 
-class _SentrySplit:
-    """The sentry's mean time per request over a phase, and how much of it was its
-    backend's (the sum and count of its request and upstream histograms, read from its
-    /metrics before and after): which side of the sentry a latency lives on."""
+class _HopSplit:
+    """Where a phase's mean request time went, hop by hop, from the sidecar's and the
+    sentry's own histograms (sum and count, read from their /metrics before and after):
+    the sidecar's round trip to its sentry, the sentry's time from request to response,
+    and the backend's share of that (the differences are the tunnel with the processes'
+    wake-ups, and the sentry's own work)."""
 
-    def __init__(self, metrics_port: int | None) -> None:
-        self.url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics_port else None
+    def __init__(self, ports: tuple[int, int] | None) -> None:
+        """``ports``: (sidecar, sentry) metrics ports; None: nothing to read."""
+        self.urls = None if ports is None else tuple(
+            f"http://127.0.0.1:{p}/metrics" for p in ports)
         self._before = self._read()
 
     def _read(self) -> dict[str, float]:
-        return {} if self.url is None else histogram_totals(self.url, (_WHOLE, _UPSTREAM))
+        if self.urls is None:
+            return {}
+        return {**histogram_totals(self.urls[0], (_ROUND_TRIP,)),
+                **histogram_totals(self.urls[1], (_WHOLE, _UPSTREAM))}
 
     def result(self, expect: int) -> dict[str, float]:
         """The split over the phase; waits (up to :data:`SPLIT_WAIT_S`) for ``expect``
         requests to be counted: the sentry observes a request just after sending its
         response, so a scrape right after the client's last answer can miss it."""
-        if self.url is None:
+        if self.urls is None:
             return {}
         deadline = time.monotonic() + SPLIT_WAIT_S
         while True:
@@ -367,15 +375,19 @@ class _SentrySplit:
             if d.get(f"{_WHOLE}_count", 0.0) >= expect or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        n = d.get(f"{_WHOLE}_count", 0.0)
-        up = d.get(f"{_UPSTREAM}_count", 0.0)
-        if not n or not up:
-            return {}
-        whole = d[f"{_WHOLE}_sum"] / n * 1000
-        upstream = d[f"{_UPSTREAM}_sum"] / up * 1000
-        return {"requests": int(n), "mean_ms": round(whole, 3),
-                "upstream_mean_ms": round(upstream, 3),
-                "own_mean_ms": round(whole - upstream, 3)}
+        means = {}
+        for name in (_ROUND_TRIP, _WHOLE, _UPSTREAM):
+            n = d.get(f"{name}_count", 0.0)
+            if not n:
+                return {}
+            means[name] = d[f"{name}_sum"] / n * 1000
+        rt, whole, up = means[_ROUND_TRIP], means[_WHOLE], means[_UPSTREAM]
+        return {"requests": int(d[f"{_WHOLE}_count"]),
+                "sidecar_round_trip_mean_ms": round(rt, 3),
+                "tunnel_and_wakeups_mean_ms": round(rt - whole, 3),
+                "sentry_mean_ms": round(whole, 3),
+                "sentry_own_mean_ms": round(whole - up, 3),
+                "upstream_mean_ms": round(up, 3)}
 
 
 def _measure(port: int, n: int, conns: int, seconds: float, procs: int,
@@ -395,13 +407,13 @@ def _measure(port: int, n: int, conns: int, seconds: float, procs: int,
 
 
 def _offer(port: int, rate: float, seconds: float, conns: int, vegeta: str | None,
-           watch: dict[str, int] | None, ids: bool = False, metrics: int | None = None
-           ) -> dict[str, Any]:
+           watch: dict[str, int] | None, ids: bool = False,
+           metrics: tuple[int, int] | None = None) -> dict[str, Any]:
     """Offer ``rate`` RPC/s open loop for ``seconds`` from vegeta (when given) or the
     asyncio client; with ``watch``, the watched processes' CPU per request sent (an
     overloaded vegeta sends fewer than offered) and busy fraction during the run are
-    added as ``cpu``; with the sentry's ``metrics`` port, ``sentry_split``."""
-    split = _SentrySplit(metrics)
+    added as ``cpu``; with the (sidecar, sentry) ``metrics`` ports, ``hops``."""
+    split = _HopSplit(metrics)
     cpu = _CpuWatch(watch)
     if vegeta is None:
         got = asyncio.run(_paced(port, rate, seconds, conns, ids))
@@ -412,7 +424,7 @@ def _offer(port: int, rate: float, seconds: float, conns: int, vegeta: str | Non
         got["cpu"] = cpu.per_rpc(got["sent"], busy=True)
     # the asyncio client's one untimed request per connection reaches the sentry too
     if got_split := split.result(got["sent"] + got.get("warm_up", 0) - got["errors"]):
-        got["sentry_split"] = got_split
+        got["hops"] = got_split
     return got
 
 
@@ -422,7 +434,7 @@ _VEGETA_ERRORS = (OSError, RuntimeError, subprocess.SubprocessError)
 
 def _sweep(paths: list[tuple[str, int]], max_rps: float, fractions: tuple[float, ...],
            seconds: float, conns: int, vegeta: str | None, watch: dict[str, int],
-           ids: bool = False, metrics: int | None = None) -> dict[str, Any]:
+           ids: bool = False, metrics: tuple[int, int] | None = None) -> dict[str, Any]:
     """Every path at each fraction of pqcnet's maximum RPS (one driver: vegeta when it
     works, else the asyncio client): the latency-vs-load curve and where the added-p99
     target stops holding."""
@@ -439,7 +451,7 @@ def _sweep(paths: list[tuple[str, int]], max_rps: float, fractions: tuple[float,
                 failed, vegeta = f"{name} at {fraction:g}: {exc}", None
                 got = _offer(port, rate, seconds, conns, None, w, ids, mp)
             point[name] = {k: got[k] for k in ("driver", "achieved_rps", "p50_ms", "p99_ms",
-                                               "errors", "cpu", "sentry_split") if k in got}
+                                               "errors", "cpu", "hops") if k in got}
         point["pqcnet_added_p99_ms"] = round(point["pqcnet"]["p99_ms"]
                                              - point["direct"]["p99_ms"], 3)
         points.append(point)
@@ -578,25 +590,27 @@ def _exe() -> str:
     return str(Path(sys.executable).parent / "pqcnet")
 
 
-def _sidecar(d: Path, sentry_port: int, port: int, tunnels: int = 1, tenant: str = "acme"
-             ) -> subprocess.Popen[bytes]:
+def _sidecar(d: Path, sentry_port: int, port: int, tunnels: int = 1, tenant: str = "acme",
+             metrics_port: int = 0) -> subprocess.Popen[bytes]:
     """A sidecar; ``tunnels`` > 1 lists the sentry that many times (a pool of tunnels
     to one address, which SO_REUSEPORT spreads over the sentry's workers)."""
     sentries = [f"--sentry=127.0.0.1:{sentry_port}"] * tunnels
     sidecar = subprocess.Popen([_exe(), "sidecar", *sentries, "--identity-dir",
                                 f"{tenant}-id", "--issuer-key", f"{tenant}-issuer.pem",
                                 "--tenant", tenant, "--subject", "bench", "--listen",
-                                f"127.0.0.1:{port}", "--no-passphrase"],
+                                f"127.0.0.1:{port}", "--no-passphrase",
+                                *(["--metrics-port", str(metrics_port)] if metrics_port else [])],
                                cwd=d, stderr=subprocess.DEVNULL)
     _wait_port(port)
     return sidecar
 
 
 def _pqcnet_stack(d: Path, backend: int, sentry_port: int, sidecar_port: int,
-                  metrics_port: int = 0) -> list[subprocess.Popen[bytes]]:
+                  metrics: tuple[int, int] = (0, 0)) -> list[subprocess.Popen[bytes]]:
+    """Sentry and sidecar (``metrics``: their metrics ports, sidecar first; 0 = off)."""
     write_identities(d)
-    sentry = _sentry(d, backend, sentry_port, 1, metrics_port)
-    return [_sidecar(d, sentry_port, sidecar_port), sentry]
+    sentry = _sentry(d, backend, sentry_port, 1, metrics[1])
+    return [_sidecar(d, sentry_port, sidecar_port, metrics_port=metrics[0]), sentry]
 
 
 def _children(pid: int) -> list[int]:
@@ -674,7 +688,9 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
     load_before = round(os.getloadavg()[0], 2)
     vegeta = _vegeta.find()
     vegeta_failed = ""
-    ports = {k: free_port() for k in ("backend", "nginx", "sentry", "sidecar", "metrics")}
+    ports = {k: free_port() for k in ("backend", "nginx", "sentry", "sidecar",
+                                      "sidecar_metrics", "sentry_metrics")}
+    hop_metrics = (ports["sidecar_metrics"], ports["sentry_metrics"])
     ctx = multiprocessing.get_context("spawn")
     backend = ctx.Process(target=backend_main, args=(ports["backend"],), daemon=True)
     backend.start()
@@ -691,7 +707,7 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
                 procs.append(nginx)
                 _wait_port(ports["nginx"])
             procs += _pqcnet_stack(d, ports["backend"], ports["sentry"], ports["sidecar"],
-                                   ports["metrics"])
+                                   hop_metrics)
             paths = [("direct", ports["backend"]), ("pqcnet", ports["sidecar"])]
             if nginx is not None:
                 paths.insert(1, ("nginx", ports["nginx"]))
@@ -705,7 +721,7 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
             # request costs when the proxy is busy but not saturated
             half = max(10.0, results["pqcnet"]["rps"] * HALF_LOAD)
             for name, port in paths:
-                w, mp = (watch, ports["metrics"]) if name == "pqcnet" else (None, None)
+                w, mp = (watch, hop_metrics) if name == "pqcnet" else (None, None)
                 results[name]["at_half_load"] = _offer(port, half, seconds, connections,
                                                        None, w, request_ids, mp)
                 if vegeta is not None:  # the same offer from an independent generator
@@ -717,7 +733,7 @@ def run(requests: int = 2000, connections: int = 32, seconds: float = 5.0,
                         vegeta = None
             if sweep:
                 swept = _sweep(paths, results["pqcnet"]["rps"], sweep, seconds,
-                               connections, vegeta, watch, request_ids, ports["metrics"])
+                               connections, vegeta, watch, request_ids, hop_metrics)
             if workers > 1:
                 multi = _workers_phase(d, ports["backend"], workers, requests, connections,
                                        seconds, loadgen_procs, request_ids)

@@ -15,6 +15,7 @@ from typing import Any
 import click
 import yaml
 
+from pqcnet._util.signals import stopping
 from pqcnet.sim.errors import ScenarioError
 
 
@@ -68,11 +69,13 @@ def run_cmd(scenario: str, nodes: int | None, seed: int | None, duration: float 
         bar.update(now - last[0])
         last[0] = now
 
-    try:
-        result = run(sc, progress=tick)
-    finally:
-        bar.close()
-    target = write_run(result, Path(out), plots=not no_plots)
+    with stopping("pqcnet sim run"):  # SIGINT/SIGTERM: exit 130/143 (stopped mid-run:
+        # nothing written)
+        try:
+            result = run(sc, progress=tick)
+        finally:
+            bar.close()
+        target = write_run(result, Path(out), plots=not no_plots)
     s = result.summary
     click.echo(json.dumps({"results": str(target), "wall_s": s["run"]["wall_s"],
                            "peak_rss_mib": s["run"]["peak_rss_mib"],
@@ -102,8 +105,9 @@ def sweep_cmd(scenarios: tuple[str, ...], sizes: str, seeds: str, sets: tuple[st
         raise ScenarioError("--nodes and --seeds take comma-separated integers") from None
     if jobs < 1:
         raise ScenarioError("--jobs must be >= 1")
-    dirs = sweep(list(scenarios), ns, ss, Path(out), jobs=jobs, extra=_assignments(sets),
-                 plots=not no_plots)
+    with stopping("pqcnet sim sweep"):  # SIGINT/SIGTERM: the workers are terminated
+        dirs = sweep(list(scenarios), ns, ss, Path(out), jobs=jobs,
+                     extra=_assignments(sets), plots=not no_plots)
     click.echo(json.dumps({"runs": dirs}))
 
 

@@ -13,7 +13,8 @@ depend on ``jobs``.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ProcessPoolExecutor
+import multiprocessing
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -159,8 +160,18 @@ def sweep(paths: list[str], sizes: list[int], seeds: list[int], out: Path, *, jo
         override(load(path), assignments)
     if jobs <= 1:
         return [_one(g) for g in grid]
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        return list(pool.map(_one, grid))
+    # multiprocessing's Pool, not ProcessPoolExecutor: leaving its block by an exception
+    # (a failed run, or SIGINT/SIGTERM under pqcnet._util.signals.stopping) terminates
+    # the workers, where the executor would wait for every run in flight to finish
+    with multiprocessing.get_context("fork").Pool(jobs, initializer=_worker_signals) as pool:
+        return pool.map(_one, grid, chunksize=1)
+
+
+def _worker_signals() -> None:
+    """A sweep worker leaves stopping to its parent: Ctrl-C reaches the whole process
+    group, and the parent terminates the workers (SIGTERM, default action) itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 __all__ = ["WAKU_SHADOW", "Scenario", "render", "sweep"]
