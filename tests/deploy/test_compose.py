@@ -815,3 +815,25 @@ def test_docker_kill_is_a_manual_stop(net: compose_tool.Compose) -> None:
     net.compose("start", "backend")
     _eventually(lambda: net.health()[f"{net.project}_backend_1"] == "healthy", 120,
                 "backend healthy after docker-compose start")
+
+
+def test_down_removes_what_compose_left(tmp_path: Path) -> None:
+    """``Compose.down`` removes every container, network and volume labelled with its
+    project even when ``docker-compose down`` does not (here it has nothing of its own
+    to remove: the three were made with ``docker`` directly, as a compose run would
+    have labelled them). Once the full compose test left its whole network running."""
+    require_tool("PQCNET_DOCKER_HOST", "dockerd")
+    require_tool("PQCNET_COMPOSE", "docker-compose")
+    base = require_tool("PQCNET_BASE_IMAGE", "local base image")
+    c = compose_tool.Compose(f"pqcnet-down-{secrets.token_hex(3)}", TAG, tmp_path / "s")
+    label = f"com.docker.compose.project={c.project}"
+    try:
+        c.docker("network", "create", "--label", label, f"{c.project}_default")
+        c.docker("volume", "create", "--label", label, f"{c.project}_data")
+        c.docker("run", "-d", "--label", label, "--network", f"{c.project}_default",
+                 "-v", f"{c.project}_data:/data", base, "sleep", "600")
+        c.down()
+        for kind in (("ps", "-aq"), ("network", "ls", "-q"), ("volume", "ls", "-q")):
+            assert c.docker(*kind, "--filter", f"label={label}").stdout.split() == [], kind
+    finally:
+        c.down()
