@@ -1,8 +1,9 @@
 """Pictures of benchmark results, for the runs people would rather look at than read.
 
 ``latency_vs_load``: the latency-vs-offered-load curve of ``pqcnet bench sentry
---sweep`` (p50 and p99 of every path, pqcnet's added p99 against its target, and how
-busy the sidecar and sentry ran). matplotlib comes with the ``sim`` extra
+--sweep`` (p50 and p99 of every path, pqcnet's added p99 against its target, how
+busy the sidecar, the sentry and the machine ran, and, when the run has them, where
+the sidecar's mean round trip went hop by hop). matplotlib comes with the ``sim`` extra
 (``pip install 'pqcnet[sim]'``); :func:`available` says whether it is importable, so a
 command can refuse ``--plot`` before a long run rather than after it.
 """
@@ -35,7 +36,10 @@ def latency_vs_load(sweep: dict[str, Any], target: Path) -> Path:
     points = sweep["points"]
     rps = [p["offered_rps"] for p in points]
     paths = [name for name in ("direct", "nginx", "pqcnet") if name in points[0]]
-    fig, (lat, added, busy) = plt.subplots(1, 3, figsize=(12.0, 3.6))
+    hops = [p["pqcnet"].get("hops") for p in points]
+    panels = 4 if all(hops) else 3
+    fig, axes = plt.subplots(1, panels, figsize=(4.0 * panels, 3.6))
+    lat, added, busy = axes[:3]
     for name in paths:
         line, = lat.plot(rps, [p[name]["p99_ms"] for p in points], marker="o",
                          label=f"{name} p99")
@@ -59,7 +63,15 @@ def latency_vs_load(sweep: dict[str, Any], target: Path) -> Path:
     busy.set_ylabel("share of one core (machine: of all)")
     busy.set_title("busy", fontsize=9)
     busy.legend(fontsize=7)
-    for ax in (lat, added, busy):
+    if panels == 4:  # where the sidecar's mean round trip went, hop by hop
+        parts = (("upstream_mean_ms", "backend"), ("sentry_own_mean_ms", "sentry's own work"),
+                 ("tunnel_and_wakeups_mean_ms", "tunnel, wake-ups"))
+        axes[3].stackplot(rps, *[[h[k] for h in hops] for k, _ in parts],
+                          labels=[label for _, label in parts], alpha=0.8)
+        axes[3].set_ylabel("ms (mean)")
+        axes[3].set_title("sidecar round trip, by hop", fontsize=9)
+        axes[3].legend(fontsize=7, loc="upper left")
+    for ax in axes:
         ax.set_xlabel("offered RPC/s")
         ax.grid(alpha=0.3)
     fig.tight_layout()
