@@ -113,10 +113,13 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
             live, down = f"127.0.0.1:{sentry_port}", f"127.0.0.1:{dead}"
             sidecar = _sidecar(d, [live, down], "--metrics-port", "0",
                                "--health-interval", "0.2")
-            announced = _line(sidecar.stderr)
+            # the pool's first health pass may log the dead address before this line
+            seen = [_line(sidecar.stderr)]
+            while "sidecar (http)" not in seen[-1] and seen[-1] and len(seen) < 20:
+                seen.append(_line(sidecar.stderr))
             m = re.search(r"sidecar \(http\) on 127\.0\.0\.1:(\d+) .*metrics on "
-                          r"127\.0\.0\.1:(\d+)", announced)
-            assert m, announced
+                          r"127\.0\.0\.1:(\d+)", seen[-1])
+            assert m, seen
             yield {"sentry": sentry, "sidecar": sidecar, "live": live, "down": down,
                    "app": f"http://127.0.0.1:{m[1]}", "ops": f"http://127.0.0.1:{m[2]}",
                    "sentry_metrics": f"http://127.0.0.1:{sentry_metrics}/metrics"}
