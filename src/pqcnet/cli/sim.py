@@ -69,8 +69,8 @@ def run_cmd(scenario: str, nodes: int | None, seed: int | None, duration: float 
         bar.update(now - last[0])
         last[0] = now
 
-    with stopping("pqcnet sim run"):  # SIGINT/SIGTERM: exit 130/143 (stopped mid-run:
-        # nothing written)
+    # SIGINT/SIGTERM: exit 130/143; a run stopped before its end writes nothing
+    with stopping("pqcnet sim run"):
         try:
             result = run(sc, progress=tick)
         finally:
