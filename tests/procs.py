@@ -4,7 +4,9 @@ must not outlive them — and which process listens on a port (which worker to k
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
+from typing import Any
 
 
 def _stat_fields(pid: int | str) -> list[str] | None:
@@ -71,3 +73,17 @@ def listener_pid(port: int) -> int | None:
             except OSError:  # closed meanwhile
                 continue
     return None
+
+
+def terminate(proc: subprocess.Popen[Any], timeout: float = 20.0) -> None:
+    """Stop a child the way an operator would (SIGTERM), SIGKILL it if it has not
+    exited within ``timeout`` seconds, and close its stderr pipe."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stderr:
+        proc.stderr.close()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -56,6 +58,30 @@ def make_mesh() -> Mesh:
     _ca, (s, a, g, i) = dev_identities(TD, SENTRY_ID, ACME_ID, GLOBEX_ID, INTRUDER_ID)
     return Mesh(s, a, g, i, SigningKey.from_seed(b"\x01" * 32),
                 SigningKey.from_seed(b"\x02" * 32))
+
+
+#: the console script of this venv, for tests that run real processes
+PQCNET = [str(Path(sys.executable).parent / "pqcnet")]
+
+
+def pq(*args: str, cwd: Path) -> str:
+    """Run a ``pqcnet`` command in ``cwd``; its stdout (it must succeed)."""
+    out = subprocess.run([*PQCNET, *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def cli_identities(d: Path) -> None:
+    """What the README's walkthrough makes with the CLI in ``d``: a CA (``ca``), the
+    sentry's and tenant acme's sidecar identities (``sentry-id``, ``acme-id``) and
+    acme's assertion issuer key (``acme-issuer.pem`` / ``.pub``)."""
+    pq("ca", "init", "--dir", "ca", "--trust-domain", "pqcnet.test", "--no-passphrase", cwd=d)
+    for sid, out in (("spiffe://pqcnet.test/ops/sentry/s1", "sentry-id"),
+                     ("spiffe://pqcnet.test/acme/sidecar/a1", "acme-id")):
+        pq("ca", "issue", "--dir", "ca", "--no-passphrase", "--no-node-passphrase", sid,
+           "--out", out, cwd=d)
+    pq("assertion", "keygen", "--out", "acme-issuer.pem", "--pub", "acme-issuer.pub", cwd=d)
 
 
 # ---------------------------------------------------------------------------- backends

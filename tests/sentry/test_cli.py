@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -17,18 +16,10 @@ from click.testing import CliRunner
 from pqcnet.cli import app
 from tests.ports import free_port
 
-from .harness import HttpBackend
+from .harness import PQCNET, HttpBackend, cli_identities, pq
 
 ROOT = Path(__file__).resolve().parents[2]
-PQCNET = [str(Path(sys.executable).parent / "pqcnet")]
 pytestmark = pytest.mark.timeout(120)
-
-
-def pq(*args: str, cwd: Path) -> str:
-    out = subprocess.run([*PQCNET, *args], cwd=cwd, capture_output=True, text=True,
-                         timeout=60, check=False)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
 
 
 def test_assertion_issue_and_inspect(tmp_path: Path) -> None:
@@ -51,12 +42,7 @@ def test_assertion_issue_and_inspect(tmp_path: Path) -> None:
 
 def test_walkthrough_sentry_and_sidecar_processes(tmp_path: Path) -> None:
     d = tmp_path
-    pq("ca", "init", "--dir", "ca", "--trust-domain", "pqcnet.test", "--no-passphrase", cwd=d)
-    for sid, out in (("spiffe://pqcnet.test/ops/sentry/s1", "sentry-id"),
-                     ("spiffe://pqcnet.test/acme/sidecar/a1", "acme-id")):
-        pq("ca", "issue", "--dir", "ca", "--no-passphrase", "--no-node-passphrase", sid,
-           "--out", out, cwd=d)
-    pq("assertion", "keygen", "--out", "acme-issuer.pem", "--pub", "acme-issuer.pub", cwd=d)
+    cli_identities(d)
     sentry_port, sidecar_port = free_port(), free_port()
     with HttpBackend() as backend:
         cfg = yaml.safe_load((ROOT / "examples" / "sentry.yaml").read_text())

@@ -24,6 +24,7 @@ from pqcnet.sentry.server import SentryServer
 from pqcnet.sentry.sidecar import serve_http
 from pqcnet.sentry.wire import RequestHead
 from tests.gcutil import collector_off, live
+from tests.procs import terminate
 
 from .harness import HttpBackend, Mesh, config_dict, pool_of, sentry_stack, write_config
 from .test_cli import free_port
@@ -53,15 +54,7 @@ def sentry_process(mesh: Mesh, d: Path, backend_port: int, *, workers: int = 1,
         assert "listening" in (p.stderr.readline() if p.stderr else "")
         yield p, port
     finally:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        if p.stderr:
-            p.stderr.close()
+        terminate(p)
 
 
 async def test_kill_one_of_two_sentry_processes_idempotent_requests_all_succeed(

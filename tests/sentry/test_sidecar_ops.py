@@ -9,7 +9,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,27 +20,12 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.ports import free_port
+from tests.procs import terminate
 
-from .harness import HttpBackend
+from .harness import PQCNET, HttpBackend, cli_identities
 
 ROOT = Path(__file__).resolve().parents[2]
-PQCNET = [str(Path(sys.executable).parent / "pqcnet")]
 pytestmark = pytest.mark.timeout(120)
-
-
-def _pq(*args: str, cwd: Path) -> None:
-    out = subprocess.run([*PQCNET, *args], cwd=cwd, capture_output=True, text=True,
-                         timeout=60, check=False)
-    assert out.returncode == 0, out.stderr
-
-
-def _identities(d: Path) -> None:
-    _pq("ca", "init", "--dir", "ca", "--trust-domain", "pqcnet.test", "--no-passphrase", cwd=d)
-    for sid, out in (("spiffe://pqcnet.test/ops/sentry/s1", "sentry-id"),
-                     ("spiffe://pqcnet.test/acme/sidecar/a1", "acme-id")):
-        _pq("ca", "issue", "--dir", "ca", "--no-passphrase", "--no-node-passphrase", sid,
-            "--out", out, cwd=d)
-    _pq("assertion", "keygen", "--out", "acme-issuer.pem", "--pub", "acme-issuer.pub", cwd=d)
 
 
 def _samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -74,17 +58,8 @@ def _sidecar(d: Path, sentries: list[str], *extra: str) -> subprocess.Popen[str]
 
 def _stop(*procs: subprocess.Popen[str] | None) -> None:
     for p in procs:
-        if p is not None and p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
         if p is not None:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            if p.stderr:
-                p.stderr.close()
+            terminate(p)
 
 
 def _line(stream: IO[str] | None) -> str:
@@ -96,7 +71,7 @@ def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A sentry (metrics on) in front of a real HTTP backend, and a sidecar whose pool
     is that sentry plus an address nobody listens on."""
     d = tmp_path
-    _identities(d)
+    cli_identities(d)
     sentry_port, sentry_metrics, dead = free_port(), free_port(), free_port()
     with HttpBackend() as backend:
         cfg = yaml.safe_load((ROOT / "examples" / "sentry.yaml").read_text())
@@ -184,7 +159,7 @@ def test_readiness_fails_when_no_sentry_is_left_and_says_which(
 
 @pytest.mark.parametrize("flag", ["--metrics-port", "--listen"])
 def test_a_taken_port_is_a_one_line_error(tmp_path: Path, flag: str) -> None:
-    _identities(tmp_path)
+    cli_identities(tmp_path)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

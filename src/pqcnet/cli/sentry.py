@@ -253,8 +253,10 @@ class _SidecarProcess:
         self.ops: Any = None
 
     async def start(self) -> _SidecarProcess:
+        from pqcnet._util.ops_http import start_ops_server
         from pqcnet.sentry.pool import SentryPool
         from pqcnet.sentry.sidecar import Sidecar, pinned_dial, serve_grpc, serve_http, serve_tcp
+        from pqcnet.sentry.sidecar_metrics import SidecarMetrics
 
         if self.manager is not None:
             await self.manager.start()
@@ -270,6 +272,7 @@ class _SidecarProcess:
                                   tenant=self.tenant, ttl=self.ttl))
              for h, p in self.sentries], interval=self.health_interval)
         self.sidecar.start()
+        what = f"--listen {self.lhost}:{self.lport}"  # what a failing bind names
         try:
             if self.mode == "http":
                 self.server = await serve_http(self.sidecar, self.lhost, self.lport)
@@ -279,30 +282,19 @@ class _SidecarProcess:
             else:
                 self.server = await serve_tcp(self.sidecar, str(self.tcp_backend), self.lhost,
                                               self.lport)
+            if self.server is not None:
+                self.bound = self.server.sockets[0].getsockname()[1]
+            if self.metrics_addr is not None:
+                host, port = self.metrics_addr
+                what = f"--metrics-port {host}:{port}"
+                self.ops = start_ops_server(port, host, ready=self.ready,
+                                            registry=SidecarMetrics(self.sidecar).registry)
         except OSError as exc:  # the port is taken or not ours: a clear error, no traceback
             await self.aclose()
-            raise SentryConfigError(f"--listen {self.lhost}:{self.lport}: "
-                                    f"{exc.strerror or exc}") from None
+            raise SentryConfigError(f"{what}: {exc.strerror or exc}") from None
         except BaseException:
             await self.aclose()
             raise
-        if self.server is not None:
-            self.bound = self.server.sockets[0].getsockname()[1]
-        if self.metrics_addr is not None:
-            from pqcnet._util.ops_http import start_ops_server
-            from pqcnet.sentry.sidecar_metrics import SidecarMetrics
-
-            host, port = self.metrics_addr
-            try:
-                self.ops = start_ops_server(port, host, ready=self.ready,
-                                            registry=SidecarMetrics(self.sidecar).registry)
-            except OSError as exc:
-                await self.aclose()
-                raise SentryConfigError(f"--metrics-port {host}:{port}: "
-                                        f"{exc.strerror or exc}") from None
-            except BaseException:
-                await self.aclose()
-                raise
         return self
 
     def ready(self) -> dict[str, bool | str]:
