@@ -11,12 +11,26 @@
 
 Plots need matplotlib (the ``sim`` extra); without it the run still writes its data
 and says so in ``summary.json`` (``plots: "matplotlib not installed"``).
+
+A run directory is whole or absent: the files are written into a hidden
+``.<run>.<random>.partial`` directory beside it, which takes the run's name only when
+every file is in (a rename), replacing an earlier run of the same name as a whole — a
+stop or a crash in the middle (a plot failing, SIGTERM, the disk full) leaves the
+earlier results as they were, never some files of each. A stopped ``write_run`` removes
+its partial directory; one killed outright leaves it, hidden, and the report skips
+hidden directories.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +43,64 @@ DPI = 90
 BUCKET_S = 60.0
 
 
+def dir_name(scenario: str, nodes: int, seed: int) -> str:
+    """The directory name of a run of ``scenario`` with ``nodes`` and ``seed``."""
+    return f"{scenario}-n{nodes}-s{seed}"
+
+
 def run_name(summary: dict[str, Any]) -> str:
-    return f"{summary['scenario']['name']}-n{summary['nodes']}-s{summary['seed']}"
+    return dir_name(summary["scenario"]["name"], summary["nodes"], summary["seed"])
+
+
+def partial_dirs(out_dir: Path, name: str) -> list[Path]:
+    """Hidden directories an unfinished write of run ``name`` left (a partial one, or
+    an earlier run moved aside; see the module text)."""
+    return sorted(out_dir.glob(f".{name}.*"))
 
 
 def write_run(result: RunResult, out_dir: Path, *, plots: bool = True) -> Path:
-    """Write one run's files under ``out_dir/<run>/``; returns that directory."""
-    target = out_dir / run_name(result.summary)
-    target.mkdir(parents=True, exist_ok=True)
+    """Write one run's files as ``out_dir/<run>/``, whole or not at all; returns that
+    directory."""
+    name = run_name(result.summary)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=out_dir))
+    try:
+        _write_files(result, partial, plots=plots)
+        partial.chmod(0o755)  # mkdtemp's 0700 is for the files in the making
+        return _put_in_place(partial, out_dir / name)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def _stops_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM to this thread for the few system calls of a swap; they
+    arrive when it is done."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _put_in_place(partial: Path, target: Path) -> Path:
+    """Rename the finished ``partial`` to ``target``; an earlier ``target`` is moved
+    aside first and removed after (a directory cannot replace a non-empty one)."""
+    old = None
+    try:
+        with _stops_deferred():
+            if target.exists():
+                old = partial.with_suffix(".old")
+                os.rename(target, old)
+            os.rename(partial, target)
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _write_files(result: RunResult, target: Path, *, plots: bool) -> None:
     with (target / "messages.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["mid", "kind", "origin", "t0_s", "bytes", "receivers", "last_arrival_s",
@@ -53,7 +117,6 @@ def write_run(result: RunResult, out_dir: Path, *, plots: bool = True) -> Path:
         result.summary["run"]["plots"] = make_plots(result, target)
     (target / "summary.json").write_text(json.dumps(result.summary, indent=2, sort_keys=True,
                                                     default=str) + "\n")
-    return target
 
 
 def make_plots(result: RunResult, target: Path) -> list[str] | str:

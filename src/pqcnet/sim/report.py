@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
 
 from pqcnet.sim.config import Scenario, load, override
-from pqcnet.sim.output import scaling_plot, write_run
+from pqcnet.sim.output import dir_name, partial_dirs, scaling_plot, write_run
 from pqcnet.sim.run import run
 
 WAKU_SHADOW = {"nodes": 1000, "latency_ms": 100.0, "D": 6, "msg_bytes": 10_000,
@@ -31,6 +32,8 @@ TOLERANCE = 0.20
 def load_summaries(results: Path) -> list[dict[str, Any]]:
     out = []
     for path in sorted(results.glob("*/summary.json")):
+        if path.parent.name.startswith("."):  # an unfinished write (sim.output)
+            continue
         data = json.loads(path.read_text())
         data["_dir"] = path.parent.name
         out.append(data)
@@ -156,15 +159,24 @@ def sweep(paths: list[str], sizes: list[int], seeds: list[int], out: Path, *, jo
     """Run every (scenario, size, seed); returns the run directories in grid order."""
     grid = [(p, {**(extra or {}), "nodes": n, "seed": s}, str(out), plots)
             for p in paths for n in sizes for s in seeds]
+    names = []
     for path, assignments, _, _ in grid:  # fail fast on a bad grid, before any work
-        override(load(path), assignments)
+        sc = override(load(path), assignments)
+        names.append(dir_name(sc.name, sc.nodes, sc.seed))
     if jobs <= 1:
         return [_one(g) for g in grid]
     # multiprocessing's Pool, not ProcessPoolExecutor: leaving its block by an exception
     # (a failed run, or SIGINT/SIGTERM under pqcnet._util.signals.stopping) terminates
     # the workers, where the executor would wait for every run in flight to finish
-    with multiprocessing.get_context("fork").Pool(jobs, initializer=_worker_signals) as pool:
-        return pool.map(_one, grid, chunksize=1)
+    try:
+        with multiprocessing.get_context("fork").Pool(jobs,
+                                                      initializer=_worker_signals) as pool:
+            return pool.map(_one, grid, chunksize=1)
+    except BaseException:  # a worker terminated mid-write leaves its partial directory
+        for name in names:
+            for stale in partial_dirs(out, name):
+                shutil.rmtree(stale, ignore_errors=True)
+        raise
 
 
 def _worker_signals() -> None:
