@@ -14,14 +14,17 @@ from typing import Any
 import pytest
 
 from pqcnet._util.signals import Stopped
-from pqcnet.sim import output
+from pqcnet.cli import main
+from pqcnet.sim import output, report
+from pqcnet.sim.errors import SimStateError, SweepFailed
 from pqcnet.sim.output import write_run
 from pqcnet.sim.report import load_summaries
 from pqcnet.sim.run import RunResult, run
 from tests.sim.conftest import SCENARIOS, small
 
 #: A small run of the committed scale scenario (a second or two).
-SMALL = {"nodes": 20, "duration_s": 50, "workload.start_s": 10.0, "workload.drain_s": 25.0}
+_EXTRA = {"duration_s": 50, "workload.start_s": 10.0, "workload.drain_s": 25.0}
+SMALL = {"nodes": 20, **_EXTRA}
 
 
 def _run(**changes: Any) -> RunResult:
@@ -123,3 +126,46 @@ def test_a_sweep_stopped_while_its_workers_write_leaves_nothing_half_written(
             proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_failed_run_does_not_stop_the_sweep_and_is_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, jobs: int) -> None:
+    """Before, with ``--jobs 1`` the first failure ended the sweep (later runs never
+    ran) and with ``--jobs 2`` it surfaced untyped once all ended, without saying which
+    run failed."""
+    out = tmp_path / "results"
+    real_run = report.run
+
+    def flaky(scenario: Any, **kw: Any) -> RunResult:
+        if scenario.seed == 2:  # forked into the workers with jobs 2
+            raise SimStateError("an event in the past")
+        return real_run(scenario, **kw)
+
+    monkeypatch.setattr(report, "run", flaky)
+    ended: list[tuple[str, str | None]] = []
+    with pytest.raises(SweepFailed) as exc:
+        report.sweep([str(SCENARIOS / "scale.yaml")], [20], [1, 2, 3], out, jobs=jobs,
+                     extra=_EXTRA, plots=False, done=lambda r, e: ended.append((r, e)))
+    assert exc.value.failed == {"scale-n20-s2": "SimStateError: an event in the past"}
+    assert exc.value.written == [str(out / "scale-n20-s1"), str(out / "scale-n20-s3")]
+    assert "1 of 3 runs failed (scale-n20-s2: SimStateError: an event in the past)" in str(
+        exc.value)
+    assert len(ended) == 3 and dict(ended) == {
+        str(out / "scale-n20-s1"): None,
+        "scale-n20-s2": "SimStateError: an event in the past",
+        str(out / "scale-n20-s3"): None}
+    assert sorted(p.name for p in out.iterdir()) == ["scale-n20-s1", "scale-n20-s3"]
+    assert [s["seed"] for s in load_summaries(out)] == [1, 3]
+
+
+def test_sweep_cli_counts_runs_on_a_bar_and_lists_them_in_grid_order(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "results"
+    main(["sim", "sweep", str(SCENARIOS / "scale.yaml"), "--nodes", "20,30", "--seeds", "1",
+          "--jobs", "2", "--no-plots", "--out", str(out),
+          *(f"--set={k}={v}" for k, v in _EXTRA.items())])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1]) == {
+        "runs": [str(out / "scale-n20-s1"), str(out / "scale-n30-s1")]}
+    assert "2/2" in captured.err  # the bar's last state

@@ -93,9 +93,14 @@ def run_cmd(scenario: str, nodes: int | None, seed: int | None, duration: float 
 @click.option("--jobs", type=int, default=1, show_default=True, help="Worker processes.")
 @click.option("--out", type=click.Path(file_okay=False), default="results", show_default=True)
 @click.option("--no-plots", is_flag=True)
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="A bar on stderr counting the runs that ended.")
 def sweep_cmd(scenarios: tuple[str, ...], sizes: str, seeds: str, sets: tuple[str, ...],
-              jobs: int, out: str, no_plots: bool) -> None:
-    """Run SCENARIOS x sizes x seeds, one process per run."""
+              jobs: int, out: str, no_plots: bool, progress: bool) -> None:
+    """Run SCENARIOS x sizes x seeds, one process per run. A run that fails does not
+    stop the others; the sweep then exits 1 naming it."""
+    from tqdm import tqdm
+
     from pqcnet.sim.report import sweep
 
     try:
@@ -105,9 +110,20 @@ def sweep_cmd(scenarios: tuple[str, ...], sizes: str, seeds: str, sets: tuple[st
         raise ScenarioError("--nodes and --seeds take comma-separated integers") from None
     if jobs < 1:
         raise ScenarioError("--jobs must be >= 1")
+    extra = _assignments(sets)
+    bar = tqdm(total=len(scenarios) * len(ns) * len(ss), unit="run", disable=not progress,
+               desc="sweep", leave=False)
+
+    def done(run: str, error: str | None) -> None:
+        bar.update(1)
+        bar.set_postfix_str(f"{Path(run).name} {'failed' if error else 'written'}")
+
     with stopping("pqcnet sim sweep"):  # SIGINT/SIGTERM: the workers are terminated
-        dirs = sweep(list(scenarios), ns, ss, Path(out), jobs=jobs,
-                     extra=_assignments(sets), plots=not no_plots)
+        try:
+            dirs = sweep(list(scenarios), ns, ss, Path(out), jobs=jobs, extra=extra,
+                         plots=not no_plots, done=done)
+        finally:
+            bar.close()
     click.echo(json.dumps({"runs": dirs}))
 
 
