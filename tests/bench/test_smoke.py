@@ -226,6 +226,36 @@ def test_relayer_on_kafka_with_its_marks_in_redis() -> None:
         assert proc.returncode != 0 and "is for --backend kafka" in proc.stderr, proc.stderr
 
 
+def test_relayer_cluster_quotas_against_none_in_the_same_run() -> None:
+    """``--quota-scope cluster --quota-rate R``: the same relayer measured without
+    quotas first, then with every customer's quota drawn from Redis (shape only: the
+    cost is a benchmark figure). The quota run drew from Redis — its dropped prefix
+    held the four customers' frames buckets. Refused where there is no Redis to share,
+    and at a rate the run exceeds (the run would measure refusals)."""
+    redis_url = require_service("PQCNET_REDIS_URL", "Redis")
+    d = _relayer("--backend", "redis", "--no-baselines", "--quota-scope", "cluster",
+                 "--quota-rate", "1000000")
+    q = d["quotas"]
+    assert q["scope"] == "cluster" and q["frames_per_s_per_customer"] == 1e6
+    for side in ("without", "with"):
+        assert _number(q[side]["frames_per_s"]) and _number(q[side]["paced_p99_ms"]), q
+    assert _number(q["ratio_frames_per_s"]) and _number(q["ratio_cpu_per_frame"])
+    without, with_quota = d["broker_state"]
+    assert "quota" not in without["redis_keys"], without
+    assert with_quota["redis_keys"]["quota"] == 4, with_quota  # cust0..cust3: frames
+    left = redis_cli(redis_url, "--scan", "--pattern", with_quota["redis_prefix"] + ":*")
+    assert left.split() == [], left
+    for args, why in (
+            (["--backend", "embedded", "--quota-scope", "cluster", "--quota-rate", "10"],
+             "keeps the quotas in Redis"),
+            (["--backend", "redis", "--quota-scope", "host"], "go together"),
+            (["--backend", "redis", "--quota-scope", "host", "--quota-rate", "10",
+              "--frames", "400", "--batch", "32"], "the relayer refused frames")):
+        proc = subprocess.run([PQCNET, "bench", "relayer", "--no-baselines", *args],
+                              capture_output=True, text=True, timeout=300, check=False)
+        assert proc.returncode != 0 and why in proc.stderr, proc.stderr[-2000:]
+
+
 def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

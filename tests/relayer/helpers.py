@@ -192,3 +192,24 @@ async def metrics_reach(port: int, want: dict[str, float], limit: float = 10.0) 
                 await asyncio.sleep(0.1)
     except TimeoutError:
         raise AssertionError(f"metrics {seen}, want {want}") from None
+
+
+async def offer_over_quota(pub: Any, channel: str, until: float,
+                           counts: dict[str, int]) -> None:
+    """Publish 10 frames of customer acme on ``channel`` every 20 ms until ``until``
+    (monotonic), far over the small quotas of the quota tests; count the accepted
+    (``ok``) and the retriable QuotaExceeded (code 33, ``quota``) — any other refusal
+    fails the test."""
+    import time
+
+    seq = 0
+    while time.monotonic() < until:
+        frames = [Frame("acme", channel, seq + i + 1, b"q") for i in range(10)]
+        seq += 10
+        for r in await pub.publish(frames):
+            if r.accepted:
+                counts["ok"] += 1
+            else:
+                assert r.code == 33 and r.retriable, r
+                counts["quota"] += 1
+        await asyncio.sleep(0.02)

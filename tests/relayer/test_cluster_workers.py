@@ -30,7 +30,7 @@ from tests.ports import port_run
 from tests.procs import running
 from tests.relayer.cluster import by_topic, metered
 from tests.relayer.e2e import identities
-from tests.relayer.helpers import eventually, redis_cli, scrape_metrics
+from tests.relayer.helpers import eventually, offer_over_quota, redis_cli, scrape_metrics
 from tests.relayer.proc import PQCNET, write_config
 
 pytestmark = pytest.mark.timeout(240)
@@ -271,21 +271,9 @@ async def test_a_customer_quota_is_one_bucket_over_the_workers(tmp_path: Path,
                 for p in ready["worker_ports"]]  # one tunnel on each worker
         counts = [{"ok": 0, "quota": 0}, {"ok": 0, "quota": 0}]
 
-        async def offer(k: int, channel: str, until: float) -> None:
-            seq = 0
-            while time.monotonic() < until:
-                frames = [Frame("acme", channel, seq + i + 1, b"q") for i in range(10)]
-                seq += 10
-                for r in await pubs[k].publish(frames):
-                    if r.accepted:
-                        counts[k]["ok"] += 1
-                    else:
-                        assert r.code == 33 and r.retriable, r
-                        counts[k]["quota"] += 1
-                await asyncio.sleep(0.02)
-
         t0 = time.monotonic()
-        await asyncio.gather(offer(0, "q0", t0 + 2.0), offer(1, "q1", t0 + 2.0))
+        await asyncio.gather(offer_over_quota(pubs[0], "q0", t0 + 2.0, counts[0]),
+                             offer_over_quota(pubs[1], "q1", t0 + 2.0, counts[1]))
         elapsed = time.monotonic() - t0
         allowed = burst + rate * elapsed
         total = counts[0]["ok"] + counts[1]["ok"]

@@ -49,6 +49,14 @@ summed; ``per_worker`` splits it), whose N-worker / 1-worker ratio predicts scal
 a host with a core per worker. Publishers use the shared port; one subscriber per
 customer per worker (each worker delivers the shards it owns).
 
+``--quota-rate R --quota-scope host|cluster``: every customer gets a quota of R
+frames/s (one second's burst) checked by this host's buckets or drawn from the
+cluster's in Redis (``quota_scope``; cluster: backend redis, or kafka with
+``--marks-in-redis``), and the same run measures the relayer without quotas first: the
+JSON's ``quotas`` part has both frames/s, CPU per frame and paced latency, and their
+ratios — the cost of checking a quota. R must exceed what the run reaches per customer
+(the bench stops with an error at a refused frame).
+
 ``--marks-in-redis`` (kafka): the relayer keeps its dedup marks and metered volume in
 Redis (``redis_url``, a fresh prefix), as a Kafka relayer cluster does to move them with
 a partition — fenced by the group generation (decision 0025); without it they stay in
@@ -269,6 +277,16 @@ async def _saturated(clients: _Clients, frames: int, topics: int, batch: int,
     clients.expect(per_pub * publishers)
     bar = tqdm(total=frames, unit="frame", desc=f"relayer e2e ({prefix})", disable=None)
 
+    refused: list[str] = []
+
+    def answered(task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            refused.extend(r.reason for r in task.result() if not r.accepted)
+
+    def stop_if_refused() -> None:
+        if refused:  # a quota below the run's rate, say: the run would wait for ever
+            raise click.ClickException(f"the relayer refused frames: {refused[0]}")
+
     async def pub(k: int, client: PublisherClient) -> None:
         mine = _topics(k, topics, publishers, prefix)
         seq = {t: 0 for t in mine}
@@ -284,11 +302,13 @@ async def _saturated(clients: _Clients, frames: int, topics: int, batch: int,
             task = asyncio.create_task(client.publish(fr))
             inflight.add(task)
             task.add_done_callback(inflight.discard)
+            task.add_done_callback(answered)
             bar.update(len(fr))
             if len(inflight) >= 8:
                 await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-        for res in await asyncio.gather(*inflight):
-            assert all(r.accepted for r in res)
+                stop_if_refused()
+        await asyncio.gather(*inflight)
+        stop_if_refused()
 
     t0 = time.perf_counter()
     await asyncio.gather(*(pub(k, c) for k, c in enumerate(clients.pubs)))
@@ -392,8 +412,10 @@ async def relayer_process(cfg: Path, workers: int = 1
 def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
         topics: int = 64, batch: int = 256, size: int = 64, paced_frames: int = 1000,
         paced_rate: float = 200.0, baselines: bool = True, workers: int = 1,
-        marks_in_redis: bool = False, keep_broker_state: bool = False) -> dict[str, Any]:
+        marks_in_redis: bool = False, keep_broker_state: bool = False,
+        quota_scope: str | None = None, quota_rate: float = 0.0) -> dict[str, Any]:
     """Run the benchmark; returns the JSON-able result."""
+    quota = _quota_config(backend, workers, marks_in_redis, quota_scope, quota_rate)
     if workers > 1 and backend == "embedded":
         raise click.ClickException("--workers > 1 needs --backend redis or kafka: the "
                                    "embedded backend is single-process")
@@ -415,14 +437,15 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
                                    "(scripts/services start redis)")
     before = machine()
 
-    async def e2e(n_workers: int, paced_run: bool) -> dict[str, Any]:
+    async def e2e(n_workers: int, paced_run: bool, extra: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="pqcnet-bench-relayer-") as d:
             tmp = Path(d)
             _, ids = dev_identities("pqcnet.bench", "spiffe://pqcnet.bench/b/relayer/r",
                                     "spiffe://pqcnet.bench/b/publisher/p",
                                     "spiffe://pqcnet.bench/b/subscriber/s")
             ids[0].save(tmp / "ident", None)
-            path = relayer_config(tmp, backend, url, marks_url, shards=32)
+            path = relayer_config(tmp, backend, url, marks_url, shards=32, **(extra or {}))
             try:
                 res = await measure(tmp, path, ids, n_workers, paced_run)
             except BaseException:  # failed or interrupted (Ctrl-C): dropped all the same
@@ -490,8 +513,9 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
         # interrupt test asks before it gives up on a bench that did not exit)
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
         one = await e2e(1, workers == 1) if workers > 1 else None
-        res = await e2e(workers, True)
-        res["one_worker"] = one
+        unlimited = await e2e(1, True) if quota else None
+        res = await e2e(workers, True, quota)
+        res["one_worker"], res["no_quota"] = one, unlimited
         return res
 
     res = asyncio.run(go())
@@ -541,11 +565,50 @@ def run(backend: str = "embedded", frames: int = 60_000, publishers: int = 4,
         },
         "machine": {"before": before, "after": machine()},
         # what each relayer of the run left on the brokers, dropped unless kept
-        "broker_state": [r["broker_state"] for r in (res["one_worker"], res) if r],
+        "broker_state": [r["broker_state"]
+                         for r in (res["one_worker"], res["no_quota"], res) if r],
     }
     if res["one_worker"] is not None:
         out["workers"] = _workers_part(workers, res["one_worker"]["saturated"], sat)
+    if res["no_quota"] is not None:
+        out["quotas"] = _quotas_part(quota, res["no_quota"], res)
     return out
+
+
+def _quota_config(backend: str, workers: int, marks_in_redis: bool,
+                  scope: str | None, rate: float) -> dict[str, Any] | None:
+    """The relayer config keys of ``--quota-scope/--quota-rate`` (None: no quotas)."""
+    if scope is None and not rate:
+        return None
+    if scope is None or rate <= 0:
+        raise click.ClickException("--quota-scope and --quota-rate go together")
+    if workers > 1:
+        raise click.ClickException("--quota-scope: measure quotas with one worker")
+    if scope == "cluster" and not (backend == "redis" or marks_in_redis):
+        raise click.ClickException("--quota-scope cluster keeps the quotas in Redis: "
+                                   "--backend redis, or kafka with --marks-in-redis")
+    return {"quota_scope": scope, "quotas": {"default": {"frames_per_s": rate}}}
+
+
+def _quotas_part(quota: dict[str, Any] | None, off: dict[str, Any],
+                 on: dict[str, Any]) -> dict[str, Any]:
+    """The relayer with quotas against the same relayer without, in the same run."""
+    assert quota is not None
+    part: dict[str, Any] = {"scope": quota["quota_scope"],
+                            "frames_per_s_per_customer": quota["quotas"]["default"][
+                                "frames_per_s"]}
+    for name, r in (("without", off), ("with", on)):
+        sat, paced = r["saturated"], r["paced"]
+        part[name] = {"frames_per_s": sat["frames_per_s"],
+                      "relayer_cpu_us_per_frame": sat["relayer_cpu_us_per_frame"],
+                      "paced_p50_ms": paced["latency"]["p50_ms"],
+                      "paced_p99_ms": paced["latency"]["p99_ms"]}
+    w, o = part["with"], part["without"]
+    part["ratio_frames_per_s"] = ratio(w["frames_per_s"], o["frames_per_s"])
+    part["ratio_cpu_per_frame"] = ratio(w["relayer_cpu_us_per_frame"],
+                                        o["relayer_cpu_us_per_frame"])
+    part["paced_p99_added_ms"] = round(w["paced_p99_ms"] - o["paced_p99_ms"], 3)
+    return part
 
 
 def _workers_part(workers: int, one: dict[str, Any], many: dict[str, Any]) -> dict[str, Any]:
@@ -616,14 +679,22 @@ def _peer_baselines(frames: int, topics: int, size: int, publishers: int,
               help="kafka: dedup marks and metered volume in Redis (redis_url), as a Kafka "
                    "relayer cluster keeps them, fenced by the group generation; default: "
                    "the relayer's node-local RocksDB.")
+@click.option("--quota-scope", type=click.Choice(["host", "cluster"]),
+              help="Give every customer a quota of --quota-rate frames/s, checked by this "
+                   "host (host) or drawn from the cluster's Redis (cluster); the run "
+                   "measures the relayer without quotas first.")
+@click.option("--quota-rate", default=0.0, type=click.FloatRange(0),
+              help="Frames/s per customer with --quota-scope (above what the run reaches).")
 @click.option("--keep-broker-state", is_flag=True,
               help="Keep what the bench relayer wrote to Redis / Kafka (its prefix, its "
                    "topic) to look at; default: dropped once measured.")
 def cli(backend: str, frames: int, publishers: int, topics: int, batch: int, size: int,
         paced_frames: int, paced_rate: float, baselines: bool, workers: int,
-        marks_in_redis: bool, keep_broker_state: bool) -> None:
+        marks_in_redis: bool, keep_broker_state: bool, quota_scope: str | None,
+        quota_rate: float) -> None:
     """End-to-end relayer frames/s and publish→deliver latency (32 shards) vs the raw
     backend, the QSTP small-frame echo ceiling and NATS JetStream (nats-py and Go)."""
     click.echo(json.dumps(run(backend, frames, publishers, topics, batch, size,
                               paced_frames, paced_rate, baselines, workers,
-                              marks_in_redis, keep_broker_state), indent=2))
+                              marks_in_redis, keep_broker_state, quota_scope,
+                              quota_rate), indent=2))

@@ -131,8 +131,10 @@ def _worker_main(config_path: Path, index: int, workers: int, port: int,
     if index > 0:  # one renewer; the others pick the renewed identity up from disk
         rotation = {**rotation, "renew_ca_url": "", "renew_ca_dir": None}
     state = SharedLimitState.attach(shm_path)  # quotas: one bucket per host
+    # quota_scope cluster: each worker draws from the cluster's buckets in Redis itself
+    quotas = SharedQuotas(state, cfg.quotas) if cfg.quota_scope == "host" else None
     start, stop = relayer_lifecycle(cfg, config_path, rotation, started=base, reuse_port=True,
-                                    own_port=own, quotas=SharedQuotas(state, cfg.quotas))
+                                    own_port=own, quotas=quotas)
 
     def up(node: RelayerNode) -> None:
         ready.put({"index": index, "port": node.port, "own_port": node.own_port,

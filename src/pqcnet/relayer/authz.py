@@ -152,7 +152,11 @@ class _Bucket:
 
 
 class Quotas:
-    """Per-customer frames/s and bytes/s token buckets."""
+    """Per-customer frames/s and bytes/s token buckets (of this host; over a cluster:
+    :class:`~pqcnet.relayer.cluster_quotas.ClusterQuotas`)."""
+
+    #: :meth:`prepare` has work to do (the ingress skips awaiting it otherwise)
+    needs_prepare = False
 
     def __init__(self, spec: QuotasSpec | None = None, *,
                  max_customers: int = MAX_QUOTA_CUSTOMERS) -> None:
@@ -205,6 +209,10 @@ class Quotas:
             raise QuotaExceeded(f"customer {customer!r} is over its quota of "
                                 f"{bb.rate:g} bytes/s (retry in {wait:.3g}s)",  # type: ignore[union-attr]
                                 retry_after=wait)
+
+    async def prepare(self, demand: dict[str, list[int]]) -> None:
+        """Before a request's :meth:`take` calls (``demand``: customer -> [frames,
+        payload bytes]): nothing to do for buckets of this host."""
 
     def reload(self, spec: QuotasSpec, now: float) -> None:
         """Hot reload: new rates apply to existing buckets, which keep their level."""
@@ -295,6 +303,19 @@ class SharedQuotas(Quotas):
         self._rows.clear()  # rates come from the new spec at the next take
 
 
+def request_demand(frames: Iterable[tuple[str, int]]) -> dict[str, list[int]]:
+    """customer -> [frames, payload bytes] of one request's (customer, payload size)."""
+    out: dict[str, list[int]] = {}
+    for customer, size in frames:
+        d = out.get(customer)
+        if d is None:
+            out[customer] = [1, size]
+        else:
+            d[0] += 1
+            d[1] += size
+    return out
+
+
 def _unlimited(spec: QuotasSpec) -> bool:
     return all(q.frames_per_s <= 0 and q.bytes_per_s <= 0
                for q in (spec.default, *spec.customers.values()))
@@ -308,4 +329,4 @@ def _keep(old: _Bucket | None, new: _Bucket | None) -> _Bucket | None:
 
 
 __all__ = ["MAX_QUOTA_CUSTOMERS", "Authorizer", "AuthzSpec", "Op", "QuotaSpec", "Quotas",
-           "QuotasSpec", "SharedQuotas", "authz_policy"]
+           "QuotasSpec", "SharedQuotas", "authz_policy", "request_demand"]

@@ -207,6 +207,10 @@ class RelayerConfig(Schema):
     which customers' channels (default: a tenant is its own customer, nothing else)."""
     quotas: QuotasSpec = Field(default_factory=QuotasSpec)
     """Per-customer quotas at this relayer (frames/s, bytes/s; 0: unlimited)."""
+    quota_scope: Literal["host", "cluster"] = "host"
+    """Whom a customer's quota bounds: this host (each relayer of a cluster admits the
+    whole plan) or the cluster (shared buckets in the cluster's Redis: backend redis,
+    or redis_url with kafka). Restart to change."""
     spiffe_layouts: list[SpiffeLayoutSpec] = Field(default_factory=list)
     """How tenant/role/node are read from peers' SPIFFE IDs of other shapes than
     ``tenant/role/node`` (first fitting template wins; unread IDs have no tenant)."""
@@ -228,6 +232,9 @@ class RelayerConfig(Schema):
             raise ValueError("redis_url: required for backend redis")
         if self.backend == "kafka" and not self.kafka_bootstrap:
             raise ValueError("kafka_bootstrap: required for backend kafka")
+        if self.quota_scope == "cluster" and not self.redis_url:
+            raise ValueError("quota_scope: cluster keeps the quotas in the cluster's Redis; "
+                             "set redis_url (backend redis, or kafka with shared marks)")
         if (self.kafka_rebalance and self.owned_shards
                 and "kafka_rebalance" in self.model_fields_set):
             raise ValueError("kafka_rebalance: the group assigns shards; leave owned_shards "

@@ -25,7 +25,7 @@ from typing import Protocol, cast
 
 from pqcnet.errors import PqcnetError
 from pqcnet.qstp.aio import Stream, Tunnel
-from pqcnet.relayer.authz import Authorizer, Quotas
+from pqcnet.relayer.authz import Authorizer, Quotas, request_demand
 from pqcnet.relayer.backpressure import FlowChange
 from pqcnet.relayer.counters import SignedAckCounter
 from pqcnet.relayer.egress import SubscriberHub, SubscriptionRefused
@@ -239,6 +239,9 @@ class Ingress:
         highest = session.highest
         peer = session.tunnel.peer.spiffe_id if self.authz is not None else None
         quotas = None if self.quotas.unlimited else self.quotas
+        if quotas is not None and quotas.needs_prepare:  # cluster quotas: draw first
+            await quotas.prepare(request_demand(
+                (i.frame.customer, len(i.frame.payload)) for i in items if i.frame is not None))
         now = self.clock()
         limits = self.limits
         for idx, item in enumerate(items):

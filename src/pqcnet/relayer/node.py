@@ -57,6 +57,7 @@ from pqcnet.relayer.backpressure import FlowController
 from pqcnet.relayer.bus.base import Bus
 from pqcnet.relayer.bus.embedded import EmbeddedBus
 from pqcnet.relayer.bus.leases import OwnershipJournal
+from pqcnet.relayer.cluster_quotas import ClusterQuotas
 from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.counters import (
     ClaimCheck,
@@ -149,6 +150,17 @@ def shared_marks(cfg: RelayerConfig, bus: Bus) -> RedisSeqStore:
         bus.owners = PartitionOwners(client, cfg.redis_prefix, bus.owner_token)
         fence = bus.owners.fence
     return RedisSeqStore(client, cfg.redis_prefix, cfg.node_id, fence=fence)
+
+
+def make_quotas(cfg: RelayerConfig) -> Quotas:
+    """This host's quota buckets, or (``quota_scope: cluster``) the cluster's in Redis."""
+    if cfg.quota_scope == "host":
+        return Quotas(cfg.quotas)
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(cfg.redis_url, socket_connect_timeout=cfg.publish_timeout,
+                               client_name=client_name(cfg.node_id, "quotas"))
+    return ClusterQuotas(cfg.quotas, client, cfg.redis_prefix, timeout=cfg.publish_timeout)
 
 
 def _identity_passphrase(cfg: RelayerConfig) -> bytes | None:
@@ -246,8 +258,9 @@ class RelayerNode:
         self.fence = GapFence(self._stored_marks, self._stored_gaps, owns=self._owns,
                               assigned=self._assigned)
         self.authz = Authorizer(authz_policy(cfg.authz))
-        #: per-customer quotas (``relayer run --workers N``: shared by the workers)
-        self.quotas = quotas if quotas is not None else Quotas(cfg.quotas)
+        #: per-customer quotas (``relayer run --workers N``: shared by the workers;
+        #: ``quota_scope: cluster``: drawn from the cluster's Redis)
+        self.quotas = quotas if quotas is not None else make_quotas(cfg)
         self.hub.may_receive = self.authz.may_receive
         self.hub.on_generation = self._look_at_parked
         self.proofs: dict[int, VolumeProof] = {}
@@ -344,6 +357,8 @@ class RelayerNode:
             stack.push_async_callback(_quietly, rocks.close)
             store = rocks
         self.store = store
+        if isinstance(self.quotas, ClusterQuotas):
+            stack.push_async_callback(_quietly, self.quotas.aclose)
         if isinstance(store, RedisSeqStore):  # shared by a cluster: skips agreed there
             self.fence.confirmer = store.agreement.confirm
         self.overflow = OverflowQueue(self.data_dir / "overflow", cfg.shards,
@@ -1060,6 +1075,18 @@ class _NodeCollector(Collector):
         yield CounterMetricFamily("pqcnet_relayer_quota_refused_frames",
                                   "Publisher frames refused by a customer quota",
                                   value=n.quotas.refused)
+        if isinstance(n.quotas, ClusterQuotas):
+            calls = CounterMetricFamily(
+                "pqcnet_relayer_quota_cluster_calls",
+                "Draws from the cluster's shared quota buckets in Redis, by outcome (an "
+                "error starts a fallback to host buckets)", labels=["outcome"])
+            for outcome, v in sorted(n.quotas.calls.items()):
+                calls.add_metric([outcome], v)
+            yield calls
+            yield GaugeMetricFamily("pqcnet_relayer_quota_cluster_fallback",
+                                    "1 while Redis failed the cluster quotas and this "
+                                    "relayer uses host buckets",
+                                    value=1 if n.quotas.in_fallback else 0)
         fence = CounterMetricFamily(
             "pqcnet_relayer_gap_fence_events",
             "Gap fence (late frames): refused, skips held for an in-flight frame, "

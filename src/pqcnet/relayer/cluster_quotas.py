@@ -1,0 +1,234 @@
+"""Per-customer quotas over a whole relayer cluster (``quota_scope: cluster``).
+
+With ``quota_scope: host`` (the default) each relayer host keeps its own buckets, so a
+customer whose publishers reach H hosts of a cluster may publish H times its plan.
+With ``cluster`` the buckets live in the Redis the cluster already shares (the bus of
+backend redis, or ``redis_url`` of a Kafka cluster), one frames bucket and one bytes
+bucket per customer, and every relayer draws from them.
+
+A Redis round trip per frame would cost more than the rest of ingress, so each relayer
+draws *chunks*: before a request's frames are checked (:meth:`ClusterQuotas.prepare`,
+awaited by the ingress), a customer whose local tokens would fall below half a chunk
+asks the shared bucket for what the request needs plus a chunk (a tenth of a second of
+its rate, at most its burst), and the frames then take from the local tokens as the
+host buckets do. One script call carries every short customer of the request; one call
+runs at a time per relayer, so concurrent requests do not each hoard a chunk.
+
+What it guarantees: the cluster admits no more than the shared buckets grant — over
+any window, the plan's rate times the window plus its burst plus what each relayer
+holds unspent (at most a chunk and one request's frames each). A relayer's unspent
+tokens are not returned: a customer whose traffic moves between relayers is admitted
+a little *below* its plan for a moment, never above. The shared bucket refills by the
+Redis server's clock (``TIME`` in the script), so relayers' clocks do not matter.
+
+When Redis cannot be reached (an error or no answer within ``timeout``), the relayer
+falls back to host buckets at the full plan for :data:`FALLBACK_S` seconds and then
+tries again — a Redis outage never stops ingress, and a cluster in fallback admits at
+most H times the plan, as ``host`` scope does. Fallbacks are logged, counted and
+exposed (``pqcnet_relayer_quota_cluster_calls_total{outcome="error"}``,
+``pqcnet_relayer_quota_cluster_fallback``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from pqcnet.relayer.authz import MAX_QUOTA_CUSTOMERS, Quotas, QuotaSpec, QuotasSpec
+from pqcnet.relayer.errors import QuotaExceeded
+
+log = logging.getLogger(__name__)
+
+#: Seconds of a customer's rate drawn at once from the shared bucket (at most its burst).
+CHUNK_S = 0.1
+#: Seconds a relayer stays on host buckets after Redis failed it.
+FALLBACK_S = 5.0
+#: Seconds an idle shared bucket outlives the time it takes to refill (then it is
+#: gone, and comes back full — as it would be).
+IDLE_TTL_S = 60.0
+
+# For each key (one shared bucket): refill by the server's clock, grant
+# min(wanted, whole tokens), say how long until the rest would be there.
+# KEYS bucket keys; ARGV per key: rate/s, burst, wanted, ttl ms -> per key: granted, wait s
+_DRAW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local out = {}
+for i, key in ipairs(KEYS) do
+  local rate = tonumber(ARGV[4 * i - 3])
+  local burst = tonumber(ARGV[4 * i - 2])
+  local want = tonumber(ARGV[4 * i - 1])
+  local have = redis.call('HMGET', key, 'tokens', 'at')
+  local tokens = tonumber(have[1]) or burst
+  local at = tonumber(have[2]) or now
+  if now > at then
+    tokens = math.min(burst, tokens + (now - at) * rate)
+    at = now
+  end
+  local grant = math.min(want, math.floor(tokens))
+  tokens = tokens - grant
+  redis.call('HSET', key, 'tokens', tostring(tokens), 'at', tostring(at))
+  redis.call('PEXPIRE', key, ARGV[4 * i])
+  local wait = 0
+  if grant < want then wait = (want - grant - tokens) / rate end
+  out[2 * i - 1] = tostring(grant)
+  out[2 * i] = tostring(wait)
+end
+return out
+"""
+
+#: frames, bytes
+_UNITS = ("frames", "bytes")
+
+
+def _limits(q: QuotaSpec) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(rate, burst) for frames and for bytes (rate 0: unlimited)."""
+    return ((q.frames_per_s, q.frames_burst or q.frames_per_s),
+            (q.bytes_per_s, q.bytes_burst or q.bytes_per_s))
+
+
+def chunk(rate: float, burst: float) -> float:
+    """Tokens drawn beyond a request's need: :data:`CHUNK_S` of the rate, at least one,
+    at most the burst."""
+    return min(burst, max(1.0, rate * CHUNK_S))
+
+
+class _Pool:
+    """A customer's tokens drawn from the shared buckets and not spent yet, and its
+    rates (kept here: looked up once per customer and reload, not per frame)."""
+
+    __slots__ = ("bytes_rate", "frames_rate", "tokens", "wait")
+
+    def __init__(self, q: QuotaSpec) -> None:
+        #: frames, bytes
+        self.tokens = [0.0, 0.0]
+        #: seconds until the shared bucket has what the last draw lacked
+        self.wait = CHUNK_S
+        self.frames_rate, self.bytes_rate = q.frames_per_s, q.bytes_per_s
+
+
+class ClusterQuotas(Quotas):
+    """:class:`Quotas` drawn from shared buckets in Redis (see the module text)."""
+
+    #: the ingress awaits :meth:`prepare` before a request's frames are checked
+    needs_prepare = True
+
+    def __init__(self, spec: QuotasSpec | None, client: aioredis.Redis, prefix: str, *,
+                 timeout: float, clock: Callable[[], float] = time.monotonic,
+                 max_customers: int = MAX_QUOTA_CUSTOMERS) -> None:
+        super().__init__(spec, max_customers=max_customers)
+        self.client, self.prefix, self.timeout, self._clock = client, prefix, timeout, clock
+        self._draw = client.register_script(_DRAW)
+        self._pools: OrderedDict[str, _Pool] = OrderedDict()
+        self._lock = asyncio.Lock()
+        #: host buckets used while Redis cannot be reached
+        self.fallback = Quotas(self.spec, max_customers=max_customers)
+        self._fallback_until = 0.0
+        #: script calls by outcome: ``ok``, ``error`` (each error starts a fallback)
+        self.calls = {"ok": 0, "error": 0}
+
+    @property
+    def in_fallback(self) -> bool:
+        return self._clock() < self._fallback_until
+
+    def _key(self, unit: str, customer: str) -> str:
+        return f"{self.prefix}:quota:{unit}:{customer}"
+
+    def _pool(self, customer: str) -> _Pool:
+        pool = self._pools.get(customer)
+        if pool is None:
+            pool = self._pools[customer] = _Pool(self.quota(customer))
+            while len(self._pools) > self.max_customers:
+                self._pools.popitem(last=False)
+        else:
+            self._pools.move_to_end(customer)
+        return pool
+
+    def _shortfalls(self, demand: dict[str, list[int]]
+                    ) -> list[tuple[str, int, float, float, int]]:
+        """(customer, unit index, rate, burst, tokens to draw) wherever this request
+        would leave less than half a chunk."""
+        asks = []
+        for customer, need in demand.items():
+            limits = _limits(self.quota(customer))
+            pool = self._pools.get(customer)
+            for u, (rate, burst) in enumerate(limits):
+                if rate <= 0:
+                    continue
+                have = pool.tokens[u] if pool is not None else 0.0
+                c = chunk(rate, burst)
+                if have - need[u] < c / 2:
+                    asks.append((customer, u, rate, burst, math.ceil(need[u] + c - have)))
+        return asks
+
+    async def prepare(self, demand: dict[str, list[int]]) -> None:
+        """Draw from the shared buckets what a request needs (``demand``: customer ->
+        [frames, payload bytes]) for every customer whose local tokens fall short."""
+        if self.in_fallback or not self._shortfalls(demand):
+            return
+        async with self._lock:  # one draw at a time; the one before may have covered us
+            asks = [] if self.in_fallback else self._shortfalls(demand)
+            if not asks:
+                return
+            keys, args = [], []
+            for customer, u, rate, burst, want in asks:
+                keys.append(self._key(_UNITS[u], customer))
+                ttl_ms = int((burst / rate + IDLE_TTL_S) * 1000)
+                args += [repr(rate), repr(burst), str(want), str(ttl_ms)]
+            try:
+                got = await asyncio.wait_for(self._draw(keys=keys, args=args), self.timeout)
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.calls["error"] += 1
+                self._fallback_until = self._clock() + FALLBACK_S
+                log.warning("cluster quotas: Redis failed (%s); host buckets for %gs",
+                            exc.__class__.__name__, FALLBACK_S)
+                return
+            self.calls["ok"] += 1
+            for k, (customer, u, _rate, _burst, _want) in enumerate(asks):
+                pool = self._pool(customer)
+                pool.tokens[u] += float(got[2 * k])
+                wait = float(got[2 * k + 1])
+                pool.wait = wait if wait > 0 else CHUNK_S
+
+    def take(self, customer: str, frames: int, nbytes: int, now: float) -> None:
+        if now < self._fallback_until:
+            try:
+                self.fallback.take(customer, frames, nbytes, now)
+            except QuotaExceeded:
+                self.refused += frames
+                raise
+            return
+        pool = self._pool(customer)
+        tokens = pool.tokens
+        short = (0 if pool.frames_rate > 0 and tokens[0] < frames else
+                 1 if pool.bytes_rate > 0 and tokens[1] < nbytes else -1)
+        if short >= 0:
+            self.refused += frames
+            rate = pool.bytes_rate if short else pool.frames_rate
+            raise QuotaExceeded(
+                f"customer {customer!r} is over its cluster quota of {rate:g} "
+                f"{_UNITS[short]}/s (retry in {pool.wait:.3g}s)", retry_after=pool.wait)
+        if pool.frames_rate > 0:
+            tokens[0] -= frames
+        if pool.bytes_rate > 0:
+            tokens[1] -= nbytes
+
+    def reload(self, spec: QuotasSpec, now: float) -> None:
+        super().reload(spec, now)
+        self.fallback.reload(spec, now)
+        for customer, pool in self._pools.items():
+            q = self.quota(customer)
+            pool.frames_rate, pool.bytes_rate = q.frames_per_s, q.bytes_per_s
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+__all__ = ["CHUNK_S", "FALLBACK_S", "ClusterQuotas", "chunk"]
