@@ -244,11 +244,14 @@ def _memfds(pid: int) -> list[str]:
     return [link for link in links if link.startswith("/memfd:")]
 
 
+@pytest.mark.parametrize("scope", ["host", "cluster"])
 async def test_a_customer_quota_is_one_bucket_over_the_workers(tmp_path: Path,
-                                                                redis_url: str) -> None:
+                                                                redis_url: str,
+                                                                scope: str) -> None:
     """acme may publish 40 frames/s (burst 40). Two publishers, each on a different
     worker's own port, offer far more for ~2 s: together they get the quota once (the
-    workers share one bucket in shared memory), not once per worker; each is refused
+    workers share one bucket in shared memory — or, ``quota_scope: cluster``, each
+    draws from the cluster's bucket in Redis), not once per worker; each is refused
     with the retriable QuotaExceeded (33) past it. Another customer is not limited.
     Each worker's own /metrics counts exactly what its publisher saw."""
     rate, burst = 40.0, 40.0
@@ -257,7 +260,7 @@ async def test_a_customer_quota_is_one_bucket_over_the_workers(tmp_path: Path,
     config = write_config(
         tmp_path, backend="redis", redis_url=redis_url,
         redis_prefix=f"quota:{uuid.uuid4().hex[:8]}", node_id="rq", listen_port=port,
-        redis_lease=1.5, group="quota", metrics_port=0,
+        redis_lease=1.5, group="quota", metrics_port=0, quota_scope=scope,
         quotas={"customers": {"acme": {"frames_per_s": rate, "frames_burst": burst}}})
     log = (tmp_path / "relayer.log").open("ab")
     proc = await _start_workers(config, log)
@@ -289,6 +292,8 @@ async def test_a_customer_quota_is_one_bucket_over_the_workers(tmp_path: Path,
             accepted = 'pqcnet_relayer_ingress_frames_total{result="accepted"}'
             assert seen[accepted] == counts[k]["ok"] + (k == 0), (k, seen[accepted])
             assert seen["pqcnet_relayer_quota_refused_frames_total"] == counts[k]["quota"]
+            draws = seen.get('pqcnet_relayer_quota_cluster_calls_total{outcome="ok"}')
+            assert (draws is None) == (scope == "host") and (draws is None or draws > 0)
     finally:
         for pub in pubs:
             await pub.close()
