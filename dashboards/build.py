@@ -126,7 +126,14 @@ RELAY = {
           (("sum by (instance, op) (pqcnet_relayer_authz_refusals_total)",
             "{{instance}} authz {{op}}"),
            ("sum by (instance) (pqcnet_relayer_quota_refused_frames_total)",
-            "{{instance}} quota"))),
+            "{{instance}} quota"),
+           ("sum by (instance, outcome) (pqcnet_relayer_quota_cluster_calls_total)",
+            "{{instance}} cluster quota draws {{outcome}}"),
+           ("max by (instance) (pqcnet_relayer_quota_cluster_fallback)",
+            "{{instance}} cluster quotas on host buckets")),
+          "quota_scope cluster: draws from the cluster's buckets in Redis, and 1 while "
+          "Redis fails them and this relayer checks with its own buckets (decision 0028; "
+          "alert PqcnetRelayerQuotaFallback)."),
     ],
     "Backpressure": [
         P("Shard backlog (records not yet acked)", "short",
