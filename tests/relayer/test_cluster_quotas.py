@@ -18,7 +18,8 @@ from pqcnet.relayer.client import PublisherClient
 from pqcnet.relayer.cluster_quotas import FALLBACK_S, ClusterQuotas, chunk
 from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.errors import ConfigError, QuotaExceeded
-from tests.relayer.e2e import identities
+from pqcnet.relayer.frame import Frame
+from tests.relayer.e2e import TD, identities
 from tests.relayer.helpers import offer_over_quota, redis_cli, scrape_metrics
 from tests.relayer.proc import RelayerProcess, write_config
 
@@ -225,3 +226,48 @@ async def test_a_customer_spread_over_two_relayer_processes_gets_its_plan_once(
     finally:
         for p in procs:
             await p.stop()
+
+
+async def test_a_publisher_without_the_grant_cannot_drain_a_customers_cluster_quota(
+        tmp_path: Path, redis_url: str) -> None:
+    """The attacker: a publisher not granted customer acme floods frames as acme. Each
+    is refused NotAuthorized (16) — and none of them draws from acme's shared bucket
+    (before, every frame of a request counted in the draw: such a flood pulled acme's
+    tokens into this relayer, starving acme's publishers on the others). Read from
+    outside: redis-cli finds no bucket, the relayer's /metrics no draw. Then acme's own
+    publisher gets its burst, drawn from the untouched bucket."""
+    prefix = f"cqa:{uuid.uuid4().hex[:8]}"
+    acme_only = {"own_tenant": [], "customers": {"acme": [{
+        "from": [f"spiffe://{TD}/acme/subscriber/*"], "methods": ["publish"]}]}}
+    config = write_config(tmp_path, backend="redis", redis_url=redis_url, redis_prefix=prefix,
+                          node_id="cqa", group="cqa", metrics_port=0, quota_scope="cluster",
+                          authz=acme_only,
+                          quotas={"customers": {"acme": {"frames_per_s": RATE,
+                                                         "frames_burst": BURST}}})
+    relayer = await RelayerProcess(config).start()
+    try:
+        # acme/publisher/p1: a tenant's publisher, but only acme/subscriber/* may publish
+        mallory = await PublisherClient.connect("127.0.0.1", relayer.port, identities()[1])
+        try:
+            for k in range(20):
+                results = await mallory.publish(
+                    [Frame("acme", "orders", 50 * k + i + 1, b"m") for i in range(50)])
+                assert {r.code for r in results} == {16}, results[:2]
+        finally:
+            await mallory.close()
+        key = f"{prefix}:quota:frames:acme"
+        assert redis_cli(redis_url, "EXISTS", key).split()[-1] == "0"
+        seen = await asyncio.to_thread(scrape_metrics, relayer.ready["metrics_port"])
+        assert seen.get('pqcnet_relayer_quota_cluster_calls_total{outcome="ok"}', 0) == 0
+        assert seen['pqcnet_relayer_authz_refusals_total{op="publish"}'] == 1000
+        owner = await PublisherClient.connect("127.0.0.1", relayer.port, identities()[2])
+        try:
+            results = await owner.publish(
+                [Frame("acme", "orders", i + 1, b"a") for i in range(int(BURST) + 10)])
+        finally:
+            await owner.close()
+        assert sum(r.accepted for r in results) == BURST, [r.code for r in results]
+        assert {r.code for r in results if not r.accepted} == {33}
+        assert redis_cli(redis_url, "EXISTS", key).split()[-1] == "1"
+    finally:
+        await relayer.stop()

@@ -121,6 +121,10 @@ class Authorizer:
         for ch in names or ["**"]:
             self.check(peer, "subscribe", customer, ch if names else "")
 
+    def may_publish(self, peer: SpiffeId, customer: str, channel: str) -> bool:
+        """:meth:`check` for ``publish`` as an answer: nothing raised, nothing counted."""
+        return self.policy.allows(customer, peer, "publish", channel)
+
     def may_receive(self, peer: SpiffeId, customer: str, channel: str) -> bool:
         """Delivery-time check (a grant withdrawn by a reload stops delivery)."""
         return self.policy.allows(customer, peer, "subscribe", channel)

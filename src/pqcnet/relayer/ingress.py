@@ -19,11 +19,12 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 from pqcnet.errors import PqcnetError
+from pqcnet.identity.spiffe import SpiffeId
 from pqcnet.qstp.aio import Stream, Tunnel
 from pqcnet.relayer.authz import Authorizer, Quotas, request_demand
 from pqcnet.relayer.backpressure import FlowChange
@@ -240,8 +241,7 @@ class Ingress:
         peer = session.tunnel.peer.spiffe_id if self.authz is not None else None
         quotas = None if self.quotas.unlimited else self.quotas
         if quotas is not None and quotas.needs_prepare:  # cluster quotas: draw first
-            await quotas.prepare(request_demand(
-                (i.frame.customer, len(i.frame.payload)) for i in items if i.frame is not None))
+            await quotas.prepare(request_demand(self._publishable(items, peer)))
         now = self.clock()
         limits = self.limits
         for idx, item in enumerate(items):
@@ -299,6 +299,26 @@ class Ingress:
         self.stats.accepted += ok
         self.stats.rejected += len(out) - ok
         return out
+
+    def _publishable(self, items: Sequence[Incoming], peer: SpiffeId | None
+                     ) -> Iterator[tuple[str, int]]:
+        """(customer, payload bytes) of the request's frames ``peer`` may publish: only
+        they draw from a customer's cluster quota — a tenant without the grant must not
+        drain another customer's shared bucket into this relayer."""
+        allowed: dict[tuple[str, str], bool] = {}
+        for item in items:
+            frame = item.frame
+            if frame is None or item.error is not None:
+                continue
+            if self.authz is not None:
+                assert peer is not None
+                key = (frame.customer, frame.channel)
+                ok = allowed.get(key)
+                if ok is None:
+                    ok = allowed[key] = self.authz.may_publish(peer, *key)
+                if not ok:
+                    continue
+            yield frame.customer, len(frame.payload)
 
     async def _commit(self, session: TunnelSession, items: Sequence[Incoming],
                       by_shard: dict[int, list[int]], results: list[Result | None]) -> None:
