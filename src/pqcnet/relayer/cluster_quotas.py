@@ -55,16 +55,19 @@ FALLBACK_S = 5.0
 IDLE_TTL_S = 60.0
 
 # For each key (one shared bucket): refill by the server's clock, grant
-# min(wanted, whole tokens), say how long until the rest would be there.
-# KEYS bucket keys; ARGV per key: rate/s, burst, wanted, ttl ms -> per key: granted, wait s
+# min(wanted, whole tokens), and when short say how long until one more frame's worth
+# (``unit``: 1 frame, or a mean frame's bytes) would be there.
+# KEYS bucket keys; ARGV per key: rate/s, burst, wanted, unit, ttl ms -> per key:
+# granted, wait s
 _DRAW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local out = {}
 for i, key in ipairs(KEYS) do
-  local rate = tonumber(ARGV[4 * i - 3])
-  local burst = tonumber(ARGV[4 * i - 2])
-  local want = tonumber(ARGV[4 * i - 1])
+  local rate = tonumber(ARGV[5 * i - 4])
+  local burst = tonumber(ARGV[5 * i - 3])
+  local want = tonumber(ARGV[5 * i - 2])
+  local unit = tonumber(ARGV[5 * i - 1])
   local have = redis.call('HMGET', key, 'tokens', 'at')
   local tokens = tonumber(have[1]) or burst
   local at = tonumber(have[2]) or now
@@ -75,9 +78,9 @@ for i, key in ipairs(KEYS) do
   local grant = math.min(want, math.floor(tokens))
   tokens = tokens - grant
   redis.call('HSET', key, 'tokens', tostring(tokens), 'at', tostring(at))
-  redis.call('PEXPIRE', key, ARGV[4 * i])
+  redis.call('PEXPIRE', key, ARGV[5 * i])
   local wait = 0
-  if grant < want then wait = (want - grant - tokens) / rate end
+  if grant < want then wait = math.max(0, math.min(unit, burst) - tokens) / rate end
   out[2 * i - 1] = tostring(grant)
   out[2 * i] = tostring(wait)
 end
@@ -152,9 +155,9 @@ class ClusterQuotas(Quotas):
         return pool
 
     def _shortfalls(self, demand: dict[str, list[int]]
-                    ) -> list[tuple[str, int, float, float, int]]:
-        """(customer, unit index, rate, burst, tokens to draw) wherever this request
-        would leave less than half a chunk."""
+                    ) -> list[tuple[str, int, float, float, int, int]]:
+        """(customer, unit index, rate, burst, tokens to draw, a frame's worth of them)
+        wherever this request would leave less than half a chunk."""
         asks = []
         for customer, need in demand.items():
             limits = _limits(self.quota(customer))
@@ -165,7 +168,8 @@ class ClusterQuotas(Quotas):
                 have = pool.tokens[u] if pool is not None else 0.0
                 c = chunk(rate, burst)
                 if have - need[u] < c / 2:
-                    asks.append((customer, u, rate, burst, math.ceil(need[u] + c - have)))
+                    asks.append((customer, u, rate, burst, math.ceil(need[u] + c - have),
+                                 math.ceil(need[1] / max(1, need[0])) if u else 1))
         return asks
 
     async def prepare(self, demand: dict[str, list[int]]) -> None:
@@ -178,10 +182,10 @@ class ClusterQuotas(Quotas):
             if not asks:
                 return
             keys, args = [], []
-            for customer, u, rate, burst, want in asks:
+            for customer, u, rate, burst, want, unit in asks:
                 keys.append(self._key(_UNITS[u], customer))
                 ttl_ms = int((burst / rate + IDLE_TTL_S) * 1000)
-                args += [repr(rate), repr(burst), str(want), str(ttl_ms)]
+                args += [repr(rate), repr(burst), str(want), str(unit), str(ttl_ms)]
             try:
                 got = await asyncio.wait_for(self._draw(keys=keys, args=args), self.timeout)
             except (RedisError, OSError, TimeoutError) as exc:
@@ -191,7 +195,7 @@ class ClusterQuotas(Quotas):
                             exc.__class__.__name__, FALLBACK_S)
                 return
             self.calls["ok"] += 1
-            for k, (customer, u, _rate, _burst, _want) in enumerate(asks):
+            for k, (customer, u, *_) in enumerate(asks):
                 pool = self._pool(customer)
                 pool.tokens[u] += float(got[2 * k])
                 wait = float(got[2 * k + 1])
