@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from pqcnet.relayer.authz import Quotas, QuotasSpec
 from pqcnet.relayer.client import PublisherClient
-from pqcnet.relayer.cluster_quotas import FALLBACK_S, ClusterQuotas, chunk
+from pqcnet.relayer.cluster_quotas import CHUNK_S, FALLBACK_S, ClusterQuotas, chunk
 from pqcnet.relayer.config import RelayerConfig
 from pqcnet.relayer.errors import ConfigError, QuotaExceeded
 from pqcnet.relayer.frame import Frame
@@ -43,8 +43,8 @@ async def _offer(q: Quotas, until: float, frames: int = 5) -> int:
             try:
                 q.take("acme", 1, 1, time.monotonic())
                 ok += 1
-            except QuotaExceeded as exc:
-                assert exc.retriable and exc.retry_after > 0
+            except QuotaExceeded as exc:  # retry when one more frame may be there
+                assert exc.retriable and 0 < exc.retry_after <= max(CHUNK_S, 1 / RATE)
         await asyncio.sleep(0.01)
     return ok
 
