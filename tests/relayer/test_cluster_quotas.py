@@ -51,7 +51,7 @@ async def _offer(q: Quotas, until: float, frames: int = 5) -> int:
 
 async def test_two_relayers_admit_the_plan_once(redis_url: str) -> None:
     """Each of two relayers' ingress offers ~500 frames/s for 3 s: with cluster scope
-    they admit the plan once between them (rate x time + burst, and at most a chunk
+    they admit the plan once between them (rate x time + burst, and at most two chunks
     and a request each on top); with host scope, measured in the same test, twice."""
     prefix = f"cq:{uuid.uuid4().hex[:8]}"
     cluster = _cluster(redis_url, prefix, 2)
@@ -67,7 +67,7 @@ async def test_two_relayers_admit_the_plan_once(redis_url: str) -> None:
         for q in cluster:
             await q.aclose()
     allowed = RATE * elapsed + BURST
-    slack = 2 * (chunk(RATE, BURST) + 5)
+    slack = 2 * (2 * chunk(RATE, BURST) + 5)  # each may hold two chunks and a request
     assert 0.85 * allowed <= sum(got) <= allowed + slack, (got, allowed)
     assert all(g > 0 for g in got), got  # both relayers admitted some
     assert sum(host_got) >= 1.7 * (RATE * host_elapsed + BURST), host_got  # the old way
@@ -78,6 +78,32 @@ async def test_two_relayers_admit_the_plan_once(redis_url: str) -> None:
     assert '"tokens"' in fields and '"at"' in fields, fields
     ttl = int(redis_cli(redis_url, "PTTL", f"{prefix}:quota:frames:acme").split()[-1])
     assert 0 < ttl <= (BURST / RATE + 60) * 1000
+
+
+async def test_a_request_its_local_tokens_cover_does_not_wait_for_redis(
+        redis_url: str) -> None:
+    """Running low starts a draw in the background; a request the local tokens still
+    cover goes on meanwhile (the draw is not in its path). Redis is made to hold every
+    write for 5 s (CLIENT PAUSE): the draw waits that long, the request does not."""
+    (q,) = _cluster(redis_url, f"cq:{uuid.uuid4().hex[:8]}", 1)
+    c = chunk(RATE, BURST)
+    try:
+        await q.prepare({"acme": [1, 1]})  # nothing local: this one waits for its draw
+        drawn = q._pools["acme"].tokens[0]
+        assert drawn == 1 + 2 * c and q.calls["ok"] == 1
+        while q._pools["acme"].tokens[0] - 1 >= c:  # spend down to where a draw starts
+            q.take("acme", 1, 1, time.monotonic())
+        redis_cli(redis_url, "CLIENT", "PAUSE", "5000", "WRITE")
+        try:
+            await asyncio.wait_for(q.prepare({"acme": [1, 1]}), 2.0)
+            assert q._drawing is not None  # still in flight, held by Redis
+            q.take("acme", 1, 1, time.monotonic())  # served from the local tokens
+        finally:
+            redis_cli(redis_url, "CLIENT", "UNPAUSE")
+        await asyncio.wait_for(asyncio.shield(q._drawing), 10.0)
+        assert q.calls["ok"] == 2 and q._pools["acme"].tokens[0] > c
+    finally:
+        await q.aclose()
 
 
 async def test_a_customer_without_a_quota_never_reaches_redis(redis_url: str) -> None:
@@ -214,7 +240,7 @@ async def test_a_customer_spread_over_two_relayer_processes_gets_its_plan_once(
         await asyncio.gather(offer(0, t0 + 3.0), offer(1, t0 + 3.0))
         allowed = RATE * (time.monotonic() - t0) + BURST
         total = counts[0]["ok"] + counts[1]["ok"]
-        assert 0.85 * allowed <= total <= allowed + 2 * (chunk(RATE, BURST) + 10), (
+        assert 0.85 * allowed <= total <= allowed + 2 * (2 * chunk(RATE, BURST) + 10), (
             total, allowed, counts)
         assert all(c["ok"] and c["quota"] for c in counts), counts
         for k, p in enumerate(procs):

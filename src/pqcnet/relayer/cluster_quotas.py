@@ -7,16 +7,21 @@ backend redis, or ``redis_url`` of a Kafka cluster), one frames bucket and one b
 bucket per customer, and every relayer draws from them.
 
 A Redis round trip per frame would cost more than the rest of ingress, so each relayer
-draws *chunks*: before a request's frames are checked (:meth:`ClusterQuotas.prepare`,
-awaited by the ingress), a customer whose local tokens would fall below half a chunk
-asks the shared bucket for what the request needs plus a chunk (a tenth of a second of
-its rate, at most its burst), and the frames then take from the local tokens as the
-host buckets do. One script call carries every short customer of the request; one call
-runs at a time per relayer, so concurrent requests do not each hoard a chunk.
+draws *chunks* (a tenth of a second of a customer's rate, at most its burst) ahead of
+need: before a request's frames are checked (:meth:`ClusterQuotas.prepare`, called by
+the ingress), every customer of the request whose local tokens would fall below a
+chunk gets a draw started in the background, for what the request needs plus two
+chunks (one background draw at a time); a request waits for a draw only when its
+customer's local tokens do not cover it at all, and such waits take turns (a lock:
+each re-checks first, since an earlier grant may have been spent by concurrent
+requests, or may cover it). The frames then take from the local tokens as host
+buckets do; one script call carries every customer of a draw. (Awaiting every draw — a
+round trip of a busy Redis inline in every fourth request of a customer — cost a
+fifth of a saturated relayer's throughput: benchmarks/README.md.)
 
 What it guarantees: the cluster admits no more than the shared buckets grant — over
 any window, the plan's rate times the window plus its burst plus what each relayer
-holds unspent (at most a chunk and one request's frames each). A relayer's unspent
+holds unspent (at most two chunks and one request's frames each). A relayer's unspent
 tokens are not returned: a customer whose traffic moves between relayers is admitted
 a little *below* its plan for a moment, never above. The shared bucket refills by the
 Redis server's clock (``TIME`` in the script), so relayers' clocks do not matter.
@@ -107,13 +112,15 @@ class _Pool:
     """A customer's tokens drawn from the shared buckets and not spent yet, and its
     rates (kept here: looked up once per customer and reload, not per frame)."""
 
-    __slots__ = ("bytes_rate", "frames_rate", "tokens", "wait")
+    __slots__ = ("bytes_rate", "dry_until", "frames_rate", "tokens", "wait")
 
     def __init__(self, q: QuotaSpec) -> None:
         #: frames, bytes
         self.tokens = [0.0, 0.0]
         #: seconds until the shared bucket has what the last draw lacked
         self.wait = CHUNK_S
+        #: until when (clock) drawing again is pointless: the last draw came up short
+        self.dry_until = 0.0
         self.frames_rate, self.bytes_rate = q.frames_per_s, q.bytes_per_s
 
 
@@ -130,6 +137,9 @@ class ClusterQuotas(Quotas):
         self.client, self.prefix, self.timeout, self._clock = client, prefix, timeout, clock
         self._draw = client.register_script(_DRAW)
         self._pools: OrderedDict[str, _Pool] = OrderedDict()
+        #: the background draw in flight (one at a time)
+        self._drawing: asyncio.Task[None] | None = None
+        #: requests the local tokens do not cover draw one at a time
         self._lock = asyncio.Lock()
         #: host buckets used while Redis cannot be reached
         self.fallback = Quotas(self.spec, max_customers=max_customers)
@@ -154,52 +164,103 @@ class ClusterQuotas(Quotas):
             self._pools.move_to_end(customer)
         return pool
 
-    def _shortfalls(self, demand: dict[str, list[int]]
+    def _shortfalls(self, demand: dict[str, list[int]], now: float
                     ) -> list[tuple[str, int, float, float, int, int]]:
         """(customer, unit index, rate, burst, tokens to draw, a frame's worth of them)
-        wherever this request would leave less than half a chunk."""
+        wherever this request would leave less than a chunk — what it needs plus two
+        chunks — unless the customer's last draw found the shared bucket dry."""
         asks = []
         for customer, need in demand.items():
-            limits = _limits(self.quota(customer))
             pool = self._pools.get(customer)
-            for u, (rate, burst) in enumerate(limits):
+            if pool is not None and now < pool.dry_until:
+                continue
+            for u, (rate, burst) in enumerate(_limits(self.quota(customer))):
                 if rate <= 0:
                     continue
                 have = pool.tokens[u] if pool is not None else 0.0
                 c = chunk(rate, burst)
-                if have - need[u] < c / 2:
-                    asks.append((customer, u, rate, burst, math.ceil(need[u] + c - have),
+                if have - need[u] < c:
+                    asks.append((customer, u, rate, burst,
+                                 math.ceil(need[u] + 2 * c - have),
                                  math.ceil(need[1] / max(1, need[0])) if u else 1))
         return asks
 
+    def _uncovered(self, demand: dict[str, list[int]]) -> list[str]:
+        """Customers of the request whose local tokens do not cover it."""
+        out = []
+        for customer, need in demand.items():
+            pool = self._pools.get(customer)
+            q = self.quota(customer)
+            if any(rate > 0 and (pool.tokens[u] if pool is not None else 0.0) < need[u]
+                   for u, rate in enumerate((q.frames_per_s, q.bytes_per_s))):
+                out.append(customer)
+        return out
+
     async def prepare(self, demand: dict[str, list[int]]) -> None:
-        """Draw from the shared buckets what a request needs (``demand``: customer ->
-        [frames, payload bytes]) for every customer whose local tokens fall short."""
-        if self.in_fallback or not self._shortfalls(demand):
+        """Before a request's frames are checked (``demand``: customer -> [frames,
+        payload bytes]). Covered by the local tokens: start a background draw if they
+        run low, and go on. Not covered: wait for a draw of our own, one at a time (a
+        lock; concurrent requests may have spent an earlier grant, so each re-checks)."""
+        if self.in_fallback:
             return
-        async with self._lock:  # one draw at a time; the one before may have covered us
-            asks = [] if self.in_fallback else self._shortfalls(demand)
-            if not asks:
+        if not self._uncovered(demand):
+            if self._drawing is None:
+                asks = self._shortfalls(demand, self._clock())
+                if asks:
+                    self._drawing = asyncio.create_task(self._background(asks),
+                                                        name="cluster-quota-draw")
+            return
+        async with self._lock:
+            if self._drawing is not None:  # a background draw may cover us
+                await asyncio.shield(self._drawing)
+            if self.in_fallback or not self._uncovered(demand):
                 return
-            keys, args = [], []
-            for customer, u, rate, burst, want, unit in asks:
-                keys.append(self._key(_UNITS[u], customer))
-                ttl_ms = int((burst / rate + IDLE_TTL_S) * 1000)
-                args += [repr(rate), repr(burst), str(want), str(unit), str(ttl_ms)]
-            try:
-                got = await asyncio.wait_for(self._draw(keys=keys, args=args), self.timeout)
-            except (RedisError, OSError, TimeoutError) as exc:
-                self.calls["error"] += 1
-                self._fallback_until = self._clock() + FALLBACK_S
-                log.warning("cluster quotas: Redis failed (%s); host buckets for %gs",
-                            exc.__class__.__name__, FALLBACK_S)
-                return
-            self.calls["ok"] += 1
-            for k, (customer, u, *_) in enumerate(asks):
-                pool = self._pool(customer)
-                pool.tokens[u] += float(got[2 * k])
-                wait = float(got[2 * k + 1])
-                pool.wait = wait if wait > 0 else CHUNK_S
+            asks = self._shortfalls(demand, self._clock())
+            if asks:
+                await self._draw_chunks(asks)
+
+    async def _background(self, asks: list[tuple[str, int, float, float, int, int]]
+                          ) -> None:
+        try:
+            await self._draw_chunks(asks)
+        finally:
+            self._drawing = None
+
+    async def _draw_chunks(self, asks: list[tuple[str, int, float, float, int, int]]
+                           ) -> None:
+        """One script call for ``asks``; the grants go into the local pools. Redis
+        failing it starts :data:`FALLBACK_S` on host buckets."""
+        keys, args = [], []
+        for customer, u, rate, burst, want, unit in asks:
+            keys.append(self._key(_UNITS[u], customer))
+            ttl_ms = int((burst / rate + IDLE_TTL_S) * 1000)
+            args += [repr(rate), repr(burst), str(want), str(unit), str(ttl_ms)]
+        try:
+            got = await asyncio.wait_for(self._draw(keys=keys, args=args), self.timeout)
+            grants = [(float(got[2 * k]), float(got[2 * k + 1])) for k in range(len(asks))]
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._fall_back(exc)
+            return
+        except Exception as exc:  # an answer not understood: same, but say where
+            log.exception("cluster quotas: unexpected draw failure")
+            self._fall_back(exc)
+            return
+        self.calls["ok"] += 1
+        now, dry = self._clock(), dict[str, float]()
+        for (customer, u, *_), (granted, wait) in zip(asks, grants, strict=True):
+            pool = self._pool(customer)
+            pool.tokens[u] += granted
+            dry[customer] = max(dry.get(customer, 0.0), wait)
+        for customer, wait in dry.items():  # one of its buckets short: it waits
+            pool = self._pool(customer)
+            pool.wait = wait if wait > 0 else CHUNK_S
+            pool.dry_until = now + wait if wait > 0 else 0.0
+
+    def _fall_back(self, exc: BaseException) -> None:
+        self.calls["error"] += 1
+        self._fallback_until = self._clock() + FALLBACK_S
+        log.warning("cluster quotas: Redis failed (%s); host buckets for %gs",
+                    exc.__class__.__name__, FALLBACK_S)
 
     def take(self, customer: str, frames: int, nbytes: int, now: float) -> None:
         if now < self._fallback_until:
@@ -232,6 +293,9 @@ class ClusterQuotas(Quotas):
             pool.frames_rate, pool.bytes_rate = q.frames_per_s, q.bytes_per_s
 
     async def aclose(self) -> None:
+        if self._drawing is not None:
+            self._drawing.cancel()
+            await asyncio.gather(self._drawing, return_exceptions=True)
         await self.client.aclose()
 
 
