@@ -312,3 +312,43 @@ def test_sim_sweep_stopped_mid_run_terminates_its_workers(tmp_path: Path,
     assert "Traceback" not in err, err[-2000:]
     assert left == {}
     assert not list(out.glob("*/summary.json"))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("bench, args, up", [
+    ("relayer", ["--backend", "embedded", "--frames", "2000000", "--no-baselines"],
+     ["relayer run"]),
+    ("sentry", ["--workers", "1", "--requests", "200000"],
+     ["sentry run", "sidecar", "nginx", "multiprocessing"]),
+], ids=["relayer", "sentry"])
+def test_a_bench_killed_outright_takes_its_servers_with_it(
+        bench: str, args: list[str], up: list[str]) -> None:
+    """SIGKILL (the OOM killer, a CI timeout) gives a bench no clean-up of its own; the
+    servers it started — relayer; sentry, sidecar, nginx, the backend — must not run
+    on, busy and holding ports. Each is started so that Linux sends it SIGTERM when the
+    bench dies (PR_SET_PDEATHSIG, pqcnet._util.orphans); read from /proc afterwards.
+    Before, a bench killed by a test's timeout left its relayer running for the rest
+    of the CI run."""
+    cmd = _pqcnet("bench", bench, *args)
+    started: set[int] = set()
+    try:
+        def servers_up() -> bool:
+            if cmd.poll() is not None:
+                pytest.fail(f"the bench ended first: {cmd.communicate()[1][-2000:]}")
+            started.update(descendants(cmd.pid))
+            lines = [_cmdline(p) for p in started if running(p)]
+            return all(any(word in line for line in lines) for word in up)
+
+        _wait(servers_up, 180, f"the bench's servers ({', '.join(up)})")
+        time.sleep(5.0)  # serving, inside the measurement (killed while starting, a
+        # server's ready line met a closed pipe and it exited by itself)
+        started.update(descendants(cmd.pid))
+        os.kill(cmd.pid, signal.SIGKILL)  # the bench alone, not its process group
+        cmd.communicate(timeout=30)
+        end = time.monotonic() + 30
+        while any(running(p) for p in started) and time.monotonic() < end:
+            time.sleep(0.1)
+        left = {p: _cmdline(p) for p in started if running(p)}
+    finally:
+        _reap(cmd, started)
+    assert left == {}, left

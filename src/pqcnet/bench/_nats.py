@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pqcnet._util.orphans import ending_with_us
 from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.bench._cpu import settle
 from pqcnet.bench._env import services_env
@@ -229,8 +230,9 @@ def nats_go(server: NatsServer, frames: int, topics: int, size: int,
         # create the stream (and its first message) so the consumer can bind at once
         _go([*base, "pub", "async", name, *common, "--msgs", "1", *pub_args])
         consumer = subprocess.Popen(
-            [*base, "consume", *common, "--clients", "1", "--msgs", str(per * publishers + 1),
-             "--acks", "explicit"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            ending_with_us([*base, "consume", *common, "--clients", "1", "--msgs",
+                            str(per * publishers + 1), "--acks", "explicit"]),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             t0 = time.perf_counter()
             pub_rate = _go([*base, "pub", "async", name, *common, "--clients",

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pqcnet._util.orphans import die_with_parent
+
 #: How long the child may take to import pqcnet, load keys and listen.
 START_TIMEOUT_S = 120
 
@@ -28,13 +30,18 @@ def save_identities(root: Path, passphrase: bytes, server: str, client: str) -> 
     c.save(root / "client", passphrase)
 
 
+def _ending_with_us(target: Callable[[str, Any], None], root: str, ports: Any) -> None:
+    die_with_parent()
+    target(root, ports)
+
+
 @contextlib.contextmanager
 def spawned(target: Callable[[str, Any], None], root: Path) -> Iterator[Any]:
     """Run ``target(str(root), queue)`` in a spawned process; yield the first thing
     it puts on the queue (its ports); stop it on exit."""
     ctx = mp.get_context("spawn")
     ports = ctx.Queue()
-    proc = ctx.Process(target=target, args=(str(root), ports), daemon=True)
+    proc = ctx.Process(target=_ending_with_us, args=(target, str(root), ports), daemon=True)
     proc.start()
     try:
         yield ports.get(timeout=START_TIMEOUT_S)

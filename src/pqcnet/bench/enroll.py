@@ -32,6 +32,7 @@ from typing import Any
 
 import click
 
+from pqcnet._util.orphans import ending_with_us
 from pqcnet.bench._stats import machine, percentiles, ratio
 from pqcnet.crypto.pqc import SigningKey
 from pqcnet.errors import PqcnetError
@@ -58,7 +59,8 @@ def _start_service(ca_dir: Path) -> tuple[subprocess.Popen[str], str]:
     cmd = [str(exe) if exe.exists() else "pqcnet", "ca", "serve", "--dir", str(ca_dir),
            "--no-passphrase", "--port", "0", "--enroll-rate", "1000000",
            "--enroll-burst", "1000000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(ending_with_us(cmd), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     deadline = time.monotonic() + START_TIMEOUT_S
     line = ""

@@ -38,6 +38,7 @@ import click
 import yaml
 from tqdm import tqdm
 
+from pqcnet._util.orphans import ending_with_us
 from pqcnet.bench._stats import machine
 
 #: issue 15: a relayer (1M topics seen, 100k active) and a sentry (10k tunnels) < 1 GiB
@@ -206,8 +207,8 @@ async def _sentry(tunnels: int, concurrency: int) -> dict[str, Any]:
                                    bounds={"max_tunnels": tunnels + 16})
         log = (tmp / "sentry.log").open("ab")
         proc = await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).parent / "pqcnet"), "sentry", "run", "--config", name,
-            "--no-passphrase", cwd=tmp, stderr=log)
+            *ending_with_us([str(Path(sys.executable).parent / "pqcnet"), "sentry", "run",
+                             "--config", name, "--no-passphrase"]), cwd=tmp, stderr=log)
         log.close()
         out: dict[str, Any] = {}
         try:

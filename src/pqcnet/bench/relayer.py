@@ -94,6 +94,7 @@ import click
 import yaml
 from tqdm import tqdm
 
+from pqcnet._util.orphans import ending_with_us
 from pqcnet.bench._broker import drop_kafka_topic, drop_relayer_state
 from pqcnet.bench._cpu import cpu_seconds, settle
 from pqcnet.bench._echo import echo_rate
@@ -390,8 +391,8 @@ async def relayer_process(cfg: Path, workers: int = 1
     pqcnet = str(Path(sys.executable).parent / "pqcnet")
     log = (cfg.parent / "relayer.log").open("ab")
     proc = await asyncio.create_subprocess_exec(
-        pqcnet, "relayer", "run", "--config", str(cfg), "--workers", str(workers),
-        stdout=asyncio.subprocess.PIPE, stderr=log)
+        *ending_with_us([pqcnet, "relayer", "run", "--config", str(cfg), "--workers",
+                         str(workers)]), stdout=asyncio.subprocess.PIPE, stderr=log)
     log.close()
     assert proc.stdout is not None
     try:

@@ -79,6 +79,7 @@ import click
 import yaml
 from tqdm import tqdm
 
+from pqcnet._util.orphans import die_with_parent, ending_with_us
 from pqcnet.bench import _plot, _vegeta
 from pqcnet.bench._cpu import cpu_seconds, machine_jiffies, run_delay_seconds
 from pqcnet.bench._scrape import histogram_totals
@@ -114,6 +115,7 @@ def free_port() -> int:
 
 def backend_main(port: int) -> None:
     """A tiny keep-alive HTTP/1.1 backend answering every request with the same JSON."""
+    die_with_parent()
 
     async def client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
@@ -272,6 +274,7 @@ def _pct(xs: list[float], p: float) -> float:
 
 
 def _throughput_proc(port: int, conns: int, seconds: float, out: Any, ids: bool) -> None:
+    die_with_parent()
     out.put(asyncio.run(_throughput(port, conns, seconds, ids)))
 
 
@@ -525,8 +528,8 @@ http {{
   }}
 }}
 """)
-    return subprocess.Popen([exe, "-p", str(d / "nginx"), "-c", str(conf), "-g",
-                             "daemon off;"], stderr=subprocess.DEVNULL)
+    return subprocess.Popen(ending_with_us([exe, "-p", str(d / "nginx"), "-c", str(conf),
+                                            "-g", "daemon off;"]), stderr=subprocess.DEVNULL)
 
 
 def write_identities(d: Path) -> None:
@@ -580,8 +583,9 @@ def write_sentry_config(d: Path, backend: int, port: int, workers: int,
 def _sentry(d: Path, backend: int, port: int, workers: int, metrics_port: int = 0
             ) -> subprocess.Popen[bytes]:
     name = write_sentry_config(d, backend, port, workers, metrics_port=metrics_port)
-    sentry = subprocess.Popen([_exe(), "sentry", "run", "--config", name, "--no-passphrase",
-                               "--workers", str(workers)], cwd=d, stderr=subprocess.DEVNULL)
+    sentry = subprocess.Popen(ending_with_us([_exe(), "sentry", "run", "--config", name,
+                                              "--no-passphrase", "--workers", str(workers)]),
+                              cwd=d, stderr=subprocess.DEVNULL)
     _wait_port(port)
     return sentry
 
@@ -595,12 +599,12 @@ def _sidecar(d: Path, sentry_port: int, port: int, tunnels: int = 1, tenant: str
     """A sidecar; ``tunnels`` > 1 lists the sentry that many times (a pool of tunnels
     to one address, which SO_REUSEPORT spreads over the sentry's workers)."""
     sentries = [f"--sentry=127.0.0.1:{sentry_port}"] * tunnels
-    sidecar = subprocess.Popen([_exe(), "sidecar", *sentries, "--identity-dir",
-                                f"{tenant}-id", "--issuer-key", f"{tenant}-issuer.pem",
-                                "--tenant", tenant, "--subject", "bench", "--listen",
-                                f"127.0.0.1:{port}", "--no-passphrase",
-                                *(["--metrics-port", str(metrics_port)] if metrics_port else [])],
-                               cwd=d, stderr=subprocess.DEVNULL)
+    sidecar = subprocess.Popen(ending_with_us([
+        _exe(), "sidecar", *sentries, "--identity-dir", f"{tenant}-id", "--issuer-key",
+        f"{tenant}-issuer.pem", "--tenant", tenant, "--subject", "bench", "--listen",
+        f"127.0.0.1:{port}", "--no-passphrase",
+        *(["--metrics-port", str(metrics_port)] if metrics_port else [])]),
+        cwd=d, stderr=subprocess.DEVNULL)
     _wait_port(port)
     return sidecar
 

@@ -45,6 +45,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
+from pqcnet._util.orphans import die_with_parent, ending_with_us
 from pqcnet.bench._stats import machine
 from pqcnet.bench.sentry import (
     _CpuWatch,
@@ -74,6 +75,7 @@ BURST_WARMUP_S = 2.0
 
 def backend_main(port: int) -> None:
     """The echo backend: every message straight back, no compression."""
+    die_with_parent()
     from websockets.asyncio.server import ServerConnection, serve
 
     async def echo(ws: ServerConnection) -> None:
@@ -181,8 +183,8 @@ http {{
   }}
 }}
 """)
-    return subprocess.Popen([exe, "-p", str(home), "-c", str(conf), "-g", "daemon off;"],
-                            stderr=subprocess.DEVNULL)
+    return subprocess.Popen(ending_with_us([exe, "-p", str(home), "-c", str(conf), "-g",
+                                            "daemon off;"]), stderr=subprocess.DEVNULL)
 
 
 def _pipe_rate(d: Path, ports: dict[str, int], url: str, moved: float, share: float,
@@ -225,8 +227,8 @@ def run(connects: int = 200, messages: int = 2000, connections: int = 8, window:
             write_identities(d)
             name = write_sentry_config(d, ports["backend"], ports["sentry"], 1)
             procs.append(subprocess.Popen(
-                [_exe(), "sentry", "run", "--config", name, "--no-passphrase"], cwd=d,
-                stderr=subprocess.DEVNULL))
+                ending_with_us([_exe(), "sentry", "run", "--config", name,
+                                "--no-passphrase"]), cwd=d, stderr=subprocess.DEVNULL))
             _wait_port(ports["sentry"])
             procs.append(_sidecar(d, ports["sentry"], ports["sidecar"]))
             paths.append(("pqcnet", ports["sidecar"]))

@@ -13,8 +13,6 @@ import contextlib
 import gc
 import multiprocessing
 import multiprocessing.process
-import os
-import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -24,13 +22,13 @@ from typing import Any, TypeVar
 import click
 
 from pqcnet._util.env import PASS_ENV, env_passphrase
+from pqcnet._util.orphans import die_with_parent
 from pqcnet._util.schema import split_hostport
 from pqcnet._util.signals import STOP_SIGNALS
 from pqcnet.identity import NodeIdentity
 from pqcnet.identity.errors import IdentityError, PassphraseRequired
 
 S = TypeVar("S")
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def hostport(value: str, *, param_hint: str | None = None) -> tuple[str, int]:
@@ -129,17 +127,10 @@ __all__ = ["STOP_SIGNALS", "hostport", "load_identity", "passphrase", "run_until
 def follow_supervisor() -> None:
     """Make this worker process get SIGTERM (a graceful stop) when its supervisor dies,
     even by SIGKILL or the OOM killer: a worker left running would keep serving on the
-    shared port with nobody restarting or stopping it. Linux ``PR_SET_PDEATHSIG``;
-    a supervisor already gone before the call stops the worker at once. Call it first
-    in a ``multiprocessing`` worker (the supervisor is its parent process)."""
-    parent = multiprocessing.parent_process()
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    if parent is not None and os.getppid() != parent.pid:
-        os.kill(os.getpid(), signal.SIGTERM)
+    shared port with nobody restarting or stopping it
+    (:func:`pqcnet._util.orphans.die_with_parent`). Call it first in a
+    ``multiprocessing`` worker (the supervisor is its parent process)."""
+    die_with_parent()
 
 
 def worker_metrics_port(port: int | None, index: int) -> int | None:
