@@ -226,13 +226,16 @@ def test_bench_relayer_stopped_in_its_nats_baseline_leaves_no_stream_and_no_proc
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_chaos_run_stopped_while_it_pauses_a_process_leaves_nothing_running(
-        tmp_path: Path) -> None:
+        tmp_path: Path, sig: signal.Signals) -> None:
     """SIGTERM to ``pqcnet chaos run`` at the moment one of its processes is SIGSTOPped
     (a pause fault): the run stops its relayer and clients — the paused one continued
     and stopped too — and exits 143. Before, SIGTERM ended the harness on the spot:
     its relayer and clients (each in a session of its own) ran on, the paused one
-    stopped for ever."""
+    stopped for ever. SIGKILL runs no clean-up of the harness's own: the kernel ends
+    what it started (PR_SET_PDEATHSIG with SIGKILL — a paused child would hold a
+    SIGTERM until a SIGCONT nobody sends); before, all of it ran on."""
     chaos = _pqcnet("chaos", "run", "--minutes", "1", "--backend", "embedded",
                     "--no-baseline", "--faults", "40", "--seed", "3", "--rate", "50",
                     "--workdir", str(tmp_path / "w"))
@@ -247,14 +250,15 @@ def test_chaos_run_stopped_while_it_pauses_a_process_leaves_nothing_running(
             return any(stopped(p) for p in kids)
 
         _wait(pausing, 120, "a pause fault")
-        chaos.send_signal(signal.SIGTERM)
+        chaos.send_signal(sig)
         _out, err = chaos.communicate(timeout=120)
     finally:
-        left = _reap(chaos, started)
-    assert chaos.returncode == 128 + signal.SIGTERM, (chaos.returncode, err[-2000:])
-    assert "pqcnet chaos run: stopped by SIGTERM (clean-up done)" in err, err[-2000:]
+        left = _reap(chaos, started)  # what still ran 10 s after the harness ended
     assert len(started) >= 3, "a relayer, a subscriber and publishers"
-    assert left == {}
+    assert left == {}, left
+    if sig == signal.SIGTERM:
+        assert chaos.returncode == 128 + signal.SIGTERM, (chaos.returncode, err[-2000:])
+        assert "pqcnet chaos run: stopped by SIGTERM (clean-up done)" in err, err[-2000:]
 
 
 @pytest.mark.timeout(300)

@@ -16,7 +16,8 @@ dies; it survives ``exec``. Two ways in:
 
 Either way a parent already gone when the flag is set (a race the kernel does not
 cover) stops the child at once. The signal is SIGTERM, so the child's own graceful
-stop runs.
+stop runs — except where the child may be stopped (``chaos run`` pauses processes with
+SIGSTOP): there it is SIGKILL.
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ from collections.abc import Sequence
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
-#: argv[1] the parent's pid, argv[2:] the command
-_GUARD = ("import ctypes, os, signal, sys\n"
-          "ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0)\n"
-          "os.getppid() == int(sys.argv[1]) or os._exit(143)\n"
-          "os.execvp(sys.argv[2], sys.argv[2:])\n")
+#: argv[1] the parent's pid, argv[2] the signal, argv[3:] the command
+_GUARD = ("import ctypes, os, sys\n"
+          "ctypes.CDLL(None).prctl(1, int(sys.argv[2]), 0, 0, 0)\n"
+          "os.getppid() == int(sys.argv[1]) or os._exit(128 + int(sys.argv[2]))\n"
+          "os.execvp(sys.argv[3], sys.argv[3:])\n")
 
 
 def die_with_parent() -> None:
@@ -50,11 +51,12 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def ending_with_us(cmd: Sequence[str]) -> list[str]:
-    """``cmd`` as an argv that runs it with SIGTERM due when this process dies."""
+def ending_with_us(cmd: Sequence[str], sig: signal.Signals = signal.SIGTERM) -> list[str]:
+    """``cmd`` as an argv that runs it with ``sig`` due when this process dies (SIGKILL
+    for a child that may be stopped then: SIGTERM would wait for a SIGCONT)."""
     if not sys.platform.startswith("linux"):
         return list(cmd)
-    return [sys.executable, "-c", _GUARD, str(os.getpid()), *cmd]
+    return [sys.executable, "-c", _GUARD, str(os.getpid()), str(int(sig)), *cmd]
 
 
 __all__ = ["die_with_parent", "ending_with_us"]

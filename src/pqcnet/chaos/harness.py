@@ -52,6 +52,7 @@ from typing import Any
 
 import yaml
 
+from pqcnet._util.orphans import ending_with_us
 from pqcnet.chaos.checker import Report, check
 from pqcnet.errors import PqcnetError
 from pqcnet.identity import dev_identities
@@ -177,8 +178,10 @@ class Proc:
 
     async def start(self) -> None:
         with self.log.open("ab") as err:
+            # SIGKILL when the harness dies, even SIGKILLed: the child may be paused
             self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, stdout=asyncio.subprocess.PIPE if self.ready_line else err,
+                *ending_with_us(self.argv, signal.SIGKILL),
+                stdout=asyncio.subprocess.PIPE if self.ready_line else err,
                 stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})},
                 start_new_session=True)
         if self.ready_line:

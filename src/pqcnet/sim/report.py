@@ -156,7 +156,8 @@ Job = tuple[str, dict[str, Any], str, bool]
 
 def _one(job: tuple[int, Job]) -> tuple[int, str, str | None]:
     """Run and write one grid entry: ``(index, run directory, None)``, or ``(index,
-    run name, "Error: text")`` when it failed — a failed run does not stop the others."""
+    run name, "<ExceptionType>: text")`` when it failed — a failed run does not stop
+    the others."""
     i, (path, assignments, out, plots) = job
     scenario = override(load(path), assignments)
     try:
