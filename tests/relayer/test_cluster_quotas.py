@@ -6,6 +6,7 @@ relayer started without a Redis to share."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from pathlib import Path
@@ -297,3 +298,52 @@ async def test_a_publisher_without_the_grant_cannot_drain_a_customers_cluster_qu
         assert redis_cli(redis_url, "EXISTS", key).split()[-1] == "1"
     finally:
         await relayer.stop()
+
+
+async def test_a_relayer_killed_holding_drawn_tokens_leaves_the_plan_to_the_others(
+        tmp_path: Path, redis_url: str) -> None:
+    """Two relayers of one cluster, a publisher on each far over acme's plan; relayer 0
+    is SIGKILLed mid-stream, holding tokens it drew and never spent. Seen from the
+    publishers: the cluster never admitted more than the plan (the dead relayer's
+    tokens are lost, not re-granted), and after the kill the surviving relayer gets
+    the plan's rate by itself — its /metrics counting what its publisher saw."""
+    prefix = f"cqk:{uuid.uuid4().hex[:8]}"
+    procs = []
+    for k in range(2):
+        d = tmp_path / f"r{k}"
+        d.mkdir()
+        procs.append(RelayerProcess(write_config(
+            d, backend="redis", redis_url=redis_url, redis_prefix=prefix, node_id=f"cqk{k}",
+            group="cqk", redis_lease=1.5, metrics_port=0, quota_scope="cluster",
+            quotas={"customers": {"acme": {"frames_per_s": RATE, "frames_burst": BURST}}})))
+    try:
+        for p in procs:
+            await p.start()
+        counts = [{"ok": 0, "quota": 0}, {"ok": 0, "quota": 0}]
+        pubs = [await PublisherClient.connect("127.0.0.1", p.port, identities()[1])
+                for p in procs]
+
+        async def doomed(until: float) -> None:
+            with contextlib.suppress(Exception):  # its relayer dies under it
+                await offer_over_quota(pubs[0], "c0", until, counts[0])
+
+        t0 = time.monotonic()
+        first = asyncio.gather(doomed(t0 + 4.0), offer_over_quota(pubs[1], "c1", t0 + 4.0,
+                                                                   counts[1]))
+        await asyncio.sleep(1.5)
+        procs[0].kill()
+        killed_at, survivor_before = time.monotonic(), counts[1]["ok"]
+        await first
+        end = time.monotonic()
+        total = counts[0]["ok"] + counts[1]["ok"]
+        allowed = RATE * (end - t0) + BURST
+        assert total <= allowed + 2 * (2 * chunk(RATE, BURST) + 10), (total, allowed, counts)
+        after = counts[1]["ok"] - survivor_before
+        assert after >= 0.7 * RATE * (end - killed_at), (after, end - killed_at, counts)
+        seen = await asyncio.to_thread(scrape_metrics, procs[1].ready["metrics_port"])
+        assert seen["pqcnet_relayer_quota_refused_frames_total"] == counts[1]["quota"]
+        assert seen['pqcnet_relayer_quota_cluster_calls_total{outcome="error"}'] == 0
+        await pubs[1].close()
+    finally:
+        for p in procs:
+            await p.stop()

@@ -22,7 +22,6 @@ from typing import Any, TypeVar
 import click
 
 from pqcnet._util.env import PASS_ENV, env_passphrase
-from pqcnet._util.orphans import die_with_parent
 from pqcnet._util.schema import split_hostport
 from pqcnet._util.signals import STOP_SIGNALS
 from pqcnet.identity import NodeIdentity
@@ -122,15 +121,6 @@ def run_until_signalled(start: Callable[[], Awaitable[S]], stop: Callable[[S], A
 
 
 __all__ = ["STOP_SIGNALS", "hostport", "load_identity", "passphrase", "run_until_signalled"]
-
-
-def follow_supervisor() -> None:
-    """Make this worker process get SIGTERM (a graceful stop) when its supervisor dies,
-    even by SIGKILL or the OOM killer: a worker left running would keep serving on the
-    shared port with nobody restarting or stopping it
-    (:func:`pqcnet._util.orphans.die_with_parent`). Call it first in a
-    ``multiprocessing`` worker (the supervisor is its parent process)."""
-    die_with_parent()
 
 
 def worker_metrics_port(port: int | None, index: int) -> int | None:

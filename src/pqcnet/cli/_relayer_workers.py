@@ -25,7 +25,7 @@ The embedded backend is one RocksDB log one process opens: ``--workers`` above 1
 :class:`~pqcnet.relayer.errors.ConfigError` (every worker would work on the same fixed
 shards). A worker that dies is restarted; SIGTERM / SIGINT stop them all, and so does
 the supervisor's own death (even SIGKILL: the kernel sends each worker SIGTERM,
-:func:`~pqcnet.cli._common.follow_supervisor`, and the quota segment is anonymous
+:func:`~pqcnet._util.orphans.die_with_parent`, and the quota segment is anonymous
 memory freed with the last process); SIGHUP is passed on to every worker (policy
 reload). The supervisor prints one ``ready`` JSON line once every worker listens.
 """
@@ -119,12 +119,13 @@ def own_port(port: int, index: int) -> int:
 
 def _worker_main(config_path: Path, index: int, workers: int, port: int,
                  rotation: dict[str, Any], ready: Any, shm_path: str) -> None:
-    from pqcnet.cli._common import follow_supervisor, run_until_signalled
+    from pqcnet._util.orphans import die_with_parent
+    from pqcnet.cli._common import run_until_signalled
     from pqcnet.cli.relayer import relayer_lifecycle
     from pqcnet.relayer.authz import SharedQuotas
     from pqcnet.relayer.node import RelayerNode
 
-    follow_supervisor()
+    die_with_parent()  # a worker left running would serve unsupervised
     base = RelayerConfig.load(config_path)
     own = own_port(base.listen_port, index)  # from the configured port (0: any free one)
     cfg = worker_config(base, index, port, workers)

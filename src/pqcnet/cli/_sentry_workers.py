@@ -16,7 +16,7 @@ the targets). A worker that dies is restarted after its in-flight counts are zer
 the shared gate — at once, or after a growing wait if it keeps dying soon after its
 start (:class:`~pqcnet.cli._common.Respawner`). SIGTERM / SIGINT stop them all, and so
 does the supervisor's own death (even SIGKILL: each worker gets SIGTERM from the
-kernel, :func:`~pqcnet.cli._common.follow_supervisor`; the shared segment is
+kernel, :func:`~pqcnet._util.orphans.die_with_parent`; the shared segment is
 anonymous memory, freed with the last process).
 """
 
@@ -62,13 +62,14 @@ def worker_config(cfg: SentryConfig, index: int, port: int, workers: int) -> Sen
 
 def _worker_main(config_path: Path, index: int, workers: int, shm_path: str, port: int,
                  node_pass: bytes | None, reload_interval: float, ready: Any) -> None:
-    from pqcnet.cli._common import follow_supervisor, run_until_signalled
+    from pqcnet._util.orphans import die_with_parent
+    from pqcnet.cli._common import run_until_signalled
     from pqcnet.identity import NodeIdentity
     from pqcnet.runtime.sentry import SentryService
     from pqcnet.sentry.config import load_config, require_identity
     from pqcnet.sentry.shared import SharedLimitState
 
-    follow_supervisor()
+    die_with_parent()  # a worker left running would serve unsupervised
 
     base = load_config(config_path)
     cfg = worker_config(base, index, port, workers)

@@ -179,11 +179,9 @@ class Quotas:
     @staticmethod
     def _pair(q: QuotaSpec, now: float) -> tuple[_Bucket | None, _Bucket | None]:
         def one(rate: float, burst: float) -> _Bucket | None:
-            if rate <= 0:
-                return None
-            cap = burst or rate
-            return _Bucket(rate, cap, cap, now)
-        return one(q.frames_per_s, q.frames_burst), one(q.bytes_per_s, q.bytes_burst)
+            return _Bucket(rate, burst, burst, now) if rate > 0 else None
+        (fr, fb), (br, bb) = rates(q)
+        return one(fr, fb), one(br, bb)
 
     def take(self, customer: str, frames: int, nbytes: int, now: float) -> None:
         """Take ``frames`` and ``nbytes`` from the customer's buckets, or raise
@@ -307,6 +305,13 @@ class SharedQuotas(Quotas):
         self._rows.clear()  # rates come from the new spec at the next take
 
 
+def rates(q: QuotaSpec) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(rate, burst) of a quota's frames and of its bytes (rate 0: unlimited; burst 0:
+    one second's worth)."""
+    return ((q.frames_per_s, q.frames_burst or q.frames_per_s),
+            (q.bytes_per_s, q.bytes_burst or q.bytes_per_s))
+
+
 def request_demand(frames: Iterable[tuple[str, int]]) -> dict[str, list[int]]:
     """customer -> [frames, payload bytes] of one request's (customer, payload size)."""
     out: dict[str, list[int]] = {}
@@ -333,4 +338,4 @@ def _keep(old: _Bucket | None, new: _Bucket | None) -> _Bucket | None:
 
 
 __all__ = ["MAX_QUOTA_CUSTOMERS", "Authorizer", "AuthzSpec", "Op", "QuotaSpec", "Quotas",
-           "QuotasSpec", "SharedQuotas", "authz_policy", "request_demand"]
+           "QuotasSpec", "SharedQuotas", "authz_policy", "rates", "request_demand"]

@@ -46,7 +46,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from pqcnet.relayer.authz import MAX_QUOTA_CUSTOMERS, Quotas, QuotaSpec, QuotasSpec
+from pqcnet.relayer.authz import MAX_QUOTA_CUSTOMERS, Quotas, QuotaSpec, QuotasSpec, rates
 from pqcnet.relayer.errors import QuotaExceeded
 
 log = logging.getLogger(__name__)
@@ -96,12 +96,6 @@ return out
 _UNITS = ("frames", "bytes")
 
 
-def _limits(q: QuotaSpec) -> tuple[tuple[float, float], tuple[float, float]]:
-    """(rate, burst) for frames and for bytes (rate 0: unlimited)."""
-    return ((q.frames_per_s, q.frames_burst or q.frames_per_s),
-            (q.bytes_per_s, q.bytes_burst or q.bytes_per_s))
-
-
 def chunk(rate: float, burst: float) -> float:
     """Tokens drawn beyond a request's need: :data:`CHUNK_S` of the rate, at least one,
     at most the burst."""
@@ -141,8 +135,8 @@ class ClusterQuotas(Quotas):
         self._drawing: asyncio.Task[None] | None = None
         #: requests the local tokens do not cover draw one at a time
         self._lock = asyncio.Lock()
-        #: host buckets used while Redis cannot be reached
-        self.fallback = Quotas(self.spec, max_customers=max_customers)
+        #: until when (clock) takes use this host's buckets (the inherited ones): Redis
+        #: failed a draw
         self._fallback_until = 0.0
         #: script calls by outcome: ``ok``, ``error`` (each error starts a fallback)
         self.calls = {"ok": 0, "error": 0}
@@ -174,7 +168,7 @@ class ClusterQuotas(Quotas):
             pool = self._pools.get(customer)
             if pool is not None and now < pool.dry_until:
                 continue
-            for u, (rate, burst) in enumerate(_limits(self.quota(customer))):
+            for u, (rate, burst) in enumerate(rates(self.quota(customer))):
                 if rate <= 0:
                     continue
                 have = pool.tokens[u] if pool is not None else 0.0
@@ -264,11 +258,7 @@ class ClusterQuotas(Quotas):
 
     def take(self, customer: str, frames: int, nbytes: int, now: float) -> None:
         if now < self._fallback_until:
-            try:
-                self.fallback.take(customer, frames, nbytes, now)
-            except QuotaExceeded:
-                self.refused += frames
-                raise
+            super().take(customer, frames, nbytes, now)
             return
         pool = self._pool(customer)
         tokens = pool.tokens
@@ -286,8 +276,7 @@ class ClusterQuotas(Quotas):
             tokens[1] -= nbytes
 
     def reload(self, spec: QuotasSpec, now: float) -> None:
-        super().reload(spec, now)
-        self.fallback.reload(spec, now)
+        super().reload(spec, now)  # the host buckets of a fallback too
         for customer, pool in self._pools.items():
             q = self.quota(customer)
             pool.frames_rate, pool.bytes_rate = q.frames_per_s, q.bytes_per_s
