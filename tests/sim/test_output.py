@@ -4,6 +4,7 @@ the earlier results of the same run as they were, and nothing half-written behin
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 from pqcnet._util.signals import Stopped
 from pqcnet.cli import main
-from pqcnet.sim import output, report
+from pqcnet.sim import output, sweep
 from pqcnet.sim.errors import SimStateError, SweepFailed
 from pqcnet.sim.output import write_run
 from pqcnet.sim.report import load_summaries
@@ -88,7 +89,7 @@ SWEEP_STOPPED = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from pqcnet._util.signals import stopping
-    from pqcnet.sim import output, report
+    from pqcnet.sim import output, sweep
 
     def slow_plots(result, target):  # the workers (forked) stop here, mid-write
         print("writing", result.summary["seed"], flush=True)
@@ -97,7 +98,7 @@ SWEEP_STOPPED = textwrap.dedent("""
 
     output.make_plots = slow_plots
     with stopping("sweep"):
-        report.sweep([sys.argv[1]], [20], [1, 2], Path(sys.argv[2]), jobs=2,
+        sweep.sweep([sys.argv[1]], [20], [1, 2], Path(sys.argv[2]), jobs=2,
                      extra={"duration_s": 50, "workload.start_s": 10.0,
                             "workload.drain_s": 25.0})
 """)
@@ -135,17 +136,17 @@ def test_a_failed_run_does_not_stop_the_sweep_and_is_named(
     ran) and with ``--jobs 2`` it surfaced untyped once all ended, without saying which
     run failed."""
     out = tmp_path / "results"
-    real_run = report.run
+    real_run = sweep.run
 
     def flaky(scenario: Any, **kw: Any) -> RunResult:
         if scenario.seed == 2:  # forked into the workers with jobs 2
             raise SimStateError("an event in the past")
         return real_run(scenario, **kw)
 
-    monkeypatch.setattr(report, "run", flaky)
+    monkeypatch.setattr(sweep, "run", flaky)
     ended: list[tuple[str, str | None]] = []
     with pytest.raises(SweepFailed) as exc:
-        report.sweep([str(SCENARIOS / "scale.yaml")], [20], [1, 2, 3], out, jobs=jobs,
+        sweep.sweep([str(SCENARIOS / "scale.yaml")], [20], [1, 2, 3], out, jobs=jobs,
                      extra=_EXTRA, plots=False, done=lambda r, e: ended.append((r, e)))
     assert exc.value.failed == {"scale-n20-s2": "SimStateError: an event in the past"}
     assert exc.value.written == [str(out / "scale-n20-s1"), str(out / "scale-n20-s3")]
@@ -169,3 +170,110 @@ def test_sweep_cli_counts_runs_on_a_bar_and_lists_them_in_grid_order(
     assert json.loads(captured.out.strip().splitlines()[-1]) == {
         "runs": [str(out / "scale-n20-s1"), str(out / "scale-n30-s1")]}
     assert "2/2" in captured.err  # the bar's last state
+
+
+SWEEP_WORKER_KILLED = textwrap.dedent("""
+    import os, sys, time
+    from pqcnet.cli import main
+    from pqcnet.sim import output
+
+    def plots(result, target):  # forked into the workers; seed 2's waits to be killed
+        if result.summary["seed"] == 2:
+            print("writing", os.getpid(), flush=True)
+            time.sleep(120)
+        return []
+
+    output.make_plots = plots
+    main(["sim", "sweep", sys.argv[1], "--nodes", "20", "--seeds", "1,2,3", "--jobs", "2",
+          "--out", sys.argv[2], "--no-progress", *sys.argv[3:]])
+""")
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_killed_outright_fails_its_run_and_the_sweep_still_ends(
+        tmp_path: Path) -> None:
+    """Before, a worker killed outright (the OOM killer, ``kill -9``) made the sweep wait
+    for its answer for ever (``multiprocessing.Pool`` never hears of the lost task).
+    Now its run fails, named, with what killed it; the others are written and what the
+    killed write left is removed. The kill comes from outside, as the OOM killer's."""
+    out = tmp_path / "results"
+    proc = subprocess.Popen([sys.executable, "-c", SWEEP_WORKER_KILLED,
+                             str(SCENARIOS / "scale.yaml"), str(out),
+                             *(f"--set={k}={v}" for k, v in _EXTRA.items())],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        assert line[0] == "writing", line
+        worker = int(line[1])
+        assert worker != proc.pid
+        assert len(list(out.glob(".scale-n20-s2.*.partial"))) == 1  # mid-write
+        os.kill(worker, signal.SIGKILL)
+        stdout, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 1, err[-2000:]
+    assert ("1 of 3 runs failed (scale-n20-s2: WorkerDied: the run's process was killed "
+            "by SIGKILL before it answered); the other 2 are written") in err
+    assert stdout == ""  # no run list: the sweep failed
+    assert sorted(p.name for p in out.iterdir()) == ["scale-n20-s1", "scale-n20-s3"]
+    assert [s["seed"] for s in load_summaries(out)] == [1, 3]
+
+
+WRITE_KILLED = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from pqcnet.sim import output
+    from pqcnet.sim.config import load, override
+    from pqcnet.sim.run import run
+
+    def slow_plots(result, target):
+        print("writing", flush=True)
+        time.sleep(120)
+        return []
+
+    output.make_plots = slow_plots
+    scenario = override(load(sys.argv[1]), {"nodes": 20, "duration_s": 50,
+                                            "workload.start_s": 10.0,
+                                            "workload.drain_s": 25.0})
+    output.write_run(run(scenario), Path(sys.argv[2]))
+""")
+
+
+@pytest.mark.timeout(120)
+def test_what_a_killed_write_left_is_removed_by_the_next_write_of_that_run(
+        tmp_path: Path) -> None:
+    """Before, a ``sim run`` killed outright left its hidden partial directory for
+    ever. The next write of the same run removes it — and only what writers known to be
+    gone left: a write in progress in a live process, or from another host sharing the
+    disk, is kept."""
+    out = tmp_path / "results"
+    proc = subprocess.Popen([sys.executable, "-c", WRITE_KILLED,
+                             str(SCENARIOS / "scale.yaml"), str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "writing"
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (killed,) = out.glob(".scale-n20-s1.*.partial")
+    assert killed.name.startswith(f".scale-n20-s1.{proc.pid}@")
+    assert (killed / "messages.csv").stat().st_size > 0  # half-written, and hidden:
+    assert load_summaries(out) == []
+    host = killed.name.split("@", 1)[1].split(".", 1)[0]
+    live = out / f".scale-n20-s1.{os.getpid()}@{host}.live1.partial"  # this process
+    elsewhere = out / f".scale-n20-s1.{proc.pid}@another-host.away1.partial"
+    other_run = out / f".scale-n20-s2.{proc.pid}@{host}.other1.partial"
+    for d in (live, elsewhere, other_run):
+        d.mkdir()
+    written = write_run(_run(), out, plots=False)
+    assert written.name == "scale-n20-s1"
+    assert not killed.exists()
+    assert _hidden(out) == sorted(d.name for d in (live, elsewhere, other_run))

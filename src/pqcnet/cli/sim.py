@@ -101,7 +101,7 @@ def sweep_cmd(scenarios: tuple[str, ...], sizes: str, seeds: str, sets: tuple[st
     stop the others; the sweep then exits 1 naming it."""
     from tqdm import tqdm
 
-    from pqcnet.sim.report import sweep
+    from pqcnet.sim.sweep import sweep
 
     try:
         ns = [int(x) for x in sizes.split(",") if x]

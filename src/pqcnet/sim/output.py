@@ -13,22 +13,28 @@ Plots need matplotlib (the ``sim`` extra); without it the run still writes its d
 and says so in ``summary.json`` (``plots: "matplotlib not installed"``).
 
 A run directory is whole or absent: the files are written into a hidden
-``.<run>.<random>.partial`` directory beside it, which takes the run's name only when
-every file is in (a rename), replacing an earlier run of the same name as a whole — a
-stop or a crash in the middle (a plot failing, SIGTERM, the disk full) leaves the
-earlier results as they were, never some files of each. A stopped ``write_run`` removes
-its partial directory; one killed outright leaves it, hidden, and the report skips
-hidden directories.
+``.<run>.<pid>@<host>.<random>.partial`` directory beside it, which takes the run's name
+only when every file is in (a rename), replacing an earlier run of the same name as a
+whole — a stop or a crash in the middle (a plot failing, SIGTERM, the disk full) leaves
+the earlier results as they were, never some files of each. A stopped ``write_run``
+removes its partial directory. One killed outright (SIGKILL, the OOM killer) cannot: its
+directory stays, hidden (the report skips hidden directories), until the next write of
+the same run removes it — only when its writer is known to be gone (same host, no
+process with that pid), so a write in progress elsewhere (another process, another host
+on a shared disk) is never touched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,18 +58,48 @@ def run_name(summary: dict[str, Any]) -> str:
     return dir_name(summary["scenario"]["name"], summary["nodes"], summary["seed"])
 
 
-def partial_dirs(out_dir: Path, name: str) -> list[Path]:
-    """Hidden directories an unfinished write of run ``name`` left (a partial one, or
-    an earlier run moved aside; see the module text)."""
-    return sorted(out_dir.glob(f".{name}.*"))
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _owner() -> str:
+    """This process as a partial directory's writer: ``<pid>@<host>``."""
+    return f"{os.getpid()}@{_host()}"
+
+
+def _gone(owner: str) -> bool:
+    """Whether the writer ``<pid>@<host>`` is known to have ended: on this host, and no
+    process has its pid (a reused pid keeps the directory: the safe side)."""
+    pid, _, host = owner.partition("@")
+    if not pid.isdigit() or host != _host():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process
+        return False
+    return False
+
+
+def remove_stale(out_dir: Path, name: str) -> list[Path]:
+    """Remove the hidden directories unfinished writes of run ``name`` left (a partial
+    one, or an earlier run moved aside) whose writers are gone; returns them."""
+    stale = [p for p in sorted(out_dir.glob(f".{glob.escape(name)}.*@*.*"))
+             if p.is_dir() and _gone(p.name[len(name) + 2:].split(".", 1)[0])]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def write_run(result: RunResult, out_dir: Path, *, plots: bool = True) -> Path:
     """Write one run's files as ``out_dir/<run>/``, whole or not at all; returns that
-    directory."""
+    directory. What killed writes of the same run left is removed first."""
     name = run_name(result.summary)
     out_dir.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=out_dir))
+    remove_stale(out_dir, name)
+    partial = Path(tempfile.mkdtemp(prefix=f".{name}.{_owner()}.", suffix=".partial",
+                                    dir=out_dir))
     try:
         _write_files(result, partial, plots=plots)
         partial.chmod(0o755)  # mkdtemp's 0700 is for the files in the making

@@ -1,30 +1,20 @@
-"""``pqcnet sim report``: a Markdown page over a results directory, and sweeps.
+"""``pqcnet sim report``: a Markdown page over a results directory.
 
 The report has one section per run (its key metrics and its plots), a scale table
 across runs, and the comparison with Waku's published Shadow run — 1000 nwaku nodes,
 100 ms links, D = 6, 10 kB messages: mean 508 ms, p95 < 627 ms, 100 % delivery — for
-every run whose scenario used the same link latency and D.
-
-A sweep runs a grid (scenarios x sizes x seeds) with ``jobs`` worker processes; each
-run is one process, single-threaded and deterministic, so the grid's results do not
-depend on ``jobs``. A run that fails (a bug, memory) does not stop the others: the sweep
-ends with :class:`~pqcnet.sim.errors.SweepFailed` naming it, the others written.
+every run whose scenario used the same link latency and D. The runs come from
+``pqcnet sim run`` or :mod:`pqcnet.sim.sweep`.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
-import shutil
-import signal
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pqcnet.sim.config import Scenario, load, override
-from pqcnet.sim.errors import SweepFailed
-from pqcnet.sim.output import dir_name, partial_dirs, scaling_plot, write_run
-from pqcnet.sim.run import run
+from pqcnet.sim.config import Scenario
+from pqcnet.sim.output import scaling_plot
 
 WAKU_SHADOW = {"nodes": 1000, "latency_ms": 100.0, "D": 6, "msg_bytes": 10_000,
                "mean_ms": 508.0, "p95_ms": 627.0, "delivery": 1.0}
@@ -150,74 +140,4 @@ def scale_row(s: dict[str, Any]) -> dict[str, Any]:
             "latency": f"{lat.get('mean', 0):.0f} / {lat.get('p95', 0):.0f}"}
 
 
-#: One run of a sweep: scenario file, overrides, results directory, plots.
-Job = tuple[str, dict[str, Any], str, bool]
-
-
-def _one(job: tuple[int, Job]) -> tuple[int, str, str | None]:
-    """Run and write one grid entry: ``(index, run directory, None)``, or ``(index,
-    run name, "<ExceptionType>: text")`` when it failed — a failed run does not stop
-    the others."""
-    i, (path, assignments, out, plots) = job
-    scenario = override(load(path), assignments)
-    try:
-        return i, str(write_run(run(scenario), Path(out), plots=plots)), None
-    except Exception as exc:  # reported with the run's name: SweepFailed
-        name = dir_name(scenario.name, scenario.nodes, scenario.seed)
-        return i, name, f"{type(exc).__name__}: {exc}"
-
-
-def sweep(paths: list[str], sizes: list[int], seeds: list[int], out: Path, *, jobs: int,
-          extra: dict[str, Any] | None = None, plots: bool = True,
-          done: Callable[[str, str | None], None] | None = None) -> list[str]:
-    """Run every (scenario, size, seed); returns the run directories in grid order.
-    ``done(run, error)`` is called as each run ends (in the order they end). A run that
-    fails does not stop the others; once all ended, :class:`SweepFailed` names the
-    failed ones."""
-    grid: list[Job] = [(p, {**(extra or {}), "nodes": n, "seed": s}, str(out), plots)
-                       for p in paths for n in sizes for s in seeds]
-    names = []
-    for path, assignments, _, _ in grid:  # fail fast on a bad grid, before any work
-        sc = override(load(path), assignments)
-        names.append(dir_name(sc.name, sc.nodes, sc.seed))
-    ended: dict[int, tuple[str, str | None]] = {}
-
-    def note(result: tuple[int, str, str | None]) -> None:
-        i, where, error = result
-        ended[i] = (where, error)
-        if done is not None:
-            done(where, error)
-
-    if jobs <= 1:
-        for job in enumerate(grid):
-            note(_one(job))
-    else:
-        # multiprocessing's Pool, not ProcessPoolExecutor: leaving its block by an
-        # exception (SIGINT/SIGTERM under pqcnet._util.signals.stopping) terminates the
-        # workers, where the executor would wait for every run in flight to finish
-        try:
-            with multiprocessing.get_context("fork").Pool(
-                    jobs, initializer=_worker_signals) as pool:
-                for result in pool.imap_unordered(_one, enumerate(grid), chunksize=1):
-                    note(result)
-        except BaseException:  # a worker terminated mid-write leaves its partial directory
-            for name in names:
-                for stale in partial_dirs(out, name):
-                    shutil.rmtree(stale, ignore_errors=True)
-            raise
-    failed = {where: error for where, error in (ended[i] for i in sorted(ended))
-              if error is not None}
-    dirs = [where for where, error in (ended[i] for i in sorted(ended)) if error is None]
-    if failed:
-        raise SweepFailed(failed, dirs)
-    return dirs
-
-
-def _worker_signals() -> None:
-    """A sweep worker leaves stopping to its parent: Ctrl-C reaches the whole process
-    group, and the parent terminates the workers (SIGTERM, default action) itself."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-__all__ = ["WAKU_SHADOW", "Job", "Scenario", "render", "sweep"]
+__all__ = ["WAKU_SHADOW", "Scenario", "render"]
