@@ -248,8 +248,9 @@ def nats_go(server: NatsServer, frames: int, topics: int, size: int,
         if consumer.returncode != 0:
             raise RuntimeError(f"nats bench js consume failed: {text.strip()[-400:]}")
     finally:
-        subprocess.run([server.cli, "--server", server.url, "--tlsca", server.ca, "stream",
-                        "rm", "-f", name], capture_output=True, timeout=60, check=False)
+        subprocess.run(ending_with_us([server.cli, "--server", server.url, "--tlsca",
+                                       server.ca, "stream", "rm", "-f", name]),
+                       capture_output=True, timeout=60, check=False)
     return {"what": "nats bench (natscli, Go): js pub async --dedup --multisubject, "
                     "js consume --acks explicit, at the same time; file storage, TLS",
             "frames": per * publishers, "frames_per_s": round(per * publishers / elapsed),
@@ -263,8 +264,8 @@ def _rate(text: str) -> int | None:
 
 
 def _go(cmd: list[str]) -> int | None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=GO_BENCH_TIMEOUT_S,
-                          check=False)
+    proc = subprocess.run(ending_with_us(cmd), capture_output=True, text=True,
+                          timeout=GO_BENCH_TIMEOUT_S, check=False)
     text = proc.stdout + proc.stderr
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[-12:])} failed: {text.strip()[-400:]}")

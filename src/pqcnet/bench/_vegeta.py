@@ -22,6 +22,7 @@ import json
 import subprocess
 from typing import Any
 
+from pqcnet._util.orphans import ending_with_us
 from pqcnet.bench._env import services_env
 from pqcnet.bench._stats import percentiles
 
@@ -45,11 +46,11 @@ def paced(exe: str, line: bytes, rate: float, seconds: float, connections: int
           ) -> dict[str, Any]:
     """Offer ``rate`` requests/s of ``line`` for ``seconds`` (open loop); latency
     percentiles in ms, the rate achieved and the failures (non-200 or transport error)."""
-    attack = subprocess.run(
+    attack = subprocess.run(ending_with_us(
         [exe, "attack", "-format=json", f"-rate={max(1, round(rate))}/s",
          f"-duration={seconds}s", f"-connections={connections}",
          f"-max-connections={connections}", f"-workers={connections}",
-         f"-max-workers={connections}", "-keepalive=true", "-http2=false", "-timeout=30s"],
+         f"-max-workers={connections}", "-keepalive=true", "-http2=false", "-timeout=30s"]),
         input=line, capture_output=True, check=True, timeout=seconds + 60)
     encoded = subprocess.run([exe, "encode", "-to=csv"], input=attack.stdout,
                              capture_output=True, check=True, timeout=60)
