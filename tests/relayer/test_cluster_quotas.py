@@ -208,19 +208,28 @@ def test_cluster_scope_needs_a_redis_to_share(tmp_path: Path) -> None:
             "node_id": "r", "data_dir": str(tmp_path), "quota_scope": "cluster"})
 
 
+@pytest.mark.parametrize("backend", ["redis", "kafka"])
 async def test_a_customer_spread_over_two_relayer_processes_gets_its_plan_once(
-        tmp_path: Path, redis_url: str) -> None:
-    """Two ``pqcnet relayer run`` processes of one Redis cluster, cluster scope; acme's
+        tmp_path: Path, redis_url: str, request: pytest.FixtureRequest,
+        backend: str) -> None:
+    """Two ``pqcnet relayer run`` processes of one cluster — on Redis Streams, or on
+    Kafka with the cluster's Redis for marks and quotas — cluster scope; acme's
     publishers, one on each, offer far more than 50 frames/s for 3 s. What the
     publishers saw accepted is the plan once; each relayer's /metrics counts the
     refusals its publisher saw, and its draws from Redis."""
-    prefix = f"cqp:{uuid.uuid4().hex[:8]}"
+    tag = uuid.uuid4().hex[:8]
+    prefix = f"cqp:{tag}"
+    bus: dict[str, object] = {"backend": "redis", "redis_lease": 1.5}
+    if backend == "kafka":
+        bus = {"backend": "kafka",
+               "kafka_bootstrap": request.getfixturevalue("kafka_bootstrap"),
+               "kafka_topic": f"pqcnet-quota-{tag}", "kafka_static_membership": True}
     procs = []
     for k in range(2):
         d = tmp_path / f"r{k}"
         d.mkdir()
-        config = write_config(d, backend="redis", redis_url=redis_url, redis_prefix=prefix,
-                              node_id=f"cq{k}", group="cq", redis_lease=1.5, metrics_port=0,
+        config = write_config(d, redis_url=redis_url, redis_prefix=prefix, **bus,
+                              node_id=f"cq{k}", group=f"cq-{tag}", metrics_port=0,
                               quota_scope="cluster",
                               quotas={"customers": {"acme": {"frames_per_s": RATE,
                                                              "frames_burst": BURST}}})
@@ -228,6 +237,7 @@ async def test_a_customer_spread_over_two_relayer_processes_gets_its_plan_once(
     try:
         for p in procs:
             await p.start()
+            assert p.ready["backend"] == backend
         counts = [{"ok": 0, "quota": 0}, {"ok": 0, "quota": 0}]
 
         async def offer(k: int, until: float) -> None:
