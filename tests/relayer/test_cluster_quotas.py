@@ -357,3 +357,71 @@ async def test_a_relayer_killed_holding_drawn_tokens_leaves_the_plan_to_the_othe
     finally:
         for p in procs:
             await p.stop()
+
+
+def _bucket(redis_url: str, key: str) -> float:
+    """A shared bucket's tokens as Redis holds them (``redis-cli``, not pqcnet)."""
+    return float(redis_cli(redis_url, "HGET", key, "tokens").split('"')[1])
+
+
+async def test_a_stopping_relayer_gives_its_unspent_tokens_back_up_to_the_burst(
+        redis_url: str) -> None:
+    """Before, tokens a relayer drew and did not spend were lost when it stopped (a
+    drained or scaled-in relayer took up to two chunks of the plan with it). Now a
+    stop gives the whole ones back — never past the burst, whatever it holds. The
+    refill is made negligible (0.001 frames/s) so the bucket reads exactly."""
+    spec = QuotasSpec.model_validate({"customers": {"acme": {
+        "frames_per_s": 0.001, "frames_burst": 100}}})
+    prefix = f"cqr:{uuid.uuid4().hex[:8]}"
+    key = f"{prefix}:quota:frames:acme"
+    a, b = (ClusterQuotas(spec, aioredis.from_url(redis_url), prefix, timeout=2.0)
+            for _ in range(2))
+    await a.prepare({"acme": [10, 10]})  # draws 10 + 2 chunks of 1
+    for _ in range(10):
+        a.take("acme", 1, 1, time.monotonic())
+    assert int(_bucket(redis_url, key)) == 88
+    await a.aclose()
+    assert int(_bucket(redis_url, key)) == 90 and a.returned == pytest.approx(2, abs=0.01)
+    assert a.calls == {"ok": 2, "error": 0}
+    # b holds 12 while the bucket refills to 95 (made so here): giving all 12 back
+    # would make 107 > the burst
+    await b.prepare({"acme": [10, 10]})
+    assert int(_bucket(redis_url, key)) == 78
+    redis_cli(redis_url, "HSET", key, "tokens", "95")
+    await b.aclose()
+    assert int(_bucket(redis_url, key)) == 100 and b.returned == pytest.approx(5, abs=0.01)
+
+
+async def test_a_relayer_stopped_by_sigterm_gives_back_what_it_drew_one_killed_does_not(
+        tmp_path: Path, redis_url: str) -> None:
+    """Seen from outside: acme's bucket as ``redis-cli`` reads it while a relayer
+    process holds two drawn, unspent tokens, and after that process ends — SIGTERM
+    (its stop gives them back) or SIGKILL (nothing runs: they are lost, never
+    re-granted)."""
+    prefix = f"cqs:{uuid.uuid4().hex[:8]}"
+    key = f"{prefix}:quota:frames:acme"
+    ends = []
+    for how in ("SIGTERM", "SIGKILL"):
+        d = tmp_path / how
+        d.mkdir()
+        relayer = await RelayerProcess(write_config(
+            d, backend="redis", redis_url=redis_url, redis_prefix=prefix,
+            node_id=f"cqs-{how.lower()}", group=f"cqs-{how.lower()}", metrics_port=0,
+            quota_scope="cluster",
+            quotas={"customers": {"acme": {"frames_per_s": 0.001,
+                                           "frames_burst": 100}}})).start()
+        try:
+            pub = await PublisherClient.connect("127.0.0.1", relayer.port, identities()[1])
+            try:
+                results = await pub.publish([Frame("acme", how, i + 1, b"x")
+                                             for i in range(10)])
+                assert all(r.accepted for r in results), results
+            finally:
+                await pub.close()
+            held = int(_bucket(redis_url, key))
+            if how == "SIGKILL":
+                relayer.kill()
+        finally:
+            await relayer.stop()
+        ends.append((held, int(_bucket(redis_url, key))))
+    assert ends == [(88, 90), (78, 78)]

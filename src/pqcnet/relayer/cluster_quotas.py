@@ -21,10 +21,13 @@ fifth of a saturated relayer's throughput: benchmarks/README.md.)
 
 What it guarantees: the cluster admits no more than the shared buckets grant — over
 any window, the plan's rate times the window plus its burst plus what each relayer
-holds unspent (at most two chunks and one request's frames each). A relayer's unspent
-tokens are not returned: a customer whose traffic moves between relayers is admitted
-a little *below* its plan for a moment, never above. The shared bucket refills by the
-Redis server's clock (``TIME`` in the script), so relayers' clocks do not matter.
+holds unspent (at most two chunks and one request's frames each). A relayer that stops
+(drained, restarted, scaled in) gives its unspent whole tokens back to the shared
+buckets, up to their burst (:meth:`ClusterQuotas.aclose`); one killed outright cannot,
+and a running relayer keeps what it drew while its customer's traffic moves to another
+— then the customer is admitted a little *below* its plan for a moment, never above.
+The shared bucket refills by the Redis server's clock (``TIME`` in the script), so
+relayers' clocks do not matter.
 
 When Redis cannot be reached (an error or no answer within ``timeout``), the relayer
 falls back to host buckets at the full plan for :data:`FALLBACK_S` seconds and then
@@ -61,7 +64,8 @@ IDLE_TTL_S = 60.0
 
 # For each key (one shared bucket): refill by the server's clock, grant
 # min(wanted, whole tokens), and when short say how long until one more frame's worth
-# (``unit``: 1 frame, or a mean frame's bytes) would be there.
+# (``unit``: 1 frame, or a mean frame's bytes) would be there. A negative ``wanted``
+# gives tokens back (up to the burst; the grant is then what went back, negative).
 # KEYS bucket keys; ARGV per key: rate/s, burst, wanted, unit, ttl ms -> per key:
 # granted, wait s
 _DRAW = """
@@ -81,6 +85,7 @@ for i, key in ipairs(KEYS) do
     at = now
   end
   local grant = math.min(want, math.floor(tokens))
+  if want < 0 then grant = math.max(want, tokens - burst) end
   tokens = tokens - grant
   redis.call('HSET', key, 'tokens', tostring(tokens), 'at', tostring(at))
   redis.call('PEXPIRE', key, ARGV[5 * i])
@@ -94,6 +99,13 @@ return out
 
 #: frames, bytes
 _UNITS = ("frames", "bytes")
+
+
+def _script_args(rate: float, burst: float, want: int, unit: int) -> list[str]:
+    """One bucket's ARGV of the script (its key idle-expires once refilled, plus
+    :data:`IDLE_TTL_S`)."""
+    ttl_ms = int((burst / rate + IDLE_TTL_S) * 1000)
+    return [repr(rate), repr(burst), str(want), str(unit), str(ttl_ms)]
 
 
 def chunk(rate: float, burst: float) -> float:
@@ -140,6 +152,8 @@ class ClusterQuotas(Quotas):
         self._fallback_until = 0.0
         #: script calls by outcome: ``ok``, ``error`` (each error starts a fallback)
         self.calls = {"ok": 0, "error": 0}
+        #: tokens given back to the shared buckets at stop (frames and bytes together)
+        self.returned = 0.0
 
     @property
     def in_fallback(self) -> bool:
@@ -227,8 +241,7 @@ class ClusterQuotas(Quotas):
         keys, args = [], []
         for customer, u, rate, burst, want, unit in asks:
             keys.append(self._key(_UNITS[u], customer))
-            ttl_ms = int((burst / rate + IDLE_TTL_S) * 1000)
-            args += [repr(rate), repr(burst), str(want), str(unit), str(ttl_ms)]
+            args += _script_args(rate, burst, want, unit)
         try:
             got = await asyncio.wait_for(self._draw(keys=keys, args=args), self.timeout)
             grants = [(float(got[2 * k]), float(got[2 * k + 1])) for k in range(len(asks))]
@@ -282,10 +295,40 @@ class ClusterQuotas(Quotas):
             pool.frames_rate, pool.bytes_rate = q.frames_per_s, q.bytes_per_s
 
     async def aclose(self) -> None:
+        """Stop: give the unspent whole tokens back (one script call, bounded by
+        ``timeout``; a failure only logs), then close the connection."""
         if self._drawing is not None:
             self._drawing.cancel()
             await asyncio.gather(self._drawing, return_exceptions=True)
-        await self.client.aclose()
+        try:
+            await self._give_back()
+        finally:
+            await self.client.aclose()
+
+    async def _give_back(self) -> None:
+        if self.in_fallback:  # Redis just failed us: do not delay the stop on it
+            return
+        keys, args = [], []
+        for customer, pool in self._pools.items():
+            for u, (rate, burst) in enumerate(rates(self.quota(customer))):
+                whole = math.floor(pool.tokens[u])
+                if rate > 0 and whole >= 1:
+                    keys.append(self._key(_UNITS[u], customer))
+                    args += _script_args(rate, burst, -whole, 1)
+                    pool.tokens[u] -= whole
+        if not keys:
+            return
+        try:
+            got = await asyncio.wait_for(self._draw(keys=keys, args=args), self.timeout)
+        except Exception as exc:  # stopping anyway: the tokens are lost, as on a kill
+            self.calls["error"] += 1
+            log.warning("cluster quotas: unspent tokens not given back (%s)",
+                        exc.__class__.__name__)
+            return
+        self.calls["ok"] += 1
+        self.returned = -sum(float(g) for g in got[0::2])
+        log.info("cluster quotas: gave back %g unspent tokens of %d buckets",
+                 self.returned, len(keys))
 
 
 __all__ = ["CHUNK_S", "FALLBACK_S", "ClusterQuotas", "chunk"]
