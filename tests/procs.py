@@ -1,12 +1,17 @@
 """What the tests read about processes from ``/proc`` (no psutil here): whether a pid
 still runs, a process's children — for the ``--workers`` supervisors, whose workers
-must not outlive them — and which process listens on a port (which worker to kill)."""
+must not outlive them — and which process listens on a port (which worker to kill);
+and the ``pqcnet`` command the tests start (the one installed beside this Python)."""
 
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+
+#: The ``pqcnet`` console script of the environment running the tests.
+PQCNET = str(Path(sys.executable).parent / "pqcnet")
 
 
 def _stat_fields(pid: int | str) -> list[str] | None:

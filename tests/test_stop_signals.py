@@ -22,9 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_service
-from tests.procs import descendants, running, stopped
-
-PQCNET = str(Path(sys.executable).parent / "pqcnet")
+from tests.procs import PQCNET, descendants, running, stopped
 
 #: A command under ``stopping``: a synchronous phase, then an event loop, each with a
 #: clean-up that writes a line to argv[1] (the loop's clean-up awaits first).

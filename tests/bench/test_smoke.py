@@ -27,11 +27,10 @@ import pytest
 from pqcnet.bench import mesh
 from pqcnet.bench._broker import drop_kafka_group
 from tests.conftest import _services_env, require_service
-from tests.procs import descendants, running
+from tests.procs import PQCNET, descendants, running
 from tests.relayer.helpers import redis_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-PQCNET = str(Path(sys.executable).parent / "pqcnet")
 
 
 def _bench(*args: str, env: dict[str, str] | None = None) -> dict[str, Any]:

@@ -6,12 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 from pqcnet.identity import NodeIdentity
+from tests.procs import PQCNET as PQCNET_EXE
 
-PQCNET = [str(Path(sys.executable).parent / "pqcnet")]
+PQCNET = [PQCNET_EXE]
 
 
 def _run(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

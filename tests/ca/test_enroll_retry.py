@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,8 +31,9 @@ from pqcnet.runtime.ca_service import ISSUED, ISSUED_CONTENT_TYPE, TOKEN_REPLAYS
 from pqcnet.runtime.errors import CaServiceError
 from tests.ca.conftest import TD, Service
 from tests.ports import free_port
+from tests.procs import PQCNET as PQCNET_EXE
 
-PQCNET = [str(Path(sys.executable).parent / "pqcnet")]
+PQCNET = [PQCNET_EXE]
 WILD = f"spiffe://{TD}/acme/relayer/*"
 
 

@@ -48,6 +48,7 @@ from pqcnet.relayer.frame import Frame, Topic
 from tests.conftest import ROOT
 from tests.docs.markdown import blocks
 from tests.ports import free_port
+from tests.procs import PQCNET
 
 from .conftest import load_dashboards, require_tool
 
@@ -59,7 +60,6 @@ dashboards = load_dashboards()
 
 pytestmark = pytest.mark.timeout(1800)
 TAG = "compose"
-PQCNET = str(Path(sys.executable).with_name("pqcnet"))
 TD = "pqcnet.compose"
 
 

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,10 +22,10 @@ from pqcnet.identity.hsm import Pkcs11KeyStore, wrapped_public_key
 from pqcnet.identity.keyconfig import open_key_store, read_key_store_file
 from pqcnet.runtime import enroll as client
 from tests.identity.conftest import Token
+from tests.procs import PQCNET
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.services]
 
-PQCNET = str(Path(sys.executable).parent / "pqcnet")
 TD = "example.org"
 R1 = f"spiffe://{TD}/acme/relayer/r1"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from pqcnet.identity.hsm import Pkcs11KeyStore, wrapped_public_key
 from pqcnet.identity.keyconfig import open_key_store, read_key_store_file
 from tests.identity.conftest import Token
 from tests.identity.test_identity_cli import run
+from tests.procs import PQCNET as PQCNET_EXE
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -33,7 +33,7 @@ def _flush_logs() -> Iterator[None]:
     plog._stop_listener()
 
 TD = "example.org"
-PQCNET = Path(sys.executable).parent / "pqcnet"
+PQCNET = Path(PQCNET_EXE)
 
 
 def test_split_and_combine(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,8 +19,8 @@ from typing import Any
 import yaml
 
 from tests.config.schemacheck import assert_schema
+from tests.procs import PQCNET
 
-PQCNET = str(Path(sys.executable).parent / "pqcnet")
 #: bytes of the node's stderr kept (the newest); older output is dropped
 STDERR_KEEP = 4 << 20
 

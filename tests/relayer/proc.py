@@ -6,16 +6,14 @@ import asyncio
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tests.config.schemacheck import assert_schema
+from tests.procs import PQCNET
 from tests.relayer.e2e import GRANT_ALL, identities
-
-PQCNET = str(Path(sys.executable).parent / "pqcnet")
 
 
 def write_config(tmp: Path, **kw: Any) -> Path:

@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,8 @@ from pqcnet.relayer import ledger_api as api
 from pqcnet.relayer.errors import GovernanceError
 from pqcnet.relayer.frame import Frame
 from pqcnet.relayer.governance import VolumeFilter, open_channel, pull_report, pull_volume
+from tests.procs import PQCNET
 from tests.relayer.e2e import TD, identities, publisher, start_node, subscriber
-
-PQCNET = str(Path(sys.executable).with_name("pqcnet"))
 
 
 def _node_kw() -> dict[str, object]:

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,9 +18,9 @@ import yaml
 
 from pqcnet import qstp
 from pqcnet.identity import NodeIdentity
+from tests.procs import PQCNET
 
 pytestmark = pytest.mark.timeout(300)
-PQCNET = str(Path(sys.executable).parent / "pqcnet")
 
 
 def _run(*args: str, cwd: Path, env: dict[str, str]) -> None:

@@ -16,14 +16,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.procs import PQCNET
+
 pytestmark = pytest.mark.timeout(240)
-PQCNET = str(Path(sys.executable).parent / "pqcnet")
 
 
 def _run(*args: str, cwd: Path, env: dict[str, str]) -> str:

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -35,6 +34,7 @@ from pqcnet.sentry.pool import SentryPool
 from pqcnet.sentry.server import SentryServer
 from pqcnet.sentry.sidecar import Sidecar
 from tests.config.schemacheck import assert_schema
+from tests.procs import PQCNET as PQCNET_EXE
 
 TD = "pqcnet.test"
 SENTRY_ID = f"spiffe://{TD}/ops/sentry/s1"
@@ -61,7 +61,7 @@ def make_mesh() -> Mesh:
 
 
 #: the console script of this venv, for tests that run real processes
-PQCNET = [str(Path(sys.executable).parent / "pqcnet")]
+PQCNET = [PQCNET_EXE]
 
 
 def pq(*args: str, cwd: Path) -> str:

@@ -9,7 +9,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,13 @@ from pqcnet.sentry.server import SentryServer
 from pqcnet.sentry.sidecar import serve_http
 from pqcnet.sentry.wire import RequestHead
 from tests.gcutil import collector_off, live
+from tests.procs import PQCNET as PQCNET_EXE
 from tests.procs import terminate
 
 from .harness import HttpBackend, Mesh, config_dict, pool_of, sentry_stack, write_config
 from .test_cli import free_port
 
-PQCNET = [str(Path(sys.executable).parent / "pqcnet")]
+PQCNET = [PQCNET_EXE]
 pytestmark = pytest.mark.timeout(120)
 
 
