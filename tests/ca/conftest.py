@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +41,18 @@ class Service:
         """CA vertices after genesis (issuances + revocations)."""
         return self.ledger.next_counter("mesh-ca") - 1
 
-    def state(self) -> tuple[bytes, int, int]:
-        """What a refused request must leave unchanged: token file, issued, vertices."""
-        path = self.dir / "tokens.json"
-        return (path.read_bytes() if path.exists() else b"", len(self.ca.issued),
-                self.vertices())
+    def state(self) -> tuple[list[tuple[object, ...]], int, int]:
+        """What a refused request must leave unchanged: token rows, issued, vertices."""
+        return token_rows(self.dir), len(self.ca.issued), self.vertices()
+
+
+def token_rows(ca_dir: Path) -> list[tuple[object, ...]]:
+    """The token store's rows, read with SQLite itself (not through pqcnet's store)."""
+    path = ca_dir / "tokens.db"
+    if not path.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        return con.execute("SELECT * FROM tokens ORDER BY token_hash").fetchall()
 
 
 async def start_service(tmp_path: Path, config: CaServiceConfig | None = None) -> Service:

@@ -37,7 +37,9 @@ def test_serve_token_enroll_replay(tmp_path: Path) -> None:
                     cwd=tmp_path, env=env)
         assert made.returncode == 0, made.stderr
         assert oct((tmp_path / "r1.token").stat().st_mode & 0o777) == "0o600"
-        assert "pqcnet-et1." not in (tmp_path / "ca" / "tokens.json").read_text()
+        stored = [p for p in (tmp_path / "ca").iterdir() if p.name.startswith("tokens.db")]
+        assert stored and all(b"pqcnet-et1." not in p.read_bytes() for p in stored)
+        assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in stored), stored
         joined = _run("node", "enroll", "--token-file", "r1.token", "--out", "r1",
                       cwd=tmp_path, env=env)
         assert joined.returncode == 0, joined.stderr

@@ -29,7 +29,7 @@ from pqcnet.qsdag import Ledger, OpaqueRecord
 from pqcnet.runtime import enroll as client
 from pqcnet.runtime.ca_service import ISSUED, ISSUED_CONTENT_TYPE, TOKEN_REPLAYS
 from pqcnet.runtime.errors import CaServiceError
-from tests.ca.conftest import TD, Service
+from tests.ca.conftest import TD, Service, token_rows
 from tests.ports import free_port
 from tests.procs import PQCNET as PQCNET_EXE
 
@@ -106,11 +106,7 @@ def _serve(tmp: Path, port: int, env: dict[str, str]) -> subprocess.Popen[str]:
 
 
 def _spent(ca_dir: Path) -> int:
-    try:
-        data = json.loads((ca_dir / "tokens.json").read_text())
-    except (OSError, ValueError):
-        return 0
-    return sum(1 for t in data["tokens"] if t.get("used_at"))
+    return sum(1 for row in token_rows(ca_dir) if row[5] is not None)  # used_us
 
 
 def test_ca_killed_mid_enrollment_strands_no_node(tmp_path: Path) -> None:

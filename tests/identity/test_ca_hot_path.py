@@ -1,17 +1,17 @@
 """Enrollment hot path (``pqcnet bench enroll``): what was cut stays correct.
 
-* ``TokenStore.check`` (run on the CA service's event loop) no longer takes the store's
-  lock, so it never waits for another enrollment's write + fsync; :meth:`redeem` still
-  decides under the lock.
+* ``TokenStore.check`` (run on the CA service's event loop) never waits for another
+  enrollment's write + fsync; :meth:`redeem` still decides in its write transaction.
 * The CA state keeps each issued-log line instead of re-encoding the whole log on every
   write; the file still round-trips and follows every change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import fcntl
 import json
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -28,14 +28,17 @@ def test_token_check_does_not_wait_for_a_writer_holding_the_lock(tmp_path: Path)
     store = TokenStore(tmp_path)
     secret, _ = store.create(str(R1), "relayer", dt.timedelta(minutes=5))
     done = threading.Event()
-    with open(tmp_path / ".tokens.lock", "a+b") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another redeem is writing and fsyncing
+    # another redeem (another process) is in its write transaction, committing
+    with contextlib.closing(sqlite3.connect(tmp_path / "tokens.db",
+                                            isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("UPDATE tokens SET used_by = used_by")
         worker = threading.Thread(target=lambda: (store.check(secret), done.set()),
                                   daemon=True)
         worker.start()
-        assert done.wait(10), "check() waited for the store's lock"
-        fcntl.flock(lock, fcntl.LOCK_UN)
-    # redeem still decides under the lock: the first spends it, a check then sees it used
+        assert done.wait(10), "check() waited for the store's writer"
+        other.execute("COMMIT")
+    # redeem still decides in its transaction: the first spends it, a check then sees it
     store.redeem(secret, R1)
     with pytest.raises(TokenError, match="already used"):
         store.check(secret)
