@@ -1,10 +1,11 @@
 """``pqcnet ca``: run a mesh CA from a directory (init, issue, sign-csr, revoke, crl, bundle).
 
 The CA directory holds ``ca-key.pem`` (PKCS#8, encrypted under the CA passphrase),
-``ca-cert.pem`` (the trust bundle) and ``ca-state.json`` (policy, revocations, CRL
-number). Passphrases come from an environment variable (default
-``PQCNET_CA_PASSPHRASE``) or an interactive prompt, never from argv where ``ps``
-would show them; ``--no-passphrase`` stores keys unencrypted (development only).
+``ca-cert.pem`` (the trust bundle), ``ca-state.json`` (policy, revocations, CRL
+number) and ``ca-issued.jsonl`` (the issued log, appended per certificate).
+Passphrases come from an environment variable (default ``PQCNET_CA_PASSPHRASE``) or an
+interactive prompt, never from argv where ``ps`` would show them; ``--no-passphrase``
+stores keys unencrypted (development only).
 
 The CA key can live in any key store: ``ca init --key-store FILE`` (a ``key_store:``
 mapping: file, pkcs11, shamir) stores it there and records the mapping (no secrets)

@@ -6,8 +6,9 @@ that. Every issuance path (:meth:`MeshCA.issue`, :meth:`MeshCA.sign_csr`,
 :meth:`MeshCA.renew`) goes through :meth:`IssuancePolicy.check`, so the CLI, the
 tests and a future online CA cannot disagree on what may be signed.
 
-The CA's own state (revocations, CRL number, issued serials, policy) is a small
-JSON file next to its encrypted key; it is rewritten atomically on every change.
+The CA's own state (revocations, CRL number, policy) is a small JSON file next to its
+encrypted key, rewritten atomically when it changes; the issued log is a journal beside
+it, appended per issuance (:mod:`pqcnet.identity.ca_log`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ from cryptography.hazmat.primitives import serialization
 
 from pqcnet.crypto.errors import CryptoError
 from pqcnet.crypto.pqc import MLDSAPublic, SigningKey, algorithm_of
+from pqcnet.identity.ca_log import (
+    IssuedJournal,
+    IssuedRecord,
+    LogWrite,
+    parse_issued,
+    read_log,
+    write_log,
+)
 from pqcnet.identity.certs import (
     CLOCK_SKEW,
     MAX_PEM_BYTES,
@@ -171,21 +180,6 @@ class Revocation:
     cert_not_after: dt.datetime | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class IssuedRecord:
-    """What the CA remembers about a certificate it issued."""
-
-    serial: int
-    spiffe_id: str
-    not_after: dt.datetime
-
-
-def _issued_json(rec: IssuedRecord) -> str:
-    """One issued-log entry as a JSON line."""
-    return json.dumps({"serial": format(rec.serial, "x"), "spiffe_id": rec.spiffe_id,
-                       "not_after": rec.not_after.isoformat()})
-
-
 def parse_reason(reason: str | x509.ReasonFlags) -> x509.ReasonFlags:
     """``key_compromise`` / ``keyCompromise`` / a ReasonFlags -> ReasonFlags."""
     if isinstance(reason, x509.ReasonFlags):
@@ -195,6 +189,24 @@ def parse_reason(reason: str | x509.ReasonFlags) -> x509.ReasonFlags:
             return flag
     names = ", ".join(f.name for f in x509.ReasonFlags)
     raise IdentityError(f"unknown revocation reason {reason!r}; one of: {names}")
+
+
+@dataclass(frozen=True, slots=True)
+class StateWrite:
+    """One save of a CA's state: the state file's bytes (None: unchanged) and the
+    issued log's write (None: nothing new)."""
+
+    state: bytes | None
+    log: LogWrite | None
+
+
+def write_state(directory: Path, change: StateWrite) -> None:
+    """Apply ``change`` to ``directory`` durably: the issued log first, so a state file
+    never names a change whose certificates are missing from the log."""
+    if change.log is not None:
+        write_log(directory, change.log)
+    if change.state is not None:
+        atomic_write(Path(directory) / CA_STATE_FILE, change.state, mode=0o600)
 
 
 @dataclass
@@ -210,10 +222,11 @@ class MeshCA:
     crl_number: int = 0
     #: additional anchors published in the trust bundle (e.g. the previous CA during rotation)
     extra_anchors: list[x509.Certificate] = field(default_factory=list)
-    #: serial -> its issued-log line, kept because a CA service rewrites the whole log
-    #: after every issuance: encoding it afresh (``json`` with ``indent`` is pure Python)
-    #: took ~2 s per write at the :data:`MAX_ISSUED_LOG` bound
-    _issued_lines: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
+    #: which issued-log entries are on disk (the journal appended per issuance)
+    _journal: IssuedJournal = field(default_factory=IssuedJournal, repr=False,
+                                    compare=False)
+    #: the state file's bytes as last written (None: not written by this object)
+    _state_saved: bytes | None = field(default=None, repr=False, compare=False)
     #: tenant -> serial -> record, of certificates live when last looked at, built on
     #: first use for the policy it was built with (layouts decide tenants): counting a
     #: tenant's nodes must not scan the whole issued log on every enrollment
@@ -347,17 +360,22 @@ class MeshCA:
 
     def _record(self, rec: IssuedRecord, now: dt.datetime) -> None:
         if len(self.issued) >= MAX_ISSUED_LOG:
-            self.issued = {s: r for s, r in self.issued.items() if r.not_after > now}
-            while len(self.issued) >= MAX_ISSUED_LOG:
-                self.issued.pop(next(iter(self.issued)))
+            kept = {s: r for s, r in self.issued.items() if r.not_after > now}
+            while len(kept) >= MAX_ISSUED_LOG:
+                kept.pop(next(iter(kept)))
+            for serial in self.issued.keys() - kept.keys():
+                self._journal.dropped(serial)
+            self.issued = kept
         self.issued[rec.serial] = rec
+        self._journal.issued(rec.serial)
         if self._by_tenant is not None and self._by_tenant_policy is self.policy:
             self._index(self._by_tenant, rec)
 
     def forget(self, serial: int) -> None:
         """Drop ``serial`` from the issued log (a certificate signed but never handed
         out, e.g. its enrollment lost a race for the token)."""
-        self.issued.pop(serial, None)
+        if self.issued.pop(serial, None) is not None:
+            self._journal.dropped(serial)
 
     def live_ids(self, tenant: str, now: dt.datetime | None = None) -> set[str]:
         """SPIFFE IDs of ``tenant`` holding an unexpired, unrevoked certificate of this
@@ -488,11 +506,32 @@ class MeshCA:
         if key_store is None:
             write_private_key(directory / CA_KEY_FILE, self.key, passphrase)
         atomic_write(directory / CA_CERT_FILE, self.trust_bundle_pem())
-        atomic_write(directory / CA_STATE_FILE, self.state_json(), mode=0o600)
+        self.save_state(directory)
+
+    def save_state(self, directory: Path) -> None:
+        """Make the state and the issued log durable in ``directory`` (the key and
+        certificate stay): what a running CA service does after each change."""
+        change = self.pending_state()
+        write_state(directory, change)
+        self.state_written(change)
+
+    def pending_state(self) -> StateWrite:
+        """What :meth:`save_state` would write, taken now (on the thread that changes
+        the CA); :func:`write_state` can then run elsewhere."""
+        state = self.state_json()
+        return StateWrite(None if state == self._state_saved else state,
+                          self._journal.pending(self.issued))
+
+    def state_written(self, change: StateWrite) -> None:
+        """``change`` is durable."""
+        if change.state is not None:
+            self._state_saved = change.state
+        if change.log is not None:
+            self._journal.written(change.log)
 
     def state_json(self) -> bytes:
-        """The state file's bytes (policy, CRL number, revocations, issued log): what a
-        running CA service rewrites after each change (the key and certificate stay)."""
+        """The state file's bytes (policy, CRL number, revocations; the issued log is
+        its own file)."""
         state = {
             "trust_domain": self.trust_domain,
             "crl_number": self.crl_number,
@@ -507,13 +546,7 @@ class MeshCA:
                 for r in self.revocations.values()
             ],
         }
-        head = json.dumps(state, indent=1)  # small; the issued log is spliced in below
-        lines = self._issued_lines
-        if len(lines) > 2 * len(self.issued) + 1024:  # pruned records: drop their lines
-            lines = self._issued_lines = {s: t for s, t in lines.items() if s in self.issued}
-        issued = ",\n  ".join([lines.get(r.serial) or lines.setdefault(r.serial, _issued_json(r))
-                               for r in self.issued.values()])
-        return (head[:-2] + ',\n "issued": [\n  ' + issued + "\n ]\n}").encode()
+        return json.dumps(state, indent=1).encode()
 
     @classmethod
     def load(
@@ -554,13 +587,14 @@ class MeshCA:
                     dt.datetime.fromisoformat(r["cert_not_after"]) if r.get("cert_not_after")
                     else None,
                 )
-            for r in state.get("issued", []):
-                serial = int(r["serial"], 16)
-                ca.issued[serial] = IssuedRecord(
-                    serial, str(r["spiffe_id"]), dt.datetime.fromisoformat(r["not_after"])
-                )
+            legacy = [parse_issued(r) for r in state.get("issued", [])]
         except (KeyError, ValueError, TypeError, AttributeError) as exc:
             raise IdentityError(f"corrupt CA state {directory / CA_STATE_FILE}: {exc}") from None
+        # an earlier version's log (in the state file) first; the journal's lines after
+        ca.issued = {r.serial: r for r in legacy}
+        journal = read_log(directory, MAX_STATE_BYTES, ca.issued)
+        ca._journal = journal if journal is not None and not legacy else IssuedJournal()
+        ca._state_saved = None if legacy else raw
         return ca
 
     def __repr__(self) -> str:

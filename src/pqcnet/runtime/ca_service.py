@@ -43,11 +43,10 @@ from pqcnet._util.tasks import cancel_and_wait
 from pqcnet.crypto.errors import CryptoError
 from pqcnet.crypto.pqc import SigningKey, VerifyKey
 from pqcnet.errors import PqcnetError
-from pqcnet.identity.ca import CA_STATE_FILE, IssuancePolicy, MeshCA
+from pqcnet.identity.ca import IssuancePolicy, MeshCA, write_state
 from pqcnet.identity.certs import MAX_PEM_BYTES, load_certs, utcnow
 from pqcnet.identity.csr import build_csr
 from pqcnet.identity.errors import IdentityError, PolicyViolation
-from pqcnet.identity.keystore import atomic_write
 from pqcnet.identity.node import NodeIdentity
 from pqcnet.identity.spiffe import SpiffeId, spiffe_matches, validate_pattern
 from pqcnet.identity.tokens import (
@@ -225,7 +224,7 @@ class CaService:
                  config: CaServiceConfig | None = None, *, ledger: Ledger | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ca = ca
-        #: where ``ca-state.json`` is rewritten (the key and certificate are not touched)
+        #: where the state and the issued log are written (key and certificate are not)
         self.ca_dir = Path(ca_dir)
         # disk work runs in threads so handshakes of other clients overlap the fsyncs;
         # one lock per file/store keeps each single-writer; state writes coalesce
@@ -600,12 +599,13 @@ class CaService:
         async with self._state_lock:
             if self._state_written >= mine:
                 return  # a write that started after our change already covered it
-            version, data = self._state_version, self.ca.state_json()
-            await asyncio.to_thread(atomic_write, self.ca_dir / CA_STATE_FILE, data, mode=0o600)
+            version, change = self._state_version, self.ca.pending_state()
+            await asyncio.to_thread(write_state, self.ca_dir, change)
+            self.ca.state_written(change)
             self._state_written = version
 
     def _persist_now(self) -> None:
-        atomic_write(self.ca_dir / CA_STATE_FILE, self.ca.state_json(), mode=0o600)
+        self.ca.save_state(self.ca_dir)
 
     def _crl_pem(self) -> bytes:
         now = self._clock()
