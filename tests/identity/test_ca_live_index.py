@@ -7,9 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import random
 from pathlib import Path
 
+import pytest
+from cryptography import x509
+
 from pqcnet.identity import MeshCA, SpiffeId
+from pqcnet.identity import ca as ca_mod
+from pqcnet.identity.ca import Revocation
 from pqcnet.identity.certs import utcnow
 from pqcnet.identity.spiffe import SpiffeLayout
 
@@ -75,3 +81,33 @@ def test_index_rebuilt_when_layouts_change() -> None:
     ca.policy = dataclasses.replace(ca.policy, spiffe_layouts=())
     _agree(ca, now, ("acme", "ns", ""))
     assert ca.live_ids("acme", now) == {f"spiffe://{TD}/acme/relayer/b"}
+
+
+def test_index_agrees_with_the_scan_through_a_random_history(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issuances (with renewals of the same IDs), revocations by ``revoke`` and written
+    straight into ``revocations`` (as a load does), forgets, prunes at the bound and
+    time passing, 600 steps in a seeded random order: after every step the kept index
+    answers what the brute-force scan of the issued log says."""
+    monkeypatch.setattr(ca_mod, "MAX_ISSUED_LOG", 40)
+    rng = random.Random(15)
+    ca = MeshCA.create(TD)
+    now = utcnow()
+    for step in range(600):
+        op = rng.random()
+        tenant = rng.choice(("acme", "other"))
+        if op < 0.55:
+            ca.issue(f"spiffe://{TD}/{tenant}/relayer/n{rng.randrange(30)}",
+                     dt.timedelta(minutes=rng.randrange(1, 90)), now=now)
+        elif op < 0.65 and ca.issued:
+            ca.revoke(rng.choice(list(ca.issued)), now=now)
+        elif op < 0.70 and ca.issued:
+            serial = rng.choice(list(ca.issued))
+            ca.revocations[serial] = Revocation(serial, now, x509.ReasonFlags.unspecified,
+                                                None)
+        elif op < 0.80 and ca.issued:
+            ca.forget(rng.choice(list(ca.issued)))
+        else:
+            now += dt.timedelta(minutes=rng.randrange(1, 20))
+        _agree(ca, now)
+        assert len(ca.issued) <= 40, step

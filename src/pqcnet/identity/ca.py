@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 
 from pqcnet.crypto.errors import CryptoError
 from pqcnet.crypto.pqc import MLDSAPublic, SigningKey, algorithm_of
+from pqcnet.identity.ca_live import LiveIndex
 from pqcnet.identity.ca_log import (
     IssuedJournal,
     IssuedRecord,
@@ -227,12 +229,15 @@ class MeshCA:
                                     compare=False)
     #: the state file's bytes as last written (None: not written by this object)
     _state_saved: bytes | None = field(default=None, repr=False, compare=False)
-    #: tenant -> serial -> record, of certificates live when last looked at, built on
-    #: first use for the policy it was built with (layouts decide tenants): counting a
-    #: tenant's nodes must not scan the whole issued log on every enrollment
-    _by_tenant: dict[str, dict[int, IssuedRecord]] | None = field(
-        default=None, repr=False, compare=False)
-    _by_tenant_policy: IssuancePolicy | None = field(default=None, repr=False, compare=False)
+    #: live certificates by tenant (:mod:`pqcnet.identity.ca_live`), built on first use
+    #: for the policy it was built with (layouts decide tenants) and kept as the log,
+    #: the revocations and time change
+    _live: LiveIndex | None = field(default=None, repr=False, compare=False)
+    _live_policy: IssuancePolicy | None = field(default=None, repr=False, compare=False)
+    #: the issued log's and the revocations' sizes the index accounts for (anything
+    #: else changed them behind its back: rebuilt / re-read)
+    _live_issued: int = field(default=0, repr=False, compare=False)
+    _live_revoked: int = field(default=0, repr=False, compare=False)
 
     # ------------------------------------------------------------------ creation
 
@@ -365,50 +370,62 @@ class MeshCA:
                 kept.pop(next(iter(kept)))
             for serial in self.issued.keys() - kept.keys():
                 self._journal.dropped(serial)
+                self._unlive(serial, left_log=True)
             self.issued = kept
         self.issued[rec.serial] = rec
         self._journal.issued(rec.serial)
-        if self._by_tenant is not None and self._by_tenant_policy is self.policy:
-            self._index(self._by_tenant, rec)
+        if self._live is not None:
+            self._live.add(rec)
+            self._live_issued += 1
 
     def forget(self, serial: int) -> None:
         """Drop ``serial`` from the issued log (a certificate signed but never handed
         out, e.g. its enrollment lost a race for the token)."""
         if self.issued.pop(serial, None) is not None:
             self._journal.dropped(serial)
+            self._unlive(serial, left_log=True)
+
+    def _unlive(self, serial: int, *, left_log: bool) -> None:
+        if self._live is not None:
+            self._live.remove(serial)
+            self._live_issued -= left_log
+
+    def live_holders(self, tenant: str, now: dt.datetime | None = None) -> Mapping[str, int]:
+        """``tenant``'s SPIFFE IDs holding an unexpired, unrevoked certificate of this CA
+        (read only). Costs what changed since the last question, not the fleet."""
+        live = self._live_index(now or utcnow())
+        return live.holders(tenant)
 
     def live_ids(self, tenant: str, now: dt.datetime | None = None) -> set[str]:
-        """SPIFFE IDs of ``tenant`` holding an unexpired, unrevoked certificate of this
-        CA. Costs the tenant's live certificates, not the issued log: expired, revoked
-        and forgotten entries leave the index as they are met."""
-        now = now or utcnow()
-        recs = self._tenant_index().get(tenant)
-        if not recs:
-            return set()
-        for serial in [s for s, r in recs.items() if r.not_after <= now
-                       or s in self.revocations or self.issued.get(s) is not r]:
-            del recs[serial]
-        return {r.spiffe_id for r in recs.values()}
+        """:meth:`live_holders` as a set."""
+        return set(self.live_holders(tenant, now))
 
     def live_count(self, now: dt.datetime | None = None) -> int:
         """Distinct SPIFFE IDs holding a live certificate (an ID has one tenant)."""
-        now = now or utcnow()
-        return sum(len(self.live_ids(t, now)) for t in list(self._tenant_index()))
+        return self._live_index(now or utcnow()).count()
 
-    def _tenant_index(self) -> dict[str, dict[int, IssuedRecord]]:
-        if self._by_tenant is None or self._by_tenant_policy is not self.policy:
-            index: dict[str, dict[int, IssuedRecord]] = {}
+    def _live_index(self, now: dt.datetime) -> LiveIndex:
+        live = self._live
+        if (live is None or self._live_policy is not self.policy
+                or self._live_issued != len(self.issued)):
+            live = self._live = LiveIndex(self._tenant_of)
             for rec in self.issued.values():
-                self._index(index, rec)
-            self._by_tenant, self._by_tenant_policy = index, self.policy
-        return self._by_tenant
+                if rec.serial not in self.revocations:
+                    live.add(rec)
+            self._live_policy, self._live_issued = self.policy, len(self.issued)
+            self._live_revoked = len(self.revocations)
+        elif self._live_revoked != len(self.revocations):  # set without revoke()
+            for serial in self.revocations:
+                live.remove(serial)
+            self._live_revoked = len(self.revocations)
+        live.expire(now)
+        return live
 
-    def _index(self, index: dict[str, dict[int, IssuedRecord]], rec: IssuedRecord) -> None:
+    def _tenant_of(self, spiffe_id: str) -> str | None:
         try:
-            tenant = self.policy.tenant_of(SpiffeId.parse(rec.spiffe_id))
+            return self.policy.tenant_of(SpiffeId.parse(spiffe_id))
         except IdentityError:  # an ID this policy cannot read any more: no tenant's node
-            return
-        index.setdefault(tenant, {})[rec.serial] = rec
+            return None
 
     # ------------------------------------------------------------------ revocation
 
@@ -433,7 +450,10 @@ class MeshCA:
             rec = self.issued.get(target)
             serial, not_after = target, (rec.not_after if rec else None)
         entry = Revocation(serial, now or utcnow(), parse_reason(reason), not_after)
-        self.revocations.setdefault(serial, entry)
+        if serial not in self.revocations:
+            self.revocations[serial] = entry
+            self._unlive(serial, left_log=False)
+            self._live_revoked += self._live is not None
         return self.revocations[serial]
 
     def revoke_spiffe_id(

@@ -523,7 +523,7 @@ class CaService:
             self._check_attestation(sid, public, attestation)
         limit = self.config.max_nodes_per_tenant
         if new_node and limit:
-            live = self.ca.live_ids(sid.tenant)
+            live = self.ca.live_holders(sid.tenant)
             if str(sid) not in live and len(live) >= limit:
                 raise CaServiceError(403, "max_nodes", f"tenant {sid.tenant!r} has {len(live)} "
                                      f"nodes already (limit {limit})")
