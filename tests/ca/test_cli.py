@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
 import subprocess
 from pathlib import Path
 
-from pqcnet.identity import NodeIdentity
+import pytest
+
+from pqcnet.identity import NodeIdentity, SpiffeId
+from pqcnet.identity.certs import utcnow
+from pqcnet.identity.tokens import TokenError, TokenStore, hash_token
 from tests.procs import PQCNET as PQCNET_EXE
 
 PQCNET = [PQCNET_EXE]
@@ -129,3 +134,41 @@ def test_revoke_through_the_service(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             serve.kill()
             serve.wait()
+
+
+def test_token_list_and_revoke(tmp_path: Path) -> None:
+    """``ca token list`` shows each token's state and never a secret; ``ca token
+    revoke`` withdraws an unused token only, named unambiguously."""
+    env = {**os.environ, "PQCNET_CA_PASSPHRASE": "ca-pw"}
+    assert _run("ca", "init", "--dir", "ca", "--trust-domain", "example.org",
+                cwd=tmp_path, env=env).returncode == 0
+    store = TokenStore(tmp_path / "ca")
+    pattern = "spiffe://example.org/acme/relayer/*"
+    live, _ = store.create(pattern, "relayer", dt.timedelta(minutes=10))
+    used, _ = store.create(pattern, "relayer", dt.timedelta(minutes=10))
+    old, _ = store.create(pattern, "relayer", dt.timedelta(minutes=1),
+                          now=utcnow() - dt.timedelta(minutes=5))
+    store.redeem(used, SpiffeId.parse("spiffe://example.org/acme/relayer/r9"))
+    listed = _run("ca", "token", "list", "--dir", "ca", "--json", cwd=tmp_path, env=env)
+    assert listed.returncode == 0, listed.stderr
+    rows = {r["hash"]: r for r in json.loads(listed.stdout)["tokens"]}
+    assert {h: (r["state"], r["used_by"]) for h, r in rows.items()} == {
+        hash_token(live)[:16]: ("live", ""),
+        hash_token(used)[:16]: ("used", "spiffe://example.org/acme/relayer/r9"),
+        hash_token(old)[:16]: ("expired", "")}
+    table = _run("ca", "token", "list", "--dir", "ca", cwd=tmp_path, env=env).stdout
+    assert len(table.splitlines()) == 3 and "used by spiffe://example.org/acme/relayer/r9" in table
+    assert not any(s in listed.stdout + table for s in (live, used, old))
+    refused = _run("ca", "token", "revoke", "--dir", "ca", hash_token(used)[:12],
+                   cwd=tmp_path, env=env)
+    assert refused.returncode == 1 and "already used by spiffe://" in refused.stderr
+    short = _run("ca", "token", "revoke", "--dir", "ca", "abc", cwd=tmp_path, env=env)
+    assert short.returncode == 1 and "at least 8 hex digits" in short.stderr
+    done = _run("ca", "token", "revoke", "--dir", "ca", hash_token(live)[:8],
+                cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    with pytest.raises(TokenError, match="not known"):
+        store.check(live)
+    again = _run("ca", "token", "revoke", "--dir", "ca", hash_token(live)[:8],
+                 cwd=tmp_path, env=env)
+    assert again.returncode == 1 and "no token with hash" in again.stderr

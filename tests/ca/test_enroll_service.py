@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import socket
 import struct
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,13 +23,14 @@ from prometheus_client import REGISTRY
 from pqcnet.crypto.pqc import SigningKey
 from pqcnet.identity import MeshCA, SpiffeId, build_csr, load_crl
 from pqcnet.identity.certs import utcnow
-from pqcnet.identity.tokens import TokenBundle
+from pqcnet.identity.tokens import TokenBundle, hash_token
 from pqcnet.qsdag.attestation import MeasurementPolicy
 from pqcnet.runtime import enroll as client
 from pqcnet.runtime.ca_service import TOKEN_REPLAYS, CaServiceConfig
 from pqcnet.runtime.errors import CaServiceError, HttpsError
 from pqcnet.runtime.https import request
 from tests.ca.conftest import TD, Service, start_service
+from tests.procs import PQCNET
 
 R1 = SpiffeId.parse(f"spiffe://{TD}/acme/relayer/r1")
 
@@ -367,3 +369,21 @@ def test_client_tls_is_post_quantum() -> None:
     assert pol.alpn == b"http/1.1" and pol.group_list == ("X25519MLKEM768",)
     assert SSL.TLS1_3_VERSION
     assert base64  # keep import used for readers of the attestation format
+
+
+async def test_a_revoked_token_is_refused_as_unknown_and_the_others_still_work(
+        service: Service) -> None:
+    """An operator withdraws a token handed to the wrong person (``pqcnet ca token
+    revoke``, run from outside against the CA directory the service uses): its holder
+    is refused 401 token_unknown and nothing is written; other tokens still enroll."""
+    withdrawn, kept = service.token(), service.token()
+    digest = hash_token(withdrawn.token)
+    out = await asyncio.to_thread(
+        subprocess.run, [PQCNET, "ca", "token", "revoke", "--dir", str(service.dir),
+                         digest[:10]], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"token {digest[:16]} for {withdrawn.pattern} (role relayer) revoked" in out.stdout
+    await _refused(service, _enroll(service, bundle=withdrawn), 401, "token_unknown")
+    ident, _ = await _enroll(service, SpiffeId.parse(f"spiffe://{TD}/acme/relayer/k1"),
+                             bundle=kept)
+    assert ident.spiffe_id.node_id == "k1"

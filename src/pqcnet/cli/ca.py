@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -385,7 +386,6 @@ def serve(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_pas
 
     Prints one JSON line {"ready": true, "url": ...} once listening; serves until
     SIGINT/SIGTERM."""
-    import json as _json
 
     from pqcnet.cli._common import run_until_signalled
     from pqcnet.identity.tokens import TokenStore
@@ -429,7 +429,7 @@ def serve(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_pas
 
     def ready(service: CaService) -> None:
         bound = service.server.port if service.server else port
-        click.echo(_json.dumps({"ready": True, "url": "https://" + scheme_host.format(port=bound),
+        click.echo(json.dumps({"ready": True, "url": "https://" + scheme_host.format(port=bound),
                                 "port": bound, "trust_domain": ca.trust_domain,
                                 "crl_http_port": service.plain.port if service.plain else None}))
         import sys
@@ -442,6 +442,42 @@ def serve(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_pas
 @cli.group("token")
 def token() -> None:
     """One-time enrollment tokens for `pqcnet node enroll`."""
+
+
+@token.command("list")
+@click.option("--dir", "ca_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="CA directory.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of a table.")
+def token_list(ca_dir: Path, as_json: bool) -> None:
+    """The CA's tokens (hash prefix, binding, expiry, state; never a secret)."""
+    from pqcnet.identity.certs import utcnow
+    from pqcnet.identity.tokens import TokenStore
+
+    now = utcnow()
+    rows = [{"hash": r.token_hash[:16], "pattern": r.pattern, "role": r.role,
+             "expires_at": r.expires_at.isoformat(timespec="seconds"),
+             "state": "used" if r.used_at else "expired" if now >= r.expires_at else "live",
+             "used_by": r.used_by}
+            for r in sorted(TokenStore(ca_dir).records(), key=lambda r: r.created_at)]
+    if as_json:
+        click.echo(json.dumps({"tokens": rows}))
+        return
+    for r in rows:
+        click.echo(f"{r['hash']}  {r['state']:7}  {r['expires_at']}  {r['role']:10}  "
+                   f"{r['pattern']}" + (f"  used by {r['used_by']}" if r["used_by"] else ""))
+
+
+@token.command("revoke")
+@click.option("--dir", "ca_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="CA directory.")
+@click.argument("hash_prefix")
+def token_revoke(ca_dir: Path, hash_prefix: str) -> None:
+    """Withdraw an unused token (HASH_PREFIX: 8+ hex digits from `ca token list`); a
+    node presenting it is then refused as unknown."""
+    from pqcnet.identity.tokens import TokenStore
+
+    rec = TokenStore(ca_dir).revoke(hash_prefix)
+    click.echo(f"token {rec.token_hash[:16]} for {rec.pattern} (role {rec.role}) revoked")
 
 
 @token.command("create")

@@ -263,6 +263,28 @@ class TokenStore:
             con.execute(_INSERT, _row(rec))
         return secret, rec
 
+    def revoke(self, hash_prefix: str) -> TokenRecord:
+        """Withdraw the unused token whose hash starts with ``hash_prefix`` (at least
+        8 hex digits, as ``pqcnet ca token list`` shows them): a later redeem is
+        ``unknown``. A spent token, an unknown or an ambiguous prefix is an error."""
+        prefix = hash_prefix.lower()
+        if len(prefix) < 8 or any(c not in "0123456789abcdef" for c in prefix):
+            raise IdentityError("a token is named by at least 8 hex digits of its hash")
+        with self._write() as con:
+            rows = con.execute(_SELECT + " WHERE substr(token_hash, 1, ?) = ? LIMIT 2",
+                               (len(prefix), prefix)).fetchall()
+            if not rows:
+                raise IdentityError(f"no token with hash {prefix}…")
+            if len(rows) > 1:
+                raise IdentityError(f"more than one token with hash {prefix}…; give more "
+                                    "digits")
+            rec = _record(rows[0])
+            if rec.used_at is not None:
+                raise IdentityError(f"token {prefix}… was already used by {rec.used_by}; "
+                                    "revoke its certificate instead")
+            con.execute("DELETE FROM tokens WHERE token_hash = ?", (rec.token_hash,))
+            return rec
+
     def check(self, secret: str, *, now: dt.datetime | None = None) -> TokenRecord:
         """The token's record if it may be redeemed now (nothing is written).
 
