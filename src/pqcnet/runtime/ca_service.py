@@ -294,7 +294,7 @@ class CaService:
             while True:
                 await asyncio.sleep(every)
                 try:
-                    self.refresh_server_identity()
+                    await self.refresh_server_identity()
                 except PqcnetError as exc:  # keep serving with the current identity
                     log.warning("CA service refresh failed", extra={"reason": str(exc)})
 
@@ -308,11 +308,13 @@ class CaService:
                 if srv is not None:
                     await srv.close()
 
-    def refresh_server_identity(self) -> None:
-        """Re-issue the service's own certificate (half-life) and reload the CRL into TLS."""
+    async def refresh_server_identity(self) -> None:
+        """Re-issue the service's own certificate (half-life) and reload the CRL into TLS.
+        Its issuance is persisted like any other (one writer at a time: a second,
+        unserialized writer could replace the issued log with an older snapshot)."""
         if self.identity.needs_renewal(utcnow()):
             self.identity = self._server_identity()
-            self._persist_now()
+            await self._persist()
         else:
             self.identity = self.identity.with_crl(self._crl_pem())
         if self.server is not None:
@@ -471,7 +473,7 @@ class CaService:
             await self._anchor(REVOKED_CONTENT_TYPE, rec.spiffe_id if rec else "", {
                 "serial": format(rev.serial, "x"), "reason": rev.reason.name,
                 "spiffe_id": rec.spiffe_id if rec else "", "by": str(peer.spiffe_id)})
-        self.refresh_server_identity()
+        await self.refresh_server_identity()
         self._update_gauge()
         return Response(204, b"")
 
@@ -603,9 +605,6 @@ class CaService:
             await asyncio.to_thread(write_state, self.ca_dir, change)
             self.ca.state_written(change)
             self._state_written = version
-
-    def _persist_now(self) -> None:
-        self.ca.save_state(self.ca_dir)
 
     def _crl_pem(self) -> bytes:
         now = self._clock()
