@@ -97,3 +97,11 @@ def test_sink_refuses_non_increasing_sequence_and_tolerates_torn_line(tmp_path: 
     reopened = JsonlSink(path)
     last = reopened.last("c")
     assert last is not None and last.envelope.sequence == 1
+    # the next record lands on a line of its own (before, it was glued to the fragment:
+    # one unreadable line, the record gone at the next start)
+    second = EpochRecord(make_envelope("c", 2, b"y", "gov", GOV), (b"\x01" * 32,))
+    reopened.submit(second)
+    assert [json.loads(line) for line in path.read_text().splitlines()][-1] == \
+        second.to_json()
+    again = JsonlSink(path).last("c")
+    assert again is not None and again.envelope.sequence == 2

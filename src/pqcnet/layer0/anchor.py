@@ -100,6 +100,18 @@ class JsonlSink:
         self._last: dict[str, EpochRecord] = {}
         for record in self.records():
             self._last[record.envelope.channel] = record
+        self._cut_torn_line()
+
+    def _cut_torn_line(self) -> None:
+        """Drop a last line a crash left unfinished, so the next record is not glued to
+        it (one unreadable line: the record lost at the next start)."""
+        try:
+            with self.path.open("rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return
+        if data and not data.endswith(b"\n"):
+            os.truncate(self.path, data.rfind(b"\n") + 1)
 
     def records(self) -> Iterator[EpochRecord]:
         """Every record in the file; a torn last line (crash mid-write) is skipped."""
