@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pqcnet.identity.errors import IdentityError
-from pqcnet.identity.keystore import atomic_write
+from pqcnet.identity.keystore import atomic_write, read_bounded
 
 CA_ISSUED_FILE = "ca-issued.jsonl"
 
@@ -145,13 +145,9 @@ def read_log(directory: Path, limit: int, into: dict[int, IssuedRecord]
     journal as the file stands — to be rewritten if its last line is torn (a crash
     mid-append). None when there is no journal."""
     path = Path(directory) / CA_ISSUED_FILE
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
+    if not path.exists():
         return None
-    if size > limit:
-        raise IdentityError(f"{path} is larger than {limit} bytes")
-    lines = path.read_bytes().split(b"\n")
+    lines = read_bounded(path, limit, "CA issued log").split(b"\n")
     torn = lines.pop() != b""  # after the last newline: empty unless torn
     saved: set[int] = set()
     for n, line in enumerate(lines, 1):

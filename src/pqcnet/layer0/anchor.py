@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from pqcnet._util.files import cut_torn_tail
 from pqcnet.crypto.pqc import SigningKey, VerifyKey
 from pqcnet.layer0.envelope import EpochAnchor, IBCEnvelope, make_envelope, verify_envelope
 from pqcnet.layer0.errors import EnvelopeInvalid, ProofInvalid, SequenceError
@@ -98,20 +99,9 @@ class JsonlSink:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._last: dict[str, EpochRecord] = {}
+        cut_torn_tail(self.path)  # so the next record starts a line of its own
         for record in self.records():
             self._last[record.envelope.channel] = record
-        self._cut_torn_line()
-
-    def _cut_torn_line(self) -> None:
-        """Drop a last line a crash left unfinished, so the next record is not glued to
-        it (one unreadable line: the record lost at the next start)."""
-        try:
-            with self.path.open("rb") as fh:
-                data = fh.read()
-        except FileNotFoundError:
-            return
-        if data and not data.endswith(b"\n"):
-            os.truncate(self.path, data.rfind(b"\n") + 1)
 
     def records(self) -> Iterator[EpochRecord]:
         """Every record in the file; a torn last line (crash mid-write) is skipped."""

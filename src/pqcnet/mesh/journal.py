@@ -5,8 +5,8 @@ restarts between two runs; the facts it acts on (ledger evidence) are still ther
 after a restart, so without a memory it would act again. :class:`IdJournal` is that
 memory: an append-only file of hex ids, one per line, fsynced per append (an id is
 recorded *after* the action it stands for, so a crash in between repeats the action
-once, never loses it; a line torn by a crash is dropped and the file rewritten before
-the next append). It is bounded: past ``max_ids`` the oldest ids are forgotten at
+once, never loses it; a line torn by a crash is cut when the journal opens). It is
+bounded: past ``max_ids`` the oldest ids are forgotten at
 the next compaction (an atomic rewrite), which only risks repeating an action whose
 evidence is older than ``max_ids`` newer ones.
 """
@@ -17,6 +17,7 @@ import os
 from collections import OrderedDict
 from pathlib import Path
 
+from pqcnet._util.files import cut_torn_tail
 from pqcnet.identity.keystore import atomic_write
 from pqcnet.mesh.errors import ConfigError
 
@@ -34,15 +35,9 @@ class IdJournal:
         self.max_ids = max_ids
         self._ids: OrderedDict[bytes, None] = OrderedDict()
         self._lines = 0
-        #: the file ends inside a line (a crash mid-append): the next write rewrites it
-        self._torn = False
         if path is not None and path.exists():
-            text = path.read_text(encoding="ascii", errors="replace")
-            self._torn = bool(text) and not text.endswith("\n")
-            lines = text.split("\n")
-            if self._torn:
-                lines.pop()  # the fragment: its action is repeated once, never lost
-            for line in filter(None, lines):
+            cut_torn_tail(path)  # a fragment's action is repeated once, never lost
+            for line in path.read_text(encoding="ascii", errors="replace").split():
                 try:
                     self._remember(bytes.fromhex(line))
                 except ValueError:
@@ -68,11 +63,9 @@ class IdJournal:
         self._remember(item)
         if self.path is None:
             return
-        if self._torn or self._lines >= 2 * self.max_ids:
-            # appending after a torn line would glue the new id to the fragment: one
-            # wrong id on disk, and the new one lost at the next start
+        if self._lines >= 2 * self.max_ids:
             atomic_write(self.path, "".join(i.hex() + "\n" for i in self._ids).encode())
-            self._lines, self._torn = len(self._ids), False
+            self._lines = len(self._ids)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="ascii") as fh:
