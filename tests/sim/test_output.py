@@ -184,21 +184,23 @@ SWEEP_WORKER_KILLED = textwrap.dedent("""
         return []
 
     output.make_plots = plots
-    main(["sim", "sweep", sys.argv[1], "--nodes", "20", "--seeds", "1,2,3", "--jobs", "2",
+    main(["sim", "sweep", sys.argv[1], "--nodes", "20", "--seeds", "1,2,3",
           "--out", sys.argv[2], "--no-progress", *sys.argv[3:]])
 """)
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("jobs", ["1", "2"])
 def test_a_worker_killed_outright_fails_its_run_and_the_sweep_still_ends(
-        tmp_path: Path) -> None:
+        tmp_path: Path, jobs: str) -> None:
     """Before, a worker killed outright (the OOM killer, ``kill -9``) made the sweep wait
-    for its answer for ever (``multiprocessing.Pool`` never hears of the lost task).
+    for its answer for ever (``multiprocessing.Pool`` never hears of the lost task), and
+    with ``--jobs 1`` the run *was* the sweep's process, so the sweep died with it.
     Now its run fails, named, with what killed it; the others are written and what the
     killed write left is removed. The kill comes from outside, as the OOM killer's."""
     out = tmp_path / "results"
     proc = subprocess.Popen([sys.executable, "-c", SWEEP_WORKER_KILLED,
-                             str(SCENARIOS / "scale.yaml"), str(out),
+                             str(SCENARIOS / "scale.yaml"), str(out), "--jobs", jobs,
                              *(f"--set={k}={v}" for k, v in _EXTRA.items())],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

@@ -90,7 +90,8 @@ def run_cmd(scenario: str, nodes: int | None, seed: int | None, duration: float 
               help="Comma-separated sizes, e.g. 100,300,1000.")
 @click.option("--seeds", default="1", show_default=True, help="Comma-separated seeds.")
 @click.option("--set", "sets", multiple=True, help="Override any field for every run.")
-@click.option("--jobs", type=int, default=1, show_default=True, help="Worker processes.")
+@click.option("--jobs", type=int, default=1, show_default=True,
+              help="Runs at once, each in its own process.")
 @click.option("--out", type=click.Path(file_okay=False), default="results", show_default=True)
 @click.option("--no-plots", is_flag=True)
 @click.option("--progress/--no-progress", default=True, show_default=True,

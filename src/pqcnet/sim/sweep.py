@@ -1,8 +1,10 @@
 """``pqcnet sim sweep``: a grid of runs (scenarios x sizes x seeds), ``jobs`` at a time.
 
 Each run is one forked process, single-threaded and deterministic, so the grid's results
-do not depend on ``jobs``. The processes are started and reaped here rather than by a
-pool, because of how a run can end:
+do not depend on ``jobs`` — ``jobs=1`` included: a run the OOM killer takes fails
+alone instead of taking the sweep (and its tally of the other runs) with it. The
+processes are started and reaped here rather than by a pool, because of how a run can
+end:
 
 * it fails (a bug, an invalid state): its error comes back, the others go on, and the
   sweep ends with :class:`~pqcnet.sim.errors.SweepFailed` naming it;
@@ -64,11 +66,7 @@ def sweep(paths: list[str], sizes: list[int], seeds: list[int], out: Path, *, jo
         if done is not None:
             done(where, error)
 
-    if jobs <= 1:
-        for job in enumerate(grid):
-            note(_one(job))
-    else:
-        _in_processes(list(enumerate(grid)), names, out, jobs, note)
+    _in_processes(list(enumerate(grid)), names, out, max(1, jobs), note)
     failed = {where: error for where, error in (ended[i] for i in sorted(ended))
               if error is not None}
     dirs = [where for where, error in (ended[i] for i in sorted(ended)) if error is None]
