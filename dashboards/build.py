@@ -282,6 +282,8 @@ CONTROL = {
           (("sum by (path) (pqcnet_ca_certificates_issued_total)", "issued {{path}}"),
            ("sum(pqcnet_ca_certificates_revoked_total)", "revoked"),
            ("sum(pqcnet_ca_token_replays_total)", "token replays"))),
+        P("Enrollment tokens by state (live: may still be redeemed)", "short",
+          (("sum by (state) (pqcnet_ca_tokens)", "{{state}}"),)),
     ],
 }
 

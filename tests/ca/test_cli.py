@@ -172,3 +172,65 @@ def test_token_list_and_revoke(tmp_path: Path) -> None:
     again = _run("ca", "token", "revoke", "--dir", "ca", hash_token(live)[:8],
                  cwd=tmp_path, env=env)
     assert again.returncode == 1 and "no token with hash" in again.stderr
+
+
+def test_serve_counts_tokens_by_state_as_they_are_made_spent_and_expire(
+        tmp_path: Path) -> None:
+    """``pqcnet_ca_tokens{state}`` on the running service's metrics port, scraped over
+    HTTP: tokens made by ``ca token create`` in another process appear, a node's
+    enrollment moves one to ``used``, a 1 s token becomes ``expired`` as time passes,
+    and a revoked one leaves the count — without restarting the service."""
+    import time
+
+    from tests.ports import free_port
+    from tests.procs import terminate
+    from tests.relayer.helpers import scrape_metrics
+
+    env = {**os.environ, "PQCNET_CA_PASSPHRASE": "ca-pw", "PQCNET_NODE_PASSPHRASE": "node-pw"}
+    assert _run("ca", "init", "--dir", "ca", "--trust-domain", "example.org",
+                cwd=tmp_path, env=env).returncode == 0
+    metrics = free_port()
+    serve = subprocess.Popen([*PQCNET, "ca", "serve", "--dir", "ca", "--port", "0",
+                              "--metrics-port", str(metrics), "--crl-max-age", "2"],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+
+    def tokens_reach(want: dict[str, float]) -> None:
+        seen: dict[str, float | None] = {}
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            got = scrape_metrics(metrics)
+            seen = {s: got.get(f'pqcnet_ca_tokens{{state="{s}"}}') for s in want}
+            if seen == want:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"pqcnet_ca_tokens {seen}, want {want}")
+
+    def create(name: str, ttl: str) -> None:
+        made = _run("ca", "token", "create", "--dir", "ca", "--pattern",
+                    f"spiffe://example.org/acme/relayer/{name}", "--role", "relayer",
+                    "--ttl", ttl, "--ca-url", url, "--out", f"{name}.token",
+                    cwd=tmp_path, env=env)
+        assert made.returncode == 0, made.stderr
+
+    try:
+        assert serve.stdout is not None
+        url = json.loads(serve.stdout.readline())["url"]
+        tokens_reach({"live": 0, "used": 0, "expired": 0})
+        for name in ("r1", "r2", "r3"):
+            create(name, "10m")
+        create("brief", "1s")
+        joined = _run("node", "enroll", "--token-file", "r1.token", "--out", "r1",
+                      cwd=tmp_path, env=env)
+        assert joined.returncode == 0, joined.stderr
+        tokens_reach({"live": 2, "used": 1, "expired": 1})
+        r3 = hash_token(json.loads((tmp_path / "r3.token").read_text())["token"])
+        assert _run("ca", "token", "revoke", "--dir", "ca", r3[:12], cwd=tmp_path,
+                    env=env).returncode == 0
+        tokens_reach({"live": 1, "used": 1, "expired": 1})
+        assert serve.poll() is None
+    finally:
+        terminate(serve)
+        if serve.stdout:
+            serve.stdout.close()
+    assert serve.returncode == 0

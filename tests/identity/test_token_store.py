@@ -119,3 +119,33 @@ def test_spending_a_token_writes_its_row_not_the_store(tmp_path: Path) -> None:
     store.redeem(many[0], R1)
     wal = (tmp_path / "tokens.db-wal").stat().st_size
     assert 0 < wal <= 6 * (page + 24) + 32, (wal, page)  # header + a few frames
+
+
+def test_counts_agree_with_each_records_state_as_time_passes(tmp_path: Path) -> None:
+    """``counts`` (what the ``pqcnet_ca_tokens`` gauge shows) is one SQL pass; it must
+    name the same state as each record's own (what ``ca token list`` shows) for a
+    mixed store, at several moments — tokens expire between them, a spent one stays
+    ``used`` after its expiry, an expiry exactly at ``now`` is expired."""
+    import random
+
+    rng = random.Random(15)
+    store = TokenStore(tmp_path)
+    t0 = utcnow()
+    for i in range(60):
+        created = t0 - dt.timedelta(minutes=rng.randrange(0, 30))
+        secret, rec = store.create(f"spiffe://{TD}/acme/relayer/*", "relayer",
+                                   dt.timedelta(minutes=rng.randrange(1, 40)), now=created)
+        if i % 3 == 0 and t0 < rec.expires_at:
+            store.redeem(secret, SpiffeId.parse(f"spiffe://{TD}/acme/relayer/n{i}"), now=t0)
+    records = store.records()
+    moments = [t0, t0 + dt.timedelta(minutes=5), t0 + dt.timedelta(minutes=20),
+               records[7].expires_at, t0 + dt.timedelta(hours=2)]
+    seen = set()
+    for now in moments:
+        expected = {state: 0 for state in ("live", "used", "expired")}
+        for rec in records:
+            expected[rec.state(now)] += 1
+        assert store.counts(now) == expected, now
+        seen |= {s for s, n in expected.items() if n}
+    assert seen == {"live", "used", "expired"}  # every state met at least once
+    assert store.counts(t0 + dt.timedelta(hours=2))["live"] == 0

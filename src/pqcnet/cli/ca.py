@@ -456,7 +456,7 @@ def token_list(ca_dir: Path, as_json: bool) -> None:
     now = utcnow()
     rows = [{"hash": r.token_hash[:16], "pattern": r.pattern, "role": r.role,
              "expires_at": r.expires_at.isoformat(timespec="seconds"),
-             "state": "used" if r.used_at else "expired" if now >= r.expires_at else "live",
+             "state": r.state(now),
              "used_by": r.used_by}
             for r in sorted(TokenStore(ca_dir).records(), key=lambda r: r.created_at)]
     if as_json:

@@ -55,6 +55,8 @@ MAX_TOKENS = 100_000
 MAX_TOKEN_FILE_BYTES = 64 * 1024 * 1024
 #: How long a used/expired token's hash is kept (a later replay is still named "used").
 KEEP_SPENT = dt.timedelta(days=1)
+#: What a token can be (``pqcnet ca token list``, the ``pqcnet_ca_tokens`` gauge).
+TOKEN_STATES = ("live", "used", "expired")
 BUNDLE_KIND = "pqcnet-enrollment-token"
 BUNDLE_VERSION = 1
 #: The CA service's own SPIFFE ID path (``spiffe://<td>/pqcnet/ca/ca-service``); nodes
@@ -98,6 +100,11 @@ class TokenRecord:
     used_by: str = ""
     #: SHA-256 (hex) of the public key it was spent on: that node may ask again (below)
     used_key: str = ""
+
+    def state(self, now: dt.datetime) -> str:
+        """One of :data:`TOKEN_STATES`: ``used``, ``expired`` (never used) or ``live``
+        (may still be redeemed)."""
+        return "used" if self.used_at else "expired" if now >= self.expires_at else "live"
 
     def to_json(self) -> dict[str, Any]:
         return {"token_hash": self.token_hash, "pattern": self.pattern, "role": self.role,
@@ -242,6 +249,21 @@ class TokenStore:
         except sqlite3.DatabaseError as exc:
             raise IdentityError(f"token store {self.path}: {exc}") from None
         return [_record(r) for r in rows]
+
+    def counts(self, now: dt.datetime | None = None) -> dict[str, int]:
+        """Tokens per :data:`TOKEN_STATES` entry, counted by SQLite (one pass over the
+        table, at most :data:`MAX_TOKENS` rows; no record is built)."""
+        at = _us(now or utcnow())
+        try:
+            row = self._con().execute(
+                "SELECT count(used_us), count(*) - count(used_us) - "
+                "coalesce(sum(used_us IS NULL AND expires_us <= ?), 0), "
+                "coalesce(sum(used_us IS NULL AND expires_us <= ?), 0) FROM tokens",
+                (at, at)).fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise IdentityError(f"token store {self.path}: {exc}") from None
+        used, live, expired = (int(v) for v in row)
+        return {"live": live, "used": used, "expired": expired}
 
     # ----------------------------------------------------------------- operations
 

@@ -84,6 +84,9 @@ ISSUED = Counter("pqcnet_ca_certificates_issued", "Certificates issued by the CA
 REVOKED = Counter("pqcnet_ca_certificates_revoked", "Certificates revoked through the CA service")
 ENROLLED_NODES = Gauge("pqcnet_ca_enrolled_nodes",
                        "SPIFFE IDs holding an unexpired, unrevoked certificate")
+TOKENS = Gauge("pqcnet_ca_tokens", "Enrollment tokens in the CA's store by state (live: "
+               "may still be redeemed), counted at start and every maintenance pass",
+               ["state"])
 
 
 @dataclass(frozen=True)
@@ -280,6 +283,7 @@ class CaService:
             self.plain = HttpsServer(self.handle_plain, None)
             await self.plain.start(host, crl_http_port)
         self._update_gauge()
+        await self.count_tokens()
         if self._maintenance is None:
             self.start_maintenance()
         log.info("CA service listening", extra={"port": bound, "trust_domain":
@@ -287,7 +291,9 @@ class CaService:
         return bound
 
     def start_maintenance(self, interval_s: float | None = None) -> None:
-        """Re-sign the CRL and renew the service's own certificate in the background."""
+        """Re-sign the CRL, renew the service's own certificate and count the tokens
+        (``pqcnet ca token create`` adds them from another process, and they expire
+        with time) in the background."""
         every = interval_s or max(1.0, min(30.0, self.config.crl_max_age_s / 2))
 
         async def loop() -> None:
@@ -297,6 +303,7 @@ class CaService:
                     await self.refresh_server_identity()
                 except PqcnetError as exc:  # keep serving with the current identity
                     log.warning("CA service refresh failed", extra={"reason": str(exc)})
+                await self.count_tokens()
 
         self._maintenance = asyncio.create_task(loop())
 
@@ -617,6 +624,18 @@ class CaService:
 
     def _update_gauge(self) -> None:
         ENROLLED_NODES.set(self.ca.live_count())
+
+    async def count_tokens(self) -> None:
+        """Set ``pqcnet_ca_tokens``: a pass over the token table, in a thread (up to
+        100,000 rows; an enrollment never waits for it). A store that cannot be read
+        keeps the last counts and is logged — enrollment reports its own errors."""
+        try:
+            counts = await asyncio.to_thread(self.tokens.counts)
+        except IdentityError as exc:
+            log.warning("token count failed", extra={"reason": str(exc)})
+            return
+        for state, n in counts.items():
+            TOKENS.labels(state).set(n)
 
 
 def _parse_csr(csr_pem: bytes) -> tuple[SpiffeId, VerifyKey]:
