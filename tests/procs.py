@@ -82,7 +82,7 @@ def listener_pid(port: int) -> int | None:
 
 def terminate(proc: subprocess.Popen[Any], timeout: float = 20.0) -> None:
     """Stop a child the way an operator would (SIGTERM), SIGKILL it if it has not
-    exited within ``timeout`` seconds, and close its stderr pipe."""
+    exited within ``timeout`` seconds, and close its stdout and stderr pipes."""
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -90,5 +90,6 @@ def terminate(proc: subprocess.Popen[Any], timeout: float = 20.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    if proc.stderr:
-        proc.stderr.close()
+    for pipe in (proc.stdout, proc.stderr):
+        if pipe:
+            pipe.close()

@@ -85,7 +85,7 @@ def test_serve_refuses_to_advertise_its_bind_address(tmp_path: Path) -> None:
 
 def test_revoke_through_the_service(tmp_path: Path) -> None:
     """`ca revoke --ca URL --identity ADMIN` while `ca serve` runs on the directory (an
-    offline `--dir` revocation would not be served, and would be overwritten): the
+    offline `--dir` revocation is refused then: tests/identity/test_ca_lock.py): the
     served CRL lists the serial at once. A node that is not an admin is refused and
     nothing is revoked; --dir with --ca is a usage error."""
     import asyncio
@@ -231,6 +231,4 @@ def test_serve_counts_tokens_by_state_as_they_are_made_spent_and_expire(
         assert serve.poll() is None
     finally:
         terminate(serve)
-        if serve.stdout:
-            serve.stdout.close()
     assert serve.returncode == 0

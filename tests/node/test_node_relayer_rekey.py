@@ -153,8 +153,12 @@ async def test_relayer_forced_rekey_and_slash_survive_restart(
     # --- restart: no directive now, yet the rogue stays refused; others still connect;
     # the node presents the rotated key (written back to identity_dir) and its next
     # proof is anchored under it
-    assert NodeIdentity.load(tmp_path / "relayer-id", None).key.public_key.key_id == (
-        new_key[0].key_id)
+    rotated = NodeIdentity.load(tmp_path / "relayer-id", None)
+    assert rotated.key.public_key.key_id == new_key[0].key_id
+    # the CA recorded the certificate it issued for the new key (it did not: `ca revoke
+    # --spiffe-id` and the live-node count missed it), read from its journal
+    journal = (tmp_path / "ca" / "ca-issued.jsonl").read_text().splitlines()
+    assert format(rotated.serial, "x") in {json.loads(x).get("serial") for x in journal}
     async with NodeProcess(config) as node:
         port, grpc = node.ready["port"], f"127.0.0.1:{node.ready['grpc_port']}"
         assert (await _server_key(port, good)).key_id == new_key[0].key_id

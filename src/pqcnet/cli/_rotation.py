@@ -64,6 +64,7 @@ def build_manager(identity_dir: Path, passphrase: bytes | None, *, renew_ca_url:
         from pqcnet.cli._keystore import open_store
         from pqcnet.cli.ca import _key_store_config
         from pqcnet.identity.ca import MeshCA
+        from pqcnet.identity.ca_lock import ca_writer
 
         ca_dir = renew_ca_dir
         ca_pass = env_passphrase(CA_PASS_ENV)
@@ -77,7 +78,8 @@ def build_manager(identity_dir: Path, passphrase: bytes | None, *, renew_ca_url:
             assert isinstance(ca, MeshCA)
             ca.save(ca_dir, key_store=store)  # state and certificate; the key stays
 
-        renewer = LocalCaRenewer(load_ca, save_ca)
+        renewer = LocalCaRenewer(load_ca, save_ca,
+                                 hold=lambda: ca_writer(ca_dir, "a --renew-ca-dir renewer"))
     file_load, file_save = file_identity(identity_dir, passphrase)
     return IdentityManager(identity_dir, load or file_load, save or file_save, renewer=renewer,
                            config=RotationConfig(renew_at=renew_at, poll_s=reload_poll,

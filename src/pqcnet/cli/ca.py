@@ -14,12 +14,13 @@ as ``key-store.yaml`` in the CA directory, which later commands use by default.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
@@ -130,6 +131,20 @@ def _load(ca_dir: Path, env: str, no_pass: bool,
     return MeshCA.load(ca_dir, key_store=store), store
 
 
+@contextlib.contextmanager
+def _changing(ca_dir: Path, command: str, env: str, no_pass: bool,
+              key_store_file: Path | None) -> Iterator[tuple[MeshCA, KeyStore]]:
+    """:func:`_load` under the directory's writer lock, held by ``pqcnet ca <command>``
+    until the caller's block (which saves) ends; refused while ``ca serve`` runs there
+    (:mod:`pqcnet.identity.ca_lock`)."""
+    from pqcnet.identity.ca_lock import ca_writer
+
+    if not (ca_dir / CA_CERT_FILE).exists():  # the lock file only in a CA directory
+        raise IdentityError(f"no CA in {ca_dir} (run `pqcnet ca init --dir {ca_dir}` first)")
+    with ca_writer(ca_dir, f"pqcnet ca {command}"):
+        yield _load(ca_dir, env, no_pass, key_store_file)
+
+
 @click.group()
 def cli() -> None:
     """Mesh certificate authority: ML-DSA-65 certificates with SPIFFE IDs; `serve` runs it
@@ -190,10 +205,11 @@ def issue(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_pas
           no_node_passphrase: bool) -> None:
     """Generate a node key and certificate for SPIFFE_ID (spiffe://td/tenant/role/node)."""
     sid = SpiffeId.parse(spiffe_id)
-    ca, store = _load(ca_dir, passphrase_env, no_passphrase, key_store_file)
-    node = ca.issue(sid, ttl)
     node_pw = passphrase(node_passphrase_env, no_node_passphrase, what="node key", confirm=True)
-    ca.save(ca_dir, key_store=store)
+    with _changing(ca_dir, "issue", passphrase_env, no_passphrase,
+                   key_store_file) as (ca, store):
+        node = ca.issue(sid, ttl)
+        ca.save(ca_dir, key_store=store)
     node.save(out, node_pw)
     click.echo(f"issued {sid} serial {node.serial:x} valid until {node.not_after.isoformat()} "
                f"-> {out}")
@@ -208,9 +224,10 @@ def issue(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_pas
 def sign_csr(ca_dir: Path, key_store_file: Path | None, passphrase_env: str,
              no_passphrase: bool, csr: Path, out: Path, ttl: dt.timedelta | None) -> None:
     """Check a CSR against the CA policy and sign it."""
-    ca, store = _load(ca_dir, passphrase_env, no_passphrase, key_store_file)
-    cert_pem = ca.sign_csr(read_bounded(csr, 1 << 20, "CSR"), ttl=ttl)
-    ca.save(ca_dir, key_store=store)
+    with _changing(ca_dir, "sign-csr", passphrase_env, no_passphrase,
+                   key_store_file) as (ca, store):
+        cert_pem = ca.sign_csr(read_bounded(csr, 1 << 20, "CSR"), ttl=ttl)
+        ca.save(ca_dir, key_store=store)
     atomic_write(out, cert_pem)
     cert = load_certs(cert_pem)[0]
     click.echo(f"signed serial {cert.serial_number:x} valid until "
@@ -249,18 +266,23 @@ def revoke(ca_dir: Path | None, key_store_file: Path | None, passphrase_env: str
         raise click.UsageError("give --dir (the CA directory) or --ca (the CA service)")
     if identity_dir is not None:
         raise click.UsageError("--identity is for --ca (the caller the service checks)")
-    ca, store = _load(ca_dir, passphrase_env, no_passphrase, key_store_file)
+    number: int | None = None
     if serial is not None:
         try:
-            revs = [ca.revoke(int(serial, 16), reason)]
+            number = int(serial, 16)
         except ValueError:
             raise click.BadParameter(f"serial {serial!r} is not hexadecimal") from None
-    elif cert_file is not None:
-        cert = load_certs(read_bounded(cert_file, 1 << 20, "certificate"))[0]
-        revs = [ca.revoke(cert, reason)]
-    else:
-        revs = ca.revoke_spiffe_id(str(spiffe_id), reason)
-    ca.save(ca_dir, key_store=store)
+    cert = (load_certs(read_bounded(cert_file, 1 << 20, "certificate"))[0]
+            if cert_file is not None else None)
+    with _changing(ca_dir, "revoke", passphrase_env, no_passphrase,
+                   key_store_file) as (ca, store):
+        if number is not None:
+            revs = [ca.revoke(number, reason)]
+        elif cert is not None:
+            revs = [ca.revoke(cert, reason)]
+        else:
+            revs = ca.revoke_spiffe_id(str(spiffe_id), reason)
+        ca.save(ca_dir, key_store=store)
     for rev in revs:
         click.echo(f"revoked serial {rev.serial:x} ({rev.reason.name})")
 
@@ -298,9 +320,10 @@ def _revoke_remote(ca_url: str, identity_dir: Path | None, serial: str | None,
 def crl(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_passphrase: bool,
         out: Path | None, validity: dt.timedelta) -> None:
     """Sign and print a fresh CRL (PEM); any node verifies it with the trust bundle."""
-    ca, store = _load(ca_dir, passphrase_env, no_passphrase, key_store_file)
-    pem = ca.crl_pem(validity=validity)
-    ca.save(ca_dir, key_store=store)
+    with _changing(ca_dir, "crl", passphrase_env, no_passphrase,
+                   key_store_file) as (ca, store):
+        pem = ca.crl_pem(validity=validity)
+        ca.save(ca_dir, key_store=store)
     parsed = load_crl(pem, ca.trust_bundle_pem())
     if out is None:
         click.echo(pem.decode(), nl=False)
@@ -393,50 +416,54 @@ def serve(ca_dir: Path, key_store_file: Path | None, passphrase_env: str, no_pas
     from pqcnet.qsdag.ledger import Ledger
     from pqcnet.runtime.ca_service import CaService, CaServiceConfig
 
-    ca, _store = _load(ca_dir, passphrase_env, no_passphrase, key_store_file)
-    if layouts:
-        ca.policy = dataclasses.replace(ca.policy, spiffe_layouts=layouts)
-    try:
-        hashes = frozenset(bytes.fromhex(h) for h in package_hashes) or frozenset(
-            {package_hash()})
-    except ValueError:
-        raise click.BadParameter("--package-hash must be hex") from None
-    public = advertise_host or host
-    public = f"[{public}]" if ":" in public else public  # an IPv6 literal in a URL
-    scheme_host = f"{public}:{{port}}"
-    config = CaServiceConfig(
-        max_nodes_per_tenant=max_nodes_per_tenant, allowed_tenants=allow_tenants,
-        attest_roles=attest_roles,
-        measurements=MeasurementPolicy(package_hashes=hashes) if attest_roles else None,
-        admin_patterns=admins, enroll_rate=enroll_rate, enroll_burst=enroll_burst,
-        cert_ttl=cert_ttl, bootstrap_peers=bootstrap_peers, gossip_fanout=gossip_fanout,
-        crl_url=(f"http://{public}:{crl_http_port}/v1/crl" if crl_http_port else ""),
-        crl_max_age_s=crl_max_age)
-    ledger = Ledger.open(ledger_dir or (ca_dir / "ledger"), sync=True)
+    # the directory's writer for as long as it serves: `ca issue/revoke/crl --dir`
+    # beside it are refused instead of being undone by its next state write
+    with _changing(ca_dir, "serve", passphrase_env, no_passphrase,
+                   key_store_file) as (ca, _store):
+        if layouts:
+            ca.policy = dataclasses.replace(ca.policy, spiffe_layouts=layouts)
+        try:
+            hashes = frozenset(bytes.fromhex(h) for h in package_hashes) or frozenset(
+                {package_hash()})
+        except ValueError:
+            raise click.BadParameter("--package-hash must be hex") from None
+        public = advertise_host or host
+        public = f"[{public}]" if ":" in public else public  # an IPv6 literal in a URL
+        scheme_host = f"{public}:{{port}}"
+        config = CaServiceConfig(
+            max_nodes_per_tenant=max_nodes_per_tenant, allowed_tenants=allow_tenants,
+            attest_roles=attest_roles,
+            measurements=MeasurementPolicy(package_hashes=hashes) if attest_roles else None,
+            admin_patterns=admins, enroll_rate=enroll_rate, enroll_burst=enroll_burst,
+            cert_ttl=cert_ttl, bootstrap_peers=bootstrap_peers, gossip_fanout=gossip_fanout,
+            crl_url=(f"http://{public}:{crl_http_port}/v1/crl" if crl_http_port else ""),
+            crl_max_age_s=crl_max_age)
+        ledger = Ledger.open(ledger_dir or (ca_dir / "ledger"), sync=True)
 
-    async def start() -> CaService:
-        service = CaService(ca, ca_dir, TokenStore(ca_dir), config, ledger=ledger)
-        await service.start(host, port, crl_http_port)  # also starts its maintenance loop
-        if metrics_port is not None:
-            from prometheus_client import start_http_server
+        async def start() -> CaService:
+            service = CaService(ca, ca_dir, TokenStore(ca_dir), config, ledger=ledger)
+            await service.start(host, port, crl_http_port)  # also starts its maintenance loop
+            if metrics_port is not None:
+                from prometheus_client import start_http_server
 
-            start_http_server(metrics_port, addr=host)
-        return service
+                start_http_server(metrics_port, addr=host)
+            return service
 
-    async def stop(service: CaService) -> None:
-        await service.close()
-        ledger.close()
+        async def stop(service: CaService) -> None:
+            await service.close()
+            ledger.close()
 
-    def ready(service: CaService) -> None:
-        bound = service.server.port if service.server else port
-        click.echo(json.dumps({"ready": True, "url": "https://" + scheme_host.format(port=bound),
-                                "port": bound, "trust_domain": ca.trust_domain,
-                                "crl_http_port": service.plain.port if service.plain else None}))
-        import sys
+        def ready(service: CaService) -> None:
+            bound = service.server.port if service.server else port
+            click.echo(json.dumps({
+                "ready": True, "url": "https://" + scheme_host.format(port=bound),
+                "port": bound, "trust_domain": ca.trust_domain,
+                "crl_http_port": service.plain.port if service.plain else None}))
+            import sys
 
-        sys.stdout.flush()
+            sys.stdout.flush()
 
-    run_until_signalled(start, stop, ready)
+        run_until_signalled(start, stop, ready)
 
 
 @cli.group("token")

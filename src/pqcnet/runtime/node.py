@@ -56,6 +56,7 @@ from prometheus_client import start_http_server
 from pqcnet._util.env import CA_PASS_ENV, PASS_ENV, env_passphrase
 from pqcnet.crypto.pqc import SigningKey
 from pqcnet.identity import MeshCA, NodeIdentity
+from pqcnet.identity.ca_lock import ca_writer
 from pqcnet.identity.spiffe import SpiffeId
 from pqcnet.mesh.agent import AgentConfig, ControlPlaneAgent
 from pqcnet.mesh.crl import CrlGate
@@ -359,15 +360,26 @@ class NodeRuntime:
         self.port = await service.serve()
         self.metrics_port = service.metrics_port
 
-    def _issuer(self) -> Callable[[SpiffeId, SigningKey], NodeIdentity]:
+    def _issuer(self) -> Callable[[SpiffeId, SigningKey], Awaitable[NodeIdentity]]:
         ca_dir: Path | None = self.cfg.control_plane.ca_dir
 
         def issue(sid: SpiffeId, key: SigningKey) -> NodeIdentity:
             if ca_dir is None:
                 raise DirectiveError("forced rekey needs control_plane.ca_dir (no CA configured)")
-            return MeshCA.load(ca_dir, env_passphrase(CA_PASS_ENV)).issue(sid, key=key)
+            # recorded in the CA's state like any issuance (it was not: the certificate
+            # was missing from the issued log, so `ca revoke --spiffe-id` missed it);
+            # under the directory's writer lock, refused while `ca serve` serves it
+            with ca_writer(ca_dir, f"pqcnet node run ({sid})"):
+                ca = MeshCA.load(ca_dir, env_passphrase(CA_PASS_ENV))
+                node = ca.issue(sid, key=key)
+                ca.save_state(ca_dir)
+            return node
 
-        return issue
+        async def in_thread(sid: SpiffeId, key: SigningKey) -> NodeIdentity:
+            # the lock may be waited for and the state is fsynced: not on the loop
+            return await asyncio.to_thread(issue, sid, key)
+
+        return in_thread
 
 
 __all__ = ["CA_PASS_ENV", "CHATTY_LOGGERS", "PASS_ENV", "NodeRuntime", "seed_gate"]

@@ -35,6 +35,7 @@ import datetime as dt
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -93,23 +94,30 @@ class CaServiceRenewer:
 
 
 class LocalCaRenewer:
-    """Renew with a CA directory on this machine (``load_ca`` opens it with its key)."""
+    """Renew with a CA directory on this machine (``load_ca`` opens it with its key).
+    ``hold`` is the directory's writer lock (:func:`pqcnet.identity.ca_lock.ca_writer`),
+    held from the load to the save: refused while ``pqcnet ca serve`` serves the
+    directory (renew through it, ``--renew-ca-url``), so its next write cannot drop
+    the record of this certificate."""
 
     def __init__(self, load_ca: Callable[[], object], save_ca: Callable[[object], None],
-                 ttl: dt.timedelta | None = None) -> None:
+                 ttl: dt.timedelta | None = None, *,
+                 hold: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
         self._load_ca = load_ca
         self._save_ca = save_ca
+        self._hold = hold
         self.ttl = ttl
 
     async def renew(self, current: NodeIdentity, *, rotate_key: bool = True) -> NodeIdentity:
         def work() -> NodeIdentity:
             from pqcnet.identity.ca import MeshCA
 
-            ca = self._load_ca()
-            assert isinstance(ca, MeshCA)
-            ttl = self.ttl or (current.not_after - current.issued_at)
-            new = ca.renew(current, min(ttl, ca.policy.max_ttl), rotate_key=rotate_key)
-            self._save_ca(ca)
+            with self._hold():
+                ca = self._load_ca()
+                assert isinstance(ca, MeshCA)
+                ttl = self.ttl or (current.not_after - current.issued_at)
+                new = ca.renew(current, min(ttl, ca.policy.max_ttl), rotate_key=rotate_key)
+                self._save_ca(ca)
             return new
 
         return await asyncio.to_thread(work)
