@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import json
 import socket
@@ -267,6 +268,68 @@ async def _refused_no_followup(svc: Service, coro, status: int, code: str) -> No
         await coro
     assert (err.value.status, err.value.code) == (status, code)
     assert svc.state() == before
+
+
+async def test_racing_enrollments_never_exceed_max_nodes_per_tenant(tmp_path: Path) -> None:
+    """Eight nodes of one tenant enroll at once against ``max_nodes_per_tenant=3``: the
+    count, the decision and the record of the certificate must happen in one step
+    (nothing awaited between them), or racing requests all pass the count. Exactly
+    three nodes get a certificate, five are refused ``max_nodes``; the CA holds three
+    live IDs for the tenant and the ledger three issuance vertices — nothing of the
+    refused ones."""
+    svc = await start_service(tmp_path, CaServiceConfig(max_nodes_per_tenant=3))
+    try:
+        results = await asyncio.gather(*(
+            _enroll(svc, SpiffeId.parse(f"spiffe://{TD}/acme/relayer/n{i}"))
+            for i in range(8)), return_exceptions=True)
+        got = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, CaServiceError)]
+        assert len(got) == 3 and len(refused) == 5, results
+        assert {(e.status, e.code) for e in refused} == {(403, "max_nodes")}
+        assert set(svc.ca.live_holders("acme")) == {str(ident.spiffe_id) for ident, _ in got}
+        assert svc.vertices() == 3
+        assert svc.ledger.verify().ok
+    finally:
+        await svc.service.close()
+        svc.ledger.close()
+
+
+async def test_close_waits_for_a_vertex_being_written(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service is closed (SIGTERM) while an enrollment's issuance vertex is being
+    appended in a worker thread. Before, closing cancelled the request, the cancel
+    released the ledger to whoever came next and ``close`` returned under the write —
+    and ``pqcnet ca serve`` then closed the ledger beneath it. Now the vertex has its own
+    writer and ``close`` returns after it is written; the ledger audits clean."""
+    import threading
+    import time
+
+    svc = await start_service(tmp_path)
+    started, times = threading.Event(), {}
+    real = svc.ledger.append
+
+    def slow_append(*args, **kw):  # type: ignore[no-untyped-def]
+        started.set()
+        time.sleep(0.5)  # a slow disk
+        try:
+            return real(*args, **kw)
+        finally:
+            times["written"] = time.monotonic()
+
+    monkeypatch.setattr(svc.ledger, "append", slow_append)
+    enrolling = asyncio.create_task(_enroll(svc))
+    try:
+        assert await asyncio.to_thread(started.wait, 30)
+        await svc.service.close()
+        times["closed"] = time.monotonic()
+        assert "written" in times and times["written"] <= times["closed"]
+        assert svc.vertices() == 1 and svc.ledger.verify().ok
+    finally:
+        enrolling.cancel()
+        with contextlib.suppress(BaseException):
+            await enrolling
+        await svc.service.close()
+        svc.ledger.close()
 
 
 async def test_max_nodes_per_tenant(tmp_path: Path) -> None:

@@ -72,6 +72,8 @@ ISSUED_CONTENT_TYPE = "pqcnet.ca.Issued"
 REVOKED_CONTENT_TYPE = "pqcnet.ca.Revoked"
 #: Bound on the per-client rate-limit table (distinct client addresses kept).
 MAX_RATE_KEYS = 10_000
+#: Most queued vertices appended per trip to a worker thread.
+MAX_ANCHOR_BATCH = 64
 #: Bound on an attestation payload (a signed AttestationEvent plus a quote).
 MAX_ATTESTATION_BYTES = 32 * 1024
 
@@ -233,7 +235,9 @@ class CaService:
         # one lock per file/store keeps each single-writer; state writes coalesce
         self._state_lock = asyncio.Lock()
         self._token_lock = asyncio.Lock()
-        self._ledger_lock = asyncio.Lock()
+        #: vertices waiting for the ledger's writer task (:meth:`_write_anchors`)
+        self._anchors: list[tuple[OpaqueRecord, asyncio.Future[None]]] = []
+        self._anchor_writer: asyncio.Task[None] | None = None
         self._state_version = 0
         self._state_written = 0
         self.tokens = tokens
@@ -314,6 +318,8 @@ class CaService:
             for srv in (self.server, self.plain):
                 if srv is not None:
                     await srv.close()
+            if self._anchor_writer is not None:  # queued vertices are written first
+                await asyncio.shield(self._anchor_writer)
 
     async def refresh_server_identity(self) -> None:
         """Re-issue the service's own certificate (half-life) and reload the CRL into TLS.
@@ -597,9 +603,44 @@ class CaService:
             return
         subject = SpiffeId.parse(spiffe_id).node_id if spiffe_id else CA_AUTHOR
         record = OpaqueRecord(content_type, subject, json.dumps(body, sort_keys=True).encode())
-        async with self._ledger_lock:  # the ledger has one owner at a time
-            await asyncio.to_thread(ledger.append, VertexKind.GOVERNANCE_DIRECTIVE, record,
-                                    CA_AUTHOR, self.ca.key)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._anchors.append((record, done))
+        if self._anchor_writer is None or self._anchor_writer.done():
+            self._anchor_writer = asyncio.create_task(self._write_anchors(ledger))
+        await done  # a request cancelled here leaves its vertex to the writer
+
+    async def _write_anchors(self, ledger: Ledger) -> None:
+        """The ledger's one writer: appends what requests queued, up to
+        :data:`MAX_ANCHOR_BATCH` per trip to a thread, and settles each request's
+        future. A task of its own because requests get cancelled (a client gone, the
+        service closing): a request that appended in a thread itself left, when
+        cancelled, the ledger to the next request's thread while its own still wrote —
+        two writers — and :meth:`close` returned (and the ledger was closed) under a
+        write. Now a cancelled request leaves its vertex to this task, and ``close``
+        waits for it."""
+        while self._anchors:
+            batch = self._anchors[:MAX_ANCHOR_BATCH]
+            del self._anchors[:MAX_ANCHOR_BATCH]
+            records = [record for record, _ in batch]
+            results = await asyncio.to_thread(self._append_all, ledger, records)
+            for (_, done), result in zip(batch, results, strict=True):
+                if done.done():  # its request was cancelled
+                    continue
+                if isinstance(result, Exception):
+                    done.set_exception(result)
+                else:
+                    done.set_result(None)
+
+    def _append_all(self, ledger: Ledger, records: list[OpaqueRecord]) -> list[Exception | None]:
+        """Append each record as a CA vertex (a worker thread); an error is its own."""
+        out: list[Exception | None] = []
+        for record in records:
+            try:
+                ledger.append(VertexKind.GOVERNANCE_DIRECTIVE, record, CA_AUTHOR, self.ca.key)
+                out.append(None)
+            except Exception as exc:  # handed to the request, as when it appended itself
+                out.append(exc)
+        return out
 
     async def _persist(self) -> None:
         """Make the CA state as of now durable; concurrent callers share one write."""
