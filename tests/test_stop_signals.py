@@ -322,7 +322,10 @@ def test_sim_sweep_stopped_mid_run_terminates_its_workers(tmp_path: Path,
      ["relayer run"]),
     ("sentry", ["--workers", "1", "--requests", "200000"],
      ["sentry run", "sidecar", "nginx", "multiprocessing"]),
-], ids=["relayer", "sentry"])
+    # killed in a half-load phase: vegeta offers the load for --seconds (12 s)
+    ("sentry", ["--workers", "1", "--requests", "100", "--seconds", "12"],
+     ["sentry run", "sidecar", "vegeta attack"]),
+], ids=["relayer", "sentry", "sentry-vegeta"])
 def test_a_bench_killed_outright_takes_its_servers_with_it(
         bench: str, args: list[str], up: list[str]) -> None:
     """SIGKILL (the OOM killer, a CI timeout) gives a bench no clean-up of its own; the
@@ -330,7 +333,8 @@ def test_a_bench_killed_outright_takes_its_servers_with_it(
     on, busy and holding ports. Each is started so that Linux sends it SIGTERM when the
     bench dies (PR_SET_PDEATHSIG, pqcnet._util.orphans); read from /proc afterwards.
     Before, a bench killed by a test's timeout left its relayer running for the rest
-    of the CI run."""
+    of the CI run. The load generator vegeta must end as soon (an attack outliving
+    the bench would load the machine for the rest of its duration)."""
     cmd = _pqcnet("bench", bench, *args)
     started: set[int] = set()
     try:
@@ -342,15 +346,25 @@ def test_a_bench_killed_outright_takes_its_servers_with_it(
             return all(any(word in line for line in lines) for word in up)
 
         _wait(servers_up, 180, f"the bench's servers ({', '.join(up)})")
-        time.sleep(5.0)  # serving, inside the measurement (killed while starting, a
-        # server's ready line met a closed pipe and it exited by itself)
+        # serving, inside the measurement (killed while starting, a server's ready line
+        # met a closed pipe and it exited by itself); an attack has ~11 s left
+        time.sleep(1.0 if "vegeta attack" in up else 5.0)
         started.update(descendants(cmd.pid))
+        attacks = {p for p in started if "vegeta attack" in _cmdline(p)}
         os.kill(cmd.pid, signal.SIGKILL)  # the bench alone, not its process group
         cmd.communicate(timeout=30)
-        end = time.monotonic() + 30
-        while any(running(p) for p in started) and time.monotonic() < end:
+        killed = time.monotonic()
+        # a load generator ends at once, long before its attack would have: its guard
+        # sends SIGTERM, and its results pipe is gone too (SIGPIPE at its next write
+        # — which alone also ends it: this checks the outcome, not which one did)
+        while any(running(p) for p in attacks) and time.monotonic() < killed + 5:
+            time.sleep(0.1)
+        attacking = {p: _cmdline(p) for p in attacks if running(p)}
+        while any(running(p) for p in started) and time.monotonic() < killed + 30:
             time.sleep(0.1)
         left = {p: _cmdline(p) for p in started if running(p)}
     finally:
         _reap(cmd, started)
+    assert attacks or "vegeta attack" not in up, "killed outside the vegeta phase"
+    assert attacking == {}, attacking
     assert left == {}, left
