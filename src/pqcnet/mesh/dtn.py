@@ -28,6 +28,7 @@ from pathlib import Path
 
 import rocksdict
 
+from pqcnet._util.rocks import sync_wal, unsynced
 from pqcnet.mesh import metrics
 from pqcnet.mesh._pb import parse
 from pqcnet.mesh.errors import BundleStoreError, ConfigError
@@ -83,8 +84,7 @@ class BundleStore:
             self._db = rocksdict.Rdict(str(path), options=rocksdict.Options(raw_mode=True))
         except Exception as exc:  # rocksdict raises plain Exception on open failures
             raise BundleStoreError(f"cannot open bundle store at {path}: {exc}") from None
-        self._wo = rocksdict.WriteOptions()
-        self._wo.sync = sync
+        self._wo, self._sync = unsynced(), sync
         self._count = sum(1 for _ in self._scan(_PREFIX))
         metrics.BUNDLES.set(self._count)
 
@@ -129,6 +129,7 @@ class BundleStore:
                 metrics.BUNDLE_EVENTS.labels("rejected").inc()
                 raise BundleStoreError(f"bundle store full ({self.max_bundles} bundles)")
         self._db.put(key, bundle.encode(), self._wo)
+        sync_wal(self._db, self._sync)
         self._count += 1
         metrics.BUNDLES.set(self._count)
         metrics.BUNDLE_EVENTS.labels("stored").inc()
@@ -148,6 +149,7 @@ class BundleStore:
         key = _dest_prefix(bundle.destination) + _U64.pack(bundle.created_ms) + bundle.bundle_id
         if self._db.get(key) is not None:
             self._db.delete(key, self._wo)
+            sync_wal(self._db, self._sync)
             self._count -= 1
             metrics.BUNDLES.set(self._count)
             metrics.BUNDLE_EVENTS.labels("forwarded").inc()
@@ -159,6 +161,8 @@ class BundleStore:
             if Bundle.decode(value).expires_ms <= now_ms:
                 self._db.delete(key, self._wo)
                 gone += 1
+        if gone:
+            sync_wal(self._db, self._sync)
         self._count -= gone
         metrics.BUNDLES.set(self._count)
         if gone:

@@ -34,8 +34,9 @@ import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from rocksdict import ColumnFamily, Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import ColumnFamily, Options, Rdict, WriteBatch
 
+from pqcnet._util.rocks import sync_wal, unsynced
 from pqcnet.qsdag.errors import CorruptRecord, LedgerStateError
 
 #: Column families and what they hold (keys → values).
@@ -152,8 +153,7 @@ class Store:
         self._handles: dict[str, ColumnFamily] = {
             cf: self._db.get_column_family_handle(cf) for cf in COLUMN_FAMILIES
         }
-        self._wopts = WriteOptions()
-        self._wopts.sync = sync
+        self._wopts, self._sync = unsynced(), sync
 
     def _check(self, cf: str, key: bytes, raw: bytes) -> bytes:
         value = raw[_SUM:]
@@ -235,6 +235,7 @@ class Store:
             else:
                 wb.put(key, _checksum(cf, key, value) + value, handles[cf])
         self._db.write(wb, self._wopts)
+        sync_wal(self._db, self._sync)
 
     @contextlib.contextmanager
     def grouped(self, max_batches: int = GROUP_BATCHES,
