@@ -182,3 +182,13 @@ def test_a_renewer_on_the_directory_of_a_running_service_is_refused(tmp_path: Pa
     new = asyncio.run(renewer.renew(node, rotate_key=False))
     assert new.serial != node.serial
     assert {format(new.serial, "x"), serials["r1"]} <= _issued(ca_dir)
+
+
+def test_a_directory_that_cannot_be_locked_is_a_clear_error(tmp_path: Path) -> None:
+    """A forced rekey's ``ca_dir`` that does not exist (a typo in the node config) is an
+    :class:`IdentityError` naming the lock file, not an ``OSError`` from deep inside."""
+    from pqcnet.identity.errors import IdentityError
+
+    with pytest.raises(IdentityError, match=r"cannot take the CA writer lock .*missing"), \
+            ca_writer(tmp_path / "missing", "pqcnet node run"):
+        pass

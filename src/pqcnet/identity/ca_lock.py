@@ -67,7 +67,10 @@ def ca_writer(directory: Path, holder: str, *, wait_s: float = WAIT_S) -> Iterat
     Raises :class:`CaDirBusy` when the service holds it (at once) or another writer
     still does after ``wait_s`` seconds."""
     path = Path(directory) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:  # no such directory, read-only, not ours
+        raise IdentityError(f"cannot take the CA writer lock {path}: {exc.strerror}") from None
     try:
         deadline = time.monotonic() + wait_s
         while True:
