@@ -639,7 +639,7 @@ class CaService:
                 ledger.append(VertexKind.GOVERNANCE_DIRECTIVE, record, CA_AUTHOR, self.ca.key)
                 out.append(None)
             except Exception as exc:  # handed to the request, as when it appended itself
-                out.append(exc)
+                out.append(exc.with_traceback(None))
         return out
 
     async def _persist(self) -> None:
