@@ -318,3 +318,37 @@ async def test_a_local_reset_reaches_a_sender_waiting_for_a_full_transport(
         peers[0]._transport.resume_reading()
         done.set()
         await tunnel.close()
+
+
+async def test_sends_on_one_stream_leave_in_the_order_they_were_made(mesh: Mesh) -> None:
+    """Three sends on one stream: ``big`` (more than the window: it waits for credit),
+    ``middle`` from another task (queued behind it), then ``last`` made by the first
+    task the moment ``big`` returns — credit is there by then. The bytes must arrive
+    big, middle, last. Before, ``last`` took the fast path (the send lock was free for
+    the instant between ``big`` releasing it and ``middle`` running) and overtook
+    ``middle``: a publisher's concurrent requests reached the relayer out of order,
+    which refuses a seq below the last it accepted ("seq 57 after 72", seen in CI)."""
+    parked = _Parked()
+    big, middle, last = b"B" * (SMALL.stream_window + 4096), b"M" * 100, b"L" * 100
+    async with running_server(mesh, parked.handler, config=SMALL) as server:
+        tunnel = await qstp.connect("127.0.0.1", server.port, mesh.client, config=SMALL)
+        stream = tunnel.open_stream()
+
+        async def first() -> None:
+            await stream.send(big)
+            await stream.send(last)  # no await in between: right after the release
+
+        sender = asyncio.create_task(first())
+        far = await parked.got.get()
+        await _until(lambda: tunnel.connection.send_window(stream.id) == 0, "big blocked")
+        queued = asyncio.create_task(stream.send(middle))
+        await asyncio.sleep(0.05)
+        assert not queued.done()
+        received = b""
+        while len(received) < len(big) + len(middle) + len(last):
+            received += await far.recv()
+        await asyncio.gather(sender, queued)
+        assert received == big + middle + last, (
+            received[len(big):len(big) + 1], received[-1:])
+        parked.done.set()
+        await tunnel.close()

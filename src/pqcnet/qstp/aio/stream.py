@@ -46,6 +46,8 @@ class Stream:
         self._failure_waiter: asyncio.Future[PqcnetError] | None = None
         self._readable = asyncio.Event()
         self._send_lock = asyncio.Lock()
+        #: sends in the slow path, holding or queued for ``_send_lock``
+        self._queued_sends = 0
         self._sent_end = False
 
     def __repr__(self) -> str:
@@ -57,11 +59,14 @@ class Stream:
         return self._tunnel
 
     async def send(self, data: bytes | bytearray | memoryview, end: bool = False) -> None:
-        """Send ``data`` (any size); waits for credit, PAUSE and transport drain."""
+        """Send ``data`` (any size); waits for credit, PAUSE and transport drain.
+        Concurrent sends leave in the order they were made. (The fast path once asked
+        only whether the lock was held: in the instant between a slow send releasing it
+        and the next queued send running, a new send jumped the queue.)"""
         t = self._tunnel
         conn = t._conn
         if (isinstance(data, bytes) and not end and len(data) <= SEND_SLICE
-                and not self._send_lock.locked() and self._error is None
+                and not self._queued_sends and self._error is None
                 and not self._sent_end and not t._write_paused and not conn.closed
                 and not conn.any_peer_pause and conn.send_window(self.id) >= len(data)):
             # fast path: credit is there and nothing to wait for
@@ -75,8 +80,12 @@ class Stream:
             else:
                 t._schedule_flush()
             return
-        async with self._send_lock:
-            await self._send(memoryview(data).cast("B"), end)
+        self._queued_sends += 1
+        try:
+            async with self._send_lock:
+                await self._send(memoryview(data).cast("B"), end)
+        finally:
+            self._queued_sends -= 1
 
     async def _send(self, view: memoryview, end: bool) -> None:
         t = self._tunnel
