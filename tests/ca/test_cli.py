@@ -180,11 +180,11 @@ def test_serve_counts_tokens_by_state_as_they_are_made_spent_and_expire(
     HTTP: tokens made by ``ca token create`` in another process appear, a node's
     enrollment moves one to ``used``, a 1 s token becomes ``expired`` as time passes,
     and a revoked one leaves the count — without restarting the service."""
-    import time
+    import asyncio
 
     from tests.ports import free_port
     from tests.procs import terminate
-    from tests.relayer.helpers import scrape_metrics
+    from tests.relayer.helpers import metrics_reach
 
     env = {**os.environ, "PQCNET_CA_PASSPHRASE": "ca-pw", "PQCNET_NODE_PASSPHRASE": "node-pw"}
     assert _run("ca", "init", "--dir", "ca", "--trust-domain", "example.org",
@@ -196,15 +196,8 @@ def test_serve_counts_tokens_by_state_as_they_are_made_spent_and_expire(
                              stderr=subprocess.PIPE, text=True)
 
     def tokens_reach(want: dict[str, float]) -> None:
-        seen: dict[str, float | None] = {}
-        end = time.monotonic() + 20
-        while time.monotonic() < end:
-            got = scrape_metrics(metrics)
-            seen = {s: got.get(f'pqcnet_ca_tokens{{state="{s}"}}') for s in want}
-            if seen == want:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"pqcnet_ca_tokens {seen}, want {want}")
+        asyncio.run(metrics_reach(metrics, {f'pqcnet_ca_tokens{{state="{s}"}}': n
+                                            for s, n in want.items()}, limit=20))
 
     def create(name: str, ttl: str) -> None:
         made = _run("ca", "token", "create", "--dir", "ca", "--pattern",

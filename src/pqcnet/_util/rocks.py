@@ -10,33 +10,43 @@ without ``sync`` followed by ``flush_wal(True)`` — RocksDB's ``FlushWAL`` with
 write, when it returns — releases the GIL while it syncs: the ticking thread stalled
 0.03 s of 2 s.
 
-So every store that offers ``sync`` writes with :func:`unsynced` options and calls
-:func:`sync_wal` after each write it must make durable.
+So every store that offers ``sync`` writes through :class:`DurableWrites`, which does
+both steps: a store cannot write and forget the sync.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
-from rocksdict import WriteOptions
+from rocksdict import Rdict, WriteBatch, WriteOptions
 
 
-class _Db(Protocol):
-    def flush_wal(self, sync: bool) -> None: ...
+class DurableWrites:
+    """The writes of one store to its RocksDB database; with ``sync`` each is durable
+    (power-loss safe) when it returns. Without, a process crash still loses nothing
+    (the WAL is in the page cache)."""
+
+    __slots__ = ("_db", "_options", "sync")
+
+    def __init__(self, db: Rdict, sync: bool) -> None:
+        self._db = db
+        self.sync = sync
+        self._options = WriteOptions()
+        self._options.sync = False  # the sync is flush_wal's (module docstring)
+
+    def write(self, batch: WriteBatch) -> None:
+        self._db.write(batch, self._options)
+        self._synced()
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._db.put(key, value, self._options)
+        self._synced()
+
+    def delete(self, key: bytes) -> None:
+        self._db.delete(key, self._options)
+        self._synced()
+
+    def _synced(self) -> None:
+        if self.sync:
+            self._db.flush_wal(True)
 
 
-def unsynced() -> WriteOptions:
-    """Write options of a store that syncs with :func:`sync_wal` (never ``sync``)."""
-    options = WriteOptions()
-    options.sync = False
-    return options
-
-
-def sync_wal(db: _Db, sync: bool) -> None:
-    """Make what was written to ``db`` so far durable when ``sync`` is set (power-loss
-    safety); a process crash loses nothing either way (the WAL is in the page cache)."""
-    if sync:
-        db.flush_wal(True)
-
-
-__all__ = ["sync_wal", "unsynced"]
+__all__ = ["DurableWrites"]

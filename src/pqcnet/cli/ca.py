@@ -122,11 +122,15 @@ def _key_store(ca_dir: Path, key_store_file: Path | None, env: str, no_pass: boo
     return open_store(config, lambda: passphrase(env, no_pass, what="CA", confirm=confirm))
 
 
+def _require_ca(ca_dir: Path) -> None:
+    if not (ca_dir / CA_CERT_FILE).exists():
+        raise IdentityError(f"no CA in {ca_dir} (run `pqcnet ca init --dir {ca_dir}` first)")
+
+
 def _load(ca_dir: Path, env: str, no_pass: bool,
           key_store_file: Path | None) -> tuple[MeshCA, KeyStore]:
     """The CA and its key store (``ca.save(dir, key_store=...)`` leaves the key alone)."""
-    if not (ca_dir / CA_CERT_FILE).exists():
-        raise IdentityError(f"no CA in {ca_dir} (run `pqcnet ca init --dir {ca_dir}` first)")
+    _require_ca(ca_dir)
     store = _key_store(ca_dir, key_store_file, env, no_pass)
     return MeshCA.load(ca_dir, key_store=store), store
 
@@ -139,8 +143,7 @@ def _changing(ca_dir: Path, command: str, env: str, no_pass: bool,
     (:mod:`pqcnet.identity.ca_lock`)."""
     from pqcnet.identity.ca_lock import ca_writer
 
-    if not (ca_dir / CA_CERT_FILE).exists():  # the lock file only in a CA directory
-        raise IdentityError(f"no CA in {ca_dir} (run `pqcnet ca init --dir {ca_dir}` first)")
+    _require_ca(ca_dir)  # before the lock: its file only in a CA directory
     with ca_writer(ca_dir, f"pqcnet ca {command}"):
         yield _load(ca_dir, env, no_pass, key_store_file)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import rocksdict
 
-from pqcnet._util.rocks import sync_wal, unsynced
+from pqcnet._util.rocks import DurableWrites
 from pqcnet.mesh import metrics
 from pqcnet.mesh._pb import parse
 from pqcnet.mesh.errors import BundleStoreError, ConfigError
@@ -84,7 +84,7 @@ class BundleStore:
             self._db = rocksdict.Rdict(str(path), options=rocksdict.Options(raw_mode=True))
         except Exception as exc:  # rocksdict raises plain Exception on open failures
             raise BundleStoreError(f"cannot open bundle store at {path}: {exc}") from None
-        self._wo, self._sync = unsynced(), sync
+        self._writes = DurableWrites(self._db, sync)
         self._count = sum(1 for _ in self._scan(_PREFIX))
         metrics.BUNDLES.set(self._count)
 
@@ -128,8 +128,7 @@ class BundleStore:
             if self._count >= self.max_bundles:
                 metrics.BUNDLE_EVENTS.labels("rejected").inc()
                 raise BundleStoreError(f"bundle store full ({self.max_bundles} bundles)")
-        self._db.put(key, bundle.encode(), self._wo)
-        sync_wal(self._db, self._sync)
+        self._writes.put(key, bundle.encode())
         self._count += 1
         metrics.BUNDLES.set(self._count)
         metrics.BUNDLE_EVENTS.labels("stored").inc()
@@ -148,8 +147,7 @@ class BundleStore:
         """Drop a bundle once it has been forwarded."""
         key = _dest_prefix(bundle.destination) + _U64.pack(bundle.created_ms) + bundle.bundle_id
         if self._db.get(key) is not None:
-            self._db.delete(key, self._wo)
-            sync_wal(self._db, self._sync)
+            self._writes.delete(key)
             self._count -= 1
             metrics.BUNDLES.set(self._count)
             metrics.BUNDLE_EVENTS.labels("forwarded").inc()
@@ -157,12 +155,13 @@ class BundleStore:
     def expire(self, now_ms: int) -> int:
         """Delete every expired bundle; returns how many."""
         gone = 0
+        batch = rocksdict.WriteBatch(raw_mode=True)  # one write (and one sync) for all
         for key, value in self._scan(_PREFIX):
             if Bundle.decode(value).expires_ms <= now_ms:
-                self._db.delete(key, self._wo)
+                batch.delete(key)
                 gone += 1
         if gone:
-            sync_wal(self._db, self._sync)
+            self._writes.write(batch)
         self._count -= gone
         metrics.BUNDLES.set(self._count)
         if gone:

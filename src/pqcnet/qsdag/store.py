@@ -36,7 +36,7 @@ from pathlib import Path
 
 from rocksdict import ColumnFamily, Options, Rdict, WriteBatch
 
-from pqcnet._util.rocks import sync_wal, unsynced
+from pqcnet._util.rocks import DurableWrites
 from pqcnet.qsdag.errors import CorruptRecord, LedgerStateError
 
 #: Column families and what they hold (keys → values).
@@ -153,7 +153,7 @@ class Store:
         self._handles: dict[str, ColumnFamily] = {
             cf: self._db.get_column_family_handle(cf) for cf in COLUMN_FAMILIES
         }
-        self._wopts, self._sync = unsynced(), sync
+        self._writes = DurableWrites(self._db, sync)
 
     def _check(self, cf: str, key: bytes, raw: bytes) -> bytes:
         value = raw[_SUM:]
@@ -234,8 +234,7 @@ class Store:
                 wb.delete(key, handles[cf])
             else:
                 wb.put(key, _checksum(cf, key, value) + value, handles[cf])
-        self._db.write(wb, self._wopts)
-        sync_wal(self._db, self._sync)
+        self._writes.write(wb)
 
     @contextlib.contextmanager
     def grouped(self, max_batches: int = GROUP_BATCHES,

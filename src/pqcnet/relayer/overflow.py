@@ -27,7 +27,7 @@ from typing import cast
 
 import rocksdict
 
-from pqcnet._util.rocks import sync_wal, unsynced
+from pqcnet._util.rocks import DurableWrites
 from pqcnet.relayer.bus.base import Bus
 from pqcnet.relayer.bus.embedded import delete_span, open_rocks
 from pqcnet.relayer.errors import BusError, OverflowFull, RelayerError
@@ -50,7 +50,7 @@ class OverflowQueue:
     def __init__(self, path: str | Path, shards: int, *, max_records: int = MAX_OVERFLOW_RECORDS,
                  sync: bool = False) -> None:
         self._db = open_rocks(path)
-        self._wo, self._sync = unsynced(), sync
+        self._writes = DurableWrites(self._db, sync)
         self.max_records = max_records
         self._head = [0] * shards  # next n to read
         self._tail = [0] * shards  # next n to write
@@ -82,8 +82,7 @@ class OverflowQueue:
         n = self._tail[shard]
         for i, rec in enumerate(records):
             batch.put(b"Q" + _U16.pack(shard) + _U64.pack(n + i), rec)
-        self._db.write(batch, self._wo)
-        sync_wal(self._db, self._sync)
+        self._writes.write(batch)
         self._tail[shard] = n + len(records)
 
     def peek(self, shard: int, limit: int) -> list[bytes]:

@@ -27,7 +27,7 @@ from typing import Protocol
 import redis.asyncio as aioredis
 import rocksdict
 
-from pqcnet._util.rocks import sync_wal, unsynced
+from pqcnet._util.rocks import DurableWrites
 from pqcnet.relayer.agreement import MEMBER_LUA, GapAgreement
 from pqcnet.relayer.bus.embedded import open_rocks
 from pqcnet.relayer.errors import BusUnavailable
@@ -190,7 +190,7 @@ class RocksSeqStore:
         else:
             self._owned = False
         self._db = db
-        self._wo, self._sync = unsynced(), sync
+        self._writes = DurableWrites(self._db, sync)
         #: cache of the persisted totals this process wrote (one writer per shard, so
         #: a cached value is the database's); bounded by ``vol_cache``
         self._vol: OrderedDict[bytes, tuple[int, int]] = OrderedDict()
@@ -251,8 +251,7 @@ class RocksSeqStore:
                 cur = (0, 0) if raw is None else _VOLVAL.unpack(raw)
             updated[key] = (cur[0] + nbytes, cur[1] + nframes)
             batch.put(key, _VOLVAL.pack(*updated[key]))
-        self._db.write(batch, self._wo)
-        sync_wal(self._db, self._sync)
+        self._writes.write(batch)
         for key, total in updated.items():
             self._vol[key] = total
             self._vol.move_to_end(key)
@@ -282,8 +281,7 @@ class RocksSeqStore:
                 batch.delete(key)
                 self._vol.pop(key, None)
             it.next()
-        self._db.write(batch, self._wo)
-        sync_wal(self._db, self._sync)
+        self._writes.write(batch)
 
     def close(self) -> None:
         """Close the database if this store opened it."""

@@ -36,7 +36,7 @@ from typing import Any
 
 import rocksdict
 
-from pqcnet._util.rocks import sync_wal, unsynced
+from pqcnet._util.rocks import DurableWrites
 from pqcnet.relayer.bus.base import Bus, Delivery, Offset, Wakeups
 from pqcnet.relayer.errors import BusError
 from pqcnet.relayer.frame import slot_setters
@@ -116,7 +116,7 @@ class EmbeddedBus(Bus):
         if shards < 1 or shards > 0xFFFF:
             raise ValueError("shards must be 1..65535")
         self._db = open_rocks(path)
-        self._wo, self._sync = unsynced(), sync
+        self._writes = DurableWrites(self._db, sync)
         self._shards = shards
         self._head = [self._load_int(b"H" + _U16.pack(s), 0) for s in range(shards)]
         self._read: dict[tuple[int, str], int] = {}  # in-memory read cursor per group
@@ -164,8 +164,7 @@ class EmbeddedBus(Bus):
             for i, rec in enumerate(records, start):
                 batch.put(prefix + pack(i), rec)
             batch.put(b"H" + _U16.pack(shard), pack(start + len(records)))
-        self._db.write(batch, self._wo)
-        sync_wal(self._db, self._sync)
+        self._writes.write(batch)
         for shard, records in batches.items():
             if records:
                 self._head[shard] += len(records)
@@ -258,8 +257,7 @@ class EmbeddedBus(Bus):
         if not deliveries:
             return
         upto = max(int(d.offset) for d in deliveries) + 1
-        self._db.put(b"G" + _U16.pack(shard) + group.encode(), _U64.pack(upto), self._wo)
-        sync_wal(self._db, self._sync)
+        self._writes.put(b"G" + _U16.pack(shard) + group.encode(), _U64.pack(upto))
         self._remember_commit(shard, group, upto)
 
     async def lag(self, shard: int, group: str) -> int:
